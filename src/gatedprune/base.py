@@ -1,0 +1,79 @@
+"""The interface every gated (prunable) module implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .gates import Gate, gate_modules
+
+__all__ = ["GatedModule", "ModelGating"]
+
+
+class GatedModule(nn.Module):
+    """A module with gates that knows its expected cost and how to rebuild itself without gates.
+
+    Subclasses implement:
+
+    * ``expected_cost(input_shape, hard=False)``: ``(flops, params)`` as 0-dim float64 tensors for
+      one forward pass on an input of ``input_shape``. With ``hard=False`` the cost is the
+      expectation over the gates' open probabilities (differentiable, gates independent); with
+      ``hard=True`` it uses the exact open/closed decisions and equals ``cost()`` of
+      ``pruned_module()`` exactly.
+    * ``pruned_module()``: a new plain module without gates that computes, in eval mode, the
+      same function as this module in eval mode.
+    """
+
+    def expected_cost(
+        self, input_shape: Sequence[int], *, hard: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def pruned_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def gates(self) -> list[Gate]:
+        """The gate modules of this module."""
+        return gate_modules(self)
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the gates (optimise them without weight decay, often at a higher lr)."""
+        return [p for g in self.gates() for p in g.parameters()]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not a gate parameter."""
+        gate_ids = {id(p) for p in self.gate_parameters()}
+        return [p for p in self.parameters() if id(p) not in gate_ids]
+
+
+class ModelGating(GatedModule):
+    """Gates inserted into an existing model (by ``gatedprune.gate_``), attached to that model
+    as a submodule. It speaks for the *whole* model it is attached to:
+
+    * ``expected_cost(input_shape, hard=...)`` covers every layer of the model (gated or not)
+      for an input of ``input_shape``; ``cost``/``Budget`` use it instead of tracing.
+    * ``prune_model(model)`` returns the pruned copy of ``model``; ``prune`` calls it.
+    """
+
+    def prune_model(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def pruned_module(self) -> nn.Module:
+        raise TypeError("a ModelGating is pruned through gatedprune.prune(model)")
+
+
+def find_model_gating(model: nn.Module) -> ModelGating | None:
+    """The :class:`ModelGating` attached to ``model`` (at most one), or None."""
+    found = [m for m in model.modules() if isinstance(m, ModelGating)]
+    if len(found) > 1:
+        raise ValueError(f"{type(model).__name__} holds {len(found)} model gatings; expected one")
+    return found[0] if found else None
+
+
+def gate_probs(gate: Gate | None, n: int, *, hard: bool, like: Tensor) -> Tensor:
+    """Open probabilities ``(n,)`` in float64 (ones where there is no gate)."""
+    if gate is None:
+        return like.new_ones(n, dtype=like.dtype)
+    p = gate.is_open().to(like.dtype) if hard else gate.prob_open().to(like.dtype)
+    return p  # (n,)

@@ -1,0 +1,168 @@
+"""Exact FLOPs/parameter budgets through a Lagrangian (CoFi, DESIGN.md section 4).
+
+    L = L_task + sum_c  lambda1_c * (s_c - t_c) + lambda2_c * (s_c - t_c)^2
+
+``s_c`` is the expected cost fraction of constraint ``c`` (FLOPs or parameters), ``t_c`` the
+target, warmed up linearly from ``target_start`` over ``warmup_steps`` penalty calls in training
+mode. The multipliers are ordinary parameters whose gradient is reversed, so one optimizer step
+does gradient *descent* on the model and gate parameters and *ascent* on the multipliers (and
+DDP averages their gradients like any other parameter's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import GatedModule
+from .costs import CostProgram
+
+__all__ = ["Budget"]
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return -grad
+
+
+def _check_fraction(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+class Budget(nn.Module):
+    """A FLOPs and/or parameter budget for a gated model, as fractions of its all-open cost.
+
+    Add ``budget.penalty()`` to the task loss at every training step and give
+    ``budget.parameters()`` (the multipliers) to the optimizer without weight decay.
+
+    >>> import torch, gatedprune
+    >>> net = gatedprune.ShortcutMLP(40, [32, 32], 10)
+    >>> budget = gatedprune.Budget(net, torch.zeros(1, 40), flops=0.25)
+    >>> loss = budget.penalty()
+    >>> 0.0 < budget.expected()["flops"] <= 1.0
+    True
+    """
+
+    step: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Any,
+        *,
+        flops: float | None = None,
+        params: float | None = None,
+        warmup_steps: int = 0,
+        target_start: float = 1.0,
+    ) -> None:
+        super().__init__()
+        targets = {
+            "flops": _check_fraction("flops", flops),
+            "params": _check_fraction("params", params),
+        }
+        if all(v is None for v in targets.values()):
+            raise ValueError("Budget needs a target: flops=... and/or params=... in (0, 1]")
+        _check_fraction("target_start", target_start)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Budget expects a torch.nn.Module, got {type(model).__name__}")
+        if not any(isinstance(m, GatedModule) for m in model.modules()):
+            raise ValueError(
+                f"{type(model).__name__} has no gates: a budget needs a gated model "
+                "(ShortcutMLP, ShortcutConv1d, ... or a model gated with gatedprune.gate_)"
+            )
+        self._model = (model,)  # a tuple, so the model is not registered as a submodule
+        self.program = CostProgram.trace(model, example_input)
+        dense = self._all_open_cost()
+        self.targets: dict[str, float] = {k: v for k, v in targets.items() if v is not None}
+        self.dense: dict[str, float] = {k: dense[k] for k in self.targets}
+        for k, v in self.dense.items():
+            if v <= 0:
+                raise ValueError(f"the model's all-open {k} count is {v}; nothing to budget")
+        self.warmup_steps = warmup_steps
+        self.target_start = target_start
+        self.lambda1 = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros((), dtype=torch.float64)) for k in self.targets}
+        )
+        self.lambda2 = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros((), dtype=torch.float64)) for k in self.targets}
+        )
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.straight_through = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
+    def _all_open_cost(self) -> dict[str, float]:
+        saved = []
+        for mod, _ in self.program.gated:
+            for g in mod.gates():
+                saved.append((g, {k: v.clone() for k, v in g.state_dict().items()}))
+                g.force_(torch.ones(g.n, dtype=torch.bool))
+        try:
+            c = self.program.evaluate(hard=True)
+        finally:
+            for g, state in saved:
+                g.load_state_dict(state)
+        return {"flops": float(c.flops), "params": float(c.params)}
+
+    def target(self) -> dict[str, float]:
+        """Current (warmed-up) target fractions."""
+        if self.warmup_steps == 0:
+            frac = 1.0
+        else:
+            frac = min(1.0, int(self.step) / self.warmup_steps)
+        return {
+            k: self.target_start + (t - self.target_start) * frac for k, t in self.targets.items()
+        }
+
+    def fractions(self, *, hard: bool = False) -> dict[str, Tensor]:
+        """Expected (or, with ``hard``, exact) cost fractions as differentiable tensors."""
+        c = self.program.evaluate(hard=hard)
+        values = {"flops": c.flops, "params": c.params}
+        return {k: values[k] / self.dense[k] for k in self.targets}
+
+    def penalty(self) -> Tensor:
+        """Lagrangian term to add to the loss; advances the warm-up when the model trains."""
+        soft = self.fractions()
+        if self.straight_through:
+            hard = self.fractions(hard=True)
+            soft = {k: v + (hard[k] - v).detach() for k, v in soft.items()}
+        targets = self.target()
+        if self.model.training:
+            self.step += 1
+        total = torch.zeros((), dtype=torch.float64)
+        for k, s in soft.items():
+            gap = s - targets[k]
+            l1 = _ReverseGrad.apply(self.lambda1[k])
+            l2 = _ReverseGrad.apply(self.lambda2[k])
+            total = total + l1 * gap + l2 * gap * gap
+        return total.float()
+
+    def expected(self) -> dict[str, float]:
+        """Current expected cost fractions (floats)."""
+        with torch.no_grad():
+            return {k: float(v) for k, v in self.fractions().items()}
+
+    def achieved(self) -> dict[str, float]:
+        """Cost fractions at the exact open/closed decisions, i.e. of ``prune(model)``."""
+        with torch.no_grad():
+            return {k: float(v) for k, v in self.fractions(hard=True).items()}
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, warmup_steps={self.warmup_steps}"

@@ -1,0 +1,90 @@
+"""Offline data sets for demos, tests and benchmarks (nothing is downloaded).
+
+Not imported by ``import gatedprune``: import ``gatedprune.data`` explicitly. MNIST-1D needs
+the ``mnist1d`` package (extra ``demo``); the adding problem needs only torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Splits", "adding_problem", "mnist1d"]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train and test tensors of a supervised task."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+def mnist1d(*, num_samples: int = 5000, seed: int = 42, as_sequence: bool = False) -> Splits:
+    """MNIST-1D (Greydanus 2020), generated offline: 80% train, 20% test, length 40.
+
+    ``x`` is ``(N, 1, 40)`` for convolutions, or ``(N, 40, 1)`` with ``as_sequence=True``
+    (one value per time step, for recurrent models); ``y`` holds class indices 0-9.
+    The defaults reproduce the published 4000/1000 split.
+
+    >>> d = mnist1d(num_samples=100)  # doctest: +SKIP
+    >>> d.x_train.shape  # doctest: +SKIP
+    torch.Size([80, 1, 40])
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+        raise ValueError(f"num_samples must be an int >= 10, got {num_samples!r}")
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "MNIST-1D needs the mnist1d package: pip install 'gatedprune[demo]'"
+        ) from e
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    data = make_dataset(args)  # generated locally; get_dataset() would download
+    x_train = torch.as_tensor(data["x"], dtype=torch.float32)  # (N, 40)
+    x_test = torch.as_tensor(data["x_test"], dtype=torch.float32)  # (M, 40)
+    if as_sequence:
+        x_train, x_test = x_train[:, :, None], x_test[:, :, None]  # (N, 40, 1)
+    else:
+        x_train, x_test = x_train[:, None, :], x_test[:, None, :]  # (N, 1, 40)
+    return Splits(
+        x_train=x_train,
+        y_train=torch.as_tensor(data["y"], dtype=torch.long),
+        x_test=x_test,
+        y_test=torch.as_tensor(data["y_test"], dtype=torch.long),
+    )
+
+
+def adding_problem(n: int, length: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The adding problem (Hochreiter & Schmidhuber 1997).
+
+    Each sequence holds ``length`` (value, marker) pairs, values ~ U[-0.5, 0.5]; exactly two
+    markers are 1, one in each half. The target is the sum of the two marked values.
+    Predicting 0 gives an MSE of about 0.167.
+
+    >>> x, y = adding_problem(4, 50)
+    >>> x.shape, y.shape
+    (torch.Size([4, 50, 2]), torch.Size([4, 1]))
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ValueError(f"length must be an int >= 2, got {length!r}")
+    g = torch.Generator().manual_seed(seed)
+    values = torch.rand(n, length, generator=g) - 0.5  # (N, T)
+    half = length // 2
+    first = torch.randint(0, half, (n,), generator=g)  # (N,)
+    second = torch.randint(half, length, (n,), generator=g)  # (N,)
+    markers = torch.zeros(n, length)  # (N, T)
+    rows = torch.arange(n)
+    markers[rows, first] = 1.0
+    markers[rows, second] = 1.0
+    x = torch.stack([values, markers], dim=-1)  # (N, T, 2)
+    y = (values[rows, first] + values[rows, second])[:, None]  # (N, 1)
+    return x, y

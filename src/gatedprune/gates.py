@@ -1,0 +1,260 @@
+"""Gates: learned multipliers in [0, 1] that decide which structures of a network survive.
+
+Every gate module holds a vector of ``n`` gates and offers one interface:
+
+* ``gate()`` (``forward``): the values that multiply the signal. Stochastic in training where
+  the kind is (hard concrete), deterministic in eval mode.
+* ``prob_open()``: the differentiable probability that each gate is non-zero; budgets use it.
+* ``eval_value()``: the deterministic eval-mode values (what ``prune`` folds into weights).
+* ``is_open()``: the exact open/closed decision, ``eval_value() > 0``.
+
+Gate kinds are described by small frozen dataclasses (:class:`HardConcrete`, :class:`Sigmoid`)
+whose ``make(n)`` builds the module; :func:`resolve_gate` turns ``"hard_concrete"`` /
+``"sigmoid"`` or such a spec into a spec, with a clear error for anything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Gate",
+    "GateKind",
+    "GateSpec",
+    "HardConcrete",
+    "HardConcreteGate",
+    "Sigmoid",
+    "SigmoidGate",
+    "gate_modules",
+    "harden",
+    "resolve_gate",
+]
+
+# Louizos, Welling & Kingma (2018), constants of the hard concrete distribution.
+BETA = 2.0 / 3.0
+GAMMA = -0.1
+ZETA = 1.1
+EPS = 1e-6
+
+
+class Gate(nn.Module):
+    """Base class of a vector of ``n`` gates. Subclasses implement the four gate methods."""
+
+    n: int
+
+    def forward(self) -> Tensor:
+        """Gate values ``(n,)``: sampled in training where the kind is stochastic."""
+        raise NotImplementedError
+
+    def prob_open(self) -> Tensor:
+        """Differentiable probability ``(n,)`` that each gate is non-zero."""
+        raise NotImplementedError
+
+    def eval_value(self) -> Tensor:
+        """Deterministic eval-mode values ``(n,)``; exactly 0 where the gate is closed."""
+        raise NotImplementedError
+
+    def is_open(self) -> Tensor:
+        """Exact decision ``(n,)`` (bool): ``eval_value() > 0``."""
+        with torch.no_grad():
+            return self.eval_value() > 0
+
+    def force_(self, open_mask: Tensor) -> None:
+        """Set every gate to a confident state: exactly 1 where ``open_mask``, else exactly 0."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
+
+
+class HardConcreteGate(Gate):
+    """Hard concrete (L0) gates, Louizos et al. 2018.
+
+    Training: ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) * (zeta - gamma) + gamma,
+    0, 1)`` with one ``u ~ U(eps, 1 - eps)`` per gate and forward call. Eval:
+    ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``, exactly 0 for
+    ``log_alpha <= -ln 11`` and exactly 1 for ``log_alpha >= ln 11``.
+
+    >>> g = HardConcreteGate(4, init_log_alpha=3.0).eval()
+    >>> g().tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        init_log_alpha: float = 0.0,
+        init_std: float = 0.01,
+        beta: float = BETA,
+    ) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
+        self.n = n
+        self.beta = beta
+        self.log_alpha = nn.Parameter(torch.empty(n).normal_(init_log_alpha, init_std))  # (n,)
+
+    def forward(self) -> Tensor:
+        if not self.training:
+            return self.eval_value()
+        u = torch.empty_like(self.log_alpha).uniform_(EPS, 1.0 - EPS)  # (n,)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
+        return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)  # (n,)
+
+    def prob_open(self) -> Tensor:
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-GAMMA / ZETA))  # (n,)
+
+    def eval_value(self) -> Tensor:
+        return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def force_(self, open_mask: Tensor) -> None:
+        with torch.no_grad():
+            big = 2.0 * math.log(11.0)  # beyond +-ln 11 the eval value is exactly 0 or 1
+            self.log_alpha.copy_(torch.where(open_mask.to(torch.bool), big, -big))
+
+
+class SigmoidGate(Gate):
+    """Deterministic LSTM-style gates ``sigmoid(theta / temperature)``.
+
+    A sigmoid never reaches 0, so these gates need :meth:`harden` before pruning: afterwards
+    the value is exactly ``1`` where ``theta > 0`` and ``0`` elsewhere, with the sigmoid's
+    gradient passed straight through, so training (and the budget) can continue.
+
+    >>> g = SigmoidGate(2, init_theta=1.0)
+    >>> g.harden()
+    >>> g.eval()().tolist()
+    [1.0, 1.0]
+    """
+
+    def __init__(self, n: int, *, init_theta: float = 3.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.n = n
+        self.temperature = temperature
+        self.theta = nn.Parameter(torch.full((n,), float(init_theta)))  # (n,)
+        self.register_buffer("hardened", torch.zeros((), dtype=torch.bool))
+
+    def _soft(self) -> Tensor:
+        return torch.sigmoid(self.theta / self.temperature)  # (n,)
+
+    def _value(self) -> Tensor:
+        soft = self._soft()
+        if not bool(self.hardened):
+            return soft
+        hard = (self.theta > 0).to(soft.dtype)  # (n,)
+        return hard + soft - soft.detach()  # straight-through estimator
+
+    def forward(self) -> Tensor:
+        return self._value()
+
+    def prob_open(self) -> Tensor:
+        return self._value()
+
+    def eval_value(self) -> Tensor:
+        return self._value()
+
+    def harden(self) -> None:
+        """Switch to exact 0/1 values (threshold at ``theta = 0``, straight-through gradient)."""
+        self.hardened.fill_(True)
+
+    def force_(self, open_mask: Tensor) -> None:
+        with torch.no_grad():
+            self.theta.copy_(torch.where(open_mask.to(torch.bool), 10.0, -10.0))
+            self.hardened.fill_(True)
+
+
+class GateSpec(Protocol):
+    """A gate kind: builds a vector of ``n`` gates."""
+
+    def make(self, n: int, *, init_open: bool = False) -> Gate: ...
+
+
+@dataclass(frozen=True)
+class HardConcrete:
+    """Hard concrete gate kind. ``init_log_alpha`` None uses ``log((1-p)/p)`` with
+    ``p = init_drop`` (or a confidently open 3.0 when a model asks for open gates).
+
+    >>> HardConcrete(init_drop=0.5).make(3).n
+    3
+    """
+
+    init_drop: float = 0.5
+    init_log_alpha: float | None = None
+    beta: float = BETA
+
+    def make(self, n: int, *, init_open: bool = False) -> Gate:
+        if self.init_log_alpha is not None:
+            init = self.init_log_alpha
+        elif init_open:
+            init = 3.0
+        else:
+            if not 0.0 < self.init_drop < 1.0:
+                raise ValueError(f"init_drop must be in (0, 1), got {self.init_drop}")
+            init = math.log((1.0 - self.init_drop) / self.init_drop)
+        return HardConcreteGate(n, init_log_alpha=init, beta=self.beta)
+
+
+@dataclass(frozen=True)
+class Sigmoid:
+    """Sigmoid gate kind (``sigmoid(theta / temperature)``, harden before pruning).
+
+    >>> Sigmoid(temperature=0.5).make(2).temperature
+    0.5
+    """
+
+    init_theta: float = 3.0
+    temperature: float = 1.0
+
+    def make(self, n: int, *, init_open: bool = False) -> Gate:
+        return SigmoidGate(n, init_theta=self.init_theta, temperature=self.temperature)
+
+
+GateKind = Literal["hard_concrete", "sigmoid"] | HardConcrete | Sigmoid
+
+
+def resolve_gate(kind: object) -> HardConcrete | Sigmoid:
+    """Turn a gate kind (``"hard_concrete"``, ``"sigmoid"`` or a spec) into a spec.
+
+    >>> resolve_gate("sigmoid")
+    Sigmoid(init_theta=3.0, temperature=1.0)
+    """
+    if isinstance(kind, HardConcrete | Sigmoid):
+        return kind
+    if kind == "hard_concrete":
+        return HardConcrete()
+    if kind == "sigmoid":
+        return Sigmoid()
+    raise ValueError(
+        f"unknown gate kind {kind!r}: expected 'hard_concrete', 'sigmoid', "
+        "or a gatedprune.HardConcrete / gatedprune.Sigmoid instance"
+    )
+
+
+def gate_modules(model: nn.Module) -> list[Gate]:
+    """All gate modules inside ``model``.
+
+    >>> gate_modules(nn.Linear(2, 2))
+    []
+    """
+    return [m for m in model.modules() if isinstance(m, Gate)]
+
+
+def harden(model: nn.Module) -> int:
+    """Harden every sigmoid gate in ``model`` (see :class:`SigmoidGate`); returns how many.
+
+    >>> harden(nn.Linear(2, 2))
+    0
+    """
+    gates = [g for g in gate_modules(model) if isinstance(g, SigmoidGate)]
+    for g in gates:
+        g.harden()
+    return len(gates)

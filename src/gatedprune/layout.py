@@ -1,0 +1,162 @@
+"""The wiring of a shortcut network, shared by the gated networks and their pruned plain form.
+
+Nodes are numbered ``0..L``: node 0 is the input, node ``l`` the output of layer ``l``. Layer
+``l`` reads the channel-wise concatenation of its source nodes (each average-pooled to the
+layer's resolution stage when it comes from an earlier stage); the head reads its source nodes
+(each adaptively pooled to ``head_pool`` positions and flattened when spatial).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ACTIVATIONS", "Activation", "LayerSpec", "NetSpec"]
+
+Activation = Literal["relu", "gelu", "silu", "tanh", "identity"]
+
+# Activation name -> (functional form, module class). An explicit table: the accepted names
+# are the keys, anything else is refused with a clear error.
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], type[nn.Module]]] = {
+    "relu": (F.relu, nn.ReLU),
+    "gelu": (F.gelu, nn.GELU),
+    "silu": (F.silu, nn.SiLU),
+    "tanh": (F.tanh, nn.Tanh),
+    "identity": (lambda t: t, nn.Identity),
+}
+
+
+def check_activation(name: object) -> str:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: expected one of {sorted(ACTIVATIONS)}")
+    return name
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer: its source nodes, output width and resolution stage."""
+
+    sources: tuple[int, ...]
+    width: int
+    stage: int = 0
+    has_offset: bool = False  # pruned conv layers only: a fixed additive (C, L) map
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """Structure of a shortcut network (gated or plain)."""
+
+    spatial: bool
+    in_width: int
+    layers: tuple[LayerSpec, ...]
+    head_sources: tuple[int, ...]
+    out_features: int
+    kernel_size: int = 1
+    head_pool: int = 1
+    norm: bool = False
+    activation: str = "relu"
+    input_length: int | None = None
+
+    def node_width(self, node: int) -> int:
+        return self.in_width if node == 0 else self.layers[node - 1].width
+
+    def node_stage(self, node: int) -> int:
+        return 0 if node == 0 else self.layers[node - 1].stage
+
+    def stage_length(self, length: int, stage: int) -> int:
+        return length // (2**stage)
+
+    def pool_pairs(self) -> list[tuple[int, int]]:
+        """(source node, target stage) pairs that need average pooling, in first-use order."""
+        pairs: list[tuple[int, int]] = []
+        for layer in self.layers:
+            for j in layer.sources:
+                if self.node_stage(j) < layer.stage and (j, layer.stage) not in pairs:
+                    pairs.append((j, layer.stage))
+        return pairs
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spatial": self.spatial,
+            "in_width": self.in_width,
+            "layers": [
+                {
+                    "sources": list(x.sources),
+                    "width": x.width,
+                    "stage": x.stage,
+                    "has_offset": x.has_offset,
+                }
+                for x in self.layers
+            ],
+            "head_sources": list(self.head_sources),
+            "out_features": self.out_features,
+            "kernel_size": self.kernel_size,
+            "head_pool": self.head_pool,
+            "norm": self.norm,
+            "activation": self.activation,
+            "input_length": self.input_length,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> NetSpec:
+        try:
+            layers = tuple(
+                LayerSpec(
+                    sources=tuple(int(s) for s in x["sources"]),
+                    width=int(x["width"]),
+                    stage=int(x["stage"]),
+                    has_offset=bool(x["has_offset"]),
+                )
+                for x in d["layers"]
+            )
+            spec = NetSpec(
+                spatial=bool(d["spatial"]),
+                in_width=int(d["in_width"]),
+                layers=layers,
+                head_sources=tuple(int(s) for s in d["head_sources"]),
+                out_features=int(d["out_features"]),
+                kernel_size=int(d["kernel_size"]),
+                head_pool=int(d["head_pool"]),
+                norm=bool(d["norm"]),
+                activation=check_activation(d["activation"]),
+                input_length=None if d["input_length"] is None else int(d["input_length"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed network structure: {e!r}") from e
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the wiring is inconsistent."""
+        if self.in_width < 1 or self.out_features < 1:
+            raise ValueError(
+                f"in_width and out_features must be >= 1, got {self.in_width}, {self.out_features}"
+            )
+        for i, layer in enumerate(self.layers, start=1):
+            if layer.width < 0:
+                raise ValueError(f"layer {i} has negative width {layer.width}")
+            for j in layer.sources:
+                if not 0 <= j < i:
+                    raise ValueError(f"layer {i} reads node {j}, expected a node in [0, {i})")
+                if self.node_stage(j) > layer.stage:
+                    raise ValueError(f"layer {i} reads node {j} of a later stage")
+        for j in self.head_sources:
+            if not 0 <= j <= len(self.layers):
+                raise ValueError(f"head reads node {j}, expected a node in [0, {len(self.layers)}]")
+        if self.spatial and self.kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+
+
+def check_sizes(name: str, values: Sequence[int]) -> tuple[int, ...]:
+    """Validate a sequence of positive layer sizes."""
+    if isinstance(values, int | str) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
+    out = tuple(values)
+    for v in out:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must hold positive ints, got {v!r} in {values!r}")
+    return out

@@ -1,0 +1,146 @@
+"""Plain (gate-free) modules that pruned shortcut networks are rebuilt from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layout import ACTIVATIONS, NetSpec
+
+__all__ = ["OffsetConv1d", "PlainShortcutNet"]
+
+
+class OffsetConv1d(nn.Conv1d):
+    """A 'same'-padded Conv1d plus a fixed additive ``(out_channels, length)`` map.
+
+    Pruning produces it where a removed constant layer fed a convolution: zero padding makes
+    that constant's contribution depend on the position, so it is kept as a map. Inputs must
+    have the length the map was built for.
+
+    >>> m = OffsetConv1d(2, 3, 3, length=8)
+    >>> m(torch.zeros(1, 2, 8)).shape
+    torch.Size([1, 3, 8])
+    """
+
+    offset: Tensor
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, length: int):
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.register_buffer("offset", torch.zeros(out_channels, length))  # (C, L)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.offset.shape[-1]:
+            raise ValueError(
+                f"this pruned layer was built for inputs of length {self.offset.shape[-1]} "
+                f"(a removed constant layer left a position-dependent offset), got {x.shape[-1]}"
+            )
+        return super().forward(x) + self.offset  # (B, C, L)
+
+    def flops_of(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+        k = self.kernel_size[0]
+        macs = output.numel() * (self.in_channels // self.groups) * k
+        return 2 * macs + 2 * output.numel()  # bias add + offset add
+
+
+class _PlainLayer(nn.Module):
+    def __init__(self, spec: NetSpec, index: int) -> None:
+        super().__init__()
+        layer = spec.layers[index]
+        n_in = sum(spec.node_width(j) for j in layer.sources)
+        self.op: nn.Module
+        if not spec.spatial:
+            self.op = nn.Linear(n_in, layer.width)
+        elif layer.has_offset:
+            if spec.input_length is None:
+                raise ValueError("a layer with an offset map needs spec.input_length")
+            length = spec.stage_length(spec.input_length, layer.stage)
+            self.op = OffsetConv1d(n_in, layer.width, spec.kernel_size, length=length)
+        else:
+            self.op = nn.Conv1d(n_in, layer.width, spec.kernel_size, padding=spec.kernel_size // 2)
+        self.norm = nn.BatchNorm1d(layer.width) if spec.norm else None
+        self.act = ACTIVATIONS[spec.activation][1]()
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.op(x)  # (B, C, L) or (B, C)
+        if self.norm is not None:
+            z = self.norm(z)
+        out: Tensor = self.act(z)
+        return out
+
+
+class PlainShortcutNet(nn.Module):
+    """A shortcut network without gates: what :func:`gatedprune.prune` returns for
+    :class:`~gatedprune.ShortcutMLP` and :class:`~gatedprune.ShortcutConv1d`.
+
+    Built only from ``nn.Linear``/``nn.Conv1d``/``nn.BatchNorm1d``/activation/pooling modules,
+    wired by a :class:`~gatedprune.layout.NetSpec`; ``to_config``/``from_config`` round-trip
+    its structure through JSON.
+
+    >>> from gatedprune.layout import LayerSpec, NetSpec
+    >>> spec = NetSpec(False, 3, (LayerSpec((0,), 4),), (1,), 2)
+    >>> PlainShortcutNet(spec)(torch.zeros(5, 3)).shape
+    torch.Size([5, 2])
+    """
+
+    def __init__(self, spec: NetSpec) -> None:
+        super().__init__()
+        spec.validate()
+        self.spec = spec
+        self.layers = nn.ModuleList([_PlainLayer(spec, i) for i in range(len(spec.layers))])
+        self._pool_keys = spec.pool_pairs()
+        self.pools = nn.ModuleList(
+            [nn.AvgPool1d(2 ** (s - spec.node_stage(j))) for j, s in self._pool_keys]
+        )
+        self.head_pools = nn.ModuleList(
+            [nn.AdaptiveAvgPool1d(spec.head_pool) for _ in spec.head_sources]
+            if spec.spatial
+            else []
+        )
+        n_head = sum(spec.node_width(j) * spec.head_pool for j in spec.head_sources)
+        self.head = nn.Linear(n_head, spec.out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        spec = self.spec
+        expected_dim = 3 if spec.spatial else 2
+        if x.dim() != expected_dim or x.shape[1] != spec.in_width:
+            raise ValueError(
+                f"expected input of shape (B, {spec.in_width}{', L' if spec.spatial else ''}),"
+                f" got {tuple(x.shape)}"
+            )
+        hs: list[Tensor] = [x]
+        pooled: dict[tuple[int, int], Tensor] = {}
+        for layer_spec, layer in zip(spec.layers, self.layers, strict=True):
+            parts = []
+            for j in layer_spec.sources:
+                if spec.node_stage(j) < layer_spec.stage:
+                    key = (j, layer_spec.stage)
+                    if key not in pooled:
+                        pooled[key] = self.pools[self._pool_keys.index(key)](hs[j])
+                    parts.append(pooled[key])  # (B, C_j, L_stage)
+                else:
+                    parts.append(hs[j])
+            inp = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            hs.append(layer(inp))
+        feats = []
+        for i, j in enumerate(spec.head_sources):
+            h = hs[j]
+            if spec.spatial:
+                h = torch.flatten(self.head_pools[i](h), 1)  # (B, C_j * P)
+            feats.append(h)
+        if not feats:
+            feat = x.new_zeros(x.shape[0], 0)  # the read-out is closed: constant output
+        else:
+            feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
+        out: Tensor = self.head(feat)  # (B, out_features)
+        return out
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-able structure (weights excluded)."""
+        return self.spec.to_json()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PlainShortcutNet:
+        """Rebuild an (untrained) network from :meth:`to_config` output."""
+        return cls(NetSpec.from_json(config))

@@ -1,0 +1,503 @@
+"""Adaptive shortcut networks: every layer reads a gated concatenation of all earlier layers.
+
+    h_l = act(norm(sum_{j<l} g_{l,j} * W_{l,j} h_j + b_l)) * u_l       (edge gates g, unit gates u)
+    y   = sum_j g_{out,j} * V_j h_j + c                                 (gated read-out)
+
+A closed edge removes the block ``W_{l,j}``; a closed unit removes its row of ``W_l`` and its
+column in every consumer; a layer with no open input becomes a constant (folded into its
+consumers), a layer with no open consumer disappears. See ``DESIGN.md`` section 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import GatedModule, gate_probs
+from .costs import ACT_FLOPS, BATCHNORM_FLOPS, FLOPS_PER_MAC, _adaptive_window_sum
+from .gates import Gate, GateKind, resolve_gate
+from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activation, check_sizes
+from .plain import OffsetConv1d, PlainShortcutNet
+
+__all__ = ["ShortcutConv1d", "ShortcutMLP"]
+
+
+class _GatedLayer(nn.Module):
+    def __init__(self, spec: NetSpec, index: int, gate_kind: GateKind, edge_gated: bool) -> None:
+        super().__init__()
+        layer = spec.layers[index]
+        kind = resolve_gate(gate_kind)
+        widths = [spec.node_width(j) for j in layer.sources]
+        n_in = sum(widths)
+        self.op: nn.Linear | nn.Conv1d
+        if spec.spatial:
+            self.op = nn.Conv1d(n_in, layer.width, spec.kernel_size, padding=spec.kernel_size // 2)
+        else:
+            self.op = nn.Linear(n_in, layer.width)
+        self.norm = nn.BatchNorm1d(layer.width) if spec.norm else None
+        self.edge_gate: Gate | None = kind.make(len(widths)) if edge_gated else None
+        self.unit_gate: Gate = kind.make(layer.width)
+        self.register_buffer("src_widths", torch.tensor(widths, dtype=torch.long), persistent=False)
+
+
+class _ShortcutNet(GatedModule):
+    """Shared engine of :class:`ShortcutMLP` and :class:`ShortcutConv1d`."""
+
+    src_widths: Tensor
+
+    def __init__(self, spec: NetSpec, gate: GateKind, shortcuts: bool) -> None:
+        super().__init__()
+        spec.validate()
+        resolve_gate(gate)  # clear error for unknown kinds before building anything
+        self.spec = spec
+        self.shortcuts = shortcuts
+        self.layers = nn.ModuleList(
+            [_GatedLayer(spec, i, gate, shortcuts) for i in range(len(spec.layers))]
+        )
+        head_widths = [spec.node_width(j) * spec.head_pool for j in spec.head_sources]
+        self.head = nn.Linear(sum(head_widths), spec.out_features)
+        self.head_gate: Gate | None = (
+            resolve_gate(gate).make(len(head_widths)) if shortcuts else None
+        )
+        self.register_buffer(
+            "head_widths", torch.tensor(head_widths, dtype=torch.long), persistent=False
+        )
+        self._act = ACTIVATIONS[spec.activation][0]
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: object) -> Tensor:
+        spec = self.spec
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got dtype {x.dtype}")
+        if spec.spatial:
+            min_len = 2 ** max((s.stage for s in spec.layers), default=0)
+            if x.dim() != 3 or x.shape[1] != spec.in_width or x.shape[2] < min_len:
+                raise ValueError(
+                    f"expected input of shape (B, {spec.in_width}, L) with L >= {min_len}, "
+                    f"got {tuple(x.shape)}"
+                )
+        elif x.dim() != 2 or x.shape[1] != spec.in_width:
+            raise ValueError(f"expected input of shape (B, {spec.in_width}), got {tuple(x.shape)}")
+        return x
+
+    def _gather(self, hs: list[Tensor], index: int, cache: dict[tuple[int, int], Tensor]) -> Tensor:
+        spec = self.spec
+        stage = spec.layers[index].stage
+        parts = []
+        for j in spec.layers[index].sources:
+            s_j = spec.node_stage(j)
+            if s_j < stage:
+                key = (j, stage)
+                if key not in cache:
+                    f = 2 ** (stage - s_j)
+                    cache[key] = F.avg_pool1d(hs[j], f, f)  # (B, C_j, L_stage)
+                parts.append(cache[key])
+            else:
+                parts.append(hs[j])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, sum C, L)
+
+    def _preact(self, index: int, inp: Tensor, edge: Tensor | None) -> Tensor:
+        layer = cast(_GatedLayer, self.layers[index])
+        w = layer.op.weight
+        if edge is not None:
+            colscale = torch.repeat_interleave(edge, layer.src_widths)  # (sum C,)
+            w = w * (colscale[None, :, None] if self.spec.spatial else colscale[None, :])
+        if self.spec.spatial:
+            k = self.spec.kernel_size
+            return F.conv1d(inp, w, layer.op.bias, padding=k // 2)  # (B, C, L)
+        return F.linear(inp, w, layer.op.bias)  # (B, C)
+
+    def _post(self, index: int, z: Tensor, unit: Tensor) -> Tensor:
+        layer = cast(_GatedLayer, self.layers[index])
+        if layer.norm is not None:
+            z = layer.norm(z)
+        h = self._act(z)
+        return h * (unit[:, None] if self.spec.spatial else unit)  # (B, C, L) or (B, C)
+
+    def _head(self, hs: list[Tensor], edge: Tensor | None) -> Tensor:
+        spec = self.spec
+        feats = []
+        for j in spec.head_sources:
+            h = hs[j]
+            if spec.spatial:
+                h = torch.flatten(F.adaptive_avg_pool1d(h, spec.head_pool), 1)  # (B, C_j * P)
+            feats.append(h)
+        feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)  # (B, sum C_j * P)
+        w = self.head.weight
+        if edge is not None:
+            w = w * torch.repeat_interleave(edge, self.head_widths)[None, :]
+        return F.linear(feat, w, self.head.bias)  # (B, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self._check_input(x)
+        hs: list[Tensor] = [x]
+        cache: dict[tuple[int, int], Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            layer = cast(_GatedLayer, layer)
+            edge = layer.edge_gate() if layer.edge_gate is not None else None
+            z = self._preact(i, self._gather(hs, i, cache), edge)
+            hs.append(self._post(i, z, layer.unit_gate()))
+        head_edge = self.head_gate() if self.head_gate is not None else None
+        return self._head(hs, head_edge)
+
+    # ------------------------------------------------------------------ structure
+    def _probs(self, hard: bool, like: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Open probabilities: per layer (edges, units), and head edges; float64."""
+        edges, units = [], []
+        for i, layer in enumerate(self.layers):
+            layer = cast(_GatedLayer, layer)
+            n_src = len(self.spec.layers[i].sources)
+            edges.append(gate_probs(layer.edge_gate, n_src, hard=hard, like=like))
+            units.append(gate_probs(layer.unit_gate, layer.unit_gate.n, hard=hard, like=like))
+        head = gate_probs(self.head_gate, len(self.spec.head_sources), hard=hard, like=like)
+        return edges, units, head
+
+    def _liveness(
+        self, edges: list[Tensor], units: list[Tensor], head: Tensor
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Per node: expected open count S, P(some unit open) o, P(depends on the input) N and
+        P(alive: depends on the input and is read by a live consumer) A. Exact 0/1 at hard
+        gates; products assume independent gates otherwise."""
+        spec = self.spec
+        one = head.new_ones(())
+        S: list[Tensor] = [one * spec.in_width]
+        o: list[Tensor] = [one]
+        N: list[Tensor] = [one]
+        for i, layer in enumerate(spec.layers):
+            S.append(units[i].sum())
+            o.append(1 - torch.prod(1 - units[i]))
+            n_src = torch.stack([N[j] for j in layer.sources])  # (n_src,)
+            has_input = 1 - torch.prod(1 - edges[i] * n_src)
+            N.append(has_input * o[-1])
+        n_nodes = len(spec.layers) + 1
+        unread: list[Tensor] = [one for _ in range(n_nodes)]
+        for h, j in enumerate(spec.head_sources):
+            unread[j] = unread[j] * (1 - head[h])
+        A: list[Tensor] = [one for _ in range(n_nodes)]
+        for node in range(n_nodes - 1, -1, -1):
+            A[node] = N[node] * (1 - unread[node])
+            if node > 0:
+                for e, j in enumerate(spec.layers[node - 1].sources):
+                    unread[j] = unread[j] * (1 - edges[node - 1][e] * A[node])
+        return S, o, N, A
+
+    def expected_cost(
+        self, input_shape: Sequence[int], *, hard: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        spec = self.spec
+        like = torch.zeros((), dtype=torch.float64)
+        edges, units, head = self._probs(hard, like)
+        S, o, N, A = self._liveness(edges, units, head)
+        batch = int(input_shape[0])
+        length0 = int(input_shape[2]) if spec.spatial else 1
+        k = spec.kernel_size if spec.spatial else 1
+        elem_flops = (BATCHNORM_FLOPS if spec.norm else 0) + (
+            0 if spec.activation == "identity" else ACT_FLOPS
+        )
+        flops = like.clone()
+        params = like.clone()
+        for i, layer in enumerate(spec.layers):
+            node = i + 1
+            positions = spec.stage_length(length0, layer.stage) if spec.spatial else 1
+            src_w = torch.stack([N[j] * S[j] for j in layer.sources])  # (n_src,)
+            n_in = (edges[i] * src_w).sum()
+            out = A[node] * S[node]
+            weights = n_in * out * k
+            flops = flops + FLOPS_PER_MAC * weights * positions + out * positions
+            flops = flops + elem_flops * out * positions
+            params = params + weights + out + (2 * out if spec.norm else 0)
+            if spec.spatial:
+                const_src = torch.stack(
+                    [(1 - N[j]) * o[j] if j > 0 else like for j in layer.sources]
+                )
+                has_const = 1 - torch.prod(1 - edges[i] * const_src)
+                flops = flops + has_const * out * positions
+        if spec.spatial:
+            for j, stage in spec.pool_pairs():
+                readers = [
+                    edges[i][layer.sources.index(j)] * A[i + 1]
+                    for i, layer in enumerate(spec.layers)
+                    if layer.stage == stage and j in layer.sources
+                ]
+                used = N[j] * (1 - torch.prod(1 - torch.stack(readers)))
+                f = 2 ** (stage - spec.node_stage(j))
+                flops = flops + used * S[j] * f * spec.stage_length(length0, stage)
+        head_in = like.clone()
+        for h, j in enumerate(spec.head_sources):
+            read = head[h] * N[j] * S[j]
+            head_in = head_in + read * spec.head_pool
+            if spec.spatial:
+                node_len = spec.stage_length(length0, spec.node_stage(j))
+                flops = flops + read * _adaptive_window_sum(node_len, spec.head_pool)
+        flops = flops + FLOPS_PER_MAC * head_in * spec.out_features + spec.out_features
+        params = params + head_in * spec.out_features + spec.out_features
+        return flops * batch, params
+
+    # ------------------------------------------------------------------ pruning
+    @torch.no_grad()
+    def pruned_module(self) -> PlainShortcutNet:
+        was_training = self.training
+        self.eval()
+        try:
+            return self._build_pruned()
+        finally:
+            self.train(was_training)
+
+    def _eval_values(self) -> tuple[list[Tensor | None], list[Tensor], Tensor | None]:
+        edges: list[Tensor | None] = []
+        units: list[Tensor] = []
+        for layer in self.layers:
+            layer = cast(_GatedLayer, layer)
+            edges.append(layer.edge_gate.eval_value() if layer.edge_gate is not None else None)
+            units.append(layer.unit_gate.eval_value())
+        head = self.head_gate.eval_value() if self.head_gate is not None else None
+        return edges, units, head
+
+    def _build_pruned(self) -> PlainShortcutNet:
+        spec = self.spec
+        like = torch.zeros((), dtype=torch.float64)
+        p_edges, p_units, p_head = self._probs(True, like)
+        _, o, N, A = self._liveness(p_edges, p_units, p_head)
+        nonconst = [bool(n > 0.5) for n in N]
+        alive = [bool(a > 0.5) for a in A]
+        some_open = [bool(x > 0.5) for x in o]
+        edges, units, head_edge = self._eval_values()
+        ref = self.head.weight
+        kept_units = [torch.arange(spec.in_width, device=ref.device)] + [
+            torch.nonzero(u > 0).flatten() for u in units
+        ]
+        unit_scale = [torch.ones(spec.in_width, device=ref.device, dtype=ref.dtype), *units]
+
+        def edge_val(e: Tensor | None, idx: int) -> Tensor:
+            return e[idx] if e is not None else ref.new_ones(())
+
+        # Constants: outputs of layers that do not depend on the input, for a batch of one.
+        needs_consts = any(
+            alive[i + 1]
+            and any(
+                not nonconst[j] and some_open[j] and bool(p_edges[i][e] > 0.5)
+                for e, j in enumerate(layer.sources)
+            )
+            for i, layer in enumerate(spec.layers)
+        ) or any(
+            not nonconst[j] and some_open[j] and bool(p_head[h] > 0.5)
+            for h, j in enumerate(spec.head_sources)
+        )
+        length = spec.input_length
+        if spec.spatial and needs_consts and length is None:
+            raise ValueError(
+                "this gate state leaves a layer that computes a constant feeding live layers; "
+                "folding it into a convolution needs the input length: construct "
+                "ShortcutConv1d with input_length=..."
+            )
+        shape = (1, spec.in_width, length or 1) if spec.spatial else (1, spec.in_width)
+        hs: list[Tensor] = [ref.new_zeros(shape)]
+        pre: list[Tensor] = []
+        cache: dict[tuple[int, int], Tensor] = {}
+        for i in range(len(spec.layers)):
+            z = self._preact(i, self._gather(hs, i, cache), edges[i])
+            pre.append(z)
+            h = self._post(i, z, units[i])
+            hs.append(torch.zeros_like(h) if nonconst[i + 1] else h)
+        head_const = self._head(hs, head_edge)[0]  # (out,)
+
+        new_index = {0: 0}
+        layer_specs: list[LayerSpec] = []
+        for i, layer in enumerate(spec.layers):
+            if alive[i + 1]:
+                new_index[i + 1] = len(new_index)
+        new_layers: list[tuple[int, LayerSpec, list[int]]] = []
+        for i, layer in enumerate(spec.layers):
+            if not alive[i + 1]:
+                continue
+            srcs = [
+                j for e, j in enumerate(layer.sources) if bool(p_edges[i][e] > 0.5) and nonconst[j]
+            ]
+            has_offset = spec.spatial and any(
+                not nonconst[j] and some_open[j] and bool(p_edges[i][e] > 0.5)
+                for e, j in enumerate(layer.sources)
+            )
+            ls = LayerSpec(
+                sources=tuple(new_index[j] for j in srcs),
+                width=int(kept_units[i + 1].numel()),
+                stage=layer.stage,
+                has_offset=has_offset,
+            )
+            layer_specs.append(ls)
+            new_layers.append((i, ls, srcs))
+        head_srcs = [
+            (h, j) for h, j in enumerate(spec.head_sources) if bool(p_head[h] > 0.5) and nonconst[j]
+        ]
+        new_spec = NetSpec(
+            spatial=spec.spatial,
+            in_width=spec.in_width,
+            layers=tuple(layer_specs),
+            head_sources=tuple(new_index[j] for _, j in head_srcs),
+            out_features=spec.out_features,
+            kernel_size=spec.kernel_size,
+            head_pool=spec.head_pool,
+            norm=spec.norm,
+            activation=spec.activation,
+            input_length=length if any(ls.has_offset for ls in layer_specs) else None,
+        )
+        plain = PlainShortcutNet(new_spec).to(device=ref.device, dtype=ref.dtype)
+        for (i, ls, srcs), target in zip(new_layers, plain.layers, strict=True):
+            layer = cast(_GatedLayer, self.layers[i])
+            rows = kept_units[i + 1]
+            col_blocks, scales = [], []
+            offsets = torch.cumsum(layer.src_widths, 0) - layer.src_widths
+            for j in srcs:
+                e = spec.layers[i].sources.index(j)
+                col_blocks.append(offsets[e] + kept_units[j])
+                scales.append(edge_val(edges[i], e) * unit_scale[j][kept_units[j]])
+            cols = torch.cat(col_blocks)
+            colscale = torch.cat(scales)  # (n_in,)
+            w = layer.op.weight[rows][:, cols]
+            w = w * (colscale[None, :, None] if spec.spatial else colscale[None, :])
+            op = cast(nn.Module, target.op)
+            op.weight.copy_(w)  # type: ignore[operator]
+            bias = layer.op.bias
+            assert bias is not None
+            z_const = pre[i][0][rows]  # (C,) or (C, L): bias plus constant inputs
+            if not spec.spatial:
+                op.bias.copy_(z_const)  # type: ignore[operator]
+            else:
+                op.bias.copy_(bias[rows])  # type: ignore[operator]
+                if ls.has_offset:
+                    assert isinstance(op, OffsetConv1d)
+                    op.offset.copy_(z_const - bias[rows][:, None])
+            if layer.norm is not None:
+                tn = target.norm
+                assert tn is not None
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(tn, name).copy_(getattr(layer.norm, name)[rows])
+                tn.num_batches_tracked.copy_(layer.norm.num_batches_tracked)
+                tn.eps = layer.norm.eps
+                tn.momentum = layer.norm.momentum
+        # Head.
+        col_blocks, scales = [], []
+        offsets = torch.cumsum(self.head_widths, 0) - self.head_widths
+        P = spec.head_pool
+        for h, j in head_srcs:
+            kept = kept_units[j]
+            pos = torch.arange(P, device=ref.device)
+            col_blocks.append((offsets[h] + kept[:, None] * P + pos[None, :]).flatten())
+            s = edge_val(head_edge, h) * unit_scale[j][kept]  # (C_kept,)
+            scales.append(s.repeat_interleave(P))
+        if col_blocks:
+            cols = torch.cat(col_blocks)
+            plain.head.weight.copy_(self.head.weight[:, cols] * torch.cat(scales)[None, :])
+        plain.head.bias.copy_(head_const)
+        plain.train(self.training)
+        return plain
+
+
+class ShortcutMLP(_ShortcutNet):
+    """A gated MLP in which every layer reads every earlier layer (and the input).
+
+    ``widths`` gives the hidden layers; ``shortcuts=False`` makes it a plain chain (ablation):
+    each layer reads only the previous one, no edge gates, the head reads the last layer.
+
+    >>> net = ShortcutMLP(40, [64, 64], 10)
+    >>> net(torch.randn(8, 40)).shape
+    torch.Size([8, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        widths: Sequence[int],
+        out_features: int,
+        *,
+        gate: GateKind = "hard_concrete",
+        shortcuts: bool = True,
+        activation: Activation = "relu",
+        norm: bool = False,
+    ) -> None:
+        ws = check_sizes("widths", widths)
+        check_sizes("in_features/out_features", [in_features, out_features])
+        n = len(ws)
+        layers = tuple(
+            LayerSpec(sources=tuple(range(i + 1)) if shortcuts else (i,), width=w)
+            for i, w in enumerate(ws)
+        )
+        spec = NetSpec(
+            spatial=False,
+            in_width=in_features,
+            layers=layers,
+            head_sources=tuple(range(n + 1)) if shortcuts else (n,),
+            out_features=out_features,
+            norm=norm,
+            activation=check_activation(activation),
+        )
+        super().__init__(spec, gate, shortcuts)
+
+
+class ShortcutConv1d(_ShortcutNet):
+    """A gated 1D CNN with dense gated shortcuts, resolution stages and a classifier head.
+
+    ``stages`` lists the channels of each layer, stage by stage; each stage after the first
+    halves the length (sources from earlier stages are average-pooled to it). The head
+    adaptively pools every source to ``head_pool`` positions, flattens and reads it through
+    gated edges. ``input_length`` lets ``prune`` fold layers that became constant.
+
+    >>> net = ShortcutConv1d(1, [[16, 16], [32]], 10, input_length=40)
+    >>> net(torch.randn(4, 1, 40)).shape
+    torch.Size([4, 10])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        stages: Sequence[Sequence[int]],
+        out_features: int,
+        *,
+        kernel_size: int = 5,
+        head_pool: int = 5,
+        input_length: int | None = None,
+        gate: GateKind = "hard_concrete",
+        shortcuts: bool = True,
+        activation: Activation = "relu",
+        norm: bool = True,
+    ) -> None:
+        check_sizes("in_channels/out_features", [in_channels, out_features])
+        if isinstance(stages, int | str) or not isinstance(stages, Sequence) or not stages:
+            raise ValueError(
+                f"stages must be a non-empty list of lists of channels, got {stages!r}"
+            )
+        per_stage = [check_sizes(f"stages[{s}]", st) for s, st in enumerate(stages)]
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        if not isinstance(head_pool, int) or head_pool < 1:
+            raise ValueError(f"head_pool must be a positive int, got {head_pool!r}")
+        if input_length is not None and (
+            not isinstance(input_length, int) or input_length < 2 ** (len(stages) - 1)
+        ):
+            raise ValueError(
+                f"input_length must be an int >= {2 ** (len(stages) - 1)}, got {input_length!r}"
+            )
+        flat = [(s, w) for s, ws in enumerate(per_stage) for w in ws]
+        layers = tuple(
+            LayerSpec(sources=tuple(range(i + 1)) if shortcuts else (i,), width=w, stage=s)
+            for i, (s, w) in enumerate(flat)
+        )
+        n = len(flat)
+        spec = NetSpec(
+            spatial=True,
+            in_width=in_channels,
+            layers=layers,
+            head_sources=tuple(range(n + 1)) if shortcuts else (n,),
+            out_features=out_features,
+            kernel_size=kernel_size,
+            head_pool=head_pool,
+            norm=norm,
+            activation=check_activation(activation),
+            input_length=input_length,
+        )
+        super().__init__(spec, gate, shortcuts)
