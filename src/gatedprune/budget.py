@@ -32,6 +32,12 @@ class _ReverseGrad(torch.autograd.Function):
         return -grad
 
 
+def reverse_grad(x: Tensor) -> Tensor:
+    """Identity in the forward pass, negated gradient in the backward pass."""
+    out: Tensor = _ReverseGrad.apply(x)  # type: ignore[no-untyped-call]
+    return out
+
+
 def _check_fraction(name: str, value: object) -> float | None:
     if value is None:
         return None
@@ -123,10 +129,7 @@ class Budget(nn.Module):
 
     def target(self) -> dict[str, float]:
         """Current (warmed-up) target fractions."""
-        if self.warmup_steps == 0:
-            frac = 1.0
-        else:
-            frac = min(1.0, int(self.step) / self.warmup_steps)
+        frac = 1.0 if self.warmup_steps == 0 else min(1.0, int(self.step) / self.warmup_steps)
         return {
             k: self.target_start + (t - self.target_start) * frac for k, t in self.targets.items()
         }
@@ -149,8 +152,8 @@ class Budget(nn.Module):
         total = torch.zeros((), dtype=torch.float64)
         for k, s in soft.items():
             gap = s - targets[k]
-            l1 = _ReverseGrad.apply(self.lambda1[k])
-            l2 = _ReverseGrad.apply(self.lambda2[k])
+            l1 = reverse_grad(self.lambda1[k])
+            l2 = reverse_grad(self.lambda2[k])
             total = total + l1 * gap + l2 * gap * gap
         return total.float()
 

@@ -11,7 +11,21 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   adaptive pooling sums its real window sizes).
 * Only modules are counted: functional calls in a ``forward`` (``torch.cat``, ``x + y``,
   ``F.relu``) are not. A leaf module of an unknown kind raises a ``TypeError`` rather than
-  being counted as free.
+  being counted as free. A module whose type has a handler in the table is counted as a whole
+  even if it has submodules (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``).
+* Attention (:func:`attention_flops`): the q/k/v and output projections (2 per MAC, biases
+  1 per output element), scores ``q k^T`` and ``weights v`` (2 per MAC), softmax 1 per score;
+  the ``1/sqrt(d)`` scaling and masks are not counted. A Transformer encoder layer adds its
+  feed-forward Linears, 1 per hidden element for the activation and 5 per element per
+  LayerNorm; its residual adds and dropouts are free.
+* Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``; :func:`recurrent_step_flops`), per
+  time step (every step of every sequence: ``B * T``, or the packed length), per layer and per
+  direction, for ``G`` gate blocks (LSTM 4, GRU 3, RNN 1) of ``H`` units reading ``n`` features:
+  the input and recurrent matmuls ``2 * G * H * (n + H)`` (``H`` replaced by ``proj_size`` in
+  the recurrent one, plus ``2 * proj_size * H`` for the projection), both biases ``2 * G * H``,
+  and element-wise work per unit: LSTM 13 (4 adds of the input and recurrent parts,
+  3 sigmoids, 2 tanh, 3 multiplications, 1 add), GRU 11 (3 adds, 2 sigmoids, 1 tanh,
+  ``r * (.)``, ``1 - z``, 2 multiplications, 1 add), RNN 2 (1 add, 1 activation).
 * Parameters: every parameter of the module (buffers such as BatchNorm statistics excluded).
 
 Gated modules (:class:`~gatedprune.base.GatedModule`) report their own expected cost, computed
@@ -27,15 +41,27 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .base import GatedModule, find_model_gating
 
-__all__ = ["Cost", "CostProgram", "ExpectedCost", "cost"]
+__all__ = [
+    "Cost",
+    "CostProgram",
+    "ExpectedCost",
+    "attention_flops",
+    "cost",
+    "recurrent_step_flops",
+]
 
 FLOPS_PER_MAC = 2
 ACT_FLOPS = 1
 BATCHNORM_FLOPS = 2
 LAYERNORM_FLOPS = 5
+# Element-wise FLOPs per hidden unit, time step and direction of recurrent cells (see above).
+LSTM_ELEMENTWISE = 13
+GRU_ELEMENTWISE = 11
+RNN_ELEMENTWISE = 2
 
 
 @dataclass(frozen=True)
@@ -55,7 +81,9 @@ class ExpectedCost:
 
     def detach(self) -> Cost:
         """The expected cost rounded to a plain :class:`Cost` (exact at hard 0/1 gates)."""
-        return Cost(flops=round(float(self.flops)), params=round(float(self.params)))
+        return Cost(
+            flops=round(float(self.flops.detach())), params=round(float(self.params.detach()))
+        )
 
 
 def _numel(t: Any) -> int:
@@ -99,7 +127,7 @@ def _per_element(rate: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor],
 
 
 def _pool(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
-    ks = m.kernel_size  # type: ignore[attr-defined]
+    ks = getattr(m, "kernel_size", 1)
     k = 1
     for s in ks if isinstance(ks, tuple) else (ks,) * (out.dim() - 2):
         k *= int(s)
@@ -152,7 +180,117 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
         _adaptive_pool,
     ),
     ((nn.Dropout, nn.Flatten, nn.Identity, nn.Unflatten), _zero),
+    ((nn.LSTM, nn.GRU, nn.RNN), lambda m, i, o: _recurrent(m, i, o)),
+    ((nn.MultiheadAttention,), lambda m, i, o: _mha(m, i, o)),
+    ((nn.TransformerEncoderLayer,), lambda m, i, o: _encoder_layer(m, i, o)),
 ]
+
+
+def attention_flops(
+    batch: int,
+    len_q: int,
+    len_kv: int,
+    dims: tuple[int, int, int, int],
+    heads: int,
+    head_dim: int,
+    in_bias: bool,
+    out_bias: bool,
+) -> int:
+    """FLOPs of multi-head attention; ``dims = (e_q, e_k, e_v, e_out)``, ``heads`` of
+    ``head_dim`` (see the module docstring).
+
+    >>> attention_flops(1, 2, 2, (4, 4, 4, 4), 2, 2, True, True)
+    360
+    """
+    e_q, e_k, e_v, e_out = dims
+    inner = heads * head_dim
+    f = FLOPS_PER_MAC * inner * (batch * len_q * e_q + batch * len_kv * (e_k + e_v))
+    if in_bias:
+        f += batch * (len_q + 2 * len_kv) * inner
+    f += 2 * FLOPS_PER_MAC * batch * len_q * len_kv * inner + batch * heads * len_q * len_kv
+    f += FLOPS_PER_MAC * batch * len_q * inner * e_out
+    if out_bias:
+        f += batch * len_q * e_out
+    return f
+
+
+def seq_dims(x: Tensor, batch_first: bool) -> tuple[int, int]:
+    """(batch, length) of a sequence input (``(N, L, E)``, ``(L, N, E)`` or unbatched)."""
+    if x.dim() == 2:
+        return 1, int(x.shape[0])
+    if batch_first:
+        return int(x.shape[0]), int(x.shape[1])
+    return int(x.shape[1]), int(x.shape[0])
+
+
+def _mha(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    assert isinstance(m, nn.MultiheadAttention)
+    if len(inp) < 3:
+        raise TypeError("cost() needs nn.MultiheadAttention called with positional q, k, v")
+    batch, len_q = seq_dims(inp[0], m.batch_first)
+    _, len_kv = seq_dims(inp[1], m.batch_first)
+    dims = (m.embed_dim, m.kdim, m.vdim, m.embed_dim)
+    in_bias = m.in_proj_bias is not None
+    out_bias = m.out_proj.bias is not None
+    return attention_flops(batch, len_q, len_kv, dims, m.num_heads, m.head_dim, in_bias, out_bias)
+
+
+def _encoder_layer(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    assert isinstance(m, nn.TransformerEncoderLayer)
+    x = inp[0]
+    att = m.self_attn
+    batch, length = seq_dims(x, att.batch_first)
+    e = int(att.embed_dim)
+    tokens = batch * length
+    f = _mha(att, (x, x, x), out)
+    hidden = int(m.linear1.out_features)
+    f += FLOPS_PER_MAC * tokens * e * hidden + (
+        tokens * hidden if m.linear1.bias is not None else 0
+    )
+    f += ACT_FLOPS * tokens * hidden
+    f += FLOPS_PER_MAC * tokens * hidden * e + (tokens * e if m.linear2.bias is not None else 0)
+    return f + 2 * LAYERNORM_FLOPS * tokens * e
+
+
+def recurrent_step_flops(
+    gates: int, elementwise: int, input_size: int, hidden: int, *, bias: bool, proj_size: int = 0
+) -> int:
+    """FLOPs of one time step of one direction of one recurrent layer (see the module docstring).
+
+    >>> recurrent_step_flops(4, LSTM_ELEMENTWISE, 3, 2, bias=True)  # an LSTM cell, H=2, n=3
+    122
+    """
+    rec = proj_size if proj_size > 0 else hidden
+    f = FLOPS_PER_MAC * gates * hidden * (input_size + rec) + elementwise * hidden
+    if bias:
+        f += 2 * gates * hidden
+    if proj_size > 0:
+        f += FLOPS_PER_MAC * proj_size * hidden
+    return f
+
+
+def _recurrent(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
+    assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+    x = inp[0]
+    if isinstance(x, PackedSequence):
+        steps = int(x.data.shape[0])
+    else:
+        batch, length = seq_dims(x, m.batch_first)
+        steps = batch * length
+    if isinstance(m, nn.LSTM):
+        gates, elem = 4, LSTM_ELEMENTWISE
+    elif isinstance(m, nn.GRU):
+        gates, elem = 3, GRU_ELEMENTWISE
+    else:
+        gates, elem = 1, RNN_ELEMENTWISE
+    proj = int(getattr(m, "proj_size", 0))
+    dirs = 2 if m.bidirectional else 1
+    total = 0
+    for layer in range(m.num_layers):
+        n_in = m.input_size if layer == 0 else dirs * (proj if proj > 0 else m.hidden_size)
+        f = recurrent_step_flops(gates, elem, n_in, m.hidden_size, bias=m.bias, proj_size=proj)
+        total += dirs * f
+    return steps * total
 
 
 def register_cost(types: tuple[type[nn.Module], ...], handler: Handler) -> None:
@@ -162,6 +300,14 @@ def register_cost(types: tuple[type[nn.Module], ...], handler: Handler) -> None:
     >>> register_cost((nn.Identity,), lambda m, i, o: 0)
     """
     _HANDLERS.insert(0, (types, handler))
+
+
+def unit_handler(m: nn.Module) -> Handler | None:
+    """The table handler of ``m``'s type (counts ``m`` as a whole, submodules included)."""
+    for types, handler in _HANDLERS:
+        if isinstance(m, types):
+            return handler
+    return None
 
 
 def _handler_for(m: nn.Module) -> Handler | None:
@@ -236,6 +382,9 @@ class CostProgram:
                 handles.append(m.register_forward_hook(make_hook(name, m)))
             elif not any(True for _ in m.children()):
                 handles.append(m.register_forward_hook(make_hook(name, m)))
+            elif unit_handler(m) is not None:  # counted as a whole, e.g. attention
+                handles.append(m.register_forward_hook(make_hook(name, m)))
+                gated_prefixes.append(f"{name}." if name else "")
         was_training = module.training
         module.eval()
         try:

@@ -132,6 +132,8 @@ class SigmoidGate(Gate):
     [1.0, 1.0]
     """
 
+    hardened: Tensor
+
     def __init__(self, n: int, *, init_theta: float = 3.0, temperature: float = 1.0) -> None:
         super().__init__()
         if n < 1:
@@ -151,7 +153,7 @@ class SigmoidGate(Gate):
         if not bool(self.hardened):
             return soft
         hard = (self.theta > 0).to(soft.dtype)  # (n,)
-        return hard + soft - soft.detach()  # straight-through estimator
+        return hard + (soft - soft.detach())  # straight-through: exactly `hard` forward
 
     def forward(self) -> Tensor:
         return self._value()

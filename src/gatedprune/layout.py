@@ -68,7 +68,7 @@ class NetSpec:
         return 0 if node == 0 else self.layers[node - 1].stage
 
     def stage_length(self, length: int, stage: int) -> int:
-        return length // (2**stage)
+        return int(length // (2**stage))
 
     def pool_pairs(self) -> list[tuple[int, int]]:
         """(source node, target stage) pairs that need average pooling, in first-use order."""

@@ -11,7 +11,7 @@ consumers), a layer with no open consumer disappears. See ``DESIGN.md`` section 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,14 @@ from .base import GatedModule, gate_probs
 from .costs import ACT_FLOPS, BATCHNORM_FLOPS, FLOPS_PER_MAC, _adaptive_window_sum
 from .gates import Gate, GateKind, resolve_gate
 from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activation, check_sizes
-from .plain import OffsetConv1d, PlainShortcutNet
+from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
 
 __all__ = ["ShortcutConv1d", "ShortcutMLP"]
 
 
 class _GatedLayer(nn.Module):
+    src_widths: Tensor
+
     def __init__(self, spec: NetSpec, index: int, gate_kind: GateKind, edge_gated: bool) -> None:
         super().__init__()
         layer = spec.layers[index]
@@ -47,7 +49,7 @@ class _GatedLayer(nn.Module):
 class _ShortcutNet(GatedModule):
     """Shared engine of :class:`ShortcutMLP` and :class:`ShortcutConv1d`."""
 
-    src_widths: Tensor
+    head_widths: Tensor
 
     def __init__(self, spec: NetSpec, gate: GateKind, shortcuts: bool) -> None:
         super().__init__()
@@ -239,6 +241,65 @@ class _ShortcutNet(GatedModule):
         params = params + head_in * spec.out_features + spec.out_features
         return flops * batch, params
 
+    @torch.no_grad()
+    def connectivity(self) -> dict[str, Any]:
+        """What survives pruning: per layer its kept units, kept incoming edges and whether it is
+        alive, plus totals (JSON-able; used by the demo's table and plots).
+
+        >>> net = ShortcutMLP(4, [3, 3], 2)
+        >>> net.connectivity()["layers_total"]
+        2
+        """
+        spec = self.spec
+        like = torch.zeros((), dtype=torch.float64)
+        p_edges, p_units, p_head = self._probs(True, like)
+        _, _, N, A = self._liveness(p_edges, p_units, p_head)
+        edges, units, head = self._eval_values()
+        layers: list[dict[str, Any]] = []
+        for i, layer in enumerate(spec.layers):
+            alive = bool(A[i + 1] > 0.5)
+            kept = [
+                alive and bool(p_edges[i][e] > 0.5) and bool(N[j] > 0.5)
+                for e, j in enumerate(layer.sources)
+            ]
+            e_vals = edges[i]
+            layers.append(
+                {
+                    "stage": layer.stage,
+                    "width": layer.width,
+                    "kept_units": int((units[i] > 0).sum()) if alive else 0,
+                    "alive": alive,
+                    "sources": list(layer.sources),
+                    "edge_values": [1.0] * len(layer.sources)
+                    if e_vals is None
+                    else [float(v) for v in e_vals],
+                    "edges_kept": kept,
+                }
+            )
+        head_kept = [
+            bool(p_head[h] > 0.5) and bool(N[j] > 0.5) for h, j in enumerate(spec.head_sources)
+        ]
+        n_edges = sum(len(layer.sources) for layer in spec.layers) + len(spec.head_sources)
+        kept_layers = [bool(x["alive"]) for x in layers]
+        kept_units_per_layer = [int(x["kept_units"]) for x in layers]
+        kept_edges = sum(sum(bool(k) for k in x["edges_kept"]) for x in layers)
+        return {
+            "layers": layers,
+            "head": {
+                "sources": list(spec.head_sources),
+                "edge_values": [1.0] * len(spec.head_sources)
+                if head is None
+                else [float(v) for v in head],
+                "edges_kept": head_kept,
+            },
+            "layers_total": len(layers),
+            "layers_kept": sum(kept_layers),
+            "units_total": sum(layer.width for layer in spec.layers),
+            "units_kept": sum(kept_units_per_layer),
+            "edges_total": n_edges,
+            "edges_kept": kept_edges + sum(head_kept),
+        }
+
     # ------------------------------------------------------------------ pruning
     @torch.no_grad()
     def pruned_module(self) -> PlainShortcutNet:
@@ -309,7 +370,7 @@ class _ShortcutNet(GatedModule):
 
         new_index = {0: 0}
         layer_specs: list[LayerSpec] = []
-        for i, layer in enumerate(spec.layers):
+        for i in range(len(spec.layers)):
             if alive[i + 1]:
                 new_index[i + 1] = len(new_index)
         new_layers: list[tuple[int, LayerSpec, list[int]]] = []
@@ -347,49 +408,50 @@ class _ShortcutNet(GatedModule):
             input_length=length if any(ls.has_offset for ls in layer_specs) else None,
         )
         plain = PlainShortcutNet(new_spec).to(device=ref.device, dtype=ref.dtype)
-        for (i, ls, srcs), target in zip(new_layers, plain.layers, strict=True):
-            layer = cast(_GatedLayer, self.layers[i])
+        for (i, _, srcs), target in zip(new_layers, plain.layers, strict=True):
+            gl = cast(_GatedLayer, self.layers[i])
             rows = kept_units[i + 1]
             col_blocks, scales = [], []
-            offsets = torch.cumsum(layer.src_widths, 0) - layer.src_widths
+            offsets = torch.cumsum(gl.src_widths, 0) - gl.src_widths
             for j in srcs:
                 e = spec.layers[i].sources.index(j)
                 col_blocks.append(offsets[e] + kept_units[j])
                 scales.append(edge_val(edges[i], e) * unit_scale[j][kept_units[j]])
             cols = torch.cat(col_blocks)
             colscale = torch.cat(scales)  # (n_in,)
-            w = layer.op.weight[rows][:, cols]
+            w = gl.op.weight[rows][:, cols]
             w = w * (colscale[None, :, None] if spec.spatial else colscale[None, :])
             op = cast(nn.Module, target.op)
             op.weight.copy_(w)  # type: ignore[operator]
-            bias = layer.op.bias
-            assert bias is not None
+            bias = gl.op.bias
+            if bias is None:  # pragma: no cover - every gated layer is built with a bias
+                raise RuntimeError("gated layers always have a bias")
             z_const = pre[i][0][rows]  # (C,) or (C, L): bias plus constant inputs
             if not spec.spatial:
                 op.bias.copy_(z_const)  # type: ignore[operator]
             else:
                 op.bias.copy_(bias[rows])  # type: ignore[operator]
-                if ls.has_offset:
-                    assert isinstance(op, OffsetConv1d)
+                if isinstance(op, OffsetConv1d):
                     op.offset.copy_(z_const - bias[rows][:, None])
-            if layer.norm is not None:
-                tn = target.norm
-                assert tn is not None
+            tn = cast(_PlainLayer, target).norm
+            if gl.norm is not None and tn is not None:
                 for name in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(tn, name).copy_(getattr(layer.norm, name)[rows])
-                tn.num_batches_tracked.copy_(layer.norm.num_batches_tracked)
-                tn.eps = layer.norm.eps
-                tn.momentum = layer.norm.momentum
+                    getattr(tn, name).copy_(getattr(gl.norm, name)[rows])
+                src_count = gl.norm.num_batches_tracked
+                if tn.num_batches_tracked is not None and src_count is not None:
+                    tn.num_batches_tracked.copy_(src_count)
+                tn.eps = gl.norm.eps
+                tn.momentum = gl.norm.momentum
         # Head.
         col_blocks, scales = [], []
         offsets = torch.cumsum(self.head_widths, 0) - self.head_widths
         P = spec.head_pool
-        for h, j in head_srcs:
+        for hi, j in head_srcs:
             kept = kept_units[j]
             pos = torch.arange(P, device=ref.device)
-            col_blocks.append((offsets[h] + kept[:, None] * P + pos[None, :]).flatten())
-            s = edge_val(head_edge, h) * unit_scale[j][kept]  # (C_kept,)
-            scales.append(s.repeat_interleave(P))
+            col_blocks.append((offsets[hi] + kept[:, None] * P + pos[None, :]).flatten())
+            head_scale = edge_val(head_edge, hi) * unit_scale[j][kept]  # (C_kept,)
+            scales.append(head_scale.repeat_interleave(P))
         if col_blocks:
             cols = torch.cat(col_blocks)
             plain.head.weight.copy_(self.head.weight[:, cols] * torch.cat(scales)[None, :])

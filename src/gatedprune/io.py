@@ -1,0 +1,410 @@
+"""Saving without pickle: checksummed, atomically written safetensors files.
+
+Two layers:
+
+* :func:`write_tensors` / :func:`read_tensors`: one safetensors file holding named tensors and a
+  JSON-able ``meta`` mapping. The header metadata carries a format tag and version and SHA-256
+  digests of the meta JSON and of the tensors (names, dtypes, shapes and bytes), so corruption
+  or edits are detected on reading. Writing goes through a temporary file in the same folder
+  (flush, ``fsync``, ``os.replace``, ``fsync`` of the folder): a crash leaves either the old file
+  or the new one, never a partial file. The digests detect damage and edits, they are not a
+  signature: whoever can write the file can recompute them.
+* :func:`save` / :func:`load`: pruned plain models. A model class is supported once registered
+  with :func:`register_model_class` (it needs ``to_config() -> dict`` and a classmethod
+  ``from_config(dict)``); the file holds its kind, config and full ``state_dict()``.
+
+Nothing here uses pickle: loading a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .base import GatedModule
+from .gates import gate_modules
+from .plain import PlainShortcutNet
+
+__all__ = ["load", "read_tensors", "register_model_class", "save", "write_tensors"]
+
+FORMAT = "gatedprune.tensors"
+FORMAT_VERSION = 1
+MODEL_FORMAT = "gatedprune.model"
+MODEL_FORMAT_VERSION = 1
+
+# Keys of the safetensors header metadata (a str -> str mapping).
+_META_KEY = "gatedprune"
+_FORMAT_KEY = "gatedprune.format"
+_VERSION_KEY = "gatedprune.version"
+_META_SHA_KEY = "gatedprune.sha256_meta"
+_TENSORS_SHA_KEY = "gatedprune.sha256_tensors"
+
+PathLike = str | os.PathLike[str]
+
+
+# ---------------------------------------------------------------------- tensor files
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "gatedprune's save/load and checkpoints need safetensors: "
+            "pip install 'gatedprune[io]' (or pip install safetensors)"
+        ) from e
+    return safetensors.torch
+
+
+def _as_path(path: object, what: str) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{what}: path must be a str or os.PathLike, got {type(path).__name__}")
+    p = Path(os.fspath(path))
+    if not str(p) or p.name == "":
+        raise ValueError(f"{what}: {str(path)!r} does not name a file")
+    return p
+
+
+def _sha256(s: str) -> str:
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+def _tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].reshape(-1)  # (N,) contiguous CPU
+        raw = t.view(torch.uint8)  # (N * itemsize,)
+        h.update(json.dumps([name, str(t.dtype), list(tensors[name].shape)]).encode("utf-8"))
+        h.update(raw.numel().to_bytes(8, "little"))
+        h.update(raw.numpy().data)  # hashed in place, no copy
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    directory = path.parent
+    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)  # honours the umask, unlike mkstemp's 0o600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def write_tensors(path: PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Write ``tensors`` and the JSON-able ``meta`` to one safetensors file, atomically.
+
+    Tensors are copied to contiguous CPU memory first (views, shared and non-contiguous
+    tensors are fine). ``meta`` goes through :func:`json.dumps`: tuples come back as lists,
+    non-string keys as strings; NaN and infinities are kept. An existing file at ``path`` is
+    replaced only once the new one is complete on disk.
+
+    >>> import tempfile, os, torch
+    >>> f = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+    >>> write_tensors(f, {"w": torch.ones(2, 3).t()}, {"step": 7})
+    >>> tensors, meta = read_tensors(f)
+    >>> tensors["w"].shape, meta
+    (torch.Size([3, 2]), {'step': 7})
+    """
+    p = _as_path(path, "write_tensors")
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            "write_tensors: tensors must be a mapping of str to Tensor, "
+            f"got {type(tensors).__name__}"
+        )
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"write_tensors: meta must be a mapping, got {type(meta).__name__}")
+    flat: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"write_tensors: tensor names must be str, got {name!r}")
+        if name == "__metadata__":
+            raise ValueError("write_tensors: the tensor name '__metadata__' is reserved")
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"write_tensors: {name!r} must be a torch.Tensor, got {type(t).__name__}"
+            )
+        if t.layout != torch.strided:
+            raise ValueError(f"write_tensors: {name!r} is a {t.layout} tensor; only dense tensors")
+        flat[name] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
+    try:
+        meta_json = json.dumps(dict(meta))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"write_tensors: meta must be JSON-serialisable: {e}") from e
+    header = {
+        _FORMAT_KEY: FORMAT,
+        _VERSION_KEY: str(FORMAT_VERSION),
+        _META_KEY: meta_json,
+        _META_SHA_KEY: _sha256(meta_json),
+        _TENSORS_SHA_KEY: _tensors_digest(flat),
+    }
+    data: bytes = _safetensors().save(flat, metadata=header)
+    _atomic_write(p, data)
+
+
+def _header(p: Path, data: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file, or ValueError."""
+    if len(data) < 8:
+        raise ValueError(
+            f"{p}: not a gatedprune file ({len(data)} bytes; too short to hold a header)"
+        )
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(
+            f"{p}: not a gatedprune file, or truncated (the header claims {n} bytes, "
+            f"the file has {len(data)})"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{p}: not a gatedprune file, or corrupted (unreadable header: {e})"
+        ) from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{p}: not a gatedprune file (the header is not a JSON object)")
+    return header
+
+
+def read_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a file written by :func:`write_tensors`: ``(tensors on CPU, meta)``.
+
+    Checks the format tag, the version and both checksums. A missing file raises
+    ``FileNotFoundError``; a truncated, corrupted, edited or foreign file (another program's
+    safetensors, a pickle, text, an empty file) raises ``ValueError`` naming the file and the
+    problem. Never unpickles anything.
+
+    >>> import tempfile, os, torch
+    >>> f = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+    >>> write_tensors(f, {"b": torch.zeros(2)}, {"note": "hi"})
+    >>> read_tensors(f)[1]
+    {'note': 'hi'}
+    """
+    p = _as_path(path, "read_tensors")
+    data = p.read_bytes()
+    header = _header(p, data)
+    md = header.get("__metadata__")
+    if not isinstance(md, dict) or md.get(_FORMAT_KEY) != FORMAT:
+        raise ValueError(
+            f"{p}: not written by gatedprune (its safetensors metadata has no "
+            f"{_FORMAT_KEY!r} = {FORMAT!r} tag)"
+        )
+    version = md.get(_VERSION_KEY)
+    if version != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{p}: unsupported gatedprune file version {version!r} (this gatedprune reads "
+            f"version {FORMAT_VERSION})"
+        )
+    meta_json = md.get(_META_KEY)
+    if not isinstance(meta_json, str) or _sha256(meta_json) != md.get(_META_SHA_KEY):
+        raise ValueError(f"{p}: metadata checksum mismatch: the file is corrupted or was edited")
+    meta = json.loads(meta_json)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{p}: metadata is not a JSON object")
+    st = _safetensors()
+    try:
+        tensors: dict[str, Tensor] = st.load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError for malformed data
+        raise ValueError(f"{p}: corrupted or truncated tensor data ({e})") from e
+    if _tensors_digest(tensors) != md.get(_TENSORS_SHA_KEY):
+        raise ValueError(f"{p}: tensor checksum mismatch: the file is corrupted or was edited")
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------- model files
+class _Configurable(Protocol):
+    def to_config(self) -> dict[str, Any]: ...
+
+
+_CLASS_OF_KIND: dict[str, type[nn.Module]] = {}
+_KIND_OF_CLASS: dict[type[nn.Module], str] = {}
+
+
+def register_model_class(kind: str, cls: type[nn.Module]) -> None:
+    """Let :func:`save` / :func:`load` handle ``cls`` under the name ``kind``.
+
+    ``cls`` must be a plain (gate-free) ``nn.Module`` class with ``to_config() -> dict``
+    (JSON-able structure, no weights) and a classmethod ``from_config(dict)`` that builds an
+    instance whose ``state_dict()`` has the same keys and shapes. Only the exact class is
+    matched, not subclasses. Registering the same pair again is a no-op; a kind or class
+    already registered otherwise raises ``ValueError``. :func:`load` can only rebuild kinds
+    registered in the running process, so register at import time of the defining module.
+
+    >>> class Tiny(nn.Linear):
+    ...     def to_config(self): return {"n": self.in_features}
+    ...     @classmethod
+    ...     def from_config(cls, c): return cls(c["n"], c["n"])
+    >>> register_model_class("doc_tiny", Tiny)
+    """
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"register_model_class: kind must be a non-empty str, got {kind!r}")
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"register_model_class: cls must be an nn.Module subclass, got {cls!r}")
+    if issubclass(cls, GatedModule):
+        raise TypeError(
+            f"register_model_class: {cls.__name__} is a GatedModule; register the plain class "
+            "that gatedprune.prune returns for it"
+        )
+    if not callable(getattr(cls, "to_config", None)) or not callable(
+        getattr(cls, "from_config", None)
+    ):
+        raise TypeError(
+            f"register_model_class: {cls.__name__} needs a to_config() method and a "
+            "from_config(config) classmethod"
+        )
+    if _CLASS_OF_KIND.get(kind, cls) is not cls or _KIND_OF_CLASS.get(cls, kind) != kind:
+        raise ValueError(
+            f"register_model_class: kind {kind!r} or class {cls.__name__} is already registered "
+            f"(kind {kind!r} -> {_CLASS_OF_KIND.get(kind)!r}, class -> "
+            f"{_KIND_OF_CLASS.get(cls)!r})"
+        )
+    _CLASS_OF_KIND[kind] = cls
+    _KIND_OF_CLASS[cls] = kind
+
+
+register_model_class("plain_shortcut_net", PlainShortcutNet)
+
+
+def save(model: nn.Module, path: PathLike) -> None:
+    """Save a pruned plain model (structure + every parameter and buffer) to ``path``.
+
+    The file is a checksummed safetensors file written atomically (see :func:`write_tensors`);
+    :func:`load` rebuilds the model. Supported classes: those registered with
+    :func:`register_model_class` (``PlainShortcutNet`` and the other models ``gatedprune.prune``
+    returns). A gated model must be pruned first.
+
+    >>> import tempfile, os, torch, gatedprune
+    >>> net = gatedprune.prune(gatedprune.ShortcutMLP(8, [16], 3).eval())
+    >>> f = os.path.join(tempfile.mkdtemp(), "net.safetensors")
+    >>> save(net, f)
+    >>> x = torch.randn(2, 8)
+    >>> torch.equal(load(f)(x), net(x))
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, GatedModule) for m in model.modules()) or gate_modules(model):
+        raise TypeError(
+            f"save stores plain pruned models; {type(model).__name__} still has gates: "
+            "call gatedprune.prune(model) first and save the result"
+        )
+    kind = _KIND_OF_CLASS.get(type(model))
+    if kind is None:
+        raise TypeError(
+            f"save does not support {type(model).__name__}: supported kinds are "
+            f"{sorted(_CLASS_OF_KIND)} ({', '.join(c.__name__ for c in _KIND_OF_CLASS)}); "
+            "register other classes with gatedprune.io.register_model_class"
+        )
+    from . import __version__
+
+    configurable: _Configurable = model  # type: ignore[assignment]
+    config = configurable.to_config()
+    if not isinstance(config, dict):
+        raise TypeError(
+            f"{type(model).__name__}.to_config() must return a dict, got {type(config).__name__}"
+        )
+    meta = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "kind": kind,
+        "config": config,
+        "gatedprune_version": __version__,
+    }
+    write_tensors(path, model.state_dict(), meta)
+
+
+def _check_state(p: Path, kind: str, expected: dict[str, Tensor], got: dict[str, Tensor]) -> None:
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{p}: the tensors do not match a {kind!r} model with this config "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    for name, t in expected.items():
+        if t.shape != got[name].shape:
+            raise ValueError(
+                f"{p}: tensor {name!r} has shape {tuple(got[name].shape)}, "
+                f"the {kind!r} config needs {tuple(t.shape)}"
+            )
+
+
+def load(path: PathLike) -> nn.Module:
+    """Rebuild a model written by :func:`save` (on CPU, in eval mode).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a damaged or foreign
+    file, an unregistered kind or tensors that do not fit the stored config.
+
+    >>> import tempfile, os, gatedprune
+    >>> f = os.path.join(tempfile.mkdtemp(), "net.safetensors")
+    >>> save(gatedprune.prune(gatedprune.ShortcutMLP(4, [8], 2)), f)
+    >>> type(load(f)).__name__
+    'PlainShortcutNet'
+    """
+    p = _as_path(path, "load")
+    tensors, meta = read_tensors(p)
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(
+            f"{p}: a gatedprune file but not a saved model (format {meta.get('format')!r}, "
+            f"expected {MODEL_FORMAT!r}); training checkpoints are resumed by the Trainer"
+        )
+    if meta.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ValueError(
+            f"{p}: unsupported model file version {meta.get('format_version')!r} "
+            f"(this gatedprune reads version {MODEL_FORMAT_VERSION})"
+        )
+    kind = meta.get("kind")
+    cls = _CLASS_OF_KIND.get(kind) if isinstance(kind, str) else None
+    if cls is None or not isinstance(kind, str):
+        raise ValueError(
+            f"{p}: unknown model kind {kind!r} (registered: {sorted(_CLASS_OF_KIND)}); "
+            "import the module that registers it first"
+        )
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{p}: the model config is not a JSON object: {config!r}")
+    try:
+        model: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{p}: invalid config for model kind {kind!r}: {e}") from e
+    expected = model.state_dict()
+    _check_state(p, kind, expected, tensors)
+    saved_float = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    own_float = {t.dtype for t in expected.values() if t.is_floating_point()}
+    if len(saved_float) == 1 and saved_float != own_float:
+        model = model.to(next(iter(saved_float)))  # e.g. a float64 model
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{p}: the tensors do not fit the {kind!r} model: {e}") from e
+    for name, t in model.state_dict().items():
+        if t.dtype != tensors[name].dtype:
+            raise ValueError(
+                f"{p}: tensor {name!r} was saved as {tensors[name].dtype} but the rebuilt model "
+                f"holds {t.dtype}; mixed-precision models are not supported"
+            )
+    return model.eval()

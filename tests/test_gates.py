@@ -1,0 +1,90 @@
+"""Gates: open probability vs Monte Carlo, gradients, exact extremes, hardening."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gatedprune as gp
+from gatedprune.gates import HardConcreteGate, SigmoidGate, resolve_gate
+
+
+def test_hard_concrete_prob_open_matches_monte_carlo() -> None:
+    torch.manual_seed(0)
+    g = HardConcreteGate(7)
+    with torch.no_grad():
+        g.log_alpha.copy_(torch.tensor([-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0]))
+    g.train()
+    samples = torch.stack([g() for _ in range(20000)])  # (S, n)
+    mc = (samples > 0).float().mean(0)
+    assert torch.allclose(mc, g.prob_open().detach(), atol=0.015)
+
+
+def test_hard_concrete_samples_in_unit_interval_and_hit_both_ends() -> None:
+    torch.manual_seed(1)
+    g = HardConcreteGate(1000, init_log_alpha=0.0).train()
+    z = g().detach()
+    assert float(z.min()) == 0.0
+    assert float(z.max()) == 1.0
+    assert bool(((z >= 0) & (z <= 1)).all())
+
+
+def test_hard_concrete_eval_exact_extremes() -> None:
+    g = HardConcreteGate(4).eval()
+    ln11 = math.log(11.0)
+    with torch.no_grad():
+        g.log_alpha.copy_(torch.tensor([-ln11 - 1e-3, -ln11 - 5, ln11 + 1e-3, ln11 + 5]))
+    v = g()
+    assert v.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert g.is_open().tolist() == [False, False, True, True]
+    with torch.no_grad():
+        g.log_alpha.fill_(0.0)
+    assert 0.0 < float(g()[0].detach()) < 1.0
+
+
+def test_gradients_reach_gate_parameters() -> None:
+    torch.manual_seed(0)
+    hc = HardConcreteGate(5).train()
+    (hc() * torch.arange(5.0)).sum().backward()
+    assert hc.log_alpha.grad is not None
+    assert hc.log_alpha.grad.abs().sum() > 0
+    hc.zero_grad()
+    hc.prob_open().sum().backward()
+    assert hc.log_alpha.grad is not None
+    assert bool((hc.log_alpha.grad > 0).all())
+    sg = SigmoidGate(3)
+    sg().sum().backward()
+    assert sg.theta.grad is not None
+    assert bool((sg.theta.grad > 0).all())
+
+
+def test_sigmoid_harden_gives_exact_values_and_straight_through_grad() -> None:
+    sg = SigmoidGate(4, init_theta=0.5)
+    with torch.no_grad():
+        sg.theta.copy_(torch.tensor([-2.0, -0.1, 0.1, 2.0]))
+    assert 0 < float(sg.eval()().min().detach()) < 1
+    assert sg.is_open().all()  # a soft sigmoid never closes
+    sg.harden()
+    assert sg.eval()().tolist() == [0.0, 0.0, 1.0, 1.0]
+    sg.train()
+    sg().sum().backward()
+    assert sg.theta.grad is not None
+    assert bool((sg.theta.grad > 0).all())
+
+
+def test_force_sets_confident_states() -> None:
+    for g in (HardConcreteGate(3), SigmoidGate(3)):
+        g.force_(torch.tensor([True, False, True]))
+        assert g.eval()().tolist() == [1.0, 0.0, 1.0]
+
+
+def test_resolve_gate_rejects_unknown_kinds() -> None:
+    assert isinstance(resolve_gate("hard_concrete"), gp.HardConcrete)
+    with pytest.raises(ValueError, match="unknown gate kind 'l1'"):
+        resolve_gate("l1")
+    with pytest.raises(ValueError, match="unknown gate kind"):
+        gp.ShortcutMLP(4, [4], 2, gate="bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n >= 1"):
+        HardConcreteGate(0)

@@ -1,0 +1,293 @@
+"""Shortcut networks: pruned == gated in eval mode, exact costs, edge cases (hypothesis)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import gatedprune as gp
+from gatedprune.gates import HardConcreteGate
+from gatedprune.plain import OffsetConv1d
+from gatedprune.shortcut import _ShortcutNet
+
+LN11 = math.log(11.0)
+
+
+def _randomise_norms(net: nn.Module, gen: torch.Generator) -> None:
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen))
+
+
+def _set_gates(net: nn.Module, states: st.DataObject) -> bool:
+    """Random gate states: closed, open or in between. Returns whether any gate is closed."""
+    any_closed = False
+    for g in gp.gate_modules(net):
+        assert isinstance(g, HardConcreteGate)
+        kinds = states.draw(st.lists(st.sampled_from("cob"), min_size=g.n, max_size=g.n))
+        vals = []
+        for k in kinds:
+            if k == "c":
+                vals.append(-LN11 - 1.0)
+                any_closed = True
+            elif k == "o":
+                vals.append(LN11 + 1.0)
+            else:
+                vals.append(states.draw(st.floats(-LN11 + 0.2, LN11 - 0.2)))
+        with torch.no_grad():
+            g.log_alpha.copy_(torch.tensor(vals))
+    return any_closed
+
+
+def _check_equivalent(net: _ShortcutNet, x: torch.Tensor) -> gp.Cost:
+    net.eval()
+    small = gp.prune(net)
+    assert isinstance(small, gp.PlainShortcutNet)
+    assert not gp.gate_modules(small)
+    small.eval()
+    with torch.no_grad():
+        diff = (small(x) - net(x)).abs().max().item()
+    assert diff <= 1e-5, diff
+    pruned_cost = gp.cost(small, x[:1])
+    assert isinstance(pruned_cost, gp.Cost)
+    hard = gp.cost(net, x[:1], hard=True)
+    assert isinstance(hard, gp.ExpectedCost)
+    assert hard.detach() == pruned_cost
+    assert float(hard.flops) == pruned_cost.flops  # exact, not just rounded
+    assert float(hard.params) == pruned_cost.params
+    return pruned_cost
+
+
+def _dense_cost(net: _ShortcutNet, x: torch.Tensor) -> gp.Cost:
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    c = gp.cost(gp.prune(net), x[:1])
+    net.load_state_dict(state)
+    assert isinstance(c, gp.Cost)
+    return c
+
+
+@given(
+    widths=st.lists(st.integers(1, 7), min_size=1, max_size=5),
+    shortcuts=st.booleans(),
+    norm=st.booleans(),
+    act=st.sampled_from(["relu", "gelu", "tanh", "identity"]),
+    states=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_mlp_pruned_equals_gated(
+    widths: list[int], shortcuts: bool, norm: bool, act: str, states: st.DataObject, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = gp.ShortcutMLP(6, widths, 3, shortcuts=shortcuts, norm=norm, activation=act)  # type: ignore[arg-type]
+    _randomise_norms(net, gen)
+    any_closed = _set_gates(net, states)
+    x = torch.randn(9, 6, generator=gen)  # (B, F)
+    pruned = _check_equivalent(net, x)
+    dense = _dense_cost(net, x)
+    if any_closed:
+        assert pruned.flops < dense.flops
+        assert pruned.params < dense.params
+    else:
+        assert pruned == dense
+
+
+@given(
+    stages=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3), min_size=1, max_size=3),
+    kernel=st.sampled_from([1, 3, 5]),
+    head_pool=st.integers(1, 4),
+    shortcuts=st.booleans(),
+    norm=st.booleans(),
+    states=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_pruned_equals_gated(
+    stages: list[list[int]],
+    kernel: int,
+    head_pool: int,
+    shortcuts: bool,
+    norm: bool,
+    states: st.DataObject,
+    seed: int,
+) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    length = 16
+    net = gp.ShortcutConv1d(
+        2,
+        stages,
+        3,
+        kernel_size=kernel,
+        head_pool=head_pool,
+        input_length=length,
+        shortcuts=shortcuts,
+        norm=norm,
+    )
+    _randomise_norms(net, gen)
+    any_closed = _set_gates(net, states)
+    x = torch.randn(5, 2, length, generator=gen)  # (B, C, L)
+    pruned = _check_equivalent(net, x)
+    dense = _dense_cost(net, x)
+    if any_closed:
+        assert pruned.flops < dense.flops
+        assert pruned.params < dense.params
+    else:
+        assert pruned == dense
+
+
+def _close(gate: gp.Gate | None, idx: list[int] | None = None) -> None:
+    assert gate is not None
+    mask = torch.ones(gate.n, dtype=torch.bool)
+    mask[idx if idx is not None else slice(None)] = False
+    gate.force_(mask)
+
+
+def test_all_edges_of_a_conv_layer_closed_folds_a_constant() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[4, 4, 4]], 3, kernel_size=3, input_length=12)
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    _close(net.layers[1].edge_gate)  # layer 2 reads nothing: a constant map
+    x = torch.randn(4, 1, 12)
+    c = _check_equivalent(net, x)
+    small = gp.prune(net)
+    assert len(small.spec.layers) == 2  # the constant layer is gone
+    assert any(isinstance(m, OffsetConv1d) for m in small.modules())  # folded as an offset
+    assert c.flops < _dense_cost(net, x).flops
+    with pytest.raises(ValueError, match="length 12"):
+        small(torch.randn(2, 1, 20))
+
+
+def test_constant_layer_without_input_length_is_a_clear_error() -> None:
+    net = gp.ShortcutConv1d(1, [[4, 4]], 3, kernel_size=3)
+    _close(net.layers[1].edge_gate)
+    for layer in net.layers:
+        layer.unit_gate.force_(torch.ones(4, dtype=torch.bool))
+    assert net.head_gate is not None
+    net.head_gate.force_(torch.ones(net.head_gate.n, dtype=torch.bool))
+    with pytest.raises(ValueError, match="input_length"):
+        gp.prune(net)
+
+
+def test_mlp_constant_layer_folds_into_bias() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutMLP(5, [6, 6, 6], 2)
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    _close(net.layers[0].edge_gate)  # layer 1 reads nothing
+    _check_equivalent(net, torch.randn(7, 5))
+    assert len(gp.prune(net).spec.layers) == 2
+
+
+def test_whole_layer_closed_disappears() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutMLP(5, [6, 6, 6], 2)
+    _close(net.layers[1].unit_gate)
+    _check_equivalent(net, torch.randn(7, 5))
+    assert [layer.width for layer in gp.prune(net).spec.layers] == [6, 6]
+
+
+def test_layer_without_consumer_disappears_with_what_only_fed_it() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutMLP(5, [6, 6], 2)
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    # layer 1 feeds only layer 2 and the head; close both reads, so it has no consumer
+    _close(net.layers[1].edge_gate, [1])
+    assert net.head_gate is not None
+    _close(net.head_gate, [1])
+    _check_equivalent(net, torch.randn(7, 5))
+    assert len(gp.prune(net).spec.layers) == 1
+
+
+def test_closed_readout_prunes_to_the_constant_function() -> None:
+    torch.manual_seed(0)
+    for net, x in (
+        (gp.ShortcutMLP(5, [6, 6], 3), torch.randn(7, 5)),
+        (gp.ShortcutConv1d(1, [[3], [3]], 3, input_length=8), torch.randn(7, 1, 8)),
+    ):
+        _close(net.head_gate)
+        c = _check_equivalent(net, x)
+        small = gp.prune(net)
+        assert len(small.spec.layers) == 0
+        assert c.params == 3  # only the output bias is left
+        out = small.eval()(x)
+        assert torch.equal(out, out[:1].expand_as(out))  # the same prediction for every input
+
+
+def test_all_open_prunes_to_the_same_architecture() -> None:
+    net = gp.ShortcutConv1d(1, [[4, 4], [6]], 5, input_length=16)
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    x = torch.randn(3, 1, 16)
+    c = _check_equivalent(net, x)
+    plain_params = sum(p.numel() for p in gp.prune(net).parameters())
+    gated_weights = sum(p.numel() for p in net.weight_parameters())
+    assert c.params == plain_params == gated_weights
+
+
+def test_gated_model_is_an_ordinary_module() -> None:
+    net = gp.ShortcutConv1d(1, [[4], [4]], 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = net(torch.randn(4, 1, 16)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    clone = gp.ShortcutConv1d(1, [[4], [4]], 3)
+    clone.load_state_dict(net.state_dict())
+    net.eval()
+    clone.eval()
+    x = torch.randn(2, 1, 16)
+    assert torch.equal(net(x), clone(x))
+    assert all(p.grad is not None for p in net.gate_parameters())
+
+
+def test_expected_cost_is_differentiable_and_bounded() -> None:
+    net = gp.ShortcutMLP(8, [8, 8], 2)
+    x = torch.zeros(1, 8)
+    exp = gp.cost(net, x)
+    assert isinstance(exp, gp.ExpectedCost)
+    exp.flops.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.gate_parameters())
+    assert 0 < float(exp.flops.detach()) < _dense_cost(net, x).flops
+
+
+@pytest.mark.parametrize(
+    ("make", "x", "match"),
+    [
+        (lambda: gp.ShortcutMLP(4, [3], 2), torch.zeros(2, 5), r"\(B, 4\)"),
+        (lambda: gp.ShortcutMLP(4, [3], 2), torch.zeros(2, 4, 1), r"\(B, 4\)"),
+        (lambda: gp.ShortcutConv1d(1, [[3], [3]], 2), torch.zeros(2, 2, 8), r"\(B, 1, L\)"),
+        (lambda: gp.ShortcutConv1d(1, [[3], [3], [3]], 2), torch.zeros(2, 1, 3), "L >= 4"),
+    ],
+)
+def test_wrong_input_shape_is_a_clear_error(make: object, x: torch.Tensor, match: str) -> None:
+    net = make()  # type: ignore[operator]
+    with pytest.raises(ValueError, match=match):
+        net(x)
+    with pytest.raises(ValueError, match=match):
+        gp.cost(net, x)
+
+
+def test_bad_constructor_arguments() -> None:
+    with pytest.raises(ValueError, match="widths"):
+        gp.ShortcutMLP(4, [3, 0], 2)
+    with pytest.raises(TypeError, match="widths"):
+        gp.ShortcutMLP(4, 3, 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="kernel_size"):
+        gp.ShortcutConv1d(1, [[3]], 2, kernel_size=4)
+    with pytest.raises(ValueError, match="stages"):
+        gp.ShortcutConv1d(1, [], 2)
+    with pytest.raises(ValueError, match="activation"):
+        gp.ShortcutMLP(4, [3], 2, activation="swish")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Tensor"):
+        gp.ShortcutMLP(4, [3], 2)([[0.0] * 4])  # type: ignore[arg-type]
