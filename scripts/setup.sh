@@ -11,5 +11,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-  -c constraints.txt -e ".[${extra}]" 2>&1 | grep -v "^WARNING: Location" || true
+  -c constraints.txt -e ".[${extra}]"
 .venv/bin/python -c "import gatedprune, torch; print('gatedprune', gatedprune.__version__, '| torch', torch.__version__)"

@@ -28,6 +28,7 @@ __all__ = ["ShortcutConv1d", "ShortcutMLP"]
 
 class _GatedLayer(nn.Module):
     src_widths: Tensor
+    unit_index: Tensor
 
     def __init__(self, spec: NetSpec, index: int, gate_kind: GateKind, edge_gated: bool) -> None:
         super().__init__()
@@ -50,6 +51,7 @@ class _ShortcutNet(GatedModule):
     """Shared engine of :class:`ShortcutMLP` and :class:`ShortcutConv1d`."""
 
     head_widths: Tensor
+    head_unit_index: Tensor
 
     def __init__(self, spec: NetSpec, gate: GateKind, shortcuts: bool) -> None:
         super().__init__()
@@ -67,6 +69,25 @@ class _ShortcutNet(GatedModule):
         )
         self.register_buffer(
             "head_widths", torch.tensor(head_widths, dtype=torch.long), persistent=False
+        )
+        # Positions of every node's channels in the concatenation of all nodes' unit gates, as
+        # read by each layer and by the head (each head channel repeated head_pool times).
+        starts = [0]
+        for node in range(len(spec.layers) + 1):
+            starts.append(starts[-1] + spec.node_width(node))
+        for i, layer in enumerate(spec.layers):
+            idx = [c for j in layer.sources for c in range(starts[j], starts[j + 1])]
+            cast(_GatedLayer, self.layers[i]).register_buffer(
+                "unit_index", torch.tensor(idx, dtype=torch.long), persistent=False
+            )
+        head_idx = [
+            c
+            for j in spec.head_sources
+            for c in range(starts[j], starts[j + 1])
+            for _ in range(spec.head_pool)
+        ]
+        self.register_buffer(
+            "head_unit_index", torch.tensor(head_idx, dtype=torch.long), persistent=False
         )
         self._act = ACTIVATIONS[spec.activation][0]
 
@@ -104,25 +125,33 @@ class _ShortcutNet(GatedModule):
                 parts.append(hs[j])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, sum C, L)
 
-    def _preact(self, index: int, inp: Tensor, edge: Tensor | None) -> Tensor:
+    def _all_units(self, units: Sequence[Tensor]) -> Tensor:
+        """Unit gate values of every node, concatenated (ones for the input)."""
+        ref = self.head.weight
+        ones = ref.new_ones(self.spec.in_width)
+        return torch.cat([ones, *units])  # (sum of all widths,)
+
+    def _preact(self, index: int, inp: Tensor, edge: Tensor | None, all_units: Tensor) -> Tensor:
+        """Layer input -> pre-normalisation output. Source unit gates and edge gates scale the
+        weight's input columns (cheaper than scaling activations, and exactly equivalent)."""
         layer = cast(_GatedLayer, self.layers[index])
-        w = layer.op.weight
+        colscale = all_units[layer.unit_index]  # (sum C,)
         if edge is not None:
-            colscale = torch.repeat_interleave(edge, layer.src_widths)  # (sum C,)
-            w = w * (colscale[None, :, None] if self.spec.spatial else colscale[None, :])
+            colscale = colscale * torch.repeat_interleave(edge, layer.src_widths)
+        w = layer.op.weight * (colscale[None, :, None] if self.spec.spatial else colscale[None, :])
         if self.spec.spatial:
             k = self.spec.kernel_size
             return F.conv1d(inp, w, layer.op.bias, padding=k // 2)  # (B, C, L)
         return F.linear(inp, w, layer.op.bias)  # (B, C)
 
-    def _post(self, index: int, z: Tensor, unit: Tensor) -> Tensor:
+    def _post(self, index: int, z: Tensor) -> Tensor:
+        """Normalisation and activation. The layer's unit gates are applied by its consumers."""
         layer = cast(_GatedLayer, self.layers[index])
         if layer.norm is not None:
             z = layer.norm(z)
-        h = self._act(z)
-        return h * (unit[:, None] if self.spec.spatial else unit)  # (B, C, L) or (B, C)
+        return self._act(z)  # (B, C, L) or (B, C)
 
-    def _head(self, hs: list[Tensor], edge: Tensor | None) -> Tensor:
+    def _head(self, hs: list[Tensor], edge: Tensor | None, all_units: Tensor) -> Tensor:
         spec = self.spec
         feats = []
         for j in spec.head_sources:
@@ -131,22 +160,23 @@ class _ShortcutNet(GatedModule):
                 h = torch.flatten(F.adaptive_avg_pool1d(h, spec.head_pool), 1)  # (B, C_j * P)
             feats.append(h)
         feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)  # (B, sum C_j * P)
-        w = self.head.weight
+        colscale = all_units[self.head_unit_index]  # (sum C_j * P,)
         if edge is not None:
-            w = w * torch.repeat_interleave(edge, self.head_widths)[None, :]
-        return F.linear(feat, w, self.head.bias)  # (B, out)
+            colscale = colscale * torch.repeat_interleave(edge, self.head_widths)
+        return F.linear(feat, self.head.weight * colscale[None, :], self.head.bias)  # (B, out)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._check_input(x)
         hs: list[Tensor] = [x]
         cache: dict[tuple[int, int], Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            layer = cast(_GatedLayer, layer)
+        layers = [cast(_GatedLayer, layer) for layer in self.layers]
+        all_units = self._all_units([layer.unit_gate() for layer in layers])
+        for i, layer in enumerate(layers):
             edge = layer.edge_gate() if layer.edge_gate is not None else None
-            z = self._preact(i, self._gather(hs, i, cache), edge)
-            hs.append(self._post(i, z, layer.unit_gate()))
+            z = self._preact(i, self._gather(hs, i, cache), edge, all_units)
+            hs.append(self._post(i, z))
         head_edge = self.head_gate() if self.head_gate is not None else None
-        return self._head(hs, head_edge)
+        return self._head(hs, head_edge, all_units)
 
     # ------------------------------------------------------------------ structure
     def _probs(self, hard: bool, like: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
@@ -361,12 +391,13 @@ class _ShortcutNet(GatedModule):
         hs: list[Tensor] = [ref.new_zeros(shape)]
         pre: list[Tensor] = []
         cache: dict[tuple[int, int], Tensor] = {}
+        all_units = self._all_units(units)
         for i in range(len(spec.layers)):
-            z = self._preact(i, self._gather(hs, i, cache), edges[i])
+            z = self._preact(i, self._gather(hs, i, cache), edges[i], all_units)
             pre.append(z)
-            h = self._post(i, z, units[i])
+            h = self._post(i, z)
             hs.append(torch.zeros_like(h) if nonconst[i + 1] else h)
-        head_const = self._head(hs, head_edge)[0]  # (out,)
+        head_const = self._head(hs, head_edge, all_units)[0]  # (out,)
 
         new_index = {0: 0}
         layer_specs: list[LayerSpec] = []
