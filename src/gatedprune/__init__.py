@@ -3,9 +3,14 @@
 >>> import torch, gatedprune
 >>> net = gatedprune.ShortcutMLP(40, [32, 32], 10)
 >>> small = gatedprune.prune(net.eval())
+>>> x = torch.randn(4, 40)
+>>> bool((small.eval()(x) - net(x)).abs().max() <= 1e-5)
+True
 """
 
-from .base import GatedModule
+from .base import GatedModule, ModelGating
+from .budget import Budget
+from .calibrate import recalibrate_batchnorm
 from .costs import Cost, ExpectedCost, cost, register_cost
 from .gates import (
     Gate,
@@ -16,28 +21,40 @@ from .gates import (
     gate_modules,
     harden,
 )
+from .io import load, register_model_class, save
 from .plain import OffsetConv1d, PlainShortcutNet
+from .profiling import measure_latency
 from .prune import prune
 from .shortcut import ShortcutConv1d, ShortcutMLP
+from .train import Trainer, snap_to_budget
 
 __all__ = [
+    "Budget",
     "Cost",
     "ExpectedCost",
     "Gate",
     "GatedModule",
     "HardConcrete",
     "HardConcreteGate",
+    "ModelGating",
     "OffsetConv1d",
     "PlainShortcutNet",
     "ShortcutConv1d",
     "ShortcutMLP",
     "Sigmoid",
     "SigmoidGate",
+    "Trainer",
     "cost",
     "gate_modules",
     "harden",
+    "load",
+    "measure_latency",
     "prune",
+    "recalibrate_batchnorm",
     "register_cost",
+    "register_model_class",
+    "save",
+    "snap_to_budget",
 ]
 
 __version__ = "0.1.0"

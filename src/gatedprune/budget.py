@@ -144,7 +144,8 @@ class Budget(nn.Module):
         """Lagrangian term to add to the loss; advances the warm-up when the model trains."""
         soft = self.fractions()
         if self.straight_through:
-            hard = self.fractions(hard=True)
+            with torch.no_grad():
+                hard = self.fractions(hard=True)
             soft = {k: v + (hard[k] - v).detach() for k, v in soft.items()}
         targets = self.target()
         if self.model.training:

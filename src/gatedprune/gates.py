@@ -16,8 +16,9 @@ whose ``make(n)`` builds the module; :func:`resolve_gate` turns ``"hard_concrete
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,8 @@ __all__ = [
     "Sigmoid",
     "SigmoidGate",
     "gate_modules",
+    "gate_prob_open",
+    "gate_values",
     "harden",
     "resolve_gate",
 ]
@@ -72,6 +75,20 @@ class Gate(nn.Module):
         return f"n={self.n}"
 
 
+def _hc_sample(log_alpha: Tensor, beta: float) -> Tensor:
+    u = torch.empty_like(log_alpha).uniform_(EPS, 1.0 - EPS)  # (n,)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+    return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)  # (n,)
+
+
+def _hc_prob_open(log_alpha: Tensor, beta: float) -> Tensor:
+    return torch.sigmoid(log_alpha - beta * math.log(-GAMMA / ZETA))  # (n,)
+
+
+def _hc_eval(log_alpha: Tensor) -> Tensor:
+    return torch.clamp(torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)  # (n,)
+
+
 class HardConcreteGate(Gate):
     """Hard concrete (L0) gates, Louizos et al. 2018.
 
@@ -103,15 +120,13 @@ class HardConcreteGate(Gate):
     def forward(self) -> Tensor:
         if not self.training:
             return self.eval_value()
-        u = torch.empty_like(self.log_alpha).uniform_(EPS, 1.0 - EPS)  # (n,)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
-        return torch.clamp(s * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)  # (n,)
+        return _hc_sample(self.log_alpha, self.beta)
 
     def prob_open(self) -> Tensor:
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-GAMMA / ZETA))  # (n,)
+        return _hc_prob_open(self.log_alpha, self.beta)
 
     def eval_value(self) -> Tensor:
-        return torch.clamp(torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+        return _hc_eval(self.log_alpha)
 
     def force_(self, open_mask: Tensor) -> None:
         with torch.no_grad():
@@ -260,3 +275,42 @@ def harden(model: nn.Module) -> int:
     for g in gates:
         g.harden()
     return len(gates)
+
+
+def _same_hard_concrete(gates: Sequence[Gate]) -> float | None:
+    """The common beta if all gates are hard concrete with one beta and training mode."""
+    if len(gates) < 2 or any(type(g) is not HardConcreteGate for g in gates):
+        return None
+    hc = [cast(HardConcreteGate, g) for g in gates]
+    if len({(g.beta, g.training) for g in hc}) != 1:
+        return None
+    return hc[0].beta
+
+
+def gate_values(gates: Sequence[Gate]) -> list[Tensor]:
+    """``[g() for g in gates]``, computed in one pass when the gates share a kind (one sampling
+    kernel instead of one per gate module: fewer, larger ops in every training step).
+
+    >>> gs = [HardConcreteGate(2), HardConcreteGate(3)]
+    >>> [v.shape[0] for v in gate_values(gs)]
+    [2, 3]
+    """
+    beta = _same_hard_concrete(gates)
+    if beta is None:
+        return [g() for g in gates]
+    log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
+    values = _hc_sample(log_alpha, beta) if gates[0].training else _hc_eval(log_alpha)
+    return list(torch.split(values, [g.n for g in gates]))
+
+
+def gate_prob_open(gates: Sequence[Gate]) -> list[Tensor]:
+    """``[g.prob_open() for g in gates]``, in one pass when the gates share a kind.
+
+    >>> [p.shape[0] for p in gate_prob_open([HardConcreteGate(2), HardConcreteGate(1)])]
+    [2, 1]
+    """
+    beta = _same_hard_concrete(gates)
+    if beta is None:
+        return [g.prob_open() for g in gates]
+    log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
+    return list(torch.split(_hc_prob_open(log_alpha, beta), [g.n for g in gates]))

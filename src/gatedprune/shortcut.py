@@ -10,20 +10,28 @@ consumers), a layer with no open consumer disappears. See ``DESIGN.md`` section 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import GatedModule, gate_probs
+from .autodiff import scalar_function
+from .base import GatedModule
 from .costs import ACT_FLOPS, BATCHNORM_FLOPS, FLOPS_PER_MAC, _adaptive_window_sum
-from .gates import Gate, GateKind, resolve_gate
+from .gates import Gate, GateKind, gate_prob_open, gate_values, resolve_gate
 from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activation, check_sizes
 from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
 
 __all__ = ["ShortcutConv1d", "ShortcutMLP"]
+
+
+def _prod(xs: Iterable[Any]) -> Any:
+    out: Any = 1.0
+    for x in xs:
+        out = x * out
+    return out
 
 
 class _GatedLayer(nn.Module):
@@ -169,107 +177,162 @@ class _ShortcutNet(GatedModule):
         x = self._check_input(x)
         hs: list[Tensor] = [x]
         cache: dict[tuple[int, int], Tensor] = {}
-        layers = [cast(_GatedLayer, layer) for layer in self.layers]
-        all_units = self._all_units([layer.unit_gate() for layer in layers])
-        for i, layer in enumerate(layers):
-            edge = layer.edge_gate() if layer.edge_gate is not None else None
-            z = self._preact(i, self._gather(hs, i, cache), edge, all_units)
+        units, edges, head_edge = self._gate_values(gate_values)
+        all_units = self._all_units(units)
+        for i in range(len(self.layers)):
+            z = self._preact(i, self._gather(hs, i, cache), edges[i], all_units)
             hs.append(self._post(i, z))
-        head_edge = self.head_gate() if self.head_gate is not None else None
         return self._head(hs, head_edge, all_units)
 
+    def _gate_values(
+        self, compute: Callable[[Sequence[Gate]], list[Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor | None], Tensor | None]:
+        """Per layer unit and edge gate values and the head's, all computed by one call."""
+        layers = [cast(_GatedLayer, layer) for layer in self.layers]
+        gates: list[Gate] = [layer.unit_gate for layer in layers]
+        gates += [layer.edge_gate for layer in layers if layer.edge_gate is not None]
+        if self.head_gate is not None:
+            gates.append(self.head_gate)
+        values = iter(compute(gates))
+        units = [next(values) for _ in layers]
+        edges = [next(values) if layer.edge_gate is not None else None for layer in layers]
+        head = next(values) if self.head_gate is not None else None
+        return units, edges, head
+
     # ------------------------------------------------------------------ structure
-    def _probs(self, hard: bool, like: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Open probabilities: per layer (edges, units), and head edges; float64."""
-        edges, units = [], []
-        for i, layer in enumerate(self.layers):
-            layer = cast(_GatedLayer, layer)
-            n_src = len(self.spec.layers[i].sources)
-            edges.append(gate_probs(layer.edge_gate, n_src, hard=hard, like=like))
-            units.append(gate_probs(layer.unit_gate, layer.unit_gate.n, hard=hard, like=like))
-        head = gate_probs(self.head_gate, len(self.spec.head_sources), hard=hard, like=like)
-        return edges, units, head
+    def _summary(self, hard: bool) -> tuple[Tensor, list[float]]:
+        """Everything the cost depends on, as one float64 vector ``z`` (and its values):
+        per layer the expected open units ``S_l = sum p`` and ``o_l = P(some unit open)``,
+        then every edge's open probability, then the head's. Exact 0/1 decisions with
+        ``hard`` (missing gates of plain chains count as open)."""
+        if hard:
+            with torch.no_grad():
+                units, edges, head = self._gate_values(lambda gs: [g.is_open() for g in gs])
+        else:
+            units, edges, head = self._gate_values(gate_prob_open)
+        ref = self.head.weight
+        parts: list[Tensor] = [torch.stack([u.double().sum() for u in units])]
+        parts.append(torch.stack([1 - torch.prod(1 - u.double()) for u in units]))
+        for e, layer in zip(edges, self.spec.layers, strict=True):
+            parts.append(ref.new_ones(len(layer.sources)) if e is None else e)
+        parts.append(ref.new_ones(len(self.spec.head_sources)) if head is None else head)
+        z = torch.cat([p.double() for p in parts])  # (2 L + n_edges + n_head,)
+        return z, z.detach().tolist()
+
+    def _unpack(self, z: Sequence[Any]) -> tuple[list[Any], list[Any], list[list[Any]], list[Any]]:
+        n_layers = len(self.spec.layers)
+        S, o = list(z[:n_layers]), list(z[n_layers : 2 * n_layers])
+        pos = 2 * n_layers
+        E = []
+        for layer in self.spec.layers:
+            E.append(list(z[pos : pos + len(layer.sources)]))
+            pos += len(layer.sources)
+        return S, o, E, list(z[pos:])
 
     def _liveness(
-        self, edges: list[Tensor], units: list[Tensor], head: Tensor
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        self, S_l: list[Any], o_l: list[Any], E: list[list[Any]], H: list[Any]
+    ) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
         """Per node: expected open count S, P(some unit open) o, P(depends on the input) N and
         P(alive: depends on the input and is read by a live consumer) A. Exact 0/1 at hard
-        gates; products assume independent gates otherwise."""
+        gates; products assume independent gates otherwise. Works on floats and on
+        :class:`~gatedprune.autodiff.Var` alike."""
         spec = self.spec
-        one = head.new_ones(())
-        S: list[Tensor] = [one * spec.in_width]
-        o: list[Tensor] = [one]
-        N: list[Tensor] = [one]
+        S: list[Any] = [float(spec.in_width), *S_l]
+        o: list[Any] = [1.0, *o_l]
+        N: list[Any] = [1.0]
         for i, layer in enumerate(spec.layers):
-            S.append(units[i].sum())
-            o.append(1 - torch.prod(1 - units[i]))
-            n_src = torch.stack([N[j] for j in layer.sources])  # (n_src,)
-            has_input = 1 - torch.prod(1 - edges[i] * n_src)
-            N.append(has_input * o[-1])
+            no_input = _prod(1 - e * N[j] for e, j in zip(E[i], layer.sources, strict=True))
+            N.append((1 - no_input) * o[i + 1])
         n_nodes = len(spec.layers) + 1
-        unread: list[Tensor] = [one for _ in range(n_nodes)]
-        for h, j in enumerate(spec.head_sources):
-            unread[j] = unread[j] * (1 - head[h])
-        A: list[Tensor] = [one for _ in range(n_nodes)]
+        unread: list[Any] = [1.0] * n_nodes
+        for h, j in zip(H, spec.head_sources, strict=True):
+            unread[j] = unread[j] * (1 - h)
+        A: list[Any] = [1.0] * n_nodes
         for node in range(n_nodes - 1, -1, -1):
             A[node] = N[node] * (1 - unread[node])
             if node > 0:
-                for e, j in enumerate(spec.layers[node - 1].sources):
-                    unread[j] = unread[j] * (1 - edges[node - 1][e] * A[node])
+                for e, j in zip(E[node - 1], spec.layers[node - 1].sources, strict=True):
+                    unread[j] = unread[j] * (1 - e * A[node])
         return S, o, N, A
 
-    def expected_cost(
-        self, input_shape: Sequence[int], *, hard: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    def _cost_formula(self, input_shape: Sequence[int], z: Sequence[Any]) -> list[Any]:
+        """[flops, params] of the pruned network implied by the summary ``z`` (see
+        :meth:`_summary`); mirrors exactly what :meth:`pruned_module` builds."""
         spec = self.spec
-        like = torch.zeros((), dtype=torch.float64)
-        edges, units, head = self._probs(hard, like)
-        S, o, N, A = self._liveness(edges, units, head)
+        S_l, o_l, E, H = self._unpack(z)
+        S, o, N, A = self._liveness(S_l, o_l, E, H)
         batch = int(input_shape[0])
         length0 = int(input_shape[2]) if spec.spatial else 1
         k = spec.kernel_size if spec.spatial else 1
         elem_flops = (BATCHNORM_FLOPS if spec.norm else 0) + (
             0 if spec.activation == "identity" else ACT_FLOPS
         )
-        flops = like.clone()
-        params = like.clone()
+        flops: Any = 0.0
+        params: Any = 0.0
         for i, layer in enumerate(spec.layers):
             node = i + 1
             positions = spec.stage_length(length0, layer.stage) if spec.spatial else 1
-            src_w = torch.stack([N[j] * S[j] for j in layer.sources])  # (n_src,)
-            n_in = (edges[i] * src_w).sum()
+            n_in: Any = 0.0
+            for e, j in zip(E[i], layer.sources, strict=True):
+                n_in = n_in + e * (N[j] * S[j])
             out = A[node] * S[node]
             weights = n_in * out * k
-            flops = flops + FLOPS_PER_MAC * weights * positions + out * positions
-            flops = flops + elem_flops * out * positions
-            params = params + weights + out + (2 * out if spec.norm else 0)
+            flops = flops + weights * (FLOPS_PER_MAC * positions) + out * positions
+            flops = flops + out * (elem_flops * positions)
+            params = params + weights + out * (3 if spec.norm else 1)
             if spec.spatial:
-                const_src = torch.stack(
-                    [(1 - N[j]) * o[j] if j > 0 else like for j in layer.sources]
+                no_const = _prod(
+                    1 - e * ((1 - N[j]) * o[j])
+                    for e, j in zip(E[i], layer.sources, strict=True)
+                    if j > 0
                 )
-                has_const = 1 - torch.prod(1 - edges[i] * const_src)
-                flops = flops + has_const * out * positions
+                flops = flops + (1 - no_const) * out * positions
         if spec.spatial:
             for j, stage in spec.pool_pairs():
-                readers = [
-                    edges[i][layer.sources.index(j)] * A[i + 1]
+                unused = _prod(
+                    1 - E[i][layer.sources.index(j)] * A[i + 1]
                     for i, layer in enumerate(spec.layers)
                     if layer.stage == stage and j in layer.sources
-                ]
-                used = N[j] * (1 - torch.prod(1 - torch.stack(readers)))
+                )
                 f = 2 ** (stage - spec.node_stage(j))
-                flops = flops + used * S[j] * f * spec.stage_length(length0, stage)
-        head_in = like.clone()
-        for h, j in enumerate(spec.head_sources):
-            read = head[h] * N[j] * S[j]
+                flops = flops + N[j] * (1 - unused) * S[j] * (f * spec.stage_length(length0, stage))
+        head_in: Any = 0.0
+        for h, j in zip(H, spec.head_sources, strict=True):
+            read = h * N[j] * S[j]
             head_in = head_in + read * spec.head_pool
             if spec.spatial:
                 node_len = spec.stage_length(length0, spec.node_stage(j))
                 flops = flops + read * _adaptive_window_sum(node_len, spec.head_pool)
-        flops = flops + FLOPS_PER_MAC * head_in * spec.out_features + spec.out_features
+        flops = flops + head_in * (FLOPS_PER_MAC * spec.out_features) + spec.out_features
         params = params + head_in * spec.out_features + spec.out_features
-        return flops * batch, params
+        return [flops * batch, params]
+
+    def expected_cost(
+        self, input_shape: Sequence[int], *, hard: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        z, values = self._summary(hard)
+        if hard:
+            flops, params = self._cost_formula(input_shape, values)
+            return torch.tensor(float(flops), dtype=torch.float64), torch.tensor(
+                float(params), dtype=torch.float64
+            )
+        out = scalar_function(lambda v: self._cost_formula(input_shape, v), z)  # (2,)
+        return out[0], out[1]
+
+    def _hard_liveness(
+        self,
+    ) -> tuple[list[bool], list[bool], list[bool], list[list[bool]], list[bool]]:
+        """Exact decisions: per node some-unit-open, depends-on-input, alive; edges; head."""
+        _, values = self._summary(True)
+        S_l, o_l, E, H = self._unpack(values)
+        _, o, N, A = self._liveness(S_l, o_l, E, H)
+        return (
+            [x > 0.5 for x in o],
+            [x > 0.5 for x in N],
+            [x > 0.5 for x in A],
+            [[x > 0.5 for x in row] for row in E],
+            [x > 0.5 for x in H],
+        )
 
     @torch.no_grad()
     def connectivity(self) -> dict[str, Any]:
@@ -281,17 +344,12 @@ class _ShortcutNet(GatedModule):
         2
         """
         spec = self.spec
-        like = torch.zeros((), dtype=torch.float64)
-        p_edges, p_units, p_head = self._probs(True, like)
-        _, _, N, A = self._liveness(p_edges, p_units, p_head)
+        _, nonconst, alive_node, open_edges, open_head = self._hard_liveness()
         edges, units, head = self._eval_values()
         layers: list[dict[str, Any]] = []
         for i, layer in enumerate(spec.layers):
-            alive = bool(A[i + 1] > 0.5)
-            kept = [
-                alive and bool(p_edges[i][e] > 0.5) and bool(N[j] > 0.5)
-                for e, j in enumerate(layer.sources)
-            ]
+            alive = alive_node[i + 1]
+            kept = [alive and open_edges[i][e] and nonconst[j] for e, j in enumerate(layer.sources)]
             e_vals = edges[i]
             layers.append(
                 {
@@ -306,9 +364,7 @@ class _ShortcutNet(GatedModule):
                     "edges_kept": kept,
                 }
             )
-        head_kept = [
-            bool(p_head[h] > 0.5) and bool(N[j] > 0.5) for h, j in enumerate(spec.head_sources)
-        ]
+        head_kept = [open_head[h] and nonconst[j] for h, j in enumerate(spec.head_sources)]
         n_edges = sum(len(layer.sources) for layer in spec.layers) + len(spec.head_sources)
         kept_layers = [bool(x["alive"]) for x in layers]
         kept_units_per_layer = [int(x["kept_units"]) for x in layers]
@@ -352,12 +408,7 @@ class _ShortcutNet(GatedModule):
 
     def _build_pruned(self) -> PlainShortcutNet:
         spec = self.spec
-        like = torch.zeros((), dtype=torch.float64)
-        p_edges, p_units, p_head = self._probs(True, like)
-        _, o, N, A = self._liveness(p_edges, p_units, p_head)
-        nonconst = [bool(n > 0.5) for n in N]
-        alive = [bool(a > 0.5) for a in A]
-        some_open = [bool(x > 0.5) for x in o]
+        some_open, nonconst, alive, open_edges, open_head = self._hard_liveness()
         edges, units, head_edge = self._eval_values()
         ref = self.head.weight
         kept_units = [torch.arange(spec.in_width, device=ref.device)] + [
@@ -372,12 +423,12 @@ class _ShortcutNet(GatedModule):
         needs_consts = any(
             alive[i + 1]
             and any(
-                not nonconst[j] and some_open[j] and bool(p_edges[i][e] > 0.5)
+                not nonconst[j] and some_open[j] and open_edges[i][e]
                 for e, j in enumerate(layer.sources)
             )
             for i, layer in enumerate(spec.layers)
         ) or any(
-            not nonconst[j] and some_open[j] and bool(p_head[h] > 0.5)
+            not nonconst[j] and some_open[j] and open_head[h]
             for h, j in enumerate(spec.head_sources)
         )
         length = spec.input_length
@@ -408,11 +459,9 @@ class _ShortcutNet(GatedModule):
         for i, layer in enumerate(spec.layers):
             if not alive[i + 1]:
                 continue
-            srcs = [
-                j for e, j in enumerate(layer.sources) if bool(p_edges[i][e] > 0.5) and nonconst[j]
-            ]
+            srcs = [j for e, j in enumerate(layer.sources) if open_edges[i][e] and nonconst[j]]
             has_offset = spec.spatial and any(
-                not nonconst[j] and some_open[j] and bool(p_edges[i][e] > 0.5)
+                not nonconst[j] and some_open[j] and open_edges[i][e]
                 for e, j in enumerate(layer.sources)
             )
             ls = LayerSpec(
@@ -424,7 +473,7 @@ class _ShortcutNet(GatedModule):
             layer_specs.append(ls)
             new_layers.append((i, ls, srcs))
         head_srcs = [
-            (h, j) for h, j in enumerate(spec.head_sources) if bool(p_head[h] > 0.5) and nonconst[j]
+            (h, j) for h, j in enumerate(spec.head_sources) if open_head[h] and nonconst[j]
         ]
         new_spec = NetSpec(
             spatial=spec.spatial,

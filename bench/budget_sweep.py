@@ -1,0 +1,96 @@
+"""Budget accuracy, quality and real speed-up of the demo network at several FLOPs targets.
+
+For each target and seed: train the demo ShortcutConv1d on MNIST-1D under the budget (the
+demo's recipe), prune, and record the achieved FLOPs/params fractions, the budget error
+|achieved - target| (target <= 0.02), test accuracy of the pruned model, and the measured
+CPU latency of the pruned model vs the all-open network at batch 1 and 256; "latency ratio" is
+(latency speed-up) / (FLOPs reduction) (target >= 0.7 at batch 256).
+
+    python -m bench.budget_sweep [--targets 0.5 0.25 0.1] [--seeds 0] [--epochs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import gatedprune as gp
+from gatedprune.data import mnist1d
+from gatedprune.demo import accuracy, all_open_copy, max_abs_diff, train_demo_model
+from gatedprune.profiling import measure_latency
+
+from .common import command_line, write_results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--name", default="budget_sweep")
+    args = ap.parse_args()
+    data = mnist1d()
+    x1 = data.x_train[:1]
+    xb = {1: data.x_test[:1], 256: data.x_test[:256]}
+    rows = []
+    for target in args.targets:
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            net, _ = train_demo_model(data, budget=target, epochs=args.epochs, seed=seed)
+            train_s = time.perf_counter() - t0
+            net.eval()
+            pruned = gp.prune(net).eval()
+            dense = gp.prune(all_open_copy(net)).eval()
+            c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
+            if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
+                raise TypeError("pruned models must be plain")
+            achieved = c_p.flops / c_d.flops
+            lat = {}
+            for b, x in xb.items():
+                reps = 200 if b == 1 else 30
+                lat_d = measure_latency(dense, x, warmup=20, repeats=reps).median
+                lat_p = measure_latency(pruned, x, warmup=20, repeats=reps).median
+                lat[b] = (lat_d, lat_p)
+            reduction = c_d.flops / c_p.flops
+            rows.append(
+                {
+                    "target": target,
+                    "seed": seed,
+                    "achieved_flops": achieved,
+                    "budget_error": abs(achieved - target),
+                    "achieved_params": c_p.params / c_d.params,
+                    "accuracy_pruned": accuracy(pruned, data.x_test, data.y_test),
+                    "max_abs_diff": max_abs_diff(net, pruned, data.x_test, dtype=torch.float32),
+                    "flops_reduction": reduction,
+                    "speedup_b1": lat[1][0] / lat[1][1],
+                    "speedup_b256": lat[256][0] / lat[256][1],
+                    "latency_ratio_b1": lat[1][0] / lat[1][1] / reduction,
+                    "latency_ratio_b256": lat[256][0] / lat[256][1] / reduction,
+                    "train_s": train_s,
+                }
+            )
+    summary = []
+    for target in args.targets:
+        sel = [r for r in rows if r["target"] == target]
+        errs = [r["budget_error"] for r in sel]
+        accs = [r["accuracy_pruned"] for r in sel]
+        summary.append(
+            f"- target {target:g}: max budget error {max(errs):.4f}, accuracy "
+            f"{100 * statistics.mean(accs):.1f}%"
+            + (f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+            + f" over {len(sel)} seed(s)"
+        )
+    write_results(
+        args.name,
+        rows,
+        title="Budget sweep: demo ShortcutConv1d on MNIST-1D",
+        command=command_line(),
+        notes="\n".join(summary),
+    )
+
+
+if __name__ == "__main__":
+    main()

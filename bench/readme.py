@@ -1,0 +1,37 @@
+"""Regenerate the README's benchmark section from bench/results/*.md (never typed by hand).
+
+python -m bench.readme
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .common import RESULTS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+ORDER = ["demo", "budget_sweep", "train_step", "prune_time"]
+
+
+def main() -> None:
+    files = sorted(
+        RESULTS.glob("*.md"),
+        key=lambda p: (p.stem not in ORDER, ORDER.index(p.stem) if p.stem in ORDER else 0, p.stem),
+    )
+    body = "\n\n".join(p.read_text().strip().replace("## ", "#### ", 1) for p in files)
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"README.md lacks the markers {START} ... {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{body}\n{END}{tail}"
+    tmp = README.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    os.replace(tmp, README)
+    print(f"README benchmark section rebuilt from {len(files)} result file(s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Command line: ``gatedprune demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gatedprune", description="Networks that prune themselves through learned gates."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo",
+        help="train a gated shortcut CNN on MNIST-1D under a FLOPs budget, prune it, report",
+    )
+    demo.add_argument("--budget", type=_fraction, default=0.1, help="FLOPs fraction (0.1)")
+    demo.add_argument("--epochs", type=_positive, default=30, help="training epochs (30)")
+    demo.add_argument(
+        "--finetune-epochs", type=_non_negative, default=5, help="fine-tuning epochs (5)"
+    )
+    demo.add_argument("--seed", type=_non_negative, default=0, help="random seed (0)")
+    demo.add_argument("--out", type=Path, default=Path("gatedprune-demo"), help="output directory")
+    demo.add_argument("--quiet", action="store_true", help="print nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gatedprune`` command.
+
+    >>> main(["demo", "--budget", "2"])  # doctest: +SKIP
+    """
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import DemoConfig, run_demo
+
+        run_demo(
+            DemoConfig(
+                budget=args.budget,
+                epochs=args.epochs,
+                finetune_epochs=args.finetune_epochs,
+                seed=args.seed,
+                out=args.out,
+                progress=not args.quiet,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,857 @@
+"""A small, deterministic training loop for gated models under a budget.
+
+:class:`Trainer` optimises three parameter groups with one optimizer (AdamW by default):
+
+* the model's weights (``lr``, ``weight_decay``),
+* the gate parameters (``gate_lr``, no weight decay),
+* the budget's Lagrange multipliers (``budget_lr``, no weight decay). The
+  :class:`~gatedprune.budget.Budget` reverses their gradient, so the same optimizer step does
+  gradient *ascent* on them.
+
+The loss of a step is ``loss_fn(model(x), y) + budget.penalty()``. The learning rates of the
+weights and gates follow ``lr_schedule(progress)`` (cosine decay to 0 over all steps by default,
+``progress = step / total_steps``); the multipliers keep a constant learning rate so the
+constraint is enforced until the end.
+
+Hitting the budget: by default the penalty measures the *exact* cost of the current open/closed
+decisions (``budget.straight_through`` from the first step, gradients through the expected
+cost), so the multipliers steer the cost of the model ``prune`` will build, not the expected
+cost, which for hard concrete gates can be far below it. Near a "cliff" (one gate holding a
+large share of the cost) the exact decisions then oscillate around the target, so at
+``snap_at`` (80% of the steps by default) :func:`snap_to_budget` fixes every gate within
+``snap_tolerance`` of the target and freezes the gates; the remaining steps fine-tune the
+weights of that architecture.
+
+Determinism: ``fit`` seeds the global torch RNG with ``seed`` (gate sampling, dropout) and
+shuffles epoch ``e`` with a ``torch.Generator`` seeded by ``(seed, e)``. Checkpoints (atomic
+safetensors files, no pickle) hold everything needed to continue bit-for-bit: model, optimizer
+and budget state, the RNG state, counters, history. ``fit(..., resume=True)`` continues from the
+latest one.
+
+Distributed: under ``torchrun`` (``torch.distributed`` initialised) a module holding the model
+and the budget, whose forward returns the total loss, is wrapped in
+``DistributedDataParallel``: the gradients of weights, gates and multipliers are all averaged.
+Every rank takes a disjoint, deterministic shard of each global batch of ``batch_size``
+samples (weighted so the averaged gradient is the global batch's); only rank 0 prints and
+writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .budget import Budget
+from .gates import gate_modules, harden
+
+__all__ = ["Trainer", "constant_lr", "cosine_lr", "snap_to_budget"]
+
+Record = dict[str, Any]
+"""One row of :attr:`Trainer.history` or :attr:`Trainer.trace`: str -> int | float | None."""
+
+CHECKPOINT_FORMAT = "gatedprune.trainer"
+CHECKPOINT_VERSION = 1
+_CKPT_RE = re.compile(r"^step-(\d{9,})\.safetensors$")
+_SEED_STRIDE = 1_000_003  # epoch e of seed s shuffles with generator seed s * stride + e
+
+
+def cosine_lr(progress: float) -> float:
+    """Cosine decay from 1 at the start to 0 at the end of training.
+
+    >>> cosine_lr(0.0), cosine_lr(0.5), cosine_lr(1.0)
+    (1.0, 0.5, 0.0)
+    """
+    p = min(max(float(progress), 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * p)) if 0.0 < p < 1.0 else 1.0 - p
+
+
+def constant_lr(progress: float) -> float:
+    """A constant learning rate (factor 1 throughout).
+
+    >>> constant_lr(0.7)
+    1.0
+    """
+    return 1.0
+
+
+@torch.no_grad()
+def snap_to_budget(budget: Budget, *, tolerance: float = 0.01) -> dict[str, float]:
+    """Fix every gate of ``budget.model`` open or closed so the achieved cost fractions lie
+    within ``tolerance`` of the targets; returns the achieved fractions.
+
+    The Lagrangian brings the cost *near* the target, but a single gate can hold a large share
+    of the cost (an edge between two wide layers, the only input edge of a layer), and near
+    such a cliff the multipliers make the exact decisions oscillate. This fixes the decisions
+    greedily, ranking gates by their open probability: when every constraint is more than
+    ``tolerance`` below its target, the most probable closed gates are opened until that is no
+    longer so (possibly overshooting); then, while a constraint is more than ``tolerance`` above
+    its target, the least probable open gates are closed, skipping any closure that would take a
+    constraint more than ``tolerance`` below its target. Every gate ends in a confident state
+    (``Gate.force_``), so the eval-mode values are exactly 0 or 1. When no such decisions are
+    found this way (the target may be out of reach of the structure's granularity), the
+    decisions closest to the targets among those visited are kept: check the returned fractions.
+    Deterministic, so every DDP rank makes the same decisions.
+
+    >>> import torch, gatedprune
+    >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3)
+    >>> budget = gatedprune.Budget(net, torch.zeros(1, 8), flops=0.5)
+    >>> abs(snap_to_budget(budget)["flops"] - 0.5) <= 0.01
+    True
+    """
+    if not isinstance(budget, Budget):
+        raise TypeError(f"snap_to_budget expects a gatedprune.Budget, got {type(budget).__name__}")
+    tol = _positive_float("tolerance", tolerance, allow_zero=True)
+    gates = gate_modules(budget.model)
+    masks = [g.is_open().reshape(-1).clone() for g in gates]  # (n_g,) each
+    order = sorted(
+        (float(score), gi, i)
+        for gi, g in enumerate(gates)
+        for i, score in enumerate(g.prob_open().detach().reshape(-1).tolist())
+    )  # ascending open probability; ties broken by position: deterministic
+    for g, m in zip(gates, masks, strict=True):
+        g.force_(m)
+    targets = budget.targets
+
+    def achieved() -> dict[str, float]:
+        return {k: float(v) for k, v in budget.fractions(hard=True).items()}
+
+    def set_gate(gi: int, i: int, is_open: bool) -> None:
+        masks[gi][i] = is_open
+        gates[gi].force_(masks[gi])
+
+    def all_below(c: dict[str, float]) -> bool:
+        return all(c[k] < t - tol for k, t in targets.items())
+
+    def any_below(c: dict[str, float]) -> bool:
+        return any(c[k] < t - tol for k, t in targets.items())
+
+    def any_above(c: dict[str, float]) -> bool:
+        return any(c[k] > t + tol for k, t in targets.items())
+
+    def deviation(c: dict[str, float]) -> float:
+        return max(abs(c[k] - t) for k, t in targets.items())
+
+    current = achieved()
+    best = (deviation(current), [m.clone() for m in masks])
+
+    def consider(c: dict[str, float]) -> None:
+        nonlocal best
+        if deviation(c) < best[0]:
+            best = (deviation(c), [m.clone() for m in masks])
+
+    if all_below(current):
+        for _, gi, i in reversed(order):
+            if not all_below(current):
+                break
+            if not bool(masks[gi][i]):
+                set_gate(gi, i, True)
+                current = achieved()
+                consider(current)
+    for _, gi, i in order:
+        if not any_above(current):
+            break
+        if bool(masks[gi][i]):
+            set_gate(gi, i, False)
+            trial = achieved()
+            consider(trial)
+            if any_below(trial):
+                set_gate(gi, i, True)  # this closure would undershoot: keep the gate
+            else:
+                current = trial
+    if deviation(current) > best[0]:  # the target is not reachable within the tolerance
+        for g, gi_mask, m in zip(gates, masks, best[1], strict=True):
+            gi_mask.copy_(m)
+            g.force_(m)
+        current = achieved()
+    return current
+
+
+class _Objective(nn.Module):
+    """Model + budget whose forward is the training loss (the module DDP wraps)."""
+
+    def __init__(
+        self, model: nn.Module, budget: Budget | None, loss_fn: Callable[[Tensor, Tensor], Tensor]
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.budget = budget
+        self._loss_fn = (loss_fn,)  # a tuple: a loss nn.Module is not registered here
+
+    def forward(self, x: Tensor, y: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(x)
+        task = self._loss_fn[0](out, y)
+        if not isinstance(task, Tensor) or task.dim() != 0:
+            raise ValueError(
+                "loss_fn must return a scalar tensor (mean over the batch), got "
+                f"{type(task).__name__} of shape {getattr(task, 'shape', None)}"
+            )
+        penalty = self.budget.penalty() if self.budget is not None else task.new_zeros(())
+        return task * scale + penalty, task.detach(), penalty.detach()
+
+
+def _default_loss(y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    if y.is_floating_point():
+        return nn.MSELoss()
+    return nn.CrossEntropyLoss()
+
+
+def _check_pair(name: str, pair: object) -> tuple[Tensor, Tensor]:
+    if not isinstance(pair, tuple | list) or len(pair) != 2:
+        raise TypeError(f"{name} must be a pair (x, y) of tensors, got {type(pair).__name__}")
+    x, y = pair
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(
+            f"{name} must be a pair (x, y) of tensors, got ({type(x).__name__}, {type(y).__name__})"
+        )
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError(f"{name}: x and y need a leading sample dimension")
+    if len(x) != len(y):
+        raise ValueError(f"{name}: x has {len(x)} samples but y has {len(y)}; they must match")
+    if len(x) == 0:
+        raise ValueError(f"{name}: no samples")
+    return x, y
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or not math.isfinite(value):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return float(value)
+
+
+def _fraction_or_none(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be None or a fraction in [0, 1], got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction of training in [0, 1], got {value}")
+    return float(value)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _progress_bar(total: int, initial: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, leave=False)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@dataclass(eq=False)
+class Trainer:
+    """Train a (gated) model, optionally under a :class:`~gatedprune.budget.Budget`.
+
+    Data are in-memory tensors ``(x, y)``; ``loss_fn`` must return the *mean* loss of a batch
+    (``None``: cross-entropy for integer ``y``, MSE for floating ``y``). ``optimizer`` is a
+    factory ``param_groups -> torch.optim.Optimizer`` (``None``: AdamW); each group already
+    carries its ``name`` (``"weights"``, ``"gates"``, ``"budget"``), ``lr`` and
+    ``weight_decay``. ``lr_schedule(progress)`` scales the weight and gate learning rates (see
+    :func:`cosine_lr`). ``checkpoint_every_steps=None`` checkpoints at the end of every epoch
+    (and at the end, and at a ``max_steps`` stop); the newest ``keep_checkpoints`` are kept.
+
+    Phases, as fractions of all steps (``None``: never): after ``harden_at`` sigmoid gates are
+    hardened (:func:`gatedprune.harden`); after ``straight_through_at`` the budget penalises the
+    exact cost with straight-through gradients (``budget.straight_through``; ``None`` leaves
+    the flag alone); at ``snap_at`` the gates are fixed to the budget by
+    :func:`snap_to_budget` and frozen (only with a budget). ``metrics_fn(model)`` (called in
+    eval mode, without gradients, after each epoch) adds its values to the epoch record;
+    ``on_step(trainer, record)`` is called after every step.
+
+    >>> import torch, gatedprune
+    >>> from gatedprune.train import Trainer
+    >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3)
+    >>> budget = gatedprune.Budget(net, torch.zeros(1, 8), flops=0.5)
+    >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    >>> trainer = Trainer(net, budget=budget, epochs=2, batch_size=16, progress=False)
+    >>> history = trainer.fit(train=(x, y), val=(x, y))
+    >>> [h["epoch"] for h in history], abs(budget.achieved()["flops"] - 0.5) <= 0.01
+    ([1, 2], True)
+    """
+
+    model: nn.Module = field(repr=False)
+    _: KW_ONLY
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = field(default=None, repr=False)
+    budget: Budget | None = field(default=None, repr=False)
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-2
+    gate_lr: float = 5e-2
+    budget_lr: float = 5e-2
+    weight_decay: float = 0.0
+    optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = field(
+        default=None, repr=False
+    )
+    lr_schedule: Callable[[float], float] = field(default=cosine_lr, repr=False)
+    seed: int = 0
+    checkpoint_dir: str | os.PathLike[str] | None = None
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    progress: bool = True
+    harden_at: float | None = None
+    straight_through_at: float | None = 0.0
+    snap_at: float | None = 0.8
+    snap_tolerance: float = 0.01
+    metrics_fn: Callable[[nn.Module], Mapping[str, float]] | None = field(default=None, repr=False)
+    on_step: Callable[[Trainer, Record], None] | None = field(default=None, repr=False)
+    trace_every: int = 10
+    eval_batch_size: int | None = None
+    history: list[Record] = field(default_factory=list, init=False, repr=False)
+    """One record per finished epoch (see :meth:`fit`)."""
+    trace: list[Record] = field(default_factory=list, init=False, repr=False)
+    """A record every ``trace_every`` steps: losses, expected cost, mean gate value, ..."""
+    step: int = field(default=0, init=False)
+    """Optimizer steps done so far."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if self.budget is not None:
+            if not isinstance(self.budget, Budget):
+                raise TypeError(
+                    f"budget must be a gatedprune.Budget or None, got {type(self.budget).__name__}"
+                )
+            if self.budget.model is not self.model:
+                raise ValueError(
+                    f"the budget was built for another model ({type(self.budget.model).__name__} "
+                    f"at {id(self.budget.model):#x}), not for the model given to the Trainer; "
+                    "build it with gatedprune.Budget(model, example_input, ...) on this model"
+                )
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
+        _positive_int("epochs", self.epochs)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("trace_every", self.trace_every)
+        _positive_int("keep_checkpoints", self.keep_checkpoints)
+        if self.eval_batch_size is not None:
+            _positive_int("eval_batch_size", self.eval_batch_size)
+        if self.checkpoint_every_steps is not None:
+            _positive_int("checkpoint_every_steps", self.checkpoint_every_steps)
+        self.lr = _positive_float("lr", self.lr)
+        self.gate_lr = _positive_float("gate_lr", self.gate_lr)
+        self.budget_lr = _positive_float("budget_lr", self.budget_lr)
+        self.weight_decay = _positive_float("weight_decay", self.weight_decay, allow_zero=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        self.harden_at = _fraction_or_none("harden_at", self.harden_at)
+        self.straight_through_at = _fraction_or_none(
+            "straight_through_at", self.straight_through_at
+        )
+        self.snap_at = _fraction_or_none("snap_at", self.snap_at)
+        if self.snap_at == 1.0:
+            raise ValueError("snap_at must be < 1 (call snap_to_budget after training instead)")
+        self.snap_tolerance = _positive_float(
+            "snap_tolerance", self.snap_tolerance, allow_zero=True
+        )
+        for name in ("optimizer", "lr_schedule", "metrics_fn", "on_step"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable or None, got {type(value).__name__}")
+        if self.checkpoint_dir is not None and not isinstance(
+            self.checkpoint_dir, str | os.PathLike
+        ):
+            raise TypeError(
+                f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}"
+            )
+        self._stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ public API
+    def fit(
+        self,
+        train: tuple[Tensor, Tensor],
+        val: tuple[Tensor, Tensor] | None = None,
+        *,
+        resume: bool = False,
+        max_steps: int | None = None,
+    ) -> list[Record]:
+        """Train for ``epochs`` epochs and return :attr:`history` (one record per epoch).
+
+        Each record holds ``epoch``, ``step``, ``lr``, ``loss`` (task + penalty), ``task_loss``,
+        ``penalty`` (means over the epoch), ``val_loss`` and ``val_accuracy`` (integer targets)
+        or ``val_mse`` (floating targets of the output's shape) when ``val`` is given,
+        ``gate_mean`` / ``gate_open`` (mean open probability / fraction of open gates), for each
+        budget constraint ``k``: ``expected_k``, ``achieved_k``, ``target_k``, ``lambda1_k``,
+        ``lambda2_k``, then the ``metrics_fn`` values and ``time`` (wall seconds of the epoch).
+
+        Without ``resume`` a new run starts from the model's current weights (and clears
+        :attr:`history`). ``resume=True`` continues from the latest checkpoint in
+        ``checkpoint_dir`` (a new run when there is none yet); the result is identical to an
+        uninterrupted run.
+        ``max_steps`` stops after that many optimizer steps in total (writing a checkpoint).
+        """
+        x, y = _check_pair("train", train)
+        val_pair = None if val is None else _check_pair("val", val)
+        if max_steps is not None:
+            _positive_int("max_steps", max_steps)
+        if resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir: where should I look?")
+        loss_fn = self.loss_fn if self.loss_fn is not None else _default_loss(y)
+        world, rank = _dist_info()
+        n = len(x)
+        spe = self._steps_per_epoch(n, world)
+        total = self.epochs * spe
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
+        opt = self._make_optimizer()
+        base_lrs = [float(g["lr"]) for g in opt.param_groups]
+        names = [g.get("name") for g in opt.param_groups]
+        config = self._config(n, spe)
+        loaded = False
+        if resume:
+            path = self.latest_checkpoint()
+            if path is not None:
+                self._load_checkpoint(path, opt, config)
+                loaded = True
+        if not loaded:
+            torch.manual_seed(self.seed)
+            self.history, self.trace, self.step = [], [], 0
+            self._reset_stats()
+
+        objective = _Objective(self.model, self.budget, loss_fn)
+        module: nn.Module = objective
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # every trainable parameter takes part in each step (gates at least through the
+            # penalty); freeze (requires_grad=False) any that a custom model leaves unused
+            module = DistributedDataParallel(objective)
+
+        show = self.progress and rank == 0
+        bar = _progress_bar(total, self.step) if show else None
+        last_saved = self.step if loaded else -1
+        was_training = self.model.training
+        self.model.train()
+        perm: Tensor | None = None
+        perm_epoch = -1
+        try:
+            while self.step < total:
+                if max_steps is not None and self.step >= max_steps:
+                    break
+                epoch, b = divmod(self.step, spe)
+                if perm is None or perm_epoch != epoch:
+                    gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+                    perm = torch.randperm(n, generator=gen)  # (N,)
+                    perm_epoch = epoch
+                t0 = time.perf_counter()
+                idx = perm[b * self.batch_size : (b + 1) * self.batch_size]  # (B,)
+                local = idx[rank::world]  # (B / world,) this rank's disjoint shard
+                scale = len(local) * world / len(idx)
+                self._apply_phase(opt, base_lrs, names, total)
+                xb = x[local].to(device)
+                yb = y[local].to(device)
+                loss, task, penalty = module(xb, yb, scale)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                self.step += 1
+                record = self._account(epoch, len(local), float(task), float(penalty))
+                self._stats["time"] += time.perf_counter() - t0
+                if self.step % self.trace_every == 0 or self.step == total:
+                    self._trace_point(record)
+                    if bar is not None:
+                        bar.set_postfix(self._postfix(), refresh=False)
+                if bar is not None:
+                    bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(self, record)
+                if self.step % spe == 0:
+                    line = self._end_epoch(epoch, val_pair, loss_fn, world, opt)
+                    if show:
+                        if bar is not None:
+                            bar.write(line)
+                        else:
+                            print(line, flush=True)
+                if self._checkpoint_due(spe, total):
+                    self._save_checkpoint(opt, config, rank)
+                    last_saved = self.step
+            if self.checkpoint_dir is not None and last_saved != self.step:
+                self._save_checkpoint(opt, config, rank)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.model.train(was_training)
+        return self.history
+
+    def latest_checkpoint(self) -> Path | None:
+        """Path of the newest checkpoint in ``checkpoint_dir`` (None if there is none)."""
+        if self.checkpoint_dir is None:
+            return None
+        folder = Path(self.checkpoint_dir)
+        if not folder.is_dir():
+            return None
+        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
+        return max(found)[1] if found else None
+
+    # ------------------------------------------------------------------ set-up
+    def _steps_per_epoch(self, n: int, world: int) -> int:
+        if self.batch_size < world:
+            raise ValueError(
+                f"batch_size {self.batch_size} is smaller than the {world} ranks sharing it; "
+                f"use batch_size >= {world}"
+            )
+        spe = -(-n // self.batch_size)
+        if world > 1 and n - (spe - 1) * self.batch_size < world:
+            spe -= 1  # a last batch too small to give every rank a sample is dropped
+        if spe == 0:
+            raise ValueError(f"{n} training samples cannot be shared by {world} ranks")
+        return spe
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        gate_ids: set[int] = set()
+        gates: list[nn.Parameter] = []
+        for g in gate_modules(self.model):
+            for p in g.parameters():
+                if id(p) not in gate_ids and p.requires_grad:
+                    gate_ids.add(id(p))
+                    gates.append(p)
+        weights = [p for p in self.model.parameters() if id(p) not in gate_ids and p.requires_grad]
+        groups: list[dict[str, Any]] = []
+        if weights:
+            groups.append(
+                {
+                    "params": weights,
+                    "lr": self.lr,
+                    "weight_decay": self.weight_decay,
+                    "name": "weights",
+                }
+            )
+        if gates:
+            groups.append(
+                {"params": gates, "lr": self.gate_lr, "weight_decay": 0.0, "name": "gates"}
+            )
+        if self.budget is not None:
+            mult = [p for p in self.budget.parameters() if p.requires_grad]
+            groups.append(
+                {"params": mult, "lr": self.budget_lr, "weight_decay": 0.0, "name": "budget"}
+            )
+        if not groups:
+            raise ValueError(f"{type(self.model).__name__} has no trainable parameters")
+        return groups
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = self._param_groups()
+        if self.optimizer is None:
+            return torch.optim.AdamW(groups)
+        opt = self.optimizer(groups)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(
+                "optimizer must be a factory returning a torch.optim.Optimizer, got "
+                f"{type(opt).__name__}"
+            )
+        return opt
+
+    def _config(self, n: int, spe: int) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "n_train": n,
+            "steps_per_epoch": spe,
+        }
+
+    # ------------------------------------------------------------------ per step
+    def _apply_phase(
+        self, opt: torch.optim.Optimizer, base_lrs: list[float], names: list[Any], total: int
+    ) -> None:
+        progress = self.step / total
+        factor = float(self.lr_schedule(progress))
+        frozen = self.budget is not None and self.snap_at is not None and progress >= self.snap_at
+        for group, base, name in zip(opt.param_groups, base_lrs, names, strict=True):
+            if name == "budget":
+                group["lr"] = base
+            elif name == "gates" and frozen:
+                group["lr"] = 0.0  # snapped gates stay as they are
+            else:
+                group["lr"] = base * factor
+        if self.harden_at is not None and progress >= self.harden_at:
+            harden(self.model)
+        if self.budget is not None and self.straight_through_at is not None:
+            self.budget.straight_through = progress >= self.straight_through_at
+        if frozen and self.budget is not None and (self.step - 1) / total < (self.snap_at or 0):
+            snap_to_budget(self.budget, tolerance=self.snap_tolerance)
+
+    def _reset_stats(self) -> None:
+        self._stats = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "count": 0.0, "time": 0.0}
+
+    def _account(self, epoch: int, count: int, task: float, penalty: float) -> Record:
+        s = self._stats
+        s["task_loss"] += task * count
+        s["penalty"] += penalty * count
+        s["loss"] += (task + penalty) * count
+        s["count"] += count
+        return {
+            "step": self.step,
+            "epoch": epoch + 1,
+            "loss": task + penalty,
+            "task_loss": task,
+            "penalty": penalty,
+        }
+
+    @torch.no_grad()
+    def _gate_stats(self) -> Record:
+        gates = gate_modules(self.model)
+        if not gates:
+            return {}
+        probs = torch.cat([g.prob_open().detach().reshape(-1).double() for g in gates])  # (G,)
+        opened = torch.cat([g.is_open().reshape(-1) for g in gates])  # (G,)
+        return {"gate_mean": float(probs.mean()), "gate_open": float(opened.double().mean())}
+
+    def _budget_stats(self) -> Record:
+        if self.budget is None:
+            return {}
+        b = self.budget
+        out: Record = {}
+        expected, achieved, target = b.expected(), b.achieved(), b.target()
+        for k in b.targets:
+            out[f"expected_{k}"] = expected[k]
+            out[f"achieved_{k}"] = achieved[k]
+            out[f"target_{k}"] = target[k]
+            out[f"lambda1_{k}"] = float(b.lambda1[k].detach())
+            out[f"lambda2_{k}"] = float(b.lambda2[k].detach())
+        return out
+
+    def _trace_point(self, record: Record) -> None:
+        self.trace.append({**record, **self._gate_stats(), **self._budget_stats()})
+
+    def _postfix(self) -> dict[str, str]:
+        last = self.trace[-1] if self.trace else {}
+        keys = ["loss"] + [k for k in last if k.startswith(("expected_", "achieved_"))]
+        return {k: _fmt(last[k]) for k in keys if k in last}
+
+    def _checkpoint_due(self, spe: int, total: int) -> bool:
+        if self.checkpoint_dir is None:
+            return False
+        if self.step == total:
+            return True
+        if self.checkpoint_every_steps is None:
+            return self.step % spe == 0
+        return self.step % self.checkpoint_every_steps == 0
+
+    # ------------------------------------------------------------------ per epoch
+    def _end_epoch(
+        self,
+        epoch: int,
+        val: tuple[Tensor, Tensor] | None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        world: int,
+        opt: torch.optim.Optimizer,
+    ) -> str:
+        t0 = time.perf_counter()
+        s = self._stats
+        sums = [s["loss"], s["task_loss"], s["penalty"], s["count"]]
+        if world > 1:
+            reduced = torch.tensor(sums, dtype=torch.float64)  # (4,)
+            dist.all_reduce(reduced)
+            sums = reduced.tolist()
+        count = sums[3]
+        rec: Record = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "lr": float(opt.param_groups[0]["lr"]),
+            "loss": sums[0] / count,
+            "task_loss": sums[1] / count,
+            "penalty": sums[2] / count,
+        }
+        if val is not None:
+            rec.update(self._evaluate(val, loss_fn))
+        rec.update(self._gate_stats())
+        rec.update(self._budget_stats())
+        if self.metrics_fn is not None:
+            rec.update(self._user_metrics(rec))
+        rec["time"] = s["time"] + time.perf_counter() - t0
+        self.history.append(rec)
+        self._reset_stats()
+        shown = [k for k in rec if k not in ("epoch", "step", "lr") and not k.startswith("lambda")]
+        return f"epoch {epoch + 1}/{self.epochs} " + " ".join(f"{k} {_fmt(rec[k])}" for k in shown)
+
+    @torch.no_grad()
+    def _evaluate(
+        self, val: tuple[Tensor, Tensor], loss_fn: Callable[[Tensor, Tensor], Tensor]
+    ) -> Record:
+        x, y = val
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        bs = self.eval_batch_size or max(self.batch_size, 1000)
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, hits, count = 0.0, 0.0, 0  # hits: correct predictions or squared errors
+        classify = not y.is_floating_point()
+        comparable = True  # outputs and targets line up for accuracy / MSE
+        try:
+            for i in range(0, len(x), bs):
+                xb, yb = x[i : i + bs].to(device), y[i : i + bs].to(device)
+                out = self.model(xb)
+                loss_sum += float(loss_fn(out, yb)) * len(xb)
+                if classify and out.dim() >= 2 and out.argmax(dim=1).shape == yb.shape:
+                    hits += float((out.argmax(dim=1) == yb).sum())
+                elif not classify and out.shape == yb.shape:
+                    hits += float(((out - yb) ** 2).sum())
+                else:
+                    comparable = False
+                count += yb.numel()
+        finally:
+            self.model.train(was_training)
+        rec: Record = {"val_loss": loss_sum / len(x)}
+        if comparable:
+            rec["val_accuracy" if classify else "val_mse"] = hits / count
+        return rec
+
+    def _user_metrics(self, rec: Record) -> Record:
+        assert self.metrics_fn is not None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                extra = self.metrics_fn(self.model)
+        finally:
+            self.model.train(was_training)
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"metrics_fn must return a mapping, got {type(extra).__name__}")
+        out: Record = {}
+        for k, v in extra.items():
+            if not isinstance(k, str) or k in rec or k == "time":
+                raise ValueError(f"metrics_fn returned key {k!r}: keys must be new strings")
+            out[k] = float(v)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(
+        self, opt: torch.optim.Optimizer, config: dict[str, Any], rank: int
+    ) -> None:
+        if rank != 0 or self.checkpoint_dir is None:
+            return
+        from .io import write_tensors
+
+        folder = Path(self.checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+
+        def put(key: str, t: Tensor) -> None:
+            tensors[key] = t.detach().to("cpu", copy=True).contiguous()
+
+        for k, v in self.model.state_dict().items():
+            put(f"model/{k}", v)
+        if self.budget is not None:
+            for k, v in self.budget.state_dict().items():
+                put(f"budget/{k}", v)
+        sd = opt.state_dict()
+        optim_extra: dict[str, dict[str, Any]] = {}
+        for pid, state in sd["state"].items():
+            for k, v in state.items():
+                if isinstance(v, Tensor):
+                    put(f"optim/{pid}/{k}", v)
+                else:
+                    optim_extra.setdefault(str(pid), {})[k] = v
+        put("rng/torch", torch.get_rng_state())
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "config": config,
+            "optim_param_groups": sd["param_groups"],
+            "optim_state_extra": optim_extra,
+            "optim_state_ids": sorted(int(p) for p in sd["state"]),
+            "stats": dict(self._stats),
+            "history": self.history,
+            "trace": self.trace,
+        }
+        path = folder / f"step-{self.step:09d}.safetensors"
+        write_tensors(path, tensors, meta)
+        found = sorted(
+            (int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))
+        )
+        for _, old in found[: -self.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+
+    def _load_checkpoint(
+        self, path: Path, opt: torch.optim.Optimizer, config: dict[str, Any]
+    ) -> None:
+        from .io import read_tensors
+
+        tensors, meta = read_tensors(path)
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{path} is not a gatedprune Trainer checkpoint (format {meta.get('format')!r}, "
+                f"version {meta.get('version')!r}; expected {CHECKPOINT_FORMAT!r} "
+                f"version {CHECKPOINT_VERSION})"
+            )
+        saved = meta["config"]
+        diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"cannot resume from {path}: the configuration changed ({details})")
+
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            self.model.load_state_dict(part("model/"))
+        except RuntimeError as e:
+            raise ValueError(f"cannot resume from {path}: model state does not fit: {e}") from e
+        budget_state = part("budget/")
+        if (self.budget is None) != (not budget_state):
+            raise ValueError(
+                f"cannot resume from {path}: the checkpoint was written "
+                f"{'with' if budget_state else 'without'} a budget"
+            )
+        if self.budget is not None:
+            try:
+                self.budget.load_state_dict(budget_state)
+            except RuntimeError as e:
+                raise ValueError(f"cannot resume from {path}: budget does not fit: {e}") from e
+        state: dict[int, dict[str, Any]] = {int(p): {} for p in meta["optim_state_ids"]}
+        for k, v in part("optim/").items():
+            pid, name = k.split("/", 1)
+            state[int(pid)][name] = v
+        for pid_s, extra in meta["optim_state_extra"].items():
+            state[int(pid_s)].update(extra)
+        current = opt.state_dict()["param_groups"]
+        groups = meta["optim_param_groups"]
+        if len(groups) != len(current) or any(
+            len(g["params"]) != len(c["params"]) for g, c in zip(groups, current, strict=True)
+        ):
+            raise ValueError(f"cannot resume from {path}: the optimizer's parameter groups differ")
+        for g, c in zip(groups, current, strict=True):
+            for k, v in c.items():  # JSON turned tuples (e.g. Adam's betas) into lists
+                if isinstance(v, tuple) and isinstance(g.get(k), list):
+                    g[k] = tuple(g[k])
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        rng = tensors.get("rng/torch")
+        if rng is None:
+            raise ValueError(f"cannot resume from {path}: no RNG state")
+        torch.set_rng_state(rng)
+        self.step = int(meta["step"])
+        self.history = list(meta["history"])
+        self.trace = list(meta["trace"])
+        self._stats = {k: float(v) for k, v in meta["stats"].items()}

@@ -1,0 +1,85 @@
+"""Worker of tests/test_distributed.py, launched twice by ``torch.distributed.run`` (gloo, CPU).
+
+Usage: ``python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR``.
+Each rank trains the same ShortcutMLP under a Budget with the Trainer (ranks start from
+*different* random weights: DDP must broadcast rank 0's), records which training samples its
+forward passes saw, and writes ``OUT_DIR/rank{r}.safetensors`` with its initial and final
+parameters, the multipliers and the seen samples.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gatedprune.budget import Budget
+from gatedprune.io import write_tensors
+from gatedprune.shortcut import ShortcutMLP
+from gatedprune.train import Trainer
+
+IN, WIDTHS, OUT = 12, [16, 16], 3
+N_TRAIN, BATCH, EPOCHS = 93, 20, 2  # 5 batches per epoch, the last of 13 samples (7 + 6)
+
+
+def make_data() -> tuple[Tensor, Tensor]:
+    """The training set (identical on every rank and in the test)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N_TRAIN, IN, generator=g)  # (N, IN)
+    y = torch.randint(0, OUT, (N_TRAIN,), generator=g)  # (N,)
+    return x, y
+
+
+def make_model(init_seed: int) -> tuple[ShortcutMLP, Budget]:
+    torch.manual_seed(init_seed)
+    net = ShortcutMLP(IN, WIDTHS, OUT)
+    budget = Budget(net, torch.zeros(1, IN), flops=0.3, warmup_steps=4)
+    return net, budget
+
+
+def trainer(net: nn.Module, budget: Budget, checkpoint_dir: str | None) -> Trainer:
+    return Trainer(
+        net,
+        budget=budget,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        lr=1e-2,
+        gate_lr=5e-2,
+        budget_lr=5e-2,
+        seed=3,
+        progress=True,
+        checkpoint_dir=checkpoint_dir,
+        straight_through_at=0.5,
+    )
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    net, budget = make_model(init_seed=100 + rank)  # different on each rank on purpose
+    init = {f"init/{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    seen: list[Tensor] = []
+
+    def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if module.training:
+            seen.append(args[0][:, 0].detach().clone())  # (B_local,) first feature = sample id
+
+    net.register_forward_pre_hook(record)
+    x, y = make_data()
+    trainer(net, budget, os.path.join(out_dir, f"ckpt-rank{rank}")).fit((x, y))
+    tensors: dict[str, Tensor] = dict(init)
+    tensors.update({f"final/{k}": v for k, v in net.state_dict().items()})
+    tensors.update({f"budget/{k}": v for k, v in budget.state_dict().items()})
+    tensors["seen"] = torch.cat(seen)  # (EPOCHS * N_TRAIN / 2,)
+    tensors["seen_sizes"] = torch.tensor([len(s) for s in seen])  # (steps,)
+    write_tensors(os.path.join(out_dir, f"rank{rank}.safetensors"), tensors, {"rank": rank})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

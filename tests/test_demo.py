@@ -1,0 +1,66 @@
+"""The demo end to end on a tiny configuration, the CLI's argument errors, import hygiene."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gatedprune as gp
+from gatedprune.cli import main
+from gatedprune.demo import DemoConfig, run_demo
+
+
+def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path) -> None:
+    pytest.importorskip("mnist1d")
+    results = run_demo(
+        DemoConfig(epochs=2, finetune_epochs=1, num_samples=600, out=tmp_path, progress=False)
+    )
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["achieved_flops_fraction"] == results["achieved_flops_fraction"]
+    for name in ("connectivity.png", "widths.png", "training.png", "pruned.safetensors"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert results["max_abs_diff_float32"] <= 1e-5
+    assert results["max_abs_diff_float64"] <= 1e-9
+    assert results["accuracy_pruned"] == results["accuracy_gated"]
+    rows = {r["model"]: r for r in results["rows"]}
+    dense, pruned = rows["all-open (dense architecture)"], rows["pruned + fine-tuned"]
+    assert pruned["flops"] <= dense["flops"]
+    assert results["achieved_flops_fraction"] == pruned["flops"] / dense["flops"]
+    loaded = gp.load(tmp_path / "pruned.safetensors")
+    c = gp.cost(loaded, torch.zeros(1, 1, 40))
+    assert isinstance(c, gp.Cost)
+    assert (c.flops, c.params) == (pruned["flops"], pruned["params"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--budget", "1.5"], "fraction in (0, 1]"),
+        (["demo", "--budget", "abc"], "expected a number"),
+        (["demo", "--epochs", "0"], ">= 1"),
+        (["demo", "--seed", "-3"], ">= 0"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_rejects_bad_arguments(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_import_gatedprune_stays_light() -> None:
+    code = (
+        "import sys, gatedprune; "
+        "bad = [m for m in ('matplotlib', 'mnist1d', 'gatedprune.data', 'gatedprune.demo', "
+        "'gatedprune.plots') if m in sys.modules]; print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -1,0 +1,107 @@
+"""DDP: two CPU processes (gloo) launched by torch.distributed.run train one ShortcutMLP.
+
+Checks: gate parameters, weights and float64 multipliers are identical on both ranks and
+changed from initialisation; each rank saw a disjoint shard of every batch and together they
+saw every sample once per epoch; only rank 0 wrote checkpoints and printed; and the result
+matches the same training run in a single process (sharding + gradient averaging reproduce the
+global batch).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ddp_worker
+import pytest
+import torch
+
+from gatedprune.io import read_tensors
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _log_text(log_dir: Path, rank: int) -> str:
+    files = [p for p in log_dir.rglob("*.log") if p.parent.name == str(rank)]
+    return "".join(p.read_text() for p in files)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # rendezvous on localhost with a free port
+        "--nproc_per_node=2",
+        "--redirects=3",
+        f"--log-dir={out / 'logs'}",
+        str(WORKER),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()}" for p in (out / "logs").rglob("*.log"))
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{logs}")
+    return out
+
+
+def _ranks(out: Path) -> list[dict[str, torch.Tensor]]:
+    return [read_tensors(out / f"rank{r}.safetensors")[0] for r in range(2)]
+
+
+def test_ranks_identical_and_trained(ddp_run: Path) -> None:
+    r0, r1 = _ranks(ddp_run)
+    finals = [k for k in r0 if k.startswith(("final/", "budget/"))]
+    assert any("gate" in k for k in finals)
+    for k in finals:
+        assert torch.equal(r0[k], r1[k]), k
+    # the ranks started from different weights: DDP broadcast rank 0's
+    assert not torch.equal(r0["init/layers.0.op.weight"], r1["init/layers.0.op.weight"])
+    gate_keys = [k for k in r0 if k.startswith("final/") and k.endswith("log_alpha")]
+    assert gate_keys
+    for k in gate_keys:
+        assert not torch.equal(r0[k], r0[k.replace("final/", "init/", 1)]), k
+    for k in ("budget/lambda1.flops", "budget/lambda2.flops"):
+        assert r0[k].dtype == torch.float64
+        assert float(r0[k]) != 0.0, k
+
+
+def test_disjoint_shards_cover_every_sample(ddp_run: Path) -> None:
+    r0, r1 = _ranks(ddp_run)
+    x, _ = ddp_worker.make_data()
+    ids = x[:, 0]  # (N,) the first feature identifies a sample
+    sizes0, sizes1 = r0["seen_sizes"].tolist(), r1["seen_sizes"].tolist()
+    steps_per_epoch = -(-ddp_worker.N_TRAIN // ddp_worker.BATCH)
+    assert len(sizes0) == len(sizes1) == ddp_worker.EPOCHS * steps_per_epoch
+    s0, s1 = r0["seen"].split(sizes0), r1["seen"].split(sizes1)
+    for a, b in zip(s0, s1, strict=True):
+        assert set(a.tolist()).isdisjoint(b.tolist())
+        assert 0 < len(a) - len(b) <= 1 or len(a) == len(b)
+    for e in range(ddp_worker.EPOCHS):
+        part = slice(e * steps_per_epoch, (e + 1) * steps_per_epoch)
+        epoch_ids = torch.cat([*s0[part], *s1[part]])
+        assert torch.equal(epoch_ids.sort().values, ids.sort().values)
+
+
+def test_only_rank0_checkpoints_and_prints(ddp_run: Path) -> None:
+    assert sorted(p.name for p in (ddp_run / "ckpt-rank0").iterdir())
+    assert not (ddp_run / "ckpt-rank1").exists()
+    log0, log1 = _log_text(ddp_run / "logs", 0), _log_text(ddp_run / "logs", 1)
+    assert f"epoch {ddp_worker.EPOCHS}/{ddp_worker.EPOCHS}" in log0
+    assert "epoch" not in log1
+
+
+def test_matches_single_process(ddp_run: Path, tmp_path: Path) -> None:
+    r0, _ = _ranks(ddp_run)
+    net, budget = ddp_worker.make_model(init_seed=100)  # rank 0's initialisation
+    x, y = ddp_worker.make_data()
+    ddp_worker.trainer(net, budget, None).fit((x, y))
+    single = {f"final/{k}": v for k, v in net.state_dict().items()}
+    single.update({f"budget/{k}": v for k, v in budget.state_dict().items()})
+    for k, v in single.items():
+        torch.testing.assert_close(r0[k], v, rtol=0, atol=1e-5, msg=k)

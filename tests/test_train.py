@@ -1,0 +1,565 @@
+"""Trainer: records, parameter groups, phases, determinism, exact resume, bad input, budgets."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import train_worker
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from gatedprune.budget import Budget
+from gatedprune.costs import cost
+from gatedprune.gates import HardConcreteGate, SigmoidGate, gate_modules
+from gatedprune.io import read_tensors
+from gatedprune.prune import prune
+from gatedprune.shortcut import ShortcutConv1d, ShortcutMLP
+from gatedprune.train import Trainer, constant_lr, cosine_lr, snap_to_budget
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def _classification(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g)  # (N, 10)
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 1).long()  # (N,)
+    return x, y
+
+
+def _net_and_budget(
+    flops: float = 0.5, seed: int = 0, warmup_steps: int = 4
+) -> tuple[ShortcutMLP, Budget]:
+    torch.manual_seed(seed)
+    net = ShortcutMLP(10, [12, 12], 3)
+    return net, Budget(net, torch.zeros(1, 10), flops=flops, warmup_steps=warmup_steps)
+
+
+def _without_time(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def _full_state(trainer: Trainer) -> dict[str, Tensor]:
+    state = {f"model/{k}": v for k, v in trainer.model.state_dict().items()}
+    assert trainer.budget is not None
+    state.update({f"budget/{k}": v for k, v in trainer.budget.state_dict().items()})
+    return state
+
+
+def _assert_same_run(a: Trainer, b: Trainer) -> None:
+    sa, sb = _full_state(a), _full_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert _without_time(a.history) == _without_time(b.history)
+    assert a.trace == b.trace
+    assert a.step == b.step
+
+
+# ---------------------------------------------------------------------- records
+def test_history_and_trace_records() -> None:
+    x, y = _classification(64)
+    xv, yv = _classification(40, seed=1)
+    net, budget = _net_and_budget()
+    trainer = Trainer(
+        net,
+        budget=budget,
+        epochs=3,
+        batch_size=16,
+        progress=False,
+        trace_every=2,
+        metrics_fn=lambda m: {"n_params": float(sum(p.numel() for p in m.parameters()))},
+    )
+    history = trainer.fit((x, y), val=(xv, yv))
+    assert history is trainer.history
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["step"] for h in history] == [4, 8, 12]
+    assert [t["step"] for t in trainer.trace] == [2, 4, 6, 8, 10, 12]
+    last = history[-1]
+    for key in ("loss", "task_loss", "penalty", "val_loss", "gate_mean", "gate_open", "time"):
+        assert math.isfinite(last[key]), key
+    assert last["loss"] == pytest.approx(last["task_loss"] + last["penalty"])
+    assert last["n_params"] == sum(p.numel() for p in net.parameters())
+    # the records report the model's actual state
+    net.eval()
+    with torch.no_grad():
+        out = net(xv)
+        acc = float((out.argmax(1) == yv).double().mean())
+        val_loss = float(nn.functional.cross_entropy(out, yv))
+    assert last["val_accuracy"] == pytest.approx(acc, abs=1e-12)
+    assert last["val_loss"] == pytest.approx(val_loss, rel=1e-6)
+    assert last["expected_flops"] == pytest.approx(budget.expected()["flops"])
+    assert last["achieved_flops"] == pytest.approx(budget.achieved()["flops"])
+    assert last["target_flops"] == pytest.approx(0.5)
+    assert last["lambda1_flops"] == float(budget.lambda1["flops"].detach())
+    assert trainer.trace[-1]["expected_flops"] == last["expected_flops"]
+    probs = torch.cat([g.prob_open().detach() for g in gate_modules(net)])
+    assert last["gate_mean"] == pytest.approx(float(probs.double().mean()))
+
+
+def test_regression_reports_val_mse_and_trains_plain_models() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 5, generator=g)  # (N, 5)
+    y = x @ torch.randn(5, 2, generator=g)  # (N, 2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+    trainer = Trainer(model, epochs=15, batch_size=16, lr=1e-2, progress=False)
+    history = trainer.fit((x, y), val=(x, y))
+    with torch.no_grad():
+        mse = float(((model(x) - y) ** 2).mean())
+    assert history[-1]["val_mse"] == pytest.approx(mse, rel=1e-6)
+    assert history[-1]["val_mse"] < 0.5 * history[0]["val_mse"]
+    assert "expected_flops" not in history[-1]
+    assert "gate_mean" not in history[-1]
+
+
+# ---------------------------------------------------------------------- optimizer set-up
+def test_parameter_groups_and_multiplier_ascent() -> None:
+    x, y = _classification(48)
+    net, budget = _net_and_budget(flops=0.3, warmup_steps=0)
+    assert budget.expected()["flops"] > 0.3
+    groups_seen: list[dict[str, Any]] = []
+
+    def factory(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        groups_seen.extend(dict(g) for g in groups)  # as handed over, before training
+        return torch.optim.AdamW(groups)
+
+    trainer = Trainer(
+        net,
+        budget=budget,
+        epochs=2,
+        batch_size=16,
+        lr=3e-3,
+        gate_lr=7e-2,
+        budget_lr=2e-2,
+        weight_decay=0.1,
+        optimizer=factory,
+        lr_schedule=constant_lr,
+        progress=False,
+    )
+    trainer.fit((x, y))
+    by_name = {g["name"]: g for g in groups_seen}
+    assert set(by_name) == {"weights", "gates", "budget"}
+    ids = {n: {id(p) for p in g["params"]} for n, g in by_name.items()}
+    assert ids["gates"] == {id(p) for p in net.gate_parameters()}
+    assert ids["weights"] == {id(p) for p in net.weight_parameters()}
+    assert ids["budget"] == {id(p) for p in budget.parameters()}
+    assert (by_name["weights"]["lr"], by_name["weights"]["weight_decay"]) == (3e-3, 0.1)
+    assert (by_name["gates"]["lr"], by_name["gates"]["weight_decay"]) == (7e-2, 0.0)
+    assert (by_name["budget"]["lr"], by_name["budget"]["weight_decay"]) == (2e-2, 0.0)
+    # the expected cost starts above the 30% target: the multipliers must have gone *up*
+    assert float(budget.lambda1["flops"].detach()) > 0
+    assert float(budget.lambda2["flops"].detach()) > 0
+
+
+def test_cosine_schedule_scales_weights_and_gates_only() -> None:
+    x, y = _classification(40)
+    net, budget = _net_and_budget()
+    lrs: list[dict[str, float]] = []
+    trainer = Trainer(
+        net,
+        budget=budget,
+        epochs=2,
+        batch_size=10,
+        progress=False,
+        optimizer=lambda groups: _Recording(groups, lrs),
+        snap_at=0.75,
+    )
+    trainer.fit((x, y))
+    total = 8
+    for step, rec in enumerate(lrs):
+        factor = cosine_lr(step / total)
+        assert rec["weights"] == pytest.approx(trainer.lr * factor)
+        frozen = step / total >= 0.75  # snap_at: the gates stop moving
+        assert rec["gates"] == (0.0 if frozen else pytest.approx(trainer.gate_lr * factor))
+        assert rec["budget"] == trainer.budget_lr
+    assert len(lrs) == total
+    assert cosine_lr(0.0) == 1.0
+    assert cosine_lr(1.0) == 0.0
+
+
+def test_gates_keep_learning_without_a_budget() -> None:
+    x, y = _classification(40)
+    torch.manual_seed(0)
+    net = ShortcutMLP(10, [12, 12], 3)
+    before = [p.detach().clone() for p in net.gate_parameters()]
+    lrs: list[dict[str, float]] = []
+    trainer = Trainer(
+        net, epochs=2, batch_size=10, progress=False, optimizer=lambda g: _Recording(g, lrs)
+    )
+    trainer.fit((x, y))
+    assert all(rec["gates"] > 0 for rec in lrs)  # no snap, no freeze without a budget
+    assert "budget" not in lrs[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.gate_parameters(), strict=True))
+
+
+class _Recording(torch.optim.AdamW):
+    def __init__(self, groups: list[dict[str, Any]], log: list[dict[str, float]]) -> None:
+        super().__init__(groups)
+        self.log = log
+
+    def step(self, closure: Any = None) -> Any:
+        self.log.append({g["name"]: g["lr"] for g in self.param_groups})
+        return super().step(closure)
+
+
+def test_harden_and_straight_through_phases() -> None:
+    x, y = _classification(40)
+    torch.manual_seed(0)
+    net = ShortcutMLP(10, [12, 12], 3, gate="sigmoid")
+    budget = Budget(net, torch.zeros(1, 10), flops=0.5)
+    seen: list[tuple[int, bool, bool]] = []
+
+    def on_step(trainer: Trainer, record: dict[str, Any]) -> None:
+        hardened = all(bool(g.hardened) for g in gate_modules(net) if isinstance(g, SigmoidGate))
+        seen.append((trainer.step, budget.straight_through, hardened))
+
+    trainer = Trainer(
+        net,
+        budget=budget,
+        epochs=2,
+        batch_size=10,
+        progress=False,
+        harden_at=0.75,
+        straight_through_at=0.5,
+        on_step=on_step,
+    )
+    trainer.fit((x, y))
+    # step s (1-based) ran at progress (s - 1) / 8
+    assert seen == [(s, (s - 1) / 8 >= 0.5, (s - 1) / 8 >= 0.75) for s in range(1, 9)]
+    net.eval()
+    assert all(set(g.eval_value().tolist()) <= {0.0, 1.0} for g in gate_modules(net))
+
+
+# ---------------------------------------------------------------------- determinism, resume
+def test_same_seed_same_result_other_seed_differs() -> None:
+    runs = []
+    for seed in (0, 0, 1):
+        trainer, (x, y, xv, yv) = train_worker.setup(None, seed=seed)
+        trainer.fit((x, y), val=(xv, yv))
+        runs.append(trainer)
+    _assert_same_run(runs[0], runs[1])
+    w = "model/layers.0.op.weight"
+    assert not torch.equal(_full_state(runs[0])[w], _full_state(runs[2])[w])
+
+
+@pytest.mark.parametrize("stop", [9, 16])  # before / after the snap (step 15 of 18)
+def test_resume_after_max_steps_stop_is_identical(tmp_path: Path, stop: int) -> None:
+    full, (x, y, xv, yv) = train_worker.setup(None)
+    full.fit((x, y), val=(xv, yv))
+    first, _ = train_worker.setup(str(tmp_path))
+    first.fit((x, y), val=(xv, yv), max_steps=stop)  # mid-epoch, between two checkpoints
+    assert first.step == stop
+    assert len(first.history) == stop // 6
+    assert first.latest_checkpoint() == tmp_path / f"step-{stop:09d}.safetensors"
+    torch.manual_seed(12345)  # the global RNG must come from the checkpoint, not from here
+    resumed, _ = train_worker.setup(str(tmp_path))
+    with torch.no_grad():  # a fresh model whose weights differ: resume must overwrite them
+        for p in resumed.model.parameters():
+            p.add_(1.0)
+    resumed.fit((x, y), val=(xv, yv), resume=True)
+    _assert_same_run(full, resumed)
+    # keep_checkpoints=2: only the last two files remain
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-000000016.safetensors",
+        "step-000000018.safetensors",
+    ]
+    # resuming a finished run trains no further
+    again, _ = train_worker.setup(str(tmp_path))
+    again.fit((x, y), val=(xv, yv), resume=True)
+    _assert_same_run(full, again)
+
+
+def test_resume_after_sigkill_is_identical(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path), "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # killed at step 10 (mid-epoch 2): the newest checkpoint is step 8's
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [
+        "step-000000004.safetensors",
+        "step-000000008.safetensors",
+    ]
+    full, (x, y, xv, yv) = train_worker.setup(None)
+    full.fit((x, y), val=(xv, yv))
+    resumed, _ = train_worker.setup(str(tmp_path))
+    resumed.fit((x, y), val=(xv, yv), resume=True)
+    _assert_same_run(full, resumed)
+
+
+def test_checkpoint_contents_are_plain_tensors_and_json(tmp_path: Path) -> None:
+    trainer, (x, y, _, _) = train_worker.setup(str(tmp_path))
+    trainer.fit((x, y), max_steps=5)
+    tensors, meta = read_tensors(tmp_path / "step-000000005.safetensors")
+    assert tensors["rng/torch"].dtype == torch.uint8
+    assert tensors["budget/lambda1.flops"].dtype == torch.float64
+    assert torch.equal(tensors["model/layers.0.op.weight"], trainer.model.layers[0].op.weight)
+    assert any(k.startswith("optim/") and k.endswith("/exp_avg") for k in tensors)
+    assert meta["step"] == 5
+    assert meta["format"] == "gatedprune.trainer"
+    assert meta["config"]["steps_per_epoch"] == 6
+    assert [g["name"] for g in meta["optim_param_groups"]] == ["weights", "gates", "budget"]
+
+
+def test_corrupted_checkpoint_raises_value_error(tmp_path: Path) -> None:
+    trainer, (x, y, _, _) = train_worker.setup(str(tmp_path))
+    trainer.fit((x, y), max_steps=4)
+    path = tmp_path / "step-000000004.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # flip bits in the tensor data
+    path.write_bytes(bytes(data))
+    fresh, _ = train_worker.setup(str(tmp_path))
+    with pytest.raises(ValueError, match="checksum"):
+        fresh.fit((x, y), resume=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a gatedprune file"):
+        fresh.fit((x, y), resume=True)
+
+
+def test_resume_with_changed_configuration_raises(tmp_path: Path) -> None:
+    trainer, (x, y, _, _) = train_worker.setup(str(tmp_path))
+    trainer.fit((x, y), max_steps=4)
+    other, _ = train_worker.setup(str(tmp_path), batch_size=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.fit((x, y), resume=True)
+    with pytest.raises(ValueError, match="n_train"):
+        train_worker.setup(str(tmp_path))[0].fit((x[:60], y[:60]), resume=True)
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    full, (x, y, _, _) = train_worker.setup(None)
+    full.fit((x, y))
+    fresh, _ = train_worker.setup(str(tmp_path / "new"))
+    fresh.fit((x, y), resume=True)
+    _assert_same_run(full, fresh)
+
+
+# ---------------------------------------------------------------------- progress output
+_NO_TQDM = """
+import sys
+sys.modules["tqdm"] = None  # any import of tqdm now fails
+import torch, gatedprune, gatedprune.train
+from gatedprune.budget import Budget
+torch.manual_seed(0)
+net = gatedprune.ShortcutMLP(4, [8], 2)
+budget = Budget(net, torch.zeros(1, 4), flops=0.5)
+x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+gatedprune.train.Trainer(net, budget=budget, epochs=2, batch_size=10).fit((x, y), val=(x, y))
+"""
+
+
+def test_progress_lines_without_tqdm() -> None:
+    """gatedprune never needs tqdm at import time, and prints one line per epoch without it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TQDM], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    assert "val_accuracy" in lines[-1]
+    assert "achieved_flops" in lines[-1]
+
+
+def test_progress_false_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
+    x, y = _classification(20)
+    net, budget = _net_and_budget()
+    Trainer(net, budget=budget, epochs=1, batch_size=10, progress=False).fit((x, y), val=(x, y))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ""
+    Trainer(net, budget=budget, epochs=1, batch_size=10).fit((x, y))
+    captured = capsys.readouterr()
+    assert "epoch 1/1" in captured.out  # the epoch line (tqdm.write)
+    assert "train: 100%" in captured.err  # the bar
+
+
+# ---------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"epochs": 0}, ValueError, "epochs"),
+        ({"epochs": 2.5}, TypeError, "epochs"),
+        ({"batch_size": -1}, ValueError, "batch_size"),
+        ({"batch_size": True}, TypeError, "batch_size"),
+        ({"lr": 0.0}, ValueError, "lr"),
+        ({"gate_lr": float("nan")}, ValueError, "gate_lr"),
+        ({"weight_decay": -1e-4}, ValueError, "weight_decay"),
+        ({"harden_at": 1.5}, ValueError, "harden_at"),
+        ({"straight_through_at": "half"}, TypeError, "straight_through_at"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"checkpoint_every_steps": 0}, ValueError, "checkpoint_every_steps"),
+        ({"budget": "flops=0.5"}, TypeError, "budget"),
+        ({"loss_fn": 3}, TypeError, "loss_fn"),
+        ({"optimizer": "adamw"}, TypeError, "optimizer"),
+    ],
+)
+def test_bad_configuration(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    net, _ = _net_and_budget()
+    with pytest.raises(error, match=match):
+        Trainer(net, **kwargs)
+
+
+def test_bad_model_and_foreign_budget() -> None:
+    with pytest.raises(TypeError, match="model"):
+        Trainer("not a model")  # type: ignore[arg-type]
+    net, _ = _net_and_budget()
+    _, other_budget = _net_and_budget()
+    with pytest.raises(ValueError, match="another model"):
+        Trainer(net, budget=other_budget)
+
+
+def test_bad_data() -> None:
+    net, budget = _net_and_budget()
+    trainer = Trainer(net, budget=budget, epochs=1, progress=False)
+    x, y = _classification(20)
+    with pytest.raises(ValueError, match="20 samples but y has 19"):
+        trainer.fit((x, y[:19]))
+    with pytest.raises(ValueError, match="val"):
+        trainer.fit((x, y), val=(x[:5], y))
+    with pytest.raises(TypeError, match="pair"):
+        trainer.fit(x)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tensors"):
+        trainer.fit((x.tolist(), y))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no samples"):
+        trainer.fit((x[:0], y[:0]))
+    with pytest.raises(ValueError, match="max_steps"):
+        trainer.fit((x, y), max_steps=0)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        trainer.fit((x, y), resume=True)
+    bad_loss = Trainer(net, loss_fn=nn.CrossEntropyLoss(reduction="none"), progress=False)
+    with pytest.raises(ValueError, match="scalar"):
+        bad_loss.fit((x, y))
+    bad_factory = Trainer(net, optimizer=lambda groups: groups, progress=False)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
+        bad_factory.fit((x, y))
+
+
+# ---------------------------------------------------------------------- hitting a budget
+def _teacher_task(n: int, d: int, classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)  # (N, d)
+    w = torch.randn(d, classes, generator=g)  # (d, classes)
+    return x, (x @ w).argmax(1)  # (N,)
+
+
+def test_budget_is_hit_on_a_synthetic_task() -> None:
+    """Budget(flops=0.25) with warm-up, 320 steps, the Trainer's defaults: the pruned model's
+    exact FLOPs land within 0.02 of 25% of the dense model's, and it still classifies.
+
+    The net has a cliff: the edge between its two hidden layers alone holds ~55% of the FLOPs,
+    so the Lagrangian alone leaves the exact cost oscillating around the target; the snap at
+    80% of the steps fixes the decisions and the last 20% fine-tune the weights."""
+    x, y = _teacher_task(2000, 20, 4, seed=0)
+    torch.manual_seed(0)
+    net = ShortcutMLP(20, [32, 32], 4)
+    example = torch.zeros(1, 20)
+    dense = cost(prune(_all_open(net)).eval(), example).flops
+    budget = Budget(net, example, flops=0.25, warmup_steps=160)
+    snaps: list[tuple[int, float]] = []
+    trainer = Trainer(
+        net,
+        budget=budget,
+        epochs=10,
+        batch_size=50,
+        progress=False,
+        on_step=lambda t, r: snaps.append((t.step, budget.achieved()["flops"])),
+    )
+    history = trainer.fit((x[:1600], y[:1600]), val=(x[1600:], y[1600:]))
+    assert trainer.step == 320
+    achieved = budget.achieved()["flops"]
+    assert abs(achieved - 0.25) <= 0.02
+    assert history[-1]["achieved_flops"] == achieved
+    # the decisions are frozen from the snap (before step 257 = ceil(0.8 * 320)) on
+    assert {a for s, a in snaps if s >= 257} == {achieved}
+    net.eval()
+    pruned = prune(net).eval()
+    assert cost(pruned, example).flops == round(achieved * dense)
+    xt = torch.randn(256, 20)
+    with torch.no_grad():
+        assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
+        accuracy = float((pruned(x[1600:]).argmax(1) == y[1600:]).double().mean())
+    assert accuracy == history[-1]["val_accuracy"]
+    assert accuracy >= 0.85  # chance is 0.25; the dense net reaches ~0.95
+
+
+def _all_open(net: nn.Module) -> nn.Module:
+    import copy
+
+    dense = copy.deepcopy(net)
+    for g in gate_modules(dense):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    return dense
+
+
+@settings(max_examples=12)
+@given(
+    kind=st.sampled_from(["mlp", "chain", "conv"]),
+    target=st.floats(0.1, 0.9),
+    measure=st.sampled_from(["flops", "params"]),
+    seed=st.integers(0, 2**16),
+)
+def test_snap_to_budget_lands_within_tolerance(
+    kind: str, target: float, measure: str, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    net: nn.Module
+    if kind == "conv":
+        net, example = (
+            ShortcutConv1d(1, [[12, 12], [16]], 4, input_length=32),
+            torch.zeros(1, 1, 32),
+        )
+    else:
+        net, example = ShortcutMLP(16, [24, 24, 24], 4, shortcuts=kind == "mlp"), torch.zeros(1, 16)
+    for g in gate_modules(net):  # a random, unconverged gate state
+        assert isinstance(g, HardConcreteGate)
+        g.log_alpha.data.normal_(float(torch.empty(()).uniform_(-3, 3)), 2.0)
+    limits = {measure: target}
+    budget = Budget(net, example, **limits)  # type: ignore[arg-type]
+    got = snap_to_budget(budget, tolerance=0.02)
+    assert got == budget.achieved()
+    for k, t in limits.items():
+        assert abs(got[k] - t) <= 0.02, (k, got[k], t)
+    net.eval()
+    for g in gate_modules(net):
+        assert set(g.eval_value().tolist()) <= {0.0, 1.0}
+    pruned = prune(net).eval()
+    dense = cost(prune(_all_open(net)).eval(), example)
+    exact = cost(pruned, example)
+    assert getattr(exact, measure) == round(got[measure] * getattr(dense, measure))
+    xt = torch.randn(8, *example.shape[1:])
+    with torch.no_grad():
+        assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
+
+
+def test_snap_to_budget_opens_gates_when_below_target() -> None:
+    torch.manual_seed(0)
+    net = ShortcutMLP(16, [24, 24], 4)
+    for g in gate_modules(net):
+        g.force_(torch.zeros(g.n, dtype=torch.bool))
+    budget = Budget(net, torch.zeros(1, 16), flops=0.6)
+    assert budget.achieved()["flops"] < 0.1
+    assert abs(snap_to_budget(budget)["flops"] - 0.6) <= 0.01
+
+
+def test_snap_to_budget_rejects_bad_input() -> None:
+    net, budget = _net_and_budget()
+    with pytest.raises(TypeError, match="Budget"):
+        snap_to_budget(net)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tolerance"):
+        snap_to_budget(budget, tolerance=-0.1)
+    with pytest.raises(ValueError, match="snap_at"):
+        Trainer(net, budget=budget, snap_at=1.0)
