@@ -63,7 +63,8 @@ def test_penalty_descends_on_cost_and_ascends_on_multipliers() -> None:
     assert float(budget.lambda1["flops"].grad) < 0
     # descent on the gates: a positive lambda1 pushes open probabilities down
     grads = torch.cat([p.grad.flatten() for p in net.gate_parameters() if p.grad is not None])
-    assert bool((grads >= 0).all()) and float(grads.sum()) > 0
+    assert bool((grads >= 0).all())
+    assert float(grads.sum()) > 0
     opt = torch.optim.SGD(budget.parameters(), lr=0.1)
     opt.step()
     assert float(budget.lambda1["flops"]) > 1.0
@@ -117,5 +118,6 @@ def test_training_lands_within_0_02_of_the_target(target: float) -> None:
         gate.force_(torch.ones(gate.n, dtype=torch.bool))
     dense = gp.cost(gp.prune(net), example)
     got = gp.cost(pruned, example)
-    assert isinstance(got, gp.Cost) and isinstance(dense, gp.Cost)
+    assert isinstance(got, gp.Cost)
+    assert isinstance(dense, gp.Cost)
     assert abs(got.flops / dense.flops - target) <= 0.02

@@ -21,6 +21,7 @@ from .gates import (
     gate_modules,
     harden,
 )
+from .gating import GatingSummary, InsertedGating, ResNet1d, apply_plan, export_plan, gate_
 from .io import load, register_model_class, save
 from .plain import OffsetConv1d, PlainShortcutNet
 from .profiling import measure_latency
@@ -34,17 +35,23 @@ __all__ = [
     "ExpectedCost",
     "Gate",
     "GatedModule",
+    "GatingSummary",
     "HardConcrete",
     "HardConcreteGate",
+    "InsertedGating",
     "ModelGating",
     "OffsetConv1d",
     "PlainShortcutNet",
+    "ResNet1d",
     "ShortcutConv1d",
     "ShortcutMLP",
     "Sigmoid",
     "SigmoidGate",
     "Trainer",
+    "apply_plan",
     "cost",
+    "export_plan",
+    "gate_",
     "gate_modules",
     "harden",
     "load",

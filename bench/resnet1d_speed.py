@@ -1,0 +1,193 @@
+"""Measured CPU speed-up of pruned 1D ResNets versus their FLOPs reduction, and gate_/prune time.
+
+    python -m bench.resnet1d_speed [--quick]
+
+A ``ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))`` on MNIST-1D shaped inputs (1 x 40) is
+gated with ``gatedprune.gating.gate_`` and pruned to about 50 / 25 / 10 % of its FLOPs, either
+by depth (block gates only: whole residual blocks closed, largest first) or by width (channel
+gates only: the same fraction of every channel group kept). The gates are set, not trained:
+latency depends on the pruned architecture only. Reported: achieved FLOPs fraction, median
+latency at batch 1 and 256 (1 thread), speed-up over the dense model, and ``efficiency`` =
+speed-up / FLOPs reduction (1.0: latency falls as fast as FLOPs). Then the wall time of
+``gate_`` and ``prune`` on a 50-block ResNet-1D.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import gatedprune as gp
+from gatedprune.gating import InsertedGating, gate_
+from gatedprune.gating.models import ResNet1d
+
+from .common import command_line, median, write_results
+
+TARGETS = (0.5, 0.25, 0.1)
+
+
+def _gating(model: nn.Module) -> InsertedGating:
+    g = model.gatedprune
+    assert isinstance(g, InsertedGating)
+    return g
+
+
+def _fraction(model: nn.Module, x: torch.Tensor, dense: float) -> float:
+    return float(gp.cost(model, x, hard=True).flops) / dense
+
+
+def _depth(model: nn.Module, x: torch.Tensor, dense: float, target: float) -> None:
+    g = _gating(model)
+    for gate in g.block_gates:
+        gate.force_(torch.ones(1, dtype=torch.bool))
+    order = sorted(range(len(g.block_gates)), key=lambda i: -g.summary.blocks[i][2])
+    for i in order:
+        if _fraction(model, x, dense) <= target:
+            break
+        g.block_gates[i].force_(torch.zeros(1, dtype=torch.bool))
+
+
+def _width(model: nn.Module, x: torch.Tensor, dense: float, target: float) -> None:
+    g = _gating(model)
+
+    def keep(r: float) -> None:
+        for gate in g.group_gates:
+            k = max(1, math.ceil(r * gate.n))
+            gate.force_(torch.arange(gate.n) < k)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(20):  # largest keep ratio meeting the target
+        mid = (lo + hi) / 2
+        keep(mid)
+        if _fraction(model, x, dense) <= target:
+            lo = mid
+        else:
+            hi = mid
+    keep(lo)
+
+
+def _time(model: nn.Module, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(x)
+    return time.perf_counter() - t0
+
+
+def _paired(
+    dense: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int
+) -> tuple[float, float, float]:
+    """Median latencies of both models and the median of per-pair speed-ups, measured
+    interleaved so that load from other processes affects both alike."""
+    with torch.no_grad():
+        for _ in range(max(3, repeats // 10)):
+            dense(x)
+            pruned(x)
+        td, tp, ratio = [], [], []
+        for _ in range(repeats):
+            a = _time(dense, x)
+            b = _time(pruned, x)
+            td.append(a)
+            tp.append(b)
+            ratio.append(a / b)
+    return median(td), median(tp), median(ratio)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    reps = {1: 30 if args.quick else 300, 256: 3 if args.quick else 20}
+    xs = {b: torch.randn(b, 1, 40) for b in reps}
+    x1 = xs[1]
+    dense_model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4)).eval()
+    dense = gp.cost(dense_model, x1)
+    assert isinstance(dense, gp.Cost)
+    rows: list[dict[str, object]] = []
+    modes: dict[str, tuple[dict[str, bool], Callable[..., None]]] = {
+        "depth": ({"channels": False, "blocks": True}, _depth),
+        "width": ({"channels": True, "blocks": False}, _width),
+    }
+    for mode, (options, setter) in modes.items():
+        model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))
+        model.load_state_dict(dense_model.state_dict())
+        gate_(model, x1, **options)
+        model.eval()
+        for target in TARGETS:
+            setter(model, x1, float(dense.flops), target)
+            pruned = gp.prune(model).eval()
+            c = gp.cost(pruned, x1)
+            assert isinstance(c, gp.Cost)
+            with torch.no_grad():
+                diff = float((pruned(xs[256]) - model(xs[256])).abs().max())
+            reduction = dense.flops / c.flops
+            row: dict[str, object] = {
+                "mode": mode,
+                "target": target,
+                "flops_fraction": c.flops / dense.flops,
+                "params_fraction": c.params / dense.params,
+                "max_abs_diff": diff,
+            }
+            for b, x in xs.items():
+                t_dense, t, speedup = _paired(dense_model, pruned, x, reps[b])
+                row[f"dense_ms_b{b}"] = 1e3 * t_dense
+                row[f"ms_b{b}"] = 1e3 * t
+                row[f"speedup_b{b}"] = speedup
+                row[f"efficiency_b{b}"] = speedup / reduction
+            rows.append(row)
+    write_results(
+        "resnet1d_speed",
+        rows,
+        title="ResNet-1D (32/64/128 x 4/4/4 blocks): latency speed-up vs FLOPs reduction",
+        command=command_line(),
+        notes=(
+            "efficiency = speed-up / FLOPs reduction (dense FLOPs / pruned FLOPs); 1 thread; "
+            "speed-up = median over interleaved (dense, pruned) timing pairs. Depth: whole "
+            "residual blocks removed (largest first) until the "
+            "FLOPs fraction is at most the target; width: the same fraction of every channel "
+            "group kept. Dense FLOPs per sample: "
+            f"{dense.flops}, params {dense.params}."
+        ),
+    )
+    # gate_ + prune wall time on a 50-block ResNet-1D
+    timing: list[dict[str, object]] = []
+    gate_times, prune_times = [], []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        big = ResNet1d(widths=(16, 32, 64), blocks=(17, 17, 16))
+        t0 = time.perf_counter()
+        gate_(big, x1, shortcuts=None)
+        gate_times.append(time.perf_counter() - t0)
+        g = _gating(big)
+        for gate in [*g.group_gates, *g.block_gates]:
+            gate.force_(torch.rand(gate.n, generator=gen) > 0.5)
+        big.eval()
+        t0 = time.perf_counter()
+        small = gp.prune(big)
+        prune_times.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            assert float((small(xs[256]) - big(xs[256])).abs().max()) <= 1e-5
+    timing.append(
+        {
+            "model": "ResNet1d 16/32/64 x 17/17/16 (50 blocks)",
+            "gate_s": median(gate_times),
+            "prune_s": median(prune_times),
+            "gates": _gating(big).summary.n_gates,
+        }
+    )
+    write_results(
+        "resnet1d_gate_prune_time",
+        timing,
+        title="gate_ and prune wall time on a 50-block ResNet-1D (target: under 2 s each)",
+        command=command_line(),
+        notes="Median of 3; prune with about half of the block and channel gates closed.",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Gate and prune existing user models: ``gate_``, ``export_plan``, ``apply_plan``.
+
+``gate_(model, example_input)`` analyses the model's ``torch.fx`` graph and inserts, as forward
+hooks on the user's own modules plus one ``InsertedGating`` submodule holding every gate:
+
+* channel gates: one per group of channels that must be pruned together (Linear/Conv outputs
+  coupled through residual adds, concatenations, BatchNorm, depthwise convs, flatten, pooling);
+* block gates: ``y = s + g * F(x)`` for every residual branch ``F`` (a closed block is removed);
+* transformer gates: heads, FFN units and whole attention / FFN sub-layers of
+  ``nn.TransformerEncoderLayer``, heads of ``nn.MultiheadAttention`` called by user code;
+* with ``shortcuts="dense"``: new gated edges between residual blocks (closed at start).
+
+Everything starts open (new shortcuts closed), so the function is unchanged. Then
+``gatedprune.Budget``, ``gatedprune.cost`` and ``gatedprune.prune`` work on the model. Pruning
+folds the gate values into the weights, slices the user's modules in place (same classes, same
+``state_dict`` keys) and rewrites as ``torch.fx`` code only the innermost module whose forward
+loses a branch or gains a shortcut.
+
+Limits (each reported in the summary or as a clear error, never silently wrong):
+
+* Channels that reach a LayerNorm/GroupNorm over them, a sigmoid/softmax, an add of an ungated
+  tensor, an op we do not parse or the model output are not pruned (their statistics or
+  values would change). A group never closes entirely (a conv cannot have 0 outputs): if all its
+  gates close, one channel with gate value 0 is kept.
+* Grouped convolutions other than depthwise are not pruned; non-affine BatchNorm neither.
+* A submodule whose forward cannot be traced (data-dependent control flow) stays whole and
+  ungated, with a warning naming it; an untraceable top-level forward is an error.
+* ``cost`` of a gated model is exact for the ``example_input`` shape (and other batch sizes of
+  models without attention or opaque modules).
+
+>>> import torch
+>>> from gatedprune.gating import gate_
+>>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> print(gate_(net, torch.zeros(2, 4)).n_gates)
+8
+"""
+
+from .core import GatingSummary, InsertedGating, export_plan, gate_
+from .models import BasicBlock1d, ResNet1d
+from .surgery import apply_plan
+
+__all__ = [
+    "BasicBlock1d",
+    "GatingSummary",
+    "InsertedGating",
+    "ResNet1d",
+    "apply_plan",
+    "export_plan",
+    "gate_",
+]

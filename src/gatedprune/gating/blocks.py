@@ -1,0 +1,186 @@
+"""Residual blocks: ``y = s + F(x)`` adds where one operand is a branch of parametrised layers.
+
+For every add of two same-shaped tensors, the *dead set* of an operand is what disappears when
+that operand is dropped from the add (the fx nodes that no longer reach the output). The operand
+whose dead set holds the most FLOPs is the branch ``F``; the other one is the shortcut (identity
+or projection). The block gate ``g`` multiplies ``F``'s last module output (walking back through
+dropout/ReLU, which commute with ``g >= 0``), so the gated block is ``y = s + g * F(x)``; with
+``g = 0`` the add is replaced by ``s`` and the dead set is removed: depth pruning.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .channels import (
+    ADD_METHODS,
+    ADD_TARGETS,
+    HOMOGENEOUS_FUNCS,
+    HOMOGENEOUS_MODULES,
+    module_kind,
+)
+from .graph import RunRecord, owner_of
+
+__all__ = ["Block", "find_blocks", "live_nodes", "rewrite_scopes"]
+
+
+@dataclass
+class Block:
+    """One gated residual branch."""
+
+    index: int
+    add: fx.Node
+    branch_pos: int  # position of F in add.args
+    site: str  # module whose output the block gate multiplies
+    dead: frozenset[fx.Node]  # removed when this block alone closes
+    owner: str  # module whose forward holds the add
+    flops: int  # FLOPs of the dead set (dense)
+
+
+def live_nodes(graph: fx.Graph, cut: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes that reach the output, with the operand ``cut[add]`` of each cut add dropped."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live: set[fx.Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in live:
+            continue
+        live.add(n)
+        if n in cut:
+            pos = cut[n]
+            drop = n.args[pos]
+            others = [a for i, a in enumerate(n.args) if i != pos]
+            keep = [a for a in n.all_input_nodes if a is not drop or a in others]
+        else:
+            keep = list(n.all_input_nodes)
+        stack.extend(a for a in keep if a not in live)
+    return live
+
+
+def _is_add(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target in ADD_TARGETS and n.target is not _SUB:
+        return "alpha" not in n.kwargs
+    return n.op == "call_method" and n.target in ADD_METHODS and "alpha" not in n.kwargs
+
+
+_SUB = operator.sub
+_SCALE_FUNCS = {operator.mul, operator.truediv, torch.mul}
+
+
+def _site_of(
+    gm: fx.GraphModule, u: fx.Node, calls: dict[str, int]
+) -> tuple[str | None, str | None]:
+    n = u
+    while True:
+        if len(n.users) != 1:
+            return None, f"{n.name} has several users"
+        if n.op == "call_module":
+            m = gm.get_submodule(str(n.target))
+            if isinstance(m, HOMOGENEOUS_MODULES) and n.args:
+                n = n.args[0]  # type: ignore[assignment]
+                continue
+            foldable = module_kind(m) is not None or (
+                isinstance(m, nn.LayerNorm) and m.weight is not None
+            )
+            if not foldable:
+                return None, f"the branch ends in {n.target} ({type(m).__name__})"
+            if calls[str(n.target)] != 1:
+                return None, f"{n.target} is called more than once"
+            return str(n.target), None
+        if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0:
+            src = n.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_module":
+                m = gm.get_submodule(str(src.target))
+                if type(m) is nn.MultiheadAttention and calls[str(src.target)] == 1:
+                    return str(src.target), None  # attention output: fold into out_proj
+            return None, f"the branch ends in {n.name}, not a module the gate can fold into"
+        scalar_op = (n.op == "call_function" and n.target in _SCALE_FUNCS) or (
+            n.op == "call_method" and n.target in ("mul", "div")
+        )
+        if scalar_op and len(n.args) == 2 and not n.kwargs:
+            nodes = [a for a in n.args if isinstance(a, fx.Node)]
+            consts = [a for a in n.args if isinstance(a, int | float) and not isinstance(a, bool)]
+            divides = n.target in (operator.truediv, "div")
+            if len(nodes) == 1 and len(consts) == 1 and (not divides or n.args[0] is nodes[0]):
+                n = nodes[0]  # g * (c * z) = c * (g * z)
+                continue
+        if n.op == "call_function" and n.target in HOMOGENEOUS_FUNCS and n.args:
+            n = n.args[0]  # type: ignore[assignment]
+            if not isinstance(n, fx.Node):
+                return None, "unexpected argument"
+            continue
+        return None, f"the branch ends in {n.name}, not a module the gate can fold into"
+
+
+def find_blocks(gm: fx.GraphModule, record: RunRecord) -> tuple[list[Block], list[tuple[str, str]]]:
+    """Residual blocks of ``gm``, and (add node, reason) for adds that are not gated."""
+    graph = gm.graph
+    base = live_nodes(graph, {})
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    blocks: list[Block] = []
+    skipped: list[tuple[str, str]] = []
+    for n in graph.nodes:
+        if not _is_add(n) or n not in base or len(n.args) != 2:
+            continue
+        shape = record.shapes.get(n)
+        a, b = n.args
+        if not (
+            isinstance(a, fx.Node)
+            and isinstance(b, fx.Node)
+            and a is not b
+            and shape is not None
+            and record.shapes.get(a) == shape
+            and record.shapes.get(b) == shape
+        ):
+            continue
+        best: tuple[int, int, frozenset[fx.Node]] | None = None
+        for pos in (0, 1):
+            dead = frozenset(base - live_nodes(graph, {n: pos}))
+            has_params = any(
+                d.op == "call_module"
+                and any(True for _ in gm.get_submodule(str(d.target)).parameters())
+                for d in dead
+            )
+            if not has_params:
+                continue
+            flops = sum(record.flops.get(d, 0) for d in dead)
+            if best is None or flops > best[0]:
+                best = (flops, pos, dead)
+        if best is None:
+            continue
+        flops, pos, dead = best
+        site, why = _site_of(gm, n.args[pos], calls)
+        if site is None:
+            skipped.append((n.name, why or "no site"))
+            continue
+        blocks.append(Block(len(blocks), n, pos, site, dead, owner_of(n), flops))
+    return blocks, skipped
+
+
+def outermost(scopes: Iterable[str]) -> list[str]:
+    """The scopes that are not inside another one of them."""
+    result: list[str] = []
+    for s in sorted(set(scopes), key=lambda v: (v.count(".") if v else -1, v)):
+        if any(t == "" or s == t or s.startswith(t + ".") for t in result):
+            continue
+        result.append(s)
+    return result
+
+
+def rewrite_scopes(
+    graph: fx.Graph, closed: list[Block], base: set[fx.Node]
+) -> tuple[set[fx.Node], list[str]]:
+    """Live nodes once ``closed`` blocks are removed, and the modules whose code must change."""
+    live = live_nodes(graph, {b.add: b.branch_pos for b in closed})
+    changed = [b.add for b in closed] + [n for n in base if n not in live]
+    return live, outermost(owner_of(n) for n in changed)

@@ -1,0 +1,635 @@
+"""Channel groups: which output channels of which modules must be pruned together.
+
+Every Linear/Conv output is a new *space* of channels; each channel is an *atom*. Walking the fx
+graph, each tensor gets labels: one dimension (the channel dimension) and, for each index along
+it, the atom it carries. Element-wise ops and per-channel modules keep labels, ``flatten``
+repeats them, ``cat`` concatenates them, and ``x + y`` unifies the atoms of both operands
+(union-find): coupled channels become one atom. A *group* is a set of spaces connected through
+unified atoms; it gets one gate entry per distinct atom.
+
+A group is gated only if removing any of its channels is exact. It is left ungated ("pinned")
+when its channels reach an op that is not zero-preserving or that mixes channels in a way we do
+not slice: LayerNorm/GroupNorm over them (normalisation statistics would change), sigmoid or
+softmax, a non-affine BatchNorm, an add of an ungated tensor, an unknown op, or the model output.
+
+Gates sit on every *source* of the group: the output of each Linear/Conv producing its channels,
+or of the BatchNorm/depthwise conv that follows (the conv's own output is then not gated, the
+gate folds into the BatchNorm's affine parameters). Every element-wise op between sources and
+consumers maps 0 to 0, so a closed channel is exactly zero wherever it is consumed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .graph import RunRecord
+
+__all__ = ["ChannelAnalysis", "ChannelGroup", "Labels", "analyse_channels"]
+
+
+@dataclass
+class Labels:
+    """Channel labels of one tensor: dimension ``dim`` carries ``atoms[i]`` at index ``i``."""
+
+    dim: int
+    atoms: np.ndarray  # (shape[dim],) int64
+
+
+@dataclass
+class ChannelGroup:
+    """Channels pruned together; ``size`` gate entries (one per distinct atom)."""
+
+    index: int
+    producers: list[str]
+    size: int
+    pinned: str | None = None
+
+
+@dataclass
+class ChannelAnalysis:
+    """Result of the label propagation over the whole graph."""
+
+    labels: dict[fx.Node, Labels | None]
+    module_in: dict[fx.Node, Labels | None]  # labels of the contracted input dim (Linear/Conv)
+    atom_group: np.ndarray  # atom -> group index
+    atom_gidx: np.ndarray  # atom -> gate index within its group
+    groups: list[ChannelGroup]
+    sources: dict[str, list[fx.Node]]  # module name -> its calls that output a gated source
+    kinds: dict[str, str] = field(default_factory=dict)  # module name -> linear|conv|dw|bn
+    module_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # output channel atoms
+    module_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # input (linear/conv)
+
+
+_ZERO_ACTS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Identity,
+)
+_POOLS: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_PASS_FUNCS: set[Callable[..., Any]] = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.gelu,
+    F.silu,
+    F.elu,
+    F.hardswish,
+    F.mish,
+    F.hardtanh,
+    torch.tanh,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    operator.neg,
+    torch.neg,
+}
+_PASS_METHODS = {"relu", "relu_", "tanh", "tanh_", "neg", "contiguous", "clone", "float", "detach"}
+_POOL_FUNCS: set[Callable[..., Any]] = {
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+}
+_RESHAPE_FUNCS: set[Callable[..., Any]] = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_ADD_FUNCS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, torch.add}
+_MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
+_DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
+_META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
+_META_METHODS = {"size", "dim", "numel"}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_REDUCE_FUNCS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin}
+_CAT_FUNCS: set[Callable[..., Any]] = {torch.cat, torch.concat}
+
+ADD_TARGETS = _ADD_FUNCS
+ADD_METHODS = {"add", "add_"}
+HOMOGENEOUS_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Identity,
+)
+HOMOGENEOUS_FUNCS: set[Callable[..., Any]] = {
+    F.relu,
+    torch.relu,
+    F.leaky_relu,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+}
+
+
+def module_kind(m: nn.Module) -> str | None:
+    """How a module's channels are sliced: linear, conv, dw (depthwise conv), bn, or None."""
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, _CONV):
+        if m.groups == 1:
+            return "conv"
+        if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
+            return "dw"
+        return None
+    if isinstance(m, _BN):
+        return "bn" if m.affine else None
+    return None
+
+
+def _flat_nodes(a: Any) -> Iterator[fx.Node]:
+    if isinstance(a, fx.Node):
+        yield a
+    elif isinstance(a, list | tuple):
+        for x in a:
+            yield from _flat_nodes(x)
+    elif isinstance(a, dict):
+        for x in a.values():
+            yield from _flat_nodes(x)
+
+
+def _int(v: object) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    raise TypeError(f"expected an int dimension, got {v!r}")
+
+
+def _prod(xs: Any) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+class _Propagator:
+    def __init__(self, gm: fx.GraphModule, record: RunRecord) -> None:
+        self.gm = gm
+        self.rec = record
+        self.parent: list[int] = []
+        self.space_of: list[int] = []
+        self.space_names: list[str] = []
+        self.module_space: dict[str, np.ndarray] = {}
+        self.module_in_atoms: dict[str, np.ndarray] = {}
+        self.labels: dict[fx.Node, Labels | None] = {}
+        self.module_in: dict[fx.Node, Labels | None] = {}
+        self.pins: list[tuple[np.ndarray, str]] = []
+        self.kinds: dict[str, str] = {}
+
+    # -- union-find
+    def new_space(self, name: str, n: int) -> np.ndarray:
+        start = len(self.parent)
+        sid = len(self.space_names)
+        self.space_names.append(name)
+        self.parent.extend(range(start, start + n))
+        self.space_of.extend([sid] * n)
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:
+            p[a], a = root, p[a]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist(), strict=True):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+
+    def pin(self, lab: Labels | None, reason: str) -> None:
+        if lab is not None:
+            self.pins.append((lab.atoms, reason))
+
+    def pin_inputs(self, n: fx.Node, reason: str) -> None:
+        for a in _flat_nodes((n.args, n.kwargs)):
+            self.pin(self.labels.get(a), reason)
+
+    # -- helpers
+    def shape(self, a: Any) -> tuple[int, ...] | None:
+        return self.rec.shapes.get(a) if isinstance(a, fx.Node) else None
+
+    def lab(self, a: Any) -> Labels | None:
+        return self.labels.get(a) if isinstance(a, fx.Node) else None
+
+    def describe(self, n: fx.Node) -> str:
+        t = n.target
+        name = getattr(t, "__name__", str(t))
+        return f"node '{n.name}' ({n.op} {name})"
+
+    def run(self) -> None:
+        for n in self.gm.graph.nodes:
+            try:
+                self.labels[n] = self.visit(n)
+            except (ValueError, IndexError, TypeError) as e:  # an op form we do not parse
+                self.pin_inputs(n, f"{self.describe(n)} not understood ({e})")
+                self.labels[n] = None
+
+    def visit(self, n: fx.Node) -> Labels | None:
+        if n.op in ("placeholder", "get_attr"):
+            return None
+        if n.op == "output":
+            self.pin_inputs(n, "reaches the model output")
+            return None
+        if n.op == "call_module":
+            return self.visit_module(n)
+        out_shape = self.shape(n)
+        target = n.target
+        is_fn = n.op == "call_function"
+        if out_shape is None:
+            if (is_fn and target in _META_FUNCS) or (not is_fn and target in _META_METHODS):
+                return None
+            self.pin_inputs(n, f"{self.describe(n)} returns a non-tensor")
+            return None
+        x = n.args[0] if n.args else None
+        if (is_fn and target in _PASS_FUNCS) or (not is_fn and target in _PASS_METHODS):
+            lab = self.lab(x)
+            if lab is not None and self.shape(x) != out_shape:
+                self.pin(lab, f"{self.describe(n)} changes the shape")
+                return None
+            return lab
+        if is_fn and target in _POOL_FUNCS:
+            return self.pool(n, self.lab(x))
+        if (is_fn and target in _RESHAPE_FUNCS) or (not is_fn and target in _RESHAPE_METHODS):
+            return self.reshape(n, x)
+        if (is_fn and target in _ADD_FUNCS) or (not is_fn and target in ("add", "add_", "sub")):
+            return self.binary(n, "add")
+        if (is_fn and target in _MUL_FUNCS) or (not is_fn and target in ("mul", "mul_")):
+            return self.binary(n, "mul")
+        if (is_fn and target in _DIV_FUNCS) or (not is_fn and target == "div"):
+            return self.binary(n, "div")
+        if (is_fn and target in (torch.transpose,)) or (not is_fn and target == "transpose"):
+            return self.permute(n, x, "transpose")
+        if (is_fn and target in (torch.permute,)) or (not is_fn and target in ("permute", "t")):
+            return self.permute(n, x, str(target) if not is_fn else "permute")
+        if (is_fn and target in _REDUCE_FUNCS) or (not is_fn and target in _REDUCE_METHODS):
+            return self.reduce(n, x)
+        if is_fn and target is operator.getitem:
+            return self.getitem(n, x)
+        if is_fn and target in _CAT_FUNCS:
+            return self.cat(n)
+        self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
+        return None
+
+    def visit_module(self, n: fx.Node) -> Labels | None:
+        name = str(n.target)
+        m = self.gm.get_submodule(name)
+        x = n.args[0] if n.args else None
+        lab = self.lab(x)
+        out_shape = self.shape(n)
+        kind = module_kind(m)
+        if kind is not None:
+            self.kinds[name] = kind
+        if kind in ("linear", "conv") and out_shape is not None:
+            in_shape = self.shape(x)
+            cdim = len(out_shape) - 1 if kind == "linear" else 1
+            in_dim = (len(in_shape) - 1 if in_shape else -1) if kind == "linear" else 1
+            if lab is not None and lab.dim != in_dim:
+                self.pin(lab, f"{name} contracts a dimension other than the labelled one")
+                lab = None
+            if lab is not None:
+                prev = self.module_in_atoms.get(name)
+                if prev is not None:
+                    self.union(prev, lab.atoms)
+                else:
+                    self.module_in_atoms[name] = lab.atoms
+            self.module_in[n] = lab
+            if name not in self.module_space:
+                self.module_space[name] = self.new_space(name, out_shape[cdim])
+            return Labels(cdim, self.module_space[name])
+        if kind == "dw":
+            assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            if lab is None or lab.dim != 1:
+                self.pin(lab, f"{name} (depthwise) input not labelled on channels")
+                return None
+            mult = m.out_channels // m.in_channels
+            out = Labels(1, np.repeat(lab.atoms, mult))
+            prev = self.module_space.get(name)
+            if prev is not None:
+                self.union(prev, out.atoms)
+            else:
+                self.module_space[name] = out.atoms
+            self.module_in[n] = lab
+            return out
+        if kind == "bn":
+            if lab is None:
+                return None
+            if lab.dim != 1:
+                self.pin(lab, f"{name} normalises a dimension other than the labelled one")
+                return None
+            prev = self.module_space.get(name)
+            if prev is not None:
+                self.union(prev, lab.atoms)
+            else:
+                self.module_space[name] = lab.atoms
+            return lab
+        if isinstance(m, _ZERO_ACTS):
+            return lab
+        if isinstance(m, _POOLS):
+            return self.pool(n, lab)
+        if isinstance(m, nn.Flatten):
+            return self.reshape(n, x)
+        if lab is not None or any(self.lab(a) is not None for a in _flat_nodes(n.args)):
+            why = {
+                nn.LayerNorm: "LayerNorm normalises over these channels",
+                nn.GroupNorm: "GroupNorm normalises over these channels",
+            }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
+            if isinstance(m, _CONV + _BN):
+                why = f"{name} ({type(m).__name__}: grouped conv or non-affine norm)"
+            self.pin_inputs(n, why)
+        return None
+
+    def pool(self, n: fx.Node, lab: Labels | None) -> Labels | None:
+        if lab is not None and lab.dim != 1:
+            self.pin(lab, f"{self.describe(n)} pools over the labelled dimension")
+            return None
+        return lab
+
+    def reshape(self, n: fx.Node, x: Any) -> Labels | None:
+        lab = self.lab(x)
+        if lab is None:
+            return None
+        ins, outs = self.shape(x), self.shape(n)
+        assert ins is not None
+        assert outs is not None
+        d = lab.dim
+        pre_prods = [_prod(ins[:j]) for j in range(len(ins) + 1)]
+        for e in range(len(outs)):
+            p = _prod(outs[:e])
+            for j in range(d + 1):
+                if pre_prods[j] != p:
+                    continue
+                for k in range(d + 1, len(ins) + 1):
+                    if pre_prods[k] == p * outs[e]:
+                        outer = _prod(ins[j:d])
+                        inner = _prod(ins[d + 1 : k])
+                        atoms = np.tile(np.repeat(lab.atoms, inner), outer)
+                        return Labels(e, atoms)
+        self.pin(lab, f"{self.describe(n)} splits the labelled dimension")
+        return None
+
+    def permute(self, n: fx.Node, x: Any, how: str) -> Labels | None:
+        lab = self.lab(x)
+        ins = self.shape(x)
+        if lab is None or ins is None:
+            return None
+        nd = len(ins)
+        if how == "t":
+            perm = list(range(nd))[::-1]
+        elif how == "transpose":
+            a = _int(n.args[1] if len(n.args) > 1 else n.kwargs["dim0"]) % nd
+            b = _int(n.args[2] if len(n.args) > 2 else n.kwargs["dim1"]) % nd
+            perm = list(range(nd))
+            perm[a], perm[b] = perm[b], perm[a]
+        else:
+            dims: Any = n.args[1:] if n.op == "call_method" else n.args[1]
+            if n.op == "call_method" and len(dims) == 1 and isinstance(dims[0], list | tuple):
+                dims = dims[0]
+            perm = [_int(v) % nd for v in dims]
+        return Labels(perm.index(lab.dim), lab.atoms)
+
+    def reduce(self, n: fx.Node, x: Any) -> Labels | None:
+        lab = self.lab(x)
+        ins = self.shape(x)
+        if lab is None or ins is None:
+            return None
+        dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        keep = bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+        if dim is None:
+            self.pin(lab, f"{self.describe(n)} reduces over all dimensions")
+            return None
+        dims = {_int(v) % len(ins) for v in (dim if isinstance(dim, list | tuple) else [dim])}
+        if lab.dim in dims:
+            self.pin(lab, f"{self.describe(n)} reduces over the labelled dimension")
+            return None
+        new = lab.dim if keep else lab.dim - sum(1 for v in dims if v < lab.dim)
+        return Labels(new, lab.atoms)
+
+    def getitem(self, n: fx.Node, x: Any) -> Labels | None:
+        lab = self.lab(x)
+        ins = self.shape(x)
+        if lab is None or ins is None:
+            return None
+        idx = n.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if any(it is Ellipsis for it in items):
+            pos = items.index(Ellipsis)
+            n_real = sum(1 for it in items if it is not None and it is not Ellipsis)
+            items = [*items[:pos], *([slice(None)] * (len(ins) - n_real)), *items[pos + 1 :]]
+        out_dim = 0
+        in_dim = 0
+        for it in items:
+            if it is None:
+                out_dim += 1
+                continue
+            if in_dim == lab.dim:
+                if it != slice(None):
+                    break
+                return Labels(out_dim, lab.atoms)
+            if isinstance(it, int):
+                in_dim += 1
+            elif isinstance(it, slice):
+                in_dim += 1
+                out_dim += 1
+            else:
+                break
+        else:
+            return Labels(out_dim + (lab.dim - in_dim), lab.atoms)
+        self.pin(lab, f"{self.describe(n)} indexes the labelled dimension")
+        return None
+
+    def cat(self, n: fx.Node) -> Labels | None:
+        tensors = n.args[0] if n.args else n.kwargs["tensors"]
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        out = self.shape(n)
+        assert out is not None
+        assert isinstance(tensors, list | tuple)
+        d = _int(dim) % len(out)
+        labs = [self.lab(t) for t in tensors]
+        if all(lab is None for lab in labs):
+            return None
+        if all(lab is None or lab.dim == d for lab in labs):
+            parts = []
+            for t, lab in zip(tensors, labs, strict=True):
+                if lab is not None:
+                    parts.append(lab.atoms)
+                else:
+                    s = self.shape(t)
+                    assert s is not None
+                    fresh = self.new_space(f"{n.name}:unlabelled", s[d])
+                    self.pins.append((fresh, f"{self.describe(n)} joins an ungated tensor"))
+                    parts.append(fresh)
+            return Labels(d, np.concatenate(parts))
+        first = labs[0]
+        if first is not None and all(
+            lab is not None and lab.dim == first.dim and len(lab.atoms) == len(first.atoms)
+            for lab in labs
+        ):
+            for lab in labs[1:]:
+                assert lab is not None
+                self.union(first.atoms, lab.atoms)
+            return first
+        self.pin_inputs(n, f"{self.describe(n)} concatenates unlike tensors")
+        return None
+
+    def binary(self, n: fx.Node, kind: str) -> Labels | None:
+        out = self.shape(n)
+        assert out is not None
+        ops = [*n.args[:2]]
+        labelled: list[tuple[Labels, int]] = []
+        for a in ops:
+            lab = self.lab(a)
+            s = self.shape(a)
+            if lab is not None and s is not None:
+                labelled.append((lab, lab.dim + len(out) - len(s)))
+        if not labelled:
+            return None
+        dims = {d for _, d in labelled}
+        first = labelled[0][0]
+        if len(dims) != 1 or any(len(lab.atoms) != out[d] for lab, d in labelled):
+            self.pin_inputs(n, f"{self.describe(n)} combines unlike channel dimensions")
+            return None
+        d = dims.pop()
+        if kind == "div" and self.lab(ops[0]) is None:
+            self.pin_inputs(n, f"{self.describe(n)} divides by labelled channels")
+            return None
+        for a in ops:
+            if self.lab(a) is not None:
+                continue
+            s = self.shape(a)
+            if kind == "add":  # adding anything ungated breaks zero-preservation
+                self.pin_inputs(n, f"{self.describe(n)} adds an ungated tensor or constant")
+                return None
+            if s is not None:
+                pos = d - (len(out) - len(s))
+                if 0 <= pos < len(s) and s[pos] != 1:
+                    self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
+                    return None
+        for lab, _ in labelled[1:]:
+            self.union(first.atoms, lab.atoms)
+        return Labels(d, first.atoms)
+
+
+def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
+    """Propagate channel labels through ``gm`` and form the channel groups."""
+    p = _Propagator(gm, record)
+    p.run()
+    n_atoms = len(p.parent)
+    roots = np.array([p.find(a) for a in range(n_atoms)], dtype=np.int64)
+    space_of = np.array(p.space_of, dtype=np.int64)
+    # spaces sharing an atom root belong to one group
+    n_spaces = len(p.space_names)
+    sp_parent = list(range(n_spaces))
+
+    def sfind(s: int) -> int:
+        while sp_parent[s] != s:
+            sp_parent[s] = sp_parent[sp_parent[s]]
+            s = sp_parent[s]
+        return s
+
+    root_space: dict[int, int] = {}
+    for a in range(n_atoms):
+        r = int(roots[a])
+        s = int(space_of[a])
+        if r in root_space:
+            x, y = sfind(root_space[r]), sfind(s)
+            if x != y:
+                sp_parent[y] = x
+        else:
+            root_space[r] = s
+    group_of_space: dict[int, int] = {}
+    groups: list[ChannelGroup] = []
+    atom_group = np.zeros(n_atoms, dtype=np.int64)
+    atom_gidx = np.zeros(n_atoms, dtype=np.int64)
+    root_index: list[dict[int, int]] = []
+    for a in range(n_atoms):
+        gs = sfind(int(space_of[a]))
+        if gs not in group_of_space:
+            group_of_space[gs] = len(groups)
+            groups.append(ChannelGroup(len(groups), [], 0))
+            root_index.append({})
+        g = group_of_space[gs]
+        ri = root_index[g]
+        r = int(roots[a])
+        if r not in ri:
+            ri[r] = len(ri)
+        atom_group[a] = g
+        atom_gidx[a] = ri[r]
+    for grp, ri in zip(groups, root_index, strict=True):
+        grp.size = len(ri)
+    for sid, name in enumerate(p.space_names):
+        grp = groups[group_of_space[sfind(sid)]]
+        if ":unlabelled" not in name and name not in grp.producers:
+            grp.producers.append(name)
+    for atoms, reason in p.pins:
+        for gi in sorted(set(atom_group[atoms].tolist())):
+            if groups[gi].pinned is None:
+                groups[gi].pinned = reason
+    sources: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or p.labels.get(n) is None:
+            continue
+        kind = p.kinds.get(str(n.target))
+        if kind is None:
+            continue
+        users = list(n.users)
+        if kind in ("linear", "conv") and len(users) == 1:
+            u = users[0]
+            if u.op == "call_module" and p.kinds.get(str(u.target)) == "bn":
+                continue  # the BatchNorm that follows carries the gate
+        sources.setdefault(str(n.target), []).append(n)
+    return ChannelAnalysis(
+        labels=p.labels,
+        module_in=p.module_in,
+        atom_group=atom_group,
+        atom_gidx=atom_gidx,
+        groups=groups,
+        sources=sources,
+        kinds=p.kinds,
+        module_atoms=p.module_space,
+        module_in_atoms=p.module_in_atoms,
+    )

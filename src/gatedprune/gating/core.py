@@ -1,0 +1,755 @@
+"""``gate_``: insert gates into an existing model; the :class:`InsertedGating` that speaks for it.
+
+Gates are applied by forward hooks on the user's own modules (a site module's output is
+multiplied by its channel gates and, for the last module of a residual branch, by the block
+gate), so the model keeps its class, its ``forward`` and its ``state_dict`` keys; the gate
+parameters live in one :class:`InsertedGating` submodule named ``gatedprune``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..base import ModelGating, find_model_gating
+from ..gates import (
+    Gate,
+    GateKind,
+    HardConcrete,
+    Sigmoid,
+    gate_prob_open,
+    gate_values,
+    resolve_gate,
+)
+from .blocks import Block, find_blocks, outermost
+from .channels import analyse_channels
+from .graph import record_run, trace_model
+from .shortcuts import Edge, find_dense_edges
+from .structure import CostTerms, GraphInfo, SiteInfo, SliceInfo, build_cost_terms
+from .surgery import PLAN_FORMAT, apply_plan, fold_scale, local_trace
+from .transformer import (
+    GatedMultiheadAttention,
+    GatedTransformerEncoderLayer,
+    _Ref,
+    fold_heads,
+    fold_layer,
+    gateable_attention,
+    gateable_layer,
+    prepare_encoders,
+)
+
+__all__ = ["GatingSummary", "InsertedGating", "export_plan", "gate_"]
+
+ATTR = "gatedprune"
+
+FilterFn = Callable[[nn.Module, str], bool]
+# modules whose cost is not linear in dim 0 of the model input (sequence-first layouts)
+_SEQUENCE_UNITS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.RNNBase)
+
+
+@dataclass
+class GatingSummary:
+    """What ``gate_`` gated, and what it left ungated and why (``str()`` is a readable report)."""
+
+    channel_groups: list[tuple[list[str], int]] = field(default_factory=list)
+    blocks: list[tuple[str, str, int]] = field(default_factory=list)  # owner, site, FLOPs
+    ungated_groups: list[tuple[list[str], int, str]] = field(default_factory=list)
+    ungated_adds: list[tuple[str, str]] = field(default_factory=list)
+    opaque: dict[str, str] = field(default_factory=dict)
+    transformers: list[tuple[str, int, int]] = field(default_factory=list)  # name, heads, units
+    attentions: list[tuple[str, int]] = field(default_factory=list)  # name, heads
+    ungated_layers: list[tuple[str, str]] = field(default_factory=list)
+    shortcuts: list[tuple[str, str]] = field(default_factory=list)  # (from block, to block)
+    unconnected: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def n_gates(self) -> int:
+        """Number of scalar gates inserted."""
+        n_tf = sum(h + u + 2 for _, h, u in self.transformers)
+        n_tf += sum(h for _, h in self.attentions)
+        n_ch = sum(n for _, n in self.channel_groups)
+        return n_ch + len(self.blocks) + n_tf + len(self.shortcuts)
+
+    def __str__(self) -> str:
+        lines = [
+            f"gatedprune.gate_: {len(self.channel_groups)} channel groups, "
+            f"{len(self.blocks)} residual blocks, {len(self.transformers)} transformer layers, "
+            f"{len(self.shortcuts)} new shortcuts, {self.n_gates} gates"
+        ]
+        for producers, n in self.channel_groups:
+            lines.append(f"  channels  {n:5d}  {', '.join(producers)}")
+        for owner, site, flops in self.blocks:
+            lines.append(f"  block     {owner or '<root>'}  (gate after {site}, {flops} FLOPs)")
+        for name, h, u in self.transformers:
+            lines.append(
+                f"  layer     {name}: {h} heads, {u} FFN units, attention and FFN sub-layer gates"
+            )
+        for a, b in self.shortcuts:
+            lines.append(f"  shortcut  {a} -> {b} (starts closed)")
+        for name, h in self.attentions:
+            lines.append(f"  heads     {h:5d}  {name}")
+        for producers, n, why in self.ungated_groups:
+            lines.append(f"  ungated   {n:5d}  {', '.join(producers)}: {why}")
+        for add, why in self.ungated_adds:
+            lines.append(f"  ungated   add {add}: {why}")
+        for name, why in self.ungated_layers:
+            lines.append(f"  ungated   layer {name}: {why}")
+        for name, why in self.unconnected:
+            lines.append(f"  no shortcuts for {name}: {why}")
+        for name, why in self.opaque.items():
+            lines.append(f"  opaque    {name}: {why}")
+        return "\n".join(lines)
+
+
+class _SiteHook:
+    """Forward hook multiplying a site module's output by its gates."""
+
+    def __init__(self, gating: InsertedGating, name: str) -> None:
+        self.gating = gating
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, tuple):  # attention: (output, weights); gate the output
+            first = output[0]
+            return (first * self.gating.site_scale(self.name, first), *output[1:])
+        return output * self.gating.site_scale(self.name, output)
+
+
+class _EdgeOutHook:
+    """Forward hook keeping a block's output for the shortcuts leaving it."""
+
+    def __init__(self, gating: InsertedGating, name: str) -> None:
+        self.gating = gating
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
+        self.gating.edge_outputs[self.name] = output
+
+
+class _EdgeInHook:
+    """Forward pre-hook adding the gated shortcuts arriving at a block to its input."""
+
+    def __init__(self, gating: InsertedGating, name: str) -> None:
+        self.gating = gating
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self.gating.edge_input(self.name, inputs[0]),)
+
+
+class _ResetHook:
+    """Forward pre-hook on the root model: one gate sample per forward pass."""
+
+    def __init__(self, gating: InsertedGating) -> None:
+        self.gating = gating
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.gating.reset()
+
+
+class InsertedGating(ModelGating):
+    """Gates inserted into a user model by :func:`gate_` (attached as ``model.gatedprune``)."""
+
+    def __init__(
+        self,
+        *,
+        kind: Any,
+        group_sizes: list[int],
+        clamp: list[bool],
+        transformers: list[tuple[str, int, int, int, int]],
+        attentions: list[tuple[str, int]],
+        n_blocks: int,
+        sites: dict[str, SiteInfo],
+        slices: dict[str, SliceInfo],
+        blocks: list[tuple[str, str, int]],  # (add node, branch node, branch position)
+        info: GraphInfo,
+        terms: CostTerms,
+        input_shape: tuple[int, ...],
+        batch_scalable: bool,
+        opaque: dict[str, str],
+        summary: GatingSummary,
+        edges: list[Edge],
+        edge_kind: Any,
+    ) -> None:
+        super().__init__()
+        self.edges = edges
+        self.edge_gate: Gate | None = edge_kind.make(len(edges)) if edges else None
+        self.edge_outputs: dict[str, Tensor] = {}
+        self._edge_cache: Tensor | None = None
+        self.group_gates = nn.ModuleList([kind.make(n, init_open=True) for n in group_sizes])
+        self.block_gates = nn.ModuleList([kind.make(1, init_open=True) for _ in range(n_blocks)])
+        self.clamp = clamp
+        self.transformers = transformers
+        self.attentions = attentions
+        self.sites = sites
+        self.slices = slices
+        self.block_nodes = blocks
+        self.info = info
+        self.terms = terms
+        self.input_shape = input_shape
+        self.batch_scalable = batch_scalable
+        self.opaque = opaque
+        self.summary = summary
+        self._cache: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # per-forward samples are not part of the state
+        state["_edge_cache"] = None
+        state["edge_outputs"] = {}
+        return state
+
+    # ------------------------------------------------------------------ forward
+    def _group_list(self) -> list[Gate]:
+        return [g for g in self.group_gates if isinstance(g, Gate)]
+
+    def _block_list(self) -> list[Gate]:
+        return [g for g in self.block_gates if isinstance(g, Gate)]
+
+    def reset(self) -> None:
+        """Forget this forward pass's gate samples."""
+        self._cache = None
+        self._edge_cache = None
+        self.edge_outputs = {}
+
+    def edge_input(self, name: str, x: Tensor) -> Tensor:
+        """Input of block ``name`` plus the gated shortcuts arriving at it."""
+        if self.edge_gate is None:
+            return x
+        if self._edge_cache is None:
+            self._edge_cache = self.edge_gate()
+        values = self._edge_cache
+        for k, e in enumerate(self.edges):
+            if e.dst == name and e.src in self.edge_outputs:
+                x = x + values[k].to(x.dtype) * self.edge_outputs[e.src]
+        return x
+
+    def _values(self) -> tuple[list[Tensor], list[Tensor]]:
+        if self._cache is None:
+            groups = gate_values(self._group_list())
+            blocks = gate_values(self._block_list())
+            self._cache = (groups, blocks)
+        return self._cache
+
+    def transformer_values(self, index: int) -> dict[str, Tensor]:
+        """Gate values of transformer layer ``index``: heads, units, attn, ffn."""
+        groups, _ = self._values()
+        _, gh, gu, ga, gf = self.transformers[index]
+        return {"heads": groups[gh], "units": groups[gu], "attn": groups[ga], "ffn": groups[gf]}
+
+    def attention_values(self, index: int) -> dict[str, Tensor]:
+        """Head gate values of attention module ``index``."""
+        groups, _ = self._values()
+        return {"heads": groups[self.attentions[index][1]]}
+
+    def site_scale(self, name: str, output: Tensor) -> Tensor:
+        """Multiplier for the output of site module ``name`` (broadcastable to ``output``)."""
+        site = self.sites[name]
+        groups, blocks = self._values()
+        scale = output.new_ones(())
+        if site.segments:
+            vec = output.new_ones(site.n_channels)  # (C,)
+            for g, pos, gidx in site.segments:
+                vec = vec.index_copy(0, pos, groups[g][gidx].to(output.dtype))
+            shape = [1] * output.dim()
+            shape[site.dim] = site.n_channels
+            scale = vec.view(shape)
+        for b in site.blocks:
+            scale = scale * blocks[b].to(output.dtype)[0]
+        return scale
+
+    # ------------------------------------------------------------------ decisions
+    def hard_open(self) -> list[Tensor]:
+        """Exact open decisions per channel group (float 0/1); a group never closes entirely
+        (a conv cannot have zero outputs): if all its gates are closed, its first entry is
+        kept, with its gate value 0 folded into the weights."""
+        out = []
+        for g, clamp in zip(self.group_gates, self.clamp, strict=True):
+            assert isinstance(g, Gate)
+            o = g.is_open().to(torch.float64)  # (n,)
+            if clamp and o.sum() == 0:
+                o = o.clone()
+                o[0] = 1.0
+            out.append(o)
+        return out
+
+    def closed_blocks(self) -> list[int]:
+        """Indices of residual blocks whose gate is exactly closed."""
+        return [i for i, g in enumerate(self.block_gates) if not bool(g.is_open()[0])]  # type: ignore[operator]
+
+    def _cut(self) -> dict[str, str]:
+        return {self.block_nodes[i][0]: self.block_nodes[i][1] for i in self.closed_blocks()}
+
+    # ------------------------------------------------------------------ cost
+    def expected_cost(
+        self, input_shape: Sequence[int], *, hard: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        shape = tuple(int(s) for s in input_shape)
+        t = self.terms
+        ratio = 1.0
+        if shape != self.input_shape:
+            same_rest = len(shape) == len(self.input_shape) and shape[1:] == self.input_shape[1:]
+            if not (same_rest and self.batch_scalable):
+                raise ValueError(
+                    f"this model was gated with an input of shape {self.input_shape}; its cost "
+                    f"for shape {shape} is only derived for other batch sizes (dim 0) of models "
+                    "without attention or opaque modules: gate it with that shape"
+                )
+            ratio = shape[0] / self.input_shape[0]
+        if hard:
+            kept = t.kept(self.hard_open())
+            scopes, erase_list, bypass = self._scopes()
+            erase = set(erase_list) | set(bypass)
+            f_alive = torch.tensor(
+                [0.0 if n in erase else 1.0 for n in t.f_nodes], dtype=torch.float64
+            )
+            p_alive = torch.tensor(
+                [
+                    1.0
+                    if not any(s == "" or p == s or p.startswith(s + ".") for s in scopes)
+                    or any(r not in erase for r in refs)
+                    else 0.0
+                    for p, refs in zip(t.p_paths, t.p_refs, strict=True)
+                ],
+                dtype=torch.float64,
+            )
+        else:
+            kept = t.kept(gate_prob_open(self._group_list()))
+            if len(self.block_gates):
+                bp = torch.cat(gate_prob_open(self._block_list())).to(torch.float64)
+                f_alive = torch.prod(1.0 - t.f_member * (1.0 - bp), dim=1)
+                p_alive = torch.prod(1.0 - t.p_member * (1.0 - bp), dim=1)
+            else:
+                f_alive = torch.ones(len(t.f_nodes), dtype=torch.float64)
+                p_alive = torch.ones(len(t.p_paths), dtype=torch.float64)
+        flops = (t.f_coef * kept[t.f_a] * kept[t.f_b] * f_alive).sum()
+        if ratio != 1.0:
+            flops = flops / self.input_shape[0] * shape[0]
+        params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
+        return flops, params
+
+    # ------------------------------------------------------------------ pruning
+    def plan(self) -> dict[str, Any]:
+        """The pruning decisions as a JSON-serialisable plan (see :func:`apply_plan`)."""
+        opens = [o.bool().numpy() for o in self.hard_open()]
+
+        def keep(groups: np.ndarray | None, gidx: np.ndarray | None) -> list[int] | None:
+            if groups is None or gidx is None:
+                return None
+            mask = np.ones(len(groups), dtype=bool)
+            for g, o in enumerate(opens):
+                sel = groups == g
+                mask[sel] = o[gidx[sel]]
+            return None if mask.all() else np.flatnonzero(mask).tolist()
+
+        slices = {}
+        for name, s in self.slices.items():
+            k_in, k_out = keep(s.in_group, s.in_gidx), keep(s.out_group, s.out_gidx)
+            if k_in is not None or k_out is not None:
+                slices[name] = {"kind": s.kind, "in": k_in, "out": k_out}
+        closed = self.closed_blocks()
+        cut = {self.block_nodes[i][0]: self.block_nodes[i][2] for i in closed}
+        scopes, erase, bypass = self._scopes()
+        edges = [
+            {
+                "scope": next(s for s in scopes if s == "" or (e.scope + ".").startswith(s + ".")),
+                "src": e.src_node,
+                "dst": e.dst_node,
+                "users": list(e.users),
+                "buffer": e.buffer,
+            }
+            for e in self.open_edges()
+        ]
+        transformers = {}
+        for name, gh, gu, ga, gf in self.transformers:
+            spec = {
+                "heads": np.flatnonzero(opens[gh]).tolist(),
+                "units": np.flatnonzero(opens[gu]).tolist(),
+                "attn": bool(opens[ga][0]),
+                "ffn": bool(opens[gf][0]),
+            }
+            if not (opens[gh].all() and opens[gu].all() and spec["attn"] and spec["ffn"]):
+                transformers[name] = spec
+        attention = {
+            name: {"heads": np.flatnonzero(opens[gh]).tolist()}
+            for name, gh in self.attentions
+            if not opens[gh].all()
+        }
+        return {
+            "format": PLAN_FORMAT,
+            "opaque": dict(self.opaque),
+            "transformers": transformers,
+            "attention": attention,
+            "slices": slices,
+            "cut": cut,
+            "scopes": scopes,
+            "erase": erase,
+            "bypass": bypass,
+            "edges": edges,
+        }
+
+    def open_edges(self) -> list[Edge]:
+        """The new shortcuts whose gate is open."""
+        if self.edge_gate is None:
+            return []
+        opened = self.edge_gate.is_open()
+        return [e for e, o in zip(self.edges, opened.tolist(), strict=True) if o]
+
+    def _scopes(self) -> tuple[list[str], list[str], list[str]]:
+        scopes, erase, bypass = self.info.scopes(self._cut())
+        return outermost([*scopes, *(e.scope for e in self.open_edges())]), erase, bypass
+
+    def prune_model(self, model: nn.Module) -> nn.Module:
+        plan = self.plan()
+        with torch.no_grad():
+            groups = [g.eval_value() for g in self.group_gates]  # type: ignore[operator]
+            blocks = [g.eval_value() for g in self.block_gates]  # type: ignore[operator]
+        pruned = copy.deepcopy(model)
+        strip_gating(pruned)
+        for name, site in self.sites.items():
+            scale = torch.ones(site.n_channels, dtype=torch.float64) if site.segments else None
+            if scale is not None:
+                for g, pos, gidx in site.segments:
+                    scale[pos] = groups[g][gidx].to(torch.float64)
+            b = torch.ones((), dtype=torch.float64)
+            for i in site.blocks:
+                b = b * blocks[i][0].to(torch.float64)
+            fold_scale(pruned.get_submodule(name), b if scale is None else scale * b)
+        for name, gh, gu, ga, gf in self.transformers:
+            layer = pruned.get_submodule(name)
+            assert isinstance(layer, nn.TransformerEncoderLayer)
+            values = {
+                "heads": groups[gh],
+                "units": groups[gu],
+                "attn": groups[ga],
+                "ffn": groups[gf],
+            }
+            fold_layer(layer, values)
+        for name, gh in self.attentions:
+            att = pruned.get_submodule(name)
+            assert isinstance(att, nn.MultiheadAttention)
+            fold_heads(att, groups[gh])
+        result = apply_plan(pruned, plan)
+        if self.edge_gate is not None:
+            with torch.no_grad():
+                ev = self.edge_gate.eval_value()
+                values = {e.buffer: ev[k] for k, e in enumerate(self.edges)}
+                for e in plan["edges"]:
+                    owner = result if e["scope"] == "" else result.get_submodule(e["scope"])
+                    getattr(owner, e["buffer"]).fill_(float(values[e["buffer"]]))
+        return result
+
+
+def strip_gating(model: nn.Module) -> None:
+    """Remove the gating submodule and its hooks from ``model`` (in place)."""
+    for m in model.modules():
+        for d in (m._forward_hooks, m._forward_pre_hooks):
+            hooks = (_SiteHook, _ResetHook, _EdgeOutHook, _EdgeInHook)
+            for k in [k for k, h in d.items() if isinstance(h, hooks)]:
+                del d[k]
+                m._forward_hooks_with_kwargs.pop(k, None)
+                m._forward_hooks_always_called.pop(k, None)
+                m._forward_pre_hooks_with_kwargs.pop(k, None)
+    for m in model.modules():
+        ref = m.__dict__.pop("_gp_ref", None)
+        if isinstance(ref, _Ref):
+            m.__class__ = ref.base
+    for name, m in list(model.named_modules()):
+        if isinstance(m, InsertedGating):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            delattr(parent, child)
+
+
+def export_plan(model: nn.Module) -> dict[str, Any]:
+    """The pruning decisions of a gated model as JSON-serialisable data.
+
+    ``apply_plan(fresh_dense_model, plan)`` rebuilds the pruned architecture, and then
+    ``load_state_dict(prune(model).state_dict())`` restores the weights, without pickle.
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> _ = gate_(net, torch.zeros(2, 4))
+    >>> export_plan(net)["slices"]
+    {}
+    """
+    gating = find_model_gating(model)
+    if not isinstance(gating, InsertedGating):
+        raise ValueError(f"{type(model).__name__} was not gated with gatedprune.gate_")
+    return gating.plan()
+
+
+def _segments(
+    atoms: np.ndarray, group_map: np.ndarray, atom_group: np.ndarray, atom_gidx: np.ndarray
+) -> list[tuple[int, Tensor, Tensor]]:
+    gg = group_map[atom_group[atoms]]
+    segs = []
+    for g in sorted(set(gg.tolist()) - {-1}):
+        pos = np.flatnonzero(gg == g)
+        segs.append(
+            (
+                int(g),
+                torch.tensor(pos, dtype=torch.long),
+                torch.tensor(atom_gidx[atoms][pos], dtype=torch.long),
+            )
+        )
+    return segs
+
+
+def _closed(kind: HardConcrete | Sigmoid) -> HardConcrete | Sigmoid:
+    """The gate kind with a closed start (hard concrete: exactly 0 in eval)."""
+    if isinstance(kind, HardConcrete):
+        return dataclasses.replace(kind, init_log_alpha=-3.0)
+    return dataclasses.replace(kind, init_theta=-3.0)
+
+
+def _arg_name(node: Any, pos: int) -> str:
+    return str(node.args[pos].name)
+
+
+def gate_(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    channels: bool = True,
+    blocks: bool = True,
+    shortcuts: str | None = None,
+    gate: GateKind = "hard_concrete",
+    filter_fn: FilterFn | None = None,
+) -> GatingSummary:
+    """Insert gates into ``model`` in place and return a summary of what was gated.
+
+    The model's fx graph (see :mod:`gatedprune.gating.graph`) gives channel groups (channels
+    coupled through residual adds and concatenations are one group) for Linear/Conv/BatchNorm
+    layers, and residual blocks ``y = s + F(x)`` (one block gate each: a closed block is
+    removed). Gates start open, so the function is unchanged until training closes them. Then
+    ``gatedprune.Budget``, ``gatedprune.cost`` and ``gatedprune.prune`` work on the model.
+    ``filter_fn(module, name)`` returning False leaves a channel group (asked for each producer
+    Linear/Conv) or a residual block (asked for the module whose forward holds the add) ungated.
+
+    >>> import torch, gatedprune
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> summary = gate_(net, torch.zeros(2, 4))
+    >>> summary.n_gates
+    8
+    >>> small = gatedprune.prune(net.eval())
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gate_ expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if shortcuts not in (None, "dense"):
+        raise ValueError(f"shortcuts must be None or 'dense', got {shortcuts!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, name) -> bool, got {filter_fn!r}")
+    gate_kind = resolve_gate(gate)
+    if find_model_gating(model) is not None:
+        raise ValueError(f"{type(model).__name__} is already gated; gate a model only once")
+    if hasattr(model, ATTR):
+        raise ValueError(f"{type(model).__name__} already has an attribute '{ATTR}'")
+    prepare_encoders(model)
+    traced = trace_model(model)
+    gm = traced.graph_module
+    record = record_run(traced, example_input)
+    ca = analyse_channels(gm, record)
+    summary = GatingSummary(opaque=dict(traced.opaque))
+
+    def allowed(name: str) -> bool:
+        if filter_fn is None:
+            return True
+        return bool(filter_fn(model if name == "" else model.get_submodule(name), name))
+
+    # channel groups
+    group_map = np.full(len(ca.groups), -1, dtype=np.int64)
+    sizes: list[int] = []
+    for g in ca.groups:
+        if not g.producers:
+            continue
+        why = g.pinned
+        if why is None and not channels:
+            why = "channels=False"
+        if why is None and g.size < 2:
+            why = "a single channel"
+        if why is None:
+            rejected = [p for p in g.producers if not allowed(p)]
+            if rejected:
+                why = f"filter_fn rejected {rejected[0]}"
+        if why is None:
+            group_map[g.index] = len(sizes)
+            sizes.append(g.size)
+            summary.channel_groups.append((list(g.producers), g.size))
+        else:
+            summary.ungated_groups.append((list(g.producers), g.size, why))
+    # residual blocks
+    found, skipped = find_blocks(gm, record) if (blocks or shortcuts) else ([], [])
+    edges: list[Edge] = []
+    if shortcuts == "dense":
+        edges, unconnected = find_dense_edges(model, gm, record, ca, found, example_input)
+        edges = [e for e in edges if allowed(e.src) and allowed(e.dst)]
+        summary.shortcuts.extend((e.src, e.dst) for e in edges)
+        summary.unconnected.extend(unconnected)
+    if not blocks:
+        found, skipped = [], []
+    summary.ungated_adds.extend(skipped)
+    kept_blocks: list[Block] = []
+    rewritable: dict[str, str | None] = {}
+    for b in found:
+        if not allowed(b.owner):
+            summary.ungated_adds.append((b.add.name, f"filter_fn rejected '{b.owner}'"))
+            continue
+        if b.owner not in rewritable:
+            try:
+                local_trace(model, gm.graph, b.owner, traced.opaque)
+                rewritable[b.owner] = None
+            except RuntimeError as e:
+                rewritable[b.owner] = str(e)
+        why = rewritable[b.owner]
+        if why is not None:
+            summary.ungated_adds.append((b.add.name, why))
+            continue
+        b.index = len(kept_blocks)
+        kept_blocks.append(b)
+        summary.blocks.append((b.owner, b.site, b.flops))
+    clamp = [True] * len(sizes)
+    # transformer encoder layers: heads, FFN units, attention / FFN sub-layers
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    transformers: list[tuple[str, int, int, int, int]] = []
+    attentions: list[tuple[str, int]] = []
+    for name, count in calls.items():
+        m = gm.get_submodule(name)
+        if isinstance(m, nn.MultiheadAttention):
+            node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+            why = gateable_attention(m)
+            if why is None and count != 1:
+                why = "called more than once"
+            if why is None and len(node.args) < 3:
+                why = "query, key and value must be passed positionally"
+            if why is None and not allowed(name):
+                why = "filter_fn rejected it"
+            if why is not None:
+                summary.ungated_layers.append((name, why))
+                continue
+            attentions.append((name, len(sizes)))
+            sizes.append(m.num_heads)
+            clamp.append(True)
+            summary.attentions.append((name, m.num_heads))
+            continue
+        if not isinstance(m, nn.TransformerEncoderLayer):
+            continue
+        why = gateable_layer(m)
+        if why is None and count != 1:
+            why = "called more than once"
+        if why is None and not allowed(name):
+            why = "filter_fn rejected it"
+        if why is not None:
+            summary.ungated_layers.append((name, why))
+            continue
+        n_heads, n_units = m.self_attn.num_heads, m.linear1.out_features
+        base = len(sizes)
+        sizes.extend([n_heads, n_units, 1, 1])
+        clamp.extend([True, True, False, False])
+        transformers.append((name, base, base + 1, base + 2, base + 3))
+        summary.transformers.append((name, n_heads, n_units))
+    # gate sites
+    sites: dict[str, SiteInfo] = {}
+    for name in ca.sources:
+        atoms = ca.module_atoms[name]
+        segs = _segments(atoms, group_map, ca.atom_group, ca.atom_gidx)
+        if segs:
+            dim = -1 if ca.kinds[name] == "linear" else 1
+            sites[name] = SiteInfo(dim, len(atoms), segs)
+    for b in kept_blocks:
+        if b.site not in sites:
+            sites[b.site] = SiteInfo(1, 0, [])
+        sites[b.site].blocks.append(b.index)
+    # slicing of every Linear/Conv/BatchNorm touching a gated group
+    slices: dict[str, SliceInfo] = {}
+    for name, kind in ca.kinds.items():
+        out_atoms = ca.module_atoms.get(name)
+        in_atoms = ca.module_in_atoms.get(name) if kind in ("linear", "conv") else None
+
+        def split(atoms: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+            if atoms is None:
+                return None, None
+            gg = group_map[ca.atom_group[atoms]]
+            return (gg, ca.atom_gidx[atoms]) if (gg >= 0).any() else (None, None)
+
+        ig, ii = split(in_atoms)
+        og, oi = split(out_atoms)
+        if ig is not None or og is not None:
+            slices[name] = SliceInfo(kind, ig, ii, og, oi)
+    # parameters never referenced by the graph (counted as they are)
+    covered: set[int] = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            covered.update(id(p) for p in gm.get_submodule(str(n.target)).parameters())
+        elif n.op == "get_attr":
+            with contextlib.suppress(AttributeError):
+                covered.add(id(gm.get_parameter(str(n.target))))
+    orphans = []
+    seen: set[int] = set()
+    for pname, p in model.named_parameters():
+        if id(p) in covered or id(p) in seen:
+            continue
+        seen.add(id(p))
+        orphans.append((pname.rpartition(".")[0], p.numel()))
+    tf_index = {name: (gh, gu, ga, gf) for name, gh, gu, ga, gf in transformers}
+    terms = build_cost_terms(
+        gm, record, ca, kept_blocks, group_map, sizes, orphans, tf_index, dict(attentions)
+    )
+    gating = InsertedGating(
+        kind=gate_kind,
+        group_sizes=sizes,
+        clamp=clamp,
+        transformers=transformers,
+        attentions=attentions,
+        n_blocks=len(kept_blocks),
+        sites=sites,
+        slices=slices,
+        blocks=[(b.add.name, _arg_name(b.add, b.branch_pos), b.branch_pos) for b in kept_blocks],
+        info=GraphInfo.of(gm),
+        terms=terms,
+        input_shape=tuple(example_input.shape),
+        batch_scalable=not traced.opaque
+        and not any(
+            isinstance(gm.get_submodule(str(n.target)), _SEQUENCE_UNITS)
+            for n in gm.graph.nodes
+            if n.op == "call_module"
+        ),
+        opaque=dict(traced.opaque),
+        summary=summary,
+        edges=edges,
+        edge_kind=_closed(gate_kind),
+    )
+    gating.train(model.training)
+    model.add_module(ATTR, gating)
+    for name in sites:
+        model.get_submodule(name).register_forward_hook(_SiteHook(gating, name))
+    model.register_forward_pre_hook(_ResetHook(gating))
+    for src in dict.fromkeys(e.src for e in edges):
+        model.get_submodule(src).register_forward_hook(_EdgeOutHook(gating, src))
+    for dst in dict.fromkeys(e.dst for e in edges):
+        model.get_submodule(dst).register_forward_pre_hook(_EdgeInHook(gating, dst))
+    for i, (name, *_) in enumerate(transformers):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, nn.TransformerEncoderLayer)
+        layer.__class__ = GatedTransformerEncoderLayer
+        layer.__dict__["_gp_ref"] = _Ref(gating, i, nn.TransformerEncoderLayer)
+        layer.self_attn.__class__ = GatedMultiheadAttention
+        layer.self_attn.__dict__["_gp_ref"] = _Ref(gating, i, nn.MultiheadAttention)
+    for i, (name, _) in enumerate(attentions):
+        att = model.get_submodule(name)
+        att.__class__ = GatedMultiheadAttention
+        att.__dict__["_gp_ref"] = _Ref(gating, i, nn.MultiheadAttention, "mha")
+    return summary

@@ -1,0 +1,231 @@
+"""Tracing a user model with ``torch.fx`` and recording shapes and per-call costs.
+
+Why ``torch.fx.symbolic_trace`` (and not ``torch.export``): fx keeps the user's module
+hierarchy (``call_module`` nodes name the real submodules, ``nn_module_stack`` says whose
+``forward`` each node belongs to), so pruning can slice the user's own modules in place and
+rewrite only the innermost module whose code must change. Its limits: Python control flow that
+depends on tensor *values* or shapes cannot be traced. When a submodule's ``forward`` fails to
+trace, that submodule is kept whole as an opaque leaf (its inputs and outputs are not pruned, a
+warning names it and the error) and the rest of the model is still analysed; a failure in the
+model's own ``forward`` is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..base import ModelGating
+from ..costs import _handler_for, unit_handler
+from .transformer import (
+    GatedMultiheadAttention,
+    GatedTransformerEncoderLayer,
+    PrunedMultiheadAttention,
+    PrunedTransformerEncoderLayer,
+)
+
+__all__ = ["TracedModel", "owner_of", "record_run", "scope_nodes", "trace_model"]
+
+_MAX_OPAQUE = 64
+_LEAVES = (
+    GatedMultiheadAttention,
+    GatedTransformerEncoderLayer,
+    PrunedMultiheadAttention,
+    PrunedTransformerEncoderLayer,
+)
+
+
+class GateTracer(fx.Tracer):
+    """fx tracer that keeps ``opaque`` submodules whole and remembers where tracing failed."""
+
+    def __init__(self, opaque: set[str] | None = None) -> None:
+        super().__init__()
+        self.opaque = opaque if opaque is not None else set()
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.opaque or isinstance(m, (ModelGating, *_LEAVES)):
+            return True
+        return bool(super().is_leaf_module(m, module_qualified_name))
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        name = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module whose forward failed
+                self.failed_in = name
+            raise
+
+
+@dataclass
+class TracedModel:
+    """The fx graph of a model plus what could not be traced."""
+
+    graph_module: fx.GraphModule
+    opaque: dict[str, str] = field(default_factory=dict)  # qualified name -> why
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+
+def trace_model(
+    model: nn.Module,
+    opaque: dict[str, str] | None = None,
+    *,
+    warn: bool = True,
+    concrete_args: dict[str, Any] | None = None,
+) -> TracedModel:
+    """Trace ``model`` with fx, turning submodules whose ``forward`` cannot be traced into
+    opaque leaves (see the module docstring).
+
+    >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
+    >>> [n.op for n in traced.graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    found: dict[str, str] = dict(opaque or {})
+    for _ in range(_MAX_OPAQUE):
+        tracer = GateTracer(set(found))
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+        except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
+            name = tracer.failed_in
+            if name is None or name in found:
+                raise ValueError(
+                    f"torch.fx cannot trace {type(model).__name__}.forward itself "
+                    f"({type(e).__name__}: {e}); gate_ needs a traceable top-level forward "
+                    "(move data-dependent control flow into a submodule)"
+                ) from e
+            found[name] = f"{type(e).__name__}: {e}"
+            if warn:
+                warnings.warn(
+                    f"gate_: submodule '{name}' ({type(model.get_submodule(name)).__name__}) "
+                    f"cannot be traced by torch.fx ({type(e).__name__}: {e}); it is kept whole "
+                    "and not gated, the rest of the model is gated",
+                    stacklevel=3,
+                )
+            continue
+        return TracedModel(fx.GraphModule(tracer.root, graph), found)
+    raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
+
+
+def owner_of(node: fx.Node) -> str:
+    """Qualified name of the module whose ``forward`` contains ``node`` (``""``: the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    keys = list(stack.keys())
+    paths = [stack[k][0] if isinstance(stack[k], tuple) else k for k in keys]
+    if node.op == "call_module" and paths and paths[-1] == node.target:
+        paths = paths[:-1]
+    return str(paths[-1]) if paths else ""
+
+
+def _in_scope(node: fx.Node, scope: str) -> bool:
+    if scope == "":
+        return node.op not in ("placeholder", "output")
+    owner = owner_of(node)
+    return owner == scope or owner.startswith(scope + ".")
+
+
+def scope_nodes(graph: fx.Graph, scope: str) -> list[fx.Node]:
+    """Nodes of ``graph`` (traced from the root) that belong to ``scope``'s forward or below."""
+    return [n for n in graph.nodes if _in_scope(n, scope)]
+
+
+@dataclass
+class RunRecord:
+    """Per-node values of one eval forward pass through the traced graph."""
+
+    shapes: dict[fx.Node, tuple[int, ...] | None]  # tensor output shape, else None
+    flops: dict[fx.Node, int]  # FLOPs of each call_module node (costs.py conventions)
+    arg_shapes: dict[fx.Node, list[tuple[int, ...] | None]]
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
+        self.flops: dict[fx.Node, int] = {}
+        self.arg_shapes: dict[fx.Node, list[tuple[int, ...] | None]] = {}
+        self.errors: list[str] = []
+        self._current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._current = n
+        out = super().run_node(n)
+        self.shapes[n] = tuple(out.shape) if isinstance(out, Tensor) else None
+        return out
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        node = self._current
+        assert node is not None
+        m = self.fetch_attr(str(target))
+        self.arg_shapes[node] = [tuple(a.shape) if isinstance(a, Tensor) else None for a in args]
+        leaf = not any(True for _ in m.children())
+        if leaf or unit_handler(m) is not None:
+            out = m(*args, **kwargs)
+            handler = _handler_for(m) if leaf else unit_handler(m)
+            if handler is None:
+                self.errors.append(f"{target} ({type(m).__name__})")
+                self.flops[node] = 0
+            else:
+                self.flops[node] = int(handler(m, args, out))
+            return out
+        total = [0]
+        handles = []
+        for name, leaf in m.named_modules():
+            if any(True for _ in leaf.children()):
+                continue
+            h = _handler_for(leaf)
+            if h is None:
+                self.errors.append(f"{target}.{name} ({type(leaf).__name__})")
+                continue
+
+            def hook(mod: nn.Module, i: tuple[Any, ...], o: Any, h: Any = h) -> None:
+                total[0] += int(h(mod, i, o))
+
+            handles.append(leaf.register_forward_hook(hook))
+        try:
+            out = m(*args, **kwargs)
+        finally:
+            for hd in handles:
+                hd.remove()
+        self.flops[node] = total[0]
+        return out
+
+
+def record_run(traced: TracedModel, example_input: Tensor) -> RunRecord:
+    """Run the traced graph once (eval mode, no grad) and record shapes and FLOPs per call.
+
+    Raises ``TypeError`` for leaf modules that ``gatedprune.cost`` cannot count.
+    """
+    gm = traced.graph_module
+    was = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    rec = _Recorder(gm)
+    try:
+        with torch.no_grad():
+            rec.run(example_input)
+    finally:
+        for m, t in was:
+            m.training = t
+    if rec.errors:
+        raise TypeError(
+            "cost() does not know how to count these leaf modules: "
+            + ", ".join(sorted(set(rec.errors)))
+            + "; register them with gatedprune.costs.register_cost or give them a "
+            "flops_of(inputs, output) method"
+        )
+    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes)

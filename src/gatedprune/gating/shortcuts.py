@@ -1,0 +1,139 @@
+"""New adaptive shortcuts (``shortcuts="dense"``): gated edges from each residual block's output
+to the inputs of later blocks whose input has the same shape and the same channels.
+
+Only residual blocks that are modules called once with one tensor input are connected (their
+input and output are module boundaries, so forward hooks can add the edges without rewriting
+the user's code while training). An edge ``i -> j`` turns block ``j``'s input ``x_j`` into
+``x_j + e_ij * out_i``; its gate starts *closed* (exactly 0 for hard concrete), so gating does
+not change the function. Pruning turns every surviving edge into real code: the innermost module
+holding both blocks is rewritten with ``x_j + e_ij * out_i``, ``e_ij`` a buffer in its
+``state_dict``. An edge adds no module, so by the cost conventions it costs no FLOPs and no
+parameters (the budget neither charges nor rewards it; the task loss decides).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .blocks import Block
+from .channels import ChannelAnalysis
+from .graph import RunRecord, owner_of
+
+__all__ = ["Edge", "find_dense_edges"]
+
+
+@dataclass
+class Edge:
+    """A candidate shortcut from block module ``src`` to block module ``dst``."""
+
+    src: str  # module whose output is added
+    dst: str  # module whose input receives it
+    src_node: str  # fx node of src's output
+    dst_node: str  # fx node of dst's input
+    scope: str  # innermost module holding both
+    users: list[str]  # fx nodes inside dst that read its input
+    buffer: str  # buffer name of the edge weight in the rewritten scope
+
+
+def _in_scope(n: fx.Node, s: str) -> bool:
+    o = owner_of(n)
+    return o == s or o.startswith(s + ".")
+
+
+def _common(a: str, b: str) -> str:
+    pa, pb = a.split("."), b.split(".")
+    out = []
+    for x, y in zip(pa, pb, strict=False):
+        if x != y:
+            break
+        out.append(x)
+    return ".".join(out)
+
+
+def _same_channels(ca: ChannelAnalysis, a: fx.Node, b: fx.Node) -> bool:
+    la, lb = ca.labels.get(a), ca.labels.get(b)
+    if la is None or lb is None:
+        return la is None and lb is None
+    if la.dim != lb.dim or len(la.atoms) != len(lb.atoms):
+        return False
+    ga = np.stack([ca.atom_group[la.atoms], ca.atom_gidx[la.atoms]])
+    gb = np.stack([ca.atom_group[lb.atoms], ca.atom_gidx[lb.atoms]])
+    return bool((ga == gb).all())
+
+
+def find_dense_edges(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    record: RunRecord,
+    ca: ChannelAnalysis,
+    blocks: list[Block],
+    example_input: Tensor,
+) -> tuple[list[Edge], list[tuple[str, str]]]:
+    """Candidate dense shortcuts, and (block module, reason) for blocks left unconnected."""
+    skipped: list[tuple[str, str]] = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    modules: list[str] = []
+    for b in sorted(blocks, key=lambda b: order[b.add]):
+        if b.owner == "":
+            skipped.append((b.add.name, "the add is in the model's own forward, not a module"))
+        elif b.owner not in modules:
+            modules.append(b.owner)
+    # module boundaries: one tensor in, one tensor out, called once
+    calls: dict[str, list[tuple[int, bool, bool]]] = {m: [] for m in modules}
+
+    def make_hook(name: str) -> Any:
+        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            ok_in = len(args) == 1 and isinstance(args[0], Tensor)
+            calls[name].append((len(args), ok_in, isinstance(out, Tensor)))
+
+        return hook
+
+    handles = [model.get_submodule(m).register_forward_hook(make_hook(m)) for m in modules]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    info: list[tuple[str, fx.Node, fx.Node, list[str]]] = []
+    for m in modules:
+        c = calls[m]
+        if len(c) != 1 or not (c[0][1] and c[0][2]):
+            skipped.append((m, "not called once with one tensor input and output"))
+            continue
+        nodes = [n for n in gm.graph.nodes if _in_scope(n, m)]
+        node_set = set(nodes)
+        ins = {
+            a for n in nodes for a in n.all_input_nodes if a not in node_set and a.op != "get_attr"
+        }
+        outs = [n for n in nodes if any(u not in node_set for u in n.users)]
+        if len(ins) != 1 or len(outs) != 1:
+            skipped.append((m, "its graph has several inputs or outputs"))
+            continue
+        x = next(iter(ins))
+        users = [n.name for n in nodes if x in n.all_input_nodes]
+        info.append((m, x, outs[0], users))
+    edges: list[Edge] = []
+    for j, (dst, x_j, _, users) in enumerate(info):
+        for src, _, out_i, _ in info[:j]:
+            if out_i is x_j or order[out_i] >= order[x_j]:
+                continue
+            if record.shapes.get(out_i) != record.shapes.get(x_j) or record.shapes.get(x_j) is None:
+                continue
+            if not _same_channels(ca, out_i, x_j):
+                continue
+            scope = _common(src, dst)
+            if scope in (src, dst):
+                continue
+            buffer = f"gp_shortcut_{src.replace('.', '_')}__{dst.replace('.', '_')}"
+            edges.append(Edge(src, dst, out_i.name, x_j.name, scope, list(users), buffer))
+    return edges, skipped

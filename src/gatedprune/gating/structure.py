@@ -1,0 +1,340 @@
+"""The gating structure of a model as plain data (names, index arrays), and its cost model.
+
+Everything here is built once by ``gate_`` from the fx analysis and holds no fx objects, so a
+gated model deep-copies and pickles like any model. The cost model mirrors ``costs.py`` term by
+term: every leaf-module call contributes ``coef * kept(a) * kept(b)`` FLOPs where ``kept`` counts
+the open channels of a label vector (a constant for ungated channels), times the probability
+that the call survives the block gates; every parameter unit likewise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import Block, live_nodes, outermost
+from .channels import ChannelAnalysis
+from .graph import RunRecord, owner_of
+from .transformer import attention_cost, layer_cost
+
+__all__ = ["CostTerms", "GraphInfo", "SiteInfo", "SliceInfo", "build_cost_terms"]
+
+
+@dataclass
+class GraphInfo:
+    """Node-name level view of the traced graph (enough for liveness and rewrite scopes)."""
+
+    inputs: dict[str, list[str]]
+    owners: dict[str, str]
+    output: str
+    base_live: frozenset[str]
+    relu: dict[str, str] = field(default_factory=dict)  # ReLU node -> its input (graph order)
+
+    @staticmethod
+    def of(gm: fx.GraphModule) -> GraphInfo:
+        nodes = list(gm.graph.nodes)
+        out = next(n for n in reversed(nodes) if n.op == "output")
+        relu = {}
+        for n in nodes:
+            if n.args and isinstance(n.args[0], fx.Node) and _is_relu(gm, n):
+                relu[n.name] = n.args[0].name
+        return GraphInfo(
+            inputs={n.name: [a.name for a in n.all_input_nodes] for n in nodes},
+            owners={n.name: owner_of(n) for n in nodes},
+            output=out.name,
+            base_live=frozenset(n.name for n in live_nodes(gm.graph, {})),
+            relu=relu,
+        )
+
+    def live(self, cut: dict[str, str]) -> set[str]:
+        """Names of nodes reaching the output when add ``a`` drops its input ``cut[a]``."""
+        live: set[str] = set()
+        stack = [self.output]
+        while stack:
+            n = stack.pop()
+            if n in live:
+                continue
+            live.add(n)
+            drop = cut.get(n)
+            stack.extend(a for a in self.inputs[n] if a != drop and a not in live)
+        return live
+
+    def bypass(self, cut: dict[str, str], live: set[str]) -> list[str]:
+        """ReLUs made redundant by removed branches: once ``s + F(x)`` is just ``s``, a ReLU
+        after it whose input is itself a ReLU output computes ``relu(relu(z)) = relu(z)``."""
+        subst: dict[str, str] = {}
+        for add, branch in cut.items():
+            others = [a for a in self.inputs[add] if a != branch]
+            if len(others) == 1:
+                subst[add] = others[0]
+        bypassed: list[str] = []
+        for r, src in self.relu.items():  # graph order
+            if r not in live:
+                continue
+            seen = src
+            while seen in subst:
+                seen = subst[seen]
+            if seen != src and seen in self.relu and seen not in subst:
+                subst[r] = seen
+                bypassed.append(r)
+        return bypassed
+
+    def scopes(self, cut: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+        """Outermost modules to rewrite, dead nodes to erase and ReLUs to bypass (see
+        :meth:`bypass`) once the branches in ``cut`` are removed."""
+        live = self.live(cut)
+        erase = sorted(n for n in self.base_live if n not in live)
+        bypass = self.bypass(cut, live)
+        changed = [*cut, *erase, *bypass]
+        return outermost(self.owners[n] for n in changed), erase, bypass
+
+
+@dataclass
+class SiteInfo:
+    """A module whose output is multiplied by gates: channel segments and block gates."""
+
+    dim: int  # channel dimension of the output (negative: from the end)
+    n_channels: int
+    segments: list[tuple[int, Tensor, Tensor]]  # (gated group, channel positions, gate indices)
+    blocks: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SliceInfo:
+    """How a Linear/Conv/BatchNorm is sliced: per input/output channel, (gated group, index)."""
+
+    kind: str  # linear | conv | dw | bn
+    in_group: np.ndarray | None  # (in,) gated group index or -1
+    in_gidx: np.ndarray | None
+    out_group: np.ndarray | None
+    out_gidx: np.ndarray | None
+
+
+@dataclass
+class CostTerms:
+    """Vectorised cost model for one input shape."""
+
+    f_coef: Tensor  # (T,) float64
+    f_a: Tensor  # (T,) long, factor index (F = the constant 1)
+    f_b: Tensor
+    f_member: Tensor  # (T, B) float64 block membership
+    f_nodes: list[str]
+    p_coef: Tensor  # (P,)
+    p_a: Tensor
+    p_b: Tensor
+    p_member: Tensor  # (P, B)
+    p_paths: list[str]  # module / attribute path of each parameter term
+    p_refs: list[list[str]]  # nodes referencing it (empty: never referenced)
+    k_const: Tensor  # (F,)
+    k_counts: list[Tensor]  # per gated group (F, n_g)
+
+    def kept(self, values: list[Tensor]) -> Tensor:
+        """Kept-channel counts of every factor, plus a trailing constant 1: (F + 1,)."""
+        k = self.k_const
+        for c, v in zip(self.k_counts, values, strict=True):
+            k = k + c @ v.to(torch.float64)
+        return torch.cat([k, k.new_ones(1)])  # (F + 1,)
+
+
+class _Factors:
+    def __init__(self, atom_ggroup: np.ndarray, atom_gidx: np.ndarray, sizes: list[int]) -> None:
+        self.atom_ggroup = atom_ggroup
+        self.atom_gidx = atom_gidx
+        self.sizes = sizes
+        self.keys: dict[bytes, int] = {}
+        self.const: list[float] = []
+        self.counts: list[list[np.ndarray]] = [[] for _ in sizes]
+
+    def vector(self, g: int) -> int:
+        """Factor counting the open entries of gated vector ``g``."""
+        key = f"vector:{g}".encode()
+        if key not in self.keys:
+            self.keys[key] = len(self.const)
+            self.const.append(0.0)
+            for j, size in enumerate(self.sizes):
+                self.counts[j].append(np.ones(size) if j == g else np.zeros(size))
+        return self.keys[key]
+
+    def get(self, atoms: np.ndarray | None, full: int) -> tuple[int, float]:
+        """(factor index, multiplier): ungated or unlabelled -> (-1, full size)."""
+        if atoms is None:
+            return -1, float(full)
+        gg = self.atom_ggroup[atoms]
+        if (gg < 0).all():
+            return -1, float(len(atoms))
+        key = atoms.tobytes()
+        if key not in self.keys:
+            self.keys[key] = len(self.const)
+            self.const.append(float((gg < 0).sum()))
+            for g, size in enumerate(self.sizes):
+                sel = gg == g
+                self.counts[g].append(np.bincount(self.atom_gidx[atoms][sel], minlength=size))
+        return self.keys[key], 1.0
+
+
+def build_cost_terms(
+    gm: fx.GraphModule,
+    record: RunRecord,
+    ca: ChannelAnalysis,
+    blocks: list[Block],
+    group_map: np.ndarray,
+    sizes: list[int],
+    orphans: list[tuple[str, int]],
+    transformers: dict[str, tuple[int, int, int, int]],
+    attentions: dict[str, int],
+) -> CostTerms:
+    """Cost terms of every module call and parameter unit (see the module docstring)."""
+    atom_ggroup = group_map[ca.atom_group] if len(ca.atom_group) else ca.atom_group
+    fac = _Factors(atom_ggroup, ca.atom_gidx, sizes)
+    n_blocks = len(blocks)
+    member: dict[str, list[int]] = {}
+    for b in blocks:
+        for d in b.dead:
+            member.setdefault(d.name, []).append(b.index)
+    f_rows: list[tuple[float, int, int, str]] = []
+    p_rows: list[tuple[float, int, int, str, str]] = []  # coef, a, b, node, path
+    refs: dict[str, list[str]] = {}
+    first_call: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            refs.setdefault(str(n.target), []).append(n.name)
+            attr = gm.get_parameter(str(n.target)) if _is_param(gm, str(n.target)) else None
+            if attr is not None and str(n.target) not in first_call:
+                first_call[str(n.target)] = n.name
+                p_rows.append((float(attr.numel()), -1, -1, n.name, str(n.target)))
+            continue
+        if n.op != "call_module":
+            continue
+        name = str(n.target)
+        refs.setdefault(name, []).append(n.name)
+        m = gm.get_submodule(name)
+        shape = record.shapes.get(n)
+        kind = ca.kinds.get(name)
+        f0 = record.flops.get(n, 0)
+        new_module = name not in first_call
+        if new_module:
+            first_call[name] = n.name
+        if name in transformers:
+            assert isinstance(m, nn.TransformerEncoderLayer)
+            in_shape = record.arg_shapes[n][0]
+            assert in_shape is not None
+            lc = layer_cost(m, in_shape)
+            gh, gu, ga, gf = (fac.vector(v) for v in transformers[name])
+            nf = bool(m.norm_first)
+            rows = [
+                (lc.head, gh, ga),
+                (lc.attn0, ga, -1),
+                (lc.unit, gu, gf),
+                (lc.ffn0, gf, -1),
+                (lc.norm1, ga if nf else -1, -1),
+                (lc.norm2, gf if nf else -1, -1),
+            ]
+            for (fl, pa), fa, fb in rows:
+                f_rows.append((float(fl), fa, fb, n.name))
+                if new_module:
+                    p_rows.append((float(pa), fa, fb, n.name, name))
+            continue
+        if name in attentions:
+            assert isinstance(m, nn.MultiheadAttention)
+            q_shape, kv_shape = record.arg_shapes[n][0], record.arg_shapes[n][1]
+            assert q_shape is not None
+            assert kv_shape is not None
+            (hf, hp), (af, ap) = attention_cost(m, q_shape, kv_shape)
+            gh = fac.vector(attentions[name])
+            f_rows.append((float(hf), gh, -1, n.name))
+            f_rows.append((float(af), -1, -1, n.name))
+            if new_module:
+                p_rows.append((float(hp), gh, -1, n.name, name))
+                p_rows.append((float(ap), -1, -1, n.name, name))
+            continue
+        if kind in ("linear", "conv", "dw") and shape is not None:
+            assert isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            out_n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            in_n = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            k = 1 if isinstance(m, nn.Linear) else int(np.prod(m.kernel_size))
+            positions = int(np.prod(shape)) // out_n
+            fo, mo = fac.get(ca.module_atoms.get(name), out_n)
+            if kind == "dw":
+                fi, mi = -1, 1.0
+            else:
+                fi, mi = fac.get(ca.module_in_atoms.get(name), in_n)
+            has_bias = m.bias is not None
+            f_rows.append((2.0 * positions * k * mi * mo, fi, fo, n.name))
+            if has_bias:
+                f_rows.append((float(positions) * mo, fo, -1, n.name))
+            if new_module:
+                p_rows.append((float(k) * mi * mo, fi, fo, n.name, name))
+                if has_bias:
+                    p_rows.append((mo, fo, -1, n.name, name))
+            continue
+        lab = ca.labels.get(n)
+        if lab is not None and len(lab.atoms) and f0 % len(lab.atoms) == 0:
+            fo, mo = fac.get(lab.atoms, len(lab.atoms))
+            f_rows.append((float(f0 // len(lab.atoms)) * mo, fo, -1, n.name))
+        else:
+            f_rows.append((float(f0), -1, -1, n.name))
+        if new_module:
+            if kind == "bn":
+                fo, mo = fac.get(ca.module_atoms.get(name), int(m.num_features))  # type: ignore[arg-type]
+                p_rows.append((2.0 * mo, fo, -1, n.name, name))
+            else:
+                n_params = sum(p.numel() for p in m.parameters())
+                if n_params:
+                    p_rows.append((float(n_params), -1, -1, n.name, name))
+    for path, numel in orphans:
+        p_rows.append((float(numel), -1, -1, "", path))
+    n_f = len(fac.const)
+
+    def idx(v: int) -> int:
+        return n_f if v < 0 else v
+
+    def membership(nodes: list[str]) -> Tensor:
+        mat = torch.zeros(len(nodes), n_blocks, dtype=torch.float64)
+        for i, name in enumerate(nodes):
+            for b in member.get(name, []):
+                mat[i, b] = 1.0
+        return mat
+
+    f_nodes = [r[3] for r in f_rows]
+    p_nodes = [r[3] for r in p_rows]
+    return CostTerms(
+        f_coef=torch.tensor([r[0] for r in f_rows], dtype=torch.float64),
+        f_a=torch.tensor([idx(r[1]) for r in f_rows], dtype=torch.long),
+        f_b=torch.tensor([idx(r[2]) for r in f_rows], dtype=torch.long),
+        f_member=membership(f_nodes),
+        f_nodes=f_nodes,
+        p_coef=torch.tensor([r[0] for r in p_rows], dtype=torch.float64),
+        p_a=torch.tensor([idx(r[1]) for r in p_rows], dtype=torch.long),
+        p_b=torch.tensor([idx(r[2]) for r in p_rows], dtype=torch.long),
+        p_member=membership(p_nodes),
+        p_paths=[r[4] for r in p_rows],
+        p_refs=[refs.get(r[4], []) if r[3] else [] for r in p_rows],
+        k_const=torch.tensor(fac.const, dtype=torch.float64),
+        k_counts=[
+            torch.tensor(np.stack(c), dtype=torch.float64)
+            if c
+            else torch.zeros(0, s, dtype=torch.float64)
+            for c, s in zip(fac.counts, sizes, strict=True)
+        ],
+    )
+
+
+def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(str(n.target)), nn.ReLU)
+    if n.op == "call_function":
+        return n.target in (F.relu, torch.relu)
+    return n.op == "call_method" and n.target in ("relu", "relu_")
+
+
+def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:
+        return False
+    return True

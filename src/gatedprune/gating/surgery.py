@@ -1,0 +1,329 @@
+"""Turning pruning decisions into a smaller model: folding gate values, slicing the user's own
+modules in place, and rewriting (as fx ``GraphModule``) only the innermost modules whose code
+must change because a residual branch disappeared.
+
+A *plan* is plain JSON: which channels each module keeps, which residual adds lose their
+branch, which modules are rewritten and which graph nodes are erased. :func:`apply_plan` replays
+it on a freshly built dense model, so the pruned weights load with ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from .graph import owner_of, scope_nodes, trace_model
+from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
+
+__all__ = ["PLAN_FORMAT", "PrunedGraphModule", "apply_plan", "fold_scale", "slice_module"]
+
+PLAN_FORMAT = "gatedprune.plan/1"
+
+
+class PrunedGraphModule(fx.GraphModule):
+    """A module whose ``forward`` was rewritten by pruning (fx generated code).
+
+    Left with no submodules it only runs functional ops, which ``gatedprune.cost`` does not
+    count: :meth:`flops_of` says so, so the cost of such a leaf is 0 rather than unknown.
+    """
+
+    def flops_of(self, inputs: tuple[Any, ...], output: Any) -> int:
+        return 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rv = super().__reduce__()  # GraphModule pickles as a plain GraphModule: re-wrap it
+        return (_restore_pruned, (rv[0], rv[1], type(self).__name__))
+
+
+def _restore_pruned(fn: Any, args: tuple[Any, ...], name: str) -> PrunedGraphModule:
+    gm = fn(*args)
+    return PrunedGraphModule(gm, gm.graph, class_name=name)
+
+
+def fold_scale(m: nn.Module, scale: Tensor) -> None:
+    """Multiply the output channels of ``m`` by ``scale`` ``(C,)`` (or a scalar) in place."""
+    with torch.no_grad():
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            s = scale.to(m.weight.dtype).reshape(-1, *([1] * (m.weight.dim() - 1)))
+            m.weight.mul_(s)
+            if m.bias is not None:
+                m.bias.mul_(s.reshape(-1))
+        elif isinstance(m, nn.MultiheadAttention):  # a scalar (block gate) on its output
+            m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
+            if m.out_proj.bias is not None:
+                m.out_proj.bias.mul_(scale.to(m.out_proj.bias.dtype))
+        elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.LayerNorm):
+            if m.weight is None:
+                raise TypeError(f"cannot fold a gate into {type(m).__name__} without affine")
+            s = scale.to(m.weight.dtype)
+            m.weight.mul_(s)
+            if m.bias is not None:
+                m.bias.mul_(s)
+        else:
+            raise TypeError(f"cannot fold a gate into {type(m).__name__}")
+
+
+def _take(p: Tensor, dim: int, keep: list[int] | None) -> Tensor:
+    if keep is None:
+        return p.detach().clone()
+    return p.detach().index_select(dim, torch.tensor(keep, dtype=torch.long)).clone()
+
+
+def _set(m: nn.Module, name: str, value: Tensor, param: bool) -> None:
+    if param:
+        old = getattr(m, name)
+        setattr(m, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        setattr(m, name, value)
+
+
+def slice_module(
+    m: nn.Module, kind: str, keep_in: list[int] | None, keep_out: list[int] | None
+) -> None:
+    """Keep only channels ``keep_in`` / ``keep_out`` (None: all) of ``m``, in place."""
+    if kind == "linear":
+        assert isinstance(m, nn.Linear)
+        w = _take(_take(m.weight, 0, keep_out), 1, keep_in)
+        _set(m, "weight", w, True)
+        if m.bias is not None:
+            _set(m, "bias", _take(m.bias, 0, keep_out), True)
+        m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
+    elif kind in ("conv", "dw"):
+        assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        if kind == "dw":
+            mult = m.out_channels // m.in_channels
+            if keep_out is not None:
+                keep_in = sorted({o // mult for o in keep_out})
+            w = _take(m.weight, 0, keep_out)
+            m.groups = len(keep_in) if keep_in is not None else m.groups
+        else:
+            w = _take(_take(m.weight, 0, keep_out), 1, keep_in)
+        _set(m, "weight", w, True)
+        if m.bias is not None:
+            _set(m, "bias", _take(m.bias, 0, keep_out), True)
+        m.out_channels = int(w.shape[0])
+        m.in_channels = int(w.shape[1]) * m.groups
+    elif kind == "bn":
+        assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d)
+        for name in ("weight", "bias"):
+            if getattr(m, name) is not None:
+                _set(m, name, _take(getattr(m, name), 0, keep_out), True)
+        for name in ("running_mean", "running_var"):
+            if getattr(m, name) is not None:
+                _set(m, name, _take(getattr(m, name), 0, keep_out), False)
+        if keep_out is not None:
+            m.num_features = len(keep_out)
+    else:
+        raise ValueError(f"unknown slice kind {kind!r}: expected linear, conv, dw or bn")
+
+
+def _norm_target(node: fx.Node, scope: str) -> Any:
+    if node.op in ("call_module", "get_attr") and scope:
+        t = str(node.target)
+        return t[len(scope) + 1 :] if t.startswith(scope + ".") else t
+    return node.target
+
+
+def _defaults(sub: nn.Module) -> dict[str, Any]:
+    """Optional forward arguments with a constant default (assumed left at it by callers)."""
+    params = list(inspect.signature(sub.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and (p.default is None or isinstance(p.default, bool | int | float))
+    }
+
+
+def _specialised(graph: fx.Graph, names: set[str]) -> set[fx.Node]:
+    """Nodes that only check or use arguments specialised by ``concrete_args``."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if str(n.target).rstrip("_1234567890") in names:
+                out.add(n)
+        elif n.all_input_nodes and all(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def local_trace(
+    model: nn.Module, root_graph: fx.Graph, scope: str, opaque: dict[str, str]
+) -> tuple[Any, dict[str, fx.Node]]:
+    """Trace module ``scope`` alone and map the root graph's nodes in it to its own nodes.
+
+    Raises ``RuntimeError`` when the two traces differ (the module cannot be rewritten).
+    """
+    sub = model if scope == "" else model.get_submodule(scope)
+    prefix = scope + "." if scope else ""
+    local_opaque = {k[len(prefix) :]: v for k, v in opaque.items() if k.startswith(prefix)}
+    root_nodes = scope_nodes(root_graph, scope)
+    defaults = _defaults(sub) if scope else {}
+    for concrete in [None, defaults] if defaults else [None]:
+        try:
+            local = trace_model(sub, local_opaque, warn=False, concrete_args=concrete)
+        except ValueError:
+            continue
+        skip = _specialised(local.graph, set(concrete)) if concrete else set()
+        local_nodes = [
+            n for n in local.graph.nodes if n.op not in ("placeholder", "output") and n not in skip
+        ]
+        same = len(root_nodes) == len(local_nodes) and all(
+            r.op == n.op and _norm_target(r, scope) == n.target
+            for r, n in zip(root_nodes, local_nodes, strict=False)
+        )
+        if same:
+            return local, {r.name: n for r, n in zip(root_nodes, local_nodes, strict=True)}
+    raise RuntimeError(
+        f"cannot rewrite module '{scope}' ({type(sub).__name__}): tracing it alone gives a "
+        "different graph than tracing the whole model"
+    )
+
+
+def _rewrite_scope(
+    model: nn.Module,
+    root_graph: fx.Graph,
+    scope: str,
+    opaque: dict[str, str],
+    cut: dict[str, int],
+    erase: set[str],
+    bypass: set[str],
+    edges: list[dict[str, Any]],
+) -> nn.Module:
+    sub = model if scope == "" else model.get_submodule(scope)
+    root_nodes = scope_nodes(root_graph, scope)
+    local, mapping = local_trace(model, root_graph, scope, opaque)
+    position = {n: i for i, n in enumerate(local.graph.nodes)}
+    current: dict[str, fx.Node] = {}
+    for e in edges:  # new shortcuts x_j <- x_j + w * out_i (before removing branches)
+        src = mapping[e["src"]]
+        dst = current.get(e["dst"], mapping[e["dst"]])
+        users = [mapping[u] for u in e["users"]]
+        for owner in (sub, local.graph_module):
+            owner.register_buffer(e["buffer"], torch.zeros((), dtype=torch.float32))
+        with local.graph.inserting_before(min(users, key=lambda n: position[n])):
+            w = local.graph.get_attr(e["buffer"])
+            scaled = local.graph.call_function(operator.mul, (src, w))
+            new_x = local.graph.call_function(operator.add, (dst, scaled))
+        for u in users:
+            u.replace_input_with(dst, new_x)
+        current[e["dst"]] = new_x
+    for add_name, pos in cut.items():
+        if add_name not in mapping:
+            continue
+        ln = mapping[add_name]
+        keep = ln.args[1 - pos]
+        assert isinstance(keep, fx.Node)
+        ln.replace_all_uses_with(keep)
+        local.graph.erase_node(ln)
+    for r in root_nodes:  # bypassed ReLUs (relu(relu(z)) = relu(z)) in graph order
+        if r.name in bypass:
+            ln = mapping[r.name]
+            inp = ln.args[0]
+            assert isinstance(inp, fx.Node)
+            ln.replace_all_uses_with(inp)
+            local.graph.erase_node(ln)
+    for r in reversed(root_nodes):
+        if r.name in erase:
+            ln = mapping[r.name]
+            if ln.users:
+                raise RuntimeError(f"node {r.name} in '{scope}' is still used; cannot erase it")
+            local.graph.erase_node(ln)
+    for n in local.graph.nodes:  # string annotations (postponed evaluation) break pickling
+        n.type = None
+    local.graph.lint()
+    nodes = list(local.graph.nodes)
+    if len(nodes) == 2 and nodes[0].op == "placeholder" and nodes[1].args[0] is nodes[0]:
+        return nn.Identity()  # nothing left: the module passes its input through
+    new = PrunedGraphModule(sub, local.graph, class_name=f"Pruned{type(sub).__name__}")
+    new.train(sub.training)
+    return new
+
+
+def _within(path: str, scope: str) -> bool:
+    return scope == "" or path == scope or path.startswith(scope + ".")
+
+
+def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """Apply a pruning plan (from :func:`gatedprune.export_plan`) to a dense, ungated instance of
+    the same model: slices its modules in place and rewrites the modules that lose residual
+    branches. Returns the pruned model (``model`` itself unless its own forward was rewritten).
+
+    >>> import torch, gatedprune
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> plan = {"format": PLAN_FORMAT, "opaque": {}, "cut": {}, "scopes": [], "erase": [],
+    ...         "slices": {"0": {"kind": "linear", "in": None, "out": [0, 1]},
+    ...                    "2": {"kind": "linear", "in": [0, 1], "out": None}}}
+    >>> apply_plan(net, plan)[0].out_features
+    2
+    """
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"not a gatedprune plan: expected a dict with format {PLAN_FORMAT!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_plan expects a torch.nn.Module, got {type(model).__name__}")
+    prepare_encoders(model)
+    for name, spec in plan.get("transformers", {}).items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            raise ValueError(f"the plan prunes '{name}' as an encoder layer; it is {type(layer)}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build_pruned_layer(layer, spec))
+    for name, spec in plan.get("attention", {}).items():
+        att = model.get_submodule(name)
+        if not isinstance(att, nn.MultiheadAttention):
+            raise ValueError(f"the plan prunes '{name}' as attention; it is {type(att)}")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build_pruned_attention(att, list(spec["heads"])))
+    for name, spec in plan["slices"].items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(
+                f"the plan slices module '{name}', which the model does not have"
+            ) from e
+        slice_module(m, spec["kind"], spec["in"], spec["out"])
+    scopes: list[str] = list(plan["scopes"])
+    if not scopes:
+        return model
+    opaque: dict[str, str] = dict(plan["opaque"])
+    traced = trace_model(model, opaque, warn=False)
+    cut = {str(k): int(v) for k, v in plan["cut"].items()}
+    erase = set(plan["erase"])
+    bypass = set(plan.get("bypass", []))
+    known = {n.name for n in traced.graph.nodes}
+    edge_nodes = [n for e in plan.get("edges", []) for n in (e["src"], e["dst"], *e["users"])]
+    missing = [n for n in [*cut, *erase, *bypass, *edge_nodes] if n not in known]
+    if missing:
+        raise ValueError(f"the plan names graph nodes the model does not have: {missing[:5]}")
+    owners = {n.name: owner_of(n) for n in traced.graph.nodes}
+    result = model
+    for scope in scopes:
+        in_scope = {
+            n
+            for n in owners
+            if scope == "" or owners[n] == scope or owners[n].startswith(scope + ".")
+        }
+        new = _rewrite_scope(
+            model,
+            traced.graph,
+            scope,
+            opaque,
+            {k: v for k, v in cut.items() if k in in_scope},
+            erase & in_scope,
+            bypass & in_scope,
+            [e for e in plan.get("edges", []) if _within(e["scope"], scope)],
+        )
+        if scope == "":
+            result = new
+        else:
+            parent_name, _, child = scope.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+    return result

@@ -1,0 +1,654 @@
+"""Transformer encoder layers: gates on attention heads, FFN units and whole sub-layers.
+
+``nn.TransformerEncoderLayer`` is an fx leaf (its fast path cannot be traced), so ``gate_``
+switches each gated layer (and its ``self_attn``) to a subclass whose ``forward`` is the
+documented slow path written out, with gates::
+
+    attn(x) = g_attn * out_proj(concat_h  u_h * softmax(q_h k_h^T / sqrt(d) + mask) v_h)
+    ffn(x)  = g_ffn  * linear2(s * act(linear1(x)))           (s: one gate per hidden unit)
+
+(``norm_first`` or post-norm residual wiring as in PyTorch). Parameters and ``state_dict`` keys
+are unchanged. Pruning folds head gates into ``out_proj``'s columns, unit gates into
+``linear2``'s columns and the sub-layer gates into their output Linear, then rebuilds the layer
+as :class:`PrunedTransformerEncoderLayer` (same parameter names, fewer heads and units, a
+closed sub-layer removed with its LayerNorm when ``norm_first``). ``num_heads`` and
+``head_dim`` are updated consistently (the head dimension is kept, the number of heads shrinks).
+A layer with nothing removed goes back to ``nn.TransformerEncoderLayer``.
+
+``nn.TransformerEncoder`` (also an fx leaf) is switched to :class:`TracedTransformerEncoder`,
+whose ``forward`` is the plain loop over its layers, so its layers are visible to the analysis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..costs import (
+    ACT_FLOPS,
+    FLOPS_PER_MAC,
+    LAYERNORM_FLOPS,
+    attention_flops,
+    register_cost,
+    seq_dims,
+)
+
+__all__ = [
+    "GatedMultiheadAttention",
+    "GatedTransformerEncoderLayer",
+    "PrunedMultiheadAttention",
+    "PrunedTransformerEncoderLayer",
+    "TracedTransformerEncoder",
+    "attention",
+]
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:
+        zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return zeros.masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _additive_mask(
+    mask: Tensor | None, n: int, heads: int, len_q: int, len_kv: int, dtype: torch.dtype
+) -> Tensor | None:
+    if mask is None:
+        return None
+    mask = _additive(mask, dtype)
+    if mask.dim() == 2:
+        return mask.view(1, 1, len_q, len_kv)
+    return mask.view(n, heads, len_q, len_kv)
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    params: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+    heads: int,
+    head_dim: int,
+    *,
+    batch_first: bool,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    dropout: float = 0.0,
+    head_gates: Tensor | None = None,
+    need_weights: bool = False,
+    average_attn_weights: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Multi-head attention written out (the math of ``F.multi_head_attention_forward``).
+
+    ``params = (in_proj_weight (3*heads*head_dim, E), in_proj_bias, out_proj weight, bias)``;
+    ``head_gates`` ``(heads,)`` multiply each head's output before the output projection.
+
+    >>> q = torch.randn(2, 3, 4)
+    >>> w, b = torch.randn(12, 4), torch.zeros(12)
+    >>> out, _ = attention(q, q, q, (w, b, torch.randn(4, 4), None), 2, 2, batch_first=True)
+    >>> tuple(out.shape)
+    (2, 3, 4)
+    """
+    w_in, b_in, w_out, b_out = params
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif not batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    n, len_q, _ = query.shape  # (N, L, E)
+    len_kv = key.shape[1]
+    inner = heads * head_dim
+    w_q, w_k, w_v = w_in[:inner], w_in[inner : 2 * inner], w_in[2 * inner :]
+    b_q, b_k, b_v = (
+        (b_in[:inner], b_in[inner : 2 * inner], b_in[2 * inner :])
+        if b_in is not None
+        else (None, None, None)
+    )
+    q = F.linear(query, w_q, b_q).view(n, len_q, heads, head_dim).transpose(1, 2)  # (N,H,L,d)
+    k = F.linear(key, w_k, b_k).view(n, len_kv, heads, head_dim).transpose(1, 2)  # (N,H,S,d)
+    v = F.linear(value, w_v, b_v).view(n, len_kv, heads, head_dim).transpose(1, 2)
+    scores = (q / math.sqrt(head_dim)) @ k.transpose(-2, -1)  # (N, H, L, S)
+    mask = _additive_mask(attn_mask, n, heads, len_q, len_kv, scores.dtype)
+    if mask is None and is_causal:
+        causal = torch.ones(len_q, len_kv, dtype=torch.bool, device=q.device).triu(1)
+        mask = _additive_mask(causal, n, heads, len_q, len_kv, scores.dtype)
+    if mask is not None:
+        scores = scores + mask
+    if key_padding_mask is not None:
+        scores = scores + _additive(key_padding_mask, scores.dtype).view(n, 1, 1, len_kv)
+    weights = torch.softmax(scores, dim=-1)  # (N, H, L, S)
+    if dropout > 0.0:
+        weights = F.dropout(weights, p=dropout)
+    out = weights @ v  # (N, H, L, d)
+    if head_gates is not None:
+        out = out * head_gates.to(out.dtype).view(1, heads, 1, 1)
+    out = F.linear(out.transpose(1, 2).reshape(n, len_q, inner), w_out, b_out)  # (N, L, E)
+    if unbatched:
+        out = out.squeeze(0)
+    elif not batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    w = weights.mean(dim=1) if average_attn_weights else weights
+    return out, (w.squeeze(0) if unbatched else w)
+
+
+class _Ref:
+    """Plain (non-module) link from a switched layer to the gating holding its gates."""
+
+    def __init__(self, gating: Any, index: int, base: type[nn.Module], kind: str = "layer") -> None:
+        self.gating = gating
+        self.index = index
+        self.base = base
+        self.kind = kind  # "layer" (encoder layer) or "mha" (attention called by user code)
+
+    def values(self) -> dict[str, Tensor]:
+        if self.kind == "mha":
+            return dict(self.gating.attention_values(self.index))
+        return dict(self.gating.transformer_values(self.index))
+
+
+def _mha_forward(
+    m: nn.MultiheadAttention | PrunedMultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    need_weights: bool,
+    attn_mask: Tensor | None,
+    average_attn_weights: bool,
+    is_causal: bool,
+    head_gates: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    return attention(
+        query,
+        key,
+        value,
+        (m.in_proj_weight, m.in_proj_bias, m.out_proj.weight, m.out_proj.bias),
+        m.num_heads,
+        m.head_dim,
+        batch_first=m.batch_first,
+        attn_mask=attn_mask,
+        key_padding_mask=key_padding_mask,
+        is_causal=is_causal,
+        dropout=m.dropout if m.training else 0.0,
+        head_gates=head_gates,
+        need_weights=need_weights,
+        average_attn_weights=average_attn_weights,
+    )
+
+
+class GatedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with head gates (set by ``gate_``; same parameters)."""
+
+    _gp_ref: _Ref
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        gates = self._gp_ref.values()["heads"]
+        return _mha_forward(
+            self,
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+            gates,
+        )
+
+
+class PrunedMultiheadAttention(nn.Module):
+    """Multi-head attention with ``num_heads`` heads of ``head_dim`` (``num_heads * head_dim``
+    may be smaller than ``embed_dim``); parameter names as in ``nn.MultiheadAttention``.
+
+    >>> m = PrunedMultiheadAttention(8, 1, 4, batch_first=True)
+    >>> tuple(m(torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8))[0].shape)
+    (2, 3, 8)
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        bias: bool = True,
+        out_bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.batch_first = batch_first
+        self.dropout = dropout
+        inner = num_heads * head_dim
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
+        self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        return _mha_forward(
+            self,
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+            None,
+        )
+
+
+def _activation(layer: nn.TransformerEncoderLayer) -> Callable[[Tensor], Tensor]:
+    return layer.activation
+
+
+class GatedTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` with head, FFN-unit and sub-layer gates (slow path)."""
+
+    _gp_ref: _Ref
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        g = self._gp_ref.values()
+        x = src
+        if self.norm_first:
+            x = x + self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal, g)
+            x = x + self._ff(self.norm2(x), g)
+        else:
+            x = self.norm1(x + self._sa(x, src_mask, src_key_padding_mask, is_causal, g))
+            x = self.norm2(x + self._ff(x, g))
+        return x
+
+    def _sa(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        kpm: Tensor | None,
+        is_causal: bool,
+        g: dict[str, Tensor],
+    ) -> Tensor:
+        y = self.self_attn(
+            x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal
+        )[0]
+        out: Tensor = self.dropout1(y) * g["attn"].to(y.dtype)[0]
+        return out
+
+    def _ff(self, x: Tensor, g: dict[str, Tensor]) -> Tensor:
+        h = _activation(self)(self.linear1(x)) * g["units"].to(x.dtype)  # (..., F)
+        y = self.linear2(self.dropout(h))
+        out: Tensor = self.dropout2(y) * g["ffn"].to(y.dtype)[0]
+        return out
+
+
+class PrunedTransformerEncoderLayer(nn.Module):
+    """A pruned ``nn.TransformerEncoderLayer``: fewer heads and FFN units; ``self_attn`` /
+    ``linear1``+``linear2`` are None when that sub-layer was removed. Parameter names as in
+    PyTorch's layer.
+    """
+
+    def __init__(
+        self,
+        self_attn: PrunedMultiheadAttention | None,
+        ffn: tuple[nn.Linear, nn.Linear] | None,
+        norm1: nn.LayerNorm | None,
+        norm2: nn.LayerNorm | None,
+        activation: Callable[[Tensor], Tensor],
+        *,
+        norm_first: bool,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.linear1 = ffn[0] if ffn is not None else None
+        self.linear2 = ffn[1] if ffn is not None else None
+        self.norm1 = norm1
+        self.norm2 = norm2
+        self.activation = activation
+        self.norm_first = norm_first
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        x = src
+        if self.norm_first:
+            if self.self_attn is not None:
+                assert self.norm1 is not None
+                x = x + self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            if self.linear1 is not None:
+                assert self.norm2 is not None
+                x = x + self._ff(self.norm2(x))
+            return x
+        assert self.norm1 is not None
+        assert self.norm2 is not None
+        if self.self_attn is not None:
+            x = x + self._sa(x, src_mask, src_key_padding_mask, is_causal)
+        x = self.norm1(x)
+        if self.linear1 is not None:
+            x = x + self._ff(x)
+        out: Tensor = self.norm2(x)
+        return out
+
+    def _sa(self, x: Tensor, mask: Tensor | None, kpm: Tensor | None, is_causal: bool) -> Tensor:
+        assert self.self_attn is not None
+        y = self.self_attn(
+            x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal
+        )[0]
+        return self.dropout1(y)  # type: ignore[no-any-return]
+
+    def _ff(self, x: Tensor) -> Tensor:
+        assert self.linear1 is not None
+        assert self.linear2 is not None
+        h = self.activation(self.linear1(x))
+        return self.dropout2(self.linear2(self.dropout(h)))  # type: ignore[no-any-return]
+
+
+class TracedTransformerEncoder(nn.TransformerEncoder):
+    """``nn.TransformerEncoder`` whose ``forward`` is the plain loop over its layers (no fast
+    path or nested tensors; the same function), so fx can trace into it."""
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool | None = None,
+    ) -> Tensor:
+        x = src
+        for layer in self.layers:
+            x = layer(
+                x,
+                src_mask=mask,
+                src_key_padding_mask=src_key_padding_mask,
+                is_causal=bool(is_causal),
+            )
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+def prepare_encoders(model: nn.Module) -> None:
+    """Switch every ``nn.TransformerEncoder`` in ``model`` to :class:`TracedTransformerEncoder`."""
+    for m in model.modules():
+        if type(m) is nn.TransformerEncoder:
+            m.__class__ = TracedTransformerEncoder
+
+
+def gateable_attention(m: nn.Module) -> str | None:
+    """None if ``gate_`` can gate the heads of attention module ``m``, else why not."""
+    if type(m) is not nn.MultiheadAttention:
+        return "not a plain nn.MultiheadAttention"
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return "attention with kdim/vdim, bias_k/bias_v or add_zero_attn"
+    return None
+
+
+def attention_cost(
+    att: nn.MultiheadAttention, q_shape: tuple[int, ...], kv_shape: tuple[int, ...]
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(per-head, constant) (FLOPs, params) of attention on inputs of these shapes."""
+    e = att.embed_dim
+    batch, len_q = seq_dims(torch.empty(q_shape, device="meta"), att.batch_first)
+    _, len_kv = seq_dims(torch.empty(kv_shape, device="meta"), att.batch_first)
+    in_bias = att.in_proj_bias is not None
+    out_bias = att.out_proj.bias is not None
+    d = att.head_dim
+
+    def af(h: int) -> int:
+        return attention_flops(batch, len_q, len_kv, (e, e, e, e), h, d, in_bias, out_bias)
+
+    head_params = d * (3 * e + (3 if in_bias else 0)) + d * e
+    return (af(1) - af(0), head_params), (af(0), e if out_bias else 0)
+
+
+def gateable_layer(m: nn.Module) -> str | None:
+    """None if ``m`` is an encoder layer ``gate_`` can gate, else why not."""
+    if type(m) is not nn.TransformerEncoderLayer:
+        return "not a plain nn.TransformerEncoderLayer"
+    att = m.self_attn
+    if type(att) is not nn.MultiheadAttention:
+        return "self_attn is not a plain nn.MultiheadAttention"
+    if not att._qkv_same_embed_dim or att.bias_k is not None or att.add_zero_attn:
+        return "attention with kdim/vdim, bias_k/bias_v or add_zero_attn"
+    return None
+
+
+@dataclass
+class LayerCost:
+    """Cost of an encoder layer as ``per_head * heads + attn0`` etc. (FLOPs, params)."""
+
+    head: tuple[int, int]
+    attn0: tuple[int, int]
+    unit: tuple[int, int]
+    ffn0: tuple[int, int]
+    norm1: tuple[int, int]
+    norm2: tuple[int, int]
+
+
+def _norm_cost(norm: nn.LayerNorm | None, tokens: int, e: int) -> tuple[int, int]:
+    if norm is None:
+        return 0, 0
+    return LAYERNORM_FLOPS * tokens * e, sum(p.numel() for p in norm.parameters())
+
+
+def layer_cost(
+    layer: nn.TransformerEncoderLayer | PrunedTransformerEncoderLayer,
+    x_shape: tuple[int, ...],
+    *,
+    att: nn.MultiheadAttention | PrunedMultiheadAttention | None = None,
+    ffn: tuple[nn.Linear, nn.Linear] | None = None,
+) -> LayerCost:
+    """Cost decomposition of an encoder layer on an input of ``x_shape``."""
+    att = att if att is not None else layer.self_attn
+    assert att is not None
+    lin = ffn if ffn is not None else (layer.linear1, layer.linear2)
+    e = att.embed_dim
+    batch, length = seq_dims(torch.empty(x_shape, device="meta"), att.batch_first)
+    tokens = batch * length
+    in_bias = att.in_proj_bias is not None
+    out_bias = att.out_proj.bias is not None
+    d = att.head_dim
+    dims = (e, e, e, e)
+
+    def af(h: int) -> int:
+        return attention_flops(batch, length, length, dims, h, d, in_bias, out_bias)
+
+    head_params = d * (3 * e + (3 if in_bias else 0)) + d * e
+    l1, l2 = lin
+    assert l1 is not None
+    assert l2 is not None
+    b1 = l1.bias is not None
+    b2 = l2.bias is not None
+    unit_flops = FLOPS_PER_MAC * tokens * e * 2 + (tokens if b1 else 0) + ACT_FLOPS * tokens
+    return LayerCost(
+        head=(af(1) - af(0), head_params),
+        attn0=(af(0), e if out_bias else 0),
+        unit=(unit_flops, 2 * e + (1 if b1 else 0)),
+        ffn0=(tokens * e if b2 else 0, e if b2 else 0),
+        norm1=_norm_cost(layer.norm1, tokens, e),
+        norm2=_norm_cost(layer.norm2, tokens, e),
+    )
+
+
+def _pruned_mha_flops(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    assert isinstance(m, PrunedMultiheadAttention)
+    batch, len_q = seq_dims(inp[0], m.batch_first)
+    _, len_kv = seq_dims(inp[1], m.batch_first)
+    e = m.embed_dim
+    in_bias = m.in_proj_bias is not None
+    out_bias = m.out_proj.bias is not None
+    return attention_flops(
+        batch, len_q, len_kv, (e, e, e, e), m.num_heads, m.head_dim, in_bias, out_bias
+    )
+
+
+def _pruned_layer_flops(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    assert isinstance(m, PrunedTransformerEncoderLayer)
+    x = inp[0]
+    total = 0
+    if m.self_attn is not None:
+        total += _pruned_mha_flops(m.self_attn, (x, x, x), out)
+    if m.linear1 is not None:
+        assert m.linear2 is not None
+        e = x.shape[-1]
+        tokens = x.numel() // e
+        hidden = m.linear1.out_features
+        total += FLOPS_PER_MAC * tokens * e * hidden * 2 + ACT_FLOPS * tokens * hidden
+        total += tokens * hidden if m.linear1.bias is not None else 0
+        total += tokens * e if m.linear2.bias is not None else 0
+    for norm in (m.norm1, m.norm2):
+        if norm is not None:
+            total += LAYERNORM_FLOPS * x.numel()
+    return total
+
+
+register_cost((PrunedMultiheadAttention,), _pruned_mha_flops)
+register_cost((PrunedTransformerEncoderLayer,), _pruned_layer_flops)
+
+
+def _rows(keep_heads: list[int], head_dim: int, inner: int) -> Tensor:
+    per = torch.tensor(
+        [h * head_dim + i for h in keep_heads for i in range(head_dim)], dtype=torch.long
+    )
+    return torch.cat([per, per + inner, per + 2 * inner])
+
+
+def build_pruned_attention(
+    att: nn.MultiheadAttention, heads: list[int]
+) -> PrunedMultiheadAttention:
+    """``att`` with only the heads ``heads`` (weights copied; ``head_dim`` unchanged)."""
+    e = att.embed_dim
+    d = att.head_dim
+    new = PrunedMultiheadAttention(
+        e,
+        len(heads),
+        d,
+        bias=att.in_proj_bias is not None,
+        out_bias=att.out_proj.bias is not None,
+        batch_first=att.batch_first,
+        dropout=att.dropout,
+    )
+    rows = _rows(heads, d, e)
+    cols = rows[: len(heads) * d]
+    with torch.no_grad():
+        new.in_proj_weight.copy_(att.in_proj_weight[rows])
+        if att.in_proj_bias is not None and new.in_proj_bias is not None:
+            new.in_proj_bias.copy_(att.in_proj_bias[rows])
+        new.out_proj.weight.copy_(att.out_proj.weight[:, cols])
+        if att.out_proj.bias is not None and new.out_proj.bias is not None:
+            new.out_proj.bias.copy_(att.out_proj.bias)
+    new.train(att.training)
+    return new
+
+
+def fold_heads(att: nn.MultiheadAttention, heads: Tensor) -> None:
+    """Fold head gate values ``(H,)`` into the columns of ``att.out_proj``, in place."""
+    with torch.no_grad():
+        w = att.out_proj.weight
+        w.mul_(heads.to(w.dtype).repeat_interleave(att.head_dim).view(1, -1))
+
+
+def build_pruned_layer(
+    layer: nn.TransformerEncoderLayer, spec: dict[str, Any]
+) -> nn.TransformerEncoderLayer | PrunedTransformerEncoderLayer:
+    """Rebuild ``layer`` with the kept heads/units of ``spec`` (plan entry), weights copied."""
+    att = layer.self_attn
+    e = att.embed_dim
+    heads: list[int] = list(spec["heads"])
+    units: list[int] = list(spec["units"])
+    new_att = build_pruned_attention(att, heads) if spec["attn"] else None
+    ffn: tuple[nn.Linear, nn.Linear] | None = None
+    if spec["ffn"]:
+        l1, l2 = layer.linear1, layer.linear2
+        keep = torch.tensor(units, dtype=torch.long)
+        n1 = nn.Linear(e, len(units), bias=l1.bias is not None)
+        n2 = nn.Linear(len(units), l2.out_features, bias=l2.bias is not None)
+        with torch.no_grad():
+            n1.weight.copy_(l1.weight[keep])
+            if l1.bias is not None and n1.bias is not None:
+                n1.bias.copy_(l1.bias[keep])
+            n2.weight.copy_(l2.weight[:, keep])
+            if l2.bias is not None and n2.bias is not None:
+                n2.bias.copy_(l2.bias)
+        ffn = (n1, n2)
+    nf = bool(layer.norm_first)
+    norm1 = layer.norm1 if (spec["attn"] or not nf) else None
+    norm2 = layer.norm2 if (spec["ffn"] or not nf) else None
+    new = PrunedTransformerEncoderLayer(
+        new_att,
+        ffn,
+        norm1,
+        norm2,
+        _activation(layer),
+        norm_first=nf,
+        dropout=float(layer.dropout.p),
+    )
+    new.train(layer.training)
+    return new
+
+
+def fold_layer(layer: nn.TransformerEncoderLayer, values: dict[str, Tensor]) -> None:
+    """Fold gate values (heads, units, attn, ffn) into the layer's output Linears, in place."""
+    att = layer.self_attn
+    d = att.head_dim
+    with torch.no_grad():
+        heads = values["heads"].to(att.out_proj.weight.dtype).repeat_interleave(d)  # (E,)
+        a = values["attn"].to(att.out_proj.weight.dtype)[0]
+        att.out_proj.weight.mul_(heads.view(1, -1) * a)
+        if att.out_proj.bias is not None:
+            att.out_proj.bias.mul_(a)
+        units = values["units"].to(layer.linear2.weight.dtype)
+        f = values["ffn"].to(layer.linear2.weight.dtype)[0]
+        layer.linear2.weight.mul_(units.view(1, -1) * f)
+        if layer.linear2.bias is not None:
+            layer.linear2.bias.mul_(f)
