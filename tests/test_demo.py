@@ -24,7 +24,9 @@ def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path) -> None:
     assert on_disk["achieved_flops_fraction"] == results["achieved_flops_fraction"]
     for name in ("connectivity.png", "widths.png", "training.png", "pruned.safetensors"):
         assert (tmp_path / name).stat().st_size > 0
-    assert results["max_abs_diff_float32"] <= 1e-5
+    # float32 rounding is relative to the logits' scale; float64 shows the functions are equal
+    assert results["max_rel_diff_float32"] <= 1e-6
+    assert results["max_abs_diff_float32"] <= 1e-5 * max(1.0, results["max_abs_logit"])
     assert results["max_abs_diff_float64"] <= 1e-9
     assert results["accuracy_pruned"] == results["accuracy_gated"]
     rows = {r["model"]: r for r in results["rows"]}

@@ -291,3 +291,26 @@ def test_bad_constructor_arguments() -> None:
         gp.ShortcutMLP(4, [3], 2, activation="swish")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Tensor"):
         gp.ShortcutMLP(4, [3], 2)([[0.0] * 4])  # type: ignore[arg-type]
+
+
+@given(
+    stages=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=2), min_size=1, max_size=3),
+    states=st.data(),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_batchnorm_keeps_the_function(
+    stages: list[list[int]], states: st.DataObject, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = gp.ShortcutConv1d(1, stages, 3, kernel_size=3, input_length=16)
+    _randomise_norms(net, gen)
+    _set_gates(net, states)
+    small = gp.prune(net.eval()).eval()
+    folded = small.fold_batchnorm().eval()
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+    x = torch.randn(6, 1, 16, generator=gen)  # (B, C, L)
+    with torch.no_grad():
+        assert float((folded(x) - small(x)).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        folded.fold_batchnorm()
