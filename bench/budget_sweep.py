@@ -20,7 +20,8 @@ import torch
 import gatedprune as gp
 from gatedprune.data import mnist1d
 from gatedprune.demo import accuracy, all_open_copy, max_abs_diff, train_demo_model
-from gatedprune.profiling import measure_latency
+from gatedprune.plain import PlainShortcutNet
+from gatedprune.profiling import compare_latency
 
 from .common import command_line, write_results
 
@@ -39,21 +40,26 @@ def main() -> None:
     for target in args.targets:
         for seed in args.seeds:
             t0 = time.perf_counter()
-            net, _ = train_demo_model(data, budget=target, epochs=args.epochs, seed=seed)
+            net, trainer = train_demo_model(data, budget=target, epochs=args.epochs, seed=seed)
             train_s = time.perf_counter() - t0
             net.eval()
-            pruned = gp.prune(net).eval()
-            dense = gp.prune(all_open_copy(net)).eval()
+            pruned, dense = gp.prune(net).eval(), gp.prune(all_open_copy(net)).eval()
+            if not isinstance(pruned, PlainShortcutNet) or not isinstance(dense, PlainShortcutNet):
+                raise TypeError("the demo network prunes to PlainShortcutNet")
             c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
             if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
                 raise TypeError("pruned models must be plain")
             achieved = c_p.flops / c_d.flops
-            lat = {}
-            for b, x in xb.items():
-                reps = 200 if b == 1 else 30
-                lat_d = measure_latency(dense, x, warmup=20, repeats=reps).median
-                lat_p = measure_latency(pruned, x, warmup=20, repeats=reps).median
-                lat[b] = (lat_d, lat_p)
+            models = {
+                "dense": dense,
+                "pruned": pruned,
+                "dense_folded": dense.fold_batchnorm().eval(),
+                "pruned_folded": pruned.fold_batchnorm().eval(),
+            }
+            lat = {
+                b: compare_latency(models, x, rounds=9, repeats=30 if b == 1 else 3)
+                for b, x in xb.items()
+            }
             reduction = c_d.flops / c_p.flops
             rows.append(
                 {
@@ -61,14 +67,18 @@ def main() -> None:
                     "seed": seed,
                     "achieved_flops": achieved,
                     "budget_error": abs(achieved - target),
+                    "lagrangian_only": (trainer.achieved_before_snap or {}).get("flops", ""),
                     "achieved_params": c_p.params / c_d.params,
                     "accuracy_pruned": accuracy(pruned, data.x_test, data.y_test),
                     "max_abs_diff": max_abs_diff(net, pruned, data.x_test, dtype=torch.float32),
                     "flops_reduction": reduction,
-                    "speedup_b1": lat[1][0] / lat[1][1],
-                    "speedup_b256": lat[256][0] / lat[256][1],
-                    "latency_ratio_b1": lat[1][0] / lat[1][1] / reduction,
-                    "latency_ratio_b256": lat[256][0] / lat[256][1] / reduction,
+                    "speedup_b1": lat[1]["dense"] / lat[1]["pruned"],
+                    "speedup_b256": lat[256]["dense"] / lat[256]["pruned"],
+                    "latency_ratio_b1": lat[1]["dense"] / lat[1]["pruned"] / reduction,
+                    "latency_ratio_b256": lat[256]["dense"] / lat[256]["pruned"] / reduction,
+                    "latency_ratio_b256_bn_folded": lat[256]["dense_folded"]
+                    / lat[256]["pruned_folded"]
+                    / reduction,
                     "train_s": train_s,
                 }
             )

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Latency", "measure_latency", "num_threads"]
+__all__ = ["Latency", "compare_latency", "measure_latency", "num_threads"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,32 @@ def measure_latency(
         p90=times[int(0.9 * (n - 1))],
         repeats=n,
     )
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    x: Tensor,
+    *,
+    rounds: int = 7,
+    repeats: int = 10,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[str, float]:
+    """Median latency (seconds) of several models on ``x``, measured in interleaved rounds
+    (each round times every model in turn), so that load changes on a shared machine hit all
+    models alike and their *ratios* stay meaningful.
+
+    >>> t = compare_latency({"a": nn.Linear(4, 4), "b": nn.Identity()}, torch.zeros(1, 4))
+    >>> sorted(t)
+    ['a', 'b']
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        for name, model in models.items():
+            lat = measure_latency(
+                model, x, warmup=warmup if i == 0 else 1, repeats=repeats, threads=threads
+            )
+            samples[name].append(lat.median)
+    return {name: statistics.median(v) for name, v in samples.items()}

@@ -332,6 +332,8 @@ class Trainer:
     """One record per finished epoch (see :meth:`fit`)."""
     trace: list[Record] = field(default_factory=list, init=False, repr=False)
     """A record every ``trace_every`` steps: losses, expected cost, mean gate value, ..."""
+    achieved_before_snap: dict[str, float] | None = field(default=None, init=False, repr=False)
+    """The achieved cost fractions the Lagrangian reached just before the snap (this run)."""
     step: int = field(default=0, init=False)
     """Optimizer steps done so far."""
 
@@ -600,6 +602,7 @@ class Trainer:
         if self.budget is not None and self.straight_through_at is not None:
             self.budget.straight_through = progress >= self.straight_through_at
         if frozen and self.budget is not None and (self.step - 1) / total < (self.snap_at or 0):
+            self.achieved_before_snap = self.budget.achieved()
             snap_to_budget(self.budget, tolerance=self.snap_tolerance)
 
     def _reset_stats(self) -> None:
