@@ -314,3 +314,23 @@ def test_fold_batchnorm_keeps_the_function(
         assert float((folded(x) - small(x)).abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="no BatchNorm"):
         folded.fold_batchnorm()
+
+
+@pytest.mark.parametrize("hardened", [False, True])
+def test_sigmoid_gated_network_prunes_to_the_same_function(hardened: bool) -> None:
+    torch.manual_seed(3)
+    net = gp.ShortcutConv1d(1, [[6, 6], [8]], 4, kernel_size=3, gate="sigmoid", input_length=16)
+    for g in gp.gate_modules(net):
+        assert isinstance(g, gp.SigmoidGate)
+        with torch.no_grad():
+            g.theta.copy_(torch.randn(g.n) * 3)
+    if hardened:
+        assert gp.harden(net) == len(gp.gate_modules(net))
+    x = torch.randn(5, 1, 16)
+    c = _check_equivalent(net, x)
+    dense = _dense_cost(net, x)
+    if hardened:  # hardening closes the gates with theta <= 0: the model really shrinks
+        assert c.flops < dense.flops
+        assert c.params < dense.params
+    else:  # a soft sigmoid never closes: nothing is removed, the values are folded in
+        assert c == dense
