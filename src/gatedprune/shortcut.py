@@ -141,13 +141,20 @@ class _ShortcutNet(GatedModule):
 
     def _preact(self, index: int, inp: Tensor, edge: Tensor | None, all_units: Tensor) -> Tensor:
         """Layer input -> pre-normalisation output. Source unit gates and edge gates scale the
-        weight's input columns (cheaper than scaling activations, and exactly equivalent)."""
+        input columns: of the weight or of the input, whichever is smaller (the same product;
+        this keeps the gated step close to the plain one for wide MLPs and for CNNs alike)."""
         layer = cast(_GatedLayer, self.layers[index])
         colscale = all_units[layer.unit_index]  # (sum C,)
         if edge is not None:
             colscale = colscale * torch.repeat_interleave(edge, layer.src_widths)
-        w = layer.op.weight * (colscale[None, :, None] if self.spec.spatial else colscale[None, :])
-        if self.spec.spatial:
+        w = layer.op.weight
+        spatial = self.spec.spatial
+        per_column = colscale[None, :, None] if spatial else colscale[None, :]
+        if inp.numel() < w.numel():
+            inp = inp * per_column  # (B, sum C, L) or (B, sum C)
+        else:
+            w = w * per_column
+        if spatial:
             k = self.spec.kernel_size
             return F.conv1d(inp, w, layer.op.bias, padding=k // 2)  # (B, C, L)
         return F.linear(inp, w, layer.op.bias)  # (B, C)
