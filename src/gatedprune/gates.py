@@ -31,6 +31,7 @@ __all__ = [
     "HardConcreteGate",
     "Sigmoid",
     "SigmoidGate",
+    "gate_is_open",
     "gate_modules",
     "gate_prob_open",
     "gate_values",
@@ -301,6 +302,20 @@ def gate_values(gates: Sequence[Gate]) -> list[Tensor]:
     log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
     values = _hc_sample(log_alpha, beta) if gates[0].training else _hc_eval(log_alpha)
     return list(torch.split(values, [g.n for g in gates]))
+
+
+def gate_is_open(gates: Sequence[Gate]) -> list[Tensor]:
+    """``[g.is_open() for g in gates]``, in one pass when the gates share a kind.
+
+    >>> [m.tolist() for m in gate_is_open([HardConcreteGate(1, init_log_alpha=5.0)])]
+    [[True]]
+    """
+    beta = _same_hard_concrete(gates)
+    if beta is None:
+        return [g.is_open() for g in gates]
+    with torch.no_grad():
+        log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
+        return list(torch.split(_hc_eval(log_alpha) > 0, [g.n for g in gates]))
 
 
 def gate_prob_open(gates: Sequence[Gate]) -> list[Tensor]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .autodiff import scalar_function
 from .base import GatedModule
 from .costs import ACT_FLOPS, BATCHNORM_FLOPS, FLOPS_PER_MAC, _adaptive_window_sum
-from .gates import Gate, GateKind, gate_prob_open, gate_values, resolve_gate
+from .gates import Gate, GateKind, gate_is_open, gate_prob_open, gate_values, resolve_gate
 from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activation, check_sizes
 from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
 
@@ -214,7 +214,7 @@ class _ShortcutNet(GatedModule):
         ``hard`` (missing gates of plain chains count as open)."""
         if hard:
             with torch.no_grad():
-                units, edges, head = self._gate_values(lambda gs: [g.is_open() for g in gs])
+                units, edges, head = self._gate_values(gate_is_open)
         else:
             units, edges, head = self._gate_values(gate_prob_open)
         ref = self.head.weight
