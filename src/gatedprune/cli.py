@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .demo import DemoConfig
 
 __all__ = ["main"]
 
@@ -37,6 +41,25 @@ def _positive(text: str) -> int:
     return value
 
 
+def _conv_demo(config: DemoConfig) -> dict[str, Any]:
+    from .demo import run_demo
+
+    return run_demo(config)
+
+
+def _resnet1d_demo(config: DemoConfig) -> dict[str, Any]:
+    from .demo_resnet import run_resnet_demo
+
+    return run_resnet_demo(config)
+
+
+# --model: the demo's function and its default output directory
+DEMOS: dict[str, tuple[Callable[[DemoConfig], dict[str, Any]], Path]] = {
+    "conv": (_conv_demo, Path("gatedprune-demo")),
+    "resnet1d": (_resnet1d_demo, Path("gatedprune-demo-resnet1d")),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gatedprune", description="Networks that prune themselves through learned gates."
@@ -44,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a gated shortcut CNN on MNIST-1D under a FLOPs budget, prune it, report",
+        help="train a gated shortcut CNN (or a gated ResNet) on MNIST-1D under a FLOPs budget, "
+        "prune it, report",
+    )
+    demo.add_argument(
+        "--model",
+        choices=list(DEMOS),
+        default="conv",
+        help="conv: a ShortcutConv1d grown and pruned; resnet1d: an ordinary 1D ResNet gated "
+        "with gate_ (channels, residual blocks, dense shortcuts) (conv)",
     )
     demo.add_argument("--budget", type=_fraction, default=0.1, help="FLOPs fraction (0.1)")
     demo.add_argument("--epochs", type=_positive, default=30, help="training epochs (30)")
@@ -52,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--finetune-epochs", type=_non_negative, default=5, help="fine-tuning epochs (5)"
     )
     demo.add_argument("--seed", type=_non_negative, default=0, help="random seed (0)")
-    demo.add_argument("--out", type=Path, default=Path("gatedprune-demo"), help="output directory")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (gatedprune-demo, or gatedprune-demo-resnet1d with "
+        "--model resnet1d)",
+    )
     demo.add_argument("--quiet", action="store_true", help="print nothing")
     return parser
 
@@ -60,19 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gatedprune`` command.
 
-    >>> main(["demo", "--budget", "2"])  # doctest: +SKIP
+    >>> main(["demo", "--model", "resnet1d", "--budget", "0.25"])  # doctest: +SKIP
     """
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import DemoConfig, run_demo
+        from .demo import DemoConfig
 
-        run_demo(
+        run, default_out = DEMOS[args.model]
+        run(
             DemoConfig(
                 budget=args.budget,
                 epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs,
                 seed=args.seed,
-                out=args.out,
+                out=default_out if args.out is None else args.out,
                 progress=not args.quiet,
             )
         )
