@@ -1,0 +1,255 @@
+"""Run the suite: every (workload, target, seed, method) trained, then all latencies measured.
+
+Training and latency are separate phases: latency is measured only after all training has
+finished, for all final models in interleaved rounds (:func:`gatedprune.profiling.
+compare_latency`), so load changes on a shared machine hit every method alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gatedprune.data import Splits
+from gatedprune.profiling import compare_latency, num_threads
+
+from .baselines import METHODS, RunSpec
+from .workloads import WORKLOADS, plain_cost
+
+__all__ = ["FULL", "QUICK", "SuiteConfig", "main", "run_suite"]
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "suite"
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What the suite runs.
+
+    >>> QUICK.targets
+    (0.25, 0.1)
+    """
+
+    workloads: tuple[str, ...] = ("mnist1d_shortcut_conv",)
+    methods: tuple[str, ...] = tuple(METHODS)
+    targets: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 15
+    num_samples: int = 5000
+    prune_at: float = 0.5
+    l0_lambda: float = 1.0
+    threads: int = 1
+    latency_rounds: int = 5
+    latency_repeats_b1: int = 20
+    latency_repeats_b256: int = 3
+    batch_sizes: tuple[int, ...] = (1, 256)
+    out: Path = field(default=DEFAULT_OUT)
+    plots: bool = True
+
+    def validate(self) -> None:
+        for w in self.workloads:
+            if w not in WORKLOADS:
+                raise ValueError(f"unknown workload {w!r}; expected one of {sorted(WORKLOADS)}")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; expected one of {list(METHODS)}")
+        if not self.targets or any(not 0.0 < t <= 1.0 for t in self.targets):
+            raise ValueError(f"targets must be fractions in (0, 1], got {self.targets}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be ints >= 0, got {self.seeds}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if not 0.0 < self.prune_at <= 1.0:
+            raise ValueError(f"prune_at must be in (0, 1], got {self.prune_at}")
+
+
+FULL = SuiteConfig()
+"""Full mode: 4 budgets x 3 seeds x 7 methods, 15 epochs (designed for < 60 min, 2 cores)."""
+
+QUICK = replace(
+    FULL,
+    targets=(0.25, 0.1),
+    seeds=(0,),
+    epochs=8,
+    num_samples=3000,
+    latency_rounds=3,
+    latency_repeats_b1=10,
+    latency_repeats_b256=2,
+    out=DEFAULT_OUT.parent / "suite_quick",
+)
+"""Quick mode: 2 budgets x 1 seed x 7 methods, 8 epochs on 2400 samples (a smoke check)."""
+
+
+@dataclass
+class _Run:
+    row: dict[str, Any]
+    model: nn.Module | None
+
+
+def _train_all(
+    config: SuiteConfig, wl_name: str, data: Splits, log: Any
+) -> tuple[list[_Run], nn.Module]:
+    wl = WORKLOADS[wl_name]()
+    example = data.x_train[:1]  # (1, C, L)
+    reference = wl.dense_reference(example)
+    ref_cost = plain_cost(reference, example)
+    runs: list[_Run] = []
+    total = len(config.targets) * len(config.seeds) * len(config.methods)
+    for target in config.targets:
+        for seed in config.seeds:
+            for method in config.methods:
+                spec = RunSpec(
+                    workload=wl,
+                    data=data,
+                    target=target,
+                    epochs=config.epochs,
+                    seed=seed,
+                    dense_flops=ref_cost.flops,
+                    prune_at=config.prune_at,
+                    l0_lambda=config.l0_lambda,
+                )
+                row: dict[str, Any] = {
+                    "workload": wl_name,
+                    "method": method,
+                    "target": target,
+                    "seed": seed,
+                    "epochs": config.epochs,
+                }
+                t0 = time.perf_counter()
+                model: nn.Module | None = None
+                try:
+                    result = METHODS[method](spec)
+                    model = result.model.eval()
+                    row["train_s"] = time.perf_counter() - t0
+                    c = plain_cost(model, example)
+                    achieved = c.flops / ref_cost.flops
+                    row.update(
+                        achieved_flops=achieved,
+                        achieved_params=c.params / ref_cost.params,
+                        budget_error=abs(achieved - target),
+                        accuracy=_accuracy(model, data),
+                        flops=c.flops,
+                        params=c.params,
+                    )
+                    row["notes"] = " ".join(f"{k}={v}" for k, v in result.notes.items())
+                except Exception as e:  # one failing baseline must not lose a long run
+                    traceback.print_exc()
+                    row["train_s"] = time.perf_counter() - t0
+                    row["error"] = f"{type(e).__name__}: {e}"
+                runs.append(_Run(row, model))
+                log(
+                    f"[{len(runs)}/{total}] {wl_name} {method} target {target:g} seed {seed}: "
+                    + (
+                        f"acc {row['accuracy']:.3f} flops {row['achieved_flops']:.3f} "
+                        if "accuracy" in row
+                        else f"FAILED ({row['error']}) "
+                    )
+                    + f"{row['train_s']:.1f} s"
+                )
+    return runs, reference
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, data: Splits) -> float:
+    out = model.eval()(data.x_test)  # (N, classes)
+    return float((out.argmax(1) == data.y_test).float().mean())
+
+
+def _measure_latency(
+    config: SuiteConfig, runs: Sequence[_Run], reference: nn.Module, data: Splits
+) -> None:
+    models: dict[str, nn.Module] = {"dense": reference}
+    for i, r in enumerate(runs):
+        if r.model is not None:
+            models[str(i)] = r.model
+    for batch in config.batch_sizes:
+        x = data.x_test[:batch]  # (batch, C, L)
+        repeats = config.latency_repeats_b1 if batch == 1 else config.latency_repeats_b256
+        times = compare_latency(
+            models, x, rounds=config.latency_rounds, repeats=repeats, threads=config.threads
+        )
+        for i, r in enumerate(runs):
+            if str(i) in times:
+                r.row[f"latency_b{batch}_ms"] = 1e3 * times[str(i)]
+                r.row[f"speedup_b{batch}"] = times["dense"] / times[str(i)]
+                r.row[f"dense_latency_b{batch}_ms"] = 1e3 * times["dense"]
+
+
+def run_suite(
+    config: SuiteConfig, *, verbose: bool = True, command: str = "python -m bench"
+) -> list[dict[str, Any]]:
+    """Run every configured workload/target/seed/method, measure latencies and write the
+    results (CSV, markdown, plots) into ``config.out``; returns the per-run rows.
+
+    >>> rows = run_suite(replace(QUICK, epochs=1, targets=(0.5,)))  # doctest: +SKIP
+    """
+    from .report import write_report
+
+    config.validate()
+    log = print if verbose else (lambda *a, **k: None)
+    t_start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with num_threads(config.threads):
+        for wl_name in config.workloads:
+            data = WORKLOADS[wl_name]().data(config.num_samples)
+            log(f"{wl_name}: {len(data.x_train)} train / {len(data.x_test)} test samples")
+            runs, reference = _train_all(config, wl_name, data, log)
+            log(f"{wl_name}: measuring latency of {len(runs) + 1} models ...")
+            _measure_latency(config, runs, reference, data)
+            rows += [r.row for r in runs]
+    write_report(rows, config, seconds=time.perf_counter() - t_start, command=command)
+    log(f"suite finished in {time.perf_counter() - t_start:.0f} s; results in {config.out}")
+    return rows
+
+
+def _parse(argv: Sequence[str] | None) -> SuiteConfig:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark suite: gatedprune vs small dense, Network Slimming, Torch-Pruning "
+        "(magnitude, GroupNorm), fixed-λ L0 and random pruning at equal achieved FLOPs.",
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke check (< 5 min on 2 cores)")
+    ap.add_argument("--out", type=Path, default=None, help=f"output folder ({DEFAULT_OUT})")
+    ap.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=None)
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
+    ap.add_argument("--targets", type=float, nargs="+", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--num-samples", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    config = QUICK if a.quick else FULL
+    overrides: dict[str, Any] = {
+        "out": a.out,
+        "workloads": None if a.workloads is None else tuple(a.workloads),
+        "methods": None if a.methods is None else tuple(a.methods),
+        "targets": None if a.targets is None else tuple(a.targets),
+        "seeds": None if a.seeds is None else tuple(a.seeds),
+        "epochs": a.epochs,
+        "num_samples": a.num_samples,
+        "threads": a.threads,
+    }
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if a.no_plots:
+        config = replace(config, plots=False)
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point (``python -m bench``).
+
+    >>> main(["--quick", "--targets", "0.5", "--epochs", "1"])  # doctest: +SKIP
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    run_suite(_parse(args), command=" ".join(["python -m bench", *args]))

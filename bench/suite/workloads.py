@@ -1,0 +1,218 @@
+"""Workloads of the benchmark suite: a task, a gated network and the plain networks baselines use.
+
+A :class:`Workload` bundles everything a method needs: the data, a fresh gated model (for
+gate-based baselines such as L0 with a fixed λ), gatedprune's own training recipe, and a plain
+dense model of adjustable width (for the small-dense and Torch-Pruning baselines). Costs are
+fractions of :meth:`Workload.dense_reference`, the all-open gated network rebuilt without
+gates, so every method is measured against the same dense FLOPs.
+
+Add a workload by subclassing :class:`Workload` and listing it in :data:`WORKLOADS`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.calibrate import recalibrate_batchnorm
+from gatedprune.data import Splits
+from gatedprune.demo import STAGES, all_open_copy, build_demo_model, train_demo_model
+from gatedprune.demo_resnet import (
+    BLOCKS,
+    WIDTHS,
+    build_resnet_demo_model,
+    train_resnet_demo_model,
+)
+
+__all__ = [
+    "WORKLOADS",
+    "MNIST1DResNet",
+    "MNIST1DShortcutConv",
+    "PlainCNN1d",
+    "Workload",
+    "plain_cost",
+    "scaled_widths",
+]
+
+
+def plain_cost(model: nn.Module, example: Tensor) -> gp.Cost:
+    """Exact cost of a plain (gate-free) model on ``example`` (one sample: costs per sample).
+
+    >>> import torch
+    >>> plain_cost(nn.Linear(4, 2), torch.zeros(1, 4)).flops
+    18
+    """
+    c = gp.cost(model, example)
+    if not isinstance(c, gp.Cost):
+        raise TypeError(f"expected a plain model without gates, got {type(model).__name__}")
+    return c
+
+
+def scaled_widths(widths: Sequence[int], scale: float) -> list[int]:
+    """``widths`` multiplied by ``scale``, rounded, at least 1.
+
+    >>> scaled_widths([32, 64], 0.5)
+    [16, 32]
+    """
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return [max(1, round(w * scale)) for w in widths]
+
+
+class PlainCNN1d(nn.Sequential):
+    """A plain chain CNN (Conv1d-BN-ReLU layers, average pooling between stages, adaptive
+    pooling, linear head): the demo network without shortcuts, in a form Torch-Pruning handles.
+
+    >>> import torch
+    >>> net = PlainCNN1d([[8, 8], [16]], 10)
+    >>> net(torch.zeros(2, 1, 40)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Sequence[int]],
+        out_features: int,
+        *,
+        in_channels: int = 1,
+        kernel_size: int = 5,
+        head_pool: int = 5,
+    ) -> None:
+        if not stages or any(not s for s in stages):
+            raise ValueError(f"stages must be non-empty lists of channels, got {stages!r}")
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for s, widths in enumerate(stages):
+            if s > 0:
+                layers.append(nn.AvgPool1d(2))
+            for w in widths:
+                layers += [
+                    nn.Conv1d(c_in, w, kernel_size, padding=kernel_size // 2),
+                    nn.BatchNorm1d(w),
+                    nn.ReLU(),
+                ]
+                c_in = w
+        layers += [
+            nn.AdaptiveAvgPool1d(head_pool),
+            nn.Flatten(),
+            nn.Linear(c_in * head_pool, out_features),
+        ]
+        super().__init__(*layers)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The classifier (never pruned by the baselines)."""
+        last = self[-1]
+        if not isinstance(last, nn.Linear):
+            raise TypeError("PlainCNN1d ends with its linear head")
+        return last
+
+
+class Workload(abc.ABC):
+    """A task with a gated network (gatedprune) and a plain network (baselines)."""
+
+    name: str
+    description: str
+
+    @abc.abstractmethod
+    def data(self, num_samples: int) -> Splits:
+        """Train/test split (generated offline)."""
+
+    @abc.abstractmethod
+    def gated_model(self, example: Tensor) -> nn.Module:
+        """A fresh gated model (all gates trainable), for gate-based methods."""
+
+    @abc.abstractmethod
+    def train_gatedprune(self, data: Splits, *, budget: float, epochs: int, seed: int) -> nn.Module:
+        """gatedprune's own recipe: train under a FLOPs budget; returns the gated model."""
+
+    @abc.abstractmethod
+    def plain_model(self, scale: float) -> nn.Module:
+        """A plain dense model for baselines; ``scale`` multiplies every width."""
+
+    def prunable_head(self, model: nn.Module) -> list[nn.Module]:
+        """Modules of a :meth:`plain_model` that structured pruning must leave alone."""
+        return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+    def dense_reference(self, example: Tensor) -> nn.Module:
+        """The all-open gated network rebuilt without gates: the 100% FLOPs reference."""
+        return gp.prune(all_open_copy(self.gated_model(example)).eval()).eval()
+
+    def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """Training loss (cross-entropy on class indices)."""
+        return nn.CrossEntropyLoss()
+
+    def finalize_gated(self, model: nn.Module, data: Splits) -> None:
+        """Re-estimate BatchNorm statistics for the eval-mode gates (as the recipes do)."""
+        x = data.x_train
+        recalibrate_batchnorm(model, [x[i : i + 500] for i in range(0, min(len(x), 2000), 500)])
+
+
+def _mnist1d(num_samples: int) -> Splits:
+    from gatedprune.data import mnist1d
+
+    return mnist1d(num_samples=num_samples)
+
+
+class MNIST1DShortcutConv(Workload):
+    """(a) MNIST-1D with the demo ShortcutConv1d (dense gated shortcuts, ~5.9 MFLOPs/sample);
+    baselines prune a plain chain CNN of the same stage layout, widened to the same FLOPs.
+
+    >>> MNIST1DShortcutConv().plain_model(0.5)[0].out_channels
+    16
+    """
+
+    name = "mnist1d_shortcut_conv"
+    description = "MNIST-1D, ShortcutConv1d (demo network) / plain chain CNN"
+
+    def data(self, num_samples: int) -> Splits:
+        return _mnist1d(num_samples)
+
+    def gated_model(self, example: Tensor) -> nn.Module:
+        return build_demo_model(example.shape[-1])
+
+    def train_gatedprune(self, data: Splits, *, budget: float, epochs: int, seed: int) -> nn.Module:
+        net, _ = train_demo_model(data, budget=budget, epochs=epochs, seed=seed)
+        return net
+
+    def plain_model(self, scale: float) -> nn.Module:
+        return PlainCNN1d([scaled_widths(s, scale) for s in STAGES], 10)
+
+
+class MNIST1DResNet(Workload):
+    """(b) MNIST-1D with the demo ResNet1d, gated by ``gate_`` (channels, blocks, dense
+    shortcuts); baselines prune the plain ResNet1d (residual groups: Torch-Pruning's
+    dependency graph keeps them consistent), widened to the same FLOPs.
+
+    >>> import torch
+    >>> MNIST1DResNet().plain_model(0.5)(torch.zeros(1, 1, 40)).shape
+    torch.Size([1, 10])
+    """
+
+    name = "mnist1d_resnet"
+    description = "MNIST-1D, ResNet1d gated with gate_ / plain ResNet1d"
+
+    def data(self, num_samples: int) -> Splits:
+        return _mnist1d(num_samples)
+
+    def gated_model(self, example: Tensor) -> nn.Module:
+        net = build_resnet_demo_model()
+        gp.gate_(net, example, channels=True, blocks=True, shortcuts="dense")
+        return net
+
+    def train_gatedprune(self, data: Splits, *, budget: float, epochs: int, seed: int) -> nn.Module:
+        net, _, _ = train_resnet_demo_model(data, budget=budget, epochs=epochs, seed=seed)
+        return net
+
+    def plain_model(self, scale: float) -> nn.Module:
+        return build_resnet_demo_model(scaled_widths(WIDTHS, scale), BLOCKS)
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {
+    MNIST1DShortcutConv.name: MNIST1DShortcutConv,
+    MNIST1DResNet.name: MNIST1DResNet,
+}
+"""Workloads by name (the ``--workloads`` choices). (c) ShortcutLSTM is not wired in yet."""
