@@ -60,6 +60,7 @@ class _ShortcutNet(GatedModule):
 
     head_widths: Tensor
     head_unit_index: Tensor
+    unit_segment: Tensor
 
     def __init__(self, spec: NetSpec, gate: GateKind, shortcuts: bool) -> None:
         super().__init__()
@@ -96,6 +97,10 @@ class _ShortcutNet(GatedModule):
         ]
         self.register_buffer(
             "head_unit_index", torch.tensor(head_idx, dtype=torch.long), persistent=False
+        )
+        segment = [i for i, layer in enumerate(spec.layers) for _ in range(layer.width)]
+        self.register_buffer(
+            "unit_segment", torch.tensor(segment, dtype=torch.long), persistent=False
         )
         self._act = ACTIVATIONS[spec.activation][0]
 
@@ -218,8 +223,17 @@ class _ShortcutNet(GatedModule):
         else:
             units, edges, head = self._gate_values(gate_prob_open)
         ref = self.head.weight
-        parts: list[Tensor] = [torch.stack([u.double().sum() for u in units])]
-        parts.append(torch.stack([1 - torch.prod(1 - u.double()) for u in units]))
+        p_units = torch.cat(units).double()  # (sum of widths,)
+        n_layers = len(self.layers)
+        seg = self.unit_segment
+        S = p_units.new_zeros(n_layers).index_add(0, seg, p_units)  # (L,) expected open units
+        # P(some unit open) = 1 - prod(1 - p), as a segment sum of logs (p kept below 1)
+        if hard:  # exact decisions: some unit is open iff the count is positive
+            o = (S > 0).double()  # (L,)
+        else:
+            log_closed = torch.log1p(-p_units.clamp(max=1.0 - 1e-12))
+            o = 1 - torch.exp(p_units.new_zeros(n_layers).index_add(0, seg, log_closed))  # (L,)
+        parts: list[Tensor] = [S, o]
         for e, layer in zip(edges, self.spec.layers, strict=True):
             parts.append(ref.new_ones(len(layer.sources)) if e is None else e)
         parts.append(ref.new_ones(len(self.spec.head_sources)) if head is None else head)
