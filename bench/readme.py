@@ -12,14 +12,21 @@ from .common import RESULTS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-ORDER = ["demo", "budget_sweep", "train_step", "prune_time"]
+ORDER = [
+    "demo",
+    "budget_sweep",
+    "train_step",
+    "prune_time",
+    "resnet1d_speed",
+    "resnet1d_gate_prune_time",
+    "suite_quick/suite_summary",
+    "lstm_quality",
+    "lstm_speed",
+]
 
 
 def main() -> None:
-    files = sorted(
-        RESULTS.glob("*.md"),
-        key=lambda p: (p.stem not in ORDER, ORDER.index(p.stem) if p.stem in ORDER else 0, p.stem),
-    )
+    files = [RESULTS / f"{name}.md" for name in ORDER if (RESULTS / f"{name}.md").exists()]
     body = "\n\n".join(p.read_text().strip().replace("## ", "#### ", 1) for p in files)
     text = README.read_text()
     if START not in text or END not in text:
