@@ -90,6 +90,48 @@ def max_abs_diff(a: nn.Module, b: nn.Module, x: Tensor, *, dtype: torch.dtype) -
     return float((a2(xx) - b2(xx)).abs().max())
 
 
+def result_rows(
+    c_dense: Cost,
+    c_pruned: Cost,
+    lat: dict[str, dict[int, float]],
+    accuracies: tuple[float, float, float],
+) -> list[dict[str, Any]]:
+    """The demo table's rows: all-open, gated, pruned and fine-tuned models (shared by the
+    demos). ``lat[name][batch]`` in seconds for ``"dense"`` and ``"pruned"``; accuracies of
+    the gated, pruned and fine-tuned models."""
+    acc_gated, acc_pruned, acc_finetuned = accuracies
+    return [
+        {
+            "model": "all-open (dense architecture)",
+            "params": c_dense.params,
+            "flops": c_dense.flops,
+            "latency_b1_ms": 1e3 * lat["dense"][1],
+            "latency_b256_ms": 1e3 * lat["dense"][256],
+            "accuracy": None,
+        },
+        {
+            "model": "gated (trained, eval mode)",
+            "params": c_dense.params,
+            "flops": c_dense.flops,
+            "accuracy": acc_gated,
+        },
+        {
+            "model": "pruned (no fine-tuning)",
+            "params": c_pruned.params,
+            "flops": c_pruned.flops,
+            "accuracy": acc_pruned,
+        },
+        {
+            "model": "pruned + fine-tuned",
+            "params": c_pruned.params,
+            "flops": c_pruned.flops,
+            "latency_b1_ms": 1e3 * lat["pruned"][1],
+            "latency_b256_ms": 1e3 * lat["pruned"][256],
+            "accuracy": acc_finetuned,
+        },
+    ]
+
+
 def _as_plain(model: nn.Module) -> PlainShortcutNet:
     if not isinstance(model, PlainShortcutNet):
         raise TypeError(f"expected a PlainShortcutNet, got {type(model).__name__}")
@@ -283,36 +325,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     plot_widths(conn, out / "widths.png")
     plot_training(trainer.trace, out / "training.png", target=config.budget)
 
-    rows = [
-        {
-            "model": "all-open (dense architecture)",
-            "params": c_dense.params,
-            "flops": c_dense.flops,
-            "latency_b1_ms": 1e3 * lat["dense"][1],
-            "latency_b256_ms": 1e3 * lat["dense"][256],
-            "accuracy": None,
-        },
-        {
-            "model": "gated (trained, eval mode)",
-            "params": c_dense.params,
-            "flops": c_dense.flops,
-            "accuracy": acc_gated,
-        },
-        {
-            "model": "pruned (no fine-tuning)",
-            "params": c_pruned.params,
-            "flops": c_pruned.flops,
-            "accuracy": acc_pruned,
-        },
-        {
-            "model": "pruned + fine-tuned",
-            "params": c_pruned.params,
-            "flops": c_pruned.flops,
-            "latency_b1_ms": 1e3 * lat["pruned"][1],
-            "latency_b256_ms": 1e3 * lat["pruned"][256],
-            "accuracy": acc_finetuned,
-        },
-    ]
+    rows = result_rows(c_dense, c_pruned, lat, (acc_gated, acc_pruned, acc_finetuned))
     results: dict[str, Any] = {
         "config": {
             "budget": config.budget,

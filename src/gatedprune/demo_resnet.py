@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from .budget import Budget
 from .calibrate import recalibrate_batchnorm
-from .demo import DemoConfig, _adamw_fast_multipliers, _plain_cost, _table, accuracy, max_abs_diff
+from .demo import (
+    DemoConfig,
+    _adamw_fast_multipliers,
+    _plain_cost,
+    _table,
+    accuracy,
+    max_abs_diff,
+    result_rows,
+)
 from .gating import GatingSummary, InsertedGating, ResNet1d, apply_plan, export_plan, gate_
 from .profiling import compare_latency
 from .prune import prune
@@ -504,36 +512,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     plot_group_widths(groups, out / "widths.png")
     plot_training(trainer.trace, out / "training.png", target=config.budget)
 
-    rows = [
-        {
-            "model": "all-open (dense architecture)",
-            "params": c_dense.params,
-            "flops": c_dense.flops,
-            "latency_b1_ms": 1e3 * lat["dense"][1],
-            "latency_b256_ms": 1e3 * lat["dense"][256],
-            "accuracy": None,
-        },
-        {
-            "model": "gated (trained, eval mode)",
-            "params": c_dense.params,
-            "flops": c_dense.flops,
-            "accuracy": acc_gated,
-        },
-        {
-            "model": "pruned (no fine-tuning)",
-            "params": c_pruned.params,
-            "flops": c_pruned.flops,
-            "accuracy": acc_pruned,
-        },
-        {
-            "model": "pruned + fine-tuned",
-            "params": c_pruned.params,
-            "flops": c_pruned.flops,
-            "latency_b1_ms": 1e3 * lat["pruned"][1],
-            "latency_b256_ms": 1e3 * lat["pruned"][256],
-            "accuracy": acc_finetuned,
-        },
-    ]
+    rows = result_rows(c_dense, c_pruned, lat, (acc_gated, acc_pruned, acc_finetuned))
     kept_blocks = [b["block"] for b in blocks if b["kept"]]
     results: dict[str, Any] = {
         "config": {
