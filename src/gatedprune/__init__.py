@@ -24,8 +24,10 @@ from .gates import (
 from .gating import GatingSummary, InsertedGating, ResNet1d, apply_plan, export_plan, gate_
 from .io import load, register_model_class, save
 from .plain import OffsetConv1d, PlainShortcutNet
+from .plain_recurrent import PlainShortcutLSTM
 from .profiling import measure_latency
 from .prune import prune
+from .recurrent import ShortcutLSTM
 from .shortcut import ShortcutConv1d, ShortcutMLP
 from .train import Trainer, snap_to_budget
 
@@ -41,9 +43,11 @@ __all__ = [
     "InsertedGating",
     "ModelGating",
     "OffsetConv1d",
+    "PlainShortcutLSTM",
     "PlainShortcutNet",
     "ResNet1d",
     "ShortcutConv1d",
+    "ShortcutLSTM",
     "ShortcutMLP",
     "Sigmoid",
     "SigmoidGate",
