@@ -5,11 +5,12 @@
 For each task and seed two models are trained (steps per task in ``SCHEDULES``):
 
 * ``dense``: the ShortcutLSTM with every gate forced open and frozen (its all-open network);
-* ``pruned``: the gated ShortcutLSTM under ``Budget(params=0.25)`` (Lagrangian; the penalty
-  starts after a dense phase on the adding problem, its target is warmed up over 30% of the
-  remaining gated steps), then ``snap_to_budget`` fixes every gate so the achieved parameter
-  fraction is within 0.005 of 0.25, ``prune`` rebuilds it from plain ``nn.LSTM`` layers
-  (checked equal to the gated model on the test set), and the pruned model is fine-tuned.
+* ``pruned``: the gated ShortcutLSTM (hard concrete gates starting confidently open) under
+  ``Budget(params=0.25)`` (Lagrangian; the penalty starts after a phase of gated training
+  without it, its target is warmed up over 30% of the remaining gated steps), then
+  ``snap_to_budget`` fixes every gate so the achieved parameter fraction is within 0.005 of
+  0.25, ``prune`` rebuilds it from plain ``nn.LSTM`` layers (checked equal to the gated model
+  on the test set), and the pruned model is fine-tuned.
   The dense model gets as many steps as the pruned one in total.
 
 Targets (issue 4): MNIST-1D dense >= 91% and pruned (25% params) >= 90% test accuracy;

@@ -22,6 +22,7 @@ ORDER = [
     "suite_quick/suite_summary",
     "lstm_quality",
     "lstm_speed",
+    "lstm_train_step",
 ]
 
 
