@@ -33,6 +33,8 @@ def test_other_bad_budgets() -> None:
         gp.Budget(net, torch.zeros(1, 13), flops=0.5)
     with pytest.raises(ValueError, match="warmup_steps"):
         gp.Budget(net, x, flops=0.5, warmup_steps=-1)
+    with pytest.raises(ValueError, match="delay_steps must be an int >= 0, got 1.5"):
+        gp.Budget(net, x, flops=0.5, delay_steps=1.5)  # type: ignore[arg-type]
 
 
 def test_dense_cost_is_the_all_open_cost_and_gates_are_untouched() -> None:
@@ -83,6 +85,33 @@ def test_target_warms_up_linearly_during_training_only() -> None:
         budget.penalty()
         seen.append(round(budget.target()["flops"], 6))
     assert seen == [0.8, 0.6, 0.4, 0.2, 0.2, 0.2]
+
+
+def test_delay_means_no_pressure_then_the_warm_up_starts() -> None:
+    net, x = _net()
+    budget = gp.Budget(net, x, flops=0.2, warmup_steps=2, delay_steps=3)
+    with torch.no_grad():
+        budget.lambda1["flops"].fill_(1.0)
+    net.train()
+    seen = []
+    for _ in range(6):
+        net.zero_grad()
+        budget.zero_grad()
+        was_active = budget.active
+        loss = budget.penalty()
+        loss.backward()
+        gate_grads = [p.grad for p in net.gate_parameters() if p.grad is not None]
+        lam = budget.lambda1["flops"].grad
+        if not was_active:
+            # an exact zero: no pull on the gates, no move of the multipliers
+            assert float(loss.detach()) == 0.0
+            assert all(bool((g == 0).all()) for g in gate_grads)
+            assert lam is not None and float(lam) == 0.0
+        else:
+            assert float(loss.detach()) != 0.0
+            assert lam is not None and float(lam) != 0.0
+        seen.append(round(budget.target()["flops"], 6))
+    assert seen == [1.0, 1.0, 1.0, 0.6, 0.2, 0.2]
 
 
 def test_straight_through_uses_the_achieved_fraction() -> None:

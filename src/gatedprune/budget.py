@@ -4,9 +4,11 @@
 
 ``s_c`` is the expected cost fraction of constraint ``c`` (FLOPs or parameters), ``t_c`` the
 target, warmed up linearly from ``target_start`` over ``warmup_steps`` penalty calls in training
-mode. The multipliers are ordinary parameters whose gradient is reversed, so one optimizer step
-does gradient *descent* on the model and gate parameters and *ascent* on the multipliers (and
-DDP averages their gradients like any other parameter's).
+mode, after ``delay_steps`` calls without any budget pressure (the network first learns what its
+connections are worth; gates pruned from step 0 are pruned by cost, not by use). The multipliers
+are ordinary parameters whose gradient is reversed, so one optimizer step does gradient
+*descent* on the model and gate parameters and *ascent* on the multipliers (and DDP averages
+their gradients like any other parameter's).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Budget(nn.Module):
         params: float | None = None,
         warmup_steps: int = 0,
         target_start: float = 1.0,
+        delay_steps: int = 0,
     ) -> None:
         super().__init__()
         targets = {
@@ -82,8 +85,9 @@ class Budget(nn.Module):
         if all(v is None for v in targets.values()):
             raise ValueError("Budget needs a target: flops=... and/or params=... in (0, 1]")
         _check_fraction("target_start", target_start)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Budget expects a torch.nn.Module, got {type(model).__name__}")
         if not any(isinstance(m, GatedModule) for m in model.modules()):
@@ -100,6 +104,7 @@ class Budget(nn.Module):
             if v <= 0:
                 raise ValueError(f"the model's all-open {k} count is {v}; nothing to budget")
         self.warmup_steps = warmup_steps
+        self.delay_steps = delay_steps
         self.target_start = target_start
         self.lambda1 = nn.ParameterDict(
             {k: nn.Parameter(torch.zeros((), dtype=torch.float64)) for k in self.targets}
@@ -127,9 +132,15 @@ class Budget(nn.Module):
                 g.load_state_dict(state)
         return {"flops": float(c.flops), "params": float(c.params)}
 
+    @property
+    def active(self) -> bool:
+        """False during the first ``delay_steps`` training steps (no budget pressure yet)."""
+        return int(self.step) >= self.delay_steps
+
     def target(self) -> dict[str, float]:
         """Current (warmed-up) target fractions."""
-        frac = 1.0 if self.warmup_steps == 0 else min(1.0, int(self.step) / self.warmup_steps)
+        k = int(self.step) - self.delay_steps
+        frac = 1.0 if self.warmup_steps == 0 else min(1.0, max(0, k) / self.warmup_steps)
         return {
             k: self.target_start + (t - self.target_start) * frac for k, t in self.targets.items()
         }
@@ -141,7 +152,17 @@ class Budget(nn.Module):
         return {k: values[k] / self.dense[k] for k in self.targets}
 
     def penalty(self) -> Tensor:
-        """Lagrangian term to add to the loss; advances the warm-up when the model trains."""
+        """Lagrangian term to add to the loss; advances the warm-up when the model trains.
+
+        During the first ``delay_steps`` training steps it is an exact zero (the network trains
+        without budget pressure and the multipliers stay at 0).
+        """
+        if not self.active:
+            if self.model.training:
+                self.step += 1
+            # zero, but connected to the multipliers so DDP sees every parameter used
+            lam = [*self.lambda1.values(), *self.lambda2.values()]
+            return (0.0 * torch.stack(lam).sum()).float()
         soft = self.fractions()
         if self.straight_through:
             with torch.no_grad():
@@ -169,4 +190,7 @@ class Budget(nn.Module):
             return {k: float(v) for k, v in self.fractions(hard=True).items()}
 
     def extra_repr(self) -> str:
-        return f"targets={self.targets}, warmup_steps={self.warmup_steps}"
+        return (
+            f"targets={self.targets}, warmup_steps={self.warmup_steps}, "
+            f"delay_steps={self.delay_steps}"
+        )

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,6 +186,68 @@ def _adamw_fast_multipliers(groups: list[dict[str, Any]]) -> torch.optim.Optimiz
     )
 
 
+def gate_lr_for(warmup_steps: int, distance: float = 5.4, floor: float = 1e-2) -> float:
+    """Gate learning rate that lets Adam move a gate's log-alpha by ``2 * distance`` within the
+    target warm-up (open init 2.9 to exactly closed -2.4 is ~5.4): short schedules need larger
+    steps, or the gates cannot follow the target and the final snap does all the pruning.
+
+    >>> gate_lr_for(96) > gate_lr_for(1000) == 1e-2
+    True
+    """
+    return max(floor, 2.0 * distance / max(1, warmup_steps))
+
+
+def budget_trainer(
+    net: nn.Module,
+    data: Splits,
+    *,
+    flops: float,
+    epochs: int,
+    seed: int,
+    checkpoint_dir: Path | None = None,
+    progress: bool = False,
+    metrics_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> Trainer:
+    """The demos' training recipe for a gated ``net`` under a FLOPs budget.
+
+    The first quarter of training has no budget pressure (the network learns what its
+    connections are worth: gates pruned from step 0 are pruned by cost, not by use); the target
+    then warms up from 1.0 to ``flops`` over the next half, with a gate learning rate that lets
+    the gates follow it (:func:`gate_lr_for`); the gates are snapped to the budget at 80%
+    (Trainer ``snap_at``) and the rest fine-tunes the final architecture. The budget uses hard
+    (achieved) costs with straight-through gradients, so the Lagrangian steers the cost that
+    pruning will really achieve. AdamW, lr 1e-2 with cosine decay, batch 100.
+
+    >>> from gatedprune.data import mnist1d
+    >>> data = mnist1d()
+    >>> trainer = budget_trainer(build_demo_model(), data, flops=0.1, epochs=30, seed=0)
+    >>> trainer.fit(train=(data.x_train, data.y_train))  # doctest: +SKIP
+    """
+    from .train import Trainer
+
+    steps_per_epoch = -(-len(data.x_train) // 100)
+    total = epochs * steps_per_epoch
+    delay, warmup = total // 5, 2 * total // 5
+    example = data.x_train[:1]  # one sample: costs are per sample
+    b = Budget(net, example, flops=flops, warmup_steps=warmup, delay_steps=delay)
+    return Trainer(
+        net,
+        budget=b,
+        epochs=epochs,
+        batch_size=100,
+        lr=1e-2,
+        gate_lr=gate_lr_for(warmup),
+        budget_lr=5e-2,
+        weight_decay=1e-4,
+        straight_through_at=0.0,
+        optimizer=_adamw_fast_multipliers,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        metrics_fn=metrics_fn,
+    )
+
+
 def train_demo_model(
     data: Splits,
     *,
@@ -194,37 +257,23 @@ def train_demo_model(
     checkpoint_dir: Path | None = None,
     progress: bool = False,
 ) -> tuple[ShortcutConv1d, Trainer]:
-    """Train the demo network under a FLOPs budget (the recipe shared by demo and benchmarks).
-
-    The target warms up from 1.0 to ``budget`` over the first half of training; the budget
-    uses hard (achieved) costs with straight-through gradients throughout, so the Lagrangian
-    steers the cost that pruning will really achieve. BatchNorm statistics are re-estimated
-    for the final eval-mode gates.
-    """
-    from .train import Trainer
-
+    """Train the demo network under a FLOPs budget (:func:`budget_trainer`, the recipe shared by
+    the demos and benchmarks); BatchNorm statistics are re-estimated for the final eval-mode
+    gates."""
     torch.manual_seed(seed)
     x_train, y_train = data.x_train, data.y_train
     net = build_demo_model(x_train.shape[-1])
-    steps_per_epoch = -(-len(x_train) // 100)
-    b = Budget(net, x_train[:1], flops=budget, warmup_steps=epochs * steps_per_epoch // 2)
     calib = [x_train[i : i + 500] for i in range(0, min(len(x_train), 2000), 500)]
 
     def val_metrics(model: nn.Module) -> dict[str, float]:
         recalibrate_batchnorm(model, calib)
         return {"val_accuracy_calibrated": accuracy(model, data.x_test, data.y_test)}
 
-    trainer = Trainer(
+    trainer = budget_trainer(
         net,
-        budget=b,
+        data,
+        flops=budget,
         epochs=epochs,
-        batch_size=100,
-        lr=1e-2,
-        gate_lr=1e-2,
-        budget_lr=5e-2,
-        weight_decay=1e-4,
-        straight_through_at=0.0,
-        optimizer=_adamw_fast_multipliers,
         seed=seed,
         checkpoint_dir=checkpoint_dir,
         progress=progress,

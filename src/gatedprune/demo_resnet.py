@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .budget import Budget
 from .calibrate import recalibrate_batchnorm
 from .demo import (
     DemoConfig,
-    _adamw_fast_multipliers,
     _plain_cost,
     _table,
     accuracy,
+    budget_trainer,
     max_abs_diff,
     result_rows,
 )
@@ -95,9 +94,8 @@ def train_resnet_demo_model(
     progress: bool = False,
 ) -> tuple[ResNet1d, GatingSummary, Trainer]:
     """Gate the demo ResNet (channels, blocks, dense shortcuts) and train it under a FLOPs
-    budget: the recipe of :func:`gatedprune.demo.train_demo_model` (target warmed up from 1.0
-    over the first half, hard costs with straight-through gradients, gates snapped to the
-    budget at 80% of the steps), then BatchNorm statistics re-estimated for the eval gates.
+    budget with the demos' recipe (:func:`gatedprune.demo.budget_trainer`), then BatchNorm
+    statistics re-estimated for the eval gates.
     After each epoch the test accuracy is recorded as ``val_accuracy_calibrated`` (eval mode,
     BatchNorm statistics first re-estimated for the eval gates on one batch: the running
     statistics of training mix sampled gate values).
@@ -107,14 +105,11 @@ def train_resnet_demo_model(
     >>> net, summary, trainer = train_resnet_demo_model(  # doctest: +SKIP
     ...     data, budget=0.1, epochs=30, seed=0)
     """
-    from .train import Trainer
 
     torch.manual_seed(seed)
     x_train, y_train = data.x_train, data.y_train  # (N, 1, 40), (N,)
     net = build_resnet_demo_model(widths, blocks)
     summary = gate_(net, x_train[:1], channels=True, blocks=True, shortcuts="dense")
-    steps_per_epoch = -(-len(x_train) // 100)
-    b = Budget(net, x_train[:1], flops=budget, warmup_steps=epochs * steps_per_epoch // 2)
     calib = [x_train[i : i + 500] for i in range(0, min(len(x_train), 2000), 500)]
 
     def val_metrics(model: nn.Module) -> dict[str, float]:
@@ -122,17 +117,11 @@ def train_resnet_demo_model(
         recalibrate_batchnorm(model, calib[:1])
         return {"val_accuracy_calibrated": accuracy(model, data.x_test, data.y_test)}
 
-    trainer = Trainer(
+    trainer = budget_trainer(
         net,
-        budget=b,
+        data,
+        flops=budget,
         epochs=epochs,
-        batch_size=100,
-        lr=1e-2,
-        gate_lr=1e-2,
-        budget_lr=5e-2,
-        weight_decay=1e-4,
-        straight_through_at=0.0,
-        optimizer=_adamw_fast_multipliers,
         seed=seed,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
