@@ -33,7 +33,7 @@ def test_other_bad_budgets() -> None:
         gp.Budget(net, torch.zeros(1, 13), flops=0.5)
     with pytest.raises(ValueError, match="warmup_steps"):
         gp.Budget(net, x, flops=0.5, warmup_steps=-1)
-    with pytest.raises(ValueError, match="delay_steps must be an int >= 0, got 1.5"):
+    with pytest.raises(ValueError, match=r"delay_steps must be an int >= 0, got 1\.5"):
         gp.Budget(net, x, flops=0.5, delay_steps=1.5)  # type: ignore[arg-type]
 
 
@@ -106,10 +106,12 @@ def test_delay_means_no_pressure_then_the_warm_up_starts() -> None:
             # an exact zero: no pull on the gates, no move of the multipliers
             assert float(loss.detach()) == 0.0
             assert all(bool((g == 0).all()) for g in gate_grads)
-            assert lam is not None and float(lam) == 0.0
+            assert lam is not None
+            assert float(lam) == 0.0
         else:
             assert float(loss.detach()) != 0.0
-            assert lam is not None and float(lam) != 0.0
+            assert lam is not None
+            assert float(lam) != 0.0
         seen.append(round(budget.target()["flops"], 6))
     assert seen == [1.0, 1.0, 1.0, 0.6, 0.2, 0.2]
 

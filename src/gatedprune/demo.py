@@ -197,6 +197,10 @@ def gate_lr_for(warmup_steps: int, distance: float = 5.4, floor: float = 1e-2) -
     return max(floor, 2.0 * distance / max(1, warmup_steps))
 
 
+SNAP_AT = 0.8
+"""Fraction of the demo recipe's steps after which the architecture is fixed and fine-tuned."""
+
+
 def budget_trainer(
     net: nn.Module,
     data: Splits,
@@ -214,7 +218,8 @@ def budget_trainer(
     connections are worth: gates pruned from step 0 are pruned by cost, not by use); the target
     then warms up from 1.0 to ``flops`` over the next half, with a gate learning rate that lets
     the gates follow it (:func:`gate_lr_for`); the gates are snapped to the budget at 80%
-    (Trainer ``snap_at``) and the rest fine-tunes the final architecture. The budget uses hard
+    (Trainer ``snap_at``) and the rest fine-tunes the final architecture with the learning
+    rate rewound (:func:`gatedprune.train.rewound_cosine_lr`). The budget uses hard
     (achieved) costs with straight-through gradients, so the Lagrangian steers the cost that
     pruning will really achieve. AdamW, lr 1e-2 with cosine decay, batch 100.
 
@@ -223,7 +228,7 @@ def budget_trainer(
     >>> trainer = budget_trainer(build_demo_model(), data, flops=0.1, epochs=30, seed=0)
     >>> trainer.fit(train=(data.x_train, data.y_train))  # doctest: +SKIP
     """
-    from .train import Trainer
+    from .train import Trainer, rewound_cosine_lr
 
     steps_per_epoch = -(-len(data.x_train) // 100)
     total = epochs * steps_per_epoch
@@ -240,6 +245,8 @@ def budget_trainer(
         budget_lr=5e-2,
         weight_decay=1e-4,
         straight_through_at=0.0,
+        snap_at=SNAP_AT,
+        lr_schedule=rewound_cosine_lr(SNAP_AT),
         optimizer=_adamw_fast_multipliers,
         seed=seed,
         checkpoint_dir=checkpoint_dir,

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from .budget import Budget
 from .gates import gate_modules, harden
 
-__all__ = ["Trainer", "constant_lr", "cosine_lr", "snap_to_budget"]
+__all__ = ["Trainer", "constant_lr", "cosine_lr", "rewound_cosine_lr", "snap_to_budget"]
 
 Record = dict[str, Any]
 """One row of :attr:`Trainer.history` or :attr:`Trainer.trace`: str -> int | float | None."""
@@ -73,6 +73,26 @@ def cosine_lr(progress: float) -> float:
     """
     p = min(max(float(progress), 0.0), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * p)) if 0.0 < p < 1.0 else 1.0 - p
+
+
+def rewound_cosine_lr(rewind_at: float) -> Callable[[float], float]:
+    """Cosine decay over all of training, restarted from 1 at ``rewind_at`` (learning-rate
+    rewinding, Renda et al. 2020): with ``rewind_at`` equal to the Trainer's ``snap_at`` the
+    final architecture is fine-tuned with a fresh schedule instead of a nearly spent one.
+
+    >>> schedule = rewound_cosine_lr(0.8)
+    >>> round(schedule(0.5), 3), schedule(0.8), round(schedule(0.9), 3), schedule(1.0)
+    (0.5, 1.0, 0.5, 0.0)
+    """
+    at = float(rewind_at)
+    if not 0.0 < at < 1.0:
+        raise ValueError(f"rewind_at must be in (0, 1), got {rewind_at!r}")
+
+    def schedule(progress: float) -> float:
+        p = float(progress)
+        return cosine_lr(p) if p < at else cosine_lr((p - at) / (1.0 - at))
+
+    return schedule
 
 
 def constant_lr(progress: float) -> float:
