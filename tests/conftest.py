@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 from hypothesis import HealthCheck, settings
+
+# the benchmark scripts (bench/, not installed) are importable from tests
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 torch.set_num_threads(int(os.environ.get("GATEDPRUNE_TEST_THREADS", "1")))
 
