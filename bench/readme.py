@@ -19,7 +19,7 @@ ORDER = [
     "prune_time",
     "resnet1d_speed",
     "resnet1d_gate_prune_time",
-    "suite_quick/suite_summary",
+    "suite/suite_summary",
     "lstm_quality",
     "lstm_speed",
     "lstm_train_step",

@@ -63,3 +63,29 @@ def test_runs_with_different_epochs_are_refused(tmp_path: Path) -> None:
     _write_runs(b, [{**_row("random", 1, 0.7), "epochs": 8}])
     with pytest.raises(ValueError, match=r"different epochs \[8, 15\]"):
         main([str(tmp_path / "out"), str(a), str(b)])
+
+
+def test_parallel_parts_are_merged_into_one_report(tmp_path: Path) -> None:
+    pytest.importorskip("mnist1d")
+    from dataclasses import replace
+
+    from bench.suite.parallel import run_parallel
+    from bench.suite.runner import QUICK
+
+    config = replace(
+        QUICK,
+        methods=("small_dense", "random"),
+        targets=(0.5,),
+        epochs=1,
+        num_samples=300,
+        jobs=2,
+        out=tmp_path / "suite",
+        plots=False,
+    )
+    rows = run_parallel(config, quick=True)
+    assert sorted(r["method"] for r in rows) == ["random", "small_dense"]
+    assert len(list((tmp_path / "suite" / "parts").iterdir())) == 2  # one process per method
+    merged = read_runs(tmp_path / "suite")
+    assert {r["method"] for r in merged} == {"random", "small_dense"}
+    assert all(0.4 < float(r["achieved_flops"]) < 0.6 for r in merged)
+    assert all(float(r["speedup_b1"]) > 0 for r in merged)

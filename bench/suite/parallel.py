@@ -1,0 +1,102 @@
+"""Run the suite in parallel processes and merge their results (``python -m bench --jobs N``).
+
+Each workload's methods are split into ``jobs`` groups; every (workload, group) runs as its
+own ``python -m bench --jobs 1`` process with one thread, at most ``jobs`` at a time, writing
+into a part folder; the parts are merged (:mod:`bench.suite.merge`) into ``config.out``.
+Latency is measured at the end of each part, against that part's own measurement of the dense
+network in interleaved rounds, so speed-ups stay ratios measured in one process even when
+another part is still training on the other core.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .merge import merge_rows, read_runs
+from .report import write_report
+from .runner import SuiteConfig
+
+__all__ = ["part_arguments", "run_parallel", "split"]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def split(items: Sequence[str], parts: int) -> list[list[str]]:
+    """``items`` dealt round-robin into at most ``parts`` non-empty groups.
+
+    >>> split(["a", "b", "c"], 2)
+    [['a', 'c'], ['b']]
+    """
+    groups: list[list[str]] = [list(items[i::parts]) for i in range(parts)]
+    return [g for g in groups if g]
+
+
+def part_arguments(
+    config: SuiteConfig, workload: str, methods: Sequence[str], out: Path, *, quick: bool
+) -> list[str]:
+    """Command-line arguments of one part (``python -m bench ...``).
+
+    >>> from bench.suite.runner import QUICK
+    >>> part_arguments(QUICK, "w", ["random"], Path("p"), quick=True)[:4]
+    ['--quick', '--jobs', '1', '--workloads']
+    """
+    args = [*(["--quick"] if quick else []), "--jobs", "1"]
+    args += ["--workloads", workload, "--methods", *methods]
+    args += ["--targets", *(str(t) for t in config.targets)]
+    args += ["--seeds", *(str(s) for s in config.seeds)]
+    args += ["--epochs", str(config.epochs), "--num-samples", str(config.num_samples)]
+    args += ["--threads", str(config.threads), "--out", str(out), "--no-plots"]
+    return args
+
+
+def run_parallel(
+    config: SuiteConfig, *, quick: bool, command: str = "python -m bench"
+) -> list[dict[str, Any]]:
+    """Run every part, at most ``config.jobs`` at once, and write the merged report.
+
+    >>> from bench.suite.runner import QUICK
+    >>> rows = run_parallel(QUICK, quick=True)  # doctest: +SKIP
+    """
+    config.validate()
+    t_start = time.perf_counter()
+    parts_dir = Path(config.out) / "parts"
+    tasks = [
+        (w, ms, parts_dir / f"{w}-{i}")
+        for w in config.workloads
+        for i, ms in enumerate(split(list(config.methods), config.jobs))
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    waiting = list(tasks)
+    running: list[tuple[subprocess.Popen[bytes], Path, Any]] = []
+    failed: list[str] = []
+    while waiting or running:
+        while waiting and len(running) < config.jobs:
+            w, ms, out = waiting.pop(0)
+            out.mkdir(parents=True, exist_ok=True)
+            log = (out / "log.txt").open("wb")
+            cmd = [sys.executable, "-m", "bench", *part_arguments(config, w, ms, out, quick=quick)]
+            print(f"started {w} {' '.join(ms)} -> {out}", flush=True)
+            running.append(
+                (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log), out, log)
+            )
+        time.sleep(1.0)
+        for proc, out, log in list(running):
+            if proc.poll() is not None:
+                log.close()
+                running.remove((proc, out, log))
+                if proc.returncode != 0:
+                    failed.append(f"{out} (exit {proc.returncode}, see {out / 'log.txt'})")
+                print(f"finished {out.name} (exit {proc.returncode})", flush=True)
+    if failed:
+        raise RuntimeError("suite parts failed: " + "; ".join(failed))
+    rows = merge_rows([read_runs(out) for _, _, out in tasks])
+    write_report(rows, config, seconds=time.perf_counter() - t_start, command=command)
+    print(f"suite finished in {time.perf_counter() - t_start:.0f} s; results in {config.out}")
+    return rows
