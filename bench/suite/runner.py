@@ -91,8 +91,8 @@ QUICK = replace(
     latency_repeats_b256=2,
     out=DEFAULT_OUT.parent / "suite_quick",
 )
-"""Quick mode: the conv workload, 2 budgets x 1 seed x 7 methods, 15 epochs on 2400 samples (a smoke check;
-gatedprune's search needs a few hundred steps, 8 epochs of 24 steps are too few)."""
+"""Quick mode: the conv workload, 2 budgets x 1 seed x 7 methods, 15 epochs on 2400 samples
+(a smoke check; gatedprune's search needs a few hundred steps, 8 epochs of 24 are too few)."""
 
 
 @dataclass
