@@ -9,7 +9,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from gatedprune.demo import DemoConfig, run_demo
+from gatedprune.demo import SNAP_AT, DemoConfig, run_demo
 
 from .common import command_line, write_results
 
@@ -39,7 +39,7 @@ def main() -> None:
             f"- target {r['target_flops_fraction']:g} of FLOPs, achieved "
             f"{r['achieved_flops_fraction']:.4f} (error {r['budget_error']:.4f}); the Lagrangian "
             f"alone had reached {before.get('flops', float('nan')):.4f} when the gates were "
-            "snapped at 80% of training",
+            f"snapped at {100 * SNAP_AT:.0f}% of training",
             f"- {r['flops_reduction']:.2f}x fewer FLOPs; measured speed-up "
             f"{r['speedup_b1']:.2f}x at batch 1 and {r['speedup_b256']:.2f}x at batch 256 "
             f"(BatchNorm folded: {r['speedup_b1_bn_folded']:.2f}x / "

@@ -29,6 +29,7 @@ from .demo import (
     _table,
     accuracy,
     budget_trainer,
+    float64_diff,
     max_abs_diff,
     result_rows,
 )
@@ -452,10 +453,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         max_abs_diff(net, pruned, probe, dtype=torch.float32),
         max_abs_diff(net, pruned, x_test, dtype=torch.float32),
     )
-    diff64 = max(
-        max_abs_diff(net, pruned, probe, dtype=torch.float64),
-        max_abs_diff(net, pruned, x_test, dtype=torch.float64),
-    )
+    diff64 = float64_diff(net, [probe, x_test])
     with torch.no_grad():
         scale = float(torch.cat([net(probe), net(x_test)]).abs().max())  # largest |logit|
     acc_gated = accuracy(net, x_test, y_test)
