@@ -53,10 +53,17 @@ def _resnet1d_demo(config: DemoConfig) -> dict[str, Any]:
     return run_resnet_demo(config)
 
 
-# --model: the demo's function and its default output directory
-DEMOS: dict[str, tuple[Callable[[DemoConfig], dict[str, Any]], Path]] = {
-    "conv": (_conv_demo, Path("gatedprune-demo")),
-    "resnet1d": (_resnet1d_demo, Path("gatedprune-demo-resnet1d")),
+def _lstm_demo(config: DemoConfig) -> dict[str, Any]:
+    from .demo_lstm import run_lstm_demo
+
+    return run_lstm_demo(config)
+
+
+# --model: the demo's function, its default output directory and its default budget
+DEMOS: dict[str, tuple[Callable[[DemoConfig], dict[str, Any]], Path, float]] = {
+    "conv": (_conv_demo, Path("gatedprune-demo"), 0.1),
+    "resnet1d": (_resnet1d_demo, Path("gatedprune-demo-resnet1d"), 0.1),
+    "lstm": (_lstm_demo, Path("gatedprune-demo-lstm"), 0.25),
 }
 
 
@@ -75,9 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(DEMOS),
         default="conv",
         help="conv: a ShortcutConv1d grown and pruned; resnet1d: an ordinary 1D ResNet gated "
-        "with gate_ (channels, residual blocks, dense shortcuts) (conv)",
+        "with gate_ (channels, residual blocks, dense shortcuts); lstm: a ShortcutLSTM on "
+        "MNIST-1D as a sequence, pruned to plain nn.LSTM layers (conv)",
     )
-    demo.add_argument("--budget", type=_fraction, default=0.1, help="FLOPs fraction (0.1)")
+    demo.add_argument(
+        "--budget",
+        type=_fraction,
+        default=None,
+        help="FLOPs fraction (0.1); with --model lstm a parameter fraction (0.25)",
+    )
     demo.add_argument("--epochs", type=_positive, default=30, help="training epochs (30)")
     demo.add_argument(
         "--finetune-epochs", type=_non_negative, default=5, help="fine-tuning epochs (5)"
@@ -87,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="output directory (gatedprune-demo, or gatedprune-demo-resnet1d with "
-        "--model resnet1d)",
+        help="output directory (gatedprune-demo, or gatedprune-demo-<model> with --model)",
     )
     demo.add_argument("--quiet", action="store_true", help="print nothing")
     return parser
@@ -103,10 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import DemoConfig
 
-        run, default_out = DEMOS[args.model]
+        run, default_out, default_budget = DEMOS[args.model]
         run(
             DemoConfig(
-                budget=args.budget,
+                budget=default_budget if args.budget is None else args.budget,
                 epochs=args.epochs,
                 finetune_epochs=args.finetune_epochs,
                 seed=args.seed,

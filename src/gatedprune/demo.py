@@ -222,14 +222,16 @@ def budget_trainer(
     net: nn.Module,
     data: Splits,
     *,
-    flops: float,
+    flops: float | None = None,
+    params: float | None = None,
     epochs: int,
     seed: int,
     checkpoint_dir: Path | None = None,
     progress: bool = False,
     metrics_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Trainer:
-    """The demos' training recipe for a gated ``net`` under a FLOPs budget.
+    """The demos' training recipe for a gated ``net`` under a FLOPs and/or parameter budget.
 
     The first ``DELAY`` (10%) of the steps have no budget pressure (the network learns what its
     connections are worth: gates pushed from step 0 close by cost, not by use); the target then
@@ -252,7 +254,7 @@ def budget_trainer(
     total = epochs * steps_per_epoch
     delay, warmup = int(DELAY * total), int(WARMUP * total)
     example = data.x_train[:1]  # one sample: costs are per sample
-    b = Budget(net, example, flops=flops, warmup_steps=warmup, delay_steps=delay)
+    b = Budget(net, example, flops=flops, params=params, warmup_steps=warmup, delay_steps=delay)
     return Trainer(
         net,
         budget=b,
@@ -270,6 +272,7 @@ def budget_trainer(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         metrics_fn=metrics_fn,
+        loss_fn=loss_fn,
     )
 
 
