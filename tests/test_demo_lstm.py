@@ -71,7 +71,7 @@ def test_cli_lstm_defaults_to_a_quarter_of_the_parameters(monkeypatch: pytest.Mo
     assert cli.main(["demo", "--model", "lstm", "--budget", "0.5", "--quiet"]) == 0
     assert seen == [
         DemoConfig(budget=0.25, epochs=3, out=Path("gatedprune-demo-lstm"), progress=False),
-        DemoConfig(budget=0.5, out=Path("gatedprune-demo-lstm"), progress=False),
+        DemoConfig(budget=0.5, epochs=60, out=Path("gatedprune-demo-lstm"), progress=False),
     ]
 
 

@@ -59,11 +59,11 @@ def _lstm_demo(config: DemoConfig) -> dict[str, Any]:
     return run_lstm_demo(config)
 
 
-# --model: the demo's function, its default output directory and its default budget
-DEMOS: dict[str, tuple[Callable[[DemoConfig], dict[str, Any]], Path, float]] = {
-    "conv": (_conv_demo, Path("gatedprune-demo"), 0.1),
-    "resnet1d": (_resnet1d_demo, Path("gatedprune-demo-resnet1d"), 0.1),
-    "lstm": (_lstm_demo, Path("gatedprune-demo-lstm"), 0.25),
+# --model: the demo's function, its default output directory, budget and epochs
+DEMOS: dict[str, tuple[Callable[[DemoConfig], dict[str, Any]], Path, float, int]] = {
+    "conv": (_conv_demo, Path("gatedprune-demo"), 0.1, 30),
+    "resnet1d": (_resnet1d_demo, Path("gatedprune-demo-resnet1d"), 0.1, 30),
+    "lstm": (_lstm_demo, Path("gatedprune-demo-lstm"), 0.25, 60),
 }
 
 
@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="FLOPs fraction (0.1); with --model lstm a parameter fraction (0.25)",
     )
-    demo.add_argument("--epochs", type=_positive, default=30, help="training epochs (30)")
+    demo.add_argument(
+        "--epochs", type=_positive, default=None, help="training epochs (30; lstm: 60)"
+    )
     demo.add_argument(
         "--finetune-epochs", type=_non_negative, default=5, help="fine-tuning epochs (5)"
     )
@@ -115,11 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import DemoConfig
 
-        run, default_out, default_budget = DEMOS[args.model]
+        run, default_out, default_budget, default_epochs = DEMOS[args.model]
         run(
             DemoConfig(
                 budget=default_budget if args.budget is None else args.budget,
-                epochs=args.epochs,
+                epochs=default_epochs if args.epochs is None else args.epochs,
                 finetune_epochs=args.finetune_epochs,
                 seed=args.seed,
                 out=default_out if args.out is None else args.out,
