@@ -12,7 +12,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +100,55 @@ def float64_diff(net: nn.Module, inputs: Sequence[Tensor]) -> float:
     n64 = copy.deepcopy(net).double().eval()
     p64 = prune(n64).eval()
     return max(float((n64(x.double()) - p64(x.double())).abs().max()) for x in inputs)
+
+
+def start_demo(config: DemoConfig) -> tuple[Path, Callable[..., None], float]:
+    """Validate ``config``, create its output folder and seed torch: (folder, print function
+    (silent without ``progress``), start time)."""
+    config.validate()
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    return out, (print if config.progress else lambda *a, **k: None), time.perf_counter()
+
+
+def measure_demo_latency(models: Mapping[str, nn.Module], x: Tensor) -> dict[str, dict[int, float]]:
+    """Median latency in seconds of each model at batch 1 and 256 (the first rows of ``x``),
+    measured in interleaved rounds with the current thread count: ``lat[name][batch]``."""
+    threads = torch.get_num_threads()
+    lat: dict[str, dict[int, float]] = {}
+    for batch in (1, 256):
+        times = compare_latency(
+            models, x[:batch], rounds=7, repeats=20 if batch == 1 else 3, threads=threads
+        )
+        for name, t in times.items():
+            lat.setdefault(name, {})[batch] = t
+    return lat
+
+
+def run_facts(
+    lat: Mapping[str, Mapping[int, float]], *, train_s: float, prune_s: float, t_start: float
+) -> dict[str, Any]:
+    """The results.json entries every demo shares: speed-ups of ``"pruned"`` over ``"dense"``,
+    latencies in ms, wall times and where it ran."""
+    return {
+        "speedup_b1": lat["dense"][1] / lat["pruned"][1],
+        "speedup_b256": lat["dense"][256] / lat["pruned"][256],
+        "latency_ms": {k: {str(b): 1e3 * t for b, t in v.items()} for k, v in lat.items()},
+        "train_seconds": train_s,
+        "prune_seconds": prune_s,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "total_seconds": time.perf_counter() - t_start,
+    }
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def result_rows(
@@ -322,12 +371,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from .plots import plot_connectivity, plot_training, plot_widths
     from .train import Trainer
 
-    config.validate()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = print if config.progress else (lambda *a, **k: None)
-    t_start = time.perf_counter()
-    torch.manual_seed(config.seed)
+    out, say, t_start = start_demo(config)
 
     data = mnist1d(num_samples=config.num_samples)
     x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
@@ -377,21 +421,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     dense_plain = prune(all_open_copy(net)).eval()
     c_dense = _plain_cost(dense_plain, example)
     c_pruned = _plain_cost(pruned, example)
-    threads = torch.get_num_threads()
-    lat: dict[str, dict[int, float]] = {}
     models = {
         "dense": dense_plain,
         "pruned": finetuned,
         "dense_folded": _as_plain(dense_plain).fold_batchnorm().eval(),
         "pruned_folded": _as_plain(finetuned).fold_batchnorm().eval(),
     }
-    for batch in (1, 256):
-        xb = x_test[:batch]  # (batch, 1, 40)
-        times = compare_latency(
-            models, xb, rounds=7, repeats=20 if batch == 1 else 3, threads=threads
-        )
-        for name, t in times.items():
-            lat.setdefault(name, {})[batch] = t
+    lat = measure_demo_latency(models, x_test)
 
     conn = net.connectivity()
     io.save(finetuned, out / "pruned.safetensors")
@@ -415,11 +451,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "budget_error": abs(c_pruned.flops / c_dense.flops - config.budget),
         "achieved_before_snap": trainer.achieved_before_snap,
         "flops_reduction": c_dense.flops / c_pruned.flops,
-        "speedup_b1": lat["dense"][1] / lat["pruned"][1],
-        "speedup_b256": lat["dense"][256] / lat["pruned"][256],
         "speedup_b1_bn_folded": lat["dense_folded"][1] / lat["pruned_folded"][1],
         "speedup_b256_bn_folded": lat["dense_folded"][256] / lat["pruned_folded"][256],
-        "latency_ms": {k: {str(b): 1e3 * t for b, t in v.items()} for k, v in lat.items()},
         "max_abs_diff_float32": diff32,
         "max_abs_diff_float64": diff64,
         "max_abs_logit": scale,
@@ -429,16 +462,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "accuracy_pruned_finetuned": acc_finetuned,
         "kept": {k: v for k, v in conn.items() if k not in ("layers", "head")},
         "connectivity": conn,
-        "train_seconds": train_seconds,
-        "prune_seconds": prune_seconds,
-        "threads": threads,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "total_seconds": time.perf_counter() - t_start,
+        **run_facts(lat, train_s=train_seconds, prune_s=prune_seconds, t_start=t_start),
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", results)
 
     k = results["kept"]
     say("")

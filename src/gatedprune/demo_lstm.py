@@ -9,11 +9,7 @@ is read from the output at the last time step.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,10 +23,13 @@ from .demo import (
     all_open_copy,
     budget_trainer,
     float64_diff,
+    measure_demo_latency,
     result_rows,
+    run_facts,
+    start_demo,
+    write_json,
 )
 from .gates import HardConcrete
-from .profiling import compare_latency
 from .prune import prune
 from .recurrent import ShortcutLSTM
 
@@ -89,12 +88,7 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
     from .plots import plot_connectivity, plot_training, plot_widths
     from .train import Trainer
 
-    config.validate()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = print if config.progress else (lambda *a, **k: None)
-    t_start = time.perf_counter()
-    torch.manual_seed(config.seed)
+    out, say, t_start = start_demo(config)
 
     data = mnist1d(num_samples=config.num_samples, as_sequence=True)
     x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
@@ -148,18 +142,7 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
     dense_plain = prune(all_open_copy(net)).eval()
     c_dense = _plain_cost(dense_plain, example)
     c_pruned = _plain_cost(pruned, example)
-    threads = torch.get_num_threads()
-    lat: dict[str, dict[int, float]] = {}
-    for batch in (1, 256):
-        times = compare_latency(
-            {"dense": dense_plain, "pruned": finetuned},
-            x_test[:batch],  # (batch, 40, 1)
-            rounds=7,
-            repeats=20 if batch == 1 else 3,
-            threads=threads,
-        )
-        for name, t in times.items():
-            lat.setdefault(name, {})[batch] = t
+    lat = measure_demo_latency({"dense": dense_plain, "pruned": finetuned}, x_test)
 
     conn = net.connectivity()
     io.save(finetuned, out / "pruned.safetensors")
@@ -184,9 +167,6 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
         "budget_error": abs(params_fraction - config.budget),
         "achieved_before_snap": trainer.achieved_before_snap,
         "params_reduction": c_dense.params / c_pruned.params,
-        "speedup_b1": lat["dense"][1] / lat["pruned"][1],
-        "speedup_b256": lat["dense"][256] / lat["pruned"][256],
-        "latency_ms": {k: {str(b): 1e3 * t for b, t in v.items()} for k, v in lat.items()},
         "max_abs_diff_float32": diff32,
         "max_abs_diff_float64": diff64,
         "accuracy_gated": acc_gated,
@@ -194,16 +174,9 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
         "accuracy_pruned_finetuned": acc_finetuned,
         "kept": {k: v for k, v in conn.items() if k not in ("layers", "head")},
         "connectivity": conn,
-        "train_seconds": train_seconds,
-        "prune_seconds": prune_seconds,
-        "threads": threads,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "total_seconds": time.perf_counter() - t_start,
+        **run_facts(lat, train_s=train_seconds, prune_s=prune_seconds, t_start=t_start),
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", results)
 
     k = results["kept"]
     say("")

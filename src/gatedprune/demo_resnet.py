@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,10 +30,13 @@ from .demo import (
     budget_trainer,
     float64_diff,
     max_abs_diff,
+    measure_demo_latency,
     result_rows,
+    run_facts,
+    start_demo,
+    write_json,
 )
 from .gating import GatingSummary, InsertedGating, ResNet1d, apply_plan, export_plan, gate_
-from .profiling import compare_latency
 from .prune import prune
 
 if TYPE_CHECKING:
@@ -421,12 +423,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     from .plots import plot_training
     from .train import Trainer
 
-    config.validate()
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = print if config.progress else (lambda *a, **k: None)
-    t_start = time.perf_counter()
-    torch.manual_seed(config.seed)
+    out, say, t_start = start_demo(config)
 
     data = mnist1d(num_samples=config.num_samples)
     x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
@@ -476,19 +473,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     dense_plain = _all_open_plain(net)
     c_dense = _plain_cost(dense_plain, example)
     c_pruned = _plain_cost(pruned, example)
-    threads = torch.get_num_threads()
-    lat: dict[str, dict[int, float]] = {}
-    for batch in (1, 256):
-        xb = x_test[:batch]  # (batch, 1, 40)
-        times = compare_latency(
-            {"dense": dense_plain, "pruned": finetuned},
-            xb,
-            rounds=7,
-            repeats=20 if batch == 1 else 3,
-            threads=threads,
-        )
-        for name, t in times.items():
-            lat.setdefault(name, {})[batch] = t
+    lat = measure_demo_latency({"dense": dense_plain, "pruned": finetuned}, x_test)
 
     blocks = block_report(net)
     shortcuts = shortcut_report(net)
@@ -519,9 +504,6 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         "budget_error": abs(c_pruned.flops / c_dense.flops - config.budget),
         "achieved_before_snap": trainer.achieved_before_snap,
         "flops_reduction": c_dense.flops / c_pruned.flops,
-        "speedup_b1": lat["dense"][1] / lat["pruned"][1],
-        "speedup_b256": lat["dense"][256] / lat["pruned"][256],
-        "latency_ms": {k: {str(b): 1e3 * t for b, t in v.items()} for k, v in lat.items()},
         "max_abs_diff_float32": diff32,
         "max_abs_diff_float64": diff64,
         "max_abs_logit": scale,
@@ -543,16 +525,9 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
             "weights": WEIGHTS_FILE,
             "plots": ["blocks_shortcuts.png", "widths.png", "training.png"],
         },
-        "train_seconds": train_seconds,
-        "prune_seconds": prune_seconds,
-        "threads": threads,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "total_seconds": time.perf_counter() - t_start,
+        **run_facts(lat, train_s=train_seconds, prune_s=prune_seconds, t_start=t_start),
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", results)
 
     say("")
     say(_table(rows))
