@@ -114,6 +114,13 @@ def test_delay_means_no_pressure_then_the_warm_up_starts() -> None:
             assert float(lam) != 0.0
         seen.append(round(budget.target()["flops"], 6))
     assert seen == [1.0, 1.0, 1.0, 0.6, 0.2, 0.2]
+    # without a warm-up the target jumps from the start value to the budget when the delay ends
+    jump = gp.Budget(net, x, flops=0.2, delay_steps=2)
+    targets = []
+    for _ in range(3):
+        targets.append(jump.target()["flops"])
+        jump.penalty()
+    assert targets == pytest.approx([1.0, 1.0, 0.2])
 
 
 def test_straight_through_uses_the_achieved_fraction() -> None:

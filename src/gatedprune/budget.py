@@ -139,8 +139,11 @@ class Budget(nn.Module):
 
     def target(self) -> dict[str, float]:
         """Current (warmed-up) target fractions."""
-        k = int(self.step) - self.delay_steps
-        frac = 1.0 if self.warmup_steps == 0 else min(1.0, max(0, k) / self.warmup_steps)
+        since = int(self.step) - self.delay_steps  # steps since the delay ended
+        if self.warmup_steps == 0:
+            frac = 1.0 if since >= 0 else 0.0
+        else:
+            frac = min(1.0, max(0, since) / self.warmup_steps)
         return {
             k: self.target_start + (t - self.target_start) * frac for k, t in self.targets.items()
         }
