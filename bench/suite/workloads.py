@@ -14,24 +14,35 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 import gatedprune as gp
 from gatedprune.calibrate import recalibrate_batchnorm
 from gatedprune.data import Splits
-from gatedprune.demo import STAGES, all_open_copy, build_demo_model, train_demo_model
+from gatedprune.demo import (
+    STAGES,
+    all_open_copy,
+    budget_trainer,
+    build_demo_model,
+    train_demo_model,
+)
 from gatedprune.demo_resnet import (
     BLOCKS,
     WIDTHS,
     build_resnet_demo_model,
     train_resnet_demo_model,
 )
+from gatedprune.gates import HardConcrete
 
 __all__ = [
+    "MLP_WIDTHS",
     "WORKLOADS",
     "MNIST1DResNet",
     "MNIST1DShortcutConv",
+    "MNIST1DShortcutMLP",
     "PlainCNN1d",
+    "PlainMLP",
     "Workload",
     "plain_cost",
     "scaled_widths",
@@ -108,6 +119,35 @@ class PlainCNN1d(nn.Sequential):
         last = self[-1]
         if not isinstance(last, nn.Linear):
             raise TypeError("PlainCNN1d ends with its linear head")
+        return last
+
+
+class PlainMLP(nn.Sequential):
+    """A plain chain MLP (Linear-BN-ReLU layers, linear head) on flattened inputs: the
+    ShortcutMLP workload's network without shortcuts, in a form Torch-Pruning handles.
+
+    >>> import torch
+    >>> PlainMLP(40, [16, 8], 10)(torch.zeros(2, 40)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, in_features: int, widths: Sequence[int], out_features: int) -> None:
+        if not widths:
+            raise ValueError("widths must list at least one hidden layer")
+        layers: list[nn.Module] = []
+        n_in = in_features
+        for w in widths:
+            layers += [nn.Linear(n_in, w), nn.BatchNorm1d(w), nn.ReLU()]
+            n_in = w
+        layers.append(nn.Linear(n_in, out_features))
+        super().__init__(*layers)
+
+    @property
+    def head(self) -> nn.Linear:
+        """The classifier (never pruned by the baselines)."""
+        last = self[-1]
+        if not isinstance(last, nn.Linear):
+            raise TypeError("PlainMLP ends with its linear head")
         return last
 
 
@@ -211,8 +251,52 @@ class MNIST1DResNet(Workload):
         return build_resnet_demo_model(scaled_widths(WIDTHS, scale), BLOCKS)
 
 
+MLP_WIDTHS = (256, 256, 256, 256)
+"""Hidden widths of the ShortcutMLP workload."""
+
+
+class MNIST1DShortcutMLP(Workload):
+    """(a) MNIST-1D (flattened to 40 features) with a ShortcutMLP (4 x 256 units, BatchNorm,
+    dense gated shortcuts); baselines prune a plain Linear-BN-ReLU chain of the same widths,
+    widened to the same FLOPs.
+
+    >>> MNIST1DShortcutMLP().plain_model(0.5)[0].out_features
+    128
+    """
+
+    name = "mnist1d_shortcut_mlp"
+    description = "MNIST-1D, ShortcutMLP / plain chain MLP"
+
+    def data(self, num_samples: int) -> Splits:
+        d = _mnist1d(num_samples)
+        return Splits(d.x_train.flatten(1), d.y_train, d.x_test.flatten(1), d.y_test)
+
+    def gated_model(self, example: Tensor) -> nn.Module:
+        return gp.ShortcutMLP(
+            example.shape[-1], list(MLP_WIDTHS), 10, norm=True, gate=HardConcrete(init_drop=0.05)
+        )
+
+    def train_gatedprune(self, data: Splits, *, budget: float, epochs: int, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        net = self.gated_model(data.x_train[:1])
+        budget_trainer(net, data, flops=budget, epochs=epochs, seed=seed).fit(
+            train=(data.x_train, data.y_train)
+        )
+        self.finalize_gated(net, data)
+        return net
+
+    def plain_model(self, scale: float) -> nn.Module:
+        return PlainMLP(40, scaled_widths(MLP_WIDTHS, scale), 10)
+
+    def prunable_head(self, model: nn.Module) -> list[nn.Module]:
+        if not isinstance(model, PlainMLP):
+            raise TypeError(f"expected a PlainMLP, got {type(model).__name__}")
+        return [model.head]
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     MNIST1DShortcutConv.name: MNIST1DShortcutConv,
+    MNIST1DShortcutMLP.name: MNIST1DShortcutMLP,
     MNIST1DResNet.name: MNIST1DResNet,
 }
 """Workloads by name (the ``--workloads`` choices). (c) ShortcutLSTM is not wired in yet."""
