@@ -38,7 +38,11 @@ class SuiteConfig:
     (0.25, 0.1)
     """
 
-    workloads: tuple[str, ...] = ("mnist1d_shortcut_conv", "mnist1d_resnet")
+    workloads: tuple[str, ...] = (
+        "mnist1d_shortcut_conv",
+        "mnist1d_shortcut_mlp",
+        "mnist1d_resnet",
+    )
     methods: tuple[str, ...] = tuple(METHODS)
     targets: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -77,7 +81,7 @@ class SuiteConfig:
 
 
 FULL = SuiteConfig()
-"""Full mode: 2 workloads x 4 budgets x 3 seeds x 7 methods, 15 epochs, 2 processes."""
+"""Full mode: 3 workloads x 4 budgets x 3 seeds x 7 methods, 15 epochs, 2 processes."""
 
 QUICK = replace(
     FULL,
