@@ -251,7 +251,7 @@ def gate_lr_for(warmup_steps: int, distance: float = 5.4, floor: float = 1e-2) -
     target warm-up (open init 2.9 to exactly closed -2.4 is ~5.4): short schedules need larger
     steps, or the gates cannot follow the target at all. Twice this rate let the Lagrangian hit
     the target alone but overshoot on some seeds: gates closed whole stages within an epoch and
-    could not reopen (MNIST-1D at 10%: 84% instead of 97-98%); the snap closes the rest.
+    could not reopen (MNIST-1D at 10%, one seed in three); the snap closes the rest.
 
     >>> gate_lr_for(96) > gate_lr_for(1000) == 1e-2
     True
