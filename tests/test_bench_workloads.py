@@ -39,3 +39,25 @@ def test_mlp_workload_runs_gatedprune_and_a_torch_pruning_baseline(tmp_path: Pat
 def test_plain_mlp_needs_hidden_layers() -> None:
     with pytest.raises(ValueError, match="at least one hidden layer"):
         PlainMLP(40, [], 10)
+
+
+def test_lstm_workload_runs_and_records_what_does_not_apply(tmp_path: Path) -> None:
+    from bench.suite.workloads import MNIST1DShortcutLSTM
+
+    config = replace(
+        QUICK,
+        workloads=(MNIST1DShortcutLSTM.name,),
+        methods=("gatedprune", "small_dense", "slimming"),
+        targets=(0.25,),
+        epochs=1,
+        num_samples=300,
+        jobs=1,
+        out=tmp_path,
+        plots=False,
+    )
+    rows = {r["method"]: r for r in run_suite(config, verbose=False)}
+    for method in ("gatedprune", "small_dense"):
+        assert "error" not in rows[method], rows[method].get("error")
+        assert abs(rows[method]["achieved_flops"] - 0.25) <= 0.02
+        assert rows[method]["params"] > 0
+    assert "needs BatchNorm" in rows["slimming"]["error"]

@@ -304,6 +304,12 @@ def run_random(spec: RunSpec) -> MethodResult:
 
 def run_slimming(spec: RunSpec) -> MethodResult:
     """Network Slimming: L1 on BN scales, global threshold, fine-tuning."""
+    plain = spec.workload.plain_model(1.0)
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules()):
+        raise ValueError(
+            f"Network Slimming needs BatchNorm scales; {type(plain).__name__} has none "
+            "(not applicable to this workload)"
+        )
     tp = _tp()
     return _prune_then_finetune(
         spec,

@@ -42,6 +42,7 @@ class SuiteConfig:
         "mnist1d_shortcut_conv",
         "mnist1d_shortcut_mlp",
         "mnist1d_resnet",
+        "mnist1d_shortcut_lstm",
     )
     methods: tuple[str, ...] = tuple(METHODS)
     targets: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05)
@@ -81,7 +82,7 @@ class SuiteConfig:
 
 
 FULL = SuiteConfig()
-"""Full mode: 3 workloads x 4 budgets x 3 seeds x 7 methods, 15 epochs, 2 processes."""
+"""Full mode: 4 workloads x 4 budgets x 3 seeds x 7 methods, 15 epochs, 2 processes."""
 
 QUICK = replace(
     FULL,

@@ -36,12 +36,16 @@ from gatedprune.demo_resnet import (
 from gatedprune.gates import HardConcrete
 
 __all__ = [
+    "LSTM_HIDDEN",
     "MLP_WIDTHS",
     "WORKLOADS",
+    "LastStep",
     "MNIST1DResNet",
     "MNIST1DShortcutConv",
+    "MNIST1DShortcutLSTM",
     "MNIST1DShortcutMLP",
     "PlainCNN1d",
+    "PlainLSTM",
     "PlainMLP",
     "Workload",
     "plain_cost",
@@ -294,9 +298,96 @@ class MNIST1DShortcutMLP(Workload):
         return [model.head]
 
 
+LSTM_HIDDEN = (64, 64)
+"""Units per layer of the ShortcutLSTM workload."""
+
+
+class LastStep(nn.Module):
+    """Reads a sequence model's output at the last time step: (B, T, C) -> (B, C).
+
+    >>> import torch
+    >>> LastStep(gp.ShortcutLSTM(1, 4, 1, 3))(torch.zeros(2, 5, 1)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.rnn(x)[:, -1]  # (B, C)
+        return out
+
+
+class PlainLSTM(nn.Module):
+    """A plain stacked LSTM (batch first) with a linear head on the last step's output: the
+    baselines' network for the ShortcutLSTM workload.
+
+    >>> import torch
+    >>> PlainLSTM(1, 8, 2, 10)(torch.zeros(3, 40, 1)).shape
+    torch.Size([3, 10])
+    """
+
+    def __init__(self, input_size: int, hidden: int, layers: int, out_features: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(x)  # (B, T, H)
+        y: Tensor = self.head(out[:, -1])  # (B, C)
+        return y
+
+
+class MNIST1DShortcutLSTM(Workload):
+    """(c) MNIST-1D read as a 40-step sequence with a ShortcutLSTM (2 x 64 units, shortcuts
+    from the input and every layer, gated read-out; class read at the last step); baselines
+    use a plain 2-layer LSTM whose width gives the same FLOPs. Torch-Pruning does not prune
+    LSTMs (its issues #44, #276, #404): its methods are run anyway and their failures recorded.
+
+    >>> MNIST1DShortcutLSTM().plain_model(0.5).lstm.hidden_size
+    32
+    """
+
+    name = "mnist1d_shortcut_lstm"
+    description = "MNIST-1D as a sequence, ShortcutLSTM / plain LSTM"
+
+    def data(self, num_samples: int) -> Splits:
+        from gatedprune.data import mnist1d
+
+        return mnist1d(num_samples=num_samples, as_sequence=True)
+
+    def gated_model(self, example: Tensor) -> nn.Module:
+        rnn = gp.ShortcutLSTM(
+            example.shape[-1],
+            list(LSTM_HIDDEN),
+            len(LSTM_HIDDEN),
+            10,
+            gate=HardConcrete(init_drop=0.05),
+        )
+        return LastStep(rnn)
+
+    def train_gatedprune(self, data: Splits, *, budget: float, epochs: int, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        net = self.gated_model(data.x_train[:1])
+        budget_trainer(net, data, flops=budget, epochs=epochs, seed=seed).fit(
+            train=(data.x_train, data.y_train)
+        )
+        return net
+
+    def plain_model(self, scale: float) -> nn.Module:
+        return PlainLSTM(1, max(1, round(LSTM_HIDDEN[0] * scale)), len(LSTM_HIDDEN), 10)
+
+    def prunable_head(self, model: nn.Module) -> list[nn.Module]:
+        if not isinstance(model, PlainLSTM):
+            raise TypeError(f"expected a PlainLSTM, got {type(model).__name__}")
+        return [model.head]
+
+
 WORKLOADS: dict[str, Callable[[], Workload]] = {
     MNIST1DShortcutConv.name: MNIST1DShortcutConv,
     MNIST1DShortcutMLP.name: MNIST1DShortcutMLP,
+    MNIST1DShortcutLSTM.name: MNIST1DShortcutLSTM,
     MNIST1DResNet.name: MNIST1DResNet,
 }
-"""Workloads by name (the ``--workloads`` choices). (c) ShortcutLSTM is not wired in yet."""
+"""Workloads by name (the ``--workloads`` choices)."""
