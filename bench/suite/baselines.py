@@ -16,9 +16,10 @@ achieved FLOPs are as close to the target as its granularity allows:
   ``prune_at`` of the epochs, fine-tuning for the rest.
 * ``group_norm``: Torch-Pruning's sparse training (``GroupNormPruner``, its default
   regularisation 1e-4) for ``prune_at`` of the epochs, global pruning, fine-tuning.
-* ``l0_fixed``: the same gated model and schedule as gatedprune, but the penalty is a constant
-  λ times the expected FLOPs fraction (no Lagrangian ascent, no straight-through hard cost);
-  at the snap the gates are fixed to the target by rank of open probability.
+* ``l0_fixed``: the same gated model and recipe as gatedprune (``budget_trainer``), but the
+  penalty is a constant λ times the expected FLOPs fraction (no Lagrangian ascent, no
+  straight-through hard cost); at the snap the gates are fixed to the target by rank of open
+  probability.
 * ``random``: random channels (Torch-Pruning ``RandomImportance``, uniform ratio) removed
   after ``prune_at`` of the epochs, fine-tuning for the rest.
 
@@ -42,7 +43,6 @@ from torch import Tensor, nn
 import gatedprune as gp
 from gatedprune.budget import Budget
 from gatedprune.data import Splits
-from gatedprune.train import Trainer
 
 from .workloads import Workload, plain_cost
 
@@ -366,8 +366,16 @@ class FixedPenalty(Budget):
     True
     """
 
-    def __init__(self, model: nn.Module, example_input: Any, *, flops: float, lam: float) -> None:
-        super().__init__(model, example_input, flops=flops)
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: Any,
+        *,
+        flops: float,
+        lam: float,
+        delay_steps: int = 0,
+    ) -> None:
+        super().__init__(model, example_input, flops=flops, delay_steps=delay_steps)
         if not lam >= 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
         self.lam = float(lam)
@@ -375,29 +383,28 @@ class FixedPenalty(Budget):
             p.requires_grad_(False)
 
     def penalty(self) -> Tensor:
+        active = self.active
         if self.model.training:
             self.step += 1
+        if not active:
+            return torch.zeros(())
         return (self.lam * self.fractions()["flops"]).float()
 
 
 def run_l0_fixed(spec: RunSpec) -> MethodResult:
-    """The gated model trained with a fixed-λ L0 penalty (same schedule as gatedprune)."""
+    """The gated model trained with gatedprune's recipe (delay, gate learning rate, snap and
+    learning-rate rewinding), but with a fixed-λ L0 penalty instead of the Lagrangian."""
+    from gatedprune.demo import DELAY, budget_trainer
+
     wl = spec.workload
     torch.manual_seed(spec.seed)
     net = wl.gated_model(spec.example)
-    budget = FixedPenalty(net, spec.example, flops=spec.target, lam=spec.l0_lambda)
-    trainer = Trainer(
-        net,
-        budget=budget,
-        loss_fn=wl.loss_fn(),
-        epochs=spec.epochs,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        gate_lr=1e-2,
-        weight_decay=spec.weight_decay,
-        straight_through_at=None,
-        seed=spec.seed,
-        progress=False,
+    total = spec.epochs * -(-len(spec.data.x_train) // spec.batch_size)
+    budget = FixedPenalty(
+        net, spec.example, flops=spec.target, lam=spec.l0_lambda, delay_steps=int(DELAY * total)
+    )
+    trainer = budget_trainer(
+        net, spec.data, epochs=spec.epochs, seed=spec.seed, loss_fn=wl.loss_fn(), budget=budget
     )
     trainer.fit(train=(spec.data.x_train, spec.data.y_train))
     wl.finalize_gated(net, spec.data)

@@ -279,6 +279,7 @@ def budget_trainer(
     progress: bool = False,
     metrics_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    budget: Budget | None = None,
 ) -> Trainer:
     """The demos' training recipe for a gated ``net`` under a FLOPs and/or parameter budget.
 
@@ -290,7 +291,8 @@ def budget_trainer(
     the learning rate rewound (:func:`gatedprune.train.rewound_cosine_lr`), as long as the
     prune-then-fine-tune baselines fine-tune. The budget uses hard (achieved) costs with
     straight-through gradients, so the Lagrangian steers the cost that
-    pruning will really achieve. AdamW, lr 1e-2 with cosine decay, batch 100.
+    pruning will really achieve. AdamW, lr 1e-2 with cosine decay, batch 100. A prebuilt
+    ``budget`` (e.g. a fixed-penalty ablation) replaces the Lagrangian one.
 
     >>> from gatedprune.data import mnist1d
     >>> data = mnist1d()
@@ -303,7 +305,13 @@ def budget_trainer(
     total = epochs * steps_per_epoch
     delay, warmup = int(DELAY * total), int(WARMUP * total)
     example = data.x_train[:1]  # one sample: costs are per sample
-    b = Budget(net, example, flops=flops, params=params, warmup_steps=warmup, delay_steps=delay)
+    b = (
+        budget
+        if budget is not None
+        else Budget(
+            net, example, flops=flops, params=params, warmup_steps=warmup, delay_steps=delay
+        )
+    )
     return Trainer(
         net,
         budget=b,
