@@ -167,14 +167,16 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
         "budget_error": abs(params_fraction - config.budget),
         "achieved_before_snap": trainer.achieved_before_snap,
         "params_reduction": c_dense.params / c_pruned.params,
-        "max_abs_diff_float32": diff32,
-        "max_abs_diff_float64": diff64,
-        "accuracy_gated": acc_gated,
-        "accuracy_pruned": acc_pruned,
-        "accuracy_pruned_finetuned": acc_finetuned,
         "kept": {k: v for k, v in conn.items() if k not in ("layers", "head")},
         "connectivity": conn,
-        **run_facts(lat, train_s=train_seconds, prune_s=prune_seconds, t_start=t_start),
+        **run_facts(
+            lat,
+            diffs=(diff32, diff64),
+            accuracies=(acc_gated, acc_pruned, acc_finetuned),
+            train_s=train_seconds,
+            prune_s=prune_seconds,
+            t_start=t_start,
+        ),
     }
     write_json(out / "results.json", results)
 

@@ -504,13 +504,8 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         "budget_error": abs(c_pruned.flops / c_dense.flops - config.budget),
         "achieved_before_snap": trainer.achieved_before_snap,
         "flops_reduction": c_dense.flops / c_pruned.flops,
-        "max_abs_diff_float32": diff32,
-        "max_abs_diff_float64": diff64,
         "max_abs_logit": scale,
         "max_rel_diff_float32": diff32 / scale,
-        "accuracy_gated": acc_gated,
-        "accuracy_pruned": acc_pruned,
-        "accuracy_pruned_finetuned": acc_finetuned,
         "blocks": blocks,
         "blocks_kept": kept_blocks,
         "blocks_removed": [b["block"] for b in blocks if not b["kept"]],
@@ -525,7 +520,14 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
             "weights": WEIGHTS_FILE,
             "plots": ["blocks_shortcuts.png", "widths.png", "training.png"],
         },
-        **run_facts(lat, train_s=train_seconds, prune_s=prune_seconds, t_start=t_start),
+        **run_facts(
+            lat,
+            diffs=(diff32, diff64),
+            accuracies=(acc_gated, acc_pruned, acc_finetuned),
+            train_s=train_seconds,
+            prune_s=prune_seconds,
+            t_start=t_start,
+        ),
     }
     write_json(out / "results.json", results)
 
