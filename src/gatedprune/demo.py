@@ -102,6 +102,68 @@ def float64_diff(net: nn.Module, inputs: Sequence[Tensor]) -> float:
     return max(float((n64(x.double()) - p64(x.double())).abs().max()) for x in inputs)
 
 
+@dataclass
+class PruneOutcome:
+    """What :func:`prune_check_finetune` returns: the pruned and fine-tuned models, the
+    pruned-vs-gated differences, the largest output magnitude, accuracies and prune time."""
+
+    pruned: nn.Module
+    finetuned: nn.Module
+    diffs: tuple[float, float]  # float32, float64
+    scale: float
+    accuracies: tuple[float, float, float]  # gated, pruned, fine-tuned
+    prune_seconds: float
+
+
+def prune_check_finetune(
+    net: nn.Module,
+    data: Splits,
+    config: DemoConfig,
+    *,
+    accuracy_fn: Callable[[nn.Module, Tensor, Tensor], float] = accuracy,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> PruneOutcome:
+    """The demos' shared middle: prune the trained gated ``net``, check pruned == gated in eval
+    mode on fresh random inputs and the test set (float32 and float64), then fine-tune a copy
+    of the pruned model for ``config.finetune_epochs`` (lr 1e-3)."""
+    from .train import Trainer
+
+    net.eval()
+    t0 = time.perf_counter()
+    pruned = prune(net).eval()
+    prune_seconds = time.perf_counter() - t0
+    x_train, x_test, y_test = data.x_train, data.x_test, data.y_test
+    probe = torch.randn(256, *x_train.shape[1:])  # fresh random inputs, shaped like the data
+    diff32 = max(max_abs_diff(net, pruned, x, dtype=torch.float32) for x in (probe, x_test))
+    diff64 = float64_diff(net, [probe, x_test])
+    with torch.no_grad():
+        scale = max(float(net(x).abs().max()) for x in (probe, x_test))  # largest |output|
+    acc_gated = accuracy_fn(net, x_test, y_test)
+    acc_pruned = accuracy_fn(pruned, x_test, y_test)
+    finetuned = copy.deepcopy(pruned)
+    if config.finetune_epochs > 0:
+        Trainer(
+            finetuned,
+            loss_fn=loss_fn,
+            epochs=config.finetune_epochs,
+            batch_size=100,
+            lr=1e-3,
+            weight_decay=1e-4,
+            seed=config.seed + 1,
+            progress=config.progress,
+        ).fit(train=(x_train, data.y_train))
+    finetuned.eval()
+    acc_finetuned = accuracy_fn(finetuned, x_test, y_test)
+    return PruneOutcome(
+        pruned,
+        finetuned,
+        (diff32, diff64),
+        scale,
+        (acc_gated, acc_pruned, acc_finetuned),
+        prune_seconds,
+    )
+
+
 def start_demo(config: DemoConfig) -> tuple[Path, Callable[..., None], float]:
     """Validate ``config``, create its output folder and seed torch: (folder, print function
     (silent without ``progress``), start time)."""
@@ -389,12 +451,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from . import io
     from .data import mnist1d
     from .plots import plot_connectivity, plot_training, plot_widths
-    from .train import Trainer
 
     out, say, t_start = start_demo(config)
 
     data = mnist1d(num_samples=config.num_samples)
-    x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+    x_train, x_test = data.x_train, data.x_test
     say(f"MNIST-1D generated offline: {len(x_train)} train / {len(x_test)} test, length 40")
     example = x_train[:1]  # (1, 1, 40): costs are per sample
 
@@ -408,35 +469,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         progress=config.progress,
     )
     train_seconds = time.perf_counter() - t0
-    net.eval()
-
-    t0 = time.perf_counter()
-    pruned = prune(net).eval()
-    prune_seconds = time.perf_counter() - t0
-    probe = torch.randn(256, *x_train.shape[1:])  # fresh random inputs
-    diff32 = max(
-        max_abs_diff(net, pruned, probe, dtype=torch.float32),
-        max_abs_diff(net, pruned, x_test, dtype=torch.float32),
-    )
-    diff64 = float64_diff(net, [probe, x_test])
-    with torch.no_grad():
-        scale = float(torch.cat([net(probe), net(x_test)]).abs().max())  # largest |logit|
-    acc_gated = accuracy(net, x_test, y_test)
-    acc_pruned = accuracy(pruned, x_test, y_test)
-
-    finetuned = copy.deepcopy(pruned)
-    if config.finetune_epochs > 0:
-        Trainer(
-            finetuned,
-            epochs=config.finetune_epochs,
-            batch_size=100,
-            lr=1e-3,
-            weight_decay=1e-4,
-            seed=config.seed + 1,
-            progress=config.progress,
-        ).fit(train=(x_train, y_train))
-    finetuned.eval()
-    acc_finetuned = accuracy(finetuned, x_test, y_test)
+    r = prune_check_finetune(net, data, config)
+    pruned, finetuned, (diff32, diff64), scale = r.pruned, r.finetuned, r.diffs, r.scale
+    acc_gated, acc_pruned, acc_finetuned = r.accuracies
+    prune_seconds = r.prune_seconds
 
     dense_plain = prune(all_open_copy(net)).eval()
     c_dense = _plain_cost(dense_plain, example)

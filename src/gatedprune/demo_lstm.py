@@ -8,7 +8,6 @@ is read from the output at the last time step.
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -22,8 +21,8 @@ from .demo import (
     _table,
     all_open_copy,
     budget_trainer,
-    float64_diff,
     measure_demo_latency,
+    prune_check_finetune,
     result_rows,
     run_facts,
     start_demo,
@@ -72,11 +71,6 @@ def seq_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         model.train(was)
 
 
-def _max_diff32(a: nn.Module, b: nn.Module, inputs: list[Tensor]) -> float:
-    with torch.no_grad():
-        return max(float((a(x) - b(x)).abs().max()) for x in inputs)
-
-
 def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the LSTM demo (``config.budget`` is a *parameter* fraction here) and return the
     results written to ``config.out / 'results.json'``.
@@ -86,7 +80,6 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
     from . import io
     from .data import mnist1d
     from .plots import plot_connectivity, plot_training, plot_widths
-    from .train import Trainer
 
     out, say, t_start = start_demo(config)
 
@@ -114,30 +107,10 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
     )
     trainer.fit(train=(x_train, y_train))
     train_seconds = time.perf_counter() - t0
-    net.eval()
-
-    t0 = time.perf_counter()
-    pruned = prune(net).eval()
-    prune_seconds = time.perf_counter() - t0
-    probe = torch.randn(256, *x_train.shape[1:])  # (256, 40, 1) fresh random inputs
-    diff32 = _max_diff32(net, pruned, [probe, x_test])
-    diff64 = float64_diff(net, [probe, x_test])
-    acc_gated = seq_accuracy(net, x_test, y_test)
-    acc_pruned = seq_accuracy(pruned, x_test, y_test)
-
-    finetuned = copy.deepcopy(pruned)
-    if config.finetune_epochs > 0:
-        Trainer(
-            finetuned,
-            loss_fn=last_step_loss,
-            epochs=config.finetune_epochs,
-            batch_size=100,
-            lr=1e-3,
-            seed=config.seed + 1,
-            progress=config.progress,
-        ).fit(train=(x_train, y_train))
-    finetuned.eval()
-    acc_finetuned = seq_accuracy(finetuned, x_test, y_test)
+    r = prune_check_finetune(net, data, config, accuracy_fn=seq_accuracy, loss_fn=last_step_loss)
+    pruned, finetuned, (diff32, diff64) = r.pruned, r.finetuned, r.diffs
+    acc_gated, acc_pruned, acc_finetuned = r.accuracies
+    prune_seconds = r.prune_seconds
 
     dense_plain = prune(all_open_copy(net)).eval()
     c_dense = _plain_cost(dense_plain, example)

@@ -28,9 +28,8 @@ from .demo import (
     _table,
     accuracy,
     budget_trainer,
-    float64_diff,
-    max_abs_diff,
     measure_demo_latency,
+    prune_check_finetune,
     result_rows,
     run_facts,
     start_demo,
@@ -421,12 +420,11 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     """
     from .data import mnist1d
     from .plots import plot_training
-    from .train import Trainer
 
     out, say, t_start = start_demo(config)
 
     data = mnist1d(num_samples=config.num_samples)
-    x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+    x_train, x_test = data.x_train, data.x_test
     say(f"MNIST-1D generated offline: {len(x_train)} train / {len(x_test)} test, length 40")
     example = x_train[:1]  # (1, 1, 40): costs are per sample
 
@@ -440,35 +438,10 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         progress=config.progress,
     )
     train_seconds = time.perf_counter() - t0
-    net.eval()
-
-    t0 = time.perf_counter()
-    pruned = prune(net).eval()
-    prune_seconds = time.perf_counter() - t0
-    probe = torch.randn(256, *x_train.shape[1:])  # (256, 1, 40) fresh random inputs
-    diff32 = max(
-        max_abs_diff(net, pruned, probe, dtype=torch.float32),
-        max_abs_diff(net, pruned, x_test, dtype=torch.float32),
-    )
-    diff64 = float64_diff(net, [probe, x_test])
-    with torch.no_grad():
-        scale = float(torch.cat([net(probe), net(x_test)]).abs().max())  # largest |logit|
-    acc_gated = accuracy(net, x_test, y_test)
-    acc_pruned = accuracy(pruned, x_test, y_test)
-
-    finetuned = copy.deepcopy(pruned)
-    if config.finetune_epochs > 0:
-        Trainer(
-            finetuned,
-            epochs=config.finetune_epochs,
-            batch_size=100,
-            lr=1e-3,
-            weight_decay=1e-4,
-            seed=config.seed + 1,
-            progress=config.progress,
-        ).fit(train=(x_train, y_train))
-    finetuned.eval()
-    acc_finetuned = accuracy(finetuned, x_test, y_test)
+    r = prune_check_finetune(net, data, config)
+    pruned, finetuned, (diff32, diff64), scale = r.pruned, r.finetuned, r.diffs, r.scale
+    acc_gated, acc_pruned, acc_finetuned = r.accuracies
+    prune_seconds = r.prune_seconds
 
     dense_plain = _all_open_plain(net)
     c_dense = _plain_cost(dense_plain, example)
