@@ -190,27 +190,29 @@ def measure_demo_latency(models: Mapping[str, nn.Module], x: Tensor) -> dict[str
 
 def run_facts(
     lat: Mapping[str, Mapping[int, float]],
+    outcome: PruneOutcome,
     *,
-    diffs: tuple[float, float],
-    accuracies: tuple[float, float, float],
     train_s: float,
-    prune_s: float,
     t_start: float,
 ) -> dict[str, Any]:
     """The results.json entries every demo shares: speed-ups of ``"pruned"`` over ``"dense"``,
     latencies in ms, the pruned-vs-gated differences (float32, float64), the accuracies
     (gated, pruned, fine-tuned), wall times and where it ran."""
+    diff32, diff64 = outcome.diffs
+    acc_gated, acc_pruned, acc_finetuned = outcome.accuracies
     return {
-        "max_abs_diff_float32": diffs[0],
-        "max_abs_diff_float64": diffs[1],
-        "accuracy_gated": accuracies[0],
-        "accuracy_pruned": accuracies[1],
-        "accuracy_pruned_finetuned": accuracies[2],
+        "max_abs_diff_float32": diff32,
+        "max_abs_diff_float64": diff64,
+        "max_abs_logit": outcome.scale,
+        "max_rel_diff_float32": diff32 / outcome.scale,
+        "accuracy_gated": acc_gated,
+        "accuracy_pruned": acc_pruned,
+        "accuracy_pruned_finetuned": acc_finetuned,
         "speedup_b1": lat["dense"][1] / lat["pruned"][1],
         "speedup_b256": lat["dense"][256] / lat["pruned"][256],
         "latency_ms": {k: {str(b): 1e3 * t for b, t in v.items()} for k, v in lat.items()},
         "train_seconds": train_s,
-        "prune_seconds": prune_s,
+        "prune_seconds": outcome.prune_seconds,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -472,7 +474,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     r = prune_check_finetune(net, data, config)
     pruned, finetuned, (diff32, diff64), scale = r.pruned, r.finetuned, r.diffs, r.scale
     acc_gated, acc_pruned, acc_finetuned = r.accuracies
-    prune_seconds = r.prune_seconds
 
     dense_plain = prune(all_open_copy(net)).eval()
     c_dense = _plain_cost(dense_plain, example)
@@ -509,18 +510,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "flops_reduction": c_dense.flops / c_pruned.flops,
         "speedup_b1_bn_folded": lat["dense_folded"][1] / lat["pruned_folded"][1],
         "speedup_b256_bn_folded": lat["dense_folded"][256] / lat["pruned_folded"][256],
-        "max_abs_logit": scale,
-        "max_rel_diff_float32": diff32 / scale,
         "kept": {k: v for k, v in conn.items() if k not in ("layers", "head")},
         "connectivity": conn,
-        **run_facts(
-            lat,
-            diffs=(diff32, diff64),
-            accuracies=(acc_gated, acc_pruned, acc_finetuned),
-            train_s=train_seconds,
-            prune_s=prune_seconds,
-            t_start=t_start,
-        ),
+        **run_facts(lat, r, train_s=train_seconds, t_start=t_start),
     }
     write_json(out / "results.json", results)
 

@@ -110,7 +110,6 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
     r = prune_check_finetune(net, data, config, accuracy_fn=seq_accuracy, loss_fn=last_step_loss)
     pruned, finetuned, (diff32, diff64) = r.pruned, r.finetuned, r.diffs
     acc_gated, acc_pruned, acc_finetuned = r.accuracies
-    prune_seconds = r.prune_seconds
 
     dense_plain = prune(all_open_copy(net)).eval()
     c_dense = _plain_cost(dense_plain, example)
@@ -142,14 +141,7 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
         "params_reduction": c_dense.params / c_pruned.params,
         "kept": {k: v for k, v in conn.items() if k not in ("layers", "head")},
         "connectivity": conn,
-        **run_facts(
-            lat,
-            diffs=(diff32, diff64),
-            accuracies=(acc_gated, acc_pruned, acc_finetuned),
-            train_s=train_seconds,
-            prune_s=prune_seconds,
-            t_start=t_start,
-        ),
+        **run_facts(lat, r, train_s=train_seconds, t_start=t_start),
     }
     write_json(out / "results.json", results)
 

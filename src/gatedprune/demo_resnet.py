@@ -441,7 +441,6 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     r = prune_check_finetune(net, data, config)
     pruned, finetuned, (diff32, diff64), scale = r.pruned, r.finetuned, r.diffs, r.scale
     acc_gated, acc_pruned, acc_finetuned = r.accuracies
-    prune_seconds = r.prune_seconds
 
     dense_plain = _all_open_plain(net)
     c_dense = _plain_cost(dense_plain, example)
@@ -477,8 +476,6 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         "budget_error": abs(c_pruned.flops / c_dense.flops - config.budget),
         "achieved_before_snap": trainer.achieved_before_snap,
         "flops_reduction": c_dense.flops / c_pruned.flops,
-        "max_abs_logit": scale,
-        "max_rel_diff_float32": diff32 / scale,
         "blocks": blocks,
         "blocks_kept": kept_blocks,
         "blocks_removed": [b["block"] for b in blocks if not b["kept"]],
@@ -493,14 +490,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
             "weights": WEIGHTS_FILE,
             "plots": ["blocks_shortcuts.png", "widths.png", "training.png"],
         },
-        **run_facts(
-            lat,
-            diffs=(diff32, diff64),
-            accuracies=(acc_gated, acc_pruned, acc_finetuned),
-            train_s=train_seconds,
-            prune_s=prune_seconds,
-            t_start=t_start,
-        ),
+        **run_facts(lat, r, train_s=train_seconds, t_start=t_start),
     }
     write_json(out / "results.json", results)
 
