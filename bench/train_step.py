@@ -2,7 +2,10 @@
 
 The ungated network is the all-open network rebuilt without gates by ``prune`` (same layers,
 same wiring). A step is forward + loss (+ budget penalty for the gated one) + backward +
-AdamW step, batch 100. Gated and plain steps alternate in blocks; medians are reported.
+AdamW step, batch 100. The budget penalises the exact cost with straight-through gradients
+(``budget.straight_through``), as in the demos' recipe (``straight_through_at=0.0``), so a
+gated + budget step also evaluates the hard cost. Gated and plain steps alternate in blocks;
+medians are reported.
 
     python -m bench.train_step [--blocks 15] [--steps 10]
 """
@@ -67,6 +70,7 @@ def main() -> None:
         y = torch.randint(0, 10, (x.shape[0],))
         plain = gp.prune(all_open_copy(gated))
         budget = gp.Budget(gated, x[:1], flops=0.25)
+        budget.straight_through = True  # the demos' recipe: Trainer(straight_through_at=0.0)
         steps = {
             "gated + budget": _stepper(gated, x, y, budget),
             "gated": _stepper(gated, x, y, None),
