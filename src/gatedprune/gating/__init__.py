@@ -37,13 +37,14 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
 
 from .core import GatingSummary, InsertedGating, export_plan, gate_
 from .models import BasicBlock1d, ResNet1d
-from .surgery import apply_plan
+from .surgery import ScaledAdd, apply_plan
 
 __all__ = [
     "BasicBlock1d",
     "GatingSummary",
     "InsertedGating",
     "ResNet1d",
+    "ScaledAdd",
     "apply_plan",
     "export_plan",
     "gate_",

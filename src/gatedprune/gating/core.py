@@ -34,7 +34,7 @@ from .channels import analyse_channels
 from .graph import record_run, trace_model
 from .shortcuts import Edge, find_dense_edges
 from .structure import CostTerms, GraphInfo, SiteInfo, SliceInfo, build_cost_terms
-from .surgery import PLAN_FORMAT, apply_plan, fold_scale, local_trace
+from .surgery import PLAN_FORMAT, ScaledAdd, apply_plan, fold_scale, local_trace
 from .transformer import (
     GatedMultiheadAttention,
     GatedTransformerEncoderLayer,
@@ -331,10 +331,29 @@ class InsertedGating(ModelGating):
                 f_alive = torch.ones(len(t.f_nodes), dtype=torch.float64)
                 p_alive = torch.ones(len(t.p_paths), dtype=torch.float64)
         flops = (t.f_coef * kept[t.f_a] * kept[t.f_b] * f_alive).sum()
+        flops = flops + self._edge_flops(kept, hard)
         if ratio != 1.0:
             flops = flops / self.input_shape[0] * shape[0]
         params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
         return flops, params
+
+    def _edge_flops(self, kept_channels: Tensor, hard: bool) -> Tensor:
+        """FLOPs of the new shortcuts: 2 per element of each kept one (its ``ScaledAdd``);
+        ``kept_channels`` are the factors of :meth:`CostTerms.kept`."""
+        t = self.terms
+        if self.edge_gate is None or not len(t.e_coef):
+            return torch.zeros((), dtype=torch.float64)
+        if hard:
+            kept = {id(e) for e in self.kept_edges()}
+            alive = torch.tensor(
+                [1.0 if id(e) in kept else 0.0 for e in self.edges], dtype=torch.float64
+            )
+        else:
+            alive = gate_prob_open([self.edge_gate])[0].to(torch.float64)  # (E,)
+            if len(self.block_gates):
+                bp = torch.cat(gate_prob_open(self._block_list())).to(torch.float64)  # (B,)
+                alive = alive * torch.prod(1.0 - t.e_member * (1.0 - bp), dim=1)
+        return (t.e_coef * kept_channels[t.e_a] * alive).sum()
 
     # ------------------------------------------------------------------ pruning
     def plan(self) -> dict[str, Any]:
@@ -366,7 +385,7 @@ class InsertedGating(ModelGating):
                 "users": list(e.users),
                 "buffer": e.buffer,
             }
-            for e in self.open_edges()
+            for e in self.kept_edges()
         ]
         transformers = {}
         for name, gh, gu, ga, gf in self.transformers:
@@ -403,9 +422,19 @@ class InsertedGating(ModelGating):
         opened = self.edge_gate.is_open()
         return [e for e, o in zip(self.edges, opened.tolist(), strict=True) if o]
 
+    def kept_edges(self) -> list[Edge]:
+        """The open shortcuts that the pruned model computes: some node of the destination
+        that reads the input is still live once the closed blocks are removed (an open
+        shortcut into a removed block's input still flows on through its identity path)."""
+        opened = self.open_edges()
+        if not opened:
+            return []
+        live = self.info.live(self._cut())
+        return [e for e in opened if any(u in live for u in e.users)]
+
     def _scopes(self) -> tuple[list[str], list[str], list[str]]:
         scopes, erase, bypass = self.info.scopes(self._cut())
-        return outermost([*scopes, *(e.scope for e in self.open_edges())]), erase, bypass
+        return outermost([*scopes, *(e.scope for e in self.kept_edges())]), erase, bypass
 
     def prune_model(self, model: nn.Module) -> nn.Module:
         plan = self.plan()
@@ -444,7 +473,9 @@ class InsertedGating(ModelGating):
                 values = {e.buffer: ev[k] for k, e in enumerate(self.edges)}
                 for e in plan["edges"]:
                     owner = result if e["scope"] == "" else result.get_submodule(e["scope"])
-                    getattr(owner, e["buffer"]).fill_(float(values[e["buffer"]]))
+                    shortcut = owner.get_submodule(e["buffer"])
+                    assert isinstance(shortcut, ScaledAdd)
+                    shortcut.scale.fill_(float(values[e["buffer"]]))
         return result
 
 
@@ -706,7 +737,7 @@ def gate_(
         orphans.append((pname.rpartition(".")[0], p.numel()))
     tf_index = {name: (gh, gu, ga, gf) for name, gh, gu, ga, gf in transformers}
     terms = build_cost_terms(
-        gm, record, ca, kept_blocks, group_map, sizes, orphans, tf_index, dict(attentions)
+        gm, record, ca, kept_blocks, group_map, sizes, orphans, tf_index, dict(attentions), edges
     )
     gating = InsertedGating(
         kind=gate_kind,

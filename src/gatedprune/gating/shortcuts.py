@@ -6,9 +6,15 @@ input and output are module boundaries, so forward hooks can add the edges witho
 the user's code while training). An edge ``i -> j`` turns block ``j``'s input ``x_j`` into
 ``x_j + e_ij * out_i``; its gate starts *closed* (exactly 0 for hard concrete), so gating does
 not change the function. Pruning turns every surviving edge into real code: the innermost module
-holding both blocks is rewritten with ``x_j + e_ij * out_i``, ``e_ij`` a buffer in its
-``state_dict``. An edge adds no module, so by the cost conventions it costs no FLOPs and no
-parameters (the budget neither charges nor rewards it; the task loss decides).
+holding both blocks is rewritten to call a :class:`~gatedprune.gating.surgery.ScaledAdd`
+submodule, ``x_j + e_ij * out_i`` with ``e_ij`` a buffer in its ``state_dict``.
+
+Cost: a kept edge costs what it computes, 2 FLOPs per element of ``x_j`` (multiply and add) and
+no parameters; the expected cost charges it with the probability that its gate is open (and that
+no removed block kills it), so the budget weighs it against the blocks and channels. An edge is
+computed whenever its gate is open, whether or not its two blocks survive: if block ``i`` is
+removed, ``out_i`` is the trunk that flows past it, so the edge adds a scaled copy of the trunk;
+if block ``j`` is removed, ``x_j + e_ij * out_i`` flows on through ``j``'s identity path.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ class Edge:
     dst_node: str  # fx node of dst's input
     scope: str  # innermost module holding both
     users: list[str]  # fx nodes inside dst that read its input
-    buffer: str  # buffer name of the edge weight in the rewritten scope
+    buffer: str  # name of the ScaledAdd submodule in the rewritten scope
+    numel: int = 0  # elements of dst's input for the example input (the edge costs 2 each)
 
 
 def _in_scope(n: fx.Node, s: str) -> bool:
@@ -135,5 +142,6 @@ def find_dense_edges(
             if scope in (src, dst):
                 continue
             buffer = f"gp_shortcut_{src.replace('.', '_')}__{dst.replace('.', '_')}"
-            edges.append(Edge(src, dst, out_i.name, x_j.name, scope, list(users), buffer))
+            numel = int(np.prod(record.shapes[x_j] or ()))
+            edges.append(Edge(src, dst, out_i.name, x_j.name, scope, list(users), buffer, numel))
     return edges, skipped

@@ -4,11 +4,14 @@ Everything here is built once by ``gate_`` from the fx analysis and holds no fx 
 gated model deep-copies and pickles like any model. The cost model mirrors ``costs.py`` term by
 term: every leaf-module call contributes ``coef * kept(a) * kept(b)`` FLOPs where ``kept`` counts
 the open channels of a label vector (a constant for ungated channels), times the probability
-that the call survives the block gates; every parameter unit likewise.
+that the call survives the block gates; every parameter unit likewise. A new shortcut (dense
+shortcuts) costs its ``ScaledAdd``, 2 FLOPs per element, times the probability that its gate is
+open and that no removed block kills it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 from .blocks import Block, live_nodes, outermost
 from .channels import ChannelAnalysis
 from .graph import RunRecord, owner_of
+from .shortcuts import Edge
 from .transformer import attention_cost, layer_cost
 
 __all__ = ["CostTerms", "GraphInfo", "SiteInfo", "SliceInfo", "build_cost_terms"]
@@ -132,6 +136,10 @@ class CostTerms:
     p_refs: list[list[str]]  # nodes referencing it (empty: never referenced)
     k_const: Tensor  # (F,)
     k_counts: list[Tensor]  # per gated group (F, n_g)
+    # new shortcuts (ScaledAdd, 2 FLOPs per element): per kept channel, factor, block membership
+    e_coef: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # (E,)
+    e_a: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (E,)
+    e_member: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
 
     def kept(self, values: list[Tensor]) -> Tensor:
         """Kept-channel counts of every factor, plus a trailing constant 1: (F + 1,)."""
@@ -187,8 +195,10 @@ def build_cost_terms(
     orphans: list[tuple[str, int]],
     transformers: dict[str, tuple[int, int, int, int]],
     attentions: dict[str, int],
+    edges: Sequence[Edge] = (),
 ) -> CostTerms:
-    """Cost terms of every module call and parameter unit (see the module docstring)."""
+    """Cost terms of every module call and parameter unit, and of the new shortcuts ``edges``
+    (see the module docstring)."""
     atom_ggroup = group_map[ca.atom_group] if len(ca.atom_group) else ca.atom_group
     fac = _Factors(atom_ggroup, ca.atom_gidx, sizes)
     n_blocks = len(blocks)
@@ -288,6 +298,21 @@ def build_cost_terms(
                     p_rows.append((float(n_params), -1, -1, n.name, name))
     for path, numel in orphans:
         p_rows.append((float(numel), -1, -1, "", path))
+    by_name = {n.name: n for n in gm.graph.nodes}
+    e_rows: list[tuple[float, int]] = []
+    e_member = torch.zeros(len(edges), n_blocks, dtype=torch.float64)  # (E, B)
+    for k, e in enumerate(edges):  # x_j + w * out_i: 2 FLOPs per element of x_j
+        lab = ca.labels.get(by_name[e.dst_node])
+        if lab is not None and len(lab.atoms) and e.numel % len(lab.atoms) == 0:
+            fo, mo = fac.get(lab.atoms, len(lab.atoms))
+            e_rows.append((2.0 * (e.numel // len(lab.atoms)) * mo, fo))
+        else:
+            e_rows.append((2.0 * e.numel, -1))
+        # removing block b kills the edge if its source or all its readers are b's dead set
+        kills = set(member.get(e.src_node, []))
+        kills |= set.intersection(*(set(member.get(u, [])) for u in e.users))
+        for bi in kills:
+            e_member[k, bi] = 1.0
     n_f = len(fac.const)
 
     def idx(v: int) -> int:
@@ -314,6 +339,9 @@ def build_cost_terms(
         p_member=membership(p_nodes),
         p_paths=[r[4] for r in p_rows],
         p_refs=[refs.get(r[4], []) if r[3] else [] for r in p_rows],
+        e_coef=torch.tensor([r[0] for r in e_rows], dtype=torch.float64),
+        e_a=torch.tensor([idx(r[1]) for r in e_rows], dtype=torch.long),
+        e_member=e_member,
         k_const=torch.tensor(fac.const, dtype=torch.float64),
         k_counts=[
             torch.tensor(np.stack(c), dtype=torch.float64)

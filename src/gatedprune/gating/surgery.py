@@ -10,7 +10,6 @@ it on a freshly built dense model, so the pruned weights load with ``load_state_
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Any
 
 import torch
@@ -20,9 +19,44 @@ from torch import Tensor, nn
 from .graph import owner_of, scope_nodes, trace_model
 from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
 
-__all__ = ["PLAN_FORMAT", "PrunedGraphModule", "apply_plan", "fold_scale", "slice_module"]
+__all__ = [
+    "PLAN_FORMAT",
+    "PrunedGraphModule",
+    "ScaledAdd",
+    "apply_plan",
+    "fold_scale",
+    "slice_module",
+]
 
 PLAN_FORMAT = "gatedprune.plan/1"
+
+
+class ScaledAdd(nn.Module):
+    """A surviving new shortcut in a pruned model: ``forward(x, s) = x + scale * s``.
+
+    ``scale`` is a 0-dim buffer (the edge's gate value, in the ``state_dict``, not a
+    parameter). It costs what it computes: a multiply and an add per output element.
+
+    >>> m = ScaledAdd()
+    >>> _ = m.scale.fill_(0.5)
+    >>> m(torch.ones(2, 3), torch.full((2, 3), 4.0))[0, 0].item()
+    3.0
+    >>> m.flops_of((torch.ones(2, 3), torch.ones(2, 3)), torch.ones(2, 3))
+    12
+    """
+
+    scale: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.zeros((), dtype=torch.float32))
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        return x + self.scale * s  # same shape as x
+
+    def flops_of(self, inputs: tuple[Any, ...], output: Any) -> int:
+        """2 FLOPs per output element (the multiply and the add)."""
+        return 2 * int(output.numel())
 
 
 class PrunedGraphModule(fx.GraphModule):
@@ -200,16 +234,15 @@ def _rewrite_scope(
     local, mapping = local_trace(model, root_graph, scope, opaque)
     position = {n: i for i, n in enumerate(local.graph.nodes)}
     current: dict[str, fx.Node] = {}
-    for e in edges:  # new shortcuts x_j <- x_j + w * out_i (before removing branches)
+    for e in edges:  # new shortcuts x_j <- x_j + w * out_i, a ScaledAdd (before cutting branches)
         src = mapping[e["src"]]
         dst = current.get(e["dst"], mapping[e["dst"]])
         users = [mapping[u] for u in e["users"]]
+        shortcut = ScaledAdd()
         for owner in (sub, local.graph_module):
-            owner.register_buffer(e["buffer"], torch.zeros((), dtype=torch.float32))
+            owner.add_module(e["buffer"], shortcut)
         with local.graph.inserting_before(min(users, key=lambda n: position[n])):
-            w = local.graph.get_attr(e["buffer"])
-            scaled = local.graph.call_function(operator.mul, (src, w))
-            new_x = local.graph.call_function(operator.add, (dst, scaled))
+            new_x = local.graph.call_module(e["buffer"], (dst, src))
         for u in users:
             u.replace_input_with(dst, new_x)
         current[e["dst"]] = new_x
