@@ -92,6 +92,7 @@ def test_delay_means_no_pressure_then_the_warm_up_starts() -> None:
     budget = gp.Budget(net, x, flops=0.2, warmup_steps=2, delay_steps=3)
     with torch.no_grad():
         budget.lambda1["flops"].fill_(1.0)
+        budget.lambda2["flops"].fill_(1.0)  # pressure even where anti-windup resets lambda1
     net.train()
     seen = []
     for _ in range(6):
@@ -159,3 +160,30 @@ def test_training_lands_within_0_02_of_the_target(target: float) -> None:
     assert isinstance(got, gp.Cost)
     assert isinstance(dense, gp.Cost)
     assert abs(got.flops / dense.flops - target) <= 0.02
+
+
+def test_anti_windup_resets_a_multiplier_that_pushes_away_from_the_target() -> None:
+    net, x = _net()
+    budget = gp.Budget(net, x, flops=0.9)  # no warm-up: the target is 0.9 from the start
+    net.train()
+    below = budget.expected()["flops"] < 0.9
+    with torch.no_grad():
+        # a multiplier whose sign pushes the cost further from the target
+        budget.lambda1["flops"].fill_(1.0 if below else -1.0)
+    budget.penalty()
+    assert float(budget.lambda1["flops"].detach()) == 0.0
+    with torch.no_grad():  # one that pulls towards the target is kept
+        budget.lambda1["flops"].fill_(-1.0 if below else 1.0)
+    budget.penalty()
+    assert float(budget.lambda1["flops"].detach()) == (-1.0 if below else 1.0)
+    # eval-mode calls (reporting) never touch the multipliers; neither does anti_windup=False
+    with torch.no_grad():
+        budget.lambda1["flops"].fill_(1.0 if below else -1.0)
+    net.eval()
+    budget.penalty()
+    assert float(budget.lambda1["flops"].detach()) == (1.0 if below else -1.0)
+    plain = gp.Budget(net.train(), x, flops=0.9, anti_windup=False)
+    with torch.no_grad():
+        plain.lambda1["flops"].fill_(1.0 if below else -1.0)
+    plain.penalty()
+    assert float(plain.lambda1["flops"].detach()) == (1.0 if below else -1.0)

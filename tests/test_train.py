@@ -178,9 +178,9 @@ def test_cosine_schedule_scales_weights_and_gates_only() -> None:
     for step, rec in enumerate(lrs):
         factor = cosine_lr(step / total)
         assert rec["weights"] == pytest.approx(trainer.lr * factor)
-        frozen = step / total >= 0.75  # snap_at: the gates stop moving
+        frozen = step / total >= 0.75  # snap_at: the gates and the multipliers stop moving
         assert rec["gates"] == (0.0 if frozen else pytest.approx(trainer.gate_lr * factor))
-        assert rec["budget"] == trainer.budget_lr
+        assert rec["budget"] == (0.0 if frozen else trainer.budget_lr)
     assert len(lrs) == total
     assert cosine_lr(0.0) == 1.0
     assert cosine_lr(1.0) == 0.0

@@ -76,6 +76,7 @@ class Budget(nn.Module):
         warmup_steps: int = 0,
         target_start: float = 1.0,
         delay_steps: int = 0,
+        anti_windup: bool = True,
     ) -> None:
         super().__init__()
         targets = {
@@ -114,6 +115,7 @@ class Budget(nn.Module):
         )
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.straight_through = False
+        self.anti_windup = bool(anti_windup)
 
     @property
     def model(self) -> nn.Module:
@@ -172,15 +174,33 @@ class Budget(nn.Module):
                 hard = self.fractions(hard=True)
             soft = {k: v + (hard[k] - v).detach() for k, v in soft.items()}
         targets = self.target()
-        if self.model.training:
+        training = self.model.training
+        if training:
             self.step += 1
         total = torch.zeros((), dtype=torch.float64)
         for k, s in soft.items():
             gap = s - targets[k]
+            if self.anti_windup and training:
+                self._unwind(k, float(gap.detach()))
             l1 = reverse_grad(self.lambda1[k])
             l2 = reverse_grad(self.lambda2[k])
             total = total + l1 * gap + l2 * gap * gap
         return total.float()
+
+    @torch.no_grad()
+    def _unwind(self, k: str, gap: float) -> None:
+        """Anti-windup: a multiplier never pushes the cost away from the target.
+
+        ``lambda1`` integrates the gap; while the gates lag a falling target it grows, and once
+        the cost crosses the target the accumulated value would keep pushing it past (the gates
+        then close whole stages that never reopen). So ``lambda1`` is reset to 0 whenever its
+        sign disagrees with the current gap (``lambda1 * gap >= 0`` always holds): the classic
+        clamping anti-windup of integral controllers. The quadratic term ``lambda2 * gap**2``
+        always pulls towards the target and is left alone.
+        """
+        lam = self.lambda1[k]
+        if float(lam) * gap < 0.0:
+            lam.zero_()
 
     def expected(self) -> dict[str, float]:
         """Current expected cost fractions (floats)."""

@@ -105,17 +105,20 @@ def constant_lr(progress: float) -> float:
 
 
 @torch.no_grad()
-def snap_to_budget(budget: Budget, *, tolerance: float = 0.01) -> dict[str, float]:
+def snap_to_budget(
+    budget: Budget, *, tolerance: float = 0.01, at_most: bool = True
+) -> dict[str, float]:
     """Fix every gate of ``budget.model`` open or closed so the achieved cost fractions lie
-    within ``tolerance`` of the targets; returns the achieved fractions.
+    within ``tolerance`` of the targets, and with ``at_most`` (the default: a budget is a
+    ceiling) not above them: in ``[t - tolerance, t]``; returns the achieved fractions.
 
     The Lagrangian brings the cost *near* the target, but a single gate can hold a large share
     of the cost (an edge between two wide layers, the only input edge of a layer), and near
     such a cliff the multipliers make the exact decisions oscillate. This fixes the decisions
     greedily, ranking gates by their open probability: when every constraint is more than
     ``tolerance`` below its target, the most probable closed gates are opened until that is no
-    longer so (possibly overshooting); then, while a constraint is more than ``tolerance`` above
-    its target, the least probable open gates are closed, skipping any closure that would take a
+    longer so (possibly overshooting); then, while a constraint is above its target (more than
+    ``tolerance`` above it without ``at_most``), the least probable open gates are closed, skipping any closure that would take a
     constraint more than ``tolerance`` below its target. Every gate ends in a confident state
     (``Gate.force_``), so the eval-mode values are exactly 0 or 1. When no such decisions are
     found this way (the target may be out of reach of the structure's granularity), the
@@ -155,11 +158,15 @@ def snap_to_budget(budget: Budget, *, tolerance: float = 0.01) -> dict[str, floa
     def any_below(c: dict[str, float]) -> bool:
         return any(c[k] < t - tol for k, t in targets.items())
 
+    above = 0.0 if at_most else tol  # allowed excess over a target
+
     def any_above(c: dict[str, float]) -> bool:
-        return any(c[k] > t + tol for k, t in targets.items())
+        return any(c[k] > t + above for k, t in targets.items())
 
     def deviation(c: dict[str, float]) -> float:
-        return max(abs(c[k] - t) for k, t in targets.items())
+        # distance to the allowed window [t - tol, t + above] (0 inside it), then to the target
+        out = max(max(t - tol - c[k], c[k] - t - above, 0.0) for k, t in targets.items())
+        return out + 1e-9 * max(abs(c[k] - t) for k, t in targets.items())
 
     current = achieved()
     best = (deviation(current), [m.clone() for m in masks])
@@ -611,10 +618,10 @@ class Trainer:
         factor = float(self.lr_schedule(progress))
         frozen = self.budget is not None and self.snap_at is not None and progress >= self.snap_at
         for group, base, name in zip(opt.param_groups, base_lrs, names, strict=True):
-            if name == "budget":
+            if name in ("gates", "budget") and frozen:
+                group["lr"] = 0.0  # snapped gates stay as they are, and so do the multipliers
+            elif name == "budget":
                 group["lr"] = base
-            elif name == "gates" and frozen:
-                group["lr"] = 0.0  # snapped gates stay as they are
             else:
                 group["lr"] = base * factor
         if self.harden_at is not None and progress >= self.harden_at:
