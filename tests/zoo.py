@@ -247,6 +247,48 @@ class TinyViT(nn.Module):
         return self.head(h[:, 0])
 
 
+class LSTMClassifier(nn.Module):
+    """Linear embedding, 2-layer batch-first LSTM, Linear head on the last time step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 10)
+        self.lstm = nn.LSTM(10, 12, num_layers=2, batch_first=True)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(F.relu(self.embed(x)))  # (B, T, 12)
+        return self.head(out[:, -1])
+
+
+class BiGRUClassifier(nn.Module):
+    """Sequence-first bidirectional 2-layer GRU with inter-layer dropout, mean over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 10, num_layers=2, dropout=0.2, bidirectional=True)
+        self.head = nn.Linear(20, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.gru(x)[0]  # (T, B, 20)
+        return self.head(out.mean(dim=0))
+
+
+class StackedLSTM(nn.Module):
+    """Two nn.LSTM modules one after the other (the second bidirectional), Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm1 = nn.LSTM(3, 10, batch_first=True)
+        self.lstm2 = nn.LSTM(10, 8, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.lstm1(x)  # (B, T, 10)
+        h, _ = self.lstm2(F.dropout(h, 0.1, self.training))  # (B, T, 16)
+        return self.head(F.relu(h[:, -1]))
+
+
 ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resmlp": (ResMLP, (4, 12)),
     "postnorm_mlp": (PostNormMLP, (4, 10)),
@@ -260,6 +302,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "transformer_postnorm": (TransformerClassifier, (3, 5, 3)),
     "transformer_prenorm_gelu": (lambda: TransformerClassifier(True, "gelu"), (3, 5, 3)),
     "transformer_tinyvit": (TinyViT, (3, 6, 3)),
+    "lstm_classifier": (LSTMClassifier, (3, 5, 3)),
+    "bigru_seqfirst": (BiGRUClassifier, (5, 3, 3)),
+    "lstm_stacked": (StackedLSTM, (3, 5, 3)),
 }
 
 

@@ -45,11 +45,13 @@ __all__ = [
     "RNNStack",
     "RecurrentModule",
     "State",
+    "fold_rnn_",
     "gates_per_unit",
     "make_rnn",
     "output_features",
     "scaled_forward",
     "slice_rnn",
+    "slice_rnn_",
     "slice_rnn_layers",
     "split_layers",
     "unit_rows",
@@ -359,6 +361,104 @@ def slice_rnn_layers(
     return out
 
 
+@torch.no_grad()
+def fold_rnn_(
+    module: nn.Module,
+    hidden_scale: Sequence[Tensor | None],
+    input_scale: Tensor | None = None,
+) -> None:
+    """Fold gate values into ``module``'s weights in place, as :func:`scaled_forward` applies
+    them: afterwards ``module(x) == scaled_forward(module_before, x, ...)``.
+
+    ``hidden_scale`` holds one ``(H,)`` or ``(D * H,)`` tensor (or None) per layer.
+
+    >>> gru = nn.GRU(2, 3, num_layers=2)
+    >>> x = torch.randn(4, 1, 2)
+    >>> s = [torch.tensor([1.0, 0.0, 0.5]), None]
+    >>> want = scaled_forward(gru, x, hidden_scale=s)[0]
+    >>> fold_rnn_(gru, s)
+    >>> bool((gru(x)[0] - want).abs().max() < 1e-6)
+    True
+    """
+    m = _check_module(module, single_layer=False)
+    if isinstance(hidden_scale, Tensor) or len(hidden_scale) != m.num_layers:
+        raise ValueError(
+            f"hidden_scale must be a list of {m.num_layers} tensors/None (one per layer), "
+            f"got {hidden_scale!r}"
+        )
+    ref = _ref(m)
+    in_s = _as_scale("input_scale", input_scale, m.input_size, ref)
+    checked = [_hidden_scale(f"hidden_scale[{i}]", s, m, ref) for i, s in enumerate(hidden_scale)]
+    for name, w in zip(m._flat_weights_names, _scaled_weights(m, in_s, checked), strict=True):
+        getattr(m, name).copy_(w)
+
+
+@torch.no_grad()
+def slice_rnn_(
+    module: nn.Module,
+    keep_hidden: Sequence[Sequence[int]] | None,
+    keep_input: Sequence[int] | None = None,
+) -> None:
+    """Keep hidden units and input features of a (stacked, bidirectional) module in place.
+
+    ``keep_hidden`` (None: all units) holds one index list per layer and direction (layer
+    major: ``[l0 forward, l0 reverse, l1 forward, ...]``), all of the same length ``k``, the new
+    ``hidden_size`` (PyTorch gives all layers of one module one hidden size). Layer ``l > 0``
+    keeps the output features of the units kept by layer ``l - 1``. ``keep_input`` (None: all;
+    may be empty) are the input features of layer 0 kept. The class, parameter names and the
+    fused kernels stay; parameters are replaced by smaller ones.
+
+    >>> lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    >>> slice_rnn_(lstm, [[0, 1], [1, 3], [2, 3], [0, 1]], keep_input=[2])
+    >>> lstm
+    LSTM(1, 2, num_layers=2, bidirectional=True)
+    >>> lstm(torch.randn(5, 2, 1))[0].shape
+    torch.Size([5, 2, 4])
+    """
+    m = _check_module(module, single_layer=False)
+    ref = _ref(m)
+    h, d = m.hidden_size, (2 if m.bidirectional else 1)
+    if keep_hidden is None:
+        keep_hidden = [list(range(h))] * (m.num_layers * d)
+    if isinstance(keep_hidden, Tensor) or len(keep_hidden) != m.num_layers * d:
+        raise ValueError(
+            f"keep_hidden must hold {m.num_layers * d} index lists (one per layer and "
+            f"direction), got {keep_hidden!r}"
+        )
+    keeps = [_as_index(f"keep_hidden[{i}]", k, h, ref.device) for i, k in enumerate(keep_hidden)]
+    k = int(keeps[0].numel())
+    if k == 0 or any(int(t.numel()) != k for t in keeps):
+        raise ValueError(
+            "every layer and direction must keep the same number (>= 1) of units, got "
+            f"{[int(t.numel()) for t in keeps]}"
+        )
+    if keep_input is None:
+        keep_i = torch.arange(m.input_size, device=ref.device)
+    else:
+        keep_i = _as_index("keep_input", keep_input, m.input_size, ref.device)
+    g = gates_per_unit(m)
+    cols = keep_i
+    for layer in range(m.num_layers):
+        layer_keeps = keeps[layer * d : (layer + 1) * d]
+        for j, sfx in enumerate(_suffixes(m)):
+            rows = unit_rows(layer_keeps[j], h, g)  # (G k,)
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if kind.startswith("bias") and not m.bias:
+                    continue
+                name = f"{kind}_l{layer}{sfx}"
+                old = getattr(m, name)
+                new = old[rows]
+                if kind == "weight_ih":
+                    new = new[:, cols]
+                elif kind == "weight_hh":
+                    new = new[:, layer_keeps[j]]
+                setattr(m, name, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
+        cols = torch.cat([t + j * h for j, t in enumerate(layer_keeps)])  # (D k,)
+    m.hidden_size = k
+    m.input_size = int(keep_i.numel())
+    m.flatten_parameters()
+
+
 def _check_hx(m: RecurrentModule, hx: object, batch: int, ref: Tensor) -> list[Tensor]:
     """Initial states as the kernel's list: ``[h]`` or ``[h, c]``, each ``(L * D, B, H)``."""
     d = 2 if m.bidirectional else 1
@@ -391,20 +491,35 @@ def _check_hx(m: RecurrentModule, hx: object, batch: int, ref: Tensor) -> list[T
     return out
 
 
+def _hidden_scale(
+    name: str, scale: Tensor | None, m: RecurrentModule, ref: Tensor
+) -> Tensor | None:
+    """A layer's hidden scale as ``(D * H,)``: given ``(H,)`` (both directions) or ``(D * H,)``."""
+    if scale is None:
+        return None
+    h = m.hidden_size
+    d = 2 if m.bidirectional else 1
+    if isinstance(scale, Tensor) and d == 2 and scale.shape == (d * h,):
+        return scale.to(device=ref.device, dtype=ref.dtype)
+    s = _as_scale(name, scale, h, ref)
+    assert s is not None
+    return torch.cat([s, s]) if d == 2 else s  # (D * H,)
+
+
 def _scaled_weights(
     m: RecurrentModule,
     input_scale: Tensor | None,
     hidden_scale: Sequence[Tensor | None],
 ) -> list[Tensor]:
+    """The module's flat weights (``_flat_weights_names`` order) with the scales folded in;
+    ``hidden_scale[l]`` is ``(D * H,)`` (forward units, then reverse units) or None."""
     weights: list[Tensor] = []
+    h = m.hidden_size
     for layer in range(m.num_layers):
-        if layer == 0:
-            s_in = input_scale
-        else:
-            prev = hidden_scale[layer - 1]
-            s_in = None if prev is None else (torch.cat([prev, prev]) if m.bidirectional else prev)
-        s_h = hidden_scale[layer]
-        for sfx in _suffixes(m):
+        s_in = input_scale if layer == 0 else hidden_scale[layer - 1]  # (in,) or None
+        full = hidden_scale[layer]
+        for k, sfx in enumerate(_suffixes(m)):
+            s_h = None if full is None else full[k * h : (k + 1) * h]  # (H,)
             w_ih = getattr(m, f"weight_ih_l{layer}{sfx}")
             w_hh = getattr(m, f"weight_hh_l{layer}{sfx}")
             weights.append(w_ih if s_in is None else w_ih * s_in[None, :])  # (G H, in)
@@ -427,7 +542,9 @@ def scaled_forward(
 
     ``input_scale`` ``(input_size,)`` multiplies the input features; ``hidden_scale`` (a
     ``(hidden_size,)`` tensor, or one tensor/None per layer) multiplies each layer's hidden
-    state where it is read: by its own recurrence and by the next layer. The returned output
+    state where it is read: by its own recurrence and by the next layer. A per-layer entry may
+    also be ``(2 * hidden_size,)`` for a bidirectional module: forward units, then reverse
+    units (one scale per direction, in the layer's output feature order). The returned output
     is the last layer's raw ``h_t`` (a consumer folds the last scale itself); the state is the
     final ``h`` (GRU, RNN) or ``(h, c)`` (LSTM) as ``module`` returns them. Gradients flow to
     the weights and to the scales. Inputs: batched ``(B, T, F)`` / ``(T, B, F)`` tensors or a
@@ -455,7 +572,7 @@ def scaled_forward(
             )
     ref = _ref(m)
     in_s = _as_scale("input_scale", input_scale, m.input_size, ref)
-    checked = [_as_scale(f"hidden_scale[{i}]", s, m.hidden_size, ref) for i, s in enumerate(scales)]
+    checked = [_hidden_scale(f"hidden_scale[{i}]", s, m, ref) for i, s in enumerate(scales)]
     weights = _scaled_weights(m, in_s, checked)
     packed = isinstance(x, PackedSequence)
     data = x.data if isinstance(x, PackedSequence) else x

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import RunRecord
+from .rnn import consumer_ok
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "Labels", "analyse_channels"]
 
@@ -53,6 +54,7 @@ class ChannelGroup:
     producers: list[str]
     size: int
     pinned: str | None = None
+    unfoldable: str | None = None  # a path that does not commute with a per-channel scale
 
 
 @dataclass
@@ -68,6 +70,8 @@ class ChannelAnalysis:
     kinds: dict[str, str] = field(default_factory=dict)  # module name -> linear|conv|dw|bn
     module_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # output channel atoms
     module_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # input (linear/conv)
+    rnn_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # recurrent module input
+    rnn_outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per direction
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -162,6 +166,9 @@ HOMOGENEOUS_FUNCS: set[Callable[..., Any]] = {
     F.dropout1d,
     F.dropout2d,
 }
+# pass-through ops commuting with a per-channel scale g >= 0 (a gate folded into consumers)
+_SCALE_FUNCS: set[Callable[..., Any]] = {*HOMOGENEOUS_FUNCS, operator.neg, torch.neg}
+_SCALE_METHODS = {"relu", "relu_", "neg", "contiguous", "clone", "float", "detach"}
 
 
 def module_kind(m: nn.Module) -> str | None:
@@ -215,7 +222,11 @@ class _Propagator:
         self.labels: dict[fx.Node, Labels | None] = {}
         self.module_in: dict[fx.Node, Labels | None] = {}
         self.pins: list[tuple[np.ndarray, str]] = []
+        self.soft_pins: list[tuple[np.ndarray, str]] = []  # only matter for recurrent outputs
         self.kinds: dict[str, str] = {}
+        self.rnn_out: dict[fx.Node, Labels] = {}  # recurrent call (a tuple) -> labels of out
+        self.rnn_in_atoms: dict[str, np.ndarray] = {}
+        self.rnn_outputs: dict[str, list[np.ndarray]] = {}
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -249,6 +260,11 @@ class _Propagator:
         for a in _flat_nodes((n.args, n.kwargs)):
             self.pin(self.labels.get(a), reason)
 
+    def soft_pin(self, lab: Labels | None, reason: str) -> None:
+        """The op is exact for closed channels but not for a gate folded into consumers."""
+        if lab is not None:
+            self.soft_pins.append((lab.atoms, reason))
+
     # -- helpers
     def shape(self, a: Any) -> tuple[int, ...] | None:
         return self.rec.shapes.get(a) if isinstance(a, fx.Node) else None
@@ -272,6 +288,10 @@ class _Propagator:
     def visit(self, n: fx.Node) -> Labels | None:
         if n.op in ("placeholder", "get_attr"):
             return None
+        if n.op == "call_function" and n.target is operator.getitem and n.args:
+            src = n.args[0]
+            if isinstance(src, fx.Node) and src in self.rnn_out:  # (out, state)[i]
+                return self.rnn_out[src] if n.args[1] == 0 else None
         if n.op == "output":
             self.pin_inputs(n, "reaches the model output")
             return None
@@ -291,6 +311,10 @@ class _Propagator:
             if lab is not None and self.shape(x) != out_shape:
                 self.pin(lab, f"{self.describe(n)} changes the shape")
                 return None
+            if (is_fn and target not in _SCALE_FUNCS) or (
+                not is_fn and target not in _SCALE_METHODS
+            ):
+                self.soft_pin(lab, f"{self.describe(n)} is not positively homogeneous")
             return lab
         if is_fn and target in _POOL_FUNCS:
             return self.pool(n, self.lab(x))
@@ -324,6 +348,9 @@ class _Propagator:
         kind = module_kind(m)
         if kind is not None:
             self.kinds[name] = kind
+        if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, self.shape(x)):
+            self.recurrent(n, m, name, lab)
+            return None  # the call returns a tuple: getitem 0 (the output) carries labels
         if kind in ("linear", "conv") and out_shape is not None:
             in_shape = self.shape(x)
             cdim = len(out_shape) - 1 if kind == "linear" else 1
@@ -343,6 +370,7 @@ class _Propagator:
             return Labels(cdim, self.module_space[name])
         if kind == "dw":
             assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            self.soft_pin(lab, f"{name} (depthwise) does not take a folded input gate")
             if lab is None or lab.dim != 1:
                 self.pin(lab, f"{name} (depthwise) input not labelled on channels")
                 return None
@@ -356,6 +384,7 @@ class _Propagator:
             self.module_in[n] = lab
             return out
         if kind == "bn":
+            self.soft_pin(lab, f"{name} (BatchNorm) does not take a folded input gate")
             if lab is None:
                 return None
             if lab.dim != 1:
@@ -368,6 +397,8 @@ class _Propagator:
                 self.module_space[name] = lab.atoms
             return lab
         if isinstance(m, _ZERO_ACTS):
+            if not isinstance(m, HOMOGENEOUS_MODULES):
+                self.soft_pin(lab, f"{name} ({type(m).__name__}) is not positively homogeneous")
             return lab
         if isinstance(m, _POOLS):
             return self.pool(n, lab)
@@ -381,6 +412,27 @@ class _Propagator:
             if isinstance(m, _CONV + _BN):
                 why = f"{name} ({type(m).__name__}: grouped conv or non-affine norm)"
             self.pin_inputs(n, why)
+        return None
+
+    def recurrent(self, n: fx.Node, m: nn.Module, name: str, lab: Labels | None) -> None:
+        """A recurrent module: its input features are consumed (sliced), each direction of its
+        last layer's output is a new space (the module's own gates are set up by ``gate_``)."""
+        in_shape = self.shape(n.args[0])
+        assert in_shape is not None
+        assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+        if lab is not None and lab.dim != len(in_shape) - 1:
+            self.pin(lab, f"{name} reads a dimension other than the labelled one")
+            lab = None
+        if lab is not None:
+            prev = self.rnn_in_atoms.get(name)
+            if prev is not None:
+                self.union(prev, lab.atoms)
+            else:
+                self.rnn_in_atoms[name] = lab.atoms
+        if name not in self.rnn_outputs:
+            dirs = ("forward", "reverse") if m.bidirectional else ("forward",)
+            self.rnn_outputs[name] = [self.new_space(f"{name}:{d}", m.hidden_size) for d in dirs]
+        self.rnn_out[n] = Labels(len(in_shape) - 1, np.concatenate(self.rnn_outputs[name]))
         return None
 
     def pool(self, n: fx.Node, lab: Labels | None) -> Labels | None:
@@ -549,6 +601,8 @@ class _Propagator:
                 if 0 <= pos < len(s) and s[pos] != 1:
                     self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
                     return None
+        if kind == "mul" and len(labelled) > 1:
+            self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
         for lab, _ in labelled[1:]:
             self.union(first.atoms, lab.atoms)
         return Labels(d, first.atoms)
@@ -609,6 +663,10 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         for gi in sorted(set(atom_group[atoms].tolist())):
             if groups[gi].pinned is None:
                 groups[gi].pinned = reason
+    for atoms, reason in p.soft_pins:
+        for gi in sorted(set(atom_group[atoms].tolist())):
+            if groups[gi].unfoldable is None:
+                groups[gi].unfoldable = reason
     sources: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_module" or p.labels.get(n) is None:
@@ -632,4 +690,6 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         kinds=p.kinds,
         module_atoms=p.module_space,
         module_in_atoms=p.module_in_atoms,
+        rnn_in_atoms=p.rnn_in_atoms,
+        rnn_outputs=p.rnn_outputs,
     )

@@ -32,6 +32,8 @@ from ..gates import (
 from .blocks import Block, find_blocks, outermost
 from .channels import analyse_channels
 from .graph import record_run, trace_model
+from .rnn import RNNConsumer, RNNInfo, fold_rnns, pad_to_width, rnn_plan, setup_rnns, width_values
+from .rnn import switch as switch_rnn
 from .shortcuts import Edge, find_dense_edges
 from .structure import CostTerms, GraphInfo, SiteInfo, SliceInfo, build_cost_terms
 from .surgery import PLAN_FORMAT, ScaledAdd, apply_plan, fold_scale, local_trace
@@ -68,6 +70,7 @@ class GatingSummary:
     attentions: list[tuple[str, int]] = field(default_factory=list)  # name, heads
     ungated_layers: list[tuple[str, str]] = field(default_factory=list)
     shortcuts: list[tuple[str, str]] = field(default_factory=list)  # (from block, to block)
+    rnns: list[tuple[str, int, int, int]] = field(default_factory=list)  # name, layers, dirs, H
     unconnected: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -76,7 +79,8 @@ class GatingSummary:
         n_tf = sum(h + u + 2 for _, h, u in self.transformers)
         n_tf += sum(h for _, h in self.attentions)
         n_ch = sum(n for _, n in self.channel_groups)
-        return n_ch + len(self.blocks) + n_tf + len(self.shortcuts)
+        n_rnn = sum(n_l * d * h for _, n_l, d, h in self.rnns)
+        return n_ch + len(self.blocks) + n_tf + len(self.shortcuts) + n_rnn
 
     def __str__(self) -> str:
         lines = [
@@ -96,6 +100,11 @@ class GatingSummary:
             lines.append(f"  shortcut  {a} -> {b} (starts closed)")
         for name, h in self.attentions:
             lines.append(f"  heads     {h:5d}  {name}")
+        for name, n_l, d, h in self.rnns:
+            lines.append(
+                f"  recurrent {name}: {n_l} layers x {d} directions x {h} units "
+                "(one gate vector per layer and direction)"
+            )
         for producers, n, why in self.ungated_groups:
             lines.append(f"  ungated   {n:5d}  {', '.join(producers)}: {why}")
         for add, why in self.ungated_adds:
@@ -178,8 +187,12 @@ class InsertedGating(ModelGating):
         summary: GatingSummary,
         edges: list[Edge],
         edge_kind: Any,
+        rnns: list[RNNInfo] | None = None,
+        rnn_consumers: list[RNNConsumer] | None = None,
     ) -> None:
         super().__init__()
+        self.rnns = rnns if rnns is not None else []
+        self.rnn_consumers = rnn_consumers if rnn_consumers is not None else []
         self.edges = edges
         self.edge_gate: Gate | None = edge_kind.make(len(edges)) if edges else None
         self.edge_outputs: dict[str, Tensor] = {}
@@ -245,6 +258,15 @@ class InsertedGating(ModelGating):
         _, gh, gu, ga, gf = self.transformers[index]
         return {"heads": groups[gh], "units": groups[gu], "attn": groups[ga], "ffn": groups[gf]}
 
+    def rnn_scales(self, index: int) -> list[Tensor]:
+        """Gate values of recurrent module ``index``: one ``(D * H,)`` vector per layer."""
+        groups, _ = self._values()
+        r = self.rnns[index]
+        d = r.directions
+        return [
+            torch.cat([groups[g] for g in r.groups[i * d : (i + 1) * d]]) for i in range(r.layers)
+        ]
+
     def attention_values(self, index: int) -> dict[str, Tensor]:
         """Head gate values of attention module ``index``."""
         groups, _ = self._values()
@@ -270,7 +292,9 @@ class InsertedGating(ModelGating):
     def hard_open(self) -> list[Tensor]:
         """Exact open decisions per channel group (float 0/1); a group never closes entirely
         (a conv cannot have zero outputs): if all its gates are closed, its first entry is
-        kept, with its gate value 0 folded into the weights."""
+        kept, with its gate value 0 folded into the weights. The states of a recurrent module
+        are padded to their common kept width (closed units kept with gate value 0; see
+        :mod:`gatedprune.gating.rnn`)."""
         out = []
         for g, clamp in zip(self.group_gates, self.clamp, strict=True):
             assert isinstance(g, Gate)
@@ -279,7 +303,7 @@ class InsertedGating(ModelGating):
                 o = o.clone()
                 o[0] = 1.0
             out.append(o)
-        return out
+        return pad_to_width(out, self.rnns)
 
     def closed_blocks(self) -> list[int]:
         """Indices of residual blocks whose gate is exactly closed."""
@@ -322,7 +346,7 @@ class InsertedGating(ModelGating):
                 dtype=torch.float64,
             )
         else:
-            kept = t.kept(gate_prob_open(self._group_list()))
+            kept = t.kept(width_values(gate_prob_open(self._group_list()), self.rnns))
             if len(self.block_gates):
                 bp = torch.cat(gate_prob_open(self._block_list())).to(torch.float64)
                 f_alive = torch.prod(1.0 - t.f_member * (1.0 - bp), dim=1)
@@ -407,6 +431,7 @@ class InsertedGating(ModelGating):
             "opaque": dict(self.opaque),
             "transformers": transformers,
             "attention": attention,
+            "rnn": rnn_plan(opens, self.rnns, self.rnn_consumers),
             "slices": slices,
             "cut": cut,
             "scopes": scopes,
@@ -466,6 +491,7 @@ class InsertedGating(ModelGating):
             att = pruned.get_submodule(name)
             assert isinstance(att, nn.MultiheadAttention)
             fold_heads(att, groups[gh])
+        fold_rnns(pruned, self.rnns, self.rnn_consumers, groups)
         result = apply_plan(pruned, plan)
         if self.edge_gate is not None:
             with torch.no_grad():
@@ -601,8 +627,15 @@ def gate_(
     # channel groups
     group_map = np.full(len(ca.groups), -1, dtype=np.int64)
     sizes: list[int] = []
+    rnn_spaces = {f"{name}:{d}" for name in ca.rnn_outputs for d in ("forward", "reverse")}
     for g in ca.groups:
         if not g.producers:
+            continue
+        if any(p in rnn_spaces for p in g.producers):  # recurrent outputs: see setup_rnns
+            others = [p for p in g.producers if p not in rnn_spaces]
+            if others:
+                joined = "joined to the output of a recurrent module"
+                summary.ungated_groups.append((others, g.size, joined))
             continue
         why = g.pinned
         if why is None and not channels:
@@ -650,6 +683,12 @@ def gate_(
         kept_blocks.append(b)
         summary.blocks.append((b.owner, b.site, b.flops))
     clamp = [True] * len(sizes)
+    # recurrent modules: one unit-gate vector per (layer, direction)
+    rnns, rnn_consumers, ungated_rnns = setup_rnns(
+        gm, ca, allowed, channels, group_map, sizes, clamp
+    )
+    summary.rnns.extend((r.name, r.layers, r.directions, r.hidden) for r in rnns)
+    summary.ungated_layers.extend(ungated_rnns)
     # transformer encoder layers: heads, FFN units, attention / FFN sub-layers
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
@@ -737,7 +776,17 @@ def gate_(
         orphans.append((pname.rpartition(".")[0], p.numel()))
     tf_index = {name: (gh, gu, ga, gf) for name, gh, gu, ga, gf in transformers}
     terms = build_cost_terms(
-        gm, record, ca, kept_blocks, group_map, sizes, orphans, tf_index, dict(attentions), edges
+        gm,
+        record,
+        ca,
+        kept_blocks,
+        group_map,
+        sizes,
+        orphans,
+        tf_index,
+        dict(attentions),
+        edges,
+        rnns={r.name: r.groups[0] for r in rnns},
     )
     gating = InsertedGating(
         kind=gate_kind,
@@ -762,6 +811,8 @@ def gate_(
         summary=summary,
         edges=edges,
         edge_kind=_closed(gate_kind),
+        rnns=rnns,
+        rnn_consumers=rnn_consumers,
     )
     gating.train(model.training)
     model.add_module(ATTR, gating)
@@ -779,6 +830,8 @@ def gate_(
         layer.__dict__["_gp_ref"] = _Ref(gating, i, nn.TransformerEncoderLayer)
         layer.self_attn.__class__ = GatedMultiheadAttention
         layer.self_attn.__dict__["_gp_ref"] = _Ref(gating, i, nn.MultiheadAttention)
+    for i, r in enumerate(rnns):
+        switch_rnn(model.get_submodule(r.name), gating, i)
     for i, (name, _) in enumerate(attentions):
         att = model.get_submodule(name)
         att.__class__ = GatedMultiheadAttention

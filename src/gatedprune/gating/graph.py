@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..base import ModelGating
 from ..costs import _handler_for, unit_handler
+from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
     GatedMultiheadAttention,
     GatedTransformerEncoderLayer,
@@ -38,6 +39,9 @@ _LEAVES = (
     GatedTransformerEncoderLayer,
     PrunedMultiheadAttention,
     PrunedTransformerEncoderLayer,
+    GatedLSTM,
+    GatedGRU,
+    GatedRNN,
 )
 
 

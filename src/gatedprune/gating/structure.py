@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .blocks import Block, live_nodes, outermost
 from .channels import ChannelAnalysis
 from .graph import RunRecord, owner_of
+from .rnn import rnn_cost_rows
 from .shortcuts import Edge
 from .transformer import attention_cost, layer_cost
 
@@ -196,6 +197,7 @@ def build_cost_terms(
     transformers: dict[str, tuple[int, int, int, int]],
     attentions: dict[str, int],
     edges: Sequence[Edge] = (),
+    rnns: dict[str, int] | None = None,
 ) -> CostTerms:
     """Cost terms of every module call and parameter unit, and of the new shortcuts ``edges``
     (see the module docstring)."""
@@ -248,6 +250,20 @@ def build_cost_terms(
                 f_rows.append((float(fl), fa, fb, n.name))
                 if new_module:
                     p_rows.append((float(pa), fa, fb, n.name, name))
+            continue
+        rnn_width = (rnns or {}).get(name)
+        if rnn_width is not None or name in ca.rnn_in_atoms:  # recurrent (gate_ rnn.py)
+            in_shape = record.arg_shapes[n][0]
+            assert in_shape is not None
+            assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+            fi, mi = fac.get(ca.rnn_in_atoms.get(name), m.input_size)
+            fw, mw = (
+                (-1, float(m.hidden_size)) if rnn_width is None else (fac.vector(rnn_width), 1.0)
+            )
+            rf, rp = rnn_cost_rows(m, in_shape, fi, mi, fw, mw)
+            f_rows.extend((c, a, b_, n.name) for c, a, b_ in rf)
+            if new_module:
+                p_rows.extend((c, a, b_, n.name, name) for c, a, b_ in rp)
             continue
         if name in attentions:
             assert isinstance(m, nn.MultiheadAttention)

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .graph import owner_of, scope_nodes, trace_model
+from .rnn import apply_rnn_plan
 from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
 
 __all__ = [
@@ -314,6 +315,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, build_pruned_attention(att, list(spec["heads"])))
+    apply_rnn_plan(model, plan.get("rnn", {}))
     for name, spec in plan["slices"].items():
         try:
             m = model.get_submodule(name)

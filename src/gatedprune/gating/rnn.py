@@ -1,0 +1,411 @@
+"""``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` in user models: hidden-unit gates, cost and pruning.
+
+``gate_`` puts one gate vector on every (layer, direction) hidden state of a recurrent module
+and switches the module to a subclass (:class:`GatedLSTM`, ...; same parameters and
+``state_dict`` keys) that runs :func:`~gatedprune.rnn_slicing.scaled_forward`: the gate of unit
+``k`` scales what *reads* the unit, column ``k`` of ``W_hh`` (its own recurrence), the next
+layer's ``W_ih`` columns, and the module's output ``out[..., k]`` as the model's code sees it.
+A closed unit therefore has no effect at all, through time included, and removing it is exact.
+
+A gate on an output cannot be folded into the recurrent layer itself (``h = o * tanh(c)``), so
+the output gates are folded into the *consumers*: the input columns of the Linear/Conv or
+recurrent module reading the output. That needs every op between the two to commute with a
+per-feature scale ``g >= 0`` (ReLU, dropout, indexing a time step, mean/sum/max over time,
+reshapes, transposes, concatenation); the channel analysis checks it and otherwise leaves the
+module ungated, with the reason in the summary. Also left ungated (with a reason): ``proj_size
+> 0``, an initial state passed in, the final state ``h_n``/``c_n`` used by the model, an output
+joined to other channels by an add, a module called more than once, unbatched input.
+
+PyTorch gives every layer and both directions of one module the same ``hidden_size``, so
+pruning keeps the user's class with a *common kept width* ``k``: the largest number of open
+units over its (layer, direction) states; the others are padded with their lowest-index closed
+units, whose gate value 0 is folded into every weight that reads them (they compute but are
+never read). The cost model knows this: at hard gates every state counts ``k`` units (exactly
+``cost(prune(model))``); the differentiable expected cost uses ``k = max`` over the states of
+their expected open counts, so a budget only pays for shrinking the widest state.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..costs import FLOPS_PER_MAC, GRU_ELEMENTWISE, LSTM_ELEMENTWISE, RNN_ELEMENTWISE, seq_dims
+from ..rnn_slicing import State, fold_rnn_, gates_per_unit, scaled_forward, slice_rnn_
+from .transformer import _Ref
+
+if TYPE_CHECKING:
+    from .channels import ChannelAnalysis
+
+__all__ = [
+    "RNN_TYPES",
+    "GatedGRU",
+    "GatedLSTM",
+    "GatedRNN",
+    "RNNConsumer",
+    "RNNInfo",
+    "apply_rnn_plan",
+    "consumer_ok",
+    "pad_to_width",
+    "rnn_cost_rows",
+    "setup_rnns",
+    "width_values",
+]
+
+RNN_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def consumer_ok(m: nn.Module, in_shape: tuple[int, ...] | None) -> bool:
+    """True if the input features of recurrent module ``m`` can be sliced (and gated)."""
+    return (
+        type(m) in RNN_TYPES
+        and int(getattr(m, "proj_size", 0)) == 0
+        and in_shape is not None
+        and len(in_shape) == 3
+    )
+
+
+def gateable_rnn(m: nn.Module) -> str | None:
+    """None if ``gate_`` can gate the hidden units of ``m``, else why not."""
+    if type(m) not in RNN_TYPES:
+        return "not a plain nn.LSTM, nn.GRU or nn.RNN"
+    proj = int(getattr(m, "proj_size", 0))
+    if proj > 0:
+        return f"proj_size={proj} is not supported (the projection would need pruning too)"
+    return None
+
+
+@dataclass
+class RNNInfo:
+    """A gated recurrent module: its gate vectors, one per (layer, direction), layer major."""
+
+    name: str
+    groups: list[int]
+    layers: int
+    directions: int
+    hidden: int
+
+
+@dataclass
+class RNNConsumer:
+    """A module reading gated recurrent outputs (or a gated recurrent module's input).
+
+    ``segments``: (gated group, input positions, gate indices) of the inputs whose gate must be
+    folded into this module's input columns (recurrent outputs only); ``in_group``/``in_gidx``:
+    for a recurrent consumer, the gated group and index of each input feature (-1: ungated).
+    """
+
+    name: str
+    kind: str  # linear | conv | rnn
+    segments: list[tuple[int, Tensor, Tensor]]
+    in_group: np.ndarray | None = None
+    in_gidx: np.ndarray | None = None
+
+
+class _RNNRef(_Ref):
+    def scales(self) -> list[Tensor]:
+        return list(self.gating.rnn_scales(self.index))
+
+
+def _gated_forward(m: Any, x: Any, hx: State | None) -> tuple[Any, State]:
+    scales: list[Tensor] = m._gp_ref.scales()  # per layer (D * H,)
+    out, state = scaled_forward(m, x, hx, hidden_scale=scales)
+    if isinstance(out, Tensor):
+        out = out * scales[-1].to(out.dtype)  # (..., D * H): consumers read gated units
+    return out, state
+
+
+class GatedLSTM(nn.LSTM):
+    """``nn.LSTM`` with hidden-unit gates (set by ``gate_``; same parameters)."""
+
+    _gp_ref: _RNNRef
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        return _gated_forward(self, input, hx)
+
+
+class GatedGRU(nn.GRU):
+    """``nn.GRU`` with hidden-unit gates (set by ``gate_``; same parameters)."""
+
+    _gp_ref: _RNNRef
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        return _gated_forward(self, input, hx)
+
+
+class GatedRNN(nn.RNN):
+    """``nn.RNN`` with hidden-unit gates (set by ``gate_``; same parameters)."""
+
+    _gp_ref: _RNNRef
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        return _gated_forward(self, input, hx)
+
+
+GATED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.LSTM: GatedLSTM,
+    nn.GRU: GatedGRU,
+    nn.RNN: GatedRNN,
+}
+
+
+def switch(m: nn.Module, gating: Any, index: int) -> None:
+    """Switch recurrent module ``m`` to its gated subclass reading gates ``index`` of ``gating``."""
+    base = type(m)
+    m.__class__ = GATED[base]
+    m.__dict__["_gp_ref"] = _RNNRef(gating, index, base, "rnn")
+
+
+def width_values(values: list[Tensor], rnns: list[RNNInfo]) -> list[Tensor]:
+    """Expected open counts of every recurrent module's states made equal to their maximum
+    (the common kept width; see the module docstring): each state's vector is rescaled."""
+    out = list(values)
+    for r in rnns:
+        sums = torch.stack([values[g].to(torch.float64).sum() for g in r.groups])  # (L D,)
+        width = sums.max()
+        for g, s in zip(r.groups, sums, strict=True):
+            out[g] = values[g].to(torch.float64) * (width / s.clamp_min(1e-12))
+    return out
+
+
+def pad_to_width(opens: list[Tensor], rnns: list[RNNInfo]) -> list[Tensor]:
+    """Kept masks (float 0/1) with every state of a module padded to the common width by its
+    lowest-index closed units."""
+    out = list(opens)
+    for r in rnns:
+        width = max(int(opens[g].sum()) for g in r.groups)
+        for g in r.groups:
+            o = opens[g].clone()
+            closed = torch.nonzero(o == 0).flatten()
+            o[closed[: width - int(o.sum())]] = 1.0
+            out[g] = o
+    return out
+
+
+def rnn_cost_rows(
+    m: nn.Module,
+    in_shape: tuple[int, ...],
+    fi: int,
+    mi: float,
+    fw: int,
+    mw: float,
+) -> tuple[list[tuple[float, int, int]], list[tuple[float, int, int]]]:
+    """(FLOPs rows, params rows) ``(coef, factor a, factor b)`` of a recurrent module whose
+    layer-0 input has ``mi * kept(fi)`` features and whose width is ``mw * kept(fw)`` units
+    (factor -1: the constant 1), mirroring ``costs._recurrent`` term by term."""
+    assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+    batch, length = seq_dims(torch.empty(in_shape, device="meta"), m.batch_first)
+    steps = batch * length
+    g = gates_per_unit(m)
+    elem = (
+        LSTM_ELEMENTWISE
+        if isinstance(m, nn.LSTM)
+        else GRU_ELEMENTWISE
+        if isinstance(m, nn.GRU)
+        else RNN_ELEMENTWISE
+    )
+    d = 2 if m.bidirectional else 1
+    b = 1 if m.bias else 0
+    mac = FLOPS_PER_MAC * g
+    flops: list[tuple[float, int, int]] = []
+    params: list[tuple[float, int, int]] = []
+    for layer in range(m.num_layers):
+        if layer == 0:  # W_ih (G k, n), W_hh (G k, k) per direction
+            flops.append((float(steps * d * mac) * mw * mi, fw, fi))
+            flops.append((float(steps * d * mac) * mw * mw, fw, fw))
+            params.append((float(d * g) * mw * mi, fw, fi))
+            params.append((float(d * g) * mw * mw, fw, fw))
+        else:  # W_ih (G k, D k), W_hh (G k, k)
+            flops.append((float(steps * d * mac * (d + 1)) * mw * mw, fw, fw))
+            params.append((float(d * g * (d + 1)) * mw * mw, fw, fw))
+        flops.append((float(steps * d * (elem + 2 * g * b)) * mw, fw, -1))
+        if b:
+            params.append((float(d * 2 * g) * mw, fw, -1))
+    return flops, params
+
+
+@torch.no_grad()
+def fold_rnns(
+    model: nn.Module,
+    rnns: list[RNNInfo],
+    consumers: list[RNNConsumer],
+    groups: list[Tensor],
+) -> None:
+    """Fold eval gate values into the recurrent modules and the consumers of their outputs."""
+    for r in rnns:
+        m = model.get_submodule(r.name)
+        scales = []
+        for layer in range(r.layers):
+            parts = [groups[g] for g in r.groups[layer * r.directions : (layer + 1) * r.directions]]
+            scales.append(torch.cat(parts))  # (D * H,)
+        fold_rnn_(m, scales)
+    for c in consumers:
+        if not c.segments:
+            continue
+        m = model.get_submodule(c.name)
+        if c.kind == "rnn":
+            assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+            n_in = m.input_size
+        elif isinstance(m, nn.Linear):
+            n_in = m.in_features
+        else:
+            assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            n_in = m.in_channels
+        vec = torch.ones(n_in, dtype=torch.float64)  # (in,)
+        for g, pos, gidx in c.segments:
+            vec[pos] = groups[g][gidx].to(torch.float64)
+        if c.kind == "rnn":
+            assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+            w_ih = m.weight_ih_l0
+            assert isinstance(w_ih, Tensor)
+            fold_rnn_(m, [None] * m.num_layers, input_scale=vec.to(w_ih.dtype))
+        else:
+            assert isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            w = m.weight
+            w.mul_(vec.to(w.dtype).view(1, -1, *([1] * (w.dim() - 2))))
+
+
+def rnn_plan(
+    opens: list[np.ndarray],
+    rnns: list[RNNInfo],
+    consumers: list[RNNConsumer],
+) -> dict[str, dict[str, Any]]:
+    """Plan entries ``{name: {"units": [...] or None, "in": [...] or None}}`` (opens padded)."""
+    plan: dict[str, dict[str, Any]] = {}
+    for r in rnns:
+        if all(opens[g].all() for g in r.groups):
+            continue
+        plan[r.name] = {"units": [np.flatnonzero(opens[g]).tolist() for g in r.groups], "in": None}
+    for c in consumers:
+        if c.kind != "rnn" or c.in_group is None or c.in_gidx is None:
+            continue
+        mask = np.ones(len(c.in_group), dtype=bool)
+        for g, o in enumerate(opens):
+            sel = c.in_group == g
+            mask[sel] = o[c.in_gidx[sel]]
+        if mask.all():
+            continue
+        entry = plan.setdefault(c.name, {"units": None, "in": None})
+        entry["in"] = np.flatnonzero(mask).tolist()
+    return plan
+
+
+def apply_rnn_plan(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Slice the recurrent modules named in ``plan`` (:func:`rnn_plan` entries) in place."""
+    for name, spec in plan.items():
+        m = model.get_submodule(name)
+        if not isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
+            raise ValueError(f"the plan prunes '{name}' as a recurrent module; it is {type(m)}")
+        slice_rnn_(m, spec["units"], spec["in"])
+
+
+def _is_getitem(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2
+
+
+def _used(n: fx.Node) -> bool:
+    """Whether anything but unused ``getitem`` unpacking reads ``n``."""
+    return any(not _is_getitem(u) or _used(u) for u in n.users)
+
+
+def _output_use(node: fx.Node) -> str | None:
+    for u in node.users:
+        if not _is_getitem(u) or not isinstance(u.args[1], int):
+            return "its output tuple is used whole (only out = module(x)[0] is supported)"
+        if u.args[1] != 0 and _used(u):
+            return "its final state (h_n / c_n) is used by the model"
+    return None
+
+
+def setup_rnns(
+    gm: fx.GraphModule,
+    ca: ChannelAnalysis,
+    allowed: Callable[[str], bool],
+    enabled: bool,
+    group_map: np.ndarray,
+    sizes: list[int],
+    clamp: list[bool],
+) -> tuple[list[RNNInfo], list[RNNConsumer], list[tuple[str, str]]]:
+    """Decide which recurrent modules get gates; extend ``sizes``/``clamp``/``group_map`` with
+    their gate vectors. Returns the gated modules, the consumers of gated inputs and outputs,
+    and (name, reason) of the modules left ungated."""
+    nodes: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            nodes.setdefault(str(n.target), []).append(n)
+    rnns: list[RNNInfo] = []
+    ungated: list[tuple[str, str]] = []
+    out_groups: set[int] = set()
+    for name, outs in ca.rnn_outputs.items():
+        m = gm.get_submodule(name)
+        assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+        calls = nodes.get(name, [])
+        why = gateable_rnn(m)
+        if why is None and not enabled:
+            why = "channels=False"
+        if why is None and m.hidden_size < 2:
+            why = "a single unit"
+        if why is None and len(calls) != 1:
+            why = "called more than once"
+        if why is None and (len(calls[0].args) > 1 or calls[0].kwargs):
+            why = "called with an initial state hx (the pruned module needs a sliced one)"
+        if why is None:
+            why = _output_use(calls[0])
+        if why is None:
+            for atoms in outs:
+                grp = ca.groups[int(ca.atom_group[atoms[0]])]
+                if grp.pinned is not None:
+                    why = f"its output cannot be pruned: {grp.pinned}"
+                elif len(grp.producers) > 1:
+                    why = f"its output is joined to other channels ({', '.join(grp.producers)})"
+                elif grp.unfoldable is not None:
+                    why = f"its output gate cannot be folded into its consumers: {grp.unfoldable}"
+                if why is not None:
+                    break
+        if why is None and not allowed(name):
+            why = "filter_fn rejected it"
+        if why is not None:
+            ungated.append((name, why))
+            continue
+        d = len(outs)
+        groups: list[int] = []
+        for layer in range(m.num_layers):
+            for j in range(d):
+                if layer == m.num_layers - 1:
+                    gi = int(ca.atom_group[outs[j][0]])
+                    group_map[gi] = len(sizes)
+                    out_groups.add(gi)
+                groups.append(len(sizes))
+                sizes.append(m.hidden_size)
+                clamp.append(True)
+        rnns.append(RNNInfo(name, groups, m.num_layers, d, m.hidden_size))
+    consumers: list[RNNConsumer] = []
+    inputs = [(k, ca.kinds[k], a) for k, a in ca.module_in_atoms.items() if k in ca.kinds]
+    inputs += [(k, "rnn", a) for k, a in ca.rnn_in_atoms.items()]
+    for name, kind, atoms in inputs:
+        groups_of = ca.atom_group[atoms]
+        segs = []
+        folded = np.isin(groups_of, sorted(out_groups))
+        gg = np.where(folded, group_map[groups_of], -1)
+        for g in sorted(set(gg.tolist()) - {-1}):
+            pos = np.flatnonzero(gg == g)
+            segs.append(
+                (
+                    int(g),
+                    torch.tensor(pos, dtype=torch.long),
+                    torch.tensor(ca.atom_gidx[atoms][pos], dtype=torch.long),
+                )
+            )
+        mapped = group_map[groups_of]
+        if kind == "rnn" and (mapped >= 0).any():
+            consumers.append(RNNConsumer(name, kind, segs, mapped, ca.atom_gidx[atoms]))
+        elif segs:
+            consumers.append(RNNConsumer(name, kind, segs))
+    return rnns, consumers, ungated
