@@ -343,11 +343,14 @@ def setup_rnns(
     rnns: list[RNNInfo] = []
     ungated: list[tuple[str, str]] = []
     out_groups: set[int] = set()
-    for name, outs in ca.rnn_outputs.items():
+    for name, calls in nodes.items():
         m = gm.get_submodule(name)
-        assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
-        calls = nodes.get(name, [])
+        if not isinstance(m, nn.RNNBase):
+            continue
+        outs = ca.rnn_outputs.get(name, [])
         why = gateable_rnn(m)
+        if why is None and not outs:
+            why = "its input is not a batched (B, T, F) / (T, B, F) tensor"
         if why is None and not enabled:
             why = "channels=False"
         if why is None and m.hidden_size < 2:
@@ -374,6 +377,7 @@ def setup_rnns(
         if why is not None:
             ungated.append((name, why))
             continue
+        assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
         d = len(outs)
         groups: list[int] = []
         for layer in range(m.num_layers):

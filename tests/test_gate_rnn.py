@@ -1,0 +1,330 @@
+"""gate_ on user models holding nn.LSTM / nn.GRU: unit gates, exact pruning, cost, plan replay."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from zoo import ZOO
+
+import gatedprune
+from gatedprune.costs import Cost
+from gatedprune.gates import HardConcreteGate
+from gatedprune.gating import InsertedGating, apply_plan, export_plan, gate_
+from gatedprune.gating.rnn import GatedGRU, GatedLSTM
+
+RNN_ZOO = ["lstm_classifier", "bigru_seqfirst", "lstm_stacked"]
+
+
+def _gating(model: nn.Module) -> InsertedGating:
+    g = model.gatedprune
+    assert isinstance(g, InsertedGating)
+    return g
+
+
+def _random_gates(model: nn.Module, gen: torch.Generator, low: float = -4.0) -> None:
+    with torch.no_grad():
+        for gate in _gating(model).group_gates:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.copy_(torch.empty(gate.n).uniform_(low, 4.0, generator=gen))
+
+
+def _with_length(shape: tuple[int, ...], length: int, batch: int, batch_first: bool) -> list[int]:
+    s = list(shape)
+    t, b = (1, 0) if batch_first else (0, 1)
+    s[t], s[b] = length, batch
+    return s
+
+
+def _check_exact(
+    model: nn.Module,
+    factory: Callable[[], nn.Module],
+    x: Tensor,
+    batch_first: bool,
+    gen: torch.Generator,
+) -> nn.Module:
+    """prune == gated on fresh sequences of several lengths, cost == hard cost, plan replays."""
+    model.eval()
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        for length, batch in ((1, 2), (4, 3), (9, 1)):
+            size = _with_length(tuple(x.shape), length, batch, batch_first)
+            xi = torch.randn(*size, generator=gen)
+            want = model(xi)
+            assert (pruned(xi) - want).abs().max().item() <= 1e-5
+            assert (fresh(xi) - want).abs().max().item() <= 1e-5
+    c = gatedprune.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert (float(c.flops), float(c.params)) == (float(hard.flops), float(hard.params))
+    assert gatedprune.cost(fresh, x) == c
+    for name, r in [(r.name, r) for r in _gating(model).rnns]:
+        m = pruned.get_submodule(name)
+        assert type(m) in (nn.LSTM, nn.GRU)  # the user's class, fused kernels
+        widths = [int(o.sum()) for o in _gating(model).hard_open()]
+        assert m.hidden_size == widths[r.groups[0]]
+    return pruned
+
+
+@pytest.mark.parametrize("name", RNN_ZOO)
+def test_rnn_zoo_budget_then_prune_exact(name: str) -> None:
+    factory, shape = ZOO[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    torch.manual_seed(sum(map(ord, name)))
+    model = factory().eval()
+    x = torch.randn(*shape, generator=gen)
+    batch_first = name != "bigru_seqfirst"
+    with torch.no_grad():
+        before = model(x)
+    summary = gate_(model, x)
+    gating = _gating(model)
+    assert gating.rnns  # every recurrent module of the zoo is gated
+    assert {n for n, *_ in summary.rnns} == {r.name for r in gating.rnns}
+    assert not summary.ungated_layers
+    assert "recurrent" in str(summary)
+    types = {type(model.get_submodule(r.name)) for r in gating.rnns}
+    assert types <= {GatedLSTM, GatedGRU}
+    with torch.no_grad():  # gates start open: the same function
+        assert (model(x) - before).abs().max().item() <= 1e-6
+    all_open = gatedprune.cost(model, x, hard=True)
+    dense = gatedprune.cost(factory(), x)
+    assert isinstance(dense, Cost)
+    assert (float(all_open.flops), float(all_open.params)) == (dense.flops, dense.params)
+    # a few budget steps in training mode (inter-layer dropout active)
+    budget = gatedprune.Budget(model, x, params=0.4)
+    gate_ids = {id(p) for p in gating.parameters()}
+    weights = [p for p in model.parameters() if id(p) not in gate_ids]
+    opt = torch.optim.Adam(
+        [
+            {"params": weights, "lr": 1e-3},
+            {"params": list(gating.parameters()), "lr": 0.3},
+            {"params": list(budget.parameters()), "lr": 0.05},
+        ]
+    )
+    start = budget.expected()["params"]
+    model.train()
+    for _ in range(12):
+        xb = torch.randn(*shape, generator=gen)
+        yb = torch.randint(0, 4, (xb.shape[0 if batch_first else 1],), generator=gen)
+        loss = nn.functional.cross_entropy(model(xb), yb) + budget.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert budget.expected()["params"] < start  # the budget reaches the unit gates
+    _check_exact(model, factory, x, batch_first, gen)  # after training: maybe nothing closed
+    _random_gates(model, gen, low=-6.0)
+    pruned = _check_exact(model, factory, x, batch_first, gen)
+    c = gatedprune.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert c.flops < dense.flops
+    assert c.params < dense.params
+
+
+class _Net(nn.Module):
+    """Optional Linear embedding, one recurrent module, head on the last step or the mean."""
+
+    def __init__(
+        self,
+        cell: type[nn.LSTM] | type[nn.GRU],
+        n_in: int,
+        hidden: int,
+        layers: int,
+        bidirectional: bool,
+        batch_first: bool,
+        embed: bool,
+        pool: str,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(n_in, 6) if embed else None
+        self.rnn = cell(
+            6 if embed else n_in,
+            hidden,
+            num_layers=layers,
+            bidirectional=bidirectional,
+            batch_first=batch_first,
+            dropout=0.1 if layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), 3)
+        self.time = 1 if batch_first else 0
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.embed is not None:
+            x = torch.relu(self.embed(x))  # (..., 6)
+        out = self.rnn(x)[0]  # (B, T, D H) or (T, B, D H)
+        if self.pool == "mean":
+            h = out.mean(dim=self.time)
+        elif self.pool == "max":
+            h = out.amax(dim=self.time)
+        else:
+            h = out[:, -1] if self.time == 1 else out[-1]
+        return self.head(h)
+
+
+@given(
+    cell=st.sampled_from([nn.LSTM, nn.GRU]),
+    n_in=st.integers(1, 5),
+    hidden=st.integers(2, 7),
+    layers=st.integers(1, 3),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    embed=st.booleans(),
+    pool=st.sampled_from(["last", "mean", "max"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_recurrent_models_prune_exact(
+    cell: type[nn.LSTM] | type[nn.GRU],
+    n_in: int,
+    hidden: int,
+    layers: int,
+    bidirectional: bool,
+    batch_first: bool,
+    embed: bool,
+    pool: str,
+    seed: int,
+) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def factory() -> nn.Module:
+        return _Net(cell, n_in, hidden, layers, bidirectional, batch_first, embed, pool)
+
+    model = factory().eval()
+    x = torch.randn(*_with_length((0, 0, n_in), 4, 2, batch_first), generator=gen)
+    gate_(model, x)
+    gating = _gating(model)
+    assert [r.name for r in gating.rnns] == ["rnn"]
+    _random_gates(model, gen, low=-8.0)
+    if seed % 3 == 0:  # one state entirely closed: it keeps one unit (gate value 0)
+        last = gating.group_gates[gating.rnns[0].groups[-1]]
+        assert isinstance(last, HardConcreteGate)
+        last.force_(torch.zeros(hidden, dtype=torch.bool))
+    _check_exact(model, factory, x, batch_first, gen)
+
+
+def test_expected_cost_pays_for_the_widest_state_only() -> None:
+    torch.manual_seed(0)
+    factory, shape = ZOO["lstm_classifier"]
+    model = factory().eval()
+    x = torch.randn(*shape)
+    gate_(model, x)
+    gating = _gating(model)
+    (r,) = gating.rnns
+    wide, narrow = (gating.group_gates[g] for g in r.groups)
+    assert isinstance(wide, HardConcreteGate)
+    assert isinstance(narrow, HardConcreteGate)
+    with torch.no_grad():
+        wide.log_alpha.fill_(3.0)
+        narrow.log_alpha.fill_(-1.0)
+    flops, params = gating.expected_cost(tuple(x.shape))
+    (flops + params).backward()
+    assert wide.log_alpha.grad is not None
+    assert float(wide.log_alpha.grad.abs().sum()) > 0.0
+    # closing units of the narrower layer saves nothing: the module keeps the common width
+    assert narrow.log_alpha.grad is None or float(narrow.log_alpha.grad.abs().sum()) == 0.0
+
+
+class _ProjLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 6)
+        self.lstm = nn.LSTM(6, 8, proj_size=4, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.lstm(self.embed(x))[0][:, -1])
+
+
+class _FinalState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (h, _) = self.lstm(x)  # h: (layers, B, 8)
+        return self.head(h[-1])
+
+
+class _TanhHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.gru(x)[0][:, -1]))
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)  # (B, T, 8)
+        return self.head((h + self.gru(h)[0])[:, -1])
+
+
+class _Seq2Seq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 8, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lstm(x)[0]
+
+
+@pytest.mark.parametrize(
+    ("cls", "module", "reason"),
+    [
+        (_ProjLSTM, "lstm", "proj_size=4 is not supported"),
+        (_FinalState, "lstm", "final state (h_n / c_n) is used"),
+        (_TanhHead, "gru", "cannot be folded into its consumers"),
+        (_Residual, "gru", "joined to other channels"),
+        (_Seq2Seq, "lstm", "reaches the model output"),
+    ],
+)
+def test_unsupported_recurrent_uses_are_left_ungated_with_a_reason(
+    cls: Callable[[], nn.Module], module: str, reason: str
+) -> None:
+    torch.manual_seed(1)
+    model = cls().eval()
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        before = model(x)
+    summary = gate_(model, x)
+    reasons = dict(summary.ungated_layers)
+    assert reason in reasons[module]
+    assert not summary.rnns
+    assert type(model.get_submodule(module)) in (nn.LSTM, nn.GRU)
+    assert reason in str(summary)
+    _random_gates(model, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # still exact for whatever else was gated
+        pruned = gatedprune.prune(model)
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+        if not _gating(model).group_gates:
+            assert (model(x) - before).abs().max().item() == 0.0
+
+
+def test_filter_fn_and_channels_false_leave_recurrent_modules_ungated() -> None:
+    factory, shape = ZOO["lstm_stacked"]
+    x = torch.randn(*shape)
+    model = factory()
+    summary = gate_(model, x, filter_fn=lambda m, name: name != "lstm2")
+    assert [n for n, *_ in summary.rnns] == ["lstm1"]
+    assert dict(summary.ungated_layers)["lstm2"] == "filter_fn rejected it"
+    model = factory()
+    summary = gate_(model, x, channels=False)
+    assert not summary.rnns
+    assert dict(summary.ungated_layers)["lstm1"] == "channels=False"
