@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -159,7 +160,11 @@ class _Net(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.embed is not None:
             x = torch.relu(self.embed(x))  # (..., 6)
-        out = self.rnn(x)[0]  # (B, T, D H) or (T, B, D H)
+        out, state = self.rnn(x)  # out: (B, T, D H) or (T, B, D H)
+        if self.pool == "state":  # the last layer's final states, h_n: (L D, B, H)
+            h_n = state[0] if isinstance(self.rnn, nn.LSTM) else state
+            last = [h_n[-2], h_n[-1]] if self.rnn.bidirectional else [h_n[-1]]
+            return self.head(torch.cat(last, dim=1))
         if self.pool == "mean":
             h = out.mean(dim=self.time)
         elif self.pool == "max":
@@ -177,7 +182,7 @@ class _Net(nn.Module):
     bidirectional=st.booleans(),
     batch_first=st.booleans(),
     embed=st.booleans(),
-    pool=st.sampled_from(["last", "mean", "max"]),
+    pool=st.sampled_from(["last", "mean", "max", "state"]),
     seed=st.integers(0, 2**16),
 )
 def test_random_recurrent_models_prune_exact(
@@ -208,6 +213,31 @@ def test_random_recurrent_models_prune_exact(
         assert isinstance(last, HardConcreteGate)
         last.force_(torch.zeros(hidden, dtype=torch.bool))
     _check_exact(model, factory, x, batch_first, gen)
+
+
+class _FinalState(nn.Module):
+    """Head on ``h_n[-1]`` (the last layer's final state) and on the first layer's ``h_n[0]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, (h, _) = self.lstm(x)  # h: (layers, B, 8)
+        return self.head(torch.cat([h[0], F.relu(h[-1])], dim=1))
+
+
+def test_final_hidden_state_of_every_layer_is_pruned_exactly() -> None:
+    torch.manual_seed(4)
+    gen = torch.Generator().manual_seed(4)
+    model = _FinalState().eval()
+    x = torch.randn(2, 5, 3, generator=gen)
+    summary = gate_(model, x)
+    assert [n for n, *_ in summary.rnns] == ["lstm"]
+    _random_gates(model, gen, low=-6.0)
+    pruned = _check_exact(model, _FinalState, x, True, gen)
+    assert pruned.get_submodule("head").in_features == 2 * pruned.get_submodule("lstm").hidden_size
 
 
 def test_expected_cost_pays_for_the_widest_state_only() -> None:
@@ -243,15 +273,26 @@ class _ProjLSTM(nn.Module):
         return self.head(self.lstm(self.embed(x))[0][:, -1])
 
 
-class _FinalState(nn.Module):
+class _CellState(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lstm = nn.LSTM(3, 8, num_layers=2, batch_first=True)
         self.head = nn.Linear(8, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        _, (h, _) = self.lstm(x)  # h: (layers, B, 8)
-        return self.head(h[-1])
+        _, (_, c) = self.lstm(x)  # c: (layers, B, 8)
+        return self.head(c[-1])
+
+
+class _WholeState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.gru(x)[1]  # (layers, B, 8)
+        return self.head(h.transpose(0, 1).flatten(1))
 
 
 class _TanhHead(nn.Module):
@@ -289,7 +330,8 @@ class _Seq2Seq(nn.Module):
     ("cls", "module", "reason"),
     [
         (_ProjLSTM, "lstm", "proj_size=4 is not supported"),
-        (_FinalState, "lstm", "final state (h_n / c_n) is used"),
+        (_CellState, "lstm", "final cell state c_n is used"),
+        (_WholeState, "gru", "h_n is used other than as h_n[i]"),
         (_TanhHead, "gru", "cannot be folded into its consumers"),
         (_Residual, "gru", "joined to other channels"),
         (_Seq2Seq, "lstm", "reaches the model output"),

@@ -71,7 +71,7 @@ class ChannelAnalysis:
     module_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # output channel atoms
     module_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # input (linear/conv)
     rnn_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # recurrent module input
-    rnn_outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per direction
+    rnn_outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per (layer, dir)
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -224,7 +224,9 @@ class _Propagator:
         self.pins: list[tuple[np.ndarray, str]] = []
         self.soft_pins: list[tuple[np.ndarray, str]] = []  # only matter for recurrent outputs
         self.kinds: dict[str, str] = {}
-        self.rnn_out: dict[fx.Node, Labels] = {}  # recurrent call (a tuple) -> labels of out
+        # recurrent calls and their (h_n, c_n) / h_n nodes: (module name, "call"|"state"|"h")
+        self.rnn_nodes: dict[fx.Node, tuple[str, str]] = {}
+        self.rnn_out: dict[str, Labels] = {}  # labels of a recurrent module's output
         self.rnn_in_atoms: dict[str, np.ndarray] = {}
         self.rnn_outputs: dict[str, list[np.ndarray]] = {}
 
@@ -290,8 +292,8 @@ class _Propagator:
             return None
         if n.op == "call_function" and n.target is operator.getitem and n.args:
             src = n.args[0]
-            if isinstance(src, fx.Node) and src in self.rnn_out:  # (out, state)[i]
-                return self.rnn_out[src] if n.args[1] == 0 else None
+            if isinstance(src, fx.Node) and src in self.rnn_nodes:
+                return self.recurrent_item(n, src)
         if n.op == "output":
             self.pin_inputs(n, "reaches the model output")
             return None
@@ -429,10 +431,37 @@ class _Propagator:
                 self.union(prev, lab.atoms)
             else:
                 self.rnn_in_atoms[name] = lab.atoms
-        if name not in self.rnn_outputs:
+        if name not in self.rnn_outputs:  # one space per (layer, direction) hidden state
             dirs = ("forward", "reverse") if m.bidirectional else ("forward",)
-            self.rnn_outputs[name] = [self.new_space(f"{name}:{d}", m.hidden_size) for d in dirs]
-        self.rnn_out[n] = Labels(len(in_shape) - 1, np.concatenate(self.rnn_outputs[name]))
+            self.rnn_outputs[name] = [
+                self.new_space(f"{name}:{layer}:{d}", m.hidden_size)
+                for layer in range(m.num_layers)
+                for d in dirs
+            ]
+        d = 2 if m.bidirectional else 1
+        last = self.rnn_outputs[name][-d:]
+        self.rnn_out[name] = Labels(len(in_shape) - 1, np.concatenate(last))
+        self.rnn_nodes[n] = (name, "call")
+        return None
+
+    def recurrent_item(self, n: fx.Node, src: fx.Node) -> Labels | None:
+        """``(out, state)[i]``, ``(h_n, c_n)[i]`` and ``h_n[i]`` (one layer and direction)."""
+        name, what = self.rnn_nodes[src]
+        i = n.args[1]
+        if not isinstance(i, int):
+            return None  # gate_ leaves the module ungated (see rnn.setup_rnns)
+        if what == "call":
+            if i == 0:
+                return self.rnn_out[name]
+            lstm = isinstance(self.gm.get_submodule(name), nn.LSTM)
+            self.rnn_nodes[n] = (name, "state" if lstm else "h")
+        elif what == "state" and i == 0:
+            self.rnn_nodes[n] = (name, "h")
+        elif what == "h":
+            spaces = self.rnn_outputs[name]
+            out = self.shape(n)
+            assert out is not None
+            return Labels(len(out) - 1, spaces[i % len(spaces)])
         return None
 
     def pool(self, n: fx.Node, lab: Labels | None) -> Labels | None:

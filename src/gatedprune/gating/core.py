@@ -627,7 +627,12 @@ def gate_(
     # channel groups
     group_map = np.full(len(ca.groups), -1, dtype=np.int64)
     sizes: list[int] = []
-    rnn_spaces = {f"{name}:{d}" for name in ca.rnn_outputs for d in ("forward", "reverse")}
+    rnn_spaces = {
+        f"{name}:{layer}:{d}"
+        for name, states in ca.rnn_outputs.items()
+        for layer in range(len(states))
+        for d in ("forward", "reverse")
+    }
     for g in ca.groups:
         if not g.producers:
             continue

@@ -119,7 +119,11 @@ def _gated_forward(m: Any, x: Any, hx: State | None) -> tuple[Any, State]:
     out, state = scaled_forward(m, x, hx, hidden_scale=scales)
     if isinstance(out, Tensor):
         out = out * scales[-1].to(out.dtype)  # (..., D * H): consumers read gated units
-    return out, state
+    h = state[0] if isinstance(state, tuple) else state  # (L * D, B, H)
+    g = torch.stack(scales).view(h.shape[0], 1, h.shape[-1]).to(h.dtype)  # (L * D, 1, H)
+    if isinstance(state, tuple):
+        return out, (h * g, state[1])  # c_n stays raw (the model may not read it)
+    return out, h * g
 
 
 class GatedLSTM(nn.LSTM):
@@ -315,12 +319,31 @@ def _used(n: fx.Node) -> bool:
     return any(not _is_getitem(u) or _used(u) for u in n.users)
 
 
-def _output_use(node: fx.Node) -> str | None:
+def _int_item(n: fx.Node) -> bool:
+    return _is_getitem(n) and isinstance(n.args[1], int)
+
+
+def _output_use(node: fx.Node, lstm: bool) -> str | None:
+    """Why the model's use of a recurrent module's outputs is not supported (None: it is):
+    ``out`` and ``h_n[i]`` (one layer and direction) may be read, ``c_n`` may not."""
     for u in node.users:
-        if not _is_getitem(u) or not isinstance(u.args[1], int):
-            return "its output tuple is used whole (only out = module(x)[0] is supported)"
-        if u.args[1] != 0 and _used(u):
-            return "its final state (h_n / c_n) is used by the model"
+        if not _int_item(u):
+            return "its output tuple is used whole (supported: out, h_n[i])"
+        if u.args[1] == 0 or not _used(u):
+            continue
+        h: fx.Node | None = u
+        if lstm:
+            h = None
+            for v in u.users:
+                if not _int_item(v):
+                    return "its final state (h_n, c_n) is used whole (supported: h_n[i])"
+                if v.args[1] == 1 and _used(v):
+                    return "its final cell state c_n is used by the model"
+                if v.args[1] == 0:
+                    h = v
+        for w in h.users if h is not None else []:
+            if not _int_item(w):
+                return "its final state h_n is used other than as h_n[i] (one layer, direction)"
     return None
 
 
@@ -360,7 +383,7 @@ def setup_rnns(
         if why is None and (len(calls[0].args) > 1 or calls[0].kwargs):
             why = "called with an initial state hx (the pruned module needs a sliced one)"
         if why is None:
-            why = _output_use(calls[0])
+            why = _output_use(calls[0], isinstance(m, nn.LSTM))
         if why is None:
             for atoms in outs:
                 grp = ca.groups[int(ca.atom_group[atoms[0]])]
@@ -378,17 +401,15 @@ def setup_rnns(
             ungated.append((name, why))
             continue
         assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
-        d = len(outs)
         groups: list[int] = []
-        for layer in range(m.num_layers):
-            for j in range(d):
-                if layer == m.num_layers - 1:
-                    gi = int(ca.atom_group[outs[j][0]])
-                    group_map[gi] = len(sizes)
-                    out_groups.add(gi)
-                groups.append(len(sizes))
-                sizes.append(m.hidden_size)
-                clamp.append(True)
+        for atoms in outs:  # (layer, direction), layer major
+            gi = int(ca.atom_group[atoms[0]])
+            group_map[gi] = len(sizes)
+            out_groups.add(gi)
+            groups.append(len(sizes))
+            sizes.append(m.hidden_size)
+            clamp.append(True)
+        d = 2 if m.bidirectional else 1
         rnns.append(RNNInfo(name, groups, m.num_layers, d, m.hidden_size))
     consumers: list[RNNConsumer] = []
     inputs = [(k, ca.kinds[k], a) for k, a in ca.module_in_atoms.items() if k in ca.kinds]
