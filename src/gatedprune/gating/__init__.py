@@ -8,7 +8,9 @@ hooks on the user's own modules plus one ``InsertedGating`` submodule holding ev
 * block gates: ``y = s + g * F(x)`` for every residual branch ``F`` (a closed block is removed);
 * transformer gates: heads, FFN units and whole attention / FFN sub-layers of
   ``nn.TransformerEncoderLayer``, heads of ``nn.MultiheadAttention`` called by user code;
-* with ``shortcuts="dense"``: new gated edges between residual blocks (closed at start).
+* with ``shortcuts="dense"``: new gated edges between residual blocks (closed at start);
+* recurrent gates: hidden units of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, one gate vector per
+  layer and direction (see :mod:`gatedprune.gating.rnn`).
 
 Everything starts open (new shortcuts closed), so the function is unchanged. Then
 ``gatedprune.Budget``, ``gatedprune.cost`` and ``gatedprune.prune`` work on the model. Pruning
@@ -25,6 +27,9 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
 * Grouped convolutions other than depthwise are not pruned; non-affine BatchNorm neither.
 * A submodule whose forward cannot be traced (data-dependent control flow) stays whole and
   ungated, with a warning naming it; an untraceable top-level forward is an error.
+* A recurrent module keeps one ``hidden_size`` (its widest kept state; the others are padded
+  with closed units); ``proj_size``, reading ``c_n``, an initial state, or an output that
+  reaches a non-homogeneous op before its consumer leave it ungated (with the reason).
 * ``cost`` of a gated model is exact for the ``example_input`` shape (and other batch sizes of
   models without attention or opaque modules).
 

@@ -12,9 +12,10 @@ the output gates are folded into the *consumers*: the input columns of the Linea
 recurrent module reading the output. That needs every op between the two to commute with a
 per-feature scale ``g >= 0`` (ReLU, dropout, indexing a time step, mean/sum/max over time,
 reshapes, transposes, concatenation); the channel analysis checks it and otherwise leaves the
-module ungated, with the reason in the summary. Also left ungated (with a reason): ``proj_size
-> 0``, an initial state passed in, the final state ``h_n``/``c_n`` used by the model, an output
-joined to other channels by an add, a module called more than once, unbatched input.
+module ungated, with the reason in the summary. The final hidden state may be read as ``h_n[i]``
+(one layer and direction; gated and folded the same way). Also left ungated (with a reason):
+``proj_size > 0``, an initial state passed in, ``c_n`` or the whole ``h_n`` read by the model,
+an output joined to other channels by an add, a module called more than once, unbatched input.
 
 PyTorch gives every layer and both directions of one module the same ``hidden_size``, so
 pruning keeps the user's class with a *common kept width* ``k``: the largest number of open
