@@ -10,6 +10,7 @@ consumers), a layer with no open consumer disappears. See ``DESIGN.md`` section 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autodiff import scalar_function
+from .autodiff import CompiledFormula
 from .base import GatedModule
 from .costs import ACT_FLOPS, BATCHNORM_FLOPS, FLOPS_PER_MAC, _adaptive_window_sum
 from .gates import Gate, GateKind, gate_is_open, gate_prob_open, gate_values, resolve_gate
@@ -36,7 +37,6 @@ def _prod(xs: Iterable[Any]) -> Any:
 
 class _GatedLayer(nn.Module):
     src_widths: Tensor
-    unit_index: Tensor
 
     def __init__(self, spec: NetSpec, index: int, gate_kind: GateKind, edge_gated: bool) -> None:
         super().__init__()
@@ -55,12 +55,158 @@ class _GatedLayer(nn.Module):
         self.register_buffer("src_widths", torch.tensor(widths, dtype=torch.long), persistent=False)
 
 
+def _unpack(
+    spec: NetSpec, z: Sequence[Any]
+) -> tuple[list[Any], list[Any], list[list[Any]], list[Any]]:
+    n_layers = len(spec.layers)
+    S, o = list(z[:n_layers]), list(z[n_layers : 2 * n_layers])
+    pos = 2 * n_layers
+    E = []
+    for layer in spec.layers:
+        E.append(list(z[pos : pos + len(layer.sources)]))
+        pos += len(layer.sources)
+    return S, o, E, list(z[pos:])
+
+
+def _liveness(
+    spec: NetSpec, S_l: list[Any], o_l: list[Any], E: list[list[Any]], H: list[Any]
+) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """Per node: expected open count S, P(some unit open) o, P(depends on the input) N and
+    P(alive: depends on the input and is read by a live consumer) A. Exact 0/1 at hard
+    gates; products assume independent gates otherwise. Works on floats and on
+    :class:`~gatedprune.autodiff.Var` alike."""
+    S: list[Any] = [float(spec.in_width), *S_l]
+    o: list[Any] = [1.0, *o_l]
+    N: list[Any] = [1.0]
+    for i, layer in enumerate(spec.layers):
+        no_input = _prod(1 - e * N[j] for e, j in zip(E[i], layer.sources, strict=True))
+        N.append((1 - no_input) * o[i + 1])
+    n_nodes = len(spec.layers) + 1
+    unread: list[Any] = [1.0] * n_nodes
+    for h, j in zip(H, spec.head_sources, strict=True):
+        unread[j] = unread[j] * (1 - h)
+    A: list[Any] = [1.0] * n_nodes
+    for node in range(n_nodes - 1, -1, -1):
+        A[node] = N[node] * (1 - unread[node])
+        if node > 0:
+            for e, j in zip(E[node - 1], spec.layers[node - 1].sources, strict=True):
+                unread[j] = unread[j] * (1 - e * A[node])
+    return S, o, N, A
+
+
+def _cost_formula(spec: NetSpec, input_shape: Sequence[int], z: Sequence[Any]) -> list[Any]:
+    """[flops, params] of the pruned network implied by the summary ``z`` (see
+    :meth:`_ShortcutNet._summary`); mirrors exactly what :meth:`_ShortcutNet.pruned_module`
+    builds."""
+    S_l, o_l, E, H = _unpack(spec, z)
+    S, o, N, A = _liveness(spec, S_l, o_l, E, H)
+    batch = int(input_shape[0])
+    length0 = int(input_shape[2]) if spec.spatial else 1
+    k = spec.kernel_size if spec.spatial else 1
+    elem_flops = (BATCHNORM_FLOPS if spec.norm else 0) + (
+        0 if spec.activation == "identity" else ACT_FLOPS
+    )
+    flops: Any = 0.0
+    params: Any = 0.0
+    for i, layer in enumerate(spec.layers):
+        node = i + 1
+        positions = spec.stage_length(length0, layer.stage) if spec.spatial else 1
+        n_in: Any = 0.0
+        for e, j in zip(E[i], layer.sources, strict=True):
+            n_in = n_in + e * (N[j] * S[j])
+        out = A[node] * S[node]
+        weights = n_in * out * k
+        flops = flops + weights * (FLOPS_PER_MAC * positions) + out * positions
+        flops = flops + out * (elem_flops * positions)
+        params = params + weights + out * (3 if spec.norm else 1)
+        if spec.spatial:
+            no_const = _prod(
+                1 - e * ((1 - N[j]) * o[j])
+                for e, j in zip(E[i], layer.sources, strict=True)
+                if j > 0
+            )
+            flops = flops + (1 - no_const) * out * positions
+    if spec.spatial:
+        for j, stage in spec.pool_pairs():
+            unused = _prod(
+                1 - E[i][layer.sources.index(j)] * A[i + 1]
+                for i, layer in enumerate(spec.layers)
+                if layer.stage == stage and j in layer.sources
+            )
+            f = 2 ** (stage - spec.node_stage(j))
+            flops = flops + N[j] * (1 - unused) * S[j] * (f * spec.stage_length(length0, stage))
+    head_in: Any = 0.0
+    for h, j in zip(H, spec.head_sources, strict=True):
+        read = h * N[j] * S[j]
+        head_in = head_in + read * spec.head_pool
+        if spec.spatial:
+            node_len = spec.stage_length(length0, spec.node_stage(j))
+            flops = flops + read * _adaptive_window_sum(node_len, spec.head_pool)
+    flops = flops + head_in * (FLOPS_PER_MAC * spec.out_features) + spec.out_features
+    params = params + head_in * spec.out_features + spec.out_features
+    return [flops * batch, params]
+
+
+def _summary_size(spec: NetSpec) -> int:
+    return 2 * len(spec.layers) + sum(len(x.sources) for x in spec.layers) + len(spec.head_sources)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_cost(spec: NetSpec, input_shape: tuple[int, ...]) -> CompiledFormula:
+    """:func:`_cost_formula` for one structure and input shape, compiled (traced once)."""
+    return CompiledFormula(lambda z: _cost_formula(spec, input_shape, z), _summary_size(spec))
+
+
+class _ExpectedCost(torch.autograd.Function):
+    """``[flops, params]`` (float64) from all gates' open probabilities ``p``, concatenated in
+    :meth:`_ShortcutNet._gate_list` order. Computes what :meth:`_ShortcutNet._summary` and
+    :func:`_cost_formula` compute, with the same float operations, as one autograd node: the
+    summary without recording, the formula's values and Jacobian by its compiled code, and the
+    gradient w.r.t. ``p`` in a few vector ops."""
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor, net: _ShortcutNet, formula: CompiledFormula) -> Tensor:
+        seg = net.unit_segment
+        n_units, n_layers = seg.numel(), len(net.spec.layers)
+        pd = p.detach().double()  # (n_gates,)
+        pu = pd[:n_units]  # (sum of widths,)
+        S = pu.new_zeros(n_layers).index_add(0, seg, pu)  # (L,) expected open units
+        clamped = pu.clamp(max=1.0 - 1e-12)
+        # P(all units of a layer closed) = prod(1 - p), as a segment sum of logs
+        closed = torch.exp(pu.new_zeros(n_layers).index_add(0, seg, torch.log1p(-clamped)))
+        edges = torch.cat([pd[n_units:], pd.new_ones(1)])[net.edge_slot]  # (n_edges + n_head,)
+        z = torch.cat([S, 1 - closed, edges])  # (2 L + n_edges + n_head,)
+        values, jac = formula(z.tolist())
+        jac_t = torch.tensor(jac, dtype=pd.dtype, device=pd.device)  # (2, 2 L + n_edges + n_head)
+        ctx.save_for_backward(jac_t, clamped, closed, pu <= 1.0 - 1e-12)
+        ctx.net = net
+        ctx.p_dtype = p.dtype
+        ctx.n_edge_gates = p.numel() - n_units
+        return torch.tensor(values, dtype=pd.dtype, device=pd.device)  # (2,)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        jac, clamped, closed, unclamped = ctx.saved_tensors
+        net: _ShortcutNet = ctx.net
+        seg = net.unit_segment
+        n_layers = len(net.spec.layers)
+        gz = grad_out @ jac  # (2 L + n_edges + n_head,)
+        g_S, g_o, g_e = gz[:n_layers], gz[n_layers : 2 * n_layers], gz[2 * n_layers :]
+        # d o / d p_u = prod_{v != u} (1 - p_v) = closed / (1 - p_u); zero where p was clamped
+        g_o_units = (g_o * closed)[seg] / (1 - clamped)  # (sum of widths,)
+        g_units = g_S[seg] + torch.where(unclamped, g_o_units, 0.0)  # (sum of widths,)
+        g_edges = gz.new_zeros(ctx.n_edge_gates + 1).index_add(0, net.edge_slot, g_e)[:-1]
+        return torch.cat([g_units, g_edges]).to(ctx.p_dtype), None, None
+
+
 class _ShortcutNet(GatedModule):
     """Shared engine of :class:`ShortcutMLP` and :class:`ShortcutConv1d`."""
 
     head_widths: Tensor
-    head_unit_index: Tensor
+    col_unit: Tensor
+    col_edge: Tensor
     unit_segment: Tensor
+    edge_slot: Tensor
 
     def __init__(self, spec: NetSpec, gate: GateKind, shortcuts: bool) -> None:
         super().__init__()
@@ -79,29 +225,53 @@ class _ShortcutNet(GatedModule):
         self.register_buffer(
             "head_widths", torch.tensor(head_widths, dtype=torch.long), persistent=False
         )
-        # Positions of every node's channels in the concatenation of all nodes' unit gates, as
-        # read by each layer and by the head (each head channel repeated head_pool times).
-        starts = [0]
-        for node in range(len(spec.layers) + 1):
-            starts.append(starts[-1] + spec.node_width(node))
-        for i, layer in enumerate(spec.layers):
-            idx = [c for j in layer.sources for c in range(starts[j], starts[j + 1])]
-            cast(_GatedLayer, self.layers[i]).register_buffer(
-                "unit_index", torch.tensor(idx, dtype=torch.long), persistent=False
-            )
-        head_idx = [
-            c
-            for j in spec.head_sources
-            for c in range(starts[j], starts[j + 1])
-            for _ in range(spec.head_pool)
+        # Column scales of every layer's input and of the head's (head channels repeated
+        # head_pool times), as the product of two gathers from [1, every gate value in
+        # _gate_list order]: the source unit's gate (the 1 for the input's channels) and the
+        # edge's gate (the 1 where there is none).
+        n_units = sum(layer.width for layer in spec.layers)
+        unit_start = [0, 1]  # node j >= 1: its first unit gate's position
+        for layer in spec.layers[:-1]:
+            unit_start.append(unit_start[-1] + layer.width)
+        col_unit: list[int] = []
+        col_edge: list[int] = []
+        self.col_sizes: list[int] = []
+        edge_start = 1 + n_units
+        readers = [
+            (x.sources, cast(_GatedLayer, m).edge_gate, 1)
+            for x, m in zip(spec.layers, self.layers, strict=True)
         ]
-        self.register_buffer(
-            "head_unit_index", torch.tensor(head_idx, dtype=torch.long), persistent=False
-        )
+        readers.append((spec.head_sources, self.head_gate, spec.head_pool))
+        for sources, edge_gate, repeat in readers:
+            for e, j in enumerate(sources):
+                for k in range(spec.node_width(j)):
+                    unit = 0 if j == 0 else unit_start[j] + k
+                    edge = 0 if edge_gate is None else edge_start + e
+                    col_unit += [unit] * repeat
+                    col_edge += [edge] * repeat
+            self.col_sizes.append(sum(spec.node_width(j) for j in sources) * repeat)
+            edge_start += 0 if edge_gate is None else len(sources)
+        self.register_buffer("col_unit", torch.tensor(col_unit, dtype=torch.long), persistent=False)
+        self.register_buffer("col_edge", torch.tensor(col_edge, dtype=torch.long), persistent=False)
+        self.edge_gated = any(edge > 0 for edge in col_edge)
         segment = [i for i, layer in enumerate(spec.layers) for _ in range(layer.width)]
         self.register_buffer(
             "unit_segment", torch.tensor(segment, dtype=torch.long), persistent=False
         )
+        # For every edge of the cost summary (layer by layer, then the head): its position among
+        # the edge and head gates in _gate_list order, or one past them where there is no gate.
+        gated = [cast(_GatedLayer, x).edge_gate is not None for x in self.layers]
+        n_edge_gates = sum(len(x.sources) for x, g in zip(spec.layers, gated, strict=True) if g)
+        n_edge_gates += len(spec.head_sources) if self.head_gate is not None else 0
+        slots: list[int] = []
+        pos = 0
+        for n, g in [(len(x.sources), g) for x, g in zip(spec.layers, gated, strict=True)] + [
+            (len(spec.head_sources), self.head_gate is not None)
+        ]:
+            slots += range(pos, pos + n) if g else [n_edge_gates] * n
+            pos += n if g else 0
+        self.register_buffer("edge_slot", torch.tensor(slots, dtype=torch.long), persistent=False)
+        self._hard_costs: dict[tuple[tuple[int, ...], bytes], tuple[float, float]] = {}
         self._act = ACTIVATIONS[spec.activation][0]
 
     # ------------------------------------------------------------------ forward
@@ -138,20 +308,21 @@ class _ShortcutNet(GatedModule):
                 parts.append(hs[j])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, sum C, L)
 
-    def _all_units(self, units: Sequence[Tensor]) -> Tensor:
-        """Unit gate values of every node, concatenated (ones for the input)."""
-        ref = self.head.weight
-        ones = ref.new_ones(self.spec.in_width)
-        return torch.cat([ones, *units])  # (sum of all widths,)
+    def _colscales(self, values: Sequence[Tensor]) -> list[Tensor]:
+        """Per layer, then for the head: the scale of every input column (the source unit's
+        gate times the edge's gate), from every gate's values in :meth:`_gate_list` order."""
+        v = torch.cat([values[0].new_ones(1), *values])  # (1 + n_gates,)
+        scale = v[self.col_unit]  # (sum of all readers' input columns,)
+        if self.edge_gated:
+            scale = scale * v[self.col_edge]
+        return list(torch.split(scale, self.col_sizes))
 
-    def _preact(self, index: int, inp: Tensor, edge: Tensor | None, all_units: Tensor) -> Tensor:
-        """Layer input -> pre-normalisation output. Source unit gates and edge gates scale the
-        input columns: of the weight or of the input, whichever is smaller (the same product;
-        this keeps the gated step close to the plain one for wide MLPs and for CNNs alike)."""
+    def _preact(self, index: int, inp: Tensor, colscale: Tensor) -> Tensor:
+        """Layer input -> pre-normalisation output. Source unit gates and edge gates
+        (``colscale``, one per input channel) scale the input columns: of the weight or of the
+        input, whichever is smaller (the same product; this keeps the gated step close to the
+        plain one for wide MLPs and for CNNs alike)."""
         layer = cast(_GatedLayer, self.layers[index])
-        colscale = all_units[layer.unit_index]  # (sum C,)
-        if edge is not None:
-            colscale = colscale * torch.repeat_interleave(edge, layer.src_widths)
         w = layer.op.weight
         spatial = self.spec.spatial
         per_column = colscale[None, :, None] if spatial else colscale[None, :]
@@ -171,7 +342,7 @@ class _ShortcutNet(GatedModule):
             z = layer.norm(z)
         return self._act(z)  # (B, C, L) or (B, C)
 
-    def _head(self, hs: list[Tensor], edge: Tensor | None, all_units: Tensor) -> Tensor:
+    def _head(self, hs: list[Tensor], colscale: Tensor) -> Tensor:
         spec = self.spec
         feats = []
         for j in spec.head_sources:
@@ -180,32 +351,33 @@ class _ShortcutNet(GatedModule):
                 h = torch.flatten(F.adaptive_avg_pool1d(h, spec.head_pool), 1)  # (B, C_j * P)
             feats.append(h)
         feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)  # (B, sum C_j * P)
-        colscale = all_units[self.head_unit_index]  # (sum C_j * P,)
-        if edge is not None:
-            colscale = colscale * torch.repeat_interleave(edge, self.head_widths)
         return F.linear(feat, self.head.weight * colscale[None, :], self.head.bias)  # (B, out)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._check_input(x)
         hs: list[Tensor] = [x]
         cache: dict[tuple[int, int], Tensor] = {}
-        units, edges, head_edge = self._gate_values(gate_values)
-        all_units = self._all_units(units)
+        scales = self._colscales(gate_values(self._gate_list()))
         for i in range(len(self.layers)):
-            z = self._preact(i, self._gather(hs, i, cache), edges[i], all_units)
+            z = self._preact(i, self._gather(hs, i, cache), scales[i])
             hs.append(self._post(i, z))
-        return self._head(hs, head_edge, all_units)
+        return self._head(hs, scales[-1])
+
+    def _gate_list(self) -> list[Gate]:
+        """Every gate module: the layers' unit gates, their edge gates, the head's."""
+        layers = [cast(_GatedLayer, layer) for layer in self.layers]
+        gates: list[Gate] = [layer.unit_gate for layer in layers]
+        gates += [layer.edge_gate for layer in layers if layer.edge_gate is not None]
+        if self.head_gate is not None:
+            gates.append(self.head_gate)
+        return gates
 
     def _gate_values(
         self, compute: Callable[[Sequence[Gate]], list[Tensor]]
     ) -> tuple[list[Tensor], list[Tensor | None], Tensor | None]:
         """Per layer unit and edge gate values and the head's, all computed by one call."""
         layers = [cast(_GatedLayer, layer) for layer in self.layers]
-        gates: list[Gate] = [layer.unit_gate for layer in layers]
-        gates += [layer.edge_gate for layer in layers if layer.edge_gate is not None]
-        if self.head_gate is not None:
-            gates.append(self.head_gate)
-        values = iter(compute(gates))
+        values = iter(compute(self._gate_list()))
         units = [next(values) for _ in layers]
         edges = [next(values) if layer.edge_gate is not None else None for layer in layers]
         head = next(values) if self.head_gate is not None else None
@@ -216,7 +388,8 @@ class _ShortcutNet(GatedModule):
         """Everything the cost depends on, as one float64 vector ``z`` (and its values):
         per layer the expected open units ``S_l = sum p`` and ``o_l = P(some unit open)``,
         then every edge's open probability, then the head's. Exact 0/1 decisions with
-        ``hard`` (missing gates of plain chains count as open)."""
+        ``hard`` (missing gates of plain chains count as open). :class:`_ExpectedCost` computes
+        the soft summary the same way without recording it; this one is its reference."""
         if hard:
             with torch.no_grad():
                 units, edges, head = self._gate_values(gate_is_open)
@@ -240,113 +413,42 @@ class _ShortcutNet(GatedModule):
         z = torch.cat([p.double() for p in parts])  # (2 L + n_edges + n_head,)
         return z, z.detach().tolist()
 
-    def _unpack(self, z: Sequence[Any]) -> tuple[list[Any], list[Any], list[list[Any]], list[Any]]:
-        n_layers = len(self.spec.layers)
-        S, o = list(z[:n_layers]), list(z[n_layers : 2 * n_layers])
-        pos = 2 * n_layers
-        E = []
-        for layer in self.spec.layers:
-            E.append(list(z[pos : pos + len(layer.sources)]))
-            pos += len(layer.sources)
-        return S, o, E, list(z[pos:])
-
-    def _liveness(
-        self, S_l: list[Any], o_l: list[Any], E: list[list[Any]], H: list[Any]
-    ) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-        """Per node: expected open count S, P(some unit open) o, P(depends on the input) N and
-        P(alive: depends on the input and is read by a live consumer) A. Exact 0/1 at hard
-        gates; products assume independent gates otherwise. Works on floats and on
-        :class:`~gatedprune.autodiff.Var` alike."""
-        spec = self.spec
-        S: list[Any] = [float(spec.in_width), *S_l]
-        o: list[Any] = [1.0, *o_l]
-        N: list[Any] = [1.0]
-        for i, layer in enumerate(spec.layers):
-            no_input = _prod(1 - e * N[j] for e, j in zip(E[i], layer.sources, strict=True))
-            N.append((1 - no_input) * o[i + 1])
-        n_nodes = len(spec.layers) + 1
-        unread: list[Any] = [1.0] * n_nodes
-        for h, j in zip(H, spec.head_sources, strict=True):
-            unread[j] = unread[j] * (1 - h)
-        A: list[Any] = [1.0] * n_nodes
-        for node in range(n_nodes - 1, -1, -1):
-            A[node] = N[node] * (1 - unread[node])
-            if node > 0:
-                for e, j in zip(E[node - 1], spec.layers[node - 1].sources, strict=True):
-                    unread[j] = unread[j] * (1 - e * A[node])
-        return S, o, N, A
-
-    def _cost_formula(self, input_shape: Sequence[int], z: Sequence[Any]) -> list[Any]:
-        """[flops, params] of the pruned network implied by the summary ``z`` (see
-        :meth:`_summary`); mirrors exactly what :meth:`pruned_module` builds."""
-        spec = self.spec
-        S_l, o_l, E, H = self._unpack(z)
-        S, o, N, A = self._liveness(S_l, o_l, E, H)
-        batch = int(input_shape[0])
-        length0 = int(input_shape[2]) if spec.spatial else 1
-        k = spec.kernel_size if spec.spatial else 1
-        elem_flops = (BATCHNORM_FLOPS if spec.norm else 0) + (
-            0 if spec.activation == "identity" else ACT_FLOPS
-        )
-        flops: Any = 0.0
-        params: Any = 0.0
-        for i, layer in enumerate(spec.layers):
-            node = i + 1
-            positions = spec.stage_length(length0, layer.stage) if spec.spatial else 1
-            n_in: Any = 0.0
-            for e, j in zip(E[i], layer.sources, strict=True):
-                n_in = n_in + e * (N[j] * S[j])
-            out = A[node] * S[node]
-            weights = n_in * out * k
-            flops = flops + weights * (FLOPS_PER_MAC * positions) + out * positions
-            flops = flops + out * (elem_flops * positions)
-            params = params + weights + out * (3 if spec.norm else 1)
-            if spec.spatial:
-                no_const = _prod(
-                    1 - e * ((1 - N[j]) * o[j])
-                    for e, j in zip(E[i], layer.sources, strict=True)
-                    if j > 0
-                )
-                flops = flops + (1 - no_const) * out * positions
-        if spec.spatial:
-            for j, stage in spec.pool_pairs():
-                unused = _prod(
-                    1 - E[i][layer.sources.index(j)] * A[i + 1]
-                    for i, layer in enumerate(spec.layers)
-                    if layer.stage == stage and j in layer.sources
-                )
-                f = 2 ** (stage - spec.node_stage(j))
-                flops = flops + N[j] * (1 - unused) * S[j] * (f * spec.stage_length(length0, stage))
-        head_in: Any = 0.0
-        for h, j in zip(H, spec.head_sources, strict=True):
-            read = h * N[j] * S[j]
-            head_in = head_in + read * spec.head_pool
-            if spec.spatial:
-                node_len = spec.stage_length(length0, spec.node_stage(j))
-                flops = flops + read * _adaptive_window_sum(node_len, spec.head_pool)
-        flops = flops + head_in * (FLOPS_PER_MAC * spec.out_features) + spec.out_features
-        params = params + head_in * spec.out_features + spec.out_features
-        return [flops * batch, params]
-
     def expected_cost(
         self, input_shape: Sequence[int], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
-        z, values = self._summary(hard)
+        shape = tuple(int(d) for d in input_shape)
         if hard:
-            flops, params = self._cost_formula(input_shape, values)
-            return torch.tensor(float(flops), dtype=torch.float64), torch.tensor(
-                float(params), dtype=torch.float64
+            flops, params = self._hard_cost(shape)
+            return torch.tensor(flops, dtype=torch.float64), torch.tensor(
+                params, dtype=torch.float64
             )
-        out = scalar_function(lambda v: self._cost_formula(input_shape, v), z)  # (2,)
+        p = torch.cat(gate_prob_open(self._gate_list()))  # (n_gates,)
+        out = _ExpectedCost.apply(p, self, _compiled_cost(self.spec, shape))  # type: ignore[no-untyped-call]
         return out[0], out[1]
+
+    def _hard_cost(self, shape: tuple[int, ...]) -> tuple[float, float]:
+        """Cost at the exact decisions, cached by the decisions (they change only when a gate
+        flips; computing them is cheap, the summary and formula are not)."""
+        with torch.no_grad():
+            is_open = torch.cat(gate_is_open(self._gate_list()))  # (n_gates,) bool
+        key = (shape, is_open.cpu().numpy().tobytes())
+        cached = self._hard_costs.get(key)
+        if cached is None:
+            _, values = self._summary(True)
+            flops, params = _cost_formula(self.spec, shape, values)
+            cached = (float(flops), float(params))
+            if len(self._hard_costs) >= 256:  # bounded: gates flip back and forth in training
+                self._hard_costs.clear()
+            self._hard_costs[key] = cached
+        return cached
 
     def _hard_liveness(
         self,
     ) -> tuple[list[bool], list[bool], list[bool], list[list[bool]], list[bool]]:
         """Exact decisions: per node some-unit-open, depends-on-input, alive; edges; head."""
         _, values = self._summary(True)
-        S_l, o_l, E, H = self._unpack(values)
-        _, o, N, A = self._liveness(S_l, o_l, E, H)
+        S_l, o_l, E, H = _unpack(self.spec, values)
+        _, o, N, A = _liveness(self.spec, S_l, o_l, E, H)
         return (
             [x > 0.5 for x in o],
             [x > 0.5 for x in N],
@@ -463,13 +565,13 @@ class _ShortcutNet(GatedModule):
         hs: list[Tensor] = [ref.new_zeros(shape)]
         pre: list[Tensor] = []
         cache: dict[tuple[int, int], Tensor] = {}
-        all_units = self._all_units(units)
+        scales = self._colscales([g.eval_value() for g in self._gate_list()])
         for i in range(len(spec.layers)):
-            z = self._preact(i, self._gather(hs, i, cache), edges[i], all_units)
+            z = self._preact(i, self._gather(hs, i, cache), scales[i])
             pre.append(z)
             h = self._post(i, z)
             hs.append(torch.zeros_like(h) if nonconst[i + 1] else h)
-        head_const = self._head(hs, head_edge, all_units)[0]  # (out,)
+        head_const = self._head(hs, scales[-1])[0]  # (out,)
 
         new_index = {0: 0}
         layer_specs: list[LayerSpec] = []
