@@ -67,9 +67,12 @@ def _check_exact(
     assert isinstance(c, Cost)
     assert (float(c.flops), float(c.params)) == (float(hard.flops), float(hard.params))
     assert gatedprune.cost(fresh, x) == c
-    for name, r in [(r.name, r) for r in _gating(model).rnns]:
-        m = pruned.get_submodule(name)
-        assert type(m) in (nn.LSTM, nn.GRU)  # the user's class, fused kernels
+    modules = dict(pruned.named_modules())
+    for r in _gating(model).rnns:
+        if r.name not in modules:  # removed with its residual block
+            continue
+        m = modules[r.name]
+        assert type(m) in (nn.LSTM, nn.GRU, nn.RNN)  # the user's class, fused kernels
         widths = [int(o.sum()) for o in _gating(model).hard_open()]
         assert m.hidden_size == widths[r.groups[0]]
     return pruned
@@ -134,7 +137,7 @@ class _Net(nn.Module):
 
     def __init__(
         self,
-        cell: type[nn.LSTM] | type[nn.GRU],
+        cell: type[nn.LSTM] | type[nn.GRU] | type[nn.RNN],
         n_in: int,
         hidden: int,
         layers: int,
@@ -142,6 +145,7 @@ class _Net(nn.Module):
         batch_first: bool,
         embed: bool,
         pool: str,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.embed = nn.Linear(n_in, 6) if embed else None
@@ -149,6 +153,7 @@ class _Net(nn.Module):
             6 if embed else n_in,
             hidden,
             num_layers=layers,
+            bias=bias,
             bidirectional=bidirectional,
             batch_first=batch_first,
             dropout=0.1 if layers > 1 else 0.0,
@@ -175,7 +180,7 @@ class _Net(nn.Module):
 
 
 @given(
-    cell=st.sampled_from([nn.LSTM, nn.GRU]),
+    cell=st.sampled_from([nn.LSTM, nn.GRU, nn.RNN]),
     n_in=st.integers(1, 5),
     hidden=st.integers(2, 7),
     layers=st.integers(1, 3),
@@ -183,10 +188,11 @@ class _Net(nn.Module):
     batch_first=st.booleans(),
     embed=st.booleans(),
     pool=st.sampled_from(["last", "mean", "max", "state"]),
+    bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random_recurrent_models_prune_exact(
-    cell: type[nn.LSTM] | type[nn.GRU],
+    cell: type[nn.LSTM] | type[nn.GRU] | type[nn.RNN],
     n_in: int,
     hidden: int,
     layers: int,
@@ -194,13 +200,14 @@ def test_random_recurrent_models_prune_exact(
     batch_first: bool,
     embed: bool,
     pool: str,
+    bias: bool,
     seed: int,
 ) -> None:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
 
     def factory() -> nn.Module:
-        return _Net(cell, n_in, hidden, layers, bidirectional, batch_first, embed, pool)
+        return _Net(cell, n_in, hidden, layers, bidirectional, batch_first, embed, pool, bias)
 
     model = factory().eval()
     x = torch.randn(*_with_length((0, 0, n_in), 4, 2, batch_first), generator=gen)
@@ -370,3 +377,58 @@ def test_filter_fn_and_channels_false_leave_recurrent_modules_ungated() -> None:
     summary = gate_(model, x, channels=False)
     assert not summary.rnns
     assert dict(summary.ungated_layers)["lstm1"] == "channels=False"
+
+
+class _RecurrentBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, 6, batch_first=True)
+        self.proj = nn.Linear(6, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.proj(torch.relu(self.lstm(x)[0]))  # (B, T, 8)
+
+
+class _RecurrentResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.blocks = nn.Sequential(_RecurrentBlock(), _RecurrentBlock())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.embed(x))[:, -1])
+
+
+def test_residual_recurrent_blocks_units_and_whole_blocks() -> None:
+    torch.manual_seed(2)
+    gen = torch.Generator().manual_seed(2)
+    model = _RecurrentResNet().eval()
+    x = torch.randn(2, 5, 3, generator=gen)
+    summary = gate_(model, x)
+    assert [n for n, *_ in summary.rnns] == ["blocks.0.lstm", "blocks.1.lstm"]
+    assert len(summary.blocks) == 2
+    _random_gates(model, gen)
+    _gating(model).block_gates[0].force_(torch.zeros(1, dtype=torch.bool))
+    pruned = _check_exact(model, _RecurrentResNet, x, True, gen)
+    assert isinstance(pruned.get_submodule("blocks")[0], nn.Identity)  # LSTM block removed
+    assert isinstance(pruned.get_submodule("blocks.1.lstm"), nn.LSTM)
+
+
+def test_sigmoid_gates_harden_then_prune() -> None:
+    factory, shape = ZOO["bigru_seqfirst"]
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(5)
+    model = factory().eval()
+    x = torch.randn(*shape, generator=gen)
+    gate_(model, x, gate="sigmoid")
+    gating = _gating(model)
+    with torch.no_grad():
+        for gate in gating.group_gates:
+            theta = gate.theta
+            theta.copy_(torch.randn(theta.shape, generator=gen) * 2.0)
+    assert gatedprune.harden(model) == len(gating.group_gates)
+    pruned = _check_exact(model, factory, x, False, gen)
+    gru = pruned.get_submodule("gru")
+    assert isinstance(gru, nn.GRU)
+    assert gru.hidden_size < 10
