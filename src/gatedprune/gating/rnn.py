@@ -64,7 +64,11 @@ RNN_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU, nn.RNN)
 
 
 def consumer_ok(m: nn.Module, in_shape: tuple[int, ...] | None) -> bool:
-    """True if the input features of recurrent module ``m`` can be sliced (and gated)."""
+    """True if the input features of recurrent module ``m`` can be sliced (and gated).
+
+    >>> consumer_ok(nn.GRU(3, 4), (5, 2, 3)), consumer_ok(nn.GRU(3, 4), (5, 3))
+    (True, False)
+    """
     return (
         type(m) in RNN_TYPES
         and int(getattr(m, "proj_size", 0)) == 0
@@ -74,7 +78,11 @@ def consumer_ok(m: nn.Module, in_shape: tuple[int, ...] | None) -> bool:
 
 
 def gateable_rnn(m: nn.Module) -> str | None:
-    """None if ``gate_`` can gate the hidden units of ``m``, else why not."""
+    """None if ``gate_`` can gate the hidden units of ``m``, else why not.
+
+    >>> gateable_rnn(nn.LSTM(3, 4, proj_size=2))
+    'proj_size=2 is not supported (the projection would need pruning too)'
+    """
     if type(m) not in RNN_TYPES:
         return "not a plain nn.LSTM, nn.GRU or nn.RNN"
     proj = int(getattr(m, "proj_size", 0))
@@ -170,7 +178,13 @@ def switch(m: nn.Module, gating: Any, index: int) -> None:
 
 def width_values(values: list[Tensor], rnns: list[RNNInfo]) -> list[Tensor]:
     """Expected open counts of every recurrent module's states made equal to their maximum
-    (the common kept width; see the module docstring): each state's vector is rescaled."""
+    (the common kept width; see the module docstring): each state's vector is rescaled.
+
+    >>> r = RNNInfo("lstm", [0, 1], 2, 1, 2)
+    >>> probs = [torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.0])]
+    >>> [v.tolist() for v in width_values(probs, [r])]
+    [[1.0, 1.0], [2.0, 0.0]]
+    """
     out = list(values)
     for r in rnns:
         sums = torch.stack([values[g].to(torch.float64).sum() for g in r.groups])  # (L D,)
@@ -182,7 +196,13 @@ def width_values(values: list[Tensor], rnns: list[RNNInfo]) -> list[Tensor]:
 
 def pad_to_width(opens: list[Tensor], rnns: list[RNNInfo]) -> list[Tensor]:
     """Kept masks (float 0/1) with every state of a module padded to the common width by its
-    lowest-index closed units."""
+    lowest-index closed units.
+
+    >>> r = RNNInfo("gru", [0, 1], 1, 2, 3)
+    >>> opens = [torch.tensor([1.0, 0, 1]), torch.tensor([0, 0, 1.0])]
+    >>> [o.tolist() for o in pad_to_width(opens, [r])]
+    [[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]]
+    """
     out = list(opens)
     for r in rnns:
         width = max(int(opens[g].sum()) for g in r.groups)
@@ -204,7 +224,15 @@ def rnn_cost_rows(
 ) -> tuple[list[tuple[float, int, int]], list[tuple[float, int, int]]]:
     """(FLOPs rows, params rows) ``(coef, factor a, factor b)`` of a recurrent module whose
     layer-0 input has ``mi * kept(fi)`` features and whose width is ``mw * kept(fw)`` units
-    (factor -1: the constant 1), mirroring ``costs._recurrent`` term by term."""
+    (factor -1: the constant 1), mirroring ``costs._recurrent`` term by term.
+
+    >>> from gatedprune.costs import cost
+    >>> m, shape = nn.LSTM(3, 4, num_layers=2), (5, 2, 3)
+    >>> flops, params = rnn_cost_rows(m, shape, -1, 3.0, -1, 4.0)
+    >>> c = cost(m, torch.zeros(shape))
+    >>> (sum(f for f, _, _ in flops), sum(p for p, _, _ in params)) == (c.flops, c.params)
+    True
+    """
     assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
     batch, length = seq_dims(torch.empty(in_shape, device="meta"), m.batch_first)
     steps = batch * length
@@ -243,7 +271,14 @@ def fold_rnns(
     consumers: list[RNNConsumer],
     groups: list[Tensor],
 ) -> None:
-    """Fold eval gate values into the recurrent modules and the consumers of their outputs."""
+    """Fold eval gate values into the recurrent modules and the consumers of their outputs
+    (``InsertedGating.prune_model`` calls it on the deep copy it prunes).
+
+    >>> net = nn.Sequential(nn.GRU(2, 3))
+    >>> fold_rnns(net, [RNNInfo("0", [0], 1, 1, 3)], [], [torch.tensor([1.0, 0.0, 1.0])])
+    >>> net[0].weight_hh_l0[:, 1].abs().sum().item()
+    0.0
+    """
     for r in rnns:
         m = model.get_submodule(r.name)
         scales = []
@@ -282,7 +317,11 @@ def rnn_plan(
     rnns: list[RNNInfo],
     consumers: list[RNNConsumer],
 ) -> dict[str, dict[str, Any]]:
-    """Plan entries ``{name: {"units": [...] or None, "in": [...] or None}}`` (opens padded)."""
+    """Plan entries ``{name: {"units": [...] or None, "in": [...] or None}}`` (opens padded).
+
+    >>> rnn_plan([np.array([True, False, True])], [RNNInfo("lstm", [0], 1, 1, 3)], [])
+    {'lstm': {'units': [[0, 2]], 'in': None}}
+    """
     plan: dict[str, dict[str, Any]] = {}
     for r in rnns:
         if all(opens[g].all() for g in r.groups):
@@ -303,7 +342,13 @@ def rnn_plan(
 
 
 def apply_rnn_plan(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Slice the recurrent modules named in ``plan`` (:func:`rnn_plan` entries) in place."""
+    """Slice the recurrent modules named in ``plan`` (:func:`rnn_plan` entries) in place.
+
+    >>> net = nn.Sequential(nn.LSTM(3, 4))
+    >>> apply_rnn_plan(net, {"0": {"units": [[0, 2]], "in": [1]}})
+    >>> net[0]
+    LSTM(1, 2)
+    """
     for name, spec in plan.items():
         m = model.get_submodule(name)
         if not isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
@@ -359,7 +404,18 @@ def setup_rnns(
 ) -> tuple[list[RNNInfo], list[RNNConsumer], list[tuple[str, str]]]:
     """Decide which recurrent modules get gates; extend ``sizes``/``clamp``/``group_map`` with
     their gate vectors. Returns the gated modules, the consumers of gated inputs and outputs,
-    and (name, reason) of the modules left ungated."""
+    and (name, reason) of the modules left ungated. ``gate_`` calls it:
+
+    >>> from gatedprune.gating import gate_
+    >>> class Net(nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.lstm, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         return self.head(self.lstm(x)[0][:, -1])
+    >>> gate_(Net(), torch.zeros(2, 5, 3)).rnns
+    [('lstm', 1, 1, 4)]
+    """
     nodes: dict[str, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
