@@ -6,13 +6,15 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from zoo import BasicBlock, randomise_norms
 
 import gatedprune
 from gatedprune.costs import Cost
 from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import InsertedGating, apply_plan, export_plan, gate_
+from gatedprune.gating import InsertedGating, ResNet1d, ScaledAdd, apply_plan, export_plan, gate_
 
 
 class DeepResNet1d(nn.Module):
@@ -96,3 +98,145 @@ def test_dense_shortcut_gates_learn() -> None:
 def test_bad_shortcuts_value() -> None:
     with pytest.raises(ValueError, match="shortcuts"):
         gate_(DeepResNet1d(), torch.randn(2, 1, 16), shortcuts="all")  # type: ignore[arg-type]
+
+
+def _force(gate: HardConcreteGate, opened: list[bool]) -> None:
+    """Set a hard concrete gate's entries exactly open / closed (in eval)."""
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([8.0 if o else -8.0 for o in opened]))
+
+
+def _scaled_adds(model: nn.Module) -> list[ScaledAdd]:
+    return [m for m in model.modules() if isinstance(m, ScaledAdd)]
+
+
+def test_scaled_add_is_the_shortcut_and_counts_two_flops_per_element() -> None:
+    m = ScaledAdd()
+    assert [k for k, _ in m.named_buffers()] == ["scale"]
+    assert not list(m.parameters())  # the scale is a buffer: 0 params
+    with torch.no_grad():
+        m.scale.fill_(0.25)
+    x, s = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    assert torch.equal(m(x, s), x + 0.25 * s)
+    c = gatedprune.cost(_Wrap(m), x)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == (2 * 2 * 3 * 5, 0)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner: ScaledAdd) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x, x)
+
+
+@pytest.mark.parametrize("source_removed", [False, True])
+def test_kept_shortcut_costs_two_flops_per_element_hand_computed(source_removed: bool) -> None:
+    """ResNet1d with 3 identity blocks of 4 channels: one candidate edge, block 0 -> block 2."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = ResNet1d(widths=(4,), blocks=(3,)).eval()
+    randomise_norms(model, gen)
+    x = torch.randn(2, 1, 10, generator=gen)  # B=2, L=10
+    dense = gatedprune.cost(model, x)
+    assert isinstance(dense, Cost)
+    summary = gate_(model, x, channels=False, shortcuts="dense")
+    assert summary.shortcuts == [("stages.0.0", "stages.0.2")]
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    assert isinstance(gating.edge_gate, HardConcreteGate)
+    _force(gating.edge_gate, [True])
+    for i, g in enumerate(gating.block_gates):
+        assert isinstance(g, HardConcreteGate)
+        _force(g, [not (source_removed and i == 0)])
+    shortcut = 2 * 2 * 4 * 10  # multiply and add per element of (2, 4, 10)
+    # block 0's branch: 2 convs 4->4 (k=3, no bias), 2 BatchNorms, its ReLU, and the ReLU after
+    # the add (relu(relu(z)) once the branch is gone), 0 for the kept shortcut
+    branch_flops = 2 * (2 * 2 * 10 * 4 * 4 * 3) + 2 * (2 * 2 * 4 * 10) + 2 * (2 * 4 * 10)
+    branch_params = 2 * (4 * 4 * 3) + 2 * (2 * 4)
+    removed = (branch_flops, branch_params) if source_removed else (0, 0)
+    want = (dense.flops + shortcut - removed[0], dense.params - removed[1])
+    hard = gatedprune.cost(model, x, hard=True)
+    assert (float(hard.flops), float(hard.params)) == want
+    pruned = gatedprune.prune(model)
+    assert len(_scaled_adds(pruned)) == 1
+    assert float(_scaled_adds(pruned)[0].scale) == 1.0
+    c = gatedprune.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == want
+    with torch.no_grad():
+        xi = torch.randn(2, 1, 10, generator=gen)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    soft = gatedprune.cost(model, x)
+    p_open = float(gating.edge_gate.prob_open().detach()[0])
+    _force(gating.edge_gate, [False])
+    closed = gatedprune.cost(model, x, hard=True)
+    assert float(closed.flops) == want[0] - shortcut
+    assert not _scaled_adds(gatedprune.prune(model))
+    # the soft expected cost charges the edge by its open probability
+    soft_closed = gatedprune.cost(model, x)
+    p_closed = float(gating.edge_gate.prob_open().detach()[0])
+    charged = float(soft.flops.detach() - soft_closed.flops.detach())
+    assert abs(charged - shortcut * (p_open - p_closed)) < 1e-9 * shortcut
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), data=st.data())
+def test_resnet1d_dense_shortcuts_hard_cost_is_pruned_cost(seed: int, data: st.DataObject) -> None:
+    """Random open/closed channels, blocks and shortcuts (sources and destinations removed or
+    not): cost at hard gates == cost of the pruned model, which is exact and replays."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    widths, blocks = (4, 6), (3, 3)
+    model = ResNet1d(widths=widths, blocks=blocks, num_classes=3).eval()
+    randomise_norms(model, gen)
+    x = torch.randn(2, 1, 12, generator=gen)
+    gate_(model, x, shortcuts="dense")
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    assert gating.edge_gate is not None
+    for g in [*gating.group_gates, *gating.block_gates, gating.edge_gate]:
+        assert isinstance(g, HardConcreteGate)
+        opened = data.draw(st.lists(st.booleans(), min_size=g.n, max_size=g.n))
+        _force(g, opened)
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    with torch.no_grad():
+        xi = torch.randn(2, 1, 12, generator=gen)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    c = gatedprune.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    kept = gating.kept_edges()
+    assert kept == gating.open_edges()  # no nested blocks: every open edge is computed
+    assert len(_scaled_adds(pruned)) == len(kept)
+    # the JSON plan replays on a fresh dense model; the shortcut scales load with the weights
+    fresh = apply_plan(
+        ResNet1d(widths=widths, blocks=blocks, num_classes=3),
+        json.loads(json.dumps(export_plan(model))),
+    )
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    assert [float(m.scale) for m in _scaled_adds(fresh)] == [1.0] * len(kept)
+    c_fresh = gatedprune.cost(fresh, x)
+    assert isinstance(c_fresh, Cost)
+    assert (c_fresh.flops, c_fresh.params) == (c.flops, c.params)
+    with torch.no_grad():
+        assert (fresh(xi) - model(xi)).abs().max().item() <= 1e-5
+    # what the shortcuts add: exactly 2 FLOPs per element of each kept one
+    numels: list[int] = []
+    handles = [
+        m.register_forward_hook(lambda m, i, o: numels.append(o.numel()))
+        for m in _scaled_adds(pruned)
+    ]
+    with torch.no_grad():
+        pruned(x)
+    for h in handles:
+        h.remove()
+    edge_flops = 2 * sum(numels)
+    _force(gating.edge_gate, [False] * gating.edge_gate.n)
+    hard_closed = gatedprune.cost(model, x, hard=True)
+    assert float(hard.flops - hard_closed.flops) == edge_flops
+    assert float(hard.params - hard_closed.params) == 0.0
