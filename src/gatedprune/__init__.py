@@ -12,6 +12,7 @@ from .base import GatedModule, ModelGating
 from .budget import Budget
 from .calibrate import recalibrate_batchnorm
 from .costs import Cost, ExpectedCost, cost, register_cost
+from .fold import fold_batchnorm
 from .gates import (
     Gate,
     HardConcrete,
@@ -55,6 +56,7 @@ __all__ = [
     "apply_plan",
     "cost",
     "export_plan",
+    "fold_batchnorm",
     "gate_",
     "gate_modules",
     "harden",

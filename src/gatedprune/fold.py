@@ -1,0 +1,116 @@
+"""Folding BatchNorm into the convolution before it, for deployment of plain models.
+
+:func:`fold_batchnorm` traces an ordinary model with ``torch.fx`` and folds every
+``Conv -> BatchNorm`` pair: ``a * (W x + b - mean) + beta`` with ``a = gamma / sqrt(var + eps)``
+becomes ``(a W) x + a (b - mean) + beta``, the same function in eval mode (up to float rounding)
+with one element-wise pass less per pair. It works on dense and pruned models alike (a pruned
+model's new shortcuts, :class:`~gatedprune.gating.ScaledAdd`, stay modules).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .base import find_model_gating
+from .gating.surgery import ScaledAdd
+
+__all__ = ["fold_batchnorm"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, ScaledAdd) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _fold_into(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: nn.Module) -> None:
+    assert isinstance(bn, _NORMS)
+    assert bn.running_mean is not None
+    assert bn.running_var is not None
+    with torch.no_grad():
+        w = conv.weight.to(torch.float64)  # (C_out, C_in / groups, *kernel)
+        mean = bn.running_mean.to(torch.float64)  # (C_out,)
+        a = 1.0 / torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)  # (C_out,)
+        beta = torch.zeros_like(mean)
+        if bn.weight is not None:
+            a = a * bn.weight.to(torch.float64)
+        if bn.bias is not None:
+            beta = bn.bias.to(torch.float64)
+        b = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(mean)
+        new_w = w * a.reshape(-1, *([1] * (w.dim() - 1)))
+        new_b = a * (b - mean) + beta  # (C_out,)
+        dtype = conv.weight.dtype
+        conv.weight = nn.Parameter(new_w.to(dtype), requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(new_b.to(dtype), requires_grad=conv.weight.requires_grad)
+
+
+def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+    """A copy of ``model`` (``torch.fx`` traceable, plain: no gates) with every BatchNorm that
+    directly follows a convolution folded into it; returned in eval mode, equal to
+    ``model.eval()`` up to float rounding. ``model`` itself is not changed.
+
+    A pair is folded when the convolution's output is read only by the BatchNorm and each
+    module is called once; other BatchNorms stay as they are. Raises ``TypeError`` for a model
+    that ``torch.fx`` cannot trace or that still has gates, ``ValueError`` for a pair whose
+    BatchNorm has no running statistics (its output depends on the batch; nothing to fold).
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU())
+    >>> folded = fold_batchnorm(net)
+    >>> [type(m).__name__ for m in folded.children()]
+    ['Conv1d', 'ReLU']
+    >>> x = torch.randn(3, 2, 8)
+    >>> bool((folded(x) - net.eval()(x)).abs().max() <= 1e-5)
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm expects a torch.nn.Module, got {type(model).__name__}")
+    if find_model_gating(model) is not None:
+        raise TypeError(
+            f"{type(model).__name__} still has gates: prune it first (gatedprune.prune), "
+            "then fold the plain pruned model"
+        )
+    work = copy.deepcopy(model).eval()
+    try:
+        graph = _Tracer().trace(work)
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
+        raise TypeError(
+            f"fold_batchnorm needs a torch.fx traceable model; tracing {type(model).__name__} "
+            f"failed: {e}"
+        ) from e
+    gm = fx.GraphModule(work, graph, class_name=f"Folded{type(model).__name__}")
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or not isinstance(gm.get_submodule(str(n.target)), _NORMS):
+            continue
+        src = n.args[0] if len(n.args) == 1 and not n.kwargs else None
+        if not (isinstance(src, fx.Node) and src.op == "call_module"):
+            continue
+        conv = gm.get_submodule(str(src.target))
+        if not isinstance(conv, _CONVS) or len(src.users) != 1:
+            continue
+        if calls[str(n.target)] != 1 or calls[str(src.target)] != 1:
+            continue
+        bn = gm.get_submodule(str(n.target))
+        assert isinstance(bn, _NORMS)
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"cannot fold BatchNorm '{n.target}' into '{src.target}': it has no running "
+                "statistics (track_running_stats=False), so it normalises with batch statistics"
+            )
+        _fold_into(conv, bn)
+        n.replace_all_uses_with(src)
+        gm.graph.erase_node(n)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm.eval()
