@@ -409,10 +409,15 @@ class CostProgram:
 
     def evaluate(self, *, hard: bool = False) -> ExpectedCost:
         """Expected (``hard=False``) or exact-at-hard-gates cost as float64 tensors."""
-        flops = torch.tensor(float(self.fixed_flops), dtype=torch.float64)
-        params = torch.tensor(float(self.fixed_params), dtype=torch.float64)
-        for mod, shape in self.gated:
-            f, p = mod.expected_cost(shape, hard=hard)
+        costs = [mod.expected_cost(shape, hard=hard) for mod, shape in self.gated]
+        if costs and self.fixed_flops == 0 and self.fixed_params == 0:
+            # nothing fixed to add (0 + x == x): no extra ops on the budget's hot path
+            flops, params = costs[0][0].double(), costs[0][1].double()
+            costs = costs[1:]
+        else:
+            flops = torch.tensor(float(self.fixed_flops), dtype=torch.float64)
+            params = torch.tensor(float(self.fixed_params), dtype=torch.float64)
+        for f, p in costs:
             flops = flops + f
             params = params + p
         return ExpectedCost(flops=flops, params=params)

@@ -424,7 +424,8 @@ class _ShortcutNet(GatedModule):
             )
         p = torch.cat(gate_prob_open(self._gate_list()))  # (n_gates,)
         out = _ExpectedCost.apply(p, self, _compiled_cost(self.spec, shape))  # type: ignore[no-untyped-call]
-        return out[0], out[1]
+        flops, params = out.unbind()
+        return flops, params
 
     def _hard_cost(self, shape: tuple[int, ...]) -> tuple[float, float]:
         """Cost at the exact decisions, cached by the decisions (they change only when a gate
