@@ -1,9 +1,12 @@
 """The methods compared by the suite: gatedprune and the baselines of DESIGN.md section 6.
 
 Every method gets the same data, the same total number of epochs (pruning, sparse training and
-fine-tuning all counted), the same optimizer (AdamW, lr 1e-2 with cosine decay, weight decay
-1e-4, batch 100: the MNIST-1D recipe gatedprune's demo uses) and returns a plain model whose
-achieved FLOPs are as close to the target as its granularity allows:
+fine-tuning all counted), the same optimizer (the workload's :class:`~bench.suite.workloads.
+Schedule`: by default AdamW, lr 1e-2 with cosine decay, weight decay 1e-4, batch 100, the
+MNIST-1D recipe gatedprune's demo uses; the LSTM workload uses Adam with gradient clipping)
+and returns a plain model whose achieved FLOPs are as close to the target as its granularity
+allows. A prune-then-fine-tune baseline's pre-training does not depend on the target: it runs
+once per (workload, seed, method) and every budget branches off it (:func:`pretrained`):
 
 * ``gatedprune``: the workload's recipe (Lagrangian budget, gates snapped at 80%), pruned.
 * ``small_dense``: the plain model with every width scaled so its FLOPs match the target,
@@ -20,6 +23,10 @@ achieved FLOPs are as close to the target as its granularity allows:
   penalty is a constant λ times the expected FLOPs fraction (no Lagrangian ascent, no
   straight-through hard cost); at the snap the gates are fixed to the target by rank of open
   probability.
+* ``iss``: ISS group lasso for LSTMs (Wen et al. 2018, :mod:`bench.suite.iss`): group lasso
+  over each hidden unit's weights while training the first ``prune_at`` of the epochs, the
+  units with the smallest group norms removed to the target FLOPs, a smaller plain LSTM
+  rebuilt and fine-tuned for the rest (LSTM workloads only).
 * ``random``: random channels (Torch-Pruning ``RandomImportance``, uniform ratio) removed
   after ``prune_at`` of the epochs, fine-tuning for the rest.
 
@@ -44,14 +51,17 @@ import gatedprune as gp
 from gatedprune.budget import Budget
 from gatedprune.data import Splits
 
-from .workloads import Workload, plain_cost
+from .workloads import Workload, apply_schedule, plain_cost
 
 __all__ = [
     "METHODS",
+    "SHARED_PRETRAINING",
     "FixedPenalty",
     "MethodResult",
     "RunSpec",
+    "clear_pretrained",
     "fit_plain",
+    "pretrained",
     "scale_for_flops",
 ]
 
@@ -76,8 +86,6 @@ class RunSpec:
     dense_flops: int
     prune_at: float = 0.5
     l0_lambda: float = 1.0
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
     batch_size: int = 100
 
     @property
@@ -92,7 +100,9 @@ class RunSpec:
 
 @dataclass
 class MethodResult:
-    """A method's final plain model and notes for the result row.
+    """A method's final plain model and notes for the result row. ``shared_seconds``: time
+    of work done once for several rows (a cached pre-training, :func:`pretrained`) that this
+    row used without redoing it; the runner adds it to the row's ``train_s``.
 
     >>> MethodResult(nn.Linear(2, 2), {"ratio": 0.5}).notes
     {'ratio': 0.5}
@@ -100,9 +110,64 @@ class MethodResult:
 
     model: nn.Module
     notes: dict[str, Any] = field(default_factory=dict)
+    shared_seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------- shared pre-training
+@dataclass
+class _Pretrained:
+    model: nn.Module
+    seconds: float
+
+
+_PRETRAINED: dict[tuple[Any, ...], _Pretrained] = {}
+
+
+def clear_pretrained() -> None:
+    """Forget the cached pre-trained models (the runner does this after each workload)."""
+    _PRETRAINED.clear()
+
+
+def pretrained(
+    spec: RunSpec,
+    key: tuple[Any, ...],
+    model: nn.Module,
+    train: Callable[[nn.Module], None],
+) -> tuple[nn.Module, float]:
+    """``model`` after ``train(model)``, computed once per (workload, data, seed, ``key``) and
+    copied for later calls: a prune-then-fine-tune baseline's dense (or sparse) pre-training
+    does not depend on the target, so every budget of one seed branches off the same
+    pre-trained network at the prune point (each row still counts all its epochs). Returns
+    (a private copy of the trained model, the seconds the training took when it ran); on a
+    cache hit ``model`` is not trained (its initial weights are the cached run's: same seed).
+
+    >>> from bench.suite.workloads import MNIST1DShortcutConv
+    >>> x, y = torch.zeros(2, 1, 40), torch.zeros(2, dtype=torch.long)
+    >>> spec = RunSpec(MNIST1DShortcutConv(), Splits(x, y, x, y), 0.5, 2, 0, 1)
+    >>> calls = []
+    >>> a, _ = pretrained(spec, ("doc",), nn.Linear(2, 2), calls.append)
+    >>> b, _ = pretrained(spec, ("doc",), nn.Linear(2, 2), calls.append)
+    >>> len(calls), bool((a.weight == b.weight).all()), a is b
+    (1, True, False)
+    >>> clear_pretrained()
+    """
+    import time
+
+    full_key = (spec.workload.name, id(spec.data), len(spec.data.x_train), spec.seed, *key)
+    hit = _PRETRAINED.get(full_key)
+    if hit is None:
+        t0 = time.perf_counter()
+        train(model)
+        hit = _PRETRAINED[full_key] = _Pretrained(copy.deepcopy(model), time.perf_counter() - t0)
+        return model, 0.0
+    return copy.deepcopy(hit.model), hit.seconds
 
 
 Method = Callable[[RunSpec], MethodResult]
+
+SHARED_PRETRAINING: tuple[tuple[str, ...], ...] = (("magnitude", "random"),)
+"""Methods whose pre-training is the same (plain training of the same network and seed): in
+one process they train it once (:func:`pretrained`)."""
 
 
 # ---------------------------------------------------------------------- plain training
@@ -113,10 +178,12 @@ def fit_plain(
     *,
     seed: int,
     after_backward: Callable[[], None] | None = None,
+    penalty: Callable[[], Tensor] | None = None,
 ) -> None:
-    """Train a plain model: AdamW, cosine decay over ``epochs``, deterministic shuffling;
-    ``after_backward`` runs between ``backward`` and the optimizer step (regularisers).
-    The model is left in eval mode.
+    """Train a plain model with the workload's :class:`~bench.suite.workloads.Schedule`
+    (optimizer, lr with cosine decay over ``epochs``, weight decay, gradient clipping),
+    deterministic shuffling; ``penalty()`` is added to the loss, ``after_backward`` runs
+    between ``backward`` and the optimizer step (regularisers). The model is left in eval mode.
 
     >>> from bench.suite.workloads import MNIST1DShortcutConv
     >>> x, y = torch.randn(20, 1, 40), torch.randint(0, 10, (20,))  # (N, 1, 40), (N,)
@@ -131,7 +198,8 @@ def fit_plain(
         return
     torch.manual_seed(seed)
     x, y = spec.data.x_train, spec.data.y_train  # (N, C, L), (N,)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    schedule = spec.workload.schedule
+    opt = schedule.make_optimizer(model.parameters())
     steps_per_epoch = -(-len(x) // spec.batch_size)
     total = epochs * steps_per_epoch
     loss_fn = spec.workload.loss_fn()
@@ -143,9 +211,11 @@ def fit_plain(
         for i in range(0, len(x), spec.batch_size):
             idx = order[i : i + spec.batch_size]
             for group in opt.param_groups:
-                group["lr"] = spec.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                group["lr"] = schedule.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])  # scalar
+            if penalty is not None:
+                loss = loss + penalty()
             loss.backward()  # type: ignore[no-untyped-call]
             if after_backward is not None:
                 after_backward()
@@ -261,20 +331,28 @@ def _prune_then_finetune(
             ignored_layers=wl.prunable_head(m),
         )
 
+    # fail before training when Torch-Pruning cannot prune this network (e.g. nn.LSTM)
+    make(copy.deepcopy(model), 0.5).step()
     before, after = spec.split_epochs()
-    hook: Callable[[], None] | None = None
-    if sparse_training:
-        reg = make(model, 0.5)  # its regulariser; the pruning itself is done on copies
 
-        def hook() -> None:
-            reg.regularize(model)
+    def pretrain(m: nn.Module) -> None:
+        hook: Callable[[], None] | None = None
+        if sparse_training:
+            reg = make(m, 0.5)  # its regulariser; the pruning itself is done on copies
 
-    fit_plain(model, spec, before, seed=spec.seed, after_backward=hook)
+            def hook() -> None:
+                reg.regularize(m)
+
+        fit_plain(m, spec, before, seed=spec.seed, after_backward=hook)
+
+    kind = pruner if sparse_training else "plain"  # magnitude and random share "plain"
+    model, pre = pretrained(spec, (kind, round(scale, 6), before), model, pretrain)
     pruned, ratio = _tp_prune_to_target(model, spec, make, seed=spec.seed)
     fit_plain(pruned, spec, after, seed=spec.seed + 1)
     return MethodResult(
         pruned.eval(),
         {"width_scale": round(scale, 4), "pruning_ratio": round(ratio, 4), "epochs_ft": after},
+        shared_seconds=pre,
     )
 
 
@@ -406,6 +484,7 @@ def run_l0_fixed(spec: RunSpec) -> MethodResult:
     trainer = budget_trainer(
         net, spec.data, epochs=spec.epochs, seed=spec.seed, loss_fn=wl.loss_fn(), budget=budget
     )
+    apply_schedule(trainer, wl.schedule)
     trainer.fit(train=(spec.data.x_train, spec.data.y_train))
     wl.finalize_gated(net, spec.data)
     net.eval()
@@ -413,6 +492,48 @@ def run_l0_fixed(spec: RunSpec) -> MethodResult:
     return MethodResult(
         gp.prune(net).eval(),
         {"lambda": spec.l0_lambda, "flops_before_snap": round(before.get("flops", math.nan), 4)},
+    )
+
+
+def run_iss(spec: RunSpec) -> MethodResult:
+    """ISS group lasso (Wen et al. 2018) on the plain LSTM, units with the smallest group
+    norms removed to the target FLOPs, fine-tuning (:mod:`bench.suite.iss`)."""
+    from .iss import (
+        ISS_LAMBDA,
+        iss_group_norms,
+        penalty_for,
+        removal_order,
+        slice_plain_lstm,
+        widths_for_flops,
+    )
+    from .workloads import PlainLSTM
+
+    wl = spec.workload
+    if not isinstance(wl.plain_model(1.0), PlainLSTM):
+        raise ValueError(
+            f"ISS prunes LSTM hidden units; {type(wl.plain_model(1.0)).__name__} has none "
+            "(not applicable to this workload)"
+        )
+    scale = scale_for_flops(wl, spec.dense_flops, spec.example)  # same dense FLOPs
+    torch.manual_seed(spec.seed)
+    model = wl.plain_model(scale)
+    before, after = spec.split_epochs()
+
+    def pretrain(m: nn.Module) -> None:
+        fit_plain(m, spec, before, seed=spec.seed, penalty=penalty_for(m, ISS_LAMBDA))
+
+    model, pre = pretrained(spec, ("iss", round(scale, 6), before, ISS_LAMBDA), model, pretrain)
+    with torch.no_grad():
+        norms = iss_group_norms(model)
+    keep = widths_for_flops(
+        model, removal_order(norms), spec.target * spec.dense_flops, spec.example
+    )
+    pruned = slice_plain_lstm(model, keep)
+    fit_plain(pruned, spec, after, seed=spec.seed + 1)
+    return MethodResult(
+        pruned.eval(),
+        {"lambda": ISS_LAMBDA, "widths": "/".join(str(len(k)) for k in keep), "epochs_ft": after},
+        shared_seconds=pre,
     )
 
 
@@ -424,5 +545,6 @@ METHODS: dict[str, Method] = {
     "group_norm": run_group_norm,
     "l0_fixed": run_l0_fixed,
     "random": run_random,
+    "iss": run_iss,
 }
 """Methods by name (the ``--methods`` choices), in report order."""

@@ -88,12 +88,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     groups = [read_runs(p) for p in a.inputs]
     rows = merge_rows(groups)
     seconds = a.seconds if a.seconds is not None else sum(float(r["train_s"]) for r in rows)
-    epochs = {int(r["epochs"]) for r in rows}
-    if len(epochs) != 1:
-        raise ValueError(f"the runs to merge used different epochs {sorted(epochs)}")
+    for wl in dict.fromkeys(str(r["workload"]) for r in rows):
+        epochs = {int(r["epochs"]) for r in rows if r["workload"] == wl}
+        if len(epochs) != 1:
+            raise ValueError(
+                f"the {wl} runs to merge used different epochs {sorted(epochs)}; every method "
+                "of a workload must train as long"
+            )
     config = replace(
         FULL,
-        epochs=epochs.pop(),
         num_samples=a.num_samples,
         workloads=tuple(dict.fromkeys(str(r["workload"]) for r in rows)),
         seeds=tuple(sorted({int(r["seed"]) for r in rows})),

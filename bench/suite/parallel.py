@@ -1,8 +1,11 @@
 """Run the suite in parallel processes and merge their results (``python -m bench --jobs N``).
 
-Each workload's methods are split into ``jobs`` groups; every (workload, group) runs as its
-own ``python -m bench --jobs 1`` process with one thread, at most ``jobs`` at a time, writing
-into a part folder; the parts are merged (:mod:`bench.suite.merge`) into ``config.out``.
+Every (workload, method) runs as its own ``python -m bench --jobs 1`` process with one thread
+(methods that share a pre-training, :data:`~bench.suite.baselines.SHARED_PRETRAINING`, in one
+process), at most ``jobs`` at a time, the longest expected first (expected from the previous
+results in ``config.out``, if any: longest-processing-time-first keeps both cores busy to the
+end), each writing into a part folder; the parts are merged (:mod:`bench.suite.merge`) into
+``config.out``.
 Latency is measured at the end of each part, against that part's own measurement of the dense
 network in interleaved rounds, so speed-ups stay ratios measured in one process even when
 another part is still training on the other core.
@@ -18,23 +21,47 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .baselines import SHARED_PRETRAINING
 from .merge import merge_rows, read_runs
 from .report import write_report
 from .runner import SuiteConfig
 
-__all__ = ["part_arguments", "run_parallel", "split"]
+__all__ = ["expected_seconds", "method_units", "part_arguments", "run_parallel"]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def split(items: Sequence[str], parts: int) -> list[list[str]]:
-    """``items`` dealt round-robin into at most ``parts`` non-empty groups.
+def method_units(methods: Sequence[str]) -> list[list[str]]:
+    """``methods`` grouped so that methods sharing a pre-training run in one process.
 
-    >>> split(["a", "b", "c"], 2)
-    [['a', 'c'], ['b']]
+    >>> method_units(["gatedprune", "magnitude", "iss", "random"])
+    [['gatedprune'], ['magnitude', 'random'], ['iss']]
     """
-    groups: list[list[str]] = [list(items[i::parts]) for i in range(parts)]
-    return [g for g in groups if g]
+    units: list[list[str]] = []
+    placed: set[str] = set()
+    for m in methods:
+        if m in placed:
+            continue
+        group = next((g for g in SHARED_PRETRAINING if m in g), (m,))
+        unit = [x for x in methods if x in group]
+        units.append(unit)
+        placed.update(unit)
+    return units
+
+
+def expected_seconds(folder: Path) -> dict[tuple[str, str], float]:
+    """Seconds each (workload, method) took in the suite results in ``folder`` (wall time of
+    its rows where recorded, else training time); empty when there are none."""
+    try:
+        rows = read_runs(folder)
+    except ValueError:
+        return {}
+    out: dict[tuple[str, str], float] = {}
+    for r in rows:
+        t = r.get("wall_s", r.get("train_s", 0.0))
+        key = (str(r["workload"]), str(r["method"]))
+        out[key] = out.get(key, 0.0) + (float(t) if isinstance(t, int | float) else 0.0)
+    return out
 
 
 def part_arguments(
@@ -50,7 +77,9 @@ def part_arguments(
     args += ["--workloads", workload, "--methods", *methods]
     args += ["--targets", *(str(t) for t in config.targets)]
     args += ["--seeds", *(str(s) for s in config.seeds)]
-    args += ["--epochs", str(config.epochs), "--num-samples", str(config.num_samples)]
+    if config.epochs is not None:
+        args += ["--epochs", str(config.epochs)]
+    args += ["--num-samples", str(config.num_samples)]
     args += ["--threads", str(config.threads), "--out", str(out), "--no-plots"]
     return args
 
@@ -66,11 +95,14 @@ def run_parallel(
     config.validate()
     t_start = time.perf_counter()
     parts_dir = Path(config.out) / "parts"
+    expected = expected_seconds(Path(config.out))
+    default = max(expected.values(), default=1.0)  # unknown parts first: they may be long
     tasks = [
-        (w, ms, parts_dir / f"{w}-{i}")
+        (w, ms, parts_dir / f"{w}-{'+'.join(ms)}")
         for w in config.workloads
-        for i, ms in enumerate(split(list(config.methods), config.jobs))
+        for ms in method_units(list(config.methods))
     ]
+    tasks.sort(key=lambda t: -sum(expected.get((t[0], m), default) for m in t[1]))
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     waiting = list(tasks)

@@ -40,6 +40,24 @@ SUMMARY_METRICS = (
 """Columns averaged over seeds (each gets ``_mean`` and ``_std``)."""
 
 
+def schedules(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The epochs (pruning + fine-tuning counted) and optimizer of each workload's methods.
+
+    >>> schedules([{"workload": "mnist1d_shortcut_conv", "epochs": 15}]).split(": ")[1]
+    'mnist1d_shortcut_conv 15 (AdamW lr 0.01, weight decay 0.0001)'
+    """
+    from .workloads import WORKLOADS
+
+    parts = []
+    for wl in dict.fromkeys(str(r["workload"]) for r in rows):
+        epochs = sorted({int(r["epochs"]) for r in rows if r["workload"] == wl})
+        text = f"{wl} {'/'.join(str(e) for e in epochs)}"
+        if wl in WORKLOADS:
+            text += f" ({WORKLOADS[wl]().schedule.describe()})"
+        parts.append(text)
+    return "epochs per method (pruning + fine-tuning counted): " + ", ".join(parts)
+
+
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
     if not xs:
         return math.nan, math.nan
@@ -66,6 +84,7 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "target": target,
             "seeds": len(ok),
             "failed": len(rs) - len(ok),
+            "error": next((str(r["error"]) for r in rs if r.get("error")), ""),
         }
         for k in SUMMARY_METRICS:
             vals = [float(r[k]) for r in ok if r.get(k) not in (None, "")]
@@ -101,9 +120,32 @@ def _summary_table(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     ]
 
 
+def error_summary(error: str, limit: int = 90) -> str:
+    """The first line of a recorded error, shortened to ``limit`` characters.
+
+    >>> error_summary("ValueError: no BatchNorm (not applicable)\nmore")
+    'ValueError: no BatchNorm (not applicable)'
+    """
+    first = error.strip().splitlines()[0] if error.strip() else "unknown error"
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def _did_not_run(group: Mapping[str, Mapping[str, Any]], reference: str) -> list[str]:
+    out = []
+    for m, s in group.items():
+        if m == reference or s.get("seeds", 1) > 0:
+            continue
+        err = str(s.get("error", ""))
+        how = "not applicable" if "not applicable" in err else "failed"
+        out.append(f"{m} {how}: {error_summary(err)}")
+    return out
+
+
 def verdicts(summary: Sequence[Mapping[str, Any]], reference: str = "gatedprune") -> list[str]:
     """One line per (workload, target): where ``reference`` stands against each baseline on
-    mean accuracy and latency speed-up (markdown bullets).
+    mean accuracy and latency speed-up (markdown bullets). Baselines without a successful
+    seed are listed with their error, and the comparison then says "every baseline that ran";
+    baselines that failed on some seeds are named with the count.
 
     >>> s = [{"workload": "w", "target": 0.5, "method": m, "accuracy_mean": a,
     ...       "speedup_b1_mean": 1.0, "speedup_b256_mean": 2.0} for m, a in
@@ -118,31 +160,51 @@ def verdicts(summary: Sequence[Mapping[str, Any]], reference: str = "gatedprune"
         ref = group.get(reference)
         if ref is None or math.isnan(ref["accuracy_mean"]):
             continue
+        ran = {
+            m: s
+            for m, s in group.items()
+            if m != reference and s.get("seeds", 1) > 0 and not math.isnan(s["accuracy_mean"])
+        }
+        missing = _did_not_run(group, reference)
+        every = "every baseline that ran" if missing else "every baseline"
         beaten_acc = [
             f"{m} ({100 * s['accuracy_mean']:.1f}%)"
-            for m, s in group.items()
-            if m != reference and s["accuracy_mean"] > ref["accuracy_mean"]
+            for m, s in ran.items()
+            if s["accuracy_mean"] > ref["accuracy_mean"]
         ]
         slower = [
             f"{m} ({s['speedup_b256_mean']:.2f}x)"
-            for m, s in group.items()
-            if m != reference and s["speedup_b256_mean"] > ref["speedup_b256_mean"]
+            for m, s in ran.items()
+            if s["speedup_b256_mean"] > ref["speedup_b256_mean"]
         ]
         line = (
             f"- {wl}, target {target:g}: {reference} {100 * ref['accuracy_mean']:.1f}%, "
             f"speed-up {ref['speedup_b256_mean']:.2f}x at batch 256. "
         )
-        line += (
-            f"**Below on accuracy:** {', '.join(beaten_acc)}. "
-            if beaten_acc
-            else "At or above every baseline on mean accuracy. "
-        )
-        line += (
-            f"**Larger batch-256 speed-up:** {', '.join(slower)}."
-            if slower
-            else "Speed-up at least as large as every baseline's."
-        )
-        lines.append(line)
+        if not ran:
+            line += "No baseline ran. "
+        else:
+            line += (
+                f"**Below on accuracy:** {', '.join(beaten_acc)}. "
+                if beaten_acc
+                else f"At or above {every} on mean accuracy. "
+            )
+            line += (
+                f"**Larger batch-256 speed-up:** {', '.join(slower)}."
+                if slower
+                else f"Speed-up at least as large as {every}'s."
+            )
+        partial = [
+            f"{m} ({s['failed']} of {s['failed'] + s['seeds']} seeds failed: "
+            f"{error_summary(str(s.get('error', '')))})"
+            for m, s in group.items()
+            if s.get("seeds", 0) > 0 and s.get("failed", 0) > 0
+        ]
+        if missing:
+            line += f" **Did not run:** {'; '.join(missing)}."
+        if partial:
+            line += f" **Some seeds failed:** {'; '.join(partial)}."
+        lines.append(line.rstrip())
     return lines
 
 
@@ -215,7 +277,7 @@ def write_report(
     """Write runs, summary (with verdicts) and Pareto plots into ``config.out``."""
     out = Path(config.out)
     setup = (
-        f"Settings: {config.epochs} epochs per method (pruning + fine-tuning counted), "
+        f"Settings: {schedules(rows)}; "
         f"{config.num_samples} MNIST-1D samples (80% train), seeds {list(config.seeds)}, "
         f"{config.threads} thread(s) for training and latency; suite time {seconds:.0f} s. "
         "Fractions are of the all-open gated network's dense FLOPs/params; speed-ups are "

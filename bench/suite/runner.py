@@ -22,7 +22,7 @@ from torch import nn
 from gatedprune.data import Splits
 from gatedprune.profiling import compare_latency, num_threads
 
-from .baselines import METHODS, RunSpec
+from .baselines import METHODS, RunSpec, clear_pretrained
 from .workloads import WORKLOADS, plain_cost
 
 __all__ = ["FULL", "QUICK", "SuiteConfig", "main", "run_suite"]
@@ -30,12 +30,18 @@ __all__ = ["FULL", "QUICK", "SuiteConfig", "main", "run_suite"]
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "suite"
 
 
+SHARED_EPOCHS = 15
+"""Epochs of every method on a workload whose schedule declares none."""
+
+
 @dataclass(frozen=True)
 class SuiteConfig:
-    """What the suite runs.
+    """What the suite runs. ``epochs=None``: each workload's schedule
+    (:attr:`~bench.suite.workloads.Workload.schedule`, else ``SHARED_EPOCHS``); a number
+    forces that many epochs on every workload (smoke checks, tests).
 
-    >>> QUICK.targets
-    (0.25, 0.1)
+    >>> QUICK.targets, FULL.workload_epochs("mnist1d_shortcut_conv")
+    ((0.25, 0.1), 15)
     """
 
     workloads: tuple[str, ...] = (
@@ -47,7 +53,7 @@ class SuiteConfig:
     methods: tuple[str, ...] = tuple(METHODS)
     targets: tuple[float, ...] = (0.5, 0.25, 0.1, 0.05)
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 15
+    epochs: int | None = None
     num_samples: int = 5000
     prune_at: float = 0.5
     l0_lambda: float = 1.0
@@ -60,6 +66,12 @@ class SuiteConfig:
     out: Path = field(default=DEFAULT_OUT)
     plots: bool = True
 
+    def workload_epochs(self, workload: str) -> int:
+        """Total epochs (pruning and fine-tuning counted) of every method on ``workload``."""
+        if self.epochs is not None:
+            return self.epochs
+        return WORKLOADS[workload]().schedule.resolve_epochs(SHARED_EPOCHS)
+
     def validate(self) -> None:
         for w in self.workloads:
             if w not in WORKLOADS:
@@ -71,8 +83,8 @@ class SuiteConfig:
             raise ValueError(f"targets must be fractions in (0, 1], got {self.targets}")
         if not self.seeds or any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be ints >= 0, got {self.seeds}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.jobs < 1:
@@ -82,14 +94,14 @@ class SuiteConfig:
 
 
 FULL = SuiteConfig()
-"""Full mode: 4 workloads x 4 budgets x 3 seeds x 7 methods, 15 epochs, 2 processes."""
+"""Full mode: 4 workloads x 4 budgets x 3 seeds x 8 methods, each workload's schedule
+(15 epochs; the LSTM its own), 2 processes."""
 
 QUICK = replace(
     FULL,
     workloads=("mnist1d_shortcut_conv",),
     targets=(0.25, 0.1),
     seeds=(0,),
-    epochs=15,
     num_samples=3000,
     latency_rounds=3,
     latency_repeats_b1=10,
@@ -115,6 +127,7 @@ def _train_all(
     ref_cost = plain_cost(reference, example)
     runs: list[_Run] = []
     total = len(config.targets) * len(config.seeds) * len(config.methods)
+    epochs = config.workload_epochs(wl_name)
     for target in config.targets:
         for seed in config.seeds:
             for method in config.methods:
@@ -122,7 +135,7 @@ def _train_all(
                     workload=wl,
                     data=data,
                     target=target,
-                    epochs=config.epochs,
+                    epochs=epochs,
                     seed=seed,
                     dense_flops=ref_cost.flops,
                     prune_at=config.prune_at,
@@ -133,14 +146,16 @@ def _train_all(
                     "method": method,
                     "target": target,
                     "seed": seed,
-                    "epochs": config.epochs,
+                    "epochs": epochs,
                 }
                 t0 = time.perf_counter()
                 model: nn.Module | None = None
                 try:
                     result = METHODS[method](spec)
                     model = result.model.eval()
-                    row["train_s"] = time.perf_counter() - t0
+                    row["wall_s"] = time.perf_counter() - t0
+                    # a shared pre-training this row used counts in its training time
+                    row["train_s"] = row["wall_s"] + result.shared_seconds
                     c = plain_cost(model, example)
                     achieved = c.flops / ref_cost.flops
                     row.update(
@@ -154,8 +169,8 @@ def _train_all(
                     row["notes"] = " ".join(f"{k}={v}" for k, v in result.notes.items())
                 except Exception as e:  # one failing baseline must not lose a long run
                     traceback.print_exc()
-                    row["train_s"] = time.perf_counter() - t0
-                    row["error"] = f"{type(e).__name__}: {e}"
+                    row["train_s"] = row["wall_s"] = time.perf_counter() - t0
+                    row["error"] = _describe_error(e)
                 runs.append(_Run(row, model))
                 log(
                     f"[{len(runs)}/{total}] {wl_name} {method} target {target:g} seed {seed}: "
@@ -167,6 +182,27 @@ def _train_all(
                     + f"{row['train_s']:.1f} s"
                 )
     return runs, reference
+
+
+def _describe_error(e: BaseException) -> str:
+    """``Type: message``; with an empty message (a bare ``assert`` in a library), where it was
+    raised, so the report can say something.
+
+    >>> try:
+    ...     assert False
+    ... except AssertionError as e:
+    ...     _describe_error(e).startswith("AssertionError (raised at ")
+    True
+    """
+    text = str(e).strip()
+    if text:
+        return f"{type(e).__name__}: {text}"
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return type(e).__name__
+    last = frames[-1]
+    where = "/".join(Path(last.filename).parts[-2:])
+    return f"{type(e).__name__} (raised at {where}:{last.lineno} in {last.name})"
 
 
 @torch.no_grad()
@@ -214,6 +250,7 @@ def run_suite(
             data = WORKLOADS[wl_name]().data(config.num_samples)
             log(f"{wl_name}: {len(data.x_train)} train / {len(data.x_test)} test samples")
             runs, reference = _train_all(config, wl_name, data, log)
+            clear_pretrained()
             log(f"{wl_name}: measuring latency of {len(runs) + 1} models ...")
             _measure_latency(config, runs, reference, data)
             rows += [r.row for r in runs]
@@ -222,9 +259,9 @@ def run_suite(
     return rows
 
 
-def _parse(argv: Sequence[str] | None) -> SuiteConfig:
+def _parse(argv: Sequence[str] | None, prog: str = "python -m bench") -> SuiteConfig:
     ap = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog=prog,
         description="Benchmark suite: gatedprune vs small dense, Network Slimming, Torch-Pruning "
         "(magnitude, GroupNorm), fixed-λ L0 and random pruning at equal achieved FLOPs.",
     )
@@ -234,7 +271,12 @@ def _parse(argv: Sequence[str] | None) -> SuiteConfig:
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
     ap.add_argument("--targets", type=float, nargs="+", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
-    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of every method on every workload (default: each workload's schedule)",
+    )
     ap.add_argument("--num-samples", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
@@ -264,14 +306,15 @@ def _parse(argv: Sequence[str] | None) -> SuiteConfig:
     return config
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point (``python -m bench``).
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m bench") -> None:
+    """Command-line entry point (``python -m bench``; ``gatedprune bench`` calls it with its
+    own ``prog``, recorded as the command in the results).
 
     >>> main(["--quick", "--targets", "0.5", "--epochs", "1"])  # doctest: +SKIP
     """
     args = sys.argv[1:] if argv is None else list(argv)
-    config = _parse(args)
-    command = " ".join(["python -m bench", *args])
+    config = _parse(args, prog)
+    command = " ".join([prog, *args])
     if config.jobs > 1:
         from .parallel import run_parallel
 

@@ -1,4 +1,4 @@
-"""Command line: ``gatedprune demo``."""
+"""Command line: ``gatedprune demo`` and ``gatedprune bench``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,48 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .demo import DemoConfig
 
-__all__ = ["main"]
+__all__ = ["find_bench_root", "main"]
+
+
+def find_bench_root(candidates: Sequence[Path] | None = None) -> Path:
+    """The repository folder holding the benchmark suite (``bench/suite``), which is not part
+    of the installed package: by default the checkout this source file lives in, then the
+    current directory. Raises ``FileNotFoundError`` with what to do when there is none.
+
+    >>> (find_bench_root() / "bench" / "suite").is_dir()  # doctest: +SKIP
+    True
+    """
+    if candidates is None:
+        candidates = [Path(__file__).resolve().parents[2], Path.cwd()]
+    for root in candidates:
+        if (root / "bench" / "suite" / "runner.py").is_file():
+            return root
+    looked = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        "gatedprune bench runs the benchmark suite in the repository's bench/ folder, which "
+        f"is not installed with the package (looked in: {looked}). Run it from a checkout: "
+        "git clone the repository, pip install -e '.[bench]', then gatedprune bench (or "
+        "python -m bench) inside it."
+    )
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        root = find_bench_root()
+    except FileNotFoundError as e:
+        print(f"gatedprune bench: {e}", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.suite.runner import main as bench_main  # the same entry as python -m bench
+
+    argv = ["--quick"] if args.quick else []
+    if args.jobs is not None:
+        argv += ["--jobs", str(args.jobs)]
+    if args.out is not None:
+        argv += ["--out", str(args.out)]
+    bench_main(argv, prog="gatedprune bench")
+    return 0
 
 
 def _fraction(text: str) -> float:
@@ -105,6 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory (gatedprune-demo, or gatedprune-demo-<model> with --model)",
     )
     demo.add_argument("--quiet", action="store_true", help="print nothing")
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suite against other pruning tools (python -m bench; needs a "
+        "source checkout)",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="smoke check: conv workload, 2 budgets, 1 seed"
+    )
+    bench.add_argument(
+        "--jobs", type=_positive, default=None, help="parallel processes (2), one thread each"
+    )
+    bench.add_argument(
+        "--out", type=Path, default=None, help="output folder (bench/results/suite[_quick])"
+    )
     return parser
 
 
@@ -114,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     >>> main(["demo", "--model", "resnet1d", "--budget", "0.25"])  # doctest: +SKIP
     """
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "demo":
         from .demo import DemoConfig
 
