@@ -10,6 +10,12 @@ latency depends on the pruned architecture only. Reported: achieved FLOPs fracti
 latency at batch 1 and 256 (1 thread), speed-up over the dense model, and ``efficiency`` =
 speed-up / FLOPs reduction (1.0: latency falls as fast as FLOPs). Then the wall time of
 ``gate_`` and ``prune`` on a 50-block ResNet-1D.
+
+Two more settings: the same ResNet at a compute-bound signal length (L = 1024, an ECG/audio
+length; batch 1 only: a 256 x 1024 batch takes seconds per forward on one thread), and a
+deployment variant ``fold=yes`` where every Conv -> BatchNorm pair of the dense and the pruned
+model alike is folded (``gatedprune.fold_batchnorm``); its speed-up and FLOPs reduction compare
+the folded pruned model with the folded dense one. ``--quick`` writes ``*_quick`` result files.
 """
 
 from __future__ import annotations
@@ -96,23 +102,21 @@ def _paired(
     return median(td), median(tp), median(ratio)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+def _rows(length: int, reps: dict[int, int], fold: bool) -> tuple[list[dict[str, object]], int]:
+    """Depth and width rows at input length ``length`` (``reps``: repeats per batch size)."""
     torch.manual_seed(0)
-    reps = {1: 30 if args.quick else 300, 256: 3 if args.quick else 20}
-    xs = {b: torch.randn(b, 1, 40) for b in reps}
+    xs = {b: torch.randn(b, 1, length) for b in reps}
     x1 = xs[1]
     dense_model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4)).eval()
     dense = gp.cost(dense_model, x1)
     assert isinstance(dense, gp.Cost)
+    dense_folded = gp.fold_batchnorm(dense_model) if fold else None
     rows: list[dict[str, object]] = []
     modes: dict[str, tuple[dict[str, bool], Callable[..., None]]] = {
         "depth": ({"channels": False, "blocks": True}, _depth),
         "width": ({"channels": True, "blocks": False}, _width),
     }
+    check = xs[max(reps)] if max(reps) <= 16 else xs[max(reps)][:16]
     for mode, (options, setter) in modes.items():
         model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))
         model.load_state_dict(dense_model.state_dict())
@@ -121,27 +125,50 @@ def main() -> None:
         for target in TARGETS:
             setter(model, x1, float(dense.flops), target)
             pruned = gp.prune(model).eval()
-            c = gp.cost(pruned, x1)
-            assert isinstance(c, gp.Cost)
-            with torch.no_grad():
-                diff = float((pruned(xs[256]) - model(xs[256])).abs().max())
-            reduction = dense.flops / c.flops
-            row: dict[str, object] = {
-                "mode": mode,
-                "target": target,
-                "flops_fraction": c.flops / dense.flops,
-                "params_fraction": c.params / dense.params,
-                "max_abs_diff": diff,
-            }
-            for b, x in xs.items():
-                t_dense, t, speedup = _paired(dense_model, pruned, x, reps[b])
-                row[f"dense_ms_b{b}"] = 1e3 * t_dense
-                row[f"ms_b{b}"] = 1e3 * t
-                row[f"speedup_b{b}"] = speedup
-                row[f"efficiency_b{b}"] = speedup / reduction
-            rows.append(row)
+            variants: list[tuple[str, nn.Module, nn.Module]] = [("no", dense_model, pruned)]
+            if dense_folded is not None:
+                variants.append(("yes", dense_folded, gp.fold_batchnorm(pruned)))
+            for folded, ref, net in variants:
+                c, c_ref = gp.cost(net, x1), gp.cost(ref, x1)
+                assert isinstance(c, gp.Cost)
+                assert isinstance(c_ref, gp.Cost)
+                with torch.no_grad():
+                    diff = float((net(check) - model(check)).abs().max())
+                reduction = c_ref.flops / c.flops
+                row: dict[str, object] = {
+                    "length": length,
+                    "fold": folded,
+                    "mode": mode,
+                    "target": target,
+                    "flops_fraction": c.flops / dense.flops,
+                    "params_fraction": c.params / dense.params,
+                    "max_abs_diff": diff,
+                }
+                for b, x in xs.items():
+                    t_dense, t, speedup = _paired(ref, net, x, reps[b])
+                    row[f"dense_ms_b{b}"] = 1e3 * t_dense
+                    row[f"ms_b{b}"] = 1e3 * t
+                    row[f"speedup_b{b}"] = speedup
+                    row[f"efficiency_b{b}"] = speedup / reduction
+                rows.append(row)
+    return rows, dense.flops
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    suffix = "_quick" if args.quick else ""
+    rows, dense_flops = _rows(
+        40, {1: 30 if args.quick else 300, 256: 3 if args.quick else 20}, fold=True
+    )
+    long_rows, long_flops = _rows(1024, {1: 5 if args.quick else 100}, fold=True)
+    rows += long_rows
+    dense_model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))
+    dense_params = sum(p.numel() for p in dense_model.parameters())
     write_results(
-        "resnet1d_speed",
+        "resnet1d_speed" + suffix,
         rows,
         title="ResNet-1D (32/64/128 x 4/4/4 blocks): latency speed-up vs FLOPs reduction",
         command=command_line(),
@@ -150,10 +177,16 @@ def main() -> None:
             "speed-up = median over interleaved (dense, pruned) timing pairs. Depth: whole "
             "residual blocks removed (largest first) until the "
             "FLOPs fraction is at most the target; width: the same fraction of every channel "
-            "group kept. Dense FLOPs per sample: "
-            f"{dense.flops}, params {dense.params}."
+            "group kept. length: input length L of the (B, 1, L) input (1024: batch 1 only). "
+            "fold=yes: Conv -> BatchNorm pairs folded in the dense and the pruned model "
+            "(gatedprune.fold_batchnorm), speed-up and FLOPs reduction against the folded "
+            "dense model (flops_fraction stays relative to the unfolded dense model). "
+            f"Dense FLOPs per sample: {dense_flops} (L=40), {long_flops} (L=1024); "
+            f"params {dense_params}."
         ),
     )
+    x1 = torch.randn(1, 1, 40)
+    xs = {256: torch.randn(256, 1, 40)}
     # gate_ + prune wall time on a 50-block ResNet-1D
     timing: list[dict[str, object]] = []
     gate_times, prune_times = [], []
@@ -181,7 +214,7 @@ def main() -> None:
         }
     )
     write_results(
-        "resnet1d_gate_prune_time",
+        "resnet1d_gate_prune_time" + suffix,
         timing,
         title="gate_ and prune wall time on a 50-block ResNet-1D (target: under 2 s each)",
         command=command_line(),
