@@ -10,9 +10,13 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
 * Pooling counts 1 per input element inside each window (``kernel`` per output element;
   adaptive pooling sums its real window sizes).
 * Only modules are counted: functional calls in a ``forward`` (``torch.cat``, ``x + y``,
-  ``F.relu``) are not. A leaf module of an unknown kind raises a ``TypeError`` rather than
-  being counted as free. A module whose type has a handler in the table is counted as a whole
-  even if it has submodules (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``).
+  ``F.relu``) are not. New shortcuts that ``gate_(..., shortcuts="dense")`` adds and pruning
+  keeps are modules (``gatedprune.gating.ScaledAdd``, ``x + scale * s``): 2 per element, no
+  parameters (the scale is a buffer); the expected cost of the gated model charges them the
+  same way, times their open probability. A leaf module of an unknown kind raises a
+  ``TypeError`` rather than being counted as free. A module whose type has a handler in the
+  table is counted as a whole even if it has submodules (``nn.MultiheadAttention``,
+  ``nn.TransformerEncoderLayer``).
 * Attention (:func:`attention_flops`): the q/k/v and output projections (2 per MAC, biases
   1 per output element), scores ``q k^T`` and ``weights v`` (2 per MAC), softmax 1 per score;
   the ``1/sqrt(d)`` scaling and masks are not counted. A Transformer encoder layer adds its
