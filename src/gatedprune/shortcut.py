@@ -21,11 +21,41 @@ from torch import Tensor, nn
 from .autodiff import CompiledFormula
 from .base import GatedModule
 from .costs import ACT_FLOPS, BATCHNORM_FLOPS, FLOPS_PER_MAC, _adaptive_window_sum
-from .gates import Gate, GateKind, gate_is_open, gate_prob_open, gate_values, resolve_gate
+from .gates import (
+    Gate,
+    GateKind,
+    HardConcreteGate,
+    _hc_prob_open,
+    _hc_sample,
+    _same_hard_concrete,
+    gate_is_open,
+    gate_prob_open,
+    gate_values,
+    resolve_gate,
+)
 from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activation, check_sizes
 from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
 
 __all__ = ["ShortcutConv1d", "ShortcutMLP"]
+
+
+def _flat_values(gates: Sequence[Gate]) -> Tensor:
+    """``torch.cat(gate_values(gates))`` without splitting and concatenating again (the same
+    values and random draws; fewer autograd nodes in every training step)."""
+    beta = _same_hard_concrete(gates)
+    if beta is None or not gates[0].training:
+        return torch.cat(gate_values(gates))  # (n_gates,)
+    log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (n_gates,)
+    return _hc_sample(log_alpha, beta)
+
+
+def _flat_prob_open(gates: Sequence[Gate]) -> Tensor:
+    """``torch.cat(gate_prob_open(gates))``, likewise in one pass."""
+    beta = _same_hard_concrete(gates)
+    if beta is None:
+        return torch.cat(gate_prob_open(gates))  # (n_gates,)
+    log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (n_gates,)
+    return _hc_prob_open(log_alpha, beta)
 
 
 def _prod(xs: Iterable[Any]) -> Any:
@@ -308,10 +338,10 @@ class _ShortcutNet(GatedModule):
                 parts.append(hs[j])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, sum C, L)
 
-    def _colscales(self, values: Sequence[Tensor]) -> list[Tensor]:
+    def _colscales(self, values: Tensor) -> list[Tensor]:
         """Per layer, then for the head: the scale of every input column (the source unit's
-        gate times the edge's gate), from every gate's values in :meth:`_gate_list` order."""
-        v = torch.cat([values[0].new_ones(1), *values])  # (1 + n_gates,)
+        gate times the edge's gate), from all gates' values in :meth:`_gate_list` order."""
+        v = torch.cat([values.new_ones(1), values])  # (1 + n_gates,)
         scale = v[self.col_unit]  # (sum of all readers' input columns,)
         if self.edge_gated:
             scale = scale * v[self.col_edge]
@@ -357,7 +387,7 @@ class _ShortcutNet(GatedModule):
         x = self._check_input(x)
         hs: list[Tensor] = [x]
         cache: dict[tuple[int, int], Tensor] = {}
-        scales = self._colscales(gate_values(self._gate_list()))
+        scales = self._colscales(_flat_values(self._gate_list()))
         for i in range(len(self.layers)):
             z = self._preact(i, self._gather(hs, i, cache), scales[i])
             hs.append(self._post(i, z))
@@ -422,7 +452,7 @@ class _ShortcutNet(GatedModule):
             return torch.tensor(flops, dtype=torch.float64), torch.tensor(
                 params, dtype=torch.float64
             )
-        p = torch.cat(gate_prob_open(self._gate_list()))  # (n_gates,)
+        p = _flat_prob_open(self._gate_list())  # (n_gates,)
         out = _ExpectedCost.apply(p, self, _compiled_cost(self.spec, shape))  # type: ignore[no-untyped-call]
         flops, params = out.unbind()
         return flops, params
@@ -566,7 +596,7 @@ class _ShortcutNet(GatedModule):
         hs: list[Tensor] = [ref.new_zeros(shape)]
         pre: list[Tensor] = []
         cache: dict[tuple[int, int], Tensor] = {}
-        scales = self._colscales([g.eval_value() for g in self._gate_list()])
+        scales = self._colscales(torch.cat([g.eval_value() for g in self._gate_list()]))
         for i in range(len(spec.layers)):
             z = self._preact(i, self._gather(hs, i, cache), scales[i])
             pre.append(z)
