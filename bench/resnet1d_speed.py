@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -160,6 +161,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     suffix = "_quick" if args.quick else ""
+    load_start = os.getloadavg()[0]
     rows, dense_flops = _rows(
         40, {1: 30 if args.quick else 300, 256: 3 if args.quick else 20}, fold=True
     )
@@ -182,7 +184,8 @@ def main() -> None:
             "(gatedprune.fold_batchnorm), speed-up and FLOPs reduction against the folded "
             "dense model (flops_fraction stays relative to the unfolded dense model). "
             f"Dense FLOPs per sample: {dense_flops} (L=40), {long_flops} (L=1024); "
-            f"params {dense_params}."
+            f"params {dense_params}. 1-minute load average of the machine (2 CPUs, shared): "
+            f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end of the timing."
         ),
     )
     x1 = torch.randn(1, 1, 40)
