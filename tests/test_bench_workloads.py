@@ -47,7 +47,7 @@ def test_lstm_workload_runs_and_records_what_does_not_apply(tmp_path: Path) -> N
     config = replace(
         QUICK,
         workloads=(MNIST1DShortcutLSTM.name,),
-        methods=("gatedprune", "small_dense", "slimming"),
+        methods=("gatedprune", "small_dense", "slimming", "magnitude", "iss"),
         targets=(0.25,),
         epochs=1,
         num_samples=300,
@@ -56,8 +56,48 @@ def test_lstm_workload_runs_and_records_what_does_not_apply(tmp_path: Path) -> N
         plots=False,
     )
     rows = {r["method"]: r for r in run_suite(config, verbose=False)}
-    for method in ("gatedprune", "small_dense"):
+    for method in ("gatedprune", "small_dense", "iss"):
         assert "error" not in rows[method], rows[method].get("error")
         assert abs(rows[method]["achieved_flops"] - 0.25) <= 0.02
         assert rows[method]["params"] > 0
+        assert rows[method]["epochs"] == 1
     assert "needs BatchNorm" in rows["slimming"]["error"]
+    assert rows["iss"]["notes"].startswith("lambda=")
+    # Torch-Pruning cannot prune nn.LSTM: the error says where it was raised
+    assert rows["magnitude"]["error"].startswith("AssertionError (raised at ")
+    md = (tmp_path / "suite_summary.md").read_text()
+    assert "magnitude failed: AssertionError (raised at" in md
+    assert "slimming not applicable" in md
+    assert "every baseline" not in md.replace("every baseline that ran", "")
+
+
+def test_iss_does_not_apply_to_networks_without_lstm_units() -> None:
+    import torch
+
+    from bench.suite.baselines import RunSpec, run_iss
+    from bench.suite.workloads import MNIST1DShortcutConv
+    from gatedprune.data import Splits
+
+    x, y = torch.zeros(4, 1, 40), torch.zeros(4, dtype=torch.long)  # (N, 1, L), (N,)
+    spec = RunSpec(MNIST1DShortcutConv(), Splits(x, y, x, y), 0.25, 2, 0, 1000)
+    with pytest.raises(ValueError, match="not applicable to this workload"):
+        run_iss(spec)
+
+
+def test_torch_pruning_fails_on_the_lstm_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import bench.suite.baselines as baselines
+    from bench.suite.workloads import MNIST1DShortcutLSTM, plain_cost
+    from gatedprune.data import Splits
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("trained before finding out that pruning fails")
+
+    monkeypatch.setattr(baselines, "fit_plain", no_training)
+    wl = MNIST1DShortcutLSTM()
+    x, y = torch.zeros(4, 40, 1), torch.zeros(4, dtype=torch.long)  # (N, T, 1), (N,)
+    dense = plain_cost(wl.dense_reference(x[:1]), x[:1]).flops
+    spec = baselines.RunSpec(wl, Splits(x, y, x, y), 0.25, 2, 0, dense)
+    with pytest.raises(AssertionError):
+        baselines.run_magnitude(spec)
