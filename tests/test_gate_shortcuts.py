@@ -240,3 +240,60 @@ def test_resnet1d_dense_shortcuts_hard_cost_is_pruned_cost(seed: int, data: st.D
     hard_closed = gatedprune.cost(model, x, hard=True)
     assert float(hard.flops - hard_closed.flops) == edge_flops
     assert float(hard.params - hard_closed.params) == 0.0
+
+
+class _MixedBlock(nn.Module):
+    def __init__(self, c: int, post_act: bool) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(c, c, 3, padding=1)
+        self.c2 = nn.Conv1d(c, c, 3, padding=1)
+        self.act = nn.ReLU()
+        self.post_act = post_act
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.c2(self.act(self.c1(x))) + x
+        return self.act(y) if self.post_act else y
+
+
+class _MixedNet(nn.Module):
+    """Block ``a`` ends without a ReLU (its output can be negative), block ``b`` with one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, 4, 3, padding=1)
+        self.a = _MixedBlock(4, False)
+        self.r = nn.ReLU()
+        self.b = _MixedBlock(4, True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.b(self.r(self.a(self.stem(x)))).mean(dim=-1))
+
+
+@pytest.mark.parametrize("edge_open", [False, True])
+def test_removed_block_keeps_its_relu_when_a_shortcut_can_make_its_input_negative(
+    edge_open: bool,
+) -> None:
+    """With ``b`` removed, ``relu(x_b)`` is ``x_b`` (a ReLU output) and the ReLU is bypassed;
+    with the shortcut a -> b open, ``b`` reads ``x_b + w * out_a``, which can be negative."""
+    torch.manual_seed(0)
+    model = _MixedNet().eval()
+    x = torch.randn(2, 1, 8)
+    summary = gate_(model, x, channels=False, shortcuts="dense")
+    assert summary.shortcuts == [("a", "b")]
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    assert isinstance(gating.edge_gate, HardConcreteGate)
+    _force(gating.edge_gate, [edge_open])
+    for g, opened in zip(gating.block_gates, [True, False], strict=True):
+        assert isinstance(g, HardConcreteGate)
+        _force(g, [opened])
+    assert gating.plan()["bypass"] == ([] if edge_open else ["b_act_1"])
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    with torch.no_grad():
+        xi = torch.randn(5, 1, 8)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    c = gatedprune.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))

@@ -458,8 +458,10 @@ class InsertedGating(ModelGating):
         return [e for e in opened if any(u in live for u in e.users)]
 
     def _scopes(self) -> tuple[list[str], list[str], list[str]]:
-        scopes, erase, bypass = self.info.scopes(self._cut())
-        return outermost([*scopes, *(e.scope for e in self.kept_edges())]), erase, bypass
+        kept = self.kept_edges()
+        edges = [(e.src_node, e.dst_node, list(e.users)) for e in kept]
+        scopes, erase, bypass = self.info.scopes(self._cut(), edges)
+        return outermost([*scopes, *(e.scope for e in kept)]), erase, bypass
 
     def prune_model(self, model: nn.Module) -> nn.Module:
         plan = self.plan()

@@ -69,32 +69,52 @@ class GraphInfo:
             stack.extend(a for a in self.inputs[n] if a != drop and a not in live)
         return live
 
-    def bypass(self, cut: dict[str, str], live: set[str]) -> list[str]:
+    def bypass(
+        self, cut: dict[str, str], live: set[str], edges: Sequence[tuple[str, str, list[str]]] = ()
+    ) -> list[str]:
         """ReLUs made redundant by removed branches: once ``s + F(x)`` is just ``s``, a ReLU
-        after it whose input is itself a ReLU output computes ``relu(relu(z)) = relu(z)``."""
+        after it whose input is itself a ReLU output computes ``relu(relu(z)) = relu(z)``.
+
+        ``edges`` are the kept new shortcuts ``(source, destination input, its readers)``: a
+        reader then sees ``x + w * source`` (``w >= 0``), which is a ReLU output's equal only
+        if the source is non-negative too."""
         subst: dict[str, str] = {}
         for add, branch in cut.items():
             others = [a for a in self.inputs[add] if a != branch]
             if len(others) == 1:
                 subst[add] = others[0]
+        into: dict[tuple[str, str], list[str]] = {}
+        for src, dst, users in edges:
+            for u in users:
+                into.setdefault((u, dst), []).append(src)
+
+        def nonneg(reader: str, node: str) -> tuple[bool, str]:
+            """Whether ``node`` as read by ``reader`` is >= 0, and the ReLU it reduces to."""
+            while True:
+                if not all(nonneg("", e)[0] for e in into.get((reader, node), [])):
+                    return False, node
+                if node not in subst:
+                    return node in self.relu, node
+                reader, node = node, subst[node]
+
         bypassed: list[str] = []
         for r, src in self.relu.items():  # graph order
-            if r not in live:
+            if r not in live or src not in subst:
                 continue
-            seen = src
-            while seen in subst:
-                seen = subst[seen]
-            if seen != src and seen in self.relu and seen not in subst:
+            ok, seen = nonneg(r, src)
+            if ok:
                 subst[r] = seen
                 bypassed.append(r)
         return bypassed
 
-    def scopes(self, cut: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    def scopes(
+        self, cut: dict[str, str], edges: Sequence[tuple[str, str, list[str]]] = ()
+    ) -> tuple[list[str], list[str], list[str]]:
         """Outermost modules to rewrite, dead nodes to erase and ReLUs to bypass (see
-        :meth:`bypass`) once the branches in ``cut`` are removed."""
+        :meth:`bypass`) once the branches in ``cut`` are removed and ``edges`` kept."""
         live = self.live(cut)
         erase = sorted(n for n in self.base_live if n not in live)
-        bypass = self.bypass(cut, live)
+        bypass = self.bypass(cut, live, edges)
         changed = [*cut, *erase, *bypass]
         return outermost(self.owners[n] for n in changed), erase, bypass
 
