@@ -297,3 +297,58 @@ def test_removed_block_keeps_its_relu_when_a_shortcut_can_make_its_input_negativ
     c = gatedprune.cost(pruned, x)
     assert isinstance(c, Cost)
     assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+
+
+class _Outer(nn.Module):
+    """A residual block whose branch holds two residual blocks (nested blocks)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(_MixedBlock(c, True), _MixedBlock(c, True))
+        self.out = nn.Conv1d(c, c, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.inner(x)) + x
+
+
+class _NestedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, 4, 3, padding=1)
+        self.o = _Outer(4)
+        self.c = _MixedBlock(4, True)
+        self.d = _MixedBlock(4, True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.d(self.c(self.o(self.stem(x)))).mean(dim=-1))
+
+
+@pytest.mark.parametrize("closed", [[2], [2, 0], [2, 4], [0, 1]])
+def test_shortcut_from_a_removed_outer_branch_keeps_its_source(closed: list[int]) -> None:
+    """Closing the outer block ``o`` kills its branch, but open shortcuts from the blocks inside
+    it (o.inner.0/1 -> c, d) still read their outputs: those stay computed, exactly, and
+    are counted."""
+    torch.manual_seed(0)
+    model = _NestedNet().eval()
+    x = torch.randn(2, 1, 8)
+    summary = gate_(model, x, channels=False, shortcuts="dense")
+    assert [b[0] for b in summary.blocks] == ["o.inner.0", "o.inner.1", "o", "c", "d"]
+    assert ("o.inner.1", "d") in summary.shortcuts
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    assert isinstance(gating.edge_gate, HardConcreteGate)
+    _force(gating.edge_gate, [True] * gating.edge_gate.n)
+    for i, g in enumerate(gating.block_gates):
+        assert isinstance(g, HardConcreteGate)
+        _force(g, [i not in closed])
+    assert gating.kept_edges() == gating.open_edges()
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    with torch.no_grad():
+        xi = torch.randn(3, 1, 8)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    c = gatedprune.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    assert len(_scaled_adds(pruned)) == len(gating.open_edges())

@@ -454,7 +454,7 @@ class InsertedGating(ModelGating):
         opened = self.open_edges()
         if not opened:
             return []
-        live = self.info.live(self._cut())
+        live = self.info.live(self._cut(), [(e.src_node, e.dst_node, e.users) for e in opened])
         return [e for e in opened if any(u in live for u in e.users)]
 
     def _scopes(self) -> tuple[list[str], list[str], list[str]]:

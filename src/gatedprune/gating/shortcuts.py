@@ -14,7 +14,9 @@ no parameters; the expected cost charges it with the probability that its gate i
 no removed block kills it), so the budget weighs it against the blocks and channels. An edge is
 computed whenever its gate is open, whether or not its two blocks survive: if block ``i`` is
 removed, ``out_i`` is the trunk that flows past it, so the edge adds a scaled copy of the trunk;
-if block ``j`` is removed, ``x_j + e_ij * out_i`` flows on through ``j``'s identity path.
+if block ``j`` is removed, ``x_j + e_ij * out_i`` flows on through ``j``'s identity path. Only
+with nested blocks can a removed block kill an edge (every reader of ``x_j`` is in its removed
+branch); an edge whose source is in a removed branch keeps that source computed.
 """
 
 from __future__ import annotations

@@ -56,8 +56,16 @@ class GraphInfo:
             relu=relu,
         )
 
-    def live(self, cut: dict[str, str]) -> set[str]:
-        """Names of nodes reaching the output when add ``a`` drops its input ``cut[a]``."""
+    def live(
+        self, cut: dict[str, str], edges: Sequence[tuple[str, str, list[str]]] = ()
+    ) -> set[str]:
+        """Names of nodes reaching the output when add ``a`` drops its input ``cut[a]``; each
+        new shortcut ``(source, destination input, its readers)`` in ``edges`` makes its readers
+        read the source too (it keeps alive a source inside a removed branch)."""
+        extra: dict[str, list[str]] = {}
+        for src, _, users in edges:
+            for u in users:
+                extra.setdefault(u, []).append(src)
         live: set[str] = set()
         stack = [self.output]
         while stack:
@@ -67,6 +75,7 @@ class GraphInfo:
             live.add(n)
             drop = cut.get(n)
             stack.extend(a for a in self.inputs[n] if a != drop and a not in live)
+            stack.extend(a for a in extra.get(n, []) if a not in live)
         return live
 
     def bypass(
@@ -112,7 +121,7 @@ class GraphInfo:
     ) -> tuple[list[str], list[str], list[str]]:
         """Outermost modules to rewrite, dead nodes to erase and ReLUs to bypass (see
         :meth:`bypass`) once the branches in ``cut`` are removed and ``edges`` kept."""
-        live = self.live(cut)
+        live = self.live(cut, edges)
         erase = sorted(n for n in self.base_live if n not in live)
         bypass = self.bypass(cut, live, edges)
         changed = [*cut, *erase, *bypass]
@@ -344,9 +353,9 @@ def build_cost_terms(
             e_rows.append((2.0 * (e.numel // len(lab.atoms)) * mo, fo))
         else:
             e_rows.append((2.0 * e.numel, -1))
-        # removing block b kills the edge if its source or all its readers are b's dead set
-        kills = set(member.get(e.src_node, []))
-        kills |= set.intersection(*(set(member.get(u, [])) for u in e.users))
+        # removing block b kills the edge if all its readers are in b's dead set (a source in
+        # a removed branch is kept alive by the edge)
+        kills = set.intersection(*(set(member.get(u, [])) for u in e.users))
         for bi in kills:
             e_member[k, bi] = 1.0
     n_f = len(fac.const)
