@@ -124,7 +124,11 @@ def removal_order(norms: Sequence[Tensor]) -> list[tuple[int, int]]:
     >>> removal_order([torch.tensor([3.0, 1.0]), torch.tensor([2.0])])
     [(0, 1), (1, 0), (0, 0)]
     """
-    flat = [(float(v), layer, unit) for layer, n in enumerate(norms) for unit, v in enumerate(n)]
+    flat = [
+        (float(v), layer, unit)
+        for layer, n in enumerate(norms)
+        for unit, v in enumerate(n.detach())
+    ]
     return [(layer, unit) for _, layer, unit in sorted(flat)]
 
 

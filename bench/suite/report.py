@@ -123,7 +123,7 @@ def _summary_table(summary: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 def error_summary(error: str, limit: int = 90) -> str:
     """The first line of a recorded error, shortened to ``limit`` characters.
 
-    >>> error_summary("ValueError: no BatchNorm (not applicable)\nmore")
+    >>> error_summary("ValueError: no BatchNorm (not applicable)" + chr(10) + "more")
     'ValueError: no BatchNorm (not applicable)'
     """
     first = error.strip().splitlines()[0] if error.strip() else "unknown error"
