@@ -265,11 +265,12 @@ def test_iss_group_norm_is_the_norm_of_the_units_weights() -> None:
     parts += [lstm.bias_hh_l0[rows], lstm.weight_ih_l1[:, k]]
     col = lstm.weight_hh_l0[:, k].clone()
     col[rows] = 0.0  # the rows already hold these four entries
-    want = torch.sqrt(sum(p.pow(2).sum() for p in [*parts, col]))
-    got = iss_group_norms(net)[0][k]
+    want = torch.sqrt(sum(p.detach().pow(2).sum() for p in [*parts, col.detach()]))
+    got = iss_group_norms(net)[0][k].detach()
     assert math.isclose(float(got), float(want), rel_tol=1e-5)
-    head_k = iss_group_norms(net)[1][k]
-    assert float(head_k) > float(net.head.weight[:, k].norm())  # the head column is included
+    # the head column is part of the last layer's groups
+    head_k = iss_group_norms(net)[1][k].detach()
+    assert float(head_k) > float(net.head.weight[:, k].detach().norm())
 
 
 def test_iss_slicing_is_exact_when_removed_units_are_silent() -> None:
