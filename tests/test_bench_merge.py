@@ -89,3 +89,27 @@ def test_parallel_parts_are_merged_into_one_report(tmp_path: Path) -> None:
     assert {r["method"] for r in merged} == {"random", "small_dense"}
     assert all(0.4 < float(r["achieved_flops"]) < 0.6 for r in merged)
     assert all(float(r["speedup_b1"]) > 0 for r in merged)
+
+
+def test_parts_are_ordered_by_the_previous_run_times(tmp_path: Path) -> None:
+    from bench.suite.parallel import expected_seconds, method_units
+
+    folder = tmp_path / "previous"
+    _write_runs(
+        folder,
+        [
+            {**_row("random", 0, 0.7), "wall_s": 2.0},
+            {**_row("random", 1, 0.7), "wall_s": ""},  # an older row: its train_s counts
+            {**_row("gatedprune", 0, 0.9), "wall_s": 30.0},
+        ],
+    )
+    got = expected_seconds(folder)
+    assert got == {
+        ("mnist1d_shortcut_conv", "random"): 12.0,
+        ("mnist1d_shortcut_conv", "gatedprune"): 30.0,
+    }
+    assert expected_seconds(tmp_path / "none") == {}
+    assert method_units(["random", "small_dense", "magnitude"]) == [
+        ["random", "magnitude"],
+        ["small_dense"],
+    ]

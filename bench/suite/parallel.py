@@ -58,9 +58,10 @@ def expected_seconds(folder: Path) -> dict[tuple[str, str], float]:
         return {}
     out: dict[tuple[str, str], float] = {}
     for r in rows:
-        t = r.get("wall_s", r.get("train_s", 0.0))
+        numbers = [r.get(k) for k in ("wall_s", "train_s")]
+        t = next((float(v) for v in numbers if isinstance(v, int | float)), 0.0)
         key = (str(r["workload"]), str(r["method"]))
-        out[key] = out.get(key, 0.0) + (float(t) if isinstance(t, int | float) else 0.0)
+        out[key] = out.get(key, 0.0) + t
     return out
 
 
