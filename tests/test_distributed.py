@@ -68,7 +68,9 @@ def test_ranks_identical_and_trained(ddp_run: Path) -> None:
         assert not torch.equal(r0[k], r0[k.replace("final/", "init/", 1)]), k
     for k in ("budget/lambda1.flops", "budget/lambda2.flops"):
         assert r0[k].dtype == torch.float64
-        assert float(r0[k]) != 0.0, k
+    # lambda2 ascends on the squared gap, so it moved; lambda1 may end at 0 (anti-windup reset),
+    # and is compared across ranks above
+    assert float(r0["budget/lambda2.flops"]) > 0.0
 
 
 def test_disjoint_shards_cover_every_sample(ddp_run: Path) -> None:
