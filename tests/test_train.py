@@ -555,6 +555,22 @@ def test_snap_to_budget_opens_gates_when_below_target() -> None:
     assert abs(snap_to_budget(budget)["flops"] - 0.6) <= 0.01
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_snap_to_budget_lands_at_or_below_the_target_by_default(seed: int) -> None:
+    def snapped(at_most: bool) -> float:
+        torch.manual_seed(seed)
+        net = ShortcutMLP(16, [24, 24, 24], 4)
+        for g in gate_modules(net):  # the same unconverged gate state for both calls
+            assert isinstance(g, HardConcreteGate)
+            g.log_alpha.data.normal_(0.0, 2.0)
+        budget = Budget(net, torch.zeros(1, 16), flops=0.4)
+        return snap_to_budget(budget, tolerance=0.02, at_most=at_most)["flops"]
+
+    ceiling = snapped(True)
+    assert 0.4 - 0.02 <= ceiling <= 0.4  # a budget is a ceiling: never above it
+    assert abs(snapped(False) - 0.4) <= 0.02  # the symmetric window of the old behaviour
+
+
 def test_snap_to_budget_rejects_bad_input() -> None:
     net, budget = _net_and_budget()
     with pytest.raises(TypeError, match="Budget"):

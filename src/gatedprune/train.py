@@ -121,9 +121,9 @@ def snap_to_budget(
     ``tolerance`` above it without ``at_most``), the least probable open gates are closed,
     skipping any closure that would take a constraint more than ``tolerance`` below its target.
     Every gate ends in a confident state (``Gate.force_``), so the eval-mode values are exactly
-    0 or 1. When no such decisions are
-    found this way (the target may be out of reach of the structure's granularity), the
-    decisions closest to the targets among those visited are kept: check the returned fractions.
+    0 or 1. When no such decisions are found this way (the target may be out of reach of the
+    structure's granularity), the decisions closest to the allowed window among those visited
+    are kept: check the returned fractions.
     Deterministic, so every DDP rank makes the same decisions.
 
     >>> import torch, gatedprune
