@@ -89,6 +89,15 @@ def test_parallel_parts_are_merged_into_one_report(tmp_path: Path) -> None:
     assert {r["method"] for r in merged} == {"random", "small_dense"}
     assert all(0.4 < float(r["achieved_flops"]) < 0.6 for r in merged)
     assert all(float(r["speedup_b1"]) > 0 for r in merged)
+    # the parts only trained; the parent timed every final model against one dense reference
+    for part in (tmp_path / "suite" / "parts").iterdir():
+        assert all("latency_b1_ms" not in r for r in read_runs(part))
+        assert len(list((part / "models").glob("*.pt"))) == 1
+    for b in (1, 256):
+        assert len({r[f"dense_latency_b{b}_ms"] for r in merged}) == 1
+        for r in merged:
+            ratio = float(r[f"dense_latency_b{b}_ms"]) / float(r[f"latency_b{b}_ms"])
+            assert ratio == pytest.approx(float(r[f"speedup_b{b}"]), rel=1e-6)
 
 
 def test_parts_are_ordered_by_the_previous_run_times(tmp_path: Path) -> None:

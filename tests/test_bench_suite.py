@@ -88,6 +88,28 @@ def test_tiny_suite_writes_well_formed_results(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_finished_suite_can_be_timed_again_from_its_kept_models(tmp_path: Path) -> None:
+    from bench.suite.latency import main as retime
+    from bench.suite.merge import read_runs
+
+    config = replace(_tiny(tmp_path), methods=("small_dense", "random"), plots=False)
+    run_suite(replace(config, defer_latency=True), verbose=False)
+    before = read_runs(tmp_path)
+    assert all("latency_b1_ms" not in r for r in before)  # deferred: trained, not timed
+    assert len(list((tmp_path / "models").glob("*.pt"))) == 2
+    retime([str(tmp_path), "--num-samples", "300"])
+    after = read_runs(tmp_path)
+    assert [r["method"] for r in after] == ["small_dense", "random"]
+    assert [r["accuracy"] for r in after] == [r["accuracy"] for r in before]
+    assert len({r["dense_latency_b256_ms"] for r in after}) == 1  # one dense reference
+    assert all(float(r["speedup_b1"]) > 0 and float(r["speedup_b256"]) > 0 for r in after)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "suite_runs.csv").write_bytes((tmp_path / "suite_runs.csv").read_bytes())
+    with pytest.raises(ValueError, match="keeps no final models"):
+        retime([str(copy), "--num-samples", "300"])
+
+
 def test_aggregate_mean_and_std_over_seeds() -> None:
     rows = [
         {"workload": "w", "method": "m", "target": 0.1, "seed": s, "accuracy": a}

@@ -6,9 +6,11 @@ process), at most ``jobs`` at a time, the longest expected first (expected from 
 results in ``config.out``, if any: longest-processing-time-first keeps both cores busy to the
 end), each writing into a part folder; the parts are merged (:mod:`bench.suite.merge`) into
 ``config.out``.
-Latency is measured at the end of each part, against that part's own measurement of the dense
-network in interleaved rounds, so speed-ups stay ratios measured in one process even when
-another part is still training on the other core.
+Parts do not time anything (``--defer-latency``): they keep their final models, and once every
+part has finished the parent times all final models of a workload with one dense reference in
+interleaved rounds (:mod:`bench.suite.latency`), with no training running. Speed-ups are then
+comparable across methods (when each part timed its own dense reference while another part
+trained, the dense latency varied 2x between parts).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import SHARED_PRETRAINING
+from .latency import find_models, measure_rows
 from .merge import merge_rows, read_runs
 from .report import write_report
 from .runner import SuiteConfig
@@ -82,6 +85,7 @@ def part_arguments(
         args += ["--epochs", str(config.epochs)]
     args += ["--num-samples", str(config.num_samples)]
     args += ["--threads", str(config.threads), "--out", str(out), "--no-plots"]
+    args += ["--defer-latency"]
     return args
 
 
@@ -130,6 +134,18 @@ def run_parallel(
     if failed:
         raise RuntimeError("suite parts failed: " + "; ".join(failed))
     rows = merge_rows([read_runs(out) for _, _, out in tasks])
+    trained_s = time.perf_counter() - t_start
+    print(f"training finished in {trained_s:.0f} s; timing every final model ...", flush=True)
+    measure_rows(
+        rows,
+        dict(find_models(out for _, _, out in tasks)),
+        batch_sizes=config.batch_sizes,
+        rounds=config.latency_rounds,
+        repeats_b1=config.latency_repeats_b1,
+        repeats_b256=config.latency_repeats_b256,
+        threads=config.threads,
+        num_samples=config.num_samples,
+    )
     write_report(rows, config, seconds=time.perf_counter() - t_start, command=command)
     print(f"suite finished in {time.perf_counter() - t_start:.0f} s; results in {config.out}")
     return rows

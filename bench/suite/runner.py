@@ -1,8 +1,11 @@
 """Run the suite: every (workload, target, seed, method) trained, then all latencies measured.
 
 Training and latency are separate phases: latency is measured only after all training has
-finished, for all final models in interleaved rounds (:func:`gatedprune.profiling.
-compare_latency`), so load changes on a shared machine hit every method alike.
+finished, for all final models of a workload in interleaved rounds in one process
+(:mod:`bench.suite.latency`), so load changes on a shared machine hit every method alike.
+Every final model is also kept in ``<out>/models/`` (transient, not committed) so the latency
+phase can run later, in the parent process of ``--jobs`` (``--defer-latency`` parts), or again
+on a quiet machine (``python -m bench.suite.latency OUT``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import torch
 from torch import nn
 
 from gatedprune.data import Splits
-from gatedprune.profiling import compare_latency, num_threads
+from gatedprune.profiling import num_threads
 
 from .baselines import METHODS, RunSpec, clear_pretrained
+from .latency import measure_rows, model_path, save_model
 from .workloads import WORKLOADS, plain_cost
 
 __all__ = ["FULL", "QUICK", "SuiteConfig", "main", "run_suite"]
@@ -65,6 +69,8 @@ class SuiteConfig:
     batch_sizes: tuple[int, ...] = (1, 256)
     out: Path = field(default=DEFAULT_OUT)
     plots: bool = True
+    defer_latency: bool = False
+    """Keep the final models but leave timing to a later phase (the ``--jobs`` parent)."""
 
     def workload_epochs(self, workload: str) -> int:
         """Total epochs (pruning and fine-tuning counted) of every method on ``workload``."""
@@ -167,6 +173,7 @@ def _train_all(
                         params=c.params,
                     )
                     row["notes"] = " ".join(f"{k}={v}" for k, v in result.notes.items())
+                    save_model(model, config.out, row)
                 except Exception as e:  # one failing baseline must not lose a long run
                     traceback.print_exc()
                     row["train_s"] = row["wall_s"] = time.perf_counter() - t0
@@ -216,26 +223,6 @@ def _accuracy(model: nn.Module, data: Splits) -> float:
     return float((out.argmax(1) == data.y_test).float().mean())
 
 
-def _measure_latency(
-    config: SuiteConfig, runs: Sequence[_Run], reference: nn.Module, data: Splits
-) -> None:
-    models: dict[str, nn.Module] = {"dense": reference}
-    for i, r in enumerate(runs):
-        if r.model is not None:
-            models[str(i)] = r.model
-    for batch in config.batch_sizes:
-        x = data.x_test[:batch]  # (batch, C, L)
-        repeats = config.latency_repeats_b1 if batch == 1 else config.latency_repeats_b256
-        times = compare_latency(
-            models, x, rounds=config.latency_rounds, repeats=repeats, threads=config.threads
-        )
-        for i, r in enumerate(runs):
-            if str(i) in times:
-                r.row[f"latency_b{batch}_ms"] = 1e3 * times[str(i)]
-                r.row[f"speedup_b{batch}"] = times["dense"] / times[str(i)]
-                r.row[f"dense_latency_b{batch}_ms"] = 1e3 * times["dense"]
-
-
 def run_suite(
     config: SuiteConfig, *, verbose: bool = True, command: str = "python -m bench"
 ) -> list[dict[str, Any]]:
@@ -254,10 +241,20 @@ def run_suite(
         for wl_name in config.workloads:
             data = WORKLOADS[wl_name]().data(config.num_samples)
             log(f"{wl_name}: {len(data.x_train)} train / {len(data.x_test)} test samples")
-            runs, reference = _train_all(config, wl_name, data, log)
+            runs, _ = _train_all(config, wl_name, data, log)
             clear_pretrained()
-            log(f"{wl_name}: measuring latency of {len(runs) + 1} models ...")
-            _measure_latency(config, runs, reference, data)
+            if not config.defer_latency:
+                measure_rows(
+                    [r.row for r in runs],
+                    {model_path(Path(), r.row).name: r.model for r in runs if r.model is not None},
+                    batch_sizes=config.batch_sizes,
+                    rounds=config.latency_rounds,
+                    repeats_b1=config.latency_repeats_b1,
+                    repeats_b256=config.latency_repeats_b256,
+                    threads=config.threads,
+                    num_samples=config.num_samples,
+                    log=log,
+                )
             rows += [r.row for r in runs]
     write_report(rows, config, seconds=time.perf_counter() - t_start, command=command)
     log(f"suite finished in {time.perf_counter() - t_start:.0f} s; results in {config.out}")
@@ -292,6 +289,12 @@ def _parse(argv: Sequence[str] | None, prog: str = "python -m bench") -> SuiteCo
         "their results merged (bench.suite.parallel)",
     )
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument(
+        "--defer-latency",
+        action="store_true",
+        help="keep the final models in OUT/models but do not time them (the --jobs parent "
+        "times every part's models together; or run python -m bench.suite.latency OUT)",
+    )
     a = ap.parse_args(argv)
     config = QUICK if a.quick else FULL
     overrides: dict[str, Any] = {
@@ -308,6 +311,8 @@ def _parse(argv: Sequence[str] | None, prog: str = "python -m bench") -> SuiteCo
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if a.no_plots:
         config = replace(config, plots=False)
+    if a.defer_latency:
+        config = replace(config, defer_latency=True)
     return config
 
 
