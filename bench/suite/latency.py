@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from torch import nn
 from gatedprune.profiling import compare_latency, num_threads
 
 from .workloads import WORKLOADS
+
+if TYPE_CHECKING:
+    from .runner import SuiteConfig
 
 __all__ = ["find_models", "main", "measure_rows", "model_path", "save_model"]
 
@@ -76,23 +79,20 @@ def _load(path: Path) -> nn.Module:
 def measure_rows(
     rows: Sequence[dict[str, Any]],
     models: Mapping[str, nn.Module | Path],
+    config: SuiteConfig,
     *,
-    batch_sizes: Sequence[int],
-    rounds: int,
-    repeats_b1: int,
-    repeats_b256: int,
-    threads: int,
-    num_samples: int,
     log: Any = print,
 ) -> None:
     """Time every row's final model against its workload's dense reference, all models of a
     workload in one interleaved phase, and write ``latency_b{B}_ms``, ``speedup_b{B}`` and
     ``dense_latency_b{B}_ms`` into the rows. ``models`` maps :func:`model_path` file names
-    to models (or their files); rows without one (failed runs) are left as they are."""
+    to models (or their files); rows without one (failed runs) are left as they are. Batch
+    sizes, rounds, repeats, threads and the data size come from ``config``."""
+    threads = config.threads
     with num_threads(threads):
         for wl_name in dict.fromkeys(str(r["workload"]) for r in rows):
             wl = WORKLOADS[wl_name]()
-            data = wl.data(num_samples)
+            data = wl.data(config.num_samples)
             torch.manual_seed(0)
             reference = wl.dense_reference(data.x_train[:1])
             timed: dict[str, nn.Module] = {"dense": reference}
@@ -104,10 +104,12 @@ def measure_rows(
                 timed[str(i)] = _load(entry) if isinstance(entry, Path) else entry.eval()
                 owners[str(i)] = r
             log(f"{wl_name}: measuring latency of {len(timed)} models in one process ...")
-            for batch in batch_sizes:
+            for batch in config.batch_sizes:
                 x = data.x_test[:batch]  # (batch, ...) real test inputs
-                repeats = repeats_b1 if batch == 1 else repeats_b256
-                times = compare_latency(timed, x, rounds=rounds, repeats=repeats, threads=threads)
+                repeats = config.latency_repeats_b1 if batch == 1 else config.latency_repeats_b256
+                times = compare_latency(
+                    timed, x, rounds=config.latency_rounds, repeats=repeats, threads=threads
+                )
                 for key, r in owners.items():
                     r[f"latency_b{batch}_ms"] = 1e3 * times[key]
                     r[f"speedup_b{batch}"] = times["dense"] / times[key]
@@ -141,16 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         workloads=tuple(dict.fromkeys(str(r["workload"]) for r in rows)),
         seeds=tuple(sorted({int(r["seed"]) for r in rows})),
     )
-    measure_rows(
-        rows,
-        dict(models),
-        batch_sizes=config.batch_sizes,
-        rounds=config.latency_rounds,
-        repeats_b1=config.latency_repeats_b1,
-        repeats_b256=config.latency_repeats_b256,
-        threads=config.threads,
-        num_samples=config.num_samples,
-    )
+    measure_rows(rows, dict(models), config)
     seconds = a.seconds if a.seconds is not None else sum(float(r["train_s"]) for r in rows)
     write_report(
         rows, config, seconds=seconds, command="python -m bench.suite.latency " + str(a.out)

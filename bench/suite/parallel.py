@@ -136,16 +136,7 @@ def run_parallel(
     rows = merge_rows([read_runs(out) for _, _, out in tasks])
     trained_s = time.perf_counter() - t_start
     print(f"training finished in {trained_s:.0f} s; timing every final model ...", flush=True)
-    measure_rows(
-        rows,
-        dict(find_models(out for _, _, out in tasks)),
-        batch_sizes=config.batch_sizes,
-        rounds=config.latency_rounds,
-        repeats_b1=config.latency_repeats_b1,
-        repeats_b256=config.latency_repeats_b256,
-        threads=config.threads,
-        num_samples=config.num_samples,
-    )
+    measure_rows(rows, dict(find_models(out for _, _, out in tasks)), config)
     write_report(rows, config, seconds=time.perf_counter() - t_start, command=command)
     print(f"suite finished in {time.perf_counter() - t_start:.0f} s; results in {config.out}")
     return rows

@@ -247,12 +247,7 @@ def run_suite(
                 measure_rows(
                     [r.row for r in runs],
                     {model_path(Path(), r.row).name: r.model for r in runs if r.model is not None},
-                    batch_sizes=config.batch_sizes,
-                    rounds=config.latency_rounds,
-                    repeats_b1=config.latency_repeats_b1,
-                    repeats_b256=config.latency_repeats_b256,
-                    threads=config.threads,
-                    num_samples=config.num_samples,
+                    config,
                     log=log,
                 )
             rows += [r.row for r in runs]
