@@ -173,7 +173,11 @@ def _train_all(
                         params=c.params,
                     )
                     row["notes"] = " ".join(f"{k}={v}" for k, v in result.notes.items())
-                    save_model(model, config.out, row)
+                    try:  # kept for the latency phase; a failure must not lose the row
+                        save_model(model, config.out, row)
+                    except Exception as e:
+                        row["notes"] += f" model_not_kept={type(e).__name__}"
+                        log(f"could not keep the final model ({_describe_error(e)})")
                 except Exception as e:  # one failing baseline must not lose a long run
                     traceback.print_exc()
                     row["train_s"] = row["wall_s"] = time.perf_counter() - t0
