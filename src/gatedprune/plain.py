@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import ACTIVATIONS, NetSpec
+from .pooling import AdaptiveMeanPool1d, MeanPool1d
 
 __all__ = ["OffsetConv1d", "PlainShortcutNet"]
 
@@ -93,12 +94,10 @@ class PlainShortcutNet(nn.Module):
         self.layers = nn.ModuleList([_PlainLayer(spec, i) for i in range(len(spec.layers))])
         self._pool_keys = spec.pool_pairs()
         self.pools = nn.ModuleList(
-            [nn.AvgPool1d(2 ** (s - spec.node_stage(j))) for j, s in self._pool_keys]
+            [MeanPool1d(2 ** (s - spec.node_stage(j))) for j, s in self._pool_keys]
         )
         self.head_pools = nn.ModuleList(
-            [nn.AdaptiveAvgPool1d(spec.head_pool) for _ in spec.head_sources]
-            if spec.spatial
-            else []
+            [AdaptiveMeanPool1d(spec.head_pool) for _ in spec.head_sources] if spec.spatial else []
         )
         n_head = sum(spec.node_width(j) * spec.head_pool for j in spec.head_sources)
         with warnings.catch_warnings():  # a closed read-out has zero inputs: nothing to init

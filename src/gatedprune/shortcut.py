@@ -35,6 +35,7 @@ from .gates import (
 )
 from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activation, check_sizes
 from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
+from .pooling import adaptive_mean_pool1d, mean_pool1d
 
 __all__ = ["ShortcutConv1d", "ShortcutMLP"]
 
@@ -332,7 +333,7 @@ class _ShortcutNet(GatedModule):
                 key = (j, stage)
                 if key not in cache:
                     f = 2 ** (stage - s_j)
-                    cache[key] = F.avg_pool1d(hs[j], f, f)  # (B, C_j, L_stage)
+                    cache[key] = mean_pool1d(hs[j], f)  # (B, C_j, L_stage)
                 parts.append(cache[key])
             else:
                 parts.append(hs[j])
@@ -378,7 +379,7 @@ class _ShortcutNet(GatedModule):
         for j in spec.head_sources:
             h = hs[j]
             if spec.spatial:
-                h = torch.flatten(F.adaptive_avg_pool1d(h, spec.head_pool), 1)  # (B, C_j * P)
+                h = torch.flatten(adaptive_mean_pool1d(h, spec.head_pool), 1)  # (B, C_j * P)
             feats.append(h)
         feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)  # (B, sum C_j * P)
         return F.linear(feat, self.head.weight * colscale[None, :], self.head.bias)  # (B, out)
