@@ -34,17 +34,21 @@ from .workloads import WORKLOADS
 if TYPE_CHECKING:
     from .runner import SuiteConfig
 
-__all__ = ["find_models", "main", "measure_rows", "model_path", "save_model"]
+__all__ = ["find_models", "main", "measure_rows", "model_key", "model_path", "save_model"]
+
+
+def model_key(row: Mapping[str, Any]) -> str:
+    """File name of the final model of ``row`` (workload, method, target, seed).
+
+    >>> model_key({"workload": "w", "method": "m", "target": 0.25, "seed": 1})
+    'w--m--0.25--1.pt'
+    """
+    return f"{row['workload']}--{row['method']}--{float(row['target']):g}--{int(row['seed'])}.pt"
 
 
 def model_path(folder: Path, row: Mapping[str, Any]) -> Path:
-    """Where the final model of ``row`` (workload, method, target, seed) is kept.
-
-    >>> model_path(Path("p"), {"workload": "w", "method": "m", "target": 0.25, "seed": 1}).name
-    'w--m--0.25--1.pt'
-    """
-    name = f"{row['workload']}--{row['method']}--{float(row['target']):g}--{int(row['seed'])}"
-    return Path(folder) / "models" / f"{name}.pt"
+    """Where :func:`save_model` keeps the final model of ``row`` under ``folder``."""
+    return Path(folder) / "models" / model_key(row)
 
 
 def save_model(model: nn.Module, folder: Path, row: Mapping[str, Any]) -> Path:
@@ -85,7 +89,7 @@ def measure_rows(
 ) -> None:
     """Time every row's final model against its workload's dense reference, all models of a
     workload in one interleaved phase, and write ``latency_b{B}_ms``, ``speedup_b{B}`` and
-    ``dense_latency_b{B}_ms`` into the rows. ``models`` maps :func:`model_path` file names
+    ``dense_latency_b{B}_ms`` into the rows. ``models`` maps :func:`model_key` file names
     to models (or their files); rows without one (failed runs) are left as they are. Batch
     sizes, rounds, repeats, threads and the data size come from ``config``."""
     threads = config.threads
@@ -98,7 +102,7 @@ def measure_rows(
             timed: dict[str, nn.Module] = {"dense": reference}
             owners: dict[str, dict[str, Any]] = {}
             for i, r in enumerate(rows):
-                entry = models.get(model_path(Path(), r).name)
+                entry = models.get(model_key(r))
                 if r["workload"] != wl_name or entry is None:
                     continue
                 timed[str(i)] = _load(entry) if isinstance(entry, Path) else entry.eval()

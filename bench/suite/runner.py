@@ -26,7 +26,7 @@ from gatedprune.data import Splits
 from gatedprune.profiling import num_threads
 
 from .baselines import METHODS, RunSpec, clear_pretrained
-from .latency import measure_rows, model_path, save_model
+from .latency import measure_rows, model_key, save_model
 from .workloads import WORKLOADS, plain_cost
 
 __all__ = ["FULL", "QUICK", "SuiteConfig", "main", "run_suite"]
@@ -124,9 +124,7 @@ class _Run:
     model: nn.Module | None
 
 
-def _train_all(
-    config: SuiteConfig, wl_name: str, data: Splits, log: Any
-) -> tuple[list[_Run], nn.Module]:
+def _train_all(config: SuiteConfig, wl_name: str, data: Splits, log: Any) -> list[_Run]:
     wl = WORKLOADS[wl_name]()
     example = data.x_train[:1]  # (1, C, L)
     reference = wl.dense_reference(example)
@@ -197,7 +195,7 @@ def _train_all(
                         else ""
                     )
                 )
-    return runs, reference
+    return runs
 
 
 def _describe_error(e: BaseException) -> str:
@@ -245,12 +243,12 @@ def run_suite(
         for wl_name in config.workloads:
             data = WORKLOADS[wl_name]().data(config.num_samples)
             log(f"{wl_name}: {len(data.x_train)} train / {len(data.x_test)} test samples")
-            runs, _ = _train_all(config, wl_name, data, log)
+            runs = _train_all(config, wl_name, data, log)
             clear_pretrained()
             if not config.defer_latency:
                 measure_rows(
                     [r.row for r in runs],
-                    {model_path(Path(), r.row).name: r.model for r in runs if r.model is not None},
+                    {model_key(r.row): r.model for r in runs if r.model is not None},
                     config,
                     log=log,
                 )

@@ -10,6 +10,8 @@ their pruned plain versions pool with these functions.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -53,6 +55,11 @@ def adaptive_mean_pool1d(x: Tensor, size: int) -> Tensor:
     return F.adaptive_avg_pool1d(x, size)
 
 
+def _one(size: Any) -> int:
+    """The single size torch's 1-d pooling modules store as an int or a 1-tuple."""
+    return int(size if isinstance(size, int) else size[0])
+
+
 class MeanPool1d(nn.AvgPool1d):
     """``nn.AvgPool1d(k)`` computed by :func:`mean_pool1d` (counted by :func:`gatedprune.cost`
     as an ``AvgPool1d``).
@@ -64,10 +71,9 @@ class MeanPool1d(nn.AvgPool1d):
 
     def __init__(self, kernel_size: int) -> None:
         super().__init__(kernel_size, kernel_size)
-        self.k = kernel_size
 
     def forward(self, x: Tensor) -> Tensor:
-        return mean_pool1d(x, self.k)
+        return mean_pool1d(x, _one(self.kernel_size))
 
 
 class AdaptiveMeanPool1d(nn.AdaptiveAvgPool1d):
@@ -80,7 +86,6 @@ class AdaptiveMeanPool1d(nn.AdaptiveAvgPool1d):
 
     def __init__(self, size: int) -> None:
         super().__init__(size)
-        self.size = size
 
     def forward(self, x: Tensor) -> Tensor:
-        return adaptive_mean_pool1d(x, self.size)
+        return adaptive_mean_pool1d(x, _one(self.output_size))
