@@ -1,4 +1,4 @@
-"""The ShortcutMLP workload of the suite runs end to end on a tiny configuration."""
+"""The suite's MLP and LSTM workloads run end to end on tiny configurations."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ pytest.importorskip("mnist1d")
 pytest.importorskip("torch_pruning")
 
 from bench.suite.runner import QUICK, run_suite
-from bench.suite.workloads import MNIST1DShortcutMLP, PlainMLP
+from bench.suite.workloads import MNIST1DChainMLP, MNIST1DShortcutMLP, PlainMLP
 
 
-def test_mlp_workload_runs_gatedprune_and_a_torch_pruning_baseline(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workload", [MNIST1DShortcutMLP.name, MNIST1DChainMLP.name])
+def test_mlp_workload_runs_gatedprune_and_a_torch_pruning_baseline(
+    tmp_path: Path, workload: str
+) -> None:
     config = replace(
         QUICK,
-        workloads=(MNIST1DShortcutMLP.name,),
+        workloads=(workload,),
         methods=("gatedprune", "magnitude"),
         targets=(0.25,),
         epochs=1,
@@ -34,6 +37,22 @@ def test_mlp_workload_runs_gatedprune_and_a_torch_pruning_baseline(tmp_path: Pat
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["speedup_b256"] > 0
     assert (tmp_path / "suite_summary.md").exists()
+
+
+def test_chain_mlp_workload_has_no_shortcut_edges() -> None:
+    import torch
+
+    import gatedprune as gp
+
+    x = torch.zeros(1, 40)  # (1, F)
+    chain = MNIST1DChainMLP().gated_model(x)
+    dense = MNIST1DShortcutMLP().gated_model(x)
+    assert isinstance(chain, gp.ShortcutMLP) and not chain.shortcuts
+    # every layer reads only its predecessor: the same widths cost fewer FLOPs than with shortcuts
+    chain_flops = gp.cost(MNIST1DChainMLP().dense_reference(x), x).flops
+    dense_flops = gp.cost(MNIST1DShortcutMLP().dense_reference(x), x).flops
+    assert chain_flops < dense_flops
+    assert isinstance(dense, gp.ShortcutMLP) and dense.shortcuts
 
 
 def test_plain_mlp_needs_hidden_layers() -> None:

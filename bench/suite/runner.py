@@ -51,6 +51,7 @@ class SuiteConfig:
     workloads: tuple[str, ...] = (
         "mnist1d_shortcut_conv",
         "mnist1d_shortcut_mlp",
+        "mnist1d_chain_mlp",
         "mnist1d_resnet",
         "mnist1d_shortcut_lstm",
     )
@@ -100,7 +101,7 @@ class SuiteConfig:
 
 
 FULL = SuiteConfig()
-"""Full mode: 4 workloads x 4 budgets x 3 seeds x 8 methods, each workload's schedule
+"""Full mode: 5 workloads x 4 budgets x 3 seeds x 8 methods, each workload's schedule
 (15 epochs; the LSTM its own), 2 processes."""
 
 QUICK = replace(
