@@ -32,6 +32,7 @@ from torch import nn
 import gatedprune as gp
 from gatedprune.gating import InsertedGating, gate_
 from gatedprune.gating.models import ResNet1d
+from gatedprune.profiling import compare_latency
 
 from .common import command_line, median, write_results
 
@@ -78,46 +79,32 @@ def _width(model: nn.Module, x: torch.Tensor, dense: float, target: float) -> No
     keep(lo)
 
 
-def _time(model: nn.Module, x: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    model(x)
-    return time.perf_counter() - t0
-
-
-def _paired(
-    dense: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int
-) -> tuple[float, float, float]:
-    """Median latencies of both models and the median of per-pair speed-ups, measured
-    interleaved so that load from other processes affects both alike."""
-    with torch.no_grad():
-        for _ in range(max(3, repeats // 10)):
-            dense(x)
-            pruned(x)
-        td, tp, ratio = [], [], []
-        for _ in range(repeats):
-            a = _time(dense, x)
-            b = _time(pruned, x)
-            td.append(a)
-            tp.append(b)
-            ratio.append(a / b)
-    return median(td), median(tp), median(ratio)
-
-
-def _rows(length: int, reps: dict[int, int], fold: bool) -> tuple[list[dict[str, object]], int]:
-    """Depth and width rows at input length ``length`` (``reps``: repeats per batch size)."""
+def _rows(
+    length: int, reps: dict[int, int], fold: bool, rounds: int
+) -> tuple[list[dict[str, object]], int]:
+    """Depth and width rows at input length ``length`` (``reps``: repeats per round for each
+    batch size). Every pruned variant is built first; then, per batch size and fold variant,
+    the dense model and all pruned ones are timed in the same interleaved rounds
+    (:func:`gatedprune.profiling.compare_latency`), so each row's speed-up divides by the
+    same dense latency."""
     torch.manual_seed(0)
-    xs = {b: torch.randn(b, 1, length) for b in reps}
+    xs = {b: torch.randn(b, 1, length) for b in reps}  # (B, 1, L)
     x1 = xs[1]
     dense_model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4)).eval()
     dense = gp.cost(dense_model, x1)
-    assert isinstance(dense, gp.Cost)
-    dense_folded = gp.fold_batchnorm(dense_model) if fold else None
-    rows: list[dict[str, object]] = []
+    if not isinstance(dense, gp.Cost):
+        raise TypeError("the dense ResNet1d has no gates: expected a plain Cost")
+    references: dict[str, nn.Module] = {"no": dense_model}
+    if fold:
+        references["yes"] = gp.fold_batchnorm(dense_model)
     modes: dict[str, tuple[dict[str, bool], Callable[..., None]]] = {
         "depth": ({"channels": False, "blocks": True}, _depth),
         "width": ({"channels": True, "blocks": False}, _width),
     }
-    check = xs[max(reps)] if max(reps) <= 16 else xs[max(reps)][:16]
+    check = xs[max(reps)][:16]  # (<=16, 1, L)
+    rows: list[dict[str, object]] = []
+    reductions: list[float] = []  # dense FLOPs / pruned FLOPs, per row
+    nets: dict[str, dict[int, nn.Module]] = {f: {} for f in references}
     for mode, (options, setter) in modes.items():
         model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))
         model.load_state_dict(dense_model.state_dict())
@@ -126,32 +113,37 @@ def _rows(length: int, reps: dict[int, int], fold: bool) -> tuple[list[dict[str,
         for target in TARGETS:
             setter(model, x1, float(dense.flops), target)
             pruned = gp.prune(model).eval()
-            variants: list[tuple[str, nn.Module, nn.Module]] = [("no", dense_model, pruned)]
-            if dense_folded is not None:
-                variants.append(("yes", dense_folded, gp.fold_batchnorm(pruned)))
-            for folded, ref, net in variants:
+            for folded, ref in references.items():
+                net = gp.fold_batchnorm(pruned) if folded == "yes" else pruned
                 c, c_ref = gp.cost(net, x1), gp.cost(ref, x1)
-                assert isinstance(c, gp.Cost)
-                assert isinstance(c_ref, gp.Cost)
+                if not isinstance(c, gp.Cost) or not isinstance(c_ref, gp.Cost):
+                    raise TypeError("pruned and dense models must be plain (no gates)")
                 with torch.no_grad():
                     diff = float((net(check) - model(check)).abs().max())
-                reduction = c_ref.flops / c.flops
-                row: dict[str, object] = {
-                    "length": length,
-                    "fold": folded,
-                    "mode": mode,
-                    "target": target,
-                    "flops_fraction": c.flops / dense.flops,
-                    "params_fraction": c.params / dense.params,
-                    "max_abs_diff": diff,
-                }
-                for b, x in xs.items():
-                    t_dense, t, speedup = _paired(ref, net, x, reps[b])
-                    row[f"dense_ms_b{b}"] = 1e3 * t_dense
-                    row[f"ms_b{b}"] = 1e3 * t
-                    row[f"speedup_b{b}"] = speedup
-                    row[f"efficiency_b{b}"] = speedup / reduction
-                rows.append(row)
+                nets[folded][len(rows)] = net
+                rows.append(
+                    {
+                        "length": length,
+                        "fold": folded,
+                        "mode": mode,
+                        "target": target,
+                        "flops_fraction": c.flops / dense.flops,
+                        "params_fraction": c.params / dense.params,
+                        "max_abs_diff": diff,
+                    }
+                )
+                reductions.append(c_ref.flops / c.flops)
+    for folded, ref in references.items():
+        for b, x in xs.items():
+            models = {"dense": ref, **{str(i): net for i, net in nets[folded].items()}}
+            t = compare_latency(models, x, rounds=rounds, repeats=reps[b], threads=1)
+            for i in nets[folded]:
+                row = rows[i]
+                speedup = t["dense"] / t[str(i)]
+                row[f"dense_ms_b{b}"] = 1e3 * t["dense"]
+                row[f"ms_b{b}"] = 1e3 * t[str(i)]
+                row[f"speedup_b{b}"] = speedup
+                row[f"efficiency_b{b}"] = speedup / reductions[i]
     return rows, dense.flops
 
 
@@ -162,10 +154,11 @@ def main() -> None:
     torch.set_num_threads(1)
     suffix = "_quick" if args.quick else ""
     load_start = os.getloadavg()[0]
+    rounds = 3 if args.quick else 7
     rows, dense_flops = _rows(
-        40, {1: 30 if args.quick else 300, 256: 3 if args.quick else 20}, fold=True
+        40, {1: 10 if args.quick else 40, 256: 1 if args.quick else 3}, True, rounds
     )
-    long_rows, long_flops = _rows(1024, {1: 5 if args.quick else 100}, fold=True)
+    long_rows, long_flops = _rows(1024, {1: 2 if args.quick else 8}, True, rounds)
     rows += long_rows
     dense_model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))
     dense_params = sum(p.numel() for p in dense_model.parameters())
@@ -176,7 +169,8 @@ def main() -> None:
         command=command_line(),
         notes=(
             "efficiency = speed-up / FLOPs reduction (dense FLOPs / pruned FLOPs); 1 thread; "
-            "speed-up = median over interleaved (dense, pruned) timing pairs. Depth: whole "
+            "speed-up = dense median / pruned median, every model of a length and fold "
+            "variant timed in the same interleaved rounds (one dense latency). Depth: whole "
             "residual blocks removed (largest first) until the "
             "FLOPs fraction is at most the target; width: the same fraction of every channel "
             "group kept. length: input length L of the (B, 1, L) input (1024: batch 1 only). "
