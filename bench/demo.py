@@ -47,7 +47,8 @@ def main() -> None:
             f"- kept {k['layers_kept']}/{k['layers_total']} layers, {k['units_kept']}/"
             f"{k['units_total']} channels, {k['edges_kept']}/{k['edges_total']} edges",
             f"- pruned vs gated, eval mode: max |diff| {r['max_abs_diff_float32']:.1e} in float32 "
-            f"(logits up to {r['max_abs_logit']:.0f}: relative {r['max_rel_diff_float32']:.1e}), "
+            f"(logits up to {r['max_abs_logit']:.0f}: relative {r['max_rel_diff_float32']:.1e}; "
+            f"{r['max_abs_diff_float32_random']:.1e} on fresh random inputs), "
             f"{r['max_abs_diff_float64']:.1e} in float64",
             f"- wall time: training {r['train_seconds']:.0f} s, prune {r['prune_seconds']:.3f} s, "
             f"whole demo {r['total_seconds']:.0f} s",

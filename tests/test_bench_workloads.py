@@ -47,12 +47,14 @@ def test_chain_mlp_workload_has_no_shortcut_edges() -> None:
     x = torch.zeros(1, 40)  # (1, F)
     chain = MNIST1DChainMLP().gated_model(x)
     dense = MNIST1DShortcutMLP().gated_model(x)
-    assert isinstance(chain, gp.ShortcutMLP) and not chain.shortcuts
+    assert isinstance(chain, gp.ShortcutMLP)
+    assert not chain.shortcuts
     # every layer reads only its predecessor: the same widths cost fewer FLOPs than with shortcuts
     chain_flops = gp.cost(MNIST1DChainMLP().dense_reference(x), x).flops
     dense_flops = gp.cost(MNIST1DShortcutMLP().dense_reference(x), x).flops
     assert chain_flops < dense_flops
-    assert isinstance(dense, gp.ShortcutMLP) and dense.shortcuts
+    assert isinstance(dense, gp.ShortcutMLP)
+    assert dense.shortcuts
 
 
 def test_plain_mlp_needs_hidden_layers() -> None:

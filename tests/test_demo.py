@@ -27,6 +27,7 @@ def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path) -> None:
     # float32 rounding is relative to the logits' scale; float64 shows the functions are equal
     assert results["max_rel_diff_float32"] <= 1e-6
     assert results["max_abs_diff_float32"] <= 1e-5 * max(1.0, results["max_abs_logit"])
+    assert results["max_abs_diff_float32_random"] <= 1e-5  # the criterion's inputs
     assert results["max_abs_diff_float64"] <= 1e-9
     assert results["accuracy_pruned"] == results["accuracy_gated"]
     rows = {r["model"]: r for r in results["rows"]}

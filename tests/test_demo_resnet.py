@@ -84,6 +84,7 @@ def test_resnet_demo_end_to_end_writes_results_plan_weights_and_plots(tmp_path: 
     # pruned == gated in eval mode, float32 relative to the logits' scale, float64 exactly
     assert results["max_rel_diff_float32"] <= 1e-6
     assert results["max_abs_diff_float32"] <= 1e-5 * max(1.0, results["max_abs_logit"])
+    assert results["max_abs_diff_float32_random"] <= 1e-5  # the criterion's inputs
     assert results["max_abs_diff_float64"] <= 1e-9
     assert results["accuracy_pruned"] == results["accuracy_gated"]
     rows = {r["model"]: r for r in results["rows"]}

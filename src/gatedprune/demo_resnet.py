@@ -511,7 +511,8 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     )
     say(
         f"pruned == gated: max |diff| {diff32:.2e} (float32; logits up to {scale:.0f}, relative "
-        f"{diff32 / scale:.1e}), {diff64:.2e} (float64); "
+        f"{diff32 / scale:.1e}; {r.random_diff:.1e} on fresh random inputs), {diff64:.2e} "
+        "(float64); "
         f"accuracy {100 * acc_gated:.1f}% gated, {100 * acc_pruned:.1f}% pruned, "
         f"{100 * acc_finetuned:.1f}% after fine-tuning"
     )
