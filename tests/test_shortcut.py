@@ -334,3 +334,23 @@ def test_sigmoid_gated_network_prunes_to_the_same_function(hardened: bool) -> No
         assert c.params < dense.params
     else:  # a soft sigmoid never closes: nothing is removed, the values are folded in
         assert c == dense
+
+
+def test_pruned_net_pickled_before_the_resolved_wiring_still_runs() -> None:
+    import io
+
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[4, 4], [8]], 3, input_length=16).eval()
+    pruned = gp.prune(net).eval()
+    buf = io.BytesIO()
+    torch.save(pruned, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    # an older pickle has no resolved wiring: __setstate__ rebuilds it
+    state = loaded.__dict__.copy()
+    del state["_reads"]
+    old = gp.PlainShortcutNet.__new__(gp.PlainShortcutNet)
+    old.__setstate__(state)
+    x = torch.randn(3, 1, 16)  # (B, C, L)
+    with torch.no_grad():
+        assert torch.equal(old.eval()(x), pruned(x))

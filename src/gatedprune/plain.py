@@ -96,16 +96,7 @@ class PlainShortcutNet(nn.Module):
         self.pools = nn.ModuleList(
             [MeanPool1d(2 ** (s - spec.node_stage(j))) for j, s in self._pool_keys]
         )
-        # The wiring, resolved once: per layer its (source node, pool index or -1) pairs. The
-        # forward then does no lookups (at batch 1 the per-layer Python work is most of the
-        # time: resolving it here made the pruned demo net ~1.4x faster there).
-        self._reads: tuple[tuple[tuple[int, int], ...], ...] = tuple(
-            tuple(
-                (j, self._pool_keys.index((j, ls.stage)) if spec.node_stage(j) < ls.stage else -1)
-                for j in ls.sources
-            )
-            for ls in spec.layers
-        )
+        self._reads = self._resolve_reads()
         self.head_pools = nn.ModuleList(
             [AdaptiveMeanPool1d(spec.head_pool) for _ in spec.head_sources] if spec.spatial else []
         )
@@ -113,6 +104,25 @@ class PlainShortcutNet(nn.Module):
         with warnings.catch_warnings():  # a closed read-out has zero inputs: nothing to init
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
             self.head = nn.Linear(n_head, spec.out_features)
+
+    def _resolve_reads(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """The wiring, resolved once: per layer its (source node, pool index or -1) pairs, so
+        the forward does no lookups (at batch 1 the per-layer Python work is most of the time:
+        this made the pruned demo net ~1.4x faster there)."""
+        spec = self.spec
+        return tuple(
+            tuple(
+                (j, self._pool_keys.index((j, ls.stage)) if spec.node_stage(j) < ls.stage else -1)
+                for j in ls.sources
+            )
+            for ls in spec.layers
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # whole models pickled (torch.save) before the wiring was resolved at construction
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        if "_reads" not in self.__dict__:
+            self._reads = self._resolve_reads()
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
