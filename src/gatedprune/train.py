@@ -127,9 +127,10 @@ def snap_to_budget(
     Deterministic, so every DDP rank makes the same decisions.
 
     >>> import torch, gatedprune
+    >>> _ = torch.manual_seed(0)
     >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3)
     >>> budget = gatedprune.Budget(net, torch.zeros(1, 8), flops=0.5)
-    >>> abs(snap_to_budget(budget)["flops"] - 0.5) <= 0.01
+    >>> 0.5 - 0.01 <= snap_to_budget(budget)["flops"] <= 0.5
     True
     """
     if not isinstance(budget, Budget):
@@ -325,12 +326,13 @@ class Trainer:
 
     >>> import torch, gatedprune
     >>> from gatedprune.train import Trainer
+    >>> _ = torch.manual_seed(0)
     >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3)
     >>> budget = gatedprune.Budget(net, torch.zeros(1, 8), flops=0.5)
     >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     >>> trainer = Trainer(net, budget=budget, epochs=2, batch_size=16, progress=False)
     >>> history = trainer.fit(train=(x, y), val=(x, y))
-    >>> [h["epoch"] for h in history], abs(budget.achieved()["flops"] - 0.5) <= 0.01
+    >>> [h["epoch"] for h in history], 0.5 - 0.02 <= budget.achieved()["flops"] <= 0.5
     ([1, 2], True)
     """
 
