@@ -23,7 +23,8 @@ def _draw_gates(net: _ShortcutNet, data: st.DataObject) -> None:
     hardened or not (hardened: probabilities exactly 0 or 1 with nonzero gradients)."""
     for g in gp.gate_modules(net):
         if isinstance(g, SigmoidGate):
-            theta = data.draw(st.lists(st.floats(-4.0, 4.0), min_size=g.n, max_size=g.n))
+            n = g.n_groups
+            theta = data.draw(st.lists(st.floats(-4.0, 4.0), min_size=n, max_size=n))
             with torch.no_grad():
                 g.theta.copy_(torch.tensor(theta, dtype=g.theta.dtype))
             if data.draw(st.booleans()):
@@ -36,8 +37,8 @@ def _draw_gates(net: _ShortcutNet, data: st.DataObject) -> None:
                     st.sampled_from([-LN11 - 1.0, LN11 + 1.0, 40.0]),
                     st.floats(-6.0, 6.0),
                 ),
-                min_size=g.n,
-                max_size=g.n,
+                min_size=g.n_groups,
+                max_size=g.n_groups,
             )
         )
         with torch.no_grad():
@@ -68,6 +69,7 @@ def _check_against_reference(net: _ShortcutNet, shape: tuple[int, ...], w: float
     shortcuts=st.booleans(),
     norm=st.booleans(),
     gate=st.sampled_from(["hard_concrete", "sigmoid"]),
+    group=st.sampled_from([1, 1, 3]),
     batch=st.integers(1, 5),
     w=st.floats(-2.0, 2.0),
     data=st.data(),
@@ -77,11 +79,20 @@ def test_mlp_fast_expected_cost_equals_the_reference(
     shortcuts: bool,
     norm: bool,
     gate: Literal["hard_concrete", "sigmoid"],
+    group: int,
     batch: int,
     w: float,
     data: st.DataObject,
 ) -> None:
-    net = gp.ShortcutMLP(3, widths, 2, shortcuts=shortcuts, norm=norm, gate=gate).double()
+    net = gp.ShortcutMLP(
+        3,
+        [x * group for x in widths],
+        2,
+        shortcuts=shortcuts,
+        norm=norm,
+        gate=gate,
+        unit_group=group,
+    ).double()
     _draw_gates(net, data)
     _check_against_reference(net, (batch, 3), w)
 
@@ -91,6 +102,7 @@ def test_mlp_fast_expected_cost_equals_the_reference(
     stages=st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=2), min_size=1, max_size=3),
     shortcuts=st.booleans(),
     gate=st.sampled_from(["hard_concrete", "sigmoid"]),
+    group=st.sampled_from([1, 1, 2]),
     head_pool=st.integers(1, 3),
     length=st.integers(4, 13),
     w=st.floats(-2.0, 2.0),
@@ -100,13 +112,21 @@ def test_conv_fast_expected_cost_equals_the_reference(
     stages: list[list[int]],
     shortcuts: bool,
     gate: Literal["hard_concrete", "sigmoid"],
+    group: int,
     head_pool: int,
     length: int,
     w: float,
     data: st.DataObject,
 ) -> None:
     net = gp.ShortcutConv1d(
-        2, stages, 3, kernel_size=3, head_pool=head_pool, shortcuts=shortcuts, gate=gate
+        2,
+        [[x * group for x in stage] for stage in stages],
+        3,
+        kernel_size=3,
+        head_pool=head_pool,
+        shortcuts=shortcuts,
+        gate=gate,
+        unit_group=group,
     ).double()
     _draw_gates(net, data)
     _check_against_reference(net, (2, 2, length), w)

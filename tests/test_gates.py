@@ -80,6 +80,21 @@ def test_force_sets_confident_states() -> None:
         assert g.eval()().tolist() == [1.0, 0.0, 1.0]
 
 
+def test_grouped_gates_repeat_one_value_per_group() -> None:
+    for g in (HardConcreteGate(6, group=3), SigmoidGate(6, group=3)):
+        g.force_(torch.tensor([True] * 3 + [False] * 3))
+        assert g.eval()().tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+        assert g.prob_open().shape == (6,)
+        assert sum(p.numel() for p in g.parameters()) == 2
+        g.train()
+        g().sum().backward()  # every copy's gradient reaches the group's parameter
+        assert all(p.grad is not None and p.grad.shape == (2,) for p in g.parameters())
+    with pytest.raises(ValueError, match="6 % 4 != 0"):
+        HardConcreteGate(6, group=4)
+    with pytest.raises(ValueError, match="group must be a positive int"):
+        SigmoidGate(6, group=0)
+
+
 def test_resolve_gate_rejects_unknown_kinds() -> None:
     assert isinstance(resolve_gate("hard_concrete"), gp.HardConcrete)
     with pytest.raises(ValueError, match="unknown gate kind 'l1'"):

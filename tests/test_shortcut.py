@@ -32,7 +32,8 @@ def _set_gates(net: nn.Module, states: st.DataObject) -> bool:
     any_closed = False
     for g in gp.gate_modules(net):
         assert isinstance(g, HardConcreteGate)
-        kinds = states.draw(st.lists(st.sampled_from("cob"), min_size=g.n, max_size=g.n))
+        n = g.n_groups  # one parameter per gate (a group of units shares one)
+        kinds = states.draw(st.lists(st.sampled_from("cob"), min_size=n, max_size=n))
         vals = []
         for k in kinds:
             if k == "c":
@@ -81,19 +82,37 @@ def _dense_cost(net: _ShortcutNet, x: torch.Tensor) -> gp.Cost:
     shortcuts=st.booleans(),
     norm=st.booleans(),
     act=st.sampled_from(["relu", "gelu", "tanh", "identity"]),
+    group=st.sampled_from([1, 1, 2, 3]),
     states=st.data(),
     seed=st.integers(0, 2**16),
 )
 def test_mlp_pruned_equals_gated(
-    widths: list[int], shortcuts: bool, norm: bool, act: str, states: st.DataObject, seed: int
+    widths: list[int],
+    shortcuts: bool,
+    norm: bool,
+    act: str,
+    group: int,
+    states: st.DataObject,
+    seed: int,
 ) -> None:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = gp.ShortcutMLP(6, widths, 3, shortcuts=shortcuts, norm=norm, activation=act)  # type: ignore[arg-type]
+    widths = [w * group for w in widths]
+    net = gp.ShortcutMLP(
+        6,
+        widths,
+        3,
+        shortcuts=shortcuts,
+        norm=norm,
+        activation=act,  # type: ignore[arg-type]
+        unit_group=group,
+    )
     _randomise_norms(net, gen)
     any_closed = _set_gates(net, states)
     x = torch.randn(9, 6, generator=gen)  # (B, F)
     pruned = _check_equivalent(net, x)
+    for layer in gp.prune(net).layers:  # every kept width is a whole number of groups
+        assert layer.op.out_features % group == 0
     dense = _dense_cost(net, x)
     if any_closed:
         assert pruned.flops < dense.flops
@@ -108,6 +127,7 @@ def test_mlp_pruned_equals_gated(
     head_pool=st.integers(1, 4),
     shortcuts=st.booleans(),
     norm=st.booleans(),
+    group=st.sampled_from([1, 1, 2, 4]),
     states=st.data(),
     seed=st.integers(0, 2**16),
 )
@@ -117,6 +137,7 @@ def test_conv_pruned_equals_gated(
     head_pool: int,
     shortcuts: bool,
     norm: bool,
+    group: int,
     states: st.DataObject,
     seed: int,
 ) -> None:
@@ -125,18 +146,21 @@ def test_conv_pruned_equals_gated(
     length = 16
     net = gp.ShortcutConv1d(
         2,
-        stages,
+        [[w * group for w in stage] for stage in stages],
         3,
         kernel_size=kernel,
         head_pool=head_pool,
         input_length=length,
         shortcuts=shortcuts,
         norm=norm,
+        unit_group=group,
     )
     _randomise_norms(net, gen)
     any_closed = _set_gates(net, states)
     x = torch.randn(5, 2, length, generator=gen)  # (B, C, L)
     pruned = _check_equivalent(net, x)
+    for layer in gp.prune(net).layers:  # every kept layer has a whole number of channel groups
+        assert layer.op.out_channels % group == 0
     dense = _dense_cost(net, x)
     if any_closed:
         assert pruned.flops < dense.flops
@@ -354,3 +378,35 @@ def test_pruned_net_pickled_before_the_resolved_wiring_still_runs() -> None:
     x = torch.randn(3, 1, 16)  # (B, C, L)
     with torch.no_grad():
         assert torch.equal(old.eval()(x), pruned(x))
+
+
+def test_unit_groups_share_one_gate() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[8, 8], [16]], 3, input_length=16, unit_group=4)
+    gate = net.layers[0].unit_gate
+    assert gate.n == 8
+    assert gate.n_groups == 2
+    net.train()
+    z = gate()  # (8,) a sample: one draw per group, repeated over its channels
+    assert torch.equal(z.reshape(2, 4), z.reshape(2, 4)[:, :1].expand(2, 4))
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([0.5, -1.0]))
+    p = gate.prob_open().detach().double()  # (8,)
+    # P(some channel of the layer open) is over the two gates, not over eight copies
+    z_summary, _ = net._summary(False)
+    n_layers = len(net.layers)
+    expected_o = 1 - (1 - p[0]) * (1 - p[4])
+    assert math.isclose(float(z_summary[n_layers].detach()), float(expected_o), rel_tol=1e-12)
+    assert math.isclose(float(z_summary[0].detach()), float(p.sum()), rel_tol=1e-12)
+
+
+def test_unit_group_must_divide_every_width() -> None:
+    with pytest.raises(ValueError, match="layer 1 has 6"):
+        gp.ShortcutMLP(4, [8, 6], 2, unit_group=4)
+    with pytest.raises(ValueError, match="unit_group must be a positive int"):
+        gp.ShortcutConv1d(1, [[8]], 2, unit_group=0)
+    gate = gp.ShortcutMLP(4, [8], 2, unit_group=4).layers[0].unit_gate
+    with pytest.raises(ValueError, match="splits a group"):
+        gate.force_(torch.tensor([True, False, True, True, False, False, False, False]))
+    with pytest.raises(ValueError, match="expected n=8"):
+        gate.force_(torch.ones(4, dtype=torch.bool))

@@ -545,6 +545,26 @@ def test_snap_to_budget_lands_within_tolerance(
         assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
 
 
+@settings(max_examples=15, deadline=None)
+@given(target=st.floats(0.15, 0.9), seed=st.integers(0, 2**16))
+def test_snap_to_budget_flips_whole_unit_groups(target: float, seed: int) -> None:
+    torch.manual_seed(seed)
+    net = ShortcutConv1d(1, [[16, 16], [32]], 4, input_length=32, unit_group=8)
+    for g in gate_modules(net):  # a random, unconverged gate state
+        assert isinstance(g, HardConcreteGate)
+        g.log_alpha.data.normal_(float(torch.empty(()).uniform_(-3, 3)), 2.0)
+    budget = Budget(net, torch.zeros(1, 1, 32), flops=target)
+    snap_to_budget(budget, tolerance=0.05)
+    net.eval()
+    kept = [int(layer.unit_gate.is_open().sum()) for layer in net.layers]
+    assert all(k % 8 == 0 for k in kept), kept
+    pruned = prune(net).eval()
+    assert all(layer.op.out_channels % 8 == 0 for layer in pruned.layers)
+    xt = torch.randn(4, 1, 32)  # (B, C, L)
+    with torch.no_grad():
+        assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
+
+
 def test_snap_to_budget_opens_gates_when_below_target() -> None:
     torch.manual_seed(0)
     net = ShortcutMLP(16, [24, 24], 4)

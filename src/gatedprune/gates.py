@@ -8,6 +8,11 @@ Every gate module holds a vector of ``n`` gates and offers one interface:
 * ``eval_value()``: the deterministic eval-mode values (what ``prune`` folds into weights).
 * ``is_open()``: the exact open/closed decision, ``eval_value() > 0``.
 
+A gate vector may share one gate among ``group`` consecutive entries (``make(n, group=16)``):
+it holds ``n // group`` parameters and every method returns the ``n`` values with each group's
+value repeated, so whatever it gates is kept or removed in whole groups (kept widths are
+multiples of ``group``, e.g. the 16-channel blocks of oneDNN's AVX-512 convolutions).
+
 Gate kinds are described by small frozen dataclasses (:class:`HardConcrete`, :class:`Sigmoid`)
 whose ``make(n)`` builds the module; :func:`resolve_gate` turns ``"hard_concrete"`` /
 ``"sigmoid"`` or such a spec into a spec, with a clear error for anything else.
@@ -47,9 +52,35 @@ EPS = 1e-6
 
 
 class Gate(nn.Module):
-    """Base class of a vector of ``n`` gates. Subclasses implement the four gate methods."""
+    """Base class of a vector of ``n`` gates. Subclasses implement the four gate methods.
+    ``group`` consecutive entries share one gate (1: every entry is its own gate)."""
 
     n: int
+    group: int = 1
+
+    @property
+    def n_groups(self) -> int:
+        """Number of independent gates, ``n // group``."""
+        return self.n // self.group
+
+    def _expand(self, v: Tensor) -> Tensor:
+        """Per-group values ``(n // group,)`` -> per-entry values ``(n,)``."""
+        return v if self.group == 1 else v.repeat_interleave(self.group)  # (n,)
+
+    def _group_mask(self, open_mask: Tensor) -> Tensor:
+        """A per-entry mask ``(n,)`` -> its per-group mask, refusing masks that split a group."""
+        mask = open_mask.to(torch.bool).reshape(-1)  # (n,)
+        if mask.numel() != self.n:
+            raise ValueError(f"open_mask has {mask.numel()} entries, expected n={self.n}")
+        if self.group == 1:
+            return mask
+        per_group = mask.reshape(self.n_groups, self.group)  # (n // group, group)
+        if bool((per_group != per_group[:, :1]).any()):
+            raise ValueError(
+                f"open_mask splits a group: entries share gates in groups of {self.group}, "
+                "so each group must be all open or all closed"
+            )
+        return per_group[:, 0]  # (n // group,)
 
     def forward(self) -> Tensor:
         """Gate values ``(n,)``: sampled in training where the kind is stochastic."""
@@ -73,7 +104,15 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"n={self.n}"
+        return f"n={self.n}" if self.group == 1 else f"n={self.n}, group={self.group}"
+
+
+def _check_group(n: int, group: object) -> int:
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    if n % group:
+        raise ValueError(f"n={n} gates cannot share gates in groups of {group}: {n} % {group} != 0")
+    return group
 
 
 def _hc_sample(log_alpha: Tensor, beta: float) -> Tensor:
@@ -101,6 +140,8 @@ class HardConcreteGate(Gate):
     >>> g = HardConcreteGate(4, init_log_alpha=3.0).eval()
     >>> g().tolist()
     [1.0, 1.0, 1.0, 1.0]
+    >>> HardConcreteGate(4, group=2).log_alpha.shape  # one gate per pair of entries
+    torch.Size([2])
     """
 
     def __init__(
@@ -110,29 +151,34 @@ class HardConcreteGate(Gate):
         init_log_alpha: float = 0.0,
         init_std: float = 0.01,
         beta: float = BETA,
+        group: int = 1,
     ) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
         self.n = n
+        self.group = _check_group(n, group)
         self.beta = beta
-        self.log_alpha = nn.Parameter(torch.empty(n).normal_(init_log_alpha, init_std))  # (n,)
+        self.log_alpha = nn.Parameter(  # (n // group,)
+            torch.empty(n // self.group).normal_(init_log_alpha, init_std)
+        )
 
     def forward(self) -> Tensor:
         if not self.training:
             return self.eval_value()
-        return _hc_sample(self.log_alpha, self.beta)
+        return self._expand(_hc_sample(self.log_alpha, self.beta))  # (n,)
 
     def prob_open(self) -> Tensor:
-        return _hc_prob_open(self.log_alpha, self.beta)
+        return self._expand(_hc_prob_open(self.log_alpha, self.beta))  # (n,)
 
     def eval_value(self) -> Tensor:
-        return _hc_eval(self.log_alpha)
+        return self._expand(_hc_eval(self.log_alpha))  # (n,)
 
     def force_(self, open_mask: Tensor) -> None:
+        mask = self._group_mask(open_mask)  # (n // group,)
         with torch.no_grad():
             big = 2.0 * math.log(11.0)  # beyond +-ln 11 the eval value is exactly 0 or 1
-            self.log_alpha.copy_(torch.where(open_mask.to(torch.bool), big, -big))
+            self.log_alpha.copy_(torch.where(mask, big, -big))
 
 
 class SigmoidGate(Gate):
@@ -150,26 +196,30 @@ class SigmoidGate(Gate):
 
     hardened: Tensor
 
-    def __init__(self, n: int, *, init_theta: float = 3.0, temperature: float = 1.0) -> None:
+    def __init__(
+        self, n: int, *, init_theta: float = 3.0, temperature: float = 1.0, group: int = 1
+    ) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.n = n
+        self.group = _check_group(n, group)
         self.temperature = temperature
-        self.theta = nn.Parameter(torch.full((n,), float(init_theta)))  # (n,)
+        self.theta = nn.Parameter(torch.full((n // self.group,), float(init_theta)))  # (n/group,)
         self.register_buffer("hardened", torch.zeros((), dtype=torch.bool))
 
     def _soft(self) -> Tensor:
-        return torch.sigmoid(self.theta / self.temperature)  # (n,)
+        return torch.sigmoid(self.theta / self.temperature)  # (n // group,)
 
     def _value(self) -> Tensor:
         soft = self._soft()
         if not bool(self.hardened):
-            return soft
-        hard = (self.theta > 0).to(soft.dtype)  # (n,)
-        return hard + (soft - soft.detach())  # straight-through: exactly `hard` forward
+            return self._expand(soft)  # (n,)
+        hard = (self.theta > 0).to(soft.dtype)  # (n // group,)
+        # straight-through: exactly `hard` forward
+        return self._expand(hard + (soft - soft.detach()))  # (n,)
 
     def forward(self) -> Tensor:
         return self._value()
@@ -185,15 +235,16 @@ class SigmoidGate(Gate):
         self.hardened.fill_(True)
 
     def force_(self, open_mask: Tensor) -> None:
+        mask = self._group_mask(open_mask)  # (n // group,)
         with torch.no_grad():
-            self.theta.copy_(torch.where(open_mask.to(torch.bool), 10.0, -10.0))
+            self.theta.copy_(torch.where(mask, 10.0, -10.0))
             self.hardened.fill_(True)
 
 
 class GateSpec(Protocol):
-    """A gate kind: builds a vector of ``n`` gates."""
+    """A gate kind: builds a vector of ``n`` gates (``group`` entries sharing each gate)."""
 
-    def make(self, n: int, *, init_open: bool = False) -> Gate: ...
+    def make(self, n: int, *, init_open: bool = False, group: int = 1) -> Gate: ...
 
 
 @dataclass(frozen=True)
@@ -209,7 +260,7 @@ class HardConcrete:
     init_log_alpha: float | None = None
     beta: float = BETA
 
-    def make(self, n: int, *, init_open: bool = False) -> Gate:
+    def make(self, n: int, *, init_open: bool = False, group: int = 1) -> Gate:
         if self.init_log_alpha is not None:
             init = self.init_log_alpha
         elif init_open:
@@ -218,7 +269,7 @@ class HardConcrete:
             if not 0.0 < self.init_drop < 1.0:
                 raise ValueError(f"init_drop must be in (0, 1), got {self.init_drop}")
             init = math.log((1.0 - self.init_drop) / self.init_drop)
-        return HardConcreteGate(n, init_log_alpha=init, beta=self.beta)
+        return HardConcreteGate(n, init_log_alpha=init, beta=self.beta, group=group)
 
 
 @dataclass(frozen=True)
@@ -232,8 +283,8 @@ class Sigmoid:
     init_theta: float = 3.0
     temperature: float = 1.0
 
-    def make(self, n: int, *, init_open: bool = False) -> Gate:
-        return SigmoidGate(n, init_theta=self.init_theta, temperature=self.temperature)
+    def make(self, n: int, *, init_open: bool = False, group: int = 1) -> Gate:
+        return SigmoidGate(n, init_theta=self.init_theta, temperature=self.temperature, group=group)
 
 
 GateKind = Literal["hard_concrete", "sigmoid"] | HardConcrete | Sigmoid
@@ -279,8 +330,9 @@ def harden(model: nn.Module) -> int:
 
 
 def _same_hard_concrete(gates: Sequence[Gate]) -> float | None:
-    """The common beta if all gates are hard concrete with one beta and training mode."""
-    if len(gates) < 2 or any(type(g) is not HardConcreteGate for g in gates):
+    """The common beta if all gates are ungrouped hard concrete with one beta and training
+    mode (grouped gates expand their values one by one)."""
+    if len(gates) < 2 or any(type(g) is not HardConcreteGate or g.group != 1 for g in gates):
         return None
     hc = [cast(HardConcreteGate, g) for g in gates]
     if len({(g.beta, g.training) for g in hc}) != 1:

@@ -127,9 +127,10 @@ def snap_to_budget(
     Deterministic, so every DDP rank makes the same decisions.
 
     >>> import torch, gatedprune
+    >>> _ = torch.manual_seed(0)
     >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3)
     >>> budget = gatedprune.Budget(net, torch.zeros(1, 8), flops=0.5)
-    >>> abs(snap_to_budget(budget)["flops"] - 0.5) <= 0.01
+    >>> 0.5 - 0.01 <= snap_to_budget(budget)["flops"] <= 0.5
     True
     """
     if not isinstance(budget, Budget):
@@ -137,10 +138,11 @@ def snap_to_budget(
     tol = _positive_float("tolerance", tolerance, allow_zero=True)
     gates = gate_modules(budget.model)
     masks = [g.is_open().reshape(-1).clone() for g in gates]  # (n_g,) each
+    # the decisions are per gate: a gate shared by a group of entries flips its whole group
     order = sorted(
         (float(score), gi, i)
         for gi, g in enumerate(gates)
-        for i, score in enumerate(g.prob_open().detach().reshape(-1).tolist())
+        for i, score in enumerate(g.prob_open().detach().reshape(-1)[:: g.group].tolist())
     )  # ascending open probability; ties broken by position: deterministic
     for g, m in zip(gates, masks, strict=True):
         g.force_(m)
@@ -149,8 +151,12 @@ def snap_to_budget(
     def achieved() -> dict[str, float]:
         return {k: float(v) for k, v in budget.fractions(hard=True).items()}
 
+    def is_set(gi: int, i: int) -> bool:
+        return bool(masks[gi][i * gates[gi].group])
+
     def set_gate(gi: int, i: int, is_open: bool) -> None:
-        masks[gi][i] = is_open
+        group = gates[gi].group
+        masks[gi][i * group : (i + 1) * group] = is_open
         gates[gi].force_(masks[gi])
 
     def all_below(c: dict[str, float]) -> bool:
@@ -181,14 +187,14 @@ def snap_to_budget(
         for _, gi, i in reversed(order):
             if not all_below(current):
                 break
-            if not bool(masks[gi][i]):
+            if not is_set(gi, i):
                 set_gate(gi, i, True)
                 current = achieved()
                 consider(current)
     for _, gi, i in order:
         if not any_above(current):
             break
-        if bool(masks[gi][i]):
+        if is_set(gi, i):
             set_gate(gi, i, False)
             trial = achieved()
             consider(trial)
@@ -320,12 +326,13 @@ class Trainer:
 
     >>> import torch, gatedprune
     >>> from gatedprune.train import Trainer
+    >>> _ = torch.manual_seed(0)
     >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3)
     >>> budget = gatedprune.Budget(net, torch.zeros(1, 8), flops=0.5)
     >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     >>> trainer = Trainer(net, budget=budget, epochs=2, batch_size=16, progress=False)
     >>> history = trainer.fit(train=(x, y), val=(x, y))
-    >>> [h["epoch"] for h in history], abs(budget.achieved()["flops"] - 0.5) <= 0.01
+    >>> [h["epoch"] for h in history], 0.5 - 0.02 <= budget.achieved()["flops"] <= 0.5
     ([1, 2], True)
     """
 
