@@ -440,7 +440,7 @@ class FixedPenalty(Budget):
     baseline reaches the same FLOPs as the others.
 
     >>> net = gp.ShortcutMLP(8, [16], 2)
-    >>> float(FixedPenalty(net, torch.zeros(1, 8), flops=0.5, lam=2.0).penalty()) > 0
+    >>> float(FixedPenalty(net, torch.zeros(1, 8), flops=0.5, lam=2.0).penalty().detach()) > 0
     True
     """
 
