@@ -4,9 +4,13 @@ For each target and seed: train the demo ShortcutConv1d on MNIST-1D under the bu
 demo's recipe), prune, and record the achieved FLOPs/params fractions, the budget error
 |achieved - target| (target <= 0.02), test accuracy of the pruned model, and the measured
 CPU latency of the pruned model vs the all-open network at batch 1 and 256; "latency ratio" is
-(latency speed-up) / (FLOPs reduction) (target >= 0.7 at batch 256).
+(latency speed-up) / (FLOPs reduction) (target >= 0.7 at batch 256). ``--unit-groups`` trains
+the same network with channels gated in groups (``ShortcutConv1d(unit_group=g)``, kept widths
+in multiples of g). All pruned models are timed after all training, in the same interleaved
+rounds as one all-open reference.
 
     python -m bench.budget_sweep [--targets 0.5 0.25 0.1] [--seeds 0] [--epochs 30]
+        [--unit-groups 1] [--name budget_sweep]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 import gatedprune as gp
 from gatedprune.data import mnist1d
@@ -31,68 +36,90 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--unit-groups", type=int, nargs="+", default=[1])
     ap.add_argument("--name", default="budget_sweep")
     args = ap.parse_args()
     data = mnist1d()
     x1 = data.x_train[:1]
     xb = {1: data.x_test[:1], 256: data.x_test[:256]}
     rows = []
-    for target in args.targets:
-        for seed in args.seeds:
-            t0 = time.perf_counter()
-            net, trainer = train_demo_model(data, budget=target, epochs=args.epochs, seed=seed)
-            train_s = time.perf_counter() - t0
-            net.eval()
-            pruned, dense = gp.prune(net).eval(), gp.prune(all_open_copy(net)).eval()
-            if not isinstance(pruned, PlainShortcutNet) or not isinstance(dense, PlainShortcutNet):
-                raise TypeError("the demo network prunes to PlainShortcutNet")
-            c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
-            if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
-                raise TypeError("pruned models must be plain")
-            achieved = c_p.flops / c_d.flops
-            models = {
-                "dense": dense,
-                "pruned": pruned,
-                "dense_folded": dense.fold_batchnorm().eval(),
-                "pruned_folded": pruned.fold_batchnorm().eval(),
-            }
-            lat = {
-                b: compare_latency(models, x, rounds=9, repeats=30 if b == 1 else 3)
-                for b, x in xb.items()
-            }
-            reduction = c_d.flops / c_p.flops
-            rows.append(
-                {
-                    "target": target,
-                    "seed": seed,
-                    "achieved_flops": achieved,
-                    "budget_error": abs(achieved - target),
-                    "lagrangian_only": (trainer.achieved_before_snap or {}).get("flops", ""),
-                    "achieved_params": c_p.params / c_d.params,
-                    "accuracy_pruned": accuracy(pruned, data.x_test, data.y_test),
-                    "max_abs_diff": max_abs_diff(net, pruned, data.x_test, dtype=torch.float32),
-                    "flops_reduction": reduction,
-                    "speedup_b1": lat[1]["dense"] / lat[1]["pruned"],
-                    "speedup_b256": lat[256]["dense"] / lat[256]["pruned"],
-                    "latency_ratio_b1": lat[1]["dense"] / lat[1]["pruned"] / reduction,
-                    "latency_ratio_b256": lat[256]["dense"] / lat[256]["pruned"] / reduction,
-                    "latency_ratio_b256_bn_folded": lat[256]["dense_folded"]
-                    / lat[256]["pruned_folded"]
-                    / reduction,
-                    "train_s": train_s,
-                }
-            )
-    summary = []
-    for target in args.targets:
-        sel = [r for r in rows if r["target"] == target]
-        errs = [r["budget_error"] for r in sel]
-        accs = [r["accuracy_pruned"] for r in sel]
-        summary.append(
-            f"- target {target:g}: max budget error {max(errs):.4f}, accuracy "
-            f"{100 * statistics.mean(accs):.1f}%"
-            + (f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
-            + f" over {len(sel)} seed(s)"
+    models: dict[str, nn.Module] = {}
+    reductions: list[float] = []
+    dense_cost: gp.Cost | None = None
+    for group in args.unit_groups:
+        for target in args.targets:
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                net, trainer = train_demo_model(
+                    data, budget=target, epochs=args.epochs, seed=seed, unit_group=group
+                )
+                train_s = time.perf_counter() - t0
+                net.eval()
+                pruned, dense = gp.prune(net).eval(), gp.prune(all_open_copy(net)).eval()
+                if not isinstance(pruned, PlainShortcutNet) or not isinstance(
+                    dense, PlainShortcutNet
+                ):
+                    raise TypeError("the demo network prunes to PlainShortcutNet")
+                c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
+                if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
+                    raise TypeError("pruned models must be plain")
+                if dense_cost is None:  # the all-open network is the same for every group size
+                    dense_cost = c_d
+                    models["dense"] = dense
+                    models["dense_folded"] = dense.fold_batchnorm().eval()
+                i = len(rows)
+                models[f"pruned{i}"] = pruned
+                models[f"folded{i}"] = pruned.fold_batchnorm().eval()
+                achieved = c_p.flops / c_d.flops
+                reductions.append(c_d.flops / c_p.flops)
+                rows.append(
+                    {
+                        "unit_group": group,
+                        "target": target,
+                        "seed": seed,
+                        "achieved_flops": achieved,
+                        "budget_error": abs(achieved - target),
+                        "lagrangian_only": (trainer.achieved_before_snap or {}).get("flops", ""),
+                        "achieved_params": c_p.params / c_d.params,
+                        "accuracy_pruned": accuracy(pruned, data.x_test, data.y_test),
+                        "max_abs_diff": max_abs_diff(net, pruned, data.x_test, dtype=torch.float32),
+                        "kept_channels": "/".join(
+                            str(int(layer.op.out_channels)) for layer in pruned.layers
+                        ),
+                        "flops_reduction": reductions[-1],
+                        "train_s": train_s,
+                    }
+                )
+    lat = {
+        b: compare_latency(models, x, rounds=9, repeats=30 if b == 1 else 3, threads=1)
+        for b, x in xb.items()
+    }
+    for i, (row, reduction) in enumerate(zip(rows, reductions, strict=True)):
+        for b in xb:
+            row[f"speedup_b{b}"] = lat[b]["dense"] / lat[b][f"pruned{i}"]
+        for b in xb:
+            row[f"latency_ratio_b{b}"] = row[f"speedup_b{b}"] / reduction
+        row["latency_ratio_b256_bn_folded"] = (
+            lat[256]["dense_folded"] / lat[256][f"folded{i}"] / reduction
         )
+    summary = []
+    for group in args.unit_groups:
+        for target in args.targets:
+            sel = [r for r in rows if r["target"] == target and r["unit_group"] == group]
+            errs = [float(r["budget_error"]) for r in sel]
+            accs = [float(r["accuracy_pruned"]) for r in sel]
+            ratios = [float(r["latency_ratio_b256"]) for r in sel]
+            summary.append(
+                f"- unit_group {group}, target {target:g}: max budget error {max(errs):.4f}, "
+                f"accuracy {100 * statistics.mean(accs):.1f}%"
+                + (f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
+                + f", latency ratio at batch 256 {statistics.mean(ratios):.2f}"
+                + f" over {len(sel)} seed(s)"
+            )
+    summary.append(
+        "- every model timed after all training, in the same interleaved rounds as one "
+        "all-open reference (1 thread)"
+    )
     write_results(
         args.name,
         rows,

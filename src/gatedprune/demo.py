@@ -307,8 +307,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_demo_model(input_length: int = 40) -> ShortcutConv1d:
-    """The demo's all-open network (``STAGES`` channels, kernel 5, head pooled to 5)."""
+def build_demo_model(input_length: int = 40, unit_group: int = 1) -> ShortcutConv1d:
+    """The demo's all-open network (``STAGES`` channels, kernel 5, head pooled to 5);
+    ``unit_group`` gates channels in groups of that many (see :class:`ShortcutConv1d`).
+
+    >>> build_demo_model(unit_group=16).layers[0].unit_gate.n_groups
+    2
+    """
     return ShortcutConv1d(
         1,
         [list(s) for s in STAGES],
@@ -317,6 +322,7 @@ def build_demo_model(input_length: int = 40) -> ShortcutConv1d:
         head_pool=5,
         input_length=input_length,
         gate=HardConcrete(init_drop=0.05),
+        unit_group=unit_group,
     )
 
 
@@ -425,13 +431,14 @@ def train_demo_model(
     seed: int,
     checkpoint_dir: Path | None = None,
     progress: bool = False,
+    unit_group: int = 1,
 ) -> tuple[ShortcutConv1d, Trainer]:
     """Train the demo network under a FLOPs budget (:func:`budget_trainer`, the recipe shared by
     the demos and benchmarks); BatchNorm statistics are re-estimated for the final eval-mode
-    gates."""
+    gates. ``unit_group``: see :func:`build_demo_model`."""
     torch.manual_seed(seed)
     x_train, y_train = data.x_train, data.y_train
-    net = build_demo_model(x_train.shape[-1])
+    net = build_demo_model(x_train.shape[-1], unit_group)
     calib = [x_train[i : i + 500] for i in range(0, min(len(x_train), 2000), 500)]
 
     def val_metrics(model: nn.Module) -> dict[str, float]:
