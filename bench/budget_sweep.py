@@ -123,7 +123,14 @@ def main() -> None:
     write_results(
         args.name,
         rows,
-        title="Budget sweep: demo ShortcutConv1d on MNIST-1D",
+        title="Budget sweep: demo ShortcutConv1d on MNIST-1D"
+        + (
+            ""
+            if args.unit_groups == [1]
+            else ", channels gated in groups (unit_group "
+            + " / ".join(map(str, args.unit_groups))
+            + ")"
+        ),
         command=command_line(),
         notes="\n".join(summary),
     )

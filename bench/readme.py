@@ -15,6 +15,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 ORDER = [
     "demo",
     "budget_sweep",
+    "unit_group",
     "train_step",
     "prune_time",
     "resnet1d_speed",
