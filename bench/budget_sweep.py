@@ -45,7 +45,6 @@ def main() -> None:
     rows = []
     models: dict[str, nn.Module] = {}
     reductions: list[float] = []
-    dense_cost: gp.Cost | None = None
     for group in args.unit_groups:
         for target in args.targets:
             for seed in args.seeds:
@@ -63,8 +62,7 @@ def main() -> None:
                 c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
                 if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
                     raise TypeError("pruned models must be plain")
-                if dense_cost is None:  # the all-open network is the same for every group size
-                    dense_cost = c_d
+                if "dense" not in models:  # the all-open network is the same for every group
                     models["dense"] = dense
                     models["dense_folded"] = dense.fold_batchnorm().eval()
                 i = len(rows)
@@ -95,7 +93,7 @@ def main() -> None:
         for b, x in xb.items()
     }
     for i, (row, reduction) in enumerate(zip(rows, reductions, strict=True)):
-        for b in xb:
+        for b in xb:  # the speed-ups first, then the ratios (the tables' column order)
             row[f"speedup_b{b}"] = lat[b]["dense"] / lat[b][f"pruned{i}"]
         for b in xb:
             row[f"latency_ratio_b{b}"] = row[f"speedup_b{b}"] / reduction

@@ -392,9 +392,17 @@ class MNIST1DShortcutMLP(Workload):
         d = _mnist1d(num_samples)
         return Splits(d.x_train.flatten(1), d.y_train, d.x_test.flatten(1), d.y_test)
 
+    shortcuts = True
+    """Dense gated shortcuts in the gated network (the chain-MLP workload turns them off)."""
+
     def gated_model(self, example: Tensor) -> nn.Module:
         return gp.ShortcutMLP(
-            example.shape[-1], list(MLP_WIDTHS), 10, norm=True, gate=HardConcrete(init_drop=0.05)
+            example.shape[-1],
+            list(MLP_WIDTHS),
+            10,
+            norm=True,
+            shortcuts=self.shortcuts,
+            gate=HardConcrete(init_drop=0.05),
         )
 
     def train_gatedprune(self, data: Splits, *, budget: float, epochs: int, seed: int) -> nn.Module:
@@ -429,16 +437,7 @@ class MNIST1DChainMLP(MNIST1DShortcutMLP):
 
     name = "mnist1d_chain_mlp"
     description = "MNIST-1D, ShortcutMLP without shortcuts / plain chain MLP"
-
-    def gated_model(self, example: Tensor) -> nn.Module:
-        return gp.ShortcutMLP(
-            example.shape[-1],
-            list(MLP_WIDTHS),
-            10,
-            norm=True,
-            shortcuts=False,
-            gate=HardConcrete(init_drop=0.05),
-        )
+    shortcuts = False
 
 
 LSTM_HIDDEN = (64, 64)

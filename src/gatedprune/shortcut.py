@@ -207,7 +207,7 @@ class _ExpectedCost(torch.autograd.Function):
         clamped = pu.clamp(max=1.0 - 1e-12)
         # P(all units of a layer closed) = prod over its gates of (1 - p), as a segment sum of
         # logs; a gate shared by a group of g units appears g times, each weighted 1/g
-        log_closed = torch.log1p(-clamped) * net.unit_log_weight  # (sum of widths,)
+        log_closed = torch.log1p(-clamped) / net.unit_group  # (sum of widths,)
         closed = torch.exp(pu.new_zeros(n_layers).index_add(0, seg, log_closed))
         edges = torch.cat([pd[n_units:], pd.new_ones(1)])[net.edge_slot]  # (n_edges + n_head,)
         z = torch.cat([S, 1 - closed, edges])  # (2 L + n_edges + n_head,)
@@ -227,9 +227,9 @@ class _ExpectedCost(torch.autograd.Function):
         n_layers = len(net.spec.layers)
         gz = grad_out @ jac  # (2 L + n_edges + n_head,)
         g_S, g_o, g_e = gz[:n_layers], gz[n_layers : 2 * n_layers], gz[2 * n_layers :]
-        # d o / d p_u = w_u * closed / (1 - p_u) (w_u: the unit's log weight, 1/group; the
-        # group's copies sum to prod_{other gates} (1 - p)); zero where p was clamped
-        g_o_units = (g_o * closed)[seg] * net.unit_log_weight / (1 - clamped)  # (sum of widths,)
+        # d o / d p_u = closed / (g (1 - p_u)) for a unit whose gate is shared by g units (the
+        # group's g copies sum to prod_{other gates} (1 - p)); zero where p was clamped
+        g_o_units = (g_o * closed)[seg] / (net.unit_group * (1 - clamped))  # (sum of widths,)
         g_units = g_S[seg] + torch.where(unclamped, g_o_units, 0.0)  # (sum of widths,)
         g_edges = gz.new_zeros(ctx.n_edge_gates + 1).index_add(0, net.edge_slot, g_e)[:-1]
         return torch.cat([g_units, g_edges]).to(ctx.p_dtype), None, None
@@ -242,7 +242,6 @@ class _ShortcutNet(GatedModule):
     col_unit: Tensor
     col_edge: Tensor
     unit_segment: Tensor
-    unit_log_weight: Tensor
     edge_slot: Tensor
 
     def __init__(self, spec: NetSpec, gate: GateKind, shortcuts: bool, unit_group: int = 1) -> None:
@@ -303,11 +302,6 @@ class _ShortcutNet(GatedModule):
         segment = [i for i, layer in enumerate(spec.layers) for _ in range(layer.width)]
         self.register_buffer(
             "unit_segment", torch.tensor(segment, dtype=torch.long), persistent=False
-        )
-        self.register_buffer(  # (sum of widths,): 1 / the number of units sharing each gate
-            "unit_log_weight",
-            torch.full((len(segment),), 1.0 / unit_group, dtype=torch.float64),
-            persistent=False,
         )
         # For every edge of the cost summary (layer by layer, then the head): its position among
         # the edge and head gates in _gate_list order, or one past them where there is no gate.
@@ -456,7 +450,7 @@ class _ShortcutNet(GatedModule):
             o = (S > 0).double()  # (L,)
         else:
             # a gate shared by g units appears g times: each copy's log weighs 1/g
-            log_closed = torch.log1p(-p_units.clamp(max=1.0 - 1e-12)) * self.unit_log_weight
+            log_closed = torch.log1p(-p_units.clamp(max=1.0 - 1e-12)) / self.unit_group
             o = 1 - torch.exp(p_units.new_zeros(n_layers).index_add(0, seg, log_closed))  # (L,)
         parts: list[Tensor] = [S, o]
         for e, layer in zip(edges, self.spec.layers, strict=True):
