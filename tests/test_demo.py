@@ -67,3 +67,25 @@ def test_import_gatedprune_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_demo_recipe_trains_with_smoothed_labels() -> None:
+    """The demos' default loss smooths labels by LABEL_SMOOTHING (bounded logits keep float32
+    rounding of pruned vs gated below 1e-5); an explicit loss_fn replaces it."""
+    from torch import nn
+
+    from gatedprune.data import Splits
+    from gatedprune.demo import LABEL_SMOOTHING, budget_trainer, build_demo_model
+
+    x = torch.randn(20, 1, 40)  # (N, 1, L)
+    y = torch.randint(0, 10, (20,))
+    data = Splits(x, y, x, y)
+    logits = torch.randn(20, 10) * 30  # (N, classes), over-confident
+    trainer = budget_trainer(build_demo_model(), data, flops=0.5, epochs=1, seed=0)
+    assert trainer.loss_fn is not None
+    expected = nn.functional.cross_entropy(logits, y, label_smoothing=LABEL_SMOOTHING)
+    assert torch.equal(trainer.loss_fn(logits, y), expected)
+    assert not torch.equal(expected, nn.functional.cross_entropy(logits, y))
+    plain = nn.CrossEntropyLoss()
+    explicit = budget_trainer(build_demo_model(), data, flops=0.5, epochs=1, seed=0, loss_fn=plain)
+    assert explicit.loss_fn is plain
