@@ -6,11 +6,12 @@ demo's recipe), prune, and record the achieved FLOPs/params fractions, the budge
 CPU latency of the pruned model vs the all-open network at batch 1 and 256; "latency ratio" is
 (latency speed-up) / (FLOPs reduction) (target >= 0.7 at batch 256). ``--unit-groups`` trains
 the same network with channels gated in groups (``ShortcutConv1d(unit_group=g)``, kept widths
-in multiples of g). All pruned models are timed after all training, in the same interleaved
-rounds as one all-open reference.
+in multiples of g); ``--round-to`` instead rounds the widths at the snap
+(``snap_to_budget(round_to=m)``, 0: no rounding). All pruned models are timed after all
+training, in the same interleaved rounds as one all-open reference.
 
     python -m bench.budget_sweep [--targets 0.5 0.25 0.1] [--seeds 0] [--epochs 30]
-        [--unit-groups 1] [--name budget_sweep]
+        [--unit-groups 1] [--round-to 0] [--name budget_sweep]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--unit-groups", type=int, nargs="+", default=[1])
+    ap.add_argument("--round-to", type=int, nargs="+", default=[0])
     ap.add_argument("--name", default="budget_sweep")
     args = ap.parse_args()
     data = mnist1d()
@@ -45,12 +47,18 @@ def main() -> None:
     rows = []
     models: dict[str, nn.Module] = {}
     reductions: list[float] = []
-    for group in args.unit_groups:
+    variants = [(g, r) for g in args.unit_groups for r in args.round_to]
+    for group, round_to in variants:
         for target in args.targets:
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 net, trainer = train_demo_model(
-                    data, budget=target, epochs=args.epochs, seed=seed, unit_group=group
+                    data,
+                    budget=target,
+                    epochs=args.epochs,
+                    seed=seed,
+                    unit_group=group,
+                    round_to=round_to or None,
                 )
                 train_s = time.perf_counter() - t0
                 net.eval()
@@ -73,6 +81,7 @@ def main() -> None:
                 rows.append(
                     {
                         "unit_group": group,
+                        "round_to": round_to,
                         "target": target,
                         "seed": seed,
                         "achieved_flops": achieved,
@@ -101,14 +110,19 @@ def main() -> None:
             lat[256]["dense_folded"] / lat[256][f"folded{i}"] / reduction
         )
     summary = []
-    for group in args.unit_groups:
+    for group, round_to in variants:
         for target in args.targets:
-            sel = [r for r in rows if r["target"] == target and r["unit_group"] == group]
+            sel = [
+                r
+                for r in rows
+                if r["target"] == target and (r["unit_group"], r["round_to"]) == (group, round_to)
+            ]
             errs = [float(r["budget_error"]) for r in sel]
             accs = [float(r["accuracy_pruned"]) for r in sel]
             ratios = [float(r["latency_ratio_b256"]) for r in sel]
             summary.append(
-                f"- unit_group {group}, target {target:g}: max budget error {max(errs):.4f}, "
+                f"- unit_group {group}, round_to {round_to}, target {target:g}: "
+                f"max budget error {max(errs):.4f}, "
                 f"accuracy {100 * statistics.mean(accs):.1f}%"
                 + (f" ± {100 * statistics.stdev(accs):.1f}" if len(accs) > 1 else "")
                 + f", latency ratio at batch 256 {statistics.mean(ratios):.2f}"
@@ -127,6 +141,13 @@ def main() -> None:
             if args.unit_groups == [1]
             else ", channels gated in groups (unit_group "
             + " / ".join(map(str, args.unit_groups))
+            + ")"
+        )
+        + (
+            ""
+            if args.round_to == [0]
+            else ", widths rounded at the snap (round_to "
+            + " / ".join(map(str, args.round_to))
             + ")"
         ),
         command=command_line(),

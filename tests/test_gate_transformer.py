@@ -138,3 +138,17 @@ def test_hand_written_attention_heads_and_blocks() -> None:
     hard = gatedprune.cost(model, x, hard=True)
     assert isinstance(c, Cost)
     assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+
+
+def test_width_gates_are_ffn_units_not_heads_or_sublayers() -> None:
+    """snap_to_budget(round_to=...) rounds widths only: FFN units, not heads or sub-layers."""
+    from zoo import TransformerClassifier
+
+    model = TransformerClassifier()
+    gate_(model, torch.randn(2, 5, 3))
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    groups = gating._group_list()
+    units = [groups[gu] for _, _, gu, _, _ in gating.transformers]
+    assert [id(g) for g in gating.width_gates()] == [id(g) for g in units]
+    assert [g.n for g in gating.width_gates()] == [24, 24]

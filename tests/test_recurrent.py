@@ -667,3 +667,9 @@ def test_bad_constructor_arguments() -> None:
         ShortcutLSTM(2, 4, 1, 1, gate="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\(B, T, F\)"):
         ShortcutLSTM(2, 4, 1, 1).expected_cost((5, 2))
+
+
+def test_width_gates_are_the_hidden_unit_gates() -> None:
+    net = ShortcutLSTM(3, [8, 6], 2, 4)
+    assert [id(g) for g in net.width_gates()] == [id(g) for g in net.unit_gates]
+    assert [g.n for g in net.width_gates()] == [8, 6]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -565,6 +566,78 @@ def test_snap_to_budget_flips_whole_unit_groups(target: float, seed: int) -> Non
         assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    multiple=st.sampled_from([4, 8]),
+    target=st.sampled_from([0.5, 0.3, 0.15]),
+    conv=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_snap_rounds_widths_to_multiples_keeping_the_most_probable_units(
+    multiple: int, target: float, conv: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    net: ShortcutConv1d | ShortcutMLP
+    if conv:
+        net, example = (
+            ShortcutConv1d(1, [[20, 12], [24]], 4, input_length=32),
+            torch.zeros(1, 1, 32),
+        )
+    else:
+        net, example = ShortcutMLP(16, [20, 12, 24], 4), torch.zeros(1, 16)
+    for g in gate_modules(net):  # a random, unconverged gate state
+        assert isinstance(g, HardConcreteGate)
+        g.log_alpha.data.normal_(float(torch.empty(()).uniform_(-3, 3)), 2.0)
+    learned = [layer.unit_gate.prob_open().detach().clone() for layer in net.layers]
+    unrounded_net = copy.deepcopy(net)
+    snap_to_budget(Budget(unrounded_net, example, flops=target), tolerance=0.05)
+    unrounded = [int(layer.unit_gate.is_open().sum()) for layer in unrounded_net.layers]
+    budget = Budget(net, example, flops=target)
+    got = snap_to_budget(budget, tolerance=0.05, round_to=multiple)
+    assert got == budget.achieved()
+    assert got["flops"] <= target  # still a ceiling
+    kept = [int(layer.unit_gate.is_open().sum()) for layer in net.layers]
+    rounded = all(
+        k == 0 or k == layer.unit_gate.n or k % multiple == 0
+        for k, layer in zip(kept, net.layers, strict=True)
+    )
+    if not rounded:  # allowed only when even the rounded-down widths exceed the target
+        assert kept == unrounded
+        return
+    for layer, snapped, p in zip(net.layers, unrounded_net.layers, learned, strict=True):
+        now, before = layer.unit_gate.is_open(), snapped.unit_gate.is_open()  # (n,) bool
+        assert now.any() == before.any()  # closed layers stay closed, open ones stay open
+        if bool((now <= before).all()):  # rounded down: the most probable snapped units stay
+            dropped = before & ~now
+            if dropped.any():
+                assert float(p[now].min()) >= float(p[dropped].max())
+        else:  # rounded up: every snapped unit stays, the most probable closed ones reopen
+            assert bool((before <= now).all())
+            added, closed = now & ~before, ~now
+            if closed.any():
+                assert float(p[added].min()) >= float(p[closed].max())
+    net.eval()
+    pruned = prune(net).eval()
+    widths = [int(w) for w in _plain_widths(pruned)]
+    assert all(w % multiple == 0 or w in (20, 12, 24) for w in widths), widths
+    xt = torch.randn(8, *example.shape[1:])  # fresh random inputs
+    with torch.no_grad():
+        assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
+    assert cost(pruned, example).flops == pytest.approx(got["flops"] * _dense_flops(net, example))
+
+
+def _plain_widths(pruned: nn.Module) -> list[int]:
+    out = []
+    for layer in pruned.layers:
+        op = layer.op
+        out.append(op.out_channels if isinstance(op, nn.Conv1d) else op.out_features)
+    return out
+
+
+def _dense_flops(net: nn.Module, example: Tensor) -> float:
+    return float(cost(prune(_all_open(net)).eval(), example).flops)
+
+
 def test_snap_to_budget_opens_gates_when_below_target() -> None:
     torch.manual_seed(0)
     net = ShortcutMLP(16, [24, 24], 4)
@@ -589,6 +662,34 @@ def test_snap_to_budget_lands_at_or_below_the_target_by_default(seed: int) -> No
     ceiling = snapped(True)
     assert 0.4 - 0.02 <= ceiling <= 0.4  # a budget is a ceiling: never above it
     assert abs(snapped(False) - 0.4) <= 0.02  # the symmetric window of the old behaviour
+
+
+def test_snap_keeps_the_unrounded_decisions_when_rounding_down_exceeds_the_target() -> None:
+    net = ShortcutMLP(16, [20, 20], 4, shortcuts=False)
+    for layer in net.layers:  # 3 units open in each layer: rounding down to 16 would be wider
+        layer.unit_gate.force_(torch.arange(20) < 3)
+    budget = Budget(net, torch.zeros(1, 16), flops=0.2)
+    before = budget.achieved()
+    assert before["flops"] <= 0.2
+    got = snap_to_budget(budget, tolerance=0.2, round_to=16)
+    assert got == before
+    assert [int(layer.unit_gate.is_open().sum()) for layer in net.layers] == [3, 3]
+
+
+def test_snap_round_to_rejects_bad_values() -> None:
+    net, budget = _net_and_budget()
+    with pytest.raises(ValueError, match="round_to"):
+        snap_to_budget(budget, round_to=0)
+    with pytest.raises(TypeError, match="round_to"):
+        snap_to_budget(budget, round_to=8.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="snap_round_to"):
+        Trainer(net, budget=budget, snap_round_to=-16)
+    grouped = ShortcutMLP(16, [32, 32], 4, unit_group=8)
+    with pytest.raises(ValueError, match=r"round_to=12 is not a multiple of .* group size 8"):
+        snap_to_budget(Budget(grouped, torch.zeros(1, 16), flops=0.5), round_to=12)
+    # a multiple of the group size is fine and keeps whole groups
+    snap_to_budget(Budget(grouped, torch.zeros(1, 16), flops=0.5), round_to=16)
+    assert all(int(layer.unit_gate.is_open().sum()) % 16 == 0 for layer in grouped.layers)
 
 
 def test_snap_to_budget_rejects_bad_input() -> None:

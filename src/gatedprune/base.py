@@ -37,6 +37,12 @@ class GatedModule(nn.Module):
         """The gate modules of this module."""
         return gate_modules(self)
 
+    def width_gates(self) -> list[Gate]:
+        """The gates whose open count is a layer's width (units, channels, hidden units), for
+        hardware-friendly rounding (:func:`gatedprune.snap_to_budget` ``round_to``); none by
+        default. Edge, block, head and sub-layer gates are not widths."""
+        return []
+
     def gate_parameters(self) -> list[nn.Parameter]:
         """Parameters of the gates (optimise them without weight decay, often at a higher lr)."""
         return [p for g in self.gates() for p in g.parameters()]

@@ -392,6 +392,7 @@ def budget_trainer(
     metrics_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     budget: Budget | None = None,
+    round_to: int | None = None,
 ) -> Trainer:
     """The demos' training recipe for a gated ``net`` under a FLOPs and/or parameter budget.
 
@@ -405,7 +406,8 @@ def budget_trainer(
     straight-through gradients, so the Lagrangian steers the cost that
     pruning will really achieve. AdamW, lr 1e-2 with cosine decay, batch 100; ``loss_fn``
     defaults to :func:`classification_loss`. A prebuilt ``budget`` (e.g. a fixed-penalty
-    ablation) replaces the Lagrangian one.
+    ablation) replaces the Lagrangian one. ``round_to`` rounds the snapped widths to
+    multiples of it (:func:`gatedprune.snap_to_budget`).
 
     >>> from gatedprune.data import mnist1d
     >>> data = mnist1d()
@@ -436,6 +438,7 @@ def budget_trainer(
         weight_decay=1e-4,
         straight_through_at=0.0,
         snap_at=SNAP_AT,
+        snap_round_to=round_to,
         lr_schedule=rewound_cosine_lr(SNAP_AT),
         optimizer=_adamw_fast_multipliers,
         seed=seed,
@@ -455,10 +458,12 @@ def train_demo_model(
     checkpoint_dir: Path | None = None,
     progress: bool = False,
     unit_group: int = 1,
+    round_to: int | None = None,
 ) -> tuple[ShortcutConv1d, Trainer]:
     """Train the demo network under a FLOPs budget (:func:`budget_trainer`, the recipe shared by
     the demos and benchmarks); BatchNorm statistics are re-estimated for the final eval-mode
-    gates. ``unit_group``: see :func:`build_demo_model`."""
+    gates. ``unit_group``: see :func:`build_demo_model`; ``round_to``: see
+    :func:`budget_trainer`."""
     torch.manual_seed(seed)
     x_train, y_train = data.x_train, data.y_train
     net = build_demo_model(x_train.shape[-1], unit_group)
@@ -477,6 +482,7 @@ def train_demo_model(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         metrics_fn=val_metrics,
+        round_to=round_to,
     )
     trainer.fit(train=(x_train, y_train), val=(data.x_test, data.y_test))
     recalibrate_batchnorm(net, calib)

@@ -167,6 +167,10 @@ class ShortcutLSTM(GatedModule):
         self.head_gate: Gate | None = kind.make(len(spec.head_sources)) if shortcuts else None
 
     # ------------------------------------------------------------------ forward
+    def width_gates(self) -> list[Gate]:
+        """The layers' hidden-unit gates."""
+        return [cast(Gate, g) for g in self.unit_gates]
+
     def _gate_values(
         self, values: bool
     ) -> tuple[list[Tensor | None], list[Tensor], Tensor | None, Tensor | None]:

@@ -417,6 +417,10 @@ class _ShortcutNet(GatedModule):
             gates.append(self.head_gate)
         return gates
 
+    def width_gates(self) -> list[Gate]:
+        """The layers' unit/channel gates."""
+        return [cast(_GatedLayer, layer).unit_gate for layer in self.layers]
+
     def _gate_values(
         self, compute: Callable[[Sequence[Gate]], list[Tensor]]
     ) -> tuple[list[Tensor], list[Tensor | None], Tensor | None]:

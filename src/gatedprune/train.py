@@ -51,8 +51,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .base import GatedModule
 from .budget import Budget
-from .gates import gate_modules, harden
+from .gates import Gate, gate_modules, harden
 
 __all__ = ["Trainer", "constant_lr", "cosine_lr", "rewound_cosine_lr", "snap_to_budget"]
 
@@ -106,7 +107,11 @@ def constant_lr(progress: float) -> float:
 
 @torch.no_grad()
 def snap_to_budget(
-    budget: Budget, *, tolerance: float = 0.01, at_most: bool = True
+    budget: Budget,
+    *,
+    tolerance: float = 0.01,
+    at_most: bool = True,
+    round_to: int | None = None,
 ) -> dict[str, float]:
     """Fix every gate of ``budget.model`` open or closed so the achieved cost fractions lie
     within ``tolerance`` of the targets, and with ``at_most`` (the default: a budget is a
@@ -124,6 +129,15 @@ def snap_to_budget(
     0 or 1. When no such decisions are found this way (the target may be out of reach of the
     structure's granularity), the decisions closest to the allowed window among those visited
     are kept: check the returned fractions.
+
+    ``round_to`` (e.g. 16, the float32 block of AVX-512 kernels) then rounds every layer width
+    (the open count of each :meth:`GatedModule.width_gates` gate with more than ``round_to``
+    entries) to a multiple of ``round_to`` or to the full width, keeping closed layers closed
+    and the most probable units: all widths are first rounded down (at least ``round_to``),
+    then the round-ups whose reopened units have the highest mean open probability are taken
+    while every constraint stays at or below its target. The cost may then lie more than
+    ``tolerance`` below the target (the granularity is coarser); if even the rounded-down
+    widths exceed a target, the unrounded decisions are kept.
     Deterministic, so every DDP rank makes the same decisions.
 
     >>> import torch, gatedprune
@@ -136,8 +150,11 @@ def snap_to_budget(
     if not isinstance(budget, Budget):
         raise TypeError(f"snap_to_budget expects a gatedprune.Budget, got {type(budget).__name__}")
     tol = _positive_float("tolerance", tolerance, allow_zero=True)
+    if round_to is not None:
+        round_to = _positive_int("round_to", round_to)
     gates = gate_modules(budget.model)
     masks = [g.is_open().reshape(-1).clone() for g in gates]  # (n_g,) each
+    learned = {id(g): g.prob_open().detach().reshape(-1).clone() for g in gates}  # before force_
     # the decisions are per gate: a gate shared by a group of entries flips its whole group
     order = sorted(
         (float(score), gi, i)
@@ -207,7 +224,88 @@ def snap_to_budget(
             gi_mask.copy_(m)
             g.force_(m)
         current = achieved()
+    if round_to is not None:
+        current = _round_widths(budget, round_to, learned)
     return current
+
+
+def _width_gates(model: nn.Module) -> list[Gate]:
+    seen: set[int] = set()
+    out: list[Gate] = []
+    for m in model.modules():
+        if isinstance(m, GatedModule):
+            for g in m.width_gates():
+                if id(g) not in seen:
+                    seen.add(id(g))
+                    out.append(g)
+    return out
+
+
+def _round_widths(budget: Budget, multiple: int, learned: dict[int, Tensor]) -> dict[str, float]:
+    """The ``round_to`` step of :func:`snap_to_budget` on gates already forced to 0/1;
+    ``learned``: each gate's open probabilities before they were forced, by ``id``."""
+    targets = budget.targets
+
+    def achieved() -> dict[str, float]:
+        return {k: float(v) for k, v in budget.fractions(hard=True).items()}
+
+    def fits(c: dict[str, float]) -> bool:
+        return all(c[k] <= t for k, t in targets.items())
+
+    # per rounded gate: the gate, its entries ranked (open first, then by open probability,
+    # then position: a shared gate's entries stay together), the allowed widths, the choice
+    plans: list[tuple[Gate, list[int], list[int], Tensor]] = []
+    choice: list[int] = []
+    saved: list[tuple[Gate, Tensor]] = []
+    for g in _width_gates(budget.model):
+        if multiple % g.group:
+            raise ValueError(
+                f"round_to={multiple} is not a multiple of a width gate's group size {g.group}"
+            )
+        is_open = g.is_open().reshape(-1)  # (n,) bool
+        k, n = int(is_open.sum()), g.n
+        if k == 0 or n <= multiple:
+            continue  # a closed layer stays closed; a narrow one has nothing to round to
+        prob = learned[id(g)]  # (n,)
+        ranked = sorted(range(n), key=lambda i: (not bool(is_open[i]), -float(prob[i]), i))
+        widths = sorted({*range(multiple, n + 1, multiple), n})
+        plans.append((g, ranked, widths, prob))
+        choice.append(max([j for j, w in enumerate(widths) if w <= k], default=0))
+        saved.append((g, is_open.clone()))
+
+    def apply(p: int, j: int) -> None:
+        g, ranked, widths, _ = plans[p]
+        mask = torch.zeros(g.n, dtype=torch.bool)
+        mask[ranked[: widths[j]]] = True
+        g.force_(mask)
+
+    for p, j in enumerate(choice):
+        apply(p, j)
+    current = achieved()
+    if not fits(current):  # the rounded-down widths are too wide: keep the snap's decisions
+        for g, mask in saved:
+            g.force_(mask)
+        return achieved()
+    while True:
+        best: tuple[float, int] | None = None
+        for p, (_, ranked, widths, prob) in enumerate(plans):
+            j = choice[p]
+            if j + 1 == len(widths):
+                continue
+            apply(p, j + 1)
+            trial = achieved()
+            apply(p, j)
+            if fits(trial):
+                reopened = ranked[widths[j] : widths[j + 1]]
+                score = float(prob[reopened].mean())
+                if best is None or score > best[0]:
+                    best = (score, p)
+        if best is None:
+            return current
+        p = best[1]
+        choice[p] += 1
+        apply(p, choice[p])
+        current = achieved()
 
 
 class _Objective(nn.Module):
@@ -320,7 +418,8 @@ class Trainer:
     hardened (:func:`gatedprune.harden`); after ``straight_through_at`` the budget penalises the
     exact cost with straight-through gradients (``budget.straight_through``; ``None`` leaves
     the flag alone); at ``snap_at`` the gates are fixed to the budget by
-    :func:`snap_to_budget` and frozen (only with a budget). ``metrics_fn(model)`` (called in
+    :func:`snap_to_budget` (``snap_tolerance``, widths rounded to ``snap_round_to``) and
+    frozen (only with a budget). ``metrics_fn(model)`` (called in
     eval mode, without gradients, after each epoch) adds its values to the epoch record;
     ``on_step(trainer, record)`` is called after every step.
 
@@ -359,6 +458,7 @@ class Trainer:
     straight_through_at: float | None = 0.0
     snap_at: float | None = 0.8
     snap_tolerance: float = 0.01
+    snap_round_to: int | None = None
     metrics_fn: Callable[[nn.Module], Mapping[str, float]] | None = field(default=None, repr=False)
     on_step: Callable[[Trainer, Record], None] | None = field(default=None, repr=False)
     trace_every: int = 10
@@ -409,6 +509,8 @@ class Trainer:
         self.snap_at = _fraction_or_none("snap_at", self.snap_at)
         if self.snap_at == 1.0:
             raise ValueError("snap_at must be < 1 (call snap_to_budget after training instead)")
+        if self.snap_round_to is not None:
+            _positive_int("snap_round_to", self.snap_round_to)
         self.snap_tolerance = _positive_float(
             "snap_tolerance", self.snap_tolerance, allow_zero=True
         )
@@ -638,7 +740,7 @@ class Trainer:
             self.budget.straight_through = progress >= self.straight_through_at
         if frozen and self.budget is not None and (self.step - 1) / total < (self.snap_at or 0):
             self.achieved_before_snap = self.budget.achieved()
-            snap_to_budget(self.budget, tolerance=self.snap_tolerance)
+            snap_to_budget(self.budget, tolerance=self.snap_tolerance, round_to=self.snap_round_to)
 
     def _reset_stats(self) -> None:
         self._stats = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "count": 0.0, "time": 0.0}

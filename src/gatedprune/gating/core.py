@@ -224,6 +224,14 @@ class InsertedGating(ModelGating):
     def _group_list(self) -> list[Gate]:
         return [g for g in self.group_gates if isinstance(g, Gate)]
 
+    def width_gates(self) -> list[Gate]:
+        """Channel/unit groups, transformer FFN units and recurrent hidden units (not attention
+        heads, not sub-layer, block or shortcut gates)."""
+        not_widths = {gh for _, gh in self.attentions}
+        for _, gh, _, ga, gf in self.transformers:
+            not_widths |= {gh, ga, gf}
+        return [g for i, g in enumerate(self._group_list()) if i not in not_widths]
+
     def _block_list(self) -> list[Gate]:
         return [g for g in self.block_gates if isinstance(g, Gate)]
 
