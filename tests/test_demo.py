@@ -15,11 +15,24 @@ from gatedprune.cli import main
 from gatedprune.demo import DemoConfig, run_demo
 
 
-def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize("round_to", [None, 8])
+def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path, round_to: int | None) -> None:
     pytest.importorskip("mnist1d")
-    results = run_demo(
-        DemoConfig(epochs=2, finetune_epochs=1, num_samples=600, out=tmp_path, progress=False)
+    config = DemoConfig(
+        epochs=2,
+        finetune_epochs=1,
+        num_samples=600,
+        out=tmp_path,
+        progress=False,
+        round_to=round_to,
     )
+    results = run_demo(config)
+    if round_to is not None:  # every kept width is a multiple of round_to or the full width
+        layers = results["connectivity"]["layers"]
+        assert all(
+            x["kept_units"] % round_to == 0 or x["kept_units"] == x["width"] for x in layers
+        ), layers
+        assert results["config"]["round_to"] == round_to
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["achieved_flops_fraction"] == results["achieved_flops_fraction"]
     for name in ("connectivity.png", "widths.png", "training.png", "pruned.safetensors"):
@@ -47,6 +60,7 @@ def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path) -> None:
         (["demo", "--budget", "abc"], "expected a number"),
         (["demo", "--epochs", "0"], ">= 1"),
         (["demo", "--seed", "-3"], ">= 0"),
+        (["demo", "--round-to", "0"], ">= 1"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=_non_negative, default=0, help="random seed (0)")
     demo.add_argument(
+        "--round-to",
+        type=_positive,
+        default=None,
+        help="round every kept width to a multiple of this at the snap, e.g. 8 or 16 (the "
+        "channel blocks of the CPU kernels); off by default",
+    )
+    demo.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -181,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 epochs=default_epochs if args.epochs is None else args.epochs,
                 finetune_epochs=args.finetune_epochs,
                 seed=args.seed,
+                round_to=args.round_to,
                 out=default_out if args.out is None else args.out,
                 progress=not args.quiet,
             )

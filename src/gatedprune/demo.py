@@ -60,6 +60,7 @@ class DemoConfig:
     out: Path = Path("gatedprune-demo")
     progress: bool = True
     num_samples: int = 5000
+    round_to: int | None = None  # snapped widths rounded to multiples (snap_to_budget)
 
     def validate(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -70,6 +71,8 @@ class DemoConfig:
             raise ValueError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError(f"--round-to must be >= 1, got {self.round_to}")
 
 
 def classification_loss() -> nn.Module:
@@ -513,6 +516,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         seed=config.seed,
         checkpoint_dir=out / "checkpoints",
         progress=config.progress,
+        round_to=config.round_to,
     )
     train_seconds = time.perf_counter() - t0
     r = prune_check_finetune(net, data, config)
@@ -541,6 +545,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "config": {
             "budget": config.budget,
             "epochs": config.epochs,
+            "round_to": config.round_to,
             "finetune_epochs": config.finetune_epochs,
             "seed": config.seed,
             "stages": [list(s) for s in STAGES],

@@ -104,6 +104,7 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
         progress=config.progress,
         metrics_fn=val_metrics,
         loss_fn=last_step_loss,
+        round_to=config.round_to,
     )
     trainer.fit(train=(x_train, y_train))
     train_seconds = time.perf_counter() - t0
@@ -130,6 +131,7 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
             "epochs": config.epochs,
             "finetune_epochs": config.finetune_epochs,
             "seed": config.seed,
+            "round_to": config.round_to,
             "hidden": list(HIDDEN),
         },
         "rows": rows,

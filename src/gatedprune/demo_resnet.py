@@ -94,6 +94,7 @@ def train_resnet_demo_model(
     blocks: Sequence[int] = BLOCKS,
     checkpoint_dir: Path | None = None,
     progress: bool = False,
+    round_to: int | None = None,
 ) -> tuple[ResNet1d, GatingSummary, Trainer]:
     """Gate the demo ResNet (channels, blocks, dense shortcuts) and train it under a FLOPs
     budget with the demos' recipe (:func:`gatedprune.demo.budget_trainer`), then BatchNorm
@@ -128,6 +129,7 @@ def train_resnet_demo_model(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
         metrics_fn=val_metrics,
+        round_to=round_to,
     )
     trainer.fit(train=(x_train, y_train))
     recalibrate_batchnorm(net, calib)
@@ -434,6 +436,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         budget=config.budget,
         epochs=config.epochs,
         seed=config.seed,
+        round_to=config.round_to,
         checkpoint_dir=out / "checkpoints",
         progress=config.progress,
     )
@@ -465,6 +468,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
             "epochs": config.epochs,
             "finetune_epochs": config.finetune_epochs,
             "seed": config.seed,
+            "round_to": config.round_to,
             "num_samples": config.num_samples,
             "widths": list(WIDTHS),
             "blocks": list(BLOCKS),
