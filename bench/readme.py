@@ -16,6 +16,7 @@ ORDER = [
     "demo",
     "budget_sweep",
     "unit_group",
+    "round_to",
     "train_step",
     "prune_time",
     "resnet1d_speed",
