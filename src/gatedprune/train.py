@@ -154,12 +154,12 @@ def snap_to_budget(
         round_to = _positive_int("round_to", round_to)
     gates = gate_modules(budget.model)
     masks = [g.is_open().reshape(-1).clone() for g in gates]  # (n_g,) each
-    learned = {id(g): g.prob_open().detach().reshape(-1).clone() for g in gates}  # before force_
+    probs = [g.prob_open().detach().reshape(-1).clone() for g in gates]  # (n_g,), before force_
     # the decisions are per gate: a gate shared by a group of entries flips its whole group
     order = sorted(
         (float(score), gi, i)
-        for gi, g in enumerate(gates)
-        for i, score in enumerate(g.prob_open().detach().reshape(-1)[:: g.group].tolist())
+        for gi, (g, p) in enumerate(zip(gates, probs, strict=True))
+        for i, score in enumerate(p[:: g.group].tolist())
     )  # ascending open probability; ties broken by position: deterministic
     for g, m in zip(gates, masks, strict=True):
         g.force_(m)
@@ -225,6 +225,7 @@ def snap_to_budget(
             g.force_(m)
         current = achieved()
     if round_to is not None:
+        learned = {id(g): p for g, p in zip(gates, probs, strict=True)}
         current = _round_widths(budget, round_to, learned)
     return current
 
