@@ -103,3 +103,21 @@ def test_demo_recipe_trains_with_smoothed_labels() -> None:
     plain = nn.CrossEntropyLoss()
     explicit = budget_trainer(build_demo_model(), data, flops=0.5, epochs=1, seed=0, loss_fn=plain)
     assert explicit.loss_fn is plain
+
+
+def test_conv_demo_trains_edge_gates_slower_than_unit_gates() -> None:
+    """train_demo_model (the conv demo, bench.budget_sweep, the suite's conv workload) gives the
+    edge and read-out gates EDGE_LR_FACTOR of the unit gates' learning rate; budget_trainer
+    without edge_lr_factor keeps one rate (the ResNet and LSTM demos)."""
+    from gatedprune import demo
+    from gatedprune.data import Splits
+
+    x = torch.randn(20, 1, 40)  # (N, 1, L)
+    y = torch.randint(0, 10, (20,))
+    data = Splits(x, y, x, y)
+    one_rate = demo.budget_trainer(demo.build_demo_model(), data, flops=0.5, epochs=1, seed=0)
+    assert one_rate.edge_gate_lr is None
+    _, trainer = demo.train_demo_model(data, budget=0.5, epochs=1, seed=0)
+    assert 0.0 < demo.EDGE_LR_FACTOR < 1.0
+    assert trainer.edge_gate_lr == pytest.approx(trainer.gate_lr * demo.EDGE_LR_FACTOR)
+    assert trainer.gate_lr == one_rate.gate_lr

@@ -187,6 +187,54 @@ def test_cosine_schedule_scales_weights_and_gates_only() -> None:
     assert cosine_lr(1.0) == 0.0
 
 
+def test_edge_gate_lr_gives_the_connection_gates_their_own_rate() -> None:
+    x, y = _classification(40)
+    net, budget = _net_and_budget(flops=0.3, warmup_steps=0)
+    handed: list[dict[str, Any]] = []
+    lrs: list[list[tuple[str, float]]] = []
+
+    class _PerGroup(torch.optim.AdamW):
+        def step(self, closure: Any = None) -> Any:
+            lrs.append([(g["name"], g["lr"]) for g in self.param_groups])
+            return super().step(closure)
+
+    def factory(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        handed.extend(dict(g) for g in groups)
+        return _PerGroup(groups)
+
+    before = [p.detach().clone() for p in net.gate_parameters()]
+    trainer = Trainer(
+        net,
+        budget=budget,
+        epochs=2,
+        batch_size=10,
+        gate_lr=8e-2,
+        edge_gate_lr=2e-2,
+        optimizer=factory,
+        lr_schedule=constant_lr,
+        snap_at=0.75,
+        progress=False,
+    )
+    trainer.fit((x, y))
+    gate_groups = [g for g in handed if g["name"] == "gates"]
+    width = {id(p) for g in net.width_gates() for p in g.parameters()}
+    everything = {id(p) for p in net.gate_parameters()}
+    assert [g["lr"] for g in gate_groups] == [8e-2, 2e-2]
+    assert {id(p) for p in gate_groups[0]["params"]} == width
+    assert {id(p) for p in gate_groups[1]["params"]} == everything - width != set()
+    for step, rec in enumerate(lrs):  # both gate groups freeze at the snap
+        frozen = step / len(lrs) >= 0.75
+        assert [lr for name, lr in rec if name == "gates"] == (
+            [0.0, 0.0] if frozen else [8e-2, 2e-2]
+        )
+    assert all(not torch.equal(a, b) for a, b in zip(before, net.gate_parameters(), strict=True))
+    # without the option: one gate group, as before
+    handed.clear()
+    net2, budget2 = _net_and_budget()
+    Trainer(net2, budget=budget2, epochs=1, optimizer=factory, progress=False).fit((x, y))
+    assert [g["name"] for g in handed].count("gates") == 1
+
+
 def test_gates_keep_learning_without_a_budget() -> None:
     x, y = _classification(40)
     torch.manual_seed(0)
@@ -398,6 +446,8 @@ def test_progress_false_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
         ({"batch_size": True}, TypeError, "batch_size"),
         ({"lr": 0.0}, ValueError, "lr"),
         ({"gate_lr": float("nan")}, ValueError, "gate_lr"),
+        ({"edge_gate_lr": 0.0}, ValueError, "edge_gate_lr"),
+        ({"edge_gate_lr": "slow"}, TypeError, "edge_gate_lr"),
         ({"weight_decay": -1e-4}, ValueError, "weight_decay"),
         ({"harden_at": 1.5}, ValueError, "harden_at"),
         ({"straight_through_at": "half"}, TypeError, "straight_through_at"),

@@ -412,8 +412,11 @@ class Trainer:
     factory ``param_groups -> torch.optim.Optimizer`` (``None``: AdamW); each group already
     carries its ``name`` (``"weights"``, ``"gates"``, ``"budget"``), ``lr`` and
     ``weight_decay``. ``lr_schedule(progress)`` scales the weight and gate learning rates (see
-    :func:`cosine_lr`). ``checkpoint_every_steps=None`` checkpoints at the end of every epoch
-    (and at the end, and at a ``max_steps`` stop); the newest ``keep_checkpoints`` are kept.
+    :func:`cosine_lr`). ``edge_gate_lr`` (``None``: ``gate_lr``) is the learning rate of every
+    gate that is not a unit/channel gate (shortcut edges, read-outs, layer and block gates);
+    those gates then form a second ``"gates"`` group. ``checkpoint_every_steps=None``
+    checkpoints at the end of every epoch (and at the end, and at a ``max_steps`` stop); the
+    newest ``keep_checkpoints`` are kept.
 
     Phases, as fractions of all steps (``None``: never): after ``harden_at`` sigmoid gates are
     hardened (:func:`gatedprune.harden`); after ``straight_through_at`` the budget penalises the
@@ -444,6 +447,7 @@ class Trainer:
     batch_size: int = 100
     lr: float = 1e-2
     gate_lr: float = 5e-2
+    edge_gate_lr: float | None = None
     budget_lr: float = 5e-2
     weight_decay: float = 0.0
     optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = field(
@@ -499,6 +503,8 @@ class Trainer:
             _positive_int("checkpoint_every_steps", self.checkpoint_every_steps)
         self.lr = _positive_float("lr", self.lr)
         self.gate_lr = _positive_float("gate_lr", self.gate_lr)
+        if self.edge_gate_lr is not None:
+            self.edge_gate_lr = _positive_float("edge_gate_lr", self.edge_gate_lr)
         self.budget_lr = _positive_float("budget_lr", self.budget_lr)
         self.weight_decay = _positive_float("weight_decay", self.weight_decay, allow_zero=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -688,9 +694,18 @@ class Trainer:
                 }
             )
         if gates:
-            groups.append(
-                {"params": gates, "lr": self.gate_lr, "weight_decay": 0.0, "name": "gates"}
-            )
+            split = [(self.gate_lr, gates)]
+            if self.edge_gate_lr is not None:  # width gates at gate_lr, all others apart
+                width = {id(p) for g in _width_gates(self.model) for p in g.parameters()}
+                split = [
+                    (self.gate_lr, [p for p in gates if id(p) in width]),
+                    (self.edge_gate_lr, [p for p in gates if id(p) not in width]),
+                ]
+            for lr, params in split:
+                if params:
+                    groups.append(
+                        {"params": params, "lr": lr, "weight_decay": 0.0, "name": "gates"}
+                    )
         if self.budget is not None:
             mult = [p for p in self.budget.parameters() if p.requires_grad]
             groups.append(
