@@ -413,8 +413,9 @@ class Trainer:
     carries its ``name`` (``"weights"``, ``"gates"``, ``"budget"``), ``lr`` and
     ``weight_decay``. ``lr_schedule(progress)`` scales the weight and gate learning rates (see
     :func:`cosine_lr`). ``edge_gate_lr`` (``None``: ``gate_lr``) is the learning rate of every
-    gate that is not a unit/channel gate (shortcut edges, read-outs, layer and block gates);
-    those gates then form a second ``"gates"`` group. ``checkpoint_every_steps=None``
+    gate its model does not list in ``width_gates()`` (unit/channel gates): shortcut edges,
+    read-outs, layer, block, attention-head and sub-layer gates, in a second ``"gates"``
+    group. ``checkpoint_every_steps=None``
     checkpoints at the end of every epoch (and at the end, and at a ``max_steps`` stop); the
     newest ``keep_checkpoints`` are kept.
 
