@@ -122,3 +122,43 @@ def test_torch_pruning_fails_on_the_lstm_before_training(monkeypatch: pytest.Mon
     spec = baselines.RunSpec(wl, Splits(x, y, x, y), 0.25, 2, 0, dense)
     with pytest.raises(AssertionError):
         baselines.run_magnitude(spec)
+
+
+@pytest.mark.parametrize(
+    ("workload", "factor"),
+    [("conv", "EDGE_LR_FACTOR"), ("mlp", None)],
+)
+def test_fixed_lambda_ablation_uses_gatedprunes_edge_gate_rate(
+    monkeypatch: pytest.MonkeyPatch, workload: str, factor: str | None
+) -> None:
+    """l0_fixed differs from gatedprune only in its penalty: on the conv workload it gets the
+    same edge-gate learning-rate factor as train_demo_model, elsewhere one gate rate."""
+    import torch
+
+    from bench.suite import baselines
+    from bench.suite.workloads import MNIST1DShortcutConv, Workload
+    from gatedprune import demo
+    from gatedprune.data import Splits
+
+    seen: dict[str, object] = {}
+
+    class _StopError(Exception):
+        pass
+
+    def capture(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _StopError
+
+    monkeypatch.setattr(demo, "budget_trainer", capture)
+    if workload == "conv":
+        wl: Workload = MNIST1DShortcutConv()
+        x = torch.randn(4, 1, 40)  # (N, 1, L)
+    else:
+        wl = MNIST1DShortcutMLP()
+        x = torch.randn(4, 40)  # (N, L)
+    y = torch.zeros(4, dtype=torch.long)
+    spec = baselines.RunSpec(wl, Splits(x, y, x, y), 0.25, 2, 0, 1000)
+    with pytest.raises(_StopError):
+        baselines.run_l0_fixed(spec)
+    expected = demo.EDGE_LR_FACTOR if factor else None
+    assert seen["edge_lr_factor"] == expected

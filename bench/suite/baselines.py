@@ -482,7 +482,13 @@ def run_l0_fixed(spec: RunSpec) -> MethodResult:
         net, spec.example, flops=spec.target, lam=spec.l0_lambda, delay_steps=int(DELAY * total)
     )
     trainer = budget_trainer(
-        net, spec.data, epochs=spec.epochs, seed=spec.seed, loss_fn=wl.loss_fn(), budget=budget
+        net,
+        spec.data,
+        epochs=spec.epochs,
+        seed=spec.seed,
+        loss_fn=wl.loss_fn(),
+        budget=budget,
+        edge_lr_factor=wl.edge_lr_factor,
     )
     apply_schedule(trainer, wl.schedule)
     trainer.fit(train=(spec.data.x_train, spec.data.y_train))

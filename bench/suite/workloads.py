@@ -23,6 +23,7 @@ import gatedprune as gp
 from gatedprune.calibrate import recalibrate_batchnorm
 from gatedprune.data import Splits
 from gatedprune.demo import (
+    EDGE_LR_FACTOR,
     STAGES,
     all_open_copy,
     budget_trainer,
@@ -277,6 +278,9 @@ class Workload(abc.ABC):
     description: str
     schedule: Schedule = DEFAULT_SCHEDULE
     """Training schedule of every method on this workload."""
+    edge_lr_factor: float | None = None
+    """Edge-gate learning-rate factor of gatedprune's recipe here (``budget_trainer``), so the
+    fixed-λ L0 ablation differs from gatedprune only in its penalty."""
 
     @abc.abstractmethod
     def data(self, num_samples: int) -> Splits:
@@ -328,6 +332,7 @@ class MNIST1DShortcutConv(Workload):
 
     name = "mnist1d_shortcut_conv"
     description = "MNIST-1D, ShortcutConv1d (demo network) / plain chain CNN"
+    edge_lr_factor = EDGE_LR_FACTOR  # as train_demo_model
 
     def data(self, num_samples: int) -> Splits:
         return _mnist1d(num_samples)
