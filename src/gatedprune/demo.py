@@ -471,12 +471,14 @@ def train_demo_model(
     progress: bool = False,
     unit_group: int = 1,
     round_to: int | None = None,
+    edge_lr_factor: float | None = EDGE_LR_FACTOR,
 ) -> tuple[ShortcutConv1d, Trainer]:
     """Train the demo network under a FLOPs budget (:func:`budget_trainer`, the recipe shared by
     the demos and benchmarks); BatchNorm statistics are re-estimated for the final eval-mode
     gates. ``unit_group``: see :func:`build_demo_model`; ``round_to``: see
-    :func:`budget_trainer`. Edge and read-out gates learn at ``EDGE_LR_FACTOR`` times the unit
-    gates' rate."""
+    :func:`budget_trainer`. Edge and read-out gates learn at ``edge_lr_factor`` times the unit
+    gates' rate (default ``EDGE_LR_FACTOR``; ``None``: one gate rate, the recipe before
+    ``bench.collapse`` measured the difference)."""
     torch.manual_seed(seed)
     x_train, y_train = data.x_train, data.y_train
     net = build_demo_model(x_train.shape[-1], unit_group)
@@ -496,7 +498,7 @@ def train_demo_model(
         progress=progress,
         metrics_fn=val_metrics,
         round_to=round_to,
-        edge_lr_factor=EDGE_LR_FACTOR,
+        edge_lr_factor=edge_lr_factor,
     )
     trainer.fit(train=(x_train, y_train), val=(data.x_test, data.y_test))
     recalibrate_batchnorm(net, calib)
