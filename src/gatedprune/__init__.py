@@ -12,6 +12,7 @@ from .base import GatedModule, ModelGating
 from .budget import Budget
 from .calibrate import recalibrate_batchnorm
 from .costs import Cost, ExpectedCost, cost, register_cost
+from .export import export_onnx, onnx_session
 from .fold import fold_batchnorm
 from .gates import (
     Gate,
@@ -55,6 +56,7 @@ __all__ = [
     "Trainer",
     "apply_plan",
     "cost",
+    "export_onnx",
     "export_plan",
     "fold_batchnorm",
     "gate_",
@@ -62,6 +64,7 @@ __all__ = [
     "harden",
     "load",
     "measure_latency",
+    "onnx_session",
     "prune",
     "recalibrate_batchnorm",
     "register_cost",

@@ -215,7 +215,7 @@ def check_sequence(x: object, input_size: int, batch_first: bool) -> tuple[Tenso
         )
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got dtype {x.dtype}")
-    return x, int(batch)
+    return x, batch  # no int(): a symbolic batch size stays symbolic under torch.export
 
 
 def check_state(

@@ -5,13 +5,16 @@ for a (256, 23, 40) tensor and window 2, against 65 µs for the same mean as two
 slices, measured on 1 thread). On small tensors (batch 1) the one torch call is cheaper than
 ``k`` slices, so the slices are used from ``SLICE_MIN_PER_WINDOW * k`` elements on (measured
 crossovers: about 4-8 k elements for ``k`` = 2, 30 k for ``k`` = 8). Shortcut networks and
-their pruned plain versions pool with these functions.
+their pruned plain versions pool with these functions. Under ``torch.export``/``torch.compile``
+(ONNX export included) the one ``F.avg_pool1d`` call is always used: the choice depends on the
+batch size, which is symbolic there, and the compilers and runtimes optimize pooling themselves.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,8 +35,9 @@ def mean_pool1d(x: Tensor, k: int) -> Tensor:
     if k == 1:
         return x
     n = x.shape[-1] // k
-    if n == 0 or x.numel() < SLICE_MIN_PER_WINDOW * k:
-        return F.avg_pool1d(x, k, k)  # small: one call is cheaper (too short: torch's error)
+    if torch.compiler.is_compiling() or n == 0 or x.numel() < SLICE_MIN_PER_WINDOW * k:
+        # small: one call is cheaper (too short: torch's error); traced: no shape branch
+        return F.avg_pool1d(x, k, k)
     x = x[..., : n * k]  # (..., n * k)
     s = x[..., 0::k]  # (..., n)
     for i in range(1, k):

@@ -1,0 +1,207 @@
+"""Export pruned (plain) models to ONNX for deployment, checked against ONNX Runtime.
+
+``prune`` returns plain PyTorch modules (``nn.Conv1d``/``nn.Linear``/``nn.LSTM``/... and fx
+graphs of the user's own modules), so they export with PyTorch's own ONNX exporter
+(``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based one). :func:`export_onnx`
+adds what deployment needs around it: gated models are refused, the chosen input dimensions
+stay dynamic (batch size, sequence length), the file is written atomically, and the exported
+graph is run in ONNX Runtime on the example input and a differently sized one and compared
+with the PyTorch model. Needs the extra ``onnx`` (``onnx``, ``onnxscript``, ``onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import GatedModule
+
+__all__ = ["export_onnx", "onnx_session"]
+
+
+def _require(module: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"ONNX export needs the {module} package: pip install 'gatedprune[onnx]'"
+        ) from e
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's informational logging and torch-internal deprecation noise."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # nn.LSTM/GRU re-assign their flat weight list while traced (torch's own code)
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def onnx_session(path: str | Path | bytes, *, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session for an exported model (a file or its bytes), with
+    ``threads`` intra-op threads (default: ONNX Runtime's own choice).
+
+    >>> import torch, gatedprune
+    >>> s = onnx_session(gatedprune.export_onnx(torch.nn.Linear(3, 2), torch.zeros(1, 3),
+    ...                                         "/tmp/gp_linear.onnx"), threads=1)
+    >>> s.run(None, {"x": torch.zeros(5, 3).numpy()})[0].shape
+    (5, 2)
+    """
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _check_dims(example: Tensor, dynamic_dims: Sequence[int]) -> tuple[int, ...]:
+    dims: list[int] = []
+    for d in dynamic_dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < example.dim():
+            raise ValueError(
+                f"dynamic_dims must be dimensions of the {example.dim()}-dim example input, "
+                f"got {d!r}"
+            )
+        dims.append(d)
+    return tuple(sorted(set(dims)))
+
+
+def _resized(example: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """A random input whose dynamic dimensions differ from the example's (size + 2)."""
+    shape = [s + 2 if d in dims else s for d, s in enumerate(example.shape)]
+    return torch.randn(shape, dtype=example.dtype, generator=torch.Generator().manual_seed(0))
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: Tensor,
+    path: str | Path,
+    *,
+    dynamic_dims: Sequence[int] = (0,),
+    check: bool = True,
+    atol: float = 1e-5,
+) -> Path:
+    """Export a plain (pruned) ``model`` to an ONNX file at ``path`` and return the path.
+
+    The input dimensions in ``dynamic_dims`` (default: the batch, dim 0; add 1 for the
+    sequence length of batch-first recurrent models) stay dynamic in the graph, and the same
+    dimensions of the output are named dynamic. The file is written atomically (a temporary
+    file renamed into place). With ``check`` the graph is run in ONNX Runtime on
+    ``example_input`` and on an input whose dynamic dimensions are 2 larger, and a
+    ``ValueError`` is raised if an output differs from the model's by more than ``atol``.
+    The model is exported in eval mode; its train/eval mode is restored afterwards.
+
+    >>> import torch, gatedprune
+    >>> net = gatedprune.ShortcutConv1d(1, [[8], [8]], 3, input_length=16)
+    >>> small = gatedprune.prune(net.eval())
+    >>> gatedprune.export_onnx(small, torch.randn(2, 1, 16), "/tmp/gp_small.onnx").name
+    'gp_small.onnx'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_onnx expects a torch.nn.Module, got {type(model).__name__}")
+    gated = [type(m).__name__ for m in model.modules() if isinstance(m, GatedModule)]
+    if gated:
+        raise TypeError(
+            f"{type(model).__name__} still has gates ({gated[0]}): export the pruned model, "
+            "gatedprune.prune(model.eval())"
+        )
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if not example_input.is_floating_point():
+        raise TypeError(f"example_input must be floating point, got dtype {example_input.dtype}")
+    dims = _check_dims(example_input, dynamic_dims)
+    if isinstance(atol, bool) or not isinstance(atol, int | float) or not atol >= 0:
+        raise ValueError(f"atol must be a number >= 0, got {atol!r}")
+    _require("onnxscript")
+    onnx = _require("onnx")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a directory; give a file name such as model.onnx")
+    shapes = ({d: torch.export.Dim(f"dim{d}", min=1) for d in dims},)
+    was_training = model.training
+    model.eval()
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(
+                model,
+                (example_input,),
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_shapes=shapes,
+                dynamo=True,
+                verbose=False,
+            )
+        if program is None:  # only with dynamo=False, which is not used
+            raise RuntimeError("torch.onnx.export returned no program")
+        proto = program.model_proto
+        for out in proto.graph.output:  # name the dynamic dims of the outputs as well
+            for d, dim in enumerate(out.type.tensor_type.shape.dim):
+                if d in dims:
+                    dim.dim_param = f"dim{d}"
+        data = proto.SerializeToString()
+        if check:
+            _check_against_runtime(model, data, example_input, dims, atol)
+        onnx.checker.check_model(proto)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    finally:
+        model.train(was_training)
+    return path
+
+
+def _check_against_runtime(
+    model: nn.Module, data: bytes, example: Tensor, dims: tuple[int, ...], atol: float
+) -> None:
+    session = onnx_session(data)
+    for x in (example, _resized(example, dims)):
+        with torch.no_grad():
+            expected = model(x)
+        if not isinstance(expected, Tensor):
+            raise TypeError(
+                f"export_onnx checks models with one tensor output; got {type(expected).__name__}"
+                " (pass check=False to export without the check)"
+            )
+        got = torch.from_numpy(session.run(None, {"x": x.detach().cpu().numpy()})[0])
+        if got.shape != expected.shape:
+            raise ValueError(
+                f"the exported graph gives shape {tuple(got.shape)} for input "
+                f"{tuple(x.shape)}, the model {tuple(expected.shape)}"
+            )
+        diff = float((got - expected.cpu()).abs().max()) if got.numel() else 0.0
+        if not diff <= atol:
+            raise ValueError(
+                f"the exported graph differs from the model by {diff:.3g} > atol={atol:g} on "
+                f"an input of shape {tuple(x.shape)}"
+            )

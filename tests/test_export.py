@@ -1,0 +1,139 @@
+"""export_onnx: pruned models run in ONNX Runtime with the same outputs as in PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+from zoo import randomise_norms
+
+import gatedprune
+from gatedprune.gates import Gate
+from gatedprune.gating import InsertedGating, ResNet1d, ScaledAdd, gate_
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+def _random_state(gates: list[Gate], gen: torch.Generator, p_open: float = 0.6) -> None:
+    for g in gates:
+        mask = torch.rand(g.n_groups, generator=gen) < p_open
+        g.force_(mask.repeat_interleave(g.n // g.n_groups))
+
+
+def _runtime_diff(path: Path, model: nn.Module, x: Tensor) -> float:
+    session = gatedprune.onnx_session(path, threads=1)
+    got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    with torch.no_grad():
+        expected = model(x)
+    assert got.shape == expected.shape
+    return float((got - expected).abs().max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pruned_shortcut_conv_runs_in_onnx_runtime_at_any_batch_size(
+    seed: int, tmp_path: Path
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = gatedprune.ShortcutConv1d(2, [[8, 8], [12]], 3, input_length=24)
+    _random_state(net.gates(), gen)
+    randomise_norms(net, gen)
+    gated = net.eval()
+    pruned = gatedprune.prune(gated).eval()
+    path = gatedprune.export_onnx(pruned, torch.randn(4, 2, 24, generator=gen), tmp_path / "c.onnx")
+    for batch in (1, 7, 300):  # 300: the strided-slice pooling path in PyTorch
+        x = torch.randn(batch, 2, 24, generator=gen)
+        assert _runtime_diff(path, pruned, x) <= 1e-5
+        with torch.no_grad():  # and so the gated model's function
+            assert float((gated(x) - pruned(x)).abs().max()) <= 1e-5
+
+
+def test_pruned_shortcut_mlp_exports(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    net = gatedprune.ShortcutMLP(10, [16, 16, 16], 4)
+    _random_state(net.gates(), gen)
+    pruned = gatedprune.prune(net.eval()).eval()
+    path = gatedprune.export_onnx(pruned, torch.randn(3, 10), tmp_path / "m.onnx")
+    assert _runtime_diff(path, pruned, torch.randn(33, 10, generator=gen)) <= 1e-5
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_pruned_recurrent_network_exports_with_dynamic_batch_and_length(
+    cell: str, tmp_path: Path
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    net = gatedprune.ShortcutLSTM(3, 12, 2, 2, cell=cell)
+    _random_state(net.unit_gates, gen)
+    pruned = gatedprune.prune(net.eval()).eval()
+    path = gatedprune.export_onnx(
+        pruned, torch.randn(4, 9, 3), tmp_path / "r.onnx", dynamic_dims=(0, 1)
+    )
+    for shape in [(1, 5, 3), (6, 40, 3)]:
+        assert _runtime_diff(path, pruned, torch.randn(*shape, generator=gen)) <= 1e-5
+
+
+def test_resnet_pruned_with_gate_exports_removed_blocks_and_kept_shortcuts(
+    tmp_path: Path,
+) -> None:
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = ResNet1d()
+    x = torch.randn(2, 1, 40, generator=gen)
+    gate_(model, x, shortcuts="dense")
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    assert gating.edge_gate is not None
+    for i, g in enumerate(gating.block_gates):
+        assert isinstance(g, Gate)
+        g.force_(torch.tensor([i % 3 != 1]))
+    gating.edge_gate.force_(torch.rand(gating.edge_gate.n, generator=gen) < 0.5)
+    randomise_norms(model, gen)
+    pruned = gatedprune.prune(model.eval()).eval()
+    assert any(isinstance(m, ScaledAdd) for m in pruned.modules())  # a shortcut survived
+    path = gatedprune.export_onnx(pruned, x, tmp_path / "r.onnx")
+    assert _runtime_diff(path, pruned, torch.randn(17, 1, 40, generator=gen)) <= 1e-5
+
+
+def test_export_restores_the_training_mode(tmp_path: Path) -> None:
+    net = gatedprune.prune(gatedprune.ShortcutMLP(4, [6], 2).eval()).train()
+    gatedprune.export_onnx(net, torch.randn(2, 4), tmp_path / "t.onnx")
+    assert net.training
+
+
+def test_gated_models_and_bad_arguments_are_refused(tmp_path: Path) -> None:
+    net = gatedprune.ShortcutMLP(4, [6], 2)
+    with pytest.raises(TypeError, match=r"still has gates .*gatedprune.prune"):
+        gatedprune.export_onnx(net, torch.randn(2, 4), tmp_path / "g.onnx")
+    plain = gatedprune.prune(net.eval())
+    with pytest.raises(TypeError, match=r"example_input must be a torch\.Tensor"):
+        gatedprune.export_onnx(plain, [[0.0] * 4], tmp_path / "g.onnx")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="floating point"):
+        gatedprune.export_onnx(plain, torch.zeros(2, 4, dtype=torch.long), tmp_path / "g.onnx")
+    with pytest.raises(ValueError, match="dynamic_dims must be dimensions of the 2-dim"):
+        gatedprune.export_onnx(plain, torch.randn(2, 4), tmp_path / "g.onnx", dynamic_dims=(2,))
+    with pytest.raises(ValueError, match="is a directory"):
+        gatedprune.export_onnx(plain, torch.randn(2, 4), tmp_path)
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        gatedprune.onnx_session(tmp_path / "g.onnx", threads=0)
+    assert not list(tmp_path.iterdir())  # nothing written by a refused call
+
+
+class _Noisy(nn.Module):
+    """Not a deterministic function: the exported graph cannot match it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.rand_like(x)
+
+
+def test_a_graph_that_differs_from_the_model_is_refused_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="differs from the model by"):
+        gatedprune.export_onnx(_Noisy(), torch.randn(2, 3), tmp_path / "n.onnx")
+    assert not list(tmp_path.iterdir())
+    gatedprune.export_onnx(_Noisy(), torch.randn(2, 3), tmp_path / "n.onnx", check=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["n.onnx"]
