@@ -8,10 +8,11 @@ CPU latency of the pruned model vs the all-open network at batch 1 and 256; "lat
 the same network with channels gated in groups (``ShortcutConv1d(unit_group=g)``, kept widths
 in multiples of g); ``--round-to`` instead rounds the widths at the snap
 (``snap_to_budget(round_to=m)``, 0: no rounding). All pruned models are timed after all
-training, in the same interleaved rounds as one all-open reference.
+training, in the same interleaved rounds as one all-open reference. ``--onnx`` adds the
+latency ratios of the same models exported to ONNX and run in ONNX Runtime.
 
     python -m bench.budget_sweep [--targets 0.5 0.25 0.1] [--seeds 0] [--epochs 30]
-        [--unit-groups 1] [--round-to 0] [--name budget_sweep]
+        [--unit-groups 1] [--round-to 0] [--name budget_sweep] [--onnx]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from gatedprune.demo import accuracy, all_open_copy, max_abs_diff, train_demo_mo
 from gatedprune.plain import PlainShortcutNet
 from gatedprune.profiling import compare_latency
 
-from .common import command_line, write_results
+from .common import OrtModule, command_line, write_results
 
 
 def main() -> None:
@@ -40,6 +41,11 @@ def main() -> None:
     ap.add_argument("--unit-groups", type=int, nargs="+", default=[1])
     ap.add_argument("--round-to", type=int, nargs="+", default=[0])
     ap.add_argument("--name", default="budget_sweep")
+    ap.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also time every model exported to ONNX and run in ONNX Runtime (1 thread)",
+    )
     args = ap.parse_args()
     data = mnist1d()
     x1 = data.x_train[:1]
@@ -73,9 +79,13 @@ def main() -> None:
                 if "dense" not in models:  # the all-open network is the same for every group
                     models["dense"] = dense
                     models["dense_folded"] = dense.fold_batchnorm().eval()
+                    if args.onnx:
+                        models["dense_ort"] = OrtModule(dense, x1)
                 i = len(rows)
                 models[f"pruned{i}"] = pruned
                 models[f"folded{i}"] = pruned.fold_batchnorm().eval()
+                if args.onnx:
+                    models[f"ort{i}"] = OrtModule(pruned, x1)
                 achieved = c_p.flops / c_d.flops
                 reductions.append(c_d.flops / c_p.flops)
                 rows.append(
@@ -109,6 +119,11 @@ def main() -> None:
         row["latency_ratio_b256_bn_folded"] = (
             lat[256]["dense_folded"] / lat[256][f"folded{i}"] / reduction
         )
+        if args.onnx:
+            for b in xb:
+                row[f"latency_ratio_b{b}_onnxruntime"] = (
+                    lat[b]["dense_ort"] / lat[b][f"ort{i}"] / reduction
+                )
     summary = []
     for group, round_to in variants:
         for target in args.targets:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,3 +85,39 @@ def command_line() -> str:
         + Path(sys.argv[0]).stem
         + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     )
+
+
+class OrtModule(nn.Module):
+    """An exported plain model run by ONNX Runtime, callable like the module it came from (so
+    :func:`gatedprune.profiling.compare_latency` times it in the same rounds as eager models).
+    Exported with :func:`gatedprune.export_onnx` (checked against the model), ``threads``
+    intra-op threads.
+
+    >>> m = OrtModule(nn.Linear(3, 2), torch.zeros(1, 3))
+    >>> m(torch.zeros(4, 3)).shape
+    torch.Size([4, 2])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: Tensor,
+        *,
+        dynamic_dims: Sequence[int] = (0,),
+        threads: int = 1,
+    ) -> None:
+        import tempfile
+
+        import gatedprune as gp
+
+        super().__init__()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = gp.export_onnx(
+                model, example, Path(tmp) / "model.onnx", dynamic_dims=dynamic_dims
+            )
+            self.session = gp.onnx_session(path, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().numpy()})[0]
+        return torch.from_numpy(out)

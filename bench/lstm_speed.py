@@ -27,7 +27,7 @@ import gatedprune as gp
 from gatedprune.profiling import measure_latency
 from gatedprune.recurrent import ShortcutLSTM
 
-from .common import command_line, write_results
+from .common import OrtModule, command_line, write_results
 
 TARGET = 0.25
 LENGTH = 50
@@ -50,7 +50,9 @@ def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int, min_time: float
     return 1e3 * lat.median
 
 
-def run(cell: str, hidden: int, repeats: int, min_time: float) -> list[dict[str, object]]:
+def run(
+    cell: str, hidden: int, repeats: int, min_time: float, onnx: bool
+) -> list[dict[str, object]]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     net = ShortcutLSTM(2, [hidden, hidden], 2, 1, cell=cell).eval()
@@ -70,17 +72,27 @@ def run(cell: str, hidden: int, repeats: int, min_time: float) -> list[dict[str,
     with torch.no_grad():
         diff = float((pruned(xb) - net(xb)).abs().max())
     flops, params = (float(v) for v in net.expected_cost(tuple(x1.shape), hard=True))
+    models: dict[tuple[str, str], nn.Module] = {
+        ("torch", "dense"): dense,
+        ("torch", "pruned"): pruned,
+    }
+    if onnx:  # the same plain models exported (batch and length dynamic) and run in ORT
+        example = torch.randn(3, 7, 2)
+        for name, model in (("dense", dense), ("pruned", pruned)):
+            models[("onnxruntime", name)] = OrtModule(model, example, dynamic_dims=(0, 1))
     rows: list[dict[str, object]] = []
-    times = {}
-    for name, model in (("dense", dense), ("pruned", pruned)):
-        times[name] = (
+    times = {
+        key: (
             _latency_ms(model, x1, repeats, min_time),
             _latency_ms(model, xb, max(5, repeats // 4), min_time),
         )
+        for key, model in models.items()
+    }
     reduction = dense_params / params
-    for name in ("dense", "pruned"):
-        b1, b256 = times[name]
+    for runtime, name in models:
+        b1, b256 = times[(runtime, name)]
         row: dict[str, object] = {
+            "runtime": runtime,
             "cell": cell,
             "hidden": hidden,
             "model": name,
@@ -92,8 +104,8 @@ def run(cell: str, hidden: int, repeats: int, min_time: float) -> list[dict[str,
             "ms_b256": b256,
         }
         if name == "pruned":
-            s1 = times["dense"][0] / b1
-            s256 = times["dense"][1] / b256
+            s1 = times[(runtime, "dense")][0] / b1
+            s256 = times[(runtime, "dense")][1] / b256
             row.update(
                 {
                     "max_abs_diff": diff,
@@ -144,6 +156,7 @@ def train_step_overhead(cell: str, hidden: int, repeats: int) -> dict[str, objec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.quick:
@@ -154,18 +167,27 @@ def main() -> None:
         repeats, min_time = 40, 1.0
     rows: list[dict[str, object]] = []
     for cell, hidden in configs:
-        rows.extend(run(cell, hidden, repeats, min_time))
-    passed = [
-        r
-        for r in rows
-        if r["model"] == "pruned" and float(r["efficiency_b256"]) >= 0.7  # type: ignore[arg-type]
-    ]
+        rows.extend(run(cell, hidden, repeats, min_time, not args.no_onnx))
+    pruned_rows = [r for r in rows if r["model"] == "pruned"]
+    passed = {
+        (str(r["runtime"]), b): 0 for r in pruned_rows for b in (256, 1)
+    }  # (runtime, batch) -> configurations with efficiency >= 0.7
+    for r in pruned_rows:
+        for b in (256, 1):
+            passed[(str(r["runtime"]), b)] += float(r[f"efficiency_b{b}"]) >= 0.7  # type: ignore[arg-type]
     notes = (
         "efficiency = speed-up / parameter reduction (dense params / pruned params); target "
         f">= 0.7. Sequences of {LENGTH} steps, 2 input features, 1 output per step; one "
         "thread; median latency. Pruned: the same number of random units kept in each layer "
-        f"(largest with params fraction <= {TARGET}). "
-        f"{len(passed)}/{len(configs)} configurations reach the target at batch 256."
+        f"(largest with params fraction <= {TARGET}). runtime onnxruntime: the same plain "
+        "models exported with gatedprune.export_onnx (ONNX LSTM/GRU operators) and run in "
+        "ONNX Runtime, one thread. Configurations reaching the target: "
+        + "; ".join(
+            f"{rt}: {passed[(rt, 256)]}/{len(configs)} at batch 256, "
+            f"{passed[(rt, 1)]}/{len(configs)} at batch 1"
+            for rt in dict.fromkeys(rt for rt, _ in passed)
+        )
+        + "."
     )
     overhead = [train_step_overhead(c, h, 5 if args.quick else 20) for c, h in configs]
     write_results(

@@ -15,7 +15,10 @@ Two more settings: the same ResNet at a compute-bound signal length (L = 1024, a
 length; batch 1 only: a 256 x 1024 batch takes seconds per forward on one thread), and a
 deployment variant ``fold=yes`` where every Conv -> BatchNorm pair of the dense and the pruned
 model alike is folded (``gatedprune.fold_batchnorm``); its speed-up and FLOPs reduction compare
-the folded pruned model with the folded dense one. ``--quick`` writes ``*_quick`` result files.
+the folded pruned model with the folded dense one. ``fold=onnxruntime`` rows run the same
+unfolded models exported to ONNX (``gatedprune.export_onnx``) in ONNX Runtime, a deployment
+runtime with far less per-operator overhead than eager PyTorch (``--no-onnx`` skips them).
+``--quick`` writes ``*_quick`` result files.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from gatedprune.gating import InsertedGating, gate_
 from gatedprune.gating.models import ResNet1d
 from gatedprune.profiling import compare_latency
 
-from .common import command_line, median, write_results
+from .common import OrtModule, command_line, median, write_results
 
 TARGETS = (0.5, 0.25, 0.1)
 
@@ -80,7 +83,7 @@ def _width(model: nn.Module, x: torch.Tensor, dense: float, target: float) -> No
 
 
 def _rows(
-    length: int, reps: dict[int, int], fold: bool, rounds: int
+    length: int, reps: dict[int, int], fold: bool, rounds: int, onnx: bool
 ) -> tuple[list[dict[str, object]], int]:
     """Depth and width rows at input length ``length`` (``reps``: repeats per round for each
     batch size). Every pruned variant is built first; then, per batch size and fold variant,
@@ -97,6 +100,8 @@ def _rows(
     references: dict[str, nn.Module] = {"no": dense_model}
     if fold:
         references["yes"] = gp.fold_batchnorm(dense_model)
+    if onnx:  # ONNX Runtime fuses Conv -> BatchNorm itself: the unfolded models are exported
+        references["onnxruntime"] = OrtModule(dense_model, x1)
     modes: dict[str, tuple[dict[str, bool], Callable[..., None]]] = {
         "depth": ({"channels": False, "blocks": True}, _depth),
         "width": ({"channels": True, "blocks": False}, _width),
@@ -113,11 +118,14 @@ def _rows(
         for target in TARGETS:
             setter(model, x1, float(dense.flops), target)
             pruned = gp.prune(model).eval()
-            for folded, ref in references.items():
+            for folded in references:
                 net = gp.fold_batchnorm(pruned) if folded == "yes" else pruned
+                ref = dense_model if folded == "onnxruntime" else references[folded]
                 c, c_ref = gp.cost(net, x1), gp.cost(ref, x1)
                 if not isinstance(c, gp.Cost) or not isinstance(c_ref, gp.Cost):
                     raise TypeError("pruned and dense models must be plain (no gates)")
+                if folded == "onnxruntime":
+                    net = OrtModule(net, x1)  # export_onnx checked it against the model
                 with torch.no_grad():
                     diff = float((net(check) - model(check)).abs().max())
                 nets[folded][len(rows)] = net
@@ -150,15 +158,17 @@ def _rows(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime rows")
     args = ap.parse_args()
     torch.set_num_threads(1)
     suffix = "_quick" if args.quick else ""
     load_start = os.getloadavg()[0]
     rounds = 3 if args.quick else 7
+    onnx = not args.no_onnx
     rows, dense_flops = _rows(
-        40, {1: 10 if args.quick else 40, 256: 1 if args.quick else 3}, True, rounds
+        40, {1: 10 if args.quick else 40, 256: 1 if args.quick else 3}, True, rounds, onnx
     )
-    long_rows, long_flops = _rows(1024, {1: 2 if args.quick else 8}, True, rounds)
+    long_rows, long_flops = _rows(1024, {1: 2 if args.quick else 8}, True, rounds, onnx)
     rows += long_rows
     dense_model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))
     dense_params = sum(p.numel() for p in dense_model.parameters())
@@ -177,6 +187,9 @@ def main() -> None:
             "fold=yes: Conv -> BatchNorm pairs folded in the dense and the pruned model "
             "(gatedprune.fold_batchnorm), speed-up and FLOPs reduction against the folded "
             "dense model (flops_fraction stays relative to the unfolded dense model). "
+            "fold=onnxruntime: the unfolded dense and pruned models exported with "
+            "gatedprune.export_onnx and run in ONNX Runtime (1 thread; it fuses Conv -> "
+            "BatchNorm itself), timed in the same rounds. "
             f"Dense FLOPs per sample: {dense_flops} (L=40), {long_flops} (L=1024); "
             f"params {dense_params}. 1-minute load average of the machine (2 CPUs, shared): "
             f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end of the timing."

@@ -66,7 +66,7 @@ def test_pruned_recurrent_network_exports_with_dynamic_batch_and_length(
 ) -> None:
     gen = torch.Generator().manual_seed(4)
     torch.manual_seed(4)
-    net = gatedprune.ShortcutLSTM(3, 12, 2, 2, cell=cell)
+    net = gatedprune.ShortcutLSTM(3, [24, 24], 2, 2, cell=cell)
     _random_state(net.unit_gates, gen)
     pruned = gatedprune.prune(net.eval()).eval()
     path = gatedprune.export_onnx(

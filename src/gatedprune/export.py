@@ -2,7 +2,9 @@
 
 ``prune`` returns plain PyTorch modules (``nn.Conv1d``/``nn.Linear``/``nn.LSTM``/... and fx
 graphs of the user's own modules), so they export with PyTorch's own ONNX exporter
-(``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based one). :func:`export_onnx`
+(``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based one; models with
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` through the TorchScript-based one, which keeps ONNX's own
+recurrent operators and a dynamic sequence length). :func:`export_onnx`
 adds what deployment needs around it: gated models are refused, the chosen input dimensions
 stay dynamic (batch size, sequence length), the file is written atomically, and the exported
 graph is run in ONNX Runtime on the example input and a differently sized one and compared
@@ -12,16 +14,18 @@ with the PyTorch model. Needs the extra ``onnx`` (``onnx``, ``onnxscript``, ``on
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.jit._trace import TracerWarning
 
 from .base import GatedModule
 
@@ -49,6 +53,9 @@ def _quiet_exporter() -> Iterator[None]:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             # nn.LSTM/GRU re-assign their flat weight list while traced (torch's own code)
             warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
+            # shape checks traced as constants; the runtime check runs other shapes instead
+            warnings.filterwarnings("ignore", category=TracerWarning)
+            warnings.filterwarnings("ignore", message=r"Exporting a model to ONNX with a batch")
             yield
     finally:
         log.setLevel(level)
@@ -139,23 +146,10 @@ def export_onnx(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path {str(path)!r} is a directory; give a file name such as model.onnx")
-    shapes = ({d: torch.export.Dim(f"dim{d}", min=1) for d in dims},)
     was_training = model.training
     model.eval()
     try:
-        with _quiet_exporter(), torch.no_grad():
-            program = torch.onnx.export(
-                model,
-                (example_input,),
-                input_names=["x"],
-                output_names=["y"],
-                dynamic_shapes=shapes,
-                dynamo=True,
-                verbose=False,
-            )
-        if program is None:  # only with dynamo=False, which is not used
-            raise RuntimeError("torch.onnx.export returned no program")
-        proto = program.model_proto
+        proto = _export_proto(model, example_input, dims, onnx)
         for out in proto.graph.output:  # name the dynamic dims of the outputs as well
             for d, dim in enumerate(out.type.tensor_type.shape.dim):
                 if d in dims:
@@ -179,6 +173,40 @@ def export_onnx(
     finally:
         model.train(was_training)
     return path
+
+
+def _export_proto(model: nn.Module, example: Tensor, dims: tuple[int, ...], onnx: Any) -> Any:
+    """The ONNX graph of ``model``: the ``torch.export``-based exporter, except for models with
+    recurrent modules. Those go through the TorchScript-based exporter, which emits ONNX's own
+    ``LSTM``/``GRU``/``RNN`` operators with a dynamic sequence length; the ``torch.export``
+    path decomposes them into one step per time step and fixes the length."""
+    with _quiet_exporter(), torch.no_grad():
+        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+            axes = {d: f"dim{d}" for d in dims}
+            buffer = io.BytesIO()
+            torch.onnx.export(
+                model,
+                (example,),
+                cast(Any, buffer),  # the exporter writes to file objects too
+                input_names=["x"],
+                output_names=["y"],
+                dynamic_axes={"x": axes, "y": axes},
+                dynamo=False,
+            )
+            return onnx.load_from_string(buffer.getvalue())
+        shapes = ({d: torch.export.Dim(f"dim{d}", min=1) for d in dims},)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_shapes=shapes,
+            dynamo=True,
+            verbose=False,
+        )
+    if program is None:  # only with dynamo=False
+        raise RuntimeError("torch.onnx.export returned no program")
+    return program.model_proto
 
 
 def _check_against_runtime(
