@@ -15,6 +15,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 ORDER = [
     "demo",
     "budget_sweep",
+    "collapse",
     "unit_group",
     "unit_group16_edge_lr",
     "round_to",
