@@ -16,6 +16,7 @@ ORDER = [
     "demo",
     "budget_sweep",
     "collapse",
+    "latency_budget",
     "unit_group",
     "unit_group16_edge_lr",
     "round_to",

@@ -12,7 +12,7 @@ import torch
 
 import gatedprune as gp
 from gatedprune.cli import main
-from gatedprune.demo import DemoConfig, run_demo
+from gatedprune.demo import DemoConfig, all_open_copy, build_demo_model, run_demo
 
 
 @pytest.mark.parametrize("round_to", [None, 8])
@@ -53,6 +53,34 @@ def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path, round_to: i
     assert (c.flops, c.params) == (pruned["flops"], pruned["params"])
 
 
+def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("mnist1d")
+    config = DemoConfig(
+        budget=0.3,
+        epochs=2,
+        finetune_epochs=0,
+        num_samples=600,
+        out=tmp_path,
+        progress=False,
+        latency=True,
+    )
+    results = run_demo(config)
+    assert results["config"]["budget_kind"] == "latency"
+    assert results["target_latency_fraction"] == 0.3
+    predicted = results["predicted_latency_fraction"]
+    assert 0.0 < predicted <= 1.0
+    assert results["budget_error"] == abs(predicted - 0.3)
+    assert results["measured_latency_fraction_b256"] > 0.0
+    lm = gp.LatencyModel.from_json(json.dumps(results["latency_model"]))
+    loaded = gp.load(tmp_path / "pruned.safetensors")
+    assert isinstance(loaded, gp.PlainShortcutNet)
+    dense = gp.prune(all_open_copy(build_demo_model()))
+    assert isinstance(dense, gp.PlainShortcutNet)
+    assert lm.predict(loaded) / lm.predict(dense) == pytest.approx(predicted, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -61,6 +89,7 @@ def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path, round_to: i
         (["demo", "--epochs", "0"], ">= 1"),
         (["demo", "--seed", "-3"], ">= 0"),
         (["demo", "--round-to", "0"], ">= 1"),
+        (["demo", "--model", "lstm", "--latency"], "--latency applies to --model conv"),
         (["frobnicate"], "invalid choice"),
     ],
 )

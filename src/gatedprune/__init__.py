@@ -25,6 +25,7 @@ from .gates import (
 )
 from .gating import GatingSummary, InsertedGating, ResNet1d, apply_plan, export_plan, gate_
 from .io import load, register_model_class, save
+from .latency import LatencyModel
 from .plain import OffsetConv1d, PlainShortcutNet
 from .plain_recurrent import PlainShortcutLSTM
 from .profiling import measure_latency
@@ -43,6 +44,7 @@ __all__ = [
     "HardConcrete",
     "HardConcreteGate",
     "InsertedGating",
+    "LatencyModel",
     "ModelGating",
     "OffsetConv1d",
     "PlainShortcutLSTM",

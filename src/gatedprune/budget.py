@@ -2,7 +2,8 @@
 
     L = L_task + sum_c  lambda1_c * (s_c - t_c) + lambda2_c * (s_c - t_c)^2
 
-``s_c`` is the expected cost fraction of constraint ``c`` (FLOPs or parameters), ``t_c`` the
+``s_c`` is the expected cost fraction of constraint ``c`` (FLOPs, parameters, or the latency
+predicted by a :class:`~gatedprune.latency.LatencyModel`), ``t_c`` the
 target, warmed up linearly from ``target_start`` over ``warmup_steps`` penalty calls in training
 mode, after ``delay_steps`` calls without any budget pressure (the network first learns what its
 connections are worth; gates pruned from step 0 are pruned by cost, not by use). The multipliers
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 
 from .base import GatedModule
 from .costs import CostProgram
+from .latency import LatencyModel
+from .shortcut import _ShortcutNet
 
 __all__ = ["Budget"]
 
@@ -51,10 +54,13 @@ def _check_fraction(name: str, value: object) -> float | None:
 
 
 class Budget(nn.Module):
-    """A FLOPs and/or parameter budget for a gated model, as fractions of its all-open cost.
+    """A FLOPs, parameter and/or latency budget for a gated model, as fractions of its
+    all-open cost.
 
     Add ``budget.penalty()`` to the task loss at every training step and give
-    ``budget.parameters()`` (the multipliers) to the optimizer without weight decay.
+    ``budget.parameters()`` (the multipliers) to the optimizer without weight decay. A latency
+    budget (``latency=``, with ``latency_model=``, see :class:`~gatedprune.LatencyModel`) is a
+    fraction of the all-open network's latency as that model predicts it.
 
     >>> import torch, gatedprune
     >>> net = gatedprune.ShortcutMLP(40, [32, 32], 10)
@@ -77,14 +83,29 @@ class Budget(nn.Module):
         target_start: float = 1.0,
         delay_steps: int = 0,
         anti_windup: bool = True,
+        latency: float | None = None,
+        latency_model: LatencyModel | None = None,
     ) -> None:
         super().__init__()
         targets = {
             "flops": _check_fraction("flops", flops),
             "params": _check_fraction("params", params),
+            "latency": _check_fraction("latency", latency),
         }
         if all(v is None for v in targets.values()):
-            raise ValueError("Budget needs a target: flops=... and/or params=... in (0, 1]")
+            raise ValueError(
+                "Budget needs a target: flops=..., params=... and/or latency=... in (0, 1]"
+            )
+        if (latency is None) != (latency_model is None):
+            raise ValueError(
+                "a latency budget needs both latency=... and latency_model="
+                "gatedprune.LatencyModel.calibrate(model, example_input)"
+            )
+        if latency_model is not None and not isinstance(latency_model, LatencyModel):
+            raise TypeError(
+                "latency_model must be a gatedprune.LatencyModel, got "
+                f"{type(latency_model).__name__}"
+            )
         _check_fraction("target_start", target_start)
         for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -98,6 +119,17 @@ class Budget(nn.Module):
             )
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.program = CostProgram.trace(model, example_input)
+        self._latency: tuple[LatencyModel, _ShortcutNet] | None = None
+        if latency_model is not None:
+            nets = [m for m, _ in self.program.gated]
+            fixed = self.program.fixed_flops or self.program.fixed_params
+            if len(nets) != 1 or not isinstance(nets[0], _ShortcutNet) or fixed:
+                raise ValueError(
+                    "latency budgets support a ShortcutMLP or ShortcutConv1d on its own; "
+                    f"{type(model).__name__} is not one"
+                )
+            latency_model.check_network(nets[0])
+            self._latency = (latency_model, nets[0])
         dense = self._all_open_cost()
         self.targets: dict[str, float] = {k: v for k, v in targets.items() if v is not None}
         self.dense: dict[str, float] = {k: dense[k] for k in self.targets}
@@ -129,10 +161,14 @@ class Budget(nn.Module):
                 g.force_(torch.ones(g.n, dtype=torch.bool))
         try:
             c = self.program.evaluate(hard=True)
+            values = {"flops": float(c.flops), "params": float(c.params)}
+            if self._latency is not None:
+                lm, net = self._latency
+                values["latency"] = float(lm.expected(net, hard=True))
         finally:
             for g, state in saved:
                 g.load_state_dict(state)
-        return {"flops": float(c.flops), "params": float(c.params)}
+        return values
 
     @property
     def active(self) -> bool:
@@ -152,8 +188,13 @@ class Budget(nn.Module):
 
     def fractions(self, *, hard: bool = False) -> dict[str, Tensor]:
         """Expected (or, with ``hard``, exact) cost fractions as differentiable tensors."""
-        c = self.program.evaluate(hard=hard)
-        values = {"flops": c.flops, "params": c.params}
+        values: dict[str, Tensor] = {}
+        if "flops" in self.targets or "params" in self.targets:
+            c = self.program.evaluate(hard=hard)
+            values = {"flops": c.flops, "params": c.params}
+        if self._latency is not None:
+            lm, net = self._latency
+            values["latency"] = lm.expected(net, hard=hard)
         return {k: values[k] / self.dense[k] for k in self.targets}
 
     def penalty(self) -> Tensor:

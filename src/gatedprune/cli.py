@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "channel blocks of the CPU kernels); off by default",
     )
     demo.add_argument(
+        "--latency",
+        action="store_true",
+        help="conv demo only: --budget is a fraction of the all-open network's latency at batch "
+        "256 on one thread, predicted by a gatedprune.LatencyModel calibrated here first",
+    )
+    demo.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -182,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import DemoConfig
 
         run, default_out, default_budget, default_epochs = DEMOS[args.model]
+        if args.latency and args.model != "conv":
+            build_parser().error(f"--latency applies to --model conv, not {args.model}")
         run(
             DemoConfig(
                 budget=default_budget if args.budget is None else args.budget,
@@ -189,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 finetune_epochs=args.finetune_epochs,
                 seed=args.seed,
                 round_to=args.round_to,
+                latency=args.latency,
                 out=default_out if args.out is None else args.out,
                 progress=not args.quiet,
             )

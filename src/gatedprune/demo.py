@@ -24,6 +24,7 @@ from .budget import Budget
 from .calibrate import recalibrate_batchnorm
 from .costs import Cost, cost
 from .gates import HardConcrete, gate_modules
+from .latency import LatencyModel
 from .plain import PlainShortcutNet
 from .profiling import compare_latency
 from .prune import prune
@@ -61,6 +62,7 @@ class DemoConfig:
     progress: bool = True
     num_samples: int = 5000
     round_to: int | None = None  # snapped widths rounded to multiples (snap_to_budget)
+    latency: bool = False  # conv demo: ``budget`` is a fraction of the predicted latency
 
     def validate(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -401,6 +403,8 @@ def budget_trainer(
     budget: Budget | None = None,
     round_to: int | None = None,
     edge_lr_factor: float | None = None,
+    latency: float | None = None,
+    latency_model: LatencyModel | None = None,
 ) -> Trainer:
     """The demos' training recipe for a gated ``net`` under a FLOPs and/or parameter budget.
 
@@ -417,7 +421,8 @@ def budget_trainer(
     ablation) replaces the Lagrangian one. ``round_to`` rounds the snapped widths to
     multiples of it (:func:`gatedprune.snap_to_budget`). ``edge_lr_factor`` scales the
     learning rate of the gates that are not unit/channel gates (Trainer ``edge_gate_lr``;
-    ``None``: one gate learning rate).
+    ``None``: one gate learning rate). ``latency`` with ``latency_model`` adds a latency
+    budget (:class:`gatedprune.LatencyModel`).
 
     >>> from gatedprune.data import mnist1d
     >>> data = mnist1d()
@@ -434,7 +439,14 @@ def budget_trainer(
         budget
         if budget is not None
         else Budget(
-            net, example, flops=flops, params=params, warmup_steps=warmup, delay_steps=delay
+            net,
+            example,
+            flops=flops,
+            params=params,
+            latency=latency,
+            latency_model=latency_model,
+            warmup_steps=warmup,
+            delay_steps=delay,
         )
     )
     gate_lr = gate_lr_for(warmup)
@@ -464,7 +476,7 @@ def budget_trainer(
 def train_demo_model(
     data: Splits,
     *,
-    budget: float,
+    budget: float | None,
     epochs: int,
     seed: int,
     checkpoint_dir: Path | None = None,
@@ -472,13 +484,17 @@ def train_demo_model(
     unit_group: int = 1,
     round_to: int | None = None,
     edge_lr_factor: float | None = EDGE_LR_FACTOR,
+    latency: float | None = None,
+    latency_model: LatencyModel | None = None,
 ) -> tuple[ShortcutConv1d, Trainer]:
     """Train the demo network under a FLOPs budget (:func:`budget_trainer`, the recipe shared by
     the demos and benchmarks); BatchNorm statistics are re-estimated for the final eval-mode
     gates. ``unit_group``: see :func:`build_demo_model`; ``round_to``: see
     :func:`budget_trainer`. Edge and read-out gates learn at ``edge_lr_factor`` times the unit
     gates' rate (default ``EDGE_LR_FACTOR``; ``None``: one gate rate, the recipe before
-    ``bench.collapse`` measured the difference)."""
+    ``bench.collapse`` measured the difference). ``budget`` is the FLOPs fraction (``None``:
+    none); ``latency`` with ``latency_model`` (calibrated on ``build_demo_model()``) adds a
+    latency budget."""
     torch.manual_seed(seed)
     x_train, y_train = data.x_train, data.y_train
     net = build_demo_model(x_train.shape[-1], unit_group)
@@ -499,6 +515,8 @@ def train_demo_model(
         metrics_fn=val_metrics,
         round_to=round_to,
         edge_lr_factor=edge_lr_factor,
+        latency=latency,
+        latency_model=latency_model,
     )
     trainer.fit(train=(x_train, y_train), val=(data.x_test, data.y_test))
     recalibrate_batchnorm(net, calib)
@@ -522,9 +540,18 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     example = x_train[:1]  # (1, 1, 40): costs are per sample
 
     t0 = time.perf_counter()
+    lm: LatencyModel | None = None
+    if config.latency:
+        lm = LatencyModel.calibrate(build_demo_model(), example, batch_size=256, threads=1)
+        say(
+            f"latency model calibrated on {lm.samples} pruned copies at batch 256, 1 thread: "
+            f"held-out error median {100 * lm.median_error:.1f}%, max {100 * lm.max_error:.1f}%"
+        )
     net, trainer = train_demo_model(
         data,
-        budget=config.budget,
+        budget=None if config.latency else config.budget,
+        latency=config.budget if config.latency else None,
+        latency_model=lm,
         epochs=config.epochs,
         seed=config.seed,
         checkpoint_dir=out / "checkpoints",
@@ -554,9 +581,22 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     plot_training(trainer.trace, out / "training.png", target=config.budget)
 
     rows = result_rows(c_dense, c_pruned, lat, (acc_gated, acc_pruned, acc_finetuned))
+    achieved_flops = c_pruned.flops / c_dense.flops
+    if lm is None:
+        kind, achieved = "flops", achieved_flops
+        latency_facts: dict[str, Any] = {}
+    else:
+        kind = "latency"
+        achieved = lm.predict(_as_plain(finetuned)) / lm.predict(_as_plain(dense_plain))
+        latency_facts = {
+            "predicted_latency_fraction": achieved,
+            "measured_latency_fraction_b256": lat["pruned"][256] / lat["dense"][256],
+            "latency_model": json.loads(lm.to_json()),
+        }
     results: dict[str, Any] = {
         "config": {
             "budget": config.budget,
+            "budget_kind": kind,
             "epochs": config.epochs,
             "round_to": config.round_to,
             "finetune_epochs": config.finetune_epochs,
@@ -564,10 +604,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             "stages": [list(s) for s in STAGES],
         },
         "rows": rows,
-        "target_flops_fraction": config.budget,
-        "achieved_flops_fraction": c_pruned.flops / c_dense.flops,
+        f"target_{kind}_fraction": config.budget,
+        "achieved_flops_fraction": achieved_flops,
         "achieved_params_fraction": c_pruned.params / c_dense.params,
-        "budget_error": abs(c_pruned.flops / c_dense.flops - config.budget),
+        "budget_error": abs(achieved - config.budget),
+        **latency_facts,
         "achieved_before_snap": trainer.achieved_before_snap,
         "flops_reduction": c_dense.flops / c_pruned.flops,
         "speedup_b1_bn_folded": lat["dense_folded"][1] / lat["pruned_folded"][1],
@@ -582,10 +623,18 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     say("")
     say(_table(rows))
     say("")
+    if lm is not None:
+        say(
+            f"budget {config.budget:.0%} of the predicted latency at batch 256 -> predicted "
+            f"{achieved:.3f}, measured {latency_facts['measured_latency_fraction_b256']:.3f} "
+            f"(threads: {torch.get_num_threads()} here, 1 in the model)"
+        )
     say(
-        f"budget {config.budget:.0%} of FLOPs -> achieved {results['achieved_flops_fraction']:.3f}"
-        f" ({results['flops_reduction']:.1f}x fewer FLOPs); measured speed-up "
-        f"{results['speedup_b1']:.2f}x at batch 1, {results['speedup_b256']:.2f}x at batch 256"
+        f"{'' if lm is None else 'FLOPs: '}"
+        f"{f'budget {config.budget:.0%} of FLOPs -> ' if lm is None else ''}achieved "
+        f"{results['achieved_flops_fraction']:.3f} ({results['flops_reduction']:.1f}x fewer "
+        f"FLOPs); measured speed-up {results['speedup_b1']:.2f}x at batch 1, "
+        f"{results['speedup_b256']:.2f}x at batch 256"
     )
     say(
         f"kept: {k['layers_kept']}/{k['layers_total']} layers, {k['units_kept']}/"

@@ -96,6 +96,8 @@ def plot_training(
         ("expected_flops", "expected FLOPs fraction"),
         ("achieved_flops", "achieved FLOPs fraction"),
         ("expected_params", "expected params fraction"),
+        ("expected_latency", "expected latency fraction (predicted)"),
+        ("achieved_latency", "achieved latency fraction (predicted)"),
         ("mean_gate", "mean gate value"),
         ("open_fraction", "fraction of gates open"),
     ):

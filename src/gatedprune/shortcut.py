@@ -37,7 +37,7 @@ from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activatio
 from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
 from .pooling import adaptive_mean_pool1d, mean_pool1d
 
-__all__ = ["ShortcutConv1d", "ShortcutMLP"]
+__all__ = ["LATENCY_FEATURES", "ShortcutConv1d", "ShortcutMLP"]
 
 
 def _flat_values(gates: Sequence[Gate]) -> Tensor:
@@ -127,10 +127,42 @@ def _liveness(
     return S, o, N, A
 
 
+LATENCY_FEATURES = ("const", "layers", "edges", "macs", "in_elements", "out_elements", "pooled")
+"""What :class:`~gatedprune.latency.LatencyModel` predicts latency from, per sample of the pruned
+network: a constant, its layers, its edges (layer inputs and read-out sources), the
+multiply-accumulates of its layers, the input elements its layers read (concatenated
+sources: a copy each), their output elements (normalisation, activation) and the source
+elements pooled for shortcuts across stages."""
+
+
 def _cost_formula(spec: NetSpec, input_shape: Sequence[int], z: Sequence[Any]) -> list[Any]:
     """[flops, params] of the pruned network implied by the summary ``z`` (see
     :meth:`_ShortcutNet._summary`); mirrors exactly what :meth:`_ShortcutNet.pruned_module`
     builds."""
+    terms = _cost_terms(spec, input_shape, z, features=False)
+    return [terms["flops"], terms["params"]]
+
+
+def _latency_formula(
+    spec: NetSpec, input_shape: Sequence[int], z: Sequence[Any], coef: Sequence[float]
+) -> list[Any]:
+    """[latency] of the pruned network implied by ``z``: ``sum(coef * features)`` over
+    ``LATENCY_FEATURES``."""
+    terms = _cost_terms(spec, input_shape, z, features=True)
+    total: Any = 0.0
+    for name, c in zip(LATENCY_FEATURES, coef, strict=True):
+        if c != 0.0:
+            total = total + terms[name] * c
+    return [total]
+
+
+def _cost_terms(
+    spec: NetSpec, input_shape: Sequence[int], z: Sequence[Any], *, features: bool
+) -> dict[str, Any]:
+    """FLOPs (for the batch of ``input_shape``), params and, with ``features``, the
+    per-sample ``LATENCY_FEATURES`` of the pruned network implied by ``z``; exact at hard
+    gates, expectations under independence otherwise. Works on floats and on
+    :class:`~gatedprune.autodiff.Var` alike."""
     S_l, o_l, E, H = _unpack(spec, z)
     S, o, N, A = _liveness(spec, S_l, o_l, E, H)
     batch = int(input_shape[0])
@@ -141,6 +173,8 @@ def _cost_formula(spec: NetSpec, input_shape: Sequence[int], z: Sequence[Any]) -
     )
     flops: Any = 0.0
     params: Any = 0.0
+    f: dict[str, Any] = dict.fromkeys(LATENCY_FEATURES, 0.0)
+    f["const"] = 1.0
     for i, layer in enumerate(spec.layers):
         node = i + 1
         positions = spec.stage_length(length0, layer.stage) if spec.spatial else 1
@@ -159,6 +193,13 @@ def _cost_formula(spec: NetSpec, input_shape: Sequence[int], z: Sequence[Any]) -
                 if j > 0
             )
             flops = flops + (1 - no_const) * out * positions
+        if features:
+            f["layers"] = f["layers"] + A[node]
+            for e, j in zip(E[i], layer.sources, strict=True):
+                f["edges"] = f["edges"] + e * N[j] * A[node]
+            f["macs"] = f["macs"] + weights * positions
+            f["in_elements"] = f["in_elements"] + n_in * A[node] * positions
+            f["out_elements"] = f["out_elements"] + out * positions
     if spec.spatial:
         for j, stage in spec.pool_pairs():
             unused = _prod(
@@ -166,18 +207,25 @@ def _cost_formula(spec: NetSpec, input_shape: Sequence[int], z: Sequence[Any]) -
                 for i, layer in enumerate(spec.layers)
                 if layer.stage == stage and j in layer.sources
             )
-            f = 2 ** (stage - spec.node_stage(j))
-            flops = flops + N[j] * (1 - unused) * S[j] * (f * spec.stage_length(length0, stage))
+            pooled = N[j] * (1 - unused) * S[j]
+            read = spec.stage_length(length0, spec.node_stage(j))
+            flops = flops + pooled * (
+                2 ** (stage - spec.node_stage(j)) * spec.stage_length(length0, stage)
+            )
+            if features:
+                f["pooled"] = f["pooled"] + pooled * read
     head_in: Any = 0.0
     for h, j in zip(H, spec.head_sources, strict=True):
         read = h * N[j] * S[j]
         head_in = head_in + read * spec.head_pool
+        if features:
+            f["edges"] = f["edges"] + h * N[j]
         if spec.spatial:
             node_len = spec.stage_length(length0, spec.node_stage(j))
             flops = flops + read * _adaptive_window_sum(node_len, spec.head_pool)
     flops = flops + head_in * (FLOPS_PER_MAC * spec.out_features) + spec.out_features
     params = params + head_in * spec.out_features + spec.out_features
-    return [flops * batch, params]
+    return {"flops": flops * batch, "params": params, **(f if features else {})}
 
 
 def _summary_size(spec: NetSpec) -> int:
@@ -188,6 +236,16 @@ def _summary_size(spec: NetSpec) -> int:
 def _compiled_cost(spec: NetSpec, input_shape: tuple[int, ...]) -> CompiledFormula:
     """:func:`_cost_formula` for one structure and input shape, compiled (traced once)."""
     return CompiledFormula(lambda z: _cost_formula(spec, input_shape, z), _summary_size(spec))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_latency(
+    spec: NetSpec, input_shape: tuple[int, ...], coef: tuple[float, ...]
+) -> CompiledFormula:
+    """:func:`_latency_formula` for one structure, input shape and coefficients, compiled."""
+    return CompiledFormula(
+        lambda z: _latency_formula(spec, input_shape, z, coef), _summary_size(spec)
+    )
 
 
 class _ExpectedCost(torch.autograd.Function):
@@ -317,6 +375,7 @@ class _ShortcutNet(GatedModule):
             pos += n if g else 0
         self.register_buffer("edge_slot", torch.tensor(slots, dtype=torch.long), persistent=False)
         self._hard_costs: dict[tuple[tuple[int, ...], bytes], tuple[float, float]] = {}
+        self._hard_latencies: dict[tuple[tuple[int, ...], tuple[float, ...], bytes], float] = {}
         self._act = ACTIVATIONS[spec.activation][0]
 
     # ------------------------------------------------------------------ forward
@@ -476,6 +535,39 @@ class _ShortcutNet(GatedModule):
         out = _ExpectedCost.apply(p, self, _compiled_cost(self.spec, shape))  # type: ignore[no-untyped-call]
         flops, params = out.unbind()
         return flops, params
+
+    def expected_latency(
+        self, input_shape: Sequence[int], coef: Sequence[float], *, hard: bool = False
+    ) -> Tensor:
+        """``sum(coef * features)`` of the pruned network over ``LATENCY_FEATURES`` (see
+        :class:`~gatedprune.latency.LatencyModel`), as a differentiable float64 scalar: the
+        expectation under the gates' open probabilities, or with ``hard`` at the exact
+        decisions (then equal to the features of ``prune(self)``).
+
+        >>> net = ShortcutMLP(4, [3], 2)
+        >>> float(net.expected_latency((1, 4), [1.0, 0, 0, 0, 0, 0, 0], hard=True))
+        1.0
+        """
+        shape = tuple(int(d) for d in input_shape)
+        c = tuple(float(x) for x in coef)
+        if len(c) != len(LATENCY_FEATURES):
+            raise ValueError(f"expected {len(LATENCY_FEATURES)} coefficients, got {len(c)}")
+        if hard:
+            with torch.no_grad():
+                is_open = torch.cat(gate_is_open(self._gate_list()))  # (n_gates,) bool
+            key = (shape, c, is_open.cpu().numpy().tobytes())
+            cached = self._hard_latencies.get(key)
+            if cached is None:
+                _, values = self._summary(True)
+                cached = float(_latency_formula(self.spec, shape, values, c)[0])
+                if len(self._hard_latencies) >= 256:  # bounded, as the hard costs
+                    self._hard_latencies.clear()
+                self._hard_latencies[key] = cached
+            return torch.tensor(cached, dtype=torch.float64)
+        p = _flat_prob_open(self._gate_list())  # (n_gates,)
+        out = _ExpectedCost.apply(p, self, _compiled_latency(self.spec, shape, c))  # type: ignore[no-untyped-call]
+        latency: Tensor = out[0]
+        return latency
 
     def _hard_cost(self, shape: tuple[int, ...]) -> tuple[float, float]:
         """Cost at the exact decisions, cached by the decisions (they change only when a gate
