@@ -24,13 +24,11 @@ import time
 import torch
 from torch import nn
 
-import gatedprune as gp
 from gatedprune.data import mnist1d
-from gatedprune.demo import accuracy, all_open_copy, max_abs_diff, train_demo_model
-from gatedprune.plain import PlainShortcutNet
+from gatedprune.demo import accuracy, max_abs_diff, train_demo_model
 from gatedprune.profiling import compare_latency
 
-from .common import OrtModule, command_line, write_results
+from .common import OrtModule, command_line, prune_with_reference, write_results
 
 
 def main() -> None:
@@ -67,15 +65,8 @@ def main() -> None:
                     round_to=round_to or None,
                 )
                 train_s = time.perf_counter() - t0
-                net.eval()
-                pruned, dense = gp.prune(net).eval(), gp.prune(all_open_copy(net)).eval()
-                if not isinstance(pruned, PlainShortcutNet) or not isinstance(
-                    dense, PlainShortcutNet
-                ):
-                    raise TypeError("the demo network prunes to PlainShortcutNet")
-                c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
-                if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
-                    raise TypeError("pruned models must be plain")
+                r = prune_with_reference(net, x1)
+                pruned, dense, c_p, c_d = r.pruned, r.dense, r.cost, r.dense_cost
                 if "dense" not in models:  # the all-open network is the same for every group
                     models["dense"] = dense
                     models["dense_folded"] = dense.fold_batchnorm().eval()

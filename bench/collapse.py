@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
-import gatedprune as gp
 from gatedprune.data import mnist1d
-from gatedprune.demo import accuracy, all_open_copy, train_demo_model
+from gatedprune.demo import accuracy, train_demo_model
 
-from .common import RESULTS, command_line, write_results
+from .common import RESULTS, command_line, prune_with_reference, write_results
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def _factor(text: str) -> float | None:
 def run_one(run: Run) -> dict[str, Any]:
     """Train, prune and measure one run (in a worker process: one thread).
 
-    >>> run_one(Run(None, 0, 0.5, 1, 200))["collapsed_below"]  # doctest: +SKIP
+    >>> run_one(Run(None, 0, 0.5, 1, 200))["accuracy_pruned"]  # doctest: +SKIP
     """
     torch.set_num_threads(1)
     data = mnist1d(num_samples=run.num_samples)
@@ -66,20 +65,14 @@ def run_one(run: Run) -> dict[str, Any]:
         data, budget=run.target, epochs=run.epochs, seed=run.seed, edge_lr_factor=run.factor
     )
     train_s = time.perf_counter() - t0
-    net.eval()
-    pruned = gp.prune(net).eval()
-    x1 = data.x_train[:1]
-    c_p = gp.cost(pruned, x1)
-    c_d = gp.cost(gp.prune(all_open_copy(net)), x1)
-    if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
-        raise TypeError("pruned models must be plain")
+    r = prune_with_reference(net, data.x_train[:1])
     conn = net.connectivity()
     return {
         "edge_lr_factor": "none" if run.factor is None else run.factor,
         "target": run.target,
         "seed": run.seed,
-        "accuracy_pruned": accuracy(pruned, data.x_test, data.y_test),
-        "achieved_flops": c_p.flops / c_d.flops,
+        "accuracy_pruned": accuracy(r.pruned, data.x_test, data.y_test),
+        "achieved_flops": r.flops_fraction,
         "lagrangian_only": (trainer.achieved_before_snap or {}).get("flops", ""),
         "layers_kept": f"{conn['layers_kept']}/{conn['layers_total']}",
         "edges_kept": f"{conn['edges_kept']}/{conn['edges_total']}",

@@ -8,12 +8,17 @@ import platform
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.costs import Cost
+from gatedprune.plain import PlainShortcutNet
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,8 +113,6 @@ class OrtModule(nn.Module):
     ) -> None:
         import tempfile
 
-        import gatedprune as gp
-
         super().__init__()
         with tempfile.TemporaryDirectory() as tmp:
             path = gp.export_onnx(
@@ -121,3 +124,39 @@ class OrtModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.session.run(None, {self.input_name: x.detach().numpy()})[0]
         return torch.from_numpy(out)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A trained shortcut network pruned, its all-open architecture pruned likewise (the
+    dense reference), and their exact costs per sample."""
+
+    pruned: PlainShortcutNet
+    dense: PlainShortcutNet
+    cost: Cost
+    dense_cost: Cost
+
+    @property
+    def flops_fraction(self) -> float:
+        return self.cost.flops / self.dense_cost.flops
+
+
+def prune_with_reference(net: nn.Module, x1: Tensor) -> Pruned:
+    """``prune(net)`` and ``prune`` of its all-open copy, both in eval mode, with their costs
+    on the one-sample input ``x1`` (``net`` is put in eval mode).
+
+    >>> import gatedprune as gp
+    >>> r = prune_with_reference(gp.ShortcutMLP(4, [6], 2), torch.zeros(1, 4))
+    >>> r.flops_fraction
+    1.0
+    """
+    from gatedprune.demo import all_open_copy
+
+    net.eval()
+    pruned, dense = gp.prune(net).eval(), gp.prune(all_open_copy(net)).eval()
+    if not isinstance(pruned, PlainShortcutNet) or not isinstance(dense, PlainShortcutNet):
+        raise TypeError("expected a shortcut network (it prunes to PlainShortcutNet)")
+    c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
+    if not isinstance(c_p, Cost) or not isinstance(c_d, Cost):
+        raise TypeError("pruned models must be plain")
+    return Pruned(pruned, dense, c_p, c_d)

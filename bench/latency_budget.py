@@ -27,11 +27,10 @@ from torch import nn
 
 import gatedprune as gp
 from gatedprune.data import mnist1d
-from gatedprune.demo import accuracy, all_open_copy, build_demo_model, train_demo_model
-from gatedprune.plain import PlainShortcutNet
+from gatedprune.demo import accuracy, build_demo_model, train_demo_model
 from gatedprune.profiling import compare_latency, num_threads
 
-from .common import RESULTS, command_line, write_results
+from .common import RESULTS, command_line, prune_with_reference, write_results
 
 KINDS = ("flops", "latency")
 
@@ -94,15 +93,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     seed=seed,
                 )
                 train_s = time.perf_counter() - t0
-                net.eval()
-                pruned, dense = gp.prune(net).eval(), gp.prune(all_open_copy(net)).eval()
-                if not isinstance(pruned, PlainShortcutNet) or not isinstance(
-                    dense, PlainShortcutNet
-                ):
-                    raise TypeError("the demo network prunes to PlainShortcutNet")
-                c_p, c_d = gp.cost(pruned, x1), gp.cost(dense, x1)
-                if not isinstance(c_p, gp.Cost) or not isinstance(c_d, gp.Cost):
-                    raise TypeError("pruned models must be plain")
+                r = prune_with_reference(net, x1)
+                pruned, dense, c_p, c_d = r.pruned, r.dense, r.cost, r.dense_cost
                 models.setdefault("dense", dense)
                 models[str(len(rows))] = pruned
                 reductions.append(c_d.flops / c_p.flops)

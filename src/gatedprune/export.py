@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 from torch.jit._trace import TracerWarning
 
 from .base import GatedModule
+from .io import atomic_write
 
 __all__ = ["export_onnx", "onnx_session"]
 
@@ -159,17 +158,7 @@ def export_onnx(
             _check_against_runtime(model, data, example_input, dims, atol)
         onnx.checker.check_model(proto)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, data)
     finally:
         model.train(was_training)
     return path

@@ -98,7 +98,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place (file and
+    directory fsynced): a reader sees the old file or the complete new one, never a part."""
     directory = path.parent
     tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -164,7 +166,7 @@ def write_tensors(path: PathLike, tensors: Mapping[str, Tensor], meta: Mapping[s
         _TENSORS_SHA_KEY: _tensors_digest(flat),
     }
     data: bytes = _safetensors().save(flat, metadata=header)
-    _atomic_write(p, data)
+    atomic_write(p, data)
 
 
 def _header(p: Path, data: bytes) -> dict[str, Any]:
