@@ -370,9 +370,10 @@ def test_pruned_net_pickled_before_the_resolved_wiring_still_runs() -> None:
     torch.save(pruned, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    # an older pickle has no resolved wiring: __setstate__ rebuilds it
+    # an older pickle has no resolved wiring or module calls: __setstate__ rebuilds them
     state = loaded.__dict__.copy()
-    del state["_reads"]
+    for key in ("_reads", "_head_reads", "_calls"):
+        del state[key]
     old = gp.PlainShortcutNet.__new__(gp.PlainShortcutNet)
     old.__setstate__(state)
     x = torch.randn(3, 1, 16)  # (B, C, L)
