@@ -556,13 +556,15 @@ class _ShortcutNet(GatedModule):
             with torch.no_grad():
                 is_open = torch.cat(gate_is_open(self._gate_list()))  # (n_gates,) bool
             key = (shape, c, is_open.cpu().numpy().tobytes())
-            cached = self._hard_latencies.get(key)
+            # (a network unpickled from before latency budgets has no cache yet)
+            cache = self.__dict__.setdefault("_hard_latencies", {})
+            cached = cache.get(key)
             if cached is None:
                 _, values = self._summary(True)
                 cached = float(_latency_formula(self.spec, shape, values, c)[0])
-                if len(self._hard_latencies) >= 256:  # bounded, as the hard costs
-                    self._hard_latencies.clear()
-                self._hard_latencies[key] = cached
+                if len(cache) >= 256:  # bounded, as the hard costs
+                    cache.clear()
+                cache[key] = cached
             return torch.tensor(cached, dtype=torch.float64)
         p = _flat_prob_open(self._gate_list())  # (n_gates,)
         out = _ExpectedCost.apply(p, self, _compiled_latency(self.spec, shape, c))  # type: ignore[no-untyped-call]
