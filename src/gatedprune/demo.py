@@ -629,12 +629,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             f"{achieved:.3f}, measured {latency_facts['measured_latency_fraction_b256']:.3f} "
             f"(threads: {torch.get_num_threads()} here, 1 in the model)"
         )
+    prefix = f"budget {config.budget:.0%} of FLOPs -> " if lm is None else "FLOPs: "
     say(
-        f"{'' if lm is None else 'FLOPs: '}"
-        f"{f'budget {config.budget:.0%} of FLOPs -> ' if lm is None else ''}achieved "
-        f"{results['achieved_flops_fraction']:.3f} ({results['flops_reduction']:.1f}x fewer "
-        f"FLOPs); measured speed-up {results['speedup_b1']:.2f}x at batch 1, "
-        f"{results['speedup_b256']:.2f}x at batch 256"
+        f"{prefix}achieved {results['achieved_flops_fraction']:.3f} "
+        f"({results['flops_reduction']:.1f}x fewer FLOPs); measured speed-up "
+        f"{results['speedup_b1']:.2f}x at batch 1, {results['speedup_b256']:.2f}x at batch 256"
     )
     say(
         f"kept: {k['layers_kept']}/{k['layers_total']} layers, {k['units_kept']}/"
