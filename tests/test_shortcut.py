@@ -12,7 +12,7 @@ from torch import nn
 
 import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
-from gatedprune.plain import OffsetConv1d
+from gatedprune.plain import CHANNELS_LAST_MIN_BATCH, OffsetConv1d
 from gatedprune.shortcut import _ShortcutNet
 
 LN11 = math.log(11.0)
@@ -57,6 +57,13 @@ def _check_equivalent(net: _ShortcutNet, x: torch.Tensor) -> gp.Cost:
     with torch.no_grad():
         diff = (small(x) - net(x)).abs().max().item()
     assert diff <= 1e-5, diff
+    if x.dim() == 3:  # spatial: the channels-last eval path too (taken from a batch size on)
+        big = x.repeat(-(-CHANNELS_LAST_MIN_BATCH // x.shape[0]), 1, 1)  # (B', C, L)
+        with torch.inference_mode():
+            fast = small(big)
+            assert small._cl_weights or not small.layers  # the path was taken
+            diff = (fast - net(big)).abs().max().item()
+        assert diff <= 1e-5, diff
     pruned_cost = gp.cost(small, x[:1])
     assert isinstance(pruned_cost, gp.Cost)
     hard = gp.cost(net, x[:1], hard=True)
@@ -411,3 +418,21 @@ def test_unit_group_must_divide_every_width() -> None:
         gate.force_(torch.tensor([True, False, True, True, False, False, False, False]))
     with pytest.raises(ValueError, match="expected n=8"):
         gate.force_(torch.ones(4, dtype=torch.bool))
+
+
+def test_channels_last_path_follows_weight_updates_and_leaves_autograd_alone() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[4, 4], [8]], 3, kernel_size=3, input_length=16).eval()
+    small = gp.prune(net).eval()
+    x = torch.randn(CHANNELS_LAST_MIN_BATCH, 1, 16)  # (B, C, L)
+    with torch.no_grad():
+        before = small(x)
+        small.layers[0].op.weight.mul_(2.0)  # in place: the cached copy must be refreshed
+        after = small(x)
+        small.train()
+        reference = small.eval()(x[:1])  # batch 1: the (B, C, L) path
+    assert not torch.equal(before, after)
+    assert (after[:1] - reference).abs().max().item() <= 1e-5
+    # with autograd recording, the (B, C, L) path runs and gradients reach every weight
+    small(x).sum().backward()
+    assert all(p.grad is not None for p in small.parameters() if p.numel())

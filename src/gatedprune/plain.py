@@ -7,12 +7,17 @@ from dataclasses import replace
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layout import ACTIVATIONS, NetSpec
-from .pooling import AdaptiveMeanPool1d, MeanPool1d
+from .pooling import AdaptiveMeanPool1d, MeanPool1d, _one, mean_pool_rows
 
-__all__ = ["OffsetConv1d", "PlainShortcutNet"]
+__all__ = ["CHANNELS_LAST_MIN_BATCH", "OffsetConv1d", "PlainShortcutNet"]
+
+CHANNELS_LAST_MIN_BATCH = 16
+"""Spatial plain networks in eval mode compute in channels-last layout from this batch size on
+(see :meth:`PlainShortcutNet._forward_channels_last`)."""
 
 
 class OffsetConv1d(nn.Conv1d):
@@ -99,6 +104,8 @@ class PlainShortcutNet(nn.Module):
         self._reads = self._resolve_reads()
         self._head_reads = tuple(spec.head_sources)
         self._calls = self._resolve_calls()
+        self._cl_weights: dict[int, tuple[Any, Tensor]] = {}
+        self.register_buffer("_head_order", self._resolve_head_order(), persistent=False)
         self.head_pools = nn.ModuleList(
             [AdaptiveMeanPool1d(spec.head_pool) for _ in spec.head_sources] if spec.spatial else []
         )
@@ -138,6 +145,10 @@ class PlainShortcutNet(nn.Module):
             self._head_reads = tuple(self.spec.head_sources)
         if "_calls" not in self.__dict__:
             self._calls = self._resolve_calls()
+        if "_cl_weights" not in self.__dict__:
+            self._cl_weights = {}
+        if "_head_order" not in self._buffers:
+            self.register_buffer("_head_order", self._resolve_head_order(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
@@ -146,6 +157,14 @@ class PlainShortcutNet(nn.Module):
                 f"expected input of shape (B, {spec.in_width}{', L' if spec.spatial else ''}),"
                 f" got {tuple(x.shape)}"
             )
+        if (
+            spec.spatial
+            and not self.training
+            and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and self._needs_grad(x))
+        ):
+            return self._forward_channels_last(x)
         hs: list[Tensor] = [x]
         pooled: list[Tensor | None] = [None] * len(self._pool_keys)
         for reads, (op, norm, act) in zip(self._reads, self._calls, strict=True):
@@ -178,6 +197,101 @@ class PlainShortcutNet(nn.Module):
             feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         out: Tensor = self.head(feat)  # (B, out_features)
         return out
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        """Whether a forward would be recorded by autograd (the channels-last path uses
+        detached weight copies, so it is taken only when nothing is recorded)."""
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def _conv_weight_cl(self, index: int, op: nn.Module) -> Tensor:
+        """``op.weight`` as a channels-last ``(C_out, C_in, 1, k)`` tensor, cached until the
+        weight changes (its version counter moves on every in-place update)."""
+        w = cast(Tensor, op.weight)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cached = self._cl_weights.get(index)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        w4 = w.detach().unsqueeze(2)  # (C, C_in, 1, k)
+        w4 = w4.contiguous(memory_format=torch.channels_last)
+        self._cl_weights[index] = (key, w4)
+        return w4
+
+    def _forward_channels_last(self, x: Tensor) -> Tensor:
+        """The eval-mode forward of a spatial network with every feature map kept as a
+        contiguous ``(B, L, C)`` tensor: each convolution runs as a channels-last 2-d
+        convolution (oneDNN's ``nwc`` kernels, which do not pad the channels to blocks of 16),
+        concatenations and pooling work on contiguous channel rows, and the read-out's weight
+        columns are permuted to the ``(position, channel)`` order of the pooled maps. Same
+        function as the ``(B, C, L)`` path up to float rounding; at batch 256 the pruned demo
+        network runs about 1.15x faster and the all-open one 1.18x (``bench.budget_sweep``).
+        Taken in eval mode from ``CHANNELS_LAST_MIN_BATCH`` samples on, when autograd records
+        nothing (inference mode, ``no_grad`` or frozen parameters)."""
+        spec = self.spec
+        batch = x.shape[0]
+        hs: list[Tensor] = [x.transpose(1, 2).contiguous()]  # (B, L, C_in)
+        pooled: list[Tensor | None] = [None] * len(self._pool_keys)
+        for i, (reads, (op, norm, act)) in enumerate(zip(self._reads, self._calls, strict=True)):
+            parts = []
+            for j, pool in reads:
+                if pool < 0:
+                    parts.append(hs[j])
+                    continue
+                p = pooled[pool]
+                if p is None:
+                    k = _one(cast(MeanPool1d, self.pools[pool]).kernel_size)
+                    p = pooled[pool] = mean_pool_rows(hs[j], k)  # (B, L_stage, C_j)
+                parts.append(p)
+            inp = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, L, sum C)
+            conv = cast(nn.Conv1d, op)
+            k = conv.kernel_size[0]
+            z = F.conv2d(
+                inp.transpose(1, 2).unsqueeze(2),  # (B, C_in, 1, L) channels-last
+                self._conv_weight_cl(i, conv),
+                conv.bias,
+                padding=(0, k // 2),
+            )  # (B, C, 1, L) channels-last
+            if isinstance(conv, OffsetConv1d):
+                z = z + conv.offset.unsqueeze(1)  # (B, C, 1, L)
+            if norm is not None:
+                bn = cast(nn.BatchNorm1d, norm)
+                z = F.batch_norm(
+                    z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
+                )  # (B, C, 1, L)
+            hs.append(act(z).squeeze(2).transpose(1, 2))  # (B, L, C) contiguous
+        if not self._head_reads:
+            return cast(Tensor, self.head(x.new_zeros(batch, 0)))  # a closed read-out
+        feats = []
+        for j in self._head_reads:
+            h = hs[j]  # (B, L_j, C_j)
+            length = h.shape[1]
+            if length % spec.head_pool == 0:
+                feats.append(mean_pool_rows(h, length // spec.head_pool))  # (B, P, C_j)
+            else:
+                h = F.adaptive_avg_pool1d(h.transpose(1, 2), spec.head_pool)  # (B, C_j, P)
+                feats.append(h.transpose(1, 2))
+        feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)  # (B, P, sum C)
+        order = cast(Tensor, self._head_order)
+        weight = self.head.weight.index_select(1, order)  # (out, P * sum C)
+        return F.linear(feat.reshape(batch, -1), weight, self.head.bias)  # (B, out)
+
+    def _resolve_head_order(self) -> Tensor:
+        """Column order of the read-out's weight for features flattened as (position,
+        channel) instead of (channel, position) per source."""
+        spec = self.spec
+        if not spec.spatial:
+            return torch.zeros(0, dtype=torch.long)
+        pool = spec.head_pool
+        offsets, start = [], 0
+        for j in spec.head_sources:
+            offsets.append(start)
+            start += spec.node_width(j) * pool
+        order = [
+            off + c * pool + pos
+            for pos in range(pool)
+            for off, j in zip(offsets, spec.head_sources, strict=True)
+            for c in range(spec.node_width(j))
+        ]
+        return torch.tensor(order, dtype=torch.long)
 
     @torch.no_grad()
     def fold_batchnorm(self) -> PlainShortcutNet:

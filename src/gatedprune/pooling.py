@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AdaptiveMeanPool1d", "MeanPool1d", "adaptive_mean_pool1d", "mean_pool1d"]
+__all__ = [
+    "AdaptiveMeanPool1d",
+    "MeanPool1d",
+    "adaptive_mean_pool1d",
+    "mean_pool1d",
+    "mean_pool_rows",
+]
 
 SLICE_MIN_PER_WINDOW = 2048
 """Strided slices from ``SLICE_MIN_PER_WINDOW * k`` input elements on, ``F.avg_pool1d`` below."""
@@ -42,6 +48,25 @@ def mean_pool1d(x: Tensor, k: int) -> Tensor:
     s = x[..., 0::k]  # (..., n)
     for i in range(1, k):
         s = s + x[..., i::k]
+    return s / k
+
+
+def mean_pool_rows(x: Tensor, k: int) -> Tensor:
+    """:func:`mean_pool1d` for channels-last maps: the mean over windows of ``k`` along the
+    middle axis of a ``(B, L, C)`` tensor, stride ``k``, a short tail dropped; the result is
+    a contiguous ``(B, L // k, C)`` tensor.
+
+    >>> import torch
+    >>> mean_pool_rows(torch.arange(5.0).view(1, 5, 1), 2).flatten().tolist()
+    [0.5, 2.5]
+    """
+    if k == 1:
+        return x
+    n = x.shape[1] // k
+    rows = x[:, : n * k].reshape(x.shape[0], n, k, x.shape[2])  # (B, n, k, C)
+    s = rows[:, :, 0]  # (B, n, C)
+    for i in range(1, k):
+        s = s + rows[:, :, i]
     return s / k
 
 
