@@ -28,7 +28,13 @@ from gatedprune.data import mnist1d
 from gatedprune.demo import accuracy, max_abs_diff, train_demo_model
 from gatedprune.profiling import compare_latency
 
-from .common import OrtModule, command_line, prune_with_reference, write_results
+from .common import (
+    OrtModule,
+    channels_first,
+    command_line,
+    prune_with_reference,
+    write_results,
+)
 
 
 def main() -> None:
@@ -70,11 +76,13 @@ def main() -> None:
                 if "dense" not in models:  # the all-open network is the same for every group
                     models["dense"] = dense
                     models["dense_folded"] = dense.fold_batchnorm().eval()
+                    models["dense_channels_first"] = channels_first(dense)
                     if args.onnx:
                         models["dense_ort"] = OrtModule(dense, x1)
                 i = len(rows)
                 models[f"pruned{i}"] = pruned
                 models[f"folded{i}"] = pruned.fold_batchnorm().eval()
+                models[f"channels_first{i}"] = channels_first(pruned)
                 if args.onnx:
                     models[f"ort{i}"] = OrtModule(pruned, x1)
                 achieved = c_p.flops / c_d.flops
@@ -110,6 +118,11 @@ def main() -> None:
         row["latency_ratio_b256_bn_folded"] = (
             lat[256]["dense_folded"] / lat[256][f"folded{i}"] / reduction
         )
+        row["latency_ratio_b256_channels_first"] = (
+            lat[256]["dense_channels_first"] / lat[256][f"channels_first{i}"] / reduction
+        )
+        row["latency_b256_ms"] = 1e3 * lat[256][f"pruned{i}"]
+        row["latency_b256_ms_channels_first"] = 1e3 * lat[256][f"channels_first{i}"]
         if args.onnx:
             for b in xb:
                 row[f"latency_ratio_b{b}_onnxruntime"] = (
@@ -134,6 +147,11 @@ def main() -> None:
                 + f", latency ratio at batch 256 {statistics.mean(ratios):.2f}"
                 + f" over {len(sel)} seed(s)"
             )
+    summary.append(
+        f"- all-open network at batch 256: {1e3 * lat[256]['dense']:.2f} ms (channels-last "
+        f"eval path), {1e3 * lat[256]['dense_channels_first']:.2f} ms ((B, C, L) path); "
+        "*_channels_first columns: both networks with `channels_last = False`"
+    )
     summary.append(
         "- every model timed after all training, in the same interleaved rounds as one "
         "all-open reference (1 thread)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import platform
@@ -90,6 +91,22 @@ def command_line() -> str:
         + Path(sys.argv[0]).stem
         + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
     )
+
+
+def channels_first(plain: nn.Module) -> nn.Module:
+    """A copy of a pruned ``PlainShortcutNet`` that keeps the ``(B, C, L)`` eval path
+    (``channels_last = False``), to time against the default channels-last path.
+
+    >>> import torch, gatedprune
+    >>> net = gatedprune.prune(gatedprune.ShortcutConv1d(1, [[4]], 2, input_length=8).eval())
+    >>> channels_first(net).channels_last, net.channels_last
+    (False, True)
+    """
+    if not isinstance(plain, PlainShortcutNet):
+        raise TypeError(f"expected a PlainShortcutNet, got {type(plain).__name__}")
+    out = copy.deepcopy(plain)
+    out.channels_last = False
+    return out
 
 
 class OrtModule(nn.Module):

@@ -423,16 +423,26 @@ def test_unit_group_must_divide_every_width() -> None:
 def test_channels_last_path_follows_weight_updates_and_leaves_autograd_alone() -> None:
     torch.manual_seed(0)
     net = gp.ShortcutConv1d(1, [[4, 4], [8]], 3, kernel_size=3, input_length=16).eval()
+    _randomise_norms(net, torch.Generator().manual_seed(1))
     small = gp.prune(net).eval()
     x = torch.randn(CHANNELS_LAST_MIN_BATCH, 1, 16)  # (B, C, L)
-    with torch.no_grad():
-        before = small(x)
-        small.layers[0].op.weight.mul_(2.0)  # in place: the cached copy must be refreshed
-        after = small(x)
-        small.train()
-        reference = small.eval()(x[:1])  # batch 1: the (B, C, L) path
-    assert not torch.equal(before, after)
-    assert (after[:1] - reference).abs().max().item() <= 1e-5
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            small.channels_last = False
+            slow = small(x)
+            small.channels_last = True
+            return small(x), slow
+
+    fast, slow = both()
+    assert (fast - slow).abs().max().item() <= 1e-5
+    with torch.no_grad():  # in place: the cached folded weights must be refreshed
+        small.layers[0].op.weight.mul_(2.0)
+        small.layers[1].norm.running_mean.add_(1.0)
+        small.layers[2].norm.weight.mul_(-1.0)
+    fast2, slow2 = both()
+    assert not torch.equal(fast, fast2)
+    assert (fast2 - slow2).abs().max().item() <= 1e-5
     # with autograd recording, the (B, C, L) path runs and gradients reach every weight
     small(x).sum().backward()
     assert all(p.grad is not None for p in small.parameters() if p.numel())

@@ -104,7 +104,10 @@ class PlainShortcutNet(nn.Module):
         self._reads = self._resolve_reads()
         self._head_reads = tuple(spec.head_sources)
         self._calls = self._resolve_calls()
-        self._cl_weights: dict[int, tuple[Any, Tensor]] = {}
+        self._cl_weights: dict[int, tuple[Any, Any]] = {}
+        self.channels_last = True
+        """Eval-mode forwards of spatial networks from ``CHANNELS_LAST_MIN_BATCH`` samples on
+        compute in channels-last layout (faster on CPU); ``False`` keeps ``(B, C, L)``."""
         self.register_buffer("_head_order", self._resolve_head_order(), persistent=False)
         self.head_pools = nn.ModuleList(
             [AdaptiveMeanPool1d(spec.head_pool) for _ in spec.head_sources] if spec.spatial else []
@@ -147,6 +150,7 @@ class PlainShortcutNet(nn.Module):
             self._calls = self._resolve_calls()
         if "_cl_weights" not in self.__dict__:
             self._cl_weights = {}
+            self.channels_last = True
         if "_head_order" not in self._buffers:
             self.register_buffer("_head_order", self._resolve_head_order(), persistent=False)
 
@@ -159,6 +163,7 @@ class PlainShortcutNet(nn.Module):
             )
         if (
             spec.spatial
+            and self.channels_last
             and not self.training
             and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
             and not torch.compiler.is_compiling()
@@ -203,24 +208,53 @@ class PlainShortcutNet(nn.Module):
         detached weight copies, so it is taken only when nothing is recorded)."""
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def _conv_weight_cl(self, index: int, op: nn.Module) -> Tensor:
-        """``op.weight`` as a channels-last ``(C_out, C_in, 1, k)`` tensor, cached until the
-        weight changes (its version counter moves on every in-place update)."""
-        w = cast(Tensor, op.weight)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
+    def _folded_conv(
+        self, index: int, conv: nn.Conv1d, norm: nn.Module | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Layer ``index``'s convolution with its eval-mode BatchNorm folded in (as
+        :meth:`fold_batchnorm` does): the weight as a channels-last ``(C_out, C_in, 1, k)``
+        tensor, the bias and the scaled offset map of an :class:`OffsetConv1d` (``(C, 1, L)``).
+        Cached until any tensor involved changes (its version counter moves on every in-place
+        update, e.g. an optimizer step or new running statistics)."""
+        tensors: list[Tensor | None] = [conv.weight, conv.bias]
+        if isinstance(conv, OffsetConv1d):
+            tensors.append(conv.offset)
+        bn = cast(nn.BatchNorm1d | None, norm)
+        if bn is not None:
+            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        key = tuple(
+            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors
+        ) + ((bn.eps,) if bn is not None else ())
         cached = self._cl_weights.get(index)
         if cached is not None and cached[0] == key:
-            return cached[1]
-        w4 = w.detach().unsqueeze(2)  # (C, C_in, 1, k)
-        w4 = w4.contiguous(memory_format=torch.channels_last)
-        self._cl_weights[index] = (key, w4)
-        return w4
+            hit: tuple[Tensor, Tensor | None, Tensor | None] = cached[1]
+            return hit
+        with torch.no_grad():
+            w = conv.weight.detach()  # (C, C_in, k)
+            b = None if conv.bias is None else conv.bias.detach()  # (C,)
+            offset = conv.offset.unsqueeze(1) if isinstance(conv, OffsetConv1d) else None
+            if bn is not None:
+                if bn.running_mean is None or bn.running_var is None:
+                    raise ValueError("eval-mode BatchNorm without running statistics")
+                a = torch.rsqrt(bn.running_var + bn.eps)  # (C,)
+                if bn.weight is not None:
+                    a = a * bn.weight
+                shift = -bn.running_mean if b is None else b - bn.running_mean  # (C,)
+                b = a * shift + (bn.bias if bn.bias is not None else 0.0)  # (C,)
+                w = w * a[:, None, None]  # (C, C_in, k)
+                offset = None if offset is None else offset * a[:, None, None]  # (C, 1, L)
+            w4 = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C, C_in, 1, k)
+        value = (w4, b, offset)
+        self._cl_weights[index] = (key, value)
+        return value
 
     def _forward_channels_last(self, x: Tensor) -> Tensor:
         """The eval-mode forward of a spatial network with every feature map kept as a
         contiguous ``(B, L, C)`` tensor: each convolution runs as a channels-last 2-d
         convolution (oneDNN's ``nwc`` kernels, which do not pad the channels to blocks of 16),
-        concatenations and pooling work on contiguous channel rows, and the read-out's weight
+        eval-mode BatchNorm is folded into the convolution (cached weights, as
+        :meth:`fold_batchnorm`), concatenations and pooling work on contiguous channel rows, and
+        the read-out's weight
         columns are permuted to the ``(position, channel)`` order of the pooled maps. Same
         function as the ``(B, C, L)`` path up to float rounding; at batch 256 the pruned demo
         network runs about 1.15x faster and the all-open one 1.18x (``bench.budget_sweep``).
@@ -244,19 +278,15 @@ class PlainShortcutNet(nn.Module):
             inp = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, L, sum C)
             conv = cast(nn.Conv1d, op)
             k = conv.kernel_size[0]
+            weight, bias, offset = self._folded_conv(i, conv, norm)
             z = F.conv2d(
                 inp.transpose(1, 2).unsqueeze(2),  # (B, C_in, 1, L) channels-last
-                self._conv_weight_cl(i, conv),
-                conv.bias,
+                weight,
+                bias,
                 padding=(0, k // 2),
             )  # (B, C, 1, L) channels-last
-            if isinstance(conv, OffsetConv1d):
-                z = z + conv.offset.unsqueeze(1)  # (B, C, 1, L)
-            if norm is not None:
-                bn = cast(nn.BatchNorm1d, norm)
-                z = F.batch_norm(
-                    z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
-                )  # (B, C, 1, L)
+            if offset is not None:
+                z = z + offset  # (B, C, 1, L)
             hs.append(act(z).squeeze(2).transpose(1, 2))  # (B, L, C) contiguous
         if not self._head_reads:
             return cast(Tensor, self.head(x.new_zeros(batch, 0)))  # a closed read-out
