@@ -64,6 +64,8 @@ def _check_equivalent(net: _ShortcutNet, x: torch.Tensor) -> gp.Cost:
             assert small._cl_weights or not small.layers  # the path was taken
             diff = (fast - net(big)).abs().max().item()
         assert diff <= 1e-5, diff
+        # cost() counts through module hooks: the hooked forward keeps to the modules
+        assert gp.cost(small, big).flops == gp.cost(small, big[:1]).flops * big.shape[0]
     pruned_cost = gp.cost(small, x[:1])
     assert isinstance(pruned_cost, gp.Cost)
     hard = gp.cost(net, x[:1], hard=True)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layout import ACTIVATIONS, NetSpec
-from .pooling import AdaptiveMeanPool1d, MeanPool1d, _one, mean_pool_rows
+from .pooling import AdaptiveMeanPool1d, MeanPool1d, mean_pool_rows
 
 __all__ = ["CHANNELS_LAST_MIN_BATCH", "OffsetConv1d", "PlainShortcutNet"]
 
@@ -105,6 +105,7 @@ class PlainShortcutNet(nn.Module):
         self._head_reads = tuple(spec.head_sources)
         self._calls = self._resolve_calls()
         self._cl_weights: dict[int, tuple[Any, Any]] = {}
+        self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
         self.channels_last = True
         """Eval-mode forwards of spatial networks from ``CHANNELS_LAST_MIN_BATCH`` samples on
         compute in channels-last layout (faster on CPU); ``False`` keeps ``(B, C, L)``."""
@@ -130,6 +131,37 @@ class PlainShortcutNet(nn.Module):
             for ls in spec.layers
         )
 
+    def _resolve_pool_reuse(
+        self,
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[tuple[int, int], ...], ...]]:
+        """For the channels-last path: per pooled copy ``(j, stage)`` the index of the
+        coarsest copy of ``j`` made before it (-1: none, pool ``j`` itself) and the window
+        left to pool; per node its pooled copies ``(index, window)``, coarsest first, for the
+        read-out. A mean of
+        equal-window means is the mean over the joined window (up to float rounding)."""
+        spec = self.spec
+        pool_from: list[tuple[int, int]] = []
+        for idx, (j, stage) in enumerate(self._pool_keys):
+            src, src_stage = -1, spec.node_stage(j)
+            for prev, (pj, ps) in enumerate(self._pool_keys[:idx]):
+                if pj == j and src_stage < ps < stage:
+                    src, src_stage = prev, ps
+            pool_from.append((src, 2 ** (stage - src_stage)))
+        copies = tuple(
+            tuple(
+                sorted(
+                    (
+                        (i, 2 ** (ps - spec.node_stage(node)))
+                        for i, (pj, ps) in enumerate(self._pool_keys)
+                        if pj == node
+                    ),
+                    key=lambda pair: -pair[1],
+                )
+            )
+            for node in range(len(spec.layers) + 1)
+        )
+        return tuple(pool_from), copies
+
     def _resolve_calls(self) -> tuple[tuple[nn.Module, nn.Module | None, nn.Module], ...]:
         """Per layer its (op, norm or None, activation) modules, so the forward reads no
         submodule attributes (each one is an ``nn.Module.__getattr__`` lookup; at batch 1 the
@@ -151,6 +183,8 @@ class PlainShortcutNet(nn.Module):
         if "_cl_weights" not in self.__dict__:
             self._cl_weights = {}
             self.channels_last = True
+        if "_pool_from" not in self.__dict__:
+            self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
         if "_head_order" not in self._buffers:
             self.register_buffer("_head_order", self._resolve_head_order(), persistent=False)
 
@@ -168,6 +202,7 @@ class PlainShortcutNet(nn.Module):
             and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and self._needs_grad(x))
+            and not self._hooked()
         ):
             return self._forward_channels_last(x)
         hs: list[Tensor] = [x]
@@ -202,6 +237,16 @@ class PlainShortcutNet(nn.Module):
             feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         out: Tensor = self.head(feat)  # (B, out_features)
         return out
+
+    def _hooked(self) -> bool:
+        """Whether forward hooks watch any submodule (e.g. :func:`gatedprune.cost` counting
+        FLOPs per module): the channels-last path bypasses the modules' own forwards, so it
+        is not taken then."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
+        return any(
+            m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self
+        )
 
     def _needs_grad(self, x: Tensor) -> bool:
         """Whether a forward would be recorded by autograd (the channels-last path uses
@@ -272,8 +317,9 @@ class PlainShortcutNet(nn.Module):
                     continue
                 p = pooled[pool]
                 if p is None:
-                    k = _one(cast(MeanPool1d, self.pools[pool]).kernel_size)
-                    p = pooled[pool] = mean_pool_rows(hs[j], k)  # (B, L_stage, C_j)
+                    src, k = self._pool_from[pool]  # a coarser copy made before, if any
+                    base = hs[j] if src < 0 else cast(Tensor, pooled[src])
+                    p = pooled[pool] = mean_pool_rows(base, k)  # (B, L_stage, C_j)
                 parts.append(p)
             inp = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, L, sum C)
             conv = cast(nn.Conv1d, op)
@@ -295,7 +341,12 @@ class PlainShortcutNet(nn.Module):
             h = hs[j]  # (B, L_j, C_j)
             length = h.shape[1]
             if length % spec.head_pool == 0:
-                feats.append(mean_pool_rows(h, length // spec.head_pool))  # (B, P, C_j)
+                for idx, window in self._pooled_copies[j]:  # the coarsest copy that nests
+                    coarse = cast(Tensor, pooled[idx])  # (B, L', C_j)
+                    if coarse.shape[1] * window == length and coarse.shape[1] % spec.head_pool == 0:
+                        h = coarse
+                        break
+                feats.append(mean_pool_rows(h, h.shape[1] // spec.head_pool))  # (B, P, C_j)
             else:
                 h = F.adaptive_avg_pool1d(h.transpose(1, 2), spec.head_pool)  # (B, C_j, P)
                 feats.append(h.transpose(1, 2))
