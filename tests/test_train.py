@@ -145,6 +145,7 @@ def test_parameter_groups_and_multiplier_ascent() -> None:
         optimizer=factory,
         lr_schedule=constant_lr,
         progress=False,
+        snap_at=None,  # a snap below the target would reset lambda1 (anti-windup)
     )
     trainer.fit((x, y))
     by_name = {g["name"]: g for g in groups_seen}
@@ -750,3 +751,24 @@ def test_snap_to_budget_rejects_bad_input() -> None:
         snap_to_budget(budget, tolerance=-0.1)
     with pytest.raises(ValueError, match="snap_at"):
         Trainer(net, budget=budget, snap_at=1.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    target=st.floats(0.1, 0.9),
+    both=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_snap_to_budget_never_ends_above_a_ceiling(target: float, both: bool, seed: int) -> None:
+    """With no window to land in (tolerance 0), a ceiling still holds: the fallback keeps the
+    closest decisions at or below every target, never ones above."""
+    torch.manual_seed(seed)
+    net = ShortcutMLP(16, [24, 24, 24], 4)
+    for g in gate_modules(net):  # a random, unconverged gate state
+        assert isinstance(g, HardConcreteGate)
+        g.log_alpha.data.normal_(float(torch.empty(()).uniform_(-3, 3)), 2.0)
+    limits = {"flops": target, "params": min(1.0, target * 1.1)} if both else {"flops": target}
+    budget = Budget(net, torch.zeros(1, 16), **limits)  # type: ignore[arg-type]
+    got = snap_to_budget(budget, tolerance=0.0)
+    for k, t in limits.items():
+        assert got[k] <= t, (k, got[k], t)

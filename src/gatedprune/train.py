@@ -128,7 +128,9 @@ def snap_to_budget(
     Every gate ends in a confident state (``Gate.force_``), so the eval-mode values are exactly
     0 or 1. When no such decisions are found this way (the target may be out of reach of the
     structure's granularity), the decisions closest to the allowed window among those visited
-    are kept: check the returned fractions.
+    are kept, with ``at_most`` the closest among those at or below every target (a closure
+    that undershoots is visited before it is undone, so one exists whenever closing gates can
+    reach the ceiling): check the returned fractions.
 
     ``round_to`` (e.g. 16, the float32 block of AVX-512 kernels) then rounds every layer width
     (the open count of each :meth:`GatedModule.width_gates` gate with more than ``round_to``
@@ -187,10 +189,13 @@ def snap_to_budget(
     def any_above(c: dict[str, float]) -> bool:
         return any(c[k] > t + above for k, t in targets.items())
 
-    def deviation(c: dict[str, float]) -> float:
-        # distance to the allowed window [t - tol, t + above] (0 inside it), then to the target
+    def deviation(c: dict[str, float]) -> tuple[bool, float]:
+        # with at_most, any state above a ceiling ranks behind every state at or below all of
+        # them; then the distance to the allowed window [t - tol, t + above] (0 inside it),
+        # then to the target
+        over = at_most and any(c[k] > t for k, t in targets.items())
         out = max(max(t - tol - c[k], c[k] - t - above, 0.0) for k, t in targets.items())
-        return out + 1e-9 * max(abs(c[k] - t) for k, t in targets.items())
+        return over, out + 1e-9 * max(abs(c[k] - t) for k, t in targets.items())
 
     current = achieved()
     best = (deviation(current), [m.clone() for m in masks])
