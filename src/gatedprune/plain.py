@@ -137,8 +137,8 @@ class PlainShortcutNet(nn.Module):
         """For the channels-last path: per pooled copy ``(j, stage)`` the index of the
         coarsest copy of ``j`` made before it (-1: none, pool ``j`` itself) and the window
         left to pool; per node its pooled copies ``(index, window)``, coarsest first, for the
-        read-out. A mean of
-        equal-window means is the mean over the joined window (up to float rounding)."""
+        read-out. A mean of equal-window means is the mean over the joined window (up to float
+        rounding)."""
         spec = self.spec
         pool_from: list[tuple[int, int]] = []
         for idx, (j, stage) in enumerate(self._pool_keys):
@@ -242,7 +242,10 @@ class PlainShortcutNet(nn.Module):
         """Whether forward hooks watch any submodule (e.g. :func:`gatedprune.cost` counting
         FLOPs per module): the channels-last path bypasses the modules' own forwards, so it
         is not taken then."""
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        registry = nn.modules.module
+        if getattr(registry, "_global_forward_hooks", None) or getattr(
+            registry, "_global_forward_pre_hooks", None
+        ):
             return True
         return any(
             m._forward_hooks or m._forward_pre_hooks for m in self.modules() if m is not self
@@ -298,11 +301,11 @@ class PlainShortcutNet(nn.Module):
         contiguous ``(B, L, C)`` tensor: each convolution runs as a channels-last 2-d
         convolution (oneDNN's ``nwc`` kernels, which do not pad the channels to blocks of 16),
         eval-mode BatchNorm is folded into the convolution (cached weights, as
-        :meth:`fold_batchnorm`), concatenations and pooling work on contiguous channel rows, and
-        the read-out's weight
+        :meth:`fold_batchnorm`), concatenations and pooling work on contiguous channel rows
+        (pooled copies made from the coarsest copy pooled before), and the read-out's weight
         columns are permuted to the ``(position, channel)`` order of the pooled maps. Same
-        function as the ``(B, C, L)`` path up to float rounding; at batch 256 the pruned demo
-        network runs about 1.15x faster and the all-open one 1.18x (``bench.budget_sweep``).
+        function as the ``(B, C, L)`` path up to float rounding; at batch 256 (1 thread) the
+        demo network and its pruned versions run 1.19-1.23x faster (``bench.budget_sweep``).
         Taken in eval mode from ``CHANNELS_LAST_MIN_BATCH`` samples on, when autograd records
         nothing (inference mode, ``no_grad`` or frozen parameters)."""
         spec = self.spec
