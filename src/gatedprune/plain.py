@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -50,6 +51,47 @@ class OffsetConv1d(nn.Conv1d):
         k = self.kernel_size[0]
         macs = output.numel() * (self.in_channels // self.groups) * k
         return 2 * macs + 2 * output.numel()  # bias add + offset add
+
+
+def _gather(
+    reads: tuple[tuple[int, int], ...],
+    hs: list[Tensor],
+    pooled: list[Tensor | None],
+    make_pooled: Callable[[int, int], Tensor],
+    dim: int,
+) -> Tensor:
+    """A layer's input: its sources ``(node, pooled copy or -1)`` concatenated along ``dim``;
+    a pooled copy is made by ``make_pooled(copy, node)`` on first use and kept in ``pooled``."""
+    parts = []
+    for j, pool in reads:
+        if pool < 0:
+            parts.append(hs[j])
+            continue
+        p = pooled[pool]
+        if p is None:
+            p = pooled[pool] = make_pooled(pool, j)
+        parts.append(p)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _fold_batchnorm(
+    bn: nn.Module | None, weight: Tensor, bias: Tensor | None, offset: Tensor | None, user: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """An eval-mode BatchNorm folded into the layer before it: ``a * (W x + b + offset - mean)
+    + beta`` with ``a = gamma / sqrt(var + eps)`` becomes ``(a W) x + a (b - mean) + beta +
+    a offset``. Returns ``(a W, a (b - mean) + beta, a offset)``; ``user`` names the caller in
+    the error for a BatchNorm without running statistics."""
+    if not isinstance(bn, nn.BatchNorm1d) or bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{user} needs BatchNorm layers with running statistics")
+    a = torch.sqrt(bn.running_var + bn.eps)  # (C,)
+    a = (1.0 / a) if bn.weight is None else bn.weight / a
+    shift = -bn.running_mean if bias is None else bias - bn.running_mean  # (C,)
+    b = a * shift + (0.0 if bn.bias is None else bn.bias)  # (C,)
+
+    def scaled(t: Tensor) -> Tensor:
+        return t * a.view(-1, *([1] * (t.dim() - 1)))  # (C, ...)
+
+    return scaled(weight), b, None if offset is None else scaled(offset)
 
 
 class _PlainLayer(nn.Module):
@@ -104,7 +146,7 @@ class PlainShortcutNet(nn.Module):
         self._reads = self._resolve_reads()
         self._head_reads = tuple(spec.head_sources)
         self._calls = self._resolve_calls()
-        self._cl_weights: dict[int, tuple[Any, Any]] = {}
+        self._folded_convs: dict[int, tuple[Any, Any]] = {}
         self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
         self.channels_last = True
         """Eval-mode forwards of spatial networks from ``CHANNELS_LAST_MIN_BATCH`` samples on
@@ -180,8 +222,8 @@ class PlainShortcutNet(nn.Module):
             self._head_reads = tuple(self.spec.head_sources)
         if "_calls" not in self.__dict__:
             self._calls = self._resolve_calls()
-        if "_cl_weights" not in self.__dict__:
-            self._cl_weights = {}
+        if "_folded_convs" not in self.__dict__:
+            self._folded_convs = {}
             self.channels_last = True
         if "_pool_from" not in self.__dict__:
             self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
@@ -207,20 +249,15 @@ class PlainShortcutNet(nn.Module):
             return self._forward_channels_last(x)
         hs: list[Tensor] = [x]
         pooled: list[Tensor | None] = [None] * len(self._pool_keys)
+
+        def make_pooled(pool: int, j: int) -> Tensor:
+            return cast(Tensor, self.pools[pool](hs[j]))  # (B, C_j, L_stage)
+
         for reads, (op, norm, act) in zip(self._reads, self._calls, strict=True):
             if len(reads) == 1 and reads[0][1] < 0:  # one source, same resolution
                 inp = hs[reads[0][0]]
             else:
-                parts = []
-                for j, pool in reads:
-                    if pool < 0:
-                        parts.append(hs[j])
-                        continue
-                    p = pooled[pool]
-                    if p is None:
-                        p = pooled[pool] = self.pools[pool](hs[j])  # (B, C_j, L_stage)
-                    parts.append(p)
-                inp = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (B, sum C, L)
+                inp = _gather(reads, hs, pooled, make_pooled, dim=1)  # (B, sum C, L)
             z = op(inp)  # (B, C, L) or (B, C)
             hs.append(act(z if norm is None else norm(z)))
         if len(self._head_reads) == 1 and not spec.spatial:
@@ -273,7 +310,7 @@ class PlainShortcutNet(nn.Module):
         key = tuple(
             None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors
         ) + ((bn.eps,) if bn is not None else ())
-        cached = self._cl_weights.get(index)
+        cached = self._folded_convs.get(index)
         if cached is not None and cached[0] == key:
             hit: tuple[Tensor, Tensor | None, Tensor | None] = cached[1]
             return hit
@@ -281,19 +318,11 @@ class PlainShortcutNet(nn.Module):
             w = conv.weight.detach()  # (C, C_in, k)
             b = None if conv.bias is None else conv.bias.detach()  # (C,)
             offset = conv.offset.unsqueeze(1) if isinstance(conv, OffsetConv1d) else None
-            if bn is not None:
-                if bn.running_mean is None or bn.running_var is None:
-                    raise ValueError("eval-mode BatchNorm without running statistics")
-                a = torch.rsqrt(bn.running_var + bn.eps)  # (C,)
-                if bn.weight is not None:
-                    a = a * bn.weight
-                shift = -bn.running_mean if b is None else b - bn.running_mean  # (C,)
-                b = a * shift + (bn.bias if bn.bias is not None else 0.0)  # (C,)
-                w = w * a[:, None, None]  # (C, C_in, k)
-                offset = None if offset is None else offset * a[:, None, None]  # (C, 1, L)
+            if bn is not None:  # (C, C_in, k), (C,), (C, 1, L)
+                w, b, offset = _fold_batchnorm(bn, w, b, offset, "the channels-last path")
             w4 = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C, C_in, 1, k)
         value = (w4, b, offset)
-        self._cl_weights[index] = (key, value)
+        self._folded_convs[index] = (key, value)
         return value
 
     def _forward_channels_last(self, x: Tensor) -> Tensor:
@@ -312,19 +341,14 @@ class PlainShortcutNet(nn.Module):
         batch = x.shape[0]
         hs: list[Tensor] = [x.transpose(1, 2).contiguous()]  # (B, L, C_in)
         pooled: list[Tensor | None] = [None] * len(self._pool_keys)
+
+        def make_pooled(pool: int, j: int) -> Tensor:
+            src, k = self._pool_from[pool]  # a coarser copy made before, if any
+            base = hs[j] if src < 0 else cast(Tensor, pooled[src])
+            return mean_pool_rows(base, k)  # (B, L_stage, C_j)
+
         for i, (reads, (op, norm, act)) in enumerate(zip(self._reads, self._calls, strict=True)):
-            parts = []
-            for j, pool in reads:
-                if pool < 0:
-                    parts.append(hs[j])
-                    continue
-                p = pooled[pool]
-                if p is None:
-                    src, k = self._pool_from[pool]  # a coarser copy made before, if any
-                    base = hs[j] if src < 0 else cast(Tensor, pooled[src])
-                    p = pooled[pool] = mean_pool_rows(base, k)  # (B, L_stage, C_j)
-                parts.append(p)
-            inp = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, L, sum C)
+            inp = _gather(reads, hs, pooled, make_pooled, dim=2)  # (B, L, sum C)
             conv = cast(nn.Conv1d, op)
             k = conv.kernel_size[0]
             weight, bias, offset = self._folded_conv(i, conv, norm)
@@ -395,16 +419,18 @@ class PlainShortcutNet(nn.Module):
         for src, dst in zip(self.layers, folded.layers, strict=True):
             src = cast(_PlainLayer, src)
             dst = cast(_PlainLayer, dst)
-            bn = src.norm
-            if bn is None or bn.running_mean is None or bn.running_var is None:
-                raise ValueError("fold_batchnorm needs BatchNorm layers with running statistics")
-            a = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C,)
-            w = cast(Tensor, src.op.weight)
-            b = cast(Tensor, src.op.bias)
-            dst.op.weight.copy_(w * (a[:, None, None] if w.dim() == 3 else a[:, None]))  # type: ignore[operator]
-            dst.op.bias.copy_(a * (b - bn.running_mean) + bn.bias)  # type: ignore[operator]
-            if isinstance(src.op, OffsetConv1d) and isinstance(dst.op, OffsetConv1d):
-                dst.op.offset.copy_(src.op.offset * a[:, None])
+            offset = src.op.offset if isinstance(src.op, OffsetConv1d) else None  # (C, L)
+            w, b, offset = _fold_batchnorm(
+                src.norm,
+                cast(Tensor, src.op.weight),
+                cast(Tensor, src.op.bias),
+                offset,
+                "fold_batchnorm",
+            )
+            dst.op.weight.copy_(w)  # type: ignore[operator]
+            dst.op.bias.copy_(b)  # type: ignore[operator]
+            if offset is not None and isinstance(dst.op, OffsetConv1d):
+                dst.op.offset.copy_(offset)
         folded.head.load_state_dict(self.head.state_dict())
         return folded.train(self.training)
 
