@@ -64,6 +64,7 @@ def _check_equivalent(net: _ShortcutNet, x: torch.Tensor) -> gp.Cost:
             assert small._folded_convs or not small.layers  # the path was taken
             diff = (fast - net(big)).abs().max().item()
         assert diff <= 1e-5, diff
+        assert fast.is_contiguous()
         # cost() counts through module hooks: the hooked forward keeps to the modules
         assert gp.cost(small, big).flops == gp.cost(small, big[:1]).flops * big.shape[0]
     pruned_cost = gp.cost(small, x[:1])
@@ -137,6 +138,8 @@ def test_mlp_pruned_equals_gated(
     shortcuts=st.booleans(),
     norm=st.booleans(),
     group=st.sampled_from([1, 1, 2, 4]),
+    in_channels=st.sampled_from([1, 2]),
+    n_out=st.sampled_from([1, 3, 16]),  # the channels-last read-out has two matrix products
     states=st.data(),
     seed=st.integers(0, 2**16),
 )
@@ -147,6 +150,8 @@ def test_conv_pruned_equals_gated(
     shortcuts: bool,
     norm: bool,
     group: int,
+    in_channels: int,
+    n_out: int,
     states: st.DataObject,
     seed: int,
 ) -> None:
@@ -154,9 +159,9 @@ def test_conv_pruned_equals_gated(
     gen = torch.Generator().manual_seed(seed)
     length = 16
     net = gp.ShortcutConv1d(
-        2,
+        in_channels,
         [[w * group for w in stage] for stage in stages],
-        3,
+        n_out,
         kernel_size=kernel,
         head_pool=head_pool,
         input_length=length,
@@ -166,7 +171,7 @@ def test_conv_pruned_equals_gated(
     )
     _randomise_norms(net, gen)
     any_closed = _set_gates(net, states)
-    x = torch.randn(5, 2, length, generator=gen)  # (B, C, L)
+    x = torch.randn(5, in_channels, length, generator=gen)  # (B, C, L)
     pruned = _check_equivalent(net, x)
     for layer in gp.prune(net).layers:  # every kept layer has a whole number of channel groups
         assert layer.op.out_channels % group == 0

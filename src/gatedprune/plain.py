@@ -360,7 +360,10 @@ class PlainShortcutNet(nn.Module):
             )  # (B, C, 1, L) channels-last
             if offset is not None:
                 z = z + offset  # (B, C, 1, L)
-            hs.append(act(z).squeeze(2).transpose(1, 2))  # (B, L, C) contiguous
+            # oneDNN returns a (B, C, L) layout when the input has one channel (its layout is
+            # ambiguous then): made channels-last here once, or every later concatenation and
+            # pooled copy of the map would gather it across strides
+            hs.append(act(z).squeeze(2).transpose(1, 2).contiguous())  # (B, L, C)
         if not self._head_reads:
             return cast(Tensor, self.head(x.new_zeros(batch, 0)))  # a closed read-out
         feats = []
@@ -380,7 +383,14 @@ class PlainShortcutNet(nn.Module):
         feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)  # (B, P, sum C)
         order = cast(Tensor, self._head_order)
         weight = self.head.weight.index_select(1, order)  # (out, P * sum C)
-        return F.linear(feat.reshape(batch, -1), weight, self.head.bias)  # (B, out)
+        flat = feat.reshape(batch, -1)  # (B, P * sum C)
+        bias = self.head.bias
+        n_out = weight.shape[0]
+        if bias is None or not 1 < n_out < 48 or n_out % 16 == 0:
+            return F.linear(flat, weight, bias)  # (B, out)
+        # (out, F) @ (F, B) instead: for a few outputs, not a multiple of 16, oneMKL's product
+        # with the batch as the long side is 1.2-2.3x faster (ad hoc, 1 thread, batch 256)
+        return torch.addmm(bias[:, None], weight, flat.t()).t().contiguous()  # (B, out)
 
     def _resolve_head_order(self) -> Tensor:
         """Column order of the read-out's weight for features flattened as (position,

@@ -45,10 +45,10 @@ def mean_pool1d(x: Tensor, k: int) -> Tensor:
         # small: one call is cheaper (too short: torch's error); traced: no shape branch
         return F.avg_pool1d(x, k, k)
     x = x[..., : n * k]  # (..., n * k)
-    s = x[..., 0::k]  # (..., n)
-    for i in range(1, k):
-        s = s + x[..., i::k]
-    return s / k
+    s = x[..., 0::k] + x[..., 1::k]  # (..., n), a new tensor: the rest is done in place
+    for i in range(2, k):
+        s.add_(x[..., i::k])
+    return s.mul_(1.0 / k)
 
 
 def mean_pool_rows(x: Tensor, k: int) -> Tensor:
@@ -64,10 +64,10 @@ def mean_pool_rows(x: Tensor, k: int) -> Tensor:
         return x
     n = x.shape[1] // k
     rows = x[:, : n * k].reshape(x.shape[0], n, k, x.shape[2])  # (B, n, k, C)
-    s = rows[:, :, 0]  # (B, n, C)
-    for i in range(1, k):
-        s = s + rows[:, :, i]
-    return s / k
+    s = rows[:, :, 0] + rows[:, :, 1]  # (B, n, C), a new tensor: the rest is done in place
+    for i in range(2, k):
+        s.add_(rows[:, :, i])
+    return s.mul_(1.0 / k)
 
 
 def adaptive_mean_pool1d(x: Tensor, size: int) -> Tensor:
