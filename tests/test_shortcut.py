@@ -450,6 +450,18 @@ def test_channels_last_path_follows_weight_updates_and_leaves_autograd_alone() -
     fast2, slow2 = both()
     assert not torch.equal(fast, fast2)
     assert (fast2 - slow2).abs().max().item() <= 1e-5
+    # edits through .data leave the version counters alone: they must be seen too
+    small.layers[1].op.weight.data.mul_(0.5)
+    small.layers[2].norm.running_var.data.mul_(3.0)
+    fast3, slow3 = both()
+    assert not torch.equal(fast2, fast3)
+    assert (fast3 - slow3).abs().max().item() <= 1e-5
+    small.double()  # a dtype change refolds too
+    with torch.no_grad():
+        fast4 = small(x.double())
+    assert fast4.dtype == torch.float64
+    assert (fast4 - slow3.double()).abs().max().item() <= 1e-5
+    small.float()
     # with autograd recording, the (B, C, L) path runs and gradients reach every weight
     small(x).sum().backward()
     assert all(p.grad is not None for p in small.parameters() if p.numel())

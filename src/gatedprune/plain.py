@@ -146,7 +146,7 @@ class PlainShortcutNet(nn.Module):
         self._reads = self._resolve_reads()
         self._head_reads = tuple(spec.head_sources)
         self._calls = self._resolve_calls()
-        self._folded_convs: dict[int, tuple[Any, Any]] = {}
+        self._folded_convs: tuple[Tensor, list[object], list[Any]] | None = None
         self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
         self.channels_last = True
         """Eval-mode forwards of spatial networks from ``CHANNELS_LAST_MIN_BATCH`` samples on
@@ -222,8 +222,9 @@ class PlainShortcutNet(nn.Module):
             self._head_reads = tuple(self.spec.head_sources)
         if "_calls" not in self.__dict__:
             self._calls = self._resolve_calls()
-        if "_folded_convs" not in self.__dict__:
-            self._folded_convs = {}
+        if not isinstance(self.__dict__.get("_folded_convs"), tuple):
+            self._folded_convs = None  # absent, or the per-layer cache of earlier versions
+        if "channels_last" not in self.__dict__:
             self.channels_last = True
         if "_pool_from" not in self.__dict__:
             self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
@@ -293,37 +294,51 @@ class PlainShortcutNet(nn.Module):
         detached weight copies, so it is taken only when nothing is recorded)."""
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def _folded_conv(
-        self, index: int, conv: nn.Conv1d, norm: nn.Module | None
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """Layer ``index``'s convolution with its eval-mode BatchNorm folded in (as
+    def _folded_weights(self) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """Every layer's convolution with its eval-mode BatchNorm folded in (as
         :meth:`fold_batchnorm` does): the weight as a channels-last ``(C_out, C_in, 1, k)``
         tensor, the bias and the scaled offset map of an :class:`OffsetConv1d` (``(C, 1, L)``).
-        Cached until any tensor involved changes (its version counter moves on every in-place
-        update, e.g. an optimizer step or new running statistics)."""
-        tensors: list[Tensor | None] = [conv.weight, conv.bias]
-        if isinstance(conv, OffsetConv1d):
-            tensors.append(conv.offset)
-        bn = cast(nn.BatchNorm1d | None, norm)
-        if bn is not None:
-            tensors += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
-        key = tuple(
-            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors
-        ) + ((bn.eps,) if bn is not None else ())
-        cached = self._folded_convs.get(index)
-        if cached is not None and cached[0] == key:
-            hit: tuple[Tensor, Tensor | None, Tensor | None] = cached[1]
+        Cached, and recomputed whenever any value involved differs from the cached copy: a
+        version counter would miss edits through ``.data``, so the values are compared (one
+        concatenation and one comparison per forward, far cheaper than the convolutions)."""
+        sources: list[Tensor] = []
+        layout: list[object] = []  # which tensors exist, and the BatchNorm eps values
+        for conv, norm, _ in self._calls:
+            bn = cast(nn.BatchNorm1d | None, norm)
+            extra = cast(OffsetConv1d, conv).offset if isinstance(conv, OffsetConv1d) else None
+            stats = () if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            for t in (cast(nn.Conv1d, conv).weight, cast(nn.Conv1d, conv).bias, extra, *stats):
+                layout.append(t is None)
+                if t is not None:
+                    sources.append(t.detach().reshape(-1))
+            layout.append(None if bn is None else bn.eps)
+        if not sources:
+            return []
+        flat = torch.cat(sources)  # (n,) every value the folded weights depend on
+        cached = self._folded_convs
+        if (
+            cached is not None
+            and cached[1] == layout
+            and cached[0].dtype == flat.dtype
+            and cached[0].device == flat.device
+            and cached[0].shape == flat.shape
+            and torch.equal(cached[0], flat)
+        ):
+            hit: list[tuple[Tensor, Tensor | None, Tensor | None]] = cached[2]
             return hit
+        folded = []
         with torch.no_grad():
-            w = conv.weight.detach()  # (C, C_in, k)
-            b = None if conv.bias is None else conv.bias.detach()  # (C,)
-            offset = conv.offset.unsqueeze(1) if isinstance(conv, OffsetConv1d) else None
-            if bn is not None:  # (C, C_in, k), (C,), (C, 1, L)
-                w, b, offset = _fold_batchnorm(bn, w, b, offset, "the channels-last path")
-            w4 = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C, C_in, 1, k)
-        value = (w4, b, offset)
-        self._folded_convs[index] = (key, value)
-        return value
+            for conv, norm, _ in self._calls:
+                op = cast(nn.Conv1d, conv)
+                w = op.weight.detach()  # (C, C_in, k)
+                b = None if op.bias is None else op.bias.detach()  # (C,)
+                offset = op.offset.unsqueeze(1) if isinstance(op, OffsetConv1d) else None
+                if norm is not None:  # (C, C_in, k), (C,), (C, 1, L)
+                    w, b, offset = _fold_batchnorm(norm, w, b, offset, "the channels-last path")
+                w4 = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (C, C_in, 1, k)
+                folded.append((w4, b, offset))
+        self._folded_convs = (flat, layout, folded)
+        return folded
 
     def _forward_channels_last(self, x: Tensor) -> Tensor:
         """The eval-mode forward of a spatial network with every feature map kept as a
@@ -347,11 +362,12 @@ class PlainShortcutNet(nn.Module):
             base = hs[j] if src < 0 else cast(Tensor, pooled[src])
             return mean_pool_rows(base, k)  # (B, L_stage, C_j)
 
-        for i, (reads, (op, norm, act)) in enumerate(zip(self._reads, self._calls, strict=True)):
+        folded = self._folded_weights()
+        for reads, (op, _, act), (weight, bias, offset) in zip(
+            self._reads, self._calls, folded, strict=True
+        ):
             inp = _gather(reads, hs, pooled, make_pooled, dim=2)  # (B, L, sum C)
-            conv = cast(nn.Conv1d, op)
-            k = conv.kernel_size[0]
-            weight, bias, offset = self._folded_conv(i, conv, norm)
+            k = cast(nn.Conv1d, op).kernel_size[0]
             z = F.conv2d(
                 inp.transpose(1, 2).unsqueeze(2),  # (B, C_in, 1, L) channels-last
                 weight,
