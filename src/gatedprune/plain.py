@@ -305,7 +305,7 @@ class PlainShortcutNet(nn.Module):
         layout: list[object] = []  # which tensors exist, and the BatchNorm eps values
         for conv, norm, _ in self._calls:
             bn = cast(nn.BatchNorm1d | None, norm)
-            extra = cast(OffsetConv1d, conv).offset if isinstance(conv, OffsetConv1d) else None
+            extra = conv.offset if isinstance(conv, OffsetConv1d) else None
             stats = () if bn is None else (bn.weight, bn.bias, bn.running_mean, bn.running_var)
             for t in (cast(nn.Conv1d, conv).weight, cast(nn.Conv1d, conv).bias, extra, *stats):
                 layout.append(t is None)
