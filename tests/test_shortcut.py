@@ -67,6 +67,14 @@ def _check_equivalent(net: _ShortcutNet, x: torch.Tensor) -> gp.Cost:
         assert fast.is_contiguous()
         # cost() counts through module hooks: the hooked forward keeps to the modules
         assert gp.cost(small, big).flops == gp.cost(small, big[:1]).flops * big.shape[0]
+        # another length: equal, unless a folded constant pinned the length (then refused)
+        longer = torch.randn(3, x.shape[1], 2 * x.shape[2])  # (B, C, 2L)
+        if small.spec.input_length is None:
+            with torch.no_grad():
+                assert (small(longer) - net(longer)).abs().max().item() <= 1e-5
+        else:
+            with pytest.raises(ValueError, match="built for inputs of length"):
+                small(longer)
     pruned_cost = gp.cost(small, x[:1])
     assert isinstance(pruned_cost, gp.Cost)
     hard = gp.cost(net, x[:1], hard=True)
@@ -465,3 +473,45 @@ def test_channels_last_path_follows_weight_updates_and_leaves_autograd_alone() -
     # with autograd recording, the (B, C, L) path runs and gradients reach every weight
     small(x).sum().backward()
     assert all(p.grad is not None for p in small.parameters() if p.numel())
+
+
+def test_constant_read_out_source_pins_the_input_length() -> None:
+    # layer 1 reads nothing (a constant map), layer 2 reads only layer 1 through zero padding
+    # (a position-dependent constant) and only layer 2 reaches the read-out: the read-out's
+    # folded bias holds for the built length only, so other lengths must be refused
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[4, 4]], 2, input_length=8, kernel_size=5, head_pool=5)
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    _close(net.layers[0].edge_gate)
+    _close(net.layers[1].edge_gate, [0])
+    _close(net.head_gate, [0, 1])
+    with torch.no_grad():
+        net.layers[0].op.bias.fill_(3.0)
+    net.eval()
+    small = gp.prune(net).eval()
+    assert len(small.layers) == 0
+    assert small.spec.input_length == 8
+    for batch in (2, CHANNELS_LAST_MIN_BATCH):
+        x = torch.randn(batch, 1, 8)  # (B, C, L)
+        with torch.no_grad():
+            assert (small(x) - net(x)).abs().max().item() <= 1e-5
+        with pytest.raises(ValueError, match="built for inputs of length 8"):
+            small(torch.randn(batch, 1, 16))
+    loaded = gp.PlainShortcutNet.from_config(small.to_config())
+    with pytest.raises(ValueError, match="built for inputs of length 8"):
+        loaded(torch.randn(2, 1, 16))
+
+
+def test_prune_without_input_length_over_several_stages() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[4], [4], [4]], 2).eval()  # no input_length given
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    _close(net.layers[1].unit_gate, [0, 1])
+    small = gp.prune(net).eval()
+    assert small.spec.input_length is None
+    for length in (4, 16, 40):
+        x = torch.randn(3, 1, length)  # (B, C, L)
+        with torch.no_grad():
+            assert (small(x) - net(x)).abs().max().item() <= 1e-5

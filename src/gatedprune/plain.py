@@ -238,6 +238,12 @@ class PlainShortcutNet(nn.Module):
                 f"expected input of shape (B, {spec.in_width}{', L' if spec.spatial else ''}),"
                 f" got {tuple(x.shape)}"
             )
+        if spec.spatial and spec.input_length is not None and x.shape[2] != spec.input_length:
+            raise ValueError(
+                f"this pruned network was built for inputs of length {spec.input_length} (a"
+                f" removed constant layer's position-dependent output was folded in), got"
+                f" {x.shape[2]}"
+            )
         if (
             spec.spatial
             and self.channels_last

@@ -706,7 +706,9 @@ class _ShortcutNet(GatedModule):
                 "folding it into a convolution needs the input length: construct "
                 "ShortcutConv1d with input_length=..."
             )
-        shape = (1, spec.in_width, length or 1) if spec.spatial else (1, spec.in_width)
+        # without input_length no constant is folded, so any length the stages accept will do
+        probe = length or 2 ** max((ls.stage for ls in spec.layers), default=0)
+        shape = (1, spec.in_width, probe) if spec.spatial else (1, spec.in_width)
         hs: list[Tensor] = [ref.new_zeros(shape)]
         pre: list[Tensor] = []
         cache: dict[tuple[int, int], Tensor] = {}
@@ -753,7 +755,18 @@ class _ShortcutNet(GatedModule):
             head_pool=spec.head_pool,
             norm=spec.norm,
             activation=spec.activation,
-            input_length=length if any(ls.has_offset for ls in layer_specs) else None,
+            # a constant map read by a convolution (an offset) or by the read-out (folded into
+            # its bias after pooling) depends on the position: the pruned net keeps the length
+            input_length=length
+            if any(ls.has_offset for ls in layer_specs)
+            or (
+                spec.spatial
+                and any(
+                    not nonconst[j] and some_open[j] and open_head[h]
+                    for h, j in enumerate(spec.head_sources)
+                )
+            )
+            else None,
         )
         plain = PlainShortcutNet(new_spec).to(device=ref.device, dtype=ref.dtype)
         for (i, _, srcs), target in zip(new_layers, plain.layers, strict=True):
