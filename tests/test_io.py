@@ -512,3 +512,26 @@ def test_load_rejects_files_that_do_not_describe_a_model(tmp_path: Path) -> None
     io.write_tensors(plain, {"w": torch.zeros(1)}, {"step": 1})
     with pytest.raises(ValueError, match="not a saved model"):
         io.load(plain)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"head_pool": -1}, "head_pool must be >= 1"),
+        ({"kernel_size": -1}, "kernel_size must be a positive odd int"),
+        ({"input_length": 0}, "input_length must be None or >= 1"),
+        ({"in_width": 10**12}, "has shape"),  # refused before anything of that size is built
+    ],
+)
+def test_edited_config_with_valid_checksums_is_refused(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    # a writer that edits the config and recomputes the checksums (a buggy exporter)
+    small = gp.prune(gp.ShortcutConv1d(1, [[4], [4]], 3, input_length=8).eval())
+    path = tmp_path / "m.safetensors"
+    gp.save(small, path)
+    _, meta = io.read_tensors(path)
+    meta["config"] = {**meta["config"], **change}
+    io.write_tensors(path, small.state_dict(), meta)
+    with pytest.raises(ValueError, match=message):
+        gp.load(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -337,6 +338,36 @@ def test_bad_constructor_arguments() -> None:
         gp.ShortcutMLP(4, [3], 2, activation="swish")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Tensor"):
         gp.ShortcutMLP(4, [3], 2)([[0.0] * 4])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="widths must hold at least one size"):
+        gp.ShortcutMLP(4, [], 2)
+    with pytest.raises(ValueError, match=r"stages\[1\] must hold at least one size"):
+        gp.ShortcutConv1d(1, [[3], []], 2)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [  # strings read as true and bools as 1: both refused, not silently accepted
+        (lambda: gp.ShortcutMLP(3, [4], 2, shortcuts="no"), "shortcuts must be True or False"),
+        (lambda: gp.ShortcutMLP(3, [4], 2, norm="no"), "norm must be True or False"),
+        (lambda: gp.ShortcutConv1d(1, [[4]], 2, shortcuts=0), "shortcuts must be True or False"),
+        (lambda: gp.ShortcutConv1d(1, [[4]], 2, kernel_size=True), "kernel_size must be an int"),
+        (lambda: gp.ShortcutConv1d(1, [[4]], 2, head_pool=True), "head_pool must be an int"),
+        (lambda: gp.ShortcutConv1d(1, [[4]], 2, input_length=True), "input_length must be"),
+        (lambda: gp.ShortcutConv1d(1, [[4]], 2, head_pool="5"), "head_pool must be an int"),
+    ],
+)
+def test_loose_constructor_arguments_are_refused(make: object, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        make()  # type: ignore[operator]
+
+
+def test_numpy_integers_are_accepted_as_sizes() -> None:
+    np = pytest.importorskip("numpy")
+    net = gp.ShortcutConv1d(np.int64(1), [[np.int64(4)]], np.int32(2), kernel_size=np.int64(3))
+    assert net.spec.in_width == 1
+    assert type(net.spec.layers[0].width) is int
+    assert type(net.spec.kernel_size) is int
+    json.dumps(gp.prune(net).to_config())  # sizes stay JSON-able
 
 
 @given(

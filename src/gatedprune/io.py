@@ -389,12 +389,15 @@ def load(path: PathLike) -> nn.Module:
     config = meta.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"{p}: the model config is not a JSON object: {config!r}")
-    try:
-        model: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
-    except (KeyError, TypeError, ValueError) as e:
+    try:  # on the meta device first: a config whose sizes do not fit the tensors (say, a
+        # width of 10**12 in an edited file) is refused before anything is allocated
+        with torch.device("meta"):
+            skeleton: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{p}: invalid config for model kind {kind!r}: {e}") from e
+    _check_state(p, kind, skeleton.state_dict(), tensors)
+    model: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
     expected = model.state_dict()
-    _check_state(p, kind, expected, tensors)
     saved_float = {t.dtype for t in tensors.values() if t.is_floating_point()}
     own_float = {t.dtype for t in expected.values() if t.is_floating_point()}
     if len(saved_float) == 1 and saved_float != own_float:

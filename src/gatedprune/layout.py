@@ -8,6 +8,7 @@ layer's resolution stage when it comes from an earlier stage); the head reads it
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -147,16 +148,60 @@ class NetSpec:
         for j in self.head_sources:
             if not 0 <= j <= len(self.layers):
                 raise ValueError(f"head reads node {j}, expected a node in [0, {len(self.layers)}]")
-        if self.spatial and self.kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        for i, layer in enumerate(self.layers, start=1):
+            if layer.stage < 0:
+                raise ValueError(f"layer {i} has negative stage {layer.stage}")
+        if self.spatial:
+            if self.kernel_size < 1 or self.kernel_size % 2 != 1:
+                raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+            if self.head_pool < 1:
+                raise ValueError(f"head_pool must be >= 1, got {self.head_pool}")
+            if self.input_length is not None and self.input_length < 1:
+                raise ValueError(f"input_length must be None or >= 1, got {self.input_length}")
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (numpy integers accepted, bools refused).
+
+    >>> check_int("kernel_size", 3)
+    3
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got the bool {value!r}")
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` if it is a bool (a string such as ``"no"`` would read as true).
+
+    >>> check_flag("shortcuts", False)
+    False
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_sizes(name: str, values: Sequence[int]) -> tuple[int, ...]:
-    """Validate a sequence of positive layer sizes."""
+    """Validate a non-empty sequence of positive layer sizes (numpy integers accepted).
+
+    >>> check_sizes("widths", [8, 4])
+    (8, 4)
+    """
     if isinstance(values, int | str) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
-    out = tuple(values)
-    for v in out:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must hold positive ints, got {v!r} in {values!r}")
-    return out
+    if not values:
+        raise ValueError(f"{name} must hold at least one size, got {values!r}")
+    out = []
+    for v in values:
+        try:
+            out.append(check_int(name, v))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must hold positive ints, got {v!r} in {values!r}") from None
+    return tuple(out)

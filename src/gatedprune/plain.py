@@ -421,17 +421,15 @@ class PlainShortcutNet(nn.Module):
         if not spec.spatial:
             return torch.zeros(0, dtype=torch.long)
         pool = spec.head_pool
-        offsets, start = [], 0
+        positions = torch.arange(pool)[:, None]  # (P, 1)
+        blocks, start = [], 0
         for j in spec.head_sources:
-            offsets.append(start)
-            start += spec.node_width(j) * pool
-        order = [
-            off + c * pool + pos
-            for pos in range(pool)
-            for off, j in zip(offsets, spec.head_sources, strict=True)
-            for c in range(spec.node_width(j))
-        ]
-        return torch.tensor(order, dtype=torch.long)
+            width = spec.node_width(j)
+            blocks.append(start + torch.arange(width)[None, :] * pool + positions)  # (P, C_j)
+            start += width * pool
+        if not blocks:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(blocks, dim=1).flatten()  # (P * sum C,) position-major
 
     @torch.no_grad()
     def fold_batchnorm(self) -> PlainShortcutNet:

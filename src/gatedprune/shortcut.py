@@ -33,7 +33,16 @@ from .gates import (
     gate_values,
     resolve_gate,
 )
-from .layout import ACTIVATIONS, Activation, LayerSpec, NetSpec, check_activation, check_sizes
+from .layout import (
+    ACTIVATIONS,
+    Activation,
+    LayerSpec,
+    NetSpec,
+    check_activation,
+    check_flag,
+    check_int,
+    check_sizes,
+)
 from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
 from .pooling import adaptive_mean_pool1d, mean_pool1d
 
@@ -847,7 +856,10 @@ class ShortcutMLP(_ShortcutNet):
         unit_group: int = 1,
     ) -> None:
         ws = check_sizes("widths", widths)
-        check_sizes("in_features/out_features", [in_features, out_features])
+        in_features, out_features = check_sizes(
+            "in_features/out_features", [in_features, out_features]
+        )
+        shortcuts, norm = check_flag("shortcuts", shortcuts), check_flag("norm", norm)
         n = len(ws)
         layers = tuple(
             LayerSpec(sources=tuple(range(i + 1)) if shortcuts else (i,), width=w)
@@ -896,22 +908,21 @@ class ShortcutConv1d(_ShortcutNet):
         norm: bool = True,
         unit_group: int = 1,
     ) -> None:
-        check_sizes("in_channels/out_features", [in_channels, out_features])
+        in_channels, out_features = check_sizes(
+            "in_channels/out_features", [in_channels, out_features]
+        )
         if isinstance(stages, int | str) or not isinstance(stages, Sequence) or not stages:
             raise ValueError(
                 f"stages must be a non-empty list of lists of channels, got {stages!r}"
             )
         per_stage = [check_sizes(f"stages[{s}]", st) for s, st in enumerate(stages)]
-        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        kernel_size = check_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
-        if not isinstance(head_pool, int) or head_pool < 1:
-            raise ValueError(f"head_pool must be a positive int, got {head_pool!r}")
-        if input_length is not None and (
-            not isinstance(input_length, int) or input_length < 2 ** (len(stages) - 1)
-        ):
-            raise ValueError(
-                f"input_length must be an int >= {2 ** (len(stages) - 1)}, got {input_length!r}"
-            )
+        head_pool = check_int("head_pool", head_pool)
+        if input_length is not None:
+            input_length = check_int("input_length", input_length, 2 ** (len(stages) - 1))
+        shortcuts, norm = check_flag("shortcuts", shortcuts), check_flag("norm", norm)
         flat = [(s, w) for s, ws in enumerate(per_stage) for w in ws]
         layers = tuple(
             LayerSpec(sources=tuple(range(i + 1)) if shortcuts else (i,), width=w, stage=s)
