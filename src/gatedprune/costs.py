@@ -6,9 +6,15 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   for per-sample figures). Linear, convolution, matmul and recurrent layers count
   **2 FLOPs per multiply-accumulate**; a bias (or offset) add counts 1 per output element.
 * Element-wise layers: activations 1 per element, BatchNorm (eval, affine) 2 per element,
-  LayerNorm/GroupNorm 5 per element; dropout, flatten, identity and reshapes 0.
+  LayerNorm/GroupNorm 5 per element; dropout, flatten, identity, reshapes and an empty
+  ``nn.Sequential`` (an identity) 0.
 * Pooling counts 1 per input element inside each window (``kernel`` per output element;
-  adaptive pooling sums its real window sizes).
+  adaptive pooling sums its real window sizes), batched or unbatched, with or without
+  ``return_indices``.
+* ``nn.Embedding`` is a table lookup: 0 FLOPs (its ``num_embeddings * embedding_dim``
+  parameters count as usual). ``nn.EmbeddingBag`` reduces the looked-up rows of each bag
+  like pooling: 1 per element of every row read (``embedding_dim`` per index other than
+  ``padding_idx``), whatever the mode; ``per_sample_weights`` multiplications are not counted.
 * Only modules are counted: functional calls in a ``forward`` (``torch.cat``, ``x + y``,
   ``F.relu``) are not. New shortcuts that ``gate_(..., shortcuts="dense")`` adds and pruning
   keeps are modules (``gatedprune.gating.ScaledAdd``, ``x + scale * s``): 2 per element, no
@@ -19,7 +25,9 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   ``nn.TransformerEncoderLayer``).
 * Attention (:func:`attention_flops`): the q/k/v and output projections (2 per MAC, biases
   1 per output element), scores ``q k^T`` and ``weights v`` (2 per MAC), softmax 1 per score;
-  the ``1/sqrt(d)`` scaling and masks are not counted. A Transformer encoder layer adds its
+  the ``1/sqrt(d)`` scaling and masks are not counted. ``add_bias_kv`` and ``add_zero_attn``
+  each add one key/value position to the scores, softmax and ``weights v`` (not to the
+  projections); ``bias_k``/``bias_v`` count as parameters. A Transformer encoder layer adds its
   feed-forward Linears, 1 per hidden element for the activation and 5 per element per
   LayerNorm; its residual adds and dropouts are free.
 * Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``; :func:`recurrent_step_flops`), per
@@ -31,6 +39,9 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   3 sigmoids, 2 tanh, 3 multiplications, 1 add), GRU 11 (3 adds, 2 sigmoids, 1 tanh,
   ``r * (.)``, ``1 - z``, 2 multiplications, 1 add), RNN 2 (1 add, 1 activation).
 * Parameters: every parameter of the module (buffers such as BatchNorm statistics excluded).
+* ``module`` must be an ``nn.Module``; a floating ``example_input`` must have the dtype of the
+  model's floating parameters (``ValueError`` otherwise; integer inputs such as token ids are
+  fine).
 
 Gated modules (:class:`~gatedprune.base.GatedModule`) report their own expected cost, computed
 from the gates' open probabilities; ``cost`` of a model that *contains* gated modules adds
@@ -130,26 +141,74 @@ def _per_element(rate: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor],
     return count
 
 
-def _pool(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+_POOLS_1D: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.MaxPool1d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveMaxPool1d,
+)
+_POOLS_2D: tuple[type[nn.Module], ...] = (
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+
+
+def _pool_dims(m: nn.Module) -> int:
+    """Number of pooled (trailing) dimensions of a pooling module."""
+    if isinstance(m, _POOLS_1D):
+        return 1
+    if isinstance(m, _POOLS_2D):
+        return 2
+    raise TypeError(f"expected a 1d or 2d pooling module, got {type(m).__name__}")
+
+
+def _pooled(out: Any) -> Tensor:
+    """The pooled tensor of a pooling output (``(values, indices)`` with ``return_indices``)."""
+    t = out[0] if isinstance(out, tuple | list) else out
+    if not isinstance(t, Tensor):
+        raise TypeError(f"expected a pooling output tensor, got {type(t).__name__}")
+    return t
+
+
+def _pool(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    dims = _pool_dims(m)
     ks = getattr(m, "kernel_size", 1)
     k = 1
-    for s in ks if isinstance(ks, tuple) else (ks,) * (out.dim() - 2):
+    for s in ks if isinstance(ks, tuple) else (ks,) * dims:
         k *= int(s)
-    return k * out.numel()
+    return k * _pooled(out).numel()
 
 
-def _adaptive_pool(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+def _adaptive_pool(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    dims = _pool_dims(m)
     x = inp[0]
-    spatial_in = x.shape[2:]
-    spatial_out = out.shape[2:]
-    per_channel = 1
-    for a, b in zip(spatial_in, spatial_out, strict=True):
-        per_channel *= _adaptive_window_sum(int(a), int(b))
-    return per_channel * x.shape[0] * x.shape[1]
+    y = _pooled(out)
+    per_map = 1  # window sizes summed over one pooled map (batched or unbatched input)
+    for a, b in zip(x.shape[-dims:], y.shape[-dims:], strict=True):
+        per_map *= _adaptive_window_sum(int(a), int(b))
+    maps = 1
+    for s in x.shape[:-dims]:
+        maps *= int(s)
+    return per_map * maps
+
+
+def _embedding_bag(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    if not isinstance(m, nn.EmbeddingBag):
+        raise TypeError(f"expected nn.EmbeddingBag, got {type(m).__name__}")
+    idx = inp[0]
+    read = idx.numel() if m.padding_idx is None else int((idx != m.padding_idx).sum())
+    return read * m.embedding_dim
 
 
 def _zero(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     return 0
+
+
+def _is_empty_sequential(m: nn.Module) -> bool:
+    """An ``nn.Sequential`` without modules and with its own forward: the identity."""
+    return isinstance(m, nn.Sequential) and len(m) == 0 and type(m).forward is nn.Sequential.forward
 
 
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -184,6 +243,8 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
         _adaptive_pool,
     ),
     ((nn.Dropout, nn.Flatten, nn.Identity, nn.Unflatten), _zero),
+    ((nn.Embedding,), _zero),  # a table lookup
+    ((nn.EmbeddingBag,), _embedding_bag),
     ((nn.LSTM, nn.GRU, nn.RNN), lambda m, i, o: _recurrent(m, i, o)),
     ((nn.MultiheadAttention,), lambda m, i, o: _mha(m, i, o)),
     ((nn.TransformerEncoderLayer,), lambda m, i, o: _encoder_layer(m, i, o)),
@@ -236,7 +297,13 @@ def _mha(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     dims = (m.embed_dim, m.kdim, m.vdim, m.embed_dim)
     in_bias = m.in_proj_bias is not None
     out_bias = m.out_proj.bias is not None
-    return attention_flops(batch, len_q, len_kv, dims, m.num_heads, m.head_dim, in_bias, out_bias)
+    heads, head_dim = int(m.num_heads), int(m.head_dim)
+    f = attention_flops(batch, len_q, len_kv, dims, heads, head_dim, in_bias, out_bias)
+    # bias_k/bias_v and the zero position are appended after the projections: each extra
+    # key/value position adds only to the scores, the softmax and weights @ v
+    extra = int(m.bias_k is not None) + int(m.add_zero_attn)
+    per_key = 2 * FLOPS_PER_MAC * batch * len_q * heads * head_dim + batch * heads * len_q
+    return f + extra * per_key
 
 
 def _encoder_layer(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
@@ -321,7 +388,26 @@ def _handler_for(m: nn.Module) -> Handler | None:
     for types, handler in _HANDLERS:
         if isinstance(m, types):
             return handler
+    if _is_empty_sequential(m):  # a leaf only when empty; never a unit, or it would hide layers
+        return _zero
     return None
+
+
+def _check_input(module: Any, example_input: Any) -> None:
+    """Reject a non-module, and a floating input whose dtype differs from the model's."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"cost() expects an nn.Module, got {type(module).__name__}")
+    x = example_input.data if isinstance(example_input, PackedSequence) else example_input
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        if x.dtype != dtype:
+            raise ValueError(
+                f"example_input has dtype {x.dtype} but the model's parameters are {dtype}; "
+                f"pass an input of dtype {dtype} (or convert the model)"
+            )
 
 
 @dataclass
@@ -339,6 +425,7 @@ class CostProgram:
     @staticmethod
     def trace(module: nn.Module, example_input: Any) -> CostProgram:
         """Run ``module`` once on ``example_input`` (no grad, eval mode) and record its costs."""
+        _check_input(module, example_input)
         program = CostProgram()
         gating = find_model_gating(module)
         if gating is not None:  # gates inserted by gate_: the gating speaks for the whole model

@@ -1,0 +1,194 @@
+"""cost() of plain modules against hand-computed counts: pooling, attention, embeddings, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import gatedprune
+from gatedprune.costs import Cost, cost
+from gatedprune.gating import gate_
+
+
+def _plain(m: nn.Module, x: object) -> Cost:
+    c = cost(m, x)
+    assert isinstance(c, Cost)
+    return c
+
+
+# (module, batched input shape, FLOPs per (batch) sample): 1 per input element in each window
+POOLS: list[tuple[nn.Module, tuple[int, ...], int]] = [
+    (nn.MaxPool1d(3), (4, 12), 4 * 4 * 3),  # out (4, 4), window 3
+    (nn.AvgPool1d(3), (4, 12), 4 * 4 * 3),
+    (nn.AvgPool1d(3, stride=1), (4, 12), 4 * 10 * 3),
+    (nn.MaxPool2d(2), (4, 6, 6), 4 * 9 * 4),  # out (4, 3, 3), window 2x2
+    (nn.MaxPool2d((2, 3)), (4, 6, 6), 4 * 6 * 6),  # out (4, 3, 2), window 2x3
+    (nn.AvgPool2d(2), (4, 6, 6), 4 * 9 * 4),
+    (nn.AdaptiveAvgPool1d(5), (4, 12), 4 * 16),  # windows 3+3+4+3+3 = 16
+    (nn.AdaptiveMaxPool1d(5), (4, 12), 4 * 16),
+    (nn.AdaptiveAvgPool2d((4, 3)), (4, 6, 6), 4 * 8 * 6),  # H 2+2+2+2, W 2+2+2
+    (nn.AdaptiveMaxPool2d((4, 3)), (4, 6, 6), 4 * 8 * 6),
+    (nn.AdaptiveAvgPool2d(1), (4, 6, 6), 4 * 36),
+]
+
+
+def _pool_id(case: tuple[nn.Module, tuple[int, ...], int]) -> str:
+    return f"{type(case[0]).__name__}-{'x'.join(map(str, case[1]))}"
+
+
+@pytest.mark.parametrize(("m", "shape", "per_sample"), POOLS, ids=[_pool_id(c) for c in POOLS])
+def test_pooling_counts_batched_and_unbatched(
+    m: nn.Module, shape: tuple[int, ...], per_sample: int
+) -> None:
+    assert _plain(m, torch.randn(*shape)) == Cost(per_sample, 0)  # unbatched
+    assert _plain(m, torch.randn(1, *shape)) == Cost(per_sample, 0)
+    assert _plain(m, torch.randn(3, *shape)) == Cost(3 * per_sample, 0)
+
+
+@pytest.mark.parametrize(
+    ("m", "shape", "flops"),
+    [
+        (nn.MaxPool1d(2, return_indices=True), (1, 3, 8), 3 * 4 * 2),
+        (nn.MaxPool2d(2, return_indices=True), (1, 3, 8, 8), 3 * 16 * 4),
+        (nn.AdaptiveMaxPool1d(3, return_indices=True), (1, 4, 12), 4 * 12),
+        (nn.AdaptiveMaxPool2d((2, 3), return_indices=True), (3, 6, 6), 3 * 6 * 6),  # unbatched
+    ],
+    ids=["MaxPool1d", "MaxPool2d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d-unbatched"],
+)
+def test_pooling_with_indices_counts_as_plain_pool(
+    m: nn.Module, shape: tuple[int, ...], flops: int
+) -> None:
+    assert _plain(m, torch.randn(*shape)) == Cost(flops, 0)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, m: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.m(x, x, x)[0]
+
+
+@pytest.mark.parametrize(
+    ("bias_kv", "zero_attn"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_attention_counts_bias_kv_and_zero_attn_positions(bias_kv: bool, zero_attn: bool) -> None:
+    e, h, b, n = 8, 2, 3, 5
+    m = nn.MultiheadAttention(e, h, batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn)
+    keys = n + int(bias_kv) + int(zero_attn)
+    t = b * n
+    flops = (
+        2 * 3 * t * e * e  # q, k, v projections
+        + 3 * t * e  # their biases
+        + 2 * 2 * b * n * keys * e  # q k^T and weights @ v over the keys
+        + b * h * n * keys  # softmax
+        + 2 * t * e * e  # output projection
+        + t * e  # its bias
+    )
+    params = 3 * e * e + 3 * e + e * e + e + (2 * e if bias_kv else 0)
+    assert sum(p.numel() for p in m.parameters()) == params
+    assert _plain(SelfAttention(m), torch.randn(b, n, e)) == Cost(flops, params)
+
+
+def test_ungated_attention_with_bias_kv_keeps_its_cost_after_gate_() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(3, 8)
+            self.att = nn.MultiheadAttention(
+                8, 2, batch_first=True, add_bias_kv=True, add_zero_attn=True
+            )
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = torch.relu(self.inp(x))
+            return self.out(self.att(y, y, y)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 5, 3)
+    # inp 2*10*8*3 + 80; attention 7140 over 5 keys + 2 extra keys * (2*2*2*5*8 + 2*2*5);
+    # out 2*2*2*8 + 4
+    expected = Cost(560 + 7140 + 2 * 340 + 68, 32 + 304 + 18)
+    assert _plain(model, x) == expected
+    gate_(model, x)
+    c = cost(model, x, hard=True)
+    assert not isinstance(c, Cost)
+    assert c.detach() == expected
+
+
+class TextNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.lstm = nn.LSTM(6, 8, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.lstm(self.emb(x))
+        return self.fc(h[:, -1])
+
+
+def test_embedding_is_a_free_lookup_with_its_table_as_parameters() -> None:
+    tokens = torch.randint(0, 20, (2, 5))
+    assert _plain(nn.Embedding(20, 6), tokens) == Cost(0, 20 * 6)
+    torch.manual_seed(0)
+    model = TextNet().eval()
+    lstm_step = 2 * 4 * 8 * (6 + 8) + 13 * 8 + 2 * 4 * 8
+    expected = Cost(2 * 5 * lstm_step + 2 * 2 * 3 * 8 + 2 * 3, 120 + 4 * 8 * (6 + 8) + 64 + 27)
+    assert _plain(model, tokens) == expected
+    gate_(model, tokens)  # failed: no cost handler for nn.Embedding
+    c = cost(model, tokens, hard=True)
+    assert not isinstance(c, Cost)
+    assert c.detach() == expected  # gates start open
+
+
+def test_embedding_bag_counts_every_row_read() -> None:
+    for mode in ("sum", "mean", "max"):
+        m = nn.EmbeddingBag(10, 5, mode=mode)
+        assert _plain(m, torch.randint(0, 10, (3, 4))) == Cost(3 * 4 * 5, 50)
+    padded = nn.EmbeddingBag(10, 5, mode="mean", padding_idx=0)
+    idx = torch.tensor([[0, 1, 2, 3], [4, 0, 5, 6], [7, 8, 9, 1]])
+    assert _plain(padded, idx) == Cost((12 - 2) * 5, 50)
+
+    class Bags(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = nn.EmbeddingBag(10, 5, mode="sum")
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bag(x, torch.tensor([0, 3]))
+
+    assert _plain(Bags(), torch.tensor([1, 2, 3, 4, 5, 6, 7])) == Cost(7 * 5, 50)
+
+
+def test_cost_of_a_non_module_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"nn\.Module, got str"):
+        cost("x", torch.zeros(1, 3))  # type: ignore[arg-type]
+
+
+def test_empty_sequential_is_an_identity() -> None:
+    assert _plain(nn.Sequential(), torch.zeros(2, 3)) == Cost(0, 0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(), nn.ReLU())
+    assert _plain(net, torch.zeros(2, 3)) == Cost(2 * 2 * 4 * 3 + 8 + 8, 16)
+
+
+def test_floating_input_of_another_dtype_is_a_value_error() -> None:
+    x64 = torch.zeros(1, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"torch\.float64.*torch\.float32"):
+        cost(nn.Linear(3, 2), x64)
+    net = gatedprune.ShortcutMLP(3, [4], 2)  # a gated module
+    with pytest.raises(ValueError, match=r"torch\.float64.*torch\.float32"):
+        cost(net, x64)
+    with pytest.raises(ValueError, match=r"torch\.float64.*torch\.float32"):
+        gatedprune.Budget(net, x64, flops=0.5)
+    inserted = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    gate_(inserted, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"torch\.float64.*torch\.float32"):
+        cost(inserted, x64)
+    # legal: matching dtypes, integer inputs, models without floating parameters
+    assert _plain(nn.Linear(3, 2).double(), x64) == Cost(2 * 2 * 3 + 2, 8)
+    assert _plain(nn.ReLU(), x64) == Cost(3, 0)
+    assert _plain(nn.Embedding(5, 2), torch.tensor([[1, 2]])) == Cost(0, 10)
