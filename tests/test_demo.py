@@ -88,6 +88,8 @@ def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
         (["demo", "--budget", "abc"], "expected a number"),
         (["demo", "--epochs", "0"], ">= 1"),
         (["demo", "--seed", "-3"], ">= 0"),
+        (["demo", "--seed", str(2**63)], "a seed in [0, 2**63)"),
+        (["demo", "--out", __file__], "exists and is not a directory"),
         (["demo", "--round-to", "0"], ">= 1"),
         (["demo", "--model", "lstm", "--latency"], "--latency applies to --model conv"),
         (["frobnicate"], "invalid choice"),

@@ -453,6 +453,8 @@ def test_progress_false_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
         ({"harden_at": 1.5}, ValueError, "harden_at"),
         ({"straight_through_at": "half"}, TypeError, "straight_through_at"),
         ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 2**63}, ValueError, r"seed must be an int in \[0, 2\*\*63\)"),
+        ({"seed": "7"}, TypeError, "seed"),
         ({"checkpoint_every_steps": 0}, ValueError, "checkpoint_every_steps"),
         ({"budget": "flops=0.5"}, TypeError, "budget"),
         ({"loss_fn": 3}, TypeError, "loss_fn"),
@@ -463,6 +465,18 @@ def test_bad_configuration(kwargs: dict[str, Any], error: type[Exception], match
     net, _ = _net_and_budget()
     with pytest.raises(error, match=match):
         Trainer(net, **kwargs)
+
+
+def test_large_seeds_and_numpy_floats_are_accepted() -> None:
+    np = pytest.importorskip("numpy")
+    net, _ = _net_and_budget()
+    x, y = torch.randn(20, 10), torch.randint(0, 3, (20,))
+    trainer = Trainer(
+        net, epochs=2, batch_size=10, seed=2**63 - 1, lr=np.float32(0.01), progress=False
+    )
+    trainer.fit((x, y))  # the per-epoch shuffling seeds stay within torch's 64 bits
+    assert trainer.lr == pytest.approx(0.01)
+    assert Budget(net, x[:1], flops=np.float32(0.5)).targets["flops"] == 0.5
 
 
 def test_bad_model_and_foreign_budget() -> None:

@@ -14,6 +14,7 @@ their gradients like any other parameter's).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ def reverse_grad(x: Tensor) -> Tensor:
 def _check_fraction(name: str, value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
         raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
     if not 0.0 < float(value) <= 1.0:
         raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")

@@ -75,6 +75,22 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    from .train import MAX_SEED
+
+    value = _non_negative(text)
+    if value >= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
+    return value
+
+
+def _out_dir(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return path
+
+
 def _positive(text: str) -> int:
     value = _non_negative(text)
     if value == 0:
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--finetune-epochs", type=_non_negative, default=5, help="fine-tuning epochs (5)"
     )
-    demo.add_argument("--seed", type=_non_negative, default=0, help="random seed (0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (0)")
     demo.add_argument(
         "--round-to",
         type=_positive,
@@ -154,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--out",
-        type=Path,
+        type=_out_dir,
         default=None,
         help="output directory (gatedprune-demo, or gatedprune-demo-<model> with --model)",
     )

@@ -39,6 +39,7 @@ writes checkpoints.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import time
@@ -64,6 +65,8 @@ CHECKPOINT_FORMAT = "gatedprune.trainer"
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"^step-(\d{9,})\.safetensors$")
 _SEED_STRIDE = 1_000_003  # epoch e of seed s shuffles with generator seed s * stride + e
+MAX_SEED = 2**63
+"""Seeds are ints in ``[0, MAX_SEED)`` (the epoch seeds derived from them are taken modulo it)."""
 
 
 def cosine_lr(progress: float) -> float:
@@ -369,21 +372,22 @@ def _positive_int(name: str, value: object) -> int:
 
 
 def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or not math.isfinite(value):
+    v = float(value)
+    ok = v >= 0 if allow_zero else v > 0
+    if not ok or not math.isfinite(v):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value}")
-    return float(value)
+    return v
 
 
 def _fraction_or_none(name: str, value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be None or a fraction in [0, 1], got {value!r}")
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a fraction of training in [0, 1], got {value}")
     return float(value)
 
@@ -513,8 +517,10 @@ class Trainer:
             self.edge_gate_lr = _positive_float("edge_gate_lr", self.edge_gate_lr)
         self.budget_lr = _positive_float("budget_lr", self.budget_lr)
         self.weight_decay = _positive_float("weight_decay", self.weight_decay, allow_zero=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         self.harden_at = _fraction_or_none("harden_at", self.harden_at)
         self.straight_through_at = _fraction_or_none(
             "straight_through_at", self.straight_through_at
@@ -613,7 +619,9 @@ class Trainer:
                     break
                 epoch, b = divmod(self.step, spe)
                 if perm is None or perm_epoch != epoch:
-                    gen = torch.Generator().manual_seed(self.seed * _SEED_STRIDE + epoch)
+                    gen = torch.Generator().manual_seed(
+                        (self.seed * _SEED_STRIDE + epoch) % MAX_SEED  # fits torch's 64 bits
+                    )
                     perm = torch.randperm(n, generator=gen)  # (N,)
                     perm_epoch = epoch
                 t0 = time.perf_counter()
