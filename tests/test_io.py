@@ -535,3 +535,13 @@ def test_edited_config_with_valid_checksums_is_refused(
     io.write_tensors(path, small.state_dict(), meta)
     with pytest.raises(ValueError, match=message):
         gp.load(path)
+
+
+def test_writing_into_a_missing_folder_or_onto_a_folder_names_the_target(tmp_path: Path) -> None:
+    small = gp.prune(gp.ShortcutMLP(4, [3], 2))
+    with pytest.raises(FileNotFoundError, match=r"the folder .*missing does not exist"):
+        gp.save(small, tmp_path / "missing" / "m.safetensors")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        gp.save(small, tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary file left

@@ -102,6 +102,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (file and
     directory fsynced): a reader sees the old file or the complete new one, never a part."""
     directory = path.parent
+    if not directory.is_dir():  # else the error would name the temporary file
+        raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
     tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o666)  # honours the umask, unlike mkstemp's 0o600
