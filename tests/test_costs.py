@@ -192,3 +192,177 @@ def test_floating_input_of_another_dtype_is_a_value_error() -> None:
     assert _plain(nn.Linear(3, 2).double(), x64) == Cost(2 * 2 * 3 + 2, 8)
     assert _plain(nn.ReLU(), x64) == Cost(3, 0)
     assert _plain(nn.Embedding(5, 2), torch.tensor([[1, 2]])) == Cost(0, 10)
+
+
+def _attn(b: int, lq: int, lkv: int, e: int, h: int) -> int:
+    """Hand count of biased ``nn.MultiheadAttention(e, h)``: ``b`` batches, ``lq`` queries over
+    ``lkv`` keys."""
+    return (
+        2 * e * e * (b * lq + 2 * b * lkv)  # q, k, v projections
+        + b * (lq + 2 * lkv) * e  # their biases
+        + 2 * 2 * b * lq * lkv * e  # q k^T and weights @ v
+        + b * h * lq * lkv  # softmax
+        + 2 * b * lq * e * e  # output projection
+        + b * lq * e  # its bias
+    )
+
+
+def _ffn(tokens: int, e: int, hidden: int) -> int:
+    """linear1 and its bias, the activation, linear2 (its bias added by the caller)."""
+    return 2 * tokens * e * hidden + tokens * hidden + tokens * hidden + 2 * tokens * hidden * e
+
+
+def _dec_layer(b: int, t: int, s: int, e: int, h: int, hidden: int) -> int:
+    tokens = b * t
+    return (
+        _attn(b, t, t, e, h)  # self-attention over tgt
+        + _attn(b, t, s, e, h)  # cross-attention: tgt queries over s memory positions
+        + _ffn(tokens, e, hidden)
+        + tokens * e  # linear2 bias
+        + 3 * 5 * tokens * e  # three LayerNorms
+    )
+
+
+def _enc_layer(b: int, s: int, e: int, h: int, hidden: int) -> int:
+    tokens = b * s
+    return _attn(b, s, s, e, h) + _ffn(tokens, e, hidden) + tokens * e + 2 * 5 * tokens * e
+
+
+class WithMemory(nn.Module):
+    """Calls ``dec(x, memory)`` with a fixed memory of another length than ``x``."""
+
+    def __init__(self, dec: nn.Module, memory: Tensor) -> None:
+        super().__init__()
+        self.dec = dec
+        self.register_buffer("memory", memory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dec(x, self.memory)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_decoder_layer_counts_self_and_cross_attention_ffn_and_three_norms(
+    norm_first: bool, batch_first: bool
+) -> None:
+    e, h, hidden, b, t, s = 8, 2, 12, 2, 5, 7
+    layer = nn.TransformerDecoderLayer(
+        e, h, hidden, 0.0, batch_first=batch_first, norm_first=norm_first
+    )
+
+    def seq(n: int) -> Tensor:
+        return torch.randn(b, n, e) if batch_first else torch.randn(n, b, e)
+
+    params = sum(p.numel() for p in layer.parameters())
+    assert params == 2 * (4 * e * e + 4 * e) + 2 * e * hidden + hidden + e + 3 * 2 * e
+    flops = _dec_layer(b, t, s, e, h, hidden)
+    for mode in ("eval", "train"):  # train: slow path; eval + no_grad: MHA fast path
+        model = WithMemory(layer, seq(s)).train(mode == "train")
+        assert _plain(model, seq(t)) == Cost(flops, params)
+    # unbatched (T, E) tgt with (S, E) memory
+    unbatched = WithMemory(layer, torch.randn(s, e))
+    assert _plain(unbatched, torch.randn(t, e)) == Cost(_dec_layer(1, t, s, e, h, hidden), params)
+    # the stack: two layers and a final LayerNorm
+    stack = nn.TransformerDecoder(layer, 2, norm=nn.LayerNorm(e))
+    expected = Cost(2 * flops + 5 * b * t * e, 2 * params + 2 * e)
+    assert _plain(WithMemory(stack, seq(s)), seq(t)) == expected
+
+
+def test_decoder_layer_needs_positional_memory() -> None:
+    class KwargCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dec = nn.TransformerDecoderLayer(8, 2, 12, 0.0, batch_first=True)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.dec(x, memory=x)  # type: ignore[no-any-return]
+
+    with pytest.raises(TypeError, match="positional tgt, memory"):
+        cost(KwargCall(), torch.randn(2, 5, 8))
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.t = nn.Transformer(
+            8,
+            2,
+            num_encoder_layers=2,
+            num_decoder_layers=1,
+            dim_feedforward=12,
+            dropout=0.0,
+            batch_first=batch_first,
+        )
+        self.batch_first = batch_first
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (B, S + T, E) or (S + T, B, E); the first 7 positions are the source
+        src, tgt = (x[:, :7], x[:, 7:]) if self.batch_first else (x[:7], x[7:])
+        return self.t(src, tgt)  # type: ignore[no-any-return]
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_counts_encoder_and_decoder_stacks(batch_first: bool) -> None:
+    e, h, hidden, b, s, t = 8, 2, 12, 2, 7, 4
+    model = Seq2Seq(batch_first)
+    x = torch.randn(b, s + t, e) if batch_first else torch.randn(s + t, b, e)
+    flops = (
+        2 * _enc_layer(b, s, e, h, hidden)
+        + 5 * b * s * e  # encoder norm
+        + _dec_layer(b, t, s, e, h, hidden)
+        + 5 * b * t * e  # decoder norm
+    )
+    params = sum(p.numel() for p in model.parameters())
+    assert _plain(model, x) == Cost(flops, params)
+    assert _plain(model.train(), x) == Cost(flops, params)
+
+
+def test_decoder_stack_with_unknown_layers_counts_its_submodules() -> None:
+    class Mixer(nn.Module):  # not a TransformerDecoderLayer: counted leaf by leaf
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: Tensor, memory: Tensor, **kwargs: object) -> Tensor:
+            return self.fc(x + memory.mean(1, keepdim=True))  # type: ignore[no-any-return]
+
+    stack = nn.TransformerDecoder(Mixer(), 2)  # type: ignore[arg-type]
+    x = torch.randn(2, 5, 8)
+    params = sum(p.numel() for p in stack.parameters())
+    assert _plain(WithMemory(stack, torch.randn(2, 3, 8)), x) == Cost(
+        2 * (2 * 10 * 64 + 80), params
+    )
+
+
+class PaddedEncoder(nn.Module):
+    """``nn.TransformerEncoder`` with the default ``enable_nested_tensor=True``."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 12, 0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        kpm = torch.zeros(2, 5, dtype=torch.bool)
+        kpm[0, -2:] = True
+        self.register_buffer("kpm", kpm if masked else None)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.enc(self.embed(x), src_key_padding_mask=self.kpm)[:, 0])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_encoder_with_padding_mask_counts_the_padded_length() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    masked, unmasked = PaddedEncoder(True).eval(), PaddedEncoder(False).eval()
+    assert masked.enc.use_nested_tensor  # eval + mask + no grad: the nested fast path
+    # embed 2*10*8*3 + 80; two layers on 2 x 5 tokens; head 2*2*2*8 + 4
+    expected = Cost(560 + 2 * _enc_layer(2, 5, 8, 2, 12) + 68, 32 + 2 * 532 + 18)
+    assert _plain(masked, x) == expected
+    assert _plain(unmasked, x) == expected
+    assert masked.enc.use_nested_tensor  # switched back on after counting
+    with torch.no_grad():  # and the model still runs its nested fast path
+        masked(x)

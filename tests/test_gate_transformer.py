@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import Tensor, nn
 from zoo import TinyViT
@@ -152,3 +153,60 @@ def test_width_gates_are_ffn_units_not_heads_or_sublayers() -> None:
     units = [groups[gu] for _, _, gu, _, _ in gating.transformers]
     assert [id(g) for g in gating.width_gates()] == [id(g) for g in units]
     assert [g.n for g in gating.width_gates()] == [24, 24]
+
+
+class DecoderNet(nn.Module):
+    """A gated Linear (``pre``) feeding an ungated decoder layer, decoder stack or Transformer."""
+
+    def __init__(self, kind: str, batch_first: bool) -> None:
+        super().__init__()
+        self.kind, self.batch_first = kind, batch_first
+        self.pre = nn.Linear(3, 16)
+        self.embed = nn.Linear(16, 8)
+        layer = nn.TransformerDecoderLayer(8, 2, 12, 0.0, batch_first=batch_first)
+        self.dec: nn.Module
+        if kind == "layer":
+            self.dec = layer
+        elif kind == "stack":
+            self.dec = nn.TransformerDecoder(layer, 2, norm=nn.LayerNorm(8))
+        else:
+            self.dec = nn.Transformer(8, 2, 1, 1, 12, 0.0, batch_first=batch_first)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(torch.relu(self.pre(x)))  # (B, 5, 8) or (5, B, 8)
+        mem = h[:, :3] if self.batch_first else h[:3]  # 3 memory positions
+        y = self.dec(mem, h) if self.kind == "transformer" else self.dec(h, mem)
+        return self.head(y.mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize(
+    ("kind", "batch_first"),
+    [("layer", True), ("layer", False), ("stack", True), ("transformer", True),
+     ("transformer", False)],
+)  # fmt: skip
+def test_ungated_decoder_is_counted_whole_in_the_gated_cost(kind: str, batch_first: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3) if batch_first else torch.randn(5, 2, 3)
+    model = DecoderNet(kind, batch_first).eval()
+    dense = gatedprune.cost(model, x)
+    assert isinstance(dense, Cost)
+    gate_(model, x)
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    assert len(gating.group_gates) == 1  # only `pre`: the decoder is not gated
+    with torch.no_grad():
+        gate = gating.group_gates[0]
+        assert isinstance(gate, HardConcreteGate)
+        gate.log_alpha.fill_(8.0)
+        gate.log_alpha[:8] = -10.0  # close half of `pre`
+    model.eval()
+    hard = gatedprune.cost(model, x, hard=True)
+    assert not isinstance(hard, Cost)
+    # removed: half of pre (2*10*8*3 + 80 FLOPs, 8*3 + 8 params), half of embed's inputs
+    # (2*10*8*8 FLOPs, 8*8 params); the decoder keeps all its FLOPs
+    assert hard.detach() == Cost(dense.flops - 560 - 1280, dense.params - 32 - 64)
+    assert gatedprune.cost(gatedprune.prune(model), x) == hard.detach()
+    fraction = gatedprune.Budget(model, x, flops=0.5).expected()["flops"]
+    assert abs(fraction - hard.detach().flops / dense.flops) < 1e-3

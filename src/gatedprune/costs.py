@@ -22,14 +22,21 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   same way, times their open probability. A leaf module of an unknown kind raises a
   ``TypeError`` rather than being counted as free. A module whose type has a handler in the
   table is counted as a whole even if it has submodules (``nn.MultiheadAttention``,
-  ``nn.TransformerEncoderLayer``).
+  ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``, and ``nn.TransformerDecoder``
+  and ``nn.Transformer`` when all their layers are such units).
 * Attention (:func:`attention_flops`): the q/k/v and output projections (2 per MAC, biases
   1 per output element), scores ``q k^T`` and ``weights v`` (2 per MAC), softmax 1 per score;
   the ``1/sqrt(d)`` scaling and masks are not counted. ``add_bias_kv`` and ``add_zero_attn``
   each add one key/value position to the scores, softmax and ``weights v`` (not to the
   projections); ``bias_k``/``bias_v`` count as parameters. A Transformer encoder layer adds its
   feed-forward Linears, 1 per hidden element for the activation and 5 per element per
-  LayerNorm; its residual adds and dropouts are free.
+  LayerNorm; its residual adds and dropouts are free. A decoder layer counts the same with
+  self-attention over ``tgt``, cross-attention (queries from ``tgt``, keys and values from
+  ``memory``, whose length may differ) and three LayerNorms; it must be called with ``tgt`` and
+  ``memory`` positionally. ``nn.TransformerDecoder`` / ``nn.Transformer`` are the sum of their
+  layers (encoder output shaped like ``src``) and optional final norms. Sequences are counted at
+  their padded length: key padding masks do not reduce the count, and ``nn.TransformerEncoder``'s
+  nested-tensor fast path is switched off for the counting forward pass (same result).
 * Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``; :func:`recurrent_step_flops`), per
   time step (every step of every sequence: ``B * T``, or the packed length), per layer and per
   direction, for ``G`` gate blocks (LSTM 4, GRU 3, RNN 1) of ``H`` units reading ``n`` features:
@@ -120,13 +127,15 @@ def _adaptive_window_sum(n_in: int, n_out: int) -> int:
 
 
 def _linear(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
-    assert isinstance(m, nn.Linear)
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"expected nn.Linear, got {type(m).__name__}")
     flops = FLOPS_PER_MAC * out.numel() * m.in_features
     return flops + (out.numel() if m.bias is not None else 0)
 
 
 def _conv(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
-    assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+    if not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        raise TypeError(f"expected nn.Conv1d/2d/3d, got {type(m).__name__}")
     k = 1
     for s in m.kernel_size:
         k *= s
@@ -248,6 +257,10 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
     ((nn.LSTM, nn.GRU, nn.RNN), lambda m, i, o: _recurrent(m, i, o)),
     ((nn.MultiheadAttention,), lambda m, i, o: _mha(m, i, o)),
     ((nn.TransformerEncoderLayer,), lambda m, i, o: _encoder_layer(m, i, o)),
+    ((nn.TransformerDecoderLayer,), lambda m, i, o: _decoder_layer(m, i, o)),
+    # units only when every layer is a unit (see unit_handler)
+    ((nn.TransformerDecoder,), lambda m, i, o: _decoder_stack(m, i, o)),
+    ((nn.Transformer,), lambda m, i, o: _transformer(m, i, o)),
 ]
 
 
@@ -281,6 +294,8 @@ def attention_flops(
 
 def seq_dims(x: Tensor, batch_first: bool) -> tuple[int, int]:
     """(batch, length) of a sequence input (``(N, L, E)``, ``(L, N, E)`` or unbatched)."""
+    if x.is_nested:
+        raise TypeError("cost() cannot count a layer called on a nested tensor; pass it padded")
     if x.dim() == 2:
         return 1, int(x.shape[0])
     if batch_first:
@@ -289,7 +304,8 @@ def seq_dims(x: Tensor, batch_first: bool) -> tuple[int, int]:
 
 
 def _mha(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
-    assert isinstance(m, nn.MultiheadAttention)
+    if not isinstance(m, nn.MultiheadAttention):
+        raise TypeError(f"expected nn.MultiheadAttention, got {type(m).__name__}")
     if len(inp) < 3:
         raise TypeError("cost() needs nn.MultiheadAttention called with positional q, k, v")
     batch, len_q = seq_dims(inp[0], m.batch_first)
@@ -306,21 +322,105 @@ def _mha(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     return f + extra * per_key
 
 
+def _ffn_flops(linear1: nn.Linear, linear2: nn.Linear, tokens: int, e: int) -> int:
+    """Feed-forward of a Transformer layer on ``tokens`` vectors of width ``e``: both Linears
+    (2 per MAC, biases 1 per output element) and the activation (1 per hidden element)."""
+    hidden = int(linear1.out_features)
+    f = FLOPS_PER_MAC * tokens * e * hidden + (tokens * hidden if linear1.bias is not None else 0)
+    f += ACT_FLOPS * tokens * hidden
+    return f + FLOPS_PER_MAC * tokens * hidden * e + (tokens * e if linear2.bias is not None else 0)
+
+
 def _encoder_layer(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
-    assert isinstance(m, nn.TransformerEncoderLayer)
-    x = inp[0]
+    if not isinstance(m, nn.TransformerEncoderLayer):
+        raise TypeError(f"expected nn.TransformerEncoderLayer, got {type(m).__name__}")
+    x = inp[0]  # (N, L, E), (L, N, E) or (L, E)
     att = m.self_attn
     batch, length = seq_dims(x, att.batch_first)
     e = int(att.embed_dim)
     tokens = batch * length
     f = _mha(att, (x, x, x), out)
-    hidden = int(m.linear1.out_features)
-    f += FLOPS_PER_MAC * tokens * e * hidden + (
-        tokens * hidden if m.linear1.bias is not None else 0
-    )
-    f += ACT_FLOPS * tokens * hidden
-    f += FLOPS_PER_MAC * tokens * hidden * e + (tokens * e if m.linear2.bias is not None else 0)
+    f += _ffn_flops(m.linear1, m.linear2, tokens, e)
     return f + 2 * LAYERNORM_FLOPS * tokens * e
+
+
+def _decoder_layer(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    if not isinstance(m, nn.TransformerDecoderLayer):
+        raise TypeError(f"expected nn.TransformerDecoderLayer, got {type(m).__name__}")
+    if len(inp) < 2:
+        raise TypeError(
+            "cost() needs nn.TransformerDecoderLayer called with positional tgt, memory"
+        )
+    x, mem = inp[0], inp[1]  # tgt (N, T, E) / (T, N, E) / (T, E); memory with S positions
+    batch, length = seq_dims(x, m.self_attn.batch_first)
+    e = int(m.self_attn.embed_dim)
+    tokens = batch * length
+    f = _mha(m.self_attn, (x, x, x), out)
+    f += _mha(m.multihead_attn, (x, mem, mem), out)  # T queries over S memory positions
+    f += _ffn_flops(m.linear1, m.linear2, tokens, e)
+    return f + 3 * LAYERNORM_FLOPS * tokens * e
+
+
+def _is_gated(m: nn.Module) -> bool:
+    """``m`` or a submodule carries gates (counted by its gating, never as a plain unit)."""
+    return any(isinstance(s, GatedModule) or "_gp_ref" in s.__dict__ for s in m.modules())
+
+
+def _countable_norm(norm: nn.Module | None) -> bool:
+    if norm is None:
+        return True
+    return not any(True for _ in norm.children()) and _handler_for(norm) is not None
+
+
+def _countable_stack(m: nn.Module) -> bool:
+    """An encoder/decoder stack (or ``nn.Transformer``) whose parts all have unit handlers."""
+    if isinstance(m, nn.Transformer):
+        return _countable_stack(m.encoder) and _countable_stack(m.decoder)
+    if not isinstance(m, nn.TransformerEncoder | nn.TransformerDecoder):
+        return False
+    layers = getattr(m, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or _is_gated(m):
+        return False
+    return all(unit_handler(layer) is not None for layer in layers) and _countable_norm(m.norm)
+
+
+def _stack_flops(m: nn.Module, inp: tuple[Tensor, ...]) -> int:
+    """Layers of an encoder (``inp = (src,)``) or decoder (``(tgt, memory)``) stack, then its
+    norm; every layer keeps the shape of ``inp[0]``."""
+    if not isinstance(m, nn.TransformerEncoder | nn.TransformerDecoder):
+        raise TypeError(f"expected a Transformer encoder or decoder, got {type(m).__name__}")
+    if not _countable_stack(m):
+        raise TypeError(f"cost() cannot count {type(m).__name__} as a unit: unknown layers")
+    x = inp[0]
+    f = 0
+    for layer in m.layers:
+        handler = unit_handler(layer)
+        if handler is None:  # excluded by _countable_stack; narrows the type
+            raise TypeError(f"cost() cannot count layer {type(layer).__name__}")
+        f += handler(layer, inp, x)
+    if m.norm is not None:
+        norm_handler = _handler_for(m.norm)
+        if norm_handler is None:
+            raise TypeError(f"cost() cannot count norm {type(m.norm).__name__}")
+        f += norm_handler(m.norm, (x,), x)
+    return f
+
+
+def _decoder_stack(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    if not isinstance(m, nn.TransformerDecoder):
+        raise TypeError(f"expected nn.TransformerDecoder, got {type(m).__name__}")
+    if len(inp) < 2:
+        raise TypeError("cost() needs nn.TransformerDecoder called with positional tgt, memory")
+    return _stack_flops(m, (inp[0], inp[1]))
+
+
+def _transformer(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    if not isinstance(m, nn.Transformer):
+        raise TypeError(f"expected nn.Transformer, got {type(m).__name__}")
+    if len(inp) < 2:
+        raise TypeError("cost() needs nn.Transformer called with positional src, tgt")
+    src, tgt = inp[0], inp[1]  # memory (the encoder output) has the shape of src
+    return _stack_flops(m.encoder, (src,)) + _stack_flops(m.decoder, (tgt, src))
 
 
 def recurrent_step_flops(
@@ -341,7 +441,8 @@ def recurrent_step_flops(
 
 
 def _recurrent(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
-    assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
+    if not isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
+        raise TypeError(f"expected nn.LSTM, nn.GRU or nn.RNN, got {type(m).__name__}")
     x = inp[0]
     if isinstance(x, PackedSequence):
         steps = int(x.data.shape[0])
@@ -364,6 +465,20 @@ def _recurrent(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
     return steps * total
 
 
+_STACKS: tuple[type[nn.Module], ...] = (nn.TransformerDecoder, nn.Transformer)
+
+
+def _no_nested_encoders(module: nn.Module) -> list[nn.TransformerEncoder]:
+    """Switch off the nested-tensor fast path of every ``nn.TransformerEncoder`` in ``module``
+    (layers then see the padded input, same function); returns the ones to switch back on."""
+    switched = []
+    for m in module.modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            m.use_nested_tensor = False
+            switched.append(m)
+    return switched
+
+
 def register_cost(types: tuple[type[nn.Module], ...], handler: Handler) -> None:
     """Teach :func:`cost` to count a leaf module type (``handler(module, inputs, output)``
     returns FLOPs). Handlers registered later take precedence.
@@ -374,9 +489,14 @@ def register_cost(types: tuple[type[nn.Module], ...], handler: Handler) -> None:
 
 
 def unit_handler(m: nn.Module) -> Handler | None:
-    """The table handler of ``m``'s type (counts ``m`` as a whole, submodules included)."""
+    """The table handler of ``m``'s type (counts ``m`` as a whole, submodules included).
+
+    ``nn.TransformerDecoder`` / ``nn.Transformer`` are units only when all their layers are
+    (otherwise their submodules are counted one by one)."""
     for types, handler in _HANDLERS:
         if isinstance(m, types):
+            if isinstance(m, _STACKS) and not _countable_stack(m):
+                return None
             return handler
     return None
 
@@ -478,12 +598,15 @@ class CostProgram:
                 gated_prefixes.append(f"{name}." if name else "")
         was_training = module.training
         module.eval()
+        nested = _no_nested_encoders(module)
         try:
             with torch.no_grad():
                 module(example_input)
         finally:
             for h in handles:
                 h.remove()
+            for enc in nested:
+                enc.use_nested_tensor = True
             module.train(was_training)
         if errors:
             raise TypeError(
