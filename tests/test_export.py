@@ -76,6 +76,59 @@ def test_pruned_recurrent_network_exports_with_dynamic_batch_and_length(
         assert _runtime_diff(path, pruned, torch.randn(*shape, generator=gen)) <= 1e-5
 
 
+@pytest.mark.parametrize(("cell", "bidirectional"), [("gru", False), ("gru", True), ("lstm", True)])
+def test_recurrent_layer_left_without_inputs_exports(
+    cell: str, bidirectional: bool, tmp_path: Path
+) -> None:
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    net = gatedprune.ShortcutLSTM(2, [6, 4], 2, 3, cell=cell, bidirectional=bidirectional)
+    for g in net.unit_gates:
+        g.force_(torch.arange(g.n) != 1)
+    assert net.edge_gates is not None
+    net.edge_gates[1].force_(torch.zeros(2, dtype=torch.bool))  # layer 2 reads nothing
+    pruned = gatedprune.prune(net.eval()).eval()
+    rnn = pruned.get_submodule("layers.1")
+    assert isinstance(rnn, nn.RNNBase)
+    assert rnn.input_size == 0
+    path = gatedprune.export_onnx(
+        pruned, torch.randn(2, 5, 2), tmp_path / "z.onnx", dynamic_dims=(0, 1)
+    )
+    assert rnn.input_size == 0  # the model itself is not changed
+    for shape in [(1, 3, 2), (4, 11, 2)]:
+        assert _runtime_diff(path, pruned, torch.randn(*shape, generator=gen)) <= 1e-5
+
+
+class _TwoGRUs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.GRU(3, 4, batch_first=True)
+        self.second = nn.GRU(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.second(self.first(x)[0])[0][:, -1])  # (B, 2)
+
+
+def test_gate_keeps_one_input_of_a_recurrent_module_whose_inputs_all_close(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(7)
+    model = _TwoGRUs().eval()
+    x = torch.randn(2, 5, 3)
+    gate_(model, x)
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    first = gating.group_gates[gating.rnns[0].groups[0]]
+    first.force_(torch.zeros(first.n, dtype=torch.bool))  # every unit of `first` closed
+    pruned = gatedprune.prune(model).eval()
+    second = pruned.get_submodule("second")
+    assert isinstance(second, nn.GRU)
+    assert second.input_size == 1  # kept with gate value 0, not input_size=0
+    path = gatedprune.export_onnx(pruned, x, tmp_path / "u.onnx", dynamic_dims=(0, 1))
+    assert _runtime_diff(path, pruned, torch.randn(3, 8, 3)) <= 1e-5
+
+
 def test_resnet_pruned_with_gate_exports_removed_blocks_and_kept_shortcuts(
     tmp_path: Path,
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -302,6 +304,19 @@ class _WholeState(nn.Module):
         return self.head(h.transpose(0, 1).flatten(1))
 
 
+class _StateTwice(nn.Module):
+    """``h_n`` taken twice from ``(h_n, c_n)``: whole (summed over layers), then ``h_n[-1]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, state = self.lstm(x)
+        return self.head(torch.cat([state[0].sum(0), state[0][-1]], -1))  # (B, 12)
+
+
 class _TanhHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -339,6 +354,7 @@ class _Seq2Seq(nn.Module):
         (_ProjLSTM, "lstm", "proj_size=4 is not supported"),
         (_CellState, "lstm", "final cell state c_n is used"),
         (_WholeState, "gru", "h_n is used other than as h_n[i]"),
+        (_StateTwice, "lstm", "h_n is used other than as h_n[i]"),
         (_TanhHead, "gru", "cannot be folded into its consumers"),
         (_Residual, "gru", "joined to other channels"),
         (_Seq2Seq, "lstm", "reaches the model output"),
@@ -364,6 +380,114 @@ def test_unsupported_recurrent_uses_are_left_ungated_with_a_reason(
         assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
         if not _gating(model).group_gates:
             assert (model(x) - before).abs().max().item() == 0.0
+
+
+class _Indexed(nn.Module):
+    """Head on the outputs of a 2-layer seq-first LSTM/GRU read through the int indices
+    ``path``: ``(0, -1)`` / ``(-2, -1)`` the output's last step, ``(1, -1)`` / ``(-1, -2)`` a
+    GRU's ``h_n[i]``, ``(1, 0, -1)`` / ``(-1, -2, -1)`` an LSTM's, ``(-1, -1, -1)`` its c_n."""
+
+    def __init__(self, cell: type[nn.LSTM] | type[nn.GRU], bi: bool, path: tuple[int, ...]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 6, num_layers=2, bidirectional=bi)
+        self.path = path
+        self.head = nn.Linear(6 * (2 if bi else 1) if path[0] % 2 == 0 else 6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        res: Any = self.rnn(x)  # (out, h_n) or (out, (h_n, c_n))
+        for i in self.path:
+            res = res[i]
+        return self.head(res)  # (B, width)
+
+
+_OUT_PATHS = [(0, -1), (-2, -1)]
+_GRU_PATHS = [*_OUT_PATHS, (1, -1), (-1, -1), (-1, -2), (-1, 0), (-1, -3)]
+_LSTM_PATHS = [*_OUT_PATHS, (1, 0, -1), (-1, -2, -1), (1, -2, -2), (-1, 0, -3), (-1, -2, 1)]
+
+
+@pytest.mark.parametrize("bi", [False, True])
+@pytest.mark.parametrize(
+    ("cell", "path"),
+    [(nn.GRU, p) for p in _GRU_PATHS] + [(nn.LSTM, p) for p in _LSTM_PATHS],
+)
+def test_negative_indices_into_recurrent_outputs_prune_exactly(
+    cell: type[nn.LSTM] | type[nn.GRU], path: tuple[int, ...], bi: bool
+) -> None:
+    if not bi and path[-1] == -3:
+        path = (*path[:-1], -2)  # h_n has 2 states only
+    torch.manual_seed(7)
+    gen = torch.Generator().manual_seed(7)
+
+    def factory() -> nn.Module:
+        return _Indexed(cell, bi, path)
+
+    model = factory().eval()
+    x = torch.randn(5, 2, 3, generator=gen)  # (T, B, 3)
+    summary = gate_(model, x)
+    assert [n for n, *_ in summary.rnns] == ["rnn"], str(summary)
+    gating = _gating(model)
+    for k, g in enumerate(gating.group_gates):  # close 2 different units of every state
+        assert isinstance(g, HardConcreteGate)
+        g.force_(torch.arange(g.n) % 3 != k % 3)
+    pruned = _check_exact(model, factory, x, False, gen)
+    assert pruned.get_submodule("rnn").hidden_size == 4
+
+
+@pytest.mark.parametrize(
+    ("path", "bi"), [((-1, -1, -1), False), ((1, -1, -1), True), ((-1, 1, 0), True)]
+)
+def test_cell_state_read_through_negative_index_is_left_ungated(
+    path: tuple[int, ...], bi: bool
+) -> None:
+    torch.manual_seed(3)
+    model = _Indexed(nn.LSTM, bi, path).eval()
+    x = torch.randn(5, 2, 3)
+    summary = gate_(model, x)
+    assert not summary.rnns
+    assert "final cell state c_n is used" in dict(summary.ungated_layers)["rnn"]
+    assert type(model.get_submodule("rnn")) is nn.LSTM
+
+
+class _HoldsShortcutLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = gatedprune.ShortcutLSTM(3, 6, 2, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.net(x)[:, -1])  # (B, 2)
+
+
+class _HoldsGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), HardConcreteGate(4))
+        self.lstm = nn.LSTM(4, 6, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body[0](x) * self.body[1]()  # (B, T, 4)
+        return self.head(self.lstm(h)[0][:, -1])
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (_HoldsShortcutLSTM, r"^model\.net \(ShortcutLSTM\) already holds gatedprune gates"),
+        (_HoldsGate, r"^model\.body\.1 \(HardConcreteGate\) already holds gatedprune gates"),
+        (lambda: gatedprune.ShortcutLSTM(3, 6, 2, 4), r"^the model \(ShortcutLSTM\) already"),
+    ],
+)
+def test_gate_refuses_a_model_that_already_holds_gates(
+    factory: Callable[[], nn.Module], match: str
+) -> None:
+    model = factory().eval()
+    x = torch.randn(2, 5, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused up front, before any tracing warning
+        with pytest.raises(ValueError, match=match):
+            gate_(model, x)
+    assert not hasattr(model, "gatedprune")
 
 
 def test_filter_fn_and_channels_false_leave_recurrent_modules_ungated() -> None:

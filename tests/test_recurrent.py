@@ -628,6 +628,26 @@ def test_bad_input_is_a_clear_error(x: object, error: type[Exception], match: st
             model(x)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_input_of_another_dtype_is_a_clear_error(cell: str) -> None:
+    net = ShortcutLSTM(2, [4, 3], 2, 3, cell=cell).eval()
+    small = gp.prune(net).eval()
+    x = torch.zeros(5, 7, 2, dtype=torch.float64)
+    match = r"input dtype \(torch\.float64\) does not match weight dtype \(torch\.float32\)"
+    packed = pack_padded_sequence(x, torch.tensor([7, 3, 2, 2, 1]), batch_first=True)
+    for model in (net, small):  # the same message from the gated and the pruned model
+        with pytest.raises(ValueError, match=match):
+            model(x)
+    with pytest.raises(ValueError, match=match):
+        net(packed)
+    h = torch.zeros(1, 5, 4, dtype=torch.float64)
+    state = (h, h.float()) if cell == "lstm" else h
+    with pytest.raises(ValueError, match=r"hx\[0\] dtype \(torch\.float64\) does not match"):
+        net(x.float(), [state, None])  # type: ignore[list-item]
+    net.double()  # converted model: runs
+    assert net(x).dtype == torch.float64
+
+
 def test_bad_states_are_clear_errors() -> None:
     net = ShortcutLSTM(2, [4, 3], 2, 3, bidirectional=True)
     small = gp.prune(net)

@@ -14,6 +14,7 @@ with the PyTorch model. Needs the extra ``onnx`` (``onnx``, ``onnxscript``, ``on
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import warnings
@@ -168,6 +169,45 @@ def export_onnx(
     return path
 
 
+class _OneZeroFeature(nn.Module):
+    """Runs recurrent module ``rnn`` (``input_size=1``, zero ``W_ih``) on its input of width 0
+    widened by one zero feature: the same function as the ``input_size=0`` module it replaces
+    in the exported copy (ONNX Runtime's GRU operator aborts the process on an input of width
+    0)."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: Tensor, hx: Any = None) -> Any:
+        if x.shape[-1] != 0:
+            raise ValueError(f"expected an input of width 0, got shape {tuple(x.shape)}")
+        zero = x.new_zeros((*x.shape[:-1], 1))  # (B, T, 1) / (T, B, 1)
+        return self.rnn(zero, hx)
+
+
+def _widen_zero_inputs(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it whose recurrent modules with ``input_size=0`` read one zero
+    input feature through a zero weight column instead (:class:`_OneZeroFeature`)."""
+    if not any(isinstance(m, nn.RNNBase) and m.input_size == 0 for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    targets: list[tuple[str, nn.RNNBase]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.RNNBase) and m.input_size == 0:
+            targets.append((name, m))
+    for name, rnn in targets:
+        for sfx in ("", "_reverse") if rnn.bidirectional else ("",):
+            w = getattr(rnn, f"weight_ih_l0{sfx}")  # (G H, 0)
+            column = nn.Parameter(w.new_zeros((w.shape[0], 1)))  # (G H, 1)
+            setattr(rnn, f"weight_ih_l0{sfx}", column)  # RNNBase.__setattr__ refreshes its list
+        rnn.input_size = 1
+        if name == "":
+            return _OneZeroFeature(rnn)
+        model.set_submodule(name, _OneZeroFeature(rnn))
+    return model
+
+
 def _export_proto(model: nn.Module, example: Tensor, dims: tuple[int, ...], onnx: Any) -> Any:
     """The ONNX graph of ``model``: the ``torch.export``-based exporter, except for models with
     recurrent modules. Those go through the TorchScript-based exporter, which emits ONNX's own
@@ -178,7 +218,7 @@ def _export_proto(model: nn.Module, example: Tensor, dims: tuple[int, ...], onnx
             axes = {d: f"dim{d}" for d in dims}
             buffer = io.BytesIO()
             torch.onnx.export(
-                model,
+                _widen_zero_inputs(model),
                 (example,),
                 cast(Any, buffer),  # the exporter writes to file objects too
                 input_names=["x"],

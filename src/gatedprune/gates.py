@@ -188,30 +188,55 @@ class SigmoidGate(Gate):
     the value is exactly ``1`` where ``theta > 0`` and ``0`` elsewhere, with the sigmoid's
     gradient passed straight through, so training (and the budget) can continue.
 
+    ``start="open"`` rescales the sigmoid relative to its initial value ``s0``:
+    ``min(1, s / s0)``, exactly 1 until ``theta`` drops below ``init_theta``; ``start="closed"``
+    uses ``max(0, (s - s0) / (1 - s0))``, exactly 0 until ``theta`` rises above it. Gates
+    inserted into an existing model use them, so inserting them leaves its function unchanged.
+
     >>> g = SigmoidGate(2, init_theta=1.0)
     >>> g.harden()
     >>> g.eval()().tolist()
     [1.0, 1.0]
+    >>> SigmoidGate(2, start="open")().tolist(), SigmoidGate(2, start="closed")().tolist()
+    ([1.0, 1.0], [0.0, 0.0])
     """
 
     hardened: Tensor
 
     def __init__(
-        self, n: int, *, init_theta: float = 3.0, temperature: float = 1.0, group: int = 1
+        self,
+        n: int,
+        *,
+        init_theta: float = 3.0,
+        temperature: float = 1.0,
+        group: int = 1,
+        start: Literal["open", "closed"] | None = None,
     ) -> None:
         super().__init__()
         if n < 1:
             raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if start not in (None, "open", "closed"):
+            raise ValueError(f"start must be None, 'open' or 'closed', got {start!r}")
         self.n = n
         self.group = _check_group(n, group)
         self.temperature = temperature
         self.theta = nn.Parameter(torch.full((n // self.group,), float(init_theta)))  # (n/group,)
+        self.start = start
+        self.theta0 = float(self.theta.detach()[0])  # init_theta as stored (float32)
         self.register_buffer("hardened", torch.zeros((), dtype=torch.bool))
 
     def _soft(self) -> Tensor:
-        return torch.sigmoid(self.theta / self.temperature)  # (n // group,)
+        soft = torch.sigmoid(self.theta / self.temperature)  # (n // group,)
+        start = getattr(self, "start", None)
+        if start is None:
+            return soft
+        # same op on the same shape: bitwise equal to `soft` where theta == theta0
+        ref = torch.sigmoid(torch.full_like(self.theta.detach(), self.theta0) / self.temperature)
+        if start == "open":
+            return torch.clamp(soft / ref, max=1.0)  # (n // group,)
+        return torch.clamp((soft - ref) / (1.0 - ref), min=0.0)  # (n // group,)
 
     def _value(self) -> Tensor:
         soft = self._soft()
@@ -275,16 +300,25 @@ class HardConcrete:
 @dataclass(frozen=True)
 class Sigmoid:
     """Sigmoid gate kind (``sigmoid(theta / temperature)``, harden before pruning).
+    ``init_open`` gates are rescaled to start at exactly 1 (``SigmoidGate(start="open")``).
 
     >>> Sigmoid(temperature=0.5).make(2).temperature
     0.5
+    >>> Sigmoid().make(2, init_open=True)().tolist()
+    [1.0, 1.0]
     """
 
     init_theta: float = 3.0
     temperature: float = 1.0
 
     def make(self, n: int, *, init_open: bool = False, group: int = 1) -> Gate:
-        return SigmoidGate(n, init_theta=self.init_theta, temperature=self.temperature, group=group)
+        return SigmoidGate(
+            n,
+            init_theta=self.init_theta,
+            temperature=self.temperature,
+            group=group,
+            start="open" if init_open else None,
+        )
 
 
 GateKind = Literal["hard_concrete", "sigmoid"] | HardConcrete | Sigmoid

@@ -64,6 +64,23 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
+def _check_dtypes(data: Tensor, states: Sequence[State | None], dtype: torch.dtype) -> None:
+    """Raise a ValueError if the input or an initial state is not of the model's ``dtype``
+    (the message of ``nn.LSTM``/``nn.GRU``, which the pruned model runs)."""
+    if data.dtype != dtype:
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({dtype}). Convert "
+            f"input: input.to({dtype}), or convert model: model.to({data.dtype})"
+        )
+    for i, state in enumerate(states):
+        for t in state if isinstance(state, tuple) else (state,):
+            if t is not None and t.dtype != dtype:
+                raise ValueError(
+                    f"hx[{i}] dtype ({t.dtype}) does not match weight dtype ({dtype}): "
+                    f"convert the initial state with .to({dtype})"
+                )
+
+
 class ShortcutLSTM(GatedModule):
     """A stacked recurrent network with gated shortcuts over depth, unit gates, layer gates and
     a gated read-out from every layer; ``gatedprune.prune`` turns it into a
@@ -222,6 +239,7 @@ class ShortcutLSTM(GatedModule):
         states = check_state(
             hx, spec.cell, [ls.hidden for ls in spec.layers], spec.directions, batch
         )
+        _check_dtypes(data, states, self.head.weight.dtype)
         edges, units, layer, head_edge = self._gate_values(False)
         node_scale = self._node_scales(units, layer)
         nodes: list[Tensor] = [data]

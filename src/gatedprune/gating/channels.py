@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .graph import RunRecord
-from .rnn import consumer_ok
+from .rnn import consumer_ok, item_index
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "Labels", "analyse_channels"]
 
@@ -169,6 +169,25 @@ HOMOGENEOUS_FUNCS: set[Callable[..., Any]] = {
 # pass-through ops commuting with a per-channel scale g >= 0 (a gate folded into consumers)
 _SCALE_FUNCS: set[Callable[..., Any]] = {*HOMOGENEOUS_FUNCS, operator.neg, torch.neg}
 _SCALE_METHODS = {"relu", "relu_", "neg", "contiguous", "clone", "float", "detach"}
+
+
+def _hardtanh_zero(lo: object, hi: object) -> bool:
+    """Whether ``hardtanh(0, lo, hi) = clamp(0, lo, hi)`` is 0 (bounds must be plain numbers)."""
+    num = (int, float)
+    if isinstance(lo, bool) or isinstance(hi, bool):
+        return False
+    return isinstance(lo, num) and isinstance(hi, num) and lo <= 0.0 <= hi
+
+
+_POOLS_1D = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
+_POOL_FUNCS_1D = (F.avg_pool1d, F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)
+
+
+def _pool_rank(op: object) -> int:
+    """Number of trailing (spatial) dimensions a pooling function or module pools over."""
+    if isinstance(op, nn.Module):
+        return 1 if isinstance(op, _POOLS_1D) else 2
+    return 1 if any(op is f for f in _POOL_FUNCS_1D) else 2
 
 
 def module_kind(m: nn.Module) -> str | None:
@@ -308,6 +327,13 @@ class _Propagator:
             self.pin_inputs(n, f"{self.describe(n)} returns a non-tensor")
             return None
         x = n.args[0] if n.args else None
+        if is_fn and target is F.hardtanh:  # hardtanh(x, min_val=-1.0, max_val=1.0)
+            lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min_val", -1.0)
+            hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max_val", 1.0)
+            if not _hardtanh_zero(lo, hi):
+                why = f"{self.describe(n)} maps 0 to clamp(0, {lo}, {hi}) (not 0)"
+                self.pin_inputs(n, why)
+                return None
         if (is_fn and target in _PASS_FUNCS) or (not is_fn and target in _PASS_METHODS):
             lab = self.lab(x)
             if lab is not None and self.shape(x) != out_shape:
@@ -319,7 +345,7 @@ class _Propagator:
                 self.soft_pin(lab, f"{self.describe(n)} is not positively homogeneous")
             return lab
         if is_fn and target in _POOL_FUNCS:
-            return self.pool(n, self.lab(x))
+            return self.pool(n, self.lab(x), target)
         if (is_fn and target in _RESHAPE_FUNCS) or (not is_fn and target in _RESHAPE_METHODS):
             return self.reshape(n, x)
         if (is_fn and target in _ADD_FUNCS) or (not is_fn and target in ("add", "add_", "sub")):
@@ -398,12 +424,16 @@ class _Propagator:
             else:
                 self.module_space[name] = lab.atoms
             return lab
+        if isinstance(m, nn.Hardtanh) and not _hardtanh_zero(m.min_val, m.max_val):
+            why = f"{name} (Hardtanh({m.min_val}, {m.max_val})) maps 0 to a non-zero value"
+            self.pin_inputs(n, why)
+            return None
         if isinstance(m, _ZERO_ACTS):
             if not isinstance(m, HOMOGENEOUS_MODULES):
                 self.soft_pin(lab, f"{name} ({type(m).__name__}) is not positively homogeneous")
             return lab
         if isinstance(m, _POOLS):
-            return self.pool(n, lab)
+            return self.pool(n, lab, m)
         if isinstance(m, nn.Flatten):
             return self.reshape(n, x)
         if lab is not None or any(self.lab(a) is not None for a in _flat_nodes(n.args)):
@@ -447,8 +477,9 @@ class _Propagator:
     def recurrent_item(self, n: fx.Node, src: fx.Node) -> Labels | None:
         """``(out, state)[i]``, ``(h_n, c_n)[i]`` and ``h_n[i]`` (one layer and direction)."""
         name, what = self.rnn_nodes[src]
-        i = n.args[1]
-        if not isinstance(i, int):
+        spaces = self.rnn_outputs[name]
+        i = item_index(n, len(spaces) if what == "h" else 2)  # -1 -> last, ...
+        if i is None:
             return None  # gate_ leaves the module ungated (see rnn.setup_rnns)
         if what == "call":
             if i == 0:
@@ -458,14 +489,18 @@ class _Propagator:
         elif what == "state" and i == 0:
             self.rnn_nodes[n] = (name, "h")
         elif what == "h":
-            spaces = self.rnn_outputs[name]
             out = self.shape(n)
             assert out is not None
             return Labels(len(out) - 1, spaces[i % len(spaces)])
         return None
 
-    def pool(self, n: fx.Node, lab: Labels | None) -> Labels | None:
-        if lab is not None and lab.dim != 1:
+    def pool(self, n: fx.Node, lab: Labels | None, op: object) -> Labels | None:
+        """A pool over the last 1 or 2 dims keeps channel dim 1 of a batched ``(B, C, *S)``
+        input; on a smaller input (e.g. a 1d pool of ``(B, C)``) it pools the channels."""
+        if lab is None:
+            return None
+        ins = self.shape(n.args[0] if n.args else None)
+        if lab.dim != 1 or ins is None or len(ins) < _pool_rank(op) + 2:
             self.pin(lab, f"{self.describe(n)} pools over the labelled dimension")
             return None
         return lab

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..base import ModelGating, find_model_gating
+from ..base import GatedModule, ModelGating, find_model_gating
 from ..gates import (
     Gate,
     GateKind,
     HardConcrete,
     Sigmoid,
+    SigmoidGate,
     gate_prob_open,
     gate_values,
     resolve_gate,
@@ -133,14 +135,18 @@ class _SiteHook:
 
 
 class _EdgeOutHook:
-    """Forward hook keeping a block's output for the shortcuts leaving it."""
+    """Forward hook keeping a block's output for the shortcuts leaving it (a copy when a later
+    in-place op overwrites it, e.g. the next block's ``x += f(x)``)."""
 
-    def __init__(self, gating: InsertedGating, name: str) -> None:
+    def __init__(self, gating: InsertedGating, name: str, clone: bool = False) -> None:
         self.gating = gating
         self.name = name
+        self.clone = clone
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
-        self.gating.edge_outputs[self.name] = output
+        kept = output.clone() if getattr(self, "clone", False) else output
+        self.gating.edge_outputs[self.name] = kept
+        self.gating.edge_versions[self.name] = kept._version
 
 
 class _EdgeInHook:
@@ -194,8 +200,9 @@ class InsertedGating(ModelGating):
         self.rnns = rnns if rnns is not None else []
         self.rnn_consumers = rnn_consumers if rnn_consumers is not None else []
         self.edges = edges
-        self.edge_gate: Gate | None = edge_kind.make(len(edges)) if edges else None
+        self.edge_gate: Gate | None = _closed_gate(edge_kind, len(edges)) if edges else None
         self.edge_outputs: dict[str, Tensor] = {}
+        self.edge_versions: dict[str, int] = {}
         self._edge_cache: Tensor | None = None
         self.group_gates = nn.ModuleList([kind.make(n, init_open=True) for n in group_sizes])
         self.block_gates = nn.ModuleList([kind.make(1, init_open=True) for _ in range(n_blocks)])
@@ -218,6 +225,7 @@ class InsertedGating(ModelGating):
         state["_cache"] = None  # per-forward samples are not part of the state
         state["_edge_cache"] = None
         state["edge_outputs"] = {}
+        state["edge_versions"] = {}
         return state
 
     # ------------------------------------------------------------------ forward
@@ -240,6 +248,7 @@ class InsertedGating(ModelGating):
         self._cache = None
         self._edge_cache = None
         self.edge_outputs = {}
+        self.edge_versions = {}
 
     def edge_input(self, name: str, x: Tensor) -> Tensor:
         """Input of block ``name`` plus the gated shortcuts arriving at it."""
@@ -250,7 +259,14 @@ class InsertedGating(ModelGating):
         values = self._edge_cache
         for k, e in enumerate(self.edges):
             if e.dst == name and e.src in self.edge_outputs:
-                x = x + values[k].to(x.dtype) * self.edge_outputs[e.src]
+                s = self.edge_outputs[e.src]
+                if s._version != self.edge_versions.get(e.src, s._version):
+                    raise RuntimeError(
+                        f"the output of block '{e.src}' was modified in place before the "
+                        f"shortcut {e.src} -> {e.dst} read it (an in-place op gate_'s example "
+                        "run did not show): make the blocks return new tensors"
+                    )
+                x = x + values[k].to(x.dtype) * s
         return x
 
     def _values(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -405,7 +421,13 @@ class InsertedGating(ModelGating):
         for name, s in self.slices.items():
             k_in, k_out = keep(s.in_group, s.in_gidx), keep(s.out_group, s.out_gidx)
             if k_in is not None or k_out is not None:
-                slices[name] = {"kind": s.kind, "in": k_in, "out": k_out}
+                slices[name] = {
+                    "kind": s.kind,
+                    "in": k_in,
+                    "out": k_out,
+                    "n_in": None if s.in_group is None else len(s.in_group),
+                    "n_out": None if s.out_group is None else len(s.out_group),
+                }
         closed = self.closed_blocks()
         cut = {self.block_nodes[i][0]: self.block_nodes[i][2] for i in closed}
         scopes, erase, bypass = self._scopes()
@@ -578,8 +600,44 @@ def _closed(kind: HardConcrete | Sigmoid) -> HardConcrete | Sigmoid:
     return dataclasses.replace(kind, init_theta=-3.0)
 
 
+def _required_inputs(model: nn.Module) -> list[str]:
+    """Names of the parameters of ``model.forward`` that have no default."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no introspectable signature: let tracing decide
+        return []
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in params if p.kind not in kinds and p.default is inspect.Parameter.empty]
+
+
+def _closed_gate(kind: HardConcrete | Sigmoid, n: int) -> Gate:
+    """``n`` new-shortcut gates of a :func:`_closed` kind, exactly 0 until training opens them
+    (sigmoid gates: rescaled relative to their start, ``SigmoidGate(start="closed")``)."""
+    if isinstance(kind, Sigmoid):
+        return SigmoidGate(
+            n, init_theta=kind.init_theta, temperature=kind.temperature, start="closed"
+        )
+    return kind.make(n)
+
+
 def _arg_name(node: Any, pos: int) -> str:
     return str(node.args[pos].name)
+
+
+def _gated_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the outermost submodules of ``model`` ('' for ``model`` itself) that
+    are gatedprune gated modules or gates.
+
+    >>> from gatedprune.gates import HardConcreteGate
+    >>> [n for n, _ in _gated_parts(nn.Sequential(nn.Linear(2, 2), HardConcreteGate(2)))]
+    ['1']
+    """
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in model.named_modules():
+        inside = any(p == "" or name.startswith(p + ".") for p, _ in found)
+        if not inside and isinstance(m, GatedModule | Gate):
+            found.append((name, m))
+    return found
 
 
 def gate_(
@@ -597,7 +655,9 @@ def gate_(
     The model's fx graph (see :mod:`gatedprune.gating.graph`) gives channel groups (channels
     coupled through residual adds and concatenations are one group) for Linear/Conv/BatchNorm
     layers, and residual blocks ``y = s + F(x)`` (one block gate each: a closed block is
-    removed). Gates start open, so the function is unchanged until training closes them. Then
+    removed). Gates start open (exactly 1; new shortcuts exactly 0, for ``gate="sigmoid"`` too:
+    see ``SigmoidGate(start=...)``), so the function is unchanged until training changes them.
+    ``model.forward`` must take one tensor (``example_input``). Then
     ``gatedprune.Budget``, ``gatedprune.cost`` and ``gatedprune.prune`` work on the model.
     ``filter_fn(module, name)`` returning False leaves a channel group (asked for each producer
     Linear/Conv) or a residual block (asked for the module whose forward holds the add) ungated.
@@ -613,6 +673,13 @@ def gate_(
         raise TypeError(f"gate_ expects a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    required = _required_inputs(model)
+    if len(required) > 1:
+        raise TypeError(
+            f"gate_ takes one example input, but {type(model).__name__}.forward requires "
+            f"{len(required)} ({', '.join(required)}): wrap the model in a module whose forward "
+            "takes one tensor (or give the other parameters defaults)"
+        )
     if shortcuts not in (None, "dense"):
         raise ValueError(f"shortcuts must be None or 'dense', got {shortcuts!r}")
     if filter_fn is not None and not callable(filter_fn):
@@ -620,6 +687,16 @@ def gate_(
     gate_kind = resolve_gate(gate)
     if find_model_gating(model) is not None:
         raise ValueError(f"{type(model).__name__} is already gated; gate a model only once")
+    held = _gated_parts(model)
+    if held:
+        where = ", ".join(
+            f"{'the model' if n == '' else 'model.' + n} ({type(m).__name__})" for n, m in held
+        )
+        raise ValueError(
+            f"{where} already {'holds' if len(held) == 1 else 'hold'} gatedprune gates; gate_ "
+            "expects a model without gates: build it from plain modules (e.g. nn.LSTM instead "
+            "of gatedprune.ShortcutLSTM), or replace the gated part by gatedprune.prune(part)"
+        )
     if hasattr(model, ATTR):
         raise ValueError(f"{type(model).__name__} already has an attribute '{ATTR}'")
     prepare_encoders(model)
@@ -673,6 +750,18 @@ def gate_(
     if shortcuts == "dense":
         edges, unconnected = find_dense_edges(model, gm, record, ca, found, example_input)
         edges = [e for e in edges if allowed(e.src) and allowed(e.dst)]
+        edge_scopes: dict[str, str | None] = {}
+        for e in edges:  # prune rewrites the code of the module holding both blocks
+            if e.scope not in edge_scopes:
+                try:
+                    local_trace(model, gm.graph, e.scope, traced.opaque)
+                    edge_scopes[e.scope] = None
+                except RuntimeError as err:
+                    edge_scopes[e.scope] = str(err)
+            why_not = edge_scopes[e.scope]
+            if why_not is not None:
+                unconnected.append((f"{e.src} -> {e.dst}", why_not))
+        edges = [e for e in edges if edge_scopes[e.scope] is None]
         summary.shortcuts.extend((e.src, e.dst) for e in edges)
         summary.unconnected.extend(unconnected)
     if not blocks:
@@ -835,7 +924,8 @@ def gate_(
         model.get_submodule(name).register_forward_hook(_SiteHook(gating, name))
     model.register_forward_pre_hook(_ResetHook(gating))
     for src in dict.fromkeys(e.src for e in edges):
-        model.get_submodule(src).register_forward_hook(_EdgeOutHook(gating, src))
+        clone = any(e.clone_src for e in edges if e.src == src)
+        model.get_submodule(src).register_forward_hook(_EdgeOutHook(gating, src, clone))
     for dst in dict.fromkeys(e.dst for e in edges):
         model.get_submodule(dst).register_forward_pre_hook(_EdgeInHook(gating, dst))
     for i, (name, *_) in enumerate(transformers):

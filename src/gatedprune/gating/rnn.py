@@ -54,6 +54,7 @@ __all__ = [
     "RNNInfo",
     "apply_rnn_plan",
     "consumer_ok",
+    "item_index",
     "pad_to_width",
     "rnn_cost_rows",
     "setup_rnns",
@@ -369,25 +370,43 @@ def _int_item(n: fx.Node) -> bool:
     return _is_getitem(n) and isinstance(n.args[1], int)
 
 
+def item_index(n: fx.Node, length: int) -> int | None:
+    """The int index of ``getitem`` node ``n`` into a sequence of ``length``, a negative one
+    made positive (``-1`` -> ``length - 1``); None if ``n`` is not an int ``getitem``. An
+    out-of-range index is returned unchanged.
+
+    >>> g = fx.Graph()
+    >>> t = g.placeholder("t")
+    >>> [item_index(g.call_function(operator.getitem, (t, i)), 2) for i in (0, -1, -2, 5)]
+    [0, 1, 0, 5]
+    """
+    if not _int_item(n):
+        return None
+    i = int(n.args[1])  # type: ignore[arg-type]
+    return i + length if -length <= i < 0 else i
+
+
 def _output_use(node: fx.Node, lstm: bool) -> str | None:
     """Why the model's use of a recurrent module's outputs is not supported (None: it is):
     ``out`` and ``h_n[i]`` (one layer and direction) may be read, ``c_n`` may not."""
     for u in node.users:
-        if not _int_item(u):
+        i = item_index(u, 2)  # (out, state)
+        if i is None:
             return "its output tuple is used whole (supported: out, h_n[i])"
-        if u.args[1] == 0 or not _used(u):
+        if i == 0 or not _used(u):
             continue
-        h: fx.Node | None = u
+        hs = [u]  # the nodes holding h_n
         if lstm:
-            h = None
+            hs = []
             for v in u.users:
-                if not _int_item(v):
+                j = item_index(v, 2)  # (h_n, c_n)
+                if j is None:
                     return "its final state (h_n, c_n) is used whole (supported: h_n[i])"
-                if v.args[1] == 1 and _used(v):
+                if j == 1 and _used(v):
                     return "its final cell state c_n is used by the model"
-                if v.args[1] == 0:
-                    h = v
-        for w in h.users if h is not None else []:
+                if j == 0:
+                    hs.append(v)
+        for w in (w for h in hs for w in h.users):
             if not _int_item(w):
                 return "its final state h_n is used other than as h_n[i] (one layer, direction)"
     return None

@@ -4,9 +4,11 @@ to the inputs of later blocks whose input has the same shape and the same channe
 Only residual blocks that are modules called once with one tensor input are connected (their
 input and output are module boundaries, so forward hooks can add the edges without rewriting
 the user's code while training). An edge ``i -> j`` turns block ``j``'s input ``x_j`` into
-``x_j + e_ij * out_i``; its gate starts *closed* (exactly 0 for hard concrete), so gating does
-not change the function. Pruning turns every surviving edge into real code: the innermost module
-holding both blocks is rewritten to call a :class:`~gatedprune.gating.surgery.ScaledAdd`
+``x_j + e_ij * out_i``; its gate starts *closed* (exactly 0, for sigmoid gates too), so gating
+does not change the function. A block whose output a later in-place op overwrites (the next
+block's ``x += f(x)``) has its output copied for the edges leaving it. Pruning turns every
+surviving edge into real code: the innermost module holding both blocks (the parent looping
+over a ModuleList) is rewritten to call a :class:`~gatedprune.gating.surgery.ScaledAdd`
 submodule, ``x_j + e_ij * out_i`` with ``e_ij`` a buffer in its ``state_dict``.
 
 Cost: a kept edge costs what it computes, 2 FLOPs per element of ``x_j`` (multiply and add) and
@@ -48,6 +50,7 @@ class Edge:
     users: list[str]  # fx nodes inside dst that read its input
     buffer: str  # name of the ScaledAdd submodule in the rewritten scope
     numel: int = 0  # elements of dst's input for the example input (the edge costs 2 each)
+    clone_src: bool = False  # src's output is later modified in place: keep a copy of it
 
 
 def _in_scope(n: fx.Node, s: str) -> bool:
@@ -63,6 +66,14 @@ def _common(a: str, b: str) -> str:
             break
         out.append(x)
     return ".".join(out)
+
+
+def _code_owner(model: nn.Module, scope: str) -> str:
+    """The innermost module at or above ``scope`` with a ``forward`` of its own: a ModuleList
+    or ModuleDict is looped over by its parent's code, which is what a shortcut rewrites."""
+    while scope and isinstance(model.get_submodule(scope), nn.ModuleList | nn.ModuleDict):
+        scope = scope.rpartition(".")[0]
+    return scope
 
 
 def _same_channels(ca: ChannelAnalysis, a: fx.Node, b: fx.Node) -> bool:
@@ -95,11 +106,14 @@ def find_dense_edges(
             modules.append(b.owner)
     # module boundaries: one tensor in, one tensor out, called once
     calls: dict[str, list[tuple[int, bool, bool]]] = {m: [] for m in modules}
+    returned: dict[str, tuple[Tensor, int]] = {}  # output and its version counter
 
     def make_hook(name: str) -> Any:
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             ok_in = len(args) == 1 and isinstance(args[0], Tensor)
             calls[name].append((len(args), ok_in, isinstance(out, Tensor)))
+            if isinstance(out, Tensor):
+                returned[name] = (out, out._version)
 
         return hook
 
@@ -113,6 +127,8 @@ def find_dense_edges(
         for h in handles:
             h.remove()
         model.train(was)
+    # blocks whose output a later in-place op overwrites (`x += f(x); return x` in the next one)
+    mutated = {m for m, (out, version) in returned.items() if out._version != version}
     info: list[tuple[str, fx.Node, fx.Node, list[str]]] = []
     for m in modules:
         c = calls[m]
@@ -140,10 +156,12 @@ def find_dense_edges(
                 continue
             if not _same_channels(ca, out_i, x_j):
                 continue
-            scope = _common(src, dst)
+            scope = _code_owner(model, _common(src, dst))
             if scope in (src, dst):
                 continue
             buffer = f"gp_shortcut_{src.replace('.', '_')}__{dst.replace('.', '_')}"
             numel = int(np.prod(record.shapes[x_j] or ()))
-            edges.append(Edge(src, dst, out_i.name, x_j.name, scope, list(users), buffer, numel))
+            edge = Edge(src, dst, out_i.name, x_j.name, scope, list(users), buffer, numel)
+            edge.clone_src = src in mutated
+            edges.append(edge)
     return edges, skipped

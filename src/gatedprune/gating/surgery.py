@@ -10,6 +10,7 @@ it on a freshly built dense model, so the pruned weights load with ``load_state_
 from __future__ import annotations
 
 import inspect
+import operator
 from typing import Any
 
 import torch
@@ -220,6 +221,31 @@ def local_trace(
     )
 
 
+_INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _mutates(n: fx.Node) -> bool:
+    """Whether ``n`` may write into one of its inputs (an in-place op)."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    in_place = name.endswith("_") and not name.startswith("__")
+    return in_place or (n.op == "call_function" and n.target in _INPLACE_FUNCS)
+
+
+def _erase_dead(graph: fx.Graph, node: fx.Node, scope: str) -> None:
+    """Erase ``node`` after the users it leaves dangling: values computed but never used,
+    e.g. the ``_`` of ``a, _ = f(x)`` (users first, reverse topological order)."""
+    for u in list(node.users):
+        if u.op in ("output", "placeholder") or _mutates(u):
+            break
+        _erase_dead(graph, u, scope)
+    if node.users:
+        users = ", ".join(u.name for u in node.users)
+        raise RuntimeError(
+            f"node {node.name} in '{scope}' is still used by {users}; cannot erase it"
+        )
+    graph.erase_node(node)
+
+
 def _rewrite_scope(
     model: nn.Module,
     root_graph: fx.Graph,
@@ -264,10 +290,7 @@ def _rewrite_scope(
             local.graph.erase_node(ln)
     for r in reversed(root_nodes):
         if r.name in erase:
-            ln = mapping[r.name]
-            if ln.users:
-                raise RuntimeError(f"node {r.name} in '{scope}' is still used; cannot erase it")
-            local.graph.erase_node(ln)
+            _erase_dead(local.graph, mapping[r.name], scope)
     for n in local.graph.nodes:  # string annotations (postponed evaluation) break pickling
         n.type = None
     local.graph.lint()
@@ -277,6 +300,49 @@ def _rewrite_scope(
     new = PrunedGraphModule(sub, local.graph, class_name=f"Pruned{type(sub).__name__}")
     new.train(sub.training)
     return new
+
+
+def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
+    """(input, output) channel counts of a module sliced as ``kind``; None if it is not one."""
+    if kind == "linear" and isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    if kind in ("conv", "dw") and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return (m.in_channels if kind == "conv" else None), m.out_channels
+    if kind == "bn" and isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+        return None, m.num_features
+    return None
+
+
+def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
+    """Refuse a slice that does not fit ``m``: a plan from another model, or applied twice."""
+    sizes = _sizes(m, str(spec["kind"]))
+    if sizes is None:
+        raise ValueError(
+            f"the plan slices module '{name}' as {spec['kind']!r}; it is {type(m).__name__}"
+        )
+    hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
+    for side, actual in zip(("in", "out"), sizes, strict=True):
+        expected, keep = spec.get(f"n_{side}"), spec.get(side)
+        if actual is None:
+            continue
+        if expected is not None and int(expected) != actual:
+            raise ValueError(
+                f"the plan expects module '{name}' to have {expected} {side}put channels, "
+                f"it has {actual}: {hint}"
+            )
+        if keep and (max(keep) >= actual or min(keep) < 0):
+            raise ValueError(
+                f"the plan keeps {side}put channel {max(keep)} of module '{name}', which has "
+                f"{actual}: {hint}"
+            )
+
+
+def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> None:
+    if heads and (max(heads) >= att.num_heads or min(heads) < 0):
+        raise ValueError(
+            f"the plan keeps head {max(heads)} of '{name}', which has {att.num_heads} heads: "
+            "apply a plan once, to a fresh dense instance of the model it was exported from"
+        )
 
 
 def _within(path: str, scope: str) -> bool:
@@ -305,6 +371,13 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
         layer = model.get_submodule(name)
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise ValueError(f"the plan prunes '{name}' as an encoder layer; it is {type(layer)}")
+        _check_heads(name, layer.self_attn, list(spec["heads"]))
+        units, width = list(spec["units"]), layer.linear1.out_features
+        if units and (max(units) >= width or min(units) < 0):
+            raise ValueError(
+                f"the plan keeps FFN unit {max(units)} of '{name}', which has {width}: apply a "
+                "plan once, to a fresh dense instance of the model it was exported from"
+            )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, build_pruned_layer(layer, spec))
@@ -312,17 +385,22 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
         att = model.get_submodule(name)
         if not isinstance(att, nn.MultiheadAttention):
             raise ValueError(f"the plan prunes '{name}' as attention; it is {type(att)}")
+        _check_heads(name, att, list(spec["heads"]))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, build_pruned_attention(att, list(spec["heads"])))
-    apply_rnn_plan(model, plan.get("rnn", {}))
-    for name, spec in plan["slices"].items():
+    sliced: list[tuple[nn.Module, dict[str, Any]]] = []
+    for name, spec in plan["slices"].items():  # check them all before changing anything
         try:
             m = model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(
                 f"the plan slices module '{name}', which the model does not have"
             ) from e
+        _check_slice(name, m, spec)
+        sliced.append((m, spec))
+    apply_rnn_plan(model, plan.get("rnn", {}))
+    for m, spec in sliced:
         slice_module(m, spec["kind"], spec["in"], spec["out"])
     scopes: list[str] = list(plan["scopes"])
     if not scopes:
