@@ -546,3 +546,53 @@ def test_prune_without_input_length_over_several_stages() -> None:
         x = torch.randn(3, 1, length)  # (B, C, L)
         with torch.no_grad():
             assert (small(x) - net(x)).abs().max().item() <= 1e-5
+
+
+class _SpyTanh(nn.Module):
+    """tanh, counting its calls (a type the channels-last path does not know)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.tanh(x)
+
+
+def test_pruned_net_calls_replaced_modules_in_both_paths() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[4, 4], [8]], 3, kernel_size=3, input_length=16).eval()
+    _randomise_norms(net, torch.Generator().manual_seed(1))
+    small = gp.prune(net).eval()
+    x = torch.randn(CHANNELS_LAST_MIN_BATCH, 1, 16)  # (B, C, L)
+
+    def run(channels_last: bool) -> torch.Tensor:
+        small.channels_last = channels_last
+        with torch.no_grad():
+            return small(x)  # (B, 3)
+
+    relu = run(True)
+    spy = _SpyTanh()
+    small.layers[0].act = spy  # after forwards ran: the resolved modules must follow
+    by_spy = [run(True), run(False)]
+    assert spy.calls == 2
+    assert torch.equal(by_spy[0], by_spy[1])
+    assert not torch.allclose(by_spy[0], relu)
+    small.layers[0].act = nn.Tanh()  # a standard activation: channels-last computes it
+    assert (run(True) - by_spy[0]).abs().max().item() <= 1e-5
+    assert (run(False) - by_spy[0]).abs().max().item() <= 1e-5
+    # a BatchNorm in training mode inside an eval model uses batch statistics
+    small.layers[1].norm.train()
+    fast, slow = run(True), run(False)
+    small.layers[1].norm.eval()
+    assert (fast - slow).abs().max().item() <= 1e-5
+    assert not torch.allclose(slow, run(False))
+    # a convolution the fast path does not compute (dilated) is called as a module
+    conv = small.layers[1].op
+    dilated = nn.Conv1d(conv.in_channels, conv.out_channels, 3, padding=2, dilation=2)
+    small.layers[1].op = dilated
+    fast, slow = run(True), run(False)
+    assert (fast - slow).abs().max().item() <= 1e-5
+    small.layers[1].op = conv
+    assert not torch.allclose(slow, run(False))

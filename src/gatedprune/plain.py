@@ -94,6 +94,11 @@ def _fold_batchnorm(
     return scaled(weight), b, None if offset is None else scaled(offset)
 
 
+def _is_size(size: object, n: int) -> bool:
+    """Whether a 1-d pooling module's stored size (an int or a 1-tuple) is ``n``."""
+    return size == n or size == (n,)
+
+
 class _PlainLayer(nn.Module):
     def __init__(self, spec: NetSpec, index: int) -> None:
         super().__init__()
@@ -213,6 +218,60 @@ class PlainShortcutNet(nn.Module):
             for layer in (cast(_PlainLayer, m) for m in self.layers)
         )
 
+    def _calls_key(self) -> list[tuple[nn.Module | None, ...]]:
+        """The modules every layer holds, to notice a replaced one by identity."""
+        # dictionary reads: no Module.__getattr__
+        layers = cast(nn.Module, self._modules["layers"])._modules
+        return [tuple(layer._modules.values()) for layer in layers.values() if layer is not None]
+
+    def _current_calls(self) -> tuple[tuple[nn.Module, nn.Module | None, nn.Module], ...]:
+        """:attr:`_calls`, resolved again when a layer or one of its modules was replaced
+        (``net.layers[0].act = nn.GELU()``); the check costs ~1 us for 8 layers."""
+        key = self._calls_key()
+        if key != self.__dict__.get("_resolved_key"):
+            self._calls = self._resolve_calls()
+            self._resolved_key = key
+        return self._calls
+
+    def _standard_modules(self) -> bool:
+        """Whether every submodule is what the constructor builds (exact types, stride-1
+        'same' convolutions, running-stats BatchNorm, known elementwise activations, the
+        expected pools): the channels-last path computes their function with its own code, so
+        a replaced module (or a BatchNorm put back in training mode) sends the forward down
+        the ``(B, C, L)`` path, which calls it."""
+        acts = tuple(cls for _, cls in ACTIVATIONS.values())
+        for op, norm, act in self._calls:
+            if type(op) not in (nn.Conv1d, OffsetConv1d) or type(act) not in acts:
+                return False
+            conv = cast(nn.Conv1d, op)
+            k = conv.kernel_size[0]
+            if (
+                conv.stride != (1,)
+                or conv.dilation != (1,)
+                or conv.groups != 1
+                or conv.padding != (k // 2,)
+                or conv.padding_mode != "zeros"
+                or k % 2 == 0
+            ):
+                return False
+            if norm is not None and (
+                type(norm) is not nn.BatchNorm1d
+                or norm.training
+                or norm.running_mean is None
+                or norm.running_var is None
+            ):
+                return False
+        spec = self.spec
+        pools_ok = len(self.pools) == len(self._pool_keys) and all(
+            type(pool) is MeanPool1d and _is_size(pool.kernel_size, 2 ** (s - spec.node_stage(j)))
+            for pool, (j, s) in zip(self.pools, self._pool_keys, strict=False)
+        )
+        heads_ok = len(self.head_pools) == len(self._head_reads) and all(
+            type(pool) is AdaptiveMeanPool1d and _is_size(pool.output_size, spec.head_pool)
+            for pool in self.head_pools
+        )
+        return pools_ok and heads_ok and type(self.head) is nn.Linear
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # whole models pickled (torch.save) before the wiring was resolved at construction
         super().__setstate__(state)  # type: ignore[no-untyped-call]
@@ -244,6 +303,7 @@ class PlainShortcutNet(nn.Module):
                 f" removed constant layer's position-dependent output was folded in), got"
                 f" {x.shape[2]}"
             )
+        self._current_calls()  # re-resolved if a module was replaced
         if (
             spec.spatial
             and self.channels_last
@@ -252,6 +312,7 @@ class PlainShortcutNet(nn.Module):
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and self._needs_grad(x))
             and not self._hooked()
+            and self._standard_modules()
         ):
             return self._forward_channels_last(x)
         hs: list[Tensor] = [x]
