@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gating_helpers import gate_all_open
 from torch import Tensor, nn
 
 import gatedprune
@@ -192,6 +193,30 @@ def test_floating_input_of_another_dtype_is_a_value_error() -> None:
     assert _plain(nn.Linear(3, 2).double(), x64) == Cost(2 * 2 * 3 + 2, 8)
     assert _plain(nn.ReLU(), x64) == Cost(3, 0)
     assert _plain(nn.Embedding(5, 2), torch.tensor([[1, 2]])) == Cost(0, 10)
+
+
+@pytest.mark.parametrize(
+    "act", [nn.Hardtanh(), nn.Hardtanh(-2.0, 0.5), nn.ReLU6()], ids=["hardtanh", "range", "relu6"]
+)
+def test_hardtanh_and_relu6_cost_one_flop_per_element_like_relu(act: nn.Module) -> None:
+    x = torch.randn(2, 3, 5)  # (B, T, 5)
+    assert _plain(act, x) == _plain(nn.ReLU(), x) == Cost(30, 0)
+    net = nn.Sequential(nn.Linear(5, 4), act, nn.Linear(4, 2))
+    dense = _plain(net, x)
+    assert dense == Cost(2 * 6 * 4 * 5 + 24 + 24 + 2 * 6 * 2 * 4 + 12, 24 + 10)
+    gate_all_open(net, x)  # a gated model counts it the same way
+    expected = cost(net, x)
+    assert not isinstance(expected, Cost)
+    assert expected.detach() == dense
+
+
+def test_root_gated_module_with_a_packed_input_is_named_in_the_error() -> None:
+    net = gatedprune.ShortcutLSTM(2, 4, 2, 3)
+    packed = nn.utils.rnn.pack_padded_sequence(
+        torch.randn(2, 5, 2), torch.tensor([5, 3]), batch_first=True
+    )  # data (8, 2)
+    with pytest.raises(TypeError, match=r"^gated module ShortcutLSTM must take a tensor input"):
+        cost(net, packed)
 
 
 def _attn(b: int, lq: int, lkv: int, e: int, h: int) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from gating_helpers import gate_all_open
 from torch import Tensor, nn
 from zoo import TinyViT
 
@@ -210,3 +212,26 @@ def test_ungated_decoder_is_counted_whole_in_the_gated_cost(kind: str, batch_fir
     assert gatedprune.cost(gatedprune.prune(model), x) == hard.detach()
     fraction = gatedprune.Budget(model, x, flops=0.5).expected()["flops"]
     assert abs(fraction - hard.detach().flops / dense.flops) < 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize("kind", ["layer", "stack", "transformer"])
+def test_seq_first_decoder_cost_is_not_scaled_along_the_sequence(kind: str) -> None:
+    """Dim 0 of a seq-first decoder's input is the sequence: its cost is not linear in it."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 3)  # (T, B, 3)
+    longer = torch.randn(10, 2, 3)  # (2T, B, 3)
+    original = DecoderNet(kind, batch_first=False).eval()
+    model = copy.deepcopy(original)
+    gate_all_open(model, x)
+    dense = gatedprune.cost(original, x)
+    assert isinstance(dense, Cost)
+    assert gatedprune.cost(model, x).detach() == dense
+    # attention is quadratic in the sequence length: no linear rescaling from the gated shape
+    with pytest.raises(ValueError, match=r"gated with an input of shape \(5, 2, 3\)"):
+        gatedprune.cost(model, longer)
+    regated = copy.deepcopy(original)
+    gate_all_open(regated, longer)
+    expected = gatedprune.cost(regated, longer)
+    assert not isinstance(expected, Cost)
+    assert expected.detach() == gatedprune.cost(original, longer)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +105,69 @@ def test_resolve_gate_rejects_unknown_kinds() -> None:
         gp.ShortcutMLP(4, [4], 2, gate="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n >= 1"):
         HardConcreteGate(0)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: gp.HardConcrete(init_log_alpha=NAN), "init_log_alpha must be finite, got nan"),
+        (lambda: gp.HardConcrete(init_log_alpha=-INF), "init_log_alpha must be finite, got -inf"),
+        (lambda: gp.HardConcrete(beta=0.0), "beta must be > 0, got 0.0"),
+        (lambda: gp.HardConcrete(beta=-1.0), "beta must be > 0, got -1.0"),
+        (lambda: gp.HardConcrete(beta=INF), "beta must be finite, got inf"),
+        (lambda: gp.HardConcrete(beta=NAN), "beta must be finite, got nan"),
+        (lambda: gp.HardConcrete(init_drop=0.0), r"init_drop must be in \(0, 1\), got 0.0"),
+        (lambda: gp.HardConcrete(init_drop=NAN), "init_drop must be finite, got nan"),
+        (lambda: gp.Sigmoid(init_theta=NAN), "init_theta must be finite, got nan"),
+        (lambda: gp.Sigmoid(init_theta=INF), "init_theta must be finite, got inf"),
+        (lambda: gp.Sigmoid(temperature=0.0), "temperature must be > 0, got 0.0"),
+        (lambda: gp.Sigmoid(temperature=INF), "temperature must be finite, got inf"),
+        (lambda: HardConcreteGate(3, init_log_alpha=NAN), "init_log_alpha must be finite"),
+        (lambda: HardConcreteGate(3, init_log_alpha=INF), "init_log_alpha must be finite"),
+        (lambda: HardConcreteGate(3, beta=0.0), "beta must be > 0, got 0.0"),
+        (lambda: HardConcreteGate(3, beta=-2.0), "beta must be > 0, got -2.0"),
+        (lambda: HardConcreteGate(3, init_std=-0.1), "init_std must be >= 0, got -0.1"),
+        (lambda: HardConcreteGate(3, init_std=NAN), "init_std must be finite, got nan"),
+        (lambda: SigmoidGate(3, init_theta=NAN), "init_theta must be finite, got nan"),
+        (lambda: SigmoidGate(3, init_theta=-INF), "init_theta must be finite, got -inf"),
+        (lambda: SigmoidGate(3, temperature=NAN), "temperature must be finite, got nan"),
+        (lambda: SigmoidGate(3, temperature=-1.0), "temperature must be > 0, got -1.0"),
+    ],
+)
+def test_gate_settings_must_be_finite_and_in_range(build: Callable[[], object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: HardConcreteGate(2.5), r"n must be an int \(the number of gates\), got 2\.5"),  # type: ignore[arg-type]
+        (lambda: HardConcreteGate("3"), r"n must be an int .*, got '3'"),  # type: ignore[arg-type]
+        (lambda: HardConcreteGate(True), r"n must be an int .*, got True"),
+        (lambda: SigmoidGate(2.0), r"n must be an int .*, got 2\.0"),  # type: ignore[arg-type]
+        (lambda: HardConcreteGate(3, beta="1"), "beta must be a real number, got '1'"),  # type: ignore[arg-type]
+        (lambda: SigmoidGate(3, init_theta=True), "init_theta must be a real number, got True"),
+        (lambda: gp.HardConcrete(init_drop="0.5"), "init_drop must be a real number"),  # type: ignore[arg-type]
+        (lambda: gp.Sigmoid(temperature=None), "temperature must be a real number, got None"),  # type: ignore[arg-type]
+    ],
+)
+def test_gate_settings_of_the_wrong_type_are_type_errors(
+    build: Callable[[], object], match: str
+) -> None:
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_valid_gate_settings_are_accepted() -> None:
+    g = gp.HardConcrete(init_log_alpha=-1, beta=np.float32(0.5)).make(np.int64(4))
+    assert isinstance(g, HardConcreteGate)
+    assert (g.n, g.beta) == (4, 0.5)
+    assert g.log_alpha.shape == (4,)
+    s = gp.Sigmoid(init_theta=-2, temperature=0.25).make(2)
+    assert isinstance(s, SigmoidGate)
+    assert s.theta.tolist() == [-2.0, -2.0]
+    assert HardConcreteGate(3, init_std=0.0).log_alpha.tolist() == [0.0, 0.0, 0.0]

@@ -628,24 +628,34 @@ def test_bad_input_is_a_clear_error(x: object, error: type[Exception], match: st
             model(x)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_input_of_another_dtype_is_a_clear_error(cell: str) -> None:
     net = ShortcutLSTM(2, [4, 3], 2, 3, cell=cell).eval()
     small = gp.prune(net).eval()
-    x = torch.zeros(5, 7, 2, dtype=torch.float64)
+    assert isinstance(small, PlainShortcutLSTM)
+    x = torch.zeros(5, 7, 2, dtype=torch.float64)  # (B, T, 2)
     match = r"input dtype \(torch\.float64\) does not match weight dtype \(torch\.float32\)"
     packed = pack_padded_sequence(x, torch.tensor([7, 3, 2, 2, 1]), batch_first=True)
-    for model in (net, small):  # the same message from the gated and the pruned model
-        with pytest.raises(ValueError, match=match):
-            model(x)
-    with pytest.raises(ValueError, match=match):
-        net(packed)
-    h = torch.zeros(1, 5, 4, dtype=torch.float64)
-    state = (h, h.float()) if cell == "lstm" else h
-    with pytest.raises(ValueError, match=r"hx\[0\] dtype \(torch\.float64\) does not match"):
-        net(x.float(), [state, None])  # type: ignore[list-item]
-    net.double()  # converted model: runs
-    assert net(x).dtype == torch.float64
+    h = torch.zeros(1, 5, 4, dtype=torch.float64)  # (D, B, H)
+    for state in ((h, h.float()), (h.float(), h)) if cell == "lstm" else (h,):
+        hx = [state, None]
+        for model, model_hx in ((net, hx), (small, small.select_state(hx))):
+            # the same messages from the gated and the pruned model, padded or packed
+            for inp in (x, packed):
+                with pytest.raises(ValueError, match=match):
+                    model(inp)
+            for inp in (x.float(), pack_padded_sequence(x.float(), [7, 3, 2, 2, 1], True)):
+                with pytest.raises(ValueError, match=r"hx\[0\] dtype \(torch\.float64\) does no"):
+                    model(inp, model_hx)  # type: ignore[arg-type]
+    hx64 = [(h, h) if cell == "lstm" else h, None]
+    for model, model_hx in ((net, hx64), (small, small.select_state(hx64))):
+        model.double()  # converted model: runs, padded or packed, with a float64 state
+        out = model(x, model_hx)  # type: ignore[arg-type]
+        assert isinstance(out, torch.Tensor)
+        assert out.dtype == torch.float64
+        out_packed = model(packed)
+        assert isinstance(out_packed, PackedSequence)
+        assert out_packed.data.dtype == torch.float64
 
 
 def test_bad_states_are_clear_errors() -> None:

@@ -223,6 +223,7 @@ def _is_empty_sequential(m: nn.Module) -> bool:
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
+    nn.Hardtanh,  # after ReLU6, its subclass
     nn.LeakyReLU,
     nn.GELU,
     nn.SiLU,
@@ -568,7 +569,9 @@ class CostProgram:
                         )
                     seen_gated.add(id(mod))
                     if not inp or not isinstance(inp[0], Tensor):
-                        raise TypeError(f"gated module {name} must take a tensor input")
+                        raise TypeError(
+                            f"gated module {name or type(mod).__name__} must take a tensor input"
+                        )
                     program.gated.append((mod, tuple(inp[0].shape)))  # type: ignore[arg-type]
 
                 return gated_hook

@@ -21,6 +21,7 @@ whose ``make(n)`` builds the module; :func:`resolve_gate` turns ``"hard_concrete
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast
@@ -107,6 +108,27 @@ class Gate(nn.Module):
         return f"n={self.n}" if self.group == 1 else f"n={self.n}, group={self.group}"
 
 
+def _check_n(n: object) -> int:
+    """``n`` as an int >= 1 (numpy integers accepted; bools, floats and strings refused)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int (the number of gates), got {n!r}")
+    if n < 1:
+        raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
+    return int(n)
+
+
+def _check_real(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a finite float (``> 0`` when ``positive``); bools and strings refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and not v > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
 def _check_group(n: int, group: object) -> int:
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
@@ -154,11 +176,13 @@ class HardConcreteGate(Gate):
         group: int = 1,
     ) -> None:
         super().__init__()
-        if n < 1:
-            raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
+        n = _check_n(n)
+        init_log_alpha = _check_real("init_log_alpha", init_log_alpha)
+        if _check_real("init_std", init_std) < 0:
+            raise ValueError(f"init_std must be >= 0, got {init_std!r}")
         self.n = n
         self.group = _check_group(n, group)
-        self.beta = beta
+        self.beta = _check_real("beta", beta, positive=True)
         self.log_alpha = nn.Parameter(  # (n // group,)
             torch.empty(n // self.group).normal_(init_log_alpha, init_std)
         )
@@ -213,10 +237,9 @@ class SigmoidGate(Gate):
         start: Literal["open", "closed"] | None = None,
     ) -> None:
         super().__init__()
-        if n < 1:
-            raise ValueError(f"a gate vector needs n >= 1 gates, got n={n}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        n = _check_n(n)
+        init_theta = _check_real("init_theta", init_theta)
+        temperature = _check_real("temperature", temperature, positive=True)
         if start not in (None, "open", "closed"):
             raise ValueError(f"start must be None, 'open' or 'closed', got {start!r}")
         self.n = n
@@ -285,14 +308,19 @@ class HardConcrete:
     init_log_alpha: float | None = None
     beta: float = BETA
 
+    def __post_init__(self) -> None:
+        if not 0.0 < _check_real("init_drop", self.init_drop) < 1.0:
+            raise ValueError(f"init_drop must be in (0, 1), got {self.init_drop!r}")
+        if self.init_log_alpha is not None:
+            _check_real("init_log_alpha", self.init_log_alpha)
+        _check_real("beta", self.beta, positive=True)
+
     def make(self, n: int, *, init_open: bool = False, group: int = 1) -> Gate:
         if self.init_log_alpha is not None:
             init = self.init_log_alpha
         elif init_open:
             init = 3.0
         else:
-            if not 0.0 < self.init_drop < 1.0:
-                raise ValueError(f"init_drop must be in (0, 1), got {self.init_drop}")
             init = math.log((1.0 - self.init_drop) / self.init_drop)
         return HardConcreteGate(n, init_log_alpha=init, beta=self.beta, group=group)
 
@@ -310,6 +338,10 @@ class Sigmoid:
 
     init_theta: float = 3.0
     temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_real("init_theta", self.init_theta)
+        _check_real("temperature", self.temperature, positive=True)
 
     def make(self, n: int, *, init_open: bool = False, group: int = 1) -> Gate:
         return SigmoidGate(

@@ -26,6 +26,7 @@ __all__ = [
     "PlainShortcutLSTM",
     "RecurrentLayerSpec",
     "RecurrentSpec",
+    "check_dtypes",
     "check_sequence",
     "check_state",
 ]
@@ -262,6 +263,30 @@ def check_state(
     return out
 
 
+def check_dtypes(data: Tensor, states: Sequence[State | None], dtype: torch.dtype) -> None:
+    """Raise a ValueError if the input or an initial state is not of the model's ``dtype``
+    (the message of ``nn.LSTM``/``nn.GRU``, which the pruned model runs; also for packed
+    inputs and initial states, which those modules do not check clearly).
+
+    >>> check_dtypes(torch.zeros(2, 3), [None], torch.float64)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: RNN input dtype (torch.float32) does not match weight dtype (torch.float64)...
+    """
+    if data.dtype != dtype:
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({dtype}). Convert "
+            f"input: input.to({dtype}), or convert model: model.to({data.dtype})"
+        )
+    for i, state in enumerate(states):
+        for t in state if isinstance(state, tuple) else (state,):
+            if t is not None and t.dtype != dtype:
+                raise ValueError(
+                    f"hx[{i}] dtype ({t.dtype}) does not match weight dtype ({dtype}): "
+                    f"convert the initial state with .to({dtype})"
+                )
+
+
 def _repack(data: Tensor, like: PackedSequence) -> PackedSequence:
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
@@ -312,6 +337,7 @@ class PlainShortcutLSTM(nn.Module):
         states = check_state(
             hx, spec.cell, [ls.hidden for ls in spec.layers], spec.directions, batch
         )
+        check_dtypes(data, states, self.head.weight.dtype)
         nodes: list[Tensor] = [data]
         for ls, rnn, state in zip(spec.layers, self.layers, states, strict=True):
             if ls.sources:

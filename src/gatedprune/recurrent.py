@@ -48,6 +48,7 @@ from .plain_recurrent import (
     RecurrentLayerSpec,
     RecurrentSpec,
     check_cell,
+    check_dtypes,
     check_sequence,
     check_state,
 )
@@ -62,23 +63,6 @@ def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
-
-
-def _check_dtypes(data: Tensor, states: Sequence[State | None], dtype: torch.dtype) -> None:
-    """Raise a ValueError if the input or an initial state is not of the model's ``dtype``
-    (the message of ``nn.LSTM``/``nn.GRU``, which the pruned model runs)."""
-    if data.dtype != dtype:
-        raise ValueError(
-            f"RNN input dtype ({data.dtype}) does not match weight dtype ({dtype}). Convert "
-            f"input: input.to({dtype}), or convert model: model.to({data.dtype})"
-        )
-    for i, state in enumerate(states):
-        for t in state if isinstance(state, tuple) else (state,):
-            if t is not None and t.dtype != dtype:
-                raise ValueError(
-                    f"hx[{i}] dtype ({t.dtype}) does not match weight dtype ({dtype}): "
-                    f"convert the initial state with .to({dtype})"
-                )
 
 
 class ShortcutLSTM(GatedModule):
@@ -239,7 +223,7 @@ class ShortcutLSTM(GatedModule):
         states = check_state(
             hx, spec.cell, [ls.hidden for ls in spec.layers], spec.directions, batch
         )
-        _check_dtypes(data, states, self.head.weight.dtype)
+        check_dtypes(data, states, self.head.weight.dtype)
         edges, units, layer, head_edge = self._gate_values(False)
         node_scale = self._node_scales(units, layer)
         nodes: list[Tensor] = [data]

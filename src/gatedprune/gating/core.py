@@ -56,7 +56,14 @@ ATTR = "gatedprune"
 
 FilterFn = Callable[[nn.Module, str], bool]
 # modules whose cost is not linear in dim 0 of the model input (sequence-first layouts)
-_SEQUENCE_UNITS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.RNNBase)
+_SEQUENCE_UNITS = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerDecoder,
+    nn.Transformer,
+    nn.RNNBase,
+)
 
 
 @dataclass
