@@ -356,7 +356,8 @@ class InsertedGating(ModelGating):
                 raise ValueError(
                     f"this model was gated with an input of shape {self.input_shape}; its cost "
                     f"for shape {shape} is only derived for other batch sizes (dim 0) of models "
-                    "without attention or opaque modules: gate it with that shape"
+                    "without attention, Transformer, recurrent or opaque modules: gate it with "
+                    "that shape"
                 )
             ratio = shape[0] / self.input_shape[0]
         if hard:
