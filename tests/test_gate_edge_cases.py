@@ -368,3 +368,46 @@ def test_gate_refuses_a_forward_with_two_inputs() -> None:
 
     with pytest.raises(TypeError, match=r"one example input.*forward requires 2 \(x, y\)"):
         gate_(TwoInputs(), torch.randn(2, 3))
+
+
+class _CountsItself(nn.Module):
+    """A user leaf module that declares its own cost (``flops_of``) for a forward fx can trace."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 3.0  # (B, C)
+
+    def flops_of(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+        return 777
+
+
+class _WithCountedLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 8)
+        self.leaf = _CountsItself()
+        self.c = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c(self.leaf(torch.relu(self.b(torch.relu(self.a(x))))))  # (B, 2)
+
+
+def test_leaf_module_counting_itself_is_costed_like_cost_does() -> None:
+    torch.manual_seed(0)
+    net, x = _WithCountedLeaf(), torch.randn(3, 4)  # (B, 4)
+    dense = gatedprune.cost(net, x)
+    # functional relu is not counted; the leaf counts 777 whatever the batch
+    assert dense.flops == 3 * (2 * 4 * 8 + 8 + 2 * 8 * 8 + 8 + 2 * 8 * 2 + 2) + 777
+    summary = gate_(net, x)
+    assert any("leaf" in why for _, _, why in summary.ungated_groups)  # not pruned through
+    with torch.no_grad():
+        for g in net.gatedprune.group_gates:
+            assert isinstance(g, HardConcreteGate)
+            g.log_alpha.fill_(10.0)
+            g.log_alpha[:3] = -10.0  # close three channels of layer a
+    net.eval()
+    hard = gatedprune.cost(net, x, hard=True)
+    small = gatedprune.prune(net).eval()
+    assert gatedprune.cost(small, x) == hard.detach()
+    assert hard.detach().flops < dense.flops
+    assert (small(x) - net(x)).abs().max().item() <= 1e-5

@@ -502,6 +502,17 @@ def unit_handler(m: nn.Module) -> Handler | None:
     return None
 
 
+def counts_itself(m: nn.Module) -> bool:
+    """Whether ``m`` is a leaf module (no children) with a ``flops_of(inputs, output)`` method:
+    :func:`cost` then counts it by that method, whatever its forward does.
+
+    >>> from gatedprune.pooling import MeanPool1d
+    >>> counts_itself(MeanPool1d(2)), counts_itself(nn.Linear(2, 2))
+    (True, False)
+    """
+    return callable(getattr(m, "flops_of", None)) and not any(True for _ in m.children())
+
+
 def _handler_for(m: nn.Module) -> Handler | None:
     own = getattr(m, "flops_of", None)
     if callable(own):  # a module that counts itself takes precedence

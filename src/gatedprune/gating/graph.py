@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import ModelGating
-from ..costs import _handler_for, unit_handler
+from ..costs import _handler_for, counts_itself, unit_handler
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
     GatedMultiheadAttention,
@@ -55,6 +55,8 @@ class GateTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque or isinstance(m, (ModelGating, *_LEAVES)):
+            return True
+        if counts_itself(m):  # gatedprune.cost counts it whole: so must the gated cost
             return True
         return bool(super().is_leaf_module(m, module_qualified_name))
 
