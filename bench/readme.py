@@ -5,7 +5,9 @@ python -m bench.readme
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .common import RESULTS
@@ -31,7 +33,12 @@ ORDER = [
 ]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    argparse.ArgumentParser(
+        prog="python -m bench.readme",
+        description="Rebuild the README's benchmark section (between its bench markers) from "
+        "bench/results/*.md.",
+    ).parse_args(argv)
     files = [RESULTS / f"{name}.md" for name in ORDER if (RESULTS / f"{name}.md").exists()]
     body = "\n\n".join(p.read_text().strip().replace("## ", "#### ", 1) for p in files)
     text = README.read_text()

@@ -14,7 +14,7 @@ format (that is :func:`gatedprune.save`, which uses no pickle), and they are not
 
 Re-time a finished suite on a quieter machine without re-training::
 
-    python -m bench.suite.latency bench/results/suite
+    python -m bench.suite.retime bench/results/suite
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def measure_rows(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m bench.suite.latency OUT``: re-time the final models a suite run kept and
+    """``python -m bench.suite.retime OUT``: re-time the final models a suite run kept and
     rewrite its report."""
     from dataclasses import replace
 
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .report import write_report
     from .runner import FULL
 
-    ap = argparse.ArgumentParser(prog="python -m bench.suite.latency", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench.suite.retime", description=__doc__)
     ap.add_argument("out", type=Path, help="a suite output folder (with its models/ or parts/)")
     ap.add_argument("--num-samples", type=int, default=FULL.num_samples)
     ap.add_argument("--threads", type=int, default=FULL.threads)
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     measure_rows(rows, dict(models), config)
     seconds = a.seconds if a.seconds is not None else sum(float(r["train_s"]) for r in rows)
     write_report(
-        rows, config, seconds=seconds, command="python -m bench.suite.latency " + str(a.out)
+        rows, config, seconds=seconds, command="python -m bench.suite.retime " + str(a.out)
     )
 
 

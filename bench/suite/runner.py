@@ -5,7 +5,7 @@ finished, for all final models of a workload in interleaved rounds in one proces
 (:mod:`bench.suite.latency`), so load changes on a shared machine hit every method alike.
 Every final model is also kept in ``<out>/models/`` (transient, not committed) so the latency
 phase can run later, in the parent process of ``--jobs`` (``--defer-latency`` parts), or again
-on a quiet machine (``python -m bench.suite.latency OUT``).
+on a quiet machine (``python -m bench.suite.retime OUT``).
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def _parse(argv: Sequence[str] | None, prog: str = "python -m bench") -> SuiteCo
         "--defer-latency",
         action="store_true",
         help="keep the final models in OUT/models but do not time them (the --jobs parent "
-        "times every part's models together; or run python -m bench.suite.latency OUT)",
+        "times every part's models together; or run python -m bench.suite.retime OUT)",
     )
     a = ap.parse_args(argv)
     config = QUICK if a.quick else FULL
