@@ -506,8 +506,8 @@ def counts_itself(m: nn.Module) -> bool:
     """Whether ``m`` is a leaf module (no children) with a ``flops_of(inputs, output)`` method:
     :func:`cost` then counts it by that method, whatever its forward does.
 
-    >>> from gatedprune.pooling import MeanPool1d
-    >>> counts_itself(MeanPool1d(2)), counts_itself(nn.Linear(2, 2))
+    >>> from gatedprune.gating.surgery import ScaledAdd
+    >>> counts_itself(ScaledAdd()), counts_itself(nn.Linear(2, 2))
     (True, False)
     """
     return callable(getattr(m, "flops_of", None)) and not any(True for _ in m.children())
