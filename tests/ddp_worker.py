@@ -1,10 +1,15 @@
 """Worker of tests/test_distributed.py, launched twice by ``torch.distributed.run`` (gloo, CPU).
 
-Usage: ``python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR``.
+Usage: ``python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR [MODE]``.
 Each rank trains the same ShortcutMLP under a Budget with the Trainer (ranks start from
 *different* random weights: DDP must broadcast rank 0's), records which training samples its
 forward passes saw, and writes ``OUT_DIR/rank{r}.safetensors`` with its initial and final
-parameters, the multipliers and the seen samples.
+parameters, the multipliers and the seen samples (its history in the metadata).
+
+Other modes, for resuming (``OUT_DIR/ckpt-shared`` is a folder both ranks see):
+``stop`` trains to step ``STOP`` (mid-epoch) there; ``resume`` resumes from it and writes
+``OUT_DIR/resumed-rank{r}.safetensors``; ``unshared`` resumes with rank 1 looking in an empty
+folder of its own and writes the error each rank got to ``OUT_DIR/unshared-rank{r}.txt``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from gatedprune.train import Trainer
 
 IN, WIDTHS, OUT = 12, [16, 16], 3
 N_TRAIN, BATCH, EPOCHS = 93, 20, 2  # 5 batches per epoch, the last of 13 samples (7 + 6)
+STOP = 7  # mid-epoch 2: checkpoints at steps 5 (end of epoch 1) and 7
 
 
 def make_data() -> tuple[Tensor, Tensor]:
@@ -56,10 +62,39 @@ def trainer(net: nn.Module, budget: Budget, checkpoint_dir: str | None) -> Train
     )
 
 
-def main(out_dir: str) -> None:
+def resume_main(out_dir: str, mode: str, rank: int) -> None:
+    net, budget = make_model(init_seed=100 + rank)
+    x, y = make_data()
+    shared = os.path.join(out_dir, "ckpt-shared")
+    if mode == "stop":
+        trainer(net, budget, shared).fit((x, y), max_steps=STOP)
+    elif mode == "unshared":
+        folder = shared if rank == 0 else os.path.join(out_dir, f"ckpt-empty-rank{rank}")
+        try:
+            trainer(net, budget, folder).fit((x, y), resume=True)
+            message = "no error"
+        except ValueError as e:
+            message = str(e)
+        with open(os.path.join(out_dir, f"unshared-rank{rank}.txt"), "w") as f:
+            f.write(message)
+    else:
+        t = trainer(net, budget, shared)
+        t.fit((x, y), resume=True)
+        tensors = {f"final/{k}": v for k, v in net.state_dict().items()}
+        tensors.update({f"budget/{k}": v for k, v in budget.state_dict().items()})
+        meta = {"rank": rank, "history": t.history, "before_snap": t.achieved_before_snap}
+        write_tensors(os.path.join(out_dir, f"resumed-rank{rank}.safetensors"), tensors, meta)
+
+
+def main(out_dir: str, mode: str = "full") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if mode != "full":
+        resume_main(out_dir, mode, rank)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     net, budget = make_model(init_seed=100 + rank)  # different on each rank on purpose
     init = {f"init/{k}": v.detach().clone() for k, v in net.state_dict().items()}
     seen: list[Tensor] = []
@@ -70,16 +105,18 @@ def main(out_dir: str) -> None:
 
     net.register_forward_pre_hook(record)
     x, y = make_data()
-    trainer(net, budget, os.path.join(out_dir, f"ckpt-rank{rank}")).fit((x, y))
+    t = trainer(net, budget, os.path.join(out_dir, f"ckpt-rank{rank}"))
+    t.fit((x, y))
     tensors: dict[str, Tensor] = dict(init)
     tensors.update({f"final/{k}": v for k, v in net.state_dict().items()})
     tensors.update({f"budget/{k}": v for k, v in budget.state_dict().items()})
     tensors["seen"] = torch.cat(seen)  # (EPOCHS * N_TRAIN / 2,)
     tensors["seen_sizes"] = torch.tensor([len(s) for s in seen])  # (steps,)
-    write_tensors(os.path.join(out_dir, f"rank{rank}.safetensors"), tensors, {"rank": rank})
+    meta = {"rank": rank, "history": t.history, "before_snap": t.achieved_before_snap}
+    write_tensors(os.path.join(out_dir, f"rank{rank}.safetensors"), tensors, meta)
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

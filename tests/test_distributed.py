@@ -4,7 +4,8 @@ Checks: gate parameters, weights and float64 multipliers are identical on both r
 changed from initialisation; each rank saw a disjoint shard of every batch and together they
 saw every sample once per epoch; only rank 0 wrote checkpoints and printed; and the result
 matches the same training run in a single process (sharding + gradient averaging reproduce the
-global batch).
+global batch). Resuming under torchrun from a folder both ranks see continues bit for bit
+(history included); ranks that would start from different steps are refused, not left hanging.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ def _log_text(log_dir: Path, rank: int) -> str:
     return "".join(p.read_text() for p in files)
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
+def _torchrun(out: Path, mode: str, logs: str = "logs") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
@@ -39,14 +38,29 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--standalone",  # rendezvous on localhost with a free port
         "--nproc_per_node=2",
         "--redirects=3",
-        f"--log-dir={out / 'logs'}",
+        f"--log-dir={out / logs}",
         str(WORKER),
         str(out),
+        mode,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()}" for p in (out / "logs").rglob("*.log"))
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{logs}")
+        text = "\n".join(f"--- {p}\n{p.read_text()}" for p in (out / logs).rglob("*.log"))
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{text}")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    _torchrun(out, "full")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp_resume")
+    for mode in ("stop", "unshared", "resume"):
+        _torchrun(out, mode, logs=f"logs-{mode}")
     return out
 
 
@@ -107,3 +121,34 @@ def test_matches_single_process(ddp_run: Path, tmp_path: Path) -> None:
     single.update({f"budget/{k}": v for k, v in budget.state_dict().items()})
     for k, v in single.items():
         torch.testing.assert_close(r0[k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def _without_time(history: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [{k: v for k, v in h.items() if k != "time"} for h in history]
+
+
+def test_resume_from_a_shared_folder_continues_bit_for_bit(
+    ddp_run: Path, ddp_resumed: Path
+) -> None:
+    """Stopped mid-epoch at step STOP and resumed under torchrun: weights, gates, multipliers
+    and the per-epoch records (the interrupted epoch's loss sums every rank's samples) equal
+    the uninterrupted run's on both ranks."""
+    names = sorted(p.name for p in (ddp_resumed / "ckpt-shared").iterdir())
+    total = ddp_worker.EPOCHS * -(-ddp_worker.N_TRAIN // ddp_worker.BATCH)
+    assert names == [f"step-{ddp_worker.STOP:09d}.safetensors", f"step-{total:09d}.safetensors"]
+    for r in range(2):
+        full, full_meta = read_tensors(ddp_run / f"rank{r}.safetensors")
+        resumed, meta = read_tensors(ddp_resumed / f"resumed-rank{r}.safetensors")
+        assert resumed.keys()
+        for k, v in resumed.items():
+            assert torch.equal(v, full[k]), (r, k)
+        assert _without_time(meta["history"]) == _without_time(full_meta["history"])
+        assert meta["before_snap"] == full_meta["before_snap"]
+
+
+def test_ranks_resuming_from_different_steps_are_refused(ddp_resumed: Path) -> None:
+    """Rank 1 looks in a folder of its own without rank 0's checkpoints: both ranks raise a
+    ValueError naming the steps instead of hanging in mismatched collectives."""
+    for r in range(2):
+        message = (ddp_resumed / f"unshared-rank{r}.txt").read_text()
+        assert f"different steps (rank 0: step {ddp_worker.STOP}, rank 1: step 0)" in message

@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 import torch
 import train_worker
@@ -63,6 +65,7 @@ def _assert_same_run(a: Trainer, b: Trainer) -> None:
     assert _without_time(a.history) == _without_time(b.history)
     assert a.trace == b.trace
     assert a.step == b.step
+    assert a.achieved_before_snap == b.achieved_before_snap
 
 
 # ---------------------------------------------------------------------- records
@@ -389,6 +392,136 @@ def test_resume_with_changed_configuration_raises(tmp_path: Path) -> None:
         train_worker.setup(str(tmp_path))[0].fit((x[:60], y[:60]), resume=True)
 
 
+def test_resume_past_the_snap_keeps_achieved_before_snap(tmp_path: Path) -> None:
+    full, (x, y, _, _) = train_worker.setup(None)
+    full.fit((x, y))
+    assert full.achieved_before_snap is not None  # snapped at step 15 of 18
+    first, _ = train_worker.setup(str(tmp_path))
+    first.fit((x, y), max_steps=16)
+    resumed, _ = train_worker.setup(str(tmp_path))
+    resumed.fit((x, y), resume=True)
+    assert resumed.achieved_before_snap == full.achieved_before_snap
+    # a new run that stops before its snap has no value of an earlier run's
+    full.fit((x, y), max_steps=3)
+    assert full.achieved_before_snap is None
+
+
+def test_new_run_replaces_an_earlier_runs_checkpoints(tmp_path: Path) -> None:
+    """A run started without resume in a folder holding an earlier run's (later) checkpoints:
+    its own checkpoints are kept and the earlier run's removed, so resume=True continues it."""
+    old, (x, y, _, _) = train_worker.setup(str(tmp_path))
+    old.fit((x, y))  # steps 16 and 18 kept
+    first, _ = train_worker.setup(str(tmp_path), seed=9)
+    first.fit((x, y), max_steps=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-000000004.safetensors",
+        "step-000000008.safetensors",
+    ]
+    resumed, _ = train_worker.setup(str(tmp_path), seed=9)
+    resumed.fit((x, y), resume=True)
+    full, _ = train_worker.setup(None, seed=9)
+    full.fit((x, y))
+    _assert_same_run(full, resumed)
+
+
+def _changed_budget(checkpoint_dir: str) -> Trainer:
+    trainer, _ = train_worker.setup(checkpoint_dir)
+    assert trainer.budget is not None
+    budget = Budget(trainer.model, torch.zeros(1, 10), flops=0.9, warmup_steps=6)
+    return Trainer(
+        trainer.model,
+        budget=budget,
+        checkpoint_dir=checkpoint_dir,
+        **{
+            k: getattr(trainer, k)
+            for k in (
+                "epochs",
+                "batch_size",
+                "seed",
+                "progress",
+                "checkpoint_every_steps",
+                "straight_through_at",
+                "trace_every",
+                "weight_decay",
+            )
+        },
+    )
+
+
+def _adamw_other_betas(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, betas=(0.5, 0.9))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda d: train_worker.setup(d, lr=0.5)[0], "lr: checkpoint 0.01 vs now 0.5"),
+        (lambda d: train_worker.setup(d, gate_lr=1.0)[0], "gate_lr"),
+        (lambda d: train_worker.setup(d, budget_lr=1e-3)[0], "budget_lr"),
+        (lambda d: train_worker.setup(d, weight_decay=0.1)[0], "weight_decay"),
+        (lambda d: train_worker.setup(d, snap_at=None)[0], "snap_at"),
+        (lambda d: train_worker.setup(d, snap_tolerance=0.2)[0], "snap_tolerance"),
+        (lambda d: train_worker.setup(d, harden_at=0.3)[0], "harden_at"),
+        (lambda d: train_worker.setup(d, straight_through_at=0.2)[0], "straight_through_at"),
+        (lambda d: train_worker.setup(d, optimizer=torch.optim.Adam)[0], "optimizer"),
+        (lambda d: train_worker.setup(d, optimizer=_adamw_other_betas)[0], "betas"),
+        (_changed_budget, "budget"),
+    ],
+)
+def test_resume_refuses_changed_settings_and_leaves_the_model_alone(
+    tmp_path: Path, make: Callable[[str], Trainer], match: str
+) -> None:
+    trainer, (x, y, _, _) = train_worker.setup(str(tmp_path))
+    trainer.fit((x, y), max_steps=4)
+    other = make(str(tmp_path))
+    before = copy.deepcopy(other.model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        other.fit((x, y), resume=True)
+    for k, v in other.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert other.step == 0
+
+
+def test_refused_resume_of_a_model_that_does_not_fit_leaves_it_alone(tmp_path: Path) -> None:
+    trainer, (x, y, _, _) = train_worker.setup(str(tmp_path))
+    trainer.fit((x, y), max_steps=4)
+    torch.manual_seed(5)
+    net = ShortcutMLP(10, [12, 16], 3)  # same parameter names, one layer wider
+    budget = Budget(net, torch.zeros(1, 10), flops=0.4, warmup_steps=6)
+    other = Trainer(
+        net,
+        budget=budget,
+        checkpoint_dir=tmp_path,
+        epochs=3,
+        batch_size=12,
+        seed=2,
+        progress=False,
+        checkpoint_every_steps=4,
+        straight_through_at=0.5,
+        trace_every=3,
+        weight_decay=1e-3,
+    )
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    budget_before = {k: v.clone() for k, v in budget.state_dict().items()}
+    with pytest.raises(ValueError, match="model state does not fit"):
+        other.fit((x, y), resume=True)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in budget.state_dict().items():
+        assert torch.equal(v, budget_before[k]), k
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    for resume in (False, True):
+        trainer, (x, y, _, _) = train_worker.setup(str(path))
+        with pytest.raises(ValueError, match="exists and is not a directory"):
+            trainer.fit((x, y), resume=resume)
+        assert trainer.step == 0
+    assert path.read_text() == "keep me"
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
     full, (x, y, _, _) = train_worker.setup(None)
     full.fit((x, y))
@@ -514,6 +647,140 @@ def test_bad_data() -> None:
         bad_factory.fit((x, y))
 
 
+@pytest.mark.parametrize(
+    ("schedule", "error", "match"),
+    [
+        (lambda p: 1.0 - 2.0 * p, ValueError, r"returned -0\.\d+; .* finite number >= 0"),
+        (lambda p: float("nan"), ValueError, "returned nan"),
+        (lambda p: "fast", TypeError, "must return a number"),
+    ],
+)
+def test_bad_lr_schedule_values_stop_training(
+    schedule: Callable[[float], Any], error: type[Exception], match: str
+) -> None:
+    x, y = _classification(40)
+    net, _ = _net_and_budget()
+    trainer = Trainer(net, epochs=2, batch_size=10, progress=False, lr_schedule=schedule)
+    with pytest.raises(error, match=match):
+        trainer.fit((x, y))
+    for p in net.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_lr_schedule_must_be_a_function_of_progress() -> None:
+    net, _ = _net_and_budget()
+    with pytest.raises(TypeError, match="got the class CosineAnnealingLR"):
+        Trainer(net, lr_schedule=torch.optim.lr_scheduler.CosineAnnealingLR)
+    with pytest.raises(TypeError, match="constant_lr"):
+        Trainer(net, lr_schedule=None)  # type: ignore[arg-type]
+
+    def half(progress: float) -> Any:
+        return torch.tensor(0.5)  # a one-element tensor is a number too
+
+    x, y = _classification(20)
+    trainer = Trainer(net, epochs=1, batch_size=10, progress=False, lr_schedule=half)
+    trainer.fit((x, y))
+    assert trainer.history[-1]["lr"] == pytest.approx(0.5 * trainer.lr)
+
+
+def test_default_mse_refuses_to_broadcast_output_and_targets() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=g)  # (N, 4)
+    y = 2.0 * x[:, 0]  # (N,): the model's output is (N, 1)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    before = copy.deepcopy(model.state_dict())
+    trainer = Trainer(model, epochs=1, batch_size=10, progress=False)
+    with pytest.raises(ValueError, match=r"output \(10, 1\) and y \(10,\)"):
+        trainer.fit((x, y))
+    assert torch.equal(model.weight, before["weight"])
+    history = trainer.fit((x, y[:, None]), val=(x, y[:, None]))  # matching shapes train
+    assert "val_mse" in history[-1]
+
+
+def test_snap_round_to_that_does_not_fit_the_gate_groups_fails_before_training() -> None:
+    torch.manual_seed(0)
+    net = ShortcutMLP(6, [16, 16], 2, unit_group=4)
+    budget = Budget(net, torch.zeros(1, 6), flops=0.5)
+    x, y = torch.randn(40, 6), torch.randint(0, 2, (40,))
+    trainer = Trainer(net, budget=budget, epochs=5, batch_size=10, progress=False, snap_round_to=6)
+    with pytest.raises(ValueError, match=r"snap_round_to=6 is not a multiple of .* group size 4"):
+        trainer.fit((x, y))
+    assert trainer.step == 0
+
+
+def test_metrics_fn_values_must_be_numbers() -> None:
+    x, y = _classification(20)
+    net, _ = _net_and_budget()
+    trainer = Trainer(
+        net,
+        epochs=1,
+        batch_size=10,
+        progress=False,
+        metrics_fn=lambda m: {"widths": torch.tensor([12.0, 12.0])},  # type: ignore[dict-item]
+    )
+    with pytest.raises(TypeError, match="metrics_fn returned Tensor for 'widths'"):
+        trainer.fit((x, y))
+
+
+# ---------------------------------------------------------------------- data sets, CLI seeds
+def test_mnist1d_argument_checks_determinism_and_global_rngs() -> None:
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("mnist1d")
+    import random
+
+    from gatedprune.data import mnist1d
+
+    with pytest.raises(ValueError, match=r"multiple of 10.*got 99: 90 would be generated"):
+        mnist1d(num_samples=99)
+    for bad, error in ((-1, ValueError), (2**32, ValueError), (None, TypeError), (1.5, TypeError)):
+        with pytest.raises(error, match=r"seed must be an int in \[0, 2\*\*32\)"):
+            mnist1d(num_samples=10, seed=bad)  # type: ignore[arg-type]
+    a, b = mnist1d(num_samples=20, seed=3), mnist1d(num_samples=20, seed=np.int64(3))  # type: ignore[arg-type]
+    assert torch.equal(a.x_train, b.x_train)
+    assert torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, mnist1d(num_samples=20, seed=4).x_train)
+    # generating the data leaves the caller's random streams where they were
+    np.random.seed(1)
+    random.seed(1)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(1)
+    random.seed(1)
+    mnist1d(num_samples=10)
+    assert (np.random.rand(), random.random()) == expected
+
+
+def test_adding_problem_seed_checks_and_determinism() -> None:
+    from gatedprune.data import adding_problem
+
+    x1, y1 = adding_problem(8, 10, seed=5)
+    torch.manual_seed(0)  # the global generator plays no part
+    x2, y2 = adding_problem(8, 10, seed=5)
+    assert torch.equal(x1, x2)
+    assert torch.equal(y1, y2)
+    assert not torch.equal(x1, adding_problem(8, 10, seed=6)[0])
+    assert torch.equal(x1[..., 1].sum(1), torch.full((8,), 2.0))
+    for bad, error in ((-1, ValueError), (2**63, ValueError), (None, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=r"seed must be an int in \[0, 2\*\*63\)"):
+            adding_problem(4, 10, seed=bad)  # type: ignore[arg-type]
+
+
+def test_cli_refuses_a_seed_whose_fine_tuning_seed_overflows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gatedprune.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--seed", str(2**63 - 2)]).seed == 2**63 - 2
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["demo", "--seed", str(2**63 - 1)])
+    assert exc.value.code == 2
+    assert "below 2**63 - 1 (the fine-tuning uses seed + 1)" in capsys.readouterr().err
+    # the demos' fine-tuning Trainer accepts seed + 1 of every seed the CLI lets through
+    net, _ = _net_and_budget()
+    Trainer(net, seed=2**63 - 2 + 1)
+
+
 # ---------------------------------------------------------------------- hitting a budget
 def _teacher_task(n: int, d: int, classes: int, seed: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -571,6 +838,22 @@ def _all_open(net: nn.Module) -> nn.Module:
     return dense
 
 
+def _one_flip_reaches(budget: Budget, k: str, low: float, high: float) -> bool:
+    """Whether opening or closing one gate of ``budget.model`` (forced 0/1) brings the hard
+    cost fraction ``k`` into ``[low, high]``; the gates are left as they were."""
+    for g in gate_modules(budget.model):
+        mask = g.is_open().reshape(-1).clone()  # (n,)
+        for i in range(0, g.n, g.group):
+            flipped = mask.clone()
+            flipped[i : i + g.group] = ~flipped[i : i + g.group]
+            g.force_(flipped)
+            c = float(budget.fractions(hard=True)[k])
+            g.force_(mask)
+            if low <= c <= high:
+                return True
+    return False
+
+
 @settings(max_examples=12)
 @given(
     kind=st.sampled_from(["mlp", "chain", "conv"]),
@@ -578,6 +861,9 @@ def _all_open(net: nn.Module) -> nn.Module:
     measure=st.sampled_from(["flops", "params"]),
     seed=st.integers(0, 2**16),
 )
+# the window is out of the greedy's reach here: every open unit costs 0.035, the only cheaper
+# moves open edges whose open probability is 0.02-0.1 (at or below the target is kept)
+@hypothesis.example(kind="conv", target=0.458984375, measure="flops", seed=63)
 def test_snap_to_budget_lands_within_tolerance(
     kind: str, target: float, measure: str, seed: int
 ) -> None:
@@ -598,7 +884,9 @@ def test_snap_to_budget_lands_within_tolerance(
     got = snap_to_budget(budget, tolerance=0.02)
     assert got == budget.achieved()
     for k, t in limits.items():
-        assert abs(got[k] - t) <= 0.02, (k, got[k], t)
+        assert got[k] <= t, (k, got[k], t)  # a ceiling (at_most)
+        if got[k] < t - 0.02:  # documented best effort: then no single flip reaches the window
+            assert not _one_flip_reaches(budget, k, t - 0.02, t), (k, got[k], t)
     net.eval()
     for g in gate_modules(net):
         assert set(g.eval_value().tolist()) <= {0.0, 1.0}

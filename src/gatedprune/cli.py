@@ -81,6 +81,11 @@ def _seed(text: str) -> int:
     value = _non_negative(text)
     if value >= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**63), got {text!r}")
+    if value == MAX_SEED - 1:  # the demos fine-tune with seed + 1, itself a Trainer seed
+        raise argparse.ArgumentTypeError(
+            f"expected a seed in [0, 2**63) below 2**63 - 1 (the fine-tuning uses seed + 1), "
+            f"got {text!r}"
+        )
     return value
 
 

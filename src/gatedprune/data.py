@@ -6,12 +6,28 @@ the ``mnist1d`` package (extra ``demo``); the adding problem needs only torch.
 
 from __future__ import annotations
 
+import numbers
+import random
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = ["Splits", "adding_problem", "mnist1d"]
+
+MNIST1D_MAX_SEED = 2**32
+"""MNIST-1D seeds are ints in ``[0, 2**32)`` (NumPy's legacy seeding)."""
+ADDING_MAX_SEED = 2**63
+"""Adding-problem seeds are ints in ``[0, 2**63)``."""
+
+
+def _check_seed(seed: object, bound: int) -> int:
+    shown = f"[0, 2**{bound.bit_length() - 1})"
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy ints too
+        raise TypeError(f"seed must be an int in {shown}, got {seed!r}")
+    if not 0 <= int(seed) < bound:
+        raise ValueError(f"seed must be an int in {shown}, got {seed!r}")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -29,7 +45,9 @@ def mnist1d(*, num_samples: int = 5000, seed: int = 42, as_sequence: bool = Fals
 
     ``x`` is ``(N, 1, 40)`` for convolutions, or ``(N, 40, 1)`` with ``as_sequence=True``
     (one value per time step, for recurrent models); ``y`` holds class indices 0-9.
-    The defaults reproduce the published 4000/1000 split.
+    The defaults reproduce the published 4000/1000 split. ``num_samples`` is a multiple of 10
+    (equally many per class); ``seed`` an int in ``[0, 2**32)``: the same seed gives the same
+    data, and the global ``random`` / NumPy generators are left as they were.
 
     >>> d = mnist1d(num_samples=100)  # doctest: +SKIP
     >>> d.x_train.shape  # doctest: +SKIP
@@ -37,6 +55,12 @@ def mnist1d(*, num_samples: int = 5000, seed: int = 42, as_sequence: bool = Fals
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
         raise ValueError(f"num_samples must be an int >= 10, got {num_samples!r}")
+    if num_samples % 10:
+        raise ValueError(
+            f"num_samples must be a multiple of 10 (MNIST-1D makes num_samples // 10 per "
+            f"class), got {num_samples}: {num_samples // 10 * 10} would be generated"
+        )
+    seed = _check_seed(seed, MNIST1D_MAX_SEED)
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -46,7 +70,15 @@ def mnist1d(*, num_samples: int = 5000, seed: int = 42, as_sequence: bool = Fals
     args = get_dataset_args()
     args.num_samples = num_samples
     args.seed = seed
-    data = make_dataset(args)  # generated locally; get_dataset() would download
+    import numpy as np  # a dependency of mnist1d
+
+    # make_dataset seeds the global `random` and NumPy generators: keep the caller's streams
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)  # generated locally; get_dataset() would download
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
     x_train = torch.as_tensor(data["x"], dtype=torch.float32)  # (N, 40)
     x_test = torch.as_tensor(data["x_test"], dtype=torch.float32)  # (M, 40)
     if as_sequence:
@@ -66,7 +98,8 @@ def adding_problem(n: int, length: int, *, seed: int = 0) -> tuple[Tensor, Tenso
 
     Each sequence holds ``length`` (value, marker) pairs, values ~ U[-0.5, 0.5]; exactly two
     markers are 1, one in each half. The target is the sum of the two marked values.
-    Predicting 0 gives an MSE of about 0.167.
+    Predicting 0 gives an MSE of about 0.167. ``seed`` (an int in ``[0, 2**63)``) fixes the
+    data; the global torch generator is not used.
 
     >>> x, y = adding_problem(4, 50)
     >>> x.shape, y.shape
@@ -76,7 +109,7 @@ def adding_problem(n: int, length: int, *, seed: int = 0) -> tuple[Tensor, Tenso
         raise ValueError(f"n must be a positive int, got {n!r}")
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an int >= 2, got {length!r}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(_check_seed(seed, ADDING_MAX_SEED))
     values = torch.rand(n, length, generator=g) - 0.5  # (N, T)
     half = length // 2
     first = torch.randint(0, half, (n,), generator=g)  # (N,)

@@ -64,6 +64,9 @@ Record = dict[str, Any]
 CHECKPOINT_FORMAT = "gatedprune.trainer"
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"^step-(\d{9,})\.safetensors$")
+_CORE_CONFIG = ("epochs", "batch_size", "seed", "n_train", "steps_per_epoch")
+"""Settings every checkpoint records; the others are compared when the checkpoint has them."""
+_STAT_KEYS = ("loss", "task_loss", "penalty", "count")  # an epoch's running sums, per rank
 _SEED_STRIDE = 1_000_003  # epoch e of seed s shuffles with generator seed s * stride + e
 MAX_SEED = 2**63
 """Seeds are ints in ``[0, MAX_SEED)`` (the epoch seeds derived from them are taken modulo it)."""
@@ -250,6 +253,14 @@ def _width_gates(model: nn.Module) -> list[Gate]:
     return out
 
 
+def _check_round_to(model: nn.Module, multiple: int, name: str = "round_to") -> None:
+    for g in _width_gates(model):
+        if multiple % g.group:
+            raise ValueError(
+                f"{name}={multiple} is not a multiple of a width gate's group size {g.group}"
+            )
+
+
 def _round_widths(budget: Budget, multiple: int, learned: dict[int, Tensor]) -> dict[str, float]:
     """The ``round_to`` step of :func:`snap_to_budget` on gates already forced to 0/1;
     ``learned``: each gate's open probabilities before they were forced, by ``id``."""
@@ -266,11 +277,8 @@ def _round_widths(budget: Budget, multiple: int, learned: dict[int, Tensor]) -> 
     plans: list[tuple[Gate, list[int], list[int], Tensor]] = []
     choice: list[int] = []
     saved: list[tuple[Gate, Tensor]] = []
+    _check_round_to(budget.model, multiple)
     for g in _width_gates(budget.model):
-        if multiple % g.group:
-            raise ValueError(
-                f"round_to={multiple} is not a multiple of a width gate's group size {g.group}"
-            )
         is_open = g.is_open().reshape(-1)  # (n,) bool
         k, n = int(is_open.sum()), g.n
         if k == 0 or n <= multiple:
@@ -340,9 +348,22 @@ class _Objective(nn.Module):
         return task * scale + penalty, task.detach(), penalty.detach()
 
 
+def _mse_same_shape(out: Tensor, y: Tensor) -> Tensor:
+    """MSE that refuses to broadcast: ``nn.MSELoss`` on an output ``(B, 1)`` and targets
+    ``(B,)`` would average over all ``B x B`` pairs, a silently wrong loss."""
+    if not isinstance(out, Tensor) or out.shape != y.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"the default MSE loss needs the model output and the targets y in the same shape, "
+            f"got output {shape} and y {tuple(y.shape)}: reshape y (e.g. y[:, None] for an "
+            "output of shape (B, 1)) or pass loss_fn="
+        )
+    return nn.functional.mse_loss(out, y)
+
+
 def _default_loss(y: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
     if y.is_floating_point():
-        return nn.MSELoss()
+        return _mse_same_shape
     return nn.CrossEntropyLoss()
 
 
@@ -390,6 +411,26 @@ def _fraction_or_none(name: str, value: object) -> float | None:
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} must be a fraction of training in [0, 1], got {value}")
     return float(value)
+
+
+def _schedule_factor(schedule: Callable[[float], float], progress: float) -> float:
+    """``schedule(progress)`` checked: a finite number >= 0 (a negative factor would turn the
+    optimizer step into gradient ascent, NaN would poison every weight)."""
+    value = schedule(progress)
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"lr_schedule({progress!r}) must return a number (the learning-rate factor), got "
+            f"{type(value).__name__}"
+        )
+    factor = float(value)
+    if not (math.isfinite(factor) and factor >= 0.0):
+        raise ValueError(
+            f"lr_schedule({progress!r}) returned {value!r}; the learning-rate factor must be a "
+            "finite number >= 0"
+        )
+    return factor
 
 
 def _dist_info() -> tuple[int, int]:
@@ -537,6 +578,17 @@ class Trainer:
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable or None, got {type(value).__name__}")
+        if self.lr_schedule is None:
+            raise TypeError(
+                "lr_schedule must be a function progress -> learning-rate factor, got None "
+                "(gatedprune.train.constant_lr keeps the learning rates constant)"
+            )
+        if isinstance(self.lr_schedule, type):  # e.g. a torch.optim.lr_scheduler class
+            raise TypeError(
+                "lr_schedule must be a function progress -> learning-rate factor (progress = "
+                "step / total steps, e.g. gatedprune.train.cosine_lr), got the class "
+                f"{self.lr_schedule.__name__}"
+            )
         if self.checkpoint_dir is not None and not isinstance(
             self.checkpoint_dir, str | os.PathLike
         ):
@@ -544,6 +596,7 @@ class Trainer:
                 f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}"
             )
         self._stats: dict[str, float] = {}
+        self._stale: list[Path] = []  # checkpoints of an earlier run in checkpoint_dir
 
     # ------------------------------------------------------------------ public API
     def fit(
@@ -564,9 +617,14 @@ class Trainer:
         ``lambda2_k``, then the ``metrics_fn`` values and ``time`` (wall seconds of the epoch).
 
         Without ``resume`` a new run starts from the model's current weights (and clears
-        :attr:`history`). ``resume=True`` continues from the latest checkpoint in
+        :attr:`history`); its first checkpoint replaces any an earlier run left in
+        ``checkpoint_dir``. ``resume=True`` continues from the latest checkpoint in
         ``checkpoint_dir`` (a new run when there is none yet); the result is identical to an
-        uninterrupted run.
+        uninterrupted run. A checkpoint written with other settings (epochs, batch size, seed,
+        learning rates, weight decay, optimizer class or group settings, phases, snap,
+        budget targets and schedule, number of samples) is refused with a ``ValueError``, as
+        is a corrupted or foreign file, and the model is left as it was; functions
+        (``loss_fn``, ``lr_schedule``, ...) and the data themselves are not compared.
         ``max_steps`` stops after that many optimizer steps in total (writing a checkpoint).
         """
         x, y = _check_pair("train", train)
@@ -585,17 +643,35 @@ class Trainer:
         opt = self._make_optimizer()
         base_lrs = [float(g["lr"]) for g in opt.param_groups]
         names = [g.get("name") for g in opt.param_groups]
-        config = self._config(n, spe)
+        config = self._config(n, spe, opt)
+        self._check_checkpoint_dir()
+        if self.budget is not None and self.snap_at is not None and self.snap_round_to:
+            _check_round_to(self.model, self.snap_round_to, "snap_round_to")  # not at the snap
         loaded = False
+        failure: Exception | None = None
+        self._stale = []
         if resume:
             path = self.latest_checkpoint()
             if path is not None:
-                self._load_checkpoint(path, opt, config)
-                loaded = True
+                try:
+                    self._load_checkpoint(path, opt, config, world, rank)
+                    loaded = True
+                except Exception as e:  # under DDP every rank must learn of it, or they hang
+                    if world == 1:
+                        raise
+                    failure = e
+        checkpointing = self.checkpoint_dir is not None  # rank 0's setting, under DDP
+        if world > 1:
+            checkpointing = self._agree_on_start(
+                world, self.step if loaded else 0, failure, checkpointing
+            )
         if not loaded:
             torch.manual_seed(self.seed)
             self.history, self.trace, self.step = [], [], 0
+            self.achieved_before_snap = None
             self._reset_stats()
+            if rank == 0:  # an earlier run's checkpoints, superseded by this run's first one
+                self._stale = self._checkpoints()
 
         objective = _Objective(self.model, self.budget, loss_fn)
         module: nn.Module = objective
@@ -653,11 +729,11 @@ class Trainer:
                             bar.write(line)
                         else:
                             print(line, flush=True)
-                if self._checkpoint_due(spe, total):
-                    self._save_checkpoint(opt, config, rank)
+                if checkpointing and self._checkpoint_due(spe, total):
+                    self._save_checkpoint(opt, config, world, rank)
                     last_saved = self.step
-            if self.checkpoint_dir is not None and last_saved != self.step:
-                self._save_checkpoint(opt, config, rank)
+            if checkpointing and last_saved != self.step:
+                self._save_checkpoint(opt, config, world, rank)
         finally:
             if bar is not None:
                 bar.close()
@@ -666,13 +742,56 @@ class Trainer:
 
     def latest_checkpoint(self) -> Path | None:
         """Path of the newest checkpoint in ``checkpoint_dir`` (None if there is none)."""
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def _checkpoints(self) -> list[Path]:
+        """The checkpoint files in ``checkpoint_dir``, oldest step first."""
         if self.checkpoint_dir is None:
-            return None
+            return []
         folder = Path(self.checkpoint_dir)
         if not folder.is_dir():
-            return None
+            return []
         found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))]
-        return max(found)[1] if found else None
+        return [p for _, p in sorted(found)]
+
+    def _check_checkpoint_dir(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        folder = Path(self.checkpoint_dir)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(
+                f"checkpoint_dir {str(folder)!r} exists and is not a directory; pass a folder "
+                "(it is created if missing)"
+            )
+
+    @staticmethod
+    def _agree_on_start(
+        world: int, start: int, failure: Exception | None, checkpointing: bool
+    ) -> bool:
+        """Under DDP: every rank must start from the same step (they all read the checkpoint
+        rank 0 wrote), or the ranks would run different numbers of steps and hang. Returns
+        whether rank 0 writes checkpoints (every rank then joins in gathering their state)."""
+        mine = torch.tensor(
+            [-1 if failure is not None else start, int(checkpointing)], dtype=torch.long
+        )  # (2,)
+        gathered = [torch.zeros(2, dtype=torch.long) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        found = [int(t[0]) for t in gathered]
+        if failure is not None:
+            raise failure
+        if -1 in found:
+            raise ValueError(
+                f"rank {found.index(-1)} could not resume from its checkpoint (see its error)"
+            )
+        if len(set(found)) > 1:
+            detail = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(found))
+            raise ValueError(
+                f"the ranks would start from different steps ({detail}): with resume=True every "
+                "rank reads the newest checkpoint rank 0 wrote, so checkpoint_dir must be the same "
+                "folder on a file system every rank sees"
+            )
+        return bool(gathered[0][1])
 
     # ------------------------------------------------------------------ set-up
     def _steps_per_epoch(self, n: int, world: int) -> int:
@@ -741,21 +860,46 @@ class Trainer:
             )
         return opt
 
-    def _config(self, n: int, spe: int) -> dict[str, Any]:
-        return {
+    def _config(self, n: int, spe: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """What a resumed run must share with the checkpoint's run (JSON-able). Functions
+        (``loss_fn``, ``lr_schedule``, ...) cannot be compared: keep them the same yourself."""
+        config: dict[str, Any] = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "seed": self.seed,
             "n_train": n,
             "steps_per_epoch": spe,
+            "lr": self.lr,
+            "gate_lr": self.gate_lr,
+            "edge_gate_lr": self.edge_gate_lr,
+            "budget_lr": self.budget_lr,
+            "weight_decay": self.weight_decay,
+            "optimizer": f"{type(opt).__module__}.{type(opt).__qualname__}",
+            "harden_at": self.harden_at,
+            "straight_through_at": self.straight_through_at,
+            "snap_at": self.snap_at,
+            "snap_tolerance": self.snap_tolerance,
+            "snap_round_to": self.snap_round_to,
         }
+        b = self.budget
+        if b is not None:
+            config["budget"] = {
+                "targets": {k: float(v) for k, v in b.targets.items()},
+                "warmup_steps": int(b.warmup_steps),
+                "delay_steps": int(b.delay_steps),
+                "target_start": float(b.target_start),
+                "anti_windup": bool(b.anti_windup),
+            }
+            if self.straight_through_at is None:  # the flag is the user's, not a phase's
+                config["budget"]["straight_through"] = bool(b.straight_through)
+        return config
 
     # ------------------------------------------------------------------ per step
     def _apply_phase(
         self, opt: torch.optim.Optimizer, base_lrs: list[float], names: list[Any], total: int
     ) -> None:
         progress = self.step / total
-        factor = float(self.lr_schedule(progress))
+        factor = _schedule_factor(self.lr_schedule, progress)
         frozen = self.budget is not None and self.snap_at is not None and progress >= self.snap_at
         for group, base, name in zip(opt.param_groups, base_lrs, names, strict=True):
             if name in ("gates", "budget") and frozen:
@@ -821,8 +965,6 @@ class Trainer:
         return {k: _fmt(last[k]) for k in keys if k in last}
 
     def _checkpoint_due(self, spe: int, total: int) -> bool:
-        if self.checkpoint_dir is None:
-            return False
         if self.step == total:
             return True
         if self.checkpoint_every_steps is None:
@@ -912,13 +1054,27 @@ class Trainer:
         for k, v in extra.items():
             if not isinstance(k, str) or k in rec or k == "time":
                 raise ValueError(f"metrics_fn returned key {k!r}: keys must be new strings")
-            out[k] = float(v)
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(
+                    f"metrics_fn returned {type(v).__name__} for {k!r}; values must be numbers "
+                    f"(or one-element tensors): {e}"
+                ) from e
         return out
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(
-        self, opt: torch.optim.Optimizer, config: dict[str, Any], rank: int
+        self, opt: torch.optim.Optimizer, config: dict[str, Any], world: int, rank: int
     ) -> None:
+        # the epoch's running sums are per rank: rank 0 keeps every rank's, so that a resumed
+        # run's epoch record equals the uninterrupted one (called on every rank)
+        mine = torch.tensor([self._stats[k] for k in _STAT_KEYS], dtype=torch.float64)  # (4,)
+        if world > 1:
+            gathered = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(gathered, mine)
+        else:
+            gathered = [mine]
         if rank != 0 or self.checkpoint_dir is None:
             return
         from .io import write_tensors
@@ -953,75 +1109,143 @@ class Trainer:
             "optim_state_extra": optim_extra,
             "optim_state_ids": sorted(int(p) for p in sd["state"]),
             "stats": dict(self._stats),
+            "rank_stats": [t.tolist() for t in gathered],
             "history": self.history,
             "trace": self.trace,
+            "achieved_before_snap": self.achieved_before_snap,
         }
         path = folder / f"step-{self.step:09d}.safetensors"
         write_tensors(path, tensors, meta)
-        found = sorted(
-            (int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT_RE.match(p.name))
-        )
-        for _, old in found[: -self.keep_checkpoints]:
+        for stale in self._stale:  # an earlier run's: resume=True must not pick them up
+            if stale != path:
+                stale.unlink(missing_ok=True)
+        self._stale = []
+        for old in self._checkpoints()[: -self.keep_checkpoints]:
             old.unlink(missing_ok=True)
 
     def _load_checkpoint(
-        self, path: Path, opt: torch.optim.Optimizer, config: dict[str, Any]
+        self,
+        path: Path,
+        opt: torch.optim.Optimizer,
+        config: dict[str, Any],
+        world: int = 1,
+        rank: int = 0,
     ) -> None:
+        """Continue from ``path``. Everything is checked before anything changes; should
+        loading still fail, the model and the budget are restored to their state before."""
         from .io import read_tensors
 
         tensors, meta = read_tensors(path)
+        keys = ("step", "config", "optim_param_groups", "optim_state_extra", "optim_state_ids")
+        missing = [k for k in (*keys, "stats", "history", "trace") if k not in meta]
         if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
             raise ValueError(
                 f"{path} is not a gatedprune Trainer checkpoint (format {meta.get('format')!r}, "
                 f"version {meta.get('version')!r}; expected {CHECKPOINT_FORMAT!r} "
                 f"version {CHECKPOINT_VERSION})"
             )
+        if missing or not isinstance(meta["config"], dict):
+            raise ValueError(f"{path} is an incomplete Trainer checkpoint (missing {missing})")
         saved = meta["config"]
-        diff = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        # settings an older checkpoint did not record are not compared
+        diff = {
+            k: (saved.get(k), v)
+            for k, v in config.items()
+            if (k in saved or k in _CORE_CONFIG) and saved.get(k) != v
+        }
         if diff:
             details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"cannot resume from {path}: the configuration changed ({details})")
+            raise ValueError(
+                f"cannot resume from {path}: the configuration changed ({details}); resume with "
+                "the same settings, or start a new run (resume=False or another checkpoint_dir)"
+            )
 
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        try:
-            self.model.load_state_dict(part("model/"))
-        except RuntimeError as e:
-            raise ValueError(f"cannot resume from {path}: model state does not fit: {e}") from e
         budget_state = part("budget/")
         if (self.budget is None) != (not budget_state):
             raise ValueError(
                 f"cannot resume from {path}: the checkpoint was written "
                 f"{'with' if budget_state else 'without'} a budget"
             )
-        if self.budget is not None:
-            try:
-                self.budget.load_state_dict(budget_state)
-            except RuntimeError as e:
-                raise ValueError(f"cannot resume from {path}: budget does not fit: {e}") from e
-        state: dict[int, dict[str, Any]] = {int(p): {} for p in meta["optim_state_ids"]}
-        for k, v in part("optim/").items():
-            pid, name = k.split("/", 1)
-            state[int(pid)][name] = v
-        for pid_s, extra in meta["optim_state_extra"].items():
-            state[int(pid_s)].update(extra)
+        rng = tensors.get("rng/torch")
+        if rng is None:
+            raise ValueError(f"cannot resume from {path}: no RNG state")
         current = opt.state_dict()["param_groups"]
         groups = meta["optim_param_groups"]
         if len(groups) != len(current) or any(
             len(g["params"]) != len(c["params"]) for g, c in zip(groups, current, strict=True)
         ):
             raise ValueError(f"cannot resume from {path}: the optimizer's parameter groups differ")
-        for g, c in zip(groups, current, strict=True):
+        for i, (g, c) in enumerate(zip(groups, current, strict=True)):
             for k, v in c.items():  # JSON turned tuples (e.g. Adam's betas) into lists
                 if isinstance(v, tuple) and isinstance(g.get(k), list):
                     g[k] = tuple(g[k])
-        opt.load_state_dict({"state": state, "param_groups": groups})
-        rng = tensors.get("rng/torch")
-        if rng is None:
-            raise ValueError(f"cannot resume from {path}: no RNG state")
-        torch.set_rng_state(rng)
+            # lr is scheduled each step; every other setting must be the one trained with
+            changed = [
+                f"{k}: checkpoint {g[k]!r} vs now {v!r}"
+                for k, v in c.items()
+                if k not in ("params", "lr", "initial_lr") and k in g and g[k] != v
+            ]
+            if changed:
+                raise ValueError(
+                    f"cannot resume from {path}: optimizer parameter group {i} "
+                    f"({c.get('name', '?')}) changed ({', '.join(changed)})"
+                )
+        state: dict[int, dict[str, Any]] = {int(p): {} for p in meta["optim_state_ids"]}
+        try:
+            for k, v in part("optim/").items():
+                pid, name = k.split("/", 1)
+                state[int(pid)][name] = v
+            for pid_s, extra in meta["optim_state_extra"].items():
+                state[int(pid_s)].update(extra)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"cannot resume from {path}: malformed optimizer state ({e})") from e
+
+        # load_state_dict copies what fits before it reports what does not: keep a copy
+        model_before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        budget_before = (
+            {k: v.clone() for k, v in self.budget.state_dict().items()}
+            if self.budget is not None
+            else {}
+        )
+        try:
+            try:
+                self.model.load_state_dict(part("model/"))
+            except RuntimeError as e:
+                raise ValueError(f"cannot resume from {path}: model state does not fit: {e}") from e
+            if self.budget is not None:
+                try:
+                    self.budget.load_state_dict(budget_state)
+                except RuntimeError as e:
+                    raise ValueError(f"cannot resume from {path}: budget does not fit: {e}") from e
+            try:
+                opt.load_state_dict({"state": state, "param_groups": groups})
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise ValueError(
+                    f"cannot resume from {path}: optimizer state does not fit: {e}"
+                ) from e
+            try:
+                torch.set_rng_state(rng)
+            except (TypeError, RuntimeError) as e:
+                raise ValueError(f"cannot resume from {path}: bad RNG state: {e}") from e
+        except BaseException:
+            self.model.load_state_dict(model_before)
+            if self.budget is not None:
+                self.budget.load_state_dict(budget_before)
+            raise
         self.step = int(meta["step"])
         self.history = list(meta["history"])
         self.trace = list(meta["trace"])
         self._stats = {k: float(v) for k, v in meta["stats"].items()}
+        per_rank = meta.get("rank_stats")
+        if isinstance(per_rank, list) and len(per_rank) == world:
+            self._stats.update(zip(_STAT_KEYS, map(float, per_rank[rank]), strict=True))
+        elif isinstance(per_rank, list):  # another world size: rank 0 carries the sums
+            sums = [math.fsum(float(r[i]) for r in per_rank) for i in range(len(_STAT_KEYS))]
+            self._stats.update(zip(_STAT_KEYS, sums if rank == 0 else [0.0] * 4, strict=True))
+        before_snap = meta.get("achieved_before_snap")
+        self.achieved_before_snap = (
+            None if before_snap is None else {k: float(v) for k, v in before_snap.items()}
+        )
