@@ -356,19 +356,22 @@ class PlainShortcutLSTM(nn.Module):
         y: Tensor = self.head(feat)  # (.., output_size)
         return _repack(y, x) if isinstance(x, PackedSequence) else y
 
-    def select_state(self, hx: Sequence[State | None]) -> list[State | None]:
+    def select_state(self, hx: Sequence[State | None] | None) -> list[State | None]:
         """Map initial states of the *gated* network (one per original layer, full hidden
         sizes) to this pruned network: removed layers are dropped, kept units selected.
 
-        ``pruned(x, pruned.select_state(hx)) == gated(x, hx)`` in eval mode.
+        ``pruned(x, pruned.select_state(hx)) == gated(x, hx)`` in eval mode (``hx=None``:
+        zero states, a list of None).
 
         >>> spec = RecurrentSpec("gru", 1, (RecurrentLayerSpec((0,), 1, 1, (2,)),), (1,), 1, (2, 3))
         >>> [h.shape for h in PlainShortcutLSTM(spec).select_state([None, torch.zeros(1, 4, 3)])]
         [torch.Size([1, 4, 1])]
         """
         spec = self.spec
+        if hx is None:
+            return [None] * len(spec.layers)
         if isinstance(hx, Tensor) or not isinstance(hx, Sequence):
-            raise TypeError(f"hx must be a list of states, got {type(hx).__name__}")
+            raise TypeError(f"hx must be None or a list of states, got {type(hx).__name__}")
         if len(hx) != len(spec.origin_hidden):
             raise ValueError(
                 f"hx must hold one state (or None) per layer of the original network "
@@ -381,23 +384,29 @@ class PlainShortcutLSTM(nn.Module):
                 out.append(state)
                 continue
             full = spec.origin_hidden[ls.origin]
-            if isinstance(state, Tensor):
-                ref = state
-            elif isinstance(state, tuple | list) and state and isinstance(state[0], Tensor):
-                ref = state[0]
+            lstm = spec.cell == "lstm"
+            if lstm and isinstance(state, tuple | list) and len(state) == 2:
+                parts: list[object] = list(state)
+            elif not lstm and isinstance(state, Tensor):
+                parts = [state]
             else:
-                raise TypeError(f"hx[{ls.origin}] is not a state: {type(state).__name__}")
-            if ref.dim() != 3 or ref.shape[2] != full:
-                raise ValueError(
-                    f"hx[{ls.origin}] must have shape (directions, batch, {full}), "
-                    f"got {tuple(ref.shape)}"
+                raise TypeError(
+                    f"hx[{ls.origin}] must be "
+                    + ("a pair (h0, c0)" if lstm else "a tensor h0")
+                    + f" for a {spec.cell.upper()} layer, got {type(state).__name__}"
                 )
-            idx = torch.tensor(ls.units, dtype=torch.long, device=ref.device)
-            if isinstance(state, Tensor):
-                out.append(state.index_select(2, idx))
-            else:
-                h, c = state
-                out.append((h.index_select(2, idx), c.index_select(2, idx)))
+            picked: list[Tensor] = []
+            for name, t in zip(("h0", "c0"), parts, strict=False):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"hx[{ls.origin}] {name} must be a tensor, got {t!r}")
+                if t.dim() != 3 or t.shape[2] != full:
+                    raise ValueError(
+                        f"hx[{ls.origin}] {name} must have shape (directions, batch, {full}), "
+                        f"got {tuple(t.shape)}"
+                    )
+                idx = torch.tensor(ls.units, dtype=torch.long, device=t.device)
+                picked.append(t.index_select(2, idx))
+            out.append((picked[0], picked[1]) if lstm else picked[0])
         return out
 
     def to_config(self) -> dict[str, Any]:

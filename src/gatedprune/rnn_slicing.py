@@ -100,7 +100,14 @@ def _as_index(name: str, idx: object, size: int, device: torch.device) -> Tensor
     if isinstance(idx, Tensor):
         t = idx.detach()
     elif isinstance(idx, Sequence) and not isinstance(idx, str):
-        t = torch.as_tensor(list(idx), dtype=torch.long)
+        # No dtype= here: a list of bools is a mask and a list of floats is refused below
+        # (converting to long would read [True, False] as the indices [1, 0]).
+        try:
+            t = torch.as_tensor(list(idx))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(
+                f"{name} must be a tensor of indices or a bool mask, got {idx!r}"
+            ) from e
     else:
         raise TypeError(f"{name} must be a tensor of indices or a bool mask, got {idx!r}")
     if t.dtype == torch.bool:
@@ -459,6 +466,11 @@ def slice_rnn_(
     m.flatten_parameters()
 
 
+def _autocasting() -> bool:
+    """Whether autocast is on (then the kernels cast, and ``nn.LSTM`` skips its dtype check)."""
+    return bool(torch._C._is_any_autocast_enabled())
+
+
 def _check_hx(m: RecurrentModule, hx: object, batch: int, ref: Tensor) -> list[Tensor]:
     """Initial states as the kernel's list: ``[h]`` or ``[h, c]``, each ``(L * D, B, H)``."""
     d = 2 if m.bidirectional else 1
@@ -486,6 +498,11 @@ def _check_hx(m: RecurrentModule, hx: object, batch: int, ref: Tensor) -> list[T
             raise ValueError(
                 f"{name} must have shape (num_layers * num_directions, batch, hidden) = "
                 f"{shape}, got {tuple(t.shape)}"
+            )
+        if t.dtype != ref.dtype and not _autocasting():
+            raise ValueError(
+                f"{name} dtype ({t.dtype}) does not match weight dtype ({ref.dtype}): "
+                f"convert the initial state with .to({ref.dtype})"
             )
         out.append(t)
     return out
@@ -584,6 +601,13 @@ def scaled_forward(
             f"expected {'packed data (N, F)' if packed else 'a batched (B, T, F) input'} with "
             f"F = input_size = {m.input_size}, got shape {tuple(data.shape)}"
         )
+    if not data.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got dtype {data.dtype}")
+    if data.dtype != ref.dtype and not _autocasting():
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({ref.dtype}). Convert "
+            f"input: input.to({ref.dtype}), or convert model: model.to({data.dtype})"
+        )
     if isinstance(x, PackedSequence):
         batch = int(x.batch_sizes[0])
     else:
@@ -666,6 +690,11 @@ class RNNStack(nn.Module):
     def forward(
         self, x: Tensor | PackedSequence, hx: Sequence[State | None] | None = None
     ) -> tuple[Tensor | PackedSequence, list[State]]:
+        if isinstance(hx, Tensor):
+            raise TypeError(
+                f"hx must be None or a list with one state (or None) per layer "
+                f"({len(self.layers)}), not one tensor of shape {tuple(hx.shape)}"
+            )
         if hx is not None and len(hx) != len(self.layers):
             raise ValueError(
                 f"hx must hold one state (or None) per layer: {len(self.layers)}, got {len(hx)}"
