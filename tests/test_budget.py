@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -187,3 +190,23 @@ def test_anti_windup_resets_a_multiplier_that_pushes_away_from_the_target() -> N
         plain.lambda1["flops"].fill_(1.0 if below else -1.0)
     plain.penalty()
     assert float(plain.lambda1["flops"].detach()) == (1.0 if below else -1.0)
+
+
+def test_numpy_settings_are_accepted_and_stored_as_python_numbers() -> None:
+    net, x = _net()
+    budget = gp.Budget(
+        net,
+        x,
+        flops=np.float64(0.5),
+        target_start=np.float32(0.9),
+        warmup_steps=np.int64(4),  # a ValueError before ("must be an int")
+        delay_steps=np.int64(1),
+    )
+    assert (budget.warmup_steps, budget.delay_steps) == (4, 1)
+    net.train()
+    for _ in range(3):
+        budget.penalty()
+    target = budget.target()["flops"]
+    assert type(target) is float  # was numpy.float32 (not JSON serialisable)
+    assert target == pytest.approx(0.9 - 0.4 * 2 / 4)
+    json.dumps(budget.target())

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import gatedprune as gp
 from gatedprune.latency import nonnegative_least_squares
+from gatedprune.profiling import compare_latency, measure_latency
 from gatedprune.shortcut import LATENCY_FEATURES
 
 
@@ -186,3 +187,85 @@ def test_nonnegative_least_squares_satisfies_the_optimality_conditions(
     assert (x >= 0).all()
     assert (grad >= -1e-8).all()
     assert np.abs(x * grad).max() <= 1e-8
+
+
+def test_predict_refuses_a_pruned_network_of_another_architecture() -> None:
+    torch.manual_seed(0)
+    mlp = gp.ShortcutMLP(8, [16, 16], 3)
+    lm = _model_for(mlp, torch.zeros(1, 8), [1.0] * 7)
+    _random_gates(mlp, 0, 0.5, 0.5)
+    assert lm.predict(gp.prune(mlp.eval())) > 0  # its own pruned copies are fine
+    wider = gp.prune(gp.ShortcutMLP(8, [64, 64, 64], 3).eval())
+    conv = gp.prune(gp.ShortcutConv1d(1, [[8]], 3, input_length=16).eval())
+    assert isinstance(wider, gp.PlainShortcutNet)
+    assert isinstance(conv, gp.PlainShortcutNet)
+    with pytest.raises(ValueError, match="differs in layers"):
+        lm.predict(wider)  # a silent extrapolation before
+    with pytest.raises(ValueError, match="differs in spatial, in_width"):
+        lm.predict(conv)  # an IndexError before
+
+
+def test_predict_refuses_a_pruned_network_for_another_input_length() -> None:
+    torch.manual_seed(0)
+    short = gp.ShortcutConv1d(1, [[8, 8]], 3, input_length=16)
+    lm = _model_for(short, torch.zeros(1, 1, 16), [1.0] * 7)
+    long_ = gp.ShortcutConv1d(1, [[8, 8]], 3, input_length=64)
+    # the first layer loses its input edge: a constant map, kept as an offset of the length
+    long_.layers[0].edge_gate.force_(torch.zeros(1, dtype=torch.bool))
+    plain = gp.prune(long_.eval())
+    assert isinstance(plain, gp.PlainShortcutNet)
+    assert plain.spec.input_length == 64
+    with pytest.raises(ValueError, match=r"input_length \(64, calibrated at 16\)"):
+        lm.predict(plain)
+
+
+def test_latency_budget_refuses_another_input_shape_than_calibrated() -> None:
+    net = gp.ShortcutConv1d(1, [[8, 8], [16]], 3)
+    lm = _model_for(net, torch.zeros(1, 1, 16), [1.0] * 7)
+    with pytest.raises(ValueError, match=r"calibrated for samples of shape \(1, 16\)"):
+        gp.Budget(net, torch.zeros(1, 1, 64), latency=0.5, latency_model=lm)
+    assert gp.Budget(net, torch.zeros(1, 1, 16), latency=0.5, latency_model=lm).dense
+
+
+def test_latency_model_fields_are_checked() -> None:
+    net = gp.ShortcutConv1d(1, [[4]], 2, input_length=16)
+    x = torch.zeros(1, 1, 16)
+    good = json.loads(_model_for(net, x, [1.0] * 7).to_json())
+    for key, value, match in [
+        ("batch_size", 0, "batch_size must be an int >= 1, got 0"),
+        ("threads", -1, "threads must be an int >= 1, got -1"),
+        ("sample_shape", [1, 1], r"sample_shape must be \(1, 1, 'L'\)"),
+        ("sample_shape", [1, 1, 32], "disagrees with the network's input_length 16"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            gp.LatencyModel.from_json(json.dumps({**good, key: value}))
+
+
+def test_calibrate_a_float64_network_and_bad_threads() -> None:
+    torch.manual_seed(0)
+    net = gp.ShortcutMLP(4, [6], 2).double()
+    x = torch.zeros(1, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="threads must be an int >= 1, got 0"):
+        gp.LatencyModel.calibrate(net, x, threads=0)  # before: a RuntimeError after sampling
+    with pytest.raises(ValueError, match="rounds must be an int >= 1, got 0"):
+        gp.LatencyModel.calibrate(net, x, rounds=0)
+    lm = gp.LatencyModel.calibrate(net, x, batch_size=4, samples=4, rounds=1)  # dtype error before
+    assert lm.predict(gp.prune(net.eval())) > 0
+
+
+def test_measure_latency_restores_every_modules_mode_and_checks_arguments() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).train()
+    model[1].eval()  # a frozen BatchNorm in a training model
+    measure_latency(model, torch.zeros(2, 4), warmup=0, repeats=1)
+    assert [m.training for m in model.modules()] == [True, True, False]
+    for kwargs, error, match in [
+        ({"min_time": float("inf")}, ValueError, "min_time must be finite"),  # looped forever
+        ({"threads": 0}, ValueError, "threads must be an int >= 1, got 0"),
+        ({"repeats": 2.5}, ValueError, "repeats must be an int >= 1, got 2.5"),
+    ]:
+        with pytest.raises(error, match=match):
+            measure_latency(model, torch.zeros(2, 4), **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
+        measure_latency("net", torch.zeros(2, 4))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="models must be a mapping"):
+        compare_latency([model], torch.zeros(2, 4))  # type: ignore[arg-type]

@@ -107,9 +107,9 @@ class Budget(nn.Module):
                 "latency_model must be a gatedprune.LatencyModel, got "
                 f"{type(latency_model).__name__}"
             )
-        _check_fraction("target_start", target_start)
+        start = _check_fraction("target_start", target_start)
         for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Budget expects a torch.nn.Module, got {type(model).__name__}")
@@ -130,6 +130,12 @@ class Budget(nn.Module):
                     f"{type(model).__name__} is not one"
                 )
             latency_model.check_network(nets[0])
+            shape = tuple(getattr(example_input, "shape", ())[1:])
+            if shape != latency_model.sample_shape[1:]:
+                raise ValueError(
+                    f"the latency model was calibrated for samples of shape "
+                    f"{latency_model.sample_shape[1:]}, but example_input's are {shape}"
+                )
             self._latency = (latency_model, nets[0])
         dense = self._all_open_cost()
         self.targets: dict[str, float] = {k: v for k, v in targets.items() if v is not None}
@@ -137,9 +143,9 @@ class Budget(nn.Module):
         for k, v in self.dense.items():
             if v <= 0:
                 raise ValueError(f"the model's all-open {k} count is {v}; nothing to budget")
-        self.warmup_steps = warmup_steps
-        self.delay_steps = delay_steps
-        self.target_start = target_start
+        self.warmup_steps = int(warmup_steps)
+        self.delay_steps = int(delay_steps)
+        self.target_start: float = 1.0 if start is None else start
         self.lambda1 = nn.ParameterDict(
             {k: nn.Parameter(torch.zeros((), dtype=torch.float64)) for k in self.targets}
         )

@@ -11,7 +11,7 @@ from .gates import gate_modules
 
 __all__ = ["recalibrate_batchnorm"]
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = nn.modules.batchnorm._BatchNorm  # BatchNorm1d/2d/3d, SyncBatchNorm and the lazy ones
 
 
 @torch.no_grad()
@@ -22,18 +22,21 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     over those samples; in eval mode the gates take their deterministic values, so the
     statistics no longer match them. This resets every BatchNorm's statistics and re-estimates
     them (a cumulative average) on ``batches`` with the gates in eval mode. Returns the number
-    of BatchNorm layers updated; the model's train/eval mode is restored.
+    of BatchNorm layers updated; every module's train/eval mode is restored, and so are the
+    old statistics if no batch was given or the model raised.
 
     >>> import torch, gatedprune
     >>> net = gatedprune.ShortcutConv1d(1, [[4]], 2)
     >>> recalibrate_batchnorm(net, [torch.randn(8, 1, 16)])
     1
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     norms = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not norms:
         return 0
-    was_training = model.training
-    saved = [(m, m.momentum) for m in norms]
+    modes = [(mod, mod.training) for mod in model.modules()]
+    saved = [(m, m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in norms]
     model.train()
     for g in gate_modules(model):
         g.eval()
@@ -45,10 +48,15 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
         for x in batches:
             model(x)
             seen += 1
+        if seen == 0:
+            raise ValueError("recalibrate_batchnorm needs at least one batch, got none")
+    except BaseException:
+        for m, _, state in saved:  # leave the old statistics, not a reset or partial estimate
+            m.load_state_dict(state)
+        raise
     finally:
-        for m, momentum in saved:
+        for m, momentum, _ in saved:
             m.momentum = momentum
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("recalibrate_batchnorm needs at least one batch")
+        for mod, training in modes:
+            mod.training = training
     return len(norms)

@@ -14,6 +14,7 @@ import copy
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .base import find_model_gating
 from .gating.surgery import ScaledAdd
@@ -27,6 +28,31 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, ScaledAdd) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _unparametrized(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """A plain copy of a convolution with parametrizations (``weight_norm``, ...), their values
+    baked in. (Removing them in place would edit the class the original model shares.)"""
+    cls = next(c for c in _CONVS if isinstance(conv, c))
+    weight = conv.weight.detach()  # (C_out, C_in / groups, *kernel)
+    plain = cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if conv.bias is not None and plain.bias is not None:
+            plain.bias.copy_(conv.bias)
+    return plain.train(conv.training)
 
 
 def _fold_into(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: nn.Module) -> None:
@@ -86,9 +112,12 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         ) from e
     gm = fx.GraphModule(work, graph, class_name=f"Folded{type(model).__name__}")
     calls: dict[str, int] = {}
+    attrs: set[str] = set()  # modules whose parameters the forward reads directly
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+        elif n.op == "get_attr":
+            attrs.add(str(n.target).rpartition(".")[0])
     for n in list(gm.graph.nodes):
         if n.op != "call_module" or not isinstance(gm.get_submodule(str(n.target)), _NORMS):
             continue
@@ -100,6 +129,8 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
             continue
         if calls[str(n.target)] != 1 or calls[str(src.target)] != 1:
             continue
+        if any(a == str(src.target) or a.startswith(f"{src.target}.") for a in attrs):
+            continue  # e.g. ``F.conv1d(x, self.conv.weight)`` elsewhere: folding would change it
         bn = gm.get_submodule(str(n.target))
         assert isinstance(bn, _NORMS)
         if bn.running_mean is None or bn.running_var is None:
@@ -107,6 +138,10 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
                 f"cannot fold BatchNorm '{n.target}' into '{src.target}': it has no running "
                 "statistics (track_running_stats=False), so it normalises with batch statistics"
             )
+        if parametrize.is_parametrized(conv):
+            parent, _, attr = str(src.target).rpartition(".")
+            conv = _unparametrized(conv)
+            setattr(gm.get_submodule(parent), attr, conv)
         _fold_into(conv, bn)
         n.replace_all_uses_with(src)
         gm.graph.erase_node(n)

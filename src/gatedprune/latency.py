@@ -107,6 +107,20 @@ class LatencyModel:
             )
         if any(not math.isfinite(c) or c < 0 for c in self.coef):
             raise ValueError(f"coef must be finite and >= 0, got {self.coef}")
+        for name in ("batch_size", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        spec = self.spec
+        want = (1, spec.in_width, "L") if spec.spatial else (1, spec.in_width)
+        shape = self.sample_shape
+        if len(shape) != len(want) or tuple(shape[:2]) != want[:2]:
+            raise ValueError(f"sample_shape must be {want} for this network structure, got {shape}")
+        if spec.spatial and spec.input_length is not None and shape[2] != spec.input_length:
+            raise ValueError(
+                f"sample_shape {shape} disagrees with the network's input_length "
+                f"{spec.input_length}"
+            )
 
     # ------------------------------------------------------------------ use
     def check_network(self, net: _ShortcutNet) -> None:
@@ -118,6 +132,29 @@ class LatencyModel:
                 f"for {type(net).__name__} with LatencyModel.calibrate(net, example_input)"
             )
 
+    def check_pruned(self, plain: PlainShortcutNet) -> None:
+        """Raise ``ValueError`` unless ``plain`` can be a pruned copy of the calibrated
+        network: same input, read-out, kernel and activation (BatchNorm may be folded), and its
+        layers, in order, are layers of the calibrated one at their stage and at most their
+        width."""
+        mine, spec = self.spec, plain.spec
+        keys = ("spatial", "in_width", "out_features", "kernel_size", "head_pool", "activation")
+        differ = [k for k in keys if getattr(spec, k) != getattr(mine, k)]
+        length = self.sample_shape[2] if mine.spatial else None
+        if spec.spatial and spec.input_length not in (None, length):
+            differ.append(f"input_length ({spec.input_length}, calibrated at {length})")
+        candidates = iter(mine.layers)  # greedy subsequence match of the kept layers
+        if not all(
+            any(c.stage == layer.stage and c.width >= layer.width for c in candidates)
+            for layer in spec.layers
+        ):
+            differ.append("layers")
+        if differ:
+            raise ValueError(
+                "this LatencyModel was calibrated for another network; the pruned network "
+                f"differs in {', '.join(differ)}"
+            )
+
     def features(self, plain: PlainShortcutNet) -> dict[str, float]:
         """``LATENCY_FEATURES`` of a pruned (plain) network, per sample."""
         if not isinstance(plain, PlainShortcutNet):
@@ -125,6 +162,7 @@ class LatencyModel:
                 f"expected a PlainShortcutNet (gatedprune.prune of a shortcut network), got "
                 f"{type(plain).__name__}"
             )
+        self.check_pruned(plain)
         return dict(
             zip(LATENCY_FEATURES, _spec_features(plain.spec, self.sample_shape), strict=True)
         )
@@ -166,7 +204,12 @@ class LatencyModel:
             )
         if not isinstance(example_input, Tensor) or example_input.dim() < 2:
             raise TypeError("example_input must be a batched tensor, e.g. x[:1]")
-        for name, value, low in (("batch_size", batch_size, 1), ("samples", samples, 4)):
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("samples", samples, 4),
+            ("rounds", rounds, 1),
+            ("threads", 1 if threads is None else threads, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         net._check_input(example_input)
@@ -199,7 +242,7 @@ class LatencyModel:
                 plain = copy_.pruned_module().eval()
             models[str(i)] = plain
             features.append(_spec_features(plain.spec, sample_shape))
-        x = torch.randn(batch_size, *example_input.shape[1:], generator=gen)
+        x = torch.randn(batch_size, *example_input.shape[1:], generator=gen).to(example_input)
         with torch.no_grad():
             times = compare_latency(
                 models, x, rounds=rounds, repeats=20 if batch_size == 1 else 3, threads=threads

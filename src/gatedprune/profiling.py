@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import statistics
 import time
 from collections.abc import Iterator, Mapping
@@ -24,9 +26,17 @@ class Latency:
     repeats: int
 
 
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
 @contextmanager
 def num_threads(n: int | None) -> Iterator[None]:
     """Temporarily fix torch's intra-op thread count (``None`` leaves it)."""
+    if n is not None:
+        n = _check_int("threads", n, 1)
     old = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -49,15 +59,21 @@ def measure_latency(
     """Median wall time of ``model(x)`` in eval mode after ``warmup`` untimed calls.
 
     Runs at least ``repeats`` timed calls and keeps going until ``min_time`` seconds have
-    passed. The model's train/eval mode is restored.
+    passed. The train/eval mode of every module is restored.
 
     >>> lat = measure_latency(nn.Linear(4, 4), torch.zeros(1, 4), repeats=3)
     >>> lat.median > 0
     True
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    was_training = model.training
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    repeats = _check_int("repeats", repeats, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    if isinstance(min_time, bool) or not isinstance(min_time, numbers.Real):
+        raise TypeError(f"min_time must be a number of seconds, got {min_time!r}")
+    if not 0.0 <= float(min_time) < math.inf:
+        raise ValueError(f"min_time must be finite and >= 0 seconds, got {min_time!r}")
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with num_threads(threads):
@@ -70,7 +86,8 @@ def measure_latency(
                 model(x)
                 times.append(time.perf_counter() - t0)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     times.sort()
     n = len(times)
     return Latency(
@@ -98,8 +115,11 @@ def compare_latency(
     >>> sorted(t)
     ['a', 'b']
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not isinstance(models, Mapping):
+        raise TypeError(
+            f"models must be a mapping of names to modules, got {type(models).__name__}"
+        )
+    _check_int("rounds", rounds, 1)
     samples: dict[str, list[float]] = {name: [] for name in models}
     for i in range(rounds):
         for name, model in models.items():
