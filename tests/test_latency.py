@@ -236,6 +236,11 @@ def test_latency_model_fields_are_checked() -> None:
         ("threads", -1, "threads must be an int >= 1, got -1"),
         ("sample_shape", [1, 1], r"sample_shape must be \(1, 1, 'L'\)"),
         ("sample_shape", [1, 1, 32], "disagrees with the network's input_length 16"),
+        ("batch_size", 2.7, "batch_size must be an int, got 2.7"),  # not truncated to 2
+        ("threads", "1", "threads must be an int, got '1'"),
+        ("samples", True, "samples must be an int, got True"),
+        ("sample_shape", [1, 1, 16.5], "sample_shape must be an int, got 16.5"),
+        ("median_error", "0.1", "median_error must be a number"),
     ]:
         with pytest.raises(ValueError, match=match):
             gp.LatencyModel.from_json(json.dumps({**good, key: value}))

@@ -697,6 +697,10 @@ def test_bad_constructor_arguments() -> None:
         ShortcutLSTM(2, 4, 1, 1, gate="l1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\(B, T, F\)"):
         ShortcutLSTM(2, 4, 1, 1).expected_cost((5, 2))
+    with pytest.raises(ValueError, match=r"needs 2 input features .* got \(5, 7, 3\)"):
+        ShortcutLSTM(2, 4, 1, 1).expected_cost((5, 7, 3))  # was costed as if F were 2
+    with pytest.raises(ValueError, match="non-empty"):
+        ShortcutLSTM(2, 4, 1, 1).expected_cost((5, 0, 2))
 
 
 def test_width_gates_are_the_hidden_unit_gates() -> None:

@@ -76,6 +76,20 @@ def _spec_features(spec: NetSpec, sample_shape: tuple[int, ...]) -> list[float]:
     return [float(terms[name]) for name in LATENCY_FEATURES]
 
 
+def _json_int(name: str, value: object) -> int:
+    """An int read from JSON as it was written: ``2.7`` or ``"3"`` is refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def _json_number(name: str, value: object) -> float:
+    """A number read from JSON (an int or a float; a bool or a string is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class LatencyModel:
     """Predicted latency (ms) of a pruned shortcut network at ``batch_size`` on ``threads``
@@ -297,14 +311,14 @@ class LatencyModel:
             if not isinstance(coef, dict) or set(coef) != set(LATENCY_FEATURES):
                 raise ValueError(f"coef must name exactly {LATENCY_FEATURES}")
             return LatencyModel(
-                coef=tuple(float(coef[name]) for name in LATENCY_FEATURES),
-                batch_size=int(d["batch_size"]),
-                threads=int(d["threads"]),
-                sample_shape=tuple(int(v) for v in d["sample_shape"]),
+                coef=tuple(_json_number(f"coef[{n!r}]", coef[n]) for n in LATENCY_FEATURES),
+                batch_size=_json_int("batch_size", d["batch_size"]),
+                threads=_json_int("threads", d["threads"]),
+                sample_shape=tuple(_json_int("sample_shape", v) for v in d["sample_shape"]),
                 spec=NetSpec.from_json(d["spec"]),
-                median_error=float(d["median_error"]),
-                max_error=float(d["max_error"]),
-                samples=int(d["samples"]),
+                median_error=_json_number("median_error", d["median_error"]),
+                max_error=_json_number("max_error", d["max_error"]),
+                samples=_json_int("samples", d["samples"]),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"not a LatencyModel JSON: {e!r}") from e

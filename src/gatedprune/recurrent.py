@@ -310,6 +310,15 @@ class ShortcutLSTM(GatedModule):
                 f"expected_cost needs a batched input shape (B, T, F) / (T, B, F), "
                 f"got {tuple(input_shape)}"
             )
+        if int(input_shape[2]) != spec.input_size:
+            raise ValueError(
+                f"expected_cost needs {spec.input_size} input features (input_size) in the last "
+                f"dimension of the input shape, got {tuple(input_shape)}"
+            )
+        if int(input_shape[0]) < 1 or int(input_shape[1]) < 1:
+            raise ValueError(
+                f"expected_cost needs a non-empty input shape, got {tuple(input_shape)}"
+            )
         steps = int(input_shape[0]) * int(input_shape[1])
         like = torch.zeros((), dtype=torch.float64)
         edges, units, layer, head = self._probs(hard, like)
