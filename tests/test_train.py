@@ -392,6 +392,28 @@ def test_resume_with_changed_configuration_raises(tmp_path: Path) -> None:
         train_worker.setup(str(tmp_path))[0].fit((x[:60], y[:60]), resume=True)
 
 
+def test_resume_with_other_data_of_the_same_size_raises(tmp_path: Path) -> None:
+    trainer, (x, y, xv, yv) = train_worker.setup(str(tmp_path))
+    trainer.fit((x, y), val=(xv, yv), max_steps=4)
+    for train, val, match in [
+        ((x + 1e-3, y), (xv, yv), r"train_data: checkpoint 'sha256 [0-9a-f]{12}\.\.\.'"),
+        ((x, y.flip(0)), (xv, yv), "train_data"),
+        ((x.double(), y), (xv, yv), "train_data"),
+        ((x, y), (xv[:-1], yv[:-1]), "val_data"),
+        ((x, y), None, "val_data"),
+    ]:
+        other, _ = train_worker.setup(str(tmp_path))
+        before = copy.deepcopy(other.model.state_dict())
+        with pytest.raises(ValueError, match=match):
+            other.fit(train, val=val, resume=True)
+        assert all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())
+    same, _ = train_worker.setup(str(tmp_path))
+    same.fit((x.clone(), y.clone()), val=(xv.clone(), yv.clone()), resume=True)  # equal data
+    full, _ = train_worker.setup(None)
+    full.fit((x, y), val=(xv, yv))
+    _assert_same_run(full, same)
+
+
 def test_resume_past_the_snap_keeps_achieved_before_snap(tmp_path: Path) -> None:
     full, (x, y, _, _) = train_worker.setup(None)
     full.fit((x, y))
