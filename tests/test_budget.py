@@ -36,7 +36,7 @@ def test_other_bad_budgets() -> None:
         gp.Budget(net, torch.zeros(1, 13), flops=0.5)
     with pytest.raises(ValueError, match="warmup_steps"):
         gp.Budget(net, x, flops=0.5, warmup_steps=-1)
-    with pytest.raises(ValueError, match=r"delay_steps must be an int >= 0, got 1\.5"):
+    with pytest.raises(TypeError, match=r"delay_steps must be an int >= 0, got 1\.5"):
         gp.Budget(net, x, flops=0.5, delay_steps=1.5)  # type: ignore[arg-type]
 
 

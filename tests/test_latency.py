@@ -266,7 +266,7 @@ def test_measure_latency_restores_every_modules_mode_and_checks_arguments() -> N
     for kwargs, error, match in [
         ({"min_time": float("inf")}, ValueError, "min_time must be finite"),  # looped forever
         ({"threads": 0}, ValueError, "threads must be an int >= 1, got 0"),
-        ({"repeats": 2.5}, ValueError, "repeats must be an int >= 1, got 2.5"),
+        ({"repeats": 2.5}, TypeError, "repeats must be an int >= 1, got 2.5"),
     ]:
         with pytest.raises(error, match=match):
             measure_latency(model, torch.zeros(2, 4), **kwargs)  # type: ignore[arg-type]

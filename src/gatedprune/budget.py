@@ -109,7 +109,9 @@ class Budget(nn.Module):
             )
         start = _check_fraction("target_start", target_start)
         for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int >= 0, got {value!r}")
+            if value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"Budget expects a torch.nn.Module, got {type(model).__name__}")

@@ -123,7 +123,9 @@ class LatencyModel:
             raise ValueError(f"coef must be finite and >= 0, got {self.coef}")
         for name in ("batch_size", "threads"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+            if value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         spec = self.spec
         want = (1, spec.in_width, "L") if spec.spatial else (1, spec.in_width)
@@ -224,7 +226,9 @@ class LatencyModel:
             ("rounds", rounds, 1),
             ("threads", 1 if threads is None else threads, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+            if value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         net._check_input(example_input)
         sample_shape = (1, *example_input.shape[1:])

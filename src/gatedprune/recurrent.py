@@ -60,7 +60,10 @@ _ELEMENTWISE = {"lstm": LSTM_ELEMENTWISE, "gru": GRU_ELEMENTWISE, "rnn": RNN_ELE
 
 
 def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """``value`` as an int >= ``low``: TypeError for a non-int (bools too), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
 

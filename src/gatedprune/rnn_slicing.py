@@ -191,7 +191,9 @@ def make_rnn(
     if not isinstance(cell, type) or not issubclass(cell, nn.LSTM | nn.GRU | nn.RNN):
         raise TypeError(f"cell must be nn.LSTM, nn.GRU or nn.RNN, got {cell!r}")
     for name, v, low in (("input_size", input_size, 0), ("hidden_size", hidden_size, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int >= {low}, got {v!r}")
+        if v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     kw: dict[str, Any] = {
         "bias": bias,
