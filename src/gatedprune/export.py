@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,6 +80,12 @@ def onnx_session(path: str | Path | bytes, *, threads: int | None = None) -> Any
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
+    if not isinstance(path, bytes | str | os.PathLike):
+        raise TypeError(
+            f"onnx_session expects a path or the model's bytes, got {type(path).__name__}"
+        )
+    if not isinstance(path, bytes) and not Path(path).is_file():
+        raise FileNotFoundError(f"onnx_session: no ONNX file at {str(path)!r}")
     source = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -98,7 +105,8 @@ def _check_dims(example: Tensor, dynamic_dims: Sequence[int]) -> tuple[int, ...]
 def _resized(example: Tensor, dims: tuple[int, ...]) -> Tensor:
     """A random input whose dynamic dimensions differ from the example's (size + 2)."""
     shape = [s + 2 if d in dims else s for d, s in enumerate(example.shape)]
-    return torch.randn(shape, dtype=example.dtype, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(shape, dtype=example.dtype, generator=gen).to(example.device)
 
 
 def export_onnx(
@@ -145,18 +153,21 @@ def export_onnx(
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     _require("onnxscript")
     onnx = _require("onnx")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path {str(path)!r} is a directory; give a file name such as model.onnx")
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # submodules may differ from the root
     model.eval()
     try:
-        proto = _export_proto(model, example_input, dims, onnx)
-        for out in proto.graph.output:  # name the dynamic dims of the outputs as well
+        out_dims = _output_dynamic_dims(model, example_input, dims)
+        proto = _export_proto(model, example_input, dims, out_dims, onnx)
+        for out in proto.graph.output[:1]:  # name the dynamic dims of the output as well
             for d, dim in enumerate(out.type.tensor_type.shape.dim):
-                if d in dims:
+                if d in out_dims:
                     dim.dim_param = f"dim{d}"
         data = proto.SerializeToString()
         if check:
@@ -165,8 +176,27 @@ def export_onnx(
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return path
+
+
+def _output_dynamic_dims(model: nn.Module, example: Tensor, dims: tuple[int, ...]) -> set[int]:
+    """The dimensions in ``dims`` of the model's (first) output whose size follows the input's:
+    those that change when the dynamic input dimensions do. A dimension of fixed size (say,
+    the classes after pooling over the sequence) stays fixed in the graph."""
+    try:
+        with torch.no_grad():
+            outs = [model(x) for x in (example, _resized(example, dims))]
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return set(dims)  # a model that only runs at the example's size: name the dims as asked
+    first = [o[0] if isinstance(o, tuple | list) and o else o for o in outs]
+    if not all(isinstance(o, Tensor) for o in first):
+        return set(dims)  # unknown output structure: name the dims as asked
+    a, b = cast(list[Tensor], first)
+    if a.dim() != b.dim():
+        return set(dims)
+    return {d for d in dims if d < a.dim() and a.shape[d] != b.shape[d]}
 
 
 class _OneZeroFeature(nn.Module):
@@ -208,7 +238,13 @@ def _widen_zero_inputs(model: nn.Module) -> nn.Module:
     return model
 
 
-def _export_proto(model: nn.Module, example: Tensor, dims: tuple[int, ...], onnx: Any) -> Any:
+def _export_proto(
+    model: nn.Module,
+    example: Tensor,
+    dims: tuple[int, ...],
+    out_dims: set[int],
+    onnx: Any,
+) -> Any:
     """The ONNX graph of ``model``: the ``torch.export``-based exporter, except for models with
     recurrent modules. Those go through the TorchScript-based exporter, which emits ONNX's own
     ``LSTM``/``GRU``/``RNN`` operators with a dynamic sequence length; the ``torch.export``
@@ -216,6 +252,7 @@ def _export_proto(model: nn.Module, example: Tensor, dims: tuple[int, ...], onnx
     with _quiet_exporter(), torch.no_grad():
         if any(isinstance(m, nn.RNNBase) for m in model.modules()):
             axes = {d: f"dim{d}" for d in dims}
+            y_axes = {d: f"dim{d}" for d in sorted(out_dims)}
             buffer = io.BytesIO()
             torch.onnx.export(
                 _widen_zero_inputs(model),
@@ -223,7 +260,7 @@ def _export_proto(model: nn.Module, example: Tensor, dims: tuple[int, ...], onnx
                 cast(Any, buffer),  # the exporter writes to file objects too
                 input_names=["x"],
                 output_names=["y"],
-                dynamic_axes={"x": axes, "y": axes},
+                dynamic_axes={"x": axes, "y": y_axes},
                 dynamo=False,
             )
             return onnx.load_from_string(buffer.getvalue())

@@ -100,17 +100,28 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (file and
-    directory fsynced): a reader sees the old file or the complete new one, never a part."""
+    directory fsynced): a reader sees the old file or the complete new one, never a part.
+
+    A symbolic link at ``path`` stays a link: the file it points to is replaced. An existing
+    file keeps its permission bits; a new one gets ``0o666`` less the umask."""
+    if path.is_symlink():  # replace the target, not the link itself
+        path = Path(os.path.realpath(path))
     directory = path.parent
     if not directory.is_dir():  # else the error would name the temporary file
         raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    try:
+        mode: int | None = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        mode = None
     tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o666)  # honours the umask, unlike mkstemp's 0o600
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:  # e.g. a private 0o600 file must not become world-readable
+                os.chmod(tmp, mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -187,7 +198,8 @@ def _header(p: Path, data: bytes) -> dict[str, Any]:
         )
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: absurdly nested JSON, which no gatedprune file holds
         raise ValueError(
             f"{p}: not a gatedprune file, or corrupted (unreadable header: {e})"
         ) from e
@@ -228,7 +240,10 @@ def read_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     meta_json = md.get(_META_KEY)
     if not isinstance(meta_json, str) or _sha256(meta_json) != md.get(_META_SHA_KEY):
         raise ValueError(f"{p}: metadata checksum mismatch: the file is corrupted or was edited")
-    meta = json.loads(meta_json)
+    try:
+        meta = json.loads(meta_json)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{p}: unreadable metadata JSON ({e})") from e
     if not isinstance(meta, dict):
         raise ValueError(f"{p}: metadata is not a JSON object")
     st = _safetensors()

@@ -10,13 +10,15 @@ it on a freshly built dense model, so the pruned weights load with ``load_state_
 from __future__ import annotations
 
 import inspect
+import itertools
 import operator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..base import find_model_gating
 from .graph import owner_of, scope_nodes, trace_model
 from .rnn import apply_rnn_plan
 from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
@@ -345,6 +347,119 @@ def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> Non
         )
 
 
+_SLICE_KINDS = ("linear", "conv", "dw", "bn")
+_PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "scopes": list}
+_PLAN_OPTIONAL: dict[str, type] = {
+    "erase": list,
+    "transformers": dict,
+    "attention": dict,
+    "rnn": dict,
+    "bypass": list,
+    "edges": list,
+}
+
+
+def _check_indices(where: str, value: object, *, optional: bool) -> None:
+    """``value`` must be a strictly increasing list of ints >= 0 (or None if ``optional``)."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    )
+    if not ok or any(a >= b for a, b in itertools.pairwise(cast(list[int], value))):
+        kind = "None or a" if optional else "a"
+        raise ValueError(
+            f"malformed plan: {where} must be {kind} strictly increasing list of channel "
+            f"indices >= 0, got {value!r}"
+        )
+
+
+def _check_plan(plan: object) -> dict[str, Any]:
+    """``plan`` if it has the structure :func:`export_plan` produces, else ``ValueError``
+    naming the first malformed entry (a truncated or hand-edited plan)."""
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        got = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
+        raise ValueError(
+            f"not a gatedprune plan: expected a dict with format {PLAN_FORMAT!r}, got {got!r}"
+        )
+    for key, typ in [*_PLAN_FIELDS.items(), *_PLAN_OPTIONAL.items()]:
+        if key not in plan and key in _PLAN_OPTIONAL:
+            continue
+        if not isinstance(plan.get(key), typ):
+            raise ValueError(
+                f"malformed plan: {key!r} must be a {typ.__name__}, "
+                f"got {type(plan.get(key)).__name__}"
+            )
+    for name, spec in plan["slices"].items():
+        if not isinstance(spec, dict) or spec.get("kind") not in _SLICE_KINDS:
+            raise ValueError(
+                f"malformed plan: slice {name!r} must be a dict with 'kind' one of "
+                f"{_SLICE_KINDS}, got {spec!r}"
+            )
+        for side in ("in", "out"):
+            _check_indices(f"slice {name!r} {side!r}", spec.get(side), optional=True)
+            n = spec.get(f"n_{side}")
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+                raise ValueError(
+                    f"malformed plan: slice {name!r} 'n_{side}' must be an int, got {n!r}"
+                )
+    for section, fields in (("transformers", ("heads", "units")), ("attention", ("heads",))):
+        for name, spec in plan.get(section, {}).items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"malformed plan: {section} entry {name!r} must be a dict")
+            for f in fields:
+                _check_indices(f"{section} {name!r} {f!r}", spec.get(f), optional=False)
+            for f in ("attn", "ffn") if section == "transformers" else ():
+                if not isinstance(spec.get(f), bool):
+                    raise ValueError(
+                        f"malformed plan: transformers {name!r} {f!r} must be a bool, "
+                        f"got {spec.get(f)!r}"
+                    )
+    edge_keys = {"scope": str, "src": str, "dst": str, "users": list, "buffer": str}
+    for e in plan.get("edges", []):
+        if not isinstance(e, dict) or any(
+            not isinstance(e.get(k), t) for k, t in edge_keys.items()
+        ):
+            raise ValueError(
+                f"malformed plan: each edge must be a dict with str 'scope', 'src', 'dst', "
+                f"'buffer' and a list 'users', got {e!r}"
+            )
+    for node, arg in plan["cut"].items():
+        if isinstance(arg, bool) or not isinstance(arg, int):
+            raise ValueError(f"malformed plan: cut {node!r} must name an int argument, got {arg!r}")
+    return plan
+
+
+def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
+    """Refuse a recurrent-module plan entry that does not fit ``m`` (before anything changes)."""
+    if not isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
+        raise ValueError(f"the plan prunes '{name}' as a recurrent module; it is {type(m)}")
+    if not isinstance(spec, dict):
+        raise ValueError(f"malformed plan: rnn entry {name!r} must be a dict, got {spec!r}")
+    hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
+    units, keep_in = spec.get("units"), spec.get("in")
+    _check_indices(f"rnn {name!r} 'in'", keep_in, optional=True)
+    if keep_in and keep_in[-1] >= m.input_size:
+        raise ValueError(
+            f"the plan keeps input feature {keep_in[-1]} of '{name}', which has "
+            f"{m.input_size}: {hint}"
+        )
+    if units is None:
+        return
+    n_lists = m.num_layers * (2 if m.bidirectional else 1)
+    if not isinstance(units, list) or len(units) != n_lists:
+        raise ValueError(
+            f"malformed plan: rnn {name!r} 'units' must be {n_lists} index lists (one per layer "
+            f"and direction), got {units!r}"
+        )
+    for k, keep in enumerate(units):
+        _check_indices(f"rnn {name!r} 'units'[{k}]", keep, optional=False)
+        if keep and keep[-1] >= m.hidden_size:
+            raise ValueError(
+                f"the plan keeps unit {keep[-1]} of '{name}', which has {m.hidden_size}: {hint}"
+            )
+
+
 def _within(path: str, scope: str) -> bool:
     return scope == "" or path == scope or path.startswith(scope + ".")
 
@@ -362,13 +477,27 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     >>> apply_plan(net, plan)[0].out_features
     2
     """
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
-        raise ValueError(f"not a gatedprune plan: expected a dict with format {PLAN_FORMAT!r}")
+    _check_plan(plan)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_plan expects a torch.nn.Module, got {type(model).__name__}")
-    prepare_encoders(model)
+    if find_model_gating(model) is not None:
+        raise ValueError(
+            f"apply_plan needs a dense, ungated {type(model).__name__}; this one is gated "
+            "(prune it with gatedprune.prune, or apply the plan to a fresh instance)"
+        )
+
+    def submodule(name: str, what: str) -> nn.Module:
+        try:
+            return model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(
+                f"the plan {what} module '{name}', which the model does not have"
+            ) from e
+
+    # check everything before changing anything: a plan that does not fit leaves the model as is
+    layers: list[tuple[str, nn.TransformerEncoderLayer, dict[str, Any]]] = []
     for name, spec in plan.get("transformers", {}).items():
-        layer = model.get_submodule(name)
+        layer = submodule(name, "prunes")
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise ValueError(f"the plan prunes '{name}' as an encoder layer; it is {type(layer)}")
         _check_heads(name, layer.self_attn, list(spec["heads"]))
@@ -378,27 +507,28 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
                 f"the plan keeps FFN unit {max(units)} of '{name}', which has {width}: apply a "
                 "plan once, to a fresh dense instance of the model it was exported from"
             )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, build_pruned_layer(layer, spec))
+        layers.append((name, layer, spec))
+    attentions: list[tuple[str, nn.MultiheadAttention, list[int]]] = []
     for name, spec in plan.get("attention", {}).items():
-        att = model.get_submodule(name)
+        att = submodule(name, "prunes")
         if not isinstance(att, nn.MultiheadAttention):
             raise ValueError(f"the plan prunes '{name}' as attention; it is {type(att)}")
         _check_heads(name, att, list(spec["heads"]))
+        attentions.append((name, att, list(spec["heads"])))
+    for name, spec in plan["slices"].items():
+        _check_slice(name, submodule(name, "slices"), spec)
+    for name, spec in plan.get("rnn", {}).items():
+        _check_rnn(name, submodule(name, "prunes"), spec)
+    prepare_encoders(model)
+    for name, layer, spec in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, build_pruned_attention(att, list(spec["heads"])))
-    sliced: list[tuple[nn.Module, dict[str, Any]]] = []
-    for name, spec in plan["slices"].items():  # check them all before changing anything
-        try:
-            m = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(
-                f"the plan slices module '{name}', which the model does not have"
-            ) from e
-        _check_slice(name, m, spec)
-        sliced.append((m, spec))
+        setattr(parent, child, build_pruned_layer(layer, spec))
+    for name, att, heads in attentions:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build_pruned_attention(att, heads))
+    sliced = [(model.get_submodule(name), spec) for name, spec in plan["slices"].items()]
     apply_rnn_plan(model, plan.get("rnn", {}))
     for m, spec in sliced:
         slice_module(m, spec["kind"], spec["in"], spec["out"])
@@ -408,7 +538,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     opaque: dict[str, str] = dict(plan["opaque"])
     traced = trace_model(model, opaque, warn=False)
     cut = {str(k): int(v) for k, v in plan["cut"].items()}
-    erase = set(plan["erase"])
+    erase = set(plan.get("erase", []))
     bypass = set(plan.get("bypass", []))
     known = {n.name for n in traced.graph.nodes}
     edge_nodes = [n for e in plan.get("edges", []) for n in (e["src"], e["dst"], *e["users"])]
