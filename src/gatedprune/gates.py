@@ -69,8 +69,21 @@ class Gate(nn.Module):
         return v if self.group == 1 else v.repeat_interleave(self.group)  # (n,)
 
     def _group_mask(self, open_mask: Tensor) -> Tensor:
-        """A per-entry mask ``(n,)`` -> its per-group mask, refusing masks that split a group."""
-        mask = open_mask.to(torch.bool).reshape(-1)  # (n,)
+        """A per-entry mask ``(n,)`` -> its per-group mask, refusing masks that split a group.
+        Bool tensors or sequences; numeric ones only if every entry is 0 or 1 (a 0.5 or NaN
+        would otherwise read as open)."""
+        try:
+            raw = torch.as_tensor(open_mask)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"open_mask must be a bool tensor or sequence of {self.n} entries, "
+                f"got {open_mask!r}"
+            ) from None
+        if raw.dtype != torch.bool and not bool(((raw == 0) | (raw == 1)).all()):
+            raise ValueError(
+                f"open_mask must hold bools (or 0/1), got values {torch.unique(raw).tolist()!r}"
+            )
+        mask = raw.to(torch.bool).reshape(-1)  # (n,)
         if mask.numel() != self.n:
             raise ValueError(f"open_mask has {mask.numel()} entries, expected n={self.n}")
         if self.group == 1:
@@ -130,11 +143,13 @@ def _check_real(name: str, value: object, *, positive: bool = False) -> float:
 
 
 def _check_group(n: int, group: object) -> int:
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+    """``group`` as an int >= 1 dividing ``n`` (numpy integers accepted, as for ``n``)."""
+    if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
-    if n % group:
-        raise ValueError(f"n={n} gates cannot share gates in groups of {group}: {n} % {group} != 0")
-    return group
+    g = int(group)
+    if n % g:
+        raise ValueError(f"n={n} gates cannot share gates in groups of {g}: {n} % {g} != 0")
+    return g
 
 
 def _hc_sample(log_alpha: Tensor, beta: float) -> Tensor:
@@ -364,9 +379,10 @@ def resolve_gate(kind: object) -> HardConcrete | Sigmoid:
     """
     if isinstance(kind, HardConcrete | Sigmoid):
         return kind
-    if kind == "hard_concrete":
+    # only strings compare: an array or tensor would compare element-wise (ambiguous truth)
+    if isinstance(kind, str) and kind == "hard_concrete":
         return HardConcrete()
-    if kind == "sigmoid":
+    if isinstance(kind, str) and kind == "sigmoid":
         return Sigmoid()
     raise ValueError(
         f"unknown gate kind {kind!r}: expected 'hard_concrete', 'sigmoid', "

@@ -150,6 +150,7 @@ class PlainShortcutNet(nn.Module):
         )
         self._reads = self._resolve_reads()
         self._head_reads = tuple(spec.head_sources)
+        self._min_length = 2 ** max((ls.stage for ls in spec.layers), default=0)
         self._calls = self._resolve_calls()
         self._folded_convs: tuple[Tensor, list[object], list[Any]] | None = None
         self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
@@ -281,6 +282,8 @@ class PlainShortcutNet(nn.Module):
             self._head_reads = tuple(self.spec.head_sources)
         if "_calls" not in self.__dict__:
             self._calls = self._resolve_calls()
+        if "_min_length" not in self.__dict__:
+            self._min_length = 2 ** max((ls.stage for ls in self.spec.layers), default=0)
         if not isinstance(self.__dict__.get("_folded_convs"), tuple):
             self._folded_convs = None  # absent, or the per-layer cache of earlier versions
         if "channels_last" not in self.__dict__:
@@ -292,10 +295,19 @@ class PlainShortcutNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         spec = self.spec
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got dtype {x.dtype}")
         if x.dim() != (3 if spec.spatial else 2) or x.shape[1] != spec.in_width:
             raise ValueError(
                 f"expected input of shape (B, {spec.in_width}{', L' if spec.spatial else ''}),"
                 f" got {tuple(x.shape)}"
+            )
+        if spec.spatial and x.shape[2] < self._min_length:
+            raise ValueError(
+                f"expected input of shape (B, {spec.in_width}, L) with L >= {self._min_length}"
+                f" (each later stage halves the length), got {tuple(x.shape)}"
             )
         if spec.spatial and spec.input_length is not None and x.shape[2] != spec.input_length:
             raise ValueError(

@@ -11,6 +11,8 @@ consumers), a layer with no open consumer disappears. See ``DESIGN.md`` section 
 from __future__ import annotations
 
 import functools
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -66,6 +68,11 @@ def _flat_prob_open(gates: Sequence[Gate]) -> Tensor:
         return torch.cat(gate_prob_open(gates))  # (n_gates,)
     log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (n_gates,)
     return _hc_prob_open(log_alpha, beta)
+
+
+def _identity(t: Tensor) -> Tensor:
+    """The ``"identity"`` activation, picklable (unlike a lambda)."""
+    return t
 
 
 def _prod(xs: Iterable[Any]) -> Any:
@@ -315,8 +322,10 @@ class _ShortcutNet(GatedModule):
         super().__init__()
         spec.validate()
         resolve_gate(gate)  # clear error for unknown kinds before building anything
-        if isinstance(unit_group, bool) or not isinstance(unit_group, int) or unit_group < 1:
+        group: object = unit_group  # numpy integers accepted, as for the sizes
+        if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
             raise ValueError(f"unit_group must be a positive int, got {unit_group!r}")
+        unit_group = int(group)
         for i, layer in enumerate(spec.layers):
             if layer.width % unit_group:
                 raise ValueError(
@@ -385,7 +394,8 @@ class _ShortcutNet(GatedModule):
         self.register_buffer("edge_slot", torch.tensor(slots, dtype=torch.long), persistent=False)
         self._hard_costs: dict[tuple[tuple[int, ...], bytes], tuple[float, float]] = {}
         self._hard_latencies: dict[tuple[tuple[int, ...], tuple[float, ...], bytes], float] = {}
-        self._act = ACTIVATIONS[spec.activation][0]
+        # a module-level function, not the table's lambda: the network must pickle (torch.save)
+        self._act = _identity if spec.activation == "identity" else ACTIVATIONS[spec.activation][0]
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: object) -> Tensor:
@@ -531,10 +541,32 @@ class _ShortcutNet(GatedModule):
         z = torch.cat([p.double() for p in parts])  # (2 L + n_edges + n_head,)
         return z, z.detach().tolist()
 
+    def _check_cost_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
+        """``input_shape`` as ints, if it is a shape :meth:`forward` accepts: ``(B, F)`` or
+        ``(B, C, L)`` with ``L`` at least ``2 ** last stage`` (a wrong shape would otherwise
+        give a cost for some other network, or a negative one)."""
+        spec = self.spec
+        try:
+            shape = tuple(operator.index(d) for d in input_shape)
+        except TypeError:
+            raise TypeError(
+                f"input_shape must be a sequence of ints, got {input_shape!r}"
+            ) from None
+        min_len = 2 ** max((s.stage for s in spec.layers), default=0)
+        if spec.spatial:
+            ok = len(shape) == 3 and shape[1] == spec.in_width and shape[2] >= min_len
+            expected = f"(B, {spec.in_width}, L) with L >= {min_len}"
+        else:
+            ok = len(shape) == 2 and shape[1] == spec.in_width
+            expected = f"(B, {spec.in_width})"
+        if not ok or shape[0] < 0:
+            raise ValueError(f"expected an input_shape {expected} and B >= 0, got {input_shape!r}")
+        return shape
+
     def expected_cost(
         self, input_shape: Sequence[int], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
-        shape = tuple(int(d) for d in input_shape)
+        shape = self._check_cost_shape(input_shape)
         if hard:
             flops, params = self._hard_cost(shape)
             return torch.tensor(flops, dtype=torch.float64), torch.tensor(
@@ -557,7 +589,7 @@ class _ShortcutNet(GatedModule):
         >>> float(net.expected_latency((1, 4), [1.0, 0, 0, 0, 0, 0, 0], hard=True))
         1.0
         """
-        shape = tuple(int(d) for d in input_shape)
+        shape = self._check_cost_shape(input_shape)
         c = tuple(float(x) for x in coef)
         if len(c) != len(LATENCY_FEATURES):
             raise ValueError(f"expected {len(LATENCY_FEATURES)} coefficients, got {len(c)}")
@@ -666,12 +698,62 @@ class _ShortcutNet(GatedModule):
     # ------------------------------------------------------------------ pruning
     @torch.no_grad()
     def pruned_module(self) -> PlainShortcutNet:
-        was_training = self.training
+        """The plain network computing this one's eval-mode function, in this network's
+        train/eval mode (each BatchNorm in its counterpart's mode). Built in eval mode; every
+        submodule's own mode is restored afterwards (a frozen BatchNorm stays frozen)."""
+        self._check_layer_modules()
+        modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            return self._build_pruned()
+            plain = self._build_pruned()
         finally:
-            self.train(was_training)
+            for m, mode in modes:
+                m.training = mode
+        plain.train(self.training)
+        kept = [cast(_GatedLayer, self.layers[i]).norm for i in self._kept_layer_indices()]
+        for norm, target in zip(kept, plain.layers, strict=True):
+            tn = cast(_PlainLayer, target).norm
+            if norm is not None and tn is not None:
+                tn.train(norm.training)
+        return plain
+
+    def _check_layer_modules(self) -> None:
+        """Refuse layers whose modules were replaced by ones the plain network cannot rebuild
+        (the forward calls a replaced normalisation, so dropping or re-creating it would
+        silently change the function)."""
+        spec = self.spec
+        for i, layer in enumerate(self.layers):
+            gl = cast(_GatedLayer, layer)
+            op_type = nn.Conv1d if spec.spatial else nn.Linear
+            if type(gl.op) is not op_type or gl.op.bias is None:
+                raise TypeError(
+                    f"layer {i}'s op is {gl.op!r}; prune rebuilds an {op_type.__name__} with a "
+                    "bias (replace its weights, not the module)"
+                )
+            norm = gl.norm
+            if not spec.norm:
+                if norm is not None:
+                    raise TypeError(
+                        f"layer {i} was built without normalisation (norm=False) but holds "
+                        f"{norm!r}; prune cannot rebuild it: construct the network with norm=True"
+                    )
+                continue
+            if (
+                type(norm) is not nn.BatchNorm1d
+                or not norm.affine
+                or norm.running_mean is None
+                or norm.running_var is None
+                or norm.num_features != spec.layers[i].width
+            ):
+                raise TypeError(
+                    f"layer {i}'s norm is {norm!r}; prune rebuilds an affine "
+                    f"BatchNorm1d({spec.layers[i].width}) with running statistics"
+                )
+
+    def _kept_layer_indices(self) -> list[int]:
+        """The layers :meth:`_build_pruned` keeps (the alive ones), in order."""
+        alive = self._hard_liveness()[2]
+        return [i for i in range(len(self.spec.layers)) if alive[i + 1]]
 
     def _eval_values(self) -> tuple[list[Tensor | None], list[Tensor], Tensor | None]:
         edges: list[Tensor | None] = []
