@@ -174,6 +174,8 @@ def test_gated_models_and_bad_arguments_are_refused(tmp_path: Path) -> None:
         gatedprune.export_onnx(plain, torch.randn(2, 4), tmp_path)
     with pytest.raises(ValueError, match="threads must be a positive int"):
         gatedprune.onnx_session(tmp_path / "g.onnx", threads=0)
+    with pytest.raises(TypeError, match="threads must be a positive int"):
+        gatedprune.onnx_session(tmp_path / "g.onnx", threads=1.5)  # type: ignore[arg-type]
     assert not list(tmp_path.iterdir())  # nothing written by a refused call
 
 

@@ -95,6 +95,8 @@ def test_grouped_gates_repeat_one_value_per_group() -> None:
         HardConcreteGate(6, group=4)
     with pytest.raises(ValueError, match="group must be a positive int"):
         SigmoidGate(6, group=0)
+    with pytest.raises(TypeError, match="group must be a positive int"):
+        SigmoidGate(6, group=2.0)  # type: ignore[arg-type]
 
 
 def test_resolve_gate_rejects_unknown_kinds() -> None:

@@ -244,3 +244,13 @@ def test_bad_recurrent_plan_entries_name_the_module_and_change_nothing(
         apply_plan(model, plan)
     assert model.inp.out_features == 4  # nothing sliced
     assert (model.rnn.input_size, model.rnn.hidden_size) == (4, 8)
+
+
+def test_a_path_ending_in_a_slash_is_refused_not_written_as_a_file(tmp_path: Path) -> None:
+    target = f"{tmp_path / 'out'}/"
+    with pytest.raises(ValueError, match="names a folder"):
+        io.write_tensors(target, {"w": torch.ones(2)}, {})
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="names a folder"):
+        gp.save(gp.prune(gp.ShortcutMLP(4, [3], 2).eval()), target)
+    assert not (tmp_path / "out").exists()

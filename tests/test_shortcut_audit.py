@@ -72,7 +72,7 @@ def test_numpy_integer_unit_group_is_accepted_like_the_sizes() -> None:
     gate = HardConcreteGate(6, group=np.int32(3))
     assert gate.group == 3
     assert type(gate.group) is int
-    with pytest.raises(ValueError, match="unit_group must be a positive int"):
+    with pytest.raises(TypeError, match="unit_group must be a positive int"):
         gp.ShortcutMLP(4, [4], 2, unit_group=2.0)  # type: ignore[arg-type]
 
 
@@ -188,3 +188,41 @@ def test_unknown_gate_kind_as_an_array_is_a_clear_error() -> None:
     np = pytest.importorskip("numpy")
     with pytest.raises(ValueError, match="unknown gate kind"):
         gp.ShortcutMLP(4, [3], 2, gate=np.array(["sigmoid", "x"]))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_an_input_of_another_dtype_is_a_clear_error_outside_autocast(spatial: bool) -> None:
+    torch.manual_seed(0)
+    net: gp.ShortcutMLP | gp.ShortcutConv1d
+    if spatial:
+        net = gp.ShortcutConv1d(1, [[4], [4]], 3, kernel_size=3)
+        x = torch.randn(32, 1, 16)  # (B, C, L): batch >= 16 takes the channels-last path too
+    else:
+        net = gp.ShortcutMLP(4, [3, 5], 2)
+        x = torch.randn(32, 4)  # (B, F)
+    net.eval()
+    plain = gp.prune(net)
+    for model in (net, plain):
+        with pytest.raises(ValueError, match=r"input dtype \(torch.float64\).*\(torch.float32\)"):
+            model(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for itself
+            assert model(x.bfloat16()).dtype == torch.bfloat16
+    torch.testing.assert_close(plain.double()(x.double()), net.double()(x.double()))
+
+
+def test_fold_batchnorm_keeps_channels_last_switched_off() -> None:
+    net = gp.ShortcutConv1d(1, [[4], [4]], 3, kernel_size=3).eval()
+    plain = gp.prune(net)
+    plain.channels_last = False
+    assert plain.fold_batchnorm().channels_last is False
+    plain.channels_last = True
+    assert plain.fold_batchnorm().channels_last is True
+
+
+def test_a_demo_option_error_prints_the_demo_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--model", "lstm", "--latency"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: gatedprune demo"), err
+    assert "--latency applies to --model conv" in err

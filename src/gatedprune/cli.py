@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from .demo import DemoConfig
@@ -207,12 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name`` (its errors print that subcommand's usage)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return cast(argparse.ArgumentParser, action.choices[name])
+    raise LookupError(f"no subcommand {name!r}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gatedprune`` command.
 
     >>> main(["demo", "--model", "resnet1d", "--budget", "0.25"])  # doctest: +SKIP
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
     if args.command == "demo":
@@ -220,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run, default_out, default_budget, default_epochs = DEMOS[args.model]
         if args.latency and args.model != "conv":
-            build_parser().error(f"--latency applies to --model conv, not {args.model}")
+            _subcommand(parser, "demo").error(
+                f"--latency applies to --model conv, not {args.model}"
+            )
         run(
             DemoConfig(
                 budget=default_budget if args.budget is None else args.budget,

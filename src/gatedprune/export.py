@@ -75,7 +75,9 @@ def onnx_session(path: str | Path | bytes, *, threads: int | None = None) -> Any
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, int):
+            raise TypeError(f"threads must be a positive int or None, got {threads!r}")
+        if threads < 1:
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -144,7 +144,9 @@ def _check_real(name: str, value: object, *, positive: bool = False) -> float:
 
 def _check_group(n: int, group: object) -> int:
     """``group`` as an int >= 1 dividing ``n`` (numpy integers accepted, as for ``n``)."""
-    if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
+    if isinstance(group, bool) or not isinstance(group, numbers.Integral):
+        raise TypeError(f"group must be a positive int, got {group!r}")
+    if group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
     g = int(group)
     if n % g:

@@ -66,7 +66,12 @@ def _safetensors() -> Any:
 def _as_path(path: object, what: str) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"{what}: path must be a str or os.PathLike, got {type(path).__name__}")
-    p = Path(os.fspath(path))
+    raw = os.fspath(path)
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if raw.endswith(("/", os.sep)):  # Path() would drop the slash and name a file "out"
+        raise ValueError(f"{what}: {raw!r} names a folder; give a file name inside it")
+    p = Path(raw)
     if not str(p) or p.name == "":
         raise ValueError(f"{what}: {str(path)!r} does not name a file")
     return p
@@ -119,7 +124,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o666)  # honours the umask, unlike mkstemp's 0o600
     try:
-        with os.fdopen(fd, "wb") as f:
+        try:
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)  # fdopen failed: the descriptor is still ours to close
+            raise
+        with f:
             if mode is not None:  # e.g. a private 0o600 file must not become world-readable
                 os.chmod(tmp, mode)
             f.write(data)

@@ -125,6 +125,22 @@ class _PlainLayer(nn.Module):
         return out
 
 
+def check_input_dtype(x: Tensor, weight: Tensor) -> None:
+    """Refuse an input whose floating dtype differs from the weights' (outside autocast, which
+    casts for itself): a clear ``ValueError`` instead of torch's error from deep inside a layer.
+
+    >>> check_input_dtype(torch.zeros(1, dtype=torch.float64), torch.zeros(1))
+    Traceback (most recent call last):
+    ...
+    ValueError: input dtype (torch.float64) does not match the weights' (torch.float32): ...
+    """
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"input dtype ({x.dtype}) does not match the weights' ({weight.dtype}): convert "
+            f"the input with .to({weight.dtype}) or the model with .to({x.dtype})"
+        )
+
+
 class PlainShortcutNet(nn.Module):
     """A shortcut network without gates: what :func:`gatedprune.prune` returns for
     :class:`~gatedprune.ShortcutMLP` and :class:`~gatedprune.ShortcutConv1d`.
@@ -315,6 +331,8 @@ class PlainShortcutNet(nn.Module):
                 f" removed constant layer's position-dependent output was folded in), got"
                 f" {x.shape[2]}"
             )
+        if x.dtype != self.head.weight.dtype:
+            check_input_dtype(x, self.head.weight)
         self._current_calls()  # re-resolved if a module was replaced
         if (
             spec.spatial
@@ -535,6 +553,7 @@ class PlainShortcutNet(nn.Module):
             if offset is not None and isinstance(dst.op, OffsetConv1d):
                 dst.op.offset.copy_(offset)
         folded.head.load_state_dict(self.head.state_dict())
+        folded.channels_last = self.channels_last  # a path switched off stays off
         return folded.train(self.training)
 
     def to_config(self) -> dict[str, Any]:

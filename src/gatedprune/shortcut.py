@@ -45,7 +45,7 @@ from .layout import (
     check_int,
     check_sizes,
 )
-from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer
+from .plain import OffsetConv1d, PlainShortcutNet, _PlainLayer, check_input_dtype
 from .pooling import adaptive_mean_pool1d, mean_pool1d
 
 __all__ = ["LATENCY_FEATURES", "ShortcutConv1d", "ShortcutMLP"]
@@ -323,7 +323,9 @@ class _ShortcutNet(GatedModule):
         spec.validate()
         resolve_gate(gate)  # clear error for unknown kinds before building anything
         group: object = unit_group  # numpy integers accepted, as for the sizes
-        if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
+        if isinstance(group, bool) or not isinstance(group, numbers.Integral):
+            raise TypeError(f"unit_group must be a positive int, got {unit_group!r}")
+        if group < 1:
             raise ValueError(f"unit_group must be a positive int, got {unit_group!r}")
         unit_group = int(group)
         for i, layer in enumerate(spec.layers):
@@ -413,6 +415,7 @@ class _ShortcutNet(GatedModule):
                 )
         elif x.dim() != 2 or x.shape[1] != spec.in_width:
             raise ValueError(f"expected input of shape (B, {spec.in_width}), got {tuple(x.shape)}")
+        check_input_dtype(x, self.head.weight)
         return x
 
     def _gather(self, hs: list[Tensor], index: int, cache: dict[tuple[int, int], Tensor]) -> Tensor:
