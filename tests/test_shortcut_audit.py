@@ -226,3 +226,37 @@ def test_a_demo_option_error_prints_the_demo_usage(capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert err.startswith("usage: gatedprune demo"), err
     assert "--latency applies to --model conv" in err
+
+
+def test_prune_refuses_gates_with_nan_or_inf_parameters() -> None:
+    net = gp.ShortcutMLP(4, [3, 5], 2).eval()
+    gp.prune(net)  # finite gates: fine
+    with torch.no_grad():
+        net.layers[1].unit_gate.log_alpha[2] = float("nan")
+    with pytest.raises(ValueError, match=r"'layers\.1\.unit_gate\.log_alpha' holds 1 NaN"):
+        gp.prune(net)
+    wrapper = nn.Sequential(nn.Identity(), net)  # a model that holds the gated network
+    with pytest.raises(ValueError, match=r"'1\.layers\.1\.unit_gate\.log_alpha'"):
+        gp.prune(wrapper)
+
+
+def test_prune_accepts_gates_fixed_by_infinite_parameters() -> None:
+    net = gp.ShortcutMLP(4, [3, 5], 2).eval()
+    with torch.no_grad():
+        net.layers[1].unit_gate.log_alpha[2] = float("-inf")  # closed for good
+        net.layers[1].unit_gate.log_alpha[3] = float("inf")  # open for good
+    x = torch.randn(6, 4)  # (B, F)
+    plain = gp.prune(net)
+    torch.testing.assert_close(plain(x), net(x), rtol=0, atol=1e-5)
+    assert plain.layers[1].op.out_features == 4
+
+
+def test_prune_refuses_nan_gates_of_gate_models_too() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    gp.gate_(model, torch.randn(2, 4))
+    gates = [(n, m) for n, m in model.named_modules() if isinstance(m, HardConcreteGate)]
+    assert gates
+    with torch.no_grad():
+        next(gates[0][1].parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"'{gates[0][0]}\..*' holds 1 NaN"):
+        gp.prune(model)
