@@ -1096,3 +1096,43 @@ def test_snap_to_budget_never_ends_above_a_ceiling(target: float, both: bool, se
     got = snap_to_budget(budget, tolerance=0.0)
     for k, t in limits.items():
         assert got[k] <= t, (k, got[k], t)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_run_too_short_to_reach_snap_at_snaps_at_its_end(tmp_path: Path, steps: int) -> None:
+    x, y = _classification(10 * steps)
+    net, budget = _net_and_budget(flops=0.3)
+    trainer = Trainer(
+        net,
+        budget=budget,
+        epochs=1,
+        batch_size=10,
+        progress=False,
+        snap_at=0.8,
+        checkpoint_dir=tmp_path,
+    )
+    trainer.fit((x, y))
+    assert trainer.step == steps  # step/total never reached 0.8 during the run
+    assert trainer.achieved_before_snap is not None
+    assert trainer.achieved_before_snap["flops"] > 0.32  # far above the target before
+    assert abs(budget.achieved()["flops"] - 0.3) <= 0.02  # the snap put it on target
+    # the final checkpoint holds the snapped gates: resuming it changes nothing
+    net2, budget2 = _net_and_budget(flops=0.3, seed=5)
+    again = Trainer(
+        net2,
+        budget=budget2,
+        epochs=1,
+        batch_size=10,
+        progress=False,
+        snap_at=0.8,
+        checkpoint_dir=tmp_path,
+    )
+    again.fit((x, y), resume=True)
+    assert again.achieved_before_snap == trainer.achieved_before_snap
+    for (k, a), b in zip(net.state_dict().items(), net2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    # a max_steps stop is not the end of the run: no snap there
+    net3, budget3 = _net_and_budget(flops=0.3)
+    stopped = Trainer(net3, budget=budget3, epochs=3, batch_size=10, progress=False)
+    stopped.fit((x, y), max_steps=1)
+    assert stopped.achieved_before_snap is None

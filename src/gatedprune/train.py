@@ -497,7 +497,8 @@ class Trainer:
     exact cost with straight-through gradients (``budget.straight_through``; ``None`` leaves
     the flag alone); at ``snap_at`` the gates are fixed to the budget by
     :func:`snap_to_budget` (``snap_tolerance``, widths rounded to ``snap_round_to``) and
-    frozen (only with a budget). ``metrics_fn(model)`` (called in
+    frozen (only with a budget); a run that ends before reaching ``snap_at`` (one or two
+    steps) snaps at its end. ``metrics_fn(model)`` (called in
     eval mode, without gradients, after each epoch) adds its values to the epoch record;
     ``on_step(trainer, record)`` is called after every step.
 
@@ -758,7 +759,8 @@ class Trainer:
                 if checkpointing and self._checkpoint_due(spe, total):
                     self._save_checkpoint(opt, config, world, rank)
                     last_saved = self.step
-            if checkpointing and last_saved != self.step:
+            snapped_late = self.step >= total and self._snap_if_missed()
+            if checkpointing and (last_saved != self.step or snapped_late):
                 self._save_checkpoint(opt, config, world, rank)
         finally:
             if bar is not None:
@@ -941,6 +943,16 @@ class Trainer:
         if frozen and self.budget is not None and (self.step - 1) / total < (self.snap_at or 0):
             self.achieved_before_snap = self.budget.achieved()
             snap_to_budget(self.budget, tolerance=self.snap_tolerance, round_to=self.snap_round_to)
+
+    def _snap_if_missed(self) -> bool:
+        """At the end of a run too short to reach ``snap_at`` (one or two optimizer steps):
+        snap the gates now, so the model meets its budget like a longer run's. Returns whether
+        it snapped."""
+        if self.budget is None or self.snap_at is None or self.achieved_before_snap is not None:
+            return False
+        self.achieved_before_snap = self.budget.achieved()
+        snap_to_budget(self.budget, tolerance=self.snap_tolerance, round_to=self.snap_round_to)
+        return True
 
     def _reset_stats(self) -> None:
         self._stats = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "count": 0.0, "time": 0.0}
