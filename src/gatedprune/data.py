@@ -21,6 +21,14 @@ ADDING_MAX_SEED = 2**63
 """Adding-problem seeds are ints in ``[0, 2**63)``."""
 
 
+def _check_count(name: str, value: object, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints too
+        raise TypeError(f"{name} must be an int {what}, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be an int {what}, got {value!r}")
+    return int(value)
+
+
 def _check_seed(seed: object, bound: int) -> int:
     shown = f"[0, 2**{bound.bit_length() - 1})"
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # numpy ints too
@@ -53,8 +61,9 @@ def mnist1d(*, num_samples: int = 5000, seed: int = 42, as_sequence: bool = Fals
     >>> d.x_train.shape  # doctest: +SKIP
     torch.Size([80, 1, 40])
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
-        raise ValueError(f"num_samples must be an int >= 10, got {num_samples!r}")
+    num_samples = _check_count("num_samples", num_samples, 10, ">= 10")
+    if not isinstance(as_sequence, bool):
+        raise TypeError(f"as_sequence must be a bool, got {as_sequence!r}")
     if num_samples % 10:
         raise ValueError(
             f"num_samples must be a multiple of 10 (MNIST-1D makes num_samples // 10 per "
@@ -105,10 +114,8 @@ def adding_problem(n: int, length: int, *, seed: int = 0) -> tuple[Tensor, Tenso
     >>> x.shape, y.shape
     (torch.Size([4, 50, 2]), torch.Size([4, 1]))
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
-        raise ValueError(f"length must be an int >= 2, got {length!r}")
+    n = _check_count("n", n, 1, ">= 1")
+    length = _check_count("length", length, 2, ">= 2")
     g = torch.Generator().manual_seed(_check_seed(seed, ADDING_MAX_SEED))
     values = torch.rand(n, length, generator=g) - 0.5  # (N, T)
     half = length // 2

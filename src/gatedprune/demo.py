@@ -65,16 +65,53 @@ class DemoConfig:
     latency: bool = False  # conv demo: ``budget`` is a fraction of the predicted latency
 
     def validate(self) -> None:
+        """Check every field before any work: a ``TypeError`` for a value of the wrong type,
+        a ``ValueError`` for one out of range, each naming the field and the value."""
+        from .train import MAX_SEED
+
+        def number(name: str, value: object, kinds: tuple[type, ...], what: str) -> None:
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise TypeError(f"{name} must be {what}, got {value!r}")
+
+        number("--budget", self.budget, (int, float), "a number in (0, 1]")
         if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"--budget must be a fraction in (0, 1], got {self.budget}")
+            raise ValueError(f"--budget must be a fraction in (0, 1], got {self.budget!r}")
+        number("--epochs", self.epochs, (int,), "an int >= 1")
         if self.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs!r}")
+        number("--finetune-epochs", self.finetune_epochs, (int,), "an int >= 0")
         if self.finetune_epochs < 0:
-            raise ValueError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
-        if self.round_to is not None and self.round_to < 1:
-            raise ValueError(f"--round-to must be >= 1, got {self.round_to}")
+            raise ValueError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs!r}")
+        number("--seed", self.seed, (int,), "an int in [0, 2**63 - 1)")
+        if not 0 <= self.seed < MAX_SEED - 1:  # the fine-tuning seeds its Trainer with seed + 1
+            raise ValueError(
+                f"--seed must be an int in [0, 2**63 - 1) (the fine-tuning uses seed + 1), "
+                f"got {self.seed!r}"
+            )
+        number("num_samples", self.num_samples, (int,), "an int >= 10, a multiple of 10")
+        if self.num_samples < 10 or self.num_samples % 10:
+            raise ValueError(
+                f"num_samples must be an int >= 10 and a multiple of 10, got {self.num_samples!r}"
+            )
+        if self.round_to is not None:
+            number("--round-to", self.round_to, (int,), "an int >= 1 or None")
+            if self.round_to < 1:
+                raise ValueError(f"--round-to must be >= 1, got {self.round_to!r}")
+        for name, flag in (("latency", self.latency), ("progress", self.progress)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not isinstance(self.out, str | os.PathLike):
+            raise TypeError(f"out must be a folder path, got {self.out!r}")
+        if not str(self.out).strip():
+            raise ValueError(f"out must be a folder path, got {self.out!r}")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"out {str(out)!r} exists and is not a directory")
+        for parent in out.absolute().parents:  # the nearest existing ancestor must be a folder
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"cannot create out {str(out)!r}: {str(parent)!r} is a file")
+                break
 
 
 def classification_loss() -> nn.Module:
@@ -197,9 +234,13 @@ def prune_check_finetune(
 
 
 def start_demo(config: DemoConfig) -> tuple[Path, Callable[..., None], float]:
-    """Validate ``config``, create its output folder and seed torch: (folder, print function
-    (silent without ``progress``), start time)."""
+    """Validate ``config``, check that the plots can be drawn (matplotlib: before training, not
+    after), create its output folder and seed torch: (folder, print function (silent without
+    ``progress``), start time)."""
+    from .plots import require_matplotlib
+
     config.validate()
+    require_matplotlib()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -207,13 +248,17 @@ def start_demo(config: DemoConfig) -> tuple[Path, Callable[..., None], float]:
 
 
 def measure_demo_latency(models: Mapping[str, nn.Module], x: Tensor) -> dict[str, dict[int, float]]:
-    """Median latency in seconds of each model at batch 1 and 256 (the first rows of ``x``),
-    measured in interleaved rounds with the current thread count: ``lat[name][batch]``."""
+    """Median latency in seconds of each model at batch 1 and 256 (the first rows of ``x``,
+    repeated when ``x`` has fewer), measured in interleaved rounds with the current thread
+    count: ``lat[name][batch]``."""
     threads = torch.get_num_threads()
     lat: dict[str, dict[int, float]] = {}
     for batch in (1, 256):
+        rows = x[:batch]
+        if len(rows) < batch:  # a small test set: repeat its rows up to the batch size
+            rows = rows.repeat(-(-batch // len(rows)), *([1] * (x.dim() - 1)))[:batch]
         times = compare_latency(
-            models, x[:batch], rounds=7, repeats=20 if batch == 1 else 3, threads=threads
+            models, rows, rounds=7, repeats=20 if batch == 1 else 3, threads=threads
         )
         for name, t in times.items():
             lat.setdefault(name, {})[batch] = t
@@ -254,10 +299,11 @@ def run_facts(
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """Write ``data`` as JSON atomically (:func:`gatedprune.io.atomic_write`: a uniquely named
+    temporary file renamed into place; a symbolic link stays a link)."""
+    from .io import atomic_write
+
+    atomic_write(Path(path), json.dumps(data, indent=2).encode())
 
 
 def result_rows(
@@ -595,12 +641,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         }
     results: dict[str, Any] = {
         "config": {
+            "model": "conv",
             "budget": config.budget,
             "budget_kind": kind,
             "epochs": config.epochs,
             "round_to": config.round_to,
             "finetune_epochs": config.finetune_epochs,
             "seed": config.seed,
+            "num_samples": config.num_samples,
             "stages": [list(s) for s in STAGES],
         },
         "rows": rows,

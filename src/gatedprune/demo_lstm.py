@@ -77,6 +77,12 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
 
     >>> results = run_lstm_demo(DemoConfig(budget=0.25, epochs=1))  # doctest: +SKIP
     """
+    config.validate()  # a bad ``latency`` is a TypeError before it is read as a flag
+    if config.latency:
+        raise ValueError(
+            f"latency={config.latency!r}: the LSTM demo has a parameter budget; a latency "
+            "budget is the conv demo's (gatedprune.demo.run_demo)"
+        )
     from . import io
     from .data import mnist1d
     from .plots import plot_connectivity, plot_training, plot_widths
@@ -127,11 +133,13 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
     params_fraction = c_pruned.params / c_dense.params
     results: dict[str, Any] = {
         "config": {
+            "model": "lstm",
             "budget_params": config.budget,
             "epochs": config.epochs,
             "finetune_epochs": config.finetune_epochs,
             "seed": config.seed,
             "round_to": config.round_to,
+            "num_samples": config.num_samples,
             "hidden": list(HIDDEN),
         },
         "rows": rows,

@@ -11,6 +11,7 @@ reloadable with :func:`load_pruned_resnet`) and PNG plots.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
@@ -27,6 +28,7 @@ from .demo import (
     _plain_cost,
     _table,
     accuracy,
+    all_open_copy,
     budget_trainer,
     measure_demo_latency,
     prune_check_finetune,
@@ -136,6 +138,23 @@ def train_resnet_demo_model(
     return net, summary, trainer
 
 
+def _own_flops_fraction(
+    example: Tensor, widths: Sequence[int] = WIDTHS, blocks: Sequence[int] = BLOCKS
+) -> float:
+    """FLOPs of the plain ResNet over those of the gated one with every gate open, its new
+    dense shortcuts included: the reference of the Budget (and of ``budget`` in
+    :func:`train_resnet_demo_model`) is the latter, the demo reports fractions of the former,
+    so the demo trains with ``budget * _own_flops_fraction(...)``.
+
+    >>> 0.99 < _own_flops_fraction(torch.zeros(1, 1, 40)) < 1.0
+    True
+    """
+    net = build_resnet_demo_model(widths, blocks)
+    own = _plain_cost(net, example).flops
+    gate_(net, example, channels=True, blocks=True, shortcuts="dense")
+    return own / _plain_cost(prune(all_open_copy(net).eval()).eval(), example).flops
+
+
 # ---------------------------------------------------------------------- what survived
 def _gate_value(values: Tensor, i: int) -> float:
     return float(values[i].detach())
@@ -243,15 +262,15 @@ def plot_blocks_and_shortcuts(
     """
     from matplotlib.patches import FancyArrowPatch, Rectangle
 
-    from .plots import _pyplot
+    from .plots import new_figure, save_figure
 
-    plt = _pyplot()
     names = [str(b["block"]) for b in blocks]
     pos = {name: i for i, name in enumerate(names)}
     n = len(names)
     spans = [pos[str(s["to"])] - pos[str(s["from"])] for s in shortcuts if s["to"] in pos]
     top = 0.5 + 0.22 * max(spans, default=1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * n + 1.5), 1.6 + 1.4 * top))
+    fig = new_figure((max(6.0, 1.0 * n + 1.5), 1.6 + 1.4 * top))
+    ax = fig.subplots()
     for i, b in enumerate(blocks):
         kept = bool(b["kept"])
         ax.add_patch(
@@ -328,20 +347,19 @@ def plot_blocks_and_shortcuts(
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_group_widths(groups: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> None:
     """Channels per gated channel group before and after pruning."""
-    from .plots import _pyplot
+    from .plots import new_figure, save_figure
 
-    plt = _pyplot()
     labels = [_group_label(g["producers"]) for g in groups]
     before = [int(g["before"]) for g in groups]
     after = [int(g["after"]) for g in groups]
     xs = list(range(len(groups)))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.65 * len(groups) + 1.5), 3.6))
+    fig = new_figure((max(4.0, 0.65 * len(groups) + 1.5), 3.6))
+    ax = fig.subplots()
     ax.bar([x - 0.2 for x in xs], before, width=0.4, label="all-open", color="0.75")
     ax.bar([x + 0.2 for x in xs], after, width=0.4, label="pruned", color="tab:blue")
     ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=8)
@@ -352,11 +370,39 @@ def plot_group_widths(groups: Sequence[Mapping[str, Any]], path: str | os.PathLi
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- saving
+def _plan_digest(plan: Any) -> str:
+    """SHA-256 of a plan as read back from JSON (key order and whitespace do not matter)."""
+    return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+
+
+def _check_reloadable(
+    pruned: nn.Module, plan: Mapping[str, Any], widths: Sequence[int], blocks: Sequence[int]
+) -> None:
+    """``ValueError`` unless ``apply_plan(ResNet1d(widths, blocks), plan)`` has exactly the
+    parameter and buffer names and shapes of ``pruned`` (what :func:`load_pruned_resnet`
+    rebuilds before loading the weights)."""
+    try:
+        rebuilt = apply_plan(build_resnet_demo_model(widths, blocks), dict(plan))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(
+            f"the plan does not apply to a ResNet1d with widths={tuple(widths)}, "
+            f"blocks={tuple(blocks)}: pass the widths and blocks of the model you pruned ({e})"
+        ) from e
+    want = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in pruned.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:3]
+        raise ValueError(
+            f"load_pruned_resnet could not reload this model: the plan applied to a ResNet1d "
+            f"with widths={tuple(widths)}, blocks={tuple(blocks)} has other weights than "
+            f"`pruned` (e.g. {diff}); pass the widths and blocks of the model you pruned"
+        )
+
+
 def save_pruned_resnet(
     pruned: nn.Module,
     plan: Mapping[str, Any],
@@ -370,14 +416,19 @@ def save_pruned_resnet(
 
     >>> save_pruned_resnet(pruned, export_plan(net), "out")  # doctest: +SKIP
     """
-    from .io import write_tensors
+    from .io import atomic_write, write_tensors
 
+    _check_reloadable(pruned, plan, widths, blocks)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, folder / PLAN_FILE)
-    meta = {"format": WEIGHTS_FORMAT, "widths": list(widths), "blocks": list(blocks)}
+    text = json.dumps(plan, indent=1)
+    atomic_write(folder / PLAN_FILE, text.encode())
+    meta = {
+        "format": WEIGHTS_FORMAT,
+        "widths": list(widths),
+        "blocks": list(blocks),
+        "plan_sha256": _plan_digest(json.loads(text)),  # ties the two files together
+    }
     write_tensors(folder / WEIGHTS_FILE, pruned.state_dict(), meta)
 
 
@@ -396,9 +447,29 @@ def load_pruned_resnet(folder: str | os.PathLike[str]) -> nn.Module:
         raise ValueError(
             f"{p / WEIGHTS_FILE} holds {meta.get('format')!r}, expected {WEIGHTS_FORMAT!r}"
         )
+    arch: dict[str, list[int]] = {}
+    for k in ("widths", "blocks"):
+        v = meta.get(k)
+        if isinstance(v, list) and v and all(type(n) is int and n > 0 for n in v):
+            arch[k] = v
+        else:
+            raise ValueError(
+                f"{p / WEIGHTS_FILE}: metadata {k!r} must be a list of ints, got {v!r}"
+            )
     plan = json.loads((p / PLAN_FILE).read_text())
-    model = apply_plan(build_resnet_demo_model(meta["widths"], meta["blocks"]), plan)
-    model.load_state_dict(tensors)
+    digest = meta.get("plan_sha256")
+    if digest is not None and digest != _plan_digest(plan):
+        raise ValueError(
+            f"{p / PLAN_FILE} is not the plan {p / WEIGHTS_FILE} was saved with (files of "
+            "different runs?): save both again with save_pruned_resnet"
+        )
+    model = apply_plan(build_resnet_demo_model(arch["widths"], arch["blocks"]), plan)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{p / WEIGHTS_FILE} does not fit the model {p / PLAN_FILE} describes: {e}"
+        ) from e
     return model.eval()
 
 
@@ -420,6 +491,12 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
 
     >>> results = run_resnet_demo(DemoConfig(epochs=1, finetune_epochs=0))  # doctest: +SKIP
     """
+    config.validate()  # a bad ``latency`` is a TypeError before it is read as a flag
+    if config.latency:
+        raise ValueError(
+            f"latency={config.latency!r}: the ResNet demo has a FLOPs budget; a latency budget "
+            "is the conv demo's (gatedprune.demo.run_demo)"
+        )
     from .data import mnist1d
     from .plots import plot_training
 
@@ -433,7 +510,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     net, summary, trainer = train_resnet_demo_model(
         data,
-        budget=config.budget,
+        budget=config.budget * _own_flops_fraction(example),  # a fraction of the ResNet's FLOPs
         epochs=config.epochs,
         seed=config.seed,
         round_to=config.round_to,

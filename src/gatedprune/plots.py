@@ -3,22 +3,41 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["plot_connectivity", "plot_training", "plot_widths"]
 
 
-def _pyplot() -> Any:
+def require_matplotlib() -> None:
+    """Raise ``ImportError`` (with the install hint) unless matplotlib can be imported."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("plots need matplotlib: pip install 'gatedprune[demo]'") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib ``Figure`` outside pyplot: no display needed, and the caller's backend,
+    current figure and figure list are left alone (``matplotlib.use`` is never called)."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120) -> None:
+    """Render ``fig`` with the Agg-based writer of ``path``'s format (PNG without a suffix) and
+    write it atomically (:func:`gatedprune.io.atomic_write`: a symbolic link stays a link)."""
+    from .io import atomic_write
+
+    p = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=p.suffix[1:].lower() or "png", dpi=dpi)
+    atomic_write(p, buf.getvalue())
 
 
 def _node_names(n_layers: int) -> list[str]:
@@ -33,7 +52,6 @@ def plot_connectivity(conn: Mapping[str, Any], path: str | os.PathLike[str]) -> 
     """
     import numpy as np
 
-    plt = _pyplot()
     layers = conn["layers"]
     n = len(layers)
     grid = np.full((n + 1, n + 1), np.nan)
@@ -44,7 +62,8 @@ def plot_connectivity(conn: Mapping[str, Any], path: str | os.PathLike[str]) -> 
             offered[r, j] = True
             if kept:
                 grid[r, j] = v
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * (n + 1), 1.0 + 0.45 * (n + 1)))
+    fig = new_figure((1.2 + 0.45 * (n + 1), 1.0 + 0.45 * (n + 1)))
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0)
     for r in range(n + 1):
         for c in range(n + 1):
@@ -58,18 +77,17 @@ def plot_connectivity(conn: Mapping[str, Any], path: str | os.PathLike[str]) -> 
     ax.set_title(f"learned connectivity: {conn['edges_kept']}/{conn['edges_total']} edges kept")
     fig.colorbar(im, ax=ax, label="gate value", shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_widths(conn: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Units/channels per layer before and after pruning."""
-    plt = _pyplot()
     layers = conn["layers"]
     names = _node_names(len(layers))[1:]
     before = [x["width"] for x in layers]
     after = [x["kept_units"] for x in layers]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 1.5), 3.2))
+    fig = new_figure((max(4.0, 0.6 * len(layers) + 1.5), 3.2))
+    ax = fig.subplots()
     xs = range(len(layers))
     ax.bar([x - 0.2 for x in xs], before, width=0.4, label="all-open", color="0.75")
     ax.bar([x + 0.2 for x in xs], after, width=0.4, label="pruned", color="tab:blue")
@@ -78,8 +96,7 @@ def plot_widths(conn: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     ax.set_title(f"width per layer: {conn['units_kept']}/{conn['units_total']} units kept")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_training(
@@ -89,9 +106,9 @@ def plot_training(
     target: float | None = None,
 ) -> None:
     """Expected and achieved cost fraction and mean gate value over training steps."""
-    plt = _pyplot()
     steps = [r["step"] for r in trace]
-    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    fig = new_figure((6.0, 3.4))
+    ax = fig.subplots()
     for key, label in (
         ("expected_flops", "expected FLOPs fraction"),
         ("achieved_flops", "achieved FLOPs fraction"),
@@ -110,5 +127,4 @@ def plot_training(
     ax.set_title("gates and expected cost over training")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
