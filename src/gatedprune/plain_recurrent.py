@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .rnn_slicing import RecurrentModule, State, make_rnn
+from .rnn_slicing import RecurrentModule, State, _autocasting, make_rnn
 
 __all__ = [
     "CELLS",
@@ -264,15 +264,17 @@ def check_state(
 
 
 def check_dtypes(data: Tensor, states: Sequence[State | None], dtype: torch.dtype) -> None:
-    """Raise a ValueError if the input or an initial state is not of the model's ``dtype``
-    (the message of ``nn.LSTM``/``nn.GRU``, which the pruned model runs; also for packed
-    inputs and initial states, which those modules do not check clearly).
+    """Raise a ValueError if the input or an initial state is not of the model's ``dtype``,
+    outside autocast (the message of ``nn.LSTM``/``nn.GRU``, which the pruned model runs; also
+    for packed inputs and initial states, which those modules do not check clearly).
 
     >>> check_dtypes(torch.zeros(2, 3), [None], torch.float64)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     ValueError: RNN input dtype (torch.float32) does not match weight dtype (torch.float64)...
     """
+    if _autocasting():  # the kernels cast, and nn.LSTM skips its check too
+        return
     if data.dtype != dtype:
         raise ValueError(
             f"RNN input dtype ({data.dtype}) does not match weight dtype ({dtype}). Convert "

@@ -25,6 +25,8 @@ on an empty input (``input_size == 0``, see :func:`gatedprune.rnn_slicing.make_r
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -60,12 +62,13 @@ _ELEMENTWISE = {"lstm": LSTM_ELEMENTWISE, "gru": GRU_ELEMENTWISE, "rnn": RNN_ELE
 
 
 def _check_int(name: str, value: object, low: int) -> int:
-    """``value`` as an int >= ``low``: TypeError for a non-int (bools too), else ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int >= ``low`` (numpy integers accepted, as gates accept them):
+    TypeError for a non-integer (bools too), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 class ShortcutLSTM(GatedModule):
@@ -105,21 +108,19 @@ class ShortcutLSTM(GatedModule):
         layer_gates: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("output_size", output_size, 1)
-        _check_int("num_layers", num_layers, 1)
-        if isinstance(hidden_size, int) and not isinstance(hidden_size, bool):
-            hidden = (hidden_size,) * num_layers
+        input_size = _check_int("input_size", input_size, 1)
+        output_size = _check_int("output_size", output_size, 1)
+        num_layers = _check_int("num_layers", num_layers, 1)
+        sizes: tuple[object, ...]
+        if isinstance(hidden_size, numbers.Integral) and not isinstance(hidden_size, bool):
+            sizes = (hidden_size,) * num_layers
         elif isinstance(hidden_size, Sequence) and not isinstance(hidden_size, str):
-            hidden = tuple(hidden_size)
+            sizes = tuple(hidden_size)
         else:
             raise TypeError(f"hidden_size must be an int or a list of ints, got {hidden_size!r}")
-        if len(hidden) != num_layers:
-            raise ValueError(
-                f"hidden_size lists {len(hidden)} sizes but num_layers is {num_layers}"
-            )
-        for h in hidden:
-            _check_int("hidden_size", h, 1)
+        if len(sizes) != num_layers:
+            raise ValueError(f"hidden_size lists {len(sizes)} sizes but num_layers is {num_layers}")
+        hidden = tuple(_check_int("hidden_size", h, 1) for h in sizes)
         check_cell(cell)
         for name, flag in (
             ("batch_first", batch_first),
@@ -226,7 +227,7 @@ class ShortcutLSTM(GatedModule):
         states = check_state(
             hx, spec.cell, [ls.hidden for ls in spec.layers], spec.directions, batch
         )
-        check_dtypes(data, states, self.head.weight.dtype)
+        check_dtypes(data, states, self.head.weight.dtype)  # skipped under autocast
         edges, units, layer, head_edge = self._gate_values(False)
         node_scale = self._node_scales(units, layer)
         nodes: list[Tensor] = [data]
@@ -308,21 +309,24 @@ class ShortcutLSTM(GatedModule):
         self, input_shape: Sequence[int], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
         spec = self.spec
-        if len(input_shape) != 3:
+        try:  # a float would be truncated (5.5 costed as 5), a string parsed
+            shape = tuple(operator.index(n) for n in input_shape)
+        except TypeError:
+            raise TypeError(
+                f"input_shape must be a sequence of ints, got {input_shape!r}"
+            ) from None
+        if len(shape) != 3:
             raise ValueError(
-                f"expected_cost needs a batched input shape (B, T, F) / (T, B, F), "
-                f"got {tuple(input_shape)}"
+                f"expected_cost needs a batched input shape (B, T, F) / (T, B, F), got {shape}"
             )
-        if int(input_shape[2]) != spec.input_size:
+        if shape[2] != spec.input_size:
             raise ValueError(
                 f"expected_cost needs {spec.input_size} input features (input_size) in the last "
-                f"dimension of the input shape, got {tuple(input_shape)}"
+                f"dimension of the input shape, got {shape}"
             )
-        if int(input_shape[0]) < 1 or int(input_shape[1]) < 1:
-            raise ValueError(
-                f"expected_cost needs a non-empty input shape, got {tuple(input_shape)}"
-            )
-        steps = int(input_shape[0]) * int(input_shape[1])
+        if shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"expected_cost needs a non-empty input shape, got {shape}")
+        steps = shape[0] * shape[1]
         like = torch.zeros((), dtype=torch.float64)
         edges, units, layer, head = self._probs(hard, like)
         W, _, A = self._liveness(edges, units, layer, head)
@@ -402,7 +406,8 @@ class ShortcutLSTM(GatedModule):
     # ------------------------------------------------------------------ pruning
     @torch.no_grad()
     def pruned_module(self) -> PlainShortcutLSTM:
-        """The plain network computing, in eval mode, this network's eval-mode function.
+        """The plain network computing, in eval mode, this network's eval-mode function, in this
+        network's train/eval mode. Built in eval mode; every submodule's own mode is restored.
 
         >>> net = ShortcutLSTM(2, 8, 2, 1).eval()
         >>> net.unit_gates[0].force_(torch.arange(8) < 3)  # keep 3 units of layer 1
@@ -413,12 +418,15 @@ class ShortcutLSTM(GatedModule):
         >>> bool((small(x) - net(x)).abs().max() <= 1e-5)
         True
         """
-        was_training = self.training
+        modes = [(m, m.training) for m in self.modules()]
         self.eval()
         try:
-            return self._build_pruned()
-        finally:
-            self.train(was_training)
+            plain = self._build_pruned()
+        finally:  # every submodule's own mode back (a frozen gate stays in eval mode)
+            for m, mode in modes:
+                m.training = mode
+        plain.train(self.training)  # the model's train/eval mode, as gatedprune.prune says
+        return plain
 
     def _build_pruned(self) -> PlainShortcutLSTM:
         spec = self.spec
@@ -499,5 +507,4 @@ class ShortcutLSTM(GatedModule):
             w = w * scale[None, :]
         plain.head.weight.copy_(w[:, cols])
         plain.head.bias.copy_(self.head.bias)
-        plain.train(self.training)
         return plain
