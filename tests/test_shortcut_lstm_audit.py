@@ -264,3 +264,11 @@ def test_gated_forward_accepts_a_low_precision_input_under_autocast(cell: str) -
     torch.testing.assert_close(low.float(), ref.float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match=r"input dtype \(torch\.bfloat16\) does not match"):
         plain(x.bfloat16())
+
+
+def test_a_string_hx_is_refused_as_a_whole() -> None:
+    net = ShortcutLSTM(2, [4, 3], 2, 3).eval()
+    x = torch.randn(5, 7, 2)  # (B, T, F)
+    for model in (net, gp.prune(net)):
+        with pytest.raises(ValueError, match=r"hx must be None or a list .* got str"):
+            model(x, "ab")  # len 2 == number of layers: was read as one state per layer

@@ -231,7 +231,7 @@ def check_state(
     n = len(hidden)
     if hx is None:
         return [None] * n
-    if isinstance(hx, Tensor) or not isinstance(hx, Sequence) or len(hx) != n:
+    if isinstance(hx, Tensor | str | bytes) or not isinstance(hx, Sequence) or len(hx) != n:
         raise ValueError(
             f"hx must be None or a list with one initial state (or None) per layer ({n} "
             f"layers), got {type(hx).__name__}"
