@@ -14,8 +14,10 @@ per-feature scale ``g >= 0`` (ReLU, dropout, indexing a time step, mean/sum/max 
 reshapes, transposes, concatenation); the channel analysis checks it and otherwise leaves the
 module ungated, with the reason in the summary. The final hidden state may be read as ``h_n[i]``
 (one layer and direction; gated and folded the same way). Also left ungated (with a reason):
-``proj_size > 0``, an initial state passed in, ``c_n`` or the whole ``h_n`` read by the model,
-an output joined to other channels by an add, a module called more than once, unbatched input.
+``proj_size > 0``, an initial state passed in (an explicit ``None`` is fine), ``c_n`` or the
+whole ``h_n`` read by the model, an output or final state fed as another recurrent module's
+initial state, an output joined to other channels by an add, a module called more than once,
+unbatched input.
 
 PyTorch gives every layer and both directions of one module the same ``hidden_size``, so
 pruning keeps the user's class with a *common kept width* ``k``: the largest number of open
@@ -386,6 +388,20 @@ def item_index(n: fx.Node, length: int) -> int | None:
     return i + length if -length <= i < 0 else i
 
 
+def _hx_nodes(call: fx.Node) -> list[fx.Node]:
+    """The graph nodes passed to recurrent module call ``call`` as its initial state (``hx``
+    positionally or by keyword; an explicit ``None`` is no state)."""
+    found: list[fx.Node] = []
+    stack: list[Any] = [*call.args[1:], *call.kwargs.values()]
+    while stack:
+        a = stack.pop()
+        if isinstance(a, fx.Node):
+            found.append(a)
+        elif isinstance(a, list | tuple):
+            stack.extend(a)
+    return found
+
+
 def _output_use(node: fx.Node, lstm: bool) -> str | None:
     """Why the model's use of a recurrent module's outputs is not supported (None: it is):
     ``out`` and ``h_n[i]`` (one layer and direction) may be read, ``c_n`` may not."""
@@ -439,6 +455,16 @@ def setup_rnns(
     for n in gm.graph.nodes:
         if n.op == "call_module":
             nodes.setdefault(str(n.target), []).append(n)
+    # channel groups read as the initial state of a recurrent module: hx keeps its full width
+    hx_readers: dict[int, str] = {}
+    for name, calls in nodes.items():
+        if isinstance(gm.get_submodule(name), nn.RNNBase):
+            for c in calls:
+                for a in _hx_nodes(c):
+                    lab = ca.labels.get(a)
+                    if lab is not None:
+                        for gi in np.unique(ca.atom_group[lab.atoms]).tolist():
+                            hx_readers.setdefault(int(gi), name)
     rnns: list[RNNInfo] = []
     ungated: list[tuple[str, str]] = []
     out_groups: set[int] = set()
@@ -456,12 +482,16 @@ def setup_rnns(
             why = "a single unit"
         if why is None and len(calls) != 1:
             why = "called more than once"
-        if why is None and (len(calls[0].args) > 1 or calls[0].kwargs):
+        if why is None and _hx_nodes(calls[0]):
             why = "called with an initial state hx (the pruned module needs a sliced one)"
         if why is None:
             why = _output_use(calls[0], isinstance(m, nn.LSTM))
         if why is None:
             for atoms in outs:
+                reader = hx_readers.get(int(ca.atom_group[atoms[0]]))
+                if reader is not None:
+                    why = f"its final state feeds the initial state hx of '{reader}'"
+                    break
                 grp = ca.groups[int(ca.atom_group[atoms[0]])]
                 if grp.pinned is not None:
                     why = f"its output cannot be pruned: {grp.pinned}"

@@ -61,10 +61,36 @@ def _additive_mask(
 ) -> Tensor | None:
     if mask is None:
         return None
+    want = [(len_q, len_kv), (n * heads, len_q, len_kv)]
+    if tuple(mask.shape) not in want:
+        raise ValueError(
+            f"attn_mask has shape {tuple(mask.shape)}; expected {want[0]} or "
+            f"(batch * num_heads, L, S) = {want[1]}"
+        )
     mask = _additive(mask, dtype)
     if mask.dim() == 2:
         return mask.view(1, 1, len_q, len_kv)
-    return mask.view(n, heads, len_q, len_kv)
+    return mask.view(n, heads, len_q, len_kv)  # (N, H, L, S)
+
+
+def select_head_masks(
+    mask: Tensor | None, kept: tuple[int, ...], source_heads: int, batch: int
+) -> Tensor | None:
+    """The rows of a per-head ``(batch * source_heads, L, S)`` attention mask that belong to
+    the ``kept`` heads, ``(batch * len(kept), L, S)``. Other masks (2-D, None, or 3-D with
+    ``batch * len(kept)`` rows already) pass through unchanged.
+
+    >>> m = torch.arange(8.0).view(4, 1, 2)  # batch 2 x 2 heads
+    >>> select_head_masks(m, (1,), 2, 2).flatten().tolist()
+    [2.0, 3.0, 6.0, 7.0]
+    """
+    if mask is None or mask.dim() != 3 or mask.shape[0] != batch * source_heads:
+        return mask
+    if kept == tuple(range(source_heads)):
+        return mask
+    idx = torch.tensor(kept, dtype=torch.long, device=mask.device)
+    per_head = mask.view(batch, source_heads, *mask.shape[1:])  # (N, H0, L, S)
+    return per_head.index_select(1, idx).flatten(0, 1)  # (N * H, L, S)
 
 
 def attention(
@@ -123,6 +149,11 @@ def attention(
     if mask is not None:
         scores = scores + mask
     if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (n, len_kv):
+            raise ValueError(
+                f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
+                f"(batch, S) = {(n, len_kv)}"
+            )
         scores = scores + _additive(key_padding_mask, scores.dtype).view(n, 1, 1, len_kv)
     weights = torch.softmax(scores, dim=-1)  # (N, H, L, S)
     if dropout > 0.0:
@@ -220,6 +251,9 @@ class GatedMultiheadAttention(nn.MultiheadAttention):
 class PrunedMultiheadAttention(nn.Module):
     """Multi-head attention with ``num_heads`` heads of ``head_dim`` (``num_heads * head_dim``
     may be smaller than ``embed_dim``); parameter names as in ``nn.MultiheadAttention``.
+    ``kept_heads`` are the indices of its heads among the ``source_heads`` of the module it was
+    pruned from (default: all of them): a per-head ``(N * source_heads, L, S)`` ``attn_mask``,
+    written for the unpruned module, is reduced to the kept heads' rows.
 
     >>> m = PrunedMultiheadAttention(8, 1, 4, batch_first=True)
     >>> tuple(m(torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8))[0].shape)
@@ -236,17 +270,32 @@ class PrunedMultiheadAttention(nn.Module):
         out_bias: bool = True,
         batch_first: bool = False,
         dropout: float = 0.0,
+        kept_heads: list[int] | None = None,
+        source_heads: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = head_dim
+        self.kept_heads = tuple(range(num_heads) if kept_heads is None else kept_heads)
+        self.source_heads = num_heads if source_heads is None else source_heads
+        if len(self.kept_heads) != num_heads or any(
+            not 0 <= h < self.source_heads for h in self.kept_heads
+        ):
+            raise ValueError(
+                f"kept_heads {list(self.kept_heads)} must be {num_heads} indices in "
+                f"[0, {self.source_heads})"
+            )
         self.batch_first = batch_first
         self.dropout = dropout
         inner = num_heads * head_dim
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * inner, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner)) if bias else None
-        self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias)
+        w = torch.empty(3 * inner, embed_dim, device=device, dtype=dtype)  # (3 H d, E)
+        self.in_proj_weight = nn.Parameter(w)
+        b = torch.zeros(3 * inner, device=device, dtype=dtype)  # (3 H d,)
+        self.in_proj_bias = nn.Parameter(b) if bias else None
+        self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias, device=device, dtype=dtype)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def extra_repr(self) -> str:
@@ -263,6 +312,7 @@ class PrunedMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        batch = 1 if query.dim() == 2 else query.shape[0 if self.batch_first else 1]
         return _mha_forward(
             self,
             query,
@@ -270,7 +320,7 @@ class PrunedMultiheadAttention(nn.Module):
             value,
             key_padding_mask,
             need_weights,
-            attn_mask,
+            select_head_masks(attn_mask, self.kept_heads, self.source_heads, batch),
             average_attn_weights,
             is_causal,
             None,
@@ -326,8 +376,8 @@ class GatedTransformerEncoderLayer(nn.TransformerEncoderLayer):
 
 class PrunedTransformerEncoderLayer(nn.Module):
     """A pruned ``nn.TransformerEncoderLayer``: fewer heads and FFN units; ``self_attn`` /
-    ``linear1``+``linear2`` are None when that sub-layer was removed. Parameter names as in
-    PyTorch's layer.
+    ``linear1``+``linear2`` (and ``activation``) are None when that sub-layer was removed.
+    Parameter names as in PyTorch's layer.
     """
 
     def __init__(
@@ -347,7 +397,8 @@ class PrunedTransformerEncoderLayer(nn.Module):
         self.linear2 = ffn[1] if ffn is not None else None
         self.norm1 = norm1
         self.norm2 = norm2
-        self.activation = activation
+        # the activation goes with the FFN (an nn.PReLU holds a parameter)
+        self.activation = activation if ffn is not None else None
         self.norm_first = norm_first
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
@@ -389,7 +440,8 @@ class PrunedTransformerEncoderLayer(nn.Module):
     def _ff(self, x: Tensor) -> Tensor:
         assert self.linear1 is not None
         assert self.linear2 is not None
-        h = self.activation(self.linear1(x))
+        assert self.activation is not None
+        h = self.activation(self.linear1(x))  # (..., F)
         return self.dropout2(self.linear2(self.dropout(h)))  # type: ignore[no-any-return]
 
 
@@ -509,12 +561,14 @@ def layer_cost(
     assert l2 is not None
     b1 = l1.bias is not None
     b2 = l2.bias is not None
+    act = layer.activation
+    act_params = sum(p.numel() for p in act.parameters()) if isinstance(act, nn.Module) else 0
     unit_flops = FLOPS_PER_MAC * tokens * e * 2 + (tokens if b1 else 0) + ACT_FLOPS * tokens
     return LayerCost(
         head=(af(1) - af(0), head_params),
         attn0=(af(0), e if out_bias else 0),
         unit=(unit_flops, 2 * e + (1 if b1 else 0)),
-        ffn0=(tokens * e if b2 else 0, e if b2 else 0),
+        ffn0=(tokens * e if b2 else 0, (e if b2 else 0) + act_params),
         norm1=_norm_cost(layer.norm1, tokens, e),
         norm2=_norm_cost(layer.norm2, tokens, e),
     )
@@ -577,8 +631,12 @@ def build_pruned_attention(
         out_bias=att.out_proj.bias is not None,
         batch_first=att.batch_first,
         dropout=att.dropout,
+        kept_heads=heads,
+        source_heads=att.num_heads,
+        device=att.in_proj_weight.device,
+        dtype=att.in_proj_weight.dtype,
     )
-    rows = _rows(heads, d, e)
+    rows = _rows(heads, d, e).to(att.in_proj_weight.device)
     cols = rows[: len(heads) * d]
     with torch.no_grad():
         new.in_proj_weight.copy_(att.in_proj_weight[rows])
@@ -610,9 +668,10 @@ def build_pruned_layer(
     ffn: tuple[nn.Linear, nn.Linear] | None = None
     if spec["ffn"]:
         l1, l2 = layer.linear1, layer.linear2
-        keep = torch.tensor(units, dtype=torch.long)
-        n1 = nn.Linear(e, len(units), bias=l1.bias is not None)
-        n2 = nn.Linear(len(units), l2.out_features, bias=l2.bias is not None)
+        dev, dt = l1.weight.device, l1.weight.dtype
+        keep = torch.tensor(units, dtype=torch.long, device=dev)
+        n1 = nn.Linear(e, len(units), bias=l1.bias is not None, device=dev, dtype=dt)
+        n2 = nn.Linear(len(units), l2.out_features, bias=l2.bias is not None, device=dev, dtype=dt)
         with torch.no_grad():
             n1.weight.copy_(l1.weight[keep])
             if l1.bias is not None and n1.bias is not None:
