@@ -215,6 +215,18 @@ def _zero(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     return 0
 
 
+def check_positional(
+    name: str, m: nn.Module, inp: tuple[Any, ...], handler: Callable[..., int]
+) -> None:
+    """A ``TypeError`` if ``m``'s cost needs its input but the call passed it by keyword
+    (forward hooks and the counted arguments see positional inputs only)."""
+    if not inp and handler is not _zero:
+        raise TypeError(
+            f"cost() needs {name or type(m).__name__} ({type(m).__name__}) called with its "
+            "input positionally, e.g. layer(x), not layer(src=x)"
+        )
+
+
 def _is_empty_sequential(m: nn.Module) -> bool:
     """An ``nn.Sequential`` without modules and with its own forward: the identity."""
     return isinstance(m, nn.Sequential) and len(m) == 0 and type(m).forward is nn.Sequential.forward
@@ -592,6 +604,7 @@ class CostProgram:
                 if handler is None:
                     errors.append(f"{name or type(mod).__name__} ({type(mod).__name__})")
                     return
+                check_positional(name, mod, inp, handler)
                 program.fixed_flops += handler(mod, inp, out)
 
             return hook

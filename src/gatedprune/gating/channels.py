@@ -57,6 +57,30 @@ class ChannelGroup:
     unfoldable: str | None = None  # a path that does not commute with a per-channel scale
 
 
+def _literal_size(n: fx.Node, e: int) -> int | None:
+    """The size ``view``/``reshape`` node ``n`` gives output dimension ``e`` if the code writes
+    it as an int literal (not ``-1``, not computed from a shape), else None.
+
+    >>> g = fx.Graph()
+    >>> x = g.placeholder("x")
+    >>> [_literal_size(g.call_method("view", (x, -1, 4)), e) for e in (0, 1)]
+    [None, 4]
+    """
+    sizes: Any = None
+    if n.op == "call_method" and n.target in ("view", "reshape"):
+        sizes = n.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+            sizes = sizes[0]
+    elif n.op == "call_function" and n.target is torch.reshape:
+        sizes = n.args[1] if len(n.args) > 1 else n.kwargs.get("shape")
+    if not isinstance(sizes, list | tuple) or e >= len(sizes):
+        return None
+    size = sizes[e]
+    if isinstance(size, int) and not isinstance(size, bool) and size != -1:
+        return size
+    return None
+
+
 @dataclass
 class ChannelAnalysis:
     """Result of the label propagation over the whole graph."""
@@ -455,6 +479,14 @@ class _Propagator:
         if lab is not None and lab.dim != len(in_shape) - 1:
             self.pin(lab, f"{name} reads a dimension other than the labelled one")
             lab = None
+        # an initial state hx (positional or keyword, h0 or (h0, c0)) keeps its full width
+        stack: list[Any] = [*n.args[1:], *n.kwargs.values()]
+        while stack:
+            a = stack.pop()
+            if isinstance(a, fx.Node):
+                self.pin(self.labels.get(a), f"{name} reads it as its initial state hx")
+            elif isinstance(a, list | tuple):
+                stack.extend(a)
         if lab is not None:
             prev = self.rnn_in_atoms.get(name)
             if prev is not None:
@@ -521,6 +553,14 @@ class _Propagator:
                     continue
                 for k in range(d + 1, len(ins) + 1):
                     if pre_prods[k] == p * outs[e]:
+                        literal = _literal_size(n, e)
+                        if literal is not None:  # pruning would not change the code's number
+                            self.pin(
+                                lab,
+                                f"{self.describe(n)} names the labelled size as the literal "
+                                f"{literal} (write -1 or compute it from a shape)",
+                            )
+                            return None
                         outer = _prod(ins[j:d])
                         inner = _prod(ins[d + 1 : k])
                         atoms = np.tile(np.repeat(lab.atoms, inner), outer)

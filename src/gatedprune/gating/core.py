@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..base import GatedModule, ModelGating, find_model_gating
 from ..gates import (
@@ -34,7 +34,17 @@ from ..gates import (
 from .blocks import Block, find_blocks, outermost
 from .channels import analyse_channels
 from .graph import record_run, trace_model
-from .rnn import RNNConsumer, RNNInfo, fold_rnns, pad_to_width, rnn_plan, setup_rnns, width_values
+from .rnn import (
+    RNNConsumer,
+    RNNInfo,
+    _used,
+    fold_rnns,
+    item_index,
+    pad_to_width,
+    rnn_plan,
+    setup_rnns,
+    width_values,
+)
 from .rnn import switch as switch_rnn
 from .shortcuts import Edge, find_dense_edges
 from .structure import CostTerms, GraphInfo, SiteInfo, SliceInfo, build_cost_terms
@@ -648,6 +658,18 @@ def _gated_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _attention_output_use(node: fx.Node) -> str | None:
+    """Why the model's use of an attention module's ``(output, weights)`` keeps its heads
+    (None: only ``output`` is read): pruned heads would change the weights it returns."""
+    for u in node.users:
+        i = item_index(u, 2)
+        if i is None:
+            return "its (output, weights) tuple is used whole (supported: output[0])"
+        if i == 1 and _used(u):
+            return "the model reads its attention weights (one per head: heads cannot go)"
+    return None
+
+
 def gate_(
     model: nn.Module,
     example_input: Tensor,
@@ -817,6 +839,8 @@ def gate_(
                 why = "called more than once"
             if why is None and len(node.args) < 3:
                 why = "query, key and value must be passed positionally"
+            if why is None:
+                why = _attention_output_use(node)
             if why is None and not allowed(name):
                 why = "filter_fn rejected it"
             if why is not None:

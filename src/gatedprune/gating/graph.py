@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import ModelGating
-from ..costs import _handler_for, counts_itself, unit_handler
+from ..costs import _handler_for, check_positional, counts_itself, unit_handler
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
     GatedMultiheadAttention,
@@ -187,6 +187,7 @@ class _Recorder(fx.Interpreter):
                 self.errors.append(f"{target} ({type(m).__name__})")
                 self.flops[node] = 0
             else:
+                check_positional(str(target), m, tuple(args), handler)
                 self.flops[node] = int(handler(m, args, out))
             return out
         total = [0]
