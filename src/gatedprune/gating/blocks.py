@@ -25,7 +25,7 @@ from .channels import (
     HOMOGENEOUS_MODULES,
     module_kind,
 )
-from .graph import RunRecord, owner_of
+from .graph import RunRecord, mutated_input, owner_of
 
 __all__ = ["Block", "find_blocks", "live_nodes", "rewrite_scopes"]
 
@@ -43,24 +43,40 @@ class Block:
     flops: int  # FLOPs of the dead set (dense)
 
 
-def live_nodes(graph: fx.Graph, cut: dict[fx.Node, int]) -> set[fx.Node]:
-    """Nodes that reach the output, with the operand ``cut[add]`` of each cut add dropped."""
+def graph_writes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """``(op, tensor it writes)`` for every in-place op of ``graph`` (see ``mutated_input``)."""
+    gm = graph.owning_module if isinstance(graph.owning_module, fx.GraphModule) else None
+    return [(n, w) for n in graph.nodes if (w := mutated_input(n, gm)) is not None]
+
+
+def live_nodes(
+    graph: fx.Graph,
+    cut: dict[fx.Node, int],
+    writes: list[tuple[fx.Node, fx.Node]] | None = None,
+) -> set[fx.Node]:
+    """Nodes that reach the output, with the operand ``cut[add]`` of each cut add dropped; an
+    in-place op whose result the code drops (``y.relu_()``) is live when what it writes is
+    (``writes``: :func:`graph_writes` of ``graph``, computed if not given)."""
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    if writes is None:
+        writes = graph_writes(graph)
     live: set[fx.Node] = set()
     stack = [out]
     while stack:
-        n = stack.pop()
-        if n in live:
-            continue
-        live.add(n)
-        if n in cut:
-            pos = cut[n]
-            drop = n.args[pos]
-            others = [a for i, a in enumerate(n.args) if i != pos]
-            keep = [a for a in n.all_input_nodes if a is not drop or a in others]
-        else:
-            keep = list(n.all_input_nodes)
-        stack.extend(a for a in keep if a not in live)
+        while stack:
+            n = stack.pop()
+            if n in live:
+                continue
+            live.add(n)
+            if n in cut:
+                pos = cut[n]
+                drop = n.args[pos]
+                others = [a for i, a in enumerate(n.args) if i != pos]
+                keep = [a for a in n.all_input_nodes if a is not drop or a in others]
+            else:
+                keep = list(n.all_input_nodes)
+            stack.extend(a for a in keep if a not in live)
+        stack = [n for n, w in writes if w in live and n not in live]
     return live
 
 
@@ -122,7 +138,8 @@ def _site_of(
 def find_blocks(gm: fx.GraphModule, record: RunRecord) -> tuple[list[Block], list[tuple[str, str]]]:
     """Residual blocks of ``gm``, and (add node, reason) for adds that are not gated."""
     graph = gm.graph
-    base = live_nodes(graph, {})
+    writes = graph_writes(graph)
+    base = live_nodes(graph, {}, writes)
     calls: dict[str, int] = {}
     for n in graph.nodes:
         if n.op == "call_module":
@@ -145,7 +162,7 @@ def find_blocks(gm: fx.GraphModule, record: RunRecord) -> tuple[list[Block], lis
             continue
         best: tuple[int, int, frozenset[fx.Node]] | None = None
         for pos in (0, 1):
-            dead = frozenset(base - live_nodes(graph, {n: pos}))
+            dead = frozenset(base - live_nodes(graph, {n: pos}, writes))
             has_params = any(
                 d.op == "call_module"
                 and any(True for _ in gm.get_submodule(str(d.target)).parameters())

@@ -333,8 +333,10 @@ class InsertedGating(ModelGating):
     def hard_open(self) -> list[Tensor]:
         """Exact open decisions per channel group (float 0/1); a group never closes entirely
         (a conv cannot have zero outputs): if all its gates are closed, its first entry is
-        kept, with its gate value 0 folded into the weights. The states of a recurrent module
-        are padded to their common kept width (closed units kept with gate value 0; see
+        kept, with its gate value 0 folded into the weights. So does each sliced module: a
+        conv whose channels are only a part of a group (one input of a ``cat``) keeps its
+        first channel when all of them close. The states of a recurrent module are padded to
+        their common kept width (closed units kept with gate value 0; see
         :mod:`gatedprune.gating.rnn`)."""
         out = []
         for g, clamp in zip(self.group_gates, self.clamp, strict=True):
@@ -344,6 +346,17 @@ class InsertedGating(ModelGating):
                 o = o.clone()
                 o[0] = 1.0
             out.append(o)
+        for s in self.slices.values():
+            for grp, gidx in ((s.out_group, s.out_gidx), (s.in_group, s.in_gidx)):
+                if grp is None or gidx is None or not len(grp) or bool((grp < 0).any()):
+                    continue  # ungated channels always stay
+                if not all(self.clamp[int(k)] for k in np.unique(grp)):
+                    continue
+                if any(bool(out[int(k)][int(i)] > 0) for k, i in zip(grp, gidx, strict=True)):
+                    continue
+                k, i = int(grp[0]), int(gidx[0])
+                out[k] = out[k].clone()
+                out[k][i] = 1.0  # kept with its gate value 0 folded into the weights
         return pad_to_width(out, self.rnns)
 
     def closed_blocks(self) -> list[int]:

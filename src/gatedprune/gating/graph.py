@@ -12,6 +12,7 @@ model's own ``forward`` is an error.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,14 @@ from .transformer import (
     PrunedTransformerEncoderLayer,
 )
 
-__all__ = ["TracedModel", "owner_of", "record_run", "scope_nodes", "trace_model"]
+__all__ = [
+    "TracedModel",
+    "mutated_input",
+    "owner_of",
+    "record_run",
+    "scope_nodes",
+    "trace_model",
+]
 
 _MAX_OPAQUE = 64
 _LEAVES = (
@@ -96,7 +104,10 @@ def trace_model(
     concrete_args: dict[str, Any] | None = None,
 ) -> TracedModel:
     """Trace ``model`` with fx, turning submodules whose ``forward`` cannot be traced into
-    opaque leaves (see the module docstring).
+    opaque leaves (see the module docstring). The model is traced in eval mode whatever its
+    mode (and left in it): fx bakes ``self.training`` into the graph, and the graph must be
+    the eval-mode function that ``prune`` keeps (``F.dropout(x, p, self.training)`` or a
+    drop-path ``if not self.training: return x`` in rewritten code must not act in eval mode).
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
@@ -105,6 +116,9 @@ def trace_model(
     found: dict[str, str] = dict(opaque or {})
     for _ in range(_MAX_OPAQUE):
         tracer = GateTracer(set(found))
+        modes = [(m, m.training) for m in model.modules()]
+        for m, _ in modes:  # code reading `self.training` is traced as the eval-mode function
+            m.training = False
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
         except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
@@ -124,6 +138,9 @@ def trace_model(
                     stacklevel=3,
                 )
             continue
+        finally:
+            for m, mode in modes:
+                m.training = mode
         return TracedModel(fx.GraphModule(tracer.root, graph), found)
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
 
@@ -136,6 +153,77 @@ def owner_of(node: fx.Node) -> str:
     if node.op == "call_module" and paths and paths[-1] == node.target:
         paths = paths[:-1]
     return str(paths[-1]) if paths else ""
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+# ops whose result may share memory with their first argument: writing into it writes the base
+_VIEW_NAMES = {
+    "getitem",
+    "narrow",
+    "view",
+    "view_as",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "transpose",
+    "permute",
+    "movedim",
+    "t",
+    "select",
+    "split",
+    "chunk",
+    "unbind",
+    "tensor_split",
+    "expand",
+    "expand_as",
+    "diagonal",
+    "as_strided",
+    "detach",
+    "contiguous",
+}
+
+
+def _view_name(node: fx.Node) -> str:
+    if node.op not in ("call_method", "call_function"):
+        return ""
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def mutated_input(node: fx.Node, gm: fx.GraphModule | None = None) -> fx.Node | None:
+    """The tensor that ``node`` writes into in place (``y.relu_()``, ``torch.relu_(y)``,
+    ``F.relu(y, inplace=True)``, ``y += z``, an ``inplace=True`` module of ``gm``), else None;
+    a write into a view (``y[:, :4].relu_()``) is a write into the viewed tensor ``y``.
+
+    fx records such a call as a node of its own, but the code may go on reading ``y`` and drop
+    the node's return value: liveness must then follow the write, not the data flow.
+
+    >>> g = fx.Graph()
+    >>> y = g.placeholder("y")
+    >>> [mutated_input(n) is y for n in (g.call_method("relu_", (y,)), g.call_method("relu", (y,)))]
+    [True, False]
+    >>> mutated_input(g.call_method("zero_", (g.call_method("narrow", (y, 1, 0, 2)),))) is y
+    True
+    """
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    in_place = False
+    if node.op in ("call_method", "call_function"):
+        dunder = name.startswith("__") and name.endswith("__")
+        in_place = (name.endswith("_") and not dunder) or node.kwargs.get("inplace") is True
+        in_place = in_place or (node.op == "call_function" and target in _INPLACE_OPERATORS)
+    elif node.op == "call_module" and gm is not None:
+        in_place = getattr(gm.get_submodule(str(target)), "inplace", False) is True
+    if not in_place:
+        return None
+    base = node.args[0]
+    while _view_name(base) in _VIEW_NAMES and base.args and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    return base
 
 
 def _in_scope(node: fx.Node, scope: str) -> bool:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .blocks import Block
 from .channels import ChannelAnalysis
-from .graph import RunRecord, owner_of
+from .graph import RunRecord, mutated_input, owner_of
 
 __all__ = ["Edge", "find_dense_edges"]
 
@@ -147,6 +147,15 @@ def find_dense_edges(
         x = next(iter(ins))
         users = [n.name for n in nodes if x in n.all_input_nodes]
         info.append((m, x, outs[0], users))
+    # writes the graph itself keeps (`self.relu(x)` with inplace=True, `x.relu_()`): they stay
+    # in place in the pruned code, where a shortcut reads its source when the destination
+    # block starts; the gated model reads a copy taken when the source block returned
+    writes: dict[fx.Node, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        w = mutated_input(n, gm)
+        if w is not None:
+            writes.setdefault(w, []).append(n)
+    by_name = {n.name: n for n in gm.graph.nodes}
     edges: list[Edge] = []
     for j, (dst, x_j, _, users) in enumerate(info):
         for src, _, out_i, _ in info[:j]:
@@ -155,6 +164,13 @@ def find_dense_edges(
             if record.shapes.get(out_i) != record.shapes.get(x_j) or record.shapes.get(x_j) is None:
                 continue
             if not _same_channels(ca, out_i, x_j):
+                continue
+            read_at = min(order[by_name[u]] for u in users)
+            over = [w for w in writes.get(out_i, []) if order[out_i] < order[w] < read_at]
+            if over:
+                w = over[0]
+                by = str(w.target) if w.op == "call_module" else w.name
+                skipped.append((src, f"{by} overwrites its output in place before {dst} reads it"))
                 continue
             scope = _code_owner(model, _common(src, dst))
             if scope in (src, dst):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .blocks import Block, live_nodes, outermost
 from .channels import ChannelAnalysis
-from .graph import RunRecord, owner_of
+from .graph import RunRecord, mutated_input, owner_of
 from .rnn import rnn_cost_rows
 from .shortcuts import Edge
 from .transformer import attention_cost, layer_cost
@@ -39,6 +39,7 @@ class GraphInfo:
     output: str
     base_live: frozenset[str]
     relu: dict[str, str] = field(default_factory=dict)  # ReLU node -> its input (graph order)
+    writes: dict[str, str] = field(default_factory=dict)  # in-place op -> the input it writes
 
     @staticmethod
     def of(gm: fx.GraphModule) -> GraphInfo:
@@ -54,6 +55,7 @@ class GraphInfo:
             output=out.name,
             base_live=frozenset(n.name for n in live_nodes(gm.graph, {})),
             relu=relu,
+            writes={n.name: w.name for n in nodes if (w := mutated_input(n, gm)) is not None},
         )
 
     def live(
@@ -69,13 +71,17 @@ class GraphInfo:
         live: set[str] = set()
         stack = [self.output]
         while stack:
-            n = stack.pop()
-            if n in live:
-                continue
-            live.add(n)
-            drop = cut.get(n)
-            stack.extend(a for a in self.inputs[n] if a != drop and a not in live)
-            stack.extend(a for a in extra.get(n, []) if a not in live)
+            while stack:
+                n = stack.pop()
+                if n in live:
+                    continue
+                live.add(n)
+                drop = cut.get(n)
+                stack.extend(a for a in self.inputs[n] if a != drop and a not in live)
+                stack.extend(a for a in extra.get(n, []) if a not in live)
+            # an in-place op whose result the code drops lives as long as what it writes
+            writes = getattr(self, "writes", {})  # absent in models pickled before it existed
+            stack = [n for n, w in writes.items() if w in live and n not in live]
         return live
 
     def bypass(
