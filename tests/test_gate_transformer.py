@@ -210,7 +210,7 @@ def test_ungated_decoder_is_counted_whole_in_the_gated_cost(kind: str, batch_fir
     # (2*10*8*8 FLOPs, 8*8 params); the decoder keeps all its FLOPs
     assert hard.detach() == Cost(dense.flops - 560 - 1280, dense.params - 32 - 64)
     assert gatedprune.cost(gatedprune.prune(model), x) == hard.detach()
-    fraction = gatedprune.Budget(model, x, flops=0.5).expected()["flops"]
+    fraction = gatedprune.Budget(model, x, flops=1.0).expected()["flops"]
     assert abs(fraction - hard.detach().flops / dense.flops) < 1e-3
 
 

@@ -15,6 +15,7 @@ their gradients like any other parameter's).
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -61,7 +62,9 @@ class Budget(nn.Module):
     Add ``budget.penalty()`` to the task loss at every training step and give
     ``budget.parameters()`` (the multipliers) to the optimizer without weight decay. A latency
     budget (``latency=``, with ``latency_model=``, see :class:`~gatedprune.LatencyModel`) is a
-    fraction of the all-open network's latency as that model predicts it.
+    fraction of the all-open network's latency as that model predicts it. ``budget.floor``
+    holds the fractions with every gate closed (the ungated parts' share); a target below it
+    cannot be met, and the constructor warns (``UserWarning``).
 
     >>> import torch, gatedprune
     >>> net = gatedprune.ShortcutMLP(40, [32, 32], 10)
@@ -108,6 +111,8 @@ class Budget(nn.Module):
                 f"{type(latency_model).__name__}"
             )
         start = _check_fraction("target_start", target_start)
+        if not isinstance(anti_windup, bool):
+            raise TypeError(f"anti_windup must be a bool, got {anti_windup!r}")
         for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int >= 0, got {value!r}")
@@ -139,12 +144,25 @@ class Budget(nn.Module):
                     f"{latency_model.sample_shape[1:]}, but example_input's are {shape}"
                 )
             self._latency = (latency_model, nets[0])
-        dense = self._all_open_cost()
+        dense = self._forced_cost(True)
         self.targets: dict[str, float] = {k: v for k, v in targets.items() if v is not None}
         self.dense: dict[str, float] = {k: dense[k] for k in self.targets}
         for k, v in self.dense.items():
             if v <= 0:
                 raise ValueError(f"the model's all-open {k} count is {v}; nothing to budget")
+        closed = self._forced_cost(False)
+        # the smallest reachable fractions (costs only grow as gates open); a target below
+        # them cannot be met by any decisions: the snap then ends at the floor, above it
+        self.floor: dict[str, float] = {k: closed[k] / self.dense[k] for k in self.targets}
+        for k, t in self.targets.items():
+            if t < self.floor[k]:
+                warnings.warn(
+                    f"{k}={t!r} is below the smallest reachable fraction {self.floor[k]:.6g} "
+                    f"of {type(model).__name__} (every gate closed; ungated parts keep their "
+                    "cost): no decisions can meet it, the snap ends at that fraction",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.warmup_steps = int(warmup_steps)
         self.delay_steps = int(delay_steps)
         self.target_start: float = 1.0 if start is None else start
@@ -162,12 +180,13 @@ class Budget(nn.Module):
     def model(self) -> nn.Module:
         return self._model[0]
 
-    def _all_open_cost(self) -> dict[str, float]:
+    def _forced_cost(self, is_open: bool) -> dict[str, float]:
+        """Exact cost with every gate open (or every gate closed); the gates are restored."""
         saved = []
         for mod, _ in self.program.gated:
             for g in mod.gates():
                 saved.append((g, {k: v.clone() for k, v in g.state_dict().items()}))
-                g.force_(torch.ones(g.n, dtype=torch.bool))
+                g.force_(torch.full((g.n,), is_open, dtype=torch.bool))
         try:
             c = self.program.evaluate(hard=True)
             values = {"flops": float(c.flops), "params": float(c.params)}

@@ -122,7 +122,10 @@ def snap_to_budget(
 ) -> dict[str, float]:
     """Fix every gate of ``budget.model`` open or closed so the achieved cost fractions lie
     within ``tolerance`` of the targets, and with ``at_most`` (the default: a budget is a
-    ceiling) not above them: in ``[t - tolerance, t]``; returns the achieved fractions.
+    ceiling) not above them: in ``[t - tolerance, t]``; returns the achieved fractions. With
+    several targets (``flops=`` and ``params=``) every one is a ceiling and the binding one
+    (the one closest to its target) is brought within ``tolerance``; the others end where it
+    leaves them, usually further below.
 
     The Lagrangian brings the cost *near* the target, but a single gate can hold a large share
     of the cost (an edge between two wide layers, the only input edge of a layer), and near
@@ -131,22 +134,32 @@ def snap_to_budget(
     ``tolerance`` below its target, the most probable closed gates are opened until that is no
     longer so (possibly overshooting); then, while a constraint is above its target (more than
     ``tolerance`` above it without ``at_most``), the least probable open gates are closed,
-    skipping any closure that would take a constraint more than ``tolerance`` below its target.
+    skipping any closure that would take every constraint more than ``tolerance`` below its
+    target; if the decisions then lie below the window (a closure overshot), the most probable
+    closed gates that fit under every ceiling are reopened. Such rounds are repeated from their
+    result while they improve. Decisions a snap ends in (every gate confidently open or
+    closed, under every ceiling, rounded with ``round_to``, and in the window or with no
+    single closed gate or round-up left that fits) are returned unchanged, so snapping twice
+    changes nothing.
     Every gate ends in a confident state (``Gate.force_``), so the eval-mode values are exactly
     0 or 1. When no such decisions are found this way (the target may be out of reach of the
     structure's granularity), the decisions closest to the allowed window among those visited
     are kept, with ``at_most`` the closest among those at or below every target (a closure
     that undershoots is visited before it is undone, so one exists whenever closing gates can
-    reach the ceiling): check the returned fractions.
+    reach the ceiling, and :class:`Budget` refuses targets below the all-closed cost): check
+    the returned fractions.
 
     ``round_to`` (e.g. 16, the float32 block of AVX-512 kernels) then rounds every layer width
     (the open count of each :meth:`GatedModule.width_gates` gate with more than ``round_to``
     entries) to a multiple of ``round_to`` or to the full width, keeping closed layers closed
     and the most probable units: all widths are first rounded down (at least ``round_to``),
     then the round-ups whose reopened units have the highest mean open probability are taken
-    while every constraint stays at or below its target. The cost may then lie more than
+    while every constraint stays at or below its target, then the most probable other closed
+    gates (edges, blocks, narrower layers) that fit. The cost may then lie more than
     ``tolerance`` below the target (the granularity is coarser); if even the rounded-down
     widths exceed a target, the unrounded decisions are kept.
+    The greedy follows the learned ranking: when only a compound move reaches the window (such
+    as reopening an improbable sub-layer and closing units), the result stays below it.
     Deterministic, so every DDP rank makes the same decisions.
 
     >>> import torch, gatedprune
@@ -159,23 +172,200 @@ def snap_to_budget(
     if not isinstance(budget, Budget):
         raise TypeError(f"snap_to_budget expects a gatedprune.Budget, got {type(budget).__name__}")
     tol = _positive_float("tolerance", tolerance, allow_zero=True)
+    if not isinstance(at_most, bool):  # None or "no" would silently pick a window
+        raise TypeError(f"at_most must be a bool, got {at_most!r}")
     if round_to is not None:
         round_to = _positive_int("round_to", round_to)
+        _check_round_to(budget.model, round_to)  # before any gate changes
     gates = gate_modules(budget.model)
     masks = [g.is_open().reshape(-1).clone() for g in gates]  # (n_g,) each
-    probs = [g.prob_open().detach().reshape(-1).clone() for g in gates]  # (n_g,), before force_
+    learned = [g.prob_open().detach().reshape(-1).clone() for g in gates]  # before force_
+    forced = True  # whether every gate already is in a confident state (snapped before)
+    for g, m in zip(gates, masks, strict=True):
+        state = [t.clone() for t in g.state_dict().values()]
+        g.force_(m)
+        forced = forced and all(
+            torch.equal(a, b) for a, b in zip(state, g.state_dict().values(), strict=True)
+        )
+    window = _Window(budget.targets, tol, at_most)
+    current = {k: float(v) for k, v in budget.fractions(hard=True).items()}
+    if forced and _settled(budget, gates, window, round_to, current):
+        return current  # what a snap ends in: snapping twice changes nothing
+    # greedy rounds ranking the gates by their learned probabilities, until one brings no
+    # strict improvement (each round ends in the best decisions it visited)
+    for _ in range(_MAX_SNAP_ROUNDS):
+        start, start_cost = [m.clone() for m in masks], current
+        current = _snap_round(budget, gates, masks, learned, window)
+        if not window.deviation(current) < window.deviation(start_cost):
+            for g, mask, m in zip(gates, masks, start, strict=True):
+                mask.copy_(m)
+                g.force_(m)
+            current = start_cost
+            break
+    if round_to is not None:
+        by_id = {id(g): p for g, p in zip(gates, learned, strict=True)}
+        current = _round_widths(budget, round_to, by_id)
+        if _is_rounded(budget.model, round_to):
+            for g, mask in zip(gates, masks, strict=True):
+                mask.copy_(g.is_open().reshape(-1))
+            fixed = _fixed_width(budget.model, round_to)
+            current = _fill(budget, gates, masks, learned, window, fixed)
+    return current
+
+
+_MAX_SNAP_ROUNDS = 16
+"""Bound on the greedy rounds of :func:`snap_to_budget` (each one strictly improves)."""
+
+
+def _is_rounded(model: nn.Module, multiple: int) -> bool:
+    """Whether every layer width is 0, full, or a multiple of ``multiple`` (see ``round_to``)."""
+    return all(_legal_width(g, int(g.is_open().sum()), multiple) for g in _width_gates(model))
+
+
+def _legal_width(g: Gate, k: int, multiple: int) -> bool:
+    return k == 0 or k == g.n or g.n <= multiple or k % multiple == 0
+
+
+def _fixed_width(model: nn.Module, round_to: int | None) -> Callable[[Gate], bool]:
+    """Which gates a fill must not open one by one: with ``round_to``, the rounded widths
+    (:meth:`GatedModule.width_gates` wider than ``round_to``); they only grow by round-ups."""
+    if round_to is None:
+        return lambda g: False
+    ids = {id(g) for g in _width_gates(model) if g.n > round_to}
+    return lambda g: id(g) in ids
+
+
+def _fill(
+    budget: Budget,
+    gates: list[Gate],
+    masks: list[Tensor],
+    probs: list[Tensor],
+    window: _Window,
+    fixed: Callable[[Gate], bool],
+) -> dict[str, float]:
+    """While every constraint lies below its window, open the most probable closed gates
+    that keep every constraint under its ceiling (skipping ``fixed`` gates); one pass: an
+    opening that does not fit never fits after further openings (costs only grow)."""
+    current = {k: float(v) for k, v in budget.fractions(hard=True).items()}
+    order = sorted(
+        (
+            (float(score), gi, i)
+            for gi, (g, p) in enumerate(zip(gates, probs, strict=True))
+            if not fixed(g)
+            for i, score in enumerate(p[:: g.group].tolist())
+        ),
+        reverse=True,
+    )  # descending open probability, ties by position (reversed): deterministic
+    for _, gi, i in order:
+        if not window.all_below(current) or window.any_above(current):
+            break
+        group, mask = gates[gi].group, masks[gi]
+        if bool(mask[i * group]):
+            continue
+        mask[i * group : (i + 1) * group] = True
+        gates[gi].force_(mask)
+        trial = {k: float(v) for k, v in budget.fractions(hard=True).items()}
+        if window.any_above(trial):
+            mask[i * group : (i + 1) * group] = False
+            gates[gi].force_(mask)
+        else:
+            current = trial
+    return current
+
+
+def _settled(
+    budget: Budget,
+    gates: list[Gate],
+    window: _Window,
+    round_to: int | None,
+    current: dict[str, float],
+) -> bool:
+    """Whether forced decisions are what a snap ends in: under every ceiling, rounded (with
+    ``round_to``), and in the window or with no single opening left that fits (one closed
+    gate, or with ``round_to`` one round-up of a rounded width)."""
+    if window.any_above(current):
+        return False
+    if window.inside(current):
+        return round_to is None or _is_rounded(budget.model, round_to)
+    if round_to is not None and not _is_rounded(budget.model, round_to):
+        return False
+    fixed = _fixed_width(budget.model, round_to)
+
+    def fits_with(g: Gate, mask: Tensor) -> bool:
+        before = g.is_open().reshape(-1).clone()
+        g.force_(mask)
+        trial = {k: float(v) for k, v in budget.fractions(hard=True).items()}
+        g.force_(before)
+        return not window.any_above(trial)
+
+    for g in gates:
+        mask = g.is_open().reshape(-1)
+        k = int(mask.sum())
+        if fixed(g):
+            if 0 < k < g.n:  # a round-up: the next rounded width, closed units by position
+                assert round_to is not None
+                up = min(g.n, (k // round_to + 1) * round_to)
+                grown = mask.clone()
+                grown[(~mask).nonzero().reshape(-1)[: up - k]] = True
+                if fits_with(g, grown):
+                    return False
+            continue
+        for i in range(0, g.n, g.group):
+            if not bool(mask[i]):
+                grown = mask.clone()
+                grown[i : i + g.group] = True
+                if fits_with(g, grown):
+                    return False
+    return True
+
+
+class _Window:
+    """The allowed window of :func:`snap_to_budget`: no constraint above its target (or more
+    than ``tol`` above it without ``at_most``), and at least one constraint (the binding one)
+    within ``tol`` below it. With several targets the others are usually further below."""
+
+    def __init__(self, targets: Mapping[str, float], tol: float, at_most: bool) -> None:
+        self.targets, self.tol, self.at_most = dict(targets), tol, at_most
+        self.above = 0.0 if at_most else tol  # allowed excess over a target
+
+    def all_below(self, c: Mapping[str, float]) -> bool:
+        return all(c[k] < t - self.tol for k, t in self.targets.items())
+
+    def any_above(self, c: Mapping[str, float]) -> bool:
+        return any(c[k] > t + self.above for k, t in self.targets.items())
+
+    def inside(self, c: Mapping[str, float]) -> bool:
+        return not self.all_below(c) and not self.any_above(c)
+
+    def deviation(self, c: Mapping[str, float]) -> tuple[bool, float]:
+        """Sort key: with ``at_most``, a state above a ceiling ranks behind every state at or
+        below all of them; then the distance to the window (0 inside it), then the binding
+        constraint's distance to its target."""
+        t = self.targets
+        over = self.at_most and any(c[k] > t[k] for k in t)
+        excess = max(max(c[k] - t[k] - self.above, 0.0) for k in t)
+        short = min(max(t[k] - self.tol - c[k], 0.0) for k in t)
+        closest = min(abs(c[k] - t[k]) for k in t)
+        return over, max(excess, short) + 1e-9 * closest
+
+
+def _snap_round(
+    budget: Budget, gates: list[Gate], masks: list[Tensor], probs: list[Tensor], window: _Window
+) -> dict[str, float]:
+    """One greedy round of :func:`snap_to_budget` on forced gates (``masks`` are their open
+    masks, updated in place); ``probs`` rank them. Takes the best decisions it visited (the
+    starting ones unless strictly better), fills them up to the window (:func:`_fill`) and
+    returns their cost fractions."""
+
+    def achieved() -> dict[str, float]:
+        return {k: float(v) for k, v in budget.fractions(hard=True).items()}
+
     # the decisions are per gate: a gate shared by a group of entries flips its whole group
     order = sorted(
         (float(score), gi, i)
         for gi, (g, p) in enumerate(zip(gates, probs, strict=True))
         for i, score in enumerate(p[:: g.group].tolist())
     )  # ascending open probability; ties broken by position: deterministic
-    for g, m in zip(gates, masks, strict=True):
-        g.force_(m)
-    targets = budget.targets
-
-    def achieved() -> dict[str, float]:
-        return {k: float(v) for k, v in budget.fractions(hard=True).items()}
 
     def is_set(gi: int, i: int) -> bool:
         return bool(masks[gi][i * gates[gi].group])
@@ -185,61 +375,42 @@ def snap_to_budget(
         masks[gi][i * group : (i + 1) * group] = is_open
         gates[gi].force_(masks[gi])
 
-    def all_below(c: dict[str, float]) -> bool:
-        return all(c[k] < t - tol for k, t in targets.items())
-
-    def any_below(c: dict[str, float]) -> bool:
-        return any(c[k] < t - tol for k, t in targets.items())
-
-    above = 0.0 if at_most else tol  # allowed excess over a target
-
-    def any_above(c: dict[str, float]) -> bool:
-        return any(c[k] > t + above for k, t in targets.items())
-
-    def deviation(c: dict[str, float]) -> tuple[bool, float]:
-        # with at_most, any state above a ceiling ranks behind every state at or below all of
-        # them; then the distance to the allowed window [t - tol, t + above] (0 inside it),
-        # then to the target
-        over = at_most and any(c[k] > t for k, t in targets.items())
-        out = max(max(t - tol - c[k], c[k] - t - above, 0.0) for k, t in targets.items())
-        return over, out + 1e-9 * max(abs(c[k] - t) for k, t in targets.items())
-
     current = achieved()
-    best = (deviation(current), [m.clone() for m in masks])
+    best = (window.deviation(current), [m.clone() for m in masks], current)
 
     def consider(c: dict[str, float]) -> None:
         nonlocal best
-        if deviation(c) < best[0]:
-            best = (deviation(c), [m.clone() for m in masks])
+        if window.deviation(c) < best[0]:
+            best = (window.deviation(c), [m.clone() for m in masks], c)
 
-    if all_below(current):
+    def restore_best() -> dict[str, float]:
+        for g, mask, m in zip(gates, masks, best[1], strict=True):
+            mask.copy_(m)
+            g.force_(m)
+        return best[2]
+
+    if window.all_below(current):  # open the most probable closed gates (may overshoot)
         for _, gi, i in reversed(order):
-            if not all_below(current):
+            if not window.all_below(current):
                 break
             if not is_set(gi, i):
                 set_gate(gi, i, True)
                 current = achieved()
                 consider(current)
-    for _, gi, i in order:
-        if not any_above(current):
+    for _, gi, i in order:  # close the least probable open gates while a cost is too high
+        if not window.any_above(current):
             break
         if is_set(gi, i):
             set_gate(gi, i, False)
             trial = achieved()
             consider(trial)
-            if any_below(trial):
+            if window.all_below(trial):
                 set_gate(gi, i, True)  # this closure would undershoot: keep the gate
             else:
                 current = trial
-    if deviation(current) > best[0]:  # the target is not reachable within the tolerance
-        for g, gi_mask, m in zip(gates, masks, best[1], strict=True):
-            gi_mask.copy_(m)
-            g.force_(m)
-        current = achieved()
-    if round_to is not None:
-        learned = {id(g): p for g, p in zip(gates, probs, strict=True)}
-        current = _round_widths(budget, round_to, learned)
-    return current
+    restore_best()
+    # below the window (a closure overshot): reopen the most probable closed gates that fit
+    return _fill(budget, gates, masks, probs, window, lambda g: False)
 
 
 def _width_gates(model: nn.Module) -> list[Gate]:

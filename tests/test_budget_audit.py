@@ -1,0 +1,239 @@
+"""Audit of Budget and snap_to_budget: ceilings with several targets, unreachable targets,
+idempotence, local optimality of the snap on every model kind, bad arguments."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import hypothesis
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune import Budget, cost, gate_modules, prune, snap_to_budget
+from gatedprune.gating import ResNet1d, gate_
+
+
+class _TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 6) -> (B, 3)
+        out: Tensor = self.out(self.enc(self.inp(x)).mean(1))
+        return out
+
+
+class _UserLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(5, 12, num_layers=2, batch_first=True)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 5) -> (B, 3)
+        y, _ = self.lstm(x)
+        out: Tensor = self.out(y[:, -1])
+        return out
+
+
+KINDS = ["mlp", "conv", "lstm", "wrapped", "resnet", "transformer", "user_lstm"]
+
+
+def _model(kind: str) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return gp.ShortcutMLP(12, [16, 16, 16], 3), torch.zeros(1, 12)
+    if kind == "conv":
+        return gp.ShortcutConv1d(1, [[8, 8], [16]], 4, input_length=16), torch.zeros(1, 1, 16)
+    if kind == "lstm":
+        return gp.ShortcutLSTM(5, 12, 2, 3), torch.zeros(1, 7, 5)
+    if kind == "wrapped":  # several gated networks in one wrapper
+        net = nn.Sequential(
+            gp.ShortcutMLP(12, [16, 16], 8), nn.ReLU(), gp.ShortcutMLP(8, [16, 16], 3)
+        )
+        return net, torch.zeros(1, 12)
+    model: nn.Module
+    if kind == "resnet":
+        model, x = ResNet1d(widths=(8, 16), blocks=(1, 1)), torch.randn(2, 1, 16)
+    elif kind == "transformer":
+        model, x = _TinyTransformer(), torch.randn(2, 5, 6)
+    else:
+        model, x = _UserLSTM(), torch.randn(2, 7, 5)
+    gate_(model, x)
+    return model, x
+
+
+def _randomize(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for g in gate_modules(model):
+        assert isinstance(g, gp.HardConcreteGate)
+        g.log_alpha.data = 2.0 * torch.randn(g.log_alpha.shape, generator=gen)
+
+
+def _all_open(model: nn.Module) -> nn.Module:
+    out = copy.deepcopy(model)
+    for g in gate_modules(out):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    return out
+
+
+def _pruned_fraction(model: nn.Module, x: Tensor, measure: str) -> float:
+    pruned = cost(prune(copy.deepcopy(model).eval()).eval(), x)
+    dense = cost(prune(_all_open(model).eval()).eval(), x)
+    return float(getattr(pruned, measure)) / float(getattr(dense, measure))
+
+
+def _masks(model: nn.Module) -> list[Tensor]:
+    return [g.is_open().clone() for g in gate_modules(model)]
+
+
+def _one_opening_fits(budget: Budget, limits: dict[str, float]) -> bool:
+    """Whether opening one more closed gate raises a cost and keeps every one at or below
+    its target (the snap left an improvement on the table)."""
+    before = budget.achieved()
+    for g in gate_modules(budget.model):
+        mask = g.is_open().clone()
+        for i in range(0, g.n, g.group):
+            if mask[i]:
+                continue
+            trial_mask = mask.clone()
+            trial_mask[i : i + g.group] = True
+            g.force_(trial_mask)
+            trial = budget.achieved()
+            g.force_(mask)
+            raises = any(trial[k] > before[k] for k in limits)
+            if raises and all(trial[k] <= t for k, t in limits.items()):
+                return True
+    return False
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    target=st.floats(0.2, 0.95),
+    both=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@hypothesis.example(kind="user_lstm", target=0.3, both=True, seed=0)  # was above the ceiling
+@hypothesis.example(kind="transformer", target=0.3, both=False, seed=1)  # 2nd snap moved it
+def test_snap_is_a_ceiling_exact_idempotent_and_leaves_no_gate_to_reopen(
+    kind: str, target: float, both: bool, seed: int
+) -> None:
+    model, x = _model(kind)
+    _randomize(model, seed)
+    limits = {"flops": target, "params": min(1.0, 1.1 * target)} if both else {"flops": target}
+    budget = Budget(model, x, **limits)  # type: ignore[arg-type]
+    got = snap_to_budget(budget, tolerance=0.01)
+    assert got == budget.achieved()
+    for k, t in limits.items():
+        assert got[k] <= t, (k, got[k], t)  # a ceiling, with one target or two
+        assert got[k] == pytest.approx(_pruned_fraction(model, x, k), abs=1e-12)
+    inside = any(got[k] >= t - 0.01 for k, t in limits.items())
+    # either the binding target is met within the tolerance, or no gate can be reopened
+    assert inside or not _one_opening_fits(budget, limits), (got, limits)
+    masks = _masks(model)
+    assert snap_to_budget(budget, tolerance=0.01) == got  # snapping twice changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(masks, _masks(model), strict=True))
+
+
+def test_two_targets_on_a_gated_lstm_stay_at_or_below_both() -> None:
+    """Closing one hidden unit of one layer of a gated nn.LSTM saves nothing (the layers
+    share a hidden size), and params was already below its window: every closure was
+    refused and FLOPs ended above their ceiling (0.306 > 0.3)."""
+    model, x = _model("user_lstm")
+    _randomize(model, 0)
+    budget = Budget(model, x, flops=0.3, params=0.33)
+    got = snap_to_budget(budget)
+    assert got["flops"] <= 0.3, got
+    assert got["params"] <= 0.33, got
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_a_target_below_the_all_closed_cost_warns_and_the_snap_closes_every_gate(
+    kind: str,
+) -> None:
+    """A target below the all-closed cost used to be taken silently; the snap then ended
+    above the ceiling with no word."""
+    model, x = _model(kind)
+    closed = copy.deepcopy(model)
+    for g in gate_modules(closed):
+        g.force_(torch.zeros(g.n, dtype=torch.bool))
+    floor = Budget(closed, x, flops=1.0).achieved()["flops"]
+    assert 0.0 < floor < 0.1
+    with pytest.warns(UserWarning, match=r"flops=0\.0001 is below .*every gate closed"):
+        budget = Budget(model, x, flops=1e-4)
+    assert budget.floor == {"flops": floor}
+    assert snap_to_budget(budget) == {"flops": floor}  # best effort: the closest decisions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        budget = Budget(model, x, flops=floor)  # reachable: exactly every gate closed
+    assert snap_to_budget(budget)["flops"] <= floor
+
+
+def test_anti_windup_must_be_a_bool() -> None:
+    model, x = _model("mlp")
+    with pytest.raises(TypeError, match="anti_windup must be a bool, got 'False'"):
+        Budget(model, x, flops=0.5, anti_windup="False")  # type: ignore[arg-type]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    kind=st.sampled_from(["mlp", "conv", "grouped", "wrapped"]),
+    target=st.sampled_from([0.15, 0.3, 0.5, 0.8]),
+    multiple=st.sampled_from([4, 8]),
+    seed=st.integers(0, 2**16),
+)
+@hypothesis.example(kind="mlp", target=0.15, multiple=4, seed=0)  # 0.122, then 0.113
+def test_snap_with_round_to_is_idempotent(
+    kind: str, target: float, multiple: int, seed: int
+) -> None:
+    """A second snap of rounded decisions used to move them again (they lie below the
+    window, so the snap reopened gates and rounded anew), sometimes to a lower cost."""
+    torch.manual_seed(seed)
+    model: nn.Module
+    if kind == "mlp":
+        model, x = gp.ShortcutMLP(16, [20, 12, 24], 4), torch.zeros(1, 16)
+    elif kind == "conv":
+        model, x = gp.ShortcutConv1d(1, [[20, 12], [24]], 4, input_length=32), torch.zeros(1, 1, 32)
+    elif kind == "grouped":
+        model, x = gp.ShortcutMLP(16, [32, 32], 4, unit_group=4), torch.zeros(1, 16)
+    else:
+        model = nn.Sequential(gp.ShortcutMLP(16, [20, 24], 8), gp.ShortcutMLP(8, [24, 16], 4))
+        x = torch.zeros(1, 16)
+    _randomize(model, seed)
+    budget = Budget(model, x, flops=target)
+    got = snap_to_budget(budget, tolerance=0.02, round_to=multiple)
+    assert got["flops"] <= target
+    assert got["flops"] == pytest.approx(_pruned_fraction(model, x, "flops"), abs=1e-12)
+    masks = _masks(model)
+    assert snap_to_budget(budget, tolerance=0.02, round_to=multiple) == got
+    assert all(torch.equal(a, b) for a, b in zip(masks, _masks(model), strict=True))
+
+
+@pytest.mark.parametrize("value", [None, "no", 0])
+def test_snap_at_most_must_be_a_bool(value: object) -> None:
+    """``at_most=None`` used to switch silently to the symmetric window (above the ceiling)."""
+    model, x = _model("mlp")
+    budget = Budget(model, x, flops=0.5)
+    before = _masks(model)
+    with pytest.raises(TypeError, match=f"at_most must be a bool, got {value!r}"):
+        snap_to_budget(budget, at_most=value)  # type: ignore[arg-type]
+    assert all(torch.equal(a, b) for a, b in zip(before, _masks(model), strict=True))
+
+
+def test_a_round_to_that_splits_unit_groups_is_refused_before_any_gate_changes() -> None:
+    """The group check used to run after the snap had already forced every gate."""
+    torch.manual_seed(0)
+    model = gp.ShortcutMLP(16, [32, 32], 4, unit_group=8)
+    _randomize(model, 1)
+    budget = Budget(model, torch.zeros(1, 16), flops=0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"round_to=12 is not a multiple of .* group size 8"):
+        snap_to_budget(budget, round_to=12)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
