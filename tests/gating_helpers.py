@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import InsertedGating, gate_
+from gatedprune.gating import InsertedGating, ScaledAdd, gate_
 
 
 def gate_all_open(model: nn.Module, x: Tensor) -> InsertedGating:
@@ -20,3 +20,33 @@ def gate_all_open(model: nn.Module, x: Tensor) -> InsertedGating:
             gate.log_alpha.fill_(20.0)  # open with probability 1
     model.eval()
     return gating
+
+
+def inserted_gating(model: nn.Module) -> InsertedGating:
+    """The gating ``gate_`` attached to ``model``."""
+    g = model.gatedprune
+    assert isinstance(g, InsertedGating)
+    return g
+
+
+def random_gates(model: nn.Module, gen: torch.Generator, low: float = -4.0) -> None:
+    """Every channel-group gate of a ``gate_`` model at a random log alpha in ``[low, 4)``."""
+    with torch.no_grad():
+        for gate in inserted_gating(model).group_gates:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.copy_(torch.empty(gate.n).uniform_(low, 4.0, generator=gen))
+
+
+def shortcut_flops(model: nn.Module, x: Tensor) -> int:
+    """FLOPs of the ScaledAdd modules (kept new shortcuts, 2 per element) of a pruned model."""
+    total = [0]
+
+    def hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        total[0] += 2 * out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ScaledAdd)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total[0]

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from gating_helpers import inserted_gating, shortcut_flops
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -20,15 +21,7 @@ from torch import Tensor, nn
 import gatedprune
 from gatedprune.costs import Cost
 from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import InsertedGating, ScaledAdd, apply_plan, export_plan, gate_
-
-torch.set_num_threads(1)
-
-
-def _gating(model: nn.Module) -> InsertedGating:
-    g = model.gatedprune
-    assert isinstance(g, InsertedGating)
-    return g
+from gatedprune.gating import apply_plan, export_plan, gate_
 
 
 def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
@@ -46,7 +39,7 @@ def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
 def _set_gates(model: nn.Module, gen: torch.Generator, closed_blocks: list[int]) -> None:
     """Random channel gates (about half closed), the blocks in ``closed_blocks`` closed and the
     others open, every new shortcut open."""
-    g = _gating(model)
+    g = inserted_gating(model)
     with torch.no_grad():
         for gate in g.group_gates:
             assert isinstance(gate, HardConcreteGate)
@@ -92,7 +85,7 @@ def _check(
     c = gatedprune.cost(pruned, xi)
     assert isinstance(c, Cost)
     assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
-    g = _gating(model)
+    g = inserted_gating(model)
     closed_any = bool(g.closed_blocks()) or any(not bool(q.is_open().all()) for q in g.group_gates)
     if closed_any:
         assert c.flops < dense.flops
@@ -149,7 +142,7 @@ def test_closed_block_with_an_unused_in_place_result_prunes(
     op: str, closed: tuple[int, ...]
 ) -> None:
     model, pruned = _check(lambda: _InplaceBranch(op), (2, 3, 6, 6), closed_blocks=closed)
-    assert len(_gating(model).block_gates) == 1
+    assert len(inserted_gating(model).block_gates) == 1
     assert hasattr(pruned, "c1") != bool(closed)  # the removed branch's modules are gone
 
 
@@ -195,7 +188,7 @@ def test_dense_shortcut_from_an_output_the_next_block_overwrites_prunes_exactly(
     model, _ = _check(
         lambda: _ReluFirstNet(keep_result), (2, 3, 5, 5), seed=seed, shortcuts="dense"
     )
-    assert len(_gating(model).block_gates) == 4
+    assert len(inserted_gating(model).block_gates) == 4
     summary = gate_(_ReluFirstNet(), torch.randn(2, 3, 5, 5), shortcuts="dense")
     assert summary.shortcuts == []  # each source is overwritten before the shortcut reads it
     why = "blocks.1.relu overwrites its output in place before blocks.2 reads it"
@@ -252,7 +245,7 @@ def test_train_mode_model_gates_blocks_and_prunes_to_the_eval_function(kind: str
     assert model.training  # gate_ leaves every module in its mode
     assert all(m.training for m in model.blocks.modules())
     assert len(summary.blocks) == 3
-    g = _gating(model)
+    g = inserted_gating(model)
     with torch.no_grad():
         g.block_gates[1].log_alpha.fill_(-8.0)  # closed: blocks.1's code is rewritten
         assert isinstance(g.edge_gate, HardConcreteGate)
@@ -305,7 +298,7 @@ def test_producer_whose_channels_all_close_keeps_one(conv_grow: bool) -> None:
     dense = gatedprune.cost(model, x)
     assert isinstance(dense, Cost)
     gate_(model, x)
-    g = _gating(model)
+    g = inserted_gating(model)
     assert [q.n for q in g.group_gates] == [6, 3]
     with torch.no_grad():
         for q in g.group_gates:
@@ -408,19 +401,33 @@ class _RandomCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))  # (B, 3)
 
 
-def _shortcut_flops(model: nn.Module, x: Tensor) -> int:
-    """FLOPs of the kept new shortcuts (``ScaledAdd``, 2 per element) of a pruned model."""
-    total = [0]
-
-    def hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        total[0] += 2 * out.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ScaledAdd)]
+def _random_gates_prune_exactly(
+    model: nn.Module, x: Tensor, fresh: nn.Module, gen: torch.Generator
+) -> tuple[nn.Module, Cost, Tensor]:
+    """Every gate of the ``gate_`` model at a random log alpha in [-6, 6), then: pruned ==
+    gated on a fresh input shaped like ``x``, cost(pruned) == the hard cost, and the plan
+    replayed on ``fresh`` (a dense instance) with the pruned weights computes the same.
+    Returns (pruned, its cost, the fresh input)."""
+    g = inserted_gating(model)
     with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total[0]
+        edge = [g.edge_gate] if g.edge_gate is not None else []
+        for gate in [*g.group_gates, *g.block_gates, *edge]:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.copy_(torch.empty(gate.n).uniform_(-6.0, 6.0, generator=gen))
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    xi = torch.randn(x.shape, generator=gen)  # like x: (B, C, H, W)
+    with torch.no_grad():
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    c = gatedprune.cost(pruned, xi)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    replayed = apply_plan(fresh, json.loads(json.dumps(export_plan(model))))
+    replayed.load_state_dict(pruned.state_dict())
+    replayed.eval()
+    with torch.no_grad():
+        assert (replayed(xi) - model(xi)).abs().max().item() <= 1e-5
+    return pruned, c, xi
 
 
 _SPEC = st.tuples(
@@ -460,28 +467,11 @@ def test_random_residual_cnn_stacks_prune_exactly(
     gate_(model, x, shortcuts="dense" if dense else None)
     with torch.no_grad():
         assert torch.equal(model(x), before)
-    g = _gating(model)
-    with torch.no_grad():
-        edge = [g.edge_gate] if g.edge_gate is not None else []
-        for gate in [*g.group_gates, *g.block_gates, *edge]:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.copy_(torch.empty(gate.n).uniform_(-6.0, 6.0, generator=gen))
-    hard = gatedprune.cost(model, x, hard=True)
-    pruned = gatedprune.prune(model)
-    xi = torch.randn(2, 3, 8, 8, generator=gen)  # (B, C, H, W)
-    with torch.no_grad():
-        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
-    c = gatedprune.cost(pruned, xi)
-    assert isinstance(c, Cost)
-    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    pruned, c, xi = _random_gates_prune_exactly(model, x, _RandomCNN(specs, share), gen)
+    g = inserted_gating(model)
     if g.closed_blocks() or any(not bool(q.is_open().all()) for q in g.group_gates):
-        assert c.flops - _shortcut_flops(pruned, xi) < dense_cost.flops  # 2 per element
+        assert c.flops - shortcut_flops(pruned, xi) < dense_cost.flops  # 2 per element
         assert c.params < dense_cost.params
-    fresh = apply_plan(_RandomCNN(specs, share), json.loads(json.dumps(export_plan(model))))
-    fresh.load_state_dict(pruned.state_dict())
-    fresh.eval()
-    with torch.no_grad():
-        assert (fresh(xi) - model(xi)).abs().max().item() <= 1e-5
 
 
 # ------------------------------------------------- 6. random CNN op chains (hypothesis)
@@ -602,21 +592,5 @@ def test_random_cnn_op_chains_prune_exactly(ops: list[str], data: st.DataObject,
     gate_(model, x)
     with torch.no_grad():
         assert torch.equal(model(x), before)
-    g = _gating(model)
-    with torch.no_grad():
-        for gate in [*g.group_gates, *g.block_gates]:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.copy_(torch.empty(gate.n).uniform_(-6.0, 6.0, generator=gen))
-    hard = gatedprune.cost(model, x, hard=True)
-    pruned = gatedprune.prune(model)
-    xi = torch.randn(2, 2, 6, 6, generator=gen)  # (B, C, H, W)
-    with torch.no_grad():
-        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
-    c = gatedprune.cost(pruned, xi)
-    assert isinstance(c, Cost)
-    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
-    fresh = apply_plan(_OpChain(ops, widths), json.loads(json.dumps(export_plan(model))))
-    fresh.load_state_dict(pruned.state_dict())
-    fresh.eval()
-    with torch.no_grad():
-        assert (fresh(xi) - model(xi)).abs().max().item() <= 1e-5
+    assert inserted_gating(model).edge_gate is None  # no dense shortcuts asked for
+    _random_gates_prune_exactly(model, x, _OpChain(ops, widths), gen)

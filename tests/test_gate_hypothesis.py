@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from gating_helpers import shortcut_flops
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 import gatedprune
 from gatedprune.costs import Cost
 from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import InsertedGating, ScaledAdd, apply_plan, export_plan, gate_
+from gatedprune.gating import InsertedGating, apply_plan, export_plan, gate_
 
 
 class RandomBlock(nn.Module):
@@ -58,21 +59,6 @@ class RandomStack(nn.Module):
         if self.conv:
             h = h.mean(dim=-1)
         return self.head(h)
-
-
-def _shortcut_flops(model: nn.Module, x: Tensor) -> int:
-    """FLOPs of the ScaledAdd modules (kept new shortcuts) of a pruned model on ``x``."""
-    total = [0]
-
-    def hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-        total[0] += 2 * out.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ScaledAdd)]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total[0]
 
 
 @settings(max_examples=12, deadline=None)
@@ -130,7 +116,7 @@ def test_random_residual_stacks_prune_exactly(
         not bool(g.is_open().all()) for g in gating.group_gates
     )
     if closed_any:  # kept new shortcuts cost 2 FLOPs per element (ScaledAdd), no params
-        assert c.flops - _shortcut_flops(pruned, x) < full.flops
+        assert c.flops - shortcut_flops(pruned, x) < full.flops
         assert c.params < full.params
     fresh = apply_plan(RandomStack(conv, widths, mids, bn, post), export_plan(model))
     fresh.load_state_dict(pruned.state_dict())

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from gating_helpers import inserted_gating, random_gates
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -18,23 +19,10 @@ from zoo import ZOO
 import gatedprune
 from gatedprune.costs import Cost
 from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import InsertedGating, apply_plan, export_plan, gate_
+from gatedprune.gating import apply_plan, export_plan, gate_
 from gatedprune.gating.rnn import GatedGRU, GatedLSTM
 
 RNN_ZOO = ["lstm_classifier", "bigru_seqfirst", "lstm_stacked"]
-
-
-def _gating(model: nn.Module) -> InsertedGating:
-    g = model.gatedprune
-    assert isinstance(g, InsertedGating)
-    return g
-
-
-def _random_gates(model: nn.Module, gen: torch.Generator, low: float = -4.0) -> None:
-    with torch.no_grad():
-        for gate in _gating(model).group_gates:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.copy_(torch.empty(gate.n).uniform_(low, 4.0, generator=gen))
 
 
 def _with_length(shape: tuple[int, ...], length: int, batch: int, batch_first: bool) -> list[int]:
@@ -70,12 +58,12 @@ def _check_exact(
     assert (float(c.flops), float(c.params)) == (float(hard.flops), float(hard.params))
     assert gatedprune.cost(fresh, x) == c
     modules = dict(pruned.named_modules())
-    for r in _gating(model).rnns:
+    for r in inserted_gating(model).rnns:
         if r.name not in modules:  # removed with its residual block
             continue
         m = modules[r.name]
         assert type(m) in (nn.LSTM, nn.GRU, nn.RNN)  # the user's class, fused kernels
-        widths = [int(o.sum()) for o in _gating(model).hard_open()]
+        widths = [int(o.sum()) for o in inserted_gating(model).hard_open()]
         assert m.hidden_size == widths[r.groups[0]]
     return pruned
 
@@ -91,7 +79,7 @@ def test_rnn_zoo_budget_then_prune_exact(name: str) -> None:
     with torch.no_grad():
         before = model(x)
     summary = gate_(model, x)
-    gating = _gating(model)
+    gating = inserted_gating(model)
     assert gating.rnns  # every recurrent module of the zoo is gated
     assert {n for n, *_ in summary.rnns} == {r.name for r in gating.rnns}
     assert not summary.ungated_layers
@@ -126,7 +114,7 @@ def test_rnn_zoo_budget_then_prune_exact(name: str) -> None:
         opt.step()
     assert budget.expected()["params"] < start  # the budget reaches the unit gates
     _check_exact(model, factory, x, batch_first, gen)  # after training: maybe nothing closed
-    _random_gates(model, gen, low=-6.0)
+    random_gates(model, gen, low=-6.0)
     pruned = _check_exact(model, factory, x, batch_first, gen)
     c = gatedprune.cost(pruned, x)
     assert isinstance(c, Cost)
@@ -214,9 +202,9 @@ def test_random_recurrent_models_prune_exact(
     model = factory().eval()
     x = torch.randn(*_with_length((0, 0, n_in), 4, 2, batch_first), generator=gen)
     gate_(model, x)
-    gating = _gating(model)
+    gating = inserted_gating(model)
     assert [r.name for r in gating.rnns] == ["rnn"]
-    _random_gates(model, gen, low=-8.0)
+    random_gates(model, gen, low=-8.0)
     if seed % 3 == 0:  # one state entirely closed: it keeps one unit (gate value 0)
         last = gating.group_gates[gating.rnns[0].groups[-1]]
         assert isinstance(last, HardConcreteGate)
@@ -244,7 +232,7 @@ def test_final_hidden_state_of_every_layer_is_pruned_exactly() -> None:
     x = torch.randn(2, 5, 3, generator=gen)
     summary = gate_(model, x)
     assert [n for n, *_ in summary.rnns] == ["lstm"]
-    _random_gates(model, gen, low=-6.0)
+    random_gates(model, gen, low=-6.0)
     pruned = _check_exact(model, _FinalState, x, True, gen)
     assert pruned.get_submodule("head").in_features == 2 * pruned.get_submodule("lstm").hidden_size
 
@@ -255,7 +243,7 @@ def test_expected_cost_pays_for_the_widest_state_only() -> None:
     model = factory().eval()
     x = torch.randn(*shape)
     gate_(model, x)
-    gating = _gating(model)
+    gating = inserted_gating(model)
     (r,) = gating.rnns
     wide, narrow = (gating.group_gates[g] for g in r.groups)
     assert isinstance(wide, HardConcreteGate)
@@ -374,11 +362,11 @@ def test_unsupported_recurrent_uses_are_left_ungated_with_a_reason(
     assert not summary.rnns
     assert type(model.get_submodule(module)) in (nn.LSTM, nn.GRU)
     assert reason in str(summary)
-    _random_gates(model, torch.Generator().manual_seed(0))
+    random_gates(model, torch.Generator().manual_seed(0))
     with torch.no_grad():  # still exact for whatever else was gated
         pruned = gatedprune.prune(model)
         assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
-        if not _gating(model).group_gates:
+        if not inserted_gating(model).group_gates:
             assert (model(x) - before).abs().max().item() == 0.0
 
 
@@ -425,7 +413,7 @@ def test_negative_indices_into_recurrent_outputs_prune_exactly(
     x = torch.randn(5, 2, 3, generator=gen)  # (T, B, 3)
     summary = gate_(model, x)
     assert [n for n, *_ in summary.rnns] == ["rnn"], str(summary)
-    gating = _gating(model)
+    gating = inserted_gating(model)
     for k, g in enumerate(gating.group_gates):  # close 2 different units of every state
         assert isinstance(g, HardConcreteGate)
         g.force_(torch.arange(g.n) % 3 != k % 3)
@@ -532,8 +520,8 @@ def test_residual_recurrent_blocks_units_and_whole_blocks() -> None:
     summary = gate_(model, x)
     assert [n for n, *_ in summary.rnns] == ["blocks.0.lstm", "blocks.1.lstm"]
     assert len(summary.blocks) == 2
-    _random_gates(model, gen)
-    _gating(model).block_gates[0].force_(torch.zeros(1, dtype=torch.bool))
+    random_gates(model, gen)
+    inserted_gating(model).block_gates[0].force_(torch.zeros(1, dtype=torch.bool))
     pruned = _check_exact(model, _RecurrentResNet, x, True, gen)
     assert isinstance(pruned.get_submodule("blocks")[0], nn.Identity)  # LSTM block removed
     assert isinstance(pruned.get_submodule("blocks.1.lstm"), nn.LSTM)
@@ -546,7 +534,7 @@ def test_sigmoid_gates_harden_then_prune() -> None:
     model = factory().eval()
     x = torch.randn(*shape, generator=gen)
     gate_(model, x, gate="sigmoid")
-    gating = _gating(model)
+    gating = inserted_gating(model)
     with torch.no_grad():
         for gate in gating.group_gates:
             theta = gate.theta

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from gating_helpers import inserted_gating, random_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -15,25 +16,12 @@ from torch import Tensor, nn
 import gatedprune
 from gatedprune.costs import Cost
 from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import InsertedGating, gate_
+from gatedprune.gating import gate_
 from gatedprune.gating.transformer import PrunedMultiheadAttention, attention
 
 
-def _gating(model: nn.Module) -> InsertedGating:
-    g = model.gatedprune
-    assert isinstance(g, InsertedGating)
-    return g
-
-
-def _random_gates(model: nn.Module, gen: torch.Generator, low: float = -4.0) -> None:
-    with torch.no_grad():
-        for gate in _gating(model).group_gates:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.copy_(torch.empty(gate.n).uniform_(low, 4.0, generator=gen))
-
-
 def _force(model: nn.Module, index: int, keep: list[bool]) -> None:
-    gate = _gating(model).group_gates[index]
+    gate = inserted_gating(model).group_gates[index]
     assert isinstance(gate, HardConcreteGate)
     gate.force_(torch.tensor(keep))
 
@@ -111,7 +99,7 @@ def test_per_head_mask_follows_the_kept_heads_of_encoder_layers(
     model = _HeadMaskEncoder(norm_first, batch_first).eval()
     x = torch.randn(2, 5, 3) if batch_first else torch.randn(5, 2, 3)
     gate_(model, x)
-    tf = _gating(model).transformers
+    tf = inserted_gating(model).transformers
     _force(model, tf[0][1], [True, False, False, True])  # layer 0 keeps heads 0 and 3
     _force(model, tf[1][1], [False, True, True, True])  # layer 1 keeps heads 1, 2, 3
     pruned = _check_exact(model, [x, torch.randn_like(x)])
@@ -126,7 +114,7 @@ def test_per_head_mask_follows_the_kept_heads_of_attention(from_attribute: bool)
     model = _HeadMaskAttention(from_attribute).eval()
     x = torch.randn(2, 5, 3)
     gate_(model, x)
-    _force(model, _gating(model).attentions[0][1], [False, True, True, False])
+    _force(model, inserted_gating(model).attentions[0][1], [False, True, True, False])
     pruned = _check_exact(model, [x, torch.randn(2, 5, 3)])
     assert pruned.get_submodule("attn").num_heads == 2
 
@@ -177,7 +165,7 @@ def test_pruned_attention_and_ffn_keep_the_weights_dtype() -> None:
     model = _Float64Net().double().eval()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     gate_(model, x)
-    gating = _gating(model)
+    gating = inserted_gating(model)
     _force(model, gating.transformers[0][1], [False, True])  # heads
     _force(model, gating.transformers[0][2], [i % 3 != 0 for i in range(12)])  # FFN units
     _force(model, gating.attentions[0][1], [True, False, False, True])
@@ -209,7 +197,7 @@ def test_activation_parameters_are_counted(norm_first: bool) -> None:
     dense = gatedprune.cost(model, x)
     gate_(model, x)
     assert gatedprune.cost(model, x, hard=True).detach() == dense
-    tf = _gating(model).transformers
+    tf = inserted_gating(model).transformers
     _force(model, tf[0][2], [i % 2 == 0 for i in range(12)])  # layer 0: half the units
     _force(model, tf[1][4], [False])  # layer 1: FFN sub-layer closed
     _check_exact(model, [x])
@@ -249,7 +237,7 @@ def test_final_state_fed_as_an_initial_state_is_left_ungated(
     summary = gate_(model, x)
     reasons = dict(summary.ungated_layers)
     assert "initial state hx of 'dec'" in reasons["enc"]
-    _random_gates(model, torch.Generator().manual_seed(3), low=-6.0)
+    random_gates(model, torch.Generator().manual_seed(3), low=-6.0)
     _check_exact(model, [x, torch.randn(3, 7, 3)])
 
 
@@ -273,7 +261,7 @@ def test_explicit_none_initial_state_is_gated(keyword: bool) -> None:
     x = torch.randn(2, 5, 3)
     summary = gate_(model, x)
     assert [n for n, *_ in summary.rnns] == ["lstm"]
-    _random_gates(model, torch.Generator().manual_seed(4), low=-6.0)
+    random_gates(model, torch.Generator().manual_seed(4), low=-6.0)
     pruned = _check_exact(model, [x, torch.randn(1, 3, 3)])
     assert pruned.get_submodule("lstm").hidden_size < 6
 
@@ -390,8 +378,8 @@ def test_random_encoders_prune_exact(
     with torch.no_grad():  # gates start open: the same function and the dense cost
         assert (model(x) - before).abs().max().item() <= 1e-5
     assert gatedprune.cost(model, x, hard=True).detach() == dense
-    _random_gates(model, gen)
-    _, gh, gu, ga, gf = _gating(model).transformers[seed % layers]
+    random_gates(model, gen)
+    _, gh, gu, ga, gf = inserted_gating(model).transformers[seed % layers]
     if closed in ("heads", "units"):  # a whole vector closed: one entry kept at value 0
         g = gh if closed == "heads" else gu
         _force(model, g, [False] * (heads if closed == "heads" else ff))
@@ -497,9 +485,9 @@ def test_random_recurrent_consumers_prune_exact(
         assert (model(x) - before).abs().max().item() <= 1e-5
     model.train()  # a training step runs (inter-layer dropout, sampled gates)
     model(x).square().mean().backward()
-    _random_gates(model, gen, low=-6.0)
+    random_gates(model, gen, low=-6.0)
     if all_closed:  # every unit of every state of `rnn` closed: one unit kept at value 0
-        for g in _gating(model).rnns[0].groups:
+        for g in inserted_gating(model).rnns[0].groups:
             _force(model, g, [False] * 5)
     other = (2, 4, 3) if batch_first else (4, 2, 3)  # flatten fixes T = 4
     pruned = _check_exact(model, [x, torch.randn(*other, generator=gen)])
@@ -560,7 +548,7 @@ def test_linear_computing_an_initial_state_is_not_pruned() -> None:
     x = torch.randn(2, 5, 3)
     summary = gate_(model, x)
     assert (["init"], 5, "gru reads it as its initial state hx") in summary.ungated_groups
-    _random_gates(model, torch.Generator().manual_seed(6), low=-6.0)
+    random_gates(model, torch.Generator().manual_seed(6), low=-6.0)
     _check_exact(model, [x])
 
 
@@ -583,7 +571,7 @@ def test_literal_width_in_a_reshape_is_not_pruned() -> None:
     x = torch.randn(2, 5, 3)
     summary = gate_(model, x)
     assert any(n == "gru" and "the literal 4" in why for n, why in summary.ungated_layers)
-    _random_gates(model, torch.Generator().manual_seed(7), low=-6.0)
+    random_gates(model, torch.Generator().manual_seed(7), low=-6.0)
     _check_exact(model, [x])
 
 
@@ -610,7 +598,7 @@ def test_literal_width_of_a_linear_output_pins_only_that_group() -> None:
     summary = gate_(model, x)
     assert [p for p, _ in summary.channel_groups] == [["b"]]
     assert any(p == ["a"] and "the literal 6" in why for p, _, why in summary.ungated_groups)
-    _random_gates(model, torch.Generator().manual_seed(9), low=-6.0)
+    random_gates(model, torch.Generator().manual_seed(9), low=-6.0)
     _check_exact(model, [x])
 
 
@@ -641,7 +629,7 @@ def test_layer_left_whole_with_a_float_head_bias_prunes_exact() -> None:
     model = _FloatHeadBias().eval()
     x = torch.randn(2, 5, 3)
     gate_(model, x)
-    _force(model, _gating(model).transformers[0][1], [True, False])  # layer 0 loses a head
+    _force(model, inserted_gating(model).transformers[0][1], [True, False])  # layer 0 loses a head
     _check_exact(model, [x])
 
 

@@ -93,16 +93,12 @@ def _out_dir(text: str) -> Path:
     """An output folder that can be created: checked before any training starts."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected a directory path, got {text!r}")
+    from .io import folder_problem
+
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
-    for parent in path.absolute().parents:  # the nearest existing ancestor must be a folder
-        if parent.exists():
-            if not parent.is_dir():
-                raise argparse.ArgumentTypeError(
-                    f"cannot create {text!r}: {str(parent)!r} is not a directory"
-                )
-            break
+    why = folder_problem(path)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
     return path
 
 

@@ -24,6 +24,7 @@ from .budget import Budget
 from .calibrate import recalibrate_batchnorm
 from .costs import Cost, cost
 from .gates import HardConcrete, gate_modules
+from .io import atomic_write, folder_problem
 from .latency import LatencyModel
 from .plain import PlainShortcutNet
 from .profiling import compare_latency
@@ -104,14 +105,9 @@ class DemoConfig:
             raise TypeError(f"out must be a folder path, got {self.out!r}")
         if not str(self.out).strip():
             raise ValueError(f"out must be a folder path, got {self.out!r}")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"out {str(out)!r} exists and is not a directory")
-        for parent in out.absolute().parents:  # the nearest existing ancestor must be a folder
-            if parent.exists():
-                if not parent.is_dir():
-                    raise ValueError(f"cannot create out {str(out)!r}: {str(parent)!r} is a file")
-                break
+        why = folder_problem(Path(self.out))
+        if why is not None:
+            raise ValueError(f"out: {why}")
 
 
 def classification_loss() -> nn.Module:
@@ -301,8 +297,6 @@ def run_facts(
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write ``data`` as JSON atomically (:func:`gatedprune.io.atomic_write`: a uniquely named
     temporary file renamed into place; a symbolic link stays a link)."""
-    from .io import atomic_write
-
     atomic_write(Path(path), json.dumps(data, indent=2).encode())
 
 

@@ -103,6 +103,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as an output folder (created if missing), or None: it is a
+    file, or its nearest existing ancestor is.
+
+    >>> folder_problem(Path("/nonexistent/out")) is None
+    True
+    """
+    if path.exists() and not path.is_dir():
+        return f"{str(path)!r} exists and is not a directory"
+    for parent in path.absolute().parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                return f"cannot create {str(path)!r}: {str(parent)!r} is not a directory"
+            break
+    return None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (file and
     directory fsynced): a reader sees the old file or the complete new one, never a part.

@@ -415,7 +415,8 @@ class _ShortcutNet(GatedModule):
                 )
         elif x.dim() != 2 or x.shape[1] != spec.in_width:
             raise ValueError(f"expected input of shape (B, {spec.in_width}), got {tuple(x.shape)}")
-        check_input_dtype(x, self.head.weight)
+        if x.dtype != self.head.weight.dtype:  # one comparison per forward when they agree
+            check_input_dtype(x, self.head.weight)
         return x
 
     def _gather(self, hs: list[Tensor], index: int, cache: dict[tuple[int, int], Tensor]) -> Tensor:

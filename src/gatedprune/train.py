@@ -1112,8 +1112,7 @@ class Trainer:
         if self.budget is not None and self.straight_through_at is not None:
             self.budget.straight_through = progress >= self.straight_through_at
         if frozen and self.budget is not None and (self.step - 1) / total < (self.snap_at or 0):
-            self.achieved_before_snap = self.budget.achieved()
-            snap_to_budget(self.budget, tolerance=self.snap_tolerance, round_to=self.snap_round_to)
+            self._snap(self.budget)
 
     def _snap_if_missed(self) -> bool:
         """At the end of a run too short to reach ``snap_at`` (one or two optimizer steps):
@@ -1121,9 +1120,13 @@ class Trainer:
         it snapped."""
         if self.budget is None or self.snap_at is None or self.achieved_before_snap is not None:
             return False
-        self.achieved_before_snap = self.budget.achieved()
-        snap_to_budget(self.budget, tolerance=self.snap_tolerance, round_to=self.snap_round_to)
+        self._snap(self.budget)
         return True
+
+    def _snap(self, budget: Budget) -> None:
+        """Record where the Lagrangian alone brought the cost, then snap the gates."""
+        self.achieved_before_snap = budget.achieved()
+        snap_to_budget(budget, tolerance=self.snap_tolerance, round_to=self.snap_round_to)
 
     def _reset_stats(self) -> None:
         self._stats = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "count": 0.0, "time": 0.0}
