@@ -163,7 +163,7 @@ def main() -> None:
         configs = [("lstm", 128)]
         repeats, min_time = 10, 0.0
     else:
-        configs = [("lstm", 64), ("lstm", 128), ("lstm", 256), ("gru", 128)]
+        configs = [(cell, h) for cell in ("lstm", "gru") for h in (64, 128, 256)]
         repeats, min_time = 40, 1.0
     rows: list[dict[str, object]] = []
     for cell, hidden in configs:
