@@ -17,8 +17,6 @@ import gatedprune.costs as gp_costs
 from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import ScaledAdd, apply_plan, export_plan, gate_
 
-torch.set_num_threads(1)
-
 
 def _close_half(model: nn.Module) -> None:
     """Open every channel gate confidently, then close the first half of each group."""
