@@ -356,3 +356,28 @@ def test_resnet_demo_budget_is_a_fraction_of_the_resnets_own_flops(
     assert isinstance(with_shortcuts, gp.Cost)
     assert with_shortcuts.flops > own.flops
     assert seen == [pytest.approx(0.3 * own.flops / with_shortcuts.flops, rel=1e-12)]
+
+
+@pytest.mark.parametrize("run", [run_demo, run_resnet_demo, run_lstm_demo])
+def test_a_rerun_that_stops_early_leaves_no_stale_results_json(
+    run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """results.json is written last: a re-run into the same folder that fails after starting
+    must not leave the earlier run's results.json next to files it may have replaced."""
+    import gatedprune.data
+    import gatedprune.demo_lstm
+    import gatedprune.demo_resnet
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("stopped early")
+
+    for module in (gatedprune.data, gatedprune.demo_lstm, gatedprune.demo_resnet):
+        monkeypatch.setattr(module, "mnist1d", fail, raising=False)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"from": "an earlier run"}')
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="stopped early"):
+        run(DemoConfig(epochs=1, num_samples=100, out=out, progress=False))
+    assert not (out / "results.json").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # nothing else is touched

@@ -231,7 +231,9 @@ def prune_check_finetune(
 
 def start_demo(config: DemoConfig) -> tuple[Path, Callable[..., None], float]:
     """Validate ``config``, check that the plots can be drawn (matplotlib: before training, not
-    after), create its output folder and seed torch: (folder, print function (silent without
+    after), create its output folder, remove a ``results.json`` left there by an earlier run
+    (it is written last, so one that is present always describes the files next to it, never
+    a run that stopped early) and seed torch: (folder, print function (silent without
     ``progress``), start time)."""
     from .plots import require_matplotlib
 
@@ -239,6 +241,7 @@ def start_demo(config: DemoConfig) -> tuple[Path, Callable[..., None], float]:
     require_matplotlib()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").unlink(missing_ok=True)
     torch.manual_seed(config.seed)
     return out, (print if config.progress else lambda *a, **k: None), time.perf_counter()
 
