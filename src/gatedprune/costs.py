@@ -8,9 +8,41 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
 * Element-wise layers: activations 1 per element, BatchNorm (eval, affine) 2 per element,
   LayerNorm/GroupNorm 5 per element; dropout, flatten, identity, reshapes and an empty
   ``nn.Sequential`` (an identity) 0.
+* More activations, 1 per output element: ``nn.PReLU`` (its weights count as parameters),
+  SELU, CELU, RReLU (eval: a fixed slope), Threshold, Hardshrink, Softshrink, Tanhshrink,
+  Softsign, LogSigmoid, Softmin, Softmax2d, and ``nn.GLU`` (``a * sigmoid(b)``, charged like
+  SiLU's ``x * sigmoid(x)``; its output is half its input).
+* More norms: InstanceNorm1d/2d/3d 5 per element like LayerNorm/GroupNorm (statistics of each
+  sample and channel), or 2 like BatchNorm when ``track_running_stats=True`` (eval uses the
+  stored statistics); ``nn.RMSNorm`` 4 per element (square, accumulate, scale by ``1/rms``,
+  scale by the weight; charged with or without ``elementwise_affine``, as LayerNorm's 5 are);
+  ``nn.LocalResponseNorm`` ``size + 5`` per element (square, the ``size``-channel window sum
+  counted like pooling, then scale, add ``k``, power and multiply).
+* Data movement is free (0): padding layers (Zero/Constant/Reflection/Replication/CircularPad
+  1d/2d/3d), ``nn.PixelShuffle``, ``nn.PixelUnshuffle``, ``nn.ChannelShuffle``, ``nn.Unfold``
+  and every dropout (Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout: identities in eval).
+  ``nn.Fold`` adds overlapping blocks: 1 per input element.
+* Transposed convolutions (ConvTranspose1d/2d/3d), 2 per MAC: every input element (one channel
+  at one position) is multiplied by the ``out_channels / groups * prod(kernel_size)`` weights it
+  spreads over the output, so ``2 * N * in_channels * prod(input size) * out_channels / groups
+  * prod(kernel_size)``, bias 1 per output element. Stride, dilation and ``output_padding`` change
+  where products land, not how many there are; products that ``padding`` crops off are counted
+  (the usual matmul + col2im computes them, as a convolution counts its taps on zero padding).
+  This is the MAC count of the convolution being transposed (same kernel, stride, padding,
+  dilation and groups, channels swapped) when ``output_padding < stride``.
+* Upsampling (``nn.Upsample``, ``nn.UpsamplingNearest2d``, ``nn.UpsamplingBilinear2d``):
+  ``nearest`` and ``nearest-exact`` 0 (a copy, like a lookup); an interpolating mode is a
+  weighted sum of neighbours, 2 per MAC: ``linear`` 2 neighbours, ``bilinear`` 4, ``trilinear``
+  8, ``bicubic`` 16, i.e. 4, 8, 16 or 32 per output element (computing the weights is not
+  counted, whatever ``align_corners``); ``area`` is adaptive average pooling and counts like it.
+* ``nn.Bilinear`` on ``in1`` and ``in2`` features: 1 per product ``x1_i * x2_j`` of each input
+  pair, then 2 per MAC of those ``in1 * in2`` products with each output's weights (a Linear on
+  them), bias 1 per output element.
 * Pooling counts 1 per input element inside each window (``kernel`` per output element;
-  adaptive pooling sums its real window sizes), batched or unbatched, with or without
-  ``return_indices``.
+  adaptive pooling sums its real window sizes), 1-d, 2-d or 3-d, batched or unbatched, with or
+  without ``return_indices``. FractionalMaxPool2d/3d counts ``kernel`` per output element like
+  max pooling; LPPool1d/2d/3d counts its window sums like pooling plus 1 per input element
+  (``x ** p``) and 1 per output element (the root).
 * ``nn.Embedding`` is a table lookup: 0 FLOPs (its ``num_embeddings * embedding_dim``
   parameters count as usual). ``nn.EmbeddingBag`` reduces the looked-up rows of each bag
   like pooling: 1 per element of every row read (``embedding_dim`` per index other than
@@ -80,6 +112,12 @@ FLOPS_PER_MAC = 2
 ACT_FLOPS = 1
 BATCHNORM_FLOPS = 2
 LAYERNORM_FLOPS = 5
+RMSNORM_FLOPS = 4
+# FLOPs per element of nn.LocalResponseNorm besides its window sum: square, scale, add k,
+# power, multiply
+LRN_ELEMENTWISE = 5
+# Neighbours an output element of nn.Upsample weights, by interpolating mode (2 FLOPs each).
+UPSAMPLE_TAPS: dict[str, int] = {"linear": 2, "bilinear": 4, "trilinear": 8, "bicubic": 16}
 # Element-wise FLOPs per hidden unit, time step and direction of recurrent cells (see above).
 LSTM_ELEMENTWISE = 13
 GRU_ELEMENTWISE = 11
@@ -143,6 +181,26 @@ def _conv(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
     return flops + (out.numel() if m.bias is not None else 0)
 
 
+def _conv_transpose(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+    if not isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        raise TypeError(f"expected nn.ConvTranspose1d/2d/3d, got {type(m).__name__}")
+    k = 1
+    for s in m.kernel_size:
+        k *= s
+    # every input element (channel and position) meets out_channels / groups * k weights
+    flops = FLOPS_PER_MAC * inp[0].numel() * (m.out_channels // m.groups) * k
+    return flops + (out.numel() if m.bias is not None else 0)
+
+
+def _bilinear(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+    if not isinstance(m, nn.Bilinear):
+        raise TypeError(f"expected nn.Bilinear, got {type(m).__name__}")
+    products = m.in1_features * m.in2_features
+    pairs = out.numel() // m.out_features
+    flops = pairs * products + FLOPS_PER_MAC * out.numel() * products
+    return flops + (out.numel() if m.bias is not None else 0)
+
+
 def _per_element(rate: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], int]:
     def count(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
         return rate * _numel(out)
@@ -155,12 +213,24 @@ _POOLS_1D: tuple[type[nn.Module], ...] = (
     nn.MaxPool1d,
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveMaxPool1d,
+    nn.LPPool1d,
 )
 _POOLS_2D: tuple[type[nn.Module], ...] = (
     nn.AvgPool2d,
     nn.MaxPool2d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
+    nn.LPPool2d,
+    nn.FractionalMaxPool2d,
+)
+_LPPOOL_3D: tuple[type[nn.Module], ...] = (nn.LPPool3d,) if hasattr(nn, "LPPool3d") else ()
+_POOLS_3D: tuple[type[nn.Module], ...] = (
+    nn.AvgPool3d,
+    nn.MaxPool3d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool3d,
+    nn.FractionalMaxPool3d,
+    *_LPPOOL_3D,
 )
 
 
@@ -170,7 +240,9 @@ def _pool_dims(m: nn.Module) -> int:
         return 1
     if isinstance(m, _POOLS_2D):
         return 2
-    raise TypeError(f"expected a 1d or 2d pooling module, got {type(m).__name__}")
+    if isinstance(m, _POOLS_3D):
+        return 3
+    raise TypeError(f"expected a 1d, 2d or 3d pooling module, got {type(m).__name__}")
 
 
 def _pooled(out: Any) -> Tensor:
@@ -190,10 +262,18 @@ def _pool(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     return k * _pooled(out).numel()
 
 
+def _lp_pool(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    # window sums as pooling, x ** p once per input element, the root once per output element
+    return _pool(m, inp, out) + inp[0].numel() + _pooled(out).numel()
+
+
 def _adaptive_pool(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
-    dims = _pool_dims(m)
-    x = inp[0]
-    y = _pooled(out)
+    return _adaptive_windows(inp[0], _pooled(out), _pool_dims(m))
+
+
+def _adaptive_windows(x: Tensor, y: Tensor, dims: int) -> int:
+    """Window sizes of adaptive pooling of ``x`` to ``y`` over the last ``dims`` dimensions,
+    summed over every pooled map."""
     per_map = 1  # window sizes summed over one pooled map (batched or unbatched input)
     for a, b in zip(x.shape[-dims:], y.shape[-dims:], strict=True):
         per_map *= _adaptive_window_sum(int(a), int(b))
@@ -209,6 +289,47 @@ def _embedding_bag(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     idx = inp[0]
     read = idx.numel() if m.padding_idx is None else int((idx != m.padding_idx).sum())
     return read * m.embedding_dim
+
+
+def _upsample(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+    if not isinstance(m, nn.Upsample):
+        raise TypeError(f"expected nn.Upsample, got {type(m).__name__}")
+    if m.mode in ("nearest", "nearest-exact"):
+        return 0  # a copy
+    if m.mode == "area":  # adaptive average pooling over the spatial dimensions
+        return _adaptive_windows(inp[0], out, out.dim() - 2)
+    taps = UPSAMPLE_TAPS.get(m.mode)
+    if taps is None:
+        raise ValueError(
+            f"cost() cannot count nn.Upsample mode {m.mode!r}; expected one of "
+            f"'nearest', 'nearest-exact', 'area', {', '.join(map(repr, UPSAMPLE_TAPS))}"
+        )
+    return FLOPS_PER_MAC * taps * out.numel()
+
+
+_INSTANCE_NORMS: tuple[type[nn.Module], ...] = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
+
+def _instance_norm(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+    if not isinstance(m, nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d):
+        raise TypeError(f"expected nn.InstanceNorm1d/2d/3d, got {type(m).__name__}")
+    # eval mode: stored statistics (like BatchNorm) if tracked, else the input's own
+    rate = BATCHNORM_FLOPS if m.track_running_stats else LAYERNORM_FLOPS
+    return rate * out.numel()
+
+
+def _local_response_norm(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+    if not isinstance(m, nn.LocalResponseNorm):
+        raise TypeError(f"expected nn.LocalResponseNorm, got {type(m).__name__}")
+    return (m.size + LRN_ELEMENTWISE) * out.numel()
+
+
+def _fold(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
+    return inp[0].numel()  # every block element is added into its output position
 
 
 def _zero(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
@@ -248,6 +369,49 @@ _ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Softplus,
     nn.Softmax,
     nn.LogSoftmax,
+    nn.PReLU,
+    nn.SELU,
+    nn.CELU,
+    nn.RReLU,
+    nn.Threshold,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Softmin,
+    nn.Softmax2d,
+    nn.GLU,  # per output element (half the input)
+)
+
+_RMSNORM: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+# Free data movement: pads, shuffles, im2col and dropouts (identities in eval).
+_MOVES: tuple[type[nn.Module], ...] = (
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+    nn.Unfold,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
 )
 
 Handler = Callable[[nn.Module, tuple[Tensor, ...], Any], int]
@@ -265,6 +429,17 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
         _adaptive_pool,
     ),
     ((nn.Dropout, nn.Flatten, nn.Identity, nn.Unflatten), _zero),
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_transpose),
+    ((nn.Upsample,), _upsample),  # UpsamplingNearest2d / UpsamplingBilinear2d too
+    (_INSTANCE_NORMS, _instance_norm),
+    (_RMSNORM, _per_element(RMSNORM_FLOPS)),
+    ((nn.LocalResponseNorm,), _local_response_norm),
+    ((nn.AvgPool3d, nn.MaxPool3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d), _pool),
+    ((nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d), _adaptive_pool),
+    ((nn.LPPool1d, nn.LPPool2d, *_LPPOOL_3D), _lp_pool),
+    ((nn.Bilinear,), _bilinear),
+    ((nn.Fold,), _fold),
+    (_MOVES, _zero),
     ((nn.Embedding,), _zero),  # a table lookup
     ((nn.EmbeddingBag,), _embedding_bag),
     ((nn.LSTM, nn.GRU, nn.RNN), lambda m, i, o: _recurrent(m, i, o)),
