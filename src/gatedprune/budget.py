@@ -45,8 +45,9 @@ def reverse_grad(x: Tensor) -> Tensor:
     return out
 
 
-def _check_fraction(name: str, value: object) -> float | None:
-    if value is None:
+def _check_fraction(name: str, value: object, *, required: bool = False) -> float | None:
+    """``value`` as a float in (0, 1]; None passes (no target) unless ``required``."""
+    if value is None and not required:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
         raise TypeError(f"{name} must be a float in (0, 1], got {value!r}")
@@ -110,7 +111,7 @@ class Budget(nn.Module):
                 "latency_model must be a gatedprune.LatencyModel, got "
                 f"{type(latency_model).__name__}"
             )
-        start = _check_fraction("target_start", target_start)
+        start = _check_fraction("target_start", target_start, required=True)
         if not isinstance(anti_windup, bool):
             raise TypeError(f"anti_windup must be a bool, got {anti_windup!r}")
         for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
@@ -165,7 +166,7 @@ class Budget(nn.Module):
                 )
         self.warmup_steps = int(warmup_steps)
         self.delay_steps = int(delay_steps)
-        self.target_start: float = 1.0 if start is None else start
+        self.target_start: float = 1.0 if start is None else start  # None refused above
         self.lambda1 = nn.ParameterDict(
             {k: nn.Parameter(torch.zeros((), dtype=torch.float64)) for k in self.targets}
         )

@@ -309,6 +309,34 @@ class _ExpectedCost(torch.autograd.Function):
         return torch.cat([g_units, g_edges]).to(ctx.p_dtype), None, None
 
 
+_OP_ATTRS = (
+    "in_features",
+    "out_features",
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+)
+
+
+def _check_attrs(what: str, m: nn.Module, expected: dict[str, object], hint: str) -> None:
+    """``ValueError`` naming every attribute of ``m`` (``"weight.shape"``: of its weight)
+    that differs from ``expected``."""
+    wrong = []
+    for name, want in expected.items():
+        owner, _, attr = name.rpartition(".")
+        got = getattr(getattr(m, owner) if owner else m, attr)
+        got = tuple(got) if isinstance(got, torch.Size) else got
+        if got != want:
+            wrong.append(f"{name}={got!r}, expected {want!r}")
+    if wrong:
+        raise ValueError(f"{what} has {'; '.join(wrong)} (the network's spec: {hint})")
+
+
 class _ShortcutNet(GatedModule):
     """Shared engine of :class:`ShortcutMLP` and :class:`ShortcutConv1d`."""
 
@@ -485,10 +513,14 @@ class _ShortcutNet(GatedModule):
         hs: list[Tensor] = [x]
         cache: dict[tuple[int, int], Tensor] = {}
         scales = self._colscales(_flat_values(self._gate_list()))
-        for i in range(len(self.layers)):
-            z = self._preact(i, self._gather(hs, i, cache), scales[i])
-            hs.append(self._post(i, z))
-        return self._head(hs, scales[-1])
+        try:
+            for i in range(len(self.layers)):
+                z = self._preact(i, self._gather(hs, i, cache), scales[i])
+                hs.append(self._post(i, z))
+            return self._head(hs, scales[-1])
+        except RuntimeError:
+            self._check_ops()  # a replaced op of another size: say which (free when all fit)
+            raise
 
     def _gate_list(self) -> list[Gate]:
         """Every gate module: the layers' unit gates, their edge gates, the head's."""
@@ -565,6 +597,7 @@ class _ShortcutNet(GatedModule):
             expected = f"(B, {spec.in_width})"
         if not ok or shape[0] < 0:
             raise ValueError(f"expected an input_shape {expected} and B >= 0, got {input_shape!r}")
+        self._check_ops()  # the cost is the spec's: a replaced op must match it
         return shape
 
     def expected_cost(
@@ -721,19 +754,80 @@ class _ShortcutNet(GatedModule):
                 tn.train(norm.training)
         return plain
 
+    def _check_ops(self) -> None:
+        """Refuse a layer op or head replaced by a module of other settings or shape.
+
+        The gated forward, the cost and ``prune`` use only the ops' weights and biases, with
+        the sizes, kernel size and padding of ``spec``: another stride, dilation, padding, ...
+        would be silently ignored, another size gives a wrong cost or an unclear crash."""
+        signature = self._op_signature()
+        if self.__dict__.get("_ops_checked") == signature:  # the cost calls this every step
+            return
+        spec = self.spec
+        hint = "replace its weights, not the module"
+        for i, layer in enumerate(self.layers):
+            op = cast(_GatedLayer, layer).op
+            n_in = sum(spec.node_width(j) for j in spec.layers[i].sources)
+            width = spec.layers[i].width
+            op_type = nn.Conv1d if spec.spatial else nn.Linear
+            if type(op) is not op_type or op.bias is None:
+                raise TypeError(
+                    f"layer {i}'s op is {op!r}; prune rebuilds a {op_type.__name__} with a "
+                    f"bias ({hint})"
+                )
+            k = spec.kernel_size
+            expected: dict[str, object] = (
+                {
+                    "in_channels": n_in,
+                    "out_channels": width,
+                    "kernel_size": (k,),
+                    "stride": (1,),
+                    "padding": (k // 2,),
+                    "dilation": (1,),
+                    "groups": 1,
+                    "padding_mode": "zeros",
+                    "weight.shape": (width, n_in, k),
+                }
+                if spec.spatial
+                else {"in_features": n_in, "out_features": width, "weight.shape": (width, n_in)}
+            )
+            expected["bias.shape"] = (width,)
+            _check_attrs(f"layer {i}'s op", op, expected, hint)
+        n_head = int(self.head_widths.sum())
+        if type(self.head) is not nn.Linear or self.head.bias is None:
+            raise TypeError(
+                f"the head is {self.head!r}; prune rebuilds an nn.Linear with a bias ({hint})"
+            )
+        head = {
+            "in_features": n_head,
+            "out_features": spec.out_features,
+            "weight.shape": (spec.out_features, n_head),
+            "bias.shape": (spec.out_features,),
+        }
+        _check_attrs("the head", self.head, head, hint)
+        self.__dict__["_ops_checked"] = signature
+
+    def _op_signature(self) -> tuple[object, ...]:
+        """What :meth:`_check_ops` checks of every op and the head, read without the
+        ``nn.Module`` attribute machinery (cheap enough for every cost evaluation)."""
+        ops = [layer._modules["op"] for layer in self.layers._modules.values()]
+        signature: list[object] = []
+        for op in [*ops, self._modules["head"]]:
+            d = op.__dict__ if op is not None else {}
+            params = d.get("_parameters", {})
+            w, b = params.get("weight"), params.get("bias")
+            shapes = (None if w is None else w.shape, None if b is None else b.shape)
+            signature.append((type(op), *shapes, *(d.get(k) for k in _OP_ATTRS)))
+        return tuple(signature)
+
     def _check_layer_modules(self) -> None:
         """Refuse layers whose modules were replaced by ones the plain network cannot rebuild
         (the forward calls a replaced normalisation, so dropping or re-creating it would
         silently change the function)."""
         spec = self.spec
+        self._check_ops()
         for i, layer in enumerate(self.layers):
             gl = cast(_GatedLayer, layer)
-            op_type = nn.Conv1d if spec.spatial else nn.Linear
-            if type(gl.op) is not op_type or gl.op.bias is None:
-                raise TypeError(
-                    f"layer {i}'s op is {gl.op!r}; prune rebuilds an {op_type.__name__} with a "
-                    "bias (replace its weights, not the module)"
-                )
             norm = gl.norm
             if not spec.norm:
                 if norm is not None:

@@ -753,6 +753,8 @@ class Trainer:
             self.edge_gate_lr = _positive_float("edge_gate_lr", self.edge_gate_lr)
         self.budget_lr = _positive_float("budget_lr", self.budget_lr)
         self.weight_decay = _positive_float("weight_decay", self.weight_decay, allow_zero=True)
+        if not isinstance(self.progress, bool):  # nan or "no" would show the bar
+            raise TypeError(f"progress must be a bool, got {self.progress!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if not 0 <= self.seed < MAX_SEED:

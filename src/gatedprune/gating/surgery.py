@@ -12,14 +12,14 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import find_model_gating
-from .graph import owner_of, scope_nodes, trace_model
+from .graph import TracedModel, owner_of, scope_nodes, trace_model
 from .rnn import apply_rnn_plan
 from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
 
@@ -323,6 +323,25 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
             f"the plan slices module '{name}' as {spec['kind']!r}; it is {type(m).__name__}"
         )
     hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
+    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        dw = m.groups == m.in_channels and m.out_channels % m.in_channels == 0
+        if (spec["kind"] == "conv" and m.groups != 1) or (spec["kind"] == "dw" and not dw):
+            raise ValueError(
+                f"the plan slices module '{name}' as {spec['kind']!r}, expected for a "
+                f"{'convolution with groups=1' if spec['kind'] == 'conv' else 'depthwise one'}; "
+                f"it has groups={m.groups} ({m.in_channels} -> {m.out_channels} channels)"
+            )
+        if spec["kind"] == "dw" and spec.get("in") is not None:
+            mult = m.out_channels // m.in_channels
+            out = spec.get("out")
+            derived = (
+                list(range(m.in_channels)) if out is None else sorted({o // mult for o in out})
+            )
+            if spec["in"] != derived:
+                raise ValueError(
+                    f"the plan keeps input channels {spec['in']} of depthwise module '{name}' "
+                    f"but output channels {out}, which read input channels {derived}"
+                )
     for side, actual in zip(("in", "out"), sizes, strict=True):
         expected, keep = spec.get(f"n_{side}"), spec.get(side)
         if actual is None:
@@ -390,11 +409,31 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"malformed plan: {key!r} must be a {typ.__name__}, "
                 f"got {type(plan.get(key)).__name__}"
             )
+    _check_keys("the plan", plan, {"format", *_PLAN_FIELDS, *_PLAN_OPTIONAL})
+    for key in ("opaque", "slices", "transformers", "attention", "rnn", "cut"):
+        _check_strings(f"{key!r} module or node names", list(plan.get(key, {})))
+    _check_strings("'opaque' reasons", list(plan["opaque"].values()))
+    for key in ("scopes", "erase", "bypass"):
+        _check_strings(f"{key!r}", plan.get(key, []))
+    scopes: list[str] = plan["scopes"]
+    for a, b in itertools.permutations(scopes, 2):
+        if _within(b, a):
+            raise ValueError(
+                f"malformed plan: 'scopes' lists {b!r} and {a!r}, which contains it (or is it): "
+                "each module is rewritten once, expected outermost scopes only"
+            )
     for name, spec in plan["slices"].items():
         if not isinstance(spec, dict) or spec.get("kind") not in _SLICE_KINDS:
             raise ValueError(
                 f"malformed plan: slice {name!r} must be a dict with 'kind' one of "
                 f"{_SLICE_KINDS}, got {spec!r}"
+            )
+        _check_keys(f"slice {name!r}", spec, {"kind", "in", "out", "n_in", "n_out"})
+        if spec["kind"] == "bn" and (spec.get("in") is not None or spec.get("n_in") is not None):
+            raise ValueError(
+                f"malformed plan: slice {name!r} is a 'bn' slice, whose channels are its "
+                f"'out'; expected 'in' and 'n_in' None, got {spec.get('in')!r} and "
+                f"{spec.get('n_in')!r}"
             )
         for side in ("in", "out"):
             _check_indices(f"slice {name!r} {side!r}", spec.get(side), optional=True)
@@ -407,6 +446,8 @@ def _check_plan(plan: object) -> dict[str, Any]:
         for name, spec in plan.get(section, {}).items():
             if not isinstance(spec, dict):
                 raise ValueError(f"malformed plan: {section} entry {name!r} must be a dict")
+            allowed = {*fields, "attn", "ffn"} if section == "transformers" else set(fields)
+            _check_keys(f"{section} entry {name!r}", spec, allowed)
             for f in fields:
                 _check_indices(f"{section} {name!r} {f!r}", spec.get(f), optional=False)
             for f in ("attn", "ffn") if section == "transformers" else ():
@@ -416,6 +457,8 @@ def _check_plan(plan: object) -> dict[str, Any]:
                         f"got {spec.get(f)!r}"
                     )
     edge_keys = {"scope": str, "src": str, "dst": str, "users": list, "buffer": str}
+    buffers: set[str] = set()
+    erase = set(plan.get("erase", []))
     for e in plan.get("edges", []):
         if not isinstance(e, dict) or any(
             not isinstance(e.get(k), t) for k, t in edge_keys.items()
@@ -424,10 +467,54 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"malformed plan: each edge must be a dict with str 'scope', 'src', 'dst', "
                 f"'buffer' and a list 'users', got {e!r}"
             )
+        _check_keys(f"edge {e['buffer']!r}", e, set(edge_keys))
+        _check_strings(f"edge {e['buffer']!r} 'users'", e["users"])
+        if not e["users"] or not e["buffer"].isidentifier() or e["buffer"] in buffers:
+            raise ValueError(
+                f"malformed plan: edge {e['buffer']!r} needs a non-empty 'users' list and a "
+                "'buffer' that is a Python identifier no other edge uses"
+            )
+        buffers.add(e["buffer"])
+        if not any(_within(e["scope"], sc) for sc in scopes):
+            raise ValueError(
+                f"malformed plan: edge {e['buffer']!r} is in scope {e['scope']!r}, which no "
+                f"entry of 'scopes' {scopes} contains (it would be dropped)"
+            )
+        for end in ("src", "dst"):
+            if e[end] in erase:
+                raise ValueError(
+                    f"malformed plan: edge {e['buffer']!r} reads node {e[end]!r} ({end}), "
+                    "which 'erase' removes"
+                )
     for node, arg in plan["cut"].items():
-        if isinstance(arg, bool) or not isinstance(arg, int):
-            raise ValueError(f"malformed plan: cut {node!r} must name an int argument, got {arg!r}")
+        if isinstance(arg, bool) or arg not in (0, 1):
+            raise ValueError(
+                f"malformed plan: cut {node!r} must be the removed argument of the add, 0 or 1, "
+                f"got {arg!r}"
+            )
+    marks = {"cut": set(plan["cut"]), "erase": erase, "bypass": set(plan.get("bypass", []))}
+    for (a, sa), (b, sb) in itertools.combinations(marks.items(), 2):
+        if sa & sb:
+            raise ValueError(
+                f"malformed plan: node {sorted(sa & sb)[0]!r} is in both {a!r} and {b!r}; "
+                "expected each node marked once"
+            )
     return plan
+
+
+def _check_keys(where: str, entry: dict[str, Any], allowed: set[str]) -> None:
+    """Refuse keys a plan entry does not have (a typo would silently be ignored)."""
+    unknown = sorted(str(k) for k in entry if k not in allowed)
+    if unknown:
+        raise ValueError(
+            f"malformed plan: {where} has unknown keys {unknown}; expected only {sorted(allowed)}"
+        )
+
+
+def _check_strings(where: str, values: list[Any]) -> None:
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"malformed plan: {where} must be strings, got {bad[0]!r}")
 
 
 def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
@@ -436,6 +523,7 @@ def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
         raise ValueError(f"the plan prunes '{name}' as a recurrent module; it is {type(m)}")
     if not isinstance(spec, dict):
         raise ValueError(f"malformed plan: rnn entry {name!r} must be a dict, got {spec!r}")
+    _check_keys(f"rnn entry {name!r}", spec, {"units", "in"})
     hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
     units, keep_in = spec.get("units"), spec.get("in")
     _check_indices(f"rnn {name!r} 'in'", keep_in, optional=True)
@@ -460,6 +548,298 @@ def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
             )
 
 
+_ADDS = {operator.add, operator.iadd, torch.add}
+_SAME_CHANNELS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
+    nn.Hardswish, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)  # fmt: skip
+_SAME_CHANNELS_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu,
+    torch.nn.functional.silu, torch.tanh, torch.sigmoid, torch.nn.functional.dropout,
+    operator.neg}  # fmt: skip
+_SAME_CHANNELS_METHODS = {"relu", "relu_", "tanh", "sigmoid", "contiguous", "clone"}
+_GLOBAL_POOLS = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_POOLS = (*_GLOBAL_POOLS, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d,
+    nn.MaxPool3d)  # fmt: skip
+
+
+def _check_graph(model: nn.Module, plan: dict[str, Any]) -> TracedModel | None:
+    """Check the plan's graph nodes and channel groups against the dense model's trace.
+
+    Every node the plan names must exist, lie in a rewritten scope, and a cut node must be an
+    add; a slice's kept input channels must be the kept output channels of the module that
+    produces them (through element-wise ops and adds), as one channel group's members are.
+    Returns the trace (None if the model cannot be traced and the plan only slices).
+    """
+    replaced = [*plan.get("transformers", {}), *plan.get("attention", {})]
+    opaque = {**plan["opaque"], **{n: "replaced by the plan" for n in replaced}}
+    scopes: list[str] = plan["scopes"]
+    try:
+        traced = trace_model(model, opaque, warn=False)
+    except ValueError:
+        if scopes:
+            raise
+        return None  # only slices (the model is not traced to apply them): nothing to compare
+    nodes = {n.name: n for n in traced.graph.nodes}
+    edges: list[dict[str, Any]] = plan.get("edges", [])
+    named = {
+        "cut": list(plan["cut"]),
+        "erase": plan.get("erase", []),
+        "bypass": plan.get("bypass", []),
+        "edges": [n for e in edges for n in (e["src"], e["dst"], *e["users"])],
+    }
+    for key, names in named.items():
+        for name in names:
+            if name not in nodes:
+                raise ValueError(
+                    f"the plan names graph node {name!r} ({key}) that the model does not have: "
+                    "apply a plan to a fresh dense instance of the model it was exported from"
+                )
+            if not any(_within(owner_of(nodes[name]), sc) for sc in scopes):
+                raise ValueError(
+                    f"the plan names graph node {name!r} ({key}) in module "
+                    f"'{owner_of(nodes[name])}', which no entry of 'scopes' {scopes} contains "
+                    "(it would be left unchanged)"
+                )
+    for name, pos in plan["cut"].items():
+        n = nodes[name]
+        adds = n.op == "call_function" and n.target in _ADDS
+        if not adds or len(n.args) != 2 or not isinstance(n.args[1 - pos], fx.Node):
+            raise ValueError(
+                f"the plan cuts argument {pos} of node {name!r}, expected an add of two "
+                f"tensors; it is {n.op} {n.target} with arguments {n.args}"
+            )
+    _check_groups(model, traced.graph, plan)
+    for scope in scopes:
+        _check_removal(traced.graph, scope, plan)
+    return traced
+
+
+def _check_removal(root: fx.Graph, scope: str, plan: dict[str, Any]) -> None:
+    """Replay the plan's cuts, bypasses and erasures in ``scope`` on a copy of the traced graph:
+    an erased node still in use (a branch both removed and kept, e.g. the other argument of an
+    add cut) or a module call left computing nothing (a removed branch not erased) is
+    refused."""
+    graph = fx.Graph()
+    mapping: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(root, mapping))
+    nodes = {old.name: new for old, new in mapping.items()}
+    inside = {nodes[n.name] for n in scope_nodes(root, scope)}
+    dead_before = {n for n in inside if not n.users}
+    output = next(n for n in graph.nodes if n.op == "output")
+    for e in plan.get("edges", []):  # a kept new shortcut reads its source and destination
+        if _within(e["scope"], scope):
+            with graph.inserting_before(output):
+                graph.call_function(operator.add, (nodes[e["dst"]], nodes[e["src"]]))
+    for name, pos in plan["cut"].items():
+        n = nodes[name]
+        if n in inside:
+            n.replace_all_uses_with(cast(fx.Node, n.args[1 - pos]))  # a node: checked above
+            graph.erase_node(n)
+    for n in list(graph.nodes):
+        if n in inside and n.name in plan.get("bypass", []):
+            inp = n.args[0]
+            if not isinstance(inp, fx.Node):
+                raise ValueError(f"the plan bypasses node {n.name!r}, which has no input node")
+            n.replace_all_uses_with(inp)
+            graph.erase_node(n)
+    erase = set(plan.get("erase", []))
+    erased: set[fx.Node] = set()
+
+    def drop(n: fx.Node) -> None:
+        for u in list(n.users):
+            if u.op in ("output", "placeholder") or u not in inside or _mutates(u):
+                break
+            drop(u)
+        if n.users:
+            users = ", ".join(u.name for u in n.users)
+            raise ValueError(
+                f"inconsistent plan: it erases node {n.name!r} in '{scope}', which {users} "
+                "still use once the cuts are made (a branch both removed and kept)"
+            )
+        erased.add(n)
+        graph.erase_node(n)
+
+    for n in reversed(list(graph.nodes)):
+        if n in inside and n.name in erase and n not in erased:
+            drop(n)
+    left = [
+        n.name
+        for n in graph.nodes
+        if n in inside
+        and not n.users
+        and n not in dead_before
+        and n.op == "call_module"  # (dead shape arithmetic is harmless; a dead module is not)
+        and not _mutates(n)
+    ]
+    if left:
+        raise ValueError(
+            f"inconsistent plan: once its cuts are made, module call(s) {left[:5]} in '{scope}' "
+            "compute nothing that is used but are not in 'erase' (a removed branch kept)"
+        )
+
+
+class _Channels(NamedTuple):
+    """What the channel dimension of a traced value carries (see :func:`_check_groups`)."""
+
+    dim: str  # "last" (a Linear's), "1" (a Conv's/BatchNorm's), "pooled" ("1", rest size 1)
+    keep: tuple[int, ...]  # the kept channels, indices into the dense width
+    width: int  # the dense width
+    source: str  # where they were decided
+    spatial: bool = False  # a Conv's output (B, C, *spatial): pooling keeps its channels
+
+
+def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> None:
+    """Refuse a plan whose consumer keeps other input channels than its producer keeps output
+    channels (a channel group whose members disagree: another function, or a shape error).
+
+    Channels are followed from the model input and each Linear/Conv/BatchNorm through
+    element-wise ops, adds, pooling of convolution outputs and the ``flatten`` of a global
+    pool; wherever they are reshaped, concatenated, ... nothing is compared."""
+    slices: dict[str, dict[str, Any]] = plan["slices"]
+    rnns: dict[str, dict[str, Any]] = plan.get("rnn", {})
+    cut: dict[str, int] = plan["cut"]
+    label: dict[fx.Node, _Channels] = {}
+    model_input = _Channels("input", (), 0, "the model's input")
+
+    def kept(spec: dict[str, Any] | None, side: str, n: int) -> tuple[int, ...]:
+        keep = None if spec is None else spec.get(side)
+        return tuple(range(n)) if keep is None else tuple(keep)
+
+    def expect(n: fx.Node, dim: str, want: tuple[int, ...], width: int, what: str) -> None:
+        arg = n.args[0] if n.args else None
+        got = label.get(arg) if isinstance(arg, fx.Node) else None
+        if got is model_input and want != tuple(range(width)):
+            raise ValueError(
+                f"inconsistent plan: {what} keeps input channels {_short(want)} of {width}, "
+                "but it reads the model's input, whose width the data fix (never pruned)"
+            )
+        if got is not None and got.dim == dim and got.keep != want:
+            raise ValueError(
+                f"inconsistent plan: {what} keeps input channels {_short(want)}, but its input "
+                f"(node {arg}) carries channels {_short(got.keep)} of {got.source}: the "
+                "members of a channel group must keep the same channels"
+            )
+
+    def first(n: fx.Node) -> _Channels | None:
+        a = n.args[0] if n.args else None
+        return label.get(a) if isinstance(a, fx.Node) else None
+
+    for n in graph.nodes:
+        args = [a for a in n.args if isinstance(a, fx.Node)]
+        inp = first(n)
+        if n.op == "placeholder":
+            label[n] = model_input
+        elif n.op == "output":
+            for a in _flat_nodes(n.args):
+                got = label.get(a)
+                if (
+                    got is not None
+                    and got is not model_input
+                    and got.keep != tuple(range(got.width))
+                ):
+                    raise ValueError(
+                        f"inconsistent plan: the model's output (node {a}) keeps channels "
+                        f"{_short(got.keep)} of {got.width} of {got.source}; the output's "
+                        "width is never pruned"
+                    )
+        elif n.op == "call_module":
+            t = str(n.target)
+            m = model.get_submodule(t)
+            spec = slices.get(t)
+            what = f"module '{t}'" + (f" (slice {spec['kind']!r})" if spec else " (not sliced)")
+            src = f"module '{t}'"
+            if isinstance(m, nn.Linear):
+                expect(n, "last", kept(spec, "in", m.in_features), m.in_features, what)
+                out = kept(spec, "out", m.out_features)
+                label[n] = _Channels("last", out, m.out_features, src)
+            elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                out = kept(spec, "out", m.out_channels)
+                if m.groups == 1:
+                    expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
+                elif m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
+                    mult = m.out_channels // m.in_channels
+                    expect(n, "1", tuple(sorted({o // mult for o in out})), m.in_channels, what)
+                label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
+            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+                out = kept(spec, "out", m.num_features)
+                expect(n, "1", out, m.num_features, what)
+                spatial = inp is not None and inp.dim == "1" and inp.spatial
+                label[n] = _Channels("1", out, m.num_features, src, spatial)
+            elif isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
+                spec_in = kept(rnns.get(t), "in", m.input_size)
+                expect(n, "last", spec_in, m.input_size, f"module '{t}' (rnn)")
+            elif inp is not None and inp is not model_input:
+                if isinstance(m, _SAME_CHANNELS_MODULES):
+                    label[n] = inp
+                elif inp.spatial and isinstance(m, _POOLS):
+                    size = getattr(m, "output_size", None)
+                    sizes = size if isinstance(size, tuple) else (size,)
+                    pooled = isinstance(m, _GLOBAL_POOLS) and all(v == 1 for v in sizes)
+                    label[n] = inp._replace(dim="pooled" if pooled else "1")
+        elif n.op == "call_function" and n.target in _ADDS and len(args) == 2:
+            if n.name in cut:
+                keep = n.args[1 - cut[n.name]]
+                if isinstance(keep, fx.Node) and keep in label:
+                    label[n] = label[keep]
+                continue
+            known = [label[a] for a in args if a in label and label[a] is not model_input]
+            if len(known) == 2 and known[0].dim == known[1].dim and known[0].keep != known[1].keep:
+                raise ValueError(
+                    f"inconsistent plan: node {n.name} adds channels {_short(known[0].keep)} of "
+                    f"{known[0].source} to channels {_short(known[1].keep)} of "
+                    f"{known[1].source}: the members of a channel group must keep the same "
+                    "channels"
+                )
+            if known:
+                label[n] = known[0]
+        elif inp is None or inp is model_input:
+            continue
+        elif (n.op == "call_function" and n.target in _SAME_CHANNELS_FUNCTIONS) or (
+            n.op == "call_method" and n.target in _SAME_CHANNELS_METHODS
+        ):
+            label[n] = inp
+        elif _flattens_from_1(n) and inp.dim == "pooled":
+            label[n] = inp._replace(dim="last", spatial=False)
+    for e in plan.get("edges", []):
+        ends = [label.get(n) for n in graph.nodes if n.name in (e["src"], e["dst"])]
+        known = [x for x in ends if x is not None and x is not model_input]
+        if len(known) == 2 and known[0].dim == known[1].dim and known[0].keep != known[1].keep:
+            raise ValueError(
+                f"inconsistent plan: edge {e['buffer']!r} adds channels {_short(known[0].keep)} "
+                f"of {known[0].source} to channels {_short(known[1].keep)} of "
+                f"{known[1].source}: the members of a channel group must keep the same channels"
+            )
+
+
+def _flat_nodes(a: Any) -> list[fx.Node]:
+    if isinstance(a, fx.Node):
+        return [a]
+    if isinstance(a, list | tuple):
+        return [n for x in a for n in _flat_nodes(x)]
+    if isinstance(a, dict):
+        return [n for x in a.values() for n in _flat_nodes(x)]
+    return []
+
+
+def _flattens_from_1(n: fx.Node) -> bool:
+    """``torch.flatten(x, 1)`` or ``x.flatten(1)`` (all dims after the batch into one)."""
+    is_flatten = (n.op == "call_function" and n.target is torch.flatten) or (
+        n.op == "call_method" and n.target == "flatten"
+    )
+    start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
+    end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+    return is_flatten and isinstance(start, int) and start == 1 and end in (-1, None)
+
+
+def _short(keep: tuple[int, ...]) -> str:
+    """A kept-channel list for an error message (long ones shortened)."""
+    text = str(list(keep))
+    return text if len(text) <= 60 else f"{text[:57]}...] ({len(keep)} channels)"
+
+
 def _within(path: str, scope: str) -> bool:
     return scope == "" or path == scope or path.startswith(scope + ".")
 
@@ -477,6 +857,12 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     >>> apply_plan(net, plan)[0].out_features
     2
     """
+    return _apply_plan(model, plan, check_graph=True)
+
+
+def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) -> nn.Module:
+    """:func:`apply_plan`; without ``check_graph`` the plan's graph nodes and channel groups
+    are not checked against the model's trace (``prune`` applies the plan it just made)."""
     _check_plan(plan)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_plan expects a torch.nn.Module, got {type(model).__name__}")
@@ -495,9 +881,21 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
             ) from e
 
     # check everything before changing anything: a plan that does not fit leaves the model as is
+    claimed: dict[int, str] = {}  # id(module) -> the entry that changes it
+
+    def claim(m: nn.Module, entry: str, *, inside: bool = False) -> None:
+        for sub in m.modules() if inside else [m]:
+            if id(sub) in claimed:
+                raise ValueError(
+                    f"the plan changes module {entry}, which {claimed[id(sub)]} already "
+                    "changes: expected one entry per module (a duplicated or aliased entry)"
+                )
+            claimed[id(sub)] = entry
+
     layers: list[tuple[str, nn.TransformerEncoderLayer, dict[str, Any]]] = []
     for name, spec in plan.get("transformers", {}).items():
         layer = submodule(name, "prunes")
+        claim(layer, f"'{name}' (transformers, with its submodules)", inside=True)
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise ValueError(f"the plan prunes '{name}' as an encoder layer; it is {type(layer)}")
         _check_heads(name, layer.self_attn, list(spec["heads"]))
@@ -511,15 +909,30 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     attentions: list[tuple[str, nn.MultiheadAttention, list[int]]] = []
     for name, spec in plan.get("attention", {}).items():
         att = submodule(name, "prunes")
+        claim(att, f"'{name}' (attention, with its submodules)", inside=True)
         if not isinstance(att, nn.MultiheadAttention):
             raise ValueError(f"the plan prunes '{name}' as attention; it is {type(att)}")
         _check_heads(name, att, list(spec["heads"]))
         attentions.append((name, att, list(spec["heads"])))
     for name, spec in plan["slices"].items():
-        _check_slice(name, submodule(name, "slices"), spec)
+        m = submodule(name, "slices")
+        claim(m, f"'{name}' (slices)")
+        _check_slice(name, m, spec)
     for name, spec in plan.get("rnn", {}).items():
-        _check_rnn(name, submodule(name, "prunes"), spec)
+        m = submodule(name, "prunes")
+        claim(m, f"'{name}' (rnn)")
+        _check_rnn(name, m, spec)
+    for scope in plan["scopes"]:
+        if scope:
+            submodule(scope, "rewrites")
+    encoders = [m for m in model.modules() if type(m) is nn.TransformerEncoder]
     prepare_encoders(model)
+    try:
+        checked = _check_graph(model, plan) if check_graph else None
+    except BaseException:
+        for m in encoders:  # leave the model as it was
+            m.__class__ = nn.TransformerEncoder
+        raise
     for name, layer, spec in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -536,7 +949,9 @@ def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     if not scopes:
         return model
     opaque: dict[str, str] = dict(plan["opaque"])
-    traced = trace_model(model, opaque, warn=False)
+    # slicing leaves the graph as it was; rebuilt encoder layers and attention do not
+    same = checked is not None and not layers and not attentions
+    traced = checked if same and checked is not None else trace_model(model, opaque, warn=False)
     cut = {str(k): int(v) for k, v in plan["cut"].items()}
     erase = set(plan.get("erase", []))
     bypass = set(plan.get("bypass", []))
