@@ -282,10 +282,11 @@ class ShortcutLSTM(GatedModule):
 
     def _liveness(
         self, edges: list[Tensor], units: list[Tensor], layer: Tensor, head: Tensor
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """Per node: expected output width W (features), P(emits: layer gate and some unit
-        open) o, P(alive: emits and is read by a live consumer) A. Exact 0/1 at hard gates;
-        products assume independent gates otherwise."""
+        open) o, P(alive: emits and is read by a live consumer) A and P(read by a live
+        consumer) R (A = o R). Exact 0/1 at hard gates; products assume independent gates
+        otherwise."""
         spec = self.spec
         one = layer.new_ones(())
         d = spec.directions
@@ -299,11 +300,13 @@ class ShortcutLSTM(GatedModule):
         for h, j in enumerate(spec.head_sources):
             unread[j] = unread[j] * (1 - head[h])
         A: list[Tensor] = [one for _ in range(n_nodes)]
+        R: list[Tensor] = [one for _ in range(n_nodes)]
         for node in range(n_nodes - 1, 0, -1):
-            A[node] = o[node] * (1 - unread[node])
+            R[node] = 1 - unread[node]
+            A[node] = o[node] * R[node]
             for e, j in enumerate(spec.layers[node - 1].sources):
                 unread[j] = unread[j] * (1 - edges[node - 1][e] * A[node])
-        return W, o, A
+        return W, o, A, R
 
     def expected_cost(
         self, input_shape: Sequence[int], *, hard: bool = False
@@ -329,7 +332,7 @@ class ShortcutLSTM(GatedModule):
         steps = shape[0] * shape[1]
         like = torch.zeros((), dtype=torch.float64)
         edges, units, layer, head = self._probs(hard, like)
-        W, _, A = self._liveness(edges, units, layer, head)
+        W, _, _, R = self._liveness(edges, units, layer, head)
         g = CELLS[spec.cell][1]
         elem = _ELEMENTWISE[spec.cell]
         d = spec.directions
@@ -339,8 +342,11 @@ class ShortcutLSTM(GatedModule):
             node = i + 1
             p = units[i]
             s = p.sum()
-            h = A[node] * s  # kept units
-            h2 = A[node] * (s * s + (p * (1 - p)).sum())  # E[kept^2] (independent gates)
+            # P(layer gate open and read by a live consumer): A without P(some unit open),
+            # which the open count already carries (E[S 1{some open}] = E[S])
+            kept_if_open = layer[i] * R[node]
+            h = kept_if_open * s  # kept units
+            h2 = kept_if_open * (s * s + (p * (1 - p)).sum())  # E[kept^2] (independent gates)
             n_in = (edges[i] * torch.stack([W[j] for j in ls.sources])).sum()
             weights = g * (h * n_in + h2)
             params = params + d * (weights + 2 * g * h)
@@ -362,7 +368,7 @@ class ShortcutLSTM(GatedModule):
         spec = self.spec
         like = torch.zeros((), dtype=torch.float64)
         p_edges, p_units, p_layer, p_head = self._probs(True, like)
-        _, o, A = self._liveness(p_edges, p_units, p_layer, p_head)
+        _, o, A, _ = self._liveness(p_edges, p_units, p_layer, p_head)
         edges, units, _, head = self._gate_values(True)
         emits = [True] + [bool(v > 0.5) for v in o[1:]]
         layers: list[dict[str, Any]] = []
@@ -432,7 +438,7 @@ class ShortcutLSTM(GatedModule):
         spec = self.spec
         like = torch.zeros((), dtype=torch.float64)
         p_edges, p_units, p_layer, p_head = self._probs(True, like)
-        _, o, A = self._liveness(p_edges, p_units, p_layer, p_head)
+        _, o, A, _ = self._liveness(p_edges, p_units, p_layer, p_head)
         alive = [True] + [bool(a > 0.5) for a in A[1:]]
         emits = [True] + [bool(v > 0.5) for v in o[1:]]
         edges, units, layer, head_edge = self._gate_values(True)

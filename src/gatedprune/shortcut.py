@@ -119,28 +119,41 @@ def _unpack(
 
 def _liveness(
     spec: NetSpec, S_l: list[Any], o_l: list[Any], E: list[list[Any]], H: list[Any]
-) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-    """Per node: expected open count S, P(some unit open) o, P(depends on the input) N and
-    P(alive: depends on the input and is read by a live consumer) A. Exact 0/1 at hard
-    gates; products assume independent gates otherwise. Works on floats and on
-    :class:`~gatedprune.autodiff.Var` alike."""
+) -> tuple[list[Any], list[Any], list[Any], list[Any], list[Any], list[Any]]:
+    """Per node: expected open count S, P(some unit open) o, P(depends on the input) N,
+    P(alive: depends on the input and is read by a live consumer) A, P(some source that
+    depends on the input reaches it through an open edge) Ni (so N = Ni o) and P(read by a live
+    consumer, given that it is live) R (so A = N R). Exact 0/1 at hard gates; products assume
+    independent gates otherwise. Works on floats and on :class:`~gatedprune.autodiff.Var`
+    alike.
+
+    Expectations of counts use Ni and R rather than N and A: an open count S is positive only
+    if some unit is open (``E[S 1{some open}] = E[S]``), and once a node is live a consumer
+    that reads it through an open edge has an input, so neither event may be counted twice."""
     S: list[Any] = [float(spec.in_width), *S_l]
     o: list[Any] = [1.0, *o_l]
     N: list[Any] = [1.0]
+    Ni: list[Any] = [1.0]
     for i, layer in enumerate(spec.layers):
         no_input = _prod(1 - e * N[j] for e, j in zip(E[i], layer.sources, strict=True))
+        Ni.append(1 - no_input)
         N.append((1 - no_input) * o[i + 1])
     n_nodes = len(spec.layers) + 1
     unread: list[Any] = [1.0] * n_nodes
     for h, j in zip(H, spec.head_sources, strict=True):
         unread[j] = unread[j] * (1 - h)
     A: list[Any] = [1.0] * n_nodes
+    R: list[Any] = [1.0] * n_nodes
     for node in range(n_nodes - 1, -1, -1):
-        A[node] = N[node] * (1 - unread[node])
+        R[node] = 1 - unread[node]
+        A[node] = N[node] * R[node]
         if node > 0:
+            # a consumer of a live source has an input: it is alive if some unit is open and
+            # something live reads it
+            live_if_read = o[node] * R[node]
             for e, j in zip(E[node - 1], spec.layers[node - 1].sources, strict=True):
-                unread[j] = unread[j] * (1 - e * A[node])
-    return S, o, N, A
+                unread[j] = unread[j] * (1 - e * live_if_read)
+    return S, o, N, A, Ni, R
 
 
 LATENCY_FEATURES = ("const", "layers", "edges", "macs", "in_elements", "out_elements", "pooled")
@@ -180,7 +193,7 @@ def _cost_terms(
     gates, expectations under independence otherwise. Works on floats and on
     :class:`~gatedprune.autodiff.Var` alike."""
     S_l, o_l, E, H = _unpack(spec, z)
-    S, o, N, A = _liveness(spec, S_l, o_l, E, H)
+    S, o, N, A, Ni, R = _liveness(spec, S_l, o_l, E, H)
     batch = int(input_shape[0])
     length0 = int(input_shape[2]) if spec.spatial else 1
     k = spec.kernel_size if spec.spatial else 1
@@ -196,9 +209,10 @@ def _cost_terms(
         positions = spec.stage_length(length0, layer.stage) if spec.spatial else 1
         n_in: Any = 0.0
         for e, j in zip(E[i], layer.sources, strict=True):
-            n_in = n_in + e * (N[j] * S[j])
-        out = A[node] * S[node]
-        weights = n_in * out * k
+            n_in = n_in + e * (Ni[j] * S[j])
+        live = o[node] * R[node]  # alive, given a live source reaches it
+        out = Ni[node] * R[node] * S[node]  # open units of the layer if alive
+        weights = n_in * (R[node] * S[node]) * k
         flops = flops + weights * (FLOPS_PER_MAC * positions) + out * positions
         flops = flops + out * (elem_flops * positions)
         params = params + weights + out * (3 if spec.norm else 1)
@@ -212,18 +226,18 @@ def _cost_terms(
         if features:
             f["layers"] = f["layers"] + A[node]
             for e, j in zip(E[i], layer.sources, strict=True):
-                f["edges"] = f["edges"] + e * N[j] * A[node]
+                f["edges"] = f["edges"] + e * N[j] * live
             f["macs"] = f["macs"] + weights * positions
-            f["in_elements"] = f["in_elements"] + n_in * A[node] * positions
+            f["in_elements"] = f["in_elements"] + n_in * live * positions
             f["out_elements"] = f["out_elements"] + out * positions
     if spec.spatial:
         for j, stage in spec.pool_pairs():
             unused = _prod(
-                1 - E[i][layer.sources.index(j)] * A[i + 1]
+                1 - E[i][layer.sources.index(j)] * o[i + 1] * R[i + 1]
                 for i, layer in enumerate(spec.layers)
                 if layer.stage == stage and j in layer.sources
             )
-            pooled = N[j] * (1 - unused) * S[j]
+            pooled = Ni[j] * (1 - unused) * S[j]
             read = spec.stage_length(length0, spec.node_stage(j))
             flops = flops + pooled * (
                 2 ** (stage - spec.node_stage(j)) * spec.stage_length(length0, stage)
@@ -232,7 +246,7 @@ def _cost_terms(
                 f["pooled"] = f["pooled"] + pooled * read
     head_in: Any = 0.0
     for h, j in zip(H, spec.head_sources, strict=True):
-        read = h * N[j] * S[j]
+        read = h * Ni[j] * S[j]
         head_in = head_in + read * spec.head_pool
         if features:
             f["edges"] = f["edges"] + h * N[j]
@@ -671,7 +685,7 @@ class _ShortcutNet(GatedModule):
         """Exact decisions: per node some-unit-open, depends-on-input, alive; edges; head."""
         _, values = self._summary(True)
         S_l, o_l, E, H = _unpack(self.spec, values)
-        _, o, N, A = _liveness(self.spec, S_l, o_l, E, H)
+        _, o, N, A, _, _ = _liveness(self.spec, S_l, o_l, E, H)
         return (
             [x > 0.5 for x in o],
             [x > 0.5 for x in N],

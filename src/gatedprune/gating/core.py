@@ -401,7 +401,7 @@ class InsertedGating(ModelGating):
                 dtype=torch.float64,
             )
         else:
-            kept = t.kept(width_values(gate_prob_open(self._group_list()), self.rnns))
+            kept = t.kept(width_values(self._expected_open(), self.rnns))
             if len(self.block_gates):
                 bp = torch.cat(gate_prob_open(self._block_list())).to(torch.float64)
                 f_alive = torch.prod(1.0 - t.f_member * (1.0 - bp), dim=1)
@@ -415,6 +415,20 @@ class InsertedGating(ModelGating):
             flops = flops / self.input_shape[0] * shape[0]
         params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
         return flops, params
+
+    def _expected_open(self) -> list[Tensor]:
+        """P(kept) per channel of every group, the expectation of :meth:`hard_open`'s group
+        decisions: a group that never closes entirely keeps its first channel when all its
+        gates are closed, so that channel's probability gains P(all closed) (a disjoint
+        event). The keep-one rule for convolutions fed by part of a group is not modelled."""
+        out = []
+        for p, clamp in zip(gate_prob_open(self._group_list()), self.clamp, strict=True):
+            if clamp and p.numel():
+                p = p.to(torch.float64)  # (n,)
+                all_closed = torch.prod(1.0 - p)
+                p = torch.cat([p[:1] + all_closed, p[1:]])  # (n,)
+            out.append(p)
+        return out
 
     def _edge_flops(self, kept_channels: Tensor, hard: bool) -> Tensor:
         """FLOPs of the new shortcuts: 2 per element of each kept one (its ``ScaledAdd``);
