@@ -421,14 +421,34 @@ class InsertedGating(ModelGating):
         decisions: a group that never closes entirely keeps its first channel when all its
         gates are closed, so that channel's probability gains P(all closed) (a disjoint
         event). The keep-one rule for convolutions fed by part of a group is not modelled."""
-        out = []
-        for p, clamp in zip(gate_prob_open(self._group_list()), self.clamp, strict=True):
-            if clamp and p.numel():
-                p = p.to(torch.float64)  # (n,)
-                all_closed = torch.prod(1.0 - p)
-                p = torch.cat([p[:1] + all_closed, p[1:]])  # (n,)
-            out.append(p)
-        return out
+        probs = gate_prob_open(self._group_list())
+        if not probs:
+            return []
+        sizes = [int(p.numel()) for p in probs]
+        flat = torch.cat(probs).to(torch.float64)  # (C,) every group's channels
+        seg, first, clamped = self._open_index(sizes, flat.device)
+        if not len(clamped):
+            return list(torch.split(flat, sizes))
+        # P(all closed) per group, as a segment sum of logs (p kept below 1)
+        log_closed = torch.log1p(-flat.clamp(max=1.0 - 1e-12))  # (C,)
+        all_closed = torch.exp(flat.new_zeros(len(sizes)).index_add(0, seg, log_closed))  # (G,)
+        flat = flat.index_add(0, first, all_closed[clamped])  # (C,)
+        return list(torch.split(flat, sizes))
+
+    def _open_index(self, sizes: list[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(group of every channel, first channel of every clamped group, the clamped
+        groups) for :meth:`_expected_open`, built once per device."""
+        cached = self.__dict__.get("_open_index_cache")
+        if cached is not None and cached[0] == (tuple(sizes), device):
+            return cached[1]
+        groups = torch.arange(len(sizes), device=device)
+        seg = torch.repeat_interleave(groups, torch.tensor(sizes, device=device))  # (C,)
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        keep = [g for g, (c, n) in enumerate(zip(self.clamp, sizes, strict=True)) if c and n]
+        first = torch.tensor([starts[g] for g in keep], dtype=torch.long, device=device)
+        index = (seg, first, torch.tensor(keep, dtype=torch.long, device=device))
+        self.__dict__["_open_index_cache"] = ((tuple(sizes), device), index)
+        return index
 
     def _edge_flops(self, kept_channels: Tensor, hard: bool) -> Tensor:
         """FLOPs of the new shortcuts: 2 per element of each kept one (its ``ScaledAdd``);
