@@ -438,7 +438,9 @@ class InsertedGating(ModelGating):
     def _open_index(self, sizes: list[int], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """(group of every channel, first channel of every clamped group, the clamped
         groups) for :meth:`_expected_open`, built once per device."""
-        cached = self.__dict__.get("_open_index_cache")
+        cached: tuple[object, tuple[Tensor, Tensor, Tensor]] | None = self.__dict__.get(
+            "_open_index_cache"
+        )
         if cached is not None and cached[0] == (tuple(sizes), device):
             return cached[1]
         groups = torch.arange(len(sizes), device=device)
