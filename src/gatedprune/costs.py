@@ -420,7 +420,10 @@ Handler = Callable[[nn.Module, tuple[Tensor, ...], Any], int]
 _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
     ((nn.Linear,), _linear),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv),
-    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _per_element(BATCHNORM_FLOPS)),
+    (
+        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+        _per_element(BATCHNORM_FLOPS),
+    ),
     ((nn.LayerNorm, nn.GroupNorm), _per_element(LAYERNORM_FLOPS)),
     (_ACTIVATIONS, _per_element(ACT_FLOPS)),
     ((nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool1d, nn.MaxPool2d), _pool),

@@ -22,7 +22,7 @@ from .gating.surgery import ScaledAdd
 __all__ = ["fold_batchnorm"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class _Tracer(fx.Tracer):

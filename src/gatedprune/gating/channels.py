@@ -124,7 +124,7 @@ _POOLS: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
 )
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 _PASS_FUNCS: set[Callable[..., Any]] = {

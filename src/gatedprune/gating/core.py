@@ -178,12 +178,15 @@ class _EdgeInHook:
 
 
 class _ResetHook:
-    """Forward pre-hook on the root model: one gate sample per forward pass."""
+    """Forward pre-hook on the root model: one gate sample per forward pass, after checking
+    that every module gate_ hooked is still in place (a module replaced after gate_, e.g. by
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``, would run without its gates)."""
 
     def __init__(self, gating: InsertedGating) -> None:
         self.gating = gating
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.gating.check_hooks(module)
         self.gating.reset()
 
 
@@ -221,6 +224,7 @@ class InsertedGating(ModelGating):
         self.edge_outputs: dict[str, Tensor] = {}
         self.edge_versions: dict[str, int] = {}
         self._edge_cache: Tensor | None = None
+        self.hooked: tuple[str, ...] = ()  # modules gate_ hooked (set by gate_)
         self.group_gates = nn.ModuleList([kind.make(n, init_open=True) for n in group_sizes])
         self.block_gates = nn.ModuleList([kind.make(1, init_open=True) for _ in range(n_blocks)])
         self.clamp = clamp
@@ -259,6 +263,47 @@ class InsertedGating(ModelGating):
 
     def _block_list(self) -> list[Gate]:
         return [g for g in self.block_gates if isinstance(g, Gate)]
+
+    def check_hooks(self, model: nn.Module) -> None:
+        """``TypeError`` naming a module of ``model`` that carries none of this gating's hooks
+        although :func:`gate_` hooked it: it was replaced after gating, so the model would run
+        (and be costed and pruned) as if its gates did not exist. Runs before every forward:
+        the modules found last time are compared by identity (a few dict lookups each), and
+        only a difference is looked into."""
+        cached: tuple[nn.Module, ...] | None = self.__dict__.get("_hooked_modules")
+        if cached is not None and len(cached) == len(self.hooked):
+            for name, expected in zip(self.hooked, cached, strict=True):
+                m: nn.Module | None = model
+                for part in name.split("."):
+                    m = m._modules.get(part) if m is not None else None
+                if m is not expected:
+                    break
+            else:
+                return
+        found: list[nn.Module] = []
+        for name in self.hooked:
+            try:
+                sub: nn.Module | None = model.get_submodule(name)
+            except AttributeError:
+                sub = None
+            hooks = (
+                []
+                if sub is None
+                else [*sub._forward_hooks.values(), *sub._forward_pre_hooks.values()]
+            )
+            if sub is None or not any(getattr(h, "gating", None) is self for h in hooks):
+                now = (
+                    "missing"
+                    if sub is None
+                    else f"now a {type(sub).__name__} without its gate hook"
+                )
+                raise TypeError(
+                    f"module '{name}' was replaced after gate_ ({now}), so its gates would be "
+                    "ignored; replace modules (e.g. nn.SyncBatchNorm.convert_sync_batchnorm) "
+                    "before calling gate_"
+                )
+            found.append(sub)
+        self.__dict__["_hooked_modules"] = tuple(found)
 
     def reset(self) -> None:
         """Forget this forward pass's gate samples."""
@@ -1001,6 +1046,7 @@ def gate_(
     )
     gating.train(model.training)
     model.add_module(ATTR, gating)
+    gating.hooked = tuple(dict.fromkeys([*sites, *(e.src for e in edges), *(e.dst for e in edges)]))
     for name in sites:
         model.get_submodule(name).register_forward_hook(_SiteHook(gating, name))
     model.register_forward_pre_hook(_ResetHook(gating))

@@ -95,7 +95,9 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
             m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
             if m.out_proj.bias is not None:
                 m.out_proj.bias.mul_(scale.to(m.out_proj.bias.dtype))
-        elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.LayerNorm):
+        elif isinstance(
+            m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm | nn.LayerNorm
+        ):
             if m.weight is None:
                 raise TypeError(f"cannot fold a gate into {type(m).__name__} without affine")
             s = scale.to(m.weight.dtype)
@@ -147,7 +149,7 @@ def slice_module(
         m.out_channels = int(w.shape[0])
         m.in_channels = int(w.shape[1]) * m.groups
     elif kind == "bn":
-        assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d)
+        assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm)
         for name in ("weight", "bias"):
             if getattr(m, name) is not None:
                 _set(m, name, _take(getattr(m, name), 0, keep_out), True)
@@ -310,7 +312,9 @@ def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
         return m.in_features, m.out_features
     if kind in ("conv", "dw") and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return (m.in_channels if kind == "conv" else None), m.out_channels
-    if kind == "bn" and isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+    if kind == "bn" and isinstance(
+        m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm
+    ):
         return None, m.num_features
     return None
 
@@ -763,7 +767,7 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                     mult = m.out_channels // m.in_channels
                     expect(n, "1", tuple(sorted({o // mult for o in out})), m.in_channels, what)
                 label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
-            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm):
                 out = kept(spec, "out", m.num_features)
                 expect(n, "1", out, m.num_features, what)
                 spatial = inp is not None and inp.dim == "1" and inp.spatial
