@@ -343,8 +343,8 @@ def check_positional(
     (forward hooks and the counted arguments see positional inputs only)."""
     if not inp and handler is not _zero:
         raise TypeError(
-            f"cost() needs {name or type(m).__name__} ({type(m).__name__}) called with its "
-            "input positionally, e.g. layer(x), not layer(src=x)"
+            f"counting the cost of {name or type(m).__name__} ({type(m).__name__}) needs it "
+            "called with its input positionally, e.g. layer(x), not layer(src=x)"
         )
 
 
