@@ -155,9 +155,11 @@ def snap_to_budget(
     and the most probable units: all widths are first rounded down (at least ``round_to``),
     then the round-ups whose reopened units have the highest mean open probability are taken
     while every constraint stays at or below its target, then the most probable other closed
-    gates (edges, blocks, narrower layers) that fit. The cost may then lie more than
-    ``tolerance`` below the target (the granularity is coarser); if even the rounded-down
-    widths exceed a target, the unrounded decisions are kept.
+    gates (edges, blocks, narrower layers) that fit; when no single step fits and the cost is
+    still below the window, pair moves (one width a step up, another a step down) that fit
+    and raise the cost are taken. The cost may still lie more than ``tolerance`` below the
+    target (the granularity is coarser); if even the rounded-down widths exceed a target, the
+    unrounded decisions are kept.
     The greedy follows the learned ranking: when only a compound move reaches the window (such
     as reopening an improbable sub-layer and closing units), the result stays below it.
     Deterministic, so every DDP rank makes the same decisions.
@@ -204,7 +206,7 @@ def snap_to_budget(
             break
     if round_to is not None:
         by_id = {id(g): p for g, p in zip(gates, learned, strict=True)}
-        current = _round_widths(budget, round_to, by_id)
+        current = _round_widths(budget, round_to, by_id, window)
         if _is_rounded(budget.model, round_to):
             for g, mask in zip(gates, masks, strict=True):
                 mask.copy_(g.is_open().reshape(-1))
@@ -433,9 +435,18 @@ def _check_round_to(model: nn.Module, multiple: int, name: str = "round_to") -> 
             )
 
 
-def _round_widths(budget: Budget, multiple: int, learned: dict[int, Tensor]) -> dict[str, float]:
+def _round_widths(
+    budget: Budget, multiple: int, learned: dict[int, Tensor], window: _Window
+) -> dict[str, float]:
     """The ``round_to`` step of :func:`snap_to_budget` on gates already forced to 0/1;
-    ``learned``: each gate's open probabilities before they were forced, by ``id``."""
+    ``learned``: each gate's open probabilities before they were forced, by ``id``.
+
+    Widths are rounded down, then grown one step at a time (the most probable reopened units
+    first) while every constraint stays under its ceiling. When no single step fits and the
+    cost is still below ``window``, a pair move (one width a step up, another a step down)
+    that fits and brings the binding constraint closer to its target is taken: the one that
+    reaches the window with the best probability trade, else the one that comes closest;
+    then single steps are tried again. Each move raises the binding constraint, so this ends."""
     targets = budget.targets
 
     def achieved() -> dict[str, float]:
@@ -475,9 +486,18 @@ def _round_widths(budget: Budget, multiple: int, learned: dict[int, Tensor]) -> 
         for g, mask in saved:
             g.force_(mask)
         return achieved()
+
+    def gap(c: dict[str, float]) -> float:  # the binding constraint's distance to its target
+        return min(t - c[k] for k, t in targets.items())
+
+    def step_score(p: int, j: int) -> float:
+        """Mean open probability of the units width step ``j -> j + 1`` of ``p`` reopens."""
+        _, ranked, widths, prob = plans[p]
+        return float(prob[ranked[widths[j] : widths[j + 1]]].mean())
+
     while True:
         best: tuple[float, int] | None = None
-        for p, (_, ranked, widths, prob) in enumerate(plans):
+        for p, (_, _, widths, _) in enumerate(plans):
             j = choice[p]
             if j + 1 == len(widths):
                 continue
@@ -485,16 +505,71 @@ def _round_widths(budget: Budget, multiple: int, learned: dict[int, Tensor]) -> 
             trial = achieved()
             apply(p, j)
             if fits(trial):
-                reopened = ranked[widths[j] : widths[j + 1]]
-                score = float(prob[reopened].mean())
+                score = step_score(p, j)
                 if best is None or score > best[0]:
                     best = (score, p)
-        if best is None:
+        if best is not None:
+            p = best[1]
+            choice[p] += 1
+            apply(p, choice[p])
+            current = achieved()
+            continue
+        if window.inside(current):
             return current
-        p = best[1]
-        choice[p] += 1
-        apply(p, choice[p])
+        pair = _best_pair(plans, choice, apply, achieved, fits, gap, step_score, window, current)
+        if pair is None:
+            return current
+        up, down = pair
+        choice[up] += 1
+        choice[down] -= 1
+        apply(up, choice[up])
+        apply(down, choice[down])
         current = achieved()
+
+
+_PAIR_CANDIDATES = 8
+"""Widths tried as each side of a pair move in :func:`_round_widths` (the most probable steps
+up, the least probable steps down), bounding its cost evaluations to 8 x 8 per move."""
+
+
+def _best_pair(
+    plans: list[tuple[Gate, list[int], list[int], Tensor]],
+    choice: list[int],
+    apply: Callable[[int, int], None],
+    achieved: Callable[[], dict[str, float]],
+    fits: Callable[[dict[str, float]], bool],
+    gap: Callable[[dict[str, float]], float],
+    step_score: Callable[[int, int], float],
+    window: _Window,
+    current: dict[str, float],
+) -> tuple[int, int] | None:
+    """The pair move of :func:`_round_widths` (``(up, down)`` plan indices) or None."""
+    ups = sorted(
+        (p for p in range(len(plans)) if choice[p] + 1 < len(plans[p][2])),
+        key=lambda p: -step_score(p, choice[p]),
+    )[:_PAIR_CANDIDATES]
+    downs = sorted(
+        (p for p in range(len(plans)) if choice[p] > 0),
+        key=lambda p: step_score(p, choice[p] - 1),
+    )[:_PAIR_CANDIDATES]
+    best: tuple[tuple[bool, float, float], tuple[int, int]] | None = None
+    for up in ups:
+        for down in downs:
+            if up == down:
+                continue
+            apply(up, choice[up] + 1)
+            apply(down, choice[down] - 1)
+            trial = achieved()
+            apply(up, choice[up])
+            apply(down, choice[down])
+            if not fits(trial) or gap(trial) >= gap(current):
+                continue
+            inside = window.inside(trial)
+            trade = step_score(up, choice[up]) - step_score(down, choice[down] - 1)
+            key = (not inside, 0.0 if inside else gap(trial), -trade)
+            if best is None or key < best[0]:
+                best = (key, (up, down))
+    return None if best is None else best[1]
 
 
 class _Objective(nn.Module):
