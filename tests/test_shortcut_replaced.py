@@ -1,6 +1,7 @@
 """ShortcutConv1d / ShortcutMLP whose layer ops (or head) were replaced by modules of other
 settings: the gated forward, cost and prune use only their weights with the spec's sizes, so
-every mismatch must be refused, naming the layer and the attribute."""
+every mismatch must be refused (by the forward, cost, Budget and prune), naming the layer and
+the attribute."""
 
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ def _budget(net: nn.Module, x: Tensor) -> Any:
     return gp.Budget(net, x[:1], flops=0.5)
 
 
-ENTRY_POINTS: list[Callable[[nn.Module, Tensor], Any]] = [_prune, _cost, _budget]
+def _forward(net: nn.Module, x: Tensor) -> Any:
+    return net(x)  # before: another stride or padding was silently computed with the spec's
+
+
+ENTRY_POINTS: list[Callable[[nn.Module, Tensor], Any]] = [_prune, _cost, _budget, _forward]
 
 # layer 1 of _conv() reads 1 + 8 = 9 channels and has 8, kernel 5, padding 2
 CONV_CHANGES: list[tuple[dict[str, Any], str]] = [
