@@ -50,3 +50,17 @@ def shortcut_flops(model: nn.Module, x: Tensor) -> int:
     for h in handles:
         h.remove()
     return total[0]
+
+
+def randomise_batchnorms(model: nn.Module, gen: torch.Generator) -> None:
+    """Random running statistics and affine parameters for every affine BatchNorm (any
+    ``_BatchNorm``: 1d/2d/3d and SyncBatchNorm), so folding them is not a no-op."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                assert m.running_mean is not None
+                assert m.running_var is not None
+                m.running_mean.normal_(0.0, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.normal_(1.0, 0.3, generator=gen)
+                m.bias.normal_(0.0, 0.3, generator=gen)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import inserted_gating, shortcut_flops
+from gating_helpers import inserted_gating, randomise_batchnorms, shortcut_flops
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -22,18 +22,6 @@ import gatedprune
 from gatedprune.costs import Cost
 from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import apply_plan, export_plan, gate_
-
-
-def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                assert m.running_mean is not None
-                assert m.running_var is not None
-                m.running_mean.normal_(0.0, 0.5, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-                m.weight.normal_(1.0, 0.3, generator=gen)
-                m.bias.normal_(0.0, 0.3, generator=gen)
 
 
 def _set_gates(model: nn.Module, gen: torch.Generator, closed_blocks: list[int]) -> None:
@@ -65,7 +53,7 @@ def _check(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = factory()
-    _randomise_bn(model, gen)
+    randomise_batchnorms(model, gen)
     model.eval()
     x = torch.randn(*shape, generator=gen)  # (B, C, *S)
     dense = gatedprune.cost(model, x)
@@ -457,7 +445,7 @@ def test_random_residual_cnn_stacks_prune_exactly(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = _RandomCNN(specs, share)
-    _randomise_bn(model, gen)
+    randomise_batchnorms(model, gen)
     model.eval()
     x = torch.randn(2, 3, 8, 8, generator=gen)  # (B, C, H, W)
     dense_cost = gatedprune.cost(model, x)
@@ -584,7 +572,7 @@ def test_random_cnn_op_chains_prune_exactly(ops: list[str], data: st.DataObject,
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = _OpChain(ops, widths)
-    _randomise_bn(model, gen)
+    randomise_batchnorms(model, gen)
     model.eval()
     x = torch.randn(2, 2, 6, 6, generator=gen)  # (B, C, H, W)
     with torch.no_grad():

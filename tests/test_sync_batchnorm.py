@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gating_helpers import inserted_gating, random_gates
+from gating_helpers import inserted_gating, random_gates, randomise_batchnorms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -16,18 +16,6 @@ import gatedprune as gp
 from gatedprune.gating import gate_
 
 BN_FLOPS = 2  # per element, as documented for BatchNorm in eval mode
-
-
-def _randomise_sync_norms(model: nn.Module, gen: torch.Generator) -> None:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.SyncBatchNorm):
-                assert m.running_mean is not None
-                assert m.running_var is not None
-                m.running_mean.normal_(0.0, 0.5, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-                m.weight.normal_(1.0, 0.3, generator=gen)
-                m.bias.normal_(0.0, 0.3, generator=gen)
 
 
 def test_cost_counts_sync_batchnorm_like_batchnorm() -> None:
@@ -49,7 +37,7 @@ def test_gated_sync_batchnorm_resnet_prunes_exactly(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = nn.SyncBatchNorm.convert_sync_batchnorm(ResNet(1, widths=(8, 12)))
-    _randomise_sync_norms(model, gen)
+    randomise_batchnorms(model, gen)
     x = torch.randn(2, 1, 16)  # (B, 1, L)
     summary = gate_(model, x)
     assert summary.n_gates > 0

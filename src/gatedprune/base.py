@@ -10,6 +10,14 @@ from .gates import Gate, gate_modules
 
 __all__ = ["GatedModule", "ModelGating"]
 
+BATCH_NORMS: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,  # a BatchNorm in eval mode (and in training without a process group)
+)
+"""The BatchNorm kinds cost, gate_, prune and fold_batchnorm treat alike."""
+
 
 class GatedModule(nn.Module):
     """A module with gates that knows its expected cost and how to rebuild itself without gates.

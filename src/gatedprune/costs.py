@@ -89,6 +89,7 @@ their expected cost to the exact cost of the plain rest.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +98,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import GatedModule, find_model_gating
+from .base import BATCH_NORMS, GatedModule, find_model_gating
 
 __all__ = [
     "Cost",
@@ -174,20 +175,15 @@ def _linear(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
 def _conv(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
     if not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         raise TypeError(f"expected nn.Conv1d/2d/3d, got {type(m).__name__}")
-    k = 1
-    for s in m.kernel_size:
-        k *= s
-    flops = FLOPS_PER_MAC * out.numel() * (m.in_channels // m.groups) * k
+    flops = FLOPS_PER_MAC * out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
     return flops + (out.numel() if m.bias is not None else 0)
 
 
 def _conv_transpose(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> int:
     if not isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d):
         raise TypeError(f"expected nn.ConvTranspose1d/2d/3d, got {type(m).__name__}")
-    k = 1
-    for s in m.kernel_size:
-        k *= s
     # every input element (channel and position) meets out_channels / groups * k weights
+    k = math.prod(m.kernel_size)
     flops = FLOPS_PER_MAC * inp[0].numel() * (m.out_channels // m.groups) * k
     return flops + (out.numel() if m.bias is not None else 0)
 
@@ -421,7 +417,7 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
     ((nn.Linear,), _linear),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv),
     (
-        (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+        BATCH_NORMS,
         _per_element(BATCHNORM_FLOPS),
     ),
     ((nn.LayerNorm, nn.GroupNorm), _per_element(LAYERNORM_FLOPS)),

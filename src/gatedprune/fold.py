@@ -16,13 +16,13 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import find_model_gating
+from .base import BATCH_NORMS, find_model_gating
 from .gating.surgery import ScaledAdd
 
 __all__ = ["fold_batchnorm"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_NORMS = BATCH_NORMS
 
 
 class _Tracer(fx.Tracer):

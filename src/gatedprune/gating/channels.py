@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..base import BATCH_NORMS
 from .graph import RunRecord
 from .rnn import consumer_ok, item_index
 
@@ -124,7 +125,7 @@ _POOLS: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
 )
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 _PASS_FUNCS: set[Callable[..., Any]] = {

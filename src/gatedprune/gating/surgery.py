@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..base import find_model_gating
+from ..base import BATCH_NORMS, find_model_gating
 from .graph import TracedModel, owner_of, scope_nodes, trace_model
 from .rnn import apply_rnn_plan
 from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
@@ -95,9 +95,7 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
             m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
             if m.out_proj.bias is not None:
                 m.out_proj.bias.mul_(scale.to(m.out_proj.bias.dtype))
-        elif isinstance(
-            m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm | nn.LayerNorm
-        ):
+        elif isinstance(m, (BATCH_NORMS, nn.LayerNorm)):
             if m.weight is None:
                 raise TypeError(f"cannot fold a gate into {type(m).__name__} without affine")
             s = scale.to(m.weight.dtype)
@@ -149,7 +147,7 @@ def slice_module(
         m.out_channels = int(w.shape[0])
         m.in_channels = int(w.shape[1]) * m.groups
     elif kind == "bn":
-        assert isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm)
+        assert isinstance(m, BATCH_NORMS)
         for name in ("weight", "bias"):
             if getattr(m, name) is not None:
                 _set(m, name, _take(getattr(m, name), 0, keep_out), True)
@@ -312,9 +310,7 @@ def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
         return m.in_features, m.out_features
     if kind in ("conv", "dw") and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return (m.in_channels if kind == "conv" else None), m.out_channels
-    if kind == "bn" and isinstance(
-        m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm
-    ):
+    if kind == "bn" and isinstance(m, BATCH_NORMS):
         return None, m.num_features
     return None
 
@@ -767,7 +763,7 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                     mult = m.out_channels // m.in_channels
                     expect(n, "1", tuple(sorted({o // mult for o in out})), m.in_channels, what)
                 label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
-            elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm):
+            elif isinstance(m, BATCH_NORMS):
                 out = kept(spec, "out", m.num_features)
                 expect(n, "1", out, m.num_features, what)
                 spatial = inp is not None and inp.dim == "1" and inp.spatial
