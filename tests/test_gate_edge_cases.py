@@ -409,3 +409,64 @@ def test_leaf_module_counting_itself_is_costed_like_cost_does() -> None:
     assert gatedprune.cost(small, x) == hard.detach()
     assert hard.detach().flops < dense.flops
     assert (small(x) - net(x)).abs().max().item() <= 1e-5
+
+
+def test_a_gated_sequential_still_runs_trains_and_prunes_exactly() -> None:
+    """``gate_`` attaches its gates to the model as ``model.gatedprune``; an ``nn.Sequential``
+    calls every child in order, so that module must pass its input through (it raised
+    NotImplementedError before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 8, 3, padding=1),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Conv1d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 10, 3),
+    )
+    x = torch.randn(4, 2, 10)
+    gate_(model, x)
+    budget = gatedprune.Budget(model, x, flops=0.5)
+    loss = model(x).square().mean() + budget.penalty()
+    loss.backward()
+    _close_half(model)
+    pruned = _check_prune(model, (5, 2, 10))
+    assert not any(isinstance(m, gatedprune.InsertedGating) for m in pruned.modules())
+
+
+class _Nested(nn.Module):
+    """``x + b(tanh(a(x)) + c(tanh(a(x))))``: a residual block inside a residual block."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.c = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))  # (B, W)
+        h = h + self.c(h)  # inner block
+        return x + self.b(h)  # (B, W) outer block
+
+
+def test_closing_a_block_inside_a_closed_block_prunes_exactly() -> None:
+    """Both gates closed: the inner add is erased with the outer branch, so the plan must not
+    also cut it (apply_plan refused the gating's own plan: 'in both cut and erase')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), _Nested(6), nn.Linear(6, 2))
+    x = torch.randn(4, 3)
+    gate_(model, x, channels=False)
+    blocks = model.gatedprune.block_gates
+    assert len(blocks) == 2
+    for g in blocks:
+        g.force_(torch.zeros(1, dtype=torch.bool))
+    small = _check_prune(model, (5, 3))
+    assert sum(isinstance(m, nn.Linear) for m in small.modules()) == 2
+    replayed = apply_plan(
+        nn.Sequential(nn.Linear(3, 6), _Nested(6), nn.Linear(6, 2)), export_plan(model)
+    )
+    replayed.load_state_dict(small.state_dict())
+    xi = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.equal(replayed(xi), small(xi))

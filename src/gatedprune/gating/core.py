@@ -305,6 +305,19 @@ class InsertedGating(ModelGating):
             found.append(sub)
         self.__dict__["_hooked_modules"] = tuple(found)
 
+    def forward(self, x: Any) -> Any:
+        """The identity: the gates act through hooks. A gated ``nn.Sequential`` calls its
+        children in order, this one (attached last as ``model.gatedprune``) included.
+
+        >>> import torch
+        >>> from gatedprune.gating import gate_
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> _ = gate_(net, torch.zeros(2, 4))
+        >>> net(torch.zeros(3, 4)).shape
+        torch.Size([3, 2])
+        """
+        return x
+
     def reset(self) -> None:
         """Forget this forward pass's gate samples."""
         self._cache = None
@@ -540,9 +553,13 @@ class InsertedGating(ModelGating):
                     "n_in": None if s.in_group is None else len(s.in_group),
                     "n_out": None if s.out_group is None else len(s.out_group),
                 }
-        closed = self.closed_blocks()
-        cut = {self.block_nodes[i][0]: self.block_nodes[i][2] for i in closed}
         scopes, erase, bypass = self._scopes()
+        gone = set(erase)  # a closed block inside a closed block: its add is erased, not cut
+        cut = {
+            self.block_nodes[i][0]: self.block_nodes[i][2]
+            for i in self.closed_blocks()
+            if self.block_nodes[i][0] not in gone
+        }
         edges = [
             {
                 "scope": next(s for s in scopes if s == "" or (e.scope + ".").startswith(s + ".")),
