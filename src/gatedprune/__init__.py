@@ -23,7 +23,15 @@ from .gates import (
     gate_modules,
     harden,
 )
-from .gating import GatingSummary, InsertedGating, ResNet1d, apply_plan, export_plan, gate_
+from .gating import (
+    GatedLatencyModel,
+    GatingSummary,
+    InsertedGating,
+    ResNet1d,
+    apply_plan,
+    export_plan,
+    gate_,
+)
 from .io import load, register_model_class, save
 from .latency import LatencyModel
 from .plain import OffsetConv1d, PlainShortcutNet
@@ -39,6 +47,7 @@ __all__ = [
     "Cost",
     "ExpectedCost",
     "Gate",
+    "GatedLatencyModel",
     "GatedModule",
     "GatingSummary",
     "HardConcrete",

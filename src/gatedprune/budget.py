@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .base import GatedModule
 from .costs import CostProgram
+from .gating.latency import GatedLatencyModel
 from .latency import LatencyModel
 from .shortcut import _ShortcutNet
 
@@ -62,10 +63,11 @@ class Budget(nn.Module):
 
     Add ``budget.penalty()`` to the task loss at every training step and give
     ``budget.parameters()`` (the multipliers) to the optimizer without weight decay. A latency
-    budget (``latency=``, with ``latency_model=``, see :class:`~gatedprune.LatencyModel`) is a
-    fraction of the all-open network's latency as that model predicts it. ``budget.floor``
-    holds the fractions with every gate closed (the ungated parts' share); a target below it
-    cannot be met, and the constructor warns (``UserWarning``).
+    budget (``latency=``, with ``latency_model=``: a :class:`~gatedprune.LatencyModel` for a
+    ShortcutMLP/Conv1d, a :class:`~gatedprune.GatedLatencyModel` for a model gated with
+    ``gate_``) is a fraction of the all-open network's latency as that model predicts it.
+    ``budget.floor`` holds the fractions with every gate closed (the ungated parts' share); a
+    target below it cannot be met, and the constructor warns (``UserWarning``).
 
     >>> import torch, gatedprune
     >>> net = gatedprune.ShortcutMLP(40, [32, 32], 10)
@@ -89,7 +91,7 @@ class Budget(nn.Module):
         delay_steps: int = 0,
         anti_windup: bool = True,
         latency: float | None = None,
-        latency_model: LatencyModel | None = None,
+        latency_model: LatencyModel | GatedLatencyModel | None = None,
     ) -> None:
         super().__init__()
         targets = {
@@ -104,11 +106,14 @@ class Budget(nn.Module):
         if (latency is None) != (latency_model is None):
             raise ValueError(
                 "a latency budget needs both latency=... and latency_model="
-                "gatedprune.LatencyModel.calibrate(model, example_input)"
+                "gatedprune.LatencyModel.calibrate(model, example_input) (for a model gated "
+                "with gate_: gatedprune.GatedLatencyModel.calibrate(model, example_input))"
             )
-        if latency_model is not None and not isinstance(latency_model, LatencyModel):
+        if latency_model is not None and not isinstance(
+            latency_model, LatencyModel | GatedLatencyModel
+        ):
             raise TypeError(
-                "latency_model must be a gatedprune.LatencyModel, got "
+                "latency_model must be a gatedprune.LatencyModel or GatedLatencyModel, got "
                 f"{type(latency_model).__name__}"
             )
         start = _check_fraction("target_start", target_start, required=True)
@@ -129,7 +134,17 @@ class Budget(nn.Module):
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.program = CostProgram.trace(model, example_input)
         self._latency: tuple[LatencyModel, _ShortcutNet] | None = None
-        if latency_model is not None:
+        self._gated_latency: GatedLatencyModel | None = None
+        if isinstance(latency_model, GatedLatencyModel):
+            latency_model.check_model(model)
+            shape = tuple(getattr(example_input, "shape", ()))
+            if shape != latency_model.input_shape:
+                raise ValueError(
+                    "the latency model was calibrated with an example_input of shape "
+                    f"{latency_model.input_shape}, but this one's is {shape}"
+                )
+            self._gated_latency = latency_model
+        elif latency_model is not None:
             nets = [m for m, _ in self.program.gated]
             fixed = self.program.fixed_flops or self.program.fixed_params
             if len(nets) != 1 or not isinstance(nets[0], _ShortcutNet) or fixed:
@@ -191,9 +206,8 @@ class Budget(nn.Module):
         try:
             c = self.program.evaluate(hard=True)
             values = {"flops": float(c.flops), "params": float(c.params)}
-            if self._latency is not None:
-                lm, net = self._latency
-                values["latency"] = float(lm.expected(net, hard=True))
+            if self._latency is not None or self._gated_latency is not None:
+                values["latency"] = float(self._latency_ms(hard=True))
         finally:
             for g, state in saved:
                 g.load_state_dict(state)
@@ -221,10 +235,18 @@ class Budget(nn.Module):
         if "flops" in self.targets or "params" in self.targets:
             c = self.program.evaluate(hard=hard)
             values = {"flops": c.flops, "params": c.params}
-        if self._latency is not None:
-            lm, net = self._latency
-            values["latency"] = lm.expected(net, hard=hard)
+        if "latency" in self.targets:
+            values["latency"] = self._latency_ms(hard=hard)
         return {k: values[k] / self.dense[k] for k in self.targets}
+
+    def _latency_ms(self, *, hard: bool) -> Tensor:
+        """The latency model's prediction (ms) for the pruned model."""
+        if self._gated_latency is not None:
+            return self._gated_latency.expected(self.model, hard=hard)
+        if self._latency is None:
+            raise RuntimeError("this budget has no latency target")
+        lm, net = self._latency
+        return lm.expected(net, hard=hard)
 
     def penalty(self) -> Tensor:
         """Lagrangian term to add to the loss; advances the warm-up when the model trains.

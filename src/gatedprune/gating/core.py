@@ -474,6 +474,57 @@ class InsertedGating(ModelGating):
         params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
         return flops, params
 
+    def expected_ops(self, *, hard: bool = False) -> Tensor:
+        """Module calls of ``prune(model)``'s forward (a float64 scalar): every call of the
+        traced graph counts once, times the probability that no closed residual block removes
+        it, plus one per kept new shortcut (its add). With ``hard``, exactly the calls of
+        ``prune(model)`` (a ReLU of a non-negative input that a closed block leaves is
+        dropped too, which the expectation does not model).
+        A latency feature (:class:`~gatedprune.GatedLatencyModel`): eager PyTorch spends
+        about as long dispatching a small operator as a big one computes.
+
+        >>> import torch
+        >>> from gatedprune.gating import ResNet1d, gate_
+        >>> net = ResNet1d(widths=(4,), blocks=(2,))
+        >>> _ = gate_(net, torch.zeros(1, 1, 8))
+        >>> float(net.gatedprune.expected_ops(hard=True))
+        17.0
+        >>> net.gatedprune.block_gates[0].force_(torch.zeros(1, dtype=torch.bool))
+        >>> float(net.gatedprune.expected_ops(hard=True))  # its 5 calls and the ReLU after
+        11.0
+        """
+        if hard:  # the calls prune keeps: not erased with a closed block, not bypassed
+            _, erase, bypass = self._scopes()
+            gone = set(erase) | set(bypass)
+            calls = sum(1 for n in dict.fromkeys(self.terms.f_nodes) if n not in gone)
+            return torch.tensor(float(calls + len(self.kept_edges())), dtype=torch.float64)
+        member = self._op_member()  # (O, B)
+        blocks = self._block_list()
+        bp: Tensor | None = None
+        if blocks:
+            bp = torch.cat(gate_prob_open(blocks)).to(torch.float64)  # (B,)
+            ops = torch.prod(1.0 - member * (1.0 - bp), dim=1).sum()
+        else:
+            ops = torch.tensor(float(member.shape[0]), dtype=torch.float64)
+        if self.edge_gate is not None and len(self.edges):
+            alive = gate_prob_open([self.edge_gate])[0].to(torch.float64)  # (E,)
+            if bp is not None:
+                alive = alive * torch.prod(1.0 - self.terms.e_member * (1.0 - bp), dim=1)
+            ops = ops + alive.sum()
+        return ops
+
+    def _op_member(self) -> Tensor:
+        """Block membership ``(O, B)`` of every module call of the traced graph, built once."""
+        cached: Tensor | None = self.__dict__.get("_op_member_cache")
+        if cached is None:
+            first: dict[str, int] = {}
+            for i, name in enumerate(self.terms.f_nodes):
+                first.setdefault(name, i)
+            rows = torch.tensor(list(first.values()), dtype=torch.long)  # (O,)
+            cached = self.terms.f_member[rows]  # (O, B)
+            self.__dict__["_op_member_cache"] = cached
+        return cached
+
     def _expected_open(self) -> list[Tensor]:
         """P(kept) per channel of every group, the expectation of :meth:`hard_open`'s group
         decisions: a group that never closes entirely keeps its first channel when all its
