@@ -5,7 +5,11 @@
 A ``ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))`` on MNIST-1D shaped inputs (1 x 40) is
 gated with ``gatedprune.gating.gate_`` and pruned to about 50 / 25 / 10 % of its FLOPs, either
 by depth (block gates only: whole residual blocks closed, largest first) or by width (channel
-gates only: the same fraction of every channel group kept). The gates are set, not trained:
+gates only: the same fraction of every channel group kept), or by depth chosen for latency
+(``depth-latency``: of the block subsets within [0.8, 1] x the FLOPs target, the one with the
+most FLOPs per ms that a ``GatedLatencyModel`` calibrated here at batch 1 predicts, which keeps
+fewer, larger blocks: eager PyTorch pays 10-20 us per operator whatever its size). The gates
+are set, not trained:
 latency depends on the pruned architecture only. Reported: achieved FLOPs fraction, median
 latency at batch 1 and 256 (1 thread), speed-up over the dense model, and ``efficiency`` =
 speed-up / FLOPs reduction (1.0: latency falls as fast as FLOPs). Then the wall time of
@@ -24,6 +28,7 @@ runtime with far less per-operator overhead than eager PyTorch (``--no-onnx`` sk
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -63,6 +68,30 @@ def _depth(model: nn.Module, x: torch.Tensor, dense: float, target: float) -> No
         g.block_gates[i].force_(torch.zeros(1, dtype=torch.bool))
 
 
+def _depth_latency(
+    lm: gp.GatedLatencyModel, model: nn.Module, x: torch.Tensor, dense: float, target: float
+) -> None:
+    """Depth pruning chosen by a latency model: of every subset of open blocks whose FLOPs
+    fraction lies in [0.8, 1] x ``target``, the one with the most FLOPs per predicted ms
+    (the predicted efficiency), searched exhaustively (2^12 subsets)."""
+    g = _gating(model)
+    n = len(g.block_gates)
+    best: tuple[float, int] | None = None
+    for subset in range(2**n):
+        for i, gate in enumerate(g.block_gates):
+            gate.force_(torch.tensor([bool(subset >> i & 1)]))
+        z = lm.features(model, hard=True)
+        flops = z["flops"] * x.shape[0] / dense
+        if 0.8 * target <= flops <= target:
+            score = flops / float(lm.expected(model, hard=True))
+            if best is None or score > best[0]:
+                best = (score, subset)
+    if best is None:
+        raise ValueError(f"no subset of blocks has a FLOPs fraction in [0.8, 1] x {target}")
+    for i, gate in enumerate(g.block_gates):
+        gate.force_(torch.tensor([bool(best[1] >> i & 1)]))
+
+
 def _width(model: nn.Module, x: torch.Tensor, dense: float, target: float) -> None:
     g = _gating(model)
 
@@ -83,13 +112,18 @@ def _width(model: nn.Module, x: torch.Tensor, dense: float, target: float) -> No
 
 
 def _rows(
-    length: int, reps: dict[int, int], fold: bool, rounds: int, onnx: bool
+    length: int,
+    reps: dict[int, int],
+    fold: bool,
+    rounds: int,
+    onnx: bool,
+    calibrations: list[str],
 ) -> tuple[list[dict[str, object]], int]:
     """Depth and width rows at input length ``length`` (``reps``: repeats per round for each
     batch size). Every pruned variant is built first; then, per batch size and fold variant,
     the dense model and all pruned ones are timed in the same interleaved rounds
     (:func:`gatedprune.profiling.compare_latency`), so each row's speed-up divides by the
-    same dense latency."""
+    same dense latency. ``calibrations`` receives a line on each latency model fitted."""
     torch.manual_seed(0)
     xs = {b: torch.randn(b, 1, length) for b in reps}  # (B, 1, L)
     x1 = xs[1]
@@ -102,8 +136,9 @@ def _rows(
         references["yes"] = gp.fold_batchnorm(dense_model)
     if onnx:  # ONNX Runtime fuses Conv -> BatchNorm itself: the unfolded models are exported
         references["onnxruntime"] = OrtModule(dense_model, x1)
-    modes: dict[str, tuple[dict[str, bool], Callable[..., None]]] = {
+    modes: dict[str, tuple[dict[str, bool], Callable[..., None] | None]] = {
         "depth": ({"channels": False, "blocks": True}, _depth),
+        "depth-latency": ({"channels": False, "blocks": True}, None),
         "width": ({"channels": True, "blocks": False}, _width),
     }
     check = xs[max(reps)][:16]  # (<=16, 1, L)
@@ -115,6 +150,14 @@ def _rows(
         model.load_state_dict(dense_model.state_dict())
         gate_(model, x1, **options)
         model.eval()
+        if setter is None:  # depth-latency: a latency model of this machine at batch 1
+            t0 = time.perf_counter()
+            lm = gp.GatedLatencyModel.calibrate(model, x1, batch_size=1, samples=48)
+            calibrations.append(
+                f"L={length}: {time.perf_counter() - t0:.0f} s, held-out error median "
+                f"{lm.median_error:.1%}, max {lm.max_error:.1%}"
+            )
+            setter = functools.partial(_depth_latency, lm)
         for target in TARGETS:
             setter(model, x1, float(dense.flops), target)
             pruned = gp.prune(model).eval()
@@ -165,10 +208,18 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     rounds = 3 if args.quick else 7
     onnx = not args.no_onnx
+    calibrations: list[str] = []
     rows, dense_flops = _rows(
-        40, {1: 10 if args.quick else 40, 256: 1 if args.quick else 3}, True, rounds, onnx
+        40,
+        {1: 10 if args.quick else 40, 256: 1 if args.quick else 3},
+        True,
+        rounds,
+        onnx,
+        calibrations,
     )
-    long_rows, long_flops = _rows(1024, {1: 2 if args.quick else 8}, True, rounds, onnx)
+    long_rows, long_flops = _rows(
+        1024, {1: 2 if args.quick else 8}, True, rounds, onnx, calibrations
+    )
     rows += long_rows
     dense_model = ResNet1d(widths=(32, 64, 128), blocks=(4, 4, 4))
     dense_params = sum(p.numel() for p in dense_model.parameters())
@@ -182,8 +233,12 @@ def main() -> None:
             "speed-up = dense median / pruned median, every model of a length and fold "
             "variant timed in the same interleaved rounds (one dense latency). Depth: whole "
             "residual blocks removed (largest first) until the "
-            "FLOPs fraction is at most the target; width: the same fraction of every channel "
-            "group kept. length: input length L of the (B, 1, L) input (1024: batch 1 only). "
+            "FLOPs fraction is at most the target; depth-latency: whole blocks too, the subset "
+            "whose FLOPs fraction lies in [0.8, 1] x target with the most FLOPs per predicted "
+            "ms, predicted by a gatedprune.GatedLatencyModel calibrated on this machine at "
+            f"batch 1, 1 thread ({'; '.join(calibrations)}); the same architecture is timed "
+            "at batch 256. Width: the same fraction of every channel group kept. "
+            "length: input length L of the (B, 1, L) input (1024: batch 1 only). "
             "fold=yes: Conv -> BatchNorm pairs folded in the dense and the pruned model "
             "(gatedprune.fold_batchnorm), speed-up and FLOPs reduction against the folded "
             "dense model (flops_fraction stays relative to the unfolded dense model). "
