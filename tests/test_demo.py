@@ -91,7 +91,7 @@ def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
         (["demo", "--seed", str(2**63)], "a seed in [0, 2**63)"),
         (["demo", "--out", __file__], "exists and is not a directory"),
         (["demo", "--round-to", "0"], ">= 1"),
-        (["demo", "--model", "lstm", "--latency"], "--latency applies to --model conv"),
+        (["demo", "--model", "lstm", "--latency"], "--latency applies to --model conv or resnet1d"),
         (["frobnicate"], "invalid choice"),
     ],
 )

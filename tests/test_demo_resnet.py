@@ -247,3 +247,33 @@ def test_importing_the_demo_and_cli_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_resnet_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
+    tmp_path: Path,
+) -> None:
+    """``--latency``: the budget is a fraction of the plain ResNet's latency at batch 1 as a
+    GatedLatencyModel calibrated first predicts it; the snap meets it."""
+    pytest.importorskip("mnist1d")
+    pytest.importorskip("matplotlib")
+    config = DemoConfig(
+        budget=0.4,
+        epochs=2,
+        finetune_epochs=0,
+        num_samples=600,
+        out=tmp_path,
+        progress=False,
+        latency=True,
+    )
+    results = run_resnet_demo(config)
+    assert results["config"]["budget_kind"] == "latency"
+    assert "target_flops_fraction" not in results
+    assert results["target_latency_fraction"] == 0.4
+    predicted = results["predicted_latency_fraction"]
+    assert 0.0 < predicted <= 0.4 + 1e-9
+    assert results["budget_error"] == abs(predicted - 0.4)
+    assert results["measured_latency_fraction_b1"] > 0.0
+    lm = gp.GatedLatencyModel.from_json(json.dumps(results["latency_model"]))
+    assert lm.batch_size == 1
+    assert lm.input_shape == (1, 1, 40)
+    assert 0.0 < results["achieved_flops_fraction"] < 1.0

@@ -196,6 +196,13 @@ class Budget(nn.Module):
     def model(self) -> nn.Module:
         return self._model[0]
 
+    @property
+    def latency_model(self) -> LatencyModel | GatedLatencyModel | None:
+        """The latency model of a latency budget (None without one)."""
+        if self._gated_latency is not None:
+            return self._gated_latency
+        return None if self._latency is None else self._latency[0]
+
     def _forced_cost(self, is_open: bool) -> dict[str, float]:
         """Exact cost with every gate open (or every gate closed); the gates are restored."""
         saved = []

@@ -176,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--latency",
         action="store_true",
-        help="conv demo only: --budget is a fraction of the all-open network's latency at batch "
-        "256 on one thread, predicted by a gatedprune.LatencyModel calibrated here first",
+        help="conv and resnet1d demos: --budget is a fraction of the all-open network's "
+        "latency on one thread (conv: at batch 256, predicted by a gatedprune.LatencyModel; "
+        "resnet1d: at batch 1, by a gatedprune.GatedLatencyModel), calibrated here first",
     )
     demo.add_argument(
         "--out",
@@ -224,9 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import DemoConfig
 
         run, default_out, default_budget, default_epochs = DEMOS[args.model]
-        if args.latency and args.model != "conv":
+        if args.latency and args.model == "lstm":
             _subcommand(parser, "demo").error(
-                f"--latency applies to --model conv, not {args.model}"
+                f"--latency applies to --model conv or resnet1d, not {args.model}"
             )
         run(
             DemoConfig(

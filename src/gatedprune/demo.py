@@ -24,6 +24,7 @@ from .budget import Budget
 from .calibrate import recalibrate_batchnorm
 from .costs import Cost, cost
 from .gates import HardConcrete, gate_modules
+from .gating.latency import GatedLatencyModel
 from .io import atomic_write, folder_problem
 from .latency import LatencyModel
 from .plain import PlainShortcutNet
@@ -447,7 +448,7 @@ def budget_trainer(
     round_to: int | None = None,
     edge_lr_factor: float | None = None,
     latency: float | None = None,
-    latency_model: LatencyModel | None = None,
+    latency_model: LatencyModel | GatedLatencyModel | None = None,
 ) -> Trainer:
     """The demos' training recipe for a gated ``net`` under a FLOPs and/or parameter budget.
 
@@ -465,7 +466,8 @@ def budget_trainer(
     multiples of it (:func:`gatedprune.snap_to_budget`). ``edge_lr_factor`` scales the
     learning rate of the gates that are not unit/channel gates (Trainer ``edge_gate_lr``;
     ``None``: one gate learning rate). ``latency`` with ``latency_model`` adds a latency
-    budget (:class:`gatedprune.LatencyModel`).
+    budget (:class:`gatedprune.LatencyModel`, or :class:`gatedprune.GatedLatencyModel` for a
+    model gated with ``gate_``).
 
     >>> from gatedprune.data import mnist1d
     >>> data = mnist1d()

@@ -37,7 +37,15 @@ from .demo import (
     start_demo,
     write_json,
 )
-from .gating import GatingSummary, InsertedGating, ResNet1d, apply_plan, export_plan, gate_
+from .gating import (
+    GatedLatencyModel,
+    GatingSummary,
+    InsertedGating,
+    ResNet1d,
+    apply_plan,
+    export_plan,
+    gate_,
+)
 from .prune import prune
 
 if TYPE_CHECKING:
@@ -89,7 +97,7 @@ def _gating(model: nn.Module) -> InsertedGating:
 def train_resnet_demo_model(
     data: Splits,
     *,
-    budget: float,
+    budget: float | None,
     epochs: int,
     seed: int,
     widths: Sequence[int] = WIDTHS,
@@ -97,10 +105,16 @@ def train_resnet_demo_model(
     checkpoint_dir: Path | None = None,
     progress: bool = False,
     round_to: int | None = None,
+    latency: float | None = None,
+    latency_samples: int = 32,
 ) -> tuple[ResNet1d, GatingSummary, Trainer]:
     """Gate the demo ResNet (channels, blocks, dense shortcuts) and train it under a FLOPs
-    budget with the demos' recipe (:func:`gatedprune.demo.budget_trainer`), then BatchNorm
-    statistics re-estimated for the eval gates.
+    budget (``budget``: a fraction of the gated all-open FLOPs) and/or a latency budget
+    (``latency``: a fraction of the plain ResNet's latency at batch 1 as a
+    :class:`~gatedprune.GatedLatencyModel` calibrated here on ``latency_samples`` pruned copies
+    predicts it; ``trainer.budget.latency_model``) with the demos' recipe
+    (:func:`gatedprune.demo.budget_trainer`), then BatchNorm statistics re-estimated for the
+    eval gates.
     After each epoch the test accuracy is recorded as ``val_accuracy_calibrated`` (eval mode,
     BatchNorm statistics first re-estimated for the eval gates on one batch: the running
     statistics of training mix sampled gate values).
@@ -116,6 +130,10 @@ def train_resnet_demo_model(
     net = build_resnet_demo_model(widths, blocks)
     summary = gate_(net, x_train[:1], channels=True, blocks=True, shortcuts="dense")
     calib = [x_train[i : i + 500] for i in range(0, min(len(x_train), 2000), 500)]
+    lm: GatedLatencyModel | None = None
+    if latency is not None:
+        lm = GatedLatencyModel.calibrate(net, x_train[:1], batch_size=1, samples=latency_samples)
+        latency = latency * _own_latency_fraction(net, lm)
 
     def val_metrics(model: nn.Module) -> dict[str, float]:
         # one calibration batch per epoch keeps this cheap; the final one uses all of them
@@ -132,6 +150,8 @@ def train_resnet_demo_model(
         progress=progress,
         metrics_fn=val_metrics,
         round_to=round_to,
+        latency=latency,
+        latency_model=lm,
     )
     trainer.fit(train=(x_train, y_train))
     recalibrate_batchnorm(net, calib)
@@ -153,6 +173,25 @@ def _own_flops_fraction(
     own = _plain_cost(net, example).flops
     gate_(net, example, channels=True, blocks=True, shortcuts="dense")
     return own / _plain_cost(prune(all_open_copy(net).eval()).eval(), example).flops
+
+
+def _own_latency_fraction(net: nn.Module, lm: GatedLatencyModel) -> float:
+    """Predicted latency of the plain ResNet (every gate open but the new shortcuts) over that
+    of the gated model with every gate open (the latency Budget's reference); ``net``'s gates
+    are restored."""
+    gating = _gating(net)
+    saved = {k: v.clone() for k, v in gating.state_dict().items()}
+    try:
+        for g in gating.gates():
+            g.force_(torch.ones(g.n, dtype=torch.bool))
+        with torch.no_grad():
+            every = float(lm.expected(net, hard=True))
+            if gating.edge_gate is not None:
+                gating.edge_gate.force_(torch.zeros(gating.edge_gate.n, dtype=torch.bool))
+            own = float(lm.expected(net, hard=True))
+    finally:
+        gating.load_state_dict(saved)
+    return own / every
 
 
 # ---------------------------------------------------------------------- what survived
@@ -491,12 +530,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
 
     >>> results = run_resnet_demo(DemoConfig(epochs=1, finetune_epochs=0))  # doctest: +SKIP
     """
-    config.validate()  # a bad ``latency`` is a TypeError before it is read as a flag
-    if config.latency:
-        raise ValueError(
-            f"latency={config.latency!r}: the ResNet demo has a FLOPs budget; a latency budget "
-            "is the conv demo's (gatedprune.demo.run_demo)"
-        )
+    config.validate()
     from .data import mnist1d
     from .plots import plot_training
 
@@ -508,9 +542,12 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     example = x_train[:1]  # (1, 1, 40): costs are per sample
 
     t0 = time.perf_counter()
+    latency = config.budget if config.latency else None
     net, summary, trainer = train_resnet_demo_model(
         data,
-        budget=config.budget * _own_flops_fraction(example),  # a fraction of the ResNet's FLOPs
+        # a fraction of the plain ResNet's FLOPs, or of its predicted latency at batch 1
+        budget=None if config.latency else config.budget * _own_flops_fraction(example),
+        latency=latency,
         epochs=config.epochs,
         seed=config.seed,
         round_to=config.round_to,
@@ -538,10 +575,24 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
 
     rows = result_rows(c_dense, c_pruned, lat, (acc_gated, acc_pruned, acc_finetuned))
     kept_blocks = [b["block"] for b in blocks if b["kept"]]
+    latency_facts: dict[str, Any] = {}
+    lm = trainer.budget.latency_model if trainer.budget is not None else None
+    if isinstance(lm, GatedLatencyModel):
+        with torch.no_grad():
+            own = _own_latency_fraction(net, lm)
+            every = float(lm.expected(all_open_copy(net), hard=True))
+            predicted = float(lm.expected(net, hard=True)) / (every * own)
+        latency_facts = {
+            "target_latency_fraction": config.budget,
+            "predicted_latency_fraction": predicted,
+            "measured_latency_fraction_b1": lat["pruned"][1] / lat["dense"][1],
+            "latency_model": json.loads(lm.to_json()),
+        }
     results: dict[str, Any] = {
         "config": {
             "model": "resnet1d",
             "budget": config.budget,
+            "budget_kind": "latency" if config.latency else "flops",
             "epochs": config.epochs,
             "finetune_epochs": config.finetune_epochs,
             "seed": config.seed,
@@ -551,10 +602,15 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
             "blocks": list(BLOCKS),
         },
         "rows": rows,
-        "target_flops_fraction": config.budget,
+        **({} if config.latency else {"target_flops_fraction": config.budget}),
         "achieved_flops_fraction": c_pruned.flops / c_dense.flops,
         "achieved_params_fraction": c_pruned.params / c_dense.params,
-        "budget_error": abs(c_pruned.flops / c_dense.flops - config.budget),
+        "budget_error": abs(
+            (latency_facts["predicted_latency_fraction"] if config.latency else c_pruned.flops)
+            / (1.0 if config.latency else c_dense.flops)
+            - config.budget
+        ),
+        **latency_facts,
         "achieved_before_snap": trainer.achieved_before_snap,
         "flops_reduction": c_dense.flops / c_pruned.flops,
         "blocks": blocks,
@@ -578,8 +634,17 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
     say("")
     say(_table(rows))
     say("")
+    if config.latency:
+        say(
+            f"budget {config.budget:.0%} of the predicted latency at batch 1 -> predicted "
+            f"{results['predicted_latency_fraction']:.3f}, measured "
+            f"{results['measured_latency_fraction_b1']:.3f} (latency model fitted on "
+            f"{lm.samples if lm else 0} pruned copies, held-out error median "
+            f"{100 * (lm.median_error if lm else 0.0):.1f}%)"
+        )
     say(
-        f"budget {config.budget:.0%} of FLOPs -> achieved {results['achieved_flops_fraction']:.3f}"
+        f"{'' if config.latency else f'budget {config.budget:.0%} of FLOPs -> '}achieved "
+        f"{results['achieved_flops_fraction']:.3f} of the FLOPs"
         f" ({results['flops_reduction']:.1f}x fewer FLOPs); measured speed-up "
         f"{results['speedup_b1']:.2f}x at batch 1, {results['speedup_b256']:.2f}x at batch 256"
     )
