@@ -25,6 +25,7 @@ ORDER = [
     "train_step",
     "prune_time",
     "resnet1d_speed",
+    "resnet1d_latency",
     "resnet1d_gate_prune_time",
     "suite/suite_summary",
     "lstm_quality",
