@@ -164,6 +164,40 @@ def test_calibrate_fits_restores_the_gates_and_round_trips_through_json() -> Non
     assert gp.GatedLatencyModel.from_json(lm.to_json()) == lm
 
 
+def test_calibrate_recovers_the_coefficients_of_a_noiseless_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With timings that are an exact combination of the features (0.1 ms + 0.02 ms per
+    module call + 1e-7 ms per FLOP), the fit returns those coefficients and no error; the
+    first timed model is the all-open one."""
+    import gatedprune.gating.latency as gl
+
+    torch.manual_seed(0)
+    model = ResNet1d(widths=(8, 16), blocks=(2, 2))
+    x = torch.zeros(1, 1, 40)
+    gate_(model, x)
+    dense_calls = _calls(gp.prune(model.eval()), x)
+    dense_flops = float(gp.cost(model, x, hard=True).flops)
+    seen: dict[str, int] = {}
+
+    def fake(models: dict[str, nn.Module], xb: Tensor, **_: object) -> dict[str, float]:
+        times = {}
+        for name, m in models.items():
+            seen[name] = _calls(m, x)
+            flops = gp.cost(m, x).flops
+            times[name] = 1e-3 * (0.1 + 0.02 * seen[name] + 1e-7 * flops)  # seconds
+        return times
+
+    monkeypatch.setattr(gl, "compare_latency", fake)
+    lm = gp.GatedLatencyModel.calibrate(model, x, samples=12)
+    assert seen["0"] == dense_calls
+    assert float(lm.expected(model, hard=True)) == pytest.approx(
+        0.1 + 0.02 * dense_calls + 1e-7 * dense_flops, rel=1e-9
+    )
+    assert lm.coef == pytest.approx((0.1, 0.02, 1e-7), rel=1e-6)
+    assert lm.max_error < 1e-9
+
+
 def test_snap_meets_a_latency_budget_on_a_gated_model() -> None:
     """Budget + snap_to_budget steer the predicted latency of a gate_ model; the achieved
     fraction is the model's prediction for the pruned architecture."""

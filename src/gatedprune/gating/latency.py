@@ -188,7 +188,7 @@ class GatedLatencyModel:
         rows: list[list[float]] = []
         try:
             for i in range(samples + 1):
-                depth, width = i % 3 != 1, i % 3 != 0  # i = 0: everything open
+                depth, width = i > 0 and i % 3 != 1, i % 3 != 0  # i = 0: everything open
                 keep_blocks = rng.uniform(0.0, 1.0) if depth else 1.0
                 keep_units = math.exp(rng.uniform(math.log(0.05), 0.0)) if width else 1.0
                 keep_edges = rng.uniform(0.0, 1.0) if i else 1.0
