@@ -277,3 +277,9 @@ def test_resnet_demo_with_a_latency_budget_reports_predicted_and_measured_latenc
     assert lm.batch_size == 1
     assert lm.input_shape == (1, 1, 40)
     assert 0.0 < results["achieved_flops_fraction"] < 1.0
+    # the latency model is kept next to the checkpoint: a resumed run budgets against it
+    kept = tmp_path / "checkpoints" / "latency_model.json"
+    assert gp.GatedLatencyModel.from_json(kept.read_text()) == lm
+    again = run_resnet_demo(config)
+    assert again["latency_model"] == results["latency_model"]
+    assert again["predicted_latency_fraction"] == predicted

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -432,6 +432,40 @@ rate, so a layer's fan-out shrinks through its channels before its edges close (
 README: without it all outgoing edges of a full-resolution layer can close in one epoch)."""
 
 
+LATENCY_MODEL_FILE = "latency_model.json"
+
+_LM = TypeVar("_LM", LatencyModel, GatedLatencyModel)
+
+
+def run_latency_model(
+    folder: Path | None, calibrate: Callable[[], _LM], read: Callable[[str], _LM]
+) -> _LM:
+    """A run's latency model: read from ``folder / LATENCY_MODEL_FILE`` when an interrupted run
+    left one next to its checkpoint (two calibrations time differently, and a resumed run must
+    budget against the model the checkpoint trained with), else calibrated and written there
+    atomically (``folder`` None: calibrated only).
+
+    >>> import tempfile
+    >>> calls = []
+    >>> def fit() -> GatedLatencyModel:
+    ...     calls.append(1)
+    ...     return GatedLatencyModel((0.1, 0.01, 1e-8), 1, 1, (1, 1, 40), "k", 0.0, 0.0, 8)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     a = run_latency_model(Path(d), fit, GatedLatencyModel.from_json)
+    ...     b = run_latency_model(Path(d), fit, GatedLatencyModel.from_json)
+    >>> a == b and len(calls)
+    1
+    """
+    path = None if folder is None else folder / LATENCY_MODEL_FILE
+    if path is not None and path.is_file():
+        return read(path.read_text())
+    lm = calibrate()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lm.to_json().encode())
+    return lm
+
+
 def budget_trainer(
     net: nn.Module,
     data: Splits,
@@ -587,7 +621,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     lm: LatencyModel | None = None
     if config.latency:
-        lm = LatencyModel.calibrate(build_demo_model(), example, batch_size=256, threads=1)
+        lm = run_latency_model(
+            out / "checkpoints",
+            lambda: LatencyModel.calibrate(build_demo_model(), example, batch_size=256, threads=1),
+            LatencyModel.from_json,
+        )
         say(
             f"latency model calibrated on {lm.samples} pruned copies at batch 256, 1 thread: "
             f"held-out error median {100 * lm.median_error:.1f}%, max {100 * lm.max_error:.1f}%"

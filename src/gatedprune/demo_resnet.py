@@ -34,6 +34,7 @@ from .demo import (
     prune_check_finetune,
     result_rows,
     run_facts,
+    run_latency_model,
     start_demo,
     write_json,
 )
@@ -132,7 +133,13 @@ def train_resnet_demo_model(
     calib = [x_train[i : i + 500] for i in range(0, min(len(x_train), 2000), 500)]
     lm: GatedLatencyModel | None = None
     if latency is not None:
-        lm = GatedLatencyModel.calibrate(net, x_train[:1], batch_size=1, samples=latency_samples)
+        lm = run_latency_model(
+            checkpoint_dir,
+            lambda: GatedLatencyModel.calibrate(
+                net, x_train[:1], batch_size=1, samples=latency_samples
+            ),
+            GatedLatencyModel.from_json,
+        )
         latency = latency * _own_latency_fraction(net, lm)
 
     def val_metrics(model: nn.Module) -> dict[str, float]:
