@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .base import GatedModule
 from .costs import CostProgram
+from .gating.core import InsertedGating
 from .gating.latency import GatedLatencyModel
 from .latency import LatencyModel
 from .shortcut import _ShortcutNet
@@ -134,16 +135,16 @@ class Budget(nn.Module):
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.program = CostProgram.trace(model, example_input)
         self._latency: tuple[LatencyModel, _ShortcutNet] | None = None
-        self._gated_latency: GatedLatencyModel | None = None
+        self._gated_latency: tuple[GatedLatencyModel, InsertedGating] | None = None
         if isinstance(latency_model, GatedLatencyModel):
-            latency_model.check_model(model)
+            gating = latency_model.check_model(model)
             shape = tuple(getattr(example_input, "shape", ()))
             if shape != latency_model.input_shape:
                 raise ValueError(
                     "the latency model was calibrated with an example_input of shape "
                     f"{latency_model.input_shape}, but this one's is {shape}"
                 )
-            self._gated_latency = latency_model
+            self._gated_latency = (latency_model, gating)
         elif latency_model is not None:
             nets = [m for m, _ in self.program.gated]
             fixed = self.program.fixed_flops or self.program.fixed_params
@@ -200,7 +201,7 @@ class Budget(nn.Module):
     def latency_model(self) -> LatencyModel | GatedLatencyModel | None:
         """The latency model of a latency budget (None without one)."""
         if self._gated_latency is not None:
-            return self._gated_latency
+            return self._gated_latency[0]
         return None if self._latency is None else self._latency[0]
 
     def _forced_cost(self, is_open: bool) -> dict[str, float]:
@@ -249,7 +250,8 @@ class Budget(nn.Module):
     def _latency_ms(self, *, hard: bool) -> Tensor:
         """The latency model's prediction (ms) for the pruned model."""
         if self._gated_latency is not None:
-            return self._gated_latency.expected(self.model, hard=hard)
+            glm, gating = self._gated_latency
+            return glm.expected_checked(gating, hard=hard)
         if self._latency is None:
             raise RuntimeError("this budget has no latency target")
         lm, net = self._latency

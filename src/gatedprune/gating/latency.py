@@ -138,7 +138,12 @@ class GatedLatencyModel:
     def expected(self, model: nn.Module, *, hard: bool = False) -> Tensor:
         """Predicted latency (ms) of ``prune(model)``: expected under the gates' open
         probabilities (differentiable), or at the exact decisions with ``hard``."""
-        z = _features(self.check_model(model), hard=hard)  # (3,)
+        return self.expected_checked(self.check_model(model), hard=hard)
+
+    def expected_checked(self, gating: InsertedGating, *, hard: bool = False) -> Tensor:
+        """:meth:`expected` for a gating :meth:`check_model` already accepted (a
+        :class:`~gatedprune.Budget` checks once, not at every step)."""
+        z = _features(gating, hard=hard)  # (3,)
         coef = torch.tensor(self.coef, dtype=z.dtype, device=z.device)  # (3,)
         return (coef * z).sum()
 
