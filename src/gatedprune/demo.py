@@ -64,7 +64,7 @@ class DemoConfig:
     progress: bool = True
     num_samples: int = 5000
     round_to: int | None = None  # snapped widths rounded to multiples (snap_to_budget)
-    latency: bool = False  # conv demo: ``budget`` is a fraction of the predicted latency
+    latency: bool = False  # conv/resnet1d: ``budget`` is a fraction of the predicted latency
 
     def validate(self) -> None:
         """Check every field before any work: a ``TypeError`` for a value of the wrong type,
