@@ -442,6 +442,40 @@ class InsertedGating(ModelGating):
                 )
             ratio = shape[0] / self.input_shape[0]
         if hard:
+            flops_h, params_h, _ = self._hard_totals()
+            flops = torch.tensor(flops_h, dtype=torch.float64)
+            if ratio != 1.0:
+                flops = flops / self.input_shape[0] * shape[0]
+            return flops, torch.tensor(params_h, dtype=torch.float64)
+        kept = t.kept(width_values(self._expected_open(), self.rnns))
+        if len(self.block_gates):
+            bp = torch.cat(gate_prob_open(self._block_list())).to(torch.float64)
+            f_alive = torch.prod(1.0 - t.f_member * (1.0 - bp), dim=1)
+            p_alive = torch.prod(1.0 - t.p_member * (1.0 - bp), dim=1)
+        else:
+            f_alive = torch.ones(len(t.f_nodes), dtype=torch.float64)
+            p_alive = torch.ones(len(t.p_paths), dtype=torch.float64)
+        flops = (t.f_coef * kept[t.f_a] * kept[t.f_b] * f_alive).sum()
+        flops = flops + self._edge_flops(kept, False)
+        if ratio != 1.0:
+            flops = flops / self.input_shape[0] * shape[0]
+        params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
+        return flops, params
+
+    def _hard_totals(self) -> tuple[float, float, float]:
+        """FLOPs and parameters (for ``input_shape``) and module calls of ``prune(model)`` at
+        the exact decisions, cached by the decisions: a budget with straight-through gradients
+        asks at every step, and they change only when a gate flips."""
+        with torch.no_grad():
+            gates = self.gates()
+            decisions = torch.cat([g.is_open().reshape(-1) for g in gates]) if gates else None
+        key = b"" if decisions is None else decisions.cpu().numpy().tobytes()
+        cache: dict[bytes, tuple[float, float, float]] = self.__dict__.setdefault(
+            "_hard_totals_cache", {}
+        )
+        hit = cache.get(key)
+        if hit is None:
+            t = self.terms
             kept = t.kept(self.hard_open())
             scopes, erase_list, bypass = self._scopes()
             erase = set(erase_list) | set(bypass)
@@ -458,21 +492,15 @@ class InsertedGating(ModelGating):
                 ],
                 dtype=torch.float64,
             )
-        else:
-            kept = t.kept(width_values(self._expected_open(), self.rnns))
-            if len(self.block_gates):
-                bp = torch.cat(gate_prob_open(self._block_list())).to(torch.float64)
-                f_alive = torch.prod(1.0 - t.f_member * (1.0 - bp), dim=1)
-                p_alive = torch.prod(1.0 - t.p_member * (1.0 - bp), dim=1)
-            else:
-                f_alive = torch.ones(len(t.f_nodes), dtype=torch.float64)
-                p_alive = torch.ones(len(t.p_paths), dtype=torch.float64)
-        flops = (t.f_coef * kept[t.f_a] * kept[t.f_b] * f_alive).sum()
-        flops = flops + self._edge_flops(kept, hard)
-        if ratio != 1.0:
-            flops = flops / self.input_shape[0] * shape[0]
-        params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
-        return flops, params
+            flops = (t.f_coef * kept[t.f_a] * kept[t.f_b] * f_alive).sum()
+            flops = flops + self._edge_flops(kept, True)
+            params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
+            calls = sum(1 for n in dict.fromkeys(t.f_nodes) if n not in erase)
+            hit = (float(flops), float(params), float(calls + len(self.kept_edges())))
+            if len(cache) >= 256:  # bounded: gates flip back and forth in training
+                cache.clear()
+            cache[key] = hit
+        return hit
 
     def expected_ops(self, *, hard: bool = False) -> Tensor:
         """Module calls of ``prune(model)``'s forward (a float64 scalar): every call of the
@@ -494,10 +522,7 @@ class InsertedGating(ModelGating):
         11.0
         """
         if hard:  # the calls prune keeps: not erased with a closed block, not bypassed
-            _, erase, bypass = self._scopes()
-            gone = set(erase) | set(bypass)
-            calls = sum(1 for n in dict.fromkeys(self.terms.f_nodes) if n not in gone)
-            return torch.tensor(float(calls + len(self.kept_edges())), dtype=torch.float64)
+            return torch.tensor(self._hard_totals()[2], dtype=torch.float64)
         member = self._op_member()  # (O, B)
         blocks = self._block_list()
         bp: Tensor | None = None

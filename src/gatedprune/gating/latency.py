@@ -64,9 +64,11 @@ def structure_key(gating: InsertedGating) -> str:
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _features(gating: InsertedGating, *, hard: bool) -> Tensor:
-    """``GATED_LATENCY_FEATURES`` as a float64 tensor ``(3,)`` (differentiable unless hard)."""
-    flops, _ = gating.expected_cost(gating.input_shape, hard=hard)
+def _features(gating: InsertedGating, *, hard: bool, flops: Tensor | None = None) -> Tensor:
+    """``GATED_LATENCY_FEATURES`` as a float64 tensor ``(3,)`` (differentiable unless hard);
+    ``flops``: the gating's (expected) FLOPs for its input shape if the caller has them."""
+    if flops is None:
+        flops, _ = gating.expected_cost(gating.input_shape, hard=hard)
     per_sample = flops / gating.input_shape[0]
     ops = gating.expected_ops(hard=hard)
     return torch.stack([torch.ones_like(ops), ops, per_sample.to(ops.dtype)])  # (3,)
@@ -140,10 +142,13 @@ class GatedLatencyModel:
         probabilities (differentiable), or at the exact decisions with ``hard``."""
         return self.expected_checked(self.check_model(model), hard=hard)
 
-    def expected_checked(self, gating: InsertedGating, *, hard: bool = False) -> Tensor:
+    def expected_checked(
+        self, gating: InsertedGating, *, hard: bool = False, flops: Tensor | None = None
+    ) -> Tensor:
         """:meth:`expected` for a gating :meth:`check_model` already accepted (a
-        :class:`~gatedprune.Budget` checks once, not at every step)."""
-        z = _features(gating, hard=hard)  # (3,)
+        :class:`~gatedprune.Budget` checks once, not at every step); ``flops``: the
+        gating's ``expected_cost(gating.input_shape, hard=hard)[0]`` if already computed."""
+        z = _features(gating, hard=hard, flops=flops)  # (3,)
         coef = torch.tensor(self.coef, dtype=z.dtype, device=z.device)  # (3,)
         return (coef * z).sum()
 

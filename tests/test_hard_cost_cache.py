@@ -1,0 +1,105 @@
+"""The exact (hard) cost of a model gated with gate_ is cached by the gates' decisions: it
+must follow every flip of any gate kind on one model, and revisiting a state must give the
+value computed from scratch."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.gating import ResNet1d, gate_
+from gatedprune.gating.latency import structure_key
+from tests.gating_helpers import inserted_gating
+
+
+def _calls(model: nn.Module, x: Tensor) -> int:
+    """Module calls of one forward (nn.Identity placeholders of removed blocks aside)."""
+    count = [0]
+
+    def hook(*_: object) -> None:
+        count[0] += 1
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves if not isinstance(m, nn.Identity)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return count[0]
+
+
+def _force_random(model: nn.Module, gen: torch.Generator, p_open: float) -> None:
+    """Every gate of ``model`` set to a random exact state (whole groups together)."""
+    for g in inserted_gating(model).gates():
+        mask = torch.rand(g.n_groups, generator=gen) < p_open  # (groups,)
+        g.force_(mask.repeat_interleave(g.n // g.n_groups))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), dense=st.booleans())
+def test_hard_cost_and_ops_follow_gate_flips_on_one_model(seed: int, dense: bool) -> None:
+    torch.manual_seed(seed)
+    model = ResNet1d(widths=(4, 8), blocks=(2, 2))
+    x = torch.randn(2, 1, 16)
+    gate_(model, x, shortcuts="dense" if dense else None)
+    model.eval()
+    gating = inserted_gating(model)
+    gen = torch.Generator().manual_seed(seed)
+    states: list[tuple[dict[str, Tensor], tuple[float, float, float]]] = []
+    for i in range(6):
+        _force_random(model, gen, p_open=[0.2, 0.5, 0.8][i % 3])
+        flops, params = gating.expected_cost(gating.input_shape, hard=True)
+        ops = float(gating.expected_ops(hard=True))
+        pruned = gp.prune(model)
+        c = gp.cost(pruned, x)
+        assert isinstance(c, gp.Cost)
+        assert (float(flops), float(params)) == (c.flops, c.params)
+        assert ops == _calls(pruned, x)
+        states.append(
+            (
+                {k: v.clone() for k, v in gating.state_dict().items()},
+                (float(flops), float(params), ops),
+            )
+        )
+    for state, expected in states:  # revisit: cached, and equal to a fresh computation
+        gating.load_state_dict(state)
+        flops, params = gating.expected_cost(gating.input_shape, hard=True)
+        cached = (float(flops), float(params), float(gating.expected_ops(hard=True)))
+        gating.__dict__.pop("_hard_totals_cache", None)
+        flops, params = gating.expected_cost(gating.input_shape, hard=True)
+        fresh = (float(flops), float(params), float(gating.expected_ops(hard=True)))
+        assert cached == fresh == expected
+
+
+def test_latency_budget_shares_the_flops_with_the_cost_program() -> None:
+    """A FLOPs + latency budget predicts the same latency as the latency model on its own
+    (the FLOPs feature taken from the budget's program instead of computed again)."""
+    torch.manual_seed(0)
+    model = ResNet1d(widths=(4, 8), blocks=(2, 2))
+    x = torch.zeros(1, 1, 16)
+    gate_(model, x, shortcuts="dense")
+    gating = inserted_gating(model)
+    lm = gp.GatedLatencyModel(
+        coef=(0.01, 0.002, 1e-6),
+        batch_size=1,
+        threads=1,
+        input_shape=tuple(gating.input_shape),
+        structure=structure_key(gating),
+        median_error=0.0,
+        max_error=0.0,
+        samples=4,
+    )
+    budget = gp.Budget(model, x, flops=0.5, latency=0.6, latency_model=lm)
+    _force_random(model, torch.Generator().manual_seed(3), p_open=0.5)
+    for hard in (False, True):
+        with torch.no_grad():
+            got = budget.fractions(hard=hard)["latency"] * budget.dense["latency"]
+            assert float(got) == float(lm.expected(model, hard=hard))
+    soft = budget.fractions()["latency"]
+    soft.backward()  # still differentiable through the shared FLOPs
+    assert any(
+        p.grad is not None and bool(p.grad.abs().sum() > 0) for p in gating.gate_parameters()
+    )
