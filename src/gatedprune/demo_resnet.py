@@ -48,6 +48,7 @@ from .gating import (
     gate_,
 )
 from .prune import prune
+from .strict_json import loads_strict
 
 if TYPE_CHECKING:
     from .data import Splits
@@ -502,7 +503,10 @@ def load_pruned_resnet(folder: str | os.PathLike[str]) -> nn.Module:
             raise ValueError(
                 f"{p / WEIGHTS_FILE}: metadata {k!r} must be a list of ints, got {v!r}"
             )
-    plan = json.loads((p / PLAN_FILE).read_text())
+    try:
+        plan = loads_strict((p / PLAN_FILE).read_text())
+    except ValueError as e:  # malformed JSON, duplicated keys
+        raise ValueError(f"{p / PLAN_FILE}: not a readable plan ({e})") from e
     digest = meta.get("plan_sha256")
     if digest is not None and digest != _plan_digest(plan):
         raise ValueError(

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .base import GatedModule
 from .gates import gate_modules
 from .plain import PlainShortcutNet
+from .strict_json import DuplicateKeyError, loads_strict
 
 __all__ = ["load", "read_tensors", "register_model_class", "save", "write_tensors"]
 
@@ -224,8 +225,8 @@ def _header(p: Path, data: bytes) -> dict[str, Any]:
             f"the file has {len(data)})"
         )
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        header = loads_strict(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, DuplicateKeyError, RecursionError) as e:
         # RecursionError: absurdly nested JSON, which no gatedprune file holds
         raise ValueError(
             f"{p}: not a gatedprune file, or corrupted (unreadable header: {e})"
@@ -268,8 +269,8 @@ def read_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if not isinstance(meta_json, str) or _sha256(meta_json) != md.get(_META_SHA_KEY):
         raise ValueError(f"{p}: metadata checksum mismatch: the file is corrupted or was edited")
     try:
-        meta = json.loads(meta_json)
-    except (json.JSONDecodeError, RecursionError) as e:
+        meta = loads_strict(meta_json)
+    except (json.JSONDecodeError, DuplicateKeyError, RecursionError) as e:
         raise ValueError(f"{p}: unreadable metadata JSON ({e})") from e
     if not isinstance(meta, dict):
         raise ValueError(f"{p}: metadata is not a JSON object")

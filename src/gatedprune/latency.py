@@ -30,6 +30,7 @@ from .layout import NetSpec
 from .plain import PlainShortcutNet
 from .profiling import compare_latency
 from .shortcut import LATENCY_FEATURES, _cost_terms, _ShortcutNet
+from .strict_json import DuplicateKeyError, loads_strict
 
 __all__ = ["LatencyModel", "nonnegative_least_squares"]
 
@@ -310,7 +311,7 @@ class LatencyModel:
     def from_json(text: str) -> LatencyModel:
         """Read a model written by :meth:`to_json`; malformed input raises ``ValueError``."""
         try:
-            d: dict[str, Any] = json.loads(text)
+            d: dict[str, Any] = loads_strict(text)
             coef = d["coef"]
             if not isinstance(coef, dict) or set(coef) != set(LATENCY_FEATURES):
                 raise ValueError(f"coef must name exactly {LATENCY_FEATURES}")
@@ -324,5 +325,5 @@ class LatencyModel:
                 max_error=_json_number("max_error", d["max_error"]),
                 samples=_json_int("samples", d["samples"]),
             )
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, json.JSONDecodeError, DuplicateKeyError) as e:
             raise ValueError(f"not a LatencyModel JSON: {e!r}") from e

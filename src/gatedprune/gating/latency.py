@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..latency import _json_int, _json_number, nonnegative_least_squares
 from ..profiling import compare_latency
 from ..prune import prune
+from ..strict_json import DuplicateKeyError, loads_strict
 from .core import InsertedGating
 
 __all__ = ["GATED_LATENCY_FEATURES", "GatedLatencyModel", "inserted_gating"]
@@ -269,7 +270,7 @@ class GatedLatencyModel:
         True
         """
         try:
-            d: dict[str, Any] = json.loads(text)
+            d: dict[str, Any] = loads_strict(text)
             coef = d["coef"]
             if not isinstance(coef, dict) or set(coef) != set(GATED_LATENCY_FEATURES):
                 raise ValueError(f"coef must name exactly {GATED_LATENCY_FEATURES}")
@@ -286,5 +287,5 @@ class GatedLatencyModel:
                 max_error=_json_number("max_error", d["max_error"]),
                 samples=_json_int("samples", d["samples"]),
             )
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, DuplicateKeyError) as e:
             raise ValueError(f"not a GatedLatencyModel JSON: {e!r}") from e
