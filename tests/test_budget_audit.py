@@ -122,6 +122,7 @@ def _one_opening_fits(budget: Budget, limits: dict[str, float]) -> bool:
 )
 @hypothesis.example(kind="user_lstm", target=0.3, both=True, seed=0)  # was above the ceiling
 @hypothesis.example(kind="transformer", target=0.3, both=False, seed=1)  # 2nd snap moved it
+@hypothesis.example(kind="transformer", target=0.5, both=False, seed=8)  # no-op opening
 def test_snap_is_a_ceiling_exact_idempotent_and_leaves_no_gate_to_reopen(
     kind: str, target: float, both: bool, seed: int
 ) -> None:

@@ -139,8 +139,8 @@ def snap_to_budget(
     closed gates that fit under every ceiling are reopened. Such rounds are repeated from their
     result while they improve. Decisions a snap ends in (every gate confidently open or
     closed, under every ceiling, rounded with ``round_to``, and in the window or with no
-    single closed gate or round-up left that fits) are returned unchanged, so snapping twice
-    changes nothing.
+    single closed gate or round-up left that raises a cost and fits) are returned unchanged,
+    so snapping twice changes nothing.
     Every gate ends in a confident state (``Gate.force_``), so the eval-mode values are exactly
     0 or 1. When no such decisions are found this way (the target may be out of reach of the
     structure's granularity), the decisions closest to the allowed window among those visited
@@ -283,8 +283,8 @@ def _settled(
     current: dict[str, float],
 ) -> bool:
     """Whether forced decisions are what a snap ends in: under every ceiling, rounded (with
-    ``round_to``), and in the window or with no single opening left that fits (one closed
-    gate, or with ``round_to`` one round-up of a rounded width)."""
+    ``round_to``), and in the window or with no single opening left that raises a cost and
+    fits (one closed gate, or with ``round_to`` one round-up of a rounded width)."""
     if window.any_above(current):
         return False
     if window.inside(current):
@@ -294,11 +294,14 @@ def _settled(
     fixed = _fixed_width(budget.model, round_to)
 
     def fits_with(g: Gate, mask: Tensor) -> bool:
+        """Whether opening ``mask`` raises a cost and stays under every ceiling (an opening
+        that changes no cost, such as a unit of a closed sub-layer, is no improvement)."""
         before = g.is_open().reshape(-1).clone()
         g.force_(mask)
         trial = {k: float(v) for k, v in budget.fractions(hard=True).items()}
         g.force_(before)
-        return not window.any_above(trial)
+        raises = any(trial[k] > current[k] for k in trial)
+        return raises and not window.any_above(trial)
 
     for g in gates:
         mask = g.is_open().reshape(-1)
