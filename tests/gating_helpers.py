@@ -29,6 +29,22 @@ def inserted_gating(model: nn.Module) -> InsertedGating:
     return g
 
 
+def module_calls(model: nn.Module, x: Tensor) -> int:
+    """Module calls of one forward (nn.Identity placeholders of removed blocks aside)."""
+    count = [0]
+
+    def hook(*_: object) -> None:
+        count[0] += 1
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves if not isinstance(m, nn.Identity)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return count[0]
+
+
 def random_gates(model: nn.Module, gen: torch.Generator, low: float = -4.0) -> None:
     """Every channel-group gate of a ``gate_`` model at a random log alpha in ``[low, 4)``."""
     with torch.no_grad():

@@ -16,23 +16,7 @@ from torch import Tensor, nn
 import gatedprune as gp
 from gatedprune.gating import ResNet1d, gate_
 from gatedprune.gating.latency import GATED_LATENCY_FEATURES, structure_key
-from tests.gating_helpers import inserted_gating
-
-
-def _calls(model: nn.Module, x: Tensor) -> int:
-    """Module calls of one forward (nn.Identity placeholders of removed blocks aside)."""
-    count = [0]
-
-    def hook(*_: object) -> None:
-        count[0] += 1
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves if not isinstance(m, nn.Identity)]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return count[0]
+from tests.gating_helpers import inserted_gating, module_calls
 
 
 def _model_for(model: nn.Module, coef: tuple[float, float, float]) -> gp.GatedLatencyModel:
@@ -72,7 +56,7 @@ def test_hard_ops_are_the_pruned_models_module_calls(
         g.force_(torch.rand(g.n, generator=gen) < p_open)
     model.eval()
     lm = _model_for(model, (0.0, 1.0, 0.0))
-    assert lm.features(model, hard=True)["ops"] == _calls(gp.prune(model), x)
+    assert lm.features(model, hard=True)["ops"] == module_calls(gp.prune(model), x)
     flops = lm.features(model, hard=True)["flops"]
     assert flops == pytest.approx(float(gp.cost(model, x, hard=True).flops) / 2, rel=1e-12)
 
@@ -120,7 +104,7 @@ def test_expected_ops_is_the_exact_expectation_over_block_states(nested: bool) -
         model.eval()
         calls = float(g.expected_ops(hard=True))
         pruned = gp.prune(model)
-        assert calls == _calls(pruned, x)
+        assert calls == module_calls(pruned, x)
         with torch.no_grad():  # nested closed blocks prune exactly (their adds are erased)
             assert (pruned(x) - model(x)).abs().max() <= 1e-5
         exact += weight * calls
@@ -176,14 +160,14 @@ def test_calibrate_recovers_the_coefficients_of_a_noiseless_machine(
     model = ResNet1d(widths=(8, 16), blocks=(2, 2))
     x = torch.zeros(1, 1, 40)
     gate_(model, x)
-    dense_calls = _calls(gp.prune(model.eval()), x)
+    dense_calls = module_calls(gp.prune(model.eval()), x)
     dense_flops = float(gp.cost(model, x, hard=True).flops)
     seen: dict[str, int] = {}
 
     def fake(models: dict[str, nn.Module], xb: Tensor, **_: object) -> dict[str, float]:
         times = {}
         for name, m in models.items():
-            seen[name] = _calls(m, x)
+            seen[name] = module_calls(m, x)
             flops = gp.cost(m, x).flops
             times[name] = 1e-3 * (0.1 + 0.02 * seen[name] + 1e-7 * flops)  # seconds
         return times

@@ -12,23 +12,7 @@ from torch import Tensor, nn
 import gatedprune as gp
 from gatedprune.gating import ResNet1d, gate_
 from gatedprune.gating.latency import structure_key
-from tests.gating_helpers import inserted_gating
-
-
-def _calls(model: nn.Module, x: Tensor) -> int:
-    """Module calls of one forward (nn.Identity placeholders of removed blocks aside)."""
-    count = [0]
-
-    def hook(*_: object) -> None:
-        count[0] += 1
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves if not isinstance(m, nn.Identity)]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return count[0]
+from tests.gating_helpers import inserted_gating, module_calls
 
 
 def _force_random(model: nn.Module, gen: torch.Generator, p_open: float) -> None:
@@ -57,7 +41,7 @@ def test_hard_cost_and_ops_follow_gate_flips_on_one_model(seed: int, dense: bool
         c = gp.cost(pruned, x)
         assert isinstance(c, gp.Cost)
         assert (float(flops), float(params)) == (c.flops, c.params)
-        assert ops == _calls(pruned, x)
+        assert ops == module_calls(pruned, x)
         states.append(
             (
                 {k: v.clone() for k, v in gating.state_dict().items()},

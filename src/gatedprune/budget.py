@@ -136,7 +136,6 @@ class Budget(nn.Module):
         self.program = CostProgram.trace(model, example_input)
         self._latency: tuple[LatencyModel, _ShortcutNet] | None = None
         self._gated_latency: tuple[GatedLatencyModel, InsertedGating] | None = None
-        self._share_flops = False
         if isinstance(latency_model, GatedLatencyModel):
             gating = latency_model.check_model(model)
             shape = tuple(getattr(example_input, "shape", ()))
@@ -146,13 +145,6 @@ class Budget(nn.Module):
                     f"{latency_model.input_shape}, but this one's is {shape}"
                 )
             self._gated_latency = (latency_model, gating)
-            # the FLOPs feature is the program's FLOPs: computed once per step, not twice
-            self._share_flops = (
-                len(self.program.gated) == 1
-                and self.program.gated[0][0] is gating
-                and tuple(self.program.gated[0][1]) == tuple(gating.input_shape)
-                and not (self.program.fixed_flops or self.program.fixed_params)
-            )
         elif latency_model is not None:
             nets = [m for m, _ in self.program.gated]
             fixed = self.program.fixed_flops or self.program.fixed_params
@@ -259,9 +251,10 @@ class Budget(nn.Module):
         """The latency model's prediction (ms) for the pruned model (``flops``: the program's
         FLOPs at the same ``hard``, if already computed)."""
         if self._gated_latency is not None:
+            # a gate_ model's cost program is its gating at the example input's shape, which
+            # is the calibrated one (checked above): the program's FLOPs are the feature's
             glm, gating = self._gated_latency
-            shared = flops if self._share_flops else None
-            return glm.expected_checked(gating, hard=hard, flops=shared)
+            return glm.expected_checked(gating, hard=hard, flops=flops)
         if self._latency is None:
             raise RuntimeError("this budget has no latency target")
         lm, net = self._latency
