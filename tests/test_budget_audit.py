@@ -143,6 +143,35 @@ def test_snap_is_a_ceiling_exact_idempotent_and_leaves_no_gate_to_reopen(
     assert all(torch.equal(a, b) for a, b in zip(masks, _masks(model), strict=True))
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(["mlp", "conv", "wrapped", "resnet", "transformer"]),
+    target=st.sampled_from([0.1, 0.25, 0.5]),
+    both=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@hypothesis.example(kind="transformer", target=0.5, both=False, seed=8)  # was 0.449
+@hypothesis.example(kind="transformer", target=0.1, both=False, seed=25939)  # was 0.078
+@hypothesis.example(kind="resnet", target=0.5, both=False, seed=15976)  # was 0.478
+def test_snap_reaches_the_issue_targets_within_two_points_on_fine_grained_models(
+    kind: str, target: float, both: bool, seed: int
+) -> None:
+    """On models whose gates are fine-grained next to a 0.02 window (no shared LSTM hidden
+    size), the snap lands within 0.02 below each of the targets 0.5 / 0.25 / 0.1 even from
+    random gate states. It used to stop short where only a compound move reaches the window
+    (open a closed transformer FFN sub-layer or ResNet block, close units elsewhere): 26 of
+    300 random cases, up to 0.05 below."""
+    model, x = _model(kind)
+    _randomize(model, seed)
+    limits = {"flops": target, "params": min(1.0, 1.1 * target)} if both else {"flops": target}
+    budget = Budget(model, x, **limits)  # type: ignore[arg-type]
+    got = snap_to_budget(budget, tolerance=0.01)
+    assert all(got[k] <= t for k, t in limits.items()), (got, limits)
+    assert min(t - got[k] for k, t in limits.items()) <= 0.02, (got, limits)
+    assert got["flops"] == pytest.approx(_pruned_fraction(model, x, "flops"), abs=1e-12)
+    assert snap_to_budget(budget, tolerance=0.01) == got  # still idempotent
+
+
 def test_two_targets_on_a_gated_lstm_stay_at_or_below_both() -> None:
     """Closing one hidden unit of one layer of a gated nn.LSTM saves nothing (the layers
     share a hidden size), and params was already below its window: every closure was

@@ -160,8 +160,10 @@ def snap_to_budget(
     and raise the cost are taken. The cost may still lie more than ``tolerance`` below the
     target (the granularity is coarser); if even the rounded-down widths exceed a target, the
     unrounded decisions are kept.
-    The greedy follows the learned ranking: when only a compound move reaches the window (such
-    as reopening an improbable sub-layer and closing units), the result stays below it.
+    The greedy follows the learned ranking; when it ends below the window with no single gate
+    left to open, compound moves are tried (open one closed gate that overshoots, close the
+    least probable others until the cost fits; the best decisions visited are kept), and
+    where none reaches the window the result stays below it.
     Deterministic, so every DDP rank makes the same decisions.
 
     >>> import torch, gatedprune
@@ -204,6 +206,8 @@ def snap_to_budget(
                 g.force_(m)
             current = start_cost
             break
+    if window.all_below(current):
+        current = _compound_reopen(budget, gates, masks, learned, window, current)
     if round_to is not None:
         by_id = {id(g): p for g, p in zip(gates, learned, strict=True)}
         current = _round_widths(budget, round_to, by_id, window)
@@ -217,6 +221,89 @@ def snap_to_budget(
 
 _MAX_SNAP_ROUNDS = 16
 """Bound on the greedy rounds of :func:`snap_to_budget` (each one strictly improves)."""
+
+_COMPOUND_TRIES = 8
+"""How many closed gates :func:`_compound_reopen` tries to reopen (the most probable first)."""
+
+
+def _compound_reopen(
+    budget: Budget,
+    gates: list[Gate],
+    masks: list[Tensor],
+    probs: list[Tensor],
+    window: _Window,
+    current: dict[str, float],
+) -> dict[str, float]:
+    """Below the window with no single opening that fits (the greedy rounds can end so when
+    the granularity is coarse: a closed transformer FFN sub-layer whose opening overshoots,
+    and whose units alone change nothing), try compound moves: open one closed gate whose
+    opening alone overshoots a ceiling, then close the least probable *other* open gates
+    while a cost is above its ceiling, skipping closures that would take every cost below
+    the window. Candidates are tried by descending open probability (at most
+    ``_COMPOUND_TRIES`` of them); every decision visited is ranked as in the greedy rounds
+    (:meth:`_Window.deviation`), the best one is kept if it beats the starting decisions,
+    and is then filled up to the window (:func:`_fill`). ``masks`` are updated in place;
+    returns the cost fractions."""
+
+    def achieved() -> dict[str, float]:
+        return {k: float(v) for k, v in budget.fractions(hard=True).items()}
+
+    order = sorted(
+        (float(score), gi, i)
+        for gi, (g, p) in enumerate(zip(gates, probs, strict=True))
+        for i, score in enumerate(p[:: g.group].tolist())
+    )  # ascending open probability; ties broken by position: deterministic
+
+    def is_set(gi: int, i: int) -> bool:
+        return bool(masks[gi][i * gates[gi].group])
+
+    def set_gate(gi: int, i: int, is_open: bool) -> None:
+        group = gates[gi].group
+        masks[gi][i * group : (i + 1) * group] = is_open
+        gates[gi].force_(masks[gi])
+
+    def restore(saved: list[Tensor]) -> None:
+        for g, mask, m in zip(gates, masks, saved, strict=True):
+            mask.copy_(m)
+            g.force_(m)
+
+    start = [m.clone() for m in masks]
+    best = (window.deviation(current), start, current)
+
+    def consider(c: dict[str, float]) -> None:
+        nonlocal best
+        if window.deviation(c) < best[0]:
+            best = (window.deviation(c), [m.clone() for m in masks], c)
+
+    tries = 0
+    for _, gi, i in reversed(order):
+        if tries >= _COMPOUND_TRIES or window.inside(best[2]):
+            break
+        if is_set(gi, i):
+            continue
+        set_gate(gi, i, True)
+        trial = achieved()
+        if not window.any_above(trial):  # fits alone (it changes no cost): not a candidate
+            set_gate(gi, i, False)
+            continue
+        tries += 1
+        for _, gj, j in order:  # close the least probable other open gates while too high
+            if not window.any_above(trial):
+                break
+            if (gj, j) == (gi, i) or not is_set(gj, j):
+                continue
+            set_gate(gj, j, False)
+            smaller = achieved()
+            consider(smaller)
+            if window.all_below(smaller):
+                set_gate(gj, j, True)  # this closure would undershoot: keep the gate
+            else:
+                trial = smaller
+        restore(start)
+    if best[1] is start:
+        return current
+    restore(best[1])
+    return _fill(budget, gates, masks, probs, window, lambda g: False)
 
 
 def _is_rounded(model: nn.Module, multiple: int) -> bool:
