@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from typing import Any
 
 import pytest
@@ -173,7 +174,9 @@ def test_calibrate_recovers_the_coefficients_of_a_noiseless_machine(
         return times
 
     monkeypatch.setattr(gl, "compare_latency", fake)
-    lm = gp.GatedLatencyModel.calibrate(model, x, samples=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a perfect fit does not warn
+        lm = gp.GatedLatencyModel.calibrate(model, x, samples=12)
     assert seen["0"] == dense_calls
     assert float(lm.expected(model, hard=True)) == pytest.approx(
         0.1 + 0.02 * dense_calls + 1e-7 * dense_flops, rel=1e-9
@@ -269,3 +272,29 @@ def test_bad_gated_latency_models_are_refused() -> None:
             gp.GatedLatencyModel.from_json(broken)
     with pytest.raises(ValueError, match="batch_size must be an int"):
         gp.GatedLatencyModel.from_json(json.dumps({**text, "batch_size": 2.5}))
+
+
+def test_calibrate_warns_when_the_timings_are_too_noisy_to_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timings with +-80% random noise (a busy machine) fit badly: calibrate warns instead
+    of returning an unreliable model silently."""
+    import gatedprune.gating.latency as gl
+
+    torch.manual_seed(0)
+    model = ResNet1d(widths=(8, 16), blocks=(2, 2))
+    x = torch.zeros(1, 1, 40)
+    gate_(model, x)
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(models: dict[str, nn.Module], xb: Tensor, **_: object) -> dict[str, float]:
+        out = {}
+        for name, m in models.items():
+            factor = 1.0 + 0.8 * (2.0 * float(torch.rand((), generator=gen)) - 1.0)
+            out[name] = 1e-3 * (0.1 + 1e-7 * gp.cost(m, x).flops) * factor  # seconds
+        return out
+
+    monkeypatch.setattr(gl, "compare_latency", noisy)
+    with pytest.warns(UserWarning, match=r"GatedLatencyModel.calibrate: held-out median"):
+        lm = gp.GatedLatencyModel.calibrate(model, x, samples=12)
+    assert lm.median_error > 0.1

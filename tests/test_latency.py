@@ -246,6 +246,7 @@ def test_latency_model_fields_are_checked() -> None:
             gp.LatencyModel.from_json(json.dumps({**good, key: value}))
 
 
+@pytest.mark.filterwarnings("ignore:LatencyModel.calibrate")  # 4 tiny samples: noisy
 def test_calibrate_a_float64_network_and_bad_threads() -> None:
     torch.manual_seed(0)
     net = gp.ShortcutMLP(4, [6], 2).double()
@@ -274,3 +275,41 @@ def test_measure_latency_restores_every_modules_mode_and_checks_arguments() -> N
         measure_latency("net", torch.zeros(2, 4))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="models must be a mapping"):
         compare_latency([model], torch.zeros(2, 4))  # type: ignore[arg-type]
+
+
+def _fake_timer(noise: float, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A stand-in for ``compare_latency``: latency = 0.05 ms + 1e-6 ms per FLOP of the
+    model, times a random factor in [1 - noise, 1 + noise] (a busy machine)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def fake(models: dict[str, torch.nn.Module], x: torch.Tensor, **_: object) -> dict[str, float]:
+        out = {}
+        for name, m in models.items():
+            flops = float(gp.cost(m, x[:1]).flops)
+            factor = 1.0 + noise * (2.0 * float(torch.rand((), generator=gen)) - 1.0)
+            out[name] = 1e-3 * (0.05 + 1e-6 * flops) * factor  # seconds
+        return out
+
+    return fake
+
+
+def test_calibrate_warns_when_the_timings_are_too_noisy_to_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A calibration that overlapped other work used to be taken silently (13-20% held-out
+    error against 1-2% on a quiet machine); above CALIBRATION_WARN_ERROR it warns."""
+    import warnings
+
+    import gatedprune.latency as lat
+
+    net = gp.ShortcutMLP(8, [16, 16], 3)
+    x = torch.zeros(1, 8)
+    monkeypatch.setattr(lat, "compare_latency", _fake_timer(0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a quiet machine: no warning
+        quiet = gp.LatencyModel.calibrate(net, x, batch_size=4, samples=16)
+    assert quiet.median_error < 0.01  # FLOPs are nearly, not exactly, in the features' span
+    monkeypatch.setattr(lat, "compare_latency", _fake_timer(0.8))
+    with pytest.warns(UserWarning, match=r"LatencyModel.calibrate: held-out median .* above 10%"):
+        noisy = gp.LatencyModel.calibrate(net, x, batch_size=4, samples=16)
+    assert noisy.median_error > lat.CALIBRATION_WARN_ERROR

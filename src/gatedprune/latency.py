@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,29 @@ from .profiling import compare_latency
 from .shortcut import LATENCY_FEATURES, _cost_terms, _ShortcutNet
 from .strict_json import DuplicateKeyError, loads_strict
 
-__all__ = ["LatencyModel", "nonnegative_least_squares"]
+__all__ = ["CALIBRATION_WARN_ERROR", "LatencyModel", "nonnegative_least_squares"]
+
+CALIBRATION_WARN_ERROR = 0.10
+"""A calibration whose held-out median relative error exceeds this warns (``UserWarning``).
+On a quiet machine the demo networks calibrate to 1-5%; calibrations that overlapped other
+work measured 13-20%."""
+
+
+def warn_if_unreliable(median_error: float, what: str) -> None:
+    """Warn when a calibration's held-out median error exceeds ``CALIBRATION_WARN_ERROR``:
+    its predictions (and a latency budget built on them) are then unreliable.
+
+    >>> warn_if_unreliable(0.02, "LatencyModel")  # quiet: nothing
+    """
+    if median_error > CALIBRATION_WARN_ERROR:
+        warnings.warn(
+            f"{what}.calibrate: held-out median prediction error {100 * median_error:.1f}% "
+            f"is above {100 * CALIBRATION_WARN_ERROR:.0f}%, so its predictions are unreliable."
+            " Timings are noisy when other work shares the CPU: calibrate again on a quiet "
+            "machine, or with more rounds= and samples=",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def nonnegative_least_squares(a: np.ndarray, b: np.ndarray, *, iters: int = 200) -> np.ndarray:
@@ -213,7 +236,8 @@ class LatencyModel:
         and the all-open network are
         timed at ``batch_size`` in interleaved rounds; the coefficients minimise the squared
         *relative* error (non-negative least squares), a quarter of the copies is held out
-        to measure the prediction error, and the coefficients are refitted on all of them."""
+        to measure the prediction error, and the coefficients are refitted on all of them. A
+        held-out median error above ``CALIBRATION_WARN_ERROR`` (10%; a busy machine) warns."""
         if not isinstance(net, _ShortcutNet):
             raise TypeError(
                 "LatencyModel.calibrate needs a ShortcutMLP or ShortcutConv1d, got "
@@ -280,6 +304,7 @@ class LatencyModel:
         big = [i for i in held if y[i] > 0.1 * y[0]] or held
         errors = np.abs(pred[big] - y[big]) / y[big]
         coef = nonnegative_least_squares(a * w / scale, np.ones(len(y))) / scale  # all samples
+        warn_if_unreliable(float(np.median(errors)), "LatencyModel")
         return LatencyModel(
             coef=tuple(float(c) for c in coef),
             batch_size=batch_size,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..latency import _json_int, _json_number, nonnegative_least_squares
+from ..latency import _json_int, _json_number, nonnegative_least_squares, warn_if_unreliable
 from ..profiling import compare_latency
 from ..prune import prune
 from ..strict_json import DuplicateKeyError, loads_strict
@@ -171,7 +171,9 @@ class GatedLatencyModel:
         both; keep rates uniform in [0, 1] for blocks and shortcuts, log-uniform in [5%, 100%]
         for channels) are timed at ``batch_size`` in interleaved rounds. The coefficients
         minimise the squared *relative* error (non-negative least squares); a quarter of the
-        copies is held out to measure the prediction error, then all of them are refitted."""
+        copies is held out to measure the prediction error, then all of them are refitted. A
+        held-out median error above ``gatedprune.latency.CALIBRATION_WARN_ERROR`` (10%; a busy
+        machine) warns."""
         gating = inserted_gating(model)
         if not isinstance(example_input, Tensor) or example_input.dim() < 1:
             raise TypeError("example_input must be the batched tensor the model was gated with")
@@ -234,6 +236,7 @@ class GatedLatencyModel:
         coef = nonnegative_least_squares(a[fit] * w[fit] / scale, np.ones(len(fit))) / scale
         errors = np.abs(a[held] @ coef - y[held]) / y[held]
         coef = nonnegative_least_squares(a * w / scale, np.ones(len(y))) / scale
+        warn_if_unreliable(float(np.median(errors)), "GatedLatencyModel")
         return GatedLatencyModel(
             coef=tuple(float(c) for c in coef),
             batch_size=batch_size,
