@@ -14,6 +14,7 @@ their gradients like any other parameter's).
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from typing import Any
@@ -240,11 +241,17 @@ class Budget(nn.Module):
     def fractions(self, *, hard: bool = False) -> dict[str, Tensor]:
         """Expected (or, with ``hard``, exact) cost fractions as differentiable tensors."""
         values: dict[str, Tensor] = {}
-        if "flops" in self.targets or "params" in self.targets:
-            c = self.program.evaluate(hard=hard)
-            values = {"flops": c.flops, "params": c.params}
-        if "latency" in self.targets:
-            values["latency"] = self._latency_ms(hard=hard, flops=values.get("flops"))
+        held = (
+            self._gated_latency[1].same_decisions()
+            if hard and self._gated_latency is not None
+            else contextlib.nullcontext()
+        )  # the exact cost and the exact module calls share one decision key
+        with held:
+            if "flops" in self.targets or "params" in self.targets:
+                c = self.program.evaluate(hard=hard)
+                values = {"flops": c.flops, "params": c.params}
+            if "latency" in self.targets:
+                values["latency"] = self._latency_ms(hard=hard, flops=values.get("flops"))
         return {k: values[k] / self.dense[k] for k in self.targets}
 
     def _latency_ms(self, *, hard: bool, flops: Tensor | None = None) -> Tensor:

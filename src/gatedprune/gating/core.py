@@ -12,7 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -462,14 +462,39 @@ class InsertedGating(ModelGating):
         params = (t.p_coef * kept[t.p_a] * kept[t.p_b] * p_alive).sum()
         return flops, params
 
-    def _hard_totals(self) -> tuple[float, float, float]:
-        """FLOPs and parameters (for ``input_shape``) and module calls of ``prune(model)`` at
-        the exact decisions, cached by the decisions: a budget with straight-through gradients
-        asks at every step, and they change only when a gate flips."""
+    @contextlib.contextmanager
+    def same_decisions(self) -> Iterator[None]:
+        """Within the block the gates' exact decisions are taken as unchanged, so the cache
+        key of :meth:`_hard_totals` (every gate's ``is_open``) is built once, not once per
+        question: a FLOPs + latency budget asks for the exact cost and the exact module calls
+        at every step. Change no gate inside the block."""
+        outer = self.__dict__.get("_held_key", False)
+        if outer is False:
+            self.__dict__["_held_key"] = None  # holding; the key is built on first use
+        try:
+            yield
+        finally:
+            if outer is False:
+                self.__dict__["_held_key"] = False
+
+    def _decision_key(self) -> bytes:
+        """Every gate's exact decisions as bytes (built once per :meth:`same_decisions`)."""
+        held = self.__dict__.get("_held_key", False)
+        if isinstance(held, bytes):
+            return held
         with torch.no_grad():
             gates = self.gates()
             decisions = torch.cat([g.is_open().reshape(-1) for g in gates]) if gates else None
         key = b"" if decisions is None else decisions.cpu().numpy().tobytes()
+        if held is None:
+            self.__dict__["_held_key"] = key
+        return key
+
+    def _hard_totals(self) -> tuple[float, float, float]:
+        """FLOPs and parameters (for ``input_shape``) and module calls of ``prune(model)`` at
+        the exact decisions, cached by the decisions: a budget with straight-through gradients
+        asks at every step, and they change only when a gate flips."""
+        key = self._decision_key()
         cache: dict[bytes, tuple[float, float, float]] = self.__dict__.setdefault(
             "_hard_totals_cache", {}
         )
