@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import gatedprune as gp
 from gatedprune.costs import Cost
 from gatedprune.plain import PlainShortcutNet
+from gatedprune.profiling import allocator_setting
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +30,7 @@ def environment() -> str:
     return (
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+        f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {allocator_setting()}"
     )
 
 

@@ -13,6 +13,7 @@ import torch
 import gatedprune as gp
 from gatedprune.cli import main
 from gatedprune.demo import DemoConfig, all_open_copy, build_demo_model, run_demo
+from gatedprune.profiling import allocator_setting
 
 
 @pytest.mark.parametrize("round_to", [None, 8])
@@ -43,6 +44,7 @@ def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path, round_to: i
     assert results["max_abs_diff_float32_random"] <= 1e-5  # the criterion's inputs
     assert results["max_abs_diff_float64"] <= 1e-9
     assert results["accuracy_pruned"] == results["accuracy_gated"]
+    assert results["allocator"] == allocator_setting()  # how the latencies were measured
     rows = {r["model"]: r for r in results["rows"]}
     dense, pruned = rows["all-open (dense architecture)"], rows["pruned + fine-tuned"]
     assert pruned["flops"] <= dense["flops"]

@@ -231,9 +231,12 @@ def test_cli_dispatches_on_model(
         seen.append(config)
         return {}
 
+    steadied: list[bool] = []
     monkeypatch.setattr(importlib.import_module(module), function, fake)
+    monkeypatch.setattr("gatedprune.profiling.steady_allocator", lambda: steadied.append(not seen))
     assert cli.main([*argv, "--epochs", "3", "--quiet"]) == 0
     assert seen == [DemoConfig(epochs=3, out=out, progress=False)]
+    assert steadied == [True]  # the allocator is steadied once, before the demo runs
 
 
 def test_importing_the_demo_and_cli_stays_light() -> None:

@@ -313,3 +313,32 @@ def test_calibrate_warns_when_the_timings_are_too_noisy_to_fit(
     with pytest.warns(UserWarning, match=r"LatencyModel.calibrate: held-out median .* above 10%"):
         noisy = gp.LatencyModel.calibrate(net, x, batch_size=4, samples=16)
     assert noisy.median_error > lat.CALIBRATION_WARN_ERROR
+
+
+def test_steady_allocator_sets_glibc_thresholds_and_refuses_bad_values() -> None:
+    """The benchmarks and the demo steady glibc's malloc before timing (default adaptive
+    thresholds moved latency ratios of one model by up to 0.4 between processes)."""
+    import ctypes
+    import sys
+
+    from gatedprune.profiling import allocator_setting
+
+    glibc = sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    got = gp.steady_allocator(16 << 20, 256 << 20)
+    if not glibc:
+        assert got is None
+        return
+    assert got == (16 << 20, 256 << 20)
+    assert allocator_setting() == "glibc malloc steadied (mmap threshold 16 MiB, trim 256 MiB)"
+    assert gp.steady_allocator() == (32 << 20, 512 << 20)  # the defaults, set again
+    with pytest.raises(ValueError, match=r"mmap_threshold must be in \(0, 32 MiB\], got 0"):
+        gp.steady_allocator(0)
+    with pytest.raises(ValueError, match=r"mmap_threshold must be in .* got 67108864"):
+        gp.steady_allocator(64 << 20)
+    with pytest.raises(ValueError, match="trim_threshold must be >= 0 bytes, got -1"):
+        gp.steady_allocator(trim_threshold=-1)
+    with pytest.raises(TypeError, match="mmap_threshold must be an int number of bytes"):
+        gp.steady_allocator(1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="trim_threshold must be an int number of bytes"):
+        gp.steady_allocator(trim_threshold=True)
+    assert gp.steady_allocator() == (32 << 20, 512 << 20)  # refused calls changed nothing

@@ -36,7 +36,7 @@ from .io import load, register_model_class, save
 from .latency import LatencyModel
 from .plain import OffsetConv1d, PlainShortcutNet
 from .plain_recurrent import PlainShortcutLSTM
-from .profiling import measure_latency
+from .profiling import measure_latency, steady_allocator
 from .prune import prune
 from .recurrent import ShortcutLSTM
 from .shortcut import ShortcutConv1d, ShortcutMLP
@@ -82,6 +82,7 @@ __all__ = [
     "register_model_class",
     "save",
     "snap_to_budget",
+    "steady_allocator",
 ]
 
 __version__ = "0.1.0"

@@ -223,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "demo":
         from .demo import DemoConfig
+        from .profiling import steady_allocator
+
+        steady_allocator()  # the demo's latency table: steadier timings (see its docstring)
 
         run, default_out, default_budget, default_epochs = DEMOS[args.model]
         if args.latency and args.model == "lstm":

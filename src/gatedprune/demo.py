@@ -28,7 +28,7 @@ from .gating.latency import GatedLatencyModel
 from .io import atomic_write, folder_problem
 from .latency import LatencyModel
 from .plain import PlainShortcutNet
-from .profiling import compare_latency
+from .profiling import allocator_setting, compare_latency
 from .prune import prune
 from .shortcut import ShortcutConv1d
 
@@ -293,6 +293,7 @@ def run_facts(
         "prune_seconds": outcome.prune_seconds,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "allocator": allocator_setting(),
         "machine": platform.machine(),
         "total_seconds": time.perf_counter() - t_start,
     }
