@@ -13,7 +13,7 @@ from torch import nn
 
 import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
-from gatedprune.plain import CHANNELS_LAST_MIN_BATCH, OffsetConv1d
+from gatedprune.plain import CHANNELS_LAST_MIN_BATCH, OffsetConv1d, _conv_one_channel
 from gatedprune.shortcut import _ShortcutNet
 
 LN11 = math.log(11.0)
@@ -596,3 +596,41 @@ def test_pruned_net_calls_replaced_modules_in_both_paths() -> None:
     assert (fast - slow).abs().max().item() <= 1e-5
     small.layers[1].op = conv
     assert not torch.allclose(slow, run(False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_path_computes_one_channel_inputs_as_one_product(
+    dtype: torch.dtype,
+) -> None:
+    """A layer whose input has one channel (the raw input, a one-unit layer, either with a
+    folded constant's offset map) runs as a matrix product of its windows on the
+    channels-last path (oneDNN returned such a layer in (B, C, L) layout, then a transposing
+    copy); it must equal the (B, C, L) path and the gated network, and hand on contiguous
+    (B, L, C) maps."""
+    torch.manual_seed(0)
+    net = gp.ShortcutConv1d(1, [[4, 1, 6], [5]], 3, input_length=16, kernel_size=5).to(dtype)
+    _randomise_norms(net, torch.Generator().manual_seed(2))
+    for g in gp.gate_modules(net):
+        g.force_(torch.ones(g.n, dtype=torch.bool))
+    _close(net.layers[0].edge_gate)  # layer 0 reads nothing: a constant map, folded away
+    with torch.no_grad():
+        net.layers[0].op.bias.fill_(2.0)
+    _close(net.layers[2].edge_gate, [0, 1])  # layer 2 reads only the one-unit layer 1
+    net.eval()
+    small = gp.prune(net).eval()
+    ops = [layer.op for layer in small.layers]
+    assert [op.in_channels for op in ops] == [1, 1, 8]  # input (+ offset), layer 1, ...
+    assert isinstance(ops[0], OffsetConv1d)
+    x = torch.randn(CHANNELS_LAST_MIN_BATCH + 3, 1, 16, dtype=dtype)  # (B, C, L)
+    with torch.no_grad():
+        fast = small(x)
+        small.channels_last = False
+        slow = small(x)
+        small.channels_last = True
+        gated = net(x)
+    assert (fast - slow).abs().max().item() <= 1e-5
+    assert (fast - gated).abs().max().item() <= 1e-5
+    w = small._folded_weights()[1][0]  # layer 2's (C, 1, 1, k) folded weight
+    out = _conv_one_channel(torch.randn(2, 16, 1, dtype=dtype), w, None, None)  # (B, L, C)
+    assert out.shape == (2, 16, w.shape[0])
+    assert out.is_contiguous()

@@ -74,6 +74,33 @@ def _gather(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def _conv_one_channel(
+    x: Tensor, weight: Tensor, bias: Tensor | None, offset: Tensor | None
+) -> Tensor:
+    """A 'same'-padded convolution of a one-channel ``(B, L, 1)`` map, as one matrix product
+    of its ``(B * L, k)`` windows with the ``(k, C)`` kernel: the channels-last output
+    ``(B, L, C)`` directly. (oneDNN reads a one-channel input as ``(B, C, L)``, ambiguous as it
+    is, and returns that layout: a strided activation and a transposing copy that cost about
+    as much as the convolution of a thin demo layer.) ``weight``: ``(C, 1, 1, k)``, ``offset``:
+    an :class:`OffsetConv1d`'s ``(C, 1, L)`` map or None.
+
+    >>> x, w = torch.randn(2, 6, 1), torch.randn(4, 1, 1, 3)
+    >>> ref = F.conv1d(x.transpose(1, 2), w.view(4, 1, 3), padding=1).transpose(1, 2)
+    >>> torch.allclose(_conv_one_channel(x, w, None, None), ref, atol=1e-6)
+    True
+    """
+    b, length, _ = x.shape
+    c, k = weight.shape[0], weight.shape[-1]
+    padded = F.pad(x.view(b, length), (k // 2, k // 2))  # (B, L + k - 1)
+    windows = padded.unfold(1, k, 1).reshape(b * length, k)  # (B * L, k)
+    kernel = weight.reshape(c, k).t()  # (k, C)
+    z = windows @ kernel if bias is None else torch.addmm(bias, windows, kernel)  # (B * L, C)
+    z = z.view(b, length, c)  # (B, L, C)
+    if offset is not None:
+        z = z + offset.reshape(c, length).t()  # (B, L, C)
+    return z
+
+
 def _fold_batchnorm(
     bn: nn.Module | None, weight: Tensor, bias: Tensor | None, offset: Tensor | None, user: str
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -465,6 +492,9 @@ class PlainShortcutNet(nn.Module):
         ):
             inp = _gather(reads, hs, pooled, make_pooled, dim=2)  # (B, L, sum C)
             k = cast(nn.Conv1d, op).kernel_size[0]
+            if inp.shape[2] == 1:
+                hs.append(act(_conv_one_channel(inp, weight, bias, offset)))  # (B, L, C)
+                continue
             z = F.conv2d(
                 inp.transpose(1, 2).unsqueeze(2),  # (B, C_in, 1, L) channels-last
                 weight,
@@ -473,9 +503,6 @@ class PlainShortcutNet(nn.Module):
             )  # (B, C, 1, L) channels-last
             if offset is not None:
                 z = z + offset  # (B, C, 1, L)
-            # oneDNN returns a (B, C, L) layout when the input has one channel (its layout is
-            # ambiguous then): made channels-last here once, or every later concatenation and
-            # pooled copy of the map would gather it across strides
             hs.append(act(z).squeeze(2).transpose(1, 2).contiguous())  # (B, L, C)
         if not self._head_reads:
             return cast(Tensor, self.head(x.new_zeros(batch, 0)))  # a closed read-out
