@@ -10,9 +10,13 @@ in multiples of g); ``--round-to`` instead rounds the widths at the snap
 (``snap_to_budget(round_to=m)``, 0: no rounding). All pruned models are timed after all
 training, in the same interleaved rounds as one all-open reference. ``--onnx`` adds the
 latency ratios of the same models exported to ONNX and run in ONNX Runtime.
+``--latency-ratio R`` adds a latency budget to every FLOPs budget ``t``: ``latency=t / R``, a
+fraction of the all-open network's latency as predicted by a :class:`gatedprune.LatencyModel`
+calibrated (batch 256, 1 thread) on the demo network with the same ``unit_group``, i.e. the
+latency at which the pruned network would meet a latency ratio of ``R``.
 
     python -m bench.budget_sweep [--targets 0.5 0.25 0.1] [--seeds 0] [--epochs 30]
-        [--unit-groups 1] [--round-to 0] [--name budget_sweep] [--onnx]
+        [--unit-groups 1] [--round-to 0] [--latency-ratio R] [--name budget_sweep] [--onnx]
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import time
 import torch
 from torch import nn
 
+import gatedprune as gp
 from gatedprune.data import mnist1d
-from gatedprune.demo import accuracy, max_abs_diff, train_demo_model
+from gatedprune.demo import accuracy, build_demo_model, max_abs_diff, train_demo_model
 from gatedprune.profiling import compare_latency
 
 from .common import (
@@ -44,6 +49,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--unit-groups", type=int, nargs="+", default=[1])
     ap.add_argument("--round-to", type=int, nargs="+", default=[0])
+    ap.add_argument(
+        "--latency-ratio",
+        type=float,
+        default=None,
+        help="add latency=target/R to every FLOPs budget (a calibrated LatencyModel)",
+    )
     ap.add_argument("--name", default="budget_sweep")
     ap.add_argument(
         "--onnx",
@@ -58,7 +69,20 @@ def main() -> None:
     models: dict[str, nn.Module] = {}
     reductions: list[float] = []
     variants = [(g, r) for g in args.unit_groups for r in args.round_to]
+    ratio = args.latency_ratio
+    if ratio is not None and not 0.0 < ratio <= 1.0:
+        raise ValueError(f"--latency-ratio must be in (0, 1], got {ratio!r}")
+    calibrations: list[str] = []
     for group, round_to in variants:
+        lm: gp.LatencyModel | None = None
+        if ratio is not None:
+            lm = gp.LatencyModel.calibrate(
+                build_demo_model(unit_group=group), x1, batch_size=256, threads=1, samples=48
+            )
+            calibrations.append(
+                f"unit_group {group}: held-out error median {100 * lm.median_error:.1f}%, "
+                f"max {100 * lm.max_error:.1f}%"
+            )
         for target in args.targets:
             for seed in args.seeds:
                 t0 = time.perf_counter()
@@ -69,6 +93,8 @@ def main() -> None:
                     seed=seed,
                     unit_group=group,
                     round_to=round_to or None,
+                    latency=None if ratio is None else min(1.0, target / ratio),
+                    latency_model=lm,
                 )
                 train_s = time.perf_counter() - t0
                 r = prune_with_reference(net, x1)
@@ -92,6 +118,14 @@ def main() -> None:
                         "unit_group": group,
                         "round_to": round_to,
                         "target": target,
+                        **(
+                            {}
+                            if lm is None
+                            else {
+                                "latency_target": min(1.0, target / float(ratio)),
+                                "predicted_latency": lm.predict(pruned) / lm.predict(dense),
+                            }
+                        ),
                         "seed": seed,
                         "achieved_flops": achieved,
                         "budget_error": abs(achieved - target),
@@ -102,6 +136,7 @@ def main() -> None:
                         "kept_channels": "/".join(
                             str(int(layer.op.out_channels)) for layer in pruned.layers
                         ),
+                        "edges_kept": "{edges_kept}/{edges_total}".format(**net.connectivity()),
                         "flops_reduction": reductions[-1],
                         "train_s": train_s,
                     }
@@ -156,6 +191,14 @@ def main() -> None:
         "- every model timed after all training, in the same interleaved rounds as one "
         "all-open reference (1 thread)"
     )
+    if ratio is not None:
+        summary.append(
+            f"- latency budget latency=target/{ratio:g} next to every FLOPs budget: a fraction "
+            "of the all-open network's latency predicted by a LatencyModel calibrated on 48 "
+            "randomly pruned copies of the demo network with the same unit_group (batch 256, "
+            f"1 thread; {'; '.join(calibrations)}); predicted_latency: its prediction for the "
+            "pruned model"
+        )
     write_results(
         args.name,
         rows,
@@ -173,7 +216,8 @@ def main() -> None:
             else ", widths rounded at the snap (round_to "
             + " / ".join(map(str, args.round_to))
             + ")"
-        ),
+        )
+        + ("" if ratio is None else f", FLOPs + latency budgets (latency = target / {ratio:g})"),
         command=command_line(),
         notes="\n".join(summary),
     )

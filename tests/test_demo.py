@@ -83,6 +83,59 @@ def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
     assert lm.predict(loaded) / lm.predict(dense) == pytest.approx(predicted, rel=1e-12)
 
 
+def test_demo_speed_recipe_gates_channel_groups_and_adds_a_latency_budget(
+    tmp_path: Path,
+) -> None:
+    """``--unit-group 32 --latency-ratio 0.7``: whole 32-channel groups are gated (kept widths
+    0, 32 or 64) and a latency budget of budget / 0.7 joins the FLOPs budget, which stays the
+    reported one."""
+    pytest.importorskip("mnist1d")
+    config = DemoConfig(
+        budget=0.25,
+        epochs=2,
+        finetune_epochs=0,
+        num_samples=600,
+        out=tmp_path,
+        progress=False,
+        unit_group=32,
+        latency_ratio=0.7,
+    )
+    results = run_demo(config)
+    assert results["config"]["budget_kind"] == "flops"
+    assert results["config"]["unit_group"] == 32
+    assert results["config"]["latency_ratio"] == 0.7
+    assert results["target_flops_fraction"] == 0.25
+    assert results["target_latency_fraction"] == pytest.approx(0.25 / 0.7)
+    assert results["budget_error"] == abs(results["achieved_flops_fraction"] - 0.25)
+    assert 0.0 < results["predicted_latency_fraction"] <= 1.0
+    assert results["latency_ratio_b256"] == pytest.approx(
+        results["speedup_b256"] / results["flops_reduction"]
+    )
+    widths = [x["kept_units"] for x in results["connectivity"]["layers"]]
+    assert all(w % 32 == 0 for w in widths), widths
+    lm = gp.LatencyModel.from_json(json.dumps(results["latency_model"]))
+    assert lm.spec == build_demo_model(unit_group=32).spec
+    assert results["max_abs_diff_float32_random"] <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "message"),
+    [
+        ({"unit_group": 3}, ValueError, "--unit-group must divide .* got 3"),
+        ({"unit_group": 64}, ValueError, "--unit-group must divide .* got 64"),
+        ({"unit_group": "2"}, TypeError, "--unit-group must be an int dividing 32"),
+        ({"latency_ratio": 1.5}, ValueError, r"--latency-ratio must be a fraction in \(0, 1\]"),
+        ({"latency_ratio": "0.7"}, TypeError, "--latency-ratio must be a number"),
+        ({"latency_ratio": 0.7, "latency": True}, ValueError, "give one of them"),
+    ],
+)
+def test_demo_config_refuses_bad_speed_options(
+    config: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        DemoConfig(**config).validate()  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -94,6 +147,11 @@ def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
         (["demo", "--out", __file__], "exists and is not a directory"),
         (["demo", "--round-to", "0"], ">= 1"),
         (["demo", "--model", "lstm", "--latency"], "--latency applies to --model conv or resnet1d"),
+        (["demo", "--model", "resnet1d", "--unit-group", "32"], "apply to --model conv"),
+        (["demo", "--model", "lstm", "--latency-ratio", "0.7"], "apply to --model conv"),
+        (["demo", "--latency", "--latency-ratio", "0.7"], "give one of them"),
+        (["demo", "--latency-ratio", "0"], "fraction in (0, 1]"),
+        (["demo", "--unit-group", "0"], ">= 1"),
         (["frobnicate"], "invalid choice"),
     ],
 )

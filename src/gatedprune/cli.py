@@ -181,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
         "resnet1d: at batch 1, by a gatedprune.GatedLatencyModel), calibrated here first",
     )
     demo.add_argument(
+        "--unit-group",
+        type=_positive,
+        default=1,
+        help="conv demo: gate channels in groups of this many (1; 32 gates whole 32-channel "
+        "layers and halves of 64-channel ones, so the budget removes layers)",
+    )
+    demo.add_argument(
+        "--latency-ratio",
+        type=_fraction,
+        default=None,
+        help="conv demo: add a latency budget of --budget / R (predicted at batch 256 by a "
+        "gatedprune.LatencyModel calibrated here first), so the pruned net runs at least R "
+        "times as fast as its FLOPs cut; the speed recipe is --unit-group 32 --latency-ratio 0.7",
+    )
+    demo.add_argument(
         "--out",
         type=_out_dir,
         default=None,
@@ -232,6 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _subcommand(parser, "demo").error(
                 f"--latency applies to --model conv or resnet1d, not {args.model}"
             )
+        if args.model != "conv" and (args.unit_group != 1 or args.latency_ratio is not None):
+            _subcommand(parser, "demo").error(
+                f"--unit-group and --latency-ratio apply to --model conv, not {args.model}"
+            )
+        if args.latency and args.latency_ratio is not None:
+            _subcommand(parser, "demo").error(
+                "--latency-ratio adds a latency budget next to the FLOPs budget; --latency makes "
+                "--budget a latency fraction instead: give one of them"
+            )
         run(
             DemoConfig(
                 budget=default_budget if args.budget is None else args.budget,
@@ -240,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 round_to=args.round_to,
                 latency=args.latency,
+                unit_group=args.unit_group,
+                latency_ratio=args.latency_ratio,
                 out=default_out if args.out is None else args.out,
                 progress=not args.quiet,
             )

@@ -65,6 +65,8 @@ class DemoConfig:
     num_samples: int = 5000
     round_to: int | None = None  # snapped widths rounded to multiples (snap_to_budget)
     latency: bool = False  # conv/resnet1d: ``budget`` is a fraction of the predicted latency
+    unit_group: int = 1  # conv: channels gated in groups of this many (divides 32)
+    latency_ratio: float | None = None  # conv: also a latency budget of ``budget / ratio``
 
     def validate(self) -> None:
         """Check every field before any work: a ``TypeError`` for a value of the wrong type,
@@ -102,6 +104,23 @@ class DemoConfig:
         for name, flag in (("latency", self.latency), ("progress", self.progress)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        number("--unit-group", self.unit_group, (int,), "an int dividing 32 (1, 2, 4, ..., 32)")
+        if self.unit_group < 1 or 32 % self.unit_group:
+            raise ValueError(
+                f"--unit-group must divide every demo layer's width (32 and 64): one of 1, 2, "
+                f"4, 8, 16, 32, got {self.unit_group!r}"
+            )
+        if self.latency_ratio is not None:
+            number("--latency-ratio", self.latency_ratio, (int, float), "a number in (0, 1]")
+            if not 0.0 < self.latency_ratio <= 1.0:
+                raise ValueError(
+                    f"--latency-ratio must be a fraction in (0, 1], got {self.latency_ratio!r}"
+                )
+            if self.latency:
+                raise ValueError(
+                    "--latency-ratio adds a latency budget next to the FLOPs budget; --latency "
+                    "makes --budget a latency fraction instead: give one of them"
+                )
         if not isinstance(self.out, str | os.PathLike):
             raise TypeError(f"out must be a folder path, got {self.out!r}")
         if not str(self.out).strip():
@@ -621,10 +640,22 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     lm: LatencyModel | None = None
-    if config.latency:
+    group = config.unit_group
+    ratio = config.latency_ratio
+    # a latency budget: the whole budget (--latency), or budget / ratio next to the FLOPs one
+    latency_target = (
+        config.budget
+        if config.latency
+        else None
+        if ratio is None
+        else min(1.0, config.budget / ratio)
+    )
+    if latency_target is not None:
         lm = run_latency_model(
             out / "checkpoints",
-            lambda: LatencyModel.calibrate(build_demo_model(), example, batch_size=256, threads=1),
+            lambda: LatencyModel.calibrate(
+                build_demo_model(unit_group=group), example, batch_size=256, threads=1
+            ),
             LatencyModel.from_json,
         )
         say(
@@ -634,13 +665,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     net, trainer = train_demo_model(
         data,
         budget=None if config.latency else config.budget,
-        latency=config.budget if config.latency else None,
+        latency=latency_target,
         latency_model=lm,
         epochs=config.epochs,
         seed=config.seed,
         checkpoint_dir=out / "checkpoints",
         progress=config.progress,
         round_to=config.round_to,
+        unit_group=group,
     )
     train_seconds = time.perf_counter() - t0
     r = prune_check_finetune(net, data, config)
@@ -666,14 +698,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     rows = result_rows(c_dense, c_pruned, lat, (acc_gated, acc_pruned, acc_finetuned))
     achieved_flops = c_pruned.flops / c_dense.flops
-    if lm is None:
-        kind, achieved = "flops", achieved_flops
-        latency_facts: dict[str, Any] = {}
-    else:
-        kind = "latency"
-        achieved = lm.predict(_as_plain(finetuned)) / lm.predict(_as_plain(dense_plain))
+    kind = "latency" if config.latency else "flops"
+    achieved = achieved_flops
+    latency_facts: dict[str, Any] = {}
+    if lm is not None:
+        predicted = lm.predict(_as_plain(finetuned)) / lm.predict(_as_plain(dense_plain))
+        achieved = predicted if config.latency else achieved_flops
         latency_facts = {
-            "predicted_latency_fraction": achieved,
+            "target_latency_fraction": latency_target,
+            "predicted_latency_fraction": predicted,
             "measured_latency_fraction_b256": lat["pruned"][256] / lat["dense"][256],
             "latency_model": json.loads(lm.to_json()),
         }
@@ -684,6 +717,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             "budget_kind": kind,
             "epochs": config.epochs,
             "round_to": config.round_to,
+            "unit_group": group,
+            "latency_ratio": ratio,
             "finetune_epochs": config.finetune_epochs,
             "seed": config.seed,
             "num_samples": config.num_samples,
@@ -697,6 +732,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         **latency_facts,
         "achieved_before_snap": trainer.achieved_before_snap,
         "flops_reduction": c_dense.flops / c_pruned.flops,
+        "latency_ratio_b256": lat["dense"][256]
+        / lat["pruned"][256]
+        * c_pruned.flops
+        / c_dense.flops,
         "speedup_b1_bn_folded": lat["dense_folded"][1] / lat["pruned_folded"][1],
         "speedup_b256_bn_folded": lat["dense_folded"][256] / lat["pruned_folded"][256],
         "kept": {k: v for k, v in conn.items() if k not in ("layers", "head")},
@@ -711,15 +750,17 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     say("")
     if lm is not None:
         say(
-            f"budget {config.budget:.0%} of the predicted latency at batch 256 -> predicted "
-            f"{achieved:.3f}, measured {latency_facts['measured_latency_fraction_b256']:.3f} "
+            f"budget {latency_target:.1%} of the predicted latency at batch 256 -> predicted "
+            f"{latency_facts['predicted_latency_fraction']:.3f}, measured "
+            f"{latency_facts['measured_latency_fraction_b256']:.3f} "
             f"(threads: {torch.get_num_threads()} here, 1 in the model)"
         )
-    prefix = f"budget {config.budget:.0%} of FLOPs -> " if lm is None else "FLOPs: "
+    prefix = "FLOPs: " if config.latency else f"budget {config.budget:.0%} of FLOPs -> "
     say(
         f"{prefix}achieved {results['achieved_flops_fraction']:.3f} "
         f"({results['flops_reduction']:.1f}x fewer FLOPs); measured speed-up "
         f"{results['speedup_b1']:.2f}x at batch 1, {results['speedup_b256']:.2f}x at batch 256"
+        f" (latency ratio, speed-up / FLOPs reduction: {results['latency_ratio_b256']:.2f})"
     )
     say(
         f"kept: {k['layers_kept']}/{k['layers_total']} layers, {k['units_kept']}/"

@@ -74,6 +74,19 @@ def _gather(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def _activate(act: nn.Module, z: Tensor) -> Tensor:
+    """``act(z)`` for a fresh map ``z`` that nothing else holds (the channels-last path, no
+    autograd): a ReLU in place, one pass over the map and no second map of its size.
+
+    >>> _activate(nn.ReLU(), torch.tensor([-1.0, 2.0])).tolist()
+    [0.0, 2.0]
+    """
+    if type(act) is nn.ReLU:
+        return torch.relu_(z)
+    out: Tensor = act(z)
+    return out
+
+
 def _conv_one_channel(
     x: Tensor, weight: Tensor, bias: Tensor | None, offset: Tensor | None
 ) -> Tensor:
@@ -493,7 +506,7 @@ class PlainShortcutNet(nn.Module):
             inp = _gather(reads, hs, pooled, make_pooled, dim=2)  # (B, L, sum C)
             k = cast(nn.Conv1d, op).kernel_size[0]
             if inp.shape[2] == 1:
-                hs.append(act(_conv_one_channel(inp, weight, bias, offset)))  # (B, L, C)
+                hs.append(_activate(act, _conv_one_channel(inp, weight, bias, offset)))  # (B, L, C)
                 continue
             z = F.conv2d(
                 inp.transpose(1, 2).unsqueeze(2),  # (B, C_in, 1, L) channels-last
@@ -503,7 +516,7 @@ class PlainShortcutNet(nn.Module):
             )  # (B, C, 1, L) channels-last
             if offset is not None:
                 z = z + offset  # (B, C, 1, L)
-            hs.append(act(z).squeeze(2).transpose(1, 2).contiguous())  # (B, L, C)
+            hs.append(_activate(act, z).squeeze(2).transpose(1, 2).contiguous())  # (B, L, C)
         if not self._head_reads:
             return cast(Tensor, self.head(x.new_zeros(batch, 0)))  # a closed read-out
         feats = []
