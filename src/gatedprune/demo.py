@@ -521,7 +521,8 @@ def budget_trainer(
     learning rate of the gates that are not unit/channel gates (Trainer ``edge_gate_lr``;
     ``None``: one gate learning rate). ``latency`` with ``latency_model`` adds a latency
     budget (:class:`gatedprune.LatencyModel`, or :class:`gatedprune.GatedLatencyModel` for a
-    model gated with ``gate_``).
+    model gated with ``gate_``); next to a FLOPs budget it is a ceiling only, and the snap
+    brings the FLOPs within its tolerance (``snap_primary="flops"``).
 
     >>> from gatedprune.data import mnist1d
     >>> data = mnist1d()
@@ -562,6 +563,8 @@ def budget_trainer(
         straight_through_at=0.0,
         snap_at=SNAP_AT,
         snap_round_to=round_to,
+        # a latency budget next to a FLOPs one is a ceiling: the FLOPs target is the one met
+        snap_primary="flops" if "flops" in b.targets and "latency" in b.targets else None,
         lr_schedule=rewound_cosine_lr(SNAP_AT),
         optimizer=_adamw_fast_multipliers,
         seed=seed,

@@ -119,13 +119,16 @@ def snap_to_budget(
     tolerance: float = 0.01,
     at_most: bool = True,
     round_to: int | None = None,
+    primary: str | None = None,
 ) -> dict[str, float]:
     """Fix every gate of ``budget.model`` open or closed so the achieved cost fractions lie
     within ``tolerance`` of the targets, and with ``at_most`` (the default: a budget is a
     ceiling) not above them: in ``[t - tolerance, t]``; returns the achieved fractions. With
     several targets (``flops=`` and ``params=``) every one is a ceiling and the binding one
     (the one closest to its target) is brought within ``tolerance``; the others end where it
-    leaves them, usually further below.
+    leaves them, usually further below. ``primary`` (e.g. ``"flops"`` next to a latency
+    budget) names the target that must be brought within ``tolerance`` instead; the others
+    stay ceilings only.
 
     The Lagrangian brings the cost *near* the target, but a single gate can hold a large share
     of the cost (an edge between two wide layers, the only input edge of a layer), and near
@@ -178,6 +181,7 @@ def snap_to_budget(
     tol = _positive_float("tolerance", tolerance, allow_zero=True)
     if not isinstance(at_most, bool):  # None or "no" would silently pick a window
         raise TypeError(f"at_most must be a bool, got {at_most!r}")
+    _check_primary(primary, budget.targets)
     if round_to is not None:
         round_to = _positive_int("round_to", round_to)
         _check_round_to(budget.model, round_to)  # before any gate changes
@@ -191,7 +195,7 @@ def snap_to_budget(
         forced = forced and all(
             torch.equal(a, b) for a, b in zip(state, g.state_dict().values(), strict=True)
         )
-    window = _Window(budget.targets, tol, at_most)
+    window = _Window(budget.targets, tol, at_most, primary)
     current = {k: float(v) for k, v in budget.fractions(hard=True).items()}
     if forced and _settled(budget, gates, window, round_to, current):
         return current  # what a snap ends in: snapping twice changes nothing
@@ -295,7 +299,7 @@ def _compound_reopen(
             set_gate(gj, j, False)
             smaller = achieved()
             consider(smaller)
-            if window.all_below(smaller):
+            if window.undershoots(smaller):
                 set_gate(gj, j, True)  # this closure would undershoot: keep the gate
             else:
                 trial = smaller
@@ -411,17 +415,41 @@ def _settled(
     return True
 
 
+def _check_primary(primary: object, targets: Mapping[str, float]) -> None:
+    """``primary`` must be None or the name of one of ``targets``."""
+    if primary is None:
+        return
+    if not isinstance(primary, str):
+        raise TypeError(f"primary must be a target name or None, got {primary!r}")
+    if primary not in targets:
+        raise ValueError(
+            f"primary={primary!r} is not a target of this budget: expected one of "
+            f"{sorted(targets)} or None"
+        )
+
+
 class _Window:
     """The allowed window of :func:`snap_to_budget`: no constraint above its target (or more
-    than ``tol`` above it without ``at_most``), and at least one constraint (the binding one)
-    within ``tol`` below it. With several targets the others are usually further below."""
+    than ``tol`` above it without ``at_most``), and at least one constraint (the binding one,
+    or ``primary`` when given) within ``tol`` below it. With several targets the others are
+    usually further below."""
 
-    def __init__(self, targets: Mapping[str, float], tol: float, at_most: bool) -> None:
+    def __init__(
+        self, targets: Mapping[str, float], tol: float, at_most: bool, primary: str | None = None
+    ) -> None:
         self.targets, self.tol, self.at_most = dict(targets), tol, at_most
         self.above = 0.0 if at_most else tol  # allowed excess over a target
+        # the constraints of which one must reach its window
+        self.binding = dict(targets) if primary is None else {primary: targets[primary]}
 
     def all_below(self, c: Mapping[str, float]) -> bool:
-        return all(c[k] < t - self.tol for k, t in self.targets.items())
+        return all(c[k] < t - self.tol for k, t in self.binding.items())
+
+    def undershoots(self, c: Mapping[str, float]) -> bool:
+        """Whether a closure that led to ``c`` went too far: below the window with no ceiling
+        left exceeded (with ``primary``, a closure that takes it below its window is still
+        taken while another constraint is above its ceiling: ceilings come first)."""
+        return self.all_below(c) and not self.any_above(c)
 
     def any_above(self, c: Mapping[str, float]) -> bool:
         return any(c[k] > t + self.above for k, t in self.targets.items())
@@ -433,11 +461,11 @@ class _Window:
         """Sort key: with ``at_most``, a state above a ceiling ranks behind every state at or
         below all of them; then the distance to the window (0 inside it), then the binding
         constraint's distance to its target."""
-        t = self.targets
+        t, b = self.targets, self.binding
         over = self.at_most and any(c[k] > t[k] for k in t)
         excess = max(max(c[k] - t[k] - self.above, 0.0) for k in t)
-        short = min(max(t[k] - self.tol - c[k], 0.0) for k in t)
-        closest = min(abs(c[k] - t[k]) for k in t)
+        short = min(max(t[k] - self.tol - c[k], 0.0) for k in b)
+        closest = min(abs(c[k] - t[k]) for k in b)
         return over, max(excess, short) + 1e-9 * closest
 
 
@@ -496,7 +524,7 @@ def _snap_round(
             set_gate(gi, i, False)
             trial = achieved()
             consider(trial)
-            if window.all_below(trial):
+            if window.undershoots(trial):
                 set_gate(gi, i, True)  # this closure would undershoot: keep the gate
             else:
                 current = trial
@@ -832,10 +860,11 @@ class Trainer:
     hardened (:func:`gatedprune.harden`); after ``straight_through_at`` the budget penalises the
     exact cost with straight-through gradients (``budget.straight_through``; ``None`` leaves
     the flag alone); at ``snap_at`` the gates are fixed to the budget by
-    :func:`snap_to_budget` (``snap_tolerance``, widths rounded to ``snap_round_to``) and
-    frozen (only with a budget); a run that ends before reaching ``snap_at`` (one or two
-    steps) snaps at its end. ``metrics_fn(model)`` (called in
-    eval mode, without gradients, after each epoch) adds its values to the epoch record;
+    :func:`snap_to_budget` (``snap_tolerance``, widths rounded to ``snap_round_to``, the
+    target ``snap_primary`` brought within the tolerance when several are set) and frozen
+    (only with a budget); a run that ends before reaching ``snap_at`` (one or two steps) snaps
+    at its end. ``metrics_fn(model)`` (called in eval mode, without gradients, after each
+    epoch) adds its values to the epoch record;
     ``on_step(trainer, record)`` is called after every step.
 
     >>> import torch, gatedprune
@@ -875,6 +904,7 @@ class Trainer:
     snap_at: float | None = 0.8
     snap_tolerance: float = 0.01
     snap_round_to: int | None = None
+    snap_primary: str | None = None
     metrics_fn: Callable[[nn.Module], Mapping[str, float]] | None = field(default=None, repr=False)
     on_step: Callable[[Trainer, Record], None] | None = field(default=None, repr=False)
     trace_every: int = 10
@@ -1012,6 +1042,13 @@ class Trainer:
         self._check_checkpoint_dir()
         if self.budget is not None and self.snap_at is not None and self.snap_round_to:
             _check_round_to(self.model, self.snap_round_to, "snap_round_to")  # not at the snap
+        if self.snap_primary is not None:  # checked now, not at the snap
+            if self.budget is None:
+                raise ValueError("snap_primary names a budget target, but there is no budget")
+            try:
+                _check_primary(self.snap_primary, self.budget.targets)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"snap_{e}") from None
         loaded = False
         failure: Exception | None = None
         self._stale = []
@@ -1246,6 +1283,7 @@ class Trainer:
             "snap_at": self.snap_at,
             "snap_tolerance": self.snap_tolerance,
             "snap_round_to": self.snap_round_to,
+            "snap_primary": self.snap_primary,
         }
         b = self.budget
         if b is not None:
@@ -1293,7 +1331,12 @@ class Trainer:
     def _snap(self, budget: Budget) -> None:
         """Record where the Lagrangian alone brought the cost, then snap the gates."""
         self.achieved_before_snap = budget.achieved()
-        snap_to_budget(budget, tolerance=self.snap_tolerance, round_to=self.snap_round_to)
+        snap_to_budget(
+            budget,
+            tolerance=self.snap_tolerance,
+            round_to=self.snap_round_to,
+            primary=self.snap_primary,
+        )
 
     def _reset_stats(self) -> None:
         self._stats = {"loss": 0.0, "task_loss": 0.0, "penalty": 0.0, "count": 0.0, "time": 0.0}
