@@ -17,6 +17,7 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 ORDER = [
     "demo",
     "budget_sweep",
+    "speed_recipe",
     "collapse",
     "latency_budget",
     "unit_group",
