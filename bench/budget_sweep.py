@@ -84,6 +84,7 @@ def main() -> None:
                 f"max {100 * lm.max_error:.1f}%"
             )
         for target in args.targets:
+            latency_target = None if ratio is None else min(1.0, target / ratio)
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 net, trainer = train_demo_model(
@@ -93,7 +94,7 @@ def main() -> None:
                     seed=seed,
                     unit_group=group,
                     round_to=round_to or None,
-                    latency=None if ratio is None else min(1.0, target / ratio),
+                    latency=latency_target,
                     latency_model=lm,
                 )
                 train_s = time.perf_counter() - t0
@@ -122,7 +123,7 @@ def main() -> None:
                             {}
                             if lm is None
                             else {
-                                "latency_target": min(1.0, target / float(ratio)),
+                                "latency_target": latency_target,
                                 "predicted_latency": lm.predict(pruned) / lm.predict(dense),
                             }
                         ),

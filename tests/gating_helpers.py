@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import InsertedGating, ScaledAdd, gate_
+from gatedprune.gating.latency import structure_key
 
 
 def gate_all_open(model: nn.Module, x: Tensor) -> InsertedGating:
@@ -27,6 +29,22 @@ def inserted_gating(model: nn.Module) -> InsertedGating:
     g = model.gatedprune
     assert isinstance(g, InsertedGating)
     return g
+
+
+def fixed_latency_model(model: nn.Module, coef: tuple[float, float, float]) -> gp.GatedLatencyModel:
+    """A GatedLatencyModel for ``model`` (gated with ``gate_``) with the given coefficients
+    (constant ms, ms per module call, ms per FLOP) instead of calibrated ones."""
+    g = inserted_gating(model)
+    return gp.GatedLatencyModel(
+        coef=coef,
+        batch_size=1,
+        threads=1,
+        input_shape=tuple(g.input_shape),
+        structure=structure_key(g),
+        median_error=0.0,
+        max_error=0.0,
+        samples=4,
+    )
 
 
 def module_calls(model: nn.Module, x: Tensor) -> int:

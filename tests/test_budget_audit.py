@@ -351,24 +351,14 @@ def test_snap_primary_keeps_a_latency_ceiling_the_primary_window_cannot_share(
     (ceilings come first). It used to skip every closure that took the FLOPs below their
     window, and ended above the latency ceiling (52 of 80 random cases; a trained ResNet kept
     one block at 0.144 of the latency for a 0.125 ceiling)."""
-    from gatedprune.gating.latency import structure_key
+    from tests.gating_helpers import fixed_latency_model
 
     torch.manual_seed(seed)
     model = ResNet1d(widths=(8, 16, 32), blocks=(2, 2, 2))
     x = torch.zeros(1, 1, 40)
     gate_(model, x, channels=False)
     _randomize(model, seed)
-    gating = model.gatedprune  # type: ignore[union-attr]
-    lm = gp.GatedLatencyModel(
-        coef=(0.05, 0.02, 1e-8),
-        batch_size=1,
-        threads=1,
-        input_shape=tuple(gating.input_shape),
-        structure=structure_key(gating),
-        median_error=0.0,
-        max_error=0.0,
-        samples=4,
-    )
+    lm = fixed_latency_model(model, (0.05, 0.02, 1e-8))
     floor = Budget(model, x, flops=0.3, latency=1.0, latency_model=lm).floor["latency"]
     budget = Budget(model, x, flops=0.3, latency=floor + eps, latency_model=lm)
     got = snap_to_budget(budget, primary="flops")

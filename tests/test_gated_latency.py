@@ -16,22 +16,8 @@ from torch import Tensor, nn
 
 import gatedprune as gp
 from gatedprune.gating import ResNet1d, gate_
-from gatedprune.gating.latency import GATED_LATENCY_FEATURES, structure_key
-from tests.gating_helpers import inserted_gating, module_calls
-
-
-def _model_for(model: nn.Module, coef: tuple[float, float, float]) -> gp.GatedLatencyModel:
-    g = inserted_gating(model)
-    return gp.GatedLatencyModel(
-        coef=coef,
-        batch_size=1,
-        threads=1,
-        input_shape=tuple(g.input_shape),
-        structure=structure_key(g),
-        median_error=0.0,
-        max_error=0.0,
-        samples=4,
-    )
+from gatedprune.gating.latency import GATED_LATENCY_FEATURES
+from tests.gating_helpers import fixed_latency_model, inserted_gating, module_calls
 
 
 @settings(max_examples=30, deadline=None)
@@ -56,7 +42,7 @@ def test_hard_ops_are_the_pruned_models_module_calls(
     for g in inserted_gating(model).gates():
         g.force_(torch.rand(g.n, generator=gen) < p_open)
     model.eval()
-    lm = _model_for(model, (0.0, 1.0, 0.0))
+    lm = fixed_latency_model(model, (0.0, 1.0, 0.0))
     assert lm.features(model, hard=True)["ops"] == module_calls(gp.prune(model), x)
     flops = lm.features(model, hard=True)["flops"]
     assert flops == pytest.approx(float(gp.cost(model, x, hard=True).flops) / 2, rel=1e-12)
@@ -118,7 +104,7 @@ def test_expected_latency_is_differentiable() -> None:
     model = ResNet1d(widths=(8, 16), blocks=(2, 2))
     x = torch.zeros(1, 1, 24)
     gate_(model, x)
-    lm = _model_for(model, (0.05, 0.01, 1e-6))
+    lm = fixed_latency_model(model, (0.05, 0.01, 1e-6))
     value = lm.expected(model)
     value.backward()
     g = inserted_gating(model)
@@ -192,7 +178,7 @@ def test_snap_meets_a_latency_budget_on_a_gated_model() -> None:
     model = ResNet1d(widths=(8, 16, 32), blocks=(2, 2, 2))
     x = torch.zeros(1, 1, 40)
     gate_(model, x)
-    lm = _model_for(model, (0.05, 0.01, 2e-7))
+    lm = fixed_latency_model(model, (0.05, 0.01, 2e-7))
     budget = gp.Budget(model, x, flops=0.6, latency=0.5, latency_model=lm)
     assert budget.achieved() == pytest.approx({"flops": 1.0, "latency": 1.0})
     gen = torch.Generator().manual_seed(0)
@@ -215,7 +201,7 @@ def _train(latency: float | None) -> tuple[dict[str, float], int, float]:
     torch.manual_seed(0)
     model = ResNet1d(widths=(8, 16), blocks=(2, 2), num_classes=2)
     gate_(model, x[:1])
-    lm = _model_for(model, (0.05, 0.01, 2e-7))
+    lm = fixed_latency_model(model, (0.05, 0.01, 2e-7))
     extra: dict[str, Any] = {} if latency is None else {"latency": latency, "latency_model": lm}
     budget = gp.Budget(model, x[:1], flops=0.5, warmup_steps=40, **extra)
     gp.Trainer(model, budget=budget, epochs=6, batch_size=50, progress=False).fit((x, y))
@@ -253,7 +239,7 @@ def test_bad_gated_latency_models_are_refused() -> None:
         gp.GatedLatencyModel.calibrate(model, x, samples=2)
     with pytest.raises(TypeError, match="batch_size must be an int"):
         gp.GatedLatencyModel.calibrate(model, x, batch_size=True)
-    lm = _model_for(model, (0.05, 0.01, 1e-6))
+    lm = fixed_latency_model(model, (0.05, 0.01, 1e-6))
     other = ResNet1d(widths=(8,), blocks=(3,))
     gate_(other, x)
     with pytest.raises(ValueError, match="calibrated for another gated model"):

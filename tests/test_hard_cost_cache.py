@@ -13,8 +13,7 @@ from torch import Tensor, nn
 
 import gatedprune as gp
 from gatedprune.gating import ResNet1d, gate_
-from gatedprune.gating.latency import structure_key
-from tests.gating_helpers import inserted_gating, module_calls
+from tests.gating_helpers import fixed_latency_model, inserted_gating, module_calls
 
 
 def _force_random(model: nn.Module, gen: torch.Generator, p_open: float) -> None:
@@ -68,16 +67,7 @@ def test_latency_budget_shares_the_flops_with_the_cost_program() -> None:
     x = torch.zeros(1, 1, 16)
     gate_(model, x, shortcuts="dense")
     gating = inserted_gating(model)
-    lm = gp.GatedLatencyModel(
-        coef=(0.01, 0.002, 1e-6),
-        batch_size=1,
-        threads=1,
-        input_shape=tuple(gating.input_shape),
-        structure=structure_key(gating),
-        median_error=0.0,
-        max_error=0.0,
-        samples=4,
-    )
+    lm = fixed_latency_model(model, (0.01, 0.002, 1e-6))
     budget = gp.Budget(model, x, flops=0.5, latency=0.6, latency_model=lm)
     _force_random(model, torch.Generator().manual_seed(3), p_open=0.5)
     for hard in (False, True):
@@ -100,16 +90,7 @@ def test_a_flops_and_latency_budget_builds_the_decision_key_once_and_follows_fli
     x = torch.zeros(1, 1, 16)
     gate_(model, x, shortcuts="dense")
     gating = inserted_gating(model)
-    lm = gp.GatedLatencyModel(
-        coef=(0.01, 0.002, 1e-6),
-        batch_size=1,
-        threads=1,
-        input_shape=tuple(gating.input_shape),
-        structure=structure_key(gating),
-        median_error=0.0,
-        max_error=0.0,
-        samples=4,
-    )
+    lm = fixed_latency_model(model, (0.01, 0.002, 1e-6))
     budget = gp.Budget(model, x, flops=0.5, latency=0.6, latency_model=lm)
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):

@@ -226,6 +226,63 @@ def snap_to_budget(
 _MAX_SNAP_ROUNDS = 16
 """Bound on the greedy rounds of :func:`snap_to_budget` (each one strictly improves)."""
 
+
+class _Decisions:
+    """The forced gates of a snap step with their open ``masks`` (kept in step with the gates,
+    updated in place), flipped a gate at a time (a gate shared by a group of entries flips
+    the whole group), ``order``: every gate by ascending open probability in ``probs`` (ties
+    broken by position: deterministic), and the best decisions visited by ``window``'s
+    ranking (``best``: its key, the masks, the cost fractions)."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        gates: list[Gate],
+        masks: list[Tensor],
+        probs: list[Tensor],
+        window: _Window,
+    ) -> None:
+        self.budget, self.gates, self.masks, self.window = budget, gates, masks, window
+        self.order = sorted(
+            (float(score), gi, i)
+            for gi, (g, p) in enumerate(zip(gates, probs, strict=True))
+            for i, score in enumerate(p[:: g.group].tolist())
+        )
+        self.best: tuple[tuple[bool, float], list[Tensor], dict[str, float]]
+
+    def achieved(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.budget.fractions(hard=True).items()}
+
+    def is_set(self, gi: int, i: int) -> bool:
+        return bool(self.masks[gi][i * self.gates[gi].group])
+
+    def set(self, gi: int, i: int, is_open: bool) -> None:
+        group = self.gates[gi].group
+        self.masks[gi][i * group : (i + 1) * group] = is_open
+        self.gates[gi].force_(self.masks[gi])
+
+    def snapshot(self) -> list[Tensor]:
+        return [m.clone() for m in self.masks]
+
+    def restore(self, saved: list[Tensor]) -> None:
+        for g, mask, m in zip(self.gates, self.masks, saved, strict=True):
+            mask.copy_(m)
+            g.force_(m)
+
+    def track(
+        self, c: dict[str, float]
+    ) -> tuple[tuple[bool, float], list[Tensor], dict[str, float]]:
+        """Start tracking from the current decisions (cost fractions ``c``); returns them as
+        ``best``."""
+        self.best = (self.window.deviation(c), self.snapshot(), c)
+        return self.best
+
+    def consider(self, c: dict[str, float]) -> None:
+        """Keep the current decisions (cost fractions ``c``) if they rank before ``best``."""
+        if self.window.deviation(c) < self.best[0]:
+            self.best = (self.window.deviation(c), self.snapshot(), c)
+
+
 _COMPOUND_TRIES = 8
 """How many closed gates :func:`_compound_reopen` tries to reopen (the most probable first)."""
 
@@ -249,64 +306,37 @@ def _compound_reopen(
     and is then filled up to the window (:func:`_fill`). ``masks`` are updated in place;
     returns the cost fractions."""
 
-    def achieved() -> dict[str, float]:
-        return {k: float(v) for k, v in budget.fractions(hard=True).items()}
-
-    order = sorted(
-        (float(score), gi, i)
-        for gi, (g, p) in enumerate(zip(gates, probs, strict=True))
-        for i, score in enumerate(p[:: g.group].tolist())
-    )  # ascending open probability; ties broken by position: deterministic
-
-    def is_set(gi: int, i: int) -> bool:
-        return bool(masks[gi][i * gates[gi].group])
-
-    def set_gate(gi: int, i: int, is_open: bool) -> None:
-        group = gates[gi].group
-        masks[gi][i * group : (i + 1) * group] = is_open
-        gates[gi].force_(masks[gi])
-
-    def restore(saved: list[Tensor]) -> None:
-        for g, mask, m in zip(gates, masks, saved, strict=True):
-            mask.copy_(m)
-            g.force_(m)
-
-    start = [m.clone() for m in masks]
-    best = (window.deviation(current), start, current)
-
-    def consider(c: dict[str, float]) -> None:
-        nonlocal best
-        if window.deviation(c) < best[0]:
-            best = (window.deviation(c), [m.clone() for m in masks], c)
-
+    d = _Decisions(budget, gates, masks, probs, window)
+    start = d.snapshot()
+    initial = d.track(current)
     tries = 0
-    for _, gi, i in reversed(order):
-        if tries >= _COMPOUND_TRIES or window.inside(best[2]):
+    for _, gi, i in reversed(d.order):
+        if tries >= _COMPOUND_TRIES or window.inside(d.best[2]):
             break
-        if is_set(gi, i):
+        if d.is_set(gi, i):
             continue
-        set_gate(gi, i, True)
-        trial = achieved()
+        d.set(gi, i, True)
+        trial = d.achieved()
         if not window.any_above(trial):  # fits alone (it changes no cost): not a candidate
-            set_gate(gi, i, False)
+            d.set(gi, i, False)
             continue
         tries += 1
-        for _, gj, j in order:  # close the least probable other open gates while too high
+        for _, gj, j in d.order:  # close the least probable other open gates while too high
             if not window.any_above(trial):
                 break
-            if (gj, j) == (gi, i) or not is_set(gj, j):
+            if (gj, j) == (gi, i) or not d.is_set(gj, j):
                 continue
-            set_gate(gj, j, False)
-            smaller = achieved()
-            consider(smaller)
+            d.set(gj, j, False)
+            smaller = d.achieved()
+            d.consider(smaller)
             if window.undershoots(smaller):
-                set_gate(gj, j, True)  # this closure would undershoot: keep the gate
+                d.set(gj, j, True)  # this closure would undershoot: keep the gate
             else:
                 trial = smaller
-        restore(start)
-    if best[1] is start:
+        d.restore(start)
+    if d.best is initial:
         return current
-    restore(best[1])
+    d.restore(d.best[1])
     return _fill(budget, gates, masks, probs, window, lambda g: False)
 
 
@@ -476,59 +506,29 @@ def _snap_round(
     masks, updated in place); ``probs`` rank them. Takes the best decisions it visited (the
     starting ones unless strictly better), fills them up to the window (:func:`_fill`) and
     returns their cost fractions."""
-
-    def achieved() -> dict[str, float]:
-        return {k: float(v) for k, v in budget.fractions(hard=True).items()}
-
-    # the decisions are per gate: a gate shared by a group of entries flips its whole group
-    order = sorted(
-        (float(score), gi, i)
-        for gi, (g, p) in enumerate(zip(gates, probs, strict=True))
-        for i, score in enumerate(p[:: g.group].tolist())
-    )  # ascending open probability; ties broken by position: deterministic
-
-    def is_set(gi: int, i: int) -> bool:
-        return bool(masks[gi][i * gates[gi].group])
-
-    def set_gate(gi: int, i: int, is_open: bool) -> None:
-        group = gates[gi].group
-        masks[gi][i * group : (i + 1) * group] = is_open
-        gates[gi].force_(masks[gi])
-
-    current = achieved()
-    best = (window.deviation(current), [m.clone() for m in masks], current)
-
-    def consider(c: dict[str, float]) -> None:
-        nonlocal best
-        if window.deviation(c) < best[0]:
-            best = (window.deviation(c), [m.clone() for m in masks], c)
-
-    def restore_best() -> dict[str, float]:
-        for g, mask, m in zip(gates, masks, best[1], strict=True):
-            mask.copy_(m)
-            g.force_(m)
-        return best[2]
-
+    d = _Decisions(budget, gates, masks, probs, window)
+    current = d.achieved()
+    d.track(current)
     if window.all_below(current):  # open the most probable closed gates (may overshoot)
-        for _, gi, i in reversed(order):
+        for _, gi, i in reversed(d.order):
             if not window.all_below(current):
                 break
-            if not is_set(gi, i):
-                set_gate(gi, i, True)
-                current = achieved()
-                consider(current)
-    for _, gi, i in order:  # close the least probable open gates while a cost is too high
+            if not d.is_set(gi, i):
+                d.set(gi, i, True)
+                current = d.achieved()
+                d.consider(current)
+    for _, gi, i in d.order:  # close the least probable open gates while a cost is too high
         if not window.any_above(current):
             break
-        if is_set(gi, i):
-            set_gate(gi, i, False)
-            trial = achieved()
-            consider(trial)
+        if d.is_set(gi, i):
+            d.set(gi, i, False)
+            trial = d.achieved()
+            d.consider(trial)
             if window.undershoots(trial):
-                set_gate(gi, i, True)  # this closure would undershoot: keep the gate
+                d.set(gi, i, True)  # this closure would undershoot: keep the gate
             else:
                 current = trial
-    restore_best()
+    d.restore(d.best[1])
     # below the window (a closure overshot): reopen the most probable closed gates that fit
     return _fill(budget, gates, masks, probs, window, lambda g: False)
 
