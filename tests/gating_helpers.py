@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -98,3 +100,12 @@ def randomise_batchnorms(model: nn.Module, gen: torch.Generator) -> None:
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
                 m.weight.normal_(1.0, 0.3, generator=gen)
                 m.bias.normal_(0.0, 0.3, generator=gen)
+
+
+def examples(n: int) -> int:
+    """A hypothesis test's ``max_examples``: ``n`` times ``GATEDPRUNE_HYPOTHESIS_SCALE``
+    (default 1; e.g. 20 for a long search for rare failures, not for CI)."""
+    scale = int(os.environ.get("GATEDPRUNE_HYPOTHESIS_SCALE", "1"))
+    if scale < 1:
+        raise ValueError(f"GATEDPRUNE_HYPOTHESIS_SCALE must be an int >= 1, got {scale}")
+    return n * scale

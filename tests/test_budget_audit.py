@@ -9,6 +9,7 @@ import warnings
 import hypothesis
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -113,7 +114,7 @@ def _one_opening_fits(budget: Budget, limits: dict[str, float]) -> bool:
     return False
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(
     kind=st.sampled_from(KINDS),
     target=st.floats(0.2, 0.95),
@@ -143,7 +144,7 @@ def test_snap_is_a_ceiling_exact_idempotent_and_leaves_no_gate_to_reopen(
     assert all(torch.equal(a, b) for a, b in zip(masks, _masks(model), strict=True))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     kind=st.sampled_from(["mlp", "conv", "wrapped", "resnet", "transformer"]),
     target=st.sampled_from([0.1, 0.25, 0.5]),
@@ -212,7 +213,7 @@ def test_anti_windup_must_be_a_bool() -> None:
         Budget(model, x, flops=0.5, anti_windup="False")  # type: ignore[arg-type]
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(
     kind=st.sampled_from(["mlp", "conv", "grouped", "wrapped"]),
     target=st.sampled_from([0.15, 0.3, 0.5, 0.8]),
@@ -269,7 +270,7 @@ def test_a_round_to_that_splits_unit_groups_is_refused_before_any_gate_changes()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     kind=st.sampled_from(["mlp", "conv", "resnet", "transformer"]),
     target=st.sampled_from([0.1, 0.25, 0.5]),
@@ -341,7 +342,7 @@ def test_trainer_checks_snap_primary_before_training() -> None:
         no_budget.fit(train=data)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(seed=st.integers(0, 2**16), eps=st.sampled_from([0.005, 0.02]))
 def test_snap_primary_keeps_a_latency_ceiling_the_primary_window_cannot_share(
     seed: int, eps: float

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -286,7 +287,7 @@ def test_upsample_with_an_unknown_mode_is_a_value_error() -> None:
         _upsample(m, (x,), out)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(data=st.data())
 def test_upsample_random_configurations(data: st.DataObject) -> None:
     mode = data.draw(st.sampled_from(sorted(PER_OUT)))
@@ -426,7 +427,7 @@ def test_conv_transpose_with_output_size_argument() -> None:
     assert _plain(WithSize(), x) == Cost(2 * macs + 2 * 2 * 12, _n_params(m))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(data=st.data())
 def test_conv_transpose_random_configurations(data: st.DataObject) -> None:
     dims = data.draw(st.integers(1, 3))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ def _rel(soft: Tensor, exact: Tensor) -> float:
 shifts = st.sampled_from([1.0, 0.0, -1.0, -2.0])
 
 
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(
     widths=st.lists(st.integers(1, 2), min_size=1, max_size=3),
     seed=st.integers(0, 10_000),
@@ -79,7 +80,7 @@ def test_chain_mlp_expected_cost_is_the_exact_expectation(
     assert _rel(soft, exact) <= EXACT
 
 
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(
     widths=st.lists(st.integers(1, 2), min_size=1, max_size=2).filter(lambda w: sum(w) <= 3),
     seed=st.integers(0, 10_000),
@@ -94,7 +95,7 @@ def test_shortcut_mlp_expected_cost_is_within_two_percent(
     assert _rel(soft, exact) <= 0.02
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(first=st.integers(1, 2), seed=st.integers(0, 10_000), shift=shifts)
 def test_shortcut_conv_expected_cost_is_within_two_percent(
     first: int, seed: int, shift: float
@@ -105,7 +106,7 @@ def test_shortcut_conv_expected_cost_is_within_two_percent(
     assert _rel(soft, exact) <= 0.02
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(
     size=st.sampled_from([(1, 1), (2, 1), (1, 2)]),  # (hidden, layers): at most 10 gates
     cell=st.sampled_from(["lstm", "gru"]),
@@ -143,7 +144,7 @@ class _Residual(nn.Module):
         return self.out(self.blocks(torch.relu(self.inp(x))))  # (B, 1)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(
     width=st.integers(1, 2),
     hidden=st.integers(1, 2),

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,7 +64,7 @@ def _check_against_reference(net: _ShortcutNet, shape: tuple[int, ...], w: float
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-13 * scale)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     widths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
     shortcuts=st.booleans(),
@@ -97,7 +98,7 @@ def test_mlp_fast_expected_cost_equals_the_reference(
     _check_against_reference(net, (batch, 3), w)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     stages=st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=2), min_size=1, max_size=3),
     shortcuts=st.booleans(),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import inserted_gating, randomise_batchnorms, shortcut_flops
+from gating_helpers import examples, inserted_gating, randomise_batchnorms, shortcut_flops
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -427,7 +427,7 @@ _SPEC = st.tuples(
 _BLOCK = st.tuples(st.integers(2, 5), st.integers(2, 4), st.sampled_from([1, 1, 2]), _SPEC)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(
     cfg=st.lists(_BLOCK, min_size=1, max_size=4),
     dense=st.booleans(),
@@ -561,7 +561,7 @@ class _OpChain(nn.Module):
         return self.head(torch.flatten(h, 1))  # (B, 3)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     ops=st.lists(st.sampled_from(_OPS), min_size=1, max_size=6),
     data=st.data(),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from gating_helpers import shortcut_flops
+from gating_helpers import examples, shortcut_flops
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -61,7 +61,7 @@ class RandomStack(nn.Module):
         return self.head(h)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=examples(12), deadline=None)
 @given(
     conv=st.booleans(),
     widths=st.lists(st.integers(2, 6), min_size=1, max_size=4),
@@ -150,7 +150,7 @@ class EncoderStack(nn.Module):
         return self.head(h.mean(dim=1 if self.batch_first else 0))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(
     d_heads=st.sampled_from([(8, 1), (8, 2), (8, 4), (12, 3)]),
     ff=st.integers(2, 12),

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -182,7 +183,7 @@ def test_kept_shortcut_costs_two_flops_per_element_hand_computed(source_removed:
     assert abs(charged - shortcut * (p_open - p_closed)) < 1e-9 * shortcut
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(seed=st.integers(0, 2**16), data=st.data())
 def test_resnet1d_dense_shortcuts_hard_cost_is_pruned_cost(seed: int, data: st.DataObject) -> None:
     """Random open/closed channels, blocks and shortcuts (sources and destinations removed or

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from gatedprune.gating.latency import GATED_LATENCY_FEATURES
 from tests.gating_helpers import fixed_latency_model, inserted_gating, module_calls
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     stages=st.lists(st.tuples(st.sampled_from([4, 8]), st.integers(1, 3)), min_size=1, max_size=3),

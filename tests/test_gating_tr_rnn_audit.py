@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import inserted_gating, random_gates
+from gating_helpers import examples, inserted_gating, random_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -333,7 +333,7 @@ class _Encoder(nn.Module):
         return self.head(h.mean(t))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     heads=st.sampled_from([1, 2, 4]),
     ff=st.integers(2, 10),
@@ -449,7 +449,7 @@ class _Recurrent(nn.Module):
         return self.head(out.sum(t))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     cell=st.sampled_from(["lstm", "gru", "rnn_tanh", "rnn_relu"]),
     layers=st.integers(1, 3),

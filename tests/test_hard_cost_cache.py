@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ def _force_random(model: nn.Module, gen: torch.Generator, p_open: float) -> None
         g.force_(mask.repeat_interleave(g.n // g.n_groups))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(seed=st.integers(0, 10_000), dense=st.booleans())
 def test_hard_cost_and_ops_follow_gate_flips_on_one_model(seed: int, dense: bool) -> None:
     torch.manual_seed(seed)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -93,7 +94,7 @@ def _join(header: dict[str, Any], body: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------- model round trips
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(data=st.data(), seed=st.integers(0, 2**16), norm=st.booleans())
 def test_pruned_mlp_round_trip(
     tmp_path_factory: Any, data: st.DataObject, seed: int, norm: bool
@@ -108,7 +109,7 @@ def test_pruned_mlp_round_trip(
     _round_trip(small, x, tmp_path_factory.mktemp("mlp") / "m.safetensors")
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(data=st.data(), seed=st.integers(0, 2**16))
 def test_pruned_conv_round_trip(tmp_path_factory: Any, data: st.DataObject, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -265,7 +266,7 @@ def test_flipped_data_byte_is_detected(tmp_path: Path, where: int) -> None:
         io.load(path)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(pos=st.floats(0.0, 1.0, exclude_max=True), xor=st.integers(1, 255))
 def test_any_flipped_byte_is_refused_or_harmless(
     tmp_path_factory: Any, pos: float, xor: int

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +42,7 @@ def _random_gates(
         g.force_(torch.rand(g.n, generator=gen) < p)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     p_unit=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
@@ -174,7 +175,7 @@ def test_training_under_a_latency_budget_lands_at_the_predicted_target(target: f
     assert target - 0.02 <= achieved <= target + 1e-9
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 10_000), rows=st.integers(3, 12), cols=st.integers(1, 5))
 def test_nonnegative_least_squares_satisfies_the_optimality_conditions(
     seed: int, rows: int, cols: int

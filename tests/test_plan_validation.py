@@ -12,7 +12,7 @@ from typing import Any
 import hypothesis
 import pytest
 import torch
-from gating_helpers import inserted_gating, random_gates
+from gating_helpers import examples, inserted_gating, random_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -376,7 +376,7 @@ def _corrupt(plan: Plan, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize("kind", ["mlp", "resnet"])
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(data=st.data())
 def test_random_corruptions_apply_to_the_same_model_or_are_refused(
     kind: str, data: st.DataObject

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,7 +14,7 @@ import gatedprune as gp
 from gatedprune.pooling import AdaptiveMeanPool1d, MeanPool1d, adaptive_mean_pool1d, mean_pool1d
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     batch=st.sampled_from([1, 4, 300]),  # 300: large enough for the strided slices
     channels=st.integers(1, 5),

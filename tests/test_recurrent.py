@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -133,7 +134,7 @@ def _dense_cost(net: ShortcutLSTM, x: torch.Tensor) -> gp.Cost:
 
 
 # ---------------------------------------------------------------------- slicing nn.LSTM/GRU/RNN
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(
     cell=st.sampled_from(["lstm", "gru", "rnn", "rnn_relu"]),
     hidden=st.integers(1, 6),
@@ -338,7 +339,7 @@ def test_slicing_bad_arguments() -> None:
 
 
 # ---------------------------------------------------------------------- ShortcutLSTM
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     cell=st.sampled_from(["lstm", "gru", "rnn"]),
     hidden=st.lists(st.integers(1, 5), min_size=1, max_size=3),

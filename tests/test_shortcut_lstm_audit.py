@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -75,7 +76,7 @@ def _max_diff(a: object, b: object) -> float:
 
 
 # ---------------------------------------------------------------------- property test
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     cell=st.sampled_from(["lstm", "gru", "rnn"]),
     hidden=st.lists(st.integers(1, 4), min_size=1, max_size=4),

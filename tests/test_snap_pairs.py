@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -68,7 +69,7 @@ def test_a_pair_move_brings_a_rounded_snap_into_the_window(monkeypatch: pytest.M
     assert 0.5 - paired <= 0.02
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(seed=st.integers(0, 1000), conv=st.booleans(), target=st.sampled_from([0.3, 0.5, 0.7]))
 def test_pair_moves_never_leave_the_rounding_further_from_the_target(
     seed: int, conv: bool, target: float

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gating_helpers import inserted_gating, random_gates, randomise_batchnorms
+from gating_helpers import examples, inserted_gating, random_gates, randomise_batchnorms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,7 +31,7 @@ def test_cost_counts_sync_batchnorm_like_batchnorm() -> None:
     assert c_sync == c_plain
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(seed=st.integers(0, 10_000))
 def test_gated_sync_batchnorm_resnet_prunes_exactly(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)

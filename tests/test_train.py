@@ -16,6 +16,7 @@ import hypothesis
 import pytest
 import torch
 import train_worker
+from gating_helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -876,7 +877,7 @@ def _one_flip_reaches(budget: Budget, k: str, low: float, high: float) -> bool:
     return False
 
 
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 @given(
     kind=st.sampled_from(["mlp", "chain", "conv"]),
     target=st.floats(0.1, 0.9),
@@ -921,7 +922,7 @@ def test_snap_to_budget_lands_within_tolerance(
         assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(target=st.floats(0.15, 0.9), seed=st.integers(0, 2**16))
 def test_snap_to_budget_flips_whole_unit_groups(target: float, seed: int) -> None:
     torch.manual_seed(seed)
@@ -941,7 +942,7 @@ def test_snap_to_budget_flips_whole_unit_groups(target: float, seed: int) -> Non
         assert float((pruned(xt) - net(xt)).abs().max()) <= 1e-5
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(
     multiple=st.sampled_from([4, 8]),
     target=st.sampled_from([0.5, 0.3, 0.15]),
@@ -1077,7 +1078,7 @@ def test_snap_to_budget_rejects_bad_input() -> None:
         Trainer(net, budget=budget, snap_at=1.0)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(
     target=st.floats(0.1, 0.9),
     both=st.booleans(),
