@@ -562,9 +562,10 @@ def _round_widths(
     Widths are rounded down, then grown one step at a time (the most probable reopened units
     first) while every constraint stays under its ceiling. When no single step fits and the
     cost is still below ``window``, a pair move (one width a step up, another a step down)
-    that fits and brings the binding constraint closer to its target is taken: the one that
-    reaches the window with the best probability trade, else the one that comes closest;
-    then single steps are tried again. Each move raises the binding constraint, so this ends."""
+    that fits and brings the binding constraint (``primary``, if the snap has one) closer to
+    its target is taken: the one that reaches the window with the best probability trade, else
+    the one that comes closest; then single steps are tried again. Each move raises the
+    binding constraint, so this ends."""
     targets = budget.targets
 
     def achieved() -> dict[str, float]:
@@ -605,8 +606,10 @@ def _round_widths(
             g.force_(mask)
         return achieved()
 
-    def gap(c: dict[str, float]) -> float:  # the binding constraint's distance to its target
-        return min(t - c[k] for k, t in targets.items())
+    def gap(c: dict[str, float]) -> float:
+        # the binding constraint's distance to its target (with ``primary``: the primary's;
+        # the others are ceilings only, which ``fits`` keeps)
+        return min(t - c[k] for k, t in window.binding.items())
 
     def step_score(p: int, j: int) -> float:
         """Mean open probability of the units width step ``j -> j + 1`` of ``p`` reopens."""
