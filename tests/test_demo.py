@@ -56,9 +56,21 @@ def test_demo_runs_end_to_end_and_writes_its_results(tmp_path: Path, round_to: i
 
 
 def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The measured fraction set against the prediction is timed on the latency model's batch
+    size and threads (batch 256, 1 thread), the all-threads one is reported next to it."""
     pytest.importorskip("mnist1d")
+    import gatedprune.demo as demo_module
+
+    timed: list[tuple[tuple[str, ...], int, int | None]] = []
+    real = demo_module.compare_latency
+
+    def recording(models: dict[str, torch.nn.Module], x: torch.Tensor, **kw: object) -> object:
+        timed.append((tuple(models), len(x), kw.get("threads")))  # type: ignore[arg-type]
+        return real(models, x, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(demo_module, "compare_latency", recording)
     config = DemoConfig(
         budget=0.3,
         epochs=2,
@@ -74,7 +86,15 @@ def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
     predicted = results["predicted_latency_fraction"]
     assert 0.0 < predicted <= 1.0
     assert results["budget_error"] == abs(predicted - 0.3)
-    assert results["measured_latency_fraction_b256"] > 0.0
+    measured = results["measured_latency_fraction_b256"]
+    assert measured > 0.0
+    assert results["measured_latency_threads"] == 1
+    assert results["measured_latency_fraction_b256_all_threads"] > 0.0
+    assert results["latency_ratio_b256_model_threads"] == pytest.approx(
+        results["achieved_flops_fraction"] / measured, rel=1e-12
+    )
+    # one call times exactly the two models, on the model's batch size and threads
+    assert (("dense", "pruned"), 256, 1) in timed, timed
     lm = gp.LatencyModel.from_json(json.dumps(results["latency_model"]))
     loaded = gp.load(tmp_path / "pruned.safetensors")
     assert isinstance(loaded, gp.PlainShortcutNet)

@@ -275,7 +275,9 @@ def test_resnet_demo_with_a_latency_budget_reports_predicted_and_measured_latenc
     predicted = results["predicted_latency_fraction"]
     assert 0.0 < predicted <= 0.4 + 1e-9
     assert results["budget_error"] == abs(predicted - 0.4)
-    assert results["measured_latency_fraction_b1"] > 0.0
+    assert results["measured_latency_fraction_b1"] > 0.0  # on the model's batch and threads
+    assert results["measured_latency_threads"] == 1
+    assert results["measured_latency_fraction_b1_all_threads"] > 0.0
     lm = gp.GatedLatencyModel.from_json(json.dumps(results["latency_model"]))
     assert lm.batch_size == 1
     assert lm.input_shape == (1, 1, 40)

@@ -31,6 +31,7 @@ from .demo import (
     all_open_copy,
     budget_trainer,
     measure_demo_latency,
+    measured_latency_fraction,
     prune_check_finetune,
     result_rows,
     run_facts,
@@ -601,7 +602,12 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         latency_facts = {
             "target_latency_fraction": config.budget,
             "predicted_latency_fraction": predicted,
-            "measured_latency_fraction_b1": lat["pruned"][1] / lat["dense"][1],
+            # on the model's batch size (1) and threads, as the prediction
+            "measured_latency_fraction_b1": measured_latency_fraction(
+                dense_plain, finetuned, x_test, batch=lm.batch_size, threads=lm.threads
+            ),
+            "measured_latency_threads": lm.threads,
+            "measured_latency_fraction_b1_all_threads": lat["pruned"][1] / lat["dense"][1],
             "latency_model": json.loads(lm.to_json()),
         }
     results: dict[str, Any] = {
@@ -654,7 +660,10 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
         say(
             f"budget {config.budget:.0%} of the predicted latency at batch 1 -> predicted "
             f"{results['predicted_latency_fraction']:.3f}, measured "
-            f"{results['measured_latency_fraction_b1']:.3f} (latency model fitted on "
+            f"{results['measured_latency_fraction_b1']:.3f} on "
+            f"{results['measured_latency_threads']} thread(s) as in the model "
+            f"({results['measured_latency_fraction_b1_all_threads']:.3f} on "
+            f"{torch.get_num_threads()}; latency model fitted on "
             f"{lm.samples if lm else 0} pruned copies, held-out error median "
             f"{100 * (lm.median_error if lm else 0.0):.1f}%)"
         )
