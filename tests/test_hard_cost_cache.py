@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gatedprune as gp
-from gatedprune.gating import ResNet1d, gate_
+from gatedprune.gating import GatedLatencyModel, InsertedGating, ResNet1d, gate_
 from tests.gating_helpers import fixed_latency_model, inserted_gating, module_calls
 
 
@@ -60,9 +60,9 @@ def test_hard_cost_and_ops_follow_gate_flips_on_one_model(seed: int, dense: bool
         assert cached == fresh == expected
 
 
-def test_latency_budget_shares_the_flops_with_the_cost_program() -> None:
-    """A FLOPs + latency budget predicts the same latency as the latency model on its own
-    (the FLOPs feature taken from the budget's program instead of computed again)."""
+def _flops_latency_budget() -> tuple[nn.Module, InsertedGating, GatedLatencyModel, gp.Budget]:
+    """A small gated ResNet with dense shortcuts under a FLOPs + latency budget (a fixed
+    latency model): the model, its gating, the latency model, the budget."""
     torch.manual_seed(0)
     model = ResNet1d(widths=(4, 8), blocks=(2, 2))
     x = torch.zeros(1, 1, 16)
@@ -70,6 +70,13 @@ def test_latency_budget_shares_the_flops_with_the_cost_program() -> None:
     gating = inserted_gating(model)
     lm = fixed_latency_model(model, (0.01, 0.002, 1e-6))
     budget = gp.Budget(model, x, flops=0.5, latency=0.6, latency_model=lm)
+    return model, gating, lm, budget
+
+
+def test_latency_budget_shares_the_flops_with_the_cost_program() -> None:
+    """A FLOPs + latency budget predicts the same latency as the latency model on its own
+    (the FLOPs feature taken from the budget's program instead of computed again)."""
+    model, gating, lm, budget = _flops_latency_budget()
     _force_random(model, torch.Generator().manual_seed(3), p_open=0.5)
     for hard in (False, True):
         with torch.no_grad():
@@ -86,13 +93,7 @@ def test_a_flops_and_latency_budget_builds_the_decision_key_once_and_follows_fli
     """The exact cost and the exact module calls of one budget evaluation share the gates'
     decision key (it was built twice per step, ~0.9 ms each on a 12-block ResNet); outside
     the evaluation a flip is still seen."""
-    torch.manual_seed(0)
-    model = ResNet1d(widths=(4, 8), blocks=(2, 2))
-    x = torch.zeros(1, 1, 16)
-    gate_(model, x, shortcuts="dense")
-    gating = inserted_gating(model)
-    lm = fixed_latency_model(model, (0.01, 0.002, 1e-6))
-    budget = gp.Budget(model, x, flops=0.5, latency=0.6, latency_model=lm)
+    model, gating, lm, budget = _flops_latency_budget()
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):
         _force_random(model, gen, p_open=0.5)

@@ -68,6 +68,15 @@ class DemoConfig:
     unit_group: int = 1  # conv: channels gated in groups of this many (divides 32)
     latency_ratio: float | None = None  # conv: also a latency budget of ``budget / ratio``
 
+    def refuse_conv_options(self) -> None:
+        """The resnet1d and lstm demos: ``unit_group`` and ``latency_ratio`` are conv-only
+        (a ``ValueError`` naming them when set)."""
+        if self.unit_group != 1 or self.latency_ratio is not None:
+            raise ValueError(
+                f"unit_group={self.unit_group!r} and latency_ratio={self.latency_ratio!r}: "
+                "--unit-group and --latency-ratio apply to the conv demo (--model conv) only"
+            )
+
     def validate(self) -> None:
         """Check every field before any work: a ``TypeError`` for a value of the wrong type,
         a ``ValueError`` for one out of range, each naming the field and the value."""
@@ -273,24 +282,20 @@ def measure_demo_latency(models: Mapping[str, nn.Module], x: Tensor) -> dict[str
     threads = torch.get_num_threads()
     lat: dict[str, dict[int, float]] = {}
     for batch in (1, 256):
-        times = compare_latency(
-            models,
-            _batch_rows(x, batch),
-            rounds=7,
-            repeats=20 if batch == 1 else 3,
-            threads=threads,
-        )
-        for name, t in times.items():
+        for name, t in _time_at(models, x, batch, threads).items():
             lat.setdefault(name, {})[batch] = t
     return lat
 
 
-def _batch_rows(x: Tensor, batch: int) -> Tensor:
-    """The first ``batch`` rows of ``x``, its rows repeated when it has fewer."""
+def _time_at(
+    models: Mapping[str, nn.Module], x: Tensor, batch: int, threads: int
+) -> dict[str, float]:
+    """The demos' timing: median seconds per model at ``batch`` rows of ``x`` (its rows
+    repeated when it has fewer) on ``threads`` threads, in interleaved rounds."""
     rows = x[:batch]
     if len(rows) < batch:  # a small test set: repeat its rows up to the batch size
         rows = rows.repeat(-(-batch // len(rows)), *([1] * (x.dim() - 1)))[:batch]
-    return rows
+    return compare_latency(models, rows, rounds=7, repeats=20 if batch == 1 else 3, threads=threads)
 
 
 def measured_latency_fraction(
@@ -306,13 +311,7 @@ def measured_latency_fraction(
     >>> 0.0 < measured_latency_fraction(net, net, torch.zeros(3, 4), batch=8, threads=1)
     True
     """
-    times = compare_latency(
-        {"dense": dense, "pruned": pruned},
-        _batch_rows(x, batch),
-        rounds=7,
-        repeats=20 if batch == 1 else 3,
-        threads=threads,
-    )
+    times = _time_at({"dense": dense, "pruned": pruned}, x, batch, threads)
     return times["pruned"] / times["dense"]
 
 

@@ -77,11 +77,7 @@ def run_lstm_demo(config: DemoConfig) -> dict[str, Any]:
 
     >>> results = run_lstm_demo(DemoConfig(budget=0.25, epochs=1))  # doctest: +SKIP
     """
-    if config.unit_group != 1 or config.latency_ratio is not None:
-        raise ValueError(
-            f"unit_group={config.unit_group!r} and latency_ratio={config.latency_ratio!r}: "
-            "--unit-group and --latency-ratio apply to the conv demo (--model conv) only"
-        )
+    config.refuse_conv_options()
     config.validate()  # a bad ``latency`` is a TypeError before it is read as a flag
     if config.latency:
         raise ValueError(

@@ -542,11 +542,7 @@ def run_resnet_demo(config: DemoConfig) -> dict[str, Any]:
 
     >>> results = run_resnet_demo(DemoConfig(epochs=1, finetune_epochs=0))  # doctest: +SKIP
     """
-    if config.unit_group != 1 or config.latency_ratio is not None:
-        raise ValueError(
-            f"unit_group={config.unit_group!r} and latency_ratio={config.latency_ratio!r}: "
-            "--unit-group and --latency-ratio apply to the conv demo (--model conv) only"
-        )
+    config.refuse_conv_options()
     config.validate()
     from .data import mnist1d
     from .plots import plot_training

@@ -282,6 +282,26 @@ class _Decisions:
         if self.window.deviation(c) < self.best[0]:
             self.best = (self.window.deviation(c), self.snapshot(), c)
 
+    def close_while_above(
+        self, c: dict[str, float], keep: tuple[int, int] | None = None
+    ) -> dict[str, float]:
+        """Close the least probable open gates (all but ``keep``) while a cost is above its
+        ceiling, skipping a closure that would undershoot the window; every decision visited
+        is considered. ``c``: the current cost fractions; returns those it ends at."""
+        for _, gi, i in self.order:
+            if not self.window.any_above(c):
+                break
+            if (gi, i) == keep or not self.is_set(gi, i):
+                continue
+            self.set(gi, i, False)
+            trial = self.achieved()
+            self.consider(trial)
+            if self.window.undershoots(trial):
+                self.set(gi, i, True)  # this closure would undershoot: keep the gate
+            else:
+                c = trial
+        return c
+
 
 _COMPOUND_TRIES = 8
 """How many closed gates :func:`_compound_reopen` tries to reopen (the most probable first)."""
@@ -321,18 +341,7 @@ def _compound_reopen(
             d.set(gi, i, False)
             continue
         tries += 1
-        for _, gj, j in d.order:  # close the least probable other open gates while too high
-            if not window.any_above(trial):
-                break
-            if (gj, j) == (gi, i) or not d.is_set(gj, j):
-                continue
-            d.set(gj, j, False)
-            smaller = d.achieved()
-            d.consider(smaller)
-            if window.undershoots(smaller):
-                d.set(gj, j, True)  # this closure would undershoot: keep the gate
-            else:
-                trial = smaller
+        d.close_while_above(trial, keep=(gi, i))  # the other gates, least probable first
         d.restore(start)
     if d.best is initial:
         return current
@@ -517,17 +526,7 @@ def _snap_round(
                 d.set(gi, i, True)
                 current = d.achieved()
                 d.consider(current)
-    for _, gi, i in d.order:  # close the least probable open gates while a cost is too high
-        if not window.any_above(current):
-            break
-        if d.is_set(gi, i):
-            d.set(gi, i, False)
-            trial = d.achieved()
-            d.consider(trial)
-            if window.undershoots(trial):
-                d.set(gi, i, True)  # this closure would undershoot: keep the gate
-            else:
-                current = trial
+    d.close_while_above(current)  # the least probable open gates while a cost is too high
     d.restore(d.best[1])
     # below the window (a closure overshot): reopen the most probable closed gates that fit
     return _fill(budget, gates, masks, probs, window, lambda g: False)
