@@ -13,8 +13,14 @@ from hypothesis import strategies as st
 
 import gatedprune as gp
 from gatedprune.autodiff import CompiledFormula, Tape, scalar_function
-from gatedprune.gates import HardConcreteGate, SigmoidGate
-from gatedprune.shortcut import _cost_formula, _ShortcutNet
+from gatedprune.gates import HardConcreteGate, SigmoidGate, _hc_prob_open, _same_hard_concrete
+from gatedprune.shortcut import (
+    _compiled_cost,
+    _cost_formula,
+    _ExpectedCost,
+    _ExpectedCostHC,
+    _ShortcutNet,
+)
 
 LN11 = math.log(11.0)
 
@@ -131,6 +137,47 @@ def test_conv_fast_expected_cost_equals_the_reference(
     ).double()
     _draw_gates(net, data)
     _check_against_reference(net, (2, 2, length), w)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(
+    conv=st.booleans(),
+    shortcuts=st.booleans(),
+    float64=st.booleans(),
+    w=st.lists(st.floats(-2.0, 2.0), min_size=2, max_size=2),
+    data=st.data(),
+)
+def test_hard_concrete_node_gives_the_generic_node_bits(
+    conv: bool, shortcuts: bool, float64: bool, w: list[float], data: st.DataObject
+) -> None:
+    # expected_cost computes hard concrete probabilities inside one node; training must not
+    # change by it: values and every gate tensor's gradient are the bits of the generic node
+    # fed with sigmoid probabilities recorded by autograd
+    net: _ShortcutNet
+    if conv:
+        net = gp.ShortcutConv1d(2, [[3, 2], [4]], 3, kernel_size=3, shortcuts=shortcuts)
+        shape: tuple[int, ...] = (2, 2, 8)
+    else:
+        net = gp.ShortcutMLP(3, [4, 2, 5], 2, shortcuts=shortcuts)
+        shape = (3, 3)
+    if float64:
+        net = net.double()
+    _draw_gates(net, data)
+    gates = net._gate_list()
+    beta = _same_hard_concrete(gates)
+    assert beta is not None
+    log_alphas = [g.log_alpha for g in gates]
+    formula = _compiled_cost(net.spec, shape)
+    weights = torch.tensor(w, dtype=torch.float64)
+    p = _hc_prob_open(torch.cat(log_alphas), beta)
+    ref = _ExpectedCost.apply(p, net, formula)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), log_alphas)
+    out = _ExpectedCostHC.apply(net, formula, beta, *log_alphas)
+    grads = torch.autograd.grad((out * weights).sum(), log_alphas)
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == r.dtype
+        assert torch.equal(g, r)
 
 
 def test_float32_gates_get_the_reference_gradient() -> None:
