@@ -58,6 +58,7 @@ def _grads(budget: Budget, loss: Tensor) -> list[Tensor]:
     straight_through=st.booleans(),
     lambdas=st.lists(st.floats(-5.0, 5.0), min_size=4, max_size=4),
     warm=st.integers(0, 50),
+    float32_multipliers=st.booleans(),
 )
 def test_fused_penalty_is_bit_identical_to_the_tensor_formulation(
     seed: int,
@@ -65,6 +66,7 @@ def test_fused_penalty_is_bit_identical_to_the_tensor_formulation(
     straight_through: bool,
     lambdas: list[float],
     warm: int,
+    float32_multipliers: bool,
 ) -> None:
     torch.manual_seed(seed)
     net = gp.ShortcutMLP(6, [5, 7, 4], 3)
@@ -82,6 +84,8 @@ def test_fused_penalty_is_bit_identical_to_the_tensor_formulation(
         for i, k in enumerate(targets):
             budget.lambda1[k].fill_(lambdas[2 * i])
             budget.lambda2[k].fill_(abs(lambdas[2 * i + 1]))
+    if float32_multipliers:  # each gradient comes back in its input's dtype
+        budget.float()
     net.eval()  # penalty() does not advance the warm-up in eval mode: both see one target
     ref = _reference_penalty(budget)
     ref_grads = _grads(budget, ref)
@@ -90,5 +94,6 @@ def test_fused_penalty_is_bit_identical_to_the_tensor_formulation(
     assert out.dtype == ref.dtype == torch.float32
     assert torch.equal(out, ref)
     for a, b in zip(out_grads, ref_grads, strict=True):
+        assert a.dtype == b.dtype
         assert torch.equal(a, b)
     assert any(bool(g.abs().sum() > 0) for g in out_grads)  # something to compare

@@ -49,7 +49,8 @@ class _Lagrangian(torch.autograd.Function):
         for gap, a, b in zip(gaps, l1, l2, strict=True):
             total = (total + a * gap) + (b * gap) * gap
         ctx.gaps, ctx.l1, ctx.l2 = gaps, l1, l2
-        return torch.tensor(total, dtype=torch.float64).float()
+        ctx.like = [(t.dtype, t.device) for t in tensors]  # each gradient as its input
+        return torch.tensor(total, dtype=torch.float64, device=tensors[0].device).float()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -61,7 +62,9 @@ class _Lagrangian(torch.autograd.Function):
             d_soft.append((g * (b * gap) + g_gap * b) + g * a)
             d_l1.append(-g_gap)
             d_l2.append(-(g_gap * gap))
-        out = [torch.tensor(v, dtype=torch.float64) for v in (*d_soft, *d_l1, *d_l2)]
+        values = (*d_soft, *d_l1, *d_l2)
+        like = zip(values, ctx.like, strict=True)
+        out = [torch.tensor(v, dtype=dt, device=dv) for v, (dt, dv) in like]
         return (None, *out)
 
 
