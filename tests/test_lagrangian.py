@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from gating_helpers import examples
 from hypothesis import given, settings
@@ -97,3 +98,22 @@ def test_fused_penalty_is_bit_identical_to_the_tensor_formulation(
         assert a.dtype == b.dtype
         assert torch.equal(a, b)
     assert any(bool(g.abs().sum() > 0) for g in out_grads)  # something to compare
+
+
+@pytest.mark.parametrize("gate", ["hard_concrete", "sigmoid"])
+def test_second_derivatives_are_refused_not_silently_wrong(gate: str) -> None:
+    # the penalty's and the expected cost's backward are computed, not recorded: a second
+    # derivative through them would silently miss terms (it did before: create_graph=True
+    # recorded the gates' sigmoid with the cost's gradient as a constant), so it is an error
+    torch.manual_seed(0)
+    net = gp.ShortcutMLP(6, [5, 4], 3, gate=gate)  # type: ignore[arg-type]
+    x = torch.randn(1, 6)
+    budget = gp.Budget(net, x, flops=0.3)
+    with torch.no_grad():
+        budget.lambda1["flops"].fill_(1.0)
+        budget.lambda2["flops"].fill_(2.0)
+    params = net.gate_parameters()
+    for value in (budget.penalty(), gp.cost(net, x).flops):
+        with pytest.raises(RuntimeError, match="first derivatives only"):
+            torch.autograd.grad(value, params, create_graph=True)
+        assert all(g.abs().sum() > 0 for g in torch.autograd.grad(value, params))  # first ones work

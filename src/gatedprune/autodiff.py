@@ -116,6 +116,17 @@ class Var:
 Formula = Callable[[Sequence[Any]], Sequence[Any]]
 
 
+def refuse_create_graph() -> None:
+    """Called first in the backward of gatedprune's autograd nodes, whose gradients are computed
+    (from Jacobians and floats), not recorded: a second derivative through them would silently
+    miss terms, so ``create_graph=True`` through them is an error."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "gatedprune's expected cost and budget penalty have first derivatives only: "
+            "backward with create_graph=True through them is not supported"
+        )
+
+
 class _ScalarFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, z: Tensor, formula: Formula) -> Tensor:
@@ -135,6 +146,7 @@ class _ScalarFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        refuse_create_graph()
         (jac,) = ctx.saved_tensors  # (n_out, n_in)
         return grad_out @ jac, None
 

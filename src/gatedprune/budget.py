@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .autodiff import refuse_create_graph
 from .base import GatedModule
 from .costs import CostProgram
 from .gating.core import InsertedGating
@@ -54,6 +55,7 @@ class _Lagrangian(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_create_graph()
         g = float(grad)
         d_soft, d_l1, d_l2 = [], [], []
         for gap, a, b in zip(ctx.gaps, ctx.l1, ctx.l2, strict=True):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autodiff import CompiledFormula
+from .autodiff import CompiledFormula, refuse_create_graph
 from .base import GatedModule
 from .costs import ACT_FLOPS, BATCHNORM_FLOPS, FLOPS_PER_MAC, _adaptive_window_sum
 from .gates import (
@@ -344,6 +344,7 @@ def _expected_forward(ctx: Any, p: Tensor, net: _ShortcutNet, formula: CompiledF
 
 def _expected_backward(ctx: Any, grad_out: Tensor) -> Tensor:
     """The float64 gradient w.r.t. ``p`` of :func:`_expected_forward`'s output."""
+    refuse_create_graph()
     jac, clamped, closed, unclamped = ctx.saved_tensors
     net: _ShortcutNet = ctx.net
     seg = net.unit_segment
