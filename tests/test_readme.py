@@ -16,11 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import gatedprune as gp
 from gatedprune.demo import all_open_copy
-from gatedprune.gates import Gate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,14 +27,10 @@ def _blocks() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
 
-def _no_gates(module: nn.Module) -> bool:
-    return not any(isinstance(m, Gate) for m in module.modules())
-
-
 def _check_quickstart(ns: dict[str, Any], tmp: Path) -> None:
     small, data = ns["small"], ns["data"]
     x = data.x_train[:1]
-    assert _no_gates(small)
+    assert not gp.gate_modules(small)
     assert gp.cost(small, x).flops < gp.cost(gp.prune(all_open_copy(ns["net"])), x).flops
     loaded = gp.load(tmp / "small.safetensors").eval()
     probe = torch.randn(8, *x.shape[1:])
@@ -61,7 +55,7 @@ def _check_training_loop(ns: dict[str, Any], tmp: Path) -> None:
     assert abs(ns["budget"].achieved()["flops"] - 0.25) <= 0.01
     assert (tmp / "ckpt").is_dir()
     small, net, x = ns["small"], ns["net"], ns["x"]
-    assert _no_gates(small)
+    assert not gp.gate_modules(small)
     with torch.no_grad():
         assert (small(x) - net.eval()(x)).abs().max() <= 1e-5
 
