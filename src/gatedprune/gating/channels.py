@@ -330,6 +330,78 @@ class _Propagator:
             except (ValueError, IndexError, TypeError) as e:  # an op form we do not parse
                 self.pin_inputs(n, f"{self.describe(n)} not understood ({e})")
                 self.labels[n] = None
+        for n in self.gm.graph.nodes:  # after the labels of every reader are known
+            if n.op in ("call_function", "call_method") and self.shape(n) is None:
+                self.size_read(n)
+
+    def size_read(self, n: fx.Node) -> None:
+        """Pin a labelled tensor whose size along the labelled dimension the code reads and
+        computes with: the pruned model runs the same code on the pruned width, so the value
+        would change (``h / h.size(1)``, ``q * q.shape[-1] ** -0.5``). Allowed: the size feeds
+        ``view``/``reshape``/``flatten`` of a tensor holding the same channels, alone or
+        multiplied by other sizes (``h.view(b, c * l)``): the pruned code reshapes alike."""
+        t = n.target
+        x = n.args[0] if n.args else None
+        lab, shape = self.lab(x), self.shape(x)
+        if lab is None or shape is None:
+            return
+        rank = len(shape)
+        dims: list[int] | None = None  # the dimensions a tuple-valued read holds
+        if n.op == "call_method" and t == "size":
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            if dim is None:
+                dims = list(range(rank))
+            elif isinstance(dim, int) and dim % rank != lab.dim:
+                return
+        elif n.op == "call_method" and t == "numel":
+            pass
+        elif n.op == "call_function" and t is builtins.len:
+            if lab.dim != 0:
+                return
+        elif n.op == "call_function" and t is builtins.getattr and n.args[1:2] == ("shape",):
+            dims = list(range(rank))
+        else:
+            return  # dim(), dtype, device, ...: not a size
+        why = self.size_use(n, dims, lab)
+        if why is not None:
+            self.pin(
+                lab,
+                f"{self.describe(why)} computes with the labelled width that "
+                f"{self.describe(n)} reads (the pruned code would compute with the pruned width)",
+            )
+
+    def size_use(self, v: fx.Node, dims: list[int] | None, lab: Labels) -> fx.Node | None:
+        """The first user of the size value ``v`` that is not a reshape of ``lab``'s channels
+        (``dims``: the dimensions a tuple value holds; None: one int), or None."""
+        for u in v.users:
+            if dims is not None and u.op == "call_function" and u.target is operator.getitem:
+                idx = u.args[1]
+                if isinstance(idx, int):
+                    if idx < len(dims) and dims[idx] == lab.dim:
+                        bad = self.size_use(u, None, lab)
+                        if bad is not None:
+                            return bad
+                    continue
+                if isinstance(idx, slice):
+                    sub = dims[idx]
+                    if lab.dim in sub:
+                        bad = self.size_use(u, sub, lab)
+                        if bad is not None:
+                            return bad
+                    continue
+                return u
+            if dims is None and u.op == "call_function" and u.target is operator.mul:
+                bad = self.size_use(u, None, lab)  # a product of sizes: a merged dimension
+                if bad is not None:
+                    return bad
+                continue
+            is_reshape = (u.op == "call_method" and u.target in _RESHAPE_METHODS) or (
+                u.op == "call_function" and u.target in _RESHAPE_FUNCS
+            )
+            src = self.lab(u.args[0]) if is_reshape and u.args else None
+            if src is None or not np.array_equal(np.unique(src.atoms), np.unique(lab.atoms)):
+                return u  # not a reshape of the same channels
+        return None
 
     def visit(self, n: fx.Node) -> Labels | None:
         if n.op in ("placeholder", "get_attr"):

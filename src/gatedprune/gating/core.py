@@ -870,6 +870,50 @@ def _gated_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _shared_modules(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
+    """The called modules that hold a parameter or buffer another module also holds, or that
+    the forward also reads directly (tied weights, ``F.linear(h, self.fc.weight)``), each with
+    the reason. Pruning slices and scales a module's tensors in place, which would change the
+    other reader too, so gate_ leaves what touches them ungated.
+
+    >>> a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    >>> b.weight = a.weight
+    >>> net = nn.Sequential(a, nn.ReLU(), b)
+    >>> _shared_modules(net, fx.symbolic_trace(net))["0"]
+    'its weight is also 2.weight (a shared tensor)'
+    """
+    holders: dict[int, list[str]] = {}
+    for mname, m in model.named_modules():  # one module under two names holds nothing twice
+        for tname, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None:
+                holders.setdefault(id(t), []).append(f"{mname}.{tname}" if mname else tname)
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            attr: object = None
+            with contextlib.suppress(AttributeError):
+                attr = gm.get_parameter(str(n.target))
+            if attr is None:
+                with contextlib.suppress(AttributeError):
+                    attr = gm.get_buffer(str(n.target))
+            if isinstance(attr, Tensor):
+                holders.setdefault(id(attr), []).append(f"read directly by node '{n.name}'")
+    shared: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        name = str(n.target)
+        if n.op != "call_module" or name in shared:
+            continue
+        m = gm.get_submodule(name)
+        for tname, t in [*m.named_parameters(), *m.named_buffers()]:
+            mine = f"{name}.{tname}" if name else tname
+            inside = name + "."  # a tensor tied within the module is sliced as one
+            others = [h for h in holders.get(id(t), []) if h != mine and not h.startswith(inside)]
+            if others:
+                where = others[0] if others[0].startswith("read") else f"also {others[0]}"
+                shared[name] = f"its {tname} is {where} (a shared tensor)"
+                break
+    return shared
+
+
 def _attention_output_use(node: fx.Node) -> str | None:
     """Why the model's use of an attention module's ``(output, weights)`` keeps its heads
     (None: only ``output`` is read): pruned heads would change the weights it returns."""
@@ -946,6 +990,15 @@ def gate_(
     gm = traced.graph_module
     record = record_run(traced, example_input)
     ca = analyse_channels(gm, record)
+    shared = _shared_modules(model, gm)
+    for name, reason in shared.items():  # pruning slices and scales their tensors in place
+        spaces = [ca.module_atoms.get(name), ca.module_in_atoms.get(name)]
+        spaces += [ca.rnn_in_atoms.get(name), *ca.rnn_outputs.get(name, [])]
+        for atoms in spaces:
+            if atoms is not None and len(atoms):
+                for gi in np.unique(ca.atom_group[atoms]).tolist():
+                    if ca.groups[gi].pinned is None:
+                        ca.groups[gi].pinned = f"{name}: {reason}"
     summary = GatingSummary(opaque=dict(traced.opaque))
 
     def allowed(name: str) -> bool:
@@ -1022,6 +1075,8 @@ def gate_(
             except RuntimeError as e:
                 rewritable[b.owner] = str(e)
         why = rewritable[b.owner]
+        if why is None and b.site in shared:  # the block gate is folded into it
+            why = f"{b.site}: {shared[b.site]}"
         if why is not None:
             summary.ungated_adds.append((b.add.name, why))
             continue
@@ -1046,7 +1101,7 @@ def gate_(
         m = gm.get_submodule(name)
         if isinstance(m, nn.MultiheadAttention):
             node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
-            why = gateable_attention(m)
+            why = gateable_attention(m) or shared.get(name)
             if why is None and count != 1:
                 why = "called more than once"
             if why is None and len(node.args) < 3:
@@ -1065,7 +1120,7 @@ def gate_(
             continue
         if not isinstance(m, nn.TransformerEncoderLayer):
             continue
-        why = gateable_layer(m)
+        why = gateable_layer(m) or shared.get(name)
         if why is None and count != 1:
             why = "called more than once"
         if why is None and not allowed(name):

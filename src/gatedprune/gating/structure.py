@@ -11,7 +11,7 @@ open and that no removed block kills it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -247,11 +247,34 @@ def build_cost_terms(
     p_rows: list[tuple[float, int, int, str, str]] = []  # coef, a, b, node, path
     refs: dict[str, list[str]] = {}
     first_call: dict[str, str] = {}
+    # A parameter that several modules hold, or that the forward also reads directly (tied
+    # weights), is one row, counted once and alive while any of its readers is (gate_ leaves
+    # whatever touches it ungated, so the row is a constant).
+    readers: dict[int, dict[str, str]] = {}  # parameter id -> {reading node: holder path}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            for p in gm.get_submodule(str(n.target)).parameters():
+                readers.setdefault(id(p), {})[n.name] = str(n.target)
+        elif n.op == "get_attr" and _is_param(gm, str(n.target)):
+            readers.setdefault(id(gm.get_parameter(str(n.target))), {})[n.name] = str(n.target)
+    tied = {k for k, nodes in readers.items() if len(set(nodes.values())) > 1}
+    tied_rows: dict[int, list[str]] = {}  # p_rows index -> every node reading the parameter
+    counted: set[int] = set()
+
+    def tied_params(params: Iterable[nn.Parameter], node: str, path: str) -> None:
+        for p in params:
+            if id(p) not in counted:
+                counted.add(id(p))
+                tied_rows[len(p_rows)] = list(readers[id(p)])
+                p_rows.append((float(p.numel()), -1, -1, node, path))
+
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             refs.setdefault(str(n.target), []).append(n.name)
             attr = gm.get_parameter(str(n.target)) if _is_param(gm, str(n.target)) else None
-            if attr is not None and str(n.target) not in first_call:
+            if attr is not None and id(attr) in tied:
+                tied_params([attr], n.name, str(n.target))
+            elif attr is not None and str(n.target) not in first_call:
                 first_call[str(n.target)] = n.name
                 p_rows.append((float(attr.numel()), -1, -1, n.name, str(n.target)))
             continue
@@ -266,6 +289,9 @@ def build_cost_terms(
         new_module = name not in first_call
         if new_module:
             first_call[name] = n.name
+            if any(id(p) in tied for p in m.parameters()):
+                tied_params(m.parameters(), n.name, name)
+                new_module = False  # its parameters are counted: only its FLOPs below
         if name in transformers:
             assert isinstance(m, nn.TransformerEncoderLayer)
             in_shape = record.arg_shapes[n][0]
@@ -378,6 +404,9 @@ def build_cost_terms(
 
     f_nodes = [r[3] for r in f_rows]
     p_nodes = [r[3] for r in p_rows]
+    p_member = membership(p_nodes)
+    for i, nodes in tied_rows.items():  # removed with a block only if every reader is
+        p_member[i] = membership(nodes).amin(dim=0)
     return CostTerms(
         f_coef=torch.tensor([r[0] for r in f_rows], dtype=torch.float64),
         f_a=torch.tensor([idx(r[1]) for r in f_rows], dtype=torch.long),
@@ -387,9 +416,12 @@ def build_cost_terms(
         p_coef=torch.tensor([r[0] for r in p_rows], dtype=torch.float64),
         p_a=torch.tensor([idx(r[1]) for r in p_rows], dtype=torch.long),
         p_b=torch.tensor([idx(r[2]) for r in p_rows], dtype=torch.long),
-        p_member=membership(p_nodes),
+        p_member=p_member,
         p_paths=[r[4] for r in p_rows],
-        p_refs=[refs.get(r[4], []) if r[3] else [] for r in p_rows],
+        p_refs=[
+            tied_rows[i] if i in tied_rows else refs.get(r[4], []) if r[3] else []
+            for i, r in enumerate(p_rows)
+        ],
         e_coef=torch.tensor([r[0] for r in e_rows], dtype=torch.float64),
         e_a=torch.tensor([idx(r[1]) for r in e_rows], dtype=torch.long),
         e_member=e_member,
