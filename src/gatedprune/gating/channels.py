@@ -273,6 +273,7 @@ class _Propagator:
         self.rnn_out: dict[str, Labels] = {}  # labels of a recurrent module's output
         self.rnn_in_atoms: dict[str, np.ndarray] = {}
         self.rnn_outputs: dict[str, list[np.ndarray]] = {}
+        self.pairs: dict[fx.Node, Labels | None] = {}  # max/min over a dim: labels of both
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -418,6 +419,14 @@ class _Propagator:
         out_shape = self.shape(n)
         target = n.target
         is_fn = n.op == "call_function"
+        pair = n.args[0] if n.args else None
+        if isinstance(pair, fx.Node) and pair in self.pairs:  # (values, indices) of a max/min
+            item = n.args[1] if len(n.args) > 1 else None
+            reads = is_fn and target in (operator.getitem, builtins.getattr)
+            if reads and item in (0, 1, "values", "indices"):
+                return self.pairs[pair]
+        if out_shape is None and self.max_over(n):
+            return None
         if out_shape is None:
             if (is_fn and target in _META_FUNCS) or (not is_fn and target in _META_METHODS):
                 return None
@@ -660,6 +669,22 @@ class _Propagator:
                 dims = dims[0]
             perm = [_int(v) % nd for v in dims]
         return Labels(perm.index(lab.dim), lab.atoms)
+
+    def max_over(self, n: fx.Node) -> bool:
+        """``torch.max(x, dim)`` / ``x.min(dim=...)`` (a ``(values, indices)`` pair): over a
+        dimension other than the labelled one it keeps the channels, and for a gate g >= 0,
+        ``max(g x) = g max(x)``, so the gate folds into the consumer as after a mean."""
+        fns = (torch.max, torch.min)
+        if not (
+            (n.op == "call_function" and n.target in fns)
+            or (n.op == "call_method" and n.target in ("max", "min"))
+        ):
+            return False
+        has_dim = (len(n.args) > 1 and isinstance(n.args[1], int)) or "dim" in n.kwargs
+        if not has_dim:
+            return False
+        self.pairs[n] = self.reduce(n, n.args[0])
+        return True
 
     def reduce(self, n: fx.Node, x: Any) -> Labels | None:
         lab = self.lab(x)

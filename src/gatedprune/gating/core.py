@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from ..gates import (
     gate_values,
     resolve_gate,
 )
+from ..layout import check_flag
 from .blocks import Block, find_blocks, outermost
 from .channels import analyse_channels
 from .graph import record_run, trace_model
@@ -188,6 +189,9 @@ class _ResetHook:
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         self.gating.check_hooks(module)
         self.gating.reset()
+
+
+_GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook)
 
 
 class InsertedGating(ModelGating):
@@ -803,7 +807,10 @@ def export_plan(model: nn.Module) -> dict[str, Any]:
     gating = find_model_gating(model)
     if not isinstance(gating, InsertedGating):
         raise ValueError(f"{type(model).__name__} was not gated with gatedprune.gate_")
-    return gating.plan()
+    plan = gating.plan()
+    for name, entry in plan["rnn"].items():  # apply_plan checks the kind of recurrent module
+        entry["mode"] = str(cast(nn.RNNBase, model.get_submodule(name)).mode)
+    return plan
 
 
 def _segments(
@@ -966,13 +973,27 @@ def gate_(
             f"{len(required)} ({', '.join(required)}): wrap the model in a module whose forward "
             "takes one tensor (or give the other parameters defaults)"
         )
+    channels, blocks = check_flag("channels", channels), check_flag("blocks", blocks)
     if shortcuts not in (None, "dense"):
         raise ValueError(f"shortcuts must be None or 'dense', got {shortcuts!r}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable(module, name) -> bool, got {filter_fn!r}")
     gate_kind = resolve_gate(gate)
-    if find_model_gating(model) is not None:
-        raise ValueError(f"{type(model).__name__} is already gated; gate a model only once")
+    for name, m in model.named_modules():
+        if isinstance(m, ModelGating):
+            where = "" if name == ATTR else f" (its part '{name.rpartition('.')[0]}' is)"
+            raise ValueError(
+                f"{type(model).__name__} is already gated{where}; gate a model only once, "
+                "at the top"
+            )
+    for name, m in model.named_modules():
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        if any(isinstance(h, _GATE_HOOKS) for h in hooks):
+            part = "the model" if name == "" else f"its part '{name}'"
+            raise ValueError(
+                f"{type(model).__name__} is part of a model gated by gate_ ({part} carries its "
+                "gates); gate a model only once, at the top"
+            )
     held = _gated_parts(model)
     if held:
         where = ", ".join(
@@ -1134,6 +1155,21 @@ def gate_(
         clamp.extend([True, True, False, False])
         transformers.append((name, base, base + 1, base + 2, base + 3))
         summary.transformers.append((name, n_heads, n_units))
+    handled = {name for name, *_ in transformers} | {name for name, _ in attentions}
+    handled |= {r.name for r in rnns} | {name for name, _ in summary.ungated_layers}
+    for name in calls:  # other leaves with layers inside (nn.TransformerDecoderLayer, ...)
+        m = gm.get_submodule(name)
+        if name in handled or name in traced.opaque or isinstance(m, nn.RNNBase):
+            continue
+        inner = [c for c in m.modules() if c is not m]
+        if any(isinstance(c, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) for c in inner):
+            summary.ungated_layers.append(
+                (
+                    name,
+                    f"{type(m).__name__} is kept whole: gate_ gates inside "
+                    "nn.TransformerEncoderLayer, nn.MultiheadAttention and recurrent modules",
+                )
+            )
     # gate sites
     sites: dict[str, SiteInfo] = {}
     for name in ca.sources:

@@ -12,6 +12,7 @@ model's own ``forward`` is an error.
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections.abc import Callable
@@ -108,11 +109,47 @@ def trace_model(
     mode (and left in it): fx bakes ``self.training`` into the graph, and the graph must be
     the eval-mode function that ``prune`` keeps (``F.dropout(x, p, self.training)`` or a
     drop-path ``if not self.training: return x`` in rewritten code must not act in eval mode).
+    Optional ``forward`` arguments defaulting to ``None`` that Python control flow tests
+    (``if mask is not None:``) are traced at ``None``, the value ``gate_``'s one example input
+    leaves them at (fx would trace them as tensors and take the branch): the model is traced
+    both ways and the specialised graph is taken where the two differ.
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
     ['placeholder', 'call_module', 'call_module', 'output']
     """
+    traced = _trace(model, opaque, warn=warn, concrete_args=concrete_args)
+    if concrete_args is not None:
+        return traced
+    params = inspect.signature(model.forward).parameters.values()
+    nones = {p.name: None for p in params if p.default is None}
+    if not nones:
+        return traced
+    try:
+        special = _trace(model, traced.opaque, warn=False, concrete_args=nones)
+    except ValueError:
+        return traced
+    return special if _structure(special.graph) != _structure(traced.graph) else traced
+
+
+def _structure(graph: fx.Graph) -> list[tuple[str, str]]:
+    """The computing nodes of a graph (not its inputs, nor fx's checks of specialised ones)."""
+    return [
+        (n.op, str(n.target))
+        for n in graph.nodes
+        if n.op not in ("placeholder", "output")
+        and getattr(n.target, "__name__", "") != "_assert_is_none"
+    ]
+
+
+def _trace(
+    model: nn.Module,
+    opaque: dict[str, str] | None,
+    *,
+    warn: bool,
+    concrete_args: dict[str, Any] | None,
+) -> TracedModel:
+    """One fx trace of ``model`` (see :func:`trace_model`)."""
     found: dict[str, str] = dict(opaque or {})
     for _ in range(_MAX_OPAQUE):
         tracer = GateTracer(set(found))

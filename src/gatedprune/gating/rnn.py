@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from ..costs import FLOPS_PER_MAC, GRU_ELEMENTWISE, LSTM_ELEMENTWISE, RNN_ELEMENTWISE, seq_dims
 from ..rnn_slicing import State, fold_rnn_, gates_per_unit, scaled_forward, slice_rnn_
@@ -131,6 +132,8 @@ def _gated_forward(m: Any, x: Any, hx: State | None) -> tuple[Any, State]:
     out, state = scaled_forward(m, x, hx, hidden_scale=scales)
     if isinstance(out, Tensor):
         out = out * scales[-1].to(out.dtype)  # (..., D * H): consumers read gated units
+    elif isinstance(out, PackedSequence):  # its data holds every step of every sequence
+        out = out._replace(data=out.data * scales[-1].to(out.data.dtype))  # (sum T, D * H)
     h = state[0] if isinstance(state, tuple) else state  # (L * D, B, H)
     g = torch.stack(scales).view(h.shape[0], 1, h.shape[-1]).to(h.dtype)  # (L * D, 1, H)
     if isinstance(state, tuple):

@@ -523,8 +523,14 @@ def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
         raise ValueError(f"the plan prunes '{name}' as a recurrent module; it is {type(m)}")
     if not isinstance(spec, dict):
         raise ValueError(f"malformed plan: rnn entry {name!r} must be a dict, got {spec!r}")
-    _check_keys(f"rnn entry {name!r}", spec, {"units", "in"})
+    _check_keys(f"rnn entry {name!r}", spec, {"units", "in", "mode"})
     hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
+    mode = spec.get("mode", m.mode)  # plans written before 2026-12-07 do not name it
+    if mode != m.mode:
+        raise ValueError(
+            f"the plan prunes '{name}' as a {mode} module, but the model's is {m.mode} "
+            f"({type(m).__name__}): apply a plan to the model it was exported from"
+        )
     units, keep_in = spec.get("units"), spec.get("in")
     _check_indices(f"rnn {name!r} 'in'", keep_in, optional=True)
     if keep_in and keep_in[-1] >= m.input_size:
@@ -549,6 +555,16 @@ def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_add(n: fx.Node) -> bool:
+    """An add of two arguments as ``gate_`` finds residual blocks: ``a + b``, ``torch.add``,
+    ``a.add(b)``, ``a.add_(b)``."""
+    if n.op == "call_function":
+        return n.target in _ADDS
+    return n.op == "call_method" and n.target in ("add", "add_")
+
+
 _SAME_CHANNELS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
     nn.Hardswish, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -605,8 +621,7 @@ def _check_graph(model: nn.Module, plan: dict[str, Any]) -> TracedModel | None:
                 )
     for name, pos in plan["cut"].items():
         n = nodes[name]
-        adds = n.op == "call_function" and n.target in _ADDS
-        if not adds or len(n.args) != 2 or not isinstance(n.args[1 - pos], fx.Node):
+        if not _is_add(n) or len(n.args) != 2 or not isinstance(n.args[1 - pos], fx.Node):
             raise ValueError(
                 f"the plan cuts argument {pos} of node {name!r}, expected an add of two "
                 f"tensors; it is {n.op} {n.target} with arguments {n.args}"
@@ -779,7 +794,7 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                     sizes = size if isinstance(size, tuple) else (size,)
                     pooled = isinstance(m, _GLOBAL_POOLS) and all(v == 1 for v in sizes)
                     label[n] = inp._replace(dim="pooled" if pooled else "1")
-        elif n.op == "call_function" and n.target in _ADDS and len(args) == 2:
+        elif _is_add(n) and len(args) == 2:
             if n.name in cut:
                 keep = n.args[1 - cut[n.name]]
                 if isinstance(keep, fx.Node) and keep in label:
