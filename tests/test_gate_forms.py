@@ -264,3 +264,43 @@ def test_flags_must_be_bools(flag: str) -> None:
     with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'no'"):
         gate_(net, torch.zeros(1, 2), **options)
     assert gp.gate_modules(net) == []  # nothing was gated
+
+
+class _StateReadout(nn.Module):
+    def __init__(self, cell: type[nn.LSTM | nn.GRU], form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.lstm = cell is nn.LSTM  # (fx traces the state as a proxy, not a tuple)
+        layers = 1 if form == "squeeze" else 2
+        self.rnn = cell(3, 6, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, state = self.rnn(x)
+        h_n = state[0] if self.lstm else state  # (L, B, 6)
+        if self.form == "slices":
+            last = h_n[-1, :, :]  # (B, 6)
+        elif self.form == "ellipsis":
+            last = h_n[0, ...]
+        else:
+            last = h_n.squeeze(0)
+        y: Tensor = self.head(last)  # (B, 2)
+        return y
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lstm=st.booleans(),
+    form=st.sampled_from(["slices", "ellipsis", "squeeze"]),
+    seed=st.integers(0, 2**16),
+)
+def test_final_state_reads_are_pruned_through(lstm: bool, form: str, seed: int) -> None:
+    # before: h_n[-1, :, :] and h_n.squeeze(0) left the module ungated
+    torch.manual_seed(seed)
+    model = _StateReadout(nn.LSTM if lstm else nn.GRU, form)
+    summary = gate_(model, torch.randn(3, 5, 3))
+    assert [r[0] for r in summary.rnns] == ["rnn"]
+    _force_random(model, seed)
+    model.eval()
+    pruned = gp.prune(model).eval()
+    assert _max_diff(model, pruned, torch.randn(2, 7, 3)) <= 1e-5

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..base import BATCH_NORMS
 from .graph import RunRecord
-from .rnn import consumer_ok, item_index
+from .rnn import consumer_ok, item_index, state_item
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "Labels", "analyse_channels"]
 
@@ -407,8 +407,10 @@ class _Propagator:
     def visit(self, n: fx.Node) -> Labels | None:
         if n.op in ("placeholder", "get_attr"):
             return None
-        if n.op == "call_function" and n.target is operator.getitem and n.args:
-            src = n.args[0]
+        if (n.op == "call_function" and n.target is operator.getitem) or (
+            n.op == "call_method" and n.target == "squeeze"
+        ):
+            src = n.args[0] if n.args else None
             if isinstance(src, fx.Node) and src in self.rnn_nodes:
                 return self.recurrent_item(n, src)
         if n.op == "output":
@@ -592,7 +594,10 @@ class _Propagator:
         """``(out, state)[i]``, ``(h_n, c_n)[i]`` and ``h_n[i]`` (one layer and direction)."""
         name, what = self.rnn_nodes[src]
         spaces = self.rnn_outputs[name]
-        i = item_index(n, len(spaces) if what == "h" else 2)  # -1 -> last, ...
+        if what == "h":  # h_n[i], h_n[i, :, :], h_n.squeeze(0) of one row
+            i = state_item(n, len(spaces))
+        else:
+            i = item_index(n, 2) if n.op == "call_function" else None  # -1 -> last, ...
         if i is None:
             return None  # gate_ leaves the module ungated (see rnn.setup_rnns)
         if what == "call":

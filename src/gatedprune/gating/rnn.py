@@ -61,6 +61,7 @@ __all__ = [
     "pad_to_width",
     "rnn_cost_rows",
     "setup_rnns",
+    "state_item",
     "width_values",
 ]
 
@@ -391,6 +392,36 @@ def item_index(n: fx.Node, length: int) -> int | None:
     return i + length if -length <= i < 0 else i
 
 
+def state_item(n: fx.Node, rows: int) -> int | None:
+    """The row of ``h_n`` (``(L * D, B, H)``, ``rows`` = L * D) that node ``n`` reads whole:
+    ``h_n[i]``, ``h_n[i, :, :]``, ``h_n[i, ...]``, or ``h_n.squeeze(0)`` of a one-row state;
+    a negative index made positive. None for any other read.
+
+    >>> g = fx.Graph()
+    >>> h = g.placeholder("h")
+    >>> full = slice(None)
+    >>> reads = [(h, -1), (h, (-1, full, full)), (h, (0, ...)), (h, (0, 1)), (h, full)]
+    >>> [state_item(g.call_function(operator.getitem, r), 2) for r in reads]
+    [1, 1, 0, None, None]
+    >>> [state_item(g.call_method("squeeze", (h, 0)), k) for k in (1, 2)]
+    [0, None]
+    """
+    i: object = None
+    if n.op == "call_method" and n.target == "squeeze" and rows == 1:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        i = 0 if dim == 0 and len(n.args) <= 2 else None
+    elif _is_getitem(n):
+        idx = n.args[1]
+        if isinstance(idx, tuple) and idx and len(idx) <= 3:
+            rest = idx[1:]
+            full = all(r == slice(None) for r in rest) or rest == (Ellipsis,)
+            idx = idx[0] if full else None
+        i = idx
+    if not isinstance(i, int) or isinstance(i, bool) or not -rows <= i < rows:
+        return None
+    return i + rows if i < 0 else i
+
+
 def _hx_nodes(call: fx.Node) -> list[fx.Node]:
     """The graph nodes passed to recurrent module call ``call`` as its initial state (``hx``
     positionally or by keyword; an explicit ``None`` is no state)."""
@@ -405,9 +436,10 @@ def _hx_nodes(call: fx.Node) -> list[fx.Node]:
     return found
 
 
-def _output_use(node: fx.Node, lstm: bool) -> str | None:
+def _output_use(node: fx.Node, lstm: bool, rows: int) -> str | None:
     """Why the model's use of a recurrent module's outputs is not supported (None: it is):
-    ``out`` and ``h_n[i]`` (one layer and direction) may be read, ``c_n`` may not."""
+    ``out`` and ``h_n[i]`` (one layer and direction, see :func:`state_item`; ``rows`` rows)
+    may be read, ``c_n`` may not."""
     for u in node.users:
         i = item_index(u, 2)  # (out, state)
         if i is None:
@@ -426,7 +458,7 @@ def _output_use(node: fx.Node, lstm: bool) -> str | None:
                 if j == 0:
                     hs.append(v)
         for w in (w for h in hs for w in h.users):
-            if not _int_item(w):
+            if state_item(w, rows) is None:
                 return "its final state h_n is used other than as h_n[i] (one layer, direction)"
     return None
 
@@ -488,7 +520,8 @@ def setup_rnns(
         if why is None and _hx_nodes(calls[0]):
             why = "called with an initial state hx (the pruned module needs a sliced one)"
         if why is None:
-            why = _output_use(calls[0], isinstance(m, nn.LSTM))
+            rows = m.num_layers * (2 if m.bidirectional else 1)
+            why = _output_use(calls[0], isinstance(m, nn.LSTM), rows)
         if why is None:
             for atoms in outs:
                 reader = hx_readers.get(int(ca.atom_group[atoms[0]]))
