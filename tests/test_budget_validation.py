@@ -79,3 +79,21 @@ def test_trainer_numbers_refuse_bools_and_non_finite(name: str, value: object) -
 def test_trainer_required_numbers_refuse_none(name: str) -> None:
     with pytest.raises(TypeError, match=name):
         Trainer(_net(), **{name: None})  # type: ignore[arg-type]
+
+
+def test_nan_gate_is_refused_by_the_hard_cost_and_the_budget_reports() -> None:
+    # before: cost(hard=True) counted the NaN gate as some state and Budget.expected() gave nan
+    net = gp.ShortcutLSTM(3, 4, 2, 2).eval()
+    x = torch.randn(1, 5, 3)
+    budget = gp.Budget(net, x, params=0.5)
+    assert budget.expected()["params"] <= 1.0
+    with torch.no_grad():
+        net.unit_gates[1].log_alpha[2] = float("nan")
+    match = r"gate parameter 'unit_gates.1.log_alpha' holds 1 NaN value\(s\)"
+    with pytest.raises(ValueError, match=match):
+        gp.cost(net, x, hard=True)
+    with pytest.raises(ValueError, match=match):
+        budget.expected()
+    with pytest.raises(ValueError, match=match):
+        budget.achieved()
+    assert math.isnan(float(gp.cost(net, x).params))  # the expectation itself is not refused

@@ -579,3 +579,35 @@ def test_model_containing_a_gated_module_adds_the_new_layers_exactly() -> None:
     plain_flops += 4 * n * 6 + n * 3  # linear upsampling to 6 positions; GLU halves them
     torch.testing.assert_close(c.flops, net_flops.double() + plain_flops)
     torch.testing.assert_close(c.params, net_params.double())
+
+
+@pytest.mark.parametrize(
+    ("cell", "gates", "elementwise"),
+    [(nn.LSTMCell, 4, 13), (nn.GRUCell, 3, 11), (nn.RNNCell, 1, 2)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_recurrent_cells_count_one_step_per_sample_and_call(
+    cell: type[nn.LSTMCell | nn.GRUCell | nn.RNNCell], gates: int, elementwise: int, bias: bool
+) -> None:
+    # before: cost() had no entry for the cells, so any model holding one was refused whole
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = cell(5, 7, bias=bias)
+
+        def forward(self, x: Tensor) -> Tensor:  # (B, 3, 5): three steps, state dropped
+            out = []
+            for t in range(3):
+                h = self.cell(x[:, t])
+                out.append(h[0] if isinstance(h, tuple) else h)  # (B, 7)
+            return torch.stack(out, 1)  # (B, 3, 7)
+
+    b, n, h = 4, 5, 7
+    step = 2 * gates * h * (n + h) + elementwise * h + (2 * gates * h if bias else 0)
+    c = cost(Loop(), torch.randn(b, 3, n))
+    assert isinstance(c, Cost)
+    assert c.flops == 3 * b * step
+    assert c.params == gates * h * (n + h) + (2 * gates * h if bias else 0)
+    unbatched = cost(cell(n, h, bias=bias), torch.randn(n))  # one sample
+    assert isinstance(unbatched, Cost)
+    assert unbatched.flops == step

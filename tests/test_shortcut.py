@@ -347,9 +347,9 @@ def test_bad_constructor_arguments() -> None:
 @pytest.mark.parametrize(
     ("make", "match"),
     [  # strings read as true and bools as 1: both refused, not silently accepted
-        (lambda: gp.ShortcutMLP(3, [4], 2, shortcuts="no"), "shortcuts must be True or False"),
-        (lambda: gp.ShortcutMLP(3, [4], 2, norm="no"), "norm must be True or False"),
-        (lambda: gp.ShortcutConv1d(1, [[4]], 2, shortcuts=0), "shortcuts must be True or False"),
+        (lambda: gp.ShortcutMLP(3, [4], 2, shortcuts="no"), "shortcuts must be a bool"),
+        (lambda: gp.ShortcutMLP(3, [4], 2, norm="no"), "norm must be a bool"),
+        (lambda: gp.ShortcutConv1d(1, [[4]], 2, shortcuts=0), "shortcuts must be a bool"),
         (lambda: gp.ShortcutConv1d(1, [[4]], 2, kernel_size=True), "kernel_size must be an int"),
         (lambda: gp.ShortcutConv1d(1, [[4]], 2, head_pool=True), "head_pool must be an int"),
         (lambda: gp.ShortcutConv1d(1, [[4]], 2, input_length=True), "input_length must be"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .gates import Gate, gate_modules
@@ -91,3 +92,20 @@ def gate_probs(gate: Gate | None, n: int, *, hard: bool, like: Tensor) -> Tensor
         return like.new_ones(n, dtype=like.dtype)
     p = gate.is_open().to(like.dtype) if hard else gate.prob_open().to(like.dtype)
     return p  # (n,)
+
+
+def check_gates_not_nan(model: nn.Module) -> None:
+    """Refuse gates whose parameters hold NaN (diverged training): their eval values are NaN,
+    and pruning would faithfully rebuild a model that outputs NaN. (An infinite parameter is
+    a gate fixed open or closed, which is fine.)"""
+    for name, m in model.named_modules():
+        if not isinstance(m, Gate):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            bad = int(torch.isnan(p).sum())
+            if bad:
+                full = f"{name}.{pname}" if name else pname
+                raise ValueError(
+                    f"gate parameter {full!r} holds {bad} NaN value(s): training diverged "
+                    "(lower the learning rates, or resume from an earlier checkpoint)"
+                )

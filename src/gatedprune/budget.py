@@ -15,6 +15,7 @@ their gradients like any other parameter's).
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import warnings
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .autodiff import refuse_create_graph
-from .base import GatedModule
+from .base import GatedModule, check_gates_not_nan
 from .costs import CostProgram
 from .gating.core import InsertedGating
 from .gating.latency import GatedLatencyModel
@@ -342,12 +343,18 @@ class Budget(nn.Module):
             lam.zero_()
 
     def expected(self) -> dict[str, float]:
-        """Current expected cost fractions (floats)."""
+        """Current expected cost fractions (floats); a ``ValueError`` naming the gate
+        parameter if one holds NaN (diverged training), instead of NaN fractions."""
         with torch.no_grad():
-            return {k: float(v) for k, v in self.fractions().items()}
+            out = {k: float(v) for k, v in self.fractions().items()}
+        if any(math.isnan(v) for v in out.values()):
+            check_gates_not_nan(self.model)
+        return out
 
     def achieved(self) -> dict[str, float]:
-        """Cost fractions at the exact open/closed decisions, i.e. of ``prune(model)``."""
+        """Cost fractions at the exact open/closed decisions, i.e. of ``prune(model)`` (a NaN
+        gate parameter is a ``ValueError``, as in ``prune``)."""
+        check_gates_not_nan(self.model)
         with torch.no_grad():
             return {k: float(v) for k, v in self.fractions(hard=True).items()}
 

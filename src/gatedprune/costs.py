@@ -77,6 +77,7 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   and element-wise work per unit: LSTM 13 (4 adds of the input and recurrent parts,
   3 sigmoids, 2 tanh, 3 multiplications, 1 add), GRU 11 (3 adds, 2 sigmoids, 1 tanh,
   ``r * (.)``, ``1 - z``, 2 multiplications, 1 add), RNN 2 (1 add, 1 activation).
+  ``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell`` count one such step per sample and call.
 * Parameters: every parameter of the module (buffers such as BatchNorm statistics excluded).
 * ``module`` must be an ``nn.Module``; a floating ``example_input`` must have the dtype of the
   model's floating parameters (``ValueError`` otherwise; integer inputs such as token ids are
@@ -89,16 +90,21 @@ their expected cost to the exact cost of the plain rest.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import BATCH_NORMS, GatedModule, find_model_gating
+from .base import BATCH_NORMS, GatedModule, check_gates_not_nan, find_model_gating
+from .layout import check_flag
 
 __all__ = [
     "Cost",
@@ -442,6 +448,7 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
     ((nn.Embedding,), _zero),  # a table lookup
     ((nn.EmbeddingBag,), _embedding_bag),
     ((nn.LSTM, nn.GRU, nn.RNN), lambda m, i, o: _recurrent(m, i, o)),
+    ((nn.LSTMCell, nn.GRUCell, nn.RNNCell), lambda m, i, o: _cell(m, i, o)),
     ((nn.MultiheadAttention,), lambda m, i, o: _mha(m, i, o)),
     ((nn.TransformerEncoderLayer,), lambda m, i, o: _encoder_layer(m, i, o)),
     ((nn.TransformerDecoderLayer,), lambda m, i, o: _decoder_layer(m, i, o)),
@@ -467,6 +474,8 @@ def attention_flops(
     >>> attention_flops(1, 2, 2, (4, 4, 4, 4), 2, 2, True, True)
     360
     """
+    in_bias = check_flag("in_bias", in_bias)
+    out_bias = check_flag("out_bias", out_bias)
     e_q, e_k, e_v, e_out = dims
     inner = heads * head_dim
     f = FLOPS_PER_MAC * inner * (batch * len_q * e_q + batch * len_kv * (e_k + e_v))
@@ -618,6 +627,7 @@ def recurrent_step_flops(
     >>> recurrent_step_flops(4, LSTM_ELEMENTWISE, 3, 2, bias=True)  # an LSTM cell, H=2, n=3
     122
     """
+    bias = check_flag("bias", bias)
     rec = proj_size if proj_size > 0 else hidden
     f = FLOPS_PER_MAC * gates * hidden * (input_size + rec) + elementwise * hidden
     if bias:
@@ -647,9 +657,31 @@ def _recurrent(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
     total = 0
     for layer in range(m.num_layers):
         n_in = m.input_size if layer == 0 else dirs * (proj if proj > 0 else m.hidden_size)
-        f = recurrent_step_flops(gates, elem, n_in, m.hidden_size, bias=m.bias, proj_size=proj)
+        f = recurrent_step_flops(
+            gates, elem, n_in, m.hidden_size, bias=bool(m.bias), proj_size=proj
+        )
         total += dirs * f
     return steps * total
+
+
+def _cell(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
+    """One step of ``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell`` for each sample of a
+    ``(B, n)`` input (an unbatched ``(n,)`` input is one sample), counted as one time step of
+    the matching recurrent layer."""
+    if not isinstance(m, nn.LSTMCell | nn.GRUCell | nn.RNNCell):
+        raise TypeError(f"expected an nn.LSTMCell, GRUCell or RNNCell, got {type(m).__name__}")
+    x = inp[0] if inp else None
+    if not isinstance(x, Tensor) or x.dim() not in (1, 2):
+        raise TypeError(f"cost() needs {type(m).__name__} called with a (B, n) or (n,) input")
+    batch = int(x.shape[0]) if x.dim() == 2 else 1
+    if isinstance(m, nn.LSTMCell):
+        gates, elem = 4, LSTM_ELEMENTWISE
+    elif isinstance(m, nn.GRUCell):
+        gates, elem = 3, GRU_ELEMENTWISE
+    else:
+        gates, elem = 1, RNN_ELEMENTWISE
+    step = recurrent_step_flops(gates, elem, m.input_size, m.hidden_size, bias=bool(m.bias))
+    return batch * step
 
 
 _STACKS: tuple[type[nn.Module], ...] = (nn.TransformerDecoder, nn.Transformer)
@@ -666,13 +698,92 @@ def _no_nested_encoders(module: nn.Module) -> list[nn.TransformerEncoder]:
     return switched
 
 
-def register_cost(types: tuple[type[nn.Module], ...], handler: Handler) -> None:
+def flops_count(value: object, source: str, module: nn.Module) -> int:
+    """``value``, a FLOP count that ``source`` returned for ``module``, as an int: it must be a
+    whole number >= 0 (an int, a numpy integer, an integral finite float or a one-element
+    tensor holding one); anything else is a ``TypeError`` / ``ValueError`` naming both.
+
+    >>> flops_count(12.0, "Leaf.flops_of", nn.Identity())
+    12
+    """
+    what = f"{source} returned {value!r} for a {type(module).__name__} module"
+    need = "FLOPs must be a whole number >= 0 (an int)"
+    v = value
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise TypeError(f"{what}: {need}, not a tensor of shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{what}: {need}, not {type(value).__name__}")
+    if isinstance(v, numbers.Integral):
+        n = int(v)
+    else:
+        f = float(v)
+        if not math.isfinite(f) or not f.is_integer():
+            raise ValueError(f"{what}: {need}")
+        n = int(f)
+    if n < 0:
+        raise ValueError(f"{what}: {need}")
+    return n
+
+
+def _module_classes(types: object) -> tuple[type[nn.Module], ...]:
+    """``types`` (a module class or a non-empty tuple / list of them) as a tuple."""
+    items = tuple(types) if isinstance(types, tuple | list) else (types,)
+    if not items:
+        raise ValueError("register_cost needs at least one module class, got an empty tuple")
+    for t in items:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(
+                f"register_cost expects a subclass of torch.nn.Module or a tuple of them, got {t!r}"
+            )
+    return items
+
+
+def _checked_handler(handler: object, classes: tuple[type[nn.Module], ...]) -> Handler:
+    """``handler`` with its result checked by :func:`flops_count` at every call."""
+    if not callable(handler):
+        raise TypeError(
+            "register_cost expects a callable handler(module, inputs, output) -> int, "
+            f"got {handler!r}"
+        )
+    try:
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):  # e.g. some builtins have none: checked when called
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(None, None, None)
+        except TypeError as e:
+            raise TypeError(
+                f"register_cost: the handler {handler!r} must accept three positional "
+                f"arguments (module, inputs, output); its signature is {signature}"
+            ) from e
+    fn = handler
+    names = "/".join(c.__name__ for c in classes)
+    source = f"the cost handler {getattr(fn, '__qualname__', fn)} registered for {names}"
+
+    @functools.wraps(fn)
+    def checked(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+        return flops_count(fn(m, inp, out), source, m)
+
+    return checked
+
+
+def register_cost(types: type[nn.Module] | tuple[type[nn.Module], ...], handler: Handler) -> None:
     """Teach :func:`cost` to count a leaf module type (``handler(module, inputs, output)``
     returns FLOPs). Handlers registered later take precedence.
 
+    ``types`` is a subclass of ``nn.Module`` or a non-empty tuple of them, ``handler`` a
+    callable taking ``(module, inputs, output)``; both are checked here (``TypeError`` /
+    ``ValueError``), so a bad registration never reaches :func:`cost`. Every count the handler
+    returns must be a whole number >= 0 (an int, or an integral float); anything else is an
+    error naming the module class and the value when it is counted.
+
     >>> register_cost((nn.Identity,), lambda m, i, o: 0)
     """
-    _HANDLERS.insert(0, (types, handler))
+    classes = _module_classes(types)
+    _HANDLERS.insert(0, (classes, _checked_handler(handler, classes)))
 
 
 def unit_handler(m: nn.Module) -> Handler | None:
@@ -702,7 +813,8 @@ def counts_itself(m: nn.Module) -> bool:
 def _handler_for(m: nn.Module) -> Handler | None:
     own = getattr(m, "flops_of", None)
     if callable(own):  # a module that counts itself takes precedence
-        return lambda mod, i, o: int(own(i, o))
+        source = f"{type(m).__name__}.flops_of"
+        return lambda mod, i, o: flops_count(own(i, o), source, mod)
     for types, handler in _HANDLERS:
         if isinstance(m, types):
             return handler
@@ -823,7 +935,9 @@ class CostProgram:
         return program
 
     def evaluate(self, *, hard: bool = False) -> ExpectedCost:
-        """Expected (``hard=False``) or exact-at-hard-gates cost as float64 tensors."""
+        """Expected (``hard=False``) or exact-at-hard-gates cost as float64 tensors
+        (``hard`` must be a bool)."""
+        hard = check_flag("hard", hard)
         costs = [mod.expected_cost(shape, hard=hard) for mod, shape in self.gated]
         if costs and self.fixed_flops == 0 and self.fixed_params == 0:
             # nothing fixed to add (0 + x == x): no extra ops on the budget's hot path
@@ -844,13 +958,17 @@ def cost(module: nn.Module, example_input: Any, *, hard: bool = False) -> Cost |
     A plain module gives an exact :class:`Cost` (ints). A model with gates gives an
     :class:`ExpectedCost` (differentiable float64 tensors): the expectation over the gates'
     open probabilities, or with ``hard=True`` the cost at the exact open/closed decisions,
-    which equals ``cost(prune(model), example_input)``.
+    which equals ``cost(prune(model), example_input)``. ``hard`` must be a bool
+    (``TypeError`` otherwise, e.g. for ``"no"``).
 
     >>> c = cost(nn.Linear(10, 4), torch.zeros(1, 10))
     >>> (c.flops, c.params)
     (84, 44)
     """
+    hard = check_flag("hard", hard)
     program = CostProgram.trace(module, example_input)
     if not program.gated:
         return Cost(flops=program.fixed_flops, params=program.fixed_params)
+    if hard:  # a NaN gate has no decision: refused as by prune
+        check_gates_not_nan(module)
     return program.evaluate(hard=hard)

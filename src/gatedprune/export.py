@@ -29,6 +29,7 @@ from torch.jit._trace import TracerWarning
 
 from .base import GatedModule
 from .io import atomic_write
+from .layout import check_flag
 
 __all__ = ["export_onnx", "onnx_session"]
 
@@ -133,6 +134,13 @@ def export_onnx(
     BatchNorm into the convolution, so its rounding grows with the outputs' scale).
     The model is exported in eval mode; its train/eval mode is restored afterwards.
 
+    ``check`` must be a bool (``TypeError`` otherwise). The folder of ``path`` must exist
+    (``FileNotFoundError`` naming it, ``NotADirectoryError`` for a file, as
+    :func:`gatedprune.save`; it is not created) and a
+    path ending in ``/`` is a ``ValueError``, both checked before exporting. The model is
+    first run on ``example_input``: if that fails (say, a wrong shape), a ``ValueError``
+    names the input's shape.
+
     >>> import torch, gatedprune
     >>> net = gatedprune.ShortcutConv1d(1, [[8], [8]], 3, input_length=16)
     >>> small = gatedprune.prune(net.eval())
@@ -155,13 +163,23 @@ def export_onnx(
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
+    check = check_flag("check", check)  # "no" would be truthy: run the check
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    raw = os.fspath(path)
+    raw = os.fsdecode(raw) if isinstance(raw, bytes) else raw
+    if raw.endswith(("/", os.sep)):  # Path() would drop the slash and name a file
+        raise ValueError(f"path {raw!r} names a folder; give a file name such as model.onnx")
     _require("onnxscript")
     onnx = _require("onnx")
-    path = Path(path)
+    path = Path(raw)
     if path.is_dir():
         raise ValueError(f"path {str(path)!r} is a directory; give a file name such as model.onnx")
+    folder = Path(os.path.realpath(path)).parent if path.is_symlink() else path.parent
+    if not folder.is_dir():  # refused like gatedprune.save, before the (slow) export
+        if folder.exists():
+            raise NotADirectoryError(f"cannot write {path}: {folder} is not a directory")
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     modes = [(m, m.training) for m in model.modules()]  # submodules may differ from the root
     model.eval()
     try:
@@ -175,7 +193,6 @@ def export_onnx(
         if check:
             _check_against_runtime(model, data, example_input, dims, atol, rtol)
         onnx.checker.check_model(proto)
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
     finally:
         for m, training in modes:
@@ -186,10 +203,22 @@ def export_onnx(
 def _output_dynamic_dims(model: nn.Module, example: Tensor, dims: tuple[int, ...]) -> set[int]:
     """The dimensions in ``dims`` of the model's (first) output whose size follows the input's:
     those that change when the dynamic input dimensions do. A dimension of fixed size (say,
-    the classes after pooling over the sequence) stays fixed in the graph."""
+    the classes after pooling over the sequence) stays fixed in the graph.
+
+    A ``ValueError`` naming the example's shape if the model fails on the example itself
+    (rather than an exporter error deep inside ``torch.export``)."""
     try:
         with torch.no_grad():
-            outs = [model(x) for x in (example, _resized(example, dims))]
+            first_out = model(example)
+    except Exception as e:  # any failure of the user's forward on the user's input
+        raise ValueError(
+            f"export_onnx: the model fails on example_input of shape {tuple(example.shape)} "
+            f"(dtype {example.dtype}): {type(e).__name__}: {e}; pass an input the model "
+            "accepts"
+        ) from e
+    try:
+        with torch.no_grad():
+            outs = [first_out, model(_resized(example, dims))]
     except (RuntimeError, ValueError, TypeError, IndexError):
         return set(dims)  # a model that only runs at the example's size: name the dims as asked
     first = [o[0] if isinstance(o, tuple | list) and o else o for o in outs]

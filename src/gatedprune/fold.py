@@ -16,8 +16,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import BATCH_NORMS, find_model_gating
+from .base import BATCH_NORMS, GatedModule, find_model_gating
 from .gating.surgery import ScaledAdd
+from .plain import PlainShortcutNet
 
 __all__ = ["fold_batchnorm"]
 
@@ -83,8 +84,11 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
 
     A pair is folded when the convolution's output is read only by the BatchNorm and each
     module is called once; other BatchNorms stay as they are. Raises ``TypeError`` for a model
-    that ``torch.fx`` cannot trace or that still has gates, ``ValueError`` for a pair whose
-    BatchNorm has no running statistics (its output depends on the batch; nothing to fold).
+    that ``torch.fx`` cannot trace (for a :class:`~gatedprune.PlainShortcutNet`, what
+    ``prune`` returns for ``ShortcutMLP`` / ``ShortcutConv1d``, the error points to its own
+    :meth:`~gatedprune.PlainShortcutNet.fold_batchnorm`) or that still has gates,
+    ``ValueError`` for a pair whose BatchNorm has no running statistics (its output depends on
+    the batch; nothing to fold).
 
     >>> from torch import nn
     >>> net = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU())
@@ -97,7 +101,9 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_batchnorm expects a torch.nn.Module, got {type(model).__name__}")
-    if find_model_gating(model) is not None:
+    if find_model_gating(model) is not None or any(
+        isinstance(m, GatedModule) for m in model.modules()
+    ):
         raise TypeError(
             f"{type(model).__name__} still has gates: prune it first (gatedprune.prune), "
             "then fold the plain pruned model"
@@ -106,6 +112,22 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     try:
         graph = _Tracer().trace(work)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
+        if isinstance(model, PlainShortcutNet):  # what prune() returns for ShortcutMLP/Conv1d
+            raise TypeError(
+                "fold_batchnorm cannot trace a PlainShortcutNet (what gatedprune.prune returns "
+                "for ShortcutMLP / ShortcutConv1d); use its own method instead: "
+                "folded = model.fold_batchnorm()"
+            ) from e
+        nested = next(
+            (n for n, m in model.named_modules() if isinstance(m, PlainShortcutNet)), None
+        )
+        if nested is not None:
+            raise TypeError(
+                f"fold_batchnorm needs a torch.fx traceable model; tracing "
+                f"{type(model).__name__} failed: its submodule {nested!r} is a "
+                "PlainShortcutNet, which fx cannot trace; fold it with its own method, "
+                f"model.get_submodule({nested!r}).fold_batchnorm(), instead ({e})"
+            ) from e
         raise TypeError(
             f"fold_batchnorm needs a torch.fx traceable model; tracing {type(model).__name__} "
             f"failed: {e}"

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -178,14 +179,15 @@ def check_int(name: str, value: object, minimum: int = 1) -> int:
 
 
 def check_flag(name: str, value: object) -> bool:
-    """``value`` if it is a bool (a string such as ``"no"`` would read as true).
+    """``value`` as a bool; a ``TypeError`` unless it is one (``numpy.bool_`` too): a string
+    such as ``"no"`` or a number must not be read by its truthiness.
 
-    >>> check_flag("shortcuts", False)
-    False
+    >>> check_flag("shortcuts", False), check_flag("hard", np.bool_(True))
+    (False, True)
     """
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
 
 
 def check_sizes(name: str, values: Sequence[int]) -> tuple[int, ...]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import torch
 from torch import nn
 
-from .base import GatedModule, find_model_gating
-from .gates import Gate
+from .base import GatedModule, check_gates_not_nan, find_model_gating
 
 __all__ = ["prune"]
 
@@ -32,7 +30,7 @@ def prune(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune expects a torch.nn.Module, got {type(model).__name__}")
-    _check_gates_not_nan(model)
+    check_gates_not_nan(model)
     gating = find_model_gating(model)
     if gating is not None:
         return gating.prune_model(model)
@@ -53,20 +51,3 @@ def prune(model: nn.Module) -> nn.Module:
         )
     memo: dict[int, Any] = {id(m): m.pruned_module() for m in roots}
     return copy.deepcopy(model, memo)
-
-
-def _check_gates_not_nan(model: nn.Module) -> None:
-    """Refuse gates whose parameters hold NaN (diverged training): their eval values are NaN,
-    and pruning would faithfully rebuild a model that outputs NaN. (An infinite parameter is
-    a gate fixed open or closed, which is fine.)"""
-    for name, m in model.named_modules():
-        if not isinstance(m, Gate):
-            continue
-        for pname, p in m.named_parameters(recurse=False):
-            bad = int(torch.isnan(p).sum())
-            if bad:
-                full = f"{name}.{pname}" if name else pname
-                raise ValueError(
-                    f"gate parameter {full!r} holds {bad} NaN value(s): training diverged "
-                    "(lower the learning rates, or resume from an earlier checkpoint)"
-                )
