@@ -11,7 +11,8 @@ Two layers:
   signature: whoever can write the file can recompute them.
 * :func:`save` / :func:`load`: pruned plain models. A model class is supported once registered
   with :func:`register_model_class` (it needs ``to_config() -> dict`` and a classmethod
-  ``from_config(dict)``); the file holds its kind, config and full ``state_dict()``.
+  ``from_config(dict)``); the file holds its kind, config and full ``state_dict()``. Save refuses,
+  before writing, any model that load would refuse or rebuild differently.
 
 Nothing here uses pickle: loading a file cannot run code.
 """
@@ -40,7 +41,16 @@ __all__ = ["load", "read_tensors", "register_model_class", "save", "write_tensor
 FORMAT = "gatedprune.tensors"
 FORMAT_VERSION = 1
 MODEL_FORMAT = "gatedprune.model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+"""The newest model file version :func:`load` reads (it reads every version from 1 on).
+
+:func:`save` writes version 2 only for a config holding an :data:`OVERRIDES_KEY` entry, which
+gatedprune versions that read version 1 only would silently ignore (say, a replaced activation):
+they refuse such a file instead. Every other file is version 1, readable by them as before."""
+OVERRIDES_KEY = "overrides"
+"""A model config's entry for settings beyond the structure older readers know (for
+``PlainShortcutNet``: replaced activations, BatchNorm eps/momentum); see
+:data:`MODEL_FORMAT_VERSION`."""
 
 # Keys of the safetensors header metadata (a str -> str mapping).
 _META_KEY = "gatedprune"
@@ -121,6 +131,17 @@ def folder_problem(path: Path) -> str | None:
     return None
 
 
+def _refuse_missing_folder(path: Path, directory: Path) -> None:
+    """Raise for a ``directory`` that is not a folder: ``NotADirectoryError`` naming the file in
+    the way (``directory`` or its nearest existing ancestor), else ``FileNotFoundError``."""
+    for folder in (directory, *directory.absolute().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"cannot write {path}: {folder} is not a directory")
+            break
+    raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (file and
     directory fsynced): a reader sees the old file or the complete new one, never a part.
@@ -131,7 +152,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         path = Path(os.path.realpath(path))
     directory = path.parent
     if not directory.is_dir():  # else the error would name the temporary file
-        raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
+        _refuse_missing_folder(path, directory)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
     try:
@@ -177,30 +198,32 @@ def write_tensors(path: PathLike, tensors: Mapping[str, Tensor], meta: Mapping[s
     (torch.Size([3, 2]), {'step': 7})
     """
     p = _as_path(path, "write_tensors")
+    atomic_write(p, _encode(tensors, meta, "write_tensors"))
+
+
+def _encode(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], who: str) -> bytes:
+    """The bytes :func:`write_tensors` writes; errors start with ``who`` (the public caller)."""
     if not isinstance(tensors, Mapping):
         raise TypeError(
-            "write_tensors: tensors must be a mapping of str to Tensor, "
-            f"got {type(tensors).__name__}"
+            f"{who}: tensors must be a mapping of str to Tensor, got {type(tensors).__name__}"
         )
     if not isinstance(meta, Mapping):
-        raise TypeError(f"write_tensors: meta must be a mapping, got {type(meta).__name__}")
+        raise TypeError(f"{who}: meta must be a mapping, got {type(meta).__name__}")
     flat: dict[str, Tensor] = {}
     for name, t in tensors.items():
         if not isinstance(name, str):
-            raise TypeError(f"write_tensors: tensor names must be str, got {name!r}")
+            raise TypeError(f"{who}: tensor names must be str, got {name!r}")
         if name == "__metadata__":
-            raise ValueError("write_tensors: the tensor name '__metadata__' is reserved")
+            raise ValueError(f"{who}: the tensor name '__metadata__' is reserved")
         if not isinstance(t, Tensor):
-            raise TypeError(
-                f"write_tensors: {name!r} must be a torch.Tensor, got {type(t).__name__}"
-            )
+            raise TypeError(f"{who}: {name!r} must be a torch.Tensor, got {type(t).__name__}")
         if t.layout != torch.strided:
-            raise ValueError(f"write_tensors: {name!r} is a {t.layout} tensor; only dense tensors")
+            raise ValueError(f"{who}: {name!r} is a {t.layout} tensor; only dense tensors")
         flat[name] = t.detach().cpu().clone(memory_format=torch.contiguous_format)
     try:
         meta_json = json.dumps(dict(meta))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"write_tensors: meta must be JSON-serialisable: {e}") from e
+        raise TypeError(f"{who}: meta must be JSON-serialisable: {e}") from e
     header = {
         _FORMAT_KEY: FORMAT,
         _VERSION_KEY: str(FORMAT_VERSION),
@@ -209,7 +232,7 @@ def write_tensors(path: PathLike, tensors: Mapping[str, Tensor], meta: Mapping[s
         _TENSORS_SHA_KEY: _tensors_digest(flat),
     }
     data: bytes = _safetensors().save(flat, metadata=header)
-    atomic_write(p, data)
+    return data
 
 
 def _header(p: Path, data: bytes) -> dict[str, Any]:
@@ -338,6 +361,146 @@ def register_model_class(kind: str, cls: type[nn.Module]) -> None:
 register_model_class("plain_shortcut_net", PlainShortcutNet)
 
 
+# Attributes that change what a module computes but that its extra_repr() does not show.
+_HIDDEN_ATTRIBUTES: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.RNN, ("nonlinearity", "mode")),  # nn.RNN(nonlinearity="relu") prints as tanh's
+)
+
+
+def _same_module(ours: nn.Module, rebuilt: nn.Module) -> bool:
+    """Whether ``ours`` computes what ``rebuilt`` does: the same class (a ``SyncBatchNorm``
+    from ``convert_sync_batchnorm`` counts as the BatchNorm it replaced: the same state and
+    the same function outside distributed training) and settings (``extra_repr()`` and the
+    attributes it does not show)."""
+    same_class = type(ours) is type(rebuilt) or (
+        type(ours) is nn.SyncBatchNorm and isinstance(rebuilt, nn.modules.batchnorm._BatchNorm)
+    )
+    hidden = [
+        (getattr(ours, a, None), getattr(rebuilt, a, None))
+        for cls, attrs in _HIDDEN_ATTRIBUTES
+        if isinstance(ours, cls) or isinstance(rebuilt, cls)
+        for a in attrs
+    ]
+    return (
+        same_class and ours.extra_repr() == rebuilt.extra_repr() and all(a == b for a, b in hidden)
+    )
+
+
+def _describe(m: nn.Module) -> str:
+    """A module's class and settings, as in its repr, plus those its repr hides.
+
+    >>> _describe(nn.RNN(2, 3, nonlinearity="relu"))
+    "RNN(2, 3, nonlinearity='relu', mode='RNN_RELU')"
+    """
+    parts = [m.extra_repr()] if m.extra_repr() else []
+    parts += [
+        f"{a}={getattr(m, a, None)!r}"
+        for cls, attrs in _HIDDEN_ATTRIBUTES
+        if isinstance(m, cls)
+        for a in attrs
+    ]
+    return f"{type(m).__name__}({', '.join(parts)})"
+
+
+def _check_modules(kind: str, model: nn.Module, rebuilt: nn.Module) -> None:
+    """Refuse (``ValueError``, naming the module) a model whose submodules differ from those
+    ``rebuilt`` (what :func:`load` builds from the model's config) holds: another class,
+    other settings (``extra_repr()``, e.g. a BatchNorm's eps), a module added or removed
+    (:func:`_same_module`). The saved file would otherwise load as a model that computes
+    another function."""
+    ours = dict(model.named_modules(remove_duplicate=False))
+    theirs = dict(rebuilt.named_modules(remove_duplicate=False))
+    cls_name = type(model).__name__
+    extra = [n for n in ours if n not in theirs]
+    missing = [n for n in theirs if n not in ours]
+    if extra or missing:
+        raise ValueError(
+            f"save: the submodules of this {cls_name} differ from those of the {kind!r} model "
+            f"load rebuilds from its config (added {extra}, missing {missing}); the file would "
+            "not load as this model"
+        )
+    for name, m in ours.items():
+        if not _same_module(m, theirs[name]):
+            where = f"module {name!r}" if name else f"the {cls_name} itself"
+            raise ValueError(
+                f"save: {where} is {_describe(m)}, but load would rebuild "
+                f"{_describe(theirs[name])} from the config {cls_name}.to_config() describes; "
+                "the saved model would compute another function. Restore a module the config "
+                "describes (or save the weights with write_tensors)"
+            )
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    """Up to ``limit`` names, quoted, and how many more.
+
+    >>> _names(["a", "b", "c", "d"])
+    "'a', 'b', 'c' and 1 more"
+    """
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _check_state(
+    where: str, kind: str, expected: Mapping[str, Tensor], got: Mapping[str, object], subject: str
+) -> None:
+    """The rules :func:`load` applies to a file's tensors, which :func:`save` applies to a
+    model's ``state_dict()`` before writing: the names and shapes of ``expected`` (the state of
+    the model rebuilt from the config; meta tensors do) and, after the cast load makes (a
+    rebuilt model goes to the floating dtype every floating tensor shares), its dtypes.
+    ``ValueError`` (``TypeError`` for a non-tensor) starting with ``where``, naming the tensor."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{where}: {subject} do not match a {kind!r} model with this config "
+            f"(missing {missing}, unexpected {extra})"
+        )
+    tensors: dict[str, Tensor] = {}
+    for name, t in expected.items():
+        g = got[name]
+        if not isinstance(g, Tensor):
+            raise TypeError(f"{where}: {name!r} must be a torch.Tensor, got {type(g).__name__}")
+        if t.shape != g.shape:
+            raise ValueError(
+                f"{where}: tensor {name!r} has shape {tuple(g.shape)}, "
+                f"the {kind!r} config needs {tuple(t.shape)}"
+            )
+        tensors[name] = g
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, g in tensors.items():
+        if g.is_floating_point():
+            by_dtype.setdefault(g.dtype, []).append(name)
+    common = next(iter(by_dtype)) if len(by_dtype) == 1 else None
+    for name, t in expected.items():
+        want = common if common is not None and t.is_floating_point() else t.dtype
+        if tensors[name].dtype == want:
+            continue
+        if len(by_dtype) > 1:
+            groups = sorted(by_dtype.items(), key=lambda kv: -len(kv[1]))
+            listed = "; ".join(f"{d}: {_names(ns)} ({len(ns)} tensors)" for d, ns in groups)
+            raise ValueError(
+                f"{where}: {subject} mix floating-point dtypes ({listed}); mixed-precision "
+                "models are not supported: convert the whole model with .to(dtype)"
+            )
+        raise ValueError(
+            f"{where}: tensor {name!r} is {tensors[name].dtype}, but the {kind!r} model "
+            f"rebuilt from this config holds {want} there"
+        )
+
+
+def _rebuild_on_meta(
+    where: str, kind: str, cls: type[nn.Module], config: dict[str, Any]
+) -> nn.Module:
+    """``cls.from_config(config)`` on the meta device (no memory: an edited file's width of
+    10**12 is refused by the shape check, not by an allocation), or ``ValueError``."""
+    try:
+        with torch.device("meta"):
+            skeleton: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{where}: invalid config for model kind {kind!r}: {e}") from e
+    return skeleton
+
+
 def save(model: nn.Module, path: PathLike) -> None:
     """Save a pruned plain model (structure + every parameter and buffer) to ``path``.
 
@@ -345,6 +508,13 @@ def save(model: nn.Module, path: PathLike) -> None:
     :func:`load` rebuilds the model. Supported classes: those registered with
     :func:`register_model_class` (``PlainShortcutNet`` and the other models ``gatedprune.prune``
     returns). A gated model must be pruned first.
+
+    Before anything is written, the model is checked against what :func:`load` would rebuild
+    from its config, with load's own rules: the same submodules with the same settings, the
+    same tensor names and shapes, one floating dtype. A model that would not load back as
+    itself (a layer cast to another dtype, an added buffer, a removed bias, a module the config
+    cannot describe) is refused with a ``ValueError`` naming the tensor or module, and a file
+    already at ``path`` is left as it was.
 
     >>> import tempfile, os, torch, gatedprune
     >>> net = gatedprune.prune(gatedprune.ShortcutMLP(8, [16], 3).eval())
@@ -356,15 +526,17 @@ def save(model: nn.Module, path: PathLike) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
+    p = _as_path(path, "save")
     if any(isinstance(m, GatedModule) for m in model.modules()) or gate_modules(model):
         raise TypeError(
             f"save stores plain pruned models; {type(model).__name__} still has gates: "
             "call gatedprune.prune(model) first and save the result"
         )
-    kind = _KIND_OF_CLASS.get(type(model))
+    cls = type(model)
+    kind = _KIND_OF_CLASS.get(cls)
     if kind is None:
         raise TypeError(
-            f"save does not support {type(model).__name__}: supported kinds are "
+            f"save does not support {cls.__name__}: supported kinds are "
             f"{sorted(_CLASS_OF_KIND)} ({', '.join(c.__name__ for c in _KIND_OF_CLASS)}); "
             "register other classes with gatedprune.io.register_model_class"
         )
@@ -374,32 +546,26 @@ def save(model: nn.Module, path: PathLike) -> None:
     config = configurable.to_config()
     if not isinstance(config, dict):
         raise TypeError(
-            f"{type(model).__name__}.to_config() must return a dict, got {type(config).__name__}"
+            f"save: {cls.__name__}.to_config() must return a dict, got {type(config).__name__}"
         )
+    try:
+        as_read: dict[str, Any] = loads_strict(json.dumps(config))  # what load will see
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"save: {cls.__name__}.to_config() must return JSON-serialisable data: {e}"
+        ) from e
+    rebuilt = _rebuild_on_meta("save", kind, cls, as_read)
+    _check_modules(kind, model, rebuilt)
+    tensors = model.state_dict()
+    _check_state("save", kind, rebuilt.state_dict(), tensors, "the model's state_dict() tensors")
     meta = {
         "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
+        "format_version": 2 if OVERRIDES_KEY in config else 1,
         "kind": kind,
         "config": config,
         "gatedprune_version": __version__,
     }
-    write_tensors(path, model.state_dict(), meta)
-
-
-def _check_state(p: Path, kind: str, expected: dict[str, Tensor], got: dict[str, Tensor]) -> None:
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{p}: the tensors do not match a {kind!r} model with this config "
-            f"(missing {missing}, unexpected {extra})"
-        )
-    for name, t in expected.items():
-        if t.shape != got[name].shape:
-            raise ValueError(
-                f"{p}: tensor {name!r} has shape {tuple(got[name].shape)}, "
-                f"the {kind!r} config needs {tuple(t.shape)}"
-            )
+    atomic_write(p, _encode(tensors, meta, "save"))
 
 
 def load(path: PathLike) -> nn.Module:
@@ -421,10 +587,11 @@ def load(path: PathLike) -> nn.Module:
             f"{p}: a gatedprune file but not a saved model (format {meta.get('format')!r}, "
             f"expected {MODEL_FORMAT!r}); training checkpoints are resumed by the Trainer"
         )
-    if meta.get("format_version") != MODEL_FORMAT_VERSION:
+    version = meta.get("format_version")
+    if type(version) is not int or not 1 <= version <= MODEL_FORMAT_VERSION:
         raise ValueError(
-            f"{p}: unsupported model file version {meta.get('format_version')!r} "
-            f"(this gatedprune reads version {MODEL_FORMAT_VERSION})"
+            f"{p}: unsupported model file version {version!r} (this gatedprune reads "
+            f"versions 1 to {MODEL_FORMAT_VERSION}; a newer version may have written it)"
         )
     kind = meta.get("kind")
     cls = _CLASS_OF_KIND.get(kind) if isinstance(kind, str) else None
@@ -436,24 +603,17 @@ def load(path: PathLike) -> nn.Module:
     config = meta.get("config")
     if not isinstance(config, dict):
         raise ValueError(f"{p}: the model config is not a JSON object: {config!r}")
-    try:  # on the meta device first: a config whose sizes do not fit the tensors (say, a
-        # width of 10**12 in an edited file) is refused before anything is allocated
-        with torch.device("meta"):
-            skeleton: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{p}: invalid config for model kind {kind!r}: {e}") from e
-    _check_state(p, kind, skeleton.state_dict(), tensors)
+    skeleton = _rebuild_on_meta(str(p), kind, cls, config)
+    _check_state(str(p), kind, skeleton.state_dict(), tensors, "the tensors")
     model: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
-    expected = model.state_dict()
     saved_float = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    own_float = {t.dtype for t in expected.values() if t.is_floating_point()}
-    if len(saved_float) == 1 and saved_float != own_float:
-        model = model.to(next(iter(saved_float)))  # e.g. a float64 model
+    if len(saved_float) == 1:  # e.g. a float64 model (_check_state allowed this cast)
+        model = model.to(next(iter(saved_float)))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{p}: the tensors do not fit the {kind!r} model: {e}") from e
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict().items():  # what _check_state predicted
         if t.dtype != tensors[name].dtype:
             raise ValueError(
                 f"{p}: tensor {name!r} was saved as {tensors[name].dtype} but the rebuilt model "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import ACTIVATIONS, NetSpec
+from .layout import ACTIVATIONS, NetSpec, check_activation, check_int
 from .pooling import AdaptiveMeanPool1d, MeanPool1d, mean_pool_rows
 
 __all__ = ["CHANNELS_LAST_MIN_BATCH", "OffsetConv1d", "PlainShortcutNet"]
@@ -26,16 +28,31 @@ class OffsetConv1d(nn.Conv1d):
 
     Pruning produces it where a removed constant layer fed a convolution: zero padding makes
     that constant's contribution depend on the position, so it is kept as a map. Inputs must
-    have the length the map was built for.
+    have the length the map was built for. Channel counts may be 0 (a pruned layer whose
+    inputs were all removed); ``kernel_size`` must be odd ('same' padding keeps the length only
+    then) and ``length`` at least 1.
 
     >>> m = OffsetConv1d(2, 3, 3, length=8)
     >>> m(torch.zeros(1, 2, 8)).shape
     torch.Size([1, 3, 8])
+    >>> OffsetConv1d(2, 3, 4, length=8)
+    Traceback (most recent call last):
+    ...
+    ValueError: OffsetConv1d kernel_size must be odd ('same' padding keeps the length ...), got 4
     """
 
     offset: Tensor
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, length: int):
+        in_channels = check_int("OffsetConv1d in_channels", in_channels, minimum=0)
+        out_channels = check_int("OffsetConv1d out_channels", out_channels, minimum=0)
+        kernel_size = check_int("OffsetConv1d kernel_size", kernel_size)
+        length = check_int("OffsetConv1d length", length)
+        if kernel_size % 2 == 0:
+            raise ValueError(
+                "OffsetConv1d kernel_size must be odd ('same' padding keeps the length only for "
+                f"odd kernels), got {kernel_size}"
+            )
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.register_buffer("offset", torch.zeros(out_channels, length))  # (C, L)
 
@@ -196,6 +213,11 @@ class PlainShortcutNet(nn.Module):
     """
 
     def __init__(self, spec: NetSpec) -> None:
+        if not isinstance(spec, NetSpec):
+            raise TypeError(
+                f"PlainShortcutNet expects a gatedprune.layout.NetSpec, got {type(spec).__name__}"
+                " (rebuild a saved structure with PlainShortcutNet.from_config)"
+            )
         super().__init__()
         spec.validate()
         self.spec = spec
@@ -592,15 +614,129 @@ class PlainShortcutNet(nn.Module):
             dst.op.bias.copy_(b)  # type: ignore[operator]
             if offset is not None and isinstance(dst.op, OffsetConv1d):
                 dst.op.offset.copy_(offset)
+            dst.act = copy.deepcopy(src.act)  # a replaced activation stays (net.layers[0].act)
         folded.head.load_state_dict(self.head.state_dict())
         folded.channels_last = self.channels_last  # a path switched off stays off
         return folded.train(self.training)
 
     def to_config(self) -> dict[str, Any]:
-        """JSON-able structure (weights excluded)."""
-        return self.spec.to_json()
+        """JSON-able structure (weights excluded): the spec's, plus an ``"overrides"`` entry
+        when layers hold other settings than the spec builds: per-layer ``"activation"`` names
+        (an activation replaced by another class of :data:`~gatedprune.layout.ACTIVATIONS`,
+        ``net.layers[0].act = nn.Tanh()``) and BatchNorm ``"norm_eps"`` / ``"norm_momentum"``,
+        one entry per layer. Modules it cannot describe (another activation class, an edited
+        convolution) keep the spec's entry: :func:`gatedprune.save` refuses such a model.
+
+        >>> from gatedprune.layout import LayerSpec, NetSpec
+        >>> net = PlainShortcutNet(NetSpec(False, 3, (LayerSpec((0,), 4),), (1,), 2))
+        >>> net.layers[0].act = nn.Tanh()
+        >>> net.to_config()["overrides"]
+        {'activation': ['tanh']}
+        >>> type(PlainShortcutNet.from_config(net.to_config()).layers[0].act).__name__
+        'Tanh'
+        """
+        config = self.spec.to_json()
+        overrides = self._overrides()
+        if overrides:
+            config[_OVERRIDES] = overrides
+        return config
+
+    def _overrides(self) -> dict[str, list[Any]]:
+        """Per-layer settings that differ from what the spec builds, one list entry per layer
+        for each kind of setting that differs somewhere (see :meth:`to_config`)."""
+        acts: list[str] = []
+        eps: list[float] = []
+        momentum: list[float | None] = []
+        for layer in self.layers:  # a module the config cannot describe keeps the default
+            act = getattr(layer, "act", None)  # and gatedprune.save refuses it, naming it
+            acts.append(
+                (_activation_name(act) if isinstance(act, nn.Module) else None)
+                or self.spec.activation
+            )
+            norm = getattr(layer, "norm", None)
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too
+                eps.append(_real(norm.eps, _BN_EPS))
+                m = norm.momentum
+                momentum.append(None if m is None else _real(m, _BN_MOMENTUM))
+            else:
+                eps.append(_BN_EPS)
+                momentum.append(_BN_MOMENTUM)
+        out: dict[str, list[Any]] = {}
+        if any(a != self.spec.activation for a in acts):
+            out["activation"] = acts
+        if self.spec.norm and any(e != _BN_EPS for e in eps):
+            out["norm_eps"] = eps
+        if self.spec.norm and any(m != _BN_MOMENTUM for m in momentum):
+            out["norm_momentum"] = momentum
+        return out
+
+    def _apply_overrides(self, overrides: object) -> None:
+        """Set the per-layer settings of :meth:`to_config`'s ``"overrides"`` entry (validated:
+        ``ValueError`` for anything else)."""
+        if not isinstance(overrides, dict):
+            raise ValueError(f"overrides must be a JSON object, got {overrides!r}")
+        unknown = sorted(set(overrides) - {"activation", "norm_eps", "norm_momentum"})
+        if unknown:
+            raise ValueError(
+                f"unknown overrides {unknown} (this gatedprune knows 'activation', 'norm_eps' "
+                "and 'norm_momentum'; a newer version may have written them)"
+            )
+        n = len(self.layers)
+        for key, values in overrides.items():
+            if not isinstance(values, list) or len(values) != n:
+                raise ValueError(f"overrides {key!r} must be a list of {n} entries, got {values!r}")
+            if key != "activation" and not self.spec.norm:
+                raise ValueError(f"overrides {key!r} given, but the network has no BatchNorm")
+        layers = cast(list[_PlainLayer], list(self.layers))
+        for layer, name in zip(layers, overrides.get("activation", []), strict=False):
+            layer.act = ACTIVATIONS[check_activation(name)][1]()
+        for layer, e in zip(layers, overrides.get("norm_eps", []), strict=False):
+            if not _is_real(e) or not 0 <= e < math.inf:
+                raise ValueError(f"overrides 'norm_eps' must hold finite numbers >= 0, got {e!r}")
+            cast(nn.BatchNorm1d, layer.norm).eps = float(e)
+        for layer, m in zip(layers, overrides.get("norm_momentum", []), strict=False):
+            if m is not None and (not _is_real(m) or not math.isfinite(m)):
+                raise ValueError(
+                    f"overrides 'norm_momentum' must hold finite numbers or null, got {m!r}"
+                )
+            cast(nn.BatchNorm1d, layer.norm).momentum = None if m is None else float(m)
+        self._calls = self._resolve_calls()
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> PlainShortcutNet:
-        """Rebuild an (untrained) network from :meth:`to_config` output."""
-        return cls(NetSpec.from_json(config))
+        """Rebuild an (untrained) network from :meth:`to_config` output (older configs, without
+        ``"overrides"``, too)."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        net = cls(NetSpec.from_json(config))
+        if _OVERRIDES in config:
+            net._apply_overrides(config[_OVERRIDES])
+        return net
+
+
+_OVERRIDES = "overrides"  # gatedprune.io.OVERRIDES_KEY: such configs are saved as version 2
+_BN_EPS = 1e-5  # nn.BatchNorm1d's defaults, which _PlainLayer builds
+_BN_MOMENTUM = 0.1
+
+
+def _is_real(v: object) -> bool:
+    """Whether ``v`` is a real number (an int or float, not a bool)."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _real(v: object, default: float) -> float:
+    """``v`` as a float if it is a real number, else ``default`` (what the config can say)."""
+    return float(v) if _is_real(v) else default  # type: ignore[arg-type]
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    """The :data:`~gatedprune.layout.ACTIVATIONS` name of ``act`` if it is one of those modules
+    with its default settings, else None.
+
+    >>> _activation_name(nn.Tanh()), _activation_name(nn.GELU(approximate="tanh"))
+    ('tanh', None)
+    """
+    for name, (_, cls) in ACTIVATIONS.items():
+        if type(act) is cls and act.extra_repr() == cls().extra_repr():
+            return name
+    return None
