@@ -260,3 +260,26 @@ def test_prune_refuses_nan_gates_of_gate_models_too() -> None:
         next(gates[0][1].parameters()).view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match=rf"'{gates[0][0]}\..*' holds 1 NaN"):
         gp.prune(model)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_gates_of_another_dtype_than_the_weights_are_refused(
+    spatial: bool, dtype: torch.dtype
+) -> None:
+    # before: float64 gates failed deep in F.linear / conv1d, float16 ones were promoted
+    net: gp.ShortcutMLP | gp.ShortcutConv1d = (
+        gp.ShortcutConv1d(1, [[4], [4]], 3) if spatial else gp.ShortcutMLP(5, [6], 3)
+    )
+    x = torch.randn(2, 1, 16) if spatial else torch.randn(2, 5)
+    for g in gp.gate_modules(net):
+        g.to(dtype)
+    match = rf"gate parameter '.*' is {dtype}, but the network's weights are torch.float32"
+    with pytest.raises(ValueError, match=match):
+        net(x)
+    with pytest.raises(ValueError, match=match):
+        gp.prune(net.eval())
+    with pytest.raises(ValueError, match=match):
+        gp.Budget(net, x[:1], flops=0.5)
+    net.to(dtype)  # the whole network converted: fine
+    assert net(x.to(dtype)).dtype == dtype

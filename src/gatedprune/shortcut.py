@@ -577,11 +577,26 @@ class _ShortcutNet(GatedModule):
         self._check_ops()  # a replaced op of other settings would be computed with the spec's
         hs: list[Tensor] = [x]
         cache: dict[tuple[int, int], Tensor] = {}
-        scales = self._colscales(_flat_values(self._gate_list()))
+        values = _flat_values(self._gate_list())  # (n_gates,)
+        if values.dtype != x.dtype:  # x has the weights' dtype (checked above)
+            self._check_gate_dtype()
+        scales = self._colscales(values)
         for i in range(len(self.layers)):
             z = self._preact(i, self._gather(hs, i, cache), scales[i])
             hs.append(self._post(i, z))
         return self._head(hs, scales[-1])
+
+    def _check_gate_dtype(self) -> None:
+        """Refuse gates of another floating dtype than the weights (e.g. ``gate.double()`` on
+        a float32 network), which would fail deep in a matmul or silently promote."""
+        want = self.head.weight.dtype
+        for name, p in self.named_parameters():
+            owner = self.get_submodule(name.rpartition(".")[0])
+            if isinstance(owner, Gate) and p.dtype != want:
+                raise ValueError(
+                    f"gate parameter {name!r} is {p.dtype}, but the network's weights are "
+                    f"{want}: convert the whole network with .to(dtype)"
+                )
 
     def _gate_list(self) -> list[Gate]:
         """Every gate module: the layers' unit gates, their edge gates, the head's. Read from
@@ -798,6 +813,7 @@ class _ShortcutNet(GatedModule):
         """The plain network computing this one's eval-mode function, in this network's
         train/eval mode (each BatchNorm in its counterpart's mode). Built in eval mode; every
         submodule's own mode is restored afterwards (a frozen BatchNorm stays frozen)."""
+        self._check_gate_dtype()
         self._check_layer_modules()
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
