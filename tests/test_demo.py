@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,19 @@ def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
         return real(models, x, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(demo_module, "compare_latency", recording)
+    # an earlier run's latency model for the same network (marked: 7 samples): this run
+    # calibrates its own (the demos never resume) and records that one
+    with warnings.catch_warnings():  # a tiny, noisy calibration: only its JSON matters
+        warnings.simplefilter("ignore")
+        stale = json.loads(
+            gp.LatencyModel.calibrate(
+                build_demo_model(), torch.zeros(1, 1, 40), batch_size=8, samples=8, rounds=1
+            ).to_json()
+        )
+    stale["samples"], stale["median_error"] = 7, 0.777
+    (tmp_path / "checkpoints").mkdir()
+    kept = tmp_path / "checkpoints" / "latency_model.json"
+    kept.write_text(json.dumps(stale))
     config = DemoConfig(
         budget=0.3,
         epochs=2,
@@ -81,6 +95,9 @@ def test_demo_with_a_latency_budget_reports_predicted_and_measured_latency(
         latency=True,
     )
     results = run_demo(config)
+    assert results["latency_model"]["batch_size"] == 256
+    assert results["latency_model"]["samples"] != 7
+    assert json.loads(kept.read_text()) == results["latency_model"]
     assert results["config"]["budget_kind"] == "latency"
     assert results["target_latency_fraction"] == 0.3
     predicted = results["predicted_latency_fraction"]

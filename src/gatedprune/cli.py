@@ -65,14 +65,26 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _non_negative(text: str) -> int:
+def _int_at_least(text: str, minimum: int) -> int:
+    """``text`` as an int >= ``minimum`` (an ``ArgumentTypeError`` naming both otherwise).
+
+    >>> _int_at_least("-1", 1)
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected an integer >= 1, got '-1'
+    """
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= {minimum}, got {text!r}"
+        ) from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def _seed(text: str) -> int:
@@ -103,10 +115,7 @@ def _out_dir(text: str) -> Path:
 
 
 def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected an integer >= 1, got 0")
-    return value
+    return _int_at_least(text, 1)
 
 
 def _conv_demo(config: DemoConfig) -> dict[str, Any]:
@@ -240,36 +249,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import DemoConfig
         from .profiling import steady_allocator
 
-        steady_allocator()  # the demo's latency table: steadier timings (see its docstring)
-
+        demo_parser = _subcommand(parser, "demo")
         run, default_out, default_budget, default_epochs = DEMOS[args.model]
         if args.latency and args.model == "lstm":
-            _subcommand(parser, "demo").error(
-                f"--latency applies to --model conv or resnet1d, not {args.model}"
-            )
+            demo_parser.error(f"--latency applies to --model conv or resnet1d, not {args.model}")
         if args.model != "conv" and (args.unit_group != 1 or args.latency_ratio is not None):
-            _subcommand(parser, "demo").error(
+            demo_parser.error(
                 f"--unit-group and --latency-ratio apply to --model conv, not {args.model}"
             )
         if args.latency and args.latency_ratio is not None:
-            _subcommand(parser, "demo").error(
+            demo_parser.error(
                 "--latency-ratio adds a latency budget next to the FLOPs budget; --latency makes "
                 "--budget a latency fraction instead: give one of them"
             )
-        run(
-            DemoConfig(
-                budget=default_budget if args.budget is None else args.budget,
-                epochs=default_epochs if args.epochs is None else args.epochs,
-                finetune_epochs=args.finetune_epochs,
-                seed=args.seed,
-                round_to=args.round_to,
-                latency=args.latency,
-                unit_group=args.unit_group,
-                latency_ratio=args.latency_ratio,
-                out=default_out if args.out is None else args.out,
-                progress=not args.quiet,
-            )
+        config = DemoConfig(
+            budget=default_budget if args.budget is None else args.budget,
+            epochs=default_epochs if args.epochs is None else args.epochs,
+            finetune_epochs=args.finetune_epochs,
+            seed=args.seed,
+            round_to=args.round_to,
+            latency=args.latency,
+            unit_group=args.unit_group,
+            latency_ratio=args.latency_ratio,
+            out=default_out if args.out is None else args.out,
+            progress=not args.quiet,
         )
+        try:  # every option the demo checks, before any work or folder creation
+            config.validate()
+        except (TypeError, ValueError) as e:
+            demo_parser.error(str(e))  # exit 2, one line, as argparse's own errors
+        steady_allocator()  # the demo's latency table: steadier timings (see its docstring)
+        run(config)
     return 0
 
 

@@ -119,6 +119,11 @@ class DemoConfig:
                 f"--unit-group must divide every demo layer's width (32 and 64): one of 1, 2, "
                 f"4, 8, 16, 32, got {self.unit_group!r}"
             )
+        if self.round_to is not None and self.round_to % self.unit_group:
+            raise ValueError(
+                f"--round-to must be a multiple of --unit-group {self.unit_group} (channels are "
+                f"gated, so kept, in groups of {self.unit_group}), got {self.round_to!r}"
+            )
         if self.latency_ratio is not None:
             number("--latency-ratio", self.latency_ratio, (int, float), "a number in (0, 1]")
             if not 0.0 < self.latency_ratio <= 1.0:
@@ -488,32 +493,28 @@ LATENCY_MODEL_FILE = "latency_model.json"
 _LM = TypeVar("_LM", LatencyModel, GatedLatencyModel)
 
 
-def run_latency_model(
-    folder: Path | None, calibrate: Callable[[], _LM], read: Callable[[str], _LM]
-) -> _LM:
-    """A run's latency model: read from ``folder / LATENCY_MODEL_FILE`` when an interrupted run
-    left one next to its checkpoint (two calibrations time differently, and a resumed run must
-    budget against the model the checkpoint trained with), else calibrated and written there
-    atomically (``folder`` None: calibrated only).
+def run_latency_model(folder: Path | None, calibrate: Callable[[], _LM]) -> _LM:
+    """A run's latency model: calibrated afresh (the demos never resume, so a file an earlier
+    run left, possibly for another model, configuration or machine, is never read), then
+    written atomically to ``folder / LATENCY_MODEL_FILE``, replacing an earlier run's, as the
+    record of the model this run's checkpoints train with (``folder`` None: not written).
 
     >>> import tempfile
     >>> calls = []
     >>> def fit() -> GatedLatencyModel:
     ...     calls.append(1)
-    ...     return GatedLatencyModel((0.1, 0.01, 1e-8), 1, 1, (1, 1, 40), "k", 0.0, 0.0, 8)
+    ...     return GatedLatencyModel((0.1, 0.01, 1e-8 * len(calls)), 1, 1, (1, 1, 40), "k", 0, 0, 8)
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     a = run_latency_model(Path(d), fit, GatedLatencyModel.from_json)
-    ...     b = run_latency_model(Path(d), fit, GatedLatencyModel.from_json)
-    >>> a == b and len(calls)
-    1
+    ...     a = run_latency_model(Path(d), fit)
+    ...     b = run_latency_model(Path(d), fit)
+    ...     kept = GatedLatencyModel.from_json((Path(d) / LATENCY_MODEL_FILE).read_text())
+    >>> a != b and kept == b and len(calls)
+    2
     """
-    path = None if folder is None else folder / LATENCY_MODEL_FILE
-    if path is not None and path.is_file():
-        return read(path.read_text())
     lm = calibrate()
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lm.to_json().encode())
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / LATENCY_MODEL_FILE, lm.to_json().encode())
     return lm
 
 
@@ -690,7 +691,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             lambda: LatencyModel.calibrate(
                 build_demo_model(unit_group=group), example, batch_size=256, threads=1
             ),
-            LatencyModel.from_json,
         )
         say(
             f"latency model calibrated on {lm.samples} pruned copies at batch 256, 1 thread: "

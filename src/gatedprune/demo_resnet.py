@@ -140,7 +140,6 @@ def train_resnet_demo_model(
             lambda: GatedLatencyModel.calibrate(
                 net, x_train[:1], batch_size=1, samples=latency_samples
             ),
-            GatedLatencyModel.from_json,
         )
         latency = latency * _own_latency_fraction(net, lm)
 

@@ -39,6 +39,7 @@ writes checkpoints.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 import os
@@ -751,17 +752,69 @@ def _check_pair(name: str, pair: object) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def _check_finite(name: str, x: Tensor, y: Tensor) -> None:
+    """Refuse NaN or inf in floating (or complex) ``x`` / ``y``: one bad value turns every
+    weight NaN within a few steps.
+
+    >>> x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])
+    >>> _check_finite("train", x, torch.tensor([0, 1]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: train: x holds 1 non-finite value(s) (NaN or inf) among its 4 (the first in ...
+    """
+    for part, t in (("x", x), ("y", y)):
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)  # same shape as t
+        count = int(bad.sum())
+        if count:
+            sample = int(bad.reshape(len(t), -1).any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: {part} holds {count} non-finite value(s) (NaN or inf) among its "
+                f"{t.numel()} (the first in sample {sample}); training on them would turn "
+                "every weight NaN: drop or repair those samples"
+            )
+
+
+def _non_finite_parameters(model: nn.Module, budget: Budget | None) -> list[str]:
+    """Names (with counts) of the floating parameters of ``model`` and ``budget`` that show
+    divergence: NaN anywhere, or inf outside the gates (``Gate.force_`` fixes a gate with
+    ``log_alpha = +-inf``)."""
+    gate_params = {id(p) for g in gate_modules(model) for p in g.parameters()}
+    named = [(k, p) for k, p in model.named_parameters()]
+    if budget is not None:
+        named += [(f"budget.{k}", p) for k, p in budget.named_parameters()]
+    out: list[str] = []
+    for k, p in named:
+        if not p.is_floating_point():
+            continue
+        t = p.detach()
+        bad = torch.isnan(t) if id(p) in gate_params else ~torch.isfinite(t)  # same shape as p
+        count = int(bad.sum())
+        if count:
+            out.append(f"{k} ({count} of {p.numel()})")
+    return out
+
+
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """``value`` as a Python int > 0 (numpy integers accepted; bools, floats refused).
+
+    >>> import numpy as np
+    >>> _positive_int("epochs", np.int64(5))
+    5
+    >>> _positive_int("epochs", 2.5)
+    Traceback (most recent call last):
+    TypeError: epochs must be an int, got 2.5 (float)
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints too
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
+        raise ValueError(f"{name} must be an int > 0, got {value!r}")
+    return int(value)
 
 
 def _positive_float(name: str, value: object, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy floats too
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     v = float(value)
     ok = v >= 0 if allow_zero else v > 0
     if not ok or not math.isfinite(v):
@@ -795,6 +848,24 @@ def _fingerprint(*tensors: Tensor) -> str:
         h.update(f"{flat.dtype}{tuple(t.shape)};".encode())
         h.update(flat.view(torch.uint8).numpy().data)  # (N * itemsize,) raw bytes, no copy
     return h.hexdigest()
+
+
+def _latency_model_id(budget: Budget) -> str | None:
+    """SHA-256 (hex) of the budget's latency model as JSON with sorted keys (its kind,
+    coefficients, batch size, threads, structure and calibration errors), None without one.
+
+    >>> import gatedprune
+    >>> net = gatedprune.ShortcutMLP(4, [8], 2)
+    >>> _latency_model_id(gatedprune.Budget(net, torch.zeros(1, 4), flops=0.5)) is None
+    True
+    """
+    lm = budget.latency_model
+    if lm is None:
+        return None
+    canonical = json.dumps(
+        {"kind": type(lm).__name__, "model": json.loads(lm.to_json())}, sort_keys=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _short(value: Any) -> Any:
@@ -921,6 +992,14 @@ class Trainer:
     """Optimizer steps done so far."""
 
     def __post_init__(self) -> None:
+        self._check_settings()
+        self._stats: dict[str, float] = {}
+        self._stale: list[Path] = []  # checkpoints of an earlier run in checkpoint_dir
+
+    def _check_settings(self) -> None:
+        """Validate (and normalise: numpy numbers to Python ones) every setting; run at
+        construction and again at the start of :meth:`fit`, so a setting changed in between
+        (``trainer.epochs = 0``, ``trainer.lr = float("nan")``) is refused as well."""
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         if self.budget is not None:
@@ -936,14 +1015,16 @@ class Trainer:
                 )
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
-        _positive_int("epochs", self.epochs)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("trace_every", self.trace_every)
-        _positive_int("keep_checkpoints", self.keep_checkpoints)
+        self.epochs = _positive_int("epochs", self.epochs)
+        self.batch_size = _positive_int("batch_size", self.batch_size)
+        self.trace_every = _positive_int("trace_every", self.trace_every)
+        self.keep_checkpoints = _positive_int("keep_checkpoints", self.keep_checkpoints)
         if self.eval_batch_size is not None:
-            _positive_int("eval_batch_size", self.eval_batch_size)
+            self.eval_batch_size = _positive_int("eval_batch_size", self.eval_batch_size)
         if self.checkpoint_every_steps is not None:
-            _positive_int("checkpoint_every_steps", self.checkpoint_every_steps)
+            self.checkpoint_every_steps = _positive_int(
+                "checkpoint_every_steps", self.checkpoint_every_steps
+            )
         self.lr = _positive_float("lr", self.lr)
         self.gate_lr = _positive_float("gate_lr", self.gate_lr)
         if self.edge_gate_lr is not None:
@@ -952,10 +1033,11 @@ class Trainer:
         self.weight_decay = _positive_float("weight_decay", self.weight_decay, allow_zero=True)
         if not isinstance(self.progress, bool):  # nan or "no" would show the bar
             raise TypeError(f"progress must be a bool, got {self.progress!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        self.seed = int(self.seed)
         self.harden_at = _fraction_or_none("harden_at", self.harden_at)
         self.straight_through_at = _fraction_or_none(
             "straight_through_at", self.straight_through_at
@@ -964,7 +1046,7 @@ class Trainer:
         if self.snap_at == 1.0:
             raise ValueError("snap_at must be < 1 (call snap_to_budget after training instead)")
         if self.snap_round_to is not None:
-            _positive_int("snap_round_to", self.snap_round_to)
+            self.snap_round_to = _positive_int("snap_round_to", self.snap_round_to)
         self.snap_tolerance = _positive_float(
             "snap_tolerance", self.snap_tolerance, allow_zero=True
         )
@@ -986,11 +1068,7 @@ class Trainer:
         if self.checkpoint_dir is not None and not isinstance(
             self.checkpoint_dir, str | os.PathLike
         ):
-            raise TypeError(
-                f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}"
-            )
-        self._stats: dict[str, float] = {}
-        self._stale: list[Path] = []  # checkpoints of an earlier run in checkpoint_dir
+            raise TypeError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
 
     # ------------------------------------------------------------------ public API
     def fit(
@@ -1016,18 +1094,34 @@ class Trainer:
         ``checkpoint_dir`` (a new run when there is none yet); the result is identical to an
         uninterrupted run. A checkpoint written with other settings (epochs, batch size, seed,
         learning rates, weight decay, optimizer class or group settings, phases, snap,
-        budget targets and schedule, number of samples) is refused with a ``ValueError``, as
-        is a corrupted or foreign file, and so are other ``train`` or ``val`` data (compared by
-        SHA-256); the model is then left as it was. Functions (``loss_fn``, ``lr_schedule``,
-        ...) are not compared.
+        budget targets and schedule, the budget's latency model, number of samples) is
+        refused with a ``ValueError``, as is a corrupted or foreign file, and so are other
+        ``train`` or ``val`` data (compared by SHA-256); the model is then left as it was.
+        Functions (``loss_fn``, ``lr_schedule``, ...) are not compared.
         ``max_steps`` stops after that many optimizer steps in total (writing a checkpoint).
+
+        Checked before any training (``ValueError`` / ``TypeError``): every setting (again, in
+        case one was changed after construction), floating ``x`` and ``y`` (NaN or inf values
+        are refused), class labels for a cross-entropy / NLL loss (the default one for integer
+        ``y``): an integer dtype torch accepts, the shape of the model's output without its
+        class dimension and every label in ``[0, classes)`` (``ignore_index`` allowed), read
+        from one forward pass of two samples in eval mode without gradients, and that
+        ``checkpoint_dir`` can be created. A non-finite loss stops training with a
+        ``ValueError`` before that step's optimizer update, and a checkpoint is never written
+        while a parameter is NaN or inf: the checkpoints already in ``checkpoint_dir`` are kept.
         """
+        self._check_settings()
         x, y = _check_pair("train", train)
         val_pair = None if val is None else _check_pair("val", val)
         if max_steps is not None:
-            _positive_int("max_steps", max_steps)
+            max_steps = _positive_int("max_steps", max_steps)
+        if not isinstance(resume, bool):  # "no" or 0.0 would silently pick a mode
+            raise TypeError(f"resume must be a bool, got {resume!r}")
         if resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir: where should I look?")
+        _check_finite("train", x, y)
+        if val_pair is not None:
+            _check_finite("val", *val_pair)
         loss_fn = self.loss_fn if self.loss_fn is not None else _default_loss(y)
         world, rank = _dist_info()
         n = len(x)
@@ -1035,13 +1129,13 @@ class Trainer:
         total = self.epochs * spe
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
+        self._check_checkpoint_dir()
         opt = self._make_optimizer()
         base_lrs = [float(g["lr"]) for g in opt.param_groups]
         names = [g.get("name") for g in opt.param_groups]
         config = self._config(n, spe, opt)
         config["train_data"] = _fingerprint(x, y)
         config["val_data"] = None if val_pair is None else _fingerprint(*val_pair)
-        self._check_checkpoint_dir()
         if self.budget is not None and self.snap_at is not None and self.snap_round_to:
             _check_round_to(self.model, self.snap_round_to, "snap_round_to")  # not at the snap
         if self.snap_primary is not None:  # checked now, not at the snap
@@ -1051,10 +1145,18 @@ class Trainer:
                 _check_primary(self.snap_primary, self.budget.targets)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"snap_{e}") from None
+        self._check_labels(loss_fn, x, y, val_pair, device)  # before the seed: RNG unaffected
         loaded = False
         failure: Exception | None = None
         self._stale = []
-        if resume:
+        if rank == 0:  # the only rank that writes checkpoints
+            try:
+                self._make_checkpoint_dir()
+            except ValueError as e:  # under DDP every rank must learn of it, or they hang
+                if world == 1:
+                    raise
+                failure = e
+        if resume and failure is None:
             path = self.latest_checkpoint()
             if path is not None:
                 try:
@@ -1112,11 +1214,14 @@ class Trainer:
                 xb = x[local].to(device)
                 yb = y[local].to(device)
                 loss, task, penalty = module(xb, yb, scale)
+                task_f, penalty_f = float(task), float(penalty)
+                if not (math.isfinite(task_f) and math.isfinite(penalty_f)):
+                    raise self._diverged(epoch, task_f, penalty_f)  # before the update
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 self.step += 1
-                record = self._account(epoch, len(local), float(task), float(penalty))
+                record = self._account(epoch, len(local), task_f, penalty_f)
                 self._stats["time"] += time.perf_counter() - t0
                 if self.step % self.trace_every == 0 or self.step == total:
                     self._trace_point(record)
@@ -1161,14 +1266,112 @@ class Trainer:
         return [p for _, p in sorted(found)]
 
     def _check_checkpoint_dir(self) -> None:
+        """``checkpoint_dir`` must be a folder or creatable as one (checked without creating
+        it, on every rank, before any other work)."""
+        if self.checkpoint_dir is None:
+            return
+        from .io import folder_problem
+
+        why = folder_problem(Path(self.checkpoint_dir))  # a file, or under one
+        if why is not None:
+            raise ValueError(f"checkpoint_dir: {why}; pass a folder (it is created if missing)")
+
+    def _make_checkpoint_dir(self) -> None:
+        """Create ``checkpoint_dir`` (rank 0, after every other check, before training): a
+        folder that cannot be created or written to is a ``ValueError`` now, not after the
+        first epoch."""
         if self.checkpoint_dir is None:
             return
         folder = Path(self.checkpoint_dir)
-        if folder.exists() and not folder.is_dir():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
             raise ValueError(
-                f"checkpoint_dir {str(folder)!r} exists and is not a directory; pass a folder "
-                "(it is created if missing)"
+                f"checkpoint_dir {str(folder)!r} cannot be created: {e.strerror or e}"
+            ) from e
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"checkpoint_dir {str(folder)!r} is not writable")
+
+    def _diverged(self, epoch: int, task: float, penalty: float) -> ValueError:
+        """The error of a non-finite loss (raised before that step's optimizer update)."""
+        kept = ""
+        if self.checkpoint_dir is not None:
+            latest = self.latest_checkpoint()
+            kept = (
+                f"; the checkpoints in {str(self.checkpoint_dir)!r} are kept (newest: "
+                f"{latest.name})"
+                if latest is not None
+                else f"; no checkpoint was written to {str(self.checkpoint_dir)!r}"
             )
+        return ValueError(
+            f"training diverged at step {self.step + 1} (epoch {epoch + 1}): the task loss is "
+            f"{task} and the budget penalty {penalty}; stopped before this step's optimizer "
+            f"update{kept}. Lower the learning rates (lr, gate_lr, budget_lr) or check the "
+            "model and loss_fn for overflow"
+        )
+
+    def _check_labels(
+        self,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        x: Tensor,
+        y: Tensor,
+        val: tuple[Tensor, Tensor] | None,
+        device: torch.device,
+    ) -> None:
+        """Class labels for a cross-entropy / NLL loss (the default loss of integer ``y``),
+        checked before training instead of failing inside torch (validation labels: instead
+        of after the first epoch): dtype, then shape and range against the model's output on
+        the first two samples of the same ``x`` (eval mode, no gradients, every module's mode
+        restored; a model that fails on them is left to fail in training with its own error).
+        Other losses and floating targets (class probabilities) are not checked."""
+        if not isinstance(loss_fn, nn.CrossEntropyLoss | nn.NLLLoss):
+            return
+        pairs = [("train", x, y)] + ([] if val is None else [("val", *val)])
+        pairs = [(name, xs, ys) for name, xs, ys in pairs if not ys.is_floating_point()]
+        for name, _, labels in pairs:
+            if labels.dtype not in (torch.long, torch.uint8):
+                raise TypeError(
+                    f"{name}: y has dtype {labels.dtype}, but the cross-entropy loss needs class "
+                    "indices of dtype torch.long (int64), or floating class probabilities of "
+                    "the output's shape: pass y.long() (e.g. for bool or int32 labels)"
+                )
+        ignore = int(loss_fn.ignore_index)
+        for name, inputs, labels in pairs:
+            modes = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    out = self.model(inputs[:2].to(device))  # (2, C, ...)
+            except Exception:  # not a label problem: training reports it with its own error
+                return  # (e.g. x in another dtype: a resume with other data is refused first)
+            finally:
+                for m, training in modes:
+                    m.training = training
+            if not isinstance(out, Tensor):
+                return  # a structured output: the loss_fn picks its logits, not checked
+            if out.dim() < 2:
+                raise ValueError(
+                    f"the cross-entropy loss needs a model output of shape (B, C) or "
+                    f"(B, C, ...) with C class scores, got {tuple(out.shape)} for 2 samples"
+                )
+            classes, extra = int(out.shape[1]), tuple(out.shape[2:])
+            if tuple(labels.shape[1:]) != extra:
+                raise ValueError(
+                    f"{name}: y has shape {tuple(labels.shape)}, but the model's output "
+                    f"{tuple(out.shape)} (for 2 samples) needs one class label per output "
+                    f"position: y of shape {(len(labels), *extra)} (e.g. y.reshape(-1) for "
+                    "labels of shape (B, 1))"
+                )
+            lab = labels.long()  # (N, ...) uint8 too, compared with a negative ignore_index
+            bad = ((lab < 0) | (lab >= classes)) & (lab != ignore)  # (N, ...)
+            count = int(bad.sum())
+            if count:
+                also = "" if 0 <= ignore < classes else f" ({ignore}, the ignore_index, is allowed)"
+                raise ValueError(
+                    f"{name}: y holds {count} class label(s) outside [0, {classes}) (e.g. "
+                    f"{int(lab[bad][0])}), but the model outputs {classes} class scores: "
+                    f"relabel them, or give the model more outputs{also}"
+                )
 
     @staticmethod
     def _agree_on_start(
@@ -1187,7 +1390,8 @@ class Trainer:
             raise failure
         if -1 in found:
             raise ValueError(
-                f"rank {found.index(-1)} could not resume from its checkpoint (see its error)"
+                f"rank {found.index(-1)} could not start: it could not resume from its "
+                "checkpoint or create checkpoint_dir (see its error)"
             )
         if len(set(found)) > 1:
             detail = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(found))
@@ -1298,6 +1502,8 @@ class Trainer:
             }
             if self.straight_through_at is None:  # the flag is the user's, not a phase's
                 config["budget"]["straight_through"] = bool(b.straight_through)
+            # the latency model's identity: a resumed run must budget against the same one
+            config["latency_model"] = _latency_model_id(b)
         return config
 
     # ------------------------------------------------------------------ per step
@@ -1491,6 +1697,18 @@ class Trainer:
     def _save_checkpoint(
         self, opt: torch.optim.Optimizer, config: dict[str, Any], world: int, rank: int
     ) -> None:
+        # never replace good checkpoints by a diverged model (every rank checks: the DDP
+        # parameters are the same on each, so they all stop here together)
+        bad = _non_finite_parameters(self.model, self.budget)
+        if bad:
+            latest = self.latest_checkpoint()
+            kept = "none yet" if latest is None else f"newest {latest.name}"
+            raise ValueError(
+                f"training diverged by step {self.step}: NaN or inf in {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}; no checkpoint was written, those in "
+                f"{str(self.checkpoint_dir)!r} are kept ({kept}). Lower the learning rates "
+                "(lr, gate_lr, budget_lr) or check the model and loss_fn for overflow"
+            )
         # the epoch's running sums are per rank: rank 0 keeps every rank's, so that a resumed
         # run's epoch record equals the uninterrupted one (called on every rank)
         mine = torch.tensor([self._stats[k] for k in _STAT_KEYS], dtype=torch.float64)  # (4,)
