@@ -10,6 +10,7 @@ Other modes, for resuming (``OUT_DIR/ckpt-shared`` is a folder both ranks see):
 ``stop`` trains to step ``STOP`` (mid-epoch) there; ``resume`` resumes from it and writes
 ``OUT_DIR/resumed-rank{r}.safetensors``; ``unshared`` resumes with rank 1 looking in an empty
 folder of its own and writes the error each rank got to ``OUT_DIR/unshared-rank{r}.txt``.
+``bn`` trains a ShortcutConv1d with BatchNorm and writes ``OUT_DIR/bn-rank{r}.safetensors``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from gatedprune.budget import Budget
 from gatedprune.io import write_tensors
-from gatedprune.shortcut import ShortcutMLP
+from gatedprune.shortcut import ShortcutConv1d, ShortcutMLP
 from gatedprune.train import Trainer
 
 IN, WIDTHS, OUT = 12, [16, 16], 3
@@ -86,12 +87,30 @@ def resume_main(out_dir: str, mode: str, rank: int) -> None:
         write_tensors(os.path.join(out_dir, f"resumed-rank{rank}.safetensors"), tensors, meta)
 
 
+def bn_main(out_dir: str, rank: int) -> None:
+    """A network with BatchNorm: every rank must end with rank 0's statistics."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(160, 1, 16, generator=g)  # (N, 1, L)
+    y = torch.randint(0, 3, (160,), generator=g)  # (N,)
+    torch.manual_seed(100 + rank)
+    net = ShortcutConv1d(1, [[6, 6], [8]], 3, input_length=16)
+    budget = Budget(net, x[:1], flops=0.3, warmup_steps=10)
+    t = Trainer(net, budget=budget, epochs=3, batch_size=20, progress=False, seed=5)
+    t.fit(train=(x, y), val=(x[:40], y[:40]))
+    tensors = {f"final/{k}": v for k, v in net.state_dict().items()}
+    meta = {"rank": rank, "history": t.history}
+    write_tensors(os.path.join(out_dir, f"bn-rank{rank}.safetensors"), tensors, meta)
+
+
 def main(out_dir: str, mode: str = "full") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     if mode != "full":
-        resume_main(out_dir, mode, rank)
+        if mode == "bn":
+            bn_main(out_dir, rank)
+        else:
+            resume_main(out_dir, mode, rank)
         dist.barrier()
         dist.destroy_process_group()
         return

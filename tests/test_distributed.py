@@ -152,3 +152,15 @@ def test_ranks_resuming_from_different_steps_are_refused(ddp_resumed: Path) -> N
     for r in range(2):
         message = (ddp_resumed / f"unshared-rank{r}.txt").read_text()
         assert f"different steps (rank 0: step {ddp_worker.STOP}, rank 1: step 0)" in message
+
+
+def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path: Path) -> None:
+    # before: DDP broadcasts buffers at the start of each forward, so after the last step each
+    # rank held statistics updated on its own shard: validation and final models differed
+    _torchrun(tmp_path, "bn")
+    (r0, m0), (r1, m1) = (read_tensors(tmp_path / f"bn-rank{r}.safetensors") for r in range(2))
+    stats = [k for k in r0 if "running_" in k]
+    assert stats
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    assert [h["val_loss"] for h in m0["history"]] == [h["val_loss"] for h in m1["history"]]

@@ -499,3 +499,35 @@ def test_read_only_checkpoint_dir_is_refused_before_training(
             trainer.fit((x, y))
     finally:
         folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("harden_at", [None, 0.5])
+def test_sigmoid_gates_get_the_exact_cost_only_once_hardened(harden_at: float | None) -> None:
+    # before: with the default straight_through_at=0.0 the penalty used the exact cost of
+    # unhardened sigmoid gates (always the all-open 1.0): lambda wound up and drove the expected
+    # FLOPs to ~0.02 for a 0.5 target
+    torch.manual_seed(0)
+    x = torch.randn(600, 10)
+    y = (x @ torch.randn(10, 3)).argmax(1)
+    net = gp.ShortcutMLP(10, [32, 32], 3, gate="sigmoid")
+    budget = gp.Budget(net, x[:1], flops=0.5, warmup_steps=50)
+    states: list[bool] = []
+    trainer = gp.Trainer(
+        net,
+        budget=budget,
+        epochs=8,
+        batch_size=50,
+        progress=False,
+        harden_at=harden_at,
+        snap_at=None,
+        on_step=lambda t, _: states.append(bool(budget.straight_through)),
+    )
+    history = trainer.fit(train=(x, y))
+    before = [h["expected_flops"] for h in history if h["epoch"] <= 4]
+    assert min(before) > 0.3  # the Lagrangian tracks the target instead of collapsing
+    assert max(abs(h["lambda1_flops"]) for h in history if h["epoch"] <= 4) < 2.0
+    if harden_at is None:
+        assert not any(states)
+    else:  # straight-through from the step the gates are hardened
+        assert not any(states[: len(states) // 2 - 1])
+        assert all(states[len(states) // 2 + 1 :])

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from .base import GatedModule
 from .budget import Budget
-from .gates import Gate, gate_modules, harden
+from .gates import Gate, SigmoidGate, gate_modules, harden
 
 __all__ = ["Trainer", "constant_lr", "cosine_lr", "rewound_cosine_lr", "snap_to_budget"]
 
@@ -752,6 +752,18 @@ def _check_pair(name: str, pair: object) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def _sync_buffers(model: nn.Module, world: int) -> None:
+    """Under DDP, give every rank rank 0's buffers (BatchNorm statistics): DDP broadcasts
+    them at the start of each forward, so after a step each rank holds statistics updated on
+    its own shard, and the ranks' validation and final models would differ."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
+
+
 def _check_finite(name: str, x: Tensor, y: Tensor) -> None:
     """Refuse NaN or inf in floating (or complex) ``x`` / ``y``: one bad value turns every
     weight NaN within a few steps.
@@ -994,6 +1006,7 @@ class Trainer:
     def __post_init__(self) -> None:
         self._check_settings()
         self._stats: dict[str, float] = {}
+        self._sigmoid_gates: list[SigmoidGate] = []  # set by fit
         self._stale: list[Path] = []  # checkpoints of an earlier run in checkpoint_dir
 
     def _check_settings(self) -> None:
@@ -1179,6 +1192,7 @@ class Trainer:
             if rank == 0:  # an earlier run's checkpoints, superseded by this run's first one
                 self._stale = self._checkpoints()
 
+        self._sigmoid_gates = [g for g in gate_modules(self.model) if isinstance(g, SigmoidGate)]
         objective = _Objective(self.model, self.budget, loss_fn)
         module: nn.Module = objective
         if world > 1:
@@ -1232,6 +1246,7 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(self, record)
                 if self.step % spe == 0:
+                    _sync_buffers(self.model, world)  # validate rank 0's BatchNorm statistics
                     line = self._end_epoch(epoch, val_pair, loss_fn, world, opt)
                     if show:
                         if bar is not None:
@@ -1241,6 +1256,7 @@ class Trainer:
                 if checkpointing and self._checkpoint_due(spe, total):
                     self._save_checkpoint(opt, config, world, rank)
                     last_saved = self.step
+            _sync_buffers(self.model, world)  # every rank ends with rank 0's model
             snapped_late = self.step >= total and self._snap_if_missed()
             if checkpointing and (last_saved != self.step or snapped_late):
                 self._save_checkpoint(opt, config, world, rank)
@@ -1523,7 +1539,10 @@ class Trainer:
         if self.harden_at is not None and progress >= self.harden_at:
             harden(self.model)
         if self.budget is not None and self.straight_through_at is not None:
-            self.budget.straight_through = progress >= self.straight_through_at
+            # a sigmoid gate is never exactly 0 before it is hardened: the exact cost would
+            # stay at the all-open one and wind the multipliers up, so wait for harden_at
+            soft = any(not bool(g.hardened) for g in self._sigmoid_gates)
+            self.budget.straight_through = progress >= self.straight_through_at and not soft
         if frozen and self.budget is not None and (self.step - 1) / total < (self.snap_at or 0):
             self._snap(self.budget)
 
