@@ -1048,7 +1048,7 @@ def test_snap_keeps_the_unrounded_decisions_when_rounding_down_exceeds_the_targe
     budget = Budget(net, torch.zeros(1, 16), flops=0.2)
     before = budget.achieved()
     assert before["flops"] <= 0.2
-    got = snap_to_budget(budget, tolerance=0.2, round_to=16)
+    got = snap_to_budget(budget, tolerance=0.19, round_to=16)  # below the 0.2 target
     assert got == before
     assert [int(layer.unit_gate.is_open().sum()) for layer in net.layers] == [3, 3]
 

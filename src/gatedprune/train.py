@@ -166,9 +166,20 @@ def snap_to_budget(
     unrounded decisions are kept.
     The greedy follows the learned ranking; when it ends below the window with no single gate
     left to open, compound moves are tried (open one closed gate that overshoots, close the
-    least probable others until the cost fits; the best decisions visited are kept), and
-    where none reaches the window the result stays below it.
+    least probable others until the cost fits; the best decisions visited are kept), then,
+    if still outside it, swaps (reopen one of the 32 most probable closed gates and close one
+    of the 32 least probable open ones; of the swaps landing in the window, the one that
+    changes the learned decisions least) and, when no swap lands there, moves of three flips
+    (one gate opened and two closed or the reverse; at most 256 evaluated).
+    Where none reaches the window the result stays below it. Decisions the greedy brings into
+    the window are kept as they are. With ``round_to`` no swaps are tried (the rounding
+    changes the decisions anyway; it has its own pair moves).
     Deterministic, so every DDP rank makes the same decisions.
+
+    ``tolerance`` must be finite, >= 0 and below the target it brings the cost within
+    (``primary``'s, else every target), or the window would reach down to 0 (a
+    ``ValueError`` names the value and that target); a target at or below its
+    :attr:`Budget.floor` is exempt (the snap ends at the floor whatever the tolerance).
 
     >>> import torch, gatedprune
     >>> _ = torch.manual_seed(0)
@@ -183,6 +194,7 @@ def snap_to_budget(
     if not isinstance(at_most, bool):  # None or "no" would silently pick a window
         raise TypeError(f"at_most must be a bool, got {at_most!r}")
     _check_primary(primary, budget.targets)
+    _check_tolerance(tolerance, tol, budget, primary)
     if round_to is not None:
         round_to = _positive_int("round_to", round_to)
         _check_round_to(budget.model, round_to)  # before any gate changes
@@ -213,6 +225,8 @@ def snap_to_budget(
             break
     if window.all_below(current):
         current = _compound_reopen(budget, gates, masks, learned, window, current)
+    if round_to is None and not window.inside(current):  # round_to has its own pair moves
+        current = _swap_search(budget, gates, masks, learned, window, current)
     if round_to is not None:
         by_id = {id(g): p for g, p in zip(gates, learned, strict=True)}
         current = _round_widths(budget, round_to, by_id, window)
@@ -350,6 +364,142 @@ def _compound_reopen(
     return _fill(budget, gates, masks, probs, window, lambda g: False)
 
 
+_SWAP_CANDIDATES = 32
+"""How many closed gates (the most probable first) and open gates (the least probable first)
+:func:`_swap_search` pairs, bounding its swaps to 32 x 32 exact cost evaluations."""
+_SWAP_SCAN = 4 * _SWAP_CANDIDATES
+"""How many closed and open gates :func:`_swap_search` flips alone to find its candidates
+(a gate whose flip changes no cost, or whose opening alone stays under the window, is none)."""
+_TRIPLE_CANDIDATES = 12
+"""How many of the swap candidates (each side) :func:`_swap_search` combines into moves of
+three flips (one gate opened and two closed, or two opened and one closed)."""
+_TRIPLE_EVALS = 256
+"""Bound on the exact cost evaluations of the three-flip moves of :func:`_swap_search`."""
+
+_Slot = tuple[int, int]  # (gate index, group index): what _Decisions.set flips
+
+
+def _swap_search(
+    budget: Budget,
+    gates: list[Gate],
+    masks: list[Tensor],
+    probs: list[Tensor],
+    window: _Window,
+    current: dict[str, float],
+) -> dict[str, float]:
+    """Outside the window after the greedy rounds and :func:`_compound_reopen` (below it,
+    with no single opening left that fits, or, without ``at_most``, above a ceiling), try
+    swaps: reopen one closed gate and close one open gate. The reopened gate is one of the
+    ``_SWAP_CANDIDATES`` most probable closed gates whose opening alone reaches the window
+    (one that stays below it cannot: costs only grow with openings), the closed one one of
+    the ``_SWAP_CANDIDATES`` least probable open gates whose closing lowers a cost. Of the
+    swaps that land in the window the one that changes the learned decisions least is taken:
+    the lowest sum, over the flipped gates, of the probability of the state each leaves (the
+    reopened gate's closed probability plus the closed gate's open probability; ties by
+    position). The summed cost changes of the flips alone predict a move's cost (exactly
+    when the gates do not interact): swaps predicted in the window are evaluated first, and
+    a swap only while it could still beat the best one found. When no swap lands in the
+    window, moves of three flips (one of the ``_TRIPLE_CANDIDATES`` first candidates opened
+    and two closed, or two opened and one closed) whose cost, predicted from the swaps'
+    exact costs, lies in the window are evaluated, the least change first (at most
+    ``_TRIPLE_EVALS`` of them), and the first that lands there is taken. Deterministic; when
+    no move lands in the window nothing changes. ``masks`` are updated in place; returns the
+    cost fractions."""
+    d = _Decisions(budget, gates, masks, probs, window)
+    prob = {(gi, i): p for p, gi, i in d.order}
+
+    def cost_of(opened: tuple[_Slot, ...], closed: tuple[_Slot, ...]) -> dict[str, float]:
+        """The cost fractions with ``opened`` opened and ``closed`` closed (then undone)."""
+        for s in opened:
+            d.set(*s, True)
+        for s in closed:
+            d.set(*s, False)
+        c = d.achieved()
+        for s in closed:
+            d.set(*s, True)
+        for s in opened:
+            d.set(*s, False)
+        return c
+
+    def left(opened: tuple[_Slot, ...], closed: tuple[_Slot, ...]) -> float:
+        """The summed probability of the states the flipped gates leave."""
+        return sum(1.0 - prob[s] for s in opened) + sum(prob[s] for s in closed)
+
+    def candidates(opening: bool) -> dict[_Slot, dict[str, float]]:
+        """Closed gates to open (the most probable first) or open gates to close (the least
+        probable first), each with the cost fractions its flip alone leads to."""
+        found: dict[_Slot, dict[str, float]] = {}
+        scanned = 0
+        for _, gi, i in reversed(d.order) if opening else d.order:
+            if len(found) == _SWAP_CANDIDATES or scanned == _SWAP_SCAN:
+                break
+            if d.is_set(gi, i) == opening:
+                continue
+            scanned += 1
+            c = cost_of(((gi, i),), ()) if opening else cost_of((), ((gi, i),))
+            # an opening that stays under the window, or a closing that saves nothing, is none
+            if not window.all_below(c) if opening else any(c[k] < current[k] for k in c):
+                found[gi, i] = c
+        return found
+
+    opens, closes = candidates(True), candidates(False)
+
+    def predicted(c: Mapping[str, float]) -> int:
+        """0: in the window, 1: above it, 2: below it."""
+        return 0 if window.inside(c) else 1 if window.any_above(c) else 2
+
+    def summed(*terms: tuple[int, Mapping[str, float]]) -> dict[str, float]:
+        """``current`` plus the given multiples of the changes from it."""
+        return {k: v + sum(n * (t[k] - v) for n, t in terms) for k, v in current.items()}
+
+    swaps = sorted(
+        (predicted(summed((1, up), (1, down))), left((a,), (b,)), a, b)
+        for a, up in opens.items()
+        for b, down in closes.items()
+    )
+    best: tuple[tuple[float, tuple[_Slot, ...], tuple[_Slot, ...]], dict[str, float]] | None
+    best = None
+    exact: dict[tuple[_Slot, _Slot], dict[str, float]] = {}
+    for _, change, a, b in swaps:
+        key = (change, (a,), (b,))
+        if best is not None and key >= best[0]:
+            continue  # cannot beat the best swap found
+        exact[a, b] = cost_of((a,), (b,))
+        if window.inside(exact[a, b]):
+            best = (key, exact[a, b])
+    if best is None:  # every swap evaluated: three flips, predicted from the swaps
+        ups, downs = list(opens)[:_TRIPLE_CANDIDATES], list(closes)[:_TRIPLE_CANDIDATES]
+        moves = sorted(
+            [
+                (left((a,), (b, e)), (a,), (b, e))
+                for a in ups
+                for j, b in enumerate(downs)
+                for e in downs[j + 1 :]
+                if window.inside(summed((1, exact[a, b]), (1, exact[a, e]), (-1, opens[a])))
+            ]
+            + [
+                (left((a, e), (b,)), (a, e), (b,))
+                for j, a in enumerate(ups)
+                for e in ups[j + 1 :]
+                for b in downs
+                if window.inside(summed((1, exact[a, b]), (1, exact[e, b]), (-1, closes[b])))
+            ]
+        )
+        for change, opened, closed in moves[:_TRIPLE_EVALS]:
+            c = cost_of(opened, closed)
+            if window.inside(c):
+                best = ((change, opened, closed), c)
+                break
+    if best is None:
+        return current
+    _, opened, closed = best[0]
+    for s in opened:
+        d.set(*s, True)
+    for s in closed:
+        d.set(*s, False)
+    return best[1]
+
+
 def _is_rounded(model: nn.Module, multiple: int) -> bool:
     """Whether every layer width is 0, full, or a multiple of ``multiple`` (see ``round_to``)."""
     return all(_legal_width(g, int(g.is_open().sum()), multiple) for g in _width_gates(model))
@@ -465,6 +615,26 @@ def _check_primary(primary: object, targets: Mapping[str, float]) -> None:
         raise ValueError(
             f"primary={primary!r} is not a target of this budget: expected one of "
             f"{sorted(targets)} or None"
+        )
+
+
+def _check_tolerance(
+    value: object, tol: float, budget: Budget, primary: str | None, name: str = "tolerance"
+) -> None:
+    """``tol`` (``value`` checked finite and >= 0) must lie below the target the snap brings
+    the cost within: ``primary``'s, else every target (any may be the binding one); a window
+    reaching down to 0 would accept any decisions under the ceilings. A target at or below
+    its floor (:attr:`Budget.floor`, every gate closed) is exempt: the snap ends at the floor
+    whatever the tolerance."""
+    binding = budget.targets if primary is None else {primary: budget.targets[primary]}
+    reachable = {k: t for k, t in binding.items() if t > budget.floor[k]}
+    if not reachable:
+        return
+    key = min(reachable, key=lambda k: (reachable[k], k))
+    if tol >= reachable[key]:
+        raise ValueError(
+            f"{name} must be >= 0 and below the target the snap brings the cost within "
+            f"({key}={reachable[key]:g}), got {value}"
         )
 
 
@@ -1158,6 +1328,14 @@ class Trainer:
                 _check_primary(self.snap_primary, self.budget.targets)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"snap_{e}") from None
+        if self.budget is not None and self.snap_at is not None:  # now, not at the snap
+            _check_tolerance(
+                self.snap_tolerance,
+                self.snap_tolerance,
+                self.budget,
+                self.snap_primary,
+                "snap_tolerance",
+            )
         self._check_labels(loss_fn, x, y, val_pair, device)  # before the seed: RNG unaffected
         loaded = False
         failure: Exception | None = None
