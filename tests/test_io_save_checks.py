@@ -459,3 +459,16 @@ def test_plain_net_refuses_a_non_spec() -> None:
         PlainShortcutNet(None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"got dict .*from_config"):
         PlainShortcutNet(_mlp().to_config())  # type: ignore[arg-type]
+
+
+def test_a_switched_off_channels_last_path_is_saved(tmp_path: Path) -> None:
+    # before: load always rebuilt the network with the channels-last path on
+    net = gp.prune(gp.ShortcutConv1d(1, [[4], [4]], 3).eval())
+    f = tmp_path / "net.safetensors"
+    for flag in (False, True):
+        net.channels_last = flag
+        gp.save(net, f)
+        loaded = gp.load(f)
+        assert isinstance(loaded, gp.PlainShortcutNet)
+        assert loaded.channels_last is flag
+        assert ("overrides" in net.to_config()) is (not flag)

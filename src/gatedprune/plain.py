@@ -624,8 +624,10 @@ class PlainShortcutNet(nn.Module):
         when layers hold other settings than the spec builds: per-layer ``"activation"`` names
         (an activation replaced by another class of :data:`~gatedprune.layout.ACTIVATIONS`,
         ``net.layers[0].act = nn.Tanh()``) and BatchNorm ``"norm_eps"`` / ``"norm_momentum"``,
-        one entry per layer. Modules it cannot describe (another activation class, an edited
-        convolution) keep the spec's entry: :func:`gatedprune.save` refuses such a model.
+        one entry per layer, and ``"channels_last": false`` when a spatial network's
+        channels-last eval path is switched off. Modules it cannot describe (another activation
+        class, an edited convolution) keep the spec's entry: :func:`gatedprune.save` refuses
+        such a model.
 
         >>> from gatedprune.layout import LayerSpec, NetSpec
         >>> net = PlainShortcutNet(NetSpec(False, 3, (LayerSpec((0,), 4),), (1,), 2))
@@ -641,9 +643,10 @@ class PlainShortcutNet(nn.Module):
             config[_OVERRIDES] = overrides
         return config
 
-    def _overrides(self) -> dict[str, list[Any]]:
+    def _overrides(self) -> dict[str, Any]:
         """Per-layer settings that differ from what the spec builds, one list entry per layer
-        for each kind of setting that differs somewhere (see :meth:`to_config`)."""
+        for each kind of setting that differs somewhere (see :meth:`to_config`), and
+        ``"channels_last": false`` for a spatial network with that eval path switched off."""
         acts: list[str] = []
         eps: list[float] = []
         momentum: list[float | None] = []
@@ -661,7 +664,9 @@ class PlainShortcutNet(nn.Module):
             else:
                 eps.append(_BN_EPS)
                 momentum.append(_BN_MOMENTUM)
-        out: dict[str, list[Any]] = {}
+        out: dict[str, Any] = {}
+        if self.spec.spatial and not self.__dict__.get("channels_last", True):
+            out["channels_last"] = False
         if any(a != self.spec.activation for a in acts):
             out["activation"] = acts
         if self.spec.norm and any(e != _BN_EPS for e in eps):
@@ -675,14 +680,22 @@ class PlainShortcutNet(nn.Module):
         ``ValueError`` for anything else)."""
         if not isinstance(overrides, dict):
             raise ValueError(f"overrides must be a JSON object, got {overrides!r}")
-        unknown = sorted(set(overrides) - {"activation", "norm_eps", "norm_momentum"})
+        known = {"activation", "norm_eps", "norm_momentum", "channels_last"}
+        unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(
-                f"unknown overrides {unknown} (this gatedprune knows 'activation', 'norm_eps' "
-                "and 'norm_momentum'; a newer version may have written them)"
+                f"unknown overrides {unknown} (this gatedprune knows {sorted(known)}; a newer "
+                "version may have written them)"
             )
+        if "channels_last" in overrides:
+            flag = overrides["channels_last"]
+            if not isinstance(flag, bool):
+                raise ValueError(f"overrides 'channels_last' must be true or false, got {flag!r}")
+            self.channels_last = flag
         n = len(self.layers)
         for key, values in overrides.items():
+            if key == "channels_last":
+                continue
             if not isinstance(values, list) or len(values) != n:
                 raise ValueError(f"overrides {key!r} must be a list of {n} entries, got {values!r}")
             if key != "activation" and not self.spec.norm:
