@@ -336,8 +336,12 @@ def test_steady_allocator_sets_glibc_thresholds_and_refuses_bad_values() -> None
         gp.steady_allocator(0)
     with pytest.raises(ValueError, match=r"mmap_threshold must be in .* got 67108864"):
         gp.steady_allocator(64 << 20)
-    with pytest.raises(ValueError, match="trim_threshold must be >= 0 bytes, got -1"):
+    with pytest.raises(ValueError, match=r"trim_threshold must be in \[0, 2147483647\] bytes"):
         gp.steady_allocator(trim_threshold=-1)
+    # before: 2**40 was passed to mallopt's C int as 0 (trim at every free) and reported as set
+    for big in (2**31, 2**40):
+        with pytest.raises(ValueError, match=rf"C int\), got {big}"):
+            gp.steady_allocator(trim_threshold=big)
     with pytest.raises(TypeError, match="mmap_threshold must be an int number of bytes"):
         gp.steady_allocator(1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="trim_threshold must be an int number of bytes"):

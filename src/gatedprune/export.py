@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ from torch.jit._trace import TracerWarning
 from .base import GatedModule
 from .io import atomic_write
 from .layout import check_flag
+from .plain import PlainShortcutNet
 
 __all__ = ["export_onnx", "onnx_session"]
 
@@ -94,6 +96,11 @@ def onnx_session(path: str | Path | bytes, *, threads: int | None = None) -> Any
 
 
 def _check_dims(example: Tensor, dynamic_dims: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(dynamic_dims, str | bytes) or not isinstance(dynamic_dims, Sequence):
+        raise TypeError(
+            f"dynamic_dims must be a sequence of input dimensions such as (0,), got "
+            f"{dynamic_dims!r}"
+        )
     dims: list[int] = []
     for d in dynamic_dims:
         if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < example.dim():
@@ -161,8 +168,16 @@ def export_onnx(
         raise TypeError(f"example_input must be floating point, got dtype {example_input.dtype}")
     dims = _check_dims(example_input, dynamic_dims)
     for name, tol in (("atol", atol), ("rtol", rtol)):
-        if isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {tol!r}")
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}")
+    spatial = [m for m in model.modules() if isinstance(m, PlainShortcutNet) and m.spec.spatial]
+    if spatial and any(d >= 2 for d in dims):  # its pooled read-out follows the length
+        raise ValueError(
+            f"dynamic_dims {dims}: the length of a pruned ShortcutConv1d cannot be dynamic in "
+            "ONNX (its pooling windows and read-out are traced at the example's length, so the "
+            "graph would be wrong at another one); export at the length you run, with "
+            "dynamic_dims=(0,)"
+        )
     check = check_flag("check", check)  # "no" would be truthy: run the check
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")

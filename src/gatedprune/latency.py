@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import random
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,18 @@ CALIBRATION_WARN_ERROR = 0.10
 """A calibration whose held-out median relative error exceeds this warns (``UserWarning``).
 On a quiet machine the demo networks calibrate to 1-5%; calibrations that overlapped other
 work measured 13-20%."""
+
+
+def check_errors(median_error: object, max_error: object) -> None:
+    """A latency model's held-out errors must be finite numbers >= 0 (a tampered file).
+
+    >>> check_errors(0.02, 0.05)
+    """
+    for name, value in (("median_error", median_error), ("max_error", max_error)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number >= 0, got {value!r}")
+        if not 0 <= float(value) < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def warn_if_unreliable(median_error: float, what: str) -> None:
@@ -145,12 +158,13 @@ class LatencyModel:
             )
         if any(not math.isfinite(c) or c < 0 for c in self.coef):
             raise ValueError(f"coef must be finite and >= 0, got {self.coef}")
-        for name in ("batch_size", "threads"):
+        for name, low in (("batch_size", 1), ("threads", 1), ("samples", 0)):  # 0: set by hand
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-            if value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_errors(self.median_error, self.max_error)
         spec = self.spec
         want = (1, spec.in_width, "L") if spec.spatial else (1, spec.in_width)
         shape = self.sample_shape
@@ -257,8 +271,12 @@ class LatencyModel:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         net._check_input(example_input)
         sample_shape = (1, *example_input.shape[1:])
-        rng = random.Random(seed)
-        gen = torch.Generator().manual_seed(seed)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int >= 0, got {seed!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        rng = random.Random(int(seed))
+        gen = torch.Generator().manual_seed(int(seed))
         models: dict[str, nn.Module] = {}
         features: list[list[float]] = []
         for i in range(samples + 1):

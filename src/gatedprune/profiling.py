@@ -40,6 +40,9 @@ def _check_int(name: str, value: object, low: int) -> int:
     return int(value)
 
 
+_INT_MAX = 2**31 - 1
+
+
 def steady_allocator(
     mmap_threshold: int = 32 << 20, trim_threshold: int = 512 << 20
 ) -> tuple[int, int] | None:
@@ -66,8 +69,11 @@ def steady_allocator(
             raise TypeError(f"{name} must be an int number of bytes, got {value!r}")
     if not 0 < mmap_threshold <= 32 << 20:  # glibc's largest on 64-bit systems
         raise ValueError(f"mmap_threshold must be in (0, 32 MiB], got {mmap_threshold!r}")
-    if trim_threshold < 0:
-        raise ValueError(f"trim_threshold must be >= 0 bytes, got {trim_threshold!r}")
+    if not 0 <= trim_threshold <= _INT_MAX:  # mallopt takes a C int
+        raise ValueError(
+            f"trim_threshold must be in [0, {_INT_MAX}] bytes (mallopt takes a C int), got "
+            f"{trim_threshold!r}"
+        )
     if not sys.platform.startswith("linux"):
         return None
     try:

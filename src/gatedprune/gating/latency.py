@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..latency import _json_int, _json_number, nonnegative_least_squares, warn_if_unreliable
+from ..latency import (
+    _json_int,
+    _json_number,
+    check_errors,
+    nonnegative_least_squares,
+    warn_if_unreliable,
+)
 from ..profiling import compare_latency
 from ..prune import prune
 from ..strict_json import DuplicateKeyError, loads_strict
@@ -116,6 +123,12 @@ class GatedLatencyModel:
                 raise TypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_errors(self.median_error, self.max_error)
+        shape = self.input_shape
+        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(f"input_shape must be a non-empty shape of ints >= 1, got {shape!r}")
+        if not isinstance(self.structure, str) or not self.structure:
+            raise ValueError(f"structure must be a non-empty key string, got {self.structure!r}")
 
     # ------------------------------------------------------------------ use
     def check_model(self, model: nn.Module) -> InsertedGating:
@@ -192,8 +205,12 @@ class GatedLatencyModel:
                 raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        rng = random.Random(seed)
-        gen = torch.Generator().manual_seed(seed)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int >= 0, got {seed!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        rng = random.Random(int(seed))
+        gen = torch.Generator().manual_seed(int(seed))
         saved = {k: v.clone() for k, v in gating.state_dict().items()}
         width_ids = {id(g) for g in gating.group_gates}
         block_ids = {id(g) for g in gating.block_gates}
