@@ -285,3 +285,20 @@ def test_calibrate_warns_when_the_timings_are_too_noisy_to_fit(
     with pytest.warns(UserWarning, match=r"GatedLatencyModel.calibrate: held-out median"):
         lm = gp.GatedLatencyModel.calibrate(model, x, samples=12)
     assert lm.median_error > 0.1
+
+
+@pytest.mark.parametrize("other", [{"kernel_size": 5}, {"num_classes": 5}])
+def test_a_model_with_other_layer_settings_is_refused(other: dict[str, int]) -> None:
+    # before: the structure key had gates, blocks and calls only: a ResNet1d with another kernel
+    # size or class count (other FLOPs per sample) was accepted
+    x = torch.zeros(1, 1, 32)
+    model = ResNet1d(widths=(8, 16), blocks=(1, 1))
+    gate_(model, x)
+    lm = fixed_latency_model(model, (0.01, 0.002, 1e-6))
+    twin = ResNet1d(widths=(8, 16), blocks=(1, 1))
+    gate_(twin, x)
+    gp.Budget(twin, x, latency=0.5, latency_model=lm)  # the same structure: accepted
+    changed = ResNet1d(widths=(8, 16), blocks=(1, 1), **other)
+    gate_(changed, x)
+    with pytest.raises(ValueError, match="calibrated for another gated model"):
+        gp.Budget(changed, x, latency=0.5, latency_model=lm)

@@ -61,8 +61,11 @@ def inserted_gating(model: nn.Module) -> InsertedGating:
 
 def structure_key(gating: InsertedGating) -> str:
     """A digest of what the gated model's cost depends on: the gated input shape, the gate
-    sizes, the blocks, the new shortcuts and the module calls of its traced graph."""
+    sizes, the blocks, the new shortcuts, the module calls of its traced graph and the
+    all-open model's FLOPs and parameter terms (a kernel size or class count of its own)."""
+    t = gating.terms
     desc = {
+        "dense": [float(t.f_coef.sum()), float(t.p_coef.sum()), float(t.e_coef.sum())],
         "input_shape": list(gating.input_shape),
         "groups": [int(g.n) for g in gating.group_gates],  # type: ignore[arg-type]
         "blocks": [list(b) for b in gating.block_nodes],
