@@ -87,3 +87,11 @@ def test_onnx_export_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="length of a pruned ShortcutConv1d cannot be dynamic"):
         gp.export_onnx(conv, torch.zeros(4, 1, 16), tmp_path / "c.onnx", dynamic_dims=(0, 2))
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_calibrating_a_conv_net_without_input_length_says_so_up_front() -> None:
+    # before: a ValueError from one of calibrate's random pruned copies, about a layer that
+    # computes a constant
+    net = gp.ShortcutConv1d(1, [[8, 8], [16]], 3)
+    with pytest.raises(ValueError, match=r"constructed with input_length=16"):
+        gp.LatencyModel.calibrate(net, torch.randn(1, 1, 16), batch_size=8, samples=4, rounds=1)

@@ -270,6 +270,13 @@ class LatencyModel:
             if value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         net._check_input(example_input)
+        if net.spec.spatial and net.spec.input_length is None:
+            raise ValueError(
+                "LatencyModel.calibrate needs a ShortcutConv1d constructed with "
+                f"input_length={example_input.shape[-1]} (the example's length): its randomly "
+                "pruned copies may keep a layer that computes a constant, whose map depends on "
+                "the length"
+            )
         sample_shape = (1, *example_input.shape[1:])
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int >= 0, got {seed!r}")
