@@ -304,3 +304,52 @@ def test_final_state_reads_are_pruned_through(lstm: bool, form: str, seed: int) 
     model.eval()
     pruned = gp.prune(model).eval()
     assert _max_diff(model, pruned, torch.randn(2, 7, 3)) <= 1e-5
+
+
+class _Encoder(nn.Module):
+    def __init__(self, nhead: int, ff: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(8, nhead, ff, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.enc(self.inp(x))  # (B, T, 8)
+        a, _ = self.att(h, h, h, need_weights=False)  # (B, T, 8)
+        y: Tensor = self.out((h + a).mean(1))  # (B, 3)
+        return y
+
+
+@pytest.mark.parametrize(("nhead", "ff"), [(1, 1), (2, 4)])
+def test_closing_every_head_and_unit_removes_them(nhead: int, ff: int) -> None:
+    # before: head and unit groups kept one closed head / unit (computed, multiplied by 0): with
+    # nhead=1 and dim_feedforward=1 closing them changed nothing
+    torch.manual_seed(0)
+    model = _Encoder(nhead, ff)
+    x = torch.randn(2, 5, 4)
+    dense = gp.cost(model, x)
+    gate_(model, x)
+    g = inserted_gating(model)
+    heads_units = {gh for _, gh in g.attentions}
+    heads_units |= {i for _, gh, gu, _, _ in g.transformers for i in (gh, gu)}
+    for i in heads_units:
+        gate = g._group_list()[i]
+        gate.force_(torch.zeros(gate.n, dtype=torch.bool))
+    model.eval()
+    pruned = gp.prune(model).eval()
+    layer = pruned.enc.layers[0]
+    assert layer.self_attn.num_heads == 0
+    assert layer.linear1.out_features == 0
+    assert pruned.att.num_heads == 0
+    assert _max_diff(model, pruned, torch.randn(3, 6, 4)) <= 1e-5
+    plain = gp.cost(pruned, x)
+    assert isinstance(dense, gp.Cost)
+    assert isinstance(plain, gp.Cost)
+    assert plain.flops < dense.flops
+    assert plain.params < dense.params
+    assert float(gp.cost(model, x, hard=True).flops) == plain.flops
+    replayed = apply_plan(_Encoder(nhead, ff), json.loads(json.dumps(export_plan(model))))
+    replayed.load_state_dict(pruned.state_dict())
+    assert _max_diff(replayed.eval(), pruned, x) == 0.0

@@ -1136,7 +1136,7 @@ def gate_(
                 continue
             attentions.append((name, len(sizes)))
             sizes.append(m.num_heads)
-            clamp.append(True)
+            clamp.append(False)  # all heads closed: the output is out_proj.bias
             summary.attentions.append((name, m.num_heads))
             continue
         if not isinstance(m, nn.TransformerEncoderLayer):
@@ -1152,7 +1152,7 @@ def gate_(
         n_heads, n_units = m.self_attn.num_heads, m.linear1.out_features
         base = len(sizes)
         sizes.extend([n_heads, n_units, 1, 1])
-        clamp.extend([True, True, False, False])
+        clamp.extend([False, False, False, False])  # a layer can drop all heads or units
         transformers.append((name, base, base + 1, base + 2, base + 3))
         summary.transformers.append((name, n_heads, n_units))
     handled = {name for name, *_ in transformers} | {name for name, _ in attentions}

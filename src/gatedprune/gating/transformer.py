@@ -21,8 +21,10 @@ whose ``forward`` is the plain loop over its layers, so its layers are visible t
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,6 +250,19 @@ class GatedMultiheadAttention(nn.MultiheadAttention):
         )
 
 
+def _no_empty_init_warning() -> contextlib.AbstractContextManager[None]:
+    """Silence PyTorch's warning that initialising a zero-element weight does nothing (a
+    pruned attention without heads, an FFN without units: their weights are copied anyway)."""
+    return _filtered("Initializing zero-element tensors is a no-op")
+
+
+@contextlib.contextmanager
+def _filtered(message: str) -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=message)
+        yield
+
+
 class PrunedMultiheadAttention(nn.Module):
     """Multi-head attention with ``num_heads`` heads of ``head_dim`` (``num_heads * head_dim``
     may be smaller than ``embed_dim``); parameter names as in ``nn.MultiheadAttention``.
@@ -295,8 +310,9 @@ class PrunedMultiheadAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(w)
         b = torch.zeros(3 * inner, device=device, dtype=dtype)  # (3 H d,)
         self.in_proj_bias = nn.Parameter(b) if bias else None
-        self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias, device=device, dtype=dtype)
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        with _no_empty_init_warning():  # all heads pruned: zero-size weights
+            self.out_proj = nn.Linear(inner, embed_dim, bias=out_bias, device=device, dtype=dtype)
+            nn.init.xavier_uniform_(self.in_proj_weight)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
@@ -670,8 +686,11 @@ def build_pruned_layer(
         l1, l2 = layer.linear1, layer.linear2
         dev, dt = l1.weight.device, l1.weight.dtype
         keep = torch.tensor(units, dtype=torch.long, device=dev)
-        n1 = nn.Linear(e, len(units), bias=l1.bias is not None, device=dev, dtype=dt)
-        n2 = nn.Linear(len(units), l2.out_features, bias=l2.bias is not None, device=dev, dtype=dt)
+        with _no_empty_init_warning():  # all units pruned: zero-size weights
+            n1 = nn.Linear(e, len(units), bias=l1.bias is not None, device=dev, dtype=dt)
+            n2 = nn.Linear(
+                len(units), l2.out_features, bias=l2.bias is not None, device=dev, dtype=dt
+            )
         with torch.no_grad():
             n1.weight.copy_(l1.weight[keep])
             if l1.bias is not None and n1.bias is not None:
