@@ -163,11 +163,15 @@ def test_a_model_of_one_other_dtype_still_round_trips(tmp_path: Path, dtype: tor
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def test_save_refuses_a_mixed_model_of_a_registered_user_class(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Classes registered by a test stay out of the module's registry."""
     monkeypatch.setattr(io, "_CLASS_OF_KIND", dict(io._CLASS_OF_KIND))
     monkeypatch.setattr(io, "_KIND_OF_CLASS", dict(io._KIND_OF_CLASS))
+
+
+@pytest.mark.usefixtures("own_registry")
+def test_save_refuses_a_mixed_model_of_a_registered_user_class(tmp_path: Path) -> None:
 
     class Two(nn.Module):
         def __init__(self) -> None:
@@ -190,11 +194,8 @@ def test_save_refuses_a_mixed_model_of_a_registered_user_class(
     _assert_refused_and_intact(mixed, path, ValueError, r"torch\.float64: 'b\.weight', 'b\.bias'")
 
 
-def test_save_refuses_a_config_that_is_not_json(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(io, "_CLASS_OF_KIND", dict(io._CLASS_OF_KIND))
-    monkeypatch.setattr(io, "_KIND_OF_CLASS", dict(io._KIND_OF_CLASS))
+@pytest.mark.usefixtures("own_registry")
+def test_save_refuses_a_config_that_is_not_json(tmp_path: Path) -> None:
 
     class Odd(nn.Linear):
         def to_config(self) -> dict[str, Any]:

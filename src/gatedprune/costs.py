@@ -637,6 +637,20 @@ def recurrent_step_flops(
     return f
 
 
+def _recurrent_blocks(m: nn.Module) -> tuple[int, int]:
+    """(gate blocks, element-wise FLOPs per unit and step) of a recurrent layer or cell:
+    LSTM 4 and 13, GRU 3 and 11, RNN 1 and 2.
+
+    >>> _recurrent_blocks(nn.GRUCell(2, 3))
+    (3, 11)
+    """
+    if isinstance(m, nn.LSTM | nn.LSTMCell):
+        return 4, LSTM_ELEMENTWISE
+    if isinstance(m, nn.GRU | nn.GRUCell):
+        return 3, GRU_ELEMENTWISE
+    return 1, RNN_ELEMENTWISE
+
+
 def _recurrent(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
     if not isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
         raise TypeError(f"expected nn.LSTM, nn.GRU or nn.RNN, got {type(m).__name__}")
@@ -646,12 +660,7 @@ def _recurrent(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
     else:
         batch, length = seq_dims(x, m.batch_first)
         steps = batch * length
-    if isinstance(m, nn.LSTM):
-        gates, elem = 4, LSTM_ELEMENTWISE
-    elif isinstance(m, nn.GRU):
-        gates, elem = 3, GRU_ELEMENTWISE
-    else:
-        gates, elem = 1, RNN_ELEMENTWISE
+    gates, elem = _recurrent_blocks(m)
     proj = int(getattr(m, "proj_size", 0))
     dirs = 2 if m.bidirectional else 1
     total = 0
@@ -674,12 +683,7 @@ def _cell(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
     if not isinstance(x, Tensor) or x.dim() not in (1, 2):
         raise TypeError(f"cost() needs {type(m).__name__} called with a (B, n) or (n,) input")
     batch = int(x.shape[0]) if x.dim() == 2 else 1
-    if isinstance(m, nn.LSTMCell):
-        gates, elem = 4, LSTM_ELEMENTWISE
-    elif isinstance(m, nn.GRUCell):
-        gates, elem = 3, GRU_ELEMENTWISE
-    else:
-        gates, elem = 1, RNN_ELEMENTWISE
+    gates, elem = _recurrent_blocks(m)
     step = recurrent_step_flops(gates, elem, m.input_size, m.hidden_size, bias=bool(m.bias))
     return batch * step
 

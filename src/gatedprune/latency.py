@@ -42,6 +42,19 @@ On a quiet machine the demo networks calibrate to 1-5%; calibrations that overla
 work measured 13-20%."""
 
 
+def check_seed(seed: object) -> int:
+    """A calibration seed: an int >= 0 (numpy integers too; ``TypeError`` / ``ValueError``).
+
+    >>> check_seed(3)
+    3
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int >= 0, got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    return int(seed)
+
+
 def check_errors(median_error: object, max_error: object) -> None:
     """A latency model's held-out errors must be finite numbers >= 0 (a tampered file).
 
@@ -278,12 +291,9 @@ class LatencyModel:
                 "the length"
             )
         sample_shape = (1, *example_input.shape[1:])
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int >= 0, got {seed!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        rng = random.Random(int(seed))
-        gen = torch.Generator().manual_seed(int(seed))
+        seed = check_seed(seed)
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(seed)
         models: dict[str, nn.Module] = {}
         features: list[list[float]] = []
         for i in range(samples + 1):

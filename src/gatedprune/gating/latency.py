@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from ..latency import (
     _json_int,
     _json_number,
     check_errors,
+    check_seed,
     nonnegative_least_squares,
     warn_if_unreliable,
 )
@@ -208,12 +208,9 @@ class GatedLatencyModel:
                 raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be an int >= 0, got {seed!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        rng = random.Random(int(seed))
-        gen = torch.Generator().manual_seed(int(seed))
+        seed = check_seed(seed)
+        rng = random.Random(seed)
+        gen = torch.Generator().manual_seed(seed)
         saved = {k: v.clone() for k, v in gating.state_dict().items()}
         width_ids = {id(g) for g in gating.group_gates}
         block_ids = {id(g) for g in gating.block_gates}
