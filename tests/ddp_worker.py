@@ -11,6 +11,8 @@ Other modes, for resuming (``OUT_DIR/ckpt-shared`` is a folder both ranks see):
 ``OUT_DIR/resumed-rank{r}.safetensors``; ``unshared`` resumes with rank 1 looking in an empty
 folder of its own and writes the error each rank got to ``OUT_DIR/unshared-rank{r}.txt``.
 ``bn`` trains a ShortcutConv1d with BatchNorm and writes ``OUT_DIR/bn-rank{r}.safetensors``.
+``diverge``: rank 1's loss turns inf at step ``STOP``; each rank writes the error it got to
+``OUT_DIR/diverge-rank{r}.txt``.
 """
 
 from __future__ import annotations
@@ -102,6 +104,29 @@ def bn_main(out_dir: str, rank: int) -> None:
     write_tensors(os.path.join(out_dir, f"bn-rank{rank}.safetensors"), tensors, meta)
 
 
+def diverge_main(out_dir: str, rank: int) -> None:
+    """Rank 1's loss is inf from step STOP on: both ranks must stop with the error (the
+    other rank must not wait in DDP's gradient all-reduce until torchrun ends it)."""
+    net, budget = make_model(init_seed=100 + rank)
+    x, y = make_data()
+    calls = [0]
+
+    def loss_fn(out: Tensor, target: Tensor) -> Tensor:
+        calls[0] += torch.is_grad_enabled()  # training steps only
+        loss = nn.functional.cross_entropy(out, target)
+        return loss * float("inf") if rank == 1 and calls[0] > STOP else loss
+
+    t = trainer(net, budget, None)
+    t.loss_fn = loss_fn
+    try:
+        t.fit((x, y))
+        message = "no error"
+    except ValueError as e:
+        message = str(e)
+    with open(os.path.join(out_dir, f"diverge-rank{rank}.txt"), "w") as f:
+        f.write(message)
+
+
 def main(out_dir: str, mode: str = "full") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -109,6 +134,8 @@ def main(out_dir: str, mode: str = "full") -> None:
     if mode != "full":
         if mode == "bn":
             bn_main(out_dir, rank)
+        elif mode == "diverge":
+            diverge_main(out_dir, rank)
         else:
             resume_main(out_dir, mode, rank)
         dist.barrier()

@@ -164,3 +164,15 @@ def test_ranks_end_with_the_same_batchnorm_statistics(tmp_path: Path) -> None:
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     assert [h["val_loss"] for h in m0["history"]] == [h["val_loss"] for h in m1["history"]]
+
+
+def test_a_diverged_rank_stops_every_rank(tmp_path: Path) -> None:
+    # before: rank 1 raised, rank 0 waited in DDP's all-reduce until torchrun killed it
+    _torchrun(tmp_path, "diverge")
+    r0 = (tmp_path / "diverge-rank0.txt").read_text()
+    r1 = (tmp_path / "diverge-rank1.txt").read_text()
+    step = ddp_worker.STOP + 1
+    for text in (r0, r1):
+        assert f"training diverged at step {step} " in text
+    assert "on another rank" in r0
+    assert "on this rank: the task loss is inf" in r1

@@ -934,6 +934,14 @@ def _sync_buffers(model: nn.Module, world: int) -> None:
         dist.broadcast(buf, src=0)
 
 
+def _all_finite(finite: bool, device: torch.device) -> bool:
+    """Under DDP: whether every rank's loss was finite (one all-reduce of a flag), so a rank
+    whose loss diverged does not leave the others waiting in DDP's gradient all-reduce."""
+    flag = torch.tensor([0.0 if finite else 1.0], device=device)  # (1,)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag) == 0.0
+
+
 def _check_finite(name: str, x: Tensor, y: Tensor) -> None:
     """Refuse NaN or inf in floating (or complex) ``x`` / ``y``: one bad value turns every
     weight NaN within a few steps.
@@ -1407,8 +1415,11 @@ class Trainer:
                 yb = y[local].to(device)
                 loss, task, penalty = module(xb, yb, scale)
                 task_f, penalty_f = float(task), float(penalty)
-                if not (math.isfinite(task_f) and math.isfinite(penalty_f)):
-                    raise self._diverged(epoch, task_f, penalty_f)  # before the update
+                finite = math.isfinite(task_f) and math.isfinite(penalty_f)
+                if world > 1:  # every rank stops together, none waits in DDP's all-reduce
+                    finite = _all_finite(finite, device)
+                if not finite:
+                    raise self._diverged(epoch, task_f, penalty_f, world)  # before the update
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -1486,8 +1497,9 @@ class Trainer:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"checkpoint_dir {str(folder)!r} is not writable")
 
-    def _diverged(self, epoch: int, task: float, penalty: float) -> ValueError:
-        """The error of a non-finite loss (raised before that step's optimizer update)."""
+    def _diverged(self, epoch: int, task: float, penalty: float, world: int) -> ValueError:
+        """The error of a non-finite loss (raised before that step's optimizer update); under
+        DDP on every rank, those whose own loss was finite say it came from another rank."""
         kept = ""
         if self.checkpoint_dir is not None:
             latest = self.latest_checkpoint()
@@ -1497,9 +1509,20 @@ class Trainer:
                 if latest is not None
                 else f"; no checkpoint was written to {str(self.checkpoint_dir)!r}"
             )
+        where = ""
+        if world > 1:
+            own = math.isfinite(task) and math.isfinite(penalty)
+            where = (
+                " on another rank (this rank's task loss is "
+                f"{task} and its budget penalty {penalty})"
+                if own
+                else f" on this rank: the task loss is {task} and the budget penalty {penalty}"
+            )
+        else:
+            where = f": the task loss is {task} and the budget penalty {penalty}"
         return ValueError(
-            f"training diverged at step {self.step + 1} (epoch {epoch + 1}): the task loss is "
-            f"{task} and the budget penalty {penalty}; stopped before this step's optimizer "
+            f"training diverged at step {self.step + 1} (epoch {epoch + 1}){where}; "
+            "stopped before this step's optimizer "
             f"update{kept}. Lower the learning rates (lr, gate_lr, budget_lr) or check the "
             "model and loss_fn for overflow"
         )
