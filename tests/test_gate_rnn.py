@@ -544,3 +544,119 @@ def test_sigmoid_gates_harden_then_prune() -> None:
     gru = pruned.get_submodule("gru")
     assert isinstance(gru, nn.GRU)
     assert gru.hidden_size < 10
+
+
+# ---------------------------------------------------------------- initial states passed in
+
+
+class _TutorialState(nn.Module):
+    """The tutorials' form: a zero initial state built in ``forward`` at the module's hidden
+    size (``torch.zeros(num_layers, B, hidden_size).to(x.device)``), passed explicitly."""
+
+    def __init__(self, cell: type[nn.RNNBase], bi: bool, batch_first: bool) -> None:
+        super().__init__()
+        self.hidden_size, self.num_layers, self.d = 6, 2, 2 if bi else 1
+        self.batch_first, self.lstm = batch_first, cell is nn.LSTM
+        self.rnn = cell(3, 6, 2, batch_first=batch_first, bidirectional=bi)
+        self.head = nn.Linear(6 * self.d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = x.size(0) if self.batch_first else x.size(1)
+        h0 = torch.zeros(self.num_layers * self.d, b, self.hidden_size).to(x.device)
+        hx = (h0, torch.zeros_like(h0)) if self.lstm else h0
+        out, _ = self.rnn(x, hx)  # (B, T, D H) or (T, B, D H)
+        return self.head(out[:, -1] if self.batch_first else out[-1])  # (B, 2)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("bi", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_initial_state_built_in_forward_is_gated_and_pruned(
+    cell: type[nn.RNNBase], bi: bool, batch_first: bool
+) -> None:
+    """It was left ungated ('called with an initial state hx'); the pruned module takes the
+    state at the width the model's code builds and keeps the kept units' entries."""
+    torch.manual_seed(7)
+    gen = torch.Generator().manual_seed(7)
+
+    def factory() -> nn.Module:
+        return _TutorialState(cell, bi, batch_first)
+
+    model = factory().eval()
+    x = torch.randn(*_with_length((2, 5, 3), 5, 2, batch_first), generator=gen)
+    summary = gate_(model, x)
+    assert [n for n, *_ in summary.rnns] == ["rnn"]
+    random_gates(model, gen, low=-6.0)
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    m = pruned.get_submodule("rnn")
+    assert m.hidden_size < 6
+    assert isinstance(m, cell)
+    assert type(m) is not cell  # takes the full-width state
+    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        for length, batch in ((1, 2), (4, 3), (9, 1)):
+            xi = torch.randn(*_with_length((2, 5, 3), length, batch, batch_first), generator=gen)
+            want = model(xi)
+            assert (pruned(xi) - want).abs().max().item() <= 1e-5
+            assert (fresh(xi) - want).abs().max().item() <= 1e-5
+    c = gatedprune.cost(pruned, x)
+    assert (float(c.flops), float(c.params)) == (float(hard.flops), float(hard.params))
+    assert c.params < gatedprune.cost(factory(), x).params
+
+
+class _RandomState(nn.Module):
+    """A non-zero initial state: a fixed random pattern scaled per sample by the input."""
+
+    def __init__(self, cell: type[nn.RNNBase], bi: bool, gen: torch.Generator) -> None:
+        super().__init__()
+        rows = 2 * (2 if bi else 1)
+        self.rnn = cell(3, 5, 2, batch_first=True, bidirectional=bi)
+        self.head = nn.Linear(5 * (2 if bi else 1), 2)
+        self.register_buffer("h_pattern", 3 * torch.randn(rows, 5, generator=gen))
+        self.register_buffer("c_pattern", torch.randn(rows, 5, generator=gen))
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = 1 + x.mean((1, 2))  # (B,)
+        h0 = self.h_pattern[:, None, :] * s[None, :, None]  # (L D, B, 5)
+        c0 = self.c_pattern[:, None, :] * s[None, :, None]  # (L D, B, 5)
+        hx = (h0, c0) if isinstance(self.rnn, nn.LSTM) else h0
+        return self.head(self.rnn(x, hx)[0].amax(1))  # (B, 2)
+
+
+@given(seed=st.integers(0, 2**31 - 1), cell=st.sampled_from([nn.LSTM, nn.GRU, nn.RNN]))
+def test_any_initial_state_is_exact_after_pruning(seed: int, cell: type[nn.RNNBase]) -> None:
+    """A closed unit's initial state, however large, is read only by its own recurrence: the
+    gated module with a random (non-zero) state equals the pruned one given the same state."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = _RandomState(cell, bool(seed % 2), gen).eval()
+    x = torch.randn(2, 4, 3, generator=gen)
+    summary = gate_(model, x)
+    assert [n for n, *_ in summary.rnns] == ["rnn"]
+    random_gates(model, gen, low=-6.0)
+    pruned = gatedprune.prune(model)
+    assert pruned.get_submodule("rnn").hidden_size < 5 or all(
+        bool(o.all()) for o in inserted_gating(model).hard_open()
+    )
+    with torch.no_grad():
+        for batch, length in ((1, 1), (3, 6)):
+            xi = torch.randn(batch, length, 3, generator=gen)
+            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+
+
+def test_pruned_module_refuses_a_state_of_another_width() -> None:
+    torch.manual_seed(8)
+    model = _TutorialState(nn.LSTM, False, True).eval()
+    x = torch.randn(2, 5, 3)
+    gate_(model, x)
+    random_gates(model, torch.Generator().manual_seed(8), low=-6.0)
+    m = gatedprune.prune(model).get_submodule("rnn")
+    k = m.hidden_size
+    h = torch.zeros(2, 2, k)  # the pruned width: the module takes the width before pruning
+    with pytest.raises(ValueError, match=r"h0 must have shape \(num_layers \* num_directions, "):
+        m(x, (h, h))
+    with pytest.raises(TypeError, match="an LSTM state must be a pair"):
+        m(x, torch.zeros(2, 2, 6))

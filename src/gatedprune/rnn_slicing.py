@@ -45,6 +45,9 @@ __all__ = [
     "RNNStack",
     "RecurrentModule",
     "State",
+    "StateSlicingGRU",
+    "StateSlicingLSTM",
+    "StateSlicingRNN",
     "fold_rnn_",
     "gates_per_unit",
     "make_rnn",
@@ -53,6 +56,7 @@ __all__ = [
     "slice_rnn",
     "slice_rnn_",
     "slice_rnn_layers",
+    "slice_state_",
     "split_layers",
     "unit_rows",
 ]
@@ -707,3 +711,112 @@ class RNNStack(nn.Module):
             out, state = layer(out, None if hx is None else hx[i])
             states.append(state)
         return out, states
+
+
+def _sliced_state(m: Any, hx: object) -> Any:
+    """``hx`` of the unpruned width ``m.full_hidden_size`` cut to the kept units
+    (``m.state_index``, one row of unit indices per layer and direction)."""
+    if hx is None:
+        return None
+    idx: Tensor = m.state_index  # (L * D, k)
+    full = int(m.full_hidden_size)
+
+    def one(name: str, h: object) -> Tensor:
+        if not isinstance(h, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(h).__name__}")
+        if h.dim() != 3 or h.shape[0] != idx.shape[0] or h.shape[2] != full:
+            raise ValueError(
+                f"{type(m).__name__}: {name} must have shape (num_layers * num_directions, "
+                f"batch, {full}), the hidden size before pruning (the pruned units' entries "
+                f"are dropped here), got {tuple(h.shape)}"
+            )
+        return h.gather(2, idx[:, None, :].expand(-1, h.shape[1], -1))  # (L * D, B, k)
+
+    if isinstance(m, nn.LSTM):
+        if not isinstance(hx, tuple | list) or len(hx) != 2:
+            raise TypeError(f"an LSTM state must be a pair (h0, c0), got {type(hx).__name__}")
+        return (one("h0", hx[0]), one("c0", hx[1]))
+    return one("h0", hx)
+
+
+class StateSlicingLSTM(nn.LSTM):
+    """A pruned ``nn.LSTM`` that takes its initial state ``(h0, c0)`` at the hidden size it
+    had before pruning (``full_hidden_size``, as the model's code builds it) and keeps the
+    kept units' entries. Made by :func:`slice_state_`; otherwise a plain ``nn.LSTM``."""
+
+    state_index: Tensor
+    full_hidden_size: int
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        return super().forward(input, _sliced_state(self, hx))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_hidden_size={self.full_hidden_size}"
+
+
+class StateSlicingGRU(nn.GRU):
+    """:class:`StateSlicingLSTM` for ``nn.GRU`` (initial state ``h0``)."""
+
+    state_index: Tensor
+    full_hidden_size: int
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        return super().forward(input, _sliced_state(self, hx))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_hidden_size={self.full_hidden_size}"
+
+
+class StateSlicingRNN(nn.RNN):
+    """:class:`StateSlicingLSTM` for ``nn.RNN`` (initial state ``h0``)."""
+
+    state_index: Tensor
+    full_hidden_size: int
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        return super().forward(input, _sliced_state(self, hx))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_hidden_size={self.full_hidden_size}"
+
+
+_STATE_SLICING: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (
+    (nn.LSTM, StateSlicingLSTM),
+    (nn.GRU, StateSlicingGRU),
+    (nn.RNN, StateSlicingRNN),
+)
+
+
+def slice_state_(
+    module: nn.Module, keep_hidden: Sequence[Sequence[int]], full_hidden_size: int
+) -> None:
+    """Make a module pruned by :func:`slice_rnn_` take its initial state at the width before
+    pruning: its class becomes :class:`StateSlicingLSTM` (GRU, RNN), which keeps the entries
+    ``keep_hidden`` (the same lists as for :func:`slice_rnn_`) of each layer and direction.
+
+    >>> lstm = nn.LSTM(3, 4, num_layers=2)
+    >>> slice_rnn_(lstm, [[0, 2], [1, 3]])
+    >>> slice_state_(lstm, [[0, 2], [1, 3]], 4)
+    >>> h0 = torch.zeros(2, 5, 4)  # (L, B, H before pruning)
+    >>> lstm(torch.randn(7, 5, 3), (h0, h0))[0].shape
+    torch.Size([7, 5, 2])
+    """
+    m = _check_module(module, single_layer=False)
+    base = next((b for b, _ in _STATE_SLICING if type(m) is b), None)
+    if base is None:
+        raise TypeError(f"slice_state_ expects a plain nn.LSTM, nn.GRU or nn.RNN, got {type(m)}")
+    rows = m.num_layers * (2 if m.bidirectional else 1)
+    idx = torch.as_tensor([list(k) for k in keep_hidden], dtype=torch.long)  # (L * D, k)
+    if idx.dim() != 2 or idx.shape != (rows, m.hidden_size):
+        raise ValueError(
+            f"keep_hidden must hold {rows} index lists of {m.hidden_size} units (the pruned "
+            f"hidden size), got shape {tuple(idx.shape)}"
+        )
+    if isinstance(full_hidden_size, bool) or not isinstance(full_hidden_size, int):
+        raise TypeError(f"full_hidden_size must be an int, got {full_hidden_size!r}")
+    if idx.numel() and not (int(idx.min()) >= 0 and int(idx.max()) < full_hidden_size):
+        raise ValueError(f"keep_hidden holds units outside 0..{full_hidden_size - 1}")
+    sliced: Any = dict(_STATE_SLICING)[base]
+    m.__class__ = sliced
+    m.register_buffer("state_index", idx.to(_ref(m).device), persistent=False)
+    m.full_hidden_size = full_hidden_size

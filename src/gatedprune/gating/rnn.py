@@ -14,10 +14,14 @@ per-feature scale ``g >= 0`` (ReLU, dropout, indexing a time step, mean/sum/max 
 reshapes, transposes, concatenation); the channel analysis checks it and otherwise leaves the
 module ungated, with the reason in the summary. The final hidden state may be read as ``h_n[i]``
 (one layer and direction; gated and folded the same way). Also left ungated (with a reason):
-``proj_size > 0``, an initial state passed in (an explicit ``None`` is fine), ``c_n`` or the
-whole ``h_n`` read by the model, an output or final state fed as another recurrent module's
-initial state, an output joined to other channels by an add, a module called more than once,
-unbatched input.
+``proj_size > 0``, ``c_n`` or the whole ``h_n`` read by the model, an output or final state fed
+as another recurrent module's initial state, an output joined to other channels by an add, a
+module called more than once, unbatched input. An initial state ``hx`` passed in
+(``torch.zeros(num_layers, B, hidden_size)`` as tutorials write it, or any other tensor not
+computed from gated channels) is fine: a closed unit's initial state is read only by its own
+(unread) recurrence, so the pruned module, a :class:`~gatedprune.rnn_slicing.StateSlicingLSTM`
+(GRU, RNN), takes the state at the width the model's code builds and keeps the kept units'
+entries.
 
 PyTorch gives every layer and both directions of one module the same ``hidden_size``, so
 pruning keeps the user's class with a *common kept width* ``k``: the largest number of open
@@ -42,7 +46,14 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..costs import FLOPS_PER_MAC, GRU_ELEMENTWISE, LSTM_ELEMENTWISE, RNN_ELEMENTWISE, seq_dims
-from ..rnn_slicing import State, fold_rnn_, gates_per_unit, scaled_forward, slice_rnn_
+from ..rnn_slicing import (
+    State,
+    fold_rnn_,
+    gates_per_unit,
+    scaled_forward,
+    slice_rnn_,
+    slice_state_,
+)
 from .transformer import _Ref
 
 if TYPE_CHECKING:
@@ -105,6 +116,7 @@ class RNNInfo:
     layers: int
     directions: int
     hidden: int
+    state: bool = False  # called with an initial state hx (sliced in the pruned module)
 
 
 @dataclass
@@ -334,6 +346,8 @@ def rnn_plan(
         if all(opens[g].all() for g in r.groups):
             continue
         plan[r.name] = {"units": [np.flatnonzero(opens[g]).tolist() for g in r.groups], "in": None}
+        if r.state:  # the pruned module takes the initial state at its full width
+            plan[r.name]["state"] = True
     for c in consumers:
         if c.kind != "rnn" or c.in_group is None or c.in_gidx is None:
             continue
@@ -360,7 +374,10 @@ def apply_rnn_plan(model: nn.Module, plan: dict[str, Any]) -> None:
         m = model.get_submodule(name)
         if not isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
             raise ValueError(f"the plan prunes '{name}' as a recurrent module; it is {type(m)}")
+        full = m.hidden_size
         slice_rnn_(m, spec["units"], spec["in"])
+        if spec.get("state") and spec["units"] is not None:
+            slice_state_(m, spec["units"], full)
 
 
 def _is_getitem(n: fx.Node) -> bool:
@@ -517,8 +534,6 @@ def setup_rnns(
             why = "a single unit"
         if why is None and len(calls) != 1:
             why = "called more than once"
-        if why is None and _hx_nodes(calls[0]):
-            why = "called with an initial state hx (the pruned module needs a sliced one)"
         if why is None:
             rows = m.num_layers * (2 if m.bidirectional else 1)
             why = _output_use(calls[0], isinstance(m, nn.LSTM), rows)
@@ -552,7 +567,8 @@ def setup_rnns(
             sizes.append(m.hidden_size)
             clamp.append(True)
         d = 2 if m.bidirectional else 1
-        rnns.append(RNNInfo(name, groups, m.num_layers, d, m.hidden_size))
+        state = bool(_hx_nodes(calls[0]))
+        rnns.append(RNNInfo(name, groups, m.num_layers, d, m.hidden_size, state))
     consumers: list[RNNConsumer] = []
     inputs = [(k, ca.kinds[k], a) for k, a in ca.module_in_atoms.items() if k in ca.kinds]
     inputs += [(k, "rnn", a) for k, a in ca.rnn_in_atoms.items()]

@@ -523,7 +523,12 @@ def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
         raise ValueError(f"the plan prunes '{name}' as a recurrent module; it is {type(m)}")
     if not isinstance(spec, dict):
         raise ValueError(f"malformed plan: rnn entry {name!r} must be a dict, got {spec!r}")
-    _check_keys(f"rnn entry {name!r}", spec, {"units", "in", "mode"})
+    _check_keys(f"rnn entry {name!r}", spec, {"units", "in", "mode", "state"})
+    if not isinstance(spec.get("state", False), bool):
+        raise ValueError(
+            f"malformed plan: rnn entry {name!r} 'state' must be true or false, got "
+            f"{spec['state']!r}"
+        )
     hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
     mode = spec.get("mode", m.mode)  # plans written before 2026-12-07 do not name it
     if mode != m.mode:
