@@ -1009,7 +1009,7 @@ def gate_(
     prepare_encoders(model)
     traced = trace_model(model)
     gm = traced.graph_module
-    record = record_run(traced, example_input)
+    record = record_run(traced, example_input, model)
     ca = analyse_channels(gm, record)
     shared = _shared_modules(model, gm)
     for name, reason in shared.items():  # pruning slices and scales their tensors in place

@@ -34,7 +34,9 @@ from .transformer import (
 )
 
 __all__ = [
+    "InlinedCall",
     "TracedModel",
+    "inlined_calls",
     "mutated_input",
     "owner_of",
     "record_run",
@@ -280,8 +282,10 @@ class RunRecord:
     """Per-node values of one eval forward pass through the traced graph."""
 
     shapes: dict[fx.Node, tuple[int, ...] | None]  # tensor output shape, else None
-    flops: dict[fx.Node, int]  # FLOPs of each call_module node (costs.py conventions)
+    flops: dict[fx.Node, int]  # FLOPs of each call_module node (costs.py conventions), and of
+    # the node returning each call of a childless submodule fx traced through
     arg_shapes: dict[fx.Node, list[tuple[int, ...] | None]]
+    extra_flops: int = 0  # such submodules' calls that traced to no ops (a constant)
 
 
 class _Recorder(fx.Interpreter):
@@ -338,8 +342,120 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def record_run(traced: TracedModel, example_input: Tensor) -> RunRecord:
-    """Run the traced graph once (eval mode, no grad) and record shapes and FLOPs per call.
+@dataclass
+class InlinedCall:
+    """One call of a childless submodule whose ``forward`` fx traced through: its ops are
+    inlined in the graph. ``inputs``: the outside nodes they read (the module's own
+    ``get_attr`` nodes excepted, which fx shares between calls); ``outputs``: their nodes read
+    outside the call."""
+
+    path: str
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]
+    outputs: list[fx.Node]
+
+
+def inlined_calls(graph: fx.Graph, root: nn.Module) -> list[InlinedCall]:
+    """The calls of childless submodules of ``root`` (the module ``graph`` was traced from)
+    whose ops fx inlined into ``graph``, in graph order.
+
+    >>> class Norm(nn.Module):
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         return x / x.norm(dim=-1, keepdim=True)
+    >>> net = nn.Sequential(Norm(), nn.Linear(2, 2), Norm())
+    >>> [(c.path, len(c.nodes)) for c in inlined_calls(trace_model(net).graph, net)]
+    [('0', 2), ('2', 2)]
+    """
+    calls: dict[str, InlinedCall] = {}
+    for n in graph.nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        if n.op in ("placeholder", "output", "call_module") or not stack:
+            continue
+        key = list(stack)[-1]  # the innermost call (fx names repeated calls "path@k")
+        entry = stack[key]
+        path = str(entry[0] if isinstance(entry, tuple) else key)
+        try:
+            m = root.get_submodule(path)
+        except AttributeError:
+            continue
+        if path and not any(True for _ in m.children()):
+            calls.setdefault(key, InlinedCall(path, [], [], [])).nodes.append(n)
+    for call in calls.values():
+        inside = set(call.nodes)
+        own = call.path + "."
+        for n in call.nodes:
+            for a in n.all_input_nodes:
+                shared = a.op == "get_attr" and str(a.target).startswith(own)
+                if a not in inside and a not in call.inputs and not shared:
+                    call.inputs.append(a)
+            if n.op != "get_attr" and any(u not in inside for u in n.users):
+                call.outputs.append(n)
+    return list(calls.values())
+
+
+def _inlined_flops(
+    root: nn.Module, graph: fx.Graph, example_input: Tensor, errors: list[str]
+) -> tuple[dict[fx.Node, int], int]:
+    """FLOPs of the childless submodules fx traced through (``cost`` counts them whole, with
+    their handler, on plain models): one run of ``root`` with hooks, each call's count put on
+    the node that returns it (its call in the graph, in order). Calls the graph does not show
+    (a ``forward`` that traced to no ops) are returned as a constant. Unknown modules are
+    appended to ``errors``, as for leaves."""
+    within = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    counts: dict[str, list[int]] = {}
+    handles = []
+    for path, m in root.named_modules():
+        if not path or any(True for _ in m.children()):
+            continue
+        if any(path == t or path.startswith(t + ".") for t in within):
+            continue  # a leaf, or counted inside one (e.g. opaque modules)
+        handler = _handler_for(m)
+        if handler is None:
+
+            def unknown(mod: nn.Module, i: Any, o: Any, path: str = path) -> None:
+                errors.append(f"{path} ({type(mod).__name__})")
+
+            handles.append(m.register_forward_hook(unknown))
+            continue
+
+        def hook(
+            mod: nn.Module, i: tuple[Any, ...], o: Any, path: str = path, h: Any = handler
+        ) -> None:
+            check_positional(path, mod, i, h)
+            counts.setdefault(path, []).append(int(h(mod, i, o)))
+
+        handles.append(m.register_forward_hook(hook))
+    modes = [(m, m.training) for m in root.modules()]
+    root.eval()
+    try:
+        with torch.no_grad():
+            root(example_input)
+    finally:
+        for hd in handles:
+            hd.remove()
+        for m, t in modes:
+            m.training = t
+    by_path: dict[str, list[InlinedCall]] = {}
+    for call in inlined_calls(graph, root):
+        by_path.setdefault(call.path, []).append(call)
+    flops: dict[fx.Node, int] = {}
+    extra = 0
+    for path, values in counts.items():
+        calls = by_path.get(path, [])
+        for k, v in enumerate(values):
+            if k < len(calls):
+                c = calls[k]
+                node = c.outputs[-1] if c.outputs else c.nodes[-1]
+                flops[node] = flops.get(node, 0) + v
+            else:
+                extra += v
+    return flops, extra
+
+
+def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> RunRecord:
+    """Run the traced graph once (eval mode, no grad) and record shapes and FLOPs per call;
+    FLOPs of submodules fx traced through are counted on ``root``, the traced model, as
+    ``cost`` counts them.
 
     Raises ``TypeError`` for leaf modules that ``gatedprune.cost`` cannot count.
     """
@@ -353,6 +469,9 @@ def record_run(traced: TracedModel, example_input: Tensor) -> RunRecord:
     finally:
         for m, t in was:
             m.training = t
+    inlined, extra = _inlined_flops(root, gm.graph, example_input, rec.errors)
+    for node, f in inlined.items():
+        rec.flops[node] = rec.flops.get(node, 0) + f
     if rec.errors:
         raise TypeError(
             "cost() does not know how to count these leaf modules: "
@@ -360,4 +479,4 @@ def record_run(traced: TracedModel, example_input: Tensor) -> RunRecord:
             + "; register them with gatedprune.costs.register_cost or give them a "
             "flops_of(inputs, output) method"
         )
-    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes)
+    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import Block, live_nodes, outermost
-from .channels import ChannelAnalysis
+from .channels import ChannelAnalysis, Labels
 from .graph import RunRecord, mutated_input, owner_of
 from .rnn import rnn_cost_rows
 from .shortcuts import Edge
@@ -221,6 +221,19 @@ class _Factors:
         return self.keys[key], 1.0
 
 
+def _scaled_row(
+    flops: float, lab: Labels | None, fac: _Factors, node: str
+) -> tuple[float, int, int, str]:
+    """The FLOPs row of a call whose cost is proportional to its output's channels (counted at
+    full width ``flops``): scaled by the kept fraction of its labelled channels when the count
+    divides evenly among them, else constant."""
+    n = len(lab.atoms) if lab is not None else 0
+    if lab is not None and n and flops % n == 0:
+        fo, mo = fac.get(lab.atoms, n)
+        return (float(flops // n) * mo, fo, -1, node)
+    return (flops, -1, -1, node)
+
+
 def build_cost_terms(
     gm: fx.GraphModule,
     record: RunRecord,
@@ -279,6 +292,9 @@ def build_cost_terms(
                 p_rows.append((float(attr.numel()), -1, -1, n.name, str(n.target)))
             continue
         if n.op != "call_module":
+            inlined = record.flops.get(n, 0)
+            if inlined:  # a call of a childless module fx traced through, counted whole
+                f_rows.append(_scaled_row(float(inlined), ca.labels.get(n), fac, n.name))
             continue
         name = str(n.target)
         refs.setdefault(name, []).append(n.name)
@@ -359,12 +375,7 @@ def build_cost_terms(
                 if has_bias:
                     p_rows.append((mo, fo, -1, n.name, name))
             continue
-        lab = ca.labels.get(n)
-        if lab is not None and len(lab.atoms) and f0 % len(lab.atoms) == 0:
-            fo, mo = fac.get(lab.atoms, len(lab.atoms))
-            f_rows.append((float(f0 // len(lab.atoms)) * mo, fo, -1, n.name))
-        else:
-            f_rows.append((float(f0), -1, -1, n.name))
+        f_rows.append(_scaled_row(float(f0), ca.labels.get(n), fac, n.name))
         if new_module:
             if kind == "bn":
                 fo, mo = fac.get(ca.module_atoms.get(name), int(m.num_features))  # type: ignore[arg-type]
@@ -373,6 +384,8 @@ def build_cost_terms(
                 n_params = sum(p.numel() for p in m.parameters())
                 if n_params:
                     p_rows.append((float(n_params), -1, -1, n.name, name))
+    if record.extra_flops:  # traced-through modules whose calls traced to no ops
+        f_rows.append((float(record.extra_flops), -1, -1, ""))
     for path, numel in orphans:
         p_rows.append((float(numel), -1, -1, "", path))
     by_name = {n.name: n for n in gm.graph.nodes}

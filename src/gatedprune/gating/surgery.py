@@ -19,7 +19,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import BATCH_NORMS, find_model_gating
-from .graph import TracedModel, owner_of, scope_nodes, trace_model
+from .graph import TracedModel, inlined_calls, owner_of, scope_nodes, trace_model
 from .rnn import apply_rnn_plan
 from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
 
@@ -248,6 +248,53 @@ def _erase_dead(graph: fx.Graph, node: fx.Node, scope: str) -> None:
     graph.erase_node(node)
 
 
+def _one_argument(m: nn.Module) -> bool:
+    """Whether ``m.forward`` takes exactly one argument (positional, no defaults or others)."""
+    try:
+        params = list(inspect.signature(m.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return len(params) == 1 and params[0].kind in kinds
+
+
+def refold_calls(graph: fx.Graph, root: nn.Module) -> None:
+    """Replace the inlined ops of each call of a childless submodule of ``root`` by a call of
+    the module itself, where that is unambiguous: its ``forward`` takes one argument, the call
+    reads one outside value and returns one. Rewritten code then still calls the user's
+    module (its class, its settings such as ``eps``, what ``cost`` counts for it, and its
+    training-mode behaviour, which the eval-mode trace baked out), instead of fx's copy of
+    its ops.
+
+    >>> class Norm(nn.Module):
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         return x / x.norm(dim=-1, keepdim=True)
+    >>> net = nn.Sequential(Norm(), nn.Linear(2, 2))
+    >>> g = trace_model(net).graph
+    >>> refold_calls(g, net)
+    >>> [(n.op, n.target) for n in g.nodes][1:3]
+    [('call_module', '0'), ('call_module', '1')]
+    """
+    for call in inlined_calls(graph, root):
+        m = root.get_submodule(call.path)
+        if len(call.inputs) != 1 or len(call.outputs) != 1 or not _one_argument(m):
+            continue
+        out = call.outputs[0]
+        owner = graph.owning_module
+        if isinstance(owner, fx.GraphModule):  # fx copied only what the trace referenced
+            owner.add_submodule(call.path, m)
+        with graph.inserting_after(out):
+            new = graph.call_module(call.path, (call.inputs[0],))
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        for n in reversed(call.nodes):
+            if not n.users:  # a get_attr another call shares stays until that one goes
+                graph.erase_node(n)
+    for n in list(graph.nodes):  # attributes read only by the ops just replaced
+        if n.op == "get_attr" and not n.users:
+            graph.erase_node(n)
+
+
 def _rewrite_scope(
     model: nn.Module,
     root_graph: fx.Graph,
@@ -293,6 +340,7 @@ def _rewrite_scope(
     for r in reversed(root_nodes):
         if r.name in erase:
             _erase_dead(local.graph, mapping[r.name], scope)
+    refold_calls(local.graph, sub)
     for n in local.graph.nodes:  # string annotations (postponed evaluation) break pickling
         n.type = None
     local.graph.lint()
