@@ -91,7 +91,7 @@ _SCALE_FUNCS = {operator.mul, operator.truediv, torch.mul}
 
 
 def _site_of(
-    gm: fx.GraphModule, u: fx.Node, calls: dict[str, int]
+    gm: fx.GraphModule, u: fx.Node, calls: dict[str, int], opaque: set[str]
 ) -> tuple[str | None, str | None]:
     n = u
     while True:
@@ -106,7 +106,8 @@ def _site_of(
                 isinstance(m, nn.LayerNorm) and m.weight is not None
             )
             if not foldable:
-                return None, f"the branch ends in {n.target} ({type(m).__name__})"
+                whole = " kept whole: torch.fx cannot trace it" if n.target in opaque else ""
+                return None, f"the branch ends in {n.target} ({type(m).__name__}{whole})"
             if calls[str(n.target)] != 1:
                 return None, f"{n.target} is called more than once"
             return str(n.target), None
@@ -116,7 +117,7 @@ def _site_of(
                 m = gm.get_submodule(str(src.target))
                 if type(m) is nn.MultiheadAttention and calls[str(src.target)] == 1:
                     return str(src.target), None  # attention output: fold into out_proj
-            return None, f"the branch ends in {n.name}, not a module the gate can fold into"
+            return None, f"the branch ends in {node_label(n)}, not a module the gate can fold into"
         scalar_op = (n.op == "call_function" and n.target in _SCALE_FUNCS) or (
             n.op == "call_method" and n.target in ("mul", "div")
         )
@@ -132,12 +133,46 @@ def _site_of(
             if not isinstance(n, fx.Node):
                 return None, "unexpected argument"
             continue
-        return None, f"the branch ends in {n.name}, not a module the gate can fold into"
+        return None, f"the branch ends in {node_label(n)}, not a module the gate can fold into"
 
 
-def find_blocks(gm: fx.GraphModule, record: RunRecord) -> tuple[list[Block], list[tuple[str, str]]]:
-    """Residual blocks of ``gm``, and (add node, reason) for adds that are not gated."""
+def node_label(n: fx.Node) -> str:
+    """A graph node as the summary names it: its fx name and the module whose ``forward``
+    holds it (fx names alone, ``add_3``, do not say which block is meant).
+
+    >>> g = fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2))).graph
+    >>> node_label(list(g.nodes)[1])
+    '_0 (in <root>)'
+    """
+    return f"{n.name} (in {owner_of(n) or '<root>'})"
+
+
+def _residual_like(n: fx.Node) -> bool:
+    """A subtraction or an add with ``alpha=`` of two tensors: residual forms not gated."""
+    sub = (n.op == "call_function" and n.target in (_SUB, torch.sub)) or (
+        n.op == "call_method" and n.target in ("sub", "sub_")
+    )
+    alpha = "alpha" in n.kwargs and (
+        (n.op == "call_function" and n.target in ADD_TARGETS)
+        or (n.op == "call_method" and n.target in ADD_METHODS)
+    )
+    args = [a for a in n.args if isinstance(a, fx.Node)]
+    return (sub or alpha) and len(n.args) == 2 and len(args) == 2
+
+
+_OTHER_FORM = (
+    "a subtraction or an add with alpha= is not a residual add gate_ gates (write x + f(x), "
+    "or x + c * f(x) with a number c)"
+)
+
+
+def find_blocks(
+    gm: fx.GraphModule, record: RunRecord, opaque: Iterable[str] = ()
+) -> tuple[list[Block], list[tuple[str, str]]]:
+    """Residual blocks of ``gm``, and (add node label, reason) for adds that are not gated
+    (``opaque``: modules kept whole because fx cannot trace them, named as such)."""
     graph = gm.graph
+    kept_whole = set(opaque)
     writes = graph_writes(graph)
     base = live_nodes(graph, {}, writes)
     calls: dict[str, int] = {}
@@ -147,7 +182,8 @@ def find_blocks(gm: fx.GraphModule, record: RunRecord) -> tuple[list[Block], lis
     blocks: list[Block] = []
     skipped: list[tuple[str, str]] = []
     for n in graph.nodes:
-        if not _is_add(n) or n not in base or len(n.args) != 2:
+        other_form = _residual_like(n)  # reported, not gated
+        if not (_is_add(n) or other_form) or n not in base or len(n.args) != 2:
             continue
         shape = record.shapes.get(n)
         a, b = n.args
@@ -175,10 +211,13 @@ def find_blocks(gm: fx.GraphModule, record: RunRecord) -> tuple[list[Block], lis
                 best = (flops, pos, dead)
         if best is None:
             continue
+        if other_form:
+            skipped.append((node_label(n), _OTHER_FORM))
+            continue
         flops, pos, dead = best
-        site, why = _site_of(gm, n.args[pos], calls)
+        site, why = _site_of(gm, n.args[pos], calls, kept_whole)
         if site is None:
-            skipped.append((n.name, why or "no site"))
+            skipped.append((node_label(n), why or "no site"))
             continue
         blocks.append(Block(len(blocks), n, pos, site, dead, owner_of(n), flops))
     return blocks, skipped

@@ -32,7 +32,7 @@ from ..gates import (
     resolve_gate,
 )
 from ..layout import check_flag
-from .blocks import Block, find_blocks, outermost
+from .blocks import Block, find_blocks, node_label, outermost
 from .channels import analyse_channels
 from .graph import record_run, trace_model
 from .rnn import (
@@ -1061,7 +1061,7 @@ def gate_(
         else:
             summary.ungated_groups.append((list(g.producers), g.size, why))
     # residual blocks
-    found, skipped = find_blocks(gm, record) if (blocks or shortcuts) else ([], [])
+    found, skipped = find_blocks(gm, record, traced.opaque) if (blocks or shortcuts) else ([], [])
     edges: list[Edge] = []
     if shortcuts == "dense":
         edges, unconnected = find_dense_edges(model, gm, record, ca, found, example_input)
@@ -1087,7 +1087,7 @@ def gate_(
     rewritable: dict[str, str | None] = {}
     for b in found:
         if not allowed(b.owner):
-            summary.ungated_adds.append((b.add.name, f"filter_fn rejected '{b.owner}'"))
+            summary.ungated_adds.append((node_label(b.add), f"filter_fn rejected '{b.owner}'"))
             continue
         if b.owner not in rewritable:
             try:
@@ -1099,7 +1099,7 @@ def gate_(
         if why is None and b.site in shared:  # the block gate is folded into it
             why = f"{b.site}: {shared[b.site]}"
         if why is not None:
-            summary.ungated_adds.append((b.add.name, why))
+            summary.ungated_adds.append((node_label(b.add), why))
             continue
         b.index = len(kept_blocks)
         kept_blocks.append(b)
@@ -1155,6 +1155,17 @@ def gate_(
         clamp.extend([False, False, False, False])  # a layer can drop all heads or units
         transformers.append((name, base, base + 1, base + 2, base + 3))
         summary.transformers.append((name, n_heads, n_units))
+    if shortcuts == "dense" and summary.transformers:  # say why they get no new shortcuts
+        encoders = sorted({name.rpartition(".layers.")[0] for name, *_ in summary.transformers})
+        for enc in encoders:
+            summary.unconnected.append(
+                (
+                    enc or "<root>",
+                    "nn.TransformerEncoderLayer layers are gated as layers (heads, FFN units, "
+                    "attention and FFN sub-layers), not as residual blocks, so no new "
+                    "shortcuts join them",
+                )
+            )
     handled = {name for name, *_ in transformers} | {name for name, _ in attentions}
     handled |= {r.name for r in rnns} | {name for name, _ in summary.ungated_layers}
     for name in calls:  # other leaves with layers inside (nn.TransformerDecoderLayer, ...)

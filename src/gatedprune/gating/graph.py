@@ -168,11 +168,11 @@ def _trace(
                     f"({type(e).__name__}: {e}); gate_ needs a traceable top-level forward "
                     "(move data-dependent control flow into a submodule)"
                 ) from e
-            found[name] = f"{type(e).__name__}: {e}"
+            found[name] = f"{type(e).__name__}: {e}{_trace_hint(e)}"
             if warn:
                 warnings.warn(
                     f"gate_: submodule '{name}' ({type(model.get_submodule(name)).__name__}) "
-                    f"cannot be traced by torch.fx ({type(e).__name__}: {e}); it is kept whole "
+                    f"cannot be traced by torch.fx ({found[name]}); it is kept whole "
                     "and not gated, the rest of the model is gated",
                     stacklevel=3,
                 )
@@ -182,6 +182,27 @@ def _trace(
                 m.training = mode
         return TracedModel(fx.GraphModule(tracer.root, graph), found)
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
+
+
+def _trace_hint(e: Exception) -> str:
+    """What to change for a common fx tracing failure ("" for others).
+
+    >>> _trace_hint(TypeError("slice indices must be integers or None"))[:40]
+    ' (a tensor attribute sliced by a size re'
+    """
+    text = str(e)
+    if "slice indices must be integers" in text:
+        return (
+            " (a tensor attribute sliced by a size read from the input, e.g. a causal-mask "
+            "buffer self.mask[:, :, :T, :T] or a rotary cache self.cos[:T]: write "
+            "self.mask.narrow(2, 0, T).narrow(3, 0, T), which fx traces)"
+        )
+    if "symbolically traced variables cannot be used as inputs to control flow" in text:
+        return (
+            " (Python control flow on a traced value: move it into a submodule of its own, "
+            "which is then kept whole, or compute it with tensor ops such as torch.where)"
+        )
+    return ""
 
 
 def owner_of(node: fx.Node) -> str:

@@ -1,0 +1,129 @@
+"""gate_'s summary says what it left ungated and why, in terms a user can act on: residual
+forms it does not gate, the module holding an ungated add, why a module is kept whole (with
+the usual fix), and why an encoder gets no new shortcuts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gatedprune.gating import gate_
+
+
+class Residual(nn.Module):
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.fc(x)
+        if self.form == "sub":
+            y = x - b
+        elif self.form == "torch.sub":
+            y = torch.sub(x, b)
+        elif self.form == "alpha":
+            y = torch.add(x, b, alpha=0.5)
+        else:
+            y = x + 0.5 * b
+        centred = y - y.mean(0)  # a subtraction without a branch of parameters: no line
+        return self.head(centred)
+
+
+@pytest.mark.parametrize("form", ["sub", "torch.sub", "alpha"])
+def test_subtraction_and_alpha_residuals_are_reported(form: str) -> None:
+    summary = gate_(Residual(form), torch.randn(3, 6))
+    assert not summary.blocks
+    assert len(summary.ungated_adds) == 1
+    label, why = summary.ungated_adds[0]
+    assert label.endswith("(in <root>)")
+    assert "a subtraction or an add with alpha= is not a residual add" in why
+    assert "x + c * f(x)" in str(summary)
+
+
+def test_the_suggested_form_is_gated() -> None:
+    summary = gate_(Residual("scaled"), torch.randn(3, 6))
+    assert [b[1] for b in summary.blocks] == ["fc"]
+    assert not summary.ungated_adds
+
+
+class SEBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)  # (B, C, L)
+        s = torch.sigmoid(self.fc(y.mean(2)))  # (B, C)
+        return x + y * s[:, :, None]
+
+
+def test_an_ungated_add_names_the_module_holding_it() -> None:
+    net = nn.Sequential(SEBlock(), SEBlock())
+    summary = gate_(net, torch.randn(2, 4, 8))
+    labels = [label for label, _ in summary.ungated_adds]
+    assert labels == ["add (in 0)", "add_1 (in 1)"]
+    assert "the branch ends in mul_1 (in 1)" in dict(summary.ungated_adds)["add_1 (in 1)"]
+
+
+class CausalAttention(nn.Module):
+    """nanoGPT's manual causal attention: a mask buffer sliced by the sequence length."""
+
+    def __init__(self, d: int, narrow: bool) -> None:
+        super().__init__()
+        self.narrow = narrow
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("mask", torch.tril(torch.ones(16, 16)).view(1, 16, 16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.size(1)
+        q, k, v = self.qkv(x).split(x.size(2), dim=2)  # (B, T, d) each
+        att = q @ k.transpose(1, 2) / 2.0  # (B, T, T)
+        m = self.mask.narrow(1, 0, t).narrow(2, 0, t) if self.narrow else self.mask[:, :t, :t]
+        att = att.masked_fill(m == 0, float("-inf")).softmax(-1)  # (B, T, T)
+        return self.proj(att @ v)  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, narrow: bool) -> None:
+        super().__init__()
+        self.attn = CausalAttention(8, narrow)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x + self.attn(x))
+
+
+def test_a_module_kept_whole_says_why_and_how_to_fix_it() -> None:
+    with pytest.warns(UserWarning, match=r"narrow\(2, 0, T\)"):
+        summary = gate_(Block(narrow=False), torch.randn(2, 5, 8))
+    assert "narrow(2, 0, T)" in summary.opaque["attn"]
+    why = dict(summary.ungated_adds)["add (in <root>)"]
+    assert "attn (CausalAttention kept whole: torch.fx cannot trace it)" in why
+
+
+def test_the_suggested_narrow_form_traces() -> None:
+    summary = gate_(Block(narrow=True), torch.randn(2, 5, 8))
+    assert not summary.opaque
+    assert [b[1] for b in summary.blocks] == ["attn.proj"]
+
+
+def test_dense_shortcuts_on_an_encoder_say_why_there_are_none() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.encoder(x)[:, 0])
+
+    summary = gate_(Net(), torch.randn(2, 5, 8), shortcuts="dense")
+    assert not summary.shortcuts
+    assert ("encoder", summary.unconnected[0][1]) == summary.unconnected[0]
+    assert "gated as layers" in summary.unconnected[0][1]
+    assert "no shortcuts for encoder" in str(summary)
