@@ -164,7 +164,9 @@ def test_gated_models_and_bad_arguments_are_refused(tmp_path: Path) -> None:
     plain = gatedprune.prune(net.eval())
     with pytest.raises(TypeError, match=r"example_input must be a torch\.Tensor"):
         gatedprune.export_onnx(plain, [[0.0] * 4], tmp_path / "g.onnx")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="floating point"):
+    with pytest.raises(TypeError, match=r"real \(floating, integer or bool\) tensor"):
+        gatedprune.export_onnx(plain, torch.zeros(2, 4, dtype=torch.cfloat), tmp_path / "g.onnx")
+    with pytest.raises(ValueError, match=r"fails on example_input .*dtype torch\.int64"):
         gatedprune.export_onnx(plain, torch.zeros(2, 4, dtype=torch.long), tmp_path / "g.onnx")
     with pytest.raises(ValueError, match="dynamic_dims must be dimensions of the 2-dim"):
         gatedprune.export_onnx(plain, torch.randn(2, 4), tmp_path / "g.onnx", dynamic_dims=(2,))
@@ -194,3 +196,33 @@ def test_a_graph_that_differs_from_the_model_is_refused_and_nothing_is_written(
     assert not list(tmp_path.iterdir())
     gatedprune.export_onnx(_Noisy(), torch.randn(2, 3), tmp_path / "n.onnx", check=False)
     assert [p.name for p in tmp_path.iterdir()] == ["n.onnx"]
+
+
+class _TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids)  # (B, T, 8)
+        return self.fc2(torch.relu(self.fc1(h)).mean(1))  # (B, 3)
+
+
+def test_a_pruned_model_taking_token_ids_exports(tmp_path: Path) -> None:
+    """Integer inputs were refused ('must be floating point'); the check's resized input takes
+    its ids from the example's, so they stay in the vocabulary."""
+    torch.manual_seed(0)
+    model = _TokenModel().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    gate_(model, ids)
+    for g in gatedprune.gate_modules(model):
+        g.force_(torch.arange(g.n) % 2 == 0)
+    pruned = gatedprune.prune(model)
+    assert pruned.fc1.out_features < 16
+    path = gatedprune.export_onnx(pruned, ids, tmp_path / "ids.onnx", dynamic_dims=(0, 1))
+    session = gatedprune.onnx_session(path)
+    probe = torch.randint(0, 20, (3, 9))
+    got = torch.from_numpy(session.run(None, {"x": probe.numpy()})[0])
+    with torch.no_grad():
+        assert (got - pruned(probe)).abs().max().item() <= 1e-5

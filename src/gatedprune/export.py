@@ -113,10 +113,22 @@ def _check_dims(example: Tensor, dynamic_dims: Sequence[int]) -> tuple[int, ...]
 
 
 def _resized(example: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """A random input whose dynamic dimensions differ from the example's (size + 2)."""
+    """A random input whose dynamic dimensions differ from the example's (size + 2): normal
+    values for a floating input; for integer or bool inputs (token ids) values drawn from the
+    example's own, so they stay in the range the model takes.
+
+    >>> _resized(torch.tensor([[3, 7]]), (0, 1)).unique().tolist()
+    [3, 7]
+    """
     shape = [s + 2 if d in dims else s for d, s in enumerate(example.shape)]
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(shape, dtype=example.dtype, generator=gen).to(example.device)
+    if example.is_floating_point():
+        return torch.randn(shape, dtype=example.dtype, generator=gen).to(example.device)
+    values = example.detach().reshape(-1).cpu()  # (N,)
+    if values.numel() == 0:
+        return example.new_zeros(shape)
+    pick = torch.randint(values.numel(), shape, generator=gen)  # same shape as the result
+    return values[pick].to(example.device)
 
 
 def export_onnx(
@@ -135,7 +147,8 @@ def export_onnx(
     sequence length of batch-first recurrent models) stay dynamic in the graph, and the same
     dimensions of the output are named dynamic. The file is written atomically (a temporary
     file renamed into place). With ``check`` the graph is run in ONNX Runtime on
-    ``example_input`` and on an input whose dynamic dimensions are 2 larger, and a
+    ``example_input`` and on an input whose dynamic dimensions are 2 larger (for an integer
+    input such as token ids, with values drawn from the example's), and a
     ``ValueError`` is raised if an output differs from the model's by more than
     ``atol + rtol * max|output|`` (ONNX Runtime fuses and reorders float32 operations, e.g.
     BatchNorm into the convolution, so its rounding grows with the outputs' scale).
@@ -164,8 +177,11 @@ def export_onnx(
         )
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
-    if not example_input.is_floating_point():
-        raise TypeError(f"example_input must be floating point, got dtype {example_input.dtype}")
+    if example_input.is_complex():
+        raise TypeError(
+            f"example_input must be a real (floating, integer or bool) tensor, got dtype "
+            f"{example_input.dtype}"
+        )
     dims = _check_dims(example_input, dynamic_dims)
     for name, tol in (("atol", atol), ("rtol", rtol)):
         if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < math.inf:
