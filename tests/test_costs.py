@@ -391,3 +391,29 @@ def test_encoder_with_padding_mask_counts_the_padded_length() -> None:
     assert masked.enc.use_nested_tensor  # switched back on after counting
     with torch.no_grad():  # and the model still runs its nested fast path
         masked(x)
+
+
+def test_an_uncalled_gated_module_is_refused_not_left_out() -> None:
+    """Its parameters were in neither part of the cost (the gated part counts what the forward
+    ran), while prune prunes it by its gates: cost(hard=True) said 52 parameters, cost of the
+    pruned model 104."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = gatedprune.ShortcutMLP(4, [6], 2), gatedprune.ShortcutMLP(4, [6], 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)  # (B, 2)
+
+    model, x = TwoHeads().eval(), torch.randn(2, 4)
+    for call in (
+        lambda: gatedprune.cost(model, x, hard=True),
+        lambda: gatedprune.cost(model, x),
+        lambda: gatedprune.Budget(model, x, flops=0.5),
+    ):
+        with pytest.raises(ValueError, match=r"gated module b \(ShortcutMLP\) is not called"):
+            call()
+    model.b = gatedprune.prune(model.b)  # pruned first: a plain module, counted as such
+    hard = gatedprune.cost(model, x, hard=True)
+    assert float(hard.params) == gatedprune.cost(gatedprune.prune(model), x).params

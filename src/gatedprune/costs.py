@@ -133,7 +133,11 @@ RNN_ELEMENTWISE = 2
 
 @dataclass(frozen=True)
 class Cost:
-    """Exact cost of a plain module: FLOPs of one forward pass and parameter count."""
+    """Exact cost of a plain module: FLOPs of one forward pass and parameter count.
+
+    >>> cost(nn.Linear(10, 4), torch.zeros(1, 10))
+    Cost(flops=84, params=44)
+    """
 
     flops: int
     params: int
@@ -141,7 +145,16 @@ class Cost:
 
 @dataclass(frozen=True)
 class ExpectedCost:
-    """Expected cost of a gated model (0-dim float64 tensors, differentiable w.r.t. gates)."""
+    """Expected cost of a gated model (0-dim float64 tensors, differentiable w.r.t. gates).
+
+    >>> import gatedprune
+    >>> _ = torch.manual_seed(0)
+    >>> c = cost(gatedprune.ShortcutMLP(4, [6], 2), torch.zeros(1, 4))
+    >>> c.flops.dtype, c.flops.requires_grad
+    (torch.float64, True)
+    >>> c.detach()
+    Cost(flops=64, params=33)
+    """
 
     flops: Tensor
     params: Tensor
@@ -931,6 +944,17 @@ class CostProgram:
                 + ", ".join(errors)
                 + "; register them with gatedprune.costs.register_cost or give them a "
                 "flops_of(inputs, output) method"
+            )
+        uncalled = [
+            f"{name or '<root>'} ({type(m).__name__})"
+            for name, m in module.named_modules()
+            if any(m is r for r in gated_roots) and id(m) not in seen_gated
+        ]
+        if uncalled:  # prune prunes it by its gates: a cost without it would not be prune's
+            raise ValueError(
+                f"gated module {uncalled[0]} is not called by the forward pass on "
+                "example_input, so its cost (what prune keeps of it) cannot be counted: call "
+                "it in forward, or prune it (gatedprune.prune) or remove it before costing"
             )
         gated_param_ids = {id(p) for r in gated_roots for p in r.parameters()}
         program.fixed_params = sum(
