@@ -32,14 +32,37 @@ class GatedModule(nn.Module):
       ``pruned_module()`` exactly.
     * ``pruned_module()``: a new plain module without gates that computes, in eval mode, the
       same function as this module in eval mode.
+
+    >>> import torch, gatedprune
+    >>> net = gatedprune.ShortcutMLP(4, [6], 2)
+    >>> isinstance(net, GatedModule), [g.n for g in net.gates()]  # edge, unit, head gates
+    (True, [1, 6, 2])
     """
 
     def expected_cost(
         self, input_shape: Sequence[int], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
+        """``(flops, params)`` of one forward pass on an input of ``input_shape``, as 0-dim
+        float64 tensors: expected under the gates' open probabilities (differentiable), or
+        with ``hard=True`` the exact cost of :meth:`pruned_module`.
+
+        >>> import gatedprune
+        >>> flops, params = gatedprune.ShortcutMLP(4, [6], 2).expected_cost((1, 4), hard=True)
+        >>> float(flops), float(params)
+        (102.0, 52.0)
+        """
         raise NotImplementedError
 
     def pruned_module(self) -> nn.Module:
+        """A new plain module without gates that computes, in eval mode, this module's
+        eval-mode function.
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(4, [6], 2).eval()
+        >>> small, x = net.pruned_module().eval(), torch.randn(3, 4)
+        >>> torch.allclose(small(x), net(x), atol=1e-6)
+        True
+        """
         raise NotImplementedError
 
     def gates(self) -> list[Gate]:
@@ -69,9 +92,27 @@ class ModelGating(GatedModule):
     * ``expected_cost(input_shape, hard=...)`` covers every layer of the model (gated or not)
       for an input of ``input_shape``; ``cost``/``Budget`` use it instead of tracing.
     * ``prune_model(model)`` returns the pruned copy of ``model``; ``prune`` calls it.
+
+    >>> import torch, gatedprune
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> _ = gatedprune.gate_(net, torch.zeros(2, 4))
+    >>> isinstance(net.gatedprune, ModelGating)
+    True
+    >>> [float(c) for c in net.gatedprune.expected_cost((2, 4), hard=True)]  # whole model
+    [228.0, 58.0]
     """
 
     def prune_model(self, model: nn.Module) -> nn.Module:
+        """The pruned copy of ``model`` (the model this gating is attached to), without gates
+        or hooks; ``model`` itself is left unchanged. :func:`gatedprune.prune` calls it.
+
+        >>> import torch, gatedprune
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> _ = gatedprune.gate_(net, torch.zeros(2, 4))
+        >>> small = net.gatedprune.prune_model(net.eval())
+        >>> hasattr(small, "gatedprune"), hasattr(net, "gatedprune")
+        (False, True)
+        """
         raise NotImplementedError
 
     def pruned_module(self) -> nn.Module:

@@ -219,6 +219,14 @@ class Budget(nn.Module):
 
     @property
     def model(self) -> nn.Module:
+        """The gated model this budget constrains (not registered as a submodule: the
+        budget's ``parameters()`` are only its own multipliers).
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(4, [6], 2)
+        >>> gatedprune.Budget(net, torch.zeros(1, 4), flops=0.5).model is net
+        True
+        """
         return self._model[0]
 
     @property
@@ -295,6 +303,13 @@ class Budget(nn.Module):
 
         During the first ``delay_steps`` training steps it is an exact zero (the network trains
         without budget pressure and the multipliers stay at 0).
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(4, [6], 2)
+        >>> budget = gatedprune.Budget(net, torch.zeros(1, 4), flops=0.5)
+        >>> p = budget.penalty()  # loss = task_loss + p
+        >>> p.shape, p.requires_grad, int(budget.step)
+        (torch.Size([]), True, 1)
         """
         if not self.active:
             if self.model.training:
@@ -344,7 +359,14 @@ class Budget(nn.Module):
 
     def expected(self) -> dict[str, float]:
         """Current expected cost fractions (floats); a ``ValueError`` naming the gate
-        parameter if one holds NaN (diverged training), instead of NaN fractions."""
+        parameter if one holds NaN (diverged training), instead of NaN fractions.
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(4, [6], 2)
+        >>> budget = gatedprune.Budget(net, torch.zeros(1, 4), flops=0.5, params=0.5)
+        >>> sorted(budget.expected()), 0.0 < budget.expected()["flops"] < 1.0
+        (['flops', 'params'], True)
+        """
         with torch.no_grad():
             out = {k: float(v) for k, v in self.fractions().items()}
         if any(math.isnan(v) for v in out.values()):
@@ -353,7 +375,14 @@ class Budget(nn.Module):
 
     def achieved(self) -> dict[str, float]:
         """Cost fractions at the exact open/closed decisions, i.e. of ``prune(model)`` (a NaN
-        gate parameter is a ``ValueError``, as in ``prune``)."""
+        gate parameter is a ``ValueError``, as in ``prune``).
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(4, [6], 2)
+        >>> budget = gatedprune.Budget(net, torch.zeros(1, 4), flops=0.5)
+        >>> budget.achieved()  # before training every gate is open
+        {'flops': 1.0}
+        """
         check_gates_not_nan(self.model)
         with torch.no_grad():
             return {k: float(v) for k, v in self.fractions(hard=True).items()}

@@ -148,12 +148,12 @@ class ExpectedCost:
     """Expected cost of a gated model (0-dim float64 tensors, differentiable w.r.t. gates).
 
     >>> import gatedprune
-    >>> _ = torch.manual_seed(0)
-    >>> c = cost(gatedprune.ShortcutMLP(4, [6], 2), torch.zeros(1, 4))
+    >>> net, x = gatedprune.ShortcutMLP(4, [6], 2), torch.zeros(1, 4)
+    >>> c = cost(net, x)
     >>> c.flops.dtype, c.flops.requires_grad
     (torch.float64, True)
-    >>> c.detach()
-    Cost(flops=64, params=33)
+    >>> cost(net, x, hard=True).detach()  # every gate open: the exact cost
+    Cost(flops=102, params=52)
     """
 
     flops: Tensor

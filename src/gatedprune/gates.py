@@ -54,7 +54,12 @@ EPS = 1e-6
 
 class Gate(nn.Module):
     """Base class of a vector of ``n`` gates. Subclasses implement the four gate methods.
-    ``group`` consecutive entries share one gate (1: every entry is its own gate)."""
+    ``group`` consecutive entries share one gate (1: every entry is its own gate).
+
+    >>> g = HardConcreteGate(4, group=2)
+    >>> isinstance(g, Gate), g.n, g.n_groups, g.prob_open().shape
+    (True, 4, 2, torch.Size([4]))
+    """
 
     n: int
     group: int = 1

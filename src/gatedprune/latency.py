@@ -235,7 +235,16 @@ class LatencyModel:
         )
 
     def predict(self, plain: PlainShortcutNet) -> float:
-        """Predicted latency (ms) of a pruned network at this model's batch size."""
+        """Predicted latency (ms) of a pruned network at this model's batch size (the same
+        value as :meth:`expected` with ``hard=True`` for the gated network it came from).
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3).eval()
+        >>> lm = LatencyModel.calibrate(net, torch.zeros(1, 8), batch_size=64, samples=8)
+        >>> ms = lm.predict(gatedprune.prune(net))
+        >>> ms > 0, math.isclose(ms, float(lm.expected(net, hard=True)))
+        (True, True)
+        """
         values = self.features(plain).values()
         return float(sum(c * f for c, f in zip(self.coef, values, strict=True)))
 
@@ -264,7 +273,14 @@ class LatencyModel:
         timed at ``batch_size`` in interleaved rounds; the coefficients minimise the squared
         *relative* error (non-negative least squares), a quarter of the copies is held out
         to measure the prediction error, and the coefficients are refitted on all of them. A
-        held-out median error above ``CALIBRATION_WARN_ERROR`` (10%; a busy machine) warns."""
+        held-out median error above ``CALIBRATION_WARN_ERROR`` (10%; a busy machine) warns.
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(8, [16, 16], 3)
+        >>> lm = LatencyModel.calibrate(net, torch.zeros(1, 8), batch_size=64, samples=8)
+        >>> len(lm.coef), lm.samples, lm.batch_size, lm.threads
+        (7, 8, 64, 1)
+        """
         if not isinstance(net, _ShortcutNet):
             raise TypeError(
                 "LatencyModel.calibrate needs a ShortcutMLP or ShortcutConv1d, got "

@@ -222,6 +222,13 @@ class ShortcutLSTM(GatedModule):
     def forward(
         self, x: Tensor | PackedSequence, hx: Sequence[State | None] | None = None
     ) -> Tensor | PackedSequence:
+        """Outputs ``(B, T, output_size)`` for ``x`` of shape ``(B, T, input_size)`` (both
+        ``(T, B, .)`` when ``batch_first=False``; a ``PackedSequence`` gives one). ``hx``: None
+        or one initial state per layer (``h0`` or ``(h0, c0)``, each ``(D, B, hidden_l)``).
+
+        >>> ShortcutLSTM(2, 4, 1, 3, batch_first=False)(torch.randn(7, 5, 2)).shape
+        torch.Size([7, 5, 3])
+        """
         spec = self.spec
         data, batch = check_sequence(x, spec.input_size, spec.batch_first)
         states = check_state(
@@ -311,6 +318,15 @@ class ShortcutLSTM(GatedModule):
     def expected_cost(
         self, input_shape: Sequence[int], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
+        """``(flops, params)`` as 0-dim float64 tensors for a padded input of ``input_shape``
+        ``(B, T, input_size)`` (``(T, B, .)`` when ``batch_first=False``): expected under the
+        gates' open probabilities (differentiable), or with ``hard`` the exact cost of
+        ``prune(net)``.
+
+        >>> net = ShortcutLSTM(2, 4, 1, 3)
+        >>> [float(c) for c in net.expected_cost((1, 7, 2), hard=True)]  # every gate open
+        [2205.0, 149.0]
+        """
         spec = self.spec
         try:  # a float would be truncated (5.5 costed as 5), a string parsed
             shape = tuple(operator.index(n) for n in input_shape)

@@ -573,6 +573,13 @@ class _ShortcutNet(GatedModule):
         return F.linear(feat, self.head.weight * colscale[None, :], self.head.bias)  # (B, out)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Outputs ``(B, out_features)`` for ``x`` of shape ``(B, in_features)`` (MLP) or
+        ``(B, in_channels, L)`` (Conv1d), each gate multiplying what it gates (sampled gate
+        values in training, deterministic ones in eval mode).
+
+        >>> ShortcutConv1d(1, [[4]], 2, input_length=8)(torch.randn(3, 1, 8)).shape
+        torch.Size([3, 2])
+        """
         x = self._check_input(x)
         self._check_ops()  # a replaced op of other settings would be computed with the spec's
         hs: list[Tensor] = [x]
@@ -682,6 +689,16 @@ class _ShortcutNet(GatedModule):
     def expected_cost(
         self, input_shape: Sequence[int], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
+        """``(flops, params)`` as 0-dim float64 tensors for an input of ``input_shape``
+        (``(B, F)`` or ``(B, C, L)``): expected under the gates' open probabilities
+        (differentiable), or with ``hard`` the exact cost of ``prune(net)``.
+
+        >>> net = ShortcutMLP(4, [6], 2)
+        >>> [float(c) for c in net.expected_cost((1, 4), hard=True)]  # every gate open
+        [102.0, 52.0]
+        >>> net.expected_cost((1, 4))[0].requires_grad
+        True
+        """
         shape = self._check_cost_shape(input_shape)
         if hard:
             hard_flops, hard_params = self._hard_cost(shape)

@@ -1300,6 +1300,14 @@ class Trainer:
         ``checkpoint_dir`` can be created. A non-finite loss stops training with a
         ``ValueError`` before that step's optimizer update, and a checkpoint is never written
         while a parameter is NaN or inf: the checkpoints already in ``checkpoint_dir`` are kept.
+
+        >>> import torch, gatedprune
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+        >>> net = gatedprune.ShortcutMLP(4, [6], 2)
+        >>> history = Trainer(net, epochs=1, batch_size=16, progress=False).fit((x, y), val=(x, y))
+        >>> len(history), history[-1]["step"], "val_accuracy" in history[-1]
+        (1, 2, True)
         """
         self._check_settings()
         x, y = _check_pair("train", train)

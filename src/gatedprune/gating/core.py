@@ -79,7 +79,15 @@ _SEQUENCE_UNITS = (
 
 @dataclass
 class GatingSummary:
-    """What ``gate_`` gated, and what it left ungated and why (``str()`` is a readable report)."""
+    """What ``gate_`` gated, and what it left ungated and why (``str()`` is a readable report).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> print(gate_(net, torch.zeros(2, 4)))  # doctest: +ELLIPSIS
+    gatedprune.gate_: 1 channel groups, 0 residual blocks, ..., 8 gates
+      channels      8  0
+      ungated       2  2: reaches the model output
+    """
 
     channel_groups: list[tuple[list[str], int]] = field(default_factory=list)
     blocks: list[tuple[str, str, int]] = field(default_factory=list)  # owner, site, FLOPs
@@ -195,7 +203,14 @@ _GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook)
 
 
 class InsertedGating(ModelGating):
-    """Gates inserted into a user model by :func:`gate_` (attached as ``model.gatedprune``)."""
+    """Gates inserted into a user model by :func:`gate_` (attached as ``model.gatedprune``).
+
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> summary = gate_(net, torch.zeros(2, 4))
+    >>> isinstance(net.gatedprune, InsertedGating), net.gatedprune.summary is summary
+    (True, True)
+    """
 
     def __init__(
         self,
