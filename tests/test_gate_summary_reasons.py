@@ -49,24 +49,23 @@ def test_the_suggested_form_is_gated() -> None:
     assert not summary.ungated_adds
 
 
-class SEBlock(nn.Module):
+class SigmoidEnd(nn.Module):
+    """A branch ending in sigmoid (0 -> 0.5): a closed gate would not remove it."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv1d(4, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(x)  # (B, C, L)
-        s = torch.sigmoid(self.fc(y.mean(2)))  # (B, C)
-        return x + y * s[:, :, None]
+        return x + torch.sigmoid(self.conv(x))
 
 
 def test_an_ungated_add_names_the_module_holding_it() -> None:
-    net = nn.Sequential(SEBlock(), SEBlock())
+    net = nn.Sequential(SigmoidEnd(), SigmoidEnd())
     summary = gate_(net, torch.randn(2, 4, 8))
     labels = [label for label, _ in summary.ungated_adds]
     assert labels == ["add (in 0)", "add_1 (in 1)"]
-    assert "the branch ends in mul_1 (in 1)" in dict(summary.ungated_adds)["add_1 (in 1)"]
+    assert "the branch ends in sigmoid_1 (in 1)" in dict(summary.ungated_adds)["add_1 (in 1)"]
 
 
 class CausalAttention(nn.Module):

@@ -91,12 +91,35 @@ _SCALE_FUNCS = {operator.mul, operator.truediv, torch.mul}
 
 
 def _site_of(
-    gm: fx.GraphModule, u: fx.Node, calls: dict[str, int], opaque: set[str]
+    gm: fx.GraphModule,
+    u: fx.Node,
+    calls: dict[str, int],
+    opaque: set[str],
+    inside: frozenset[fx.Node],
 ) -> tuple[str | None, str | None]:
+    """The module whose output the block gate scales (folded into it when pruning), walking
+    back from the branch output ``u`` through ops that keep a zero at zero; ``inside``: the
+    branch's nodes and its add. A value on the way may have other readers inside the branch
+    (a squeeze-and-excitation ``y * sigmoid(fc(pool(y)))``): the gated model scales ``y`` for
+    all of them, as the pruned one does with the gate folded into its producer, and a closed
+    gate still zeroes the product. A product of two tensors is followed through whichever
+    factor leads to a site."""
     n = u
     while True:
-        if len(n.users) != 1:
-            return None, f"{n.name} has several users"
+        if any(w not in inside for w in n.users):
+            return None, f"{node_label(n)} is read outside the branch"
+        two = [a for a in n.args if isinstance(a, fx.Node)]
+        is_mul = (n.op == "call_function" and n.target in (operator.mul, torch.mul)) or (
+            n.op == "call_method" and n.target == "mul"
+        )
+        if is_mul and len(two) == 2 and len(n.args) == 2 and not n.kwargs:
+            reasons = []
+            for factor in two:
+                site, why = _site_of(gm, factor, calls, opaque, inside)
+                if site is not None:
+                    return site, None
+                reasons.append(why)
+            return None, reasons[0]
         if n.op == "call_module":
             m = gm.get_submodule(str(n.target))
             if isinstance(m, HOMOGENEOUS_MODULES) and n.args:
@@ -215,7 +238,9 @@ def find_blocks(
             skipped.append((node_label(n), _OTHER_FORM))
             continue
         flops, pos, dead = best
-        site, why = _site_of(gm, n.args[pos], calls, kept_whole)
+        branch = n.args[pos]
+        assert isinstance(branch, fx.Node)
+        site, why = _site_of(gm, branch, calls, kept_whole, dead | {n})
         if site is None:
             skipped.append((node_label(n), why or "no site"))
             continue
