@@ -194,3 +194,23 @@ def test_a_factor_read_outside_the_branch_gets_no_block_gate() -> None:
     assert summary.ungated_adds == [
         ("add (in <root>)", "fc (in <root>) is read outside the branch")
     ]
+
+
+class Unbounded(nn.Module):
+    """The other factor depends on the gated one and is unbounded (rsqrt of its mean square,
+    no epsilon): with the gate closed the product would be 0 * inf = NaN, not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(x)  # (B, 4)
+        return self.head(x + y * torch.rsqrt(y.pow(2).mean(1, keepdim=True)))
+
+
+def test_an_unbounded_factor_that_depends_on_the_gated_one_gets_no_block_gate() -> None:
+    summary = gate_(Unbounded().eval(), torch.randn(2, 4))
+    assert not summary.blocks
+    ((_, why),) = summary.ungated_adds
+    assert "depends on fc and is not bounded" in why

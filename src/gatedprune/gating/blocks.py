@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .channels import (
@@ -90,6 +91,49 @@ _SUB = operator.sub
 _SCALE_FUNCS = {operator.mul, operator.truediv, torch.mul}
 
 
+_BOUNDED_FUNCS = {torch.sigmoid, torch.tanh, torch.softmax, F.sigmoid, F.hardsigmoid, F.softmax}
+_BOUNDED_METHODS = {"sigmoid", "tanh", "softmax"}
+_BOUNDED_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax)
+_SHAPE_FUNCS = {operator.getitem, torch.reshape, torch.unsqueeze}
+_SHAPE_METHODS = {"view", "reshape", "unsqueeze", "expand", "expand_as", "flatten", "contiguous"}
+
+
+def _bounded(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether ``n`` is a sigmoid / hardsigmoid / tanh / softmax output (finite whatever its
+    input), possibly reshaped or indexed."""
+    while True:
+        fn = n.op == "call_function" and n.target in _SHAPE_FUNCS
+        if fn or (n.op == "call_method" and n.target in _SHAPE_METHODS):
+            n = n.args[0]  # type: ignore[assignment]
+        else:
+            break
+        if not isinstance(n, fx.Node):
+            return False
+    if n.op == "call_function":
+        return n.target in _BOUNDED_FUNCS
+    if n.op == "call_method":
+        return n.target in _BOUNDED_METHODS
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(str(n.target)), _BOUNDED_MODULES)
+    return False
+
+
+def _independent(n: fx.Node, site: str) -> bool:
+    """Whether ``n`` is computed without the output of module ``site`` (so a gate on that
+    output leaves it as it was)."""
+    seen: set[fx.Node] = set()
+    stack = [n]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.op == "call_module" and v.target == site:
+            return False
+        stack.extend(v.all_input_nodes)
+    return True
+
+
 def _site_of(
     gm: fx.GraphModule,
     u: fx.Node,
@@ -114,8 +158,17 @@ def _site_of(
         )
         if is_mul and len(two) == 2 and len(n.args) == 2 and not n.kwargs:
             reasons = []
-            for factor in two:
+            for factor, other in ((two[0], two[1]), (two[1], two[0])):
                 site, why = _site_of(gm, factor, calls, opaque, inside)
+                if site is not None and not (_bounded(gm, other) or _independent(other, site)):
+                    # 0 * inf: with the gate closed the product could be NaN, not 0
+                    site, why = (
+                        None,
+                        (
+                            f"the other factor of {node_label(n)} depends on {site} and is not "
+                            "bounded (a sigmoid, hardsigmoid, tanh or softmax)"
+                        ),
+                    )
                 if site is not None:
                     return site, None
                 reasons.append(why)
