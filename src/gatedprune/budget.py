@@ -29,6 +29,7 @@ from .costs import CostProgram
 from .gating.core import InsertedGating
 from .gating.latency import GatedLatencyModel
 from .latency import LatencyModel
+from .layout import check_flag
 from .shortcut import _ShortcutNet
 
 __all__ = ["Budget"]
@@ -142,8 +143,7 @@ class Budget(nn.Module):
                 f"{type(latency_model).__name__}"
             )
         start = _check_fraction("target_start", target_start, required=True)
-        if not isinstance(anti_windup, bool):
-            raise TypeError(f"anti_windup must be a bool, got {anti_windup!r}")
+        anti_windup = check_flag("anti_windup", anti_windup)
         for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int >= 0, got {value!r}")

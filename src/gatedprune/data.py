@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .layout import check_flag
+
 __all__ = ["Splits", "adding_problem", "mnist1d"]
 
 MNIST1D_MAX_SEED = 2**32
@@ -62,8 +64,7 @@ def mnist1d(*, num_samples: int = 5000, seed: int = 42, as_sequence: bool = Fals
     torch.Size([80, 1, 40])
     """
     num_samples = _check_count("num_samples", num_samples, 10, ">= 10")
-    if not isinstance(as_sequence, bool):
-        raise TypeError(f"as_sequence must be a bool, got {as_sequence!r}")
+    as_sequence = check_flag("as_sequence", as_sequence)
     if num_samples % 10:
         raise ValueError(
             f"num_samples must be a multiple of 10 (MNIST-1D makes num_samples // 10 per "

@@ -27,6 +27,7 @@ from .gates import HardConcrete, gate_modules
 from .gating.latency import GatedLatencyModel
 from .io import atomic_write, folder_problem
 from .latency import LatencyModel
+from .layout import check_flag
 from .plain import PlainShortcutNet
 from .profiling import allocator_setting, compare_latency
 from .prune import prune
@@ -110,9 +111,8 @@ class DemoConfig:
             number("--round-to", self.round_to, (int,), "an int >= 1 or None")
             if self.round_to < 1:
                 raise ValueError(f"--round-to must be >= 1, got {self.round_to!r}")
-        for name, flag in (("latency", self.latency), ("progress", self.progress)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        check_flag("latency", self.latency)
+        check_flag("progress", self.progress)
         number("--unit-group", self.unit_group, (int,), "an int dividing 32 (1, 2, 4, ..., 32)")
         if self.unit_group < 1 or 32 % self.unit_group:
             raise ValueError(

@@ -43,6 +43,7 @@ from .costs import (
     RNN_ELEMENTWISE,
 )
 from .gates import Gate, GateKind, resolve_gate
+from .layout import check_flag
 from .plain_recurrent import (
     CELLS,
     Cell,
@@ -128,8 +129,7 @@ class ShortcutLSTM(GatedModule):
             ("shortcuts", shortcuts),
             ("layer_gates", layer_gates),
         ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+            check_flag(name, flag)
         kind = resolve_gate(gate)
         self.spec = RecurrentSpec(
             cell=cell,

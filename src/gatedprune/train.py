@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from .base import GatedModule
 from .budget import Budget
 from .gates import Gate, SigmoidGate, gate_modules, harden
+from .layout import check_flag
 
 __all__ = ["Trainer", "constant_lr", "cosine_lr", "rewound_cosine_lr", "snap_to_budget"]
 
@@ -191,8 +192,7 @@ def snap_to_budget(
     if not isinstance(budget, Budget):
         raise TypeError(f"snap_to_budget expects a gatedprune.Budget, got {type(budget).__name__}")
     tol = _positive_float("tolerance", tolerance, allow_zero=True)
-    if not isinstance(at_most, bool):  # None or "no" would silently pick a window
-        raise TypeError(f"at_most must be a bool, got {at_most!r}")
+    at_most = check_flag("at_most", at_most)  # None or "no" would silently pick a window
     _check_primary(primary, budget.targets)
     _check_tolerance(tolerance, tol, budget, primary)
     if round_to is not None:
@@ -1222,8 +1222,7 @@ class Trainer:
             self.edge_gate_lr = _positive_float("edge_gate_lr", self.edge_gate_lr)
         self.budget_lr = _positive_float("budget_lr", self.budget_lr)
         self.weight_decay = _positive_float("weight_decay", self.weight_decay, allow_zero=True)
-        if not isinstance(self.progress, bool):  # nan or "no" would show the bar
-            raise TypeError(f"progress must be a bool, got {self.progress!r}")
+        self.progress = check_flag("progress", self.progress)  # nan or "no": no bar
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise TypeError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if not 0 <= self.seed < MAX_SEED:
@@ -1314,8 +1313,7 @@ class Trainer:
         val_pair = None if val is None else _check_pair("val", val)
         if max_steps is not None:
             max_steps = _positive_int("max_steps", max_steps)
-        if not isinstance(resume, bool):  # "no" or 0.0 would silently pick a mode
-            raise TypeError(f"resume must be a bool, got {resume!r}")
+        resume = check_flag("resume", resume)  # "no" or 0.0 would silently pick a mode
         if resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir: where should I look?")
         _check_finite("train", x, y)
