@@ -660,3 +660,40 @@ def test_pruned_module_refuses_a_state_of_another_width() -> None:
         m(x, (h, h))
     with pytest.raises(TypeError, match="an LSTM state must be a pair"):
         m(x, torch.zeros(2, 2, 6))
+
+
+class _ConvThenState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.lstm, self.fc = nn.LSTM(8, 6, 2, batch_first=True), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn(self.conv(x))).transpose(1, 2)  # (B, T, 8)
+        h0 = torch.zeros(2, x.size(0), 6)  # (L, B, H)
+        out, _ = self.lstm(h, (h0, h0))
+        return self.fc(out[:, -1])  # (B, 2)
+
+
+def test_a_pruned_state_slicing_module_folds_and_regates() -> None:
+    """fx traced into StateSlicingLSTM (not a torch.nn class) and failed: fold_batchnorm
+    refused the pruned model, and gate_ of it kept the module opaque with a tracing error."""
+    torch.manual_seed(9)
+    model = _ConvThenState()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 7)
+    gate_(model, x)
+    for g in gatedprune.gate_modules(model):
+        g.force_(torch.arange(g.n) % 2 == 0)
+    pruned = gatedprune.prune(model)
+    folded = gatedprune.fold_batchnorm(pruned)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+    with torch.no_grad():
+        xi = torch.randn(3, 3, 5)
+        assert (folded(xi) - model(xi)).abs().max().item() <= 1e-5
+    summary = gate_(folded, x)
+    assert not summary.opaque
+    assert "not a plain nn.LSTM" in dict(summary.ungated_layers)["lstm"]

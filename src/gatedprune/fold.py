@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from .base import BATCH_NORMS, GatedModule, find_model_gating
 from .gating.surgery import ScaledAdd
 from .plain import PlainShortcutNet
+from .rnn_slicing import StateSlicingGRU, StateSlicingLSTM, StateSlicingRNN
 
 __all__ = ["fold_batchnorm"]
 
@@ -28,7 +29,9 @@ _NORMS = BATCH_NORMS
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, ScaledAdd) or super().is_leaf_module(m, module_qualified_name)
+        if isinstance(m, ScaledAdd | StateSlicingLSTM | StateSlicingGRU | StateSlicingRNN):
+            return True  # ours, outside torch.nn: fx would trace into them
+        return bool(super().is_leaf_module(m, module_qualified_name))
 
 
 def _unparametrized(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:

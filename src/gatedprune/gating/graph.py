@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..base import ModelGating
 from ..costs import _handler_for, check_positional, counts_itself, unit_handler
+from ..rnn_slicing import StateSlicingGRU, StateSlicingLSTM, StateSlicingRNN
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
     GatedMultiheadAttention,
@@ -53,6 +54,9 @@ _LEAVES = (
     GatedLSTM,
     GatedGRU,
     GatedRNN,
+    StateSlicingLSTM,
+    StateSlicingGRU,
+    StateSlicingRNN,
 )
 
 
