@@ -214,3 +214,68 @@ def test_an_unbounded_factor_that_depends_on_the_gated_one_gets_no_block_gate() 
     assert not summary.blocks
     ((_, why),) = summary.ungated_adds
     assert "depends on fc and is not bounded" in why
+
+
+def test_channels_multiplied_by_an_excitation_are_gated_with_it() -> None:
+    """The excitation's channels (fc2 / se2 outputs) join the channels they multiply: the SE
+    trunk and MBConv's expanded channels are gated (they were pinned: "multiplies by ungated
+    channels")."""
+    gen = torch.Generator().manual_seed(0)
+    se = gate_(Net("se").eval(), _input("se", 2, gen))
+    trunk = ["stem", "blocks.0.conv2", "blocks.0.fc2", "blocks.1.conv2", "blocks.1.fc2"]
+    assert any(set(trunk) <= set(p) for p, _ in se.channel_groups)
+    mb = gate_(Net("mbconv").eval(), _input("mbconv", 2, gen))
+    assert (["blocks.0.expand", "blocks.0.se2"], 32) in mb.channel_groups
+
+
+class ExcitationReadTwice(nn.Module):
+    """The excitation is also added to the output: there a closed channel would be 0.5, not
+    0, so those channels stay ungated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.fc2, self.head = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = torch.sigmoid(self.fc2(x))  # (B, 6)
+        return self.head(torch.relu(self.fc(x)) * s + s)
+
+
+def test_an_excitation_read_elsewhere_keeps_its_channels() -> None:
+    torch.manual_seed(3)
+    model = ExcitationReadTwice().eval()
+    x = torch.randn(2, 4)
+    summary = gate_(model, x)
+    assert not summary.channel_groups
+    assert ({"fc", "fc2"}, 6) in [(set(p), n) for p, n, _ in summary.ungated_groups]
+    pruned = gatedprune.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class ExcitationIntoLinear(nn.Module):
+    """The excitation also feeds a Linear, which would read 0.5 at a closed channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.head, self.side = nn.Linear(6, 2), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = torch.sigmoid(self.fc2(x))  # (B, 6)
+        return self.head(torch.relu(self.fc(x)) * s) + self.side(s)
+
+
+def test_an_excitation_read_by_a_linear_keeps_its_channels() -> None:
+    torch.manual_seed(4)
+    model = ExcitationIntoLinear().eval()
+    x = torch.randn(2, 4)
+    summary = gate_(model, x)
+    reasons = {frozenset(p): why for p, _, why in summary.ungated_groups}
+    why = reasons[frozenset({"fc", "fc2"})]
+    assert "is not zero at closed channels and node 'side'" in why
+    for g in gatedprune.gate_modules(model):
+        g.force_(torch.zeros(g.n, dtype=torch.bool))
+    pruned = gatedprune.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5

@@ -11,6 +11,9 @@ A group is gated only if removing any of its channels is exact. It is left ungat
 when its channels reach an op that is not zero-preserving or that mixes channels in a way we do
 not slice: LayerNorm/GroupNorm over them (normalisation statistics would change), sigmoid or
 softmax, a non-affine BatchNorm, an add of an ungated tensor, an unknown op, or the model output.
+One exception: an *excitation* ``s = sigmoid(z)`` (or hardsigmoid) read only, through reshapes,
+by a product ``y * s`` with ``y`` labelled on the same channels (squeeze-and-excitation): the
+channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is.
 
 Gates sit on every *source* of the group: the output of each Linear/Conv producing its channels,
 or of the BatchNorm/depthwise conv that follows (the conv's own output is then not gated, the
@@ -164,6 +167,11 @@ _RESHAPE_FUNCS: set[Callable[..., Any]] = {
     torch.unsqueeze,
 }
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+# squeeze-and-excitation: sigmoid(z) of labelled channels is not zero at closed ones (0.5),
+# but multiplying a labelled tensor of the same channels by it keeps that tensor's zeros
+_EXCITE_FUNCS: set[Callable[..., Any]] = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_EXCITE_METHODS = {"sigmoid"}
+_EXCITE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 _ADD_FUNCS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, torch.add}
 _MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
@@ -274,6 +282,10 @@ class _Propagator:
         self.rnn_in_atoms: dict[str, np.ndarray] = {}
         self.rnn_outputs: dict[str, list[np.ndarray]] = {}
         self.pairs: dict[fx.Node, Labels | None] = {}  # max/min over a dim: labels of both
+        # excitations (sigmoid of labelled channels) and their reshapes: labels that are NOT
+        # zero at closed channels; only a product with a labelled tensor may read them
+        self.nonzero: dict[fx.Node, Labels] = {}
+        self.nonzero_uses: set[tuple[fx.Node, fx.Node]] = set()
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -334,6 +346,57 @@ class _Propagator:
         for n in self.gm.graph.nodes:  # after the labels of every reader are known
             if n.op in ("call_function", "call_method") and self.shape(n) is None:
                 self.size_read(n)
+        for v, lab in self.nonzero.items():  # any other reader needs zeros at closed channels
+            for u in v.users:
+                if (v, u) not in self.nonzero_uses:
+                    self.pin(
+                        lab,
+                        f"{self.describe(v)} is not zero at closed channels and "
+                        f"{self.describe(u)} reads it (only a product with the channels it "
+                        "excites may)",
+                    )
+
+    def excitation(self, n: fx.Node) -> bool:
+        """Record a sigmoid / hardsigmoid of labelled channels (same shape) as a nonzero label
+        (see ``nonzero``); False if ``n`` is not one."""
+        if n.op == "call_module":
+            is_exc = isinstance(self.gm.get_submodule(str(n.target)), _EXCITE_MODULES)
+        elif n.op == "call_function":
+            is_exc = n.target in _EXCITE_FUNCS
+        else:
+            is_exc = n.op == "call_method" and n.target in _EXCITE_METHODS
+        x = n.args[0] if len(n.args) == 1 and not n.kwargs else None
+        lab = self.lab(x)
+        if not is_exc or lab is None or self.shape(x) != self.shape(n):
+            return False
+        self.nonzero[n] = lab
+        return True
+
+    def nonzero_shape(self, n: fx.Node) -> bool:
+        """A reshape or index of a nonzero-labelled tensor: its labels carried through by the
+        usual handler, still nonzero; False if ``n`` is not one."""
+        x = n.args[0] if n.args else None
+        if not isinstance(x, fx.Node) or x not in self.nonzero:
+            return False
+        is_fn = n.op == "call_function"
+        if is_fn and n.target is operator.getitem:
+            handler = self.getitem
+        elif (is_fn and n.target in _RESHAPE_FUNCS) or (
+            n.op == "call_method" and n.target in _RESHAPE_METHODS
+        ):
+            handler = self.reshape
+        else:
+            return False
+        saved = self.labels.get(x)
+        self.labels[x] = self.nonzero[x]
+        try:
+            out = handler(n, x)
+        finally:
+            self.labels[x] = saved
+        if out is not None:
+            self.nonzero[n] = out
+            self.nonzero_uses.add((x, n))
+        return True
 
     def size_read(self, n: fx.Node) -> None:
         """Pin a labelled tensor whose size along the labelled dimension the code reads and
@@ -416,6 +479,8 @@ class _Propagator:
         if n.op == "output":
             self.pin_inputs(n, "reaches the model output")
             return None
+        if self.excitation(n) or self.nonzero_shape(n):
+            return None  # nonzero labels: kept in self.nonzero, not seen by other readers
         if n.op == "call_module":
             return self.visit_module(n)
         out_shape = self.shape(n)
@@ -779,6 +844,9 @@ class _Propagator:
         out = self.shape(n)
         assert out is not None
         ops = [*n.args[:2]]
+        excited = self.excited_product(n, out) if kind == "mul" else None
+        if excited is not None:
+            return excited
         labelled: list[tuple[Labels, int]] = []
         for a in ops:
             lab = self.lab(a)
@@ -813,6 +881,32 @@ class _Propagator:
         for lab, _ in labelled[1:]:
             self.union(first.atoms, lab.atoms)
         return Labels(d, first.atoms)
+
+    def excited_product(self, n: fx.Node, out: tuple[int, ...]) -> Labels | None:
+        """``y * s`` with ``s`` a nonzero (excitation) label of the channels ``y`` carries: the
+        two sets of channels are one (pruned together) and the product is zero where ``y``
+        is; None if ``n`` is not such a product (other readers of ``s`` are pinned)."""
+        if len(n.args) != 2 or n.kwargs:
+            return None
+        a, b = n.args
+        if isinstance(b, fx.Node) and b in self.nonzero:
+            y, s = a, b
+        elif isinstance(a, fx.Node) and a in self.nonzero:
+            y, s = b, a
+        else:
+            return None
+        lab_y, lab_s = self.lab(y), self.nonzero[s]
+        shape_y, shape_s = self.shape(y), self.shape(s)
+        if lab_y is None or shape_y is None or shape_s is None:
+            return None
+        d_y = lab_y.dim + len(out) - len(shape_y)
+        d_s = lab_s.dim + len(out) - len(shape_s)
+        if d_y != d_s or len(lab_y.atoms) != len(lab_s.atoms) or len(lab_y.atoms) != out[d_y]:
+            return None
+        self.union(lab_y.atoms, lab_s.atoms)
+        self.soft_pin(lab_y, f"{self.describe(n)} multiplies gated channels together")
+        self.nonzero_uses.add((s, n))
+        return Labels(d_y, lab_y.atoms)
 
 
 def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
