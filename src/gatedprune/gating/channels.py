@@ -284,6 +284,7 @@ class _Propagator:
         self.pairs: dict[fx.Node, Labels | None] = {}  # max/min over a dim: labels of both
         # excitations (sigmoid of labelled channels) and their reshapes: labels that are NOT
         # zero at closed channels; only a product with a labelled tensor may read them
+        self.unlabelled_in: set[str] = set()  # Linear/Conv called on unlabelled channels
         self.nonzero: dict[fx.Node, Labels] = {}
         self.nonzero_uses: set[tuple[fx.Node, fx.Node]] = set()
 
@@ -559,12 +560,20 @@ class _Propagator:
             if lab is not None and lab.dim != in_dim:
                 self.pin(lab, f"{name} contracts a dimension other than the labelled one")
                 lab = None
+            mixed = f"{name} is called more than once, also on channels that are not pruned"
             if lab is not None:
+                if name in self.unlabelled_in:  # one weight for both calls: slice both or none
+                    self.pin(lab, mixed)
                 prev = self.module_in_atoms.get(name)
                 if prev is not None:
                     self.union(prev, lab.atoms)
                 else:
                     self.module_in_atoms[name] = lab.atoms
+            else:
+                self.unlabelled_in.add(name)
+                prev = self.module_in_atoms.get(name)
+                if prev is not None:
+                    self.pins.append((prev, mixed))
             self.module_in[n] = lab
             if name not in self.module_space:
                 self.module_space[name] = self.new_space(name, out_shape[cdim])

@@ -19,7 +19,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import BATCH_NORMS, find_model_gating
-from .graph import TracedModel, inlined_calls, owner_of, scope_nodes, trace_model
+from .blocks import graph_writes, live_nodes
+from .graph import (
+    TracedModel,
+    inlined_calls,
+    owner_of,
+    scope_nodes,
+    trace_model,
+)
 from .rnn import apply_rnn_plan
 from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
 
@@ -167,6 +174,29 @@ def _norm_target(node: fx.Node, scope: str) -> Any:
     return node.target
 
 
+def _resolve(root: nn.Module, path: str) -> object:
+    obj: object = root
+    for part in path.split(".") if path else []:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _same_target(model: nn.Module, sub: nn.Module, r: fx.Node, n: fx.Node, scope: str) -> bool:
+    """Whether root-graph node ``r`` and local-graph node ``n`` do the same thing. A module or
+    attribute is compared as an object: fx names a module used in several places (one
+    ``nn.ReLU()`` reused) by the first path it finds, which may lie outside ``scope``."""
+    if r.op != n.op:
+        return False
+    if r.op in ("call_module", "get_attr"):
+        if _norm_target(r, scope) == n.target:
+            return True
+        try:
+            return _resolve(model, str(r.target)) is _resolve(sub, str(n.target))
+        except AttributeError:
+            return False
+    return bool(r.target == n.target)
+
+
 def _defaults(sub: nn.Module) -> dict[str, Any]:
     """Optional forward arguments with a constant default (assumed left at it by callers)."""
     params = list(inspect.signature(sub.forward).parameters.values())[1:]
@@ -212,7 +242,7 @@ def local_trace(
             n for n in local.graph.nodes if n.op not in ("placeholder", "output") and n not in skip
         ]
         same = len(root_nodes) == len(local_nodes) and all(
-            r.op == n.op and _norm_target(r, scope) == n.target
+            _same_target(model, sub, r, n, scope)
             for r, n in zip(root_nodes, local_nodes, strict=False)
         )
         if same:
@@ -275,24 +305,53 @@ def refold_calls(graph: fx.Graph, root: nn.Module) -> None:
     >>> [(n.op, n.target) for n in g.nodes][1:3]
     [('call_module', '0'), ('call_module', '1')]
     """
+    replaced: dict[fx.Node, fx.Node] = {}  # an earlier call's output -> its module call
     for call in inlined_calls(graph, root):
         m = root.get_submodule(call.path)
         if len(call.inputs) != 1 or len(call.outputs) != 1 or not _one_argument(m):
             continue
+        inp = replaced.get(call.inputs[0], call.inputs[0])  # b(a(h)): a's output is gone
         out = call.outputs[0]
         owner = graph.owning_module
         if isinstance(owner, fx.GraphModule):  # fx copied only what the trace referenced
             owner.add_submodule(call.path, m)
         with graph.inserting_after(out):
-            new = graph.call_module(call.path, (call.inputs[0],))
+            new = graph.call_module(call.path, (inp,))
         new.meta = dict(out.meta)
         out.replace_all_uses_with(new)
+        replaced[out] = new
         for n in reversed(call.nodes):
             if not n.users:  # a get_attr another call shares stays until that one goes
                 graph.erase_node(n)
     for n in list(graph.nodes):  # attributes read only by the ops just replaced
         if n.op == "get_attr" and not n.users:
             graph.erase_node(n)
+
+
+def _written_cuts(
+    traced: TracedModel, cut: dict[str, int], bypass: set[str], edges: list[dict[str, Any]]
+) -> set[str]:
+    """The cut adds whose sum an in-place op that stays writes into (an inplace ReLU after the
+    block) while the operand the cut keeps is read elsewhere: an outer residual, a new
+    shortcut, the model's input. The rewrite keeps a copy of that operand there, else the op
+    would write into it."""
+    graph = traced.graph
+    by_name = {n.name: n for n in graph.nodes}
+    writes = graph_writes(graph)
+    live = live_nodes(graph, {by_name[k]: v for k, v in cut.items()}, writes)
+    shortcut_ends = {name for e in edges for name in (e["src"], e["dst"])}
+    out: set[str] = set()
+    for name, pos in cut.items():
+        add = by_name[name]
+        if not any(w is add and n in live and n.name not in bypass for n, w in writes):
+            continue
+        keep = add.args[1 - pos]
+        if not isinstance(keep, fx.Node):
+            continue
+        readers = [u for u in keep.users if u is not add and u in live]
+        if readers or keep.op == "placeholder" or keep.name in shortcut_ends:
+            out.add(name)
+    return out
 
 
 def _rewrite_scope(
@@ -304,7 +363,10 @@ def _rewrite_scope(
     erase: set[str],
     bypass: set[str],
     edges: list[dict[str, Any]],
+    written: set[str],
 ) -> nn.Module:
+    """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
+    writes into, anywhere in the model)."""
     sub = model if scope == "" else model.get_submodule(scope)
     root_nodes = scope_nodes(root_graph, scope)
     local, mapping = local_trace(model, root_graph, scope, opaque)
@@ -328,6 +390,10 @@ def _rewrite_scope(
         ln = mapping[add_name]
         keep = ln.args[1 - pos]
         assert isinstance(keep, fx.Node)
+        if add_name in written:  # an in-place op writes into the sum (an inplace ReLU after
+            # the block): it must not write into the kept operand, which others may read
+            with local.graph.inserting_before(ln):
+                keep = local.graph.call_method("clone", (keep,))
         ln.replace_all_uses_with(keep)
         local.graph.erase_node(ln)
     for r in root_nodes:  # bypassed ReLUs (relu(relu(z)) = relu(z)) in graph order
@@ -1029,6 +1095,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     if missing:
         raise ValueError(f"the plan names graph nodes the model does not have: {missing[:5]}")
     owners = {n.name: owner_of(n) for n in traced.graph.nodes}
+    written = _written_cuts(traced, cut, bypass, plan.get("edges", []))
     result = model
     for scope in scopes:
         in_scope = {
@@ -1045,6 +1112,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             erase & in_scope,
             bypass & in_scope,
             [e for e in plan.get("edges", []) if _within(e["scope"], scope)],
+            written,
         )
         if scope == "":
             result = new
