@@ -126,3 +126,29 @@ def test_dense_shortcuts_on_an_encoder_say_why_there_are_none() -> None:
     assert ("encoder", summary.unconnected[0][1]) == summary.unconnected[0]
     assert "gated as layers" in summary.unconnected[0][1]
     assert "no shortcuts for encoder" in str(summary)
+
+
+class HandAttention(nn.Module):
+    """Hand-written attention: q, k, v from a fused projection, heads by a view."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.q = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        _, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, d) each
+        q = self.q(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, dh)
+        k = k.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, dh)
+        v = v.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, dh)
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (B, H, T, dh)
+        return self.head(self.out(att.transpose(1, 2).reshape(b, t, d)))
+
+
+def test_hand_written_attention_heads_say_where_heads_are_pruned() -> None:
+    summary = gate_(HandAttention(), torch.randn(2, 5, 8))
+    reasons = {p[0]: why for p, _, why in summary.ungated_groups}
+    assert "gate_ prunes heads of nn.MultiheadAttention" in reasons["q"]
+    assert "a split of the channels, such as q, k, v" in reasons["qkv"]

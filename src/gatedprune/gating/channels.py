@@ -498,7 +498,10 @@ class _Propagator:
         if out_shape is None:
             if (is_fn and target in _META_FUNCS) or (not is_fn and target in _META_METHODS):
                 return None
-            self.pin_inputs(n, f"{self.describe(n)} returns a non-tensor")
+            why = f"{self.describe(n)} returns a non-tensor"
+            if n.op == "call_method" and n.target in ("chunk", "split", "unbind"):
+                why += " (a split of the channels, such as q, k, v of a fused projection)"
+            self.pin_inputs(n, why)
             return None
         x = n.args[0] if n.args else None
         if is_fn and target is F.hardtanh:  # hardtanh(x, min_val=-1.0, max_val=1.0)
@@ -726,7 +729,11 @@ class _Propagator:
                         inner = _prod(ins[d + 1 : k])
                         atoms = np.tile(np.repeat(lab.atoms, inner), outer)
                         return Labels(e, atoms)
-        self.pin(lab, f"{self.describe(n)} splits the labelled dimension")
+        self.pin(
+            lab,
+            f"{self.describe(n)} splits the labelled dimension (as into attention heads: "
+            "gate_ prunes heads of nn.MultiheadAttention and nn.TransformerEncoderLayer only)",
+        )
         return None
 
     def permute(self, n: fx.Node, x: Any, how: str) -> Labels | None:
