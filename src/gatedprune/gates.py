@@ -24,7 +24,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,6 @@ from torch import Tensor, nn
 __all__ = [
     "Gate",
     "GateKind",
-    "GateSpec",
     "HardConcrete",
     "HardConcreteGate",
     "Sigmoid",
@@ -315,12 +314,6 @@ class SigmoidGate(Gate):
         with torch.no_grad():
             self.theta.copy_(torch.where(mask, 10.0, -10.0))
             self.hardened.fill_(True)
-
-
-class GateSpec(Protocol):
-    """A gate kind: builds a vector of ``n`` gates (``group`` entries sharing each gate)."""
-
-    def make(self, n: int, *, init_open: bool = False, group: int = 1) -> Gate: ...
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .channels import (
 )
 from .graph import RunRecord, mutated_input, owner_of
 
-__all__ = ["Block", "find_blocks", "live_nodes", "rewrite_scopes"]
+__all__ = ["Block", "find_blocks", "graph_writes", "live_nodes", "node_label"]
 
 
 @dataclass
@@ -309,12 +309,3 @@ def outermost(scopes: Iterable[str]) -> list[str]:
             continue
         result.append(s)
     return result
-
-
-def rewrite_scopes(
-    graph: fx.Graph, closed: list[Block], base: set[fx.Node]
-) -> tuple[set[fx.Node], list[str]]:
-    """Live nodes once ``closed`` blocks are removed, and the modules whose code must change."""
-    live = live_nodes(graph, {b.add: b.branch_pos for b in closed})
-    changed = [b.add for b in closed] + [n for n in base if n not in live]
-    return live, outermost(owner_of(n) for n in changed)

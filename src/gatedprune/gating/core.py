@@ -215,7 +215,7 @@ class InsertedGating(ModelGating):
     def __init__(
         self,
         *,
-        kind: Any,
+        kind: HardConcrete | Sigmoid,
         group_sizes: list[int],
         clamp: list[bool],
         transformers: list[tuple[str, int, int, int, int]],
@@ -231,7 +231,7 @@ class InsertedGating(ModelGating):
         opaque: dict[str, str],
         summary: GatingSummary,
         edges: list[Edge],
-        edge_kind: Any,
+        edge_kind: HardConcrete | Sigmoid,
         rnns: list[RNNInfo] | None = None,
         rnn_consumers: list[RNNConsumer] | None = None,
     ) -> None:
