@@ -447,6 +447,16 @@ class InsertedGating(ModelGating):
     def expected_cost(
         self, input_shape: Sequence[int], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
+        """``(flops, params)`` of the whole gated model (0-dim float64 tensors) for an input
+        of ``input_shape`` (the gated shape, or another batch size of it): expected under the
+        gates' open probabilities, or with ``hard=True`` exactly ``cost(prune(model))``.
+
+        >>> import torch
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = gate_(net, torch.zeros(2, 4))
+        >>> [float(c) for c in net.gatedprune.expected_cost((5, 4), hard=True)]
+        [570.0, 58.0]
+        """
         shape = tuple(int(s) for s in input_shape)
         t = self.terms
         ratio = 1.0
@@ -743,6 +753,9 @@ class InsertedGating(ModelGating):
         return outermost([*scopes, *(e.scope for e in kept)]), erase, bypass
 
     def prune_model(self, model: nn.Module) -> nn.Module:
+        """The pruned copy of ``model`` (see :meth:`ModelGating.prune_model`): gate values
+        folded into the modules they scale, closed channels, heads, units and blocks removed
+        by :func:`apply_plan` of :meth:`plan`, kept new shortcuts written into the code."""
         plan = self.plan()
         with torch.no_grad():
             groups = [g.eval_value() for g in self.group_gates]  # type: ignore[operator]
