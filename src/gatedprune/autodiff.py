@@ -148,7 +148,7 @@ class _ScalarFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
         refuse_create_graph()
         (jac,) = ctx.saved_tensors  # (n_out, n_in)
-        return grad_out @ jac, None
+        return grad_out @ jac, None  # (n_out,) @ (n_out, n_in) -> (n_in,)
 
 
 def scalar_function(formula: Formula, z: Tensor) -> Tensor:

@@ -130,7 +130,7 @@ def find_model_gating(model: nn.Module) -> ModelGating | None:
 def gate_probs(gate: Gate | None, n: int, *, hard: bool, like: Tensor) -> Tensor:
     """Open probabilities ``(n,)`` in float64 (ones where there is no gate)."""
     if gate is None:
-        return like.new_ones(n, dtype=like.dtype)
+        return like.new_ones(n, dtype=like.dtype)  # (n,)
     p = gate.is_open().to(like.dtype) if hard else gate.prob_open().to(like.dtype)
     return p  # (n,)
 

@@ -299,6 +299,7 @@ def _time_at(
     repeated when it has fewer) on ``threads`` threads, in interleaved rounds."""
     rows = x[:batch]
     if len(rows) < batch:  # a small test set: repeat its rows up to the batch size
+        # (batch, *x.shape[1:])
         rows = rows.repeat(-(-batch // len(rows)), *([1] * (x.dim() - 1)))[:batch]
     return compare_latency(models, rows, rounds=7, repeats=20 if batch == 1 else 3, threads=threads)
 

@@ -73,7 +73,7 @@ def _fold_into(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: nn.Module) -> None:
         if bn.bias is not None:
             beta = bn.bias.to(torch.float64)
         b = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(mean)
-        new_w = w * a.reshape(-1, *([1] * (w.dim() - 1)))
+        new_w = w * a.reshape(-1, *([1] * (w.dim() - 1)))  # (C_out, C_in / groups, *kernel)
         new_b = a * (b - mean) + beta  # (C_out,)
         dtype = conv.weight.dtype
         conv.weight = nn.Parameter(new_w.to(dtype), requires_grad=conv.weight.requires_grad)

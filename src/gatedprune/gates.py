@@ -441,7 +441,7 @@ def gate_values(gates: Sequence[Gate]) -> list[Tensor]:
         return [g() for g in gates]
     log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
     values = _hc_sample(log_alpha, beta) if gates[0].training else _hc_eval(log_alpha)
-    return list(torch.split(values, [g.n for g in gates]))
+    return list(torch.split(values, [g.n for g in gates]))  # one (g.n,) per gate
 
 
 def gate_is_open(gates: Sequence[Gate]) -> list[Tensor]:
@@ -455,6 +455,7 @@ def gate_is_open(gates: Sequence[Gate]) -> list[Tensor]:
         return [g.is_open() for g in gates]
     with torch.no_grad():
         log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
+        # one (g.n,) bool per gate
         return list(torch.split(_hc_eval(log_alpha) > 0, [g.n for g in gates]))
 
 
@@ -468,4 +469,5 @@ def gate_prob_open(gates: Sequence[Gate]) -> list[Tensor]:
     if beta is None:
         return [g.prob_open() for g in gates]
     log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
+    # one (g.n,) per gate
     return list(torch.split(_hc_prob_open(log_alpha, beta), [g.n for g in gates]))

@@ -94,7 +94,7 @@ def nonnegative_least_squares(a: np.ndarray, b: np.ndarray, *, iters: int = 200)
     n = a.shape[1]
     x = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
-    w = a.T @ (b - a @ x)
+    w = a.T @ (b - a @ x)  # (n,)
     for _ in range(iters):
         if passive.all() or w[~passive].max(initial=-np.inf) <= 1e-12:
             break
@@ -111,7 +111,7 @@ def nonnegative_least_squares(a: np.ndarray, b: np.ndarray, *, iters: int = 200)
             x = x + alpha * (z - x)
             passive &= x > 1e-12
             x[~passive] = 0.0
-        w = a.T @ (b - a @ x)
+        w = a.T @ (b - a @ x)  # (n,)
     return x
 
 
@@ -330,12 +330,13 @@ class LatencyModel:
                         rate = min(1.0, keep_units * math.exp(rng.uniform(-0.5, 0.5)))
                     else:
                         rate = keep_edges
-                    mask = torch.rand(g.n_groups, generator=gen) < rate
+                    mask = torch.rand(g.n_groups, generator=gen) < rate  # (groups,)
                     g.force_(mask.repeat_interleave(g.n // g.n_groups))
             with torch.no_grad():
                 plain = copy_.pruned_module().eval()
             models[str(i)] = plain
             features.append(_spec_features(plain.spec, sample_shape))
+        # (batch_size, *example_input.shape[1:])
         x = torch.randn(batch_size, *example_input.shape[1:], generator=gen).to(example_input)
         with torch.no_grad():
             times = compare_latency(
@@ -351,7 +352,7 @@ class LatencyModel:
         # relative errors are what a budget fraction feels: each row is weighted by 1 / y
         w = 1.0 / y[:, None]  # (n, 1)
         coef = nonnegative_least_squares(a[fit] * w[fit] / scale, np.ones(len(fit))) / scale
-        pred = a @ coef
+        pred = a @ coef  # (n,) ms
         big = [i for i in held if y[i] > 0.1 * y[0]] or held
         errors = np.abs(pred[big] - y[big]) / y[big]
         coef = nonnegative_least_squares(a * w / scale, np.ones(len(y))) / scale  # all samples

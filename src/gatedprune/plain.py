@@ -88,6 +88,7 @@ def _gather(
         if p is None:
             p = pooled[pool] = make_pooled(pool, j)
         parts.append(p)
+    # dim 1: (B, sum C, L) or (B, sum C); dim 2: (B, L, sum C)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
@@ -431,6 +432,7 @@ class PlainShortcutNet(nn.Module):
                 if spec.spatial:
                     h = torch.flatten(self.head_pools[i](h), 1)  # (B, C_j * P)
                 feats.append(h)
+            # (B, sum C_j * P) or (B, sum C)
             feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
         out: Tensor = self.head(feat)  # (B, out_features)
         return out
@@ -469,7 +471,7 @@ class PlainShortcutNet(nn.Module):
             for t in (cast(nn.Conv1d, conv).weight, cast(nn.Conv1d, conv).bias, extra, *stats):
                 layout.append(t is None)
                 if t is not None:
-                    sources.append(t.detach().reshape(-1))
+                    sources.append(t.detach().reshape(-1))  # (t.numel(),)
             layout.append(None if bn is None else bn.eps)
         if not sources:
             return []
@@ -491,6 +493,7 @@ class PlainShortcutNet(nn.Module):
                 op = cast(nn.Conv1d, conv)
                 w = op.weight.detach()  # (C, C_in, k)
                 b = None if op.bias is None else op.bias.detach()  # (C,)
+                # (C, 1, L)
                 offset = op.offset.unsqueeze(1) if isinstance(op, OffsetConv1d) else None
                 if norm is not None:  # (C, C_in, k), (C,), (C, 1, L)
                     w, b, offset = _fold_batchnorm(norm, w, b, offset, "the channels-last path")
@@ -554,7 +557,7 @@ class PlainShortcutNet(nn.Module):
                 feats.append(mean_pool_rows(h, h.shape[1] // spec.head_pool))  # (B, P, C_j)
             else:
                 h = F.adaptive_avg_pool1d(h.transpose(1, 2), spec.head_pool)  # (B, C_j, P)
-                feats.append(h.transpose(1, 2))
+                feats.append(h.transpose(1, 2))  # (B, P, C_j)
         feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)  # (B, P, sum C)
         order = cast(Tensor, self._head_order)
         weight = self.head.weight.index_select(1, order)  # (out, P * sum C)

@@ -352,7 +352,7 @@ class PlainShortcutLSTM(nn.Module):
             nodes.append(out.data if isinstance(out, PackedSequence) else out)  # (.., D * H)
         if spec.head_sources:
             feats = [nodes[j] for j in spec.head_sources]
-            feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+            feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)  # (.., n_head_in)
         else:
             feat = data.new_zeros((*data.shape[:-1], 0))  # the read-out is closed: constant
         y: Tensor = self.head(feat)  # (.., output_size)
@@ -407,7 +407,7 @@ class PlainShortcutLSTM(nn.Module):
                         f"got {tuple(t.shape)}"
                     )
                 idx = torch.tensor(ls.units, dtype=torch.long, device=t.device)
-                picked.append(t.index_select(2, idx))
+                picked.append(t.index_select(2, idx))  # (D, B, len(ls.units))
             out.append((picked[0], picked[1]) if lstm else picked[0])
         return out
 

@@ -215,7 +215,7 @@ class ShortcutLSTM(GatedModule):
             s = node_scale[j]
             if s is None:
                 ref = self.head.weight
-                s = ref.new_ones(self.spec.node_width(j))
+                s = ref.new_ones(self.spec.node_width(j))  # (node_width(j),)
             parts.append(s if edge is None else s * edge[k])
         return torch.cat(parts)  # (sum widths,)
 
@@ -363,10 +363,12 @@ class ShortcutLSTM(GatedModule):
             kept_if_open = layer[i] * R[node]
             h = kept_if_open * s  # kept units
             h2 = kept_if_open * (s * s + (p * (1 - p)).sum())  # E[kept^2] (independent gates)
+            # (n_sources,) -> (): expected input width
             n_in = (edges[i] * torch.stack([W[j] for j in ls.sources])).sum()
             weights = g * (h * n_in + h2)
             params = params + d * (weights + 2 * g * h)
             flops = flops + steps * d * (FLOPS_PER_MAC * weights + 2 * g * h + elem * h)
+        # (n_head_sources,) -> (): expected head input width
         head_in = (head * torch.stack([W[j] for j in spec.head_sources])).sum()
         out = spec.output_size
         flops = flops + steps * (FLOPS_PER_MAC * head_in * out + out)
@@ -460,6 +462,7 @@ class ShortcutLSTM(GatedModule):
         edges, units, layer, head_edge = self._gate_values(True)
         node_scale = self._node_scales(units, layer)
         ref = self.head.weight
+        # per node (input first): (n_kept_j,) kept unit indices
         kept_units = [torch.arange(spec.input_size, device=ref.device)] + [
             torch.nonzero(u > 0).flatten() for u in units
         ]

@@ -117,7 +117,7 @@ def _as_index(name: str, idx: object, size: int, device: torch.device) -> Tensor
     if t.dtype == torch.bool:
         if t.shape != (size,):
             raise ValueError(f"{name}: a bool mask must have shape ({size},), got {tuple(t.shape)}")
-        t = torch.nonzero(t).flatten()
+        t = torch.nonzero(t).flatten()  # (k,) indices of the True entries
     if t.dim() != 1 or (t.numel() > 0 and t.is_floating_point()) or t.is_complex():
         raise ValueError(f"{name} must be a 1-D tensor of integer indices, got {t!r}")
     t = t.to(device=device, dtype=torch.long)
@@ -214,6 +214,7 @@ def make_rnn(
         for sfx in _suffixes(module):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+                # (g * H, 0)
                 w = nn.Parameter(torch.empty(g * hidden_size, 0, device=device, dtype=dtype))
             setattr(module, f"weight_ih_l0{sfx}", w)  # RNNBase.__setattr__ refreshes its list
         module.input_size = 0
@@ -366,7 +367,7 @@ def slice_rnn_layers(
             assert prev is not None
             k_in = output_features(prev, m.hidden_size, m.bidirectional)
             s = _as_scale(f"hidden_scale[{layer - 1}]", scales[layer - 1], m.hidden_size, ref)
-            s_in = None if s is None else (torch.cat([s, s]) if m.bidirectional else s)
+            s_in = None if s is None else (torch.cat([s, s]) if m.bidirectional else s)  # (D * H,)
         out.append(
             slice_rnn(part, keep_h, keep_input=k_in, input_scale=s_in, hidden_scale=scales[layer])
         )
@@ -483,7 +484,7 @@ def _check_hx(m: RecurrentModule, hx: object, batch: int, ref: Tensor) -> list[T
     shape = (m.num_layers * d, batch, m.hidden_size)
     is_lstm = isinstance(m, nn.LSTM)
     if hx is None:
-        z = ref.new_zeros(shape)
+        z = ref.new_zeros(shape)  # (L * D, B, H)
         return [z, z] if is_lstm else [z]
     parts: list[object]
     if is_lstm:
@@ -620,7 +621,7 @@ def scaled_forward(
         batch = int(x.shape[0] if m.batch_first else x.shape[1])
     states = _check_hx(m, hx, batch, ref)
     if isinstance(x, PackedSequence) and hx is not None and x.sorted_indices is not None:
-        states = [s.index_select(1, x.sorted_indices) for s in states]
+        states = [s.index_select(1, x.sorted_indices) for s in states]  # (L * D, B, H) each, sorted
     dropout = float(m.dropout)
     train = m.training
     d = m.bidirectional
@@ -629,34 +630,40 @@ def scaled_forward(
     if isinstance(x, PackedSequence):
         bs = x.batch_sizes
         if isinstance(m, nn.LSTM):
+            # out (N, D * H) packed data; h, c (L * D, B, H)
             out, h, c = torch.lstm(
                 x.data, bs, states, weights, m.bias, m.num_layers, dropout, train, d
             )
             final = [h, c]
         elif isinstance(m, nn.GRU):
+            # out (N, D * H) packed data; h (L * D, B, H)
             out, h = torch.gru(
                 x.data, bs, states[0], weights, m.bias, m.num_layers, dropout, train, d
             )
             final = [h]
         else:
             fn = torch.rnn_tanh if m.nonlinearity == "tanh" else torch.rnn_relu
+            # out (N, D * H) packed data; h (L * D, B, H)
             out, h = fn(x.data, bs, states[0], weights, m.bias, m.num_layers, dropout, train, d)
             final = [h]
         if x.unsorted_indices is not None:
-            final = [s.index_select(1, x.unsorted_indices) for s in final]
+            final = [s.index_select(1, x.unsorted_indices) for s in final]  # (L * D, B, H) each
         result: Tensor | PackedSequence = PackedSequence(
             out, x.batch_sizes, x.sorted_indices, x.unsorted_indices
         )
     else:
         bf = m.batch_first
         if isinstance(m, nn.LSTM):
+            # out (B, T, D * H) or (T, B, D * H); h, c (L * D, B, H)
             out, h, c = torch.lstm(x, states, weights, m.bias, m.num_layers, dropout, train, d, bf)
             final = [h, c]
         elif isinstance(m, nn.GRU):
+            # out (B, T, D * H) or (T, B, D * H); h (L * D, B, H)
             out, h = torch.gru(x, states[0], weights, m.bias, m.num_layers, dropout, train, d, bf)
             final = [h]
         else:
             fn = torch.rnn_tanh if m.nonlinearity == "tanh" else torch.rnn_relu
+            # out (B, T, D * H) or (T, B, D * H); h (L * D, B, H)
             out, h = fn(x, states[0], weights, m.bias, m.num_layers, dropout, train, d, bf)
             final = [h]
         result = out

@@ -330,7 +330,7 @@ def _expected_forward(ctx: Any, p: Tensor, net: _ShortcutNet, formula: CompiledF
     # P(all units of a layer closed) = prod over its gates of (1 - p), as a segment sum of
     # logs; a gate shared by a group of g units appears g times, each weighted 1/g
     log_closed = torch.log1p(-clamped) / net.unit_group  # (sum of widths,)
-    closed = torch.exp(pu.new_zeros(n_layers).index_add(0, seg, log_closed))
+    closed = torch.exp(pu.new_zeros(n_layers).index_add(0, seg, log_closed))  # (L,) P(all closed)
     edges = torch.cat([pd[n_units:], pd.new_ones(1)])[net.edge_slot]  # (n_edges + n_head,)
     z = torch.cat([S, 1 - closed, edges])  # (2 L + n_edges + n_head,)
     values, jac = formula(z.tolist())
@@ -355,6 +355,7 @@ def _expected_backward(ctx: Any, grad_out: Tensor) -> Tensor:
     # group's g copies sum to prod_{other gates} (1 - p)); zero where p was clamped
     g_o_units = (g_o * closed)[seg] / (net.unit_group * (1 - clamped))  # (sum of widths,)
     g_units = g_S[seg] + torch.where(unclamped, g_o_units, 0.0)  # (sum of widths,)
+    # (n_edge_gates,)
     g_edges = gz.new_zeros(ctx.n_edge_gates + 1).index_add(0, net.edge_slot, g_e)[:-1]
     return torch.cat([g_units, g_edges])  # (n_gates,)
 
@@ -534,7 +535,7 @@ class _ShortcutNet(GatedModule):
         scale = v[self.col_unit]  # (sum of all readers' input columns,)
         if self.edge_gated:
             scale = scale * v[self.col_edge]
-        return list(torch.split(scale, self.col_sizes))
+        return list(torch.split(scale, self.col_sizes))  # per layer, then the head: (n_cols,)
 
     def _preact(self, index: int, inp: Tensor, colscale: Tensor) -> Tensor:
         """Layer input -> pre-normalisation output. Source unit gates and edge gates
@@ -658,7 +659,8 @@ class _ShortcutNet(GatedModule):
             o = 1 - torch.exp(p_units.new_zeros(n_layers).index_add(0, seg, log_closed))  # (L,)
         parts: list[Tensor] = [S, o]
         for e, layer in zip(edges, self.spec.layers, strict=True):
-            parts.append(ref.new_ones(len(layer.sources)) if e is None else e)
+            parts.append(ref.new_ones(len(layer.sources)) if e is None else e)  # (n_sources,)
+        # (n_head_sources,)
         parts.append(ref.new_ones(len(self.spec.head_sources)) if head is None else head)
         z = torch.cat([p.double() for p in parts])  # (2 L + n_edges + n_head,)
         return z, z.detach().tolist()
@@ -961,13 +963,15 @@ class _ShortcutNet(GatedModule):
         some_open, nonconst, alive, open_edges, open_head = self._hard_liveness()
         edges, units, head_edge = self._eval_values()
         ref = self.head.weight
+        # per node (input first): (C_kept_j,) kept unit indices
         kept_units = [torch.arange(spec.in_width, device=ref.device)] + [
             torch.nonzero(u > 0).flatten() for u in units
         ]
+        # per node: (C_j,)
         unit_scale = [torch.ones(spec.in_width, device=ref.device, dtype=ref.dtype), *units]
 
         def edge_val(e: Tensor | None, idx: int) -> Tensor:
-            return e[idx] if e is not None else ref.new_ones(())
+            return e[idx] if e is not None else ref.new_ones(())  # ()
 
         # Constants: outputs of layers that do not depend on the input, for a batch of one.
         needs_consts = any(
@@ -991,9 +995,10 @@ class _ShortcutNet(GatedModule):
         # without input_length no constant is folded, so any length the stages accept will do
         probe = length or 2 ** max((ls.stage for ls in spec.layers), default=0)
         shape = (1, spec.in_width, probe) if spec.spatial else (1, spec.in_width)
-        hs: list[Tensor] = [ref.new_zeros(shape)]
+        hs: list[Tensor] = [ref.new_zeros(shape)]  # [(1, C_in, L) or (1, C_in)]
         pre: list[Tensor] = []
         cache: dict[tuple[int, int], Tensor] = {}
+        # per layer, then the head: (n_cols,)
         scales = self._colscales(torch.cat([g.eval_value() for g in self._gate_list()]))
         for i in range(len(spec.layers)):
             z = self._preact(i, self._gather(hs, i, cache), scales[i])
@@ -1060,9 +1065,9 @@ class _ShortcutNet(GatedModule):
                 e = spec.layers[i].sources.index(j)
                 col_blocks.append(offsets[e] + kept_units[j])
                 scales.append(edge_val(edges[i], e) * unit_scale[j][kept_units[j]])
-            cols = torch.cat(col_blocks)
+            cols = torch.cat(col_blocks)  # (n_in,)
             colscale = torch.cat(scales)  # (n_in,)
-            w = gl.op.weight[rows][:, cols]
+            w = gl.op.weight[rows][:, cols]  # (C_kept, n_in) or (C_kept, n_in, k)
             w = w * (colscale[None, :, None] if spec.spatial else colscale[None, :])
             op = cast(nn.Module, target.op)
             op.weight.copy_(w)  # type: ignore[operator]
@@ -1092,11 +1097,13 @@ class _ShortcutNet(GatedModule):
         for hi, j in head_srcs:
             kept = kept_units[j]
             pos = torch.arange(P, device=ref.device)
+            # (C_kept * P,) head columns, (channel, position) order
             col_blocks.append((offsets[hi] + kept[:, None] * P + pos[None, :]).flatten())
             head_scale = edge_val(head_edge, hi) * unit_scale[j][kept]  # (C_kept,)
             scales.append(head_scale.repeat_interleave(P))
         if col_blocks:
-            cols = torch.cat(col_blocks)
+            cols = torch.cat(col_blocks)  # (n_cols,)
+            # (out, n_cols)
             plain.head.weight.copy_(self.head.weight[:, cols] * torch.cat(scales)[None, :])
         plain.head.bias.copy_(head_const)
         plain.train(self.training)

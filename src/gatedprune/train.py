@@ -232,7 +232,7 @@ def snap_to_budget(
         current = _round_widths(budget, round_to, by_id, window)
         if _is_rounded(budget.model, round_to):
             for g, mask in zip(gates, masks, strict=True):
-                mask.copy_(g.is_open().reshape(-1))
+                mask.copy_(g.is_open().reshape(-1))  # (n,) bool
             fixed = _fixed_width(budget.model, round_to)
             current = _fill(budget, gates, masks, learned, window, fixed)
     return current
@@ -577,7 +577,7 @@ def _settled(
     def fits_with(g: Gate, mask: Tensor) -> bool:
         """Whether opening ``mask`` raises a cost and stays under every ceiling (an opening
         that changes no cost, such as a unit of a closed sub-layer, is no improvement)."""
-        before = g.is_open().reshape(-1).clone()
+        before = g.is_open().reshape(-1).clone()  # (n,) bool
         g.force_(mask)
         trial = {k: float(v) for k, v in budget.fractions(hard=True).items()}
         g.force_(before)
@@ -585,13 +585,14 @@ def _settled(
         return raises and not window.any_above(trial)
 
     for g in gates:
-        mask = g.is_open().reshape(-1)
+        mask = g.is_open().reshape(-1)  # (n,) bool
         k = int(mask.sum())
         if fixed(g):
             if 0 < k < g.n:  # a round-up: the next rounded width, closed units by position
                 assert round_to is not None
                 up = min(g.n, (k // round_to + 1) * round_to)
                 grown = mask.clone()
+                # index (up - k,): lowest closed positions
                 grown[(~mask).nonzero().reshape(-1)[: up - k]] = True
                 if fits_with(g, grown):
                     return False
@@ -764,7 +765,7 @@ def _round_widths(
 
     def apply(p: int, j: int) -> None:
         g, ranked, widths, _ = plans[p]
-        mask = torch.zeros(g.n, dtype=torch.bool)
+        mask = torch.zeros(g.n, dtype=torch.bool)  # (n,)
         mask[ranked[: widths[j]]] = True
         g.force_(mask)
 
@@ -784,7 +785,7 @@ def _round_widths(
     def step_score(p: int, j: int) -> float:
         """Mean open probability of the units width step ``j -> j + 1`` of ``p`` reopens."""
         _, ranked, widths, prob = plans[p]
-        return float(prob[ranked[widths[j] : widths[j + 1]]].mean())
+        return float(prob[ranked[widths[j] : widths[j + 1]]].mean())  # (reopened units,) -> ()
 
     while True:
         best: tuple[float, int] | None = None
@@ -1606,7 +1607,7 @@ class Trainer:
         mine = torch.tensor(
             [-1 if failure is not None else start, int(checkpointing)], dtype=torch.long
         )  # (2,)
-        gathered = [torch.zeros(2, dtype=torch.long) for _ in range(world)]
+        gathered = [torch.zeros(2, dtype=torch.long) for _ in range(world)]  # one (2,) per rank
         dist.all_gather(gathered, mine)
         found = [int(t[0]) for t in gathered]
         if failure is not None:

@@ -167,7 +167,7 @@ class GatedLatencyModel:
         gating's ``expected_cost(gating.input_shape, hard=hard)[0]`` if already computed."""
         z = _features(gating, hard=hard, flops=flops)  # (3,)
         coef = torch.tensor(self.coef, dtype=z.dtype, device=z.device)  # (3,)
-        return (coef * z).sum()
+        return (coef * z).sum()  # (3,) -> () ms
 
     # ------------------------------------------------------------------ fitting
     @staticmethod
@@ -237,6 +237,7 @@ class GatedLatencyModel:
         finally:
             gating.load_state_dict(saved)
         structure = structure_key(gating)
+        # (batch_size, *example_input.shape[1:])
         x = torch.randn(batch_size, *example_input.shape[1:], generator=gen).to(example_input)
         with torch.no_grad():
             times = compare_latency(
@@ -251,7 +252,7 @@ class GatedLatencyModel:
         fit = [0, *order[max(1, samples // 4) :]]
         w = 1.0 / y[:, None]  # (n, 1): relative errors, what a budget fraction feels
         coef = nonnegative_least_squares(a[fit] * w[fit] / scale, np.ones(len(fit))) / scale
-        errors = np.abs(a[held] @ coef - y[held]) / y[held]
+        errors = np.abs(a[held] @ coef - y[held]) / y[held]  # (n_held,)
         coef = nonnegative_least_squares(a * w / scale, np.ones(len(y))) / scale
         warn_if_unreliable(float(np.median(errors)), "GatedLatencyModel")
         return GatedLatencyModel(

@@ -227,7 +227,7 @@ def pad_to_width(opens: list[Tensor], rnns: list[RNNInfo]) -> list[Tensor]:
         width = max(int(opens[g].sum()) for g in r.groups)
         for g in r.groups:
             o = opens[g].clone()
-            closed = torch.nonzero(o == 0).flatten()
+            closed = torch.nonzero(o == 0).flatten()  # (n_closed,) indices
             o[closed[: width - int(o.sum())]] = 1.0
             out[g] = o
     return out
@@ -328,6 +328,7 @@ def fold_rnns(
         else:
             assert isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
             w = m.weight
+            # (out, in) or (out, in, *k) *= (1, in, 1, ...)
             w.mul_(vec.to(w.dtype).view(1, -1, *([1] * (w.dim() - 2))))
 
 

@@ -175,13 +175,14 @@ class CostTerms:
     # new shortcuts (ScaledAdd, 2 FLOPs per element): per kept channel, factor, block membership
     e_coef: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # (E,)
     e_a: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (E,)
+    # (E, B)
     e_member: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.float64))
 
     def kept(self, values: list[Tensor]) -> Tensor:
         """Kept-channel counts of every factor, plus a trailing constant 1: (F + 1,)."""
         k = self.k_const
         for c, v in zip(self.k_counts, values, strict=True):
-            k = k + c @ v.to(torch.float64)
+            k = k + c @ v.to(torch.float64)  # (F,) + (F, n_g) @ (n_g,)
         return torch.cat([k, k.new_ones(1)])  # (F + 1,)
 
 
@@ -409,7 +410,7 @@ def build_cost_terms(
         return n_f if v < 0 else v
 
     def membership(nodes: list[str]) -> Tensor:
-        mat = torch.zeros(len(nodes), n_blocks, dtype=torch.float64)
+        mat = torch.zeros(len(nodes), n_blocks, dtype=torch.float64)  # (len(nodes), B)
         for i, name in enumerate(nodes):
             for b in member.get(name, []):
                 mat[i, b] = 1.0
@@ -442,7 +443,7 @@ def build_cost_terms(
         k_counts=[
             torch.tensor(np.stack(c), dtype=torch.float64)
             if c
-            else torch.zeros(0, s, dtype=torch.float64)
+            else torch.zeros(0, s, dtype=torch.float64)  # (0, n_g): no factors
             for c, s in zip(fac.counts, sizes, strict=True)
         ],
     )

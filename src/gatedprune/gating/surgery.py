@@ -94,10 +94,11 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
     """Multiply the output channels of ``m`` by ``scale`` ``(C,)`` (or a scalar) in place."""
     with torch.no_grad():
         if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            # (C, 1, ...), or (1, 1, ...) for a scalar scale
             s = scale.to(m.weight.dtype).reshape(-1, *([1] * (m.weight.dim() - 1)))
             m.weight.mul_(s)
             if m.bias is not None:
-                m.bias.mul_(s.reshape(-1))
+                m.bias.mul_(s.reshape(-1))  # (C,) or (1,)
         elif isinstance(m, nn.MultiheadAttention):  # a scalar (block gate) on its output
             m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
             if m.out_proj.bias is not None:

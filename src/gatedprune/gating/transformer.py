@@ -71,7 +71,7 @@ def _additive_mask(
         )
     mask = _additive(mask, dtype)
     if mask.dim() == 2:
-        return mask.view(1, 1, len_q, len_kv)
+        return mask.view(1, 1, len_q, len_kv)  # (1, 1, L, S)
     return mask.view(n, heads, len_q, len_kv)  # (N, H, L, S)
 
 
@@ -126,10 +126,12 @@ def attention(
     w_in, b_in, w_out, b_out = params
     unbatched = query.dim() == 2
     if unbatched:
+        # (1, L, E), (1, S, E), (1, S, E)
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
+            key_padding_mask = key_padding_mask.unsqueeze(0)  # (1, S)
     elif not batch_first:
+        # (L, N, E) -> (N, L, E); key, value (S, N, E) -> (N, S, E)
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     n, len_q, _ = query.shape  # (N, L, E)
     len_kv = key.shape[1]
@@ -142,11 +144,11 @@ def attention(
     )
     q = F.linear(query, w_q, b_q).view(n, len_q, heads, head_dim).transpose(1, 2)  # (N,H,L,d)
     k = F.linear(key, w_k, b_k).view(n, len_kv, heads, head_dim).transpose(1, 2)  # (N,H,S,d)
-    v = F.linear(value, w_v, b_v).view(n, len_kv, heads, head_dim).transpose(1, 2)
+    v = F.linear(value, w_v, b_v).view(n, len_kv, heads, head_dim).transpose(1, 2)  # (N,H,S,d)
     scores = (q / math.sqrt(head_dim)) @ k.transpose(-2, -1)  # (N, H, L, S)
     mask = _additive_mask(attn_mask, n, heads, len_q, len_kv, scores.dtype)
     if mask is None and is_causal:
-        causal = torch.ones(len_q, len_kv, dtype=torch.bool, device=q.device).triu(1)
+        causal = torch.ones(len_q, len_kv, dtype=torch.bool, device=q.device).triu(1)  # (L, S)
         mask = _additive_mask(causal, n, heads, len_q, len_kv, scores.dtype)
     if mask is not None:
         scores = scores + mask
@@ -156,21 +158,22 @@ def attention(
                 f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
                 f"(batch, S) = {(n, len_kv)}"
             )
+        # (N, H, L, S)
         scores = scores + _additive(key_padding_mask, scores.dtype).view(n, 1, 1, len_kv)
     weights = torch.softmax(scores, dim=-1)  # (N, H, L, S)
     if dropout > 0.0:
         weights = F.dropout(weights, p=dropout)
     out = weights @ v  # (N, H, L, d)
     if head_gates is not None:
-        out = out * head_gates.to(out.dtype).view(1, heads, 1, 1)
+        out = out * head_gates.to(out.dtype).view(1, heads, 1, 1)  # (N, H, L, d)
     out = F.linear(out.transpose(1, 2).reshape(n, len_q, inner), w_out, b_out)  # (N, L, E)
     if unbatched:
-        out = out.squeeze(0)
+        out = out.squeeze(0)  # (L, E)
     elif not batch_first:
-        out = out.transpose(0, 1)
+        out = out.transpose(0, 1)  # (L, N, E)
     if not need_weights:
         return out, None
-    w = weights.mean(dim=1) if average_attn_weights else weights
+    w = weights.mean(dim=1) if average_attn_weights else weights  # (N, L, S) or (N, H, L, S)
     return out, (w.squeeze(0) if unbatched else w)
 
 
@@ -630,6 +633,7 @@ def _rows(keep_heads: list[int], head_dim: int, inner: int) -> Tensor:
     per = torch.tensor(
         [h * head_dim + i for h in keep_heads for i in range(head_dim)], dtype=torch.long
     )
+    # (3 * len(keep_heads) * head_dim,): q, k, v rows
     return torch.cat([per, per + inner, per + 2 * inner])
 
 
@@ -669,6 +673,7 @@ def fold_heads(att: nn.MultiheadAttention, heads: Tensor) -> None:
     """Fold head gate values ``(H,)`` into the columns of ``att.out_proj``, in place."""
     with torch.no_grad():
         w = att.out_proj.weight
+        # (E, E) *= (1, H * d)
         w.mul_(heads.to(w.dtype).repeat_interleave(att.head_dim).view(1, -1))
 
 
@@ -722,11 +727,11 @@ def fold_layer(layer: nn.TransformerEncoderLayer, values: dict[str, Tensor]) -> 
     with torch.no_grad():
         heads = values["heads"].to(att.out_proj.weight.dtype).repeat_interleave(d)  # (E,)
         a = values["attn"].to(att.out_proj.weight.dtype)[0]
-        att.out_proj.weight.mul_(heads.view(1, -1) * a)
+        att.out_proj.weight.mul_(heads.view(1, -1) * a)  # (E, E) *= (1, E)
         if att.out_proj.bias is not None:
             att.out_proj.bias.mul_(a)
-        units = values["units"].to(layer.linear2.weight.dtype)
+        units = values["units"].to(layer.linear2.weight.dtype)  # (F,)
         f = values["ffn"].to(layer.linear2.weight.dtype)[0]
-        layer.linear2.weight.mul_(units.view(1, -1) * f)
+        layer.linear2.weight.mul_(units.view(1, -1) * f)  # (E, F) *= (1, F)
         if layer.linear2.bias is not None:
             layer.linear2.bias.mul_(f)
