@@ -184,3 +184,148 @@ def test_a_linear_called_on_pruned_and_unpruned_channels_keeps_its_inputs() -> N
     mixed = "fc is called more than once, also on channels that are not pruned"
     assert any(mixed in r for r in reasons)
     _exact(model, x)
+
+
+# ---------------------------------------------------------------- second fuzzing round
+
+
+class Outer2(nn.Module):
+    """Two closed blocks, then an in-place ReLU: it wrote into ``h``, two blocks back."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.stem, self.b1, self.b2 = nn.Linear(3, d), Residual(nn.Linear(d, d)), Block(d)
+        self.fc, self.head = nn.Linear(d, d), nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        return self.head(h + self.fc(self.b2(self.b1(h))))
+
+
+def test_an_in_place_op_after_two_closed_blocks() -> None:
+    torch.manual_seed(0)
+    model = Outer2()
+    x = torch.randn(3, 3)
+    gate_(model, x, channels=False)
+    _force(model, {"b1", "b2"}, set())  # the outer residual stays
+    _exact(model, x)
+
+
+class InnerPost(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc, self.relu = nn.Linear(d, d), nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.fc(x)
+        y += x
+        return self.relu(y)
+
+
+class Nested(nn.Module):
+    def __init__(self, inner: nn.Module, d: int = 4) -> None:
+        super().__init__()
+        self.inner, self.g = inner, nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.g(self.inner(x))
+
+
+def _nested_stack(inner: nn.Module) -> nn.Module:
+    d = 4
+    return nn.Sequential(
+        nn.Linear(4, d),
+        Residual(nn.Linear(d, d)),
+        Residual(nn.Linear(d, d)),
+        Nested(inner),
+        Residual(nn.Linear(d, d)),
+        Residual(nn.Linear(d, d)),
+        nn.Linear(d, 2),
+    )
+
+
+def _force(model: nn.Module, closed: set[str], open_edges: set[tuple[str, str]]) -> None:
+    gating = inserted_gating(model)
+    owners = [owner for owner, _, _ in gating.summary.blocks]
+    for owner, gate in zip(owners, gating.block_gates, strict=True):
+        gate.force_(torch.tensor([owner not in closed]))
+    if gating.edge_gate is not None:
+        keep = [(e.src, e.dst) in open_edges for e in gating.edges]
+        gating.edge_gate.force_(torch.tensor(keep))
+
+
+def test_nested_closed_blocks_with_a_shortcut_from_the_inner_one() -> None:
+    """The inner block's in-place ReLU ran on the trunk tensor once both closed, and a
+    shortcut still read the inner block's output."""
+    torch.manual_seed(0)
+    model = _nested_stack(InnerPost(4))
+    x = torch.randn(3, 4)
+    gate_(model, x, channels=False, shortcuts="dense")
+    edges = {(e.src, e.dst) for e in inserted_gating(model).edges}
+    from_inner = {e for e in edges if e[0] == "3.inner"}
+    assert from_inner
+    _force(model, {"3", "3.inner"}, from_inner)
+    _exact(model, x)
+
+
+def test_shortcuts_into_a_block_and_a_block_nested_in_it() -> None:
+    """Both shortcuts were chained onto the inner block's input and the outer residual got
+    neither (pruned != gated by 0.9); the outer block's shortcut now comes first."""
+    torch.manual_seed(0)
+    model = _nested_stack(Residual(nn.Linear(4, 4)))
+    x = torch.randn(3, 4)
+    gate_(model, x, channels=False, shortcuts="dense")
+    edges = {(e.src, e.dst) for e in inserted_gating(model).edges}
+    both = {("1", "3"), ("1", "3.inner")}
+    assert both <= edges
+    _force(model, set(), both)
+    _exact(model, x)
+
+
+def test_a_module_shared_by_two_closed_blocks() -> None:
+    torch.manual_seed(0)
+    relu, d = nn.ReLU(), 4
+    model = nn.Sequential(
+        nn.Linear(3, d),
+        Residual(nn.Sequential(nn.Linear(d, d), relu, nn.Linear(d, d))),
+        Residual(nn.Sequential(nn.Linear(d, d), relu, nn.Linear(d, d))),
+        nn.Linear(d, 2),
+    )
+    x = torch.randn(3, 3)
+    gate_(model, x, channels=False)
+    for g in inserted_gating(model).block_gates:
+        g.force_(torch.zeros(1, dtype=torch.bool))
+    _exact(model, x)
+
+
+class SE(nn.Module):
+    def __init__(self, act: nn.Module | None, form: str) -> None:
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(4, 4, 1), nn.Linear(4, 2), nn.Linear(2, 4)
+        self.act, self.form = act, form
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)  # (B, 4, H, W)
+        z = self.fc2(torch.relu(self.fc1(y.mean((2, 3)))))  # (B, 4)
+        s = nn.functional.hardsigmoid(z) if self.act is None else self.act(z)
+        if self.form == "view":
+            return x + y * s.view(s.size(0), -1, 1, 1)
+        return x + y * s[:, :, None, None].expand_as(y)
+
+
+@pytest.mark.parametrize(
+    ("act", "form"),
+    [(nn.Sigmoid(), "view"), (nn.Hardsigmoid(), "expand_as"), (None, "view")],
+)
+def test_excitation_modules_and_spellings(act: nn.Module | None, form: str) -> None:
+    """nn.Sigmoid / nn.Hardsigmoid modules were costed at full width (hard cost != pruned
+    cost); F.hardsigmoid (traced with inplace=False), s.view(s.size(0), ...) and expand_as
+    kept the channels ungated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SE(act, form), nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 5, 5)
+    summary = gate_(model, x)
+    assert any({"0", "1.conv", "1.fc2"} <= set(p) for p, _ in summary.channel_groups)
+    for g in gatedprune.gate_modules(model):
+        g.force_(torch.arange(g.n) % 2 == 0)
+    _exact(model, x)

@@ -100,6 +100,7 @@ class ChannelAnalysis:
     module_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # input (linear/conv)
     rnn_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # recurrent module input
     rnn_outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per (layer, dir)
+    nonzero: dict[fx.Node, Labels] = field(default_factory=dict)  # excitations and reshapes
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -349,13 +350,34 @@ class _Propagator:
                 self.size_read(n)
         for v, lab in self.nonzero.items():  # any other reader needs zeros at closed channels
             for u in v.users:
-                if (v, u) not in self.nonzero_uses:
+                if (v, u) not in self.nonzero_uses and not self.other_size(u, lab):
                     self.pin(
                         lab,
                         f"{self.describe(v)} is not zero at closed channels and "
                         f"{self.describe(u)} reads it (only a product with the channels it "
                         "excites may)",
                     )
+
+    def other_size(self, u: fx.Node, lab: Labels) -> bool:
+        """Whether ``u`` only reads the size of a dimension other than ``lab``'s
+        (``s.size(0)``): a shape, not the values, and not the pruned width."""
+        shape = self.shape(u.args[0]) if u.args else None
+        if shape is None:
+            return False
+
+        def other(dim: object) -> bool:
+            return (
+                isinstance(dim, int) and not isinstance(dim, bool) and (dim % len(shape) != lab.dim)
+            )
+
+        if u.op == "call_method" and u.target == "size" and len(u.args) == 2 and not u.kwargs:
+            return other(u.args[1])
+        if u.op == "call_function" and u.target is builtins.getattr and u.args[1:] == ("shape",):
+            return bool(u.users) and all(  # s.shape[0]
+                w.op == "call_function" and w.target is operator.getitem and other(w.args[1])
+                for w in u.users
+            )
+        return False
 
     def excitation(self, n: fx.Node) -> bool:
         """Record a sigmoid / hardsigmoid of labelled channels (same shape) as a nonzero label
@@ -366,7 +388,8 @@ class _Propagator:
             is_exc = n.target in _EXCITE_FUNCS
         else:
             is_exc = n.op == "call_method" and n.target in _EXCITE_METHODS
-        x = n.args[0] if len(n.args) == 1 and not n.kwargs else None
+        plain = not n.kwargs or n.kwargs == {"inplace": False}  # F.hardsigmoid's default
+        x = n.args[0] if len(n.args) == 1 and plain else None
         lab = self.lab(x)
         if not is_exc or lab is None or self.shape(x) != self.shape(n):
             return False
@@ -380,6 +403,14 @@ class _Propagator:
         if not isinstance(x, fx.Node) or x not in self.nonzero:
             return False
         is_fn = n.op == "call_function"
+        if n.op == "call_method" and n.target in ("expand", "expand_as"):
+            ins, outs = self.shape(x), self.shape(n)
+            lab = self.nonzero[x]
+            same_rank = ins is not None and outs is not None and len(ins) == len(outs)
+            if same_rank and ins[lab.dim] == outs[lab.dim]:  # type: ignore[index]
+                self.nonzero[n] = lab  # size-1 dims broadcast, the channels kept
+                self.nonzero_uses.add((x, n))
+            return True
         if is_fn and n.target is operator.getitem:
             handler = self.getitem
         elif (is_fn and n.target in _RESHAPE_FUNCS) or (
@@ -1009,4 +1040,5 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         module_in_atoms=p.module_in_atoms,
         rnn_in_atoms=p.rnn_in_atoms,
         rnn_outputs=p.rnn_outputs,
+        nonzero=p.nonzero,
     )

@@ -295,7 +295,8 @@ def build_cost_terms(
         if n.op != "call_module":
             inlined = record.flops.get(n, 0)
             if inlined:  # a call of a childless module fx traced through, counted whole
-                f_rows.append(_scaled_row(float(inlined), ca.labels.get(n), fac, n.name))
+                lab = ca.labels.get(n) or ca.nonzero.get(n)
+                f_rows.append(_scaled_row(float(inlined), lab, fac, n.name))
             continue
         name = str(n.target)
         refs.setdefault(name, []).append(n.name)
@@ -376,7 +377,8 @@ def build_cost_terms(
                 if has_bias:
                     p_rows.append((mo, fo, -1, n.name, name))
             continue
-        f_rows.append(_scaled_row(float(f0), ca.labels.get(n), fac, n.name))
+        lab = ca.labels.get(n) or ca.nonzero.get(n)  # an nn.Sigmoid excitation: its channels
+        f_rows.append(_scaled_row(float(f0), lab, fac, n.name))
         if new_module:
             if kind == "bn":
                 fo, mo = fac.get(ca.module_atoms.get(name), int(m.num_features))  # type: ignore[arg-type]

@@ -191,8 +191,9 @@ def _same_target(model: nn.Module, sub: nn.Module, r: fx.Node, n: fx.Node, scope
     if r.op in ("call_module", "get_attr"):
         if _norm_target(r, scope) == n.target:
             return True
+        root = r.graph.owning_module or model  # the traced modules, before any rewrite
         try:
-            return _resolve(model, str(r.target)) is _resolve(sub, str(n.target))
+            return _resolve(root, str(r.target)) is _resolve(sub, str(n.target))
         except AttributeError:
             return False
     return bool(r.target == n.target)
@@ -341,16 +342,28 @@ def _written_cuts(
     writes = graph_writes(graph)
     live = live_nodes(graph, {by_name[k]: v for k, v in cut.items()}, writes)
     shortcut_ends = {name for e in edges for name in (e["src"], e["dst"])}
+    stack = [by_name[e["src"]] for e in edges]  # what a kept shortcut reads is live too
+    while stack:  # (all its ancestors: a superset, so a copy too many at worst)
+        v = stack.pop()
+        if v not in live:
+            live.add(v)
+            stack.extend(v.all_input_nodes)
     out: set[str] = set()
+    cut_nodes = {by_name[k]: v for k, v in cut.items()}
     for name, pos in cut.items():
         add = by_name[name]
         if not any(w is add and n in live and n.name not in bypass for n, w in writes):
             continue
         keep = add.args[1 - pos]
+        chain = [add]  # adjacent closed blocks: the op writes into what the last one keeps
+        while isinstance(keep, fx.Node) and keep in cut_nodes:
+            chain.append(keep)
+            keep = keep.args[1 - cut_nodes[keep]]
         if not isinstance(keep, fx.Node):
             continue
-        readers = [u for u in keep.users if u is not add and u in live]
-        if readers or keep.op == "placeholder" or keep.name in shortcut_ends:
+        readers = [u for u in keep.users if u not in chain and u in live]
+        ends = {n.name for n in chain} | {keep.name}
+        if readers or keep.op == "placeholder" or ends & shortcut_ends:
             out.add(name)
     return out
 
@@ -372,10 +385,19 @@ def _rewrite_scope(
     root_nodes = scope_nodes(root_graph, scope)
     local, mapping = local_trace(model, root_graph, scope, opaque)
     position = {n: i for i, n in enumerate(local.graph.nodes)}
-    current: dict[str, fx.Node] = {}
-    for e in edges:  # new shortcuts x_j <- x_j + w * out_i, a ScaledAdd (before cutting branches)
+    # what each reader of a shortcut's destination reads for it now: shortcuts into the same
+    # tensor chain (x + w a + w' b), an outer block's before a nested block's (its readers are
+    # a superset), as the gated model's hooks apply them
+    current: dict[tuple[str, str], fx.Node] = {}
+    for e in sorted(edges, key=lambda e: -len(e["users"])):  # new shortcuts x_j <- x_j + w out_i
         src = mapping[e["src"]]
-        dst = current.get(e["dst"], mapping[e["dst"]])
+        reads = {current.get((e["dst"], u), mapping[e["dst"]]) for u in e["users"]}
+        if len(reads) != 1:
+            raise RuntimeError(
+                f"cannot write shortcut {e['src']} -> {e['dst']}: its readers read different "
+                "values of its destination"
+            )
+        dst = reads.pop()
         users = [mapping[u] for u in e["users"]]
         shortcut = ScaledAdd()
         for owner in (sub, local.graph_module):
@@ -384,7 +406,8 @@ def _rewrite_scope(
             new_x = local.graph.call_module(e["buffer"], (dst, src))
         for u in users:
             u.replace_input_with(dst, new_x)
-        current[e["dst"]] = new_x
+        for u in e["users"]:
+            current[(e["dst"], u)] = new_x
     for add_name, pos in cut.items():
         if add_name not in mapping:
             continue
