@@ -329,3 +329,112 @@ def test_excitation_modules_and_spellings(act: nn.Module | None, form: str) -> N
     for g in gatedprune.gate_modules(model):
         g.force_(torch.arange(g.n) % 2 == 0)
     _exact(model, x)
+
+
+# ---------------------------------------------------------------- third fuzzing round
+
+
+class TV(nn.Module):
+    """torchvision style: out = fc(x); out += x; relu in place."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc, self.relu = nn.Linear(d, d), nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fc(x)
+        out += x
+        return self.relu(out)
+
+
+class Around(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.inner(x)
+
+
+def test_an_in_place_op_behind_closed_blocks_with_a_reader_in_the_middle() -> None:
+    """The outer residual reads the first closed block's output, the middle of the alias
+    chain the second block's in-place ReLU would write into."""
+    torch.manual_seed(0)
+    d = 4
+    model = nn.Sequential(
+        nn.Linear(3, d), Residual(nn.Linear(d, d)), Around(TV(d)), nn.Linear(d, 2)
+    )
+    x = torch.randn(3, 3)
+    gate_(model, x, channels=False)
+    _force(model, {"1", "2.inner"}, set())
+    _exact(model, x)
+
+
+class Augmented(nn.Module):
+    """``h = block(x); h += x``: fx records ``h + x``, so the write is invisible to it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.block, self.head = Residual(nn.Linear(d, d)), nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.block(x)
+        h += x
+        return self.head(h)
+
+
+def test_an_augmented_assignment_on_a_closed_blocks_output_leaves_its_input() -> None:
+    """The closed block returned its input, and ``h += x`` then doubled the caller's tensor
+    in place (the pruned output was right, the caller's input changed)."""
+    torch.manual_seed(0)
+    model = Augmented(4)
+    x = torch.randn(3, 4)
+    gate_(model, x, channels=False)
+    inserted_gating(model).block_gates[0].force_(torch.zeros(1, dtype=torch.bool))
+    _exact(model, x)
+    pruned = gatedprune.prune(model).eval()
+    xi = torch.randn(5, 4)
+    before = xi.clone()
+    with torch.no_grad():
+        pruned(xi)
+    assert torch.equal(xi, before)
+
+
+class TVRet(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fc(x)
+        out += x
+        out.relu_()
+        return out
+
+
+class OuterFirst(nn.Module):
+    def __init__(self, inner: nn.Module, d: int = 4) -> None:
+        super().__init__()
+        self.inner, self.g = inner, nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.g(self.inner(x)) + x
+
+
+def test_a_shortcut_from_inside_a_closed_block_past_an_in_place_op() -> None:
+    """The shortcut keeps the closed outer block's inner code alive, whose in-place ReLU the
+    copy decision took for dead: it wrote into the trunk."""
+    torch.manual_seed(0)
+    d = 4
+    model = nn.Sequential(
+        nn.Linear(3, d),
+        OuterFirst(nn.Sequential(TVRet(d), Residual(nn.Linear(d, d)))),
+        Residual(nn.Linear(d, d)),
+        Residual(nn.Linear(d, d)),
+        nn.Linear(d, 2),
+    )
+    x = torch.randn(3, 3)
+    gate_(model, x, channels=False, shortcuts="dense")
+    assert ("1.inner.1", "2") in {(e.src, e.dst) for e in inserted_gating(model).edges}
+    _force(model, {"1", "1.inner.0"}, {("1.inner.1", "2")})
+    _exact(model, x)

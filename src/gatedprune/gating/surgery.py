@@ -330,6 +330,19 @@ def refold_calls(graph: fx.Graph, root: nn.Module) -> None:
             graph.erase_node(n)
 
 
+def _read_elsewhere(value: object, scope_nodes_: set[fx.Node]) -> bool:
+    """Whether root-graph ``value`` (a closed module's input) is the model's input or is read
+    outside the module (unknown: True)."""
+    if not isinstance(value, fx.Node):
+        return True
+    return value.op == "placeholder" or any(u not in scope_nodes_ for u in value.users)
+
+
+# ops `h op= x` is recorded as by fx (no __iadd__ on a Proxy): its left operand may be written
+_AUGMENTABLE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv}
+_AUGMENTABLE_METHODS = {"add", "sub", "mul", "div"}
+
+
 def _written_cuts(
     traced: TracedModel, cut: dict[str, int], bypass: set[str], edges: list[dict[str, Any]]
 ) -> set[str]:
@@ -352,8 +365,8 @@ def _written_cuts(
     cut_nodes = {by_name[k]: v for k, v in cut.items()}
     for name, pos in cut.items():
         add = by_name[name]
-        if not any(w is add and n in live and n.name not in bypass for n, w in writes):
-            continue
+        if not any(w is add and n.name not in bypass for n, w in writes):
+            continue  # (a writer the rewrite drops as dead gets a copy too many at worst)
         keep = add.args[1 - pos]
         chain = [add]  # adjacent closed blocks: the op writes into what the last one keeps
         while isinstance(keep, fx.Node) and keep in cut_nodes:
@@ -361,7 +374,8 @@ def _written_cuts(
             keep = keep.args[1 - cut_nodes[keep]]
         if not isinstance(keep, fx.Node):
             continue
-        readers = [u for u in keep.users if u not in chain and u in live]
+        aliases = [*chain[1:], keep]  # every tensor the write would reach once the cuts alias
+        readers = [u for a in aliases for u in a.users if u not in chain and u in live]
         ends = {n.name for n in chain} | {keep.name}
         if readers or keep.op == "placeholder" or ends & shortcut_ends:
             out.add(name)
@@ -378,12 +392,18 @@ def _rewrite_scope(
     bypass: set[str],
     edges: list[dict[str, Any]],
     written: set[str],
+    left_operands: set[str],
 ) -> nn.Module:
     """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
-    writes into, anywhere in the model)."""
+    writes into, anywhere in the model; ``left_operands``: nodes the code uses as the left
+    operand of arithmetic, which an augmented assignment would write into)."""
     sub = model if scope == "" else model.get_submodule(scope)
     root_nodes = scope_nodes(root_graph, scope)
     local, mapping = local_trace(model, root_graph, scope, opaque)
+    local_out = next(n for n in local.graph.nodes if n.op == "output").args[0]
+    returned = next((r for r, n in mapping.items() if n is local_out), None)
+    root_by_name = {r.name: r for r in root_nodes}
+    kept_inputs: dict[fx.Node, object] = {}  # local placeholder a cut keeps -> its root value
     position = {n: i for i, n in enumerate(local.graph.nodes)}
     # what each reader of a shortcut's destination reads for it now: shortcuts into the same
     # tensor chain (x + w a + w' b), an outer block's before a nested block's (its readers are
@@ -418,6 +438,9 @@ def _rewrite_scope(
             # the block): it must not write into the kept operand, which others may read
             with local.graph.inserting_before(ln):
                 keep = local.graph.call_method("clone", (keep,))
+        if keep.op == "placeholder":  # the value the caller passed in, as the root graph has it
+            root_add = root_by_name[add_name]
+            kept_inputs[keep] = root_add.args[1 - pos]
         ln.replace_all_uses_with(keep)
         local.graph.erase_node(ln)
     for r in root_nodes:  # bypassed ReLUs (relu(relu(z)) = relu(z)) in graph order
@@ -430,6 +453,19 @@ def _rewrite_scope(
     for r in reversed(root_nodes):
         if r.name in erase:
             _erase_dead(local.graph, mapping[r.name], scope)
+    output = next(n for n in local.graph.nodes if n.op == "output")
+    ret = output.args[0]
+    if (
+        isinstance(ret, fx.Node)
+        and ret.op == "placeholder"
+        and returned in left_operands
+        and _read_elsewhere(kept_inputs.get(ret), set(root_nodes))
+    ):
+        # the module now returns its input, the caller's code computes on its output in a
+        # form `h += x` may have been (fx records it as h + x), and that input is read
+        # elsewhere (or is the model's input): a copy, so no write reaches it
+        with local.graph.inserting_before(output):
+            output.args = (local.graph.call_method("clone", (ret,)),)
     refold_calls(local.graph, sub)
     for n in local.graph.nodes:  # string annotations (postponed evaluation) break pickling
         n.type = None
@@ -1120,6 +1156,14 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         raise ValueError(f"the plan names graph nodes the model does not have: {missing[:5]}")
     owners = {n.name: owner_of(n) for n in traced.graph.nodes}
     written = _written_cuts(traced, cut, bypass, plan.get("edges", []))
+    left_operands = {
+        a.name
+        for n in traced.graph.nodes
+        if n.op in ("call_function", "call_method")
+        and (n.target in _AUGMENTABLE or n.target in _AUGMENTABLE_METHODS)
+        and n.args
+        and isinstance(a := n.args[0], fx.Node)
+    }
     result = model
     for scope in scopes:
         in_scope = {
@@ -1137,6 +1181,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             bypass & in_scope,
             [e for e in plan.get("edges", []) if _within(e["scope"], scope)],
             written,
+            left_operands,
         )
         if scope == "":
             result = new
