@@ -438,3 +438,37 @@ def test_a_shortcut_from_inside_a_closed_block_past_an_in_place_op() -> None:
     assert ("1.inner.1", "2") in {(e.src, e.dst) for e in inserted_gating(model).edges}
     _force(model, {"1", "1.inner.0"}, {("1.inner.1", "2")})
     _exact(model, x)
+
+
+class ResR(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x) + x
+
+
+class AugParent(nn.Module):
+    def __init__(self, inner: nn.Module, d: int = 4) -> None:
+        super().__init__()
+        self.inner, self.g = inner, nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inner(x)
+        h += x
+        return x + self.g(h)
+
+
+@pytest.mark.parametrize("first", [ResR, Residual])
+def test_an_augmented_assignment_after_a_chain_of_closed_blocks(first: type[nn.Module]) -> None:
+    """Two closed blocks in a row return their input; ``h += x`` after them reached ``x``."""
+    torch.manual_seed(0)
+    d = 4
+    block0 = first(d) if first is ResR else first(nn.Linear(d, d))
+    inner = nn.Sequential(block0, ResR(d))
+    model = nn.Sequential(nn.Linear(3, d), AugParent(inner), nn.Linear(d, 2))
+    x = torch.randn(3, 3)
+    gate_(model, x, channels=False)
+    _force(model, {"1.inner.0", "1.inner.1"}, set())
+    _exact(model, x)

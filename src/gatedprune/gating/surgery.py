@@ -330,56 +330,62 @@ def refold_calls(graph: fx.Graph, root: nn.Module) -> None:
             graph.erase_node(n)
 
 
-def _read_elsewhere(value: object, scope_nodes_: set[fx.Node]) -> bool:
-    """Whether root-graph ``value`` (a closed module's input) is the model's input or is read
-    outside the module (unknown: True)."""
-    if not isinstance(value, fx.Node):
-        return True
-    return value.op == "placeholder" or any(u not in scope_nodes_ for u in value.users)
-
-
 # ops `h op= x` is recorded as by fx (no __iadd__ on a Proxy): its left operand may be written
 _AUGMENTABLE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv}
 _AUGMENTABLE_METHODS = {"add", "sub", "mul", "div"}
 
 
-def _written_cuts(
-    traced: TracedModel, cut: dict[str, int], bypass: set[str], edges: list[dict[str, Any]]
-) -> set[str]:
-    """The cut adds whose sum an in-place op that stays writes into (an inplace ReLU after the
-    block) while the operand the cut keeps is read elsewhere: an outer residual, a new
-    shortcut, the model's input. The rewrite keeps a copy of that operand there, else the op
-    would write into it."""
-    graph = traced.graph
-    by_name = {n.name: n for n in graph.nodes}
-    writes = graph_writes(graph)
-    live = live_nodes(graph, {by_name[k]: v for k, v in cut.items()}, writes)
-    shortcut_ends = {name for e in edges for name in (e["src"], e["dst"])}
-    stack = [by_name[e["src"]] for e in edges]  # what a kept shortcut reads is live too
-    while stack:  # (all its ancestors: a superset, so a copy too many at worst)
-        v = stack.pop()
-        if v not in live:
-            live.add(v)
-            stack.extend(v.all_input_nodes)
-    out: set[str] = set()
-    cut_nodes = {by_name[k]: v for k, v in cut.items()}
-    for name, pos in cut.items():
-        add = by_name[name]
-        if not any(w is add and n.name not in bypass for n, w in writes):
-            continue  # (a writer the rewrite drops as dead gets a copy too many at worst)
-        keep = add.args[1 - pos]
-        chain = [add]  # adjacent closed blocks: the op writes into what the last one keeps
-        while isinstance(keep, fx.Node) and keep in cut_nodes:
-            chain.append(keep)
-            keep = keep.args[1 - cut_nodes[keep]]
-        if not isinstance(keep, fx.Node):
-            continue
-        aliases = [*chain[1:], keep]  # every tensor the write would reach once the cuts alias
-        readers = [u for a in aliases for u in a.users if u not in chain and u in live]
-        ends = {n.name for n in chain} | {keep.name}
-        if readers or keep.op == "placeholder" or ends & shortcut_ends:
-            out.add(name)
-    return out
+class _Aliases:
+    """What the cuts make share memory in the pruned model: a cut add becomes the operand it
+    keeps, so a write into it (or into a closed module's output that returns its input)
+    reaches every tensor down that chain. A copy is needed where one of them is read
+    elsewhere: an outer residual, a new shortcut, the model's input."""
+
+    def __init__(self, traced: TracedModel, cut: dict[str, int], edges: list[dict[str, Any]]):
+        graph = traced.graph
+        self.by_name = {n.name: n for n in graph.nodes}
+        self.writes = graph_writes(graph)
+        self.cut = {self.by_name[k]: v for k, v in cut.items()}
+        self.live = live_nodes(graph, self.cut, self.writes)
+        self.shortcut_ends = {name for e in edges for name in (e["src"], e["dst"])}
+        stack = [self.by_name[e["src"]] for e in edges]  # what a kept shortcut reads is live
+        while stack:  # (all its ancestors: a superset, so a copy too many at worst)
+            v = stack.pop()
+            if v not in self.live:
+                self.live.add(v)
+                stack.extend(v.all_input_nodes)
+
+    def read_elsewhere(self, value: object, cut_add: fx.Node | None) -> bool:
+        """Whether ``value``, what ``cut_add`` keeps (or what it aliases through more cut
+        adds), is the model's input, a shortcut's end, or read by a live node outside the
+        chain of cut adds (unknown: True)."""
+        chain = [] if cut_add is None else [cut_add]
+        aliases: list[fx.Node] = []
+        while isinstance(value, fx.Node):
+            aliases.append(value)
+            if value not in self.cut:
+                break
+            chain.append(value)
+            value = value.args[1 - self.cut[value]]
+        if not isinstance(value, fx.Node):
+            return True
+        return any(
+            a.op == "placeholder"
+            or a.name in self.shortcut_ends
+            or any(u not in chain and u in self.live for u in a.users)
+            for a in aliases
+        )
+
+    def written_cuts(self, bypass: set[str]) -> set[str]:
+        """The cut adds whose sum an in-place op writes into (an inplace ReLU after the block)
+        while what the cut keeps is read elsewhere: the rewrite keeps a copy of it there."""
+        out: set[str] = set()
+        for add, pos in self.cut.items():
+            if not any(w is add and n.name not in bypass for n, w in self.writes):
+                continue  # (a writer the rewrite drops as dead gets a copy too many at worst)
+            if add.name in self.shortcut_ends or self.read_elsewhere(add.args[1 - pos], add):
+                out.add(add.name)
+        return out
 
 
 def _rewrite_scope(
@@ -393,6 +399,7 @@ def _rewrite_scope(
     edges: list[dict[str, Any]],
     written: set[str],
     left_operands: set[str],
+    aliases: _Aliases,
 ) -> nn.Module:
     """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
     writes into, anywhere in the model; ``left_operands``: nodes the code uses as the left
@@ -403,7 +410,8 @@ def _rewrite_scope(
     local_out = next(n for n in local.graph.nodes if n.op == "output").args[0]
     returned = next((r for r, n in mapping.items() if n is local_out), None)
     root_by_name = {r.name: r for r in root_nodes}
-    kept_inputs: dict[fx.Node, object] = {}  # local placeholder a cut keeps -> its root value
+    # local placeholder a cut keeps -> its root value and that cut add
+    kept_inputs: dict[fx.Node, tuple[object, fx.Node | None]] = {}
     position = {n: i for i, n in enumerate(local.graph.nodes)}
     # what each reader of a shortcut's destination reads for it now: shortcuts into the same
     # tensor chain (x + w a + w' b), an outer block's before a nested block's (its readers are
@@ -440,7 +448,7 @@ def _rewrite_scope(
                 keep = local.graph.call_method("clone", (keep,))
         if keep.op == "placeholder":  # the value the caller passed in, as the root graph has it
             root_add = root_by_name[add_name]
-            kept_inputs[keep] = root_add.args[1 - pos]
+            kept_inputs[keep] = (root_add.args[1 - pos], root_add)
         ln.replace_all_uses_with(keep)
         local.graph.erase_node(ln)
     for r in root_nodes:  # bypassed ReLUs (relu(relu(z)) = relu(z)) in graph order
@@ -459,7 +467,7 @@ def _rewrite_scope(
         isinstance(ret, fx.Node)
         and ret.op == "placeholder"
         and returned in left_operands
-        and _read_elsewhere(kept_inputs.get(ret), set(root_nodes))
+        and aliases.read_elsewhere(*kept_inputs.get(ret, (None, None)))
     ):
         # the module now returns its input, the caller's code computes on its output in a
         # form `h += x` may have been (fx records it as h + x), and that input is read
@@ -1155,7 +1163,8 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     if missing:
         raise ValueError(f"the plan names graph nodes the model does not have: {missing[:5]}")
     owners = {n.name: owner_of(n) for n in traced.graph.nodes}
-    written = _written_cuts(traced, cut, bypass, plan.get("edges", []))
+    aliases = _Aliases(traced, cut, plan.get("edges", []))
+    written = aliases.written_cuts(bypass)
     left_operands = {
         a.name
         for n in traced.graph.nodes
@@ -1182,6 +1191,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             [e for e in plan.get("edges", []) if _within(e["scope"], scope)],
             written,
             left_operands,
+            aliases,
         )
         if scope == "":
             result = new
