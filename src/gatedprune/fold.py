@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from .base import BATCH_NORMS, GatedModule, find_model_gating
 from .gating.surgery import ScaledAdd
 from .plain import PlainShortcutNet
-from .rnn_slicing import StateSlicingGRU, StateSlicingLSTM, StateSlicingRNN
+from .rnn_slicing import StateSlicing
 
 __all__ = ["fold_batchnorm"]
 
@@ -29,7 +29,7 @@ _NORMS = BATCH_NORMS
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, ScaledAdd | StateSlicingLSTM | StateSlicingGRU | StateSlicingRNN):
+        if isinstance(m, ScaledAdd | StateSlicing):
             return True  # ours, outside torch.nn: fx would trace into them
         return bool(super().is_leaf_module(m, module_qualified_name))
 

@@ -45,6 +45,7 @@ __all__ = [
     "RNNStack",
     "RecurrentModule",
     "State",
+    "StateSlicing",
     "StateSlicingGRU",
     "StateSlicingLSTM",
     "StateSlicingRNN",
@@ -746,10 +747,11 @@ def _sliced_state(m: Any, hx: object) -> Any:
     return one("h0", hx)
 
 
-class StateSlicingLSTM(nn.LSTM):
-    """A pruned ``nn.LSTM`` that takes its initial state ``(h0, c0)`` at the hidden size it
-    had before pruning (``full_hidden_size``, as the model's code builds it) and keeps the
-    kept units' entries. Made by :func:`slice_state_`; otherwise a plain ``nn.LSTM``."""
+class StateSlicing(nn.Module):
+    """Base of :class:`StateSlicingLSTM` / ``GRU`` / ``RNN``: a pruned recurrent module that
+    takes its initial state at the hidden size it had before pruning (``full_hidden_size``,
+    as the model's code builds it) and keeps the kept units' entries (``state_index``, one
+    row per layer and direction). Made by :func:`slice_state_`."""
 
     state_index: Tensor
     full_hidden_size: int
@@ -761,30 +763,16 @@ class StateSlicingLSTM(nn.LSTM):
         return f"{super().extra_repr()}, full_hidden_size={self.full_hidden_size}"
 
 
-class StateSlicingGRU(nn.GRU):
-    """:class:`StateSlicingLSTM` for ``nn.GRU`` (initial state ``h0``)."""
-
-    state_index: Tensor
-    full_hidden_size: int
-
-    def forward(self, input: Any, hx: Any = None) -> Any:
-        return super().forward(input, _sliced_state(self, hx))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, full_hidden_size={self.full_hidden_size}"
+class StateSlicingLSTM(StateSlicing, nn.LSTM):
+    """:class:`StateSlicing` ``nn.LSTM`` (initial state ``(h0, c0)``)."""
 
 
-class StateSlicingRNN(nn.RNN):
-    """:class:`StateSlicingLSTM` for ``nn.RNN`` (initial state ``h0``)."""
+class StateSlicingGRU(StateSlicing, nn.GRU):
+    """:class:`StateSlicing` ``nn.GRU`` (initial state ``h0``)."""
 
-    state_index: Tensor
-    full_hidden_size: int
 
-    def forward(self, input: Any, hx: Any = None) -> Any:
-        return super().forward(input, _sliced_state(self, hx))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, full_hidden_size={self.full_hidden_size}"
+class StateSlicingRNN(StateSlicing, nn.RNN):
+    """:class:`StateSlicing` ``nn.RNN`` (initial state ``h0``)."""
 
 
 _STATE_SLICING: tuple[tuple[type[nn.Module], type[nn.Module]], ...] = (

@@ -22,8 +22,13 @@ from torch import nn
 from .channels import (
     ADD_METHODS,
     ADD_TARGETS,
+    EXCITE_FUNCS,
+    EXCITE_METHODS,
+    EXCITE_MODULES,
     HOMOGENEOUS_FUNCS,
     HOMOGENEOUS_MODULES,
+    RESHAPE_FUNCS,
+    RESHAPE_METHODS,
     module_kind,
 )
 from .graph import RunRecord, mutated_input, owner_of
@@ -91,11 +96,12 @@ _SUB = operator.sub
 _SCALE_FUNCS = {operator.mul, operator.truediv, torch.mul}
 
 
-_BOUNDED_FUNCS = {torch.sigmoid, torch.tanh, torch.softmax, F.sigmoid, F.hardsigmoid, F.softmax}
-_BOUNDED_METHODS = {"sigmoid", "tanh", "softmax"}
-_BOUNDED_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax)
-_SHAPE_FUNCS = {operator.getitem, torch.reshape, torch.unsqueeze}
-_SHAPE_METHODS = {"view", "reshape", "unsqueeze", "expand", "expand_as", "flatten", "contiguous"}
+# finite whatever the input: the excitations, tanh and softmax
+_BOUNDED_FUNCS = EXCITE_FUNCS | {torch.tanh, torch.softmax, F.softmax}
+_BOUNDED_METHODS = EXCITE_METHODS | {"tanh", "softmax"}
+_BOUNDED_MODULES = (*EXCITE_MODULES, nn.Tanh, nn.Softmax)
+_SHAPE_FUNCS = RESHAPE_FUNCS | {operator.getitem}
+_SHAPE_METHODS = RESHAPE_METHODS | {"expand", "expand_as", "contiguous"}
 
 
 def _bounded(gm: fx.GraphModule, n: fx.Node) -> bool:

@@ -39,7 +39,17 @@ from ..base import BATCH_NORMS
 from .graph import RunRecord
 from .rnn import consumer_ok, item_index, state_item
 
-__all__ = ["ChannelAnalysis", "ChannelGroup", "Labels", "analyse_channels"]
+__all__ = [
+    "EXCITE_FUNCS",
+    "EXCITE_METHODS",
+    "EXCITE_MODULES",
+    "RESHAPE_FUNCS",
+    "RESHAPE_METHODS",
+    "ChannelAnalysis",
+    "ChannelGroup",
+    "Labels",
+    "analyse_channels",
+]
 
 
 @dataclass
@@ -173,6 +183,8 @@ _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _EXCITE_FUNCS: set[Callable[..., Any]] = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
 _EXCITE_METHODS = {"sigmoid"}
 _EXCITE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
+EXCITE_FUNCS, EXCITE_METHODS, EXCITE_MODULES = _EXCITE_FUNCS, _EXCITE_METHODS, _EXCITE_MODULES
+RESHAPE_FUNCS, RESHAPE_METHODS = _RESHAPE_FUNCS, _RESHAPE_METHODS
 _ADD_FUNCS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, torch.add}
 _MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..base import ModelGating
 from ..costs import _handler_for, check_positional, counts_itself, unit_handler
-from ..rnn_slicing import StateSlicingGRU, StateSlicingLSTM, StateSlicingRNN
+from ..rnn_slicing import StateSlicing
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
     GatedMultiheadAttention,
@@ -54,9 +54,7 @@ _LEAVES = (
     GatedLSTM,
     GatedGRU,
     GatedRNN,
-    StateSlicingLSTM,
-    StateSlicingGRU,
-    StateSlicingRNN,
+    StateSlicing,
 )
 
 
