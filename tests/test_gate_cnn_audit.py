@@ -505,7 +505,7 @@ class _OpChain(nn.Module):
                 m["a"], m["b"] = nn.Conv2d(c, 2, 1), nn.Conv2d(2, c, 1)
             elif op == "bn_relu_conv":
                 m["a"], m["b"], c = nn.BatchNorm2d(c), nn.Conv2d(c, w, 1), w
-            elif op == "grouped":  # groups=2, not depthwise: its channels are not pruned
+            elif op == "grouped":  # groups=2, not depthwise: pruned by position within groups
                 m["p"] = nn.Conv2d(c, 2 * w, 1)
                 m["a"], c = nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=2), 2 * w
             elif op == "channels_last_linear":

@@ -75,14 +75,17 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision-style bottleneck block (1x1, 3x3, 1x1), 1D or 2D."""
+    """torchvision-style bottleneck block (1x1, 3x3, 1x1), 1D or 2D; ``groups > 1`` makes the
+    3x3 a grouped convolution (ResNeXt)."""
 
-    def __init__(self, c_in: int, mid: int, c_out: int, stride: int = 1, dims: int = 1) -> None:
+    def __init__(
+        self, c_in: int, mid: int, c_out: int, stride: int = 1, dims: int = 1, groups: int = 1
+    ) -> None:
         super().__init__()
         conv, bn = _conv(dims), _bn(dims)
         self.conv1 = conv(c_in, mid, 1, bias=False)
         self.bn1 = bn(mid)
-        self.conv2 = conv(mid, mid, 3, stride, 1, bias=False)
+        self.conv2 = conv(mid, mid, 3, stride, 1, groups=groups, bias=False)
         self.bn2 = bn(mid)
         self.conv3 = conv(mid, c_out, 1, bias=False)
         self.bn3 = bn(c_out)
@@ -105,7 +108,12 @@ class ResNet(nn.Module):
     """Small ResNet over 1D (B, C, L) or 2D (B, C, H, W) inputs."""
 
     def __init__(
-        self, dims: int = 1, bottleneck: bool = False, widths: tuple[int, ...] = (8, 12)
+        self,
+        dims: int = 1,
+        bottleneck: bool = False,
+        widths: tuple[int, ...] = (8, 12),
+        groups: int = 1,
+        mid_ratio: float = 0.5,
     ) -> None:
         super().__init__()
         conv, bn = _conv(dims), _bn(dims)
@@ -116,7 +124,8 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             for j in range(2):
                 if bottleneck:
-                    blocks.append(Bottleneck(c, w // 2, w, stride if j == 0 else 1, dims))
+                    mid = int(w * mid_ratio)
+                    blocks.append(Bottleneck(c, mid, w, stride if j == 0 else 1, dims, groups))
                 else:
                     blocks.append(BasicBlock(c, w, stride if j == 0 else 1, dims))
                 c = w
@@ -296,6 +305,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet1d_bottleneck": (lambda: ResNet(1, True), (3, 1, 24)),
     "resnet2d_basic": (lambda: ResNet(2, False), (2, 1, 8, 8)),
     "resnet2d_bottleneck": (lambda: ResNet(2, True), (2, 1, 8, 8)),
+    # ResNeXt: grouped 3x3 convolutions, 4 groups (of 3 and 6 channels; of 2 and 4)
+    "resnext1d": (lambda: ResNet(1, True, (8, 16), groups=4, mid_ratio=1.5), (3, 1, 24)),
+    "resnext2d": (lambda: ResNet(2, True, (8, 16), groups=4, mid_ratio=1.0), (2, 1, 8, 8)),
     "vgg": (VGG, (3, 1, 8, 8)),
     "densenet": (DenseBlockNet, (3, 1, 20)),
     "mobilenet": (MobileBlockNet, (2, 1, 6, 6)),

@@ -4,8 +4,10 @@ Every Linear/Conv output is a new *space* of channels; each channel is an *atom*
 graph, each tensor gets labels: one dimension (the channel dimension) and, for each index along
 it, the atom it carries. Element-wise ops and per-channel modules keep labels, ``flatten``
 repeats them, ``cat`` concatenates them, and ``x + y`` unifies the atoms of both operands
-(union-find): coupled channels become one atom. A *group* is a set of spaces connected through
-unified atoms; it gets one gate entry per distinct atom.
+(union-find): coupled channels become one atom. A grouped convolution unifies the atoms at
+one position of each of its groups, on its input and its output (it must stay a grouped
+convolution: every group keeps the same positions). A *group* is a set of spaces connected
+through unified atoms; it gets one gate entry per distinct atom.
 
 A group is gated only if removing any of its channels is exact. It is left ungated ("pinned")
 when its channels reach an op that is not zero-preserving or that mixes channels in a way we do
@@ -105,7 +107,7 @@ class ChannelAnalysis:
     atom_gidx: np.ndarray  # atom -> gate index within its group
     groups: list[ChannelGroup]
     sources: dict[str, list[fx.Node]]  # module name -> its calls that output a gated source
-    kinds: dict[str, str] = field(default_factory=dict)  # module name -> linear|conv|dw|bn
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> linear|conv|dw|gconv|bn
     module_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # output channel atoms
     module_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # input (linear/conv)
     rnn_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # recurrent module input
@@ -237,7 +239,12 @@ def _pool_rank(op: object) -> int:
 
 
 def module_kind(m: nn.Module) -> str | None:
-    """How a module's channels are sliced: linear, conv, dw (depthwise conv), bn, or None."""
+    """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
+    conv, ``1 < groups < in_channels``), bn, or None.
+
+    >>> module_kind(nn.Conv1d(8, 8, 3, groups=2)), module_kind(nn.Conv1d(8, 16, 3, groups=8))
+    ('gconv', 'dw')
+    """
     if isinstance(m, nn.Linear):
         return "linear"
     if isinstance(m, _CONV):
@@ -245,7 +252,7 @@ def module_kind(m: nn.Module) -> str | None:
             return "conv"
         if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
             return "dw"
-        return None
+        return "gconv"
     if isinstance(m, _BN):
         return "bn" if m.affine else None
     return None
@@ -599,7 +606,7 @@ class _Propagator:
         if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, self.shape(x)):
             self.recurrent(n, m, name, lab)
             return None  # the call returns a tuple: getitem 0 (the output) carries labels
-        if kind in ("linear", "conv") and out_shape is not None:
+        if kind in ("linear", "conv", "gconv") and out_shape is not None:
             in_shape = self.shape(x)
             cdim = len(out_shape) - 1 if kind == "linear" else 1
             in_dim = (len(in_shape) - 1 if in_shape else -1) if kind == "linear" else 1
@@ -623,6 +630,9 @@ class _Propagator:
             self.module_in[n] = lab
             if name not in self.module_space:
                 self.module_space[name] = self.new_space(name, out_shape[cdim])
+            if kind == "gconv":
+                assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                self.grouped(m, name, lab)
             return Labels(cdim, self.module_space[name])
         if kind == "dw":
             assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
@@ -669,10 +679,24 @@ class _Propagator:
                 nn.LayerNorm: "LayerNorm normalises over these channels",
                 nn.GroupNorm: "GroupNorm normalises over these channels",
             }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
-            if isinstance(m, _CONV + _BN):
-                why = f"{name} ({type(m).__name__}: grouped conv or non-affine norm)"
+            if isinstance(m, _BN):
+                why = f"{name} ({type(m).__name__} without affine parameters)"
             self.pin_inputs(n, why)
         return None
+
+    def grouped(self, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, name: str, lab: Labels | None) -> None:
+        """A grouped convolution stays one with the same ``groups``: every group must keep
+        the same input and the same output positions (channel ``j`` of each group). So the
+        atoms at one position of every group are unified, on the input and on the output; a
+        closed position removes one channel from each group."""
+        g = m.groups
+        for atoms in (None if lab is None else lab.atoms, self.module_space[name]):
+            if atoms is not None:
+                per_group = atoms.reshape(g, -1)  # (groups, channels per group)
+                for k in range(1, g):
+                    self.union(per_group[0], per_group[k])
+        # a gate folded into its input would scale a column of each group's weight slice
+        self.soft_pin(lab, f"{name} (grouped) does not take a folded input gate")
 
     def recurrent(self, n: fx.Node, m: nn.Module, name: str, lab: Labels | None) -> None:
         """A recurrent module: its input features are consumed (sliced), each direction of its
@@ -1035,7 +1059,7 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         if kind is None:
             continue
         users = list(n.users)
-        if kind in ("linear", "conv") and len(users) == 1:
+        if kind in ("linear", "conv", "gconv") and len(users) == 1:
             u = users[0]
             if u.op == "call_module" and p.kinds.get(str(u.target)) == "bn":
                 continue  # the BatchNorm that follows carries the gate

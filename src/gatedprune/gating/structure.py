@@ -148,7 +148,7 @@ class SiteInfo:
 class SliceInfo:
     """How a Linear/Conv/BatchNorm is sliced: per input/output channel, (gated group, index)."""
 
-    kind: str  # linear | conv | dw | bn
+    kind: str  # linear | conv | dw | gconv | bn
     in_group: np.ndarray | None  # (in,) gated group index or -1
     in_gidx: np.ndarray | None
     out_group: np.ndarray | None
@@ -357,17 +357,22 @@ def build_cost_terms(
                 p_rows.append((float(hp), gh, -1, n.name, name))
                 p_rows.append((float(ap), -1, -1, n.name, name))
             continue
-        if kind in ("linear", "conv", "dw") and shape is not None:
+        if kind in ("linear", "conv", "dw", "gconv") and shape is not None:
             assert isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
             out_n = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             in_n = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             k = 1 if isinstance(m, nn.Linear) else int(np.prod(m.kernel_size))
             positions = int(np.prod(shape)) // out_n
             fo, mo = fac.get(ca.module_atoms.get(name), out_n)
+            in_atoms = ca.module_in_atoms.get(name)
             if kind == "dw":
                 fi, mi = -1, 1.0
+            elif kind == "gconv":  # each output reads its own group's inputs: the kept
+                assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)  # positions, as
+                per_group = in_n // m.groups  # counted in the first group (all are alike)
+                fi, mi = fac.get(None if in_atoms is None else in_atoms[:per_group], per_group)
             else:
-                fi, mi = fac.get(ca.module_in_atoms.get(name), in_n)
+                fi, mi = fac.get(in_atoms, in_n)
             has_bias = m.bias is not None
             f_rows.append((2.0 * positions * k * mi * mo, fi, fo, n.name))
             if has_bias:

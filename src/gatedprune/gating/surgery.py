@@ -139,7 +139,7 @@ def slice_module(
         if m.bias is not None:
             _set(m, "bias", _take(m.bias, 0, keep_out), True)
         m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
-    elif kind in ("conv", "dw"):
+    elif kind in ("conv", "dw", "gconv"):
         assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
         if kind == "dw":
             mult = m.out_channels // m.in_channels
@@ -147,6 +147,10 @@ def slice_module(
                 keep_in = sorted({o // mult for o in keep_out})
             w = _take(m.weight, 0, keep_out)
             m.groups = len(keep_in) if keep_in is not None else m.groups
+        elif kind == "gconv":  # the same positions in every group (checked by the plan)
+            per_group = m.in_channels // m.groups
+            positions = None if keep_in is None else [c for c in keep_in if c < per_group]
+            w = _take(_take(m.weight, 0, keep_out), 1, positions)  # (out, in / groups, *k)
         else:
             w = _take(_take(m.weight, 0, keep_out), 1, keep_in)
         _set(m, "weight", w, True)
@@ -165,7 +169,7 @@ def slice_module(
         if keep_out is not None:
             m.num_features = len(keep_out)
     else:
-        raise ValueError(f"unknown slice kind {kind!r}: expected linear, conv, dw or bn")
+        raise ValueError(f"unknown slice kind {kind!r}: expected linear, conv, dw, gconv or bn")
 
 
 def _norm_target(node: fx.Node, scope: str) -> Any:
@@ -490,8 +494,8 @@ def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
     """(input, output) channel counts of a module sliced as ``kind``; None if it is not one."""
     if kind == "linear" and isinstance(m, nn.Linear):
         return m.in_features, m.out_features
-    if kind in ("conv", "dw") and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        return (m.in_channels if kind == "conv" else None), m.out_channels
+    if kind in ("conv", "dw", "gconv") and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return (None if kind == "dw" else m.in_channels), m.out_channels
     if kind == "bn" and isinstance(m, BATCH_NORMS):
         return None, m.num_features
     return None
@@ -507,12 +511,20 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
     hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
     if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         dw = m.groups == m.in_channels and m.out_channels % m.in_channels == 0
-        if (spec["kind"] == "conv" and m.groups != 1) or (spec["kind"] == "dw" and not dw):
+        fits = {"conv": m.groups == 1, "dw": dw, "gconv": m.groups > 1 and not dw}
+        if not fits[spec["kind"]]:
+            want = {
+                "conv": "convolution with groups=1",
+                "dw": "depthwise one",
+                "gconv": "grouped one (1 < groups, not depthwise)",
+            }[spec["kind"]]
             raise ValueError(
                 f"the plan slices module '{name}' as {spec['kind']!r}, expected for a "
-                f"{'convolution with groups=1' if spec['kind'] == 'conv' else 'depthwise one'}; "
-                f"it has groups={m.groups} ({m.in_channels} -> {m.out_channels} channels)"
+                f"{want}; it has groups={m.groups} ({m.in_channels} -> {m.out_channels} "
+                "channels)"
             )
+        if spec["kind"] == "gconv":
+            _check_grouped(name, m, spec)
         if spec["kind"] == "dw" and spec.get("in") is not None:
             mult = m.out_channels // m.in_channels
             out = spec.get("out")
@@ -540,6 +552,23 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
             )
 
 
+def _check_grouped(name: str, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, spec: dict[str, Any]) -> None:
+    """A grouped convolution stays one: each group keeps the same channel positions."""
+    for side, total in (("in", m.in_channels), ("out", m.out_channels)):
+        keep = spec.get(side)
+        if keep is None or not keep or max(keep) >= total or min(keep) < 0:
+            continue  # missing or out of range: the size checks name it
+        per_group = total // m.groups
+        positions = [c for c in keep if c < per_group]
+        alike = [g * per_group + j for g in range(m.groups) for j in positions]
+        if sorted(keep) != alike:
+            raise ValueError(
+                f"the plan keeps {side}put channels {keep} of grouped module '{name}' "
+                f"(groups={m.groups}, {per_group} per group); a grouped convolution must keep "
+                f"the same positions in every group, e.g. {alike}"
+            )
+
+
 def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> None:
     if heads and (max(heads) >= att.num_heads or min(heads) < 0):
         raise ValueError(
@@ -548,7 +577,7 @@ def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> Non
         )
 
 
-_SLICE_KINDS = ("linear", "conv", "dw", "bn")
+_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "bn")
 _PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "scopes": list}
 _PLAN_OPTIONAL: dict[str, type] = {
     "erase": list,
@@ -959,11 +988,11 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                 label[n] = _Channels("last", out, m.out_features, src)
             elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 out = kept(spec, "out", m.out_channels)
-                if m.groups == 1:
-                    expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
-                elif m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
+                if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
                     mult = m.out_channels // m.in_channels
                     expect(n, "1", tuple(sorted({o // mult for o in out})), m.in_channels, what)
+                else:  # groups=1, or grouped
+                    expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
                 label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
             elif isinstance(m, BATCH_NORMS):
                 out = kept(spec, "out", m.num_features)
