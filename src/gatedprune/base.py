@@ -20,6 +20,27 @@ BATCH_NORMS: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (
 """The BatchNorm kinds cost, gate_, prune and fold_batchnorm treat alike."""
 
 
+def batchnorm_affine(bn: nn.Module, user: str) -> tuple[Tensor, Tensor]:
+    """``(a, c)`` in float64 with ``bn(x) = a * x + c`` per channel in eval mode: ``a = gamma /
+    sqrt(var + eps)``, ``c = beta - a * mean``; what folding a BatchNorm into the layer before
+    it needs. ``user`` names the caller in the ``ValueError`` for a module that is not a
+    BatchNorm with running statistics.
+
+    >>> bn = nn.BatchNorm1d(2).eval()
+    >>> [t.tolist() for t in batchnorm_affine(bn, "example")]  # mean 0, var 1, eps 1e-5
+    [[0.9999950000374997, 0.9999950000374997], [0.0, 0.0]]
+    """
+    if not isinstance(bn, BATCH_NORMS) or bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{user} needs BatchNorm layers with running statistics, got {bn!r}")
+    a = 1.0 / torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)  # (C,)
+    if bn.weight is not None:
+        a = a * bn.weight.detach().to(torch.float64)
+    c = -a * bn.running_mean.to(torch.float64)  # (C,)
+    if bn.bias is not None:
+        c = c + bn.bias.detach().to(torch.float64)
+    return a, c
+
+
 class GatedModule(nn.Module):
     """A module with gates that knows its expected cost and how to rebuild itself without gates.
 

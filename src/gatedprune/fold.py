@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import BATCH_NORMS, GatedModule, find_model_gating
+from .base import BATCH_NORMS, GatedModule, batchnorm_affine, find_model_gating
 from .gating.surgery import ScaledAdd
 from .plain import PlainShortcutNet
 from .rnn_slicing import StateSlicing
@@ -60,21 +60,12 @@ def _unparametrized(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> nn.Conv1d | nn.C
 
 
 def _fold_into(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, bn: nn.Module) -> None:
-    assert isinstance(bn, _NORMS)
-    assert bn.running_mean is not None
-    assert bn.running_var is not None
     with torch.no_grad():
+        a, c = batchnorm_affine(bn, "fold_batchnorm")  # (C_out,) each, float64
         w = conv.weight.to(torch.float64)  # (C_out, C_in / groups, *kernel)
-        mean = bn.running_mean.to(torch.float64)  # (C_out,)
-        a = 1.0 / torch.sqrt(bn.running_var.to(torch.float64) + bn.eps)  # (C_out,)
-        beta = torch.zeros_like(mean)
-        if bn.weight is not None:
-            a = a * bn.weight.to(torch.float64)
-        if bn.bias is not None:
-            beta = bn.bias.to(torch.float64)
-        b = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(mean)
+        b = conv.bias.to(torch.float64) if conv.bias is not None else torch.zeros_like(a)
         new_w = w * a.reshape(-1, *([1] * (w.dim() - 1)))  # (C_out, C_in / groups, *kernel)
-        new_b = a * (b - mean) + beta  # (C_out,)
+        new_b = a * b + c  # (C_out,)
         dtype = conv.weight.dtype
         conv.weight = nn.Parameter(new_w.to(dtype), requires_grad=conv.weight.requires_grad)
         conv.bias = nn.Parameter(new_b.to(dtype), requires_grad=conv.weight.requires_grad)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import batchnorm_affine
 from .layout import ACTIVATIONS, NetSpec, check_activation, check_int
 from .pooling import AdaptiveMeanPool1d, MeanPool1d, mean_pool_rows
 
@@ -139,15 +140,13 @@ def _fold_batchnorm(
     + beta`` with ``a = gamma / sqrt(var + eps)`` becomes ``(a W) x + a (b - mean) + beta +
     a offset``. Returns ``(a W, a (b - mean) + beta, a offset)``; ``user`` names the caller in
     the error for a BatchNorm without running statistics."""
-    if not isinstance(bn, nn.BatchNorm1d) or bn.running_mean is None or bn.running_var is None:
+    if bn is None:
         raise ValueError(f"{user} needs BatchNorm layers with running statistics")
-    a = torch.sqrt(bn.running_var + bn.eps)  # (C,)
-    a = (1.0 / a) if bn.weight is None else bn.weight / a
-    shift = -bn.running_mean if bias is None else bias - bn.running_mean  # (C,)
-    b = a * shift + (0.0 if bn.bias is None else bn.bias)  # (C,)
+    a, c = batchnorm_affine(bn, user)  # (C,) each, float64
+    b = (c if bias is None else a * bias.to(torch.float64) + c).to(weight.dtype)  # (C,)
 
     def scaled(t: Tensor) -> Tensor:
-        return t * a.view(-1, *([1] * (t.dim() - 1)))  # (C, ...)
+        return (t.to(torch.float64) * a.view(-1, *([1] * (t.dim() - 1)))).to(t.dtype)  # (C, ...)
 
     return scaled(weight), b, None if offset is None else scaled(offset)
 
