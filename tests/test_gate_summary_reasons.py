@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gatedprune.gating import gate_
+import gatedprune
+from gatedprune.gating import InsertedGating, gate_
 
 
 class Residual(nn.Module):
@@ -147,8 +148,21 @@ class HandAttention(nn.Module):
         return self.head(self.out(att.transpose(1, 2).reshape(b, t, d)))
 
 
-def test_hand_written_attention_heads_say_where_heads_are_pruned() -> None:
-    summary = gate_(HandAttention(), torch.randn(2, 5, 8))
-    reasons = {p[0]: why for p, _, why in summary.ungated_groups}
-    assert "gate_ prunes heads of nn.MultiheadAttention" in reasons["q"]
-    assert "a split of the channels, such as q, k, v" in reasons["qkv"]
+def test_hand_written_attention_heads_are_gated_and_pruned() -> None:
+    # before: left ungated ("gate_ prunes heads of nn.MultiheadAttention ... only"; "a split
+    # of the channels, such as q, k, v"); now one gate per head, over the chunked projection
+    # and the separate q (tests/test_gate_hand_attention.py has the forms)
+    model = HandAttention()
+    summary = gate_(model, torch.randn(2, 5, 8))
+    assert (["qkv", "q"], 2) in [(list(p), n) for p, n in summary.channel_groups]
+    gating = model.gatedprune
+    assert isinstance(gating, InsertedGating)
+    gating.group_gates[0].force_(torch.tensor([True, False]))  # type: ignore[operator]
+    model.eval()
+    pruned = gatedprune.prune(model)
+    out = pruned.get_submodule("out")
+    assert isinstance(out, nn.Linear)
+    assert out.in_features == 4  # one head of 4 channels
+    with torch.no_grad():
+        x = torch.randn(3, 7, 8)
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5

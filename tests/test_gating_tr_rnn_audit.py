@@ -565,14 +565,20 @@ class _LiteralView(nn.Module):
         return self.head(out.reshape(-1, 4).view(out.shape[0], -1, 4).mean(1))
 
 
-def test_literal_width_in_a_reshape_is_not_pruned() -> None:
+def test_literal_width_in_a_reshape_is_pruned_and_rewritten() -> None:
+    # before 2026-12-07 a literal width kept the units whole; now the pruned code's literal
+    # becomes the kept width (the plan's "sizes")
     torch.manual_seed(7)
     model = _LiteralView().eval()
     x = torch.randn(2, 5, 3)
     summary = gate_(model, x)
-    assert any(n == "gru" and "the literal 4" in why for n, why in summary.ungated_layers)
-    random_gates(model, torch.Generator().manual_seed(7), low=-6.0)
-    _check_exact(model, [x])
+    assert not any(n == "gru" for n, _ in summary.ungated_layers)
+    gating = inserted_gating(model)
+    gating.group_gates[0].force_(torch.tensor([True, False, True, True]))  # type: ignore[operator]
+    pruned = _check_exact(model, [x, torch.randn(3, 7, 3)])
+    head = pruned.get_submodule("head")
+    assert isinstance(head, nn.Linear)
+    assert head.in_features == 3
 
 
 class _LinearViews(nn.Module):
@@ -591,15 +597,18 @@ class _LinearViews(nn.Module):
         return self.head(torch.cat([a, b], dim=1))
 
 
-def test_literal_width_of_a_linear_output_pins_only_that_group() -> None:
+def test_literal_width_of_a_linear_output_is_rewritten() -> None:
+    # before 2026-12-07 the literal 6 kept group "a" whole; now both groups are gated
     torch.manual_seed(9)
     model = _LinearViews().eval()
     x = torch.randn(4, 3)  # (B, F)
     summary = gate_(model, x)
-    assert [p for p, _ in summary.channel_groups] == [["b"]]
-    assert any(p == ["a"] and "the literal 6" in why for p, _, why in summary.ungated_groups)
+    assert sorted(p for p, _ in summary.channel_groups) == [["a"], ["b"]]
     random_gates(model, torch.Generator().manual_seed(9), low=-6.0)
-    _check_exact(model, [x])
+    pruned = _check_exact(model, [x, torch.randn(7, 3)])
+    a = pruned.get_submodule("a")
+    assert isinstance(a, nn.Linear)
+    assert a.out_features < 6
 
 
 class _FloatHeadBias(nn.Module):

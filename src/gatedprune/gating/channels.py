@@ -29,7 +29,7 @@ import builtins
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,14 +73,15 @@ class ChannelGroup:
     unfoldable: str | None = None  # a path that does not commute with a per-channel scale
 
 
-def _literal_size(n: fx.Node, e: int) -> int | None:
-    """The size ``view``/``reshape`` node ``n`` gives output dimension ``e`` if the code writes
-    it as an int literal (not ``-1``, not computed from a shape), else None.
+def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
+    """``(True, size)``: the size ``view``/``reshape`` node ``n`` gives output dimension ``e``
+    as the code writes it (an int, or the graph node computing it); ``(False, None)`` for
+    reshapes without sizes (``flatten``, ``squeeze``) or a shape given whole by a node.
 
     >>> g = fx.Graph()
     >>> x = g.placeholder("x")
-    >>> [_literal_size(g.call_method("view", (x, -1, 4)), e) for e in (0, 1)]
-    [None, 4]
+    >>> [_size_arg(g.call_method("view", (x, -1, 4)), e) for e in (0, 1)]
+    [(True, -1), (True, 4)]
     """
     sizes: Any = None
     if n.op == "call_method" and n.target in ("view", "reshape"):
@@ -90,11 +91,8 @@ def _literal_size(n: fx.Node, e: int) -> int | None:
     elif n.op == "call_function" and n.target is torch.reshape:
         sizes = n.args[1] if len(n.args) > 1 else n.kwargs.get("shape")
     if not isinstance(sizes, list | tuple) or e >= len(sizes):
-        return None
-    size = sizes[e]
-    if isinstance(size, int) and not isinstance(size, bool) and size != -1:
-        return size
-    return None
+        return False, None
+    return True, sizes[e]
 
 
 @dataclass
@@ -113,6 +111,9 @@ class ChannelAnalysis:
     rnn_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # recurrent module input
     rnn_outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per (layer, dir)
     nonzero: dict[fx.Node, Labels] = field(default_factory=dict)  # excitations and reshapes
+    # node -> sizes its code gives pruned dimensions: (output dim or "split_size", atoms whose
+    # kept count times the factor is the new size)
+    sizes: dict[str, list[tuple[int | str, np.ndarray | None, int]]] = field(default_factory=dict)
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -307,6 +308,13 @@ class _Propagator:
         self.unlabelled_in: set[str] = set()  # Linear/Conv called on unlabelled channels
         self.nonzero: dict[fx.Node, Labels] = {}
         self.nonzero_uses: set[tuple[fx.Node, fx.Node]] = set()
+        # attention heads: a reshape splitting labelled channels into (heads, head size)
+        # labels the heads dimension with one atom per head (these atoms); the code's sizes
+        # of pruned dimensions are rewritten: node -> [(output dim or "split_size", atoms
+        # whose kept count is the new size, or None, times this factor)]
+        self.head_atoms: set[int] = set()
+        self.sizes: dict[fx.Node, list[tuple[int | str, np.ndarray | None, int]]] = {}
+        self.pieces: dict[fx.Node, list[Labels]] = {}  # split/chunk of labelled channels
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -530,8 +538,19 @@ class _Propagator:
         if n.op == "output":
             self.pin_inputs(n, "reaches the model output")
             return None
-        if self.excitation(n) or self.nonzero_shape(n):
+        if self.excitation(n) or self.nonzero_shape(n) or self.attention_nonzero(n):
             return None  # nonzero labels: kept in self.nonzero, not seen by other readers
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.pieces:
+            item = n.args[1]
+            pieces = self.pieces[cast(fx.Node, n.args[0])]
+            if isinstance(item, int) and -len(pieces) <= item < len(pieces):
+                return pieces[item]
+            self.pin_inputs(n, f"{self.describe(n)} reads a split of the channels as a whole")
+            return None
+        if n.op == "call_function" and n.target in (operator.matmul, torch.matmul):
+            return self.matmul(n)
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            return self.sdpa(n)
         if n.op == "call_module":
             return self.visit_module(n)
         out_shape = self.shape(n)
@@ -547,6 +566,8 @@ class _Propagator:
             return None
         if out_shape is None:
             if (is_fn and target in _META_FUNCS) or (not is_fn and target in _META_METHODS):
+                return None
+            if self.split_channels(n):
                 return None
             why = f"{self.describe(n)} returns a non-tensor"
             if n.op == "call_method" and n.target in ("chunk", "split", "unbind"):
@@ -784,24 +805,112 @@ class _Propagator:
                     continue
                 for k in range(d + 1, len(ins) + 1):
                     if pre_prods[k] == p * outs[e]:
-                        literal = _literal_size(n, e)
-                        if literal is not None:  # pruning would not change the code's number
-                            self.pin(
-                                lab,
-                                f"{self.describe(n)} names the labelled size as the literal "
-                                f"{literal} (write -1 or compute it from a shape)",
-                            )
-                            return None
                         outer = _prod(ins[j:d])
                         inner = _prod(ins[d + 1 : k])
                         atoms = np.tile(np.repeat(lab.atoms, inner), outer)
+                        found, arg = _size_arg(n, e)
+                        if found and not (arg == -1 or self.derived_size(arg, lab)):
+                            # a literal, or another tensor's size (the unpruned input's
+                            # width, as attention code merges its heads): the pruned code
+                            # gets the pruned size
+                            if isinstance(arg, fx.Node | int) and not isinstance(arg, bool):
+                                self.sizes[n] = [(e, atoms, 1)]
+                            else:
+                                self.pin(lab, f"{self.describe(n)} gives the size as {arg!r}")
+                                return None
                         return Labels(e, atoms)
+        heads = self.head_split(n, lab, ins, outs)
+        if heads is not None:
+            return heads
         self.pin(
             lab,
-            f"{self.describe(n)} splits the labelled dimension (as into attention heads: "
-            "gate_ prunes heads of nn.MultiheadAttention and nn.TransformerEncoderLayer only)",
+            f"{self.describe(n)} splits the labelled dimension other than into two (such as "
+            "heads and head size; the outer one then carries the channels, pruned whole)",
         )
         return None
+
+    def derived_size(self, a: Any, lab: Labels) -> bool:
+        """Whether size value ``a`` is computed only from sizes of tensors carrying ``lab``'s
+        channels (``h.view(b, c * l)`` with ``c = h.size(1)``): the pruned code computes
+        the pruned size itself."""
+        stack, found = [a], False
+        while stack:
+            v = stack.pop()
+            if not isinstance(v, fx.Node):
+                if isinstance(v, int) and not isinstance(v, bool):
+                    continue  # a factor such as the 4 of c // 4: only with a size read
+                return False
+            t = v.target
+            if (v.op == "call_method" and t == "size") or (
+                v.op == "call_function" and t is builtins.getattr and v.args[1:] == ("shape",)
+            ):
+                src = self.lab(v.args[0])
+                if src is None or not np.array_equal(np.unique(src.atoms), np.unique(lab.atoms)):
+                    return False
+                found = True
+            elif v.op == "call_function" and t in (operator.getitem, operator.mul):
+                stack.extend(v.args)
+            else:
+                return False
+        return found
+
+    def head_split(
+        self, n: fx.Node, lab: Labels, ins: tuple[int, ...], outs: tuple[int, ...]
+    ) -> Labels | None:
+        """``(..., C, ...) -> (..., H, D, ...)``: the labelled channels split into ``H`` heads
+        of ``D``. The ``D`` channels of a head become one atom (a head is pruned whole), the
+        heads dimension carries the labels, and the pruned code's sizes ``H`` and ``D`` are
+        rewritten (``H`` kept heads; ``D`` as it is, however the code computed it)."""
+        d = lab.dim
+        pre = _prod(ins[:d])
+        for e in range(len(outs) - 1):
+            if _prod(outs[:e]) == pre and outs[e] * outs[e + 1] == ins[d] and outs[e + 1] > 1:
+                h, size = outs[e], outs[e + 1]
+                blocks = lab.atoms.reshape(h, size)  # (H, D)
+                for j in range(1, size):
+                    self.union(blocks[:, 0], blocks[:, j])
+                atoms = blocks[:, 0].copy()
+                self.head_atoms.update(atoms.tolist())
+                self.sizes[n] = [(e, atoms, 1), (e + 1, None, size)]
+                return Labels(e, atoms)
+        return None
+
+    def is_heads(self, lab: Labels | None) -> bool:
+        return lab is not None and bool(np.isin(lab.atoms, list(self.head_atoms)).any())
+
+    def split_channels(self, n: fx.Node) -> bool:
+        """``t.split(size, dim)`` / ``t.chunk(n, dim)`` / ``torch.split`` of labelled channels into
+        equal pieces (q, k, v of a fused projection): piece ``i``'s channel ``j`` and piece 0's
+        are pruned together (the pieces stay equal), each ``getitem`` carries its piece, and a
+        split size is rewritten to the kept piece width. False if ``n`` is not one."""
+        is_split = (n.op == "call_method" and n.target in ("split", "chunk")) or (
+            n.op == "call_function" and n.target in (torch.split, torch.chunk)
+        )
+        x = n.args[0] if n.args else None
+        lab, ins = self.lab(x), self.shape(x)
+        if not is_split or lab is None or ins is None:
+            return False
+        chunk = n.target in ("chunk", torch.chunk)
+        key = "chunks" if chunk else "split_size"
+        arg: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get(key)
+        if n.op == "call_function" and not chunk and arg is None:
+            arg = n.kwargs.get("split_size_or_sections")
+        dim: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        if not isinstance(arg, int) or isinstance(arg, bool) or not isinstance(dim, int):
+            return False
+        if dim % len(ins) != lab.dim:
+            return False
+        width = ins[lab.dim]
+        size = -(-width // arg) if chunk else arg
+        if size <= 0 or width % size != 0:
+            return False
+        blocks = lab.atoms.reshape(width // size, size)  # (pieces, size)
+        for i in range(1, len(blocks)):
+            self.union(blocks[0], blocks[i])
+        self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
+        if not chunk:
+            self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
+        return True
 
     def permute(self, n: fx.Node, x: Any, how: str) -> Labels | None:
         lab = self.lab(x)
@@ -965,6 +1074,143 @@ class _Propagator:
             self.union(first.atoms, lab.atoms)
         return Labels(d, first.atoms)
 
+    def attention_nonzero(self, n: fx.Node) -> bool:
+        """Attention scores of labelled heads (see :meth:`head_split`): a softmax over another
+        dimension, a mask added or filled in, a scale, dropout or a dtype cast give values
+        that are not zero at closed heads (uniform weights): nonzero labels, which only a
+        product with values zero at those heads (``weights @ v``) may read. False if ``n``
+        is not such an op."""
+        t, fn, meth = n.target, n.op == "call_function", n.op == "call_method"
+        binary = (fn and t in _ADD_FUNCS | _MUL_FUNCS | _DIV_FUNCS) or (
+            meth and t in ("add", "mul", "div")
+        )
+        args = [a for a in n.args[:2] if isinstance(a, fx.Node)] if binary else n.args[:1]
+        x = next((a for a in args if a in self.nonzero or self.lab(a) is not None), None)
+        if not isinstance(x, fx.Node):
+            return False
+        nz = self.nonzero.get(x)
+        lab = nz if nz is not None else self.lab(x)
+        if lab is None or (nz is None and not self.is_heads(lab)):
+            return False
+        ins, out = self.shape(x), self.shape(n)
+        if ins is None or out is None or len(out) != len(ins) or out[lab.dim] != ins[lab.dim]:
+            return False
+        others = [a for a in _flat_nodes((n.args, n.kwargs)) if a is not x]
+        if meth and t in ("type_as", "to"):
+            others = []  # another tensor gives only its dtype and device
+        for a in others:  # plain tensors, broadcast along the heads
+            s_a = self.shape(a)
+            if self.lab(a) is not None or a in self.nonzero:
+                return False
+            pos = lab.dim - (len(out) - len(s_a)) if s_a is not None else -1
+            if s_a is not None and 0 <= pos < len(s_a) and s_a[pos] != 1:
+                return False
+        if n.op == "call_module":
+            ok = nz is not None and isinstance(self.gm.get_submodule(str(t)), nn.Dropout)
+        elif (fn and t in (F.softmax, torch.softmax)) or (meth and t == "softmax"):
+            dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            ok = isinstance(dim, int) and dim % len(ins) != lab.dim
+        elif (meth and t == "masked_fill") or (fn and t in _ADD_FUNCS) or (meth and t == "add"):
+            ok = True  # a zero-labelled score plus a mask: nonzero from here on
+        elif (fn and t is F.dropout) or (meth and t in ("float", "type_as", "to", "contiguous")):
+            ok = nz is not None  # of zero labels: the usual pass-through rules
+        elif binary:  # a scale; of zero labels: the usual rule
+            divides = t in _DIV_FUNCS or t == "div"
+            ok = nz is not None and (not divides or n.args[0] is x)  # scores / scale only
+        else:
+            ok = False
+        if not ok:
+            return False
+        self.nonzero[n] = Labels(lab.dim, lab.atoms)
+        if nz is not None:
+            self.nonzero_uses.add((x, n))
+        return True
+
+    def matmul(self, n: fx.Node) -> Labels | None:
+        """``a @ b`` with labels on a batch dimension (the heads of ``q @ k^T`` and of
+        ``weights @ v``): the operands' heads are pruned together and the product carries them;
+        zero at closed heads if one labelled operand is (the other may be a nonzero label)."""
+        out = self.shape(n)
+        ops = [a for a in n.args[:2]]
+        if out is None or len(ops) != 2 or n.kwargs or len(out) < 3:
+            self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
+            return None
+        found: list[tuple[Labels, bool, fx.Node]] = []
+        dims = set()
+        for a in ops:
+            s_a = self.shape(a)
+            if not isinstance(a, fx.Node) or s_a is None:
+                continue
+            nz = self.nonzero.get(a)
+            lab = nz if nz is not None else self.lab(a)
+            if lab is None:
+                continue
+            d = lab.dim + len(out) - len(s_a)
+            if lab.dim >= len(s_a) - 2 or len(s_a) < 3:  # a matrix dimension: contracted
+                self.pin_inputs(n, f"{self.describe(n)} contracts or keeps labelled channels")
+                return None
+            found.append((lab, nz is not None, a))
+            dims.add(d)
+        if not found:
+            return None
+        d = dims.pop()
+        if dims or any(len(lab.atoms) != out[d] for lab, _, _ in found):
+            self.pin_inputs(n, f"{self.describe(n)} combines unlike channel dimensions")
+            return None
+        if all(nz for _, nz, _ in found):
+            return None  # nonzero only: its readers are pinned (see run)
+        for a in ops:
+            s_a = self.shape(a)
+            if isinstance(a, fx.Node) and s_a is not None and all(a is not f for _, _, f in found):
+                pos = d - (len(out) - len(s_a))
+                if 0 <= pos < len(s_a) and s_a[pos] != 1:
+                    self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
+                    return None
+        first = next(f_lab for f_lab, f_nz, _ in found if not f_nz)
+        for f_lab, f_nz, f_node in found:
+            self.union(first.atoms, f_lab.atoms)
+            if f_nz:
+                self.nonzero_uses.add((f_node, n))
+        if sum(1 for _, f_nz, _ in found if not f_nz) > 1:
+            self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
+        return Labels(d, first.atoms)
+
+    def sdpa(self, n: fx.Node) -> Labels | None:
+        """``F.scaled_dot_product_attention(q, k, v, ...)`` with ``q``, ``k``, ``v`` labelled on
+        their heads dimension: the heads of all three are pruned together; the output carries
+        them (a closed head's ``v`` is zero, so is its output)."""
+        out = self.shape(n)
+        qkv = list(n.args[:3])
+        mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
+        labs = [self.lab(a) for a in qkv]
+        why = f"{self.describe(n)} (attention) reads heads that are not all labelled alike"
+        if out is None or len(qkv) != 3 or all(lab is None for lab in labs):
+            return None
+        pairs = [(lab, self.shape(a)) for lab, a in zip(labs, qkv, strict=True)]
+        found = [(lab, s) for lab, s in pairs if lab is not None and s is not None]
+        if len(found) != 3:
+            self.pin_inputs(n, why)
+            return None
+        first = found[0][0]
+        d = first.dim + len(out) - len(found[0][1])
+        if {lab.dim - len(s) for lab, s in found} != {-3} or any(
+            len(lab.atoms) != out[d] for lab, _ in found
+        ):
+            self.pin_inputs(n, why)
+            return None
+        s_m = self.shape(mask)
+        if isinstance(mask, fx.Node) and (
+            self.lab(mask) is not None
+            or mask in self.nonzero
+            or (s_m is not None and len(s_m) >= 3 and s_m[len(s_m) - 3] != 1)
+        ):
+            self.pin_inputs(n, f"{self.describe(n)} (attention) reads a mask per head")
+            return None
+        for lab, _ in found[1:]:
+            self.union(first.atoms, lab.atoms)
+        self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
+        return Labels(d, first.atoms)
+
     def excited_product(self, n: fx.Node, out: tuple[int, ...]) -> Labels | None:
         """``y * s`` with ``s`` a nonzero (excitation) label of the channels ``y`` carries: the
         two sets of channels are one (pruned together) and the product is zero where ``y``
@@ -1077,4 +1323,5 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         rnn_in_atoms=p.rnn_in_atoms,
         rnn_outputs=p.rnn_outputs,
         nonzero=p.nonzero,
+        sizes={n.name: entries for n, entries in p.sizes.items()},
     )

@@ -48,7 +48,7 @@ from .rnn import (
 )
 from .rnn import switch as switch_rnn
 from .shortcuts import Edge, find_dense_edges
-from .structure import CostTerms, GraphInfo, SiteInfo, SliceInfo, build_cost_terms
+from .structure import CostTerms, GraphInfo, SiteInfo, SizeInfo, SliceInfo, build_cost_terms
 from .surgery import PLAN_FORMAT, ScaledAdd, _apply_plan, fold_scale, local_trace
 from .transformer import (
     GatedMultiheadAttention,
@@ -202,6 +202,15 @@ class _ResetHook:
 _GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook)
 
 
+def _kept_mask(opens: list[np.ndarray], groups: np.ndarray, gidx: np.ndarray) -> np.ndarray:
+    """Per channel (gated group ``groups``, index ``gidx``; group -1: ungated): kept?"""
+    mask = np.ones(len(groups), dtype=bool)
+    for g, o in enumerate(opens):
+        sel = groups == g
+        mask[sel] = o[gidx[sel]]
+    return mask
+
+
 class InsertedGating(ModelGating):
     """Gates inserted into a user model by :func:`gate_` (attached as ``model.gatedprune``).
 
@@ -234,8 +243,10 @@ class InsertedGating(ModelGating):
         edge_kind: HardConcrete | Sigmoid,
         rnns: list[RNNInfo] | None = None,
         rnn_consumers: list[RNNConsumer] | None = None,
+        size_rewrites: list[SizeInfo] | None = None,
     ) -> None:
         super().__init__()
+        self.size_rewrites = size_rewrites if size_rewrites is not None else []
         self.rnns = rnns if rnns is not None else []
         self.rnn_consumers = rnn_consumers if rnn_consumers is not None else []
         self.edges = edges
@@ -659,6 +670,20 @@ class InsertedGating(ModelGating):
         return (t.e_coef * kept_channels[t.e_a] * alive).sum()
 
     # ------------------------------------------------------------------ pruning
+    def _size_plan(self, opens: list[np.ndarray] | None = None) -> dict[str, list[list[Any]]]:
+        """The sizes the pruned code must give pruned dimensions (attention heads): graph node
+        -> ``[key, size]`` pairs, for the nodes whose sizes change."""
+        if not self.size_rewrites:
+            return {}
+        if opens is None:
+            opens = [o.bool().numpy() for o in self.hard_open()]
+        sizes: dict[str, list[list[Any]]] = {}
+        for si in self.size_rewrites:
+            kept = _kept_mask(opens, si.group, si.gidx)
+            if not kept.all():
+                sizes.setdefault(si.node, []).append([si.key, int(kept.sum()) * si.factor])
+        return sizes
+
     def plan(self) -> dict[str, Any]:
         """The pruning decisions as a JSON-serialisable plan (see :func:`apply_plan`)."""
         opens = [o.bool().numpy() for o in self.hard_open()]
@@ -666,10 +691,7 @@ class InsertedGating(ModelGating):
         def keep(groups: np.ndarray | None, gidx: np.ndarray | None) -> list[int] | None:
             if groups is None or gidx is None:
                 return None
-            mask = np.ones(len(groups), dtype=bool)
-            for g, o in enumerate(opens):
-                sel = groups == g
-                mask[sel] = o[gidx[sel]]
+            mask = _kept_mask(opens, groups, gidx)
             return None if mask.all() else np.flatnonzero(mask).tolist()
 
         slices = {}
@@ -727,6 +749,7 @@ class InsertedGating(ModelGating):
             "erase": erase,
             "bypass": bypass,
             "edges": edges,
+            "sizes": self._size_plan(opens),
         }
 
     def open_edges(self) -> list[Edge]:
@@ -750,7 +773,8 @@ class InsertedGating(ModelGating):
         kept = self.kept_edges()
         edges = [(e.src_node, e.dst_node, list(e.users)) for e in kept]
         scopes, erase, bypass = self.info.scopes(self._cut(), edges)
-        return outermost([*scopes, *(e.scope for e in kept)]), erase, bypass
+        resized = [self.info.owners[n] for n in self._size_plan()]  # code with new sizes
+        return outermost([*scopes, *(e.scope for e in kept), *resized]), erase, bypass
 
     def prune_model(self, model: nn.Module) -> nn.Module:
         """The pruned copy of ``model`` (see :meth:`ModelGating.prune_model`): gate values
@@ -1237,6 +1261,14 @@ def gate_(
         og, oi = split(out_atoms)
         if ig is not None or og is not None:
             slices[name] = SliceInfo(kind, ig, ii, og, oi)
+    size_rewrites: list[SizeInfo] = []
+    for node_name, entries in ca.sizes.items():
+        for key, atoms, factor in entries:
+            if atoms is None:
+                continue
+            gg = group_map[ca.atom_group[atoms]]
+            if (gg >= 0).any():
+                size_rewrites.append(SizeInfo(node_name, key, gg, ca.atom_gidx[atoms], factor))
     # parameters never referenced by the graph (counted as they are)
     covered: set[int] = set()
     for n in gm.graph.nodes:
@@ -1291,6 +1323,7 @@ def gate_(
         edge_kind=_closed(gate_kind),
         rnns=rnns,
         rnn_consumers=rnn_consumers,
+        size_rewrites=size_rewrites,
     )
     gating.train(model.training)
     model.add_module(ATTR, gating)

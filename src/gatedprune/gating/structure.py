@@ -156,6 +156,19 @@ class SliceInfo:
 
 
 @dataclass
+class SizeInfo:
+    """A size the code of graph node ``node`` gives a pruned dimension (a reshape's size of
+    the dimension ``key``, or a split's ``"split_size"``): in the pruned model, ``factor``
+    times the kept channels of (gated group, index) ``group`` / ``gidx``."""
+
+    node: str
+    key: int | str
+    group: np.ndarray
+    gidx: np.ndarray
+    factor: int
+
+
+@dataclass
 class CostTerms:
     """Vectorised cost model for one input shape."""
 

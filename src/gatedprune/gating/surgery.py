@@ -392,6 +392,38 @@ class _Aliases:
         return out
 
 
+def _resize(node: fx.Node, key: int | str, value: int) -> None:
+    """Give graph node ``node`` (a ``view``/``reshape``, or a ``split``) the size ``value`` for
+    output dimension ``key`` (or its ``"split_size"``), in place."""
+    if key == "split_size":
+        if len(node.args) > 1:
+            node.update_arg(1, value)
+        else:
+            kw = "split_size" if node.op == "call_method" else "split_size_or_sections"
+            node.update_kwarg(kw, value)
+        return
+    assert isinstance(key, int)
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        if len(node.args) == 2 and isinstance(node.args[1], list | tuple):
+            sizes = list(node.args[1])
+            sizes[key] = value
+            node.update_arg(1, tuple(sizes))
+        else:
+            node.update_arg(1 + key, value)
+        return
+    if node.op == "call_function" and node.target is torch.reshape:
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs["shape"]
+        assert isinstance(shape, list | tuple)
+        sizes = list(shape)
+        sizes[key] = value
+        if len(node.args) > 1:
+            node.update_arg(1, tuple(sizes))
+        else:
+            node.update_kwarg("shape", tuple(sizes))
+        return
+    raise ValueError(f"cannot give node '{node.name}' ({node.op} {node.target}) a new size")
+
+
 def _rewrite_scope(
     model: nn.Module,
     root_graph: fx.Graph,
@@ -404,6 +436,7 @@ def _rewrite_scope(
     written: set[str],
     left_operands: set[str],
     aliases: _Aliases,
+    sizes: dict[str, list[list[Any]]] | None = None,
 ) -> nn.Module:
     """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
     writes into, anywhere in the model; ``left_operands``: nodes the code uses as the left
@@ -462,6 +495,10 @@ def _rewrite_scope(
             assert isinstance(inp, fx.Node)
             ln.replace_all_uses_with(inp)
             local.graph.erase_node(ln)
+    for name, entries in (sizes or {}).items():  # the pruned widths (attention heads)
+        if name in mapping:
+            for key, value in entries:
+                _resize(mapping[name], key, int(value))
     for r in reversed(root_nodes):
         if r.name in erase:
             _erase_dead(local.graph, mapping[r.name], scope)
@@ -586,6 +623,7 @@ _PLAN_OPTIONAL: dict[str, type] = {
     "rnn": dict,
     "bypass": list,
     "edges": list,
+    "sizes": dict,
 }
 
 
@@ -697,6 +735,19 @@ def _check_plan(plan: object) -> dict[str, Any]:
                     f"malformed plan: edge {e['buffer']!r} reads node {e[end]!r} ({end}), "
                     "which 'erase' removes"
                 )
+    for node, entries in plan.get("sizes", {}).items():
+        ok = isinstance(node, str) and isinstance(entries, list) and bool(entries)
+        for entry in entries if ok else ():
+            pair: list[Any] = entry if isinstance(entry, list) and len(entry) == 2 else [None, 0]
+            key, value = pair
+            dim = isinstance(key, int) and not isinstance(key, bool) and key >= 0
+            good_value = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ok = ok and (key == "split_size" or dim) and good_value
+        if not ok:
+            raise ValueError(
+                f"malformed plan: 'sizes' entry {node!r} must be a non-empty list of [dim, size] "
+                f"or ['split_size', size] pairs with sizes > 0, got {entries!r}"
+            )
     for node, arg in plan["cut"].items():
         if isinstance(arg, bool) or arg not in (0, 1):
             raise ValueError(
@@ -1178,6 +1229,12 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         slice_module(m, spec["kind"], spec["in"], spec["out"])
     scopes: list[str] = list(plan["scopes"])
     if not scopes:
+        if plan.get("sizes"):
+            name = next(iter(plan["sizes"]))
+            raise ValueError(
+                f"malformed plan: 'sizes' resizes node {name!r}, which no entry of 'scopes' "
+                "[] contains (it would keep its old size)"
+            )
         return model
     opaque: dict[str, str] = dict(plan["opaque"])
     # slicing leaves the graph as it was; rebuilt encoder layers and attention do not
@@ -1188,10 +1245,17 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     bypass = set(plan.get("bypass", []))
     known = {n.name for n in traced.graph.nodes}
     edge_nodes = [n for e in plan.get("edges", []) for n in (e["src"], e["dst"], *e["users"])]
-    missing = [n for n in [*cut, *erase, *bypass, *edge_nodes] if n not in known]
+    sizes: dict[str, list[list[Any]]] = plan.get("sizes", {})
+    missing = [n for n in [*cut, *erase, *bypass, *edge_nodes, *sizes] if n not in known]
     if missing:
         raise ValueError(f"the plan names graph nodes the model does not have: {missing[:5]}")
     owners = {n.name: owner_of(n) for n in traced.graph.nodes}
+    for name in sizes:
+        if not any(_within(owners[name], sc) for sc in scopes):
+            raise ValueError(
+                f"malformed plan: 'sizes' resizes node {name!r} of module '{owners[name]}', "
+                f"which no entry of 'scopes' {scopes} contains (it would keep its old size)"
+            )
     aliases = _Aliases(traced, cut, plan.get("edges", []))
     written = aliases.written_cuts(bypass)
     left_operands = {
@@ -1221,6 +1285,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             written,
             left_operands,
             aliases,
+            {k: v for k, v in sizes.items() if k in in_scope},
         )
         if scope == "":
             result = new

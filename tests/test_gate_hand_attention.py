@@ -1,0 +1,353 @@
+"""gate_ on hand-written attention (q, k, v Linears or one fused projection, heads by a view,
+``softmax(q k^T) v`` or ``F.scaled_dot_product_attention``): heads are gated and pruned whole,
+the pruned code's head counts rewritten; exact, cheaper, replayable; and the forms it cannot
+prune are left ungated with a reason."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gating_helpers import examples, inserted_gating
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.costs import Cost
+from gatedprune.gates import HardConcreteGate
+from gatedprune.gating import apply_plan, export_plan, gate_
+
+
+class Attention(nn.Module):
+    """Causal self-attention written by hand, in the forms models use: separate q, k, v
+    Linears (``fused=False``) or one projection split (``"split"``) or chunked (``"chunk"``);
+    explicit ``softmax(q k^T / sqrt(D)) v`` with a mask buffer and dropout, or SDPA."""
+
+    def __init__(self, d: int, heads: int, fused: str, sdpa: bool) -> None:
+        super().__init__()
+        self.heads, self.d, self.fused, self.sdpa = heads, d, fused, sdpa
+        if fused == "no":
+            self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        else:
+            self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.drop = nn.Dropout(0.1)
+        self.register_buffer("mask", torch.ones(32, 32, dtype=torch.bool).tril())
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.size()
+        if self.fused == "no":
+            q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, C) each
+        elif self.fused == "split":
+            q, k, v = self.qkv(x).split(self.d, dim=2)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, D)
+        k = k.reshape(b, t, self.heads, -1).permute(0, 2, 1, 3)  # (B, H, T, D)
+        v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, D)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, H, T, T)
+            mask = self.mask.narrow(0, 0, t).narrow(1, 0, t)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att.float(), dim=-1).type_as(q)
+            y = torch.matmul(self.drop(att), v)  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(b, t, c)  # (B, T, C)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, fused: str, sdpa: bool) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads, fused, sdpa)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, d: int, heads: int, fused: str, sdpa: bool, n: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, d)
+        self.blocks = nn.Sequential(*(Block(d, heads, fused, sdpa) for _ in range(n)))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.blocks(self.embed(x))).mean(1))  # (B, 4)
+
+
+def _head_groups(model: nn.Module, heads: int) -> list[int]:
+    """Indices of the gated groups with one gate per head (the attention projections)."""
+    summary = inserted_gating(model).summary
+    return [
+        i
+        for i, (producers, size) in enumerate(summary.channel_groups)
+        if size == heads and any("attn" in p for p in producers)
+    ]
+
+
+def _check(model: nn.Module, factory: object, x: Tensor, gen: torch.Generator) -> nn.Module:
+    model.eval()
+    hard = gp.cost(model, x, hard=True)
+    pruned = gp.prune(model)
+    c = gp.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    with torch.no_grad():
+        for t in (x.shape[1], x.shape[1] + 3):  # another sequence length too
+            xi = torch.randn(x.shape[0], t, x.shape[2], generator=gen)
+            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    plan = json.loads(json.dumps(export_plan(model)))
+    assert callable(factory)
+    fresh = apply_plan(factory(), plan)
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        xi = torch.randn(*x.shape, generator=gen)
+        assert (fresh(xi) - model(xi)).abs().max().item() <= 1e-5
+    return pruned
+
+
+@pytest.mark.parametrize("fused", ["no", "split", "chunk"])
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_closed_heads_are_removed(fused: str, sdpa: bool) -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 3, generator=gen)
+    model = GPT(16, 4, fused, sdpa).eval()
+    dense = gp.cost(model, x)
+    assert isinstance(dense, Cost)
+    gate_(model, x)
+    gating = inserted_gating(model)
+    groups = _head_groups(model, 4)
+    assert len(groups) == 2  # one head group per attention, 4 gates each
+    for gate in gating.group_gates:
+        gate.force_(torch.ones(gate.n, dtype=torch.bool))  # type: ignore[operator]
+    gating.group_gates[groups[0]].force_(torch.tensor([True, False, True, False]))  # type: ignore[operator]
+    gating.group_gates[groups[1]].force_(torch.zeros(4, dtype=torch.bool))  # type: ignore[operator]
+    pruned = _check(model, lambda: GPT(16, 4, fused, sdpa), x, gen)
+    a0, a1 = pruned.get_submodule("blocks.0.attn"), pruned.get_submodule("blocks.1.attn")
+    proj0, proj1 = a0.get_submodule("proj"), a1.get_submodule("proj")
+    assert isinstance(proj0, nn.Linear)
+    assert isinstance(proj1, nn.Linear)
+    assert proj0.in_features == 8  # 2 heads of 4 kept
+    assert proj1.in_features == 4  # all closed: one head kept (zero), as a channel group
+    c = gp.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert c.params < dense.params
+    assert c.flops < dense.flops
+
+
+@settings(max_examples=examples(20), deadline=None)
+@given(
+    heads=st.integers(2, 4),
+    head_dim=st.integers(2, 3),
+    fused=st.sampled_from(["no", "split", "chunk"]),
+    sdpa=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_attention_and_gate_states_prune_exactly(
+    heads: int, head_dim: int, fused: str, sdpa: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    d = heads * head_dim
+    x = torch.randn(2, 5, 3, generator=gen)
+    model = GPT(d, heads, fused, sdpa)
+    gate_(model, x)
+    gating = inserted_gating(model)
+    assert len(_head_groups(model, heads)) == 2  # both attentions' heads gated
+    with torch.no_grad():
+        for gate in [*gating.group_gates, *gating.block_gates]:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+    _check(model, lambda: GPT(d, heads, fused, sdpa), x, gen)
+
+
+def test_budget_training_prunes_heads() -> None:
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, 3, generator=gen)
+    model = GPT(16, 4, "split", False)
+    dense = gp.cost(model, x)
+    assert isinstance(dense, Cost)
+    gate_(model, x, blocks=False)  # heads and units only
+    budget = gp.Budget(model, x, flops=0.4, warmup_steps=10)
+    gating = inserted_gating(model)
+    gate_ids = {id(p) for p in gating.parameters()}
+    opt = torch.optim.Adam(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
+            {"params": list(gating.parameters()), "lr": 0.2},
+            {"params": list(budget.parameters()), "lr": 0.05},
+        ]
+    )
+    model.train()
+    for _ in range(60):
+        xb = torch.randn(8, 6, 3, generator=gen)
+        yb = torch.randint(0, 4, (8,), generator=gen)
+        loss = F.cross_entropy(model(xb), yb) + budget.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pruned = _check(model, lambda: GPT(16, 4, "split", False), x[:2], gen)
+    kept = [pruned.get_submodule(f"blocks.{i}.attn.proj").in_features for i in range(2)]
+    assert min(kept) < 16  # heads were pruned (4 channels each)
+    c = gp.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert c.flops < 0.8 * dense.flops
+
+
+class PerHeadBias(nn.Module):
+    """Attention with a learned bias per head added to the scores (ALiBi-like)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(1, heads, 1, 1))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = (
+            f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        att = (q @ k.transpose(-2, -1) + self.bias).softmax(-1)  # (B, H, T, T)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)  # (B, T, d)
+        return self.head(self.out(y)).mean(1)
+
+
+class ReturnsWeights(nn.Module):
+    """Attention whose weights the model returns (a head pruned would change them)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, t, d = x.shape
+        q, k, v = (
+            f(x).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        att = (q @ k.transpose(-2, -1)).softmax(-1)  # (B, H, T, T)
+        return self.out((att @ v).transpose(1, 2).reshape(b, t, d)), att
+
+
+class ThreeWaySplit(nn.Module):
+    """A view that splits the channels three ways: ``(B, T, 2, 2, C / 4)``."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.v, self.out = nn.Linear(d, d), nn.Linear(d // 4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        v = self.v(x).view(b, t, 2, 2, d // 4)  # (B, T, 2, 2, C / 4)
+        return self.out(v.sum(dim=(2, 3)))
+
+
+class GroupedQuery(nn.Module):
+    """Grouped-query attention: k and v with 2 heads, repeated for the 4 heads of q."""
+
+    def __init__(self, d: int = 8, heads: int = 4, kv: int = 2) -> None:
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv, d // heads
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, 2)
+        self.k, self.v = nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k, v = (
+            f(x).view(b, t, self.kv, self.hd).transpose(1, 2).repeat_interleave(2, dim=1)
+            for f in (self.k, self.v)
+        )  # (B, H, T, D) each
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1)).mean(1)
+
+
+class SingleHead(nn.Module):
+    """One head: nothing to prune by head (the channels are contracted by ``q k^T``)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.o = nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = (f(x).view(b, t, 1, c).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, 1, T, C)
+        return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)
+
+
+@pytest.mark.parametrize(
+    ("factory", "name", "reason"),
+    [
+        (PerHeadBias, "q", "adds an ungated tensor"),
+        (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
+        (ThreeWaySplit, "v", "splits the labelled dimension other than into two"),
+        (GroupedQuery, "k", "repeat_interleave) is an op gate_ does not prune through"),
+        (SingleHead, "q", "(attention) reads heads that are not all labelled alike"),
+    ],
+)
+def test_attention_forms_left_ungated_with_a_reason(
+    factory: type[nn.Module], name: str, reason: str
+) -> None:
+    model = factory()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        before = model(x)
+    summary = gate_(model, x)
+    reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
+    assert reason in reasons[name]
+    model.eval()
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        after, gated = pruned(x), model(x)
+    for a, g, b0 in zip(
+        after if isinstance(after, tuple) else (after,),
+        gated if isinstance(gated, tuple) else (gated,),
+        before if isinstance(before, tuple) else (before,),
+        strict=True,
+    ):
+        assert (a - g).abs().max().item() <= 1e-5
+        assert (g - b0).abs().max().item() <= 1e-5  # gates start open
+
+
+def _plan_with_closed_head() -> tuple[dict[str, object], GPT]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    model = GPT(8, 2, "split", True, n=1)
+    gate_(model, x)
+    gating = inserted_gating(model)
+    gating.group_gates[_head_groups(model, 2)[0]].force_(torch.tensor([False, True]))  # type: ignore[operator]
+    model.eval()
+    return json.loads(json.dumps(export_plan(model))), GPT(8, 2, "split", True, n=1)
+
+
+def test_plan_sizes_are_checked() -> None:
+    plan, fresh = _plan_with_closed_head()
+    sizes = plan["sizes"]
+    assert isinstance(sizes, dict)
+    assert sizes  # the split size, the head counts of three views, the merge
+    for bad in ([], [[2]], [["dim", 1]], [[2, 0]], [[-1, 1]], [[True, 1]]):
+        broken = {**plan, "sizes": {**sizes, next(iter(sizes)): bad}}
+        with pytest.raises(ValueError, match=r"malformed plan: 'sizes' entry"):
+            apply_plan(GPT(8, 2, "split", True, n=1), broken)
+    with pytest.raises(ValueError, match=r"names graph nodes the model does not have"):
+        apply_plan(GPT(8, 2, "split", True, n=1), {**plan, "sizes": {"no_such_node": [[2, 1]]}})
+    with pytest.raises(ValueError, match=r"'sizes' resizes node .* which no entry of 'scopes'"):
+        apply_plan(GPT(8, 2, "split", True, n=1), {**plan, "scopes": []})
+    apply_plan(fresh, plan)  # the plan itself applies
