@@ -351,3 +351,33 @@ def test_plan_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match=r"'sizes' resizes node .* which no entry of 'scopes'"):
         apply_plan(GPT(8, 2, "split", True, n=1), {**plan, "scopes": []})
     apply_plan(fresh, plan)  # the plan itself applies
+
+
+class WidthFromInput(nn.Module):
+    """A view whose width is read from the input (equal to the Linear's before pruning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h = nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))  # (B, 6)
+        return self.h(h.view(x.size(0), x.size(1)))
+
+
+def test_a_width_read_from_another_tensor_is_rewritten() -> None:
+    # before: prune succeeded and the pruned model failed ("shape '[3, 6]' is invalid for
+    # input of size 15"): the view kept the input's width 6
+    model = WidthFromInput()
+    x = torch.randn(3, 6)
+    gate_(model, x)
+    inserted_gating(model).group_gates[0].force_(  # type: ignore[operator]
+        torch.tensor([True, False, True, True, True, True])
+    )
+    model.eval()
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        for b in (3, 5):
+            xi = torch.randn(b, 6)
+            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    assert export_plan(model)["sizes"] == {"view": [[1, 5]]}
