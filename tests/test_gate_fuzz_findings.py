@@ -9,7 +9,10 @@
 * one module instance used in two containers (a reused ``nn.ReLU()``): ``prune`` refused to
   rewrite the container ("tracing it alone gives a different graph");
 * a Linear called twice, once on channels that are not pruned: its input columns were sliced
-  for both calls and the pruned model crashed.
+  for both calls and the pruned model crashed;
+* (a fourth round, on grouped convolutions) code computing for nothing next to a closed block:
+  the hard cost counted what the rewrite dropped, and its plan was refused on replay; a conv
+  with a ``weight_norm`` parametrization was sliced like a plain one (prune crashed).
 """
 
 from __future__ import annotations
@@ -472,3 +475,102 @@ def test_an_augmented_assignment_after_a_chain_of_closed_blocks(first: type[nn.M
     gate_(model, x, channels=False)
     _force(model, {"1.inner.0", "1.inner.1"}, set())
     _exact(model, x)
+
+
+# ------------------------------------------------ a fourth round (grouped convolutions)
+
+
+class DeadCall(nn.Module):
+    """``unused = dead(h)`` is computed and never read; ``h`` feeds a residual branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(4, 4, 1)
+        self.dead = nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=False)
+        self.b = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x))
+        unused = self.dead(h)  # noqa: F841 (the model computes it for nothing)
+        return x + self.b(h)
+
+
+class DeadChain(nn.Module):
+    """An unused chain reading the trunk and a closed branch's inner tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.m0, self.m1 = nn.Conv1d(6, 4, 3, padding=1, bias=False), nn.BatchNorm1d(4)
+        self.m2, self.m3 = nn.Conv1d(4, 4, 3, padding=1), nn.BatchNorm1d(4)
+        self.m4, self.m5 = nn.Conv1d(4, 2, 3, padding=1), nn.Conv1d(2, 4, 3, padding=1)
+        self.m7, self.fc = nn.Conv1d(4, 2, 3, padding=1), nn.Linear(2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t1 = self.m0(x)
+        t4 = self.m2(t1)
+        t6 = self.m3(t4) + self.m1(t1)  # a residual block: branch m2, m3
+        unused = self.m5(self.m4(t6 + t6)) + t4  # noqa: F841
+        return self.fc(torch.relu(self.m7(t6)).mean(-1))
+
+
+@pytest.mark.parametrize("factory", [DeadCall, DeadChain])
+def test_code_computing_for_nothing_next_to_a_closed_block(factory: type[nn.Module]) -> None:
+    # before: the hard cost counted `dead`, which the rewritten forward no longer computes
+    # (hard 4320 FLOPs, pruned 0), and the exported plan of DeadChain was refused on replay
+    # ("module call(s) ['m5'] ... compute nothing that is used but are not in 'erase'")
+    import json
+
+    from gatedprune.gating import apply_plan, export_plan
+
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(3, model.m0.in_channels if hasattr(model, "m0") else 4, 10)
+    gate_(model, x)
+    for gate in inserted_gating(model).block_gates:
+        gate.force_(torch.zeros(1, dtype=torch.bool))  # type: ignore[operator]
+    model.eval()
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    c = gatedprune.cost(pruned, x)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert (fresh.eval()(x) - model(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_conv_with_a_computed_weight_is_not_sliced(groups: int) -> None:
+    # before: weight_norm's conv was sliced like a plain one: the parameter counts disagreed
+    # with every gate open, and prune raised KeyError "attribute 'weight' already exists"
+    from torch.nn.utils import parametrizations
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv1d(2, 8, 1)
+            self.g = parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1, groups=groups))
+            self.c, self.h = nn.Conv1d(8, 4, 1), nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.g(torch.relu(self.a(x))))
+            return self.h(torch.relu(self.c(h)).mean(-1))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(2, 2, 8)
+    summary = gate_(model, x)
+    reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
+    assert "computes its weight when it runs" in reasons["a"]
+    gating = inserted_gating(model)
+    for gate in gating.group_gates:
+        gate.force_(torch.arange(gate.n) % 2 == 0)  # type: ignore[operator]
+    model.eval()
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    c = gatedprune.cost(pruned, x)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5

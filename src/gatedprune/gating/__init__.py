@@ -24,7 +24,12 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
   tensor, an op we do not parse or the model output are not pruned (their statistics or
   values would change). A group never closes entirely (a conv cannot have 0 outputs): if all its
   gates close, one channel with gate value 0 is kept.
-* Grouped convolutions other than depthwise are not pruned; non-affine BatchNorm neither.
+* Grouped convolutions are pruned by position within their groups (they keep ``groups``);
+  non-affine BatchNorm and modules computing their weight when they run (``weight_norm``,
+  ``spectral_norm`` parametrizations, forward pre-hooks) are not pruned.
+* Heads of hand-written attention are pruned (a reshape into ``(heads, head_size)``); the
+  pruned code's sizes of pruned dimensions are rewritten. A mask per head, attention
+  weights read elsewhere than by ``@ v``, grouped-query attention stay whole.
 * A submodule whose forward cannot be traced (data-dependent control flow) stays whole and
   ungated, with a warning naming it; an untraceable top-level forward is an error.
 * A recurrent module keeps one ``hidden_size`` (its widest kept state; the others are padded

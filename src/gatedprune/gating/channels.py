@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..base import BATCH_NORMS
 from .graph import RunRecord
@@ -239,6 +240,13 @@ def _pool_rank(op: object) -> int:
     return 1 if any(op is f for f in _POOL_FUNCS_1D) else 2
 
 
+def _computed_weight(m: nn.Module) -> bool:
+    """Whether ``m``'s weight is computed when it runs (a parametrization such as
+    ``parametrizations.weight_norm`` / ``spectral_norm``, or a forward pre-hook such as the old
+    ``nn.utils.weight_norm``): slicing the stored weight would not slice what it computes."""
+    return parametrize.is_parametrized(m) or bool(m._forward_pre_hooks)
+
+
 def module_kind(m: nn.Module) -> str | None:
     """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
     conv, ``1 < groups < in_channels``), bn, or None.
@@ -246,6 +254,8 @@ def module_kind(m: nn.Module) -> str | None:
     >>> module_kind(nn.Conv1d(8, 8, 3, groups=2)), module_kind(nn.Conv1d(8, 16, 3, groups=8))
     ('gconv', 'dw')
     """
+    if _computed_weight(m):
+        return None
     if isinstance(m, nn.Linear):
         return "linear"
     if isinstance(m, _CONV):
@@ -702,6 +712,11 @@ class _Propagator:
             }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
             if isinstance(m, _BN):
                 why = f"{name} ({type(m).__name__} without affine parameters)"
+            if _computed_weight(m):
+                why = (
+                    f"{name} ({type(m).__name__}) computes its weight when it runs (a "
+                    "parametrization such as weight_norm, or a forward pre-hook)"
+                )
             self.pin_inputs(n, why)
         return None
 

@@ -128,7 +128,20 @@ class GraphInfo:
         """Outermost modules to rewrite, dead nodes to erase and ReLUs to bypass (see
         :meth:`bypass`) once the branches in ``cut`` are removed and ``edges`` kept."""
         live = self.live(cut, edges)
-        erase = sorted(n for n in self.base_live if n not in live)
+        dead = {n for n in self.base_live if n not in live}
+        # code the model already computed for nothing that reads a removed value goes too
+        # (the rewrite erases a removed node's dangling users: ``unused = f(h)``)
+        users: dict[str, list[str]] = {}
+        for n, ins in self.inputs.items():
+            for a in ins:
+                users.setdefault(a, []).append(n)
+        stack = list(dead)
+        while stack:
+            for u in users.get(stack.pop(), []):
+                if u not in live and u not in dead and u != self.output:
+                    dead.add(u)
+                    stack.append(u)
+        erase = sorted(dead)
         bypass = self.bypass(cut, live, edges)
         changed = [*cut, *erase, *bypass]
         return outermost(self.owners[n] for n in changed), erase, bypass

@@ -909,7 +909,8 @@ def _check_removal(root: fx.Graph, scope: str, plan: dict[str, Any]) -> None:
     graph.output(graph.graph_copy(root, mapping))
     nodes = {old.name: new for old, new in mapping.items()}
     inside = {nodes[n.name] for n in scope_nodes(root, scope)}
-    dead_before = {n for n in inside if not n.users}
+    live_before = live_nodes(graph, {})
+    dead_before = {n for n in inside if n not in live_before}  # code computing for nothing
     output = next(n for n in graph.nodes if n.op == "output")
     for e in plan.get("edges", []):  # a kept new shortcut reads its source and destination
         if _within(e["scope"], scope):
