@@ -342,7 +342,7 @@ def test_plan_sizes_are_checked() -> None:
     sizes = plan["sizes"]
     assert isinstance(sizes, dict)
     assert sizes  # the split size, the head counts of three views, the merge
-    for bad in ([], [[2]], [["dim", 1]], [[2, 0]], [[-1, 1]], [[True, 1]]):
+    for bad in ([], [[2]], [["dim", 1]], [[2, 0]], [[1.5, 1]], [[True, 1]]):
         broken = {**plan, "sizes": {**sizes, next(iter(sizes)): bad}}
         with pytest.raises(ValueError, match=r"malformed plan: 'sizes' entry"):
             apply_plan(GPT(8, 2, "split", True, n=1), broken)
@@ -380,4 +380,86 @@ def test_a_width_read_from_another_tensor_is_rewritten() -> None:
         for b in (3, 5):
             xi = torch.randn(b, 6)
             assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
-    assert export_plan(model)["sizes"] == {"view": [[1, 5]]}
+    assert export_plan(model)["sizes"] == {"view": [[-1, 5]]}  # dims counted from the end
+
+
+class BertAttention(nn.Module):
+    """HF-BERT's self-attention: shapes built as ``x.size()[:-1] + (heads, head_size)``."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_size = heads, d // heads
+        self.all_head_size = heads * self.head_size
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.dense = nn.Linear(d, d)
+
+    def transpose_for_scores(self, x: Tensor) -> Tensor:
+        new_x_shape = x.size()[:-1] + (self.heads, self.head_size)  # noqa: RUF005 (as HF)
+        return x.view(new_x_shape).permute(0, 2, 1, 3)  # (B, H, T, D)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        q = self.transpose_for_scores(self.query(x))
+        k = self.transpose_for_scores(self.key(x))
+        v = self.transpose_for_scores(self.value(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_size) + mask  # (B, H, T, T)
+        ctx = (F.softmax(scores, dim=-1) @ v).permute(0, 2, 1, 3).contiguous()  # (B, T, H, D)
+        return self.dense(ctx.view(ctx.size()[:-2] + (self.all_head_size,)))  # noqa: RUF005
+
+
+class Bert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.ln = nn.Linear(3, 8), nn.LayerNorm(8)
+        self.attn, self.out = BertAttention(), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = (x[:, :, 0] * 0.0)[:, None, None, :]  # (B, 1, 1, T) additive, all zero
+        h = self.ln(self.embed(x))
+        return self.out(self.ln(h + self.attn(h, mask))).mean(1)
+
+
+def test_bert_style_shapes_are_rewritten() -> None:
+    # before: prune raised IndexError (the split) or the pruned model a shape error (the merge
+    # kept all_head_size)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    model = Bert()
+    gate_(model, x)
+    groups = _head_groups(model, 2)
+    assert len(groups) == 1
+    inserted_gating(model).group_gates[groups[0]].force_(torch.tensor([False, True]))  # type: ignore[operator]
+    pruned = _check(model, Bert, x, gen)
+    dense = pruned.get_submodule("attn.dense")
+    assert isinstance(dense, nn.Linear)
+    assert dense.in_features == 4
+
+
+class TwiceCalled(nn.Module):
+    """One attention module applied twice (shared weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.ln1, self.ln2 = nn.Linear(3, 8), nn.LayerNorm(8), nn.LayerNorm(8)
+        self.attn, self.o = Attention(8, 2, "split", True), nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.e(x)
+        h = h + self.attn(self.ln1(h))
+        h = h + self.attn(self.ln2(h))
+        return self.o(h).mean(1)
+
+
+def test_attention_called_twice_keeps_its_heads() -> None:
+    # before: its heads were gated and prune raised "cannot rewrite module 'attn'"
+    model = TwiceCalled()
+    x = torch.randn(2, 5, 3)
+    summary = gate_(model, x)
+    reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
+    assert (
+        "gives a pruned dimension a size, and cannot rewrite module 'attn'" in reasons["attn.qkv"]
+    )
+    model.eval()
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5

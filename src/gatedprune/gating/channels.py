@@ -76,24 +76,54 @@ class ChannelGroup:
 
 def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
     """``(True, size)``: the size ``view``/``reshape`` node ``n`` gives output dimension ``e``
-    as the code writes it (an int, or the graph node computing it); ``(False, None)`` for
+    (negative: from the end) as the code writes it (an int, or the graph node computing it),
+    also in a shape built as ``x.size()[:-1] + (h, d)`` (HF-BERT); ``(False, None)`` for
     reshapes without sizes (``flatten``, ``squeeze``) or a shape given whole by a node.
 
     >>> g = fx.Graph()
     >>> x = g.placeholder("x")
-    >>> [_size_arg(g.call_method("view", (x, -1, 4)), e) for e in (0, 1)]
+    >>> [_size_arg(g.call_method("view", (x, -1, 4)), e) for e in (-2, -1)]
     [(True, -1), (True, 4)]
     """
     sizes: Any = None
     if n.op == "call_method" and n.target in ("view", "reshape"):
         sizes = n.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+        if len(sizes) == 1 and isinstance(sizes[0], list | tuple | fx.Node):
             sizes = sizes[0]
     elif n.op == "call_function" and n.target is torch.reshape:
         sizes = n.args[1] if len(n.args) > 1 else n.kwargs.get("shape")
-    if not isinstance(sizes, list | tuple) or e >= len(sizes):
+    tail = _shape_tail(sizes)
+    if tail is not None:  # only the literal tail of head + (h, d) can be addressed
+        return (True, tail[e]) if -len(tail) <= e < 0 else (False, None)
+    if not isinstance(sizes, list | tuple) or not -len(sizes) <= e < 0:
         return False, None
     return True, sizes[e]
+
+
+_WHOLE_SHAPE = (
+    "gives its shape as one value whose size of the pruned dimension cannot be rewritten "
+    "(write the sizes out, view(b, t, h, d), or build it as x.size()[:-1] + (h, d))"
+)
+
+
+def _has_sizes(n: fx.Node) -> bool:
+    """Whether reshape node ``n`` takes sizes (``view``/``reshape``), unlike ``flatten``."""
+    return (n.op == "call_method" and n.target in ("view", "reshape")) or (
+        n.op == "call_function" and n.target is torch.reshape
+    )
+
+
+def _shape_tail(sizes: Any) -> tuple[Any, ...] | None:
+    """The literal tuple ``(h, d)`` of a shape node ``head + (h, d)``, else None."""
+    if (
+        isinstance(sizes, fx.Node)
+        and sizes.op == "call_function"
+        and sizes.target is operator.add
+        and len(sizes.args) == 2
+        and isinstance(sizes.args[1], tuple)
+    ):
+        return sizes.args[1]
+    return None
 
 
 @dataclass
@@ -823,16 +853,19 @@ class _Propagator:
                         outer = _prod(ins[j:d])
                         inner = _prod(ins[d + 1 : k])
                         atoms = np.tile(np.repeat(lab.atoms, inner), outer)
-                        found, arg = _size_arg(n, e)
+                        found, arg = _size_arg(n, e - len(outs))
                         if found and not (arg == -1 or self.derived_size(arg, lab)):
                             # a literal, or another tensor's size (the unpruned input's
                             # width, as attention code merges its heads): the pruned code
                             # gets the pruned size
                             if isinstance(arg, fx.Node | int) and not isinstance(arg, bool):
-                                self.sizes[n] = [(e, atoms, 1)]
+                                self.sizes[n] = [(e - len(outs), atoms, 1)]
                             else:
                                 self.pin(lab, f"{self.describe(n)} gives the size as {arg!r}")
                                 return None
+                        elif not found and _has_sizes(n):
+                            self.pin(lab, f"{self.describe(n)} {_WHOLE_SHAPE}")
+                            return None
                         return Labels(e, atoms)
         heads = self.head_split(n, lab, ins, outs)
         if heads is not None:
@@ -881,12 +914,15 @@ class _Propagator:
         for e in range(len(outs) - 1):
             if _prod(outs[:e]) == pre and outs[e] * outs[e + 1] == ins[d] and outs[e + 1] > 1:
                 h, size = outs[e], outs[e + 1]
+                if not _size_arg(n, e - len(outs))[0]:
+                    self.pin(lab, f"{self.describe(n)} {_WHOLE_SHAPE}")
+                    return None
                 blocks = lab.atoms.reshape(h, size)  # (H, D)
                 for j in range(1, size):
                     self.union(blocks[:, 0], blocks[:, j])
                 atoms = blocks[:, 0].copy()
                 self.head_atoms.update(atoms.tolist())
-                self.sizes[n] = [(e, atoms, 1), (e + 1, None, size)]
+                self.sizes[n] = [(e - len(outs), atoms, 1)]
                 return Labels(e, atoms)
         return None
 

@@ -33,8 +33,8 @@ from ..gates import (
 )
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
-from .channels import analyse_channels
-from .graph import record_run, trace_model
+from .channels import ChannelAnalysis, analyse_channels
+from .graph import owner_of, record_run, trace_model
 from .rnn import (
     RNNConsumer,
     RNNInfo,
@@ -200,6 +200,30 @@ class _ResetHook:
 
 
 _GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook)
+
+
+def _pin_unrewritable_sizes(
+    model: nn.Module, gm: fx.GraphModule, ca: ChannelAnalysis, opaque: dict[str, str]
+) -> None:
+    """Leave ungated the channels whose sizes pruning would rewrite in the code of a module
+    that cannot be rewritten (called twice, say: tracing it alone gives other code)."""
+    owners = {n.name: owner_of(n) for n in gm.graph.nodes}
+    scopes = {owners[name] for name in ca.sizes}
+    for scope in sorted(scopes):
+        try:
+            local_trace(model, gm.graph, scope, opaque)
+        except RuntimeError as e:
+            for name, entries in ca.sizes.items():
+                if owners[name] != scope:
+                    continue
+                for _, atoms, _ in entries:
+                    if atoms is None or not len(atoms):
+                        continue
+                    for gi in np.unique(ca.atom_group[atoms]).tolist():
+                        if ca.groups[gi].pinned is None:
+                            ca.groups[gi].pinned = (
+                                f"node '{name}' gives a pruned dimension a size, and {e}"
+                            )
 
 
 def _kept_mask(opens: list[np.ndarray], groups: np.ndarray, gidx: np.ndarray) -> np.ndarray:
@@ -1072,6 +1096,7 @@ def gate_(
                 for gi in np.unique(ca.atom_group[atoms]).tolist():
                     if ca.groups[gi].pinned is None:
                         ca.groups[gi].pinned = f"{name}: {reason}"
+    _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque))
     summary = GatingSummary(opaque=dict(traced.opaque))
 
     def allowed(name: str) -> bool:

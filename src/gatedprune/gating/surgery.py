@@ -394,7 +394,8 @@ class _Aliases:
 
 def _resize(node: fx.Node, key: int | str, value: int) -> None:
     """Give graph node ``node`` (a ``view``/``reshape``, or a ``split``) the size ``value`` for
-    output dimension ``key`` (or its ``"split_size"``), in place."""
+    output dimension ``key`` (negative: counted from the end; or its ``"split_size"``), in
+    place; in a shape built as ``x.size()[:-1] + (h, d)``, in its literal tail."""
     if key == "split_size":
         if len(node.args) > 1:
             node.update_arg(1, value)
@@ -403,25 +404,37 @@ def _resize(node: fx.Node, key: int | str, value: int) -> None:
             node.update_kwarg(kw, value)
         return
     assert isinstance(key, int)
+    where: tuple[str, int | str] | None = None  # ("arg", index) or ("kwarg", name)
+    shape: Any = None
     if node.op == "call_method" and node.target in ("view", "reshape"):
-        if len(node.args) == 2 and isinstance(node.args[1], list | tuple):
-            sizes = list(node.args[1])
-            sizes[key] = value
-            node.update_arg(1, tuple(sizes))
-        else:
-            node.update_arg(1 + key, value)
-        return
-    if node.op == "call_function" and node.target is torch.reshape:
-        shape = node.args[1] if len(node.args) > 1 else node.kwargs["shape"]
-        assert isinstance(shape, list | tuple)
-        sizes = list(shape)
+        if len(node.args) == 2 and isinstance(node.args[1], list | tuple | fx.Node):
+            where, shape = ("arg", 1), node.args[1]
+        else:  # sizes as separate arguments
+            n_sizes = len(node.args) - 1
+            index = key if key >= 0 else n_sizes + key
+            if not 0 <= index < n_sizes:
+                raise ValueError(f"node '{node.name}' has no size for dimension {key}")
+            node.update_arg(1 + index, value)
+            return
+    elif node.op == "call_function" and node.target is torch.reshape:
+        where = ("arg", 1) if len(node.args) > 1 else ("kwarg", "shape")
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+    if isinstance(shape, fx.Node):  # head + (h, d): resize the literal tail
+        tail = shape.args[1] if shape.op == "call_function" and len(shape.args) == 2 else None
+        if shape.target is not operator.add or not isinstance(tail, tuple) or key >= 0:
+            raise ValueError(f"cannot give node '{node.name}' a new size: its shape is {shape}")
+        sizes = list(tail)
         sizes[key] = value
-        if len(node.args) > 1:
-            node.update_arg(1, tuple(sizes))
-        else:
-            node.update_kwarg("shape", tuple(sizes))
+        shape.update_arg(1, tuple(sizes))
         return
-    raise ValueError(f"cannot give node '{node.name}' ({node.op} {node.target}) a new size")
+    if not isinstance(shape, list | tuple) or where is None:
+        raise ValueError(f"cannot give node '{node.name}' ({node.op} {node.target}) a new size")
+    sizes = list(shape)
+    sizes[key] = value
+    if where[0] == "arg":
+        node.update_arg(int(where[1]), tuple(sizes))
+    else:
+        node.update_kwarg(str(where[1]), tuple(sizes))
 
 
 def _rewrite_scope(
@@ -740,7 +753,7 @@ def _check_plan(plan: object) -> dict[str, Any]:
         for entry in entries if ok else ():
             pair: list[Any] = entry if isinstance(entry, list) and len(entry) == 2 else [None, 0]
             key, value = pair
-            dim = isinstance(key, int) and not isinstance(key, bool) and key >= 0
+            dim = isinstance(key, int) and not isinstance(key, bool)
             good_value = isinstance(value, int) and not isinstance(value, bool) and value > 0
             ok = ok and (key == "split_size" or dim) and good_value
         if not ok:
