@@ -24,7 +24,8 @@ from gatedprune.gating import apply_plan, export_plan, gate_
 
 class Attention(nn.Module):
     """Causal self-attention written by hand, in the forms models use: separate q, k, v
-    Linears (``fused=False``) or one projection split (``"split"``) or chunked (``"chunk"``);
+    Linears (``fused="no"``) or one projection split (``"split"``), chunked (``"chunk"``) or
+    reshaped into ``(3, heads, head size)`` and unbound (``"timm"``, as timm's ViT);
     explicit ``softmax(q k^T / sqrt(D)) v`` with a mask buffer and dropout, or SDPA."""
 
     def __init__(self, d: int, heads: int, fused: str, sdpa: bool) -> None:
@@ -40,15 +41,19 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.size()
-        if self.fused == "no":
-            q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, C) each
-        elif self.fused == "split":
-            q, k, v = self.qkv(x).split(self.d, dim=2)
+        if self.fused == "timm":  # timm's ViT: one reshape into (3, heads, head size)
+            qkv = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads)  # (B, T, 3, H, D)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, D)
-        k = k.reshape(b, t, self.heads, -1).permute(0, 2, 1, 3)  # (B, H, T, D)
-        v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, D)
+            if self.fused == "no":
+                q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, C) each
+            elif self.fused == "split":
+                q, k, v = self.qkv(x).split(self.d, dim=2)
+            else:
+                q, k, v = self.qkv(x).chunk(3, dim=-1)
+            q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, D)
+            k = k.reshape(b, t, self.heads, -1).permute(0, 2, 1, 3)  # (B, H, T, D)
+            v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)  # (B, H, T, D)
         if self.sdpa:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         else:
@@ -117,7 +122,7 @@ def _check(model: nn.Module, factory: object, x: Tensor, gen: torch.Generator) -
     return pruned
 
 
-@pytest.mark.parametrize("fused", ["no", "split", "chunk"])
+@pytest.mark.parametrize("fused", ["no", "split", "chunk", "timm"])
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_closed_heads_are_removed(fused: str, sdpa: bool) -> None:
     torch.manual_seed(0)
@@ -151,7 +156,7 @@ def test_closed_heads_are_removed(fused: str, sdpa: bool) -> None:
 @given(
     heads=st.integers(2, 4),
     head_dim=st.integers(2, 3),
-    fused=st.sampled_from(["no", "split", "chunk"]),
+    fused=st.sampled_from(["no", "split", "chunk", "timm"]),
     sdpa=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -244,17 +249,17 @@ class ReturnsWeights(nn.Module):
         return self.out((att @ v).transpose(1, 2).reshape(b, t, d)), att
 
 
-class ThreeWaySplit(nn.Module):
-    """A view that splits the channels three ways: ``(B, T, 2, 2, C / 4)``."""
+class FourWaySplit(nn.Module):
+    """A view that splits the channels four ways: ``(B, T, 2, 2, 2, C / 8)``."""
 
     def __init__(self, d: int = 8) -> None:
         super().__init__()
-        self.v, self.out = nn.Linear(d, d), nn.Linear(d // 4, 2)
+        self.v, self.out = nn.Linear(d, 2 * d), nn.Linear(d // 4, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
-        v = self.v(x).view(b, t, 2, 2, d // 4)  # (B, T, 2, 2, C / 4)
-        return self.out(v.sum(dim=(2, 3)))
+        v = self.v(x).view(b, t, 2, 2, 2, d // 4)  # (B, T, 2, 2, 2, 2 C / 8)
+        return self.out(v.sum(dim=(2, 3, 4)))
 
 
 class GroupedQuery(nn.Module):
@@ -297,7 +302,7 @@ class SingleHead(nn.Module):
     [
         (PerHeadBias, "q", "adds an ungated tensor"),
         (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
-        (ThreeWaySplit, "v", "splits the labelled dimension other than into two"),
+        (FourWaySplit, "v", "splits the labelled dimension other than into (heads, head size)"),
         (GroupedQuery, "k", "repeat_interleave) is an op gate_ does not prune through"),
         (SingleHead, "q", "(attention) reads heads that are not all labelled alike"),
     ],

@@ -872,8 +872,8 @@ class _Propagator:
             return heads
         self.pin(
             lab,
-            f"{self.describe(n)} splits the labelled dimension other than into two (such as "
-            "heads and head size; the outer one then carries the channels, pruned whole)",
+            f"{self.describe(n)} splits the labelled dimension other than into (heads, head "
+            "size) or (pieces, heads, head size)",
         )
         return None
 
@@ -907,23 +907,30 @@ class _Propagator:
     ) -> Labels | None:
         """``(..., C, ...) -> (..., H, D, ...)``: the labelled channels split into ``H`` heads
         of ``D``. The ``D`` channels of a head become one atom (a head is pruned whole), the
-        heads dimension carries the labels, and the pruned code's sizes ``H`` and ``D`` are
-        rewritten (``H`` kept heads; ``D`` as it is, however the code computed it)."""
+        heads dimension carries the labels, and the pruned code's size ``H`` is rewritten to
+        the kept heads. Also ``(..., P, H, D, ...)``, a fused projection's ``P`` pieces (timm's
+        ``qkv.reshape(B, N, 3, heads, head_size)``): head ``h`` of every piece is one atom."""
         d = lab.dim
         pre = _prod(ins[:d])
-        for e in range(len(outs) - 1):
-            if _prod(outs[:e]) == pre and outs[e] * outs[e + 1] == ins[d] and outs[e + 1] > 1:
-                h, size = outs[e], outs[e + 1]
-                if not _size_arg(n, e - len(outs))[0]:
+        for k in (2, 3):  # (H, D), then (P, H, D)
+            for e in range(len(outs) - k + 1):
+                dims = outs[e : e + k]
+                if _prod(outs[:e]) != pre or _prod(dims) != ins[d] or dims[-1] <= 1:
+                    continue
+                at = e + k - 2  # the heads dimension
+                if not _size_arg(n, at - len(outs))[0]:
                     self.pin(lab, f"{self.describe(n)} {_WHOLE_SHAPE}")
                     return None
-                blocks = lab.atoms.reshape(h, size)  # (H, D)
-                for j in range(1, size):
-                    self.union(blocks[:, 0], blocks[:, j])
-                atoms = blocks[:, 0].copy()
+                blocks = lab.atoms.reshape(-1, dims[-2], dims[-1])  # (P, H, D)
+                first = blocks[0, :, 0]
+                for i in range(blocks.shape[0]):
+                    for j in range(blocks.shape[2]):
+                        if i or j:
+                            self.union(first, blocks[i, :, j])
+                atoms = first.copy()
                 self.head_atoms.update(atoms.tolist())
-                self.sizes[n] = [(e - len(outs), atoms, 1)]
-                return Labels(e, atoms)
+                self.sizes[n] = [(at - len(outs), atoms, 1)]
+                return Labels(at, atoms)
         return None
 
     def is_heads(self, lab: Labels | None) -> bool:
@@ -939,14 +946,26 @@ class _Propagator:
         )
         x = n.args[0] if n.args else None
         lab, ins = self.lab(x), self.shape(x)
-        if not is_split or lab is None or ins is None:
+        if lab is None or ins is None:
+            return False
+        if (n.op == "call_method" and n.target == "unbind") or (
+            n.op == "call_function" and n.target is torch.unbind
+        ):  # q, k, v = qkv.unbind(0) along another dimension: each keeps the labels
+            dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            if not isinstance(dim, int) or dim % len(ins) == lab.dim:
+                return False
+            dim %= len(ins)
+            piece = Labels(lab.dim - (1 if dim < lab.dim else 0), lab.atoms)
+            self.pieces[n] = [piece] * ins[dim]
+            return True
+        if not is_split:
             return False
         chunk = n.target in ("chunk", torch.chunk)
         key = "chunks" if chunk else "split_size"
         arg: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get(key)
         if n.op == "call_function" and not chunk and arg is None:
             arg = n.kwargs.get("split_size_or_sections")
-        dim: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
         if not isinstance(arg, int) or isinstance(arg, bool) or not isinstance(dim, int):
             return False
         if dim % len(ins) != lab.dim:
