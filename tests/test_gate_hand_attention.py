@@ -131,10 +131,12 @@ def test_closed_heads_are_removed(fused: str, sdpa: bool) -> None:
     model = GPT(16, 4, fused, sdpa).eval()
     dense = gp.cost(model, x)
     assert isinstance(dense, Cost)
-    gate_(model, x)
+    summary = gate_(model, x)
     gating = inserted_gating(model)
     groups = _head_groups(model, 4)
     assert len(groups) == 2  # one head group per attention, 4 gates each
+    assert summary.head_groups == groups
+    assert str(summary).count("(one gate per head)") == 2
     for gate in gating.group_gates:
         gate.force_(torch.ones(gate.n, dtype=torch.bool))  # type: ignore[operator]
     gating.group_gates[groups[0]].force_(torch.tensor([True, False, True, False]))  # type: ignore[operator]

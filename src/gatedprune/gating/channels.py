@@ -145,6 +145,7 @@ class ChannelAnalysis:
     # node -> sizes its code gives pruned dimensions: (output dim or "split_size", atoms whose
     # kept count times the factor is the new size)
     sizes: dict[str, list[tuple[int | str, np.ndarray | None, int]]] = field(default_factory=dict)
+    head_groups: set[int] = field(default_factory=set)  # groups of attention heads
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -1394,4 +1395,5 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         rnn_outputs=p.rnn_outputs,
         nonzero=p.nonzero,
         sizes={n.name: entries for n, entries in p.sizes.items()},
+        head_groups={int(atom_group[a]) for a in p.head_atoms},
     )

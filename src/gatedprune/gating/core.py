@@ -100,6 +100,7 @@ class GatingSummary:
     shortcuts: list[tuple[str, str]] = field(default_factory=list)  # (from block, to block)
     rnns: list[tuple[str, int, int, int]] = field(default_factory=list)  # name, layers, dirs, H
     unconnected: list[tuple[str, str]] = field(default_factory=list)
+    head_groups: list[int] = field(default_factory=list)  # channel groups of attention heads
 
     @property
     def n_gates(self) -> int:
@@ -116,8 +117,11 @@ class GatingSummary:
             f"{len(self.blocks)} residual blocks, {len(self.transformers)} transformer layers, "
             f"{len(self.shortcuts)} new shortcuts, {self.n_gates} gates"
         ]
-        for producers, n in self.channel_groups:
-            lines.append(f"  channels  {n:5d}  {', '.join(producers)}")
+        for i, (producers, n) in enumerate(self.channel_groups):
+            if i in self.head_groups:  # hand-written attention: a gate per head
+                lines.append(f"  heads     {n:5d}  {', '.join(producers)} (one gate per head)")
+            else:
+                lines.append(f"  channels  {n:5d}  {', '.join(producers)}")
         for owner, site, flops in self.blocks:
             lines.append(f"  block     {owner or '<root>'}  (gate after {site}, {flops} FLOPs)")
         for name, h, u in self.transformers:
@@ -221,9 +225,9 @@ def _pin_unrewritable_sizes(
                         continue
                     for gi in np.unique(ca.atom_group[atoms]).tolist():
                         if ca.groups[gi].pinned is None:
-                            ca.groups[gi].pinned = (
-                                f"node '{name}' gives a pruned dimension a size, and {e}"
-                            )
+                            ca.groups[
+                                gi
+                            ].pinned = f"node '{name}' gives a pruned dimension a size, and {e}"
 
 
 def _kept_mask(opens: list[np.ndarray], groups: np.ndarray, gidx: np.ndarray) -> np.ndarray:
@@ -1134,6 +1138,8 @@ def gate_(
         if why is None:
             group_map[g.index] = len(sizes)
             sizes.append(g.size)
+            if g.index in ca.head_groups:
+                summary.head_groups.append(len(summary.channel_groups))
             summary.channel_groups.append((list(g.producers), g.size))
         else:
             summary.ungated_groups.append((list(g.producers), g.size, why))
