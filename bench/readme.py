@@ -28,6 +28,7 @@ ORDER = [
     "resnet1d_speed",
     "resnet1d_latency",
     "resnet1d_gate_prune_time",
+    "attention_heads",
     "suite/suite_summary",
     "lstm_quality",
     "lstm_speed",
