@@ -264,26 +264,6 @@ class FourWaySplit(nn.Module):
         return self.out(v.sum(dim=(2, 3, 4)))
 
 
-class GroupedQuery(nn.Module):
-    """Grouped-query attention: k and v with 2 heads, repeated for the 4 heads of q."""
-
-    def __init__(self, d: int = 8, heads: int = 4, kv: int = 2) -> None:
-        super().__init__()
-        self.h, self.kv, self.hd = heads, kv, d // heads
-        self.q, self.o = nn.Linear(d, d), nn.Linear(d, 2)
-        self.k, self.v = nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, T, D)
-        k, v = (
-            f(x).view(b, t, self.kv, self.hd).transpose(1, 2).repeat_interleave(2, dim=1)
-            for f in (self.k, self.v)
-        )  # (B, H, T, D) each
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D)
-        return self.o(y.transpose(1, 2).reshape(b, t, -1)).mean(1)
-
-
 class SingleHead(nn.Module):
     """One head: nothing to prune by head (the channels are contracted by ``q k^T``)."""
 
@@ -305,7 +285,6 @@ class SingleHead(nn.Module):
         (PerHeadBias, "q", "adds an ungated tensor"),
         (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
         (FourWaySplit, "v", "splits the labelled dimension other than into (heads, head size)"),
-        (GroupedQuery, "k", "repeat_interleave) is an op gate_ does not prune through"),
         (SingleHead, "q", "(attention) reads heads that are not all labelled alike"),
     ],
 )
@@ -470,3 +449,52 @@ def test_attention_called_twice_keeps_its_heads() -> None:
     pruned = gp.prune(model)
     with torch.no_grad():
         assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class GroupedQuery(nn.Module):
+    """Grouped-query attention (LLaMA-2/3, Mistral): k and v with 2 heads serving 2 query
+    heads each, repeated by ``repeat_interleave`` or as Hugging Face's ``repeat_kv`` does."""
+
+    def __init__(self, hf: bool, d: int = 16, heads: int = 4, kv: int = 2) -> None:
+        super().__init__()
+        self.h, self.kv, self.hd, self.hf = heads, kv, d // heads, hf
+        self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.k, self.v = nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 2)
+
+    def repeat(self, t: Tensor) -> Tensor:
+        b, kv, s, d = t.shape  # (B, KV, T, D)
+        rep = self.h // self.kv
+        if not self.hf:
+            return t.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+        t = t[:, :, None, :, :].expand(b, kv, rep, s, d)  # (B, KV, rep, T, D)
+        return t.reshape(b, kv * rep, s, d)  # (B, H, T, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        h = self.ln(x)
+        q = self.q(h).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.repeat(self.k(h).view(b, t, self.kv, self.hd).transpose(1, 2))
+        v = self.repeat(self.v(h).view(b, t, self.kv, self.hd).transpose(1, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+        return self.head(x).mean(1)
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_grouped_query_attention_prunes_key_value_groups(hf: bool) -> None:
+    # before: left ungated ("repeat_interleave ... is an op gate_ does not prune through");
+    # now one gate per key/value head, closing it with its query heads
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=gen)
+    model = GroupedQuery(hf)
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1
+    gi = summary.head_groups[0]
+    assert summary.channel_groups[gi] == (["q", "k", "v"], 2)  # 2 key/value groups
+    inserted_gating(model).group_gates[gi].force_(torch.tensor([False, True]))  # type: ignore[operator]
+    pruned = _check(model, lambda: GroupedQuery(hf), x, gen)
+    widths = [pruned.get_submodule(n) for n in ("q", "k", "o")]
+    assert [w.out_features for w in widths[:2]] == [8, 4]  # type: ignore[union-attr]
+    assert widths[2].in_features == 8  # type: ignore[union-attr]

@@ -559,7 +559,7 @@ class _Propagator:
                 if bad is not None:
                     return bad
                 continue
-            is_reshape = (u.op == "call_method" and u.target in _RESHAPE_METHODS) or (
+            is_reshape = (u.op == "call_method" and u.target in {*_RESHAPE_METHODS, "expand"}) or (
                 u.op == "call_function" and u.target in _RESHAPE_FUNCS
             )
             src = self.lab(u.args[0]) if is_reshape and u.args else None
@@ -590,6 +590,8 @@ class _Propagator:
             return None
         if n.op == "call_function" and n.target in (operator.matmul, torch.matmul):
             return self.matmul(n)
+        if n.op == "call_method" and n.target in ("repeat_interleave", "expand"):
+            return self.repeat_heads(n)
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
             return self.sdpa(n)
         if n.op == "call_module":
@@ -1245,6 +1247,33 @@ class _Propagator:
         if sum(1 for _, f_nz, _ in found if not f_nz) > 1:
             self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
         return Labels(d, first.atoms)
+
+    def repeat_heads(self, n: fx.Node) -> Labels | None:
+        """Grouped-query attention's k and v repeated for the query heads:
+        ``t.repeat_interleave(r, dim)`` of the labelled dimension repeats each label ``r``
+        times (a key/value head and its queries are pruned together), and ``t.expand(...)``
+        along other dimensions keeps them (``t[:, :, None].expand(b, kv, r, s, d)``, then a
+        reshape merges the labels, as in Hugging Face's ``repeat_kv``)."""
+        x = n.args[0] if n.args else None
+        lab, ins, out = self.lab(x), self.shape(x), self.shape(n)
+        if lab is None or ins is None or out is None:
+            return None
+        if n.target == "expand":
+            if len(out) == len(ins) and out[lab.dim] == ins[lab.dim]:
+                return Labels(lab.dim, lab.atoms)
+        else:
+            reps: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+            dim: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+            if (
+                isinstance(reps, int)
+                and not isinstance(reps, bool)
+                and isinstance(dim, int)
+                and dim % len(ins) == lab.dim
+                and not n.kwargs.get("output_size")
+            ):
+                return Labels(lab.dim, np.repeat(lab.atoms, reps))
+        self.pin_inputs(n, f"{self.describe(n)} repeats the labelled channels")
+        return None
 
     def sdpa(self, n: fx.Node) -> Labels | None:
         """``F.scaled_dot_product_attention(q, k, v, ...)`` with ``q``, ``k``, ``v`` labelled on
