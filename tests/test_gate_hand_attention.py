@@ -498,3 +498,45 @@ def test_grouped_query_attention_prunes_key_value_groups(hf: bool) -> None:
     widths = [pruned.get_submodule(n) for n in ("q", "k", "o")]
     assert [w.out_features for w in widths[:2]] == [8, 4]  # type: ignore[union-attr]
     assert widths[2].in_features == 8  # type: ignore[union-attr]
+
+
+class QKNorm(nn.Module):
+    """QK-norm (OLMo-2, Qwen3, ViT-22B): q and k normalised over the head size."""
+
+    def __init__(self, rms: bool, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, 2)
+        norm = nn.RMSNorm if rms else nn.LayerNorm
+        self.q_norm, self.k_norm = norm(self.hd), norm(self.hd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.hd).unbind(2)  # (B, T, H, D) each
+        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)  # (B, H, T, D)
+        att = (q @ k.transpose(-2, -1) * self.hd**-0.5).softmax(-1)  # (B, H, T, T)
+        y = att @ v.transpose(1, 2)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_qk_norm_heads_are_pruned(rms: bool) -> None:
+    # a closed head's q and k are not zero after the norm (its bias), its v is: still exact
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, generator=gen)
+    model = QKNorm(rms)
+    with torch.no_grad():
+        for m in (model.q_norm, model.k_norm):
+            m.weight.normal_(1.0, 0.3, generator=gen)
+            if isinstance(m, nn.LayerNorm):
+                m.bias.normal_(0.0, 0.3, generator=gen)
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1
+    inserted_gating(model).group_gates[summary.head_groups[0]].force_(  # type: ignore[operator]
+        torch.tensor([True, False, False, True])
+    )
+    pruned = _check(model, lambda: QKNorm(rms), x, gen)
+    o = pruned.get_submodule("o")
+    assert isinstance(o, nn.Linear)
+    assert o.in_features == 8

@@ -26,6 +26,7 @@ consumers maps 0 to 0, so a closed channel is exactly zero wherever it is consum
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -485,6 +486,14 @@ class _Propagator:
             n.op == "call_method" and n.target in _RESHAPE_METHODS
         ):
             handler = self.reshape
+        elif (is_fn and n.target is torch.transpose) or (
+            n.op == "call_method" and n.target == "transpose"
+        ):
+            handler = functools.partial(self.permute, how="transpose")
+        elif (is_fn and n.target is torch.permute) or (
+            n.op == "call_method" and n.target in ("permute", "t")
+        ):
+            handler = functools.partial(self.permute, how="t" if n.target == "t" else "permute")
         else:
             return False
         saved = self.labels.get(x)
@@ -1179,7 +1188,12 @@ class _Propagator:
             if s_a is not None and 0 <= pos < len(s_a) and s_a[pos] != 1:
                 return False
         if n.op == "call_module":
-            ok = nz is not None and isinstance(self.gm.get_submodule(str(t)), nn.Dropout)
+            m = self.gm.get_submodule(str(t))
+            shape = m.normalized_shape if isinstance(m, nn.LayerNorm | nn.RMSNorm) else None
+            if isinstance(shape, tuple) and len(shape) < len(ins) - lab.dim:
+                ok = True  # QK-norm: over the head size, not the heads
+            else:
+                ok = nz is not None and isinstance(m, nn.Dropout)
         elif (fn and t in (F.softmax, torch.softmax)) or (meth and t == "softmax"):
             dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             ok = isinstance(dim, int) and dim % len(ins) != lab.dim
@@ -1230,8 +1244,13 @@ class _Propagator:
         if dims or any(len(lab.atoms) != out[d] for lab, _, _ in found):
             self.pin_inputs(n, f"{self.describe(n)} combines unlike channel dimensions")
             return None
-        if all(nz for _, nz, _ in found):
-            return None  # nonzero only: its readers are pinned (see run)
+        if all(nz for _, nz, _ in found):  # q @ k^T after QK-norm: nonzero scores
+            for f_lab, _, _ in found[1:]:
+                self.union(found[0][0].atoms, f_lab.atoms)
+            for _, _, f_node in found:
+                self.nonzero_uses.add((f_node, n))
+            self.nonzero[n] = Labels(d, found[0][0].atoms)
+            return None
         for a in ops:
             s_a = self.shape(a)
             if isinstance(a, fx.Node) and s_a is not None and all(a is not f for _, _, f in found):
