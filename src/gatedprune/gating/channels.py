@@ -978,6 +978,8 @@ class _Propagator:
         if n.op == "call_function" and not chunk and arg is None:
             arg = n.kwargs.get("split_size_or_sections")
         dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        if not chunk and isinstance(arg, list | tuple) and arg and len(set(arg)) == 1:
+            arg = arg[0]  # equal sections, split([c, c, c]): as split(c)
         if not isinstance(arg, int) or isinstance(arg, bool) or not isinstance(dim, int):
             return False
         if dim % len(ins) != lab.dim:

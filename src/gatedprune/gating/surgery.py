@@ -396,12 +396,14 @@ def _resize(node: fx.Node, key: int | str, value: int) -> None:
     """Give graph node ``node`` (a ``view``/``reshape``, or a ``split``) the size ``value`` for
     output dimension ``key`` (negative: counted from the end; or its ``"split_size"``), in
     place; in a shape built as ``x.size()[:-1] + (h, d)``, in its literal tail."""
-    if key == "split_size":
+    if key == "split_size":  # split(c), or split([c, c, c]): each piece c -> value
+        kw = "split_size" if node.op == "call_method" else "split_size_or_sections"
+        old = node.args[1] if len(node.args) > 1 else node.kwargs.get(kw)
+        new: Any = [value] * len(old) if isinstance(old, list | tuple) else value
         if len(node.args) > 1:
-            node.update_arg(1, value)
+            node.update_arg(1, new)
         else:
-            kw = "split_size" if node.op == "call_method" else "split_size_or_sections"
-            node.update_kwarg(kw, value)
+            node.update_kwarg(kw, new)
         return
     assert isinstance(key, int)
     where: tuple[str, int | str] | None = None  # ("arg", index) or ("kwarg", name)
