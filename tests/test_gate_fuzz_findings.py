@@ -574,3 +574,92 @@ def test_a_conv_with_a_computed_weight_is_not_sliced(groups: int) -> None:
     assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
     with torch.no_grad():
         assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------ an audit of hand-written attention (HF-BERT-like)
+
+
+class _SelfPart(nn.Module):  # BertSelfAttention's place: computes the branch
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.lin(x))
+
+
+class _OutputPart(nn.Module):  # BertSelfOutput's place: LayerNorm(dense(h) + input)
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dense, self.ln = nn.Linear(c, c), nn.LayerNorm(c)
+
+    def forward(self, h: Tensor, x: Tensor) -> Tensor:
+        return self.ln(self.dense(h) + x)
+
+
+class SiblingBranch(nn.Module):
+    """A residual add in one submodule whose branch starts in a sibling submodule."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.e, self.head = nn.Linear(3, c), nn.Linear(c, 2)
+        self.sub, self.output = _SelfPart(c), _OutputPart(c)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.e(x)
+        return self.head(self.output(self.sub(h), h))
+
+
+def test_a_closed_block_whose_branch_starts_in_a_sibling_module() -> None:
+    # before: prune rewrote the dead sibling itself and raised "node relu in 'sub' is still
+    # used by output; cannot erase it" (HF-BERT: every removed attention or FFN block)
+    torch.manual_seed(0)
+    model = SiblingBranch()
+    x = torch.randn(2, 5, 3)
+    gate_(model, x)
+    inserted_gating(model).block_gates[0].force_(torch.tensor([False]))  # type: ignore[operator]
+    model.eval()
+    hard = gatedprune.cost(model, x, hard=True)
+    pruned = gatedprune.prune(model)
+    c = gatedprune.cost(pruned, x)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    assert "sub" not in dict(pruned.named_modules())
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class ScaledByBufferSlice(nn.Module):
+    """A buffer sliced while tracing becomes an fx constant (``_tensor_constant0``)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.e, self.fc, self.o = nn.Linear(3, c), nn.Linear(c, c), nn.Linear(c, 2)
+        self.register_buffer("scale", torch.tensor([1.0, 0.5, 2.0, 1.5, 3.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.e(x)
+        return self.o(h + self.fc(h) * self.scale[1:])
+
+
+def test_tensor_constants_keep_their_names_across_traces() -> None:
+    # before: each trace left `_tensor_constant<k>` on the model and the next one took k + 1,
+    # so prune of a plan naming the constant failed ("the plan names graph nodes the model
+    # does not have: ['_tensor_constant0']")
+    import json
+
+    from gatedprune.gating import apply_plan, export_plan
+
+    torch.manual_seed(0)
+    model = ScaledByBufferSlice()
+    x = torch.randn(2, 3)
+    gate_(model, x)
+    assert not [k for k in vars(model) if k.startswith("_tensor_constant")]
+    inserted_gating(model).block_gates[0].force_(torch.tensor([False]))  # type: ignore[operator]
+    model.eval()
+    pruned = gatedprune.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+    fresh = apply_plan(ScaledByBufferSlice(), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert (fresh.eval()(x) - model(x)).abs().max().item() <= 1e-5

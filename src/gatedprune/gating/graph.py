@@ -160,8 +160,10 @@ def _trace(
         modes = [(m, m.training) for m in model.modules()]
         for m, _ in modes:  # code reading `self.training` is traced as the eval-mode function
             m.training = False
+        own = set(vars(model))
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
+            traced = fx.GraphModule(tracer.root, graph)
         except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
             name = tracer.failed_in
             if name is None or name in found:
@@ -182,7 +184,13 @@ def _trace(
         finally:
             for m, mode in modes:
                 m.training = mode
-        return TracedModel(fx.GraphModule(tracer.root, graph), found)
+            # fx stores a tensor computed while tracing (`self.scale[1:]`) on the model as
+            # `_tensor_constant<k>`, the first free k: leave the model as it was, so that the
+            # next trace names its nodes alike (a plan names them)
+            for name in set(vars(model)) - own:
+                if name.startswith("_tensor_constant"):
+                    delattr(model, name)
+        return TracedModel(traced, found)
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
 
 

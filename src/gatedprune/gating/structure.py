@@ -144,7 +144,31 @@ class GraphInfo:
         erase = sorted(dead)
         bypass = self.bypass(cut, live, edges)
         changed = [*cut, *erase, *bypass]
-        return outermost(self.owners[n] for n in changed), erase, bypass
+        scopes = [self.owners[n] for n in changed]
+        for n in erase:  # a removed value a module returns: its caller drops the call
+            own = self.owners[n]
+            for u in users.get(n, []):
+                if not _inside(self.owners[u], own):
+                    scopes.append(_common_scope(own, self.owners[u]))
+        return outermost(scopes), erase, bypass
+
+
+def _inside(name: str, scope: str) -> bool:
+    return scope == "" or name == scope or name.startswith(scope + ".")
+
+
+def _common_scope(a: str, b: str) -> str:
+    """The innermost module path containing both ``a`` and ``b`` (``""``: the root).
+
+    >>> _common_scope("layer.sub", "layer.output"), _common_scope("a.b", "c")
+    ('layer', '')
+    """
+    common = []
+    for x, y in zip(a.split(".") if a else [], b.split(".") if b else [], strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
 
 
 @dataclass
