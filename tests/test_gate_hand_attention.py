@@ -543,3 +543,59 @@ def test_qk_norm_heads_are_pruned(rms: bool) -> None:
     o = pruned.get_submodule("o")
     assert isinstance(o, nn.Linear)
     assert o.in_features == 8
+
+
+class MaskedSelfAttention(nn.Module):
+    """HF-BERT's calling convention: optional ``attention_mask`` / ``head_mask`` checked
+    with ``is not None`` inside."""
+
+    def __init__(self, c: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.d = heads, c // heads
+        self.query, self.key, self.value = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+
+    def split(self, x: Tensor) -> Tensor:
+        return x.view(x.size()[:-1] + (self.h, self.d)).permute(0, 2, 1, 3)  # noqa: RUF005
+
+    def forward(
+        self, x: Tensor, attention_mask: Tensor | None = None, head_mask: Tensor | None = None
+    ) -> Tensor:
+        q, k, v = self.split(self.query(x)), self.split(self.key(x)), self.split(self.value(x))
+        s = q @ k.transpose(-1, -2) / math.sqrt(self.d)  # (B, H, T, T)
+        if attention_mask is not None:
+            s = s + attention_mask
+        p = F.softmax(s, dim=-1)
+        if head_mask is not None:
+            p = p * head_mask
+        c = (p @ v).permute(0, 2, 1, 3).contiguous()  # (B, T, H, D)
+        return c.view(c.size()[:-2] + (self.h * self.d,))  # noqa: RUF005
+
+
+class MaskedNet(nn.Module):
+    def __init__(self, with_none: bool) -> None:
+        super().__init__()
+        self.e, self.attn, self.o = nn.Linear(3, 8), MaskedSelfAttention(), nn.Linear(8, 4)
+        self.with_none = with_none
+
+    def forward(self, x: Tensor) -> Tensor:
+        ext = (x[:, None, None, :, 0] < -1.5).float() * -10000.0  # (B, 1, 1, T) additive
+        h = self.e(x)
+        a = self.attn(h, ext, None) if self.with_none else self.attn(h, ext)
+        return self.o(a).mean(1)
+
+
+@pytest.mark.parametrize("with_none", [False, True])
+def test_attention_called_with_some_optional_arguments(with_none: bool) -> None:
+    # before: left ungated ("cannot rewrite module 'attn' ...: tracing it alone gives a
+    # different graph"): tracing tried every optional argument given or none
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, generator=gen)
+    model = MaskedNet(with_none)
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1
+    inserted_gating(model).group_gates[summary.head_groups[0]].force_(  # type: ignore[operator]
+        torch.tensor([True, False])
+    )
+    pruned = _check(model, lambda: MaskedNet(with_none), x, gen)
+    assert pruned.get_submodule("attn.value").out_features == 4  # type: ignore[union-attr]

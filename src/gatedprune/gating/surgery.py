@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import operator
+from collections.abc import Iterator
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -214,6 +215,26 @@ def _defaults(sub: nn.Module) -> dict[str, Any]:
     }
 
 
+def _concrete_choices(defaults: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
+    """What a caller may have left at their defaults: nothing, everything, then every subset
+    (largest first; for up to 6 optional arguments), as HF BERT's ``self(hidden, mask)``
+    passes one optional argument and leaves the others at ``None``.
+
+    >>> [sorted(c) if c is not None else c for c in _concrete_choices({"a": None, "b": 0})]
+    [None, ['a', 'b'], ['a'], ['b']]
+    """
+    yield None
+    if not defaults:
+        return
+    yield defaults
+    names = list(defaults)
+    if len(names) > 6:
+        return
+    for k in range(len(names) - 1, 0, -1):
+        for subset in itertools.combinations(names, k):
+            yield {name: defaults[name] for name in subset}
+
+
 def _specialised(graph: fx.Graph, names: set[str]) -> set[fx.Node]:
     """Nodes that only check or use arguments specialised by ``concrete_args``."""
     out: set[fx.Node] = set()
@@ -238,7 +259,7 @@ def local_trace(
     local_opaque = {k[len(prefix) :]: v for k, v in opaque.items() if k.startswith(prefix)}
     root_nodes = scope_nodes(root_graph, scope)
     defaults = _defaults(sub) if scope else {}
-    for concrete in [None, defaults] if defaults else [None]:
+    for concrete in _concrete_choices(defaults):
         try:
             local = trace_model(sub, local_opaque, warn=False, concrete_args=concrete)
         except ValueError:
