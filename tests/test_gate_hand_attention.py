@@ -458,9 +458,9 @@ class GroupedQuery(nn.Module):
     """Grouped-query attention (LLaMA-2/3, Mistral): k and v with 2 heads serving 2 query
     heads each, repeated by ``repeat_interleave`` or as Hugging Face's ``repeat_kv`` does."""
 
-    def __init__(self, hf: bool, d: int = 16, heads: int = 4, kv: int = 2) -> None:
+    def __init__(self, form: str, d: int = 16, heads: int = 4, kv: int = 2) -> None:
         super().__init__()
-        self.h, self.kv, self.hd, self.hf = heads, kv, d // heads, hf
+        self.h, self.kv, self.hd, self.form = heads, kv, d // heads, form
         self.q, self.o = nn.Linear(d, d), nn.Linear(d, d)
         self.k, self.v = nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 2)
@@ -468,8 +468,11 @@ class GroupedQuery(nn.Module):
     def repeat(self, t: Tensor) -> Tensor:
         b, kv, s, d = t.shape  # (B, KV, T, D)
         rep = self.h // self.kv
-        if not self.hf:
+        if self.form == "interleave":
             return t.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+        if self.form == "literal":  # the head counts as the module's ints
+            t = t[:, :, None, :, :].expand(b, self.kv, rep, s, d)  # (B, KV, rep, T, D)
+            return t.reshape(b, self.h, s, d)  # (B, H, T, D)
         t = t[:, :, None, :, :].expand(b, kv, rep, s, d)  # (B, KV, rep, T, D)
         return t.reshape(b, kv * rep, s, d)  # (B, H, T, D)
 
@@ -484,20 +487,21 @@ class GroupedQuery(nn.Module):
         return self.head(x).mean(1)
 
 
-@pytest.mark.parametrize("hf", [False, True])
-def test_grouped_query_attention_prunes_key_value_groups(hf: bool) -> None:
+@pytest.mark.parametrize("form", ["interleave", "hf", "literal"])
+def test_grouped_query_attention_prunes_key_value_groups(form: str) -> None:
     # before: left ungated ("repeat_interleave ... is an op gate_ does not prune through");
-    # now one gate per key/value head, closing it with its query heads
+    # now one gate per key/value head, closing it with its query heads; an expand to the
+    # literal number of key/value heads is rewritten (the pruned model failed before)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, generator=gen)
-    model = GroupedQuery(hf)
+    model = GroupedQuery(form)
     summary = gate_(model, x)
     assert len(summary.head_groups) == 1
     gi = summary.head_groups[0]
     assert summary.channel_groups[gi] == (["q", "k", "v"], 2)  # 2 key/value groups
     inserted_gating(model).group_gates[gi].force_(torch.tensor([False, True]))  # type: ignore[operator]
-    pruned = _check(model, lambda: GroupedQuery(hf), x, gen)
+    pruned = _check(model, lambda: GroupedQuery(form), x, gen)
     widths = [pruned.get_submodule(n) for n in ("q", "k", "o")]
     assert [w.out_features for w in widths[:2]] == [8, 4]  # type: ignore[union-attr]
     assert widths[2].in_features == 8  # type: ignore[union-attr]

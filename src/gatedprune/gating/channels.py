@@ -87,7 +87,7 @@ def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
     [(True, -1), (True, 4)]
     """
     sizes: Any = None
-    if n.op == "call_method" and n.target in ("view", "reshape"):
+    if n.op == "call_method" and n.target in ("view", "reshape", "expand"):
         sizes = n.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], list | tuple | fx.Node):
             sizes = sizes[0]
@@ -1281,6 +1281,10 @@ class _Propagator:
             return None
         if n.target == "expand":
             if len(out) == len(ins) and out[lab.dim] == ins[lab.dim]:
+                found, arg = _size_arg(n, lab.dim - len(out))
+                if found and not (arg == -1 or self.derived_size(arg, lab)):
+                    # a literal (self.num_key_value_heads): the pruned code gets the kept width
+                    self.sizes[n] = [(lab.dim - len(out), lab.atoms, 1)]
                 return Labels(lab.dim, lab.atoms)
         else:
             reps: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")

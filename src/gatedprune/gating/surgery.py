@@ -429,7 +429,7 @@ def _resize(node: fx.Node, key: int | str, value: int) -> None:
     assert isinstance(key, int)
     where: tuple[str, int | str] | None = None  # ("arg", index) or ("kwarg", name)
     shape: Any = None
-    if node.op == "call_method" and node.target in ("view", "reshape"):
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
         if len(node.args) == 2 and isinstance(node.args[1], list | tuple | fx.Node):
             where, shape = ("arg", 1), node.args[1]
         else:  # sizes as separate arguments
