@@ -663,3 +663,39 @@ def test_tensor_constants_keep_their_names_across_traces() -> None:
     fresh.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         assert (fresh.eval()(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class _ScaledLayer(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.sub, self.output = _SelfPart(c), _OutputPart(c)
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        return self.output(self.sub(x) * scale, x)
+
+
+class BufferArgument(nn.Module):
+    """The layer gets a value fx computes from a buffer while tracing (as HF BERT's head mask
+    from a buffer): tracing the layer alone gives other code."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.e, self.layer, self.head = nn.Linear(3, c), _ScaledLayer(c), nn.Linear(c, 2)
+        self.register_buffer("scales", torch.rand(2, c) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(self.e(x), self.scales[0][None, :]))
+
+
+def test_a_block_whose_removal_rewrites_a_module_that_cannot_be_rewritten() -> None:
+    # before: the block was gated (its own module traced alone fine), and closing it made
+    # prune rewrite the parent, which raised "cannot rewrite module 'layer'"
+    model = BufferArgument()
+    x = torch.randn(2, 5, 3)
+    summary = gate_(model, x)
+    assert not summary.blocks
+    assert any("cannot rewrite module 'layer'" in why for _, why in summary.ungated_adds)
+    model.eval()
+    pruned = gatedprune.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5

@@ -1168,17 +1168,22 @@ def gate_(
     summary.ungated_adds.extend(skipped)
     kept_blocks: list[Block] = []
     rewritable: dict[str, str | None] = {}
+    info = GraphInfo.of(gm)
     for b in found:
         if not allowed(b.owner):
             summary.ungated_adds.append((node_label(b.add), f"filter_fn rejected '{b.owner}'"))
             continue
-        if b.owner not in rewritable:
-            try:
-                local_trace(model, gm.graph, b.owner, traced.opaque)
-                rewritable[b.owner] = None
-            except RuntimeError as e:
-                rewritable[b.owner] = str(e)
-        why = rewritable[b.owner]
+        # the code closing it rewrites: the add's module, or a parent that drops the call of
+        # a module computing only the branch (HF BERT's attention around its self-output)
+        scopes = info.scopes({b.add.name: _arg_name(b.add, b.branch_pos)})[0] or [b.owner]
+        for scope in scopes:
+            if scope not in rewritable:
+                try:
+                    local_trace(model, gm.graph, scope, traced.opaque)
+                    rewritable[scope] = None
+                except RuntimeError as e:
+                    rewritable[scope] = str(e)
+        why = next((rewritable[sc] for sc in scopes if rewritable[sc] is not None), None)
         if why is None and b.site in shared:  # the block gate is folded into it
             why = f"{b.site}: {shared[b.site]}"
         if why is not None:
@@ -1339,7 +1344,7 @@ def gate_(
         sites=sites,
         slices=slices,
         blocks=[(b.add.name, _arg_name(b.add, b.branch_pos), b.branch_pos) for b in kept_blocks],
-        info=GraphInfo.of(gm),
+        info=info,
         terms=terms,
         input_shape=tuple(example_input.shape),
         batch_scalable=not traced.opaque
