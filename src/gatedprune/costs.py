@@ -47,11 +47,14 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   parameters count as usual). ``nn.EmbeddingBag`` reduces the looked-up rows of each bag
   like pooling: 1 per element of every row read (``embedding_dim`` per index other than
   ``padding_idx``), whatever the mode; ``per_sample_weights`` multiplications are not counted.
-* Only modules are counted: functional calls in a ``forward`` (``torch.cat``, ``x + y``,
-  ``F.relu``) are not. New shortcuts that ``gate_(..., shortcuts="dense")`` adds and pruning
-  keeps are modules (``gatedprune.gating.ScaledAdd``, ``x + scale * s``): 2 per element, no
-  parameters (the scale is a buffer); the expected cost of the gated model charges them the
-  same way, times their open probability. A leaf module of an unknown kind raises a
+* Matrix products a ``forward`` calls as functions outside the modules counted whole
+  (``q @ k.transpose(-2, -1)``, ``torch.matmul``, ``F.linear``, ``F.conv2d``, ``einsum``,
+  ``F.scaled_dot_product_attention``) are counted by :mod:`gatedprune.functional_costs`;
+  element-wise functional calls (``torch.cat``, ``x + y``, ``F.relu``) are not. New
+  shortcuts that ``gate_(..., shortcuts="dense")`` adds and pruning keeps are modules
+  (``gatedprune.gating.ScaledAdd``, ``x + scale * s``): 2 per element, no parameters (the
+  scale is a buffer); the expected cost of the gated model charges them the same way, times
+  their open probability. A leaf module of an unknown kind raises a
   ``TypeError`` rather than being counted as free. A module whose type has a handler in the
   table is counted as a whole even if it has submodules (``nn.MultiheadAttention``,
   ``nn.TransformerEncoderLayer``, ``nn.TransformerDecoderLayer``, and ``nn.TransformerDecoder``
@@ -104,6 +107,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .base import BATCH_NORMS, GatedModule, check_gates_not_nan, find_model_gating
+from .functional_costs import FunctionalCounter
 from .layout import check_flag
 
 __all__ = [
@@ -888,6 +892,7 @@ class CostProgram:
             if isinstance(m, GatedModule):
 
                 def gated_hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+                    counter.leave()
                     if id(mod) in seen_gated:
                         raise ValueError(
                             f"gated module {name or type(mod).__name__} runs more than once per "
@@ -904,6 +909,7 @@ class CostProgram:
             handler = _handler_for(m)
 
             def hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+                counter.leave()
                 if handler is None:
                     errors.append(f"{name or type(mod).__name__} ({type(mod).__name__})")
                     return
@@ -914,23 +920,30 @@ class CostProgram:
 
         gated_roots: list[nn.Module] = []
         gated_prefixes: list[str] = []
+        # matrix products the forwards call as functions, outside the modules counted whole
+        counter = FunctionalCounter()
+
+        def watch(m: nn.Module, name: str) -> None:
+            handles.append(m.register_forward_pre_hook(counter.enter))
+            handles.append(m.register_forward_hook(make_hook(name, m)))
+
         for name, m in module.named_modules():
             if any(name.startswith(p) for p in gated_prefixes):
                 continue  # counted by the gated module that holds it
             if isinstance(m, GatedModule):
                 gated_roots.append(m)
                 gated_prefixes.append(f"{name}." if name else "")
-                handles.append(m.register_forward_hook(make_hook(name, m)))
+                watch(m, name)
             elif not any(True for _ in m.children()):
-                handles.append(m.register_forward_hook(make_hook(name, m)))
+                watch(m, name)
             elif unit_handler(m) is not None:  # counted as a whole, e.g. attention
-                handles.append(m.register_forward_hook(make_hook(name, m)))
+                watch(m, name)
                 gated_prefixes.append(f"{name}." if name else "")
         was_training = module.training
         module.eval()
         nested = _no_nested_encoders(module)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), counter:
                 module(example_input)
         finally:
             for h in handles:
@@ -956,6 +969,7 @@ class CostProgram:
                 "example_input, so its cost (what prune keeps of it) cannot be counted: call "
                 "it in forward, or prune it (gatedprune.prune) or remove it before costing"
             )
+        program.fixed_flops += counter.flops
         gated_param_ids = {id(p) for r in gated_roots for p in r.parameters()}
         program.fixed_params = sum(
             p.numel() for p in module.parameters() if id(p) not in gated_param_ids

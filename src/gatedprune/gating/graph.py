@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..base import ModelGating
 from ..costs import _handler_for, check_positional, counts_itself, unit_handler
+from ..functional_costs import FunctionalCounter
 from ..rnn_slicing import StateSlicing
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
@@ -40,6 +41,7 @@ __all__ = [
     "inlined_calls",
     "mutated_input",
     "owner_of",
+    "products_scale_with_batch",
     "record_run",
     "scope_nodes",
     "trace_model",
@@ -317,20 +319,33 @@ class RunRecord:
     # the node returning each call of a childless submodule fx traced through
     arg_shapes: dict[fx.Node, list[tuple[int, ...] | None]]
     extra_flops: int = 0  # such submodules' calls that traced to no ops (a constant)
+    # nodes of matrix products called as functions (gatedprune.functional_costs)
+    products: set[fx.Node] = field(default_factory=set)
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
+    """Records shapes and FLOPs per node; the matrix products called as functions
+    (:mod:`gatedprune.functional_costs`) are counted on their node, except in ``inlined``
+    nodes (calls of a childless module, counted whole)."""
+
+    def __init__(self, gm: fx.GraphModule, inlined: set[fx.Node]) -> None:
         super().__init__(gm)
         self.shapes: dict[fx.Node, tuple[int, ...] | None] = {}
         self.flops: dict[fx.Node, int] = {}
         self.arg_shapes: dict[fx.Node, list[tuple[int, ...] | None]] = {}
         self.errors: list[str] = []
         self._current: fx.Node | None = None
+        self._inlined = inlined
 
     def run_node(self, n: fx.Node) -> Any:
         self._current = n
-        out = super().run_node(n)
+        if n.op in ("call_function", "call_method") and n not in self._inlined:
+            with FunctionalCounter() as counter:
+                out = super().run_node(n)
+            if counter.flops:
+                self.flops[n] = counter.flops
+        else:
+            out = super().run_node(n)
         self.shapes[n] = tuple(out.shape) if isinstance(out, Tensor) else None
         return out
 
@@ -350,26 +365,38 @@ class _Recorder(fx.Interpreter):
                 check_positional(str(target), m, tuple(args), handler)
                 self.flops[node] = int(handler(m, args, out))
             return out
+        # counted as cost() counts it: leaves and units (e.g. attention) whole, the matrix
+        # products its forward calls as functions outside them too
         total = [0]
         handles = []
+        counter = FunctionalCounter()
+        units: list[str] = []
         for name, leaf in m.named_modules():
-            if any(True for _ in leaf.children()):
+            if any(name.startswith(u) for u in units):
                 continue
-            h = _handler_for(leaf)
+            unit = unit_handler(leaf) if name and any(True for _ in leaf.children()) else None
+            if unit is None and any(True for _ in leaf.children()):
+                continue
+            if unit is not None:
+                units.append(name + ".")
+            h = unit if unit is not None else _handler_for(leaf)
             if h is None:
                 self.errors.append(f"{target}.{name} ({type(leaf).__name__})")
                 continue
 
             def hook(mod: nn.Module, i: tuple[Any, ...], o: Any, h: Any = h) -> None:
+                counter.leave()
                 total[0] += int(h(mod, i, o))
 
+            handles.append(leaf.register_forward_pre_hook(counter.enter))
             handles.append(leaf.register_forward_hook(hook))
         try:
-            out = m(*args, **kwargs)
+            with counter:
+                out = m(*args, **kwargs)
         finally:
             for hd in handles:
                 hd.remove()
-        self.flops[node] = total[0]
+        self.flops[node] = total[0] + counter.flops
         return out
 
 
@@ -491,16 +518,9 @@ def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> R
     Raises ``TypeError`` for leaf modules that ``gatedprune.cost`` cannot count.
     """
     gm = traced.graph_module
-    was = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    rec = _Recorder(gm)
-    try:
-        with torch.no_grad():
-            rec.run(example_input)
-    finally:
-        for m, t in was:
-            m.training = t
+    rec = _record(gm, example_input, root)
     inlined, extra = _inlined_flops(root, gm.graph, example_input, rec.errors)
+    products = {n for n, f in rec.flops.items() if n.op != "call_module" and f}
     for node, f in inlined.items():
         rec.flops[node] = rec.flops.get(node, 0) + f
     if rec.errors:
@@ -510,4 +530,37 @@ def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> R
             + "; register them with gatedprune.costs.register_cost or give them a "
             "flops_of(inputs, output) method"
         )
-    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra)
+    record = RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra)
+    record.products = products
+    return record
+
+
+def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Recorder:
+    """One eval-mode, no-grad run of ``gm`` through a :class:`_Recorder`."""
+    was = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    rec = _Recorder(gm, {n for c in inlined_calls(gm.graph, root) for n in c.nodes})
+    try:
+        with torch.no_grad():
+            rec.run(example_input)
+    finally:
+        for m, t in was:
+            m.training = t
+    return rec
+
+
+def products_scale_with_batch(
+    traced: TracedModel, example_input: Tensor, root: nn.Module, record: RunRecord
+) -> bool:
+    """Whether the FLOPs of every matrix product called as a function (``record.products``)
+    double on a batch twice as large (dim 0): a product over the batch (``x @ x.T``) does
+    not, so the cost of other batch sizes cannot be derived by scaling."""
+    if not record.products:
+        return True
+    if example_input.dim() == 0:
+        return False
+    try:
+        rec = _record(traced.graph_module, torch.cat([example_input, example_input]), root)
+    except Exception:  # the model does not run at another batch size
+        return False
+    return all(rec.flops.get(n, 0) == 2 * record.flops[n] for n in record.products)

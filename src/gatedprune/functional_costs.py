@@ -1,0 +1,221 @@
+"""FLOPs of the matrix products a ``forward`` calls as functions rather than as modules.
+
+Hand-written attention (nanoGPT, Hugging Face BERT, timm's ViT) computes its scores and
+weighted values with ``q @ k.transpose(-2, -1)``, ``torch.matmul`` or
+``F.scaled_dot_product_attention``; no module call shows them, yet at long sequences they are
+a large share of the model's FLOPs. :func:`gatedprune.cost` counts these products wherever a
+``forward`` calls them outside a module it counts whole (a leaf, an attention or Transformer
+layer, a gated module), with the conventions of the modules (2 FLOPs per multiply-accumulate,
+1 per output element for an added bias):
+
+* ``a @ b``, ``torch.matmul``, ``mm``, ``bmm``, ``mv`` (and their ``Tensor`` methods):
+  ``2 * numel(out) * K`` for the contracted size ``K``; ``addmm``, ``baddbmm``, ``addmv`` add
+  1 per output element (the ``alpha`` / ``beta`` scalings are not counted).
+* ``F.linear(x, w, b)`` like ``nn.Linear``; ``F.conv1d/2d/3d`` like ``nn.Conv1d/2d/3d``
+  (``2 * numel(out) * in_channels / groups * prod(kernel)``, bias 1 per output element).
+* ``torch.einsum`` with two or more operands: contracted left to right, each step
+  ``2 *`` the product of the sizes of every index of its two operands; one operand (a
+  transpose, trace or sum) is free.
+* ``F.scaled_dot_product_attention(q, k, v)`` like the attention core of
+  ``nn.MultiheadAttention``: scores ``q k^T`` and ``weights v`` 2 per MAC, softmax 1 per score
+  (scale, mask and dropout not counted).
+
+Element-wise functional calls (``F.relu``, ``x + y``, ``torch.cat``, ``F.softmax``) stay free,
+as documented in :mod:`gatedprune.costs`: they are linear in the tensor size, the products
+above grow with a width or a sequence length too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["FunctionalCounter", "functional_flops"]
+
+FLOPS_PER_MAC = 2
+
+Rule = Callable[[tuple[Any, ...], dict[str, Any], Tensor], int]
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
+def _contracted(a: Any) -> int:
+    """The contracted size of ``a`` as the left operand of a product (its last dimension)."""
+    return int(a.shape[-1]) if isinstance(a, Tensor) and a.dim() > 0 else 1
+
+
+def _product(left: int, name: str) -> Rule:
+    """``2 * numel(out) * K`` for a product whose left operand is argument ``left`` (or
+    keyword ``name``; ``K`` its last dimension)."""
+
+    def rule(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+        return FLOPS_PER_MAC * out.numel() * _contracted(_arg(args, kwargs, left, name))
+
+    return rule
+
+
+def _product_plus(name: str) -> Rule:
+    """``addmm``-like: the product of arguments 1 (keyword ``name``) and 2, plus the added
+    input (1 per output element)."""
+    prod = _product(1, name)
+    return lambda args, kwargs, out: prod(args, kwargs, out) + out.numel()
+
+
+def _rmatmul(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    other = args[1] if len(args) > 1 else None  # self.__rmatmul__(other) is other @ self
+    return FLOPS_PER_MAC * out.numel() * _contracted(other)
+
+
+def _linear(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    weight = _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    f = FLOPS_PER_MAC * out.numel() * _contracted(weight)
+    return f + (out.numel() if bias is not None else 0)
+
+
+def _conv(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    weight = _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    taps = math.prod(weight.shape[1:]) if isinstance(weight, Tensor) else 1  # C_in / g * k
+    return FLOPS_PER_MAC * out.numel() * taps + (out.numel() if bias is not None else 0)
+
+
+def _sdpa(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+    if not all(isinstance(t, Tensor) and t.dim() >= 2 for t in (q, k, v)):
+        return 0
+    len_q, e = int(q.shape[-2]), int(q.shape[-1])
+    len_kv, e_v = int(k.shape[-2]), int(v.shape[-1])
+    batch = out.numel() // max(len_q * e_v, 1)  # every batch and head dimension
+    scores = batch * len_q * len_kv
+    return scores * (FLOPS_PER_MAC * e + 1 + FLOPS_PER_MAC * e_v)
+
+
+def _subscripts(term: str, dims: int) -> list[str]:
+    """Index names of one einsum operand; ``...`` becomes one name per broadcast dimension,
+    counted from its right end (``.1`` is the last), so operands broadcast alike."""
+    if "..." not in term:
+        return list(term)
+    before, _, after = term.partition("...")
+    n = dims - len(before) - len(after)
+    return [*before, *(f".{n - i}" for i in range(n)), *after]
+
+
+def _einsum(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    if not args or not isinstance(args[0], str):
+        return 0
+    ops: Sequence[Any] = args[1:]
+    if len(ops) == 1 and isinstance(ops[0], list | tuple):
+        ops = ops[0]
+    equation = args[0].replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+    terms = lhs.split(",")
+    if len(ops) < 2 or len(terms) != len(ops) or not all(isinstance(t, Tensor) for t in ops):
+        return 0
+    subs = [_subscripts(t, o.dim()) for t, o in zip(terms, ops, strict=True)]
+    sizes: dict[str, int] = {}
+    for names, op in zip(subs, ops, strict=True):
+        for name, size in zip(names, op.shape, strict=True):
+            sizes[name] = max(sizes.get(name, 1), int(size))
+    if arrow:
+        wanted = set(_subscripts(rhs, out.dim()))
+    else:  # implicit output: broadcast dimensions and indices that appear once
+        flat = [n for names in subs for n in names]
+        wanted = {n for n in flat if n.startswith(".") or flat.count(n) == 1}
+    flops = 0
+    current = set(subs[0])
+    for j in range(1, len(subs)):
+        union = current | set(subs[j])
+        flops += FLOPS_PER_MAC * math.prod(sizes[n] for n in union)
+        later = {n for names in subs[j + 1 :] for n in names}
+        current = {n for n in union if n in wanted or n in later}
+    return flops
+
+
+_RULES: dict[Any, Rule] = {
+    torch.matmul: _product(0, "input"),
+    Tensor.matmul: _product(0, "input"),
+    Tensor.__matmul__: _product(0, "input"),
+    Tensor.__rmatmul__: _rmatmul,
+    torch.mm: _product(0, "input"),
+    Tensor.mm: _product(0, "input"),
+    torch.bmm: _product(0, "input"),
+    Tensor.bmm: _product(0, "input"),
+    torch.mv: _product(0, "input"),
+    Tensor.mv: _product(0, "input"),
+    torch.addmm: _product_plus("mat1"),
+    Tensor.addmm: _product_plus("mat1"),
+    torch.baddbmm: _product_plus("batch1"),
+    Tensor.baddbmm: _product_plus("batch1"),
+    torch.addmv: _product_plus("mat"),
+    Tensor.addmv: _product_plus("mat"),
+    F.linear: _linear,
+    F.conv1d: _conv,
+    F.conv2d: _conv,
+    F.conv3d: _conv,
+    torch.einsum: _einsum,
+    F.scaled_dot_product_attention: _sdpa,
+}
+
+
+def functional_flops(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, out: Any
+) -> int:
+    """FLOPs of one functional call ``out = func(*args, **kwargs)`` (see the module
+    docstring); 0 for functions that are not counted.
+
+    >>> a, b = torch.ones(2, 3, 4), torch.ones(2, 4, 5)
+    >>> functional_flops(torch.matmul, (a, b), None, a @ b)  # 2 * (2 * 3 * 5) * 4
+    240
+    >>> functional_flops(torch.relu, (a,), None, a.relu())
+    0
+    """
+    rule = _RULES.get(func)
+    if rule is None or not isinstance(out, Tensor):
+        return 0
+    return int(rule(tuple(args), dict(kwargs or {}), out))
+
+
+class FunctionalCounter(TorchFunctionMode):
+    """Adds up :func:`functional_flops` of the calls made while it is active and
+    :attr:`depth` is 0; a caller raises the depth while a module it counts whole runs
+    (:meth:`enter` / :meth:`leave` as forward pre-hook and hook).
+
+    >>> with FunctionalCounter() as counter:
+    ...     _ = torch.ones(2, 3) @ torch.ones(3, 4)
+    >>> counter.flops
+    48
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+        self.depth = 0
+
+    def enter(self, *_: Any) -> None:
+        """Forward pre-hook: the calls of a module counted whole are not counted here."""
+        self.depth += 1
+
+    def leave(self, *_: Any) -> None:
+        """Forward hook undoing :meth:`enter`."""
+        self.depth -= 1
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0:
+            self.flops += functional_flops(func, args, kwargs, out)
+        return out

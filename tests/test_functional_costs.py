@@ -1,0 +1,215 @@
+"""Matrix products called as functions are counted by cost(), with the conventions of their
+modules, once (not again inside a module counted whole), and by gate_'s expected cost the
+same way, so hand-written attention's FLOPs are in the budget and in cost(prune(model))."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gating_helpers import examples, inserted_gating
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_gate_hand_attention import GPT, Attention, _head_groups
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.costs import Cost, attention_flops
+from gatedprune.functional_costs import FunctionalCounter, functional_flops
+
+
+class Fn(nn.Module):
+    """A module whose forward is one functional call on its inputs and own tensors."""
+
+    def __init__(self, fn: object, *tensors: Tensor) -> None:
+        super().__init__()
+        self.fn = fn
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"t{i}", t)
+        self.n = len(tensors)
+        self.inner = nn.Identity()  # a child: the module is not a leaf, its forward is read
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert callable(self.fn)
+        return self.inner(self.fn(x, *(getattr(self, f"t{i}") for i in range(self.n))))
+
+
+def _flops(module: nn.Module, x: Tensor) -> int:
+    c = gp.cost(module, x)
+    assert isinstance(c, Cost)
+    return c.flops
+
+
+dims = st.integers(1, 5)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(b=dims, t=dims, n=dims, m=dims, bias=st.booleans())
+def test_linear_and_matmul_count_like_nn_linear(b: int, t: int, n: int, m: int, bias: bool) -> None:
+    lin = nn.Linear(n, m, bias=bias)
+    x = torch.randn(b, t, n)
+    want = _flops(lin, x)
+    w = lin.weight.detach()
+    fn = Fn(F.linear, w, lin.bias.detach()) if bias else Fn(F.linear, w)
+    assert _flops(fn, x) == want
+    if not bias:
+        assert _flops(Fn(lambda x, wt: x @ wt, w.t().contiguous()), x) == want
+        assert _flops(Fn(torch.matmul, w.t().contiguous()), x) == want
+        assert _flops(Fn(lambda x, wt: wt.__rmatmul__(x), w.t().contiguous()), x) == want
+        flat = x.reshape(-1, n)
+        assert _flops(Fn(torch.mm, w.t().contiguous()), flat) == _flops(lin, flat)
+        wb = w.t().expand(b, n, m).contiguous()
+        assert _flops(Fn(torch.bmm, wb), x) == want
+        assert _flops(Fn(lambda x, wb: torch.einsum("btn,bnm->btm", x, wb), wb), x) == want
+    else:
+        flat = x.reshape(-1, n)
+        addmm = Fn(lambda x, wt, c: torch.addmm(c, x, wt), w.t().contiguous(), lin.bias.detach())
+        assert _flops(addmm, flat) == _flops(lin, flat)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(
+    b=st.integers(1, 3),
+    c_in=st.integers(1, 4),
+    groups=st.integers(1, 2),
+    k=st.integers(1, 3),
+    length=st.integers(3, 7),
+    bias=st.booleans(),
+    two_d=st.booleans(),
+)
+def test_functional_conv_counts_like_the_module(
+    b: int, c_in: int, groups: int, k: int, length: int, bias: bool, two_d: bool
+) -> None:
+    conv_cls = nn.Conv2d if two_d else nn.Conv1d
+    conv = conv_cls(c_in * groups, 2 * groups, k, groups=groups, bias=bias, padding=1)
+    x = torch.randn(b, c_in * groups, *((length, length) if two_d else (length,)))
+    fn = F.conv2d if two_d else F.conv1d
+    w = conv.weight.detach()
+    args = (w, conv.bias.detach()) if bias else (w,)
+    wrapped = Fn(lambda x, *a: fn(x, *a, padding=1, groups=groups), *args)  # type: ignore[operator]
+    assert _flops(wrapped, x) == _flops(conv, x)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(b=dims, heads=st.integers(1, 3), head_dim=dims, len_q=dims, len_kv=dims)
+def test_sdpa_counts_like_the_attention_core_of_multihead_attention(
+    b: int, heads: int, head_dim: int, len_q: int, len_kv: int
+) -> None:
+    q = torch.randn(b, heads, len_q, head_dim)
+    k, v = torch.randn(b, heads, len_kv, head_dim), torch.randn(b, heads, len_kv, head_dim)
+    e = heads * head_dim
+    full = attention_flops(b, len_q, len_kv, (e, e, e, e), heads, head_dim, False, False)
+    projections = 2 * e * (b * len_q * e + 2 * b * len_kv * e) + 2 * b * len_q * e * e
+    got = functional_flops(F.scaled_dot_product_attention, (q, k, v), None, q)
+    assert got == full - projections
+    # q @ k^T and weights @ v written out: the same products, the softmax not counted
+    with FunctionalCounter() as counter:
+        w = (q @ k.transpose(-2, -1)).softmax(-1)
+        _ = torch.matmul(w, v)
+    assert counter.flops == got - b * heads * len_q * len_kv
+
+
+def test_einsum_forms() -> None:
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    out = torch.einsum("bij,bjk->bik", a, b)
+    assert functional_flops(torch.einsum, ("bij,bjk->bik", a, b), None, out) == 2 * 2 * 3 * 4 * 5
+    implicit = torch.einsum("bij,bjk", a, b)  # b appears twice: summed too, same products
+    assert functional_flops(torch.einsum, ("bij,bjk", a, b), None, implicit) == 2 * 2 * 3 * 4 * 5
+    listed = torch.einsum("...ij,...jk->...ik", [a, b])
+    assert functional_flops(torch.einsum, ("...ij,...jk->...ik", [a, b]), None, listed) == 240
+    c = torch.randn(5, 6)  # three operands, left to right: (2,3,4,5), then (2,3,5,6)
+    out3 = torch.einsum("bij,bjk,kl->bil", a, b, c)
+    got = functional_flops(torch.einsum, ("bij,bjk,kl->bil", a, b, c), None, out3)
+    assert got == 2 * (2 * 3 * 4 * 5) + 2 * (2 * 3 * 5 * 6)
+    assert functional_flops(torch.einsum, ("ij->ji", c), None, c.t()) == 0  # a transpose
+
+
+class SelfCounting(nn.Module):
+    """A leaf that counts itself: the product in its forward is not counted again."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ x.transpose(-2, -1)  # (B, T, T)
+
+    def flops_of(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+        return 7
+
+
+class Wrapper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaf = SelfCounting()
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.mha(x, x, x, need_weights=False)[0]  # (B, T, 4): counted as a unit
+        return self.lin(y) + self.leaf(y).sum(-1, keepdim=True)  # (B, T, 4)
+
+
+def test_products_inside_modules_counted_whole_are_not_counted_again() -> None:
+    net, x = Wrapper(), torch.randn(2, 5, 4)
+    each = [attention_flops(2, 5, 5, (4, 4, 4, 4), 2, 2, True, True), _flops(net.lin, x), 7]
+    assert _flops(net, x) == sum(each)
+
+
+def test_hand_written_attention_counts_its_products() -> None:
+    b, t, c, heads = 2, 6, 8, 2
+    attn = Attention(c, heads, "no", sdpa=False)
+    x = torch.randn(b, t, c)
+    linears = 4 * (2 * b * t * c * c + b * t * c)  # q, k, v and the output projection
+    products = 2 * (2 * b * t * t * c)  # q @ k^T and weights @ v, over every head
+    assert _flops(attn, x) == linears + products
+    sdpa = Attention(c, heads, "no", sdpa=True)
+    assert _flops(sdpa, x) == linears + products + b * heads * t * t  # + SDPA's softmax
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_gated_attention_costs_its_products_per_kept_head(sdpa: bool) -> None:
+    torch.manual_seed(0)
+    short, long = torch.randn(2, 12, 3), torch.randn(2, 24, 3)
+    model = GPT(16, 4, "no", sdpa).eval()
+    dense = copy.deepcopy(model)
+    gp.gate_(model, short)
+    gating = inserted_gating(model)
+    for gate in gating.group_gates:
+        gate.force_(torch.ones(gate.n, dtype=torch.bool))  # type: ignore[operator]
+    assert float(gp.cost(model, short, hard=True).flops) == _flops(dense, short)
+    heads = _head_groups(model, 4)
+    assert len(heads) == 2
+    for g in heads:  # close heads 1 and 2 of both layers
+        gating.group_gates[g].force_(torch.tensor([True, False, False, True]))  # type: ignore[operator]
+    pruned = gp.prune(model)
+    for x in (short, torch.randn(5, 12, 3)):  # the gated shape, another batch size
+        assert float(gp.cost(model, x, hard=True).flops) == _flops(pruned, x)
+    # FLOPs saved = a * T + b * T^2: the T^2 part is the products of the closed heads
+    # (q @ k^T and weights @ v: 2 * 2 * D per query-key pair, D = 4; SDPA's softmax 1 more)
+    saved = [_flops(dense, x) - _flops(pruned, x) for x in (short, long)]
+    quadratic = (saved[1] - 2 * saved[0]) / (24**2 - 2 * 12**2)
+    per_pair = 2 * 2 * 4 + (1 if sdpa else 0)
+    assert quadratic == 2 * 2 * 2 * per_pair  # layers x batch x closed heads x per pair
+
+
+class OverBatch(nn.Module):
+    """A product over the batch (a Gram matrix of the samples): its FLOPs grow with B^2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.fc(x))  # (B, 6)
+        gram = h @ h.t()  # (B, B)
+        return self.out(h) + gram.mean(1, keepdim=True)  # (B, 2)
+
+
+def test_a_product_over_the_batch_is_not_scaled_to_other_batch_sizes() -> None:
+    torch.manual_seed(0)
+    model, x = OverBatch().eval(), torch.randn(3, 4)
+    dense = _flops(copy.deepcopy(model), x)
+    gp.gate_(model, x)
+    assert float(gp.cost(model, x, hard=True).flops) == dense
+    with pytest.raises(ValueError, match="only derived for other batch sizes"):
+        gp.cost(model, torch.randn(5, 4))
