@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FunctionalCounter", "functional_flops"]
+__all__ = ["FunctionalCounter", "einsum_subscripts", "functional_flops"]
 
 FLOPS_PER_MAC = 2
 
@@ -99,14 +99,48 @@ def _sdpa(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
     return scores * (FLOPS_PER_MAC * e + 1 + FLOPS_PER_MAC * e_v)
 
 
-def _subscripts(term: str, dims: int) -> list[str]:
+def _subscripts(term: str, dims: int) -> list[str] | None:
     """Index names of one einsum operand; ``...`` becomes one name per broadcast dimension,
-    counted from its right end (``.1`` is the last), so operands broadcast alike."""
+    counted from its right end (``.1`` is the last), so operands broadcast alike. None if the
+    term does not fit ``dims`` dimensions."""
     if "..." not in term:
-        return list(term)
+        return list(term) if len(term) == dims and "." not in term else None
     before, _, after = term.partition("...")
     n = dims - len(before) - len(after)
+    if n < 0 or "." in before + after:
+        return None
     return [*before, *(f".{n - i}" for i in range(n)), *after]
+
+
+def einsum_subscripts(
+    equation: str, dims: Sequence[int], out_dims: int
+) -> tuple[list[list[str]], list[str]] | None:
+    """Index names of each operand of ``torch.einsum(equation, ...)`` (operands of ``dims``
+    dimensions, an output of ``out_dims``) and of its output (implicit: the broadcast
+    dimensions, then the indices that appear once, sorted); None if they do not fit.
+
+    >>> einsum_subscripts("bhqd,bhkd->bhqk", [4, 4], 4)
+    ([['b', 'h', 'q', 'd'], ['b', 'h', 'k', 'd']], ['b', 'h', 'q', 'k'])
+    >>> einsum_subscripts("...ij,jk", [3, 2], 3)
+    ([['.1', 'i', 'j'], ['j', 'k']], ['.1', 'i', 'k'])
+    """
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(dims):
+        return None
+    subs = [_subscripts(t, d) for t, d in zip(terms, dims, strict=True)]
+    if any(s is None for s in subs):
+        return None
+    ops = [s for s in subs if s is not None]
+    if arrow:
+        out = _subscripts(rhs, out_dims)
+    else:
+        flat = [n for names in ops for n in names]
+        ell = sorted({n for n in flat if n.startswith(".")}, key=lambda n: -int(n[1:]))
+        out = ell + sorted(n for n in set(flat) if not n.startswith(".") and flat.count(n) == 1)
+    if out is None or len(out) != out_dims:
+        return None
+    return ops, out
 
 
 def _einsum(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
@@ -115,21 +149,16 @@ def _einsum(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
     ops: Sequence[Any] = args[1:]
     if len(ops) == 1 and isinstance(ops[0], list | tuple):
         ops = ops[0]
-    equation = args[0].replace(" ", "")
-    lhs, arrow, rhs = equation.partition("->")
-    terms = lhs.split(",")
-    if len(ops) < 2 or len(terms) != len(ops) or not all(isinstance(t, Tensor) for t in ops):
+    if len(ops) < 2 or not all(isinstance(t, Tensor) for t in ops):
         return 0
-    subs = [_subscripts(t, o.dim()) for t, o in zip(terms, ops, strict=True)]
+    parsed = einsum_subscripts(args[0], [o.dim() for o in ops], out.dim())
+    if parsed is None:
+        return 0
+    subs, wanted = parsed
     sizes: dict[str, int] = {}
     for names, op in zip(subs, ops, strict=True):
         for name, size in zip(names, op.shape, strict=True):
             sizes[name] = max(sizes.get(name, 1), int(size))
-    if arrow:
-        wanted = set(_subscripts(rhs, out.dim()))
-    else:  # implicit output: broadcast dimensions and indices that appear once
-        flat = [n for names in subs for n in names]
-        wanted = {n for n in flat if n.startswith(".") or flat.count(n) == 1}
     flops = 0
     current = set(subs[0])
     for j in range(1, len(subs)):

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..base import BATCH_NORMS
+from ..functional_costs import einsum_subscripts
 from .graph import RunRecord
 from .rnn import consumer_ok, item_index, state_item
 
@@ -599,6 +600,8 @@ class _Propagator:
             return None
         if n.op == "call_function" and n.target in (operator.matmul, torch.matmul):
             return self.matmul(n)
+        if n.op == "call_function" and n.target is torch.einsum:
+            return self.einsum(n)
         if n.op == "call_method" and n.target in ("repeat_interleave", "expand"):
             return self.repeat_heads(n)
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
@@ -1247,12 +1250,7 @@ class _Propagator:
             self.pin_inputs(n, f"{self.describe(n)} combines unlike channel dimensions")
             return None
         if all(nz for _, nz, _ in found):  # q @ k^T after QK-norm: nonzero scores
-            for f_lab, _, _ in found[1:]:
-                self.union(found[0][0].atoms, f_lab.atoms)
-            for _, _, f_node in found:
-                self.nonzero_uses.add((f_node, n))
-            self.nonzero[n] = Labels(d, found[0][0].atoms)
-            return None
+            return self._product_of(n, found, d)
         for a in ops:
             s_a = self.shape(a)
             if isinstance(a, fx.Node) and s_a is not None and all(a is not f for _, _, f in found):
@@ -1260,6 +1258,22 @@ class _Propagator:
                 if 0 <= pos < len(s_a) and s_a[pos] != 1:
                     self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
                     return None
+        return self._product_of(n, found, d)
+
+    def _product_of(
+        self, n: fx.Node, found: list[tuple[Labels, bool, fx.Node]], d: int
+    ) -> Labels | None:
+        """The labels of product ``n`` (``a @ b``, an einsum) on output dimension ``d``, whose
+        labelled operands ``found`` (labels, nonzero?, node) carry them there: the operands'
+        channels are pruned together; zero at closed ones if one zero-labelled operand is,
+        nonzero labels (None returned) if every labelled operand is nonzero there."""
+        if all(nz for _, nz, _ in found):  # q @ k^T after QK-norm: nonzero scores
+            for f_lab, _, _ in found[1:]:
+                self.union(found[0][0].atoms, f_lab.atoms)
+            for _, _, f_node in found:
+                self.nonzero_uses.add((f_node, n))
+            self.nonzero[n] = Labels(d, found[0][0].atoms)
+            return None
         first = next(f_lab for f_lab, f_nz, _ in found if not f_nz)
         for f_lab, f_nz, f_node in found:
             self.union(first.atoms, f_lab.atoms)
@@ -1268,6 +1282,56 @@ class _Propagator:
         if sum(1 for _, f_nz, _ in found if not f_nz) > 1:
             self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
         return Labels(d, first.atoms)
+
+    def einsum(self, n: fx.Node) -> Labels | None:
+        """``torch.einsum(equation, a, b)`` (attention's ``"bhqd,bhkd->bhqk"`` and
+        ``"bhqk,bhkd->bhqd"``) with labels on an index the output keeps: as for ``a @ b``, the
+        operands' channels are pruned together and the output carries them; an index summed
+        over, repeated within an operand, or read unlabelled (not broadcast) by the other
+        operand leaves them ungated. Other einsums (one or three operands) pass no labels."""
+        out = self.shape(n)
+        eq = n.args[0] if n.args else None
+        ops: list[Any] = list(n.args[1:])
+        if len(ops) == 1 and isinstance(ops[0], list | tuple):
+            ops = list(ops[0])
+        labelled = [
+            isinstance(a, fx.Node) and (self.lab(a) is not None or a in self.nonzero) for a in ops
+        ]
+        if not any(labelled):
+            return None
+        shapes = [self.shape(a) if isinstance(a, fx.Node) else None for a in ops]
+        parsed = None
+        dims = [len(sh) for sh in shapes if sh is not None]
+        if isinstance(eq, str) and out is not None and len(dims) == len(ops) == 2 and not n.kwargs:
+            parsed = einsum_subscripts(eq, dims, len(out))
+        if parsed is None or out is None:
+            self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
+            return None
+        subs, out_subs = parsed
+        found: list[tuple[Labels, bool, fx.Node]] = []
+        letters = set()
+        for a, sub, is_lab in zip(ops, subs, labelled, strict=True):
+            if not is_lab:
+                continue
+            nz = self.nonzero.get(a)
+            lab = nz if nz is not None else self.lab(a)
+            assert lab is not None
+            letter = sub[lab.dim]
+            if letter not in out_subs or sub.count(letter) != 1:
+                self.pin_inputs(n, f"{self.describe(n)} contracts or keeps labelled channels")
+                return None
+            found.append((lab, nz is not None, a))
+            letters.add(letter)
+        letter = letters.pop()
+        d = out_subs.index(letter)
+        if letters or any(len(lab.atoms) != out[d] for lab, _, _ in found):
+            self.pin_inputs(n, f"{self.describe(n)} combines unlike channel dimensions")
+            return None
+        for sub, sh, is_lab in zip(subs, shapes, labelled, strict=True):
+            if not is_lab and sh is not None and letter in sub and sh[sub.index(letter)] != 1:
+                self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
+                return None
+        return self._product_of(n, found, d)
 
     def repeat_heads(self, n: fx.Node) -> Labels | None:
         """Grouped-query attention's k and v repeated for the query heads:
