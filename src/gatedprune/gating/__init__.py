@@ -27,10 +27,11 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
 * Grouped convolutions are pruned by position within their groups (they keep ``groups``);
   non-affine BatchNorm and modules computing their weight when they run (``weight_norm``,
   ``spectral_norm`` parametrizations, forward pre-hooks) are not pruned.
-* Heads of hand-written attention are pruned (a reshape into ``(heads, head_size)``, then
-  ``@``/``matmul``, a two-operand ``einsum`` or SDPA; grouped-query attention by key/value
-  group); the pruned code's sizes of pruned dimensions are rewritten. A mask or bias per
-  head, attention weights read elsewhere than by ``@ v`` and a single head stay whole.
+* Heads of hand-written attention are pruned (a reshape or ``unflatten(-1, ...)`` into
+  ``(heads, head_size)``, then ``@``/``matmul``, a two-operand ``einsum`` or SDPA;
+  grouped-query attention by key/value group); the pruned code's sizes of pruned dimensions
+  are rewritten. A mask or bias per head, attention weights read elsewhere than by ``@ v``
+  and a single head stay whole.
 * A submodule whose forward cannot be traced (data-dependent control flow) stays whole and
   ungated, with a warning naming it; an untraceable top-level forward is an error.
 * A recurrent module keeps one ``hidden_size`` (its widest kept state; the others are padded

@@ -88,6 +88,13 @@ def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
     [(True, -1), (True, 4)]
     """
     sizes: Any = None
+    unflat = _unflatten_args(n)
+    if unflat is not None:  # unflatten(dim, sizes): the sizes of the block dim becomes
+        dim, sizes = unflat
+        if not isinstance(dim, int) or dim >= 0 or not isinstance(sizes, list | tuple):
+            return False, None
+        idx = len(sizes) - 1 + e - dim  # the block ends at output dimension dim (from the end)
+        return (True, sizes[idx]) if 0 <= idx < len(sizes) else (False, None)
     if n.op == "call_method" and n.target in ("view", "reshape", "expand"):
         sizes = n.args[1:]
         if len(sizes) == 1 and isinstance(sizes[0], list | tuple | fx.Node):
@@ -109,10 +116,24 @@ _WHOLE_SHAPE = (
 
 
 def _has_sizes(n: fx.Node) -> bool:
-    """Whether reshape node ``n`` takes sizes (``view``/``reshape``), unlike ``flatten``."""
+    """Whether reshape node ``n`` takes sizes (``view``/``reshape``), unlike ``flatten`` (or
+    ``unflatten``, whose other dimensions keep their size)."""
     return (n.op == "call_method" and n.target in ("view", "reshape")) or (
         n.op == "call_function" and n.target is torch.reshape
     )
+
+
+def _unflatten_args(n: fx.Node) -> tuple[Any, Any] | None:
+    """``(dim, sizes)`` of an ``x.unflatten(dim, sizes)`` / ``torch.unflatten`` node, else
+    None."""
+    if not (
+        (n.op == "call_method" and n.target == "unflatten")
+        or (n.op == "call_function" and n.target is torch.unflatten)
+    ):
+        return None
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    sizes = n.args[2] if len(n.args) > 2 else n.kwargs.get("sizes")
+    return dim, sizes
 
 
 def _shape_tail(sizes: Any) -> tuple[Any, ...] | None:
@@ -213,8 +234,9 @@ _RESHAPE_FUNCS: set[Callable[..., Any]] = {
     torch.reshape,
     torch.squeeze,
     torch.unsqueeze,
+    torch.unflatten,
 }
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten"}
 # squeeze-and-excitation: sigmoid(z) of labelled channels is not zero at closed ones (0.5),
 # but multiplying a labelled tensor of the same channels by it keeps that tensor's zeros
 _EXCITE_FUNCS: set[Callable[..., Any]] = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
@@ -934,6 +956,11 @@ class _Propagator:
                     continue
                 at = e + k - 2  # the heads dimension
                 if not _size_arg(n, at - len(outs))[0]:
+                    unflat = _unflatten_args(n)
+                    if unflat is not None and isinstance(unflat[0], int) and unflat[0] >= 0:
+                        why = "unflattens a dimension counted from the front (write it as -1, say)"
+                        self.pin(lab, f"{self.describe(n)} {why}")
+                        return None
                     self.pin(lab, f"{self.describe(n)} {_WHOLE_SHAPE}")
                     return None
                 blocks = lab.atoms.reshape(-1, dims[-2], dims[-1])  # (P, H, D)

@@ -429,7 +429,19 @@ def _resize(node: fx.Node, key: int | str, value: int) -> None:
     assert isinstance(key, int)
     where: tuple[str, int | str] | None = None  # ("arg", index) or ("kwarg", name)
     shape: Any = None
-    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
+    is_unflatten = (node.op == "call_method" and node.target == "unflatten") or (
+        node.op == "call_function" and node.target is torch.unflatten
+    )
+    if is_unflatten:  # unflatten(dim, sizes), dim < 0: the block ends at output dim ``dim``
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        where = ("arg", 2) if len(node.args) > 2 else ("kwarg", "sizes")
+        shape = node.args[2] if len(node.args) > 2 else node.kwargs.get("sizes")
+        if not isinstance(dim, int) or dim >= 0 or not isinstance(shape, list | tuple):
+            raise ValueError(f"cannot give node '{node.name}' a new size: unflatten({dim}, ...)")
+        key = len(shape) - 1 + key - dim  # the index in its sizes
+        if not 0 <= key < len(shape):
+            raise ValueError(f"node '{node.name}' has no size for that dimension")
+    elif node.op == "call_method" and node.target in ("view", "reshape", "expand"):
         if len(node.args) == 2 and isinstance(node.args[1], list | tuple | fx.Node):
             where, shape = ("arg", 1), node.args[1]
         else:  # sizes as separate arguments
