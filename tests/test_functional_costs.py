@@ -213,3 +213,157 @@ def test_a_product_over_the_batch_is_not_scaled_to_other_batch_sizes() -> None:
     assert float(gp.cost(model, x, hard=True).flops) == dense
     with pytest.raises(ValueError, match="only derived for other batch sizes"):
         gp.cost(model, torch.randn(5, 4))
+
+
+class CountsWithAProduct(nn.Module):
+    """A leaf whose flops_of computes with a matmul: that product is not the model's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * 2.0  # (B, F)
+
+    def flops_of(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+        ones = torch.ones(1, output.numel())
+        return int((ones @ ones.t()).item())  # numel, computed with a product
+
+
+def test_products_of_cost_handlers_and_weight_pre_hooks_are_not_counted() -> None:
+    x = torch.randn(3, 4)
+    assert _flops(CountsWithAProduct(), x) == 12
+    net = nn.Sequential(nn.Linear(4, 8), CountsWithAProduct())
+    assert _flops(net, x) == _flops(nn.Linear(4, 8), x) + 24
+    sn = nn.utils.spectral_norm(nn.Linear(4, 8))  # its weight: a pre-hook with torch.mv
+    assert _flops(nn.Sequential(sn, nn.ReLU()), x) == _flops(nn.Linear(4, 8), x) + 24
+
+
+class LoRALinear(nn.Linear):
+    """A Linear subclass with submodules: counted by its parts, not as a plain Linear."""
+
+    def __init__(self, n: int, m: int, rank: int = 2) -> None:
+        super().__init__(n, m)
+        self.down, self.up = nn.Linear(n, rank, bias=False), nn.Linear(rank, m, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias) + self.up(self.down(x))  # (B, m)
+
+
+def test_a_linear_subclass_with_submodules_is_counted_by_its_parts() -> None:
+    x = torch.randn(3, 4)
+    plain = 2 * 3 * 4 * 8 + 3 * 8
+    assert _flops(LoRALinear(4, 8), x) == plain + 2 * 3 * 4 * 2 + 2 * 3 * 2 * 8
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    dense = _flops(copy.deepcopy(model), x)
+    gp.gate_(model, x)
+    assert float(gp.cost(model, x, hard=True).flops) == dense
+    assert _flops(gp.prune(model), x) == dense
+
+
+@pytest.mark.parametrize(
+    ("fn", "module"),
+    [
+        (lambda x, w: torch.linalg.matmul(x, w.t()), nn.Linear(4, 6, bias=False)),
+        (lambda x, w: torch.tensordot(x, w.t(), 1), nn.Linear(4, 6, bias=False)),
+        (lambda x, w: torch.linalg.multi_dot([x, w.t()]), nn.Linear(4, 6, bias=False)),
+        (lambda x, w: torch.inner(x, w), nn.Linear(4, 6, bias=False)),
+    ],
+)
+def test_product_aliases_count_like_a_linear(fn: object, module: nn.Linear) -> None:
+    x = torch.randn(3, 4)
+    assert _flops(Fn(fn, module.weight.detach()), x) == _flops(module, x)
+
+
+def test_more_functional_products() -> None:
+    a, b, c = torch.randn(5, 3, 4), torch.randn(5, 4, 6), torch.randn(3, 6)
+    assert functional_flops(torch.addbmm, (c, a, b), None, torch.addbmm(c, a, b)) == (
+        2 * 5 * 3 * 4 * 6 + 3 * 6
+    )
+    y = torch.zeros(3, 6)
+    m1, m2 = torch.randn(3, 4), torch.randn(4, 6)
+    assert functional_flops(Tensor.addmm_, (y, m1, m2), None, y) == 2 * 3 * 4 * 6 + 3 * 6
+    v = torch.randn(7)
+    assert functional_flops(torch.dot, (v, v), None, torch.dot(v, v)) == 14
+    deconv = nn.ConvTranspose1d(3, 5, 3, stride=2)
+    x = torch.randn(2, 3, 6)
+    with torch.no_grad():
+        out = F.conv_transpose1d(x, deconv.weight, deconv.bias, stride=2)
+    want = _flops(deconv, x)
+    assert functional_flops(F.conv_transpose1d, (x, deconv.weight, deconv.bias), None, out) == want
+    bil = nn.Bilinear(3, 4, 5)
+    x1, x2 = torch.randn(2, 3), torch.randn(2, 4)
+    with torch.no_grad():
+        out = F.bilinear(x1, x2, bil.weight, bil.bias)
+    args = (x1, x2, bil.weight, bil.bias)
+    assert functional_flops(F.bilinear, args, None, out) == _flops(Fn(lambda x: bil(x, x2)), x1)
+
+
+class HalfBatch(nn.Module):
+    """A product over half the batch: its FLOPs are not proportional to the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.register_buffer("w", torch.randn(6, 6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)  # (B, 6)
+        return h + (h[: x.shape[0] // 2] @ self.w).sum()  # (B, 6)
+
+
+class MeanOverBatch(nn.Module):
+    """A Linear on the mean over the batch: a module whose FLOPs do not grow with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.mix = nn.Linear(4, 6), nn.Linear(6, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)  # (B, 6)
+        return h + self.mix(h.mean(0, keepdim=True))  # (B, 6)
+
+
+@pytest.mark.parametrize("factory", [HalfBatch, MeanOverBatch])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_costs_not_proportional_to_the_batch_are_not_scaled(factory: type, batch: int) -> None:
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(batch, 4)
+    dense = _flops(copy.deepcopy(model), x)
+    gp.gate_(model, x)
+    assert float(gp.cost(model, x, hard=True).flops) == dense
+    for other in (batch + 1, 2 * batch + 3):
+        with pytest.raises(ValueError, match="only derived for other batch sizes"):
+            gp.cost(model, torch.randn(other, 4))
+
+
+class GroupedQKNorm(nn.Module):
+    """Grouped-query attention with QK-norm and repeat_interleave: k's normalised heads are
+    read by the repeat (not a product), so the heads stay whole, and pruning stays exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 8), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.qn, self.kn = nn.LayerNorm(2), nn.LayerNorm(2)
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.qn(self.q(x).view(b, t, 4, 2).transpose(1, 2))  # (B, 4, T, 2)
+        k = self.kn(self.k(x).view(b, t, 2, 2).transpose(1, 2))  # (B, 2, T, 2)
+        v = self.v(x).view(b, t, 2, 2).transpose(1, 2)  # (B, 2, T, 2)
+        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # (B, 4, T, 2)
+        att = torch.matmul(q, k.transpose(-2, -1)).softmax(-1)  # (B, 4, T, T)
+        y = torch.matmul(att, v).transpose(1, 2).reshape(b, t, 8)  # (B, T, 8)
+        return x + self.proj(y)  # (B, T, 4)
+
+
+def test_grouped_query_attention_with_qk_norm_keeps_its_heads() -> None:
+    torch.manual_seed(0)
+    model, x = GroupedQKNorm().eval(), torch.randn(2, 5, 4)
+    summary = gp.gate_(model, x)
+    assert summary.head_groups == []
+    for gate in inserted_gating(model).group_gates:
+        gate.force_(torch.arange(gate.n) % 2 == 0)  # type: ignore[operator]
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+    assert float(gp.cost(model, x, hard=True).flops) == _flops(pruned, x)

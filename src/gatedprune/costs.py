@@ -706,6 +706,14 @@ def _cell(m: nn.Module, inp: tuple[Any, ...], out: Any) -> int:
 
 
 _STACKS: tuple[type[nn.Module], ...] = (nn.TransformerDecoder, nn.Transformer)
+# built-in kinds counted whole with their submodules; the table's other kinds are leaves
+_UNITS: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    *_STACKS,
+)
+_N_BUILTIN = len(_HANDLERS)
 
 
 def _no_nested_encoders(module: nn.Module) -> list[nn.TransformerEncoder]:
@@ -811,10 +819,19 @@ def unit_handler(m: nn.Module) -> Handler | None:
     """The table handler of ``m``'s type (counts ``m`` as a whole, submodules included).
 
     ``nn.TransformerDecoder`` / ``nn.Transformer`` are units only when all their layers are
-    (otherwise their submodules are counted one by one)."""
-    for types, handler in _HANDLERS:
+    (otherwise their submodules are counted one by one). A built-in handler of a leaf kind
+    (``nn.Linear``, a convolution, ...) does not count a subclass with submodules whole (a
+    LoRA Linear: its own product, its submodules and whatever else its forward calls are
+    counted one by one; parametrizations such as ``weight_norm`` do not count as
+    submodules); a handler given to :func:`register_cost` does."""
+    n_registered = len(_HANDLERS) - _N_BUILTIN
+    for k, (types, handler) in enumerate(_HANDLERS):
         if isinstance(m, types):
             if isinstance(m, _STACKS) and not _countable_stack(m):
+                return None
+            builtin_leaf_kind = k >= n_registered and not isinstance(m, _UNITS)
+            # a parametrized layer (weight_norm, spectral_norm) still counts as its kind
+            if builtin_leaf_kind and any(c != "parametrizations" for c, _ in m.named_children()):
                 return None
             return handler
     return None
@@ -892,7 +909,7 @@ class CostProgram:
             if isinstance(m, GatedModule):
 
                 def gated_hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-                    counter.leave()
+                    counter.leave()  # (nothing below calls torch functions)
                     if id(mod) in seen_gated:
                         raise ValueError(
                             f"gated module {name or type(mod).__name__} runs more than once per "
@@ -909,12 +926,14 @@ class CostProgram:
             handler = _handler_for(m)
 
             def hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-                counter.leave()
-                if handler is None:
-                    errors.append(f"{name or type(mod).__name__} ({type(mod).__name__})")
-                    return
-                check_positional(name, mod, inp, handler)
-                program.fixed_flops += handler(mod, inp, out)
+                try:  # products a handler computes with are not the model's
+                    if handler is None:
+                        errors.append(f"{name or type(mod).__name__} ({type(mod).__name__})")
+                        return
+                    check_positional(name, mod, inp, handler)
+                    program.fixed_flops += handler(mod, inp, out)
+                finally:
+                    counter.leave()
 
             return hook
 
@@ -924,7 +943,8 @@ class CostProgram:
         counter = FunctionalCounter()
 
         def watch(m: nn.Module, name: str) -> None:
-            handles.append(m.register_forward_pre_hook(counter.enter))
+            # before the module's own pre-hooks (spectral_norm computes its weight in one)
+            handles.append(m.register_forward_pre_hook(counter.enter, prepend=True))
             handles.append(m.register_forward_hook(make_hook(name, m)))
 
         for name, m in module.named_modules():

@@ -8,11 +8,15 @@ a large share of the model's FLOPs. :func:`gatedprune.cost` counts these product
 layer, a gated module), with the conventions of the modules (2 FLOPs per multiply-accumulate,
 1 per output element for an added bias):
 
-* ``a @ b``, ``torch.matmul``, ``mm``, ``bmm``, ``mv`` (and their ``Tensor`` methods):
-  ``2 * numel(out) * K`` for the contracted size ``K``; ``addmm``, ``baddbmm``, ``addmv`` add
-  1 per output element (the ``alpha`` / ``beta`` scalings are not counted).
+* ``a @ b``, ``torch.matmul`` (``torch.linalg.matmul``), ``mm``, ``bmm``, ``mv``, ``dot``,
+  ``inner``, ``tensordot`` (and their ``Tensor`` methods): ``2 * numel(out) * K`` for the
+  contracted size ``K``; ``addmm``, ``baddbmm``, ``addbmm``, ``addmv`` (in place too) add 1 per
+  output element (the ``alpha`` / ``beta`` scalings are not counted); ``linalg.multi_dot`` as
+  products from left to right.
 * ``F.linear(x, w, b)`` like ``nn.Linear``; ``F.conv1d/2d/3d`` like ``nn.Conv1d/2d/3d``
-  (``2 * numel(out) * in_channels / groups * prod(kernel)``, bias 1 per output element).
+  (``2 * numel(out) * in_channels / groups * prod(kernel)``, bias 1 per output element);
+  ``F.conv_transpose1d/2d/3d`` like ``nn.ConvTranspose*``; ``F.bilinear`` like
+  ``nn.Bilinear``.
 * ``torch.einsum`` with two or more operands: contracted left to right, each step
   ``2 *`` the product of the sizes of every index of its two operands; one operand (a
   transpose, trace or sum) is free.
@@ -20,9 +24,12 @@ layer, a gated module), with the conventions of the modules (2 FLOPs per multipl
   ``nn.MultiheadAttention``: scores ``q k^T`` and ``weights v`` 2 per MAC, softmax 1 per score
   (scale, mask and dropout not counted).
 
-Element-wise functional calls (``F.relu``, ``x + y``, ``torch.cat``, ``F.softmax``) stay free,
-as documented in :mod:`gatedprune.costs`: they are linear in the tensor size, the products
-above grow with a width or a sequence length too.
+``F.multi_head_attention_forward`` called directly is not counted (``nn.MultiheadAttention``
+is). Element-wise functional calls (``F.relu``, ``x + y``, ``torch.cat``, ``F.softmax``) stay
+free, as documented in :mod:`gatedprune.costs`: they are linear in the tensor size, the
+products above grow with a width or a sequence length too. Products that a ``flops_of``
+method, a cost handler or a module's own forward pre-hook (the weight ``spectral_norm``
+computes) runs are not the model's and are not counted.
 """
 
 from __future__ import annotations
@@ -86,6 +93,62 @@ def _conv(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
     bias = _arg(args, kwargs, 2, "bias")
     taps = math.prod(weight.shape[1:]) if isinstance(weight, Tensor) else 1  # C_in / g * k
     return FLOPS_PER_MAC * out.numel() * taps + (out.numel() if bias is not None else 0)
+
+
+def _contraction(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    """``tensordot``/``dot``/``inner``-like: ``numel(a) * numel(b) = free_a * K * K * free_b``
+    and ``numel(out) = free_a * free_b``, so the MACs are ``numel(out) * K``."""
+    a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or out.numel() == 0:
+        return 0
+    k = math.isqrt(a.numel() * b.numel() // out.numel())
+    return FLOPS_PER_MAC * out.numel() * k
+
+
+def _conv_transpose(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    """As ``nn.ConvTranspose``: every input element times the ``out_channels / groups *
+    prod(kernel)`` weights it spreads over (the weight's shape after its first dimension)."""
+    x, weight = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
+        return 0
+    f = FLOPS_PER_MAC * x.numel() * math.prod(weight.shape[1:])
+    return f + (out.numel() if bias is not None else 0)
+
+
+def _bilinear(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    """As ``nn.Bilinear``: 1 per product ``x1_i * x2_j``, 2 per MAC of them with each output's
+    weights, 1 per output element for the bias."""
+    x1, weight = _arg(args, kwargs, 0, "input1"), _arg(args, kwargs, 2, "weight")
+    bias = _arg(args, kwargs, 3, "bias")
+    if not (isinstance(x1, Tensor) and isinstance(weight, Tensor)) or weight.dim() != 3:
+        return 0
+    n = x1.numel() // max(int(weight.shape[1]), 1)  # samples
+    pairs = n * int(weight.shape[1]) * int(weight.shape[2])
+    f = pairs + FLOPS_PER_MAC * pairs * int(weight.shape[0])
+    return f + (out.numel() if bias is not None else 0)
+
+
+def _multi_dot(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    """``linalg.multi_dot`` counted as products from left to right."""
+    mats = _arg(args, kwargs, 0, "tensors")
+    if not isinstance(mats, list | tuple) or not all(isinstance(m, Tensor) for m in mats):
+        return 0
+    shapes = [(1, int(m.shape[0])) if m.dim() == 1 else tuple(m.shape) for m in mats]
+    if mats and mats[-1].dim() == 1:
+        shapes[-1] = (int(mats[-1].shape[0]), 1)
+    flops, rows = 0, shapes[0][0]
+    for k, cols in shapes[1:]:  # (rows, k) @ (k, cols)
+        flops += FLOPS_PER_MAC * rows * k * cols
+    return flops
+
+
+def _addbmm(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    """``input + sum_b batch1[b] @ batch2[b]``: every batch's product, plus the input."""
+    b1 = _arg(args, kwargs, 1, "batch1")
+    if not isinstance(b1, Tensor) or b1.dim() != 3:
+        return 0
+    return FLOPS_PER_MAC * int(b1.shape[0]) * out.numel() * int(b1.shape[2]) + out.numel()
 
 
 def _sdpa(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
@@ -186,6 +249,23 @@ _RULES: dict[Any, Rule] = {
     Tensor.baddbmm: _product_plus("batch1"),
     torch.addmv: _product_plus("mat"),
     Tensor.addmv: _product_plus("mat"),
+    Tensor.addmm_: _product_plus("mat1"),
+    Tensor.baddbmm_: _product_plus("batch1"),
+    Tensor.addmv_: _product_plus("mat"),
+    torch.addbmm: _addbmm,
+    Tensor.addbmm: _addbmm,
+    Tensor.addbmm_: _addbmm,
+    torch.linalg.matmul: _product(0, "input"),
+    torch.linalg.multi_dot: _multi_dot,
+    torch.tensordot: _contraction,
+    torch.dot: _contraction,
+    Tensor.dot: _contraction,
+    torch.inner: _contraction,
+    Tensor.inner: _contraction,
+    F.conv_transpose1d: _conv_transpose,
+    F.conv_transpose2d: _conv_transpose,
+    F.conv_transpose3d: _conv_transpose,
+    F.bilinear: _bilinear,
     F.linear: _linear,
     F.conv1d: _conv,
     F.conv2d: _conv,

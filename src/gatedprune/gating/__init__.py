@@ -38,7 +38,7 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
   with closed units); ``proj_size``, reading ``c_n``, an initial state, or an output that
   reaches a non-homogeneous op before its consumer leave it ungated (with the reason).
 * ``cost`` of a gated model is exact for the ``example_input`` shape (and other batch sizes of
-  models without attention layers, opaque modules or matrix products over the batch).
+  models whose every call costs in proportion to the batch, checked by two more runs).
 
 >>> import torch
 >>> from gatedprune.gating import gate_

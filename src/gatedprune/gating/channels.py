@@ -1010,9 +1010,23 @@ class _Propagator:
         dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
         if not chunk and isinstance(arg, list | tuple) and arg and len(set(arg)) == 1:
             arg = arg[0]  # equal sections, split([c, c, c]): as split(c)
-        if not isinstance(arg, int) or isinstance(arg, bool) or not isinstance(dim, int):
+        if not isinstance(dim, int) or dim % len(ins) != lab.dim:
             return False
-        if dim % len(ins) != lab.dim:
+        if not chunk and isinstance(arg, fx.Node):  # split(c), c = x.size(-1) computed
+            computed = self.split_size_of(n, dim)
+            if computed is None:
+                return False
+            if self.derived_size(arg, lab):  # from the split tensor's width: stays right
+                width = ins[lab.dim]
+                if width % computed:
+                    return False
+                blocks = lab.atoms.reshape(width // computed, computed)  # (pieces, size)
+                for i in range(1, len(blocks)):
+                    self.union(blocks[0], blocks[i])
+                self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
+                return True
+            arg = computed  # another tensor's size: the pruned code gets the kept width
+        if not isinstance(arg, int) or isinstance(arg, bool):
             return False
         width = ins[lab.dim]
         size = -(-width // arg) if chunk else arg
@@ -1025,6 +1039,16 @@ class _Propagator:
         if not chunk:
             self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
         return True
+
+    def split_size_of(self, n: fx.Node, dim: int) -> int | None:
+        """The size of the first piece of split node ``n`` along ``dim``, read from the shape
+        of its ``getitem(n, 0)`` (the size was computed by the forward); None if unread."""
+        for u in n.users:
+            if u.op == "call_function" and u.target is operator.getitem and u.args[1:] == (0,):
+                shape = self.shape(u)
+                if shape is not None:
+                    return int(shape[dim])
+        return None
 
     def permute(self, n: fx.Node, x: Any, how: str) -> Labels | None:
         lab = self.lab(x)
@@ -1276,9 +1300,7 @@ class _Propagator:
         if dims or any(len(lab.atoms) != out[d] for lab, _, _ in found):
             self.pin_inputs(n, f"{self.describe(n)} combines unlike channel dimensions")
             return None
-        if all(nz for _, nz, _ in found):  # q @ k^T after QK-norm: nonzero scores
-            return self._product_of(n, found, d)
-        for a in ops:
+        for a in ops:  # an unlabelled operand must broadcast along the labels (size 1)
             s_a = self.shape(a)
             if isinstance(a, fx.Node) and s_a is not None and all(a is not f for _, _, f in found):
                 pos = d - (len(out) - len(s_a))

@@ -34,7 +34,7 @@ from ..gates import (
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, analyse_channels
-from .graph import owner_of, products_scale_with_batch, record_run, trace_model
+from .graph import costs_scale_with_batch, owner_of, record_run, trace_model
 from .rnn import (
     RNNConsumer,
     RNNInfo,
@@ -505,8 +505,9 @@ class InsertedGating(ModelGating):
                 raise ValueError(
                     f"this model was gated with an input of shape {self.input_shape}; its cost "
                     f"for shape {shape} is only derived for other batch sizes (dim 0) of models "
-                    "without attention, Transformer, recurrent or opaque modules or products "
-                    "over the batch: gate it with that shape"
+                    "whose every call costs in proportion to the batch (no attention, "
+                    "Transformer, recurrent or opaque modules, nothing computed across the "
+                    "batch): gate it with that shape"
                 )
             ratio = shape[0] / self.input_shape[0]
         if hard:
@@ -1348,7 +1349,7 @@ def gate_(
         terms=terms,
         input_shape=tuple(example_input.shape),
         batch_scalable=not traced.opaque
-        and products_scale_with_batch(traced, example_input, model, record)
+        and costs_scale_with_batch(traced, example_input, model, record)
         and not any(
             isinstance(gm.get_submodule(str(n.target)), _SEQUENCE_UNITS)
             for n in gm.graph.nodes

@@ -38,10 +38,10 @@ from .transformer import (
 __all__ = [
     "InlinedCall",
     "TracedModel",
+    "costs_scale_with_batch",
     "inlined_calls",
     "mutated_input",
     "owner_of",
-    "products_scale_with_batch",
     "record_run",
     "scope_nodes",
     "trace_model",
@@ -73,6 +73,8 @@ class GateTracer(fx.Tracer):
             return True
         if counts_itself(m):  # gatedprune.cost counts it whole: so must the gated cost
             return True
+        if unit_handler(m) is not None and any(True for _ in m.children()):
+            return True  # a kind registered with register_cost: counted whole, kept whole
         return bool(super().is_leaf_module(m, module_qualified_name))
 
     def call_module(
@@ -319,8 +321,6 @@ class RunRecord:
     # the node returning each call of a childless submodule fx traced through
     arg_shapes: dict[fx.Node, list[tuple[int, ...] | None]]
     extra_flops: int = 0  # such submodules' calls that traced to no ops (a constant)
-    # nodes of matrix products called as functions (gatedprune.functional_costs)
-    products: set[fx.Node] = field(default_factory=set)
 
 
 class _Recorder(fx.Interpreter):
@@ -385,10 +385,12 @@ class _Recorder(fx.Interpreter):
                 continue
 
             def hook(mod: nn.Module, i: tuple[Any, ...], o: Any, h: Any = h) -> None:
-                counter.leave()
-                total[0] += int(h(mod, i, o))
+                try:
+                    total[0] += int(h(mod, i, o))
+                finally:
+                    counter.leave()
 
-            handles.append(leaf.register_forward_pre_hook(counter.enter))
+            handles.append(leaf.register_forward_pre_hook(counter.enter, prepend=True))
             handles.append(leaf.register_forward_hook(hook))
         try:
             with counter:
@@ -520,7 +522,6 @@ def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> R
     gm = traced.graph_module
     rec = _record(gm, example_input, root)
     inlined, extra = _inlined_flops(root, gm.graph, example_input, rec.errors)
-    products = {n for n, f in rec.flops.items() if n.op != "call_module" and f}
     for node, f in inlined.items():
         rec.flops[node] = rec.flops.get(node, 0) + f
     if rec.errors:
@@ -530,9 +531,7 @@ def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> R
             + "; register them with gatedprune.costs.register_cost or give them a "
             "flops_of(inputs, output) method"
         )
-    record = RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra)
-    record.products = products
-    return record
+    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra)
 
 
 def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Recorder:
@@ -549,18 +548,31 @@ def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Reco
     return rec
 
 
-def products_scale_with_batch(
+def costs_scale_with_batch(
     traced: TracedModel, example_input: Tensor, root: nn.Module, record: RunRecord
 ) -> bool:
-    """Whether the FLOPs of every matrix product called as a function (``record.products``)
-    double on a batch twice as large (dim 0): a product over the batch (``x @ x.T``) does
-    not, so the cost of other batch sizes cannot be derived by scaling."""
-    if not record.products:
-        return True
-    if example_input.dim() == 0:
+    """Whether the FLOPs of every call (module calls, childless modules fx traced through,
+    matrix products called as functions) are proportional to the batch size (dim 0): checked
+    by two more runs at batch ``B + 1`` and ``2 B + 1``. A product over the batch
+    (``x @ x.T``), a slice of it (``h[: B // 2]``) or a layer reading dim 0 as its length
+    is not, so the cost of other batch sizes cannot be derived by scaling."""
+    if example_input.dim() == 0 or int(example_input.shape[0]) == 0:
         return False
-    try:
-        rec = _record(traced.graph_module, torch.cat([example_input, example_input]), root)
-    except Exception:  # the model does not run at another batch size
-        return False
-    return all(rec.flops.get(n, 0) == 2 * record.flops[n] for n in record.products)
+    batch = int(example_input.shape[0])
+    base = {n.name: f for n, f in record.flops.items()}
+    base[""] = record.extra_flops  # calls that traced to no ops
+    for other in (batch + 1, 2 * batch + 1):
+        x = example_input[torch.arange(other) % batch]  # the example's samples, repeated
+        errors: list[str] = []
+        try:
+            rec = _record(traced.graph_module, x, root)
+            inlined, extra = _inlined_flops(root, traced.graph_module.graph, x, errors)
+        except Exception:  # the model does not run at another batch size
+            return False
+        flops = {n.name: f for n, f in rec.flops.items()}
+        flops[""] = extra
+        for node, f in inlined.items():
+            flops[node.name] = flops.get(node.name, 0) + f
+        if any(flops.get(n, 0) * batch != base.get(n, 0) * other for n in {*base, *flops}):
+            return False
+    return True
