@@ -21,10 +21,13 @@ from gatedprune.costs import Cost
 from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import apply_plan, export_plan, gate_
 
+FUSED = ["no", "split", "split_c", "sections", "chunk", "timm"]
+
 
 class Attention(nn.Module):
     """Causal self-attention written by hand, in the forms models use: separate q, k, v
-    Linears (``fused="no"``) or one projection split (``"split"``, or into equal
+    Linears (``fused="no"``) or one projection split (``"split"`` by the attribute ``d``,
+    ``"split_c"`` by the input's width ``c`` read from ``x.size()``, or into equal
     ``"sections"``), chunked (``"chunk"``) or
     reshaped into ``(3, heads, head size)`` and unbound (``"timm"``, as timm's ViT);
     explicit ``softmax(q k^T / sqrt(D)) v`` with a mask buffer and dropout, or SDPA."""
@@ -50,6 +53,8 @@ class Attention(nn.Module):
                 q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, C) each
             elif self.fused == "split":
                 q, k, v = self.qkv(x).split(self.d, dim=2)
+            elif self.fused == "split_c":  # nanoGPT-like, with the width read from x
+                q, k, v = self.qkv(x).split(c, dim=2)
             elif self.fused == "sections":
                 q, k, v = self.qkv(x).split([self.d, self.d, self.d], dim=-1)
             else:
@@ -125,7 +130,7 @@ def _check(model: nn.Module, factory: object, x: Tensor, gen: torch.Generator) -
     return pruned
 
 
-@pytest.mark.parametrize("fused", ["no", "split", "sections", "chunk", "timm"])
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_closed_heads_are_removed(fused: str, sdpa: bool) -> None:
     torch.manual_seed(0)
@@ -161,7 +166,7 @@ def test_closed_heads_are_removed(fused: str, sdpa: bool) -> None:
 @given(
     heads=st.integers(2, 4),
     head_dim=st.integers(2, 3),
-    fused=st.sampled_from(["no", "split", "sections", "chunk", "timm"]),
+    fused=st.sampled_from(FUSED),
     sdpa=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
