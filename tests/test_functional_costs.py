@@ -367,3 +367,55 @@ def test_grouped_query_attention_with_qk_norm_keeps_its_heads() -> None:
     with torch.no_grad():
         assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
     assert float(gp.cost(model, x, hard=True).flops) == _flops(pruned, x)
+
+
+class LoRABlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = LoRALinear(3, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(self.a(x)))  # (B, 2)
+
+
+def test_a_pruned_module_left_without_submodules_counts_its_products() -> None:
+    """Closing the LoRA branch (a residual block) leaves the rewritten LoRALinear with no
+    submodules: its own F.linear must still be counted."""
+    torch.manual_seed(0)
+    model, x = LoRABlock().eval(), torch.randn(4, 3)
+    gp.gate_(model, x)
+    gating = inserted_gating(model)
+    assert gating.block_gates, "the LoRA branch is a residual block"
+    for gate in gating.group_gates:
+        gate.force_(torch.ones(gate.n, dtype=torch.bool))  # type: ignore[operator]
+    for gate in gating.block_gates:
+        gate.force_(torch.zeros(gate.n, dtype=torch.bool))  # type: ignore[operator]
+    pruned = gp.prune(model)
+    assert not any(True for _ in pruned.get_submodule("a").children())
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+    want = (2 * 4 * 3 * 8 + 4 * 8) + (2 * 4 * 8 * 2 + 4 * 2)  # the base Linear and the head
+    assert _flops(pruned, x) == want
+    assert float(gp.cost(model, x, hard=True).flops) == want
+
+
+@pytest.mark.parametrize("norm", ["weight", "spectral"])
+def test_a_parametrized_layer_counted_by_its_parts(norm: str) -> None:
+    parametrize = (
+        nn.utils.parametrizations.weight_norm
+        if norm == "weight"
+        else nn.utils.parametrizations.spectral_norm
+    )
+    x = torch.randn(3, 4)
+    lora = parametrize(LoRALinear(4, 8))
+    assert _flops(lora, x) == _flops(LoRALinear(4, 8), x)  # the weight's computation is free
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrize(LoRALinear(4, 8)), nn.ReLU(), nn.Linear(8, 2)).eval()
+    dense = _flops(copy.deepcopy(model), x)
+    gp.gate_(model, x)
+    assert float(gp.cost(model, x, hard=True).flops) == dense
+    pruned = gp.prune(model)
+    assert _flops(pruned, x) == dense
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5

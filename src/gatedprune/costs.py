@@ -436,6 +436,16 @@ _MOVES: tuple[type[nn.Module], ...] = (
 Handler = Callable[[nn.Module, tuple[Tensor, ...], Any], int]
 
 # Ordered (type, handler) pairs: the first isinstance match counts the module.
+# torch's weight parametrizations (weight_norm, spectral_norm, orthogonal): a layer with one
+# counts as its kind; where its owner is counted by parts, they are leaves of 0 FLOPs
+_PARAMETRIZATIONS: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        getattr(torch.nn.utils.parametrizations, n, None)
+        for n in ("_WeightNorm", "_SpectralNorm", "_Orthogonal")
+    )
+    if isinstance(t, type) and issubclass(t, nn.Module)
+)
 _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
     ((nn.Linear,), _linear),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv),
@@ -463,6 +473,7 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
     ((nn.Fold,), _fold),
     (_MOVES, _zero),
     ((nn.Embedding,), _zero),  # a table lookup
+    (_PARAMETRIZATIONS, _zero),  # computes a weight, not model FLOPs (a counted layer's too)
     ((nn.EmbeddingBag,), _embedding_bag),
     ((nn.LSTM, nn.GRU, nn.RNN), lambda m, i, o: _recurrent(m, i, o)),
     ((nn.LSTMCell, nn.GRUCell, nn.RNNCell), lambda m, i, o: _cell(m, i, o)),

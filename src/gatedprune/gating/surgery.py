@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import BATCH_NORMS, find_model_gating
+from ..functional_costs import FunctionalCounter
 from .blocks import graph_writes, live_nodes
 from .graph import (
     TracedModel,
@@ -74,12 +75,22 @@ class ScaledAdd(nn.Module):
 class PrunedGraphModule(fx.GraphModule):
     """A module whose ``forward`` was rewritten by pruning (fx generated code).
 
-    Left with no submodules it only runs functional ops, which ``gatedprune.cost`` does not
-    count: :meth:`flops_of` says so, so the cost of such a leaf is 0 rather than unknown.
+    Left with no submodules it only runs functional ops: :meth:`flops_of` counts the matrix
+    products among them (:mod:`gatedprune.functional_costs`), as ``gatedprune.cost`` counts
+    them in any ``forward``; element-wise ops are free.
     """
 
     def flops_of(self, inputs: tuple[Any, ...], output: Any) -> int:
-        return 0
+        """The FLOPs of the products its code runs on ``inputs`` (run again, without hooks)."""
+        with torch.no_grad(), FunctionalCounter() as counter:
+            try:
+                self.forward(*inputs)
+            except TypeError as e:  # e.g. called with keyword arguments the hook cannot see
+                raise TypeError(
+                    f"cannot count the FLOPs of pruned module {type(self).__name__}: running "
+                    f"its forward again on its positional inputs failed ({e})"
+                ) from e
+        return int(counter.flops)
 
     def __reduce__(self) -> tuple[Any, ...]:
         rv = super().__reduce__()  # GraphModule pickles as a plain GraphModule: re-wrap it
