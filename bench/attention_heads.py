@@ -4,8 +4,8 @@ A 4-block pre-LN GPT (d = 256, 8 heads of 32, FFN 1024, fused ``c_attn`` split i
 ``F.scaled_dot_product_attention``, as nanoGPT writes it) is gated with ``gate_``; the gates
 are set by hand (the first ``keep`` heads and the first ``keep`` of the FFN units of every
 block open, the rest closed), pruned, checked against the gated model, and timed against the
-dense model in interleaved rounds on one thread (medians). ``cost`` counts modules only, so
-the FLOPs column leaves out ``q k^T`` and ``weights v``, which head pruning cuts too.
+dense model in interleaved rounds on one thread (medians). The FLOPs include the attention
+products ``q k^T`` and ``weights v`` (and SDPA's softmax), which head pruning cuts too.
 
     python -m bench.attention_heads [--seq 128] [--rounds 7]
 """
@@ -108,7 +108,7 @@ def main() -> None:
                     "batch": batch,
                     "heads": f"{heads.in_features // 32}/8",
                     "params_fraction": c_p.params / c_d.params,
-                    "module_flops_fraction": c_p.flops / c_d.flops,
+                    "flops_fraction": c_p.flops / c_d.flops,
                     "dense_ms": 1e3 * t["dense"],
                     "pruned_ms": 1e3 * t["pruned"],
                     "speedup": t["dense"] / t["pruned"],
@@ -124,7 +124,7 @@ def main() -> None:
         notes=(
             f"T = {args.seq}, one thread, medians of {args.rounds} interleaved rounds; gates "
             "set by hand (the first `kept` of the heads and FFN units of every block open); "
-            "module FLOPs leave out q k^T and weights v (cut by head pruning too). "
+            "FLOPs include the attention products q k^T and weights v. "
             "max_abs_diff: pruned vs gated model, eval mode."
         ),
     )

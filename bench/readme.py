@@ -29,6 +29,7 @@ ORDER = [
     "resnet1d_latency",
     "resnet1d_gate_prune_time",
     "attention_heads",
+    "transformer_budget",
     "suite/suite_summary",
     "lstm_quality",
     "lstm_speed",
