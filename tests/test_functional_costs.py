@@ -336,37 +336,53 @@ def test_costs_not_proportional_to_the_batch_are_not_scaled(factory: type, batch
 
 
 class GroupedQKNorm(nn.Module):
-    """Grouped-query attention with QK-norm and repeat_interleave: k's normalised heads are
-    read by the repeat (not a product), so the heads stay whole, and pruning stays exact."""
+    """Attention with QK-norm (Qwen3, OLMo-2): q and k normalised over the head size, so they
+    are not zero at closed heads (v is); grouped-query (k, v repeated with repeat_interleave)
+    or not, scores by explicit matmul or SDPA."""
 
-    def __init__(self) -> None:
+    def __init__(self, gqa: bool, sdpa: bool) -> None:
         super().__init__()
-        self.q, self.k, self.v = nn.Linear(4, 8), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.kv, self.sdpa = (2 if gqa else 4), sdpa
+        self.q = nn.Linear(4, 8)
+        self.k, self.v = nn.Linear(4, 2 * self.kv), nn.Linear(4, 2 * self.kv)
         self.qn, self.kn = nn.LayerNorm(2), nn.LayerNorm(2)
         self.proj = nn.Linear(8, 4)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
         q = self.qn(self.q(x).view(b, t, 4, 2).transpose(1, 2))  # (B, 4, T, 2)
-        k = self.kn(self.k(x).view(b, t, 2, 2).transpose(1, 2))  # (B, 2, T, 2)
-        v = self.v(x).view(b, t, 2, 2).transpose(1, 2)  # (B, 2, T, 2)
-        k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # (B, 4, T, 2)
-        att = torch.matmul(q, k.transpose(-2, -1)).softmax(-1)  # (B, 4, T, T)
-        y = torch.matmul(att, v).transpose(1, 2).reshape(b, t, 8)  # (B, T, 8)
-        return x + self.proj(y)  # (B, T, 4)
+        k = self.kn(self.k(x).view(b, t, self.kv, 2).transpose(1, 2))  # (B, KV, T, 2)
+        v = self.v(x).view(b, t, self.kv, 2).transpose(1, 2)  # (B, KV, T, 2)
+        rep = 4 // self.kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, 4, T, 2)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, 4, T, 2)
+        else:
+            att = torch.matmul(q, k.transpose(-2, -1)).softmax(-1)  # (B, 4, T, T)
+            y = torch.matmul(att, v)  # (B, 4, T, 2)
+        return x + self.proj(y.transpose(1, 2).reshape(b, t, 8))  # (B, T, 4)
 
 
-def test_grouped_query_attention_with_qk_norm_keeps_its_heads() -> None:
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_qk_norm_heads_are_pruned_with_gqa_and_sdpa(gqa: bool, sdpa: bool) -> None:
     torch.manual_seed(0)
-    model, x = GroupedQKNorm().eval(), torch.randn(2, 5, 4)
+    model, x = GroupedQKNorm(gqa, sdpa).eval(), torch.randn(2, 5, 4)
+    dense = _flops(copy.deepcopy(model), x)
     summary = gp.gate_(model, x)
-    assert summary.head_groups == []
-    for gate in inserted_gating(model).group_gates:
-        gate.force_(torch.arange(gate.n) % 2 == 0)  # type: ignore[operator]
+    assert len(summary.head_groups) == 1, str(summary)
+    gating = inserted_gating(model)
+    heads = gating.group_gates[summary.head_groups[0]]
+    assert heads.n == (2 if gqa else 4)  # one gate per key/value head
+    for gate in gating.group_gates:
+        gate.force_(torch.ones(gate.n, dtype=torch.bool))  # type: ignore[operator]
+    heads.force_(torch.arange(heads.n) == 1)  # type: ignore[operator]
     pruned = gp.prune(model)
-    with torch.no_grad():
-        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
-    assert float(gp.cost(model, x, hard=True).flops) == _flops(pruned, x)
+    for xi in (x, torch.randn(3, 7, 4)):
+        with torch.no_grad():
+            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    assert float(gp.cost(model, x, hard=True).flops) == _flops(pruned, x) < dense
+    assert pruned.get_submodule("proj").in_features == (4 if gqa else 2)
 
 
 class LoRABlock(nn.Module):
@@ -419,3 +435,22 @@ def test_a_parametrized_layer_counted_by_its_parts(norm: str) -> None:
     assert _flops(pruned, x) == dense
     with torch.no_grad():
         assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+
+
+@settings(max_examples=examples(15), deadline=None)
+@given(gqa=st.booleans(), sdpa=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_qk_norm_random_gate_states_prune_exactly(gqa: bool, sdpa: bool, seed: int) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model, x = GroupedQKNorm(gqa, sdpa), torch.randn(2, 5, 4, generator=gen)
+    gp.gate_(model, x)
+    gating = inserted_gating(model)
+    with torch.no_grad():
+        for gate in [*gating.group_gates, *gating.block_gates]:
+            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)  # type: ignore[operator]
+    model.eval()
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        xi = torch.randn(3, 6, 4, generator=gen)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    assert float(gp.cost(model, x, hard=True).flops) == _flops(pruned, x)

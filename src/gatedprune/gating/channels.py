@@ -1390,15 +1390,19 @@ class _Propagator:
         reshape merges the labels, as in Hugging Face's ``repeat_kv``)."""
         x = n.args[0] if n.args else None
         lab, ins, out = self.lab(x), self.shape(x), self.shape(n)
+        nz = lab is None and isinstance(x, fx.Node) and x in self.nonzero
+        if nz:  # k after QK-norm: the repeat of nonzero labels is nonzero
+            lab = self.nonzero[cast(fx.Node, x)]
         if lab is None or ins is None or out is None:
             return None
+        result: Labels | None = None
         if n.target == "expand":
             if len(out) == len(ins) and out[lab.dim] == ins[lab.dim]:
                 found, arg = _size_arg(n, lab.dim - len(out))
                 if found and not (arg == -1 or self.derived_size(arg, lab)):
                     # a literal (self.num_key_value_heads): the pruned code gets the kept width
                     self.sizes[n] = [(lab.dim - len(out), lab.atoms, 1)]
-                return Labels(lab.dim, lab.atoms)
+                result = Labels(lab.dim, lab.atoms)
         else:
             reps: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
             dim: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
@@ -1409,18 +1413,33 @@ class _Propagator:
                 and dim % len(ins) == lab.dim
                 and not n.kwargs.get("output_size")
             ):
-                return Labels(lab.dim, np.repeat(lab.atoms, reps))
+                result = Labels(lab.dim, np.repeat(lab.atoms, reps))
+        if result is not None and nz:
+            self.nonzero[n] = result
+            self.nonzero_uses.add((cast(fx.Node, x), n))
+            return None
+        if result is not None:
+            return result
         self.pin_inputs(n, f"{self.describe(n)} repeats the labelled channels")
         return None
 
     def sdpa(self, n: fx.Node) -> Labels | None:
         """``F.scaled_dot_product_attention(q, k, v, ...)`` with ``q``, ``k``, ``v`` labelled on
         their heads dimension: the heads of all three are pruned together; the output carries
-        them (a closed head's ``v`` is zero, so is its output)."""
+        them (a closed head's ``v`` is zero, so is its output). ``q`` and ``k`` may be nonzero
+        at closed heads (QK-norm), ``v`` may not."""
         out = self.shape(n)
         qkv = list(n.args[:3])
         mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
         labs = [self.lab(a) for a in qkv]
+        nonzero = [
+            i < 2 and labs[i] is None and isinstance(a, fx.Node) and a in self.nonzero
+            for i, a in enumerate(qkv)
+        ]
+        labs = [
+            self.nonzero[cast(fx.Node, a)] if nz else lab
+            for a, nz, lab in zip(qkv, nonzero, labs, strict=True)
+        ]
         why = f"{self.describe(n)} (attention) reads heads that are not all labelled alike"
         if out is None or len(qkv) != 3 or all(lab is None for lab in labs):
             return None
@@ -1446,6 +1465,9 @@ class _Propagator:
             return None
         for lab, _ in found[1:]:
             self.union(first.atoms, lab.atoms)
+        for a, nz in zip(qkv, nonzero, strict=True):
+            if nz:
+                self.nonzero_uses.add((cast(fx.Node, a), n))
         self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
         return Labels(d, first.atoms)
 
