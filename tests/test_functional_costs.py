@@ -340,9 +340,9 @@ class GroupedQKNorm(nn.Module):
     are not zero at closed heads (v is); grouped-query (k, v repeated with repeat_interleave)
     or not, scores by explicit matmul or SDPA."""
 
-    def __init__(self, gqa: bool, sdpa: bool) -> None:
+    def __init__(self, gqa: bool, sdpa: bool, hf_repeat: bool = False) -> None:
         super().__init__()
-        self.kv, self.sdpa = (2 if gqa else 4), sdpa
+        self.kv, self.sdpa, self.hf_repeat = (2 if gqa else 4), sdpa, hf_repeat
         self.q = nn.Linear(4, 8)
         self.k, self.v = nn.Linear(4, 2 * self.kv), nn.Linear(4, 2 * self.kv)
         self.qn, self.kn = nn.LayerNorm(2), nn.LayerNorm(2)
@@ -354,7 +354,11 @@ class GroupedQKNorm(nn.Module):
         k = self.kn(self.k(x).view(b, t, self.kv, 2).transpose(1, 2))  # (B, KV, T, 2)
         v = self.v(x).view(b, t, self.kv, 2).transpose(1, 2)  # (B, KV, T, 2)
         rep = 4 // self.kv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, 4, T, 2)
+        if self.hf_repeat:  # Hugging Face's repeat_kv, its sizes written out
+            k = k[:, :, None].expand(b, self.kv, rep, t, 2).reshape(b, 4, t, 2)  # (B, 4, T, 2)
+            v = v[:, :, None].expand(b, self.kv, rep, t, 2).reshape(b, 4, t, 2)  # (B, 4, T, 2)
+        else:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, 4, T, 2)
         if self.sdpa:
             y = F.scaled_dot_product_attention(q, k, v)  # (B, 4, T, 2)
         else:
@@ -363,11 +367,12 @@ class GroupedQKNorm(nn.Module):
         return x + self.proj(y.transpose(1, 2).reshape(b, t, 8))  # (B, T, 4)
 
 
+@pytest.mark.parametrize("hf_repeat", [False, True])
 @pytest.mark.parametrize("gqa", [False, True])
 @pytest.mark.parametrize("sdpa", [False, True])
-def test_qk_norm_heads_are_pruned_with_gqa_and_sdpa(gqa: bool, sdpa: bool) -> None:
+def test_qk_norm_heads_are_pruned_with_gqa_and_sdpa(gqa: bool, sdpa: bool, hf_repeat: bool) -> None:
     torch.manual_seed(0)
-    model, x = GroupedQKNorm(gqa, sdpa).eval(), torch.randn(2, 5, 4)
+    model, x = GroupedQKNorm(gqa, sdpa, hf_repeat).eval(), torch.randn(2, 5, 4)
     dense = _flops(copy.deepcopy(model), x)
     summary = gp.gate_(model, x)
     assert len(summary.head_groups) == 1, str(summary)

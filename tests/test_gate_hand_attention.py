@@ -608,3 +608,46 @@ def test_attention_called_with_some_optional_arguments(with_none: bool) -> None:
     )
     pruned = _check(model, lambda: MaskedNet(with_none), x, gen)
     assert pruned.get_submodule("attn.value").out_features == 4  # type: ignore[union-attr]
+
+
+class MadeWhileTracing(nn.Module):
+    """Attention whose forward makes a tensor from constants (fx stores it on the traced
+    module as a tensor constant): the rewritten module must carry it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (m(x).view(b, t, 2, 4).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v) * torch.full((4,), 2.0)  # (B, 2, T, 4)
+        return x + self.o(y.transpose(1, 2).reshape(b, t, 8))  # (B, T, 8)
+
+
+def test_a_tensor_made_while_tracing_survives_the_rewrite() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=gen)
+    model = nn.Sequential(MadeWhileTracing(), MadeWhileTracing()).eval()
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 2
+    gating = inserted_gating(model)
+    for gate in gating.group_gates:
+        gate.force_(torch.ones(gate.n, dtype=torch.bool))  # type: ignore[operator]
+    for i in summary.head_groups:
+        gating.group_gates[i].force_(torch.tensor([True, False]))  # type: ignore[operator]
+
+    def fresh() -> nn.Module:
+        return nn.Sequential(MadeWhileTracing(), MadeWhileTracing())
+
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+    plan = json.loads(json.dumps(export_plan(model)))
+    replayed = apply_plan(fresh(), plan)
+    replayed.load_state_dict(pruned.state_dict())
+    replayed.eval()
+    with torch.no_grad():
+        xi = torch.randn(3, 6, 8, generator=gen)
+        assert (replayed(xi) - model(xi)).abs().max().item() <= 1e-5

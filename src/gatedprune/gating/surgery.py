@@ -207,12 +207,27 @@ def _same_target(model: nn.Module, sub: nn.Module, r: fx.Node, n: fx.Node, scope
     if r.op in ("call_module", "get_attr"):
         if _norm_target(r, scope) == n.target:
             return True
+        constants = (str(r.target), str(n.target))
+        if r.op == "get_attr" and all(t.startswith("_tensor_constant") for t in constants):
+            # made while tracing, numbered per trace: the same tensor under another number
+            a = getattr(r.graph.owning_module, constants[0], None)
+            b = getattr(n.graph.owning_module, constants[1], None)
+            return isinstance(a, Tensor) and isinstance(b, Tensor) and _same_tensor(a, b)
         root = r.graph.owning_module or model  # the traced modules, before any rewrite
         try:
             return _resolve(root, str(r.target)) is _resolve(sub, str(n.target))
         except AttributeError:
             return False
     return bool(r.target == n.target)
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Same shape, dtype and values (NaNs equal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    return a.is_floating_point() and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
 
 
 def _defaults(sub: nn.Module) -> dict[str, Any]:
@@ -581,7 +596,22 @@ def _rewrite_scope(
     nodes = list(local.graph.nodes)
     if len(nodes) == 2 and nodes[0].op == "placeholder" and nodes[1].args[0] is nodes[0]:
         return nn.Identity()  # nothing left: the module passes its input through
-    new = PrunedGraphModule(sub, local.graph, class_name=f"Pruned{type(sub).__name__}")
+    # tensors fx made while tracing (`torch.full((d,), 2.0)`) live on the traced graph module,
+    # not on the model (see graph._trace): the new module takes them from there
+    constants = {
+        str(n.target)
+        for n in local.graph.nodes
+        if n.op == "get_attr"
+        and str(n.target).startswith("_tensor_constant")
+        and not hasattr(sub, str(n.target))
+    }
+    for name in constants:
+        setattr(sub, name, getattr(local.graph_module, name))
+    try:
+        new = PrunedGraphModule(sub, local.graph, class_name=f"Pruned{type(sub).__name__}")
+    finally:
+        for name in constants:
+            delattr(sub, name)
     new.train(sub.training)
     return new
 
