@@ -651,3 +651,72 @@ def test_a_tensor_made_while_tracing_survives_the_rewrite() -> None:
     with torch.no_grad():
         xi = torch.randn(3, 6, 8, generator=gen)
         assert (replayed(xi) - model(xi)).abs().max().item() <= 1e-5
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]  # (..., D / 2) each
+    return torch.cat((-x2, x1), dim=-1)  # (..., D)
+
+
+class QwenStyle(nn.Module):
+    """Qwen3 / OLMo-2 layout: QK-norm (RMSNorm over the head size), then RoPE
+    (``q * cos + rotate_half(q) * sin``), grouped-query attention by repeat_interleave,
+    SDPA or explicit softmax(q k^T) v."""
+
+    def __init__(self, sdpa: bool, d: int = 16, heads: int = 4, kv: int = 2) -> None:
+        super().__init__()
+        self.h, self.kv, self.hd, self.sdpa = heads, kv, d // heads, sdpa
+        self.q = nn.Linear(d, heads * self.hd)
+        self.k, self.v = nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
+        self.q_norm, self.k_norm = nn.RMSNorm(self.hd), nn.RMSNorm(self.hd)
+        self.o = nn.Linear(heads * self.hd, d)
+        angle = torch.arange(32)[:, None] * torch.arange(self.hd)[None, :] * 0.1  # (32, D)
+        self.register_buffer("cos", angle.cos())
+        self.register_buffer("sin", angle.sin())
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_norm(self.q(x).view(b, t, self.h, self.hd)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k(x).view(b, t, self.kv, self.hd)).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v(x).view(b, t, self.kv, self.hd).transpose(1, 2)  # (B, KV, T, D)
+        cos, sin = self.cos.narrow(0, 0, t), self.sin.narrow(0, 0, t)  # (T, D)
+        q = q * cos + _rotate_half(q) * sin  # (B, H, T, D)
+        k = k * cos + _rotate_half(k) * sin  # (B, KV, T, D)
+        r = self.h // self.kv
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (B, H, T, D)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        else:
+            y = torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(-1), v)  # (B, H, T, D)
+        return x + self.o(y.transpose(1, 2).reshape(b, t, self.h * self.hd))  # (B, T, d)
+
+
+@settings(max_examples=examples(12), deadline=None)
+@given(sdpa=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_qk_norm_then_rope_heads_are_pruned(sdpa: bool, seed: int) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 16, generator=gen)
+    model = QwenStyle(sdpa)
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1, str(summary)  # one gate per key/value head
+    gating = inserted_gating(model)
+    with torch.no_grad():
+        for gate in [*gating.group_gates, *gating.block_gates]:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+    model.eval()
+    hard = gp.cost(model, x, hard=True)
+    pruned = gp.prune(model)
+    c = gp.cost(pruned, x)
+    assert isinstance(c, Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    with torch.no_grad():
+        xi = torch.randn(3, 9, 16, generator=gen)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    plan = json.loads(json.dumps(export_plan(model)))
+    fresh = apply_plan(QwenStyle(sdpa), plan)
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert (fresh(xi) - model(xi)).abs().max().item() <= 1e-5

@@ -616,7 +616,12 @@ class _Propagator:
         if n.op == "output":
             self.pin_inputs(n, "reaches the model output")
             return None
-        if self.excitation(n) or self.nonzero_shape(n) or self.attention_nonzero(n):
+        if (
+            self.excitation(n)
+            or self.nonzero_shape(n)
+            or self.attention_nonzero(n)
+            or self.nonzero_cat(n)
+        ):
             return None  # nonzero labels: kept in self.nonzero, not seen by other readers
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.pieces:
             item = n.args[1]
@@ -1241,6 +1246,12 @@ class _Propagator:
         others = [a for a in _flat_nodes((n.args, n.kwargs)) if a is not x]
         if meth and t in ("type_as", "to"):
             others = []  # another tensor gives only its dtype and device
+        paired = self.nonzero_pair(n, x, lab, others) if nz is not None else None
+        if paired is not None:  # RoPE after QK-norm: q * cos + rotate_half(q) * sin
+            self.union(lab.atoms, self.nonzero[paired].atoms)
+            self.nonzero[n] = Labels(lab.dim, lab.atoms)
+            self.nonzero_uses.update({(x, n), (paired, n)})
+            return True
         for a in others:  # plain tensors, broadcast along the heads
             s_a = self.shape(a)
             if self.lab(a) is not None or a in self.nonzero:
@@ -1262,6 +1273,8 @@ class _Propagator:
             ok = True  # a zero-labelled score plus a mask: nonzero from here on
         elif (fn and t is F.dropout) or (meth and t in ("float", "type_as", "to", "contiguous")):
             ok = nz is not None  # of zero labels: the usual pass-through rules
+        elif (fn and t in (operator.neg, torch.neg)) or (meth and t == "neg"):
+            ok = nz is not None  # RoPE's rotate_half
         elif binary:  # a scale; of zero labels: the usual rule
             divides = t in _DIV_FUNCS or t == "div"
             ok = nz is not None and (not divides or n.args[0] is x)  # scores / scale only
@@ -1273,6 +1286,51 @@ class _Propagator:
         if nz is not None:
             self.nonzero_uses.add((x, n))
         return True
+
+    def nonzero_cat(self, n: fx.Node) -> bool:
+        """``torch.cat`` of nonzero-labelled tensors along another dimension than their labels
+        (RoPE's ``rotate_half``: ``cat((-x2, x1), dim=-1)`` of two halves of normalised
+        heads): nonzero-labelled, the pieces' channels pruned together. False if ``n`` is not
+        one (or reads any tensor that is not nonzero-labelled alike)."""
+        if not (n.op == "call_function" and n.target is torch.cat and n.args):
+            return False
+        parts = n.args[0]
+        dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        if not isinstance(parts, list | tuple) or not parts or not isinstance(dim, int):
+            return False
+        if not all(isinstance(a, fx.Node) and a in self.nonzero for a in parts):
+            return False
+        nodes = [cast(fx.Node, a) for a in parts]
+        labs = [self.nonzero[a] for a in nodes]
+        out = self.shape(n)
+        first = labs[0]
+        if out is None or dim % len(out) == first.dim:
+            return False
+        if any(lab.dim != first.dim or len(lab.atoms) != len(first.atoms) for lab in labs):
+            return False
+        for lab in labs[1:]:
+            self.union(first.atoms, lab.atoms)
+        self.nonzero[n] = Labels(first.dim, first.atoms)
+        self.nonzero_uses.update((a, n) for a in nodes)
+        return True
+
+    def nonzero_pair(
+        self, n: fx.Node, x: fx.Node, lab: Labels, others: list[fx.Node]
+    ) -> fx.Node | None:
+        """The other operand of ``n = x + y`` (or ``x - y``) when both are nonzero-labelled
+        on the same dimension with as many labels and the same shape (two rotations of
+        normalised heads added, as RoPE does after QK-norm): the sum is nonzero-labelled,
+        the two operands' channels pruned together. None otherwise."""
+        t, fn, meth = n.target, n.op == "call_function", n.op == "call_method"
+        if not ((fn and t in _ADD_FUNCS) or (meth and t == "add")) or len(others) != 1:
+            return None
+        y = others[0]
+        other = self.nonzero.get(y)
+        if other is None or self.shape(y) != self.shape(x) or other.dim != lab.dim:
+            return None
+        if len(other.atoms) != len(lab.atoms) or n.kwargs:
+            return None
+        return y
 
     def matmul(self, n: fx.Node) -> Labels | None:
         """``a @ b`` with labels on a batch dimension (the heads of ``q @ k^T`` and of
