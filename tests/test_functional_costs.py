@@ -459,3 +459,37 @@ def test_qk_norm_random_gate_states_prune_exactly(gqa: bool, sdpa: bool, seed: i
         xi = torch.randn(3, 6, 4, generator=gen)
         assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
     assert float(gp.cost(model, x, hard=True).flops) == _flops(pruned, x)
+
+
+class Adapter(nn.Module):
+    """A class with submodules counted whole by a registered handler (its own count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(8, 2), nn.Linear(2, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(torch.relu(self.down(x)))  # (B, 8)
+
+
+def test_a_registered_class_with_submodules_is_counted_and_kept_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gatedprune.costs as costs
+
+    monkeypatch.setattr(costs, "_HANDLERS", list(costs._HANDLERS))
+    gp.register_cost(Adapter, lambda m, i, o: 1000)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), Adapter(), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 4)
+    dense = _flops(copy.deepcopy(model), x)
+    head = _flops(nn.Linear(8, 2), torch.randn(3, 8))
+    assert dense == _flops(nn.Linear(4, 8), x) + 1000 + 3 * 8 + head  # the adapter: 1000
+    summary = gp.gate_(model, x)
+    gated = {p for producers, _ in summary.channel_groups for p in producers}
+    assert not any(p.startswith("1.") for p in gated)  # its submodules are not gated
+    gating = inserted_gating(model)
+    for gate in gating.group_gates:
+        gate.force_(torch.ones(gate.n, dtype=torch.bool))  # type: ignore[operator]
+    assert float(gp.cost(model, x, hard=True).flops) == dense
+    assert _flops(gp.prune(model), x) == dense
