@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import gatedprune as gp
 from gatedprune.data import Splits, mnist1d
 from gatedprune.demo import budget_trainer
-from gatedprune.gating import InsertedGating, gate_
+from gatedprune.gating import gate_
 from gatedprune.profiling import compare_latency
 from gatedprune.train import Trainer
 
@@ -154,8 +154,6 @@ def main() -> None:
         for target in args.targets:
             net = copy.deepcopy(init)
             gate_(net, x1)
-            gating = net.gatedprune
-            assert isinstance(gating, InsertedGating)
             start = time.perf_counter()
             trainer = budget_trainer(net, data, flops=target, epochs=args.epochs, seed=seed)
             trainer.lr = args.lr

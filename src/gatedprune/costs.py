@@ -872,6 +872,42 @@ def _handler_for(m: nn.Module) -> Handler | None:
     return None
 
 
+def watch_counted(
+    module: nn.Module,
+    counter: FunctionalCounter,
+    hook_for: Callable[[str, nn.Module], Callable[[nn.Module, tuple[Any, ...], Any], None]],
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook the modules :func:`cost` counts whole in ``module`` (gated modules, leaves, units
+    such as attention; not what they hold): ``hook_for(name, m)`` becomes ``m``'s forward
+    hook, and ``counter``'s depth is raised while ``m`` runs (from before its own pre-hooks,
+    which may compute a weight, to after that hook, whose handler may compute), so the
+    products ``counter`` adds up are those called outside them. Returns the handles."""
+    handles = []
+    inside: list[str] = []
+    for name, m in module.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue  # counted by the module that holds it
+        leaf = not any(True for _ in m.children())
+        whole = isinstance(m, GatedModule) or (not leaf and unit_handler(m) is not None)
+        if not (leaf or whole):
+            continue
+        if whole:
+            inside.append(f"{name}." if name else "")
+        inner = hook_for(name, m)
+
+        def hook(
+            mod: nn.Module, inp: tuple[Any, ...], out: Any, inner: Callable[..., None] = inner
+        ) -> None:
+            try:
+                inner(mod, inp, out)
+            finally:
+                counter.leave()
+
+        handles.append(m.register_forward_pre_hook(counter.enter, prepend=True))
+        handles.append(m.register_forward_hook(hook))
+    return handles
+
+
 def _check_input(module: Any, example_input: Any) -> None:
     """Reject a non-module, and a floating input whose dtype differs from the model's."""
     if not isinstance(module, nn.Module):
@@ -912,15 +948,15 @@ class CostProgram:
                 raise TypeError("a gated model's example input must be a tensor")
             program.gated.append((gating, tuple(example_input.shape)))
             return program
-        handles = []
         errors: list[str] = []
         seen_gated: set[int] = set()
+        gated_roots: list[nn.Module] = []
 
         def make_hook(name: str, m: nn.Module) -> Callable[..., None]:
             if isinstance(m, GatedModule):
+                gated_roots.append(m)
 
                 def gated_hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-                    counter.leave()  # (nothing below calls torch functions)
                     if id(mod) in seen_gated:
                         raise ValueError(
                             f"gated module {name or type(mod).__name__} runs more than once per "
@@ -937,39 +973,17 @@ class CostProgram:
             handler = _handler_for(m)
 
             def hook(mod: nn.Module, inp: tuple[Any, ...], out: Any) -> None:
-                try:  # products a handler computes with are not the model's
-                    if handler is None:
-                        errors.append(f"{name or type(mod).__name__} ({type(mod).__name__})")
-                        return
-                    check_positional(name, mod, inp, handler)
-                    program.fixed_flops += handler(mod, inp, out)
-                finally:
-                    counter.leave()
+                if handler is None:
+                    errors.append(f"{name or type(mod).__name__} ({type(mod).__name__})")
+                    return
+                check_positional(name, mod, inp, handler)
+                program.fixed_flops += handler(mod, inp, out)
 
             return hook
 
-        gated_roots: list[nn.Module] = []
-        gated_prefixes: list[str] = []
         # matrix products the forwards call as functions, outside the modules counted whole
         counter = FunctionalCounter()
-
-        def watch(m: nn.Module, name: str) -> None:
-            # before the module's own pre-hooks (spectral_norm computes its weight in one)
-            handles.append(m.register_forward_pre_hook(counter.enter, prepend=True))
-            handles.append(m.register_forward_hook(make_hook(name, m)))
-
-        for name, m in module.named_modules():
-            if any(name.startswith(p) for p in gated_prefixes):
-                continue  # counted by the gated module that holds it
-            if isinstance(m, GatedModule):
-                gated_roots.append(m)
-                gated_prefixes.append(f"{name}." if name else "")
-                watch(m, name)
-            elif not any(True for _ in m.children()):
-                watch(m, name)
-            elif unit_handler(m) is not None:  # counted as a whole, e.g. attention
-                watch(m, name)
-                gated_prefixes.append(f"{name}." if name else "")
+        handles = watch_counted(module, counter, make_hook)
         was_training = module.training
         module.eval()
         nested = _no_nested_encoders(module)

@@ -495,16 +495,11 @@ class _Propagator:
         if not isinstance(x, fx.Node) or x not in self.nonzero:
             return False
         is_fn = n.op == "call_function"
-        if n.op == "call_method" and n.target in ("expand", "expand_as"):
+        if n.op == "call_method" and n.target == "expand_as":  # (expand: repeat_heads)
             ins, outs = self.shape(x), self.shape(n)
             lab = self.nonzero[x]
             same_rank = ins is not None and outs is not None and len(ins) == len(outs)
             if same_rank and ins[lab.dim] == outs[lab.dim]:  # type: ignore[index]
-                if n.target == "expand":  # GQA's keys after QK-norm: as in repeat_heads,
-                    e = lab.dim - len(outs)  # type: ignore[arg-type]
-                    found, arg = _size_arg(n, e)  # a literal count gets the kept count
-                    if found and not (arg == -1 or self.derived_size(arg, lab)):
-                        self.sizes[n] = [(e, lab.atoms, 1)]
                 self.nonzero[n] = lab  # size-1 dims broadcast, the channels kept
                 self.nonzero_uses.add((x, n))
             return True

@@ -24,7 +24,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import ModelGating
-from ..costs import _handler_for, check_positional, counts_itself, unit_handler
+from ..costs import (
+    _handler_for,
+    check_positional,
+    counts_itself,
+    unit_handler,
+    watch_counted,
+)
 from ..functional_costs import FunctionalCounter
 from ..rnn_slicing import StateSlicing
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
@@ -368,30 +374,20 @@ class _Recorder(fx.Interpreter):
         # counted as cost() counts it: leaves and units (e.g. attention) whole, the matrix
         # products its forward calls as functions outside them too
         total = [0]
-        handles = []
         counter = FunctionalCounter()
-        units: list[str] = []
-        for name, leaf in m.named_modules():
-            if any(name.startswith(u) for u in units):
-                continue
-            unit = unit_handler(leaf) if name and any(True for _ in leaf.children()) else None
-            if unit is None and any(True for _ in leaf.children()):
-                continue
-            if unit is not None:
-                units.append(name + ".")
-            h = unit if unit is not None else _handler_for(leaf)
+
+        def hook_for(name: str, leaf: nn.Module) -> Callable[..., None]:
+            h = _handler_for(leaf)
             if h is None:
                 self.errors.append(f"{target}.{name} ({type(leaf).__name__})")
-                continue
 
-            def hook(mod: nn.Module, i: tuple[Any, ...], o: Any, h: Any = h) -> None:
-                try:
+            def hook(mod: nn.Module, i: tuple[Any, ...], o: Any) -> None:
+                if h is not None:
                     total[0] += int(h(mod, i, o))
-                finally:
-                    counter.leave()
 
-            handles.append(leaf.register_forward_pre_hook(counter.enter, prepend=True))
-            handles.append(leaf.register_forward_hook(hook))
+            return hook
+
+        handles = watch_counted(m, counter, hook_for)
         try:
             with counter:
                 out = m(*args, **kwargs)
