@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -513,45 +514,80 @@ def test_grouped_query_attention_prunes_key_value_groups(form: str) -> None:
 
 
 class QKNorm(nn.Module):
-    """QK-norm (OLMo-2, Qwen3, ViT-22B): q and k normalised over the head size."""
+    """QK-norm (OLMo-2, Qwen3, ViT-22B): q and k normalised over the head size, by modules or
+    by ``F.layer_norm`` / ``F.rms_norm`` with parameters of the attention's own."""
 
-    def __init__(self, rms: bool, d: int = 16, heads: int = 4) -> None:
+    def __init__(self, rms: bool, d: int = 16, heads: int = 4, functional: bool = False) -> None:
         super().__init__()
-        self.h, self.hd = heads, d // heads
+        self.h, self.hd, self.functional = heads, d // heads, functional
         self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, 2)
         norm = nn.RMSNorm if rms else nn.LayerNorm
         self.q_norm, self.k_norm = norm(self.hd), norm(self.hd)
 
+    def _norm(self, m: nn.Module, t: Tensor) -> Tensor:
+        if not self.functional:
+            return cast(Tensor, m(t))
+        if isinstance(m, nn.RMSNorm):
+            return F.rms_norm(t, (self.hd,), m.weight, 1e-6)  # (B, T, H, D)
+        assert isinstance(m, nn.LayerNorm)
+        return F.layer_norm(t, [self.hd], m.weight, bias=m.bias)  # (B, T, H, D)
+
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.h, self.hd).unbind(2)  # (B, T, H, D) each
-        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)  # (B, H, T, D)
+        q = self._norm(self.q_norm, q).transpose(1, 2)  # (B, H, T, D)
+        k = self._norm(self.k_norm, k).transpose(1, 2)  # (B, H, T, D)
         att = (q @ k.transpose(-2, -1) * self.hd**-0.5).softmax(-1)  # (B, H, T, T)
         y = att @ v.transpose(1, 2)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)
 
 
+@pytest.mark.parametrize("functional", [False, True])
 @pytest.mark.parametrize("rms", [False, True])
-def test_qk_norm_heads_are_pruned(rms: bool) -> None:
+def test_qk_norm_heads_are_pruned(rms: bool, functional: bool) -> None:
     # a closed head's q and k are not zero after the norm (its bias), its v is: still exact
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, generator=gen)
-    model = QKNorm(rms)
+    model = QKNorm(rms, functional=functional)
     with torch.no_grad():
         for m in (model.q_norm, model.k_norm):
             m.weight.normal_(1.0, 0.3, generator=gen)
             if isinstance(m, nn.LayerNorm):
                 m.bias.normal_(0.0, 0.3, generator=gen)
     summary = gate_(model, x)
-    assert len(summary.head_groups) == 1
+    assert len(summary.head_groups) == 1, str(summary)
     inserted_gating(model).group_gates[summary.head_groups[0]].force_(  # type: ignore[operator]
         torch.tensor([True, False, False, True])
     )
-    pruned = _check(model, lambda: QKNorm(rms), x, gen)
+    pruned = _check(model, lambda: QKNorm(rms, functional=functional), x, gen)
     o = pruned.get_submodule("o")
     assert isinstance(o, nn.Linear)
     assert o.in_features == 8
+
+
+class NormOverHeads(nn.Module):
+    """A functional LayerNorm over the heads and the head size together (the whole width of
+    q): removing a head would change every other head's normalisation."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, self.hd).unbind(2)  # (B, T, H, D) each
+        q = F.layer_norm(q, (self.h, self.hd)).transpose(1, 2)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)  # (B, 2)
+
+
+def test_a_norm_over_the_heads_keeps_them() -> None:
+    x = torch.randn(2, 5, 16)
+    summary = gate_(NormOverHeads(), x)
+    assert not summary.head_groups, str(summary)
+    assert "layer_norm" in str(summary)
 
 
 class MaskedSelfAttention(nn.Module):

@@ -247,6 +247,8 @@ RESHAPE_FUNCS, RESHAPE_METHODS = _RESHAPE_FUNCS, _RESHAPE_METHODS
 _ADD_FUNCS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, torch.add}
 _MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
+# normalisations over trailing dimensions (normalized_shape); of heads: over the head size
+_NORM_FUNCS: set[Callable[..., Any]] = {F.layer_norm, F.rms_norm, torch.layer_norm, torch.rms_norm}
 _META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
 _META_METHODS = {"size", "dim", "numel"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
@@ -1261,6 +1263,13 @@ class _Propagator:
                 ok = True  # QK-norm: over the head size, not the heads
             else:
                 ok = nz is not None and isinstance(m, nn.Dropout)
+        elif fn and t in _NORM_FUNCS:  # functional QK-norm: F.layer_norm(q, (D,), w, b)
+            shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+            ok = (
+                n.args[0] is x
+                and isinstance(shape, list | tuple)
+                and len(shape) < len(ins) - lab.dim
+            )
         elif (fn and t in (F.softmax, torch.softmax)) or (meth and t == "softmax"):
             dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             ok = isinstance(dim, int) and dim % len(ins) != lab.dim
