@@ -288,9 +288,27 @@ class SingleHead(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)
 
 
+class MultiQuery(nn.Module):
+    """Multi-query attention (PaLM, Falcon, Gemma-2B): one key/value head for every query head
+    (SDPA's ``enable_gqa``); a closed query head's output would be the mean of v, not zero."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * self.hd), nn.Linear(d, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k, v = self.kv(x).view(b, t, 2, 1, self.hd).transpose(1, 3).unbind(2)  # (B, 1, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)
+
+
 @pytest.mark.parametrize(
     ("factory", "name", "reason"),
     [
+        (MultiQuery, "q", "reads one key/value head for every query head (multi-query"),
         (PerHeadBias, "q", "adds an ungated tensor"),
         (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
         (FourWaySplit, "v", "splits the labelled dimension other than into (heads, head size)"),
@@ -474,6 +492,8 @@ class GroupedQuery(nn.Module):
     def repeat(self, t: Tensor) -> Tensor:
         b, kv, s, d = t.shape  # (B, KV, T, D)
         rep = self.h // self.kv
+        if self.form == "enable_gqa":  # SDPA repeats them itself
+            return t
         if self.form == "interleave":
             return t.repeat_interleave(rep, dim=1)  # (B, H, T, D)
         if self.form == "literal":  # the head counts as the module's ints
@@ -488,16 +508,18 @@ class GroupedQuery(nn.Module):
         q = self.q(h).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, T, D)
         k = self.repeat(self.k(h).view(b, t, self.kv, self.hd).transpose(1, 2))
         v = self.repeat(self.v(h).view(b, t, self.kv, self.hd).transpose(1, 2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        gqa = self.form == "enable_gqa"
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
         x = x + self.o(y.transpose(1, 2).reshape(b, t, -1))
         return self.head(x).mean(1)
 
 
-@pytest.mark.parametrize("form", ["interleave", "hf", "literal"])
+@pytest.mark.parametrize("form", ["interleave", "hf", "literal", "enable_gqa"])
 def test_grouped_query_attention_prunes_key_value_groups(form: str) -> None:
     # before: left ungated ("repeat_interleave ... is an op gate_ does not prune through");
     # now one gate per key/value head, closing it with its query heads; an expand to the
-    # literal number of key/value heads is rewritten (the pruned model failed before)
+    # literal number of key/value heads is rewritten (the pruned model failed before);
+    # SDPA's own enable_gqa=True was left ungated before 2026-12-07 15:00 UTC
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, generator=gen)
@@ -730,3 +752,33 @@ def test_qk_norm_then_rope_heads_are_pruned(sdpa: bool, seed: int) -> None:
             assert isinstance(gate, HardConcreteGate)
             gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
     _check(model, lambda: QwenStyle(sdpa), x, gen)  # exact, same cost, plan replays
+
+
+@settings(max_examples=examples(10), deadline=None)
+@given(
+    kv=st.sampled_from([2, 3]),
+    rep=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sdpa_enable_gqa_random_gate_states(kv: int, rep: int, seed: int) -> None:
+    # SDPA repeating k and v itself (enable_gqa=True): one gate per key/value head
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    heads = kv * rep
+    d = 4 * heads
+    x = torch.randn(2, 5, d, generator=gen)
+
+    def factory() -> GroupedQuery:
+        torch.manual_seed(seed)
+        return GroupedQuery("enable_gqa", d=d, heads=heads, kv=kv)
+
+    model = factory()
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1, str(summary)
+    assert summary.channel_groups[summary.head_groups[0]] == (["q", "k", "v"], kv)
+    gating = inserted_gating(model)
+    with torch.no_grad():
+        for gate in [*gating.group_gates, *gating.block_gates]:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+    _check(model, factory, x, gen)

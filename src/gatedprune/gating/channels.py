@@ -1510,6 +1510,16 @@ class _Propagator:
         why = f"{self.describe(n)} (attention) reads heads that are not all labelled alike"
         if out is None or len(qkv) != 3 or all(lab is None for lab in labs):
             return None
+        shapes = [self.shape(a) for a in qkv]
+        if all(s is not None and len(s) >= 3 for s in shapes) and any(
+            cast(tuple[int, ...], s)[-3] == 1 < out[len(out) - 3] for s in shapes[1:]
+        ):  # a closed query head's output would be the mean of v, not zero
+            self.pin_inputs(
+                n,
+                f"{self.describe(n)} (attention) reads one key/value head for every query head"
+                " (multi-query attention; its heads are not pruned)",
+            )
+            return None
         pairs = [(lab, self.shape(a)) for lab, a in zip(labs, qkv, strict=True)]
         found = [(lab, s) for lab, s in pairs if lab is not None and s is not None]
         if len(found) != 3:
@@ -1517,6 +1527,14 @@ class _Propagator:
             return None
         first = found[0][0]
         d = first.dim + len(out) - len(found[0][1])
+        if n.kwargs.get("enable_gqa") is True:  # k and v heads each serve r query heads
+            kv = {len(lab.atoms) for lab, _ in found[1:]}
+            r = out[d] // len(found[1][0].atoms) if len(kv) == 1 and found[1][0].atoms.size else 0
+            if r > 0 and r * len(found[1][0].atoms) == out[d]:
+                found = [
+                    found[0],
+                    *((Labels(lab.dim, np.repeat(lab.atoms, r)), s) for lab, s in found[1:]),
+                ]
         if {lab.dim - len(s) for lab, s in found} != {-3} or any(
             len(lab.atoms) != out[d] for lab, _ in found
         ):
