@@ -1264,11 +1264,11 @@ class _Propagator:
             else:
                 ok = nz is not None and isinstance(m, nn.Dropout)
         elif fn and t in _NORM_FUNCS:  # functional QK-norm: F.layer_norm(q, (D,), w, b)
-            shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+            normed = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
             ok = (
                 n.args[0] is x
-                and isinstance(shape, list | tuple)
-                and len(shape) < len(ins) - lab.dim
+                and isinstance(normed, list | tuple)
+                and len(normed) < len(ins) - lab.dim
             )
         elif (fn and t in (F.softmax, torch.softmax)) or (meth and t == "softmax"):
             dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
