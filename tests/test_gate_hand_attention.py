@@ -668,6 +668,57 @@ def test_attention_called_with_some_optional_arguments(with_none: bool) -> None:
     assert pruned.get_submodule("attn.value").out_features == 4  # type: ignore[union-attr]
 
 
+class MaskOnly(nn.Module):
+    """Attention with one optional argument, ``mask=None`` tested by ``is not None``, which
+    its caller always passes (a padding mask from the input)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = (
+            f(x).view(b, t, self.h, self.hd).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )  # (B, H, T, D) each
+        s = q @ k.transpose(-1, -2)  # (B, H, T, T)
+        if mask is not None:
+            s = s + mask
+        y = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        return cast(Tensor, self.o(y))
+
+
+class MaskOnlyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.head = MaskOnly(), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = (x[:, None, None, :, 0] > 1.0).float() * -1e4  # (B, 1, 1, T)
+        return cast(Tensor, self.head(self.attn(x, mask).mean(1)))
+
+
+def test_an_optional_argument_the_caller_always_passes() -> None:
+    # before 2026-12-07 15:30 UTC: the heads were left ungated ("tracing it alone gives a
+    # different graph"): the module was traced alone with its only optional argument at None
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=gen)
+    model = MaskOnlyNet()
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1, str(summary)
+    inserted_gating(model).group_gates[summary.head_groups[0]].force_(  # type: ignore[operator]
+        torch.tensor([False, True])
+    )
+    pruned = _check(model, MaskOnlyNet, x, gen)
+    assert pruned.get_submodule("attn.v").out_features == 4  # type: ignore[union-attr]
+    masked = torch.randn(3, 6, 8, generator=gen)
+    masked[:, :2, 0] = 2.0  # the mask is used: two keys masked out
+    with torch.no_grad():
+        assert (pruned(masked) - model(masked)).abs().max().item() <= 1e-5
+
+
 class MadeWhileTracing(nn.Module):
     """Attention whose forward makes a tensor from constants (fx stores it on the traced
     module as a tensor constant): the rewritten module must carry it."""

@@ -117,6 +117,7 @@ def trace_model(
     *,
     warn: bool = True,
     concrete_args: dict[str, Any] | None = None,
+    specialise: bool = True,
 ) -> TracedModel:
     """Trace ``model`` with fx, turning submodules whose ``forward`` cannot be traced into
     opaque leaves (see the module docstring). The model is traced in eval mode whatever its
@@ -126,14 +127,15 @@ def trace_model(
     Optional ``forward`` arguments defaulting to ``None`` that Python control flow tests
     (``if mask is not None:``) are traced at ``None``, the value ``gate_``'s one example input
     leaves them at (fx would trace them as tensors and take the branch): the model is traced
-    both ways and the specialised graph is taken where the two differ.
+    both ways and the specialised graph is taken where the two differ (not with
+    ``specialise=False``: a submodule its caller passes such an argument is traced as called).
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
     ['placeholder', 'call_module', 'call_module', 'output']
     """
     traced = _trace(model, opaque, warn=warn, concrete_args=concrete_args)
-    if concrete_args is not None:
+    if concrete_args is not None or not specialise:
         return traced
     params = inspect.signature(model.forward).parameters.values()
     nones = {p.name: None for p in params if p.default is None}

@@ -287,7 +287,11 @@ def local_trace(
     defaults = _defaults(sub) if scope else {}
     for concrete in _concrete_choices(defaults):
         try:
-            local = trace_model(sub, local_opaque, warn=False, concrete_args=concrete)
+            # None: the root as gate_ traced it; a submodule as called, with every argument
+            # its caller passes (HF BERT's mask)
+            local = trace_model(
+                sub, local_opaque, warn=False, concrete_args=concrete, specialise=not scope
+            )
         except ValueError:
             continue
         skip = _specialised(local.graph, set(concrete)) if concrete else set()
