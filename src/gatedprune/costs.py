@@ -884,7 +884,9 @@ def watch_counted(
     products ``counter`` adds up are those called outside them. Returns the handles."""
     handles = []
     inside: list[str] = []
-    for name, m in module.named_modules():
+    hooked: set[int] = set()
+    # every name: a module shared by a unit and the rest is hooked under its outside name
+    for name, m in module.named_modules(remove_duplicate=False):
         if any(name.startswith(p) for p in inside):
             continue  # counted by the module that holds it
         leaf = not any(True for _ in m.children())
@@ -893,18 +895,22 @@ def watch_counted(
             continue
         if whole:
             inside.append(f"{name}." if name else "")
+        if id(m) in hooked:
+            continue
+        hooked.add(id(m))
         inner = hook_for(name, m)
 
         def hook(
             mod: nn.Module, inp: tuple[Any, ...], out: Any, inner: Callable[..., None] = inner
         ) -> None:
-            try:
+            if counter.outer():  # inside a module counted whole: counted by that one
                 inner(mod, inp, out)
-            finally:
-                counter.leave()
 
+        # first of all hooks: the module's own output (before a hook of the user's replaces
+        # it), its depth raised during its own pre-hooks and lowered even if forward raises
+        handles.append(m.register_forward_hook(counter.leave, prepend=True, always_call=True))
+        handles.append(m.register_forward_hook(hook, prepend=True))
         handles.append(m.register_forward_pre_hook(counter.enter, prepend=True))
-        handles.append(m.register_forward_hook(hook))
     return handles
 
 
@@ -984,18 +990,29 @@ class CostProgram:
         # matrix products the forwards call as functions, outside the modules counted whole
         counter = FunctionalCounter()
         handles = watch_counted(module, counter, make_hook)
-        was_training = module.training
+        modes = [(m, m.training) for m in module.modules()]  # submodules may differ
         module.eval()
         nested = _no_nested_encoders(module)
         try:
             with torch.no_grad(), counter:
                 module(example_input)
+        except RuntimeError as e:  # torch's shape and dtype errors, deep in some layer
+            what = (
+                f"of shape {tuple(example_input.shape)} (dtype {example_input.dtype})"
+                if isinstance(example_input, Tensor)
+                else f"({type(example_input).__name__})"
+            )
+            raise ValueError(
+                f"cost(): {type(module).__name__} fails on example_input {what}: {e}; pass an "
+                "input the model accepts"
+            ) from e
         finally:
             for h in handles:
                 h.remove()
             for enc in nested:
                 enc.use_nested_tensor = True
-            module.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         if errors:
             raise TypeError(
                 "cost() does not know how to count these leaf modules: "

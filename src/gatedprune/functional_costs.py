@@ -130,17 +130,31 @@ def _bilinear(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int
 
 
 def _multi_dot(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
-    """``linalg.multi_dot`` counted as products from left to right."""
+    """``linalg.multi_dot`` counted in the order torch computes it, the cheapest one (the
+    classic matrix-chain recurrence over the sizes ``p_0 x p_1, p_1 x p_2, ...``)."""
     mats = _arg(args, kwargs, 0, "tensors")
     if not isinstance(mats, list | tuple) or not all(isinstance(m, Tensor) for m in mats):
         return 0
-    shapes = [(1, int(m.shape[0])) if m.dim() == 1 else tuple(m.shape) for m in mats]
-    if mats and mats[-1].dim() == 1:
-        shapes[-1] = (int(mats[-1].shape[0]), 1)
-    flops, rows = 0, shapes[0][0]
-    for k, cols in shapes[1:]:  # (rows, k) @ (k, cols)
-        flops += FLOPS_PER_MAC * rows * k * cols
-    return flops
+    if len(mats) < 2 or any(m.dim() not in (1, 2) for m in mats):
+        return 0
+    sizes = [1 if mats[0].dim() == 1 else int(mats[0].shape[0])]
+    sizes += [int(m.shape[-1]) if m.dim() == 2 else int(m.shape[0]) for m in mats[:-1]]
+    sizes.append(1 if mats[-1].dim() == 1 else int(mats[-1].shape[1]))
+    n = len(mats)
+    best = [[0] * n for _ in range(n)]  # best[i][j]: MACs of the product of mats[i..j]
+    for span in range(1, n):
+        for i in range(n - span):
+            j = i + span
+            best[i][j] = min(
+                best[i][k] + best[k + 1][j] + sizes[i] * sizes[k + 1] * sizes[j + 1]
+                for k in range(i, j)
+            )
+    return FLOPS_PER_MAC * best[0][n - 1]
+
+
+def _chain_matmul(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
+    """``torch.chain_matmul(*matrices)`` (deprecated): as ``multi_dot`` of its arguments."""
+    return _multi_dot((list(args),), {}, out)
 
 
 def _addbmm(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
@@ -257,6 +271,7 @@ _RULES: dict[Any, Rule] = {
     Tensor.addbmm_: _addbmm,
     torch.linalg.matmul: _product(0, "input"),
     torch.linalg.multi_dot: _multi_dot,
+    torch.chain_matmul: _chain_matmul,
     torch.tensordot: _contraction,
     torch.dot: _contraction,
     Tensor.dot: _contraction,
@@ -308,14 +323,23 @@ class FunctionalCounter(TorchFunctionMode):
         super().__init__()
         self.flops = 0
         self.depth = 0
+        self._outer: list[bool] = []  # per module call under way: called at depth 0?
 
     def enter(self, *_: Any) -> None:
         """Forward pre-hook: the calls of a module counted whole are not counted here."""
+        self._outer.append(self.depth == 0)
         self.depth += 1
 
+    def outer(self) -> bool:
+        """Whether the module call under way (the latest :meth:`enter`) was made outside every
+        other module counted whole (a module shared with one, such as an encoder layer's
+        ``norm1`` also called on its own, is counted by that one when called inside it)."""
+        return bool(self._outer) and self._outer[-1]
+
     def leave(self, *_: Any) -> None:
-        """Forward hook undoing :meth:`enter`."""
+        """Forward hook undoing :meth:`enter` (also when the forward raised)."""
         self.depth -= 1
+        self._outer.pop()
 
     def __torch_function__(
         self,
