@@ -210,12 +210,61 @@ def _site_of(
             if len(nodes) == 1 and len(consts) == 1 and (not divides or n.args[0] is nodes[0]):
                 n = nodes[0]  # g * (c * z) = c * (g * z)
                 continue
-        if n.op == "call_function" and n.target in HOMOGENEOUS_FUNCS and n.args:
+        if (n.op == "call_function" and n.target in HOMOGENEOUS_FUNCS and n.args) or _moves(n):
             n = n.args[0]  # type: ignore[assignment]
             if not isinstance(n, fx.Node):
                 return None, "unexpected argument"
             continue
         return None, f"the branch ends in {node_label(n)}, not a module the gate can fold into"
+
+
+_MOVE_FUNCS = {*RESHAPE_FUNCS, torch.permute, torch.transpose, torch.movedim, torch.narrow}
+_MOVE_METHODS = {
+    *RESHAPE_METHODS,
+    *("permute", "transpose", "movedim", "narrow", "contiguous", "clone", "t", "expand"),
+}
+
+
+def _moves(n: fx.Node) -> bool:
+    """Whether ``n`` only moves or selects the elements of its first argument, so it commutes
+    with the block gate's scalar (ConvNeXt's permute back to ``(B, C, H, W)``, MLP-Mixer's
+    transpose back, TCN's chomp ``x[:, :, :-s].contiguous()``): its other arguments are
+    sizes, dimensions or slices, never tensors."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    rest = (*n.args[1:], *n.kwargs.values())
+    if n.op == "call_function" and n.target is operator.getitem:
+        item = n.args[1] if len(n.args) > 1 else None
+        return isinstance(item, slice | tuple) and _is_size(item)  # a tensor, not a tuple
+    moves = (n.op == "call_function" and n.target in _MOVE_FUNCS) or (
+        n.op == "call_method" and n.target in _MOVE_METHODS
+    )
+    return moves and _is_size(rest)
+
+
+_SIZE_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg}
+
+
+def _is_size(a: object) -> bool:
+    """Whether ``a`` is made of plain numbers, ``None``, ``...``, slices and sizes read from
+    tensors (``x.size(1)``, ``x.shape[-1] // 2``), with no tensor among them."""
+    if a is None or a is Ellipsis or isinstance(a, int | float | bool):
+        return True
+    if isinstance(a, slice):
+        return _is_size((a.start, a.stop, a.step))
+    if isinstance(a, list | tuple):
+        return all(_is_size(v) for v in a)
+    if not isinstance(a, fx.Node):
+        return False
+    if a.op == "call_method":
+        return a.target in ("size", "dim")
+    if a.op != "call_function":
+        return False
+    if a.target is getattr:
+        return len(a.args) > 1 and a.args[1] == "shape"
+    if a.target is operator.getitem:  # an item of a size tuple
+        return _is_size(a.args[0]) and _is_size(a.args[1:])
+    return a.target in _SIZE_ARITH and _is_size(a.args)
 
 
 def node_label(n: fx.Node) -> str:
