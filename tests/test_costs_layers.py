@@ -543,16 +543,31 @@ def test_gate_model_with_new_layers_after_the_gated_part() -> None:
     assert _plain(gatedprune.prune(model), x) == Cost(flops(5), params(5))
 
 
-def test_gate_does_not_prune_through_a_pad_and_says_so() -> None:
+def test_gate_prunes_through_a_zero_pad() -> None:
+    # before 2026-12-07 16:45 UTC the pad stopped the group ("(ZeroPad1d) is not pruned
+    # through"); zero padding of the length keeps closed channels zero
     model = nn.Sequential(nn.Conv1d(2, 8, 3), nn.ReLU(), nn.ZeroPad1d(1), nn.Conv1d(8, 4, 3))
     x = torch.randn(2, 2, 16)
     plain = _plain(model, x)
     summary = gate_(model, x)
-    assert summary.n_gates == 0
-    assert "(ZeroPad1d) is not pruned through" in str(summary)
-    c = cost(model.eval(), x)
+    assert summary.n_gates == 8
+    c = cost(model.eval(), x, hard=True)
     assert isinstance(c, ExpectedCost)
-    assert c.detach() == plain
+    assert c.detach() == plain  # every gate open
+    gating = model.gatedprune
+    with torch.no_grad():
+        for gate in gating.group_gates:
+            keep = torch.full_like(gate.log_alpha, 20.0)
+            keep[:3] = -20.0
+            gate.log_alpha.copy_(keep)
+    pruned = gatedprune.prune(model)
+    smaller = _plain(pruned, x)
+    assert smaller.flops < plain.flops
+    hard = cost(model, x, hard=True)
+    assert isinstance(hard, ExpectedCost)
+    assert hard.detach() == smaller
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
 
 
 def test_model_containing_a_gated_module_adds_the_new_layers_exactly() -> None:

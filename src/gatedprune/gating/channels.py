@@ -199,6 +199,22 @@ _POOLS: tuple[type[nn.Module], ...] = (
 )
 _BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# padding of the last len(padding) // 2 dimensions: a zero channel stays zero (constant
+# padding with 0; reflect, replicate and circular copy the channel's own values)
+_PADS: tuple[type[nn.Module], ...] = (
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+)  # ZeroPad*d are ConstantPad*d
 
 _PASS_FUNCS: set[Callable[..., Any]] = {
     F.relu,
@@ -678,6 +694,17 @@ class _Propagator:
             return lab
         if is_fn and target in _POOL_FUNCS:
             return self.pool(n, self.lab(x), target)
+        if is_fn and target is F.pad:
+            pad = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
+            mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+            value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value")
+            if not isinstance(pad, list | tuple) or (mode == "constant" and value not in (None, 0)):
+                self.pin_inputs(n, f"{self.describe(n)} pads with a non-zero value")
+                return None
+            return self.trailing(n, x, len(pad) // 2, "pads")
+        if is_fn and target is F.interpolate:
+            ins = self.shape(x)
+            return self.trailing(n, x, len(ins) - 2 if ins is not None else 0, "resizes")
         if (is_fn and target in _RESHAPE_FUNCS) or (not is_fn and target in _RESHAPE_METHODS):
             return self.reshape(n, x)
         if (is_fn and target in _ADD_FUNCS) or (not is_fn and target in ("add", "add_", "sub")):
@@ -777,6 +804,15 @@ class _Propagator:
             return lab
         if isinstance(m, _POOLS):
             return self.pool(n, lab, m)
+        if isinstance(m, _PADS):
+            if isinstance(m, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d) and m.value:
+                self.pin_inputs(n, f"{name} pads with {m.value}, not 0")
+                return None
+            padding = cast(tuple[int, ...], m.padding)  # 2 per padded dimension
+            return self.trailing(n, x, len(padding) // 2, "pads")
+        if isinstance(m, nn.Upsample):
+            ins = self.shape(x)
+            return self.trailing(n, x, len(ins) - 2 if ins is not None else 0, "resizes")
         if isinstance(m, nn.Flatten):
             return self.reshape(n, x)
         if lab is not None or any(self.lab(a) is not None for a in _flat_nodes(n.args)):
@@ -792,6 +828,12 @@ class _Propagator:
                     "parametrization such as weight_norm, or a forward pre-hook)"
                 )
             self.pin_inputs(n, why)
+        conv_t = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+        if isinstance(m, conv_t) and out_shape is not None and len(out_shape) >= 2:
+            # its own output channels: named in the summary as left ungated (not sliced)
+            out = Labels(1, self.new_space(name, out_shape[1]))
+            self.pin(out, f"{name} ({type(m).__name__}) is a layer gate_ does not prune")
+            return out
         return None
 
     def grouped(self, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, name: str, lab: Labels | None) -> None:
@@ -875,6 +917,18 @@ class _Propagator:
         ins = self.shape(n.args[0] if n.args else None)
         if lab.dim != 1 or ins is None or len(ins) < _pool_rank(op) + 2:
             self.pin(lab, f"{self.describe(n)} pools over the labelled dimension")
+            return None
+        return lab
+
+    def trailing(self, n: fx.Node, x: Any, k: int, verb: str) -> Labels | None:
+        """Padding or interpolation of the last ``k`` dimensions: linear and per channel, so
+        labels on an earlier dimension are kept (zero channels stay zero)."""
+        lab = self.lab(x)
+        if lab is None:
+            return None
+        ins, out = self.shape(x), self.shape(n)
+        if ins is None or out is None or len(out) != len(ins) or k <= 0 or lab.dim >= len(ins) - k:
+            self.pin(lab, f"{self.describe(n)} {verb} the labelled dimension")
             return None
         return lab
 
