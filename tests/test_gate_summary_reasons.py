@@ -166,3 +166,33 @@ def test_hand_written_attention_heads_are_gated_and_pruned() -> None:
     with torch.no_grad():
         x = torch.randn(3, 7, 8)
         assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class UnpackedShape(nn.Module):
+    """Today's Hugging Face attention: ``hidden_shape = (*input_shape, -1, head_dim)``."""
+
+    def __init__(self, spelled_out: bool) -> None:
+        super().__init__()
+        self.spelled_out = spelled_out
+        self.q, self.o = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spelled_out:
+            q = self.q(x).view(x.size(0), x.size(1), -1, 4)  # (B, T, 2, 4)
+        else:
+            q = self.q(x).view(*x.shape[:-1], -1, 4)  # (B, T, 2, 4)
+        return x + self.o(q.flatten(-2))  # (B, T, 8)
+
+
+@pytest.mark.parametrize("spelled_out", [False, True])
+def test_an_unpacked_shape_gets_a_hint(spelled_out: bool) -> None:
+    # the hint's own suggestion traces; before, only fx's generic "Proxy object cannot be
+    # iterated" message
+    model = nn.Sequential(UnpackedShape(spelled_out), nn.Linear(8, 2))
+    if spelled_out:
+        summary = gate_(model, torch.randn(2, 5, 8))
+        assert not summary.opaque
+        return
+    with pytest.warns(UserWarning, match="write the dimensions out"):
+        summary = gate_(model, torch.randn(2, 5, 8))
+    assert "x.view(x.size(0), x.size(1), -1, self.head_dim)" in summary.opaque["0"]

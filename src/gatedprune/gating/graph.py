@@ -219,6 +219,12 @@ def _trace_hint(e: Exception) -> str:
             "buffer self.mask[:, :, :T, :T] or a rotary cache self.cos[:T]: write "
             "self.mask.narrow(2, 0, T).narrow(3, 0, T), which fx traces)"
         )
+    if "Proxy object cannot be iterated" in text:
+        return (
+            " (a traced shape unpacked with *, e.g. Hugging Face's hidden_shape = "
+            "(*input_shape, -1, self.head_dim): write the dimensions out, "
+            "x.view(x.size(0), x.size(1), -1, self.head_dim), which fx traces)"
+        )
     if "symbolically traced variables cannot be used as inputs to control flow" in text:
         return (
             " (Python control flow on a traced value: move it into a submodule of its own, "
