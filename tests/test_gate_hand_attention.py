@@ -352,6 +352,7 @@ def _plan_with_closed_head() -> tuple[dict[str, object], GPT]:
 
 def test_plan_sizes_are_checked() -> None:
     plan, fresh = _plan_with_closed_head()
+    plan = {k: v for k, v in plan.items() if k != "checksum"}  # edited below: as by hand
     sizes = plan["sizes"]
     assert isinstance(sizes, dict)
     assert sizes  # the split size, the head counts of three views, the merge

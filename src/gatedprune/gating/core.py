@@ -34,6 +34,7 @@ from ..gates import (
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, analyse_channels
+from .fingerprint import graph_fingerprint, model_fingerprint, plan_checksum
 from .graph import costs_scale_with_batch, owner_of, record_run, trace_model
 from .rnn import (
     RNNConsumer,
@@ -283,6 +284,8 @@ class InsertedGating(ModelGating):
         self.edge_versions: dict[str, int] = {}
         self._edge_cache: Tensor | None = None
         self.hooked: tuple[str, ...] = ()  # modules gate_ hooked (set by gate_)
+        # the dense model's fingerprint, recorded in exported plans (set by gate_)
+        self.source: dict[str, Any] | None = None
         self.group_gates = nn.ModuleList([kind.make(n, init_open=True) for n in group_sizes])
         self.block_gates = nn.ModuleList([kind.make(1, init_open=True) for _ in range(n_blocks)])
         self.clamp = clamp
@@ -891,6 +894,9 @@ def export_plan(model: nn.Module) -> dict[str, Any]:
     plan = gating.plan()
     for name, entry in plan["rnn"].items():  # apply_plan checks the kind of recurrent module
         entry["mode"] = str(cast(nn.RNNBase, model.get_submodule(name)).mode)
+    if gating.source is not None:  # apply_plan refuses another model
+        plan["model"] = gating.source
+    plan["checksum"] = plan_checksum(plan)  # and a plan edited since
     return plan
 
 
@@ -1087,6 +1093,7 @@ def gate_(
         )
     if hasattr(model, ATTR):
         raise ValueError(f"{type(model).__name__} already has an attribute '{ATTR}'")
+    structure = model_fingerprint(model)  # before prepare_encoders changes classes
     prepare_encoders(model)
     traced = trace_model(model)
     gm = traced.graph_module
@@ -1363,6 +1370,7 @@ def gate_(
         rnn_consumers=rnn_consumers,
         size_rewrites=size_rewrites,
     )
+    gating.source = {**structure, "graph": graph_fingerprint(traced.graph)}
     gating.train(model.training)
     model.add_module(ATTR, gating)
     gating.hooked = tuple(dict.fromkeys([*sites, *(e.src for e in edges), *(e.dst for e in edges)]))

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from ..base import BATCH_NORMS, find_model_gating
 from ..functional_costs import FunctionalCounter
 from .blocks import graph_writes, live_nodes
+from .fingerprint import check_graph as check_graph_fingerprint
+from .fingerprint import check_structure, plan_checksum
 from .graph import (
     TracedModel,
     inlined_calls,
@@ -717,6 +719,8 @@ _PLAN_OPTIONAL: dict[str, type] = {
     "bypass": list,
     "edges": list,
     "sizes": dict,
+    "model": dict,  # fingerprint of the model it was exported from (fingerprint.py)
+    "checksum": str,  # of everything else: a plan edited after export_plan is refused
 }
 
 
@@ -770,7 +774,7 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"malformed plan: slice {name!r} must be a dict with 'kind' one of "
                 f"{_SLICE_KINDS}, got {spec!r}"
             )
-        _check_keys(f"slice {name!r}", spec, {"kind", "in", "out", "n_in", "n_out"})
+        _check_keys(f"slice {name!r}", spec, {"kind", "in", "out", "n_in", "n_out"}, ("in", "out"))
         if spec["kind"] == "bn" and (spec.get("in") is not None or spec.get("n_in") is not None):
             raise ValueError(
                 f"malformed plan: slice {name!r} is a 'bn' slice, whose channels are its "
@@ -857,13 +861,19 @@ def _check_plan(plan: object) -> dict[str, Any]:
     return plan
 
 
-def _check_keys(where: str, entry: dict[str, Any], allowed: set[str]) -> None:
-    """Refuse keys a plan entry does not have (a typo would silently be ignored)."""
+def _check_keys(
+    where: str, entry: dict[str, Any], allowed: set[str], required: tuple[str, ...] = ()
+) -> None:
+    """Refuse keys a plan entry does not have (a typo would silently be ignored), and entries
+    missing a key it needs."""
     unknown = sorted(str(k) for k in entry if k not in allowed)
     if unknown:
         raise ValueError(
             f"malformed plan: {where} has unknown keys {unknown}; expected only {sorted(allowed)}"
         )
+    missing = [k for k in required if k not in entry]
+    if missing:
+        raise ValueError(f"malformed plan: {where} has no {missing[0]!r}")
 
 
 def _check_strings(where: str, values: list[Any]) -> None:
@@ -872,13 +882,49 @@ def _check_strings(where: str, values: list[Any]) -> None:
         raise ValueError(f"malformed plan: {where} must be strings, got {bad[0]!r}")
 
 
+def _dry_run_sizes(traced: TracedModel | None, plan: dict[str, Any]) -> None:
+    """Give the plan's ``"sizes"`` to a copy of the dense model's graph, so a size entry that
+    does not fit is a ``ValueError`` before the model changes."""
+    sizes = plan.get("sizes") or {}
+    if not sizes:
+        return
+    if not plan["scopes"] or traced is None:
+        name = next(iter(sizes))
+        raise ValueError(
+            f"malformed plan: 'sizes' resizes node {name!r}, which no entry of 'scopes' "
+            f"{plan['scopes']} contains (it would keep its old size)"
+        )
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(traced.graph, env)
+    nodes = {old.name: new for old, new in env.items()}
+    for name, entries in sizes.items():
+        if name not in nodes:
+            raise ValueError(f"the plan names graph nodes the model does not have: [{name!r}]")
+        if not isinstance(entries, list) or not all(
+            isinstance(e, list | tuple) and len(e) == 2 for e in entries
+        ):
+            raise ValueError(
+                f"malformed plan: 'sizes' of node {name!r} must be a list of [dimension, size] "
+                f"pairs, got {entries!r}"
+            )
+        for key, value in entries:
+            ok_key = key == "split_size" or (isinstance(key, int) and not isinstance(key, bool))
+            if not ok_key or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"malformed plan: 'sizes' of node {name!r} must pair a dimension (an int or "
+                    f"'split_size') with a size >= 1, got {[key, value]!r}"
+                )
+            _resize(nodes[name], key, value)
+
+
 def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
     """Refuse a recurrent-module plan entry that does not fit ``m`` (before anything changes)."""
     if not isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
         raise ValueError(f"the plan prunes '{name}' as a recurrent module; it is {type(m)}")
     if not isinstance(spec, dict):
         raise ValueError(f"malformed plan: rnn entry {name!r} must be a dict, got {spec!r}")
-    _check_keys(f"rnn entry {name!r}", spec, {"units", "in", "mode", "state"})
+    _check_keys(f"rnn entry {name!r}", spec, {"units", "in", "mode", "state"}, ("units", "in"))
     if not isinstance(spec.get("state", False), bool):
         raise ValueError(
             f"malformed plan: rnn entry {name!r} 'state' must be true or false, got "
@@ -912,6 +958,12 @@ def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
             raise ValueError(
                 f"the plan keeps unit {keep[-1]} of '{name}', which has {m.hidden_size}: {hint}"
             )
+    counts = [len(keep) for keep in units]
+    if min(counts) == 0 or len(set(counts)) > 1:  # one hidden_size for every layer and direction
+        raise ValueError(
+            f"malformed plan: rnn {name!r} must keep the same number (>= 1) of units in every "
+            f"layer and direction, got {counts}"
+        )
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -1247,6 +1299,15 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             f"apply_plan needs a dense, ungated {type(model).__name__}; this one is gated "
             "(prune it with gatedprune.prune, or apply the plan to a fresh instance)"
         )
+    source: dict[str, Any] | None = plan.get("model") if check_graph else None
+    if check_graph and "checksum" in plan and plan_checksum(plan) != plan["checksum"]:
+        raise ValueError(
+            "the plan was changed after export_plan wrote it (its checksum does not match its "
+            "content): export it again from the gated model (a plan written by hand has no "
+            "'checksum')"
+        )
+    if source is not None:
+        check_structure(source, model)
 
     def submodule(name: str, what: str) -> nn.Module:
         try:
@@ -1304,7 +1365,16 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     encoders = [m for m in model.modules() if type(m) is nn.TransformerEncoder]
     prepare_encoders(model)
     try:
+        if source is not None and "graph" in source:  # traced as gate_ traced it
+            try:
+                as_gated: TracedModel | None = trace_model(model, dict(plan["opaque"]), warn=False)
+            except ValueError:  # untraceable: only its structure can be compared
+                as_gated = None
+            if as_gated is not None:
+                check_graph_fingerprint(source, as_gated.graph)
         checked = _check_graph(model, plan) if check_graph else None
+        if check_graph:
+            _dry_run_sizes(checked, plan)
     except BaseException:
         for m in encoders:  # leave the model as it was
             m.__class__ = nn.TransformerEncoder
