@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import cast
 
 import pytest
 import torch
@@ -487,16 +488,50 @@ def test_conv_transpose_random_configurations(data: st.DataObject) -> None:
 
 
 class Opaque(nn.Module):
-    """A leaf of a kind cost() does not know."""
+    """A leaf of a kind cost() does not know, holding a tensor (its forward may use it in a
+    way no hook sees)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(2.0))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * 2
+        return x * self.scale
+
+
+class Code(nn.Module):
+    """A leaf without tensors: code, like the forward calling it (torchvision's Permute)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(1, 2) @ x  # (B, L, L): 2 * B * L * L * C FLOPs
 
 
 def test_unknown_leaf_among_new_layers_is_still_a_type_error() -> None:
     model = nn.Sequential(nn.ZeroPad1d(1), nn.InstanceNorm1d(2), Opaque(), nn.SELU())
     with pytest.raises(TypeError, match=r"does not know how to count.*2 \(Opaque\).*register_cost"):
         cost(model, torch.randn(1, 2, 5))
+
+
+def test_a_leaf_without_tensors_is_counted_as_code() -> None:
+    # before 2026-12-07 a TypeError asked for register_cost (torchvision's StochasticDepth and
+    # Permute, a Chomp1d: every EfficientNet and ConvNeXt needed it)
+    x = torch.randn(3, 2, 5)
+    with_code = _plain(nn.Sequential(nn.Conv1d(2, 2, 1), Code()), x)
+    alone = _plain(nn.Conv1d(2, 2, 1), x)
+    assert with_code.flops == alone.flops + 2 * 3 * 5 * 5 * 2
+    assert with_code.params == alone.params
+    # torch's own layers without a handler still raise: their work happens where no hook sees
+    with pytest.raises(TypeError, match=r"does not know how to count.*PairwiseDistance"):
+        cost(_Distance(), torch.randn(3, 4))
+
+
+class _Distance(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = nn.PairwiseDistance()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cast(Tensor, self.d(x, x.flip(0)))  # (B,)
 
 
 def test_gate_model_with_new_layers_after_the_gated_part() -> None:

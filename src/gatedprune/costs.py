@@ -872,6 +872,23 @@ def _handler_for(m: nn.Module) -> Handler | None:
     return None
 
 
+def is_code(m: nn.Module) -> bool:
+    """Whether leaf ``m`` is counted as code, like the ``forward`` that calls it: a module of
+    your own or a library's (not torch's) with no parameters, no buffers and no cost handler
+    (torchvision's ``StochasticDepth`` and ``Permute``, a ``Chomp1d``, a swish): the matrix
+    products it calls are counted, element-wise ops are free. Torch's own layers without a
+    handler, and leaves holding tensors, still raise (they may compute what no hook sees).
+
+    >>> class Swish(nn.Module):
+    ...     def forward(self, x): return x * torch.sigmoid(x)
+    >>> is_code(Swish()), is_code(nn.CosineSimilarity()), is_code(nn.Linear(2, 2))
+    (True, False, False)
+    """
+    if type(m).__module__.split(".")[0] == "torch" or _handler_for(m) is not None:
+        return False
+    return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+
+
 def watch_counted(
     module: nn.Module,
     counter: FunctionalCounter,
@@ -891,7 +908,7 @@ def watch_counted(
             continue  # counted by the module that holds it
         leaf = not any(True for _ in m.children())
         whole = isinstance(m, GatedModule) or (not leaf and unit_handler(m) is not None)
-        if not (leaf or whole):
+        if not (leaf or whole) or (leaf and not whole and is_code(m)):
             continue
         if whole:
             inside.append(f"{name}." if name else "")
