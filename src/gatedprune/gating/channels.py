@@ -265,6 +265,7 @@ _MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
 # normalisations over trailing dimensions (normalized_shape); of heads: over the head size
 _NORM_FUNCS: set[Callable[..., Any]] = {F.layer_norm, F.rms_norm, torch.layer_norm, torch.rms_norm}
+_MM: tuple[Callable[..., Any], ...] = (torch.bmm, torch.mm)  # matmul of 3-d / 2-d operands
 _META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
 _META_METHODS = {"size", "dim", "numel"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
@@ -643,7 +644,9 @@ class _Propagator:
                 return pieces[item]
             self.pin_inputs(n, f"{self.describe(n)} reads a split of the channels as a whole")
             return None
-        if n.op == "call_function" and n.target in (operator.matmul, torch.matmul):
+        if (n.op == "call_function" and n.target in (operator.matmul, torch.matmul, *_MM)) or (
+            n.op == "call_method" and n.target in ("matmul", "bmm", "mm")
+        ):
             return self.matmul(n)
         if n.op == "call_function" and n.target is torch.einsum:
             return self.einsum(n)
@@ -1399,6 +1402,9 @@ class _Propagator:
         if out is None or len(ops) != 2 or n.kwargs or len(out) < 3:
             self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
             return None
+        kept = self.matrix_kept(n, ops, out)
+        if kept is not None:
+            return kept
         found: list[tuple[Labels, bool, fx.Node]] = []
         dims = set()
         for a in ops:
@@ -1429,6 +1435,24 @@ class _Propagator:
                     self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
                     return None
         return self._product_of(n, found, d)
+
+    def matrix_kept(self, n: fx.Node, ops: list[Any], out: tuple[int, ...]) -> Labels | None:
+        """``a @ b`` (``bmm``, ``mm``) with one operand labelled on a matrix dimension the
+        product keeps: the rows of ``a`` or the columns of ``b`` (attention pooling
+        ``weights^T @ h`` over time keeps ``h``'s features). Linear in that operand, so a zero
+        row or column stays zero: the product carries its labels. None if ``n`` is not one."""
+        shapes = [self.shape(a) if isinstance(a, fx.Node) else None for a in ops]
+        labs = [self.lab(a) if isinstance(a, fx.Node) else None for a in ops]
+        if any(s_a is None or len(s_a) < 2 for s_a in shapes) or len(out) < 2:
+            return None
+        if any(isinstance(a, fx.Node) and a in self.nonzero for a in ops):
+            return None
+        s_a, s_b = cast(tuple[int, ...], shapes[0]), cast(tuple[int, ...], shapes[1])
+        if labs[0] is not None and labs[1] is None and labs[0].dim == len(s_a) - 2:
+            return Labels(len(out) - 2, labs[0].atoms)  # rows of a
+        if labs[1] is not None and labs[0] is None and labs[1].dim == len(s_b) - 1:
+            return Labels(len(out) - 1, labs[1].atoms)  # columns of b
+        return None
 
     def _product_of(
         self, n: fx.Node, found: list[tuple[Labels, bool, fx.Node]], d: int
