@@ -173,3 +173,33 @@ def test_the_pruned_weights_load_into_the_replayed_plan() -> None:
     fresh.eval()
     with torch.no_grad():
         assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class ShowsItsFunction(nn.Module):
+    """A module whose ``extra_repr`` prints an object (with its memory address)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fn = lambda t: t * 2.0
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def extra_repr(self) -> str:
+        return f"fn={self.fn}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.a(x)))  # (B, 2)
+
+
+def test_a_fresh_instance_printing_an_object_takes_the_plan() -> None:
+    # the printed address differs between instances: not part of the fingerprint
+    x = torch.randn(4, 3)
+    model = ShowsItsFunction()
+    gate_(model, x)
+    for gate in inserted_gating(model).group_gates:
+        gate.force_(torch.arange(gate.n) % 2 == 0)  # type: ignore[operator]
+    plan = json.loads(json.dumps(export_plan(model.eval())))
+    fresh = apply_plan(ShowsItsFunction(), plan)
+    fresh.load_state_dict(gp.prune(model).state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 import torch.fx as fx
@@ -47,8 +48,11 @@ def _config(value: object) -> object | None:
     return None
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # an object's repr: differs between instances
+
+
 def _module_row(name: str, m: nn.Module) -> list[Any]:
-    row: list[Any] = [name, _name_of(type(m)), m.extra_repr()]
+    row: list[Any] = [name, _name_of(type(m)), _ADDRESS.sub("", m.extra_repr())]
     if type(m).__module__.startswith("torch.nn."):  # torch's layers: their settings
         settings = {
             k: c
