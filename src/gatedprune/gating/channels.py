@@ -199,6 +199,7 @@ _POOLS: tuple[type[nn.Module], ...] = (
 )
 _BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # padding of the last len(padding) // 2 dimensions: a zero channel stays zero (constant
 # padding with 0; reflect, replicate and circular copy the channel's own values)
 _PADS: tuple[type[nn.Module], ...] = (
@@ -323,7 +324,7 @@ def _computed_weight(m: nn.Module) -> bool:
 
 def module_kind(m: nn.Module) -> str | None:
     """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
-    conv, ``1 < groups < in_channels``), bn, or None.
+    conv, ``1 < groups < in_channels``), convt (transposed conv, ``groups=1``), bn, or None.
 
     >>> module_kind(nn.Conv1d(8, 8, 3, groups=2)), module_kind(nn.Conv1d(8, 16, 3, groups=8))
     ('gconv', 'dw')
@@ -338,6 +339,8 @@ def module_kind(m: nn.Module) -> str | None:
         if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
             return "dw"
         return "gconv"
+    if isinstance(m, _CONVT):
+        return "convt" if m.groups == 1 else None
     if isinstance(m, _BN):
         return "bn" if m.affine else None
     return None
@@ -741,7 +744,7 @@ class _Propagator:
         if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, self.shape(x)):
             self.recurrent(n, m, name, lab)
             return None  # the call returns a tuple: getitem 0 (the output) carries labels
-        if kind in ("linear", "conv", "gconv") and out_shape is not None:
+        if kind in ("linear", "conv", "gconv", "convt") and out_shape is not None:
             in_shape = self.shape(x)
             cdim = len(out_shape) - 1 if kind == "linear" else 1
             in_dim = (len(in_shape) - 1 if in_shape else -1) if kind == "linear" else 1
@@ -823,6 +826,8 @@ class _Propagator:
                 nn.LayerNorm: "LayerNorm normalises over these channels",
                 nn.GroupNorm: "GroupNorm normalises over these channels",
             }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
+            if isinstance(m, _CONVT):
+                why = f"{name} ({type(m).__name__} with groups > 1) is not pruned through"
             if isinstance(m, _BN):
                 why = f"{name} ({type(m).__name__} without affine parameters)"
             if _computed_weight(m):
@@ -831,11 +836,12 @@ class _Propagator:
                     "parametrization such as weight_norm, or a forward pre-hook)"
                 )
             self.pin_inputs(n, why)
-        conv_t = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-        if isinstance(m, conv_t) and out_shape is not None and len(out_shape) >= 2:
+        if isinstance(m, _CONVT) and out_shape is not None and len(out_shape) >= 2:
             # its own output channels: named in the summary as left ungated (not sliced)
             out = Labels(1, self.new_space(name, out_shape[1]))
-            self.pin(out, f"{name} ({type(m).__name__}) is a layer gate_ does not prune")
+            self.pin(
+                out, f"{name} ({type(m).__name__} with groups > 1) is a layer gate_ does not prune"
+            )
             return out
         return None
 
@@ -1728,7 +1734,7 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         if kind is None:
             continue
         users = list(n.users)
-        if kind in ("linear", "conv", "gconv") and len(users) == 1:
+        if kind in ("linear", "conv", "gconv", "convt") and len(users) == 1:
             u = users[0]
             if u.op == "call_module" and p.kinds.get(str(u.target)) == "bn":
                 continue  # the BatchNorm that follows carries the gate

@@ -1293,7 +1293,9 @@ def gate_(
     slices: dict[str, SliceInfo] = {}
     for name, kind in ca.kinds.items():
         out_atoms = ca.module_atoms.get(name)
-        in_atoms = ca.module_in_atoms.get(name) if kind in ("linear", "conv", "gconv") else None
+        in_atoms = (
+            ca.module_in_atoms.get(name) if kind in ("linear", "conv", "gconv", "convt") else None
+        )
 
         def split(atoms: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
             if atoms is None:

@@ -407,6 +407,23 @@ def build_cost_terms(
                 p_rows.append((float(hp), gh, -1, n.name, name))
                 p_rows.append((float(ap), -1, -1, n.name, name))
             continue
+        if kind == "convt" and shape is not None:  # every input element meets C_out * k weights
+            assert isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+            in_shape = record.arg_shapes[n][0]
+            assert in_shape is not None
+            k = int(np.prod(m.kernel_size))
+            in_positions = int(np.prod(in_shape)) // m.in_channels  # (B, C_in, *S): B * S
+            out_positions = int(np.prod(shape)) // m.out_channels
+            fo, mo = fac.get(ca.module_atoms.get(name), m.out_channels)
+            fi, mi = fac.get(ca.module_in_atoms.get(name), m.in_channels)
+            f_rows.append((2.0 * in_positions * k * mi * mo, fi, fo, n.name))
+            if m.bias is not None:
+                f_rows.append((float(out_positions) * mo, fo, -1, n.name))
+            if new_module:
+                p_rows.append((float(k) * mi * mo, fi, fo, n.name, name))
+                if m.bias is not None:
+                    p_rows.append((mo, fo, -1, n.name, name))
+            continue
         if kind in ("linear", "conv", "dw", "gconv") and shape is not None:
             assert isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
             out_n = m.out_features if isinstance(m, nn.Linear) else m.out_channels

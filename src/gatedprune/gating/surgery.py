@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "gatedprune.plan/1"
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class ScaledAdd(nn.Module):
@@ -113,6 +114,11 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
             m.weight.mul_(s)
             if m.bias is not None:
                 m.bias.mul_(s.reshape(-1))  # (C,) or (1,)
+        elif isinstance(m, _CONVT) and m.groups == 1:  # weight (C_in, C_out, *k)
+            s = scale.to(m.weight.dtype).reshape(1, -1, *([1] * (m.weight.dim() - 2)))
+            m.weight.mul_(s)
+            if m.bias is not None:
+                m.bias.mul_(s.reshape(-1))  # (C_out,) or (1,)
         elif isinstance(m, nn.MultiheadAttention):  # a scalar (block gate) on its output
             m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
             if m.out_proj.bias is not None:
@@ -172,6 +178,13 @@ def slice_module(
             _set(m, "bias", _take(m.bias, 0, keep_out), True)
         m.out_channels = int(w.shape[0])
         m.in_channels = int(w.shape[1]) * m.groups
+    elif kind == "convt":  # weight (C_in, C_out, *k), groups=1
+        assert isinstance(m, _CONVT)
+        w = _take(_take(m.weight, 1, keep_out), 0, keep_in)
+        _set(m, "weight", w, True)
+        if m.bias is not None:
+            _set(m, "bias", _take(m.bias, 0, keep_out), True)
+        m.in_channels, m.out_channels = int(w.shape[0]), int(w.shape[1])
     elif kind == "bn":
         assert isinstance(m, BATCH_NORMS)
         for name in ("weight", "bias"):
@@ -183,7 +196,9 @@ def slice_module(
         if keep_out is not None:
             m.num_features = len(keep_out)
     else:
-        raise ValueError(f"unknown slice kind {kind!r}: expected linear, conv, dw, gconv or bn")
+        raise ValueError(
+            f"unknown slice kind {kind!r}: expected linear, conv, dw, gconv, convt or bn"
+        )
 
 
 def _norm_target(node: fx.Node, scope: str) -> Any:
@@ -628,6 +643,8 @@ def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
         return m.in_features, m.out_features
     if kind in ("conv", "dw", "gconv") and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return (None if kind == "dw" else m.in_channels), m.out_channels
+    if kind == "convt" and isinstance(m, _CONVT) and m.groups == 1:
+        return m.in_channels, m.out_channels
     if kind == "bn" and isinstance(m, BATCH_NORMS):
         return None, m.num_features
     return None
@@ -709,7 +726,7 @@ def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> Non
         )
 
 
-_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "bn")
+_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "convt", "bn")
 _PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "scopes": list}
 _PLAN_OPTIONAL: dict[str, type] = {
     "erase": list,
@@ -1190,6 +1207,10 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                     expect(n, "1", tuple(sorted({o // mult for o in out})), m.in_channels, what)
                 else:  # groups=1, or grouped
                     expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
+                label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
+            elif isinstance(m, _CONVT) and m.groups == 1:
+                expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
+                out = kept(spec, "out", m.out_channels)
                 label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
             elif isinstance(m, BATCH_NORMS):
                 out = kept(spec, "out", m.num_features)
