@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -177,3 +178,86 @@ def test_a_malformed_model_record_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model record has no list of modules"):
         other.fit((x, y), resume=True)
     _assert_unchanged(other.model, before)
+
+
+# ---------------------------------------------------------------------- crafted checkpoints
+def _edit_meta(key: str, value: Any) -> Callable[[dict[str, Tensor], dict[str, Any]], None]:
+    def edit(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        meta[key] = value
+
+    return edit
+
+
+def _edit_tensor(key: str, make: Callable[[Tensor], Tensor]) -> Callable[..., None]:
+    def edit(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        tensors[key] = make(tensors[key])
+
+    return edit
+
+
+def _permute_group(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    meta["optim_param_groups"][0]["params"].reverse()
+
+
+def _drop_stat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    del meta["stats"]["count"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            _edit_tensor("optim/0/exp_avg", lambda t: torch.zeros(3)),
+            r"optimizer state 'exp_avg' of parameter 0 has shape \(3,\), expected \(12, 10\)",
+        ),
+        (
+            _edit_tensor("optim/0/exp_avg_sq", lambda t: t.t().contiguous()),
+            r"'exp_avg_sq' of parameter 0 has shape \(10, 12\), expected \(12, 10\)",
+        ),
+        (
+            _edit_tensor("optim/1/step", lambda t: torch.zeros(2)),
+            r"'step' of parameter 1 has shape \(2,\), expected \(\)",
+        ),
+        (_edit_meta("optim_state_ids", [0, 99]), "state id 99 names no parameter"),
+        (_permute_group, "the optimizer's parameter groups differ"),
+        (_edit_meta("optim_param_groups", 5), "'optim_param_groups' must be a list"),
+        (_edit_meta("history", 5), r"'history' is 5, expected a list of records"),
+        (_edit_meta("history", [{"epoch": "one"}]), r"history\[0\]\['epoch'\] is 'one'"),
+        (_edit_meta("trace", [3]), r"trace\[0\] is 3, expected a record"),
+        (_edit_meta("achieved_before_snap", [1, 2]), r"'achieved_before_snap' is \[1, 2\]"),
+        (_edit_meta("achieved_before_snap", {"params": 0.5}), r"null or numbers for \['flops'\]"),
+        (_edit_meta("step", 999), r"'step' is 999, expected an int in \[0, 18\]"),
+        (_edit_meta("step", -3), r"'step' is -3"),
+        (_edit_meta("step", 2.5), r"'step' is 2.5"),
+        (_drop_stat, r"'stats' is .*expected an object with the numbers"),
+        (_edit_meta("rank_stats", [[1.0, 2.0]]), r"'rank_stats' is \[\[1.0, 2.0\]\]"),
+        (
+            _edit_tensor("model/layers.0.op.weight", lambda t: t.half()),
+            r"model state does not fit: tensor 'layers.0.op.weight' is torch.float16 of shape "
+            r"\(12, 10\) in the checkpoint, the model holds torch.float32",
+        ),
+        (_edit_tensor("budget/lambda1.flops", lambda t: t.float()), "budget state does not fit"),
+        (_edit_tensor("rng/torch", lambda t: t[:-1]), "bad RNG state: a torch.uint8 tensor"),
+    ],
+)
+def test_a_crafted_checkpoint_is_refused_before_anything_changes(
+    tmp_path: Path, edit: Callable[[dict[str, Tensor], dict[str, Any]], None], match: str
+) -> None:
+    """Checkpoints with valid checksums but content that does not fit (another writer, or an
+    edit with recomputed digests): a ValueError naming the field, the model, budget and step
+    untouched (before, some loaded and failed at the first step, or after the model changed)."""
+    trainer, (x, y, _, _) = train_worker.setup(str(tmp_path))
+    trainer.fit((x, y), max_steps=4)
+    path = tmp_path / "step-000000004.safetensors"
+    tensors, meta = read_tensors(path)
+    edit(tensors, meta)
+    write_tensors(path, tensors, meta)
+    other, _ = train_worker.setup(str(tmp_path))
+    assert other.budget is not None
+    before, budget_before = _state(other.model), _state(other.budget)
+    with pytest.raises(ValueError, match=match):
+        other.fit((x, y), resume=True)
+    _assert_unchanged(other.model, before)
+    _assert_unchanged(other.budget, budget_before)
+    assert other.step == 0
+    assert other.history == []
