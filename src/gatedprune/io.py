@@ -142,6 +142,13 @@ def _refuse_missing_folder(path: Path, directory: Path) -> None:
     raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
 
 
+def _refuse_folder(p: Path, who: str, writer: str) -> None:
+    """A ``ValueError`` for a folder given where a file is read (``Path.read_bytes`` would
+    raise ``IsADirectoryError``, which ``load``'s callers do not expect)."""
+    if p.is_dir():
+        raise ValueError(f"{who}: {str(p)!r} is a folder; expected a file written by {writer}")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (file and
     directory fsynced): a reader sees the old file or the complete new one, never a part.
@@ -263,9 +270,9 @@ def read_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a file written by :func:`write_tensors`: ``(tensors on CPU, meta)``.
 
     Checks the format tag, the version and both checksums. A missing file raises
-    ``FileNotFoundError``; a truncated, corrupted, edited or foreign file (another program's
-    safetensors, a pickle, text, an empty file) raises ``ValueError`` naming the file and the
-    problem. Never unpickles anything.
+    ``FileNotFoundError``; a folder, or a truncated, corrupted, edited or foreign file (another
+    program's safetensors, a pickle, text, an empty file) raises ``ValueError`` naming the file
+    and the problem. Never unpickles anything.
 
     >>> import tempfile, os, torch
     >>> f = os.path.join(tempfile.mkdtemp(), "t.safetensors")
@@ -274,6 +281,7 @@ def read_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     {'note': 'hi'}
     """
     p = _as_path(path, "read_tensors")
+    _refuse_folder(p, "read_tensors", "write_tensors")
     data = p.read_bytes()
     header = _header(p, data)
     md = header.get("__metadata__")
@@ -571,8 +579,8 @@ def save(model: nn.Module, path: PathLike) -> None:
 def load(path: PathLike) -> nn.Module:
     """Rebuild a model written by :func:`save` (on CPU, in eval mode).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a damaged or foreign
-    file, an unregistered kind or tensors that do not fit the stored config.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a folder, a damaged
+    or foreign file, an unregistered kind or tensors that do not fit the stored config.
 
     >>> import tempfile, os, gatedprune
     >>> f = os.path.join(tempfile.mkdtemp(), "net.safetensors")
@@ -581,6 +589,7 @@ def load(path: PathLike) -> nn.Module:
     'PlainShortcutNet'
     """
     p = _as_path(path, "load")
+    _refuse_folder(p, "load", "gatedprune.save")
     tensors, meta = read_tensors(p)
     if meta.get("format") != MODEL_FORMAT:
         raise ValueError(
