@@ -2236,7 +2236,7 @@ class Trainer:
             gathered = [mine]
         if rank != 0 or self.checkpoint_dir is None:
             return
-        from .io import write_tensors
+        from .io import sweep_stale_temps, write_tensors
 
         folder = Path(self.checkpoint_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -2275,6 +2275,7 @@ class Trainer:
         }
         path = folder / f"step-{self.step:09d}.safetensors"
         write_tensors(path, tensors, meta)
+        sweep_stale_temps(folder, r"step-\d{9,}\.safetensors")  # a killed writer's, any step
         for stale in self._stale:  # an earlier run's: resume=True must not pick them up
             if stale != path:
                 stale.unlink(missing_ok=True)
