@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from gatedprune.budget import Budget
 from gatedprune.costs import cost
 from gatedprune.gates import HardConcreteGate, SigmoidGate, gate_modules
-from gatedprune.io import read_tensors
+from gatedprune.io import read_tensors, write_tensors
 from gatedprune.prune import prune
 from gatedprune.shortcut import ShortcutConv1d, ShortcutMLP
 from gatedprune.train import Trainer, constant_lr, cosine_lr, snap_to_budget
@@ -527,12 +527,21 @@ def test_refused_resume_of_a_model_that_does_not_fit_leaves_it_alone(tmp_path: P
     )
     before = {k: v.clone() for k, v in net.state_dict().items()}
     budget_before = {k: v.clone() for k, v in budget.state_dict().items()}
-    with pytest.raises(ValueError, match="model state does not fit"):
+    with pytest.raises(ValueError, match=r"written for another model \(.*'spec.layers="):
         other.fit((x, y), resume=True)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     for k, v in budget.state_dict().items():
         assert torch.equal(v, budget_before[k]), k
+    # a checkpoint written before the config recorded the model: its tensors do not fit
+    path = tmp_path / "step-000000004.safetensors"
+    tensors, meta = read_tensors(path)
+    del meta["config"]["model"]
+    write_tensors(path, tensors, meta)
+    with pytest.raises(ValueError, match="model state does not fit"):
+        other.fit((x, y), resume=True)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:

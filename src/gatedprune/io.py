@@ -23,7 +23,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
+import stat
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +38,11 @@ from .base import GatedModule
 from .gates import gate_modules
 from .plain import PlainShortcutNet
 from .strict_json import DuplicateKeyError, loads_strict
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, no sweeping
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["load", "read_tensors", "register_model_class", "save", "write_tensors"]
 
@@ -142,12 +150,76 @@ def _refuse_missing_folder(path: Path, directory: Path) -> None:
     raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist")
 
 
+def _refuse_folder(p: Path, who: str, writer: str) -> None:
+    """A ``ValueError`` for a folder given where a file is read (``Path.read_bytes`` would
+    raise ``IsADirectoryError``, which ``load``'s callers do not expect)."""
+    if p.is_dir():
+        raise ValueError(f"{who}: {str(p)!r} is a folder; expected a file written by {writer}")
+
+
+STALE_TEMP_AGE = 600.0
+"""Seconds since its last change before a leftover temporary file may be removed (see
+:func:`sweep_stale_temps`): a margin for writers whose lock cannot be seen (an older
+gatedprune, another host on a network file system that keeps locks local)."""
+
+
+def _temp_name(name: str) -> str:
+    """The hidden temporary name :func:`atomic_write` writes ``name`` through."""
+    return f".{name}.{secrets.token_hex(8)}.tmp"
+
+
+def sweep_stale_temps(directory: Path, name_pattern: str) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``directory`` for targets whose name
+    matches the regular expression ``name_pattern`` (:func:`atomic_write` passes its target's
+    escaped name); return the removed paths. Best effort: never raises.
+
+    A temporary file is removed only when nobody can still be writing it: a regular file
+    owned by this user, unchanged for :data:`STALE_TEMP_AGE` seconds, and whose advisory lock
+    (``flock``, which every :func:`atomic_write` holds from creating the file until it is
+    renamed into place, and which the kernel releases when its process dies, whatever kills
+    it) can be taken now. The name is checked to still be that file before it is unlinked.
+    Where there are no such locks (Windows) nothing is removed."""
+    if fcntl is None:
+        return []
+    pattern = re.compile(rf"^\.(?:{name_pattern})\.[0-9a-f]{{16}}\.tmp$")
+    removed: list[Path] = []
+    try:
+        entries = [e for e in os.scandir(directory) if pattern.match(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < STALE_TEMP_AGE:
+                continue
+            if st.st_uid != os.getuid():
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live writer: OSError
+            now, held = os.stat(entry.path, follow_symlinks=False), os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (file and
     directory fsynced): a reader sees the old file or the complete new one, never a part.
 
     A symbolic link at ``path`` stays a link: the file it points to is replaced. An existing
-    file keeps its permission bits; a new one gets ``0o666`` less the umask."""
+    file keeps its permission bits; a new one gets ``0o666`` less the umask.
+
+    The temporary file ``.<name>.<16 hex>.tmp`` is locked (``flock``) while it is written,
+    and removed if writing fails; one a killed process left behind is removed by a later
+    successful write of the same ``path`` (:func:`sweep_stale_temps`)."""
     if path.is_symlink():  # replace the target, not the link itself
         path = Path(os.path.realpath(path))
     directory = path.parent
@@ -159,11 +231,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         mode: int | None = os.stat(path).st_mode & 0o777
     except FileNotFoundError:
         mode = None
-    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    tmp = directory / _temp_name(path.name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(tmp, flags, 0o666)  # honours the umask, unlike mkstemp's 0o600
     try:
         try:
+            if fcntl is not None:  # released by the kernel however this process ends
+                with contextlib.suppress(OSError):  # a file system without locks
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f = os.fdopen(fd, "wb")
         except BaseException:
             os.close(fd)  # fdopen failed: the descriptor is still ours to close
@@ -174,12 +249,16 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # renamed while still locked (POSIX renames open files)
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+    sweep_stale_temps(directory, re.escape(path.name))
 
 
 def write_tensors(path: PathLike, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
@@ -263,9 +342,9 @@ def read_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a file written by :func:`write_tensors`: ``(tensors on CPU, meta)``.
 
     Checks the format tag, the version and both checksums. A missing file raises
-    ``FileNotFoundError``; a truncated, corrupted, edited or foreign file (another program's
-    safetensors, a pickle, text, an empty file) raises ``ValueError`` naming the file and the
-    problem. Never unpickles anything.
+    ``FileNotFoundError``; a folder, or a truncated, corrupted, edited or foreign file (another
+    program's safetensors, a pickle, text, an empty file) raises ``ValueError`` naming the file
+    and the problem. Never unpickles anything.
 
     >>> import tempfile, os, torch
     >>> f = os.path.join(tempfile.mkdtemp(), "t.safetensors")
@@ -274,6 +353,7 @@ def read_tensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     {'note': 'hi'}
     """
     p = _as_path(path, "read_tensors")
+    _refuse_folder(p, "read_tensors", "write_tensors")
     data = p.read_bytes()
     header = _header(p, data)
     md = header.get("__metadata__")
@@ -571,8 +651,8 @@ def save(model: nn.Module, path: PathLike) -> None:
 def load(path: PathLike) -> nn.Module:
     """Rebuild a model written by :func:`save` (on CPU, in eval mode).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a damaged or foreign
-    file, an unregistered kind or tensors that do not fit the stored config.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a folder, a damaged
+    or foreign file, an unregistered kind or tensors that do not fit the stored config.
 
     >>> import tempfile, os, gatedprune
     >>> f = os.path.join(tempfile.mkdtemp(), "net.safetensors")
@@ -581,6 +661,7 @@ def load(path: PathLike) -> nn.Module:
     'PlainShortcutNet'
     """
     p = _as_path(path, "load")
+    _refuse_folder(p, "load", "gatedprune.save")
     tensors, meta = read_tensors(p)
     if meta.get("format") != MODEL_FORMAT:
         raise ValueError(

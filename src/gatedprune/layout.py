@@ -21,6 +21,10 @@ __all__ = ["ACTIVATIONS", "Activation", "LayerSpec", "NetSpec"]
 
 Activation = Literal["relu", "gelu", "silu", "tanh", "identity"]
 
+MAX_STAGE = 62
+"""The largest resolution stage: stage ``s`` halves the length ``s`` times, so an input needs
+``2**s`` positions, and a tensor holds fewer than ``2**63`` elements."""
+
 # Activation name -> (functional form, module class). An explicit table: the accepted names
 # are the keys, anything else is refused with a clear error.
 ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], type[nn.Module]]] = {
@@ -152,6 +156,16 @@ class NetSpec:
         for i, layer in enumerate(self.layers, start=1):
             if layer.stage < 0:
                 raise ValueError(f"layer {i} has negative stage {layer.stage}")
+            if not self.spatial and layer.stage != 0:
+                raise ValueError(
+                    f"layer {i} has stage {layer.stage} (layers[{i - 1}].stage), but a "
+                    "non-spatial network has only stage 0 (stages halve a length)"
+                )
+            if layer.stage > MAX_STAGE:
+                raise ValueError(
+                    f"layer {i} has stage {layer.stage} (layers[{i - 1}].stage), expected at "
+                    f"most {MAX_STAGE} (an input needs 2**stage positions)"
+                )
         if self.spatial:
             if self.kernel_size < 1 or self.kernel_size % 2 != 1:
                 raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
@@ -159,6 +173,12 @@ class NetSpec:
                 raise ValueError(f"head_pool must be >= 1, got {self.head_pool}")
             if self.input_length is not None and self.input_length < 1:
                 raise ValueError(f"input_length must be None or >= 1, got {self.input_length}")
+            last = max((layer.stage for layer in self.layers), default=0)
+            if self.input_length is not None and self.input_length < 2**last:
+                raise ValueError(
+                    f"a layer has stage {last}, which needs inputs of length >= 2**{last} = "
+                    f"{2**last}, but input_length is {self.input_length}"
+                )
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .base import GatedModule
 from .budget import Budget
@@ -1059,6 +1059,295 @@ def _latency_model_id(budget: Budget) -> str | None:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# Settings that change what a module computes but that its extra_repr() does not show.
+_HIDDEN_SETTINGS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.RNNBase, ("mode", "nonlinearity")),  # nn.RNN(nonlinearity="relu") prints as tanh's
+    (
+        nn.MultiheadAttention,
+        ("embed_dim", "num_heads", "batch_first", "dropout", "kdim", "vdim", "add_zero_attn"),
+    ),
+    (nn.TransformerEncoderLayer, ("norm_first", "activation")),
+    (nn.TransformerDecoderLayer, ("norm_first", "activation")),
+)
+
+
+def _setting(value: object) -> str:
+    """A module setting as text: a function by its qualified name (not its address)."""
+    if callable(value) and not isinstance(value, nn.Module) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return repr(value)
+
+
+def _module_settings(m: nn.Module) -> list[str]:
+    """What identifies a module's computation beyond its tensors, without running it: its
+    ``extra_repr()``, the settings that hides (:data:`_HIDDEN_SETTINGS`; a pruned transformer
+    layer's ``norm_first``), a gatedprune network's structure (``spec``: activation, wiring,
+    stages, ...) and, for an fx ``GraphModule``, a SHA-256 of its generated code."""
+    from .gating.transformer import PrunedTransformerEncoderLayer
+    from .layout import NetSpec
+    from .plain_recurrent import RecurrentSpec
+
+    parts = [m.extra_repr()] if m.extra_repr() else []
+    hidden: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+        *_HIDDEN_SETTINGS,
+        (PrunedTransformerEncoderLayer, ("norm_first", "activation")),
+    )
+    parts += [
+        f"{a}={_setting(getattr(m, a, None))}"
+        for cls, attrs in hidden
+        if isinstance(m, cls)
+        for a in attrs
+    ]
+    spec = getattr(m, "spec", None)
+    if isinstance(spec, NetSpec | RecurrentSpec):
+        parts += [f"spec.{k}={json.dumps(v)}" for k, v in sorted(spec.to_json().items())]
+    if isinstance(m, fx.GraphModule):
+        parts.append(f"code=sha256 {hashlib.sha256(m.code.encode()).hexdigest()[:16]}")
+    return parts
+
+
+def _class_name(m: nn.Module) -> str:
+    cls = type(m)
+    return cls.__name__ if isinstance(m, fx.GraphModule) else cls.__qualname__
+
+
+def _tensor_entry(name: str, t: Tensor) -> list[Any]:
+    if isinstance(t, nn.UninitializedParameter | nn.UninitializedBuffer):  # lazy, not yet run
+        return [name, "uninitialized", str(t.dtype)]
+    return [name, list(t.shape), str(t.dtype)]
+
+
+def _model_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The model's architecture as JSON, read without running it: every module's qualified
+    name, class name and settings (:func:`_module_settings`; the root is the entry named
+    ``""``), every parameter's and persistent buffer's name, shape and dtype. Values (weights,
+    gate states) are left out: training changes them.
+
+    >>> fp = _model_fingerprint(nn.Sequential(nn.Linear(2, 3), nn.Tanh()))
+    >>> fp["modules"][1:]
+    [['0', 'Linear', ['in_features=2, out_features=3, bias=True']], ['1', 'Tanh', []]]
+    >>> fp["parameters"][0]
+    ['0.weight', [3, 2], 'torch.float32']
+    """
+    persistent = set(model.state_dict())
+    return {
+        "modules": [
+            [name, _class_name(m), _module_settings(m)]
+            for name, m in model.named_modules(remove_duplicate=False)
+        ],
+        "parameters": [
+            _tensor_entry(name, p) for name, p in model.named_parameters(remove_duplicate=False)
+        ],
+        "buffers": [
+            _tensor_entry(name, b)
+            for name, b in model.named_buffers(remove_duplicate=False)
+            if name in persistent
+        ],
+    }
+
+
+def _describe_entry(kind: str, entry: object, named: bool = True) -> str:
+    """A fingerprint entry for a message: ``'name': Class(settings)`` for a module, ``'name':
+    shape [..], dtype`` for a tensor (without the name when ``named`` is False)."""
+    if not isinstance(entry, list) or len(entry) != 3:
+        return repr(entry)
+    name, second, third = entry
+    if kind == "module" and isinstance(third, list):
+        what = f"{second}({', '.join(map(str, third))})"
+    else:
+        what = f"shape {second}, {third}"
+    return f"{name!r}: {what}" if named else what
+
+
+def _model_difference(saved: object, now: dict[str, Any]) -> str | None:
+    """The first difference between the model fingerprint a checkpoint recorded and the
+    current model's (:func:`_model_fingerprint`), or None when they agree. Two modules of the
+    same name and class are told apart by their first differing setting.
+
+    >>> a = _model_fingerprint(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
+    >>> _model_difference(a, _model_fingerprint(nn.Sequential(nn.Linear(2, 3), nn.Tanh())))
+    "module '1': checkpoint ReLU() vs now Tanh()"
+    """
+    if not isinstance(saved, dict):
+        return f"the checkpoint's model record is a {type(saved).__name__}, not a JSON object"
+    for key, kind in (("modules", "module"), ("parameters", "parameter"), ("buffers", "buffer")):
+        theirs, ours = saved.get(key), now[key]
+        if not isinstance(theirs, list):
+            return f"the checkpoint's model record has no list of {key}"
+        for i in range(max(len(theirs), len(ours))):
+            a = theirs[i] if i < len(theirs) else None
+            b = ours[i] if i < len(ours) else None
+            if a == b:
+                continue
+            if b is None:
+                return f"the checkpoint's model has {kind} {_describe_entry(kind, a)}; this one not"
+            if a is None:
+                return f"this model has {kind} {_describe_entry(kind, b)}; the checkpoint's not"
+            same_name = isinstance(a, list) and a[:1] == b[:1]
+            where = f"{kind} {b[0]!r}" if same_name else f"{kind} #{i}"
+            if kind == "module" and b[0] == "" and same_name:
+                where = "the model itself"
+            if kind == "module" and same_name and a[1:2] == b[1:2] and isinstance(a[2], list):
+                for x, y in zip([*a[2], None], [*b[2], None], strict=False):
+                    if x != y:
+                        return f"{where} ({b[1]}): checkpoint {x!r} vs now {y!r}"
+            return (
+                f"{where}: checkpoint {_describe_entry(kind, a, not same_name)} vs now "
+                f"{_describe_entry(kind, b, not same_name)}"
+            )
+    return None
+
+
+_PARAMETER_SHAPED_STATE = frozenset(
+    {
+        "acc_delta",
+        "ax",
+        "exp_avg",
+        "exp_avg_sq",
+        "exp_inf",
+        "grad_avg",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "prev",
+        "square_avg",
+        "step_size",
+        "sum",
+        "variance",
+    }
+)
+"""State tensors torch's optimizers keep in their parameter's shape."""
+_SCALAR_STATE = frozenset({"step", "eta", "mu", "mu_product"})
+"""State tensors torch's optimizers keep as scalars (shape ``()``)."""
+
+
+def _state_shape(name: str, shape: torch.Size) -> torch.Size | None:
+    """The shape torch's optimizers give the state tensor ``name`` of a parameter of
+    ``shape`` (None: not one they keep per parameter, left unchecked).
+
+    >>> _state_shape("exp_avg", torch.Size([3, 2])), _state_shape("row_var", torch.Size([3, 2]))
+    (torch.Size([3, 2]), torch.Size([3, 1]))
+    """
+    if name in _PARAMETER_SHAPED_STATE:
+        return shape
+    if name in _SCALAR_STATE:
+        return torch.Size([])
+    if name in ("row_var", "col_var") and len(shape) >= 2:  # Adafactor's factored moments
+        dims = list(shape)
+        dims[-1 if name == "row_var" else -2] = 1
+        return torch.Size(dims)
+    return None
+
+
+def _check_state_tensors(
+    path: Path, what: str, got: Mapping[str, Tensor], expected: Mapping[str, Any]
+) -> None:
+    """The checkpoint's ``what`` tensors must be those of ``expected`` (a ``state_dict()``):
+    the same names, shapes and dtypes (a float16 copy is not silently cast). ``ValueError``
+    naming the first tensor that does not fit."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"cannot resume from {path}: {what} state does not fit (missing {missing[:5]}, "
+            f"unexpected {extra[:5]})"
+        )
+    for name, want in expected.items():
+        have = got[name]
+        if isinstance(want, Tensor) and (have.shape != want.shape or have.dtype != want.dtype):
+            raise ValueError(
+                f"cannot resume from {path}: {what} state does not fit: tensor {name!r} is "
+                f"{have.dtype} of shape {tuple(have.shape)} in the checkpoint, the {what} holds "
+                f"{want.dtype} of shape {tuple(want.shape)}"
+            )
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters for a message.
+
+    >>> _brief(list(range(30)), 20)
+    '[0, 1, 2, 3, 4, 5, 6...'
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _checked_records(path: Path, field: str, value: object) -> list[Record]:
+    """A checkpoint's ``history`` or ``trace``: a list of records (objects whose values are
+    numbers or null), or ``ValueError`` naming the first bad entry."""
+    if not isinstance(value, list):
+        raise ValueError(
+            f"cannot resume from {path}: {field!r} is {_brief(value)}, expected a list of records"
+        )
+    for i, rec in enumerate(value):
+        if not isinstance(rec, dict):
+            raise ValueError(
+                f"cannot resume from {path}: {field}[{i}] is {_brief(rec)}, expected a record "
+                "(an object of numbers)"
+            )
+        for k, v in rec.items():
+            if v is not None and not _is_number(v):
+                raise ValueError(
+                    f"cannot resume from {path}: {field}[{i}][{k!r}] is {_brief(v)}, expected a "
+                    "number or null"
+                )
+    return [dict(rec) for rec in value]
+
+
+def _checked_stats(
+    path: Path, stats: object, per_rank: object, world: int, rank: int
+) -> dict[str, float]:
+    """This rank's running epoch sums from a checkpoint's ``stats`` (every key of
+    ``_STAT_KEYS`` and ``time``, numbers) and ``rank_stats`` (None, or a list of
+    ``len(_STAT_KEYS)`` numbers per rank of the run that wrote it)."""
+    keys = (*_STAT_KEYS, "time")
+    if not isinstance(stats, dict) or not all(_is_number(stats.get(k)) for k in keys):
+        raise ValueError(
+            f"cannot resume from {path}: 'stats' is {_brief(stats)}, expected an object with the "
+            f"numbers {list(keys)}"
+        )
+    out = {k: float(stats[k]) for k in keys}
+    if per_rank is None:
+        return out
+    if not isinstance(per_rank, list) or not all(
+        isinstance(r, list) and len(r) == len(_STAT_KEYS) and all(map(_is_number, r))
+        for r in per_rank
+    ):
+        raise ValueError(
+            f"cannot resume from {path}: 'rank_stats' is {_brief(per_rank)}, expected a list of "
+            f"{len(_STAT_KEYS)} numbers per rank"
+        )
+    if len(per_rank) == world:
+        out.update(zip(_STAT_KEYS, map(float, per_rank[rank]), strict=True))
+    else:  # another world size: rank 0 carries the sums
+        sums = [math.fsum(float(r[i]) for r in per_rank) for i in range(len(_STAT_KEYS))]
+        out.update(zip(_STAT_KEYS, sums if rank == 0 else [0.0] * 4, strict=True))
+    return out
+
+
+def _checked_achieved(path: Path, value: object, budget: Budget | None) -> dict[str, float] | None:
+    """A checkpoint's ``achieved_before_snap``: null, or (with a budget) an object holding a
+    number for each of the budget's targets."""
+    if value is None:
+        return None
+    targets = sorted(budget.targets) if budget is not None else []
+    if (
+        budget is None
+        or not isinstance(value, dict)
+        or sorted(value) != targets
+        or not all(map(_is_number, value.values()))
+    ):
+        expected = "null (no budget)" if budget is None else f"null or numbers for {targets}"
+        raise ValueError(
+            f"cannot resume from {path}: 'achieved_before_snap' is {_brief(value)}, expected "
+            f"{expected}"
+        )
+    return {k: float(v) for k, v in value.items()}
+
+
 def _short(value: Any) -> Any:
     """A data fingerprint shortened for an error message (other values as they are)."""
     return f"sha256 {value[:12]}..." if isinstance(value, str) and len(value) == 64 else value
@@ -1715,6 +2004,7 @@ class Trainer:
             "snap_round_to": self.snap_round_to,
             "snap_primary": self.snap_primary,
         }
+        config["model"] = _model_fingerprint(self.model)
         b = self.budget
         if b is not None:
             config["budget"] = {
@@ -1946,7 +2236,7 @@ class Trainer:
             gathered = [mine]
         if rank != 0 or self.checkpoint_dir is None:
             return
-        from .io import write_tensors
+        from .io import sweep_stale_temps, write_tensors
 
         folder = Path(self.checkpoint_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -1985,6 +2275,7 @@ class Trainer:
         }
         path = folder / f"step-{self.step:09d}.safetensors"
         write_tensors(path, tensors, meta)
+        sweep_stale_temps(folder, r"step-\d{9,}\.safetensors")  # a killed writer's, any step
         for stale in self._stale:  # an earlier run's: resume=True must not pick them up
             if stale != path:
                 stale.unlink(missing_ok=True)
@@ -2020,7 +2311,7 @@ class Trainer:
         diff = {
             k: (saved.get(k), v)
             for k, v in config.items()
-            if (k in saved or k in _CORE_CONFIG) and saved.get(k) != v
+            if k != "model" and (k in saved or k in _CORE_CONFIG) and saved.get(k) != v
         }
         if diff:
             details = ", ".join(
@@ -2030,49 +2321,50 @@ class Trainer:
                 f"cannot resume from {path}: the configuration changed ({details}); resume with "
                 "the same settings, or start a new run (resume=False or another checkpoint_dir)"
             )
+        if "model" in saved and "model" in config:  # older checkpoints did not record it
+            why = _model_difference(saved["model"], config["model"])
+            if why is not None:
+                raise ValueError(
+                    f"cannot resume from {path}: it was written for another model ({why}); "
+                    "resume with the model the run started with, or start a new run "
+                    "(resume=False or another checkpoint_dir)"
+                )
 
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+        # everything is checked first: the model, budget and optimizer change only after
         budget_state = part("budget/")
         if (self.budget is None) != (not budget_state):
             raise ValueError(
                 f"cannot resume from {path}: the checkpoint was written "
                 f"{'with' if budget_state else 'without'} a budget"
             )
+        model_state = part("model/")
+        _check_state_tensors(path, "model", model_state, self.model.state_dict())
+        if self.budget is not None:
+            _check_state_tensors(path, "budget", budget_state, self.budget.state_dict())
         rng = tensors.get("rng/torch")
         if rng is None:
             raise ValueError(f"cannot resume from {path}: no RNG state")
-        current = opt.state_dict()["param_groups"]
-        groups = meta["optim_param_groups"]
-        if len(groups) != len(current) or any(
-            len(g["params"]) != len(c["params"]) for g, c in zip(groups, current, strict=True)
-        ):
-            raise ValueError(f"cannot resume from {path}: the optimizer's parameter groups differ")
-        for i, (g, c) in enumerate(zip(groups, current, strict=True)):
-            for k, v in c.items():  # JSON turned tuples (e.g. Adam's betas) into lists
-                if isinstance(v, tuple) and isinstance(g.get(k), list):
-                    g[k] = tuple(g[k])
-            # lr is scheduled each step; every other setting must be the one trained with
-            changed = [
-                f"{k}: checkpoint {g[k]!r} vs now {v!r}"
-                for k, v in c.items()
-                if k not in ("params", "lr", "initial_lr") and k in g and g[k] != v
-            ]
-            if changed:
-                raise ValueError(
-                    f"cannot resume from {path}: optimizer parameter group {i} "
-                    f"({c.get('name', '?')}) changed ({', '.join(changed)})"
-                )
-        state: dict[int, dict[str, Any]] = {int(p): {} for p in meta["optim_state_ids"]}
-        try:
-            for k, v in part("optim/").items():
-                pid, name = k.split("/", 1)
-                state[int(pid)][name] = v
-            for pid_s, extra in meta["optim_state_extra"].items():
-                state[int(pid_s)].update(extra)
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"cannot resume from {path}: malformed optimizer state ({e})") from e
+        rng_now = torch.get_rng_state()
+        if rng.dtype != rng_now.dtype or rng.shape != rng_now.shape:
+            raise ValueError(
+                f"cannot resume from {path}: bad RNG state: a {rng.dtype} tensor of shape "
+                f"{tuple(rng.shape)}, expected {rng_now.dtype} of shape {tuple(rng_now.shape)}"
+            )
+        groups, state = self._checked_optimizer_state(path, opt, meta, part("optim/"))
+        step = meta["step"]
+        total = int(config["epochs"]) * int(config["steps_per_epoch"])
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
+            raise ValueError(
+                f"cannot resume from {path}: 'step' is {_brief(step)}, expected an int in "
+                f"[0, {total}] (epochs x steps per epoch)"
+            )
+        history = _checked_records(path, "history", meta["history"])
+        trace = _checked_records(path, "trace", meta["trace"])
+        stats = _checked_stats(path, meta["stats"], meta.get("rank_stats"), world, rank)
+        before_snap = _checked_achieved(path, meta.get("achieved_before_snap"), self.budget)
 
         # load_state_dict copies what fits before it reports what does not: keep a copy
         model_before = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -2083,7 +2375,7 @@ class Trainer:
         )
         try:
             try:
-                self.model.load_state_dict(part("model/"))
+                self.model.load_state_dict(model_state)
             except RuntimeError as e:
                 raise ValueError(f"cannot resume from {path}: model state does not fit: {e}") from e
             if self.budget is not None:
@@ -2106,17 +2398,89 @@ class Trainer:
             if self.budget is not None:
                 self.budget.load_state_dict(budget_before)
             raise
-        self.step = int(meta["step"])
-        self.history = list(meta["history"])
-        self.trace = list(meta["trace"])
-        self._stats = {k: float(v) for k, v in meta["stats"].items()}
-        per_rank = meta.get("rank_stats")
-        if isinstance(per_rank, list) and len(per_rank) == world:
-            self._stats.update(zip(_STAT_KEYS, map(float, per_rank[rank]), strict=True))
-        elif isinstance(per_rank, list):  # another world size: rank 0 carries the sums
-            sums = [math.fsum(float(r[i]) for r in per_rank) for i in range(len(_STAT_KEYS))]
-            self._stats.update(zip(_STAT_KEYS, sums if rank == 0 else [0.0] * 4, strict=True))
-        before_snap = meta.get("achieved_before_snap")
-        self.achieved_before_snap = (
-            None if before_snap is None else {k: float(v) for k, v in before_snap.items()}
-        )
+        self.step = step
+        self.history = history
+        self.trace = trace
+        self._stats = stats
+        self.achieved_before_snap = before_snap
+
+    def _checked_optimizer_state(
+        self,
+        path: Path,
+        opt: torch.optim.Optimizer,
+        meta: dict[str, Any],
+        tensors: dict[str, Tensor],
+    ) -> tuple[list[dict[str, Any]], dict[int, dict[str, Any]]]:
+        """The checkpoint's optimizer ``(param_groups, state)`` for ``opt.load_state_dict``,
+        checked against ``opt``: the same groups over the same parameter ids with the same
+        settings (``lr`` aside), state only for those ids and, for torch's own optimizers,
+        each state tensor of the shape its parameter needs (torch does not check: a wrong one
+        fails at the first step). ``ValueError`` naming the bad entry."""
+        current = opt.state_dict()["param_groups"]
+        groups = meta["optim_param_groups"]
+        if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+        ):
+            raise ValueError(
+                f"cannot resume from {path}: malformed optimizer state ('optim_param_groups' "
+                "must be a list of objects, each with a 'params' list)"
+            )
+        if len(groups) != len(current) or any(
+            g["params"] != c["params"] for g, c in zip(groups, current, strict=True)
+        ):
+            raise ValueError(f"cannot resume from {path}: the optimizer's parameter groups differ")
+        for i, (g, c) in enumerate(zip(groups, current, strict=True)):
+            for k, v in c.items():  # JSON turned tuples (e.g. Adam's betas) into lists
+                if isinstance(v, tuple) and isinstance(g.get(k), list):
+                    g[k] = tuple(g[k])
+            # lr is scheduled each step; every other setting must be the one trained with
+            changed = [
+                f"{k}: checkpoint {g[k]!r} vs now {v!r}"
+                for k, v in c.items()
+                if k not in ("params", "lr", "initial_lr") and k in g and g[k] != v
+            ]
+            if changed:
+                raise ValueError(
+                    f"cannot resume from {path}: optimizer parameter group {i} "
+                    f"({c.get('name', '?')}) changed ({', '.join(changed)})"
+                )
+        params = {
+            pid: p
+            for c, live in zip(current, opt.param_groups, strict=True)
+            for pid, p in zip(c["params"], live["params"], strict=True)
+        }
+        ids, extras = meta["optim_state_ids"], meta["optim_state_extra"]
+        if not isinstance(ids, list) or not isinstance(extras, dict):
+            raise ValueError(
+                f"cannot resume from {path}: malformed optimizer state ('optim_state_ids' must "
+                "be a list, 'optim_state_extra' an object)"
+            )
+        state: dict[int, dict[str, Any]] = {}
+        for pid in ids:
+            if isinstance(pid, bool) or not isinstance(pid, int) or pid not in params:
+                raise ValueError(
+                    f"cannot resume from {path}: malformed optimizer state (state id {pid!r} "
+                    f"names no parameter; expected ids in [0, {len(params)}))"
+                )
+            state[pid] = {}
+        try:
+            for k, v in tensors.items():
+                pid_s, name = k.split("/", 1)
+                state[int(pid_s)][name] = v
+            for pid_s, extra in extras.items():
+                if not isinstance(extra, dict):
+                    raise ValueError(f"the extra state of {pid_s} is not an object")
+                state[int(pid_s)].update(extra)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"cannot resume from {path}: malformed optimizer state ({e})") from e
+        if type(opt).__module__.startswith("torch.optim."):  # torch's own: shapes are known
+            for pid, entries in state.items():
+                for name, v in entries.items():
+                    want = _state_shape(name, params[pid].shape)
+                    if isinstance(v, Tensor) and want is not None and v.shape != want:
+                        raise ValueError(
+                            f"cannot resume from {path}: optimizer state {name!r} of parameter "
+                            f"{pid} has shape {tuple(v.shape)}, expected {tuple(want)} (the "
+                            f"parameter's shape is {tuple(params[pid].shape)})"
+                        )
+        return groups, state
