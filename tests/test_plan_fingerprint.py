@@ -64,7 +64,7 @@ def _intact(model: nn.Module, before: dict[str, Tensor], text: str) -> None:
     [
         (lambda: Attention(2), "forward code differs"),  # same tensors, another head count
         (lambda: Attention(4, act="tanh"), "forward code differs"),  # another activation
-        (lambda: nn.Sequential(nn.Linear(12, 2)), "module"),  # another model
+        (lambda: nn.Sequential(nn.Linear(12, 2)), "exported from another model"),
     ],
 )
 def test_a_plan_is_refused_for_another_model(other: Any, match: str) -> None:
@@ -166,7 +166,7 @@ def test_the_pruned_weights_load_into_the_replayed_plan() -> None:
     model = Attention(4)
     plan = _plan(model, x)
     assert isinstance(plan["checksum"], str)
-    assert {"modules", "tensors", "graph"} <= set(plan["model"])
+    assert {"modules", "parameters", "buffers", "graph"} <= set(plan["model"])
     pruned = gp.prune(model)
     fresh = apply_plan(Attention(4), plan)
     fresh.load_state_dict(pruned.state_dict())

@@ -52,10 +52,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .base import GatedModule
 from .budget import Budget
+from .fingerprint import fingerprint_difference, model_fingerprint
 from .gates import Gate, SigmoidGate, gate_modules, harden
 from .layout import check_flag
 
@@ -1059,145 +1060,6 @@ def _latency_model_id(budget: Budget) -> str | None:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# Settings that change what a module computes but that its extra_repr() does not show.
-_HIDDEN_SETTINGS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
-    (nn.RNNBase, ("mode", "nonlinearity")),  # nn.RNN(nonlinearity="relu") prints as tanh's
-    (
-        nn.MultiheadAttention,
-        ("embed_dim", "num_heads", "batch_first", "dropout", "kdim", "vdim", "add_zero_attn"),
-    ),
-    (nn.TransformerEncoderLayer, ("norm_first", "activation")),
-    (nn.TransformerDecoderLayer, ("norm_first", "activation")),
-)
-
-
-def _setting(value: object) -> str:
-    """A module setting as text: a function by its qualified name (not its address)."""
-    if callable(value) and not isinstance(value, nn.Module) and hasattr(value, "__qualname__"):
-        return f"{getattr(value, '__module__', '?')}.{value.__qualname__}"
-    return repr(value)
-
-
-def _module_settings(m: nn.Module) -> list[str]:
-    """What identifies a module's computation beyond its tensors, without running it: its
-    ``extra_repr()``, the settings that hides (:data:`_HIDDEN_SETTINGS`; a pruned transformer
-    layer's ``norm_first``), a gatedprune network's structure (``spec``: activation, wiring,
-    stages, ...) and, for an fx ``GraphModule``, a SHA-256 of its generated code."""
-    from .gating.transformer import PrunedTransformerEncoderLayer
-    from .layout import NetSpec
-    from .plain_recurrent import RecurrentSpec
-
-    parts = [m.extra_repr()] if m.extra_repr() else []
-    hidden: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
-        *_HIDDEN_SETTINGS,
-        (PrunedTransformerEncoderLayer, ("norm_first", "activation")),
-    )
-    parts += [
-        f"{a}={_setting(getattr(m, a, None))}"
-        for cls, attrs in hidden
-        if isinstance(m, cls)
-        for a in attrs
-    ]
-    spec = getattr(m, "spec", None)
-    if isinstance(spec, NetSpec | RecurrentSpec):
-        parts += [f"spec.{k}={json.dumps(v)}" for k, v in sorted(spec.to_json().items())]
-    if isinstance(m, fx.GraphModule):
-        parts.append(f"code=sha256 {hashlib.sha256(m.code.encode()).hexdigest()[:16]}")
-    return parts
-
-
-def _class_name(m: nn.Module) -> str:
-    cls = type(m)
-    return cls.__name__ if isinstance(m, fx.GraphModule) else cls.__qualname__
-
-
-def _tensor_entry(name: str, t: Tensor) -> list[Any]:
-    if isinstance(t, nn.UninitializedParameter | nn.UninitializedBuffer):  # lazy, not yet run
-        return [name, "uninitialized", str(t.dtype)]
-    return [name, list(t.shape), str(t.dtype)]
-
-
-def _model_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The model's architecture as JSON, read without running it: every module's qualified
-    name, class name and settings (:func:`_module_settings`; the root is the entry named
-    ``""``), every parameter's and persistent buffer's name, shape and dtype. Values (weights,
-    gate states) are left out: training changes them.
-
-    >>> fp = _model_fingerprint(nn.Sequential(nn.Linear(2, 3), nn.Tanh()))
-    >>> fp["modules"][1:]
-    [['0', 'Linear', ['in_features=2, out_features=3, bias=True']], ['1', 'Tanh', []]]
-    >>> fp["parameters"][0]
-    ['0.weight', [3, 2], 'torch.float32']
-    """
-    persistent = set(model.state_dict())
-    return {
-        "modules": [
-            [name, _class_name(m), _module_settings(m)]
-            for name, m in model.named_modules(remove_duplicate=False)
-        ],
-        "parameters": [
-            _tensor_entry(name, p) for name, p in model.named_parameters(remove_duplicate=False)
-        ],
-        "buffers": [
-            _tensor_entry(name, b)
-            for name, b in model.named_buffers(remove_duplicate=False)
-            if name in persistent
-        ],
-    }
-
-
-def _describe_entry(kind: str, entry: object, named: bool = True) -> str:
-    """A fingerprint entry for a message: ``'name': Class(settings)`` for a module, ``'name':
-    shape [..], dtype`` for a tensor (without the name when ``named`` is False)."""
-    if not isinstance(entry, list) or len(entry) != 3:
-        return repr(entry)
-    name, second, third = entry
-    if kind == "module" and isinstance(third, list):
-        what = f"{second}({', '.join(map(str, third))})"
-    else:
-        what = f"shape {second}, {third}"
-    return f"{name!r}: {what}" if named else what
-
-
-def _model_difference(saved: object, now: dict[str, Any]) -> str | None:
-    """The first difference between the model fingerprint a checkpoint recorded and the
-    current model's (:func:`_model_fingerprint`), or None when they agree. Two modules of the
-    same name and class are told apart by their first differing setting.
-
-    >>> a = _model_fingerprint(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
-    >>> _model_difference(a, _model_fingerprint(nn.Sequential(nn.Linear(2, 3), nn.Tanh())))
-    "module '1': checkpoint ReLU() vs now Tanh()"
-    """
-    if not isinstance(saved, dict):
-        return f"the checkpoint's model record is a {type(saved).__name__}, not a JSON object"
-    for key, kind in (("modules", "module"), ("parameters", "parameter"), ("buffers", "buffer")):
-        theirs, ours = saved.get(key), now[key]
-        if not isinstance(theirs, list):
-            return f"the checkpoint's model record has no list of {key}"
-        for i in range(max(len(theirs), len(ours))):
-            a = theirs[i] if i < len(theirs) else None
-            b = ours[i] if i < len(ours) else None
-            if a == b:
-                continue
-            if b is None:
-                return f"the checkpoint's model has {kind} {_describe_entry(kind, a)}; this one not"
-            if a is None:
-                return f"this model has {kind} {_describe_entry(kind, b)}; the checkpoint's not"
-            same_name = isinstance(a, list) and a[:1] == b[:1]
-            where = f"{kind} {b[0]!r}" if same_name else f"{kind} #{i}"
-            if kind == "module" and b[0] == "" and same_name:
-                where = "the model itself"
-            if kind == "module" and same_name and a[1:2] == b[1:2] and isinstance(a[2], list):
-                for x, y in zip([*a[2], None], [*b[2], None], strict=False):
-                    if x != y:
-                        return f"{where} ({b[1]}): checkpoint {x!r} vs now {y!r}"
-            return (
-                f"{where}: checkpoint {_describe_entry(kind, a, not same_name)} vs now "
-                f"{_describe_entry(kind, b, not same_name)}"
-            )
-    return None
-
-
 _PARAMETER_SHAPED_STATE = frozenset(
     {
         "acc_delta",
@@ -2004,7 +1866,7 @@ class Trainer:
             "snap_round_to": self.snap_round_to,
             "snap_primary": self.snap_primary,
         }
-        config["model"] = _model_fingerprint(self.model)
+        config["model"] = model_fingerprint(self.model)
         b = self.budget
         if b is not None:
             config["budget"] = {
@@ -2322,7 +2184,7 @@ class Trainer:
                 "the same settings, or start a new run (resume=False or another checkpoint_dir)"
             )
         if "model" in saved and "model" in config:  # older checkpoints did not record it
-            why = _model_difference(saved["model"], config["model"])
+            why = fingerprint_difference(saved["model"], config["model"])
             if why is not None:
                 raise ValueError(
                     f"cannot resume from {path}: it was written for another model ({why}); "

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..base import GatedModule, ModelGating, find_model_gating
+from ..fingerprint import graph_fingerprint, json_checksum, model_fingerprint
 from ..gates import (
     Gate,
     GateKind,
@@ -34,7 +35,6 @@ from ..gates import (
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, analyse_channels
-from .fingerprint import graph_fingerprint, model_fingerprint, plan_checksum
 from .graph import costs_scale_with_batch, owner_of, record_run, trace_model
 from .rnn import (
     RNNConsumer,
@@ -896,7 +896,7 @@ def export_plan(model: nn.Module) -> dict[str, Any]:
         entry["mode"] = str(cast(nn.RNNBase, model.get_submodule(name)).mode)
     if gating.source is not None:  # apply_plan refuses another model
         plan["model"] = gating.source
-    plan["checksum"] = plan_checksum(plan)  # and a plan edited since
+    plan["checksum"] = json_checksum(plan)  # and a plan edited since
     return plan
 
 
@@ -1093,7 +1093,7 @@ def gate_(
         )
     if hasattr(model, ATTR):
         raise ValueError(f"{type(model).__name__} already has an attribute '{ATTR}'")
-    structure = model_fingerprint(model)  # before prepare_encoders changes classes
+    structure = model_fingerprint(model, dtypes=False)  # before prepare_encoders changes classes
     prepare_encoders(model)
     traced = trace_model(model)
     gm = traced.graph_module

@@ -20,10 +20,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..base import BATCH_NORMS, find_model_gating
+from ..fingerprint import (
+    fingerprint_difference,
+    graph_fingerprint,
+    json_checksum,
+    model_fingerprint,
+)
 from ..functional_costs import FunctionalCounter
 from .blocks import graph_writes, live_nodes
-from .fingerprint import check_graph as check_graph_fingerprint
-from .fingerprint import check_structure, plan_checksum
 from .graph import (
     TracedModel,
     inlined_calls,
@@ -1321,14 +1325,17 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             "(prune it with gatedprune.prune, or apply the plan to a fresh instance)"
         )
     source: dict[str, Any] | None = plan.get("model") if check_graph else None
-    if check_graph and "checksum" in plan and plan_checksum(plan) != plan["checksum"]:
+    if check_graph and "checksum" in plan and json_checksum(plan) != plan["checksum"]:
         raise ValueError(
             "the plan was changed after export_plan wrote it (its checksum does not match its "
             "content): export it again from the gated model (a plan written by hand has no "
             "'checksum')"
         )
+    hint = "apply a plan to a fresh dense instance of the model it was exported from"
     if source is not None:
-        check_structure(source, model)
+        why = fingerprint_difference(source, model_fingerprint(model, dtypes=False), "plan")
+        if why is not None:
+            raise ValueError(f"the plan was exported from another model ({why}): {hint}")
 
     def submodule(name: str, what: str) -> nn.Module:
         try:
@@ -1391,8 +1398,12 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
                 as_gated: TracedModel | None = trace_model(model, dict(plan["opaque"]), warn=False)
             except ValueError:  # untraceable: only its structure can be compared
                 as_gated = None
-            if as_gated is not None:
-                check_graph_fingerprint(source, as_gated.graph)
+            if as_gated is not None and graph_fingerprint(as_gated.graph) != source["graph"]:
+                raise ValueError(
+                    "the plan was exported from a model whose forward code differs from this "
+                    "model's (the same modules and tensors, another traced graph: an "
+                    f"activation, a head count or another constant in forward): {hint}"
+                )
         checked = _check_graph(model, plan) if check_graph else None
         if check_graph:
             _dry_run_sizes(checked, plan)
