@@ -543,6 +543,6 @@ def test_writing_into_a_missing_folder_or_onto_a_folder_names_the_target(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"the folder .*missing does not exist"):
         gp.save(small, tmp_path / "missing" / "m.safetensors")
     (tmp_path / "d").mkdir()
-    with pytest.raises(IsADirectoryError, match="it is a folder"):
+    with pytest.raises(ValueError, match="it is a folder; expected a file path"):
         gp.save(small, tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary file left

@@ -226,7 +226,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     if not directory.is_dir():  # else the error would name the temporary file
         _refuse_missing_folder(path, directory)
     if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+        raise ValueError(
+            f"cannot write {path}: it is a folder; expected a file path such as "
+            f"{path / 'model.safetensors'}"
+        )
     try:
         mode: int | None = os.stat(path).st_mode & 0o777
     except FileNotFoundError:

@@ -267,6 +267,10 @@ _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
 # normalisations over trailing dimensions (normalized_shape); of heads: over the head size
 _NORM_FUNCS: set[Callable[..., Any]] = {F.layer_norm, F.rms_norm, torch.layer_norm, torch.rms_norm}
 _MM: tuple[Callable[..., Any], ...] = (torch.bmm, torch.mm)  # matmul of 3-d / 2-d operands
+# keyword arguments a rule reads (others holding labelled tensors are pinned)
+_KEYWORDS_READ: dict[Any, tuple[str, ...]] = {
+    F.scaled_dot_product_attention: ("query", "key", "value", "attn_mask"),
+}
 _META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
 _META_METHODS = {"size", "dim", "numel"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
@@ -435,6 +439,20 @@ class _Propagator:
         for a in _flat_nodes((n.args, n.kwargs)):
             self.pin(self.labels.get(a), reason)
 
+    def pin_keyword_inputs(self, n: fx.Node) -> None:
+        """Labelled tensors an op reads only by keyword (``F.scaled_dot_product_attention(
+        query=q, ...)``, ``torch.relu(input=h)``): the rules read positional arguments, so
+        their channels are kept whole (pruning them would leave this op's reading unsliced)."""
+        positional = set(_flat_nodes(n.args))
+        read = _KEYWORDS_READ.get(n.target, ()) if n.op == "call_function" else ()
+        for key, value in n.kwargs.items():
+            if key in read:
+                continue
+            for a in _flat_nodes(value):
+                lab = self.labels.get(a) or self.nonzero.get(a)
+                if a not in positional and lab is not None:
+                    self.pin(lab, f"{self.describe(n)} reads labelled channels by keyword {key!r}")
+
     def soft_pin(self, lab: Labels | None, reason: str) -> None:
         """The op is exact for closed channels but not for a gate folded into consumers."""
         if lab is not None:
@@ -459,6 +477,7 @@ class _Propagator:
             except (ValueError, IndexError, TypeError) as e:  # an op form we do not parse
                 self.pin_inputs(n, f"{self.describe(n)} not understood ({e})")
                 self.labels[n] = None
+            self.pin_keyword_inputs(n)
         for n in self.gm.graph.nodes:  # after the labels of every reader are known
             if n.op in ("call_function", "call_method") and self.shape(n) is None:
                 self.size_read(n)
@@ -1580,7 +1599,9 @@ class _Propagator:
         them (a closed head's ``v`` is zero, so is its output). ``q`` and ``k`` may be nonzero
         at closed heads (QK-norm), ``v`` may not."""
         out = self.shape(n)
-        qkv = list(n.args[:3])
+        names = ("query", "key", "value")
+        qkv = [n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names)]
+        qkv = [a for a in qkv if a is not None]
         mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
         labs = [self.lab(a) for a in qkv]
         nonzero = [

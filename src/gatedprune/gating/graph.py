@@ -28,6 +28,7 @@ from ..costs import (
     _handler_for,
     check_positional,
     counts_itself,
+    is_code,
     unit_handler,
     watch_counted,
 )
@@ -473,6 +474,8 @@ def _inlined_flops(
             continue
         if any(path == t or path.startswith(t + ".") for t in within):
             continue  # a leaf, or counted inside one (e.g. opaque modules)
+        if is_code(m):
+            continue  # counted as code: its products on their nodes, as cost() counts them
         handler = _handler_for(m)
         if handler is None:
 
@@ -542,7 +545,8 @@ def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Reco
     """One eval-mode, no-grad run of ``gm`` through a :class:`_Recorder`."""
     was = [(m, m.training) for m in gm.modules()]
     gm.eval()
-    rec = _Recorder(gm, {n for c in inlined_calls(gm.graph, root) for n in c.nodes})
+    whole = [c for c in inlined_calls(gm.graph, root) if not is_code(root.get_submodule(c.path))]
+    rec = _Recorder(gm, {n for c in whole for n in c.nodes})
     try:
         with torch.no_grad():
             rec.run(example_input)

@@ -1,0 +1,216 @@
+"""Findings of an audit of the 2026-12-07 gate_ and plan changes: tensors passed to an op by
+keyword, parameter-free layers of your own inside a gated model, and what the plan
+fingerprint sees (dtype constants in forward, learned values a module prints)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gating_helpers import examples, inserted_gating
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.gates import HardConcreteGate
+from gatedprune.gating import apply_plan, export_plan, gate_
+
+
+def _randomise(model: nn.Module, gen: torch.Generator) -> None:
+    gating = inserted_gating(model)
+    with torch.no_grad():
+        for gate in [*gating.group_gates, *gating.block_gates]:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+
+
+def _exact(model: nn.Module, x: Tensor, gen: torch.Generator) -> nn.Module:
+    model.eval()
+    hard = gp.cost(model, x, hard=True)
+    pruned = gp.prune(model)
+    c = gp.cost(pruned, x)
+    assert isinstance(c, gp.Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    with torch.no_grad():
+        xi = torch.randn(*x.shape, generator=gen)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    return pruned
+
+
+class Keywords(nn.Module):
+    """Ops reading a gated tensor by keyword."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.a, self.b, self.head = nn.Conv1d(2, 8, 3), nn.Conv1d(8, 6, 3), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.a(x)  # (B, 8, L)
+        if self.form == "relu":
+            h = torch.relu(input=h)
+        elif self.form == "transpose":
+            h = torch.transpose(input=h, dim0=1, dim1=2).transpose(1, 2)
+        else:
+            h = torch.flatten(input=h.unsqueeze(-1), start_dim=2)  # (B, 8, L)
+        return self.head(F.relu(self.b(h)).mean(-1))  # (B, 2)
+
+
+@settings(max_examples=examples(9), deadline=None)
+@given(form=st.sampled_from(["relu", "transpose", "flatten"]), seed=st.integers(0, 2**31 - 1))
+def test_a_tensor_passed_by_keyword_is_not_pruned_under_its_reader(form: str, seed: int) -> None:
+    # before: its labels were dropped without a pin, the producer was pruned and its reader
+    # not sliced: the pruned model failed with a channel mismatch
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model, x = Keywords(form), torch.randn(2, 2, 12, generator=gen)
+    summary = gate_(model, x)
+    reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
+    assert "by keyword 'input'" in reasons["a"], str(summary)
+    _randomise(model, gen)
+    _exact(model, x, gen)
+
+
+class KeywordAttention(nn.Module):
+    def __init__(self, d: int = 16, heads: int = 4, kv: int = 4) -> None:
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv, d // heads
+        self.q, self.o, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 2)
+        self.k, self.v = nn.Linear(d, kv * self.hd), nn.Linear(d, kv * self.hd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k = self.k(x).view(b, t, self.kv, self.hd).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v(x).view(b, t, self.kv, self.hd).transpose(1, 2)  # (B, KV, T, D)
+        y = F.scaled_dot_product_attention(
+            query=q, key=k, value=v, enable_gqa=self.kv < self.h
+        )  # (B, H, T, D)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, d)
+        return self.head(x).mean(1)  # (B, 2)
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(kv=st.sampled_from([2, 4]), seed=st.integers(0, 2**31 - 1))
+def test_attention_called_with_keywords_prunes_its_heads(kv: int, seed: int) -> None:
+    # before: q, k and v were three separate head groups, and the pruned model failed (or,
+    # with enable_gqa, silently differed by up to 0.05)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 16, generator=gen)
+
+    def factory() -> KeywordAttention:
+        torch.manual_seed(seed)
+        return KeywordAttention(kv=kv)
+
+    model = factory()
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1, str(summary)
+    assert summary.channel_groups[summary.head_groups[0]] == (["q", "k", "v"], kv)
+    _randomise(model, gen)
+    pruned = _exact(model, x, gen)
+    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class Swish(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(x)
+
+
+class Gram(nn.Module):
+    """A parameter-free layer computing a product."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ x.transpose(-1, -2) @ x  # (B, T, C)
+
+
+class WithCode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.act, self.gram = nn.Linear(3, 8), Swish(), Gram()
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.gram(self.inp(x))  # (B, T, 8)
+        h = h + self.fc2(self.act(self.fc1(h)))  # (B, T, 8)
+        h = h + self.fc2(self.act(self.fc1(h)))  # the same layers again
+        return self.head(self.act(h)).mean(1)  # (B, 2)
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_parameter_free_layers_of_your_own_are_code_in_gate_too(seed: int) -> None:
+    # before: cost() counted them as code, gate_ raised "cost() does not know how to count"
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 3, generator=gen)
+    model = WithCode()
+    dense = gp.cost(model, x)
+    assert isinstance(dense, gp.Cost)
+    gate_(model, x)
+    all_open = gp.cost(model, x, hard=True)
+    assert float(all_open.flops) == dense.flops
+    _randomise(model, gen)
+    _exact(model, x, gen)
+
+
+class Casts(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.a(x)).to(self.dtype).to(x.dtype)  # (B, 8), rounded
+        return self.b(h)  # (B, 2)
+
+
+def test_a_dtype_constant_in_forward_is_part_of_the_fingerprint() -> None:
+    # before: every dtype hashed as "dtype": a bfloat16 model took a float64 model's plan
+    x = torch.randn(4, 3)
+    model = Casts(torch.float64)
+    gate_(model, x)
+    for gate in inserted_gating(model).group_gates:
+        gate.force_(torch.arange(gate.n) % 2 == 0)  # type: ignore[operator]
+    plan = json.loads(json.dumps(export_plan(model.eval())))
+    with pytest.raises(ValueError, match="forward code differs"):
+        apply_plan(Casts(torch.bfloat16), plan)
+    apply_plan(Casts(torch.float64), plan)
+
+
+class Temperature(nn.Module):
+    """A layer that prints a learned value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.0))
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def extra_repr(self) -> str:
+        return f"t={self.t.item():.4f}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.relu(self.a(x)) * self.t)  # (B, 2)
+
+
+def test_a_printed_learned_value_does_not_refuse_a_fresh_instance() -> None:
+    x = torch.randn(4, 3)
+    model = Temperature()
+    with torch.no_grad():
+        model.t.fill_(0.7)  # trained before gate_
+    gate_(model, x)
+    for gate in inserted_gating(model).group_gates:
+        gate.force_(torch.arange(gate.n) % 2 == 0)  # type: ignore[operator]
+    plan = json.loads(json.dumps(export_plan(model.eval())))
+    fresh = apply_plan(Temperature(), plan)
+    fresh.load_state_dict(gp.prune(model).state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
