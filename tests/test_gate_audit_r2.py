@@ -5,6 +5,7 @@ fingerprint sees (dtype constants in forward, learned values a module prints).""
 from __future__ import annotations
 
 import json
+from typing import cast
 
 import pytest
 import torch
@@ -214,3 +215,101 @@ def test_a_printed_learned_value_does_not_refuse_a_fresh_instance() -> None:
     fresh.eval()
     with torch.no_grad():
         assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
+
+
+class TwoOptional(nn.Module):
+    """Attention with two optional arguments whose code paths are alike (``s + mask``,
+    ``s + bias``) and a third set inside when left out (``scale``)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.hd = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        bias: Tensor | None = None,
+        scale: float | None = None,
+    ) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = (
+            f(x).view(b, t, self.h, self.hd).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )  # (B, H, T, D) each
+        if scale is None:
+            scale = 0.5
+        s = q @ k.transpose(-1, -2) * scale  # (B, H, T, T)
+        if mask is not None:
+            s = s + mask
+        if bias is not None:
+            s = s + bias
+        y = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)  # (B, T, C)
+        return cast(Tensor, self.o(y))
+
+
+class Caller(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.attn, self.head = TwoOptional(), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mask = (x[:, None, None, :, 0] > 1.0).float() * -1e4  # (B, 1, 1, T)
+        if self.how == "positional":
+            h = self.attn(x, mask)
+        elif self.how == "keyword":
+            h = self.attn(x, mask=mask)
+        elif self.how == "bias":
+            h = self.attn(x, bias=mask, scale=0.25)
+        else:  # two ways: rewritten code could serve one only
+            h = self.attn(x, mask) + self.attn(x, bias=mask)
+        return cast(Tensor, self.head(h.mean(1)))  # (B, 2)
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword", "bias"])
+def test_rewritten_attention_gets_the_arguments_its_caller_passes(how: str) -> None:
+    # before: the rewrite guessed which optional arguments were left at None (the first
+    # choice whose graph matched): 'mask' assumed None and 'bias' made the input, or 'scale'
+    # left an input defaulting to None: the pruned model failed on every input
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model, x = Caller(how), torch.randn(2, 5, 8, generator=gen)
+    summary = gate_(model, x)
+    assert len(summary.head_groups) == 1, str(summary)
+    inserted_gating(model).group_gates[summary.head_groups[0]].force_(  # type: ignore[operator]
+        torch.tensor([False, True])
+    )
+    pruned = _exact(model, x, gen)
+    assert isinstance(pruned.get_submodule("attn"), torch.fx.GraphModule)  # rewritten
+    masked = torch.randn(3, 6, 8, generator=gen)
+    masked[:, :2, 0] = 2.0  # two keys masked out
+    with torch.no_grad():
+        assert (pruned(masked) - model(masked)).abs().max().item() <= 1e-5
+    torch.manual_seed(0)
+    fresh = apply_plan(Caller(how), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        assert (fresh(masked) - model(masked)).abs().max().item() <= 1e-5
+
+
+def test_a_module_called_two_ways_is_not_rewritten() -> None:
+    model, x = Caller("both"), torch.randn(2, 5, 8)
+    summary = gate_(model, x)
+    assert not summary.head_groups
+    assert "called with different optional arguments" in str(summary)
+    model.eval()
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_a_malformed_bound_entry_is_refused() -> None:
+    model, x = Caller("positional"), torch.randn(2, 5, 8)
+    gate_(model, x)
+    plan = json.loads(json.dumps(export_plan(model.eval())))
+    hand = {k: v for k, v in plan.items() if k not in ("checksum", "model")}
+    hand["bound"] = {"attn": {"mask": "yes"}}
+    with pytest.raises(ValueError, match="'bound' of 'attn' must map argument names"):
+        apply_plan(Caller("positional"), hand)

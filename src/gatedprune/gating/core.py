@@ -35,7 +35,7 @@ from ..gates import (
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, analyse_channels
-from .graph import costs_scale_with_batch, owner_of, record_run, trace_model
+from .graph import costs_scale_with_batch, owner_of, record_bindings, record_run, trace_model
 from .rnn import (
     RNNConsumer,
     RNNInfo,
@@ -208,7 +208,11 @@ _GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook)
 
 
 def _pin_unrewritable_sizes(
-    model: nn.Module, gm: fx.GraphModule, ca: ChannelAnalysis, opaque: dict[str, str]
+    model: nn.Module,
+    gm: fx.GraphModule,
+    ca: ChannelAnalysis,
+    opaque: dict[str, str],
+    bindings: dict[str, dict[str, Any] | str],
 ) -> None:
     """Leave ungated the channels whose sizes pruning would rewrite in the code of a module
     that cannot be rewritten (called twice, say: tracing it alone gives other code)."""
@@ -216,7 +220,7 @@ def _pin_unrewritable_sizes(
     scopes = {owners[name] for name in ca.sizes}
     for scope in sorted(scopes):
         try:
-            local_trace(model, gm.graph, scope, opaque)
+            local_trace(model, gm.graph, scope, opaque, bindings.get(scope, {}))
         except RuntimeError as e:
             for name, entries in ca.sizes.items():
                 if owners[name] != scope:
@@ -286,6 +290,8 @@ class InsertedGating(ModelGating):
         self.hooked: tuple[str, ...] = ()  # modules gate_ hooked (set by gate_)
         # the dense model's fingerprint, recorded in exported plans (set by gate_)
         self.source: dict[str, Any] | None = None
+        # per module: the optional arguments its calls fix (graph.record_bindings; by gate_)
+        self.bindings: dict[str, dict[str, Any]] = {}
         self.group_gates = nn.ModuleList([kind.make(n, init_open=True) for n in group_sizes])
         self.block_gates = nn.ModuleList([kind.make(1, init_open=True) for _ in range(n_blocks)])
         self.clamp = clamp
@@ -782,6 +788,7 @@ class InsertedGating(ModelGating):
             "bypass": bypass,
             "edges": edges,
             "sizes": self._size_plan(opens),
+            "bound": {s: self.bindings.get(s, {}) for s in scopes if s},
         }
 
     def open_edges(self) -> list[Edge]:
@@ -1098,6 +1105,7 @@ def gate_(
     traced = trace_model(model)
     gm = traced.graph_module
     record = record_run(traced, example_input, model)
+    bindings = record_bindings(model, example_input)  # how rewritten modules are called
     ca = analyse_channels(gm, record)
     shared = _shared_modules(model, gm)
     for name, reason in shared.items():  # pruning slices and scales their tensors in place
@@ -1108,7 +1116,7 @@ def gate_(
                 for gi in np.unique(ca.atom_group[atoms]).tolist():
                     if ca.groups[gi].pinned is None:
                         ca.groups[gi].pinned = f"{name}: {reason}"
-    _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque))
+    _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque), bindings)
     summary = GatingSummary(opaque=dict(traced.opaque))
 
     def allowed(name: str) -> bool:
@@ -1161,7 +1169,7 @@ def gate_(
         for e in edges:  # prune rewrites the code of the module holding both blocks
             if e.scope not in edge_scopes:
                 try:
-                    local_trace(model, gm.graph, e.scope, traced.opaque)
+                    local_trace(model, gm.graph, e.scope, traced.opaque, bindings.get(e.scope, {}))
                     edge_scopes[e.scope] = None
                 except RuntimeError as err:
                     edge_scopes[e.scope] = str(err)
@@ -1187,7 +1195,7 @@ def gate_(
         for scope in scopes:
             if scope not in rewritable:
                 try:
-                    local_trace(model, gm.graph, scope, traced.opaque)
+                    local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}))
                     rewritable[scope] = None
                 except RuntimeError as e:
                     rewritable[scope] = str(e)
@@ -1373,6 +1381,7 @@ def gate_(
         size_rewrites=size_rewrites,
     )
     gating.source = {**structure, "graph": graph_fingerprint(traced.graph)}
+    gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
     gating.train(model.training)
     model.add_module(ATTR, gating)
     gating.hooked = tuple(dict.fromkeys([*sites, *(e.src for e in edges), *(e.dst for e in edges)]))

@@ -48,7 +48,9 @@ __all__ = [
     "costs_scale_with_batch",
     "inlined_calls",
     "mutated_input",
+    "optional_defaults",
     "owner_of",
+    "record_bindings",
     "record_run",
     "scope_nodes",
     "trace_model",
@@ -147,6 +149,79 @@ def trace_model(
     except ValueError:
         return traced
     return special if _structure(special.graph) != _structure(traced.graph) else traced
+
+
+def optional_defaults(m: nn.Module) -> dict[str, Any]:
+    """Optional ``forward`` arguments of ``m`` with a constant default (``None``, a number)."""
+    params = list(inspect.signature(m.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and (p.default is None or isinstance(p.default, bool | int | float))
+    }
+
+
+def record_bindings(model: nn.Module, example_input: Tensor) -> dict[str, dict[str, Any] | str]:
+    """How the model's own code calls each submodule with optional arguments, from one eval
+    forward: ``{argument: value}`` for each optional argument a call leaves at its default or
+    passes as ``None``, so a rewritten ``forward`` is traced with exactly those fixed and the
+    others (a mask passed as a tensor, a number passed) as inputs; a reason instead where
+    calls differ. Modules the forward does not call are absent.
+
+    >>> class A(nn.Module):
+    ...     def forward(self, x, mask=None, scale=None):
+    ...         return x if mask is None else x + mask
+    >>> class Net(nn.Module):
+    ...     def __init__(self): super().__init__(); self.a = A()
+    ...     def forward(self, x): return self.a(x, x)
+    >>> record_bindings(Net(), torch.ones(2))
+    {'a': {'scale': None}}
+    """
+    seen: dict[str, dict[str, Any] | str] = {}
+    handles = []
+    for path, m in model.named_modules():
+        defaults = optional_defaults(m) if path else {}
+        if not defaults:
+            continue
+        sig = inspect.signature(m.forward)
+
+        def pre(
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            path: str = path,
+            sig: inspect.Signature = sig,
+            defaults: dict[str, Any] = defaults,
+        ) -> None:
+            try:
+                bound = sig.bind(*args, **kwargs).arguments
+            except TypeError:
+                seen[path] = "its calls do not fit its signature"
+                return
+            # left at its default, or passed as None (fx keeps a None argument in the code,
+            # checked; another constant would leave the signature and break the caller's call)
+            fixed = {k: bound.get(k, d) for k, d in defaults.items() if bound.get(k) is None}
+            prev = seen.setdefault(path, fixed)
+            if prev != fixed:
+                seen[path] = (
+                    "it is called with different optional arguments "
+                    f"({prev if isinstance(prev, str) else sorted(prev)} and {sorted(fixed)} "
+                    "fixed), and rewritten code serves one way of calling it"
+                )
+
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes:
+            m.training = t
+    return seen
 
 
 def _structure(graph: fx.Graph) -> list[tuple[str, str]]:

@@ -31,6 +31,7 @@ from .blocks import graph_writes, live_nodes
 from .graph import (
     TracedModel,
     inlined_calls,
+    optional_defaults,
     owner_of,
     scope_nodes,
     trace_model,
@@ -251,17 +252,6 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     return a.is_floating_point() and bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
 
 
-def _defaults(sub: nn.Module) -> dict[str, Any]:
-    """Optional forward arguments with a constant default (assumed left at it by callers)."""
-    params = list(inspect.signature(sub.forward).parameters.values())[1:]
-    return {
-        p.name: p.default
-        for p in params
-        if p.default is not inspect.Parameter.empty
-        and (p.default is None or isinstance(p.default, bool | int | float))
-    }
-
-
 def _concrete_choices(defaults: dict[str, Any]) -> Iterator[dict[str, Any] | None]:
     """What a caller may have left at their defaults: nothing, everything, then every subset
     (largest first; for up to 6 optional arguments), as HF BERT's ``self(hidden, mask)``
@@ -295,18 +285,29 @@ def _specialised(graph: fx.Graph, names: set[str]) -> set[fx.Node]:
 
 
 def local_trace(
-    model: nn.Module, root_graph: fx.Graph, scope: str, opaque: dict[str, str]
+    model: nn.Module,
+    root_graph: fx.Graph,
+    scope: str,
+    opaque: dict[str, str],
+    bound: dict[str, Any] | str | None = None,
 ) -> tuple[Any, dict[str, fx.Node]]:
     """Trace module ``scope`` alone and map the root graph's nodes in it to its own nodes.
+    ``bound``: how the model calls it (:func:`record_bindings`): the optional arguments to fix
+    at the values its calls give them (the others are inputs); a reason if the calls differ;
+    None if unknown (a plan written before 2026-12-07: each choice of arguments left at their
+    defaults is tried, the first whose graph matches taken).
 
     Raises ``RuntimeError`` when the two traces differ (the module cannot be rewritten).
     """
     sub = model if scope == "" else model.get_submodule(scope)
+    if isinstance(bound, str):
+        raise RuntimeError(f"cannot rewrite module '{scope}' ({type(sub).__name__}): {bound}")
     prefix = scope + "." if scope else ""
     local_opaque = {k[len(prefix) :]: v for k, v in opaque.items() if k.startswith(prefix)}
     root_nodes = scope_nodes(root_graph, scope)
-    defaults = _defaults(sub) if scope else {}
-    for concrete in _concrete_choices(defaults):
+    defaults = optional_defaults(sub) if scope else {}
+    choices = _concrete_choices(defaults) if bound is None or not scope else iter([bound or None])
+    for concrete in choices:
         try:
             # None: the root as gate_ traced it; a submodule as called, with every argument
             # its caller passes (HF BERT's mask)
@@ -536,13 +537,15 @@ def _rewrite_scope(
     left_operands: set[str],
     aliases: _Aliases,
     sizes: dict[str, list[list[Any]]] | None = None,
+    bound: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
     writes into, anywhere in the model; ``left_operands``: nodes the code uses as the left
-    operand of arithmetic, which an augmented assignment would write into)."""
+    operand of arithmetic, which an augmented assignment would write into; ``bound``: the
+    optional arguments its calls fix, see :func:`local_trace`)."""
     sub = model if scope == "" else model.get_submodule(scope)
     root_nodes = scope_nodes(root_graph, scope)
-    local, mapping = local_trace(model, root_graph, scope, opaque)
+    local, mapping = local_trace(model, root_graph, scope, opaque, bound)
     local_out = next(n for n in local.graph.nodes if n.op == "output").args[0]
     returned = next((r for r, n in mapping.items() if n is local_out), None)
     root_by_name = {r.name: r for r in root_nodes}
@@ -741,6 +744,7 @@ _PLAN_OPTIONAL: dict[str, type] = {
     "edges": list,
     "sizes": dict,
     "model": dict,  # fingerprint of the model it was exported from (fingerprint.py)
+    "bound": dict,  # per rewritten scope: the optional arguments its calls fix
     "checksum": str,  # of everything else: a plan edited after export_plan is refused
 }
 
@@ -782,6 +786,15 @@ def _check_plan(plan: object) -> dict[str, Any]:
     _check_strings("'opaque' reasons", list(plan["opaque"].values()))
     for key in ("scopes", "erase", "bypass"):
         _check_strings(f"{key!r}", plan.get(key, []))
+    for scope, fixed in plan.get("bound", {}).items():
+        if not isinstance(fixed, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, bool | int | float))
+            for k, v in fixed.items()
+        ):
+            raise ValueError(
+                f"malformed plan: 'bound' of {scope!r} must map argument names to None or "
+                f"numbers, got {fixed!r}"
+            )
     scopes: list[str] = plan["scopes"]
     for a, b in itertools.permutations(scopes, 2):
         if _within(b, a):
@@ -1482,6 +1495,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             left_operands,
             aliases,
             {k: v for k, v in sizes.items() if k in in_scope},
+            plan.get("bound", {}).get(scope),
         )
         if scope == "":
             result = new
