@@ -261,3 +261,46 @@ def test_a_crafted_checkpoint_is_refused_before_anything_changes(
     _assert_unchanged(other.budget, budget_before)
     assert other.step == 0
     assert other.history == []
+
+
+class _Scheduled(nn.Module):
+    """Dropout whose rate a schedule changes, and a lazy layer materialised by the first fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.LazyLinear(16)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.drop(torch.relu(self.a(x))))  # (B, 3)
+
+
+def test_the_same_trainer_continues_after_its_model_changed_settings(tmp_path: Path) -> None:
+    # before: a second fit(resume=True) fingerprinted the trained model (Dropout p changed by
+    # the schedule, LazyLinear become Linear) and refused it as another model
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+
+    def schedule(tr: Trainer, rec: Any) -> None:
+        drop = tr.model.get_submodule("drop")
+        assert isinstance(drop, nn.Dropout)
+        drop.p = max(0.0, 0.5 - 0.05 * tr.step)
+
+    tr = Trainer(
+        _Scheduled(),
+        epochs=4,
+        batch_size=16,
+        progress=False,
+        checkpoint_dir=tmp_path,
+        checkpoint_every_steps=2,
+        on_step=schedule,
+    )
+    tr.fit((x, y), max_steps=10)
+    tr.fit((x, y), resume=True)
+    assert tr.step == 16
+    # a fresh model in a new run is the model the checkpoint was written for
+    torch.manual_seed(0)
+    again = Trainer(_Scheduled(), epochs=4, batch_size=16, progress=False, checkpoint_dir=tmp_path)
+    again.fit((x, y), resume=True)
+    assert again.step == 16

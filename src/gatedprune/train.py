@@ -1338,6 +1338,8 @@ class Trainer:
         self._stats: dict[str, float] = {}
         self._sigmoid_gates: list[SigmoidGate] = []  # set by fit
         self._stale: list[Path] = []  # checkpoints of an earlier run in checkpoint_dir
+        # (model, its fingerprint when this Trainer first saw it), for checkpoint configs
+        self._model_record: tuple[nn.Module, dict[str, Any]] | None = None
 
     def _check_settings(self) -> None:
         """Validate (and normalise: numpy numbers to Python ones) every setting; run at
@@ -1866,7 +1868,11 @@ class Trainer:
             "snap_round_to": self.snap_round_to,
             "snap_primary": self.snap_primary,
         }
-        config["model"] = model_fingerprint(self.model)
+        if self._model_record is None or self._model_record[0] is not self.model:
+            # the model as this Trainer first saw it: a dropout schedule or a lazy layer
+            # materialised by an earlier fit is not another model
+            self._model_record = (self.model, model_fingerprint(self.model))
+        config["model"] = self._model_record[1]
         b = self.budget
         if b is not None:
             config["budget"] = {

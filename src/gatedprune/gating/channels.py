@@ -450,8 +450,13 @@ class _Propagator:
                 continue
             for a in _flat_nodes(value):
                 lab = self.labels.get(a) or self.nonzero.get(a)
-                if a not in positional and lab is not None:
-                    self.pin(lab, f"{self.describe(n)} reads labelled channels by keyword {key!r}")
+                if a not in positional and lab is not None:  # and every other input with it:
+                    # the rule may have passed a positional operand's channels on (add(a,
+                    # other=b) gated a alone: b's reader would be unsliced)
+                    why = f"{self.describe(n)} reads labelled channels by keyword {key!r}"
+                    for b in _flat_nodes((n.args, n.kwargs)):
+                        self.pin(self.labels.get(b) or self.nonzero.get(b), why)
+                    self.pin(self.labels.get(n), why)
 
     def soft_pin(self, lab: Labels | None, reason: str) -> None:
         """The op is exact for closed channels but not for a gate folded into consumers."""
