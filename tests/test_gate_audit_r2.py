@@ -350,3 +350,32 @@ def test_one_operand_by_keyword_keeps_both_whole(form: str, seed: int) -> None:
     if summary.n_gates:
         _randomise(model, gen)
     _exact(model, x, gen)
+
+
+class Flagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x: Tensor, residual: bool = True) -> Tensor:
+        h = self.b(torch.relu(self.a(x)))  # (B, 4)
+        if residual:
+            h = x + h
+        return h
+
+
+class PassesFlag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = Flagged(), nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cast(Tensor, self.head(self.block(x, True)))  # (B, 2)
+
+
+def test_a_module_that_cannot_be_traced_alone_says_so() -> None:
+    # a flag passed explicitly is an input of the rewritten code, and Python control flow on
+    # it cannot be traced: the reason names the trace failure (was "a different graph")
+    summary = gate_(PassesFlag(), torch.randn(3, 4))
+    why = dict(summary.ungated_adds)["add (in block)"]
+    assert "tracing it alone fails" in why, why

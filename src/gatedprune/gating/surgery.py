@@ -307,6 +307,7 @@ def local_trace(
     root_nodes = scope_nodes(root_graph, scope)
     defaults = optional_defaults(sub) if scope else {}
     choices = _concrete_choices(defaults) if bound is None or not scope else iter([bound or None])
+    traced_any, failure = False, ""
     for concrete in choices:
         try:
             # None: the root as gate_ traced it; a submodule as called, with every argument
@@ -314,8 +315,10 @@ def local_trace(
             local = trace_model(
                 sub, local_opaque, warn=False, concrete_args=concrete, specialise=not scope
             )
-        except ValueError:
+        except ValueError as e:
+            failure = failure or str(e)
             continue
+        traced_any = True
         skip = _specialised(local.graph, set(concrete)) if concrete else set()
         local_nodes = [
             n for n in local.graph.nodes if n.op not in ("placeholder", "output") and n not in skip
@@ -326,6 +329,11 @@ def local_trace(
         )
         if same:
             return local, {r.name: n for r, n in zip(root_nodes, local_nodes, strict=True)}
+    if not traced_any and failure:  # say why, rather than "a different graph"
+        raise RuntimeError(
+            f"cannot rewrite module '{scope}' ({type(sub).__name__}): tracing it alone fails "
+            f"({failure})"
+        )
     raise RuntimeError(
         f"cannot rewrite module '{scope}' ({type(sub).__name__}): tracing it alone gives a "
         "different graph than tracing the whole model"
