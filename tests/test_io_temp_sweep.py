@@ -115,6 +115,32 @@ def test_atomic_write_holds_the_lock_until_the_rename(
     assert seen == [True]
 
 
+def test_a_temp_swept_before_its_writer_locked_it_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between creating its temp file and locking it a writer may be suspended, and a sweep
+    (a clock step, NFS skew) remove the file: the writer takes another name and the write
+    completes (before: the rename failed with FileNotFoundError)."""
+    real_flock = io.fcntl.flock
+    swept: list[str] = []
+
+    def flock(fd: int, op: int) -> None:
+        if not swept:  # the first temp file disappears before it is locked
+            name = next(p for p in os.listdir(tmp_path) if p.endswith(".tmp"))
+            os.unlink(tmp_path / name)
+            swept.append(name)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(io.fcntl, "flock", flock)
+    target = tmp_path / "t.safetensors"
+    io.write_tensors(target, {"a": torch.arange(3.0)}, {"k": 1})
+    tensors, meta = io.read_tensors(target)
+    assert torch.equal(tensors["a"], torch.arange(3.0))
+    assert meta == {"k": 1}
+    assert len(swept) == 1
+    assert sorted(os.listdir(tmp_path)) == ["t.safetensors"]
+
+
 _KILLED_WRITER = """
 import os, sys, torch, gatedprune as gp
 from gatedprune import io as gio

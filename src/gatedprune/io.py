@@ -210,6 +210,31 @@ def sweep_stale_temps(directory: Path, name_pattern: str) -> list[Path]:
     return removed
 
 
+def _locked_temp(directory: Path, name: str) -> tuple[Path, int]:
+    """A new temporary file for target ``name`` in ``directory``, open for writing and locked
+    (``flock``, released by the kernel however this process ends): the lock is taken blocking
+    (a sweep holds it for an instant), and a file a sweep removed between its creation and the
+    lock (a writer suspended there, a clock step) is given up for another name."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(3):
+        tmp = directory / _temp_name(name)
+        fd = os.open(tmp, flags, 0o666)  # honours the umask, unlike mkstemp's 0o600
+        if fcntl is None:
+            return tmp, fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            return tmp, fd
+        try:
+            here, held = os.stat(tmp, follow_symlinks=False), os.fstat(fd)
+            if (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino):
+                return tmp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # swept before it was locked: never written, nothing to remove
+    raise OSError(f"cannot write into {directory}: its temporary files keep disappearing")
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (file and
     directory fsynced): a reader sees the old file or the complete new one, never a part.
@@ -234,14 +259,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         mode: int | None = os.stat(path).st_mode & 0o777
     except FileNotFoundError:
         mode = None
-    tmp = directory / _temp_name(path.name)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)  # honours the umask, unlike mkstemp's 0o600
+    tmp, fd = _locked_temp(directory, path.name)
     try:
         try:
-            if fcntl is not None:  # released by the kernel however this process ends
-                with contextlib.suppress(OSError):  # a file system without locks
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f = os.fdopen(fd, "wb")
         except BaseException:
             os.close(fd)  # fdopen failed: the descriptor is still ours to close
