@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import InsertedGating, ScaledAdd, gate_
+from gatedprune.gating import InsertedGating, ScaledAdd, apply_plan, export_plan, gate_
 from gatedprune.gating.latency import structure_key
 
 
@@ -71,6 +73,59 @@ def random_gates(model: nn.Module, gen: torch.Generator, low: float = -4.0) -> N
         for gate in inserted_gating(model).group_gates:
             assert isinstance(gate, HardConcreteGate)
             gate.log_alpha.copy_(torch.empty(gate.n).uniform_(low, 4.0, generator=gen))
+
+
+def randomise_gates(model: nn.Module, gen: torch.Generator) -> None:
+    """Every channel-group and block gate of a ``gate_`` model at a random log alpha in
+    ``[-4, 4)`` (open, closed and in-between values)."""
+    gating = inserted_gating(model)
+    with torch.no_grad():
+        for gate in [*gating.group_gates, *gating.block_gates]:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+
+
+def check_pruned(
+    model: nn.Module,
+    x: Tensor,
+    gen: torch.Generator,
+    factory: Callable[[], nn.Module] | None = None,
+    batches: Sequence[int] = (),
+) -> nn.Module:
+    """``prune(model)`` of a gated model, checked in eval mode: its cost equals the gated hard
+    cost, it equals the gated model (<= 1e-5) on fresh inputs of each batch size in
+    ``batches`` (default: ``x``'s), and, with ``factory``, the exported plan replays on
+    ``factory()`` with the pruned weights. Returns the pruned model."""
+    model.eval()
+    hard = gp.cost(model, x, hard=True)
+    pruned = gp.prune(model)
+    c = gp.cost(pruned, x)
+    assert isinstance(c, gp.Cost)
+    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
+    with torch.no_grad():
+        for b in batches or (x.shape[0],):
+            xi = torch.randn(b, *x.shape[1:], generator=gen)
+            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    if factory is not None:
+        fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
+        fresh.load_state_dict(pruned.state_dict())
+        fresh.eval()
+        with torch.no_grad():
+            assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
+    return pruned
+
+
+def state_copy(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``model.state_dict()`` (to check later that nothing changed)."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
+    """``model``'s state equals ``before`` (:func:`state_copy`), every tensor bit for bit."""
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
 
 
 def shortcut_flops(model: nn.Module, x: Tensor) -> int:

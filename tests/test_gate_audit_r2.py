@@ -10,35 +10,13 @@ from typing import cast
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import examples, inserted_gating
+from gating_helpers import check_pruned, examples, inserted_gating, randomise_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gatedprune as gp
-from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import apply_plan, export_plan, gate_
-
-
-def _randomise(model: nn.Module, gen: torch.Generator) -> None:
-    gating = inserted_gating(model)
-    with torch.no_grad():
-        for gate in [*gating.group_gates, *gating.block_gates]:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
-
-
-def _exact(model: nn.Module, x: Tensor, gen: torch.Generator) -> nn.Module:
-    model.eval()
-    hard = gp.cost(model, x, hard=True)
-    pruned = gp.prune(model)
-    c = gp.cost(pruned, x)
-    assert isinstance(c, gp.Cost)
-    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
-    with torch.no_grad():
-        xi = torch.randn(*x.shape, generator=gen)
-        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
-    return pruned
 
 
 class Keywords(nn.Module):
@@ -71,8 +49,8 @@ def test_a_tensor_passed_by_keyword_is_not_pruned_under_its_reader(form: str, se
     summary = gate_(model, x)
     reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
     assert "by keyword 'input'" in reasons["a"], str(summary)
-    _randomise(model, gen)
-    _exact(model, x, gen)
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen)
 
 
 class KeywordAttention(nn.Module):
@@ -111,13 +89,8 @@ def test_attention_called_with_keywords_prunes_its_heads(kv: int, seed: int) -> 
     summary = gate_(model, x)
     assert len(summary.head_groups) == 1, str(summary)
     assert summary.channel_groups[summary.head_groups[0]] == (["q", "k", "v"], kv)
-    _randomise(model, gen)
-    pruned = _exact(model, x, gen)
-    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
-    fresh.load_state_dict(pruned.state_dict())
-    fresh.eval()
-    with torch.no_grad():
-        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, factory)
 
 
 class Swish(nn.Module):
@@ -158,8 +131,8 @@ def test_parameter_free_layers_of_your_own_are_code_in_gate_too(seed: int) -> No
     gate_(model, x)
     all_open = gp.cost(model, x, hard=True)
     assert float(all_open.flops) == dense.flops
-    _randomise(model, gen)
-    _exact(model, x, gen)
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen)
 
 
 class Casts(nn.Module):
@@ -280,7 +253,7 @@ def test_rewritten_attention_gets_the_arguments_its_caller_passes(how: str) -> N
     inserted_gating(model).group_gates[summary.head_groups[0]].force_(  # type: ignore[operator]
         torch.tensor([False, True])
     )
-    pruned = _exact(model, x, gen)
+    pruned = check_pruned(model, x, gen)
     assert isinstance(pruned.get_submodule("attn"), torch.fx.GraphModule)  # rewritten
     masked = torch.randn(3, 6, 8, generator=gen)
     masked[:, :2, 0] = 2.0  # two keys masked out
@@ -348,8 +321,8 @@ def test_one_operand_by_keyword_keeps_both_whole(form: str, seed: int) -> None:
     assert "by keyword 'other'" in reasons["a"], str(summary)
     assert "by keyword 'other'" in reasons["f"], str(summary)
     if summary.n_gates:
-        _randomise(model, gen)
-    _exact(model, x, gen)
+        randomise_gates(model, gen)
+    check_pruned(model, x, gen)
 
 
 class Flagged(nn.Module):

@@ -5,19 +5,16 @@ and the gate's value folds into that layer (the moves commute with its scalar)."
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import examples, inserted_gating
+from gating_helpers import check_pruned, examples, inserted_gating, randomise_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gatedprune as gp
-from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import apply_plan, export_plan, gate_
+from gatedprune.gating import gate_
 
 
 class ConvNeXtBlock(nn.Module):
@@ -101,33 +98,20 @@ def test_branches_ending_in_moves_get_block_gates(kind: str, seed: int) -> None:
     x = torch.randn(*SHAPES[kind], generator=gen)
     summary = gate_(model, x)
     assert len(summary.blocks) == (4 if kind == "mixer" else 2), str(summary)
-    gating = inserted_gating(model)
-    with torch.no_grad():
-        for gate in [*gating.group_gates, *gating.block_gates]:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+    randomise_gates(model, gen)
     closed = int(torch.randint(len(summary.blocks), (1,), generator=gen))
-    gating.block_gates[closed].force_(torch.tensor([False]))  # type: ignore[operator]
-    model.eval()
-    hard = gp.cost(model, x, hard=True)
-    pruned = gp.prune(model)
-    c = gp.cost(pruned, x)
+    inserted_gating(model).block_gates[closed].force_(torch.tensor([False]))  # type: ignore[operator]
+
+    def factory() -> Net:
+        torch.manual_seed(seed)
+        return Net(kind)
+
+    pruned = check_pruned(model, x, gen, factory, batches=(1, 3))
+    c, dense = gp.cost(pruned, x), gp.cost(Net(kind), x)
     assert isinstance(c, gp.Cost)
-    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
-    dense = gp.cost(Net(kind), x)
     assert isinstance(dense, gp.Cost)
     assert c.flops < dense.flops
     assert c.params < dense.params
-    with torch.no_grad():
-        for b in (1, 3):
-            xi = torch.randn(b, *SHAPES[kind][1:], generator=gen)
-            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
-    torch.manual_seed(seed)
-    fresh = apply_plan(Net(kind), json.loads(json.dumps(export_plan(model))))
-    fresh.load_state_dict(pruned.state_dict())
-    fresh.eval()
-    with torch.no_grad():
-        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
 
 
 class TailReadsTensor(nn.Module):

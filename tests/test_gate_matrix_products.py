@@ -5,18 +5,14 @@ Linear) is pruned through it. A product contracting the labelled dimension still
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from gating_helpers import examples, inserted_gating
+from gating_helpers import check_pruned, examples, randomise_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import gatedprune as gp
-from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import apply_plan, export_plan, gate_
+from gatedprune.gating import gate_
 
 
 class Pooled(nn.Module):
@@ -69,25 +65,8 @@ def test_pooling_products_keep_the_features_gated(form: str, layer: str, seed: i
         assert summary.rnns, str(summary)
     else:
         assert any("lin" in producers for producers, _ in summary.channel_groups), str(summary)
-    gating = inserted_gating(model)
-    with torch.no_grad():
-        for gate in gating.group_gates:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
-    model.eval()
-    hard = gp.cost(model, x, hard=True)
-    pruned = gp.prune(model)
-    c = gp.cost(pruned, x)
-    assert isinstance(c, gp.Cost)
-    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
-    with torch.no_grad():
-        xi = torch.randn(3, 5, 3, generator=gen)
-        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
-    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
-    fresh.load_state_dict(pruned.state_dict())
-    fresh.eval()
-    with torch.no_grad():
-        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, factory, batches=(3,))
 
 
 class Contracts(nn.Module):

@@ -6,19 +6,16 @@ with a non-zero value, leaves them ungated with the reason."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import examples, inserted_gating
+from gating_helpers import check_pruned, examples, randomise_gates
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gatedprune as gp
-from gatedprune.gates import HardConcreteGate
-from gatedprune.gating import apply_plan, export_plan, gate_
+from gatedprune.gating import gate_
 
 FORMS = [
     "pad_constant",
@@ -91,31 +88,9 @@ class Net2d(nn.Module):
         return self.head(F.relu(self.c(self.up(h))).mean((2, 3)))  # (B, 2)
 
 
-def _check(model: nn.Module, factory: object, x: Tensor, gen: torch.Generator) -> None:
-    model.eval()
-    hard = gp.cost(model, x, hard=True)
-    pruned = gp.prune(model)
-    c = gp.cost(pruned, x)
-    assert isinstance(c, gp.Cost)
-    assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
-    with torch.no_grad():
-        for b in (1, 3):
-            xi = torch.randn(b, *x.shape[1:], generator=gen)
-            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
-    assert callable(factory)
-    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
-    fresh.load_state_dict(pruned.state_dict())
-    fresh.eval()
-    with torch.no_grad():
-        assert (fresh(x) - model(x)).abs().max().item() <= 1e-5
-
-
 def _randomise(model: nn.Module, gen: torch.Generator) -> None:
-    gating = inserted_gating(model)
+    randomise_gates(model, gen)
     with torch.no_grad():
-        for gate in [*gating.group_gates, *gating.block_gates]:
-            assert isinstance(gate, HardConcreteGate)
-            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm1d):
                 m.running_mean.normal_(generator=gen)
@@ -137,7 +112,7 @@ def test_channels_are_pruned_through_padding_and_resizing(form: str, seed: int) 
     if form == "unet_transposed":  # the transposed convolution is pruned on both sides
         assert "t" in gated, str(summary)
     _randomise(model, gen)
-    _check(model, lambda: Net1d(form), x, gen)
+    check_pruned(model, x, gen, lambda: Net1d(form), batches=(1, 3))
 
 
 @settings(max_examples=examples(5), deadline=None)
@@ -151,7 +126,7 @@ def test_2d_padding_and_bilinear_upsampling(seed: int) -> None:
     gated = {p for producers, _ in summary.channel_groups for p in producers}
     assert {"a", "b", "c"} <= gated, str(summary)
     _randomise(model, gen)
-    _check(model, Net2d, x, gen)
+    check_pruned(model, x, gen, Net2d, batches=(1, 3))
 
 
 class PadsChannels(nn.Module):
@@ -249,7 +224,7 @@ def test_transposed_convolutions_are_pruned(
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(generator=gen)
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
-    _check(model, lambda: Decoder(*args), x, gen)
+    check_pruned(model, x, gen, lambda: Decoder(*args), batches=(1, 3))
 
 
 class GroupedTransposed(nn.Module):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from gating_helpers import inserted_gating
+from gating_helpers import assert_state_unchanged, inserted_gating, state_copy
 from torch import Tensor, nn
 
 import gatedprune as gp
@@ -48,15 +48,9 @@ def _plan(model: nn.Module, x: Tensor) -> dict[str, Any]:
     return json.loads(json.dumps(export_plan(model)))
 
 
-def _state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def _intact(model: nn.Module, before: dict[str, Tensor], text: str) -> None:
-    after = model.state_dict()
     assert repr(model) == text
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_state_unchanged(model, before)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +67,7 @@ def test_a_plan_is_refused_for_another_model(other: Any, match: str) -> None:
     x = torch.randn(2, 5, 12)
     plan = _plan(Attention(4), x)
     model = other()
-    before, text = _state(model), repr(model)
+    before, text = state_copy(model), repr(model)
     with pytest.raises(ValueError, match=match):
         apply_plan(model, plan)
     _intact(model, before, text)
@@ -104,7 +98,7 @@ def test_an_edited_plan_is_refused_and_a_hand_written_one_is_checked() -> None:
     edited = copy.deepcopy(plan)
     edited["sizes"].clear()  # would give a model that fails at its first forward
     model = Attention(4)
-    before, text = _state(model), repr(model)
+    before, text = state_copy(model), repr(model)
     with pytest.raises(ValueError, match="changed after export_plan wrote it"):
         apply_plan(model, edited)
     _intact(model, before, text)
@@ -123,7 +117,7 @@ def test_a_bad_size_entry_is_refused_before_the_model_changes() -> None:
     for bad in ([[99, 3]], [["x", 3]], [[-2, 0]], "no"):
         hand["sizes"] = {name: bad}
         model = Attention(4)
-        before, text = _state(model), repr(model)
+        before, text = state_copy(model), repr(model)
         with pytest.raises(ValueError, match=name):
             apply_plan(model, hand)
         _intact(model, before, text)
@@ -152,7 +146,7 @@ def test_unequal_recurrent_unit_counts_are_refused_before_the_model_changes() ->
     hand = {k: v for k, v in plan.items() if k != "checksum"}
     hand["rnn"]["b"]["units"][0] = hand["rnn"]["b"]["units"][0][:-1]
     fresh = TwoLSTMs()
-    before, text = _state(fresh), repr(fresh)
+    before, text = state_copy(fresh), repr(fresh)
     with pytest.raises(ValueError, match="same number"):
         apply_plan(fresh, hand)
     _intact(fresh, before, text)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from gating_helpers import assert_state_unchanged, state_copy
 from torch import Tensor, nn
 
 import gatedprune as gp
@@ -37,17 +38,6 @@ def _counting(steps: list[int]) -> Callable[[Trainer, Record], None]:
         steps.append(trainer.step)
 
     return on_step
-
-
-def _state(net: nn.Module) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-def _assert_unchanged(net: nn.Module, before: dict[str, Tensor]) -> None:
-    after = net.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
 
 
 # ---------------------------------------------------------------------- non-finite data
@@ -75,7 +65,7 @@ def test_non_finite_data_is_refused_before_any_step(
     {"train_x": x, "train_y": target, "val_x": xv}[where][5, 1] = value
     steps: list[int] = []
     net = _net()
-    before = _state(net)
+    before = state_copy(net)
     trainer = Trainer(
         net,
         epochs=2,
@@ -87,7 +77,7 @@ def test_non_finite_data_is_refused_before_any_step(
     with pytest.raises(ValueError, match=message):
         trainer.fit((x, target), val=(xv, target))
     assert steps == []
-    _assert_unchanged(net, before)
+    assert_state_unchanged(net, before)
     assert [p.name for p in tmp_path.iterdir()] == [old.name]
     assert old.read_bytes() == kept
 
@@ -195,13 +185,13 @@ def test_bad_train_labels_are_refused_before_any_step(
     x, y = _data()
     steps: list[int] = []
     net = _net()
-    before = _state(net)
+    before = state_copy(net)
     modes = [m.training for m in net.modules()]
     trainer = Trainer(net, epochs=1, batch_size=10, progress=False, on_step=_counting(steps))
     with pytest.raises(error, match=f"train: y .*{message}"):
         trainer.fit((x, labels(y)))
     assert steps == []
-    _assert_unchanged(net, before)
+    assert_state_unchanged(net, before)
     assert [m.training for m in net.modules()] == modes
 
 
@@ -270,7 +260,7 @@ def test_the_label_check_changes_no_result() -> None:
             net, budget=budget, loss_fn=loss_fn, epochs=3, batch_size=10, progress=False
         )
         trainer.fit((xs, ys), val=(xs[:20], ys[:20]))
-        runs.append((_state(net), _state(budget), _without_time(trainer.history)))
+        runs.append((state_copy(net), state_copy(budget), _without_time(trainer.history)))
     (net_a, budget_a, hist_a), (net_b, budget_b, hist_b) = runs
     _assert_same_state(net_a, net_b)
     _assert_same_state(budget_a, budget_b)
@@ -359,12 +349,12 @@ def test_settings_changed_after_construction_are_checked_by_fit(
     net = _net()
     budget = gp.Budget(net, x[:1], flops=0.4)
     trainer = Trainer(net, budget=budget, epochs=2, batch_size=10, progress=False)
-    before = _state(net)
+    before = state_copy(net)
     setattr(trainer, name, value)
     with pytest.raises(error, match=message):
         trainer.fit((x, y))
     assert trainer.step == 0
-    _assert_unchanged(net, before)
+    assert_state_unchanged(net, before)
 
 
 def test_resume_must_be_a_bool(tmp_path: Path) -> None:
@@ -401,7 +391,7 @@ def test_numpy_integers_are_accepted_like_ints(tmp_path: Path) -> None:
         assert type(trainer.seed) is int
         trainer.fit((x, y), val=(x[:20], y[:20]), max_steps=kind(9))
         trainer.fit((x, y), val=(x[:20], y[:20]), resume=True)
-        runs.append((_state(net), trainer.trace))
+        runs.append((state_copy(net), trainer.trace))
     (a, trace_a), (b, trace_b) = runs
     _assert_same_state(a, b)
     assert trace_a == trace_b
@@ -437,18 +427,18 @@ def test_resume_under_another_latency_model_is_refused(tmp_path: Path) -> None:
     first = _latency_run(lm, tmp_path, x)
     first.fit((x, y), max_steps=8)
     other = _latency_run(_latency_model(10.0), tmp_path, x)
-    before = _state(other.model)
+    before = state_copy(other.model)
     with pytest.raises(ValueError, match=r"latency_model: checkpoint 'sha256 [0-9a-f]{12}\.\.\."):
         other.fit((x, y), resume=True)
     assert other.step == 0
-    _assert_unchanged(other.model, before)
+    assert_state_unchanged(other.model, before)
     # the same latency model (here read back from its JSON) resumes, to the uninterrupted run
     same = _latency_run(gp.LatencyModel.from_json(lm.to_json()), tmp_path, x)
     same.fit((x, y), resume=True)
     full = _latency_run(lm, tmp_path / "full", x)
     full.fit((x, y))
     assert same.step == full.step == 18
-    _assert_same_state(_state(same.model), _state(full.model))
+    _assert_same_state(state_copy(same.model), state_copy(full.model))
     assert same.trace == full.trace
 
 
@@ -463,23 +453,23 @@ def _bn_net() -> gp.ShortcutConv1d:
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_recalibrate_batchnorm_refuses_a_non_finite_batch(value: float) -> None:
     net = _bn_net()
-    before = _state(net)
+    before = state_copy(net)
     good = torch.randn(64, 1, 16)
     bad = torch.randn(64, 1, 16)
     bad[3, 0, 5] = value
     with pytest.raises(ValueError, match=r"batch 1 holds 1 non-finite value\(s\).*sample 3"):
         gp.recalibrate_batchnorm(net, [good, bad])
-    _assert_unchanged(net, before)
+    assert_state_unchanged(net, before)
     assert not net.training
     assert gp.recalibrate_batchnorm(net, [good]) == 2  # a good batch still works
 
 
 def test_recalibrate_batchnorm_refuses_statistics_that_overflow() -> None:
     net = _bn_net()
-    before = _state(net)
+    before = state_copy(net)
     with pytest.raises(ValueError, match=r"new running_var of 'layers\.0\.norm' is not finite"):
         gp.recalibrate_batchnorm(net, [torch.full((4, 1, 16), 1e30)])
-    _assert_unchanged(net, before)
+    assert_state_unchanged(net, before)
 
 
 def test_read_only_checkpoint_dir_is_refused_before_training(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import train_worker
+from gating_helpers import assert_state_unchanged, state_copy
 from torch import Tensor, nn
 from zoo import TransformerClassifier
 
@@ -24,17 +25,6 @@ def _data(n: int = 32, features: int = 6) -> tuple[Tensor, Tensor]:
     return torch.randn(n, features, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def _state(net: nn.Module) -> dict[str, Tensor]:
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
-def _assert_unchanged(net: nn.Module, before: dict[str, Tensor]) -> None:
-    after = net.state_dict()
-    assert after.keys() == before.keys()
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-
-
 def _interrupted(folder: Path, make: Callable[[], nn.Module], x: Tensor, y: Tensor) -> None:
     torch.manual_seed(0)
     Trainer(make(), epochs=2, batch_size=8, checkpoint_dir=folder, progress=False).fit(
@@ -45,11 +35,11 @@ def _interrupted(folder: Path, make: Callable[[], nn.Module], x: Tensor, y: Tens
 def _refused(folder: Path, make: Callable[[], nn.Module], x: Tensor, y: Tensor, match: str) -> None:
     torch.manual_seed(0)
     net = make()
-    before = _state(net)
+    before = state_copy(net)
     other = Trainer(net, epochs=2, batch_size=8, checkpoint_dir=folder, progress=False)
     with pytest.raises(ValueError, match=match):
         other.fit((x, y), resume=True)
-    _assert_unchanged(net, before)
+    assert_state_unchanged(net, before)
     assert other.step == 0
 
 
@@ -174,10 +164,10 @@ def test_a_malformed_model_record_is_refused(tmp_path: Path) -> None:
     meta["config"]["model"] = {"modules": 5}
     write_tensors(path, tensors, meta)
     other, _ = train_worker.setup(str(tmp_path))
-    before = _state(other.model)
+    before = state_copy(other.model)
     with pytest.raises(ValueError, match="model record has no list of modules"):
         other.fit((x, y), resume=True)
-    _assert_unchanged(other.model, before)
+    assert_state_unchanged(other.model, before)
 
 
 # ---------------------------------------------------------------------- crafted checkpoints
@@ -254,11 +244,11 @@ def test_a_crafted_checkpoint_is_refused_before_anything_changes(
     write_tensors(path, tensors, meta)
     other, _ = train_worker.setup(str(tmp_path))
     assert other.budget is not None
-    before, budget_before = _state(other.model), _state(other.budget)
+    before, budget_before = state_copy(other.model), state_copy(other.budget)
     with pytest.raises(ValueError, match=match):
         other.fit((x, y), resume=True)
-    _assert_unchanged(other.model, before)
-    _assert_unchanged(other.budget, budget_before)
+    assert_state_unchanged(other.model, before)
+    assert_state_unchanged(other.budget, budget_before)
     assert other.step == 0
     assert other.history == []
 

@@ -19,6 +19,24 @@ BATCH_NORMS: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (
 )
 """The BatchNorm kinds cost, gate_, prune and fold_batchnorm treat alike."""
 
+PADDING_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.ConstantPad1d,  # ZeroPad*d are ConstantPad*d
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+)
+"""Padding modules (each pads its last ``len(padding) // 2`` dimensions): free data movement
+for ``cost``; ``gate_`` prunes channels through them (a zero channel stays zero with constant
+padding 0, and reflect, replicate and circular padding copy the channel's own values)."""
+
 
 def batchnorm_affine(bn: nn.Module, user: str) -> tuple[Tensor, Tensor]:
     """``(a, c)`` in float64 with ``bn(x) = a * x + c`` per channel in eval mode: ``a = gamma /

@@ -106,7 +106,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .base import BATCH_NORMS, GatedModule, check_gates_not_nan, find_model_gating
+from .base import BATCH_NORMS, PADDING_LAYERS, GatedModule, check_gates_not_nan, find_model_gating
 from .functional_costs import FunctionalCounter
 from .layout import check_flag
 
@@ -407,21 +407,7 @@ _RMSNORM: tuple[type[nn.Module], ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") 
 
 # Free data movement: pads, shuffles, im2col and dropouts (identities in eval).
 _MOVES: tuple[type[nn.Module], ...] = (
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
-    nn.ConstantPad1d,
-    nn.ConstantPad2d,
-    nn.ConstantPad3d,
-    nn.ReflectionPad1d,
-    nn.ReflectionPad2d,
-    nn.ReflectionPad3d,
-    nn.ReplicationPad1d,
-    nn.ReplicationPad2d,
-    nn.ReplicationPad3d,
-    nn.CircularPad1d,
-    nn.CircularPad2d,
-    nn.CircularPad3d,
+    *PADDING_LAYERS,
     nn.PixelShuffle,
     nn.PixelUnshuffle,
     nn.ChannelShuffle,

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..base import BATCH_NORMS
+from ..base import BATCH_NORMS, PADDING_LAYERS
 from ..functional_costs import einsum_subscripts
 from .graph import RunRecord
 from .rnn import consumer_ok, item_index, state_item
@@ -200,22 +200,6 @@ _POOLS: tuple[type[nn.Module], ...] = (
 _BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-# padding of the last len(padding) // 2 dimensions: a zero channel stays zero (constant
-# padding with 0; reflect, replicate and circular copy the channel's own values)
-_PADS: tuple[type[nn.Module], ...] = (
-    nn.ConstantPad1d,
-    nn.ConstantPad2d,
-    nn.ConstantPad3d,
-    nn.ReflectionPad1d,
-    nn.ReflectionPad2d,
-    nn.ReflectionPad3d,
-    nn.ReplicationPad1d,
-    nn.ReplicationPad2d,
-    nn.ReplicationPad3d,
-    nn.CircularPad1d,
-    nn.CircularPad2d,
-    nn.CircularPad3d,
-)  # ZeroPad*d are ConstantPad*d
 
 _PASS_FUNCS: set[Callable[..., Any]] = {
     F.relu,
@@ -834,7 +818,7 @@ class _Propagator:
             return lab
         if isinstance(m, _POOLS):
             return self.pool(n, lab, m)
-        if isinstance(m, _PADS):
+        if isinstance(m, PADDING_LAYERS):
             if isinstance(m, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d) and m.value:
                 self.pin_inputs(n, f"{name} pads with {m.value}, not 0")
                 return None

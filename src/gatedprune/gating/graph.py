@@ -211,6 +211,15 @@ def record_bindings(model: nn.Module, example_input: Tensor) -> dict[str, dict[s
                 )
 
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+    run_hooked(model, example_input, handles)
+    return seen
+
+
+def run_hooked(
+    model: nn.Module, example_input: Tensor, handles: list[torch.utils.hooks.RemovableHandle]
+) -> None:
+    """One eval-mode, no-grad forward of ``model`` on ``example_input`` for the hooks
+    ``handles``, which are removed afterwards; every module is left in its mode."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -221,7 +230,6 @@ def record_bindings(model: nn.Module, example_input: Tensor) -> dict[str, dict[s
             h.remove()
         for m, t in modes:
             m.training = t
-    return seen
 
 
 def _structure(graph: fx.Graph) -> list[tuple[str, str]]:
@@ -567,16 +575,7 @@ def _inlined_flops(
             counts.setdefault(path, []).append(int(h(mod, i, o)))
 
         handles.append(m.register_forward_hook(hook))
-    modes = [(m, m.training) for m in root.modules()]
-    root.eval()
-    try:
-        with torch.no_grad():
-            root(example_input)
-    finally:
-        for hd in handles:
-            hd.remove()
-        for m, t in modes:
-            m.training = t
+    run_hooked(root, example_input, handles)
     by_path: dict[str, list[InlinedCall]] = {}
     for call in inlined_calls(graph, root):
         by_path.setdefault(call.path, []).append(call)
