@@ -353,3 +353,15 @@ def test_shortcut_from_a_removed_outer_branch_keeps_its_source(closed: list[int]
     assert isinstance(c, Cost)
     assert (c.flops, c.params) == (float(hard.flops), float(hard.params))
     assert len(_scaled_adds(pruned)) == len(gating.open_edges())
+
+
+def test_gate_with_new_shortcuts_leaves_every_module_in_its_mode() -> None:
+    # before: the run that finds shortcut candidates restored the root's mode only, so a
+    # BatchNorm frozen in eval mode inside a training model came back training
+    model = ResNet1d(widths=(8, 16), blocks=(2, 2))
+    model.train()
+    frozen = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    frozen.eval()
+    gate_(model, torch.randn(2, 1, 40), shortcuts="dense")
+    assert model.training
+    assert not frozen.training

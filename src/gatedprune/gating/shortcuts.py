@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from .blocks import Block
 from .channels import ChannelAnalysis
-from .graph import RunRecord, mutated_input, owner_of
+from .graph import RunRecord, mutated_input, owner_of, run_hooked
 
 __all__ = ["Edge", "find_dense_edges"]
 
@@ -118,15 +117,7 @@ def find_dense_edges(
         return hook
 
     handles = [model.get_submodule(m).register_forward_hook(make_hook(m)) for m in modules]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    run_hooked(model, example_input, handles)  # every module left in its own mode
     # blocks whose output a later in-place op overwrites (`x += f(x); return x` in the next one)
     mutated = {m for m, (out, version) in returned.items() if out._version != version}
     info: list[tuple[str, fx.Node, fx.Node, list[str]]] = []
