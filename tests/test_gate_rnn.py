@@ -655,7 +655,13 @@ def test_pruned_module_refuses_a_state_of_another_width() -> None:
     random_gates(model, torch.Generator().manual_seed(8), low=-6.0)
     m = gatedprune.prune(model).get_submodule("rnn")
     k = m.hidden_size
-    h = torch.zeros(2, 2, k)  # the pruned width: the module takes the width before pruning
+    assert k < 6
+    # the width before pruning, or the kept width (code reading the pruned module's
+    # hidden_size builds that one: taken as already cut, since 2026-12-07); any other width
+    # is refused
+    zeros_full, zeros_kept = torch.zeros(2, 2, 6), torch.zeros(2, 2, k)
+    assert torch.equal(m(x, (zeros_kept, zeros_kept))[0], m(x, (zeros_full, zeros_full))[0])
+    h = torch.zeros(2, 2, 7)
     with pytest.raises(ValueError, match=r"h0 must have shape \(num_layers \* num_directions, "):
         m(x, (h, h))
     with pytest.raises(TypeError, match="an LSTM state must be a pair"):

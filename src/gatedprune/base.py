@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .gates import Gate, gate_modules
 
@@ -36,6 +37,19 @@ PADDING_LAYERS: tuple[type[nn.Module], ...] = (
 """Padding modules (each pads its last ``len(padding) // 2`` dimensions): free data movement
 for ``cost``; ``gate_`` prunes channels through them (a zero channel stays zero with constant
 padding 0, and reflect, replicate and circular padding copy the channel's own values)."""
+
+
+def computed_weight(m: nn.Module) -> bool:
+    """Whether ``m``'s weight is computed when it runs (a parametrization such as
+    ``parametrizations.weight_norm`` / ``spectral_norm``, or a forward pre-hook such as the old
+    ``nn.utils.weight_norm``): slicing or scaling the stored weight would not change what it
+    computes.
+
+    >>> weight_normed = nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))
+    >>> computed_weight(nn.Linear(2, 2)), computed_weight(weight_normed)
+    (False, True)
+    """
+    return parametrize.is_parametrized(m) or bool(m._forward_pre_hooks)
 
 
 def batchnorm_affine(bn: nn.Module, user: str) -> tuple[Tensor, Tensor]:

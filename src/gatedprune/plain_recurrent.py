@@ -220,10 +220,11 @@ def check_sequence(x: object, input_size: int, batch_first: bool) -> tuple[Tenso
 
 
 def check_state(
-    hx: object, cell: str, hidden: Sequence[int], directions: int, batch: int
+    hx: object, cell: str, hidden: Sequence[int], directions: int, batch: int, hint: str = ""
 ) -> list[State | None]:
     """Validate per-layer initial states: None, or a list with one entry per layer, each None
-    or ``h0`` (GRU, RNN) / ``(h0, c0)`` (LSTM) of shape ``(D, B, hidden_l)``.
+    or ``h0`` (GRU, RNN) / ``(h0, c0)`` (LSTM) of shape ``(D, B, hidden_l)``; ``hint`` ends
+    every shape or length error.
 
     >>> check_state([None, torch.zeros(1, 5, 3)], "gru", [4, 3], 1, 5)[1].shape
     torch.Size([1, 5, 3])
@@ -236,6 +237,7 @@ def check_state(
             f"hx must be None or a list with one initial state (or None) per layer ({n} "
             f"layers), got {type(hx).__name__}"
             + (f" of length {len(hx)}" if isinstance(hx, Sequence) else "")
+            + hint
         )
     out: list[State | None] = []
     for i, (state, h) in enumerate(zip(hx, hidden, strict=True)):
@@ -257,7 +259,7 @@ def check_state(
             if tuple(t.shape) != shape:
                 raise ValueError(
                     f"hx[{i}] {name} must have shape (directions, batch, hidden) = {shape}, "
-                    f"got {tuple(t.shape)}"
+                    f"got {tuple(t.shape)}{hint}"
                 )
         out.append((parts[0], parts[1]) if cell == "lstm" else parts[0])  # type: ignore[arg-type]
     return out
@@ -337,7 +339,15 @@ class PlainShortcutLSTM(nn.Module):
         spec = self.spec
         data, batch = check_sequence(x, spec.input_size, spec.batch_first)
         states = check_state(
-            hx, spec.cell, [ls.hidden for ls in spec.layers], spec.directions, batch
+            hx,
+            spec.cell,
+            [ls.hidden for ls in spec.layers],
+            spec.directions,
+            batch,
+            hint=(
+                " (this is a pruned network: map the gated network's initial states with"
+                " select_state(hx), which drops removed layers and pruned units)"
+            ),
         )
         check_dtypes(data, states, self.head.weight.dtype)
         nodes: list[Tensor] = [data]

@@ -609,6 +609,11 @@ def scaled_forward(
             f"expected {'packed data (N, F)' if packed else 'a batched (B, T, F) input'} with "
             f"F = input_size = {m.input_size}, got shape {tuple(data.shape)}"
         )
+    if not packed and data.shape[1 if m.batch_first else 0] == 0:
+        raise ValueError(
+            f"expected a sequence of at least one step, got shape {tuple(data.shape)} "
+            f"(T = 0; batch_first={m.batch_first})"
+        )
     if not data.is_floating_point():
         raise TypeError(f"expected a floating-point input, got dtype {data.dtype}")
     if data.dtype != ref.dtype and not _autocasting():
@@ -723,21 +728,28 @@ class RNNStack(nn.Module):
 
 def _sliced_state(m: Any, hx: object) -> Any:
     """``hx`` of the unpruned width ``m.full_hidden_size`` cut to the kept units
-    (``m.state_index``, one row of unit indices per layer and direction)."""
+    (``m.state_index``, one row of unit indices per layer and direction); a state already at
+    the kept width ``m.hidden_size`` (built by code reading the pruned module's
+    ``hidden_size``, as the tutorials' ``torch.zeros(lstm.num_layers, B, lstm.hidden_size)``)
+    is taken as it is."""
     if hx is None:
         return None
     idx: Tensor = m.state_index  # (L * D, k)
     full = int(m.full_hidden_size)
+    kept = int(m.hidden_size)
 
     def one(name: str, h: object) -> Tensor:
         if not isinstance(h, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(h).__name__}")
-        if h.dim() != 3 or h.shape[0] != idx.shape[0] or h.shape[2] != full:
+        if h.dim() != 3 or h.shape[0] != idx.shape[0] or h.shape[2] not in (full, kept):
             raise ValueError(
                 f"{type(m).__name__}: {name} must have shape (num_layers * num_directions, "
                 f"batch, {full}), the hidden size before pruning (the pruned units' entries "
-                f"are dropped here), got {tuple(h.shape)}"
+                f"are dropped here), or (num_layers * num_directions, batch, {kept}), the "
+                f"kept units' entries, got {tuple(h.shape)}"
             )
+        if h.shape[2] == kept and kept != full:
+            return h  # (L * D, B, k) already cut
         return h.gather(2, idx[:, None, :].expand(-1, h.shape[1], -1))  # (L * D, B, k)
 
     if isinstance(m, nn.LSTM):

@@ -45,6 +45,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ..base import computed_weight
 from ..costs import FLOPS_PER_MAC, GRU_ELEMENTWISE, LSTM_ELEMENTWISE, RNN_ELEMENTWISE, seq_dims
 from ..rnn_slicing import (
     State,
@@ -88,6 +89,7 @@ def consumer_ok(m: nn.Module, in_shape: tuple[int, ...] | None) -> bool:
     return (
         type(m) in RNN_TYPES
         and int(getattr(m, "proj_size", 0)) == 0
+        and not computed_weight(m)
         and in_shape is not None
         and len(in_shape) == 3
     )
@@ -104,6 +106,11 @@ def gateable_rnn(m: nn.Module) -> str | None:
     proj = int(getattr(m, "proj_size", 0))
     if proj > 0:
         return f"proj_size={proj} is not supported (the projection would need pruning too)"
+    if computed_weight(m):
+        return (
+            "it computes its weights when it runs (a forward pre-hook such as the old "
+            "nn.utils.weight_norm): slicing the stored weights would not slice them"
+        )
     return None
 
 
@@ -545,7 +552,13 @@ def setup_rnns(
                     why = f"its final state feeds the initial state hx of '{reader}'"
                     break
                 grp = ca.groups[int(ca.atom_group[atoms[0]])]
-                if grp.pinned is not None:
+                if grp.size != m.hidden_size:
+                    why = (
+                        f"its output's {m.hidden_size} units are pruned in {grp.size} ties "
+                        "(pieces of the output pruned together: split, chunked, viewed as "
+                        "heads or read by a grouped layer): one gate per unit cannot follow them"
+                    )
+                elif grp.pinned is not None:
                     why = f"its output cannot be pruned: {grp.pinned}"
                 elif len(grp.producers) > 1:
                     why = f"its output is joined to other channels ({', '.join(grp.producers)})"
