@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gatedprune as gp
-import gatedprune.train as train_module
+import gatedprune.snap as snap_module
 from gatedprune.gates import HardConcreteGate
 from gatedprune.train import snap_to_budget
 
@@ -46,10 +46,10 @@ def _snap(
     net, x = _net(seed, conv)
     with mp.context() as m:
         if not pairs:
-            m.setattr(train_module, "_best_pair", lambda *a, **k: None)
+            m.setattr(snap_module, "_best_pair", lambda *a, **k: None)
         if not fill:  # no reopening of single gates after the rounding (nor in the rounds)
             m.setattr(
-                train_module,
+                snap_module,
                 "_fill",
                 lambda budget, *a: {k: float(v) for k, v in budget.fractions(hard=True).items()},
             )

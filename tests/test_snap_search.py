@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gatedprune as gp
-import gatedprune.train as train_module
+import gatedprune.snap as snap_module
 from gatedprune import Budget, gate_modules
 from gatedprune.train import snap_to_budget
 
@@ -79,7 +79,7 @@ def _without_swaps(mp: pytest.MonkeyPatch, budget: Budget, **kwargs: object) -> 
     """The snap as it was before the swap search (``raising=False``: so it also runs without
     the search, where this is the snap itself)."""
     with mp.context() as m:
-        m.setattr(train_module, "_swap_search", lambda *a: a[5], raising=False)  # a[5]: current
+        m.setattr(snap_module, "_swap_search", lambda *a: a[5], raising=False)  # a[5]: current
         return snap_to_budget(budget, **kwargs)  # type: ignore[arg-type]
 
 
@@ -112,7 +112,7 @@ def test_three_flips_land_in_the_window_when_no_swap_does(seed: int, uniform: bo
     budget = Budget(before, torch.zeros(1, 6), flops=0.5)
     mp = pytest.MonkeyPatch()
     with mp.context() as m:  # no three-flip moves: the swaps alone
-        m.setattr(train_module, "_TRIPLE_EVALS", 0, raising=False)
+        m.setattr(snap_module, "_TRIPLE_EVALS", 0, raising=False)
         assert snap_to_budget(budget)["flops"] < 0.49
     got = snap_to_budget(Budget(net, torch.zeros(1, 6), flops=0.5))
     assert 0.49 <= got["flops"] <= 0.5, got
@@ -268,7 +268,7 @@ def test_the_swap_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     _randomize(net, uniform=True)
     budget = Budget(net, torch.zeros(1, 16), flops=0.37)
     state = {"searches": 0, "searching": False, "evaluations": 0}
-    search, achieved = train_module._swap_search, train_module._Decisions.achieved
+    search, achieved = snap_module._swap_search, snap_module._Decisions.achieved
 
     def counted_search(*args: object) -> dict[str, float]:
         state["searches"] += 1
@@ -278,17 +278,17 @@ def test_the_swap_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         finally:
             state["searching"] = False
 
-    def counted(self: train_module._Decisions) -> dict[str, float]:
+    def counted(self: snap_module._Decisions) -> dict[str, float]:
         state["evaluations"] += state["searching"]
         return achieved(self)
 
-    monkeypatch.setattr(train_module, "_swap_search", counted_search)
-    monkeypatch.setattr(train_module._Decisions, "achieved", counted)
+    monkeypatch.setattr(snap_module, "_swap_search", counted_search)
+    monkeypatch.setattr(snap_module._Decisions, "achieved", counted)
     got = snap_to_budget(budget, tolerance=0.0)
     assert got["flops"] <= 0.37
     assert state["searches"] == 1
-    k = train_module._SWAP_CANDIDATES
-    bound = 2 * train_module._SWAP_SCAN + k * k + train_module._TRIPLE_EVALS
+    k = snap_module._SWAP_CANDIDATES
+    bound = 2 * snap_module._SWAP_SCAN + k * k + snap_module._TRIPLE_EVALS
     assert 0 < state["evaluations"] <= bound
 
 

@@ -40,7 +40,8 @@ from .profiling import measure_latency, steady_allocator
 from .prune import prune
 from .recurrent import ShortcutLSTM
 from .shortcut import ShortcutConv1d, ShortcutMLP
-from .train import Trainer, snap_to_budget
+from .snap import snap_to_budget
+from .train import Trainer
 
 __all__ = [
     "Budget",
