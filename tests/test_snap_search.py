@@ -76,10 +76,10 @@ def _swaps(budget: Budget) -> Iterator[dict[str, float]]:
 
 
 def _without_swaps(mp: pytest.MonkeyPatch, budget: Budget, **kwargs: object) -> dict[str, float]:
-    """The snap as it was before the swap search (``raising=False``: so it also runs without
-    the search, where this is the snap itself)."""
+    """The snap as it was before the swap search (patched where the snap looks it up: a
+    missing name raises, so the patch cannot silently do nothing)."""
     with mp.context() as m:
-        m.setattr(snap_module, "_swap_search", lambda *a: a[5], raising=False)  # a[5]: current
+        m.setattr(snap_module, "_swap_search", lambda *a: a[5])  # a[5]: current
         return snap_to_budget(budget, **kwargs)  # type: ignore[arg-type]
 
 
@@ -112,7 +112,7 @@ def test_three_flips_land_in_the_window_when_no_swap_does(seed: int, uniform: bo
     budget = Budget(before, torch.zeros(1, 6), flops=0.5)
     mp = pytest.MonkeyPatch()
     with mp.context() as m:  # no three-flip moves: the swaps alone
-        m.setattr(snap_module, "_TRIPLE_EVALS", 0, raising=False)
+        m.setattr(snap_module, "_TRIPLE_EVALS", 0)
         assert snap_to_budget(budget)["flops"] < 0.49
     got = snap_to_budget(Budget(net, torch.zeros(1, 6), flops=0.5))
     assert 0.49 <= got["flops"] <= 0.5, got
