@@ -187,16 +187,22 @@ _ZERO_ACTS: tuple[type[nn.Module], ...] = (
     nn.Dropout2d,
     nn.Identity,
 )
-_POOLS: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-)
+# pooling modules and the number of trailing (spatial) dimensions each pools over
+_POOL_MODULES: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1,
+    nn.AvgPool1d: 1,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.AvgPool2d: 2,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool3d: 3,
+}
+_POOLS: tuple[type[nn.Module], ...] = tuple(_POOL_MODULES)
 _BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -220,15 +226,29 @@ _PASS_FUNCS: set[Callable[..., Any]] = {
     torch.neg,
 }
 _PASS_METHODS = {"relu", "relu_", "tanh", "tanh_", "neg", "contiguous", "clone", "float", "detach"}
-_POOL_FUNCS: set[Callable[..., Any]] = {
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
+# pooling functions and the number of trailing dimensions each pools over
+_POOL_FUNCS: dict[Callable[..., Any], int] = {
+    F.avg_pool1d: 1,
+    F.max_pool1d: 1,
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_max_pool1d: 1,
+    F.avg_pool2d: 2,
+    F.max_pool2d: 2,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_max_pool2d: 2,
+    F.avg_pool3d: 3,
+    F.max_pool3d: 3,
+    F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool3d: 3,
+}
+# what fx records for a max pool function called with return_indices=True: (values, indices)
+_POOL_INDEX_FUNCS: dict[Callable[..., Any], int] = {
+    F.max_pool1d_with_indices: 1,
+    F.max_pool2d_with_indices: 2,
+    F.max_pool3d_with_indices: 3,
+    F.adaptive_max_pool1d_with_indices: 1,
+    F.adaptive_max_pool2d_with_indices: 2,
+    F.adaptive_max_pool3d_with_indices: 3,
 }
 _RESHAPE_FUNCS: set[Callable[..., Any]] = {
     torch.flatten,
@@ -292,15 +312,29 @@ def _hardtanh_zero(lo: object, hi: object) -> bool:
     return isinstance(lo, num) and isinstance(hi, num) and lo <= 0.0 <= hi
 
 
-_POOLS_1D = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
-_POOL_FUNCS_1D = (F.avg_pool1d, F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)
-
-
 def _pool_rank(op: object) -> int:
-    """Number of trailing (spatial) dimensions a pooling function or module pools over."""
+    """Number of trailing (spatial) dimensions a pooling function or module pools over.
+
+    >>> _pool_rank(nn.MaxPool3d(2)), _pool_rank(F.adaptive_avg_pool1d)
+    (3, 1)
+    """
     if isinstance(op, nn.Module):
-        return 1 if isinstance(op, _POOLS_1D) else 2
-    return 1 if any(op is f for f in _POOL_FUNCS_1D) else 2
+        for cls, rank in _POOL_MODULES.items():
+            if isinstance(op, cls):
+                return rank
+    else:
+        for table in (_POOL_FUNCS, _POOL_INDEX_FUNCS):
+            for f, rank in table.items():
+                if op is f:
+                    return rank
+    raise TypeError(f"expected a pooling module or function, got {op!r}")
+
+
+def _returns_indices(op: object) -> bool:
+    """Whether a pooling module or function returns ``(values, indices)``."""
+    if isinstance(op, nn.Module):
+        return bool(getattr(op, "return_indices", False))
+    return any(op is f for f in _POOL_INDEX_FUNCS)
 
 
 def _computed_weight(m: nn.Module) -> bool:
@@ -676,6 +710,8 @@ class _Propagator:
             reads = is_fn and target in (operator.getitem, builtins.getattr)
             if reads and item in (0, 1, "values", "indices"):
                 return self.pairs[pair]
+        if is_fn and target in _POOL_INDEX_FUNCS:  # F.max_pool3d(h, 2, return_indices=True)
+            return self.pool(n, self.lab(pair), target)
         if out_shape is None and self.max_over(n):
             return None
         if out_shape is None:
@@ -927,14 +963,42 @@ class _Propagator:
         return None
 
     def pool(self, n: fx.Node, lab: Labels | None, op: object) -> Labels | None:
-        """A pool over the last 1 or 2 dims keeps channel dim 1 of a batched ``(B, C, *S)``
-        input; on a smaller input (e.g. a 1d pool of ``(B, C)``) it pools the channels."""
+        """A pool over the last 1, 2 or 3 dims keeps the labels of an earlier dimension: the
+        channels of a batched ``(B, C, *S)`` or an unbatched ``(C, *S)`` input. A labelled
+        dimension among the pooled ones is pinned (a 1-d pool of ``(B, C)``, a 3-d pool of
+        ``(B, C, H, W)``, which it reads as an unbatched ``(C, D, H, W)``, pool the channels).
+        With ``return_indices`` the call returns ``(values, indices)``: see
+        :meth:`pool_indices`."""
         if lab is None:
             return None
         ins = self.shape(n.args[0] if n.args else None)
-        if lab.dim != 1 or ins is None or len(ins) < _pool_rank(op) + 2:
+        if ins is None or lab.dim >= len(ins) - _pool_rank(op):
             self.pin(lab, f"{self.describe(n)} pools over the labelled dimension")
             return None
+        if _returns_indices(op):
+            return self.pool_indices(n, lab)
+        return lab
+
+    def pool_indices(self, n: fx.Node, lab: Labels) -> Labels | None:
+        """A max pool returning ``(values, indices)``: the values (item 0) carry the channels.
+        The indices are positions within each channel's map, not zero at a closed channel
+        (the first position of each window), so the channels are kept whole if the code reads
+        them, or reads the pair other than by item. The call's own labels scale its cost."""
+        for u in n.users:
+            item = u.args[1] if len(u.args) == 2 else None
+            is_item = u.op == "call_function" and u.target is operator.getitem
+            if not is_item or not isinstance(item, int) or isinstance(item, bool):
+                why = f"{self.describe(u)} reads the (values, indices) of {self.describe(n)}"
+            elif item in (1, -1) and u.users:
+                why = (
+                    f"{self.describe(n)} returns indices (return_indices=True), which are not "
+                    f"zero at closed channels, and {self.describe(u)} is read"
+                )
+            else:
+                continue
+            self.pin(lab, why)
+            return None
+        self.pieces[n] = [lab, lab]  # the indices item: no reader (checked above)
         return lab
 
     def trailing(self, n: fx.Node, x: Any, k: int, verb: str) -> Labels | None:
