@@ -8,6 +8,7 @@ keep the channels whole when the code reads them, with the reason."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -25,7 +26,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gatedprune as gp
-from gatedprune.gating import GatingSummary, gate_
+from gatedprune.gating import GatingSummary, apply_plan, gate_
+from gatedprune.gating.surgery import PLAN_FORMAT
 
 
 def _gated(summary: GatingSummary) -> set[str]:
@@ -316,3 +318,366 @@ def test_a_pool_pair_read_whole_keeps_the_channels_whole() -> None:
     with torch.no_grad():
         for got, want in zip(pruned(x), model(x), strict=True):
             assert torch.equal(got, want)
+
+
+# ---------------------------------------------- grouped and depthwise transposed convolutions
+
+_LAYERS = {
+    1: (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d),
+    2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d),
+    3: (nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d),
+}
+
+
+class UpNet(nn.Module):
+    """A stem conv, an upsampling transposed conv with ``groups`` (grouped or depthwise; stride,
+    padding, output_padding, dilation) [-> BatchNorm] -> ReLU, a residual block whose branch
+    ends in a stride-1 transposed conv with ``groups2`` (its block gate folds into it), then a
+    1x1 conv, a spatial mean and a Linear."""
+
+    def __init__(
+        self,
+        dims: int,
+        c: int,
+        out: int,
+        groups: int,
+        groups2: int,
+        up: tuple[int, int, int],
+        bias: bool,
+        bn: bool,
+    ) -> None:
+        super().__init__()
+        conv, convt, norm = _LAYERS[dims]
+        stride, output_padding, dilation = up
+        self.dims = dims
+        self.stem = conv(2, c, 3, padding=1)
+        self.up = convt(
+            c,
+            out,
+            3,
+            stride=stride,
+            padding=1,
+            output_padding=output_padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+        )
+        self.bn: nn.Module = norm(out) if bn else nn.Identity()
+        self.r1 = conv(out, out, 1)
+        self.r2 = convt(out, out, 3, padding=1, groups=groups2)
+        self.c = conv(out, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.stem(x))  # (B, c, *S)
+        h = F.relu(self.bn(self.up(h)))  # (B, out, *S')
+        h = h + self.r2(F.relu(self.r1(h)))  # (B, out, *S')
+        return self.head(F.relu(self.c(h)).mean(tuple(range(2, 2 + self.dims))))  # (B, 2)
+
+
+@st.composite
+def _up_nets(draw: st.DrawFn) -> tuple[int, int, int, int, int, tuple[int, int, int], bool, bool]:
+    dims = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([2, 3]))
+    if draw(st.booleans()):  # depthwise: groups == in_channels, mult outputs per input
+        c, out = groups, groups * draw(st.integers(1, 2))
+    else:
+        c, out = groups * draw(st.integers(2, 3)), groups * draw(st.integers(1, 3))
+    groups2 = draw(st.sampled_from([g for g in (1, 2, 3, out) if out % g == 0]))
+    stride, dilation = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    output_padding = draw(st.integers(0, max(stride, dilation) - 1))
+    up = (stride, output_padding, dilation)
+    return dims, c, out, groups, groups2, up, draw(st.booleans()), draw(st.booleans())
+
+
+def _transposed(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    return {
+        n: (m.in_channels, m.out_channels, m.groups)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+    }
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(spec=_up_nets(), seed=st.integers(0, 2**31 - 1))
+def test_grouped_and_depthwise_transposed_convolutions_are_pruned(
+    spec: tuple[int, int, int, int, int, tuple[int, int, int], bool, bool], seed: int
+) -> None:
+    # before 2026-12-07: "up (ConvTranspose2d with groups > 1) is not pruned through" and "is a
+    # layer gate_ does not prune": the channels on both sides stayed whole
+    dims = spec[0]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, *([3] * dims), generator=gen)
+    model = UpNet(*spec)
+    summary = gate_(model, x)
+    gating = inserted_gating(model)
+    # no group is stopped by a transposed conv (coupled positions may leave a single channel)
+    reasons = set(_reasons(summary).values())
+    assert reasons <= {"a single channel", "reaches the model output"}, str(summary)
+    assert {"up", "r2"} <= set(gating.slices) or "a single channel" in reasons
+    assert "r2" in gating.sites  # the residual block's gate folds into r2
+    assert gating.sites["r2"].blocks
+    randomise_gates(model, gen)
+    randomise_batchnorms(model, gen)
+    pruned = check_pruned(model, x, gen, lambda: UpNet(*spec), batches=(1, 3))
+    dense = _transposed(UpNet(*spec))
+    for name, (c_in, c_out, groups) in _transposed(pruned).items():
+        d_in, d_out, d_groups = dense[name]
+        if d_groups == d_in:  # depthwise stays depthwise: whole groups removed
+            assert groups == c_in
+            assert c_out == c_in * (d_out // d_in)
+        else:  # grouped stays grouped with its groups: positions removed in every group
+            assert groups == d_groups
+        up = pruned.get_submodule(name)
+        want = UpNet(*spec).get_submodule(name)
+        assert isinstance(up, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+        assert isinstance(want, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
+        kept = (up.stride, up.padding, up.output_padding, up.dilation, up.kernel_size)
+        assert kept == (
+            want.stride,
+            want.padding,
+            want.output_padding,
+            want.dilation,
+            want.kernel_size,
+        )
+
+
+class OneUp(nn.Module):
+    def __init__(self, c: int, out: int, groups: int) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(2, c, 1)
+        self.up = nn.ConvTranspose1d(c, out, 2, stride=2, groups=groups)
+        self.b = nn.Conv1d(out, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(F.relu(self.up(F.relu(self.a(x)))))  # (B, 3, 2 L)
+
+
+def _force(model: nn.Module, summary: GatingSummary, opens: dict[str, list[bool]]) -> None:
+    """Gates of the groups named by their first producer at ``opens``; the others open."""
+    gating = inserted_gating(model)
+    for (producers, _), gate in zip(summary.channel_groups, gating.group_gates, strict=True):
+        want = opens.get(producers[0], [True] * gate.n)  # type: ignore[arg-type]
+        gate.force_(torch.tensor(want))  # type: ignore[operator]
+
+
+def test_a_closed_position_removes_one_channel_of_every_group() -> None:
+    torch.manual_seed(4)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2, 5, generator=gen)
+    model = OneUp(12, 8, 4)  # 4 groups: 3 inputs and 2 outputs each
+    dense = gp.cost(model, x)
+    assert isinstance(dense, gp.Cost)
+    summary = gate_(model, x)
+    assert dict((p[0], n) for p, n in summary.channel_groups) == {"a": 3, "up": 2}
+    _force(model, summary, {"a": [True, False, True], "up": [False, True]})
+    pruned = check_pruned(model, x, gen, lambda: OneUp(12, 8, 4), batches=(1, 3))
+    up = pruned.get_submodule("up")
+    assert isinstance(up, nn.ConvTranspose1d)
+    assert (up.in_channels, up.out_channels, up.groups) == (8, 4, 4)
+    assert tuple(up.weight.shape) == (8, 1, 2)  # (in, out / groups, k)
+    c = gp.cost(pruned, x)
+    assert isinstance(c, gp.Cost)
+    assert c.flops < dense.flops
+    assert c.params < dense.params
+
+
+def test_a_depthwise_transposed_convolution_loses_whole_groups() -> None:
+    torch.manual_seed(5)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 5, generator=gen)
+    model = OneUp(6, 12, 6)  # depthwise, 2 outputs per input
+    summary = gate_(model, x)
+    assert dict((p[0], n) for p, n in summary.channel_groups) == {"a": 6}
+    _force(model, summary, {"a": [True, False, True, True, False, True]})
+    pruned = check_pruned(model, x, gen, lambda: OneUp(6, 12, 6), batches=(1, 3))
+    up, b = pruned.get_submodule("up"), pruned.get_submodule("b")
+    assert isinstance(up, nn.ConvTranspose1d)
+    assert isinstance(b, nn.Conv1d)
+    assert (up.in_channels, up.out_channels, up.groups) == (4, 8, 4)
+    assert tuple(up.weight.shape) == (4, 2, 2)
+    assert b.in_channels == 8
+
+
+def _plan(slices: dict[str, dict[str, object]]) -> dict[str, object]:
+    return {"format": PLAN_FORMAT, "opaque": {}, "cut": {}, "scopes": [], "slices": slices}
+
+
+def _net(c: int, out: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(2, c, 1),
+        nn.ConvTranspose1d(c, out, 2, stride=2, groups=groups),
+        nn.Conv1d(out, 2, 1),
+    )
+
+
+def test_plans_for_grouped_transposed_convolutions_apply() -> None:
+    net = _net(8, 6, 2)  # 4 inputs and 3 outputs per group
+    plan = _plan(
+        {
+            "0": {"kind": "conv", "in": None, "out": [1, 3, 5, 7]},
+            "1": {"kind": "gconvt", "in": [1, 3, 5, 7], "out": [0, 2, 3, 5]},
+            "2": {"kind": "conv", "in": [0, 2, 3, 5], "out": None},
+        }
+    )
+    small = apply_plan(copy.deepcopy(net), plan)
+    up = small.get_submodule("1")
+    assert isinstance(up, nn.ConvTranspose1d)
+    assert (up.in_channels, up.out_channels, up.groups) == (4, 4, 2)
+    x = torch.randn(2, 2, 5)
+    assert small(x).shape == (2, 2, 10)
+    net = _net(4, 8, 4)  # depthwise, 2 outputs per input
+    plan = _plan(
+        {
+            "0": {"kind": "conv", "in": None, "out": [0, 3]},
+            "1": {"kind": "dwt", "in": None, "out": [0, 1, 6, 7]},
+            "2": {"kind": "conv", "in": [0, 1, 6, 7], "out": None},
+        }
+    )
+    small = apply_plan(copy.deepcopy(net), plan)
+    up = small.get_submodule("1")
+    assert isinstance(up, nn.ConvTranspose1d)
+    assert (up.in_channels, up.out_channels, up.groups) == (2, 4, 2)
+    assert small(x).shape == (2, 2, 10)
+
+
+@pytest.mark.parametrize(
+    ("net", "spec", "match"),
+    [
+        (
+            (8, 6, 2),
+            {"kind": "gconvt", "in": None, "out": [0, 1, 3]},
+            r"output channels \[0, 1, 3\] of grouped module '1'.*e\.g\. \[0, 1, 3, 4\]",
+        ),
+        (
+            (8, 6, 2),
+            {"kind": "gconvt", "in": [0, 1, 4], "out": None},
+            r"input channels \[0, 1, 4\] of grouped module '1'.*same positions",
+        ),
+        (
+            (4, 8, 4),
+            {"kind": "dwt", "in": None, "out": [0, 1, 2, 5]},
+            r"output channels \[0, 1, 2, 5\] of depthwise transposed module '1'.*e\.g\. "
+            r"\[0, 1, 2, 3, 4, 5\]",
+        ),
+        (
+            (4, 8, 4),
+            {"kind": "dwt", "in": [0, 1], "out": [0, 1, 6, 7]},
+            r"input channels \[0, 1\] of depthwise module '1' but output channels \[0, 1, 6, 7\]",
+        ),
+        (
+            (8, 6, 2),
+            {"kind": "convt", "in": None, "out": [0, 1, 3, 4]},
+            r"as 'convt', expected for a transposed convolution with groups=1; it has groups=2",
+        ),
+        (
+            (4, 8, 1),
+            {"kind": "gconvt", "in": None, "out": [0, 1]},
+            r"as 'gconvt', expected for a grouped one .*; it has groups=1",
+        ),
+        (
+            (8, 6, 2),
+            {"kind": "dwt", "in": None, "out": [0, 1]},
+            r"as 'dwt', expected for a depthwise one; it has groups=2",
+        ),
+        (
+            (8, 6, 2),
+            {"kind": "gconv", "in": None, "out": [0, 3]},
+            r"slices module '1' as 'gconv'; it is ConvTranspose1d",
+        ),
+    ],
+)
+def test_plans_that_do_not_fit_a_grouped_transposed_convolution_are_refused(
+    net: tuple[int, int, int], spec: dict[str, object], match: str
+) -> None:
+    model = _net(*net)
+    with pytest.raises(ValueError, match=match):
+        apply_plan(model, _plan({"1": spec}))
+
+
+class RnnUp(nn.Module):
+    """A GRU's output read by a grouped transposed convolution (over time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 8, batch_first=True)
+        self.up = nn.ConvTranspose1d(8, 6, 2, stride=2, groups=2)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x)  # (B, T, 8)
+        return self.head(F.relu(self.up(h.transpose(1, 2))).mean(-1))  # (B, 2)
+
+
+def test_a_recurrent_output_read_by_a_grouped_transposed_convolution_stays_whole() -> None:
+    torch.manual_seed(6)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 5, 3, generator=gen)
+    model = RnnUp()
+    summary = gate_(model, x)
+    assert "rnn" not in {r.name for r in inserted_gating(model).rnns}
+    layers = dict(summary.ungated_layers)
+    assert "up (grouped) does not take a folded input gate" in layers["rnn"], str(summary)
+    assert "up" in _gated(summary)  # its own output channels
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, RnnUp, batches=(1, 3))
+
+
+class UNet3d(nn.Module):
+    """A tiny 3-d U-Net: conv, max pool, conv, grouped transposed conv back up, the skip
+    concatenated, a depthwise transposed conv, then a per-voxel 1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv3d(1, 8, 3, padding=1)
+        self.pool = nn.MaxPool3d(2)
+        self.mid = nn.Conv3d(8, 12, 3, padding=1)
+        self.bn = nn.BatchNorm3d(12)
+        self.up = nn.ConvTranspose3d(12, 8, 2, stride=2, groups=4)
+        self.dec = nn.Conv3d(16, 8, 1)
+        self.dw = nn.ConvTranspose3d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Conv3d(8, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = F.relu(self.enc(x))  # (B, 8, D, H, W)
+        m = F.relu(self.bn(self.mid(self.pool(e))))  # (B, 12, D/2, H/2, W/2)
+        h = torch.cat([e, F.relu(self.up(m))], dim=1)  # (B, 16, D, H, W)
+        h = F.relu(self.dec(h))  # (B, 8, D, H, W)
+        return self.head(F.relu(self.dw(h)) + F.adaptive_avg_pool3d(h, 1))  # (B, 3, D, H, W)
+
+
+def test_a_3d_unet_trains_under_a_budget_and_prunes() -> None:
+    torch.manual_seed(7)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 1, 4, 4, 4, generator=gen)
+    model = UNet3d()
+    dense = gp.cost(model, x)
+    assert isinstance(dense, gp.Cost)
+    summary = gate_(model, x)
+    gating = inserted_gating(model)
+    assert {"enc", "mid", "up", "dec", "dw"} <= set(gating.slices), str(summary)
+    budget = gp.Budget(model, x, flops=0.4, warmup_steps=5)
+    gate_ids = {id(p) for p in gating.parameters()}
+    opt = torch.optim.Adam(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
+            {"params": list(gating.parameters()), "lr": 0.2},
+            {"params": list(budget.parameters()), "lr": 0.05},
+        ]
+    )
+    model.train()
+    for _ in range(30):
+        xb = torch.randn(2, 1, 4, 4, 4, generator=gen)
+        loss = F.mse_loss(model(xb), xb.expand(-1, 3, -1, -1, -1)) + budget.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pruned = check_pruned(model, x, gen, UNet3d, batches=(1, 3))
+    c = gp.cost(pruned, x)
+    assert isinstance(c, gp.Cost)
+    assert c.flops < dense.flops
+    widths = _transposed(pruned)  # name -> (in, out, groups)
+    assert widths["up"][2] == 4  # grouped: positions removed, groups kept
+    assert widths["up"][0] < 12 or widths["up"][1] < 8
+    assert widths["dw"][0] == widths["dw"][1] == widths["dw"][2] < 8  # whole groups removed

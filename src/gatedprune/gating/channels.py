@@ -4,10 +4,10 @@ Every Linear/Conv output is a new *space* of channels; each channel is an *atom*
 graph, each tensor gets labels: one dimension (the channel dimension) and, for each index along
 it, the atom it carries. Element-wise ops and per-channel modules keep labels, ``flatten``
 repeats them, ``cat`` concatenates them, and ``x + y`` unifies the atoms of both operands
-(union-find): coupled channels become one atom. A grouped convolution unifies the atoms at
-one position of each of its groups, on its input and its output (it must stay a grouped
-convolution: every group keeps the same positions). A *group* is a set of spaces connected
-through unified atoms; it gets one gate entry per distinct atom.
+(union-find): coupled channels become one atom. A grouped convolution (or transposed
+convolution) unifies the atoms at one position of each of its groups, on its input and its
+output (it must stay a grouped convolution: every group keeps the same positions). A *group*
+is a set of spaces connected through unified atoms; it gets one gate entry per distinct atom.
 
 A group is gated only if removing any of its channels is exact. It is left ungated ("pinned")
 when its channels reach an op that is not zero-preserving or that mixes channels in a way we do
@@ -159,7 +159,7 @@ class ChannelAnalysis:
     atom_gidx: np.ndarray  # atom -> gate index within its group
     groups: list[ChannelGroup]
     sources: dict[str, list[fx.Node]]  # module name -> its calls that output a gated source
-    kinds: dict[str, str] = field(default_factory=dict)  # name -> linear|conv|dw|gconv|bn
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> module_kind (linear, ...)
     module_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # output channel atoms
     module_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # input (linear/conv)
     rnn_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # recurrent module input
@@ -206,6 +206,11 @@ _POOLS: tuple[type[nn.Module], ...] = tuple(_POOL_MODULES)
 _BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ANY_CONV = (*_CONV, *_CONVT)
+# a convolution or transposed convolution, 1-d, 2-d or 3-d
+_AnyConv = (
+    nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+)
 
 _PASS_FUNCS: set[Callable[..., Any]] = {
     F.relu,
@@ -346,23 +351,26 @@ def _computed_weight(m: nn.Module) -> bool:
 
 def module_kind(m: nn.Module) -> str | None:
     """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
-    conv, ``1 < groups < in_channels``), convt (transposed conv, ``groups=1``), bn, or None.
+    conv, ``1 < groups < in_channels``), convt, dwt, gconvt (the same for transposed convs),
+    bn, or None.
 
     >>> module_kind(nn.Conv1d(8, 8, 3, groups=2)), module_kind(nn.Conv1d(8, 16, 3, groups=8))
     ('gconv', 'dw')
+    >>> convt = nn.ConvTranspose2d
+    >>> module_kind(convt(8, 4, 2, groups=2)), module_kind(convt(8, 16, 2, groups=8))
+    ('gconvt', 'dwt')
     """
     if _computed_weight(m):
         return None
     if isinstance(m, nn.Linear):
         return "linear"
-    if isinstance(m, _CONV):
+    if isinstance(m, _ANY_CONV):
+        t = "t" if isinstance(m, _CONVT) else ""
         if m.groups == 1:
-            return "conv"
+            return "conv" + t
         if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
-            return "dw"
-        return "gconv"
-    if isinstance(m, _CONVT):
-        return "convt" if m.groups == 1 else None
+            return "dw" + t
+        return "gconv" + t
     if isinstance(m, _BN):
         return "bn" if m.affine else None
     return None
@@ -788,7 +796,7 @@ class _Propagator:
         if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, self.shape(x)):
             self.recurrent(n, m, name, lab)
             return None  # the call returns a tuple: getitem 0 (the output) carries labels
-        if kind in ("linear", "conv", "gconv", "convt") and out_shape is not None:
+        if kind in ("linear", "conv", "gconv", "convt", "gconvt") and out_shape is not None:
             in_shape = self.shape(x)
             cdim = len(out_shape) - 1 if kind == "linear" else 1
             in_dim = (len(in_shape) - 1 if in_shape else -1) if kind == "linear" else 1
@@ -812,12 +820,12 @@ class _Propagator:
             self.module_in[n] = lab
             if name not in self.module_space:
                 self.module_space[name] = self.new_space(name, out_shape[cdim])
-            if kind == "gconv":
-                assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            if kind in ("gconv", "gconvt"):
+                assert isinstance(m, _ANY_CONV)
                 self.grouped(m, name, lab)
             return Labels(cdim, self.module_space[name])
-        if kind == "dw":
-            assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        if kind in ("dw", "dwt"):  # output channel o reads input channel o // mult only
+            assert isinstance(m, _ANY_CONV)
             self.soft_pin(lab, f"{name} (depthwise) does not take a folded input gate")
             if lab is None or lab.dim != 1:
                 self.pin(lab, f"{name} (depthwise) input not labelled on channels")
@@ -870,8 +878,6 @@ class _Propagator:
                 nn.LayerNorm: "LayerNorm normalises over these channels",
                 nn.GroupNorm: "GroupNorm normalises over these channels",
             }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
-            if isinstance(m, _CONVT):
-                why = f"{name} ({type(m).__name__} with groups > 1) is not pruned through"
             if isinstance(m, _BN):
                 why = f"{name} ({type(m).__name__} without affine parameters)"
             if _computed_weight(m):
@@ -881,19 +887,29 @@ class _Propagator:
                 )
             self.pin_inputs(n, why)
         if isinstance(m, _CONVT) and out_shape is not None and len(out_shape) >= 2:
-            # its own output channels: named in the summary as left ungated (not sliced)
+            # its own output channels (a computed weight): named in the summary as left
+            # ungated (not sliced)
             out = Labels(1, self.new_space(name, out_shape[1]))
             self.pin(
-                out, f"{name} ({type(m).__name__} with groups > 1) is a layer gate_ does not prune"
+                out,
+                f"{name} ({type(m).__name__}) is a layer gate_ does not prune: it computes its "
+                "weight when it runs (a parametrization such as weight_norm, or a forward "
+                "pre-hook)",
             )
             return out
         return None
 
-    def grouped(self, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, name: str, lab: Labels | None) -> None:
-        """A grouped convolution stays one with the same ``groups``: every group must keep
-        the same input and the same output positions (channel ``j`` of each group). So the
-        atoms at one position of every group are unified, on the input and on the output; a
-        closed position removes one channel from each group."""
+    def grouped(
+        self,
+        m: _AnyConv,
+        name: str,
+        lab: Labels | None,
+    ) -> None:
+        """A grouped convolution (or transposed convolution) stays one with the same
+        ``groups``: every group must keep the same input and the same output positions
+        (channel ``j`` of each group). So the atoms at one position of every group are
+        unified, on the input and on the output; a closed position removes one channel from
+        each group."""
         g = m.groups
         for atoms in (None if lab is None else lab.atoms, self.module_space[name]):
             if atoms is not None:
@@ -1808,7 +1824,7 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         if kind is None:
             continue
         users = list(n.users)
-        if kind in ("linear", "conv", "gconv", "convt") and len(users) == 1:
+        if kind in ("linear", "conv", "gconv", "convt", "gconvt") and len(users) == 1:
             u = users[0]
             if u.op == "call_module" and p.kinds.get(str(u.target)) == "bn":
                 continue  # the BatchNorm that follows carries the gate
