@@ -238,8 +238,33 @@ class GroupedTransposed(nn.Module):
         return self.head(F.relu(self.up(F.relu(self.a(x)))).mean(-1))  # (B, 2)
 
 
-def test_a_grouped_transposed_convolution_is_named_as_left_whole() -> None:
-    summary = gate_(GroupedTransposed(), torch.randn(2, 2, 6))
+def test_a_grouped_transposed_convolution_is_pruned() -> None:
+    # before 2026-12-07: "up (ConvTranspose1d with groups > 1) is not pruned through" kept
+    # a's channels whole, and up's own were "a layer gate_ does not prune" (more cases in
+    # test_gate_pool3d_convt_groups.py)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 6, generator=gen)
+    model = GroupedTransposed()
+    summary = gate_(model, x)
+    sizes = {producers[0]: n for producers, n in summary.channel_groups}
+    assert sizes == {"a": 4, "up": 4}, str(summary)  # by position: 2 groups of 4 channels
+    _randomise(model, gen)
+    pruned = check_pruned(model, x, gen, GroupedTransposed, batches=(1, 3))
+    up = pruned.get_submodule("up")
+    assert isinstance(up, nn.ConvTranspose1d)
+    assert up.groups == 2
+
+
+def test_a_transposed_convolution_with_a_computed_weight_is_named_as_left_whole() -> None:
+    from torch.nn.utils import parametrizations
+
+    model = GroupedTransposed()
+    parametrizations.weight_norm(model.up)
+    summary = gate_(model, torch.randn(2, 2, 6))
     reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
-    assert "up (ConvTranspose1d with groups > 1) is not pruned through" in reasons["a"]
-    assert "is a layer gate_ does not prune" in reasons["up"]  # its own output channels
+    assert "up (ParametrizedConvTranspose1d) computes its weight when it runs" in reasons["a"]
+    assert (  # its own output channels
+        "up (ParametrizedConvTranspose1d) is a layer gate_ does not prune: it computes its "
+        "weight when it runs" in reasons["up"]
+    )

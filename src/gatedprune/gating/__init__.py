@@ -24,9 +24,10 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
   tensor, an op we do not parse or the model output are not pruned (their statistics or
   values would change). A group never closes entirely (a conv cannot have 0 outputs): if all its
   gates close, one channel with gate value 0 is kept.
-* Grouped convolutions are pruned by position within their groups (they keep ``groups``);
-  non-affine BatchNorm and modules computing their weight when they run (``weight_norm``,
-  ``spectral_norm`` parametrizations, forward pre-hooks) are not pruned.
+* Grouped convolutions, transposed ones too, are pruned by position within their groups
+  (they keep ``groups``), depthwise ones by whole groups; non-affine BatchNorm and modules
+  computing their weight when they run (``weight_norm``, ``spectral_norm``
+  parametrizations, forward pre-hooks) are not pruned.
 * Heads of hand-written attention are pruned (a reshape or ``unflatten(-1, ...)`` into
   ``(heads, head_size)``, then ``@``/``matmul``, a two-operand ``einsum`` or SDPA;
   grouped-query attention by key/value group); the pruned code's sizes of pruned dimensions

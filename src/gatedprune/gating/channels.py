@@ -4,10 +4,10 @@ Every Linear/Conv output is a new *space* of channels; each channel is an *atom*
 graph, each tensor gets labels: one dimension (the channel dimension) and, for each index along
 it, the atom it carries. Element-wise ops and per-channel modules keep labels, ``flatten``
 repeats them, ``cat`` concatenates them, and ``x + y`` unifies the atoms of both operands
-(union-find): coupled channels become one atom. A grouped convolution unifies the atoms at
-one position of each of its groups, on its input and its output (it must stay a grouped
-convolution: every group keeps the same positions). A *group* is a set of spaces connected
-through unified atoms; it gets one gate entry per distinct atom.
+(union-find): coupled channels become one atom. A grouped convolution (or transposed
+convolution) unifies the atoms at one position of each of its groups, on its input and its
+output (it must stay a grouped convolution: every group keeps the same positions). A *group*
+is a set of spaces connected through unified atoms; it gets one gate entry per distinct atom.
 
 A group is gated only if removing any of its channels is exact. It is left ungated ("pinned")
 when its channels reach an op that is not zero-preserving or that mixes channels in a way we do
@@ -159,7 +159,7 @@ class ChannelAnalysis:
     atom_gidx: np.ndarray  # atom -> gate index within its group
     groups: list[ChannelGroup]
     sources: dict[str, list[fx.Node]]  # module name -> its calls that output a gated source
-    kinds: dict[str, str] = field(default_factory=dict)  # name -> linear|conv|dw|gconv|bn
+    kinds: dict[str, str] = field(default_factory=dict)  # name -> module_kind (linear, ...)
     module_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # output channel atoms
     module_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # input (linear/conv)
     rnn_in_atoms: dict[str, np.ndarray] = field(default_factory=dict)  # recurrent module input
@@ -187,19 +187,30 @@ _ZERO_ACTS: tuple[type[nn.Module], ...] = (
     nn.Dropout2d,
     nn.Identity,
 )
-_POOLS: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-)
+# pooling modules and the number of trailing (spatial) dimensions each pools over
+_POOL_MODULES: dict[type[nn.Module], int] = {
+    nn.MaxPool1d: 1,
+    nn.AvgPool1d: 1,
+    nn.AdaptiveAvgPool1d: 1,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.AvgPool2d: 2,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool3d: 3,
+}
+_POOLS: tuple[type[nn.Module], ...] = tuple(_POOL_MODULES)
 _BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_ANY_CONV = (*_CONV, *_CONVT)
+# a convolution or transposed convolution, 1-d, 2-d or 3-d
+_AnyConv = (
+    nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+)
 
 _PASS_FUNCS: set[Callable[..., Any]] = {
     F.relu,
@@ -220,15 +231,29 @@ _PASS_FUNCS: set[Callable[..., Any]] = {
     torch.neg,
 }
 _PASS_METHODS = {"relu", "relu_", "tanh", "tanh_", "neg", "contiguous", "clone", "float", "detach"}
-_POOL_FUNCS: set[Callable[..., Any]] = {
-    F.avg_pool1d,
-    F.avg_pool2d,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
+# pooling functions and the number of trailing dimensions each pools over
+_POOL_FUNCS: dict[Callable[..., Any], int] = {
+    F.avg_pool1d: 1,
+    F.max_pool1d: 1,
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_max_pool1d: 1,
+    F.avg_pool2d: 2,
+    F.max_pool2d: 2,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_max_pool2d: 2,
+    F.avg_pool3d: 3,
+    F.max_pool3d: 3,
+    F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool3d: 3,
+}
+# what fx records for a max pool function called with return_indices=True: (values, indices)
+_POOL_INDEX_FUNCS: dict[Callable[..., Any], int] = {
+    F.max_pool1d_with_indices: 1,
+    F.max_pool2d_with_indices: 2,
+    F.max_pool3d_with_indices: 3,
+    F.adaptive_max_pool1d_with_indices: 1,
+    F.adaptive_max_pool2d_with_indices: 2,
+    F.adaptive_max_pool3d_with_indices: 3,
 }
 _RESHAPE_FUNCS: set[Callable[..., Any]] = {
     torch.flatten,
@@ -292,15 +317,29 @@ def _hardtanh_zero(lo: object, hi: object) -> bool:
     return isinstance(lo, num) and isinstance(hi, num) and lo <= 0.0 <= hi
 
 
-_POOLS_1D = (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)
-_POOL_FUNCS_1D = (F.avg_pool1d, F.max_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d)
-
-
 def _pool_rank(op: object) -> int:
-    """Number of trailing (spatial) dimensions a pooling function or module pools over."""
+    """Number of trailing (spatial) dimensions a pooling function or module pools over.
+
+    >>> _pool_rank(nn.MaxPool3d(2)), _pool_rank(F.adaptive_avg_pool1d)
+    (3, 1)
+    """
     if isinstance(op, nn.Module):
-        return 1 if isinstance(op, _POOLS_1D) else 2
-    return 1 if any(op is f for f in _POOL_FUNCS_1D) else 2
+        for cls, rank in _POOL_MODULES.items():
+            if isinstance(op, cls):
+                return rank
+    else:
+        for table in (_POOL_FUNCS, _POOL_INDEX_FUNCS):
+            for f, rank in table.items():
+                if op is f:
+                    return rank
+    raise TypeError(f"expected a pooling module or function, got {op!r}")
+
+
+def _returns_indices(op: object) -> bool:
+    """Whether a pooling module or function returns ``(values, indices)``."""
+    if isinstance(op, nn.Module):
+        return bool(getattr(op, "return_indices", False))
+    return any(op is f for f in _POOL_INDEX_FUNCS)
 
 
 def _computed_weight(m: nn.Module) -> bool:
@@ -312,23 +351,26 @@ def _computed_weight(m: nn.Module) -> bool:
 
 def module_kind(m: nn.Module) -> str | None:
     """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
-    conv, ``1 < groups < in_channels``), convt (transposed conv, ``groups=1``), bn, or None.
+    conv, ``1 < groups < in_channels``), convt, dwt, gconvt (the same for transposed convs),
+    bn, or None.
 
     >>> module_kind(nn.Conv1d(8, 8, 3, groups=2)), module_kind(nn.Conv1d(8, 16, 3, groups=8))
     ('gconv', 'dw')
+    >>> convt = nn.ConvTranspose2d
+    >>> module_kind(convt(8, 4, 2, groups=2)), module_kind(convt(8, 16, 2, groups=8))
+    ('gconvt', 'dwt')
     """
     if _computed_weight(m):
         return None
     if isinstance(m, nn.Linear):
         return "linear"
-    if isinstance(m, _CONV):
+    if isinstance(m, _ANY_CONV):
+        t = "t" if isinstance(m, _CONVT) else ""
         if m.groups == 1:
-            return "conv"
+            return "conv" + t
         if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
-            return "dw"
-        return "gconv"
-    if isinstance(m, _CONVT):
-        return "convt" if m.groups == 1 else None
+            return "dw" + t
+        return "gconv" + t
     if isinstance(m, _BN):
         return "bn" if m.affine else None
     return None
@@ -676,6 +718,8 @@ class _Propagator:
             reads = is_fn and target in (operator.getitem, builtins.getattr)
             if reads and item in (0, 1, "values", "indices"):
                 return self.pairs[pair]
+        if is_fn and target in _POOL_INDEX_FUNCS:  # F.max_pool3d(h, 2, return_indices=True)
+            return self.pool(n, self.lab(pair), target)
         if out_shape is None and self.max_over(n):
             return None
         if out_shape is None:
@@ -752,7 +796,7 @@ class _Propagator:
         if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, self.shape(x)):
             self.recurrent(n, m, name, lab)
             return None  # the call returns a tuple: getitem 0 (the output) carries labels
-        if kind in ("linear", "conv", "gconv", "convt") and out_shape is not None:
+        if kind in ("linear", "conv", "gconv", "convt", "gconvt") and out_shape is not None:
             in_shape = self.shape(x)
             cdim = len(out_shape) - 1 if kind == "linear" else 1
             in_dim = (len(in_shape) - 1 if in_shape else -1) if kind == "linear" else 1
@@ -776,12 +820,12 @@ class _Propagator:
             self.module_in[n] = lab
             if name not in self.module_space:
                 self.module_space[name] = self.new_space(name, out_shape[cdim])
-            if kind == "gconv":
-                assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+            if kind in ("gconv", "gconvt"):
+                assert isinstance(m, _ANY_CONV)
                 self.grouped(m, name, lab)
             return Labels(cdim, self.module_space[name])
-        if kind == "dw":
-            assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        if kind in ("dw", "dwt"):  # output channel o reads input channel o // mult only
+            assert isinstance(m, _ANY_CONV)
             self.soft_pin(lab, f"{name} (depthwise) does not take a folded input gate")
             if lab is None or lab.dim != 1:
                 self.pin(lab, f"{name} (depthwise) input not labelled on channels")
@@ -834,8 +878,6 @@ class _Propagator:
                 nn.LayerNorm: "LayerNorm normalises over these channels",
                 nn.GroupNorm: "GroupNorm normalises over these channels",
             }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
-            if isinstance(m, _CONVT):
-                why = f"{name} ({type(m).__name__} with groups > 1) is not pruned through"
             if isinstance(m, _BN):
                 why = f"{name} ({type(m).__name__} without affine parameters)"
             if _computed_weight(m):
@@ -845,19 +887,29 @@ class _Propagator:
                 )
             self.pin_inputs(n, why)
         if isinstance(m, _CONVT) and out_shape is not None and len(out_shape) >= 2:
-            # its own output channels: named in the summary as left ungated (not sliced)
+            # its own output channels (a computed weight): named in the summary as left
+            # ungated (not sliced)
             out = Labels(1, self.new_space(name, out_shape[1]))
             self.pin(
-                out, f"{name} ({type(m).__name__} with groups > 1) is a layer gate_ does not prune"
+                out,
+                f"{name} ({type(m).__name__}) is a layer gate_ does not prune: it computes its "
+                "weight when it runs (a parametrization such as weight_norm, or a forward "
+                "pre-hook)",
             )
             return out
         return None
 
-    def grouped(self, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, name: str, lab: Labels | None) -> None:
-        """A grouped convolution stays one with the same ``groups``: every group must keep
-        the same input and the same output positions (channel ``j`` of each group). So the
-        atoms at one position of every group are unified, on the input and on the output; a
-        closed position removes one channel from each group."""
+    def grouped(
+        self,
+        m: _AnyConv,
+        name: str,
+        lab: Labels | None,
+    ) -> None:
+        """A grouped convolution (or transposed convolution) stays one with the same
+        ``groups``: every group must keep the same input and the same output positions
+        (channel ``j`` of each group). So the atoms at one position of every group are
+        unified, on the input and on the output; a closed position removes one channel from
+        each group."""
         g = m.groups
         for atoms in (None if lab is None else lab.atoms, self.module_space[name]):
             if atoms is not None:
@@ -927,14 +979,42 @@ class _Propagator:
         return None
 
     def pool(self, n: fx.Node, lab: Labels | None, op: object) -> Labels | None:
-        """A pool over the last 1 or 2 dims keeps channel dim 1 of a batched ``(B, C, *S)``
-        input; on a smaller input (e.g. a 1d pool of ``(B, C)``) it pools the channels."""
+        """A pool over the last 1, 2 or 3 dims keeps the labels of an earlier dimension: the
+        channels of a batched ``(B, C, *S)`` or an unbatched ``(C, *S)`` input. A labelled
+        dimension among the pooled ones is pinned (a 1-d pool of ``(B, C)``, a 3-d pool of
+        ``(B, C, H, W)``, which it reads as an unbatched ``(C, D, H, W)``, pool the channels).
+        With ``return_indices`` the call returns ``(values, indices)``: see
+        :meth:`pool_indices`."""
         if lab is None:
             return None
         ins = self.shape(n.args[0] if n.args else None)
-        if lab.dim != 1 or ins is None or len(ins) < _pool_rank(op) + 2:
+        if ins is None or lab.dim >= len(ins) - _pool_rank(op):
             self.pin(lab, f"{self.describe(n)} pools over the labelled dimension")
             return None
+        if _returns_indices(op):
+            return self.pool_indices(n, lab)
+        return lab
+
+    def pool_indices(self, n: fx.Node, lab: Labels) -> Labels | None:
+        """A max pool returning ``(values, indices)``: the values (item 0) carry the channels.
+        The indices are positions within each channel's map, not zero at a closed channel
+        (the first position of each window), so the channels are kept whole if the code reads
+        them, or reads the pair other than by item. The call's own labels scale its cost."""
+        for u in n.users:
+            item = u.args[1] if len(u.args) == 2 else None
+            is_item = u.op == "call_function" and u.target is operator.getitem
+            if not is_item or not isinstance(item, int) or isinstance(item, bool):
+                why = f"{self.describe(u)} reads the (values, indices) of {self.describe(n)}"
+            elif item in (1, -1) and u.users:
+                why = (
+                    f"{self.describe(n)} returns indices (return_indices=True), which are not "
+                    f"zero at closed channels, and {self.describe(u)} is read"
+                )
+            else:
+                continue
+            self.pin(lab, why)
+            return None
+        self.pieces[n] = [lab, lab]  # the indices item: no reader (checked above)
         return lab
 
     def trailing(self, n: fx.Node, x: Any, k: int, verb: str) -> Labels | None:
@@ -1744,7 +1824,7 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         if kind is None:
             continue
         users = list(n.users)
-        if kind in ("linear", "conv", "gconv", "convt") and len(users) == 1:
+        if kind in ("linear", "conv", "gconv", "convt", "gconvt") and len(users) == 1:
             u = users[0]
             if u.op == "call_module" and p.kinds.get(str(u.target)) == "bn":
                 continue  # the BatchNorm that follows carries the gate

@@ -1302,7 +1302,9 @@ def gate_(
     for name, kind in ca.kinds.items():
         out_atoms = ca.module_atoms.get(name)
         in_atoms = (
-            ca.module_in_atoms.get(name) if kind in ("linear", "conv", "gconv", "convt") else None
+            ca.module_in_atoms.get(name)
+            if kind in ("linear", "conv", "gconv", "convt", "gconvt")
+            else None
         )
 
         def split(atoms: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -185,7 +185,7 @@ class SiteInfo:
 class SliceInfo:
     """How a Linear/Conv/BatchNorm is sliced: per input/output channel, (gated group, index)."""
 
-    kind: str  # linear | conv | dw | gconv | bn
+    kind: str  # channels.module_kind: linear | conv | dw | gconv | convt | dwt | gconvt | bn
     in_group: np.ndarray | None  # (in,) gated group index or -1
     in_gidx: np.ndarray | None
     out_group: np.ndarray | None
@@ -407,7 +407,8 @@ def build_cost_terms(
                 p_rows.append((float(hp), gh, -1, n.name, name))
                 p_rows.append((float(ap), -1, -1, n.name, name))
             continue
-        if kind == "convt" and shape is not None:  # every input element meets C_out * k weights
+        if kind in ("convt", "dwt", "gconvt") and shape is not None:
+            # every input element meets the C_out / groups * k weights of its group
             assert isinstance(m, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d)
             in_shape = record.arg_shapes[n][0]
             assert in_shape is not None
@@ -415,7 +416,14 @@ def build_cost_terms(
             in_positions = int(np.prod(in_shape)) // m.in_channels  # (B, C_in, *S): B * S
             out_positions = int(np.prod(shape)) // m.out_channels
             fo, mo = fac.get(ca.module_atoms.get(name), m.out_channels)
-            fi, mi = fac.get(ca.module_in_atoms.get(name), m.in_channels)
+            in_atoms = ca.module_in_atoms.get(name)
+            if kind == "dwt":  # C_in * C_out / groups = C_out: the kept outputs
+                fi, mi = -1, 1.0
+            elif kind == "gconvt":  # C_in * C_out / groups = (kept positions of one group's
+                per_group = m.in_channels // m.groups  # inputs) * (kept outputs)
+                fi, mi = fac.get(None if in_atoms is None else in_atoms[:per_group], per_group)
+            else:
+                fi, mi = fac.get(in_atoms, m.in_channels)
             f_rows.append((2.0 * in_positions * k * mi * mo, fi, fo, n.name))
             if m.bias is not None:
                 f_rows.append((float(out_positions) * mo, fo, -1, n.name))

@@ -50,6 +50,10 @@ __all__ = [
 
 PLAN_FORMAT = "gatedprune.plan/1"
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# a convolution or transposed convolution, 1-d, 2-d or 3-d
+_AnyConv = (
+    nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
+)
 
 
 class ScaledAdd(nn.Module):
@@ -111,7 +115,14 @@ def _restore_pruned(fn: Any, args: tuple[Any, ...], name: str) -> PrunedGraphMod
 
 
 def fold_scale(m: nn.Module, scale: Tensor) -> None:
-    """Multiply the output channels of ``m`` by ``scale`` ``(C,)`` (or a scalar) in place."""
+    """Multiply the output channels of ``m`` by ``scale`` ``(C,)`` (or a scalar) in place.
+
+    >>> t = nn.ConvTranspose1d(4, 4, 1, groups=2, bias=False)  # weight (4, 2, 1)
+    >>> _ = t.weight.data.fill_(1.0)
+    >>> fold_scale(t, torch.tensor([1.0, 0.0, 2.0, 3.0]))
+    >>> t(torch.ones(1, 4, 1)).flatten().tolist()  # each output sums its group's 2 inputs
+    [2.0, 0.0, 4.0, 6.0]
+    """
     with torch.no_grad():
         if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
             # (C, 1, ...), or (1, 1, ...) for a scalar scale
@@ -119,11 +130,17 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
             m.weight.mul_(s)
             if m.bias is not None:
                 m.bias.mul_(s.reshape(-1))  # (C,) or (1,)
-        elif isinstance(m, _CONVT) and m.groups == 1:  # weight (C_in, C_out, *k)
-            s = scale.to(m.weight.dtype).reshape(1, -1, *([1] * (m.weight.dim() - 2)))
-            m.weight.mul_(s)
+        elif isinstance(m, _CONVT):  # weight (C_in, C_out / groups, *k)
+            g, k = m.groups, [1] * (m.weight.dim() - 2)
+            s = scale.to(m.weight.dtype).reshape(-1)  # (C_out,) or (1,)
+            if s.numel() > 1:  # output o: column o % (C_out / g) of group o // (C_out / g)'s rows
+                per_in = m.in_channels // g
+                s = s.reshape(g, 1, -1).expand(g, per_in, -1)  # (g, C_in / g, C_out / g)
+                m.weight.mul_(s.reshape(m.in_channels, -1, *k))  # (C_in, C_out / g, 1, ...)
+            else:
+                m.weight.mul_(s)
             if m.bias is not None:
-                m.bias.mul_(s.reshape(-1))  # (C_out,) or (1,)
+                m.bias.mul_(scale.to(m.bias.dtype).reshape(-1))  # (C_out,) or (1,)
         elif isinstance(m, nn.MultiheadAttention):  # a scalar (block gate) on its output
             m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
             if m.out_proj.bias is not None:
@@ -156,7 +173,13 @@ def _set(m: nn.Module, name: str, value: Tensor, param: bool) -> None:
 def slice_module(
     m: nn.Module, kind: str, keep_in: list[int] | None, keep_out: list[int] | None
 ) -> None:
-    """Keep only channels ``keep_in`` / ``keep_out`` (None: all) of ``m``, in place."""
+    """Keep only channels ``keep_in`` / ``keep_out`` (None: all) of ``m``, in place.
+
+    >>> t = nn.ConvTranspose1d(6, 4, 2, groups=2)  # 3 inputs and 2 outputs per group
+    >>> slice_module(t, "gconvt", [0, 2, 3, 5], [1, 3])  # the same positions in each group
+    >>> t, tuple(t.weight.shape)
+    (ConvTranspose1d(4, 2, kernel_size=(2,), stride=(1,), groups=2), (4, 1, 2))
+    """
     if kind == "linear":
         assert isinstance(m, nn.Linear)
         w = _take(_take(m.weight, 0, keep_out), 1, keep_in)
@@ -183,13 +206,20 @@ def slice_module(
             _set(m, "bias", _take(m.bias, 0, keep_out), True)
         m.out_channels = int(w.shape[0])
         m.in_channels = int(w.shape[1]) * m.groups
-    elif kind == "convt":  # weight (C_in, C_out, *k), groups=1
+    elif kind in ("convt", "dwt", "gconvt"):  # weight (C_in, C_out / groups, *k)
         assert isinstance(m, _CONVT)
-        w = _take(_take(m.weight, 1, keep_out), 0, keep_in)
+        per_group = m.out_channels // m.groups  # output positions of each group
+        if kind == "dwt" and keep_out is not None:  # whole groups: those of the kept outputs
+            keep_in = sorted({o // per_group for o in keep_out})
+        # the same output positions in every kept group (checked by the plan)
+        positions = None if keep_out is None else sorted({o % per_group for o in keep_out})
+        w = _take(_take(m.weight, 1, positions), 0, keep_in)  # (in, out / groups, *k)
+        if kind == "dwt" and keep_in is not None:
+            m.groups = len(keep_in)
         _set(m, "weight", w, True)
         if m.bias is not None:
             _set(m, "bias", _take(m.bias, 0, keep_out), True)
-        m.in_channels, m.out_channels = int(w.shape[0]), int(w.shape[1])
+        m.in_channels, m.out_channels = int(w.shape[0]), int(w.shape[1]) * m.groups
     elif kind == "bn":
         assert isinstance(m, BATCH_NORMS)
         for name in ("weight", "bias"):
@@ -202,7 +232,8 @@ def slice_module(
             m.num_features = len(keep_out)
     else:
         raise ValueError(
-            f"unknown slice kind {kind!r}: expected linear, conv, dw, gconv, convt or bn"
+            f"unknown slice kind {kind!r}: expected linear, conv, dw, gconv, convt, dwt, "
+            "gconvt or bn"
         )
 
 
@@ -658,8 +689,8 @@ def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
         return m.in_features, m.out_features
     if kind in ("conv", "dw", "gconv") and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         return (None if kind == "dw" else m.in_channels), m.out_channels
-    if kind == "convt" and isinstance(m, _CONVT) and m.groups == 1:
-        return m.in_channels, m.out_channels
+    if kind in ("convt", "dwt", "gconvt") and isinstance(m, _CONVT):
+        return (None if kind == "dwt" else m.in_channels), m.out_channels
     if kind == "bn" and isinstance(m, BATCH_NORMS):
         return None, m.num_features
     return None
@@ -673,23 +704,27 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
             f"the plan slices module '{name}' as {spec['kind']!r}; it is {type(m).__name__}"
         )
     hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
-    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONVT)):
+        # conv, dw or gconv, transposed (checked by _sizes) or not
+        kind = {"convt": "conv", "dwt": "dw", "gconvt": "gconv"}.get(spec["kind"], spec["kind"])
         dw = m.groups == m.in_channels and m.out_channels % m.in_channels == 0
         fits = {"conv": m.groups == 1, "dw": dw, "gconv": m.groups > 1 and not dw}
-        if not fits[spec["kind"]]:
+        if not fits[kind]:
             want = {
                 "conv": "convolution with groups=1",
                 "dw": "depthwise one",
                 "gconv": "grouped one (1 < groups, not depthwise)",
-            }[spec["kind"]]
+            }[kind]
+            if isinstance(m, _CONVT):
+                want = want.replace("convolution", "transposed convolution")
             raise ValueError(
                 f"the plan slices module '{name}' as {spec['kind']!r}, expected for a "
                 f"{want}; it has groups={m.groups} ({m.in_channels} -> {m.out_channels} "
                 "channels)"
             )
-        if spec["kind"] == "gconv":
+        if kind == "gconv":
             _check_grouped(name, m, spec)
-        if spec["kind"] == "dw" and spec.get("in") is not None:
+        if kind == "dw" and spec.get("in") is not None:
             mult = m.out_channels // m.in_channels
             out = spec.get("out")
             derived = (
@@ -700,6 +735,8 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
                     f"the plan keeps input channels {spec['in']} of depthwise module '{name}' "
                     f"but output channels {out}, which read input channels {derived}"
                 )
+        if spec["kind"] == "dwt":  # its weight (C_in, mult, *k) is cut by whole rows
+            _check_depthwise_transposed(name, m, spec)
     for side, actual in zip(("in", "out"), sizes, strict=True):
         expected, keep = spec.get(f"n_{side}"), spec.get(side)
         if actual is None:
@@ -716,8 +753,34 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
             )
 
 
-def _check_grouped(name: str, m: nn.Conv1d | nn.Conv2d | nn.Conv3d, spec: dict[str, Any]) -> None:
-    """A grouped convolution stays one: each group keeps the same channel positions."""
+def _check_depthwise_transposed(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
+    """A depthwise transposed convolution stays one: every kept input keeps the same output
+    positions of its ``mult = out_channels / in_channels`` (its weight is
+    ``(C_in, mult, *k)``)."""
+    out = spec.get("out")
+    if not isinstance(m, _CONVT) or out is None or not out or min(out) < 0:
+        return
+    if max(out) >= m.out_channels:
+        return  # out of range: the size checks name it
+    mult = m.out_channels // m.in_channels
+    kept = sorted({o // mult for o in out})
+    positions = sorted({o % mult for o in out})
+    alike = [c * mult + j for c in kept for j in positions]
+    if out != alike:
+        raise ValueError(
+            f"the plan keeps output channels {out} of depthwise transposed module '{name}' "
+            f"({mult} per input channel); every kept input channel must keep the same "
+            f"positions, e.g. {alike}"
+        )
+
+
+def _check_grouped(
+    name: str,
+    m: _AnyConv,
+    spec: dict[str, Any],
+) -> None:
+    """A grouped convolution (or transposed convolution) stays one: each group keeps the
+    same channel positions."""
     for side, total in (("in", m.in_channels), ("out", m.out_channels)):
         keep = spec.get(side)
         if keep is None or not keep or max(keep) >= total or min(keep) < 0:
@@ -741,7 +804,7 @@ def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> Non
         )
 
 
-_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "convt", "bn")
+_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "convt", "dwt", "gconvt", "bn")
 _PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "scopes": list}
 _PLAN_OPTIONAL: dict[str, type] = {
     "erase": list,
@@ -1233,9 +1296,13 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                 else:  # groups=1, or grouped
                     expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
                 label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
-            elif isinstance(m, _CONVT) and m.groups == 1:
-                expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
+            elif isinstance(m, _CONVT):
                 out = kept(spec, "out", m.out_channels)
+                if m.groups == m.in_channels:  # depthwise: output o reads input o // mult
+                    mult = m.out_channels // m.in_channels
+                    expect(n, "1", tuple(sorted({o // mult for o in out})), m.in_channels, what)
+                else:  # groups=1, or grouped
+                    expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
                 label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
             elif isinstance(m, BATCH_NORMS):
                 out = kept(spec, "out", m.num_features)
