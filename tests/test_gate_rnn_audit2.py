@@ -236,3 +236,32 @@ def test_pruned_shortcut_lstm_state_errors_point_to_select_state() -> None:
     small = gp.prune(net).eval()
     with pytest.raises(ValueError, match=r"length 2 " + hint):
         small(x, hx)
+
+
+class _RecurrentIntoTransposed(nn.Module):
+    def __init__(self, directions: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 8, batch_first=True, bidirectional=directions == 2)
+        self.up = nn.ConvTranspose1d(8 * directions, 4, 2, stride=2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x)  # (B, T, D * 8)
+        return self.head(self.up(h.transpose(1, 2)).mean(2))  # (B, 2)
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+def test_recurrent_output_read_by_a_transposed_convolution(directions: int) -> None:
+    """The recurrent output's gates are folded into the consumer's input weights; a
+    transposed convolution's are its first dimension (prune failed with an AssertionError)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3)
+    model = _RecurrentIntoTransposed(directions).eval()
+    summary = gate_(model, x)
+    assert [r[0] for r in summary.rnns] == ["rnn"]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        randomise_gates(model, gen)
+        check_pruned(
+            model, x, gen, factory=lambda: _RecurrentIntoTransposed(directions), batches=(1, 3)
+        )

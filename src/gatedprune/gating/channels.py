@@ -790,10 +790,23 @@ class _Propagator:
         x = n.args[0] if n.args else None
         lab = self.lab(x)
         out_shape = self.shape(n)
+        in_shape = self.shape(x)
+        if (
+            isinstance(m, _CONV + _CONVT)
+            and in_shape is not None
+            and len(in_shape) == len(m.kernel_size) + 1
+        ):  # (C, *spatial): its channels are dim 0, not the batched layout's dim 1
+            why = f"{name} ({type(m).__name__}) runs on an unbatched input"
+            self.pin_inputs(n, why)
+            if out_shape is None:
+                return None
+            own = Labels(0, self.new_space(name, out_shape[0]))  # named as left ungated
+            self.pin(own, why)
+            return own
         kind = module_kind(m)
         if kind is not None:
             self.kinds[name] = kind
-        if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, self.shape(x)):
+        if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, in_shape):
             self.recurrent(n, m, name, lab)
             return None  # the call returns a tuple: getitem 0 (the output) carries labels
         if kind in ("linear", "conv", "gconv", "convt", "gconvt") and out_shape is not None:

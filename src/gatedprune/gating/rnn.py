@@ -290,6 +290,9 @@ def rnn_cost_rows(
     return flops, params
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 @torch.no_grad()
 def fold_rnns(
     model: nn.Module,
@@ -316,14 +319,22 @@ def fold_rnns(
         if not c.segments:
             continue
         m = model.get_submodule(c.name)
+        in_dim = 1  # the weight dimension of the consumer's inputs
         if c.kind == "rnn":
             assert isinstance(m, nn.LSTM | nn.GRU | nn.RNN)
             n_in = m.input_size
         elif isinstance(m, nn.Linear):
             n_in = m.in_features
-        else:
-            assert isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)
+        elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups == 1:
             n_in = m.in_channels
+        elif isinstance(m, _TRANSPOSED) and m.groups == 1:  # weight (C_in, C_out, *k)
+            n_in, in_dim = m.in_channels, 0
+        else:
+            raise TypeError(
+                f"cannot fold the gates of a recurrent output into {c.name} "
+                f"({type(m).__name__}); expected a Linear, a convolution with groups=1 or a "
+                "recurrent module"
+            )
         vec = torch.ones(n_in, dtype=torch.float64)  # (in,)
         for g, pos, gidx in c.segments:
             vec[pos] = groups[g][gidx].to(torch.float64)
@@ -333,10 +344,12 @@ def fold_rnns(
             assert isinstance(w_ih, Tensor)
             fold_rnn_(m, [None] * m.num_layers, input_scale=vec.to(w_ih.dtype))
         else:
-            assert isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
             w = m.weight
-            # (out, in) or (out, in, *k) *= (1, in, 1, ...)
-            w.mul_(vec.to(w.dtype).view(1, -1, *([1] * (w.dim() - 2))))
+            assert isinstance(w, Tensor)
+            shape = [1] * w.dim()
+            shape[in_dim] = -1
+            # (out, in, *k) *= (1, in, 1, ...), or (in, out, *k) *= (in, 1, ...) if transposed
+            w.mul_(vec.to(w.dtype).view(shape))
 
 
 def rnn_plan(
