@@ -565,18 +565,18 @@ def setup_rnns(
                     why = f"its final state feeds the initial state hx of '{reader}'"
                     break
                 grp = ca.groups[int(ca.atom_group[atoms[0]])]
-                if grp.size != m.hidden_size:
-                    why = (
-                        f"its output's {m.hidden_size} units are pruned in {grp.size} ties "
-                        "(pieces of the output pruned together: split, chunked, viewed as "
-                        "heads or read by a grouped layer): one gate per unit cannot follow them"
-                    )
-                elif grp.pinned is not None:
+                if grp.pinned is not None:
                     why = f"its output cannot be pruned: {grp.pinned}"
                 elif len(grp.producers) > 1:
                     why = f"its output is joined to other channels ({', '.join(grp.producers)})"
                 elif grp.unfoldable is not None:
                     why = f"its output gate cannot be folded into its consumers: {grp.unfoldable}"
+                elif grp.size != m.hidden_size:
+                    why = (
+                        f"its output's {m.hidden_size} units are pruned in {grp.size} ties "
+                        "(pieces of the output pruned together: split, chunked, viewed as "
+                        "heads or read by a grouped layer): one gate per unit cannot follow them"
+                    )
                 if why is not None:
                     break
         if why is None and not allowed(name):
