@@ -355,7 +355,8 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
 def test_a_failed_forward_puts_the_parameters_back() -> None:
     torch.manual_seed(4)
     model = Trained()
-    gate_(model, torch.randn(2, 6))
+    summary = gate_(model, torch.randn(2, 6))
+    assert (["W1"], 24) in summary.channel_groups  # its forward replaces W1 by W1 * g
     w1 = model.W1
     with pytest.raises(RuntimeError):
         model(torch.randn(2, 7))  # the product fails, with W1 replaced by its gated value
