@@ -506,6 +506,28 @@ class Code(nn.Module):
         return x.transpose(1, 2) @ x  # (B, L, L): 2 * B * L * L * C FLOPs
 
 
+class _NoLayers(nn.Module):
+    """A model without children: its own parameters and products only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(3, 8)), nn.Parameter(torch.randn(8, 2))
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x @ self.w1) @ self.w2 * self.scale  # (B, 2)
+
+
+def test_a_model_without_children_is_counted_as_code() -> None:
+    # before 2026-12-07 16:45 UTC a TypeError: the root, childless and holding tensors, was
+    # taken for a leaf no hook sees into (with a child, its own products were counted)
+    c = _plain(_NoLayers(), torch.randn(5, 3))
+    assert (c.flops, c.params) == (2 * 5 * 8 * 3 + 2 * 5 * 2 * 8, 3 * 8 + 8 * 2)
+    # a layer of torch's own without a rule still raises as the model
+    with pytest.raises(TypeError, match=r"does not know how to count.*CrossMapLRN2d"):
+        cost(nn.CrossMapLRN2d(3), torch.randn(1, 4, 5, 5))
+
+
 def test_unknown_leaf_among_new_layers_is_still_a_type_error() -> None:
     model = nn.Sequential(nn.ZeroPad1d(1), nn.InstanceNorm1d(2), Opaque(), nn.SELU())
     with pytest.raises(TypeError, match=r"does not know how to count.*2 \(Opaque\).*register_cost"):

@@ -875,6 +875,15 @@ def is_code(m: nn.Module) -> bool:
     return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
 
 
+def _own_root(name: str, m: nn.Module) -> bool:
+    """Whether ``m`` is the model being costed (``name`` ``""``), a module of your own without
+    children or handler (``x @ self.W`` with no layer inside): its forward is counted as code,
+    as a root with children is (its matrix products, its parameters), not as a leaf no hook
+    sees into."""
+    own = type(m).__module__.split(".")[0] != "torch"
+    return name == "" and own and _handler_for(m) is None
+
+
 def watch_counted(
     module: nn.Module,
     counter: FunctionalCounter,
@@ -894,7 +903,7 @@ def watch_counted(
             continue  # counted by the module that holds it
         leaf = not any(True for _ in m.children())
         whole = isinstance(m, GatedModule) or (not leaf and unit_handler(m) is not None)
-        if not (leaf or whole) or (leaf and not whole and is_code(m)):
+        if not (leaf or whole) or (leaf and not whole and (is_code(m) or _own_root(name, m))):
             continue
         if whole:
             inside.append(f"{name}." if name else "")

@@ -19,7 +19,10 @@ channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is.
 
 Gates sit on every *source* of the group: the output of each Linear/Conv producing its channels,
 or of the BatchNorm/depthwise conv that follows (the conv's own output is then not gated, the
-gate folds into the BatchNorm's affine parameters). Every element-wise op between sources and
+gate folds into the BatchNorm's affine parameters). A linear map written with a parameter of the
+model (``F.linear(h, self.W, self.b)``, ``h @ self.W + self.b``, see :class:`ParamLinear`) is
+read like an ``nn.Linear``: its input features are consumed, its output units are a new space
+whose gate scales the weight's output units and the bias. Every element-wise op between sources and
 consumers maps 0 to 0, so a closed channel is exactly zero wherever it is consumed.
 """
 
@@ -53,7 +56,10 @@ __all__ = [
     "ChannelAnalysis",
     "ChannelGroup",
     "Labels",
+    "ParamLinear",
     "analyse_channels",
+    "linear_operands",
+    "transposed_source",
 ]
 
 
@@ -74,6 +80,26 @@ class ChannelGroup:
     size: int
     pinned: str | None = None
     unfoldable: str | None = None  # a path that does not commute with a per-channel scale
+
+
+@dataclass
+class ParamLinear:
+    """A linear map written with a 2-d parameter of the model, read only there: ``F.linear(x,
+    W[, b])``, ``x @ W`` (``matmul``, ``mm``; ``W`` possibly through ``.T`` / ``.t()`` /
+    ``.transpose(0, 1)`` / ``.mT``), with a 1-d parameter bias of the output size (F.linear's,
+    or added right after: ``x @ W + b``). Its input features (the contracted last dimension
+    of ``x``) are sliced like an ``nn.Linear``'s; its output units are a space of their own,
+    gated by scaling ``W``'s output units and ``b``."""
+
+    node: str  # the product's graph node
+    weight: str  # the weight parameter's qualified name
+    in_dim: int  # the weight's dimension holding the input features (the other: the outputs)
+    n_in: int
+    n_out: int
+    bias: str | None = None  # the bias parameter's qualified name
+    bias_flops: bool = False  # F.linear's bias: 1 FLOP per output element, as cost counts it
+    in_atoms: np.ndarray | None = None  # atoms of the input features (None: unlabelled)
+    out_atoms: np.ndarray | None = None  # the output units' space (None: not a producer)
 
 
 def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
@@ -169,6 +195,8 @@ class ChannelAnalysis:
     # kept count times the factor is the new size)
     sizes: dict[str, list[tuple[int | str, np.ndarray | None, int]]] = field(default_factory=dict)
     head_groups: set[int] = field(default_factory=set)  # groups of attention heads
+    param_linears: list[ParamLinear] = field(default_factory=list)
+    param_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why left whole
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -279,6 +307,7 @@ _MM: tuple[Callable[..., Any], ...] = (torch.bmm, torch.mm)  # matmul of 3-d / 2
 # keyword arguments a rule reads (others holding labelled tensors are pinned)
 _KEYWORDS_READ: dict[Any, tuple[str, ...]] = {
     F.scaled_dot_product_attention: ("query", "key", "value", "attn_mask"),
+    F.linear: ("input", "weight", "bias"),  # every form either handled or pinned whole
 }
 _META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
 _META_METHODS = {"size", "dim", "numel"}
@@ -400,6 +429,98 @@ def _prod(xs: Any) -> int:
     return p
 
 
+_MATMUL_FUNCS: set[Callable[..., Any]] = {operator.matmul, torch.matmul, torch.mm}
+_MATMUL_METHODS = {"matmul", "mm"}
+
+
+def linear_operands(n: fx.Node) -> tuple[Any, Any, Any, bool] | None:
+    """``(x, weight, bias, is_linear)`` of a product node read as a linear map: ``F.linear(x,
+    w, b)`` (arguments by position or keyword; ``is_linear`` True) or ``x @ w``,
+    ``torch.matmul``, ``torch.mm`` and their methods (``bias`` None); None for other nodes.
+
+    >>> g = fx.Graph()
+    >>> x, w = g.placeholder("x"), g.get_attr("w")
+    >>> linear_operands(g.call_function(F.linear, (x,), {"weight": w}))[1] is w
+    True
+    """
+    if n.op == "call_function" and n.target is F.linear:
+        names = ("input", "weight", "bias")
+        if len(n.args) > len(names) or set(n.kwargs) - set(names):
+            return None
+        x, w, b = (n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names))
+        return x, w, b, True
+    if (n.op == "call_function" and n.target in _MATMUL_FUNCS) or (
+        n.op == "call_method" and n.target in _MATMUL_METHODS
+    ):
+        if len(n.args) != 2 or n.kwargs:
+            return None
+        return n.args[0], n.args[1], None, False
+    return None
+
+
+def _is_transpose(n: fx.Node) -> bool:
+    """Whether ``n`` transposes a matrix: ``w.T``, ``w.mT``, ``w.t()``, ``torch.t(w)``,
+    ``w.transpose(0, 1)`` (any two dimensions of a 2-d tensor), ``w.permute(1, 0)``."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    fn, meth = n.op == "call_function", n.op == "call_method"
+    if fn and n.target is builtins.getattr:
+        return n.args[1:] in (("T",), ("mT",))
+    if (meth and n.target == "t") or (fn and n.target is torch.t):
+        return len(n.args) == 1 and not n.kwargs
+    if (meth and n.target == "transpose") or (fn and n.target is torch.transpose):
+        d0 = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim0")
+        d1 = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim1")
+        pair = (d0, d1)
+        ints = all(isinstance(d, int) and not isinstance(d, bool) and -2 <= d <= 1 for d in pair)
+        return ints and cast(int, d0) % 2 != cast(int, d1) % 2
+    if (meth and n.target == "permute") or (fn and n.target is torch.permute):
+        dims: Any = n.args[1:] if meth else n.args[1:2]
+        if len(dims) == 1 and isinstance(dims[0], list | tuple):
+            dims = tuple(dims[0])
+        return tuple(dims) == (1, 0) and not n.kwargs
+    return False
+
+
+def transposed_source(a: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The node that operand ``a`` reads through matrix transposes, and those transposes (from
+    ``a`` down); None if ``a`` is not a node.
+
+    >>> g = fx.Graph()
+    >>> w = g.get_attr("w")
+    >>> src, chain = transposed_source(g.call_method("t", (g.call_function(getattr, (w, "T")),)))
+    >>> src is w, len(chain)
+    (True, 2)
+    """
+    chain: list[fx.Node] = []
+    while isinstance(a, fx.Node) and _is_transpose(a):
+        chain.append(a)
+        a = a.args[0]
+    return (a, chain) if isinstance(a, fx.Node) else None
+
+
+def _param_reads(a: Any) -> list[fx.Node] | None:
+    """The ``get_attr`` and module-call nodes value ``a`` is computed from, if it reads no
+    input of the model (a weight computed from parameters: ``self.W * 2``, a parametrization
+    such as ``weight_norm``, called as a module); else None."""
+    if not isinstance(a, fx.Node):
+        return None
+    found: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = [a]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.op == "placeholder":
+            return None
+        if v.op in ("get_attr", "call_module"):
+            found.append(v)
+        stack.extend(v.all_input_nodes)
+    return found
+
+
 class _Propagator:
     def __init__(self, gm: fx.GraphModule, record: RunRecord) -> None:
         self.gm = gm
@@ -432,6 +553,9 @@ class _Propagator:
         self.head_atoms: set[int] = set()
         self.sizes: dict[fx.Node, list[tuple[int | str, np.ndarray | None, int]]] = {}
         self.pieces: dict[fx.Node, list[Labels]] = {}  # split/chunk of labelled channels
+        # linear maps written with the model's own parameters (F.linear(h, self.W), h @ self.W)
+        self.param_linears: dict[fx.Node, ParamLinear] = {}
+        self.param_whole: dict[str, str] = {}  # parameter -> why its product is left whole
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -697,6 +821,11 @@ class _Propagator:
                 return pieces[item]
             self.pin_inputs(n, f"{self.describe(n)} reads a split of the channels as a whole")
             return None
+        parts = linear_operands(n)
+        if parts is not None:
+            handled, lab = self.param_linear(n, *parts)
+            if handled:
+                return lab
         if (n.op == "call_function" and n.target in (operator.matmul, torch.matmul, *_MM)) or (
             n.op == "call_method" and n.target in ("matmul", "bmm", "mm")
         ):
@@ -766,7 +895,8 @@ class _Propagator:
         if (is_fn and target in _RESHAPE_FUNCS) or (not is_fn and target in _RESHAPE_METHODS):
             return self.reshape(n, x)
         if (is_fn and target in _ADD_FUNCS) or (not is_fn and target in ("add", "add_", "sub")):
-            return self.binary(n, "add")
+            biased = self.param_bias(n)
+            return biased if biased is not None else self.binary(n, "add")
         if (is_fn and target in _MUL_FUNCS) or (not is_fn and target in ("mul", "mul_")):
             return self.binary(n, "mul")
         if (is_fn and target in _DIV_FUNCS) or (not is_fn and target == "div"):
@@ -1543,6 +1673,171 @@ class _Propagator:
                     return None
         return self._product_of(n, found, d)
 
+    def parameter(self, path: str) -> nn.Parameter | None:
+        """The parameter ``path`` of the traced model (None: a buffer, a constant, missing)."""
+        try:
+            return self.gm.get_parameter(path)
+        except AttributeError:
+            return None
+
+    def whole(self, path: str, why: str, n: fx.Node) -> str:
+        """Record why parameter ``path``'s product ``n`` is left whole (the first reason
+        stays); returns the reason for the channels it reads."""
+        self.param_whole.setdefault(path, f"{why}, at {self.describe(n)}")
+        return f"{self.describe(n)} reads them with weight '{path}', left whole: {why}"
+
+    def param_linear(
+        self, n: fx.Node, x: Any, w: Any, b: Any, is_linear: bool
+    ) -> tuple[bool, Labels | None]:
+        """A linear map with a parameter weight (see :class:`ParamLinear`): ``(True, labels of
+        its output units)`` when it is one, recorded; ``(True, None)`` when ``F.linear`` is
+        left whole (its inputs pinned, with the reason); ``(False, None)`` when another rule
+        decides (a product of two activations, or a parameter product left whole: the
+        reason recorded, the existing rules for ``@`` then apply)."""
+        src = transposed_source(w)
+        attr = src[0] if src is not None and src[0].op == "get_attr" else None
+        if src is None or attr is None:
+            return self.not_param_linear(n, x, w, is_linear)
+        path, chain = str(attr.target), src[1]
+        param = self.parameter(path)
+        lab, x_shape, out = self.lab(x), self.shape(x), self.shape(n)
+        why: str | None = None
+        in_dim, n_in, n_out = (len(chain) + int(is_linear)) % 2, 0, 0
+        if param is None:
+            why = "a buffer or constant, not a parameter"
+        elif param.dim() != 2:
+            why = f"{param.dim()}-d, not a matrix (only a 2-d weight is sliced)"
+        elif not self.read_once(attr, chain, n):
+            why = "read in more than one place"
+        elif not isinstance(x, fx.Node) or not x_shape or not out:
+            why = "its product's input or output is not a tensor of known shape"
+        else:
+            n_in, n_out = int(param.shape[in_dim]), int(param.shape[1 - in_dim])
+            if x_shape[-1] != n_in or out[-1] != n_out:
+                why = f"its product's shapes {x_shape} -> {out} are not those of a linear map"
+            elif lab is not None and lab.dim != len(x_shape) - 1:
+                why = "its input's gated channels are on another dimension than the one it sums"
+        if why is not None:
+            pin_why = self.whole(path, why, n)
+            if is_linear:  # no other rule reads F.linear
+                self.pin_inputs(n, pin_why)
+                return True, None
+            if lab is not None and x_shape is not None and lab.dim == len(x_shape) - 1:
+                self.pin(lab, pin_why)  # (contracted: the rules for @ would pin it too)
+            return False, None
+        in_atoms = None
+        if lab is not None:
+            in_atoms = lab.atoms
+            self.soft_pin(
+                lab,
+                f"{self.describe(n)} reads them with parameter '{path}' (a recurrent module's "
+                "output gate folds into Linear/Conv consumers only)",
+            )
+        pl = ParamLinear(n.name, path, in_dim, n_in, n_out, in_atoms=in_atoms)
+        pl.bias_flops = is_linear and b is not None
+        self.param_linears[n] = pl
+        bias_why = self.bias_problem(b, n, n_out) if b is not None else None
+        if bias_why is not None:
+            self.whole(path, f"its output units are not gated: {bias_why}", n)
+            return True, None
+        if b is not None:
+            pl.bias = str(b.target)
+        pl.out_atoms = self.new_space(path, n_out)
+        return True, Labels(len(cast(tuple[int, ...], out)) - 1, pl.out_atoms)
+
+    def not_param_linear(
+        self, n: fx.Node, x: Any, w: Any, is_linear: bool
+    ) -> tuple[bool, Labels | None]:
+        """A product whose weight is not a parameter read as it is: one computed from
+        parameters when the model runs (``self.W * 2``, a parametrization) or a parameter on
+        the left (``self.W @ x``) is left whole with the reason; see :meth:`param_linear`."""
+        reads = _param_reads(w)
+        sources = [
+            r
+            for r in reads or []
+            if r.op == "call_module" or self.parameter(str(r.target)) is not None
+        ]
+        if sources and isinstance(w, fx.Node):
+            path = str(sources[0].target)
+            how = "by that module" if sources[0].op == "call_module" else "from it"
+            why = f"computed {how} when the model runs (node '{w.name}'), not read as it is"
+            pin_why = self.whole(path, why, n)
+            if is_linear:
+                self.pin_inputs(n, pin_why)
+                return True, None
+            lab, x_shape = self.lab(x), self.shape(x)
+            if lab is not None and x_shape is not None and lab.dim == len(x_shape) - 1:
+                self.pin(lab, pin_why)
+            return False, None
+        left = transposed_source(x)
+        if not is_linear and reads is None and left is not None and left[0].op == "get_attr":
+            path = str(left[0].target)
+            if self.parameter(path) is not None:
+                why = f"the left operand ({path} @ x: x @ {path} is sliced)"
+                pin_why = self.whole(path, why, n)
+                lab, w_shape = self.lab(w), self.shape(w)
+                if lab is not None and w_shape is not None and lab.dim == len(w_shape) - 2:
+                    self.pin(lab, pin_why)  # the dimension it sums over
+        return False, None
+
+    def read_once(self, attr: fx.Node, chain: list[fx.Node], n: fx.Node) -> bool:
+        """Whether the parameter ``attr`` reads is used only by product ``n``, once, through
+        the transposes ``chain`` (from ``n``'s operand down)."""
+        path = [*chain[::-1]]  # from attr up
+        below = attr
+        for v in path:
+            if list(below.users) != [v]:
+                return False
+            below = v
+        if list(below.users) != [n]:
+            return False
+        return sum(1 for a in _flat_nodes((n.args, n.kwargs)) if a is below) == 1
+
+    def bias_problem(self, b: Any, n: fx.Node, n_out: int) -> str | None:
+        """Why ``b``, added to the output units of product ``n``, cannot be sliced with them
+        (None: a 1-d parameter of ``n_out`` entries read only by ``n``, once)."""
+        if not isinstance(b, fx.Node) or b.op != "get_attr":
+            return "its bias is not a parameter read as it is"
+        param = self.parameter(str(b.target))
+        if param is None:
+            return f"its bias '{b.target}' is a buffer or constant, not a parameter"
+        if tuple(param.shape) != (n_out,):
+            return f"its bias '{b.target}' has shape {tuple(param.shape)}, not ({n_out},)"
+        if list(b.users) != [n] or sum(1 for a in _flat_nodes((n.args, n.kwargs)) if a is b) != 1:
+            return f"its bias '{b.target}' is read in more than one place"
+        return None
+
+    def param_bias(self, n: fx.Node) -> Labels | None:
+        """``y + b`` (``b + y``, ``torch.add(y, b)``) with ``y`` the output units of a
+        :class:`ParamLinear` read only here and ``b`` a 1-d parameter of their size read only
+        here: its bias, sliced and gated with them; the sum carries ``y``'s labels. None if
+        ``n`` is not one (an add of a parameter that cannot be sliced pins them, with why)."""
+        add = (n.op == "call_function" and n.target in (operator.add, torch.add)) or (
+            n.op == "call_method" and n.target == "add"
+        )
+        if not add or n.kwargs or len(n.args) != 2:
+            return None
+        for y, c in (n.args, n.args[::-1]):
+            pl = self.param_linears.get(y) if isinstance(y, fx.Node) else None
+            lab = self.lab(y)
+            if pl is None or lab is None or pl.out_atoms is None or pl.bias_flops or pl.bias:
+                continue
+            if not isinstance(c, fx.Node) or c.op != "get_attr":
+                return None
+            why = self.bias_problem(c, n, pl.n_out)
+            if why is None and len(cast(fx.Node, y).users) != 1:
+                why = "the product is also read without it"
+            if why is not None:
+                self.pin(
+                    lab,
+                    f"{self.describe(n)} adds a bias to the output units of parameter "
+                    f"'{pl.weight}' that is not sliced with them: {why}",
+                )
+                return None
+            pl.bias = str(c.target)
+            return lab
+        return None
+
     def matrix_kept(self, n: fx.Node, ops: list[Any], out: tuple[int, ...]) -> Labels | None:
         """``a @ b`` (``bmm``, ``mm``) with one operand labelled on a matrix dimension the
         product keeps: the rows of ``a`` or the columns of ``b`` (attention pooling
@@ -1857,4 +2152,6 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         nonzero=p.nonzero,
         sizes={n.name: entries for n, entries in p.sizes.items()},
         head_groups={int(atom_group[a]) for a in p.head_atoms},
+        param_linears=list(p.param_linears.values()),
+        param_whole=p.param_whole,
     )

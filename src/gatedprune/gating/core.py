@@ -34,7 +34,7 @@ from ..gates import (
 )
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
-from .channels import ChannelAnalysis, analyse_channels
+from .channels import ChannelAnalysis, ParamLinear, analyse_channels
 from .graph import costs_scale_with_batch, owner_of, record_bindings, record_run, trace_model
 from .rnn import (
     RNNConsumer,
@@ -49,8 +49,23 @@ from .rnn import (
 )
 from .rnn import switch as switch_rnn
 from .shortcuts import Edge, find_dense_edges
-from .structure import CostTerms, GraphInfo, SiteInfo, SizeInfo, SliceInfo, build_cost_terms
-from .surgery import PLAN_FORMAT, ScaledAdd, _apply_plan, fold_scale, local_trace
+from .structure import (
+    CostTerms,
+    GraphInfo,
+    ParamSite,
+    SiteInfo,
+    SizeInfo,
+    SliceInfo,
+    build_cost_terms,
+)
+from .surgery import (
+    PLAN_FORMAT,
+    ScaledAdd,
+    _apply_plan,
+    fold_param_scale,
+    fold_scale,
+    local_trace,
+)
 from .transformer import (
     GatedMultiheadAttention,
     GatedTransformerEncoderLayer,
@@ -102,6 +117,8 @@ class GatingSummary:
     rnns: list[tuple[str, int, int, int]] = field(default_factory=list)  # name, layers, dirs, H
     unconnected: list[tuple[str, str]] = field(default_factory=list)
     head_groups: list[int] = field(default_factory=list)  # channel groups of attention heads
+    # weights of linear maps written with parameters (x @ self.W) left whole, and why
+    ungated_params: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def n_gates(self) -> int:
@@ -144,6 +161,8 @@ class GatingSummary:
             lines.append(f"  ungated   add {add}: {why}")
         for name, why in self.ungated_layers:
             lines.append(f"  ungated   layer {name}: {why}")
+        for name, why in self.ungated_params:
+            lines.append(f"  ungated   weight {name}: {why}")
         for name, why in self.unconnected:
             lines.append(f"  no shortcuts for {name}: {why}")
         for name, why in self.opaque.items():
@@ -204,7 +223,31 @@ class _ResetHook:
         self.gating.reset()
 
 
-_GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook)
+class _ParamGateHook:
+    """Forward pre-hook on the root model (after :class:`_ResetHook`): the weights and biases
+    of linear maps written with the model's own parameters (``x @ self.W + self.b``) are, for
+    this forward, themselves times their output units' gates, ``x @ (W g) + b g = (x @ W +
+    b) g``: a gate on a product no module computes (see ``InsertedGating.gate_params``)."""
+
+    def __init__(self, gating: InsertedGating) -> None:
+        self.gating = gating
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        self.gating.gate_params(module)
+
+
+class _ParamRestoreHook:
+    """Forward hook on the root model (always called, also when the forward raises): puts back
+    the parameters :class:`_ParamGateHook` replaced."""
+
+    def __init__(self, gating: InsertedGating) -> None:
+        self.gating = gating
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        self.gating.restore_params()
+
+
+_GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook, _ParamGateHook, _ParamRestoreHook)
 
 
 def _pin_unrewritable_sizes(
@@ -277,9 +320,11 @@ class InsertedGating(ModelGating):
         rnns: list[RNNInfo] | None = None,
         rnn_consumers: list[RNNConsumer] | None = None,
         size_rewrites: list[SizeInfo] | None = None,
+        param_sites: dict[str, ParamSite] | None = None,
     ) -> None:
         super().__init__()
         self.size_rewrites = size_rewrites if size_rewrites is not None else []
+        self.param_sites = param_sites if param_sites is not None else {}
         self.rnns = rnns if rnns is not None else []
         self.rnn_consumers = rnn_consumers if rnn_consumers is not None else []
         self.edges = edges
@@ -314,6 +359,7 @@ class InsertedGating(ModelGating):
         state["_edge_cache"] = None
         state["edge_outputs"] = {}
         state["edge_versions"] = {}
+        state.pop("_swapped", None)  # parameters replaced for a forward under way
         return state
 
     # ------------------------------------------------------------------ forward
@@ -437,6 +483,59 @@ class InsertedGating(ModelGating):
         """Head gate values of attention module ``index``."""
         groups, _ = self._values()
         return {"heads": groups[self.attentions[index][1]]}
+
+    def gate_params(self, model: nn.Module) -> None:
+        """Replace, for one forward of ``model``, the weight and bias of each gated linear map
+        written with parameters (``F.linear(h, self.W, self.b)``, ``h @ self.W + self.b``) by
+        themselves times the gates of its output units (:meth:`restore_params` puts them
+        back), as ``torch.func.functional_call`` swaps tensors: the module keeps its forward.
+
+        >>> class Net(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.w1 = nn.Parameter(torch.randn(3, 8))
+        ...         self.w2 = nn.Parameter(torch.randn(8, 2))
+        ...         self.head = nn.Identity()
+        ...     def forward(self, x: Tensor) -> Tensor:
+        ...         return self.head(torch.relu(x @ self.w1) @ self.w2)
+        >>> net = Net()
+        >>> _ = gate_(net, torch.zeros(2, 3))
+        >>> net.gatedprune.group_gates[0].force_(torch.arange(8) < 4)
+        >>> seen = []
+        >>> _ = net.head.register_forward_hook(lambda m, i, o: seen.append(net.w1.clone()))
+        >>> _ = net.eval()(torch.zeros(2, 3))
+        >>> bool((seen[0][:, 4:] == 0).all()), bool((net.w1[:, 4:] != 0).all())
+        (True, True)
+        """
+        self.restore_params()  # left by a forward that failed before its hooks ran
+        if not self.param_sites:
+            return
+        groups, _ = self._values()
+        swapped: list[tuple[nn.Module, str, Tensor]] = []
+        for site in self.param_sites.values():
+            for path, dim in ((site.weight, site.out_dim), (site.bias, 0)):
+                if path is None:
+                    continue
+                owner_path, _, attr = path.rpartition(".")
+                owner = model.get_submodule(owner_path) if owner_path else model
+                p = owner._parameters[attr]
+                if p is None:
+                    raise TypeError(f"parameter '{path}' of the gated model was set to None")
+                vec = p.new_ones(site.n_out)  # (n_out,)
+                for g, pos, gidx in site.segments:
+                    vec = vec.index_copy(0, pos, groups[g][gidx].to(p.dtype))
+                shape = [1] * p.dim()
+                shape[dim] = site.n_out
+                swapped.append((owner, attr, p))
+                params = cast(dict[str, Any], owner._parameters)
+                params[attr] = p * vec.view(shape)  # (in, out) / (out, in) or (out,)
+        self.__dict__["_swapped"] = swapped
+
+    def restore_params(self) -> None:
+        """Put back the parameters :meth:`gate_params` replaced (nothing if none)."""
+        swapped: list[tuple[nn.Module, str, Tensor]] = self.__dict__.pop("_swapped", None) or []
+        for owner, attr, p in reversed(swapped):
+            cast(dict[str, Any], owner._parameters)[attr] = p
 
     def site_scale(self, name: str, output: Tensor) -> Tensor:
         """Multiplier for the output of site module ``name`` (broadcastable to ``output``)."""
@@ -834,6 +933,13 @@ class InsertedGating(ModelGating):
             for i in site.blocks:
                 b = b * blocks[i][0].to(torch.float64)
             fold_scale(pruned.get_submodule(name), b if scale is None else scale * b)
+        for site in getattr(self, "param_sites", {}).values():  # linear maps of parameters
+            scale = torch.ones(site.n_out, dtype=torch.float64)  # (n_out,)
+            for g, pos, gidx in site.segments:
+                scale[pos] = groups[g][gidx].to(torch.float64)
+            fold_param_scale(pruned, site.weight, site.out_dim, scale)
+            if site.bias is not None:
+                fold_param_scale(pruned, site.bias, 0, scale)
         for name, gh, gu, ga, gf in self.transformers:
             layer = pruned.get_submodule(name)
             assert isinstance(layer, nn.TransformerEncoderLayer)
@@ -866,7 +972,7 @@ def strip_gating(model: nn.Module) -> None:
     """Remove the gating submodule and its hooks from ``model`` (in place)."""
     for m in model.modules():
         for d in (m._forward_hooks, m._forward_pre_hooks):
-            hooks = (_SiteHook, _ResetHook, _EdgeOutHook, _EdgeInHook)
+            hooks = _GATE_HOOKS
             for k in [k for k, h in d.items() if isinstance(h, hooks)]:
                 del d[k]
                 m._forward_hooks_with_kwargs.pop(k, None)
@@ -1015,6 +1121,55 @@ def _shared_modules(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
     return shared
 
 
+# torch modules whose parameters a linear map written with them may slice in place
+_PARAM_OWNERS = (nn.Linear, nn.ParameterList, nn.ParameterDict)
+
+
+def _param_conflicts(
+    model: nn.Module, gm: fx.GraphModule, linears: list[ParamLinear]
+) -> dict[str, str]:
+    """Why the weight or bias of each linear map in ``linears`` cannot be sliced in place, by
+    its weight's name (absent: it can): the tensor is also held under another name (tied),
+    held by a module the model calls, or held by a torch layer other than ``nn.Linear`` (whose
+    settings would no longer fit).
+
+    >>> net = nn.Sequential(nn.Linear(2, 3))
+    >>> _param_conflicts(net, fx.symbolic_trace(net), [ParamLinear("lin", "0.weight", 1, 2, 3)])
+    {'0.weight': "parameter '0.weight' is also used by module '0'"}
+    """
+    if not linears:
+        return {}
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    called: dict[int, str] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            for p in model.get_submodule(str(n.target)).parameters():
+                called.setdefault(id(p), str(n.target))
+    found: dict[str, str] = {}
+    for pl in linears:
+        for path in (pl.weight, pl.bias):
+            if path is None or pl.weight in found:
+                continue
+            p = model.get_parameter(path)
+            others = [name for name in names.get(id(p), []) if name != path]
+            owner_path = path.rpartition(".")[0]
+            owner = model.get_submodule(owner_path) if owner_path else model
+            torch_layer = type(owner).__module__.split(".")[0] == "torch"
+            if others:
+                found[pl.weight] = f"parameter '{path}' is also '{others[0]}' (a shared tensor)"
+            elif id(p) in called:
+                found[pl.weight] = f"parameter '{path}' is also used by module '{called[id(p)]}'"
+            elif torch_layer and not isinstance(owner, _PARAM_OWNERS):
+                found[pl.weight] = (
+                    f"parameter '{path}' belongs to {type(owner).__name__} '{owner_path}' (only "
+                    "parameters of your own modules, nn.Linear, nn.ParameterList and "
+                    "nn.ParameterDict are sliced)"
+                )
+    return found
+
+
 def _attention_output_use(node: fx.Node) -> str | None:
     """Why the model's use of an attention module's ``(output, weights)`` keeps its heads
     (None: only ``output`` is read): pruned heads would change the weights it returns."""
@@ -1116,12 +1271,29 @@ def gate_(
                 for gi in np.unique(ca.atom_group[atoms]).tolist():
                     if ca.groups[gi].pinned is None:
                         ca.groups[gi].pinned = f"{name}: {reason}"
+    param_whole = dict(ca.param_whole)
+    conflicts = _param_conflicts(model, gm, ca.param_linears)
+    for pl in ca.param_linears:  # a parameter sliced in place must be read only there
+        why = conflicts.get(pl.weight)
+        if why is None:
+            continue
+        param_whole.setdefault(pl.weight, f"{why}, at node '{pl.node}'")
+        for atoms in (pl.in_atoms, pl.out_atoms):
+            if atoms is not None and len(atoms):
+                for gi in np.unique(ca.atom_group[atoms]).tolist():
+                    if ca.groups[gi].pinned is None:
+                        ca.groups[gi].pinned = f"{why} (node '{pl.node}' is left whole)"
     _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque), bindings)
     summary = GatingSummary(opaque=dict(traced.opaque))
+    summary.ungated_params.extend(param_whole.items())
+    param_producers = {pl.weight for pl in ca.param_linears if pl.out_atoms is not None}
 
     def allowed(name: str) -> bool:
         if filter_fn is None:
             return True
+        if name in param_producers:  # a parameter: asked with the module holding it
+            owner = name.rpartition(".")[0]
+            return bool(filter_fn(model.get_submodule(owner) if owner else model, name))
         return bool(filter_fn(model if name == "" else model.get_submodule(name), name))
 
     # channel groups
@@ -1293,12 +1465,27 @@ def gate_(
         if segs:
             dim = -1 if ca.kinds[name] == "linear" else 1
             sites[name] = SiteInfo(dim, len(atoms), segs)
+    param_sites: dict[str, ParamSite] = {}
+    for pl in ca.param_linears:
+        if pl.out_atoms is not None:
+            segs = _segments(pl.out_atoms, group_map, ca.atom_group, ca.atom_gidx)
+            if segs:
+                param_sites[pl.weight] = ParamSite(
+                    pl.weight, pl.bias, 1 - pl.in_dim, pl.n_out, segs
+                )
     for b in kept_blocks:
         if b.site not in sites:
             sites[b.site] = SiteInfo(1, 0, [])
         sites[b.site].blocks.append(b.index)
     # slicing of every Linear/Conv/BatchNorm touching a gated group
     slices: dict[str, SliceInfo] = {}
+
+    def split(atoms: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if atoms is None:
+            return None, None
+        gg = group_map[ca.atom_group[atoms]]
+        return (gg, ca.atom_gidx[atoms]) if (gg >= 0).any() else (None, None)
+
     for name, kind in ca.kinds.items():
         out_atoms = ca.module_atoms.get(name)
         in_atoms = (
@@ -1306,17 +1493,18 @@ def gate_(
             if kind in ("linear", "conv", "gconv", "convt", "gconvt")
             else None
         )
-
-        def split(atoms: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-            if atoms is None:
-                return None, None
-            gg = group_map[ca.atom_group[atoms]]
-            return (gg, ca.atom_gidx[atoms]) if (gg >= 0).any() else (None, None)
-
         ig, ii = split(in_atoms)
         og, oi = split(out_atoms)
         if ig is not None or og is not None:
             slices[name] = SliceInfo(kind, ig, ii, og, oi)
+    for pl in ca.param_linears:  # the parameters of linear maps written with them
+        ig, ii = split(pl.in_atoms)
+        og, oi = split(pl.out_atoms)
+        if ig is not None or og is not None:
+            kind = "matrix" if pl.in_dim == 1 else "matrix_t"
+            slices[pl.weight] = SliceInfo(kind, ig, ii, og, oi)
+        if pl.bias is not None and og is not None:
+            slices[pl.bias] = SliceInfo("vector", None, None, og, oi)
     size_rewrites: list[SizeInfo] = []
     for node_name, entries in ca.sizes.items():
         for key, atoms, factor in entries:
@@ -1381,6 +1569,7 @@ def gate_(
         rnns=rnns,
         rnn_consumers=rnn_consumers,
         size_rewrites=size_rewrites,
+        param_sites=param_sites,
     )
     gating.source = {**structure, "graph": graph_fingerprint(traced.graph)}
     gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
@@ -1390,6 +1579,9 @@ def gate_(
     for name in sites:
         model.get_submodule(name).register_forward_hook(_SiteHook(gating, name))
     model.register_forward_pre_hook(_ResetHook(gating))
+    if param_sites:
+        model.register_forward_pre_hook(_ParamGateHook(gating))
+        model.register_forward_hook(_ParamRestoreHook(gating), prepend=True, always_call=True)
     for src in dict.fromkeys(e.src for e in edges):
         clone = any(e.clone_src for e in edges if e.src == src)
         model.get_submodule(src).register_forward_hook(_EdgeOutHook(gating, src, clone))

@@ -27,7 +27,7 @@ from .rnn import rnn_cost_rows
 from .shortcuts import Edge
 from .transformer import attention_cost, layer_cost
 
-__all__ = ["CostTerms", "GraphInfo", "SiteInfo", "SliceInfo", "build_cost_terms"]
+__all__ = ["CostTerms", "GraphInfo", "ParamSite", "SiteInfo", "SliceInfo", "build_cost_terms"]
 
 
 @dataclass
@@ -182,10 +182,26 @@ class SiteInfo:
 
 
 @dataclass
-class SliceInfo:
-    """How a Linear/Conv/BatchNorm is sliced: per input/output channel, (gated group, index)."""
+class ParamSite:
+    """The output units of a linear map written with the model's own parameters (see
+    :class:`~gatedprune.gating.channels.ParamLinear`), gated by scaling its weight's
+    ``out_dim`` and its bias: ``x @ (W g) + b g = (x @ W + b) g``."""
 
-    kind: str  # channels.module_kind: linear | conv | dw | gconv | convt | dwt | gconvt | bn
+    weight: str  # qualified parameter names
+    bias: str | None
+    out_dim: int  # the weight's dimension of output units
+    n_out: int
+    segments: list[tuple[int, Tensor, Tensor]]  # (gated group, unit positions, gate indices)
+
+
+@dataclass
+class SliceInfo:
+    """How a Linear/Conv/BatchNorm (or a parameter of a linear map written with it: matrix,
+    matrix_t, vector) is sliced: per input/output channel, (gated group, index)."""
+
+    # channels.module_kind (linear | conv | dw | gconv | convt | dwt | gconvt | bn), or a
+    # parameter's matrix | matrix_t | vector
+    kind: str
     in_group: np.ndarray | None  # (in,) gated group index or -1
     in_gidx: np.ndarray | None
     out_group: np.ndarray | None
@@ -322,6 +338,15 @@ def build_cost_terms(
         elif n.op == "get_attr" and _is_param(gm, str(n.target)):
             readers.setdefault(id(gm.get_parameter(str(n.target))), {})[n.name] = str(n.target)
     tied = {k for k, nodes in readers.items() if len(set(nodes.values())) > 1}
+    # linear maps written with parameters: FLOPs and parameters scaled like an nn.Linear's
+    linear_nodes = {pl.node: pl for pl in ca.param_linears}
+    param_terms: dict[str, tuple[float, int, int]] = {}  # parameter -> (coef, a, b)
+    for pl in ca.param_linears:
+        fi, mi = fac.get(pl.in_atoms, pl.n_in)
+        fo, mo = fac.get(pl.out_atoms, pl.n_out)
+        param_terms[pl.weight] = (mi * mo, fi, fo)
+        if pl.bias is not None:
+            param_terms[pl.bias] = (mo, fo, -1)
     tied_rows: dict[int, list[str]] = {}  # p_rows index -> every node reading the parameter
     counted: set[int] = set()
 
@@ -340,7 +365,18 @@ def build_cost_terms(
                 tied_params([attr], n.name, str(n.target))
             elif attr is not None and str(n.target) not in first_call:
                 first_call[str(n.target)] = n.name
-                p_rows.append((float(attr.numel()), -1, -1, n.name, str(n.target)))
+                coef, fa, fb = param_terms.get(str(n.target), (float(attr.numel()), -1, -1))
+                p_rows.append((coef, fa, fb, n.name, str(n.target)))
+            continue
+        lin = linear_nodes.get(n.name)
+        shape = record.shapes.get(n)
+        if lin is not None and shape is not None:  # 2 * rows * in * out (+ rows * out: bias)
+            n_rows = int(np.prod(shape)) // lin.n_out
+            fi, mi = fac.get(lin.in_atoms, lin.n_in)
+            fo, mo = fac.get(lin.out_atoms, lin.n_out)
+            f_rows.append((2.0 * n_rows * mi * mo, fi, fo, n.name))
+            if lin.bias_flops:
+                f_rows.append((float(n_rows) * mo, fo, -1, n.name))
             continue
         if n.op != "call_module":
             inlined = record.flops.get(n, 0)

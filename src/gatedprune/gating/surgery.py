@@ -28,6 +28,7 @@ from ..fingerprint import (
 )
 from ..functional_costs import FunctionalCounter
 from .blocks import graph_writes, live_nodes
+from .channels import linear_operands, transposed_source
 from .graph import (
     TracedModel,
     inlined_calls,
@@ -44,8 +45,10 @@ __all__ = [
     "PrunedGraphModule",
     "ScaledAdd",
     "apply_plan",
+    "fold_param_scale",
     "fold_scale",
     "slice_module",
+    "slice_param",
 ]
 
 PLAN_FORMAT = "gatedprune.plan/1"
@@ -154,6 +157,65 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
                 m.bias.mul_(s)
         else:
             raise TypeError(f"cannot fold a gate into {type(m).__name__}")
+
+
+def _param_owner(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Parameter]:
+    """``(module holding it, attribute name, parameter)`` of the parameter ``path``."""
+    owner_path, _, attr = path.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    p = owner._parameters.get(attr)
+    if not isinstance(p, nn.Parameter):
+        raise AttributeError(f"{type(owner).__name__} has no parameter '{attr}'")
+    return owner, attr, p
+
+
+def fold_param_scale(model: nn.Module, path: str, dim: int, scale: Tensor) -> None:
+    """Multiply parameter ``path`` of ``model`` along ``dim`` by ``scale`` ``(n,)`` in place:
+    a gate on the output units of a linear map written with it (``x @ W``: ``dim=1``).
+
+    >>> net = nn.Module()
+    >>> net.w = nn.Parameter(torch.ones(2, 3))
+    >>> fold_param_scale(net, "w", 1, torch.tensor([1.0, 0.0, 2.0]))
+    >>> net.w.tolist()
+    [[1.0, 0.0, 2.0], [1.0, 0.0, 2.0]]
+    """
+    _, _, p = _param_owner(model, path)
+    shape = [1] * p.dim()
+    shape[dim] = -1
+    with torch.no_grad():
+        p.mul_(scale.to(p.dtype).reshape(shape))  # (n, 1) / (1, n) / (n,)
+
+
+_PARAM_KINDS = ("matrix", "matrix_t", "vector")
+
+
+def slice_param(
+    model: nn.Module, path: str, kind: str, keep_in: list[int] | None, keep_out: list[int] | None
+) -> None:
+    """Keep only input features ``keep_in`` and output units ``keep_out`` (None: all) of
+    parameter ``path`` of ``model``, replaced in place by a new ``nn.Parameter`` of the same
+    name: ``kind`` ``"matrix"`` for a weight ``(out, in)`` (as ``F.linear`` reads it),
+    ``"matrix_t"`` for ``(in, out)`` (as ``x @ W`` reads it), ``"vector"`` for a bias
+    ``(out,)``. An ``nn.Linear`` holding it gets its new ``in_features`` / ``out_features``.
+
+    >>> net = nn.Module()
+    >>> net.w = nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    >>> slice_param(net, "w", "matrix_t", [1], [0, 2])
+    >>> net.w.tolist()
+    [[3.0, 5.0]]
+    """
+    owner, attr, p = _param_owner(model, path)
+    if kind == "matrix":
+        w = _take(_take(p, 0, keep_out), 1, keep_in)
+    elif kind == "matrix_t":
+        w = _take(_take(p, 1, keep_out), 0, keep_in)
+    elif kind == "vector":
+        w = _take(p, 0, keep_out)
+    else:
+        raise ValueError(f"unknown parameter slice kind {kind!r}: expected one of {_PARAM_KINDS}")
+    _set(owner, attr, w, True)
+    if isinstance(owner, nn.Linear):
+        owner.out_features, owner.in_features = (int(d) for d in owner.weight.shape)
 
 
 def _take(p: Tensor, dim: int, keep: list[int] | None) -> Tensor:
@@ -774,6 +836,34 @@ def _check_depthwise_transposed(name: str, m: nn.Module, spec: dict[str, Any]) -
         )
 
 
+def _check_param_slice(name: str, p: Tensor, spec: dict[str, Any]) -> None:
+    """Refuse a parameter slice that does not fit parameter ``name`` (``p``)."""
+    kind = str(spec["kind"])
+    dims = 1 if kind == "vector" else 2
+    if p.dim() != dims:
+        raise ValueError(
+            f"the plan slices parameter '{name}' as {kind!r} ({dims}-d); it has shape "
+            f"{tuple(p.shape)}"
+        )
+    hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
+    in_dim = 0 if kind == "matrix_t" else 1
+    sizes = {"out": int(p.shape[0 if kind != "matrix_t" else 1])}
+    if kind != "vector":
+        sizes["in"] = int(p.shape[in_dim])
+    for side, actual in sizes.items():
+        expected, keep = spec.get(f"n_{side}"), spec.get(side)
+        if expected is not None and int(expected) != actual:
+            raise ValueError(
+                f"the plan expects parameter '{name}' to have {expected} {side}put "
+                f"{'features' if side == 'in' else 'units'}, it has {actual}: {hint}"
+            )
+        if keep and (max(keep) >= actual or min(keep) < 0):
+            raise ValueError(
+                f"the plan keeps {side}put index {max(keep)} of parameter '{name}', which has "
+                f"{actual}: {hint}"
+            )
+
+
 def _check_grouped(
     name: str,
     m: _AnyConv,
@@ -804,7 +894,7 @@ def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> Non
         )
 
 
-_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "convt", "dwt", "gconvt", "bn")
+_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "convt", "dwt", "gconvt", "bn", *_PARAM_KINDS)
 _PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "scopes": list}
 _PLAN_OPTIONAL: dict[str, type] = {
     "erase": list,
@@ -880,10 +970,11 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"{_SLICE_KINDS}, got {spec!r}"
             )
         _check_keys(f"slice {name!r}", spec, {"kind", "in", "out", "n_in", "n_out"}, ("in", "out"))
-        if spec["kind"] == "bn" and (spec.get("in") is not None or spec.get("n_in") is not None):
+        vector = spec["kind"] in ("bn", "vector")
+        if vector and (spec.get("in") is not None or spec.get("n_in") is not None):
             raise ValueError(
-                f"malformed plan: slice {name!r} is a 'bn' slice, whose channels are its "
-                f"'out'; expected 'in' and 'n_in' None, got {spec.get('in')!r} and "
+                f"malformed plan: slice {name!r} is a {spec['kind']!r} slice, whose channels "
+                f"are its 'out'; expected 'in' and 'n_in' None, got {spec.get('in')!r} and "
                 f"{spec.get('n_in')!r}"
             )
         for side in ("in", "out"):
@@ -1241,8 +1332,11 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
         keep = None if spec is None else spec.get(side)
         return tuple(range(n)) if keep is None else tuple(keep)
 
-    def expect(n: fx.Node, dim: str, want: tuple[int, ...], width: int, what: str) -> None:
-        arg = n.args[0] if n.args else None
+    def expect(
+        n: fx.Node, dim: str, want: tuple[int, ...], width: int, what: str, arg: Any = None
+    ) -> None:
+        if arg is None:
+            arg = n.args[0] if n.args else None
         got = label.get(arg) if isinstance(arg, fx.Node) else None
         if got is model_input and want != tuple(range(width)):
             raise ValueError(
@@ -1320,7 +1414,28 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                     sizes = size if isinstance(size, tuple) else (size,)
                     pooled = isinstance(m, _GLOBAL_POOLS) and all(v == 1 for v in sizes)
                     label[n] = inp._replace(dim="pooled" if pooled else "1")
+        elif (lp := _linear_param(model, n)) is not None:
+            path, in_dim, x_arg, b_arg = lp
+            w = model.get_parameter(path)
+            n_in, n_out = int(w.shape[in_dim]), int(w.shape[1 - in_dim])
+            spec = slices.get(path)
+            layout = "matrix" if in_dim == 1 else "matrix_t"
+            if spec is not None and spec["kind"] != layout:
+                raise ValueError(
+                    f"inconsistent plan: it slices parameter '{path}' as {spec['kind']!r}, but "
+                    f"node {n.name} reads it as {layout!r} (a weight (out, in) as F.linear "
+                    "reads it is 'matrix', (in, out) as x @ W reads it 'matrix_t')"
+                )
+            what = f"parameter '{path}'" + (f" (slice {layout!r})" if spec else " (not sliced)")
+            expect(n, "last", kept(spec, "in", n_in), n_in, what, x_arg)
+            out = kept(spec, "out", n_out)
+            label[n] = _Channels("last", out, n_out, f"parameter '{path}'")
+            if isinstance(b_arg, fx.Node):
+                _check_bias(b_arg, label[n], slices)
         elif _is_add(n) and len(args) == 2:
+            for a, c in (args, args[::-1]):  # x @ W + b: b sliced as W's output units
+                if a in label and label[a] is not model_input:
+                    _check_bias(c, label[a], slices)
             if n.name in cut:
                 keep = n.args[1 - cut[n.name]]
                 if isinstance(keep, fx.Node) and keep in label:
@@ -1353,6 +1468,39 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                 f"of {known[0].source} to channels {_short(known[1].keep)} of "
                 f"{known[1].source}: the members of a channel group must keep the same channels"
             )
+
+
+def _linear_param(model: nn.Module, n: fx.Node) -> tuple[str, int, Any, Any] | None:
+    """``(weight, dimension of its input features, input, bias)`` of a product node whose
+    weight is a 2-d parameter read as it is (``F.linear(x, self.W, b)``, ``x @ self.W.T``, see
+    :class:`~gatedprune.gating.channels.ParamLinear`); None for other nodes."""
+    parts = linear_operands(n)
+    src = transposed_source(parts[1]) if parts is not None else None
+    if parts is None or src is None or src[0].op != "get_attr":
+        return None
+    path = str(src[0].target)
+    try:
+        w = _param_owner(model, path)[2]
+    except AttributeError:
+        return None
+    if w.dim() != 2:
+        return None
+    return path, (len(src[1]) + int(parts[3])) % 2, parts[0], parts[2]
+
+
+def _check_bias(b: Any, got: _Channels, slices: dict[str, dict[str, Any]]) -> None:
+    """Refuse a bias parameter ``b`` sliced as a ``"vector"`` that keeps other entries than
+    the output units it is added to (``got``) keep."""
+    spec = slices.get(str(b.target)) if isinstance(b, fx.Node) and b.op == "get_attr" else None
+    if spec is None or spec["kind"] != "vector" or got.dim != "last":
+        return
+    want = tuple(range(got.width)) if spec.get("out") is None else tuple(spec["out"])
+    if want != got.keep:
+        raise ValueError(
+            f"inconsistent plan: it keeps entries {_short(want)} of bias '{b.target}', which is "
+            f"added to the output units {_short(got.keep)} of {got.source}: a bias must keep "
+            "the units its product keeps"
+        )
 
 
 def _flat_nodes(a: Any) -> list[fx.Node]:
@@ -1467,7 +1615,24 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             raise ValueError(f"the plan prunes '{name}' as attention; it is {type(att)}")
         _check_heads(name, att, list(spec["heads"]))
         attentions.append((name, att, list(spec["heads"])))
+    params: list[tuple[str, dict[str, Any]]] = []
     for name, spec in plan["slices"].items():
+        if spec["kind"] in _PARAM_KINDS:  # a parameter of a linear map written with it
+            try:
+                p = _param_owner(model, name)[2]
+            except AttributeError as e:
+                raise ValueError(
+                    f"the plan slices parameter '{name}', which the model does not have"
+                ) from e
+            if id(p) in claimed:
+                raise ValueError(
+                    f"the plan changes parameter '{name}', which {claimed[id(p)]} already "
+                    "changes: expected one entry per parameter (a duplicated or aliased entry)"
+                )
+            claimed[id(p)] = f"'{name}' (slices)"
+            _check_param_slice(name, p, spec)
+            params.append((name, spec))
+            continue
         m = submodule(name, "slices")
         claim(m, f"'{name}' (slices)")
         _check_slice(name, m, spec)
@@ -1475,6 +1640,13 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         m = submodule(name, "prunes")
         claim(m, f"'{name}' (rnn)")
         _check_rnn(name, m, spec)
+    for name, _ in params:  # a module an entry changes changes its parameters too
+        owner = _param_owner(model, name)[0]
+        if id(owner) in claimed:
+            raise ValueError(
+                f"the plan changes parameter '{name}', whose module {claimed[id(owner)]} "
+                "already changes: expected one entry per module or parameter"
+            )
     for scope in plan["scopes"]:
         if scope:
             submodule(scope, "rewrites")
@@ -1507,10 +1679,16 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, build_pruned_attention(att, heads))
-    sliced = [(model.get_submodule(name), spec) for name, spec in plan["slices"].items()]
+    sliced = [
+        (model.get_submodule(name), spec)
+        for name, spec in plan["slices"].items()
+        if spec["kind"] not in _PARAM_KINDS
+    ]
     apply_rnn_plan(model, plan.get("rnn", {}))
     for m, spec in sliced:
         slice_module(m, spec["kind"], spec["in"], spec["out"])
+    for name, spec in params:
+        slice_param(model, name, spec["kind"], spec["in"], spec["out"])
     scopes: list[str] = list(plan["scopes"])
     if not scopes:
         if plan.get("sizes"):
