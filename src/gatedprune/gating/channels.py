@@ -609,7 +609,7 @@ class _Propagator:
         multiplied by other sizes (``h.view(b, c * l)``): the pruned code reshapes alike."""
         t = n.target
         x = n.args[0] if n.args else None
-        lab, shape = self.lab(x) or self.after_label(x), self.shape(x)
+        lab, shape = self.lab(x), self.shape(x)
         if lab is None or shape is None:
             return
         rank = len(shape)
@@ -665,8 +665,7 @@ class _Propagator:
             is_reshape = (u.op == "call_method" and u.target in {*_RESHAPE_METHODS, "expand"}) or (
                 u.op == "call_function" and u.target in _RESHAPE_FUNCS
             )
-            a = u.args[0] if is_reshape and u.args else None
-            src = self.lab(a) or self.after_label(a)
+            src = self.lab(u.args[0]) if is_reshape and u.args else None
             if src is None or not np.array_equal(np.unique(src.atoms), np.unique(lab.atoms)):
                 return u  # not a reshape of the same channels
         return None
