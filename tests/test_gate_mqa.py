@@ -404,9 +404,29 @@ class NoOutputLinear(MQA):
         return y.transpose(1, 2).reshape(b, t, 16)
 
 
+class SharedRepeat(MQA):
+    """One repeat of the key/value head read by two attentions with their own queries: its
+    head count cannot follow both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q2, self.o2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, L, D)
+        q2 = self.q2(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, L, D)
+        k, v = self.kv(x).view(b, t, 2, 1, self.hd).transpose(1, 3).unbind(2)  # (B, 1, L, D)
+        k, v = k.expand(b, self.h, t, self.hd), v.expand(b, self.h, t, self.hd)  # (B, H, L, D)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # (B, L, H, D)
+        y2 = F.scaled_dot_product_attention(q2, k, v).transpose(1, 2)  # (B, L, H, D)
+        return cast(Tensor, self.o(y.reshape(b, t, 16)) + self.o2(y2.reshape(b, t, 16)))
+
+
 @pytest.mark.parametrize(
     ("factory", "name", "reason"),
     [
+        (SharedRepeat, "q2", "repeats for the heads of another attention too"),
         (QueryByConv, "qc", "(multi-query attention) and queries not computed by Linear layers"),
         (QueriesReadElsewhere, "q", "carries query heads of multi-query attention, gated only"),
         (MaskPerHead, "q", "(attention) reads a mask per head"),
@@ -427,6 +447,60 @@ def test_forms_left_whole_with_a_reason(factory: type[nn.Module], name: str, rea
     pruned = check_pruned(model, x, gen)
     with torch.no_grad():
         assert (pruned(x) - before).abs().max().item() <= 1e-5
+
+
+class TwoReaders(MQA):
+    """Scaled queries unflattened into heads, the output read by two Linears after dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.o2, self.drop = nn.Linear(16, 16), nn.Dropout(0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = (self.q(x) * 0.5).unflatten(-1, (self.h, self.hd)).transpose(1, 2)  # (B, H, L, D)
+        k, v = self.kv(x).view(b, t, 2, 1, self.hd).transpose(1, 3).unbind(2)  # (B, 1, L, D)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # (B, H, L, D)
+        y = self.drop(y.transpose(1, 2).flatten(2))  # (B, L, 16)
+        return cast(Tensor, self.o(y) * self.o2(y))
+
+
+class KeysPerHead(MQA):
+    """Keys per head (pruned with the queries), one value head shared by all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = nn.Linear(16, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, L, D)
+        k = self.k(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, L, D)
+        v = self.kv(x)[..., None, : self.hd].transpose(1, 2)  # (B, 1, L, D)
+        w = (q @ k.transpose(-2, -1)).softmax(-1)  # (B, H, L, L)
+        return cast(Tensor, self.o((w @ v).transpose(1, 2).reshape(b, t, 16)))
+
+
+@pytest.mark.parametrize(
+    ("factory", "producers", "readers"),
+    [(TwoReaders, ["q"], ["o", "o2"]), (KeysPerHead, ["q", "k"], ["o"])],
+)
+def test_other_gated_forms(
+    factory: type[nn.Module], producers: list[str], readers: list[str]
+) -> None:
+    torch.manual_seed(10)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 5, 16, generator=gen)
+    model = factory()
+    summary = gate_(model, x)
+    assert summary.query_heads == {0: readers}, str(summary)
+    assert summary.channel_groups[0] == (producers, 4)
+    inserted_gating(model).group_gates[0].force_(torch.tensor([False, True, False, True]))  # type: ignore[operator]
+    pruned = check_pruned(model, x, gen, factory, (1, 3))
+    _check_lengths(model, pruned, x, gen)
+    for name in [*producers, *readers]:
+        m = cast(nn.Linear, pruned.get_submodule(name))
+        assert (m.in_features if name in readers else m.out_features) == 8
 
 
 def test_budget_training_prunes_query_heads() -> None:
