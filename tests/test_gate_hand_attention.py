@@ -290,7 +290,9 @@ class SingleHead(nn.Module):
 
 class MultiQuery(nn.Module):
     """Multi-query attention (PaLM, Falcon, Gemma-2B): one key/value head for every query head
-    (SDPA's ``enable_gqa``); a closed query head's output would be the mean of v, not zero."""
+    (SDPA's ``enable_gqa``); a closed query head's output would be the mean of v, not zero, so
+    its gate sits at the input of ``o`` (left whole before 2026-12-07 17:00 UTC; see
+    test_gate_mqa.py)."""
 
     def __init__(self, d: int = 8, heads: int = 2) -> None:
         super().__init__()
@@ -305,10 +307,27 @@ class MultiQuery(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)
 
 
+class MultiQueryConvQuery(MultiQuery):
+    """Multi-query attention whose queries come from a 1x1 convolution: its query heads would
+    be gated after the attention, which needs queries no gate multiplies (Linear outputs)."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__(d, heads)
+        self.qc = nn.Conv1d(d, d, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q = self.qc(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        q = q.reshape(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, T, D)
+        k, v = self.kv(x).view(b, t, 2, 1, self.hd).transpose(1, 3).unbind(2)  # (B, 1, T, D)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(b, t, c)).mean(1)
+
+
 @pytest.mark.parametrize(
     ("factory", "name", "reason"),
     [
-        (MultiQuery, "q", "reads one key/value head for every query head (multi-query"),
+        (MultiQueryConvQuery, "qc", "one key/value head for every query head (multi-query"),
         (PerHeadBias, "q", "adds an ungated tensor"),
         (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
         (FourWaySplit, "v", "splits the labelled dimension other than into (heads, head size)"),

@@ -15,7 +15,11 @@ not slice: LayerNorm/GroupNorm over them (normalisation statistics would change)
 softmax, a non-affine BatchNorm, an add of an ungated tensor, an unknown op, or the model output.
 One exception: an *excitation* ``s = sigmoid(z)`` (or hardsigmoid) read only, through reshapes,
 by a product ``y * s`` with ``y`` labelled on the same channels (squeeze-and-excitation): the
-channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is.
+channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is. Another:
+multi-query attention (one key/value head read by every query head), whose closed query head
+outputs the mean of v, not zero: its query heads are gated after it, on the input of the Linear
+reading its output (a forward pre-hook, folded into that Linear's weight columns), and its
+queries, left ungated, carry such nonzero labels.
 
 Gates sit on every *source* of the group: the output of each Linear/Conv producing its channels,
 or of the BatchNorm/depthwise conv that follows (the conv's own output is then not gated, the
@@ -29,6 +33,7 @@ consumers maps 0 to 0, so a closed channel is exactly zero wherever it is consum
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import operator
 from collections.abc import Callable, Iterator
@@ -197,6 +202,8 @@ class ChannelAnalysis:
     head_groups: set[int] = field(default_factory=set)  # groups of attention heads
     param_linears: list[ParamLinear] = field(default_factory=list)
     param_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why left whole
+    # Linear -> the input features it gates (query heads of multi-query attention)
+    input_sites: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -422,6 +429,14 @@ def _int(v: object) -> int:
     raise TypeError(f"expected an int dimension, got {v!r}")
 
 
+def _rewritable(size: Any) -> bool:
+    """Whether the code's size ``size`` can be rewritten to a kept count: an int other than
+    -1, or a graph node computing it."""
+    if isinstance(size, bool):
+        return False
+    return isinstance(size, fx.Node) or (isinstance(size, int) and size != -1)
+
+
 def _prod(xs: Any) -> int:
     p = 1
     for x in xs:
@@ -522,9 +537,25 @@ def _param_reads(a: Any) -> list[fx.Node] | None:
 
 
 class _Propagator:
-    def __init__(self, gm: fx.GraphModule, record: RunRecord) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, record: RunRecord, after: frozenset[str] | None = None
+    ) -> None:
         self.gm = gm
         self.rec = record
+        # multi-query attention (one key/value head read by every query head): a closed query
+        # head's output is the mean of v, not zero, so its gate multiplies the attention's
+        # output where a Linear reads it (a forward pre-hook; folded into its weight columns).
+        # The first pass finds them (``mqa_queries``: the query heads' labels); the second
+        # runs with ``after``, the Linear layers computing those queries: their outputs are
+        # not gated, so nonzero labels, which only the attention may read (None: first pass)
+        self.after = after
+        self.after_atoms: set[int] = set()  # output channels of the Linear layers in ``after``
+        self.mqa_queries: list[np.ndarray] = []
+        self.input_sites: dict[str, np.ndarray] = {}  # Linear -> input channels it gates
+        # tensors equal along one dimension (the key/value head of multi-query attention
+        # repeated for the query heads): node -> (that dimension counted from the end, the
+        # (node, key) of each size the code gives it, rewritten to the kept query heads)
+        self.copies: dict[fx.Node, tuple[int, tuple[tuple[fx.Node, int | str], ...]]] = {}
         self.parent: list[int] = []
         self.space_of: list[int] = []
         self.space_names: list[str] = []
@@ -633,18 +664,28 @@ class _Propagator:
                 self.pin_inputs(n, f"{self.describe(n)} not understood ({e})")
                 self.labels[n] = None
             self.pin_keyword_inputs(n)
+            with contextlib.suppress(ValueError, IndexError, TypeError):
+                self.track_copies(n)  # a form not parsed is not tracked: not a repeated head
         for n in self.gm.graph.nodes:  # after the labels of every reader are known
             if n.op in ("call_function", "call_method") and self.shape(n) is None:
                 self.size_read(n)
         for v, lab in self.nonzero.items():  # any other reader needs zeros at closed channels
             for u in v.users:
-                if (v, u) not in self.nonzero_uses and not self.other_size(u, lab):
-                    self.pin(
-                        lab,
+                if (v, u) in self.nonzero_uses or self.other_size(u, lab):
+                    continue
+                if self.is_after(lab):
+                    why = (
+                        f"{self.describe(v)} carries query heads of multi-query attention, "
+                        "gated only where a Linear reads the attention's output, and "
+                        f"{self.describe(u)} reads them"
+                    )
+                else:
+                    why = (
                         f"{self.describe(v)} is not zero at closed channels and "
                         f"{self.describe(u)} reads it (only a product with the channels it "
-                        "excites may)",
+                        "excites may)"
                     )
+                self.pin(lab, why)
 
     def other_size(self, u: fx.Node, lab: Labels) -> bool:
         """Whether ``u`` only reads the size of a dimension other than ``lab``'s
@@ -795,6 +836,97 @@ class _Propagator:
                 return u  # not a reshape of the same channels
         return None
 
+    def query_sources(self) -> frozenset[str]:
+        """The Linear layers computing the queries of the multi-query attentions found: for
+        each, the modules whose output channels are pruned with its query heads, if all of
+        them are Linear layers."""
+        roots = np.array([self.find(a) for a in range(len(self.parent))], dtype=np.int64)
+        space_of = np.array(self.space_of, dtype=np.int64)
+        names: set[str] = set()
+        for atoms in self.mqa_queries:
+            spaces = np.unique(space_of[np.isin(roots, roots[atoms])]).tolist()
+            found = {self.space_names[sid] for sid in spaces}
+            if all(self.kinds.get(name) == "linear" for name in found):
+                names |= found
+        return frozenset(names)
+
+    def is_after(self, lab: Labels) -> bool:
+        """Whether ``lab`` carries query heads of multi-query attention (see ``after``)."""
+        return bool(len(lab.atoms)) and bool(np.isin(lab.atoms, list(self.after_atoms)).all())
+
+    def after_label(self, a: Any) -> Labels | None:
+        """The nonzero labels of ``a`` if they carry query heads of multi-query attention."""
+        lab = self.nonzero.get(a) if isinstance(a, fx.Node) else None
+        return lab if lab is not None and self.is_after(lab) else None
+
+    def track_copies(self, n: fx.Node) -> None:
+        """Record ``n`` in ``copies`` if it repeats a dimension of size 1 (``t.expand(b, h, s,
+        d)`` or ``t.repeat_interleave(h, dim=1)`` of ``t`` of shape ``(b, 1, s, d)``), or
+        carries such a dimension through a transpose, permute, copy or reshape (Hugging Face's
+        ``repeat_kv``: ``t[:, :, None].expand(b, 1, h, s, d).reshape(b, h, s, d)``)."""
+        x = n.args[0] if n.args else None
+        ins, outs = self.shape(x), self.shape(n)
+        if not isinstance(x, fx.Node) or ins is None or outs is None:
+            return
+        t, meth = n.target, n.op == "call_method"
+        fn = n.op == "call_function"
+        prev = self.copies.get(x)
+        if meth and t == "expand" and len(ins) == len(outs):
+            grown = [e for e in range(len(outs)) if ins[e] == 1 < outs[e]]
+            found, arg = _size_arg(n, grown[0] - len(outs)) if len(grown) == 1 else (False, None)
+            if prev is None and found and _rewritable(arg):
+                self.copies[n] = (grown[0] - len(outs), ((n, grown[0] - len(outs)),))
+            return
+        if meth and t == "repeat_interleave":
+            reps: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("repeats")
+            dim: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+            if (
+                prev is None
+                and isinstance(dim, int)
+                and _rewritable(reps)
+                and not n.kwargs.get("output_size")
+                and len(ins) == len(outs)
+                and ins[dim] == 1 < outs[dim]
+            ):
+                self.copies[n] = (dim % len(ins) - len(ins), ((n, "repeats"),))
+            return
+        if prev is None:
+            return
+        c, rewrites = prev
+        if (meth and t in ("contiguous", "clone", "float", "detach", "to", "type_as")) or (
+            fn and t in (F.dropout, torch.clone)
+        ):
+            if ins == outs:
+                self.copies[n] = prev
+        elif (fn and t in (torch.transpose, torch.permute)) or (
+            meth and t in ("transpose", "permute")
+        ):
+            nd = len(ins)
+            if t in (torch.transpose, "transpose"):
+                a = _int(n.args[1] if len(n.args) > 1 else n.kwargs["dim0"]) % nd
+                b = _int(n.args[2] if len(n.args) > 2 else n.kwargs["dim1"]) % nd
+                perm = list(range(nd))
+                perm[a], perm[b] = perm[b], perm[a]
+            else:
+                dims: Any = n.args[1:] if meth else n.args[1]
+                if meth and len(dims) == 1 and isinstance(dims[0], list | tuple):
+                    dims = dims[0]
+                perm = [_int(v) % nd for v in dims]
+            self.copies[n] = (perm.index(c + nd) - nd, rewrites)
+        elif (fn and t in _RESHAPE_FUNCS) or (meth and t in _RESHAPE_METHODS):
+            # the repeated dimension kept whole: output dimension e of the same size after as
+            # many elements (merged or split only with dimensions of size 1)
+            size, before = ins[c], _prod(ins[: c + len(ins)])
+            at = [e for e in range(len(outs)) if outs[e] == size and _prod(outs[:e]) == before]
+            if len(at) != 1:
+                return
+            e = at[0] - len(outs)
+            found, arg = _size_arg(n, e)
+            if found and _rewritable(arg):
+                self.copies[n] = (e, (*rewrites, (n, e)))
+            elif (not found and not _has_sizes(n)) or (found and arg == -1):
+                self.copies[n] = (e, rewrites)  # the size is inferred
+
     def visit(self, n: fx.Node) -> Labels | None:
         if n.op in ("placeholder", "get_attr"):
             return None
@@ -943,6 +1075,8 @@ class _Propagator:
             in_shape = self.shape(x)
             cdim = len(out_shape) - 1 if kind == "linear" else 1
             in_dim = (len(in_shape) - 1 if in_shape else -1) if kind == "linear" else 1
+            if lab is None and kind == "linear":
+                lab = self.gated_input(n, name, x, in_dim)
             if lab is not None and lab.dim != in_dim:
                 self.pin(lab, f"{name} contracts a dimension other than the labelled one")
                 lab = None
@@ -966,7 +1100,12 @@ class _Propagator:
             if kind in ("gconv", "gconvt"):
                 assert isinstance(m, _ANY_CONV)
                 self.grouped(m, name, lab)
-            return Labels(cdim, self.module_space[name])
+            out = Labels(cdim, self.module_space[name])
+            if self.after is not None and name in self.after:  # queries of multi-query
+                self.nonzero[n] = out  # attention: not gated here
+                self.after_atoms.update(out.atoms.tolist())
+                return None
+            return out
         if kind in ("dw", "dwt"):  # output channel o reads input channel o // mult only
             assert isinstance(m, _ANY_CONV)
             self.soft_pin(lab, f"{name} (depthwise) does not take a folded input gate")
@@ -1041,6 +1180,18 @@ class _Propagator:
             )
             return out
         return None
+
+    def gated_input(self, n: fx.Node, name: str, x: Any, in_dim: int) -> Labels | None:
+        """The query heads of multi-query attention (see ``after``) as Linear ``name`` (node
+        ``n``) reads them on its input features: gated here, by a forward pre-hook on its
+        input (``input_sites``), so zero at closed heads from here on; None if ``x`` carries
+        none there."""
+        lab = self.after_label(x)
+        if lab is None or lab.dim != in_dim:
+            return None
+        self.nonzero_uses.add((cast(fx.Node, x), n))
+        self.input_sites.setdefault(name, lab.atoms)
+        return lab
 
     def grouped(
         self,
@@ -1642,6 +1793,9 @@ class _Propagator:
         kept = self.matrix_kept(n, ops, out)
         if kept is not None:
             return kept
+        shared = self.mqa_product(n, ops, out)
+        if shared is not None:
+            return shared[0]
         found: list[tuple[Labels, bool, fx.Node]] = []
         dims = set()
         for a in ops:
@@ -1904,6 +2058,9 @@ class _Propagator:
             self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
             return None
         subs, out_subs = parsed
+        shared = self.mqa_einsum(n, ops, subs, out_subs, out)
+        if shared is not None:
+            return shared[0]
         found: list[tuple[Labels, bool, fx.Node]] = []
         letters = set()
         for a, sub, is_lab in zip(ops, subs, labelled, strict=True):
@@ -1934,7 +2091,9 @@ class _Propagator:
         ``t.repeat_interleave(r, dim)`` of the labelled dimension repeats each label ``r``
         times (a key/value head and its queries are pruned together), and ``t.expand(...)``
         along other dimensions keeps them (``t[:, :, None].expand(b, kv, r, s, d)``, then a
-        reshape merges the labels, as in Hugging Face's ``repeat_kv``)."""
+        reshape merges the labels, as in Hugging Face's ``repeat_kv``), as does
+        ``repeat_interleave`` of another dimension of size 1 (multi-query attention's one
+        key/value head, see :meth:`track_copies`)."""
         x = n.args[0] if n.args else None
         lab, ins, out = self.lab(x), self.shape(x), self.shape(n)
         nz = lab is None and isinstance(x, fx.Node) and x in self.nonzero
@@ -1961,6 +2120,13 @@ class _Propagator:
                 and not n.kwargs.get("output_size")
             ):
                 result = Labels(lab.dim, np.repeat(lab.atoms, reps))
+            elif (
+                isinstance(dim, int)
+                and dim % len(ins) != lab.dim
+                and len(out) == len(ins)
+                and ins[dim] == 1
+            ):
+                result = Labels(lab.dim, lab.atoms)  # copies along a dimension of size 1
         if result is not None and nz:
             self.nonzero[n] = result
             self.nonzero_uses.add((cast(fx.Node, x), n))
@@ -1990,12 +2156,19 @@ class _Propagator:
             for a, nz, lab in zip(qkv, nonzero, labs, strict=True)
         ]
         why = f"{self.describe(n)} (attention) reads heads that are not all labelled alike"
-        if out is None or len(qkv) != 3 or all(lab is None for lab in labs):
+        if out is None or len(qkv) != 3:
             return None
         shapes = [self.shape(a) for a in qkv]
+        if all(s is not None and len(s) >= 3 for s in shapes) and out[len(out) - 3] > 1:
+            shared = [self.shared_heads(a, -3) for a in qkv[1:]]
+            if shared[0] is not None and shared[1] is not None:  # multi-query attention
+                self.mqa_sdpa(n, qkv, labs[0], nonzero[0], (*shared[0], *shared[1]), mask)
+                return None
+        if all(lab is None for lab in labs):
+            return None
         if all(s is not None and len(s) >= 3 for s in shapes) and any(
             cast(tuple[int, ...], s)[-3] == 1 < out[len(out) - 3] for s in shapes[1:]
-        ):  # a closed query head's output would be the mean of v, not zero
+        ):  # k or v alone with one head: a closed query head's output would not be zero
             self.pin_inputs(
                 n,
                 f"{self.describe(n)} (attention) reads one key/value head for every query head"
@@ -2038,6 +2211,192 @@ class _Propagator:
         self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
         return Labels(d, first.atoms)
 
+    def shared_heads(self, a: Any, dim: int) -> tuple[tuple[fx.Node, int | str], ...] | None:
+        """If ``a`` is the same for every head along its dimension ``dim`` (counted from the
+        end): it has none or size 1 there (broadcast), or repeats one (``copies``); then the
+        sizes its code gives that dimension, which become the kept query heads (``()``: none).
+        None if ``a`` differs between heads."""
+        s = self.shape(a) if isinstance(a, fx.Node) else None
+        if s is None:
+            return None
+        if len(s) < -dim or s[dim] == 1:
+            return ()
+        copies = self.copies.get(cast(fx.Node, a))
+        return copies[1] if copies is not None and copies[0] == dim else None
+
+    def mqa_sdpa(
+        self,
+        n: fx.Node,
+        qkv: list[Any],
+        q_lab: Labels | None,
+        q_nonzero: bool,
+        rewrites: tuple[tuple[fx.Node, int | str], ...],
+        mask: Any,
+    ) -> None:
+        """``F.scaled_dot_product_attention(q, k, v)`` of multi-query attention: ``k`` and ``v``
+        the same for every query head (one head, broadcast or with ``enable_gqa``, or repeated
+        by ``expand`` / ``repeat_interleave``). A query head is removed alone, so ``q``'s heads
+        are gated; ``k`` and ``v`` are kept whole. The output carries the query heads, nonzero
+        at closed ones (the mean of ``v``): see :meth:`mqa_output`."""
+        kv_why = (
+            f"{self.describe(n)} (attention) reads it for every query head (multi-query "
+            "attention: the key/value head is kept whole, each query head gets a gate)"
+        )
+        for a in qkv[1:]:
+            self.pin(self.lab(a) or self.nonzero.get(a), kv_why)
+        q, out = qkv[0], self.shape(n)
+        s_q = self.shape(q)
+        if q_lab is None or out is None or s_q is None:
+            return
+        s_m = self.shape(mask)
+        if isinstance(mask, fx.Node) and (
+            self.lab(mask) is not None
+            or mask in self.nonzero
+            or (s_m is not None and len(s_m) >= 3 and s_m[len(s_m) - 3] != 1)
+        ):
+            why = f"{self.describe(n)} (attention) reads a mask per head"
+            self.pin_inputs(n, why)
+            self.pin(q_lab, why)
+            return
+        d = len(out) - 3
+        if q_lab.dim - len(s_q) != -3 or len(q_lab.atoms) != out[d]:
+            self.pin(
+                q_lab,
+                f"{self.describe(n)} (attention) reads one key/value head for every query head "
+                "(multi-query attention) and queries not labelled by head",
+            )
+            return
+        if q_nonzero:
+            self.nonzero_uses.add((cast(fx.Node, q), n))
+        if self.commit_sizes(n, rewrites, q_lab):
+            self.mqa_output(n, Labels(d, q_lab.atoms))
+
+    def commit_sizes(
+        self, n: fx.Node, rewrites: tuple[tuple[fx.Node, int | str], ...], lab: Labels
+    ) -> bool:
+        """Record that the pruned code gives the sizes ``rewrites`` (of a key/value head
+        repeated for the query heads of attention ``n``) the kept heads of ``lab``; False if
+        one of them is already another attention's (then the heads of both are pinned)."""
+        for node, key in rewrites:
+            for k, atoms, _ in self.sizes.get(node, []):
+                if k == key and (atoms is None or not np.array_equal(atoms, lab.atoms)):
+                    why = (
+                        f"{self.describe(n)} (attention) reads a key/value head that "
+                        f"{self.describe(node)} repeats for the heads of another attention too"
+                    )
+                    self.pin(lab, why)
+                    if atoms is not None:
+                        self.pins.append((atoms, why))
+                    return False
+        for node, key in rewrites:
+            entries = self.sizes.setdefault(node, [])
+            if not any(k == key for k, _, _ in entries):
+                entries.append((key, lab.atoms, 1))
+        return True
+
+    def mqa_output(self, n: fx.Node, lab: Labels) -> None:
+        """``n`` is the output of multi-query attention with query heads ``lab``: nonzero at
+        closed heads (the mean of ``v``), so these heads are gated where a Linear reads it
+        (see ``after``). The first pass records the queries; the second requires them to come
+        ungated from the Linear layers in ``after``."""
+        self.nonzero[n] = lab
+        if self.after is None:
+            self.mqa_queries.append(lab.atoms.copy())
+        elif not self.is_after(lab):
+            self.pin(
+                lab,
+                f"{self.describe(n)} (attention) reads one key/value head for every query head "
+                "(multi-query attention) and queries not computed by Linear layers alone "
+                "(a query head is gated after the attention, so its queries must not be)",
+            )
+
+    def mqa_product(
+        self, n: fx.Node, ops: list[Any], out: tuple[int, ...]
+    ) -> tuple[Labels | None] | None:
+        """``a @ b`` with one operand labelled by heads on a batch dimension, the other the same
+        for every head (size 1 there, or repeated: the key or value head of multi-query
+        attention, ``q @ k^T`` or ``weights @ v``): the shared operand is kept whole, the
+        product carries the heads, and, if it is nonzero at closed heads (``weights``), it
+        is the attention's output (:meth:`mqa_output`). ``(labels,)``; None if ``n`` is not
+        such a product."""
+        heads: list[tuple[int, Labels, bool]] = []
+        for i, a in enumerate(ops):
+            s_a = self.shape(a) if isinstance(a, fx.Node) else None
+            nz = self.nonzero.get(a) if isinstance(a, fx.Node) else None
+            lab = nz if nz is not None else self.lab(a)
+            on_batch = (
+                s_a is not None and lab is not None and len(s_a) >= 3 and lab.dim < len(s_a) - 2
+            )
+            if on_batch and self.is_heads(lab):
+                heads.append((i, cast(Labels, lab), nz is not None))
+        if len(heads) != 1:
+            return None
+        i, q_lab, q_nz = heads[0]
+        a, other = ops[i], ops[1 - i]
+        d = q_lab.dim + len(out) - len(cast(tuple[int, ...], self.shape(a)))
+        if len(q_lab.atoms) != out[d] or out[d] < 2:
+            return None
+        rewrites = self.shared_heads(other, d - len(out))
+        if rewrites is None:
+            return None
+        return self.shared_product(n, a, q_lab, q_nz, other, d, rewrites)
+
+    def mqa_einsum(
+        self,
+        n: fx.Node,
+        ops: list[Any],
+        subs: list[list[str]],
+        out_subs: list[str],
+        out: tuple[int, ...],
+    ) -> tuple[Labels | None] | None:
+        """:meth:`mqa_product` for ``torch.einsum`` of two operands (``"bhqd,bkd->bhqk"``): the
+        operand without the heads index, or with size 1 there, or repeated, is shared."""
+        heads: list[tuple[int, Labels, bool, str]] = []
+        for i, (a, sub) in enumerate(zip(ops, subs, strict=True)):
+            nz = self.nonzero.get(a) if isinstance(a, fx.Node) else None
+            lab = nz if nz is not None else self.lab(a)
+            kept = lab is not None and sub[lab.dim] in out_subs and sub.count(sub[lab.dim]) == 1
+            if kept and self.is_heads(lab):
+                heads.append((i, cast(Labels, lab), nz is not None, sub[cast(Labels, lab).dim]))
+        if len(heads) != 1:
+            return None
+        i, q_lab, q_nz, letter = heads[0]
+        other, o_sub = ops[1 - i], subs[1 - i]
+        d = out_subs.index(letter)
+        s_o = self.shape(other) if isinstance(other, fx.Node) else None
+        if len(q_lab.atoms) != out[d] or out[d] < 2 or s_o is None or o_sub.count(letter) > 1:
+            return None
+        pos = o_sub.index(letter) - len(s_o) if letter in o_sub else -len(s_o) - 1
+        rewrites = self.shared_heads(other, pos)
+        if rewrites is None:
+            return None
+        return self.shared_product(n, ops[i], q_lab, q_nz, other, d, rewrites)
+
+    def shared_product(
+        self,
+        n: fx.Node,
+        a: Any,
+        lab: Labels,
+        nz: bool,
+        other: Any,
+        d: int,
+        rewrites: tuple[tuple[fx.Node, int | str], ...],
+    ) -> tuple[Labels | None]:
+        """Product ``n`` of ``a``, labelled by heads ``lab`` (nonzero if ``nz``), and
+        ``other``, the same for every head: ``other`` kept whole, the product carries the heads
+        on its dimension ``d`` (see :meth:`mqa_product`)."""
+        self.pin(
+            self.lab(other) or self.nonzero.get(other),
+            f"{self.describe(n)} reads it for every query head (multi-query attention: the "
+            "key/value head is kept whole, each query head gets a gate)",
+        )
+        if not self.commit_sizes(n, rewrites, lab):
+            return (None,)
+        result = self._product_of(n, [(lab, nz, a)], d)
+        if nz:
+            self.mqa_output(n, Labels(d, lab.atoms))
+        return (result,)
+
     def excited_product(self, n: fx.Node, out: tuple[int, ...]) -> Labels | None:
         """``y * s`` with ``s`` a nonzero (excitation) label of the channels ``y`` carries: the
         two sets of channels are one (pruned together) and the product is zero where ``y``
@@ -2066,9 +2425,13 @@ class _Propagator:
 
 
 def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
-    """Propagate channel labels through ``gm`` and form the channel groups."""
+    """Propagate channel labels through ``gm`` and form the channel groups (twice if it holds
+    multi-query attention: the second time with its queries ungated, see ``_Propagator``)."""
     p = _Propagator(gm, record)
     p.run()
+    if p.mqa_queries:
+        p = _Propagator(gm, record, after=p.query_sources())
+        p.run()
     n_atoms = len(p.parent)
     roots = np.array([p.find(a) for a in range(n_atoms)], dtype=np.int64)
     space_of = np.array(p.space_of, dtype=np.int64)
@@ -2154,4 +2517,5 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         head_groups={int(atom_group[a]) for a in p.head_atoms},
         param_linears=list(p.param_linears.values()),
         param_whole=p.param_whole,
+        input_sites=p.input_sites,
     )

@@ -62,6 +62,7 @@ from .surgery import (
     PLAN_FORMAT,
     ScaledAdd,
     _apply_plan,
+    fold_input_scale,
     fold_param_scale,
     fold_scale,
     local_trace,
@@ -119,6 +120,9 @@ class GatingSummary:
     head_groups: list[int] = field(default_factory=list)  # channel groups of attention heads
     # weights of linear maps written with parameters (x @ self.W) left whole, and why
     ungated_params: list[tuple[str, str]] = field(default_factory=list)
+    # channel groups of the query heads of multi-query attention -> the Linear layers gating
+    # them on their input (after the attention)
+    query_heads: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def n_gates(self) -> int:
@@ -135,8 +139,14 @@ class GatingSummary:
             f"{len(self.blocks)} residual blocks, {len(self.transformers)} transformer layers, "
             f"{len(self.shortcuts)} new shortcuts, {self.n_gates} gates"
         ]
+        query_heads: dict[int, list[str]] = getattr(self, "query_heads", {})
         for i, (producers, n) in enumerate(self.channel_groups):
-            if i in self.head_groups:  # hand-written attention: a gate per head
+            if i in query_heads:  # multi-query attention: gated after it
+                lines.append(
+                    f"  heads     {n:5d}  {', '.join(producers)} (one gate per query head, "
+                    f"at the input of {', '.join(query_heads[i])})"
+                )
+            elif i in self.head_groups:  # hand-written attention: a gate per head
                 lines.append(f"  heads     {n:5d}  {', '.join(producers)} (one gate per head)")
             else:
                 lines.append(f"  channels  {n:5d}  {', '.join(producers)}")
@@ -182,6 +192,19 @@ class _SiteHook:
             first = output[0]
             return (first * self.gating.site_scale(self.name, first), *output[1:])
         return output * self.gating.site_scale(self.name, output)
+
+
+class _InputSiteHook:
+    """Forward pre-hook multiplying a Linear's input by its gates (the query heads of
+    multi-query attention, gated where the Linear after the attention reads them)."""
+
+    def __init__(self, gating: InsertedGating, name: str) -> None:
+        self.gating = gating
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = inputs[0]
+        return (x * self.gating.input_scale(self.name, x), *inputs[1:])
 
 
 class _EdgeOutHook:
@@ -247,7 +270,15 @@ class _ParamRestoreHook:
         self.gating.restore_params()
 
 
-_GATE_HOOKS = (_SiteHook, _EdgeOutHook, _EdgeInHook, _ResetHook, _ParamGateHook, _ParamRestoreHook)
+_GATE_HOOKS = (
+    _SiteHook,
+    _InputSiteHook,
+    _EdgeOutHook,
+    _EdgeInHook,
+    _ResetHook,
+    _ParamGateHook,
+    _ParamRestoreHook,
+)
 
 
 def _pin_unrewritable_sizes(
@@ -276,6 +307,19 @@ def _pin_unrewritable_sizes(
                             ca.groups[
                                 gi
                             ].pinned = f"node '{name}' gives a pruned dimension a size, and {e}"
+
+
+def _channel_scale(site: SiteInfo, groups: list[Tensor], t: Tensor) -> Tensor:
+    """The gate values of ``site``'s channel segments along its dimension of ``t`` (1 for
+    ungated channels), shaped to broadcast against ``t``."""
+    if not site.segments:
+        return t.new_ones(())
+    vec = t.new_ones(site.n_channels)  # (C,)
+    for g, pos, gidx in site.segments:
+        vec = vec.index_copy(0, pos, groups[g][gidx].to(t.dtype))
+    shape = [1] * t.dim()
+    shape[site.dim] = site.n_channels
+    return vec.view(shape)
 
 
 def _kept_mask(opens: list[np.ndarray], groups: np.ndarray, gidx: np.ndarray) -> np.ndarray:
@@ -321,10 +365,12 @@ class InsertedGating(ModelGating):
         rnn_consumers: list[RNNConsumer] | None = None,
         size_rewrites: list[SizeInfo] | None = None,
         param_sites: dict[str, ParamSite] | None = None,
+        input_sites: dict[str, SiteInfo] | None = None,
     ) -> None:
         super().__init__()
         self.size_rewrites = size_rewrites if size_rewrites is not None else []
         self.param_sites = param_sites if param_sites is not None else {}
+        self.input_sites = input_sites if input_sites is not None else {}
         self.rnns = rnns if rnns is not None else []
         self.rnn_consumers = rnn_consumers if rnn_consumers is not None else []
         self.edges = edges
@@ -541,17 +587,16 @@ class InsertedGating(ModelGating):
         """Multiplier for the output of site module ``name`` (broadcastable to ``output``)."""
         site = self.sites[name]
         groups, blocks = self._values()
-        scale = output.new_ones(())
-        if site.segments:
-            vec = output.new_ones(site.n_channels)  # (C,)
-            for g, pos, gidx in site.segments:
-                vec = vec.index_copy(0, pos, groups[g][gidx].to(output.dtype))
-            shape = [1] * output.dim()
-            shape[site.dim] = site.n_channels
-            scale = vec.view(shape)
+        scale = _channel_scale(site, groups, output)
         for b in site.blocks:
             scale = scale * blocks[b].to(output.dtype)[0]
         return scale
+
+    def input_scale(self, name: str, x: Tensor) -> Tensor:
+        """Multiplier for the input ``x`` of Linear ``name`` (its input features that carry
+        query heads of multi-query attention; broadcastable to ``x``)."""
+        groups, _ = self._values()
+        return _channel_scale(self.input_sites[name], groups, x)
 
     # ------------------------------------------------------------------ decisions
     def hard_open(self) -> list[Tensor]:
@@ -940,6 +985,11 @@ class InsertedGating(ModelGating):
             fold_param_scale(pruned, site.weight, site.out_dim, scale)
             if site.bias is not None:
                 fold_param_scale(pruned, site.bias, 0, scale)
+        for name, site in getattr(self, "input_sites", {}).items():
+            scale = torch.ones(site.n_channels, dtype=torch.float64)
+            for g, pos, gidx in site.segments:
+                scale[pos] = groups[g][gidx].to(torch.float64)
+            fold_input_scale(pruned.get_submodule(name), scale)
         for name, gh, gu, ga, gf in self.transformers:
             layer = pruned.get_submodule(name)
             assert isinstance(layer, nn.TransformerEncoderLayer)
@@ -972,8 +1022,7 @@ def strip_gating(model: nn.Module) -> None:
     """Remove the gating submodule and its hooks from ``model`` (in place)."""
     for m in model.modules():
         for d in (m._forward_hooks, m._forward_pre_hooks):
-            hooks = _GATE_HOOKS
-            for k in [k for k, h in d.items() if isinstance(h, hooks)]:
+            for k in [k for k, h in d.items() if isinstance(h, _GATE_HOOKS)]:
                 del d[k]
                 m._forward_hooks_with_kwargs.pop(k, None)
                 m._forward_hooks_always_called.pop(k, None)
@@ -1477,6 +1526,13 @@ def gate_(
         if b.site not in sites:
             sites[b.site] = SiteInfo(1, 0, [])
         sites[b.site].blocks.append(b.index)
+    in_sites: dict[str, SiteInfo] = {}  # query heads of multi-query attention, gated after it
+    for name in ca.input_sites:
+        segs = _segments(ca.module_in_atoms[name], group_map, ca.atom_group, ca.atom_gidx)
+        if segs:
+            in_sites[name] = SiteInfo(-1, len(ca.module_in_atoms[name]), segs)
+            for gi, _, _ in segs:  # a channel group's index (they come first)
+                summary.query_heads.setdefault(gi, []).append(name)
     # slicing of every Linear/Conv/BatchNorm touching a gated group
     slices: dict[str, SliceInfo] = {}
 
@@ -1570,14 +1626,19 @@ def gate_(
         rnn_consumers=rnn_consumers,
         size_rewrites=size_rewrites,
         param_sites=param_sites,
+        input_sites=in_sites,
     )
     gating.source = {**structure, "graph": graph_fingerprint(traced.graph)}
     gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
     gating.train(model.training)
     model.add_module(ATTR, gating)
-    gating.hooked = tuple(dict.fromkeys([*sites, *(e.src for e in edges), *(e.dst for e in edges)]))
+    gating.hooked = tuple(
+        dict.fromkeys([*sites, *in_sites, *(e.src for e in edges), *(e.dst for e in edges)])
+    )
     for name in sites:
         model.get_submodule(name).register_forward_hook(_SiteHook(gating, name))
+    for name in in_sites:
+        model.get_submodule(name).register_forward_pre_hook(_InputSiteHook(gating, name))
     model.register_forward_pre_hook(_ResetHook(gating))
     if param_sites:
         model.register_forward_pre_hook(_ParamGateHook(gating))

@@ -45,6 +45,7 @@ __all__ = [
     "PrunedGraphModule",
     "ScaledAdd",
     "apply_plan",
+    "fold_input_scale",
     "fold_param_scale",
     "fold_scale",
     "slice_module",
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "gatedprune.plan/1"
+_SIZE_KEYS = ("split_size", "repeats")  # the sizes a plan rewrites besides dimensions
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # a convolution or transposed convolution, 1-d, 2-d or 3-d
 _AnyConv = (
@@ -216,6 +218,26 @@ def slice_param(
     _set(owner, attr, w, True)
     if isinstance(owner, nn.Linear):
         owner.out_features, owner.in_features = (int(d) for d in owner.weight.shape)
+
+
+def fold_input_scale(m: nn.Module, scale: Tensor) -> None:
+    """Multiply the input features of Linear ``m`` by ``scale`` ``(C_in,)`` in place: its
+    weight's columns, so ``m(x)`` becomes ``m(x * scale)`` (its bias unchanged).
+
+    >>> lin = nn.Linear(2, 1, bias=False)
+    >>> _ = lin.weight.data.fill_(1.0)
+    >>> fold_input_scale(lin, torch.tensor([0.5, 0.0]))
+    >>> lin.weight.tolist()
+    [[0.5, 0.0]]
+    """
+    if not isinstance(m, nn.Linear):
+        raise TypeError(f"cannot fold an input gate into {type(m).__name__} (expected nn.Linear)")
+    if scale.shape != (m.in_features,):
+        raise ValueError(
+            f"expected an input scale of shape ({m.in_features},), got {tuple(scale.shape)}"
+        )
+    with torch.no_grad():
+        m.weight.mul_(scale.to(m.weight.dtype).reshape(1, -1))  # (1, C_in)
 
 
 def _take(p: Tensor, dim: int, keep: list[int] | None) -> Tensor:
@@ -567,9 +589,18 @@ class _Aliases:
 
 
 def _resize(node: fx.Node, key: int | str, value: int) -> None:
-    """Give graph node ``node`` (a ``view``/``reshape``, or a ``split``) the size ``value`` for
-    output dimension ``key`` (negative: counted from the end; or its ``"split_size"``), in
-    place; in a shape built as ``x.size()[:-1] + (h, d)``, in its literal tail."""
+    """Give graph node ``node`` (a ``view``/``reshape``/``expand``, a ``split`` or a
+    ``repeat_interleave``) the size ``value`` for output dimension ``key`` (negative: counted
+    from the end; or its ``"split_size"``, or its ``"repeats"``), in place; in a shape built
+    as ``x.size()[:-1] + (h, d)``, in its literal tail."""
+    if key == "repeats":  # t.repeat_interleave(r, dim): r -> value
+        if not (node.op == "call_method" and node.target == "repeat_interleave"):
+            raise ValueError(f"cannot give node '{node.name}' new repeats: not repeat_interleave")
+        if len(node.args) > 1:
+            node.update_arg(1, value)
+        else:
+            node.update_kwarg("repeats", value)
+        return
     if key == "split_size":  # split(c), or split([c, c, c]): each piece c -> value
         kw = "split_size" if node.op == "call_method" else "split_size_or_sections"
         old = node.args[1] if len(node.args) > 1 else node.kwargs.get(kw)
@@ -1035,11 +1066,11 @@ def _check_plan(plan: object) -> dict[str, Any]:
             key, value = pair
             dim = isinstance(key, int) and not isinstance(key, bool)
             good_value = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            ok = ok and (key == "split_size" or dim) and good_value
+            ok = ok and (key in _SIZE_KEYS or dim) and good_value
         if not ok:
             raise ValueError(
-                f"malformed plan: 'sizes' entry {node!r} must be a non-empty list of [dim, size] "
-                f"or ['split_size', size] pairs with sizes > 0, got {entries!r}"
+                f"malformed plan: 'sizes' entry {node!r} must be a non-empty list of [dim, size], "
+                f"['split_size', size] or ['repeats', size] pairs with sizes > 0, got {entries!r}"
             )
     for node, arg in plan["cut"].items():
         if isinstance(arg, bool) or arg not in (0, 1):
@@ -1105,11 +1136,11 @@ def _dry_run_sizes(traced: TracedModel | None, plan: dict[str, Any]) -> None:
                 f"pairs, got {entries!r}"
             )
         for key, value in entries:
-            ok_key = key == "split_size" or (isinstance(key, int) and not isinstance(key, bool))
+            ok_key = key in _SIZE_KEYS or (isinstance(key, int) and not isinstance(key, bool))
             if not ok_key or isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
-                    f"malformed plan: 'sizes' of node {name!r} must pair a dimension (an int or "
-                    f"'split_size') with a size >= 1, got {[key, value]!r}"
+                    f"malformed plan: 'sizes' of node {name!r} must pair a dimension (an int, "
+                    f"'split_size' or 'repeats') with a size >= 1, got {[key, value]!r}"
                 )
             _resize(nodes[name], key, value)
 
