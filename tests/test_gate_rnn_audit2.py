@@ -274,3 +274,30 @@ def test_recurrent_output_read_by_a_transposed_convolution(directions: int) -> N
         check_pruned(
             model, x, gen, factory=lambda: _RecurrentIntoTransposed(directions), batches=(1, 3)
         )
+
+
+def test_a_kept_width_state_must_give_every_unit_the_same_value() -> None:
+    """Which unit before pruning each entry of a kept-width state belongs to is unknown: a
+    state with one value for all units (zeros, ones) is taken, another is refused (it was
+    taken as is: a learned h0 sliced to ``hidden_size`` differed by 0.043, second audit)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3)
+    model = _Tutorial("lstm").eval()
+    gate_(model, x)
+    gates = model.gatedprune.group_gates  # type: ignore[union-attr]
+    with torch.no_grad():
+        for g in gates:
+            g.log_alpha.fill_(5.0)
+            g.log_alpha[:2] = -9.0  # units 0 and 1 closed in every layer
+    gated_rnn = model.rnn
+    pruned = gp.prune(model).eval()
+    with torch.no_grad():
+        ones_full = torch.ones(2, 2, 6)
+        want = pruned.rnn(x, (ones_full, ones_full))[0]
+        ones_kept = torch.ones(2, 2, 4)
+        assert torch.equal(pruned.rnn(x, (ones_kept, ones_kept))[0], want)
+        gated_out = gated_rnn(x, (ones_full, ones_full))[0]  # (B, T, 6), units 0, 1 zero
+        assert (gated_out[..., 2:] - want).abs().max().item() <= 1e-5
+        ramp = torch.arange(4.0).expand(2, 2, 4)  # (L, B, 4) a value per unit
+        with pytest.raises(ValueError, match=r"different values per unit.*width 6"):
+            pruned.rnn(x, (ramp, ramp))

@@ -69,3 +69,15 @@ def test_the_same_convolutions_on_a_batch_are_gated() -> None:
     for _ in range(3):
         randomise_gates(model, gen)
         check_pruned(model, x, gen, factory=_Batched, batches=(1, 3))
+
+
+@pytest.mark.parametrize("length", [7, 8])  # 8: as many positions as channels
+def test_a_model_gated_on_batches_refuses_an_unbatched_call(length: int) -> None:
+    """Gated on (B, C, H, W), a conv's gate scaled dimension 1 of an unbatched (C, H, W)
+    call: a bare RuntimeError, or (H equal to the channel count) rows scaled as channels
+    silently, 0.58 away from the pruned model (second audit)."""
+    torch.manual_seed(0)
+    model = _Batched().eval()
+    gate_(model, torch.randn(2, 2, 7, 7))
+    with pytest.raises(ValueError, match=r"'c1' \(Conv2d\) was called on an unbatched input"):
+        model(torch.randn(2, length, 7))

@@ -731,7 +731,8 @@ def _sliced_state(m: Any, hx: object) -> Any:
     (``m.state_index``, one row of unit indices per layer and direction); a state already at
     the kept width ``m.hidden_size`` (built by code reading the pruned module's
     ``hidden_size``, as the tutorials' ``torch.zeros(lstm.num_layers, B, lstm.hidden_size)``)
-    is taken as it is."""
+    is taken as it is if it gives every unit the same value (zeros, ones): which unit before
+    pruning each entry of another one belongs to is unknown, so it is a ``ValueError``."""
     if hx is None:
         return None
     idx: Tensor = m.state_index  # (L * D, k)
@@ -749,7 +750,14 @@ def _sliced_state(m: Any, hx: object) -> Any:
                 f"kept units' entries, got {tuple(h.shape)}"
             )
         if h.shape[2] == kept and kept != full:
-            return h  # (L * D, B, k) already cut
+            if kept > 1 and not bool((h == h[..., :1]).all()):
+                raise ValueError(
+                    f"{type(m).__name__}: {name} has the kept width {kept} (the hidden size "
+                    f"after pruning) and different values per unit; which of the {full} units "
+                    "before pruning each entry belongs to is unknown: pass it at the width "
+                    f"{full} (the kept units' entries are taken here)"
+                )
+            return h  # (L * D, B, k) the same value for every unit: already cut
         return h.gather(2, idx[:, None, :].expand(-1, h.shape[1], -1))  # (L * D, B, k)
 
     if isinstance(m, nn.LSTM):

@@ -191,6 +191,18 @@ class _SiteHook:
         if isinstance(output, tuple):  # attention: (output, weights); gate the output
             first = output[0]
             return (first * self.gating.site_scale(self.name, first), *output[1:])
+        kernel = getattr(module, "kernel_size", None)
+        # (C, *spatial): an unbatched call's channels are dim 0, not the gated dim 1
+        if (
+            isinstance(kernel, tuple)
+            and isinstance(output, Tensor)
+            and output.dim() != len(kernel) + 2
+        ):
+            raise ValueError(
+                f"gated module '{self.name}' ({type(module).__name__}) was called on an "
+                f"unbatched input (its output has shape {tuple(output.shape)}); gate_ "
+                f"gated it for batched inputs (B, C, ...): add the batch dimension"
+            )
         return output * self.gating.site_scale(self.name, output)
 
 
