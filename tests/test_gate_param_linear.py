@@ -7,6 +7,7 @@ reason, never pruned wrongly."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +17,7 @@ from gating_helpers import check_pruned, examples, inserted_gating, randomise_ga
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
@@ -172,8 +174,11 @@ def test_a_parameter_producer_is_a_gated_group(form: str, rank: int, bias: bool)
     if bias:
         assert tuple(pruned.get_parameter("b").shape) == (kept,)
     _check_other_lengths(pruned, model, x)
-    # the gated model's parameters are its own again after every forward
-    assert isinstance(model.W, nn.Parameter)
+    # the gated model reads W as its stored parameter times the gates (a parametrization),
+    # the stored parameter is the original object, unchanged by forwards
+    stored = model.get_parameter("parametrizations.W.original")
+    assert isinstance(stored, nn.Parameter)
+    assert not isinstance(model.W, nn.Parameter)
     assert model.W.shape == factory().W.shape
 
 
@@ -312,6 +317,8 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
     summary = gate_(model, x)
     assert sorted(p for p, _ in summary.channel_groups) == [["W1"], ["W2"]], str(summary)
     params = {name: p for name, p in model.named_parameters()}
+    w1_stored = model.get_parameter("parametrizations.W1.original")  # the original object
+    b1_stored = model.get_parameter("parametrizations.b1.original")
     budget = gp.Budget(model, x, flops=0.4)
     gating = inserted_gating(model)
     gate_ids = {id(p) for p in gating.parameters()}
@@ -324,7 +331,7 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
         ]
     )
     start = budget.expected()["flops"]
-    w1_before = model.W1.detach().clone()
+    w1_before = w1_stored.detach().clone()
     model.train()
     # the task loss reaches the gates of W1's units through W1 * g (no module computes them)
     task = F.cross_entropy(model(x), torch.randint(0, 4, (16,), generator=gen))
@@ -339,12 +346,12 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
         loss = F.cross_entropy(model(xb), yb) + budget.penalty()
         opt.zero_grad()
         loss.backward()
-        assert model.W1.grad is not None
-        assert model.b1.grad is not None
+        assert w1_stored.grad is not None
+        assert b1_stored.grad is not None
         assert all(g.grad is not None for g in gating.group_gates.parameters())
         opt.step()
     assert budget.expected()["flops"] < start  # the budget pushes the gates
-    assert not torch.equal(model.W1.detach(), w1_before)  # the optimizer's tensors are trained
+    assert not torch.equal(w1_stored.detach(), w1_before)  # the optimizer's tensors are trained
     assert {name: p for name, p in model.named_parameters()} == params  # the same objects
     pruned = check_pruned(model, x, gen, Trained)
     c = gp.cost(pruned, x)
@@ -352,16 +359,21 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
     assert c.flops < dense.flops
 
 
-def test_a_failed_forward_puts_the_parameters_back() -> None:
+def test_a_failed_forward_leaves_the_parameters_alone() -> None:
     torch.manual_seed(4)
     model = Trained()
-    summary = gate_(model, torch.randn(2, 6))
-    assert (["W1"], 24) in summary.channel_groups  # its forward replaces W1 by W1 * g
     w1 = model.W1
+    summary = gate_(model, torch.randn(2, 6))
+    assert (["W1"], 24) in summary.channel_groups  # W1 reads as W1 * g
+    assert model.get_parameter("parametrizations.W1.original") is w1  # the object is kept
     with pytest.raises(RuntimeError):
-        model(torch.randn(2, 7))  # the product fails, with W1 replaced by its gated value
-    assert model.W1 is w1
-    assert set(dict(model.named_parameters())) >= {"W1", "b1", "W2"}
+        model(torch.randn(2, 7))  # the product fails
+    assert model.get_parameter("parametrizations.W1.original") is w1
+    assert set(dict(model.named_parameters())) >= {
+        "parametrizations.W1.original",
+        "parametrizations.b1.original",
+        "parametrizations.W2.original",
+    }
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
 
 
@@ -700,3 +712,126 @@ def test_a_plan_refuses_a_parameter_and_its_module_both_sliced() -> None:
     with pytest.raises(ValueError, match="whose module 'proj' \\(slices\\) already changes"):
         apply_plan(fresh, hand)
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # unchanged
+
+
+class _CheckpointedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W1 = nn.Parameter(torch.randn(8, 16) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(16) * 0.3)
+        self.W2 = nn.Parameter(torch.randn(16, 8) * 0.3)
+        self.act = nn.ReLU()  # a child: cost() counts the block's own products as code
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(x @ self.W1 + self.b1) @ self.W2  # (B, 8)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "none"
+        self.inp = nn.Linear(4, 8)
+        self.block = _CheckpointedBlock()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)  # (B, 8)
+        if self.mode == "none":
+            h = self.block(h)
+        else:
+            reentrant = self.mode == "reentrant"
+            h = checkpoint(self.block, h, use_reentrant=reentrant)  # type: ignore[assignment]
+        return self.head(h)  # (B, 2)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gradient_checkpointing_recomputes_with_the_gates(train: bool) -> None:
+    """The recomputation in backward runs outside the root forward: with the weights swapped
+    in only during the root forward it read the ungated W (gradients off by up to 0.78, first
+    audit of this feature); the parametrization gates every read."""
+    x = torch.randn(5, 4)
+    grads = {}
+    # reentrant checkpointing in training backpropagates twice through the forward's shared
+    # gate samples: "backward through the graph a second time" for every kind of gate
+    modes = ("none", "non-reentrant") if train else ("none", "non-reentrant", "reentrant")
+    for mode in modes:
+        torch.manual_seed(0)
+        model = _Checkpointed()
+        gate_(model, x)
+        gating = inserted_gating(model)
+        with torch.no_grad():
+            for g in gating.group_gates:
+                assert isinstance(g, HardConcreteGate)
+                g.log_alpha.copy_(torch.linspace(-2.0, 2.0, g.n))  # values strictly inside
+        model.train(train)
+        model.mode = mode
+        xx = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the same gate samples in training
+        model(xx).square().sum().backward()
+        w1 = model.get_parameter("block.parametrizations.W1.original")
+        assert xx.grad is not None
+        assert w1.grad is not None
+        gate_grads = [g.log_alpha.grad for g in gating.group_gates]  # type: ignore[union-attr]
+        grads[mode] = [xx.grad, w1.grad, *gate_grads]
+    for mode in modes[1:]:
+        for got, want in zip(grads[mode], grads["none"], strict=True):
+            assert got is not None
+            assert want is not None
+            assert torch.allclose(got, want, atol=1e-6), mode
+
+
+def test_threads_and_nested_calls_see_the_gated_weights() -> None:
+    """A single slot of swapped weights was shared: two threads corrupted the parameters for
+    good, a nested root call left the outer forward ungated (first audit of this feature)."""
+    torch.manual_seed(2)
+    model = Trained().eval()
+    gate_(model, torch.randn(2, 6))
+    gen = torch.Generator().manual_seed(2)
+    _close_some(model, gen)
+    stored = model.get_parameter("parametrizations.W1.original").detach().clone()
+    xs = [torch.randn(3, 6, generator=gen) for _ in range(40)]
+    with torch.no_grad():
+        want = [model(x) for x in xs]
+    results: list[list[Tensor]] = [[], []]
+
+    def run(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(5):
+                results[i].append(torch.stack([model(x) for x in xs]))
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for got in results[0] + results[1]:
+        assert torch.equal(got, torch.stack(want))
+    assert torch.equal(model.get_parameter("parametrizations.W1.original"), stored)
+    inner: list[Tensor] = []
+    calls = [0]
+
+    def nested(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            inner.append(model(xs[1]))  # a root call inside the forward
+
+    handle = model.head.register_forward_hook(nested)
+    with torch.no_grad():
+        outer = model(xs[0])
+    handle.remove()
+    assert torch.equal(outer, want[0])
+    assert torch.equal(inner[0], want[1])
+
+
+def test_gates_changed_after_a_forward_are_read_in_eval_mode() -> None:
+    torch.manual_seed(3)
+    model = Trained().eval()
+    gate_(model, torch.randn(2, 6))
+    model(torch.randn(2, 6))
+    gating = inserted_gating(model)
+    w1_gate = gating.group_gates[0]
+    w1_gate.force_(torch.arange(w1_gate.n) < 3)
+    stored = model.get_parameter("parametrizations.W1.original")
+    w1 = model.W1  # read outside a forward, after the gates changed
+    assert torch.equal(w1[:, :3], stored[:, :3].detach())
+    assert not w1[:, 3:].any()

@@ -19,6 +19,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 
 from ..base import GatedModule, ModelGating, find_model_gating
 from ..fingerprint import graph_fingerprint, json_checksum, model_fingerprint
@@ -258,28 +259,40 @@ class _ResetHook:
         self.gating.reset()
 
 
-class _ParamGateHook:
-    """Forward pre-hook on the root model (after :class:`_ResetHook`): the weights and biases
-    of linear maps written with the model's own parameters (``x @ self.W + self.b``) are, for
-    this forward, themselves times their output units' gates, ``x @ (W g) + b g = (x @ W +
-    b) g``: a gate on a product no module computes (see ``InsertedGating.gate_params``)."""
+class ParamGate(nn.Module):
+    """The parametrization (``torch.nn.utils.parametrize``) ``gate_`` puts on the weight and
+    bias of a linear map written with the model's own parameters (``x @ self.W + self.b``):
+    the stored tensor times the gates of the map's output units along ``dim``, ``x @ (W g) +
+    b g = (x @ W + b) g``. Every read of ``self.W`` is gated, so a recomputation (gradient
+    checkpointing), another thread or a nested call sees what the forward sees; ``prune``
+    removes it and folds the gate values into the stored tensor.
 
-    def __init__(self, gating: InsertedGating) -> None:
-        self.gating = gating
+    >>> class Net(nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.w1 = nn.Parameter(torch.ones(3, 8))
+    ...         self.w2 = nn.Parameter(torch.randn(8, 2))
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         return torch.relu(x @ self.w1) @ self.w2
+    >>> net = Net().eval()
+    >>> _ = gate_(net, torch.zeros(2, 3))
+    >>> net.gatedprune.group_gates[0].force_(torch.arange(8) < 4)
+    >>> net.w1[0].tolist()  # the gated weight; the stored one is unchanged
+    [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    """
 
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        self.gating.gate_params(module)
+    def __init__(self, gating: InsertedGating, key: str, dim: int) -> None:
+        super().__init__()
+        self.__dict__["_gp_gating"] = gating  # not a submodule: the model holds it
+        self.key = key
+        self.dim = dim
 
-
-class _ParamRestoreHook:
-    """Forward hook on the root model (always called, also when the forward raises): puts back
-    the parameters :class:`_ParamGateHook` replaced."""
-
-    def __init__(self, gating: InsertedGating) -> None:
-        self.gating = gating
-
-    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        self.gating.restore_params()
+    def forward(self, stored: Tensor) -> Tensor:
+        gating: InsertedGating = self.__dict__["_gp_gating"]
+        vec = gating.param_scale(self.key, stored.dtype)  # (n_out,)
+        shape = [1] * stored.dim()
+        shape[self.dim] = -1
+        return stored * vec.view(shape)  # (in, out) / (out, in) or (out,)
 
 
 _GATE_HOOKS = (
@@ -288,8 +301,6 @@ _GATE_HOOKS = (
     _EdgeOutHook,
     _EdgeInHook,
     _ResetHook,
-    _ParamGateHook,
-    _ParamRestoreHook,
 )
 
 
@@ -417,7 +428,6 @@ class InsertedGating(ModelGating):
         state["_edge_cache"] = None
         state["edge_outputs"] = {}
         state["edge_versions"] = {}
-        state.pop("_swapped", None)  # parameters replaced for a forward under way
         return state
 
     # ------------------------------------------------------------------ forward
@@ -542,58 +552,37 @@ class InsertedGating(ModelGating):
         groups, _ = self._values()
         return {"heads": groups[self.attentions[index][1]]}
 
-    def gate_params(self, model: nn.Module) -> None:
-        """Replace, for one forward of ``model``, the weight and bias of each gated linear map
-        written with parameters (``F.linear(h, self.W, self.b)``, ``h @ self.W + self.b``) by
-        themselves times the gates of its output units (:meth:`restore_params` puts them
-        back), as ``torch.func.functional_call`` swaps tensors: the module keeps its forward.
+    def param_scale(self, key: str, dtype: torch.dtype) -> Tensor:
+        """The gate values ``(n_out,)`` of the output units of the linear map written with
+        the model's own parameters whose weight is ``key`` (1 for its ungated units): what
+        :class:`ParamGate` multiplies its weight and bias by.
 
         >>> class Net(nn.Module):
         ...     def __init__(self) -> None:
         ...         super().__init__()
         ...         self.w1 = nn.Parameter(torch.randn(3, 8))
         ...         self.w2 = nn.Parameter(torch.randn(8, 2))
-        ...         self.head = nn.Identity()
         ...     def forward(self, x: Tensor) -> Tensor:
-        ...         return self.head(torch.relu(x @ self.w1) @ self.w2)
-        >>> net = Net()
+        ...         return torch.relu(x @ self.w1) @ self.w2
+        >>> net = Net().eval()
         >>> _ = gate_(net, torch.zeros(2, 3))
         >>> net.gatedprune.group_gates[0].force_(torch.arange(8) < 4)
-        >>> seen = []
-        >>> _ = net.head.register_forward_hook(lambda m, i, o: seen.append(net.w1.clone()))
-        >>> _ = net.eval()(torch.zeros(2, 3))
-        >>> bool((seen[0][:, 4:] == 0).all()), bool((net.w1[:, 4:] != 0).all())
-        (True, True)
+        >>> net.gatedprune.param_scale("w1", torch.float32).tolist()
+        [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
         """
-        self.restore_params()  # left by a forward that failed before its hooks ran
-        if not self.param_sites:
-            return
-        groups, _ = self._values()
-        swapped: list[tuple[nn.Module, str, Tensor]] = []
-        for site in self.param_sites.values():
-            for path, dim in ((site.weight, site.out_dim), (site.bias, 0)):
-                if path is None:
-                    continue
-                owner_path, _, attr = path.rpartition(".")
-                owner = model.get_submodule(owner_path) if owner_path else model
-                p = owner._parameters[attr]
-                if p is None:
-                    raise TypeError(f"parameter '{path}' of the gated model was set to None")
-                vec = p.new_ones(site.n_out)  # (n_out,)
-                for g, pos, gidx in site.segments:
-                    vec = vec.index_copy(0, pos, groups[g][gidx].to(p.dtype))
-                shape = [1] * p.dim()
-                shape[dim] = site.n_out
-                swapped.append((owner, attr, p))
-                params = cast(dict[str, Any], owner._parameters)
-                params[attr] = p * vec.view(shape)  # (in, out) / (out, in) or (out,)
-        self.__dict__["_swapped"] = swapped
-
-    def restore_params(self) -> None:
-        """Put back the parameters :meth:`gate_params` replaced (nothing if none)."""
-        swapped: list[tuple[nn.Module, str, Tensor]] = self.__dict__.pop("_swapped", None) or []
-        for owner, attr, p in reversed(swapped):
-            cast(dict[str, Any], owner._parameters)[attr] = p
+        site = self.param_sites[key]
+        idx = sorted({g for g, _, _ in site.segments})
+        if self.training:  # this forward's samples, also for a recomputation in backward
+            groups, _ = self._values()
+            values = {g: groups[g] for g in idx}
+        else:  # deterministic: read afresh, so gates changed since the last forward count
+            gates = self._group_list()
+            values = dict(zip(idx, gate_values([gates[g] for g in idx]), strict=True))
+        device = next(iter(values.values())).device if values else None
+        vec = torch.ones(site.n_out, dtype=dtype, device=device)
+        for g, pos, gidx in site.segments:
+            vec = vec.index_copy(0, pos, values[g][gidx].to(dtype))  # (n_out,)
+        return vec
 
     def site_scale(self, name: str, output: Tensor) -> Tensor:
         """Multiplier for the output of site module ``name`` (broadcastable to ``output``)."""
@@ -1030,6 +1019,27 @@ class InsertedGating(ModelGating):
         return result
 
 
+def _remove_param_gates(m: nn.Module) -> None:
+    """Remove the :class:`ParamGate` parametrizations of module ``m`` (in place), leaving the
+    stored tensors. A deep copy of a parametrized module shares its class, whose properties
+    ``remove_parametrizations`` deletes: ``m`` first gets a class of its own."""
+    if not parametrize.is_parametrized(m):
+        return
+    params = cast(nn.ModuleDict, m.parametrizations)
+    ours = [
+        attr
+        for attr in params
+        if any(isinstance(p, ParamGate) for p in cast(nn.ModuleList, params[attr]))
+    ]
+    if not ours:
+        return
+    cls = type(m)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    m.__class__ = type(cls.__name__, cls.__bases__, own)
+    for attr in ours:
+        parametrize.remove_parametrizations(m, attr, leave_parametrized=False)
+
+
 def strip_gating(model: nn.Module) -> None:
     """Remove the gating submodule and its hooks from ``model`` (in place)."""
     for m in model.modules():
@@ -1039,6 +1049,8 @@ def strip_gating(model: nn.Module) -> None:
                 m._forward_hooks_with_kwargs.pop(k, None)
                 m._forward_hooks_always_called.pop(k, None)
                 m._forward_pre_hooks_with_kwargs.pop(k, None)
+    for m in list(model.modules()):
+        _remove_param_gates(m)
     for m in model.modules():
         ref = m.__dict__.pop("_gp_ref", None)
         if isinstance(ref, _Ref):
@@ -1652,9 +1664,13 @@ def gate_(
     for name in in_sites:
         model.get_submodule(name).register_forward_pre_hook(_InputSiteHook(gating, name))
     model.register_forward_pre_hook(_ResetHook(gating))
-    if param_sites:
-        model.register_forward_pre_hook(_ParamGateHook(gating))
-        model.register_forward_hook(_ParamRestoreHook(gating), prepend=True, always_call=True)
+    for key, site in param_sites.items():  # linear maps written with parameters
+        for path, dim in ((site.weight, site.out_dim), (site.bias, 0)):
+            if path is not None:
+                owner_path, _, attr = path.rpartition(".")
+                owner = model.get_submodule(owner_path) if owner_path else model
+                pgate = ParamGate(gating, key, dim)  # unsafe: no check call drawing samples
+                parametrize.register_parametrization(owner, attr, pgate, unsafe=True)
     for src in dict.fromkeys(e.src for e in edges):
         clone = any(e.clone_src for e in edges if e.src == src)
         model.get_submodule(src).register_forward_hook(_EdgeOutHook(gating, src, clone))
