@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gatedprune as gp
@@ -164,3 +165,37 @@ def examples(n: int) -> int:
     if scale < 1:
         raise ValueError(f"GATEDPRUNE_HYPOTHESIS_SCALE must be an int >= 1, got {scale}")
     return n * scale
+
+
+def budget_optimizer(model: nn.Module, budget: gp.Budget, gate_lr: float = 0.2) -> torch.optim.Adam:
+    """Adam over a ``gate_`` model's weights (lr 1e-3), its gates (``gate_lr``) and the
+    budget's multipliers (0.05)."""
+    gating = inserted_gating(model)
+    gate_ids = {id(p) for p in gating.parameters()}
+    return torch.optim.Adam(
+        [
+            {"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
+            {"params": list(gating.parameters()), "lr": gate_lr},
+            {"params": list(budget.parameters()), "lr": 0.05},
+        ]
+    )
+
+
+def train_under_budget(
+    model: nn.Module,
+    budget: gp.Budget,
+    steps: int,
+    batch: Callable[[], tuple[Tensor, Tensor]],
+    loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    gate_lr: float = 0.2,
+) -> None:
+    """``steps`` training steps of ``model`` in training mode on ``batch()`` pairs (input,
+    target) with ``loss`` plus the budget's penalty (:func:`budget_optimizer`)."""
+    opt = budget_optimizer(model, budget, gate_lr)
+    model.train()
+    for _ in range(steps):
+        xb, yb = batch()
+        total = loss(model(xb), yb) + budget.penalty()
+        opt.zero_grad()
+        total.backward()
+        opt.step()

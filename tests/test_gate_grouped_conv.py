@@ -10,7 +10,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import examples, inserted_gating, random_gates, randomise_batchnorms
+from gating_helpers import (
+    examples,
+    inserted_gating,
+    random_gates,
+    randomise_batchnorms,
+    train_under_budget,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -175,23 +181,15 @@ def test_resnext_trains_under_a_budget_and_prunes_grouped_channels() -> None:
     assert isinstance(dense, Cost)
     gate_(model, x)
     budget = gp.Budget(model, x, flops=0.4, warmup_steps=10)
-    gating = inserted_gating(model)
-    gate_ids = {id(p) for p in gating.parameters()}
-    opt = torch.optim.Adam(
-        [
-            {"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
-            {"params": list(gating.parameters()), "lr": 0.2},
-            {"params": list(budget.parameters()), "lr": 0.05},
-        ]
+    train_under_budget(
+        model,
+        budget,
+        60,
+        lambda: (
+            torch.randn(*shape, generator=gen),
+            torch.randint(0, 10, (shape[0],), generator=gen),
+        ),
     )
-    model.train()
-    for _ in range(60):
-        xb = torch.randn(*shape, generator=gen)
-        yb = torch.randint(0, 10, (shape[0],), generator=gen)
-        loss = F.cross_entropy(model(xb), yb) + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     model.eval()
     pruned = gp.prune(model)
     widths = {n: m.in_channels for n, m in _grouped(pruned).items()}

@@ -12,7 +12,7 @@ from typing import cast
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import examples, inserted_gating
+from gating_helpers import examples, inserted_gating, train_under_budget
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -198,23 +198,12 @@ def test_budget_training_prunes_heads() -> None:
     assert isinstance(dense, Cost)
     gate_(model, x, blocks=False)  # heads and units only
     budget = gp.Budget(model, x, flops=0.4, warmup_steps=10)
-    gating = inserted_gating(model)
-    gate_ids = {id(p) for p in gating.parameters()}
-    opt = torch.optim.Adam(
-        [
-            {"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
-            {"params": list(gating.parameters()), "lr": 0.2},
-            {"params": list(budget.parameters()), "lr": 0.05},
-        ]
+    train_under_budget(
+        model,
+        budget,
+        60,
+        lambda: (torch.randn(8, 6, 3, generator=gen), torch.randint(0, 4, (8,), generator=gen)),
     )
-    model.train()
-    for _ in range(60):
-        xb = torch.randn(8, 6, 3, generator=gen)
-        yb = torch.randint(0, 4, (8,), generator=gen)
-        loss = F.cross_entropy(model(xb), yb) + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     pruned = _check(model, lambda: GPT(16, 4, "split", False), x[:2], gen)
     kept = [pruned.get_submodule(f"blocks.{i}.attn.proj").in_features for i in range(2)]
     assert min(kept) < 16  # heads were pruned (4 channels each)

@@ -14,7 +14,13 @@ from typing import cast
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import check_pruned, examples, inserted_gating, randomise_gates
+from gating_helpers import (
+    check_pruned,
+    examples,
+    inserted_gating,
+    randomise_gates,
+    train_under_budget,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_gate_hand_attention import GroupedQuery, MultiQuery, QwenStyle
@@ -516,22 +522,12 @@ def test_budget_training_prunes_query_heads() -> None:
     heads = [gating.group_gates[g] for g in _query_groups(model)]
     assert len(heads) == 2
     starts = [cast(HardConcreteGate, g).log_alpha.detach().clone() for g in heads]
-    gate_ids = {id(p) for p in gating.parameters()}
-    opt = torch.optim.Adam(
-        [
-            {"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
-            {"params": list(gating.parameters()), "lr": 0.2},
-            {"params": list(budget.parameters()), "lr": 0.05},
-        ]
+    train_under_budget(
+        model,
+        budget,
+        40,
+        lambda: (torch.randn(8, 6, 3, generator=gen), torch.randint(0, 4, (8,), generator=gen)),
     )
-    model.train()
-    for _ in range(40):
-        xb = torch.randn(8, 6, 3, generator=gen)
-        yb = torch.randint(0, 4, (8,), generator=gen)
-        loss = F.cross_entropy(model(xb), yb) + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     for gate, start in zip(heads, starts, strict=True):  # trained, the budget among others
         assert isinstance(gate, HardConcreteGate)
         assert not torch.equal(gate.log_alpha.detach(), start)

@@ -13,7 +13,13 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import check_pruned, examples, inserted_gating, randomise_gates
+from gating_helpers import (
+    budget_optimizer,
+    check_pruned,
+    examples,
+    inserted_gating,
+    randomise_gates,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -321,15 +327,7 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
     b1_stored = model.get_parameter("parametrizations.b1.original")
     budget = gp.Budget(model, x, flops=0.4)
     gating = inserted_gating(model)
-    gate_ids = {id(p) for p in gating.parameters()}
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
-    opt = torch.optim.Adam(
-        [
-            {"params": weights, "lr": 1e-3},
-            {"params": list(gating.parameters()), "lr": 0.2},
-            {"params": list(budget.parameters()), "lr": 0.05},
-        ]
-    )
+    opt = budget_optimizer(model, budget)
     start = budget.expected()["flops"]
     w1_before = w1_stored.detach().clone()
     model.train()

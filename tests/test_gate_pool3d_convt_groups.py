@@ -20,6 +20,7 @@ from gating_helpers import (
     inserted_gating,
     randomise_batchnorms,
     randomise_gates,
+    train_under_budget,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -658,21 +659,12 @@ def test_a_3d_unet_trains_under_a_budget_and_prunes() -> None:
     gating = inserted_gating(model)
     assert {"enc", "mid", "up", "dec", "dw"} <= set(gating.slices), str(summary)
     budget = gp.Budget(model, x, flops=0.4, warmup_steps=5)
-    gate_ids = {id(p) for p in gating.parameters()}
-    opt = torch.optim.Adam(
-        [
-            {"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
-            {"params": list(gating.parameters()), "lr": 0.2},
-            {"params": list(budget.parameters()), "lr": 0.05},
-        ]
-    )
-    model.train()
-    for _ in range(30):
+
+    def batch() -> tuple[Tensor, Tensor]:
         xb = torch.randn(2, 1, 4, 4, 4, generator=gen)
-        loss = F.mse_loss(model(xb), xb.expand(-1, 3, -1, -1, -1)) + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return xb, xb.expand(-1, 3, -1, -1, -1)
+
+    train_under_budget(model, budget, 30, batch, loss=F.mse_loss)
     pruned = check_pruned(model, x, gen, UNet3d, batches=(1, 3))
     c = gp.cost(pruned, x)
     assert isinstance(c, gp.Cost)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import inserted_gating, random_gates
+from gating_helpers import inserted_gating, random_gates, train_under_budget
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -94,24 +94,13 @@ def test_rnn_zoo_budget_then_prune_exact(name: str) -> None:
     assert (float(all_open.flops), float(all_open.params)) == (dense.flops, dense.params)
     # a few budget steps in training mode (inter-layer dropout active)
     budget = gatedprune.Budget(model, x, params=0.4)
-    gate_ids = {id(p) for p in gating.parameters()}
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
-    opt = torch.optim.Adam(
-        [
-            {"params": weights, "lr": 1e-3},
-            {"params": list(gating.parameters()), "lr": 0.3},
-            {"params": list(budget.parameters()), "lr": 0.05},
-        ]
-    )
     start = budget.expected()["params"]
-    model.train()
-    for _ in range(12):
+
+    def batch() -> tuple[Tensor, Tensor]:
         xb = torch.randn(*shape, generator=gen)
-        yb = torch.randint(0, 4, (xb.shape[0 if batch_first else 1],), generator=gen)
-        loss = nn.functional.cross_entropy(model(xb), yb) + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return xb, torch.randint(0, 4, (xb.shape[0 if batch_first else 1],), generator=gen)
+
+    train_under_budget(model, budget, 12, batch, gate_lr=0.3)
     assert budget.expected()["params"] < start  # the budget reaches the unit gates
     _check_exact(model, factory, x, batch_first, gen)  # after training: maybe nothing closed
     random_gates(model, gen, low=-6.0)

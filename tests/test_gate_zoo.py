@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from gating_helpers import train_under_budget
 from torch import nn
 from zoo import ZOO, randomise_norms
 
@@ -107,26 +108,18 @@ def test_zoo_budget_training(name: str) -> None:
     x = torch.randn(*shape, generator=gen)
     gate_(model, x)
     budget = gatedprune.Budget(model, x, flops=0.5)
-    gating = _gating(model)
-    gate_ids = {id(p) for p in gating.parameters()}
-    weights = [p for p in model.parameters() if id(p) not in gate_ids]
-    opt = torch.optim.Adam(
-        [
-            {"params": weights, "lr": 1e-3},
-            {"params": list(gating.parameters()), "lr": 0.2},
-            {"params": list(budget.parameters()), "lr": 0.05},
-        ]
-    )
     start = budget.expected()["flops"]
     model.train()
     n_out = model(x).shape[-1]
-    for _ in range(25):
-        xb = torch.randn(*shape, generator=gen)
-        yb = torch.randint(0, n_out, (shape[0],), generator=gen)
-        loss = nn.functional.cross_entropy(model(xb), yb) + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_under_budget(
+        model,
+        budget,
+        25,
+        lambda: (
+            torch.randn(*shape, generator=gen),
+            torch.randint(0, n_out, (shape[0],), generator=gen),
+        ),
+    )
     assert budget.expected()["flops"] < start  # the budget pushes the gates
     _close_randomly(model, gen, p_block=0.3)
     _check_pruned(model, shape, gen)
