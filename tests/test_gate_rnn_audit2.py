@@ -191,17 +191,23 @@ def test_initial_state_built_from_the_pruned_hidden_size(cell: str, seed: int) -
         assert (fresh(xi) - model(xi)).abs().max().item() <= 1e-5
 
 
-def test_a_state_of_another_width_is_still_refused() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 3)
+def _pruned_tutorial_lstm(x: Tensor) -> tuple[_Tutorial, nn.Module]:
+    """The gated tutorial LSTM with units 0 and 1 closed in every layer (4 of 6 kept), and
+    its pruned copy."""
     model = _Tutorial("lstm").eval()
     gate_(model, x)
     gates = model.gatedprune.group_gates  # type: ignore[union-attr]
     with torch.no_grad():
         for g in gates:
             g.log_alpha.fill_(5.0)
-            g.log_alpha[:2] = -9.0  # 4 of 6 units kept in every layer
-    pruned = gp.prune(model).eval()
+            g.log_alpha[:2] = -9.0
+    return model, gp.prune(model).eval()
+
+
+def test_a_state_of_another_width_is_still_refused() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3)
+    _, pruned = _pruned_tutorial_lstm(x)
     assert pruned.rnn.hidden_size == 4
     for width in (4, 6):  # kept and full width: both taken
         h = torch.zeros(2, 2, width)
@@ -282,15 +288,8 @@ def test_a_kept_width_state_must_give_every_unit_the_same_value() -> None:
     taken as is: a learned h0 sliced to ``hidden_size`` differed by 0.043, second audit)."""
     torch.manual_seed(0)
     x = torch.randn(2, 4, 3)
-    model = _Tutorial("lstm").eval()
-    gate_(model, x)
-    gates = model.gatedprune.group_gates  # type: ignore[union-attr]
-    with torch.no_grad():
-        for g in gates:
-            g.log_alpha.fill_(5.0)
-            g.log_alpha[:2] = -9.0  # units 0 and 1 closed in every layer
+    model, pruned = _pruned_tutorial_lstm(x)
     gated_rnn = model.rnn
-    pruned = gp.prune(model).eval()
     with torch.no_grad():
         ones_full = torch.ones(2, 2, 6)
         want = pruned.rnn(x, (ones_full, ones_full))[0]

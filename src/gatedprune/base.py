@@ -20,6 +20,13 @@ BATCH_NORMS: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (
 )
 """The BatchNorm kinds cost, gate_, prune and fold_batchnorm treat alike."""
 
+TRANSPOSED_CONVS = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+"""The transposed convolutions (weight ``(C_in, C_out / groups, *k)``)."""
+
 PADDING_LAYERS: tuple[type[nn.Module], ...] = (
     nn.ConstantPad1d,  # ZeroPad*d are ConstantPad*d
     nn.ConstantPad2d,

@@ -31,7 +31,7 @@ from .channels import (
     RESHAPE_METHODS,
     module_kind,
 )
-from .graph import RunRecord, mutated_input, owner_of
+from .graph import RunRecord, ancestors, mutated_input, owner_of
 
 __all__ = ["Block", "find_blocks", "graph_writes", "live_nodes", "node_label"]
 
@@ -127,17 +127,7 @@ def _bounded(gm: fx.GraphModule, n: fx.Node) -> bool:
 def _independent(n: fx.Node, site: str) -> bool:
     """Whether ``n`` is computed without the output of module ``site`` (so a gate on that
     output leaves it as it was)."""
-    seen: set[fx.Node] = set()
-    stack = [n]
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        if v.op == "call_module" and v.target == site:
-            return False
-        stack.extend(v.all_input_nodes)
-    return True
+    return not any(v.op == "call_module" and v.target == site for v in ancestors(n))
 
 
 def _site_of(

@@ -45,11 +45,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from ..base import BATCH_NORMS, PADDING_LAYERS
+from ..base import BATCH_NORMS, PADDING_LAYERS, TRANSPOSED_CONVS, computed_weight
 from ..functional_costs import einsum_subscripts
-from .graph import RunRecord
+from .graph import RunRecord, ancestors
 from .rnn import consumer_ok, item_index, state_item
 
 __all__ = [
@@ -240,7 +239,7 @@ _POOL_MODULES: dict[type[nn.Module], int] = {
 _POOLS: tuple[type[nn.Module], ...] = tuple(_POOL_MODULES)
 _BN = BATCH_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVT = TRANSPOSED_CONVS
 _ANY_CONV = (*_CONV, *_CONVT)
 # a convolution or transposed convolution, 1-d, 2-d or 3-d
 _AnyConv = (
@@ -378,13 +377,6 @@ def _returns_indices(op: object) -> bool:
     return any(op is f for f in _POOL_INDEX_FUNCS)
 
 
-def _computed_weight(m: nn.Module) -> bool:
-    """Whether ``m``'s weight is computed when it runs (a parametrization such as
-    ``parametrizations.weight_norm`` / ``spectral_norm``, or a forward pre-hook such as the old
-    ``nn.utils.weight_norm``): slicing the stored weight would not slice what it computes."""
-    return parametrize.is_parametrized(m) or bool(m._forward_pre_hooks)
-
-
 def module_kind(m: nn.Module) -> str | None:
     """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
     conv, ``1 < groups < in_channels``), convt, dwt, gconvt (the same for transposed convs),
@@ -396,7 +388,7 @@ def module_kind(m: nn.Module) -> str | None:
     >>> module_kind(convt(8, 4, 2, groups=2)), module_kind(convt(8, 16, 2, groups=8))
     ('gconvt', 'dwt')
     """
-    if _computed_weight(m):
+    if computed_weight(m):
         return None
     if isinstance(m, nn.Linear):
         return "linear"
@@ -521,18 +513,11 @@ def _param_reads(a: Any) -> list[fx.Node] | None:
     if not isinstance(a, fx.Node):
         return None
     found: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-    stack = [a]
-    while stack:
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
+    for v in ancestors(a):
         if v.op == "placeholder":
             return None
         if v.op in ("get_attr", "call_module"):
             found.append(v)
-        stack.extend(v.all_input_nodes)
     return found
 
 
@@ -1162,7 +1147,7 @@ class _Propagator:
             }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
             if isinstance(m, _BN):
                 why = f"{name} ({type(m).__name__} without affine parameters)"
-            if _computed_weight(m):
+            if computed_weight(m):
                 why = (
                     f"{name} ({type(m).__name__}) computes its weight when it runs (a "
                     "parametrization such as weight_norm, or a forward pre-hook)"

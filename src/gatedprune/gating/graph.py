@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import operator
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,6 +315,24 @@ def _trace_hint(e: Exception) -> str:
             "which is then kept whole, or compute it with tensor ops such as torch.where)"
         )
     return ""
+
+
+def ancestors(node: fx.Node) -> Iterator[fx.Node]:
+    """``node`` and every node it is computed from, each once (depth first).
+
+    >>> g = fx.Graph()
+    >>> x = g.placeholder("x")
+    >>> [n.name for n in ancestors(g.call_function(torch.relu, (x,)))]
+    ['relu', 'x']
+    """
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        v = stack.pop()
+        if v not in seen:
+            seen.add(v)
+            yield v
+            stack.extend(v.all_input_nodes)
 
 
 def owner_of(node: fx.Node) -> str:

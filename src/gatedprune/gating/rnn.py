@@ -45,7 +45,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..base import computed_weight
+from ..base import TRANSPOSED_CONVS, computed_weight
 from ..costs import FLOPS_PER_MAC, GRU_ELEMENTWISE, LSTM_ELEMENTWISE, RNN_ELEMENTWISE, seq_dims
 from ..rnn_slicing import (
     State,
@@ -290,9 +290,6 @@ def rnn_cost_rows(
     return flops, params
 
 
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
 @torch.no_grad()
 def fold_rnns(
     model: nn.Module,
@@ -327,7 +324,7 @@ def fold_rnns(
             n_in = m.in_features
         elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups == 1:
             n_in = m.in_channels
-        elif isinstance(m, _TRANSPOSED) and m.groups == 1:  # weight (C_in, C_out, *k)
+        elif isinstance(m, TRANSPOSED_CONVS) and m.groups == 1:  # weight (C_in, C_out, *k)
             n_in, in_dim = m.in_channels, 0
         else:
             raise TypeError(

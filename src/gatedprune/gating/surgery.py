@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from ..base import BATCH_NORMS, find_model_gating
+from ..base import BATCH_NORMS, TRANSPOSED_CONVS, find_model_gating
 from ..fingerprint import (
     fingerprint_difference,
     graph_fingerprint,
@@ -54,7 +54,7 @@ __all__ = [
 
 PLAN_FORMAT = "gatedprune.plan/1"
 _SIZE_KEYS = ("split_size", "repeats")  # the sizes a plan rewrites besides dimensions
-_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONVT = TRANSPOSED_CONVS
 # a convolution or transposed convolution, 1-d, 2-d or 3-d
 _AnyConv = (
     nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
