@@ -24,10 +24,11 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 __all__ = [
     "Gate",
@@ -41,6 +42,7 @@ __all__ = [
     "gate_prob_open",
     "gate_values",
     "harden",
+    "replayable_gate_values",
     "resolve_gate",
 ]
 
@@ -442,6 +444,63 @@ def gate_values(gates: Sequence[Gate]) -> list[Tensor]:
     log_alpha = torch.cat([cast(HardConcreteGate, g).log_alpha for g in gates])  # (sum n,)
     values = _hc_sample(log_alpha, beta) if gates[0].training else _hc_eval(log_alpha)
     return list(torch.split(values, [g.n for g in gates]))  # one (g.n,) per gate
+
+
+class _ReplayedValues(torch.autograd.Function):
+    """``gate_values(gates)`` as one autograd node that keeps no intermediate tensors: its
+    backward recomputes the values from the random state the forward drew them with (the same
+    samples) and differentiates that. So the node can be traversed by more than one backward
+    pass, as reentrant gradient checkpointing does (the recomputed segment's own backward,
+    then the outer one, each reaching the shared gate samples), where the ordinary graph of a
+    sample frees its saved tensors after the first pass."""
+
+    @staticmethod
+    def forward(ctx: Any, gates: Sequence[Gate], *params: Tensor) -> tuple[Tensor, ...]:
+        ctx.gates = gates
+        ctx.params = params
+        ctx.cpu_state = torch.get_rng_state()
+        ctx.devices, ctx.device_states = get_device_states(*params)
+        return tuple(gate_values(gates))  # one (g.n,) per gate
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        with torch.random.fork_rng(devices=ctx.devices):
+            torch.set_rng_state(ctx.cpu_state)
+            set_device_states(ctx.devices, ctx.device_states)
+            with torch.enable_grad():
+                values = gate_values(ctx.gates)  # the forward's samples again
+        pairs = [(v, g) for v, g in zip(values, grads, strict=True) if v.requires_grad]
+        if not pairs:
+            return (None, *(None for _ in ctx.params))
+        param_grads = torch.autograd.grad(
+            [v for v, _ in pairs],
+            ctx.params,
+            [g for _, g in pairs],
+            allow_unused=True,
+            create_graph=torch.is_grad_enabled(),  # a double backward differentiates this too
+        )
+        return (None, *param_grads)
+
+
+def replayable_gate_values(gates: Sequence[Gate]) -> list[Tensor]:
+    """:func:`gate_values` whose autograd graph survives being traversed by several backward
+    passes: what ``gate_`` caches once per forward and reads at every gated site, so a site
+    inside a reentrant gradient-checkpointed segment (``checkpoint(..., use_reentrant=True)``,
+    whose backward runs a backward of its own) and a site outside it can share one sample.
+    The same values as :func:`gate_values`; the gradient costs one more evaluation of the
+    gates in backward.
+
+    >>> gs = [HardConcreteGate(2), HardConcreteGate(3)]
+    >>> values = replayable_gate_values(gs)
+    >>> (values[0].sum() + values[1].sum()).backward()
+    >>> (values[0].sum() * 2).backward()  # a second pass through the same samples
+    >>> gs[0].log_alpha.grad.shape
+    torch.Size([2])
+    """
+    params = [p for g in gates for p in g.parameters() if p.requires_grad]
+    if not torch.is_grad_enabled() or not params:
+        return gate_values(gates)
+    return list(_ReplayedValues.apply(gates, *params))  # type: ignore[no-untyped-call]
 
 
 def gate_is_open(gates: Sequence[Gate]) -> list[Tensor]:

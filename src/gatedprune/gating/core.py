@@ -31,6 +31,7 @@ from ..gates import (
     SigmoidGate,
     gate_prob_open,
     gate_values,
+    replayable_gate_values,
     resolve_gate,
 )
 from ..layout import check_flag
@@ -256,7 +257,7 @@ class _ResetHook:
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
         self.gating.check_hooks(module)
-        self.gating.reset()
+        self.gating.reset(torch.is_grad_enabled())
 
 
 class ParamGate(nn.Module):
@@ -421,6 +422,8 @@ class InsertedGating(ModelGating):
         self.opaque = opaque
         self.summary = summary
         self._cache: tuple[list[Tensor], list[Tensor]] | None = None
+        # grad mode at the start of the root forward (None: outside one, read the current)
+        self._forward_grad: bool | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -499,8 +502,12 @@ class InsertedGating(ModelGating):
         """
         return x
 
-    def reset(self) -> None:
-        """Forget this forward pass's gate samples."""
+    def reset(self, grad_enabled: bool | None = None) -> None:
+        """Forget this forward pass's gate samples. ``grad_enabled``: the grad mode the root
+        forward starts in, in which the next samples are drawn wherever they are first read
+        (inside a reentrant checkpointed segment, whose first forward runs without grad,
+        samples drawn there without a graph would leave the gates without gradients)."""
+        self._forward_grad = grad_enabled
         self._cache = None
         self._edge_cache = None
         self.edge_outputs = {}
@@ -511,7 +518,8 @@ class InsertedGating(ModelGating):
         if self.edge_gate is None:
             return x
         if self._edge_cache is None:
-            self._edge_cache = self.edge_gate()
+            with torch.set_grad_enabled(self._sample_grad()):
+                (self._edge_cache,) = replayable_gate_values([self.edge_gate])
         values = self._edge_cache
         for k, e in enumerate(self.edges):
             if e.dst == name and e.src in self.edge_outputs:
@@ -522,15 +530,32 @@ class InsertedGating(ModelGating):
                         f"shortcut {e.src} -> {e.dst} read it (an in-place op gate_'s example "
                         "run did not show): make the blocks return new tensors"
                     )
+                if s.requires_grad and not torch.is_grad_enabled() and self._sample_grad():
+                    raise RuntimeError(
+                        f"the shortcut {e.src} -> {e.dst} is read where gradients are off "
+                        "while its source carries them: inside torch.no_grad() in the model's "
+                        "forward, or in the first pass of torch.utils.checkpoint(..., "
+                        f"use_reentrant=True) around '{e.dst}', whose backward would run "
+                        f"through the graph of '{e.src}' a second time. Use "
+                        "use_reentrant=False, or gate_ without shortcuts"
+                    )
                 x = x + values[k].to(x.dtype) * s
         return x
 
     def _values(self) -> tuple[list[Tensor], list[Tensor]]:
         if self._cache is None:
-            groups = gate_values(self._group_list())
-            blocks = gate_values(self._block_list())
+            # a graph that several backward passes may traverse (reentrant checkpointing)
+            with torch.set_grad_enabled(self._sample_grad()):
+                groups = replayable_gate_values(self._group_list())
+                blocks = replayable_gate_values(self._block_list())
             self._cache = (groups, blocks)
         return self._cache
+
+    def _sample_grad(self) -> bool:
+        """Whether this forward's gate samples record a graph: the grad mode the root forward
+        started in, not the one of the site that reads them first."""
+        mode = getattr(self, "_forward_grad", None)  # absent in models pickled before
+        return torch.is_grad_enabled() if mode is None else mode
 
     def transformer_values(self, index: int) -> dict[str, Tensor]:
         """Gate values of transformer layer ``index``: heads, units, attn, ffn."""
