@@ -1,8 +1,9 @@
 """The Trainer's checkpoint files: their format (file names, tensors, JSON metadata), writing
 one, and reading one back with every part of its content checked against the run that
 resumes from it (settings, model, data fingerprints, state tensor shapes, optimizer state,
-counters) before anything changes. :class:`~gatedprune.train.Trainer` decides when to write
-and which one to resume from.
+counters) and every value no run can have written refused (NaN weights, a negative variance,
+more epochs of history than steps) before anything changes. :class:`~gatedprune.train.Trainer`
+decides when to write and which one to resume from.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
 
 from .budget import Budget
 from .fingerprint import fingerprint_difference
+from .gates import gate_modules
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -135,9 +137,12 @@ def load_checkpoint(
     rank: int = 0,
 ) -> Resumed:
     """Continue from ``path``: check it against the run's ``config`` (settings, model
-    fingerprint), ``model``, ``budget`` and ``opt``, then load their state and the torch RNG
-    state, and return the Trainer's counters. Everything is checked before anything changes;
-    should loading still fail, the model and the budget are restored to their state before."""
+    fingerprint), ``model``, ``budget`` and ``opt``, and its values (none a run could not have
+    written: NaN weights, a negative variance or step count, more epochs of history than
+    steps, ...; ``ValueError`` naming the tensor or field, the value and what was expected),
+    then load their state and the torch RNG state, and return the Trainer's counters.
+    Everything is checked before anything changes; should loading still fail, the model and
+    the budget are restored to their state before."""
     from .io import read_tensors
 
     tensors, meta = read_tensors(path)
@@ -187,8 +192,10 @@ def load_checkpoint(
         )
     model_state = part("model/")
     _check_state_tensors(path, "model", model_state, model.state_dict())
+    _check_model_values(path, model, model_state)
     if budget is not None:
         _check_state_tensors(path, "budget", budget_state, budget.state_dict())
+        _check_budget_values(path, budget, budget_state)
     rng = tensors.get("rng/torch")
     if rng is None:
         raise ValueError(f"cannot resume from {path}: no RNG state")
@@ -206,9 +213,12 @@ def load_checkpoint(
             f"cannot resume from {path}: 'step' is {_brief(step)}, expected an int in "
             f"[0, {total}] (epochs x steps per epoch)"
         )
+    spe = int(config["steps_per_epoch"])
     history = _checked_records(path, "history", meta["history"])
     trace = _checked_records(path, "trace", meta["trace"])
-    stats = _checked_stats(path, meta["stats"], meta.get("rank_stats"), world, rank)
+    _check_counters(path, step, spe, history, trace)
+    done = (step % spe) * int(config["batch_size"])  # samples of the epoch so far, all ranks
+    stats = _checked_stats(path, meta["stats"], meta.get("rank_stats"), world, rank, done)
     before_snap = _checked_achieved(path, meta.get("achieved_before_snap"), budget)
 
     # load_state_dict copies what fits before it reports what does not: keep a copy
@@ -281,6 +291,13 @@ def _checked_optimizer_state(
                 f"cannot resume from {path}: optimizer parameter group {i} "
                 f"({c.get('name', '?')}) changed ({', '.join(changed)})"
             )
+        for k in ("lr", "initial_lr"):  # the Trainer writes base * schedule factor >= 0
+            if k in g and not (_is_number(g[k]) and math.isfinite(g[k]) and g[k] >= 0):
+                raise ValueError(
+                    f"cannot resume from {path}: optimizer parameter group {i} "
+                    f"({c.get('name', '?')}) has {k!r} {_brief(g[k])}, expected a finite "
+                    "number >= 0"
+                )
     params = {
         pid: p
         for c, live in zip(current, opt.param_groups, strict=True)
@@ -319,6 +336,12 @@ def _checked_optimizer_state(
                         f"cannot resume from {path}: optimizer state {name!r} of parameter "
                         f"{pid} has shape {tuple(v.shape)}, expected {tuple(want)} (the "
                         f"parameter's shape is {tuple(params[pid].shape)})"
+                    )
+                why = _state_value_problem(name, v)
+                if why is not None:
+                    raise ValueError(
+                        f"cannot resume from {path}: optimizer state {name!r} of parameter "
+                        f"{pid} {why}"
                     )
     return groups, state
 
@@ -378,6 +401,24 @@ _PARAMETER_SHAPED_STATE = frozenset(
 """State tensors torch's optimizers keep in their parameter's shape."""
 _SCALAR_STATE = frozenset({"step", "eta", "mu", "mu_product"})
 """State tensors torch's optimizers keep as scalars (shape ``()``)."""
+_NON_NEGATIVE_STATE = frozenset(
+    {
+        "acc_delta",
+        "col_var",
+        "exp_avg_sq",
+        "exp_inf",
+        "max_exp_avg_sq",
+        "row_var",
+        "square_avg",
+        "sum",
+        "variance",
+    }
+)
+"""State tensors torch's optimizers keep >= 0: running averages of squared gradients (Adam,
+AdamW, NAdam, RAdam, RMSprop, Adadelta, Adafactor), Adagrad's sum of them (which starts at
+``initial_accumulator_value >= 0``), Adamax's running maximum of their magnitudes."""
+_STEP_DTYPES = (torch.float32, torch.float64)
+"""The dtypes of torch's ``step`` tensors: float32 (float64 under a float64 default dtype)."""
 
 
 def _state_shape(name: str, shape: torch.Size) -> torch.Size | None:
@@ -421,6 +462,135 @@ def _check_state_tensors(
             )
 
 
+def _first_bad(t: Tensor, bad: Tensor) -> str:
+    """The first value of ``t`` where the mask ``bad`` (same shape) is set, where it is and how
+    many there are, for a message.
+
+    >>> _first_bad(torch.tensor([[1.0, -2.0], [3.0, -4.0]]), torch.tensor([[0, 1], [0, 1]]) > 0)
+    '-2.0 at index (0, 1) (2 of 4 values)'
+    """
+    first = tuple(int(i) for i in bad.nonzero()[0])  # row-major order
+    where = f" at index {first}" if first else ""
+    return f"{t[first].item()}{where} ({int(bad.sum())} of {t.numel()} values)"
+
+
+def _invalid_parameter_values(t: Tensor, in_gate: bool) -> Tensor:
+    """Mask (same shape as ``t``) of the values a trained parameter cannot hold: NaN anywhere,
+    +-inf outside the gates (``Gate.force_`` fixes hard concrete gates at ``log_alpha =
+    +-inf``). The Trainer writes no checkpoint with one and resumes from none.
+
+    >>> t = torch.tensor([1.0, float("inf"), float("nan")])
+    >>> _invalid_parameter_values(t, False).tolist(), _invalid_parameter_values(t, True).tolist()
+    ([False, True, True], [False, False, True])
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return torch.zeros_like(t, dtype=torch.bool)
+    return torch.isnan(t) if in_gate else ~torch.isfinite(t)  # same shape as t
+
+
+def _check_model_values(path: Path, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """The checkpoint's model ``state`` holds no value training could not have left:
+    parameters by :func:`_invalid_parameter_values`, BatchNorm running statistics (NaN, or a
+    negative variance or batch count). Other buffers are not checked (an attention mask may
+    hold -inf). ``ValueError`` naming the first bad tensor and value."""
+    gate_params = {id(p) for g in gate_modules(model) for p in g.parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        t = state.get(name)  # a module's own state_dict may leave a parameter out
+        if t is None:
+            continue
+        bad = _invalid_parameter_values(t, id(p) in gate_params)  # same shape as t
+        if bool(bad.any()):
+            expected = (
+                "no NaN (+-inf is allowed in gate parameters: Gate.force_ writes it)"
+                if id(p) in gate_params
+                else "finite values"
+            )
+            raise ValueError(
+                f"cannot resume from {path}: model parameter {name!r} holds "
+                f"{_first_bad(t, bad)}; expected {expected}"
+            )
+    for mname, m in model.named_modules(remove_duplicate=False):
+        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats:
+            continue
+        prefix = f"{mname}." if mname else ""
+        for stat, expected in (
+            ("running_mean", "no NaN"),
+            ("running_var", "values >= 0 (a variance), no NaN"),
+            ("num_batches_tracked", "a count >= 0"),
+        ):
+            t = state.get(prefix + stat)
+            if t is None or t.is_complex():
+                continue
+            bad = torch.isnan(t) if t.is_floating_point() else torch.zeros_like(t, dtype=torch.bool)
+            if stat != "running_mean":
+                bad = bad | (t < 0)  # same shape as t
+            if bool(bad.any()):
+                raise ValueError(
+                    f"cannot resume from {path}: model buffer {prefix + stat!r} "
+                    f"({type(m).__name__}) holds {_first_bad(t, bad)}; expected {expected}"
+                )
+
+
+def _check_budget_values(path: Path, budget: Budget, state: Mapping[str, Tensor]) -> None:
+    """The checkpoint's budget ``state``: finite Lagrange multipliers (a NaN or inf one makes
+    every penalty NaN or inf) and a step count >= 0."""
+    for name, _ in budget.named_parameters():
+        t = state.get(name)
+        if t is None or not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)  # same shape as t
+        if bool(bad.any()):
+            raise ValueError(
+                f"cannot resume from {path}: budget multiplier {name!r} holds "
+                f"{_first_bad(t, bad)}; expected a finite number"
+            )
+    step = state.get("step")
+    if step is not None and step.numel() == 1 and float(step) < 0:
+        raise ValueError(
+            f"cannot resume from {path}: budget 'step' is {step.item()}, expected a count >= 0"
+        )
+
+
+def _state_value_problem(name: str, value: object) -> str | None:
+    """What is wrong with the value of the state entry ``name`` of one of torch's own
+    optimizers (None: nothing): NaN in a tensor; a negative value in one kept >= 0
+    (:data:`_NON_NEGATIVE_STATE`); a ``step`` that is not a whole count >= 0, or a tensor of
+    another dtype than torch's floating scalar (see :data:`_STEP_DTYPES`).
+
+    >>> _state_value_problem("exp_avg_sq", torch.tensor([0.5, -1.0]))
+    'holds -1.0 at index (1,) (1 of 2 values); expected values >= 0 (it accumulates squares)'
+    >>> _state_value_problem("step", torch.tensor(3.0)) is None
+    True
+    """
+    if name == "step":
+        if isinstance(value, Tensor):
+            if value.dtype not in _STEP_DTYPES:
+                return (
+                    f"is a {value.dtype} tensor, expected torch.float32 (torch.float64 under a "
+                    "float64 default dtype): torch's optimizers count steps in a floating scalar"
+                )
+            if value.numel() != 1:
+                return None  # the shape check reports it
+            value = value.item()
+        if not _is_number(value):
+            return f"is {_brief(value)}, expected a whole count of steps >= 0"
+        count = float(value)
+        if not (math.isfinite(count) and count >= 0 and count.is_integer()):
+            return f"is {_brief(value)}, expected a whole count of steps >= 0"
+        return None
+    if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+        return None
+    bad = torch.isnan(value)  # same shape as value
+    if bool(bad.any()):
+        return f"holds {_first_bad(value, bad)}; expected no NaN"
+    if name in _NON_NEGATIVE_STATE:
+        real = torch.view_as_real(value) if value.is_complex() else value  # (..., 2) if complex
+        bad = real < 0  # same shape as real
+        if bool(bad.any()):
+            return f"holds {_first_bad(real, bad)}; expected values >= 0 (it accumulates squares)"
+    return None
+
+
 def _brief(value: object, limit: int = 60) -> str:
     """``repr(value)``, cut to about ``limit`` characters for a message.
 
@@ -431,7 +601,7 @@ def _brief(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -457,12 +627,70 @@ def _checked_records(path: Path, field: str, value: object) -> list[Record]:
     return [dict(rec) for rec in value]
 
 
+def _check_counters(
+    path: Path, step: int, spe: int, history: list[Record], trace: list[Record]
+) -> None:
+    """``history`` and ``trace`` against the checkpoint's ``step`` (``spe`` steps per epoch):
+    one history record per finished epoch (``step // spe``), record ``i`` of epoch ``i + 1``
+    ending at step ``(i + 1) * spe``; trace points at steps rising within ``[1, step]``, each
+    of the epoch holding its step."""
+    epochs = step // spe
+    if len(history) != epochs:
+        raise ValueError(
+            f"cannot resume from {path}: 'history' holds {len(history)} records at step {step}, "
+            f"expected {epochs} (one per finished epoch of {spe} steps)"
+        )
+    for i, rec in enumerate(history):
+        for key, want in (("epoch", i + 1), ("step", (i + 1) * spe)):
+            if rec.get(key) != want or isinstance(rec.get(key), bool):
+                raise ValueError(
+                    f"cannot resume from {path}: history[{i}][{key!r}] is "
+                    f"{_brief(rec.get(key))}, expected {want} (epoch {i + 1} of {spe} steps)"
+                )
+    last = 0
+    for i, rec in enumerate(trace):
+        at = rec.get("step")
+        if not isinstance(at, int) or isinstance(at, bool) or not last < at <= step:
+            raise ValueError(
+                f"cannot resume from {path}: trace[{i}]['step'] is {_brief(at)}, expected an int "
+                f"in [{last + 1}, {step}] (after the trace point before, at most the "
+                "checkpoint's step)"
+            )
+        epoch = (at - 1) // spe + 1
+        if rec.get("epoch") != epoch or isinstance(rec.get("epoch"), bool):
+            raise ValueError(
+                f"cannot resume from {path}: trace[{i}]['epoch'] is {_brief(rec.get('epoch'))}, "
+                f"expected {epoch} (the epoch of step {at}, {spe} steps per epoch)"
+            )
+        last = at
+
+
+def _sums_problem(values: Mapping[str, float]) -> str | None:
+    """What is wrong with one rank's running epoch sums (None: nothing): NaN (a non-finite
+    loss stops training before it is added), a count that is not a whole number >= 0, a
+    time that is not a finite number >= 0.
+
+    >>> _sums_problem({"loss": 3.5, "count": -2.0})
+    "'count' is -2.0, expected a whole number of samples >= 0"
+    """
+    for k, v in values.items():
+        if math.isnan(v):
+            return f"{k!r} is NaN, expected a number"
+        if k == "count" and not (math.isfinite(v) and v >= 0 and v.is_integer()):
+            return f"'count' is {v!r}, expected a whole number of samples >= 0"
+        if k == "time" and not (math.isfinite(v) and v >= 0):
+            return f"'time' is {v!r}, expected a finite number of seconds >= 0"
+    return None
+
+
 def _checked_stats(
-    path: Path, stats: object, per_rank: object, world: int, rank: int
+    path: Path, stats: object, per_rank: object, world: int, rank: int, done: int
 ) -> dict[str, float]:
     """This rank's running epoch sums from a checkpoint's ``stats`` (every key of
     ``_STAT_KEYS`` and ``time``, numbers) and ``rank_stats`` (None, or a list of
-    ``len(_STAT_KEYS)`` numbers per rank of the run that wrote it)."""
+    ``len(_STAT_KEYS)`` numbers per rank of the run that wrote it), whose counts add up to
+    ``done``, the samples of the epoch's steps so far (with ``rank_stats``; without, rank 0's
+    alone is at most that)."""
     keys = (*_STAT_KEYS, "time")
     if not isinstance(stats, dict) or not all(_is_number(stats.get(k)) for k in keys):
         raise ValueError(
@@ -470,7 +698,15 @@ def _checked_stats(
             f"numbers {list(keys)}"
         )
     out = {k: float(stats[k]) for k in keys}
+    why = _sums_problem(out)
+    if why is not None:
+        raise ValueError(f"cannot resume from {path}: 'stats': {why}")
     if per_rank is None:
+        if out["count"] > done:
+            raise ValueError(
+                f"cannot resume from {path}: 'stats': 'count' is {out['count']!r}, expected at "
+                f"most {done} (the samples of the epoch's steps so far)"
+            )
         return out
     if not isinstance(per_rank, list) or not all(
         isinstance(r, list) and len(r) == len(_STAT_KEYS) and all(map(_is_number, r))
@@ -479,6 +715,16 @@ def _checked_stats(
         raise ValueError(
             f"cannot resume from {path}: 'rank_stats' is {_brief(per_rank)}, expected a list of "
             f"{len(_STAT_KEYS)} numbers per rank"
+        )
+    for r, sums in enumerate(per_rank):
+        why = _sums_problem(dict(zip(_STAT_KEYS, map(float, sums), strict=True)))
+        if why is not None:
+            raise ValueError(f"cannot resume from {path}: 'rank_stats' of rank {r}: {why}")
+    counted = math.fsum(float(r[_STAT_KEYS.index("count")]) for r in per_rank)
+    if counted != done:
+        raise ValueError(
+            f"cannot resume from {path}: the ranks' counts in 'rank_stats' add up to {counted:g} "
+            f"samples, expected {done} (the samples of the epoch's steps so far)"
         )
     if len(per_rank) == world:
         out.update(zip(_STAT_KEYS, map(float, per_rank[rank]), strict=True))
@@ -490,7 +736,7 @@ def _checked_stats(
 
 def _checked_achieved(path: Path, value: object, budget: Budget | None) -> dict[str, float] | None:
     """A checkpoint's ``achieved_before_snap``: null, or (with a budget) an object holding a
-    number for each of the budget's targets."""
+    finite number >= 0 (a cost fraction) for each of the budget's targets."""
     if value is None:
         return None
     targets = sorted(budget.targets) if budget is not None else []
@@ -498,9 +744,13 @@ def _checked_achieved(path: Path, value: object, budget: Budget | None) -> dict[
         budget is None
         or not isinstance(value, dict)
         or sorted(value) != targets
-        or not all(map(_is_number, value.values()))
+        or not all(_is_number(v) and math.isfinite(v) and v >= 0 for v in value.values())
     ):
-        expected = "null (no budget)" if budget is None else f"null or numbers for {targets}"
+        expected = (
+            "null (no budget)"
+            if budget is None
+            else f"null or numbers for {targets} (cost fractions: finite, >= 0)"
+        )
         raise ValueError(
             f"cannot resume from {path}: 'achieved_before_snap' is {_brief(value)}, expected "
             f"{expected}"

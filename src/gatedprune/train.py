@@ -58,6 +58,7 @@ from .checkpoint import (
     _STAT_KEYS,
     Record,
     _fingerprint,
+    _invalid_parameter_values,
     _latency_model_id,
     checkpoint_files,
     load_checkpoint,
@@ -233,10 +234,8 @@ def _non_finite_parameters(model: nn.Module, budget: Budget | None) -> list[str]
         named += [(f"budget.{k}", p) for k, p in budget.named_parameters()]
     out: list[str] = []
     for k, p in named:
-        if not p.is_floating_point():
-            continue
-        t = p.detach()
-        bad = torch.isnan(t) if id(p) in gate_params else ~torch.isfinite(t)  # same shape as p
+        # the rule load_checkpoint applies: the Trainer never writes what it cannot resume
+        bad = _invalid_parameter_values(p.detach(), id(p) in gate_params)  # same shape as p
         count = int(bad.sum())
         if count:
             out.append(f"{k} ({count} of {p.numel()})")
@@ -477,7 +476,9 @@ class Trainer:
         uninterrupted run. A checkpoint written with other settings (epochs, batch size, seed,
         learning rates, weight decay, optimizer class or group settings, phases, snap,
         budget targets and schedule, the budget's latency model, number of samples) is
-        refused with a ``ValueError``, as is a corrupted or foreign file, and so are other
+        refused with a ``ValueError``, as is a corrupted or foreign file, one holding values no
+        run writes (NaN weights, a negative variance or step count, more epochs of history
+        than steps: :func:`~gatedprune.checkpoint.load_checkpoint`), and so are other
         ``train`` or ``val`` data (compared by SHA-256); the model is then left as it was.
         Functions (``loss_fn``, ``lr_schedule``, ...) are not compared.
         ``max_steps`` stops after that many optimizer steps in total (writing a checkpoint).
