@@ -184,3 +184,127 @@ def test_replayed_gradients_support_double_backward() -> None:
     (g2,) = torch.autograd.grad(g1.sum(), theta)
     assert torch.allclose(grad, g1)
     assert torch.allclose(grad2, g2)
+
+
+def _loss(model: _Net, x: Tensor, seed: int) -> Tensor:
+    torch.manual_seed(seed)  # the gate samples of this forward
+    return model(x).square().sum()  # type: ignore[no-any-return]
+
+
+def _param_grads(model: nn.Module) -> dict[str, Tensor]:
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(got: dict[str, Tensor], want: dict[str, Tensor]) -> None:
+    assert got.keys() == want.keys()
+    assert any(k.startswith("gatedprune.") for k in want)
+    for k, v in want.items():
+        assert torch.allclose(got[k], v, rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_forward_without_gradients_before_the_backward_changes_nothing(
+    reentrant: bool,
+) -> None:
+    """A validation batch under ``torch.no_grad()`` between a training forward and its
+    backward: it replaced the samples the recomputation reads (non-reentrant: torch's
+    "a different number of tensors was saved" CheckpointError; found by an audit)."""
+    x, x_val = torch.randn(4, 5, 6), torch.randn(3, 5, 6)
+    model, _ = _gated("hard_concrete", None)
+    model.train()
+    _loss(model, x, 1).backward()
+    want = _param_grads(model)
+    model.zero_grad()
+    model.reentrant = reentrant
+    loss = _loss(model, x, 1)
+    with torch.no_grad():
+        model.eval()
+        model(x_val)  # (B, T, 3)
+        model.train()
+        model(x_val)  # a training-mode forward without gradients too
+    loss.backward()
+    _assert_same_grads(_param_grads(model), want)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_two_forwards_before_a_checkpointed_backward_are_a_clear_error(reentrant: bool) -> None:
+    """Two training forwards summed into one loss: the recomputation of the first read the
+    second's gate samples (gradients off by up to 0.12, silently; found by an audit)."""
+    x = torch.randn(4, 5, 6)
+    model, _ = _gated("hard_concrete", None)
+    model.train()
+    model.reentrant = reentrant
+    total = _loss(model, x, 1) + _loss(model, x, 2)
+    with pytest.raises(RuntimeError, match="2 forwards with gradients await their backward"):
+        total.backward()
+
+
+def test_outputs_kept_after_their_backward_are_no_reason_to_refuse() -> None:
+    """Keeping last step's loss (``losses.append(loss)``) keeps its graph alive: its backward
+    has run, so the next step's recomputation is its own forward's."""
+    x = torch.randn(4, 5, 6)
+    model, _ = _gated("hard_concrete", None)
+    model.train()
+    model.reentrant = False
+    kept = []
+    for seed in (1, 2, 3):
+        loss = _loss(model, x, seed)
+        loss.backward()
+        kept.append(loss)
+    model.zero_grad()
+    model.reentrant = None
+    _loss(model, x, 3).backward()
+    want = _param_grads(model)
+    model.zero_grad()
+    model.reentrant = False
+    _loss(model, x, 3).backward()
+    _assert_same_grads(_param_grads(model), want)
+
+
+def test_two_forwards_of_a_checkpointed_root_recompute_their_own_samples() -> None:
+    """``checkpoint(model, x)``: the recomputation runs the root forward again, which draws
+    the same samples (checkpoint restores the random state), so two forwards before one
+    backward are exact and not refused."""
+    x = torch.randn(4, 5, 6)
+    model, _ = _gated("hard_concrete", None)
+    model.train()
+    (_loss(model, x, 1) + _loss(model, x, 2)).backward()
+    want = _param_grads(model)
+    model.zero_grad()
+    total = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        total.append(checkpoint(model, x, use_reentrant=False).square().sum())  # type: ignore[union-attr]
+    (total[0] + total[1]).backward()
+    _assert_same_grads(_param_grads(model), want)
+
+
+def test_a_gated_model_compiles_as_one_graph_in_training() -> None:
+    """torch.compile(fullgraph=True) traces the gate sampling: the replayed samples' random
+    state and the backward bookkeeping are skipped under compile (they broke the graph:
+    "Unsupported torch.* op", found by an audit)."""
+
+    class _Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 16)
+            self.b = nn.Linear(16, 16)
+            self.c = nn.Linear(16, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.relu(self.a(x))  # (B, 16)
+            return self.c(h + torch.relu(self.b(h)))  # (B, 3)
+
+    torch.manual_seed(0)
+    model = _Mlp()
+    x = torch.randn(5, 6)
+    gate_(model, x)
+    model.train()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.manual_seed(1)
+    compiled(x).square().sum().backward()
+    got = _param_grads(model)
+    model.zero_grad()
+    torch.manual_seed(1)
+    model(x).square().sum().backward()
+    _assert_same_grads(got, _param_grads(model))

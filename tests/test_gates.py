@@ -197,6 +197,40 @@ def test_forced_hard_concrete_gates_are_exact_in_training_too(group: int) -> Non
     assert not torch.isnan(g.log_alpha).any()
 
 
+@pytest.mark.parametrize(
+    ("make_opt", "steps"),
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4), 300),
+        (lambda ps: torch.optim.SGD(ps, lr=0.5, weight_decay=0.1), 50),
+        (lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-4), 300),
+        (lambda ps: torch.optim.RMSprop(ps, lr=0.01, weight_decay=1e-4), 300),
+        (lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1), 300),
+        (lambda ps: torch.optim.Adafactor(ps, lr=0.01), 300),
+    ],
+    ids=["sgd-momentum-wd", "sgd-strong-wd", "adam-l2", "rmsprop-l2", "adamw", "adafactor"],
+)
+def test_forced_gates_survive_optimizers_that_decay_or_scale_by_them(
+    make_opt: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], steps: int
+) -> None:
+    """The standard torchvision recipe, SGD with weight decay on every parameter, gates
+    included: with force_'s log alpha at +-inf the decay term (wd * inf) made every forced
+    gate NaN at the first step after the snap (and Adam's L2, RMSprop's, Adafactor's
+    parameter scale alike); a finite log alpha far beyond the exact range stays fixed."""
+    torch.manual_seed(0)
+    g = HardConcreteGate(6).train()
+    mask = torch.tensor([True, False, True, False, False, True])
+    g.force_(mask)
+    opt = make_opt(list(g.parameters()))
+    for _ in range(steps):
+        opt.zero_grad()
+        (g() * torch.arange(6.0)).sum().backward()
+        opt.step()
+        assert torch.equal(g(), mask.float())  # exact samples in training, every step
+    assert torch.isfinite(g.log_alpha).all()
+    assert torch.equal(g.eval_value(), mask.float())
+    assert torch.equal(g.prob_open().detach(), mask.float())
+
+
 def test_snapped_network_trains_the_function_prune_returns() -> None:
     # before: after the snap the remaining training steps ran a noisy network (up to 0.27 off)
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ latency model on resume; a diverging run never replaces good checkpoints."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from gating_helpers import assert_state_unchanged, state_copy
 from torch import Tensor, nn
 
 import gatedprune as gp
+from gatedprune.io import read_tensors, write_tensors
 from gatedprune.train import Record, Trainer
 
 
@@ -154,18 +156,30 @@ def test_a_diverged_model_is_never_written_over_good_checkpoints(tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir()] == ["step-000000003.safetensors"]
 
 
-def test_snapped_gates_at_plus_minus_inf_are_checkpointed(tmp_path: Path) -> None:
-    """Gate.force_ fixes hard concrete gates with log_alpha = +-inf: not a divergence."""
+@pytest.mark.parametrize("legacy_inf", [False, True])
+def test_snapped_gates_are_checkpointed(tmp_path: Path, legacy_inf: bool) -> None:
+    """Gate.force_ fixes hard concrete gates with log_alpha = +-1e4 (+-inf before
+    2026-12-07, still accepted): not a divergence."""
     x, y = _data()
     net = _net()
     budget = gp.Budget(net, x[:1], flops=0.5, warmup_steps=4)
     trainer = Trainer(
         net, budget=budget, epochs=3, batch_size=10, progress=False, checkpoint_dir=tmp_path
     )
-    trainer.fit((x, y))
+    if legacy_inf:  # the snap happens at step 15 of 18: a checkpoint after, as written before
+        trainer.fit((x, y), max_steps=16)
+        path = tmp_path / "step-000000016.safetensors"
+        tensors, meta = read_tensors(path)
+        for k in tensors:
+            if k.endswith("log_alpha"):
+                tensors[k] = tensors[k] * math.inf  # +-1e4 -> +-inf
+        write_tensors(path, tensors, meta)
+        trainer.fit((x, y), resume=True)
+    else:
+        trainer.fit((x, y))
     assert trainer.latest_checkpoint() == tmp_path / "step-000000018.safetensors"
     log_alpha = torch.cat([p.detach() for g in gp.gate_modules(net) for p in g.parameters()])
-    assert bool(torch.isinf(log_alpha).all())
+    assert bool((log_alpha.abs() == (math.inf if legacy_inf else 1e4)).all())
 
 
 # ---------------------------------------------------------------------- class labels

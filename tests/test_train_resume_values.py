@@ -1,7 +1,8 @@
 """Trainer(resume=True) refuses a checkpoint holding values no run can have written (NaN
 weights, a negative variance or step, more epochs of history than steps, ...) with a
 ValueError naming the tensor or field, the value and what was expected, before anything
-changes; legitimate extremes (snapped gates at +-inf, a -inf mask buffer) still resume.
+changes; legitimate extremes (snapped gates, at +-inf before 2026-12-07, a -inf mask
+buffer) still resume.
 Before, these were accepted and failed later as a misleading "training diverged", a raw
 error inside torch, or a silently wrong history."""
 
@@ -285,16 +286,23 @@ def test_a_legacy_checkpoint_without_rank_sums_still_resumes(tmp_path: Path) -> 
         assert torch.equal(resumed.model.state_dict()[k], v), k
 
 
-def test_snapped_gates_at_plus_minus_inf_resume_bit_for_bit(tmp_path: Path) -> None:
-    """The snap (step 15 of 18) forces the gates: log_alpha = +-inf in the step-16
-    checkpoint, and their optimizer state stays finite."""
+@pytest.mark.parametrize("legacy_inf", [False, True])
+def test_snapped_gates_resume_bit_for_bit(tmp_path: Path, legacy_inf: bool) -> None:
+    """The snap (step 15 of 18) forces the gates: log_alpha = +-1e4 in the step-16
+    checkpoint, and their optimizer state stays finite. A checkpoint written before
+    2026-12-07, when force_ wrote +-inf, resumes too (to the same weights and gate values)."""
     first, (x, y, _, _) = train_worker.setup(str(tmp_path))
     first.fit((x, y), max_steps=16)
-    tensors, _ = read_tensors(tmp_path / "step-000000016.safetensors")
-    gates = [v for k, v in tensors.items() if k.endswith("log_alpha")]
+    path = tmp_path / "step-000000016.safetensors"
+    tensors, meta = read_tensors(path)
+    gates = [k for k in tensors if k.endswith("log_alpha")]
     assert gates
-    assert all(bool(torch.isinf(v).all()) for v in gates)
-    assert bool(torch.cat([v.reshape(-1) for v in gates]).gt(0).any())  # some kept open
+    assert all(bool((tensors[k].abs() == 1e4).all()) for k in gates)
+    assert bool(torch.cat([tensors[k].reshape(-1) for k in gates]).gt(0).any())  # some open
+    if legacy_inf:
+        for k in gates:
+            tensors[k] = tensors[k] * math.inf  # +-1e4 -> +-inf
+        write_tensors(path, tensors, meta)
     resumed, _ = train_worker.setup(str(tmp_path))
     resumed.fit((x, y), resume=True)
     full, _ = train_worker.setup(None)
@@ -304,7 +312,12 @@ def test_snapped_gates_at_plus_minus_inf_resume_bit_for_bit(tmp_path: Path) -> N
     ]
     assert untimed[0] == untimed[1]
     for k, v in full.model.state_dict().items():
-        assert torch.equal(resumed.model.state_dict()[k], v), k
+        got = resumed.model.state_dict()[k]
+        if legacy_inf and k.endswith("log_alpha"):
+            assert torch.equal(got.sign(), v.sign()), k  # the same gates open
+            assert bool(got.isinf().all()), k
+        else:
+            assert torch.equal(got, v), k
 
 
 class _MaskedNorm(nn.Module):

@@ -476,8 +476,8 @@ def _first_bad(t: Tensor, bad: Tensor) -> str:
 
 def _invalid_parameter_values(t: Tensor, in_gate: bool) -> Tensor:
     """Mask (same shape as ``t``) of the values a trained parameter cannot hold: NaN anywhere,
-    +-inf outside the gates (``Gate.force_`` fixes hard concrete gates at ``log_alpha =
-    +-inf``). The Trainer writes no checkpoint with one and resumes from none.
+    +-inf outside the gates (``Gate.force_`` fixed hard concrete gates at ``log_alpha = +-inf``
+    before 2026-12-07). The Trainer writes no checkpoint with one and resumes from none.
 
     >>> t = torch.tensor([1.0, float("inf"), float("nan")])
     >>> _invalid_parameter_values(t, False).tolist(), _invalid_parameter_values(t, True).tolist()
@@ -501,7 +501,8 @@ def _check_model_values(path: Path, model: nn.Module, state: Mapping[str, Tensor
         bad = _invalid_parameter_values(t, id(p) in gate_params)  # same shape as t
         if bool(bad.any()):
             expected = (
-                "no NaN (+-inf is allowed in gate parameters: Gate.force_ writes it)"
+                "no NaN (+-inf is allowed in gate parameters: Gate.force_ wrote it before "
+                "2026-12-07)"
                 if id(p) in gate_params
                 else "finite values"
             )

@@ -51,6 +51,11 @@ BETA = 2.0 / 3.0
 GAMMA = -0.1
 ZETA = 1.1
 EPS = 1e-6
+# log alpha of a gate force_ fixes: the samples are exactly 0 or 1 from |log alpha| >=
+# beta ln 11 - ln(EPS / (1 - EPS)) ~ 15.4 on; finite, so an optimizer's weight decay or a
+# parameter scale (Adafactor) only shrinks it (by the factor 1 - lr * wd per SGD step: 130k
+# steps at lr 0.1, wd 5e-4 before it nears 15.4) where +-inf turned into NaN (wd * inf - inf)
+FORCED_LOG_ALPHA = 1e4
 
 
 class Gate(nn.Module):
@@ -222,12 +227,14 @@ class HardConcreteGate(Gate):
         return self._expand(_hc_eval(self.log_alpha))  # (n,)
 
     def force_(self, open_mask: Tensor) -> None:
-        """Fix the gates open or closed: ``log_alpha = +-inf``, so the training samples are
-        exactly 1 or 0 too (at a finite ``log_alpha`` they stay random: at +-2 ln 11 a closed
-        gate opened in 3.9% of training forwards), with zero gradient and open probability."""
+        """Fix the gates open or closed: ``log_alpha = +-FORCED_LOG_ALPHA`` (``1e4``), so the
+        training samples are exactly 1 or 0 too (near the eval threshold they stay random: at
+        +-2 ln 11 a closed gate opened in 3.9% of training forwards), with zero gradient and
+        open probability; finite, so weight decay on the gates leaves them fixed (it made
+        +-inf NaN)."""
         mask = self._group_mask(open_mask)  # (n // group,)
         with torch.no_grad():
-            self.log_alpha.copy_(torch.where(mask, math.inf, -math.inf))
+            self.log_alpha.copy_(torch.where(mask, FORCED_LOG_ALPHA, -FORCED_LOG_ALPHA))
 
 
 class SigmoidGate(Gate):
@@ -498,7 +505,8 @@ def replayable_gate_values(gates: Sequence[Gate]) -> list[Tensor]:
     torch.Size([2])
     """
     params = [p for g in gates for p in g.parameters() if p.requires_grad]
-    if not torch.is_grad_enabled() or not params:
+    # torch.compile cannot trace the random-state handling (fullgraph=True refused it)
+    if not torch.is_grad_enabled() or not params or torch.compiler.is_compiling():
         return gate_values(gates)
     return list(_ReplayedValues.apply(gates, *params))  # type: ignore[no-untyped-call]
 

@@ -227,7 +227,7 @@ def _check_finite(name: str, x: Tensor, y: Tensor) -> None:
 def _non_finite_parameters(model: nn.Module, budget: Budget | None) -> list[str]:
     """Names (with counts) of the floating parameters of ``model`` and ``budget`` that show
     divergence: NaN anywhere, or inf outside the gates (``Gate.force_`` fixes a gate with
-    ``log_alpha = +-inf``)."""
+    ``log_alpha = +-inf`` before 2026-12-07, ``+-1e4`` since)."""
     gate_params = {id(p) for g in gate_modules(model) for p in g.parameters()}
     named = [(k, p) for k, p in model.named_parameters()]
     if budget is not None:

@@ -12,7 +12,8 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -221,6 +222,65 @@ class _InputSiteHook:
         return (x * self.gating.input_scale(self.name, x), *inputs[1:])
 
 
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass (a gradient-checkpointed recomputation);
+    False under torch.compile, which cannot trace the question."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+class _BackwardToken:
+    """Lives as long as the autograd graph of one forward's output, and records whether a
+    backward pass through it has finished."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+class _MarkDone:
+    """Pre-hook on the autograd node of a root output: marks the forward's token done at the
+    end of the backward pass that reaches it."""
+
+    def __init__(self, token: _BackwardToken) -> None:
+        self.token = token
+
+    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        token = self.token
+
+        def done() -> None:
+            token.done = True
+
+        torch.autograd.Variable._execution_engine.queue_callback(done)
+
+
+def _output_tensors(output: object) -> Iterator[Tensor]:
+    """The tensors in a forward's output: a tensor, or tensors in tuples, lists and mappings
+    (a Hugging Face ``ModelOutput`` is one)."""
+    if isinstance(output, Tensor):
+        yield output
+    elif isinstance(output, tuple | list):
+        for o in output:
+            yield from _output_tensors(o)
+    elif isinstance(output, Mapping):
+        for o in output.values():
+            yield from _output_tensors(o)
+
+
+@dataclass
+class _ForwardState:
+    """What the gated sites of one forward pass share: the gate samples (channel and block
+    gates, shortcut gates), the block outputs the shortcuts read, and the token that tells
+    whether the forward's backward has reached its samples (None: drawn without a graph)."""
+
+    values: tuple[list[Tensor], list[Tensor]] | None = None
+    edge_values: Tensor | None = None
+    edge_outputs: dict[str, Tensor] = field(default_factory=dict)
+    edge_versions: dict[str, int] = field(default_factory=dict)
+    token: _BackwardToken | None = None
+    # started in backward: the recomputation of a checkpointed root forward, which draws the
+    # original samples again (checkpoint restores the random state)
+    recomputed: bool = False
+
+
 class _EdgeOutHook:
     """Forward hook keeping a block's output for the shortcuts leaving it (a copy when a later
     in-place op overwrites it, e.g. the next block's ``x += f(x)``)."""
@@ -232,8 +292,9 @@ class _EdgeOutHook:
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> None:
         kept = output.clone() if getattr(self, "clone", False) else output
-        self.gating.edge_outputs[self.name] = kept
-        self.gating.edge_versions[self.name] = kept._version
+        state = self.gating.forward_state()
+        state.edge_outputs[self.name] = kept
+        state.edge_versions[self.name] = kept._version
 
 
 class _EdgeInHook:
@@ -245,6 +306,17 @@ class _EdgeInHook:
 
     def __call__(self, module: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
         return (self.gating.edge_input(self.name, inputs[0]),)
+
+
+class _TrackHook:
+    """Forward hook on the root model: ties a token to the output's autograd graph
+    (:meth:`InsertedGating.track_backward`)."""
+
+    def __init__(self, gating: InsertedGating) -> None:
+        self.gating = gating
+
+    def __call__(self, module: nn.Module, inputs: tuple[Any, ...], output: object) -> None:
+        self.gating.track_backward(output)
 
 
 class _ResetHook:
@@ -302,6 +374,7 @@ _GATE_HOOKS = (
     _EdgeOutHook,
     _EdgeInHook,
     _ResetHook,
+    _TrackHook,
 )
 
 
@@ -399,9 +472,6 @@ class InsertedGating(ModelGating):
         self.rnn_consumers = rnn_consumers if rnn_consumers is not None else []
         self.edges = edges
         self.edge_gate: Gate | None = _closed_gate(edge_kind, len(edges)) if edges else None
-        self.edge_outputs: dict[str, Tensor] = {}
-        self.edge_versions: dict[str, int] = {}
-        self._edge_cache: Tensor | None = None
         self.hooked: tuple[str, ...] = ()  # modules gate_ hooked (set by gate_)
         # the dense model's fingerprint, recorded in exported plans (set by gate_)
         self.source: dict[str, Any] | None = None
@@ -421,16 +491,17 @@ class InsertedGating(ModelGating):
         self.batch_scalable = batch_scalable
         self.opaque = opaque
         self.summary = summary
-        self._cache: tuple[list[Tensor], list[Tensor]] | None = None
+        # what the sites of one forward share, for forwards with and without gradients
+        self._states: dict[bool, _ForwardState] = {}
         # grad mode at the start of the root forward (None: outside one, read the current)
         self._forward_grad: bool | None = None
+        # tokens of forwards with a graph (see track_backward)
+        self._pending: list[weakref.ref[_BackwardToken]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_cache"] = None  # per-forward samples are not part of the state
-        state["_edge_cache"] = None
-        state["edge_outputs"] = {}
-        state["edge_versions"] = {}
+        state["_states"] = {}  # per-forward samples are not part of the state
+        state["_pending"] = []
         return state
 
     # ------------------------------------------------------------------ forward
@@ -508,23 +579,88 @@ class InsertedGating(ModelGating):
         (inside a reentrant checkpointed segment, whose first forward runs without grad,
         samples drawn there without a graph would leave the gates without gradients)."""
         self._forward_grad = grad_enabled
-        self._cache = None
-        self._edge_cache = None
-        self.edge_outputs = {}
-        self.edge_versions = {}
+        recomputed = _in_backward()
+        self._all_states()[recomputed or self._sample_grad()] = _ForwardState(recomputed=recomputed)
+
+    def _all_states(self) -> dict[bool, _ForwardState]:
+        states: dict[bool, _ForwardState] | None = self.__dict__.get("_states")
+        if states is None:  # a model pickled before 2026-12-07
+            states = self.__dict__["_states"] = {}
+            self.__dict__["_pending"] = []
+        return states
+
+    def forward_state(self) -> _ForwardState:
+        """What the gated sites of the current forward share (gate samples, block outputs
+        for the shortcuts): one for forwards with gradients, one for forwards without, so a
+        forward under ``torch.no_grad()`` (a validation batch) between a training forward
+        and its backward leaves what a gradient-checkpointed segment recomputes with alone.
+        A recomputation (in backward) reads the training forward's, and is a
+        ``RuntimeError`` if a forward before it with a graph still awaits its backward: it
+        could be that one's segment, which drew other samples."""
+        in_backward = _in_backward()
+        grad = True if in_backward else self._sample_grad()
+        states = self._all_states()
+        state = states.get(grad)
+        if state is None:
+            state = states[grad] = _ForwardState()
+        if in_backward and state.token is not None and not state.recomputed:
+            self._check_recomputation(state.token)
+        return state
+
+    def track_backward(self, output: object) -> None:
+        """Tie a token to the autograd graph of this forward's ``output`` (the root's), so a
+        recomputation in backward can tell whether an earlier forward still awaits its
+        backward (see :meth:`forward_state`)."""
+        if torch.compiler.is_compiling():  # cannot trace grad_fn: no check under compile
+            return
+        state = self._all_states().get(True)
+        if state is None or state.recomputed or not self._sample_grad() or _in_backward():
+            return
+        nodes = [t.grad_fn for t in _output_tensors(output) if t.grad_fn is not None]
+        if not nodes:
+            return
+        token = state.token = _BackwardToken()
+        for node in nodes:
+            node.register_prehook(_MarkDone(token))
+        pending = self.__dict__.setdefault("_pending", [])
+        pending[:] = [r for r in pending if (t := r()) is not None and not t.done]
+        pending.append(weakref.ref(token))
+
+    def _check_recomputation(self, current: _BackwardToken) -> None:
+        waiting = [
+            t
+            for ref in self._pending
+            if (t := ref()) is not None and t is not current and not t.done
+        ]
+        if waiting:
+            raise RuntimeError(
+                "a gradient-checkpointed part of the gated model is recomputed in backward "
+                f"while {len(waiting) + 1} forwards with gradients await their backward: the "
+                "gates are sampled once per forward and a recomputation reads the latest "
+                "forward's samples, which would be wrong for an earlier one. Run each "
+                "training forward's backward before the next forward with gradients (or "
+                "drop the earlier outputs), or do not checkpoint"
+            )
+
+    def _new_samples(self, state: _ForwardState, gates: list[Gate]) -> list[Tensor]:
+        """This forward's samples of ``gates``, drawn with a graph if the root forward
+        started with gradients (a graph several backward passes may traverse: reentrant
+        checkpointing)."""
+        with torch.set_grad_enabled(self._sample_grad() or state.recomputed):
+            return replayable_gate_values(gates)
 
     def edge_input(self, name: str, x: Tensor) -> Tensor:
         """Input of block ``name`` plus the gated shortcuts arriving at it."""
         if self.edge_gate is None:
             return x
-        if self._edge_cache is None:
-            with torch.set_grad_enabled(self._sample_grad()):
-                (self._edge_cache,) = replayable_gate_values([self.edge_gate])
-        values = self._edge_cache
+        state = self.forward_state()
+        if state.edge_values is None:
+            (state.edge_values,) = self._new_samples(state, [self.edge_gate])
+        values = state.edge_values
         for k, e in enumerate(self.edges):
-            if e.dst == name and e.src in self.edge_outputs:
-                s = self.edge_outputs[e.src]
-                if s._version != self.edge_versions.get(e.src, s._version):
+            if e.dst == name and e.src in state.edge_outputs:
+                s = state.edge_outputs[e.src]
+                if s._version != state.edge_versions.get(e.src, s._version):
                     raise RuntimeError(
                         f"the output of block '{e.src}' was modified in place before the "
                         f"shortcut {e.src} -> {e.dst} read it (an in-place op gate_'s example "
@@ -543,13 +679,12 @@ class InsertedGating(ModelGating):
         return x
 
     def _values(self) -> tuple[list[Tensor], list[Tensor]]:
-        if self._cache is None:
-            # a graph that several backward passes may traverse (reentrant checkpointing)
-            with torch.set_grad_enabled(self._sample_grad()):
-                groups = replayable_gate_values(self._group_list())
-                blocks = replayable_gate_values(self._block_list())
-            self._cache = (groups, blocks)
-        return self._cache
+        state = self.forward_state()
+        if state.values is None:
+            groups = self._new_samples(state, self._group_list())
+            blocks = self._new_samples(state, self._block_list())
+            state.values = (groups, blocks)
+        return state.values
 
     def _sample_grad(self) -> bool:
         """Whether this forward's gate samples record a graph: the grad mode the root forward
@@ -1689,6 +1824,7 @@ def gate_(
     for name in in_sites:
         model.get_submodule(name).register_forward_pre_hook(_InputSiteHook(gating, name))
     model.register_forward_pre_hook(_ResetHook(gating))
+    model.register_forward_hook(_TrackHook(gating))
     for key, site in param_sites.items():  # linear maps written with parameters
         for path, dim in ((site.weight, site.out_dim), (site.bias, 0)):
             if path is not None:
