@@ -1204,6 +1204,14 @@ def _is_add(n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in ("add", "add_")
 
 
+def _is_sub(n: fx.Node) -> bool:
+    """A subtraction of two arguments (``y - b``, ``torch.sub``, ``y.sub(b)``): a bias
+    subtracted from a product, whose channels it keeps like an add."""
+    if n.op == "call_function":
+        return n.target in (operator.sub, torch.sub) and not n.kwargs
+    return n.op == "call_method" and n.target == "sub" and not n.kwargs
+
+
 _SAME_CHANNELS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
     nn.Hardswish, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -1463,8 +1471,8 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
             label[n] = _Channels("last", out, n_out, f"parameter '{path}'")
             if isinstance(b_arg, fx.Node):
                 _check_bias(b_arg, label[n], slices)
-        elif _is_add(n) and len(args) == 2:
-            for a, c in (args, args[::-1]):  # x @ W + b: b sliced as W's output units
+        elif (_is_add(n) or _is_sub(n)) and len(args) == 2:
+            for a, c in (args, args[::-1]):  # x @ W + b (- b): b sliced as W's output units
                 if a in label and label[a] is not model_input:
                     _check_bias(c, label[a], slices)
             if n.name in cut:
@@ -1516,7 +1524,7 @@ def _linear_param(model: nn.Module, n: fx.Node) -> tuple[str, int, Any, Any] | N
         return None
     if w.dim() != 2:
         return None
-    return path, (len(src[1]) + int(parts[3])) % 2, parts[0], parts[2]
+    return path, (len(src[1]) + int(parts.out_first)) % 2, parts.x, parts.bias
 
 
 def _check_bias(b: Any, got: _Channels, slices: dict[str, dict[str, Any]]) -> None:
