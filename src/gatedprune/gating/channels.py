@@ -1889,8 +1889,11 @@ class _Propagator:
         lab, x_shape, out = self.lab(x), self.shape(x), self.shape(n)
         why: str | None = None
         in_dim, n_in, n_out = (len(chain) + int(ops.out_first)) % 2, 0, 0
+        whole = self.rec.whole.get(n)
         if param is None:
             why = "a buffer or constant, not a parameter"
+        elif whole is not None:  # its handler's count would not follow the kept widths
+            why = f"inside module '{whole}', which a cost handler (register_cost) counts whole"
         elif param.dim() != 2:
             why = f"{param.dim()}-d, not a matrix (only a 2-d weight is sliced)"
         elif not self.read_once(attr, chain, n):
