@@ -105,6 +105,7 @@ class ParamLinear:
     bias_flops: bool = False  # F.linear's bias: 1 FLOP per output element, as cost counts it
     in_atoms: np.ndarray | None = None  # atoms of the input features (None: unlabelled)
     out_atoms: np.ndarray | None = None  # the output units' space (None: not a producer)
+    bias_node: str | None = None  # the add (or subtraction) of a bias added after the product
 
 
 def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
@@ -2027,6 +2028,7 @@ class _Propagator:
                 )
                 return None
             pl.bias = str(c.target)
+            pl.bias_node = n.name
             return lab
         return None
 
