@@ -54,8 +54,8 @@ FORMS: dict[str, tuple[bool, Form]] = {
     "h.matmul(W)": (False, lambda h, w, b: _plus(h.matmul(w), b)),
     "torch.mm": (False, lambda h, w, b: _plus(torch.mm(h, w), b)),
     "h.mm(W)": (False, lambda h, w, b: _plus(h.mm(w), b)),
-    # a subtracted bias, (x W - b) g = x (W g) - b g, and addmm's (added 2026-12-08; before,
-    # "adds an ungated tensor" kept the output units whole, "not prune through" both sides)
+    # a subtracted bias, (x W - b) g = x (W g) - b g, and addmm's (added 2026-12-07 19:15 UTC;
+    # before, "adds an ungated tensor" kept the output units whole, "not prune through" both)
     "h @ W - b": (False, lambda h, w, b: h @ w if b is None else h @ w - b),
     "b - h @ W": (False, lambda h, w, b: h @ w if b is None else b - h @ w),
     "torch.sub(h @ W, b)": (False, lambda h, w, b: h @ w if b is None else torch.sub(h @ w, b)),
