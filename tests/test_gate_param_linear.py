@@ -54,8 +54,27 @@ FORMS: dict[str, tuple[bool, Form]] = {
     "h.matmul(W)": (False, lambda h, w, b: _plus(h.matmul(w), b)),
     "torch.mm": (False, lambda h, w, b: _plus(torch.mm(h, w), b)),
     "h.mm(W)": (False, lambda h, w, b: _plus(h.mm(w), b)),
+    # a subtracted bias, (x W - b) g = x (W g) - b g, and addmm's (added 2026-12-07 19:15 UTC;
+    # before, "adds an ungated tensor" kept the output units whole, "not prune through" both)
+    "h @ W - b": (False, lambda h, w, b: h @ w if b is None else h @ w - b),
+    "b - h @ W": (False, lambda h, w, b: h @ w if b is None else b - h @ w),
+    "torch.sub(h @ W, b)": (False, lambda h, w, b: h @ w if b is None else torch.sub(h @ w, b)),
+    "torch.addmm(b, h, W)": (False, lambda h, w, b: h @ w if b is None else torch.addmm(b, h, w)),
+    "torch.addmm(b, h, W.t())": (
+        True,
+        lambda h, w, b: h @ w.t() if b is None else torch.addmm(b, h, w.t()),
+    ),
+    "b.addmm(h, W, beta=0.5, alpha=2)": (
+        False,
+        lambda h, w, b: h @ w if b is None else b.addmm(h, w, beta=0.5, alpha=2),
+    ),
+    "torch.addmm(input=b, mat1=h, mat2=W)": (
+        False,
+        lambda h, w, b: h @ w if b is None else torch.addmm(input=b, mat1=h, mat2=w),
+    ),
 }
-MM_ONLY_2D = ("torch.mm", "h.mm(W)")
+ADDMM = [f for f in FORMS if "addmm" in f]
+MM_ONLY_2D = ("torch.mm", "h.mm(W)", *ADDMM)
 
 
 def _weight(form: str, n_in: int, n_out: int) -> nn.Parameter:
@@ -831,3 +850,69 @@ def test_gates_changed_after_a_forward_are_read_in_eval_mode() -> None:
     w1 = model.W1  # read outside a forward, after the gates changed
     assert torch.equal(w1[:, :3], stored[:, :3].detach())
     assert not w1[:, 3:].any()
+
+
+class SubBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(4, 8))
+        self.b = nn.Parameter(torch.randn(8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.relu(x @ self.W - self.b))  # (B, 2)
+
+
+def test_a_plan_refuses_a_subtracted_bias_sliced_unlike_its_product() -> None:
+    # before: the plan check followed biases of adds only: a hand-written plan keeping other
+    # entries of b than of W's units applied, a model computing another function
+    x = torch.randn(3, 4)
+    torch.manual_seed(7)
+    model = SubBias()
+    gate_(model, x)
+    gating = inserted_gating(model)
+    gating.group_gates[0].force_(torch.arange(8) % 2 == 0)  # type: ignore[operator]
+    plan = export_plan(model)
+    assert plan["slices"]["b"] == {
+        "kind": "vector",
+        "in": None,
+        "out": [0, 2, 4, 6],
+        "n_in": None,
+        "n_out": 8,
+    }
+    hand = {k: v for k, v in plan.items() if k not in ("checksum", "model")}
+    hand["slices"] = {**hand["slices"], "b": {**hand["slices"]["b"], "out": [1, 3, 5, 7]}}
+    with pytest.raises(ValueError, match="bias 'b'"):
+        apply_plan(SubBias(), hand)
+
+
+class AddmmResidual(nn.Module):
+    """``torch.addmm(h, x, W)``: a gated tensor as addmm's added input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 6), nn.Linear(4, 8)
+        self.W = nn.Parameter(torch.randn(6, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.l2(x))  # (B, 8)
+        return self.head(torch.relu(torch.addmm(h, torch.relu(self.l1(x)), self.W)))
+
+
+def test_a_gated_tensor_added_by_addmm_keeps_its_channels() -> None:
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 4, generator=gen)
+
+    def factory() -> AddmmResidual:
+        torch.manual_seed(8)
+        return AddmmResidual()
+
+    model = factory()
+    summary = gate_(model, x)
+    assert summary.channel_groups == [(["l1"], 6)], str(summary)  # W's input features
+    reasons = {p: r for producers, _, r in summary.ungated_groups for p in producers}
+    assert "its bias is not a parameter read as it is" in reasons["l2"], str(summary)
+    _close_some(model, gen)
+    pruned = check_pruned(model, x, gen, factory)
+    assert pruned.get_submodule("l1").out_features < 6

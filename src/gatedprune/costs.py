@@ -860,19 +860,26 @@ def _handler_for(m: nn.Module) -> Handler | None:
 
 def is_code(m: nn.Module) -> bool:
     """Whether leaf ``m`` is counted as code, like the ``forward`` that calls it: a module of
-    your own or a library's (not torch's) with no parameters, no buffers and no cost handler
-    (torchvision's ``StochasticDepth`` and ``Permute``, a ``Chomp1d``, a swish): the matrix
-    products it calls are counted, element-wise ops are free. Torch's own layers without a
-    handler, and leaves holding tensors, still raise (they may compute what no hook sees).
+    your own or a library's (not torch's) with no cost handler that holds no buffers
+    (torchvision's ``StochasticDepth`` and ``Permute``, a ``Chomp1d``, a swish) or holds
+    parameters (Hugging Face GPT-2's ``Conv1D``, ``x @ self.weight.t() + self.bias``): the
+    matrix products it calls are counted (``addmm``, ``@``, ``F.linear``), element-wise ops are
+    free, and its parameters count, as for a model without children. Torch's own layers
+    without a handler, and leaves holding buffers only (a fixed scale, which no rule says how
+    to count), still raise.
 
     >>> class Swish(nn.Module):
     ...     def forward(self, x): return x * torch.sigmoid(x)
-    >>> is_code(Swish()), is_code(nn.CosineSimilarity()), is_code(nn.Linear(2, 2))
-    (True, False, False)
+    >>> class MyLinear(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.weight = nn.Parameter(torch.zeros(2, 3))
+    ...     def forward(self, x): return x @ self.weight.t()
+    >>> is_code(Swish()), is_code(MyLinear()), is_code(nn.CosineSimilarity())
+    (True, True, False)
     """
     if type(m).__module__.split(".")[0] == "torch" or _handler_for(m) is not None:
         return False
-    return not any(True for _ in m.parameters()) and not any(True for _ in m.buffers())
+    return any(True for _ in m.parameters()) or not any(True for _ in m.buffers())
 
 
 def _own_root(name: str, m: nn.Module) -> bool:

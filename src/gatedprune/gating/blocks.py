@@ -5,7 +5,10 @@ that operand is dropped from the add (the fx nodes that no longer reach the outp
 whose dead set holds the most FLOPs is the branch ``F``; the other one is the shortcut (identity
 or projection). The block gate ``g`` multiplies ``F``'s last module output (walking back through
 dropout/ReLU, which commute with ``g >= 0``), so the gated block is ``y = s + g * F(x)``; with
-``g = 0`` the add is replaced by ``s`` and the dead set is removed: depth pruning.
+``g = 0`` the add is replaced by ``s`` and the dead set is removed: depth pruning. A branch
+ending in a linear map written with the model's own parameters (``relu(x @ W1) @ W2 (+ b2)``,
+GPT-2's ``Conv1D``) has it as its site: the gate scales the weight's output units and the bias,
+``(x W + b) g = x (W g) + b g``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Block:
     dead: frozenset[fx.Node]  # removed when this block alone closes
     owner: str  # module whose forward holds the add
     flops: int  # FLOPs of the dead set (dense)
+    param: bool = False  # ``site`` is the weight of a linear map written with parameters
 
 
 def graph_writes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
@@ -124,10 +128,14 @@ def _bounded(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
-def _independent(n: fx.Node, site: str) -> bool:
-    """Whether ``n`` is computed without the output of module ``site`` (so a gate on that
-    output leaves it as it was)."""
-    return not any(v.op == "call_module" and v.target == site for v in ancestors(n))
+def _independent(n: fx.Node, site: str, ends: dict[fx.Node, str] | None = None) -> bool:
+    """Whether ``n`` is computed without the output of module ``site`` (or of the linear map
+    whose weight is ``site``: a node of ``ends`` naming it) (so a gate on that output leaves
+    it as it was)."""
+    ends = ends or {}
+    return not any(
+        (v.op == "call_module" and v.target == site) or ends.get(v) == site for v in ancestors(n)
+    )
 
 
 def _site_of(
@@ -136,6 +144,7 @@ def _site_of(
     calls: dict[str, int],
     opaque: set[str],
     inside: frozenset[fx.Node],
+    ends: dict[fx.Node, str] | None = None,
 ) -> tuple[str | None, str | None]:
     """The module whose output the block gate scales (folded into it when pruning), walking
     back from the branch output ``u`` through ops that keep a zero at zero; ``inside``: the
@@ -143,11 +152,16 @@ def _site_of(
     (a squeeze-and-excitation ``y * sigmoid(fc(pool(y)))``): the gated model scales ``y`` for
     all of them, as the pruned one does with the gate folded into its producer, and a closed
     gate still zeroes the product. A product of two tensors is followed through whichever
-    factor leads to a site."""
+    factor leads to a site. ``ends``: the nodes that end a linear map written with the
+    model's own parameters whose output units gate_ can scale (the product, or the add of its
+    bias), by the weight's name, which is then the site."""
+    ends = ends or {}
     n = u
     while True:
         if any(w not in inside for w in n.users):
             return None, f"{node_label(n)} is read outside the branch"
+        if n in ends:
+            return ends[n], None
         two = [a for a in n.args if isinstance(a, fx.Node)]
         is_mul = (n.op == "call_function" and n.target in (operator.mul, torch.mul)) or (
             n.op == "call_method" and n.target == "mul"
@@ -155,8 +169,10 @@ def _site_of(
         if is_mul and len(two) == 2 and len(n.args) == 2 and not n.kwargs:
             reasons = []
             for factor, other in ((two[0], two[1]), (two[1], two[0])):
-                site, why = _site_of(gm, factor, calls, opaque, inside)
-                if site is not None and not (_bounded(gm, other) or _independent(other, site)):
+                site, why = _site_of(gm, factor, calls, opaque, inside, ends)
+                if site is not None and not (
+                    _bounded(gm, other) or _independent(other, site, ends)
+                ):
                     # 0 * inf: with the gate closed the product could be NaN, not 0
                     site, why = (
                         None,
@@ -288,10 +304,16 @@ _OTHER_FORM = (
 
 
 def find_blocks(
-    gm: fx.GraphModule, record: RunRecord, opaque: Iterable[str] = ()
+    gm: fx.GraphModule,
+    record: RunRecord,
+    opaque: Iterable[str] = (),
+    param_ends: dict[fx.Node, str] | None = None,
 ) -> tuple[list[Block], list[tuple[str, str]]]:
     """Residual blocks of ``gm``, and (add node label, reason) for adds that are not gated
-    (``opaque``: modules kept whole because fx cannot trace them, named as such)."""
+    (``opaque``: modules kept whole because fx cannot trace them, named as such;
+    ``param_ends``: the nodes ending a linear map written with the model's own parameters
+    whose output units can be scaled, by its weight's name, see :func:`_site_of`)."""
+    ends = param_ends or {}
     graph = gm.graph
     kept_whole = set(opaque)
     writes = graph_writes(graph)
@@ -317,32 +339,37 @@ def find_blocks(
             and record.shapes.get(b) == shape
         ):
             continue
-        best: tuple[int, int, frozenset[fx.Node]] | None = None
+        # the branch: the operand whose removal drops the most FLOPs among those holding a
+        # module with parameters, or else (no module on either side) a linear map written with
+        # parameters (``x + relu(x @ W1) @ W2``; a LoRA Linear's ``F.linear(x, W, b) +
+        # up(down(x))`` keeps its base map and gates the adapter, as before such maps counted)
+        best: tuple[tuple[bool, int], int, frozenset[fx.Node]] | None = None
         for pos in (0, 1):
             dead = frozenset(base - live_nodes(graph, {n: pos}, writes))
-            has_params = any(
+            module_params = any(
                 d.op == "call_module"
                 and any(True for _ in gm.get_submodule(str(d.target)).parameters())
                 for d in dead
             )
-            if not has_params:
+            if not (module_params or any(d in ends for d in dead)):
                 continue
-            flops = sum(record.flops.get(d, 0) for d in dead)
-            if best is None or flops > best[0]:
-                best = (flops, pos, dead)
+            key = (module_params, sum(record.flops.get(d, 0) for d in dead))
+            if best is None or key > best[0]:
+                best = (key, pos, dead)
         if best is None:
             continue
         if other_form:
             skipped.append((node_label(n), _OTHER_FORM))
             continue
-        flops, pos, dead = best
+        (_, flops), pos, dead = best
         branch = n.args[pos]
         assert isinstance(branch, fx.Node)
-        site, why = _site_of(gm, branch, calls, kept_whole, dead | {n})
+        site, why = _site_of(gm, branch, calls, kept_whole, dead | {n}, ends)
         if site is None:
             skipped.append((node_label(n), why or "no site"))
             continue
-        blocks.append(Block(len(blocks), n, pos, site, dead, owner_of(n), flops))
+        param = site in ends.values()
+        blocks.append(Block(len(blocks), n, pos, site, dead, owner_of(n), flops, param))
     return blocks, skipped
 
 

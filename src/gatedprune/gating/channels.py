@@ -38,7 +38,7 @@ import functools
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ __all__ = [
     "ChannelAnalysis",
     "ChannelGroup",
     "Labels",
+    "LinearOperands",
     "ParamLinear",
     "analyse_channels",
     "linear_operands",
@@ -104,6 +105,7 @@ class ParamLinear:
     bias_flops: bool = False  # F.linear's bias: 1 FLOP per output element, as cost counts it
     in_atoms: np.ndarray | None = None  # atoms of the input features (None: unlabelled)
     out_atoms: np.ndarray | None = None  # the output units' space (None: not a producer)
+    bias_node: str | None = None  # the add (or subtraction) of a bias added after the product
 
 
 def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
@@ -305,6 +307,8 @@ _EXCITE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 EXCITE_FUNCS, EXCITE_METHODS, EXCITE_MODULES = _EXCITE_FUNCS, _EXCITE_METHODS, _EXCITE_MODULES
 RESHAPE_FUNCS, RESHAPE_METHODS = _RESHAPE_FUNCS, _RESHAPE_METHODS
 _ADD_FUNCS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, torch.add}
+# a bias added to (or subtracted from) the output units of a linear map (see param_bias)
+_BIAS_FUNCS: set[Callable[..., Any]] = {operator.add, torch.add, operator.sub, torch.sub}
 _MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
 # normalisations over trailing dimensions (normalized_shape); of heads: over the head size
@@ -314,6 +318,7 @@ _MM: tuple[Callable[..., Any], ...] = (torch.bmm, torch.mm)  # matmul of 3-d / 2
 _KEYWORDS_READ: dict[Any, tuple[str, ...]] = {
     F.scaled_dot_product_attention: ("query", "key", "value", "attn_mask"),
     F.linear: ("input", "weight", "bias"),  # every form either handled or pinned whole
+    torch.addmm: ("input", "mat1", "mat2", "beta", "alpha"),  # the same
 }
 _META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
 _META_METHODS = {"size", "dim", "numel"}
@@ -440,28 +445,70 @@ _MATMUL_FUNCS: set[Callable[..., Any]] = {operator.matmul, torch.matmul, torch.m
 _MATMUL_METHODS = {"matmul", "mm"}
 
 
-def linear_operands(n: fx.Node) -> tuple[Any, Any, Any, bool] | None:
-    """``(x, weight, bias, is_linear)`` of a product node read as a linear map: ``F.linear(x,
-    w, b)`` (arguments by position or keyword; ``is_linear`` True) or ``x @ w``,
-    ``torch.matmul``, ``torch.mm`` and their methods (``bias`` None); None for other nodes.
+class LinearOperands(NamedTuple):
+    """The operands of a product node read as a linear map ``x W (+ b)`` (see
+    :func:`linear_operands`)."""
+
+    x: Any  # the input (its last dimension is contracted)
+    weight: Any
+    bias: Any  # the bias the op itself adds (F.linear's, addmm's input), else None
+    out_first: bool  # the weight is stored (out, in), as F.linear reads it; else (in, out)
+    fused: bool  # the op adds the bias itself (F.linear, addmm): 1 FLOP per output element,
+    # and no other rule reads the node
+
+
+def _scalar(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _addmm_operands(n: fx.Node, method: bool) -> LinearOperands | None:
+    """``torch.addmm(b, x, W, beta=.., alpha=..)`` / ``b.addmm(x, W)``: ``beta b + alpha x W``,
+    linear in ``W``'s columns and ``b`` together whatever the two numbers are."""
+    names = ("input", "mat1", "mat2")
+    scales = {k: v for k, v in n.kwargs.items() if k in ("beta", "alpha")}
+    rest = {k: v for k, v in n.kwargs.items() if k not in scales}
+    if method and rest:
+        return None
+    if len(n.args) > len(names) or set(rest) - set(names[len(n.args) :]):
+        return None
+    if not all(_scalar(v) for v in scales.values()):
+        return None
+    b, x, w = (n.args[i] if len(n.args) > i else rest.get(k) for i, k in enumerate(names))
+    if x is None or w is None:
+        return None
+    return LinearOperands(x, w, b, False, True)
+
+
+def linear_operands(n: fx.Node) -> LinearOperands | None:
+    """The operands of a product node read as a linear map: ``F.linear(x, w, b)`` (arguments
+    by position or keyword; the weight ``(out, in)``), ``x @ w``, ``torch.matmul``,
+    ``torch.mm`` and their methods (no bias), ``torch.addmm(b, x, w)`` and ``b.addmm(x, w)``
+    (the bias added by the op, ``beta``/``alpha`` numbers allowed); None for other nodes.
 
     >>> g = fx.Graph()
-    >>> x, w = g.placeholder("x"), g.get_attr("w")
-    >>> linear_operands(g.call_function(F.linear, (x,), {"weight": w}))[1] is w
+    >>> x, w, b = g.placeholder("x"), g.get_attr("w"), g.get_attr("b")
+    >>> linear_operands(g.call_function(F.linear, (x,), {"weight": w})).weight is w
     True
+    >>> ops = linear_operands(g.call_function(torch.addmm, (b, x, w)))
+    >>> ops.bias is b, ops.out_first, ops.fused
+    (True, False, True)
     """
     if n.op == "call_function" and n.target is F.linear:
         names = ("input", "weight", "bias")
         if len(n.args) > len(names) or set(n.kwargs) - set(names):
             return None
         x, w, b = (n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names))
-        return x, w, b, True
+        return LinearOperands(x, w, b, True, True)
+    if n.op == "call_function" and n.target is torch.addmm:
+        return _addmm_operands(n, method=False)
+    if n.op == "call_method" and n.target == "addmm":
+        return _addmm_operands(n, method=True)
     if (n.op == "call_function" and n.target in _MATMUL_FUNCS) or (
         n.op == "call_method" and n.target in _MATMUL_METHODS
     ):
         if len(n.args) != 2 or n.kwargs:
             return None
-        return n.args[0], n.args[1], None, False
+        return LinearOperands(n.args[0], n.args[1], None, False, False)
     return None
 
 
@@ -940,7 +987,7 @@ class _Propagator:
             return None
         parts = linear_operands(n)
         if parts is not None:
-            handled, lab = self.param_linear(n, *parts)
+            handled, lab = self.param_linear(n, parts)
             if handled:
                 return lab
         if (n.op == "call_function" and n.target in (operator.matmul, torch.matmul, *_MM)) or (
@@ -1011,7 +1058,9 @@ class _Propagator:
             return self.trailing(n, x, len(ins) - 2 if ins is not None else 0, "resizes")
         if (is_fn and target in _RESHAPE_FUNCS) or (not is_fn and target in _RESHAPE_METHODS):
             return self.reshape(n, x)
-        if (is_fn and target in _ADD_FUNCS) or (not is_fn and target in ("add", "add_", "sub")):
+        if (is_fn and target in (*_ADD_FUNCS, torch.sub)) or (
+            not is_fn and target in ("add", "add_", "sub")
+        ):
             biased = self.param_bias(n)
             return biased if biased is not None else self.binary(n, "add")
         if (is_fn and target in _MUL_FUNCS) or (not is_fn and target in ("mul", "mul_")):
@@ -1825,14 +1874,13 @@ class _Propagator:
         self.param_whole.setdefault(path, f"{why}, at {self.describe(n)}")
         return f"{self.describe(n)} reads them with weight '{path}', left whole: {why}"
 
-    def param_linear(
-        self, n: fx.Node, x: Any, w: Any, b: Any, is_linear: bool
-    ) -> tuple[bool, Labels | None]:
+    def param_linear(self, n: fx.Node, ops: LinearOperands) -> tuple[bool, Labels | None]:
         """A linear map with a parameter weight (see :class:`ParamLinear`): ``(True, labels of
-        its output units)`` when it is one, recorded; ``(True, None)`` when ``F.linear`` is
-        left whole (its inputs pinned, with the reason); ``(False, None)`` when another rule
-        decides (a product of two activations, or a parameter product left whole: the
-        reason recorded, the existing rules for ``@`` then apply)."""
+        its output units)`` when it is one, recorded; ``(True, None)`` when ``F.linear`` or
+        ``addmm`` is left whole (its inputs pinned, with the reason); ``(False, None)`` when
+        another rule decides (a product of two activations, or a parameter product left
+        whole: the reason recorded, the existing rules for ``@`` then apply)."""
+        x, w, b, is_linear = ops.x, ops.weight, ops.bias, ops.fused
         src = transposed_source(w)
         attr = src[0] if src is not None and src[0].op == "get_attr" else None
         if src is None or attr is None:
@@ -1841,9 +1889,12 @@ class _Propagator:
         param = self.parameter(path)
         lab, x_shape, out = self.lab(x), self.shape(x), self.shape(n)
         why: str | None = None
-        in_dim, n_in, n_out = (len(chain) + int(is_linear)) % 2, 0, 0
+        in_dim, n_in, n_out = (len(chain) + int(ops.out_first)) % 2, 0, 0
+        whole = self.rec.whole.get(n)
         if param is None:
             why = "a buffer or constant, not a parameter"
+        elif whole is not None:  # its handler's count would not follow the kept widths
+            why = f"inside module '{whole}', which a cost handler (register_cost) counts whole"
         elif param.dim() != 2:
             why = f"{param.dim()}-d, not a matrix (only a 2-d weight is sliced)"
         elif not self.read_once(attr, chain, n):
@@ -1877,7 +1928,8 @@ class _Propagator:
         self.param_linears[n] = pl
         bias_why = self.bias_problem(b, n, n_out) if b is not None else None
         if bias_why is not None:
-            self.whole(path, f"its output units are not gated: {bias_why}", n)
+            pin_why = self.whole(path, f"its output units are not gated: {bias_why}", n)
+            self.pin(self.lab(b), pin_why)  # its bias a gated tensor (addmm(h, x, W)): whole
             return True, None
         if b is not None:
             pl.bias = str(b.target)
@@ -1947,12 +1999,14 @@ class _Propagator:
         return None
 
     def param_bias(self, n: fx.Node) -> Labels | None:
-        """``y + b`` (``b + y``, ``torch.add(y, b)``) with ``y`` the output units of a
-        :class:`ParamLinear` read only here and ``b`` a 1-d parameter of their size read only
-        here: its bias, sliced and gated with them; the sum carries ``y``'s labels. None if
-        ``n`` is not one (an add of a parameter that cannot be sliced pins them, with why)."""
-        add = (n.op == "call_function" and n.target in (operator.add, torch.add)) or (
-            n.op == "call_method" and n.target == "add"
+        """``y + b`` (``b + y``, ``torch.add(y, b)``) or ``y - b`` (``b - y``,
+        ``torch.sub``) with ``y`` the output units of a :class:`ParamLinear` read only here
+        and ``b`` a 1-d parameter of their size read only here: its bias, sliced and gated
+        with them (``(x W - b) g = x (W g) - b g``); the result carries ``y``'s labels. None
+        if ``n`` is not one (an add of a parameter that cannot be sliced pins them, with
+        why)."""
+        add = (n.op == "call_function" and n.target in _BIAS_FUNCS) or (
+            n.op == "call_method" and n.target in ("add", "sub")
         )
         if not add or n.kwargs or len(n.args) != 2:
             return None
@@ -1974,6 +2028,7 @@ class _Propagator:
                 )
                 return None
             pl.bias = str(c.target)
+            pl.bias_node = n.name
             return lab
         return None
 

@@ -732,16 +732,23 @@ class InsertedGating(ModelGating):
         """
         site = self.param_sites[key]
         idx = sorted({g for g, _, _ in site.segments})
+        block_idx: list[int] = getattr(site, "blocks", [])
         if self.training:  # this forward's samples, also for a recomputation in backward
-            groups, _ = self._values()
+            groups, blocks = self._values()
             values = {g: groups[g] for g in idx}
+            block_values = [blocks[b] for b in block_idx]
         else:  # deterministic: read afresh, so gates changed since the last forward count
             gates = self._group_list()
             values = dict(zip(idx, gate_values([gates[g] for g in idx]), strict=True))
-        device = next(iter(values.values())).device if values else None
+            block_gates = self._block_list()
+            block_values = gate_values([block_gates[b] for b in block_idx])
+        found = [*values.values(), *block_values]
+        device = found[0].device if found else None
         vec = torch.ones(site.n_out, dtype=dtype, device=device)
         for g, pos, gidx in site.segments:
             vec = vec.index_copy(0, pos, values[g][gidx].to(dtype))  # (n_out,)
+        for v in block_values:  # a residual block whose branch ends in this map
+            vec = vec * v.to(dtype)[0]  # (n_out,)
         return vec
 
     def site_scale(self, name: str, output: Tensor) -> Tensor:
@@ -1143,6 +1150,8 @@ class InsertedGating(ModelGating):
             scale = torch.ones(site.n_out, dtype=torch.float64)  # (n_out,)
             for g, pos, gidx in site.segments:
                 scale[pos] = groups[g][gidx].to(torch.float64)
+            for i in getattr(site, "blocks", []):  # a block whose branch ends in the map
+                scale = scale * blocks[i][0].to(torch.float64)
             fold_param_scale(pruned, site.weight, site.out_dim, scale)
             if site.bias is not None:
                 fold_param_scale(pruned, site.bias, 0, scale)
@@ -1565,7 +1574,17 @@ def gate_(
         else:
             summary.ungated_groups.append((list(g.producers), g.size, why))
     # residual blocks
-    found, skipped = find_blocks(gm, record, traced.opaque) if (blocks or shortcuts) else ([], [])
+    # residual branches may end in a linear map written with parameters whose output units
+    # gate_ can scale (the product, or the add of its bias): its weight is the block's site
+    by_name = {n.name: n for n in gm.graph.nodes}
+    param_ends = {
+        by_name[pl.bias_node or pl.node]: pl.weight
+        for pl in ca.param_linears
+        if pl.out_atoms is not None and pl.weight not in conflicts
+    }
+    found, skipped = (
+        find_blocks(gm, record, traced.opaque, param_ends) if (blocks or shortcuts) else ([], [])
+    )
     edges: list[Edge] = []
     if shortcuts == "dense":
         edges, unconnected = find_dense_edges(model, gm, record, ca, found, example_input)
@@ -1699,14 +1718,18 @@ def gate_(
             dim = -1 if ca.kinds[name] == "linear" else 1
             sites[name] = SiteInfo(dim, len(atoms), segs)
     param_sites: dict[str, ParamSite] = {}
+    block_params = {b.site for b in kept_blocks if b.param}
     for pl in ca.param_linears:
         if pl.out_atoms is not None:
             segs = _segments(pl.out_atoms, group_map, ca.atom_group, ca.atom_gidx)
-            if segs:
+            if segs or pl.weight in block_params:
                 param_sites[pl.weight] = ParamSite(
                     pl.weight, pl.bias, 1 - pl.in_dim, pl.n_out, segs
                 )
     for b in kept_blocks:
+        if b.param:  # the weight (and bias) of a linear map written with parameters
+            param_sites[b.site].blocks.append(b.index)
+            continue
         if b.site not in sites:
             sites[b.site] = SiteInfo(1, 0, [])
         sites[b.site].blocks.append(b.index)

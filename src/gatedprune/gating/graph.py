@@ -437,6 +437,8 @@ class RunRecord:
     # the node returning each call of a childless submodule fx traced through
     arg_shapes: dict[fx.Node, list[tuple[int, ...] | None]]
     extra_flops: int = 0  # such submodules' calls that traced to no ops (a constant)
+    # the nodes of such calls counted whole by a cost handler (register_cost): node -> path
+    whole: dict[fx.Node, str] = field(default_factory=dict)
 
 
 class _Recorder(fx.Interpreter):
@@ -630,7 +632,13 @@ def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> R
             + "; register them with gatedprune.costs.register_cost or give them a "
             "flops_of(inputs, output) method"
         )
-    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra)
+    whole = {
+        n: c.path
+        for c in inlined_calls(gm.graph, root)
+        if not is_code(root.get_submodule(c.path))
+        for n in c.nodes
+    }
+    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra, whole)
 
 
 def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Recorder:

@@ -185,13 +185,15 @@ class SiteInfo:
 class ParamSite:
     """The output units of a linear map written with the model's own parameters (see
     :class:`~gatedprune.gating.channels.ParamLinear`), gated by scaling its weight's
-    ``out_dim`` and its bias: ``x @ (W g) + b g = (x @ W + b) g``."""
+    ``out_dim`` and its bias: ``x @ (W g) + b g = (x @ W + b) g``. The gate of a residual
+    block whose branch ends in the map (``blocks``) scales all of its units alike."""
 
     weight: str  # qualified parameter names
     bias: str | None
     out_dim: int  # the weight's dimension of output units
     n_out: int
     segments: list[tuple[int, Tensor, Tensor]]  # (gated group, unit positions, gate indices)
+    blocks: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -490,13 +490,16 @@ def _one_argument(m: nn.Module) -> bool:
     return len(params) == 1 and params[0].kind in kinds
 
 
-def refold_calls(graph: fx.Graph, root: nn.Module) -> None:
+def refold_calls(graph: fx.Graph, root: nn.Module, changed: frozenset[str] = frozenset()) -> None:
     """Replace the inlined ops of each call of a childless submodule of ``root`` by a call of
     the module itself, where that is unambiguous: its ``forward`` takes one argument, the call
     reads one outside value and returns one. Rewritten code then still calls the user's
     module (its class, its settings such as ``eps``, what ``cost`` counts for it, and its
     training-mode behaviour, which the eval-mode trace baked out), instead of fx's copy of
-    its ops.
+    its ops. Not the calls of the modules in ``changed`` (paths), whose inlined ops the
+    rewrite changed (a size set to the kept width, as in GPT-2's ``Conv1D``, whose
+    ``view(x.size()[:-1] + (self.nf,))`` its own code would give the unpruned width): their
+    ops stay.
 
     >>> class Norm(nn.Module):
     ...     def forward(self, x: Tensor) -> Tensor:
@@ -511,6 +514,8 @@ def refold_calls(graph: fx.Graph, root: nn.Module) -> None:
     for call in inlined_calls(graph, root):
         m = root.get_submodule(call.path)
         if len(call.inputs) != 1 or len(call.outputs) != 1 or not _one_argument(m):
+            continue
+        if call.path in changed:
             continue
         inp = replaced.get(call.inputs[0], call.inputs[0])  # b(a(h)): a's output is gone
         out = call.outputs[0]
@@ -749,7 +754,11 @@ def _rewrite_scope(
         # elsewhere (or is the model's input): a copy, so no write reaches it
         with local.graph.inserting_before(output):
             output.args = (local.graph.call_method("clone", (ret,)),)
-    refold_calls(local.graph, sub)
+    # a childless submodule whose inlined ops changed keeps them (its own code would not
+    # give the kept widths or drop what was cut)
+    touched = {*cut, *erase, *bypass, *(sizes or {})}
+    inner = {owner_of(r) for r in root_nodes if r.name in touched} - {scope}
+    refold_calls(local.graph, sub, frozenset(p[len(scope) + 1 :] if scope else p for p in inner))
     for n in local.graph.nodes:  # string annotations (postponed evaluation) break pickling
         n.type = None
     local.graph.lint()
@@ -1204,6 +1213,14 @@ def _is_add(n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in ("add", "add_")
 
 
+def _is_sub(n: fx.Node) -> bool:
+    """A subtraction of two arguments (``y - b``, ``torch.sub``, ``y.sub(b)``): a bias
+    subtracted from a product, whose channels it keeps like an add."""
+    if n.op == "call_function":
+        return n.target in (operator.sub, torch.sub) and not n.kwargs
+    return n.op == "call_method" and n.target == "sub" and not n.kwargs
+
+
 _SAME_CHANNELS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
     nn.Hardswish, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
@@ -1463,8 +1480,8 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
             label[n] = _Channels("last", out, n_out, f"parameter '{path}'")
             if isinstance(b_arg, fx.Node):
                 _check_bias(b_arg, label[n], slices)
-        elif _is_add(n) and len(args) == 2:
-            for a, c in (args, args[::-1]):  # x @ W + b: b sliced as W's output units
+        elif (_is_add(n) or _is_sub(n)) and len(args) == 2:
+            for a, c in (args, args[::-1]):  # x @ W + b (- b): b sliced as W's output units
                 if a in label and label[a] is not model_input:
                     _check_bias(c, label[a], slices)
             if n.name in cut:
@@ -1516,7 +1533,7 @@ def _linear_param(model: nn.Module, n: fx.Node) -> tuple[str, int, Any, Any] | N
         return None
     if w.dim() != 2:
         return None
-    return path, (len(src[1]) + int(parts[3])) % 2, parts[0], parts[2]
+    return path, (len(src[1]) + int(parts.out_first)) % 2, parts.x, parts.bias
 
 
 def _check_bias(b: Any, got: _Channels, slices: dict[str, dict[str, Any]]) -> None:
