@@ -96,6 +96,26 @@ def test_cost_counts_a_childless_module_with_parameters_as_code() -> None:
     assert (c.flops, c.params) == (2 * 12 * 6 * 5 + 12 * 5, 6 * 5 + 5)  # the added bias free
 
 
+class _NormWithStatistics(nn.Module):
+    """A norm of one's own: a parameter and running statistics (buffers)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x / self.running_var.sqrt() * self.weight  # (B, n)
+
+
+def test_a_childless_module_with_parameters_and_buffers_still_asks_for_a_rule() -> None:
+    """Its element-wise work would count 0 FLOPs as code: state no rule describes stays a
+    TypeError asking for register_cost, as for a module holding buffers only."""
+    model = nn.Sequential(nn.Linear(3, 4), _NormWithStatistics(4))
+    with pytest.raises(TypeError, match=r"does not know how to count .*_NormWithStatistics"):
+        gp.cost(model, torch.zeros(2, 3))
+
+
 @pytest.mark.parametrize("rank", [2, 3])
 @pytest.mark.parametrize("widths", [(6, 16, 3), (6, 16, 12, 3)])
 @pytest.mark.parametrize("kind", ["Conv1D", "MyLinear"])

@@ -860,13 +860,13 @@ def _handler_for(m: nn.Module) -> Handler | None:
 
 def is_code(m: nn.Module) -> bool:
     """Whether leaf ``m`` is counted as code, like the ``forward`` that calls it: a module of
-    your own or a library's (not torch's) with no cost handler that holds no buffers
-    (torchvision's ``StochasticDepth`` and ``Permute``, a ``Chomp1d``, a swish) or holds
-    parameters (Hugging Face GPT-2's ``Conv1D``, ``x @ self.weight.t() + self.bias``): the
+    your own or a library's (not torch's) with no cost handler that holds no buffers, with
+    parameters (Hugging Face GPT-2's ``Conv1D``, ``x @ self.weight.t() + self.bias``) or
+    without (torchvision's ``StochasticDepth`` and ``Permute``, a ``Chomp1d``, a swish): the
     matrix products it calls are counted (``addmm``, ``@``, ``F.linear``), element-wise ops are
     free, and its parameters count, as for a model without children. Torch's own layers
-    without a handler, and leaves holding buffers only (a fixed scale, which no rule says how
-    to count), still raise.
+    without a handler, and leaves holding buffers (a fixed scale, running statistics: state
+    no rule says how to count), still raise.
 
     >>> class Swish(nn.Module):
     ...     def forward(self, x): return x * torch.sigmoid(x)
@@ -879,7 +879,7 @@ def is_code(m: nn.Module) -> bool:
     """
     if type(m).__module__.split(".")[0] == "torch" or _handler_for(m) is not None:
         return False
-    return any(True for _ in m.parameters()) or not any(True for _ in m.buffers())
+    return not any(True for _ in m.buffers())
 
 
 def _own_root(name: str, m: nn.Module) -> bool:
