@@ -310,9 +310,31 @@ def _take(p: Tensor, dim: int, keep: list[int] | None) -> Tensor:
     return p.detach().index_select(dim, torch.tensor(keep, dtype=torch.long)).clone()
 
 
+_MEMORY_FORMATS = ((4, torch.channels_last), (5, torch.channels_last_3d))
+
+
+def _same_format(src: Tensor, t: Tensor) -> Tensor:
+    """``t`` (a slice of ``src``) in ``src``'s memory format: a ``channels_last`` (4-d) or
+    ``channels_last_3d`` (5-d) tensor stays one (``index_select`` returns a contiguous tensor;
+    before 2026-12-07 21:00 UTC every sliced convolution of a ``channels_last`` model came back
+    contiguous, its untouched ones not).
+
+    >>> w = torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    >>> _same_format(w, w[:2].contiguous()).is_contiguous(memory_format=torch.channels_last)
+    True
+    """
+    for dim, fmt in _MEMORY_FORMATS:
+        ambiguous = src.is_contiguous()  # e.g. 1 x 1 kernels: both layouts at once
+        if src.dim() == dim == t.dim() and not ambiguous and src.is_contiguous(memory_format=fmt):
+            return t.contiguous(memory_format=fmt)
+    return t
+
+
 def _set(m: nn.Module, name: str, value: Tensor, param: bool) -> None:
+    old = getattr(m, name)
+    if isinstance(old, Tensor):
+        value = _same_format(old, value)  # (a channels_last weight stays channels_last)
     if param:
-        old = getattr(m, name)
         setattr(m, name, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
         setattr(m, name, value)
