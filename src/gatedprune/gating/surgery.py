@@ -14,7 +14,7 @@ import inspect
 import itertools
 import operator
 from collections.abc import Iterator
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.fx as fx
@@ -80,7 +80,8 @@ class ScaledAdd(nn.Module):
     12
     """
 
-    scale: Tensor
+    if TYPE_CHECKING:  # for mypy only: TorchScript cannot read this string annotation
+        scale: Tensor
 
     def __init__(self) -> None:
         super().__init__()
