@@ -460,9 +460,9 @@ class FixedPenalty(Budget):
         for p in self.parameters():
             p.requires_grad_(False)
 
-    def penalty(self) -> Tensor:
+    def penalty(self, *, advance: bool = True) -> Tensor:
         active = self.active
-        if self.model.training:
+        if advance and self.model.training:
             self.step += 1
         if not active:
             return torch.zeros(())

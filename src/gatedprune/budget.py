@@ -4,12 +4,13 @@
 
 ``s_c`` is the expected cost fraction of constraint ``c`` (FLOPs, parameters, or the latency
 predicted by a :class:`~gatedprune.latency.LatencyModel`), ``t_c`` the
-target, warmed up linearly from ``target_start`` over ``warmup_steps`` penalty calls in training
-mode, after ``delay_steps`` calls without any budget pressure (the network first learns what its
+target, warmed up linearly from ``target_start`` over ``warmup_steps`` steps, after
+``delay_steps`` steps without any budget pressure (the network first learns what its
 connections are worth; gates pruned from step 0 are pruned by cost, not by use). The multipliers
 are ordinary parameters whose gradient is reversed, so one optimizer step does gradient
 *descent* on the model and gate parameters and *ascent* on the multipliers (and DDP averages
-their gradients like any other parameter's).
+their gradients like any other parameter's). A step is a penalty call in training mode, or
+with ``penalty(advance=False)`` (gradient accumulation) a :meth:`Budget.step_` call.
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ class Budget(nn.Module):
 
     @property
     def active(self) -> bool:
-        """False during the first ``delay_steps`` training steps (no budget pressure yet)."""
+        """False during the first ``delay_steps`` steps (``budget.step``; no budget pressure
+        yet)."""
         return int(self.step) >= self.delay_steps
 
     def target(self) -> dict[str, float]:
@@ -298,10 +300,15 @@ class Budget(nn.Module):
         lm, net = self._latency
         return lm.expected(net, hard=hard)
 
-    def penalty(self) -> Tensor:
-        """Lagrangian term to add to the loss; advances the warm-up when the model trains.
+    def penalty(self, *, advance: bool = True) -> Tensor:
+        """Lagrangian term to add to the loss. When the model trains, the call then advances
+        the schedule (``budget.step``, which the delay and the warm-up count) by one, unless
+        ``advance=False``: with gradient accumulation call ``penalty(advance=False)`` for each
+        micro-batch and :meth:`step_` once per optimizer step, so every micro-batch of a step
+        sees the same target and the steps count optimizer steps; a penalty computed only to
+        log it is ``advance=False`` too.
 
-        During the first ``delay_steps`` training steps it is an exact zero (the network trains
+        During the first ``delay_steps`` steps it is an exact zero (the network trains
         without budget pressure and the multipliers stay at 0).
 
         >>> import torch, gatedprune
@@ -310,9 +317,14 @@ class Budget(nn.Module):
         >>> p = budget.penalty()  # loss = task_loss + p
         >>> p.shape, p.requires_grad, int(budget.step)
         (torch.Size([]), True, 1)
+        >>> _ = budget.penalty(advance=False)  # e.g. a micro-batch: the step stays
+        >>> budget.step_()  # after the optimizer step
+        >>> int(budget.step)
+        2
         """
+        advance = check_flag("advance", advance)
         if not self.active:
-            if self.model.training:
+            if advance and self.model.training:
                 self.step += 1
             # zero, but connected to the multipliers so DDP sees every parameter used
             lam = [*self.lambda1.values(), *self.lambda2.values()]
@@ -325,7 +337,7 @@ class Budget(nn.Module):
             values = {k: v + (float(hard[k]) - v) for k, v in values.items()}
         targets = self.target()
         training = self.model.training
-        if training:
+        if advance and training:
             self.step += 1
         gaps = []
         for k, v in values.items():
@@ -341,6 +353,21 @@ class Budget(nn.Module):
             *(self.lambda2[k] for k in keys),
         )
         return total
+
+    @torch.no_grad()
+    def step_(self) -> None:
+        """Advance the schedule by one step (``budget.step``): what :meth:`penalty` does after
+        computing the penalty when the model trains, for a loop that calls
+        ``penalty(advance=False)`` (gradient accumulation: once per optimizer step, after it).
+        Each rank of a DDP run calls it alike, so their steps stay equal.
+
+        >>> import torch, gatedprune
+        >>> net = gatedprune.ShortcutMLP(4, [6], 2)
+        >>> budget = gatedprune.Budget(net, torch.zeros(1, 4), flops=0.5, delay_steps=1)
+        >>> budget.active, budget.step_(), budget.active
+        (False, None, True)
+        """
+        self.step += 1
 
     @torch.no_grad()
     def _unwind(self, k: str, gap: float) -> None:

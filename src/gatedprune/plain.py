@@ -7,11 +7,12 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._jit_internal import is_scripting  # torch.jit.is_scripting (mypy: not re-exported)
 
 from .base import batchnorm_affine
 from .layout import ACTIVATIONS, NetSpec, check_activation, check_int
@@ -42,7 +43,8 @@ class OffsetConv1d(nn.Conv1d):
     ValueError: OffsetConv1d kernel_size must be odd ('same' padding keeps the length ...), got 4
     """
 
-    offset: Tensor
+    if TYPE_CHECKING:  # for mypy only: TorchScript cannot read this string annotation
+        offset: Tensor
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, length: int):
         in_channels = check_int("OffsetConv1d in_channels", in_channels, minimum=0)
@@ -63,7 +65,9 @@ class OffsetConv1d(nn.Conv1d):
                 f"this pruned layer was built for inputs of length {self.offset.shape[-1]} "
                 f"(a removed constant layer left a position-dependent offset), got {x.shape[-1]}"
             )
-        return super().forward(x) + self.offset  # (B, C, L)
+        # nn.Conv1d.forward's call (TorchScript compiles no super().forward)
+        out: Tensor = self._conv_forward(x, self.weight, self.bias) + self.offset  # (B, C, L)
+        return out
 
     def flops_of(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
         k = self.kernel_size[0]
@@ -182,6 +186,20 @@ class _PlainLayer(nn.Module):
         return out
 
 
+def _script_rule(spec: NetSpec) -> tuple[bool, int, int, int, tuple[int, ...]]:
+    """``(spatial, input channels, minimal length, required length or 0, the node each pooled
+    copy pools)`` of ``spec``, for :meth:`PlainShortcutNet._forward_scripted` (TorchScript
+    reads no ``NetSpec``, nor an empty list).
+
+    >>> from gatedprune.layout import LayerSpec, NetSpec
+    >>> _script_rule(NetSpec(True, 1, (LayerSpec((0,), 4, stage=1),), (1,), 2, 3, 2, True))
+    (True, 1, 2, 0, (0,))
+    """
+    min_length = 2 ** max((ls.stage for ls in spec.layers), default=0)
+    nodes = tuple(j for j, _ in spec.pool_pairs())
+    return spec.spatial, spec.in_width, min_length, spec.input_length or 0, nodes
+
+
 def check_input_dtype(x: Tensor, weight: Tensor) -> None:
     """Refuse an input whose floating dtype differs from the weights' (outside autocast, which
     casts for itself): a clear ``ValueError`` instead of torch's error from deep inside a layer.
@@ -229,6 +247,7 @@ class PlainShortcutNet(nn.Module):
         self._reads = self._resolve_reads()
         self._head_reads = tuple(spec.head_sources)
         self._min_length = 2 ** max((ls.stage for ls in spec.layers), default=0)
+        self._script_rule = _script_rule(spec)
         self._calls = self._resolve_calls()
         self._folded_convs: tuple[Tensor, list[object], list[Any]] | None = None
         self._pool_from, self._pooled_copies = self._resolve_pool_reuse()
@@ -362,6 +381,8 @@ class PlainShortcutNet(nn.Module):
             self._calls = self._resolve_calls()
         if "_min_length" not in self.__dict__:
             self._min_length = 2 ** max((ls.stage for ls in self.spec.layers), default=0)
+        if "_script_rule" not in self.__dict__:
+            self._script_rule = _script_rule(self.spec)
         if not isinstance(self.__dict__.get("_folded_convs"), tuple):
             self._folded_convs = None  # absent, or the per-layer cache of earlier versions
         if "channels_last" not in self.__dict__:
@@ -372,6 +393,13 @@ class PlainShortcutNet(nn.Module):
             self.register_buffer("_head_order", self._resolve_head_order(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_scripting():  # torch.jit.script compiles this branch only
+            return self._forward_scripted(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        """The forward (see :meth:`_forward_scripted` for the one TorchScript compiles)."""
         spec = self.spec
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
@@ -433,6 +461,52 @@ class PlainShortcutNet(nn.Module):
                 feats.append(h)
             # (B, sum C_j * P) or (B, sum C)
             feat = feats[0] if len(feats) == 1 else torch.cat(feats, dim=1)
+        out: Tensor = self.head(feat)  # (B, out_features)
+        return out
+
+    def _forward_scripted(self, x: Tensor) -> Tensor:
+        """The forward ``torch.jit.script`` compiles: the ``(B, C, L)`` path, calling every
+        module (each pooled copy made when its node is); the same function as the eager
+        forward, whose cached module tuples, closure and channels-last path TorchScript
+        cannot compile (they make the eager forward faster at batch 1 and 256)."""
+        spatial, in_width, min_length, input_length, pool_nodes = self._script_rule
+        if x.dim() != (3 if spatial else 2) or x.shape[1] != in_width:
+            raise ValueError(
+                f"expected input of {3 if spatial else 2} dimensions with {in_width} channels "
+                f"(B, C, L) or features (B, C), got {x.shape}"
+            )
+        if spatial and (x.shape[2] < min_length or 0 < input_length != x.shape[2]):
+            raise ValueError(
+                f"expected inputs of length {input_length} (if > 0) and at least {min_length} "
+                f"(each later stage halves the length), got {x.shape}"
+            )
+        hs: list[Tensor] = [x]
+        pooled: list[Tensor | None] = [None for _ in range(len(self.pools))]
+        for i, pool in enumerate(self.pools):  # copies of the input
+            if pool_nodes[i] == 0:
+                pooled[i] = pool(x)  # (B, C_in, L_stage)
+        for layer, reads in zip(self.layers, self._reads):  # noqa: B905 (TorchScript: no strict)
+            parts: list[Tensor] = []
+            for j, copy_index in reads:
+                part = hs[j] if copy_index < 0 else pooled[copy_index]
+                if part is None:  # (made with its node; refines the type for TorchScript)
+                    raise RuntimeError(f"pooled copy {copy_index} of node {j} is missing")
+                parts.append(part)
+            # (B, sum C, L) or (B, sum C)
+            h = layer(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            hs.append(h)  # (B, C, L) or (B, C)
+            for i, pool in enumerate(self.pools):
+                if pool_nodes[i] == len(hs) - 1:
+                    pooled[i] = pool(h)  # (B, C, L_stage)
+        if len(self._head_reads) == 0:
+            feat = x.new_zeros(x.shape[0], 0)  # the read-out is closed: constant output
+        elif spatial:
+            feats: list[Tensor] = []
+            for head_pool, j in zip(self.head_pools, self._head_reads):  # noqa: B905
+                feats.append(torch.flatten(head_pool(hs[j]), 1))  # (B, C_j * P)
+            feat = torch.cat(feats, dim=1)  # (B, sum C_j * P)
+        else:
+            feat = torch.cat([hs[j] for j in self._head_reads], dim=1)  # (B, sum C)
         out: Tensor = self.head(feat)  # (B, out_features)
         return out
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._jit_internal import is_scripting  # torch.jit.is_scripting (mypy: not re-exported)
 
 __all__ = [
     "AdaptiveMeanPool1d",
@@ -102,6 +103,15 @@ class MeanPool1d(nn.AvgPool1d):
         super().__init__(kernel_size, kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_scripting():  # torch.jit.script: nn.AvgPool1d's call
+            return F.avg_pool1d(
+                x,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.ceil_mode,
+                self.count_include_pad,
+            )
         return mean_pool1d(x, _one(self.kernel_size))
 
 
@@ -117,4 +127,6 @@ class AdaptiveMeanPool1d(nn.AdaptiveAvgPool1d):
         super().__init__(size)
 
     def forward(self, x: Tensor) -> Tensor:
+        if is_scripting():  # torch.jit.script: nn.AdaptiveAvgPool1d's call
+            return F.adaptive_avg_pool1d(x, self.output_size)
         return adaptive_mean_pool1d(x, _one(self.output_size))

@@ -62,6 +62,7 @@ from .structure import (
     build_cost_terms,
 )
 from .surgery import (
+    _PARAM_KINDS,
     PLAN_FORMAT,
     ScaledAdd,
     _apply_plan,
@@ -69,6 +70,7 @@ from .surgery import (
     fold_param_scale,
     fold_scale,
     local_trace,
+    refuse_computed,
 )
 from .transformer import (
     GatedMultiheadAttention,
@@ -1132,6 +1134,7 @@ class InsertedGating(ModelGating):
         folded into the modules they scale, closed channels, heads, units and blocks removed
         by :func:`apply_plan` of :meth:`plan`, kept new shortcuts written into the code."""
         plan = self.plan()
+        self._refuse_computed(model, plan)
         with torch.no_grad():
             groups = [g.eval_value() for g in self.group_gates]  # type: ignore[operator]
             blocks = [g.eval_value() for g in self.block_gates]  # type: ignore[operator]
@@ -1186,6 +1189,38 @@ class InsertedGating(ModelGating):
                     assert isinstance(shortcut, ScaledAdd)
                     shortcut.scale.fill_(float(values[e["buffer"]]))
         return result
+
+    def _refuse_computed(self, model: nn.Module, plan: dict[str, Any]) -> None:
+        """``ValueError`` naming a module that pruning ``model`` folds gates into or slices
+        although it computes the tensors concerned when it runs: a parametrization added
+        after ``gate_`` (``weight_norm``, a LoRA-style one, or one on a parameter ``gate_``
+        parametrized itself), which the folds and slices would miss."""
+        whole = [
+            *self.sites,
+            *getattr(self, "input_sites", {}),
+            *(n for n, spec in plan["slices"].items() if spec["kind"] not in _PARAM_KINDS),
+            *plan.get("rnn", {}),
+            *(r.name for r in self.rnns),
+            *(c.name for c in self.rnn_consumers if c.segments),
+        ]
+        inside = [*(t[0] for t in self.transformers), *(name for name, _ in self.attentions)]
+        for name in [*whole, *inside]:
+            m = model.get_submodule(name)
+            for sub_name, sub in m.named_modules(prefix=name) if name in inside else [(name, m)]:
+                refuse_computed(sub_name, sub, own=(ParamGate,))
+        params = [
+            *(n for n, spec in plan["slices"].items() if spec["kind"] in _PARAM_KINDS),
+            *(
+                p
+                for site in getattr(self, "param_sites", {}).values()
+                for p in (site.weight, site.bias)
+                if p is not None
+            ),
+        ]
+        for path in params:
+            owner_path, _, attr = path.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            refuse_computed(owner_path or "<root>", owner, [attr], own=(ParamGate,))
 
 
 def _remove_param_gates(m: nn.Module) -> None:

@@ -9,15 +9,19 @@ it on a freshly built dense model, so the pruned weights load with ``load_state_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import operator
 from collections.abc import Iterator
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..base import BATCH_NORMS, TRANSPOSED_CONVS, find_model_gating
 from ..fingerprint import (
@@ -45,6 +49,7 @@ __all__ = [
     "PrunedGraphModule",
     "ScaledAdd",
     "apply_plan",
+    "computed_tensors",
     "fold_input_scale",
     "fold_param_scale",
     "fold_scale",
@@ -75,7 +80,8 @@ class ScaledAdd(nn.Module):
     12
     """
 
-    scale: Tensor
+    if TYPE_CHECKING:  # for mypy only: TorchScript cannot read this string annotation
+        scale: Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -159,6 +165,65 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
                 m.bias.mul_(s)
         else:
             raise TypeError(f"cannot fold a gate into {type(m).__name__}")
+
+
+def _parametrizations(m: nn.Module) -> dict[str, list[nn.Module]]:
+    """The parametrizations of ``m`` (``torch.nn.utils.parametrize``) by attribute name."""
+    if not parametrize.is_parametrized(m):
+        return {}
+    plists = cast(nn.ModuleDict, m.parametrizations)
+    return {attr: list(cast(nn.ModuleList, plist)) for attr, plist in plists.items()}
+
+
+def computed_tensors(m: nn.Module, own: tuple[type[nn.Module], ...] = ()) -> list[str]:
+    """The tensors of ``m`` (by attribute name) that it computes when it runs, so that slicing
+    or scaling what it stores would not change them: an attribute with a parametrization
+    (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``, a LoRA-style one) that
+    is not only of the classes ``own``, or one set by a forward pre-hook of the old
+    ``nn.utils.weight_norm`` / ``spectral_norm``.
+
+    >>> computed_tensors(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2)))
+    ['weight']
+    >>> computed_tensors(nn.Linear(2, 2))
+    []
+    """
+    names = [a for a, ps in _parametrizations(m).items() if any(not isinstance(p, own) for p in ps)]
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm | SpectralNorm):
+            names.append(str(hook.name))
+    return names
+
+
+def refuse_computed(
+    name: str, m: nn.Module, attrs: list[str] | None = None, own: tuple[type[nn.Module], ...] = ()
+) -> None:
+    """``ValueError`` if module ``name`` (``m``), which prune slices or scales, computes any of
+    the tensors ``attrs`` (None: any) when it runs (see :func:`computed_tensors`): a
+    parametrization added after ``gate_``, whose stored tensor prune would slice or scale
+    while the layer computes another one (a bare ``KeyError`` from torch, or silently wrong
+    weights, before 2026-12-07 21:00 UTC).
+
+    >>> refuse_computed("fc", nn.Linear(2, 2))  # stored weights: nothing to refuse
+    """
+    found = [a for a in computed_tensors(m, own) if attrs is None or a in attrs]
+    if not found:
+        return
+    what = ", ".join(f"'{a}'" for a in found)
+    plists = _parametrizations(m)
+    gated = [a for a in found if any(isinstance(p, own) for p in plists.get(a, []))]
+    fix = (
+        "add parametrizations before gate_ (which then keeps such a layer whole)"
+        if gated  # removing it would bake the gate into the tensor too
+        else "add parametrizations before gate_ (which then keeps such a layer whole), or "
+        "remove them before pruning (torch.nn.utils.parametrize.remove_parametrizations("
+        "module, name, leave_parametrized=True) keeps their current value)"
+    )
+    raise ValueError(
+        f"cannot prune module '{name}' ({type(m).__name__}): it computes {what} when it runs "
+        "(a parametrization such as weight_norm or a LoRA-style one, or the old "
+        "nn.utils.weight_norm/spectral_norm pre-hook), so slicing or scaling the stored "
+        f"tensors would not change what it computes; {fix}"
+    )
 
 
 def _param_owner(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Parameter]:
@@ -246,9 +311,31 @@ def _take(p: Tensor, dim: int, keep: list[int] | None) -> Tensor:
     return p.detach().index_select(dim, torch.tensor(keep, dtype=torch.long)).clone()
 
 
+_MEMORY_FORMATS = ((4, torch.channels_last), (5, torch.channels_last_3d))
+
+
+def _same_format(src: Tensor, t: Tensor) -> Tensor:
+    """``t`` (a slice of ``src``) in ``src``'s memory format: a ``channels_last`` (4-d) or
+    ``channels_last_3d`` (5-d) tensor stays one (``index_select`` returns a contiguous tensor;
+    before 2026-12-07 21:00 UTC every sliced convolution of a ``channels_last`` model came back
+    contiguous, its untouched ones not).
+
+    >>> w = torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    >>> _same_format(w, w[:2].contiguous()).is_contiguous(memory_format=torch.channels_last)
+    True
+    """
+    for dim, fmt in _MEMORY_FORMATS:
+        ambiguous = src.is_contiguous()  # e.g. 1 x 1 kernels: both layouts at once
+        if src.dim() == dim == t.dim() and not ambiguous and src.is_contiguous(memory_format=fmt):
+            return t.contiguous(memory_format=fmt)
+    return t
+
+
 def _set(m: nn.Module, name: str, value: Tensor, param: bool) -> None:
+    old = getattr(m, name)
+    if isinstance(old, Tensor):
+        value = _same_format(old, value)  # (a channels_last weight stays channels_last)
     if param:
-        old = getattr(m, name)
         setattr(m, name, nn.Parameter(value, requires_grad=old.requires_grad))
     else:
         setattr(m, name, value)
@@ -1632,8 +1719,9 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     # check everything before changing anything: a plan that does not fit leaves the model as is
     claimed: dict[int, str] = {}  # id(module) -> the entry that changes it
 
-    def claim(m: nn.Module, entry: str, *, inside: bool = False) -> None:
-        for sub in m.modules() if inside else [m]:
+    def claim(m: nn.Module, name: str, entry: str, *, inside: bool = False) -> None:
+        for sub_name, sub in m.named_modules(prefix=name) if inside else [(name, m)]:
+            refuse_computed(sub_name, sub)  # its stored tensors would be cut
             if id(sub) in claimed:
                 raise ValueError(
                     f"the plan changes module {entry}, which {claimed[id(sub)]} already "
@@ -1644,7 +1732,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     layers: list[tuple[str, nn.TransformerEncoderLayer, dict[str, Any]]] = []
     for name, spec in plan.get("transformers", {}).items():
         layer = submodule(name, "prunes")
-        claim(layer, f"'{name}' (transformers, with its submodules)", inside=True)
+        claim(layer, name, f"'{name}' (transformers, with its submodules)", inside=True)
         if not isinstance(layer, nn.TransformerEncoderLayer):
             raise ValueError(f"the plan prunes '{name}' as an encoder layer; it is {type(layer)}")
         _check_heads(name, layer.self_attn, list(spec["heads"]))
@@ -1658,7 +1746,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     attentions: list[tuple[str, nn.MultiheadAttention, list[int]]] = []
     for name, spec in plan.get("attention", {}).items():
         att = submodule(name, "prunes")
-        claim(att, f"'{name}' (attention, with its submodules)", inside=True)
+        claim(att, name, f"'{name}' (attention, with its submodules)", inside=True)
         if not isinstance(att, nn.MultiheadAttention):
             raise ValueError(f"the plan prunes '{name}' as attention; it is {type(att)}")
         _check_heads(name, att, list(spec["heads"]))
@@ -1666,6 +1754,10 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     params: list[tuple[str, dict[str, Any]]] = []
     for name, spec in plan["slices"].items():
         if spec["kind"] in _PARAM_KINDS:  # a parameter of a linear map written with it
+            owner_path, _, attr = name.rpartition(".")
+            with contextlib.suppress(AttributeError):  # a missing one: the error below
+                owner = model.get_submodule(owner_path) if owner_path else model
+                refuse_computed(owner_path or "<root>", owner, [attr])
             try:
                 p = _param_owner(model, name)[2]
             except AttributeError as e:
@@ -1682,11 +1774,11 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             params.append((name, spec))
             continue
         m = submodule(name, "slices")
-        claim(m, f"'{name}' (slices)")
+        claim(m, name, f"'{name}' (slices)")
         _check_slice(name, m, spec)
     for name, spec in plan.get("rnn", {}).items():
         m = submodule(name, "prunes")
-        claim(m, f"'{name}' (rnn)")
+        claim(m, name, f"'{name}' (rnn)")
         _check_rnn(name, m, spec)
     for name, _ in params:  # a module an entry changes changes its parameters too
         owner = _param_owner(model, name)[0]

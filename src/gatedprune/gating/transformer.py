@@ -58,16 +58,29 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
+def _shape(t: Tensor) -> str:
+    """``str(tuple(t.shape))``, written so that TorchScript compiles it.
+
+    >>> _shape(torch.zeros(2, 3)), _shape(torch.zeros(4))
+    ('(2, 3)', '(4,)')
+    """
+    dims = [str(int(d)) for d in t.shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
 def _additive_mask(
     mask: Tensor | None, n: int, heads: int, len_q: int, len_kv: int, dtype: torch.dtype
 ) -> Tensor | None:
     if mask is None:
         return None
-    want = [(len_q, len_kv), (n * heads, len_q, len_kv)]
-    if tuple(mask.shape) not in want:
+    dims = mask.shape
+    fits = (mask.dim() == 2 and dims[0] == len_q and dims[1] == len_kv) or (
+        mask.dim() == 3 and dims[0] == n * heads and dims[1] == len_q and dims[2] == len_kv
+    )
+    if not fits:
         raise ValueError(
-            f"attn_mask has shape {tuple(mask.shape)}; expected {want[0]} or "
-            f"(batch * num_heads, L, S) = {want[1]}"
+            f"attn_mask has shape {_shape(mask)}; expected ({len_q}, {len_kv}) or "
+            f"(batch * num_heads, L, S) = ({n * heads}, {len_q}, {len_kv})"
         )
     mask = _additive(mask, dtype)
     if mask.dim() == 2:
@@ -76,22 +89,22 @@ def _additive_mask(
 
 
 def select_head_masks(
-    mask: Tensor | None, kept: tuple[int, ...], source_heads: int, batch: int
+    mask: Tensor | None, kept: list[int], source_heads: int, batch: int
 ) -> Tensor | None:
     """The rows of a per-head ``(batch * source_heads, L, S)`` attention mask that belong to
     the ``kept`` heads, ``(batch * len(kept), L, S)``. Other masks (2-D, None, or 3-D with
     ``batch * len(kept)`` rows already) pass through unchanged.
 
     >>> m = torch.arange(8.0).view(4, 1, 2)  # batch 2 x 2 heads
-    >>> select_head_masks(m, (1,), 2, 2).flatten().tolist()
+    >>> select_head_masks(m, [1], 2, 2).flatten().tolist()
     [2.0, 3.0, 6.0, 7.0]
     """
     if mask is None or mask.dim() != 3 or mask.shape[0] != batch * source_heads:
         return mask
-    if kept == tuple(range(source_heads)):
+    if kept == list(range(source_heads)):
         return mask
     idx = torch.tensor(kept, dtype=torch.long, device=mask.device)
-    per_head = mask.view(batch, source_heads, *mask.shape[1:])  # (N, H0, L, S)
+    per_head = mask.view(batch, source_heads, mask.shape[1], mask.shape[2])  # (N, H0, L, S)
     return per_head.index_select(1, idx).flatten(0, 1)  # (N * H, L, S)
 
 
@@ -102,7 +115,6 @@ def attention(
     params: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
     heads: int,
     head_dim: int,
-    *,
     batch_first: bool,
     attn_mask: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
@@ -137,11 +149,11 @@ def attention(
     len_kv = key.shape[1]
     inner = heads * head_dim
     w_q, w_k, w_v = w_in[:inner], w_in[inner : 2 * inner], w_in[2 * inner :]
-    b_q, b_k, b_v = (
-        (b_in[:inner], b_in[inner : 2 * inner], b_in[2 * inner :])
-        if b_in is not None
-        else (None, None, None)
-    )
+    b_q: Tensor | None = None
+    b_k: Tensor | None = None
+    b_v: Tensor | None = None
+    if b_in is not None:
+        b_q, b_k, b_v = b_in[:inner], b_in[inner : 2 * inner], b_in[2 * inner :]
     q = F.linear(query, w_q, b_q).view(n, len_q, heads, head_dim).transpose(1, 2)  # (N,H,L,d)
     k = F.linear(key, w_k, b_k).view(n, len_kv, heads, head_dim).transpose(1, 2)  # (N,H,S,d)
     v = F.linear(value, w_v, b_v).view(n, len_kv, heads, head_dim).transpose(1, 2)  # (N,H,S,d)
@@ -153,10 +165,11 @@ def attention(
     if mask is not None:
         scores = scores + mask
     if key_padding_mask is not None:
-        if tuple(key_padding_mask.shape) != (n, len_kv):
+        kpm = key_padding_mask.shape
+        if key_padding_mask.dim() != 2 or kpm[0] != n or kpm[1] != len_kv:
             raise ValueError(
-                f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected "
-                f"(batch, S) = {(n, len_kv)}"
+                f"key_padding_mask has shape {_shape(key_padding_mask)}; expected "
+                f"(batch, S) = ({n}, {len_kv})"
             )
         # (N, H, L, S)
         scores = scores + _additive(key_padding_mask, scores.dtype).view(n, 1, 1, len_kv)
@@ -193,7 +206,7 @@ class _Ref:
 
 
 def _mha_forward(
-    m: nn.MultiheadAttention | PrunedMultiheadAttention,
+    m: nn.MultiheadAttention,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -332,17 +345,23 @@ class PrunedMultiheadAttention(nn.Module):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         batch = 1 if query.dim() == 2 else query.shape[0 if self.batch_first else 1]
-        return _mha_forward(
-            self,
+        if attn_mask is not None and attn_mask.dim() == 3:  # per-head rows: the kept heads'
+            kept: list[int] = [h for h in self.kept_heads]  # (TorchScript: tuple to list)
+            attn_mask = select_head_masks(attn_mask, kept, self.source_heads, batch)
+        return attention(
             query,
             key,
             value,
-            key_padding_mask,
-            need_weights,
-            select_head_masks(attn_mask, self.kept_heads, self.source_heads, batch),
-            average_attn_weights,
-            is_causal,
-            None,
+            (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight, self.out_proj.bias),
+            self.num_heads,
+            self.head_dim,
+            batch_first=self.batch_first,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            dropout=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+            average_attn_weights=average_attn_weights,
         )
 
 
@@ -459,8 +478,9 @@ class PrunedTransformerEncoderLayer(nn.Module):
     def _ff(self, x: Tensor) -> Tensor:
         assert self.linear1 is not None
         assert self.linear2 is not None
-        assert self.activation is not None
-        h = self.activation(self.linear1(x))  # (..., F)
+        # h (..., F); activation is set with linear1 (TorchScript cannot compare a function
+        # attribute with None)
+        h = self.activation(self.linear1(x))  # type: ignore[misc]
         return self.dropout2(self.linear2(self.dropout(h)))  # type: ignore[no-any-return]
 
 
@@ -481,7 +501,7 @@ class TracedTransformerEncoder(nn.TransformerEncoder):
                 x,
                 src_mask=mask,
                 src_key_padding_mask=src_key_padding_mask,
-                is_causal=bool(is_causal),
+                is_causal=is_causal is not None and is_causal,  # None: False
             )
         if self.norm is not None:
             x = self.norm(x)
