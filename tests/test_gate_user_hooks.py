@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gatedprune
+from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import apply_plan, export_plan, gate_
 
 
@@ -34,7 +35,8 @@ def _close_some(model: nn.Module) -> None:
     """Every channel group: its first third closed, the rest open at values in (0, 1]."""
     with torch.no_grad():
         for g in inserted_gating(model).group_gates:
-            la = g.log_alpha  # type: ignore[union-attr]
+            assert isinstance(g, HardConcreteGate)
+            la = g.log_alpha
             la.copy_(torch.linspace(-1.0, 3.0, la.numel()))
             la[: la.numel() // 3] = -10.0
 
@@ -63,10 +65,9 @@ def test_a_clipping_hook_keeps_the_channels_it_sees_and_pruned_equals_gated() ->
     summary = gate_(net, x)
     lines = _summary_lines(net)
     assert "  channels     16  4" in lines  # the last hidden layer is still gated
-    reason = "2 (Linear) carries a forward hook <lambda> (test_gate_user_hooks.py:"
+    why = "2 (Linear) carries a forward hook <lambda> (test_gate_user_hooks.py:"
     for group in ("16  0", "32  2"):  # its input and its output channels
-        line = next(ln for ln in lines if f"ungated      {group}:" in ln or f"{group}:" in ln)
-        assert reason in line, line
+        assert any(ln.startswith(f"  ungated      {group}: {why}") for ln in lines), lines
     assert summary.n_gates == 16
     _close_some(net)
     net.eval()
@@ -97,14 +98,16 @@ def test_a_hook_added_after_gate_on_a_gated_layer_is_refused_by_prune() -> None:
     # an observer of a layer whose channels all stay is fine after gate_ too
     with torch.no_grad():
         for g in inserted_gating(net).group_gates:
-            g.log_alpha.fill_(10.0)  # type: ignore[union-attr]
+            assert isinstance(g, HardConcreteGate)
+            g.log_alpha.fill_(10.0)
     seen: list[Tensor] = []
     net[6].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
     with torch.no_grad():
         gated = net(x)
         out = gatedprune.prune(net)(x)
     assert (out - gated).abs().max().item() <= 1e-5
-    assert len(seen) == 2 and torch.allclose(seen[0], seen[1], atol=1e-6)
+    assert len(seen) == 2
+    assert torch.allclose(seen[0], seen[1], atol=1e-6)
 
 
 def test_a_user_pre_hook_lists_both_sides_with_the_hook_as_reason() -> None:
@@ -135,7 +138,8 @@ def test_with_kwargs_and_always_call_hooks_count_as_hooks() -> None:
     text = str(inserted_gating(net).summary)
     assert "2 (Linear) carries a forward pre-hook " in text
     assert "pre" in text
-    assert "4 (Linear) carries a forward hook " in text and "post" in text
+    assert "4 (Linear) carries a forward hook " in text
+    assert "post" in text
     assert inserted_gating(net).summary.n_gates == 0
 
 
@@ -199,7 +203,8 @@ def test_hooks_reading_shapes_do_not_run_on_proxies_and_blocks_stay_gated() -> N
     assert (out - gated).abs().max().item() <= 1e-5
     assert len(stats) == len(seen_gated) == 3
     for (shape, mean), (shape_g, mean_g) in zip(stats, seen_gated, strict=True):
-        assert shape == shape_g and abs(mean - mean_g) <= 1e-5
+        assert shape == shape_g
+        assert abs(mean - mean_g) <= 1e-5
     # the closed block's module was rewritten and kept its hook
     assert type(pruned[3]).__name__ != "_Block"
     assert len(pruned[3]._forward_hooks) == 1
@@ -319,7 +324,8 @@ def test_a_hooked_module_changed_inside_a_rewritten_forward_is_rewritten_on_its_
         out = pruned(x)
     assert (type(pruned).__name__, type(pruned.s1).__name__) == ("Pruned_TwoStages", "Pruned_Stage")
     assert (out - gated).abs().max().item() <= 1e-5
-    assert len(calls) == 2 and torch.allclose(calls[0], calls[1], atol=1e-6)
+    assert len(calls) == 2
+    assert torch.allclose(calls[0], calls[1], atol=1e-6)
 
 
 class _PostReLU(nn.Module):
