@@ -132,15 +132,21 @@ def test_with_kwargs_and_always_call_hooks_count_as_hooks() -> None:
     def post(m: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
         return out * 0.5 + 0.1
 
-    net[2].register_forward_pre_hook(pre, with_kwargs=True)
-    net[4].register_forward_hook(post, always_call=True)
-    gate_(net, torch.randn(4, 8))
+    h_pre = net[0].register_forward_pre_hook(pre, with_kwargs=True)
+    h_post = net[6].register_forward_hook(post, always_call=True)
+    x = torch.randn(4, 8)
+    gate_(net, x)
     text = str(inserted_gating(net).summary)
-    assert "2 (Linear) carries a forward pre-hook " in text
-    assert "pre" in text
-    assert "4 (Linear) carries a forward hook " in text
-    assert "post" in text
-    assert inserted_gating(net).summary.n_gates == 0
+    assert "  ungated      16  0: 0 (Linear) carries a forward pre-hook pre (test_gate" in text
+    assert "  ungated      16  4: 6 (Linear) carries a forward hook post (test_gate" in text
+    assert "  channels     32  2" in text.splitlines()
+    _close_some(net)
+    pruned = gatedprune.prune(net.eval())
+    assert pruned[2].out_features < 32
+    assert pruned[0]._forward_pre_hooks_with_kwargs == {h_pre.id: True}
+    assert pruned[6]._forward_hooks_always_called == {h_post.id: True}
+    with torch.no_grad():
+        assert (pruned(x) - net(x)).abs().max().item() <= 1e-5
 
 
 class _Block(nn.Module):
