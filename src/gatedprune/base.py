@@ -10,7 +10,18 @@ from torch.nn.utils import parametrize
 
 from .gates import Gate, gate_modules
 
-__all__ = ["GatedModule", "ModelGating"]
+__all__ = ["GateHook", "GatedModule", "ModelGating"]
+
+
+class GateHook:
+    """Base class of the hooks gatedprune registers on a model's modules (``gate_``'s gates,
+    the root's per-forward reset): every other hook on a module is the user's
+    (:mod:`gatedprune.hooks`).
+
+    >>> isinstance(lambda mod, args, out: None, GateHook)
+    False
+    """
+
 
 BATCH_NORMS: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (
     nn.BatchNorm1d,
@@ -48,15 +59,17 @@ padding 0, and reflect, replicate and circular padding copy the channel's own va
 
 def computed_weight(m: nn.Module) -> bool:
     """Whether ``m``'s weight is computed when it runs (a parametrization such as
-    ``parametrizations.weight_norm`` / ``spectral_norm``, or a forward pre-hook such as the old
-    ``nn.utils.weight_norm``): slicing or scaling the stored weight would not change what it
-    computes.
+    ``parametrizations.weight_norm`` / ``spectral_norm``, or a forward pre-hook that is not
+    gatedprune's own, such as the old ``nn.utils.weight_norm``'s): slicing or scaling the
+    stored weight would not change what it computes.
 
     >>> weight_normed = nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))
     >>> computed_weight(nn.Linear(2, 2)), computed_weight(weight_normed)
     (False, True)
     """
-    return parametrize.is_parametrized(m) or bool(m._forward_pre_hooks)
+    if parametrize.is_parametrized(m):
+        return True
+    return any(not isinstance(h, GateHook) for h in m._forward_pre_hooks.values())
 
 
 def batchnorm_affine(bn: nn.Module, user: str) -> tuple[Tensor, Tensor]:

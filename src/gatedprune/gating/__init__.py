@@ -35,6 +35,9 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
   and a single head stay whole.
 * A submodule whose forward cannot be traced (data-dependent control flow) stays whole and
   ungated, with a warning naming it; an untraceable top-level forward is an error.
+* A module carrying hooks of the user's keeps the channels its calls read and return whole,
+  its call is never removed and stays a call of the module in pruned code (see
+  :mod:`gatedprune.hooks`); fx traces without the hooks.
 * A recurrent module keeps one ``hidden_size`` (its widest kept state; the others are padded
   with closed units); ``proj_size``, reading ``c_n``, an initial state, or an output that
   reaches a non-homogeneous op before its consumer leave it ungated (with the reason).

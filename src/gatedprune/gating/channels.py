@@ -45,9 +45,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..base import BATCH_NORMS, PADDING_LAYERS, TRANSPOSED_CONVS, computed_weight
 from ..functional_costs import einsum_subscripts
+from ..hooks import describe_hooks, only_weight_hooks
 from .graph import RunRecord, ancestors
 from .rnn import consumer_ok, item_index, state_item
 
@@ -407,6 +409,26 @@ def module_kind(m: nn.Module) -> str | None:
     if isinstance(m, _BN):
         return "bn" if m.affine else None
     return None
+
+
+def _computed_why(name: str, m: nn.Module, *, output: bool = False) -> str:
+    """Why layer ``m`` (called ``name``), whose weight may be computed when it runs, is not
+    pruned (``output``: said of its own output channels): a parametrization, or the user's
+    forward pre-hook, named.
+
+    >>> lin = nn.Linear(2, 2)
+    >>> _ = lin.register_forward_pre_hook(lambda mod, args: None)
+    >>> _computed_why("fc", lin).split(" (")[:2]
+    ['fc', 'Linear) carries a forward pre-hook <lambda>']
+    """
+    desc = describe_hooks(m)
+    if desc is not None and not parametrize.is_parametrized(m) and not only_weight_hooks(m):
+        return f"{name} ({type(m).__name__}) {desc}"
+    what = "is a layer gate_ does not prune: it computes" if output else "computes"
+    return (
+        f"{name} ({type(m).__name__}) {what} its weight when it runs (a parametrization such "
+        "as weight_norm, or a forward pre-hook)"
+    )
 
 
 def _flat_nodes(a: Any) -> Iterator[fx.Node]:
@@ -1197,21 +1219,14 @@ class _Propagator:
             if isinstance(m, _BN):
                 why = f"{name} ({type(m).__name__} without affine parameters)"
             if computed_weight(m):
-                why = (
-                    f"{name} ({type(m).__name__}) computes its weight when it runs (a "
-                    "parametrization such as weight_norm, or a forward pre-hook)"
-                )
+                why = _computed_why(name, m)
             self.pin_inputs(n, why)
-        if isinstance(m, _CONVT) and out_shape is not None and len(out_shape) >= 2:
-            # its own output channels (a computed weight): named in the summary as left
-            # ungated (not sliced)
-            out = Labels(1, self.new_space(name, out_shape[1]))
-            self.pin(
-                out,
-                f"{name} ({type(m).__name__}) is a layer gate_ does not prune: it computes its "
-                "weight when it runs (a parametrization such as weight_norm, or a forward "
-                "pre-hook)",
-            )
+        layer = isinstance(m, (nn.Linear, *_ANY_CONV))
+        if layer and computed_weight(m) and out_shape is not None and len(out_shape) >= 2:
+            # its own output channels: named in the summary as left ungated (not sliced)
+            cdim = len(out_shape) - 1 if isinstance(m, nn.Linear) else 1
+            out = Labels(cdim, self.new_space(name, out_shape[cdim]))
+            self.pin(out, _computed_why(name, m, output=True))
             return out
         return None
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from ..base import GatedModule, ModelGating, find_model_gating
+from ..base import GatedModule, GateHook, ModelGating, find_model_gating
 from ..fingerprint import graph_fingerprint, json_checksum, model_fingerprint
 from ..gates import (
     Gate,
@@ -35,10 +35,18 @@ from ..gates import (
     replayable_gate_values,
     resolve_gate,
 )
+from ..hooks import describe_hooks, global_hooks, hook_keys, hook_name, user_hooks
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, ParamLinear, analyse_channels
-from .graph import costs_scale_with_batch, owner_of, record_bindings, record_run, trace_model
+from .graph import (
+    TracedModel,
+    costs_scale_with_batch,
+    owner_of,
+    record_bindings,
+    record_run,
+    trace_model,
+)
 from .rnn import (
     RNNConsumer,
     RNNInfo,
@@ -66,9 +74,12 @@ from .surgery import (
     PLAN_FORMAT,
     ScaledAdd,
     _apply_plan,
+    _call_outputs,
     fold_input_scale,
     fold_param_scale,
     fold_scale,
+    hooked_call_problem,
+    is_leaf_call,
     local_trace,
     refuse_computed,
 )
@@ -185,7 +196,7 @@ class GatingSummary:
         return "\n".join(lines)
 
 
-class _SiteHook:
+class _SiteHook(GateHook):
     """Forward hook multiplying a site module's output by its gates."""
 
     def __init__(self, gating: InsertedGating, name: str) -> None:
@@ -211,7 +222,7 @@ class _SiteHook:
         return output * self.gating.site_scale(self.name, output)
 
 
-class _InputSiteHook:
+class _InputSiteHook(GateHook):
     """Forward pre-hook multiplying a Linear's input by its gates (the query heads of
     multi-query attention, gated where the Linear after the attention reads them)."""
 
@@ -283,7 +294,7 @@ class _ForwardState:
     recomputed: bool = False
 
 
-class _EdgeOutHook:
+class _EdgeOutHook(GateHook):
     """Forward hook keeping a block's output for the shortcuts leaving it (a copy when a later
     in-place op overwrites it, e.g. the next block's ``x += f(x)``)."""
 
@@ -299,7 +310,7 @@ class _EdgeOutHook:
         state.edge_versions[self.name] = kept._version
 
 
-class _EdgeInHook:
+class _EdgeInHook(GateHook):
     """Forward pre-hook adding the gated shortcuts arriving at a block to its input."""
 
     def __init__(self, gating: InsertedGating, name: str) -> None:
@@ -310,7 +321,7 @@ class _EdgeInHook:
         return (self.gating.edge_input(self.name, inputs[0]),)
 
 
-class _TrackHook:
+class _TrackHook(GateHook):
     """Forward hook on the root model: ties a token to the output's autograd graph
     (:meth:`InsertedGating.track_backward`)."""
 
@@ -321,7 +332,7 @@ class _TrackHook:
         self.gating.track_backward(output)
 
 
-class _ResetHook:
+class _ResetHook(GateHook):
     """Forward pre-hook on the root model: one gate sample per forward pass, after checking
     that every module gate_ hooked is still in place (a module replaced after gate_, e.g. by
     ``nn.SyncBatchNorm.convert_sync_batchnorm``, would run without its gates)."""
@@ -386,26 +397,172 @@ def _pin_unrewritable_sizes(
     ca: ChannelAnalysis,
     opaque: dict[str, str],
     bindings: dict[str, dict[str, Any] | str],
+    hooked: _HookedCalls | None = None,
 ) -> None:
     """Leave ungated the channels whose sizes pruning would rewrite in the code of a module
-    that cannot be rewritten (called twice, say: tracing it alone gives other code)."""
+    that cannot be rewritten (called twice, say: tracing it alone gives other code), or in
+    the code of a call of a module carrying hooks of the user's that could not stay a call
+    of the module (``hooked``)."""
     owners = {n.name: owner_of(n) for n in gm.graph.nodes}
     scopes = {owners[name] for name in ca.sizes}
+    why: dict[str, str] = {}
     for scope in sorted(scopes):
         try:
             local_trace(model, gm.graph, scope, opaque, bindings.get(scope, {}))
         except RuntimeError as e:
-            for name, entries in ca.sizes.items():
-                if owners[name] != scope:
-                    continue
-                for _, atoms, _ in entries:
-                    if atoms is None or not len(atoms):
-                        continue
-                    for gi in np.unique(ca.atom_group[atoms]).tolist():
-                        if ca.groups[gi].pinned is None:
-                            ca.groups[
-                                gi
-                            ].pinned = f"node '{name}' gives a pruned dimension a size, and {e}"
+            for name in ca.sizes:
+                if owners[name] == scope:
+                    why[name] = str(e)
+    if hooked is not None:
+        for name in ca.sizes:
+            conflict = hooked.conflict([owners[name]], {name})
+            if conflict is not None and name not in why:
+                why[name] = f"it is in the code of {conflict}"
+    for name, entries in ca.sizes.items():
+        if name not in why:
+            continue
+        for _, atoms, _ in entries:
+            if atoms is None or not len(atoms):
+                continue
+            for gi in np.unique(ca.atom_group[atoms]).tolist():
+                if ca.groups[gi].pinned is None:
+                    ca.groups[
+                        gi
+                    ].pinned = f"node '{name}' gives a pruned dimension a size, and {why[name]}"
+
+
+def _within(path: str, scope: str) -> bool:
+    """Whether module ``path`` is module ``scope`` or inside it (``""``: the root)."""
+    return scope == "" or path == scope or path.startswith(scope + ".")
+
+
+class _HookedCalls:
+    """The calls of modules carrying hooks of the user's in ``gate_``'s trace, and what
+    pruning must not do to them: remove a call, or change code that cannot stay a call of
+    the module (see :func:`~gatedprune.gating.surgery.hooked_call_problem`); where pruning
+    changes the code inside one, the module is rewritten on its own and must be traceable
+    alone (``rewritable(path)``: None, or why not) and called once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        traced: TracedModel,
+        rewritable: Callable[[str], str | None],
+    ) -> None:
+        self.model = model
+        self.rewritable = rewritable
+        self.calls = [c for c in traced.calls if c.path in traced.hooked]
+        self.count: dict[str, int] = {}
+        for c in traced.calls:
+            self.count[c.path] = self.count.get(c.path, 0) + 1
+        self.names = [{n.name for n in c.nodes} for c in self.calls]
+        self.outs = [{n.name for n in _call_outputs(c)} for c in self.calls]
+        self.problems = [hooked_call_problem(c) for c in self.calls]
+
+    def who(self, path: str) -> str:
+        m = self.model.get_submodule(path)
+        return f"{path} ({type(m).__name__}) {describe_hooks(m)}"
+
+    def touching(self, names: set[str]) -> str | None:
+        """Who carries hooks and has a call among nodes ``names`` (None: no one)."""
+        for call, own in zip(self.calls, self.names, strict=True):
+            if own & names:
+                return f"{self.who(call.path)}, whose code the shortcut would change"
+        return None
+
+    def nodes(self) -> set[str]:
+        """The names of every node of a hooked call."""
+        return set().union(*self.names) if self.names else set()
+
+    def conflict(
+        self,
+        scopes: Sequence[str],
+        changed: set[str],
+        erased: frozenset[str] | set[str] = frozenset(),
+    ) -> str | None:
+        """Why rewriting ``scopes`` to change the nodes ``changed`` (removing ``erased``)
+        would lose or change a hooked call (None: it would not)."""
+        for call, names, outs, problem in zip(
+            self.calls, self.names, self.outs, self.problems, strict=True
+        ):
+            if outs & erased:
+                return f"{self.who(call.path)}, whose call would go with the branch"
+            touched = bool(names & changed)
+            inlined = any(_within(call.path, s) and call.path != s for s in scopes)
+            if not (touched or inlined):
+                continue
+            if touched and is_leaf_call(call):
+                return f"{self.who(call.path)}, whose call the rewrite would remove"
+            if problem is not None:
+                return (
+                    f"{self.who(call.path)}, and {problem}: its call could not stay a call "
+                    "of the module in rewritten code"
+                )
+            if touched and self.count.get(call.path, 0) > 1:
+                return (
+                    f"{self.who(call.path)}, called more than once, whose code the rewrite "
+                    "would change"
+                )
+            why = self.rewritable(call.path) if touched else None
+            if why is not None:
+                return f"{self.who(call.path)}, whose code the rewrite would change: {why}"
+        return None
+
+
+def _hooked_inside(m: nn.Module, name: str) -> str | None:
+    """``"<path> (<class>) carries a forward hook f"`` for the first module at or inside
+    ``m`` (called ``name``) that carries hooks of the user's (a layer ``gate_`` prunes
+    inside is rebuilt by ``prune``), or None."""
+    for path, sub in m.named_modules():
+        desc = describe_hooks(sub)
+        if desc is not None:
+            full = f"{name}.{path}" if path else name
+            return f"{full} ({type(sub).__name__}) {desc}"
+    return None
+
+
+def _pin_hooked(model: nn.Module, traced: TracedModel, ca: ChannelAnalysis) -> None:
+    """Leave ungated the channels a hook of the user's sees: the inputs and outputs of every
+    call of a module carrying one (a forward hook sees both, a pre-hook the inputs, which
+    may also change the weight), with the hook named as the reason."""
+
+    def pin(atoms: np.ndarray | None, why: str) -> None:
+        if atoms is not None and len(atoms):
+            for gi in np.unique(ca.atom_group[atoms]).tolist():
+                if ca.groups[gi].pinned is None:
+                    ca.groups[gi].pinned = why
+
+    for call in traced.calls:
+        if call.path not in traced.hooked:
+            continue
+        m = model.get_submodule(call.path)
+        why = f"{call.path} ({type(m).__name__}) {describe_hooks(m)}"
+        for n in [*call.inputs(), *call.outputs()]:
+            for lab in (ca.labels.get(n), ca.nonzero.get(n)):
+                if lab is not None:
+                    pin(lab.atoms, why)
+    for path in sorted(traced.hooked):
+        m = model.get_submodule(path)
+        why = f"{path} ({type(m).__name__}) {describe_hooks(m)}"
+        spaces = [ca.module_atoms.get(path), ca.module_in_atoms.get(path)]
+        spaces += [ca.rnn_in_atoms.get(path), *ca.rnn_outputs.get(path, [])]
+        for atoms in spaces:
+            pin(atoms, why)
+
+
+def _hook_views(
+    traced: TracedModel, ca: ChannelAnalysis, group_map: np.ndarray
+) -> dict[str, list[int]]:
+    """Per called module, the gated groups (indices of the gate vectors) its calls read or
+    return: what a hook registered on it after ``gate_`` would see pruned."""
+    views: dict[str, set[int]] = {}
+    for call in traced.calls:
+        for n in [*call.inputs(), *call.outputs()]:
+            for lab in (ca.labels.get(n), ca.nonzero.get(n)):
+                if lab is not None and len(lab.atoms):
+                    gated = group_map[ca.atom_group[lab.atoms]]
+                    views.setdefault(call.path, set()).update(gated[gated >= 0].tolist())
+    return {p: sorted(v) for p, v in views.items() if v}
 
 
 def _channel_scale(site: SiteInfo, groups: list[Tensor], t: Tensor) -> Tensor:
@@ -475,6 +632,10 @@ class InsertedGating(ModelGating):
         self.edges = edges
         self.edge_gate: Gate | None = _closed_gate(edge_kind, len(edges)) if edges else None
         self.hooked: tuple[str, ...] = ()  # modules gate_ hooked (set by gate_)
+        # the user's hooks at gate_ (module -> hook keys; None: unknown, every hook is new to
+        # prune) and the gated groups each module's calls see (both set by gate_)
+        self.user_hook_keys: dict[str, list[int]] | None = None
+        self.hook_views: dict[str, list[int]] = {}
         # the dense model's fingerprint, recorded in exported plans (set by gate_)
         self.source: dict[str, Any] | None = None
         # per module: the optional arguments its calls fix (graph.record_bindings; by gate_)
@@ -1129,16 +1290,75 @@ class InsertedGating(ModelGating):
         resized = [self.info.owners[n] for n in self._size_plan()]  # code with new sizes
         return outermost([*scopes, *(e.scope for e in kept), *resized]), erase, bypass
 
+    def _check_new_hooks(self, model: nn.Module) -> None:
+        """``ValueError`` for a hook of the user's that ``gate_`` did not see (registered
+        since) on a module whose inputs or outputs the gates change: a gate site, a layer
+        pruned inside, the end of a new shortcut, or a module whose calls see channels that
+        ``prune`` removes. The gated model gives such a hook other tensors than the pruned
+        one would. Also for a hook registered for every module."""
+        everywhere = global_hooks()
+        if everywhere:
+            kind, hook = everywhere[0]
+            raise ValueError(
+                f"a {kind} {hook_name(hook)} is registered for every module: it sees what the "
+                "gates change in the gated model and what prune removes in the pruned one; "
+                "remove it (its handle's .remove()) while gating and pruning"
+            )
+        known = getattr(self, "user_hook_keys", None)
+        views: dict[str, list[int]] = getattr(self, "hook_views", {})
+        opens = self.hard_open()
+        closed = {g for g, o in enumerate(opens) if not bool(o.all())}
+        rebuilt = [name for name, *_ in self.transformers] + [name for name, _ in self.attentions]
+        rebuilt += [r.name for r in self.rnns]
+        owners = {
+            path.rpartition(".")[0]
+            for site in getattr(self, "param_sites", {}).values()
+            for path in (site.weight, site.bias)
+            if path is not None
+        }
+        ends = {e.src for e in self.edges} | {e.dst for e in self.edges}
+        for name, m in model.named_modules():
+            keys = hook_keys(m)
+            if not keys or isinstance(m, InsertedGating):
+                continue
+            if known is not None and set(keys) <= set(known.get(name, [])):
+                continue  # gate_ saw them: it kept what they see whole
+            why = None
+            if name in self.sites:
+                why = "gate_ multiplies its output by gates"
+            elif name in getattr(self, "input_sites", {}):
+                why = "gate_ multiplies its input by gates"
+            elif name in owners:
+                why = "gate_ scales its parameters by gates"
+            elif name in ends:
+                why = "a new shortcut starts or ends there"
+            elif any(_within(name, r) for r in rebuilt):
+                why = "gate_ gates the heads or units of the layer it belongs to"
+            elif closed & set(views.get(name, [])):
+                why = "its calls read or return channels prune removes"
+            if why is not None:
+                raise ValueError(
+                    f"module '{name}' ({type(m).__name__}) {describe_hooks(m)}, added after "
+                    f"gate_, and {why}: the hook would see other tensors in the pruned model "
+                    "than in the gated one; remove it before prune (its handle's .remove()) "
+                    "and register it on the pruned model, or register it before gate_, which "
+                    "then keeps what it sees whole"
+                )
+
     def prune_model(self, model: nn.Module) -> nn.Module:
         """The pruned copy of ``model`` (see :meth:`ModelGating.prune_model`): gate values
         folded into the modules they scale, closed channels, heads, units and blocks removed
         by :func:`apply_plan` of :meth:`plan`, kept new shortcuts written into the code."""
         plan = self.plan()
         self._refuse_computed(model, plan)
+        self._check_new_hooks(model)
         with torch.no_grad():
             groups = [g.eval_value() for g in self.group_gates]  # type: ignore[operator]
             blocks = [g.eval_value() for g in self.block_gates]  # type: ignore[operator]
-        pruned = copy.deepcopy(model)
+        # the pruned model calls the user's hooks themselves, not copies (a hook object
+        # collecting features keeps collecting them where the user reads them)
+        memo: dict[int, Any] = {id(h): h for m in model.modules() for _, h in user_hooks(m)}
+        pruned = copy.deepcopy(model, memo)
         strip_gating(pruned)
         for name, site in self.sites.items():
             scale = torch.ones(site.n_channels, dtype=torch.float64) if site.segments else None
@@ -1532,6 +1752,16 @@ def gate_(
         )
     if hasattr(model, ATTR):
         raise ValueError(f"{type(model).__name__} already has an attribute '{ATTR}'")
+    everywhere = global_hooks()
+    if everywhere:
+        kind, hook = everywhere[0]
+        raise ValueError(
+            f"a {kind} {hook_name(hook)} is registered for every module (torch.nn.modules."
+            "module.register_module_forward_hook and its siblings): it would run on every "
+            "module gate_ gates and see what the gates and prune change, which gate_ cannot "
+            "keep whole for every module; remove it (its handle's .remove()) while gating "
+            "and pruning"
+        )
     structure = model_fingerprint(model, dtypes=False)  # before prepare_encoders changes classes
     prepare_encoders(model)
     traced = trace_model(model)
@@ -1539,6 +1769,19 @@ def gate_(
     record = record_run(traced, example_input, model)
     bindings = record_bindings(model, example_input)  # how rewritten modules are called
     ca = analyse_channels(gm, record)
+    rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
+
+    def can_rewrite(scope: str) -> str | None:
+        if scope not in rewritable:
+            try:
+                local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}))
+                rewritable[scope] = None
+            except RuntimeError as e:
+                rewritable[scope] = str(e)
+        return rewritable[scope]
+
+    hooked = _HookedCalls(model, traced, can_rewrite)  # modules carrying hooks of the user's
+    _pin_hooked(model, traced, ca)
     shared = _shared_modules(model, gm)
     for name, reason in shared.items():  # pruning slices and scales their tensors in place
         spaces = [ca.module_atoms.get(name), ca.module_in_atoms.get(name)]
@@ -1560,7 +1803,7 @@ def gate_(
                 for gi in np.unique(ca.atom_group[atoms]).tolist():
                     if ca.groups[gi].pinned is None:
                         ca.groups[gi].pinned = f"{why} (node '{pl.node}' is left whole)"
-    _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque), bindings)
+    _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque), bindings, hooked)
     summary = GatingSummary(opaque=dict(traced.opaque))
     summary.ungated_params.extend(param_whole.items())
     param_producers = {pl.weight for pl in ca.param_linears if pl.out_atoms is not None}
@@ -1624,6 +1867,26 @@ def gate_(
     if shortcuts == "dense":
         edges, unconnected = find_dense_edges(model, gm, record, ca, found, example_input)
         edges = [e for e in edges if allowed(e.src) and allowed(e.dst)]
+        without_hooks: list[Edge] = []
+        for e in edges:  # a shortcut's hooks on its ends would run before or after the user's
+            why_not = next(
+                (
+                    f"{hooked.who(m)}, which the shortcut's own hooks there would run before "
+                    "or after"
+                    for m in (e.src, e.dst)
+                    if m in traced.hooked
+                ),
+                None,
+            )
+            if why_not is None:
+                why_not = hooked.touching({e.src_node, e.dst_node, *e.users})
+            if why_not is None:
+                why_not = hooked.conflict([e.scope], set())
+            if why_not is not None:
+                unconnected.append((f"{e.src} -> {e.dst}", why_not))
+            else:
+                without_hooks.append(e)
+        edges = without_hooks
         edge_scopes: dict[str, str | None] = {}
         for e in edges:  # prune rewrites the code of the module holding both blocks
             if e.scope not in edge_scopes:
@@ -1642,25 +1905,20 @@ def gate_(
         found, skipped = [], []
     summary.ungated_adds.extend(skipped)
     kept_blocks: list[Block] = []
-    rewritable: dict[str, str | None] = {}
-    info = GraphInfo.of(gm)
+    info = GraphInfo.of(gm, frozenset(hooked.nodes()))  # a hooked ReLU is never bypassed
     for b in found:
         if not allowed(b.owner):
             summary.ungated_adds.append((node_label(b.add), f"filter_fn rejected '{b.owner}'"))
             continue
         # the code closing it rewrites: the add's module, or a parent that drops the call of
         # a module computing only the branch (HF BERT's attention around its self-output)
-        scopes = info.scopes({b.add.name: _arg_name(b.add, b.branch_pos)})[0] or [b.owner]
-        for scope in scopes:
-            if scope not in rewritable:
-                try:
-                    local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}))
-                    rewritable[scope] = None
-                except RuntimeError as e:
-                    rewritable[scope] = str(e)
-        why = next((rewritable[sc] for sc in scopes if rewritable[sc] is not None), None)
+        scopes, erase, bypass = info.scopes({b.add.name: _arg_name(b.add, b.branch_pos)})
+        scopes = scopes or [b.owner]
+        why = next((w for w in map(can_rewrite, scopes) if w is not None), None)
         if why is None and b.site in shared:  # the block gate is folded into it
             why = f"{b.site}: {shared[b.site]}"
+        if why is None:  # a hooked module's call must stay (and stay a call of the module)
+            why = hooked.conflict(scopes, {b.add.name, *erase, *bypass}, set(erase))
         if why is not None:
             summary.ungated_adds.append((node_label(b.add), why))
             continue
@@ -1685,7 +1943,7 @@ def gate_(
         m = gm.get_submodule(name)
         if isinstance(m, nn.MultiheadAttention):
             node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
-            why = gateable_attention(m) or shared.get(name)
+            why = gateable_attention(m) or shared.get(name) or _hooked_inside(m, name)
             if why is None and count != 1:
                 why = "called more than once"
             if why is None and len(node.args) < 3:
@@ -1704,7 +1962,7 @@ def gate_(
             continue
         if not isinstance(m, nn.TransformerEncoderLayer):
             continue
-        why = gateable_layer(m) or shared.get(name)
+        why = gateable_layer(m) or shared.get(name) or _hooked_inside(m, name)
         if why is None and count != 1:
             why = "called more than once"
         if why is None and not allowed(name):
@@ -1871,6 +2129,12 @@ def gate_(
         input_sites=in_sites,
     )
     gating.source = {**structure, "graph": graph_fingerprint(traced.graph)}
+    # the user's hooks gate_ saw (module -> hook keys; prune checks the ones added since) and
+    # the gated groups each module's calls see
+    gating.user_hook_keys = {
+        name: keys for name, m in model.named_modules() if (keys := hook_keys(m))
+    }
+    gating.hook_views = _hook_views(traced, ca, group_map)
     gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
     gating.train(model.training)
     model.add_module(ATTR, gating)

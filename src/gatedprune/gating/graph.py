@@ -33,6 +33,7 @@ from ..costs import (
     watch_counted,
 )
 from ..functional_costs import FunctionalCounter
+from ..hooks import hooks_detached
 from ..rnn_slicing import StateSlicing
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
@@ -44,6 +45,7 @@ from .transformer import (
 
 __all__ = [
     "InlinedCall",
+    "ModuleCall",
     "TracedModel",
     "costs_scale_with_batch",
     "inlined_calls",
@@ -69,13 +71,54 @@ _LEAVES = (
 )
 
 
+@dataclass
+class ModuleCall:
+    """One call of a submodule in a traced graph: ``nodes``, the graph nodes fx recorded
+    during the call in graph order (a leaf's ``call_module`` node, or the inlined code of a
+    module traced through; shared ``get_attr`` nodes of its parameters may sit among them),
+    and the call as the code made it, graph nodes for traced values: ``args``, ``kwargs``
+    and the ``result`` it returned."""
+
+    path: str
+    nodes: list[fx.Node]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    result: Any
+
+    def inputs(self) -> list[fx.Node]:
+        """The graph nodes among the call's arguments (what its hooks see as inputs)."""
+        return _nodes_in((self.args, self.kwargs))
+
+    def outputs(self) -> list[fx.Node]:
+        """The graph nodes it returned, and for a leaf returning a tuple (an LSTM, attention)
+        the items the code takes from it (what its forward hooks see as the output)."""
+        out = _nodes_in(self.result)
+        if len(self.nodes) == 1 and self.nodes[0].op == "call_module":
+            out += [u for u in self.nodes[0].users if u.target is operator.getitem]
+        return out
+
+
+def _nodes_in(a: Any) -> list[fx.Node]:
+    """The graph nodes in a nested structure of arguments, each once, in order."""
+    found: list[fx.Node] = []
+    fx.node.map_aggregate(a, lambda v: found.append(v) if isinstance(v, fx.Node) else None)
+    return list(dict.fromkeys(found))
+
+
+def _as_nodes(a: Any) -> Any:
+    """``a`` with each fx Proxy replaced by its graph node."""
+    return fx.node.map_aggregate(a, lambda v: v.node if isinstance(v, fx.Proxy) else v)
+
+
 class GateTracer(fx.Tracer):
-    """fx tracer that keeps ``opaque`` submodules whole and remembers where tracing failed."""
+    """fx tracer that keeps ``opaque`` submodules whole, remembers where tracing failed and
+    records every submodule call (:class:`ModuleCall`)."""
 
     def __init__(self, opaque: set[str] | None = None) -> None:
         super().__init__()
         self.opaque = opaque if opaque is not None else set()
         self.failed_in: str | None = None
+        self.calls: list[ModuleCall] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque or isinstance(m, (ModelGating, *_LEAVES)):
@@ -94,12 +137,26 @@ class GateTracer(fx.Tracer):
         kwargs: dict[str, Any],
     ) -> Any:
         name = self.path_of_module(m)
+        last = next(iter(reversed(self.graph.nodes)), None)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            result = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost module whose forward failed
                 self.failed_in = name
             raise
+        nodes: list[fx.Node] = []
+        for n in reversed(self.graph.nodes):  # fx appends: the call's nodes come last
+            if n is last:
+                break
+            nodes.append(n)
+        nodes.reverse()
+        out = _as_nodes(result)
+        leaf = isinstance(out, fx.Node) and out.op == "call_module" and out.target == name
+        if leaf and nodes and nodes[-1] is out:  # (after the constants fx made for it)
+            self.calls.append(ModuleCall(name, [out], out.args, dict(out.kwargs), out))
+        else:
+            self.calls.append(ModuleCall(name, nodes, _as_nodes(args), _as_nodes(kwargs), out))
+        return result
 
 
 @dataclass
@@ -108,6 +165,10 @@ class TracedModel:
 
     graph_module: fx.GraphModule
     opaque: dict[str, str] = field(default_factory=dict)  # qualified name -> why
+    # every submodule call, in the order the calls returned (an inner call before its caller)
+    calls: list[ModuleCall] = field(default_factory=list)
+    # qualified names of the submodules that carry hooks of the user's (gatedprune.hooks)
+    hooked: frozenset[str] = frozenset()
 
     @property
     def graph(self) -> fx.Graph:
@@ -251,6 +312,20 @@ def _trace(
 ) -> TracedModel:
     """One fx trace of ``model`` (see :func:`trace_model`)."""
     found: dict[str, str] = dict(opaque or {})
+    with hooks_detached(model) as hooked_ids:  # not run on Proxies (hooks.hooks_detached)
+        hooked = frozenset(p for p, m in model.named_modules() if id(m) in hooked_ids and p)
+        return _trace_detached(model, found, hooked, warn=warn, concrete_args=concrete_args)
+
+
+def _trace_detached(
+    model: nn.Module,
+    found: dict[str, str],
+    hooked: frozenset[str],
+    *,
+    warn: bool,
+    concrete_args: dict[str, Any] | None,
+) -> TracedModel:
+    """:func:`_trace` with the user's hooks taken off."""
     for _ in range(_MAX_OPAQUE):
         tracer = GateTracer(set(found))
         modes = [(m, m.training) for m in model.modules()]
@@ -286,7 +361,7 @@ def _trace(
             for name in set(vars(model)) - own:
                 if name.startswith("_tensor_constant"):
                     delattr(model, name)
-        return TracedModel(traced, found)
+        return TracedModel(traced, found, tracer.calls, hooked)
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
 
 

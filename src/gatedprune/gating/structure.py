@@ -42,11 +42,15 @@ class GraphInfo:
     writes: dict[str, str] = field(default_factory=dict)  # in-place op -> the input it writes
 
     @staticmethod
-    def of(gm: fx.GraphModule) -> GraphInfo:
+    def of(gm: fx.GraphModule, keep: frozenset[str] = frozenset()) -> GraphInfo:
+        """The view of ``gm``'s graph; the ReLU nodes named in ``keep`` (in the calls of
+        modules carrying hooks of the user's) are never bypassed."""
         nodes = list(gm.graph.nodes)
         out = next(n for n in reversed(nodes) if n.op == "output")
         relu = {}
         for n in nodes:
+            if n.name in keep:
+                continue
             if n.args and isinstance(n.args[0], fx.Node) and _is_relu(gm, n):
                 relu[n.name] = n.args[0].name
         return GraphInfo(

@@ -31,9 +31,11 @@ from ..fingerprint import (
     model_fingerprint,
 )
 from ..functional_costs import FunctionalCounter
+from ..hooks import copy_hooks, describe_hooks
 from .blocks import graph_writes, live_nodes
 from .channels import linear_operands, transposed_source
 from .graph import (
+    ModuleCall,
     TracedModel,
     inlined_calls,
     optional_defaults,
@@ -622,6 +624,147 @@ def refold_calls(graph: fx.Graph, root: nn.Module, changed: frozenset[str] = fro
             graph.erase_node(n)
 
 
+_PLAIN = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    torch.dtype,
+    torch.device,
+    torch.memory_format,
+    torch.layout,
+)  # constants fx writes into generated code
+
+
+def _unwritable(a: Any) -> str | None:
+    """The type of a value in argument structure ``a`` that generated code cannot hold (a
+    tensor, an object of the user's), or None."""
+    bad: list[str] = []
+
+    def check(v: Any) -> Any:
+        if not isinstance(v, (fx.Node, *_PLAIN)):
+            bad.append(type(v).__name__)
+        return v
+
+    fx.node.map_aggregate(a, check)
+    return bad[0] if bad else None
+
+
+def is_leaf_call(call: ModuleCall) -> bool:
+    """Whether ``call`` is a ``call_module`` node of its own (a leaf module)."""
+    return (
+        len(call.nodes) == 1
+        and call.nodes[0].op == "call_module"
+        and call.nodes[0].target == call.path
+    )
+
+
+def hooked_call_problem(call: ModuleCall) -> str | None:
+    """Why the inlined code of ``call`` could not be replaced by a call of its module (so its
+    hooks would not run in a rewritten ``forward``), or None if it can: it must return a
+    graph value or a flat tuple or list of them (and constants), computed in the call, take
+    arguments generated code can hold, and no other value of its code may be read outside.
+
+    >>> class Scale(nn.Module):
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         return 2 * x
+    >>> net = nn.Sequential(Scale(), nn.ReLU())
+    >>> call = trace_model(net).calls[0]
+    >>> call.path, [n.name for n in call.nodes], hooked_call_problem(call)
+    ('0', ['mul'], None)
+    """
+    if is_leaf_call(call):
+        return None
+    inside = set(call.nodes)
+    if not inside:
+        return "fx recorded no code for its call (it returns what it was given)"
+    bad = _unwritable((call.args, call.kwargs))
+    if bad is not None:
+        return f"it is called with a {bad} argument"
+    result = call.result
+    items = list(result) if isinstance(result, tuple | list) else [result]
+    flat = all(isinstance(r, (fx.Node, *_PLAIN)) for r in items)
+    if not isinstance(result, fx.Node) and not (isinstance(result, tuple | list) and flat):
+        return f"it returns a {type(result).__name__} (a tensor, or a flat tuple or list of them)"
+    outs = [r for r in items if isinstance(r, fx.Node)]
+    if any(o not in inside for o in outs):
+        return "it returns a value computed before it was called"
+    for n in call.nodes:
+        if n.op == "get_attr" or n in outs:
+            continue
+        reader = next((u for u in n.users if u not in inside), None)
+        if reader is not None:
+            return f"its value '{n.name}' is read outside the call (by '{reader.name}')"
+    return None
+
+
+def _hooked_calls(traced: TracedModel) -> list[ModuleCall]:
+    """The outermost calls of modules carrying hooks of the user's (a hooked module called by
+    another one's code is called by it), in graph order."""
+    calls = [c for c in traced.calls if c.path in traced.hooked]
+    calls.sort(key=lambda c: -len(c.nodes))
+    covered: set[fx.Node] = set()
+    outer: list[ModuleCall] = []
+    for c in calls:
+        if c.nodes and c.nodes[0] in covered:
+            continue
+        covered.update(c.nodes)
+        outer.append(c)
+    order = {n: i for i, n in enumerate(traced.graph.nodes)}
+    outer.sort(key=lambda c: order[c.nodes[0]] if c.nodes else -1)
+    return outer
+
+
+def _refold_hooked(
+    graph: fx.Graph, root: nn.Module, call: ModuleCall, replaced: dict[fx.Node, fx.Node]
+) -> None:
+    """Replace the inlined code of ``call`` (checked by :func:`hooked_call_problem`) in
+    ``graph``, traced from ``root``, by a call of its module with the same arguments, so that
+    the module's hooks run. ``replaced``: nodes the rewrite replaced (a cut add -> the operand
+    it keeps), which the call's recorded arguments may name."""
+    if is_leaf_call(call):
+        return
+    present = set(graph.nodes)
+    inside = [n for n in call.nodes if n in present]
+
+    def current(v: Any) -> Any:
+        while isinstance(v, fx.Node) and v in replaced:
+            v = replaced[v]
+        return v
+
+    args = fx.node.map_aggregate(call.args, current)
+    kwargs = fx.node.map_aggregate(call.kwargs, current)
+    result = call.result
+    outs = [result] if isinstance(result, fx.Node) else list(result)
+    owner = graph.owning_module
+    if isinstance(owner, fx.GraphModule):  # fx copied only what the trace referenced
+        owner.add_submodule(call.path, root.get_submodule(call.path))
+    with graph.inserting_before(inside[0]):
+        new = graph.call_module(call.path, tuple(args), dict(kwargs))
+    last = next(o for o in reversed(outs) if isinstance(o, fx.Node))
+    new.meta = dict(last.meta)
+    if isinstance(result, fx.Node):
+        result.replace_all_uses_with(new)
+    else:
+        anchor = new
+        for i, o in enumerate(outs):
+            if isinstance(o, fx.Node):
+                with graph.inserting_after(anchor):
+                    item = graph.call_function(operator.getitem, (new, i))
+                item.meta = dict(o.meta)
+                o.replace_all_uses_with(item)
+                anchor = item
+    for n in reversed(inside):
+        if not n.users:
+            graph.erase_node(n)
+        elif n.op != "get_attr":  # a parameter another call reads too stays
+            raise RuntimeError(
+                f"cannot call module '{call.path}' as a module in the rewritten code: its value "
+                f"'{n.name}' is still read by {', '.join(u.name for u in n.users)}"
+            )
+
+
 # ops `h op= x` is recorded as by fx (no __iadd__ on a Proxy): its left operand may be written
 _AUGMENTABLE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv}
 _AUGMENTABLE_METHODS = {"add", "sub", "mul", "div"}
@@ -762,16 +905,42 @@ def _rewrite_scope(
     aliases: _Aliases,
     sizes: dict[str, list[list[Any]]] | None = None,
     bound: dict[str, Any] | None = None,
+    bounds: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
     writes into, anywhere in the model; ``left_operands``: nodes the code uses as the left
     operand of arithmetic, which an augmented assignment would write into; ``bound``: the
-    optional arguments its calls fix, see :func:`local_trace`)."""
+    optional arguments its calls fix, see :func:`local_trace`; ``bounds``: the same for every
+    module, by qualified name).
+
+    A module inside ``scope`` carrying hooks of the user's stays a call of that module in the
+    new code, so its hooks run; where the rewrite changes its code, it is rewritten first, on
+    its own, and keeps its hooks. The new module gets ``scope``'s own hooks."""
     sub = model if scope == "" else model.get_submodule(scope)
     root_nodes = scope_nodes(root_graph, scope)
     local, mapping = local_trace(model, root_graph, scope, opaque, bound)
     local_out = next(n for n in local.graph.nodes if n.op == "output").args[0]
     returned = next((r for r, n in mapping.items() if n is local_out), None)
+    hooked = _hooked_calls(local)
+    if hooked:
+        cut, erase, bypass, sizes = _rewrite_hooked(
+            model,
+            root_graph,
+            scope,
+            opaque,
+            hooked,
+            mapping,
+            cut,
+            erase,
+            bypass,
+            edges,
+            written,
+            left_operands,
+            aliases,
+            sizes or {},
+            bounds or {},
+        )
+    replaced: dict[fx.Node, fx.Node] = {}  # (for the recorded arguments of hooked calls)
     root_by_name = {r.name: r for r in root_nodes}
     # local placeholder a cut keeps -> its root value and that cut add
     kept_inputs: dict[fx.Node, tuple[object, fx.Node | None]] = {}
@@ -813,6 +982,7 @@ def _rewrite_scope(
             root_add = root_by_name[add_name]
             kept_inputs[keep] = (root_add.args[1 - pos], root_add)
         ln.replace_all_uses_with(keep)
+        replaced[ln] = keep
         local.graph.erase_node(ln)
     for r in root_nodes:  # bypassed ReLUs (relu(relu(z)) = relu(z)) in graph order
         if r.name in bypass:
@@ -820,6 +990,7 @@ def _rewrite_scope(
             inp = ln.args[0]
             assert isinstance(inp, fx.Node)
             ln.replace_all_uses_with(inp)
+            replaced[ln] = inp
             local.graph.erase_node(ln)
     for name, entries in (sizes or {}).items():  # the pruned widths (attention heads)
         if name in mapping:
@@ -828,6 +999,8 @@ def _rewrite_scope(
     for r in reversed(root_nodes):
         if r.name in erase:
             _erase_dead(local.graph, mapping[r.name], scope)
+    for call in hooked:  # called as modules again (their hooks run)
+        _refold_hooked(local.graph, sub, call, replaced)
     output = next(n for n in local.graph.nodes if n.op == "output")
     ret = output.args[0]
     if (
@@ -851,7 +1024,9 @@ def _rewrite_scope(
     local.graph.lint()
     nodes = list(local.graph.nodes)
     if len(nodes) == 2 and nodes[0].op == "placeholder" and nodes[1].args[0] is nodes[0]:
-        return nn.Identity()  # nothing left: the module passes its input through
+        identity = nn.Identity()  # nothing left: the module passes its input through
+        copy_hooks(sub, identity)
+        return identity
     # tensors fx made while tracing (`torch.full((d,), 2.0)`) live on the traced graph module,
     # not on the model (see graph._trace): the new module takes them from there
     constants = {
@@ -869,7 +1044,89 @@ def _rewrite_scope(
         for name in constants:
             delattr(sub, name)
     new.train(sub.training)
+    copy_hooks(sub, new)
     return new
+
+
+def _rewrite_hooked(
+    model: nn.Module,
+    root_graph: fx.Graph,
+    scope: str,
+    opaque: dict[str, str],
+    hooked: list[ModuleCall],
+    mapping: dict[str, fx.Node],
+    cut: dict[str, int],
+    erase: set[str],
+    bypass: set[str],
+    edges: list[dict[str, Any]],
+    written: set[str],
+    left_operands: set[str],
+    aliases: _Aliases,
+    sizes: dict[str, list[list[Any]]],
+    bounds: dict[str, Any],
+) -> tuple[dict[str, int], set[str], set[str], dict[str, list[list[Any]]]]:
+    """For :func:`_rewrite_scope`: check that each call of a hooked module inside ``scope``
+    (``hooked``, in its local graph) can stay a call of the module, and rewrite first, on its
+    own, each such module whose code the rewrite changes. Returns the changes left to
+    ``scope``'s own rewrite (cut, erase, bypass, sizes). ``RuntimeError`` naming the module
+    and its hooks where the call cannot stay (``gate_`` leaves such blocks ungated)."""
+    sub = model if scope == "" else model.get_submodule(scope)
+    root_name = {n: r for r, n in mapping.items()}  # local node -> root node name
+    edge_names = {n for e in edges for n in (e["src"], e["dst"], *e["users"])}
+    prefix = f"{scope}." if scope else ""
+    for call in hooked:
+        m = sub.get_submodule(call.path)
+        what = (
+            f"cannot rewrite module '{scope}' ({type(sub).__name__}) around module "
+            f"'{prefix}{call.path}' ({type(m).__name__}), which {describe_hooks(m)}"
+        )
+        problem = hooked_call_problem(call)
+        if problem is not None:
+            raise RuntimeError(
+                f"{what}: {problem}, so it could not stay a call of the module (its hooks "
+                "would not run)"
+            )
+        names = {root_name[n] for n in call.nodes if n in root_name}
+        outs = {root_name.get(n) for n in _call_outputs(call)}
+        if outs & erase:
+            raise RuntimeError(f"{what}: its call would be removed (its hooks would not run)")
+        if names & edge_names:
+            raise RuntimeError(f"{what}: a new shortcut would change its code")
+        if not names & {*cut, *erase, *bypass, *sizes}:
+            continue
+        if is_leaf_call(call):
+            raise RuntimeError(f"{what}: the rewrite would remove its call")
+        full = prefix + call.path
+        new = _rewrite_scope(
+            model,
+            root_graph,
+            full,
+            opaque,
+            {k: v for k, v in cut.items() if k in names},
+            erase & names,
+            bypass & names,
+            [],
+            written,
+            left_operands,
+            aliases,
+            {k: v for k, v in sizes.items() if k in names},
+            bounds.get(full),
+            bounds,
+        )
+        parent_name, _, child = full.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        cut = {k: v for k, v in cut.items() if k not in names}
+        erase, bypass = erase - names, bypass - names
+        sizes = {k: v for k, v in sizes.items() if k not in names}
+    return cut, erase, bypass, sizes
+
+
+def _call_outputs(call: ModuleCall) -> list[fx.Node]:
+    """The graph nodes ``call`` returns."""
+    result = call.result
+    items = [result] if isinstance(result, fx.Node) else list(result)
+    return [r for r in items if isinstance(r, fx.Node)]
 
 
 def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
@@ -1668,6 +1925,33 @@ def _within(path: str, scope: str) -> bool:
     return scope == "" or path == scope or path.startswith(scope + ".")
 
 
+def _check_hooks_kept(model: nn.Module, plan: dict[str, Any]) -> None:
+    """``ValueError`` naming a module carrying hooks of the user's that the plan slices (its
+    hooks would see the sliced tensors) or that lies in a layer the plan prunes inside (an
+    encoder layer or attention, rebuilt without them, or a recurrent module)."""
+    rebuilt = [*plan.get("transformers", {}), *plan.get("attention", {}), *plan.get("rnn", {})]
+    for name, m in model.named_modules():
+        desc = describe_hooks(m)
+        if desc is None:
+            continue
+        spec = plan["slices"].get(name)
+        if spec is not None and spec["kind"] not in _PARAM_KINDS:
+            raise ValueError(
+                f"the plan slices module '{name}' ({type(m).__name__}), which {desc}: the hook "
+                "would see sliced tensors (gate_ keeps the channels a hook sees whole; remove "
+                "the hook before applying the plan, or register it before gate_)"
+            )
+        layer = next((r for r in rebuilt if name == r or name.startswith(r + ".")), None)
+        if layer is not None:
+            raise ValueError(
+                f"the plan prunes inside layer '{layer}' (heads, FFN or hidden units), and "
+                f"its module '{name}' ({type(m).__name__}) {desc}: the hook would see pruned "
+                "tensors, or not run in the rebuilt layer (gate_ does not gate a layer with "
+                "such hooks; remove the hook before applying the plan, or register it before "
+                "gate_)"
+            )
+
+
 def apply_plan(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     """Apply a pruning plan (from :func:`gatedprune.export_plan`) to a dense, ungated instance of
     the same model: slices its modules in place and rewrites the modules that lose residual
@@ -1790,6 +2074,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     for scope in plan["scopes"]:
         if scope:
             submodule(scope, "rewrites")
+    _check_hooks_kept(model, plan)
     encoders = [m for m in model.modules() if type(m) is nn.TransformerEncoder]
     prepare_encoders(model)
     try:
@@ -1889,6 +2174,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             aliases,
             {k: v for k, v in sizes.items() if k in in_scope},
             plan.get("bound", {}).get(scope),
+            plan.get("bound", {}),
         )
         if scope == "":
             result = new
