@@ -546,3 +546,29 @@ def test_writing_into_a_missing_folder_or_onto_a_folder_names_the_target(tmp_pat
     with pytest.raises(ValueError, match="it is a folder; expected a file path"):
         gp.save(small, tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary file left
+
+
+def test_save_refusal_of_a_gate_pruned_model_names_the_plan_route(tmp_path: Path) -> None:
+    """The refusal names export_plan/apply_plan and write_tensors, and that route works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(4, 8)  # (B, 8)
+    gp.gate_(model, x)
+    gating = model.gatedprune
+    gating.group_gates[0].force_(torch.arange(16) % 2 == 0)
+    small = gp.prune(model.eval())
+    with pytest.raises(TypeError, match="register_model_class") as err:
+        io.save(small, tmp_path / "p.safetensors")
+    for route in ("export_plan", "apply_plan", "write_tensors", "load_state_dict"):
+        assert route in str(err.value)
+    assert not os.listdir(tmp_path)
+    plan = json.loads(json.dumps(gp.export_plan(model)))
+    path = tmp_path / "w.safetensors"
+    io.write_tensors(path, small.state_dict(), {"plan": plan})
+    tensors, meta = io.read_tensors(path)
+    fresh = gp.apply_plan(
+        nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), meta["plan"]
+    )
+    fresh.load_state_dict(tensors)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), small(x))  # (B, 3)

@@ -641,7 +641,11 @@ def save(model: nn.Module, path: PathLike) -> None:
         raise TypeError(
             f"save does not support {cls.__name__}: supported kinds are "
             f"{sorted(_CLASS_OF_KIND)} ({', '.join(c.__name__ for c in _KIND_OF_CLASS)}); "
-            "register other classes with gatedprune.io.register_model_class"
+            "register other classes with gatedprune.io.register_model_class (to_config/"
+            "from_config); for a model pruned after gatedprune.gate_, keep "
+            "json.dumps(gatedprune.export_plan(gated)) and the pruned state_dict() (e.g. with "
+            "gatedprune.io.write_tensors), and rebuild with gatedprune.apply_plan(a fresh "
+            "dense instance, plan) then load_state_dict"
         )
     from . import __version__
 

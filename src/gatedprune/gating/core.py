@@ -365,13 +365,19 @@ class ParamGate(nn.Module):
     >>> net.gatedprune.group_gates[0].force_(torch.arange(8) < 4)
     >>> net.w1[0].tolist()  # the gated weight; the stored one is unchanged
     [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    >>> net.w1 = torch.full((3, 8), 2.0)  # assignment stores the new (ungated) tensor
+    >>> net.parametrizations.w1.original[0].tolist()
+    [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    >>> net.w1[0].tolist()
+    [2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0]
     """
 
-    def __init__(self, gating: InsertedGating, key: str, dim: int) -> None:
+    def __init__(self, gating: InsertedGating, key: str, dim: int, shape: Sequence[int]) -> None:
         super().__init__()
         self.__dict__["_gp_gating"] = gating  # not a submodule: the model holds it
         self.key = key
         self.dim = dim
+        self.shape = tuple(int(n) for n in shape)  # of the stored tensor
 
     def forward(self, stored: Tensor) -> Tensor:
         gating: InsertedGating = self.__dict__["_gp_gating"]
@@ -379,6 +385,103 @@ class ParamGate(nn.Module):
         shape = [1] * stored.dim()
         shape[self.dim] = -1
         return stored * vec.view(shape)  # (in, out) / (out, in) or (out,)
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """What assigning ``module.W = value`` stores: ``value`` itself, the ungated tensor
+        (torch's ``parametrize`` then sets ``parametrizations.W.original`` to it, sharing its
+        storage, as ``Tensor.set_``). ``TypeError`` for a non-tensor, ``ValueError`` for
+        another shape (``set_`` would resize the stored tensor silently)."""
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"a parameter gated by gate_ ({self.key}) takes a tensor of shape "
+                f"{list(self.shape)}, got {type(value).__name__}"
+            )
+        if tuple(value.shape) != self.shape:
+            raise ValueError(
+                f"a parameter gated by gate_ ({self.key}) takes a tensor of shape "
+                f"{list(self.shape)}, got shape {list(value.shape)}"
+            )
+        return value
+
+
+def _param_gates(m: nn.Module) -> dict[str, ParamGate] | None:
+    """The :class:`ParamGate` of each parametrized tensor of ``m``, or ``None`` if ``m`` has
+    another parametrization (alone or stacked on one of ours)."""
+    gates: dict[str, ParamGate] = {}
+    for attr, plist in cast(nn.ModuleDict, m.parametrizations).items():
+        mods = list(cast(nn.ModuleList, plist))
+        if len(mods) != 1 or not isinstance(mods[0], ParamGate):
+            return None
+        gates[attr] = mods[0]
+    return gates
+
+
+def _param_gated_setattr(self: nn.Module, name: str, value: object) -> None:
+    """``module.W = nn.Parameter(...)`` on a parametrized ``W`` stores the values like a plain
+    tensor does (torch's ``Module.__setattr__`` would raise ``KeyError: attribute 'W' already
+    exists``); the stored ``nn.Parameter`` object stays, so optimizers keep training it."""
+    if isinstance(value, nn.Parameter) and parametrize.is_parametrized(self, name):
+        plist = cast(parametrize.ParametrizationList, self.parametrizations[name])  # type: ignore[index]
+        if isinstance(plist[0], ParamGate):
+            plist.right_inverse(value)
+            return
+    base: Any = type(self).__bases__[0]  # the model's class
+    base.__setattr__(self, name, value)
+
+
+def _new_module(cls: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``cls``, filled by :func:`_restore_param_gated` (unpickling)."""
+    return cls.__new__(cls)
+
+
+def _param_gated_reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
+    """Pickle a module whose parametrizations are all :class:`ParamGate` as its plain class
+    with the stored tensors in place; :func:`_restore_param_gated` registers the gates
+    again on load. Torch refuses any other parametrized module, so this does too."""
+    gates = _param_gates(self)
+    base: Any = type(self).__bases__[0]  # the model's class
+    state = base.__getstate__(self)
+    if gates is None or not isinstance(state, dict):
+        raise RuntimeError(
+            f"torch pickles a parametrized module ({type(self).__name__}) only through "
+            "state_dict(); gate_'s own parametrizations pickle, but this module has another "
+            "(added after gate_?): save model.state_dict() and load it into a twin gated the "
+            "same way"
+        )
+    state = dict(state)
+    params = cast(nn.ModuleDict, self.parametrizations)
+    state["_modules"] = {k: v for k, v in self._modules.items() if k != "parametrizations"}
+    state["_parameters"] = dict(self._parameters)
+    state["_buffers"] = dict(self._buffers)
+    for attr in gates:
+        original = cast(Tensor, params[attr].original)
+        if isinstance(original, nn.Parameter):
+            state["_parameters"][attr] = original
+        else:
+            state["_buffers"][attr] = original
+    return (_new_module, (base,), (state, gates), None, None, _restore_param_gated)
+
+
+def _restore_param_gated(m: nn.Module, state: tuple[dict[str, Any], dict[str, ParamGate]]) -> None:
+    """Unpickle what :func:`_param_gated_reduce_ex` wrote: the module's state, then its
+    :class:`ParamGate` parametrizations registered again."""
+    fields, gates = state
+    setstate: Any = m.__setstate__  # nn.Module's, unless the class has its own
+    setstate(fields)
+    for attr, pgate in gates.items():
+        parametrize.register_parametrization(m, attr, pgate, unsafe=True)
+    _adopt_param_gated(m)
+
+
+def _adopt_param_gated(m: nn.Module) -> None:
+    """Give the class torch's ``parametrize`` made for ``m`` (one per instance) the
+    ``__setattr__`` of :func:`_param_gated_setattr` and the pickling of
+    :func:`_param_gated_reduce_ex`."""
+    cls = type(m)
+    if not parametrize.is_parametrized(m):  # pragma: no cover - called after registering
+        raise RuntimeError(f"{cls.__name__} was expected to be parametrized")
+    cls.__setattr__ = _param_gated_setattr  # type: ignore[method-assign]
+    cls.__reduce_ex__ = _param_gated_reduce_ex  # type: ignore[method-assign,assignment]
 
 
 _GATE_HOOKS = (
@@ -2152,8 +2255,11 @@ def gate_(
             if path is not None:
                 owner_path, _, attr = path.rpartition(".")
                 owner = model.get_submodule(owner_path) if owner_path else model
-                pgate = ParamGate(gating, key, dim)  # unsafe: no check call drawing samples
+                stored = cast(Tensor, getattr(owner, attr))
+                pgate = ParamGate(gating, key, dim, stored.shape)
+                # unsafe: no check call drawing samples
                 parametrize.register_parametrization(owner, attr, pgate, unsafe=True)
+                _adopt_param_gated(owner)
     for src in dict.fromkeys(e.src for e in edges):
         clone = any(e.clone_src for e in edges if e.src == src)
         model.get_submodule(src).register_forward_hook(_EdgeOutHook(gating, src, clone))
