@@ -349,6 +349,25 @@ _SCALE_FUNCS: set[Callable[..., Any]] = {*HOMOGENEOUS_FUNCS, operator.neg, torch
 _SCALE_METHODS = {"relu", "relu_", "neg", "contiguous", "clone", "float", "detach"}
 
 
+# attributes of a tensor that pruning its channels leaves unchanged (t.dtype, t.device, ...)
+_META_ATTRS = {"dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+def _meta_read(u: fx.Node) -> bool:
+    """Whether ``u`` reads only an attribute that pruning channels leaves unchanged: the
+    ``dtype``, ``device``, ``ndim`` or ``dim()`` of a tensor (``softmax(w, dtype=torch.float32)
+    .to(q.dtype)``), not its values nor its sizes.
+
+    >>> g = fx.Graph()
+    >>> q = g.placeholder("q")
+    >>> _meta_read(g.call_function(getattr, (q, "dtype"))), _meta_read(g.call_method("size", (q,)))
+    (True, False)
+    """
+    if u.op == "call_function" and u.target is builtins.getattr and not u.kwargs:
+        return len(u.args) == 2 and u.args[1] in _META_ATTRS
+    return u.op == "call_method" and u.target == "dim" and len(u.args) == 1 and not u.kwargs
+
+
 def _hardtanh_zero(lo: object, hi: object) -> bool:
     """Whether ``hardtanh(0, lo, hi) = clamp(0, lo, hi)`` is 0 (bounds must be plain numbers)."""
     num = (int, float)
@@ -703,7 +722,7 @@ class _Propagator:
                 self.size_read(n)
         for v, lab in self.nonzero.items():  # any other reader needs zeros at closed channels
             for u in v.users:
-                if (v, u) in self.nonzero_uses or self.other_size(u, lab):
+                if (v, u) in self.nonzero_uses or self.other_size(u, lab) or _meta_read(u):
                     continue
                 if self.is_after(lab):
                     why = (
