@@ -2106,13 +2106,14 @@ class _Propagator:
         labelled = [
             isinstance(a, fx.Node) and (self.lab(a) is not None or a in self.nonzero) for a in ops
         ]
-        if not any(labelled):
-            return None
         shapes = [self.shape(a) if isinstance(a, fx.Node) else None for a in ops]
         parsed = None
         dims = [len(sh) for sh in shapes if sh is not None]
         if isinstance(eq, str) and out is not None and len(dims) == len(ops) == 2 and not n.kwargs:
             parsed = einsum_subscripts(eq, dims, len(out))
+        weight_why = self.einsum_weights(n, ops, parsed)
+        if not any(labelled):
+            return None
         if parsed is None or out is None:
             self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
             return None
@@ -2130,7 +2131,8 @@ class _Propagator:
             assert lab is not None
             letter = sub[lab.dim]
             if letter not in out_subs or sub.count(letter) != 1:
-                self.pin_inputs(n, f"{self.describe(n)} contracts or keeps labelled channels")
+                why = f"{self.describe(n)} contracts or keeps labelled channels"
+                self.pin_inputs(n, weight_why or why)
                 return None
             found.append((lab, nz is not None, a))
             letters.add(letter)
@@ -2144,6 +2146,33 @@ class _Propagator:
                 self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
                 return None
         return self._product_of(n, found, d)
+
+    def einsum_weights(
+        self, n: fx.Node, ops: list[Any], parsed: tuple[list[list[str]], list[str]] | None
+    ) -> str | None:
+        """Record as left whole (with the reason, for the summary) each 2-d parameter that
+        ``torch.einsum`` ``n`` reads and sums over (``einsum("bd,dh->bh", x, self.W)``): a
+        linear map, but not in a form gate_ slices (``x @ self.W`` or ``F.linear`` is).
+        Returns the reason for the channels the first such parameter reads (None: none)."""
+        first: str | None = None
+        for i, a in enumerate(ops):
+            src = transposed_source(a)
+            if src is None or src[0].op != "get_attr":
+                continue
+            path = str(src[0].target)
+            param = self.parameter(path)
+            if param is None or param.dim() != 2:
+                continue
+            if parsed is not None and all(c in parsed[1] for c in parsed[0][i]):
+                continue  # sums over none of its indices: not a linear map of it
+            why = self.whole(
+                path,
+                "torch.einsum is not a parameter-map form gate_ reads "
+                f"(written as x @ {path}, x @ {path}.T or F.linear its units are gated)",
+                n,
+            )
+            first = first or why
+        return first
 
     def repeat_heads(self, n: fx.Node) -> Labels | None:
         """Grouped-query attention's k and v repeated for the query heads:
