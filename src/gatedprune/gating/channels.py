@@ -368,6 +368,19 @@ def _meta_read(u: fx.Node) -> bool:
     return u.op == "call_method" and u.target == "dim" and len(u.args) == 1 and not u.kwargs
 
 
+def _size_read(u: fx.Node) -> bool:
+    """Whether ``u`` reads the sizes of a tensor: ``t.shape``, ``t.size()`` or ``t.size(d)``.
+
+    >>> g = fx.Graph()
+    >>> k = g.placeholder("k")
+    >>> _size_read(g.call_function(getattr, (k, "shape"))), _size_read(g.call_method("dim", (k,)))
+    (True, False)
+    """
+    if u.op == "call_function" and u.target is builtins.getattr:
+        return u.args[1:] == ("shape",)
+    return u.op == "call_method" and u.target == "size"
+
+
 def _hardtanh_zero(lo: object, hi: object) -> bool:
     """Whether ``hardtanh(0, lo, hi) = clamp(0, lo, hi)`` is 0 (bounds must be plain numbers)."""
     num = (int, float)
@@ -729,6 +742,14 @@ class _Propagator:
                         f"{self.describe(v)} carries query heads of multi-query attention, "
                         "gated only where a Linear reads the attention's output, and "
                         f"{self.describe(u)} reads them"
+                    )
+                elif _size_read(u):
+                    why = (
+                        f"{self.describe(u)} reads the sizes of {self.describe(v)}, which is "
+                        "not zero at closed channels (a norm of heads, a sigmoid or attention "
+                        "scores); if it is Hugging Face's repeat_kv, which reads them from "
+                        "hidden_states.shape, write the repeat with its sizes written out "
+                        "(self.num_key_value_heads) or use repeat_interleave"
                     )
                 else:
                     why = (
