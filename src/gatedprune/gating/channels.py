@@ -368,6 +368,16 @@ def _meta_read(u: fx.Node) -> bool:
     return u.op == "call_method" and u.target == "dim" and len(u.args) == 1 and not u.kwargs
 
 
+def _kwargs_text(n: fx.Node) -> str:
+    """The keyword arguments of ``n`` as code reads them (``alpha=2.0``).
+
+    >>> g = fx.Graph()
+    >>> _kwargs_text(g.call_function(torch.sub, (g.placeholder("y"), 1), {"alpha": 2.0}))
+    'alpha=2.0'
+    """
+    return ", ".join(f"{k}={v!r}" for k, v in n.kwargs.items())
+
+
 def _size_read(u: fx.Node) -> bool:
     """Whether ``u`` reads the sizes of a tensor: ``t.shape``, ``t.size()`` or ``t.size(d)``.
 
@@ -2048,7 +2058,7 @@ class _Propagator:
         add = (n.op == "call_function" and n.target in _BIAS_FUNCS) or (
             n.op == "call_method" and n.target in ("add", "sub")
         )
-        if not add or n.kwargs or len(n.args) != 2:
+        if not add or len(n.args) != 2:
             return None
         for y, c in (n.args, n.args[::-1]):
             pl = self.param_linears.get(y) if isinstance(y, fx.Node) else None
@@ -2058,6 +2068,11 @@ class _Propagator:
             if not isinstance(c, fx.Node) or c.op != "get_attr":
                 return None
             why = self.bias_problem(c, n, pl.n_out)
+            if why is None and n.kwargs:  # torch.sub(y, b, alpha=2)
+                why = (
+                    f"it is scaled by {_kwargs_text(n)}, a form gate_ does not slice (fold "
+                    "the scale into the bias parameter)"
+                )
             if why is None and len(cast(fx.Node, y).users) != 1:
                 why = "the product is also read without it"
             if why is not None:
