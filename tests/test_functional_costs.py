@@ -390,6 +390,53 @@ def test_qk_norm_heads_are_pruned_with_gqa_and_sdpa(gqa: bool, sdpa: bool, hf_re
     assert pruned.get_submodule("proj").in_features == (4 if gqa else 2)
 
 
+def _hf_repeat_kv(hidden_states: Tensor, n_rep: int) -> Tensor:
+    """Hugging Face's ``repeat_kv``: its sizes read from ``hidden_states.shape``."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(  # (B, KV, R, T, D)
+        batch, num_key_value_heads, n_rep, slen, head_dim
+    )
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)  # (B, H, T, D)
+
+
+class ShapeRepeatQKNorm(GroupedQKNorm):
+    """GQA + QK-norm with Hugging Face's own ``repeat_kv`` (sizes from ``.shape``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.qn(self.q(x).view(b, t, 4, 2).transpose(1, 2))  # (B, 4, T, 2)
+        k = self.kn(self.k(x).view(b, t, self.kv, 2).transpose(1, 2))  # (B, KV, T, 2)
+        v = self.v(x).view(b, t, self.kv, 2).transpose(1, 2)  # (B, KV, T, 2)
+        k, v = _hf_repeat_kv(k, 4 // self.kv), _hf_repeat_kv(v, 4 // self.kv)  # (B, 4, T, 2)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, 4, T, 2)
+        return x + self.proj(y.transpose(1, 2).reshape(b, t, 8))  # (B, T, 4)
+
+
+def test_qk_norm_with_repeat_kv_reading_shape_names_the_cause() -> None:
+    # the heads stay whole (documented); before 2026-12-07 the reason was the
+    # squeeze-and-excitation one ("only a product with the channels it excites may")
+    torch.manual_seed(0)
+    model, x = ShapeRepeatQKNorm(gqa=True, sdpa=True).eval(), torch.randn(2, 5, 4)
+    with torch.no_grad():
+        before = model(x)
+    summary = gp.gate_(model, x)
+    assert summary.head_groups == [], str(summary)
+    reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
+    why = reasons["q"]
+    assert "reads the sizes of node" in why, why
+    for part in (
+        "repeat_kv",
+        "hidden_states.shape",
+        "self.num_key_value_heads",
+        "repeat_interleave",
+    ):
+        assert part in why, why
+    assert "excites" not in why, why
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        assert (pruned(x) - before).abs().max().item() <= 1e-5
+
+
 class LoRABlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()

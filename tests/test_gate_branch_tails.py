@@ -131,4 +131,52 @@ class TailReadsTensor(nn.Module):
 def test_a_tail_reading_a_tensor_is_not_a_move(factory: type[nn.Module]) -> None:
     summary = gate_(factory(), torch.randn(3, 4))
     assert not summary.blocks
-    assert any("not a module the gate can fold into" in why for _, why in summary.ungated_adds)
+    reasons = [why for _, why in summary.ungated_adds]
+    assert any("neither a module nor a linear map" in why for why in reasons), reasons
+
+
+class BiasWithAlpha(nn.Module):
+    """A branch ending in a parameter map whose bias is scaled by ``alpha``
+    (``torch.sub(h @ W2, b2, alpha=2)``): left whole, with a reason naming ``alpha``."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.W1, self.W2 = (
+            nn.Parameter(torch.randn(8, 16) / 3),
+            nn.Parameter(torch.randn(16, 8) / 4),
+        )
+        self.b2 = nn.Parameter(torch.randn(8))
+        self.Wo = nn.Parameter(torch.randn(3, 8) / 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(x @ self.W1)  # (B, 16)
+        if self.op == "sub":
+            y = torch.sub(h @ self.W2, self.b2, alpha=2.0)  # (B, 8)
+        else:
+            y = torch.add(h @ self.W2, self.b2, alpha=3)  # (B, 8)
+        return F.linear(x + y, self.Wo)  # (B, 3)
+
+
+@pytest.mark.parametrize(("op", "alpha"), [("sub", "alpha=2.0"), ("add", "alpha=3")])
+def test_a_bias_scaled_by_alpha_says_so(op: str, alpha: str) -> None:
+    # before 2026-12-07: "the branch ends in sub, not a module the gate can fold into" and
+    # "node 'sub' ... adds an ungated tensor or constant", though parameter maps take gates
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, generator=gen)
+
+    def factory() -> BiasWithAlpha:
+        torch.manual_seed(3)
+        return BiasWithAlpha(op)
+
+    model = factory()
+    summary = gate_(model, x)
+    assert not summary.blocks, str(summary)
+    reasons = {p: why for producers, _, why in summary.ungated_groups for p in producers}
+    assert f"scaled by {alpha}" in reasons["W2"], str(summary)
+    assert "fold the scale into the bias parameter" in reasons["W2"], str(summary)
+    tails = [why for _, why in summary.ungated_adds]
+    assert any("a bias added or subtracted without alpha" in why for why in tails), tails
+    assert not any("not a module the gate can fold into" in why for why in tails), tails
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, factory)

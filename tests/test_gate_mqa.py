@@ -487,9 +487,30 @@ class KeysPerHead(MQA):
         return cast(Tensor, self.o((w @ v).transpose(1, 2).reshape(b, t, 16)))
 
 
+class EagerCast(MQA):
+    """Hugging Face's eager attention: softmax in float32 cast back with ``.to(q.dtype)``, the
+    weights moved to ``q.device``; reading the dtype and device of the query heads is harmless
+    (before 2026-12-07 the heads were left whole: "node 'getattr_1' ... reads them")."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.hd).transpose(1, 2)  # (B, H, L, D)
+        k, v = self.kv(x).split(self.hd, dim=-1)  # (B, L, D) each
+        k = k.view(b, t, 1, self.hd).transpose(1, 2)  # (B, 1, L, D)
+        v = v.view(b, t, 1, self.hd).transpose(1, 2)  # (B, 1, L, D)
+        s = (q @ k.transpose(2, 3)) / math.sqrt(self.hd)  # (B, H, L, L)
+        w = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, L, L)
+        w = w.to(q.device)  # (B, H, L, L)
+        return cast(Tensor, self.o((w @ v).transpose(1, 2).reshape(b, t, 16)))
+
+
 @pytest.mark.parametrize(
     ("factory", "producers", "readers"),
-    [(TwoReaders, ["q"], ["o", "o2"]), (KeysPerHead, ["q", "k"], ["o"])],
+    [
+        (TwoReaders, ["q"], ["o", "o2"]),
+        (KeysPerHead, ["q", "k"], ["o"]),
+        (EagerCast, ["q"], ["o"]),
+    ],
 )
 def test_other_gated_forms(
     factory: type[nn.Module], producers: list[str], readers: list[str]

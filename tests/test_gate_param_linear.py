@@ -490,6 +490,8 @@ class Whole(nn.Module):
             y = F.linear(h, self.fc.weight) + self.fc(h)
         elif k == "embedding":
             y = h @ self.emb.weight.T
+        elif k == "einsum":
+            y = torch.einsum("bh,hd->bd", h, self.W)
         elif k == "bias shape":
             y = h @ self.W + self.wide
         elif k == "bias read twice":
@@ -518,6 +520,8 @@ WHOLE = {
     "tied": ("weight W", "parameter 'W' is also 'alias' (a shared tensor)", False),
     "module": ("weight fc.weight", "parameter 'fc.weight' is also used by module 'fc'", False),
     "embedding": ("weight emb.weight", "belongs to Embedding 'emb'", False),
+    # before 2026-12-07 the summary did not mention W (and l1's reason named no weight)
+    "einsum": ("weight W", "torch.einsum is not a parameter-map form gate_ reads", False),
     "bias shape": ("W: node 'add'", "its bias 'wide' has shape (1, 5), not (5,)", True),
     "bias read twice": ("weight W", "output units are not gated: its bias 'b' is read in", True),
     "product read twice": ("W: node 'add'", "the product is also read without it", True),

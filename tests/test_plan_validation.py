@@ -7,7 +7,7 @@ import copy
 import json
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import hypothesis
 import pytest
@@ -406,3 +406,74 @@ def test_random_corruptions_apply_to_the_same_model_or_are_refused(
             assert torch.equal(v, state[k]), k
         return
     _matches_reference(result, case)
+
+
+class _GQA(nn.Module):
+    """Grouped-query attention: 4 query heads of 4 and 2 key/value heads; heads split and
+    merged with literal sizes (``view(b, t, 4, 4)``, ``reshape(b, t, 16)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.o = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)  # (B, 4, T, 4)
+        k = self.k(x).view(b, t, 2, 4).transpose(1, 2).repeat_interleave(2, dim=1)  # (B, 4, T, 4)
+        v = self.v(x).view(b, t, 2, 4).transpose(1, 2).repeat_interleave(2, dim=1)  # (B, 4, T, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (B, 4, T, 4)
+        return x + self.o(y.transpose(1, 2).reshape(b, t, 16))  # (B, T, 8)
+
+
+def _gqa_plan() -> Plan:
+    """The plan closing key/value head 0 (query heads 0 and 1), checksum and model removed
+    as for a plan written by hand."""
+    torch.manual_seed(0)
+    model = _GQA()
+    summary = gate_(model, torch.randn(2, 5, 8))
+    assert summary.head_groups == [0], str(summary)
+    inserted_gating(model).group_gates[0].force_(torch.tensor([False, True]))  # type: ignore[operator]
+    plan = json.loads(json.dumps(export_plan(model.eval())))
+    assert plan["slices"]["q"]["out"] == list(range(8, 16))
+    del plan["checksum"], plan["model"]
+    return cast(Plan, plan)
+
+
+def _drop_last_q_row(plan: Plan) -> None:
+    plan["slices"]["q"]["out"] = plan["slices"]["q"]["out"][:-1]
+
+
+def _shift_q_rows(plan: Plan) -> None:
+    plan["slices"]["q"]["out"] = [7, *range(9, 16)]  # 8 rows, one from another head
+
+
+def _drop_last_o_column(plan: Plan) -> None:
+    plan["slices"]["o"]["in"] = plan["slices"]["o"]["in"][:-1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_drop_last_q_row, r"keeps 7 output features of 'q', but node 'view' splits them into "),
+        (_shift_q_rows, r"keeps 1 of the 4 features of head 1 of 'q'.*whole heads of 4"),
+        (_drop_last_o_column, r"keeps 7 input features of 'o', but node 'reshape' reshapes"),
+    ],
+)
+def test_a_hand_plan_keeping_part_of_a_head_is_refused(
+    edit: Callable[[Plan], None], match: str
+) -> None:
+    # before 2026-12-07 apply_plan accepted it; the first forward failed with fx's shape
+    # error (7 rows), or the model mixed two heads (8 rows, one from another head)
+    plan = _gqa_plan()
+    x = torch.randn(2, 5, 8)
+    torch.manual_seed(0)
+    pruned = apply_plan(_GQA(), copy.deepcopy(plan))  # the unedited plan applies
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 5, 8)
+    edit(plan)
+    torch.manual_seed(0)
+    model = _GQA()
+    with pytest.raises(ValueError, match=match):
+        apply_plan(model, plan)
+    assert (model.q.out_features, model.o.in_features) == (16, 16)  # left as it was

@@ -221,7 +221,11 @@ def _site_of(
             if not isinstance(n, fx.Node):
                 return None, "unexpected argument"
             continue
-        return None, f"the branch ends in {node_label(n)}, not a module the gate can fold into"
+        return None, (
+            f"the branch ends in {node_label(n)}, neither a module nor a linear map with the "
+            "model's parameters (x @ W, F.linear, addmm, a bias added or subtracted without "
+            "alpha) the gate can fold into"
+        )
 
 
 _MOVE_FUNCS = {*RESHAPE_FUNCS, torch.permute, torch.transpose, torch.movedim, torch.narrow}

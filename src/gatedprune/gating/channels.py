@@ -351,6 +351,48 @@ _SCALE_FUNCS: set[Callable[..., Any]] = {*HOMOGENEOUS_FUNCS, operator.neg, torch
 _SCALE_METHODS = {"relu", "relu_", "neg", "contiguous", "clone", "float", "detach"}
 
 
+# attributes of a tensor that pruning its channels leaves unchanged (t.dtype, t.device, ...)
+_META_ATTRS = {"dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+def _meta_read(u: fx.Node) -> bool:
+    """Whether ``u`` reads only an attribute that pruning channels leaves unchanged: the
+    ``dtype``, ``device``, ``ndim`` or ``dim()`` of a tensor (``softmax(w, dtype=torch.float32)
+    .to(q.dtype)``), not its values nor its sizes.
+
+    >>> g = fx.Graph()
+    >>> q = g.placeholder("q")
+    >>> _meta_read(g.call_function(getattr, (q, "dtype"))), _meta_read(g.call_method("size", (q,)))
+    (True, False)
+    """
+    if u.op == "call_function" and u.target is builtins.getattr and not u.kwargs:
+        return len(u.args) == 2 and u.args[1] in _META_ATTRS
+    return u.op == "call_method" and u.target == "dim" and len(u.args) == 1 and not u.kwargs
+
+
+def _kwargs_text(n: fx.Node) -> str:
+    """The keyword arguments of ``n`` as code reads them (``alpha=2.0``).
+
+    >>> g = fx.Graph()
+    >>> _kwargs_text(g.call_function(torch.sub, (g.placeholder("y"), 1), {"alpha": 2.0}))
+    'alpha=2.0'
+    """
+    return ", ".join(f"{k}={v!r}" for k, v in n.kwargs.items())
+
+
+def _size_read(u: fx.Node) -> bool:
+    """Whether ``u`` reads the sizes of a tensor: ``t.shape``, ``t.size()`` or ``t.size(d)``.
+
+    >>> g = fx.Graph()
+    >>> k = g.placeholder("k")
+    >>> _size_read(g.call_function(getattr, (k, "shape"))), _size_read(g.call_method("dim", (k,)))
+    (True, False)
+    """
+    if u.op == "call_function" and u.target is builtins.getattr:
+        return u.args[1:] == ("shape",)
+    return u.op == "call_method" and u.target == "size"
+
+
 def _hardtanh_zero(lo: object, hi: object) -> bool:
     """Whether ``hardtanh(0, lo, hi) = clamp(0, lo, hi)`` is 0 (bounds must be plain numbers)."""
     num = (int, float)
@@ -725,13 +767,21 @@ class _Propagator:
                 self.size_read(n)
         for v, lab in self.nonzero.items():  # any other reader needs zeros at closed channels
             for u in v.users:
-                if (v, u) in self.nonzero_uses or self.other_size(u, lab):
+                if (v, u) in self.nonzero_uses or self.other_size(u, lab) or _meta_read(u):
                     continue
                 if self.is_after(lab):
                     why = (
                         f"{self.describe(v)} carries query heads of multi-query attention, "
                         "gated only where a Linear reads the attention's output, and "
                         f"{self.describe(u)} reads them"
+                    )
+                elif _size_read(u):
+                    why = (
+                        f"{self.describe(u)} reads the sizes of {self.describe(v)}, which is "
+                        "not zero at closed channels (a norm of heads, a sigmoid or attention "
+                        "scores); if it is Hugging Face's repeat_kv, which reads them from "
+                        "hidden_states.shape, write the repeat with its sizes written out "
+                        "(self.num_key_value_heads) or use repeat_interleave"
                     )
                 else:
                     why = (
@@ -2023,7 +2073,7 @@ class _Propagator:
         add = (n.op == "call_function" and n.target in _BIAS_FUNCS) or (
             n.op == "call_method" and n.target in ("add", "sub")
         )
-        if not add or n.kwargs or len(n.args) != 2:
+        if not add or len(n.args) != 2:
             return None
         for y, c in (n.args, n.args[::-1]):
             pl = self.param_linears.get(y) if isinstance(y, fx.Node) else None
@@ -2033,6 +2083,11 @@ class _Propagator:
             if not isinstance(c, fx.Node) or c.op != "get_attr":
                 return None
             why = self.bias_problem(c, n, pl.n_out)
+            if why is None and n.kwargs:  # torch.sub(y, b, alpha=2)
+                why = (
+                    f"it is scaled by {_kwargs_text(n)}, a form gate_ does not slice (fold "
+                    "the scale into the bias parameter)"
+                )
             if why is None and len(cast(fx.Node, y).users) != 1:
                 why = "the product is also read without it"
             if why is not None:
@@ -2102,13 +2157,14 @@ class _Propagator:
         labelled = [
             isinstance(a, fx.Node) and (self.lab(a) is not None or a in self.nonzero) for a in ops
         ]
-        if not any(labelled):
-            return None
         shapes = [self.shape(a) if isinstance(a, fx.Node) else None for a in ops]
         parsed = None
         dims = [len(sh) for sh in shapes if sh is not None]
         if isinstance(eq, str) and out is not None and len(dims) == len(ops) == 2 and not n.kwargs:
             parsed = einsum_subscripts(eq, dims, len(out))
+        weight_why = self.einsum_weights(n, ops, parsed)
+        if not any(labelled):
+            return None
         if parsed is None or out is None:
             self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
             return None
@@ -2126,7 +2182,8 @@ class _Propagator:
             assert lab is not None
             letter = sub[lab.dim]
             if letter not in out_subs or sub.count(letter) != 1:
-                self.pin_inputs(n, f"{self.describe(n)} contracts or keeps labelled channels")
+                why = f"{self.describe(n)} contracts or keeps labelled channels"
+                self.pin_inputs(n, weight_why or why)
                 return None
             found.append((lab, nz is not None, a))
             letters.add(letter)
@@ -2140,6 +2197,33 @@ class _Propagator:
                 self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
                 return None
         return self._product_of(n, found, d)
+
+    def einsum_weights(
+        self, n: fx.Node, ops: list[Any], parsed: tuple[list[list[str]], list[str]] | None
+    ) -> str | None:
+        """Record as left whole (with the reason, for the summary) each 2-d parameter that
+        ``torch.einsum`` ``n`` reads and sums over (``einsum("bd,dh->bh", x, self.W)``): a
+        linear map, but not in a form gate_ slices (``x @ self.W`` or ``F.linear`` is).
+        Returns the reason for the channels the first such parameter reads (None: none)."""
+        first: str | None = None
+        for i, a in enumerate(ops):
+            src = transposed_source(a)
+            if src is None or src[0].op != "get_attr":
+                continue
+            path = str(src[0].target)
+            param = self.parameter(path)
+            if param is None or param.dim() != 2:
+                continue
+            if parsed is not None and all(c in parsed[1] for c in parsed[0][i]):
+                continue  # sums over none of its indices: not a linear map of it
+            why = self.whole(
+                path,
+                "torch.einsum is not a parameter-map form gate_ reads "
+                f"(written as x @ {path}, x @ {path}.T or F.linear its units are gated)",
+                n,
+            )
+            first = first or why
+        return first
 
     def repeat_heads(self, n: fx.Node) -> Labels | None:
         """Grouped-query attention's k and v repeated for the query heads:

@@ -1462,12 +1462,15 @@ def _check_strings(where: str, values: list[Any]) -> None:
         raise ValueError(f"malformed plan: {where} must be strings, got {bad[0]!r}")
 
 
-def _dry_run_sizes(traced: TracedModel | None, plan: dict[str, Any]) -> None:
+def _dry_run_sizes(
+    traced: TracedModel | None, plan: dict[str, Any]
+) -> dict[str, tuple[fx.Node, fx.Node]]:
     """Give the plan's ``"sizes"`` to a copy of the dense model's graph, so a size entry that
-    does not fit is a ``ValueError`` before the model changes."""
+    does not fit is a ``ValueError`` before the model changes. Returns, by node name, each
+    node of the dense graph and of the resized copy (none without a graph)."""
     sizes = plan.get("sizes") or {}
     if not sizes:
-        return
+        return {} if traced is None else {n.name: (n, n) for n in traced.graph.nodes}
     if not plan["scopes"] or traced is None:
         name = next(iter(sizes))
         raise ValueError(
@@ -1478,6 +1481,7 @@ def _dry_run_sizes(traced: TracedModel | None, plan: dict[str, Any]) -> None:
     env: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(traced.graph, env)
     nodes = {old.name: new for old, new in env.items()}
+    pairs = {old.name: (old, new) for old, new in env.items()}
     for name, entries in sizes.items():
         if name not in nodes:
             raise ValueError(f"the plan names graph nodes the model does not have: [{name!r}]")
@@ -1496,6 +1500,106 @@ def _dry_run_sizes(traced: TracedModel | None, plan: dict[str, Any]) -> None:
                     f"'split_size' or 'repeats') with a size >= 1, got {[key, value]!r}"
                 )
             _resize(nodes[name], key, value)
+    return pairs
+
+
+def _size_tail(n: fx.Node) -> list[int]:
+    """The literal sizes ending the shape a ``view``/``reshape`` ``n`` gives (``view(b, t, 4,
+    8)``: ``[4, 8]``; ``view(b, t, -1, 8)``: ``[8]``); empty for another node.
+
+    >>> g = fx.Graph()
+    >>> x = g.placeholder("x")
+    >>> _size_tail(g.call_method("view", (x, g.call_method("size", (x, 0)), -1, 2, 8)))
+    [2, 8]
+    """
+    is_view = (n.op == "call_method" and n.target in ("view", "reshape")) or (
+        n.op == "call_function" and n.target is torch.reshape
+    )
+    if not is_view:
+        return []
+    sizes: Any = n.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+        sizes = sizes[0]
+    elif len(sizes) == 1 and isinstance(sizes[0], fx.Node) and sizes[0].target is operator.add:
+        tail = sizes[0].args[1] if len(sizes[0].args) == 2 else None  # x.size()[:-1] + (h, d)
+        sizes = tail if isinstance(tail, list | tuple) else ()
+    out: list[int] = []
+    for size in reversed(list(sizes)):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            break
+        out.insert(0, size)
+    return out
+
+
+def _check_head_slices(
+    model: nn.Module, plan: dict[str, Any], pairs: dict[str, tuple[fx.Node, fx.Node]]
+) -> None:
+    """Refuse sliced ``nn.Linear`` features that the (resized) code does not reshape alike:
+    a ``view(b, t, heads, head_size)`` of a sliced output (q, k, v) must get as many features
+    as the plan keeps, in whole heads of ``head_size`` (a hand-edited plan keeping half a
+    head would fail at the first forward, or mix heads), and the ``reshape`` merging heads
+    into a sliced input (o) as many as that input keeps."""
+    for dense, new in pairs.values():
+        if new.op == "call_module" and new.args and isinstance(new.args[0], fx.Node):
+            spec = plan["slices"].get(str(new.target))
+            m = model.get_submodule(str(new.target)) if spec is not None else None
+            dense_tail, tail = _size_tail(cast(fx.Node, dense.args[0])), _size_tail(new.args[0])
+            merged = (  # reshape(b, t, heads * head_size) into a Linear sliced on its input
+                isinstance(m, nn.Linear)
+                and isinstance(spec["in"], list)
+                and bool(dense_tail)
+                and bool(tail)
+                and dense_tail[-1] == m.in_features
+            )
+            if merged and tail[-1] != len(spec["in"]):
+                raise ValueError(
+                    f"the plan keeps {len(spec['in'])} input features of '{new.target}', "
+                    f"but node '{new.args[0].name}' reshapes them to {tail[-1]} (the "
+                    "plan's 'sizes' and 'slices' disagree): export the plan again"
+                )
+            continue
+        src = new.args[0] if new.args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module":
+            continue
+        spec = plan["slices"].get(str(src.target))
+        m = model.get_submodule(str(src.target)) if spec is not None else None
+        dense_tail, tail = _size_tail(dense), _size_tail(new)
+        if not isinstance(m, nn.Linear) or not isinstance(spec["out"], list) or not tail:
+            continue
+        if len(dense_tail) != len(tail):
+            continue
+        kept, n_out, whole = spec["out"], m.out_features, 1
+        for size in dense_tail:
+            whole *= size
+        width = 1
+        for size in tail:
+            width *= size
+        if whole == n_out:  # view(b, t, heads, head_size): all the features
+            bad = width != len(kept)
+        elif n_out % whole == 0:  # view(b, t, -1, head_size)
+            bad = len(kept) % width != 0
+        else:
+            continue
+        if bad:
+            raise ValueError(
+                f"the plan keeps {len(kept)} output features of '{src.target}', but node "
+                f"'{new.name}' splits them into {tail} (heads of {tail[-1]} features): keep "
+                f"whole heads of {tail[-1]}, as many as the plan's 'sizes' give"
+            )
+        split = len(tail) > 1 or whole != n_out
+        head = tail[-1]
+        if not split or head != dense_tail[-1] or n_out % head:
+            continue
+        counts: dict[int, int] = {}
+        for i in kept:
+            counts[i // head] = counts.get(i // head, 0) + 1
+        part = next((h for h, c in counts.items() if c != head), None)
+        if part is not None:
+            raise ValueError(
+                f"the plan keeps {counts[part]} of the {head} features of head {part} of "
+                f"'{src.target}' (node '{new.name}' splits it into heads of {head}): keep "
+                f"whole heads of {head}"
+            )
 
 
 def _check_rnn(name: str, m: nn.Module, spec: object) -> None:
@@ -2091,7 +2195,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
                 )
         checked = _check_graph(model, plan) if check_graph else None
         if check_graph:
-            _dry_run_sizes(checked, plan)
+            _check_head_slices(model, plan, _dry_run_sizes(checked, plan))
     except BaseException:
         for m in encoders:  # leave the model as it was
             m.__class__ = nn.TransformerEncoder
