@@ -199,3 +199,18 @@ def train_under_budget(
         opt.zero_grad()
         total.backward()
         opt.step()
+
+
+class ParamMapNet(nn.Module):
+    """Parameter maps on the root: ``x @ W1 + b1`` (W1 stored (in, out)), ``F.linear(h, W2)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W1 = nn.Parameter(torch.randn(6, 24) / 6**0.5)
+        self.b1 = nn.Parameter(torch.zeros(24))
+        self.W2 = nn.Parameter(torch.randn(16, 24) / 24**0.5)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(x @ self.W1 + self.b1)  # (B, 24)
+        return self.head(torch.relu(F.linear(h, self.W2)))  # (B, 4)

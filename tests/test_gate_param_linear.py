@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gating_helpers import (
+    ParamMapNet,
     budget_optimizer,
     check_pruned,
     examples,
@@ -319,24 +320,11 @@ def test_the_brief_models_prune() -> None:
         assert c.params < dense.params
 
 
-class Trained(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.W1 = nn.Parameter(torch.randn(6, 24) / 6**0.5)
-        self.b1 = nn.Parameter(torch.zeros(24))
-        self.W2 = nn.Parameter(torch.randn(16, 24) / 24**0.5)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(x @ self.W1 + self.b1)  # (B, 24)
-        return self.head(torch.relu(F.linear(h, self.W2)))  # (B, 4)
-
-
 def test_training_under_a_budget_moves_the_parameter_gates() -> None:
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     x = torch.randn(16, 6, generator=gen)
-    model = Trained()
+    model = ParamMapNet()
     dense = gp.cost(model, x)
     assert isinstance(dense, gp.Cost)
     summary = gate_(model, x)
@@ -370,7 +358,7 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
     assert budget.expected()["flops"] < start  # the budget pushes the gates
     assert not torch.equal(w1_stored.detach(), w1_before)  # the optimizer's tensors are trained
     assert {name: p for name, p in model.named_parameters()} == params  # the same objects
-    pruned = check_pruned(model, x, gen, Trained)
+    pruned = check_pruned(model, x, gen, ParamMapNet)
     c = gp.cost(pruned, x)
     assert isinstance(c, gp.Cost)
     assert c.flops < dense.flops
@@ -378,7 +366,7 @@ def test_training_under_a_budget_moves_the_parameter_gates() -> None:
 
 def test_a_failed_forward_leaves_the_parameters_alone() -> None:
     torch.manual_seed(4)
-    model = Trained()
+    model = ParamMapNet()
     w1 = model.W1
     summary = gate_(model, torch.randn(2, 6))
     assert (["W1"], 24) in summary.channel_groups  # W1 reads as W1 * g
@@ -396,7 +384,7 @@ def test_a_failed_forward_leaves_the_parameters_alone() -> None:
 
 def test_filter_fn_is_asked_with_the_module_holding_the_parameter() -> None:
     torch.manual_seed(5)
-    model = Trained()
+    model = ParamMapNet()
     asked: list[tuple[str, str]] = []
 
     def keep(m: nn.Module, name: str) -> bool:
@@ -404,7 +392,7 @@ def test_filter_fn_is_asked_with_the_module_holding_the_parameter() -> None:
         return name != "W1"
 
     summary = gate_(model, torch.randn(2, 6), filter_fn=keep)
-    assert ("Trained", "W1") in asked
+    assert ("ParamMapNet", "W1") in asked
     assert summary.channel_groups == [(["W2"], 16)], str(summary)
     assert (["W1"], 24, "filter_fn rejected W1") in summary.ungated_groups
 
@@ -412,7 +400,7 @@ def test_filter_fn_is_asked_with_the_module_holding_the_parameter() -> None:
 def test_a_plan_refuses_parameter_slices_that_do_not_fit() -> None:
     torch.manual_seed(6)
     x = torch.randn(2, 6)
-    model = Trained()
+    model = ParamMapNet()
     gate_(model, x)
     _close_some(model, torch.Generator().manual_seed(6))
     plan = json.loads(json.dumps(export_plan(model)))
@@ -420,26 +408,26 @@ def test_a_plan_refuses_parameter_slices_that_do_not_fit() -> None:
     assert plan["slices"]["b1"]["kind"] == "vector"
     assert plan["slices"]["W2"]["kind"] == "matrix"  # (out, in), as F.linear reads it
     hand = {k: v for k, v in plan.items() if k not in ("checksum", "model")}  # by hand
-    fresh = apply_plan(Trained(), plan)
+    fresh = apply_plan(ParamMapNet(), plan)
     twice = {**hand, "slices": {k: hand["slices"][k] for k in ("W1", "b1")}}
     with pytest.raises(ValueError, match="expects parameter 'W1' to have 24 output units"):
         apply_plan(fresh, twice)  # applied twice
     swapped = json.loads(json.dumps(hand))
     swapped["slices"]["W2"] = {"kind": "matrix_t", "in": None, "out": None}
     with pytest.raises(ValueError, match="reads it as 'matrix'"):
-        apply_plan(Trained(), swapped)
+        apply_plan(ParamMapNet(), swapped)
     other = json.loads(json.dumps(hand))
     other["slices"]["b1"]["out"] = [0]
     with pytest.raises(ValueError, match="bias 'b1'"):
-        apply_plan(Trained(), other)
+        apply_plan(ParamMapNet(), other)
     missing = json.loads(json.dumps(hand))
     missing["slices"]["W9"] = missing["slices"].pop("W2")
     with pytest.raises(ValueError, match="slices parameter 'W9', which the model does not"):
-        apply_plan(Trained(), missing)
+        apply_plan(ParamMapNet(), missing)
     vector_in = json.loads(json.dumps(hand))
     vector_in["slices"]["b1"]["in"] = [0]
     with pytest.raises(ValueError, match="'vector' slice, whose channels are its 'out'"):
-        apply_plan(Trained(), vector_in)
+        apply_plan(ParamMapNet(), vector_in)
 
 
 class Whole(nn.Module):
@@ -803,7 +791,7 @@ def test_threads_and_nested_calls_see_the_gated_weights() -> None:
     """A single slot of swapped weights was shared: two threads corrupted the parameters for
     good, a nested root call left the outer forward ungated (first audit of this feature)."""
     torch.manual_seed(2)
-    model = Trained().eval()
+    model = ParamMapNet().eval()
     gate_(model, torch.randn(2, 6))
     gen = torch.Generator().manual_seed(2)
     _close_some(model, gen)
@@ -844,7 +832,7 @@ def test_threads_and_nested_calls_see_the_gated_weights() -> None:
 
 def test_gates_changed_after_a_forward_are_read_in_eval_mode() -> None:
     torch.manual_seed(3)
-    model = Trained().eval()
+    model = ParamMapNet().eval()
     gate_(model, torch.randn(2, 6))
     model(torch.randn(2, 6))
     gating = inserted_gating(model)

@@ -11,7 +11,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import check_pruned, inserted_gating
+from gating_helpers import ParamMapNet, check_pruned, inserted_gating
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -20,21 +20,6 @@ from torch.nn.utils import parametrize
 import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import gate_
-
-
-class Trained(nn.Module):
-    """Parameter maps on the root: ``x @ W1 + b1`` (W1 stored (in, out)), ``F.linear(h, W2)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.W1 = nn.Parameter(torch.randn(6, 24) / 6**0.5)
-        self.b1 = nn.Parameter(torch.zeros(24))
-        self.W2 = nn.Parameter(torch.randn(16, 24) / 24**0.5)
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(x @ self.W1 + self.b1)  # (B, 24)
-        return self.head(torch.relu(F.linear(h, self.W2)))  # (B, 4)
 
 
 class Conv1D(nn.Module):
@@ -83,7 +68,7 @@ def _gate_values(model: nn.Module, path: str) -> Tensor:
 def test_assigning_a_gated_parameter_stores_it_and_prune_folds_it(as_parameter: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(8, 6)  # (B, 6)
-    model = Trained()
+    model = ParamMapNet()
     gate_(model, x)
     _close_some(model, 1)
     model.eval()
@@ -111,7 +96,7 @@ def test_assigning_a_gated_parameter_stores_it_and_prune_folds_it(as_parameter: 
         h = torch.relu((x @ new_w1 + new_b1) * g1)  # (B, 24)
         want = model.head(torch.relu(F.linear(h, model.parametrizations.W2.original) * g2))
         assert torch.allclose(model(x), want, atol=1e-6)  # (B, 4)
-    check_pruned(model, x, torch.Generator().manual_seed(2), Trained)
+    check_pruned(model, x, torch.Generator().manual_seed(2), ParamMapNet)
 
 
 def test_an_init_function_applied_after_gate_reaches_the_stored_tensors() -> None:
@@ -142,7 +127,7 @@ def test_an_init_function_applied_after_gate_reaches_the_stored_tensors() -> Non
 
 def test_assignment_refuses_another_shape_and_non_tensors() -> None:
     torch.manual_seed(6)
-    model = Trained()
+    model = ParamMapNet()
     gate_(model, torch.randn(2, 6))
     stored = model.parametrizations.W1.original.detach().clone()
     with pytest.raises(ValueError, match=r"W1.*shape \[6, 24\].*\[24, 6\]"):
@@ -165,11 +150,11 @@ def _round_trip(model: nn.Module) -> nn.Module:
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**16), which=st.sampled_from(["Trained", "MLP"]))
+@given(seed=st.integers(0, 2**16), which=st.sampled_from(["ParamMapNet", "MLP"]))
 def test_torch_save_of_a_model_with_parameter_gates_round_trips(seed: int, which: str) -> None:
     torch.manual_seed(seed)
-    factory = Trained if which == "Trained" else MLP
-    x = torch.randn(4, 6) if which == "Trained" else torch.randn(4, 3, 6)  # (B, [L,] 6)
+    factory = ParamMapNet if which == "ParamMapNet" else MLP
+    x = torch.randn(4, 6) if which == "ParamMapNet" else torch.randn(4, 3, 6)  # (B, [L,] 6)
     model = factory()
     gate_(model, x)
     _close_some(model, seed)
@@ -201,7 +186,7 @@ def test_torch_save_of_a_model_with_parameter_gates_round_trips(seed: int, which
     with torch.no_grad():
         assert (pruned(x) - gp.prune(model)(x)).abs().max().item() <= 1e-5
     again = _round_trip(model)
-    path = "W1" if which == "Trained" else "c_fc.weight"
+    path = "W1" if which == "ParamMapNet" else "c_fc.weight"
     owner_path, _, attr = path.rpartition(".")
     owner = again.get_submodule(owner_path)
     new = torch.randn_like(owner.parametrizations[attr].original)
@@ -214,7 +199,7 @@ def test_pickling_refuses_a_parametrization_added_after_gate_() -> None:
         def forward(self, w: Tensor) -> Tensor:
             return 2 * w  # (in, out)
 
-    model = Trained()
+    model = ParamMapNet()
     gate_(model, torch.randn(2, 6))
     parametrize.register_parametrization(model, "W1", Double())
     with pytest.raises(RuntimeError, match=r"only through state_dict\(\).*added after gate_"):
