@@ -842,7 +842,19 @@ def counts_itself(m: nn.Module) -> bool:
     >>> counts_itself(ScaledAdd()), counts_itself(nn.Linear(2, 2))
     (True, False)
     """
+    if _rewritten_code(m):
+        return False  # counted as code, like the module it was rewritten from
     return callable(getattr(m, "flops_of", None)) and not any(True for _ in m.children())
+
+
+def _rewritten_code(m: nn.Module) -> bool:
+    """Whether ``m`` is a module ``prune`` rewrote (fx code generated from a forward of yours,
+    ``gatedprune.gating.surgery.PrunedGraphModule``) holding no buffers: your code, as the
+    module it was rewritten from was (its class lives in ``torch.fx``, its matrix products are
+    counted as code)."""
+    return getattr(type(m), "gatedprune_rewritten", False) is True and not any(
+        True for _ in m.buffers()
+    )
 
 
 def _handler_for(m: nn.Module) -> Handler | None:
@@ -876,7 +888,12 @@ def is_code(m: nn.Module) -> bool:
     ...     def forward(self, x): return x @ self.weight.t()
     >>> is_code(Swish()), is_code(MyLinear()), is_code(nn.CosineSimilarity())
     (True, True, False)
+
+    A module ``prune`` rewrote (``PrunedGraphModule``) is code too, as the module it was
+    rewritten from was: so a pruned model can be gated again (before 2026-12-07 it was not).
     """
+    if _rewritten_code(m):
+        return True
     if type(m).__module__.split(".")[0] == "torch" or _handler_for(m) is not None:
         return False
     return not any(True for _ in m.buffers())

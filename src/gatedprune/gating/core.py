@@ -23,6 +23,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from ..base import GatedModule, GateHook, ModelGating, find_model_gating
+from ..costs import is_code
 from ..fingerprint import graph_fingerprint, json_checksum, model_fingerprint
 from ..gates import (
     Gate,
@@ -416,6 +417,15 @@ def _param_gates(m: nn.Module) -> dict[str, ParamGate] | None:
     return gates
 
 
+def _model_class(m: nn.Module) -> Any:
+    """The model's class under the one torch's ``parametrize`` made for ``m`` (a subclass of
+    that one too, when a ``GraphModule``'s deep copy derives a class of its own from it)."""
+    for cls in type(m).__mro__:
+        if cls.__dict__.get("__setattr__") is _param_gated_setattr:
+            return cls.__bases__[0]
+    return type(m).__bases__[0]  # pragma: no cover - only installed by _adopt_param_gated
+
+
 def _param_gated_setattr(self: nn.Module, name: str, value: object) -> None:
     """``module.W = nn.Parameter(...)`` on a parametrized ``W`` stores the values like a plain
     tensor does (torch's ``Module.__setattr__`` would raise ``KeyError: attribute 'W' already
@@ -425,7 +435,7 @@ def _param_gated_setattr(self: nn.Module, name: str, value: object) -> None:
         if isinstance(plist[0], ParamGate):
             plist.right_inverse(value)
             return
-    base: Any = type(self).__bases__[0]  # the model's class
+    base: Any = _model_class(self)
     base.__setattr__(self, name, value)
 
 
@@ -439,7 +449,7 @@ def _param_gated_reduce_ex(self: nn.Module, protocol: Any) -> tuple[Any, ...]:
     with the stored tensors in place; :func:`_restore_param_gated` registers the gates
     again on load. Torch refuses any other parametrized module, so this does too."""
     gates = _param_gates(self)
-    base: Any = type(self).__bases__[0]  # the model's class
+    base: Any = _model_class(self)
     state = base.__getstate__(self)
     if gates is None or not isinstance(state, dict):
         raise RuntimeError(
@@ -482,6 +492,25 @@ def _adopt_param_gated(m: nn.Module) -> None:
         raise RuntimeError(f"{cls.__name__} was expected to be parametrized")
     cls.__setattr__ = _param_gated_setattr  # type: ignore[method-assign]
     cls.__reduce_ex__ = _param_gated_reduce_ex  # type: ignore[method-assign,assignment]
+    if isinstance(m, fx.GraphModule):  # a module prune rewrote, gated again
+        cls.__deepcopy__ = _param_gated_deepcopy  # type: ignore[attr-defined]
+
+
+def _param_gated_deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """Deep copy of a gated ``GraphModule`` (a module ``prune`` rewrote, gated again) through
+    :func:`_param_gated_reduce_ex`: ``GraphModule``'s own deep copy reads the parametrized
+    tensors from a plain module, which has none."""
+    _, args, state, _, _, _ = _param_gated_reduce_ex(self, 4)
+    copied = cast(fx.GraphModule, _new_module(*args))  # a class of its own (GraphModule.__new__)
+    memo[id(self)] = copied
+    fields, gates = copy.deepcopy(state, memo)
+    setstate: Any = copied.__setstate__  # nn.Module's
+    setstate(fields)
+    copied.graph = copied.graph  # owned by the copy; its class gets the generated forward
+    for attr, pgate in gates.items():
+        parametrize.register_parametrization(copied, attr, pgate, unsafe=True)
+    _adopt_param_gated(copied)
+    return copied
 
 
 _GATE_HOOKS = (
@@ -1756,7 +1785,10 @@ def _param_conflicts(
             others = [name for name in names.get(id(p), []) if name != path]
             owner_path = path.rpartition(".")[0]
             owner = model.get_submodule(owner_path) if owner_path else model
-            torch_layer = type(owner).__module__.split(".")[0] == "torch"
+            # a bare nn.Module holds parameters only (fx makes one for `self.attn.weight` read
+            # in code prune rewrote); a module prune rewrote is your code (costs.is_code)
+            bare = type(owner) is nn.Module or is_code(owner)
+            torch_layer = type(owner).__module__.split(".")[0] == "torch" and not bare
             if others:
                 found[pl.weight] = f"parameter '{path}' is also '{others[0]}' (a shared tensor)"
             elif id(p) in called:

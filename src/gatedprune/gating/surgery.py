@@ -14,7 +14,7 @@ import inspect
 import itertools
 import operator
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import torch
 import torch.fx as fx
@@ -102,8 +102,12 @@ class PrunedGraphModule(fx.GraphModule):
 
     Left with no submodules it only runs functional ops: :meth:`flops_of` counts the matrix
     products among them (:mod:`gatedprune.functional_costs`), as ``gatedprune.cost`` counts
-    them in any ``forward``; element-wise ops are free.
+    them in any ``forward``; element-wise ops are free. It is the user's code (``gatedprune.
+    costs.is_code``), as the module it was rewritten from was: ``gate_`` traces through it and
+    gates the maps written with its parameters again.
     """
+
+    gatedprune_rewritten: ClassVar[bool] = True
 
     def flops_of(self, inputs: tuple[Any, ...], output: Any) -> int:
         """The FLOPs of the products its code runs on ``inputs`` (run again, without hooks)."""
@@ -116,6 +120,11 @@ class PrunedGraphModule(fx.GraphModule):
                     f"its forward again on its positional inputs failed ({e})"
                 ) from e
         return int(counter.flops)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> fx.GraphModule:
+        copied = super().__deepcopy__(memo)
+        type(copied).__name__ = type(self).__name__  # fx names a copy's class "GraphModule"
+        return copied
 
     def __reduce__(self) -> tuple[Any, ...]:
         rv = super().__reduce__()  # GraphModule pickles as a plain GraphModule: re-wrap it
