@@ -1158,7 +1158,6 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
         raise ValueError(
             f"the plan slices module '{name}' as {spec['kind']!r}; it is {type(m).__name__}"
         )
-    hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONVT)):
         # conv, dw or gconv, transposed (checked by _sizes) or not
         kind = {"convt": "conv", "dwt": "dw", "gconvt": "gconv"}.get(spec["kind"], spec["kind"])
@@ -1192,20 +1191,8 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
                 )
         if spec["kind"] == "dwt":  # its weight (C_in, mult, *k) is cut by whole rows
             _check_depthwise_transposed(name, m, spec)
-    for side, actual in zip(("in", "out"), sizes, strict=True):
-        expected, keep = spec.get(f"n_{side}"), spec.get(side)
-        if actual is None:
-            continue
-        if expected is not None and int(expected) != actual:
-            raise ValueError(
-                f"the plan expects module '{name}' to have {expected} {side}put channels, "
-                f"it has {actual}: {hint}"
-            )
-        if keep and (max(keep) >= actual or min(keep) < 0):
-            raise ValueError(
-                f"the plan keeps {side}put channel {max(keep)} of module '{name}', which has "
-                f"{actual}: {hint}"
-            )
+    actual_sizes = {k: v for k, v in zip(("in", "out"), sizes, strict=True) if v is not None}
+    _check_side_sizes(f"module '{name}'", actual_sizes, spec, ("channels", "channels"), "channel")
 
 
 def _check_depthwise_transposed(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
@@ -1238,21 +1225,41 @@ def _check_param_slice(name: str, p: Tensor, spec: dict[str, Any]) -> None:
             f"the plan slices parameter '{name}' as {kind!r} ({dims}-d); it has shape "
             f"{tuple(p.shape)}"
         )
-    hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
     in_dim = 0 if kind == "matrix_t" else 1
     sizes = {"out": int(p.shape[0 if kind != "matrix_t" else 1])}
     if kind != "vector":
         sizes["in"] = int(p.shape[in_dim])
+    _check_side_sizes(f"parameter '{name}'", sizes, spec, ("features", "units"), "index")
+
+
+def _check_side_sizes(
+    what: str,
+    sizes: dict[str, int],
+    spec: dict[str, Any],
+    nouns: tuple[str, str],
+    index_noun: str,
+) -> None:
+    """Refuse a slice ``spec`` whose recorded sizes (``n_in``/``n_out``) differ from the
+    ``sizes`` of ``what`` (by side, ``"in"``/``"out"``), or that keeps an index out of
+    range; ``nouns``: what an input and an output index is called in the message.
+
+    >>> _check_side_sizes("module 'a'", {"out": 8}, {"n_out": 16}, ("ch", "ch"), "channel")
+    Traceback (most recent call last):
+    ...
+    ValueError: the plan expects module 'a' to have 16 output ch, it has 8: apply a plan once, ...
+    """
+    hint = "apply a plan once, to a fresh dense instance of the model it was exported from"
     for side, actual in sizes.items():
         expected, keep = spec.get(f"n_{side}"), spec.get(side)
         if expected is not None and int(expected) != actual:
+            noun = nouns[0] if side == "in" else nouns[1]
             raise ValueError(
-                f"the plan expects parameter '{name}' to have {expected} {side}put "
-                f"{'features' if side == 'in' else 'units'}, it has {actual}: {hint}"
+                f"the plan expects {what} to have {expected} {side}put {noun}, it has "
+                f"{actual}: {hint}"
             )
         if keep and (max(keep) >= actual or min(keep) < 0):
             raise ValueError(
-                f"the plan keeps {side}put index {max(keep)} of parameter '{name}', which has "
+                f"the plan keeps {side}put {index_noun} {max(keep)} of {what}, which has "
                 f"{actual}: {hint}"
             )
 
