@@ -298,6 +298,7 @@ def test_expected_cost_at_hard_gates_is_the_pruned_cost_with_norms() -> None:
         x = torch.randn(1, 3, 5, 5)
         gate_(model, x)
         gen = torch.Generator().manual_seed(3)
+        assert len(inserted_gating(model).group_gates) == 2  # both norms' channels gated
         for gate in inserted_gating(model).group_gates:
             gate.force_(torch.rand(gate.n, generator=gen) > 0.5)
         model.eval()
