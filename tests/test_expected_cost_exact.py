@@ -164,3 +164,31 @@ def test_gated_residual_stack_expected_cost_is_the_exact_expectation(
     gate_(model, x, shortcuts=shortcuts)
     soft, exact = _soft_and_exact(model, x, seed, shift)
     assert _rel(soft, exact) <= EXACT
+
+
+class _NormNet(nn.Module):
+    """conv -> GroupNorm(2, 4) -> relu -> conv -> InstanceNorm (affine) -> relu -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gn = nn.Conv1d(1, 4, 3, padding=1), nn.GroupNorm(2, 4)
+        self.c2, self.inorm = nn.Conv1d(4, 6, 3), nn.InstanceNorm1d(6, affine=True)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.inorm(self.c2(torch.relu(self.gn(self.c1(x))))))  # (B, 6, L - 2)
+        return self.fc(h.mean(2))  # (B, 2)
+
+
+@settings(max_examples=examples(6))
+@given(seed=st.integers(0, 10_000), shift=shifts)
+def test_groupnorm_instancenorm_expected_cost_is_the_exact_expectation(
+    seed: int, shift: float
+) -> None:
+    # GroupNorm runs (one gate per group of 2 channels) and InstanceNorm channels: 2 + 6 gates
+    torch.manual_seed(seed)
+    net = _NormNet()
+    x = torch.randn(1, 1, 6)
+    gate_(net, x)
+    soft, exact = _soft_and_exact(net, x, seed, shift)
+    assert _rel(soft, exact) <= EXACT

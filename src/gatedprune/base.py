@@ -31,6 +31,13 @@ BATCH_NORMS: tuple[type[nn.modules.batchnorm._BatchNorm], ...] = (
 )
 """The BatchNorm kinds cost, gate_, prune and fold_batchnorm treat alike."""
 
+INSTANCE_NORMS: tuple[type[nn.modules.instancenorm._InstanceNorm], ...] = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+"""The InstanceNorm kinds gate_ and prune treat alike (statistics per sample and channel)."""
+
 TRANSPOSED_CONVS = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,

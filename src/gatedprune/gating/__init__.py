@@ -4,7 +4,8 @@
 hooks on the user's own modules plus one ``InsertedGating`` submodule holding every gate:
 
 * channel gates: one per group of channels that must be pruned together (Linear/Conv outputs
-  coupled through residual adds, concatenations, BatchNorm, depthwise convs, flatten, pooling);
+  coupled through residual adds, concatenations, BatchNorm, InstanceNorm, depthwise convs,
+  flatten, pooling; a GroupNorm's runs of ``C / num_groups`` channels one gate each);
 * block gates: ``y = s + g * F(x)`` for every residual branch ``F`` (a closed block is removed);
 * transformer gates: heads, FFN units and whole attention / FFN sub-layers of
   ``nn.TransformerEncoderLayer``, heads of ``nn.MultiheadAttention`` called by user code;
@@ -20,12 +21,13 @@ loses a branch or gains a shortcut.
 
 Limits (each reported in the summary or as a clear error, never silently wrong):
 
-* Channels that reach a LayerNorm/GroupNorm over them, a sigmoid/softmax, an add of an ungated
-  tensor, an op we do not parse or the model output are not pruned (their statistics or
-  values would change). A group never closes entirely (a conv cannot have 0 outputs): if all its
-  gates close, one channel with gate value 0 is kept.
+* Channels that reach a LayerNorm or a ``GroupNorm(1, C)`` over them, a sigmoid/softmax, an add
+  of an ungated tensor, an op we do not parse or the model output are not pruned (their
+  statistics or values would change). A group never closes entirely (a conv cannot have 0
+  outputs): if all its gates close, one channel with gate value 0 is kept.
 * Grouped convolutions, transposed ones too, are pruned by position within their groups
-  (they keep ``groups``), depthwise ones by whole groups; non-affine BatchNorm and modules
+  (they keep ``groups``), depthwise ones by whole groups; non-affine BatchNorm, InstanceNorm
+  and GroupNorm and modules
   computing their weight when they run (``weight_norm``, ``spectral_norm``
   parametrizations, forward pre-hooks) are not pruned.
 * Heads of hand-written attention are pruned (a reshape or ``unflatten(-1, ...)`` into

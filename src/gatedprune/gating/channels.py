@@ -11,8 +11,10 @@ is a set of spaces connected through unified atoms; it gets one gate entry per d
 
 A group is gated only if removing any of its channels is exact. It is left ungated ("pinned")
 when its channels reach an op that is not zero-preserving or that mixes channels in a way we do
-not slice: LayerNorm/GroupNorm over them (normalisation statistics would change), sigmoid or
-softmax, a non-affine BatchNorm, an add of an ungated tensor, an unknown op, or the model output.
+not slice: LayerNorm or ``GroupNorm(1, C)`` over them (normalisation statistics would change),
+sigmoid or softmax, a non-affine BatchNorm/InstanceNorm/GroupNorm, an add of an ungated tensor,
+an unknown op, or the model output. A GroupNorm's run of ``C / num_groups`` channels (normalised
+together) is one atom: it is removed whole, with one gate value.
 One exception: an *excitation* ``s = sigmoid(z)`` (or hardsigmoid) read only, through reshapes,
 by a product ``y * s`` with ``y`` labelled on the same channels (squeeze-and-excitation): the
 channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is. Another:
@@ -22,12 +24,13 @@ reading its output (a forward pre-hook, folded into that Linear's weight columns
 queries, left ungated, carry such nonzero labels.
 
 Gates sit on every *source* of the group: the output of each Linear/Conv producing its channels,
-or of the BatchNorm/depthwise conv that follows (the conv's own output is then not gated, the
-gate folds into the BatchNorm's affine parameters). A linear map written with a parameter of the
-model (``F.linear(h, self.W, self.b)``, ``h @ self.W + self.b``, see :class:`ParamLinear`) is
-read like an ``nn.Linear``: its input features are consumed, its output units are a new space
-whose gate scales the weight's output units and the bias. Every element-wise op between sources and
-consumers maps 0 to 0, so a closed channel is exactly zero wherever it is consumed.
+or of the BatchNorm/InstanceNorm/GroupNorm/depthwise conv that follows (the conv's own output is
+then not gated, the gate folds into the norm's affine parameters). A linear map written with a
+parameter of the model (``F.linear(h, self.W, self.b)``, ``h @ self.W + self.b``, see
+:class:`ParamLinear`) is read like an ``nn.Linear``: its input features are consumed, its output
+units are a new space whose gate scales the weight's output units and the bias. Every
+element-wise op between sources and consumers maps 0 to 0, so a closed channel is exactly zero
+wherever it is consumed.
 """
 
 from __future__ import annotations
@@ -47,7 +50,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..base import BATCH_NORMS, PADDING_LAYERS, TRANSPOSED_CONVS, computed_weight
+from ..base import (
+    BATCH_NORMS,
+    INSTANCE_NORMS,
+    PADDING_LAYERS,
+    TRANSPOSED_CONVS,
+    computed_weight,
+)
 from ..functional_costs import einsum_subscripts
 from ..hooks import describe_hooks, only_weight_hooks
 from .graph import RunRecord, ancestors
@@ -87,6 +96,7 @@ class ChannelGroup:
     size: int
     pinned: str | None = None
     unfoldable: str | None = None  # a path that does not commute with a per-channel scale
+    norms: list[str] = field(default_factory=list)  # GroupNorms normalising runs of them
 
 
 @dataclass
@@ -242,6 +252,7 @@ _POOL_MODULES: dict[type[nn.Module], int] = {
 }
 _POOLS: tuple[type[nn.Module], ...] = tuple(_POOL_MODULES)
 _BN = BATCH_NORMS
+_IN = INSTANCE_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = TRANSPOSED_CONVS
 _ANY_CONV = (*_CONV, *_CONVT)
@@ -429,13 +440,15 @@ def _returns_indices(op: object) -> bool:
 def module_kind(m: nn.Module) -> str | None:
     """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
     conv, ``1 < groups < in_channels``), convt, dwt, gconvt (the same for transposed convs),
-    bn, or None.
+    bn, in (affine InstanceNorm), gn (affine GroupNorm), or None.
 
     >>> module_kind(nn.Conv1d(8, 8, 3, groups=2)), module_kind(nn.Conv1d(8, 16, 3, groups=8))
     ('gconv', 'dw')
     >>> convt = nn.ConvTranspose2d
     >>> module_kind(convt(8, 4, 2, groups=2)), module_kind(convt(8, 16, 2, groups=8))
     ('gconvt', 'dwt')
+    >>> module_kind(nn.GroupNorm(2, 8)), module_kind(nn.InstanceNorm1d(8, affine=True))
+    ('gn', 'in')
     """
     if computed_weight(m):
         return None
@@ -450,6 +463,10 @@ def module_kind(m: nn.Module) -> str | None:
         return "gconv" + t
     if isinstance(m, _BN):
         return "bn" if m.affine else None
+    if isinstance(m, _IN):
+        return "in" if m.affine else None
+    if isinstance(m, nn.GroupNorm):
+        return "gn" if m.affine else None
     return None
 
 
@@ -678,6 +695,8 @@ class _Propagator:
         # of pruned dimensions are rewritten: node -> [(output dim or "split_size", atoms
         # whose kept count is the new size, or None, times this factor)]
         self.head_atoms: set[int] = set()
+        # GroupNorm inputs (their runs of channels are one atom each) and the norm's name
+        self.norm_groups: list[tuple[np.ndarray, str]] = []
         self.sizes: dict[fx.Node, list[tuple[int | str, np.ndarray | None, int]]] = {}
         self.pieces: dict[fx.Node, list[Labels]] = {}  # split/chunk of labelled channels
         # linear maps written with the model's own parameters (F.linear(h, self.W), h @ self.W)
@@ -1227,13 +1246,16 @@ class _Propagator:
                 self.module_space[name] = out.atoms
             self.module_in[n] = lab
             return out
-        if kind == "bn":
-            self.soft_pin(lab, f"{name} (BatchNorm) does not take a folded input gate")
+        if kind in ("bn", "in", "gn"):
+            what = {"bn": "BatchNorm", "in": "InstanceNorm", "gn": "GroupNorm"}[kind]
+            self.soft_pin(lab, f"{name} ({what}) does not take a folded input gate")
             if lab is None:
                 return None
             if lab.dim != 1:
                 self.pin(lab, f"{name} normalises a dimension other than the labelled one")
                 return None
+            if kind == "gn":
+                lab = self.group_norm(name, cast(nn.GroupNorm, m), lab)
             prev = self.module_space.get(name)
             if prev is not None:
                 self.union(prev, lab.atoms)
@@ -1262,12 +1284,17 @@ class _Propagator:
         if isinstance(m, nn.Flatten):
             return self.reshape(n, x)
         if lab is not None or any(self.lab(a) is not None for a in _flat_nodes(n.args)):
-            why = {
-                nn.LayerNorm: "LayerNorm normalises over these channels",
-                nn.GroupNorm: "GroupNorm normalises over these channels",
-            }.get(type(m), f"{name} ({type(m).__name__}) is not pruned through")
+            why = f"{name} ({type(m).__name__}) is not pruned through"
+            if type(m) is nn.LayerNorm:
+                why = "LayerNorm normalises over these channels"
             if isinstance(m, _BN):
                 why = f"{name} ({type(m).__name__} without affine parameters)"
+            if isinstance(m, (*_IN, nn.GroupNorm)):  # a gate after it: no weight to fold
+                why = (  # into; before it: normalised away (its gradient all but zero)
+                    f"{name} ({type(m).__name__} without affine parameters: a gate after it "
+                    "has no weight to fold into, one before it would be normalised away; "
+                    "affine=True is gated)"
+                )
             if computed_weight(m):
                 why = _computed_why(name, m)
             self.pin_inputs(n, why)
@@ -1279,6 +1306,25 @@ class _Propagator:
             self.pin(out, _computed_why(name, m, output=True))
             return out
         return None
+
+    def group_norm(self, name: str, m: nn.GroupNorm, lab: Labels) -> Labels:
+        """GroupNorm ``name`` normalises each of its ``num_groups`` runs of ``C / num_groups``
+        consecutive channels together: a run is pruned whole (one atom, one gate value), or
+        the statistics of its other channels would change. ``GroupNorm(1, C)`` normalises all
+        ``C`` together: nothing can go, the channels are kept whole, with that reason."""
+        runs = lab.atoms.reshape(m.num_groups, -1)  # (groups, channels per group)
+        for j in range(1, runs.shape[1]):
+            self.union(runs[:, 0], runs[:, j])
+        self.norm_groups.append(
+            (lab.atoms, f"{name} (GroupNorm({m.num_groups}, {m.num_channels}))")
+        )
+        if m.num_groups == 1:
+            self.pin(
+                lab,
+                f"{name} (GroupNorm(1, {m.num_channels})) normalises all its "
+                "channels together: none can be removed without changing the others",
+            )
+        return lab
 
     def gated_input(self, n: fx.Node, name: str, x: Any, in_dim: int) -> Labels | None:
         """The query heads of multi-query attention (see ``after``) as Linear ``name`` (node
@@ -2622,6 +2668,14 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         for gi in sorted(set(atom_group[atoms].tolist())):
             if groups[gi].pinned is None:
                 groups[gi].pinned = reason
+    for atoms, what in p.norm_groups:  # coupled runs of GroupNorms that leave one unit
+        for gi in sorted(set(atom_group[atoms].tolist())):
+            groups[gi].norms.append(what)
+            if groups[gi].pinned is None and groups[gi].size < 2 and len(atoms) > 1:
+                groups[gi].pinned = (
+                    f"{what} normalises runs of these channels together that, with the "
+                    "channels coupled to them, leave no smaller unit than all of them"
+                )
     for atoms, reason in p.soft_pins:
         for gi in sorted(set(atom_group[atoms].tolist())):
             if groups[gi].unfoldable is None:
@@ -2636,8 +2690,8 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         users = list(n.users)
         if kind in ("linear", "conv", "gconv", "convt", "gconvt") and len(users) == 1:
             u = users[0]
-            if u.op == "call_module" and p.kinds.get(str(u.target)) == "bn":
-                continue  # the BatchNorm that follows carries the gate
+            if u.op == "call_module" and p.kinds.get(str(u.target)) in ("bn", "in", "gn"):
+                continue  # the BatchNorm (InstanceNorm, GroupNorm) that follows carries the gate
         sources.setdefault(str(n.target), []).append(n)
     return ChannelAnalysis(
         labels=p.labels,

@@ -140,6 +140,8 @@ class GatingSummary:
     # channel groups of the query heads of multi-query attention -> the Linear layers gating
     # them on their input (after the attention)
     query_heads: dict[int, list[str]] = field(default_factory=dict)
+    # channel groups normalised by GroupNorms (a gate per run it normalises together) -> them
+    norm_groups: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def n_gates(self) -> int:
@@ -165,6 +167,11 @@ class GatingSummary:
                 )
             elif i in self.head_groups:  # hand-written attention: a gate per head
                 lines.append(f"  heads     {n:5d}  {', '.join(producers)} (one gate per head)")
+            elif i in getattr(self, "norm_groups", {}):  # a gate per run a GroupNorm normalises
+                lines.append(
+                    f"  channels  {n:5d}  {', '.join(producers)} (one gate per group of "
+                    f"{', '.join(self.norm_groups[i])})"
+                )
             else:
                 lines.append(f"  channels  {n:5d}  {', '.join(producers)}")
         for owner, site, flops in self.blocks:
@@ -1983,6 +1990,8 @@ def gate_(
             sizes.append(g.size)
             if g.index in ca.head_groups:
                 summary.head_groups.append(len(summary.channel_groups))
+            if g.norms:
+                summary.norm_groups[len(summary.channel_groups)] = list(g.norms)
             summary.channel_groups.append((list(g.producers), g.size))
         else:
             summary.ungated_groups.append((list(g.producers), g.size, why))

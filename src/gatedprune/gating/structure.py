@@ -502,9 +502,11 @@ def build_cost_terms(
         lab = ca.labels.get(n) or ca.nonzero.get(n)  # an nn.Sigmoid excitation: its channels
         f_rows.append(_scaled_row(float(f0), lab, fac, n.name))
         if new_module:
-            if kind == "bn":
-                fo, mo = fac.get(ca.module_atoms.get(name), int(m.num_features))  # type: ignore[arg-type]
-                p_rows.append((2.0 * mo, fo, -1, n.name, name))
+            if kind in ("bn", "in", "gn"):  # per channel: a weight and (unless None) a bias
+                width = int(m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features)  # type: ignore[arg-type]
+                per = float(sum(p.numel() for p in m.parameters()) // width)
+                fo, mo = fac.get(ca.module_atoms.get(name), width)
+                p_rows.append((per * mo, fo, -1, n.name, name))
             else:
                 n_params = sum(p.numel() for p in m.parameters())
                 if n_params:

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..base import BATCH_NORMS, TRANSPOSED_CONVS, find_model_gating
+from ..base import BATCH_NORMS, INSTANCE_NORMS, TRANSPOSED_CONVS, find_model_gating
 from ..fingerprint import (
     fingerprint_difference,
     graph_fingerprint,
@@ -167,7 +167,7 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
             m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
             if m.out_proj.bias is not None:
                 m.out_proj.bias.mul_(scale.to(m.out_proj.bias.dtype))
-        elif isinstance(m, (BATCH_NORMS, nn.LayerNorm)):
+        elif isinstance(m, (BATCH_NORMS, INSTANCE_NORMS, nn.GroupNorm, nn.LayerNorm)):
             if m.weight is None:
                 raise TypeError(f"cannot fold a gate into {type(m).__name__} without affine")
             s = scale.to(m.weight.dtype)
@@ -402,20 +402,23 @@ def slice_module(
         if m.bias is not None:
             _set(m, "bias", _take(m.bias, 0, keep_out), True)
         m.in_channels, m.out_channels = int(w.shape[0]), int(w.shape[1]) * m.groups
-    elif kind == "bn":
-        assert isinstance(m, BATCH_NORMS)
+    elif kind in ("bn", "in", "gn"):  # per-channel weight, bias (and running statistics)
+        assert isinstance(m, (BATCH_NORMS, INSTANCE_NORMS, nn.GroupNorm))
         for name in ("weight", "bias"):
             if getattr(m, name) is not None:
                 _set(m, name, _take(getattr(m, name), 0, keep_out), True)
         for name in ("running_mean", "running_var"):
-            if getattr(m, name) is not None:
+            if getattr(m, name, None) is not None:
                 _set(m, name, _take(getattr(m, name), 0, keep_out), False)
-        if keep_out is not None:
+        if keep_out is not None and isinstance(m, nn.GroupNorm):  # whole groups (checked)
+            per_group = m.num_channels // m.num_groups
+            m.num_groups, m.num_channels = len(keep_out) // per_group, len(keep_out)
+        elif keep_out is not None:
             m.num_features = len(keep_out)
     else:
         raise ValueError(
             f"unknown slice kind {kind!r}: expected linear, conv, dw, gconv, convt, dwt, "
-            "gconvt or bn"
+            "gconvt, bn, in or gn"
         )
 
 
@@ -1148,6 +1151,10 @@ def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
         return (None if kind == "dwt" else m.in_channels), m.out_channels
     if kind == "bn" and isinstance(m, BATCH_NORMS):
         return None, m.num_features
+    if kind == "in" and isinstance(m, INSTANCE_NORMS):
+        return None, m.num_features
+    if kind == "gn" and isinstance(m, nn.GroupNorm):
+        return None, m.num_channels
     return None
 
 
@@ -1191,8 +1198,35 @@ def _check_slice(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
                 )
         if spec["kind"] == "dwt":  # its weight (C_in, mult, *k) is cut by whole rows
             _check_depthwise_transposed(name, m, spec)
+    if isinstance(m, nn.GroupNorm):
+        _check_norm_groups(name, m, spec)
     actual_sizes = {k: v for k, v in zip(("in", "out"), sizes, strict=True) if v is not None}
     _check_side_sizes(f"module '{name}'", actual_sizes, spec, ("channels", "channels"), "channel")
+
+
+def _check_norm_groups(name: str, m: nn.GroupNorm, spec: dict[str, Any]) -> None:
+    """A GroupNorm keeps whole groups: the ``C / num_groups`` consecutive channels it
+    normalises together are kept or removed together (the others' statistics would change).
+
+    >>> _check_norm_groups("gn", nn.GroupNorm(2, 4), {"kind": "gn", "out": [0, 2]})
+    Traceback (most recent call last):
+    ...
+    ValueError: the plan keeps output channels [0, 2] of GroupNorm 'gn' (2 groups of 2 ...
+    """
+    out = spec.get("out")
+    if out is None or not out or min(out) < 0 or max(out) >= m.num_channels:
+        return  # all kept, or out of range: the size checks name it
+    per_group = m.num_channels // m.num_groups
+    whole = [
+        c
+        for g in sorted({o // per_group for o in out})
+        for c in range(g * per_group, (g + 1) * per_group)
+    ]
+    if list(out) != whole:
+        raise ValueError(
+            f"the plan keeps output channels {out} of GroupNorm '{name}' ({m.num_groups} "
+            f"groups of {per_group} channels); a GroupNorm must keep whole groups, e.g. {whole}"
+        )
 
 
 def _check_depthwise_transposed(name: str, m: nn.Module, spec: dict[str, Any]) -> None:
@@ -1294,7 +1328,10 @@ def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> Non
         )
 
 
-_SLICE_KINDS = ("linear", "conv", "dw", "gconv", "convt", "dwt", "gconvt", "bn", *_PARAM_KINDS)
+_SLICE_KINDS = (
+    *("linear", "conv", "dw", "gconv", "convt", "dwt", "gconvt", "bn", "in", "gn"),
+    *_PARAM_KINDS,
+)
 _PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "scopes": list}
 _PLAN_OPTIONAL: dict[str, type] = {
     "erase": list,
@@ -1370,7 +1407,7 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"{_SLICE_KINDS}, got {spec!r}"
             )
         _check_keys(f"slice {name!r}", spec, {"kind", "in", "out", "n_in", "n_out"}, ("in", "out"))
-        vector = spec["kind"] in ("bn", "vector")
+        vector = spec["kind"] in ("bn", "in", "gn", "vector")
         if vector and (spec.get("in") is not None or spec.get("n_in") is not None):
             raise ValueError(
                 f"malformed plan: slice {name!r} is a {spec['kind']!r} slice, whose channels "
@@ -1910,11 +1947,12 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                 else:  # groups=1, or grouped
                     expect(n, "1", kept(spec, "in", m.in_channels), m.in_channels, what)
                 label[n] = _Channels("1", out, m.out_channels, src, spatial=True)
-            elif isinstance(m, BATCH_NORMS):
-                out = kept(spec, "out", m.num_features)
-                expect(n, "1", out, m.num_features, what)
+            elif isinstance(m, (BATCH_NORMS, INSTANCE_NORMS, nn.GroupNorm)):
+                width = m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features
+                out = kept(spec, "out", width)
+                expect(n, "1", out, width, what)
                 spatial = inp is not None and inp.dim == "1" and inp.spatial
-                label[n] = _Channels("1", out, m.num_features, src, spatial)
+                label[n] = _Channels("1", out, width, src, spatial)
             elif isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
                 spec_in = kept(rnns.get(t), "in", m.input_size)
                 expect(n, "last", spec_in, m.input_size, f"module '{t}' (rnn)")
