@@ -38,8 +38,9 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import itertools
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -507,6 +508,15 @@ def _int(v: object) -> int:
     raise TypeError(f"expected an int dimension, got {v!r}")
 
 
+def _literal_int(v: object) -> bool:
+    """Whether ``v`` is an int written in the code (a traced constant), not a bool or a node.
+
+    >>> _literal_int(8), _literal_int(True), _literal_int(8.0)
+    (True, False, False)
+    """
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _rewritable(size: Any) -> bool:
     """Whether the code's size ``size`` can be rewritten to a kept count: an int other than
     -1, or a graph node computing it."""
@@ -699,6 +709,7 @@ class _Propagator:
         self.norm_groups: list[tuple[np.ndarray, str]] = []
         self.sizes: dict[fx.Node, list[tuple[int | str, np.ndarray | None, int]]] = {}
         self.pieces: dict[fx.Node, list[Labels]] = {}  # split/chunk of labelled channels
+        self.nonzero_pieces: set[fx.Node] = set()  # those splitting nonzero labels
         # linear maps written with the model's own parameters (F.linear(h, self.W), h @ self.W)
         self.param_linears: dict[fx.Node, ParamLinear] = {}
         self.param_whole: dict[str, str] = {}  # parameter -> why its product is left whole
@@ -855,6 +866,17 @@ class _Propagator:
         if not isinstance(x, fx.Node) or x not in self.nonzero:
             return False
         is_fn = n.op == "call_function"
+        if self.shape(n) is None:  # a split (multi-query attention's fused q, k, v): pieces
+            saved = self.labels.get(x)  # carry nonzero labels, see ``getitem`` of ``pieces``
+            self.labels[x] = self.nonzero[x]
+            try:
+                split = self.split_channels(n)
+            finally:
+                self.labels[x] = saved
+            if split:
+                self.nonzero_pieces.add(n)
+                self.nonzero_uses.add((x, n))
+            return split
         if n.op == "call_method" and n.target == "expand_as":  # (expand: repeat_heads)
             ins, outs = self.shape(x), self.shape(n)
             lab = self.nonzero[x]
@@ -1073,6 +1095,9 @@ class _Propagator:
             item = n.args[1]
             pieces = self.pieces[cast(fx.Node, n.args[0])]
             if isinstance(item, int) and -len(pieces) <= item < len(pieces):
+                if n.args[0] in self.nonzero_pieces:  # a piece of nonzero labels
+                    self.nonzero[n] = pieces[item]
+                    return None
                 return pieces[item]
             self.pin_inputs(n, f"{self.describe(n)} reads a split of the channels as a whole")
             return None
@@ -1597,6 +1622,10 @@ class _Propagator:
             piece = Labels(lab.dim - (1 if dim < lab.dim else 0), lab.atoms)
             self.pieces[n] = [piece] * ins[dim]
             return True
+        if (n.op == "call_method" and n.target == "tensor_split") or (
+            n.op == "call_function" and n.target is torch.tensor_split
+        ):
+            return self.tensor_split(n, lab, ins)
         if not is_split:
             return False
         chunk = n.target in ("chunk", torch.chunk)
@@ -1609,6 +1638,8 @@ class _Propagator:
             arg = arg[0]  # equal sections, split([c, c, c]): as split(c)
         if not isinstance(dim, int) or dim % len(ins) != lab.dim:
             return False
+        if not chunk and isinstance(arg, list | tuple):  # split((d, kv * hd, kv * hd))
+            return self.split_sections(n, lab, ins, arg, "section")
         if not chunk and isinstance(arg, fx.Node):  # split(c), c = x.size(-1) computed
             computed = self.split_size_of(n, dim)
             if computed is None:
@@ -1636,6 +1667,97 @@ class _Propagator:
         if not chunk:
             self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
         return True
+
+    def tensor_split(self, n: fx.Node, lab: Labels, ins: tuple[int, ...]) -> bool:
+        """``t.tensor_split(indices, dim)`` / ``torch.tensor_split`` of labelled channels at
+        literal indices (``(d, d + kv * hd)``: q, k, v of a fused projection): as
+        :meth:`split_sections`, each index rewritten to the kept channels before it; with a
+        number of sections dividing the width, as ``chunk`` (equal pieces pruned together).
+        False if ``n`` splits another dimension."""
+        arg: Any = n.args[1] if len(n.args) > 1 else None
+        for kw in ("indices_or_sections", "indices", "sections", "tensor_indices_or_sections"):
+            arg = n.kwargs.get(kw, arg)
+        dim: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+        if not isinstance(dim, int) or dim % len(ins) != lab.dim:
+            return False
+        width = ins[lab.dim]
+        if isinstance(arg, int) and not isinstance(arg, bool) and arg > 0 and width % arg == 0:
+            blocks = lab.atoms.reshape(arg, width // arg)  # (pieces, size): as chunk(arg)
+            for i in range(1, len(blocks)):
+                self.union(blocks[0], blocks[i])
+            self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
+            return True
+        if not isinstance(arg, list | tuple) or not all(_literal_int(a) for a in arg):
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits the channels at {arg!r}, not at literal indices "
+                "nor into a number of equal sections: the channels are kept whole",
+            )
+            return True
+        bounds = [0, *arg, width]
+        if any(a > b for a, b in itertools.pairwise(bounds)) or arg[-1] > width:
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits the channels at indices {tuple(arg)} that do not "
+                f"increase within the width {width}: the channels are kept whole",
+            )
+            return True
+        sizes = [b - a for a, b in itertools.pairwise(bounds)]
+        return self.split_sections(n, lab, ins, sizes, "index")
+
+    def split_sections(
+        self, n: fx.Node, lab: Labels, ins: tuple[int, ...], sections: Sequence[Any], key: str
+    ) -> bool:
+        """A split of labelled channels into literal sections, not all equal (grouped- or
+        multi-query attention's fused ``qkv.split((d, kv * hd, kv * hd), dim=-1)``): each
+        ``getitem`` carries its own section's labels (nothing is pruned together here; the
+        attention after it ties q's heads to k's and v's), and the pruned code's section
+        ``i`` (``key`` ``"section"``: the ``"section_i"`` size) or index ``i`` (``"index"``,
+        ``tensor_split``: the ``"index_i"`` size, the kept channels before it) is rewritten.
+        Sections that are not literal ints or do not add up to the width keep the channels
+        whole, with the reason."""
+        width = ins[lab.dim]
+        if not all(_literal_int(a) for a in sections):
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits the channels into sections {tuple(sections)!r} "
+                "computed by the forward, not written as ints: they are kept whole",
+            )
+            return True
+        if sum(sections) != width or any(a < 0 for a in sections):
+            return False  # torch raises for these; the trace would have failed
+        ends = np.cumsum([0, *sections])  # (pieces + 1,)
+        self.pieces[n] = [
+            Labels(lab.dim, lab.atoms[a:b].copy()) for a, b in itertools.pairwise(ends)
+        ]
+        for piece in self.pieces[n][1:]:
+            self.own_space(piece.atoms)
+        if key == "section":
+            self.sizes[n] = [
+                (f"section_{i}", lab.atoms[a:b].copy(), 1)
+                for i, (a, b) in enumerate(itertools.pairwise(ends))
+            ]
+        else:  # tensor_split's indices: index i is the width of the sections before it
+            self.sizes[n] = [
+                (f"index_{i}", lab.atoms[:b].copy(), 1) for i, b in enumerate(ends[1:-1])
+            ]
+        return True
+
+    def own_space(self, atoms: np.ndarray) -> None:
+        """Move ``atoms``, output channels of a Linear or (ungrouped) convolution (a section
+        of its output split unevenly), into a space of their own, so they form a channel group
+        apart from the layer's other channels unless they are pruned together with them (a
+        multi-query attention's key/value head kept whole, its query heads gated). Atoms of
+        other spaces stay."""
+        space_of = np.asarray(self.space_of, dtype=np.int64)
+        for sid in np.unique(space_of[atoms]).tolist():
+            name = self.space_names[sid]
+            if self.kinds.get(name) not in ("linear", "conv", "convt"):
+                continue
+            new = len(self.space_names)
+            self.space_names.append(name)
+            for a in atoms[space_of[atoms] == sid].tolist():
+                self.space_of[a] = new
 
     def split_size_of(self, n: fx.Node, dim: int) -> int | None:
         """The size of the first piece of split node ``n`` along ``dim``, read from the shape

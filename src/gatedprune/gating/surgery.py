@@ -61,6 +61,33 @@ __all__ = [
 
 PLAN_FORMAT = "gatedprune.plan/1"
 _SIZE_KEYS = ("split_size", "repeats")  # the sizes a plan rewrites besides dimensions
+_SECTION_KEYS = ("section_", "index_")  # + i: a split's section i, a tensor_split's index i
+
+
+def _section_key(key: object) -> tuple[str, int] | None:
+    """``("section", i)`` / ``("index", i)`` for a plan's size key ``"section_i"`` (section
+    ``i`` of ``split((d, kv * hd, kv * hd))``) / ``"index_i"`` (index ``i`` of
+    ``tensor_split((d, d + kv * hd))``), else None.
+
+    >>> _section_key("section_2"), _section_key("index_0"), _section_key("section_x")
+    (('section', 2), ('index', 0), None)
+    """
+    if not isinstance(key, str):
+        return None
+    for prefix in _SECTION_KEYS:
+        rest = key.removeprefix(prefix)
+        if rest != key and rest.isdigit() and rest.isascii():
+            return prefix[:-1], int(rest)
+    return None
+
+
+def _size_key(key: object) -> bool:
+    """Whether ``key`` names a size a plan may rewrite: an output dimension (an int), a
+    split's ``"split_size"`` or section, a ``tensor_split``'s index, or ``"repeats"``."""
+    dim = isinstance(key, int) and not isinstance(key, bool)
+    return dim or key in _SIZE_KEYS or _section_key(key) is not None
+
+
 _CONVT = TRANSPOSED_CONVS
 # a convolution or transposed convolution, 1-d, 2-d or 3-d
 _AnyConv = (
@@ -835,6 +862,32 @@ class _Aliases:
         return out
 
 
+def _resize_section(node: fx.Node, section: tuple[str, int], value: int) -> None:
+    """Give ``split`` node ``node`` the size ``value`` for its section ``i`` (``section`` is
+    ``("section", i)``), or ``tensor_split`` node ``node`` the index ``value`` for its index
+    ``i`` (``("index", i)``), in place; other sections (indices) as they are."""
+    kind, i = section
+    if kind == "section":
+        names: tuple[str, ...] = ("split", "split_size", "split_size_or_sections")
+        kws: tuple[str, ...] = ("split_size", "split_size_or_sections")
+    else:
+        names = ("tensor_split", "indices", "indices_or_sections", "sections")
+        kws = ("indices_or_sections", "indices", "tensor_indices_or_sections")
+    fn = node.op == "call_function" and getattr(node.target, "__name__", None) == names[0]
+    if not (fn or (node.op == "call_method" and node.target == names[0])):
+        raise ValueError(f"cannot give node '{node.name}' a new {kind} {i}: not {names[0]}")
+    kw = next((k for k in kws if k in node.kwargs), None)
+    old = node.args[1] if len(node.args) > 1 else node.kwargs.get(kw) if kw else None
+    if not isinstance(old, list | tuple) or not 0 <= i < len(old):
+        raise ValueError(f"cannot give node '{node.name}' a new {kind} {i}: it has {kind}s {old!r}")
+    new = list(old)
+    new[i] = value
+    if len(node.args) > 1:
+        node.update_arg(1, type(old)(new))
+    else:
+        node.update_kwarg(str(kw), type(old)(new))
+
+
 def _resize(node: fx.Node, key: int | str, value: int) -> None:
     """Give graph node ``node`` (a ``view``/``reshape``/``expand``, a ``split`` or a
     ``repeat_interleave``) the size ``value`` for output dimension ``key`` (negative: counted
@@ -847,6 +900,10 @@ def _resize(node: fx.Node, key: int | str, value: int) -> None:
             node.update_arg(1, value)
         else:
             node.update_kwarg("repeats", value)
+        return
+    section = _section_key(key)
+    if section is not None:  # split((d, kv * hd, kv * hd)) / tensor_split((d, d + kv * hd))
+        _resize_section(node, section, value)
         return
     if key == "split_size":  # split(c), or split([c, c, c]): each piece c -> value
         kw = "split_size" if node.op == "call_method" else "split_size_or_sections"
@@ -1470,13 +1527,13 @@ def _check_plan(plan: object) -> dict[str, Any]:
         for entry in entries if ok else ():
             pair: list[Any] = entry if isinstance(entry, list) and len(entry) == 2 else [None, 0]
             key, value = pair
-            dim = isinstance(key, int) and not isinstance(key, bool)
             good_value = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            ok = ok and (key in _SIZE_KEYS or dim) and good_value
+            ok = ok and _size_key(key) and good_value
         if not ok:
             raise ValueError(
                 f"malformed plan: 'sizes' entry {node!r} must be a non-empty list of [dim, size], "
-                f"['split_size', size] or ['repeats', size] pairs with sizes > 0, got {entries!r}"
+                "['split_size', size], ['section_<i>', size], ['index_<i>', size] or "
+                f"['repeats', size] pairs with sizes > 0, got {entries!r}"
             )
     for node, arg in plan["cut"].items():
         if isinstance(arg, bool) or arg not in (0, 1):
@@ -1546,11 +1603,12 @@ def _dry_run_sizes(
                 f"pairs, got {entries!r}"
             )
         for key, value in entries:
-            ok_key = key in _SIZE_KEYS or (isinstance(key, int) and not isinstance(key, bool))
+            ok_key = _size_key(key)
             if not ok_key or isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(
                     f"malformed plan: 'sizes' of node {name!r} must pair a dimension (an int, "
-                    f"'split_size' or 'repeats') with a size >= 1, got {[key, value]!r}"
+                    "'split_size', 'section_<i>', 'index_<i>' or 'repeats') with a size >= 1, "
+                    f"got {[key, value]!r}"
                 )
             _resize(nodes[name], key, value)
     return pairs
