@@ -43,7 +43,7 @@ from .channels import ChannelAnalysis, ParamLinear, analyse_channels
 from .graph import (
     TracedModel,
     costs_scale_with_batch,
-    owner_of,
+    node_owners,
     record_bindings,
     record_run,
     trace_model,
@@ -535,12 +535,13 @@ def _pin_unrewritable_sizes(
     that cannot be rewritten (called twice, say: tracing it alone gives other code), or in
     the code of a call of a module carrying hooks of the user's that could not stay a call
     of the module (``hooked``)."""
-    owners = {n.name: owner_of(n) for n in gm.graph.nodes}
+    node_owner = node_owners(gm.graph)
+    owners = {n.name: owner for n, owner in node_owner.items()}
     scopes = {owners[name] for name in ca.sizes}
     why: dict[str, str] = {}
     for scope in sorted(scopes):
         try:
-            local_trace(model, gm.graph, scope, opaque, bindings.get(scope, {}))
+            local_trace(model, gm.graph, scope, opaque, bindings.get(scope, {}), node_owner)
         except RuntimeError as e:
             for name in ca.sizes:
                 if owners[name] == scope:
@@ -1905,11 +1906,12 @@ def gate_(
     bindings = record_bindings(model, example_input)  # how rewritten modules are called
     ca = analyse_channels(gm, record)
     rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
+    owners = node_owners(gm.graph)  # (gate_ does not change the traced graph)
 
     def can_rewrite(scope: str) -> str | None:
         if scope not in rewritable:
             try:
-                local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}))
+                local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}), owners)
                 rewritable[scope] = None
             except RuntimeError as e:
                 rewritable[scope] = str(e)
@@ -2026,7 +2028,9 @@ def gate_(
         for e in edges:  # prune rewrites the code of the module holding both blocks
             if e.scope not in edge_scopes:
                 try:
-                    local_trace(model, gm.graph, e.scope, traced.opaque, bindings.get(e.scope, {}))
+                    local_trace(
+                        model, gm.graph, e.scope, traced.opaque, bindings.get(e.scope, {}), owners
+                    )
                     edge_scopes[e.scope] = None
                 except RuntimeError as err:
                     edge_scopes[e.scope] = str(err)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import operator
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "costs_scale_with_batch",
     "inlined_calls",
     "mutated_input",
+    "node_owners",
     "optional_defaults",
     "owner_of",
     "record_bindings",
@@ -491,16 +492,40 @@ def mutated_input(node: fx.Node, gm: fx.GraphModule | None = None) -> fx.Node | 
     return base
 
 
-def _in_scope(node: fx.Node, scope: str) -> bool:
+def node_owners(graph: fx.Graph) -> dict[fx.Node, str]:
+    """:func:`owner_of` of every node of ``graph``, computed once for the many
+    :func:`scope_nodes` calls on a graph that does not change in between.
+
+    >>> g = fx.Graph()
+    >>> x = g.placeholder("x")
+    >>> node_owners(g) == {x: ""}
+    True
+    """
+    return {n: owner_of(n) for n in graph.nodes}
+
+
+def scope_nodes(
+    graph: fx.Graph, scope: str, owners: Mapping[fx.Node, str] | None = None
+) -> list[fx.Node]:
+    """Nodes of ``graph`` (traced from the root) that belong to ``scope``'s forward or below.
+    ``owners``: :func:`node_owners` of ``graph``, if known (a node it lacks is looked up).
+
+    >>> g = fx.Graph()
+    >>> x = g.placeholder("x")
+    >>> [n.name for n in scope_nodes(g, "", node_owners(g))]
+    []
+    """
     if scope == "":
-        return node.op not in ("placeholder", "output")
-    owner = owner_of(node)
-    return owner == scope or owner.startswith(scope + ".")
-
-
-def scope_nodes(graph: fx.Graph, scope: str) -> list[fx.Node]:
-    """Nodes of ``graph`` (traced from the root) that belong to ``scope``'s forward or below."""
-    return [n for n in graph.nodes if _in_scope(n, scope)]
+        return [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    inner = scope + "."
+    found: list[fx.Node] = []
+    for n in graph.nodes:
+        owner = owners.get(n) if owners is not None else None
+        if owner is None:
+            owner = owner_of(n)
+        if owner == scope or owner.startswith(inner):
+            found.append(n)
+    return found
 
 
 @dataclass
