@@ -661,6 +661,18 @@ def inlined_calls(graph: fx.Graph, root: nn.Module) -> list[InlinedCall]:
     return list(calls.values())
 
 
+def _within_any(path: str, scopes: set[str]) -> bool:
+    """Whether module ``path`` is one of ``scopes`` or inside one (a dotted prefix of it).
+
+    >>> [_within_any(p, {"a.b"}) for p in ("a.b", "a.b.c", "a.bc", "a")]
+    [True, True, False, False]
+    """
+    if path in scopes:
+        return True
+    parts = path.split(".")
+    return any(".".join(parts[:k]) in scopes for k in range(1, len(parts)))
+
+
 def _inlined_flops(
     root: nn.Module, graph: fx.Graph, example_input: Tensor, errors: list[str]
 ) -> tuple[dict[fx.Node, int], int]:
@@ -669,13 +681,13 @@ def _inlined_flops(
     the node that returns it (its call in the graph, in order). Calls the graph does not show
     (a ``forward`` that traced to no ops) are returned as a constant. Unknown modules are
     appended to ``errors``, as for leaves."""
-    within = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    within = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     counts: dict[str, list[int]] = {}
     handles = []
     for path, m in root.named_modules():
         if not path or any(True for _ in m.children()):
             continue
-        if any(path == t or path.startswith(t + ".") for t in within):
+        if _within_any(path, within):
             continue  # a leaf, or counted inside one (e.g. opaque modules)
         if is_code(m):
             continue  # counted as code: its products on their nodes, as cost() counts them
@@ -695,6 +707,8 @@ def _inlined_flops(
             counts.setdefault(path, []).append(int(h(mod, i, o)))
 
         handles.append(m.register_forward_hook(hook))
+    if not handles:  # no such submodule: nothing to count, no run needed
+        return {}, 0
     run_hooked(root, example_input, handles)
     by_path: dict[str, list[InlinedCall]] = {}
     for call in inlined_calls(graph, root):
