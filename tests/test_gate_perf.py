@@ -3,13 +3,16 @@
 - the nodes of a module's code were found by looking up the owner of every graph node once
   per module checked (``scope_nodes``: blocks x nodes lookups); now once per graph;
 - ``gate_`` ran the whole model three more times to count childless modules fx traced
-  through, also when the model has none (nothing to count).
+  through, also when the model has none (nothing to count);
+- ``prune`` deep-copied the model's gating (graphs, cost terms, summary) with the model and
+  dropped the copy at once.
 
 The results are unchanged (the other test files check them); these tests count the work.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -24,6 +27,7 @@ import gatedprune
 from gatedprune.demo_resnet import ResNet1d
 from gatedprune.gating import gate_
 from gatedprune.gating import graph as graph_mod
+from gatedprune.gating.core import InsertedGating
 from gatedprune.gating.graph import owner_of, scope_nodes, trace_model
 
 
@@ -150,3 +154,50 @@ def test_within_any_is_the_prefix_test(parts: list[str], scopes: set[str]) -> No
     path = ".".join(parts)
     expected = any(path == t or path.startswith(t + ".") for t in scopes)
     assert graph_mod._within_any(path, scopes) is expected
+
+
+def test_prune_does_not_copy_the_gating(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _resnet()
+    x = torch.randn(2, 1, 24)  # (B, C, L)
+    gate_(model, x)
+    randomise_gates(model, torch.Generator().manual_seed(2))
+    model.eval()
+    gating = inserted_gating(model)
+    before = copy.deepcopy(model)
+
+    def refuse(self: InsertedGating, memo: dict[int, Any]) -> InsertedGating:
+        raise AssertionError("prune deep-copied the gating")
+
+    monkeypatch.setattr(InsertedGating, "__deepcopy__", refuse, raising=False)
+    small = gatedprune.prune(model)
+    monkeypatch.undo()
+    assert not any(isinstance(m, InsertedGating) for m in small.modules())
+    assert inserted_gating(model) is gating  # the gated model keeps its gating, unchanged
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5)
+        assert torch.equal(model(x), before(x))
+    assert not _reaches(small, gating)
+    again = gatedprune.prune(model)  # the gating still prunes
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+
+
+def _reaches(model: nn.Module, target: object) -> bool:
+    """Whether ``target`` is reachable from ``model`` through instance attributes,
+    containers and the hooks of its modules."""
+    seen: set[int] = set()
+    stack: list[object] = [model]
+    while stack:
+        obj = stack.pop()
+        if obj is target:
+            return True
+        if id(obj) in seen or isinstance(obj, (type, Tensor, str, int, float, bool)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+    return False

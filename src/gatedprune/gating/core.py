@@ -1491,7 +1491,10 @@ class InsertedGating(ModelGating):
         # the pruned model calls the user's hooks themselves, not copies (a hook object
         # collecting features keeps collecting them where the user reads them)
         memo: dict[int, Any] = {id(h): h for m in model.modules() for _, h in user_hooks(m)}
+        # the copy drops its gating: it shares this one, uncopied, and lets go of it at once
+        memo[id(self)] = self
         pruned = copy.deepcopy(model, memo)
+        _drop_module(pruned, self)
         strip_gating(pruned)
         for name, site in self.sites.items():
             scale = torch.ones(site.n_channels, dtype=torch.float64) if site.segments else None
@@ -1595,6 +1598,16 @@ def _remove_param_gates(m: nn.Module) -> None:
     m.__class__ = type(cls.__name__, cls.__bases__, own)
     for attr in ours:
         parametrize.remove_parametrizations(m, attr, leave_parametrized=False)
+
+
+def _drop_module(model: nn.Module, target: nn.Module) -> None:
+    """Remove every reference to submodule ``target`` from ``model`` and its other submodules
+    (in place; ``target`` itself is left as it is)."""
+    for m in list(model.modules()):
+        if m is target:
+            continue
+        for name in [k for k, child in m._modules.items() if child is target]:
+            del m._modules[name]
 
 
 def strip_gating(model: nn.Module) -> None:
