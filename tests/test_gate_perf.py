@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,13 +23,16 @@ from gating_helpers import inserted_gating, randomise_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, fx, nn
+from zoo import DenseBlockNet
 
 import gatedprune
 from gatedprune.demo_resnet import ResNet1d
 from gatedprune.gating import gate_
 from gatedprune.gating import graph as graph_mod
-from gatedprune.gating.core import InsertedGating
+from gatedprune.gating.core import InsertedGating, _kept_mask
 from gatedprune.gating.graph import owner_of, scope_nodes, trace_model
+from gatedprune.gating.rnn import pad_to_width
+from gatedprune.gating.structure import _Factors
 
 
 def _resnet() -> ResNet1d:
@@ -201,3 +205,121 @@ def _reaches(model: nn.Module, target: object) -> bool:
         elif hasattr(obj, "__dict__"):
             stack.extend(vars(obj).values())
     return False
+
+
+# The per-group loops of the decisions and cost terms visit only the groups an entry reads
+# (before: every group of the model for each sliced module or cost factor). The results are
+# those of the loops as they were, written out below.
+
+
+def _kept_mask_reference(opens: list[np.ndarray], groups: np.ndarray, gidx: np.ndarray) -> Any:
+    mask = np.ones(len(groups), dtype=bool)
+    for g, o in enumerate(opens):
+        sel = groups == g
+        mask[sel] = o[gidx[sel]]
+    return mask
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_kept_mask_is_the_loop_over_every_group(data: st.DataObject) -> None:
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=6))
+    opens = [np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n))) for n in sizes]
+    n = data.draw(st.integers(0, 12))
+    # -1: ungated; len(sizes): a group without decisions (left kept, as before)
+    groups = np.array(data.draw(st.lists(st.integers(-1, len(sizes)), min_size=n, max_size=n)))
+    gidx = np.array(
+        [data.draw(st.integers(0, sizes[g] - 1)) if 0 <= g < len(sizes) else 0 for g in groups],
+        dtype=np.int64,
+    )
+    got = _kept_mask(opens, groups.astype(np.int64), gidx)
+    expected = _kept_mask_reference(opens, groups.astype(np.int64), gidx)
+    assert got.dtype == expected.dtype
+    assert np.array_equal(got, expected)
+
+
+def _hard_open_reference(gating: InsertedGating) -> list[Tensor]:
+    out = []
+    for g, clamp in zip(gating.group_gates, gating.clamp, strict=True):
+        o = g.is_open().to(torch.float64)  # type: ignore[operator]
+        if clamp and o.sum() == 0:
+            o = o.clone()
+            o[0] = 1.0
+        out.append(o)
+    for s in gating.slices.values():
+        for grp, gidx in ((s.out_group, s.out_gidx), (s.in_group, s.in_gidx)):
+            if grp is None or gidx is None or not len(grp) or bool((grp < 0).any()):
+                continue
+            if not all(gating.clamp[int(k)] for k in np.unique(grp)):
+                continue
+            if any(bool(out[int(k)][int(i)] > 0) for k, i in zip(grp, gidx, strict=True)):
+                continue
+            k, i = int(grp[0]), int(gidx[0])
+            out[k] = out[k].clone()
+            out[k][i] = 1.0
+    return pad_to_width(out, gating.rnns)
+
+
+class CatSum(nn.Module):
+    """Two convolutions concatenated into one group with a third (the add): each holds a
+    part of the group, kept with one channel when its part closes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv1d(1, 3, 3, padding=1), nn.Conv1d(1, 3, 3, padding=1)
+        self.c, self.head = nn.Conv1d(1, 6, 3, padding=1), nn.Conv1d(6, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cat([self.a(x), self.b(x)], dim=1) + self.c(x)  # (B, 6, L)
+        return self.head(torch.relu(h))  # (B, 2, L)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([DenseBlockNet, CatSum]), st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+def test_hard_open_is_the_loop_over_every_channel(
+    net: type[nn.Module], seed: int, p_open: float
+) -> None:
+    """Convolutions reading or writing parts of groups, which close entirely at low
+    ``p_open``."""
+    torch.manual_seed(0)
+    model = net()
+    gate_(model, torch.randn(2, 1, 10))
+    gating = inserted_gating(model)
+    gen = torch.Generator().manual_seed(seed)
+    for gate in gating.group_gates:
+        gate.force_(torch.rand(gate.n, generator=gen) < p_open)  # type: ignore[operator]
+    got, expected = gating.hard_open(), _hard_open_reference(gating)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_cost_factors_are_the_loop_over_every_group(data: st.DataObject) -> None:
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=6))
+    n_atoms = data.draw(st.integers(1, 20))
+    ggroup = np.array(
+        data.draw(st.lists(st.integers(-1, len(sizes) - 1), min_size=n_atoms, max_size=n_atoms)),
+        dtype=np.int64,
+    )
+    gidx = np.array(
+        [data.draw(st.integers(0, sizes[g] - 1)) if g >= 0 else 0 for g in ggroup], dtype=np.int64
+    )
+    fac = _Factors(ggroup, gidx, sizes)
+    reads = data.draw(
+        st.lists(st.lists(st.integers(0, n_atoms - 1), min_size=1, max_size=8), max_size=6)
+    )
+    for r in reads:
+        atoms = np.array(r, dtype=np.int64)
+        index, _ = fac.get(atoms, len(atoms))
+        gg = ggroup[atoms]
+        if (gg < 0).all():
+            assert index == -1
+            continue
+        for g, size in enumerate(sizes):
+            expected = np.bincount(gidx[atoms][gg == g], minlength=size)
+            row = fac.counts[g][index]
+            assert row.dtype == expected.dtype
+            assert np.array_equal(row, expected)

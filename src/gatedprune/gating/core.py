@@ -714,9 +714,10 @@ def _channel_scale(site: SiteInfo, groups: list[Tensor], t: Tensor) -> Tensor:
 def _kept_mask(opens: list[np.ndarray], groups: np.ndarray, gidx: np.ndarray) -> np.ndarray:
     """Per channel (gated group ``groups``, index ``gidx``; group -1: ungated): kept?"""
     mask = np.ones(len(groups), dtype=bool)
-    for g, o in enumerate(opens):
-        sel = groups == g
-        mask[sel] = o[gidx[sel]]
+    for g in np.unique(groups).tolist():  # the groups present, not every group of the model
+        if 0 <= g < len(opens):
+            sel = groups == g
+            mask[sel] = opens[g][gidx[sel]]
     return mask
 
 
@@ -1085,7 +1086,10 @@ class InsertedGating(ModelGating):
                     continue  # ungated channels always stay
                 if not all(self.clamp[int(k)] for k in np.unique(grp)):
                     continue
-                if any(bool(out[int(k)][int(i)] > 0) for k, i in zip(grp, gidx, strict=True)):
+                if any(
+                    bool((out[k][torch.as_tensor(gidx[grp == k], dtype=torch.long)] > 0).any())
+                    for k in np.unique(grp).tolist()
+                ):  # some channel of the slice is open
                     continue
                 k, i = int(grp[0]), int(gidx[0])
                 out[k] = out[k].clone()
