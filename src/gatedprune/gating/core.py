@@ -43,7 +43,7 @@ from .channels import ChannelAnalysis, ParamLinear, analyse_channels
 from .graph import (
     TracedModel,
     costs_scale_with_batch,
-    owner_of,
+    node_owners,
     record_bindings,
     record_run,
     trace_model,
@@ -542,12 +542,13 @@ def _pin_unrewritable_sizes(
     that cannot be rewritten (called twice, say: tracing it alone gives other code), or in
     the code of a call of a module carrying hooks of the user's that could not stay a call
     of the module (``hooked``)."""
-    owners = {n.name: owner_of(n) for n in gm.graph.nodes}
+    node_owner = node_owners(gm.graph)
+    owners = {n.name: owner for n, owner in node_owner.items()}
     scopes = {owners[name] for name in ca.sizes}
     why: dict[str, str] = {}
     for scope in sorted(scopes):
         try:
-            local_trace(model, gm.graph, scope, opaque, bindings.get(scope, {}))
+            local_trace(model, gm.graph, scope, opaque, bindings.get(scope, {}), node_owner)
         except RuntimeError as e:
             for name in ca.sizes:
                 if owners[name] == scope:
@@ -720,9 +721,10 @@ def _channel_scale(site: SiteInfo, groups: list[Tensor], t: Tensor) -> Tensor:
 def _kept_mask(opens: list[np.ndarray], groups: np.ndarray, gidx: np.ndarray) -> np.ndarray:
     """Per channel (gated group ``groups``, index ``gidx``; group -1: ungated): kept?"""
     mask = np.ones(len(groups), dtype=bool)
-    for g, o in enumerate(opens):
-        sel = groups == g
-        mask[sel] = o[gidx[sel]]
+    for g in np.unique(groups).tolist():  # the groups present, not every group of the model
+        if 0 <= g < len(opens):
+            sel = groups == g
+            mask[sel] = opens[g][gidx[sel]]
     return mask
 
 
@@ -1091,7 +1093,10 @@ class InsertedGating(ModelGating):
                     continue  # ungated channels always stay
                 if not all(self.clamp[int(k)] for k in np.unique(grp)):
                     continue
-                if any(bool(out[int(k)][int(i)] > 0) for k, i in zip(grp, gidx, strict=True)):
+                if any(
+                    bool((out[k][torch.as_tensor(gidx[grp == k], dtype=torch.long)] > 0).any())
+                    for k in np.unique(grp).tolist()
+                ):  # some channel of the slice is open
                     continue
                 k, i = int(grp[0]), int(gidx[0])
                 out[k] = out[k].clone()
@@ -1497,7 +1502,10 @@ class InsertedGating(ModelGating):
         # the pruned model calls the user's hooks themselves, not copies (a hook object
         # collecting features keeps collecting them where the user reads them)
         memo: dict[int, Any] = {id(h): h for m in model.modules() for _, h in user_hooks(m)}
+        # the copy drops its gating: it shares this one, uncopied, and lets go of it at once
+        memo[id(self)] = self
         pruned = copy.deepcopy(model, memo)
+        _drop_module(pruned, self)
         strip_gating(pruned)
         for name, site in self.sites.items():
             scale = torch.ones(site.n_channels, dtype=torch.float64) if site.segments else None
@@ -1601,6 +1609,16 @@ def _remove_param_gates(m: nn.Module) -> None:
     m.__class__ = type(cls.__name__, cls.__bases__, own)
     for attr in ours:
         parametrize.remove_parametrizations(m, attr, leave_parametrized=False)
+
+
+def _drop_module(model: nn.Module, target: nn.Module) -> None:
+    """Remove every reference to submodule ``target`` from ``model`` and its other submodules
+    (in place; ``target`` itself is left as it is)."""
+    for m in list(model.modules()):
+        if m is target:
+            continue
+        for name in [k for k, child in m._modules.items() if child is target]:
+            del m._modules[name]
 
 
 def strip_gating(model: nn.Module) -> None:
@@ -1912,11 +1930,12 @@ def gate_(
     bindings = record_bindings(model, example_input)  # how rewritten modules are called
     ca = analyse_channels(gm, record)
     rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
+    owners = node_owners(gm.graph)  # (gate_ does not change the traced graph)
 
     def can_rewrite(scope: str) -> str | None:
         if scope not in rewritable:
             try:
-                local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}))
+                local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}), owners)
                 rewritable[scope] = None
             except RuntimeError as e:
                 rewritable[scope] = str(e)
@@ -2035,7 +2054,9 @@ def gate_(
         for e in edges:  # prune rewrites the code of the module holding both blocks
             if e.scope not in edge_scopes:
                 try:
-                    local_trace(model, gm.graph, e.scope, traced.opaque, bindings.get(e.scope, {}))
+                    local_trace(
+                        model, gm.graph, e.scope, traced.opaque, bindings.get(e.scope, {}), owners
+                    )
                     edge_scopes[e.scope] = None
                 except RuntimeError as err:
                     edge_scopes[e.scope] = str(err)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import operator
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ __all__ = [
     "costs_scale_with_batch",
     "inlined_calls",
     "mutated_input",
+    "node_owners",
     "optional_defaults",
     "owner_of",
     "record_bindings",
@@ -491,16 +492,40 @@ def mutated_input(node: fx.Node, gm: fx.GraphModule | None = None) -> fx.Node | 
     return base
 
 
-def _in_scope(node: fx.Node, scope: str) -> bool:
+def node_owners(graph: fx.Graph) -> dict[fx.Node, str]:
+    """:func:`owner_of` of every node of ``graph``, computed once for the many
+    :func:`scope_nodes` calls on a graph that does not change in between.
+
+    >>> g = fx.Graph()
+    >>> x = g.placeholder("x")
+    >>> node_owners(g) == {x: ""}
+    True
+    """
+    return {n: owner_of(n) for n in graph.nodes}
+
+
+def scope_nodes(
+    graph: fx.Graph, scope: str, owners: Mapping[fx.Node, str] | None = None
+) -> list[fx.Node]:
+    """Nodes of ``graph`` (traced from the root) that belong to ``scope``'s forward or below.
+    ``owners``: :func:`node_owners` of ``graph``, if known (a node it lacks is looked up).
+
+    >>> g = fx.Graph()
+    >>> x = g.placeholder("x")
+    >>> [n.name for n in scope_nodes(g, "", node_owners(g))]
+    []
+    """
     if scope == "":
-        return node.op not in ("placeholder", "output")
-    owner = owner_of(node)
-    return owner == scope or owner.startswith(scope + ".")
-
-
-def scope_nodes(graph: fx.Graph, scope: str) -> list[fx.Node]:
-    """Nodes of ``graph`` (traced from the root) that belong to ``scope``'s forward or below."""
-    return [n for n in graph.nodes if _in_scope(n, scope)]
+        return [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    inner = scope + "."
+    found: list[fx.Node] = []
+    for n in graph.nodes:
+        owner = owners.get(n) if owners is not None else None
+        if owner is None:
+            owner = owner_of(n)
+        if owner == scope or owner.startswith(inner):
+            found.append(n)
+    return found
 
 
 @dataclass
@@ -636,6 +661,18 @@ def inlined_calls(graph: fx.Graph, root: nn.Module) -> list[InlinedCall]:
     return list(calls.values())
 
 
+def _within_any(path: str, scopes: set[str]) -> bool:
+    """Whether module ``path`` is one of ``scopes`` or inside one (a dotted prefix of it).
+
+    >>> [_within_any(p, {"a.b"}) for p in ("a.b", "a.b.c", "a.bc", "a")]
+    [True, True, False, False]
+    """
+    if path in scopes:
+        return True
+    parts = path.split(".")
+    return any(".".join(parts[:k]) in scopes for k in range(1, len(parts)))
+
+
 def _inlined_flops(
     root: nn.Module, graph: fx.Graph, example_input: Tensor, errors: list[str]
 ) -> tuple[dict[fx.Node, int], int]:
@@ -644,13 +681,13 @@ def _inlined_flops(
     the node that returns it (its call in the graph, in order). Calls the graph does not show
     (a ``forward`` that traced to no ops) are returned as a constant. Unknown modules are
     appended to ``errors``, as for leaves."""
-    within = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    within = {str(n.target) for n in graph.nodes if n.op == "call_module"}
     counts: dict[str, list[int]] = {}
     handles = []
     for path, m in root.named_modules():
         if not path or any(True for _ in m.children()):
             continue
-        if any(path == t or path.startswith(t + ".") for t in within):
+        if _within_any(path, within):
             continue  # a leaf, or counted inside one (e.g. opaque modules)
         if is_code(m):
             continue  # counted as code: its products on their nodes, as cost() counts them
@@ -670,6 +707,8 @@ def _inlined_flops(
             counts.setdefault(path, []).append(int(h(mod, i, o)))
 
         handles.append(m.register_forward_hook(hook))
+    if not handles:  # no such submodule: nothing to count, no run needed
+        return {}, 0
     run_hooked(root, example_input, handles)
     by_path: dict[str, list[InlinedCall]] = {}
     for call in inlined_calls(graph, root):

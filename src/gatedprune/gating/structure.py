@@ -266,6 +266,7 @@ class _Factors:
         self.keys: dict[bytes, int] = {}
         self.const: list[float] = []
         self.counts: list[list[np.ndarray]] = [[] for _ in sizes]
+        self._zero_rows: dict[int, np.ndarray] = {}
 
     def vector(self, g: int) -> int:
         """Factor counting the open entries of gated vector ``g``."""
@@ -288,10 +289,21 @@ class _Factors:
         if key not in self.keys:
             self.keys[key] = len(self.const)
             self.const.append(float((gg < 0).sum()))
+            gidx = self.atom_gidx[atoms]
+            present = set(np.unique(gg[gg >= 0]).tolist())
             for g, size in enumerate(self.sizes):
-                sel = gg == g
-                self.counts[g].append(np.bincount(self.atom_gidx[atoms][sel], minlength=size))
+                if g in present:
+                    self.counts[g].append(np.bincount(gidx[gg == g], minlength=size))
+                else:  # (stacked into a new tensor later: one zero row shared)
+                    self.counts[g].append(self._zeros(size))
         return self.keys[key], 1.0
+
+    def _zeros(self, size: int) -> np.ndarray:
+        """The counts of a gated vector of ``size`` entries none of which an entry reads (as
+        ``np.bincount`` of no indices gives them)."""
+        if size not in self._zero_rows:
+            self._zero_rows[size] = np.zeros(size, dtype=np.bincount(np.zeros(0, np.intp)).dtype)
+        return self._zero_rows[size]
 
 
 def _scaled_row(

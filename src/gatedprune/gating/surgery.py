@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import itertools
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import torch
@@ -38,6 +38,7 @@ from .graph import (
     ModuleCall,
     TracedModel,
     inlined_calls,
+    node_owners,
     optional_defaults,
     owner_of,
     scope_nodes,
@@ -533,12 +534,14 @@ def local_trace(
     scope: str,
     opaque: dict[str, str],
     bound: dict[str, Any] | str | None = None,
+    owners: Mapping[fx.Node, str] | None = None,
 ) -> tuple[Any, dict[str, fx.Node]]:
     """Trace module ``scope`` alone and map the root graph's nodes in it to its own nodes.
     ``bound``: how the model calls it (:func:`record_bindings`): the optional arguments to fix
     at the values its calls give them (the others are inputs); a reason if the calls differ;
     None if unknown (a plan written before 2026-12-07: each choice of arguments left at their
-    defaults is tried, the first whose graph matches taken).
+    defaults is tried, the first whose graph matches taken). ``owners``: ``node_owners`` of
+    ``root_graph``, if known (callers checking many scopes of one graph compute it once).
 
     Raises ``RuntimeError`` when the two traces differ (the module cannot be rewritten).
     """
@@ -547,7 +550,7 @@ def local_trace(
         raise RuntimeError(f"cannot rewrite module '{scope}' ({type(sub).__name__}): {bound}")
     prefix = scope + "." if scope else ""
     local_opaque = {k[len(prefix) :]: v for k, v in opaque.items() if k.startswith(prefix)}
-    root_nodes = scope_nodes(root_graph, scope)
+    root_nodes = scope_nodes(root_graph, scope, owners)
     defaults = optional_defaults(sub) if scope else {}
     choices = _concrete_choices(defaults) if bound is None or not scope else iter([bound or None])
     traced_any, failure = False, ""
@@ -975,19 +978,20 @@ def _rewrite_scope(
     sizes: dict[str, list[list[Any]]] | None = None,
     bound: dict[str, Any] | None = None,
     bounds: dict[str, Any] | None = None,
+    owners: Mapping[fx.Node, str] | None = None,
 ) -> nn.Module:
     """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
     writes into, anywhere in the model; ``left_operands``: nodes the code uses as the left
     operand of arithmetic, which an augmented assignment would write into; ``bound``: the
     optional arguments its calls fix, see :func:`local_trace`; ``bounds``: the same for every
-    module, by qualified name).
+    module, by qualified name; ``owners``: ``node_owners`` of ``root_graph``, if known).
 
     A module inside ``scope`` carrying hooks of the user's stays a call of that module in the
     new code, so its hooks run; where the rewrite changes its code, it is rewritten first, on
     its own, and keeps its hooks. The new module gets ``scope``'s own hooks."""
     sub = model if scope == "" else model.get_submodule(scope)
-    root_nodes = scope_nodes(root_graph, scope)
-    local, mapping = local_trace(model, root_graph, scope, opaque, bound)
+    root_nodes = scope_nodes(root_graph, scope, owners)
+    local, mapping = local_trace(model, root_graph, scope, opaque, bound, owners)
     local_out = next(n for n in local.graph.nodes if n.op == "output").args[0]
     returned = next((r for r, n in mapping.items() if n is local_out), None)
     hooked = _hooked_calls(local)
@@ -2352,7 +2356,8 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     missing = [n for n in [*cut, *erase, *bypass, *edge_nodes, *sizes] if n not in known]
     if missing:
         raise ValueError(f"the plan names graph nodes the model does not have: {missing[:5]}")
-    owners = {n.name: owner_of(n) for n in traced.graph.nodes}
+    node_owner = node_owners(traced.graph)  # (the root graph is not changed below)
+    owners = {n.name: owner for n, owner in node_owner.items()}
     for name in sizes:
         if not any(_within(owners[name], sc) for sc in scopes):
             raise ValueError(
@@ -2391,6 +2396,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             {k: v for k, v in sizes.items() if k in in_scope},
             plan.get("bound", {}).get(scope),
             plan.get("bound", {}),
+            node_owner,
         )
         if scope == "":
             result = new
