@@ -517,6 +517,23 @@ def _literal_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _repeat_sizes(n: fx.Node) -> tuple[Any, ...] | None:
+    """The repeat counts of ``t.repeat(*sizes)`` / ``t.tile(dims)`` node ``n`` (ints or graph
+    nodes) as written (``tile`` pads them on the left with 1s to the input's dimensions);
+    None if they are not given positionally.
+
+    >>> g = fx.symbolic_trace(lambda x: x.repeat(1, 1, 4) + x.tile((2,)))
+    >>> [_repeat_sizes(n) for n in g.graph.nodes if n.target in ("repeat", "tile")]
+    [(1, 1, 4), (2,)]
+    """
+    if n.kwargs or len(n.args) < 2:
+        return None
+    sizes = n.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], list | tuple):
+        sizes = tuple(sizes[0])
+    return tuple(sizes)
+
+
 def _rewritable(size: Any) -> bool:
     """Whether the code's size ``size`` can be rewritten to a kept count: an int other than
     -1, or a graph node computing it."""
@@ -1112,7 +1129,7 @@ class _Propagator:
             return self.matmul(n)
         if n.op == "call_function" and n.target is torch.einsum:
             return self.einsum(n)
-        if n.op == "call_method" and n.target in ("repeat_interleave", "expand"):
+        if n.op == "call_method" and n.target in ("repeat_interleave", "expand", "repeat", "tile"):
             return self.repeat_heads(n)
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
             return self.sdpa(n)
@@ -2409,7 +2426,16 @@ class _Propagator:
         if lab is None or ins is None or out is None:
             return None
         result: Labels | None = None
-        if n.target == "expand":
+        if n.target in ("repeat", "tile"):  # g.repeat(1, 1, L): copies along other dims
+            counts = _repeat_sizes(n)
+            if counts is not None and n.target == "tile" and len(counts) < len(ins):
+                counts = (1,) * (len(ins) - len(counts)) + counts  # tile pads its dims with 1s
+            shift = len(counts) - len(ins) if counts is not None else -1
+            if counts is not None and shift >= 0 and len(out) == len(ins) + shift:
+                factor = counts[lab.dim + shift]
+                if _literal_int(factor) and factor == 1:
+                    result = Labels(lab.dim + shift, lab.atoms)
+        elif n.target == "expand":
             if len(out) == len(ins) and out[lab.dim] == ins[lab.dim]:
                 found, arg = _size_arg(n, lab.dim - len(out))
                 if found and not (arg == -1 or self.derived_size(arg, lab)):
