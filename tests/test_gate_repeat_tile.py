@@ -1,7 +1,7 @@
 """``t.repeat(...)`` / ``t.tile(...)`` copying gated channels along other dimensions (PointNet's
 segmentation head: the global feature repeated to every point, then concatenated) passes the
 channels through like ``expand`` does; a repeat of the channel dimension itself keeps them
-whole with a reason. Before 2026-12-07 22:30 UTC every such repeat was "an op gate_ does not
+whole with a reason. Before 2026-12-07 22:05 UTC every such repeat was "an op gate_ does not
 prune through" and kept both sides whole."""
 
 from __future__ import annotations
