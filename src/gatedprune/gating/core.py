@@ -36,7 +36,14 @@ from ..gates import (
     replayable_gate_values,
     resolve_gate,
 )
-from ..hooks import describe_hooks, global_hooks, hook_keys, hook_name, user_hooks
+from ..hooks import (
+    computed_weight_memo,
+    describe_hooks,
+    global_hooks,
+    hook_keys,
+    hook_name,
+    user_hooks,
+)
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, ParamLinear, analyse_channels
@@ -1502,6 +1509,9 @@ class InsertedGating(ModelGating):
         # the pruned model calls the user's hooks themselves, not copies (a hook object
         # collecting features keeps collecting them where the user reads them)
         memo: dict[int, Any] = {id(h): h for m in model.modules() for _, h in user_hooks(m)}
+        # a weight the old nn.utils.weight_norm / spectral_norm hook computed with autograd on
+        # (any training step) is not a leaf, which torch's deep copy refuses: a detached copy
+        memo.update(computed_weight_memo(model))
         # the copy drops its gating: it shares this one, uncopied, and lets go of it at once
         memo[id(self)] = self
         pruned = copy.deepcopy(model, memo)
