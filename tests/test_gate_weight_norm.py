@@ -266,12 +266,16 @@ def test_apply_plan_slices_g_and_v_alike() -> None:
     plan = json.loads(json.dumps(export_plan(model)))
     pruned = gp.prune(model)
     fresh = apply_plan(TCN(), plan)
+    dense = TCN()
+    cut = 0
     for n, m in fresh.named_modules():
         if parametrize.is_parametrized(m, "weight"):
             mine = pruned.get_submodule(n).parametrizations.weight
             theirs = m.parametrizations.weight
             assert theirs.original0.shape == mine.original0.shape, n
             assert theirs.original1.shape == mine.original1.shape, n
+            cut += theirs.original1.numel() < dense.get_submodule(n).weight.numel()
+    assert cut >= 3  # the plan slices weight-normed layers (before: none)
     fresh.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         assert (fresh.eval()(x) - model(x)).abs().max().item() <= 1e-5
