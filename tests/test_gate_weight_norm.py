@@ -167,6 +167,22 @@ class CNN2d(nn.Module):
         return self.head(h.mean((2, 3)))  # (B, 4)
 
 
+class Depthwise(nn.Module):
+    """A depthwise (2 outputs per input) and a 1x1 weight-normed convolution, 1d or 3d."""
+
+    def __init__(self, three: bool = False) -> None:
+        super().__init__()
+        conv = nn.Conv3d if three else nn.Conv1d
+        self.a = wn(conv(3, 8, 1))
+        self.dw = wn(conv(8, 16, 3, padding=1, groups=8))
+        self.b = wn(conv(16, 6, 1))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.b(F.relu(self.dw(F.relu(self.a(x))))))  # (B, 6, *S)
+        return self.head(y.flatten(2).mean(-1))  # (B, 2)
+
+
 def _fractional_gates(model: nn.Module, gen: torch.Generator) -> None:
     """Every gate closed, open at a fractional value, or open at 1, at random (each group
     keeps at least one channel open)."""
@@ -196,6 +212,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "tcn": (TCN, (4, 4, 20), 5),
     "mlp": (MLP, (8, 6), 3),
     "cnn2d": (CNN2d, (2, 3, 6, 6), 4),
+    "depthwise1d": (Depthwise, (2, 3, 9), 2),
+    "depthwise3d": (lambda: Depthwise(True), (2, 3, 4, 4, 4), 2),
 }
 
 
