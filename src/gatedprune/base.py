@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 
 from .gates import Gate, gate_modules
 
@@ -77,6 +79,44 @@ def computed_weight(m: nn.Module) -> bool:
     if parametrize.is_parametrized(m):
         return True
     return any(not isinstance(h, GateHook) for h in m._forward_pre_hooks.values())
+
+
+_WEIGHT_NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def weight_norm_layer(m: nn.Module) -> bool:
+    """Whether ``m`` is an ``nn.Linear`` or a (not transposed) convolution (not a subclass with
+    a forward or submodules of its own) whose weight only torch's
+    ``parametrizations.weight_norm`` computes, per output channel (``dim=0``, the default),
+    with a stored bias and no forward pre-hook of the user's: ``weight = g * v / ||v||``, each
+    row's norm over its own inputs, so ``gate_`` gates it and ``prune`` slices and scales
+    ``g`` and ``v`` exactly (kept whole before 2026-12-07 22:00 UTC). Any other
+    parametrization, or ``weight_norm`` over another dimension, is not.
+
+    >>> wn = nn.utils.parametrizations.weight_norm
+    >>> weight_norm_layer(wn(nn.Conv1d(2, 4, 3))), weight_norm_layer(wn(nn.Linear(2, 2), dim=1))
+    (True, False)
+    >>> weight_norm_layer(nn.Linear(2, 2))  # a stored weight: not computed at all
+    False
+    """
+    base = next((c for c in _WEIGHT_NORM_LAYERS if isinstance(m, c)), None)
+    if base is None or not parametrize.is_parametrized(m):
+        return False
+    # a subclass with a forward or submodules of its own (a LoRA Linear): not just the layer
+    if type(m).forward is not base.forward or any(c != "parametrizations" for c in m._modules):
+        return False
+    plists = cast(nn.ModuleDict, m.parametrizations)
+    if set(plists.keys()) != {"weight"}:
+        return False
+    plist = cast(nn.ModuleList, plists["weight"])
+    if len(plist) != 1 or not isinstance(plist[0], _WeightNorm) or plist[0].dim != 0:
+        return False
+    g, v = getattr(plist, "original0", None), getattr(plist, "original1", None)
+    if not isinstance(g, Tensor) or not isinstance(v, Tensor) or v.dim() < 2:
+        return False
+    if tuple(g.shape) != (v.shape[0], *[1] * (v.dim() - 1)):
+        return False
+    return not any(not isinstance(h, GateHook) for h in m._forward_pre_hooks.values())
 
 
 def batchnorm_affine(bn: nn.Module, user: str) -> tuple[Tensor, Tensor]:

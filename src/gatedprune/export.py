@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.jit._trace import TracerWarning
 
 from .base import GatedModule
+from .hooks import computed_weight_memo
 from .io import atomic_write
 from .layout import check_flag
 from .plain import PlainShortcutNet
@@ -283,7 +284,7 @@ def _widen_zero_inputs(model: nn.Module) -> nn.Module:
     input feature through a zero weight column instead (:class:`_OneZeroFeature`)."""
     if not any(isinstance(m, nn.RNNBase) and m.input_size == 0 for m in model.modules()):
         return model
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model, computed_weight_memo(model))
     targets: list[tuple[str, nn.RNNBase]] = []
     for name, m in model.named_modules():
         if isinstance(m, nn.RNNBase) and m.input_size == 0:

@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from .base import BATCH_NORMS, GatedModule, batchnorm_affine, find_model_gating
 from .gating.surgery import ScaledAdd
+from .hooks import computed_weight_memo
 from .plain import PlainShortcutNet
 from .rnn_slicing import StateSlicing
 
@@ -102,7 +103,7 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
             f"{type(model).__name__} still has gates: prune it first (gatedprune.prune), "
             "then fold the plain pruned model"
         )
-    work = copy.deepcopy(model).eval()
+    work = copy.deepcopy(model, computed_weight_memo(model)).eval()
     try:
         graph = _Tracer().trace(work)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -26,6 +26,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .base import GateHook
 
 __all__ = [
+    "computed_weight_memo",
     "copy_hooks",
     "describe_hooks",
     "global_hooks",
@@ -91,6 +92,38 @@ def only_weight_hooks(m: nn.Module) -> bool:
     """
     hooks = user_hooks(m)
     return bool(hooks) and all(isinstance(h, WEIGHT_HOOKS) for _, h in hooks)
+
+
+def computed_weight_memo(model: nn.Module) -> dict[int, Tensor]:
+    """A ``copy.deepcopy`` memo giving the copy of ``model`` a detached copy (same values) of
+    each weight that one of torch's weight-computing pre-hooks (the old ``nn.utils.weight_norm``
+    / ``spectral_norm``, ``nn.utils.prune``'s masks) left on a module with autograd history:
+    torch's deep copy refuses such a tensor (a bare ``RuntimeError`` from ``gatedprune.prune``
+    after any training step before 2026-12-07 22:00 UTC). The model itself is left as it is,
+    and the copy's hook computes the weight again on its next call.
+
+    >>> import copy, warnings, torch
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore", FutureWarning)
+    ...     lin = nn.utils.weight_norm(nn.Linear(2, 2))
+    >>> _ = lin(torch.ones(1, 2))  # with autograd on: lin.weight is not a leaf
+    >>> copied = copy.deepcopy(lin, computed_weight_memo(lin))
+    >>> torch.equal(copied.weight, lin.weight), lin.weight.grad_fn is not None
+    (True, True)
+    """
+    memo: dict[int, Tensor] = {}
+    for m in model.modules():
+        for _, hook in user_hooks(m):
+            if isinstance(hook, WeightNorm | SpectralNorm):
+                name = str(hook.name)
+            elif isinstance(hook, BasePruningMethod):
+                name = str(hook._tensor_name)
+            else:
+                continue
+            t = m.__dict__.get(name)
+            if isinstance(t, Tensor) and t.grad_fn is not None:
+                memo[id(t)] = t.detach().clone()
+    return memo
 
 
 def hook_keys(m: nn.Module) -> list[int]:

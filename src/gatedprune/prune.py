@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .base import GatedModule, check_gates_not_nan, find_model_gating
+from .hooks import computed_weight_memo
 
 __all__ = ["prune"]
 
@@ -50,4 +51,5 @@ def prune(model: nn.Module) -> nn.Module:
             "networks (ShortcutMLP, ShortcutConv1d, ...) or gate it first"
         )
     memo: dict[int, Any] = {id(m): m.pruned_module() for m in roots}
+    memo.update(computed_weight_memo(model))  # weights with autograd history: detached
     return copy.deepcopy(model, memo)

@@ -57,6 +57,7 @@ from ..base import (
     PADDING_LAYERS,
     TRANSPOSED_CONVS,
     computed_weight,
+    weight_norm_layer,
 )
 from ..functional_costs import einsum_subscripts
 from ..hooks import describe_hooks, only_weight_hooks
@@ -451,7 +452,7 @@ def module_kind(m: nn.Module) -> str | None:
     >>> module_kind(nn.GroupNorm(2, 8)), module_kind(nn.InstanceNorm1d(8, affine=True))
     ('gn', 'in')
     """
-    if computed_weight(m):
+    if computed_weight(m) and not weight_norm_layer(m):  # weight_norm's g and v: sliced
         return None
     if isinstance(m, nn.Linear):
         return "linear"

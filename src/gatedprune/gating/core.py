@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from ..base import GatedModule, GateHook, ModelGating, find_model_gating
+from ..base import GatedModule, GateHook, ModelGating, find_model_gating, weight_norm_layer
 from ..costs import is_code
 from ..fingerprint import graph_fingerprint, json_checksum, model_fingerprint
 from ..gates import (
@@ -36,7 +36,14 @@ from ..gates import (
     replayable_gate_values,
     resolve_gate,
 )
-from ..hooks import describe_hooks, global_hooks, hook_keys, hook_name, user_hooks
+from ..hooks import (
+    computed_weight_memo,
+    describe_hooks,
+    global_hooks,
+    hook_keys,
+    hook_name,
+    user_hooks,
+)
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, ParamLinear, analyse_channels
@@ -773,6 +780,9 @@ class InsertedGating(ModelGating):
         self.edges = edges
         self.edge_gate: Gate | None = _closed_gate(edge_kind, len(edges)) if edges else None
         self.hooked: tuple[str, ...] = ()  # modules gate_ hooked (set by gate_)
+        # the layers with weight_norm over their output channels at gate_, whose g and v
+        # prune slices and scales (set by gate_; one added since is refused)
+        self.weight_norms: tuple[str, ...] = ()
         # the user's hooks at gate_ (module -> hook keys; None: unknown, every hook is new to
         # prune) and the gated groups each module's calls see (both set by gate_)
         self.user_hook_keys: dict[str, list[int]] | None = None
@@ -1502,6 +1512,9 @@ class InsertedGating(ModelGating):
         # the pruned model calls the user's hooks themselves, not copies (a hook object
         # collecting features keeps collecting them where the user reads them)
         memo: dict[int, Any] = {id(h): h for m in model.modules() for _, h in user_hooks(m)}
+        # a weight the old nn.utils.weight_norm / spectral_norm hook computed with autograd on
+        # (any training step) is not a leaf, which torch's deep copy refuses: a detached copy
+        memo.update(computed_weight_memo(model))
         # the copy drops its gating: it shares this one, uncopied, and lets go of it at once
         memo[id(self)] = self
         pruned = copy.deepcopy(model, memo)
@@ -1571,10 +1584,12 @@ class InsertedGating(ModelGating):
             *(c.name for c in self.rnn_consumers if c.segments),
         ]
         inside = [*(t[0] for t in self.transformers), *(name for name, _ in self.attentions)]
+        normed = set(getattr(self, "weight_norms", ()))  # (absent in models pickled before)
         for name in [*whole, *inside]:
             m = model.get_submodule(name)
             for sub_name, sub in m.named_modules(prefix=name) if name in inside else [(name, m)]:
-                refuse_computed(sub_name, sub, own=(ParamGate,))
+                wn = sub_name in normed and name not in inside  # slice_module / folds: g, v
+                refuse_computed(sub_name, sub, own=(ParamGate,), weight_norm=wn)
         params = [
             *(n for n, spec in plan["slices"].items() if spec["kind"] in _PARAM_KINDS),
             *(
@@ -2300,6 +2315,7 @@ def gate_(
         name: keys for name, m in model.named_modules() if (keys := hook_keys(m))
     }
     gating.hook_views = _hook_views(traced, ca, group_map)
+    gating.weight_norms = tuple(n for n, m in model.named_modules() if weight_norm_layer(m))
     gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
     gating.train(model.training)
     model.add_module(ATTR, gating)

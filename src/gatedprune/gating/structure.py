@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..base import weight_norm_layer
 from .blocks import Block, live_nodes, outermost
 from .channels import ChannelAnalysis, Labels
 from .graph import RunRecord, mutated_input, owner_of
@@ -509,6 +510,8 @@ def build_cost_terms(
             if new_module:
                 p_rows.append((float(k) * mi * mo, fi, fo, n.name, name))
                 if has_bias:
+                    p_rows.append((mo, fo, -1, n.name, name))
+                if weight_norm_layer(m):  # weight_norm: g, one per output channel (and v)
                     p_rows.append((mo, fo, -1, n.name, name))
             continue
         lab = ca.labels.get(n) or ca.nonzero.get(n)  # an nn.Sigmoid excitation: its channels

@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import itertools
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import torch
@@ -23,7 +23,13 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..base import BATCH_NORMS, INSTANCE_NORMS, TRANSPOSED_CONVS, find_model_gating
+from ..base import (
+    BATCH_NORMS,
+    INSTANCE_NORMS,
+    TRANSPOSED_CONVS,
+    find_model_gating,
+    weight_norm_layer,
+)
 from ..fingerprint import (
     fingerprint_difference,
     graph_fingerprint,
@@ -174,7 +180,13 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
     [2.0, 0.0, 4.0, 6.0]
     """
     with torch.no_grad():
-        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        if weight_norm_layer(m):  # weight g * v / ||v||: the rows' scale goes into g
+            mag = _weight_norm_parts(m)[0]  # (C, 1, ...)
+            mag.mul_(scale.to(mag.dtype).reshape(-1, *([1] * (mag.dim() - 1))))
+            bias = cast(Tensor | None, m.bias)
+            if bias is not None:
+                bias.mul_(scale.to(bias.dtype).reshape(-1))  # (C,) or (1,)
+        elif isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
             # (C, 1, ...), or (1, 1, ...) for a scalar scale
             s = scale.to(m.weight.dtype).reshape(-1, *([1] * (m.weight.dim() - 1)))
             m.weight.mul_(s)
@@ -206,6 +218,42 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
             raise TypeError(f"cannot fold a gate into {type(m).__name__}")
 
 
+def _weight_norm_parts(m: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(g, v)`` of a :func:`weight_norm_layer` ``m``: ``g`` ``(C_out, 1, ...)``, ``v`` the
+    shape of the weight."""
+    plist = cast(nn.Module, m.parametrizations.weight)  # type: ignore[union-attr]
+    return cast(Tensor, plist.original0), cast(Tensor, plist.original1)
+
+
+def _set_weight_norm(m: nn.Module, g_rows: Tensor, v_rows: Tensor, v: Tensor) -> None:
+    """Give the :func:`weight_norm_layer` ``m`` the direction ``v`` and the magnitudes that
+    keep each row of its weight the same where ``v`` differs from ``v_rows`` (its rows of the
+    old direction, cut or scaled by column): ``g = g_rows * ||v|| / ||v_rows||``, computed in
+    float64. A row ``v`` zeroes (its weight row is zero) gets ``g = 0`` and a direction of
+    ones, not ``0 / 0``.
+
+    >>> lin = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))
+    >>> before = lin.weight.detach()[:, :2].clone()
+    >>> g, v = _weight_norm_parts(lin)
+    >>> _set_weight_norm(lin, g, v, v[:, :2])  # keep input features 0 and 1
+    >>> bool(torch.allclose(lin.weight, before))
+    True
+    """
+    old = v_rows.detach().flatten(1).to(torch.float64).norm(dim=1)  # (C_out,)
+    new = v.detach().flatten(1).to(torch.float64).norm(dim=1)  # (C_out,)
+    gone = old == 0  # a zero direction (its weight row 0 / 0 already): left as it is
+    ratio = torch.where(gone, torch.ones_like(new), new / torch.where(gone, 1.0, old))
+    zero = (new == 0) & ~gone
+    shape = (-1, *([1] * (v.dim() - 1)))
+    g_new = (g_rows.detach().to(torch.float64) * ratio.reshape(shape)).to(g_rows.dtype)
+    v_new = v.detach().clone()
+    if bool(zero.any()):
+        v_new[zero] = 1.0
+    plist = cast(nn.Module, m.parametrizations.weight)  # type: ignore[union-attr]
+    _set(plist, "original0", g_new, True)  # (C_out, 1, ...)
+    _set(plist, "original1", v_new, True)
+
+
 def _parametrizations(m: nn.Module) -> dict[str, list[nn.Module]]:
     """The parametrizations of ``m`` (``torch.nn.utils.parametrize``) by attribute name."""
     if not parametrize.is_parametrized(m):
@@ -214,18 +262,26 @@ def _parametrizations(m: nn.Module) -> dict[str, list[nn.Module]]:
     return {attr: list(cast(nn.ModuleList, plist)) for attr, plist in plists.items()}
 
 
-def computed_tensors(m: nn.Module, own: tuple[type[nn.Module], ...] = ()) -> list[str]:
+def computed_tensors(
+    m: nn.Module, own: tuple[type[nn.Module], ...] = (), *, weight_norm: bool = False
+) -> list[str]:
     """The tensors of ``m`` (by attribute name) that it computes when it runs, so that slicing
     or scaling what it stores would not change them: an attribute with a parametrization
     (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``, a LoRA-style one) that
     is not only of the classes ``own``, or one set by a forward pre-hook of the old
-    ``nn.utils.weight_norm`` / ``spectral_norm``.
+    ``nn.utils.weight_norm`` / ``spectral_norm``. With ``weight_norm``, not the weight of a
+    :func:`weight_norm_layer` (:func:`slice_module` and the folds slice and scale its ``g``
+    and ``v``).
 
     >>> computed_tensors(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2)))
     ['weight']
+    >>> computed_tensors(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2)), weight_norm=True)
+    []
     >>> computed_tensors(nn.Linear(2, 2))
     []
     """
+    if weight_norm and weight_norm_layer(m):
+        return []
     names = [a for a, ps in _parametrizations(m).items() if any(not isinstance(p, own) for p in ps)]
     for hook in m._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm | SpectralNorm):
@@ -234,17 +290,24 @@ def computed_tensors(m: nn.Module, own: tuple[type[nn.Module], ...] = ()) -> lis
 
 
 def refuse_computed(
-    name: str, m: nn.Module, attrs: list[str] | None = None, own: tuple[type[nn.Module], ...] = ()
+    name: str,
+    m: nn.Module,
+    attrs: list[str] | None = None,
+    own: tuple[type[nn.Module], ...] = (),
+    *,
+    weight_norm: bool = False,
 ) -> None:
     """``ValueError`` if module ``name`` (``m``), which prune slices or scales, computes any of
-    the tensors ``attrs`` (None: any) when it runs (see :func:`computed_tensors`): a
-    parametrization added after ``gate_``, whose stored tensor prune would slice or scale
-    while the layer computes another one (a bare ``KeyError`` from torch, or silently wrong
-    weights, before 2026-12-07 21:00 UTC).
+    the tensors ``attrs`` (None: any) when it runs (see :func:`computed_tensors`, which
+    ``weight_norm`` is passed to): a parametrization added after ``gate_``, whose stored
+    tensor prune would slice or scale while the layer computes another one (a bare
+    ``KeyError`` from torch, or silently wrong weights, before 2026-12-07 21:00 UTC).
 
     >>> refuse_computed("fc", nn.Linear(2, 2))  # stored weights: nothing to refuse
     """
-    found = [a for a in computed_tensors(m, own) if attrs is None or a in attrs]
+    found = [
+        a for a in computed_tensors(m, own, weight_norm=weight_norm) if attrs is None or a in attrs
+    ]
     if not found:
         return
     what = ", ".join(f"'{a}'" for a in found)
@@ -340,6 +403,10 @@ def fold_input_scale(m: nn.Module, scale: Tensor) -> None:
         raise ValueError(
             f"expected an input scale of shape ({m.in_features},), got {tuple(scale.shape)}"
         )
+    if weight_norm_layer(m):  # its weight's columns scaled: v's, g rescaled to match
+        g, v = _weight_norm_parts(m)
+        _set_weight_norm(m, g, v, v.detach() * scale.to(v.dtype).reshape(1, -1))  # (1, C_in)
+        return
     with torch.no_grad():
         m.weight.mul_(scale.to(m.weight.dtype).reshape(1, -1))  # (1, C_in)
 
@@ -380,6 +447,23 @@ def _set(m: nn.Module, name: str, value: Tensor, param: bool) -> None:
         setattr(m, name, value)
 
 
+def _cut_weight(
+    m: nn.Module, cut: Callable[[Tensor], Tensor], keep_out: list[int] | None
+) -> Tensor:
+    """Set ``m``'s weight to ``cut`` of it (rows ``keep_out`` and kept columns) and return the
+    new weight (its direction ``v`` for a :func:`weight_norm_layer`, whose ``g`` is sliced to
+    the kept rows and rescaled so that each kept row of the weight keeps its kept columns'
+    values)."""
+    if not weight_norm_layer(m):
+        w = cut(cast(Tensor, m.weight))
+        _set(m, "weight", w, True)
+        return w
+    g, v = _weight_norm_parts(m)
+    v_new = cut(v)  # (out', in', *k)
+    _set_weight_norm(m, _take(g, 0, keep_out), _take(v, 0, keep_out), v_new)
+    return v_new
+
+
 def slice_module(
     m: nn.Module, kind: str, keep_in: list[int] | None, keep_out: list[int] | None
 ) -> None:
@@ -392,8 +476,7 @@ def slice_module(
     """
     if kind == "linear":
         assert isinstance(m, nn.Linear)
-        w = _take(_take(m.weight, 0, keep_out), 1, keep_in)
-        _set(m, "weight", w, True)
+        w = _cut_weight(m, lambda t: _take(_take(t, 0, keep_out), 1, keep_in), keep_out)
         if m.bias is not None:
             _set(m, "bias", _take(m.bias, 0, keep_out), True)
         m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
@@ -403,15 +486,15 @@ def slice_module(
             mult = m.out_channels // m.in_channels
             if keep_out is not None:
                 keep_in = sorted({o // mult for o in keep_out})
-            w = _take(m.weight, 0, keep_out)
+            w = _cut_weight(m, lambda t: _take(t, 0, keep_out), keep_out)
             m.groups = len(keep_in) if keep_in is not None else m.groups
         elif kind == "gconv":  # the same positions in every group (checked by the plan)
             per_group = m.in_channels // m.groups
             positions = None if keep_in is None else [c for c in keep_in if c < per_group]
-            w = _take(_take(m.weight, 0, keep_out), 1, positions)  # (out, in / groups, *k)
+            # (out, in / groups, *k)
+            w = _cut_weight(m, lambda t: _take(_take(t, 0, keep_out), 1, positions), keep_out)
         else:
-            w = _take(_take(m.weight, 0, keep_out), 1, keep_in)
-        _set(m, "weight", w, True)
+            w = _cut_weight(m, lambda t: _take(_take(t, 0, keep_out), 1, keep_in), keep_out)
         if m.bias is not None:
             _set(m, "bias", _take(m.bias, 0, keep_out), True)
         m.out_channels = int(w.shape[0])
@@ -2223,9 +2306,12 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     # check everything before changing anything: a plan that does not fit leaves the model as is
     claimed: dict[int, str] = {}  # id(module) -> the entry that changes it
 
-    def claim(m: nn.Module, name: str, entry: str, *, inside: bool = False) -> None:
+    def claim(
+        m: nn.Module, name: str, entry: str, *, inside: bool = False, sliced: bool = False
+    ) -> None:
         for sub_name, sub in m.named_modules(prefix=name) if inside else [(name, m)]:
-            refuse_computed(sub_name, sub)  # its stored tensors would be cut
+            # its stored tensors would be cut (slice_module cuts weight_norm's g and v)
+            refuse_computed(sub_name, sub, weight_norm=sliced)
             if id(sub) in claimed:
                 raise ValueError(
                     f"the plan changes module {entry}, which {claimed[id(sub)]} already "
@@ -2278,7 +2364,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             params.append((name, spec))
             continue
         m = submodule(name, "slices")
-        claim(m, name, f"'{name}' (slices)")
+        claim(m, name, f"'{name}' (slices)", sliced=True)
         _check_slice(name, m, spec)
     for name, spec in plan.get("rnn", {}).items():
         m = submodule(name, "prunes")
