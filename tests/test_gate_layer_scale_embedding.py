@@ -439,3 +439,30 @@ class _EmbedScale(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         h = self.s * F.relu(self.fc1(self.emb(ids)))  # (B, T, H)
         return self.fc2(h.mean(1))  # (B, 3)
+
+
+class KeywordFactor(nn.Module):
+    """``torch.mul(h, other=t)`` with ``t`` a per-channel parameter or buffer."""
+
+    def __init__(self, buffer: bool) -> None:
+        super().__init__()
+        self.buffer = buffer
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.s = nn.Parameter(torch.rand(16) + 0.5)
+        self.register_buffer("b", torch.rand(16) + 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        factor = self.b if self.buffer else self.s
+        return self.fc2(torch.mul(F.relu(self.fc1(x)), other=factor))  # (B, 3)
+
+
+def test_a_factor_given_by_keyword_is_sliced_or_kept_whole() -> None:
+    """Before 2026-12-07 22:00 UTC ``other=`` was not read: the channels were gated, the
+    factor not sliced, and the pruned model failed with a size mismatch."""
+    whole = KeywordFactor(buffer=True)
+    summary = gate_(whole, torch.randn(2, 8))
+    assert "multiplies by buffer or constant 'b' per channel" in _ungated(summary)["fc1"]
+    _, pruned, _ = _check(lambda: KeywordFactor(buffer=False), _vec)
+    assert isinstance(pruned, KeywordFactor)
+    assert pruned.s.shape == (pruned.fc1.out_features,)
+    assert pruned.fc1.out_features < 16
