@@ -317,7 +317,7 @@ class MultiQueryConvQuery(MultiQuery):
     ("factory", "name", "reason"),
     [
         (MultiQueryConvQuery, "qc", "one key/value head for every query head (multi-query"),
-        (PerHeadBias, "q", "adds an ungated tensor"),
+        (PerHeadBias, "q", "adds parameter 'bias' per channel: a closed channel would not"),
         (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
         (FourWaySplit, "v", "splits the labelled dimension other than into (heads, head size)"),
         (SingleHead, "q", "(attention) reads heads that are not all labelled alike"),

@@ -75,6 +75,7 @@ __all__ = [
     "Labels",
     "LinearOperands",
     "ParamLinear",
+    "ParamScale",
     "analyse_channels",
     "linear_operands",
     "transposed_source",
@@ -120,6 +121,21 @@ class ParamLinear:
     in_atoms: np.ndarray | None = None  # atoms of the input features (None: unlabelled)
     out_atoms: np.ndarray | None = None  # the output units' space (None: not a producer)
     bias_node: str | None = None  # the add (or subtraction) of a bias added after the product
+
+
+@dataclass
+class ParamScale:
+    """A parameter of the model multiplying gated channels, one entry per channel (layer
+    scale: ``self.gamma * h``, ``h * self.s``, ``torch.mul(h, self.gamma)``, ``h.mul(self.g)``,
+    or dividing them, ``h / self.s``), read only there: zero-preserving and commuting with a
+    per-channel gate, so the product carries the channels' labels and the parameter is
+    sliced with the kept channels along ``dim`` (its only dimension of size > 1)."""
+
+    node: str  # the product's graph node
+    path: str  # the parameter's qualified name
+    dim: int  # the parameter's dimension holding the channels
+    n: int  # the number of channels
+    atoms: np.ndarray  # the channels' atoms
 
 
 def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
@@ -217,6 +233,7 @@ class ChannelAnalysis:
     head_groups: set[int] = field(default_factory=set)  # groups of attention heads
     param_linears: list[ParamLinear] = field(default_factory=list)
     param_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why left whole
+    param_scales: list[ParamScale] = field(default_factory=list)  # layer scales, sliced
     # Linear -> the input features it gates (query heads of multi-query attention)
     input_sites: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -256,6 +273,7 @@ _POOLS: tuple[type[nn.Module], ...] = tuple(_POOL_MODULES)
 _BN = BATCH_NORMS
 _IN = INSTANCE_NORMS
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _CONVT = TRANSPOSED_CONVS
 _ANY_CONV = (*_CONV, *_CONVT)
 # a convolution or transposed convolution, 1-d, 2-d or 3-d
@@ -442,7 +460,8 @@ def _returns_indices(op: object) -> bool:
 def module_kind(m: nn.Module) -> str | None:
     """How a module's channels are sliced: linear, conv, dw (depthwise conv), gconv (grouped
     conv, ``1 < groups < in_channels``), convt, dwt, gconvt (the same for transposed convs),
-    bn, in (affine InstanceNorm), gn (affine GroupNorm), or None.
+    bn, in (affine InstanceNorm), gn (affine GroupNorm), embedding (``nn.Embedding`` and
+    ``nn.EmbeddingBag``: the columns of its weight are its output channels), or None.
 
     >>> module_kind(nn.Conv1d(8, 8, 3, groups=2)), module_kind(nn.Conv1d(8, 16, 3, groups=8))
     ('gconv', 'dw')
@@ -451,11 +470,15 @@ def module_kind(m: nn.Module) -> str | None:
     ('gconvt', 'dwt')
     >>> module_kind(nn.GroupNorm(2, 8)), module_kind(nn.InstanceNorm1d(8, affine=True))
     ('gn', 'in')
+    >>> module_kind(nn.Embedding(10, 4)), module_kind(nn.EmbeddingBag(10, 4))
+    ('embedding', 'embedding')
     """
     if computed_weight(m) and not weight_norm_layer(m):  # weight_norm's g and v: sliced
         return None
     if isinstance(m, nn.Linear):
         return "linear"
+    if isinstance(m, _EMBEDDINGS):
+        return "embedding"
     if isinstance(m, _ANY_CONV):
         t = "t" if isinstance(m, _CONVT) else ""
         if m.groups == 1:
@@ -731,6 +754,7 @@ class _Propagator:
         # linear maps written with the model's own parameters (F.linear(h, self.W), h @ self.W)
         self.param_linears: dict[fx.Node, ParamLinear] = {}
         self.param_whole: dict[str, str] = {}  # parameter -> why its product is left whole
+        self.param_scales: list[ParamScale] = []  # per-channel parameter factors (layer scale)
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -1239,6 +1263,8 @@ class _Propagator:
         if isinstance(m, nn.LSTM | nn.GRU | nn.RNN) and consumer_ok(m, in_shape):
             self.recurrent(n, m, name, lab)
             return None  # the call returns a tuple: getitem 0 (the output) carries labels
+        if kind == "embedding" and out_shape:
+            return self.embedding(n, name, cast(nn.Embedding | nn.EmbeddingBag, m), out_shape)
         if kind in ("linear", "conv", "gconv", "convt", "gconvt") and out_shape is not None:
             in_shape = self.shape(x)
             cdim = len(out_shape) - 1 if kind == "linear" else 1
@@ -1341,14 +1367,35 @@ class _Propagator:
             if computed_weight(m):
                 why = _computed_why(name, m)
             self.pin_inputs(n, why)
-        layer = isinstance(m, (nn.Linear, *_ANY_CONV))
+        layer = isinstance(m, (nn.Linear, *_ANY_CONV, *_EMBEDDINGS))
         if layer and computed_weight(m) and out_shape is not None and len(out_shape) >= 2:
             # its own output channels: named in the summary as left ungated (not sliced)
-            cdim = len(out_shape) - 1 if isinstance(m, nn.Linear) else 1
+            cdim = len(out_shape) - 1 if isinstance(m, (nn.Linear, *_EMBEDDINGS)) else 1
             out = Labels(cdim, self.new_space(name, out_shape[cdim]))
             self.pin(out, _computed_why(name, m, output=True))
             return out
         return None
+
+    def embedding(
+        self, n: fx.Node, name: str, m: nn.Embedding | nn.EmbeddingBag, out_shape: tuple[int, ...]
+    ) -> Labels:
+        """The output of ``nn.Embedding`` / ``nn.EmbeddingBag`` ``name``: a space of its own
+        (like a Linear's output units), the columns of its weight, last dimension. A lookup
+        (and a bag's sum, mean or max over its rows) maps a zero column to zero and commutes
+        with a gate ``>= 0``, folded into the columns. ``max_norm`` renormalises the rows it
+        looks up: its columns are kept whole (a folded gate would change the norms)."""
+        self.pin_inputs(n, f"{name} ({type(m).__name__}) reads them as indices or weights")
+        if name not in self.module_space:
+            self.module_space[name] = self.new_space(name, out_shape[-1])
+        out = Labels(len(out_shape) - 1, self.module_space[name])
+        if m.max_norm is not None:
+            self.pin(
+                out,
+                f"{name} ({type(m).__name__} with max_norm={m.max_norm}) renormalises the "
+                "rows it looks up when it runs: a gate folded into its columns would change "
+                "their norms",
+            )
+        return out
 
     def group_norm(self, name: str, m: nn.GroupNorm, lab: Labels) -> Labels:
         """GroupNorm ``name`` normalises each of its ``num_groups`` runs of ``C / num_groups``
@@ -1911,6 +1958,9 @@ class _Propagator:
         out = self.shape(n)
         assert out is not None
         ops = [*n.args[:2]]
+        for key in ("input", "other")[len(ops) :]:  # torch.mul(h, other=g), h.mul(other=g)
+            if key in n.kwargs:
+                ops.append(n.kwargs[key])
         excited = self.excited_product(n, out) if kind == "mul" else None
         if excited is not None:
             return excited
@@ -1931,23 +1981,100 @@ class _Propagator:
         if kind == "div" and self.lab(ops[0]) is None:
             self.pin_inputs(n, f"{self.describe(n)} divides by labelled channels")
             return None
-        for a in ops:
+        scales: list[ParamScale] = []
+        for i, a in enumerate(ops):
             if self.lab(a) is not None:
                 continue
             s = self.shape(a)
+            pos = d - (len(out) - len(s)) if s is not None else -1
+            per_channel = s is not None and 0 <= pos < len(s) and s[pos] != 1
             if kind == "add":  # adding anything ungated breaks zero-preservation
-                self.pin_inputs(n, f"{self.describe(n)} adds an ungated tensor or constant")
+                self.pin_inputs(n, self.added_why(n, a, per_channel))
                 return None
-            if s is not None:
-                pos = d - (len(out) - len(s))
-                if 0 <= pos < len(s) and s[pos] != 1:
-                    self.pin_inputs(n, f"{self.describe(n)} multiplies by ungated channels")
+            if per_channel:
+                assert s is not None
+                scale = self.param_scale(n, a, i, s, pos, first.atoms, kind)
+                if isinstance(scale, str):
+                    self.pin_inputs(n, scale)
                     return None
+                scales.append(scale)
+        self.param_scales.extend(scales)
         if kind == "mul" and len(labelled) > 1:
             self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
         for lab, _ in labelled[1:]:
             self.union(first.atoms, lab.atoms)
         return Labels(d, first.atoms)
+
+    def factor_param(self, a: Any) -> tuple[str, bool] | None:
+        """``(path, is a parameter)`` of an operand read straight from the model
+        (``self.gamma``: a parameter; else a buffer or constant), or ``(path, True)`` of the
+        first parameter an operand computed from parameters reads (``self.gamma.view(...)``);
+        None for an operand computed from the input."""
+        if not isinstance(a, fx.Node):
+            return None
+        if a.op == "get_attr":
+            return str(a.target), self.parameter(str(a.target)) is not None
+        reads = _param_reads(a)
+        for r in reads or []:
+            if r.op == "get_attr" and self.parameter(str(r.target)) is not None:
+                return str(r.target), True
+        return None
+
+    def added_why(self, n: fx.Node, a: Any, per_channel: bool) -> str:
+        """Why an add (subtraction) of unlabelled ``a`` to labelled channels keeps them
+        whole: a closed channel would not be zero; the parameter named if ``a`` is one."""
+        found = self.factor_param(a)
+        if found is None or not found[1]:
+            return f"{self.describe(n)} adds an ungated tensor or constant"
+        verb = "subtracts" if n.target in (operator.sub, torch.sub, "sub") else "adds"
+        each = " per channel" if per_channel else ""
+        return (
+            f"{self.describe(n)} {verb} parameter '{found[0]}'{each}: a closed channel would "
+            "not be zero"
+        )
+
+    def param_scale(
+        self,
+        n: fx.Node,
+        a: Any,
+        index: int,
+        shape: tuple[int, ...],
+        pos: int,
+        atoms: np.ndarray,
+        kind: str,
+    ) -> ParamScale | str:
+        """Product (``kind`` ``"mul"``, or ``"div"``) ``n`` of labelled channels ``atoms`` by
+        its operand ``index``, ``a`` (of ``shape``, size > 1 at the channels' position
+        ``pos``): a :class:`ParamScale` when ``a`` is a per-channel parameter read only
+        here, else the reason the channels are kept whole."""
+        found = self.factor_param(a)
+        if found is None:
+            return f"{self.describe(n)} multiplies by ungated channels"
+        path, is_param = found
+        assert isinstance(a, fx.Node)
+        verb = "divides by" if kind == "div" else "multiplies by"
+        head = f"{self.describe(n)} {verb} {'parameter' if is_param else 'buffer or constant'}"
+        head += f" '{path}' per channel"
+        if not is_param:
+            return f"{head}, which gate_ does not slice (only a parameter is)"
+        if a.op != "get_attr":
+            return (
+                f"{head}, computed from it when the model runs (node '{a.name}'), not read as "
+                "it is (write the product with the parameter itself, shaped to broadcast)"
+            )
+        whole = self.rec.whole.get(n)
+        if whole is not None:
+            return f"{head}, inside module '{whole}', which a cost handler counts whole"
+        others = [i for i, v in enumerate(shape) if i != pos and v != 1]
+        if others:
+            return (
+                f"{head} of shape {tuple(shape)}, not one entry per channel (sliced: size 1 "
+                "on every dimension but the channels')"
+            )
+        if list(a.users) != [n] or sum(1 for v in _flat_nodes((n.args, n.kwargs)) if v is a) != 1:
+            users = ", ".join(f"'{u.name}'" for u in a.users if u is not n)
+            return f"{head}, also read by node(s) {users or repr(n.name)} (a shared tensor)"
+        return ParamScale(n.name, path, pos, int(shape[pos]), atoms)
 
     def attention_nonzero(self, n: fx.Node) -> bool:
         """Attention scores of labelled heads (see :meth:`head_split`): a softmax over another
@@ -2859,5 +2986,6 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         head_groups={int(atom_group[a]) for a in p.head_atoms},
         param_linears=list(p.param_linears.values()),
         param_whole=p.param_whole,
+        param_scales=p.param_scales,
         input_sites=p.input_sites,
     )

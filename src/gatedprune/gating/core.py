@@ -46,7 +46,7 @@ from ..hooks import (
 )
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
-from .channels import ChannelAnalysis, ParamLinear, analyse_channels
+from .channels import ChannelAnalysis, ParamLinear, ParamScale, analyse_channels
 from .graph import (
     TracedModel,
     costs_scale_with_batch,
@@ -1795,10 +1795,14 @@ _PARAM_OWNERS = (nn.Linear, nn.ParameterList, nn.ParameterDict)
 
 
 def _param_conflicts(
-    model: nn.Module, gm: fx.GraphModule, linears: list[ParamLinear]
+    model: nn.Module,
+    gm: fx.GraphModule,
+    linears: list[ParamLinear],
+    scales: Sequence[ParamScale] = (),
 ) -> dict[str, str]:
-    """Why the weight or bias of each linear map in ``linears`` cannot be sliced in place, by
-    its weight's name (absent: it can): the tensor is also held under another name (tied),
+    """Why the weight or bias of each linear map in ``linears`` (or the parameter of each
+    per-channel factor in ``scales``) cannot be sliced in place, by its weight's (the
+    parameter's) name (absent: it can): the tensor is also held under another name (tied),
     held by a module the model calls, or held by a torch layer other than ``nn.Linear`` (whose
     settings would no longer fit).
 
@@ -1806,7 +1810,11 @@ def _param_conflicts(
     >>> _param_conflicts(net, fx.symbolic_trace(net), [ParamLinear("lin", "0.weight", 1, 2, 3)])
     {'0.weight': "parameter '0.weight' is also used by module '0'"}
     """
-    if not linears:
+    items: list[tuple[str, tuple[str | None, ...]]] = [
+        *((pl.weight, (pl.weight, pl.bias)) for pl in linears),
+        *((ps.path, (ps.path,)) for ps in scales),
+    ]
+    if not items:
         return {}
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -1817,9 +1825,9 @@ def _param_conflicts(
             for p in model.get_submodule(str(n.target)).parameters():
                 called.setdefault(id(p), str(n.target))
     found: dict[str, str] = {}
-    for pl in linears:
-        for path in (pl.weight, pl.bias):
-            if path is None or pl.weight in found:
+    for key, paths in items:
+        for path in paths:
+            if path is None or key in found:
                 continue
             p = model.get_parameter(path)
             others = [name for name in names.get(id(p), []) if name != path]
@@ -1830,11 +1838,11 @@ def _param_conflicts(
             bare = type(owner) is nn.Module or is_code(owner)
             torch_layer = type(owner).__module__.split(".")[0] == "torch" and not bare
             if others:
-                found[pl.weight] = f"parameter '{path}' is also '{others[0]}' (a shared tensor)"
+                found[key] = f"parameter '{path}' is also '{others[0]}' (a shared tensor)"
             elif id(p) in called:
-                found[pl.weight] = f"parameter '{path}' is also used by module '{called[id(p)]}'"
+                found[key] = f"parameter '{path}' is also used by module '{called[id(p)]}'"
             elif torch_layer and not isinstance(owner, _PARAM_OWNERS):
-                found[pl.weight] = (
+                found[key] = (
                     f"parameter '{path}' belongs to {type(owner).__name__} '{owner_path}' (only "
                     "parameters of your own modules, nn.Linear, nn.ParameterList and "
                     "nn.ParameterDict are sliced)"
@@ -1979,6 +1987,15 @@ def gate_(
                 for gi in np.unique(ca.atom_group[atoms]).tolist():
                     if ca.groups[gi].pinned is None:
                         ca.groups[gi].pinned = f"{why} (node '{pl.node}' is left whole)"
+    scale_conflicts = _param_conflicts(model, gm, [], ca.param_scales)
+    for ps in ca.param_scales:  # a per-channel factor sliced in place: read only there
+        why = scale_conflicts.get(ps.path)
+        if why is None:
+            continue
+        param_whole.setdefault(ps.path, f"{why}, at node '{ps.node}'")
+        for gi in np.unique(ca.atom_group[ps.atoms]).tolist():
+            if ca.groups[gi].pinned is None:
+                ca.groups[gi].pinned = f"{why} (node '{ps.node}' multiplies them by it)"
     _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque), bindings, hooked)
     summary = GatingSummary(opaque=dict(traced.opaque))
     summary.ungated_params.extend(param_whole.items())
@@ -2188,7 +2205,7 @@ def gate_(
         atoms = ca.module_atoms[name]
         segs = _segments(atoms, group_map, ca.atom_group, ca.atom_gidx)
         if segs:
-            dim = -1 if ca.kinds[name] == "linear" else 1
+            dim = -1 if ca.kinds[name] in ("linear", "embedding") else 1
             sites[name] = SiteInfo(dim, len(atoms), segs)
     param_sites: dict[str, ParamSite] = {}
     block_params = {b.site for b in kept_blocks if b.param}
@@ -2241,6 +2258,10 @@ def gate_(
             slices[pl.weight] = SliceInfo(kind, ig, ii, og, oi)
         if pl.bias is not None and og is not None:
             slices[pl.bias] = SliceInfo("vector", None, None, og, oi)
+    for ps in ca.param_scales:  # per-channel factors (layer scale): sliced with the channels
+        og, oi = split(ps.atoms)
+        if og is not None:
+            slices[ps.path] = SliceInfo("scale", None, None, og, oi)
     size_rewrites: list[SizeInfo] = []
     for node_name, entries in ca.sizes.items():
         for key, atoms, factor in entries:

@@ -206,8 +206,8 @@ class SliceInfo:
     """How a Linear/Conv/BatchNorm (or a parameter of a linear map written with it: matrix,
     matrix_t, vector) is sliced: per input/output channel, (gated group, index)."""
 
-    # channels.module_kind (linear | conv | dw | gconv | convt | dwt | gconvt | bn), or a
-    # parameter's matrix | matrix_t | vector
+    # channels.module_kind (linear | conv | dw | gconv | convt | dwt | gconvt | bn |
+    # embedding), or a parameter's matrix | matrix_t | vector | scale (a per-channel factor)
     kind: str
     in_group: np.ndarray | None  # (in,) gated group index or -1
     in_gidx: np.ndarray | None
@@ -366,6 +366,9 @@ def build_cost_terms(
         param_terms[pl.weight] = (mi * mo, fi, fo)
         if pl.bias is not None:
             param_terms[pl.bias] = (mo, fo, -1)
+    for ps in ca.param_scales:  # a per-channel factor (layer scale): one entry per channel
+        fo, mo = fac.get(ps.atoms, ps.n)
+        param_terms[ps.path] = (mo, fo, -1)
     tied_rows: dict[int, list[str]] = {}  # p_rows index -> every node reading the parameter
     counted: set[int] = set()
 
@@ -517,7 +520,11 @@ def build_cost_terms(
         lab = ca.labels.get(n) or ca.nonzero.get(n)  # an nn.Sigmoid excitation: its channels
         f_rows.append(_scaled_row(float(f0), lab, fac, n.name))
         if new_module:
-            if kind in ("bn", "in", "gn"):  # per channel: a weight and (unless None) a bias
+            if kind == "embedding":  # its weight (num_embeddings, embedding_dim): by column
+                assert isinstance(m, nn.Embedding | nn.EmbeddingBag)
+                fo, mo = fac.get(ca.module_atoms.get(name), m.embedding_dim)
+                p_rows.append((float(m.num_embeddings) * mo, fo, -1, n.name, name))
+            elif kind in ("bn", "in", "gn"):  # per channel: a weight and (unless None) a bias
                 width = int(m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features)  # type: ignore[arg-type]
                 per = float(sum(p.numel() for p in m.parameters()) // width)
                 fo, mo = fac.get(ca.module_atoms.get(name), width)

@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import itertools
 import operator
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, cast
 
 import torch
@@ -62,6 +62,7 @@ __all__ = [
     "fold_input_scale",
     "fold_param_scale",
     "fold_scale",
+    "scale_dim",
     "slice_module",
     "slice_param",
 ]
@@ -203,6 +204,8 @@ def fold_scale(m: nn.Module, scale: Tensor) -> None:
                 m.weight.mul_(s)
             if m.bias is not None:
                 m.bias.mul_(scale.to(m.bias.dtype).reshape(-1))  # (C_out,) or (1,)
+        elif isinstance(m, nn.Embedding | nn.EmbeddingBag):  # weight (V, D): its columns
+            m.weight.mul_(scale.to(m.weight.dtype).reshape(1, -1))  # (1, D) or (1, 1)
         elif isinstance(m, nn.MultiheadAttention):  # a scalar (block gate) on its output
             m.out_proj.weight.mul_(scale.to(m.out_proj.weight.dtype))
             if m.out_proj.bias is not None:
@@ -355,7 +358,19 @@ def fold_param_scale(model: nn.Module, path: str, dim: int, scale: Tensor) -> No
         p.mul_(scale.to(p.dtype).reshape(shape))  # (n, 1) / (1, n) / (n,)
 
 
-_PARAM_KINDS = ("matrix", "matrix_t", "vector")
+_PARAM_KINDS = ("matrix", "matrix_t", "vector", "scale")
+
+
+def scale_dim(shape: Sequence[int]) -> int | None:
+    """The dimension holding the channels of a per-channel factor of ``shape`` (a layer scale
+    ``(C,)``, ``(C, 1, 1)``, ``(1, C, 1)``, ...): its only dimension of size > 1; None if it
+    has none or several.
+
+    >>> scale_dim((1, 8, 1)), scale_dim((8,)), scale_dim((2, 8))
+    (1, 0, None)
+    """
+    big = [i for i, v in enumerate(shape) if v != 1]
+    return big[0] if len(big) == 1 else None
 
 
 def slice_param(
@@ -365,7 +380,9 @@ def slice_param(
     parameter ``path`` of ``model``, replaced in place by a new ``nn.Parameter`` of the same
     name: ``kind`` ``"matrix"`` for a weight ``(out, in)`` (as ``F.linear`` reads it),
     ``"matrix_t"`` for ``(in, out)`` (as ``x @ W`` reads it), ``"vector"`` for a bias
-    ``(out,)``. An ``nn.Linear`` holding it gets its new ``in_features`` / ``out_features``.
+    ``(out,)``, ``"scale"`` for a per-channel factor (layer scale, ``(C,)``, ``(C, 1, 1)``,
+    ..., sliced along its one dimension of size > 1: :func:`scale_dim`). An ``nn.Linear``
+    holding it gets its new ``in_features`` / ``out_features``.
 
     >>> net = nn.Module()
     >>> net.w = nn.Parameter(torch.arange(6.0).reshape(2, 3))
@@ -380,6 +397,14 @@ def slice_param(
         w = _take(_take(p, 1, keep_out), 0, keep_in)
     elif kind == "vector":
         w = _take(p, 0, keep_out)
+    elif kind == "scale":
+        dim = scale_dim(p.shape)
+        if dim is None:
+            raise ValueError(
+                f"parameter '{path}' of shape {tuple(p.shape)} is not a per-channel factor "
+                "(expected exactly one dimension of size > 1)"
+            )
+        w = _take(p, dim, keep_out)
     else:
         raise ValueError(f"unknown parameter slice kind {kind!r}: expected one of {_PARAM_KINDS}")
     _set(owner, attr, w, True)
@@ -474,7 +499,11 @@ def slice_module(
     >>> t, tuple(t.weight.shape)
     (ConvTranspose1d(4, 2, kernel_size=(2,), stride=(1,), groups=2), (4, 1, 2))
     """
-    if kind == "linear":
+    if kind == "embedding":  # weight (num_embeddings, embedding_dim): its columns
+        assert isinstance(m, nn.Embedding | nn.EmbeddingBag)
+        _set(m, "weight", _take(m.weight, 1, keep_out), True)
+        m.embedding_dim = int(m.weight.shape[1])
+    elif kind == "linear":
         assert isinstance(m, nn.Linear)
         w = _cut_weight(m, lambda t: _take(_take(t, 0, keep_out), 1, keep_in), keep_out)
         if m.bias is not None:
@@ -529,7 +558,7 @@ def slice_module(
     else:
         raise ValueError(
             f"unknown slice kind {kind!r}: expected linear, conv, dw, gconv, convt, dwt, "
-            "gconvt, bn, in or gn"
+            "gconvt, bn, in, gn or embedding"
         )
 
 
@@ -1299,6 +1328,8 @@ def _sizes(m: nn.Module, kind: str) -> tuple[int | None, int] | None:
         return None, m.num_features
     if kind == "gn" and isinstance(m, nn.GroupNorm):
         return None, m.num_channels
+    if kind == "embedding" and isinstance(m, nn.Embedding | nn.EmbeddingBag):
+        return None, m.embedding_dim
     return None
 
 
@@ -1397,6 +1428,16 @@ def _check_depthwise_transposed(name: str, m: nn.Module, spec: dict[str, Any]) -
 def _check_param_slice(name: str, p: Tensor, spec: dict[str, Any]) -> None:
     """Refuse a parameter slice that does not fit parameter ``name`` (``p``)."""
     kind = str(spec["kind"])
+    if kind == "scale":
+        dim = scale_dim(p.shape)
+        if dim is None:
+            raise ValueError(
+                f"the plan slices parameter '{name}' as 'scale' (a per-channel factor, one "
+                f"dimension of size > 1); it has shape {tuple(p.shape)}"
+            )
+        sizes = {"out": int(p.shape[dim])}
+        _check_side_sizes(f"parameter '{name}'", sizes, spec, ("features", "channels"), "index")
+        return
     dims = 1 if kind == "vector" else 2
     if p.dim() != dims:
         raise ValueError(
@@ -1473,7 +1514,7 @@ def _check_heads(name: str, att: nn.MultiheadAttention, heads: list[int]) -> Non
 
 
 _SLICE_KINDS = (
-    *("linear", "conv", "dw", "gconv", "convt", "dwt", "gconvt", "bn", "in", "gn"),
+    *("linear", "conv", "dw", "gconv", "convt", "dwt", "gconvt", "bn", "in", "gn", "embedding"),
     *_PARAM_KINDS,
 )
 _PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "scopes": list}
@@ -1551,7 +1592,7 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"{_SLICE_KINDS}, got {spec!r}"
             )
         _check_keys(f"slice {name!r}", spec, {"kind", "in", "out", "n_in", "n_out"}, ("in", "out"))
-        vector = spec["kind"] in ("bn", "in", "gn", "vector")
+        vector = spec["kind"] in ("bn", "in", "gn", "vector", "scale", "embedding")
         if vector and (spec.get("in") is not None or spec.get("n_in") is not None):
             raise ValueError(
                 f"malformed plan: slice {name!r} is a {spec['kind']!r} slice, whose channels "
@@ -2076,6 +2117,9 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                 expect(n, "last", kept(spec, "in", m.in_features), m.in_features, what)
                 out = kept(spec, "out", m.out_features)
                 label[n] = _Channels("last", out, m.out_features, src)
+            elif isinstance(m, nn.Embedding | nn.EmbeddingBag):  # its columns
+                out = kept(spec, "out", m.embedding_dim)
+                label[n] = _Channels("last", out, m.embedding_dim, src)
             elif isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 out = kept(spec, "out", m.out_channels)
                 if m.groups == m.in_channels and m.out_channels % m.in_channels == 0:
@@ -2127,6 +2171,18 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
             label[n] = _Channels("last", out, n_out, f"parameter '{path}'")
             if isinstance(b_arg, fx.Node):
                 _check_bias(b_arg, label[n], slices)
+        elif (scaled := _scale_operands(n, slices)) is not None:
+            x_arg, path, spec = scaled  # h * gamma (h / gamma): gamma sliced with h's channels
+            got = label.get(x_arg)
+            want = kept(spec, "out", int(spec.get("n_out") or 0))
+            if got is not None and got is not model_input and got.keep != want:
+                raise ValueError(
+                    f"inconsistent plan: it keeps entries {_short(want)} of per-channel factor "
+                    f"'{path}', which node {n.name} multiplies channels {_short(got.keep)} of "
+                    f"{got.source} by: a factor must keep the channels it multiplies"
+                )
+            if got is not None:
+                label[n] = got
         elif (_is_add(n) or _is_sub(n)) and len(args) == 2:
             for a, c in (args, args[::-1]):  # x @ W + b (- b): b sliced as W's output units
                 if a in label and label[a] is not model_input:
@@ -2181,6 +2237,34 @@ def _linear_param(model: nn.Module, n: fx.Node) -> tuple[str, int, Any, Any] | N
     if w.dim() != 2:
         return None
     return path, (len(src[1]) + int(parts.out_first)) % 2, parts.x, parts.bias
+
+
+_SCALE_FUNCS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
+
+
+def _scale_operands(
+    n: fx.Node, slices: dict[str, dict[str, Any]]
+) -> tuple[fx.Node, str, dict[str, Any]] | None:
+    """``(the other operand, parameter, its slice)`` of a product ``h * gamma`` (``gamma *
+    h``, ``torch.mul``, ``h.mul(gamma)``, ``h / gamma``) whose parameter ``gamma`` the plan
+    slices as a per-channel factor (``"scale"``); None for other nodes."""
+    fn = n.op == "call_function" and n.target in _SCALE_FUNCS
+    if not (fn or (n.op == "call_method" and n.target in ("mul", "mul_", "div"))):
+        return None
+    ops: list[Any] = [*n.args[:2]]
+    for key in ("input", "other")[len(ops) :]:
+        if key in n.kwargs:
+            ops.append(n.kwargs[key])
+    if len(ops) != 2:
+        return None
+    div = n.target in (operator.truediv, torch.div, "div")
+    for a, c in (ops, ops[::-1])[: 1 if div else 2]:  # gamma / h is not a product by gamma
+        if not isinstance(a, fx.Node) or not isinstance(c, fx.Node) or c.op != "get_attr":
+            continue
+        spec = slices.get(str(c.target))
+        if spec is not None and spec["kind"] == "scale":
+            return a, str(c.target), spec
+    return None
 
 
 def _check_bias(b: Any, got: _Channels, slices: dict[str, dict[str, Any]]) -> None:
