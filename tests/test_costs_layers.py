@@ -558,8 +558,8 @@ class _Distance(nn.Module):
 
 def test_gate_model_with_new_layers_after_the_gated_part() -> None:
     """The second convolution's channels feed an affine InstanceNorm (gated after it since
-    2026-12-08, kept open here); the first one's are gated. The expected cost at hard gates
-    equals the pruned model's cost and the formula below for ``k`` kept channels."""
+    2026-12-07 21:38 UTC, kept open here); the first one's are gated. The expected cost at
+    hard gates equals the pruned model's cost and the formula below for ``k`` kept channels."""
     torch.manual_seed(0)
     n, length = 2, 16
     model = nn.Sequential(

@@ -141,8 +141,8 @@ def _reasons(summary: gp.GatingSummary) -> dict[str, list[str]]:
 def test_closed_heads_leave_the_fused_projection(
     kv: int, split: str, repeat: str, sdpa: bool
 ) -> None:
-    # before 2026-12-08: "node 'split' ... returns a non-tensor (a split of the channels, such
-    # as q, k, v of a fused projection)" for kv < heads, every head kept
+    # before 2026-12-07 21:38 UTC: "node 'split' ... returns a non-tensor (a split of the
+    # channels, such as q, k, v of a fused projection)" for kv < heads, every head kept
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 16, generator=gen)

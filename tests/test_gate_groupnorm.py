@@ -1,4 +1,5 @@
-"""gate_ through GroupNorm and InstanceNorm (before 2026-12-08 both left their channels ungated).
+"""gate_ through GroupNorm and InstanceNorm (before 2026-12-07 21:38 UTC both left their
+channels ungated).
 
 InstanceNorm normalises each channel alone: its channels are gated one by one, like
 BatchNorm's, with the gate after the norm (folded into its affine weight and bias). GroupNorm

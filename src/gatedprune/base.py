@@ -90,7 +90,7 @@ def weight_norm_layer(m: nn.Module) -> bool:
     ``parametrizations.weight_norm`` computes, per output channel (``dim=0``, the default),
     with a stored bias and no forward pre-hook of the user's: ``weight = g * v / ||v||``, each
     row's norm over its own inputs, so ``gate_`` gates it and ``prune`` slices and scales
-    ``g`` and ``v`` exactly (kept whole before 2026-12-07 22:00 UTC). Any other
+    ``g`` and ``v`` exactly (kept whole before 2026-12-07 22:10 UTC). Any other
     parametrization, or ``weight_norm`` over another dimension, is not.
 
     >>> wn = nn.utils.parametrizations.weight_norm

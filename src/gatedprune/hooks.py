@@ -99,7 +99,7 @@ def computed_weight_memo(model: nn.Module) -> dict[int, Tensor]:
     each weight that one of torch's weight-computing pre-hooks (the old ``nn.utils.weight_norm``
     / ``spectral_norm``, ``nn.utils.prune``'s masks) left on a module with autograd history:
     torch's deep copy refuses such a tensor (a bare ``RuntimeError`` from ``gatedprune.prune``
-    after any training step before 2026-12-07 22:00 UTC). The model itself is left as it is,
+    after any training step before 2026-12-07 22:10 UTC). The model itself is left as it is,
     and the copy's hook computes the weight again on its next call.
 
     >>> import copy, warnings, torch
