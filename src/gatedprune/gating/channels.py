@@ -795,6 +795,12 @@ class _Propagator:
         for n in self.gm.graph.nodes:  # after the labels of every reader are known
             if n.op in ("call_function", "call_method") and self.shape(n) is None:
                 self.size_read(n)
+        for s, pieces in self.pieces.items():  # only getitem of one piece carries its labels
+            for u in s.users:
+                if u.op != "call_function" or u.target is not operator.getitem:
+                    why = f"{self.describe(u)} reads the pieces of {self.describe(s)} together"
+                    for piece in pieces:
+                        self.pin(piece, why)
         for v, lab in self.nonzero.items():  # any other reader needs zeros at closed channels
             for u in v.users:
                 if (v, u) in self.nonzero_uses or self.other_size(u, lab) or _meta_read(u):
@@ -1136,10 +1142,7 @@ class _Propagator:
                 return None
             if self.split_channels(n):
                 return None
-            why = f"{self.describe(n)} returns a non-tensor"
-            if n.op == "call_method" and n.target in ("chunk", "split", "unbind"):
-                why += " (a split of the channels, such as q, k, v of a fused projection)"
-            self.pin_inputs(n, why)
+            self.pin_inputs(n, f"{self.describe(n)} returns a non-tensor")
             return None
         x = n.args[0] if n.args else None
         if is_fn and target is F.hardtanh:  # hardtanh(x, min_val=-1.0, max_val=1.0)
@@ -1149,6 +1152,10 @@ class _Propagator:
                 why = f"{self.describe(n)} maps 0 to clamp(0, {lo}, {hi}) (not 0)"
                 self.pin_inputs(n, why)
                 return None
+        if is_fn and target in (torch.view_as_complex, torch.view_as_real):
+            return self.complex_view(n, x)
+        if not is_fn and target in ("type_as", "to"):
+            return self.cast(n, x)
         if (is_fn and target in _PASS_FUNCS) or (not is_fn and target in _PASS_METHODS):
             lab = self.lab(x)
             if lab is not None and self.shape(x) != out_shape:
@@ -1493,6 +1500,32 @@ class _Propagator:
             return None
         return lab
 
+    def complex_view(self, n: fx.Node, x: Any) -> Labels | None:
+        """``torch.view_as_complex(t)`` (the last dimension, of 2, read as the real and
+        imaginary parts: dropped) or ``torch.view_as_real(t)`` (a last dimension of 2 added):
+        the other dimensions are kept, so are labels on one of them (Meta's rotary embeddings
+        of q ``(B, T, H, D / 2, 2)``, heads labelled); a closed channel, zero, stays zero."""
+        lab = self.lab(x)
+        ins = self.shape(x)
+        if lab is None or ins is None:
+            return None
+        if n.target is torch.view_as_complex and lab.dim == len(ins) - 1:
+            self.pin(lab, f"{self.describe(n)} pairs the labelled channels into complex numbers")
+            return None
+        return lab
+
+    def cast(self, n: fx.Node, x: Any) -> Labels | None:
+        """``t.type_as(other)`` / ``t.to(...)`` keeping ``t``'s shape: a change of dtype or
+        device, the channels carried (another tensor argument gives only its dtype and
+        device), as ``t.float()``."""
+        lab = self.lab(x)
+        if lab is None:
+            return None
+        if self.shape(x) != self.shape(n):
+            self.pin(lab, f"{self.describe(n)} changes the shape")
+            return None
+        return lab
+
     def reshape(self, n: fx.Node, x: Any) -> Labels | None:
         lab = self.lab(x)
         if lab is None:
@@ -1601,71 +1634,125 @@ class _Propagator:
         return lab is not None and bool(np.isin(lab.atoms, list(self.head_atoms)).any())
 
     def split_channels(self, n: fx.Node) -> bool:
-        """``t.split(size, dim)`` / ``t.chunk(n, dim)`` / ``torch.split`` of labelled channels into
-        equal pieces (q, k, v of a fused projection): piece ``i``'s channel ``j`` and piece 0's
-        are pruned together (the pieces stay equal), each ``getitem`` carries its piece, and a
-        split size is rewritten to the kept piece width. False if ``n`` is not one."""
-        is_split = (n.op == "call_method" and n.target in ("split", "chunk")) or (
-            n.op == "call_function" and n.target in (torch.split, torch.chunk)
+        """``t.split(size, dim)`` / ``t.chunk(n, dim)`` / ``torch.split`` / ``tensor_split`` /
+        ``unbind`` of a labelled tensor. Along a dimension other than the labelled one (the
+        halves of each head's ``head_dim`` that rotary embeddings rotate, ``q, k, v =
+        qkv.unbind(0)``), every piece carries the input's channels (see
+        :meth:`split_elsewhere`). Along the labelled dimension, into equal pieces (q, k, v of a
+        fused projection): piece ``i``'s channel ``j`` and piece 0's are pruned together (the
+        pieces stay equal), each ``getitem`` carries its piece, and a split size is rewritten
+        to the kept piece width; into literal sections or at literal indices, see
+        :meth:`split_sections`. A split of the labelled dimension gate_ cannot follow keeps the
+        channels whole, with the reason. False if ``n`` is not a split of labelled channels."""
+        meth, fn = n.op == "call_method", n.op == "call_function"
+        unbind = (meth and n.target == "unbind") or (fn and n.target is torch.unbind)
+        tsplit = (meth and n.target == "tensor_split") or (fn and n.target is torch.tensor_split)
+        is_split = (meth and n.target in ("split", "chunk")) or (
+            fn and n.target in (torch.split, torch.chunk)
         )
         x = n.args[0] if n.args else None
         lab, ins = self.lab(x), self.shape(x)
-        if lab is None or ins is None:
+        if not (unbind or tsplit or is_split) or lab is None or ins is None:
             return False
-        if (n.op == "call_method" and n.target == "unbind") or (
-            n.op == "call_function" and n.target is torch.unbind
-        ):  # q, k, v = qkv.unbind(0) along another dimension: each keeps the labels
-            dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            if not isinstance(dim, int) or dim % len(ins) == lab.dim:
-                return False
-            dim %= len(ins)
-            piece = Labels(lab.dim - (1 if dim < lab.dim else 0), lab.atoms)
-            self.pieces[n] = [piece] * ins[dim]
+        at = 1 if unbind else 2  # the position of ``dim`` (after the size for the others)
+        dim: Any = n.args[at] if len(n.args) > at else n.kwargs.get("dim", 0)
+        if not _literal_int(dim):
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits along dimension {dim!r}, not an int written in the "
+                "code: the channels are kept whole",
+            )
             return True
-        if (n.op == "call_method" and n.target == "tensor_split") or (
-            n.op == "call_function" and n.target is torch.tensor_split
-        ):
+        dim %= len(ins)
+        if dim != lab.dim:
+            return self.split_elsewhere(n, lab, dim, unbind)
+        if unbind:
+            self.pin(
+                lab,
+                f"{self.describe(n)} unbinds the labelled dimension (one tensor per channel): "
+                "the channels are kept whole",
+            )
+            return True
+        if tsplit:
             return self.tensor_split(n, lab, ins)
-        if not is_split:
-            return False
         chunk = n.target in ("chunk", torch.chunk)
         key = "chunks" if chunk else "split_size"
         arg: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get(key)
-        if n.op == "call_function" and not chunk and arg is None:
+        if fn and not chunk and arg is None:
             arg = n.kwargs.get("split_size_or_sections")
-        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
         if not chunk and isinstance(arg, list | tuple) and arg and len(set(arg)) == 1:
             arg = arg[0]  # equal sections, split([c, c, c]): as split(c)
-        if not isinstance(dim, int) or dim % len(ins) != lab.dim:
-            return False
         if not chunk and isinstance(arg, list | tuple):  # split((d, kv * hd, kv * hd))
             return self.split_sections(n, lab, ins, arg, "section")
+        width = ins[lab.dim]
+        unequal = (
+            f"{self.describe(n)} splits the labelled dimension ({width} channels) by {arg!r} "
+            "into pieces that are not all of one size: the channels are kept whole"
+        )
         if not chunk and isinstance(arg, fx.Node):  # split(c), c = x.size(-1) computed
             computed = self.split_size_of(n, dim)
             if computed is None:
-                return False
+                self.pin(
+                    lab,
+                    f"{self.describe(n)} splits the labelled dimension by a size computed by "
+                    "the forward whose pieces are not read: the channels are kept whole",
+                )
+                return True
             if self.derived_size(arg, lab):  # from the split tensor's width: stays right
-                width = ins[lab.dim]
                 if width % computed:
-                    return False
+                    self.pin(lab, unequal)
+                    return True
                 blocks = lab.atoms.reshape(width // computed, computed)  # (pieces, size)
                 for i in range(1, len(blocks)):
                     self.union(blocks[0], blocks[i])
                 self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
                 return True
             arg = computed  # another tensor's size: the pruned code gets the kept width
-        if not isinstance(arg, int) or isinstance(arg, bool):
-            return False
-        width = ins[lab.dim]
+        if not _literal_int(arg):
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits the labelled dimension by {arg!r}, not an int "
+                "written in the code: the channels are kept whole",
+            )
+            return True
         size = -(-width // arg) if chunk else arg
         if size <= 0 or width % size != 0:
-            return False
+            self.pin(lab, unequal)
+            return True
         blocks = lab.atoms.reshape(width // size, size)  # (pieces, size)
         for i in range(1, len(blocks)):
             self.union(blocks[0], blocks[i])
         self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
         if not chunk:
             self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
+        return True
+
+    def split_elsewhere(self, n: fx.Node, lab: Labels, dim: int, unbind: bool) -> bool:
+        """A split, chunk, tensor_split or unbind of a labelled tensor along dimension ``dim``,
+        not the labelled one (rotary embeddings' ``x1, x2 = x.chunk(2, dim=-1)`` of q of shape
+        ``(B, H, T, head_dim)``, heads labelled): every piece carries the same channels at the
+        same index (``unbind`` removes ``dim``: one fewer before it). The pieces' sizes are
+        along a dimension ``prune`` leaves alone, so the pruned code splits alike unchanged.
+        The trace ran, so every ``getitem`` of ``n`` is a valid piece; any other reader of the
+        pieces keeps the channels whole (see ``run``). A split of a key/value head repeated
+        for the query heads along the repeated dimension, whose size ``prune`` rewrites to the
+        kept query heads, keeps them whole."""
+        x = n.args[0]
+        copied = self.copies.get(x) if isinstance(x, fx.Node) else None
+        if copied is not None and copied[0] % len(self.shape(x) or ()) == dim:
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits a dimension whose size prune rewrites (a key/value "
+                "head repeated for the query heads): the channels are kept whole",
+            )
+            return True
+        piece = Labels(lab.dim - (1 if unbind and dim < lab.dim else 0), lab.atoms)
+        count = 1
+        for u in n.users:
+            item = u.args[1] if u.op == "call_function" and u.target is operator.getitem else None
+            if _literal_int(item):
+                count = max(count, cast(int, item) + 1, -cast(int, item))
+        self.pieces[n] = [piece] * count
         return True
 
     def tensor_split(self, n: fx.Node, lab: Labels, ins: tuple[int, ...]) -> bool:
