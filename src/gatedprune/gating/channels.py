@@ -901,6 +901,8 @@ class _Propagator:
             n.op == "call_method" and n.target == "transpose"
         ):
             handler = functools.partial(self.permute, how="transpose")
+        elif is_fn and n.target in (torch.view_as_complex, torch.view_as_real):
+            handler = self.complex_view
         elif (is_fn and n.target is torch.permute) or (
             n.op == "call_method" and n.target in ("permute", "t")
         ):
@@ -1105,7 +1107,9 @@ class _Propagator:
                     self.nonzero[n] = pieces[item]
                     return None
                 return pieces[item]
-            self.pin_inputs(n, f"{self.describe(n)} reads a split of the channels as a whole")
+            why = f"{self.describe(n)} reads a split of the channels as a whole"
+            for piece in pieces:
+                self.pin(piece, why)
             return None
         parts = linear_operands(n)
         if parts is not None:
@@ -1518,6 +1522,7 @@ class _Propagator:
         """``t.type_as(other)`` / ``t.to(...)`` keeping ``t``'s shape: a change of dtype or
         device, the channels carried (another tensor argument gives only its dtype and
         device), as ``t.float()``."""
+        self.dtype_reads(n, [a for a in _flat_nodes((n.args[1:], n.kwargs))])
         lab = self.lab(x)
         if lab is None:
             return None
@@ -1525,6 +1530,13 @@ class _Propagator:
             self.pin(lab, f"{self.describe(n)} changes the shape")
             return None
         return lab
+
+    def dtype_reads(self, n: fx.Node, others: list[fx.Node]) -> None:
+        """``others``, tensors cast ``n`` (``t.type_as(other)``, ``t.to(other)``) reads only for
+        their dtype and device: a reading of nonzero labels that needs no zeros."""
+        for a in others:
+            if a in self.nonzero:
+                self.nonzero_uses.add((a, n))
 
     def reshape(self, n: fx.Node, x: Any) -> Labels | None:
         lab = self.lab(x)
@@ -1947,7 +1959,9 @@ class _Propagator:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
         out = self.shape(n)
         assert out is not None
-        assert isinstance(tensors, list | tuple)
+        if not isinstance(tensors, list | tuple):  # torch.cat(x.chunk(2, -1)): see ``run``
+            self.pin_inputs(n, f"{self.describe(n)} joins tensors it does not list one by one")
+            return None
         d = _int(dim) % len(out)
         labs = [self.lab(t) for t in tensors]
         if all(lab is None for lab in labs):
@@ -2041,6 +2055,7 @@ class _Propagator:
             return False
         others = [a for a in _flat_nodes((n.args, n.kwargs)) if a is not x]
         if meth and t in ("type_as", "to"):
+            self.dtype_reads(n, others)
             others = []  # another tensor gives only its dtype and device
         paired = self.nonzero_pair(n, x, lab, others) if nz is not None else None
         if paired is not None:  # RoPE after QK-norm: q * cos + rotate_half(q) * sin
