@@ -1,11 +1,13 @@
 """gate_ on LLaMA-style attention whose rotary position embeddings (RoPE) split each head's
 ``head_dim`` in two: ``x1, x2 = x.chunk(2, dim=-1)``, ``torch.split(x, hd // 2, dim=-1)`` or
 ``x.split(hd // 2, dim=-1)``, then ``torch.cat((-x2, x1), dim=-1)`` (Hugging Face's
-``rotate_half``), or Meta's complex form (``torch.view_as_complex`` of q reshaped to
-``(..., hd / 2, 2)``, times a complex ``freqs_cis`` buffer, ``torch.view_as_real(...)
-.flatten(3).type_as(q)``). The split is along ``head_dim``, not the heads, so each piece
-carries the heads: q, k and v get one gate per head (per key/value head with grouped-query
-attention), and ``prune`` removes closed heads exactly, the split's sizes left as written."""
+``rotate_half``); interleaved pairs (``x1, x2 = x.unflatten(-1, (hd // 2, 2)).unbind(-1)``,
+``torch.stack((-x2, x1), -1).flatten(-2)``); or Meta's complex form (``torch.view_as_complex``
+of q reshaped to ``(..., hd / 2, 2)``, times a complex ``freqs_cis`` buffer,
+``torch.view_as_real(...).flatten(3).type_as(q)``). The split is along ``head_dim``, not the
+heads, so each piece carries the heads: q, k and v get one gate per head (per key/value head
+with grouped-query attention, per query head with multi-query attention), and ``prune``
+removes closed heads exactly, the split's sizes left as written."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import apply_plan, export_plan, gate_
 
-FORMS = ["chunk", "torch_split", "split_method", "complex"]
+FORMS = ["chunk", "torch_split", "split_method", "interleaved", "complex"]
 D_MODEL = 16
 MAX_T = 32
 
@@ -57,6 +59,10 @@ class RopeAttention(nn.Module):
             x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D / 2) each
         elif self.form == "torch_split":
             x1, x2 = torch.split(x, half, dim=-1)  # (B, H, T, D / 2) each
+        elif self.form == "interleaved":  # pairs (x[2i], x[2i + 1]) -> (-x[2i + 1], x[2i])
+            pairs = x.unflatten(-1, (half, 2))  # (B, H, T, D / 2, 2)
+            x1, x2 = pairs.unbind(-1)  # (B, H, T, D / 2) each
+            return torch.stack((-x2, x1), dim=-1).flatten(-2)  # (B, H, T, D)
         else:
             x1, x2 = x.split(half, dim=3)  # (B, H, T, D / 2) each
         return torch.cat((-x2, x1), dim=-1)  # (B, H, T, D)

@@ -1204,6 +1204,8 @@ class _Propagator:
             return self.getitem(n, x)
         if is_fn and target in _CAT_FUNCS:
             return self.cat(n)
+        if is_fn and target is torch.stack:
+            return self.stack(n)
         self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
         return None
 
@@ -1990,6 +1992,34 @@ class _Propagator:
         self.pin_inputs(n, f"{self.describe(n)} concatenates unlike tensors")
         return None
 
+    def stack(self, n: fx.Node) -> Labels | None:
+        """``torch.stack(tensors, dim)`` of tensors carrying the same channels at the same
+        dimension (the pieces of an ``unbind`` or split along another one: interleaved RoPE's
+        ``torch.stack((-x2, x1), -1)``): their channels pruned together, the labels moved past
+        the new dimension when it comes before them. Any other stack of labelled tensors
+        keeps them whole."""
+        tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+        dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        out = self.shape(n)
+        if not isinstance(tensors, list | tuple) or out is None or not _literal_int(dim):
+            self.pin_inputs(n, f"{self.describe(n)} stacks tensors it does not list one by one")
+            return None
+        labs = [self.lab(t) for t in tensors]
+        if all(lab is None for lab in labs):
+            return None
+        first = labs[0]
+        if first is None or not all(
+            lab is not None and lab.dim == first.dim and len(lab.atoms) == len(first.atoms)
+            for lab in labs
+        ):
+            self.pin_inputs(n, f"{self.describe(n)} stacks unlike tensors")
+            return None
+        for lab in labs[1:]:
+            assert lab is not None
+            self.union(first.atoms, lab.atoms)
+        d = _int(dim) % len(out)
+        return Labels(first.dim + (1 if d <= first.dim else 0), first.atoms)
+
     def binary(self, n: fx.Node, kind: str) -> Labels | None:
         out = self.shape(n)
         assert out is not None
@@ -2108,9 +2138,11 @@ class _Propagator:
     def nonzero_cat(self, n: fx.Node) -> bool:
         """``torch.cat`` of nonzero-labelled tensors along another dimension than their labels
         (RoPE's ``rotate_half``: ``cat((-x2, x1), dim=-1)`` of two halves of normalised
-        heads): nonzero-labelled, the pieces' channels pruned together. False if ``n`` is not
-        one (or reads any tensor that is not nonzero-labelled alike)."""
-        if not (n.op == "call_function" and n.target is torch.cat and n.args):
+        heads), or ``torch.stack`` of them (interleaved RoPE's ``stack((-x2, x1), -1)``):
+        nonzero-labelled, the pieces' channels pruned together. False if ``n`` is not one (or
+        reads any tensor that is not nonzero-labelled alike)."""
+        stack = n.op == "call_function" and n.target is torch.stack
+        if not ((n.op == "call_function" and n.target is torch.cat) or stack) or not n.args:
             return False
         parts = n.args[0]
         dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
@@ -2122,13 +2154,14 @@ class _Propagator:
         labs = [self.nonzero[a] for a in nodes]
         out = self.shape(n)
         first = labs[0]
-        if out is None or dim % len(out) == first.dim:
+        if out is None or (not stack and dim % len(out) == first.dim):
             return False
         if any(lab.dim != first.dim or len(lab.atoms) != len(first.atoms) for lab in labs):
             return False
         for lab in labs[1:]:
             self.union(first.atoms, lab.atoms)
-        self.nonzero[n] = Labels(first.dim, first.atoms)
+        moved = 1 if stack and dim % len(out) <= first.dim else 0  # the new dimension before
+        self.nonzero[n] = Labels(first.dim + moved, first.atoms)
         self.nonzero_uses.update((a, n) for a in nodes)
         return True
 
