@@ -837,6 +837,12 @@ class _Propagator:
         for n in self.gm.graph.nodes:  # after the labels of every reader are known
             if n.op in ("call_function", "call_method") and self.shape(n) is None:
                 self.size_read(n)
+        for s, pieces in self.pieces.items():  # only getitem of one piece carries its labels
+            for u in s.users:
+                if u.op != "call_function" or u.target is not operator.getitem:
+                    why = f"{self.describe(u)} reads the pieces of {self.describe(s)} together"
+                    for piece in pieces:
+                        self.pin(piece, why)
         for v, lab in self.nonzero.items():  # any other reader needs zeros at closed channels
             for u in v.users:
                 if (v, u) in self.nonzero_uses or self.other_size(u, lab) or _meta_read(u):
@@ -937,6 +943,8 @@ class _Propagator:
             n.op == "call_method" and n.target == "transpose"
         ):
             handler = functools.partial(self.permute, how="transpose")
+        elif is_fn and n.target in (torch.view_as_complex, torch.view_as_real):
+            handler = self.complex_view
         elif (is_fn and n.target is torch.permute) or (
             n.op == "call_method" and n.target in ("permute", "t")
         ):
@@ -1141,7 +1149,9 @@ class _Propagator:
                     self.nonzero[n] = pieces[item]
                     return None
                 return pieces[item]
-            self.pin_inputs(n, f"{self.describe(n)} reads a split of the channels as a whole")
+            why = f"{self.describe(n)} reads a split of the channels as a whole"
+            for piece in pieces:
+                self.pin(piece, why)
             return None
         parts = linear_operands(n)
         if parts is not None:
@@ -1178,10 +1188,7 @@ class _Propagator:
                 return None
             if self.split_channels(n):
                 return None
-            why = f"{self.describe(n)} returns a non-tensor"
-            if n.op == "call_method" and n.target in ("chunk", "split", "unbind"):
-                why += " (a split of the channels, such as q, k, v of a fused projection)"
-            self.pin_inputs(n, why)
+            self.pin_inputs(n, f"{self.describe(n)} returns a non-tensor")
             return None
         x = n.args[0] if n.args else None
         if is_fn and target is F.hardtanh:  # hardtanh(x, min_val=-1.0, max_val=1.0)
@@ -1191,6 +1198,10 @@ class _Propagator:
                 why = f"{self.describe(n)} maps 0 to clamp(0, {lo}, {hi}) (not 0)"
                 self.pin_inputs(n, why)
                 return None
+        if is_fn and target in (torch.view_as_complex, torch.view_as_real):
+            return self.complex_view(n, x)
+        if not is_fn and target in ("type_as", "to"):
+            return self.cast(n, x)
         if (is_fn and target in _PASS_FUNCS) or (not is_fn and target in _PASS_METHODS):
             lab = self.lab(x)
             if lab is not None and self.shape(x) != out_shape:
@@ -1235,6 +1246,8 @@ class _Propagator:
             return self.getitem(n, x)
         if is_fn and target in _CAT_FUNCS:
             return self.cat(n)
+        if is_fn and target is torch.stack:
+            return self.stack(n)
         self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
         return None
 
@@ -1558,6 +1571,40 @@ class _Propagator:
             return None
         return lab
 
+    def complex_view(self, n: fx.Node, x: Any) -> Labels | None:
+        """``torch.view_as_complex(t)`` (the last dimension, of 2, read as the real and
+        imaginary parts: dropped) or ``torch.view_as_real(t)`` (a last dimension of 2 added):
+        the other dimensions are kept, so are labels on one of them (Meta's rotary embeddings
+        of q ``(B, T, H, D / 2, 2)``, heads labelled); a closed channel, zero, stays zero."""
+        lab = self.lab(x)
+        ins = self.shape(x)
+        if lab is None or ins is None:
+            return None
+        if n.target is torch.view_as_complex and lab.dim == len(ins) - 1:
+            self.pin(lab, f"{self.describe(n)} pairs the labelled channels into complex numbers")
+            return None
+        return lab
+
+    def cast(self, n: fx.Node, x: Any) -> Labels | None:
+        """``t.type_as(other)`` / ``t.to(...)`` keeping ``t``'s shape: a change of dtype or
+        device, the channels carried (another tensor argument gives only its dtype and
+        device), as ``t.float()``."""
+        self.dtype_reads(n, [a for a in _flat_nodes((n.args[1:], n.kwargs))])
+        lab = self.lab(x)
+        if lab is None:
+            return None
+        if self.shape(x) != self.shape(n):
+            self.pin(lab, f"{self.describe(n)} changes the shape")
+            return None
+        return lab
+
+    def dtype_reads(self, n: fx.Node, others: list[fx.Node]) -> None:
+        """``others``, tensors cast ``n`` (``t.type_as(other)``, ``t.to(other)``) reads only for
+        their dtype and device: a reading of nonzero labels that needs no zeros."""
+        for a in others:
+            if a in self.nonzero:
+                self.nonzero_uses.add((a, n))
+
     def reshape(self, n: fx.Node, x: Any) -> Labels | None:
         lab = self.lab(x)
         if lab is None:
@@ -1666,71 +1713,125 @@ class _Propagator:
         return lab is not None and bool(np.isin(lab.atoms, list(self.head_atoms)).any())
 
     def split_channels(self, n: fx.Node) -> bool:
-        """``t.split(size, dim)`` / ``t.chunk(n, dim)`` / ``torch.split`` of labelled channels into
-        equal pieces (q, k, v of a fused projection): piece ``i``'s channel ``j`` and piece 0's
-        are pruned together (the pieces stay equal), each ``getitem`` carries its piece, and a
-        split size is rewritten to the kept piece width. False if ``n`` is not one."""
-        is_split = (n.op == "call_method" and n.target in ("split", "chunk")) or (
-            n.op == "call_function" and n.target in (torch.split, torch.chunk)
+        """``t.split(size, dim)`` / ``t.chunk(n, dim)`` / ``torch.split`` / ``tensor_split`` /
+        ``unbind`` of a labelled tensor. Along a dimension other than the labelled one (the
+        halves of each head's ``head_dim`` that rotary embeddings rotate, ``q, k, v =
+        qkv.unbind(0)``), every piece carries the input's channels (see
+        :meth:`split_elsewhere`). Along the labelled dimension, into equal pieces (q, k, v of a
+        fused projection): piece ``i``'s channel ``j`` and piece 0's are pruned together (the
+        pieces stay equal), each ``getitem`` carries its piece, and a split size is rewritten
+        to the kept piece width; into literal sections or at literal indices, see
+        :meth:`split_sections`. A split of the labelled dimension gate_ cannot follow keeps the
+        channels whole, with the reason. False if ``n`` is not a split of labelled channels."""
+        meth, fn = n.op == "call_method", n.op == "call_function"
+        unbind = (meth and n.target == "unbind") or (fn and n.target is torch.unbind)
+        tsplit = (meth and n.target == "tensor_split") or (fn and n.target is torch.tensor_split)
+        is_split = (meth and n.target in ("split", "chunk")) or (
+            fn and n.target in (torch.split, torch.chunk)
         )
         x = n.args[0] if n.args else None
         lab, ins = self.lab(x), self.shape(x)
-        if lab is None or ins is None:
+        if not (unbind or tsplit or is_split) or lab is None or ins is None:
             return False
-        if (n.op == "call_method" and n.target == "unbind") or (
-            n.op == "call_function" and n.target is torch.unbind
-        ):  # q, k, v = qkv.unbind(0) along another dimension: each keeps the labels
-            dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            if not isinstance(dim, int) or dim % len(ins) == lab.dim:
-                return False
-            dim %= len(ins)
-            piece = Labels(lab.dim - (1 if dim < lab.dim else 0), lab.atoms)
-            self.pieces[n] = [piece] * ins[dim]
+        at = 1 if unbind else 2  # the position of ``dim`` (after the size for the others)
+        dim: Any = n.args[at] if len(n.args) > at else n.kwargs.get("dim", 0)
+        if not _literal_int(dim):
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits along dimension {dim!r}, not an int written in the "
+                "code: the channels are kept whole",
+            )
             return True
-        if (n.op == "call_method" and n.target == "tensor_split") or (
-            n.op == "call_function" and n.target is torch.tensor_split
-        ):
+        dim %= len(ins)
+        if dim != lab.dim:
+            return self.split_elsewhere(n, lab, dim, unbind)
+        if unbind:
+            self.pin(
+                lab,
+                f"{self.describe(n)} unbinds the labelled dimension (one tensor per channel): "
+                "the channels are kept whole",
+            )
+            return True
+        if tsplit:
             return self.tensor_split(n, lab, ins)
-        if not is_split:
-            return False
         chunk = n.target in ("chunk", torch.chunk)
         key = "chunks" if chunk else "split_size"
         arg: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get(key)
-        if n.op == "call_function" and not chunk and arg is None:
+        if fn and not chunk and arg is None:
             arg = n.kwargs.get("split_size_or_sections")
-        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
         if not chunk and isinstance(arg, list | tuple) and arg and len(set(arg)) == 1:
             arg = arg[0]  # equal sections, split([c, c, c]): as split(c)
-        if not isinstance(dim, int) or dim % len(ins) != lab.dim:
-            return False
         if not chunk and isinstance(arg, list | tuple):  # split((d, kv * hd, kv * hd))
             return self.split_sections(n, lab, ins, arg, "section")
+        width = ins[lab.dim]
+        unequal = (
+            f"{self.describe(n)} splits the labelled dimension ({width} channels) by {arg!r} "
+            "into pieces that are not all of one size: the channels are kept whole"
+        )
         if not chunk and isinstance(arg, fx.Node):  # split(c), c = x.size(-1) computed
             computed = self.split_size_of(n, dim)
             if computed is None:
-                return False
+                self.pin(
+                    lab,
+                    f"{self.describe(n)} splits the labelled dimension by a size computed by "
+                    "the forward whose pieces are not read: the channels are kept whole",
+                )
+                return True
             if self.derived_size(arg, lab):  # from the split tensor's width: stays right
-                width = ins[lab.dim]
                 if width % computed:
-                    return False
+                    self.pin(lab, unequal)
+                    return True
                 blocks = lab.atoms.reshape(width // computed, computed)  # (pieces, size)
                 for i in range(1, len(blocks)):
                     self.union(blocks[0], blocks[i])
                 self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
                 return True
             arg = computed  # another tensor's size: the pruned code gets the kept width
-        if not isinstance(arg, int) or isinstance(arg, bool):
-            return False
-        width = ins[lab.dim]
+        if not _literal_int(arg):
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits the labelled dimension by {arg!r}, not an int "
+                "written in the code: the channels are kept whole",
+            )
+            return True
         size = -(-width // arg) if chunk else arg
         if size <= 0 or width % size != 0:
-            return False
+            self.pin(lab, unequal)
+            return True
         blocks = lab.atoms.reshape(width // size, size)  # (pieces, size)
         for i in range(1, len(blocks)):
             self.union(blocks[0], blocks[i])
         self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
         if not chunk:
             self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
+        return True
+
+    def split_elsewhere(self, n: fx.Node, lab: Labels, dim: int, unbind: bool) -> bool:
+        """A split, chunk, tensor_split or unbind of a labelled tensor along dimension ``dim``,
+        not the labelled one (rotary embeddings' ``x1, x2 = x.chunk(2, dim=-1)`` of q of shape
+        ``(B, H, T, head_dim)``, heads labelled): every piece carries the same channels at the
+        same index (``unbind`` removes ``dim``: one fewer before it). The pieces' sizes are
+        along a dimension ``prune`` leaves alone, so the pruned code splits alike unchanged.
+        The trace ran, so every ``getitem`` of ``n`` is a valid piece; any other reader of the
+        pieces keeps the channels whole (see ``run``). A split of a key/value head repeated
+        for the query heads along the repeated dimension, whose size ``prune`` rewrites to the
+        kept query heads, keeps them whole."""
+        x = n.args[0]
+        copied = self.copies.get(x) if isinstance(x, fx.Node) else None
+        if copied is not None and copied[0] % len(self.shape(x) or ()) == dim:
+            self.pin(
+                lab,
+                f"{self.describe(n)} splits a dimension whose size prune rewrites (a key/value "
+                "head repeated for the query heads): the channels are kept whole",
+            )
+            return True
+        piece = Labels(lab.dim - (1 if unbind and dim < lab.dim else 0), lab.atoms)
+        count = 1
+        for u in n.users:
+            item = u.args[1] if u.op == "call_function" and u.target is operator.getitem else None
+            if _literal_int(item):
+                count = max(count, cast(int, item) + 1, -cast(int, item))
+        self.pieces[n] = [piece] * count
         return True
 
     def tensor_split(self, n: fx.Node, lab: Labels, ins: tuple[int, ...]) -> bool:
@@ -1925,7 +2026,9 @@ class _Propagator:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
         out = self.shape(n)
         assert out is not None
-        assert isinstance(tensors, list | tuple)
+        if not isinstance(tensors, list | tuple):  # torch.cat(x.chunk(2, -1)): see ``run``
+            self.pin_inputs(n, f"{self.describe(n)} joins tensors it does not list one by one")
+            return None
         d = _int(dim) % len(out)
         labs = [self.lab(t) for t in tensors]
         if all(lab is None for lab in labs):
@@ -1953,6 +2056,34 @@ class _Propagator:
             return first
         self.pin_inputs(n, f"{self.describe(n)} concatenates unlike tensors")
         return None
+
+    def stack(self, n: fx.Node) -> Labels | None:
+        """``torch.stack(tensors, dim)`` of tensors carrying the same channels at the same
+        dimension (the pieces of an ``unbind`` or split along another one: interleaved RoPE's
+        ``torch.stack((-x2, x1), -1)``): their channels pruned together, the labels moved past
+        the new dimension when it comes before them. Any other stack of labelled tensors
+        keeps them whole."""
+        tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+        dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        out = self.shape(n)
+        if not isinstance(tensors, list | tuple) or out is None or not _literal_int(dim):
+            self.pin_inputs(n, f"{self.describe(n)} stacks tensors it does not list one by one")
+            return None
+        labs = [self.lab(t) for t in tensors]
+        if all(lab is None for lab in labs):
+            return None
+        first = labs[0]
+        if first is None or not all(
+            lab is not None and lab.dim == first.dim and len(lab.atoms) == len(first.atoms)
+            for lab in labs
+        ):
+            self.pin_inputs(n, f"{self.describe(n)} stacks unlike tensors")
+            return None
+        for lab in labs[1:]:
+            assert lab is not None
+            self.union(first.atoms, lab.atoms)
+        d = _int(dim) % len(out)
+        return Labels(first.dim + (1 if d <= first.dim else 0), first.atoms)
 
     def binary(self, n: fx.Node, kind: str) -> Labels | None:
         out = self.shape(n)
@@ -2099,6 +2230,7 @@ class _Propagator:
             return False
         others = [a for a in _flat_nodes((n.args, n.kwargs)) if a is not x]
         if meth and t in ("type_as", "to"):
+            self.dtype_reads(n, others)
             others = []  # another tensor gives only its dtype and device
         paired = self.nonzero_pair(n, x, lab, others) if nz is not None else None
         if paired is not None:  # RoPE after QK-norm: q * cos + rotate_half(q) * sin
@@ -2151,9 +2283,11 @@ class _Propagator:
     def nonzero_cat(self, n: fx.Node) -> bool:
         """``torch.cat`` of nonzero-labelled tensors along another dimension than their labels
         (RoPE's ``rotate_half``: ``cat((-x2, x1), dim=-1)`` of two halves of normalised
-        heads): nonzero-labelled, the pieces' channels pruned together. False if ``n`` is not
-        one (or reads any tensor that is not nonzero-labelled alike)."""
-        if not (n.op == "call_function" and n.target is torch.cat and n.args):
+        heads), or ``torch.stack`` of them (interleaved RoPE's ``stack((-x2, x1), -1)``):
+        nonzero-labelled, the pieces' channels pruned together. False if ``n`` is not one (or
+        reads any tensor that is not nonzero-labelled alike)."""
+        stack = n.op == "call_function" and n.target is torch.stack
+        if not ((n.op == "call_function" and n.target is torch.cat) or stack) or not n.args:
             return False
         parts = n.args[0]
         dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
@@ -2165,13 +2299,14 @@ class _Propagator:
         labs = [self.nonzero[a] for a in nodes]
         out = self.shape(n)
         first = labs[0]
-        if out is None or dim % len(out) == first.dim:
+        if out is None or (not stack and dim % len(out) == first.dim):
             return False
         if any(lab.dim != first.dim or len(lab.atoms) != len(first.atoms) for lab in labs):
             return False
         for lab in labs[1:]:
             self.union(first.atoms, lab.atoms)
-        self.nonzero[n] = Labels(first.dim, first.atoms)
+        moved = 1 if stack and dim % len(out) <= first.dim else 0  # the new dimension before
+        self.nonzero[n] = Labels(first.dim + moved, first.atoms)
         self.nonzero_uses.update((a, n) for a in nodes)
         return True
 
