@@ -2,7 +2,7 @@
 ``h * self.s``, ``torch.mul(h, self.gamma)``, ``h.mul(self.gamma)``, ``h / self.s``) carries
 the channels, its parameter sliced with the kept ones; an added per-channel parameter keeps
 them whole, named. ``nn.Embedding`` / ``nn.EmbeddingBag`` outputs are a gated source (the
-columns of the weight), with a summary line when left whole. Before 2026-12-07 22:00 UTC a
+columns of the weight), with a summary line when left whole. Before 2026-12-07 22:10 UTC a
 layer scale kept its channels whole ("multiplies by ungated channels") and an embedding's
 dimensions were never gated nor named in the summary."""
 
@@ -457,7 +457,7 @@ class KeywordFactor(nn.Module):
 
 
 def test_a_factor_given_by_keyword_is_sliced_or_kept_whole() -> None:
-    """Before 2026-12-07 22:00 UTC ``other=`` was not read: the channels were gated, the
+    """Before 2026-12-07 22:10 UTC ``other=`` was not read: the channels were gated, the
     factor not sliced, and the pruned model failed with a size mismatch."""
     whole = KeywordFactor(buffer=True)
     summary = gate_(whole, torch.randn(2, 8))

@@ -153,7 +153,7 @@ def _set_heads(gate: HardConcreteGate, closed: set[int], gen: torch.Generator) -
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("kv", [4, 2])
 def test_rope_keeps_head_gates_and_prunes_exactly(form: str, kv: int) -> None:
-    # before 2026-12-07 22:00 UTC: "node 'chunk' ... returns a non-tensor (a split of the
+    # before 2026-12-07 22:20 UTC: "node 'chunk' ... returns a non-tensor (a split of the
     # channels, such as q, k, v of a fused projection)" (the split and torch.split forms
     # likewise; the complex form: "view_as_complex ... is an op gate_ does not prune
     # through"), then "heads that are not all labelled alike" for v: every head kept
@@ -294,7 +294,7 @@ class _Splits(nn.Module):
     ],
 )
 def test_splits_not_followed_say_why(how: str, reason: str) -> None:
-    # before 2026-12-07 22:00 UTC: the first two claimed "(a split of the channels, such as
+    # before 2026-12-07 22:20 UTC: the first two claimed "(a split of the channels, such as
     # q, k, v of a fused projection)"; torch.cat of the pieces' tuple raised AssertionError;
     # a slice of the pieces of a split along head_dim pinned nothing
     gen = torch.Generator().manual_seed(4)

@@ -1,6 +1,6 @@
 """Weight normalisation (TCN / WaveNet / vocoder / GAN code) under gate_ and prune.
 
-Before 2026-12-07 22:00 UTC:
+Before 2026-12-07 22:10 UTC:
 
 - a layer with torch's ``parametrizations.weight_norm`` was kept whole ("computes its weight
   when it runs"): a TCN built with it got no gates at all. Now its output channels are gated

@@ -166,7 +166,7 @@ def test_untouched_parametrized_layer_still_prunes() -> None:
 def test_apply_plan_refuses_a_parametrized_module() -> None:
     """apply_plan onto a dense model whose sliced layer is parametrized: a ValueError naming
     it, and the model left as it was (before: torch's KeyError half-way through). Since
-    2026-12-07 22:00 UTC weight_norm over the output channels (dim=0) is sliced (its g and v;
+    2026-12-07 22:10 UTC weight_norm over the output channels (dim=0) is sliced (its g and v;
     tests/test_gate_weight_norm.py): weight_norm over the inputs is refused."""
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     nn.utils.parametrizations.weight_norm(net[0], dim=1)
