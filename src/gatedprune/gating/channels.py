@@ -808,6 +808,8 @@ class _Propagator:
         self.param_linears: dict[fx.Node, ParamLinear] = {}
         self.param_whole: dict[str, str] = {}  # parameter -> why its product is left whole
         self.param_scales: list[ParamScale] = []  # per-channel parameter factors (layer scale)
+        # the nodes shaping them to broadcast (gamma.view(1, -1, 1, 1)) -> the channels' atoms
+        self.scale_chains: dict[fx.Node, np.ndarray] = {}
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -1072,7 +1074,8 @@ class _Propagator:
                 u.op == "call_function" and u.target in _RESHAPE_FUNCS
             )
             src = self.lab(u.args[0]) if is_reshape and u.args else None
-            if src is None or not np.array_equal(np.unique(src.atoms), np.unique(lab.atoms)):
+            atoms = src.atoms if src is not None else self.scale_chains.get(u)  # gamma.view(...)
+            if atoms is None or not np.array_equal(np.unique(atoms), np.unique(lab.atoms)):
                 return u  # not a reshape of the same channels
         return None
 
@@ -2036,7 +2039,7 @@ class _Propagator:
         if kind == "div" and self.lab(ops[0]) is None:
             self.pin_inputs(n, f"{self.describe(n)} divides by labelled channels")
             return None
-        scales: list[tuple[ParamScale, list[tuple[fx.Node, int]]]] = []
+        scales: list[tuple[ParamScale, list[tuple[fx.Node, int]], list[fx.Node]]] = []
         for i, a in enumerate(ops):
             if self.lab(a) is not None:
                 continue
@@ -2053,8 +2056,9 @@ class _Propagator:
                     self.pin_inputs(n, found)
                     return None
                 scales.append(found)
-        for scale, resized in scales:
+        for scale, resized, chain in scales:
             self.param_scales.append(scale)
+            self.scale_chains.update(dict.fromkeys(chain, scale.atoms))
             for v, at in resized:  # gamma.view(1, C, 1, 1): the pruned code gets the kept C
                 self.sizes[v] = [(at, scale.atoms, 1)]
         if kind == "mul" and len(labelled) > 1:
@@ -2100,7 +2104,7 @@ class _Propagator:
         pos: int,
         lab: Labels,
         kind: str,
-    ) -> tuple[ParamScale, list[tuple[fx.Node, int]]] | str:
+    ) -> tuple[ParamScale, list[tuple[fx.Node, int]], list[fx.Node]] | str:
         """Product (``kind`` ``"mul"``, or ``"div"``) ``n`` of labelled channels ``lab`` by
         its operand ``index``, ``a`` (of ``shape``, size > 1 at the channels' position
         ``pos``): a :class:`ParamScale` when ``a`` is a per-channel parameter, or such a
@@ -2176,7 +2180,7 @@ class _Propagator:
             if not isinstance(arg, fx.Node | int) or isinstance(arg, bool):
                 return f"{head}, reshaped by node '{v.name}', which gives the size as {arg!r}"
             sizes.append((v, key))  # a literal (or another tensor's size): the kept width
-        return ParamScale(n.name, path, big[0], int(shape[pos]), lab.atoms), sizes
+        return ParamScale(n.name, path, big[0], int(shape[pos]), lab.atoms), sizes, chain
 
     def attention_nonzero(self, n: fx.Node) -> bool:
         """Attention scores of labelled heads (see :meth:`head_split`): a softmax over another
