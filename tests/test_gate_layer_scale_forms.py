@@ -38,6 +38,8 @@ FORMS: dict[str, Form] = {
     "x * g.view(1, C, 1, 1)": lambda h, g, c: h * g.view(1, c, 1, 1),
     "x / torch.reshape(g, (C, 1, 1))": lambda h, g, c: h / torch.reshape(g, (c, 1, 1)),
     "x.mul_(g[..., None].view(1, C, 1, 1))": lambda h, g, c: h.mul_(g[..., None].view(1, c, 1, 1)),
+    "x * g.view(1, x.size(1), 1, 1)": lambda h, g, c: h * g.view(1, h.size(1), 1, 1),
+    "x * g.reshape(x.shape[1], 1, 1)": lambda h, g, c: h * g.reshape(h.shape[1], 1, 1),
 }
 LITERAL = [name for name in FORMS if ", C" in name or "(C" in name]
 
@@ -117,7 +119,8 @@ class BNStream(nn.Module):
 class SharedChain(nn.Module):
     """``gamma.view(1, -1, 1, 1)`` read by the product and by another node (``shared="view"``),
     or ``gamma`` itself read again (``shared="param"``), or ``gamma`` flipped before it is
-    shaped (``shared="flip"``, an op outside the chain): kept whole."""
+    shaped (``shared="flip"``, an op outside the chain), or split by a view (``"split"``):
+    kept whole."""
 
     def __init__(self, shared: str) -> None:
         super().__init__()
@@ -131,6 +134,9 @@ class SharedChain(nn.Module):
         h = F.relu(self.pw(F.relu(self.stem(x))))  # (B, 8, H, W)
         if self.shared == "flip":
             return self.head(h * self.gamma.flip(0).view(1, -1, 1, 1)).mean((2, 3))  # (B, 3)
+        if self.shared == "split":
+            g = self.gamma.view(2, -1)[None, :, :, None].reshape(1, -1, 1, 1)  # (1, 8, 1, 1)
+            return self.head(h * g).mean((2, 3))  # (B, 3)
         g = self.gamma.view(1, -1, 1, 1)  # (1, 8, 1, 1)
         extra = g.sum() if self.shared == "view" else self.gamma.sum()  # ()
         return self.head(h * g).mean((2, 3)) + extra  # (B, 3)
@@ -280,6 +286,7 @@ def test_a_channels_first_layer_norm_keeps_the_stream_and_gates_the_mlp() -> Non
         ("view", "parameter 'gamma' per channel, through node 'view', also read by node(s) 'sum"),
         ("param", "parameter 'gamma' per channel, also read by node(s) 'sum"),
         ("flip", "parameter 'gamma' per channel, computed from it when the model runs"),
+        ("split", "parameter 'gamma' per channel, reshaped by node 'view' to (2, 4)"),
     ],
 )
 def test_a_chain_read_elsewhere_keeps_the_channels_whole_naming_gamma(
