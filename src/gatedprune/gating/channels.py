@@ -78,6 +78,7 @@ __all__ = [
     "ParamScale",
     "analyse_channels",
     "linear_operands",
+    "scale_chain",
     "transposed_source",
 ]
 
@@ -127,9 +128,11 @@ class ParamLinear:
 class ParamScale:
     """A parameter of the model multiplying gated channels, one entry per channel (layer
     scale: ``self.gamma * h``, ``h * self.s``, ``torch.mul(h, self.gamma)``, ``h.mul(self.g)``,
-    or dividing them, ``h / self.s``), read only there: zero-preserving and commuting with a
-    per-channel gate, so the product carries the channels' labels and the parameter is
-    sliced with the kept channels along ``dim`` (its only dimension of size > 1)."""
+    or dividing them, ``h / self.s``; also shaped to broadcast by a :func:`scale_chain`,
+    ``x.mul_(self.gamma.view(1, -1, 1, 1))``, ``self.gamma[:, None, None] * x``), read only
+    there: zero-preserving and commuting with a per-channel gate, so the product carries the
+    channels' labels and the parameter is sliced with the kept channels along ``dim`` (its
+    only dimension of size > 1)."""
 
     node: str  # the product's graph node
     path: str  # the parameter's qualified name
@@ -685,6 +688,56 @@ def transposed_source(a: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     return (a, chain) if isinstance(a, fx.Node) else None
 
 
+def _broadcast_index(item: Any) -> bool:
+    """Whether getitem index ``item`` only adds dimensions of size 1 (``[:, None, None]``,
+    ``[None, :, None, None]``, ``[..., None]``): ``None``, full slices and ``...``."""
+    items = item if isinstance(item, tuple) else (item,)
+    full = slice(None, None, None)
+    return any(i is None for i in items) and all(
+        i is None or i is Ellipsis or (isinstance(i, slice) and i == full) for i in items
+    )
+
+
+def _scale_step(v: fx.Node) -> Any:
+    """The tensor node ``v`` reshapes or casts without changing its entries' order (a
+    ``view``/``reshape``/``unsqueeze``, an index adding size-1 dimensions, ``.to(...)``,
+    ``.type_as(t)``): its first argument; else None."""
+    meth = v.op == "call_method"
+    fn = v.op == "call_function"
+    src = v.args[0] if v.args else None
+    if not isinstance(src, fx.Node):
+        return None
+    if meth and v.target in ("view", "reshape", "unsqueeze", "to", "type_as"):
+        return src
+    if fn and v.target in (torch.reshape, torch.unsqueeze):
+        return src
+    if fn and v.target is operator.getitem and len(v.args) == 2 and not v.kwargs:
+        return src if _broadcast_index(v.args[1]) else None
+    return None
+
+
+def scale_chain(a: Any) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The node operand ``a`` of a product reads through a chain of ``view``, ``reshape``,
+    ``unsqueeze``, ``None``-indexing, ``.to(...)`` and ``.type_as(t)`` (a layer scale shaped to
+    broadcast: ``self.gamma.view(1, -1, 1, 1)``, ``self.gamma[:, None, None]``), and that
+    chain (from ``a`` down); None if ``a`` is not a node.
+
+    >>> g = fx.Graph()
+    >>> w = g.get_attr("gamma")
+    >>> src, chain = scale_chain(g.call_method("unsqueeze", (g.call_method("view", (w, -1)), -1)))
+    >>> src is w, [v.target for v in chain]
+    (True, ['unsqueeze', 'view'])
+    """
+    chain: list[fx.Node] = []
+    while isinstance(a, fx.Node):
+        src = _scale_step(a)
+        if src is None:
+            break
+        chain.append(a)
+        a = src
+    return (a, chain) if isinstance(a, fx.Node) else None
+
+
 def _param_reads(a: Any) -> list[fx.Node] | None:
     """The ``get_attr`` and module-call nodes value ``a`` is computed from, if it reads no
     input of the model (a weight computed from parameters: ``self.W * 2``, a parametrization
@@ -755,6 +808,8 @@ class _Propagator:
         self.param_linears: dict[fx.Node, ParamLinear] = {}
         self.param_whole: dict[str, str] = {}  # parameter -> why its product is left whole
         self.param_scales: list[ParamScale] = []  # per-channel parameter factors (layer scale)
+        # the nodes shaping them to broadcast (gamma.view(1, -1, 1, 1)) -> the channels' atoms
+        self.scale_chains: dict[fx.Node, np.ndarray] = {}
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -1027,7 +1082,8 @@ class _Propagator:
                 u.op == "call_function" and u.target in _RESHAPE_FUNCS
             )
             src = self.lab(u.args[0]) if is_reshape and u.args else None
-            if src is None or not np.array_equal(np.unique(src.atoms), np.unique(lab.atoms)):
+            atoms = src.atoms if src is not None else self.scale_chains.get(u)  # gamma.view(...)
+            if atoms is None or not np.array_equal(np.unique(atoms), np.unique(lab.atoms)):
                 return u  # not a reshape of the same channels
         return None
 
@@ -2112,7 +2168,7 @@ class _Propagator:
         if kind == "div" and self.lab(ops[0]) is None:
             self.pin_inputs(n, f"{self.describe(n)} divides by labelled channels")
             return None
-        scales: list[ParamScale] = []
+        scales: list[tuple[ParamScale, list[tuple[fx.Node, int]], list[fx.Node]]] = []
         for i, a in enumerate(ops):
             if self.lab(a) is not None:
                 continue
@@ -2124,12 +2180,16 @@ class _Propagator:
                 return None
             if per_channel:
                 assert s is not None
-                scale = self.param_scale(n, a, i, s, pos, first.atoms, kind)
-                if isinstance(scale, str):
-                    self.pin_inputs(n, scale)
+                found = self.param_scale(n, a, i, s, pos, first, kind)
+                if isinstance(found, str):
+                    self.pin_inputs(n, found)
                     return None
-                scales.append(scale)
-        self.param_scales.extend(scales)
+                scales.append(found)
+        for scale, resized, chain in scales:
+            self.param_scales.append(scale)
+            self.scale_chains.update(dict.fromkeys(chain, scale.atoms))
+            for v, at in resized:  # gamma.view(1, C, 1, 1): the pruned code gets the kept C
+                self.sizes[v] = [(at, scale.atoms, 1)]
         if kind == "mul" and len(labelled) > 1:
             self.soft_pin(first, f"{self.describe(n)} multiplies gated channels together")
         for lab, _ in labelled[1:]:
@@ -2171,14 +2231,26 @@ class _Propagator:
         index: int,
         shape: tuple[int, ...],
         pos: int,
-        atoms: np.ndarray,
+        lab: Labels,
         kind: str,
-    ) -> ParamScale | str:
-        """Product (``kind`` ``"mul"``, or ``"div"``) ``n`` of labelled channels ``atoms`` by
+    ) -> tuple[ParamScale, list[tuple[fx.Node, int]], list[fx.Node]] | str:
+        """Product (``kind`` ``"mul"``, or ``"div"``) ``n`` of labelled channels ``lab`` by
         its operand ``index``, ``a`` (of ``shape``, size > 1 at the channels' position
-        ``pos``): a :class:`ParamScale` when ``a`` is a per-channel parameter read only
-        here, else the reason the channels are kept whole."""
-        found = self.factor_param(a)
+        ``pos``): a :class:`ParamScale` when ``a`` is a per-channel parameter, or such a
+        parameter shaped to broadcast by a :func:`scale_chain` (``self.gamma.view(1, -1, 1,
+        1)``, ``self.gamma[:, None, None]``), each read only by the next, with the
+        ``view``/``reshape`` nodes of the chain giving the channels a literal size (and
+        that output dimension, from the end: rewritten to the kept width); else the reason
+        the channels are kept whole."""
+        traced = scale_chain(a)
+        root, chain = traced if traced is not None else (a, [])
+        if isinstance(root, fx.Node) and root.op == "get_attr":
+            found: tuple[str, bool] | None = (
+                str(root.target),
+                self.parameter(str(root.target)) is not None,
+            )
+        else:
+            found = self.factor_param(a)
         if found is None:
             return f"{self.describe(n)} multiplies by ungated channels"
         path, is_param = found
@@ -2188,10 +2260,11 @@ class _Propagator:
         head += f" '{path}' per channel"
         if not is_param:
             return f"{head}, which gate_ does not slice (only a parameter is)"
-        if a.op != "get_attr":
+        if not isinstance(root, fx.Node) or root.op != "get_attr":
             return (
                 f"{head}, computed from it when the model runs (node '{a.name}'), not read as "
-                "it is (write the product with the parameter itself, shaped to broadcast)"
+                "it is (write the product with the parameter itself, or shaped to broadcast "
+                "by view, reshape, unsqueeze, None-indexing, .to or .type_as only)"
             )
         whole = self.rec.whole.get(n)
         if whole is not None:
@@ -2202,10 +2275,41 @@ class _Propagator:
                 f"{head} of shape {tuple(shape)}, not one entry per channel (sliced: size 1 "
                 "on every dimension but the channels')"
             )
-        if list(a.users) != [n] or sum(1 for v in _flat_nodes((n.args, n.kwargs)) if v is a) != 1:
-            users = ", ".join(f"'{u.name}'" for u in a.users if u is not n)
-            return f"{head}, also read by node(s) {users or repr(n.name)} (a shared tensor)"
-        return ParamScale(n.name, path, pos, int(shape[pos]), atoms)
+        p = self.parameter(path)
+        assert p is not None
+        big = [i for i, v in enumerate(p.shape) if v != 1]
+        if len(big) != 1 or int(p.shape[big[0]]) != shape[pos]:
+            return (
+                f"{head}, of shape {tuple(p.shape)}, not one entry per channel (sliced: size 1 "
+                "on every dimension but the channels')"
+            )
+        for v, reader in zip([*chain, root], [n, *chain], strict=True):
+            once = sum(1 for u in _flat_nodes((reader.args, reader.kwargs)) if u is v) == 1
+            if list(v.users) != [reader] or not once:
+                users = ", ".join(f"'{u.name}'" for u in v.users if u is not reader)
+                via = f", through node '{v.name}'" if v is not root else ""
+                return (
+                    f"{head}{via}, also read by node(s) {users or repr(reader.name)} (a shared "
+                    "tensor)"
+                )
+        sizes: list[tuple[fx.Node, int]] = []
+        for v in chain:
+            if not (_has_sizes(v) or (v.op == "call_function" and v.target is torch.reshape)):
+                continue  # unsqueeze, an index, a cast
+            out = self.shape(v)
+            wide = [i for i, s in enumerate(out or ()) if s != 1]
+            if out is None or len(wide) != 1:
+                return f"{head}, reshaped by node '{v.name}' to {out} (not one entry per channel)"
+            key = wide[0] - len(out)
+            has, arg = _size_arg(v, key)
+            if not has:
+                return f"{head}, reshaped by node '{v.name}', which {_WHOLE_SHAPE}"
+            if arg == -1 or self.derived_size(arg, lab):
+                continue
+            if not isinstance(arg, fx.Node | int) or isinstance(arg, bool):
+                return f"{head}, reshaped by node '{v.name}', which gives the size as {arg!r}"
+            sizes.append((v, key))  # a literal (or another tensor's size): the kept width
+        return ParamScale(n.name, path, big[0], int(shape[pos]), lab.atoms), sizes, chain
 
     def attention_nonzero(self, n: fx.Node) -> bool:
         """Attention scores of labelled heads (see :meth:`head_split`): a softmax over another

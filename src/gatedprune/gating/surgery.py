@@ -39,7 +39,7 @@ from ..fingerprint import (
 from ..functional_costs import FunctionalCounter
 from ..hooks import copy_hooks, describe_hooks
 from .blocks import graph_writes, live_nodes
-from .channels import linear_operands, transposed_source
+from .channels import linear_operands, scale_chain, transposed_source
 from .graph import (
     ModuleCall,
     TracedModel,
@@ -2246,8 +2246,10 @@ def _scale_operands(
     n: fx.Node, slices: dict[str, dict[str, Any]]
 ) -> tuple[fx.Node, str, dict[str, Any]] | None:
     """``(the other operand, parameter, its slice)`` of a product ``h * gamma`` (``gamma *
-    h``, ``torch.mul``, ``h.mul(gamma)``, ``h / gamma``) whose parameter ``gamma`` the plan
-    slices as a per-channel factor (``"scale"``); None for other nodes."""
+    h``, ``torch.mul``, ``h.mul(gamma)``, ``h / gamma``; ``gamma`` possibly shaped to
+    broadcast, ``gamma.view(1, -1, 1, 1)``: :func:`~gatedprune.gating.channels.scale_chain`)
+    whose parameter ``gamma`` the plan slices as a per-channel factor (``"scale"``); None for
+    other nodes."""
     fn = n.op == "call_function" and n.target in _SCALE_FUNCS
     if not (fn or (n.op == "call_method" and n.target in ("mul", "mul_", "div"))):
         return None
@@ -2259,9 +2261,10 @@ def _scale_operands(
         return None
     div = n.target in (operator.truediv, torch.div, "div")
     for a, c in (ops, ops[::-1])[: 1 if div else 2]:  # gamma / h is not a product by gamma
-        if not isinstance(a, fx.Node) or not isinstance(c, fx.Node) or c.op != "get_attr":
+        src = scale_chain(c)  # gamma, or gamma.view(1, -1, 1, 1), gamma[:, None, None], ...
+        if not isinstance(a, fx.Node) or src is None or src[0].op != "get_attr":
             continue
-        spec = slices.get(str(c.target))
+        spec = slices.get(str(src[0].target))
         if spec is not None and spec["kind"] == "scale":
             return a, str(c.target), spec
     return None
