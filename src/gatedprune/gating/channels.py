@@ -17,7 +17,9 @@ an unknown op, or the model output. A GroupNorm's run of ``C / num_groups`` chan
 together) is one atom: it is removed whole, with one gate value.
 One exception: an *excitation* ``s = sigmoid(z)`` (or hardsigmoid) read only, through reshapes,
 by a product ``y * s`` with ``y`` labelled on the same channels (squeeze-and-excitation): the
-channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is. Another:
+channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is; so is a
+*factor*, a number added to labelled channels (``1.0 + t``) and tanh, sigmoid, erf, scales and
+positive integer powers of it (gelu_new's ``0.5 * x * (1.0 + tanh(...))``). Another:
 multi-query attention (one key/value head read by every query head), whose closed query head
 outputs the mean of v, not zero: its query heads are gated after it, on the input of the Linear
 reading its output (a forward pre-hook, folded into that Linear's weight columns), and its
