@@ -17,7 +17,9 @@ an unknown op, or the model output. A GroupNorm's run of ``C / num_groups`` chan
 together) is one atom: it is removed whole, with one gate value.
 One exception: an *excitation* ``s = sigmoid(z)`` (or hardsigmoid) read only, through reshapes,
 by a product ``y * s`` with ``y`` labelled on the same channels (squeeze-and-excitation): the
-channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is. Another:
+channels of ``z`` and ``y`` are unified, and the product is zero where ``y`` is; so is a
+*factor*, a number added to labelled channels (``1.0 + t``) and tanh, sigmoid, erf, scales and
+positive integer powers of it (gelu_new's ``0.5 * x * (1.0 + tanh(...))``). Another:
 multi-query attention (one key/value head read by every query head), whose closed query head
 outputs the mean of v, not zero: its query heads are gated after it, on the input of the Linear
 reading its output (a forward pre-hook, folded into that Linear's weight columns), and its
@@ -39,6 +41,7 @@ import builtins
 import contextlib
 import functools
 import itertools
+import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -296,13 +299,46 @@ _PASS_FUNCS: set[Callable[..., Any]] = {
     F.mish,
     F.hardtanh,
     torch.tanh,
+    F.tanh,
+    torch.erf,
+    torch.special.erf,
     F.dropout,
     F.dropout1d,
     F.dropout2d,
     operator.neg,
     torch.neg,
 }
-_PASS_METHODS = {"relu", "relu_", "tanh", "tanh_", "neg", "contiguous", "clone", "float", "detach"}
+_PASS_METHODS = {
+    "relu",
+    "relu_",
+    "tanh",
+    "tanh_",
+    "erf",
+    "neg",
+    "contiguous",
+    "clone",
+    "float",
+    "detach",
+}
+# powers: ``x ** p`` maps 0 to 0 when ``p`` is a literal number > 0 (0 ** 0 = 1, 0 ** -1 = inf)
+_POW_FUNCS: set[Callable[..., Any]] = {torch.pow, operator.pow}
+_POW_METHODS = {"pow"}
+# element-wise functions that are finite wherever their input is: of a nonzero label (a
+# value that is an element-wise function of the same channels, not zero at closed ones), still
+# one, so a product with the channels keeps their zeros (gelu_new's ``1.0 + tanh(...)``)
+_BOUNDED_FUNCS: set[Callable[..., Any]] = {
+    torch.tanh,
+    F.tanh,
+    torch.sigmoid,
+    F.sigmoid,
+    F.hardsigmoid,
+    torch.erf,
+    torch.special.erf,
+}
+_BOUNDED_METHODS = {"tanh", "sigmoid", "erf"}
+# a number added to (subtracted from) labelled channels: nonzero labels (``1.0 + t``)
+_OFFSET_FUNCS: set[Callable[..., Any]] = {operator.add, operator.sub, torch.add, torch.sub}
+_OFFSET_METHODS = {"add", "sub"}
 # pooling functions and the number of trailing dimensions each pools over
 _POOL_FUNCS: dict[Callable[..., Any], int] = {
     F.avg_pool1d: 1,
@@ -387,6 +423,15 @@ _SCALE_METHODS = {"relu", "relu_", "neg", "contiguous", "clone", "float", "detac
 
 # attributes of a tensor that pruning its channels leaves unchanged (t.dtype, t.device, ...)
 _META_ATTRS = {"dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+def _finite_number(v: object) -> bool:
+    """Whether ``v`` is a finite Python int or float (not a bool, not a tensor).
+
+    >>> _finite_number(3.0), _finite_number(True), _finite_number(float("inf"))
+    (True, False, False)
+    """
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _meta_read(u: fx.Node) -> bool:
@@ -962,6 +1007,102 @@ class _Propagator:
         self.nonzero[n] = lab
         return True
 
+    def nonzero_factor(self, n: fx.Node) -> bool:
+        """Record a factor that is an element-wise function of labelled channels, finite but
+        not zero at closed ones, as a nonzero label (see ``nonzero``): a number added to or
+        subtracted from labelled channels (``1.0 + t``, ``t - 1``), and, of such a factor,
+        tanh, sigmoid, hardsigmoid or erf, a number added, subtracted, or a positive integer
+        power (``s ** 2``); a scale or a division by a number is read by
+        :meth:`attention_nonzero`. A product with the same channels keeps their zeros
+        (gelu_new's ``0.5 * x * (1.0 + tanh(...))``, see :meth:`excited_product`). False if
+        ``n`` is not one.
+
+        >>> import torch.nn as nn
+        >>> from gatedprune.gating import gate_
+        >>> class Ffn(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         h = self.fc1(x)  # (B, 8)
+        ...         return self.fc2(h * (1.0 + torch.tanh(h)))  # (B, 2)
+        >>> len(gate_(Ffn(), torch.randn(3, 4)).channel_groups)
+        1
+        """
+        t, fn, meth = n.target, n.op == "call_function", n.op == "call_method"
+        plain = not n.kwargs or n.kwargs == {"inplace": False}
+        if n.op == "call_module":
+            bounded = isinstance(self.gm.get_submodule(str(t)), (nn.Tanh, *_EXCITE_MODULES))
+        else:
+            bounded = (fn and t in _BOUNDED_FUNCS) or (meth and t in _BOUNDED_METHODS)
+        if bounded:  # of a factor: still one (of labelled channels: excitation or pass)
+            x = n.args[0] if len(n.args) == 1 and plain else None
+            if not isinstance(x, fx.Node) or x not in self.nonzero:
+                return False
+            if self.shape(x) != self.shape(n):
+                return False
+            self.nonzero[n] = self.nonzero[x]
+            self.nonzero_uses.add((x, n))
+            return True
+        offset = (fn and t in _OFFSET_FUNCS) or (meth and t in _OFFSET_METHODS)
+        power = (fn and t in _POW_FUNCS) or (meth and t in _POW_METHODS)
+        if not (offset or power) or len(n.args) != 2 or n.kwargs:
+            return False
+        a, b = n.args
+        x, num = (a, b) if isinstance(a, fx.Node) else (b, a)
+        if not isinstance(x, fx.Node) or not isinstance(num, int | float):
+            return False
+        if not _finite_number(num) or self.shape(x) != self.shape(n):
+            return False
+        nz = self.nonzero.get(x)
+        # of a factor, base first: a positive integer power stays finite
+        if power and (nz is None or x is not a or not (num > 0 and float(num).is_integer())):
+            return False
+        lab = nz if nz is not None else self.lab(x)
+        if lab is None:
+            return False
+        self.nonzero[n] = lab
+        if nz is not None:
+            self.nonzero_uses.add((x, n))
+        return True
+
+    def power(self, n: fx.Node) -> Labels | None:
+        """``torch.pow(x, p)``, ``x.pow(p)`` or ``x ** p`` of labelled ``x``: the labels pass
+        when ``p`` is a literal number > 0 (``0 ** p = 0``); otherwise the channels are kept
+        whole, with why (``0 ** 0 = 1``, ``0 ** p = inf`` for ``p < 0``, a tensor exponent:
+        either). A labelled exponent (``2 ** x``) is kept whole too (``2 ** 0 = 1``)."""
+        base = n.args[0] if n.args else None
+        exp: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("exponent")
+        lab, exp_lab = self.lab(base), self.lab(exp)
+        if exp_lab is not None:
+            why = f"{self.describe(n)} raises to the power of labelled channels (0 maps to 1)"
+            self.pin_inputs(n, why)
+            return None
+        if lab is None:
+            return None
+        if _finite_number(exp) and exp > 0:
+            if self.shape(base) != self.shape(n):
+                self.pin(lab, f"{self.describe(n)} changes the shape")
+                return None
+            if exp != 1:
+                self.soft_pin(lab, f"{self.describe(n)} is not positively homogeneous")
+            return lab
+        if _finite_number(exp):
+            zero = "1" if exp == 0 else "inf"
+            why = f"{self.describe(n)} raises to the power {exp!r}, which maps 0 to {zero} (not 0)"
+        elif isinstance(exp, fx.Node):
+            why = (
+                f"{self.describe(n)} raises to the power of tensor node '{exp.name}', which maps "
+                "0 to 1 or inf where it is <= 0 (only a literal number > 0 maps 0 to 0)"
+            )
+        else:
+            why = (
+                f"{self.describe(n)} raises to the power {exp!r}, which maps 0 to a value "
+                "gate_ does not know is 0 (only a literal number > 0 does)"
+            )
+        self.pin_inputs(n, why)
+        return None
+
     def nonzero_shape(self, n: fx.Node) -> bool:
         """A reshape or index of a nonzero-labelled tensor: its labels carried through by the
         usual handler, still nonzero; False if ``n`` is not one."""
@@ -1195,6 +1336,7 @@ class _Propagator:
             or self.nonzero_shape(n)
             or self.attention_nonzero(n)
             or self.nonzero_cat(n)
+            or self.nonzero_factor(n)
         ):
             return None  # nonzero labels: kept in self.nonzero, not seen by other readers
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.pieces:
@@ -1258,6 +1400,8 @@ class _Propagator:
             return self.complex_view(n, x)
         if not is_fn and target in ("type_as", "to"):
             return self.cast(n, x)
+        if (is_fn and target in _POW_FUNCS) or (not is_fn and target in _POW_METHODS):
+            return self.power(n)
         if (is_fn and target in _PASS_FUNCS) or (not is_fn and target in _PASS_METHODS):
             lab = self.lab(x)
             if lab is not None and self.shape(x) != out_shape:
@@ -2039,7 +2183,13 @@ class _Propagator:
             return None
         dims = {_int(v) % len(ins) for v in (dim if isinstance(dim, list | tuple) else [dim])}
         if lab.dim in dims:
-            self.pin(lab, f"{self.describe(n)} reduces over the labelled dimension")
+            why = f"{self.describe(n)} reduces over the labelled dimension"
+            if n.target in (torch.mean, "mean"):  # RMSNorm's x.pow(2).mean(-1, keepdim=True)
+                why += (
+                    ": it normalises over these channels (a mean over them, as RMSNorm's "
+                    "x.pow(2).mean(-1) or LayerNorm computes, changes if any is removed)"
+                )
+            self.pin(lab, why)
             return None
         new = lab.dim if keep else lab.dim - sum(1 for v in dims if v < lab.dim)
         return Labels(new, lab.atoms)
