@@ -30,7 +30,10 @@ or of the BatchNorm/InstanceNorm/GroupNorm/depthwise conv that follows (the conv
 then not gated, the gate folds into the norm's affine parameters). A linear map written with a
 parameter of the model (``F.linear(h, self.W, self.b)``, ``h @ self.W + self.b``, see
 :class:`ParamLinear`) is read like an ``nn.Linear``: its input features are consumed, its output
-units are a new space whose gate scales the weight's output units and the bias. Every
+units are a new space whose gate scales the weight's output units and the bias; so is a
+convolution written with parameters (``F.conv1d(h, self.weight, self.bias, ...)``, what an
+``nn.Conv1d`` subclass's own ``forward`` calling ``super().forward`` traces to), on its channel
+dimension 1. Every
 element-wise op between sources and consumers maps 0 to 0, so a closed channel is exactly zero
 wherever it is consumed.
 """
@@ -113,7 +116,10 @@ class ParamLinear:
     ``.transpose(0, 1)`` / ``.mT``), with a 1-d parameter bias of the output size (F.linear's,
     or added right after: ``x @ W + b``). Its input features (the contracted last dimension
     of ``x``) are sliced like an ``nn.Linear``'s; its output units are a space of their own,
-    gated by scaling ``W``'s output units and ``b``."""
+    gated by scaling ``W``'s output units and ``b``. Also a convolution ``F.conv1d/2d/3d(x, W,
+    b, stride, padding, dilation, groups=1)`` with ``W`` ``(out, in, *kernel)`` a parameter:
+    its channels are dimension 1 of ``x`` and of its output, ``W`` is sliced like an
+    ``nn.Conv*d``'s weight (``taps``: the kernel's positions)."""
 
     node: str  # the product's graph node
     weight: str  # the weight parameter's qualified name
@@ -125,6 +131,8 @@ class ParamLinear:
     in_atoms: np.ndarray | None = None  # atoms of the input features (None: unlabelled)
     out_atoms: np.ndarray | None = None  # the output units' space (None: not a producer)
     bias_node: str | None = None  # the add (or subtraction) of a bias added after the product
+    taps: int = 1  # a convolution's kernel positions per input channel (1: a linear map)
+    conv: bool = False  # a convolution's weight (out, in, *kernel), channels on dimension 1
 
 
 @dataclass
@@ -385,6 +393,8 @@ _MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
 # normalisations over trailing dimensions (normalized_shape); of heads: over the head size
 _NORM_FUNCS: set[Callable[..., Any]] = {F.layer_norm, F.rms_norm, torch.layer_norm, torch.rms_norm}
+# convolutions written with parameters (F.conv1d is torch.conv1d): their spatial dimensions
+_CONV_FUNCS: dict[Callable[..., Any], int] = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _MM: tuple[Callable[..., Any], ...] = (torch.bmm, torch.mm)  # matmul of 3-d / 2-d operands
 # keyword arguments a rule reads (others holding labelled tensors are pinned)
 _KEYWORDS_READ: dict[Any, tuple[str, ...]] = {
@@ -1351,6 +1361,8 @@ class _Propagator:
             for piece in pieces:
                 self.pin(piece, why)
             return None
+        if n.op == "call_function" and n.target in _CONV_FUNCS:
+            return self.param_conv(n, _CONV_FUNCS[n.target])
         parts = linear_operands(n)
         if parts is not None:
             handled, lab = self.param_linear(n, parts)
@@ -2702,6 +2714,87 @@ class _Propagator:
             pl.bias = str(b.target)
         pl.out_atoms = self.new_space(path, n_out)
         return True, Labels(len(cast(tuple[int, ...], out)) - 1, pl.out_atoms)
+
+    def param_conv(self, n: fx.Node, d: int) -> Labels | None:
+        """A ``d``-d convolution ``F.conv{d}d(x, W, b, stride, padding, dilation, groups)``:
+        with ``W`` a parameter read only here and ``groups=1``, a :class:`ParamLinear` on
+        channel dimension 1 (returns the labels of its output channels); otherwise its input
+        channels are kept whole and the weight is reported whole with the reason (None)."""
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        if len(n.args) > len(names) or set(n.kwargs) - set(names):
+            self.pin_inputs(n, f"{self.describe(n)} has arguments gate_ does not parse")
+            return None
+        x, w, b, _, _, _, groups = (
+            n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names)
+        )
+        if not isinstance(w, fx.Node) or w.op != "get_attr":
+            reads = _param_reads(w) or []
+            sources = [
+                r
+                for r in reads
+                if r.op == "call_module" or self.parameter(str(r.target)) is not None
+            ]
+            if sources and isinstance(w, fx.Node):
+                how = "by that module" if sources[0].op == "call_module" else "from it"
+                computed = f"computed {how} when the model runs (node '{w.name}'), not as it is"
+                self.pin_inputs(n, self.whole(str(sources[0].target), computed, n))
+            else:
+                self.pin_inputs(n, f"{self.describe(n)}'s weight is not a parameter of the model")
+            return None
+        path = str(w.target)
+        param = self.parameter(path)
+        lab, x_shape, out = self.lab(x), self.shape(x), self.shape(n)
+        whole = self.rec.whole.get(n)
+        if whole is not None and self.rec.conv_layers.get(n) == whole:
+            whole = None  # an nn.Conv*d subclass's own forward: its handler follows the widths
+        why: str | None = None
+        if param is None:
+            why = "a buffer or constant, not a parameter"
+        elif whole is not None:  # its handler's count would not follow the kept widths
+            why = f"inside module '{whole}', which a cost handler (register_cost) counts whole"
+        elif param.dim() != d + 2:
+            why = f"{param.dim()}-d, not the (out, in, *kernel) weight of a {d}-d convolution"
+        elif not self.read_once(w, [], n):
+            why = "read in more than one place"
+        elif groups not in (None, 1):
+            why = (
+                f"a grouped convolution (groups={groups}): only the weight of a groups=1 "
+                "convolution is sliced"
+            )
+        elif not isinstance(x, fx.Node) or not x_shape or not out:
+            why = "its input or output is not a tensor of known shape"
+        elif len(x_shape) != d + 2:
+            why = f"its input has shape {x_shape}, not (batch, channels, ...) ({d + 2}-d)"
+        elif x_shape[1] != param.shape[1] or out[1] != param.shape[0]:
+            why = f"its shapes {x_shape} -> {out} do not match its weight's channels"
+        elif lab is not None and lab.dim != 1:
+            why = "its input's gated channels are on another dimension than its channels"
+        if why is not None or param is None:
+            self.pin_inputs(n, self.whole(path, why or "not a parameter", n))
+            return None
+        n_out, n_in = int(param.shape[0]), int(param.shape[1])
+        taps = int(np.prod(param.shape[2:]))  # kernel positions per input channel
+        in_atoms = None
+        if lab is not None:
+            in_atoms = lab.atoms
+            self.soft_pin(
+                lab,
+                f"{self.describe(n)} reads them with parameter '{path}' (a recurrent module's "
+                "output gate folds into Linear/Conv consumers only)",
+            )
+        pl = ParamLinear(n.name, path, 1, n_in, n_out, in_atoms=in_atoms, taps=taps, conv=True)
+        pl.bias_flops = b is not None  # 1 FLOP per output element, as cost counts it
+        self.param_linears[n] = pl
+        bias_why = self.bias_problem(b, n, n_out) if b is not None else None
+        if bias_why is not None:
+            self.pin(
+                self.lab(b), self.whole(path, f"its output units are not gated: {bias_why}", n)
+            )
+            return None
+        if isinstance(b, fx.Node):  # (bias_problem: a parameter read as it is)
+            pl.bias = str(b.target)
+        pl.out_atoms = self.new_space(path, n_out)
+        return Labels(1, pl.out_atoms)
 
     def not_param_linear(
         self, n: fx.Node, x: Any, w: Any, is_linear: bool

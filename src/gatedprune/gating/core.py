@@ -2254,7 +2254,7 @@ def gate_(
         ig, ii = split(pl.in_atoms)
         og, oi = split(pl.out_atoms)
         if ig is not None or og is not None:
-            kind = "matrix" if pl.in_dim == 1 else "matrix_t"
+            kind = "kernel" if pl.conv else "matrix" if pl.in_dim == 1 else "matrix_t"
             slices[pl.weight] = SliceInfo(kind, ig, ii, og, oi)
         if pl.bias is not None and og is not None:
             slices[pl.bias] = SliceInfo("vector", None, None, og, oi)

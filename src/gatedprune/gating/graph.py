@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import ModelGating
@@ -539,6 +540,10 @@ class RunRecord:
     extra_flops: int = 0  # such submodules' calls that traced to no ops (a constant)
     # the nodes of such calls counted whole by a cost handler (register_cost): node -> path
     whole: dict[fx.Node, str] = field(default_factory=dict)
+    # of those, the convolution (F.conv1d/2d/3d) each call of an nn.Conv1d/2d/3d subclass with
+    # its own forward returns, reading the module's weight and bias as they are: the conv
+    # handler counts it from the module's in/out channels, which prune keeps in step -> path
+    conv_layers: dict[fx.Node, str] = field(default_factory=dict)
 
 
 class _Recorder(fx.Interpreter):
@@ -752,7 +757,39 @@ def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> R
         if not is_code(root.get_submodule(c.path))
         for n in c.nodes
     }
-    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra, whole)
+    conv_layers = {
+        c.outputs[0]: c.path
+        for c in inlined_calls(gm.graph, root)
+        if len(c.outputs) == 1 and _conv_layer_output(root.get_submodule(c.path), c)
+    }
+    return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra, whole, conv_layers)
+
+
+_CONV_FUNCS = (F.conv1d, F.conv2d, F.conv3d)
+
+
+def _conv_layer_output(m: nn.Module, call: InlinedCall) -> bool:
+    """Whether ``call`` (of module ``m``) returns ``F.conv*d(x, weight, bias, ..., groups)``
+    with ``m``'s own weight and bias (None iff ``m.bias`` is) and groups, ``m`` an
+    ``nn.Conv1d/2d/3d`` (subclass) counted by the conv cost handler (no ``flops_of``)."""
+    out = call.outputs[0]
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if not isinstance(m, convs) or callable(getattr(m, "flops_of", None)):
+        return False
+    if out.op != "call_function" or out.target not in _CONV_FUNCS or out.kwargs:
+        return False
+    if len(out.args) < 2:
+        return False
+    args = list(out.args) + [None, 1, 0, 1, 1][len(out.args) - 2 :]
+    if len(args) != 7:
+        return False
+    w, b, groups = args[1], args[2], args[6]
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or w.target != f"{call.path}.weight":
+        return False
+    if m.bias is None:
+        return bool(b is None and groups == m.groups)
+    ok_bias = isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{call.path}.bias"
+    return bool(ok_bias and groups == m.groups)
 
 
 def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Recorder:

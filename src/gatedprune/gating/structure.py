@@ -363,7 +363,7 @@ def build_cost_terms(
     for pl in ca.param_linears:
         fi, mi = fac.get(pl.in_atoms, pl.n_in)
         fo, mo = fac.get(pl.out_atoms, pl.n_out)
-        param_terms[pl.weight] = (mi * mo, fi, fo)
+        param_terms[pl.weight] = (mi * mo * pl.taps, fi, fo)
         if pl.bias is not None:
             param_terms[pl.bias] = (mo, fo, -1)
     for ps in ca.param_scales:  # a per-channel factor (layer scale): one entry per channel
@@ -392,11 +392,11 @@ def build_cost_terms(
             continue
         lin = linear_nodes.get(n.name)
         shape = record.shapes.get(n)
-        if lin is not None and shape is not None:  # 2 * rows * in * out (+ rows * out: bias)
-            n_rows = int(np.prod(shape)) // lin.n_out
+        if lin is not None and shape is not None:  # 2 * rows * in * taps * out (+ rows * out)
+            n_rows = int(np.prod(shape)) // lin.n_out  # a convolution's: batch * positions
             fi, mi = fac.get(lin.in_atoms, lin.n_in)
             fo, mo = fac.get(lin.out_atoms, lin.n_out)
-            f_rows.append((2.0 * n_rows * mi * mo, fi, fo, n.name))
+            f_rows.append((2.0 * n_rows * mi * mo * lin.taps, fi, fo, n.name))
             if lin.bias_flops:
                 f_rows.append((float(n_rows) * mo, fo, -1, n.name))
             continue

@@ -358,7 +358,7 @@ def fold_param_scale(model: nn.Module, path: str, dim: int, scale: Tensor) -> No
         p.mul_(scale.to(p.dtype).reshape(shape))  # (n, 1) / (1, n) / (n,)
 
 
-_PARAM_KINDS = ("matrix", "matrix_t", "vector", "scale")
+_PARAM_KINDS = ("matrix", "matrix_t", "kernel", "vector", "scale")
 
 
 def scale_dim(shape: Sequence[int]) -> int | None:
@@ -379,10 +379,12 @@ def slice_param(
     """Keep only input features ``keep_in`` and output units ``keep_out`` (None: all) of
     parameter ``path`` of ``model``, replaced in place by a new ``nn.Parameter`` of the same
     name: ``kind`` ``"matrix"`` for a weight ``(out, in)`` (as ``F.linear`` reads it),
-    ``"matrix_t"`` for ``(in, out)`` (as ``x @ W`` reads it), ``"vector"`` for a bias
+    ``"matrix_t"`` for ``(in, out)`` (as ``x @ W`` reads it), ``"kernel"`` for a convolution's
+    weight ``(out, in, *kernel)`` (as ``F.conv2d`` reads it), ``"vector"`` for a bias
     ``(out,)``, ``"scale"`` for a per-channel factor (layer scale, ``(C,)``, ``(C, 1, 1)``,
     ..., sliced along its one dimension of size > 1: :func:`scale_dim`). An ``nn.Linear``
-    holding it gets its new ``in_features`` / ``out_features``.
+    holding it gets its new ``in_features`` / ``out_features``, an ``nn.Conv*d`` (subclass)
+    its new ``in_channels`` / ``out_channels``.
 
     >>> net = nn.Module()
     >>> net.w = nn.Parameter(torch.arange(6.0).reshape(2, 3))
@@ -391,7 +393,7 @@ def slice_param(
     [[3.0, 5.0]]
     """
     owner, attr, p = _param_owner(model, path)
-    if kind == "matrix":
+    if kind in ("matrix", "kernel"):
         w = _take(_take(p, 0, keep_out), 1, keep_in)
     elif kind == "matrix_t":
         w = _take(_take(p, 1, keep_out), 0, keep_in)
@@ -410,6 +412,9 @@ def slice_param(
     _set(owner, attr, w, True)
     if isinstance(owner, nn.Linear):
         owner.out_features, owner.in_features = (int(d) for d in owner.weight.shape)
+    if kind == "kernel" and isinstance(owner, nn.modules.conv._ConvNd) and attr == "weight":
+        # its own forward (super().forward, repr) reads them; a sliced weight has groups=1
+        owner.out_channels, owner.in_channels = (int(d) for d in owner.weight.shape[:2])
 
 
 def fold_input_scale(m: nn.Module, scale: Tensor) -> None:
@@ -1439,7 +1444,12 @@ def _check_param_slice(name: str, p: Tensor, spec: dict[str, Any]) -> None:
         _check_side_sizes(f"parameter '{name}'", sizes, spec, ("features", "channels"), "index")
         return
     dims = 1 if kind == "vector" else 2
-    if p.dim() != dims:
+    if kind == "kernel" and p.dim() not in (3, 4, 5):
+        raise ValueError(
+            f"the plan slices parameter '{name}' as 'kernel' (a convolution's weight, 3-d to "
+            f"5-d); it has shape {tuple(p.shape)}"
+        )
+    if kind != "kernel" and p.dim() != dims:
         raise ValueError(
             f"the plan slices parameter '{name}' as {kind!r} ({dims}-d); it has shape "
             f"{tuple(p.shape)}"
