@@ -1,7 +1,7 @@
 """Convolutions written with the model's own parameters: an ``nn.Conv1d`` / ``nn.Conv2d``
 subclass with its own ``forward`` (the causal convolution of WaveNet/TCN code: pad, then
 ``super().forward`` or ``self._conv_forward``), which fx traces to ``F.conv1d(x, self.weight,
-self.bias, ...)``, is gated and pruned like the layer (before 2026-12-07 23:30 UTC it got no gate
+self.bias, ...)``, is gated and pruned like the layer (before 2026-12-07 22:37 UTC it got no gate
 and no summary line). A weight computed when the model runs (weight standardisation) or a
 grouped one is kept whole, with the reason in the summary."""
 
