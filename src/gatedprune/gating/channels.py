@@ -80,6 +80,7 @@ __all__ = [
     "linear_operands",
     "scale_chain",
     "transposed_source",
+    "zero_literal",
 ]
 
 
@@ -533,6 +534,17 @@ def _int(v: object) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
     raise TypeError(f"expected an int dimension, got {v!r}")
+
+
+def zero_literal(v: object) -> bool:
+    """Whether ``v`` is the number 0 written in the code (an int or float, not a bool or a
+    tensor): adding or subtracting it (``id_out = 0; ... dense + one + id_out``, a sum
+    started at ``skip = 0``) leaves every value as it is, or negates it.
+
+    >>> zero_literal(0), zero_literal(0.0), zero_literal(1), zero_literal(False)
+    (True, True, False, False)
+    """
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == 0
 
 
 def _literal_int(v: object) -> bool:
@@ -2175,6 +2187,8 @@ class _Propagator:
             s = self.shape(a)
             pos = d - (len(out) - len(s)) if s is not None else -1
             per_channel = s is not None and 0 <= pos < len(s) and s[pos] != 1
+            if kind == "add" and zero_literal(a):  # x + 0, 0 - x: a zero stays zero
+                continue
             if kind == "add":  # adding anything ungated breaks zero-preservation
                 self.pin_inputs(n, self.added_why(n, a, per_channel))
                 return None

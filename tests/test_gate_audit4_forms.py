@@ -1,0 +1,238 @@
+"""Forms found by the fourth audit (RepVGG / MobileOne, WaveNet, Swin, Hugging Face BERT):
+
+- a Python ``0`` added to (or subtracted from, or with) gated channels (RepVGG's ``id_out = 0
+  ... dense + one + id_out``, WaveNet's ``skip = 0; skip = skip + s``) is the identity: the
+  channels stay gated, and a residual branch ending in ``+ 0`` keeps its block gate. Before
+  2026-12-07 23:30 UTC the add kept the whole group ("adds an ungated tensor or constant").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gating_helpers import budget_optimizer, inserted_gating, randomise_batchnorms
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.gates import HardConcreteGate
+from gatedprune.gating import apply_plan, export_plan, gate_
+
+Sample = Callable[[int, torch.Generator], Tensor]
+
+
+def _gated(summary: gp.GatingSummary) -> set[str]:
+    return {p for producers, _ in summary.channel_groups for p in producers}
+
+
+def _ungated(summary: gp.GatingSummary) -> dict[str, str]:
+    return {p: why for producers, _, why in summary.ungated_groups for p in producers}
+
+
+def _set_gates(model: nn.Module, gen: torch.Generator) -> None:
+    """Group gates at random log alphas (closed, open and fractional); block gates closed or
+    open at a fraction, at random."""
+    gating = inserted_gating(model)
+    with torch.no_grad():
+        for gate in gating.group_gates:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.uniform_(-3.0, 2.0, generator=gen)
+        for gate in gating.block_gates:
+            assert isinstance(gate, HardConcreteGate)
+            closed = bool(torch.rand((), generator=gen) < 0.5)
+            gate.log_alpha.fill_(-6.0 if closed else 0.5)
+
+
+def _train_and_prune(
+    factory: Callable[[], nn.Module], sample: Sample, seed: int = 0
+) -> tuple[nn.Module, nn.Module]:
+    """gate_, a few steps under a FLOPs budget, random fractional gates, prune: the pruned
+    model costs the hard expected cost and less than the dense one, equals the gated model
+    (eval, fresh inputs of two batch sizes) within 1e-5, and so does the exported plan
+    replayed on a fresh instance with the pruned weights. Returns (gated, pruned)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = factory()
+    randomise_batchnorms(model, gen)
+    model.eval()
+    x = sample(3, gen)
+    dense = gp.cost(model, x)
+    assert isinstance(dense, gp.Cost)
+    gate_(model, x)
+    budget = gp.Budget(model, x, flops=0.5)
+    opt = budget_optimizer(model, budget)
+    model.train()
+    for _ in range(3):
+        loss = model(sample(3, gen)).pow(2).mean() + budget.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _set_gates(model, gen)
+    model.eval()
+    hard = gp.cost(model, x, hard=True)
+    pruned = gp.prune(model)
+    pruned.eval()
+    got = gp.cost(pruned, x)
+    assert isinstance(got, gp.Cost)
+    assert (got.flops, got.params) == (float(hard.flops), float(hard.params))
+    assert got.flops < dense.flops
+    assert got.params < dense.params
+    fresh = apply_plan(factory(), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        for b in (1, 4):
+            xi = sample(b, gen)
+            want = model(xi)
+            assert (pruned(xi) - want).abs().max().item() <= 1e-5
+            assert (fresh(xi) - want).abs().max().item() <= 1e-5
+    return model, pruned
+
+
+# ---------------------------------------------------------------- 1. adding a Python 0
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class RepVGGBlock(nn.Module):
+    """RepVGG's training block: 3x3 conv-BN + 1x1 conv-BN + identity BN (or ``id_out = 0``
+    when the shapes differ), summed, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.rbr_identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.rbr_dense = _conv_bn(cin, cout, 3, stride)
+        self.rbr_1x1 = _conv_bn(cin, cout, 1, stride)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        id_out: Tensor | int = 0
+        if self.rbr_identity is not None:
+            id_out = self.rbr_identity(inputs)  # (B, C, H, W)
+        return F.relu(self.rbr_dense(inputs) + self.rbr_1x1(inputs) + id_out)  # (B, C, H, W)
+
+
+class RepVGG(nn.Module):
+    """Two stride-2 blocks (``+ 0``), one with an identity, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = RepVGGBlock(3, 8, 2)
+        self.b = RepVGGBlock(8, 16, 2)
+        self.c = RepVGGBlock(16, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.c(self.b(self.a(x))).mean((2, 3)))  # (B, 5)
+
+
+def _img(b: int, gen: torch.Generator) -> Tensor:
+    return torch.randn(b, 3, 12, 12, generator=gen)
+
+
+def test_repvgg_id_out_zero_keeps_the_channels_gated() -> None:
+    summary = gate_(RepVGG(), _img(2, torch.Generator().manual_seed(0)))
+    assert {"a.rbr_dense.0", "a.rbr_1x1.0", "b.rbr_dense.0", "b.rbr_1x1.0"} <= _gated(summary)
+    assert not any("constant" in why for why in _ungated(summary).values())
+    _, pruned = _train_and_prune(RepVGG, _img)
+    head = pruned.get_submodule("head")
+    assert isinstance(head, nn.Linear)
+    assert head.in_features < 16
+
+
+class WaveNet(nn.Module):
+    """A WaveNet residual stack: dilated conv -> 2R, ``tanh(a) * sigmoid(b)``, 1x1 residual
+    and skip convs; the skips summed from ``skip = 0``."""
+
+    def __init__(self, r: int = 8, s: int = 12) -> None:
+        super().__init__()
+        self.inp = nn.Conv1d(1, r, 1)
+        self.dil = nn.ModuleList([nn.Conv1d(r, 2 * r, 2, dilation=d, padding=d) for d in (1, 2)])
+        self.res = nn.ModuleList([nn.Conv1d(r, r, 1) for _ in range(2)])
+        self.skip = nn.ModuleList([nn.Conv1d(r, s, 1) for _ in range(2)])
+        self.out1 = nn.Conv1d(s, s, 1)
+        self.out2 = nn.Conv1d(s, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)  # (B, R, L)
+        skip: Tensor | int = 0
+        for dil, res, sk in zip(self.dil, self.res, self.skip, strict=True):
+            a, b = dil(h)[..., : h.shape[-1]].chunk(2, 1)  # (B, R, L) each
+            z = torch.tanh(a) * torch.sigmoid(b)  # (B, R, L)
+            h = h + res(z)  # (B, R, L)
+            skip = skip + sk(z)  # (B, S, L)
+        return self.out2(F.relu(self.out1(F.relu(skip)))).mean(-1)  # (B, 4)
+
+
+def _seq(b: int, gen: torch.Generator) -> Tensor:
+    return torch.randn(b, 1, 16, generator=gen)
+
+
+def test_wavenet_skip_sum_from_zero_keeps_the_skips_gated() -> None:
+    summary = gate_(WaveNet(), _seq(2, torch.Generator().manual_seed(0)))
+    assert {"skip.0", "skip.1", "out1"} <= _gated(summary)
+    assert not any("constant" in why for why in _ungated(summary).values())
+    _, pruned = _train_and_prune(WaveNet, _seq)
+    out1 = pruned.get_submodule("out1")
+    assert isinstance(out1, nn.Conv1d)
+    assert out1.in_channels < 12
+
+
+# a branch f ending in an add of 0 (the residual add is x + tail(f))
+ZERO_TAILS: dict[str, Callable[[Tensor], Tensor]] = {
+    "f + 0": lambda f: f + 0,
+    "0 + f": lambda f: 0 + f,
+    "f - 0.0": lambda f: f - 0.0,
+    "0.0 - f": lambda f: 0.0 - f,
+    "torch.add(f, 0)": lambda f: torch.add(f, 0),
+    "f.add(0.0)": lambda f: f.add(0.0),
+}
+
+
+class ZeroTail(nn.Module):
+    """A BatchNorm stream with two residual blocks whose branch ends in ``tail`` (an add of
+    the number 0), a 1x1 conv head."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__()
+        self.tail = ZERO_TAILS[tail]
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pw1 = nn.ModuleList([nn.Conv2d(8, 16, 1) for _ in range(2)])
+        self.pw2 = nn.ModuleList([nn.Conv2d(16, 8, 1) for _ in range(2)])
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(self.stem(x))  # (B, 8, H, W)
+        for pw1, pw2 in zip(self.pw1, self.pw2, strict=True):
+            x = x + self.tail(pw2(F.relu(pw1(x))))  # (B, 8, H, W)
+        return self.head(x).mean((2, 3))  # (B, 3)
+
+
+@settings(max_examples=8, deadline=None)
+@given(tail=st.sampled_from(list(ZERO_TAILS)), seed=st.integers(0, 2**16))
+def test_a_branch_ending_in_an_add_of_zero_keeps_its_block_gate(tail: str, seed: int) -> None:
+    summary = gate_(ZeroTail(tail), _img(2, torch.Generator().manual_seed(seed)))
+    assert [site for _, site, _ in summary.blocks] == ["pw2.0", "pw2.1"]
+    assert {"stem", "pw1.0", "pw1.1"} <= _gated(summary)
+    _train_and_prune(lambda: ZeroTail(tail), _img, seed)
+
+
+@pytest.mark.parametrize("const", [1, 0.5, -1e-3])
+def test_adding_a_non_zero_number_still_keeps_the_channels_whole(const: float) -> None:
+    class AddConst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(F.relu(self.a(x) + const))  # (B, 4, H, W)
+
+    summary = gate_(AddConst(), _img(2, torch.Generator().manual_seed(0)))
+    assert "a" not in _gated(summary)
+    assert "constant" in _ungated(summary)["a"]
