@@ -236,3 +236,64 @@ def test_adding_a_non_zero_number_still_keeps_the_channels_whole(const: float) -
     summary = gate_(AddConst(), _img(2, torch.Generator().manual_seed(0)))
     assert "a" not in _gated(summary)
     assert "constant" in _ungated(summary)["a"]
+
+
+# ------------------------------------------------------------- 2. nn.Softmax module
+
+
+class WindowAttention(nn.Module):
+    """Swin's window attention as its reference code writes it: fused qkv, ``self.softmax =
+    nn.Softmax(dim=-1)`` (or ``softmax``: ``"module"``, ``"method"``, ``"module1"`` over the
+    heads), ``self.attn_drop = nn.Dropout`` on the probabilities."""
+
+    def __init__(self, dim: int, heads: int, softmax: str = "module") -> None:
+        super().__init__()
+        self.heads, self.how = heads, softmax
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.softmax = nn.Softmax(dim=1 if softmax == "module1" else -1)
+        self.attn_drop = nn.Dropout(0.1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+        attn = attn.softmax(dim=-1) if self.how == "method" else self.softmax(attn)
+        attn = self.attn_drop(attn)  # (B, H, N, N)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))  # (B, N, C)
+
+
+class Tokens(nn.Module):
+    """Tokens through one window attention (``softmax`` form) and an MLP, a linear head."""
+
+    def __init__(self, softmax: str) -> None:
+        super().__init__()
+        self.inp = nn.Linear(5, 16)
+        self.attn = WindowAttention(16, 4, softmax)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.attn(self.inp(x)).mean(1))  # (B, 4)
+
+
+def _tokens(b: int, gen: torch.Generator) -> Tensor:
+    return torch.randn(b, 6, 5, generator=gen)
+
+
+@pytest.mark.parametrize("softmax", ["module", "method"])
+def test_a_softmax_module_over_the_keys_gates_the_heads_like_the_method(softmax: str) -> None:
+    summary = gate_(Tokens(softmax), _tokens(2, torch.Generator().manual_seed(0)))
+    assert "attn.qkv" in _gated(summary)
+    assert [size for producers, size in summary.channel_groups if "attn.qkv" in producers] == [4]
+    _, pruned = _train_and_prune(lambda: Tokens(softmax), _tokens)
+    qkv = pruned.get_submodule("attn.qkv")
+    assert isinstance(qkv, nn.Linear)
+    assert qkv.out_features < 48
+
+
+def test_a_softmax_module_over_the_heads_keeps_them_whole() -> None:
+    summary = gate_(Tokens("module1"), _tokens(2, torch.Generator().manual_seed(0)))
+    assert "attn.qkv" not in _gated(summary)
+    assert "attn.qkv" in _ungated(summary)

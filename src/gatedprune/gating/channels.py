@@ -2368,6 +2368,8 @@ class _Propagator:
             shape = m.normalized_shape if isinstance(m, nn.LayerNorm | nn.RMSNorm) else None
             if isinstance(shape, tuple) and len(shape) < len(ins) - lab.dim:
                 ok = True  # QK-norm: over the head size, not the heads
+            elif type(m) is nn.Softmax:  # Swin's self.softmax = nn.Softmax(dim=-1): as F.softmax
+                ok = isinstance(m.dim, int) and m.dim % len(ins) != lab.dim
             else:
                 ok = nz is not None and isinstance(m, nn.Dropout)
         elif fn and t in _NORM_FUNCS:  # functional QK-norm: F.layer_norm(q, (D,), w, b)
