@@ -238,7 +238,7 @@ def test_adding_a_non_zero_number_still_keeps_the_channels_whole(const: float) -
     assert "constant" in _ungated(summary)["a"]
 
 
-# ------------------------------------------------------------- 2. nn.Softmax module
+# ------------------------------------------------- 2. nn.Softmax module, 3. torch.roll
 
 
 class WindowAttention(nn.Module):
@@ -297,3 +297,137 @@ def test_a_softmax_module_over_the_heads_keeps_them_whole() -> None:
     summary = gate_(Tokens("module1"), _tokens(2, torch.Generator().manual_seed(0)))
     assert "attn.qkv" not in _gated(summary)
     assert "attn.qkv" in _ungated(summary)
+
+
+def _window_partition(x: Tensor, ws: int) -> Tensor:
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c)  # (B, H/ws, ws, W/ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws * ws, c)  # (B*nW, ws*ws, C)
+
+
+def _window_reverse(windows: Tensor, ws: int, h: int, w: int) -> Tensor:
+    c = windows.shape[-1]
+    x = windows.view(-1, h // ws, w // ws, ws, ws, c)  # (B, H/ws, W/ws, ws, ws, C)
+    return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, c)  # (B, H, W, C)
+
+
+class SwinBlock(nn.Module):
+    """Swin's block: LayerNorm, ``torch.roll`` by ``-shift`` on (H, W), window attention,
+    roll back, residual; LayerNorm, MLP, residual."""
+
+    def __init__(self, dim: int, res: int, ws: int, shift: int) -> None:
+        super().__init__()
+        self.res, self.ws, self.shift = res, ws, shift
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, 2)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, c = x.shape
+        shortcut = x  # (B, L, C)
+        h = self.norm1(x).view(b, self.res, self.res, c)  # (B, H, W, C)
+        h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))  # (B, H, W, C)
+        h = self.attn(_window_partition(h, self.ws))  # (B*nW, ws*ws, C)
+        h = _window_reverse(h, self.ws, self.res, self.res)  # (B, H, W, C)
+        h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))  # (B, H, W, C)
+        x = shortcut + h.view(b, self.res * self.res, c)  # (B, L, C)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))  # (B, L, C)
+
+
+class Swin(nn.Module):
+    """Patch embedding, a shifted Swin block, LayerNorm, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, 2)
+        self.block = SwinBlock(8, 4, 2, 1)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, L, C)
+        return self.head(self.norm(self.block(x)).mean(1))  # (B, 4)
+
+
+def _patches(b: int, gen: torch.Generator) -> Tensor:
+    return torch.randn(b, 3, 8, 8, generator=gen)
+
+
+def test_a_shifted_window_block_gates_its_heads_and_its_attention_branch() -> None:
+    summary = gate_(Swin(), _patches(2, torch.Generator().manual_seed(0)))
+    assert [
+        size for producers, size in summary.channel_groups if "block.attn.qkv" in producers
+    ] == [2]
+    assert {"block.fc1"} <= _gated(summary)
+    assert [site for _, site, _ in summary.blocks] == ["block.attn.proj", "block.fc2"]
+    assert not any("roll" in why for _, why in summary.ungated_adds)
+    _train_and_prune(Swin, _patches)
+
+
+# roll forms along the spatial dimensions of (B, C, H, W): (shifts, dims), function or method
+ROLLS = st.tuples(
+    st.lists(st.integers(-5, 5), min_size=1, max_size=2),
+    st.sampled_from([(2,), (3,), (-1,), (2, 3), (-2, -1)]),
+    st.booleans(),
+)
+
+
+class RollBlock(nn.Module):
+    """A stem conv (the stream) and a residual conv branch rolled along spatial dimensions
+    ``dims`` by ``shifts`` (``x.roll`` if ``method``, else ``torch.roll``)."""
+
+    def __init__(self, shifts: list[int], dims: tuple[int, ...], method: bool) -> None:
+        super().__init__()
+        self.shifts, self.dims, self.method = tuple(shifts[: len(dims)]), dims, method
+        self.shifts += (1,) * (len(dims) - len(self.shifts))
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1, self.b1 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)  # (B, 8, H, W)
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))  # (B, 8, H, W)
+        if self.method:
+            y = y.roll(self.shifts, self.dims)  # (B, 8, H, W)
+        else:
+            y = torch.roll(y, shifts=self.shifts, dims=self.dims)  # (B, 8, H, W)
+        return self.head((x + y).mean((2, 3)))  # (B, 5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(form=ROLLS, seed=st.integers(0, 2**16))
+def test_a_roll_along_spatial_dimensions_passes_channels_and_block_gate(
+    form: tuple[list[int], tuple[int, ...], bool], seed: int
+) -> None:
+    factory = lambda: RollBlock(*form)  # noqa: E731
+    summary = gate_(factory(), _patches(2, torch.Generator().manual_seed(seed)))
+    assert {"stem", "c1", "c2"} <= _gated(summary)
+    assert [site for _, site, _ in summary.blocks] == ["b2"]
+    _train_and_prune(factory, _patches, seed)
+
+
+class RollChannels(nn.Module):
+    """``torch.roll`` of gated channels along their own dimension, or with no ``dims``."""
+
+    def __init__(self, dims: int | None) -> None:
+        super().__init__()
+        self.dims = dims
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.a(x))  # (B, 8, H, W)
+        h = torch.roll(h, 1) if self.dims is None else torch.roll(h, 1, self.dims)  # (B, 8, H, W)
+        return self.b(h)  # (B, 4, H, W)
+
+
+@pytest.mark.parametrize(
+    ("dims", "why"),
+    [(1, "rolls the channels' dimension 1"), (-3, "rolls the channels"), (None, "flattened")],
+)
+def test_a_roll_of_the_channels_or_the_flattened_tensor_keeps_them_whole(
+    dims: int | None, why: str
+) -> None:
+    summary = gate_(RollChannels(dims), _patches(2, torch.Generator().manual_seed(0)))
+    assert "a" not in _gated(summary)
+    assert why in _ungated(summary)["a"]

@@ -247,17 +247,21 @@ def _plus_zero(n: fx.Node) -> bool:
     )
 
 
-_MOVE_FUNCS = {*RESHAPE_FUNCS, torch.permute, torch.transpose, torch.movedim, torch.narrow}
+_MOVE_FUNCS = {
+    *RESHAPE_FUNCS,
+    *(torch.permute, torch.transpose, torch.movedim, torch.narrow, torch.roll),
+}
 _MOVE_METHODS = {
     *RESHAPE_METHODS,
-    *("permute", "transpose", "movedim", "narrow", "contiguous", "clone", "t", "expand"),
+    *("permute", "transpose", "movedim", "narrow", "contiguous", "clone", "t", "expand", "roll"),
 }
 
 
 def _moves(n: fx.Node) -> bool:
     """Whether ``n`` only moves or selects the elements of its first argument, so it commutes
     with the block gate's scalar (ConvNeXt's permute back to ``(B, C, H, W)``, MLP-Mixer's
-    transpose back, TCN's chomp ``x[:, :, :-s].contiguous()``): its other arguments are
+    transpose back, TCN's chomp ``x[:, :, :-s].contiguous()``, Swin's ``torch.roll`` of the
+    shifted windows back): its other arguments are
     sizes, dimensions or slices, never tensors."""
     if not n.args or not isinstance(n.args[0], fx.Node):
         return False

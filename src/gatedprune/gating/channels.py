@@ -1316,6 +1316,8 @@ class _Propagator:
             return self.cat(n)
         if is_fn and target is torch.stack:
             return self.stack(n)
+        if (is_fn and target is torch.roll) or (not is_fn and target == "roll"):
+            return self.roll(n, x)
         self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
         return None
 
@@ -2022,6 +2024,28 @@ class _Propagator:
                 dims = dims[0]
             perm = [_int(v) % nd for v in dims]
         return Labels(perm.index(lab.dim), lab.atoms)
+
+    def roll(self, n: fx.Node, x: Any) -> Labels | None:
+        """``torch.roll(x, shifts, dims)`` (``x.roll(...)``): along dimensions other than the
+        labelled one it moves each channel's values within that channel (Swin's shifted
+        windows), so the labels pass; rolling the labelled dimension, or with ``dims``
+        unset (the flattened tensor), mixes the channels: kept whole, with why."""
+        lab = self.lab(x)
+        ins = self.shape(x)
+        if lab is None or ins is None:
+            return None
+        dims: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dims")
+        listed = list(dims) if isinstance(dims, list | tuple) else [dims]
+        if dims is None or (isinstance(dims, list | tuple) and not dims):
+            self.pin(lab, f"{self.describe(n)} rolls the flattened tensor (no dims)")
+            return None
+        if not all(_literal_int(d) for d in listed):
+            self.pin(lab, f"{self.describe(n)} rolls dimensions {dims!r}, not written as ints")
+            return None
+        if lab.dim in [_int(d) % len(ins) for d in listed]:
+            self.pin(lab, f"{self.describe(n)} rolls the channels' dimension {lab.dim}")
+            return None
+        return lab
 
     def max_over(self, n: fx.Node) -> bool:
         """``torch.max(x, dim)`` / ``x.min(dim=...)`` (a ``(values, indices)`` pair): over a
