@@ -4,6 +4,16 @@
   ... dense + one + id_out``, WaveNet's ``skip = 0; skip = skip + s``) is the identity: the
   channels stay gated, and a residual branch ending in ``+ 0`` keeps its block gate. Before
   2026-12-07 23:30 UTC the add kept the whole group ("adds an ungated tensor or constant").
+- an ``nn.Softmax(dim=-1)`` module on attention scores (Swin's reference code) is read like
+  ``F.softmax`` / ``attn.softmax(dim=-1)``: the heads are gated (before: "softmax (Softmax)
+  is not pruned through").
+- ``torch.roll`` along dimensions other than the channels' (Swin's shifted windows) passes
+  the channels and may end a residual branch; rolling the channels, or the flattened tensor
+  (no ``dims``), keeps them whole with a reason (before: "is an op gate_ does not prune
+  through", and the block was not gated: "the branch ends in roll").
+- a top-level forward slicing a buffer by a traced size (``self.position_ids[:, :T]``) is
+  told to write ``.narrow(dim, 0, T)``, as a submodule's warning says, not to move "control
+  flow" into a submodule.
 """
 
 from __future__ import annotations
@@ -431,3 +441,48 @@ def test_a_roll_of_the_channels_or_the_flattened_tensor_keeps_them_whole(
     summary = gate_(RollChannels(dims), _patches(2, torch.Generator().manual_seed(0)))
     assert "a" not in _gated(summary)
     assert why in _ungated(summary)["a"]
+
+
+# ------------------------------------------ 4. a buffer sliced by a traced size, top level
+
+
+class PositionIds(nn.Module):
+    """Hugging Face's BertEmbeddings on the root: ``self.position_ids[:, :seq_len]`` (or the
+    ``narrow`` the message suggests)."""
+
+    def __init__(self, narrow: bool) -> None:
+        super().__init__()
+        self.narrow = narrow
+        self.emb = nn.Embedding(8, 4)
+        self.register_buffer("position_ids", torch.arange(8).expand((1, -1)), persistent=False)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.size(1)
+        pos = self.position_ids.narrow(1, 0, t) if self.narrow else self.position_ids[:, :t]
+        return self.fc(self.emb(ids) + self.emb(pos))  # (B, T, 2)
+
+
+class TopLevelBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) if x.sum() > 0 else self.lin(-x)  # (B, 4)
+
+
+def test_a_top_level_buffer_sliced_by_a_traced_size_names_narrow_not_control_flow() -> None:
+    ids = torch.randint(0, 8, (2, 5))
+    with pytest.raises(ValueError, match="slice indices must be integers") as info:
+        gate_(PositionIds(narrow=False), ids)
+    text = str(info.value)
+    assert "self.position_ids[:, :T]: write .narrow(dim, 0, T)" in text
+    assert "control flow" not in text
+    gate_(PositionIds(narrow=True), ids)  # the suggested form traces
+
+
+def test_top_level_control_flow_still_names_control_flow() -> None:
+    with pytest.raises(ValueError, match="control flow") as info:
+        gate_(TopLevelBranch(), torch.randn(2, 4))
+    assert "narrow" not in str(info.value)
