@@ -33,6 +33,7 @@ from .channels import (
     RESHAPE_FUNCS,
     RESHAPE_METHODS,
     module_kind,
+    zero_literal,
 )
 from .graph import RunRecord, ancestors, mutated_input, owner_of
 
@@ -206,6 +207,9 @@ def _site_of(
                 if type(m) is nn.MultiheadAttention and calls[str(src.target)] == 1:
                     return str(src.target), None  # attention output: fold into out_proj
             return None, f"the branch ends in {node_label(n)}, not a module the gate can fold into"
+        if _plus_zero(n):  # g * (z + 0) = g * z + 0, g * (0 - z) = 0 - g * z
+            n = next(a for a in n.args if isinstance(a, fx.Node))
+            continue
         scalar_op = (n.op == "call_function" and n.target in _SCALE_FUNCS) or (
             n.op == "call_method" and n.target in ("mul", "div")
         )
@@ -228,17 +232,36 @@ def _site_of(
         )
 
 
-_MOVE_FUNCS = {*RESHAPE_FUNCS, torch.permute, torch.transpose, torch.movedim, torch.narrow}
+def _plus_zero(n: fx.Node) -> bool:
+    """Whether ``n`` adds the number 0 to a tensor or subtracts one from 0 or 0 from it
+    (``z + 0``, ``0 + z``, ``z - 0``, ``0 - z``, as ``id_out = 0; ... + id_out`` traces),
+    which commutes with the block gate's scalar."""
+    add = (n.op == "call_function" and n.target in (*ADD_TARGETS, torch.sub)) or (
+        n.op == "call_method" and n.target in (*ADD_METHODS, "sub")
+    )
+    if not add or len(n.args) != 2 or n.kwargs:
+        return False
+    a, b = n.args
+    return (isinstance(a, fx.Node) and zero_literal(b)) or (
+        isinstance(b, fx.Node) and zero_literal(a)
+    )
+
+
+_MOVE_FUNCS = {
+    *RESHAPE_FUNCS,
+    *(torch.permute, torch.transpose, torch.movedim, torch.narrow, torch.roll),
+}
 _MOVE_METHODS = {
     *RESHAPE_METHODS,
-    *("permute", "transpose", "movedim", "narrow", "contiguous", "clone", "t", "expand"),
+    *("permute", "transpose", "movedim", "narrow", "contiguous", "clone", "t", "expand", "roll"),
 }
 
 
 def _moves(n: fx.Node) -> bool:
     """Whether ``n`` only moves or selects the elements of its first argument, so it commutes
     with the block gate's scalar (ConvNeXt's permute back to ``(B, C, H, W)``, MLP-Mixer's
-    transpose back, TCN's chomp ``x[:, :, :-s].contiguous()``): its other arguments are
+    transpose back, TCN's chomp ``x[:, :, :-s].contiguous()``, Swin's ``torch.roll`` of the
+    shifted windows back): its other arguments are
     sizes, dimensions or slices, never tensors."""
     if not n.args or not isinstance(n.args[0], fx.Node):
         return False

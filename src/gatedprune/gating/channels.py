@@ -86,6 +86,7 @@ __all__ = [
     "linear_operands",
     "scale_chain",
     "transposed_source",
+    "zero_literal",
 ]
 
 
@@ -588,6 +589,17 @@ def _int(v: object) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
     raise TypeError(f"expected an int dimension, got {v!r}")
+
+
+def zero_literal(v: object) -> bool:
+    """Whether ``v`` is the number 0 written in the code (an int or float, not a bool or a
+    tensor): adding or subtracting it (``id_out = 0; ... dense + one + id_out``, a sum
+    started at ``skip = 0``) leaves every value as it is, or negates it.
+
+    >>> zero_literal(0), zero_literal(0.0), zero_literal(1), zero_literal(False)
+    (True, True, False, False)
+    """
+    return isinstance(v, int | float) and not isinstance(v, bool) and v == 0
 
 
 def _literal_int(v: object) -> bool:
@@ -1460,6 +1472,8 @@ class _Propagator:
             return self.cat(n)
         if is_fn and target is torch.stack:
             return self.stack(n)
+        if (is_fn and target is torch.roll) or (not is_fn and target == "roll"):
+            return self.roll(n, x)
         self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
         return None
 
@@ -2167,6 +2181,28 @@ class _Propagator:
             perm = [_int(v) % nd for v in dims]
         return Labels(perm.index(lab.dim), lab.atoms)
 
+    def roll(self, n: fx.Node, x: Any) -> Labels | None:
+        """``torch.roll(x, shifts, dims)`` (``x.roll(...)``): along dimensions other than the
+        labelled one it moves each channel's values within that channel (Swin's shifted
+        windows), so the labels pass; rolling the labelled dimension, or with ``dims``
+        unset (the flattened tensor), mixes the channels: kept whole, with why."""
+        lab = self.lab(x)
+        ins = self.shape(x)
+        if lab is None or ins is None:
+            return None
+        dims: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dims")
+        listed = list(dims) if isinstance(dims, list | tuple) else [dims]
+        if dims is None or (isinstance(dims, list | tuple) and not dims):
+            self.pin(lab, f"{self.describe(n)} rolls the flattened tensor (no dims)")
+            return None
+        if not all(_literal_int(d) for d in listed):
+            self.pin(lab, f"{self.describe(n)} rolls dimensions {dims!r}, not written as ints")
+            return None
+        if lab.dim in [_int(d) % len(ins) for d in listed]:
+            self.pin(lab, f"{self.describe(n)} rolls the channels' dimension {lab.dim}")
+            return None
+        return lab
+
     def max_over(self, n: fx.Node) -> bool:
         """``torch.max(x, dim)`` / ``x.min(dim=...)`` (a ``(values, indices)`` pair): over a
         dimension other than the labelled one it keeps the channels, and for a gate g >= 0,
@@ -2337,6 +2373,8 @@ class _Propagator:
             s = self.shape(a)
             pos = d - (len(out) - len(s)) if s is not None else -1
             per_channel = s is not None and 0 <= pos < len(s) and s[pos] != 1
+            if kind == "add" and zero_literal(a):  # x + 0, 0 - x: a zero stays zero
+                continue
             if kind == "add":  # adding anything ungated breaks zero-preservation
                 self.pin_inputs(n, self.added_why(n, a, per_channel))
                 return None
@@ -2516,6 +2554,8 @@ class _Propagator:
             shape = m.normalized_shape if isinstance(m, nn.LayerNorm | nn.RMSNorm) else None
             if isinstance(shape, tuple) and len(shape) < len(ins) - lab.dim:
                 ok = True  # QK-norm: over the head size, not the heads
+            elif type(m) is nn.Softmax:  # Swin's self.softmax = nn.Softmax(dim=-1): as F.softmax
+                ok = isinstance(m.dim, int) and m.dim % len(ins) != lab.dim
             else:
                 ok = nz is not None and isinstance(m, nn.Dropout)
         elif fn and t in _NORM_FUNCS:  # functional QK-norm: F.layer_norm(q, (D,), w, b)

@@ -340,10 +340,12 @@ def _trace_detached(
         except Exception as e:  # fx raises many kinds (TraceError, TypeError, ...)
             name = tracer.failed_in
             if name is None or name in found:
+                hint = _trace_hint(e)  # the common causes: what to change, as for a submodule
+                advice = "" if hint else " (move data-dependent control flow into a submodule)"
                 raise ValueError(
                     f"torch.fx cannot trace {type(model).__name__}.forward itself "
-                    f"({type(e).__name__}: {e}); gate_ needs a traceable top-level forward "
-                    "(move data-dependent control flow into a submodule)"
+                    f"({type(e).__name__}: {e}){hint}; gate_ needs a traceable top-level "
+                    f"forward{advice}"
                 ) from e
             found[name] = f"{type(e).__name__}: {e}{_trace_hint(e)}"
             if warn:
@@ -377,7 +379,8 @@ def _trace_hint(e: Exception) -> str:
     if "slice indices must be integers" in text:
         return (
             " (a tensor attribute sliced by a size read from the input, e.g. a causal-mask "
-            "buffer self.mask[:, :, :T, :T] or a rotary cache self.cos[:T]: write "
+            "buffer self.mask[:, :, :T, :T], a rotary cache self.cos[:T] or BERT's "
+            "self.position_ids[:, :T]: write .narrow(dim, 0, T), e.g. "
             "self.mask.narrow(2, 0, T).narrow(3, 0, T), which fx traces)"
         )
     if "Proxy object cannot be iterated" in text:
