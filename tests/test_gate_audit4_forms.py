@@ -3,7 +3,7 @@
 - a Python ``0`` added to (or subtracted from, or with) gated channels (RepVGG's ``id_out = 0
   ... dense + one + id_out``, WaveNet's ``skip = 0; skip = skip + s``) is the identity: the
   channels stay gated, and a residual branch ending in ``+ 0`` keeps its block gate. Before
-  2026-12-07 23:30 UTC the add kept the whole group ("adds an ungated tensor or constant").
+  2026-12-07 22:41 UTC the add kept the whole group ("adds an ungated tensor or constant").
 - an ``nn.Softmax(dim=-1)`` module on attention scores (Swin's reference code) is read like
   ``F.softmax`` / ``attn.softmax(dim=-1)``: the heads are gated (before: "softmax (Softmax)
   is not pruned through").
