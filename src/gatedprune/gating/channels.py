@@ -611,6 +611,25 @@ def _literal_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _whole_slice(it: object, width: int) -> bool:
+    """Whether index ``it`` of a dimension of ``width`` is a slice written to keep all of it:
+    ``[:n]`` / ``[0:n]`` / ``[0:n:1]`` with a literal ``n >= width`` (GhostNet's
+    ``torch.cat([x1, x2], 1)[:, : self.oup]`` with ``oup`` the concatenated width). Python
+    clamps slices, so after pruning it still keeps every channel.
+
+    >>> _whole_slice(slice(None, 12), 12), _whole_slice(slice(0, 16, 1), 12)
+    (True, True)
+    >>> _whole_slice(slice(None, 11), 12), _whole_slice(slice(1, None), 12)
+    (False, False)
+    """
+    if not isinstance(it, slice):
+        return False
+    start_ok = it.start is None or (_literal_int(it.start) and it.start == 0)
+    step_ok = it.step is None or (_literal_int(it.step) and it.step == 1)
+    stop_ok = it.stop is None or (_literal_int(it.stop) and cast(int, it.stop) >= width)
+    return start_ok and step_ok and stop_ok
+
+
 def _repeat_sizes(n: fx.Node) -> tuple[Any, ...] | None:
     """The repeat counts of ``t.repeat(*sizes)`` / ``t.tile(dims)`` node ``n`` (ints or graph
     nodes) as written (``tile`` pads them on the left with 1s to the input's dimensions);
@@ -2260,7 +2279,7 @@ class _Propagator:
                 out_dim += 1
                 continue
             if in_dim == lab.dim:
-                if it != slice(None):
+                if it != slice(None) and not _whole_slice(it, ins[lab.dim]):
                     break
                 return Labels(out_dim, lab.atoms)
             if isinstance(it, int):
