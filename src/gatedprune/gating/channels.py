@@ -1264,10 +1264,24 @@ class _Propagator:
                 u.op == "call_function" and u.target in _RESHAPE_FUNCS
             )
             src = self.lab(u.args[0]) if is_reshape and u.args else None
+            if src is None and is_reshape and u.args and isinstance(u.args[0], fx.Node):
+                src = self.nonzero.get(u.args[0])  # an excitation: sigmoid(fc(y)).view(b, c)
             atoms = src.atoms if src is not None else self.scale_chains.get(u)  # gamma.view(...)
-            if atoms is None or not np.array_equal(np.unique(atoms), np.unique(lab.atoms)):
+            if atoms is None or not (
+                np.array_equal(np.unique(atoms), np.unique(lab.atoms))
+                or self.same_units(atoms, lab.atoms)
+            ):
                 return u  # not a reshape of the same channels
         return None
+
+    def same_units(self, a: np.ndarray, b: np.ndarray) -> bool:
+        """Whether channels ``a`` and ``b`` are pruned alike, one to one: the same multiset of
+        union-find roots (an excitation's channels unified with the ones it multiplies,
+        SENet's ``fc(y).view(b, c, 1, 1)`` with ``c`` read from ``x``), so they keep equally
+        many channels."""
+        return len(a) == len(b) and sorted(self.find(int(i)) for i in a) == sorted(
+            self.find(int(i)) for i in b
+        )
 
     def query_sources(self) -> frozenset[str]:
         """The Linear layers computing the queries of the multi-query attentions found: for
