@@ -45,13 +45,16 @@ def _ungated(summary: gp.GatingSummary) -> dict[str, str]:
 
 
 def _set_gates(model: nn.Module, gen: torch.Generator) -> None:
-    """Group gates at random log alphas (closed, open and fractional); block gates closed or
-    open at a fraction, at random."""
+    """Group gates at random log alphas (closed, open and fractional; one entry of each
+    closed, so the pruned model is always smaller); block gates closed or open at a fraction,
+    at random."""
     gating = inserted_gating(model)
     with torch.no_grad():
         for gate in gating.group_gates:
             assert isinstance(gate, HardConcreteGate)
             gate.log_alpha.uniform_(-3.0, 2.0, generator=gen)
+            closed = int(torch.randint(gate.log_alpha.numel(), (), generator=gen))
+            gate.log_alpha.view(-1)[closed] = -6.0  # one closed at least: fewer FLOPs
         for gate in gating.block_gates:
             assert isinstance(gate, HardConcreteGate)
             closed = bool(torch.rand((), generator=gen) < 0.5)

@@ -231,7 +231,7 @@ class Pow(nn.Module):
         ("negative", "raises to the power -1, which maps 0 to inf (not 0)"),
         ("tensor", "raises to the power of tensor node 't', which maps 0 to 1 or inf"),
         ("base", "raises to the power of labelled channels (0 maps to 1)"),
-        ("offset", "is not zero at closed channels and node 'proj'"),
+        ("offset", "adds a constant to the channels (not zero at closed ones) and node 'proj'"),
         ("sum", "node 'add_1' (call_function add) adds an ungated tensor or constant"),
     ],
 )

@@ -1003,10 +1003,17 @@ class _Propagator:
                         "(self.num_key_value_heads) or use repeat_interleave"
                     )
                 else:
+                    added = any(
+                        isinstance(a, int | float) and not isinstance(a, bool) for a in v.args
+                    ) and v.target in (*_OFFSET_FUNCS, *_OFFSET_METHODS)
+                    what = (
+                        "adds a constant to the channels (not zero at closed ones)"
+                        if added
+                        else "is not zero at closed channels"
+                    )
                     why = (
-                        f"{self.describe(v)} is not zero at closed channels and "
-                        f"{self.describe(u)} reads it (only a product with the channels it "
-                        "excites may)"
+                        f"{self.describe(v)} {what} and {self.describe(u)} reads it (only a "
+                        "product with the channels it excites may)"
                     )
                 self.pin(lab, why)
 
@@ -1094,6 +1101,8 @@ class _Propagator:
         if not isinstance(x, fx.Node) or not isinstance(num, int | float):
             return False
         if not _finite_number(num) or self.shape(x) != self.shape(n):
+            return False
+        if offset and zero_literal(num):  # x + 0: the identity, labels kept (see ``binary``)
             return False
         nz = self.nonzero.get(x)
         # of a factor, base first: a positive integer power stays finite
