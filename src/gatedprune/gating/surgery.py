@@ -645,6 +645,65 @@ def _specialised(graph: fx.Graph, names: set[str]) -> set[fx.Node]:
     return out
 
 
+_CONTAINER_METHODS = {"get", "keys", "values", "items", "index", "count"}  # of a dict/list
+
+
+def _selects_input(n: object, containers: set[fx.Node] | None = None) -> bool:
+    """Whether ``n`` is an input of its graph or selects an element of one with a constant
+    key (``xs[0]``, ``xs["a"]``, ``xs[1:]``, ``xs[0][1]``), from the placeholders
+    ``containers`` only if given (None: any).
+
+    >>> g = fx.Graph()
+    >>> xs = g.placeholder("xs")
+    >>> first = g.call_function(operator.getitem, (xs, 0))
+    >>> _selects_input(first), _selects_input(g.call_function(torch.relu, (first,)))
+    (True, False)
+    """
+    while isinstance(n, fx.Node) and n.op != "placeholder":
+        key = n.args[1] if len(n.args) == 2 else None
+        if n.op != "call_function" or n.target is not operator.getitem or n.kwargs:
+            return False
+        if not isinstance(key, int | str | slice) or isinstance(key, bool):
+            return False
+        if isinstance(key, slice) and not all(
+            isinstance(v, int | None) for v in (key.start, key.stop, key.step)
+        ):
+            return False
+        n = n.args[0]
+    return isinstance(n, fx.Node) and (containers is None or n in containers)
+
+
+def _container_choices(graph: fx.Graph) -> Iterator[tuple[set[fx.Node], set[fx.Node]]]:
+    """Which placeholders of a module's own trace to read as lists/tuples/dicts of tensors,
+    with the nodes that then only select their elements: none first, then every subset of
+    those indexed with a constant key (smallest first; up to 6). Traced alone, ``xs[0]`` of
+    an argument ``xs`` is a node; traced from the root, where the caller passes a Python list
+    of tensors (HRNet's fusion, mmdet necks), it is Python indexing, no node. A tensor
+    argument indexed the same way (``x[0]``) is a node in both, so each reading is tried.
+
+    >>> g = fx.Graph()
+    >>> xs = g.placeholder("xs")
+    >>> _ = g.call_function(operator.getitem, (xs, 0))
+    >>> [sorted(str(p) for p in c) for c, _ in _container_choices(g)]
+    [[], ['xs']]
+    """
+    yield set(), set()
+    indexed = [
+        p
+        for p in graph.nodes
+        if p.op == "placeholder" and any(_selects_input(u, {p}) for u in p.users)
+    ]
+    if len(indexed) > 6:
+        return
+    for k in range(1, len(indexed) + 1):
+        for subset in itertools.combinations(indexed, k):
+            chosen = set(subset)
+            yield (
+                chosen,
+                {n for n in graph.nodes if n.op != "placeholder" and _selects_input(n, chosen)},
+            )
+
+
 def local_trace(
     model: nn.Module,
     root_graph: fx.Graph,
@@ -671,6 +730,7 @@ def local_trace(
     defaults = optional_defaults(sub) if scope else {}
     choices = _concrete_choices(defaults) if bound is None or not scope else iter([bound or None])
     traced_any, failure = False, ""
+    indexed: set[str] = set()  # arguments read as lists/tuples/dicts, for the reason
     for concrete in choices:
         try:
             # None: the root as gate_ traced it; a submodule as called, with every argument
@@ -683,23 +743,51 @@ def local_trace(
             continue
         traced_any = True
         skip = _specialised(local.graph, set(concrete)) if concrete else set()
-        local_nodes = [
-            n for n in local.graph.nodes if n.op not in ("placeholder", "output") and n not in skip
-        ]
-        same = len(root_nodes) == len(local_nodes) and all(
-            _same_target(model, sub, r, n, scope)
-            for r, n in zip(root_nodes, local_nodes, strict=False)
-        )
-        if same:
-            return local, {r.name: n for r, n in zip(root_nodes, local_nodes, strict=True)}
+        # an argument the caller passes as a list of tensors: its element selections are no
+        # nodes in the root graph, and stand for the tensors they select
+        for containers, selections in _container_choices(local.graph):
+            local_nodes = [
+                n
+                for n in local.graph.nodes
+                if n.op not in ("placeholder", "output") and n not in skip | selections
+            ]
+            same = len(root_nodes) == len(local_nodes) and all(
+                _same_target(model, sub, r, n, scope)
+                for r, n in zip(root_nodes, local_nodes, strict=False)
+            )
+            if same:
+                return local, {r.name: n for r, n in zip(root_nodes, local_nodes, strict=True)}
+            indexed |= {str(p.target) for p in containers}
+        indexed |= {
+            str(u.args[0])
+            for u in local.graph.nodes
+            if u.op == "call_method"
+            and u.target in _CONTAINER_METHODS
+            and u.args
+            and isinstance(u.args[0], fx.Node)
+            and u.args[0].op == "placeholder"
+        }
     if not traced_any and failure:  # say why, rather than "a different graph"
+        hint = ""
+        if "does not support item assignment" in failure:  # HRNet's xs[i] = branch(xs[i])
+            hint = (
+                "; it takes a list/tuple/dict argument and writes into it, which fx cannot "
+                "trace alone (write the results into a new list instead)"
+            )
         raise RuntimeError(
             f"cannot rewrite module '{scope}' ({type(sub).__name__}): tracing it alone fails "
-            f"({failure})"
+            f"({failure}){hint}"
+        )
+    why = ""
+    if indexed:
+        why = (
+            f" (it takes a list/tuple/dict argument ({', '.join(sorted(indexed))}), whose "
+            "use here could not be matched element by element: only constant-key element "
+            "selections such as xs[0] are followed)"
         )
     raise RuntimeError(
         f"cannot rewrite module '{scope}' ({type(sub).__name__}): tracing it alone gives a "
-        "different graph than tracing the whole model"
+        f"different graph than tracing the whole model{why}"
     )
 
 
@@ -1168,7 +1256,8 @@ def _rewrite_scope(
             # the block): it must not write into the kept operand, which others may read
             with local.graph.inserting_before(ln):
                 keep = local.graph.call_method("clone", (keep,))
-        if keep.op == "placeholder":  # the value the caller passed in, as the root graph has it
+        if _selects_input(keep):  # the value the caller passed in, as the root graph has it
+            # (an argument, or an element of a list of tensors passed)
             root_add = root_by_name[add_name]
             kept_inputs[keep] = (root_add.args[1 - pos], root_add)
         ln.replace_all_uses_with(keep)
@@ -1192,10 +1281,13 @@ def _rewrite_scope(
     for call in hooked:  # called as modules again (their hooks run)
         _refold_hooked(local.graph, sub, call, replaced)
     output = next(n for n in local.graph.nodes if n.op == "output")
+    for n in list(reversed(local.graph.nodes)):  # element selections of a list argument unread
+        if not n.users and n.op != "placeholder" and _selects_input(n):
+            local.graph.erase_node(n)
     ret = output.args[0]
     if (
         isinstance(ret, fx.Node)
-        and ret.op == "placeholder"
+        and _selects_input(ret)
         and returned in left_operands
         and aliases.read_elsewhere(*kept_inputs.get(ret, (None, None)))
     ):
