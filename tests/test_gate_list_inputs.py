@@ -1,7 +1,7 @@
 """Submodules whose ``forward`` takes a list of tensors (HRNet's multi-resolution fusion,
 mmdet/mmpose necks): traced alone, ``xs[0]`` of the argument is a node; traced from the root,
 where the caller passes a Python list of tensors, it is Python indexing and no node. Before
-2026-12-07 23:30 UTC such a module could not be rewritten ("tracing it alone gives a different
+2026-12-07 22:50 UTC such a module could not be rewritten ("tracing it alone gives a different
 graph than tracing the whole model") and every residual block in its code stayed ungated."""
 
 from __future__ import annotations
