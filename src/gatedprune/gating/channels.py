@@ -1292,6 +1292,19 @@ class _Propagator:
             self.find(int(i)) for i in b
         )
 
+    def param_input_atoms(self, n: fx.Node, lab: Labels | None, path: str) -> np.ndarray | None:
+        """The atoms of the input channels that node ``n``, a linear map or convolution with
+        parameter ``path``, consumes (None if unlabelled); the gate of a recurrent module's
+        output does not fold into such a map, so they are soft-pinned for it."""
+        if lab is None:
+            return None
+        self.soft_pin(
+            lab,
+            f"{self.describe(n)} reads them with parameter '{path}' (a recurrent module's "
+            "output gate folds into Linear/Conv consumers only)",
+        )
+        return lab.atoms
+
     def query_sources(self) -> frozenset[str]:
         """The Linear layers computing the queries of the multi-query attentions found: for
         each, the modules whose output channels are pruned with its query heads, if all of
@@ -2776,14 +2789,7 @@ class _Propagator:
             if lab is not None and x_shape is not None and lab.dim == len(x_shape) - 1:
                 self.pin(lab, pin_why)  # (contracted: the rules for @ would pin it too)
             return False, None
-        in_atoms = None
-        if lab is not None:
-            in_atoms = lab.atoms
-            self.soft_pin(
-                lab,
-                f"{self.describe(n)} reads them with parameter '{path}' (a recurrent module's "
-                "output gate folds into Linear/Conv consumers only)",
-            )
+        in_atoms = self.param_input_atoms(n, lab, path)
         pl = ParamLinear(n.name, path, in_dim, n_in, n_out, in_atoms=in_atoms)
         pl.bias_flops = is_linear and b is not None
         self.param_linears[n] = pl
@@ -2856,14 +2862,7 @@ class _Propagator:
             return None
         n_out, n_in = int(param.shape[0]), int(param.shape[1])
         taps = int(np.prod(param.shape[2:]))  # kernel positions per input channel
-        in_atoms = None
-        if lab is not None:
-            in_atoms = lab.atoms
-            self.soft_pin(
-                lab,
-                f"{self.describe(n)} reads them with parameter '{path}' (a recurrent module's "
-                "output gate folds into Linear/Conv consumers only)",
-            )
+        in_atoms = self.param_input_atoms(n, lab, path)
         pl = ParamLinear(n.name, path, 1, n_in, n_out, in_atoms=in_atoms, taps=taps, conv=True)
         pl.bias_flops = b is not None  # 1 FLOP per output element, as cost counts it
         self.param_linears[n] = pl
