@@ -201,6 +201,17 @@ def train_under_budget(
         opt.step()
 
 
+def budget_steps(
+    model: nn.Module, budget: gp.Budget, steps: int, sample: Callable[[], Tensor]
+) -> None:
+    """``steps`` training steps of ``model`` under ``budget`` on inputs ``sample()`` with the
+    loss ``mean(model(x) ** 2)`` (no targets: the gates and weights move, the budget pulls),
+    as :func:`train_under_budget` does with a task loss."""
+    train_under_budget(
+        model, budget, steps, lambda: (sample(), torch.empty(0)), lambda out, _: out.pow(2).mean()
+    )
+
+
 class ParamMapNet(nn.Module):
     """Parameter maps on the root: ``x @ W1 + b1`` (W1 stored (in, out)), ``F.linear(h, W2)``."""
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import budget_optimizer, inserted_gating, randomise_batchnorms
+from gating_helpers import budget_steps, inserted_gating, randomise_batchnorms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -220,14 +220,7 @@ def _check(
     assert isinstance(dense, gp.Cost)
     gate_(model, x)
     budget = gp.Budget(model, x, flops=0.6)
-    opt = budget_optimizer(model, budget)
-    model.train()
-    for _ in range(steps):
-        out = model(sample(3, gen))
-        loss = out.pow(2).mean() + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    budget_steps(model, budget, steps, lambda: sample(3, gen))
     _fractional_gates(model, gen, blocks_open)
     model.eval()
     hard = gp.cost(model, x, hard=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import budget_optimizer, inserted_gating, randomise_batchnorms
+from gating_helpers import budget_steps, inserted_gating, randomise_batchnorms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -195,13 +195,7 @@ def _train_and_prune(
     assert isinstance(dense, gp.Cost)
     gate_(model, x)
     budget = gp.Budget(model, x, flops=0.6)
-    opt = budget_optimizer(model, budget)
-    model.train()
-    for _ in range(3):
-        loss = model(_img(3, gen)).pow(2).mean() + budget.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    budget_steps(model, budget, 3, lambda: _img(3, gen))
     _set_gates(model, gen)
     model.eval()
     return model, _exact(model, factory, gen), dense
