@@ -44,6 +44,10 @@ def act(x: Tensor, form: str) -> Tensor:
         return 0.5 * x * (1.0 + torch.tanh(_C * (x + 0.044715 * x**3)))
     if form == "xxx":
         return 0.5 * x * (1.0 + torch.tanh(_C * (x + 0.044715 * x * x * x)))
+    if form == "square":  # torch.square / .square(): since 2026-12-07 23:05 UTC
+        return 0.5 * x * (1.0 + torch.tanh(_C * (x + 0.044715 * x * torch.square(x))))
+    if form == "method_square":
+        return 0.5 * x * (1.0 + torch.tanh(_C * (x + 0.044715 * x.square() * x)))
     if form == "erf":  # Hugging Face's GELUActivation written out
         return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
     if form == "quick":  # quick_gelu (CLIP)
@@ -53,7 +57,18 @@ def act(x: Tensor, form: str) -> Tensor:
     raise ValueError(f"unknown form {form!r}")
 
 
-FORMS = ["torch_pow", "method_pow", "starstar", "xxx", "erf", "quick", "sub", "module"]
+FORMS = [
+    "torch_pow",
+    "method_pow",
+    "starstar",
+    "xxx",
+    "square",
+    "method_square",
+    "erf",
+    "quick",
+    "sub",
+    "module",
+]
 KINDS = ["linear", "conv1d", "gated"]
 
 

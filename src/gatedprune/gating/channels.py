@@ -1481,6 +1481,11 @@ class _Propagator:
             return self.cast(n, x)
         if (is_fn and target in _POW_FUNCS) or (not is_fn and target in _POW_METHODS):
             return self.power(n)
+        if (is_fn and target is torch.square) or (not is_fn and target == "square"):
+            lab = self.lab(x)  # x ** 2: 0 maps to 0, not positively homogeneous
+            if lab is not None and self.shape(x) == out_shape and len(n.args) == 1:
+                self.soft_pin(lab, f"{self.describe(n)} is not positively homogeneous")
+                return lab
         if (is_fn and target in _PASS_FUNCS) or (not is_fn and target in _PASS_METHODS):
             lab = self.lab(x)
             if lab is not None and self.shape(x) != out_shape:
