@@ -76,8 +76,11 @@ def computed_weight(m: nn.Module) -> bool:
     >>> computed_weight(nn.Linear(2, 2)), computed_weight(weight_normed)
     (False, True)
     """
-    if parametrize.is_parametrized(m):
-        return True
+    return parametrize.is_parametrized(m) or _user_pre_hook(m)
+
+
+def _user_pre_hook(m: nn.Module) -> bool:
+    """Whether ``m`` has a forward pre-hook that is not gatedprune's own."""
     return any(not isinstance(h, GateHook) for h in m._forward_pre_hooks.values())
 
 
@@ -116,7 +119,7 @@ def weight_norm_layer(m: nn.Module) -> bool:
         return False
     if tuple(g.shape) != (v.shape[0], *[1] * (v.dim() - 1)):
         return False
-    return not any(not isinstance(h, GateHook) for h in m._forward_pre_hooks.values())
+    return not _user_pre_hook(m)
 
 
 def batchnorm_affine(bn: nn.Module, user: str) -> tuple[Tensor, Tensor]:

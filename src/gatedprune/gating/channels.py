@@ -389,7 +389,6 @@ EXCITE_FUNCS, EXCITE_METHODS, EXCITE_MODULES = _EXCITE_FUNCS, _EXCITE_METHODS, _
 RESHAPE_FUNCS, RESHAPE_METHODS = _RESHAPE_FUNCS, _RESHAPE_METHODS
 _ADD_FUNCS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, torch.add}
 # a bias added to (or subtracted from) the output units of a linear map (see param_bias)
-_BIAS_FUNCS: set[Callable[..., Any]] = {operator.add, torch.add, operator.sub, torch.sub}
 _MUL_FUNCS: set[Callable[..., Any]] = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCS: set[Callable[..., Any]] = {operator.truediv, torch.div}
 # normalisations over trailing dimensions (normalized_shape); of heads: over the head size
@@ -1003,9 +1002,10 @@ class _Propagator:
                         "(self.num_key_value_heads) or use repeat_interleave"
                     )
                 else:
-                    added = any(
-                        isinstance(a, int | float) and not isinstance(a, bool) for a in v.args
-                    ) and v.target in (*_OFFSET_FUNCS, *_OFFSET_METHODS)
+                    added = any(_scalar(a) for a in v.args) and v.target in (
+                        *_OFFSET_FUNCS,
+                        *_OFFSET_METHODS,
+                    )
                     what = (
                         "adds a constant to the channels (not zero at closed ones)"
                         if added
@@ -2067,10 +2067,7 @@ class _Propagator:
                 if width % computed:
                     self.pin(lab, unequal)
                     return True
-                blocks = lab.atoms.reshape(width // computed, computed)  # (pieces, size)
-                for i in range(1, len(blocks)):
-                    self.union(blocks[0], blocks[i])
-                self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
+                self.equal_pieces(n, lab, computed)
                 return True
             arg = computed  # another tensor's size: the pruned code gets the kept width
         if not _literal_int(arg):
@@ -2084,13 +2081,20 @@ class _Propagator:
         if size <= 0 or width % size != 0:
             self.pin(lab, unequal)
             return True
-        blocks = lab.atoms.reshape(width // size, size)  # (pieces, size)
-        for i in range(1, len(blocks)):
-            self.union(blocks[0], blocks[i])
-        self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
+        blocks = self.equal_pieces(n, lab, size)
         if not chunk:
             self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
         return True
+
+    def equal_pieces(self, n: fx.Node, lab: Labels, size: int) -> np.ndarray:
+        """Split node ``n`` cuts labelled channels ``lab`` into equal pieces of ``size``:
+        position ``i`` of every piece is pruned with position ``i`` of the others (each piece
+        keeps the same count). Records the pieces; returns the atoms, (pieces, size)."""
+        blocks = lab.atoms.reshape(-1, size)  # (pieces, size)
+        for b in blocks[1:]:
+            self.union(blocks[0], b)
+        self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
+        return blocks
 
     def split_elsewhere(self, n: fx.Node, lab: Labels, dim: int, unbind: bool) -> bool:
         """A split, chunk, tensor_split or unbind of a labelled tensor along dimension ``dim``,
@@ -2133,11 +2137,8 @@ class _Propagator:
         if not isinstance(dim, int) or dim % len(ins) != lab.dim:
             return False
         width = ins[lab.dim]
-        if isinstance(arg, int) and not isinstance(arg, bool) and arg > 0 and width % arg == 0:
-            blocks = lab.atoms.reshape(arg, width // arg)  # (pieces, size): as chunk(arg)
-            for i in range(1, len(blocks)):
-                self.union(blocks[0], blocks[i])
-            self.pieces[n] = [Labels(lab.dim, b.copy()) for b in blocks]
+        if _literal_int(arg) and arg > 0 and width % arg == 0:
+            self.equal_pieces(n, lab, width // arg)  # as chunk(arg)
             return True
         if not isinstance(arg, list | tuple) or not all(_literal_int(a) for a in arg):
             self.pin(
@@ -2147,7 +2148,7 @@ class _Propagator:
             )
             return True
         bounds = [0, *arg, width]
-        if any(a > b for a, b in itertools.pairwise(bounds)) or arg[-1] > width:
+        if not arg or any(a > b for a, b in itertools.pairwise(bounds)):
             self.pin(
                 lab,
                 f"{self.describe(n)} splits the channels at indices {tuple(arg)} that do not "
@@ -2951,8 +2952,8 @@ class _Propagator:
         with them (``(x W - b) g = x (W g) - b g``); the result carries ``y``'s labels. None
         if ``n`` is not one (an add of a parameter that cannot be sliced pins them, with
         why)."""
-        add = (n.op == "call_function" and n.target in _BIAS_FUNCS) or (
-            n.op == "call_method" and n.target in ("add", "sub")
+        add = (n.op == "call_function" and n.target in _OFFSET_FUNCS) or (
+            n.op == "call_method" and n.target in _OFFSET_METHODS
         )
         if not add or len(n.args) != 2:
             return None

@@ -75,6 +75,7 @@ from .structure import (
     SiteInfo,
     SizeInfo,
     SliceInfo,
+    _inside,
     build_cost_terms,
 )
 from .surgery import (
@@ -537,50 +538,39 @@ _GATE_HOOKS = (
 )
 
 
+def _pin_groups(ca: ChannelAnalysis, atoms: np.ndarray | None, why: str) -> None:
+    """Leave ungated, with reason ``why``, every channel group holding one of ``atoms`` that
+    no earlier reason left ungated."""
+    if atoms is None or not len(atoms):
+        return
+    for gi in np.unique(ca.atom_group[atoms]).tolist():
+        if ca.groups[gi].pinned is None:
+            ca.groups[gi].pinned = why
+
+
 def _pin_unrewritable_sizes(
-    model: nn.Module,
-    gm: fx.GraphModule,
-    ca: ChannelAnalysis,
-    opaque: dict[str, str],
-    bindings: dict[str, dict[str, Any] | str],
-    hooked: _HookedCalls | None = None,
+    ca: ChannelAnalysis, hooked: _HookedCalls, node_owner: Mapping[fx.Node, str]
 ) -> None:
     """Leave ungated the channels whose sizes pruning would rewrite in the code of a module
-    that cannot be rewritten (called twice, say: tracing it alone gives other code), or in
-    the code of a call of a module carrying hooks of the user's that could not stay a call
-    of the module (``hooked``)."""
-    node_owner = node_owners(gm.graph)
+    that cannot be rewritten (called twice, say: tracing it alone gives other code:
+    ``hooked.rewritable``), or in the code of a call of a module carrying hooks of the
+    user's that could not stay a call of the module."""
     owners = {n.name: owner for n, owner in node_owner.items()}
-    scopes = {owners[name] for name in ca.sizes}
     why: dict[str, str] = {}
-    for scope in sorted(scopes):
-        try:
-            local_trace(model, gm.graph, scope, opaque, bindings.get(scope, {}), node_owner)
-        except RuntimeError as e:
-            for name in ca.sizes:
-                if owners[name] == scope:
-                    why[name] = str(e)
-    if hooked is not None:
-        for name in ca.sizes:
-            conflict = hooked.conflict([owners[name]], {name})
-            if conflict is not None and name not in why:
-                why[name] = f"it is in the code of {conflict}"
-    for name, entries in ca.sizes.items():
-        if name not in why:
+    for name in ca.sizes:
+        err = hooked.rewritable(owners[name])
+        if err is not None:
+            why[name] = err
             continue
-        for _, atoms, _ in entries:
-            if atoms is None or not len(atoms):
-                continue
-            for gi in np.unique(ca.atom_group[atoms]).tolist():
-                if ca.groups[gi].pinned is None:
-                    ca.groups[
-                        gi
-                    ].pinned = f"node '{name}' gives a pruned dimension a size, and {why[name]}"
-
-
-def _within(path: str, scope: str) -> bool:
-    """Whether module ``path`` is module ``scope`` or inside it (``""``: the root)."""
-    return scope == "" or path == scope or path.startswith(scope + ".")
+        conflict = hooked.conflict([owners[name]], {name})
+        if conflict is not None:
+            why[name] = f"it is in the code of {conflict}"
+    for name, entries in ca.sizes.items():
+        if name in why:
+            for _, atoms, _ in entries:
+                _pin_groups(
+                    ca, atoms, f"node '{name}' gives a pruned dimension a size, and {why[name]}"
+                )
 
 
 class _HookedCalls:
@@ -635,7 +625,7 @@ class _HookedCalls:
             if outs & erased:
                 return f"{self.who(call.path)}, whose call would go with the branch"
             touched = bool(names & changed)
-            inlined = any(_within(call.path, s) and call.path != s for s in scopes)
+            inlined = any(_inside(call.path, s) and call.path != s for s in scopes)
             if not (touched or inlined):
                 continue
             if touched and is_leaf_call(call):
@@ -668,33 +658,25 @@ def _hooked_inside(m: nn.Module, name: str) -> str | None:
     return None
 
 
-def _pin_hooked(model: nn.Module, traced: TracedModel, ca: ChannelAnalysis) -> None:
+def _module_spaces(ca: ChannelAnalysis, path: str) -> list[np.ndarray | None]:
+    """The channel atoms of module ``path``'s outputs and inputs (recurrent ones too)."""
+    spaces = [ca.module_atoms.get(path), ca.module_in_atoms.get(path)]
+    return [*spaces, ca.rnn_in_atoms.get(path), *ca.rnn_outputs.get(path, [])]
+
+
+def _pin_hooked(hooked: _HookedCalls, traced: TracedModel, ca: ChannelAnalysis) -> None:
     """Leave ungated the channels a hook of the user's sees: the inputs and outputs of every
     call of a module carrying one (a forward hook sees both, a pre-hook the inputs, which
     may also change the weight), with the hook named as the reason."""
-
-    def pin(atoms: np.ndarray | None, why: str) -> None:
-        if atoms is not None and len(atoms):
-            for gi in np.unique(ca.atom_group[atoms]).tolist():
-                if ca.groups[gi].pinned is None:
-                    ca.groups[gi].pinned = why
-
-    for call in traced.calls:
-        if call.path not in traced.hooked:
-            continue
-        m = model.get_submodule(call.path)
-        why = f"{call.path} ({type(m).__name__}) {describe_hooks(m)}"
+    for call in hooked.calls:
+        why = hooked.who(call.path)
         for n in [*call.inputs(), *call.outputs()]:
             for lab in (ca.labels.get(n), ca.nonzero.get(n)):
                 if lab is not None:
-                    pin(lab.atoms, why)
+                    _pin_groups(ca, lab.atoms, why)
     for path in sorted(traced.hooked):
-        m = model.get_submodule(path)
-        why = f"{path} ({type(m).__name__}) {describe_hooks(m)}"
-        spaces = [ca.module_atoms.get(path), ca.module_in_atoms.get(path)]
-        spaces += [ca.rnn_in_atoms.get(path), *ca.rnn_outputs.get(path, [])]
-        for atoms in spaces:
-            pin(atoms, why)
+        for atoms in _module_spaces(ca, path):
+            _pin_groups(ca, atoms, hooked.who(path))
 
 
 def _hook_views(
@@ -1486,7 +1468,7 @@ class InsertedGating(ModelGating):
                 why = "gate_ scales its parameters by gates"
             elif name in ends:
                 why = "a new shortcut starts or ends there"
-            elif any(_within(name, r) for r in rebuilt):
+            elif any(_inside(name, r) for r in rebuilt):
                 why = "gate_ gates the heads or units of the layer it belongs to"
             elif closed & set(views.get(name, [])):
                 why = "its calls read or return channels prune removes"
@@ -1965,16 +1947,11 @@ def gate_(
         return rewritable[scope]
 
     hooked = _HookedCalls(model, traced, can_rewrite)  # modules carrying hooks of the user's
-    _pin_hooked(model, traced, ca)
+    _pin_hooked(hooked, traced, ca)
     shared = _shared_modules(model, gm)
     for name, reason in shared.items():  # pruning slices and scales their tensors in place
-        spaces = [ca.module_atoms.get(name), ca.module_in_atoms.get(name)]
-        spaces += [ca.rnn_in_atoms.get(name), *ca.rnn_outputs.get(name, [])]
-        for atoms in spaces:
-            if atoms is not None and len(atoms):
-                for gi in np.unique(ca.atom_group[atoms]).tolist():
-                    if ca.groups[gi].pinned is None:
-                        ca.groups[gi].pinned = f"{name}: {reason}"
+        for atoms in _module_spaces(ca, name):
+            _pin_groups(ca, atoms, f"{name}: {reason}")
     param_whole = dict(ca.param_whole)
     conflicts = _param_conflicts(model, gm, ca.param_linears)
     for pl in ca.param_linears:  # a parameter sliced in place must be read only there
@@ -1983,20 +1960,15 @@ def gate_(
             continue
         param_whole.setdefault(pl.weight, f"{why}, at node '{pl.node}'")
         for atoms in (pl.in_atoms, pl.out_atoms):
-            if atoms is not None and len(atoms):
-                for gi in np.unique(ca.atom_group[atoms]).tolist():
-                    if ca.groups[gi].pinned is None:
-                        ca.groups[gi].pinned = f"{why} (node '{pl.node}' is left whole)"
+            _pin_groups(ca, atoms, f"{why} (node '{pl.node}' is left whole)")
     scale_conflicts = _param_conflicts(model, gm, [], ca.param_scales)
     for ps in ca.param_scales:  # a per-channel factor sliced in place: read only there
         why = scale_conflicts.get(ps.path)
         if why is None:
             continue
         param_whole.setdefault(ps.path, f"{why}, at node '{ps.node}'")
-        for gi in np.unique(ca.atom_group[ps.atoms]).tolist():
-            if ca.groups[gi].pinned is None:
-                ca.groups[gi].pinned = f"{why} (node '{ps.node}' multiplies them by it)"
-    _pin_unrewritable_sizes(model, gm, ca, dict(traced.opaque), bindings, hooked)
+        _pin_groups(ca, ps.atoms, f"{why} (node '{ps.node}' multiplies them by it)")
+    _pin_unrewritable_sizes(ca, hooked, owners)
     summary = GatingSummary(opaque=dict(traced.opaque))
     summary.ungated_params.extend(param_whole.items())
     param_producers = {pl.weight for pl in ca.param_linears if pl.out_atoms is not None}
@@ -2081,21 +2053,13 @@ def gate_(
                 unconnected.append((f"{e.src} -> {e.dst}", why_not))
             else:
                 without_hooks.append(e)
-        edges = without_hooks
-        edge_scopes: dict[str, str | None] = {}
-        for e in edges:  # prune rewrites the code of the module holding both blocks
-            if e.scope not in edge_scopes:
-                try:
-                    local_trace(
-                        model, gm.graph, e.scope, traced.opaque, bindings.get(e.scope, {}), owners
-                    )
-                    edge_scopes[e.scope] = None
-                except RuntimeError as err:
-                    edge_scopes[e.scope] = str(err)
-            why_not = edge_scopes[e.scope]
+        edges = []
+        for e in without_hooks:  # prune rewrites the code of the module holding both blocks
+            why_not = can_rewrite(e.scope)
             if why_not is not None:
                 unconnected.append((f"{e.src} -> {e.dst}", why_not))
-        edges = [e for e in edges if edge_scopes[e.scope] is None]
+            else:
+                edges.append(e)
         summary.shortcuts.extend((e.src, e.dst) for e in edges)
         summary.unconnected.extend(unconnected)
     if not blocks:

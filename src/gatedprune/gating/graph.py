@@ -754,15 +754,11 @@ def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> R
             + "; register them with gatedprune.costs.register_cost or give them a "
             "flops_of(inputs, output) method"
         )
-    whole = {
-        n: c.path
-        for c in inlined_calls(gm.graph, root)
-        if not is_code(root.get_submodule(c.path))
-        for n in c.nodes
-    }
+    calls = inlined_calls(gm.graph, root)
+    whole = {n: c.path for c in calls if not is_code(root.get_submodule(c.path)) for n in c.nodes}
     conv_layers = {
         c.outputs[0]: c.path
-        for c in inlined_calls(gm.graph, root)
+        for c in calls
         if len(c.outputs) == 1 and _conv_layer_output(root.get_submodule(c.path), c)
     }
     return RunRecord(rec.shapes, rec.flops, rec.arg_shapes, extra, whole, conv_layers)

@@ -303,7 +303,7 @@ class _Factors:
         """The counts of a gated vector of ``size`` entries none of which an entry reads (as
         ``np.bincount`` of no indices gives them)."""
         if size not in self._zero_rows:
-            self._zero_rows[size] = np.zeros(size, dtype=np.bincount(np.zeros(0, np.intp)).dtype)
+            self._zero_rows[size] = np.zeros(size, dtype=np.intp)
         return self._zero_rows[size]
 
 

@@ -746,10 +746,11 @@ def local_trace(
         # an argument the caller passes as a list of tensors: its element selections are no
         # nodes in the root graph, and stand for the tensors they select
         for containers, selections in _container_choices(local.graph):
+            excluded = skip | selections
             local_nodes = [
                 n
                 for n in local.graph.nodes
-                if n.op not in ("placeholder", "output") and n not in skip | selections
+                if n.op not in ("placeholder", "output") and n not in excluded
             ]
             same = len(root_nodes) == len(local_nodes) and all(
                 _same_target(model, sub, r, n, scope)
@@ -1076,14 +1077,14 @@ def _resize_section(node: fx.Node, section: tuple[str, int], value: int) -> None
     ``i`` (``("index", i)``), in place; other sections (indices) as they are."""
     kind, i = section
     if kind == "section":
-        names: tuple[str, ...] = ("split", "split_size", "split_size_or_sections")
+        name = "split"
         kws: tuple[str, ...] = ("split_size", "split_size_or_sections")
     else:
-        names = ("tensor_split", "indices", "indices_or_sections", "sections")
+        name = "tensor_split"
         kws = ("indices_or_sections", "indices", "tensor_indices_or_sections")
-    fn = node.op == "call_function" and getattr(node.target, "__name__", None) == names[0]
-    if not (fn or (node.op == "call_method" and node.target == names[0])):
-        raise ValueError(f"cannot give node '{node.name}' a new {kind} {i}: not {names[0]}")
+    fn = node.op == "call_function" and getattr(node.target, "__name__", None) == name
+    if not (fn or (node.op == "call_method" and node.target == name)):
+        raise ValueError(f"cannot give node '{node.name}' a new {kind} {i}: not {name}")
     kw = next((k for k in kws if k in node.kwargs), None)
     old = node.args[1] if len(node.args) > 1 else node.kwargs.get(kw) if kw else None
     if not isinstance(old, list | tuple) or not 0 <= i < len(old):
@@ -2366,9 +2367,10 @@ def _scale_operands(
         src = scale_chain(c)  # gamma, or gamma.view(1, -1, 1, 1), gamma[:, None, None], ...
         if not isinstance(a, fx.Node) or src is None or src[0].op != "get_attr":
             continue
-        spec = slices.get(str(src[0].target))
+        path = str(src[0].target)  # the parameter, not a view of it
+        spec = slices.get(path)
         if spec is not None and spec["kind"] == "scale":
-            return a, str(c.target), spec
+            return a, path, spec
     return None
 
 
