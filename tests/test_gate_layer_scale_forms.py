@@ -325,3 +325,21 @@ def test_random_widths_forms_and_closed_sets_prune_exactly(
             g.log_alpha.fill_(0.5)
     model.eval()
     _exact(model, factory, gen)
+
+
+def test_a_plan_keeping_other_entries_of_a_viewed_scale_names_the_parameter() -> None:
+    """A hand-edited plan slicing ``gamma`` (read as ``gamma.view(1, -1, 1, 1)``) at other
+    channels than those it multiplies is refused naming ``gamma`` (the message named the
+    ``view`` node's method until 2026-12-07 23:12 UTC)."""
+    form = "x * g.view(1, -1, 1, 1)"
+    model = ConvNeXtBlock(form)
+    gate_(model, torch.randn(2, 3, 8, 8))
+    for g in gp.gate_modules(model):
+        g.force_(torch.arange(g.n) % 2 == 0)
+    plan = export_plan(model)
+    assert plan["slices"]["gamma"]["kind"] == "scale"
+    plan.pop("checksum", None)
+    kept = plan["slices"]["gamma"]["out"]
+    plan["slices"]["gamma"]["out"] = [c for c in range(8) if c not in kept][: len(kept)]
+    with pytest.raises(ValueError, match="per-channel factor 'gamma'"):
+        apply_plan(ConvNeXtBlock(form), plan)
