@@ -293,17 +293,23 @@ def test_decoder_layer_counts_self_and_cross_attention_ffn_and_three_norms(
     assert _plain(WithMemory(stack, seq(s)), seq(t)) == expected
 
 
-def test_decoder_layer_needs_positional_memory() -> None:
-    class KwargCall(nn.Module):
-        def __init__(self) -> None:
+def test_decoder_layer_memory_by_keyword_costs_as_positional() -> None:
+    # before 2026-12-07 23:50 UTC a TypeError ("positional tgt, memory")
+    class Call(nn.Module):
+        def __init__(self, keyword: bool) -> None:
             super().__init__()
+            self.keyword = keyword
             self.dec = nn.TransformerDecoderLayer(8, 2, 12, 0.0, batch_first=True)
 
         def forward(self, x: Tensor) -> Tensor:
-            return self.dec(x, memory=x)  # type: ignore[no-any-return]
+            if self.keyword:
+                return self.dec(tgt=x, memory=x)  # type: ignore[no-any-return]
+            return self.dec(x, x)  # type: ignore[no-any-return]
 
-    with pytest.raises(TypeError, match="positional tgt, memory"):
-        cost(KwargCall(), torch.randn(2, 5, 8))
+    x = torch.randn(2, 5, 8)
+    kw, pos = cost(Call(True), x), cost(Call(False), x)
+    assert (kw.flops, kw.params) == (pos.flops, pos.params)
+    assert kw.flops > 0
 
 
 class Seq2Seq(nn.Module):

@@ -640,28 +640,3 @@ def test_layer_left_whole_with_a_float_head_bias_prunes_exact() -> None:
     gate_(model, x)
     _force(model, inserted_gating(model).transformers[0][1], [True, False])  # layer 0 loses a head
     _check_exact(model, [x])
-
-
-class _KeywordInput(nn.Module):
-    """The encoder layer or recurrent module is called with its input as a keyword."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-        self.layer = nn.TransformerEncoderLayer(3, 1, 4, 0.0, batch_first=True)
-        self.gru = nn.GRU(3, 4, batch_first=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.kind == "layer":
-            return self.layer(src=x).mean(1)  # (B, 3)
-        return self.gru(input=x)[0].mean(1)  # (B, 4)
-
-
-@pytest.mark.parametrize("kind", ["layer", "gru"])
-def test_keyword_input_is_a_clear_type_error(kind: str) -> None:
-    model = _KeywordInput(kind).eval()
-    name = "layer" if kind == "layer" else "gru"
-    with pytest.raises(TypeError, match=rf"{name} .* called with its input positionally"):
-        gatedprune.cost(model, torch.randn(2, 5, 3))
-    with pytest.raises(TypeError, match=rf"{name} .* called with its input positionally"):
-        gate_(model, torch.randn(2, 5, 3))

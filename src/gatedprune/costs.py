@@ -68,7 +68,7 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   LayerNorm; its residual adds and dropouts are free. A decoder layer counts the same with
   self-attention over ``tgt``, cross-attention (queries from ``tgt``, keys and values from
   ``memory``, whose length may differ) and three LayerNorms; it must be called with ``tgt`` and
-  ``memory`` positionally. ``nn.TransformerDecoder`` / ``nn.Transformer`` are the sum of their
+  ``memory`` (by position or by name). ``nn.TransformerDecoder`` / ``nn.Transformer`` are the sum of their
   layers (encoder output shaped like ``src``) and optional final norms. Sequences are counted at
   their padded length: key padding masks do not reduce the count, and ``nn.TransformerEncoder``'s
   nested-tensor fast path is switched off for the counting forward pass (same result).
@@ -355,15 +355,59 @@ def _zero(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     return 0
 
 
+_FORWARD_PARAMETERS: dict[type[nn.Module], tuple[str, ...]] = {}
+
+
+def _forward_parameters(cls: type[nn.Module]) -> tuple[str, ...]:
+    """Names of the parameters of ``cls.forward`` after ``self`` that may be passed
+    positionally, in order (up to the first ``*args`` or keyword-only one); cached per class."""
+    names = _FORWARD_PARAMETERS.get(cls)
+    if names is None:
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        except (TypeError, ValueError):  # no introspectable signature
+            params = []
+        found: list[str] = []
+        for p in params:
+            if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                break
+            found.append(p.name)
+        names = _FORWARD_PARAMETERS[cls] = tuple(found)
+    return names
+
+
+def call_inputs(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The inputs of a call ``m(*args, **kwargs)`` as a positional tuple: ``args`` followed by
+    the next parameters of ``m.forward`` the call passed by keyword, up to the first one it
+    did not pass (what a cost handler reads: torchaudio's ``attn(query=x, key=x, value=x)``
+    gives ``(x, x, x)``).
+
+    >>> att = nn.MultiheadAttention(4, 2)
+    >>> x = torch.zeros(3, 1, 4)
+    >>> len(call_inputs(att, (), {"query": x, "key": x, "value": x, "need_weights": False}))
+    3
+    """
+    if not kwargs:
+        return args
+    names = _forward_parameters(type(m))
+    out = list(args)
+    for name in names[len(args) :]:
+        if name not in kwargs:
+            break
+        out.append(kwargs[name])
+    return tuple(out)
+
+
 def check_positional(
     name: str, m: nn.Module, inp: tuple[Any, ...], handler: Callable[..., int]
 ) -> None:
-    """A ``TypeError`` if ``m``'s cost needs its input but the call passed it by keyword
-    (forward hooks and the counted arguments see positional inputs only)."""
+    """A ``TypeError`` if ``m``'s cost needs its input but the call did not pass it (hooks
+    see it through :func:`call_inputs`, by position or by its parameter's name)."""
     if not inp and handler is not _zero:
         raise TypeError(
-            f"counting the cost of {name or type(m).__name__} ({type(m).__name__}) needs it "
-            "called with its input positionally, e.g. layer(x), not layer(src=x)"
+            f"counting the cost of {name or type(m).__name__} ({type(m).__name__}) needs its "
+            "input, but the call passed none by position nor by the name of forward's first "
+            "parameter"
         )
 
 
@@ -937,15 +981,19 @@ def watch_counted(
         inner = hook_for(name, m)
 
         def hook(
-            mod: nn.Module, inp: tuple[Any, ...], out: Any, inner: Callable[..., None] = inner
+            mod: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            out: Any,
+            inner: Callable[..., None] = inner,
         ) -> None:
             if counter.outer():  # inside a module counted whole: counted by that one
-                inner(mod, inp, out)
+                inner(mod, call_inputs(mod, args, kwargs), out)
 
         # first of all hooks: the module's own output (before a hook of the user's replaces
         # it), its depth raised during its own pre-hooks and lowered even if forward raises
         handles.append(m.register_forward_hook(counter.leave, prepend=True, always_call=True))
-        handles.append(m.register_forward_hook(hook, prepend=True))
+        handles.append(m.register_forward_hook(hook, prepend=True, with_kwargs=True))
         handles.append(m.register_forward_pre_hook(counter.enter, prepend=True))
     return handles
 

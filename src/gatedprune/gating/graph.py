@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from ..base import ModelGating
 from ..costs import (
+    _forward_parameters,
     _handler_for,
+    call_inputs,
     check_positional,
     counts_itself,
     is_code,
@@ -139,6 +141,13 @@ class GateTracer(fx.Tracer):
         kwargs: dict[str, Any],
     ) -> Any:
         name = self.path_of_module(m)
+        if kwargs and self.is_leaf_module(m, name):
+            # a layer's leading inputs passed by keyword (torchaudio's `self.self_attn(
+            # query=x, key=x, value=x, need_weights=False)`) become positional in the graph,
+            # as the analysis reads them; the call computes the same
+            inp = call_inputs(m, tuple(args), kwargs)
+            moved = set(_forward_parameters(type(m))[len(args) : len(inp)])
+            args, kwargs = inp, {k: v for k, v in kwargs.items() if k not in moved}
         last = next(iter(reversed(self.graph.nodes)), None)
         try:
             result = super().call_module(m, forward, args, kwargs)
@@ -588,8 +597,9 @@ class _Recorder(fx.Interpreter):
                 self.errors.append(f"{target} ({type(m).__name__})")
                 self.flops[node] = 0
             else:
-                check_positional(str(target), m, tuple(args), handler)
-                self.flops[node] = int(handler(m, args, out))
+                inp = call_inputs(m, tuple(args), kwargs)
+                check_positional(str(target), m, inp, handler)
+                self.flops[node] = int(handler(m, inp, out))
             return out
         # counted as cost() counts it: leaves and units (e.g. attention) whole, the matrix
         # products its forward calls as functions outside them too
@@ -709,12 +719,18 @@ def _inlined_flops(
             continue
 
         def hook(
-            mod: nn.Module, i: tuple[Any, ...], o: Any, path: str = path, h: Any = handler
+            mod: nn.Module,
+            a: tuple[Any, ...],
+            kw: dict[str, Any],
+            o: Any,
+            path: str = path,
+            h: Any = handler,
         ) -> None:
+            i = call_inputs(mod, a, kw)
             check_positional(path, mod, i, h)
             counts.setdefault(path, []).append(int(h(mod, i, o)))
 
-        handles.append(m.register_forward_hook(hook))
+        handles.append(m.register_forward_hook(hook, with_kwargs=True))
     if not handles:  # no such submodule: nothing to count, no run needed
         return {}, 0
     run_hooked(root, example_input, handles)
