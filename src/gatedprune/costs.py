@@ -68,10 +68,11 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   LayerNorm; its residual adds and dropouts are free. A decoder layer counts the same with
   self-attention over ``tgt``, cross-attention (queries from ``tgt``, keys and values from
   ``memory``, whose length may differ) and three LayerNorms; it must be called with ``tgt`` and
-  ``memory`` (by position or by name). ``nn.TransformerDecoder`` / ``nn.Transformer`` are the sum of their
-  layers (encoder output shaped like ``src``) and optional final norms. Sequences are counted at
-  their padded length: key padding masks do not reduce the count, and ``nn.TransformerEncoder``'s
-  nested-tensor fast path is switched off for the counting forward pass (same result).
+  ``memory`` (by position or by name). ``nn.TransformerDecoder`` / ``nn.Transformer`` are the
+  sum of their layers (encoder output shaped like ``src``) and optional final norms. Sequences
+  are counted at their padded length: key padding masks do not reduce the count, and
+  ``nn.TransformerEncoder``'s nested-tensor fast path is switched off for the counting forward
+  pass (same result).
 * Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``; :func:`recurrent_step_flops`), per
   time step (every step of every sequence: ``B * T``, or the packed length), per layer and per
   direction, for ``G`` gate blocks (LSTM 4, GRU 3, RNN 1) of ``H`` units reading ``n`` features:
