@@ -232,6 +232,22 @@ class PerHeadBias(nn.Module):
         return self.head(self.out(y)).mean(1)
 
 
+def test_a_learned_bias_per_head_is_sliced_with_the_heads() -> None:
+    """ALiBi-like ``(1, H, 1, 1)`` bias: gated per head and sliced (before 2026-12-08 the
+    heads were kept whole, "adds parameter 'bias' per channel"); see test_gate_head_bias.py."""
+    torch.manual_seed(0)
+    model, x = PerHeadBias(), torch.randn(2, 5, 8)
+    summary = gate_(model, x)
+    assert [size for producers, size in summary.channel_groups if "q" in producers] == [2]
+    inserted_gating(model).group_gates[0].force_(torch.tensor([False, True]))  # type: ignore[operator]
+    model.eval()
+    pruned = gp.prune(model)
+    fresh = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert (pruned(fresh) - model(fresh)).abs().max().item() <= 1e-5
+    assert pruned.get_parameter("bias").shape == (1, 1, 1, 1)
+
+
 class ReturnsWeights(nn.Module):
     """Attention whose weights the model returns (a head pruned would change them)."""
 
@@ -317,7 +333,6 @@ class MultiQueryConvQuery(MultiQuery):
     ("factory", "name", "reason"),
     [
         (MultiQueryConvQuery, "qc", "one key/value head for every query head (multi-query"),
-        (PerHeadBias, "q", "adds parameter 'bias' per channel: a closed channel would not"),
         (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
         (FourWaySplit, "v", "splits the labelled dimension other than into (heads, head size)"),
         (SingleHead, "q", "(attention) reads heads that are not all labelled alike"),

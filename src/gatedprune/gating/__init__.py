@@ -33,7 +33,7 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
 * Heads of hand-written attention are pruned (a reshape or ``unflatten(-1, ...)`` into
   ``(heads, head_size)``, then ``@``/``matmul``, a two-operand ``einsum`` or SDPA;
   grouped-query attention by key/value group); the pruned code's sizes of pruned dimensions
-  are rewritten. A mask or bias per head, attention weights read elsewhere than by ``@ v``
+  are rewritten. A mask per head, attention weights read elsewhere than by ``@ v``
   and a single head stay whole.
 * A submodule whose forward cannot be traced (data-dependent control flow) stays whole and
   ungated, with a warning naming it; an untraceable top-level forward is an error.

@@ -78,6 +78,7 @@ __all__ = [
     "RESHAPE_METHODS",
     "ChannelAnalysis",
     "ChannelGroup",
+    "HeadBias",
     "Labels",
     "LinearOperands",
     "ParamLinear",
@@ -151,6 +152,23 @@ class ParamScale:
     dim: int  # the parameter's dimension holding the channels
     n: int  # the number of channels
     atoms: np.ndarray  # the channels' atoms
+
+
+@dataclass
+class HeadBias:
+    """A parameter or buffer of the model giving attention scores one value per head, added
+    to them or multiplying them (Swin's relative position bias table ``((2Wh-1)(2Ww-1), H)``
+    looked up by an index buffer and permuted to ``(H, N, N)``, ALiBi's slopes ``(H,)`` or
+    ``(1, H, 1, 1)`` times a distance matrix, T5's ``nn.Embedding(buckets, H)`` weight,
+    Swin-V2's ``logit_scale`` ``(H, 1, 1)``), read only there, through ops that keep each head's
+    entries apart: sliced along ``dim`` to the kept heads."""
+
+    node: str  # the add (or product) with the scores
+    path: str  # the parameter's or buffer's qualified name (an embedding's: its ".weight")
+    dim: int  # its dimension holding the heads
+    n: int  # the number of heads
+    atoms: np.ndarray  # the heads' atoms
+    param: bool  # a parameter (else a buffer)
 
 
 def _size_arg(n: fx.Node, e: int) -> tuple[bool, Any]:
@@ -249,6 +267,7 @@ class ChannelAnalysis:
     param_linears: list[ParamLinear] = field(default_factory=list)
     param_whole: dict[str, str] = field(default_factory=dict)  # parameter -> why left whole
     param_scales: list[ParamScale] = field(default_factory=list)  # layer scales, sliced
+    head_biases: list[HeadBias] = field(default_factory=list)  # per-head score terms, sliced
     # Linear -> the input features it gates (query heads of multi-query attention)
     input_sites: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -430,6 +449,36 @@ HOMOGENEOUS_FUNCS: set[Callable[..., Any]] = {
 _SCALE_FUNCS: set[Callable[..., Any]] = {*HOMOGENEOUS_FUNCS, operator.neg, torch.neg}
 _SCALE_METHODS = {"relu", "relu_", "neg", "contiguous", "clone", "float", "detach"}
 
+
+# element-wise ops of one tensor a per-head score term may go through (see head_source)
+_HEAD_UNARY_METHODS = {
+    "contiguous",
+    "clone",
+    "float",
+    "detach",
+    "exp",
+    "sigmoid",
+    "neg",
+    "abs",
+    "clamp",
+    "clamp_max",
+    "clamp_min",
+    "to",
+    "type_as",
+    "log",
+    "softplus",
+}
+_HEAD_UNARY_FUNCS: set[Callable[..., Any]] = {
+    torch.exp,
+    torch.sigmoid,
+    torch.neg,
+    operator.neg,
+    torch.abs,
+    torch.clamp,
+    torch.log,
+    F.softplus,
+    torch.sigmoid,
+}
 
 # attributes of a tensor that pruning its channels leaves unchanged (t.dtype, t.device, ...)
 _META_ATTRS = {"dtype", "device", "ndim", "is_cuda", "layout"}
@@ -895,6 +944,7 @@ class _Propagator:
         self.param_scales: list[ParamScale] = []  # per-channel parameter factors (layer scale)
         # the nodes shaping them to broadcast (gamma.view(1, -1, 1, 1)) -> the channels' atoms
         self.scale_chains: dict[fx.Node, np.ndarray] = {}
+        self.head_biases: list[HeadBias] = []  # per-head terms of attention scores
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -2603,13 +2653,16 @@ class _Propagator:
             self.nonzero[n] = Labels(lab.dim, lab.atoms)
             self.nonzero_uses.update({(x, n), (paired, n)})
             return True
+        per_head: list[fx.Node] = []
         for a in others:  # plain tensors, broadcast along the heads
             s_a = self.shape(a)
             if self.lab(a) is not None or a in self.nonzero:
                 return False
             pos = lab.dim - (len(out) - len(s_a)) if s_a is not None else -1
             if s_a is not None and 0 <= pos < len(s_a) and s_a[pos] != 1:
-                return False
+                per_head.append(a)
+        if per_head:  # a relative position bias, ALiBi slopes, a learned temperature
+            return self.head_term(n, x, lab, per_head, binary and (t in _DIV_FUNCS or t == "div"))
         if n.op == "call_module":
             m = self.gm.get_submodule(str(t))
             shape = m.normalized_shape if isinstance(m, nn.LayerNorm | nn.RMSNorm) else None
@@ -2626,6 +2679,9 @@ class _Propagator:
                 and isinstance(normed, list | tuple)
                 and len(normed) < len(ins) - lab.dim
             )
+        elif fn and t is F.normalize:  # Swin-V2's cosine attention: over the head size
+            over: Any = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 1)
+            ok = n.args[0] is x and isinstance(over, int) and over % len(ins) != lab.dim
         elif (fn and t in (F.softmax, torch.softmax)) or (meth and t == "softmax"):
             dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             ok = isinstance(dim, int) and dim % len(ins) != lab.dim
@@ -2646,6 +2702,172 @@ class _Propagator:
         if nz is not None:
             self.nonzero_uses.add((x, n))
         return True
+
+    def head_term(
+        self, n: fx.Node, x: fx.Node, lab: Labels, terms: list[fx.Node], divides: bool
+    ) -> bool:
+        """Attention scores ``x`` of heads ``lab`` plus (times, divided by) ``terms``, one of
+        which holds a value per head: a :class:`HeadBias` when it is computed from one
+        parameter or buffer holding the heads (see :meth:`head_source`), sliced with them
+        (the sum is nonzero-labelled, as a mask added); else the heads are kept whole, with
+        the reason. Always True (``n`` handled)."""
+        t, fn, meth = n.target, n.op == "call_function", n.op == "call_method"
+        adds = (fn and t in (operator.add, operator.iadd, torch.add)) or (meth and t == "add")
+        mults = (fn and t in _MUL_FUNCS) or (meth and t == "mul")
+        ops = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+        what = f"{self.describe(n)} (attention) reads a term per head"
+        if not (adds or mults or (divides and n.args[0] is x)) or n.kwargs or len(ops) != 2:
+            self.pin_heads(n, lab, f"{what} other than added to the scores or multiplying them")
+            return True
+        if len(terms) != 1:
+            self.pin_heads(n, lab, f"{what} in more than one operand")
+            return True
+        a = terms[0]
+        s_a, out = self.shape(a), self.shape(n)
+        assert s_a is not None
+        assert out is not None
+        found = self.head_source(a, lab.dim - (len(out) - len(s_a)), len(lab.atoms))
+        if isinstance(found, str):
+            self.pin_inputs(
+                n,
+                f"{what}, {found}: it is kept whole (only a parameter or buffer "
+                "holding the heads, read there only, is sliced)",
+            )
+            return True
+        path, dim, param, resized = found
+        self.head_biases.append(HeadBias(n.name, path, dim, len(lab.atoms), lab.atoms, param))
+        for v, key in resized:  # slopes.view(1, H, 1, 1): the pruned code gets the kept H
+            self.sizes[v] = [(key, lab.atoms, 1)]
+        self.nonzero[n] = Labels(lab.dim, lab.atoms)
+        if x in self.nonzero:
+            self.nonzero_uses.add((x, n))
+        return True
+
+    def pin_heads(self, n: fx.Node, lab: Labels, why: str) -> None:
+        """Keep heads ``lab`` of scores read by ``n`` whole (and ``n``'s inputs), with ``why``."""
+        self.pin(lab, why)
+        self.pin_inputs(n, why)
+
+    def head_source(
+        self, a: fx.Node, pos: int, heads: int
+    ) -> tuple[str, int, bool, list[tuple[fx.Node, int]]] | str:
+        """``(path, dim, is a parameter, resized)``: the parameter or buffer ``path`` whose
+        dimension ``dim`` gives dimension ``pos`` (the heads, ``heads`` of them) of tensor
+        ``a``, through a chain of nodes each read only by the next: element-wise ops of one
+        tensor (``exp``, ``clamp`` by numbers, ``contiguous``, casts), products and sums with
+        tensors broadcast along the heads (ALiBi's slopes times distances), ``unsqueeze``,
+        ``permute``/``transpose``, ``view``/``reshape`` keeping that dimension (``resized``:
+        those giving it as a literal, with that output dimension from the end), an index by a
+        tensor along another dimension (Swin's ``table[index.view(-1)]``) or an
+        ``nn.Embedding`` (T5's buckets: its ``weight``, dimension 1). Else the reason."""
+        resized: list[tuple[fx.Node, int]] = []
+        v, p = a, pos
+        reader: fx.Node | None = None
+        for _ in range(64):
+            if reader is not None and list(v.users) != [reader]:
+                users = ", ".join(f"'{u.name}'" for u in v.users if u is not reader)
+                return f"node '{v.name}' on the way to it is also read by {users}"
+            sv = self.shape(v)
+            if self.lab(v) is not None or v in self.nonzero or sv is None or sv[p] != heads:
+                return f"node '{v.name}' does not hold one value per head on dimension {p}"
+            step = self.head_step(v, p, sv, resized)
+            if isinstance(step, str):
+                return step
+            if isinstance(step, tuple) and isinstance(step[0], str):
+                path, dim = step
+                return path, dim, self.parameter(path) is not None, resized
+            assert isinstance(step, tuple)
+            assert isinstance(step[0], fx.Node)
+            reader, (v, p) = v, step
+        return f"node '{a.name}' is computed by too long a chain"
+
+    def head_step(
+        self, v: fx.Node, p: int, sv: tuple[int, ...], resized: list[tuple[fx.Node, int]]
+    ) -> tuple[fx.Node, int] | tuple[str, int] | str:
+        """One step of :meth:`head_source`: ``(input node, its heads dimension)``, or
+        ``(path, dim)`` at the parameter or buffer, or the reason it stops."""
+        t, fn, meth = v.target, v.op == "call_function", v.op == "call_method"
+        src = v.args[0] if v.args else None
+        rest = [u for u in _flat_nodes((v.args[1:], v.kwargs))]
+        if v.op == "get_attr":
+            path = str(t)
+            if self.parameter(path) is None and not self.is_buffer(path):
+                return f"'{path}' is a constant, not a parameter or buffer"
+            return path, p
+        if v.op == "call_module":
+            m = self.gm.get_submodule(str(t))
+            if type(m) is nn.Embedding and p == len(sv) - 1 and m.max_norm is None:
+                return f"{t}.weight", 1
+            return f"module '{t}' ({type(m).__name__}) computes it"
+        if not isinstance(src, fx.Node):
+            return f"node '{v.name}' computes it"
+        si = self.shape(src)
+        if si is None:
+            return f"node '{v.name}' computes it"
+        unary = (meth and t in _HEAD_UNARY_METHODS) or (fn and t in _HEAD_UNARY_FUNCS)
+        if unary and si == sv and (not rest or (meth and t in ("to", "type_as"))):
+            if meth and t in ("to", "type_as"):
+                self.dtype_reads(v, rest)
+            return src, p
+        if (fn and t in _ADD_FUNCS | _MUL_FUNCS | _DIV_FUNCS | {torch.sub}) or (
+            meth and t in ("add", "sub", "mul", "div")
+        ):
+            ops = [o for o in v.args[:2] if isinstance(o, fx.Node)]
+            holding = []
+            for o in ops:
+                so = self.shape(o)
+                if so is None or self.lab(o) is not None or o in self.nonzero:
+                    return f"node '{v.name}' computes it with node '{o.name}'"
+                q = p - (len(sv) - len(so))
+                if 0 <= q < len(so) and so[q] != 1:
+                    holding.append((o, q))
+            if len(holding) != 1 or v.kwargs:
+                return f"node '{v.name}' combines values of several heads"
+            return holding[0]
+        if (meth and t == "unsqueeze") or (fn and t is torch.unsqueeze):
+            d = v.args[1] if len(v.args) > 1 else v.kwargs.get("dim")
+            if not isinstance(d, int):
+                return f"node '{v.name}' unsqueezes a dimension it computes"
+            d %= len(sv)
+            return src, p - 1 if d < p else p
+        if (meth and t in ("permute", "transpose")) or (
+            fn and t in (torch.permute, torch.transpose)
+        ):
+            how = "transpose" if t in ("transpose", torch.transpose) else "permute"
+            dims: list[Any] = [d for d in v.args[1:]]
+            if how == "permute" and len(dims) == 1 and isinstance(dims[0], list | tuple):
+                dims = list(dims[0])
+            if not all(isinstance(d, int) for d in dims) or v.kwargs:
+                return f"node '{v.name}' permutes by dimensions it computes"
+            order = list(range(len(sv)))
+            if how == "transpose" and len(dims) == 2:
+                i, j = (int(d) % len(sv) for d in dims)
+                order[i], order[j] = order[j], order[i]
+            elif how == "permute" and len(dims) == len(sv):
+                order = [int(d) % len(sv) for d in dims]
+            else:
+                return f"node '{v.name}' permutes by dimensions it computes"
+            return src, order[p]
+        if (meth and t in ("view", "reshape")) or (fn and t is torch.reshape):
+            before = _prod(sv[:p])
+            at = next((i for i in range(len(si)) if _prod(si[:i]) == before), None)
+            if at is None or si[at] != sv[p]:
+                return f"node '{v.name}' reshapes the heads with other dimensions"
+            has, arg = _size_arg(v, p - len(sv))
+            if not has:
+                return f"node '{v.name}' {_WHOLE_SHAPE}"
+            if arg != -1:
+                if not isinstance(arg, int) or isinstance(arg, bool):
+                    return f"node '{v.name}' gives the heads' size as {arg!r}"
+                resized.append((v, p - len(sv)))
+            return src, at
+        if fn and t is operator.getitem and len(v.args) == 2:
+            idx = v.args[1]
+            si_idx = self.shape(idx) if isinstance(idx, fx.Node) else None
+            if si_idx is None or self.lab(idx) is not None or p < len(si_idx):
+                return f"node '{v.name}' indexes it other than by a tensor along another dimension"
+            return src, p - len(si_idx) + 1
+        return f"node '{v.name}' computes it"
 
     def nonzero_cat(self, n: fx.Node) -> bool:
         """``torch.cat`` of nonzero-labelled tensors along another dimension than their labels
@@ -2747,6 +2969,17 @@ class _Propagator:
             return self.gm.get_parameter(path)
         except AttributeError:
             return None
+
+    def is_buffer(self, path: str) -> bool:
+        """Whether ``path`` is a buffer of the traced model (not a parameter or constant: fx
+        keeps a tensor the forward computes from constants as ``_tensor_constant<i>``)."""
+        if path.rpartition(".")[2].startswith("_tensor_constant"):
+            return False
+        try:
+            self.gm.get_buffer(path)
+        except AttributeError:
+            return False
+        return True
 
     def whole(self, path: str, why: str, n: fx.Node) -> str:
         """Record why parameter ``path``'s product ``n`` is left whole (the first reason
@@ -3556,5 +3789,6 @@ def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
         param_linears=list(p.param_linears.values()),
         param_whole=p.param_whole,
         param_scales=p.param_scales,
+        head_biases=p.head_biases,
         input_sites=p.input_sites,
     )

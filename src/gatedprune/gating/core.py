@@ -46,7 +46,7 @@ from ..hooks import (
 )
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
-from .channels import ChannelAnalysis, ParamLinear, ParamScale, analyse_channels
+from .channels import ChannelAnalysis, HeadBias, ParamLinear, ParamScale, analyse_channels
 from .graph import (
     TracedModel,
     costs_scale_with_batch,
@@ -1354,6 +1354,8 @@ class InsertedGating(ModelGating):
                     "n_in": None if s.in_group is None else len(s.in_group),
                     "n_out": None if s.out_group is None else len(s.out_group),
                 }
+                if s.dim is not None:  # a per-head score term: the dimension of its heads
+                    slices[name]["dim"] = s.dim
         scopes, erase, bypass = self._scopes()
         gone = set(erase)  # a closed block inside a closed block: its add is erased, not cut
         cut = {
@@ -1832,6 +1834,69 @@ def _param_conflicts(
     return found
 
 
+def _head_bias_conflicts(
+    model: nn.Module, gm: fx.GraphModule, biases: Sequence[HeadBias]
+) -> dict[str, str]:
+    """Why the parameter or buffer of each per-head score term in ``biases`` cannot be
+    sliced along its heads in place, by its name (absent: it can): it is also held under
+    another name, read elsewhere in the forward, held by a module the model calls (but an
+    ``nn.Embedding`` called once for it: T5's bias), or by a torch layer.
+
+    >>> net = nn.Module()
+    >>> net.register_buffer("s", torch.ones(2))
+    >>> b = HeadBias("add", "s", 0, 2, np.arange(2), False)
+    >>> _head_bias_conflicts(net, fx.symbolic_trace(nn.Identity()), [b])
+    {}
+    """
+    names: dict[int, list[str]] = {}
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names.setdefault(id(t), []).append(name)
+    calls: dict[str, int] = {}
+    reads: dict[str, int] = {}
+    held: dict[int, str] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+            sub = model.get_submodule(str(n.target))
+            for t in [*sub.parameters(), *sub.buffers()]:
+                held.setdefault(id(t), str(n.target))
+        elif n.op == "get_attr":
+            reads[str(n.target)] = reads.get(str(n.target), 0) + 1
+    found: dict[str, str] = {}
+    for hb in biases:
+        owner_path, _, attr = hb.path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        held_t = getattr(owner, attr, None)
+        if not isinstance(held_t, Tensor):
+            found[hb.path] = f"'{hb.path}' is not a tensor of the model"
+            continue
+        t = held_t
+        others = [name for name in names.get(id(t), []) if name != hb.path]
+        embedding = type(owner) is nn.Embedding and attr == "weight"
+        if others:
+            found[hb.path] = f"'{hb.path}' is also '{others[0]}' (a shared tensor)"
+        elif embedding and calls.get(owner_path, 0) != 1:
+            found[hb.path] = f"embedding '{owner_path}' is called {calls.get(owner_path, 0)} times"
+        elif not embedding and reads.get(hb.path, 0) != 1:
+            found[hb.path] = f"'{hb.path}' is read {reads.get(hb.path, 0)} times by the forward"
+        elif not embedding and id(t) in held:
+            found[hb.path] = f"'{hb.path}' is also used by module '{held[id(t)]}'"
+        elif (
+            not embedding
+            and type(owner).__module__.split(".")[0] == "torch"
+            and type(owner) is not nn.Module
+            and not is_code(owner)
+        ):
+            found[hb.path] = (
+                f"'{hb.path}' belongs to {type(owner).__name__} '{owner_path}' (only tensors "
+                "of your own modules are sliced)"
+            )
+    return found
+
+
 def _attention_output_use(node: fx.Node) -> str | None:
     """Why the model's use of an attention module's ``(output, weights)`` keeps its heads
     (None: only ``output`` is read): pruned heads would change the weights it returns."""
@@ -1968,6 +2033,11 @@ def gate_(
             continue
         param_whole.setdefault(ps.path, f"{why}, at node '{ps.node}'")
         _pin_groups(ca, ps.atoms, f"{why} (node '{ps.node}' multiplies them by it)")
+    bias_conflicts = _head_bias_conflicts(model, gm, ca.head_biases)
+    for hb in ca.head_biases:  # a per-head score term sliced in place: read only there
+        why = bias_conflicts.get(hb.path)
+        if why is not None:
+            _pin_groups(ca, hb.atoms, f"{why} (node '{hb.node}' reads it per head)")
     _pin_unrewritable_sizes(ca, hooked, owners)
     summary = GatingSummary(opaque=dict(traced.opaque))
     summary.ungated_params.extend(param_whole.items())
@@ -2226,6 +2296,10 @@ def gate_(
         og, oi = split(ps.atoms)
         if og is not None:
             slices[ps.path] = SliceInfo("scale", None, None, og, oi)
+    for hb in ca.head_biases:  # per-head score terms (relative position bias, ALiBi slopes)
+        og, oi = split(hb.atoms)
+        if og is not None:
+            slices[hb.path] = SliceInfo("heads", None, None, og, oi, dim=hb.dim)
     size_rewrites: list[SizeInfo] = []
     for node_name, entries in ca.sizes.items():
         for key, atoms, factor in entries:

@@ -213,6 +213,7 @@ class SliceInfo:
     in_gidx: np.ndarray | None
     out_group: np.ndarray | None
     out_gidx: np.ndarray | None
+    dim: int | None = None  # a per-head score term ("heads"): its dimension of the heads
 
 
 @dataclass
@@ -369,6 +370,11 @@ def build_cost_terms(
     for ps in ca.param_scales:  # a per-channel factor (layer scale): one entry per channel
         fo, mo = fac.get(ps.atoms, ps.n)
         param_terms[ps.path] = (mo, fo, -1)
+    for hb in ca.head_biases:  # a per-head score term: its entries per head, times the heads
+        if _is_param(gm, hb.path):
+            fo, mo = fac.get(hb.atoms, hb.n)
+            per_head = gm.get_parameter(hb.path).numel() // hb.n
+            param_terms[hb.path] = (mo * per_head, fo, -1)
     tied_rows: dict[int, list[str]] = {}  # p_rows index -> every node reading the parameter
     counted: set[int] = set()
 

@@ -331,11 +331,18 @@ def refuse_computed(
     )
 
 
-def _param_owner(model: nn.Module, path: str) -> tuple[nn.Module, str, nn.Parameter]:
-    """``(module holding it, attribute name, parameter)`` of the parameter ``path``."""
+def _param_owner(
+    model: nn.Module, path: str, buffers: bool = False
+) -> tuple[nn.Module, str, Tensor]:
+    """``(module holding it, attribute name, parameter)`` of the parameter ``path`` (or, if
+    ``buffers``, of the buffer ``path``)."""
     owner_path, _, attr = path.rpartition(".")
     owner = model.get_submodule(owner_path) if owner_path else model
     p = owner._parameters.get(attr)
+    if buffers and p is None:
+        b = owner._buffers.get(attr)
+        if isinstance(b, Tensor):
+            return owner, attr, b
     if not isinstance(p, nn.Parameter):
         raise AttributeError(f"{type(owner).__name__} has no parameter '{attr}'")
     return owner, attr, p
@@ -358,7 +365,7 @@ def fold_param_scale(model: nn.Module, path: str, dim: int, scale: Tensor) -> No
         p.mul_(scale.to(p.dtype).reshape(shape))  # (n, 1) / (1, n) / (n,)
 
 
-_PARAM_KINDS = ("matrix", "matrix_t", "kernel", "vector", "scale")
+_PARAM_KINDS = ("matrix", "matrix_t", "kernel", "vector", "scale", "heads")
 
 
 def scale_dim(shape: Sequence[int]) -> int | None:
@@ -374,7 +381,12 @@ def scale_dim(shape: Sequence[int]) -> int | None:
 
 
 def slice_param(
-    model: nn.Module, path: str, kind: str, keep_in: list[int] | None, keep_out: list[int] | None
+    model: nn.Module,
+    path: str,
+    kind: str,
+    keep_in: list[int] | None,
+    keep_out: list[int] | None,
+    dim: int | None = None,
 ) -> None:
     """Keep only input features ``keep_in`` and output units ``keep_out`` (None: all) of
     parameter ``path`` of ``model``, replaced in place by a new ``nn.Parameter`` of the same
@@ -382,7 +394,9 @@ def slice_param(
     ``"matrix_t"`` for ``(in, out)`` (as ``x @ W`` reads it), ``"kernel"`` for a convolution's
     weight ``(out, in, *kernel)`` (as ``F.conv2d`` reads it), ``"vector"`` for a bias
     ``(out,)``, ``"scale"`` for a per-channel factor (layer scale, ``(C,)``, ``(C, 1, 1)``,
-    ..., sliced along its one dimension of size > 1: :func:`scale_dim`). An ``nn.Linear``
+    ..., sliced along its one dimension of size > 1: :func:`scale_dim`), ``"heads"`` for a
+    per-head term of attention scores (a parameter or buffer, sliced along ``dim``: Swin's
+    relative position bias table, ALiBi's slopes). An ``nn.Linear``
     holding it gets its new ``in_features`` / ``out_features``, an ``nn.Conv*d`` (subclass)
     its new ``in_channels`` / ``out_channels``.
 
@@ -392,7 +406,15 @@ def slice_param(
     >>> net.w.tolist()
     [[3.0, 5.0]]
     """
-    owner, attr, p = _param_owner(model, path)
+    owner, attr, p = _param_owner(model, path, buffers=kind == "heads")
+    if kind == "heads":
+        if dim is None or not 0 <= dim < p.dim():
+            raise ValueError(
+                f"a 'heads' slice of '{path}' (shape {tuple(p.shape)}) needs the dimension "
+                f"of its heads, got dim={dim!r}"
+            )
+        _set(owner, attr, _take(p, dim, keep_out), isinstance(p, nn.Parameter))
+        return
     if kind in ("matrix", "kernel"):
         w = _take(_take(p, 0, keep_out), 1, keep_in)
     elif kind == "matrix_t":
@@ -704,6 +726,27 @@ def _container_choices(graph: fx.Graph) -> Iterator[tuple[set[fx.Node], set[fx.N
             )
 
 
+def _keep_argument_names(graph: fx.Graph, names: set[str]) -> None:
+    """Give the placeholders fx renamed when specialising arguments ``names`` (``mask`` to
+    ``mask_1``) their names back, so the rewritten ``forward`` still takes them as keywords
+    (Swin's ``self.attn(x, mask=None)``; before 2026-12-08 such a call raised ``TypeError``).
+
+    >>> g = fx.Graph()
+    >>> m = g.placeholder("mask_1")
+    >>> _keep_argument_names(g, {"mask"})
+    >>> m.target
+    'mask'
+    """
+    taken = {str(p.target) for p in graph.nodes if p.op == "placeholder"}
+    for p in graph.nodes:
+        if p.op != "placeholder":
+            continue
+        base = str(p.target).rpartition("_")[0]
+        if base in names and base not in taken and str(p.target) == f"{base}_1":
+            p.target = base
+            taken.add(base)
+
+
 def local_trace(
     model: nn.Module,
     root_graph: fx.Graph,
@@ -742,6 +785,7 @@ def local_trace(
             failure = failure or str(e)
             continue
         traced_any = True
+        _keep_argument_names(local.graph, set(concrete or ()))
         skip = _specialised(local.graph, set(concrete)) if concrete else set()
         # an argument the caller passes as a list of tensors: its element selections are no
         # nodes in the root graph, and stand for the tensors they select
@@ -1526,6 +1570,16 @@ def _check_depthwise_transposed(name: str, m: nn.Module, spec: dict[str, Any]) -
 def _check_param_slice(name: str, p: Tensor, spec: dict[str, Any]) -> None:
     """Refuse a parameter slice that does not fit parameter ``name`` (``p``)."""
     kind = str(spec["kind"])
+    if kind == "heads":
+        dim = spec.get("dim")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < p.dim():
+            raise ValueError(
+                f"the plan slices '{name}' as 'heads' along dim {dim!r}; it has shape "
+                f"{tuple(p.shape)} (expected a dimension index)"
+            )
+        sizes = {"out": int(p.shape[dim])}
+        _check_side_sizes(f"'{name}'", sizes, spec, ("heads", "heads"), "index")
+        return
     if kind == "scale":
         dim = scale_dim(p.shape)
         if dim is None:
@@ -1694,8 +1748,14 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"malformed plan: slice {name!r} must be a dict with 'kind' one of "
                 f"{_SLICE_KINDS}, got {spec!r}"
             )
-        _check_keys(f"slice {name!r}", spec, {"kind", "in", "out", "n_in", "n_out"}, ("in", "out"))
-        vector = spec["kind"] in ("bn", "in", "gn", "vector", "scale", "embedding")
+        keys = {"kind", "in", "out", "n_in", "n_out"}
+        _check_keys(
+            f"slice {name!r}",
+            spec,
+            {*keys, "dim"} if spec["kind"] == "heads" else keys,
+            ("in", "out"),
+        )
+        vector = spec["kind"] in ("bn", "in", "gn", "vector", "scale", "embedding", "heads")
         if vector and (spec.get("in") is not None or spec.get("n_in") is not None):
             raise ValueError(
                 f"malformed plan: slice {name!r} is a {spec['kind']!r} slice, whose channels "
@@ -2540,7 +2600,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
                 owner = model.get_submodule(owner_path) if owner_path else model
                 refuse_computed(owner_path or "<root>", owner, [attr])
             try:
-                p = _param_owner(model, name)[2]
+                p = _param_owner(model, name, buffers=spec["kind"] == "heads")[2]
             except AttributeError as e:
                 raise ValueError(
                     f"the plan slices parameter '{name}', which the model does not have"
@@ -2561,8 +2621,8 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         m = submodule(name, "prunes")
         claim(m, name, f"'{name}' (rnn)")
         _check_rnn(name, m, spec)
-    for name, _ in params:  # a module an entry changes changes its parameters too
-        owner = _param_owner(model, name)[0]
+    for name, spec in params:  # a module an entry changes changes its parameters too
+        owner = _param_owner(model, name, buffers=spec["kind"] == "heads")[0]
         if id(owner) in claimed:
             raise ValueError(
                 f"the plan changes parameter '{name}', whose module {claimed[id(owner)]} "
@@ -2610,7 +2670,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     for m, spec in sliced:
         slice_module(m, spec["kind"], spec["in"], spec["out"])
     for name, spec in params:
-        slice_param(model, name, spec["kind"], spec["in"], spec["out"])
+        slice_param(model, name, spec["kind"], spec["in"], spec["out"], spec.get("dim"))
     scopes: list[str] = list(plan["scopes"])
     if not scopes:
         if plan.get("sizes"):
