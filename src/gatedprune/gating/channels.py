@@ -477,7 +477,6 @@ _HEAD_UNARY_FUNCS: set[Callable[..., Any]] = {
     torch.clamp,
     torch.log,
     F.softplus,
-    torch.sigmoid,
 }
 
 # attributes of a tensor that pruning its channels leaves unchanged (t.dtype, t.device, ...)
@@ -2660,6 +2659,8 @@ class _Propagator:
                 return False
             pos = lab.dim - (len(out) - len(s_a)) if s_a is not None else -1
             if s_a is not None and 0 <= pos < len(s_a) and s_a[pos] != 1:
+                if not binary:  # (a product of scores with values: not a term of them)
+                    return False
                 per_head.append(a)
         if per_head:  # a relative position bias, ALiBi slopes, a learned temperature
             return self.head_term(n, x, lab, per_head, binary and (t in _DIV_FUNCS or t == "div"))
