@@ -932,6 +932,11 @@ class _Propagator:
         # of pruned dimensions are rewritten: node -> [(output dim or "split_size", atoms
         # whose kept count is the new size, or None, times this factor)]
         self.head_atoms: set[int] = set()
+        # channel shuffles: ``c // g`` size nodes (``c`` read from the shuffled channels,
+        # ``g`` a literal int) that a shuffle split (see ``shuffle_split``) reads, and those
+        # views
+        self.shuffle_sizes: set[fx.Node] = set()
+        self.shuffle_views: set[fx.Node] = set()
         # GroupNorm inputs (their runs of channels are one atom each) and the norm's name
         self.norm_groups: list[tuple[np.ndarray, str]] = []
         self.sizes: dict[fx.Node, list[tuple[int | str, np.ndarray | None, int]]] = {}
@@ -1318,6 +1323,11 @@ class _Propagator:
                 if bad is not None:
                     return bad
                 continue
+            if dims is None and u in self.shuffle_sizes and u.args[0] is v:
+                # c // g read only by channel shuffles' splits (see shuffle_split)
+                if all(w in self.shuffle_views for w in u.users):
+                    continue
+                return u
             is_reshape = (u.op == "call_method" and u.target in {*_RESHAPE_METHODS, "expand"}) or (
                 u.op == "call_function" and u.target in _RESHAPE_FUNCS
             )
@@ -1325,9 +1335,11 @@ class _Propagator:
             if src is None and is_reshape and u.args and isinstance(u.args[0], fx.Node):
                 src = self.nonzero.get(u.args[0])  # an excitation: sigmoid(fc(y)).view(b, c)
             atoms = src.atoms if src is not None else self.scale_chains.get(u)  # gamma.view(...)
+            out = self.lab(u) if src is not None else None  # a shuffle's merge: its output
             if atoms is None or not (
                 np.array_equal(np.unique(atoms), np.unique(lab.atoms))
                 or self.same_units(atoms, lab.atoms)
+                or (out is not None and self.same_units(out.atoms, lab.atoms))
             ):
                 return u  # not a reshape of the same channels
         return None
@@ -1947,6 +1959,9 @@ class _Propagator:
         ins, outs = self.shape(x), self.shape(n)
         assert ins is not None
         assert outs is not None
+        shuffled = self.shuffle_split(n, lab, ins, outs)  # before (G, 1) reads as a merge
+        if shuffled is not None:
+            return shuffled
         d = lab.dim
         pre_prods = [_prod(ins[:j]) for j in range(len(ins) + 1)]
         for e in range(len(outs)):
@@ -1960,7 +1975,8 @@ class _Propagator:
                         inner = _prod(ins[d + 1 : k])
                         atoms = np.tile(np.repeat(lab.atoms, inner), outer)
                         found, arg = _size_arg(n, e - len(outs))
-                        if found and not (arg == -1 or self.derived_size(arg, lab)):
+                        out = Labels(e, atoms)
+                        if found and not (arg == -1 or self.derived_size(arg, out)):
                             # a literal, or another tensor's size (the unpruned input's
                             # width, as attention code merges its heads): the pruned code
                             # gets the pruned size
@@ -1972,7 +1988,7 @@ class _Propagator:
                         elif not found and _has_sizes(n):
                             self.pin(lab, f"{self.describe(n)} {_WHOLE_SHAPE}")
                             return None
-                        return Labels(e, atoms)
+                        return out
         heads = self.head_split(n, lab, ins, outs)
         if heads is not None:
             return heads
@@ -1985,8 +2001,9 @@ class _Propagator:
 
     def derived_size(self, a: Any, lab: Labels) -> bool:
         """Whether size value ``a`` is computed only from sizes of tensors carrying ``lab``'s
-        channels (``h.view(b, c * l)`` with ``c = h.size(1)``): the pruned code computes
-        the pruned size itself."""
+        channels (``h.view(b, c * l)`` with ``c = h.size(1)``), or channels pruned alike one
+        to one (:meth:`same_units`: a channel shuffle's merge ``view(b, c, h, w)`` with ``c``
+        read before the shuffle): the pruned code computes the pruned size itself."""
         stack, found = [a], False
         while stack:
             v = stack.pop()
@@ -1999,7 +2016,10 @@ class _Propagator:
                 v.op == "call_function" and t is builtins.getattr and v.args[1:] == ("shape",)
             ):
                 src = self.lab(v.args[0])
-                if src is None or not np.array_equal(np.unique(src.atoms), np.unique(lab.atoms)):
+                if src is None or not (
+                    np.array_equal(np.unique(src.atoms), np.unique(lab.atoms))
+                    or self.same_units(src.atoms, lab.atoms)
+                ):
                     return False
                 found = True
             elif v.op == "call_function" and t in (operator.getitem, operator.mul):
@@ -2007,6 +2027,61 @@ class _Propagator:
             else:
                 return False
         return found
+
+    def shuffle_split(
+        self, n: fx.Node, lab: Labels, ins: tuple[int, ...], outs: tuple[int, ...]
+    ) -> Labels | None:
+        """``(..., C, ...) -> (..., G, C // G, ...)`` written ``x.view(b, g, c // g, h, w)``
+        with ``g`` a literal int and ``c`` read from the labelled channels (``x.size(1)``,
+        ``x.shape[1]``): a channel shuffle (ShuffleNet's ``channel_shuffle``, transposed and
+        merged back after). Channel ``j`` of every group is pruned with channel ``j`` of the
+        first (each group keeps the same positions), the ``C // G`` dimension carries the
+        labels, and the pruned code computes ``c' // g`` itself, so the transpose and merge
+        interleave the kept channels exactly as the original does. None if ``n`` is not one
+        (the ``c // g`` is then a read of the width that :meth:`size_read` keeps whole).
+
+        >>> import torch.nn as nn
+        >>> from gatedprune.gating import gate_
+        >>> class Shuffle(nn.Module):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+        ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ...         y = self.a(x)  # (B, 8, H, W)
+        ...         b, c, h, w = y.size()
+        ...         y = y.view(b, 2, c // 2, h, w).transpose(1, 2)  # (B, 4, 2, H, W)
+        ...         return self.b(y.reshape(b, -1, h, w))  # (B, 2, H, W)
+        >>> [g.size for g in gate_(Shuffle(), torch.randn(1, 3, 4, 4)).channel_groups]
+        [4]
+        """
+        d = lab.dim
+        pre = _prod(ins[:d])
+        for e in range(len(outs) - 1):
+            g, per = outs[e], outs[e + 1]
+            if _prod(outs[:e]) != pre or g * per != ins[d] or g <= 1:
+                continue
+            found, groups = _size_arg(n, e - len(outs))
+            found_size, size = _size_arg(n, e + 1 - len(outs))
+            if not (found and found_size and _literal_int(groups) and groups == g):
+                continue
+            if not (
+                isinstance(size, fx.Node)
+                and size.op == "call_function"
+                and size.target is operator.floordiv
+                and len(size.args) == 2
+                and not size.kwargs
+                and _literal_int(size.args[1])
+                and size.args[1] == g
+                and self.derived_size(size.args[0], lab)
+            ):
+                continue
+            blocks = lab.atoms.reshape(g, per)  # (G, C // G)
+            for b in blocks[1:]:
+                self.union(blocks[0], b)
+            self.shuffle_sizes.add(size)
+            self.shuffle_views.add(n)
+            return Labels(e + 1, blocks[0].copy())
+        return None
 
     def head_split(
         self, n: fx.Node, lab: Labels, ins: tuple[int, ...], outs: tuple[int, ...]
