@@ -18,12 +18,14 @@ import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
 
 # how the shuffle reads the width and reshapes: torchvision's (the width read once, merged
-# back with it), -1 in the merge, x.size(1), x.shape, reshape instead of view
-FORMS = ("torchvision", "minus_one", "size1", "shape", "reshape")
+# back with it), -1 in the merge, x.size(1), x.shape, reshape instead of view, -1 for the
+# group size, the widths written as ints
+FORMS = ("torchvision", "minus_one", "size1", "shape", "reshape", "split_minus_one", "literal")
 
 
-def channel_shuffle(x: Tensor, groups: int, form: str) -> Tensor:
-    """ShuffleNet's channel shuffle of ``x`` (B, C, H, W) written in ``form``."""
+def channel_shuffle(x: Tensor, groups: int, form: str, width: int) -> Tensor:
+    """ShuffleNet's channel shuffle of ``x`` (B, C, H, W) written in ``form`` (``width``: C,
+    written as an int by the ``"literal"`` form)."""
     if form == "torchvision":
         b, c, h, w = x.size()
         per = c // groups
@@ -43,6 +45,14 @@ def channel_shuffle(x: Tensor, groups: int, form: str) -> Tensor:
         b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         x = x.view(b, groups, c // groups, h, w)  # (B, G, C // G, H, W)
         return x.transpose(1, 2).contiguous().view(b, c, h, w)  # (B, C, H, W)
+    if form == "split_minus_one":
+        b, _, h, w = x.size()
+        x = x.view(b, groups, -1, h, w)  # (B, G, C // G, H, W)
+        return torch.transpose(x, 1, 2).contiguous().view(b, -1, h, w)  # (B, C, H, W)
+    if form == "literal":
+        b, _, h, w = x.size()
+        x = x.view(b, groups, width // groups, h, w)  # (B, G, C // G, H, W)
+        return torch.transpose(x, 1, 2).contiguous().view(b, width, h, w)  # (B, C, H, W)
     b, c, h, w = x.size()
     x = x.reshape(b, groups, c // groups, h, w)  # (B, G, C // G, H, W)
     return torch.transpose(x, 1, 2).reshape(b, -1, h, w)  # (B, C, H, W)
@@ -59,7 +69,7 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, inp: int, oup: int, stride: int, form: str) -> None:
         super().__init__()
-        self.stride, self.form = stride, form
+        self.stride, self.form, self.width = stride, form, oup
         bf = oup // 2
         if stride > 1:
             self.branch1 = nn.Sequential(
@@ -88,7 +98,7 @@ class InvertedResidual(nn.Module):
             out = torch.cat((x1, self.branch2(x2)), dim=1)  # (B, C, H, W)
         else:
             out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)  # (B, C, H', W')
-        return channel_shuffle(out, 2, self.form)
+        return channel_shuffle(out, 2, self.form, self.width)
 
 
 class ShuffleNet(nn.Module):
@@ -118,13 +128,13 @@ class GroupShuffle(nn.Module):
     def __init__(self, groups: int, per: int, form: str) -> None:
         super().__init__()
         self.groups, self.form = groups, form
-        c = groups * per
+        self.c = c = groups * per
         self.a = nn.Sequential(nn.Conv2d(3, c, 1), nn.BatchNorm2d(c), nn.ReLU())
         self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c))
         self.head = nn.Conv2d(c, 2, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = channel_shuffle(self.a(x), self.groups, self.form)  # (B, C, H, W)
+        y = channel_shuffle(self.a(x), self.groups, self.form, self.c)  # (B, C, H, W)
         return self.head(torch.relu(self.b(y)))  # (B, 2, H, W)
 
 

@@ -2064,7 +2064,7 @@ class _Propagator:
             found_size, size = _size_arg(n, e + 1 - len(outs))
             if not (found and found_size and _literal_int(groups) and groups == g):
                 continue
-            if not (
+            computed = (
                 isinstance(size, fx.Node)
                 and size.op == "call_function"
                 and size.target is operator.floordiv
@@ -2073,15 +2073,45 @@ class _Propagator:
                 and _literal_int(size.args[1])
                 and size.args[1] == g
                 and self.derived_size(size.args[0], lab)
-            ):
+            )
+            # view(b, g, -1, h, w) / view(b, g, 4, h, w): a head split too (attention's
+            # view(B, T, H, -1)); a shuffle only if the groups are swapped with it next
+            written = (size == -1 or (_literal_int(size) and size == per)) and self.swapped(n, e)
+            if not (computed or written):
                 continue
             blocks = lab.atoms.reshape(g, per)  # (G, C // G)
             for b in blocks[1:]:
                 self.union(blocks[0], b)
-            self.shuffle_sizes.add(size)
+            if computed:
+                self.shuffle_sizes.add(size)
+            elif size != -1:  # a literal: the pruned code gets the kept count
+                self.sizes[n] = [(e + 1 - len(outs), blocks[0].copy(), 1)]
             self.shuffle_views.add(n)
             return Labels(e + 1, blocks[0].copy())
         return None
+
+    def swapped(self, n: fx.Node, e: int) -> bool:
+        """Whether every reader of ``n`` transposes its dimensions ``e`` and ``e + 1`` (a
+        channel shuffle's ``torch.transpose(x, 1, 2)``), through ``contiguous`` or not."""
+        rank = len(self.shape(n) or ())
+        users = list(n.users)
+        while len(users) == 1 and users[0].op == "call_method" and users[0].target == "contiguous":
+            users = list(users[0].users)
+        if not users or not rank:
+            return False
+        for u in users:
+            if not (
+                (u.op == "call_method" and u.target == "transpose")
+                or (u.op == "call_function" and u.target is torch.transpose)
+            ):
+                return False
+            d0 = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim0")
+            d1 = u.args[2] if len(u.args) > 2 else u.kwargs.get("dim1")
+            if not (_literal_int(d0) and _literal_int(d1)):
+                return False
+            if {cast(int, d0) % rank, cast(int, d1) % rank} != {e, e + 1}:
+                return False
+        return True
 
     def head_split(
         self, n: fx.Node, lab: Labels, ins: tuple[int, ...], outs: tuple[int, ...]
