@@ -2051,8 +2051,8 @@ class _Propagator:
         ...         b, c, h, w = y.size()
         ...         y = y.view(b, 2, c // 2, h, w).transpose(1, 2)  # (B, 4, 2, H, W)
         ...         return self.b(y.reshape(b, -1, h, w))  # (B, 2, H, W)
-        >>> [g.size for g in gate_(Shuffle(), torch.randn(1, 3, 4, 4)).channel_groups]
-        [4]
+        >>> gate_(Shuffle(), torch.randn(1, 3, 4, 4)).channel_groups
+        [(['a'], 4)]
         """
         d = lab.dim
         pre = _prod(ins[:d])
