@@ -284,3 +284,42 @@ def test_the_width_used_otherwise_keeps_the_channels_whole(how: str) -> None:
     assert "computes with the labelled width" in _reasons(summary), str(summary)
     expected = model(x)
     assert torch.allclose(gp.prune(model)(x), expected, atol=1e-5)
+
+
+class _WidthReadAttention(nn.Module):
+    """Attention splitting its heads with the head size computed from the width it reads,
+    ``q.view(B, T, H, C // H)``, the same code as a shuffle's split: it must stay a head split
+    (one gate per head) and prune exactly."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.o = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.size()
+        h = self.heads
+        q = self.q(x).view(b, t, h, c // h).transpose(1, 2)  # (B, H, T, C // H)
+        k = self.k(x).view(b, t, h, c // h).transpose(1, 2)  # (B, H, T, C // H)
+        v = self.v(x).view(b, t, h, c // h).transpose(1, 2)  # (B, H, T, C // H)
+        w = torch.softmax(q @ k.transpose(-2, -1), dim=-1)  # (B, H, T, T)
+        y = (w @ v).transpose(1, 2).reshape(b, t, -1)  # (B, T, C')
+        return self.o(y)  # (B, T, 3)
+
+
+@settings(max_examples=examples(10), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_attention_with_head_size_read_from_the_width_prunes_exactly(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = _WidthReadAttention()
+    x = torch.randn(2, 5, 8, generator=gen)
+    summary = gp.gate_(model, x)
+    assert summary.channel_groups == [(["q", "k", "v"], 2)]
+    assert summary.head_groups == [0]
+    with torch.no_grad():
+        for g in inserted_gating(model).modules():
+            if isinstance(g, HardConcreteGate):
+                g.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+    check_pruned(model, x, gen, factory=_WidthReadAttention, batches=(1, 3))
