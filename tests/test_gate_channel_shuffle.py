@@ -1,7 +1,7 @@
 """ShuffleNetV2's channel shuffle, ``x.view(b, g, c // g, h, w)``, transposed and merged back,
 with ``c`` read from the shuffled tensor: channel ``j`` of every group is pruned with channel
 ``j`` of the others, so the pruned code's shuffle of the pruned width interleaves the kept
-channels as the original does. Before 2026-12-08 00:00 UTC the ``c // g`` pinned every channel
+channels as the original does. Before 2026-12-08 00:10 UTC the ``c // g`` pinned every channel
 group around a shuffle ("node 'floordiv' computes with the labelled width that node 'size'
 reads"); the width used as a number (``h / (c // 2)``) is still kept whole."""
 
