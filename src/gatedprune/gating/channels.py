@@ -423,6 +423,7 @@ _KEYWORDS_READ: dict[Any, tuple[str, ...]] = {
 }
 _META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
 _META_METHODS = {"size", "dim", "numel"}
+_SHUFFLE_KEYS = (torch.pixel_shuffle, torch.pixel_unshuffle)  # F.pixel_shuffle is torch's
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _REDUCE_FUNCS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin}
 _CAT_FUNCS: set[Callable[..., Any]] = {torch.cat, torch.concat}
@@ -1595,6 +1596,10 @@ class _Propagator:
             return self.stack(n)
         if (is_fn and target is torch.roll) or (not is_fn and target == "roll"):
             return self.roll(n, x)
+        if is_fn and target is F.glu and len(n.args) <= 2 and set(n.kwargs) <= {"dim"}:
+            return self.glu(n, x, n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", -1))
+        if is_fn and target in _SHUFFLE_KEYS and len(n.args) == 2 and not n.kwargs:
+            return self.pixel_shuffle(n, x, n.args[1], target is torch.pixel_shuffle)
         self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
         return None
 
@@ -1712,6 +1717,12 @@ class _Propagator:
             return self.trailing(n, x, len(ins) - 2 if ins is not None else 0, "resizes")
         if isinstance(m, nn.Flatten):
             return self.reshape(n, x)
+        if isinstance(m, nn.GLU):
+            return self.glu(n, x, m.dim)
+        if isinstance(m, nn.PixelShuffle):
+            return self.pixel_shuffle(n, x, m.upscale_factor, True)
+        if isinstance(m, nn.PixelUnshuffle):
+            return self.pixel_shuffle(n, x, m.downscale_factor, False)
         if lab is not None or any(self.lab(a) is not None for a in _flat_nodes(n.args)):
             why = f"{name} ({type(m).__name__}) is not pruned through"
             if type(m) is nn.LayerNorm:
@@ -2395,6 +2406,66 @@ class _Propagator:
                 dims = dims[0]
             perm = [_int(v) % nd for v in dims]
         return Labels(perm.index(lab.dim), lab.atoms)
+
+    def glu(self, n: fx.Node, x: Any, dim: object) -> Labels | None:
+        """``F.glu(x, dim)`` / ``nn.GLU(dim)``: ``a * sigmoid(b)`` with ``a, b`` the halves of
+        ``x`` along ``dim``, as ``a, b = x.chunk(2, dim); a * torch.sigmoid(b)``. Along the
+        labelled dimension, channel ``i`` of ``a`` and of ``b`` are pruned together (the
+        halves stay equal, so the pruned code's ``glu`` splits the kept channels alike) and
+        the output carries ``a``'s labels. Along another dimension each output element is
+        ``a * sigmoid(b)`` of one channel's two entries, zero where that channel is closed:
+        the labels pass on the same dimension (that one is halved). Either way a gate
+        folded into a consumer would not commute with the sigmoid (soft pin)."""
+        lab, ins = self.lab(x), self.shape(x)
+        if lab is None or ins is None:
+            return None
+        if not _literal_int(dim):
+            why = f"{self.describe(n)} halves dimension {dim!r}, not an int written in the code"
+            self.pin(lab, why)
+            return None
+        d = cast(int, dim) % len(ins)
+        self.soft_pin(lab, f"{self.describe(n)} multiplies gated channels together (GLU)")
+        if d != lab.dim:
+            return Labels(lab.dim, lab.atoms)
+        if self.is_heads(lab):
+            self.pin(lab, f"{self.describe(n)} halves a dimension of attention heads")
+            return None
+        halves = lab.atoms.reshape(2, -1)  # (2, channels of a half)
+        self.union(halves[0], halves[1])
+        return Labels(lab.dim, halves[0].copy())
+
+    def pixel_shuffle(self, n: fx.Node, x: Any, r: object, up: bool) -> Labels | None:
+        """``F.pixel_shuffle(x, r)`` / ``nn.PixelShuffle(r)`` (``up``) and the unshuffles, on
+        ``(*, C, H, W)``: output channel ``c`` of a shuffle is the run of input channels
+        ``c * r**2 .. c * r**2 + r**2 - 1`` moved into space, so each run is one atom (pruned
+        whole, one gate value, like a GroupNorm's run) and the output channel carries it; an
+        unshuffle's output channels ``c * r**2 ..`` carry input channel ``c``. The pruned
+        code keeps the op with the kept channels. Labels on a dimension before the channels
+        pass; on ``H`` or ``W`` (moved between positions) the channels are kept whole."""
+        lab, ins = self.lab(x), self.shape(x)
+        if lab is None or ins is None:
+            return None
+        cdim = len(ins) - 3
+        if not _literal_int(r) or cast(int, r) < 1:
+            why = f"{self.describe(n)} shuffles by {r!r}, not a positive int written in the code"
+            self.pin(lab, why)
+            return None
+        if lab.dim > cdim:
+            why = (
+                f"{self.describe(n)} moves entries of the gated dimension {lab.dim} (not its "
+                f"channels, dimension {cdim}) between positions"
+            )
+            self.pin(lab, why)
+            return None
+        if lab.dim < cdim:
+            return Labels(lab.dim, lab.atoms)
+        rr = cast(int, r) ** 2
+        if not up:
+            return Labels(cdim, np.repeat(lab.atoms, rr))
+        runs = lab.atoms.reshape(-1, rr)  # (output channels, r * r)
+        for j in range(1, rr):
+            self.union(runs[:, 0], runs[:, j])
+        return Labels(cdim, runs[:, 0].copy())
 
     def roll(self, n: fx.Node, x: Any) -> Labels | None:
         """``torch.roll(x, shifts, dims)`` (``x.roll(...)``): along dimensions other than the
