@@ -463,9 +463,9 @@ class Whole(nn.Module):
         elif k == "1-d":
             y = (h @ self.v).unsqueeze(-1).repeat(1, 5)
         elif k == "computed":
-            y = h @ (self.W * 2)
+            y = h @ (self.W + 2)  # (W * 2 is a scaled parameter map since 2026-12-08)
         elif k == "computed F.linear":
-            y = F.linear(h, self.W.T * 2)
+            y = F.linear(h, self.W.T + 2)
         elif k == "parametrized":
             y = F.linear(h, self.norm.weight, self.norm.bias)
         elif k == "left":
@@ -500,8 +500,8 @@ WHOLE = {
     "transposed twice": ("weight W", "read in more than one place", False),
     "3-d": ("weight P3", "3-d, not a matrix", False),
     "1-d": ("weight v", "1-d, not a matrix", False),
-    "computed": ("weight W", "computed from it when the model runs (node 'mul')", False),
-    "computed F.linear": ("weight W", "computed from it when the model runs (node 'mul')", False),
+    "computed": ("weight W", "computed from it when the model runs (node 'add')", False),
+    "computed F.linear": ("weight W", "computed from it when the model runs (node 'add')", False),
     "parametrized": ("weight norm.parametrizations.weight", "computed by that module", False),
     "left": ("weight W", "the left operand (W @ x: x @ W is sliced)", False),
     "buffer": ("weight buf", "a buffer or constant, not a parameter", False),

@@ -84,9 +84,11 @@ __all__ = [
     "ParamLinear",
     "ParamScale",
     "analyse_channels",
+    "bias_attr",
     "linear_operands",
     "scale_chain",
     "transposed_source",
+    "weight_source",
     "zero_literal",
 ]
 
@@ -423,6 +425,8 @@ _KEYWORDS_READ: dict[Any, tuple[str, ...]] = {
 }
 _META_FUNCS: set[Callable[..., Any]] = {builtins.getattr, builtins.len}
 _META_METHODS = {"size", "dim", "numel"}
+# copies and reshapes a convolution's input may be read through (input_param)
+_COPY_METHODS = {"view", "reshape", "repeat", "expand", "tile", "contiguous", "clone", "flatten"}
 _SHUFFLE_KEYS = (torch.pixel_shuffle, torch.pixel_unshuffle)  # F.pixel_shuffle is torch's
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _REDUCE_FUNCS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax, torch.amin}
@@ -822,6 +826,53 @@ def transposed_source(a: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     return (a, chain) if isinstance(a, fx.Node) else None
 
 
+def _number_factor(n: fx.Node) -> Any:
+    """The tensor node ``n`` multiplies or divides by a finite, nonzero Python number (``w *
+    0.25``, ``self.scale * w``, ``torch.mul(w, s)``, ``w.mul(s)``, ``w / s``, ``w.div(s)``;
+    a number attribute of the module is a literal in the traced code): equalized learning
+    rate (StyleGAN, ProGAN) writes its weights so. A scalar commutes with slicing and with
+    a per-unit gate (``(W g) s = (W s) g``). Its tensor operand; else None."""
+    fn, meth = n.op == "call_function", n.op == "call_method"
+    mul = (fn and n.target in _MUL_FUNCS and n.target is not operator.imul) or (
+        meth and n.target == "mul"
+    )
+    div = (fn and n.target in _DIV_FUNCS) or (meth and n.target == "div")
+    if not (mul or div) or len(n.args) != 2 or n.kwargs:
+        return None
+    a, b = n.args
+    for t, c in ((a, b), (b, a)) if mul else ((a, b),):  # s / w is not a scaled w
+        if isinstance(t, fx.Node) and _finite_number(c) and c != 0:
+            return t
+    return None
+
+
+def weight_source(a: Any) -> tuple[fx.Node, list[fx.Node], int] | None:
+    """The node a weight operand ``a`` reads through matrix transposes and products with
+    Python numbers (``self.weight * self.scale``, ``(self.W / 4).T``), those nodes (from ``a``
+    down) and how many of them transpose; None if ``a`` is not a node.
+
+    >>> g = fx.Graph()
+    >>> w = g.get_attr("w")
+    >>> src, chain, flips = weight_source(g.call_method("t", (g.call_function(
+    ...     operator.mul, (w, 0.5)),)))
+    >>> src is w, len(chain), flips
+    (True, 2, 1)
+    """
+    chain: list[fx.Node] = []
+    flips = 0
+    while isinstance(a, fx.Node):
+        if _is_transpose(a):
+            flips += 1
+            src = a.args[0]
+        else:
+            src = _number_factor(a)
+            if src is None:
+                break
+        chain.append(a)
+        a = src
+    return (a, chain, flips) if isinstance(a, fx.Node) else None
+
+
 def _broadcast_index(item: Any) -> bool:
     """Whether getitem index ``item`` only adds dimensions of size 1 (``[:, None, None]``,
     ``[None, :, None, None]``, ``[..., None]``): ``None``, full slices and ``...``."""
@@ -870,6 +921,15 @@ def scale_chain(a: Any) -> tuple[fx.Node, list[fx.Node]] | None:
         chain.append(a)
         a = src
     return (a, chain) if isinstance(a, fx.Node) else None
+
+
+def bias_attr(b: Any) -> fx.Node | None:
+    """The ``get_attr`` node a bias operand reads as it is or times Python numbers (``self.bias
+    * self.lr_mul``: equalized learning rate); None for other operands."""
+    src = weight_source(b)
+    if src is None or src[2] or src[0].op != "get_attr":
+        return None
+    return src[0]
 
 
 def _param_reads(a: Any) -> list[fx.Node] | None:
@@ -3171,7 +3231,7 @@ class _Propagator:
         another rule decides (a product of two activations, or a parameter product left
         whole: the reason recorded, the existing rules for ``@`` then apply)."""
         x, w, b, is_linear = ops.x, ops.weight, ops.bias, ops.fused
-        src = transposed_source(w)
+        src = weight_source(w)
         attr = src[0] if src is not None and src[0].op == "get_attr" else None
         if src is None or attr is None:
             return self.not_param_linear(n, x, w, is_linear)
@@ -3179,7 +3239,7 @@ class _Propagator:
         param = self.parameter(path)
         lab, x_shape, out = self.lab(x), self.shape(x), self.shape(n)
         why: str | None = None
-        in_dim, n_in, n_out = (len(chain) + int(ops.out_first)) % 2, 0, 0
+        in_dim, n_in, n_out = (src[2] + int(ops.out_first)) % 2, 0, 0
         whole = self.rec.whole.get(n)
         if param is None:
             why = "a buffer or constant, not a parameter"
@@ -3215,7 +3275,7 @@ class _Propagator:
             self.pin(self.lab(b), pin_why)  # its bias a gated tensor (addmm(h, x, W)): whole
             return True, None
         if b is not None:
-            pl.bias = str(b.target)
+            pl.bias = str(cast(fx.Node, bias_attr(b)).target)
         pl.out_atoms = self.new_space(path, n_out)
         return True, Labels(len(cast(tuple[int, ...], out)) - 1, pl.out_atoms)
 
@@ -3231,7 +3291,9 @@ class _Propagator:
         x, w, b, _, _, _, groups = (
             n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names)
         )
-        if not isinstance(w, fx.Node) or w.op != "get_attr":
+        scaled = weight_source(w)
+        w_attr = scaled[0] if scaled is not None and scaled[2] == 0 else None
+        if w_attr is None or w_attr.op != "get_attr":
             reads = _param_reads(w) or []
             sources = [
                 r
@@ -3242,10 +3304,19 @@ class _Propagator:
                 how = "by that module" if sources[0].op == "call_module" else "from it"
                 computed = f"computed {how} when the model runs (node '{w.name}'), not as it is"
                 self.pin_inputs(n, self.whole(str(sources[0].target), computed, n))
+            elif isinstance(w, fx.Node) and (own := self.weight_params(w)):
+                computed = (  # StyleGAN2's modulated convolution: weight * style per sample
+                    "computed per sample from the model's input when the model runs (node "
+                    f"'{w.name}'), not a parameter read as it is (or times a number)"
+                )
+                for path in own[1:]:
+                    self.whole(path, computed, n)
+                self.pin_inputs(n, self.whole(own[0], computed, n))
             else:
                 self.pin_inputs(n, f"{self.describe(n)}'s weight is not a parameter of the model")
+            self.input_param(n, x)
             return None
-        path = str(w.target)
+        path, w_chain = str(w_attr.target), cast(tuple[Any, list[fx.Node], int], scaled)[1]
         param = self.parameter(path)
         lab, x_shape, out = self.lab(x), self.shape(x), self.shape(n)
         whole = self.rec.whole.get(n)
@@ -3258,7 +3329,7 @@ class _Propagator:
             why = f"inside module '{whole}', which a cost handler (register_cost) counts whole"
         elif param.dim() != d + 2:
             why = f"{param.dim()}-d, not the (out, in, *kernel) weight of a {d}-d convolution"
-        elif not self.read_once(w, [], n):
+        elif not self.read_once(w_attr, w_chain, n):
             why = "read in more than one place"
         elif groups not in (None, 1):
             why = (
@@ -3275,6 +3346,7 @@ class _Propagator:
             why = "its input's gated channels are on another dimension than its channels"
         if why is not None or param is None:
             self.pin_inputs(n, self.whole(path, why or "not a parameter", n))
+            self.input_param(n, x)
             return None
         n_out, n_in = int(param.shape[0]), int(param.shape[1])
         taps = int(np.prod(param.shape[2:]))  # kernel positions per input channel
@@ -3288,10 +3360,45 @@ class _Propagator:
                 self.lab(b), self.whole(path, f"its output units are not gated: {bias_why}", n)
             )
             return None
-        if isinstance(b, fx.Node):  # (bias_problem: a parameter read as it is)
-            pl.bias = str(b.target)
+        if isinstance(b, fx.Node):  # (bias_problem: a parameter read as it is, or scaled)
+            pl.bias = str(cast(fx.Node, bias_attr(b)).target)
         pl.out_atoms = self.new_space(path, n_out)
         return Labels(1, pl.out_atoms)
+
+    def weight_params(self, w: fx.Node) -> list[str]:
+        """The parameters a computed convolution weight ``w`` is made of element-wise, not
+        through a module or a linear map of the model (those report their own): StyleGAN2's
+        ``self.scale * self.weight * style`` gives ``weight``, not the style's Linear's."""
+        seen: set[fx.Node] = set()
+        stack = [w]
+        while stack:  # not into modules, linear maps, nor sizes read (b, c, h, w = x.shape)
+            v = stack.pop()
+            if v in seen or v.op == "call_module" or v in self.param_linears or _size_read(v):
+                continue
+            seen.add(v)
+            stack.extend(v.all_input_nodes)
+        return [
+            str(v.target)
+            for v in self.gm.graph.nodes
+            if v in seen and v.op == "get_attr" and self.parameter(str(v.target)) is not None
+        ]
+
+    def input_param(self, n: fx.Node, x: Any) -> None:
+        """A parameter read as the input of convolution ``n`` left whole (StyleGAN's learned
+        constant ``self.const.repeat(b, 1, 1, 1)``, through copies and reshapes only): named
+        in the summary as left whole with it."""
+        while isinstance(x, fx.Node) and x.op in ("call_method", "call_function") and x.args:
+            fn = x.op == "call_function"
+            if not (
+                (not fn and x.target in _COPY_METHODS)
+                or (fn and x.target in (torch.reshape, torch.flatten, torch.permute))
+            ):
+                break
+            x = x.args[0]
+        param = self.parameter(str(x.target)) if isinstance(x, fx.Node) else None
+        if isinstance(x, fx.Node) and x.op == "get_attr" and param is not None:
+            why = f"read as the input channels of {self.describe(n)}, whose weight is left whole"
+            self.param_whole.setdefault(str(x.target), why)
 
     def not_param_linear(
         self, n: fx.Node, x: Any, w: Any, is_linear: bool
@@ -3344,15 +3451,17 @@ class _Propagator:
     def bias_problem(self, b: Any, n: fx.Node, n_out: int) -> str | None:
         """Why ``b``, added to the output units of product ``n``, cannot be sliced with them
         (None: a 1-d parameter of ``n_out`` entries read only by ``n``, once)."""
-        if not isinstance(b, fx.Node) or b.op != "get_attr":
-            return "its bias is not a parameter read as it is"
-        param = self.parameter(str(b.target))
+        attr = bias_attr(b)
+        if attr is None:
+            return "its bias is not a parameter read as it is (or times a number)"
+        param = self.parameter(str(attr.target))
         if param is None:
-            return f"its bias '{b.target}' is a buffer or constant, not a parameter"
+            return f"its bias '{attr.target}' is a buffer or constant, not a parameter"
         if tuple(param.shape) != (n_out,):
-            return f"its bias '{b.target}' has shape {tuple(param.shape)}, not ({n_out},)"
-        if list(b.users) != [n] or sum(1 for a in _flat_nodes((n.args, n.kwargs)) if a is b) != 1:
-            return f"its bias '{b.target}' is read in more than one place"
+            return f"its bias '{attr.target}' has shape {tuple(param.shape)}, not ({n_out},)"
+        chain = cast(tuple[fx.Node, list[fx.Node], int], weight_source(b))[1]
+        if not self.read_once(attr, chain, n):
+            return f"its bias '{attr.target}' is read in more than one place"
         return None
 
     def param_bias(self, n: fx.Node) -> Labels | None:

@@ -39,7 +39,7 @@ from ..fingerprint import (
 from ..functional_costs import FunctionalCounter
 from ..hooks import copy_hooks, describe_hooks
 from .blocks import graph_writes, live_nodes
-from .channels import linear_operands, scale_chain, transposed_source
+from .channels import bias_attr, linear_operands, scale_chain, weight_source
 from .graph import (
     ModuleCall,
     TracedModel,
@@ -2389,7 +2389,7 @@ def _linear_param(model: nn.Module, n: fx.Node) -> tuple[str, int, Any, Any] | N
     weight is a 2-d parameter read as it is (``F.linear(x, self.W, b)``, ``x @ self.W.T``, see
     :class:`~gatedprune.gating.channels.ParamLinear`); None for other nodes."""
     parts = linear_operands(n)
-    src = transposed_source(parts[1]) if parts is not None else None
+    src = weight_source(parts[1]) if parts is not None else None
     if parts is None or src is None or src[0].op != "get_attr":
         return None
     path = str(src[0].target)
@@ -2399,7 +2399,7 @@ def _linear_param(model: nn.Module, n: fx.Node) -> tuple[str, int, Any, Any] | N
         return None
     if w.dim() != 2:
         return None
-    return path, (len(src[1]) + int(parts.out_first)) % 2, parts.x, parts.bias
+    return path, (src[2] + int(parts.out_first)) % 2, parts.x, parts.bias
 
 
 _SCALE_FUNCS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
@@ -2437,13 +2437,14 @@ def _scale_operands(
 def _check_bias(b: Any, got: _Channels, slices: dict[str, dict[str, Any]]) -> None:
     """Refuse a bias parameter ``b`` sliced as a ``"vector"`` that keeps other entries than
     the output units it is added to (``got``) keep."""
-    spec = slices.get(str(b.target)) if isinstance(b, fx.Node) and b.op == "get_attr" else None
-    if spec is None or spec["kind"] != "vector" or got.dim != "last":
+    attr = bias_attr(b)  # the parameter, as it is or times a number (self.b * lr_mul)
+    spec = slices.get(str(attr.target)) if attr is not None else None
+    if attr is None or spec is None or spec["kind"] != "vector" or got.dim != "last":
         return
     want = tuple(range(got.width)) if spec.get("out") is None else tuple(spec["out"])
     if want != got.keep:
         raise ValueError(
-            f"inconsistent plan: it keeps entries {_short(want)} of bias '{b.target}', which is "
+            f"inconsistent plan: it keeps entries {_short(want)} of bias '{attr.target}', which is "
             f"added to the output units {_short(got.keep)} of {got.source}: a bias must keep "
             "the units its product keeps"
         )
