@@ -109,12 +109,13 @@ def test_scaled_parameter_maps_are_gated(key: str) -> None:
 @settings(max_examples=examples(6), deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_pruned_equals_gated_at_random_gate_states(key: str, seed: int) -> None:
-    factory, shape, _ = CASES[key]
+    factory, shape, sizes = CASES[key]
     torch.manual_seed(seed)
     model = factory()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=gen)
-    gate_(model, x)
+    summary = gate_(model, x)
+    assert sorted(n for _, n in summary.channel_groups) == sorted(sizes), str(summary)
     random_gates(model, gen)
     pruned = check_pruned(model, x, gen, factory, batches=(1, 4))
     dense, small = gp.cost(factory(), x), gp.cost(pruned, x)
@@ -154,11 +155,12 @@ def test_closed_units_are_sliced_from_weight_and_bias_and_the_scale_stays() -> N
 
 @pytest.mark.parametrize("key", ["stylegan", "conv"])
 def test_trains_under_a_budget_then_prunes_exactly(key: str) -> None:
-    factory, shape, _ = CASES[key]
+    factory, shape, sizes = CASES[key]
     torch.manual_seed(5)
     model = factory()
     x = torch.randn(*shape)
-    gate_(model, x)
+    summary = gate_(model, x)
+    assert sorted(n for _, n in summary.channel_groups) == sorted(sizes), str(summary)
     budget = gp.Budget(model, x[:1], flops=0.5)
     gen = torch.Generator().manual_seed(5)
     xs = torch.randn(8, *shape[1:], generator=gen)

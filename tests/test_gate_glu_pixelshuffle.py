@@ -146,12 +146,13 @@ def test_each_form_is_gated(key: str) -> None:
 @settings(max_examples=examples(6), deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_pruned_equals_gated_at_random_gate_states(key: str, seed: int) -> None:
-    factory, shape, _ = CASES[key]
+    factory, shape, sizes = CASES[key]
     torch.manual_seed(seed)
     model = factory()
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=gen)
-    gate_(model, x)
+    summary = gate_(model, x)
+    assert sorted(n for _, n in summary.channel_groups) == sorted(sizes), str(summary)
     _randomise_bn(model, gen)
     random_gates(model, gen)
     pruned = check_pruned(model, x, gen, factory, batches=(1, 3))
@@ -200,11 +201,12 @@ def test_pixel_shuffle_gates_whole_runs_of_r_squared_channels() -> None:
 
 @pytest.mark.parametrize("key", ["glu_fn", "pixel_shuffle_module", "pixel_unshuffle_fn"])
 def test_trains_under_a_budget_then_prunes_exactly(key: str) -> None:
-    factory, shape, _ = CASES[key]
+    factory, shape, sizes = CASES[key]
     torch.manual_seed(3)
     model = factory()
     x = torch.randn(*shape)
-    gate_(model, x)
+    summary = gate_(model, x)
+    assert sorted(n for _, n in summary.channel_groups) == sorted(sizes), str(summary)
     budget = gp.Budget(model, x[:1], flops=0.5)
     gen = torch.Generator().manual_seed(3)
     xs = torch.randn(8, *shape[1:], generator=gen)
