@@ -12,6 +12,7 @@ what the gated hard cost says (less than dense), and the exported plan replays."
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import gatedprune as gp
-from gatedprune.gating import gate_
+from gatedprune.gating import apply_plan, export_plan, gate_
 
 
 class ConvGLU(nn.Module):
@@ -255,3 +256,33 @@ def test_forms_it_cannot_follow_keep_the_channels_whole_with_the_reason(
     model.eval()
     with torch.no_grad():
         assert (gp.prune(model)(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_a_plan_keeping_different_halves_or_part_of_a_run_is_refused() -> None:
+    # before 2026-12-08 apply_plan accepted both: the GLU paired other channels silently
+    torch.manual_seed(6)
+    model = ConvGLU("fn")
+    gate_(model, torch.randn(2, 4, 7))
+    (gate,) = inserted_gating(model).group_gates
+    gate.force_(torch.tensor([True, False, True, True, False, True]))
+    model.eval()
+    plan = export_plan(model)
+    assert plan["slices"]["pw1"]["out"] == [0, 2, 3, 5, 6, 8, 9, 11]
+    fresh = apply_plan(ConvGLU("fn"), copy.deepcopy(plan))  # as exported: accepted
+    assert fresh.pw1.out_channels == 8
+    plan["slices"]["pw1"]["out"] = [0, 2, 3, 5, 6, 7, 9, 11]  # the second half: 0, 1, 3, 5
+    del plan["checksum"]  # a plan edited by hand
+    with pytest.raises(ValueError, match=r"node glu \(GLU\) multiplies channel i"):
+        apply_plan(ConvGLU("fn"), plan)
+    torch.manual_seed(7)
+    up = Upsampler("module")
+    gate_(up, torch.randn(2, 3, 4, 4))
+    gates = {g.n: g for g in inserted_gating(up).group_gates}
+    gates[4].force_(torch.tensor([True, False, True, True]))
+    up.eval()
+    plan = export_plan(up)
+    assert plan["slices"]["up"]["out"] == [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15]
+    plan["slices"]["up"]["out"] = [0, 1, 2, 4, 8, 9, 10, 11, 12, 13, 14, 15]
+    del plan["checksum"]
+    with pytest.raises(ValueError, match=r"pixel shuffle by 2\) moves each run of 4"):
+        apply_plan(Upsampler("module"), plan)

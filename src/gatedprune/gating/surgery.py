@@ -2308,6 +2308,8 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
             elif isinstance(m, nn.LSTM | nn.GRU | nn.RNN):
                 spec_in = kept(rnns.get(t), "in", m.input_size)
                 expect(n, "last", spec_in, m.input_size, f"module '{t}' (rnn)")
+            elif (shuffled := _shuffled(n, m, inp)) is not None:
+                label[n] = shuffled
             elif inp is not None and inp is not model_input:
                 if isinstance(m, _SAME_CHANNELS_MODULES):
                     label[n] = inp
@@ -2367,6 +2369,8 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                 label[n] = known[0]
         elif inp is None or inp is model_input:
             continue
+        elif (shuffled := _shuffled(n, None, inp)) is not None:
+            label[n] = shuffled
         elif (n.op == "call_function" and n.target in _SAME_CHANNELS_FUNCTIONS) or (
             n.op == "call_method" and n.target in _SAME_CHANNELS_METHODS
         ):
@@ -2382,6 +2386,55 @@ def _check_groups(model: nn.Module, graph: fx.Graph, plan: dict[str, Any]) -> No
                 f"of {known[0].source} to channels {_short(known[1].keep)} of "
                 f"{known[1].source}: the members of a channel group must keep the same channels"
             )
+
+
+def _shuffled(n: fx.Node, m: nn.Module | None, inp: _Channels | None) -> _Channels | None:
+    """The channels a GLU over the channels or a pixel (un)shuffle (module ``m``, or
+    function node ``n``) carries out of ``inp``'s, checked: a GLU pairs channel ``i`` of its
+    two halves, so both halves must keep the same positions; a pixel shuffle by ``r`` moves
+    each run of ``r * r`` channels into one, so a run is kept whole or not at all (an
+    unshuffle spreads channel ``c`` over ``c * r * r ..``). None for other nodes, or channels
+    not on dimension 1 (the last for a GLU) where nothing is compared."""
+    if inp is None or inp.dim not in ("1", "last"):
+        return None
+    fn = n.op == "call_function"
+    if isinstance(m, nn.GLU) or (fn and n.target is torch.nn.functional.glu):
+        dim = m.dim if isinstance(m, nn.GLU) else n.args[1] if len(n.args) > 1 else None
+        dim = n.kwargs.get("dim", -1) if dim is None else dim
+        if (inp.dim, dim) not in (("1", 1), ("last", -1)) or inp.width % 2:
+            return None
+        half = inp.width // 2
+        lo = tuple(k for k in inp.keep if k < half)
+        hi = tuple(k - half for k in inp.keep if k >= half)
+        if lo != hi:
+            raise ValueError(
+                f"inconsistent plan: node {n.name} (GLU) multiplies channel i of the first "
+                f"half by channel i of the second, but its input keeps channels "
+                f"{_short(inp.keep)} of {inp.width} of {inp.source}: the halves keep "
+                f"{_short(lo)} and {_short(hi)}, which must be the same"
+            )
+        return inp._replace(keep=lo, width=half)
+    up = isinstance(m, nn.PixelShuffle) or (fn and n.target is torch.pixel_shuffle)
+    down = isinstance(m, nn.PixelUnshuffle) or (fn and n.target is torch.pixel_unshuffle)
+    if not (up or down) or inp.dim != "1":
+        return None
+    r: Any = n.args[1] if len(n.args) > 1 else None
+    if isinstance(m, nn.PixelShuffle | nn.PixelUnshuffle):
+        r = m.upscale_factor if isinstance(m, nn.PixelShuffle) else m.downscale_factor
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        return None
+    rr = r * r
+    if down:
+        keep = tuple(c * rr + j for c in inp.keep for j in range(rr))
+        return inp._replace(keep=keep, width=inp.width * rr)
+    runs = tuple(sorted({k // rr for k in inp.keep}))
+    if inp.width % rr or inp.keep != tuple(c * rr + j for c in runs for j in range(rr)):
+        raise ValueError(
+            f"inconsistent plan: node {n.name} (pixel shuffle by {r}) moves each run of {rr} "
+            f"channels into one, but its input keeps channels {_short(inp.keep)} of "
+            f"{inp.width} of {inp.source}, not whole runs"
+        )
+    return inp._replace(keep=runs, width=inp.width // rr)
 
 
 def _linear_param(model: nn.Module, n: fx.Node) -> tuple[str, int, Any, Any] | None:
