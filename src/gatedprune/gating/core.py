@@ -1842,11 +1842,18 @@ def _head_bias_conflicts(
     another name, read elsewhere in the forward, held by a module the model calls (but an
     ``nn.Embedding`` called once for it: T5's bias), or by a torch layer.
 
-    >>> net = nn.Module()
-    >>> net.register_buffer("s", torch.ones(2))
-    >>> b = HeadBias("add", "s", 0, 2, np.arange(2), False)
-    >>> _head_bias_conflicts(net, fx.symbolic_trace(nn.Identity()), [b])
+    >>> class Net(nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.register_buffer("s", torch.ones(2))
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         return x + self.s
+    >>> net, b = Net(), HeadBias("add", "s", 0, 2, np.arange(2), False)
+    >>> _head_bias_conflicts(net, fx.symbolic_trace(net), [b])
     {}
+    >>> net.register_buffer("t", net.s)  # the same tensor under another name
+    >>> _head_bias_conflicts(net, fx.symbolic_trace(net), [b])
+    {'s': "'s' is also 't' (a shared tensor)"}
     """
     names: dict[int, list[str]] = {}
     for name, t in [
