@@ -362,7 +362,11 @@ def test_apply_plan_refuses_another_size_or_a_second_application() -> None:
     assert once.b.in_features == 13
 
 
-def test_gate_refuses_a_forward_with_two_inputs() -> None:
+def test_gate_a_forward_with_two_inputs_takes_a_tuple() -> None:
+    """Before 2026-12-08 a second required argument was refused ("wrap the model"); now one
+    tensor for it is refused naming the parameters, and a tuple gives both inputs (an input
+    added to a layer's output keeps that layer's channels whole: inputs are never pruned)."""
+
     class TwoInputs(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -371,8 +375,15 @@ def test_gate_refuses_a_forward_with_two_inputs() -> None:
         def forward(self, x: Tensor, y: Tensor) -> Tensor:
             return self.a(x) + y
 
-    with pytest.raises(TypeError, match=r"one example input.*forward requires 2 \(x, y\)"):
+    with pytest.raises(TypeError, match=r"requires 2 inputs \(x, y\), but example_input gives 1"):
         gate_(TwoInputs(), torch.randn(2, 3))
+    model = TwoInputs()
+    summary = gate_(model, (torch.randn(2, 3), torch.randn(2, 4)))
+    assert summary.channel_groups == []
+    assert [layers for layers, *_ in summary.ungated_groups] == [["a"]]
+    x, y = torch.randn(5, 3), torch.randn(5, 4)
+    pruned = gatedprune.prune(model.eval())
+    assert torch.equal(pruned(x, y), model(x, y))
 
 
 class _CountsItself(nn.Module):

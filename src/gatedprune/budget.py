@@ -29,6 +29,7 @@ from .base import GatedModule, check_gates_not_nan
 from .costs import CostProgram
 from .gating.core import InsertedGating
 from .gating.latency import GatedLatencyModel
+from .inputs import as_inputs
 from .latency import LatencyModel
 from .layout import check_flag
 from .shortcut import _ShortcutNet
@@ -159,11 +160,13 @@ class Budget(nn.Module):
             )
         self._model = (model,)  # a tuple, so the model is not registered as a submodule
         self.program = CostProgram.trace(model, example_input)
+        inputs = as_inputs(example_input)  # a tuple: positional inputs (checked by trace)
+        single = inputs[0] if len(inputs) == 1 else example_input  # one input, its shape
         self._latency: tuple[LatencyModel, _ShortcutNet] | None = None
         self._gated_latency: tuple[GatedLatencyModel, InsertedGating] | None = None
         if isinstance(latency_model, GatedLatencyModel):
             gating = latency_model.check_model(model)
-            shape = tuple(getattr(example_input, "shape", ()))
+            shape = tuple(getattr(single, "shape", ()))
             if shape != latency_model.input_shape:
                 raise ValueError(
                     "the latency model was calibrated with an example_input of shape "
@@ -179,7 +182,7 @@ class Budget(nn.Module):
                     f"{type(model).__name__} is not one"
                 )
             latency_model.check_network(nets[0])
-            shape = tuple(getattr(example_input, "shape", ())[1:])
+            shape = tuple(getattr(single, "shape", ())[1:])
             if shape != latency_model.sample_shape[1:]:
                 raise ValueError(
                     f"the latency model was calibrated for samples of shape "

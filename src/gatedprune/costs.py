@@ -109,6 +109,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .base import BATCH_NORMS, PADDING_LAYERS, GatedModule, check_gates_not_nan, find_model_gating
 from .functional_costs import FunctionalCounter
+from .inputs import as_inputs, describe_inputs, tensor_inputs
 from .layout import check_flag
 
 __all__ = [
@@ -999,21 +1000,23 @@ def watch_counted(
     return handles
 
 
-def _check_input(module: Any, example_input: Any) -> None:
+def _check_input(module: Any, inputs: tuple[Any, ...]) -> None:
     """Reject a non-module, and a floating input whose dtype differs from the model's."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"cost() expects an nn.Module, got {type(module).__name__}")
-    x = example_input.data if isinstance(example_input, PackedSequence) else example_input
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        return
     dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
-    if len(dtypes) == 1:
-        (dtype,) = dtypes
-        if x.dtype != dtype:
-            raise ValueError(
-                f"example_input has dtype {x.dtype} but the model's parameters are {dtype}; "
-                f"pass an input of dtype {dtype} (or convert the model)"
-            )
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for i, example in enumerate(inputs):
+        x = example.data if isinstance(example, PackedSequence) else example
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dtype == dtype:
+            continue
+        where = "example_input" if len(inputs) == 1 else f"example_input[{i}]"
+        raise ValueError(
+            f"{where} has dtype {x.dtype} but the model's parameters are {dtype}; "
+            f"pass an input of dtype {dtype} (or convert the model)"
+        )
 
 
 @dataclass
@@ -1026,18 +1029,21 @@ class CostProgram:
 
     fixed_flops: int = 0
     fixed_params: int = 0
-    gated: list[tuple[GatedModule, tuple[int, ...]]] = field(default_factory=list)
+    # each gated module and its input's shape (a model gated with several inputs: theirs)
+    gated: list[tuple[GatedModule, tuple[Any, ...]]] = field(default_factory=list)
 
     @staticmethod
     def trace(module: nn.Module, example_input: Any) -> CostProgram:
-        """Run ``module`` once on ``example_input`` (no grad, eval mode) and record its costs."""
-        _check_input(module, example_input)
+        """Run ``module`` once on ``example_input`` (no grad, eval mode; a tuple is the
+        model's positional inputs, ``module(*example_input)``) and record its costs."""
+        inputs = as_inputs(example_input)
+        _check_input(module, inputs)
         program = CostProgram()
         gating = find_model_gating(module)
         if gating is not None:  # gates inserted by gate_: the gating speaks for the whole model
-            if not isinstance(example_input, Tensor):
-                raise TypeError("a gated model's example input must be a tensor")
-            program.gated.append((gating, tuple(example_input.shape)))
+            xs = tensor_inputs(module, example_input, "cost")
+            shapes = [tuple(x.shape) for x in xs]
+            program.gated.append((gating, shapes[0] if len(shapes) == 1 else tuple(shapes)))
             return program
         errors: list[str] = []
         seen_gated: set[int] = set()
@@ -1080,13 +1086,9 @@ class CostProgram:
         nested = _no_nested_encoders(module)
         try:
             with torch.no_grad(), counter:
-                module(example_input)
+                module(*inputs)
         except RuntimeError as e:  # torch's shape and dtype errors, deep in some layer
-            what = (
-                f"of shape {tuple(example_input.shape)} (dtype {example_input.dtype})"
-                if isinstance(example_input, Tensor)
-                else f"({type(example_input).__name__})"
-            )
+            what = describe_inputs(inputs)
             raise ValueError(
                 f"cost(): {type(module).__name__} fails on example_input {what}: {e}; pass an "
                 "input the model accepts"

@@ -134,7 +134,7 @@ def _resized(example: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 def export_onnx(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Tensor],
     path: str | Path,
     *,
     dynamic_dims: Sequence[int] = (0,),
@@ -175,6 +175,13 @@ def export_onnx(
         raise TypeError(
             f"{type(model).__name__} still has gates ({gated[0]}): export the pruned model, "
             "gatedprune.prune(model.eval())"
+        )
+    if type(example_input) is tuple and len(example_input) == 1:
+        example_input = example_input[0]  # a tuple of one tensor is that tensor
+    if type(example_input) is tuple:
+        raise TypeError(
+            "export_onnx exports models with one input tensor; example_input is a tuple of "
+            f"{len(example_input)} inputs (multi-input models are not supported)"
         )
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from ..hooks import (
     hook_name,
     user_hooks,
 )
+from ..inputs import as_shapes, tensor_inputs
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
 from .channels import ChannelAnalysis, HeadBias, ParamLinear, ParamScale, analyse_channels
@@ -752,6 +752,7 @@ class InsertedGating(ModelGating):
         size_rewrites: list[SizeInfo] | None = None,
         param_sites: dict[str, ParamSite] | None = None,
         input_sites: dict[str, SiteInfo] | None = None,
+        input_shapes: tuple[tuple[int, ...], ...] | None = None,
     ) -> None:
         super().__init__()
         self.size_rewrites = size_rewrites if size_rewrites is not None else []
@@ -783,7 +784,9 @@ class InsertedGating(ModelGating):
         self.block_nodes = blocks
         self.info = info
         self.terms = terms
-        self.input_shape = input_shape
+        self.input_shape = input_shape  # the first input's
+        # every positional input's, in order (gate_'s example_input)
+        self.input_shapes = input_shapes if input_shapes is not None else (input_shape,)
         self.batch_scalable = batch_scalable
         self.opaque = opaque
         self.summary = summary
@@ -1104,11 +1107,13 @@ class InsertedGating(ModelGating):
 
     # ------------------------------------------------------------------ cost
     def expected_cost(
-        self, input_shape: Sequence[int], *, hard: bool = False
+        self, input_shape: Sequence[int] | Sequence[Sequence[int]], *, hard: bool = False
     ) -> tuple[Tensor, Tensor]:
         """``(flops, params)`` of the whole gated model (0-dim float64 tensors) for an input
-        of ``input_shape`` (the gated shape, or another batch size of it): expected under the
-        gates' open probabilities, or with ``hard=True`` exactly ``cost(prune(model))``.
+        of ``input_shape`` (the gated shape, or another batch size of it; a model gated with
+        several inputs takes one shape per input, all with the new batch size): expected
+        under the gates' open probabilities, or with ``hard=True`` exactly
+        ``cost(prune(model))``.
 
         >>> import torch
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -1116,18 +1121,34 @@ class InsertedGating(ModelGating):
         >>> [float(c) for c in net.gatedprune.expected_cost((5, 4), hard=True)]
         [570.0, 58.0]
         """
-        shape = tuple(int(s) for s in input_shape)
+        gated = self.input_shapes
+        shapes = as_shapes(input_shape)
+        if len(shapes) != len(gated):
+            raise ValueError(
+                f"this model was gated with {len(gated)} inputs of shapes {list(gated)}; "
+                f"expected {len(gated)} shapes (one per input), got {list(shapes)}"
+            )
+        shape = shapes[0]
         t = self.terms
         ratio = 1.0
-        if shape != self.input_shape:
-            same_rest = len(shape) == len(self.input_shape) and shape[1:] == self.input_shape[1:]
+        if shapes != gated:
+            same_rest = all(
+                len(s) == len(g) and len(s) > 0 and s[1:] == g[1:] and s[0] == shape[0]
+                for s, g in zip(shapes, gated, strict=True)
+            )
             if not (same_rest and self.batch_scalable):
+                was = (
+                    f"an input of shape {gated[0]}"
+                    if len(gated) == 1
+                    else f"inputs of shapes {list(gated)}"
+                )
+                now = f"shape {shape}" if len(gated) == 1 else f"shapes {list(shapes)}"
                 raise ValueError(
-                    f"this model was gated with an input of shape {self.input_shape}; its cost "
-                    f"for shape {shape} is only derived for other batch sizes (dim 0) of models "
-                    "whose every call costs in proportion to the batch (no attention, "
-                    "Transformer, recurrent or opaque modules, nothing computed across the "
-                    "batch): gate it with that shape"
+                    f"this model was gated with {was}; its cost for {now} is only derived for "
+                    "other batch sizes (dim 0, the same for every input) of models whose every "
+                    "call costs in proportion to the batch (no attention, Transformer, "
+                    "recurrent or opaque modules, nothing computed across the batch): gate it "
+                    "with that shape"
                 )
             ratio = shape[0] / self.input_shape[0]
         if hard:
@@ -1402,6 +1423,8 @@ class InsertedGating(ModelGating):
             "edges": edges,
             "sizes": self._size_plan(opens),
             "bound": {s: self.bindings.get(s, {}) for s in scopes if s},
+            # the positional inputs gate_ was given (the root is traced with them), if several
+            **({"inputs": len(self.input_shapes)} if len(self.input_shapes) > 1 else {}),
         }
 
     def open_edges(self) -> list[Edge]:
@@ -1690,16 +1713,6 @@ def _closed(kind: HardConcrete | Sigmoid) -> HardConcrete | Sigmoid:
     return dataclasses.replace(kind, init_theta=-3.0)
 
 
-def _required_inputs(model: nn.Module) -> list[str]:
-    """Names of the parameters of ``model.forward`` that have no default."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # no introspectable signature: let tracing decide
-        return []
-    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return [p.name for p in params if p.kind not in kinds and p.default is inspect.Parameter.empty]
-
-
 def _closed_gate(kind: HardConcrete | Sigmoid, n: int) -> Gate:
     """``n`` new-shortcut gates of a :func:`_closed` kind, exactly 0 until training opens them
     (sigmoid gates: rescaled relative to their start, ``SigmoidGate(start="closed")``)."""
@@ -1918,7 +1931,7 @@ def _attention_output_use(node: fx.Node) -> str | None:
 
 def gate_(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Tensor | tuple[Tensor, ...],
     *,
     channels: bool = True,
     blocks: bool = True,
@@ -1933,8 +1946,11 @@ def gate_(
     layers, and residual blocks ``y = s + F(x)`` (one block gate each: a closed block is
     removed). Gates start open (exactly 1; new shortcuts exactly 0, for ``gate="sigmoid"`` too:
     see ``SigmoidGate(start=...)``), so the function is unchanged until training changes them.
-    ``model.forward`` must take one tensor (``example_input``). Then
-    ``gatedprune.Budget``, ``gatedprune.cost`` and ``gatedprune.prune`` work on the model.
+    ``example_input`` is the model's input: one tensor, or a tuple of tensors for a
+    ``forward`` with several positional inputs (``gate_(unet, (x, t))``; each is traced as an
+    input and never pruned; optional parameters after them keep their defaults). Then
+    ``gatedprune.Budget``, ``gatedprune.cost`` and ``gatedprune.prune`` work on the model
+    (``cost`` and ``Budget`` with inputs of the same form).
     ``filter_fn(module, name)`` returning False leaves a channel group (asked for each producer
     Linear/Conv) or a residual block (asked for the module whose forward holds the add) ungated.
 
@@ -1947,15 +1963,7 @@ def gate_(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gate_ expects a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, Tensor):
-        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
-    required = _required_inputs(model)
-    if len(required) > 1:
-        raise TypeError(
-            f"gate_ takes one example input, but {type(model).__name__}.forward requires "
-            f"{len(required)} ({', '.join(required)}): wrap the model in a module whose forward "
-            "takes one tensor (or give the other parameters defaults)"
-        )
+    inputs = tensor_inputs(model, example_input, "gate_")
     channels, blocks = check_flag("channels", channels), check_flag("blocks", blocks)
     if shortcuts not in (None, "dense"):
         raise ValueError(f"shortcuts must be None or 'dense', got {shortcuts!r}")
@@ -2001,10 +2009,10 @@ def gate_(
         )
     structure = model_fingerprint(model, dtypes=False)  # before prepare_encoders changes classes
     prepare_encoders(model)
-    traced = trace_model(model)
+    traced = trace_model(model, inputs=len(inputs))
     gm = traced.graph_module
-    record = record_run(traced, example_input, model)
-    bindings = record_bindings(model, example_input)  # how rewritten modules are called
+    record = record_run(traced, inputs, model)
+    bindings = record_bindings(model, inputs)  # how rewritten modules are called
     ca = analyse_channels(gm, record)
     rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
     owners = node_owners(gm.graph)  # (gate_ does not change the traced graph)
@@ -2012,7 +2020,15 @@ def gate_(
     def can_rewrite(scope: str) -> str | None:
         if scope not in rewritable:
             try:
-                local_trace(model, gm.graph, scope, traced.opaque, bindings.get(scope, {}), owners)
+                local_trace(
+                    model,
+                    gm.graph,
+                    scope,
+                    traced.opaque,
+                    bindings.get(scope, {}),
+                    owners,
+                    len(inputs),
+                )
                 rewritable[scope] = None
             except RuntimeError as e:
                 rewritable[scope] = str(e)
@@ -2109,7 +2125,7 @@ def gate_(
     )
     edges: list[Edge] = []
     if shortcuts == "dense":
-        edges, unconnected = find_dense_edges(model, gm, record, ca, found, example_input)
+        edges, unconnected = find_dense_edges(model, gm, record, ca, found, inputs)
         edges = [e for e in edges if allowed(e.src) and allowed(e.dst)]
         without_hooks: list[Edge] = []
         for e in edges:  # a shortcut's hooks on its ends would run before or after the user's
@@ -2356,9 +2372,10 @@ def gate_(
         blocks=[(b.add.name, _arg_name(b.add, b.branch_pos), b.branch_pos) for b in kept_blocks],
         info=info,
         terms=terms,
-        input_shape=tuple(example_input.shape),
+        input_shape=tuple(inputs[0].shape),
+        input_shapes=tuple(tuple(x.shape) for x in inputs),
         batch_scalable=not traced.opaque
-        and costs_scale_with_batch(traced, example_input, model, record)
+        and costs_scale_with_batch(traced, inputs, model, record)
         and not any(
             isinstance(gm.get_submodule(str(n.target)), _SEQUENCE_UNITS)
             for n in gm.graph.nodes

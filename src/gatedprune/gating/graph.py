@@ -193,6 +193,7 @@ def trace_model(
     warn: bool = True,
     concrete_args: dict[str, Any] | None = None,
     specialise: bool = True,
+    inputs: int = 1,
 ) -> TracedModel:
     """Trace ``model`` with fx, turning submodules whose ``forward`` cannot be traced into
     opaque leaves (see the module docstring). The model is traced in eval mode whatever its
@@ -200,10 +201,12 @@ def trace_model(
     the eval-mode function that ``prune`` keeps (``F.dropout(x, p, self.training)`` or a
     drop-path ``if not self.training: return x`` in rewritten code must not act in eval mode).
     Optional ``forward`` arguments defaulting to ``None`` that Python control flow tests
-    (``if mask is not None:``) are traced at ``None``, the value ``gate_``'s one example input
-    leaves them at (fx would trace them as tensors and take the branch): the model is traced
+    (``if mask is not None:``) are traced at ``None``, the value ``gate_``'s example inputs
+    leave them at (fx would trace them as tensors and take the branch): the model is traced
     both ways and the specialised graph is taken where the two differ (not with
     ``specialise=False``: a submodule its caller passes such an argument is traced as called).
+    The first ``inputs`` parameters (the positional inputs ``gate_`` was given) are never
+    fixed.
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
@@ -212,7 +215,7 @@ def trace_model(
     traced = _trace(model, opaque, warn=warn, concrete_args=concrete_args)
     if concrete_args is not None or not specialise:
         return traced
-    params = inspect.signature(model.forward).parameters.values()
+    params = list(inspect.signature(model.forward).parameters.values())[inputs:]
     nones = {p.name: None for p in params if p.default is None}
     if not nones:
         return traced
@@ -234,12 +237,15 @@ def optional_defaults(m: nn.Module) -> dict[str, Any]:
     }
 
 
-def record_bindings(model: nn.Module, example_input: Tensor) -> dict[str, dict[str, Any] | str]:
+def record_bindings(
+    model: nn.Module, inputs: tuple[Tensor, ...]
+) -> dict[str, dict[str, Any] | str]:
     """How the model's own code calls each submodule with optional arguments, from one eval
-    forward: ``{argument: value}`` for each optional argument a call leaves at its default or
-    passes as ``None``, so a rewritten ``forward`` is traced with exactly those fixed and the
-    others (a mask passed as a tensor, a number passed) as inputs; a reason instead where
-    calls differ. Modules the forward does not call are absent.
+    forward on ``inputs`` (the model's positional inputs): ``{argument: value}`` for each
+    optional argument a call leaves at its default or passes as ``None``, so a rewritten
+    ``forward`` is traced with exactly those fixed and the others (a mask passed as a tensor,
+    a number passed) as inputs; a reason instead where calls differ. Modules the forward
+    does not call are absent.
 
     >>> class A(nn.Module):
     ...     def forward(self, x, mask=None, scale=None):
@@ -247,7 +253,7 @@ def record_bindings(model: nn.Module, example_input: Tensor) -> dict[str, dict[s
     >>> class Net(nn.Module):
     ...     def __init__(self): super().__init__(); self.a = A()
     ...     def forward(self, x): return self.a(x, x)
-    >>> record_bindings(Net(), torch.ones(2))
+    >>> record_bindings(Net(), (torch.ones(2),))
     {'a': {'scale': None}}
     """
     seen: dict[str, dict[str, Any] | str] = {}
@@ -283,20 +289,20 @@ def record_bindings(model: nn.Module, example_input: Tensor) -> dict[str, dict[s
                 )
 
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-    run_hooked(model, example_input, handles)
+    run_hooked(model, inputs, handles)
     return seen
 
 
 def run_hooked(
-    model: nn.Module, example_input: Tensor, handles: list[torch.utils.hooks.RemovableHandle]
+    model: nn.Module, inputs: tuple[Tensor, ...], handles: list[torch.utils.hooks.RemovableHandle]
 ) -> None:
-    """One eval-mode, no-grad forward of ``model`` on ``example_input`` for the hooks
+    """One eval-mode, no-grad forward ``model(*inputs)`` for the hooks
     ``handles``, which are removed afterwards; every module is left in its mode."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            model(*inputs)
     finally:
         for h in handles:
             h.remove()
@@ -692,7 +698,7 @@ def _within_any(path: str, scopes: set[str]) -> bool:
 
 
 def _inlined_flops(
-    root: nn.Module, graph: fx.Graph, example_input: Tensor, errors: list[str]
+    root: nn.Module, graph: fx.Graph, inputs: tuple[Tensor, ...], errors: list[str]
 ) -> tuple[dict[fx.Node, int], int]:
     """FLOPs of the childless submodules fx traced through (``cost`` counts them whole, with
     their handler, on plain models): one run of ``root`` with hooks, each call's count put on
@@ -733,7 +739,7 @@ def _inlined_flops(
         handles.append(m.register_forward_hook(hook, with_kwargs=True))
     if not handles:  # no such submodule: nothing to count, no run needed
         return {}, 0
-    run_hooked(root, example_input, handles)
+    run_hooked(root, inputs, handles)
     by_path: dict[str, list[InlinedCall]] = {}
     for call in inlined_calls(graph, root):
         by_path.setdefault(call.path, []).append(call)
@@ -751,16 +757,16 @@ def _inlined_flops(
     return flops, extra
 
 
-def record_run(traced: TracedModel, example_input: Tensor, root: nn.Module) -> RunRecord:
-    """Run the traced graph once (eval mode, no grad) and record shapes and FLOPs per call;
-    FLOPs of submodules fx traced through are counted on ``root``, the traced model, as
-    ``cost`` counts them.
+def record_run(traced: TracedModel, inputs: tuple[Tensor, ...], root: nn.Module) -> RunRecord:
+    """Run the traced graph once on ``inputs``, the model's positional inputs (eval mode, no
+    grad), and record shapes and FLOPs per call; FLOPs of submodules fx traced through are
+    counted on ``root``, the traced model, as ``cost`` counts them.
 
     Raises ``TypeError`` for leaf modules that ``gatedprune.cost`` cannot count.
     """
     gm = traced.graph_module
-    rec = _record(gm, example_input, root)
-    inlined, extra = _inlined_flops(root, gm.graph, example_input, rec.errors)
+    rec = _record(gm, inputs, root)
+    inlined, extra = _inlined_flops(root, gm.graph, inputs, rec.errors)
     for node, f in inlined.items():
         rec.flops[node] = rec.flops.get(node, 0) + f
     if rec.errors:
@@ -807,15 +813,15 @@ def _conv_layer_output(m: nn.Module, call: InlinedCall) -> bool:
     return bool(ok_bias and groups == m.groups)
 
 
-def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Recorder:
-    """One eval-mode, no-grad run of ``gm`` through a :class:`_Recorder`."""
+def _record(gm: fx.GraphModule, inputs: tuple[Tensor, ...], root: nn.Module) -> _Recorder:
+    """One eval-mode, no-grad run of ``gm(*inputs)`` through a :class:`_Recorder`."""
     was = [(m, m.training) for m in gm.modules()]
     gm.eval()
     whole = [c for c in inlined_calls(gm.graph, root) if not is_code(root.get_submodule(c.path))]
     rec = _Recorder(gm, {n for c in whole for n in c.nodes})
     try:
         with torch.no_grad():
-            rec.run(example_input)
+            rec.run(*inputs)
     finally:
         for m, t in was:
             m.training = t
@@ -823,24 +829,29 @@ def _record(gm: fx.GraphModule, example_input: Tensor, root: nn.Module) -> _Reco
 
 
 def costs_scale_with_batch(
-    traced: TracedModel, example_input: Tensor, root: nn.Module, record: RunRecord
+    traced: TracedModel, inputs: tuple[Tensor, ...], root: nn.Module, record: RunRecord
 ) -> bool:
     """Whether the FLOPs of every call (module calls, childless modules fx traced through,
-    matrix products called as functions) are proportional to the batch size (dim 0): checked
-    by two more runs at batch ``B + 1`` and ``2 B + 1``. A product over the batch
-    (``x @ x.T``), a slice of it (``h[: B // 2]``) or a layer reading dim 0 as its length
-    is not, so the cost of other batch sizes cannot be derived by scaling."""
-    if example_input.dim() == 0 or int(example_input.shape[0]) == 0:
+    matrix products called as functions) are proportional to the batch size (dim 0 of every
+    input, which must be the same for all): checked by two more runs at batch ``B + 1`` and
+    ``2 B + 1``. A product over the batch (``x @ x.T``), a slice of it (``h[: B // 2]``) or a
+    layer reading dim 0 as its length is not, so the cost of other batch sizes cannot be
+    derived by scaling."""
+    if any(x.dim() == 0 for x in inputs):
         return False
-    batch = int(example_input.shape[0])
+    batches = {int(x.shape[0]) for x in inputs}
+    if len(batches) != 1 or 0 in batches:  # no common batch dimension
+        return False
+    (batch,) = batches
     base = {n.name: f for n, f in record.flops.items()}
     base[""] = record.extra_flops  # calls that traced to no ops
     for other in (batch + 1, 2 * batch + 1):
-        x = example_input[torch.arange(other) % batch]  # the example's samples, repeated
+        index = torch.arange(other) % batch  # (other,) the example's samples, repeated
+        xs = tuple(x[index.to(x.device)] for x in inputs)  # each (other, *x.shape[1:])
         errors: list[str] = []
         try:
-            rec = _record(traced.graph_module, x, root)
-            inlined, extra = _inlined_flops(root, traced.graph_module.graph, x, errors)
+            rec = _record(traced.graph_module, xs, root)
+            inlined, extra = _inlined_flops(root, traced.graph_module.graph, xs, errors)
         except Exception:  # the model does not run at another batch size
             return False
         flops = {n.name: f for n, f in rec.flops.items()}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..inputs import as_inputs
 from ..latency import (
     _json_int,
     _json_number,
@@ -138,8 +139,11 @@ class GatedLatencyModel:
         """The model's gating; ``ValueError`` unless it has the gated structure (and gated
         input shape) this latency model was calibrated for."""
         gating = inserted_gating(model)
-        if tuple(gating.input_shape) != self.input_shape or structure_key(gating) != (
-            self.structure
+        one_input = len(gating.input_shapes) == 1
+        if (
+            not one_input
+            or tuple(gating.input_shape) != self.input_shape
+            or structure_key(gating) != (self.structure)
         ):
             raise ValueError(
                 "this GatedLatencyModel was calibrated for another gated model (or another "
@@ -173,7 +177,7 @@ class GatedLatencyModel:
     @staticmethod
     def calibrate(
         model: nn.Module,
-        example_input: Tensor,
+        example_input: Tensor | tuple[Tensor, ...],
         *,
         batch_size: int = 1,
         samples: int = 32,
@@ -191,6 +195,15 @@ class GatedLatencyModel:
         held-out median error above ``gatedprune.latency.CALIBRATION_WARN_ERROR`` (10%; a busy
         machine) warns."""
         gating = inserted_gating(model)
+        inputs = as_inputs(example_input)
+        if len(inputs) > 1 or len(gating.input_shapes) > 1:
+            raise TypeError(
+                "GatedLatencyModel.calibrate times models gated with one input tensor; "
+                f"{type(model).__name__} was gated with {len(gating.input_shapes)} inputs "
+                f"and example_input gives {len(inputs)}: budget its FLOPs or parameters "
+                "instead (Budget(model, inputs, flops=...))"
+            )
+        example_input = inputs[0]
         if not isinstance(example_input, Tensor) or example_input.dim() < 1:
             raise TypeError("example_input must be the batched tensor the model was gated with")
         if tuple(example_input.shape) != tuple(gating.input_shape):

@@ -92,7 +92,7 @@ def find_dense_edges(
     record: RunRecord,
     ca: ChannelAnalysis,
     blocks: list[Block],
-    example_input: Tensor,
+    inputs: tuple[Tensor, ...],
 ) -> tuple[list[Edge], list[tuple[str, str]]]:
     """Candidate dense shortcuts, and (block module, reason) for blocks left unconnected."""
     skipped: list[tuple[str, str]] = []
@@ -117,7 +117,7 @@ def find_dense_edges(
         return hook
 
     handles = [model.get_submodule(m).register_forward_hook(make_hook(m)) for m in modules]
-    run_hooked(model, example_input, handles)  # every module left in its own mode
+    run_hooked(model, inputs, handles)  # every module left in its own mode
     # blocks whose output a later in-place op overwrites (`x += f(x); return x` in the next one)
     mutated = {m for m, (out, version) in returned.items() if out._version != version}
     info: list[tuple[str, fx.Node, fx.Node, list[str]]] = []

@@ -754,6 +754,7 @@ def local_trace(
     opaque: dict[str, str],
     bound: dict[str, Any] | str | None = None,
     owners: Mapping[fx.Node, str] | None = None,
+    inputs: int = 1,
 ) -> tuple[Any, dict[str, fx.Node]]:
     """Trace module ``scope`` alone and map the root graph's nodes in it to its own nodes.
     ``bound``: how the model calls it (:func:`record_bindings`): the optional arguments to fix
@@ -761,6 +762,8 @@ def local_trace(
     None if unknown (a plan written before 2026-12-07: each choice of arguments left at their
     defaults is tried, the first whose graph matches taken). ``owners``: ``node_owners`` of
     ``root_graph``, if known (callers checking many scopes of one graph compute it once).
+    ``inputs``: the number of positional inputs the model was gated with (the root's first
+    ``inputs`` parameters stay inputs, see :func:`trace_model`).
 
     Raises ``RuntimeError`` when the two traces differ (the module cannot be rewritten).
     """
@@ -779,7 +782,12 @@ def local_trace(
             # None: the root as gate_ traced it; a submodule as called, with every argument
             # its caller passes (HF BERT's mask)
             local = trace_model(
-                sub, local_opaque, warn=False, concrete_args=concrete, specialise=not scope
+                sub,
+                local_opaque,
+                warn=False,
+                concrete_args=concrete,
+                specialise=not scope,
+                inputs=inputs if not scope else 1,
             )
         except ValueError as e:
             failure = failure or str(e)
@@ -1229,19 +1237,21 @@ def _rewrite_scope(
     bound: dict[str, Any] | None = None,
     bounds: dict[str, Any] | None = None,
     owners: Mapping[fx.Node, str] | None = None,
+    inputs: int = 1,
 ) -> nn.Module:
     """Rewrite module ``scope``'s forward (``written``: the cut adds whose sum an in-place op
     writes into, anywhere in the model; ``left_operands``: nodes the code uses as the left
     operand of arithmetic, which an augmented assignment would write into; ``bound``: the
     optional arguments its calls fix, see :func:`local_trace`; ``bounds``: the same for every
-    module, by qualified name; ``owners``: ``node_owners`` of ``root_graph``, if known).
+    module, by qualified name; ``owners``: ``node_owners`` of ``root_graph``, if known;
+    ``inputs``: the number of positional inputs the model was gated with).
 
     A module inside ``scope`` carrying hooks of the user's stays a call of that module in the
     new code, so its hooks run; where the rewrite changes its code, it is rewritten first, on
     its own, and keeps its hooks. The new module gets ``scope``'s own hooks."""
     sub = model if scope == "" else model.get_submodule(scope)
     root_nodes = scope_nodes(root_graph, scope, owners)
-    local, mapping = local_trace(model, root_graph, scope, opaque, bound, owners)
+    local, mapping = local_trace(model, root_graph, scope, opaque, bound, owners, inputs)
     local_out = next(n for n in local.graph.nodes if n.op == "output").args[0]
     returned = next((r for r, n in mapping.items() if n is local_out), None)
     hooked = _hooked_calls(local)
@@ -1685,6 +1695,7 @@ _PLAN_OPTIONAL: dict[str, type] = {
     "sizes": dict,
     "model": dict,  # fingerprint of the model it was exported from (fingerprint.py)
     "bound": dict,  # per rewritten scope: the optional arguments its calls fix
+    "inputs": int,  # positional inputs gate_ was given (absent: one)
     "checksum": str,  # of everything else: a plan edited after export_plan is refused
 }
 
@@ -1735,6 +1746,12 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"malformed plan: 'bound' of {scope!r} must map argument names to None or "
                 f"numbers, got {fixed!r}"
             )
+    n_inputs = plan.get("inputs", 1)
+    if isinstance(n_inputs, bool) or n_inputs < 1:
+        raise ValueError(
+            f"malformed plan: 'inputs' must be the number of positional inputs (an int >= 1), "
+            f"got {n_inputs!r}"
+        )
     scopes: list[str] = plan["scopes"]
     for a, b in itertools.permutations(scopes, 2):
         if _within(b, a):
@@ -2099,7 +2116,7 @@ def _check_graph(model: nn.Module, plan: dict[str, Any]) -> TracedModel | None:
     opaque = {**plan["opaque"], **{n: "replaced by the plan" for n in replaced}}
     scopes: list[str] = plan["scopes"]
     try:
-        traced = trace_model(model, opaque, warn=False)
+        traced = trace_model(model, opaque, warn=False, inputs=plan.get("inputs", 1))
     except ValueError:
         if scopes:
             raise
@@ -2691,7 +2708,9 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     try:
         if source is not None and "graph" in source:  # traced as gate_ traced it
             try:
-                as_gated: TracedModel | None = trace_model(model, dict(plan["opaque"]), warn=False)
+                as_gated: TracedModel | None = trace_model(
+                    model, dict(plan["opaque"]), warn=False, inputs=plan.get("inputs", 1)
+                )
             except ValueError:  # untraceable: only its structure can be compared
                 as_gated = None
             if as_gated is not None and graph_fingerprint(as_gated.graph) != source["graph"]:
@@ -2737,7 +2756,12 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     opaque: dict[str, str] = dict(plan["opaque"])
     # slicing leaves the graph as it was; rebuilt encoder layers and attention do not
     same = checked is not None and not layers and not attentions
-    traced = checked if same and checked is not None else trace_model(model, opaque, warn=False)
+    n_inputs: int = plan.get("inputs", 1)  # positional inputs gate_ was given
+    traced = (
+        checked
+        if same and checked is not None
+        else trace_model(model, opaque, warn=False, inputs=n_inputs)
+    )
     cut = {str(k): int(v) for k, v in plan["cut"].items()}
     erase = set(plan.get("erase", []))
     bypass = set(plan.get("bypass", []))
@@ -2788,6 +2812,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             plan.get("bound", {}).get(scope),
             plan.get("bound", {}),
             node_owner,
+            n_inputs,
         )
         if scope == "":
             result = new
