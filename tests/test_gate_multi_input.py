@@ -322,3 +322,44 @@ def test_plan_inputs_entry_is_checked() -> None:
     plan["inputs"] = 0
     with pytest.raises(ValueError, match=r"'inputs' must be the number of positional inputs"):
         apply_plan(UNetish(), plan)
+
+
+class _ListInput(nn.Module):
+    """A model whose ``forward`` takes one list ``[x, t]`` (a list stays one argument)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, xt: list[Tensor]) -> Tensor:
+        return self.model(xt[0], xt[1])  # type: ignore[no-any-return]
+
+
+def test_recalibrate_batchnorm_and_latency_take_tuples() -> None:
+    """A tuple batch is the model's positional inputs: the statistics equal those of the
+    same batches given to a one-argument wrapper as lists."""
+    gen = torch.Generator().manual_seed(0)
+    model = UNetish()
+    xs = unet_inputs(6, gen)
+    gp.gate_(model, xs)
+    twin = UNetish()
+    gp.gate_(twin, xs)
+    twin.load_state_dict(model.state_dict())
+    batches = [unet_inputs(6, gen) for _ in range(2)]
+    assert gp.recalibrate_batchnorm(model, batches) == 2
+    assert gp.recalibrate_batchnorm(_ListInput(twin), [list(b) for b in batches]) == 2
+    for name in ("blocks.0.n1.running_mean", "blocks.1.n1.running_var"):
+        got, want = model.state_dict()[name], twin.state_dict()[name]
+        assert torch.equal(got, want)
+        assert not torch.equal(got, UNetish().state_dict()[name])  # recomputed
+    lat = gp.measure_latency(gp.prune(model.eval()), xs, warmup=0, repeats=2)
+    assert lat.repeats == 2
+
+
+def test_trainer_refuses_a_tuple_x_pointing_at_a_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = UNetish()
+    xs = unet_inputs(4, gen)
+    gp.gate_(model, xs)
+    with pytest.raises(TypeError, match=r"x is a tuple of 2 inputs.*own loop"):
+        gp.Trainer(model, epochs=1).fit((xs, torch.zeros(4, 3, 10)))

@@ -71,6 +71,16 @@ def _check_replay(ns: dict[str, Any], tmp: Path) -> None:
     assert gp.cost(small, x).flops < gp.cost(gp.prune(all_open_copy(model)), x).flops
 
 
+def _check_multi_input(ns: dict[str, Any], tmp: Path) -> None:
+    small, unet, x, t = ns["small"], ns["unet"], ns["x"], ns["t"]
+    with torch.no_grad():  # "small(x, t) == unet(x, t)", on fresh inputs
+        x2, t2 = torch.randn(3, 3, 32), torch.rand(3, 1)
+        assert (small(x2, t2) - unet(x2, t2)).abs().max() <= 1e-5
+    plain, hard = gp.cost(small, (x, t)), gp.cost(unet, (x, t), hard=True)  # "equal"
+    assert (plain.flops, plain.params) == (float(hard.flops), float(hard.params))
+    assert float(ns["loss"].detach()) > 0
+
+
 # marker (a line only that block has) -> (source substitutions, check of the namespace)
 _CASES: dict[str, tuple[tuple[tuple[str, str], ...], Callable[[dict[str, Any], Path], None]]] = {
     "data = mnist1d()": (
@@ -81,6 +91,7 @@ _CASES: dict[str, tuple[tuple[tuple[str, str], ...], Callable[[dict[str, Any], P
     "lm = gatedprune.GatedLatencyModel.calibrate": ((), _check_gated_latency_budget),
     'checkpoint_dir="ckpt"': ((), _check_training_loop),
     "fresh = apply_plan(": ((), _check_replay),
+    "class Denoiser(nn.Module)": ((), _check_multi_input),
 }
 
 

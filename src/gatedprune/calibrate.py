@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import gate_modules
+from .inputs import as_inputs
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -38,13 +39,14 @@ def _check_batch(index: int, x: object) -> None:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]]) -> int:
     """Recompute BatchNorm running statistics with the gates at their eval values.
 
     In training, gates are sampled for every batch and BatchNorm's running statistics average
     over those samples; in eval mode the gates take their deterministic values, so the
     statistics no longer match them. This resets every BatchNorm's statistics and re-estimates
-    them (a cumulative average) on ``batches`` with the gates in eval mode. Returns the number
+    them (a cumulative average) on ``batches`` with the gates in eval mode (a batch that is a
+    tuple is the model's positional inputs, ``model(*batch)``). Returns the number
     of BatchNorm layers updated; every module's train/eval mode is restored, and so are the
     old statistics if no batch was given, the model raised, or the result is not finite.
     A floating batch holding NaN or inf (which would turn every statistic NaN) is a
@@ -72,8 +74,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     seen = 0
     try:
         for x in batches:
-            _check_batch(seen, x)
-            model(x)
+            inputs = as_inputs(x)  # a tuple: the model's positional inputs
+            for part in inputs:
+                _check_batch(seen, part)
+            model(*inputs)
             seen += 1
         if seen == 0:
             raise ValueError("recalibrate_batchnorm needs at least one batch, got none")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .inputs import as_inputs
+
 __all__ = ["Latency", "compare_latency", "measure_latency", "num_threads", "steady_allocator"]
 
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h> mallopt parameters
@@ -122,14 +124,15 @@ def num_threads(n: int | None) -> Iterator[None]:
 @torch.inference_mode()
 def measure_latency(
     model: nn.Module,
-    x: Tensor,
+    x: Tensor | tuple[Tensor, ...],
     *,
     warmup: int = 5,
     repeats: int = 30,
     min_time: float = 0.0,
     threads: int | None = None,
 ) -> Latency:
-    """Median wall time of ``model(x)`` in eval mode after ``warmup`` untimed calls.
+    """Median wall time of ``model(x)`` in eval mode after ``warmup`` untimed calls (``x`` a
+    tuple: ``model(*x)``, a model with several inputs).
 
     Runs at least ``repeats`` timed calls and keeps going until ``min_time`` seconds have
     passed. The train/eval mode of every module is restored.
@@ -146,17 +149,18 @@ def measure_latency(
         raise TypeError(f"min_time must be a number of seconds, got {min_time!r}")
     if not 0.0 <= float(min_time) < math.inf:
         raise ValueError(f"min_time must be finite and >= 0 seconds, got {min_time!r}")
+    inputs = as_inputs(x)  # a tuple: the model's positional inputs
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with num_threads(threads):
             for _ in range(warmup):
-                model(x)
+                model(*inputs)
             times: list[float] = []
             start = time.perf_counter()
             while len(times) < repeats or time.perf_counter() - start < min_time:
                 t0 = time.perf_counter()
-                model(x)
+                model(*inputs)
                 times.append(time.perf_counter() - t0)
     finally:
         for m, training in modes:
@@ -173,14 +177,15 @@ def measure_latency(
 
 def compare_latency(
     models: Mapping[str, nn.Module],
-    x: Tensor,
+    x: Tensor | tuple[Tensor, ...],
     *,
     rounds: int = 7,
     repeats: int = 10,
     warmup: int = 5,
     threads: int | None = None,
 ) -> dict[str, float]:
-    """Median latency (seconds) of several models on ``x``, measured in interleaved rounds
+    """Median latency (seconds) of several models on ``x`` (a tuple: their positional
+    inputs), measured in interleaved rounds
     (each round times every model in turn), so that load changes on a shared machine hit all
     models alike and their *ratios* stay meaningful.
 

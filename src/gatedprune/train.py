@@ -168,6 +168,12 @@ def _check_pair(name: str, pair: object) -> tuple[Tensor, Tensor]:
     if not isinstance(pair, tuple | list) or len(pair) != 2:
         raise TypeError(f"{name} must be a pair (x, y) of tensors, got {type(pair).__name__}")
     x, y = pair
+    if type(x) is tuple:
+        raise TypeError(
+            f"{name}: x is a tuple of {len(x)} inputs, but Trainer calls model(x) with one "
+            "tensor; train a multi-input model with your own loop (gatedprune.Budget(model, "
+            "(x, t), flops=...) and budget.penalty() in the loss)"
+        )
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError(
             f"{name} must be a pair (x, y) of tensors, got ({type(x).__name__}, {type(y).__name__})"
