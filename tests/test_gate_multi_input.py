@@ -100,6 +100,27 @@ class Masked(nn.Module):
         return self.head(h.mean(1))  # (B, 3)
 
 
+class StepEmbedding(nn.Module):
+    """``forward(x, step)``: integer diffusion steps looked up in an ``nn.Embedding`` and
+    scaling a conv's channels (FiLM)."""
+
+    def __init__(self, c: int = 10) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(2, c, 3, padding=1)
+        self.steps = nn.Embedding(50, c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x: Tensor, step: Tensor) -> Tensor:
+        h = F.relu(self.inp(x))  # (B, C, H, W)
+        scale = self.steps(step)[:, :, None, None]  # (B, C, 1, 1)
+        return self.out(h + F.relu(self.conv(h) * scale))  # (B, 2, H, W)
+
+
+def step_inputs(b: int, gen: torch.Generator) -> Inputs:
+    return torch.randn(b, 2, 6, 6, generator=gen), torch.randint(0, 50, (b,), generator=gen)
+
+
 def unet_inputs(b: int, gen: torch.Generator) -> Inputs:
     return torch.randn(b, 3, 10, generator=gen), torch.randn(b, 4, generator=gen)
 
@@ -118,6 +139,7 @@ CASES: list[tuple[type[nn.Module], Callable[[int, torch.Generator], Inputs]]] = 
     (UNetish, unet_inputs),
     (EncDec, encdec_inputs),
     (Masked, masked_inputs),
+    (StepEmbedding, step_inputs),
 ]
 
 
@@ -363,3 +385,22 @@ def test_trainer_refuses_a_tuple_x_pointing_at_a_loop() -> None:
     gp.gate_(model, xs)
     with pytest.raises(TypeError, match=r"x is a tuple of 2 inputs.*own loop"):
         gp.Trainer(model, epochs=1).fit((xs, torch.zeros(4, 3, 10)))
+
+
+def test_fold_batchnorm_of_a_pruned_multi_input_model() -> None:
+    gen = torch.Generator().manual_seed(2)
+    model = UNetish()
+    xs = unet_inputs(3, gen)
+    gp.gate_(model, xs)
+    randomise_gates(model, gen)
+    with torch.no_grad():
+        for name in ("blocks.0.n1", "blocks.1.n1"):
+            bn = model.get_submodule(name)
+            bn.running_mean.normal_(0.0, 0.5, generator=gen)  # type: ignore[operator]
+            bn.running_var.uniform_(0.5, 2.0, generator=gen)  # type: ignore[operator]
+    pruned = gp.prune(model.eval())
+    folded = gp.fold_batchnorm(pruned)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+    fresh = unet_inputs(4, gen)
+    with torch.no_grad():
+        assert (folded(*fresh) - model(*fresh)).abs().max().item() <= 1e-5
