@@ -1144,7 +1144,9 @@ class CostProgram:
 
 
 def cost(module: nn.Module, example_input: Any, *, hard: bool = False) -> Cost | ExpectedCost:
-    """FLOPs and parameters of ``module`` for one forward pass on ``example_input``.
+    """FLOPs and parameters of ``module`` for one forward pass on ``example_input`` (a tuple:
+    the model's positional inputs, ``module(*example_input)``; anything else, a named tuple
+    such as a PackedSequence too, is its one input).
 
     A plain module gives an exact :class:`Cost` (ints). A model with gates gives an
     :class:`ExpectedCost` (differentiable float64 tensors): the expectation over the gates'
