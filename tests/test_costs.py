@@ -423,3 +423,58 @@ def test_an_uncalled_gated_module_is_refused_not_left_out() -> None:
     model.b = gatedprune.prune(model.b)  # pruned first: a plain module, counted as such
     hard = gatedprune.cost(model, x, hard=True)
     assert float(hard.params) == gatedprune.cost(gatedprune.prune(model), x).params
+
+
+class _TransformerParts(nn.Module):
+    """Calls the encoder and decoder of an ``nn.Transformer`` on their own (never ``self.t``
+    itself), as seq2seq code that caches the memory does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Transformer(
+            8,
+            2,
+            num_encoder_layers=2,
+            num_decoder_layers=1,
+            dim_feedforward=12,
+            dropout=0.0,
+            batch_first=True,
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, src: Tensor) -> Tensor:
+        memory = self.t.encoder(src)  # (B, S, 8)
+        return self.head(self.t.decoder(src[:, :3], memory))  # (B, 3, 3)
+
+
+def test_parts_of_a_transformer_called_on_their_own_are_counted() -> None:
+    # before 2026-12-08 00:35 UTC the parts of a module counted whole (nn.Transformer) were
+    # not hooked, so calling them without it counted nothing for them (8590 against 25110
+    # FLOPs for the encoder alone), and cost(prune(gated)) differed from the gated hard cost
+    model = _TransformerParts().eval()
+    x = torch.randn(2, 5, 8)
+    enc, dec, head = model.t.encoder, model.t.decoder, model.head
+    with torch.no_grad():
+        memory = enc(x)
+    parts = [cost(enc, x), cost(_Decode(dec, memory), x[:, :3]), cost(head, torch.zeros(2, 3, 8))]
+    got = cost(model, x)
+    assert got.flops == sum(c.flops for c in parts)
+    assert got.params == sum(p.numel() for p in model.parameters())
+
+
+class _Decode(nn.Module):
+    def __init__(self, dec: nn.Module, memory: Tensor) -> None:
+        super().__init__()
+        self.dec, self.memory = dec, memory
+
+    def forward(self, tgt: Tensor) -> Tensor:
+        return self.dec(tgt, self.memory)  # type: ignore[no-any-return]
+
+
+def test_gated_encoder_of_a_transformer_costs_as_its_pruned_model() -> None:
+    model = _TransformerParts().eval()
+    x = torch.randn(2, 5, 8)
+    gate_(model, x)
+    hard = cost(model, x, hard=True)
+    pruned = cost(gatedprune.prune(model), x)
+    assert (pruned.flops, pruned.params) == (float(hard.flops), float(hard.params))

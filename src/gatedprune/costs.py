@@ -967,15 +967,19 @@ def watch_counted(
     handles = []
     inside: list[str] = []
     hooked: set[int] = set()
-    # every name: a module shared by a unit and the rest is hooked under its outside name
+    # every name: a module shared by a unit and the rest is hooked under its outside name.
+    # The parts of a unit are hooked too: called inside it they are not counted (the
+    # counter's depth), called on their own they are (`self.t.encoder(src)` of an
+    # nn.Transformer `t` that is never called itself); a gated module's parts are not
     for name, m in module.named_modules(remove_duplicate=False):
         if any(name.startswith(p) for p in inside):
-            continue  # counted by the module that holds it
+            continue  # counted by the gated module that holds it
         leaf = not any(True for _ in m.children())
-        whole = isinstance(m, GatedModule) or (not leaf and unit_handler(m) is not None)
+        gated = isinstance(m, GatedModule)
+        whole = gated or (not leaf and unit_handler(m) is not None)
         if not (leaf or whole) or (leaf and not whole and (is_code(m) or _own_root(name, m))):
             continue
-        if whole:
+        if gated:
             inside.append(f"{name}." if name else "")
         if id(m) in hooked:
             continue
