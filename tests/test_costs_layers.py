@@ -21,24 +21,11 @@ from gatedprune.gating import gate_
 
 
 def _plain(m: nn.Module, *xs: Tensor) -> Cost:
-    """``cost`` of ``m`` called on ``xs`` (several inputs through a wrapper)."""
-    model: nn.Module = m if len(xs) == 1 else _Multi(m)
+    """``cost`` of ``m`` called on ``xs`` (several inputs as a tuple: positional arguments)."""
     x: object = xs[0] if len(xs) == 1 else xs
-    c = cost(model, x)
+    c = cost(m, x)
     assert isinstance(c, Cost)
     return c
-
-
-class _Multi(nn.Module):
-    """Calls its module with the positional inputs of a tuple."""
-
-    def __init__(self, m: nn.Module) -> None:
-        super().__init__()
-        self.m = m
-
-    def forward(self, xs: tuple[Tensor, ...]) -> Tensor:
-        out: Tensor = self.m(*xs)
-        return out
 
 
 def _n_params(m: nn.Module) -> int:
