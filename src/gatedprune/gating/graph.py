@@ -17,7 +17,7 @@ import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -59,6 +59,7 @@ __all__ = [
     "record_bindings",
     "record_run",
     "scope_nodes",
+    "static_pieces",
     "trace_model",
 ]
 
@@ -102,6 +103,12 @@ class ModuleCall:
         return out
 
 
+def _target_name(node: fx.Node) -> str:
+    """``node``'s target as code names it (``chunk``, ``torch.split``, ``getattr``)."""
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+
+
 def _nodes_in(a: Any) -> list[fx.Node]:
     """The graph nodes in a nested structure of arguments, each once, in order."""
     found: list[fx.Node] = []
@@ -112,6 +119,78 @@ def _nodes_in(a: Any) -> list[fx.Node]:
 def _as_nodes(a: Any) -> Any:
     """``a`` with each fx Proxy replaced by its graph node."""
     return fx.node.map_aggregate(a, lambda v: v.node if isinstance(v, fx.Proxy) else v)
+
+
+def _literal_count(a: Any) -> bool:
+    """``a`` is an int written in the code (not a bool, not a traced value)."""
+    return isinstance(a, int) and not isinstance(a, bool)
+
+
+def static_pieces(node: fx.Node) -> int | None:
+    """The number of tensors split node ``node`` returns, when the code fixes it without the
+    input's shape: ``chunk(n)`` (``n``; torch gives fewer when the ``n`` pieces cannot all
+    be non-empty, which the run with the example input finds), ``split`` into a literal
+    list or tuple of sections, ``tensor_split`` into ``n`` sections or at literal indices.
+    None for any other node (``split(c)``, ``unbind``: the count depends on the shape).
+
+    >>> g = fx.symbolic_trace(lambda x: x.chunk(3, 1)).graph
+    >>> [static_pieces(n) for n in g.nodes]
+    [None, 3, None]
+    """
+    meth, fn = node.op == "call_method", node.op == "call_function"
+    arg: Any = node.args[1] if len(node.args) > 1 else None
+    if (meth and node.target == "chunk") or (fn and node.target is torch.chunk):
+        arg = node.kwargs.get("chunks", arg)
+        return arg if _literal_count(arg) and arg > 0 else None
+    if (meth and node.target == "split") or (fn and node.target is torch.split):
+        for kw in ("split_size", "split_size_or_sections"):
+            arg = node.kwargs.get(kw, arg)
+        ok = isinstance(arg, list | tuple) and arg and all(_literal_count(a) for a in arg)
+        return len(arg) if ok else None
+    if (meth and node.target == "tensor_split") or (fn and node.target is torch.tensor_split):
+        for kw in ("indices_or_sections", "sections", "indices", "tensor_indices_or_sections"):
+            arg = node.kwargs.get(kw, arg)
+        if _literal_count(arg) and arg > 0:
+            return cast(int, arg)
+        if isinstance(arg, list | tuple) and all(_literal_count(a) for a in arg):
+            return len(arg) + 1
+    return None
+
+
+def _is_shape(node: fx.Node) -> bool:
+    """``node`` is a traced shape: ``x.shape``, ``x.size()`` or a slice of one."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1:2] == ("shape",)
+    if node.op == "call_function" and node.target is operator.getitem:
+        head = node.args[0]
+        return isinstance(head, fx.Node) and _is_shape(head)
+    return False
+
+
+class ProxyIterationError(fx.proxy.TraceError):
+    """fx cannot iterate a traced value; ``shape`` says whether it is a traced shape (Hugging
+    Face's ``(*input_shape, -1, d)``) rather than the pieces of a split (see
+    :func:`_trace_hint`)."""
+
+    def __init__(self, what: str, shape: bool) -> None:
+        super().__init__(
+            f"Proxy object cannot be iterated: {what} (a loop, list(...), tuple(...) or a "
+            "* unpacking over a traced value whose length the code does not fix)"
+        )
+        self.shape = shape
+
+
+class _GateProxy(fx.Proxy):
+    """fx Proxy whose ``len`` is the piece count of a split the code fixes
+    (:func:`static_pieces`): ``list(x.chunk(2, 1))`` asks for it before iterating."""
+
+    def __len__(self) -> int:
+        count = static_pieces(self.node)
+        if count is None:
+            return super().__len__()
+        return count
 
 
 class GateTracer(fx.Tracer):
@@ -132,6 +211,20 @@ class GateTracer(fx.Tracer):
         if unit_handler(m) is not None and any(True for _ in m.children()):
             return True  # a kind registered with register_cost: counted whole, kept whole
         return bool(super().is_leaf_module(m, module_qualified_name))
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _GateProxy(node, self)
+
+    def iter(self, obj: fx.Proxy) -> Iterator[fx.Proxy]:
+        """Iterating the pieces of a split whose count the code fixes (C2f's
+        ``list(self.cv1(x).chunk(2, 1))``, ``for t in x.split((c, c), 1)``, ``a, *b =
+        x.chunk(3, 1)``) gives one ``getitem`` per piece (:func:`static_pieces`); any other
+        traced value cannot be iterated (:class:`ProxyIterationError`)."""
+        node = obj.node
+        count = static_pieces(node)
+        if count is None:
+            raise ProxyIterationError(f"{node.op} {_target_name(node)}", _is_shape(node))
+        return iter([obj[i] for i in range(count)])  # type: ignore[index]
 
     def call_module(
         self,
@@ -398,6 +491,13 @@ def _trace_hint(e: Exception) -> str:
             "self.position_ids[:, :T]: write .narrow(dim, 0, T), e.g. "
             "self.mask.narrow(2, 0, T).narrow(3, 0, T), which fx traces)"
         )
+    if isinstance(e, ProxyIterationError) and not e.shape:
+        return (
+            " (the pieces of a split or another traced value iterated without a count the "
+            "code fixes: unpack it with a known count: `a, b = x.chunk(2, 1)`, or split into "
+            "literal sections, x.split((c, c), 1), or chunk(n) with a literal n, whose "
+            "pieces gate_ can iterate)"
+        )
     if "Proxy object cannot be iterated" in text:
         return (
             " (a traced shape unpacked with *, e.g. Hugging Face's hidden_shape = "
@@ -588,6 +688,9 @@ class _Recorder(fx.Interpreter):
         else:
             out = super().run_node(n)
         self.shapes[n] = tuple(out.shape) if isinstance(out, Tensor) else None
+        count = static_pieces(n)
+        if count is not None and isinstance(out, tuple | list) and len(out) < count:
+            _check_pieces_read(n, len(out))
         return out
 
     def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -632,6 +735,22 @@ class _Recorder(fx.Interpreter):
                 hd.remove()
         self.flops[node] = total[0] + counter.flops
         return out
+
+
+def _check_pieces_read(n: fx.Node, got: int) -> None:
+    """Split node ``n`` returned ``got`` pieces, fewer than its literal count (``chunk(4)``
+    of 6 channels gives 3 of 2): a ``getitem`` past them was made by iterating it while
+    tracing (``list(x.chunk(4, 1))``, :meth:`GateTracer.iter`), and is an error naming it."""
+    for u in n.users:
+        i = u.args[1] if u.op == "call_function" and u.target is operator.getitem else None
+        if isinstance(i, int) and i >= got:
+            raise ValueError(
+                f"gate_: node '{n.name}' ({_target_name(n)} into {static_pieces(n)}, in "
+                f"{owner_of(n) or 'the model'}) gives {got} pieces for the example input, not "
+                f"{static_pieces(n)}: torch.chunk gives fewer when the pieces cannot all be "
+                "non-empty; the code iterates it (a loop, list(...) or * unpacking), so write "
+                "the pieces it gives, e.g. split with literal sections"
+            )
 
 
 @dataclass
