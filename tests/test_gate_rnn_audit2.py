@@ -53,8 +53,6 @@ class _Tied(nn.Module):
 @pytest.mark.parametrize(
     ("how", "reason"),
     [
-        ("split", "pruned in 3 ties"),
-        ("chunk", "pruned in 3 ties"),
         ("chunk_add", "pruned in 3 ties"),
         ("heads", "reduces over the labelled dimension"),
         ("grouped", "does not take a folded input gate"),
@@ -69,6 +67,22 @@ def test_recurrent_output_pruned_in_ties_is_left_ungated(how: str, reason: str) 
     summary = gate_(model, x)
     assert summary.rnns == []
     assert reason in dict(summary.ungated_layers)["a"]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        randomise_gates(model, gen)
+        check_pruned(model, x, gen, factory=lambda: _Tied(how), batches=(1, 5))
+
+
+@pytest.mark.parametrize("how", ["split", "chunk"])
+def test_recurrent_output_split_into_read_apart_sections_is_gated(how: str) -> None:
+    """Pieces read by layers of their own are sections pruned apart (since 2026-12-08; before,
+    the pieces were pruned in ties and the LSTM left ungated): the units are gated, the
+    pruned split gets the kept sections."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 3)
+    model = _Tied(how).eval()
+    summary = gate_(model, x)
+    assert [r[0] for r in summary.rnns] == ["a"]
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         randomise_gates(model, gen)

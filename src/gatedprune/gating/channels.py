@@ -2228,11 +2228,15 @@ class _Propagator:
         ``unbind`` of a labelled tensor. Along a dimension other than the labelled one (the
         halves of each head's ``head_dim`` that rotary embeddings rotate, ``q, k, v =
         qkv.unbind(0)``), every piece carries the input's channels (see
-        :meth:`split_elsewhere`). Along the labelled dimension, into equal pieces (q, k, v of a
-        fused projection): piece ``i``'s channel ``j`` and piece 0's are pruned together (the
-        pieces stay equal), each ``getitem`` carries its piece, and a split size is rewritten
-        to the kept piece width; into literal sections or at literal indices, see
-        :meth:`split_sections`. A split of the labelled dimension gate_ cannot follow keeps the
+        :meth:`split_elsewhere`). Along the labelled dimension, ``chunk(n)``, ``split(c)`` and
+        ``split`` into literal sections are sections pruned apart (:meth:`split_sections`; a
+        chunk becomes a split into the kept sections): an op that combines pieces channel by
+        channel (SwiGLU's ``a * silu(b)``, attention's ``q @ k^T``) prunes their channels
+        together itself. Into equal pieces whose size the forward computes (``split(c)``, ``c``
+        a size read from a tensor) or ``tensor_split(n)``: piece ``i``'s channel ``j`` and
+        piece 0's are pruned together (the pieces stay equal), and a computed split size is
+        rewritten to the kept piece width; at literal indices, see :meth:`split_sections`.
+        A split of the labelled dimension gate_ cannot follow keeps the
         channels whole, with the reason. False if ``n`` is not a split of labelled channels."""
         meth, fn = n.op == "call_method", n.op == "call_function"
         unbind = (meth and n.target == "unbind") or (fn and n.target is torch.unbind)
@@ -2270,8 +2274,6 @@ class _Propagator:
         arg: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get(key)
         if fn and not chunk and arg is None:
             arg = n.kwargs.get("split_size_or_sections")
-        if not chunk and isinstance(arg, list | tuple) and arg and len(set(arg)) == 1:
-            arg = arg[0]  # equal sections, split([c, c, c]): as split(c)
         if not chunk and isinstance(arg, list | tuple):  # split((d, kv * hd, kv * hd))
             return self.split_sections(n, lab, ins, arg, "section")
         width = ins[lab.dim]
@@ -2306,10 +2308,16 @@ class _Propagator:
         if size <= 0 or width % size != 0:
             self.pin(lab, unequal)
             return True
-        blocks = self.equal_pieces(n, lab, size)
-        if not chunk:
+        if isinstance(n.args[1] if len(n.args) > 1 else None, fx.Node) or any(
+            isinstance(v, fx.Node) for v in n.kwargs.values()
+        ):  # split(c), c another tensor's size: the pruned code gets one kept width
+            blocks = self.equal_pieces(n, lab, size)
             self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
-        return True
+            return True
+        # chunk(n) / split(c), literal: each piece a section of its own (the pruned code
+        # splits into the kept sections); an op combining pieces channel by channel (GLU's
+        # a * silu(b)) prunes their channels together itself
+        return self.split_sections(n, lab, ins, [size] * (width // size), "section")
 
     def equal_pieces(self, n: fx.Node, lab: Labels, size: int) -> np.ndarray:
         """Split node ``n`` cuts labelled channels ``lab`` into equal pieces of ``size``:
@@ -2432,6 +2440,8 @@ class _Propagator:
             name = self.space_names[sid]
             if self.kinds.get(name) not in ("linear", "conv", "convt"):
                 continue
+            if np.isin(np.flatnonzero(space_of == sid), atoms).all():
+                continue  # a space of these atoms alone already (split again: a second call)
             new = len(self.space_names)
             self.space_names.append(name)
             for a in atoms[space_of[atoms] == sid].tolist():

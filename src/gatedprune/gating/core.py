@@ -1348,11 +1348,15 @@ class InsertedGating(ModelGating):
         if opens is None:
             opens = [o.bool().numpy() for o in self.hard_open()]
         sizes: dict[str, list[list[Any]]] = {}
+        changed: set[str] = set()
         for si in self.size_rewrites:
             kept = _kept_mask(opens, si.group, si.gidx)
             if not kept.all():
-                sizes.setdefault(si.node, []).append([si.key, int(kept.sum()) * si.factor])
-        return sizes
+                changed.add(si.node)
+            sizes.setdefault(si.node, []).append([si.key, int(kept.sum()) * si.factor])
+        # a node with one size changed gets all of its own (a chunk pruned apart becomes a
+        # split into every section); nodes without a change none
+        return {node: entries for node, entries in sizes.items() if node in changed}
 
     def plan(self) -> dict[str, Any]:
         """The pruning decisions as a JSON-serialisable plan (see :func:`apply_plan`)."""
@@ -2329,7 +2333,9 @@ def gate_(
             if atoms is None:
                 continue
             gg = group_map[ca.atom_group[atoms]]
-            if (gg >= 0).any():
+            # every section of a split (one ungated too): a chunk pruned apart becomes a
+            # split given all of its sections
+            if (gg >= 0).any() or str(key).startswith("section_"):
                 size_rewrites.append(SizeInfo(node_name, key, gg, ca.atom_gidx[atoms], factor))
     # parameters never referenced by the graph (counted as they are)
     covered: set[int] = set()

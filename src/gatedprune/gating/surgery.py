@@ -1149,6 +1149,50 @@ def _resize_section(node: fx.Node, section: tuple[str, int], value: int) -> None
         node.update_kwarg(str(kw), type(old)(new))
 
 
+def _as_sections(node: fx.Node, keys: Sequence[int | str]) -> None:
+    """Before ``node`` gets the sizes of the plan's ``keys``: a ``chunk(n)`` or ``split(c)``
+    (literal) given sizes per section (``"section_i"``, its pieces pruned apart) becomes
+    ``split`` into a list of sections, one per section the plan gives, all of which it must
+    give (the sizes are then written in). Other nodes as they are.
+
+    >>> g = fx.symbolic_trace(lambda x: x.chunk(2, 1)).graph
+    >>> n = next(n for n in g.nodes if n.op == "call_method")
+    >>> _as_sections(n, ["section_0", "section_1"]); n.target, n.args[1]
+    ('split', [0, 0])
+    """
+    found = [_section_key(k) for k in keys]
+    given = sorted(s[1] for s in found if s is not None and s[0] == "section")
+    if not given:
+        return
+    meth, fn = node.op == "call_method", node.op == "call_function"
+    chunk = (meth and node.target == "chunk") or (fn and node.target is torch.chunk)
+    split = (meth and node.target == "split") or (fn and node.target is torch.split)
+    kws = ("chunks",) if chunk else ("split_size", "split_size_or_sections")
+    kw = next((k for k in kws if k in node.kwargs), None)
+    old = node.args[1] if len(node.args) > 1 else node.kwargs.get(kw) if kw else None
+    if not (chunk or (split and isinstance(old, int))):
+        return  # a split into a list already (or not a split: _resize_section says so)
+    count = len(given) if not chunk else old if isinstance(old, int) else -1
+    if given != list(range(count)):  # (split(c): torch refuses sections not adding up)
+        raise ValueError(
+            f"cannot give node '{node.name}' ({node.target if meth else 'torch.'} "
+            f"{'chunk' if chunk else 'split'}) the sections {given} alone: the plan must give "
+            f"every section 0, 1, ... of it"
+        )
+    sections = [0] * len(given)  # (each written in by _resize_section)
+    if meth:
+        node.target = "split"
+    else:
+        node.target = torch.split
+    if len(node.args) > 1:
+        node.update_arg(1, sections)
+    else:
+        kwargs = dict(node.kwargs)
+        del kwargs[str(kw)]
+        kwargs["split_size" if meth else "split_size_or_sections"] = sections
+        node.kwargs = kwargs
+
+
 def _resize(node: fx.Node, key: int | str, value: int) -> None:
     """Give graph node ``node`` (a ``view``/``reshape``/``expand``, a ``split`` or a
     ``repeat_interleave``) the size ``value`` for output dimension ``key`` (negative: counted
@@ -1328,6 +1372,7 @@ def _rewrite_scope(
             local.graph.erase_node(ln)
     for name, entries in (sizes or {}).items():  # the pruned widths (attention heads)
         if name in mapping:
+            _as_sections(mapping[name], [key for key, _ in entries])
             for key, value in entries:
                 _resize(mapping[name], key, int(value))
     for r in reversed(root_nodes):
@@ -1918,6 +1963,8 @@ def _dry_run_sizes(
                     "'split_size', 'section_<i>', 'index_<i>' or 'repeats') with a size >= 1, "
                     f"got {[key, value]!r}"
                 )
+        _as_sections(nodes[name], [key for key, _ in entries])
+        for key, value in entries:
             _resize(nodes[name], key, value)
     return pairs
 
