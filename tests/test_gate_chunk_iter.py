@@ -11,7 +11,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import budget_steps, check_pruned, inserted_gating, randomise_batchnorms
+from gating_helpers import (
+    budget_steps,
+    check_pruned,
+    inserted_gating,
+    randomise_batchnorms,
+    randomise_gates,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -295,5 +301,38 @@ def test_plan_giving_one_section_of_a_chunk_is_refused() -> None:
     chunk = next(k for k, v in plan["sizes"].items() if any(e[0] == "section_0" for e in v))
     plan["sizes"][chunk] = [e for e in plan["sizes"][chunk] if e[0] == "section_0"]
     del plan["checksum"]  # (edited by hand)
-    with pytest.raises(ValueError, match=r"every section 0, 1, \.\.\. of it"):
+    with pytest.raises(ValueError, match=r"\(chunk\) the sections \[0\] alone: .* every section"):
         apply_plan(TwoConvs("chunk"), plan)
+
+
+class ChunkBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.a, self.b = nn.Conv2d(4, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p, q = self.c(x).chunk(2, 1)  # (B, 4, H, W) each
+        return self.a(p) + self.b(q)  # (B, 4, H, W)
+
+
+class CalledTwice(nn.Module):
+    """A block holding a chunk called twice: prune cannot rewrite its code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s, self.blk, self.o = nn.Conv2d(3, 4, 1), ChunkBlock(), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.o(self.blk(self.blk(self.s(x))))  # (B, 2, H, W)
+
+
+def test_chunk_in_code_prune_cannot_rewrite_keeps_pieces_pruned_by_position() -> None:
+    # (sections pruned apart would need a new split there: they were left ungated)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    model = CalledTwice().eval()
+    summary = gate_(model, x)
+    assert (["blk.c"], 4) in [(list(g[0]), g[1]) for g in summary.channel_groups]
+    for _ in range(3):
+        randomise_gates(model, gen)
+        check_pruned(model, x, gen, factory=CalledTwice, batches=(1, 3))

@@ -949,10 +949,17 @@ def _param_reads(a: Any) -> list[fx.Node] | None:
 
 class _Propagator:
     def __init__(
-        self, gm: fx.GraphModule, record: RunRecord, after: frozenset[str] | None = None
+        self,
+        gm: fx.GraphModule,
+        record: RunRecord,
+        after: frozenset[str] | None = None,
+        fixed_code: Callable[[fx.Node], bool] | None = None,
     ) -> None:
         self.gm = gm
         self.rec = record
+        # nodes in code prune cannot rewrite (a module called twice): a chunk there keeps its
+        # pieces pruned by position (its code unchanged), not sections pruned apart
+        self.fixed_code = fixed_code
         # multi-query attention (one key/value head read by every query head): a closed query
         # head's output is the mean of v, not zero, so its gate multiplies the attention's
         # output where a Linear reads it (a forward pre-hook; folded into its weight columns).
@@ -2313,6 +2320,9 @@ class _Propagator:
         ):  # split(c), c another tensor's size: the pruned code gets one kept width
             blocks = self.equal_pieces(n, lab, size)
             self.sizes[n] = [("split_size", blocks[0].copy(), 1)]
+            return True
+        if chunk and self.fixed_code is not None and self.fixed_code(n):
+            self.equal_pieces(n, lab, size)  # chunk(n) stays right with equal kept pieces
             return True
         # chunk(n) / split(c), literal: each piece a section of its own (the pruned code
         # splits into the kept sections); an op combining pieces channel by channel (GLU's
@@ -3983,13 +3993,16 @@ class _Propagator:
         return Labels(d_y, lab_y.atoms)
 
 
-def analyse_channels(gm: fx.GraphModule, record: RunRecord) -> ChannelAnalysis:
+def analyse_channels(
+    gm: fx.GraphModule, record: RunRecord, fixed_code: Callable[[fx.Node], bool] | None = None
+) -> ChannelAnalysis:
     """Propagate channel labels through ``gm`` and form the channel groups (twice if it holds
-    multi-query attention: the second time with its queries ungated, see ``_Propagator``)."""
-    p = _Propagator(gm, record)
+    multi-query attention: the second time with its queries ungated, see ``_Propagator``).
+    ``fixed_code(node)``: ``prune`` cannot change that node's code (see ``_Propagator``)."""
+    p = _Propagator(gm, record, fixed_code=fixed_code)
     p.run()
     if p.mqa_queries:
-        p = _Propagator(gm, record, after=p.query_sources())
+        p = _Propagator(gm, record, after=p.query_sources(), fixed_code=fixed_code)
         p.run()
     n_atoms = len(p.parent)
     roots = np.array([p.find(a) for a in range(n_atoms)], dtype=np.int64)

@@ -2017,7 +2017,6 @@ def gate_(
     gm = traced.graph_module
     record = record_run(traced, inputs, model)
     bindings = record_bindings(model, inputs)  # how rewritten modules are called
-    ca = analyse_channels(gm, record)
     rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
     owners = node_owners(gm.graph)  # (gate_ does not change the traced graph)
 
@@ -2039,6 +2038,14 @@ def gate_(
         return rewritable[scope]
 
     hooked = _HookedCalls(model, traced, can_rewrite)  # modules carrying hooks of the user's
+
+    def fixed_code(node: fx.Node) -> bool:  # as _pin_unrewritable_sizes would find it
+        owner = owners.get(node)
+        if owner is None:
+            return False
+        return can_rewrite(owner) is not None or hooked.conflict([owner], {node.name}) is not None
+
+    ca = analyse_channels(gm, record, fixed_code)
     _pin_hooked(hooked, traced, ca)
     shared = _shared_modules(model, gm)
     for name, reason in shared.items():  # pruning slices and scales their tensors in place

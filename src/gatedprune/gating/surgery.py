@@ -1175,9 +1175,9 @@ def _as_sections(node: fx.Node, keys: Sequence[int | str]) -> None:
     count = len(given) if not chunk else old if isinstance(old, int) else -1
     if given != list(range(count)):  # (split(c): torch refuses sections not adding up)
         raise ValueError(
-            f"cannot give node '{node.name}' ({node.target if meth else 'torch.'} "
+            f"cannot give node '{node.name}' ({'' if meth else 'torch.'}"
             f"{'chunk' if chunk else 'split'}) the sections {given} alone: the plan must give "
-            f"every section 0, 1, ... of it"
+            "every section 0, 1, ... of it"
         )
     sections = [0] * len(given)  # (each written in by _resize_section)
     if meth:
