@@ -176,11 +176,12 @@ def test_shufflenet_is_gated_around_its_shuffles(form: str) -> None:
         "stage3.1.branch2.5",
     }
     assert branches <= gated, str(summary)
-    # each shuffle pairs channel j of its two halves: the stage's 16 (32) output channels,
-    # halved again by the next unit's chunk, are 4 (8) gates
+    # each shuffle pairs channel j of its two halves: the stage's 16 (32) output channels
+    # are 8 (16) gates (the next unit's chunk(2, 1) prunes its two halves apart; before
+    # 2026-12-08 00:45 UTC it paired them again: 4 (8) gates)
     sizes = {producers[0]: size for producers, size in summary.channel_groups}
-    assert sizes["stage2.0.branch1.2"] == 4
-    assert sizes["stage3.0.branch1.2"] == 8
+    assert sizes["stage2.0.branch1.2"] == 8
+    assert sizes["stage3.0.branch1.2"] == 16
 
 
 @settings(max_examples=examples(12))
@@ -241,11 +242,16 @@ def test_a_budget_trains_and_the_pruned_shufflenet_is_smaller() -> None:
             gate.log_alpha[: gate.n // 2] = -20.0
     pruned = check_pruned(model, x, gen, factory=ShuffleNet, batches=(1, 3))
     assert isinstance(pruned, ShuffleNet)
-    for unit, width in ((pruned.stage2[0], 8), (pruned.stage3[1], 16)):
-        assert isinstance(unit, InvertedResidual)
-        last = unit.branch2[5]
-        assert isinstance(last, nn.Conv2d)
-        assert last.out_channels == width // 2  # half of each branch's pairs closed
+    down = pruned.stage2[0]
+    assert isinstance(down, InvertedResidual)
+    b1, b2 = down.branch1[2], down.branch2[5]
+    assert isinstance(b1, nn.Conv2d)
+    assert isinstance(b2, nn.Conv2d)
+    # the shuffle pairs the branches' channels: both keep the same count, fewer than 8
+    assert b1.out_channels == b2.out_channels < 8
+    last = pruned.get_submodule("stage3.1.branch2.5")  # (its unit rewritten: chunk -> split)
+    assert isinstance(last, nn.Conv2d)
+    assert last.out_channels < 16
     dense, c = gp.cost(ShuffleNet(), x), gp.cost(pruned, x)
     assert c.params < dense.params
     assert c.flops < dense.flops
