@@ -747,6 +747,209 @@ def _keep_argument_names(graph: fx.Graph, names: set[str]) -> None:
             taken.add(base)
 
 
+def _caller_constant(r: fx.Node, scope: str) -> str | None:
+    """What root-graph node ``r`` of module ``scope`` reads if it is a constant of a caller's
+    trace that the module alone takes as an argument: a buffer (or parameter) outside
+    ``scope`` (``self.attn(x, mask=self.attn_mask)``) or a tensor fx made from constants
+    (``torch.triu(torch.full((T, T), -inf), 1)``, or what the module computes from such a
+    value, which the whole model's trace folds); None otherwise.
+
+    >>> g = fx.Graph()
+    >>> m = g.get_attr("blocks.1.attn_mask")
+    >>> _caller_constant(m, "blocks.1.attn"), _caller_constant(m, "blocks.1")
+    ("a buffer of the caller ('blocks.1.attn_mask')", None)
+    """
+    if r.op != "get_attr":
+        return None
+    target = str(r.target)
+    if target.rpartition(".")[2].startswith("_tensor_constant"):
+        return "a tensor the caller builds from constants"
+    if scope and not target.startswith(scope + "."):
+        return f"a buffer of the caller ({target!r})"
+    return None
+
+
+def _constant_choices(
+    graph: fx.Graph, excluded: set[fx.Node]
+) -> Iterator[tuple[set[fx.Node], set[fx.Node]]]:
+    """Which placeholders of a module's own trace to read as constants of the caller's trace
+    (a buffer or a tensor built from constants it passes, Swin's ``mask=self.attn_mask``),
+    with the nodes computed from them alone (and from buffers), which the whole model's trace
+    folds into constants: none first, then every subset of those with such nodes or
+    ``excluded`` from comparison (smallest first; up to 6).
+
+    >>> g = fx.Graph()
+    >>> x, mask = g.placeholder("x"), g.placeholder("mask")
+    >>> m = g.call_method("unsqueeze", (mask, 0))
+    >>> _ = g.call_function(operator.add, (x, m))
+    >>> choices = _constant_choices(g, set())
+    >>> [(sorted(p.name for p in c), sorted(n.name for n in d)) for c, d in choices]
+    [([], []), (['mask'], ['mask', 'unsqueeze'])]
+    """
+    yield set(), set()
+    placeholders = [p for p in graph.nodes if p.op == "placeholder" and p not in excluded]
+    owner = graph.owning_module
+
+    def folded(chosen: set[fx.Node]) -> set[fx.Node]:
+        out = set(chosen)
+        for n in graph.nodes:
+            if n.op in ("placeholder", "output", "get_attr", "call_module") or n in out:
+                continue
+            ins = n.all_input_nodes
+            buffers = [a for a in ins if a.op == "get_attr" and not _is_parameter(owner, a)]
+            if any(a in out for a in ins) and all(a in out or a in buffers for a in ins):
+                out.add(n)
+        for n in graph.nodes:  # a buffer read only by such nodes is folded with them
+            if n.op == "get_attr" and n.users and all(u in out for u in n.users):
+                out.add(n)
+        return out
+
+    candidates = [p for p in placeholders if len(folded({p})) > 1]
+    if not candidates or len(candidates) > 6:
+        return
+    for k in range(1, len(candidates) + 1):
+        for subset in itertools.combinations(candidates, k):
+            yield set(subset), folded(set(subset))
+
+
+def _is_parameter(owner: nn.Module | None, n: fx.Node) -> bool:
+    """Whether get_attr node ``n`` reads a parameter of ``owner`` (fx traces parameters as
+    values, buffers as constants)."""
+    try:
+        return owner is not None and isinstance(_resolve(owner, str(n.target)), nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def _align(
+    model: nn.Module,
+    sub: nn.Module,
+    scope: str,
+    root_nodes: list[fx.Node],
+    local_nodes: list[fx.Node],
+) -> tuple[list[tuple[fx.Node, fx.Node]], bool]:
+    """Pair root-graph nodes with local nodes doing the same thing, in order; a root node
+    reading a constant of the caller's trace (:func:`_caller_constant`) may stand for nothing
+    among the local nodes (the module takes that value as an argument). Returns the pairs
+    made and whether all nodes were paired."""
+    pairs: list[tuple[fx.Node, fx.Node]] = []
+    i = 0
+    for r in root_nodes:
+        if i < len(local_nodes) and _same_target(model, sub, r, local_nodes[i], scope):
+            pairs.append((r, local_nodes[i]))
+            i += 1
+        elif _caller_constant(r, scope) is None:
+            return pairs, False
+    return pairs, i == len(local_nodes)
+
+
+def _flat_args(args: Any) -> list[Any]:
+    """The values in ``args`` (nested tuples, lists and dicts flattened), in order."""
+    if isinstance(args, list | tuple):
+        return [v for a in args for v in _flat_args(a)]
+    if isinstance(args, dict):
+        return [v for a in args.values() for v in _flat_args(a)]
+    return [args]
+
+
+def _reads_constants_alike(
+    pairs: list[tuple[fx.Node, fx.Node]], folded: set[fx.Node], scope: str
+) -> bool:
+    """Whether, in each pair of nodes, the local node reads a value computed from an
+    argument taken as the caller's constant (``folded``) only where the root node reads a
+    constant of the caller or a literal, and reads an argument (or such a value) wherever the
+    root node reads a constant of the caller that stands for nothing locally: so the
+    argument is a constant there, not a tensor the caller computes (a dict entry
+    ``xs.get("h")``)."""
+    paired = {r for r, _ in pairs}
+    for r, n in pairs:
+        ra = _flat_args((r.args, r.kwargs))
+        na = _flat_args((n.args, n.kwargs))
+        if len(ra) != len(na):
+            return False
+        for a, b in zip(ra, na, strict=True):
+            constant = (
+                isinstance(a, fx.Node)
+                and a not in paired
+                and _caller_constant(a, scope) is not None
+            )
+            if b in folded and isinstance(a, fx.Node) and not constant:
+                return False
+            if constant and not (isinstance(b, fx.Node) and (b in folded or b.op == "placeholder")):
+                return False
+    return True
+
+
+def _pin_literals(root_arg: Any, local_arg: Any, folded: set[fx.Node]) -> Any:
+    """``local_arg`` with each value computed from a caller's constant (a node in ``folded``)
+    replaced by the literal the whole model's trace has there (``nw = mask.shape[0]``: the
+    caller's constant size), so the rewritten code is what was analysed.
+
+    >>> g = fx.Graph()
+    >>> n = g.placeholder("mask")
+    >>> _pin_literals((1, 4), (1, n), {n})
+    (1, 4)
+    """
+    if isinstance(local_arg, fx.Node):
+        if local_arg in folded and not isinstance(root_arg, fx.Node):
+            return root_arg
+        return local_arg
+    same_kind = type(root_arg) is type(local_arg)
+    if isinstance(local_arg, list | tuple) and same_kind and len(root_arg) == len(local_arg):
+        return type(local_arg)(
+            _pin_literals(a, b, folded) for a, b in zip(root_arg, local_arg, strict=True)
+        )
+    if isinstance(local_arg, dict) and same_kind and root_arg.keys() == local_arg.keys():
+        return {k: _pin_literals(root_arg[k], v, folded) for k, v in local_arg.items()}
+    return local_arg
+
+
+def _use_caller_constants(
+    graph: fx.Graph, pairs: list[tuple[fx.Node, fx.Node]], folded: set[fx.Node]
+) -> None:
+    """Pin the literals the caller's constants give (:func:`_pin_literals`) in the paired
+    local nodes, then drop the nodes computed from those constants that nothing reads now."""
+    for r, n in pairs:
+        n.args = _pin_literals(r.args, n.args, folded)
+        n.kwargs = _pin_literals(r.kwargs, n.kwargs, folded)
+    for n in reversed(list(graph.nodes)):
+        if n in folded and n.op != "placeholder" and not n.users:
+            graph.erase_node(n)
+
+
+def _constant_reason(
+    root_nodes: list[fx.Node], pairs: list[tuple[fx.Node, fx.Node]], scope: str
+) -> str:
+    """Why the module's own trace may differ: which arguments (found through the nodes
+    ``pairs`` paired so far) the whole model's trace reads as constants of the caller."""
+    local_of = dict(pairs)
+    said: list[str] = []
+    for r in root_nodes:
+        what = _caller_constant(r, scope)
+        if what is None:
+            continue
+        name = None
+        for u in r.users:
+            n = local_of.get(u)
+            if n is None:
+                continue
+            flat_r = [*u.args, *u.kwargs.values()]
+            flat_n = [*n.args, *n.kwargs.values()]
+            for a, b in zip(flat_r, flat_n, strict=False):
+                if a is r and isinstance(b, fx.Node):
+                    while b.op != "placeholder" and b.all_input_nodes:
+                        b = b.all_input_nodes[0]
+                    if b.op == "placeholder":
+                        name = str(b.target)
+        said.append(f"argument {name!r} is {what}" if name else f"it reads {what}")
+    if not said:
+        return ""
+    return (
+        f" ({'; '.join(dict.fromkeys(said))} in the whole model's trace, an input traced "
+        "alone; what the module computes from it could not be matched)"
+    )
+
+
 def local_trace(
     model: nn.Module,
     root_graph: fx.Graph,
@@ -777,6 +980,7 @@ def local_trace(
     choices = _concrete_choices(defaults) if bound is None or not scope else iter([bound or None])
     traced_any, failure = False, ""
     indexed: set[str] = set()  # arguments read as lists/tuples/dicts, for the reason
+    best: list[tuple[fx.Node, fx.Node]] = []  # the longest pairing with constants, for it
     for concrete in choices:
         try:
             # None: the root as gate_ traced it; a submodule as called, with every argument
@@ -799,17 +1003,23 @@ def local_trace(
         # nodes in the root graph, and stand for the tensors they select
         for containers, selections in _container_choices(local.graph):
             excluded = skip | selections
-            local_nodes = [
-                n
-                for n in local.graph.nodes
-                if n.op not in ("placeholder", "output") and n not in excluded
-            ]
-            same = len(root_nodes) == len(local_nodes) and all(
-                _same_target(model, sub, r, n, scope)
-                for r, n in zip(root_nodes, local_nodes, strict=False)
-            )
-            if same:
-                return local, {r.name: n for r, n in zip(root_nodes, local_nodes, strict=True)}
+            # an argument the caller passes as a constant of its trace (a buffer, a tensor
+            # built from constants): what the module computes from it alone is folded there
+            for _, folded in _constant_choices(local.graph, excluded):
+                local_nodes = [
+                    n
+                    for n in local.graph.nodes
+                    if n.op not in ("placeholder", "output") and n not in excluded | folded
+                ]
+                pairs, same = _align(model, sub, scope, root_nodes, local_nodes)
+                if same and (
+                    (not folded and len(pairs) == len(root_nodes))  # as before 2026-12-08
+                    or _reads_constants_alike(pairs, folded, scope)
+                ):
+                    _use_caller_constants(local.graph, pairs, folded)
+                    return local, {r.name: n for r, n in pairs}
+                if len(pairs) > len(best):
+                    best = pairs
             indexed |= {str(p.target) for p in containers}
         indexed |= {
             str(u.args[0])
@@ -838,6 +1048,7 @@ def local_trace(
             "use here could not be matched element by element: only constant-key element "
             "selections such as xs[0] are followed)"
         )
+    why += _constant_reason(root_nodes, best, scope)
     raise RuntimeError(
         f"cannot rewrite module '{scope}' ({type(sub).__name__}): tracing it alone gives a "
         f"different graph than tracing the whole model{why}"
@@ -1375,8 +1586,8 @@ def _rewrite_scope(
             _as_sections(mapping[name], [key for key, _ in entries])
             for key, value in entries:
                 _resize(mapping[name], key, int(value))
-    for r in reversed(root_nodes):
-        if r.name in erase:
+    for r in reversed(root_nodes):  # (a caller's constant is no node here: an argument)
+        if r.name in erase and r.name in mapping:
             _erase_dead(local.graph, mapping[r.name], scope)
     for call in hooked:  # called as modules again (their hooks run)
         _refold_hooked(local.graph, sub, call, replaced)
