@@ -695,15 +695,31 @@ class BufferArgument(nn.Module):
         return self.head(self.layer(self.e(x), self.scales[0][None, :]))
 
 
-def test_a_block_whose_removal_rewrites_a_module_that_cannot_be_rewritten() -> None:
+@pytest.mark.parametrize("closed", [False, True])
+def test_a_block_inside_a_module_given_a_buffer_slice_prunes_exactly(closed: bool) -> None:
     # before: the block was gated (its own module traced alone fine), and closing it made
-    # prune rewrite the parent, which raised "cannot rewrite module 'layer'"
+    # prune rewrite the parent, which raised "cannot rewrite module 'layer'"; then (until
+    # 2026-12-08 00:30 UTC) the block was left ungated, "cannot rewrite module 'layer'": the
+    # buffer slice it is given is a constant of the whole model's trace, an input of the
+    # layer's own; now the layer is rewritten with that argument as the caller's constant
+    import json
+
+    from gatedprune.gating import apply_plan, export_plan
+
+    torch.manual_seed(0)
     model = BufferArgument()
     x = torch.randn(2, 5, 3)
     summary = gate_(model, x)
-    assert not summary.blocks
-    assert any("cannot rewrite module 'layer'" in why for _, why in summary.ungated_adds)
+    assert [owner for owner, *_ in summary.blocks] == ["layer.output"]
+    inserted_gating(model).block_gates[0].force_(torch.tensor([not closed]))  # type: ignore[operator]
     model.eval()
     pruned = gatedprune.prune(model)
     with torch.no_grad():
-        assert (pruned(x) - model(x)).abs().max().item() <= 1e-5
+        for xi in (x, torch.randn(3, 4, 3)):
+            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+    fresh = apply_plan(BufferArgument(), json.loads(json.dumps(export_plan(model))))
+    fresh.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert (fresh.eval()(x) - model(x)).abs().max().item() <= 1e-5
+    if closed:
+        assert gatedprune.cost(pruned, x).flops < gatedprune.cost(BufferArgument(), x).flops
