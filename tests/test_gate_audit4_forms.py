@@ -12,8 +12,8 @@
   (no ``dims``), keeps them whole with a reason (before: "is an op gate_ does not prune
   through", and the block was not gated: "the branch ends in roll").
 - a top-level forward slicing a buffer by a traced size (``self.position_ids[:, :T]``) is
-  told to write ``.narrow(dim, 0, T)``, as a submodule's warning says, not to move "control
-  flow" into a submodule.
+  traced as ``.narrow(dim, 0, T)`` is (since 2026-12-07 23:40 UTC; before, it was told to
+  write ``narrow``, not to move "control flow" into a submodule).
 """
 
 from __future__ import annotations
@@ -470,14 +470,22 @@ class TopLevelBranch(nn.Module):
         return self.lin(x) if x.sum() > 0 else self.lin(-x)  # (B, 4)
 
 
-def test_a_top_level_buffer_sliced_by_a_traced_size_names_narrow_not_control_flow() -> None:
+def test_a_top_level_buffer_sliced_by_a_traced_size_traces_as_narrow_does() -> None:
+    """Before 2026-12-07 23:40 UTC ``self.position_ids[:, :t]`` was a ValueError ("slice
+    indices must be integers", naming narrow); it is now traced as ``narrow`` is, the slice
+    taken by the length as the model runs."""
     ids = torch.randint(0, 8, (2, 5))
-    with pytest.raises(ValueError, match="slice indices must be integers") as info:
-        gate_(PositionIds(narrow=False), ids)
-    text = str(info.value)
-    assert "self.position_ids[:, :T]: write .narrow(dim, 0, T)" in text
-    assert "control flow" not in text
-    gate_(PositionIds(narrow=True), ids)  # the suggested form traces
+    for narrow in (False, True):
+        torch.manual_seed(0)
+        model = PositionIds(narrow)
+        gate_(model, ids)
+        model.eval()
+        pruned = gp.prune(model)
+        with torch.no_grad():
+            for t in (1, 3, 8):
+                xi = torch.randint(0, 8, (3, t))
+                assert pruned(xi).shape == (3, t, 2)
+                assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
 
 
 def test_top_level_control_flow_still_names_control_flow() -> None:

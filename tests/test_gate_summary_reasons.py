@@ -87,10 +87,23 @@ class CausalAttention(nn.Module):
         return self.proj(att @ v)  # (B, T, d)
 
 
-class Block(nn.Module):
-    def __init__(self, narrow: bool) -> None:
+class ListSliced(nn.Module):
+    """A Python list sliced by the sequence length: fx cannot trace it (a tensor sliced so,
+    ``self.mask[:, :t, :t]``, is traced since 2026-12-07 23:40 UTC)."""
+
+    def __init__(self, d: int) -> None:
         super().__init__()
-        self.attn = CausalAttention(8, narrow)
+        self.proj = nn.Linear(d, d)
+        self.scales = [1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x) * sum(self.scales[: x.size(1)])  # (B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, narrow: bool | None) -> None:
+        super().__init__()
+        self.attn = CausalAttention(8, narrow) if narrow is not None else ListSliced(8)
         self.head = nn.Linear(8, 2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,15 +111,17 @@ class Block(nn.Module):
 
 
 def test_a_module_kept_whole_says_why_and_how_to_fix_it() -> None:
-    with pytest.warns(UserWarning, match=r"narrow\(2, 0, T\)"):
-        summary = gate_(Block(narrow=False), torch.randn(2, 5, 8))
-    assert "narrow(2, 0, T)" in summary.opaque["attn"]
+    with pytest.warns(UserWarning, match=r"a Python list or tuple sliced by a size"):
+        summary = gate_(Block(narrow=None), torch.randn(2, 5, 8))
+    assert "slice a tensor instead" in summary.opaque["attn"]
     why = dict(summary.ungated_adds)["add (in <root>)"]
-    assert "attn (CausalAttention kept whole: torch.fx cannot trace it)" in why
+    assert "attn (ListSliced kept whole: torch.fx cannot trace it)" in why
 
 
-def test_the_suggested_narrow_form_traces() -> None:
-    summary = gate_(Block(narrow=True), torch.randn(2, 5, 8))
+@pytest.mark.parametrize("narrow", [True, False])
+def test_the_sliced_mask_and_the_narrow_form_trace(narrow: bool) -> None:
+    # before 2026-12-07 23:40 UTC, narrow=False: attn kept whole, "write .narrow(dim, 0, T)"
+    summary = gate_(Block(narrow=narrow), torch.randn(2, 5, 8))
     assert not summary.opaque
     assert [b[1] for b in summary.blocks] == ["attn.proj"]
 

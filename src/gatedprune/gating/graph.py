@@ -16,6 +16,7 @@ import inspect
 import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -226,6 +227,16 @@ class GateTracer(fx.Tracer):
             raise ProxyIterationError(f"{node.op} {_target_name(node)}", _is_shape(node))
         return iter([obj[i] for i in range(count)])  # type: ignore[index]
 
+    def trace(
+        self,
+        root: nn.Module | Callable[..., Any],
+        concrete_args: dict[str, Any] | None = None,
+    ) -> fx.Graph:
+        """fx's trace, with the torch calls of :data:`_TRACED_CALLS` recorded as graph nodes
+        when a traced value is among their arguments (see :func:`_traced_calls`)."""
+        with _traced_calls():
+            return super().trace(root, concrete_args)
+
     def call_module(
         self,
         m: nn.Module,
@@ -261,6 +272,80 @@ class GateTracer(fx.Tracer):
         else:
             self.calls.append(ModuleCall(name, nodes, _as_nodes(args), _as_nodes(kwargs), out))
         return result
+
+
+def _first_proxy(a: Any) -> fx.Proxy | None:
+    """The first fx Proxy in a nested structure of arguments (slices included), else None."""
+    found: list[fx.Proxy] = []
+
+    def visit(v: Any) -> Any:
+        if isinstance(v, fx.Proxy) and not found:
+            found.append(v)
+        return v
+
+    fx.node.map_aggregate(a, visit)
+    return found[0] if found else None
+
+
+def _recorded(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """``orig``, recorded as a ``call_function`` node of ``orig`` itself when a traced value
+    is among its arguments (``torch.finfo(x.dtype)``, ``torch.full([], v, dtype=x.dtype)``:
+    fx would pass the Proxy to torch, which refuses it), else called as it is."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        proxy = _first_proxy((args, kwargs))
+        if proxy is None:
+            return orig(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", orig, args, kwargs)
+
+    return call
+
+
+def _tensor_getitem(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """``Tensor.__getitem__`` recording ``tensor[index]`` as an ``operator.getitem`` node on
+    the tensor (a constant, as fx records ``self.mask.narrow(2, 0, t)``) when the index holds
+    a traced size: Hugging Face GPT-2's ``self.bias[:, :, k - q : k, :k]``, which torch's
+    indexing refuses ("slice indices must be integers")."""
+
+    def getitem(self: Tensor, index: Any) -> Any:
+        proxy = None if isinstance(self, fx.Proxy) else _first_proxy(index)
+        if proxy is None:
+            return orig(self, index)
+        return proxy.tracer.create_proxy("call_function", operator.getitem, (self, index), {})
+
+    return getitem
+
+
+# torch functions that take traced values where torch wants plain ones (a dtype, a device, a
+# number): recorded as graph nodes while tracing, so the code reads them as it runs
+_TRACED_CALLS = ("finfo", "iinfo", "full")
+
+
+@contextmanager
+def _traced_calls() -> Iterator[None]:
+    """While tracing: the torch functions of :data:`_TRACED_CALLS` and ``Tensor.__getitem__``
+    record the calls given traced values (see :func:`_recorded`, :func:`_tensor_getitem`);
+    restored afterwards.
+
+    >>> def f(x):
+    ...     return torch.full([], torch.finfo(x.dtype).min, dtype=x.dtype)
+    >>> graph = GateTracer().trace(f)  # the dtype read as the code runs, not the example's
+    >>> [getattr(n.target, "__name__", "") for n in graph.nodes if n.op == "call_function"]
+    ['getattr', 'finfo', 'getattr', 'getattr', 'full']
+    >>> torch.finfo(torch.float16).min  # torch's own again
+    -65504.0
+    """
+    saved = {name: getattr(torch, name) for name in _TRACED_CALLS}
+    getitem = torch.Tensor.__getitem__
+    try:
+        for name, orig in saved.items():
+            setattr(torch, name, _recorded(orig))
+        torch.Tensor.__getitem__ = _tensor_getitem(getitem)  # type: ignore[method-assign]
+        yield
+    finally:
+        for name, orig in saved.items():
+            setattr(torch, name, orig)
+        torch.Tensor.__getitem__ = getitem  # type: ignore[method-assign]
 
 
 @dataclass
@@ -481,15 +566,15 @@ def _trace_hint(e: Exception) -> str:
     """What to change for a common fx tracing failure ("" for others).
 
     >>> _trace_hint(TypeError("slice indices must be integers or None"))[:40]
-    ' (a tensor attribute sliced by a size re'
+    ' (a Python list or tuple sliced by a siz'
     """
     text = str(e)
     if "slice indices must be integers" in text:
+        # a tensor sliced so is traced (_tensor_getitem): a Python sequence is left
         return (
-            " (a tensor attribute sliced by a size read from the input, e.g. a causal-mask "
-            "buffer self.mask[:, :, :T, :T], a rotary cache self.cos[:T] or BERT's "
-            "self.position_ids[:, :T]: write .narrow(dim, 0, T), e.g. "
-            "self.mask.narrow(2, 0, T).narrow(3, 0, T), which fx traces)"
+            " (a Python list or tuple sliced by a size read from the input, which fx cannot "
+            "trace: slice a tensor instead, e.g. a buffer self.mask[:, :, :T, :T], which "
+            "gate_ traces)"
         )
     if isinstance(e, ProxyIterationError) and not e.shape:
         return (
