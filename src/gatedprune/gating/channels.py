@@ -2888,6 +2888,9 @@ class _Propagator:
             meth and t in ("add", "mul", "div")
         )
         args = [a for a in n.args[:2] if isinstance(a, fx.Node)] if binary else n.args[:1]
+        where = fn and t is torch.where and len(n.args) == 3 and not n.kwargs
+        if where:  # torch.where(mask, scores, fill) or torch.where(mask, fill, scores)
+            args = [a for a in n.args[1:] if isinstance(a, fx.Node)]
         x = next((a for a in args if a in self.nonzero or self.lab(a) is not None), None)
         if not isinstance(x, fx.Node):
             return False
@@ -2942,7 +2945,9 @@ class _Propagator:
         elif (fn and t in (F.softmax, torch.softmax)) or (meth and t == "softmax"):
             dim: Any = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
             ok = isinstance(dim, int) and dim % len(ins) != lab.dim
-        elif (meth and t == "masked_fill") or (fn and t in _ADD_FUNCS) or (meth and t == "add"):
+        elif (meth and t in ("masked_fill", "where")) or where:
+            ok = True  # a mask filled into zero-labelled scores: nonzero from here on
+        elif (fn and t in _ADD_FUNCS) or (meth and t == "add"):
             ok = True  # a zero-labelled score plus a mask: nonzero from here on
         elif (fn and t is F.dropout) or (meth and t in ("float", "type_as", "to", "contiguous")):
             ok = nz is not None  # of zero labels: the usual pass-through rules
