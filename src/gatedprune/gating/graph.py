@@ -289,8 +289,9 @@ def _first_proxy(a: Any) -> fx.Proxy | None:
 
 def _recorded(orig: Callable[..., Any]) -> Callable[..., Any]:
     """``orig``, recorded as a ``call_function`` node of ``orig`` itself when a traced value
-    is among its arguments (``torch.finfo(x.dtype)``, ``torch.full([], v, dtype=x.dtype)``:
-    fx would pass the Proxy to torch, which refuses it), else called as it is."""
+    is among its arguments (``torch.finfo(x.dtype)``: fx would pass the Proxy to torch, whose
+    ``finfo`` refuses it and whose ``iinfo`` reads it as ``torch.uint8``, 255 baked in), else
+    called as it is."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         proxy = _first_proxy((args, kwargs))
@@ -316,9 +317,10 @@ def _tensor_getitem(orig: Callable[..., Any]) -> Callable[..., Any]:
     return getitem
 
 
-# torch functions that take traced values where torch wants plain ones (a dtype, a device, a
-# number): recorded as graph nodes while tracing, so the code reads them as it runs
-_TRACED_CALLS = ("finfo", "iinfo", "full")
+# torch functions that take a traced dtype where torch wants a plain one (fx passes them the
+# Proxy: finfo refuses it, iinfo silently reads uint8's): recorded as graph nodes while
+# tracing, so the code reads them as it runs (torch.full(..., dtype=x.dtype) fx records)
+_TRACED_CALLS = ("finfo", "iinfo")
 
 
 @contextmanager
@@ -332,6 +334,9 @@ def _traced_calls() -> Iterator[None]:
     >>> graph = GateTracer().trace(f)  # the dtype read as the code runs, not the example's
     >>> [getattr(n.target, "__name__", "") for n in graph.nodes if n.op == "call_function"]
     ['getattr', 'finfo', 'getattr', 'getattr', 'full']
+    >>> graph = GateTracer().trace(lambda ids: ids.clamp(max=torch.iinfo(ids.dtype).max))
+    >>> [getattr(n.target, "__name__", "") for n in graph.nodes if n.op == "call_function"]
+    ['getattr', 'iinfo', 'getattr']
     >>> torch.finfo(torch.float16).min  # torch's own again
     -65504.0
     """
