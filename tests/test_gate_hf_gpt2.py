@@ -254,22 +254,31 @@ def test_the_dtype_is_read_when_the_pruned_model_runs() -> None:
             assert (out - model(xi)).abs().max().item() <= 1e-12
 
 
-class DtypeLimits(nn.Module):
-    """Reads the limits of its input's dtype: ``torch.finfo(x.dtype)`` (scores' fill values),
-    ``torch.iinfo(ids.dtype)`` (clamped ids)."""
+class FloatLimit(nn.Module):
+    """Fills with its input dtype's minimum: ``torch.finfo(x.dtype)`` (as GPT-2's scores)."""
 
-    def forward(self, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> Tensor:
         low = torch.full([], torch.finfo(x.dtype).min, dtype=x.dtype)  # ()
-        return x.clamp(min=low), ids.clamp(max=torch.iinfo(ids.dtype).max - 1)  # (N,), (N,)
+        return x.clamp(min=low)  # (N,)
 
 
-def test_dtype_limits_are_read_when_the_traced_code_runs() -> None:
-    # before 2026-12-07 23:40 UTC: torch.finfo(Proxy) a TypeError, and torch.iinfo(Proxy)
-    # silently torch.uint8's (max 255 baked into the traced code)
-    gm = trace_model(DtypeLimits()).graph_module
-    x, ids = torch.tensor([-1e300, 2.0], dtype=torch.float64), torch.tensor([10**12, 3])
-    low, clamped = gm(x, ids)
+class IntLimit(nn.Module):
+    """Clamps ids below their dtype's maximum: ``torch.iinfo(ids.dtype)``."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return ids.clamp(max=torch.iinfo(ids.dtype).max - 1)  # (N,)
+
+
+def test_finfo_of_a_traced_dtype_is_read_when_the_code_runs() -> None:
+    # before 2026-12-07 23:40 UTC: "torch.finfo() requires a floating point input type"
+    gm = trace_model(FloatLimit()).graph_module
+    low = gm(torch.tensor([-1e300, 2.0], dtype=torch.float64))
     assert low.tolist() == [-1e300, 2.0]  # float64's minimum, not float32's (-3.4e38)
-    assert clamped.tolist() == [10**12, 3]  # int64's maximum, not uint8's
-    low16, _ = gm(torch.tensor([-1e300, 2.0]).half(), ids)
+    low16 = gm(torch.tensor([-1e300, 2.0]).half())  # (-inf, 2)
     assert low16.tolist() == [torch.finfo(torch.float16).min, 2.0]
+
+
+def test_iinfo_of_a_traced_dtype_is_read_when_the_code_runs() -> None:
+    # before 2026-12-07 23:40 UTC: silently torch.uint8's (max - 1 = 254 baked into the code)
+    gm = trace_model(IntLimit()).graph_module
+    assert gm(torch.tensor([10**12, 3])).tolist() == [10**12, 3]  # int64's maximum
