@@ -282,3 +282,27 @@ def test_iinfo_of_a_traced_dtype_is_read_when_the_code_runs() -> None:
     # before 2026-12-07 23:40 UTC: silently torch.uint8's (max - 1 = 254 baked into the code)
     gm = trace_model(IntLimit()).graph_module
     assert gm(torch.tensor([10**12, 3])).tolist() == [10**12, 3]  # int64's maximum
+
+
+class BufferReads(nn.Module):
+    """A buffer indexed by traced values: by a tensor of ids, by a size, sliced by a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(6, 3))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        t = ids.size(0)
+        picked = self.table[ids] + self.table[t]  # (N, 3)
+        return picked + self.table[:t]  # (N, 3)
+
+
+def test_a_buffer_indexed_by_traced_values_runs_as_written() -> None:
+    """Only slices bounded by traced sizes are recorded by gate_'s tracer; other traced
+    indices go to fx as before, under Tensor.__getitem__'s own name (a recording wrapper
+    named otherwise made fx write ``table.getitem(ids)``, an AttributeError when run)."""
+    model = BufferReads()
+    gm = trace_model(model).graph_module
+    for n in (1, 2, 4):
+        ids = torch.randint(0, 6, (n,))
+        assert torch.equal(gm(ids), model(ids))

@@ -12,6 +12,7 @@ model's own ``forward`` is an error.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 import warnings
@@ -293,6 +294,7 @@ def _recorded(orig: Callable[..., Any]) -> Callable[..., Any]:
     ``finfo`` refuses it and whose ``iinfo`` reads it as ``torch.uint8``, 255 baked in), else
     called as it is."""
 
+    @functools.wraps(orig, updated=())
     def call(*args: Any, **kwargs: Any) -> Any:
         proxy = _first_proxy((args, kwargs))
         if proxy is None:
@@ -302,14 +304,23 @@ def _recorded(orig: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _sliced_by_proxy(index: Any) -> fx.Proxy | None:
+    """The first fx Proxy among the bounds of a slice in ``index`` (``t[:, :n]``), else None
+    (a Proxy given as an index itself, ``t[ids]``, torch hands to fx)."""
+    items = index if isinstance(index, tuple) else (index,)
+    bounds = [(v.start, v.stop, v.step) for v in items if isinstance(v, slice)]
+    return _first_proxy(bounds)
+
+
 def _tensor_getitem(orig: Callable[..., Any]) -> Callable[..., Any]:
     """``Tensor.__getitem__`` recording ``tensor[index]`` as an ``operator.getitem`` node on
-    the tensor (a constant, as fx records ``self.mask.narrow(2, 0, t)``) when the index holds
-    a traced size: Hugging Face GPT-2's ``self.bias[:, :, k - q : k, :k]``, which torch's
-    indexing refuses ("slice indices must be integers")."""
+    the tensor (a constant, as fx records ``self.mask.narrow(2, 0, t)``) when a slice of the
+    index is bounded by a traced size: Hugging Face GPT-2's ``self.bias[:, :, k - q : k,
+    :k]``, which torch's indexing refuses ("slice indices must be integers")."""
 
+    @functools.wraps(orig)  # torch hands other traced indices to fx by this method's name
     def getitem(self: Tensor, index: Any) -> Any:
-        proxy = None if isinstance(self, fx.Proxy) else _first_proxy(index)
+        proxy = _sliced_by_proxy(index)
         if proxy is None:
             return orig(self, index)
         return proxy.tracer.create_proxy("call_function", operator.getitem, (self, index), {})
