@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import gatedprune as gp
 from gatedprune.gates import HardConcreteGate
 from gatedprune.gating import apply_plan, export_plan, gate_
-from gatedprune.gating.graph import trace_model
+from gatedprune.gating.graph import GateTracer, _traced_calls, trace_model
 
 VOCAB, N_POS, D, HEADS, HIDDEN = 11, 12, 16, 4, 32
 
@@ -306,3 +306,15 @@ def test_a_buffer_indexed_by_traced_values_runs_as_written() -> None:
     for n in (1, 2, 4):
         ids = torch.randint(0, 6, (n,))
         assert torch.equal(gm(ids), model(ids))
+
+
+def test_a_trace_inside_a_trace_records_torch_s_own_functions() -> None:
+    """Nested tracing patches once: the inner trace records torch.finfo itself (not the
+    outer trace's wrapper, which would be the target written into the code), and torch's own
+    functions are back after both."""
+    finfo, getitem = torch.finfo, torch.Tensor.__getitem__
+    with _traced_calls():
+        graph = GateTracer().trace(FloatLimit())
+        assert torch.finfo is not finfo  # still the outer trace's recording wrapper
+    assert [n.target for n in graph.nodes if n.op == "call_function"][1] is finfo
+    assert (torch.finfo, torch.Tensor.__getitem__) == (finfo, getitem)

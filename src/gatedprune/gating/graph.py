@@ -332,6 +332,7 @@ def _tensor_getitem(orig: Callable[..., Any]) -> Callable[..., Any]:
 # Proxy: finfo refuses it, iinfo silently reads uint8's): recorded as graph nodes while
 # tracing, so the code reads them as it runs (torch.full(..., dtype=x.dtype) fx records)
 _TRACED_CALLS = ("finfo", "iinfo")
+_PATCHED: list[bool] = []  # non-empty while _traced_calls has them patched
 
 
 @contextmanager
@@ -351,8 +352,12 @@ def _traced_calls() -> Iterator[None]:
     >>> torch.finfo(torch.float16).min  # torch's own again
     -65504.0
     """
+    if _PATCHED:  # a trace inside a trace: the calls are recorded already
+        yield
+        return
     saved = {name: getattr(torch, name) for name in _TRACED_CALLS}
     getitem = torch.Tensor.__getitem__
+    _PATCHED.append(True)
     try:
         for name, orig in saved.items():
             setattr(torch, name, _recorded(orig))
@@ -362,6 +367,7 @@ def _traced_calls() -> Iterator[None]:
         for name, orig in saved.items():
             setattr(torch, name, orig)
         torch.Tensor.__getitem__ = getitem  # type: ignore[method-assign]
+        _PATCHED.clear()
 
 
 @dataclass
