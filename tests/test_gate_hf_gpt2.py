@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -318,3 +319,20 @@ def test_a_trace_inside_a_trace_records_torch_s_own_functions() -> None:
         assert torch.finfo is not finfo  # still the outer trace's recording wrapper
     assert [n.target for n in graph.nodes if n.op == "call_function"][1] is finfo
     assert (torch.finfo, torch.Tensor.__getitem__) == (finfo, getitem)
+
+
+def test_the_pruned_model_exports_to_onnx_with_a_dynamic_length(tmp_path: Path) -> None:
+    """export_onnx checks the exported graph against the model in ONNX Runtime on the example
+    and on a longer one (batch and length dynamic): the mask slice and the dtype's minimum
+    are computed there too."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    gen = torch.Generator().manual_seed(6)
+    model = _factory()
+    summary = gate_(model, _ids(2, 6, gen))
+    gating = inserted_gating(model)
+    for i in summary.head_groups:
+        gating.group_gates[i].force_(torch.tensor([False, True, True, False]))  # type: ignore[operator]
+    model.eval()
+    pruned = gp.prune(model)
+    gp.export_onnx(pruned, _ids(2, 6, gen), tmp_path / "gpt2.onnx", dynamic_dims=(0, 1))
