@@ -77,6 +77,7 @@ class GPT2Attention(nn.Module):
         else:
             attn_weights = torch.where(causal_mask, attn_weights.to(attn_weights.dtype), mask_value)
         attn_weights = nn.functional.softmax(attn_weights, dim=-1)  # (B, H, T, T)
+        attn_weights = attn_weights.type(value.dtype)  # HF's downcast, a no-op in one dtype
         attn_weights = self.attn_dropout(attn_weights)
         return torch.matmul(attn_weights, value)  # (B, H, T, hd)
 

@@ -512,6 +512,22 @@ def _meta_read(u: fx.Node) -> bool:
     return u.op == "call_method" and u.target == "dim" and len(u.args) == 1 and not u.kwargs
 
 
+def _type_cast(n: fx.Node) -> bool:
+    """Whether ``n`` is ``t.type(dtype)`` (a cast, as ``t.to(dtype)``; ``t.type()`` without
+    one returns the type's name, a string).
+
+    >>> g = fx.Graph()
+    >>> w = g.placeholder("w")
+    >>> _type_cast(g.call_method("type", (w, torch.float64)))
+    True
+    >>> _type_cast(g.call_method("type", (w,)))
+    False
+    """
+    if n.op != "call_method" or n.target != "type":
+        return False
+    return len(n.args) > 1 or n.kwargs.get("dtype") is not None
+
+
 def _kwargs_text(n: fx.Node) -> str:
     """The keyword arguments of ``n`` as code reads them (``alpha=2.0``).
 
@@ -1606,7 +1622,7 @@ class _Propagator:
                 return None
         if is_fn and target in (torch.view_as_complex, torch.view_as_real):
             return self.complex_view(n, x)
-        if not is_fn and target in ("type_as", "to"):
+        if not is_fn and (target in ("type_as", "to") or _type_cast(n)):
             return self.cast(n, x)
         if (is_fn and target in _POW_FUNCS) or (not is_fn and target in _POW_METHODS):
             return self.power(n)
@@ -2902,7 +2918,7 @@ class _Propagator:
         if ins is None or out is None or len(out) != len(ins) or out[lab.dim] != ins[lab.dim]:
             return False
         others = [a for a in _flat_nodes((n.args, n.kwargs)) if a is not x]
-        if meth and t in ("type_as", "to"):
+        if meth and (t in ("type_as", "to") or _type_cast(n)):
             self.dtype_reads(n, others)
             others = []  # another tensor gives only its dtype and device
         paired = self.nonzero_pair(n, x, lab, others) if nz is not None else None
@@ -2949,7 +2965,11 @@ class _Propagator:
             ok = True  # a mask filled into zero-labelled scores: nonzero from here on
         elif (fn and t in _ADD_FUNCS) or (meth and t == "add"):
             ok = True  # a zero-labelled score plus a mask: nonzero from here on
-        elif (fn and t is F.dropout) or (meth and t in ("float", "type_as", "to", "contiguous")):
+        elif (
+            (fn and t is F.dropout)
+            or (meth and t in ("float", "type_as", "to", "contiguous"))
+            or _type_cast(n)  # GPT-2's attn_weights.type(value.dtype)
+        ):
             ok = nz is not None  # of zero labels: the usual pass-through rules
         elif (fn and t in (operator.neg, torch.neg)) or (meth and t == "neg"):
             ok = nz is not None  # RoPE's rotate_half
