@@ -12,7 +12,7 @@
   (no ``dims``), keeps them whole with a reason (before: "is an op gate_ does not prune
   through", and the block was not gated: "the branch ends in roll").
 - a top-level forward slicing a buffer by a traced size (``self.position_ids[:, :T]``) is
-  traced as ``.narrow(dim, 0, T)`` is (since 2026-12-08 00:40 UTC; before, it was told to
+  traced as ``.narrow(dim, 0, T)`` is (since 2026-12-08 00:27 UTC; before, it was told to
   write ``narrow``, not to move "control flow" into a submodule).
 """
 
@@ -471,7 +471,7 @@ class TopLevelBranch(nn.Module):
 
 
 def test_a_top_level_buffer_sliced_by_a_traced_size_traces_as_narrow_does() -> None:
-    """Before 2026-12-08 00:40 UTC ``self.position_ids[:, :t]`` was a ValueError ("slice
+    """Before 2026-12-08 00:27 UTC ``self.position_ids[:, :t]`` was a ValueError ("slice
     indices must be integers", naming narrow); it is now traced as ``narrow`` is, the slice
     taken by the length as the model runs."""
     ids = torch.randint(0, 8, (2, 5))

@@ -1,7 +1,7 @@
 """ShuffleNetV2's channel shuffle, ``x.view(b, g, c // g, h, w)``, transposed and merged back,
 with ``c`` read from the shuffled tensor: channel ``j`` of every group is pruned with channel
 ``j`` of the others, so the pruned code's shuffle of the pruned width interleaves the kept
-channels as the original does. Before 2026-12-08 00:10 UTC the ``c // g`` pinned every channel
+channels as the original does. Before 2026-12-08 00:03 UTC the ``c // g`` pinned every channel
 group around a shuffle ("node 'floordiv' computes with the labelled width that node 'size'
 reads"); the width used as a number (``h / (c // 2)``) is still kept whole."""
 
@@ -178,7 +178,7 @@ def test_shufflenet_is_gated_around_its_shuffles(form: str) -> None:
     assert branches <= gated, str(summary)
     # each shuffle pairs channel j of its two halves: the stage's 16 (32) output channels
     # are 8 (16) gates (the next unit's chunk(2, 1) prunes its two halves apart; before
-    # 2026-12-08 00:45 UTC it paired them again: 4 (8) gates)
+    # 2026-12-08 00:22 UTC it paired them again: 4 (8) gates)
     sizes = {producers[0]: size for producers, size in summary.channel_groups}
     assert sizes["stage2.0.branch1.2"] == 8
     assert sizes["stage3.0.branch1.2"] == 16

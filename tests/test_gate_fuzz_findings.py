@@ -699,7 +699,7 @@ class BufferArgument(nn.Module):
 def test_a_block_inside_a_module_given_a_buffer_slice_prunes_exactly(closed: bool) -> None:
     # before: the block was gated (its own module traced alone fine), and closing it made
     # prune rewrite the parent, which raised "cannot rewrite module 'layer'"; then (until
-    # 2026-12-08 00:30 UTC) the block was left ungated, "cannot rewrite module 'layer'": the
+    # 2026-12-08 00:26 UTC) the block was left ungated, "cannot rewrite module 'layer'": the
     # buffer slice it is given is a constant of the whole model's trace, an input of the
     # layer's own; now the layer is rewritten with that argument as the caller's constant
     import json

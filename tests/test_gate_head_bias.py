@@ -297,7 +297,7 @@ def test_a_plan_slicing_a_head_term_along_a_wrong_dimension_is_refused() -> None
 
 def test_a_shifted_swin_block_calls_its_attention_with_a_mask_keyword() -> None:
     """The shifted block passes its ``attn_mask`` buffer: traced from the root it is a
-    constant, traced alone an input; both blocks' heads are gated (before 2026-12-08 00:30
+    constant, traced alone an input; both blocks' heads are gated (before 2026-12-08 00:26
     UTC the shifted block's attention was not rewritten and kept its heads, "different
     graph"), and pruning stays exact. Before 2026-12-08 the unshifted block's ``mask=None``
     keyword made the pruned model raise ``TypeError``."""

@@ -2,7 +2,7 @@
 sliced from a registered bool buffer by traced sizes (``self.bias[:, :, k - q : k, :k]``), the
 fill value read from ``torch.finfo(attn_weights.dtype).min`` and made a tensor with
 ``torch.full([], v, dtype=..., device=...)``, filled in with ``torch.where``. fx could not
-trace that attention (kept whole, heads ungated) before 2026-12-08 00:40 UTC; its heads are
+trace that attention (kept whole, heads ungated) before 2026-12-08 00:27 UTC; its heads are
 now gated and pruned exactly, with the dtype read when the model runs."""
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ class IntLimit(nn.Module):
 
 
 def test_finfo_of_a_traced_dtype_is_read_when_the_code_runs() -> None:
-    # before 2026-12-08 00:40 UTC: "torch.finfo() requires a floating point input type"
+    # before 2026-12-08 00:27 UTC: "torch.finfo() requires a floating point input type"
     gm = trace_model(FloatLimit()).graph_module
     low = gm(torch.tensor([-1e300, 2.0], dtype=torch.float64))
     assert low.tolist() == [-1e300, 2.0]  # float64's minimum, not float32's (-3.4e38)
@@ -281,7 +281,7 @@ def test_finfo_of_a_traced_dtype_is_read_when_the_code_runs() -> None:
 
 
 def test_iinfo_of_a_traced_dtype_is_read_when_the_code_runs() -> None:
-    # before 2026-12-08 00:40 UTC: silently torch.uint8's (max - 1 = 254 baked into the code)
+    # before 2026-12-08 00:27 UTC: silently torch.uint8's (max - 1 = 254 baked into the code)
     gm = trace_model(IntLimit()).graph_module
     assert gm(torch.tensor([10**12, 3])).tolist() == [10**12, 3]  # int64's maximum
 

@@ -89,7 +89,7 @@ class CausalAttention(nn.Module):
 
 class ListSliced(nn.Module):
     """A Python list sliced by the sequence length: fx cannot trace it (a tensor sliced so,
-    ``self.mask[:, :t, :t]``, is traced since 2026-12-08 00:40 UTC)."""
+    ``self.mask[:, :t, :t]``, is traced since 2026-12-08 00:27 UTC)."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
@@ -120,7 +120,7 @@ def test_a_module_kept_whole_says_why_and_how_to_fix_it() -> None:
 
 @pytest.mark.parametrize("narrow", [True, False])
 def test_the_sliced_mask_and_the_narrow_form_trace(narrow: bool) -> None:
-    # before 2026-12-08 00:40 UTC, narrow=False: attn kept whole, "write .narrow(dim, 0, T)"
+    # before 2026-12-08 00:27 UTC, narrow=False: attn kept whole, "write .narrow(dim, 0, T)"
     summary = gate_(Block(narrow=narrow), torch.randn(2, 5, 8))
     assert not summary.opaque
     assert [b[1] for b in summary.blocks] == ["attn.proj"]
