@@ -868,6 +868,8 @@ def unit_handler(m: nn.Module) -> Handler | None:
     counted one by one; parametrizations such as ``weight_norm`` do not count as
     submodules); a handler given to :func:`register_cost` does."""
     n_registered = len(_HANDLERS) - _N_BUILTIN
+    if getattr(type(m), "_gp_traced_stack", False):  # gate_'s TracedTransformerDecoder
+        return None  # its forward calls its layers (each a unit) and its norm: traced
     for k, (types, handler) in enumerate(_HANDLERS):
         if isinstance(m, types):
             if isinstance(m, _STACKS) and not _countable_stack(m):

@@ -56,7 +56,7 @@ def _module_settings(m: nn.Module) -> list[str]:
     (:data:`_HIDDEN_SETTINGS`; a pruned transformer layer's ``norm_first``), a gatedprune
     network's structure (``spec``: activation, wiring, stages, ...) and, for an fx
     ``GraphModule``, a hash of its code."""
-    from .gating.transformer import PrunedTransformerEncoderLayer
+    from .gating.transformer import PrunedTransformerDecoderLayer, PrunedTransformerEncoderLayer
     from .layout import NetSpec
     from .plain_recurrent import RecurrentSpec
 
@@ -67,6 +67,7 @@ def _module_settings(m: nn.Module) -> list[str]:
     hidden: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
         *_HIDDEN_SETTINGS,
         (PrunedTransformerEncoderLayer, ("norm_first", "activation")),
+        (PrunedTransformerDecoderLayer, ("norm_first", "activation")),
     )
     parts += [
         f"{a}={_setting(getattr(m, a, None))}"

@@ -94,11 +94,14 @@ from .surgery import (
 )
 from .transformer import (
     GatedMultiheadAttention,
+    GatedTransformerDecoderLayer,
     GatedTransformerEncoderLayer,
     _Ref,
+    fold_decoder_layer,
     fold_heads,
     fold_layer,
     gateable_attention,
+    gateable_decoder_layer,
     gateable_layer,
     prepare_encoders,
 )
@@ -137,6 +140,8 @@ class GatingSummary:
     ungated_adds: list[tuple[str, str]] = field(default_factory=list)
     opaque: dict[str, str] = field(default_factory=dict)
     transformers: list[tuple[str, int, int]] = field(default_factory=list)  # name, heads, units
+    # decoder layers: name, self-attention heads, cross-attention heads, FFN units
+    decoders: list[tuple[str, int, int, int]] = field(default_factory=list)
     attentions: list[tuple[str, int]] = field(default_factory=list)  # name, heads
     ungated_layers: list[tuple[str, str]] = field(default_factory=list)
     shortcuts: list[tuple[str, str]] = field(default_factory=list)  # (from block, to block)
@@ -155,6 +160,8 @@ class GatingSummary:
     def n_gates(self) -> int:
         """Number of scalar gates inserted."""
         n_tf = sum(h + u + 2 for _, h, u in self.transformers)
+        decoders: list[tuple[str, int, int, int]] = getattr(self, "decoders", [])
+        n_tf += sum(h + c + u + 3 for _, h, c, u in decoders)
         n_tf += sum(h for _, h in self.attentions)
         n_ch = sum(n for _, n in self.channel_groups)
         n_rnn = sum(n_l * d * h for _, n_l, d, h in self.rnns)
@@ -163,7 +170,8 @@ class GatingSummary:
     def __str__(self) -> str:
         lines = [
             f"gatedprune.gate_: {len(self.channel_groups)} channel groups, "
-            f"{len(self.blocks)} residual blocks, {len(self.transformers)} transformer layers, "
+            f"{len(self.blocks)} residual blocks, "
+            f"{len(self.transformers) + len(getattr(self, 'decoders', []))} transformer layers, "
             f"{len(self.shortcuts)} new shortcuts, {self.n_gates} gates"
         ]
         query_heads: dict[int, list[str]] = getattr(self, "query_heads", {})
@@ -187,6 +195,11 @@ class GatingSummary:
         for name, h, u in self.transformers:
             lines.append(
                 f"  layer     {name}: {h} heads, {u} FFN units, attention and FFN sub-layer gates"
+            )
+        for name, h, c, u in getattr(self, "decoders", []):
+            lines.append(
+                f"  layer     {name}: {h} self-attention heads, {c} cross-attention heads, "
+                f"{u} FFN units, self-attention, cross-attention and FFN sub-layer gates"
             )
         for a, b in self.shortcuts:
             lines.append(f"  shortcut  {a} -> {b} (starts closed)")
@@ -753,8 +766,12 @@ class InsertedGating(ModelGating):
         param_sites: dict[str, ParamSite] | None = None,
         input_sites: dict[str, SiteInfo] | None = None,
         input_shapes: tuple[tuple[int, ...], ...] | None = None,
+        decoders: list[tuple[str, int, int, int, int, int, int]] | None = None,
     ) -> None:
         super().__init__()
+        # decoder layers: name, then the groups of self-attention heads, cross-attention
+        # heads, FFN units, and the self-attention, cross-attention and FFN sub-layer gates
+        self.decoders = decoders if decoders is not None else []
         self.size_rewrites = size_rewrites if size_rewrites is not None else []
         self.param_sites = param_sites if param_sites is not None else {}
         self.input_sites = input_sites if input_sites is not None else {}
@@ -813,6 +830,8 @@ class InsertedGating(ModelGating):
         not_widths = {gh for _, gh in self.attentions}
         for _, gh, _, ga, gf in self.transformers:
             not_widths |= {gh, ga, gf}
+        for _, gh, gc, _, ga, gx, gf in self._decoder_list():
+            not_widths |= {gh, gc, ga, gx, gf}
         return [g for i, g in enumerate(self._group_list()) if i not in not_widths]
 
     def _block_list(self) -> list[Gate]:
@@ -996,6 +1015,21 @@ class InsertedGating(ModelGating):
         groups, _ = self._values()
         _, gh, gu, ga, gf = self.transformers[index]
         return {"heads": groups[gh], "units": groups[gu], "attn": groups[ga], "ffn": groups[gf]}
+
+    def _decoder_list(self) -> list[tuple[str, int, int, int, int, int, int]]:
+        return list(getattr(self, "decoders", []))  # (absent in models pickled before)
+
+    def decoder_values(self, index: int) -> dict[str, Tensor]:
+        """Gate values of decoder layer ``index``: heads, cross_heads, units, attn, cross,
+        ffn."""
+        groups, _ = self._values()
+        return self.decoder_values_of(groups, index)
+
+    def decoder_values_of(self, groups: list[Tensor], index: int) -> dict[str, Tensor]:
+        """Decoder layer ``index``'s entries of ``groups`` (one tensor per gate group)."""
+        _, gh, gc, gu, ga, gx, gf = self._decoder_list()[index]
+        keys = ("heads", "cross_heads", "units", "attn", "cross", "ffn")
+        return {k: groups[g] for k, g in zip(keys, (gh, gc, gu, ga, gx, gf), strict=True)}
 
     def rnn_scales(self, index: int) -> list[Tensor]:
         """Gate values of recurrent module ``index``: one ``(D * H,)`` vector per layer."""
@@ -1408,6 +1442,18 @@ class InsertedGating(ModelGating):
             }
             if not (opens[gh].all() and opens[gu].all() and spec["attn"] and spec["ffn"]):
                 transformers[name] = spec
+        decoders = {}
+        for name, gh, gc, gu, ga, gx, gf in self._decoder_list():
+            dspec = {
+                "heads": np.flatnonzero(opens[gh]).tolist(),
+                "cross_heads": np.flatnonzero(opens[gc]).tolist(),
+                "units": np.flatnonzero(opens[gu]).tolist(),
+                "attn": bool(opens[ga][0]),
+                "cross": bool(opens[gx][0]),
+                "ffn": bool(opens[gf][0]),
+            }
+            if not all(opens[g].all() for g in (gh, gc, gu, ga, gx, gf)):
+                decoders[name] = dspec
         attention = {
             name: {"heads": np.flatnonzero(opens[gh]).tolist()}
             for name, gh in self.attentions
@@ -1417,6 +1463,7 @@ class InsertedGating(ModelGating):
             "format": PLAN_FORMAT,
             "opaque": dict(self.opaque),
             "transformers": transformers,
+            **({"decoders": decoders} if decoders else {}),
             "attention": attention,
             "rnn": rnn_plan(opens, self.rnns, self.rnn_consumers),
             "slices": slices,
@@ -1474,6 +1521,7 @@ class InsertedGating(ModelGating):
         opens = self.hard_open()
         closed = {g for g, o in enumerate(opens) if not bool(o.all())}
         rebuilt = [name for name, *_ in self.transformers] + [name for name, _ in self.attentions]
+        rebuilt += [d[0] for d in self._decoder_list()]
         rebuilt += [r.name for r in self.rnns]
         owners = {
             path.rpartition(".")[0]
@@ -1564,6 +1612,10 @@ class InsertedGating(ModelGating):
                 "ffn": groups[gf],
             }
             fold_layer(layer, values)
+        for i, (name, *_) in enumerate(self._decoder_list()):
+            dec = pruned.get_submodule(name)
+            assert isinstance(dec, nn.TransformerDecoderLayer)
+            fold_decoder_layer(dec, self.decoder_values_of(groups, i))
         for name, gh in self.attentions:
             att = pruned.get_submodule(name)
             assert isinstance(att, nn.MultiheadAttention)
@@ -1595,6 +1647,7 @@ class InsertedGating(ModelGating):
             *(c.name for c in self.rnn_consumers if c.segments),
         ]
         inside = [*(t[0] for t in self.transformers), *(name for name, _ in self.attentions)]
+        inside += [d[0] for d in self._decoder_list()]
         normed = set(getattr(self, "weight_norms", ()))  # (absent in models pickled before)
         for name in [*whole, *inside]:
             m = model.get_submodule(name)
@@ -2203,6 +2256,7 @@ def gate_(
         if n.op == "call_module":
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     transformers: list[tuple[str, int, int, int, int]] = []
+    decoders: list[tuple[str, int, int, int, int, int, int]] = []
     attentions: list[tuple[str, int]] = []
     for name, count in calls.items():
         m = gm.get_submodule(name)
@@ -2224,6 +2278,26 @@ def gate_(
             sizes.append(m.num_heads)
             clamp.append(False)  # all heads closed: the output is out_proj.bias
             summary.attentions.append((name, m.num_heads))
+            continue
+        if isinstance(m, nn.TransformerDecoderLayer):
+            node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+            why = gateable_decoder_layer(m) or shared.get(name) or _hooked_inside(m, name)
+            if why is None and count != 1:
+                why = "called more than once"
+            if why is None and len(node.args) < 2:
+                why = "tgt and memory must be passed positionally"
+            if why is None and not allowed(name):
+                why = "filter_fn rejected it"
+            if why is not None:
+                summary.ungated_layers.append((name, why))
+                continue
+            n_heads, n_cross = m.self_attn.num_heads, m.multihead_attn.num_heads
+            n_units = m.linear1.out_features
+            base = len(sizes)
+            sizes.extend([n_heads, n_cross, n_units, 1, 1, 1])
+            clamp.extend([False] * 6)  # a layer can drop all heads or units
+            decoders.append((name, base, base + 1, base + 2, base + 3, base + 4, base + 5))
+            summary.decoders.append((name, n_heads, n_cross, n_units))
             continue
         if not isinstance(m, nn.TransformerEncoderLayer):
             continue
@@ -2252,7 +2326,19 @@ def gate_(
                     "shortcuts join them",
                 )
             )
+    if shortcuts == "dense" and summary.decoders:
+        stacks = sorted({name.rpartition(".layers.")[0] for name, *_ in summary.decoders})
+        for stack in stacks:
+            summary.unconnected.append(
+                (
+                    stack or "<root>",
+                    "nn.TransformerDecoderLayer layers are gated as layers (heads, FFN units, "
+                    "self-attention, cross-attention and FFN sub-layers), not as residual "
+                    "blocks, so no new shortcuts join them",
+                )
+            )
     handled = {name for name, *_ in transformers} | {name for name, _ in attentions}
+    handled |= {name for name, *_ in decoders}
     handled |= {r.name for r in rnns} | {name for name, _ in summary.ungated_layers}
     for name in calls:  # other leaves with layers inside (nn.TransformerDecoderLayer, ...)
         m = gm.get_submodule(name)
@@ -2260,13 +2346,17 @@ def gate_(
             continue
         inner = [c for c in m.modules() if c is not m]
         if any(isinstance(c, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) for c in inner):
-            summary.ungated_layers.append(
-                (
-                    name,
-                    f"{type(m).__name__} is kept whole: gate_ gates inside "
-                    "nn.TransformerEncoderLayer, nn.MultiheadAttention and recurrent modules",
-                )
+            why = (
+                f"{type(m).__name__} is kept whole: gate_ gates inside "
+                "nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention "
+                "and recurrent modules"
             )
+            if isinstance(m, nn.Transformer):
+                why += (
+                    " (nn.Transformer.forward cannot be traced by torch.fx: call its .encoder "
+                    "and .decoder from your forward to gate their layers)"
+                )
+            summary.ungated_layers.append((name, why))
     # gate sites
     sites: dict[str, SiteInfo] = {}
     for name in ca.sources:
@@ -2360,6 +2450,7 @@ def gate_(
         seen.add(id(p))
         orphans.append((pname.rpartition(".")[0], p.numel()))
     tf_index = {name: (gh, gu, ga, gf) for name, gh, gu, ga, gf in transformers}
+    dec_index = {name: tuple(groups) for name, *groups in decoders}
     terms = build_cost_terms(
         gm,
         record,
@@ -2372,6 +2463,7 @@ def gate_(
         dict(attentions),
         edges,
         rnns={r.name: r.groups[0] for r in rnns},
+        decoders=dec_index,
     )
     gating = InsertedGating(
         kind=gate_kind,
@@ -2403,6 +2495,7 @@ def gate_(
         size_rewrites=size_rewrites,
         param_sites=param_sites,
         input_sites=in_sites,
+        decoders=decoders,
     )
     gating.source = {**structure, "graph": graph_fingerprint(traced.graph)}
     # the user's hooks gate_ saw (module -> hook keys; prune checks the ones added since) and
@@ -2446,6 +2539,15 @@ def gate_(
         layer.__dict__["_gp_ref"] = _Ref(gating, i, nn.TransformerEncoderLayer)
         layer.self_attn.__class__ = GatedMultiheadAttention
         layer.self_attn.__dict__["_gp_ref"] = _Ref(gating, i, nn.MultiheadAttention)
+    for i, (name, *_) in enumerate(decoders):
+        dec = model.get_submodule(name)
+        assert isinstance(dec, nn.TransformerDecoderLayer)
+        dec.__class__ = GatedTransformerDecoderLayer
+        dec.__dict__["_gp_ref"] = _Ref(gating, i, nn.TransformerDecoderLayer, "decoder")
+        for attr, key in (("self_attn", "heads"), ("multihead_attn", "cross_heads")):
+            att = getattr(dec, attr)
+            att.__class__ = GatedMultiheadAttention
+            att.__dict__["_gp_ref"] = _Ref(gating, i, nn.MultiheadAttention, "decoder", key)
     for i, r in enumerate(rnns):
         switch_rnn(model.get_submodule(r.name), gating, i)
     for i, (name, _) in enumerate(attentions):

@@ -43,8 +43,10 @@ from ..rnn_slicing import StateSlicing
 from .rnn import GatedGRU, GatedLSTM, GatedRNN
 from .transformer import (
     GatedMultiheadAttention,
+    GatedTransformerDecoderLayer,
     GatedTransformerEncoderLayer,
     PrunedMultiheadAttention,
+    PrunedTransformerDecoderLayer,
     PrunedTransformerEncoderLayer,
 )
 
@@ -69,8 +71,10 @@ _MAX_OPAQUE = 64
 _LEAVES = (
     GatedMultiheadAttention,
     GatedTransformerEncoderLayer,
+    GatedTransformerDecoderLayer,
     PrunedMultiheadAttention,
     PrunedTransformerEncoderLayer,
+    PrunedTransformerDecoderLayer,
     GatedLSTM,
     GatedGRU,
     GatedRNN,

@@ -26,7 +26,7 @@ from .channels import ChannelAnalysis, Labels
 from .graph import RunRecord, mutated_input, owner_of
 from .rnn import rnn_cost_rows
 from .shortcuts import Edge
-from .transformer import attention_cost, layer_cost
+from .transformer import attention_cost, decoder_layer_cost, layer_cost
 
 __all__ = ["CostTerms", "GraphInfo", "ParamSite", "SiteInfo", "SliceInfo", "build_cost_terms"]
 
@@ -333,6 +333,7 @@ def build_cost_terms(
     attentions: dict[str, int],
     edges: Sequence[Edge] = (),
     rnns: dict[str, int] | None = None,
+    decoders: dict[str, tuple[int, ...]] | None = None,
 ) -> CostTerms:
     """Cost terms of every module call and parameter unit, and of the new shortcuts ``edges``
     (see the module docstring)."""
@@ -440,6 +441,31 @@ def build_cost_terms(
                 (lc.norm2, gf if nf else -1, -1),
             ]
             for (fl, pa), fa, fb in rows:
+                f_rows.append((float(fl), fa, fb, n.name))
+                if new_module:
+                    p_rows.append((float(pa), fa, fb, n.name, name))
+            continue
+        dec = (decoders or {}).get(name)
+        if dec is not None:  # heads, cross heads, units, self-attn, cross-attn, FFN groups
+            assert isinstance(m, nn.TransformerDecoderLayer)
+            x_shape, mem_shape = record.arg_shapes[n][0], record.arg_shapes[n][1]
+            assert x_shape is not None
+            assert mem_shape is not None
+            dc = decoder_layer_cost(m, x_shape, mem_shape)
+            vh, vc, vu, va, vx, vf = (fac.vector(v) for v in dec)
+            nf = bool(m.norm_first)
+            drows = [
+                (dc.head, vh, va),
+                (dc.attn0, va, -1),
+                (dc.cross_head, vc, vx),
+                (dc.cross0, vx, -1),
+                (dc.unit, vu, vf),
+                (dc.ffn0, vf, -1),
+                (dc.norms[0], va if nf else -1, -1),
+                (dc.norms[1], vx if nf else -1, -1),
+                (dc.norms[2], vf if nf else -1, -1),
+            ]
+            for (fl, pa), fa, fb in drows:
                 f_rows.append((float(fl), fa, fb, n.name))
                 if new_module:
                     p_rows.append((float(pa), fa, fb, n.name, name))

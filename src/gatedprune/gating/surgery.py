@@ -51,7 +51,12 @@ from .graph import (
     trace_model,
 )
 from .rnn import apply_rnn_plan
-from .transformer import build_pruned_attention, build_pruned_layer, prepare_encoders
+from .transformer import (
+    build_pruned_attention,
+    build_pruned_decoder_layer,
+    build_pruned_layer,
+    prepare_encoders,
+)
 
 __all__ = [
     "PLAN_FORMAT",
@@ -1944,6 +1949,7 @@ _PLAN_FIELDS: dict[str, type] = {"opaque": dict, "slices": dict, "cut": dict, "s
 _PLAN_OPTIONAL: dict[str, type] = {
     "erase": list,
     "transformers": dict,
+    "decoders": dict,  # decoder layers (absent: none pruned)
     "attention": dict,
     "rnn": dict,
     "bypass": list,
@@ -1988,7 +1994,7 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"got {type(plan.get(key)).__name__}"
             )
     _check_keys("the plan", plan, {"format", *_PLAN_FIELDS, *_PLAN_OPTIONAL})
-    for key in ("opaque", "slices", "transformers", "attention", "rnn", "cut"):
+    for key in ("opaque", "slices", "transformers", "decoders", "attention", "rnn", "cut"):
         _check_strings(f"{key!r} module or node names", list(plan.get(key, {})))
     _check_strings("'opaque' reasons", list(plan["opaque"].values()))
     for key in ("scopes", "erase", "bypass"):
@@ -2042,18 +2048,22 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 raise ValueError(
                     f"malformed plan: slice {name!r} 'n_{side}' must be an int, got {n!r}"
                 )
-    for section, fields in (("transformers", ("heads", "units")), ("attention", ("heads",))):
+    sections: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+        ("transformers", ("heads", "units"), ("attn", "ffn")),
+        ("decoders", ("heads", "cross_heads", "units"), ("attn", "cross", "ffn")),
+        ("attention", ("heads",), ()),
+    )
+    for section, fields, flags in sections:
         for name, spec in plan.get(section, {}).items():
             if not isinstance(spec, dict):
                 raise ValueError(f"malformed plan: {section} entry {name!r} must be a dict")
-            allowed = {*fields, "attn", "ffn"} if section == "transformers" else set(fields)
-            _check_keys(f"{section} entry {name!r}", spec, allowed)
+            _check_keys(f"{section} entry {name!r}", spec, {*fields, *flags})
             for f in fields:
                 _check_indices(f"{section} {name!r} {f!r}", spec.get(f), optional=False)
-            for f in ("attn", "ffn") if section == "transformers" else ():
+            for f in flags:
                 if not isinstance(spec.get(f), bool):
                     raise ValueError(
-                        f"malformed plan: transformers {name!r} {f!r} must be a bool, "
+                        f"malformed plan: {section} {name!r} {f!r} must be a bool, "
                         f"got {spec.get(f)!r}"
                     )
     edge_keys = {"scope": str, "src": str, "dst": str, "users": list, "buffer": str}
@@ -2370,7 +2380,11 @@ def _check_graph(model: nn.Module, plan: dict[str, Any]) -> TracedModel | None:
     produces them (through element-wise ops and adds), as one channel group's members are.
     Returns the trace (None if the model cannot be traced and the plan only slices).
     """
-    replaced = [*plan.get("transformers", {}), *plan.get("attention", {})]
+    replaced = [
+        *plan.get("transformers", {}),
+        *plan.get("decoders", {}),
+        *plan.get("attention", {}),
+    ]
     opaque = {**plan["opaque"], **{n: "replaced by the plan" for n in replaced}}
     scopes: list[str] = plan["scopes"]
     try:
@@ -2812,7 +2826,8 @@ def _check_hooks_kept(model: nn.Module, plan: dict[str, Any]) -> None:
     """``ValueError`` naming a module carrying hooks of the user's that the plan slices (its
     hooks would see the sliced tensors) or that lies in a layer the plan prunes inside (an
     encoder layer or attention, rebuilt without them, or a recurrent module)."""
-    rebuilt = [*plan.get("transformers", {}), *plan.get("attention", {}), *plan.get("rnn", {})]
+    rebuilt = [*plan.get("transformers", {}), *plan.get("decoders", {}), *plan.get("attention", {})]
+    rebuilt += list(plan.get("rnn", {}))
     for name, m in model.named_modules():
         desc = describe_hooks(m)
         if desc is None:
@@ -2913,6 +2928,21 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
                 "plan once, to a fresh dense instance of the model it was exported from"
             )
         layers.append((name, layer, spec))
+    decoders: list[tuple[str, nn.TransformerDecoderLayer, dict[str, Any]]] = []
+    for name, spec in plan.get("decoders", {}).items():
+        dec = submodule(name, "prunes")
+        claim(dec, name, f"'{name}' (decoders, with its submodules)", inside=True)
+        if not isinstance(dec, nn.TransformerDecoderLayer):
+            raise ValueError(f"the plan prunes '{name}' as a decoder layer; it is {type(dec)}")
+        _check_heads(name, dec.self_attn, list(spec["heads"]))
+        _check_heads(f"{name}.multihead_attn", dec.multihead_attn, list(spec["cross_heads"]))
+        units, width = list(spec["units"]), dec.linear1.out_features
+        if units and max(units) >= width:
+            raise ValueError(
+                f"the plan keeps FFN unit {max(units)} of '{name}', which has {width}: apply a "
+                "plan once, to a fresh dense instance of the model it was exported from"
+            )
+        decoders.append((name, dec, spec))
     attentions: list[tuple[str, nn.MultiheadAttention, list[int]]] = []
     for name, spec in plan.get("attention", {}).items():
         att = submodule(name, "prunes")
@@ -2961,8 +2991,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         if scope:
             submodule(scope, "rewrites")
     _check_hooks_kept(model, plan)
-    encoders = [m for m in model.modules() if type(m) is nn.TransformerEncoder]
-    prepare_encoders(model)
+    switched = prepare_encoders(model)
     try:
         if source is not None and "graph" in source:  # traced as gate_ traced it
             try:
@@ -2981,13 +3010,17 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         if check_graph:
             _check_head_slices(model, plan, _dry_run_sizes(checked, plan))
     except BaseException:
-        for m in encoders:  # leave the model as it was
-            m.__class__ = nn.TransformerEncoder
+        for m, cls in switched:  # leave the model as it was
+            m.__class__ = cls
         raise
     for name, layer, spec in layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, build_pruned_layer(layer, spec))
+    for name, dec, spec in decoders:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, build_pruned_decoder_layer(dec, spec))
     for name, att, heads in attentions:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

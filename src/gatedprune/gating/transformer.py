@@ -43,9 +43,12 @@ from ..costs import (
 
 __all__ = [
     "GatedMultiheadAttention",
+    "GatedTransformerDecoderLayer",
     "GatedTransformerEncoderLayer",
     "PrunedMultiheadAttention",
+    "PrunedTransformerDecoderLayer",
     "PrunedTransformerEncoderLayer",
+    "TracedTransformerDecoder",
     "TracedTransformerEncoder",
     "attention",
 ]
@@ -193,16 +196,32 @@ def attention(
 class _Ref:
     """Plain (non-module) link from a switched layer to the gating holding its gates."""
 
-    def __init__(self, gating: Any, index: int, base: type[nn.Module], kind: str = "layer") -> None:
+    def __init__(
+        self,
+        gating: Any,
+        index: int,
+        base: type[nn.Module],
+        kind: str = "layer",
+        heads: str = "heads",
+    ) -> None:
         self.gating = gating
         self.index = index
         self.base = base
-        self.kind = kind  # "layer" (encoder layer) or "mha" (attention called by user code)
+        # "layer" (encoder layer), "decoder" (decoder layer) or "mha" (attention called by
+        # user code)
+        self.kind = kind
+        self.heads = heads  # an attention's key among the values: "heads" or "cross_heads"
 
     def values(self) -> dict[str, Tensor]:
         if self.kind == "mha":
             return dict(self.gating.attention_values(self.index))
+        if self.kind == "decoder":
+            return dict(self.gating.decoder_values(self.index))
         return dict(self.gating.transformer_values(self.index))
+
+    def head_values(self) -> Tensor:
+        """The head gates of the attention holding this reference."""
+        return self.values()[getattr(self, "heads", "heads")]  # (absent: pickled before)
 
 
 def _mha_forward(
@@ -251,7 +270,7 @@ class GatedMultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        gates = self._gp_ref.values()["heads"]
+        gates = self._gp_ref.head_values()
         return _mha_forward(
             self,
             query,
@@ -406,10 +425,21 @@ class GatedTransformerEncoderLayer(nn.TransformerEncoderLayer):
         return out
 
     def _ff(self, x: Tensor, g: dict[str, Tensor]) -> Tensor:
-        h = _activation(self)(self.linear1(x)) * g["units"].to(x.dtype)  # (..., F)
-        y = self.linear2(self.dropout(h))
-        out: Tensor = self.dropout2(y) * g["ffn"].to(y.dtype)[0]
-        return out
+        return _gated_ffn(self, self.dropout2, x, g)
+
+
+def _gated_ffn(
+    layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer,
+    out_dropout: nn.Module,
+    x: Tensor,
+    g: dict[str, Tensor],
+) -> Tensor:
+    """The feed-forward sub-layer of an encoder or decoder layer with its unit gates
+    ``g["units"]`` and sub-layer gate ``g["ffn"]`` (``out_dropout``: the sub-layer's)."""
+    h = layer.activation(layer.linear1(x)) * g["units"].to(x.dtype)  # (..., F)
+    y = layer.linear2(layer.dropout(h))  # (..., E)
+    out: Tensor = out_dropout(y) * g["ffn"].to(y.dtype)[0]  # (..., E)
+    return out
 
 
 class PrunedTransformerEncoderLayer(nn.Module):
@@ -508,11 +538,243 @@ class TracedTransformerEncoder(nn.TransformerEncoder):
         return x
 
 
-def prepare_encoders(model: nn.Module) -> None:
-    """Switch every ``nn.TransformerEncoder`` in ``model`` to :class:`TracedTransformerEncoder`."""
+class GatedTransformerDecoderLayer(nn.TransformerDecoderLayer):
+    """``nn.TransformerDecoderLayer`` with head gates on ``self_attn`` and on
+    ``multihead_attn`` (cross-attention), FFN-unit gates and three sub-layer gates
+    (self-attention, cross-attention, FFN) (slow path)."""
+
+    _gp_ref: _Ref
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        g = self._gp_ref.values()
+        x = tgt  # (N, T, E), (T, N, E) or (T, E)
+        if self.norm_first:
+            x = x + self._sa(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal, g)
+            x = x + self._ca(
+                self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal, g
+            )
+            x = x + _gated_ffn(self, self.dropout3, self.norm3(x), g)
+        else:
+            x = self.norm1(x + self._sa(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, g))
+            x = self.norm2(
+                x + self._ca(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal, g)
+            )
+            x = self.norm3(x + _gated_ffn(self, self.dropout3, x, g))
+        return x
+
+    def _sa(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        kpm: Tensor | None,
+        is_causal: bool,
+        g: dict[str, Tensor],
+    ) -> Tensor:
+        y = self.self_attn(
+            x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal
+        )[0]
+        out: Tensor = self.dropout1(y) * g["attn"].to(y.dtype)[0]  # (..., E)
+        return out
+
+    def _ca(
+        self,
+        x: Tensor,
+        mem: Tensor,
+        mask: Tensor | None,
+        kpm: Tensor | None,
+        is_causal: bool,
+        g: dict[str, Tensor],
+    ) -> Tensor:
+        y = self.multihead_attn(
+            x,
+            mem,
+            mem,
+            attn_mask=mask,
+            key_padding_mask=kpm,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        out: Tensor = self.dropout2(y) * g["cross"].to(y.dtype)[0]  # (..., E)
+        return out
+
+
+class PrunedTransformerDecoderLayer(nn.Module):
+    """A pruned ``nn.TransformerDecoderLayer``: fewer self- and cross-attention heads and FFN
+    units; ``self_attn``, ``multihead_attn`` or ``linear1``+``linear2`` (and ``activation``)
+    are None when that sub-layer was removed (with its LayerNorm when ``norm_first``).
+    Parameter names as in PyTorch's layer.
+
+    >>> att = PrunedMultiheadAttention(8, 1, 4, batch_first=True)
+    >>> layer = PrunedTransformerDecoderLayer(
+    ...     att, None, None, (nn.LayerNorm(8), nn.LayerNorm(8), nn.LayerNorm(8)), F.relu,
+    ...     norm_first=False)
+    >>> tuple(layer(torch.randn(2, 3, 8), torch.randn(2, 5, 8)).shape)
+    (2, 3, 8)
+    """
+
+    def __init__(
+        self,
+        self_attn: PrunedMultiheadAttention | None,
+        multihead_attn: PrunedMultiheadAttention | None,
+        ffn: tuple[nn.Linear, nn.Linear] | None,
+        norms: tuple[nn.LayerNorm | None, nn.LayerNorm | None, nn.LayerNorm | None],
+        activation: Callable[[Tensor], Tensor],
+        *,
+        norm_first: bool,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not norm_first and any(n is None for n in norms):
+            raise ValueError(
+                "a post-norm (norm_first=False) decoder layer needs all three LayerNorms, "
+                f"got {[n is not None for n in norms]} (True: given)"
+            )
+        self.self_attn = self_attn
+        self.multihead_attn = multihead_attn
+        self.linear1 = ffn[0] if ffn is not None else None
+        self.linear2 = ffn[1] if ffn is not None else None
+        self.norm1, self.norm2, self.norm3 = norms
+        # the activation goes with the FFN (an nn.PReLU holds a parameter)
+        self.activation = activation if ffn is not None else None
+        self.norm_first = norm_first
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        x = tgt  # (N, T, E), (T, N, E) or (T, E)
+        if self.norm_first:
+            if self.self_attn is not None:
+                assert self.norm1 is not None
+                x = x + self._sa(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            if self.multihead_attn is not None:
+                assert self.norm2 is not None
+                x = x + self._ca(
+                    self.norm2(x), memory, memory_mask, memory_key_padding_mask, memory_is_causal
+                )
+            if self.linear1 is not None:
+                assert self.norm3 is not None
+                x = x + self._ff(self.norm3(x))
+            return x
+        assert self.norm1 is not None
+        assert self.norm2 is not None
+        assert self.norm3 is not None
+        if self.self_attn is not None:
+            x = x + self._sa(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+        x = self.norm1(x)
+        if self.multihead_attn is not None:
+            x = x + self._ca(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+        x = self.norm2(x)
+        if self.linear1 is not None:
+            x = x + self._ff(x)
+        out: Tensor = self.norm3(x)
+        return out
+
+    def _sa(self, x: Tensor, mask: Tensor | None, kpm: Tensor | None, is_causal: bool) -> Tensor:
+        assert self.self_attn is not None
+        y = self.self_attn(
+            x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal
+        )[0]
+        return self.dropout1(y)  # type: ignore[no-any-return]
+
+    def _ca(
+        self, x: Tensor, mem: Tensor, mask: Tensor | None, kpm: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        assert self.multihead_attn is not None
+        y = self.multihead_attn(
+            x,
+            mem,
+            mem,
+            attn_mask=mask,
+            key_padding_mask=kpm,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        return self.dropout2(y)  # type: ignore[no-any-return]
+
+    def _ff(self, x: Tensor) -> Tensor:
+        assert self.linear1 is not None
+        assert self.linear2 is not None
+        # h (..., F); activation is set with linear1 (TorchScript cannot compare a function
+        # attribute with None)
+        h = self.activation(self.linear1(x))  # type: ignore[misc]
+        return self.dropout3(self.linear2(self.dropout(h)))  # type: ignore[no-any-return]
+
+
+class TracedTransformerDecoder(nn.TransformerDecoder):
+    """``nn.TransformerDecoder`` whose ``forward`` is the plain loop over its layers (the same
+    function: a ``tgt_mask`` is used as given, so detecting whether it is causal changes
+    nothing), so fx can trace into it and ``cost`` counts its layers one by one."""
+
+    _gp_traced_stack = True  # costs.unit_handler: not a unit (its layers are)
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        tgt_key_padding_mask: Tensor | None = None,
+        memory_key_padding_mask: Tensor | None = None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+    ) -> Tensor:
+        x = tgt
+        for layer in self.layers:
+            x = layer(
+                x,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=tgt_is_causal is not None and tgt_is_causal,  # None: False
+                memory_is_causal=memory_is_causal,
+            )
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+def prepare_encoders(model: nn.Module) -> list[tuple[nn.Module, type[nn.Module]]]:
+    """Switch every ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` in ``model`` to
+    :class:`TracedTransformerEncoder` / :class:`TracedTransformerDecoder`; returns the
+    switched modules with their classes before (to switch them back).
+
+    >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), 1, enable_nested_tensor=False)
+    >>> [type(m).__name__ for m, _ in prepare_encoders(enc)], type(enc).__name__
+    (['TracedTransformerEncoder'], 'TracedTransformerEncoder')
+    """
+    switched: list[tuple[nn.Module, type[nn.Module]]] = []
     for m in model.modules():
         if type(m) is nn.TransformerEncoder:
+            switched.append((m, nn.TransformerEncoder))
             m.__class__ = TracedTransformerEncoder
+        elif type(m) is nn.TransformerDecoder:
+            switched.append((m, nn.TransformerDecoder))
+            m.__class__ = TracedTransformerDecoder
+    return switched
 
 
 def gateable_attention(m: nn.Module) -> str | None:
@@ -551,6 +813,21 @@ def gateable_layer(m: nn.Module) -> str | None:
         return "self_attn is not a plain nn.MultiheadAttention"
     if not att._qkv_same_embed_dim or att.bias_k is not None or att.add_zero_attn:
         return "attention with kdim/vdim, bias_k/bias_v or add_zero_attn"
+    return None
+
+
+def gateable_decoder_layer(m: nn.Module) -> str | None:
+    """None if ``m`` is a decoder layer ``gate_`` can gate, else why not.
+
+    >>> gateable_decoder_layer(nn.TransformerDecoderLayer(8, 2)) is None
+    True
+    """
+    if type(m) is not nn.TransformerDecoderLayer:
+        return "not a plain nn.TransformerDecoderLayer"
+    for attr in ("self_attn", "multihead_attn"):
+        why = gateable_attention(getattr(m, attr))
+        if why is not None:
+            return f"{attr}: {why}"
     return None
 
 
@@ -598,18 +875,76 @@ def layer_cost(
     l1, l2 = lin
     assert l1 is not None
     assert l2 is not None
-    b1 = l1.bias is not None
-    b2 = l2.bias is not None
-    act = layer.activation
-    act_params = sum(p.numel() for p in act.parameters()) if isinstance(act, nn.Module) else 0
-    unit_flops = FLOPS_PER_MAC * tokens * e * 2 + (tokens if b1 else 0) + ACT_FLOPS * tokens
+    unit, ffn0 = _ffn_cost(l1, l2, layer.activation, tokens, e)
     return LayerCost(
         head=(af(1) - af(0), head_params),
         attn0=(af(0), e if out_bias else 0),
-        unit=(unit_flops, 2 * e + (1 if b1 else 0)),
-        ffn0=(tokens * e if b2 else 0, (e if b2 else 0) + act_params),
+        unit=unit,
+        ffn0=ffn0,
         norm1=_norm_cost(layer.norm1, tokens, e),
         norm2=_norm_cost(layer.norm2, tokens, e),
+    )
+
+
+def _ffn_cost(
+    l1: nn.Linear, l2: nn.Linear, act: Any, tokens: int, e: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(per-unit, constant) (FLOPs, params) of a layer's feed-forward sub-layer on ``tokens``
+    vectors of width ``e``; ``act`` (its activation) counts as a parameter holder."""
+    b1 = l1.bias is not None
+    b2 = l2.bias is not None
+    act_params = sum(p.numel() for p in act.parameters()) if isinstance(act, nn.Module) else 0
+    unit_flops = FLOPS_PER_MAC * tokens * e * 2 + (tokens if b1 else 0) + ACT_FLOPS * tokens
+    return (unit_flops, 2 * e + (1 if b1 else 0)), (
+        tokens * e if b2 else 0,
+        (e if b2 else 0) + act_params,
+    )
+
+
+@dataclass
+class DecoderLayerCost:
+    """Cost of a decoder layer as ``head * heads + attn0``, ``cross_head * cross_heads +
+    cross0``, ``unit * units + ffn0`` and its three norms, each (FLOPs, params)."""
+
+    head: tuple[int, int]
+    attn0: tuple[int, int]
+    cross_head: tuple[int, int]
+    cross0: tuple[int, int]
+    unit: tuple[int, int]
+    ffn0: tuple[int, int]
+    norms: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def decoder_layer_cost(
+    layer: nn.TransformerDecoderLayer, x_shape: tuple[int, ...], mem_shape: tuple[int, ...]
+) -> DecoderLayerCost:
+    """Cost decomposition of a decoder layer on ``tgt`` of ``x_shape`` and ``memory`` of
+    ``mem_shape``.
+
+    >>> layer = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
+    >>> c = decoder_layer_cost(layer, (2, 3, 8), (2, 5, 8))
+    >>> c.unit[1], c.cross_head[1]  # params per FFN unit, per cross-attention head
+    (17, 176)
+    """
+    sa, ca = layer.self_attn, layer.multihead_attn
+    head, attn0 = attention_cost(sa, x_shape, x_shape)
+    cross_head, cross0 = attention_cost(ca, x_shape, mem_shape)
+    e = sa.embed_dim
+    batch, length = seq_dims(torch.empty(x_shape, device="meta"), sa.batch_first)
+    tokens = batch * length
+    unit, ffn0 = _ffn_cost(layer.linear1, layer.linear2, layer.activation, tokens, e)
+    return DecoderLayerCost(
+        head=head,
+        attn0=attn0,
+        cross_head=cross_head,
+        cross0=cross0,
+        unit=unit,
+        ffn0=ffn0,
+        norms=(
+            _norm_cost(layer.norm1, tokens, e),
+            _norm_cost(layer.norm2, tokens, e),
+            _norm_cost(layer.norm3, tokens, e),
+        ),
     )
 
 
@@ -625,21 +960,47 @@ def _pruned_mha_flops(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
     )
 
 
+def _pruned_ffn_flops(linear1: nn.Linear | None, linear2: nn.Linear | None, x: Tensor) -> int:
+    """FLOPs of a pruned layer's feed-forward sub-layer on ``x`` (0 when removed)."""
+    if linear1 is None or linear2 is None:
+        return 0
+    e = x.shape[-1]
+    tokens = x.numel() // e
+    hidden = linear1.out_features
+    total = FLOPS_PER_MAC * tokens * e * hidden * 2 + ACT_FLOPS * tokens * hidden
+    total += tokens * hidden if linear1.bias is not None else 0
+    return total + (tokens * e if linear2.bias is not None else 0)
+
+
 def _pruned_layer_flops(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
-    assert isinstance(m, PrunedTransformerEncoderLayer)
+    if not isinstance(m, PrunedTransformerEncoderLayer):
+        raise TypeError(f"expected a PrunedTransformerEncoderLayer, got {type(m).__name__}")
     x = inp[0]
     total = 0
     if m.self_attn is not None:
         total += _pruned_mha_flops(m.self_attn, (x, x, x), out)
-    if m.linear1 is not None:
-        assert m.linear2 is not None
-        e = x.shape[-1]
-        tokens = x.numel() // e
-        hidden = m.linear1.out_features
-        total += FLOPS_PER_MAC * tokens * e * hidden * 2 + ACT_FLOPS * tokens * hidden
-        total += tokens * hidden if m.linear1.bias is not None else 0
-        total += tokens * e if m.linear2.bias is not None else 0
+    total += _pruned_ffn_flops(m.linear1, m.linear2, x)
     for norm in (m.norm1, m.norm2):
+        if norm is not None:
+            total += LAYERNORM_FLOPS * x.numel()
+    return total
+
+
+def _pruned_decoder_flops(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
+    if not isinstance(m, PrunedTransformerDecoderLayer):
+        raise TypeError(f"expected a PrunedTransformerDecoderLayer, got {type(m).__name__}")
+    if len(inp) < 2:
+        raise TypeError(
+            "cost() needs PrunedTransformerDecoderLayer called with positional tgt, memory"
+        )
+    x, mem = inp[0], inp[1]  # tgt (N, T, E) / (T, N, E) / (T, E); memory with S positions
+    total = 0
+    if m.self_attn is not None:
+        total += _pruned_mha_flops(m.self_attn, (x, x, x), out)
+    if m.multihead_attn is not None:
+        total += _pruned_mha_flops(m.multihead_attn, (x, mem, mem), out)
+    total += _pruned_ffn_flops(m.linear1, m.linear2, x)
+    for norm in (m.norm1, m.norm2, m.norm3):
         if norm is not None:
             total += LAYERNORM_FLOPS * x.numel()
     return total
@@ -647,6 +1008,7 @@ def _pruned_layer_flops(m: nn.Module, inp: tuple[Tensor, ...], out: Any) -> int:
 
 register_cost((PrunedMultiheadAttention,), _pruned_mha_flops)
 register_cost((PrunedTransformerEncoderLayer,), _pruned_layer_flops)
+register_cost((PrunedTransformerDecoderLayer,), _pruned_decoder_flops)
 
 
 def _rows(keep_heads: list[int], head_dim: int, inner: int) -> Tensor:
@@ -706,24 +1068,7 @@ def build_pruned_layer(
     heads: list[int] = list(spec["heads"])
     units: list[int] = list(spec["units"])
     new_att = build_pruned_attention(att, heads) if spec["attn"] else None
-    ffn: tuple[nn.Linear, nn.Linear] | None = None
-    if spec["ffn"]:
-        l1, l2 = layer.linear1, layer.linear2
-        dev, dt = l1.weight.device, l1.weight.dtype
-        keep = torch.tensor(units, dtype=torch.long, device=dev)
-        with _no_empty_init_warning():  # all units pruned: zero-size weights
-            n1 = nn.Linear(e, len(units), bias=l1.bias is not None, device=dev, dtype=dt)
-            n2 = nn.Linear(
-                len(units), l2.out_features, bias=l2.bias is not None, device=dev, dtype=dt
-            )
-        with torch.no_grad():
-            n1.weight.copy_(l1.weight[keep])
-            if l1.bias is not None and n1.bias is not None:
-                n1.bias.copy_(l1.bias[keep])
-            n2.weight.copy_(l2.weight[:, keep])
-            if l2.bias is not None and n2.bias is not None:
-                n2.bias.copy_(l2.bias)
-        ffn = (n1, n2)
+    ffn = _pruned_ffn(layer.linear1, layer.linear2, e, units) if spec["ffn"] else None
     nf = bool(layer.norm_first)
     norm1 = layer.norm1 if (spec["attn"] or not nf) else None
     norm2 = layer.norm2 if (spec["ffn"] or not nf) else None
@@ -738,6 +1083,82 @@ def build_pruned_layer(
     )
     new.train(layer.training)
     return new
+
+
+def _pruned_ffn(
+    l1: nn.Linear, l2: nn.Linear, e: int, units: list[int]
+) -> tuple[nn.Linear, nn.Linear]:
+    """``linear1`` / ``linear2`` of a feed-forward sub-layer with only the hidden ``units``."""
+    dev, dt = l1.weight.device, l1.weight.dtype
+    keep = torch.tensor(units, dtype=torch.long, device=dev)
+    with _no_empty_init_warning():  # all units pruned: zero-size weights
+        n1 = nn.Linear(e, len(units), bias=l1.bias is not None, device=dev, dtype=dt)
+        n2 = nn.Linear(len(units), l2.out_features, bias=l2.bias is not None, device=dev, dtype=dt)
+    with torch.no_grad():
+        n1.weight.copy_(l1.weight[keep])
+        if l1.bias is not None and n1.bias is not None:
+            n1.bias.copy_(l1.bias[keep])
+        n2.weight.copy_(l2.weight[:, keep])
+        if l2.bias is not None and n2.bias is not None:
+            n2.bias.copy_(l2.bias)
+    return n1, n2
+
+
+def build_pruned_decoder_layer(
+    layer: nn.TransformerDecoderLayer, spec: dict[str, Any]
+) -> PrunedTransformerDecoderLayer:
+    """Rebuild ``layer`` with the kept self-attention ``heads``, cross-attention
+    ``cross_heads`` and FFN ``units`` of ``spec`` (plan entry; ``attn`` / ``cross`` / ``ffn``
+    False: that sub-layer removed), weights copied.
+
+    >>> layer = nn.TransformerDecoderLayer(8, 2, 16)
+    >>> spec = {"heads": [1], "cross_heads": [], "units": [0, 3], "attn": True,
+    ...         "cross": False, "ffn": True}
+    >>> new = build_pruned_decoder_layer(layer, spec)
+    >>> new.self_attn.num_heads, new.multihead_attn, new.linear1.out_features
+    (1, None, 2)
+    """
+    e = layer.self_attn.embed_dim
+    sa = build_pruned_attention(layer.self_attn, list(spec["heads"])) if spec["attn"] else None
+    ca = None
+    if spec["cross"]:
+        ca = build_pruned_attention(layer.multihead_attn, list(spec["cross_heads"]))
+    ffn = _pruned_ffn(layer.linear1, layer.linear2, e, list(spec["units"])) if spec["ffn"] else None
+    nf = bool(layer.norm_first)
+    new = PrunedTransformerDecoderLayer(
+        sa,
+        ca,
+        ffn,
+        (
+            layer.norm1 if (spec["attn"] or not nf) else None,
+            layer.norm2 if (spec["cross"] or not nf) else None,
+            layer.norm3 if (spec["ffn"] or not nf) else None,
+        ),
+        layer.activation,
+        norm_first=nf,
+        dropout=float(layer.dropout.p),
+    )
+    new.train(layer.training)
+    return new
+
+
+def _fold_out(out: nn.Linear, per_input: Tensor, sub: Tensor) -> None:
+    """Scale the columns of output Linear ``out`` by ``per_input`` ``(in,)`` and all of it
+    (bias too) by the sub-layer gate ``sub`` ``(1,)``, in place."""
+    with torch.no_grad():
+        s = sub.to(out.weight.dtype)[0]
+        out.weight.mul_(per_input.to(out.weight.dtype).view(1, -1) * s)  # (E, in) *= (1, in)
+        if out.bias is not None:
+            out.bias.mul_(s)
+
+
+def fold_decoder_layer(layer: nn.TransformerDecoderLayer, values: dict[str, Tensor]) -> None:
+    """Fold gate values (heads, cross_heads, units, attn, cross, ffn) into the decoder layer's
+    output Linears, in place."""
+    sa, ca = layer.self_attn, layer.multihead_attn
+    _fold_out(sa.out_proj, values["heads"].repeat_interleave(sa.head_dim), values["attn"])
+    _fold_out(ca.out_proj, values["cross_heads"].repeat_interleave(ca.head_dim), values["cross"])
+    _fold_out(layer.linear2, values["units"], values["ffn"])
 
 
 def fold_layer(layer: nn.TransformerEncoderLayer, values: dict[str, Tensor]) -> None:
