@@ -924,7 +924,7 @@ def decoder_layer_cost(
     >>> layer = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True)
     >>> c = decoder_layer_cost(layer, (2, 3, 8), (2, 5, 8))
     >>> c.unit[1], c.cross_head[1]  # params per FFN unit, per cross-attention head
-    (17, 176)
+    (17, 140)
     """
     sa, ca = layer.self_attn, layer.multihead_attn
     head, attn0 = attention_cost(sa, x_shape, x_shape)
