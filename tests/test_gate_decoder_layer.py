@@ -284,6 +284,40 @@ def test_whole_transformer_call_is_kept_whole_and_says_why() -> None:
     assert ".encoder and .decoder" in why
 
 
+def test_decoder_layer_called_with_memory_by_name_is_gated() -> None:
+    class ByName(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Linear(3, E)
+            self.dec = nn.TransformerDecoderLayer(E, HEADS, FF, 0.0, batch_first=True)
+            self.out = nn.Linear(E, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.emb(x)  # (B, T, E)
+            return self.out(self.dec(h, memory=h[:, :3]))  # (B, T, 2)
+
+    torch.manual_seed(0)
+    model = ByName().eval()
+    x = torch.randn(2, 5, 3)
+    dense = gp.cost(model, x)
+    assert isinstance(dense, Cost)
+    summary = gate_(model, x)
+    assert summary.decoders == [("dec", HEADS, HEADS, FF)]
+    _, gh, gc, gu, *_ = inserted_gating(model).decoders[0]
+    sizes = [g.n for g in inserted_gating(model).group_gates]  # type: ignore[misc]
+    states = [[True] * n for n in sizes]
+    states[gh], states[gc] = [False, True, True, True], [True, False, False, True]
+    states[gu] = [i % 2 == 0 for i in range(FF)]
+    _force(model, states)
+    pruned = gp.prune(model).eval()
+    hard = gp.cost(model, x, hard=True)
+    assert not isinstance(hard, Cost)
+    assert gp.cost(pruned, x) == hard.detach()
+    with torch.no_grad():
+        xi = torch.randn(3, 7, 3)
+        assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+
+
 def test_budget_steps_close_decoder_gates() -> None:
     torch.manual_seed(0)
     model = Seq2Seq(True, True, "gelu")
@@ -334,8 +368,10 @@ def test_decoder_plan_entries_are_checked() -> None:
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 @pytest.mark.filterwarnings("ignore:.norm. was found in ScriptModule constants")
-@pytest.mark.parametrize("norm_first", [False, True])
-def test_pruned_decoder_scripts(norm_first: bool) -> None:
+@pytest.mark.parametrize(
+    ("norm_first", "whole_layer"), [(False, False), (True, False), (False, True)]
+)
+def test_pruned_decoder_scripts(norm_first: bool, whole_layer: bool) -> None:
     torch.manual_seed(0)
     model = Seq2Seq(norm_first, False, "gelu").eval()
     example = _inputs(2, 6, 5, 0)
@@ -344,8 +380,14 @@ def test_pruned_decoder_scripts(norm_first: bool) -> None:
     _, gh, gc, *_ = gating.decoders[0]
     for g, state in ((gh, [True, False, True, False]), (gc, [False] * 4)):
         gating.group_gates[g].force_(torch.tensor(state))  # type: ignore[operator]
-    gating.group_gates[gating.decoders[1][6]].force_(torch.tensor([False]))  # type: ignore[operator]
+    if not whole_layer:  # else layer 1 is left as it is: a plain nn.TransformerDecoderLayer
+        gating.group_gates[gating.decoders[1][6]].force_(torch.tensor([False]))  # type: ignore[operator]
     pruned = gp.prune(model).eval()
+    assert isinstance(pruned.decoder.layers[0], PrunedTransformerDecoderLayer)
+    second = pruned.decoder.layers[1]
+    assert type(second) is (
+        nn.TransformerDecoderLayer if whole_layer else PrunedTransformerDecoderLayer
+    )
     scripted = torch.jit.script(pruned.decoder)
     xs = (torch.randn(5, 3, E), torch.randn(7, 3, E))  # (T, B, E), (S, B, E)
     mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
