@@ -69,7 +69,9 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
   self-attention over ``tgt``, cross-attention (queries from ``tgt``, keys and values from
   ``memory``, whose length may differ) and three LayerNorms; it must be called with ``tgt`` and
   ``memory`` (by position or by name). ``nn.TransformerDecoder`` / ``nn.Transformer`` are the
-  sum of their layers (encoder output shaped like ``src``) and optional final norms. Sequences
+  sum of their layers (encoder output shaped like ``src``) and optional final norms (a
+  decoder ``gate_`` switched to its plain loop over the layers is counted layer by layer: the
+  same sum). Sequences
   are counted at their padded length: key padding masks do not reduce the count, and
   ``nn.TransformerEncoder``'s nested-tensor fast path is switched off for the counting forward
   pass (same result).

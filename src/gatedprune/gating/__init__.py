@@ -8,7 +8,8 @@ hooks on the user's own modules plus one ``InsertedGating`` submodule holding ev
   flatten, pooling; a GroupNorm's runs of ``C / num_groups`` channels one gate each);
 * block gates: ``y = s + g * F(x)`` for every residual branch ``F`` (a closed block is removed);
 * transformer gates: heads, FFN units and whole attention / FFN sub-layers of
-  ``nn.TransformerEncoderLayer``, heads of ``nn.MultiheadAttention`` called by user code;
+  ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` (self- and cross-attention
+  heads and sub-layers apart), heads of ``nn.MultiheadAttention`` called by user code;
 * with ``shortcuts="dense"``: new gated edges between residual blocks (closed at start);
 * recurrent gates: hidden units of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``, one gate vector per
   layer and direction (see :mod:`gatedprune.gating.rnn`).

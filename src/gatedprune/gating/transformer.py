@@ -1,4 +1,5 @@
-"""Transformer encoder layers: gates on attention heads, FFN units and whole sub-layers.
+"""Transformer encoder and decoder layers: gates on attention heads, FFN units and whole
+sub-layers.
 
 ``nn.TransformerEncoderLayer`` is an fx leaf (its fast path cannot be traced), so ``gate_``
 switches each gated layer (and its ``self_attn``) to a subclass whose ``forward`` is the
@@ -17,6 +18,14 @@ A layer with nothing removed goes back to ``nn.TransformerEncoderLayer``.
 
 ``nn.TransformerEncoder`` (also an fx leaf) is switched to :class:`TracedTransformerEncoder`,
 whose ``forward`` is the plain loop over its layers, so its layers are visible to the analysis.
+
+``nn.TransformerDecoderLayer`` is done the same way (:class:`GatedTransformerDecoderLayer`):
+head gates on ``self_attn`` and, apart, on ``multihead_attn`` (cross-attention, keys and values
+from ``memory``), unit gates in the FFN, and three sub-layer gates (self-attention,
+cross-attention, FFN), pruned to :class:`PrunedTransformerDecoderLayer`; ``nn.TransformerDecoder``
+is switched to :class:`TracedTransformerDecoder`. ``nn.Transformer.forward`` cannot be traced
+by fx (it checks shapes in Python): a model gets decoder gates by calling ``t.encoder`` and
+``t.decoder`` itself.
 """
 
 from __future__ import annotations
