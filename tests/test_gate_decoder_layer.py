@@ -99,7 +99,18 @@ def _states(data: st.DataObject, sizes: list[int]) -> list[list[bool]]:
     return out
 
 
-def _check_pruned(model: nn.Module, example: tuple[Tensor, Tensor], dense: Cost) -> nn.Module:
+def _embedded(batch: int, s: int, t: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(tgt, memory) of width E for a model without embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, t, E, generator=gen), torch.randn(batch, s, E, generator=gen)
+
+
+def _check_pruned(
+    model: nn.Module,
+    example: tuple[Tensor, Tensor],
+    dense: Cost,
+    make: Callable[[int, int, int, int], tuple[Tensor, Tensor]] = _inputs,
+) -> nn.Module:
     """prune(model) computes what the gated model computes (on inputs of other lengths too),
     costs what its hard cost says, and is no larger (smaller if a decoder gate is closed)."""
     gating = inserted_gating(model)
@@ -109,7 +120,7 @@ def _check_pruned(model: nn.Module, example: tuple[Tensor, Tensor], dense: Cost)
     pruned = gp.prune(model).eval()
     with torch.no_grad():
         for k, (s, t) in enumerate([(7, 5), (9, 3), (4, 8)]):
-            xs = _inputs(3, s, t, 100 + k)
+            xs = make(3, s, t, 100 + k)
             assert (pruned(*xs) - model(*xs)).abs().max().item() <= 1e-5
     c = gp.cost(pruned, example)
     assert isinstance(c, Cost)
@@ -316,6 +327,52 @@ def test_decoder_layer_called_with_memory_by_name_is_gated() -> None:
     with torch.no_grad():
         xi = torch.randn(3, 7, 3)
         assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
+
+
+class OneLayer(nn.Module):
+    """A decoder layer with an nn.PReLU activation (a module holding a parameter)."""
+
+    def __init__(self, stacked: bool) -> None:
+        super().__init__()
+        layer = nn.TransformerDecoderLayer(
+            E, HEADS, FF, 0.0, activation=nn.PReLU(init=-2.0), batch_first=True
+        )
+        self.dec: nn.Module = nn.TransformerDecoder(layer, 2) if stacked else layer
+        self.out = nn.Linear(E, 2)
+
+    def forward(self, tgt: Tensor, memory: Tensor) -> Tensor:
+        return self.out(self.dec(tgt, memory))  # (B, T, 2)
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_module_activation_survives_prune(close: bool) -> None:
+    """prune deep-copies the gated model: PyTorch's TransformerDecoderLayer.__setstate__
+    would replace the PReLU by F.relu in the copy (before the fix: pruned != gated)."""
+    torch.manual_seed(0)
+    model = OneLayer(stacked=False).eval()
+    example = (torch.randn(2, 5, E), torch.randn(2, 7, E))
+    dense = gp.cost(model, example)
+    assert isinstance(dense, Cost)
+    gate_(model, example)
+    gating = inserted_gating(model)
+    if close:
+        _, gh, *_ = gating.decoders[0]
+        gating.group_gates[gh].force_(torch.tensor([True, False, True, True]))  # type: ignore[operator]
+    pruned = _check_pruned(model, example, dense, _embedded)
+    assert isinstance(pruned.get_submodule("dec.activation"), nn.PReLU)
+
+
+def test_decoder_stack_with_a_shadowed_activation_module_is_kept_whole() -> None:
+    """nn.TransformerDecoder's copies of a layer with a PReLU call F.relu (PyTorch's
+    __setstate__), the PReLU's weight unused: kept whole, the reason names it."""
+    model = OneLayer(stacked=True).eval()
+    example = (torch.randn(2, 5, E), torch.randn(2, 7, E))
+    dense = gp.cost(model, example)
+    summary = gate_(model, example)
+    assert summary.decoders == []
+    why = dict(summary.ungated_layers)["dec.layers.0"]
+    assert "activation module (PReLU, holding tensors) is not what it calls (relu)" in why
+    assert gp.cost(model, example, hard=True).detach() == dense  # type: ignore[union-attr]
 
 
 def test_budget_steps_close_decoder_gates() -> None:

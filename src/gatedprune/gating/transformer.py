@@ -554,6 +554,15 @@ class GatedTransformerDecoderLayer(nn.TransformerDecoderLayer):
 
     _gp_ref: _Ref
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # PyTorch's sets state["activation"] = F.relu when the activation is not in the
+        # instance dict, as a module activation (nn.PReLU) is not: a deep copy (prune's) or a
+        # pickle would then compute relu. Keep a registered activation module.
+        if "activation" not in state and "activation" in state.get("_modules", {}):
+            nn.Module.__setstate__(self, state)  # type: ignore[no-untyped-call]
+        else:
+            super().__setstate__(state)  # type: ignore[no-untyped-call]
+
     def forward(
         self,
         tgt: Tensor,
@@ -837,7 +846,22 @@ def gateable_decoder_layer(m: nn.Module) -> str | None:
         why = gateable_attention(getattr(m, attr))
         if why is not None:
             return f"{attr}: {why}"
+    registered = m._modules.get("activation")
+    if registered is not None and m.activation is not registered:
+        tensors = [*registered.parameters(), *registered.buffers()]
+        if tensors:
+            return (
+                f"its activation module ({type(registered).__name__}, holding tensors) is not "
+                f"what it calls ({_name_of(m.activation)}): a copy of an "
+                "nn.TransformerDecoderLayer, as nn.TransformerDecoder makes of its layer, "
+                "replaces a module activation with F.relu (PyTorch's __setstate__), leaving "
+                "the module's tensors unused; pass the activation as a function"
+            )
     return None
+
+
+def _name_of(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", type(fn).__name__))
 
 
 @dataclass
