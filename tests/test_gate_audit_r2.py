@@ -4,6 +4,7 @@ fingerprint sees (dtype constants in forward, learned values a module prints).""
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import cast
 
@@ -283,7 +284,7 @@ def test_a_malformed_bound_entry_is_refused() -> None:
     gate_(model, x)
     plan = json.loads(json.dumps(export_plan(model.eval())))
     hand = {k: v for k, v in plan.items() if k not in ("checksum", "model")}
-    hand["bound"] = {"attn": {"mask": "yes"}}
+    hand["bound"] = {"attn": {"mask": [1]}}  # (a str is a constant since 2026-12-08)
     with pytest.raises(ValueError, match="'bound' of 'attn' must map argument names"):
         apply_plan(Caller("positional"), hand)
 
@@ -337,18 +338,38 @@ class Flagged(nn.Module):
         return h
 
 
+class Mode(enum.IntEnum):
+    PLAIN = 0
+    RESIDUAL = 1
+
+
 class PassesFlag(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, flag: object = True) -> None:
         super().__init__()
+        self.flag = flag
         self.block, self.head = Flagged(), nn.Linear(4, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return cast(Tensor, self.head(self.block(x, True)))  # (B, 2)
+        return cast(Tensor, self.head(self.block(x, self.flag)))  # (B, 2)
+
+
+def test_a_flag_passed_as_a_constant_is_fixed_in_the_rewritten_code() -> None:
+    # before 2026-12-08: a flag passed explicitly was an input of the rewritten code, and
+    # Python control flow on it could not be traced ("tracing it alone fails", the add
+    # ungated); now fixed at True, as the caller passes it, and the residual block is gated
+    gen = torch.Generator().manual_seed(0)
+    model, x = PassesFlag(), torch.randn(3, 4, generator=gen)
+    summary = gate_(model, x)
+    assert [site for _, site, _ in summary.blocks] == ["block.b"], str(summary)
+    assert inserted_gating(model).bindings["block"] == {"residual": True}
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, factory=PassesFlag)
 
 
 def test_a_module_that_cannot_be_traced_alone_says_so() -> None:
-    # a flag passed explicitly is an input of the rewritten code, and Python control flow on
-    # it cannot be traced: the reason names the trace failure (was "a different graph")
-    summary = gate_(PassesFlag(), torch.randn(3, 4))
+    # a flag passed as an enum member (not exactly a bool, int, float or str: fx could not
+    # check it) is an input of the rewritten code, and Python control flow on it cannot be
+    # traced: the reason names the trace failure (was "a different graph")
+    summary = gate_(PassesFlag(Mode.RESIDUAL), torch.randn(3, 4))
     why = dict(summary.ungated_adds)["add (in block)"]
     assert "tracing it alone fails" in why, why

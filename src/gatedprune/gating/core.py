@@ -2069,7 +2069,7 @@ def gate_(
     traced = trace_model(model, inputs=len(inputs))
     gm = traced.graph_module
     record = record_run(traced, inputs, model)
-    bindings = record_bindings(model, inputs)  # how rewritten modules are called
+    bindings = record_bindings(model, inputs, traced)  # how rewritten modules are called
     rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
     owners = node_owners(gm.graph)  # (gate_ does not change the traced graph)
 

@@ -17,7 +17,7 @@ import inspect
 import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -56,6 +56,8 @@ __all__ = [
     "TracedModel",
     "costs_scale_with_batch",
     "inlined_calls",
+    "is_constant",
+    "keep_argument_names",
     "mutated_input",
     "node_owners",
     "optional_defaults",
@@ -409,6 +411,10 @@ def trace_model(
     leave them at (fx would trace them as tensors and take the branch): the model is traced
     both ways and the specialised graph is taken where the two differ (not with
     ``specialise=False``: a submodule its caller passes such an argument is traced as called).
+    So are arguments with another constant default (:func:`is_constant`; since 2026-12-08),
+    such as HF's ``use_cache: bool = False`` passed down to the blocks and their attention,
+    which fx would trace as values that ``if use_cache:`` cannot branch on; the code of a
+    specialised graph keeps the arguments (by name) and checks their values when it runs.
     The first ``inputs`` parameters (the positional inputs ``gate_`` was given) are never
     fixed.
 
@@ -416,57 +422,148 @@ def trace_model(
     >>> [n.op for n in traced.graph.nodes]
     ['placeholder', 'call_module', 'call_module', 'output']
     """
-    traced = _trace(model, opaque, warn=warn, concrete_args=concrete_args)
-    if concrete_args is not None or not specialise:
-        return traced
     params = list(inspect.signature(model.forward).parameters.values())[inputs:]
-    nones = {p.name: None for p in params if p.default is None}
-    if not nones:
-        return traced
+    fixed = {p.name: p.default for p in params if is_constant(p.default)}
+    if concrete_args is not None or not specialise or not fixed:
+        return _trace(model, opaque, warn=warn, concrete_args=concrete_args)
+    nones = {k: v for k, v in fixed.items() if v is None}
+    if nones == fixed:  # as before 2026-12-08
+        traced = _trace(model, opaque, warn=warn, concrete_args=None)
+        try:
+            special = _trace(model, traced.opaque, warn=False, concrete_args=nones)
+        except ValueError:
+            return traced
+        if _structure(special.graph) == _structure(traced.graph):
+            return traced
+        keep_argument_names(special.graph, set(nones))
+        special.graph_module.recompile()
+        return special
+    # a flag at its constant default (HF's `use_cache: bool = False`), traced as a value:
+    # Python branching on it fails (in the forward, or a submodule then kept whole), or an
+    # identity test (`if use_cache is True:`) silently takes one branch. Bools and strings
+    # are fixed; None and numbers only where the graph needs them fixed (a scale multiplied
+    # by stays an input); traces are made afresh and the warnings said for the one taken
+    first: ValueError | None = None
+    plain: TracedModel | None = None
     try:
-        special = _trace(model, traced.opaque, warn=False, concrete_args=nones)
-    except ValueError:
-        return traced
-    return special if _structure(special.graph) != _structure(traced.graph) else traced
+        plain = _trace(model, opaque, warn=False, concrete_args=None)
+    except ValueError as e:
+        first = e
+    chosen, kept = plain, fixed
+    full: TracedModel | None = None
+    with suppress(ValueError):
+        full = _trace(model, opaque, warn=False, concrete_args=fixed)
+    flags = any(type(v) in (bool, str) for v in fixed.values())
+    if full is not None and (plain is None or flags or not _same_trace(full, plain, fixed)):
+        chosen = full
+        numbers = [[k] for k, v in fixed.items() if type(v) in (int, float)]
+        for loose in [list(nones), *numbers]:  # each tried as an input
+            trial = {k: v for k, v in kept.items() if k not in loose}
+            if not loose or trial == kept:
+                continue
+            with suppress(ValueError):
+                other = _trace(model, opaque, warn=False, concrete_args=trial or None)
+                if _same_trace(other, chosen, fixed):
+                    chosen, kept = other, trial
+        if kept:
+            keep_argument_names(chosen.graph, set(kept))
+            chosen.graph_module.recompile()
+    if chosen is None:
+        raise first if first is not None else ValueError("tracing failed")
+    if warn:
+        for name, why in chosen.opaque.items():
+            if name not in (opaque or {}):
+                warnings.warn(
+                    f"gate_: submodule '{name}' ({type(model.get_submodule(name)).__name__}) "
+                    f"cannot be traced by torch.fx ({why}); it is kept whole and not gated, "
+                    "the rest of the model is gated",
+                    stacklevel=2,
+                )
+    return chosen
+
+
+def _same_trace(a: TracedModel, b: TracedModel, names: dict[str, Any]) -> bool:
+    """The same opaque modules and computing nodes, what only reads arguments ``names``
+    (fx's checks of those fixed) aside."""
+    return a.opaque == b.opaque and _structure(a.graph, set(names)) == _structure(
+        b.graph, set(names)
+    )
+
+
+def is_constant(v: object) -> bool:
+    """Whether ``v`` is a constant an argument can be fixed at in rewritten code: ``None``,
+    or exactly a bool, int, float or str (fx checks these when the code runs).
+
+    >>> [is_constant(v) for v in (None, False, 3, 0.5, "mean", (1, 2), torch.ones(1))]
+    [True, True, True, True, True, False, False]
+    """
+    return v is None or type(v) in (bool, int, float, str)
+
+
+def keep_argument_names(graph: fx.Graph, names: set[str]) -> None:
+    """Give the placeholders fx renamed when specialising arguments ``names`` (``mask`` to
+    ``mask_1``) their names back, so the rewritten ``forward`` still takes them as keywords
+    (Swin's ``self.attn(x, mask=None)``; before 2026-12-08 such a call raised ``TypeError``).
+
+    >>> g = fx.Graph()
+    >>> m = g.placeholder("mask_1")
+    >>> keep_argument_names(g, {"mask"})
+    >>> m.target
+    'mask'
+    """
+    taken = {str(p.target) for p in graph.nodes if p.op == "placeholder"}
+    for p in graph.nodes:
+        if p.op != "placeholder":
+            continue
+        base = str(p.target).rpartition("_")[0]
+        if base in names and base not in taken and str(p.target) == f"{base}_1":
+            p.target = base
+            taken.add(base)
 
 
 def optional_defaults(m: nn.Module) -> dict[str, Any]:
-    """Optional ``forward`` arguments of ``m`` with a constant default (``None``, a number)."""
+    """Optional ``forward`` arguments of ``m`` with a constant default (``None``, a number,
+    a string: :func:`is_constant`)."""
     params = list(inspect.signature(m.forward).parameters.values())[1:]
     return {
         p.name: p.default
         for p in params
-        if p.default is not inspect.Parameter.empty
-        and (p.default is None or isinstance(p.default, bool | int | float))
+        if p.default is not inspect.Parameter.empty and is_constant(p.default)
     }
 
 
 def record_bindings(
-    model: nn.Module, inputs: tuple[Tensor, ...]
+    model: nn.Module, inputs: tuple[Tensor, ...], traced: TracedModel | None = None
 ) -> dict[str, dict[str, Any] | str]:
     """How the model's own code calls each submodule with optional arguments, from one eval
     forward on ``inputs`` (the model's positional inputs): ``{argument: value}`` for each
-    optional argument a call leaves at its default or passes as ``None``, so a rewritten
-    ``forward`` is traced with exactly those fixed and the others (a mask passed as a tensor,
-    a number passed) as inputs; a reason instead where calls differ. Modules the forward
+    optional argument every call leaves at its constant default or passes as the same
+    constant (``None``, a bool, int, float or str: HF GPT-2's ``use_cache=False``), so a
+    rewritten ``forward`` is traced with exactly those fixed and the others (a mask passed as
+    a tensor) as inputs; a reason naming the arguments instead where calls differ. With
+    ``traced`` (the model's fx trace), an argument passed as a traced value there (a size
+    read from the input, an int when the model runs) stays an input. Modules the forward
     does not call are absent.
 
     >>> class A(nn.Module):
-    ...     def forward(self, x, mask=None, scale=None):
+    ...     def forward(self, x, mask=None, scale=None, flag=False):
     ...         return x if mask is None else x + mask
     >>> class Net(nn.Module):
     ...     def __init__(self): super().__init__(); self.a = A()
-    ...     def forward(self, x): return self.a(x, x)
+    ...     def forward(self, x): return self.a(x, x, flag=True)
     >>> record_bindings(Net(), (torch.ones(2),))
-    {'a': {'scale': None}}
+    {'a': {'scale': None, 'flag': True}}
     """
     seen: dict[str, dict[str, Any] | str] = {}
     handles = []
+    as_traced = _traced_arguments(model, traced) if traced is not None else None
     for path, m in model.named_modules():
         defaults = optional_defaults(m) if path else {}
         if not defaults:
             continue
         sig = inspect.signature(m.forward)
+        # None: each argument passed as a constant is one (no trace to say otherwise)
+        values = None if as_traced is None else as_traced.get(path, set(defaults))
 
         def pre(
             mod: nn.Module,
@@ -475,26 +572,74 @@ def record_bindings(
             path: str = path,
             sig: inspect.Signature = sig,
             defaults: dict[str, Any] = defaults,
+            values: set[str] | None = values,
         ) -> None:
             try:
                 bound = sig.bind(*args, **kwargs).arguments
             except TypeError:
                 seen[path] = "its calls do not fit its signature"
                 return
-            # left at its default, or passed as None (fx keeps a None argument in the code,
-            # checked; another constant would leave the signature and break the caller's call)
-            fixed = {k: bound.get(k, d) for k, d in defaults.items() if bound.get(k) is None}
+            # left at its default, or passed as a constant of the code (fx keeps the argument
+            # in the rewritten code, checked against the value when it runs)
+            fixed = {
+                k: bound.get(k, d)
+                for k, d in defaults.items()
+                if k not in bound
+                or bound[k] is None
+                or (is_constant(bound[k]) and (values is None or k not in values))
+            }
             prev = seen.setdefault(path, fixed)
-            if prev != fixed:
-                seen[path] = (
-                    "it is called with different optional arguments "
-                    f"({prev if isinstance(prev, str) else sorted(prev)} and {sorted(fixed)} "
-                    "fixed), and rewritten code serves one way of calling it"
+            if isinstance(prev, str) or _same_constants(prev, fixed):
+                return
+            said = [
+                f"{k!r} ({_fixed_as(prev, k)} in one call, {_fixed_as(fixed, k)} in another)"
+                for k in defaults
+                if not _same_constants(
+                    {k: prev[k]} if k in prev else {}, {k: fixed[k]} if k in fixed else {}
                 )
+            ]
+            seen[path] = (
+                f"it is called with different optional arguments ({', '.join(said)}), and "
+                "rewritten code serves one way of calling it"
+            )
 
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     run_hooked(model, inputs, handles)
     return seen
+
+
+def _same_constants(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same arguments fixed at the same values of the same types (``False`` is not ``0``).
+
+    >>> _same_constants({"f": False}, {"f": 0}), _same_constants({"f": 1}, {"f": 1})
+    (False, True)
+    """
+    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and a[k] == b[k] for k in a)
+
+
+def _fixed_as(fixed: dict[str, Any], name: str) -> str:
+    """How a call passes argument ``name``: its constant, or an input (a tensor, a traced
+    value)."""
+    return repr(fixed[name]) if name in fixed else "an input"
+
+
+def _traced_arguments(model: nn.Module, traced: TracedModel) -> dict[str, set[str]]:
+    """Per submodule of ``model``, the arguments some call in its trace ``traced`` passes a
+    traced value (all of them where a call cannot be matched to the signature)."""
+    out: dict[str, set[str]] = {}
+    for call in traced.calls:
+        if not call.path:
+            continue
+        m = model.get_submodule(call.path)
+        names = out.setdefault(call.path, set())
+        sig = inspect.signature(m.forward)
+        try:
+            bound = sig.bind(*call.args, **call.kwargs).arguments
+        except TypeError:
+            names.update(sig.parameters)
+            continue
+        names.update(k for k, v in bound.items() if _nodes_in(v))
+    return out
 
 
 def run_hooked(
@@ -514,14 +659,37 @@ def run_hooked(
             m.training = t
 
 
-def _structure(graph: fx.Graph) -> list[tuple[str, str]]:
-    """The computing nodes of a graph (not its inputs, nor fx's checks of specialised ones)."""
+def _structure(graph: fx.Graph, fixed: set[str] | None = None) -> list[tuple[str, str]]:
+    """The computing nodes of a graph (not its inputs, nor what only reads the arguments
+    ``fixed``: fx's checks of specialised ones)."""
+    skip = _reads_only(graph, fixed or set())
     return [
         (n.op, str(n.target))
         for n in graph.nodes
         if n.op not in ("placeholder", "output")
+        and n not in skip
         and getattr(n.target, "__name__", "") != "_assert_is_none"
     ]
+
+
+def _reads_only(graph: fx.Graph, names: set[str]) -> set[fx.Node]:
+    """The placeholders of arguments ``names`` (as fx names them specialised too: ``mask_1``)
+    and the nodes computed from them alone (fx's ``use_cache_1 == False`` and its assert).
+
+    >>> g = fx.Graph()
+    >>> flag = g.placeholder("flag_1")
+    >>> check = g.call_function(torch._assert, (g.call_function(operator.eq, (flag, False)), ""))
+    >>> sorted(n.name for n in _reads_only(g, {"flag"}))
+    ['_assert', 'eq', 'flag_1']
+    """
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            if str(n.target) in names or str(n.target).rpartition("_")[0] in names:
+                out.add(n)
+        elif n.all_input_nodes and all(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
 
 
 def _trace(

@@ -44,6 +44,8 @@ from .graph import (
     ModuleCall,
     TracedModel,
     inlined_calls,
+    is_constant,
+    keep_argument_names,
     node_owners,
     optional_defaults,
     owner_of,
@@ -731,27 +733,6 @@ def _container_choices(graph: fx.Graph) -> Iterator[tuple[set[fx.Node], set[fx.N
             )
 
 
-def _keep_argument_names(graph: fx.Graph, names: set[str]) -> None:
-    """Give the placeholders fx renamed when specialising arguments ``names`` (``mask`` to
-    ``mask_1``) their names back, so the rewritten ``forward`` still takes them as keywords
-    (Swin's ``self.attn(x, mask=None)``; before 2026-12-08 such a call raised ``TypeError``).
-
-    >>> g = fx.Graph()
-    >>> m = g.placeholder("mask_1")
-    >>> _keep_argument_names(g, {"mask"})
-    >>> m.target
-    'mask'
-    """
-    taken = {str(p.target) for p in graph.nodes if p.op == "placeholder"}
-    for p in graph.nodes:
-        if p.op != "placeholder":
-            continue
-        base = str(p.target).rpartition("_")[0]
-        if base in names and base not in taken and str(p.target) == f"{base}_1":
-            p.target = base
-            taken.add(base)
-
-
 def _caller_constant(r: fx.Node, scope: str) -> str | None:
     """What root-graph node ``r`` of module ``scope`` reads if it is a constant of a caller's
     trace that the module alone takes as an argument: a buffer (or parameter) outside
@@ -1002,7 +983,7 @@ def local_trace(
             failure = failure or str(e)
             continue
         traced_any = True
-        _keep_argument_names(local.graph, set(concrete or ()))
+        keep_argument_names(local.graph, set(concrete or ()))
         skip = _specialised(local.graph, set(concrete)) if concrete else set()
         # an argument the caller passes as a list of tensors: its element selections are no
         # nodes in the root graph, and stand for the tensors they select
@@ -2001,12 +1982,11 @@ def _check_plan(plan: object) -> dict[str, Any]:
         _check_strings(f"{key!r}", plan.get(key, []))
     for scope, fixed in plan.get("bound", {}).items():
         if not isinstance(fixed, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, bool | int | float))
-            for k, v in fixed.items()
+            isinstance(k, str) and is_constant(v) for k, v in fixed.items()
         ):
             raise ValueError(
-                f"malformed plan: 'bound' of {scope!r} must map argument names to None or "
-                f"numbers, got {fixed!r}"
+                f"malformed plan: 'bound' of {scope!r} must map argument names to None, "
+                f"numbers or strings, got {fixed!r}"
             )
     n_inputs = plan.get("inputs", 1)
     if isinstance(n_inputs, bool) or n_inputs < 1:
