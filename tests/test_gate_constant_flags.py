@@ -384,3 +384,47 @@ def test_a_flag_of_the_model_s_own_forward_is_fixed(seed: int) -> None:
     if isinstance(pruned, torch.fx.GraphModule):  # rewritten: the flag checked when it runs
         with pytest.raises(AssertionError, match="return_hidden has been specialized"):
             pruned(x, return_hidden=True)
+
+
+class ByLength(nn.Module):
+    """A residual block given the sequence length as an int (a size when traced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x: Tensor, length: int = 1) -> Tensor:
+        h = self.b(torch.relu(self.a(x)))  # (B, T, D)
+        return x + h * length ** -0.5  # (B, T, D)
+
+
+class PassesLength(nn.Module):
+    def __init__(self, literal: bool) -> None:
+        super().__init__()
+        self.literal = literal
+        self.wte, self.blk, self.head = nn.Embedding(VOCAB, D), ByLength(), nn.Linear(D, 3)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.wte(input_ids)  # (B, T, D)
+        t = 4 if self.literal else input_ids.size(1)  # a size read from the input: traced
+        return self.head(self.blk(x, length=t))  # (B, T, 3)
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_an_int_the_trace_computes_stays_an_input(literal: bool) -> None:
+    """A number passed as a literal is fixed; one the whole model's trace computes (a size:
+    an int when the model runs) stays an input, so other lengths still work."""
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(0)
+    model = PassesLength(literal)
+    summary = gate_(model, _ids(2, 4, gen))
+    assert [site for _, site, _ in summary.blocks] == ["blk.b"], str(summary)
+    bound = inserted_gating(model).bindings["blk"]
+    assert bound == ({"length": 4} if literal else {}), bound
+    randomise_gates(model, gen)
+    model.eval()
+    pruned = gp.prune(model)
+    with torch.no_grad():
+        for t in (1, 4, 9):
+            xi = _ids(3, t, gen)
+            assert (pruned(xi) - model(xi)).abs().max().item() <= 1e-5
