@@ -395,7 +395,7 @@ class ByLength(nn.Module):
 
     def forward(self, x: Tensor, length: int = 1) -> Tensor:
         h = self.b(torch.relu(self.a(x)))  # (B, T, D)
-        return x + h * length ** -0.5  # (B, T, D)
+        return x + h * length**-0.5  # (B, T, D)
 
 
 class PassesLength(nn.Module):
