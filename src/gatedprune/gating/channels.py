@@ -111,6 +111,9 @@ class ChannelGroup:
     pinned: str | None = None
     unfoldable: str | None = None  # a path that does not commute with a per-channel scale
     norms: list[str] = field(default_factory=list)  # GroupNorms normalising runs of them
+    # each producer's channels (its output width): ``size`` when each channel is an entry, more
+    # when a view split them and entries stand for several (784 = 16 x 7 x 7, 7 entries)
+    widths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -998,6 +1001,9 @@ class _Propagator:
         self.labels: dict[fx.Node, Labels | None] = {}
         self.module_in: dict[fx.Node, Labels | None] = {}
         self.pins: list[tuple[np.ndarray, str]] = []
+        # channels reaching the output through element-wise ops: the reason of their group if
+        # it is pinned (see output_pins)
+        self.late_outputs: list[tuple[np.ndarray, str]] = []
         self.soft_pins: list[tuple[np.ndarray, str]] = []  # only matter for recurrent outputs
         self.kinds: dict[str, str] = {}
         # recurrent calls and their (h_n, c_n) / h_n nodes: (module name, "call"|"state"|"h")
@@ -1016,6 +1022,8 @@ class _Propagator:
         # of pruned dimensions are rewritten: node -> [(output dim or "split_size", atoms
         # whose kept count is the new size, or None, times this factor)]
         self.head_atoms: set[int] = set()
+        # id(atoms) -> (atoms, the view, the channels' width, its sizes) of a split of channels
+        self.split_views: dict[int, tuple[np.ndarray, fx.Node, int, tuple[int, ...]]] = {}
         # channel shuffles: ``c // g`` size nodes (``c`` read from the shuffled channels,
         # ``g`` a literal int) that a shuffle split (see ``shuffle_split``) reads, and those
         # views
@@ -1154,6 +1162,60 @@ class _Propagator:
                         "product with the channels it excites may)"
                     )
                 self.pin(lab, why)
+        self.late_outputs = self.output_pins()
+
+    def output_pins(self) -> list[tuple[np.ndarray, str]]:
+        """Channels reaching the model output through element-wise ops (a Sigmoid, Tanh or
+        ``exp`` after the last layer, a view of them), with the reason "reaches the model
+        output": it replaces the reason of a group kept whole (the ops' own, such as not zero
+        at closed channels or an op gate_ does not prune through), and keeps no other group
+        whole. Channels read by the output directly are pinned where it is visited."""
+        out: list[tuple[np.ndarray, str]] = []
+        for o in self.gm.graph.nodes:
+            if o.op != "output":
+                continue
+            for first in _flat_nodes(o.args):
+                if self.lab(first) is not None:
+                    continue  # read directly: pinned by visit
+                why = f"reaches the model output (through {self.describe(first)})"
+                stack, seen = [first], set()
+                while stack:
+                    v = stack.pop()
+                    if v in seen:
+                        continue
+                    seen.add(v)
+                    lab = self.lab(v) if v is not first else None
+                    lab = lab if lab is not None else self.nonzero.get(v)
+                    if lab is not None and self.is_after(lab):
+                        continue  # query heads of multi-query attention: their own reason
+                    if lab is not None:
+                        out.append((lab.atoms, why))
+                        continue
+                    src = self.elementwise_input(v)
+                    if src is not None:
+                        stack.append(src)
+        return out
+
+    def elementwise_input(self, v: fx.Node) -> fx.Node | None:
+        """The one tensor ``v`` reads when ``v`` computes each value from the value at the same
+        place (``exp``, ``sigmoid``, ``x * 2.0``, a parameter-free activation module), or a
+        view of it (``view``, ``squeeze``, ``flatten``): None otherwise."""
+        if v.op not in ("call_function", "call_method", "call_module"):
+            return None
+        if v.op == "call_module" and any(
+            True for _ in self.gm.get_submodule(str(v.target)).parameters()
+        ):
+            return None
+        ins = [a for a in _flat_nodes((v.args, v.kwargs)) if self.shape(a) is not None]
+        if len(ins) != 1 or ins[0] is not (v.args[0] if v.args else None):
+            return None
+        src, s_in, s_out = ins[0], self.shape(ins[0]), self.shape(v)
+        view = (v.op == "call_method" and v.target in _RESHAPE_METHODS) or (
+            v.op == "call_function" and v.target in _RESHAPE_FUNCS
+        )
+        if s_out is None or s_in is None or (s_in != s_out and not view):
+            return None
+        return src
 
     def other_size(self, u: fx.Node, lab: Labels) -> bool:
         """Whether ``u`` only reads the size of a dimension other than ``lab``'s
@@ -1683,8 +1745,75 @@ class _Propagator:
             return self.glu(n, x, n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", -1))
         if is_fn and target in _SHUFFLE_KEYS and len(n.args) == 2 and not n.kwargs:
             return self.pixel_shuffle(n, x, n.args[1], target is torch.pixel_shuffle)
+        if (is_fn and target in (torch.masked_fill, torch.where)) or (
+            not is_fn and target in ("masked_fill", "masked_fill_")
+        ):
+            return self.zero_fill(n)
         self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
         return None
+
+    def zero_fill(self, n: fx.Node) -> Labels | None:
+        """``h.masked_fill(mask, 0.0)`` or ``torch.where(mask, h, 0.0)`` (a padding mask of a
+        sequence model): filling exactly 0 keeps a closed channel zero and commutes with a
+        per-channel scale, so ``h``'s labels pass through when the mask does not vary along
+        them (size 1 or absent there). A nonzero fill, a mask per channel or a labelled mask
+        keep the channels whole, with the reason."""
+        what = self.describe(n)
+        if n.target is torch.where:  # where(mask, h, 0.0) or where(mask, 0.0, h)
+            if len(n.args) != 3 or n.kwargs:
+                self.pin_inputs(n, f"{what} is an op gate_ does not prune through")
+                return None
+            mask, a, b = n.args
+            x, fill = (a, b) if self.lab(a) is not None else (b, a)
+        else:  # masked_fill(h, mask, value), h.masked_fill(mask, value=...)
+            args = [*n.args]
+            for key in ("input", "mask", "value")[len(args) :]:
+                if key not in n.kwargs:
+                    self.pin_inputs(n, f"{what} is an op gate_ does not prune through")
+                    return None
+                args.append(n.kwargs[key])
+            if len(args) != 3:
+                self.pin_inputs(n, f"{what} is an op gate_ does not prune through")
+                return None
+            x, mask, fill = args
+        lab = self.lab(x)
+        if lab is None:  # labels only in the mask (or nowhere)
+            self.pin_inputs(n, f"{what} reads labelled channels as a mask")
+            return None
+        if not zero_literal(fill):
+            self.pin_inputs(
+                n,
+                f"{what} fills {fill!r}, not the literal 0 (a closed channel would not stay zero)",
+            )
+            return None
+        if self.lab(mask) is not None:
+            self.pin_inputs(n, f"{what} reads labelled channels as a mask")
+            return None
+        ins, out, s_m = self.shape(x), self.shape(n), self.shape(mask)
+        if ins is None or out != ins or not isinstance(mask, fx.Node) or s_m is None:
+            self.pin_inputs(n, f"{what} broadcasts the filled tensor to another shape")
+            return None
+        pos = lab.dim - (len(out) - len(s_m))
+        if 0 <= pos < len(s_m) and s_m[pos] != 1:
+            self.pin_inputs(
+                n, f"{what} reads a mask per channel (size {s_m[pos]} along the channels)"
+            )
+            return None
+        return lab
+
+    def contracts_why(self, name: str, lab: Labels, in_dim: int) -> str:
+        """Why module ``name`` contracting dimension ``in_dim`` keeps channels labelled on
+        another dimension whole: the view that split the channel dimension named when one
+        did (VAE's ``dec_fc(z).view(-1, 16, 7, 7)`` read by a convolution)."""
+        split = self.split_views.get(id(lab.atoms))
+        if split is None or split[0] is not lab.atoms:
+            return f"{name} contracts a dimension other than the labelled one"
+        _, v, width, dims = split
+        return (
+            f"{self.describe(v)} splits the channel dimension ({width}) into {dims} and "
+            f"{name} contracts dimension {in_dim} of the result, so a channel is not one "
+            "slice of its input"
+        )
 
     def visit_module(self, n: fx.Node) -> Labels | None:
         name = str(n.target)
@@ -1720,7 +1849,7 @@ class _Propagator:
             if lab is None and kind == "linear":
                 lab = self.gated_input(n, name, x, in_dim)
             if lab is not None and lab.dim != in_dim:
-                self.pin(lab, f"{name} contracts a dimension other than the labelled one")
+                self.pin(lab, self.contracts_why(name, lab, in_dim))
                 lab = None
             mixed = f"{name} is called more than once, also on channels that are not pruned"
             if lab is not None:
@@ -2238,6 +2367,7 @@ class _Propagator:
                         if i or j:
                             self.union(first, blocks[i, :, j])
                 atoms = first.copy()
+                self.split_views[id(atoms)] = (atoms, n, ins[d], tuple(dims))
                 self.head_atoms.update(atoms.tolist())
                 self.sizes[n] = [(at - len(outs), atoms, 1)]
                 return Labels(at, atoms)
@@ -4072,14 +4202,23 @@ def analyse_channels(
         atom_gidx[a] = ri[r]
     for grp, ri in zip(groups, root_index, strict=True):
         grp.size = len(ri)
+    space_sizes = np.bincount(space_of, minlength=n_spaces)
     for sid, name in enumerate(p.space_names):
         grp = groups[group_of_space[sfind(sid)]]
         if ":unlabelled" not in name and name not in grp.producers:
             grp.producers.append(name)
+        if ":unlabelled" not in name:
+            grp.widths[name] = max(grp.widths.get(name, 0), int(space_sizes[sid]))
     for atoms, reason in p.pins:
         for gi in sorted(set(atom_group[atoms].tolist())):
             if groups[gi].pinned is None:
                 groups[gi].pinned = reason
+    output_reasons: set[int] = set()
+    for atoms, reason in p.late_outputs:  # the output's reason, first, where it holds
+        for gi in sorted(set(atom_group[atoms].tolist())):
+            if groups[gi].pinned is not None and gi not in output_reasons:
+                groups[gi].pinned = reason
+                output_reasons.add(gi)
     for atoms, what in p.norm_groups:  # coupled runs of GroupNorms that leave one unit
         for gi in sorted(set(atom_group[atoms].tolist())):
             groups[gi].norms.append(what)

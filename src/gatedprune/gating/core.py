@@ -46,7 +46,14 @@ from ..hooks import (
 from ..inputs import as_shapes, tensor_inputs
 from ..layout import check_flag
 from .blocks import Block, find_blocks, node_label, outermost
-from .channels import ChannelAnalysis, HeadBias, ParamLinear, ParamScale, analyse_channels
+from .channels import (
+    ChannelAnalysis,
+    ChannelGroup,
+    HeadBias,
+    ParamLinear,
+    ParamScale,
+    analyse_channels,
+)
 from .graph import (
     TracedModel,
     costs_scale_with_batch,
@@ -223,6 +230,23 @@ class GatingSummary:
         for name, why in self.opaque.items():
             lines.append(f"  opaque    {name}: {why}")
         return "\n".join(lines)
+
+
+def _ungated_line(g: ChannelGroup, why: str) -> tuple[list[str], int, str]:
+    """The summary line of ungated group ``g``: its producers, their channels and ``why``.
+    The number is the producers' output width (784 for VAE's ``dec_fc`` even where a view
+    split it into 16 x 7 x 7 and the group has 7 entries); producers of unlike widths are
+    named with theirs and the number is the group's entries.
+
+    >>> g = ChannelGroup(0, ["dec_fc"], 7, widths={"dec_fc": 784})
+    >>> _ungated_line(g, "a reason")
+    (['dec_fc'], 784, 'a reason')
+    """
+    widths = {g.widths.get(p, g.size) for p in g.producers}
+    if len(widths) == 1:
+        return list(g.producers), widths.pop(), why
+    each = ", ".join(f"{p} {g.widths.get(p, g.size)}" for p in g.producers)
+    return list(g.producers), g.size, f"{why} ({g.size} entries; channels: {each})"
 
 
 class _SiteHook(GateHook):
@@ -2154,7 +2178,9 @@ def gate_(
             others = [p for p in g.producers if p not in rnn_spaces]
             if others:
                 joined = "joined to the output of a recurrent module"
-                summary.ungated_groups.append((others, g.size, joined))
+                n_others = {g.widths.get(p, g.size) for p in others}
+                width = n_others.pop() if len(n_others) == 1 else g.size
+                summary.ungated_groups.append((others, width, joined))
             continue
         why = g.pinned
         if why is None and not channels:
@@ -2174,7 +2200,7 @@ def gate_(
                 summary.norm_groups[len(summary.channel_groups)] = list(g.norms)
             summary.channel_groups.append((list(g.producers), g.size))
         else:
-            summary.ungated_groups.append((list(g.producers), g.size, why))
+            summary.ungated_groups.append(_ungated_line(g, why))
     # residual blocks
     # residual branches may end in a linear map written with parameters whose output units
     # gate_ can scale (the product, or the add of its bias): its weight is the block's site
