@@ -164,3 +164,50 @@ def test_channels_reaching_the_output_through_element_wise_ops_say_so(
     assert summary.ungated_groups == [
         (["last"], 2, f"reaches the model output (through {through})")
     ]
+
+
+class SharedActConv(nn.Module):
+    """ultralytics' ``Conv``: ``default_act = nn.SiLU()`` is a class attribute, one module
+    called by every instance."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, c1: int, c2: int, k: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, 1, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = self.default_act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))  # (B, C2, H, W)
+
+
+class SharedActBottleneck(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1 = SharedActConv(c, c, 1)
+        self.cv2 = SharedActConv(c, c, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.cv2(self.cv1(x))  # (B, C, H, W)
+
+
+class SharedActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SharedActConv(3, 8, 3)
+        self.m = nn.Sequential(SharedActBottleneck(8), SharedActBottleneck(8))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.m(self.stem(x)))  # (B, 2, H, W)
+
+
+def test_a_shared_activation_module_is_named_by_its_call_site() -> None:
+    summary = gate_(SharedActNet(), torch.randn(2, 3, 8, 8))
+    reasons = dict(summary.ungated_adds)
+    assert reasons["add (in m.0)"] == (
+        "the branch ends in node 'stem_act_2' (in m.0.cv2): a call of stem.act (SiLU), "
+        "one module called 5 times"
+    )
+    assert reasons["add_1 (in m.1)"].startswith("the branch ends in node 'stem_act_4' (in m.1.cv2)")

@@ -196,9 +196,13 @@ def _site_of(
             )
             if not foldable:
                 whole = " kept whole: torch.fx cannot trace it" if n.target in opaque else ""
-                return None, f"the branch ends in {n.target} ({type(m).__name__}{whole})"
+                what = f"{n.target} ({type(m).__name__}{whole})"
+                k = calls[str(n.target)]
+                if k > 1:  # one module shared by many (ultralytics' Conv.default_act)
+                    what = f"{call_site(n)}: a call of {what}, one module called {k} times"
+                return None, f"the branch ends in {what}"
             if calls[str(n.target)] != 1:
-                return None, f"{n.target} is called more than once"
+                return None, f"{n.target} is called more than once (here at {call_site(n)})"
             return str(n.target), None
         if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0:
             src = n.args[0]
@@ -230,6 +234,26 @@ def _site_of(
             "model's parameters (x @ W, F.linear, addmm, a bias added or subtracted without "
             "alpha) the gate can fold into"
         )
+
+
+def call_site(n: fx.Node) -> str:
+    """Where module call ``n`` is, for a module called more than once (one module shared by
+    several blocks, as ultralytics' class attribute ``Conv.default_act = nn.SiLU()`` is):
+    the graph node and the module whose ``forward`` calls it, since the module's own name
+    (the first path torch.fx found it at) does not say which call is meant.
+
+    >>> import torch.nn as nn
+    >>> class Shared(nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.act = nn.SiLU()
+    ...     def forward(self, x: torch.Tensor) -> torch.Tensor:
+    ...         return self.act(self.act(x))
+    >>> g = fx.symbolic_trace(Shared()).graph
+    >>> call_site([n for n in g.nodes if n.op == "call_module"][1])
+    "node 'act_1' (in <root>)"
+    """
+    return f"node '{n.name}' (in {owner_of(n) or '<root>'})"
 
 
 def _plus_zero(n: fx.Node) -> bool:
