@@ -211,3 +211,67 @@ def test_a_shared_activation_module_is_named_by_its_call_site() -> None:
         "one module called 5 times"
     )
     assert reasons["add_1 (in m.1)"].startswith("the branch ends in node 'stem_act_4' (in m.1.cv2)")
+
+
+class SizedMask(nn.Module):
+    """A mask of sizes read from the input: ``torch.zeros(t, t)`` (not traceable) or
+    ``torch.zeros((t, t))`` (traceable)."""
+
+    def __init__(self, tupled: bool) -> None:
+        super().__init__()
+        self.tupled = tupled
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.size(1)
+        m = torch.zeros((t, t)) if self.tupled else torch.zeros(t, t)  # (T, T)
+        h = torch.relu(self.a(x))  # (B, T, 8)
+        return self.b((m + 1.0) @ h)  # (B, T, 2)
+
+
+def test_sizes_as_separate_arguments_get_the_tuple_hint() -> None:
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"cannot trace SizedMask\.forward") as err:
+        gate_(SizedMask(tupled=False), x)
+    text = str(err.value)
+    assert "pass the sizes as one tuple, torch.zeros((t, t)), which fx traces" in text
+    assert "move data-dependent control flow into a submodule" not in text
+    assert gate_(SizedMask(tupled=True), x).channel_groups == [(["a"], 8)]  # the advice holds
+
+
+class Routed(nn.Module):
+    """A mixture of experts' routing: Python control flow on traced values, in a submodule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        idx = x.sum(-1).gt(0).long()  # (B,)
+        out = torch.zeros_like(x)  # (B, 8)
+        for i, ex in enumerate(self.experts):
+            sel = idx == i
+            if sel.any():
+                out[sel] = ex(x[sel])
+        return out
+
+
+class RoutedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.moe = Routed()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.moe(self.inp(x)))  # (B, 2)
+
+
+def test_control_flow_in_a_submodule_says_it_is_kept_whole() -> None:
+    with pytest.warns(UserWarning, match="submodule 'moe'") as record:
+        summary = gate_(RoutedNet(), torch.randn(3, 4))
+    why = summary.opaque["moe"]
+    assert "already in a submodule of its own: the submodule is kept whole" in why
+    assert "move it into a submodule of its own" not in why
+    assert any("the submodule is kept whole" in str(w.message) for w in record)

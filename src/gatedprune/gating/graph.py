@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -734,7 +735,7 @@ def _trace_detached(
                     f"({type(e).__name__}: {e}){hint}; gate_ needs a traceable top-level "
                     f"forward{advice}"
                 ) from e
-            found[name] = f"{type(e).__name__}: {e}{_trace_hint(e)}"
+            found[name] = f"{type(e).__name__}: {e}{_trace_hint(e, submodule=True)}"
             if warn:
                 warnings.warn(
                     f"gate_: submodule '{name}' ({type(model.get_submodule(name)).__name__}) "
@@ -756,13 +757,24 @@ def _trace_detached(
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
 
 
-def _trace_hint(e: Exception) -> str:
-    """What to change for a common fx tracing failure ("" for others).
+def _trace_hint(e: Exception, *, submodule: bool = False) -> str:
+    """What to change for a common fx tracing failure ("" for others); ``submodule``: the
+    failure is in a submodule, which gate_ keeps whole (not in the top-level forward).
 
     >>> _trace_hint(TypeError("slice indices must be integers or None"))[:40]
     ' (a Python list or tuple sliced by a siz'
+    >>> _trace_hint(TypeError("zeros() takes 1 positional argument but 2 were given"))[:60]
+    ' (torch.zeros given sizes as separate arguments: with a size'
     """
     text = str(e)
+    factory = re.search(r"\b(zeros|ones|empty|rand|randn)\(\) takes 1 positional argument", text)
+    if factory is not None:  # torch.zeros(t, t) with t = x.size(1): fx passes Proxies
+        name = factory.group(1)
+        return (
+            f" (torch.{name} given sizes as separate arguments: with a size read from the "
+            f"input (t = x.size(1)) fx cannot trace it; pass the sizes as one tuple, "
+            f"torch.{name}((t, t)), which fx traces)"
+        )
     if "slice indices must be integers" in text:
         # a tensor sliced so is traced (_tensor_getitem): a Python sequence is left
         return (
@@ -784,6 +796,12 @@ def _trace_hint(e: Exception) -> str:
             "x.view(x.size(0), x.size(1), -1, self.head_dim), which fx traces)"
         )
     if "symbolically traced variables cannot be used as inputs to control flow" in text:
+        if submodule:  # already a submodule of its own (a mixture of experts' routing)
+            return (
+                " (Python control flow on a traced value, already in a submodule of its "
+                "own: the submodule is kept whole; to gate inside it, compute it with tensor "
+                "ops such as torch.where)"
+            )
         return (
             " (Python control flow on a traced value: move it into a submodule of its own, "
             "which is then kept whole, or compute it with tensor ops such as torch.where)"
