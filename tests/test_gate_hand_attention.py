@@ -333,7 +333,7 @@ class MultiQueryConvQuery(MultiQuery):
     ("factory", "name", "reason"),
     [
         (MultiQueryConvQuery, "qc", "one key/value head for every query head (multi-query"),
-        (ReturnsWeights, "q", "is not zero at closed channels and node 'output'"),
+        (ReturnsWeights, "q", "reaches the model output (through node 'softmax'"),
         (FourWaySplit, "v", "splits the labelled dimension other than into (heads, head size)"),
         (SingleHead, "q", "(attention) reads heads that are not all labelled alike"),
     ],
