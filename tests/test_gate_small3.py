@@ -4,6 +4,8 @@ activation module), and tracing hints."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from gating_helpers import inserted_gating, random_gates
@@ -217,27 +219,31 @@ class SizedMask(nn.Module):
     """A mask of sizes read from the input: ``torch.zeros(t, t)`` (not traceable) or
     ``torch.zeros((t, t))`` (traceable)."""
 
-    def __init__(self, tupled: bool) -> None:
+    def __init__(self, tupled: bool, make: Callable[..., Tensor]) -> None:
         super().__init__()
         self.tupled = tupled
+        self.make = make
         self.a = nn.Linear(4, 8)
         self.b = nn.Linear(8, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         t = x.size(1)
-        m = torch.zeros((t, t)) if self.tupled else torch.zeros(t, t)  # (T, T)
+        m = self.make((t, t)) if self.tupled else self.make(t, t)  # (T, T)
         h = torch.relu(self.a(x))  # (B, T, 8)
         return self.b((m + 1.0) @ h)  # (B, T, 2)
 
 
-def test_sizes_as_separate_arguments_get_the_tuple_hint() -> None:
+@pytest.mark.parametrize("make", [torch.zeros, torch.randn])  # two messages of torch's
+def test_sizes_as_separate_arguments_get_the_tuple_hint(make: Callable[..., Tensor]) -> None:
     x = torch.randn(2, 5, 4)
     with pytest.raises(ValueError, match=r"cannot trace SizedMask\.forward") as err:
-        gate_(SizedMask(tupled=False), x)
+        gate_(SizedMask(tupled=False, make=make), x)
     text = str(err.value)
-    assert "pass the sizes as one tuple, torch.zeros((t, t)), which fx traces" in text
+    name = make.__name__
+    assert f"pass the sizes as one tuple, torch.{name}((t, t)), which fx traces" in text
     assert "move data-dependent control flow into a submodule" not in text
-    assert gate_(SizedMask(tupled=True), x).channel_groups == [(["a"], 8)]  # the advice holds
+    summary = gate_(SizedMask(tupled=True, make=make), x)
+    assert summary.channel_groups == [(["a"], 8)]  # the advice holds
 
 
 class Routed(nn.Module):

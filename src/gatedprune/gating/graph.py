@@ -767,7 +767,11 @@ def _trace_hint(e: Exception, *, submodule: bool = False) -> str:
     ' (torch.zeros given sizes as separate arguments: with a size'
     """
     text = str(e)
-    factory = re.search(r"\b(zeros|ones|empty|rand|randn)\(\) takes 1 positional argument", text)
+    factory = re.search(
+        r"\b(zeros|ones|empty|rand|randn)\(\) (takes 1 positional argument|received an "
+        r"invalid combination of arguments - got \(\w*Proxy)",
+        text,
+    )
     if factory is not None:  # torch.zeros(t, t) with t = x.size(1): fx passes Proxies
         name = factory.group(1)
         return (
