@@ -336,3 +336,52 @@ def test_chunk_in_code_prune_cannot_rewrite_keeps_pieces_pruned_by_position() ->
     for _ in range(3):
         randomise_gates(model, gen)
         check_pruned(model, x, gen, factory=CalledTwice, batches=(1, 3))
+
+
+class _DictC2f(C2f):
+    """C2f whose bottlenecks live in an ``nn.ModuleDict`` (read by key)."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 16, 2, "list_chunk")
+        self.md = nn.ModuleDict({"a": Bottleneck(self.c), "b": Bottleneck(self.c)})
+        del self.m
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = list(self.cv1(x).chunk(2, 1))  # (B, c, H, W) each
+        y.append(self.md["a"](y[-1]))
+        y.append(self.md["b"](y[-1]))
+        return self.cv2(torch.cat(y, 1))  # (B, 16, H, W)
+
+
+class _DictNet(Net):
+    def __init__(self) -> None:
+        super().__init__("list_chunk")
+        self.block = _DictC2f()
+
+
+@pytest.mark.parametrize("dict_blocks", [False, True])
+def test_a_rewritten_module_keeps_its_module_list_and_dict(dict_blocks: bool) -> None:
+    # before 2026-12-08 01:02 UTC the C2f rewritten for its chunk (-> split at the kept
+    # widths) held its bottlenecks in a bare nn.Module: pruned.block.m[0] was a TypeError
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model: Net = _DictNet() if dict_blocks else Net("list_chunk")
+    model.eval()
+    x = _sample(2, gen)
+    gate_(model, x)
+    for gate in inserted_gating(model).group_gates:
+        mask = [True] * gate.n
+        mask[0] = False
+        gate.force_(torch.tensor(mask))  # type: ignore[operator]
+    factory = _DictNet if dict_blocks else (lambda: Net("list_chunk"))
+    pruned = check_pruned(model, x, gen, factory=factory, batches=(1, 3))
+    block = pruned.get_submodule("block")
+    assert type(block).__name__.startswith("Pruned")  # its code was rewritten
+    if dict_blocks:
+        assert type(block.md) is nn.ModuleDict
+        assert isinstance(block.md["a"].get_submodule("cv1.conv"), nn.Conv2d)
+    else:
+        assert type(block.m) is nn.ModuleList
+        assert len(block.m) == 2
+        # (the bottlenecks' code is inlined in the block's: their parts are kept, by path)
+        assert isinstance(block.m[0].get_submodule("cv1.conv"), nn.Conv2d)

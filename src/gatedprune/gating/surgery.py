@@ -1623,8 +1623,50 @@ def _rewrite_scope(
         for name in constants:
             delattr(sub, name)
     new.train(sub.training)
+    _keep_containers(sub, new)
     copy_hooks(sub, new)
     return new
+
+
+def _keep_containers(old: nn.Module, new: nn.Module) -> None:
+    """Give a rewritten module the container classes of the module it was rewritten from
+    where fx left a bare ``nn.Module`` holding their kept children: an ``nn.ModuleDict``, and
+    an ``nn.ModuleList`` or ``nn.Sequential`` whose children are all kept (so ``m.blocks[0]``
+    still indexes it); one that lost children stays a bare module (its children keep their
+    names, as the state dict and plans name them).
+
+    >>> old = nn.Module()
+    >>> old.blocks = nn.ModuleList([nn.Linear(2, 2), nn.ReLU()])
+    >>> new = nn.Module()
+    >>> new.blocks = nn.Module()
+    >>> new.blocks.add_module("0", old.blocks[0]); new.blocks.add_module("1", old.blocks[1])
+    >>> _keep_containers(old, new)
+    >>> type(new.blocks).__name__, type(new.blocks[1]).__name__
+    ('ModuleList', 'ReLU')
+    """
+    for name, child in list(new.named_children()):
+        orig = old._modules.get(name)
+        if orig is None or type(child) is not nn.Module:
+            continue  # a module of the model itself (kept as it is), or nothing to match
+        _keep_containers(orig, child)
+        if any(True for _ in child.parameters(recurse=False)) or any(
+            True for _ in child.buffers(recurse=False)
+        ):
+            continue
+        kept = dict(child.named_children())
+        replacement: nn.Module | None = None
+        if type(orig) is nn.ModuleDict:
+            replacement = nn.ModuleDict(kept)
+        elif type(orig) in (nn.ModuleList, nn.Sequential) and list(kept) == [
+            str(i) for i in range(len(cast(nn.ModuleList, orig)))
+        ]:
+            listed = list(kept.values())
+            replacement = (
+                nn.ModuleList(listed) if type(orig) is nn.ModuleList else nn.Sequential(*listed)
+            )
+        if replacement is not None:
+            replacement.train(child.training)
+            setattr(new, name, replacement)
 
 
 def _rewrite_hooked(
