@@ -415,7 +415,7 @@ def test_grouped_and_depthwise_transposed_convolutions_are_pruned(
     gating = inserted_gating(model)
     # no group is stopped by a transposed conv (coupled positions may leave a single channel)
     # (a group of producers of unlike widths gets them named after the reason: "a single
-    # channel (1 entries; channels: stem 2, r2 4)")
+    # channel (1 entry; channels: stem 2, r2 4)")
     reasons = {why.split(" (")[0] for why in _reasons(summary).values()}
     assert reasons <= {"a single channel", "reaches the model output"}, str(summary)
     assert {"up", "r2"} <= set(gating.slices) or "a single channel" in reasons

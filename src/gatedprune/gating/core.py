@@ -246,7 +246,8 @@ def _ungated_line(g: ChannelGroup, why: str) -> tuple[list[str], int, str]:
     if len(widths) == 1:
         return list(g.producers), widths.pop(), why
     each = ", ".join(f"{p} {g.widths.get(p, g.size)}" for p in g.producers)
-    return list(g.producers), g.size, f"{why} ({g.size} entries; channels: {each})"
+    entries = "1 entry" if g.size == 1 else f"{g.size} entries"
+    return list(g.producers), g.size, f"{why} ({entries}; channels: {each})"
 
 
 class _SiteHook(GateHook):
