@@ -25,6 +25,21 @@ CHANNELS_LAST_MIN_BATCH = 16
 (see :meth:`PlainShortcutNet._forward_channels_last`)."""
 
 
+def _compiled() -> bool:
+    """Whether the forward runs under ``torch.jit.trace``, ``torch.compile`` or
+    ``torch.export``: the channels-last path (cached folded weights, a branch on the batch
+    size) is then not taken, so the program records the ``(B, C, L)`` ops on the module's own
+    parameters for every batch size (a trace from 16 samples on failed torch's check, or,
+    after an eager forward, recorded the cached weights as constants that a later
+    ``load_state_dict`` did not reach; an export with a dynamic batch could not span 16).
+
+    >>> _compiled()
+    False
+    """
+    tracing = bool(torch._C._is_tracing())  # torch.jit.is_tracing() (untyped), outside script
+    return tracing or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 class OffsetConv1d(nn.Conv1d):
     """A 'same'-padded Conv1d plus a fixed additive ``(out_channels, length)`` map.
 
@@ -428,8 +443,8 @@ class PlainShortcutNet(nn.Module):
             spec.spatial
             and self.channels_last
             and not self.training
+            and not _compiled()  # first: no guard on the batch size below
             and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
-            and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and self._needs_grad(x))
             and not self._hooked()
             and self._standard_modules()
