@@ -1,7 +1,7 @@
 """A pruned ShortcutConv1d (``PlainShortcutNet``) under ``torch.jit.trace`` and
 ``torch.export``: its eval-mode channels-last path (cached folded weights, taken from
 ``CHANNELS_LAST_MIN_BATCH`` samples on) is not taken while tracing, compiling or exporting.
-Before 2026-12-08 01:25 UTC a trace from 16 samples on failed torch's check ("Graphs differed
+Before 2026-12-08 01:17 UTC a trace from 16 samples on failed torch's check ("Graphs differed
 across invocations"), a trace after an eager forward recorded the cached folded weights as
 constants (a later ``load_state_dict`` changed nothing: 0.04 off), and ``torch.export`` with
 a dynamic batch could not span 16 (a guard ``2 <= B <= 15``)."""
