@@ -13,7 +13,7 @@ from torch import nn
 from zoo import ResNet
 
 import gatedprune as gp
-from gatedprune.gating import gate_
+from gatedprune.gating import export_plan, gate_
 
 BN_FLOPS = 2  # per element, as documented for BatchNorm in eval mode
 
@@ -75,6 +75,11 @@ def test_converting_after_gate_is_refused_at_the_next_forward() -> None:
         r"SyncBatchNorm without its gate hook\)",
     ):
         model(x)
+    # and so do prune and export_plan (before 2026-12-08 01:22 UTC they accepted the model)
+    model.eval()
+    for act in (gp.prune, export_plan):
+        with pytest.raises(TypeError, match=r"module 'stem\.1' was replaced after gate_"):
+            act(model)
 
 
 def test_pruning_a_sync_batchnorm_model_removes_channels() -> None:

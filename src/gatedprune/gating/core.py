@@ -1587,6 +1587,7 @@ class InsertedGating(ModelGating):
         """The pruned copy of ``model`` (see :meth:`ModelGating.prune_model`): gate values
         folded into the modules they scale, closed channels, heads, units and blocks removed
         by :func:`apply_plan` of :meth:`plan`, kept new shortcuts written into the code."""
+        self.check_hooks(model)  # a module replaced after gate_: its gates would be ignored
         plan = self.plan()
         self._refuse_computed(model, plan)
         self._check_new_hooks(model)
@@ -1762,6 +1763,7 @@ def export_plan(model: nn.Module) -> dict[str, Any]:
     gating = find_model_gating(model)
     if not isinstance(gating, InsertedGating):
         raise ValueError(f"{type(model).__name__} was not gated with gatedprune.gate_")
+    gating.check_hooks(model)  # a module replaced after gate_: the plan would not describe it
     plan = gating.plan()
     for name, entry in plan["rnn"].items():  # apply_plan checks the kind of recurrent module
         entry["mode"] = str(cast(nn.RNNBase, model.get_submodule(name)).mode)
