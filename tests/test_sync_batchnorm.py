@@ -75,7 +75,7 @@ def test_converting_after_gate_is_refused_at_the_next_forward() -> None:
         r"SyncBatchNorm without its gate hook\)",
     ):
         model(x)
-    # and so do prune and export_plan (before 2026-12-08 01:22 UTC they accepted the model)
+    # and so do prune and export_plan (before 2026-12-08 01:18 UTC they accepted the model)
     model.eval()
     for act in (gp.prune, export_plan):
         with pytest.raises(TypeError, match=r"module 'stem\.1' was replaced after gate_"):
