@@ -57,10 +57,11 @@ Limits (each reported in the summary or as a clear error, never silently wrong):
 from .core import GatingSummary, InsertedGating, export_plan, gate_
 from .latency import GatedLatencyModel
 from .models import BasicBlock1d, ResNet1d
-from .surgery import ScaledAdd, apply_plan
+from .surgery import GateScale, ScaledAdd, apply_plan
 
 __all__ = [
     "BasicBlock1d",
+    "GateScale",
     "GatedLatencyModel",
     "GatingSummary",
     "InsertedGating",

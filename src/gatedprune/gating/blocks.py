@@ -8,7 +8,10 @@ dropout/ReLU, which commute with ``g >= 0``), so the gated block is ``y = s + g 
 ``g = 0`` the add is replaced by ``s`` and the dead set is removed: depth pruning. A branch
 ending in a linear map written with the model's own parameters (``relu(x @ W1) @ W2 (+ b2)``,
 GPT-2's ``Conv1D``) has it as its site: the gate scales the weight's output units and the bias,
-``(x W + b) g = x (W g) + b g``.
+``(x W + b) g = x (W g) + b g``. A branch ending in an element-wise activation module called
+once (YOLO's ``Bottleneck``, ``x + silu(bn(conv(h)))``, see ``ACTIVATION_TAILS``) has that
+activation as its site: the gate multiplies its output, ``x + g * act(z)``, and ``prune`` keeps
+a value strictly between 0 and 1 as a ``GateScale`` around it.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from .channels import (
 )
 from .graph import RunRecord, ancestors, mutated_input, owner_of
 
-__all__ = ["Block", "find_blocks", "graph_writes", "live_nodes", "node_label"]
+__all__ = ["ACTIVATION_TAILS", "Block", "find_blocks", "graph_writes", "live_nodes", "node_label"]
 
 
 @dataclass
@@ -194,6 +197,10 @@ def _site_of(
             foldable = module_kind(m) is not None or (
                 isinstance(m, nn.LayerNorm) and m.weight is not None
             )
+            # an element-wise activation called once: the gate multiplies its output, g * act(z)
+            act = isinstance(m, ACTIVATION_TAILS) and n.target not in opaque
+            if not foldable and act and calls[str(n.target)] == 1:
+                return str(n.target), None
             if not foldable:
                 whole = " kept whole: torch.fx cannot trace it" if n.target in opaque else ""
                 what = f"{n.target} ({type(m).__name__}{whole})"
@@ -234,6 +241,32 @@ def _site_of(
             "model's parameters (x @ W, F.linear, addmm, a bias added or subtracted without "
             "alpha) the gate can fold into"
         )
+
+
+# element-wise activations (per channel for PReLU) a branch may end in: the block gate
+# multiplies their output (``x + g * act(z)``), which cannot be folded into a weight; a closed
+# gate removes the branch, an open one keeps the product (see ``GateScale``)
+ACTIVATION_TAILS: tuple[type[nn.Module], ...] = (
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Mish,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.PReLU,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Hardshrink,
+    nn.Softshrink,
+)
 
 
 def call_site(n: fx.Node) -> str:

@@ -45,7 +45,7 @@ from ..hooks import (
 )
 from ..inputs import as_shapes, tensor_inputs
 from ..layout import check_flag
-from .blocks import Block, find_blocks, node_label, outermost
+from .blocks import ACTIVATION_TAILS, Block, find_blocks, node_label, outermost
 from .channels import (
     ChannelAnalysis,
     ChannelGroup,
@@ -88,6 +88,7 @@ from .structure import (
 from .surgery import (
     _PARAM_KINDS,
     PLAN_FORMAT,
+    GateScale,
     ScaledAdd,
     _apply_plan,
     _call_outputs,
@@ -808,6 +809,9 @@ class InsertedGating(ModelGating):
         # the layers with weight_norm over their output channels at gate_, whose g and v
         # prune slices and scales (set by gate_; one added since is refused)
         self.weight_norms: tuple[str, ...] = ()
+        # block sites that are activations (x + g * act(z)): prune keeps a fractional gate
+        # value as a GateScale there instead of folding it (set by gate_)
+        self.act_sites: tuple[str, ...] = ()
         # the user's hooks at gate_ (module -> hook keys; None: unknown, every hook is new to
         # prune) and the gated groups each module's calls see (both set by gate_)
         self.user_hook_keys: dict[str, list[int]] | None = None
@@ -1501,7 +1505,29 @@ class InsertedGating(ModelGating):
             "bound": {s: self.bindings.get(s, {}) for s in scopes if s},
             # the positional inputs gate_ was given (the root is traced with them), if several
             **({"inputs": len(self.input_shapes)} if len(self.input_shapes) > 1 else {}),
+            **({"scaled": scaled} if (scaled := list(self._act_scales(erase))) else {}),
         }
+
+    def _act_scales(self, erase: list[str] | None = None) -> dict[str, Tensor]:
+        """The activation sites (``x + g * act(z)``) whose calls the pruned model keeps with a
+        block gate value other than 1: site name -> that value (0-dim, the product of its
+        blocks' eval values, as :meth:`site_scale` multiplies them). ``erase``: the graph
+        nodes pruning erases (from :meth:`_scopes`)."""
+        gone = set(self._scopes()[1] if erase is None else erase)
+        closed = set(self.closed_blocks())
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name in getattr(self, "act_sites", ()):  # (absent in models pickled before)
+                blocks = self.sites[name].blocks
+                if any(i in closed or self.block_nodes[i][0] in gone for i in blocks):
+                    continue  # the branch goes, and the activation with it
+                values = [self.block_gates[i].eval_value()[0] for i in blocks]  # type: ignore[operator]
+                value = values[0].new_ones(())
+                for v in values:
+                    value = value * v
+                if bool(value != 1):
+                    out[name] = value
+        return out
 
     def open_edges(self) -> list[Edge]:
         """The new shortcuts whose gate is open."""
@@ -1605,7 +1631,10 @@ class InsertedGating(ModelGating):
         pruned = copy.deepcopy(model, memo)
         _drop_module(pruned, self)
         strip_gating(pruned)
+        acts = set(getattr(self, "act_sites", ()))
         for name, site in self.sites.items():
+            if name in acts:  # an activation: its gate value stays a GateScale (plan "scaled")
+                continue
             scale = torch.ones(site.n_channels, dtype=torch.float64) if site.segments else None
             if scale is not None:
                 for g, pos, gidx in site.segments:
@@ -1648,6 +1677,11 @@ class InsertedGating(ModelGating):
             fold_heads(att, groups[gh])
         fold_rnns(pruned, self.rnns, self.rnn_consumers, groups)
         result = _apply_plan(pruned, plan, check_graph=False)  # its own plan: consistent
+        act_scales = self._act_scales(plan["erase"])
+        for name in plan.get("scaled", []):
+            scaled = result.get_submodule(name)
+            assert isinstance(scaled, GateScale)
+            scaled.scale = act_scales[name].detach().clone()  # the gated model's value
         if self.edge_gate is not None:
             with torch.no_grad():
                 ev = self.edge_gate.eval_value()
@@ -2534,6 +2568,13 @@ def gate_(
     }
     gating.hook_views = _hook_views(traced, ca, group_map)
     gating.weight_norms = tuple(n for n, m in model.named_modules() if weight_norm_layer(m))
+    gating.act_sites = tuple(
+        dict.fromkeys(
+            b.site
+            for b in kept_blocks
+            if not b.param and isinstance(model.get_submodule(b.site), ACTIVATION_TAILS)
+        )
+    )
     gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
     gating.train(model.training)
     model.add_module(ATTR, gating)

@@ -38,7 +38,7 @@ from ..fingerprint import (
 )
 from ..functional_costs import FunctionalCounter
 from ..hooks import copy_hooks, describe_hooks
-from .blocks import graph_writes, live_nodes
+from .blocks import ACTIVATION_TAILS, graph_writes, live_nodes
 from .channels import bias_attr, linear_operands, scale_chain, weight_source
 from .graph import (
     ModuleCall,
@@ -137,6 +137,32 @@ class ScaledAdd(nn.Module):
     def flops_of(self, inputs: tuple[Any, ...], output: Any) -> int:
         """2 FLOPs per output element (the multiply and the add)."""
         return 2 * int(output.numel())
+
+
+class GateScale(nn.Module):
+    """An activation a residual branch ends in, with its block gate's value kept, in a pruned
+    model: ``forward(x) = module(x) * scale`` (``x + g * act(z)``, which no weight can
+    fold). ``scale`` is a 0-dim buffer (the gate value in the gates' dtype, in the
+    ``state_dict``, not a parameter); its multiply is an element-wise op, free as the gated
+    model's is.
+
+    >>> m = GateScale(nn.Hardtanh())
+    >>> _ = m.scale.fill_(0.5)
+    >>> m(torch.tensor([[-1.0, 4.0]])).tolist()
+    [[-0.5, 0.5]]
+    """
+
+    if TYPE_CHECKING:  # for mypy only
+        scale: Tensor
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y: Tensor = self.module(x)  # x's shape
+        return y * self.scale
 
 
 class PrunedGraphModule(fx.GraphModule):
@@ -1982,6 +2008,9 @@ _PLAN_OPTIONAL: dict[str, type] = {
     "bound": dict,  # per rewritten scope: the optional arguments its calls fix
     "inputs": int,  # positional inputs gate_ was given (absent: one)
     "checksum": str,  # of everything else: a plan edited after export_plan is refused
+    # activations a residual branch ends in whose block gate value (not 0 or 1) is kept as a
+    # GateScale (absent: none)
+    "scaled": list,
 }
 
 
@@ -2020,7 +2049,7 @@ def _check_plan(plan: object) -> dict[str, Any]:
     for key in ("opaque", "slices", "transformers", "decoders", "attention", "rnn", "cut"):
         _check_strings(f"{key!r} module or node names", list(plan.get(key, {})))
     _check_strings("'opaque' reasons", list(plan["opaque"].values()))
-    for key in ("scopes", "erase", "bypass"):
+    for key in ("scopes", "erase", "bypass", "scaled"):
         _check_strings(f"{key!r}", plan.get(key, []))
     for scope, fixed in plan.get("bound", {}).items():
         if not isinstance(fixed, dict) or not all(
@@ -3012,6 +3041,15 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     for scope in plan["scopes"]:
         if scope:
             submodule(scope, "rewrites")
+    for name in plan.get("scaled", []):
+        act = submodule(name, "scales the output of")
+        claim(act, name, f"'{name}' (scaled)")
+        if not name or not isinstance(act, ACTIVATION_TAILS):
+            raise ValueError(
+                f"the plan scales the output of module '{name}' ({type(act).__name__}); "
+                "expected an activation a residual branch ends in "
+                f"({', '.join(t.__name__ for t in ACTIVATION_TAILS)})"
+            )
     _check_hooks_kept(model, plan)
     switched = prepare_encoders(model)
     try:
@@ -3065,7 +3103,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
                 f"malformed plan: 'sizes' resizes node {name!r}, which no entry of 'scopes' "
                 "[] contains (it would keep its old size)"
             )
-        return model
+        return _scale_outputs(model, plan.get("scaled", []))
     opaque: dict[str, str] = dict(plan["opaque"])
     # slicing leaves the graph as it was; rebuilt encoder layers and attention do not
     same = checked is not None and not layers and not attentions
@@ -3133,4 +3171,15 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             parent_name, _, child = scope.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
-    return result
+    return _scale_outputs(result, plan.get("scaled", []))
+
+
+def _scale_outputs(model: nn.Module, names: list[str]) -> nn.Module:
+    """``model`` with each module of ``names`` (an activation a residual branch ends in)
+    replaced by a :class:`GateScale` of it (its scale 1 until ``prune`` sets the gate value,
+    or ``load_state_dict`` the pruned model's)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, GateScale(model.get_submodule(name)))
+    return model
