@@ -2329,7 +2329,7 @@ def gate_(
             if why is None and count != 1:
                 why = "called more than once"
             if why is None and len(node.args) < 3:
-                why = "query, key and value must be passed positionally"
+                why = "query, key and value must all be given"
             if why is None:
                 why = _attention_output_use(node)
             if why is None and not allowed(name):
@@ -2348,7 +2348,7 @@ def gate_(
             if why is None and count != 1:
                 why = "called more than once"
             if why is None and len(node.args) < 2:
-                why = "tgt and memory must be passed positionally"
+                why = "tgt and memory must both be given"
             if why is None and not allowed(name):
                 why = "filter_fn rejected it"
             if why is not None:
