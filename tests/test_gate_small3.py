@@ -36,6 +36,8 @@ class PaddedSequence(nn.Module):
             h = torch.masked_fill(h, ~mask[..., None], self.fill)  # (B, L, 16)
         elif self.form == "where":
             h = torch.where(mask[..., None], h, self.fill)  # (B, L, 16)
+        elif self.form == "where_method":  # (not passed before 2026-12-08 01:37 UTC)
+            h = h.where(mask[..., None], self.fill)  # (B, L, 16)
         else:  # a mask per channel
             h = h.masked_fill(mask[..., None].expand(-1, -1, 16), self.fill)  # (B, L, 16)
         return self.b(h)  # (B, L, 4)
@@ -48,7 +50,8 @@ def _inputs(gen: torch.Generator) -> tuple[Tensor, Tensor]:
 
 
 @settings(max_examples=6, deadline=None)
-@given(form=st.sampled_from(["masked_fill", "torch.masked_fill", "where"]), seed=st.integers(0, 99))
+@pytest.mark.parametrize("form", ["masked_fill", "torch.masked_fill", "where", "where_method"])
+@given(seed=st.integers(0, 99))
 def test_zero_fill_passes_channels_through_and_prunes_exactly(form: str, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     model = PaddedSequence(form)
@@ -72,6 +75,7 @@ def test_zero_fill_passes_channels_through_and_prunes_exactly(form: str, seed: i
     [
         ("masked_fill", 1.0, "fills 1.0, not the literal 0"),
         ("where", -1.0, "fills -1.0, not the literal 0"),
+        ("where_method", 2.0, "fills 2.0, not the literal 0"),
         ("per_channel", 0.0, "reads a mask per channel (size 16 along the channels)"),
     ],
 )

@@ -1746,24 +1746,29 @@ class _Propagator:
         if is_fn and target in _SHUFFLE_KEYS and len(n.args) == 2 and not n.kwargs:
             return self.pixel_shuffle(n, x, n.args[1], target is torch.pixel_shuffle)
         if (is_fn and target in (torch.masked_fill, torch.where)) or (
-            not is_fn and target in ("masked_fill", "masked_fill_")
+            not is_fn and target in ("masked_fill", "masked_fill_", "where")
         ):
             return self.zero_fill(n)
         self.pin_inputs(n, f"{self.describe(n)} is an op gate_ does not prune through")
         return None
 
     def zero_fill(self, n: fx.Node) -> Labels | None:
-        """``h.masked_fill(mask, 0.0)`` or ``torch.where(mask, h, 0.0)`` (a padding mask of a
-        sequence model): filling exactly 0 keeps a closed channel zero and commutes with a
-        per-channel scale, so ``h``'s labels pass through when the mask does not vary along
-        them (size 1 or absent there). A nonzero fill, a mask per channel or a labelled mask
-        keep the channels whole, with the reason."""
+        """``h.masked_fill(mask, 0.0)``, ``torch.where(mask, h, 0.0)`` or ``h.where(mask,
+        0.0)`` (a padding mask of a sequence model): filling exactly 0 keeps a closed channel
+        zero and commutes with a per-channel scale, so ``h``'s labels pass through when the
+        mask does not vary along them (size 1 or absent there). A nonzero fill, a mask per
+        channel or a labelled mask keep the channels whole, with the reason."""
         what = self.describe(n)
-        if n.target is torch.where:  # where(mask, h, 0.0) or where(mask, 0.0, h)
+        if n.target is torch.where or n.target == "where":
+            # where(mask, h, 0.0) or where(mask, 0.0, h); the method h.where(mask, 0.0) is
+            # where(mask, h, 0.0)
             if len(n.args) != 3 or n.kwargs:
                 self.pin_inputs(n, f"{what} is an op gate_ does not prune through")
                 return None
-            mask, a, b = n.args
+            if n.target == "where":
+                a, mask, b = n.args
+            else:
+                mask, a, b = n.args
             x, fill = (a, b) if self.lab(a) is not None else (b, a)
         else:  # masked_fill(h, mask, value), h.masked_fill(mask, value=...)
             args = [*n.args]
