@@ -2321,19 +2321,30 @@ def gate_(
     transformers: list[tuple[str, int, int, int, int]] = []
     decoders: list[tuple[str, int, int, int, int, int, int]] = []
     attentions: list[tuple[str, int]] = []
-    for name, count in calls.items():
+
+    def unit_refusal(m: nn.Module, name: str, own: str | None, *checks: str | None) -> str | None:
+        """Why attention or layer ``m`` (``own``: its kind's own reason) is left whole: that,
+        sharing or hooks, more than one call, the first of ``checks`` given, or ``filter_fn``."""
+        why = own or shared.get(name) or _hooked_inside(m, name)
+        if why is None and calls[name] != 1:
+            why = "called more than once"
+        if why is None:
+            why = next((c for c in checks if c is not None), None)
+        if why is None and not allowed(name):
+            why = "filter_fn rejected it"
+        return why
+
+    for name in calls:
         m = gm.get_submodule(name)
         if isinstance(m, nn.MultiheadAttention):
             node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
-            why = gateable_attention(m) or shared.get(name) or _hooked_inside(m, name)
-            if why is None and count != 1:
-                why = "called more than once"
-            if why is None and len(node.args) < 3:
-                why = "query, key and value must all be given"
-            if why is None:
-                why = _attention_output_use(node)
-            if why is None and not allowed(name):
-                why = "filter_fn rejected it"
+            why = unit_refusal(
+                m,
+                name,
+                gateable_attention(m),
+                "query, key and value must all be given" if len(node.args) < 3 else None,
+                _attention_output_use(node),
+            )
             if why is not None:
                 summary.ungated_layers.append((name, why))
                 continue
@@ -2344,13 +2355,12 @@ def gate_(
             continue
         if isinstance(m, nn.TransformerDecoderLayer):
             node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
-            why = gateable_decoder_layer(m) or shared.get(name) or _hooked_inside(m, name)
-            if why is None and count != 1:
-                why = "called more than once"
-            if why is None and len(node.args) < 2:
-                why = "tgt and memory must both be given"
-            if why is None and not allowed(name):
-                why = "filter_fn rejected it"
+            why = unit_refusal(
+                m,
+                name,
+                gateable_decoder_layer(m),
+                "tgt and memory must both be given" if len(node.args) < 2 else None,
+            )
             if why is not None:
                 summary.ungated_layers.append((name, why))
                 continue
@@ -2364,11 +2374,7 @@ def gate_(
             continue
         if not isinstance(m, nn.TransformerEncoderLayer):
             continue
-        why = gateable_layer(m) or shared.get(name) or _hooked_inside(m, name)
-        if why is None and count != 1:
-            why = "called more than once"
-        if why is None and not allowed(name):
-            why = "filter_fn rejected it"
+        why = unit_refusal(m, name, gateable_layer(m))
         if why is not None:
             summary.ungated_layers.append((name, why))
             continue

@@ -427,14 +427,32 @@ class GatedTransformerEncoderLayer(nn.TransformerEncoderLayer):
         is_causal: bool,
         g: dict[str, Tensor],
     ) -> Tensor:
-        y = self.self_attn(
-            x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal
-        )[0]
-        out: Tensor = self.dropout1(y) * g["attn"].to(y.dtype)[0]
-        return out
+        return _gated_attention(
+            self.self_attn, self.dropout1, x, x, mask, kpm, is_causal, g["attn"]
+        )
 
     def _ff(self, x: Tensor, g: dict[str, Tensor]) -> Tensor:
         return _gated_ffn(self, self.dropout2, x, g)
+
+
+def _gated_attention(
+    att: nn.MultiheadAttention,
+    out_dropout: nn.Module,
+    x: Tensor,
+    kv: Tensor,
+    mask: Tensor | None,
+    kpm: Tensor | None,
+    is_causal: bool,
+    gate: Tensor,
+) -> Tensor:
+    """An attention sub-layer of an encoder or decoder layer (queries from ``x``, keys and
+    values from ``kv``: ``x`` itself, or a decoder's memory) times its sub-layer gate
+    ``gate`` (``out_dropout``: the sub-layer's dropout)."""
+    y = att(
+        x, kv, kv, attn_mask=mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal
+    )[0]  # (..., E)
+    out: Tensor = out_dropout(y) * gate.to(y.dtype)[0]  # (..., E)
+    return out
 
 
 def _gated_ffn(
@@ -598,11 +616,9 @@ class GatedTransformerDecoderLayer(nn.TransformerDecoderLayer):
         is_causal: bool,
         g: dict[str, Tensor],
     ) -> Tensor:
-        y = self.self_attn(
-            x, x, x, attn_mask=mask, key_padding_mask=kpm, need_weights=False, is_causal=is_causal
-        )[0]
-        out: Tensor = self.dropout1(y) * g["attn"].to(y.dtype)[0]  # (..., E)
-        return out
+        return _gated_attention(
+            self.self_attn, self.dropout1, x, x, mask, kpm, is_causal, g["attn"]
+        )
 
     def _ca(
         self,
@@ -613,17 +629,8 @@ class GatedTransformerDecoderLayer(nn.TransformerDecoderLayer):
         is_causal: bool,
         g: dict[str, Tensor],
     ) -> Tensor:
-        y = self.multihead_attn(
-            x,
-            mem,
-            mem,
-            attn_mask=mask,
-            key_padding_mask=kpm,
-            need_weights=False,
-            is_causal=is_causal,
-        )[0]
-        out: Tensor = self.dropout2(y) * g["cross"].to(y.dtype)[0]  # (..., E)
-        return out
+        att = self.multihead_attn
+        return _gated_attention(att, self.dropout2, x, mem, mask, kpm, is_causal, g["cross"])
 
 
 class PrunedTransformerDecoderLayer(nn.Module):
