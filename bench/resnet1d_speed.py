@@ -1,4 +1,4 @@
-"""Measured CPU speed-up of pruned 1D ResNets versus their FLOPs reduction, and gate_/prune time.
+"""Measured CPU speed-up of pruned 1D ResNets versus their FLOPs reduction.
 
     python -m bench.resnet1d_speed [--quick]
 
@@ -12,8 +12,8 @@ fewer, larger blocks: eager PyTorch pays 10-20 us per operator whatever its size
 are set, not trained:
 latency depends on the pruned architecture only. Reported: achieved FLOPs fraction, median
 latency at batch 1 and 256 (1 thread), speed-up over the dense model, and ``efficiency`` =
-speed-up / FLOPs reduction (1.0: latency falls as fast as FLOPs). Then the wall time of
-``gate_`` and ``prune`` on a 50-block ResNet-1D.
+speed-up / FLOPs reduction (1.0: latency falls as fast as FLOPs). The wall time of ``gate_``
+and ``prune`` on a 50-block ResNet-1D is ``bench.gate_prune_time``.
 
 Two more settings: the same ResNet at a compute-bound signal length (L = 1024, an ECG/audio
 length; batch 1 only: a 256 x 1024 batch takes seconds per forward on one thread), and a
@@ -42,7 +42,7 @@ from gatedprune.gating import InsertedGating, gate_
 from gatedprune.gating.models import ResNet1d
 from gatedprune.profiling import compare_latency
 
-from .common import OrtModule, command_line, median, write_results
+from .common import OrtModule, command_line, write_results
 
 TARGETS = (0.5, 0.25, 0.1)
 
@@ -249,41 +249,6 @@ def main() -> None:
             f"params {dense_params}. 1-minute load average of the machine (2 CPUs, shared): "
             f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end of the timing."
         ),
-    )
-    x1 = torch.randn(1, 1, 40)
-    xs = {256: torch.randn(256, 1, 40)}
-    # gate_ + prune wall time on a 50-block ResNet-1D
-    timing: list[dict[str, object]] = []
-    gate_times, prune_times = [], []
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        big = ResNet1d(widths=(16, 32, 64), blocks=(17, 17, 16))
-        t0 = time.perf_counter()
-        gate_(big, x1, shortcuts=None)
-        gate_times.append(time.perf_counter() - t0)
-        g = _gating(big)
-        for gate in [*g.group_gates, *g.block_gates]:
-            gate.force_(torch.rand(gate.n, generator=gen) > 0.5)
-        big.eval()
-        t0 = time.perf_counter()
-        small = gp.prune(big)
-        prune_times.append(time.perf_counter() - t0)
-        with torch.no_grad():
-            assert float((small(xs[256]) - big(xs[256])).abs().max()) <= 1e-5
-    timing.append(
-        {
-            "model": "ResNet1d 16/32/64 x 17/17/16 (50 blocks)",
-            "gate_s": median(gate_times),
-            "prune_s": median(prune_times),
-            "gates": _gating(big).summary.n_gates,
-        }
-    )
-    write_results(
-        "resnet1d_gate_prune_time" + suffix,
-        timing,
-        title="gate_ and prune wall time on a 50-block ResNet-1D (target: under 2 s each)",
-        command=command_line(),
-        notes="Median of 3; prune with about half of the block and channel gates closed.",
     )
 
 
