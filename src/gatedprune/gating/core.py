@@ -57,6 +57,7 @@ from .channels import (
 from .graph import (
     TracedModel,
     costs_scale_with_batch,
+    example_entries,
     node_owners,
     record_bindings,
     record_run,
@@ -792,6 +793,7 @@ class InsertedGating(ModelGating):
         param_sites: dict[str, ParamSite] | None = None,
         input_sites: dict[str, SiteInfo] | None = None,
         input_shapes: tuple[tuple[int, ...], ...] | None = None,
+        input_examples: list[dict[str, Any]] | None = None,
         decoders: list[tuple[str, int, int, int, int, int, int]] | None = None,
     ) -> None:
         super().__init__()
@@ -833,6 +835,8 @@ class InsertedGating(ModelGating):
         self.input_shape = input_shape  # the first input's
         # every positional input's, in order (gate_'s example_input)
         self.input_shapes = input_shapes if input_shapes is not None else (input_shape,)
+        # their shapes and dtypes (graph.example_entries), which the model is traced with
+        self.input_examples = input_examples
         self.batch_scalable = batch_scalable
         self.opaque = opaque
         self.summary = summary
@@ -1505,6 +1509,9 @@ class InsertedGating(ModelGating):
             "bound": {s: self.bindings.get(s, {}) for s in scopes if s},
             # the positional inputs gate_ was given (the root is traced with them), if several
             **({"inputs": len(self.input_shapes)} if len(self.input_shapes) > 1 else {}),
+            # the example inputs' shapes and dtypes, which the model is traced with (absent
+            # in gatings made before 2026-12-08)
+            **({"examples": ex} if (ex := getattr(self, "input_examples", None)) else {}),
             **({"scaled": scaled} if (scaled := list(self._act_scales(erase))) else {}),
         }
 
@@ -2127,7 +2134,7 @@ def gate_(
         )
     structure = model_fingerprint(model, dtypes=False)  # before prepare_encoders changes classes
     prepare_encoders(model)
-    traced = trace_model(model, inputs=len(inputs))
+    traced = trace_model(model, inputs=len(inputs), examples=inputs)
     gm = traced.graph_module
     record = record_run(traced, inputs, model)
     bindings = record_bindings(model, inputs, traced)  # how rewritten modules are called
@@ -2548,6 +2555,7 @@ def gate_(
         terms=terms,
         input_shape=tuple(inputs[0].shape),
         input_shapes=tuple(tuple(x.shape) for x in inputs),
+        input_examples=example_entries(inputs),
         batch_scalable=not traced.opaque
         and costs_scale_with_batch(traced, inputs, model, record)
         and not any(

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import linecache
 import operator
+import os
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -52,10 +55,14 @@ from .transformer import (
 )
 
 __all__ = [
+    "GateTracer",
     "InlinedCall",
     "ModuleCall",
+    "TensorSpec",
     "TracedModel",
     "costs_scale_with_batch",
+    "example_entries",
+    "example_specs",
     "inlined_calls",
     "is_constant",
     "keep_argument_names",
@@ -197,20 +204,367 @@ class _GateProxy(fx.Proxy):
 
     def __len__(self) -> int:
         count = static_pieces(self.node)
-        if count is None:
-            return super().__len__()
-        return count
+        if count is not None:
+            return count
+        tracer = self.tracer
+        if isinstance(tracer, GateTracer):
+            known = tracer.static_length(self.node)
+            if known is not None:  # a traced shape of known rank (x.shape[:-1])
+                return known
+        return super().__len__()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """The shape, dtype and device of an example tensor: what tracing reads of it (a zero
+    tensor of this spec stands for it, :meth:`make`)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(x: Tensor) -> TensorSpec:
+        """The spec of tensor ``x``."""
+        return TensorSpec(tuple(x.shape), x.dtype, x.device)
+
+    def make(self) -> Tensor:
+        """A zero tensor of this spec.
+
+        >>> TensorSpec((2, 3), torch.int64, torch.device("cpu")).make().shape
+        torch.Size([2, 3])
+        """
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+# an example argument: its value at the example's batch size and at that plus one (_MISSING
+# when unknown: inputs without one common batch dimension)
+Example = tuple[Any, Any]
+_MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()
+_KNOWN = "gatedprune_example"  # node.meta key of a _Known
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What a node computes on the example inputs (``values``: at the example's batch size
+    and at that plus one); ``static``: a value that is no tensor and reads only the
+    inputs' shapes, dtypes and devices (never their values), so Python control flow may
+    branch on it; ``sized``: it reads a size (it may depend on the batch size)."""
+
+    values: Example
+    static: bool
+    sized: bool
+
+
+# reads of a tensor's metadata, never of its values: what is computed from them alone is known
+# from the example input's shape, dtype and device
+_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "layout", "is_sparse"})
+_META_METHODS = frozenset(
+    {"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex"}
+)
+_SIZE_READS = frozenset({"shape", "size", "numel", "nelement"})
+# modules traced with examples -> per forward argument, the example its first call was given
+# (None: calls with different examples), for a trace of the module alone (local_trace)
+_CALL_EXAMPLES: weakref.WeakKeyDictionary[nn.Module, dict[str, Example] | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+_DTYPES = {
+    str(d): d
+    for d in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    )
+}
+
+
+def example_entries(inputs: tuple[Tensor, ...]) -> list[dict[str, Any]]:
+    """The shapes and dtypes of example inputs, as a plan keeps them.
+
+    >>> example_entries((torch.zeros(2, 3, dtype=torch.int64),))
+    [{'shape': [2, 3], 'dtype': 'torch.int64'}]
+    """
+    return [{"shape": list(x.shape), "dtype": str(x.dtype)} for x in inputs]
+
+
+def example_specs(entries: list[Any], device: torch.device) -> tuple[TensorSpec, ...]:
+    """The :class:`TensorSpec` of each entry of :func:`example_entries` on ``device``;
+    ``ValueError`` naming a malformed entry.
+
+    >>> example_specs([{"shape": [2, 3], "dtype": "torch.int64"}], torch.device("cpu"))[0].shape
+    (2, 3)
+    """
+    out = []
+    for e in entries:
+        shape = e.get("shape") if isinstance(e, dict) else None
+        dtype = _DTYPES.get(str(e.get("dtype"))) if isinstance(e, dict) else None
+        ok = isinstance(shape, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        )
+        if not ok or dtype is None or set(e) != {"shape", "dtype"}:
+            raise ValueError(
+                "malformed plan: each entry of 'examples' must be {'shape': [sizes >= 0], "
+                f"'dtype': one of {sorted(_DTYPES)}}}, got {e!r}"
+            )
+        out.append(TensorSpec(tuple(cast(list[int], shape)), dtype, device))
+    return tuple(out)
+
+
+def _spec(v: Any) -> Any:
+    """A tensor as its :class:`TensorSpec` (another value as it is)."""
+    return TensorSpec.of(v) if isinstance(v, Tensor) else v
+
+
+def _has_tensor(v: Any) -> bool:
+    """Whether ``v`` is a tensor or a list, tuple or dict holding one."""
+    if isinstance(v, Tensor):
+        return True
+    if isinstance(v, list | tuple):
+        return any(_has_tensor(a) for a in v)
+    if isinstance(v, dict):
+        return any(_has_tensor(a) for a in v.values())
+    return False
+
+
+def _metadata_read(node: fx.Node) -> tuple[bool, bool]:
+    """Whether ``node`` reads only its first argument's metadata (``x.shape``, ``x.dtype``,
+    ``x.size(1)``, ``x.dim()``), and whether that is a size."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        attr = node.args[1]
+        return attr in _META_ATTRS, attr in _SIZE_READS
+    if node.op == "call_method":
+        return node.target in _META_METHODS, node.target in _SIZE_READS
+    return False, False
+
+
+@contextmanager
+def _modules_unpatched() -> Iterator[None]:
+    """While tracing, modules called as torch calls them (fx patches ``nn.Module.__call__``
+    and ``__getattr__`` to record calls and parameters): for running examples."""
+    from torch.fx import _symbolic_trace as st
+
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    nn.Module.__call__ = st._orig_module_call  # type: ignore[method-assign]
+    nn.Module.__getattr__ = st._orig_module_getattr  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.__call__ = call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = getattr_  # type: ignore[method-assign]
+
+
+def _user_line() -> str:
+    """``file:line: code`` of the innermost frame of the traced code (outside torch and this
+    module)."""
+    here = os.path.abspath(__file__)
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    frame = inspect.currentframe()
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if name != here and not name.startswith(torch_dir):
+            code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}: {code}"
+        frame = frame.f_back
+    return "an unknown line"
 
 
 class GateTracer(fx.Tracer):
     """fx tracer that keeps ``opaque`` submodules whole, remembers where tracing failed and
-    records every submodule call (:class:`ModuleCall`)."""
+    records every submodule call (:class:`ModuleCall`).
 
-    def __init__(self, opaque: set[str] | None = None) -> None:
+    With ``examples`` (per ``forward`` argument, its example at the example input's batch
+    size and at that plus one, tensors as :class:`TensorSpec`), every node also computes its
+    value on them (``node.meta``): Python control flow on values that read only shapes,
+    dtypes and devices (``if x.dtype != torch.float16:``, ``if q_len == 1:``) takes the
+    example's branch (a guard, listed in ``guards``), and a traced shape of known rank can be
+    iterated (``(*x.shape[:-1], -1, d)``). A branch on a size that differs between the two
+    batch sizes is a ``TraceError`` naming the line; control flow on tensor values stays
+    one."""
+
+    def __init__(
+        self, opaque: set[str] | None = None, examples: dict[str, Example] | None = None
+    ) -> None:
         super().__init__()
         self.opaque = opaque if opaque is not None else set()
         self.failed_in: str | None = None
         self.calls: list[ModuleCall] = []
+        self.examples = examples
+        self.guards: list[str] = []  # the source lines whose branch the examples decided
+        self._resolved: list[fx.Node] = []
+        self._call_examples: dict[str, dict[str, Example] | None] = {}
+
+    def create_proxy(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+        proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None,
+    ) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.examples is not None:
+            known = self._known(proxy.node)
+            if known is not None:
+                proxy.node.meta[_KNOWN] = known
+        return proxy
+
+    def _example(self, a: fx.Node, k: int) -> Any:
+        known = a.meta.get(_KNOWN)
+        if known is not None:
+            return known.values[k]
+        if a.op == "get_attr":  # a parameter, buffer or constant fx made
+            obj: Any = self.root
+            for part in str(a.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        return _MISSING
+
+    def _run(self, node: fx.Node, k: int) -> Any:
+        """``node``'s value on example ``k`` (:data:`_MISSING` if unknown or it fails)."""
+        missing: list[bool] = []
+
+        def value(a: Any) -> Any:
+            v = self._example(a, k)
+            if v is _MISSING:
+                missing.append(True)
+            return v.make() if isinstance(v, TensorSpec) else v
+
+        if node.op == "placeholder":
+            ex = (self.examples or {}).get(str(node.target))
+            v = _MISSING if ex is None else ex[k]
+            return v.make() if isinstance(v, TensorSpec) else v
+        if node.op not in ("call_function", "call_method", "call_module"):
+            return _MISSING
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), _modules_unpatched():
+                warnings.simplefilter("ignore")
+                # (parameters read as they are, not as the Proxies fx's patch makes)
+                args = fx.node.map_arg(node.args, value)
+                kwargs = fx.node.map_arg(node.kwargs, value)
+                if missing:
+                    return _MISSING
+                if node.op == "call_function":
+                    return cast(Callable[..., Any], node.target)(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+                return self.root.get_submodule(str(node.target))(*args, **kwargs)
+        except Exception:  # the example run is an aid: a failing op leaves the value unknown
+            return _MISSING
+
+    def _known(self, node: fx.Node) -> _Known | None:
+        first = self._run(node, 0)
+        if first is _MISSING:
+            return None
+        values = (first, self._run(node, 1))
+        if node.op == "placeholder" or _has_tensor(first):
+            return _Known(values, False, False)
+        meta, size = _metadata_read(node)
+        head = node.args[0] if node.args else None
+        static, sized = True, False
+        for a in node.all_input_nodes:
+            known = a.meta.get(_KNOWN)
+            if known is not None and known.static:
+                sized = sized or known.sized
+            elif meta and a is head:
+                sized = sized or size
+            else:
+                static = False
+        return _Known(values, static, sized)
+
+    def _decided(self, node: fx.Node, what: str, view: Callable[[Any], Any]) -> Any:
+        """``view`` of static node ``node``'s example value, recorded as a guard of ``what``
+        (a branch, a length); a ``TraceError`` if it differs at the other batch size."""
+        known = node.meta[_KNOWN]
+        where = _user_line()
+        first = view(known.values[0])
+        if known.sized:
+            if known.values[1] is _MISSING:
+                raise fx.proxy.TraceError(
+                    f"{what} on a size read from the input ({where}): gate_ cannot tell "
+                    "whether it depends on the batch size (the inputs share no batch "
+                    "dimension 0)"
+                )
+            other = view(known.values[1])
+            if other != first:
+                raise fx.proxy.TraceError(
+                    f"{what} on a size read from the input depends on the batch size "
+                    f"({where}: {first!r} for the example input, {other!r} at one more "
+                    "sample): a graph specialised to the example's batch size would be "
+                    "wrong for others"
+                )
+        self.guards.append(where)
+        return first
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on a value read from the inputs' shapes, dtypes or devices alone takes
+        the example's way (see the class); any other traced value is fx's error."""
+        known = obj.node.meta.get(_KNOWN)
+        if known is None or not known.static:
+            return bool(super().to_bool(obj))
+        self._resolved.append(obj.node)
+        return bool(self._decided(obj.node, "Python control flow", bool))
+
+    def static_length(self, node: fx.Node) -> int | None:
+        """The length of a traced shape (or tuple computed from shapes) of known rank, else
+        None."""
+        known = node.meta.get(_KNOWN)
+        if known is None or not known.static or not isinstance(known.values[0], tuple | list):
+            return None
+        return cast(int, self._decided(node, "a length", len))
+
+    def _remember_call(self, m: nn.Module, name: str, args: Any, kwargs: Any) -> None:
+        """The examples of ``m``'s call's arguments by name (first call; None once calls
+        differ), for :data:`_CALL_EXAMPLES`."""
+        try:
+            bound = inspect.signature(m.forward).bind(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            self._call_examples[name] = None
+            return
+        found: dict[str, Example] = {}
+        for k, v in bound.items():
+            known = v.node.meta.get(_KNOWN) if isinstance(v, fx.Proxy) else None
+            if known is not None:
+                found[k] = (_spec(known.values[0]), _spec(known.values[1]))
+        if name in self._call_examples and self._call_examples[name] != found:
+            self._call_examples[name] = None
+        else:
+            self._call_examples.setdefault(name, found)
+
+    def publish_examples(self) -> None:
+        """Make the examples each submodule was called with known to traces of it alone."""
+        if self.examples is not None:
+            _CALL_EXAMPLES[self.root] = self.examples
+        for name, found in self._call_examples.items():
+            _CALL_EXAMPLES[self.root.get_submodule(name)] = found
+
+    def drop_resolved(self) -> None:
+        """Erase the nodes of the branches decided while tracing (no code reads them), and
+        what only they read."""
+        gone: set[fx.Node] = set()
+        work = list(self._resolved)
+        while work:
+            n = work.pop()
+            if n in gone or n.users or n.op not in ("call_function", "call_method"):
+                continue
+            inputs = n.all_input_nodes
+            n.graph.erase_node(n)
+            gone.add(n)
+            work.extend(a for a in inputs if (k := a.meta.get(_KNOWN)) and k.static)
+        for call in self.calls:
+            call.nodes = [n for n in call.nodes if n not in gone]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque or isinstance(m, (ModelGating, *_LEAVES)):
@@ -232,6 +586,8 @@ class GateTracer(fx.Tracer):
         node = obj.node
         count = static_pieces(node)
         if count is None:
+            count = self.static_length(node)  # a traced shape of known rank: its sizes
+        if count is None:
             raise ProxyIterationError(f"{node.op} {_target_name(node)}", _is_shape(node))
         return iter([obj[i] for i in range(count)])  # type: ignore[index]
 
@@ -243,7 +599,9 @@ class GateTracer(fx.Tracer):
         """fx's trace, with the torch calls of :data:`_TRACED_CALLS` recorded as graph nodes
         when a traced value is among their arguments (see :func:`_traced_calls`)."""
         with _traced_calls():
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        self.drop_resolved()
+        return graph
 
     def call_module(
         self,
@@ -261,6 +619,8 @@ class GateTracer(fx.Tracer):
             moved = set(_forward_parameters(type(m))[len(args) : len(inp)])
             args, kwargs = inp, {k: v for k, v in kwargs.items() if k not in moved}
         last = next(iter(reversed(self.graph.nodes)), None)
+        if self.examples is not None and name:
+            self._remember_call(m, name, args, kwargs)
         try:
             result = super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -387,6 +747,8 @@ class TracedModel:
     calls: list[ModuleCall] = field(default_factory=list)
     # qualified names of the submodules that carry hooks of the user's (gatedprune.hooks)
     hooked: frozenset[str] = frozenset()
+    # the source lines whose Python branch the example inputs decided (GateTracer)
+    guards: list[str] = field(default_factory=list)
 
     @property
     def graph(self) -> fx.Graph:
@@ -401,6 +763,7 @@ def trace_model(
     concrete_args: dict[str, Any] | None = None,
     specialise: bool = True,
     inputs: int = 1,
+    examples: tuple[Tensor, ...] | tuple[TensorSpec, ...] | None = None,
 ) -> TracedModel:
     """Trace ``model`` with fx, turning submodules whose ``forward`` cannot be traced into
     opaque leaves (see the module docstring). The model is traced in eval mode whatever its
@@ -418,20 +781,28 @@ def trace_model(
     specialised graph keeps the arguments (by name) and checks their values when it runs.
     The first ``inputs`` parameters (the positional inputs ``gate_`` was given) are never
     fixed.
+    With ``examples`` (those inputs, or their :class:`TensorSpec`), Python control flow on
+    their shapes, dtypes and devices is traced as the examples run it (:class:`GateTracer`;
+    since 2026-12-08); a submodule traced alone after its model was is given the examples of
+    its first call.
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
     ['placeholder', 'call_module', 'call_module', 'output']
     """
+    given = _named_examples(model, examples) if examples is not None else None
+    if given is None:
+        given = _CALL_EXAMPLES.get(model)
+    trace = functools.partial(_trace, examples=given)
     params = list(inspect.signature(model.forward).parameters.values())[inputs:]
     fixed = {p.name: p.default for p in params if is_constant(p.default)}
     if concrete_args is not None or not specialise or not fixed:
-        return _trace(model, opaque, warn=warn, concrete_args=concrete_args)
+        return trace(model, opaque, warn=warn, concrete_args=concrete_args)
     nones = {k: v for k, v in fixed.items() if v is None}
     if nones == fixed:  # as before 2026-12-08
-        traced = _trace(model, opaque, warn=warn, concrete_args=None)
+        traced = trace(model, opaque, warn=warn, concrete_args=None)
         try:
-            special = _trace(model, traced.opaque, warn=False, concrete_args=nones)
+            special = trace(model, traced.opaque, warn=False, concrete_args=nones)
         except ValueError:
             return traced
         if _structure(special.graph) == _structure(traced.graph):
@@ -447,13 +818,13 @@ def trace_model(
     first: ValueError | None = None
     plain: TracedModel | None = None
     try:
-        plain = _trace(model, opaque, warn=False, concrete_args=None)
+        plain = trace(model, opaque, warn=False, concrete_args=None)
     except ValueError as e:
         first = e
     chosen, kept = plain, fixed
     full: TracedModel | None = None
     with suppress(ValueError):
-        full = _trace(model, opaque, warn=False, concrete_args=fixed)
+        full = trace(model, opaque, warn=False, concrete_args=fixed)
     flags = any(type(v) in (bool, str) for v in fixed.values())
     if full is not None and (plain is None or flags or not _same_trace(full, plain, fixed)):
         chosen = full
@@ -463,7 +834,7 @@ def trace_model(
             if not loose or trial == kept:
                 continue
             with suppress(ValueError):
-                other = _trace(model, opaque, warn=False, concrete_args=trial or None)
+                other = trace(model, opaque, warn=False, concrete_args=trial or None)
                 if _same_trace(other, chosen, fixed):
                     chosen, kept = other, trial
         if kept:
@@ -481,6 +852,28 @@ def trace_model(
                     stacklevel=2,
                 )
     return chosen
+
+
+def _named_examples(
+    model: nn.Module, examples: tuple[Tensor, ...] | tuple[TensorSpec, ...]
+) -> dict[str, Example]:
+    """The examples of ``model``'s first ``forward`` parameters by name, each at its batch
+    size and at one more sample (:data:`_MISSING` unless all share one batch dimension 0).
+
+    >>> ex = _named_examples(nn.Linear(2, 3), (torch.zeros(4, 2),))["input"]
+    >>> [e.shape for e in ex]
+    [(4, 2), (5, 2)]
+    """
+    specs = [e if isinstance(e, TensorSpec) else TensorSpec.of(e) for e in examples]
+    batches = {s.shape[0] if s.shape else 0 for s in specs}
+    names = list(inspect.signature(model.forward).parameters)[: len(specs)]
+    out: dict[str, Example] = {}
+    for name, spec in zip(names, specs, strict=False):
+        more: Any = _MISSING
+        if len(batches) == 1 and 0 not in batches:
+            more = TensorSpec((spec.shape[0] + 1, *spec.shape[1:]), spec.dtype, spec.device)
+        out[name] = (spec, more)
+    return out
 
 
 def _same_trace(a: TracedModel, b: TracedModel, names: dict[str, Any]) -> bool:
@@ -699,12 +1092,15 @@ def _trace(
     *,
     warn: bool,
     concrete_args: dict[str, Any] | None,
+    examples: dict[str, Example] | None = None,
 ) -> TracedModel:
     """One fx trace of ``model`` (see :func:`trace_model`)."""
     found: dict[str, str] = dict(opaque or {})
     with hooks_detached(model) as hooked_ids:  # not run on Proxies (hooks.hooks_detached)
         hooked = frozenset(p for p, m in model.named_modules() if id(m) in hooked_ids and p)
-        return _trace_detached(model, found, hooked, warn=warn, concrete_args=concrete_args)
+        return _trace_detached(
+            model, found, hooked, warn=warn, concrete_args=concrete_args, examples=examples
+        )
 
 
 def _trace_detached(
@@ -714,10 +1110,11 @@ def _trace_detached(
     *,
     warn: bool,
     concrete_args: dict[str, Any] | None,
+    examples: dict[str, Example] | None = None,
 ) -> TracedModel:
     """:func:`_trace` with the user's hooks taken off."""
     for _ in range(_MAX_OPAQUE):
-        tracer = GateTracer(set(found))
+        tracer = GateTracer(set(found), examples)
         modes = [(m, m.training) for m in model.modules()]
         for m, _ in modes:  # code reading `self.training` is traced as the eval-mode function
             m.training = False
@@ -753,7 +1150,9 @@ def _trace_detached(
             for name in set(vars(model)) - own:
                 if name.startswith("_tensor_constant"):
                     delattr(model, name)
-        return TracedModel(traced, found, tracer.calls, hooked)
+        if examples is not None:
+            tracer.publish_examples()
+        return TracedModel(traced, found, tracer.calls, hooked, tracer.guards)
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
 
 

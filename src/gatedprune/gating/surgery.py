@@ -42,7 +42,9 @@ from .blocks import ACTIVATION_TAILS, graph_writes, live_nodes
 from .channels import bias_attr, linear_operands, scale_chain, weight_source
 from .graph import (
     ModuleCall,
+    TensorSpec,
     TracedModel,
+    example_specs,
     inlined_calls,
     is_constant,
     keep_argument_names,
@@ -2007,6 +2009,7 @@ _PLAN_OPTIONAL: dict[str, type] = {
     "model": dict,  # fingerprint of the model it was exported from (fingerprint.py)
     "bound": dict,  # per rewritten scope: the optional arguments its calls fix
     "inputs": int,  # positional inputs gate_ was given (absent: one)
+    "examples": list,  # their shapes and dtypes, which tracing specialises to (absent: none)
     "checksum": str,  # of everything else: a plan edited after export_plan is refused
     # activations a residual branch ends in whose block gate value (not 0 or 1) is kept as a
     # GateScale (absent: none)
@@ -2059,6 +2062,8 @@ def _check_plan(plan: object) -> dict[str, Any]:
                 f"malformed plan: 'bound' of {scope!r} must map argument names to None, "
                 f"numbers or strings, got {fixed!r}"
             )
+    if "examples" in plan:
+        example_specs(plan["examples"], torch.device("cpu"))  # raises naming a bad entry
     n_inputs = plan.get("inputs", 1)
     if isinstance(n_inputs, bool) or n_inputs < 1:
         raise ValueError(
@@ -2423,6 +2428,16 @@ _POOLS = (*_GLOBAL_POOLS, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d
     nn.MaxPool3d)  # fmt: skip
 
 
+def _examples(model: nn.Module, plan: dict[str, Any]) -> tuple[TensorSpec, ...] | None:
+    """The example inputs the plan's model was gated with (on ``model``'s device), which
+    tracing specialises to; None for a plan without them (exported before 2026-12-08)."""
+    if "examples" not in plan:
+        return None
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    return example_specs(plan["examples"], device)
+
+
 def _check_graph(model: nn.Module, plan: dict[str, Any]) -> TracedModel | None:
     """Check the plan's graph nodes and channel groups against the dense model's trace.
 
@@ -2439,7 +2454,9 @@ def _check_graph(model: nn.Module, plan: dict[str, Any]) -> TracedModel | None:
     opaque = {**plan["opaque"], **{n: "replaced by the plan" for n in replaced}}
     scopes: list[str] = plan["scopes"]
     try:
-        traced = trace_model(model, opaque, warn=False, inputs=plan.get("inputs", 1))
+        traced = trace_model(
+            model, opaque, warn=False, inputs=plan.get("inputs", 1), examples=_examples(model, plan)
+        )
     except ValueError:
         if scopes:
             raise
@@ -3056,7 +3073,11 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         if source is not None and "graph" in source:  # traced as gate_ traced it
             try:
                 as_gated: TracedModel | None = trace_model(
-                    model, dict(plan["opaque"]), warn=False, inputs=plan.get("inputs", 1)
+                    model,
+                    dict(plan["opaque"]),
+                    warn=False,
+                    inputs=plan.get("inputs", 1),
+                    examples=_examples(model, plan),
                 )
             except ValueError:  # untraceable: only its structure can be compared
                 as_gated = None
@@ -3111,7 +3132,9 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     traced = (
         checked
         if same and checked is not None
-        else trace_model(model, opaque, warn=False, inputs=n_inputs)
+        else trace_model(
+            model, opaque, warn=False, inputs=n_inputs, examples=_examples(model, plan)
+        )
     )
     cut = {str(k): int(v) for k, v in plan["cut"].items()}
     erase = set(plan.get("erase", []))

@@ -1,0 +1,205 @@
+"""gate_ traces Python control flow on shapes, dtypes and devices as the example input runs it.
+
+Minimal replicas of Hugging Face transformers 5.25 code (the library is not imported): before
+2026-12-08 each pattern made fx fail, so the module was kept whole (no head gated).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gating_helpers import check_pruned, examples, randomise_gates
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.gating import GatingSummary, apply_plan, export_plan, gate_
+
+D = 16
+
+
+class HFAttention(nn.Module):
+    """Llama/BERT-style attention: the head shape built from ``hidden_states.shape[:-1]``."""
+
+    def __init__(self, d: int = D, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim = d // heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+
+    def forward(self, hidden_states: Tensor, mask: Tensor) -> Tensor:
+        # transformers/models/llama/modeling_llama.py:242
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, d)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, d)
+        # transformers/integrations/sdpa_attention.py:149
+        # is_causal = query.shape[2] > 1 and attention_mask is None and ...
+        q_length = q.shape[2]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) if q_length > 1 else v
+        b, t = tuple(hidden_states.shape[:2])
+        _, _, width = hidden_states.shape
+        out = o.transpose(1, 2).reshape(b, t, -1)  # (B, T, H * d)
+        return self.o_proj(out) if width == D else out
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = HFAttention()
+        self.up = nn.Linear(D, 32)
+        self.down = nn.Linear(32, D)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(x, mask)  # (B, T, D)
+        return x + self.down(F.gelu(self.up(x)))  # (B, T, D)
+
+
+class HFModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # transformers/models/vit/modeling_vit.py:369
+        expected_dtype = self.head.weight.dtype
+        if x.dtype != expected_dtype:
+            x = x.to(expected_dtype)
+        # transformers/models/t5/modeling_t5.py:473
+        if x.dtype == torch.float16:
+            x = x.clamp(-1000.0, 1000.0)
+        if x.device.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+            raise ValueError("unknown device")
+        # transformers/masking_utils.py:868 if batch_size != position_ids.shape[0]:
+        batch_size, t = x.shape[0], x.shape[1]
+        position_ids = torch.arange(t).expand(x.shape[0], -1)  # (B, T)
+        if batch_size != position_ids.shape[0]:
+            raise ValueError("batch sizes differ")
+        i = torch.arange(t)  # (T,)
+        mask = (i[None, :] <= i[:, None])[None, None]  # (1, 1, T, T)
+        for block in self.blocks:
+            x = block(x, mask)  # (B, T, D)
+        return self.head(x)  # (B, T, 3)
+
+
+def _heads(summary: GatingSummary) -> list[list[str]]:
+    return [summary.channel_groups[i][0] for i in summary.head_groups]
+
+
+@settings(max_examples=examples(4), deadline=None)
+@given(batch=st.integers(1, 3), t=st.integers(2, 5), seed=st.integers(0, 2**16))
+def test_hf_shape_and_dtype_branches_are_traced_and_heads_pruned_exactly(
+    batch: int, t: int, seed: int
+) -> None:
+    # before 2026-12-08: the model's own forward failed ("symbolically traced variables
+    # cannot be used as inputs to control flow"), and the attention was kept whole
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = HFModel()
+    x = torch.randn(batch, t, D, generator=gen)  # (B, T, D)
+    summary = gate_(model, x)
+    assert summary.opaque == {}, str(summary)
+    assert _heads(summary) == [[f"blocks.{i}.attn.{p}_proj" for p in "qkv"] for i in (0, 1)], str(
+        summary
+    )
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, HFModel, batches=(batch, batch + 2))
+
+
+def test_the_plan_keeps_the_example_shapes_and_dtypes() -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = HFModel()
+    x = torch.randn(2, 4, D, generator=gen)  # (B, T, D)
+    gate_(model, x)
+    randomise_gates(model, gen)
+    plan = json.loads(json.dumps(export_plan(model)))
+    assert plan["examples"] == [{"shape": [2, 4, D], "dtype": "torch.float32"}]
+    with pytest.raises(ValueError, match="malformed plan: each entry of 'examples'"):
+        apply_plan(HFModel(), {**plan, "examples": [{"shape": [2, 4, D], "dtype": "float"}]})
+
+
+class BatchOne(nn.Module):
+    """A branch taken because the batch has one sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D, 8)
+        self.down = nn.Linear(8, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)  # (B, 8)
+        if x.shape[0] == 1:
+            h = h * 2.0
+        return self.down(F.relu(h))  # (B, D)
+
+
+class BatchOneNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = BatchOne()
+        self.head = nn.Linear(D, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.inner(x))
+
+
+def test_a_branch_on_the_batch_size_is_refused_with_its_line() -> None:
+    # the example's batch of one would be baked in: the module is kept whole, not gated
+    model = BatchOneNet()
+    x = torch.randn(1, D)
+    with pytest.warns(UserWarning, match="depends on the batch size"):
+        summary = gate_(model, x)
+    why = summary.opaque["inner"]
+    assert "test_gate_shape_control_flow.py" in why, why
+    assert "if x.shape[0] == 1:" in why, why
+    assert summary.n_gates == 0
+    with torch.no_grad():  # the model computes as before, at every batch size
+        for b in (1, 3):
+            xb = torch.randn(b, D)
+            assert torch.equal(gp.prune(model)(xb), model(xb))
+
+
+def test_a_branch_on_the_batch_size_in_the_top_forward_is_an_error() -> None:
+    model = BatchOne()
+    with pytest.raises(ValueError, match=r"depends on the batch size .*if x.shape\[0\] == 1:"):
+        gate_(model, torch.randn(1, D))
+
+
+def test_the_same_branch_at_a_larger_batch_is_traced() -> None:
+    # at batch 2 the branch is not taken at 2 nor at 3: gated (the example's graph)
+    model = BatchOneNet()
+    summary = gate_(model, torch.randn(2, D))
+    assert summary.opaque == {}, str(summary)
+    assert summary.n_gates > 0, str(summary)
+
+
+class ValueBranch(nn.Module):
+    def __init__(self, item: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.item = item
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)  # (B, D)
+        if self.item:
+            if h.max().item() > 100.0:  # a tensor value read as a number
+                return h
+        elif h.sum() > 0:  # a tensor value
+            return h
+        return -h
+
+
+@pytest.mark.parametrize("item", [False, True])
+def test_control_flow_on_tensor_values_stays_an_error(item: bool) -> None:
+    model = nn.Sequential(ValueBranch(item), nn.Linear(D, 2))
+    with pytest.warns(UserWarning, match="control flow"):
+        summary = gate_(model, torch.randn(2, D))
+    assert "0" in summary.opaque, str(summary)
