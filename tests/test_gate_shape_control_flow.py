@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import gatedprune as gp
 from gatedprune.gating import GatingSummary, apply_plan, export_plan, gate_
+from gatedprune.gating.graph import trace_model
 
 D = 16
 
@@ -203,3 +204,124 @@ def test_control_flow_on_tensor_values_stays_an_error(item: bool) -> None:
     with pytest.warns(UserWarning, match="control flow"):
         summary = gate_(model, torch.randn(2, D))
     assert "0" in summary.opaque, str(summary)
+
+
+class QLenAttention(nn.Module):
+    """Attention whose forward branches on the query length (decoding one token skips the
+    causal mask), a module ``prune`` rewrites once a head is cut."""
+
+    def __init__(self, d: int = D, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim = d // heads
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden_shape = (*x.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(x).view(hidden_shape).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(hidden_shape).transpose(1, 2)  # (B, H, T, d)
+        v = self.v_proj(x).view(hidden_shape).transpose(1, 2)  # (B, H, T, d)
+        # transformers/integrations/sdpa_attention.py:149
+        # is_causal = query.shape[2] > 1 and attention_mask is None and ...
+        q_length = q.shape[2]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=q_length > 1)  # (B, H, T, d)
+        if q_length == 1:  # one token: no mask, as (transformers' generate) decoding does
+            o = o * 2.0
+        out = o.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, H * d)
+        return self.o_proj(out)  # (B, T, D)
+
+
+def test_a_pruned_rewrite_rechecks_the_branches_its_trace_took() -> None:
+    # before 2026-12-08 XX:XX: the pruned attention was the example's branch (q_length > 1)
+    # at every length: at length 1 it silently computed o instead of o * 2.0
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(QLenAttention(), nn.Linear(D, 3))
+    x = torch.randn(2, 4, D, generator=gen)  # (B, T, D)
+    summary = gate_(model, x)
+    assert summary.head_groups, str(summary)
+    gating = model.gatedprune
+    with torch.no_grad():  # close the first head for sure: the attention is rewritten
+        for gate in gating.group_gates:
+            gate.log_alpha.fill_(4.0)
+            gate.log_alpha[0] = -4.0
+    model.eval()
+    pruned = gp.prune(model)
+    assert isinstance(pruned[0], torch.fx.GraphModule), type(pruned[0])
+    with torch.no_grad():
+        for t in (3, 6):  # the example's branches: the same function
+            xt = torch.randn(2, t, D, generator=gen)  # (B, T, D)
+            assert (pruned(xt) - model(xt)).abs().max() <= 1e-5
+        one = torch.randn(2, 1, D, generator=gen)  # (B, 1, D): the other branches
+        with pytest.raises(ValueError, match=r"if q_length == 1:.*was False; this input's is True"):
+            pruned(one)
+        with pytest.raises(
+            ValueError, match=r"has 2 values at .*hidden_shape = .*this input has 1"
+        ):
+            pruned(torch.randn(2, D, generator=gen))  # (B, D): another rank
+    scripted = torch.jit.script(pruned)  # the guards compile
+    with torch.no_grad():
+        xt = torch.randn(2, 5, D, generator=gen)  # (B, T, D)
+        assert (scripted(xt) - model(xt)).abs().max() <= 1e-5
+        with pytest.raises(torch.jit.Error, match="if q_length == 1:"):
+            scripted(one)
+    again = nn.Sequential(QLenAttention(), nn.Linear(D, 3))
+    apply_plan(again, json.loads(json.dumps(export_plan(model))))
+    with pytest.raises(ValueError, match=r"if q_length == 1:"):
+        again(one)
+    dense, hard = gp.cost(pruned, x), gp.cost(model, x, hard=True)  # the guards cost nothing
+    assert (dense.flops, dense.params) == (int(hard.flops), int(hard.params))
+
+
+class Counting(nn.Module):
+    """A forward that writes into its own buffers (a step counter, a running statistic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.register_buffer("count", torch.tensor([7.0]))
+        self.register_buffer("last", torch.full((D,), 3.0))
+        self.register_buffer("scale", torch.full((D,), 1.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.count.add_(1.0)
+        self.last.copy_(x[0])
+        self.scale[:2].mul_(0.5)  # a view of a buffer
+        return self.lin(x) * self.scale  # (B, D)
+
+
+class Opaque(nn.Module):
+    """Kept whole (it counts its own cost) and writing into a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("seen", torch.full((D,), 5.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.copy_(x[0])
+        return x if x.sum() > 0 else -x  # (B, D)
+
+    def flops_of(self, inputs: tuple[Tensor, ...], output: Tensor) -> int:
+        return 0
+
+
+def test_gate_never_writes_into_the_model_state() -> None:
+    # before 2026-12-08 XX:XX: the example runs wrote into the buffers (zeros into `last`),
+    # and gate_'s runs of the model counted (7 -> 9)
+    torch.manual_seed(0)
+    model = nn.Sequential(Counting(), Opaque(), nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, D)  # (B, D)
+    trace_model(model, examples=(x,))  # the example runs alone
+    # (fx itself runs `self.count.add_(1.0)` and the `mul_`, whose arguments are no traced
+    # values; gate_ undoes that below)
+    for k in ("0.last", "1.seen"):
+        assert torch.equal(model.state_dict()[k], state[k]), (k, model.state_dict()[k])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = gate_(model, x)  # and its runs of the model
+    assert summary.n_gates > 0, str(summary)
+    after = {k: v for k, v in model.state_dict().items() if k in state}
+    for k, v in state.items():
+        assert torch.equal(after[k], v), (k, after[k], v)

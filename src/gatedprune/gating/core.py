@@ -2079,6 +2079,9 @@ def gate_(
     ``filter_fn(module, name)`` returning False leaves a channel group (asked for each producer
     Linear/Conv) or a residual block (asked for the module whose forward holds the add) ungated.
 
+    gate_ leaves the model's buffers as it found them (a forward's in-place updates, a step
+    counter, during its runs of the model are undone; since 2026-12-08).
+
     >>> import torch, gatedprune
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> summary = gate_(net, torch.zeros(2, 4))
@@ -2086,6 +2089,37 @@ def gate_(
     8
     >>> small = gatedprune.prune(net.eval())
     """
+    kept = (
+        [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, nn.Module) else []
+    )
+    try:
+        return _gate(
+            model,
+            example_input,
+            channels=channels,
+            blocks=blocks,
+            shortcuts=shortcuts,
+            gate=gate,
+            filter_fn=filter_fn,
+        )
+    finally:
+        with torch.no_grad():
+            for b, before in kept:  # a forward's in-place updates (a step counter) undone
+                if b.shape == before.shape and b.dtype == before.dtype:
+                    b.copy_(before)
+
+
+def _gate(
+    model: nn.Module,
+    example_input: Tensor | tuple[Tensor, ...],
+    *,
+    channels: bool = True,
+    blocks: bool = True,
+    shortcuts: str | None = None,
+    gate: GateKind = "hard_concrete",
+    filter_fn: FilterFn | None = None,
+) -> GatingSummary:
+    """:func:`gate_` without restoring the model's buffers."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"gate_ expects a torch.nn.Module, got {type(model).__name__}")
     inputs = tensor_inputs(model, example_input, "gate_")

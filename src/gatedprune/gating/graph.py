@@ -12,6 +12,7 @@ model's own ``forward`` is an error.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import linecache
@@ -60,6 +61,8 @@ __all__ = [
     "ModuleCall",
     "TensorSpec",
     "TracedModel",
+    "check_branch",
+    "check_length",
     "costs_scale_with_batch",
     "example_entries",
     "example_specs",
@@ -379,6 +382,39 @@ def _user_line() -> str:
     return "an unknown line"
 
 
+@fx.node.has_side_effect
+def check_branch(value: bool, expected: bool, where: str) -> None:
+    """The runtime guard of a Python branch that tracing took as the example input ran it
+    (:class:`GateTracer`): ``ValueError`` naming the source line ``where`` if ``value`` (the
+    condition, computed from this input's shapes, dtypes or devices) differs from the
+    example's ``expected``. Graphs ``prune`` rewrites call it where the branch was.
+
+    >>> check_branch(3 > 1, True, "model.py:7: if q_len > 1:")
+    """
+    if value != expected:
+        raise ValueError(
+            f"the pruned model's code was traced with the example input, whose branch at "
+            f"{where} was {expected}; this input's is {value}: run the pruned model on inputs "
+            "that take the example's branches (gate_ another example for other sizes)"
+        )
+
+
+@fx.node.has_side_effect
+def check_length(value: list[int], expected: int, where: str) -> None:
+    """The runtime guard of unpacking a traced shape (``(*x.shape[:-1], -1, d)``), whose
+    length tracing took from the example input: ``ValueError`` naming the source line
+    ``where`` if ``value`` has another length than ``expected``.
+
+    >>> check_length([2, 5], 2, "model.py:9: shape = (*x.shape[:-1], -1, 4)")
+    """
+    if len(value) != expected:
+        raise ValueError(
+            f"the pruned model's code was traced with the example input, which has "
+            f"{expected} values at {where}; this input has {len(value)}: run the pruned "
+            "model on inputs of the example's rank (gate_ another example for others)"
+        )
+
+
 class GateTracer(fx.Tracer):
     """fx tracer that keeps ``opaque`` submodules whole, remembers where tracing failed and
     records every submodule call (:class:`ModuleCall`).
@@ -387,10 +423,13 @@ class GateTracer(fx.Tracer):
     size and at that plus one, tensors as :class:`TensorSpec`), every node also computes its
     value on them (``node.meta``): Python control flow on values that read only shapes,
     dtypes and devices (``if x.dtype != torch.float16:``, ``if q_len == 1:``) takes the
-    example's branch (a guard, listed in ``guards``), and a traced shape of known rank can be
-    iterated (``(*x.shape[:-1], -1, d)``). A branch on a size that differs between the two
-    batch sizes is a ``TraceError`` naming the line; control flow on tensor values stays
-    one."""
+    example's branch (a guard, listed in ``guards`` and recorded as a :func:`check_branch`
+    node, which re-checks it whenever a rewritten graph runs), and a traced shape of known
+    rank can be iterated (``(*x.shape[:-1], -1, d)``, a :func:`check_length` node). The
+    example runs never write into the model: parameters and buffers are read as copies, and
+    a module fx keeps whole runs as a copy unless torch or gatedprune defines it. A branch
+    on a size that differs between the two batch sizes is a ``TraceError`` naming the line;
+    control flow on tensor values stays one."""
 
     def __init__(
         self, opaque: set[str] | None = None, examples: dict[str, Example] | None = None
@@ -401,8 +440,9 @@ class GateTracer(fx.Tracer):
         self.calls: list[ModuleCall] = []
         self.examples = examples
         self.guards: list[str] = []  # the source lines whose branch the examples decided
-        self._resolved: list[fx.Node] = []
         self._call_examples: dict[str, dict[str, Example] | None] = {}
+        # per example (0, 1): copies of the parameters/buffers and modules its runs read
+        self._copies: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
 
     def create_proxy(
         self,
@@ -426,11 +466,27 @@ class GateTracer(fx.Tracer):
         if known is not None:
             return known.values[k]
         if a.op == "get_attr":  # a parameter, buffer or constant fx made
-            obj: Any = self.root
-            for part in str(a.target).split("."):
-                obj = getattr(obj, part)
-            return obj
+            copies = self._copies[k]
+            target = str(a.target)
+            if target not in copies:  # a copy: an in-place op of the forward's writes into it
+                obj: Any = self.root
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+                copies[target] = obj.detach().clone() if isinstance(obj, Tensor) else obj
+            return copies[target]
         return _MISSING
+
+    def _module(self, target: str, k: int) -> nn.Module:
+        """The submodule ``target`` that example ``k`` runs: itself if torch or gatedprune
+        defines it (their forwards write no state in eval mode), else a copy."""
+        m = self.root.get_submodule(target)
+        if type(m).__module__.split(".")[0] in ("torch", "gatedprune"):
+            return m
+        copies = self._copies[k]
+        key = "module:" + target
+        if key not in copies:
+            copies[key] = copy.deepcopy(m)
+        return cast(nn.Module, copies[key])
 
     def _run(self, node: fx.Node, k: int) -> Any:
         """``node``'s value on example ``k`` (:data:`_MISSING` if unknown or it fails)."""
@@ -460,7 +516,7 @@ class GateTracer(fx.Tracer):
                     return cast(Callable[..., Any], node.target)(*args, **kwargs)
                 if node.op == "call_method":
                     return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-                return self.root.get_submodule(str(node.target))(*args, **kwargs)
+                return self._module(str(node.target), k)(*args, **kwargs)
         except Exception:  # the example run is an aid: a failing op leaves the value unknown
             return _MISSING
 
@@ -514,8 +570,13 @@ class GateTracer(fx.Tracer):
         known = obj.node.meta.get(_KNOWN)
         if known is None or not known.static:
             return bool(super().to_bool(obj))
-        self._resolved.append(obj.node)
-        return bool(self._decided(obj.node, "Python control flow", bool))
+        taken = bool(self._decided(obj.node, "Python control flow", bool))
+        value = obj.node
+        if not isinstance(known.values[0], bool):  # (``if x.ndim:``)
+            value = self.create_node("call_function", bool, (value,), {})
+        # re-checked whenever a rewritten graph runs (the gated model runs the user's code)
+        self.create_node("call_function", check_branch, (value, taken, self.guards[-1]), {})
+        return taken
 
     def static_length(self, node: fx.Node) -> int | None:
         """The length of a traced shape (or tuple computed from shapes) of known rank, else
@@ -523,7 +584,9 @@ class GateTracer(fx.Tracer):
         known = node.meta.get(_KNOWN)
         if known is None or not known.static or not isinstance(known.values[0], tuple | list):
             return None
-        return cast(int, self._decided(node, "a length", len))
+        count = cast(int, self._decided(node, "a length", len))
+        self.create_node("call_function", check_length, (node, count, self.guards[-1]), {})
+        return count
 
     def _remember_call(self, m: nn.Module, name: str, args: Any, kwargs: Any) -> None:
         """The examples of ``m``'s call's arguments by name (first call; None once calls
@@ -549,22 +612,6 @@ class GateTracer(fx.Tracer):
             _CALL_EXAMPLES[self.root] = self.examples
         for name, found in self._call_examples.items():
             _CALL_EXAMPLES[self.root.get_submodule(name)] = found
-
-    def drop_resolved(self) -> None:
-        """Erase the nodes of the branches decided while tracing (no code reads them), and
-        what only they read."""
-        gone: set[fx.Node] = set()
-        work = list(self._resolved)
-        while work:
-            n = work.pop()
-            if n in gone or n.users or n.op not in ("call_function", "call_method"):
-                continue
-            inputs = n.all_input_nodes
-            n.graph.erase_node(n)
-            gone.add(n)
-            work.extend(a for a in inputs if (k := a.meta.get(_KNOWN)) and k.static)
-        for call in self.calls:
-            call.nodes = [n for n in call.nodes if n not in gone]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque or isinstance(m, (ModelGating, *_LEAVES)):
@@ -599,9 +646,7 @@ class GateTracer(fx.Tracer):
         """fx's trace, with the torch calls of :data:`_TRACED_CALLS` recorded as graph nodes
         when a traced value is among their arguments (see :func:`_traced_calls`)."""
         with _traced_calls():
-            graph = super().trace(root, concrete_args)
-        self.drop_resolved()
-        return graph
+            return super().trace(root, concrete_args)
 
     def call_module(
         self,
