@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from gating_helpers import check_pruned, examples, randomise_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_gate_param_modules import Conv1D
 from torch import Tensor, nn
 
 import gatedprune as gp
@@ -325,3 +326,59 @@ def test_gate_never_writes_into_the_model_state() -> None:
     after = {k: v for k, v in model.state_dict().items() if k in state}
     for k, v in state.items():
         assert torch.equal(after[k], v), (k, after[k], v)
+
+
+class GPT2Attention5(nn.Module):
+    """transformers 5.25's GPT2Attention (eager, no cache): the head shape unpacked from the
+    split's traced shape, with the fused projection a ``Conv1D`` whose ``nf`` stays the dense
+    width once sliced (so the example input run through the sliced layer fails)."""
+
+    def __init__(self, d: int = D, heads: int = 4) -> None:
+        super().__init__()
+        self.head_dim, self.split_size = d // heads, d
+        self.c_attn, self.c_proj = Conv1D(3 * d, d), Conv1D(d, d)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        # transformers/models/gpt2/modeling_gpt2.py:187-193
+        q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        shape_kv = (*k.shape[:-1], -1, self.head_dim)
+        k = k.view(shape_kv).transpose(1, 2)  # (B, H, T, hd)
+        v = v.view(shape_kv).transpose(1, 2)  # (B, H, T, hd)
+        shape_q = (*q.shape[:-1], -1, self.head_dim)
+        q = q.view(shape_q).transpose(1, 2)  # (B, H, T, hd)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        # transformers/models/gpt2/modeling_gpt2.py:216
+        o = o.transpose(1, 2).reshape(*o.shape[:-3], o.shape[-2], -1).contiguous()
+        return self.c_proj(o)  # (B, T, d)
+
+
+class GPT2Like(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = nn.ModuleList([GPT2Attention5(), GPT2Attention5()])
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for attn in self.h:
+            x = x + attn(x)  # (B, T, D)
+        return self.head(x)  # (B, T, 3)
+
+
+@settings(max_examples=examples(3), deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_gpt2_attention_prunes_when_its_sliced_layers_fail_on_the_example(seed: int) -> None:
+    # before 2026-12-08 XX:XX: prune traced the model again after slicing its layers; the
+    # example run through the sliced Conv1D failed, the head shape's unpacking was unknown,
+    # the attention kept whole: "the plan names graph nodes the model does not have"
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = GPT2Like()
+    x = torch.randn(2, 5, D, generator=gen)  # (B, T, D)
+    summary = gate_(model, x)
+    assert summary.opaque == {}, str(summary)
+    assert len(summary.head_groups) == 2, str(summary)
+    randomise_gates(model, gen)
+    with torch.no_grad():  # a head closed in each attention for sure
+        for i in summary.head_groups:
+            model.gatedprune.group_gates[i].log_alpha[0] = -4.0
+    check_pruned(model, x, gen, GPT2Like, batches=(2, 3))

@@ -271,6 +271,13 @@ _SIZE_READS = frozenset({"shape", "size", "numel", "nelement"})
 _CALL_EXAMPLES: weakref.WeakKeyDictionary[nn.Module, dict[str, Example] | None] = (
     weakref.WeakKeyDictionary()
 )
+# modules traced with examples -> the branches and lengths they decided in their code (and in
+# their submodules'), by (what, source line): for a later trace in which the example run fails
+# (prune's traces of sliced layers, whose attributes such as a Conv1D's nf keep dense sizes)
+_DECISIONS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_STATIC = "gatedprune_static"  # node.meta key: computed from metadata reads alone
 
 
 _DTYPES = {
@@ -443,6 +450,10 @@ class GateTracer(fx.Tracer):
         self._call_examples: dict[str, dict[str, Example] | None] = {}
         # per example (0, 1): copies of the parameters/buffers and modules its runs read
         self._copies: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
+        self._stack: list[str] = []  # the submodules whose forward is being traced
+        # per module ("" the root): what its code decided (see _DECISIONS; _MISSING: calls
+        # that decided differently)
+        self._decisions: dict[str, dict[tuple[str, str], Any]] = {}
 
     def create_proxy(
         self,
@@ -455,6 +466,13 @@ class GateTracer(fx.Tracer):
         proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None,
     ) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        meta, _ = _metadata_read(node)
+        head = node.args[0] if node.args else None
+        inputs = node.all_input_nodes
+        node.meta[_STATIC] = node.op in ("call_function", "call_method") and all(
+            a.meta.get(_STATIC) or (meta and a is head) for a in inputs
+        )
         if self.examples is not None:
             known = self._known(proxy.node)
             if known is not None:
@@ -540,11 +558,32 @@ class GateTracer(fx.Tracer):
                 static = False
         return _Known(values, static, sized)
 
-    def _decided(self, node: fx.Node, what: str, view: Callable[[Any], Any]) -> Any:
+    def _decide(self, node: fx.Node, what: str, view: Callable[[Any], Any]) -> Any:
+        """``view`` of ``node``'s value if the examples decide it (:meth:`_decided`), or, when
+        their run failed, if an earlier trace of this module decided it at the same source
+        line (:data:`_DECISIONS`), recorded as a guard of ``what``; else :data:`_MISSING`."""
+        known = node.meta.get(_KNOWN)
+        if known is not None and known.static:
+            where = _user_line()
+            value = self._decided(node, what, view, where)
+        elif known is None and node.meta.get(_STATIC):
+            where = _user_line()
+            value = _DECISIONS.get(self.root, {}).get((what, where), _MISSING)
+            if value is _MISSING:
+                return _MISSING
+            self.guards.append(where)
+        else:
+            return _MISSING
+        for scope in ("", *self._stack):
+            seen = self._decisions.setdefault(scope, {})
+            if seen.setdefault((what, where), value) != value:
+                seen[(what, where)] = _MISSING
+        return value
+
+    def _decided(self, node: fx.Node, what: str, view: Callable[[Any], Any], where: str) -> Any:
         """``view`` of static node ``node``'s example value, recorded as a guard of ``what``
         (a branch, a length); a ``TraceError`` if it differs at the other batch size."""
         known = node.meta[_KNOWN]
-        where = _user_line()
         first = view(known.values[0])
         if known.sized:
             if known.values[1] is _MISSING:
@@ -567,12 +606,13 @@ class GateTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         """A branch on a value read from the inputs' shapes, dtypes or devices alone takes
         the example's way (see the class); any other traced value is fx's error."""
-        known = obj.node.meta.get(_KNOWN)
-        if known is None or not known.static:
+        decided = self._decide(obj.node, "Python control flow", bool)
+        if decided is _MISSING:
             return bool(super().to_bool(obj))
-        taken = bool(self._decided(obj.node, "Python control flow", bool))
+        taken = bool(decided)
         value = obj.node
-        if not isinstance(known.values[0], bool):  # (``if x.ndim:``)
+        known = obj.node.meta.get(_KNOWN)
+        if known is None or not isinstance(known.values[0], bool):  # (``if x.ndim:``)
             value = self.create_node("call_function", bool, (value,), {})
         # re-checked whenever a rewritten graph runs (the gated model runs the user's code)
         self.create_node("call_function", check_branch, (value, taken, self.guards[-1]), {})
@@ -582,9 +622,12 @@ class GateTracer(fx.Tracer):
         """The length of a traced shape (or tuple computed from shapes) of known rank, else
         None."""
         known = node.meta.get(_KNOWN)
-        if known is None or not known.static or not isinstance(known.values[0], tuple | list):
+        if known is not None and not isinstance(known.values[0], tuple | list):
             return None
-        count = cast(int, self._decided(node, "a length", len))
+        decided = self._decide(node, "a length", len)
+        if decided is _MISSING:
+            return None
+        count = cast(int, decided)
         self.create_node("call_function", check_length, (node, count, self.guards[-1]), {})
         return count
 
@@ -612,6 +655,9 @@ class GateTracer(fx.Tracer):
             _CALL_EXAMPLES[self.root] = self.examples
         for name, found in self._call_examples.items():
             _CALL_EXAMPLES[self.root.get_submodule(name)] = found
+        for name, decided in self._decisions.items():
+            known = {k: v for k, v in decided.items() if v is not _MISSING}
+            _DECISIONS[self.root.get_submodule(name) if name else self.root] = known
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque or isinstance(m, (ModelGating, *_LEAVES)):
@@ -666,12 +712,15 @@ class GateTracer(fx.Tracer):
         last = next(iter(reversed(self.graph.nodes)), None)
         if self.examples is not None and name:
             self._remember_call(m, name, args, kwargs)
+        self._stack.append(name)
         try:
             result = super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost module whose forward failed
                 self.failed_in = name
             raise
+        finally:
+            self._stack.pop()
         nodes: list[fx.Node] = []
         for n in reversed(self.graph.nodes):  # fx appends: the call's nodes come last
             if n is last:

@@ -3069,10 +3069,11 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             )
     _check_hooks_kept(model, plan)
     switched = prepare_encoders(model)
+    as_gated: TracedModel | None = None
     try:
         if source is not None and "graph" in source:  # traced as gate_ traced it
             try:
-                as_gated: TracedModel | None = trace_model(
+                as_gated = trace_model(
                     model,
                     dict(plan["opaque"]),
                     warn=False,
@@ -3090,6 +3091,16 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         checked = _check_graph(model, plan) if check_graph else None
         if check_graph:
             _check_head_slices(model, plan, _dry_run_sizes(checked, plan))
+        elif plan["scopes"] and not layers and not attentions:
+            # traced before the slicing below, as gate_ traced it: the example inputs run
+            # through sliced layers would fail, and the branches they decide stay unknown
+            checked = as_gated or trace_model(
+                model,
+                dict(plan["opaque"]),
+                warn=False,
+                inputs=plan.get("inputs", 1),
+                examples=_examples(model, plan),
+            )
     except BaseException:
         for m, cls in switched:  # leave the model as it was
             m.__class__ = cls
