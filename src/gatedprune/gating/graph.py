@@ -245,6 +245,7 @@ class TensorSpec:
 Example = tuple[Any, Any]
 _MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()
 _KNOWN = "gatedprune_example"  # node.meta key of a _Known
+_DONE = "gatedprune_example_done"  # node.meta key: its _Known was computed (if known)
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,8 @@ _META_METHODS = frozenset(
     {"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex"}
 )
 _SIZE_READS = frozenset({"shape", "size", "numel", "nelement"})
-# modules traced with examples -> per forward argument, the example its first call was given
-# (None: calls with different examples), for a trace of the module alone (local_trace)
+# models traced with examples -> per forward argument, its example, for a later trace of the
+# model without them (a submodule traced alone takes its decisions from _DECISIONS)
 _CALL_EXAMPLES: weakref.WeakKeyDictionary[nn.Module, dict[str, Example] | None] = (
     weakref.WeakKeyDictionary()
 )
@@ -427,16 +428,16 @@ class GateTracer(fx.Tracer):
     records every submodule call (:class:`ModuleCall`).
 
     With ``examples`` (per ``forward`` argument, its example at the example input's batch
-    size and at that plus one, tensors as :class:`TensorSpec`), every node also computes its
-    value on them (``node.meta``): Python control flow on values that read only shapes,
-    dtypes and devices (``if x.dtype != torch.float16:``, ``if q_len == 1:``) takes the
-    example's branch (a guard, listed in ``guards`` and recorded as a :func:`check_branch`
-    node, which re-checks it whenever a rewritten graph runs), and a traced shape of known
-    rank can be iterated (``(*x.shape[:-1], -1, d)``, a :func:`check_length` node). The
-    example runs never write into the model: parameters and buffers are read as copies, and
-    a module fx keeps whole runs as a copy unless torch or gatedprune defines it. A branch
-    on a size that differs between the two batch sizes is a ``TraceError`` naming the line;
-    control flow on tensor values stays one."""
+    size and at that plus one, tensors as :class:`TensorSpec`), the nodes compute their
+    values on them when a branch or an unpacking asks (``node.meta``): Python control flow
+    on values that read only shapes, dtypes and devices (``if x.dtype != torch.float16:``,
+    ``if q_len == 1:``) takes the example's branch (a guard, listed in ``guards`` and
+    recorded as a :func:`check_branch` node, which re-checks it whenever a rewritten graph
+    runs), and a traced shape of known rank can be iterated (``(*x.shape[:-1], -1, d)``, a
+    :func:`check_length` node). The example runs never write into the model: parameters and
+    buffers are read as copies, and a module fx keeps whole runs as a copy unless torch or
+    gatedprune defines it. A branch on a size that differs between the two batch sizes is a
+    ``TraceError`` naming the line; control flow on tensor values stays one."""
 
     def __init__(
         self, opaque: set[str] | None = None, examples: dict[str, Example] | None = None
@@ -447,7 +448,7 @@ class GateTracer(fx.Tracer):
         self.calls: list[ModuleCall] = []
         self.examples = examples
         self.guards: list[str] = []  # the source lines whose branch the examples decided
-        self._call_examples: dict[str, dict[str, Example] | None] = {}
+        self._cursor: fx.Node | None = None  # the last node whose example value is computed
         # per example (0, 1): copies of the parameters/buffers and modules its runs read
         self._copies: tuple[dict[str, Any], dict[str, Any]] = ({}, {})
         self._stack: list[str] = []  # the submodules whose forward is being traced
@@ -473,11 +474,24 @@ class GateTracer(fx.Tracer):
         node.meta[_STATIC] = node.op in ("call_function", "call_method") and all(
             a.meta.get(_STATIC) or (meta and a is head) for a in inputs
         )
-        if self.examples is not None:
-            known = self._known(proxy.node)
-            if known is not None:
-                proxy.node.meta[_KNOWN] = known
         return proxy
+
+    def _known_of(self, node: fx.Node) -> _Known | None:
+        """What ``node`` computes on the examples (None if unknown): computed when a branch
+        or an unpacking asks, for it and every node traced before it (in order, once)."""
+        if self.examples is None:
+            return None
+        if self._cursor is None or not self._cursor.meta.get(_DONE):
+            n = next(iter(self.graph.nodes))
+        else:
+            n = self._cursor.next
+        while not node.meta.get(_DONE) and n.op != "root":
+            known = self._known(n)
+            if known is not None:
+                n.meta[_KNOWN] = known
+            n.meta[_DONE] = True
+            self._cursor, n = n, n.next
+        return cast(_Known | None, node.meta.get(_KNOWN))
 
     def _example(self, a: fx.Node, k: int) -> Any:
         known = a.meta.get(_KNOWN)
@@ -559,13 +573,17 @@ class GateTracer(fx.Tracer):
         return _Known(values, static, sized)
 
     def _decide(self, node: fx.Node, what: str, view: Callable[[Any], Any]) -> Any:
-        """``view`` of ``node``'s value if the examples decide it (:meth:`_decided`), or, when
-        their run failed, if an earlier trace of this module decided it at the same source
-        line (:data:`_DECISIONS`), recorded as a guard of ``what``; else :data:`_MISSING`."""
-        known = node.meta.get(_KNOWN)
+        """``(view of node's value, whether the value is a bool)`` if the examples decide it
+        (:meth:`_decided`), or, when their run failed, if an earlier trace of this module
+        decided it at the same source line (:data:`_DECISIONS`), recorded as a guard of
+        ``what``; else :data:`_MISSING`."""
+        known = self._known_of(node)
         if known is not None and known.static:
             where = _user_line()
-            value = self._decided(node, what, view, where)
+            value = (
+                self._decided(node, what, view, where),
+                isinstance(known.values[0], bool),
+            )
         elif known is None and node.meta.get(_STATIC):
             where = _user_line()
             value = _DECISIONS.get(self.root, {}).get((what, where), _MISSING)
@@ -609,10 +627,9 @@ class GateTracer(fx.Tracer):
         decided = self._decide(obj.node, "Python control flow", bool)
         if decided is _MISSING:
             return bool(super().to_bool(obj))
-        taken = bool(decided)
+        taken, is_bool = cast(tuple[bool, bool], decided)
         value = obj.node
-        known = obj.node.meta.get(_KNOWN)
-        if known is None or not isinstance(known.values[0], bool):  # (``if x.ndim:``)
+        if not is_bool:  # (``if x.ndim:``)
             value = self.create_node("call_function", bool, (value,), {})
         # re-checked whenever a rewritten graph runs (the gated model runs the user's code)
         self.create_node("call_function", check_branch, (value, taken, self.guards[-1]), {})
@@ -621,40 +638,21 @@ class GateTracer(fx.Tracer):
     def static_length(self, node: fx.Node) -> int | None:
         """The length of a traced shape (or tuple computed from shapes) of known rank, else
         None."""
-        known = node.meta.get(_KNOWN)
+        known = self._known_of(node)
         if known is not None and not isinstance(known.values[0], tuple | list):
             return None
         decided = self._decide(node, "a length", len)
         if decided is _MISSING:
             return None
-        count = cast(int, decided)
+        count = cast(tuple[int, bool], decided)[0]
         self.create_node("call_function", check_length, (node, count, self.guards[-1]), {})
         return count
 
-    def _remember_call(self, m: nn.Module, name: str, args: Any, kwargs: Any) -> None:
-        """The examples of ``m``'s call's arguments by name (first call; None once calls
-        differ), for :data:`_CALL_EXAMPLES`."""
-        try:
-            bound = inspect.signature(m.forward).bind(*args, **kwargs).arguments
-        except (TypeError, ValueError):
-            self._call_examples[name] = None
-            return
-        found: dict[str, Example] = {}
-        for k, v in bound.items():
-            known = v.node.meta.get(_KNOWN) if isinstance(v, fx.Proxy) else None
-            if known is not None:
-                found[k] = (_spec(known.values[0]), _spec(known.values[1]))
-        if name in self._call_examples and self._call_examples[name] != found:
-            self._call_examples[name] = None
-        else:
-            self._call_examples.setdefault(name, found)
-
     def publish_examples(self) -> None:
-        """Make the examples each submodule was called with known to traces of it alone."""
+        """Make the examples known to later traces of the model, and what each module's code
+        decided to traces of it alone (:data:`_DECISIONS`)."""
         if self.examples is not None:
             _CALL_EXAMPLES[self.root] = self.examples
-        for name, found in self._call_examples.items():
-            _CALL_EXAMPLES[self.root.get_submodule(name)] = found
         for name, decided in self._decisions.items():
             known = {k: v for k, v in decided.items() if v is not _MISSING}
             _DECISIONS[self.root.get_submodule(name) if name else self.root] = known
@@ -710,8 +708,6 @@ class GateTracer(fx.Tracer):
             moved = set(_forward_parameters(type(m))[len(args) : len(inp)])
             args, kwargs = inp, {k: v for k, v in kwargs.items() if k not in moved}
         last = next(iter(reversed(self.graph.nodes)), None)
-        if self.examples is not None and name:
-            self._remember_call(m, name, args, kwargs)
         self._stack.append(name)
         try:
             result = super().call_module(m, forward, args, kwargs)
@@ -877,8 +873,9 @@ def trace_model(
     fixed.
     With ``examples`` (those inputs, or their :class:`TensorSpec`), Python control flow on
     their shapes, dtypes and devices is traced as the examples run it (:class:`GateTracer`;
-    since 2026-12-08); a submodule traced alone after its model was is given the examples of
-    its first call.
+    since 2026-12-08); a submodule traced alone after its model was takes the branches that
+    trace decided in its code (at the same source lines), and so does a trace whose example
+    run fails.
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
