@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import gatedprune
 from gatedprune.gating import InsertedGating, gate_
+from gatedprune.gating.graph import trace_model
 
 
 class Residual(nn.Module):
@@ -205,12 +206,13 @@ class UnpackedShape(nn.Module):
 @pytest.mark.parametrize("spelled_out", [False, True])
 def test_an_unpacked_shape_gets_a_hint(spelled_out: bool) -> None:
     # the hint's own suggestion traces; before, only fx's generic "Proxy object cannot be
-    # iterated" message
+    # iterated" message. Since 2026-12-08 XX:XX gate_ unpacks the shape (its rank is the
+    # example input's); a trace without an example still gives the hint
     model = nn.Sequential(UnpackedShape(spelled_out), nn.Linear(8, 2))
+    summary = gate_(model, torch.randn(2, 5, 8))
+    assert not summary.opaque, str(summary)
     if spelled_out:
-        summary = gate_(model, torch.randn(2, 5, 8))
-        assert not summary.opaque
         return
     with pytest.warns(UserWarning, match="write the dimensions out"):
-        summary = gate_(model, torch.randn(2, 5, 8))
-    assert "x.view(x.size(0), x.size(1), -1, self.head_dim)" in summary.opaque["0"]
+        traced = trace_model(nn.Sequential(UnpackedShape(spelled_out), nn.Linear(8, 2)))
+    assert "x.view(x.size(0), x.size(1), -1, self.head_dim)" in traced.opaque["0"]
