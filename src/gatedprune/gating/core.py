@@ -45,7 +45,7 @@ from ..hooks import (
 )
 from ..inputs import as_shapes, tensor_inputs
 from ..layout import check_flag
-from .blocks import ACTIVATION_TAILS, Block, find_blocks, node_label, outermost
+from .blocks import Block, find_blocks, node_label, outermost
 from .channels import (
     ChannelAnalysis,
     ChannelGroup,
@@ -2047,6 +2047,25 @@ def _attention_output_use(node: fx.Node) -> str | None:
     return None
 
 
+def _wraps(traced: TracedModel) -> dict[fx.Node, str]:
+    """The values returned by the calls of modules traced through (not leaves) that are
+    called once and could stay a call of their module in rewritten code (see
+    :func:`hooked_call_problem`): result node -> the innermost such module's name. A residual
+    branch ending in an activation that cannot carry its gate (ultralytics' shared
+    ``Conv.default_act``, ``F.silu``) is gated on that module's output, ``x + g * m(h)``."""
+    counts: dict[str, int] = {}
+    for c in traced.calls:
+        counts[c.path] = counts.get(c.path, 0) + 1
+    out: dict[fx.Node, str] = {}
+    # outer calls first, so that an inner one returning the same value replaces them
+    for c in sorted(traced.calls, key=lambda c: (-len(c.nodes), c.path.count("."))):
+        if not c.path or counts[c.path] != 1 or c.path in traced.opaque or is_leaf_call(c):
+            continue
+        if isinstance(c.result, fx.Node) and hooked_call_problem(c) is None:
+            out[c.result] = c.path
+    return out
+
+
 def gate_(
     model: nn.Module,
     example_input: Tensor | tuple[Tensor, ...],
@@ -2248,7 +2267,9 @@ def gate_(
         if pl.out_atoms is not None and pl.weight not in conflicts
     }
     found, skipped = (
-        find_blocks(gm, record, traced.opaque, param_ends) if (blocks or shortcuts) else ([], [])
+        find_blocks(gm, record, traced.opaque, param_ends, _wraps(traced))
+        if (blocks or shortcuts)
+        else ([], [])
     )
     edges: list[Edge] = []
     if shortcuts == "dense":
@@ -2574,13 +2595,7 @@ def gate_(
     }
     gating.hook_views = _hook_views(traced, ca, group_map)
     gating.weight_norms = tuple(n for n, m in model.named_modules() if weight_norm_layer(m))
-    gating.act_sites = tuple(
-        dict.fromkeys(
-            b.site
-            for b in kept_blocks
-            if not b.param and isinstance(model.get_submodule(b.site), ACTIVATION_TAILS)
-        )
-    )
+    gating.act_sites = tuple(dict.fromkeys(b.site for b in kept_blocks if b.scaled))
     gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
     gating.train(model.training)
     model.add_module(ATTR, gating)

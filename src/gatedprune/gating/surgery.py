@@ -41,6 +41,7 @@ from ..hooks import copy_hooks, describe_hooks
 from .blocks import ACTIVATION_TAILS, graph_writes, live_nodes
 from .channels import bias_attr, linear_operands, scale_chain, weight_source
 from .graph import (
+    GateTracer,
     ModuleCall,
     TracedModel,
     inlined_calls,
@@ -3041,14 +3042,17 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     for scope in plan["scopes"]:
         if scope:
             submodule(scope, "rewrites")
+    tracer = GateTracer(set(plan["opaque"]))
     for name in plan.get("scaled", []):
         act = submodule(name, "scales the output of")
         claim(act, name, f"'{name}' (scaled)")
-        if not name or not isinstance(act, ACTIVATION_TAILS):
+        traced_through = bool(name) and not tracer.is_leaf_module(act, name)
+        if not name or not (isinstance(act, ACTIVATION_TAILS) or traced_through):
             raise ValueError(
                 f"the plan scales the output of module '{name}' ({type(act).__name__}); "
                 "expected an activation a residual branch ends in "
-                f"({', '.join(t.__name__ for t in ACTIVATION_TAILS)})"
+                f"({', '.join(t.__name__ for t in ACTIVATION_TAILS)}), or a module of the "
+                "model's own code (traced through) it ends in"
             )
     _check_hooks_kept(model, plan)
     switched = prepare_encoders(model)
@@ -3141,6 +3145,65 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         and isinstance(a := n.args[0], fx.Node)
     }
     result = model
+    # a scaled module traced through stays a call of its module in rewritten code (as a
+    # hooked one does), so that its GateScale runs: a no-op hook while rewriting
+    kept = [
+        model.get_submodule(name).register_forward_hook(_keep_call)
+        for name in plan.get("scaled", [])
+        if not isinstance(model.get_submodule(name), ACTIVATION_TAILS)
+    ]
+    try:
+        result = _rewrite_scopes(
+            model,
+            traced,
+            scopes,
+            opaque,
+            cut,
+            erase,
+            bypass,
+            plan,
+            written,
+            left_operands,
+            aliases,
+            sizes,
+            node_owner,
+            owners,
+            n_inputs,
+        )
+    finally:
+        for handle in kept:
+            handle.remove()
+        for m in result.modules():  # (copied onto a module rewritten around its own code)
+            for key in [k for k, h in m._forward_hooks.items() if h is _keep_call]:
+                del m._forward_hooks[key]
+    return _scale_outputs(result, plan.get("scaled", []))
+
+
+def _keep_call(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    """A forward hook doing nothing: its module stays a call of the module when the code
+    around it is rewritten (see ``_apply_plan``)."""
+
+
+def _rewrite_scopes(
+    model: nn.Module,
+    traced: TracedModel,
+    scopes: list[str],
+    opaque: dict[str, str],
+    cut: dict[str, int],
+    erase: set[str],
+    bypass: set[str],
+    plan: dict[str, Any],
+    written: set[str],
+    left_operands: set[str],
+    aliases: _Aliases,
+    sizes: dict[str, list[list[Any]]],
+    node_owner: Mapping[fx.Node, str],
+    owners: dict[str, str],
+    n_inputs: int,
+) -> nn.Module:
+    """For ``_apply_plan``: rewrite the forward of each module of ``scopes`` (outermost), and
+    return the model (a new module if the root was rewritten)."""
+    result = model
     for scope in scopes:
         in_scope = {
             n
@@ -3171,7 +3234,7 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             parent_name, _, child = scope.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
-    return _scale_outputs(result, plan.get("scaled", []))
+    return result
 
 
 def _scale_outputs(model: nn.Module, names: list[str]) -> nn.Module:
@@ -3181,5 +3244,6 @@ def _scale_outputs(model: nn.Module, names: list[str]) -> nn.Module:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GateScale(model.get_submodule(name)))
+        module = model.get_submodule(name)
+        setattr(parent, child, GateScale(module).train(module.training))
     return model
