@@ -11,7 +11,11 @@ GPT-2's ``Conv1D``) has it as its site: the gate scales the weight's output unit
 ``(x W + b) g = x (W g) + b g``. A branch ending in an element-wise activation module called
 once (YOLO's ``Bottleneck``, ``x + silu(bn(conv(h)))``, see ``ACTIVATION_TAILS``) has that
 activation as its site: the gate multiplies its output, ``x + g * act(z)``, and ``prune`` keeps
-a value strictly between 0 and 1 as a ``GateScale`` around it.
+a value strictly between 0 and 1 as a ``GateScale`` around it. An activation that cannot
+carry the gate (one module shared by many calls, ultralytics' ``Conv.default_act``, or a
+function, ``F.silu``) hands it to the innermost module of the model's own, called once, that
+returns the branch's value (``x + g * cv2(h)``); a positively homogeneous function tail
+(``h.relu()``, ``F.prelu(h, w)``) lets it move before it, as ``F.relu`` does.
 """
 
 from __future__ import annotations
