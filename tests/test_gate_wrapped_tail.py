@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gating_helpers import check_pruned, inserted_gating, randomise_batchnorms
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -446,3 +446,74 @@ def test_homogeneous_tail_is_exact_in_training_mode(form: str) -> None:
             z = F.batch_norm(seen["conv"], None, None, bn.weight, bn.bias, training=True)
             want = seen["in"] + g * FUNCTIONAL[form](z, b1.w)  # (B, 4, H, W)
         torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-6)
+
+
+class Inner(nn.Module):
+    """A module holding a residual block of its own (ending in its own SiLU) and ending in a
+    shared SiLU: the outer branch's gate sits on this module's output, the inner one's on
+    its SiLU, so a pruned model may hold a GateScale inside a GateScale."""
+
+    shared = nn.SiLU()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.a = nn.SiLU()
+        self.act = Inner.shared
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x + self.a(self.c1(x))  # (B, 4, H, W)
+        return self.act(self.bn(self.c2(h)))  # (B, 4, H, W)
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Inner()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.inner(x)  # (B, 4, H, W)
+
+
+class NestedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = Conv(3, 4, 3)
+        self.o1, self.o2 = Outer(), Outer()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.o2(self.o1(self.stem(x))))  # (B, 2, H, W)
+
+
+def fresh_nested() -> NestedNet:
+    torch.manual_seed(0)
+    return NestedNet()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    states=st.lists(st.sampled_from(["closed", "open", "half"]), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+@example(states=["half", "half", "closed", "half"], seed=0)
+def test_nested_gate_scales_prune_exactly(states: list[str], seed: int) -> None:
+    model = fresh_nested()
+    gen = torch.Generator().manual_seed(seed)
+    randomise_batchnorms(model, gen)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    summary = gate_(model, x)
+    sites = ["o1.inner.a", "o1.inner", "o2.inner.a", "o2.inner"]
+    assert [site for _, site, _ in summary.blocks] == sites
+    gating = inserted_gating(model)
+    for gate, state in zip(gating.block_gates, states, strict=True):
+        set_block(gate, state)
+    with torch.no_grad():
+        for gate in gating.group_gates:
+            assert isinstance(gate, HardConcreteGate)
+            gate.log_alpha.uniform_(-4.0, 4.0, generator=gen)
+    pruned = check_pruned(model, x, gen, factory=fresh_nested, batches=(1, 3))
+    if states[:2] == ["half", "half"]:
+        assert isinstance(pruned.o1.inner, GateScale)
+        assert isinstance(pruned.o1.inner.module.a, GateScale)

@@ -99,6 +99,7 @@ from .surgery import (
     is_leaf_call,
     local_trace,
     refuse_computed,
+    scaled_path,
 )
 from .transformer import (
     GatedMultiheadAttention,
@@ -1679,7 +1680,7 @@ class InsertedGating(ModelGating):
         result = _apply_plan(pruned, plan, check_graph=False)  # its own plan: consistent
         act_scales = self._act_scales(plan["erase"])
         for name in plan.get("scaled", []):
-            scaled = result.get_submodule(name)
+            scaled = result.get_submodule(scaled_path(name, plan["scaled"]))
             assert isinstance(scaled, GateScale)
             scaled.scale = act_scales[name].detach().clone()  # the gated model's value
         if self.edge_gate is not None:

@@ -3237,11 +3237,29 @@ def _rewrite_scopes(
     return result
 
 
+def scaled_path(name: str, names: list[str]) -> str:
+    """Where module ``name`` of the model is once each module of ``names`` is wrapped in a
+    :class:`GateScale` (inside a wrapped one: under its ``module``).
+
+    >>> scaled_path("b.inner.act", ["b.inner.act", "b.inner"])
+    'b.inner.module.act'
+    """
+    wrapped = set(names)
+    parts = name.split(".")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        out.append(part)
+        if i < len(parts) - 1 and ".".join(parts[: i + 1]) in wrapped:
+            out.append("module")
+    return ".".join(out)
+
+
 def _scale_outputs(model: nn.Module, names: list[str]) -> nn.Module:
-    """``model`` with each module of ``names`` (an activation a residual branch ends in)
-    replaced by a :class:`GateScale` of it (its scale 1 until ``prune`` sets the gate value,
-    or ``load_state_dict`` the pruned model's)."""
-    for name in names:
+    """``model`` with each module of ``names`` (an activation a residual branch ends in, or a
+    module of the model's own it ends in) replaced by a :class:`GateScale` of it (its scale 1
+    until ``prune`` sets the gate value, or ``load_state_dict`` the pruned model's); inner ones
+    first, so that an outer one wraps them (see :func:`scaled_path`)."""
+    for name in sorted(names, key=lambda v: -v.count(".")):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         module = model.get_submodule(name)
