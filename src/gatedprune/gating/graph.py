@@ -253,7 +253,7 @@ class GateTracer(fx.Tracer):
         kwargs: dict[str, Any],
     ) -> Any:
         name = self.path_of_module(m)
-        if kwargs and self.is_leaf_module(m, name):
+        if kwargs and self.is_leaf_module(m, name) and _positional_view(m):
             # a layer's leading inputs passed by keyword (torchaudio's `self.self_attn(
             # query=x, key=x, value=x, need_weights=False)`) become positional in the graph,
             # as the analysis reads them; the call computes the same
@@ -280,6 +280,31 @@ class GateTracer(fx.Tracer):
         else:
             self.calls.append(ModuleCall(name, nodes, _as_nodes(args), _as_nodes(kwargs), out))
         return result
+
+
+def _positional_view(m: nn.Module) -> bool:
+    """Whether gate_'s graph records a keyword call of leaf ``m`` with its leading inputs made
+    positional (:func:`call_inputs`): only for a kind whose inputs the analysis and cost read
+    (a cost handler: torch's layers, ``register_cost`` kinds, ``flops_of``), and only when
+    ``forward``'s signature is the one called. Any other leaf (code of yours or a library's
+    kept whole) is called as the caller called it: a decorator whose ``(*args, **kwargs)``
+    wrapper fills a keyword (Hugging Face's ``merge_with_config_defaults``,
+    ``kwargs[arg_name] = ...``) would otherwise get it twice.
+
+    >>> import functools
+    >>> def fill(f):
+    ...     @functools.wraps(f)
+    ...     def wrapper(self, *args, **kwargs): return f(self, *args, **kwargs)
+    ...     return wrapper
+    >>> class Own(nn.Module):
+    ...     @fill
+    ...     def forward(self, x: Tensor, flag: bool = False) -> Tensor: return x
+    >>> _positional_view(nn.Linear(2, 2)), _positional_view(Own())
+    (True, False)
+    """
+    if _handler_for(m) is None and unit_handler(m) is None:
+        return False
+    return not hasattr(type(m).forward, "__wrapped__")
 
 
 def _first_proxy(a: Any) -> fx.Proxy | None:
