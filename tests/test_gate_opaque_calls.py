@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from gating_helpers import check_pruned, random_gates
+from gating_helpers import check_pruned, inserted_gating, random_gates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -93,3 +93,86 @@ def test_decorated_opaque_submodule_prunes_exactly(seed: int) -> None:
         gate_(model, x)
     random_gates(model, gen)
     check_pruned(model, x, gen, factory=_DecoratedNet, batches=(1, 4))
+
+
+class _T5LayerNorm(nn.Module):
+    """transformers/models/t5/modeling_t5.py:60-72: fx cannot branch on ``if
+    self.weight.dtype in [torch.float16, torch.bfloat16]:`` (line 70), so gate_ keeps it whole;
+    ``cost`` counts it as code (no products: 0 FLOPs)."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)  # (B, 1)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)  # (B, D)
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states  # (B, D)
+
+
+class _HalfAwareProjection(nn.Module):
+    """The same dtype check before a product of its own (``x @ W^T``): kept whole by gate_,
+    counted as code by cost (2 per multiply-accumulate)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            x = x.to(self.weight.dtype)
+        return x @ self.weight.t()  # (B, d_out)
+
+
+class _NormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.b = nn.Linear(16, 8)
+        self.norm = _T5LayerNorm(8)
+        self.proj = _HalfAwareProjection(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.b(torch.relu(self.a(x)))  # (B, 8)
+        return self.head(torch.relu(self.proj(self.norm(h))))  # (B, 3)
+
+
+def test_opaque_code_leaves_are_counted_by_gate_as_by_cost() -> None:
+    """Was cost()'s 'does not know how to count these leaf modules' TypeError from gate_,
+    though cost(model) counted the same modules as code."""
+    torch.manual_seed(0)
+    model, x = _NormNet(), torch.randn(2, 4)
+    dense = gp.cost(model, x)
+    proj_flops = 2 * 2 * 8 * 6  # x @ W^T: 2 per multiply-accumulate
+    linears = 2 * 2 * (4 * 16 + 16 * 8 + 6 * 3) + 2 * (16 + 8 + 3)
+    params = (4 * 16 + 16) + (16 * 8 + 8) + 8 + 8 * 6 + (6 * 3 + 3)
+    assert (dense.flops, dense.params) == (linears + proj_flops, params)
+    with pytest.warns(UserWarning, match="T5LayerNorm"):
+        summary = gate_(model, x)
+    assert summary.n_gates == 16
+    with torch.no_grad():
+        for gate in inserted_gating(model).group_gates:
+            gate.log_alpha.fill_(20.0)  # open: the gated model is the dense one
+    hard = gp.cost(model.eval(), x, hard=True).detach()
+    assert (hard.flops, hard.params) == (dense.flops, dense.params)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_opaque_code_leaves_prune_exactly(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model, x = _NormNet(), torch.randn(3, 4, generator=gen)
+    with pytest.warns(UserWarning, match="kept whole"):
+        gate_(model, x)
+    random_gates(model, gen)
+    pruned = check_pruned(model, x, gen, factory=_NormNet, batches=(1, 5))
+    kept = pruned.a.out_features
+    c = gp.cost(pruned, x)
+    proj_flops = 2 * 3 * 8 * 6
+    linears = 2 * 3 * (4 * kept + kept * 8 + 6 * 3) + 3 * (kept + 8 + 3)
+    assert c.flops == linears + proj_flops
