@@ -176,3 +176,135 @@ def test_opaque_code_leaves_prune_exactly(seed: int) -> None:
     proj_flops = 2 * 3 * 8 * 6
     linears = 2 * 3 * (4 * kept + kept * 8 + 6 * 3) + 3 * (kept + 8 + 3)
     assert c.flops == linears + proj_flops
+
+
+def _dynamic_rope_update(rope_forward: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers/modeling_rope_utils.py ``dynamic_rope_update``'s wrapper for the default
+    rope type: ``return rope_forward(self, x, position_ids, **kwargs)``."""
+
+    @functools.wraps(rope_forward)
+    def wrapper(self: nn.Module, x: Tensor, position_ids: Tensor, layer_type: Any = None) -> Any:
+        return rope_forward(self, x, position_ids)
+
+    return wrapper
+
+
+class _Rotary(nn.Module):
+    """transformers/models/llama/modeling_llama.py:73-116 ``LlamaRotaryEmbedding``: its
+    frequencies are non-persistent buffers (``self.inv_freq = nn.Buffer(inv_freq,
+    persistent=False)``, line 87); ``matmul=True`` computes them as transformers 4.x did,
+    ``inv_freq_expanded.float() @ position_ids_expanded.float()``, an outer product."""
+
+    def __init__(self, dim: int, matmul: bool = False) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+        self.attention_scaling = 1.0
+        self.matmul = matmul
+
+    @_dynamic_rope_update
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        inv = self.inv_freq.to(device=x.device, dtype=torch.float)  # (dim / 2,)
+        if self.matmul:
+            b = position_ids.shape[0]
+            inv_expanded = inv[None, :, None].expand(b, -1, 1)  # (B, dim / 2, 1)
+            pos = position_ids[:, None, :].float()  # (B, 1, T)
+            freqs = (inv_expanded @ pos).transpose(1, 2)  # (B, T, dim / 2)
+        else:
+            freqs = position_ids[..., None].float() * inv  # (B, T, dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        cos = emb.cos() * self.attention_scaling  # (B, T, dim)
+        sin = emb.sin() * self.attention_scaling  # (B, T, dim)
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    """transformers/models/llama/modeling_llama.py:119-123."""
+    x1 = x[..., : x.shape[-1] // 2]  # (B, H, T, D / 2)
+    x2 = x[..., x.shape[-1] // 2 :]  # (B, H, T, D / 2)
+    return torch.cat((-x2, x1), dim=-1)  # (B, H, T, D)
+
+
+class _RopeAttention(nn.Module):
+    """A Llama-style attention block (rotary q and k, eager scores) and an MLP."""
+
+    def __init__(self, d: int = 8, heads: int = 2, ffn: int = 12, matmul: bool = False) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.rotary_emb = _Rotary(self.hd, matmul)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.up, self.down = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        position_ids = torch.arange(t, device=x.device).unsqueeze(0)  # (1, T)
+        cos, sin = self.rotary_emb(x, position_ids=position_ids)  # each (1, T, hd)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, hd)
+        q = self.q(x).view(b, t, self.heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(b, t, self.heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        v = self.v(x).view(b, t, self.heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        q = q * cos + _rotate_half(q) * sin  # (B, H, T, hd)
+        k = k * cos + _rotate_half(k) * sin  # (B, H, T, hd)
+        w = torch.softmax(q @ k.transpose(-2, -1) / self.hd**0.5, dim=-1)  # (B, H, T, T)
+        a = (w @ v).transpose(1, 2).reshape(b, t, -1)  # (B, T, D)
+        h = x + self.o(a)  # (B, T, D)
+        return h + self.down(torch.relu(self.up(h)))  # (B, T, D)
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+def test_cost_counts_a_rotary_embedding_with_non_persistent_buffers(matmul: bool) -> None:
+    """Was cost()'s TypeError ('register them with register_cost'): a leaf holding buffers.
+    Its non-persistent buffers are constants of its code, counted as code: the element-wise
+    ``position_ids[..., None] * inv_freq`` is free, the 4.x outer product ``inv_freq @
+    positions`` 2 per product (contracted size 1)."""
+    b, t, d, heads, ffn = 2, 5, 8, 2, 12
+    model, x = _RopeAttention(d, heads, ffn, matmul), torch.randn(b, t, d)
+    c = gp.cost(model, x)
+    projections = 4 * 2 * b * t * d * d
+    scores = 2 * 2 * b * heads * t * t * (d // heads)  # q k^T and w v
+    mlp = 2 * b * t * d * ffn * 2 + b * t * (ffn + d)
+    rope = 2 * 1 * t * (d // heads) // 2 if matmul else 0  # position_ids is (1, T)
+    assert c.flops == projections + scores + mlp + rope
+    assert c.params == 4 * d * d + d * ffn + ffn + ffn * d + d
+
+
+class _RunningScale(nn.Module):
+    """A leaf of your own with a persistent buffer (state no rule says how to count)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.register_buffer("running_scale", torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(x.isnan().any()):  # kept whole by gate_
+            raise ValueError("NaN input")
+        return x * self.running_scale  # (B, D)
+
+
+def test_a_leaf_with_a_persistent_buffer_is_still_refused() -> None:
+    model, x = nn.Sequential(nn.Linear(3, 4), _RunningScale(4), nn.Linear(4, 2)), torch.randn(2, 3)
+    with pytest.raises(TypeError, match=r"1 \(_RunningScale\).*register_cost"):
+        gp.cost(model, x)
+    with (
+        pytest.warns(UserWarning, match="_RunningScale"),
+        pytest.raises(TypeError, match=r"1 \(_RunningScale\).*register_cost"),
+    ):
+        gate_(model, x)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), matmul=st.booleans())
+def test_rope_attention_is_gated_and_prunes_exactly(seed: int, matmul: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model, x = _RopeAttention(matmul=matmul), torch.randn(2, 5, 8, generator=gen)
+    dense = gp.cost(model, x)
+    summary = gate_(model, x)
+    assert summary.channel_groups == [(["q", "k", "v"], 2), (["up"], 12)]  # heads, units
+    assert len(summary.blocks) == 2
+    random_gates(model, gen)
+    pruned = check_pruned(
+        model, x, gen, factory=lambda: _RopeAttention(matmul=matmul), batches=(1, 3)
+    )
+    assert gp.cost(pruned, x).flops <= dense.flops
