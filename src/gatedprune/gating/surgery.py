@@ -1631,6 +1631,7 @@ def _rewrite_scope(
     nodes = list(local.graph.nodes)
     if len(nodes) == 2 and nodes[0].op == "placeholder" and nodes[1].args[0] is nodes[0]:
         identity = nn.Identity()  # nothing left: the module passes its input through
+        identity.train(sub.training)
         copy_hooks(sub, identity)
         return identity
     # tensors fx made while tracing (`torch.full((d,), 2.0)`) live on the traced graph module,
