@@ -21,6 +21,8 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
 * Data movement is free (0): padding layers (Zero/Constant/Reflection/Replication/CircularPad
   1d/2d/3d), ``nn.PixelShuffle``, ``nn.PixelUnshuffle``, ``nn.ChannelShuffle``, ``nn.Unfold``
   and every dropout (Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout: identities in eval).
+  torch's ``QuantStub`` and ``DeQuantStub`` are identities in a float model (torchvision's
+  quantizable models with ``quantize=False``): 0 (before 2026-12-08 ``cost`` refused them).
   ``nn.Fold`` adds overlapping blocks: 1 per input element.
 * Transposed convolutions (ConvTranspose1d/2d/3d), 2 per MAC: every input element (one channel
   at one position) is multiplied by the ``out_channels / groups * prod(kernel_size)`` weights it
@@ -107,6 +109,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization import DeQuantStub, QuantStub
 from torch.nn.utils.rnn import PackedSequence
 
 from .base import BATCH_NORMS, PADDING_LAYERS, GatedModule, check_gates_not_nan, find_model_gating
@@ -494,7 +497,7 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
         (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
         _adaptive_pool,
     ),
-    ((nn.Dropout, nn.Flatten, nn.Identity, nn.Unflatten), _zero),
+    ((nn.Dropout, nn.Flatten, nn.Identity, nn.Unflatten, QuantStub, DeQuantStub), _zero),
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_transpose),
     ((nn.Upsample,), _upsample),  # UpsamplingNearest2d / UpsamplingBilinear2d too
     (_INSTANCE_NORMS, _instance_norm),
