@@ -578,6 +578,143 @@ _GATE_HOOKS = (
 )
 
 
+@dataclass
+class _TrainOnly:
+    """Modules with parameters the model calls only in training mode, which the eval-mode
+    trace ``gate_`` works on lacks (torchvision GoogLeNet's ``if self.training: aux1 =
+    self.aux1(x)``): ``modules`` (the outermost, with the reason the summary gives),
+    ``reads`` (nodes of the eval trace whose values they read, with the reason to keep their
+    channels whole), ``scopes`` (modules whose code calls them: code rewritten from the
+    eval trace would drop the calls) and ``unknown`` (why nothing is gated: the model runs
+    such modules but cannot be traced in training mode, so what they read is unknown)."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+    reads: dict[fx.Node, str] = field(default_factory=dict)
+    scopes: dict[str, str] = field(default_factory=dict)
+    unknown: str | None = None
+
+
+def _train_only(model: nn.Module, traced: TracedModel, inputs: tuple[Tensor, ...]) -> _TrainOnly:
+    """Find the modules ``model`` calls only in training mode (see :class:`_TrainOnly`), from a
+    training-mode trace compared with the eval-mode one ``traced``; traced only if some
+    module with parameters is missing from ``traced``.
+
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body, self.aux = nn.Conv1d(2, 4, 1), nn.Conv1d(4, 1, 1)
+    ...     def forward(self, x):
+    ...         h = self.body(x)  # (B, 4, L)
+    ...         return (h, self.aux(h)) if self.training else h
+    >>> net = Net().eval()
+    >>> found = _train_only(net, trace_model(net), (torch.ones(1, 2, 3),))
+    >>> found.modules, [n.name for n in found.reads], list(found.scopes)
+    ({'aux': 'runs only in training mode'}, ['body'], [''])
+    """
+    out = _TrainOnly()
+    leaves = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
+    called = {c.path for c in traced.calls} | leaves
+
+    def inside_leaf(path: str) -> bool:  # a leaf's (opaque module's) own submodules
+        parts = path.split(".")
+        return any(".".join(parts[:i]) in leaves for i in range(1, len(parts)))
+
+    missing = {
+        path
+        for path, m in model.named_modules()
+        if path
+        and path not in called
+        and not inside_leaf(path)
+        and next(m.parameters(), None) is not None
+    }
+    if not missing:
+        return out
+    try:
+        train = trace_model(model, traced.opaque, warn=False, inputs=len(inputs), training=True)
+    except ValueError as e:  # the training-mode code cannot be traced: do the modules run?
+        ran = _run_in_training(model, inputs, missing)
+        if ran is not None and not ran:
+            return out
+        said = ", ".join(sorted(ran or missing)[:3])
+        out.unknown = (
+            f"the model {'runs' if ran else 'may run'} {said} only in training mode and torch.fx "
+            f"cannot trace it in training mode ({e}): what they read is unknown, so nothing "
+            "is gated"
+        )
+        return out
+    only = {c.path for c in train.calls if c.path in missing}
+    outer = sorted(p for p in only if not any(p.startswith(q + ".") for q in only))
+    for path in outer:
+        out.modules[path] = "runs only in training mode"
+        parts = path.split(".")
+        for i in range(len(parts)):  # the modules whose code calls it (their forwards)
+            out.scopes.setdefault(
+                ".".join(parts[:i]),
+                f"its code calls '{path}' only in training mode, which code rewritten from "
+                "the eval-mode trace would drop",
+            )
+    # train-trace values the eval trace has too: what the same call of a module returned
+    # (for modules called as often in both modes) and the inputs
+    evals: dict[str, list[Any]] = {}
+    for c in traced.calls:
+        evals.setdefault(c.path, []).append(c)
+    trains: dict[str, list[Any]] = {}
+    for c in train.calls:
+        trains.setdefault(c.path, []).append(c)
+    to_eval: dict[fx.Node, fx.Node] = {}
+    for path, cs in trains.items():
+        if len(evals.get(path, [])) != len(cs):
+            continue
+        for tc, ec in zip(cs, evals[path], strict=True):
+            t_out, e_out = tc.outputs(), ec.outputs()
+            if len(t_out) == len(e_out):
+                to_eval.update(zip(t_out, e_out, strict=True))
+    t_in = [n for n in train.graph.nodes if n.op == "placeholder"]
+    e_in = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    to_eval.update(zip(t_in, e_in, strict=False))
+    for c in train.calls:
+        if c.path not in only:
+            continue
+        head = next(p for p in outer if c.path == p or c.path.startswith(p + "."))
+        why = f"read by {head}, which runs only in training mode"
+        stack, seen = list(c.inputs()), set()
+        while stack:  # back to the values the eval trace has
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in to_eval:
+                out.reads.setdefault(to_eval[n], why)
+            elif n.op != "get_attr":
+                stack.extend(n.all_input_nodes)
+    return out
+
+
+def _run_in_training(
+    model: nn.Module, inputs: tuple[Tensor, ...], paths: set[str]
+) -> set[str] | None:
+    """Which of modules ``paths`` one training-mode, no-grad forward of a copy of ``model``
+    (its running statistics stay) calls; None if the copy or the forward fails."""
+    try:
+        twin = copy.deepcopy(model).train()
+    except Exception:  # a model that cannot be copied: unknown
+        return None
+    ran: set[str] = set()
+    handles = [
+        twin.get_submodule(p).register_forward_pre_hook(lambda *_, p=p: ran.add(p))
+        for p in sorted(paths)
+    ]
+    try:
+        with torch.no_grad():
+            twin(*inputs)
+    except Exception:  # the training forward needs more (targets, say): unknown
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
 def _pin_groups(ca: ChannelAnalysis, atoms: np.ndarray | None, why: str) -> None:
     """Leave ungated, with reason ``why``, every channel group holding one of ``atoms`` that
     no earlier reason left ungated."""
@@ -2151,10 +2288,16 @@ def gate_(
     gm = traced.graph_module
     record = record_run(traced, inputs, model)
     bindings = record_bindings(model, inputs, traced)  # how rewritten modules are called
+    # modules called only in training mode (auxiliary heads): what they read stays whole, the
+    # code calling them is not rewritten (from the eval trace, without the calls)
+    train_only = _train_only(model, traced, inputs)
     rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
+    rewritable.update(train_only.scopes)
     owners = node_owners(gm.graph)  # (gate_ does not change the traced graph)
 
     def can_rewrite(scope: str) -> str | None:
+        if train_only.unknown is not None:
+            return train_only.unknown
         if scope not in rewritable:
             try:
                 local_trace(
@@ -2180,6 +2323,12 @@ def gate_(
         return can_rewrite(owner) is not None or hooked.conflict([owner], {node.name}) is not None
 
     ca = analyse_channels(gm, record, fixed_code)
+    for n, read_by in train_only.reads.items():
+        for lab in (ca.labels.get(n), ca.nonzero.get(n)):
+            if lab is not None:
+                _pin_groups(ca, lab.atoms, read_by)
+    if train_only.unknown is not None:
+        _pin_groups(ca, np.arange(len(ca.atom_group)), train_only.unknown)
     _pin_hooked(hooked, traced, ca)
     shared = _shared_modules(model, gm)
     for name, reason in shared.items():  # pruning slices and scales their tensors in place
@@ -2208,6 +2357,7 @@ def gate_(
             _pin_groups(ca, hb.atoms, f"{why} (node '{hb.node}' reads it per head)")
     _pin_unrewritable_sizes(ca, hooked, owners)
     summary = GatingSummary(opaque=dict(traced.opaque))
+    summary.ungated_layers.extend(train_only.modules.items())
     summary.ungated_params.extend(param_whole.items())
     param_producers = {pl.weight for pl in ca.param_linears if pl.out_atoms is not None}
 

@@ -426,6 +426,7 @@ def trace_model(
     concrete_args: dict[str, Any] | None = None,
     specialise: bool = True,
     inputs: int = 1,
+    training: bool = False,
 ) -> TracedModel:
     """Trace ``model`` with fx, turning submodules whose ``forward`` cannot be traced into
     opaque leaves (see the module docstring). The model is traced in eval mode whatever its
@@ -442,7 +443,8 @@ def trace_model(
     which fx would trace as values that ``if use_cache:`` cannot branch on; the code of a
     specialised graph keeps the arguments (by name) and checks their values when it runs.
     The first ``inputs`` parameters (the positional inputs ``gate_`` was given) are never
-    fixed.
+    fixed. ``training=True`` traces the training-mode function instead (``gate_`` compares
+    it with the eval-mode one to find modules called only in training, since 2026-12-08).
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
@@ -451,12 +453,14 @@ def trace_model(
     params = list(inspect.signature(model.forward).parameters.values())[inputs:]
     fixed = {p.name: p.default for p in params if is_constant(p.default)}
     if concrete_args is not None or not specialise or not fixed:
-        return _trace(model, opaque, warn=warn, concrete_args=concrete_args)
+        return _trace(model, opaque, warn=warn, concrete_args=concrete_args, training=training)
     nones = {k: v for k, v in fixed.items() if v is None}
     if nones == fixed:  # as before 2026-12-08
-        traced = _trace(model, opaque, warn=warn, concrete_args=None)
+        traced = _trace(model, opaque, warn=warn, concrete_args=None, training=training)
         try:
-            special = _trace(model, traced.opaque, warn=False, concrete_args=nones)
+            special = _trace(
+                model, traced.opaque, warn=False, concrete_args=nones, training=training
+            )
         except ValueError:
             return traced
         if _structure(special.graph) == _structure(traced.graph):
@@ -472,13 +476,13 @@ def trace_model(
     first: ValueError | None = None
     plain: TracedModel | None = None
     try:
-        plain = _trace(model, opaque, warn=False, concrete_args=None)
+        plain = _trace(model, opaque, warn=False, concrete_args=None, training=training)
     except ValueError as e:
         first = e
     chosen, kept = plain, fixed
     full: TracedModel | None = None
     with suppress(ValueError):
-        full = _trace(model, opaque, warn=False, concrete_args=fixed)
+        full = _trace(model, opaque, warn=False, concrete_args=fixed, training=training)
     flags = any(type(v) in (bool, str) for v in fixed.values())
     if full is not None and (plain is None or flags or not _same_trace(full, plain, fixed)):
         chosen = full
@@ -488,7 +492,9 @@ def trace_model(
             if not loose or trial == kept:
                 continue
             with suppress(ValueError):
-                other = _trace(model, opaque, warn=False, concrete_args=trial or None)
+                other = _trace(
+                    model, opaque, warn=False, concrete_args=trial or None, training=training
+                )
                 if _same_trace(other, chosen, fixed):
                     chosen, kept = other, trial
         if kept:
@@ -724,12 +730,15 @@ def _trace(
     *,
     warn: bool,
     concrete_args: dict[str, Any] | None,
+    training: bool = False,
 ) -> TracedModel:
     """One fx trace of ``model`` (see :func:`trace_model`)."""
     found: dict[str, str] = dict(opaque or {})
     with hooks_detached(model) as hooked_ids:  # not run on Proxies (hooks.hooks_detached)
         hooked = frozenset(p for p, m in model.named_modules() if id(m) in hooked_ids and p)
-        return _trace_detached(model, found, hooked, warn=warn, concrete_args=concrete_args)
+        return _trace_detached(
+            model, found, hooked, warn=warn, concrete_args=concrete_args, training=training
+        )
 
 
 def _trace_detached(
@@ -739,13 +748,14 @@ def _trace_detached(
     *,
     warn: bool,
     concrete_args: dict[str, Any] | None,
+    training: bool = False,
 ) -> TracedModel:
     """:func:`_trace` with the user's hooks taken off."""
     for _ in range(_MAX_OPAQUE):
         tracer = GateTracer(set(found))
         modes = [(m, m.training) for m in model.modules()]
         for m, _ in modes:  # code reading `self.training` is traced as the eval-mode function
-            m.training = False
+            m.training = training  # (the training-mode one only when asked for)
         own = set(vars(model))
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
