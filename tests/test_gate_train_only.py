@@ -76,9 +76,10 @@ class GoogLeNetLike(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None] | Tensor:
         x = self.mixed1(self.stem(x))  # (B, 2w + 2, H, W)
         aux1: Tensor | None = None
-        if self.aux1 is not None:  # torchvision/models/googlenet.py:132-134
-            if self.training:
-                aux1 = self.aux1(x)  # (B, 5)
+        # torchvision/models/googlenet.py:132-134 (two nested ifs there):
+        # `if self.aux1 is not None:` / `if self.training:` / `aux1 = self.aux1(x)`
+        if self.aux1 is not None and self.training:
+            aux1 = self.aux1(x)  # (B, 5)
         x = self.mixed2(x)  # (B, 2w + 2, H, W)
         if self.residual:
             x = x + self.branch(x)  # a residual block in the code calling aux1
@@ -124,10 +125,12 @@ def check_train_mode(model: nn.Module, pruned: nn.Module, x: Tensor) -> None:
     pruned.train()
     with torch.no_grad():
         got, want = pruned(x), model(x)
-    assert isinstance(got, tuple) and isinstance(want, tuple)
+    assert isinstance(got, tuple)
+    assert isinstance(want, tuple)
     assert len(got) == len(want) == 2
     for g, w in zip(got, want, strict=True):
-        assert g is not None and w is not None
+        assert g is not None
+        assert w is not None
         assert g.shape == w.shape
         assert (g - w).abs().max().item() <= 1e-4
     model.eval()
@@ -215,7 +218,8 @@ def test_untraceable_training_code_gates_nothing() -> None:
     model = Untraceable(3).eval()
     x = torch.randn(2, 3, 8, 8, generator=gen)
     summary = gate_(model, x)
-    assert not summary.channel_groups and summary.ungated_groups
+    assert not summary.channel_groups
+    assert summary.ungated_groups
     whys = [why for _, _, why in summary.ungated_groups]
     assert sum("runs aux1 only in training mode and torch.fx cannot" in w for w in whys) >= 4
     assert summary.ungated_layers == [

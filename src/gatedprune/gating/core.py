@@ -635,15 +635,18 @@ def _train_only(model: nn.Module, traced: TracedModel, inputs: tuple[Tensor, ...
         ran = _run_in_training(model, inputs, missing)
         if ran is not None and not ran:
             return out
-        said = ", ".join(sorted(ran or missing)[:3])
+        heads = _outermost(ran or missing)
+        said = ", ".join(heads[:3]) + (", ..." if len(heads) > 3 else "")
         out.unknown = (
             f"the model {'runs' if ran else 'may run'} {said} only in training mode and torch.fx "
             f"cannot trace it in training mode ({e}): what they read is unknown, so nothing "
             "is gated"
         )
+        for path in heads if ran else []:
+            out.modules[path] = "runs only in training mode (code fx cannot trace calls it)"
         return out
     only = {c.path for c in train.calls if c.path in missing}
-    outer = sorted(p for p in only if not any(p.startswith(q + ".") for q in only))
+    outer = _outermost(only)
     for path in outer:
         out.modules[path] = "runs only in training mode"
         parts = path.split(".")
@@ -688,6 +691,15 @@ def _train_only(model: nn.Module, traced: TracedModel, inputs: tuple[Tensor, ...
             elif n.op != "get_attr":
                 stack.extend(n.all_input_nodes)
     return out
+
+
+def _outermost(paths: set[str]) -> list[str]:
+    """The module paths of ``paths`` not inside another, sorted.
+
+    >>> _outermost({"aux.conv", "aux", "head.fc"})
+    ['aux', 'head.fc']
+    """
+    return sorted(p for p in paths if not any(p.startswith(q + ".") for q in paths))
 
 
 def _run_in_training(
