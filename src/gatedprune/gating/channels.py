@@ -1718,6 +1718,8 @@ class _Propagator:
             return self.trailing(n, x, len(ins) - 2 if ins is not None else 0, "resizes")
         if (is_fn and target in _RESHAPE_FUNCS) or (not is_fn and target in _RESHAPE_METHODS):
             return self.reshape(n, x)
+        if not is_fn and target in ("reshape_as", "view_as"):
+            return self.reshape_as(n, x)
         if (is_fn and target in (*_ADD_FUNCS, torch.sub)) or (
             not is_fn and target in ("add", "add_", "sub")
         ):
@@ -2226,6 +2228,28 @@ class _Propagator:
             "size) or (pieces, heads, head size)",
         )
         return None
+
+    def reshape_as(self, n: fx.Node, x: Any) -> Labels | None:
+        """``a.reshape_as(b)`` / ``a.view_as(b)``, ``a.reshape(b.shape)``: ``a``'s labels map
+        as for ``reshape`` and the pruned code takes ``b``'s pruned shape, right when ``b``
+        carries channels on the same dimension, unified with them (pruned alike: LeViT's
+        ``self.bn(x.flatten(0, 1)).reshape_as(x)``). Labels on one side only, or on other
+        dimensions, are kept whole with the reason."""
+        other = n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+        lab, other_lab = self.lab(x), self.lab(other)
+        if lab is None and other_lab is None:
+            return None
+        why = f"{self.describe(n)} takes the shape of a tensor whose gated channels differ"
+        out = self.reshape(n, x) if lab is not None else None
+        if lab is not None and out is None:
+            self.pin(other_lab, why)  # (the reshape rule pinned lab, with its reason)
+            return None
+        if out is None or other_lab is None or other_lab.dim != out.dim:
+            self.pin(lab, why)
+            self.pin(other_lab, why)
+            return None
+        self.union(out.atoms, other_lab.atoms)
+        return out
 
     def derived_size(self, a: Any, lab: Labels) -> bool:
         """Whether size value ``a`` is computed only from sizes of tensors carrying ``lab``'s
@@ -3421,6 +3445,8 @@ class _Propagator:
         why: str | None = None
         in_dim, n_in, n_out = (src[2] + int(ops.out_first)) % 2, 0, 0
         whole = self.rec.whole.get(n)
+        if whole is not None and is_linear and self.rec.conv_layers.get(n) == whole:
+            whole = None  # an nn.Linear subclass's own forward: its handler follows the widths
         if param is None:
             why = "a buffer or constant, not a parameter"
         elif whole is not None:  # its handler's count would not follow the kept widths

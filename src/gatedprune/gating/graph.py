@@ -884,6 +884,7 @@ _VIEW_NAMES = {
     "view",
     "view_as",
     "reshape",
+    "reshape_as",
     "flatten",
     "unflatten",
     "squeeze",
@@ -996,7 +997,8 @@ class RunRecord:
     whole: dict[fx.Node, str] = field(default_factory=dict)
     # of those, the convolution (F.conv1d/2d/3d) each call of an nn.Conv1d/2d/3d subclass with
     # its own forward returns, reading the module's weight and bias as they are: the conv
-    # handler counts it from the module's in/out channels, which prune keeps in step -> path
+    # handler counts it from the module's in/out channels, which prune keeps in step -> path;
+    # likewise the F.linear of an nn.Linear subclass (its in/out features) -> path
     conv_layers: dict[fx.Node, str] = field(default_factory=dict)
 
 
@@ -1252,10 +1254,16 @@ _CONV_FUNCS = (F.conv1d, F.conv2d, F.conv3d)
 def _conv_layer_output(m: nn.Module, call: InlinedCall) -> bool:
     """Whether ``call`` (of module ``m``) returns ``F.conv*d(x, weight, bias, ..., groups)``
     with ``m``'s own weight and bias (None iff ``m.bias`` is) and groups, ``m`` an
-    ``nn.Conv1d/2d/3d`` (subclass) counted by the conv cost handler (no ``flops_of``)."""
+    ``nn.Conv1d/2d/3d`` (subclass) counted by the conv cost handler (no ``flops_of``); or
+    ``F.linear(x, weight, bias)`` the same way, ``m`` an ``nn.Linear`` subclass (timm's
+    ``Linear``)."""
     out = call.outputs[0]
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if not isinstance(m, convs) or callable(getattr(m, "flops_of", None)):
+    if callable(getattr(m, "flops_of", None)):
+        return False
+    if isinstance(m, nn.Linear):
+        return _linear_layer_output(m, call.path, out)
+    if not isinstance(m, convs):
         return False
     if out.op != "call_function" or out.target not in _CONV_FUNCS or out.kwargs:
         return False
@@ -1271,6 +1279,22 @@ def _conv_layer_output(m: nn.Module, call: InlinedCall) -> bool:
         return bool(b is None and groups == m.groups)
     ok_bias = isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{call.path}.bias"
     return bool(ok_bias and groups == m.groups)
+
+
+def _linear_layer_output(m: nn.Linear, path: str, out: fx.Node) -> bool:
+    """Whether ``out`` is ``F.linear(x, weight, bias)`` with ``m``'s own weight and bias (None
+    iff ``m.bias`` is), ``m`` called ``path``, positional or by keyword."""
+    if out.op != "call_function" or out.target is not F.linear:
+        return False
+    names = ("input", "weight", "bias")
+    if len(out.args) > 3 or set(out.kwargs) - set(names):
+        return False
+    w, b = (out.args[i] if len(out.args) > i else out.kwargs.get(names[i]) for i in (1, 2))
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or w.target != f"{path}.weight":
+        return False
+    if m.bias is None:
+        return b is None
+    return isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{path}.bias"
 
 
 def _record(gm: fx.GraphModule, inputs: tuple[Tensor, ...], root: nn.Module) -> _Recorder:

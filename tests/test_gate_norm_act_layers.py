@@ -1,0 +1,165 @@
+"""Layers of third-party model libraries that fx traces through to functional calls on their
+own parameters, replicated without importing those libraries: timm's ``Linear`` (an
+``nn.Linear`` subclass whose ``forward`` calls ``F.linear(input, self.weight, self.bias)``), its
+``BatchNormAct2d`` (an ``nn.BatchNorm2d`` subclass with ``drop`` and ``act`` children whose
+``forward`` calls ``F.batch_norm`` on its own parameters and buffers) and LeViT's
+``LinearNorm`` (``self.bn(x.flatten(0, 1)).reshape_as(x)``). Each is gated and pruned like the
+plain layer (before 2026-12-08 they kept the channels around them whole)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from gating_helpers import (
+    check_pruned,
+    examples,
+    random_gates,
+    randomise_batchnorms,
+    randomise_gates,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import gatedprune as gp
+from gatedprune.gating import gate_
+
+
+class TimmLinear(nn.Linear):
+    """timm/layers/linear.py:14, ``class Linear(nn.Linear)``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            bias = self.bias.to(dtype=input.dtype) if self.bias is not None else None
+            return F.linear(input, self.weight.to(dtype=input.dtype), bias=bias)
+        else:
+            return F.linear(input, self.weight, self.bias)  # (..., out)
+
+
+class Head(nn.Module):
+    """MobileNetV3's head: conv_head, act, pool, flatten, then timm's Linear classifier."""
+
+    def __init__(self, width: int = 12, bias: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv_head = nn.Conv2d(6, width, 1)
+        self.fc = TimmLinear(width, 7, bias=bias)
+        self.classifier = TimmLinear(7, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.conv_head(F.relu(self.stem(x))))  # (B, W, H, W)
+        h = F.adaptive_avg_pool2d(h, 1).flatten(1)  # (B, W)
+        return self.classifier(F.relu(self.fc(h)))  # (B, 3)
+
+
+def _gated(summary: gp.GatingSummary) -> set[str]:
+    return {p for ps, _ in summary.channel_groups for p in ps}
+
+
+def test_linear_subclass_input_and_output_gated() -> None:
+    torch.manual_seed(0)
+    model = Head().eval()
+    summary = gate_(model, torch.randn(2, 3, 6, 6))
+    assert {"conv_head", "fc.weight", "stem"} <= _gated(summary)
+    assert "counts whole" not in str(summary)
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(width=st.integers(2, 16), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_subclass_pruned_exact(width: int, bias: bool, seed: int) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Head(width, bias)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    gate_(model, x)
+    random_gates(model, gen)
+    pruned = check_pruned(model, x, gen, factory=lambda: Head(width, bias), batches=(1, 3))
+    for m in (pruned.fc, pruned.classifier):
+        assert type(m) is TimmLinear
+        assert (m.out_features, m.in_features) == tuple(m.weight.shape)
+
+
+class LinearNorm(nn.Module):
+    """timm/models/levit.py:110, ``self.bn(x.flatten(0, 1)).reshape_as(x)``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.bn = nn.BatchNorm1d(out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.linear(x)  # (B, N, C)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)  # (B, N, C)
+
+
+class LevitMlp(nn.Module):
+    """LeViT's residual MLP (timm/models/levit.py:494): ln1, act, ln2, added to its input."""
+
+    def __init__(self, dim: int = 8, hidden: int = 12, view: bool = False) -> None:
+        super().__init__()
+        self.embed = LinearNorm(5, dim)
+        self.ln1 = LinearNorm(dim, hidden)
+        self.ln2 = LinearNorm(hidden, dim)
+        self.head = nn.Linear(dim, 3)
+        self.view = view
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x)  # (B, N, D)
+        if self.view:  # the same through view_as
+            h = F.relu(h.flatten(0, 1).view_as(h))  # (B, N, D)
+        h = h + self.ln2(F.hardswish(self.ln1(h)))  # (B, N, D)
+        return self.head(h.mean(1))  # (B, 3)
+
+
+def test_reshape_as_gated() -> None:
+    torch.manual_seed(3)
+    model = LevitMlp().eval()
+    summary = gate_(model, torch.randn(2, 4, 5))
+    assert [sorted(ps) for ps, _ in summary.channel_groups] == [
+        ["embed.linear", "ln2.linear"],
+        ["ln1.linear"],
+    ]
+    assert "does not prune through" not in str(summary)
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(
+    dim=st.integers(2, 10),
+    hidden=st.integers(2, 10),
+    view=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_reshape_as_pruned_exact(dim: int, hidden: int, view: bool, seed: int) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = LevitMlp(dim, hidden, view)
+    randomise_batchnorms(model, gen)
+    x = torch.randn(2, 4, 5, generator=gen)
+    gate_(model, x)
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, factory=lambda: LevitMlp(dim, hidden, view), batches=(1, 3))
+
+
+class OtherShape(nn.Module):
+    """``reshape_as`` of a tensor carrying other channels of the same width: pruned alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = F.relu(self.a(x)), F.relu(self.b(x))  # (B, N, 6)
+        return self.head(a.flatten(0, 1).reshape_as(b) * b)  # (B, N, 2)
+
+
+def test_reshape_as_couples_the_shape_donor() -> None:
+    torch.manual_seed(4)
+    gen = torch.Generator().manual_seed(4)
+    model = OtherShape()
+    x = torch.randn(2, 3, 4, generator=gen)
+    summary = gate_(model, x)
+    assert [sorted(ps) for ps, _ in summary.channel_groups] == [["a", "b"]]
+    random_gates(model, gen)
+    check_pruned(model, x, gen, factory=OtherShape)
