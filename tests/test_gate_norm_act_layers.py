@@ -163,3 +163,142 @@ def test_reshape_as_couples_the_shape_donor() -> None:
     assert [sorted(ps) for ps, _ in summary.channel_groups] == [["a", "b"]]
     random_gates(model, gen)
     check_pruned(model, x, gen, factory=OtherShape)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm/layers/norm_act.py:56, BatchNorm + activation: a ``BatchNorm2d`` subclass with
+    ``drop`` and ``act`` children whose forward is a copy of ``BatchNorm2d.forward``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        act_layer: type[nn.Module] | None = nn.ReLU,
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(num_features, track_running_stats=track_running_stats)
+        self.drop = nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        if self.momentum is None:  # noqa: SIM108 (as timm writes it)
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:  # noqa: SIM102 (as timm writes it)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # use cumulative moving average
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:  # use exponential moving average
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(  # timm/layers/norm_act.py:136
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+        )  # (B, C, H, W)
+        x = self.drop(x)
+        x = self.act(x)
+        return x  # (B, C, H, W)
+
+
+class InvertedResidual(nn.Module):
+    """timm's InvertedResidual (MobileNetV2/V3, EfficientNet): 1x1 expand, depthwise, 1x1
+    project, each with a BatchNormAct2d (the last without activation), added to the input."""
+
+    def __init__(self, dim: int, hidden: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.conv_pw = nn.Conv2d(dim, hidden, 1, bias=False)
+        self.bn1 = BatchNormAct2d(hidden, act)
+        self.conv_dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False)
+        self.bn2 = BatchNormAct2d(hidden, act)
+        self.conv_pwl = nn.Conv2d(hidden, dim, 1, bias=False)
+        self.bn3 = BatchNormAct2d(dim, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))  # (B, hidden, H, W)
+        return x + self.bn3(self.conv_pwl(h))  # (B, dim, H, W)
+
+
+class EffNet(nn.Module):
+    """A stem conv with BatchNormAct2d, two inverted residuals, a 1x1 head and a classifier."""
+
+    def __init__(
+        self, dim: int = 6, hidden: int = 10, act: type[nn.Module] = nn.SiLU, track: bool = True
+    ) -> None:
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, dim, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct2d(dim, act, track_running_stats=track)
+        self.blocks = nn.Sequential(*[InvertedResidual(dim, hidden, act) for _ in range(2)])
+        self.conv_head = nn.Conv2d(dim, 12, 1, bias=False)
+        self.bn2 = BatchNormAct2d(12, act)
+        self.classifier = nn.Linear(12, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(self.bn1(self.conv_stem(x)))  # (B, dim, H, W)
+        h = self.bn2(self.conv_head(h))  # (B, 12, H, W)
+        return self.classifier(h.mean((2, 3)))  # (B, 3)
+
+
+def test_batchnorm_act_channels_and_blocks_gated() -> None:
+    torch.manual_seed(5)
+    model = EffNet()
+    summary = gate_(model, torch.randn(2, 3, 8, 8))
+    gated = _gated(summary)
+    assert gated == {
+        "conv_stem",
+        "blocks.0.conv_pwl",
+        "blocks.1.conv_pwl",
+        "blocks.0.conv_pw",
+        "blocks.1.conv_pw",
+        "conv_head",
+    }
+    assert "does not prune through" not in str(summary)
+    assert len(summary.blocks) == 2
+
+
+@settings(max_examples=examples(8), deadline=None)
+@given(
+    dim=st.integers(2, 8),
+    hidden=st.integers(2, 12),
+    act=st.sampled_from([nn.SiLU, nn.ReLU, nn.Hardswish]),
+    track=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_batchnorm_act_pruned_exact(
+    dim: int, hidden: int, act: type[nn.Module], track: bool, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = EffNet(dim, hidden, act, track)
+    with torch.no_grad():  # random affine parameters (and running statistics, if tracked)
+        for m in model.modules():
+            if isinstance(m, BatchNormAct2d):
+                m.weight.normal_(1.0, 0.3, generator=gen)
+                m.bias.normal_(0.0, 0.3, generator=gen)
+                if m.running_mean is not None and m.running_var is not None:
+                    m.running_mean.normal_(0.0, 0.5, generator=gen)
+                    m.running_var.uniform_(0.5, 2.0, generator=gen)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    gate_(model, x)
+    model.train()
+    model(x).pow(2).mean().backward()  # the gates in the norm's weight get gradients
+    gating = model.gatedprune
+    assert len(gating.group_gates) == 4
+    assert all(g.log_alpha.grad is not None for g in gating.group_gates)
+    randomise_gates(model, gen)
+    pruned = check_pruned(model, x, gen, factory=lambda: EffNet(dim, hidden, act, track))
+    for m in pruned.modules():
+        if isinstance(m, BatchNormAct2d):
+            assert m.num_features == m.weight.shape[0] == m.bias.shape[0]
+            if m.running_mean is not None:
+                assert m.running_mean.shape == m.weight.shape

@@ -2334,7 +2334,7 @@ def gate_(
             return False
         return can_rewrite(owner) is not None or hooked.conflict([owner], {node.name}) is not None
 
-    ca = analyse_channels(gm, record, fixed_code)
+    ca = analyse_channels(gm, record, fixed_code, root=model)
     for n, read_by in train_only.reads.items():
         for lab in (ca.labels.get(n), ca.nonzero.get(n)):
             if lab is not None:
@@ -2429,6 +2429,8 @@ def gate_(
         for pl in ca.param_linears
         if pl.out_atoms is not None and pl.weight not in conflicts
     }
+    # or in a BatchNorm's own F.batch_norm (timm's BatchNormAct2d): its weight and bias
+    param_ends.update({by_name[node]: f"{bn}.weight" for node, bn in ca.fused_norms.items()})
     found, skipped = (
         find_blocks(gm, record, traced.opaque, param_ends, _wraps(traced))
         if (blocks or shortcuts)
@@ -2612,14 +2614,22 @@ def gate_(
             summary.ungated_layers.append((name, why))
     # gate sites
     sites: dict[str, SiteInfo] = {}
-    for name in ca.sources:
-        atoms = ca.module_atoms[name]
-        segs = _segments(atoms, group_map, ca.atom_group, ca.atom_gidx)
-        if segs:
-            dim = -1 if ca.kinds[name] in ("linear", "embedding") else 1
-            sites[name] = SiteInfo(dim, len(atoms), segs)
     param_sites: dict[str, ParamSite] = {}
     block_params = {b.site for b in kept_blocks if b.param}
+    fused = set(ca.fused_norms.values())
+    for name in dict.fromkeys([*ca.sources, *fused]):
+        atoms = ca.module_atoms.get(name)
+        segs = _segments(atoms, group_map, ca.atom_group, ca.atom_gidx) if atoms is not None else []
+        weight = f"{name}.weight"
+        if name in fused and (segs or weight in block_params):
+            # its own F.batch_norm: gated by scaling its weight and bias (before its act)
+            norm = model.get_submodule(name)
+            assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            bias = f"{name}.bias" if norm.bias is not None else None
+            param_sites[weight] = ParamSite(weight, bias, 0, norm.num_features, segs)
+        elif segs and atoms is not None and name not in fused:
+            dim = -1 if ca.kinds[name] in ("linear", "embedding") else 1
+            sites[name] = SiteInfo(dim, len(atoms), segs)
     for pl in ca.param_linears:
         if pl.out_atoms is not None:
             segs = _segments(pl.out_atoms, group_map, ca.atom_group, ca.atom_gidx)
