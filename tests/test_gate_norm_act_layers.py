@@ -120,6 +120,7 @@ def test_reshape_as_gated() -> None:
         ["ln1.linear"],
     ]
     assert "does not prune through" not in str(summary)
+    assert [site for _, site, _ in summary.blocks] == ["ln2.bn"]  # through the reshape_as
 
 
 @settings(max_examples=examples(6), deadline=None)

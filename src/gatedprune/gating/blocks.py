@@ -247,8 +247,14 @@ def _site_of(
             if len(nodes) == 1 and len(consts) == 1 and (not divides or n.args[0] is nodes[0]):
                 n = nodes[0]  # g * (c * z) = c * (g * z)
                 continue
+        shaped_as = n.op == "call_method" and n.target in ("reshape_as", "view_as")
         if (n.op == "call_function" and n.target in HOMOGENEOUS_FUNCS and n.args) or _moves(n):
             n = n.args[0]  # type: ignore[assignment]
+            if not isinstance(n, fx.Node):
+                return None, "unexpected argument"
+            continue
+        if shaped_as and len(n.args) == 2 and not n.kwargs:  # LeViT's bn(...).reshape_as(x):
+            n = n.args[0]  # type: ignore[assignment]  # the other tensor gives only its shape
             if not isinstance(n, fx.Node):
                 return None, "unexpected argument"
             continue
