@@ -303,3 +303,74 @@ def test_batchnorm_act_pruned_exact(
             assert m.num_features == m.weight.shape[0] == m.bias.shape[0]
             if m.running_mean is not None:
                 assert m.running_mean.shape == m.weight.shape
+
+
+class GroupNormAct(nn.GroupNorm):
+    """timm/layers/norm_act.py:402, GroupNorm + activation (``_fast_norm`` off)."""
+
+    def __init__(self, num_channels: int, num_groups: int, act_layer: type[nn.Module]) -> None:
+        super().__init__(num_groups, num_channels)
+        self.drop = nn.Identity()
+        self.act = act_layer()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)  # (B, C, H, W)
+        x = self.drop(x)
+        x = self.act(x)
+        return x  # (B, C, H, W)
+
+
+class GNNet(nn.Module):
+    """Convs with GroupNormAct after them, one residual branch ending in a GroupNormAct."""
+
+    def __init__(self, groups: int = 3, per: int = 2, act: type[nn.Module] = nn.SiLU) -> None:
+        super().__init__()
+        width = groups * per
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.c1 = nn.Conv2d(4, width, 3, padding=1)
+        self.n1 = GroupNormAct(width, groups, act)
+        self.c2 = nn.Conv2d(width, 4, 1)
+        self.n2 = GroupNormAct(4, 2, nn.ReLU)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.stem(x))  # (B, 4, H, W)
+        h = h + self.n2(self.c2(self.n1(self.c1(h))))  # (B, 4, H, W)
+        return self.head(h.mean((2, 3)))  # (B, 3)
+
+
+def test_group_norm_act_gated_by_runs() -> None:
+    torch.manual_seed(6)
+    model = GNNet()
+    summary = gate_(model, torch.randn(2, 3, 6, 6))
+    groups = [(sorted(ps), k) for ps, k in summary.channel_groups]
+    assert groups == [(["c2", "stem"], 2), (["c1"], 3)]  # a gate per run each norm normalises
+    assert [site for _, site, _ in summary.blocks] == ["n2.weight"]
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(
+    groups=st.integers(2, 4),
+    per=st.integers(1, 3),
+    act=st.sampled_from([nn.SiLU, nn.ReLU]),
+    seed=st.integers(0, 2**16),
+)
+def test_group_norm_act_pruned_exact(
+    groups: int, per: int, act: type[nn.Module], seed: int
+) -> None:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = GNNet(groups, per, act)
+    with torch.no_grad():
+        for m in (model.n1, model.n2):
+            m.weight.normal_(1.0, 0.3, generator=gen)
+            m.bias.normal_(0.0, 0.3, generator=gen)
+    x = torch.randn(2, 3, 5, 5, generator=gen)
+    gate_(model, x)
+    assert len(model.gatedprune.group_gates) == 2
+    randomise_gates(model, gen)
+    pruned = check_pruned(model, x, gen, factory=lambda: GNNet(groups, per, act), batches=(1, 3))
+    runs = {"n1": per, "n2": 2}  # channels per group, unchanged by pruning whole runs
+    for name, m in pruned.named_modules():  # (none when the block gate removed the branch)
+        if isinstance(m, GroupNormAct):
+            assert m.num_channels == m.weight.shape[0] == m.num_groups * runs[name]

@@ -275,10 +275,11 @@ class ChannelAnalysis:
     head_biases: list[HeadBias] = field(default_factory=list)  # per-head score terms, sliced
     # Linear -> the input features it gates (query heads of multi-query attention)
     input_sites: dict[str, np.ndarray] = field(default_factory=dict)
-    # BatchNorms whose own forward calls F.batch_norm on their parameters (timm's
-    # BatchNormAct2d, see ``_Propagator.functional_norm``): gated by scaling their weight
-    # and bias (the norm's output, before the activation that follows in that forward)
-    fused_norms: dict[str, str] = field(default_factory=dict)  # node name -> the BatchNorm
+    # BatchNorms (GroupNorms) whose own forward calls F.batch_norm (F.group_norm) on their
+    # parameters (timm's BatchNormAct2d, GroupNormAct; see ``_Propagator.functional_norm``):
+    # gated by scaling their weight and bias (the norm's output, before the activation that
+    # follows in that forward)
+    fused_norms: dict[str, str] = field(default_factory=dict)  # node name -> the norm
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -1047,7 +1048,7 @@ class _Propagator:
         # the nodes shaping them to broadcast (gamma.view(1, -1, 1, 1)) -> the channels' atoms
         self.scale_chains: dict[fx.Node, np.ndarray] = {}
         self.head_biases: list[HeadBias] = []  # per-head terms of attention scores
-        self.fused_norms: dict[fx.Node, str] = {}  # F.batch_norm node -> its BatchNorm
+        self.fused_norms: dict[fx.Node, str] = {}  # F.batch_norm/group_norm node -> the norm
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -1644,7 +1645,7 @@ class _Propagator:
             return None
         if n.op == "call_function" and n.target in _CONV_FUNCS:
             return self.param_conv(n, _CONV_FUNCS[n.target])
-        if n.op == "call_function" and n.target is F.batch_norm:
+        if n.op == "call_function" and n.target in (F.batch_norm, F.group_norm):
             return self.functional_norm(n)
         parts = linear_operands(n)
         if parts is not None:
@@ -1979,24 +1980,31 @@ class _Propagator:
         """``F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, ...)`` with the
         parameters and buffers of one affine ``_BatchNorm`` ``m``, its running statistics
         possibly None (timm's ``BatchNormAct2d``: a ``BatchNorm2d`` subclass whose forward
-        calls it, then its ``drop`` and ``act`` children; fx traces through it): per channel
-        like a call of ``m`` (its channels pass, it carries the gate of the channels it
-        normalises, prune slices it as a BatchNorm). Any other ``F.batch_norm`` keeps its
-        input's channels whole, with the reason."""
-        names = ("input", "running_mean", "running_var", "weight", "bias")
+        calls it, then its ``drop`` and ``act`` children; fx traces through it), or
+        ``F.group_norm(x, m.num_groups, m.weight, m.bias, eps)`` of an affine ``nn.GroupNorm``
+        ``m`` (timm's ``GroupNormAct``): per channel like a call of ``m`` (its channels pass,
+        it carries the gate of the channels it normalises, prune slices it as the norm). Any
+        other such call keeps its input's channels whole, with the reason."""
+        group = n.target is F.group_norm
+        names = (
+            ("input", "num_groups", "weight", "bias")
+            if group
+            else ("input", "running_mean", "running_var", "weight", "bias")
+        )
         args = [n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names)]
-        x, reads = args[0], args[1:]
-        weight = reads[2]
+        x, weight = args[0], args[-2]
+        reads = args[-2:] if group else args[1:]
         owner = (
             str(weight.target).rpartition(".")[0]
             if isinstance(weight, fx.Node) and weight.op == "get_attr"
             else None
         )
         m = self.root.get_submodule(owner) if owner else None
+        kind = "GroupNorm" if group else "BatchNorm"
         why: str | None = None
         whole = self.rec.whole.get(n)
-        if owner is None or not isinstance(m, _BN):
-            why = "its weight is not the weight of a BatchNorm module of the model"
+        if owner is None or not isinstance(m, nn.GroupNorm if group else _BN):
+            why = f"its weight is not the weight of a {kind} module of the model"
         elif not m.affine:
             why = f"{owner} ({type(m).__name__} without affine parameters)"
         elif any(
@@ -2004,12 +2012,12 @@ class _Propagator:
                 (r is None and k.startswith("running"))
                 or (isinstance(r, fx.Node) and r.op == "get_attr" and r.target == f"{owner}.{k}")
             )
-            for r, k in zip(reads, names[1:], strict=True)
+            for r, k in zip(reads, names[-len(reads) :], strict=True)
         ):
-            why = (
-                f"it does not read {owner}'s own running_mean, running_var, weight and bias "
-                "as they are"
-            )
+            what = "weight and bias" if group else "running_mean, running_var, weight and bias"
+            why = f"it does not read {owner}'s own {what} as they are"
+        elif group and args[1] != getattr(m, "num_groups", None):
+            why = f"its num_groups {args[1]!r} is not {owner}'s"
         elif whole is not None and whole != owner:
             why = f"inside module '{whole}', which a cost handler (register_cost) counts whole"
         elif any(not self.read_once(a, [], n) for a in reads if isinstance(a, fx.Node)):
@@ -2018,14 +2026,16 @@ class _Propagator:
             self.pin_inputs(n, f"{self.describe(n)}: {why}")
             return None
         lab = self.lab(x)
-        self.kinds[owner] = "bn"
+        self.kinds[owner] = "gn" if group else "bn"
         self.fused_norms[n] = owner
-        self.soft_pin(lab, f"{owner} (BatchNorm) does not take a folded input gate")
+        self.soft_pin(lab, f"{owner} ({kind}) does not take a folded input gate")
         if lab is None:
             return None
         if lab.dim != 1:
             self.pin(lab, f"{owner} normalises a dimension other than the labelled one")
             return None
+        if group:
+            lab = self.group_norm(owner, cast(nn.GroupNorm, m), lab)
         prev = self.module_space.get(owner)
         if prev is not None:
             self.union(prev, lab.atoms)
@@ -4347,7 +4357,7 @@ def analyse_channels(
             if u.op == "call_module" and p.kinds.get(str(u.target)) in ("bn", "in", "gn"):
                 continue  # the BatchNorm (InstanceNorm, GroupNorm) that follows carries the gate
             if u in p.fused_norms and u.args and u.args[0] is n:
-                continue  # so does a BatchNorm's own F.batch_norm
+                continue  # so does a norm's own F.batch_norm (F.group_norm)
         sources.setdefault(str(n.target), []).append(n)
     for n, owner in p.fused_norms.items():
         if p.labels.get(n) is not None:

@@ -2429,7 +2429,7 @@ def gate_(
         for pl in ca.param_linears
         if pl.out_atoms is not None and pl.weight not in conflicts
     }
-    # or in a BatchNorm's own F.batch_norm (timm's BatchNormAct2d): its weight and bias
+    # or in a norm's own F.batch_norm / F.group_norm (timm's BatchNormAct2d): its weight, bias
     param_ends.update({by_name[node]: f"{bn}.weight" for node, bn in ca.fused_norms.items()})
     found, skipped = (
         find_blocks(gm, record, traced.opaque, param_ends, _wraps(traced))
@@ -2622,11 +2622,12 @@ def gate_(
         segs = _segments(atoms, group_map, ca.atom_group, ca.atom_gidx) if atoms is not None else []
         weight = f"{name}.weight"
         if name in fused and (segs or weight in block_params):
-            # its own F.batch_norm: gated by scaling its weight and bias (before its act)
+            # its own F.batch_norm / F.group_norm: its weight and bias scaled (before its act)
             norm = model.get_submodule(name)
-            assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            assert isinstance(norm, nn.modules.batchnorm._BatchNorm | nn.GroupNorm)
             bias = f"{name}.bias" if norm.bias is not None else None
-            param_sites[weight] = ParamSite(weight, bias, 0, norm.num_features, segs)
+            width = norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
+            param_sites[weight] = ParamSite(weight, bias, 0, width, segs)
         elif segs and atoms is not None and name not in fused:
             dim = -1 if ca.kinds[name] in ("linear", "embedding") else 1
             sites[name] = SiteInfo(dim, len(atoms), segs)

@@ -368,7 +368,7 @@ def build_cost_terms(
         param_terms[pl.weight] = (mi * mo * pl.taps, fi, fo)
         if pl.bias is not None:
             param_terms[pl.bias] = (mo, fo, -1)
-    for bn in dict.fromkeys(ca.fused_norms.values()):  # a BatchNorm's own F.batch_norm
+    for bn in dict.fromkeys(ca.fused_norms.values()):  # a norm's own F.batch_norm/group_norm
         atoms = ca.module_atoms.get(bn)
         for path in (f"{bn}.weight", f"{bn}.bias"):
             if _is_param(gm, path):
