@@ -12,6 +12,8 @@ model's own ``forward`` is an error.
 
 from __future__ import annotations
 
+import builtins
+import copy
 import functools
 import inspect
 import operator
@@ -241,9 +243,79 @@ class GateTracer(fx.Tracer):
         concrete_args: dict[str, Any] | None = None,
     ) -> fx.Graph:
         """fx's trace, with the torch calls of :data:`_TRACED_CALLS` recorded as graph nodes
-        when a traced value is among their arguments (see :func:`_traced_calls`)."""
-        with _traced_calls():
+        when a traced value is among their arguments (see :func:`_traced_calls`), and the
+        functions registered with ``torch.fx.wrap`` traced through where they can be
+        (:func:`_wrapped_traced_through`)."""
+        with _traced_calls(), _wrapped_traced_through():
             return super().trace(root, concrete_args)
+
+    def create_args_for_root(
+        self,
+        root_fn: Callable[..., Any],
+        is_module: bool,
+        concrete_args: dict[str, Any] | tuple[Any, ...] | None = None,
+    ) -> tuple[Any, list[Any]]:
+        """fx's placeholders for the root's parameters; a ``forward`` behind a
+        ``functools.wraps`` decorator (Hugging Face's ``@can_return_tuple``, whose wrapper
+        takes ``(self, *args, **kwargs)``) around a ``forward`` with ``*args``, ``**kwargs`` or
+        keyword-only parameters gets one placeholder per named parameter of the decorated
+        ``forward`` (``inspect.signature`` follows ``__wrapped__``), passed to the wrapper as
+        the code would pass them (``*args`` and ``**kwargs`` empty), so the wrapper's own
+        code runs too. fx would instead rewrite the *wrapper's* code object to take the
+        inner parameters: "code: co_varnames is too small", or the wrapper's ``kwargs``
+        bound to a traced value (before 2026-12-08)."""
+        inner = inspect.unwrap(root_fn)
+        code = getattr(inner, "__code__", None)
+        varstuff = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+        if (
+            inner is root_fn
+            or code is None
+            or not (code.co_kwonlyargcount or code.co_flags & varstuff)
+            or isinstance(concrete_args, tuple)
+        ):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        sig = inspect.signature(inner)
+        params = list(sig.parameters.values())[1 if is_module else 0 :]
+        positional: list[Any] = [self.root] if is_module else []
+        keywords: dict[str, Any] = {}
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue  # gate_ passes none: the traced code takes the named ones
+            value = self._proxy_placeholder(p.name, concrete_args, sig, inner)
+            if p.kind is p.KEYWORD_ONLY:
+                keywords[p.name] = value
+            else:
+                positional.append(value)
+
+        def call(*args: Any) -> Any:
+            return root_fn(*args, **keywords)
+
+        return call, positional
+
+    def call_through(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A call of ``fn``, a function registered with ``torch.fx.wrap`` (timm's
+        ``resolve_self_attn_mask``), given traced values: its body traced like inline code
+        (a ``None`` or an argument it returns unchanged adds no node); where that fails, the
+        nodes it made are erased and the call is one ``call_function`` node, as fx makes it."""
+        last = next(iter(reversed(self.graph.nodes)), None)
+        calls, failed_in = len(self.calls), self.failed_in
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            made = []
+            for n in reversed(self.graph.nodes):
+                if n is last:
+                    break
+                made.append(n)
+            for n in made:  # the newest first: each one's users are erased before it
+                self.graph.erase_node(n)
+            del self.calls[calls:]
+            self.failed_in = failed_in
+        proxy = self.create_proxy("call_function", fn, args, kwargs)
+        proxy.node.meta["is_wrapped"] = True
+        return proxy
 
     def call_module(
         self,
@@ -252,7 +324,10 @@ class GateTracer(fx.Tracer):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        name = self.path_of_module(m)
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # not a submodule of the model: its code is traced inline
+            return self._call_outside(m, forward, args, kwargs)
         if kwargs and self.is_leaf_module(m, name) and _positional_view(m):
             # a layer's leading inputs passed by keyword (torchaudio's `self.self_attn(
             # query=x, key=x, value=x, need_weights=False)`) become positional in the graph,
@@ -280,6 +355,30 @@ class GateTracer(fx.Tracer):
         else:
             self.calls.append(ModuleCall(name, nodes, _as_nodes(args), _as_nodes(kwargs), out))
         return result
+
+    def _call_outside(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """A call of module ``m`` that is not in the model's hierarchy (a module-level
+        instance called as a function: Hugging Face's ``apply_rotary_pos_emb`` made a module
+        by ``@use_kernel_forward_from_hub``): traced inline as part of its caller's code, as
+        a function would be; with parameters (which the model's parameters, and so pruning,
+        do not include) an error naming it and its caller, which is then kept whole (before
+        2026-12-08 every such call gave fx's "module is not installed as a submodule")."""
+        stack = list(self.module_stack.values())
+        caller = str(stack[-1][0]) if stack else ""
+        caller_name = f"'{caller}'" if caller else "the model's forward"
+        if any(True for _ in m.parameters()):
+            raise NameError(
+                f"module {type(m).__name__} called by {caller_name} is not a submodule of "
+                "the model and holds parameters, which gate_ cannot prune or trace: make it "
+                "a submodule (an attribute of the caller)"
+            )
+        return forward(*args, **kwargs)
 
 
 def _positional_view(m: nn.Module) -> bool:
@@ -400,6 +499,65 @@ def _traced_calls() -> Iterator[None]:
             setattr(torch, name, orig)
         torch.Tensor.__getitem__ = getitem  # type: ignore[method-assign]
         _PATCHED.clear()
+
+
+def _traced_through(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, registered with ``torch.fx.wrap``, as :func:`_wrapped_traced_through`
+    patches it: called as it is without traced values, else through
+    :meth:`GateTracer.call_through` (or as fx records it, for another tracer)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        proxy = _first_proxy((args, kwargs))
+        if proxy is None:
+            return fn(*args, **kwargs)
+        if isinstance(proxy.tracer, GateTracer):
+            return proxy.tracer.call_through(fn, args, kwargs)
+        out = proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+        out.node.meta["is_wrapped"] = True
+        return out
+
+    return call
+
+
+@contextmanager
+def _wrapped_traced_through() -> Iterator[None]:
+    """While tracing: each function registered with ``torch.fx.wrap`` (fx's registry of
+    module globals to patch) is patched by :func:`_traced_through` instead of fx's leaf
+    wrapper, and taken out of the registry; both restored afterwards. Not thread-safe:
+    fx's registry and the patched globals are process-wide (as fx's own patching is).
+
+    >>> import torch.fx._symbolic_trace as st
+    >>> before = dict(st._wrapped_fns_to_patch)
+    >>> with _wrapped_traced_through():
+    ...     pass
+    >>> st._wrapped_fns_to_patch == before
+    True
+    """
+    registry = fx._symbolic_trace._wrapped_fns_to_patch
+    saved = dict(registry)
+    if not saved:  # none registered, or a trace inside a trace: patched already
+        yield
+        return
+    patched: list[tuple[dict[str, Any], str, bool, Any]] = []
+    registry.clear()
+    try:
+        for (_, name), frame in saved.items():
+            had = name in frame
+            fn = frame[name] if had else getattr(builtins, name, None)
+            if fn is None:
+                continue
+            patched.append((frame, name, had, frame.get(name)))
+            frame[name] = _traced_through(fn)
+        yield
+    finally:
+        for frame, name, had, old in reversed(patched):
+            if had:
+                frame[name] = old
+            else:
+                frame.pop(name, None)
+        registry.clear()
+        registry.update(saved)
 
 
 @dataclass
@@ -753,10 +911,10 @@ def _trace_detached(
     """:func:`_trace` with the user's hooks taken off."""
     for _ in range(_MAX_OPAQUE):
         tracer = GateTracer(set(found))
+        state = _module_state(model)
         modes = [(m, m.training) for m in model.modules()]
         for m, _ in modes:  # code reading `self.training` is traced as the eval-mode function
             m.training = training  # (the training-mode one only when asked for)
-        own = set(vars(model))
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
             traced = fx.GraphModule(tracer.root, graph)
@@ -764,11 +922,10 @@ def _trace_detached(
             name = tracer.failed_in
             if name is None or name in found:
                 hint = _trace_hint(e)  # the common causes: what to change, as for a submodule
-                advice = "" if hint else " (move data-dependent control flow into a submodule)"
                 raise ValueError(
                     f"torch.fx cannot trace {type(model).__name__}.forward itself "
                     f"({type(e).__name__}: {e}){hint}; gate_ needs a traceable top-level "
-                    f"forward{advice}"
+                    "forward"
                 ) from e
             found[name] = f"{type(e).__name__}: {e}{_trace_hint(e, submodule=True)}"
             if warn:
@@ -782,14 +939,110 @@ def _trace_detached(
         finally:
             for m, mode in modes:
                 m.training = mode
-            # fx stores a tensor computed while tracing (`self.scale[1:]`) on the model as
-            # `_tensor_constant<k>`, the first free k: leave the model as it was, so that the
-            # next trace names its nodes alike (a plan names them)
-            for name in set(vars(model)) - own:
-                if name.startswith("_tensor_constant"):
-                    delattr(model, name)
+            # every module as it was: fx stores a tensor computed while tracing
+            # (`self.scale[1:]`) on the model as `_tensor_constant<k>`, the first free k (the
+            # next trace must name its nodes alike: a plan names them), and code run on
+            # traced values may cache them (timm LeViT's `attention_bias_cache[str(device)]`)
+            _restore_module_state(state)
+        _check_no_proxies(model)
         return TracedModel(traced, found, tracer.calls, hooked)
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
+
+
+_ModuleState = list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]
+
+
+def _module_state(model: nn.Module) -> _ModuleState:
+    """Each module of ``model`` with its attributes (``vars``) and a shallow copy of those that
+    are dicts, lists or sets (a cache a forward fills), for :func:`_restore_module_state`."""
+    state: _ModuleState = []
+    for m in model.modules():
+        attrs = dict(vars(m))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, dict | list | set)}
+        state.append((m, attrs, contents))
+    return state
+
+
+def _same_items(now: Any, then: Any) -> bool:
+    """Whether container ``now`` holds the very objects ``then`` (its earlier shallow copy)
+    held, in the same places (values compared by identity: a Proxy's ``==`` is a node)."""
+    if len(now) != len(then):
+        return False
+    if isinstance(now, dict):
+        return all(k in now and now[k] is v for k, v in then.items())
+    if isinstance(now, list):
+        return all(a is b for a, b in zip(now, then, strict=True))
+    return {id(v) for v in now} == {id(v) for v in then}
+
+
+def _restore_module_state(state: _ModuleState) -> None:
+    """Put every module of :func:`_module_state` back as it was: attributes added since
+    removed, attributes set since set back, dicts, lists and sets refilled in place.
+
+    >>> class Cached(nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.cache: dict[str, Tensor] = {}
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         self.cache[str(x.device)] = x  # a traced value, when traced
+    ...         self.last = x
+    ...         return x
+    >>> m = Cached()
+    >>> _ = trace_model(m)
+    >>> m.cache, hasattr(m, "last")
+    ({}, False)
+    """
+    for m, attrs, contents in state:
+        now = vars(m)
+        for k in [k for k in now if k not in attrs]:
+            del now[k]
+        for k, v in attrs.items():
+            if now.get(k, _MISSING) is not v:
+                now[k] = v
+        for k, then in contents.items():
+            v = attrs[k]
+            if _same_items(v, then):
+                continue
+            v.clear()
+            if isinstance(v, list):
+                v.extend(then)
+            else:
+                v.update(then)
+
+
+_MISSING = object()
+
+
+def _check_no_proxies(model: nn.Module) -> None:
+    """Raise ``ValueError`` if a traced value is left in the state of a module of ``model``
+    (in an attribute, or a dict, list, tuple or set in one, nested): code that stores it
+    deeper than :func:`_restore_module_state` restores, which a later trace or run would
+    read."""
+    for path, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if _holds_proxy(v, 3):
+                raise ValueError(
+                    f"gate_: tracing left a traced value (an fx Proxy) in attribute {k!r} of "
+                    f"module '{path or '<root>'}' ({type(m).__name__}), deeper than gate_ "
+                    "restores (attributes and the dicts, lists and sets in them): do not "
+                    "store values computed by forward on the module, or reset them in it"
+                )
+
+
+def _holds_proxy(v: Any, depth: int) -> bool:
+    """Whether ``v`` is an fx Proxy or a dict, list, tuple or set holding one within
+    ``depth`` levels."""
+    if isinstance(v, fx.Proxy):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(v, dict):
+        return any(_holds_proxy(a, depth - 1) for a in (*v.keys(), *v.values()))
+    if isinstance(v, list | tuple | set | frozenset):
+        return any(_holds_proxy(a, depth - 1) for a in v)
+    return False
 
 
 def _trace_hint(e: Exception, *, submodule: bool = False) -> str:
