@@ -507,3 +507,245 @@ def test_untraceable_root_message_has_no_stale_advice() -> None:
     with pytest.raises(ValueError, match=r"cannot trace Looping\.forward itself") as info:
         gate_(Looping(), torch.randn(2, N, D))
     assert "move data-dependent control flow into a submodule" not in str(info.value)
+
+
+def merge_with_config_defaults(func: Any) -> Any:
+    """transformers/utils/generic.py:1151, reduced: ``use_cache`` taken from the config when
+    the caller passes None, found among the positional arguments by the code object of the
+    function it wraps."""
+
+    @functools.wraps(func)
+    def wrapper(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        arg_index = None
+        if "use_cache" in func.__code__.co_varnames:
+            arg_index = func.__code__.co_varnames.index("use_cache") - 1  # -1 for self
+        if arg_index is not None and len(args) > arg_index and args[arg_index] is not None:
+            value = args[arg_index]
+        elif kwargs.get("use_cache") is not None:
+            value = kwargs["use_cache"]
+        else:
+            value = self.use_cache_default
+        if arg_index is not None and len(args) > arg_index:
+            args = (*args[:arg_index], value, *args[arg_index + 1 :])
+        else:
+            kwargs["use_cache"] = value
+        return func(self, *args, **kwargs)
+
+    return wrapper
+
+
+class ConfigDefaultsModel(nn.Module):
+    """``@merge_with_config_defaults`` over ``@can_return_tuple`` (HF BertModel's stack)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = DecoratedLayer(), nn.Linear(D, 3)
+        self.use_cache_default, self.return_dict = False, False
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, use_cache: bool | None = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        h = self.layer(x, mask=mask)  # (B, N, D)
+        return self.head(h.mean(1)), h  # (B, 3), (B, N, D)
+
+
+def test_decorator_filling_defaults_from_config() -> None:
+    torch.manual_seed(8)
+    net, x = ConfigDefaultsModel().eval(), torch.randn(2, N, D)
+    summary = gate_(net, x)  # before: "co_varnames is too small"
+    assert [b[0] for b in summary.blocks] == ["layer"]
+    gen = torch.Generator().manual_seed(8)
+    randomise_gates(net, gen)
+    check_pruned(net, x, gen, factory=lambda: ConfigDefaultsModel().eval(), batches=(2, 3))
+
+
+# --- 5. a removed branch whose module returns a value no caller reads --------------------
+
+
+class BertSelfAttention(nn.Module):
+    """modeling_bert.py's BertSelfAttention, reduced: returns ``(context, attn_weights)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(D, HEADS * HD) for _ in range(3))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        b, t = h.size(0), h.size(1)
+        q = self.q(h).view(b, t, HEADS, HD).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(h).view(b, t, HEADS, HD).transpose(1, 2)  # (B, H, T, hd)
+        v = self.v(h).view(b, t, HEADS, HD).transpose(1, 2)  # (B, H, T, hd)
+        w = torch.softmax(q @ k.transpose(-1, -2), -1)  # (B, H, T, T)
+        return (w @ v).transpose(1, 2).reshape(b, t, HEADS * HD), w  # (B, T, H*hd)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense, self.norm = nn.Linear(HEADS * HD, D), nn.LayerNorm(D)
+
+    def forward(self, h: Tensor, inp: Tensor) -> Tensor:
+        return self.norm(self.dense(h) + inp)  # (B, T, D)
+
+
+class BertAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.self, self.output = BertSelfAttention(), BertSelfOutput()
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        attention_output, attn_weights = self.self(h)  # modeling_bert.py:316-324
+        return self.output(attention_output, h), attn_weights
+
+
+class DecoratedBertAttention(BertAttention):
+    @deprecate_kwarg  # modeling_bert.py:305
+    def forward(self, h: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return super().forward(h)
+
+
+class BertLike(nn.Module):
+    def __init__(self, decorated: bool) -> None:
+        super().__init__()
+        self.attention = DecoratedBertAttention() if decorated else BertAttention()
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, _ = self.attention(x)  # (B, T, D); the weights dropped
+        return self.head(a.mean(1))  # (B, 3)
+
+
+@pytest.mark.parametrize("decorated", [False, True])
+def test_removed_branch_returning_unread_weights(decorated: bool) -> None:
+    torch.manual_seed(9)
+    net, x = BertLike(decorated).eval(), torch.randn(2, N, D)
+    summary = gate_(net, x)
+    assert [b[0] for b in summary.blocks] == ["attention.output"]
+    with torch.no_grad():  # before: "node softmax in 'attention' is still used by output"
+        inserted_gating(net).block_gates[0].log_alpha.fill_(-9.0)
+    pruned = check_pruned(
+        net, x, torch.Generator().manual_seed(9), factory=lambda: BertLike(decorated).eval()
+    )
+    assert pruned.attention(x)[1] is None  # the weights no caller reads are not computed
+
+
+# --- 6. forms met on the real HF models once decorated forwards trace --------------------
+
+
+class EmbeddingsFirst(nn.Module):
+    """HF BertModel.forward's check (modeling_bert.py: "You must specify exactly one of
+    input_ids or inputs_embeds"), which the trace with every optional argument a traced
+    value cannot pass; the trace at None (gate_'s example) can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = DecoratedLayer(), nn.Linear(D, 3)
+
+    def forward(
+        self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None
+    ) -> Tensor:
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        h = input_ids if input_ids is not None else inputs_embeds
+        return self.head(self.layer(h).mean(1))  # (B, 3)
+
+
+def test_root_traceable_only_at_its_none_defaults() -> None:
+    torch.manual_seed(10)
+    net, x = EmbeddingsFirst().eval(), torch.randn(2, N, D)
+    summary = gate_(net, x)  # before: "torch.fx cannot trace EmbeddingsFirst.forward itself"
+    assert [b[0] for b in summary.blocks] == ["layer"]
+    gen = torch.Generator().manual_seed(10)
+    randomise_gates(net, gen)
+    check_pruned(net, x, gen, factory=lambda: EmbeddingsFirst().eval(), batches=(2, 3))
+
+
+class PassesKwargs(nn.Module):
+    """HF BertEncoder calling its decorated layers with keywords the layer takes in
+    ``**kwargs`` (``position_ids=...``): rewritten code, traced with them empty, cannot take
+    them, so the layer's block stays ungated with that reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.head = DecoratedLayer(), nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x, position_ids=None).mean(1))  # (B, 3)
+
+
+def test_decorated_layer_called_with_packed_keywords_kept() -> None:
+    torch.manual_seed(11)
+    net, x = PassesKwargs().eval(), torch.randn(2, N, D)
+    summary = gate_(net, x)
+    assert summary.blocks == []
+    (why,) = [w for _, w in summary.ungated_adds]
+    assert "decorated forward takes in kwargs (position_ids)" in why
+    gen = torch.Generator().manual_seed(11)
+    randomise_gates(net, gen)
+    check_pruned(net, x, gen, factory=lambda: PassesKwargs().eval())
+
+
+class ConfigDefaultsLeaf(ConfigDefaultsModel):
+    """A decorated module fx cannot trace (kept whole) that HF's callers pass by keyword:
+    ``self.model(input_ids=input_ids, use_cache=use_cache)`` (modeling_llama.py)."""
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, use_cache: bool | None = None, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        h = self.layer(x, mask=mask)  # (B, N, D)
+        if bool(h.sum() > 0):  # Python control flow on a value: kept whole
+            h = h * 1.0
+        return self.head(h.mean(1)), h  # (B, 3), (B, N, D)
+
+
+class CallsLeafByKeyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model, self.out = ConfigDefaultsLeaf(), nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.model(x=x, mask=None, use_cache=None)[0])  # (B, 2)
+
+
+def test_decorated_leaf_called_by_keyword_keeps_its_keywords() -> None:
+    torch.manual_seed(12)
+    net, x = CallsLeafByKeyword().eval(), torch.randn(2, N, D)
+    with pytest.warns(UserWarning, match="'model'"):  # before: "forward() got multiple
+        summary = gate_(net, x)  # values for argument 'use_cache'" (called positionally)
+    assert list(summary.opaque) == ["model"]
+    gen = torch.Generator().manual_seed(12)
+    randomise_gates(net, gen)
+    check_pruned(net, x, gen, factory=lambda: CallsLeafByKeyword().eval())
+
+
+class LogitsToKeep(nn.Module):
+    """HF LlamaForCausalLM.forward's last lines (modeling_llama.py): an int argument told
+    from a traced value by ``isinstance``, then used as an index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer, self.lm_head = DecoratedLayer(), nn.Linear(D, 5)
+
+    def forward(self, x: Tensor, logits_to_keep: int | Tensor = 0) -> Tensor:
+        h = self.layer(x)  # (B, T, D)
+        slice_indices = (
+            slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        )
+        return self.lm_head(h[:, slice_indices, :])  # (B, T, 5)
+
+
+def test_int_argument_told_from_traced_value_is_fixed() -> None:
+    from gatedprune.gating.graph import trace_model
+
+    torch.manual_seed(13)
+    net, x = LogitsToKeep().eval(), torch.randn(2, N, D)
+    graph = trace_model(net).graph  # before: h[:, logits_to_keep, :], one token's logits
+    with torch.no_grad():
+        assert torch.equal(torch.fx.GraphModule(net, graph)(x), net(x))
+    gate_(net, x)
+    gen = torch.Generator().manual_seed(13)
+    randomise_gates(net, gen)
+    check_pruned(net, x, gen, factory=lambda: LogitsToKeep().eval(), batches=(2, 3))

@@ -260,10 +260,12 @@ class GateTracer(fx.Tracer):
         takes ``(self, *args, **kwargs)``) around a ``forward`` with ``*args``, ``**kwargs`` or
         keyword-only parameters gets one placeholder per named parameter of the decorated
         ``forward`` (``inspect.signature`` follows ``__wrapped__``), passed to the wrapper as
-        the code would pass them (``*args`` and ``**kwargs`` empty), so the wrapper's own
-        code runs too. fx would instead rewrite the *wrapper's* code object to take the
-        inner parameters: "code: co_varnames is too small", or the wrapper's ``kwargs``
-        bound to a traced value (before 2026-12-08)."""
+        callers pass them (required ones by position, optional ones by keyword, ``*args`` and
+        ``**kwargs`` empty), so the wrapper's own code runs too (HF's
+        ``@merge_with_config_defaults`` fills ``use_cache`` from the config). fx would
+        instead rewrite the *wrapper's* code object to take the inner parameters: "code:
+        co_varnames is too small", or the wrapper's ``kwargs`` bound to a traced value
+        (before 2026-12-08)."""
         inner = inspect.unwrap(root_fn)
         code = getattr(inner, "__code__", None)
         varstuff = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
@@ -282,10 +284,11 @@ class GateTracer(fx.Tracer):
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue  # gate_ passes none: the traced code takes the named ones
             value = self._proxy_placeholder(p.name, concrete_args, sig, inner)
-            if p.kind is p.KEYWORD_ONLY:
-                keywords[p.name] = value
-            else:
+            required = p.default is p.empty and p.kind is not p.KEYWORD_ONLY
+            if p.kind is p.POSITIONAL_ONLY or required:
                 positional.append(value)
+            else:  # by keyword, as callers pass optional arguments (HF's decorators read
+                keywords[p.name] = value  # positional ones by the wrapper's own code object)
 
         def call(*args: Any) -> Any:
             return root_fn(*args, **keywords)
@@ -331,7 +334,8 @@ class GateTracer(fx.Tracer):
         if kwargs and self.is_leaf_module(m, name) and _positional_view(m):
             # a layer's leading inputs passed by keyword (torchaudio's `self.self_attn(
             # query=x, key=x, value=x, need_weights=False)`) become positional in the graph,
-            # as the analysis reads them; the call computes the same
+            # as the analysis reads them; the call computes the same (not behind a decorator:
+            # HF's @merge_with_config_defaults reads positional ones by its own code object)
             inp = call_inputs(m, tuple(args), kwargs)
             moved = set(_forward_parameters(type(m))[len(args) : len(inp)])
             args, kwargs = inp, {k: v for k, v in kwargs.items() if k not in moved}
@@ -614,7 +618,14 @@ def trace_model(
         return _trace(model, opaque, warn=warn, concrete_args=concrete_args, training=training)
     nones = {k: v for k, v in fixed.items() if v is None}
     if nones == fixed:  # as before 2026-12-08
-        traced = _trace(model, opaque, warn=warn, concrete_args=None, training=training)
+        try:
+            traced = _trace(model, opaque, warn=warn, concrete_args=None, training=training)
+        except ValueError:  # fails unless specialised (HF BERT: `if input_ids is not None and
+            # inputs_embeds is not None: raise`): the specialised trace, or its own error
+            special = _trace(model, opaque, warn=warn, concrete_args=nones, training=training)
+            keep_argument_names(special.graph, set(nones))
+            special.graph_module.recompile()
+            return special
         try:
             special = _trace(
                 model, traced.opaque, warn=False, concrete_args=nones, training=training
@@ -642,7 +653,10 @@ def trace_model(
     with suppress(ValueError):
         full = _trace(model, opaque, warn=False, concrete_args=fixed, training=training)
     flags = any(type(v) in (bool, str) for v in fixed.values())
-    if full is not None and (plain is None or flags or not _same_trace(full, plain, fixed)):
+    same = plain is not None and full is not None and _same_trace(full, plain, fixed)
+    if full is not None and (
+        plain is None or flags or not (same and _same_at(plain, full, fixed, fixed))
+    ):
         chosen = full
         numbers = [[k] for k, v in fixed.items() if type(v) in (int, float)]
         for loose in [list(nones), *numbers]:  # each tried as an input
@@ -653,7 +667,8 @@ def trace_model(
                 other = _trace(
                     model, opaque, warn=False, concrete_args=trial or None, training=training
                 )
-                if _same_trace(other, chosen, fixed):
+                values = {k: kept[k] for k in loose if k in kept}
+                if _same_trace(other, chosen, fixed) and _same_at(other, chosen, fixed, values):
                     chosen, kept = other, trial
         if kept:
             keep_argument_names(chosen.graph, set(kept))
@@ -678,6 +693,36 @@ def _same_trace(a: TracedModel, b: TracedModel, names: dict[str, Any]) -> bool:
     return a.opaque == b.opaque and _structure(a.graph, set(names)) == _structure(
         b.graph, set(names)
     )
+
+
+def _same_at(
+    loose: TracedModel, fixed: TracedModel, names: dict[str, Any], values: dict[str, Any]
+) -> bool:
+    """Whether graph ``loose``, with arguments ``values`` left inputs, computes what ``fixed``
+    does with them fixed, when they take those values: every computing node reads the same
+    constants and nodes (by name), an input of ``values`` read as its value. Code telling a
+    traced value from a constant (HF LLaMA's ``slice(-logits_to_keep, None) if
+    isinstance(logits_to_keep, int) else logits_to_keep``) gives the same nodes that read
+    it otherwise (``h[:, 0, :]`` for ``h[:, 0:, :]``: before 2026-12-08 such an argument was
+    left an input, a silently different graph)."""
+
+    def nodes(t: TracedModel) -> list[tuple[str, str, str]]:
+        skip = _reads_only(t.graph, set(names) - set(values))
+
+        def norm(a: Any) -> Any:
+            if a.op == "placeholder" and str(a.target) in values:
+                return values[str(a.target)]
+            return a.name
+
+        return [
+            (n.op, str(n.target), repr(fx.node.map_arg((n.args, n.kwargs), norm)))
+            for n in t.graph.nodes
+            if n.op not in ("placeholder", "output")
+            and n not in skip
+            and getattr(n.target, "__name__", "") != "_assert_is_none"
+        ]
+
+    return nodes(loose) == nodes(fixed)
 
 
 def is_constant(v: object) -> bool:
@@ -749,7 +794,8 @@ def record_bindings(
     as_traced = _traced_arguments(model, traced) if traced is not None else None
     for path, m in model.named_modules():
         defaults = optional_defaults(m) if path else {}
-        if not defaults:
+        packed = _packed_parameters(type(m).forward) if path else ()
+        if not defaults and not packed:
             continue
         sig = inspect.signature(m.forward)
         # None: each argument passed as a constant is one (no trace to say otherwise)
@@ -763,11 +809,20 @@ def record_bindings(
             sig: inspect.Signature = sig,
             defaults: dict[str, Any] = defaults,
             values: set[str] | None = values,
+            packed: tuple[str, ...] = packed,
         ) -> None:
             try:
                 bound = sig.bind(*args, **kwargs).arguments
             except TypeError:
                 seen[path] = "its calls do not fit its signature"
+                return
+            extra = [k for k in packed if bound.get(k)]
+            if extra:  # (GateTracer.create_args_for_root traces it with them empty)
+                seen[path] = (
+                    f"it is called with arguments its decorated forward takes in "
+                    f"{', '.join(extra)} ({_packed_names(bound, extra)}), which rewritten code "
+                    "does not take"
+                )
                 return
             # left at its default, or passed as a constant of the code (fx keeps the argument
             # in the rewritten code, checked against the value when it runs)
@@ -796,6 +851,37 @@ def record_bindings(
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     run_hooked(model, inputs, handles)
     return seen
+
+
+def _packed_parameters(forward: Callable[..., Any]) -> tuple[str, ...]:
+    """The ``*args`` and ``**kwargs`` parameters of a ``forward`` behind a ``functools.wraps``
+    decorator, which :meth:`GateTracer.create_args_for_root` traces empty (none for a plain
+    ``forward``, whose fx placeholders take them).
+
+    >>> def deco(f):
+    ...     @functools.wraps(f)
+    ...     def w(*a, **k): return f(*a, **k)
+    ...     return w
+    >>> class A(nn.Module):
+    ...     @deco
+    ...     def forward(self, x, **kwargs): return x
+    >>> _packed_parameters(A.forward), _packed_parameters(nn.Linear.forward)
+    (('kwargs',), ())
+    """
+    inner = inspect.unwrap(forward)
+    if inner is forward or not callable(inner):
+        return ()
+    packed = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return tuple(p.name for p in inspect.signature(inner).parameters.values() if p.kind in packed)
+
+
+def _packed_names(bound: Mapping[str, Any], names: list[str]) -> str:
+    """What a call packs into ``names`` (``*args``, ``**kwargs``): the keywords, else a count."""
+    said = []
+    for k in names:
+        v = bound[k]
+        said.append(", ".join(map(str, v)) if isinstance(v, dict) else f"{len(v)} positional")
+    return "; ".join(said)
 
 
 def _same_constants(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -1078,13 +1078,21 @@ def _mutates(n: fx.Node) -> bool:
     return in_place or (n.op == "call_function" and n.target in _INPLACE_FUNCS)
 
 
-def _erase_dead(graph: fx.Graph, node: fx.Node, scope: str) -> None:
+def _erase_dead(
+    graph: fx.Graph, node: fx.Node, scope: str, unread: frozenset[fx.Node] = frozenset()
+) -> None:
     """Erase ``node`` after the users it leaves dangling: values computed but never used,
-    e.g. the ``_`` of ``a, _ = f(x)`` (users first, reverse topological order)."""
+    e.g. the ``_`` of ``a, _ = f(x)`` (users first, reverse topological order). A node of
+    ``unread`` (values the module returns that no caller reads in the whole model's trace:
+    HF BERT's attention weights, ``a, _ = self.attention(h)``) is returned as ``None``
+    instead (before 2026-12-08: "still used by output; cannot erase it")."""
     for u in list(node.users):
+        if u.op == "output" and node in unread:
+            u.args = fx.node.map_arg(u.args, lambda a: None if a is node else a)
+            continue
         if u.op in ("output", "placeholder") or _mutates(u):
             break
-        _erase_dead(graph, u, scope)
+        _erase_dead(graph, u, scope, unread)
     if node.users:
         users = ", ".join(u.name for u in node.users)
         raise RuntimeError(
@@ -1599,9 +1607,13 @@ def _rewrite_scope(
             _as_sections(mapping[name], [key for key, _ in entries])
             for key, value in entries:
                 _resize(mapping[name], key, int(value))
+    inside = set(root_nodes)  # values only read inside the scope: returned to no reader
+    unread = frozenset(
+        mapping[r.name] for r in root_nodes if r.name in mapping and set(r.users) <= inside
+    )
     for r in reversed(root_nodes):  # (a caller's constant is no node here: an argument)
         if r.name in erase and r.name in mapping:
-            _erase_dead(local.graph, mapping[r.name], scope)
+            _erase_dead(local.graph, mapping[r.name], scope, unread)
     for call in hooked:  # called as modules again (their hooks run)
         _refold_hooked(local.graph, sub, call, replaced)
     output = next(n for n in local.graph.nodes if n.op == "output")
