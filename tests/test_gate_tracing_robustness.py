@@ -749,3 +749,33 @@ def test_int_argument_told_from_traced_value_is_fixed() -> None:
     gen = torch.Generator().manual_seed(13)
     randomise_gates(net, gen)
     check_pruned(net, x, gen, factory=lambda: LogitsToKeep().eval(), batches=(2, 3))
+
+
+class OptionalMaskRoot(nn.Module):
+    """A root whose optional ``mask`` is traced at None: fx's own ``_assert_is_none`` (itself
+    registered with ``torch.fx.wrap``) stays fx's node, the same in every trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 2)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        h = torch.relu(self.a(x))  # (B, N, D)
+        if mask is not None:
+            h = h * mask
+        return self.fc(h + torch.relu(self.b(h)))  # (B, N, 2)
+
+
+def test_fx_own_wrapped_assert_left_to_fx() -> None:
+    from gatedprune.gating.graph import trace_model
+
+    net, x = OptionalMaskRoot().eval(), torch.randn(2, N, D)
+    targets = [n.target for n in trace_model(net).graph.nodes if n.op == "call_function"]
+    assert fx_trace._assert_is_none in targets
+    summary = gate_(net, x)
+    assert [b[0] for b in summary.blocks] == [""]
+    gen = torch.Generator().manual_seed(14)
+    randomise_gates(net, gen)
+    with torch.no_grad():
+        inserted_gating(net).block_gates[0].log_alpha.fill_(-9.0)
+    check_pruned(net, x, gen, factory=lambda: OptionalMaskRoot().eval())

@@ -540,13 +540,16 @@ def _wrapped_traced_through() -> Iterator[None]:
     """
     registry = fx._symbolic_trace._wrapped_fns_to_patch
     saved = dict(registry)
-    if not saved:  # none registered, or a trace inside a trace: patched already
+    # torch's own (fx's `_assert_is_none`, which its placeholders call) stay fx's leaves
+    ours = {k: g for k, g in saved.items() if not str(g.get("__name__", "")).startswith("torch")}
+    if not ours:  # none registered, or a trace inside a trace: patched already
         yield
         return
     patched: list[tuple[dict[str, Any], str, bool, Any]] = []
-    registry.clear()
+    for key in ours:
+        del registry[key]
     try:
-        for (_, name), frame in saved.items():
+        for (_, name), frame in ours.items():
             had = name in frame
             fn = frame[name] if had else getattr(builtins, name, None)
             if fn is None:
