@@ -709,8 +709,8 @@ def _same_at(
     it otherwise (``h[:, 0, :]`` for ``h[:, 0:, :]``: before 2026-12-08 such an argument was
     left an input, a silently different graph)."""
 
-    def nodes(t: TracedModel) -> list[tuple[str, str, str]]:
-        skip = _reads_only(t.graph, set(names) - set(values))
+    def nodes(t: TracedModel, fixed_here: set[str]) -> list[tuple[str, str, str]]:
+        skip = _reads_only(t.graph, fixed_here)  # (fx's checks of the fixed ones)
 
         def norm(a: Any) -> Any:
             if a.op == "placeholder" and str(a.target) in values:
@@ -725,7 +725,7 @@ def _same_at(
             and getattr(n.target, "__name__", "") != "_assert_is_none"
         ]
 
-    return nodes(loose) == nodes(fixed)
+    return nodes(loose, set(names) - set(values)) == nodes(fixed, set(names))
 
 
 def is_constant(v: object) -> bool:
