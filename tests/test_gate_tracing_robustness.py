@@ -779,3 +779,61 @@ def test_fx_own_wrapped_assert_left_to_fx() -> None:
     with torch.no_grad():
         inserted_gating(net).block_gates[0].log_alpha.fill_(-9.0)
     check_pruned(net, x, gen, factory=lambda: OptionalMaskRoot().eval())
+
+
+# torchvision/ops/stochastic_depth.py: `torch.fx.wrap("stochastic_depth")` at module level of
+# a module whose name starts with "torch" but is not torch's own
+_SD_SOURCE = """
+import torch
+
+def stochastic_depth(input, p, mode, training=True):
+    if not training or p == 0.0:
+        return input
+    survival_rate = 1.0 - p
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(survival_rate)
+    return input * noise.div_(survival_rate)
+
+torch.fx.wrap("stochastic_depth")
+"""
+
+
+def _torchvision_like_ops() -> Any:
+    import types
+
+    module = types.ModuleType("torchvision_like.ops.stochastic_depth")
+    exec(compile(_SD_SOURCE, "<torchvision_like>", "exec"), module.__dict__)
+    return module
+
+
+def test_fx_wrapped_function_of_a_torch_named_library_traced_through() -> None:
+    """A function a library whose module name starts with "torch" (torchvision) registers with
+    ``torch.fx.wrap`` is traced through like any other: before 2026-12-08 it was taken for one
+    of torch's own and left an opaque leaf, so torchvision's StochasticDepth kept every
+    EfficientNet / ConvNeXt / Swin block and the residual stream's channels ungated."""
+    ops = _torchvision_like_ops()
+
+    class SDBlockNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.branch = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.stem(x)  # (B, 8, H, W)
+            # torchvision MBConv / CNBlock: result = self.stochastic_depth(result) + input
+            h = h + ops.stochastic_depth(self.branch(h), 0.1, "row", self.training)
+            return self.head(h)  # (B, 4, H, W)
+
+    try:
+        net, x = SDBlockNet().eval(), torch.randn(2, 3, 8, 8)
+        summary = gate_(net, x)
+        assert len(summary.blocks) == 1
+        assert sorted(len(layers) for layers, _ in summary.channel_groups) == [1, 2]
+        gen = torch.Generator().manual_seed(3)
+        randomise_gates(net, gen)
+        check_pruned(net, x, gen, factory=lambda: SDBlockNet().eval())
+    finally:  # the registration is process-wide: drop it
+        for key in [k for k in fx_trace._wrapped_fns_to_patch if k[1] == "stochastic_depth"]:
+            del fx_trace._wrapped_fns_to_patch[key]

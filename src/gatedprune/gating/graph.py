@@ -541,7 +541,7 @@ def _wrapped_traced_through() -> Iterator[None]:
     registry = fx._symbolic_trace._wrapped_fns_to_patch
     saved = dict(registry)
     # torch's own (fx's `_assert_is_none`, which its placeholders call) stay fx's leaves
-    ours = {k: g for k, g in saved.items() if not str(g.get("__name__", "")).startswith("torch")}
+    ours = {k: g for k, g in saved.items() if not _torch_module(str(g.get("__name__", "")))}
     if not ours:  # none registered, or a trace inside a trace: patched already
         yield
         return
@@ -565,6 +565,15 @@ def _wrapped_traced_through() -> Iterator[None]:
                 frame.pop(name, None)
         registry.clear()
         registry.update(saved)
+
+
+def _torch_module(name: str) -> bool:
+    """Whether module ``name`` is torch's own (not torchvision's or torchaudio's).
+
+    >>> _torch_module("torch.fx._symbolic_trace"), _torch_module("torchvision.ops.misc")
+    (True, False)
+    """
+    return name == "torch" or name.startswith("torch.")
 
 
 @dataclass
