@@ -34,6 +34,7 @@ ORDER = [
     "lstm_quality",
     "lstm_speed",
     "lstm_train_step",
+    "real_models",
 ]
 
 

@@ -21,6 +21,8 @@ Conventions (the same for plain modules and for the expected cost of gated ones)
 * Data movement is free (0): padding layers (Zero/Constant/Reflection/Replication/CircularPad
   1d/2d/3d), ``nn.PixelShuffle``, ``nn.PixelUnshuffle``, ``nn.ChannelShuffle``, ``nn.Unfold``
   and every dropout (Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout: identities in eval).
+  torch's ``QuantStub`` and ``DeQuantStub`` are identities in a float model (torchvision's
+  quantizable models with ``quantize=False``): 0 (before 2026-12-08 ``cost`` refused them).
   ``nn.Fold`` adds overlapping blocks: 1 per input element.
 * Transposed convolutions (ConvTranspose1d/2d/3d), 2 per MAC: every input element (one channel
   at one position) is multiplied by the ``out_channels / groups * prod(kernel_size)`` weights it
@@ -107,6 +109,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.ao.quantization import DeQuantStub, QuantStub
 from torch.nn.utils.rnn import PackedSequence
 
 from .base import BATCH_NORMS, PADDING_LAYERS, GatedModule, check_gates_not_nan, find_model_gating
@@ -494,7 +497,7 @@ _HANDLERS: list[tuple[tuple[type[nn.Module], ...], Handler]] = [
         (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
         _adaptive_pool,
     ),
-    ((nn.Dropout, nn.Flatten, nn.Identity, nn.Unflatten), _zero),
+    ((nn.Dropout, nn.Flatten, nn.Identity, nn.Unflatten, QuantStub, DeQuantStub), _zero),
     ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_transpose),
     ((nn.Upsample,), _upsample),  # UpsamplingNearest2d / UpsamplingBilinear2d too
     (_INSTANCE_NORMS, _instance_norm),
@@ -922,13 +925,18 @@ def _handler_for(m: nn.Module) -> Handler | None:
 
 def is_code(m: nn.Module) -> bool:
     """Whether leaf ``m`` is counted as code, like the ``forward`` that calls it: a module of
-    your own or a library's (not torch's) with no cost handler that holds no buffers, with
-    parameters (Hugging Face GPT-2's ``Conv1D``, ``x @ self.weight.t() + self.bias``) or
-    without (torchvision's ``StochasticDepth`` and ``Permute``, a ``Chomp1d``, a swish): the
-    matrix products it calls are counted (``addmm``, ``@``, ``F.linear``), element-wise ops are
-    free, and its parameters count, as for a model without children. Torch's own layers
-    without a handler, and leaves holding buffers (a fixed scale, running statistics: state
-    no rule says how to count), still raise.
+    your own or a library's (not torch's) with no cost handler that holds no persistent
+    buffers, with parameters (Hugging Face GPT-2's ``Conv1D``, ``x @ self.weight.t() +
+    self.bias``) or without (torchvision's ``StochasticDepth`` and ``Permute``, a
+    ``Chomp1d``, a swish): the matrix products it calls are counted (``addmm``, ``@``,
+    ``F.linear``), element-wise ops are free, and its parameters count, as for a model without
+    children. Torch's own layers without a handler, and leaves holding persistent buffers (a
+    fixed scale, running statistics: state no rule says how to count), still raise.
+    Non-persistent buffers (``persistent=False``: Hugging Face's rotary embeddings'
+    ``inv_freq``) are constants of the code, which is counted as usual: transformers 5's
+    ``position_ids[..., None] * inv_freq`` is element-wise (0), 4.x's ``inv_freq @
+    positions``, a product with a contracted size of 1, ``2 * B * T * dim / 2``; ``cos`` /
+    ``sin`` are free. Before 2026-12-08 XX:XX UTC such a leaf raised too.
 
     >>> class Swish(nn.Module):
     ...     def forward(self, x): return x * torch.sigmoid(x)
@@ -946,7 +954,27 @@ def is_code(m: nn.Module) -> bool:
         return True
     if type(m).__module__.split(".")[0] == "torch" or _handler_for(m) is not None:
         return False
-    return not any(True for _ in m.buffers())
+    return not _holds_state(m)
+
+
+def _holds_state(m: nn.Module) -> bool:
+    """Whether ``m`` (or a module in it) holds a persistent buffer: state saved with the model
+    (running statistics, a fixed scale) that no rule says how to count. Non-persistent buffers
+    (``register_buffer(..., persistent=False)``: a rotary embedding's ``inv_freq``, a causal
+    mask) are constants the code computes with, counted as the code is.
+
+    >>> class Rope(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.register_buffer("inv_freq", torch.ones(2), persistent=False)
+    >>> _holds_state(Rope()), _holds_state(nn.BatchNorm1d(2))
+    (False, True)
+    """
+    return any(
+        b is not None and name not in sub._non_persistent_buffers_set
+        for sub in m.modules()
+        for name, b in sub._buffers.items()
+    )
 
 
 def _own_root(name: str, m: nn.Module) -> bool:

@@ -11,7 +11,11 @@ GPT-2's ``Conv1D``) has it as its site: the gate scales the weight's output unit
 ``(x W + b) g = x (W g) + b g``. A branch ending in an element-wise activation module called
 once (YOLO's ``Bottleneck``, ``x + silu(bn(conv(h)))``, see ``ACTIVATION_TAILS``) has that
 activation as its site: the gate multiplies its output, ``x + g * act(z)``, and ``prune`` keeps
-a value strictly between 0 and 1 as a ``GateScale`` around it.
+a value strictly between 0 and 1 as a ``GateScale`` around it. An activation that cannot
+carry the gate (one module shared by many calls, ultralytics' ``Conv.default_act``, or a
+function, ``F.silu``) hands it to the innermost module of the model's own, called once, that
+returns the branch's value (``x + g * cv2(h)``); a positively homogeneous function tail
+(``h.relu()``, ``F.prelu(h, w)``) lets it move before it, as ``F.relu`` does.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ class Block:
     owner: str  # module whose forward holds the add
     flops: int  # FLOPs of the dead set (dense)
     param: bool = False  # ``site`` is the weight of a linear map written with parameters
+    # ``site``'s output is multiplied by the gate, not folded: an activation module, or a module
+    # traced through that the branch ends in (``x + g * m(h)``); a GateScale when pruned
+    scaled: bool = False
 
 
 def graph_writes(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
@@ -149,6 +156,7 @@ def _site_of(
     opaque: set[str],
     inside: frozenset[fx.Node],
     ends: dict[fx.Node, str] | None = None,
+    wraps: dict[fx.Node, str] | None = None,
 ) -> tuple[str | None, str | None]:
     """The module whose output the block gate scales (folded into it when pruning), walking
     back from the branch output ``u`` through ops that keep a zero at zero; ``inside``: the
@@ -158,8 +166,12 @@ def _site_of(
     gate still zeroes the product. A product of two tensors is followed through whichever
     factor leads to a site. ``ends``: the nodes that end a linear map written with the
     model's own parameters whose output units gate_ can scale (the product, or the add of its
-    bias), by the weight's name, which is then the site."""
+    bias), by the weight's name, which is then the site. ``wraps``: the values a module of
+    the model's own code called once returns (its call's result, by the innermost such
+    module's name): a branch ending in an activation that cannot carry the gate (a shared
+    module, a function) has that module as its site, ``x + g * m(h)``."""
     ends = ends or {}
+    wraps = wraps or {}
     n = u
     while True:
         if any(w not in inside for w in n.users):
@@ -173,9 +185,9 @@ def _site_of(
         if is_mul and len(two) == 2 and len(n.args) == 2 and not n.kwargs:
             reasons = []
             for factor, other in ((two[0], two[1]), (two[1], two[0])):
-                site, why = _site_of(gm, factor, calls, opaque, inside, ends)
+                site, why = _site_of(gm, factor, calls, opaque, inside, ends, wraps)
                 if site is not None and not (
-                    _bounded(gm, other) or _independent(other, site, ends)
+                    _bounded(gm, other) or _independent(other, site, {**ends, **wraps})
                 ):
                     # 0 * inf: with the gate closed the product could be NaN, not 0
                     site, why = (
@@ -201,12 +213,16 @@ def _site_of(
             act = isinstance(m, ACTIVATION_TAILS) and n.target not in opaque
             if not foldable and act and calls[str(n.target)] == 1:
                 return str(n.target), None
+            if not foldable and act and n in wraps:  # shared: the module it ends is gated
+                return wraps[n], None
             if not foldable:
                 whole = " kept whole: torch.fx cannot trace it" if n.target in opaque else ""
                 what = f"{n.target} ({type(m).__name__}{whole})"
                 k = calls[str(n.target)]
                 if k > 1:  # one module shared by many (ultralytics' Conv.default_act)
                     what = f"{call_site(n)}: a call of {what}, one module called {k} times"
+                    if act:
+                        what += f" ({_NO_WRAP})"
                 return None, f"the branch ends in {what}"
             if calls[str(n.target)] != 1:
                 return None, f"{n.target} is called more than once (here at {call_site(n)})"
@@ -231,11 +247,27 @@ def _site_of(
             if len(nodes) == 1 and len(consts) == 1 and (not divides or n.args[0] is nodes[0]):
                 n = nodes[0]  # g * (c * z) = c * (g * z)
                 continue
+        shaped_as = n.op == "call_method" and n.target in ("reshape_as", "view_as")
         if (n.op == "call_function" and n.target in HOMOGENEOUS_FUNCS and n.args) or _moves(n):
             n = n.args[0]  # type: ignore[assignment]
             if not isinstance(n, fx.Node):
                 return None, "unexpected argument"
             continue
+        if shaped_as and len(n.args) == 2 and not n.kwargs:  # LeViT's bn(...).reshape_as(x):
+            n = n.args[0]  # type: ignore[assignment]  # the other tensor gives only its shape
+            if not isinstance(n, fx.Node):
+                return None, "unexpected argument"
+            continue
+        if _homogeneous_tail(n):  # act(g * z) = g * act(z) for g >= 0: the gate moves before it
+            n = n.args[0]  # type: ignore[assignment]
+            continue
+        if _activation_call(n):
+            if n in wraps:  # x + g * m(h), the module m ending in this activation
+                return wraps[n], None
+            return None, (
+                f"the branch ends in {node_label(n)}, an activation function no module of the "
+                f"model's own returns alone ({_NO_WRAP})"
+            )
         return None, (
             f"the branch ends in {node_label(n)}, neither a module nor a linear map with the "
             "model's parameters (x @ W, F.linear, addmm, a bias added or subtracted without "
@@ -267,6 +299,70 @@ ACTIVATION_TAILS: tuple[type[nn.Module], ...] = (
     nn.Hardshrink,
     nn.Softshrink,
 )
+
+
+# positively homogeneous (``act(g * z) == g * act(z)`` for ``g >= 0``, as every gate value
+# is) beyond HOMOGENEOUS_FUNCS: in-place and method forms, and prelu with a parameter weight
+_HOMOGENEOUS_TAIL_FUNCS = {torch.relu_, F.leaky_relu_}
+_HOMOGENEOUS_TAIL_METHODS = {"relu", "relu_"}
+_PRELU_FUNCS = {F.prelu, torch.prelu}
+# element-wise activation functions that are not: a branch ending in one is gated on the
+# output of the module of the model's own returning it (``wraps`` of ``_site_of``), if any
+_ACTIVATION_FUNCS = {
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.mish,
+    F.elu,
+    F.elu_,
+    F.celu,
+    torch.celu_,
+    F.selu,
+    torch.selu_,
+    F.relu6,
+    F.hardtanh,
+    F.hardtanh_,
+    torch.sigmoid,
+    F.sigmoid,
+    F.hardsigmoid,
+    torch.tanh,
+    F.tanh,
+    F.softplus,
+    F.logsigmoid,
+    F.softsign,
+    F.tanhshrink,
+    F.hardshrink,
+    F.softshrink,
+}
+_ACTIVATION_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
+_NO_WRAP = "use an activation module called once, e.g. nn.SiLU(), to gate this branch"
+
+
+def _homogeneous_tail(n: fx.Node) -> bool:
+    """Whether ``n`` is ``relu_(z)``, ``z.relu()``, ``z.relu_()``, ``leaky_relu_(z, s)`` or
+    ``prelu(z, w)`` with a parameter ``w``: ``act(g * z) == g * act(z)`` for a gate value
+    ``g >= 0``, so the block gate can scale ``z`` instead, as for ``F.relu``."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_method" and n.target in _HOMOGENEOUS_TAIL_METHODS:
+        return True
+    if n.op == "call_function" and n.target in _HOMOGENEOUS_TAIL_FUNCS:
+        return True
+    prelu = (n.op == "call_function" and n.target in _PRELU_FUNCS) or (
+        n.op == "call_method" and n.target == "prelu"
+    )
+    weight = n.args[1] if len(n.args) == 2 else n.kwargs.get("weight")
+    return prelu and isinstance(weight, fx.Node) and weight.op == "get_attr"
+
+
+def _activation_call(n: fx.Node) -> bool:
+    """Whether ``n`` is an element-wise activation function of a tensor (``F.silu(z)``,
+    ``z.sigmoid()``) that is not positively homogeneous (see :func:`_homogeneous_tail`)."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    return (n.op == "call_function" and n.target in _ACTIVATION_FUNCS) or (
+        n.op == "call_method" and n.target in _ACTIVATION_METHODS
+    )
 
 
 def call_site(n: fx.Node) -> str:
@@ -392,11 +488,14 @@ def find_blocks(
     record: RunRecord,
     opaque: Iterable[str] = (),
     param_ends: dict[fx.Node, str] | None = None,
+    wraps: dict[fx.Node, str] | None = None,
 ) -> tuple[list[Block], list[tuple[str, str]]]:
     """Residual blocks of ``gm``, and (add node label, reason) for adds that are not gated
     (``opaque``: modules kept whole because fx cannot trace them, named as such;
     ``param_ends``: the nodes ending a linear map written with the model's own parameters
-    whose output units can be scaled, by its weight's name, see :func:`_site_of`)."""
+    whose output units can be scaled, by its weight's name; ``wraps``: the results of the
+    calls of modules traced through, called once, that could stay calls of their module, by
+    the innermost such module's name; see :func:`_site_of`)."""
     ends = param_ends or {}
     graph = gm.graph
     kept_whole = set(opaque)
@@ -448,12 +547,18 @@ def find_blocks(
         (_, flops), pos, dead = best
         branch = n.args[pos]
         assert isinstance(branch, fx.Node)
-        site, why = _site_of(gm, branch, calls, kept_whole, dead | {n}, ends)
+        site, why = _site_of(gm, branch, calls, kept_whole, dead | {n}, ends, wraps)
         if site is None:
             skipped.append((node_label(n), why or "no site"))
             continue
         param = site in ends.values()
-        blocks.append(Block(len(blocks), n, pos, site, dead, owner_of(n), flops, param))
+        # the gate multiplies an output no weight can fold: an activation's or a traced
+        # module's (kept as a GateScale for a value strictly between 0 and 1)
+        scaled = not param and (
+            site not in calls or isinstance(gm.get_submodule(site), ACTIVATION_TAILS)
+        )
+        block = Block(len(blocks), n, pos, site, dead, owner_of(n), flops, param, scaled)
+        blocks.append(block)
     return blocks, skipped
 
 

@@ -275,6 +275,11 @@ class ChannelAnalysis:
     head_biases: list[HeadBias] = field(default_factory=list)  # per-head score terms, sliced
     # Linear -> the input features it gates (query heads of multi-query attention)
     input_sites: dict[str, np.ndarray] = field(default_factory=dict)
+    # BatchNorms (GroupNorms) whose own forward calls F.batch_norm (F.group_norm) on their
+    # parameters (timm's BatchNormAct2d, GroupNormAct; see ``_Propagator.functional_norm``):
+    # gated by scaling their weight and bias (the norm's output, before the activation that
+    # follows in that forward)
+    fused_norms: dict[str, str] = field(default_factory=dict)  # node name -> the norm
 
 
 _ZERO_ACTS: tuple[type[nn.Module], ...] = (
@@ -973,8 +978,10 @@ class _Propagator:
         record: RunRecord,
         after: frozenset[str] | None = None,
         fixed_code: Callable[[fx.Node], bool] | None = None,
+        root: nn.Module | None = None,
     ) -> None:
         self.gm = gm
+        self.root = root if root is not None else gm  # the traced model, its modules as they are
         self.rec = record
         # nodes in code prune cannot rewrite (a module called twice): a chunk there keeps its
         # pieces pruned by position (its code unchanged), not sections pruned apart
@@ -1041,6 +1048,7 @@ class _Propagator:
         # the nodes shaping them to broadcast (gamma.view(1, -1, 1, 1)) -> the channels' atoms
         self.scale_chains: dict[fx.Node, np.ndarray] = {}
         self.head_biases: list[HeadBias] = []  # per-head terms of attention scores
+        self.fused_norms: dict[fx.Node, str] = {}  # F.batch_norm/group_norm node -> the norm
 
     # -- union-find
     def new_space(self, name: str, n: int) -> np.ndarray:
@@ -1637,6 +1645,8 @@ class _Propagator:
             return None
         if n.op == "call_function" and n.target in _CONV_FUNCS:
             return self.param_conv(n, _CONV_FUNCS[n.target])
+        if n.op == "call_function" and n.target in (F.batch_norm, F.group_norm):
+            return self.functional_norm(n)
         parts = linear_operands(n)
         if parts is not None:
             handled, lab = self.param_linear(n, parts)
@@ -1718,6 +1728,8 @@ class _Propagator:
             return self.trailing(n, x, len(ins) - 2 if ins is not None else 0, "resizes")
         if (is_fn and target in _RESHAPE_FUNCS) or (not is_fn and target in _RESHAPE_METHODS):
             return self.reshape(n, x)
+        if not is_fn and target in ("reshape_as", "view_as"):
+            return self.reshape_as(n, x)
         if (is_fn and target in (*_ADD_FUNCS, torch.sub)) or (
             not is_fn and target in ("add", "add_", "sub")
         ):
@@ -1963,6 +1975,73 @@ class _Propagator:
             self.pin(out, _computed_why(name, m, output=True))
             return out
         return None
+
+    def functional_norm(self, n: fx.Node) -> Labels | None:
+        """``F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, ...)`` with the
+        parameters and buffers of one affine ``_BatchNorm`` ``m``, its running statistics
+        possibly None (timm's ``BatchNormAct2d``: a ``BatchNorm2d`` subclass whose forward
+        calls it, then its ``drop`` and ``act`` children; fx traces through it), or
+        ``F.group_norm(x, m.num_groups, m.weight, m.bias, eps)`` of an affine ``nn.GroupNorm``
+        ``m`` (timm's ``GroupNormAct``): per channel like a call of ``m`` (its channels pass,
+        it carries the gate of the channels it normalises, prune slices it as the norm). Any
+        other such call keeps its input's channels whole, with the reason."""
+        group = n.target is F.group_norm
+        names = (
+            ("input", "num_groups", "weight", "bias")
+            if group
+            else ("input", "running_mean", "running_var", "weight", "bias")
+        )
+        args = [n.args[i] if len(n.args) > i else n.kwargs.get(k) for i, k in enumerate(names)]
+        x, weight = args[0], args[-2]
+        reads = args[-2:] if group else args[1:]
+        owner = (
+            str(weight.target).rpartition(".")[0]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr"
+            else None
+        )
+        m = self.root.get_submodule(owner) if owner else None
+        kind = "GroupNorm" if group else "BatchNorm"
+        why: str | None = None
+        whole = self.rec.whole.get(n)
+        if owner is None or not isinstance(m, nn.GroupNorm if group else _BN):
+            why = f"its weight is not the weight of a {kind} module of the model"
+        elif not m.affine:
+            why = f"{owner} ({type(m).__name__} without affine parameters)"
+        elif any(
+            not (
+                (r is None and k.startswith("running"))
+                or (isinstance(r, fx.Node) and r.op == "get_attr" and r.target == f"{owner}.{k}")
+            )
+            for r, k in zip(reads, names[-len(reads) :], strict=True)
+        ):
+            what = "weight and bias" if group else "running_mean, running_var, weight and bias"
+            why = f"it does not read {owner}'s own {what} as they are"
+        elif group and args[1] != getattr(m, "num_groups", None):
+            why = f"its num_groups {args[1]!r} is not {owner}'s"
+        elif whole is not None and whole != owner:
+            why = f"inside module '{whole}', which a cost handler (register_cost) counts whole"
+        elif any(not self.read_once(a, [], n) for a in reads if isinstance(a, fx.Node)):
+            why = f"{owner}'s parameters or buffers are read in more than one place"
+        if why is not None or owner is None:
+            self.pin_inputs(n, f"{self.describe(n)}: {why}")
+            return None
+        lab = self.lab(x)
+        self.kinds[owner] = "gn" if group else "bn"
+        self.fused_norms[n] = owner
+        self.soft_pin(lab, f"{owner} ({kind}) does not take a folded input gate")
+        if lab is None:
+            return None
+        if lab.dim != 1:
+            self.pin(lab, f"{owner} normalises a dimension other than the labelled one")
+            return None
+        if group:
+            lab = self.group_norm(owner, cast(nn.GroupNorm, m), lab)
+        prev = self.module_space.get(owner)
+        if prev is not None:
+            self.union(prev, lab.atoms)
+        else:
+            self.module_space[owner] = lab.atoms
+        return lab
 
     def embedding(
         self, n: fx.Node, name: str, m: nn.Embedding | nn.EmbeddingBag, out_shape: tuple[int, ...]
@@ -2226,6 +2305,28 @@ class _Propagator:
             "size) or (pieces, heads, head size)",
         )
         return None
+
+    def reshape_as(self, n: fx.Node, x: Any) -> Labels | None:
+        """``a.reshape_as(b)`` / ``a.view_as(b)``, ``a.reshape(b.shape)``: ``a``'s labels map
+        as for ``reshape`` and the pruned code takes ``b``'s pruned shape, right when ``b``
+        carries channels on the same dimension, unified with them (pruned alike: LeViT's
+        ``self.bn(x.flatten(0, 1)).reshape_as(x)``). Labels on one side only, or on other
+        dimensions, are kept whole with the reason."""
+        other = n.args[1] if len(n.args) > 1 else n.kwargs.get("other")
+        lab, other_lab = self.lab(x), self.lab(other)
+        if lab is None and other_lab is None:
+            return None
+        why = f"{self.describe(n)} takes the shape of a tensor whose gated channels differ"
+        out = self.reshape(n, x) if lab is not None else None
+        if lab is not None and out is None:
+            self.pin(other_lab, why)  # (the reshape rule pinned lab, with its reason)
+            return None
+        if out is None or other_lab is None or other_lab.dim != out.dim:
+            self.pin(lab, why)
+            self.pin(other_lab, why)
+            return None
+        self.union(out.atoms, other_lab.atoms)
+        return out
 
     def derived_size(self, a: Any, lab: Labels) -> bool:
         """Whether size value ``a`` is computed only from sizes of tensors carrying ``lab``'s
@@ -3421,6 +3522,8 @@ class _Propagator:
         why: str | None = None
         in_dim, n_in, n_out = (src[2] + int(ops.out_first)) % 2, 0, 0
         whole = self.rec.whole.get(n)
+        if whole is not None and is_linear and self.rec.conv_layers.get(n) == whole:
+            whole = None  # an nn.Linear subclass's own forward: its handler follows the widths
         if param is None:
             why = "a buffer or constant, not a parameter"
         elif whole is not None:  # its handler's count would not follow the kept widths
@@ -4154,15 +4257,20 @@ class _Propagator:
 
 
 def analyse_channels(
-    gm: fx.GraphModule, record: RunRecord, fixed_code: Callable[[fx.Node], bool] | None = None
+    gm: fx.GraphModule,
+    record: RunRecord,
+    fixed_code: Callable[[fx.Node], bool] | None = None,
+    root: nn.Module | None = None,
 ) -> ChannelAnalysis:
     """Propagate channel labels through ``gm`` and form the channel groups (twice if it holds
     multi-query attention: the second time with its queries ungated, see ``_Propagator``).
-    ``fixed_code(node)``: ``prune`` cannot change that node's code (see ``_Propagator``)."""
-    p = _Propagator(gm, record, fixed_code=fixed_code)
+    ``fixed_code(node)``: ``prune`` cannot change that node's code (see ``_Propagator``).
+    ``root``: the traced model (its modules fx traced through, which ``gm`` does not hold as
+    they are; default ``gm``)."""
+    p = _Propagator(gm, record, fixed_code=fixed_code, root=root)
     p.run()
     if p.mqa_queries:
-        p = _Propagator(gm, record, after=p.query_sources(), fixed_code=fixed_code)
+        p = _Propagator(gm, record, after=p.query_sources(), fixed_code=fixed_code, root=root)
         p.run()
     n_atoms = len(p.parent)
     roots = np.array([p.find(a) for a in range(n_atoms)], dtype=np.int64)
@@ -4248,7 +4356,12 @@ def analyse_channels(
             u = users[0]
             if u.op == "call_module" and p.kinds.get(str(u.target)) in ("bn", "in", "gn"):
                 continue  # the BatchNorm (InstanceNorm, GroupNorm) that follows carries the gate
+            if u in p.fused_norms and u.args and u.args[0] is n:
+                continue  # so does a norm's own F.batch_norm (F.group_norm)
         sources.setdefault(str(n.target), []).append(n)
+    for n, owner in p.fused_norms.items():
+        if p.labels.get(n) is not None:
+            sources.setdefault(owner, []).append(n)
     return ChannelAnalysis(
         labels=p.labels,
         module_in=p.module_in,
@@ -4269,4 +4382,5 @@ def analyse_channels(
         param_scales=p.param_scales,
         head_biases=p.head_biases,
         input_sites=p.input_sites,
+        fused_norms={n.name: owner for n, owner in p.fused_norms.items()},
     )

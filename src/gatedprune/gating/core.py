@@ -45,7 +45,7 @@ from ..hooks import (
 )
 from ..inputs import as_shapes, tensor_inputs
 from ..layout import check_flag
-from .blocks import ACTIVATION_TAILS, Block, find_blocks, node_label, outermost
+from .blocks import Block, find_blocks, node_label, outermost
 from .channels import (
     ChannelAnalysis,
     ChannelGroup,
@@ -100,6 +100,7 @@ from .surgery import (
     is_leaf_call,
     local_trace,
     refuse_computed,
+    scaled_path,
 )
 from .transformer import (
     GatedMultiheadAttention,
@@ -576,6 +577,155 @@ _GATE_HOOKS = (
     _ResetHook,
     _TrackHook,
 )
+
+
+@dataclass
+class _TrainOnly:
+    """Modules with parameters the model calls only in training mode, which the eval-mode
+    trace ``gate_`` works on lacks (torchvision GoogLeNet's ``if self.training: aux1 =
+    self.aux1(x)``): ``modules`` (the outermost, with the reason the summary gives),
+    ``reads`` (nodes of the eval trace whose values they read, with the reason to keep their
+    channels whole), ``scopes`` (modules whose code calls them: code rewritten from the
+    eval trace would drop the calls) and ``unknown`` (why nothing is gated: the model runs
+    such modules but cannot be traced in training mode, so what they read is unknown)."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+    reads: dict[fx.Node, str] = field(default_factory=dict)
+    scopes: dict[str, str] = field(default_factory=dict)
+    unknown: str | None = None
+
+
+def _train_only(model: nn.Module, traced: TracedModel, inputs: tuple[Tensor, ...]) -> _TrainOnly:
+    """Find the modules ``model`` calls only in training mode (see :class:`_TrainOnly`), from a
+    training-mode trace compared with the eval-mode one ``traced``; traced only if some
+    module with parameters is missing from ``traced``.
+
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body, self.aux = nn.Conv1d(2, 4, 1), nn.Conv1d(4, 1, 1)
+    ...     def forward(self, x):
+    ...         h = self.body(x)  # (B, 4, L)
+    ...         return (h, self.aux(h)) if self.training else h
+    >>> net = Net().eval()
+    >>> found = _train_only(net, trace_model(net), (torch.ones(1, 2, 3),))
+    >>> found.modules, [n.name for n in found.reads], list(found.scopes)
+    ({'aux': 'runs only in training mode'}, ['body'], [''])
+    """
+    out = _TrainOnly()
+    leaves = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
+    called = {c.path for c in traced.calls} | leaves
+
+    def inside_leaf(path: str) -> bool:  # a leaf's (opaque module's) own submodules
+        parts = path.split(".")
+        return any(".".join(parts[:i]) in leaves for i in range(1, len(parts)))
+
+    missing = {
+        path
+        for path, m in model.named_modules()
+        if path
+        and path not in called
+        and not inside_leaf(path)
+        and next(m.parameters(), None) is not None
+    }
+    if not missing:
+        return out
+    try:
+        train = trace_model(model, traced.opaque, warn=False, inputs=len(inputs), training=True)
+    except ValueError as e:  # the training-mode code cannot be traced: do the modules run?
+        ran = _run_in_training(model, inputs, missing)
+        if ran is not None and not ran:
+            return out
+        heads = _outermost(ran or missing)
+        said = ", ".join(heads[:3]) + (", ..." if len(heads) > 3 else "")
+        out.unknown = (
+            f"the model {'runs' if ran else 'may run'} {said} only in training mode and torch.fx "
+            f"cannot trace it in training mode ({e}): what they read is unknown, so nothing "
+            "is gated"
+        )
+        for path in heads if ran else []:
+            out.modules[path] = "runs only in training mode (code fx cannot trace calls it)"
+        return out
+    only = {c.path for c in train.calls if c.path in missing}
+    outer = _outermost(only)
+    for path in outer:
+        out.modules[path] = "runs only in training mode"
+        parts = path.split(".")
+        for i in range(len(parts)):  # the modules whose code calls it (their forwards)
+            out.scopes.setdefault(
+                ".".join(parts[:i]),
+                f"its code calls '{path}' only in training mode, which code rewritten from "
+                "the eval-mode trace would drop",
+            )
+    # train-trace values the eval trace has too: what the same call of a module returned
+    # (for modules called as often in both modes) and the inputs
+    evals: dict[str, list[Any]] = {}
+    for c in traced.calls:
+        evals.setdefault(c.path, []).append(c)
+    trains: dict[str, list[Any]] = {}
+    for c in train.calls:
+        trains.setdefault(c.path, []).append(c)
+    to_eval: dict[fx.Node, fx.Node] = {}
+    for path, cs in trains.items():
+        if len(evals.get(path, [])) != len(cs):
+            continue
+        for tc, ec in zip(cs, evals[path], strict=True):
+            t_out, e_out = tc.outputs(), ec.outputs()
+            if len(t_out) == len(e_out):
+                to_eval.update(zip(t_out, e_out, strict=True))
+    t_in = [n for n in train.graph.nodes if n.op == "placeholder"]
+    e_in = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    to_eval.update(zip(t_in, e_in, strict=False))
+    for c in train.calls:
+        if c.path not in only:
+            continue
+        head = next(p for p in outer if c.path == p or c.path.startswith(p + "."))
+        why = f"read by {head}, which runs only in training mode"
+        stack, seen = list(c.inputs()), set()
+        while stack:  # back to the values the eval trace has
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in to_eval:
+                out.reads.setdefault(to_eval[n], why)
+            elif n.op != "get_attr":
+                stack.extend(n.all_input_nodes)
+    return out
+
+
+def _outermost(paths: set[str]) -> list[str]:
+    """The module paths of ``paths`` not inside another, sorted.
+
+    >>> _outermost({"aux.conv", "aux", "head.fc"})
+    ['aux', 'head.fc']
+    """
+    return sorted(p for p in paths if not any(p.startswith(q + ".") for q in paths))
+
+
+def _run_in_training(
+    model: nn.Module, inputs: tuple[Tensor, ...], paths: set[str]
+) -> set[str] | None:
+    """Which of modules ``paths`` one training-mode, no-grad forward of a copy of ``model``
+    (its running statistics stay) calls; None if the copy or the forward fails."""
+    try:
+        twin = copy.deepcopy(model).train()
+    except Exception:  # a model that cannot be copied: unknown
+        return None
+    ran: set[str] = set()
+    handles = [
+        twin.get_submodule(p).register_forward_pre_hook(lambda *_, p=p: ran.add(p))
+        for p in sorted(paths)
+    ]
+    try:
+        with torch.no_grad():
+            twin(*inputs)
+    except Exception:  # the training forward needs more (targets, say): unknown
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
 
 
 def _pin_groups(ca: ChannelAnalysis, atoms: np.ndarray | None, why: str) -> None:
@@ -1686,7 +1836,7 @@ class InsertedGating(ModelGating):
         result = _apply_plan(pruned, plan, check_graph=False)  # its own plan: consistent
         act_scales = self._act_scales(plan["erase"])
         for name in plan.get("scaled", []):
-            scaled = result.get_submodule(name)
+            scaled = result.get_submodule(scaled_path(name, plan["scaled"]))
             assert isinstance(scaled, GateScale)
             scaled.scale = act_scales[name].detach().clone()  # the gated model's value
         if self.edge_gate is not None:
@@ -2054,6 +2204,25 @@ def _attention_output_use(node: fx.Node) -> str | None:
     return None
 
 
+def _wraps(traced: TracedModel) -> dict[fx.Node, str]:
+    """The values returned by the calls of modules traced through (not leaves) that are
+    called once and could stay a call of their module in rewritten code (see
+    :func:`hooked_call_problem`): result node -> the innermost such module's name. A residual
+    branch ending in an activation that cannot carry its gate (ultralytics' shared
+    ``Conv.default_act``, ``F.silu``) is gated on that module's output, ``x + g * m(h)``."""
+    counts: dict[str, int] = {}
+    for c in traced.calls:
+        counts[c.path] = counts.get(c.path, 0) + 1
+    out: dict[fx.Node, str] = {}
+    # outer calls first, so that an inner one returning the same value replaces them
+    for c in sorted(traced.calls, key=lambda c: (-len(c.nodes), c.path.count("."))):
+        if not c.path or counts[c.path] != 1 or c.path in traced.opaque or is_leaf_call(c):
+            continue
+        if isinstance(c.result, fx.Node) and hooked_call_problem(c) is None:
+            out[c.result] = c.path
+    return out
+
+
 def gate_(
     model: nn.Module,
     example_input: Tensor | tuple[Tensor, ...],
@@ -2172,10 +2341,16 @@ def _gate(
     gm = traced.graph_module
     record = record_run(traced, inputs, model)
     bindings = record_bindings(model, inputs, traced)  # how rewritten modules are called
+    # modules called only in training mode (auxiliary heads): what they read stays whole, the
+    # code calling them is not rewritten (from the eval trace, without the calls)
+    train_only = _train_only(model, traced, inputs)
     rewritable: dict[str, str | None] = {}  # module -> why prune could not rewrite it alone
+    rewritable.update(train_only.scopes)
     owners = node_owners(gm.graph)  # (gate_ does not change the traced graph)
 
     def can_rewrite(scope: str) -> str | None:
+        if train_only.unknown is not None:
+            return train_only.unknown
         if scope not in rewritable:
             try:
                 local_trace(
@@ -2200,7 +2375,13 @@ def _gate(
             return False
         return can_rewrite(owner) is not None or hooked.conflict([owner], {node.name}) is not None
 
-    ca = analyse_channels(gm, record, fixed_code)
+    ca = analyse_channels(gm, record, fixed_code, root=model)
+    for n, read_by in train_only.reads.items():
+        for lab in (ca.labels.get(n), ca.nonzero.get(n)):
+            if lab is not None:
+                _pin_groups(ca, lab.atoms, read_by)
+    if train_only.unknown is not None:
+        _pin_groups(ca, np.arange(len(ca.atom_group)), train_only.unknown)
     _pin_hooked(hooked, traced, ca)
     shared = _shared_modules(model, gm)
     for name, reason in shared.items():  # pruning slices and scales their tensors in place
@@ -2229,6 +2410,7 @@ def _gate(
             _pin_groups(ca, hb.atoms, f"{why} (node '{hb.node}' reads it per head)")
     _pin_unrewritable_sizes(ca, hooked, owners)
     summary = GatingSummary(opaque=dict(traced.opaque))
+    summary.ungated_layers.extend(train_only.modules.items())
     summary.ungated_params.extend(param_whole.items())
     param_producers = {pl.weight for pl in ca.param_linears if pl.out_atoms is not None}
 
@@ -2288,8 +2470,12 @@ def _gate(
         for pl in ca.param_linears
         if pl.out_atoms is not None and pl.weight not in conflicts
     }
+    # or in a norm's own F.batch_norm / F.group_norm (timm's BatchNormAct2d): its weight, bias
+    param_ends.update({by_name[node]: f"{bn}.weight" for node, bn in ca.fused_norms.items()})
     found, skipped = (
-        find_blocks(gm, record, traced.opaque, param_ends) if (blocks or shortcuts) else ([], [])
+        find_blocks(gm, record, traced.opaque, param_ends, _wraps(traced))
+        if (blocks or shortcuts)
+        else ([], [])
     )
     edges: list[Edge] = []
     if shortcuts == "dense":
@@ -2469,14 +2655,23 @@ def _gate(
             summary.ungated_layers.append((name, why))
     # gate sites
     sites: dict[str, SiteInfo] = {}
-    for name in ca.sources:
-        atoms = ca.module_atoms[name]
-        segs = _segments(atoms, group_map, ca.atom_group, ca.atom_gidx)
-        if segs:
-            dim = -1 if ca.kinds[name] in ("linear", "embedding") else 1
-            sites[name] = SiteInfo(dim, len(atoms), segs)
     param_sites: dict[str, ParamSite] = {}
     block_params = {b.site for b in kept_blocks if b.param}
+    fused = set(ca.fused_norms.values())
+    for name in dict.fromkeys([*ca.sources, *fused]):
+        atoms = ca.module_atoms.get(name)
+        segs = _segments(atoms, group_map, ca.atom_group, ca.atom_gidx) if atoms is not None else []
+        weight = f"{name}.weight"
+        if name in fused and (segs or weight in block_params):
+            # its own F.batch_norm / F.group_norm: its weight and bias scaled (before its act)
+            norm = model.get_submodule(name)
+            assert isinstance(norm, nn.modules.batchnorm._BatchNorm | nn.GroupNorm)
+            bias = f"{name}.bias" if norm.bias is not None else None
+            width = norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.num_features
+            param_sites[weight] = ParamSite(weight, bias, 0, width, segs)
+        elif segs and atoms is not None and name not in fused:
+            dim = -1 if ca.kinds[name] in ("linear", "embedding") else 1
+            sites[name] = SiteInfo(dim, len(atoms), segs)
     for pl in ca.param_linears:
         if pl.out_atoms is not None:
             segs = _segments(pl.out_atoms, group_map, ca.atom_group, ca.atom_gidx)
@@ -2616,13 +2811,7 @@ def _gate(
     }
     gating.hook_views = _hook_views(traced, ca, group_map)
     gating.weight_norms = tuple(n for n, m in model.named_modules() if weight_norm_layer(m))
-    gating.act_sites = tuple(
-        dict.fromkeys(
-            b.site
-            for b in kept_blocks
-            if not b.param and isinstance(model.get_submodule(b.site), ACTIVATION_TAILS)
-        )
-    )
+    gating.act_sites = tuple(dict.fromkeys(b.site for b in kept_blocks if b.scaled))
     gating.bindings = {k: v for k, v in bindings.items() if isinstance(v, dict)}
     gating.train(model.training)
     model.add_module(ATTR, gating)

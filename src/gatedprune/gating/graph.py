@@ -12,6 +12,7 @@ model's own ``forward`` is an error.
 
 from __future__ import annotations
 
+import builtins
 import copy
 import functools
 import inspect
@@ -688,9 +689,82 @@ class GateTracer(fx.Tracer):
         concrete_args: dict[str, Any] | None = None,
     ) -> fx.Graph:
         """fx's trace, with the torch calls of :data:`_TRACED_CALLS` recorded as graph nodes
-        when a traced value is among their arguments (see :func:`_traced_calls`)."""
-        with _traced_calls():
+        when a traced value is among their arguments (see :func:`_traced_calls`), and the
+        functions registered with ``torch.fx.wrap`` traced through where they can be
+        (:func:`_wrapped_traced_through`)."""
+        with _traced_calls(), _wrapped_traced_through():
             return super().trace(root, concrete_args)
+
+    def create_args_for_root(
+        self,
+        root_fn: Callable[..., Any],
+        is_module: bool,
+        concrete_args: dict[str, Any] | tuple[Any, ...] | None = None,
+    ) -> tuple[Any, list[Any]]:
+        """fx's placeholders for the root's parameters; a ``forward`` behind a
+        ``functools.wraps`` decorator (Hugging Face's ``@can_return_tuple``, whose wrapper
+        takes ``(self, *args, **kwargs)``) around a ``forward`` with ``*args``, ``**kwargs`` or
+        keyword-only parameters gets one placeholder per named parameter of the decorated
+        ``forward`` (``inspect.signature`` follows ``__wrapped__``), passed to the wrapper as
+        callers pass them (required ones by position, optional ones by keyword, ``*args`` and
+        ``**kwargs`` empty), so the wrapper's own code runs too (HF's
+        ``@merge_with_config_defaults`` fills ``use_cache`` from the config). fx would
+        instead rewrite the *wrapper's* code object to take the inner parameters: "code:
+        co_varnames is too small", or the wrapper's ``kwargs`` bound to a traced value
+        (before 2026-12-08)."""
+        inner = inspect.unwrap(root_fn)
+        code = getattr(inner, "__code__", None)
+        varstuff = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
+        if (
+            inner is root_fn
+            or code is None
+            or not (code.co_kwonlyargcount or code.co_flags & varstuff)
+            or isinstance(concrete_args, tuple)
+        ):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        sig = inspect.signature(inner)
+        params = list(sig.parameters.values())[1 if is_module else 0 :]
+        positional: list[Any] = [self.root] if is_module else []
+        keywords: dict[str, Any] = {}
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue  # gate_ passes none: the traced code takes the named ones
+            value = self._proxy_placeholder(p.name, concrete_args, sig, inner)
+            required = p.default is p.empty and p.kind is not p.KEYWORD_ONLY
+            if p.kind is p.POSITIONAL_ONLY or required:
+                positional.append(value)
+            else:  # by keyword, as callers pass optional arguments (HF's decorators read
+                keywords[p.name] = value  # positional ones by the wrapper's own code object)
+
+        def call(*args: Any) -> Any:
+            return root_fn(*args, **keywords)
+
+        return call, positional
+
+    def call_through(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """A call of ``fn``, a function registered with ``torch.fx.wrap`` (timm's
+        ``resolve_self_attn_mask``), given traced values: its body traced like inline code
+        (a ``None`` or an argument it returns unchanged adds no node); where that fails, the
+        nodes it made are erased and the call is one ``call_function`` node, as fx makes it."""
+        last = next(iter(reversed(self.graph.nodes)), None)
+        calls, failed_in = len(self.calls), self.failed_in
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            made = []
+            for n in reversed(self.graph.nodes):
+                if n is last:
+                    break
+                made.append(n)
+            for n in made:  # the newest first: each one's users are erased before it
+                self.graph.erase_node(n)
+            del self.calls[calls:]
+            self.failed_in = failed_in
+        proxy = self.create_proxy("call_function", fn, args, kwargs)
+        proxy.node.meta["is_wrapped"] = True
+        return proxy
 
     def call_module(
         self,
@@ -699,11 +773,15 @@ class GateTracer(fx.Tracer):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        name = self.path_of_module(m)
-        if kwargs and self.is_leaf_module(m, name):
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # not a submodule of the model: its code is traced inline
+            return self._call_outside(m, forward, args, kwargs)
+        if kwargs and self.is_leaf_module(m, name) and _positional_view(m):
             # a layer's leading inputs passed by keyword (torchaudio's `self.self_attn(
             # query=x, key=x, value=x, need_weights=False)`) become positional in the graph,
-            # as the analysis reads them; the call computes the same
+            # as the analysis reads them; the call computes the same (not behind a decorator:
+            # HF's @merge_with_config_defaults reads positional ones by its own code object)
             inp = call_inputs(m, tuple(args), kwargs)
             moved = set(_forward_parameters(type(m))[len(args) : len(inp)])
             args, kwargs = inp, {k: v for k, v in kwargs.items() if k not in moved}
@@ -730,6 +808,55 @@ class GateTracer(fx.Tracer):
         else:
             self.calls.append(ModuleCall(name, nodes, _as_nodes(args), _as_nodes(kwargs), out))
         return result
+
+    def _call_outside(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """A call of module ``m`` that is not in the model's hierarchy (a module-level
+        instance called as a function: Hugging Face's ``apply_rotary_pos_emb`` made a module
+        by ``@use_kernel_forward_from_hub``): traced inline as part of its caller's code, as
+        a function would be; with parameters (which the model's parameters, and so pruning,
+        do not include) an error naming it and its caller, which is then kept whole (before
+        2026-12-08 every such call gave fx's "module is not installed as a submodule")."""
+        stack = list(self.module_stack.values())
+        caller = str(stack[-1][0]) if stack else ""
+        caller_name = f"'{caller}'" if caller else "the model's forward"
+        if any(True for _ in m.parameters()):
+            raise NameError(
+                f"module {type(m).__name__} called by {caller_name} is not a submodule of "
+                "the model and holds parameters, which gate_ cannot prune or trace: make it "
+                "a submodule (an attribute of the caller)"
+            )
+        return forward(*args, **kwargs)
+
+
+def _positional_view(m: nn.Module) -> bool:
+    """Whether gate_'s graph records a keyword call of leaf ``m`` with its leading inputs made
+    positional (:func:`call_inputs`): only for a kind whose inputs the analysis and cost read
+    (a cost handler: torch's layers, ``register_cost`` kinds, ``flops_of``), and only when
+    ``forward``'s signature is the one called. Any other leaf (code of yours or a library's
+    kept whole) is called as the caller called it: a decorator whose ``(*args, **kwargs)``
+    wrapper fills a keyword (Hugging Face's ``merge_with_config_defaults``,
+    ``kwargs[arg_name] = ...``) would otherwise get it twice.
+
+    >>> import functools
+    >>> def fill(f):
+    ...     @functools.wraps(f)
+    ...     def wrapper(self, *args, **kwargs): return f(self, *args, **kwargs)
+    ...     return wrapper
+    >>> class Own(nn.Module):
+    ...     @fill
+    ...     def forward(self, x: Tensor, flag: bool = False) -> Tensor: return x
+    >>> _positional_view(nn.Linear(2, 2)), _positional_view(Own())
+    (True, False)
+    """
+    if _handler_for(m) is None and unit_handler(m) is None:
+        return False
+    return not hasattr(type(m).forward, "__wrapped__")
 
 
 def _first_proxy(a: Any) -> fx.Proxy | None:
@@ -827,6 +954,77 @@ def _traced_calls() -> Iterator[None]:
         _PATCHED.clear()
 
 
+def _traced_through(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, registered with ``torch.fx.wrap``, as :func:`_wrapped_traced_through`
+    patches it: called as it is without traced values, else through
+    :meth:`GateTracer.call_through` (or as fx records it, for another tracer)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        proxy = _first_proxy((args, kwargs))
+        if proxy is None:
+            return fn(*args, **kwargs)
+        if isinstance(proxy.tracer, GateTracer):
+            return proxy.tracer.call_through(fn, args, kwargs)
+        out = proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+        out.node.meta["is_wrapped"] = True
+        return out
+
+    return call
+
+
+@contextmanager
+def _wrapped_traced_through() -> Iterator[None]:
+    """While tracing: each function registered with ``torch.fx.wrap`` (fx's registry of
+    module globals to patch) is patched by :func:`_traced_through` instead of fx's leaf
+    wrapper, and taken out of the registry; both restored afterwards. Not thread-safe:
+    fx's registry and the patched globals are process-wide (as fx's own patching is).
+
+    >>> import torch.fx._symbolic_trace as st
+    >>> before = dict(st._wrapped_fns_to_patch)
+    >>> with _wrapped_traced_through():
+    ...     pass
+    >>> st._wrapped_fns_to_patch == before
+    True
+    """
+    registry = fx._symbolic_trace._wrapped_fns_to_patch
+    saved = dict(registry)
+    # torch's own (fx's `_assert_is_none`, which its placeholders call) stay fx's leaves
+    ours = {k: g for k, g in saved.items() if not _torch_module(str(g.get("__name__", "")))}
+    if not ours:  # none registered, or a trace inside a trace: patched already
+        yield
+        return
+    patched: list[tuple[dict[str, Any], str, bool, Any]] = []
+    for key in ours:
+        del registry[key]
+    try:
+        for (_, name), frame in ours.items():
+            had = name in frame
+            fn = frame[name] if had else getattr(builtins, name, None)
+            if fn is None:
+                continue
+            patched.append((frame, name, had, frame.get(name)))
+            frame[name] = _traced_through(fn)
+        yield
+    finally:
+        for frame, name, had, old in reversed(patched):
+            if had:
+                frame[name] = old
+            else:
+                frame.pop(name, None)
+        registry.clear()
+        registry.update(saved)
+
+
+def _torch_module(name: str) -> bool:
+    """Whether module ``name`` is torch's own (not torchvision's or torchaudio's).
+
+    >>> _torch_module("torch.fx._symbolic_trace"), _torch_module("torchvision.ops.misc")
+    (True, False)
+    """
+    return name == "torch" or name.startswith("torch.")
+
+
 @dataclass
 class TracedModel:
     """The fx graph of a model plus what could not be traced."""
@@ -854,6 +1052,7 @@ def trace_model(
     specialise: bool = True,
     inputs: int = 1,
     examples: tuple[Tensor, ...] | tuple[TensorSpec, ...] | None = None,
+    training: bool = False,
 ) -> TracedModel:
     """Trace ``model`` with fx, turning submodules whose ``forward`` cannot be traced into
     opaque leaves (see the module docstring). The model is traced in eval mode whatever its
@@ -876,6 +1075,8 @@ def trace_model(
     since 2026-12-08); a submodule traced alone after its model was takes the branches that
     trace decided in its code (at the same source lines), and so does a trace whose example
     run fails.
+    ``training=True`` traces the training-mode function instead (``gate_`` compares
+    it with the eval-mode one to find modules called only in training, since 2026-12-08).
 
     >>> traced = trace_model(nn.Sequential(nn.Linear(2, 3), nn.ReLU()))
     >>> [n.op for n in traced.graph.nodes]
@@ -888,12 +1089,21 @@ def trace_model(
     params = list(inspect.signature(model.forward).parameters.values())[inputs:]
     fixed = {p.name: p.default for p in params if is_constant(p.default)}
     if concrete_args is not None or not specialise or not fixed:
-        return trace(model, opaque, warn=warn, concrete_args=concrete_args)
+        return trace(model, opaque, warn=warn, concrete_args=concrete_args, training=training)
     nones = {k: v for k, v in fixed.items() if v is None}
     if nones == fixed:  # as before 2026-12-08
-        traced = trace(model, opaque, warn=warn, concrete_args=None)
         try:
-            special = trace(model, traced.opaque, warn=False, concrete_args=nones)
+            traced = trace(model, opaque, warn=warn, concrete_args=None, training=training)
+        except ValueError:  # fails unless specialised (HF BERT: `if input_ids is not None and
+            # inputs_embeds is not None: raise`): the specialised trace, or its own error
+            special = trace(model, opaque, warn=warn, concrete_args=nones, training=training)
+            keep_argument_names(special.graph, set(nones))
+            special.graph_module.recompile()
+            return special
+        try:
+            special = trace(
+                model, traced.opaque, warn=False, concrete_args=nones, training=training
+            )
         except ValueError:
             return traced
         if _structure(special.graph) == _structure(traced.graph):
@@ -909,15 +1119,18 @@ def trace_model(
     first: ValueError | None = None
     plain: TracedModel | None = None
     try:
-        plain = trace(model, opaque, warn=False, concrete_args=None)
+        plain = trace(model, opaque, warn=False, concrete_args=None, training=training)
     except ValueError as e:
         first = e
     chosen, kept = plain, fixed
     full: TracedModel | None = None
     with suppress(ValueError):
-        full = trace(model, opaque, warn=False, concrete_args=fixed)
+        full = trace(model, opaque, warn=False, concrete_args=fixed, training=training)
     flags = any(type(v) in (bool, str) for v in fixed.values())
-    if full is not None and (plain is None or flags or not _same_trace(full, plain, fixed)):
+    same = plain is not None and full is not None and _same_trace(full, plain, fixed)
+    if full is not None and (
+        plain is None or flags or not (same and _same_at(plain, full, fixed, fixed))
+    ):
         chosen = full
         numbers = [[k] for k, v in fixed.items() if type(v) in (int, float)]
         for loose in [list(nones), *numbers]:  # each tried as an input
@@ -925,8 +1138,11 @@ def trace_model(
             if not loose or trial == kept:
                 continue
             with suppress(ValueError):
-                other = trace(model, opaque, warn=False, concrete_args=trial or None)
-                if _same_trace(other, chosen, fixed):
+                other = trace(
+                    model, opaque, warn=False, concrete_args=trial or None, training=training
+                )
+                values = {k: kept[k] for k in loose if k in kept}
+                if _same_trace(other, chosen, fixed) and _same_at(other, chosen, fixed, values):
                     chosen, kept = other, trial
         if kept:
             keep_argument_names(chosen.graph, set(kept))
@@ -973,6 +1189,36 @@ def _same_trace(a: TracedModel, b: TracedModel, names: dict[str, Any]) -> bool:
     return a.opaque == b.opaque and _structure(a.graph, set(names)) == _structure(
         b.graph, set(names)
     )
+
+
+def _same_at(
+    loose: TracedModel, fixed: TracedModel, names: dict[str, Any], values: dict[str, Any]
+) -> bool:
+    """Whether graph ``loose``, with arguments ``values`` left inputs, computes what ``fixed``
+    does with them fixed, when they take those values: every computing node reads the same
+    constants and nodes (by name), an input of ``values`` read as its value. Code telling a
+    traced value from a constant (HF LLaMA's ``slice(-logits_to_keep, None) if
+    isinstance(logits_to_keep, int) else logits_to_keep``) gives the same nodes that read
+    it otherwise (``h[:, 0, :]`` for ``h[:, 0:, :]``: before 2026-12-08 such an argument was
+    left an input, a silently different graph)."""
+
+    def nodes(t: TracedModel, fixed_here: set[str]) -> list[tuple[str, str, str]]:
+        skip = _reads_only(t.graph, fixed_here)  # (fx's checks of the fixed ones)
+
+        def norm(a: Any) -> Any:
+            if a.op == "placeholder" and str(a.target) in values:
+                return values[str(a.target)]
+            return a.name
+
+        return [
+            (n.op, str(n.target), repr(fx.node.map_arg((n.args, n.kwargs), norm)))
+            for n in t.graph.nodes
+            if n.op not in ("placeholder", "output")
+            and n not in skip
+            and getattr(n.target, "__name__", "") != "_assert_is_none"
+        ]
+
+    return nodes(loose, set(names) - set(values)) == nodes(fixed, set(names))
 
 
 def is_constant(v: object) -> bool:
@@ -1044,7 +1290,8 @@ def record_bindings(
     as_traced = _traced_arguments(model, traced) if traced is not None else None
     for path, m in model.named_modules():
         defaults = optional_defaults(m) if path else {}
-        if not defaults:
+        packed = _packed_parameters(type(m).forward) if path else ()
+        if not defaults and not packed:
             continue
         sig = inspect.signature(m.forward)
         # None: each argument passed as a constant is one (no trace to say otherwise)
@@ -1058,11 +1305,20 @@ def record_bindings(
             sig: inspect.Signature = sig,
             defaults: dict[str, Any] = defaults,
             values: set[str] | None = values,
+            packed: tuple[str, ...] = packed,
         ) -> None:
             try:
                 bound = sig.bind(*args, **kwargs).arguments
             except TypeError:
                 seen[path] = "its calls do not fit its signature"
+                return
+            extra = [k for k in packed if bound.get(k)]
+            if extra:  # (GateTracer.create_args_for_root traces it with them empty)
+                seen[path] = (
+                    f"it is called with arguments its decorated forward takes in "
+                    f"{', '.join(extra)} ({_packed_names(bound, extra)}), which rewritten code "
+                    "does not take"
+                )
                 return
             # left at its default, or passed as a constant of the code (fx keeps the argument
             # in the rewritten code, checked against the value when it runs)
@@ -1091,6 +1347,37 @@ def record_bindings(
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     run_hooked(model, inputs, handles)
     return seen
+
+
+def _packed_parameters(forward: Callable[..., Any]) -> tuple[str, ...]:
+    """The ``*args`` and ``**kwargs`` parameters of a ``forward`` behind a ``functools.wraps``
+    decorator, which :meth:`GateTracer.create_args_for_root` traces empty (none for a plain
+    ``forward``, whose fx placeholders take them).
+
+    >>> def deco(f):
+    ...     @functools.wraps(f)
+    ...     def w(*a, **k): return f(*a, **k)
+    ...     return w
+    >>> class A(nn.Module):
+    ...     @deco
+    ...     def forward(self, x, **kwargs): return x
+    >>> _packed_parameters(A.forward), _packed_parameters(nn.Linear.forward)
+    (('kwargs',), ())
+    """
+    inner = inspect.unwrap(forward)
+    if inner is forward or not callable(inner):
+        return ()
+    packed = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return tuple(p.name for p in inspect.signature(inner).parameters.values() if p.kind in packed)
+
+
+def _packed_names(bound: Mapping[str, Any], names: list[str]) -> str:
+    """What a call packs into ``names`` (``*args``, ``**kwargs``): the keywords, else a count."""
+    said = []
+    for k in names:
+        v = bound[k]
+        said.append(", ".join(map(str, v)) if isinstance(v, dict) else f"{len(v)} positional")
+    return "; ".join(said)
 
 
 def _same_constants(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -1184,13 +1471,20 @@ def _trace(
     warn: bool,
     concrete_args: dict[str, Any] | None,
     examples: dict[str, Example] | None = None,
+    training: bool = False,
 ) -> TracedModel:
     """One fx trace of ``model`` (see :func:`trace_model`)."""
     found: dict[str, str] = dict(opaque or {})
     with hooks_detached(model) as hooked_ids:  # not run on Proxies (hooks.hooks_detached)
         hooked = frozenset(p for p, m in model.named_modules() if id(m) in hooked_ids and p)
         return _trace_detached(
-            model, found, hooked, warn=warn, concrete_args=concrete_args, examples=examples
+            model,
+            found,
+            hooked,
+            warn=warn,
+            concrete_args=concrete_args,
+            examples=examples,
+            training=training,
         )
 
 
@@ -1202,14 +1496,15 @@ def _trace_detached(
     warn: bool,
     concrete_args: dict[str, Any] | None,
     examples: dict[str, Example] | None = None,
+    training: bool = False,
 ) -> TracedModel:
     """:func:`_trace` with the user's hooks taken off."""
     for _ in range(_MAX_OPAQUE):
         tracer = GateTracer(set(found), examples)
+        state = _module_state(model)
         modes = [(m, m.training) for m in model.modules()]
         for m, _ in modes:  # code reading `self.training` is traced as the eval-mode function
-            m.training = False
-        own = set(vars(model))
+            m.training = training  # (the training-mode one only when asked for)
         try:
             graph = tracer.trace(model, concrete_args=concrete_args)
             traced = fx.GraphModule(tracer.root, graph)
@@ -1217,11 +1512,10 @@ def _trace_detached(
             name = tracer.failed_in
             if name is None or name in found:
                 hint = _trace_hint(e)  # the common causes: what to change, as for a submodule
-                advice = "" if hint else " (move data-dependent control flow into a submodule)"
                 raise ValueError(
                     f"torch.fx cannot trace {type(model).__name__}.forward itself "
                     f"({type(e).__name__}: {e}){hint}; gate_ needs a traceable top-level "
-                    f"forward{advice}"
+                    "forward"
                 ) from e
             found[name] = f"{type(e).__name__}: {e}{_trace_hint(e, submodule=True)}"
             if warn:
@@ -1235,16 +1529,112 @@ def _trace_detached(
         finally:
             for m, mode in modes:
                 m.training = mode
-            # fx stores a tensor computed while tracing (`self.scale[1:]`) on the model as
-            # `_tensor_constant<k>`, the first free k: leave the model as it was, so that the
-            # next trace names its nodes alike (a plan names them)
-            for name in set(vars(model)) - own:
-                if name.startswith("_tensor_constant"):
-                    delattr(model, name)
+            # every module as it was: fx stores a tensor computed while tracing
+            # (`self.scale[1:]`) on the model as `_tensor_constant<k>`, the first free k (the
+            # next trace must name its nodes alike: a plan names them), and code run on
+            # traced values may cache them (timm LeViT's `attention_bias_cache[str(device)]`)
+            _restore_module_state(state)
+        _check_no_proxies(model)
         if examples is not None:
             tracer.publish_examples()
         return TracedModel(traced, found, tracer.calls, hooked, tracer.guards)
     raise ValueError(f"gave up tracing {type(model).__name__}: too many untraceable submodules")
+
+
+_ModuleState = list[tuple[nn.Module, dict[str, Any], dict[str, Any]]]
+
+
+def _module_state(model: nn.Module) -> _ModuleState:
+    """Each module of ``model`` with its attributes (``vars``) and a shallow copy of those that
+    are dicts, lists or sets (a cache a forward fills), for :func:`_restore_module_state`."""
+    state: _ModuleState = []
+    for m in model.modules():
+        attrs = dict(vars(m))
+        contents = {k: copy.copy(v) for k, v in attrs.items() if isinstance(v, dict | list | set)}
+        state.append((m, attrs, contents))
+    return state
+
+
+def _same_items(now: Any, then: Any) -> bool:
+    """Whether container ``now`` holds the very objects ``then`` (its earlier shallow copy)
+    held, in the same places (values compared by identity: a Proxy's ``==`` is a node)."""
+    if len(now) != len(then):
+        return False
+    if isinstance(now, dict):
+        return all(k in now and now[k] is v for k, v in then.items())
+    if isinstance(now, list):
+        return all(a is b for a, b in zip(now, then, strict=True))
+    return {id(v) for v in now} == {id(v) for v in then}
+
+
+def _restore_module_state(state: _ModuleState) -> None:
+    """Put every module of :func:`_module_state` back as it was: attributes added since
+    removed, attributes set since set back, dicts, lists and sets refilled in place.
+
+    >>> class Cached(nn.Module):
+    ...     def __init__(self) -> None:
+    ...         super().__init__()
+    ...         self.cache: dict[str, Tensor] = {}
+    ...     def forward(self, x: Tensor) -> Tensor:
+    ...         self.cache[str(x.device)] = x  # a traced value, when traced
+    ...         self.last = x
+    ...         return x
+    >>> m = Cached()
+    >>> _ = trace_model(m)
+    >>> m.cache, hasattr(m, "last")
+    ({}, False)
+    """
+    for m, attrs, contents in state:
+        now = vars(m)
+        for k in [k for k in now if k not in attrs]:
+            del now[k]
+        for k, v in attrs.items():
+            if now.get(k, _MISSING) is not v:
+                now[k] = v
+        for k, then in contents.items():
+            v = attrs[k]
+            if _same_items(v, then):
+                continue
+            v.clear()
+            if isinstance(v, list):
+                v.extend(then)
+            else:
+                v.update(then)
+
+
+_MISSING = object()
+
+
+def _check_no_proxies(model: nn.Module) -> None:
+    """Raise ``ValueError`` if a traced value is left in the state of a module of ``model``
+    (in an attribute, or a dict, list, tuple or set in one, nested): code that stores it
+    deeper than :func:`_restore_module_state` restores, which a later trace or run would
+    read."""
+    for path, m in model.named_modules():
+        for k, v in vars(m).items():
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if _holds_proxy(v, 3):
+                raise ValueError(
+                    f"gate_: tracing left a traced value (an fx Proxy) in attribute {k!r} of "
+                    f"module '{path or '<root>'}' ({type(m).__name__}), deeper than gate_ "
+                    "restores (attributes and the dicts, lists and sets in them): do not "
+                    "store values computed by forward on the module, or reset them in it"
+                )
+
+
+def _holds_proxy(v: Any, depth: int) -> bool:
+    """Whether ``v`` is an fx Proxy or a dict, list, tuple or set holding one within
+    ``depth`` levels."""
+    if isinstance(v, fx.Proxy):
+        return True
+    if depth == 0:
+        return False
+    if isinstance(v, dict):
+        return any(_holds_proxy(a, depth - 1) for a in (*v.keys(), *v.values()))
+    if isinstance(v, list | tuple | set | frozenset):
+        return any(_holds_proxy(a, depth - 1) for a in v)
+    return False
 
 
 def _trace_hint(e: Exception, *, submodule: bool = False) -> str:
@@ -1339,6 +1729,7 @@ _VIEW_NAMES = {
     "view",
     "view_as",
     "reshape",
+    "reshape_as",
     "flatten",
     "unflatten",
     "squeeze",
@@ -1451,7 +1842,8 @@ class RunRecord:
     whole: dict[fx.Node, str] = field(default_factory=dict)
     # of those, the convolution (F.conv1d/2d/3d) each call of an nn.Conv1d/2d/3d subclass with
     # its own forward returns, reading the module's weight and bias as they are: the conv
-    # handler counts it from the module's in/out channels, which prune keeps in step -> path
+    # handler counts it from the module's in/out channels, which prune keeps in step -> path;
+    # likewise the F.linear of an nn.Linear subclass (its in/out features) -> path
     conv_layers: dict[fx.Node, str] = field(default_factory=dict)
 
 
@@ -1490,6 +1882,11 @@ class _Recorder(fx.Interpreter):
         m = self.fetch_attr(str(target))
         self.arg_shapes[node] = [tuple(a.shape) if isinstance(a, Tensor) else None for a in args]
         leaf = not any(True for _ in m.children())
+        if leaf and is_code(m):  # kept whole (opaque), counted as cost() counts it: as code
+            with FunctionalCounter() as counter:  # its matrix products; element-wise ops free
+                out = m(*args, **kwargs)
+            self.flops[node] = counter.flops
+            return out
         if leaf or unit_handler(m) is not None:
             out = m(*args, **kwargs)
             handler = _handler_for(m) if leaf else unit_handler(m)
@@ -1702,10 +2099,16 @@ _CONV_FUNCS = (F.conv1d, F.conv2d, F.conv3d)
 def _conv_layer_output(m: nn.Module, call: InlinedCall) -> bool:
     """Whether ``call`` (of module ``m``) returns ``F.conv*d(x, weight, bias, ..., groups)``
     with ``m``'s own weight and bias (None iff ``m.bias`` is) and groups, ``m`` an
-    ``nn.Conv1d/2d/3d`` (subclass) counted by the conv cost handler (no ``flops_of``)."""
+    ``nn.Conv1d/2d/3d`` (subclass) counted by the conv cost handler (no ``flops_of``); or
+    ``F.linear(x, weight, bias)`` the same way, ``m`` an ``nn.Linear`` subclass (timm's
+    ``Linear``)."""
     out = call.outputs[0]
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if not isinstance(m, convs) or callable(getattr(m, "flops_of", None)):
+    if callable(getattr(m, "flops_of", None)):
+        return False
+    if isinstance(m, nn.Linear):
+        return _linear_layer_output(m, call.path, out)
+    if not isinstance(m, convs):
         return False
     if out.op != "call_function" or out.target not in _CONV_FUNCS or out.kwargs:
         return False
@@ -1721,6 +2124,22 @@ def _conv_layer_output(m: nn.Module, call: InlinedCall) -> bool:
         return bool(b is None and groups == m.groups)
     ok_bias = isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{call.path}.bias"
     return bool(ok_bias and groups == m.groups)
+
+
+def _linear_layer_output(m: nn.Linear, path: str, out: fx.Node) -> bool:
+    """Whether ``out`` is ``F.linear(x, weight, bias)`` with ``m``'s own weight and bias (None
+    iff ``m.bias`` is), ``m`` called ``path``, positional or by keyword."""
+    if out.op != "call_function" or out.target is not F.linear:
+        return False
+    names = ("input", "weight", "bias")
+    if len(out.args) > 3 or set(out.kwargs) - set(names):
+        return False
+    w, b = (out.args[i] if len(out.args) > i else out.kwargs.get(names[i]) for i in (1, 2))
+    if not isinstance(w, fx.Node) or w.op != "get_attr" or w.target != f"{path}.weight":
+        return False
+    if m.bias is None:
+        return b is None
+    return isinstance(b, fx.Node) and b.op == "get_attr" and b.target == f"{path}.bias"
 
 
 def _record(gm: fx.GraphModule, inputs: tuple[Tensor, ...], root: nn.Module) -> _Recorder:

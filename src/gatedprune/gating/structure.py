@@ -368,6 +368,12 @@ def build_cost_terms(
         param_terms[pl.weight] = (mi * mo * pl.taps, fi, fo)
         if pl.bias is not None:
             param_terms[pl.bias] = (mo, fo, -1)
+    for bn in dict.fromkeys(ca.fused_norms.values()):  # a norm's own F.batch_norm/group_norm
+        atoms = ca.module_atoms.get(bn)
+        for path in (f"{bn}.weight", f"{bn}.bias"):
+            if _is_param(gm, path):
+                fo, mo = fac.get(atoms, gm.get_parameter(path).numel())
+                param_terms[path] = (mo, fo, -1)
     for ps in ca.param_scales:  # a per-channel factor (layer scale): one entry per channel
         fo, mo = fac.get(ps.atoms, ps.n)
         param_terms[ps.path] = (mo, fo, -1)

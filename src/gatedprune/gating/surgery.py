@@ -41,6 +41,7 @@ from ..hooks import copy_hooks, describe_hooks
 from .blocks import ACTIVATION_TAILS, graph_writes, live_nodes
 from .channels import bias_attr, linear_operands, scale_chain, weight_source
 from .graph import (
+    GateTracer,
     ModuleCall,
     TensorSpec,
     TracedModel,
@@ -1079,13 +1080,21 @@ def _mutates(n: fx.Node) -> bool:
     return in_place or (n.op == "call_function" and n.target in _INPLACE_FUNCS)
 
 
-def _erase_dead(graph: fx.Graph, node: fx.Node, scope: str) -> None:
+def _erase_dead(
+    graph: fx.Graph, node: fx.Node, scope: str, unread: frozenset[fx.Node] = frozenset()
+) -> None:
     """Erase ``node`` after the users it leaves dangling: values computed but never used,
-    e.g. the ``_`` of ``a, _ = f(x)`` (users first, reverse topological order)."""
+    e.g. the ``_`` of ``a, _ = f(x)`` (users first, reverse topological order). A node of
+    ``unread`` (values the module returns that no caller reads in the whole model's trace:
+    HF BERT's attention weights, ``a, _ = self.attention(h)``) is returned as ``None``
+    instead (before 2026-12-08: "still used by output; cannot erase it")."""
     for u in list(node.users):
+        if u.op == "output" and node in unread:
+            u.args = fx.node.map_arg(u.args, lambda a: None if a is node else a)
+            continue
         if u.op in ("output", "placeholder") or _mutates(u):
             break
-        _erase_dead(graph, u, scope)
+        _erase_dead(graph, u, scope, unread)
     if node.users:
         users = ", ".join(u.name for u in node.users)
         raise RuntimeError(
@@ -1600,9 +1609,13 @@ def _rewrite_scope(
             _as_sections(mapping[name], [key for key, _ in entries])
             for key, value in entries:
                 _resize(mapping[name], key, int(value))
+    inside = set(root_nodes)  # values only read inside the scope: returned to no reader
+    unread = frozenset(
+        mapping[r.name] for r in root_nodes if r.name in mapping and set(r.users) <= inside
+    )
     for r in reversed(root_nodes):  # (a caller's constant is no node here: an argument)
         if r.name in erase and r.name in mapping:
-            _erase_dead(local.graph, mapping[r.name], scope)
+            _erase_dead(local.graph, mapping[r.name], scope, unread)
     for call in hooked:  # called as modules again (their hooks run)
         _refold_hooked(local.graph, sub, call, replaced)
     output = next(n for n in local.graph.nodes if n.op == "output")
@@ -1632,6 +1645,7 @@ def _rewrite_scope(
     nodes = list(local.graph.nodes)
     if len(nodes) == 2 and nodes[0].op == "placeholder" and nodes[1].args[0] is nodes[0]:
         identity = nn.Identity()  # nothing left: the module passes its input through
+        identity.train(sub.training)
         copy_hooks(sub, identity)
         return identity
     # tensors fx made while tracing (`torch.full((d,), 2.0)`) live on the traced graph module,
@@ -3058,14 +3072,17 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
     for scope in plan["scopes"]:
         if scope:
             submodule(scope, "rewrites")
+    tracer = GateTracer(set(plan["opaque"]))
     for name in plan.get("scaled", []):
         act = submodule(name, "scales the output of")
         claim(act, name, f"'{name}' (scaled)")
-        if not name or not isinstance(act, ACTIVATION_TAILS):
+        traced_through = bool(name) and not tracer.is_leaf_module(act, name)
+        if not name or not (isinstance(act, ACTIVATION_TAILS) or traced_through):
             raise ValueError(
                 f"the plan scales the output of module '{name}' ({type(act).__name__}); "
                 "expected an activation a residual branch ends in "
-                f"({', '.join(t.__name__ for t in ACTIVATION_TAILS)})"
+                f"({', '.join(t.__name__ for t in ACTIVATION_TAILS)}), or a module of the "
+                "model's own code (traced through) it ends in"
             )
     _check_hooks_kept(model, plan)
     switched = prepare_encoders(model)
@@ -3175,6 +3192,65 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
         and isinstance(a := n.args[0], fx.Node)
     }
     result = model
+    # a scaled module traced through stays a call of its module in rewritten code (as a
+    # hooked one does), so that its GateScale runs: a no-op hook while rewriting
+    kept = [
+        model.get_submodule(name).register_forward_hook(_keep_call)
+        for name in plan.get("scaled", [])
+        if not isinstance(model.get_submodule(name), ACTIVATION_TAILS)
+    ]
+    try:
+        result = _rewrite_scopes(
+            model,
+            traced,
+            scopes,
+            opaque,
+            cut,
+            erase,
+            bypass,
+            plan,
+            written,
+            left_operands,
+            aliases,
+            sizes,
+            node_owner,
+            owners,
+            n_inputs,
+        )
+    finally:
+        for handle in kept:
+            handle.remove()
+        for m in result.modules():  # (copied onto a module rewritten around its own code)
+            for key in [k for k, h in m._forward_hooks.items() if h is _keep_call]:
+                del m._forward_hooks[key]
+    return _scale_outputs(result, plan.get("scaled", []))
+
+
+def _keep_call(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    """A forward hook doing nothing: its module stays a call of the module when the code
+    around it is rewritten (see ``_apply_plan``)."""
+
+
+def _rewrite_scopes(
+    model: nn.Module,
+    traced: TracedModel,
+    scopes: list[str],
+    opaque: dict[str, str],
+    cut: dict[str, int],
+    erase: set[str],
+    bypass: set[str],
+    plan: dict[str, Any],
+    written: set[str],
+    left_operands: set[str],
+    aliases: _Aliases,
+    sizes: dict[str, list[list[Any]]],
+    node_owner: Mapping[fx.Node, str],
+    owners: dict[str, str],
+    n_inputs: int,
+) -> nn.Module:
+    """For ``_apply_plan``: rewrite the forward of each module of ``scopes`` (outermost), and
+    return the model (a new module if the root was rewritten)."""
+    result = model
     for scope in scopes:
         in_scope = {
             n
@@ -3205,15 +3281,34 @@ def _apply_plan(model: nn.Module, plan: dict[str, Any], *, check_graph: bool) ->
             parent_name, _, child = scope.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, new)
-    return _scale_outputs(result, plan.get("scaled", []))
+    return result
+
+
+def scaled_path(name: str, names: list[str]) -> str:
+    """Where module ``name`` of the model is once each module of ``names`` is wrapped in a
+    :class:`GateScale` (inside a wrapped one: under its ``module``).
+
+    >>> scaled_path("b.inner.act", ["b.inner.act", "b.inner"])
+    'b.inner.module.act'
+    """
+    wrapped = set(names)
+    parts = name.split(".")
+    out: list[str] = []
+    for i, part in enumerate(parts):
+        out.append(part)
+        if i < len(parts) - 1 and ".".join(parts[: i + 1]) in wrapped:
+            out.append("module")
+    return ".".join(out)
 
 
 def _scale_outputs(model: nn.Module, names: list[str]) -> nn.Module:
-    """``model`` with each module of ``names`` (an activation a residual branch ends in)
-    replaced by a :class:`GateScale` of it (its scale 1 until ``prune`` sets the gate value,
-    or ``load_state_dict`` the pruned model's)."""
-    for name in names:
+    """``model`` with each module of ``names`` (an activation a residual branch ends in, or a
+    module of the model's own it ends in) replaced by a :class:`GateScale` of it (its scale 1
+    until ``prune`` sets the gate value, or ``load_state_dict`` the pruned model's); inner ones
+    first, so that an outer one wraps them (see :func:`scaled_path`)."""
+    for name in sorted(names, key=lambda v: -v.count(".")):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GateScale(model.get_submodule(name)))
+        module = model.get_submodule(name)
+        setattr(parent, child, GateScale(module).train(module.training))
     return model
