@@ -96,9 +96,10 @@ def test_decorated_opaque_submodule_prunes_exactly(seed: int) -> None:
 
 
 class _T5LayerNorm(nn.Module):
-    """transformers/models/t5/modeling_t5.py:60-72: fx cannot branch on ``if
-    self.weight.dtype in [torch.float16, torch.bfloat16]:`` (line 70), so gate_ keeps it whole;
-    ``cost`` counts it as code (no products: 0 FLOPs)."""
+    """transformers/models/t5/modeling_t5.py:60-72, plus a check of the input's values that
+    fx cannot trace, so gate_ keeps it whole (T5's own ``if self.weight.dtype in
+    [torch.float16, torch.bfloat16]:``, line 70, kept it whole until gate_ traced branches on
+    dtypes); ``cost`` counts it as code (no products: 0 FLOPs)."""
 
     def __init__(self, d: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -106,6 +107,8 @@ class _T5LayerNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        if hidden_states.isnan().any():  # a value check: fx cannot trace it (kept whole)
+            raise ValueError("NaN input")
         variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)  # (B, 1)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)  # (B, D)
         if self.weight.dtype in [torch.float16, torch.bfloat16]:
@@ -122,6 +125,8 @@ class _HalfAwareProjection(nn.Module):
         self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.isnan().any():  # a value check: fx cannot trace it (kept whole)
+            raise ValueError("NaN input")
         if self.weight.dtype in [torch.float16, torch.bfloat16]:
             x = x.to(self.weight.dtype)
         return x @ self.weight.t()  # (B, d_out)
