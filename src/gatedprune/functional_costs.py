@@ -17,6 +17,11 @@ layer, a gated module), with the conventions of the modules (2 FLOPs per multipl
   (``2 * numel(out) * in_channels / groups * prod(kernel)``, bias 1 per output element);
   ``F.conv_transpose1d/2d/3d`` like ``nn.ConvTranspose*``; ``F.bilinear`` like
   ``nn.Bilinear``.
+* ``F.batch_norm`` like the ``nn.BatchNorm*`` layers, 2 per element, and ``F.group_norm``
+  like ``nn.GroupNorm``, 5 per element (with or without weight and bias, in either mode): the
+  normalisation a fused norm + activation layer runs in its own ``forward`` (timm's
+  ``BatchNormAct2d``, ``GroupNormAct``), counted as the plain norm would be (before
+  2026-12-08 XX:XX UTC they were free).
 * ``torch.einsum`` with two or more operands: contracted left to right, each step
   ``2 *`` the product of the sizes of every index of its two operands; one operand (a
   transpose, trace or sum) is free.
@@ -25,7 +30,7 @@ layer, a gated module), with the conventions of the modules (2 FLOPs per multipl
   (scale, mask and dropout not counted).
 
 ``F.multi_head_attention_forward`` called directly is not counted (``nn.MultiheadAttention``
-is). Element-wise functional calls (``F.relu``, ``x + y``, ``torch.cat``, ``F.softmax``) stay
+is). Other element-wise functional calls (``F.relu``, ``x + y``, ``torch.cat``, ``F.softmax``) stay
 free, as documented in :mod:`gatedprune.costs`: they are linear in the tensor size, the
 products above grow with a width or a sequence length too. Products that a ``flops_of``
 method, a cost handler or a module's own forward pre-hook (the weight ``spectral_norm``
@@ -46,6 +51,8 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["FunctionalCounter", "einsum_subscripts", "functional_flops"]
 
 FLOPS_PER_MAC = 2
+BATCHNORM_FLOPS = 2  # per element, as gatedprune.costs counts nn.BatchNorm*
+GROUPNORM_FLOPS = 5  # per element, as gatedprune.costs counts nn.GroupNorm / nn.LayerNorm
 
 Rule = Callable[[tuple[Any, ...], dict[str, Any], Tensor], int]
 
@@ -127,6 +134,11 @@ def _bilinear(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int
     pairs = n * int(weight.shape[1]) * int(weight.shape[2])
     f = pairs + FLOPS_PER_MAC * pairs * int(weight.shape[0])
     return f + (out.numel() if bias is not None else 0)
+
+
+def _per_element(flops: int) -> Rule:
+    """``flops`` per element of the output (a norm: the input's shape)."""
+    return lambda args, kwargs, out: flops * out.numel()
 
 
 def _multi_dot(args: tuple[Any, ...], kwargs: dict[str, Any], out: Tensor) -> int:
@@ -287,6 +299,8 @@ _RULES: dict[Any, Rule] = {
     F.conv3d: _conv,
     torch.einsum: _einsum,
     F.scaled_dot_product_attention: _sdpa,
+    F.batch_norm: _per_element(BATCHNORM_FLOPS),  # as nn.BatchNorm1d/2d/3d
+    F.group_norm: _per_element(GROUPNORM_FLOPS),  # as nn.GroupNorm
 }
 
 
