@@ -907,6 +907,15 @@ def _broadcast_index(item: Any) -> bool:
     )
 
 
+def _full_slice(item: Any) -> bool:
+    """Whether getitem index entry ``item`` is ``:`` (keeps its dimension whole).
+
+    >>> _full_slice(slice(None)), _full_slice(slice(0, 2)), _full_slice(None)
+    (True, False, False)
+    """
+    return isinstance(item, slice) and (item.start, item.stop, item.step) == (None, None, None)
+
+
 def _scale_step(v: fx.Node) -> Any:
     """The tensor node ``v`` reshapes or casts without changing its entries' order (a
     ``view``/``reshape``/``unsqueeze``, an index adding size-1 dimensions, ``.to(...)``,
@@ -3381,10 +3390,14 @@ class _Propagator:
             return src, at
         if fn and t is operator.getitem and len(v.args) == 2:
             idx = v.args[1]
+            # LeViT's attention_biases[:, attention_bias_idxs]: full slices before the tensor
+            lead = 0
+            if isinstance(idx, tuple) and idx and all(_full_slice(i) for i in idx[:-1]):
+                lead, idx = len(idx) - 1, idx[-1]
             si_idx = self.shape(idx) if isinstance(idx, fx.Node) else None
-            if si_idx is None or self.lab(idx) is not None or p < len(si_idx):
+            if si_idx is None or self.lab(idx) is not None or lead <= p < lead + len(si_idx):
                 return f"node '{v.name}' indexes it other than by a tensor along another dimension"
-            return src, p - len(si_idx) + 1
+            return src, p if p < lead else p - len(si_idx) + 1
         return f"node '{v.name}' computes it"
 
     def nonzero_cat(self, n: fx.Node) -> bool:
