@@ -77,11 +77,18 @@ def test_a_slice_keeping_every_channel_is_gated_through_and_prunes_exactly(form:
     assert c.params < dense.params
 
 
-def test_a_slice_dropping_channels_keeps_them_whole_with_the_reason() -> None:
+def test_a_slice_dropping_channels_is_a_section_pruned_exactly() -> None:
+    """Since 2026-12-08 a literal slice dropping channels is a section of them, as a split's
+    (before, "indexes the labelled dimension" kept them whole)."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
     model = GhostNet(width=7)  # g2: init 4, cat 8 wide, [:7] drops one channel
-    summary = gp.gate_(model, torch.randn(2, 3, 6, 6))
-    reasons = [why for _, _, why in summary.ungated_groups]
-    assert any("indexes the labelled dimension" in why for why in reasons), str(summary)
+    x = _x(4, gen)
+    summary = gp.gate_(model, x)
+    assert "indexes the labelled dimension" not in str(summary)
+    assert "g2.primary.0" in {p for producers, _ in summary.channel_groups for p in producers}
+    randomise_gates(model, gen)
+    check_pruned(model, x, gen, factory=lambda: GhostNet(width=7), batches=(1, 3))
 
 
 @settings(max_examples=examples(15))

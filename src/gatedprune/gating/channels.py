@@ -2888,7 +2888,7 @@ class _Propagator:
                 continue
             if in_dim == lab.dim:
                 if it != slice(None) and not _whole_slice(it, ins[lab.dim]):
-                    break
+                    return self.channel_slice(n, lab, it, out_dim, ins)
                 return Labels(out_dim, lab.atoms)
             if isinstance(it, int):
                 in_dim += 1
@@ -2901,6 +2901,40 @@ class _Propagator:
             return Labels(out_dim + (lab.dim - in_dim), lab.atoms)
         self.pin(lab, f"{self.describe(n)} indexes the labelled dimension")
         return None
+
+    def channel_slice(
+        self, n: fx.Node, lab: Labels, it: Any, out_dim: int, ins: tuple[int, ...]
+    ) -> Labels | None:
+        """``x[:, a:b]``: item ``it`` of the index slices labelled channels
+        ``lab`` with literal bounds ``0 <= a <= b`` (``None`` for either end), step 1 (ReXNet's
+        partial residual, ``torch.cat([x[:, 0:c] + shortcut, x[:, c:]], dim=1)``, the second
+        empty when ``c`` is the width): a section
+        of the channels, as a split's, carrying channels ``a:b`` (pruned apart from the rest),
+        its literal bounds rewritten to the kept channels before them (sizes ``"start_i"`` /
+        ``"stop_i"``). Any other index of the labelled dimension keeps the channels whole."""
+        width = ins[lab.dim]
+        bounds = (it.start, it.stop) if isinstance(it, slice) and it.step in (None, 1) else None
+        ok = bounds is not None and all(
+            b is None or (_literal_int(b) and 0 <= b <= width) for b in bounds
+        )
+        if not ok or not isinstance(n.args[1], tuple) or n.args[1].count(it) != 1:
+            self.pin(lab, f"{self.describe(n)} indexes the labelled dimension")
+            return None
+        assert bounds is not None
+        pos = n.args[1].index(it)  # in the index as written (an Ellipsis counts one)
+        a = 0 if bounds[0] is None else int(bounds[0])
+        b = width if bounds[1] is None else int(bounds[1])
+        if a > b:
+            self.pin(lab, f"{self.describe(n)} indexes the labelled dimension (no channels)")
+            return None
+        piece = lab.atoms[a:b].copy()
+        self.own_space(piece)
+        self.sizes[n] = [
+            (f"{end}_{pos}", lab.atoms[:v].copy(), 1)
+            for end, v, given in (("start", a, bounds[0]), ("stop", b, bounds[1]))
+            if given is not None
+        ]
+        return Labels(out_dim, piece)
 
     def cat(self, n: fx.Node) -> Labels | None:
         tensors = n.args[0] if n.args else n.kwargs["tensors"]

@@ -79,7 +79,9 @@ __all__ = [
 
 PLAN_FORMAT = "gatedprune.plan/1"
 _SIZE_KEYS = ("split_size", "repeats")  # the sizes a plan rewrites besides dimensions
-_SECTION_KEYS = ("section_", "index_")  # + i: a split's section i, a tensor_split's index i
+# + i: a split's section i, a tensor_split's index i, the start / stop of a slice of the
+# channels at item i of a getitem's index (x[:, a:b])
+_SECTION_KEYS = ("section_", "index_", "start_", "stop_")
 
 
 def _section_key(key: object) -> tuple[str, int] | None:
@@ -89,6 +91,8 @@ def _section_key(key: object) -> tuple[str, int] | None:
 
     >>> _section_key("section_2"), _section_key("index_0"), _section_key("section_x")
     (('section', 2), ('index', 0), None)
+    >>> _section_key("stop_1")
+    ('stop', 1)
     """
     if not isinstance(key, str):
         return None
@@ -1357,6 +1361,22 @@ class _Aliases:
         return out
 
 
+def _resize_slice(node: fx.Node, end: tuple[str, int], value: int) -> None:
+    """Give ``getitem`` node ``node`` (``x[:, a:b]``) the bound ``value`` for the start or stop
+    (``end`` is ``("start", i)`` / ``("stop", i)``) of the slice at item ``i`` of its index,
+    in place."""
+    kind, i = end
+    idx = node.args[1] if node.target is operator.getitem and len(node.args) == 2 else None
+    it = idx[i] if isinstance(idx, tuple) and 0 <= i < len(idx) else None
+    if node.op != "call_function" or not isinstance(idx, tuple) or not isinstance(it, slice):
+        raise ValueError(f"cannot give node '{node.name}' a new {kind} {i}: not a slice there")
+    items = list(idx)
+    items[i] = (
+        slice(value, it.stop, it.step) if kind == "start" else slice(it.start, value, it.step)
+    )
+    node.update_arg(1, tuple(items))
+
+
 def _resize_section(node: fx.Node, section: tuple[str, int], value: int) -> None:
     """Give ``split`` node ``node`` the size ``value`` for its section ``i`` (``section`` is
     ``("section", i)``), or ``tensor_split`` node ``node`` the index ``value`` for its index
@@ -1441,6 +1461,9 @@ def _resize(node: fx.Node, key: int | str, value: int) -> None:
             node.update_kwarg("repeats", value)
         return
     section = _section_key(key)
+    if section is not None and section[0] in ("start", "stop"):  # x[:, a:b]
+        _resize_slice(node, section, value)
+        return
     if section is not None:  # split((d, kv * hd, kv * hd)) / tensor_split((d, d + kv * hd))
         _resize_section(node, section, value)
         return
