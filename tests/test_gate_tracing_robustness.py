@@ -119,7 +119,8 @@ def test_cached_bias_leaves_no_proxy_and_prunes() -> None:
     summary = gate_(net, x)
     assert _proxies_in_state(net) == []  # before: attention_bias_cache['Proxy(getattr_1)']
     assert len(summary.blocks) == 2
-    assert summary.channel_groups == [(["mlp.fc1"], 32)]
+    # the heads too, since their bias table indexed by a tensor (p[:, idx]) is sliced with them
+    assert summary.channel_groups == [(["attn.q", "attn.k", "attn.v"], 2), (["mlp.fc1"], 32)]
     gen = torch.Generator().manual_seed(1)
     randomise_gates(net, gen)
     with torch.no_grad():  # the attention block closed: the root is rewritten
