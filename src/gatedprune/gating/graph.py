@@ -57,6 +57,7 @@ from .transformer import (
 )
 
 __all__ = [
+    "PACKED_PREFIX",
     "GateTracer",
     "InlinedCall",
     "ModuleCall",
@@ -82,6 +83,9 @@ __all__ = [
 ]
 
 _MAX_OPAQUE = 64
+# a ``concrete_args`` / plan ``bound`` key: "**kwargs" maps to the comma-separated names of
+# the keywords a decorated forward's callers pack into its ``**kwargs`` (record_bindings)
+PACKED_PREFIX = "**"
 _LEAVES = (
     GatedMultiheadAttention,
     GatedTransformerEncoderLayer,
@@ -711,7 +715,12 @@ class GateTracer(fx.Tracer):
         ``@merge_with_config_defaults`` fills ``use_cache`` from the config). fx would
         instead rewrite the *wrapper's* code object to take the inner parameters: "code:
         co_varnames is too small", or the wrapper's ``kwargs`` bound to a traced value
-        (before 2026-12-08)."""
+        (before 2026-12-08). ``concrete_args["**kwargs"]`` (:data:`PACKED_PREFIX`; from
+        :func:`record_bindings`) names, comma-separated, the keywords callers pack into
+        ``**kwargs``: each is one more placeholder (after the others, default ``None``; fixed
+        where ``concrete_args`` gives its value) passed in ``**kwargs`` by keyword, so the
+        code forwarding ``**kwargs`` sees them (HF's ``attention_interface(..., **kwargs)``)
+        and the rewritten ``forward`` takes them."""
         inner = inspect.unwrap(root_fn)
         code = getattr(inner, "__code__", None)
         varstuff = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
@@ -726,7 +735,11 @@ class GateTracer(fx.Tracer):
         params = list(sig.parameters.values())[1 if is_module else 0 :]
         positional: list[Any] = [self.root] if is_module else []
         keywords: dict[str, Any] = {}
+        packed: list[str] = []
         for p in params:
+            if p.kind is p.VAR_KEYWORD and concrete_args:
+                packed = [n for n in str(concrete_args.get(PACKED_PREFIX + p.name, "")).split(",")]
+                packed = [n for n in packed if n]
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue  # gate_ passes none: the traced code takes the named ones
             value = self._proxy_placeholder(p.name, concrete_args, sig, inner)
@@ -735,6 +748,17 @@ class GateTracer(fx.Tracer):
                 positional.append(value)
             else:  # by keyword, as callers pass optional arguments (HF's decorators read
                 keywords[p.name] = value  # positional ones by the wrapper's own code object)
+        clash = [n for n in packed if n in sig.parameters or not n.isidentifier()]
+        if clash:
+            raise ValueError(
+                f"keywords packed into **kwargs must be identifiers other than the forward's "
+                f"parameters, got {clash}"
+            )
+        packed_sig = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in packed]
+        )
+        for n in packed:  # into **kwargs, as the model's code passes them
+            keywords[n] = self._proxy_placeholder(n, concrete_args, packed_sig, inner)
 
         def call(*args: Any) -> Any:
             return root_fn(*args, **keywords)
@@ -1313,11 +1337,12 @@ def record_bindings(
                 seen[path] = "its calls do not fit its signature"
                 return
             extra = [k for k in packed if bound.get(k)]
-            if extra:  # (GateTracer.create_args_for_root traces it with them empty)
+            by_position = [k for k in extra if not isinstance(bound[k], dict)]
+            if by_position:  # (GateTracer.create_args_for_root traces *args empty)
                 seen[path] = (
                     f"it is called with arguments its decorated forward takes in "
-                    f"{', '.join(extra)} ({_packed_names(bound, extra)}), which rewritten code "
-                    "does not take"
+                    f"{', '.join(by_position)} ({_packed_names(bound, by_position)}), which "
+                    "rewritten code does not take"
                 )
                 return
             # left at its default, or passed as a constant of the code (fx keeps the argument
@@ -1329,12 +1354,22 @@ def record_bindings(
                 or bound[k] is None
                 or (is_constant(bound[k]) and (values is None or k not in values))
             }
+            # keywords packed into a decorated forward's **kwargs (HF's position_ids=,
+            # use_cache=): their names under "**kwargs", the constants among them fixed
+            for k in extra:
+                given: dict[str, Any] = bound[k]
+                fixed[PACKED_PREFIX + k] = ",".join(sorted(given))
+                fixed.update(
+                    (n, v)
+                    for n, v in given.items()
+                    if v is None or (is_constant(v) and (values is None or n not in values))
+                )
             prev = seen.setdefault(path, fixed)
             if isinstance(prev, str) or _same_constants(prev, fixed):
                 return
             said = [
                 f"{k!r} ({_fixed_as(prev, k)} in one call, {_fixed_as(fixed, k)} in another)"
-                for k in defaults
+                for k in dict.fromkeys([*prev, *fixed])
                 if not _same_constants(
                     {k: prev[k]} if k in prev else {}, {k: fixed[k]} if k in fixed else {}
                 )
@@ -1411,6 +1446,10 @@ def _traced_arguments(model: nn.Module, traced: TracedModel) -> dict[str, set[st
             names.update(sig.parameters)
             continue
         names.update(k for k, v in bound.items() if _nodes_in(v))
+        for k in _packed_parameters(type(m).forward):  # keywords packed into **kwargs
+            given = bound.get(k)
+            if isinstance(given, dict):
+                names.update(n for n, v in given.items() if _nodes_in(v))
     return out
 
 

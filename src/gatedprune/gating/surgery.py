@@ -892,7 +892,8 @@ def _reads_constants_alike(
                 and a not in paired
                 and _caller_constant(a, scope) is not None
             )
-            if b in folded and isinstance(a, fx.Node) and not constant:
+            local = isinstance(b, fx.Node) and b in folded  # (b may be a slice: unhashable)
+            if local and isinstance(a, fx.Node) and not constant:
                 return False
             if constant and not (isinstance(b, fx.Node) and (b in folded or b.op == "placeholder")):
                 return False
