@@ -65,9 +65,27 @@ def eager_attention_forward(
     return out, w
 
 
+def sdpa_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers/integrations/sdpa_attention.py's, reduced: causal where no mask is given."""
+    out = nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=attention_mask is None
+    )  # (B, H, T, hd)
+    return out.transpose(1, 2).contiguous(), None  # (B, T, H, hd)
+
+
 class LlamaLikeAttention(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, sdpa: bool = False) -> None:
         super().__init__()
+        self.sdpa = sdpa
         self.head_dim, self.scaling = HEAD_DIM, HEAD_DIM**-0.5
         self.q_proj = nn.Linear(D, HEADS * HEAD_DIM)
         self.k_proj = nn.Linear(D, HEADS * HEAD_DIM)
@@ -90,7 +108,8 @@ class LlamaLikeAttention(nn.Module):
         cos, sin = position_embeddings
         q = q * cos + rotate_half(q) * sin  # (B, H, T, hd)
         k = k * cos + rotate_half(k) * sin  # (B, H, T, hd)
-        out, w = eager_attention_forward(
+        attention_interface = sdpa_attention_forward if self.sdpa else eager_attention_forward
+        out, w = attention_interface(
             self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
         out = out.reshape(*input_shape, -1).contiguous()  # (B, T, H * hd)
@@ -98,9 +117,9 @@ class LlamaLikeAttention(nn.Module):
 
 
 class LlamaLikeLayer(nn.Module):
-    def __init__(self, bias: bool) -> None:
+    def __init__(self, bias: bool, sdpa: bool = False) -> None:
         super().__init__()
-        self.self_attn, self.bias = LlamaLikeAttention(), bias
+        self.self_attn, self.bias = LlamaLikeAttention(sdpa), bias
         self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
 
     def forward(
@@ -120,10 +139,10 @@ class LlamaLikeLayer(nn.Module):
 
 
 class LlamaLike(nn.Module):
-    def __init__(self, bias: bool = False) -> None:
+    def __init__(self, bias: bool = False, sdpa: bool = False) -> None:
         super().__init__()
-        self.embed = nn.Linear(6, D)
-        self.layers = nn.ModuleList(LlamaLikeLayer(bias) for _ in range(2))
+        self.embed, self.sdpa = nn.Linear(6, D), sdpa
+        self.layers = nn.ModuleList(LlamaLikeLayer(bias, sdpa) for _ in range(2))
         self.head = nn.Linear(D, 3)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,9 +152,19 @@ class LlamaLike(nn.Module):
         freq = position_ids.unsqueeze(-1).float() / (1.0 + torch.arange(HEAD_DIM))  # (1, T, hd)
         pe = (freq.cos().unsqueeze(1), freq.sin().unsqueeze(1))  # (1, 1, T, hd) each
         mask = torch.full((t, t), -1e4).triu(1)  # (T, T): causal
+        if self.sdpa:
+            mask = sdpa_mask(x)
         for layer in self.layers:
             h = layer(h, mask, position_ids, pe)  # (B, T, D)
         return self.head(h.mean(1))  # (B, 3)
+
+
+def sdpa_mask(x: Tensor) -> Tensor | None:
+    """HF masking_utils' sdpa mask, reduced: skipped (None: sdpa's is_causal) when the model
+    runs, built when traced (a padding mask of all-valid tokens, (T, T) zeros)."""
+    if isinstance(x, torch.fx.Proxy):
+        return torch.zeros((x.shape[1], x.shape[1]))  # (T, T)
+    return None
 
 
 def head_groups(summary: Any) -> list[list[str]]:
@@ -217,3 +246,17 @@ def test_calls_packing_different_keywords_kept_whole() -> None:
     gen = torch.Generator().manual_seed(4)
     randomise_gates(net, gen)
     check_pruned(net, x, gen)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_required_mask_passed_none_fixed_at_none(seed: int) -> None:
+    """HF Mistral under sdpa: the attention's required ``attention_mask`` is None when the
+    model runs (the mask builder skips it, sdpa is causal) but a tensor in the model's trace;
+    traced alone as a tensor, the rewritten code ran ``is_causal=False`` on None: silently
+    not causal (a max difference of 1.17 on the real MistralModel). It is fixed at None."""
+    torch.manual_seed(seed)
+    net, x = LlamaLike(sdpa=True).eval(), torch.randn(2, T, 6)
+    gate_(net, x)
+    gen = torch.Generator().manual_seed(seed)
+    randomise_gates(net, gen)
+    check_pruned(net, x, gen, factory=lambda: LlamaLike(sdpa=True).eval(), batches=(2, 3))

@@ -1315,9 +1315,20 @@ def record_bindings(
     for path, m in model.named_modules():
         defaults = optional_defaults(m) if path else {}
         packed = _packed_parameters(type(m).forward) if path else ()
-        if not defaults and not packed:
+        if not path:
             continue
         sig = inspect.signature(m.forward)
+        # required arguments every call passes as None (HF Mistral's attention_mask under
+        # sdpa): fixed at None too, not traced as tensors (a branch on `is None` would be
+        # taken silently the other way)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        required = [
+            p.name
+            for p in sig.parameters.values()
+            if p.kind in kinds and p.default is inspect.Parameter.empty
+        ]
+        if not defaults and not packed and not required:
+            continue
         # None: each argument passed as a constant is one (no trace to say otherwise)
         values = None if as_traced is None else as_traced.get(path, set(defaults))
 
@@ -1330,6 +1341,7 @@ def record_bindings(
             defaults: dict[str, Any] = defaults,
             values: set[str] | None = values,
             packed: tuple[str, ...] = packed,
+            required: list[str] = required,
         ) -> None:
             try:
                 bound = sig.bind(*args, **kwargs).arguments
@@ -1354,6 +1366,7 @@ def record_bindings(
                 or bound[k] is None
                 or (is_constant(bound[k]) and (values is None or k not in values))
             }
+            fixed.update((k, None) for k in required if k in bound and bound[k] is None)
             # keywords packed into a decorated forward's **kwargs (HF's position_ids=,
             # use_cache=): their names under "**kwargs", the constants among them fixed
             for k in extra:
