@@ -591,7 +591,11 @@ class GateTracer(fx.Tracer):
             )
         elif known is None and node.meta.get(_STATIC):
             where = _user_line()
-            value = _DECISIONS.get(self.root, {}).get((what, where), _MISSING)
+            # this trace's own decision at that line first (an earlier call of the same code
+            # whose example run did not fail), so a trace does not depend on earlier ones
+            value = self._decisions.get("", {}).get((what, where), _MISSING)
+            if value is _MISSING:
+                value = _DECISIONS.get(self.root, {}).get((what, where), _MISSING)
             if value is _MISSING:
                 return _MISSING
             self.guards.append(where)
