@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import dataclasses
 import functools
 import inspect
 import linecache
@@ -702,6 +703,16 @@ class GateTracer(fx.Tracer):
         (:func:`_wrapped_traced_through`)."""
         with _traced_calls(), _wrapped_traced_through():
             return super().trace(root, concrete_args)
+
+    def create_arg(self, a: Any) -> Any:
+        """fx's, except that a dataclass mapping (Hugging Face's ``ModelOutput``, a dataclass
+        and an ``OrderedDict``) is rebuilt by its class, as fx rebuilds other dataclasses
+        (fx makes a plain ``dict`` of it: a rewritten forward then returned one, and the
+        caller's ``out.last_hidden_state`` or ``out[0]`` failed)."""
+        if isinstance(a, dict) and type(a) is not dict and dataclasses.is_dataclass(a):
+            kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), kwargs)
+        return super().create_arg(a)
 
     def create_args_for_root(
         self,

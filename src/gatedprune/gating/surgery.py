@@ -10,6 +10,7 @@ it on a freshly built dense model, so the pruned weights load with ``load_state_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import operator
@@ -970,6 +971,18 @@ def _constant_reason(
     )
 
 
+def _output_mapping(n: fx.Node) -> bool:
+    """Whether ``n`` builds the module's output mapping (Hugging Face's ``ModelOutput``) for
+    the output alone: the caller's trace reads its fields, so it has no such node."""
+    return (
+        n.op == "call_function"
+        and isinstance(n.target, type)
+        and issubclass(n.target, dict)
+        and dataclasses.is_dataclass(n.target)
+        and all(u.op == "output" for u in n.users)
+    )
+
+
 def local_trace(
     model: nn.Module,
     root_graph: fx.Graph,
@@ -1029,7 +1042,9 @@ def local_trace(
                 local_nodes = [
                     n
                     for n in local.graph.nodes
-                    if n.op not in ("placeholder", "output") and n not in excluded | folded
+                    if n.op not in ("placeholder", "output")
+                    and n not in excluded | folded
+                    and not _output_mapping(n)
                 ]
                 pairs, same = _align(model, sub, scope, root_nodes, local_nodes)
                 if same and (
