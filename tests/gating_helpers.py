@@ -116,6 +116,29 @@ def check_pruned(
     return pruned
 
 
+def assert_first_block_cost_scales(model: nn.Module, x: Tensor) -> None:
+    """The expected FLOPs of ``model`` (gated, every gate forced open) count its first block
+    times that block gate's open probability, and the block's FLOPs are the summary's."""
+    import pytest
+
+    gating = inserted_gating(model)
+    for g in [*gating.block_gates, *gating.group_gates]:
+        assert isinstance(g, HardConcreteGate)
+        g.force_(torch.ones(g.n, dtype=torch.bool))  # open with probability exactly 1
+    first = gating.block_gates[0]
+    assert isinstance(first, HardConcreteGate)
+    full = float(gp.cost(model, x).flops.detach())
+    first.force_(torch.zeros(1, dtype=torch.bool))
+    without = float(gp.cost(model, x).flops.detach())
+    with torch.no_grad():
+        first.log_alpha.fill_(0.0)
+    p = float(first.prob_open()[0].detach())
+    assert 0.0 < p < 1.0
+    expected = float(gp.cost(model, x).flops.detach())
+    assert expected == pytest.approx(without + p * (full - without), rel=1e-9)
+    assert full - without == gating.summary.blocks[0][2] > 0
+
+
 def state_copy(model: nn.Module) -> dict[str, Tensor]:
     """A copy of ``model.state_dict()`` (to check later that nothing changed)."""
     return {k: v.clone() for k, v in model.state_dict().items()}

@@ -235,7 +235,7 @@ class QLenAttention(nn.Module):
 
 
 def test_a_pruned_rewrite_rechecks_the_branches_its_trace_took() -> None:
-    # before 2026-12-08 XX:XX: the pruned attention was the example's branch (q_length > 1)
+    # before 2026-12-08 03:20 UTC: the pruned attention was the example's branch (q_length > 1)
     # at every length: at length 1 it silently computed o instead of o * 2.0
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -309,7 +309,7 @@ class Opaque(nn.Module):
 
 
 def test_gate_never_writes_into_the_model_state() -> None:
-    # before 2026-12-08 XX:XX: the example runs wrote into the buffers (zeros into `last`),
+    # before 2026-12-08 03:20 UTC: the example runs wrote into the buffers (zeros into `last`),
     # and gate_'s runs of the model counted (7 -> 9)
     torch.manual_seed(0)
     model = nn.Sequential(Counting(), Opaque(), nn.Linear(D, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -367,7 +367,7 @@ class GPT2Like(nn.Module):
 @settings(max_examples=examples(3), deadline=None)
 @given(seed=st.integers(0, 2**16))
 def test_gpt2_attention_prunes_when_its_sliced_layers_fail_on_the_example(seed: int) -> None:
-    # before 2026-12-08 XX:XX: prune traced the model again after slicing its layers; the
+    # before 2026-12-08 03:20 UTC: prune traced the model again after slicing its layers; the
     # example run through the sliced Conv1D failed, the head shape's unpacking was unknown,
     # the attention kept whole: "the plan names graph nodes the model does not have"
     torch.manual_seed(seed)

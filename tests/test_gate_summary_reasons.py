@@ -206,7 +206,7 @@ class UnpackedShape(nn.Module):
 @pytest.mark.parametrize("spelled_out", [False, True])
 def test_an_unpacked_shape_gets_a_hint(spelled_out: bool) -> None:
     # the hint's own suggestion traces; before, only fx's generic "Proxy object cannot be
-    # iterated" message. Since 2026-12-08 XX:XX gate_ unpacks the shape (its rank is the
+    # iterated" message. Since 2026-12-08 03:20 UTC gate_ unpacks the shape (its rank is the
     # example input's); a trace without an example still gives the hint
     model = nn.Sequential(UnpackedShape(spelled_out), nn.Linear(8, 2))
     summary = gate_(model, torch.randn(2, 5, 8))

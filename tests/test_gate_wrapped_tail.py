@@ -18,7 +18,12 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from gating_helpers import check_pruned, inserted_gating, randomise_batchnorms
+from gating_helpers import (
+    assert_first_block_cost_scales,
+    check_pruned,
+    inserted_gating,
+    randomise_batchnorms,
+)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -190,21 +195,7 @@ def test_closed_block_removes_the_branch_and_its_flops() -> None:
 
 
 def test_expected_cost_counts_the_branch_times_its_open_probability() -> None:
-    model, x = gated_yolo()
-    gating = inserted_gating(model)
-    for g in [*gating.block_gates, *gating.group_gates]:
-        assert isinstance(g, HardConcreteGate)
-        g.force_(torch.ones(g.n, dtype=torch.bool))
-    full = float(gp.cost(model, x).flops.detach())
-    gating.block_gates[0].force_(torch.zeros(1, dtype=torch.bool))  # type: ignore[operator]
-    without = float(gp.cost(model, x).flops.detach())
-    with torch.no_grad():
-        gating.block_gates[0].log_alpha.fill_(0.0)  # type: ignore[operator]
-    p = float(gating.block_gates[0].prob_open()[0].detach())  # type: ignore[operator]
-    assert 0.0 < p < 1.0
-    expected = float(gp.cost(model, x).flops.detach())
-    assert expected == pytest.approx(without + p * (full - without), rel=1e-9)
-    assert full - without == gating.summary.blocks[0][2] > 0
+    assert_first_block_cost_scales(*gated_yolo())
 
 
 def test_plan_replays_with_the_gate_value() -> None:

@@ -113,6 +113,9 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torch.nn.utils.rnn import PackedSequence
 
 from .base import BATCH_NORMS, PADDING_LAYERS, GatedModule, check_gates_not_nan, find_model_gating
+from .functional_costs import BATCHNORM_FLOPS as BATCHNORM_FLOPS  # one definition, re-exported
+from .functional_costs import FLOPS_PER_MAC as FLOPS_PER_MAC
+from .functional_costs import LAYERNORM_FLOPS as LAYERNORM_FLOPS
 from .functional_costs import FunctionalCounter
 from .inputs import as_inputs, describe_inputs, tensor_inputs
 from .layout import check_flag
@@ -126,10 +129,7 @@ __all__ = [
     "recurrent_step_flops",
 ]
 
-FLOPS_PER_MAC = 2
 ACT_FLOPS = 1
-BATCHNORM_FLOPS = 2
-LAYERNORM_FLOPS = 5
 RMSNORM_FLOPS = 4
 # FLOPs per element of nn.LocalResponseNorm besides its window sum: square, scale, add k,
 # power, multiply
@@ -936,7 +936,7 @@ def is_code(m: nn.Module) -> bool:
     ``inv_freq``) are constants of the code, which is counted as usual: transformers 5's
     ``position_ids[..., None] * inv_freq`` is element-wise (0), 4.x's ``inv_freq @
     positions``, a product with a contracted size of 1, ``2 * B * T * dim / 2``; ``cos`` /
-    ``sin`` are free. Before 2026-12-08 XX:XX UTC such a leaf raised too.
+    ``sin`` are free. Before 2026-12-08 02:45 UTC such a leaf raised too.
 
     >>> class Swish(nn.Module):
     ...     def forward(self, x): return x * torch.sigmoid(x)

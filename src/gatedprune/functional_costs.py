@@ -21,7 +21,7 @@ layer, a gated module), with the conventions of the modules (2 FLOPs per multipl
   like ``nn.GroupNorm``, 5 per element (with or without weight and bias, in either mode): the
   normalisation a fused norm + activation layer runs in its own ``forward`` (timm's
   ``BatchNormAct2d``, ``GroupNormAct``), counted as the plain norm would be (before
-  2026-12-08 XX:XX UTC they were free).
+  2026-12-08 03:24 UTC they were free).
 * ``torch.einsum`` with two or more operands: contracted left to right, each step
   ``2 *`` the product of the sizes of every index of its two operands; one operand (a
   transpose, trace or sum) is free.
@@ -51,8 +51,9 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["FunctionalCounter", "einsum_subscripts", "functional_flops"]
 
 FLOPS_PER_MAC = 2
-BATCHNORM_FLOPS = 2  # per element, as gatedprune.costs counts nn.BatchNorm*
-GROUPNORM_FLOPS = 5  # per element, as gatedprune.costs counts nn.GroupNorm / nn.LayerNorm
+# per element, for the functional forms here and the layers in gatedprune.costs alike
+BATCHNORM_FLOPS = 2  # nn.BatchNorm*, F.batch_norm
+LAYERNORM_FLOPS = 5  # nn.LayerNorm, nn.GroupNorm, F.group_norm
 
 Rule = Callable[[tuple[Any, ...], dict[str, Any], Tensor], int]
 
@@ -300,7 +301,7 @@ _RULES: dict[Any, Rule] = {
     torch.einsum: _einsum,
     F.scaled_dot_product_attention: _sdpa,
     F.batch_norm: _per_element(BATCHNORM_FLOPS),  # as nn.BatchNorm1d/2d/3d
-    F.group_norm: _per_element(GROUPNORM_FLOPS),  # as nn.GroupNorm
+    F.group_norm: _per_element(LAYERNORM_FLOPS),  # as nn.GroupNorm
 }
 
 

@@ -792,12 +792,7 @@ class GateTracer(fx.Tracer):
         try:
             return fn(*args, **kwargs)
         except Exception:
-            made = []
-            for n in reversed(self.graph.nodes):
-                if n is last:
-                    break
-                made.append(n)
-            for n in made:  # the newest first: each one's users are erased before it
+            for n in reversed(_nodes_after(self.graph, last)):  # users erased before it
                 self.graph.erase_node(n)
             del self.calls[calls:]
             self.failed_in = failed_in
@@ -834,12 +829,7 @@ class GateTracer(fx.Tracer):
             raise
         finally:
             self._stack.pop()
-        nodes: list[fx.Node] = []
-        for n in reversed(self.graph.nodes):  # fx appends: the call's nodes come last
-            if n is last:
-                break
-            nodes.append(n)
-        nodes.reverse()
+        nodes = _nodes_after(self.graph, last)  # fx appends: the call's nodes come last
         out = _as_nodes(result)
         leaf = isinstance(out, fx.Node) and out.op == "call_module" and out.target == name
         if leaf and nodes and nodes[-1] is out:  # (after the constants fx made for it)
@@ -871,6 +861,24 @@ class GateTracer(fx.Tracer):
                 "a submodule (an attribute of the caller)"
             )
         return forward(*args, **kwargs)
+
+
+def _nodes_after(graph: fx.Graph, last: fx.Node | None) -> list[fx.Node]:
+    """The nodes appended to ``graph`` after ``last`` (every node if None), in graph order.
+
+    >>> g = fx.Graph()
+    >>> a = g.placeholder("a")
+    >>> b = g.call_function(operator.neg, (a,))
+    >>> [n.name for n in _nodes_after(g, a)], len(_nodes_after(g, None))
+    (['neg'], 2)
+    """
+    made: list[fx.Node] = []
+    for n in reversed(graph.nodes):
+        if n is last:
+            break
+        made.append(n)
+    made.reverse()
+    return made
 
 
 def _positional_view(m: nn.Module) -> bool:
